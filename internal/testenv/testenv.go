@@ -1,0 +1,41 @@
+// Package testenv decides whether a test that needs something from the
+// machine (root, a network namespace, a Debian package) may run. Outside CI a
+// missing requirement skips the test with a printed reason; when the test
+// command sets BASTION_REQUIRE_ALL=1 (as scripts/test does) a missing
+// requirement fails the test instead, so CI never skips silently.
+package testenv
+
+import (
+	"os"
+	"os/exec"
+	"testing"
+)
+
+// Strict reports whether missing requirements must fail tests.
+func Strict() bool { return os.Getenv("BASTION_REQUIRE_ALL") == "1" }
+
+func missing(t testing.TB, reason string) {
+	t.Helper()
+	if Strict() {
+		t.Fatalf("requirement missing and BASTION_REQUIRE_ALL=1: %s", reason)
+	}
+	t.Skipf("skipping: %s (run ./scripts/test to provide it)", reason)
+}
+
+// RequireRoot skips (or fails under the test command) unless running as root.
+func RequireRoot(t testing.TB) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		missing(t, "test needs root (network namespaces, iptables)")
+	}
+}
+
+// RequireCommand returns the path of name, or skips/fails if it is absent.
+func RequireCommand(t testing.TB, name string) string {
+	t.Helper()
+	p, err := exec.LookPath(name)
+	if err != nil {
+		missing(t, "test needs the command "+name+" (see scripts/packages.d)")
+	}
+	return p
+}
