@@ -17,13 +17,13 @@ type Config struct {
 	// StateDir holds the CA, the store and the control socket.
 	StateDir string `yaml:"state_dir"`
 	// GatewayID names this box upstream and in certificates.
-	GatewayID string  `yaml:"gateway_id"`
-	Log       Log     `yaml:"log"`
-	CoAP      CoAP    `yaml:"coap"`
-	MQTT      MQTT    `yaml:"mqtt"`
-	Console   Console `yaml:"console"`
-	PKI       PKI     `yaml:"pki"`
-	Metrics   Metrics `yaml:"metrics"`
+	GatewayID string   `yaml:"gateway_id"`
+	Log       Log      `yaml:"log"`
+	CoAP      CoAP     `yaml:"coap"`
+	MQTT      MQTT     `yaml:"mqtt"`
+	Console   Console  `yaml:"console"`
+	PKI       PKI      `yaml:"pki"`
+	Metrics   Metrics  `yaml:"metrics"`
 	Firewall  Firewall `yaml:"firewall"`
 }
 
