@@ -157,8 +157,9 @@ func (ca *CA) VerifyDevice(rawCerts [][]byte) (string, *x509.Certificate, error)
 	return id, leaf, nil
 }
 
-// PSKLen is the length of device PSKs: 128 bits, matching the AES-128 suites.
-const PSKLen = 16
+// PSKEntropy is the strength of device PSKs in bytes: 128 bits, matching
+// the AES-128 suites.
+const PSKEntropy = 16
 
 // NewPSKIdentity returns a fresh random PSK identity. It travels in clear in
 // the DTLS handshake, so it says nothing about the device.
@@ -170,11 +171,15 @@ func NewPSKIdentity() string {
 
 // PSK returns the key for a PSK identity. Keys are derived from the CA's
 // PSK key (HMAC-SHA256), so the store never holds a device secret.
+//
+// The key bytes are 32 lowercase hex characters (128 bits of entropy)
+// rather than 16 raw bytes, because common device tooling (libcoap's
+// -k, many firmware config files) takes a PSK only as a text string.
 func (ca *CA) PSK(identity string) []byte {
 	m := hmac.New(sha256.New, ca.pskKey)
 	m.Write([]byte("bastion psk v1\x00"))
 	m.Write([]byte(identity))
-	return m.Sum(nil)[:PSKLen]
+	return []byte(hex.EncodeToString(m.Sum(nil)[:PSKEntropy]))
 }
 
 func pemDecode(b []byte, types ...string) []byte {

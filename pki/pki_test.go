@@ -15,6 +15,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -248,7 +249,7 @@ func TestPSK(t *testing.T) {
 		t.Fatal("PSK identities repeat")
 	}
 	k1 := ca.PSK(id1)
-	if len(k1)*8 < 128 || string(k1) == string(ca.PSK(id2)) {
+	if len(k1) != 32 || strings.Trim(string(k1), "0123456789abcdef") != "" || string(k1) == string(ca.PSK(id2)) {
 		t.Errorf("PSK: %d bits, distinct=%v", len(k1)*8, string(k1) != string(ca.PSK(id2)))
 	}
 	other, _, _ := newCA(t)

@@ -47,7 +47,7 @@ func TestLoadErrors(t *testing.T) {
 		"bad yaml":              {"coap: [\n", []string{"bad.yaml:1: not valid YAML"}},
 		"wrong type":            {"coap:\n  max_payload: lots\n", []string{"bad.yaml:2: cannot unmarshal !!str `lots` into int"}},
 		"bad duration":          {"pki:\n  renew_before: soon\n", []string{"bad.yaml:2: \"soon\" is not a duration; write it like 90s, 15m or 720h"}},
-		"bad port":              {"mqtt:\n  listen: \":99999\"\n", []string{"bad.yaml:2: mqtt.listen: \":99999\" has a port outside 1-65535"}},
+		"bad port":              {"mqtt:\n  listen: \":99999\"\n", []string{"bad.yaml:2: mqtt.listen: \":99999\" has a port outside 0-65535"}},
 		"not host:port":         {"mqtt:\n  listen: \"8883\"\n", []string{"mqtt.listen: \"8883\" is not host:port"}},
 		"hostname listen":       {"console:\n  listen: \"box.lan:443\"\n", []string{"console.listen: \"box.lan:443\" has a host that is not an IP address"}},
 		"cleartext coap":        {"coap:\n  listen: \":5683\"\n", []string{"bad.yaml:2: coap.listen: \":5683\" is port 5683, the port of plain CoAP: Bastion never listens in cleartext"}},

@@ -137,8 +137,8 @@ func checkListen(addr string) string {
 		}
 	}
 	p, err := strconv.Atoi(port)
-	if err != nil || p < 1 || p > 65535 {
-		return "has a port outside 1-65535"
+	if err != nil || p < 0 || p > 65535 {
+		return "has a port outside 0-65535 (0 picks a free port)"
 	}
 	if what, ok := cleartextPorts[p]; ok {
 		return fmt.Sprintf("is port %d, the port of %s: Bastion never listens in cleartext; use the secure port", p, what)
@@ -149,6 +149,9 @@ func checkListen(addr string) string {
 func samePort(a, b string) bool {
 	ha, pa, _ := net.SplitHostPort(a)
 	hb, pb, _ := net.SplitHostPort(b)
+	if pa == "0" {
+		return false // each :0 gets its own free port
+	}
 	return pa == pb && (ha == hb || ha == "" || hb == "" || ha == "0.0.0.0" || hb == "0.0.0.0" || ha == "::" || hb == "::")
 }
 

@@ -21,12 +21,12 @@ import (
 )
 
 var (
-	bDevices = []byte("devices")  // id → Device
-	bNames   = []byte("names")    // name → id (active devices only)
-	bPSK     = []byte("psk")      // psk identity → id
-	bCerts   = []byte("certs")    // serial (hex) → Cert
-	bAudit   = []byte("audit")    // seq (big endian) → Event
-	bMeta    = []byte("meta")     // small named values
+	bDevices = []byte("devices") // id → Device
+	bNames   = []byte("names")   // name → id (active devices only)
+	bPSK     = []byte("psk")     // psk identity → id
+	bCerts   = []byte("certs")   // serial (hex) → Cert
+	bAudit   = []byte("audit")   // seq (big endian) → Event
+	bMeta    = []byte("meta")    // small named values
 	buckets  = [][]byte{bDevices, bNames, bPSK, bCerts, bAudit, bMeta}
 )
 
