@@ -27,13 +27,13 @@ type Signer interface {
 // CA is the gateway's certificate authority: a root that signs only the
 // issuing CA, and an issuing CA that signs server and device certificates.
 type CA struct {
-	dir    string
-	clock  Clock
-	log    *slog.Logger
-	root   *x509.Certificate
-	issuer *x509.Certificate
-	key    Signer // issuing key
-	pskKey []byte
+	dir     string
+	clock   Clock
+	log     *slog.Logger
+	root    *x509.Certificate
+	issuer  *x509.Certificate
+	key     Signer // issuing key
+	pskKey  []byte
 	revoked *Revocations
 }
 
