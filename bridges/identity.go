@@ -1,0 +1,19 @@
+package bridges
+
+// Identity is what the transports need from the gateway to know who a
+// device is. The gateway implements it with its CA and store; the
+// transports never look at certificates or keys any other way.
+type Identity interface {
+	// VerifyCert checks the certificate chain a device presented in a
+	// TLS/DTLS handshake and returns its device id.
+	VerifyCert(rawCerts [][]byte) (device string, err error)
+	// PSK returns the device and key for a DTLS PSK identity; an unknown or
+	// revoked identity is an error.
+	PSK(identity []byte) (device string, key []byte, err error)
+	// CheckSecret verifies an MQTT username (device id) and secret for
+	// devices that cannot do client certificates.
+	CheckSecret(device string, secret []byte) error
+	// OnRevoke registers f to be called when a device is revoked, so that
+	// its open sessions are closed. f must not block.
+	OnRevoke(f func(device string))
+}

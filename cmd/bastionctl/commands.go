@@ -1,0 +1,243 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"sort"
+	"strings"
+	"text/tabwriter"
+	"time"
+)
+
+type usageError string
+
+func (u usageError) Error() string { return string(u) }
+
+type cli struct {
+	ctl interface {
+		Do(ctx context.Context, method, path string, in, out any) ([]byte, error)
+	}
+	json bool
+	out  io.Writer
+}
+
+func (c *cli) dispatch(ctx context.Context, args []string) error {
+	if len(args) == 0 {
+		return usageError("no command")
+	}
+	switch {
+	case args[0] == "status":
+		return c.status(ctx)
+	case args[0] == "metrics":
+		raw, err := c.ctl.Do(ctx, "GET", "/metrics", nil, nil)
+		if err == nil {
+			c.out.Write(raw)
+		}
+		return err
+	case args[0] == "pki" && len(args) == 2 && args[1] == "show":
+		return c.pkiShow(ctx)
+	case args[0] == "device" && len(args) >= 2:
+		switch args[1] {
+		case "list":
+			return c.deviceList(ctx)
+		case "add":
+			return c.deviceAdd(ctx, args[2:])
+		case "revoke":
+			if len(args) != 3 {
+				return usageError("device revoke needs exactly one ID")
+			}
+			return c.deviceRevoke(ctx, args[2])
+		}
+	}
+	return usageError(fmt.Sprintf("unknown command %q", strings.Join(args, " ")))
+}
+
+func (c *cli) printJSON(raw []byte) error {
+	_, err := c.out.Write(raw)
+	return err
+}
+
+func (c *cli) status(ctx context.Context) error {
+	var st struct {
+		Version           string                     `json:"version"`
+		GatewayID         string                     `json:"gateway_id"`
+		Mode              string                     `json:"mode"`
+		Uptime            string                     `json:"uptime"`
+		ClockSane         bool                       `json:"clock_sane"`
+		Listeners         map[string]string          `json:"listeners"`
+		Devices           int                        `json:"devices"`
+		RevokedDevices    int                        `json:"revoked_devices"`
+		AdminSetupPending bool                       `json:"admin_setup_pending"`
+		Components        map[string]json.RawMessage `json:"components"`
+	}
+	raw, err := c.ctl.Do(ctx, "GET", "/v1/status", nil, &st)
+	if err != nil || c.json {
+		if err == nil {
+			return c.printJSON(raw)
+		}
+		return err
+	}
+	fmt.Fprintf(c.out, "gateway %s (%s, %s mode), up %s\n", st.GatewayID, st.Version, st.Mode, st.Uptime)
+	if !st.ClockSane {
+		fmt.Fprintln(c.out, "CLOCK NOT SET: certificates are neither accepted nor issued")
+	}
+	names := make([]string, 0, len(st.Listeners))
+	for n := range st.Listeners {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	for _, n := range names {
+		fmt.Fprintf(c.out, "  %-10s %s\n", n, st.Listeners[n])
+	}
+	fmt.Fprintf(c.out, "devices: %d active, %d revoked\n", st.Devices, st.RevokedDevices)
+	if st.AdminSetupPending {
+		fmt.Fprintln(c.out, "console: no admin yet; use the setup code bastiond printed at start")
+	}
+	comps := make([]string, 0, len(st.Components))
+	for n := range st.Components {
+		comps = append(comps, n)
+	}
+	sort.Strings(comps)
+	for _, n := range comps {
+		fmt.Fprintf(c.out, "%s: %s\n", n, st.Components[n])
+	}
+	return nil
+}
+
+func (c *cli) deviceList(ctx context.Context) error {
+	var ds []struct {
+		ID       string    `json:"id"`
+		Name     string    `json:"name"`
+		Auth     string    `json:"auth"`
+		Created  time.Time `json:"created"`
+		LastSeen time.Time `json:"last_seen"`
+		Revoked  bool      `json:"revoked"`
+	}
+	raw, err := c.ctl.Do(ctx, "GET", "/v1/devices", nil, &ds)
+	if err != nil || c.json {
+		if err == nil {
+			return c.printJSON(raw)
+		}
+		return err
+	}
+	tw := tabwriter.NewWriter(c.out, 2, 8, 2, ' ', 0)
+	fmt.Fprintln(tw, "ID\tNAME\tAUTH\tCREATED\tSTATE")
+	for _, d := range ds {
+		st := "active"
+		if d.Revoked {
+			st = "revoked"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", d.ID, d.Name, d.Auth, d.Created.Format(time.DateTime), st)
+	}
+	return tw.Flush()
+}
+
+func (c *cli) deviceAdd(ctx context.Context, args []string) error {
+	if len(args) == 0 || strings.HasPrefix(args[0], "-") {
+		return usageError("device add needs a NAME first")
+	}
+	name := args[0]
+	fs := flag.NewFlagSet("device add", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	auth := fs.String("auth", "", "psk, cert or secret")
+	csrFile := fs.String("csr", "", "PEM CSR file (with --auth cert)")
+	vendor := fs.String("vendor", "", "vendor")
+	model := fs.String("model", "", "model")
+	if err := fs.Parse(args[1:]); err != nil {
+		return usageError(err.Error())
+	}
+	if fs.NArg() > 0 {
+		return usageError(fmt.Sprintf("unexpected %q", fs.Args()))
+	}
+	req := map[string]string{"name": name, "auth": *auth, "vendor": *vendor, "model": *model}
+	switch *auth {
+	case "cert":
+		if *csrFile == "" {
+			return usageError("--auth cert needs --csr FILE")
+		}
+		b, err := os.ReadFile(*csrFile)
+		if err != nil {
+			return err
+		}
+		req["csr"] = string(b)
+	case "psk", "secret":
+	default:
+		return usageError("--auth must be psk, cert or secret")
+	}
+	var cr struct {
+		ID, Name, Auth, PSKIdentity, PSK, CertPEM, CAPEM, Secret string
+		CoAPSPort                                                int
+	}
+	raw, err := c.ctl.Do(ctx, "POST", "/v1/devices", req, &cr)
+	if err != nil || c.json {
+		if err == nil {
+			return c.printJSON(raw)
+		}
+		return err
+	}
+	var m map[string]any
+	json.Unmarshal(raw, &m)
+	fmt.Fprintf(c.out, "device %s added as %s (%s)\n", m["name"], m["id"], m["auth"])
+	for _, k := range []string{"psk_identity", "psk", "psk_text", "coaps_port", "secret"} {
+		if v, ok := m[k]; ok {
+			fmt.Fprintf(c.out, "  %-13s %v\n", k+":", v)
+		}
+	}
+	if v, ok := m["cert_pem"]; ok {
+		fmt.Fprintf(c.out, "%s", v)
+	}
+	fmt.Fprintln(c.out, "These credentials are shown once; store them on the device now.")
+	return nil
+}
+
+func (c *cli) deviceRevoke(ctx context.Context, id string) error {
+	raw, err := c.ctl.Do(ctx, "POST", "/v1/devices/"+id+"/revoke", nil, nil)
+	if err != nil || c.json {
+		if err == nil {
+			return c.printJSON(raw)
+		}
+		return err
+	}
+	fmt.Fprintf(c.out, "device %s revoked; its sessions are closed and its credentials refused\n", id)
+	return nil
+}
+
+func (c *cli) pkiShow(ctx context.Context) error {
+	var info struct {
+		Root, Issuer struct {
+			Subject, SHA256 string
+			NotAfter        time.Time `json:"not_after"`
+		}
+		Servers map[string]struct {
+			Serial   string
+			NotAfter time.Time `json:"not_after"`
+			SANs     []string
+		}
+		DeviceCerts  int `json:"device_certs"`
+		RevokedCerts int `json:"revoked_certs"`
+	}
+	raw, err := c.ctl.Do(ctx, "GET", "/v1/pki", nil, &info)
+	if err != nil || c.json {
+		if err == nil {
+			return c.printJSON(raw)
+		}
+		return err
+	}
+	fmt.Fprintf(c.out, "root:   %s  sha256 %s  until %s\n", info.Root.Subject, info.Root.SHA256, info.Root.NotAfter.Format(time.DateOnly))
+	fmt.Fprintf(c.out, "issuer: %s  until %s\n", info.Issuer.Subject, info.Issuer.NotAfter.Format(time.DateOnly))
+	names := make([]string, 0, len(info.Servers))
+	for n := range info.Servers {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	for _, n := range names {
+		s := info.Servers[n]
+		fmt.Fprintf(c.out, "server %-8s until %s  %s\n", n, s.NotAfter.Format(time.DateTime), strings.Join(s.SANs, ", "))
+	}
+	fmt.Fprintf(c.out, "device certificates: %d issued, %d revoked\n", info.DeviceCerts, info.RevokedCerts)
+	return nil
+}

@@ -1,0 +1,94 @@
+// Package config loads and validates bastion.yaml, the one file that
+// describes a box. Loading is three steps, as STYLE.md asks: decode strictly
+// (unknown keys are errors, with their line), fill defaults in one function,
+// then Validate, which is pure. Every error names the file, the line, the key,
+// the bad value and what would be accepted.
+//
+// The package never touches the network or the state directory; it only reads
+// the file it is given.
+package config
+
+import (
+	"time"
+)
+
+// Config is the whole of bastion.yaml.
+type Config struct {
+	// StateDir holds the CA, the store and the control socket.
+	StateDir string `yaml:"state_dir"`
+	// GatewayID names this box upstream and in certificates.
+	GatewayID string   `yaml:"gateway_id"`
+	Log       Log      `yaml:"log"`
+	CoAP      CoAP     `yaml:"coap"`
+	MQTT      MQTT     `yaml:"mqtt"`
+	Console   Console  `yaml:"console"`
+	PKI       PKI      `yaml:"pki"`
+	Metrics   Metrics  `yaml:"metrics"`
+	Firewall  Firewall `yaml:"firewall"`
+}
+
+// Log configures the daemon's structured log.
+type Log struct {
+	Level  string `yaml:"level"`  // debug, info, warn, error
+	Format string `yaml:"format"` // text or json
+}
+
+// CoAP configures the CoAP-over-DTLS listeners. Certificate and PSK devices
+// use separate ports because pion/dtls offers only PSK suites once a PSK
+// callback is set.
+type CoAP struct {
+	Enabled    bool   `yaml:"enabled"`
+	Listen     string `yaml:"listen"`      // certificate devices, udp
+	PSKListen  string `yaml:"psk_listen"`  // PSK devices, udp; "" disables PSK
+	MaxPayload int    `yaml:"max_payload"` // bytes; larger requests get 4.13
+}
+
+// MQTT configures the MQTT-over-TLS listener.
+type MQTT struct {
+	Enabled bool   `yaml:"enabled"`
+	Listen  string `yaml:"listen"` // tcp
+	// AllowSecretAuth lets devices that cannot do client certificates log in
+	// with username = device id and a per-device secret (TLS still required).
+	AllowSecretAuth bool `yaml:"allow_secret_auth"`
+	MaxPacketSize   int  `yaml:"max_packet_size"`
+}
+
+// Console configures the HTTPS console and JSON API.
+type Console struct {
+	Enabled bool   `yaml:"enabled"`
+	Listen  string `yaml:"listen"`
+}
+
+// PKI configures the local CA.
+type PKI struct {
+	// Hostnames and IPs the listeners' certificates are valid for, beyond
+	// the addresses they listen on.
+	Hostnames          []string `yaml:"hostnames"`
+	ServerCertValidity Duration `yaml:"server_cert_validity"`
+	DeviceCertValidity Duration `yaml:"device_cert_validity"`
+	// RenewBefore: a server certificate is re-issued when less than this
+	// remains of its validity.
+	RenewBefore Duration `yaml:"renew_before"`
+}
+
+// Metrics configures the optional Prometheus endpoint. Metrics are always
+// available through bastionctl; this only adds a scrape endpoint, which must
+// be on loopback.
+type Metrics struct {
+	Listen string `yaml:"listen"`
+}
+
+// Firewall binds zones to interfaces. The services each zone may reach are
+// derived from what is enabled above.
+type Firewall struct {
+	// Manage: apply rules (as root). Off in --dev, where the plan is printed.
+	Manage bool     `yaml:"manage"`
+	LAN    []string `yaml:"lan"` // interface names in the lan zone
+	WAN    []string `yaml:"wan"` // interface names in the wan zone
+}
+
+// Duration is a time.Duration written as "90s", "720h" in YAML.
+type Duration time.Duration
+
+// D returns the value as a time.Duration.
+func (d Duration) D() time.Duration { return time.Duration(d) }

@@ -1,0 +1,133 @@
+package config
+
+import (
+	"bytes"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+	"github.com/google/go-cmp/cmp/cmpopts"
+)
+
+func TestDefaultsRoundTrip(t *testing.T) {
+	for name, c := range map[string]Config{"production": Production(), "dev": Dev("/tmp/x")} {
+		t.Run(name, func(t *testing.T) {
+			if err := c.Validate(); err != nil {
+				t.Fatalf("default config invalid: %v", err)
+			}
+			var buf bytes.Buffer
+			if err := WriteCommented(&buf, c); err != nil {
+				t.Fatal(err)
+			}
+			got, err := Parse("written.yaml", buf.Bytes(), Config{})
+			if err != nil {
+				t.Fatalf("written config does not load: %v\n%s", err, buf.String())
+			}
+			if diff := cmp.Diff(c, got, cmpopts.EquateEmpty()); diff != "" {
+				t.Errorf("round trip (-want +got):\n%s", diff)
+			}
+		})
+	}
+}
+
+// Every message Validate and Load can give, with the line it must point at.
+func TestLoadErrors(t *testing.T) {
+	tests := map[string]struct {
+		yaml string
+		want []string // substrings of the error, in order of the errors
+	}{
+		"unknown top-level key": {"state_dir: /x\nbogus: 1\n", []string{"bad.yaml:2: bogus: unknown key; accepted here: coap, console, firewall, gateway_id, log, metrics, mqtt, pki, state_dir"}},
+		"unknown nested key":    {"coap:\n  listen: \":5684\"\n  lsten: x\n", []string{"bad.yaml:3: coap.lsten: unknown key; accepted here: enabled, listen, max_payload, psk_listen"}},
+		"not a mapping":         {"- a\n- b\n", []string{"bad.yaml:1: the file must be a YAML mapping"}},
+		"section not mapping":   {"coap: 5\n", []string{"bad.yaml:1: coap: want a mapping with keys enabled, listen, max_payload, psk_listen"}},
+		"bad yaml":              {"coap: [\n", []string{"bad.yaml:1: not valid YAML"}},
+		"wrong type":            {"coap:\n  max_payload: lots\n", []string{"bad.yaml:2: cannot unmarshal !!str `lots` into int"}},
+		"bad duration":          {"pki:\n  renew_before: soon\n", []string{"bad.yaml:2: \"soon\" is not a duration; write it like 90s, 15m or 720h"}},
+		"bad port":              {"mqtt:\n  listen: \":99999\"\n", []string{"bad.yaml:2: mqtt.listen: \":99999\" has a port outside 0-65535"}},
+		"not host:port":         {"mqtt:\n  listen: \"8883\"\n", []string{"mqtt.listen: \"8883\" is not host:port"}},
+		"hostname listen":       {"console:\n  listen: \"box.lan:443\"\n", []string{"console.listen: \"box.lan:443\" has a host that is not an IP address"}},
+		"cleartext coap":        {"coap:\n  listen: \":5683\"\n", []string{"bad.yaml:2: coap.listen: \":5683\" is port 5683, the port of plain CoAP: Bastion never listens in cleartext"}},
+		"cleartext mqtt":        {"mqtt:\n  listen: \"127.0.0.1:1883\"\n", []string{"port of plain MQTT"}},
+		"cleartext http":        {"console:\n  listen: \":80\"\n", []string{"port of plain HTTP"}},
+		"port clash":            {"console:\n  listen: \":8883\"\n", []string{"console.listen: \":8883\" uses the same tcp port as mqtt.listen (:8883)"}},
+		"psk clash":             {"coap:\n  psk_listen: \":5684\"\n", []string{"coap.psk_listen: \":5684\" uses the same udp port as coap.listen"}},
+		"gateway id":            {"gateway_id: Bad_Name\n", []string{"bad.yaml:1: gateway_id: \"Bad_Name\" is not accepted: use 1-63 lowercase letters"}},
+		"log level":             {"log:\n  level: loud\n", []string{"bad.yaml:2: log.level: \"loud\" is not a log level: use debug, info, warn or error"}},
+		"log format":            {"log:\n  format: xml\n", []string{"log.format: \"xml\" is not a log format: use text or json"}},
+		"payload range":         {"coap:\n  max_payload: 10\n", []string{"coap.max_payload: \"10\" is out of range: use 64 to 16384 bytes"}},
+		"packet range":          {"mqtt:\n  max_packet_size: 100\n", []string{"mqtt.max_packet_size: \"100\" is out of range"}},
+		"server validity":       {"pki:\n  server_cert_validity: 10000h\n", []string{"pki.server_cert_validity: \"10000h0m0s\" is out of range: use 1h to 9552h"}},
+		"device validity":       {"pki:\n  device_cert_validity: 1m\n", []string{"pki.device_cert_validity: \"1m0s\" is out of range"}},
+		"renew before":          {"pki:\n  renew_before: 2400h\n", []string{"pki.renew_before: \"2400h0m0s\" must be positive and shorter than pki.server_cert_validity"}},
+		"hostname":              {"pki:\n  hostnames: [\"ok.lan\", \"bad host\"]\n", []string{"bad.yaml:2: pki.hostnames[1]: \"bad host\" is neither an IP address nor a DNS name"}},
+		"metrics not loopback":  {"metrics:\n  listen: \"0.0.0.0:9184\"\n", []string{"metrics.listen: \"0.0.0.0:9184\" is not on loopback"}},
+		"metrics bad":           {"metrics:\n  listen: \"x\"\n", []string{"metrics.listen: \"x\" is not host:port"}},
+		"iface name":            {"firewall:\n  lan: [\"eth0\", \"this-name-is-far-too-long\"]\n", []string{"firewall.lan[1]: \"this-name-is-far-too-long\" is not an interface name"}},
+		"iface both zones":      {"firewall:\n  lan: [eth0]\n  wan: [eth0]\n", []string{"is in both lan and wan"}},
+		"empty lan managed":     {"firewall:\n  lan: []\n", []string{"bad.yaml:2: firewall.lan: is empty while firewall.manage is true"}},
+		"state dir empty":       {"state_dir: \"\"\nfirewall:\n  lan: [eth0]\n", nil}, // default refills it: no error
+		"two errors":            {"log:\n  level: loud\nmqtt:\n  listen: \":1883\"\n", []string{"bad.yaml:2: log.level", "bad.yaml:4: mqtt.listen"}},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			base := Production()
+			base.Firewall.LAN = []string{"br-lan"}
+			_, err := Parse("bad.yaml", []byte(tc.yaml), base)
+			if tc.want == nil {
+				if err != nil {
+					t.Fatalf("want no error, got %v", err)
+				}
+				return
+			}
+			if err == nil {
+				t.Fatalf("want error containing %q, got none", tc.want)
+			}
+			msg := err.Error()
+			lines := strings.Split(msg, "\n")
+			if len(lines) != len(tc.want) {
+				t.Fatalf("want %d errors, got %d:\n%s", len(tc.want), len(lines), msg)
+			}
+			for i, w := range tc.want {
+				if !strings.Contains(lines[i], w) {
+					t.Errorf("error %d:\n got %s\nwant it to contain %s", i, lines[i], w)
+				}
+			}
+		})
+	}
+}
+
+func TestValidateIsPure(t *testing.T) {
+	c := Production()
+	c.Log.Level = "nope"
+	before := c
+	_ = c.Validate()
+	if diff := cmp.Diff(before, c); diff != "" {
+		t.Errorf("Validate mutated config (-want +got):\n%s", diff)
+	}
+	var es Errors
+	if err := c.Validate(); !errors.As(err, &es) || es[0].Key != "log.level" {
+		t.Errorf("want Errors with key log.level, got %v", err)
+	}
+}
+
+func TestLoadMissingFile(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "nope.yaml")
+	_, err := Load(p, Production())
+	if err == nil || !strings.Contains(err.Error(), p) || !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("want not-exist error naming %s, got %v", p, err)
+	}
+}
+
+func TestLoadOverridesDefaults(t *testing.T) {
+	c, err := Parse("ok.yaml", []byte("coap:\n  enabled: false\npki:\n  renew_before: 48h\nfirewall:\n  lan: [eth1]\n"), Production())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.CoAP.Enabled || c.PKI.RenewBefore.D() != 48*time.Hour || !c.MQTT.Enabled || c.MQTT.Listen != ":8883" {
+		t.Errorf("overrides/defaults wrong: %+v", c)
+	}
+}

@@ -1,0 +1,65 @@
+package config
+
+import "time"
+
+// Production is the default configuration of a box: every listener on all
+// addresses of the lan interfaces, state under /var/lib/bastion.
+func Production() Config {
+	c := Config{
+		CoAP:     CoAP{Enabled: true, PSKListen: ":5685"},
+		MQTT:     MQTT{Enabled: true},
+		Console:  Console{Enabled: true},
+		Firewall: Firewall{Manage: true, LAN: []string{"eth0"}},
+	}
+	SetDefaults(&c)
+	return c
+}
+
+// Dev is the configuration of `bastiond --dev`: everything on loopback,
+// state in stateDir, no firewall changes.
+func Dev(stateDir string) Config {
+	c := Config{
+		StateDir:  stateDir,
+		GatewayID: "bastion-dev",
+		CoAP:      CoAP{Enabled: true, Listen: "127.0.0.1:5684", PSKListen: "127.0.0.1:5685"},
+		MQTT:      MQTT{Enabled: true, Listen: "127.0.0.1:8883"},
+		Console:   Console{Enabled: true, Listen: "127.0.0.1:8443"},
+		PKI:       PKI{Hostnames: []string{"localhost", "127.0.0.1", "::1"}},
+		Firewall:  Firewall{Manage: false, LAN: []string{"lo"}},
+	}
+	SetDefaults(&c)
+	return c
+}
+
+// SetDefaults fills every zero value that has a default. Booleans are set
+// in Production, which Load decodes the file onto, so that an explicit
+// `enabled: false` stays false.
+func SetDefaults(c *Config) {
+	def := func(s *string, v string) {
+		if *s == "" {
+			*s = v
+		}
+	}
+	defI := func(i *int, v int) {
+		if *i == 0 {
+			*i = v
+		}
+	}
+	defD := func(d *Duration, v time.Duration) {
+		if *d == 0 {
+			*d = Duration(v)
+		}
+	}
+	def(&c.StateDir, "/var/lib/bastion")
+	def(&c.GatewayID, "bastion")
+	def(&c.Log.Level, "info")
+	def(&c.Log.Format, "text")
+	def(&c.CoAP.Listen, ":5684")
+	defI(&c.CoAP.MaxPayload, 1024)
+	def(&c.MQTT.Listen, ":8883")
+	defI(&c.MQTT.MaxPacketSize, 64*1024)
+	def(&c.Console.Listen, ":443")
+	defD(&c.PKI.ServerCertValidity, 90*24*time.Hour)
+	defD(&c.PKI.DeviceCertValidity, 365*24*time.Hour)
+	defD(&c.PKI.RenewBefore, 30*24*time.Hour)
+}

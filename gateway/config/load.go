@@ -1,0 +1,222 @@
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"reflect"
+	"sort"
+	"strings"
+	"time"
+
+	"go.yaml.in/yaml/v3"
+)
+
+// Error is one problem in a configuration file, located to the line.
+type Error struct {
+	File string
+	Line int    // 0 when the key is absent from the file (a default)
+	Key  string // dotted path, e.g. "coap.listen"
+	Msg  string // what is wrong and what would be accepted
+}
+
+func (e *Error) Error() string {
+	loc := e.File
+	if e.Line > 0 {
+		loc = fmt.Sprintf("%s:%d", e.File, e.Line)
+	}
+	if e.Key == "" {
+		return loc + ": " + e.Msg
+	}
+	return fmt.Sprintf("%s: %s: %s", loc, e.Key, e.Msg)
+}
+
+// Errors is every problem found in one file.
+type Errors []*Error
+
+func (es Errors) Error() string {
+	s := make([]string, len(es))
+	for i, e := range es {
+		s[i] = e.Error()
+	}
+	return strings.Join(s, "\n")
+}
+
+// Load reads, decodes, defaults and validates the file at path. base is the
+// configuration the file is decoded onto (Production() or Dev(dir)).
+func Load(path string, base Config) (Config, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return Config{}, fmt.Errorf("read config %s: %w (create it with `bastiond --write-default-config %s`)", path, err, path)
+	}
+	return Parse(path, b, base)
+}
+
+// Parse is Load for bytes already read; name is used in messages.
+func Parse(name string, b []byte, base Config) (Config, error) {
+	var root yaml.Node
+	if err := yaml.Unmarshal(b, &root); err != nil {
+		return Config{}, &Error{File: name, Line: yamlErrLine(err), Msg: "not valid YAML: " + trimYAMLErr(err)}
+	}
+	lines := map[string]int{}
+	var errs Errors
+	if len(root.Content) > 0 {
+		doc := root.Content[0]
+		if doc.Kind != yaml.MappingNode {
+			return Config{}, &Error{File: name, Line: doc.Line, Msg: "the file must be a YAML mapping of keys (state_dir: ..., coap: ...)"}
+		}
+		checkKeys(name, doc, reflect.TypeOf(Config{}), "", lines, &errs)
+	}
+	if len(errs) > 0 {
+		return Config{}, errs
+	}
+	c := base
+	dec := yaml.NewDecoder(bytes.NewReader(b))
+	dec.KnownFields(true)
+	if err := dec.Decode(&c); err != nil && !errors.Is(err, io.EOF) {
+		var te *yaml.TypeError
+		if errors.As(err, &te) {
+			for _, m := range te.Errors {
+				errs = append(errs, &Error{File: name, Line: yamlErrLine(errors.New(m)), Msg: trimYAMLErr(errors.New(m))})
+			}
+			return Config{}, errs
+		}
+		return Config{}, &Error{File: name, Line: yamlErrLine(err), Msg: trimYAMLErr(err)}
+	}
+	SetDefaults(&c)
+	if err := c.Validate(); err != nil {
+		var ves Errors
+		if errors.As(err, &ves) {
+			for _, e := range ves {
+				e.File = name
+				e.Line = lineOf(lines, e.Key)
+			}
+			return Config{}, ves
+		}
+		return Config{}, err
+	}
+	return c, nil
+}
+
+// lineOf finds the line of key or, failing that, of its nearest parent, so
+// an error about a default points at the section it lives in.
+func lineOf(lines map[string]int, key string) int {
+	for k := key; k != ""; {
+		if l, ok := lines[k]; ok {
+			return l
+		}
+		i := strings.LastIndexAny(k, ".[")
+		if i < 0 {
+			break
+		}
+		k = k[:i]
+	}
+	return 0
+}
+
+// checkKeys walks the YAML tree beside the Go type, recording each key's line
+// and reporting keys the type does not have, with the keys it does.
+func checkKeys(file string, n *yaml.Node, t reflect.Type, path string, lines map[string]int, errs *Errors) {
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	switch t.Kind() {
+	case reflect.Struct:
+		if t == reflect.TypeOf(Duration(0)) {
+			return
+		}
+		if n.Kind != yaml.MappingNode {
+			*errs = append(*errs, &Error{File: file, Line: n.Line, Key: path, Msg: fmt.Sprintf("want a mapping with keys %s, got %q", strings.Join(yamlKeys(t), ", "), n.Value)})
+			return
+		}
+		fields := map[string]reflect.Type{}
+		for i := 0; i < t.NumField(); i++ {
+			f := t.Field(i)
+			if name := yamlName(f); name != "" {
+				fields[name] = f.Type
+			}
+		}
+		for i := 0; i+1 < len(n.Content); i += 2 {
+			k, v := n.Content[i], n.Content[i+1]
+			key := k.Value
+			if path != "" {
+				key = path + "." + k.Value
+			}
+			ft, ok := fields[k.Value]
+			if !ok {
+				*errs = append(*errs, &Error{File: file, Line: k.Line, Key: key, Msg: fmt.Sprintf("unknown key; accepted here: %s", strings.Join(yamlKeys(t), ", "))})
+				continue
+			}
+			lines[key] = k.Line
+			checkKeys(file, v, ft, key, lines, errs)
+		}
+	case reflect.Slice:
+		if n.Kind == yaml.SequenceNode {
+			for i, v := range n.Content {
+				key := fmt.Sprintf("%s[%d]", path, i)
+				lines[key] = v.Line
+				checkKeys(file, v, t.Elem(), key, lines, errs)
+			}
+		}
+	}
+}
+
+func yamlName(f reflect.StructField) string {
+	tag := f.Tag.Get("yaml")
+	name, _, _ := strings.Cut(tag, ",")
+	if name == "-" || !f.IsExported() {
+		return ""
+	}
+	if name == "" {
+		return strings.ToLower(f.Name)
+	}
+	return name
+}
+
+func yamlKeys(t reflect.Type) []string {
+	var ks []string
+	for i := 0; i < t.NumField(); i++ {
+		if n := yamlName(t.Field(i)); n != "" {
+			ks = append(ks, n)
+		}
+	}
+	sort.Strings(ks)
+	return ks
+}
+
+// yaml.v3 puts "line N:" inside its messages; lift it out.
+func yamlErrLine(err error) int {
+	s := err.Error()
+	i := strings.Index(s, "line ")
+	if i < 0 {
+		return 0
+	}
+	var l int
+	fmt.Sscanf(s[i+5:], "%d", &l)
+	return l
+}
+
+func trimYAMLErr(err error) string {
+	s := strings.TrimPrefix(err.Error(), "yaml: ")
+	if i := strings.Index(s, "line "); i >= 0 {
+		if j := strings.Index(s[i:], ": "); j >= 0 {
+			s = s[:i] + s[i+j+2:]
+		}
+	}
+	return strings.TrimSpace(s)
+}
+
+// UnmarshalYAML accepts Go duration strings such as "90s" or "720h".
+func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
+	v, err := time.ParseDuration(n.Value)
+	if err != nil {
+		return fmt.Errorf("line %d: %q is not a duration; write it like 90s, 15m or 720h", n.Line, n.Value)
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// MarshalYAML writes durations back in the same form.
+func (d Duration) MarshalYAML() (any, error) { return time.Duration(d).String(), nil }

@@ -1,0 +1,165 @@
+package config
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+	"regexp"
+	"strconv"
+	"time"
+)
+
+var (
+	gatewayIDRe = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
+	ifaceRe     = regexp.MustCompile(`^[A-Za-z0-9_.:@-]{1,15}$`)
+)
+
+// cleartext ports are never opened, even by mistake.
+var cleartextPorts = map[int]string{5683: "plain CoAP", 1883: "plain MQTT", 80: "plain HTTP"}
+
+// Validate checks c without I/O or mutation and returns Errors naming each
+// bad key (lines are added by Load).
+func (c *Config) Validate() error {
+	var errs Errors
+	bad := func(key string, value any, format string, args ...any) {
+		errs = append(errs, &Error{Key: key, Msg: fmt.Sprintf("%q ", fmt.Sprint(value)) + fmt.Sprintf(format, args...)})
+	}
+
+	if c.StateDir == "" {
+		errs = append(errs, &Error{Key: "state_dir", Msg: "must be set to a directory, e.g. /var/lib/bastion"})
+	}
+	if !gatewayIDRe.MatchString(c.GatewayID) {
+		bad("gateway_id", c.GatewayID, "is not accepted: use 1-63 lowercase letters, digits and '-', e.g. bastion-home")
+	}
+	switch c.Log.Level {
+	case "debug", "info", "warn", "error":
+	default:
+		bad("log.level", c.Log.Level, "is not a log level: use debug, info, warn or error")
+	}
+	switch c.Log.Format {
+	case "text", "json":
+	default:
+		bad("log.format", c.Log.Format, "is not a log format: use text or json")
+	}
+
+	type bound struct{ key, proto, addr string }
+	var bounds []bound
+	listen := func(key, proto, addr string) {
+		if msg := checkListen(addr); msg != "" {
+			bad(key, addr, "%s", msg)
+			return
+		}
+		bounds = append(bounds, bound{key, proto, addr})
+	}
+	if c.CoAP.Enabled {
+		listen("coap.listen", "udp", c.CoAP.Listen)
+		if c.CoAP.PSKListen != "" {
+			listen("coap.psk_listen", "udp", c.CoAP.PSKListen)
+		}
+		if c.CoAP.MaxPayload < 64 || c.CoAP.MaxPayload > 16384 {
+			bad("coap.max_payload", c.CoAP.MaxPayload, "is out of range: use 64 to 16384 bytes")
+		}
+	}
+	if c.MQTT.Enabled {
+		listen("mqtt.listen", "tcp", c.MQTT.Listen)
+		if c.MQTT.MaxPacketSize < 1024 || c.MQTT.MaxPacketSize > 16<<20 {
+			bad("mqtt.max_packet_size", c.MQTT.MaxPacketSize, "is out of range: use 1024 to 16777216 bytes")
+		}
+	}
+	if c.Console.Enabled {
+		listen("console.listen", "tcp", c.Console.Listen)
+	}
+	for i := range bounds {
+		for j := 0; j < i; j++ {
+			a, b := bounds[i], bounds[j]
+			if a.proto == b.proto && samePort(a.addr, b.addr) {
+				bad(a.key, a.addr, "uses the same %s port as %s (%s): give each listener its own port", a.proto, b.key, b.addr)
+			}
+		}
+	}
+
+	const year = 365 * 24 * time.Hour
+	if v := c.PKI.ServerCertValidity.D(); v < time.Hour || v > 398*24*time.Hour {
+		bad("pki.server_cert_validity", v, "is out of range: use 1h to 9552h (398 days)")
+	}
+	if v := c.PKI.DeviceCertValidity.D(); v < time.Hour || v > 10*year {
+		bad("pki.device_cert_validity", v, "is out of range: use 1h to 87600h (10 years)")
+	}
+	if v := c.PKI.RenewBefore.D(); v <= 0 || v >= c.PKI.ServerCertValidity.D() {
+		bad("pki.renew_before", v, "must be positive and shorter than pki.server_cert_validity (%s)", c.PKI.ServerCertValidity.D())
+	}
+	for i, h := range c.PKI.Hostnames {
+		if _, err := netip.ParseAddr(h); err != nil && !validHostname(h) {
+			bad(fmt.Sprintf("pki.hostnames[%d]", i), h, "is neither an IP address nor a DNS name")
+		}
+	}
+
+	if c.Metrics.Listen != "" {
+		if msg := checkListen(c.Metrics.Listen); msg != "" {
+			bad("metrics.listen", c.Metrics.Listen, "%s", msg)
+		} else if host, _, _ := net.SplitHostPort(c.Metrics.Listen); !isLoopback(host) {
+			bad("metrics.listen", c.Metrics.Listen, "is not on loopback: the plain-HTTP metrics endpoint may only listen on 127.0.0.1 or [::1]; remote scrapes go through the console")
+		}
+	}
+
+	seen := map[string]string{}
+	for zone, ifs := range map[string][]string{"lan": c.Firewall.LAN, "wan": c.Firewall.WAN} {
+		for i, name := range ifs {
+			key := fmt.Sprintf("firewall.%s[%d]", zone, i)
+			if !ifaceRe.MatchString(name) {
+				bad(key, name, "is not an interface name (1-15 letters, digits, '_', '.', '-')")
+				continue
+			}
+			if other, ok := seen[name]; ok && other != zone {
+				bad(key, name, "is in both lan and wan: an interface belongs to one zone")
+			}
+			seen[name] = zone
+		}
+	}
+	if c.Firewall.Manage && len(c.Firewall.LAN) == 0 {
+		errs = append(errs, &Error{Key: "firewall.lan", Msg: "is empty while firewall.manage is true: name the lan interfaces (e.g. [br-lan]) or no device can reach the gateway"})
+	}
+
+	if len(errs) > 0 {
+		return errs
+	}
+	return nil
+}
+
+func checkListen(addr string) string {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return "is not host:port (e.g. 127.0.0.1:8883, [::1]:8883 or :8883)"
+	}
+	if host != "" {
+		if _, err := netip.ParseAddr(host); err != nil {
+			return "has a host that is not an IP address: listen on an address (or leave it empty for all)"
+		}
+	}
+	p, err := strconv.Atoi(port)
+	if err != nil || p < 0 || p > 65535 {
+		return "has a port outside 0-65535 (0 picks a free port)"
+	}
+	if what, ok := cleartextPorts[p]; ok {
+		return fmt.Sprintf("is port %d, the port of %s: Bastion never listens in cleartext; use the secure port", p, what)
+	}
+	return ""
+}
+
+func samePort(a, b string) bool {
+	ha, pa, _ := net.SplitHostPort(a)
+	hb, pb, _ := net.SplitHostPort(b)
+	if pa == "0" {
+		return false // each :0 gets its own free port
+	}
+	return pa == pb && (ha == hb || ha == "" || hb == "" || ha == "0.0.0.0" || hb == "0.0.0.0" || ha == "::" || hb == "::")
+}
+
+func isLoopback(host string) bool {
+	a, err := netip.ParseAddr(host)
+	return err == nil && a.IsLoopback()
+}
+
+var hostnameRe = regexp.MustCompile(`^([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$`)
+
+func validHostname(h string) bool { return len(h) <= 253 && hostnameRe.MatchString(h) }

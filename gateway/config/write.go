@@ -1,0 +1,79 @@
+package config
+
+import (
+	"fmt"
+	"io"
+	"strings"
+)
+
+// WriteCommented writes c as a bastion.yaml a person can read and edit: every
+// key, what it does and what it accepts.
+func WriteCommented(w io.Writer, c Config) error {
+	list := func(xs []string) string {
+		if len(xs) == 0 {
+			return "[]"
+		}
+		q := make([]string, len(xs))
+		for i, x := range xs {
+			q[i] = fmt.Sprintf("%q", x)
+		}
+		return "[" + strings.Join(q, ", ") + "]"
+	}
+	_, err := fmt.Fprintf(w, `# Bastion gateway configuration (YAML). Unknown keys are refused.
+# Check a change with: bastiond --check-config FILE ; apply with SIGHUP.
+
+# Where the CA, the store and the control socket live (0700, keys 0600).
+state_dir: %q
+# Name of this box upstream: lowercase letters, digits and '-'.
+gateway_id: %q
+
+log:
+  level: %s    # debug, info, warn, error
+  format: %s   # text or json
+
+# CoAP over DTLS 1.2 for constrained devices. Certificate devices use
+# "listen"; PSK devices use "psk_listen" ("" turns PSK off).
+coap:
+  enabled: %t
+  listen: %q
+  psk_listen: %q
+  max_payload: %d   # bytes; larger requests are refused with 4.13
+
+# MQTT 3.1.1/5 over TLS. Client certificates are required unless
+# allow_secret_auth lets a device log in with its id and a per-device secret.
+mqtt:
+  enabled: %t
+  listen: %q
+  allow_secret_auth: %t
+  max_packet_size: %d
+
+# HTTPS console and JSON API (LAN only).
+console:
+  enabled: %t
+  listen: %q
+
+# The local CA.
+pki:
+  hostnames: %s   # names and IPs the server certificates cover
+  server_cert_validity: %s
+  device_cert_validity: %s
+  renew_before: %s   # re-issue server certificates this long before expiry
+
+# Prometheus scrape endpoint, loopback only ("" = off; use bastionctl metrics).
+metrics:
+  listen: %q
+
+# Zones: which interfaces are lan (devices) and wan (internet). Nothing is
+# reachable from wan. manage: false prints the plan instead of applying it.
+firewall:
+  manage: %t
+  lan: %s
+  wan: %s
+`, c.StateDir, c.GatewayID, c.Log.Level, c.Log.Format,
+		c.CoAP.Enabled, c.CoAP.Listen, c.CoAP.PSKListen, c.CoAP.MaxPayload,
+		c.MQTT.Enabled, c.MQTT.Listen, c.MQTT.AllowSecretAuth, c.MQTT.MaxPacketSize,
+		c.Console.Enabled, c.Console.Listen,
+		list(c.PKI.Hostnames), c.PKI.ServerCertValidity.D(), c.PKI.DeviceCertValidity.D(), c.PKI.RenewBefore.D(),
+		c.Metrics.Listen, c.Firewall.Manage, list(c.Firewall.LAN), list(c.Firewall.WAN))
+	return err
+}

@@ -1,0 +1,515 @@
+package gateway
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/base32"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sync/errgroup"
+
+	"github.com/bastion-iot/bastion/bridges/coap"
+	"github.com/bastion-iot/bastion/bridges/mqtt"
+	"github.com/bastion-iot/bastion/gateway/config"
+	"github.com/bastion-iot/bastion/gateway/console"
+	"github.com/bastion-iot/bastion/gateway/control"
+	"github.com/bastion-iot/bastion/gateway/store"
+	"github.com/bastion-iot/bastion/internal/buildinfo"
+	"github.com/bastion-iot/bastion/pki"
+)
+
+// Options say how to run the gateway.
+type Options struct {
+	// ConfigPath is the configuration file. In dev mode it defaults to
+	// bastion.yaml in the state directory and is written on first start.
+	ConfigPath string
+	// Dev runs everything on loopback with a local state directory and
+	// prints the firewall plan instead of applying it.
+	Dev bool
+	// StateDir is the dev state directory (default ./bastion-dev).
+	StateDir string
+	// Log receives the structured log. Nil builds one on stderr from the
+	// configured level and format.
+	Log *slog.Logger
+	// Out receives the few lines a person needs at start (addresses, setup
+	// code). Nil means os.Stderr.
+	Out io.Writer
+	// Reload delivers SIGHUPs.
+	Reload <-chan struct{}
+	// Clock overrides the system clock (tests).
+	Clock pki.Clock
+	// Ready is called once every listener is up.
+	Ready func(*Gateway)
+}
+
+// Gateway is one running Bastion.
+type Gateway struct {
+	opts       Options
+	configPath string
+	cfg        atomic.Pointer[config.Config]
+	level      *slog.LevelVar
+	log        *slog.Logger
+	clock      pki.Clock
+	store      *store.Store
+	ca         *pki.CA
+	devices    *Devices
+	metrics    *metrics
+	certs      map[string]*pki.ServerCert
+	coap       *coap.Server
+	mqtt       *mqtt.Server
+	console    *console.Server
+	ctl        *controlServer
+	started    time.Time
+
+	// extraControl lets components add control-socket endpoints.
+	extraControl    map[string]http.Handler
+	statusMu        sync.Mutex
+	statusProviders map[string]func() any
+	setupCode       string
+}
+
+// Run starts the gateway and blocks until ctx ends and everything has
+// stopped, or until a component fails.
+func Run(ctx context.Context, opts Options) error {
+	g, err := New(opts)
+	if err != nil {
+		return err
+	}
+	return g.Run(ctx)
+}
+
+// New loads the configuration and opens the state: store, CA, listeners.
+// Nothing is served until Run.
+func New(opts Options) (g *Gateway, err error) {
+	g = &Gateway{opts: opts, level: new(slog.LevelVar), extraControl: map[string]http.Handler{}}
+	if g.opts.Out == nil {
+		g.opts.Out = os.Stderr
+	}
+	cfg, err := g.loadConfig()
+	if err != nil {
+		return nil, err
+	}
+	g.cfg.Store(&cfg)
+	g.log = opts.Log
+	if g.log == nil {
+		g.log = newLogger(os.Stderr, cfg.Log, g.level)
+	}
+	g.level.Set(parseLevel(cfg.Log.Level))
+	g.clock = opts.Clock
+	if g.clock == nil {
+		g.clock = pki.SystemClock{NotBefore: buildinfo.NotBefore()}
+	}
+	defer func() {
+		if err != nil {
+			g.close()
+		}
+	}()
+	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		return nil, fmt.Errorf("state directory %s: %w", cfg.StateDir, err)
+	}
+	if err := os.Chmod(cfg.StateDir, 0o700); err != nil {
+		return nil, fmt.Errorf("state directory %s: %w", cfg.StateDir, err)
+	}
+	if g.store, err = store.Open(filepath.Join(cfg.StateDir, "bastion.db")); err != nil {
+		return nil, err
+	}
+	g.metrics = newMetrics(g.activeDevices)
+	if err := g.waitForClock(context.Background(), 0); err != nil {
+		return nil, err
+	}
+	if g.ca, err = pki.Open(filepath.Join(cfg.StateDir, "pki"), cfg.GatewayID, g.clock, g.log); err != nil {
+		return nil, err
+	}
+	g.devices = &Devices{store: g.store, ca: g.ca, log: g.log,
+		validity: func() time.Duration { return g.cfg.Load().PKI.DeviceCertValidity.D() },
+		pskCoAPPort: func() int {
+			if g.coap == nil {
+				return 0
+			}
+			if _, a := g.coap.Addrs(); a != nil {
+				return a.(*net.UDPAddr).Port
+			}
+			return 0
+		}}
+	if err := g.devices.loadRevocations(); err != nil {
+		return nil, fmt.Errorf("load revocations: %w", err)
+	}
+	if err := g.openListeners(cfg); err != nil {
+		return nil, err
+	}
+	if g.ctl, err = newControlServer(g, control.SocketPath(cfg.StateDir)); err != nil {
+		return nil, err
+	}
+	if err := g.prepareSetupCode(); err != nil {
+		return nil, err
+	}
+	return g, nil
+}
+
+func (g *Gateway) loadConfig() (config.Config, error) {
+	if !g.opts.Dev {
+		g.configPath = g.opts.ConfigPath
+		if g.configPath == "" {
+			g.configPath = "/etc/bastion/bastion.yaml"
+		}
+		return config.Load(g.configPath, config.Production())
+	}
+	dir := g.opts.StateDir
+	if dir == "" {
+		dir = "bastion-dev"
+	}
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return config.Config{}, err
+	}
+	g.configPath = g.opts.ConfigPath
+	if g.configPath == "" {
+		g.configPath = filepath.Join(abs, "bastion.yaml")
+	}
+	if _, err := os.Stat(g.configPath); errors.Is(err, os.ErrNotExist) {
+		if err := os.MkdirAll(abs, 0o700); err != nil {
+			return config.Config{}, fmt.Errorf("state directory %s: %w", abs, err)
+		}
+		if err := WriteConfigFile(g.configPath, config.Dev(abs)); err != nil {
+			return config.Config{}, err
+		}
+	}
+	return config.Load(g.configPath, config.Dev(abs))
+}
+
+// WriteConfigFile writes a commented configuration file (0600) atomically.
+func WriteConfigFile(path string, c config.Config) error {
+	var b strings.Builder
+	if err := config.WriteCommented(&b, c); err != nil {
+		return err
+	}
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, []byte(b.String()), 0o600); err != nil {
+		return fmt.Errorf("write config %s: %w", path, err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return fmt.Errorf("write config %s: %w", path, err)
+	}
+	return nil
+}
+
+// waitForClock blocks until the clock is plausible, saying so every
+// interval. interval 0 means check once and fail.
+func (g *Gateway) waitForClock(ctx context.Context, interval time.Duration) error {
+	for {
+		err := g.clock.Sane()
+		if err == nil {
+			g.metrics.clockSane.Set(1)
+			return nil
+		}
+		g.metrics.clockSane.Set(0)
+		g.log.Error("waiting for the clock: no certificate is accepted or issued until it is set", "err", err)
+		if interval == 0 {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(interval):
+		}
+	}
+}
+
+func (g *Gateway) serverSANs(cfg config.Config, listen string) []string {
+	sans := slices.Clone(cfg.PKI.Hostnames)
+	if host, _, err := net.SplitHostPort(listen); err == nil && host != "" {
+		if ip := net.ParseIP(host); ip != nil && !ip.IsUnspecified() {
+			sans = append(sans, ip.String())
+		}
+	}
+	// A box listening on every address answers on its lan interfaces' addresses.
+	for _, name := range cfg.Firewall.LAN {
+		ifc, err := net.InterfaceByName(name)
+		if err != nil {
+			continue
+		}
+		addrs, _ := ifc.Addrs()
+		for _, a := range addrs {
+			if ipn, ok := a.(*net.IPNet); ok && !ipn.IP.IsLinkLocalUnicast() {
+				sans = append(sans, ipn.IP.String())
+			}
+		}
+	}
+	if len(sans) == 0 {
+		sans = append(sans, cfg.GatewayID+".local")
+	}
+	return sans
+}
+
+func (g *Gateway) openListeners(cfg config.Config) error {
+	g.certs = map[string]*pki.ServerCert{}
+	cert := func(name, listen string) (*pki.ServerCert, error) {
+		sc, err := g.ca.ServerCert(name, g.serverSANs(cfg, listen), cfg.PKI.ServerCertValidity.D(), cfg.PKI.RenewBefore.D())
+		if err != nil {
+			return nil, err
+		}
+		g.certs[name] = sc
+		return sc, nil
+	}
+	id := g.identity()
+	if cfg.CoAP.Enabled {
+		sc, err := cert("coap", cfg.CoAP.Listen)
+		if err != nil {
+			return err
+		}
+		g.coap, err = coap.New(coap.Config{Listen: cfg.CoAP.Listen, PSKListen: cfg.CoAP.PSKListen, MaxPayload: cfg.CoAP.MaxPayload}, sc, id, nil, g.log)
+		if err != nil {
+			return err
+		}
+	}
+	if cfg.MQTT.Enabled {
+		sc, err := cert("mqtt", cfg.MQTT.Listen)
+		if err != nil {
+			return err
+		}
+		g.mqtt, err = mqtt.New(mqtt.Config{Listen: cfg.MQTT.Listen, AllowSecretAuth: cfg.MQTT.AllowSecretAuth, MaxPacketSize: cfg.MQTT.MaxPacketSize}, sc, id, g.log)
+		if err != nil {
+			return err
+		}
+	}
+	if cfg.Console.Enabled {
+		sc, err := cert("console", cfg.Console.Listen)
+		if err != nil {
+			return err
+		}
+		g.console, err = console.New(cfg.Console.Listen, pki.TLSServer(sc, 0, nil), nil, g.log)
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (g *Gateway) identity() *identity { return &identity{ca: g.ca, store: g.store, m: g.metrics} }
+
+const metaSetupCode = "console.setup_code_sha256"
+const metaAdminExists = "console.admin_exists"
+
+// prepareSetupCode makes a fresh one-time code for creating the first
+// console admin, as long as no admin exists. Only its hash is stored; the
+// code itself is shown once, on the box's own console.
+func (g *Gateway) prepareSetupCode() error {
+	if _, err := g.store.Meta(metaAdminExists); err == nil {
+		return nil
+	}
+	b := make([]byte, 10) // 80 bits
+	rand.Read(b)
+	s := base32.StdEncoding.WithPadding(base32.NoPadding).EncodeToString(b)
+	g.setupCode = s[0:4] + "-" + s[4:8] + "-" + s[8:12] + "-" + s[12:16]
+	sum := sha256.Sum256([]byte(g.setupCode))
+	return g.store.SetMeta(metaSetupCode, []byte(hex.EncodeToString(sum[:])))
+}
+
+// CheckSetupCode reports whether code is the current first-admin setup
+// code (constant time).
+func (g *Gateway) CheckSetupCode(code string) bool {
+	want, err := g.store.Meta(metaSetupCode)
+	if err != nil {
+		return false
+	}
+	sum := sha256.Sum256([]byte(strings.ToUpper(strings.TrimSpace(code))))
+	return subtle.ConstantTimeCompare([]byte(hex.EncodeToString(sum[:])), want) == 1
+}
+
+// Run serves until ctx ends, then stops every component with a deadline.
+func (g *Gateway) Run(ctx context.Context) error {
+	defer g.close()
+	g.started = time.Now()
+	eg, ctx := errgroup.WithContext(ctx)
+	if g.coap != nil {
+		eg.Go(func() error { return g.coap.Run(ctx) })
+	}
+	if g.mqtt != nil {
+		eg.Go(func() error { return g.mqtt.Run(ctx) })
+	}
+	if g.console != nil {
+		eg.Go(func() error { return g.console.Run(ctx) })
+	}
+	eg.Go(func() error { return g.ctl.Run(ctx) })
+	eg.Go(func() error {
+		var cs []*pki.ServerCert
+		for _, c := range g.certs {
+			cs = append(cs, c)
+		}
+		return pki.RunRenewal(ctx, time.Hour, cs...)
+	})
+	eg.Go(func() error { return g.reloadLoop(ctx) })
+	if l := g.cfg.Load().Metrics.Listen; l != "" {
+		if err := g.serveMetrics(ctx, eg, l); err != nil {
+			return err
+		}
+	}
+	g.printSummary()
+	if g.opts.Ready != nil {
+		g.opts.Ready(g)
+	}
+	notifyReady()
+	g.log.Info("gateway ready", "gateway_id", g.cfg.Load().GatewayID, "dev", g.opts.Dev)
+	err := eg.Wait()
+	g.log.Info("gateway stopped")
+	return err
+}
+
+func (g *Gateway) close() {
+	if g.store != nil {
+		g.store.Close()
+		g.store = nil
+	}
+}
+
+func (g *Gateway) reloadLoop(ctx context.Context) error {
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case _, ok := <-g.opts.Reload:
+			if !ok {
+				<-ctx.Done()
+				return nil
+			}
+			g.Reload()
+		}
+	}
+}
+
+// Reload re-reads the configuration file. A bad file is refused with the
+// reason and the running configuration stays.
+func (g *Gateway) Reload() error {
+	old := g.cfg.Load()
+	var base config.Config
+	if g.opts.Dev {
+		base = config.Dev(old.StateDir)
+	} else {
+		base = config.Production()
+	}
+	cfg, err := config.Load(g.configPath, base)
+	if err != nil {
+		g.metrics.reloads.WithLabelValues("refused").Inc()
+		g.log.Error("config reload refused; the running configuration stays", "file", g.configPath, "err", err)
+		g.store.Audit(store.Event{Time: g.clock.Now(), Actor: "system", Action: "config.reload_refused", Target: g.configPath, Detail: err.Error()})
+		return err
+	}
+	if cfg.StateDir != old.StateDir || cfg.CoAP != old.CoAP || cfg.MQTT != old.MQTT || cfg.Console != old.Console {
+		g.log.Warn("config reload: listener and state_dir changes take effect at the next restart")
+	}
+	g.level.Set(parseLevel(cfg.Log.Level))
+	g.cfg.Store(&cfg)
+	g.metrics.reloads.WithLabelValues("ok").Inc()
+	g.store.Audit(store.Event{Time: g.clock.Now(), Actor: "system", Action: "config.reload", Target: g.configPath})
+	g.log.Info("config reloaded", "file", g.configPath)
+	return nil
+}
+
+func (g *Gateway) serveMetrics(ctx context.Context, eg *errgroup.Group, addr string) error {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("metrics: listen %s: %w", addr, err)
+	}
+	srv := &http.Server{Handler: metricsHandler(g.metrics), ReadHeaderTimeout: 5 * time.Second}
+	eg.Go(func() error {
+		go func() { <-ctx.Done(); srv.Close() }()
+		if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
+			return err
+		}
+		return nil
+	})
+	return nil
+}
+
+func (g *Gateway) activeDevices() float64 {
+	if g.store == nil {
+		return 0
+	}
+	ds, err := g.store.Devices()
+	if err != nil {
+		return 0
+	}
+	n := 0
+	for _, d := range ds {
+		if !d.Revoked {
+			n++
+		}
+	}
+	return float64(n)
+}
+
+// Addrs returns the bound address of each listener, by name.
+func (g *Gateway) Addrs() map[string]string {
+	m := map[string]string{}
+	if g.coap != nil {
+		c, p := g.coap.Addrs()
+		m["coaps"] = c.String()
+		if p != nil {
+			m["coaps_psk"] = p.String()
+		}
+	}
+	if g.mqtt != nil {
+		m["mqtts"] = g.mqtt.Addr()
+	}
+	if g.console != nil {
+		m["console"] = g.console.Addr().String()
+	}
+	m["control"] = g.ctl.path
+	return m
+}
+
+// CA returns the gateway's certificate authority.
+func (g *Gateway) CA() *pki.CA { return g.ca }
+
+// Devices returns the device service.
+func (g *Gateway) Devices() *Devices { return g.devices }
+
+// Store returns the state store.
+func (g *Gateway) Store() *store.Store { return g.store }
+
+// Config returns the running configuration.
+func (g *Gateway) Config() config.Config { return *g.cfg.Load() }
+
+func (g *Gateway) printSummary() {
+	a := g.Addrs()
+	w := g.opts.Out
+	mode := "production"
+	if g.opts.Dev {
+		mode = "dev (loopback, no firewall changes)"
+	}
+	fmt.Fprintf(w, "\nBastion %s is running — %s\n", buildinfo.Version, mode)
+	fmt.Fprintf(w, "  state:    %s\n  config:   %s\n", g.cfg.Load().StateDir, g.configPath)
+	if v, ok := a["coaps"]; ok {
+		fmt.Fprintf(w, "  CoAPS:    coaps://%s (certificates)\n", v)
+	}
+	if v, ok := a["coaps_psk"]; ok {
+		fmt.Fprintf(w, "  CoAPS:    coaps://%s (PSK)\n", v)
+	}
+	if v, ok := a["mqtts"]; ok {
+		fmt.Fprintf(w, "  MQTT/TLS: mqtts://%s\n", v)
+	}
+	if v, ok := a["console"]; ok {
+		fmt.Fprintf(w, "  console:  https://%s/\n", v)
+	}
+	fmt.Fprintf(w, "  CA:       %s (trust this root)\n", filepath.Join(g.cfg.Load().StateDir, "pki", "root.crt"))
+	fmt.Fprintf(w, "  admin:    bastionctl --state %s status\n", g.cfg.Load().StateDir)
+	if g.setupCode != "" {
+		fmt.Fprintf(w, "  setup code: %s   (one-time: creates the first console admin)\n", g.setupCode)
+	}
+	fmt.Fprintln(w)
+}

@@ -1,0 +1,377 @@
+// Package store is the gateway's embedded runtime state: devices, credential
+// metadata, revocations and the audit log, in one bbolt file in the state
+// directory. bbolt is pure Go, and every update is one fsynced copy-on-write
+// transaction, so a power cut or kill -9 leaves either the old or the new
+// state, never a torn one.
+//
+// The store holds no secrets: PSKs are derived from a key in the PKI's
+// directory, secrets are stored as argon2id hashes, private keys live in
+// files of their own.
+package store
+
+import (
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+)
+
+var (
+	bDevices = []byte("devices") // id → Device
+	bNames   = []byte("names")   // name → id (active devices only)
+	bPSK     = []byte("psk")     // psk identity → id
+	bCerts   = []byte("certs")   // serial (hex) → Cert
+	bAudit   = []byte("audit")   // seq (big endian) → Event
+	bMeta    = []byte("meta")    // small named values
+	buckets  = [][]byte{bDevices, bNames, bPSK, bCerts, bAudit, bMeta}
+)
+
+// ErrNotFound is returned when a record does not exist.
+var ErrNotFound = errors.New("not found")
+
+// ErrNameTaken is returned when an active device already has the name.
+var ErrNameTaken = errors.New("name already used by an active device")
+
+// Store is an open state database.
+type Store struct {
+	db *bolt.DB
+}
+
+// Open opens or creates the store at path (mode 0600). It fails fast if
+// another bastiond holds the file.
+func Open(path string) (*Store, error) {
+	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: 2 * time.Second})
+	if err != nil {
+		if errors.Is(err, bolt.ErrTimeout) {
+			return nil, fmt.Errorf("open store %s: locked by another process (is bastiond already running with this state directory?)", path)
+		}
+		return nil, fmt.Errorf("open store %s: %w", path, err)
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("open store %s: %w", path, err)
+	}
+	err = db.Update(func(tx *bolt.Tx) error {
+		for _, b := range buckets {
+			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		db.Close()
+		return nil, fmt.Errorf("open store %s: create buckets: %w", path, err)
+	}
+	return &Store{db: db}, nil
+}
+
+// Close closes the database file.
+func (s *Store) Close() error { return s.db.Close() }
+
+// Check verifies the file's internal consistency (used after crashes and in
+// tests).
+func (s *Store) Check() error {
+	return s.db.View(func(tx *bolt.Tx) error {
+		for err := range tx.Check() {
+			return fmt.Errorf("store consistency: %w", err)
+		}
+		return nil
+	})
+}
+
+// Device is one device the gateway knows.
+type Device struct {
+	ID      string `json:"id"`
+	Name    string `json:"name"`
+	Auth    string `json:"auth"` // psk, cert or secret
+	Vendor  string `json:"vendor,omitempty"`
+	Model   string `json:"model,omitempty"`
+	Version string `json:"version,omitempty"` // firmware version the device reports
+	// PSKIdentity is set for PSK devices; the key is derived, not stored.
+	PSKIdentity string `json:"psk_identity,omitempty"`
+	// SecretHash is an argon2id hash for MQTT secret login, if any.
+	SecretHash string    `json:"secret_hash,omitempty"`
+	Created    time.Time `json:"created"`
+	LastSeen   time.Time `json:"last_seen,omitzero"`
+	Revoked    bool      `json:"revoked,omitempty"`
+	RevokedAt  time.Time `json:"revoked_at,omitzero"`
+}
+
+// Cert is the metadata of a certificate the CA issued.
+type Cert struct {
+	Serial   string    `json:"serial"` // hex
+	Device   string    `json:"device"`
+	NotAfter time.Time `json:"not_after"`
+	Revoked  bool      `json:"revoked,omitempty"`
+}
+
+func put(b *bolt.Bucket, k string, v any) error {
+	data, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	return b.Put([]byte(k), data)
+}
+
+func get(b *bolt.Bucket, k string, v any) error {
+	data := b.Get([]byte(k))
+	if data == nil {
+		return ErrNotFound
+	}
+	return json.Unmarshal(data, v)
+}
+
+// AddDevice creates d, refusing a name an active device already has.
+func (s *Store) AddDevice(d Device) error {
+	return s.db.Update(func(tx *bolt.Tx) error {
+		if tx.Bucket(bDevices).Get([]byte(d.ID)) != nil {
+			return fmt.Errorf("add device %s: id exists", d.ID)
+		}
+		if tx.Bucket(bNames).Get([]byte(d.Name)) != nil {
+			return fmt.Errorf("add device %q: %w", d.Name, ErrNameTaken)
+		}
+		if d.PSKIdentity != "" {
+			if err := tx.Bucket(bPSK).Put([]byte(d.PSKIdentity), []byte(d.ID)); err != nil {
+				return err
+			}
+		}
+		if err := tx.Bucket(bNames).Put([]byte(d.Name), []byte(d.ID)); err != nil {
+			return err
+		}
+		return put(tx.Bucket(bDevices), d.ID, d)
+	})
+}
+
+// UpdateDevice applies fn to the stored device id and saves the result. The
+// id and revocation state cannot be changed this way.
+func (s *Store) UpdateDevice(id string, fn func(*Device) error) (Device, error) {
+	var out Device
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		var d Device
+		if err := get(tx.Bucket(bDevices), id, &d); err != nil {
+			return fmt.Errorf("device %s: %w", id, err)
+		}
+		old := d
+		if err := fn(&d); err != nil {
+			return err
+		}
+		d.ID, d.Revoked, d.RevokedAt = old.ID, old.Revoked, old.RevokedAt
+		if d.Name != old.Name {
+			names := tx.Bucket(bNames)
+			if names.Get([]byte(d.Name)) != nil {
+				return fmt.Errorf("rename device %s to %q: %w", id, d.Name, ErrNameTaken)
+			}
+			if !d.Revoked {
+				if err := names.Delete([]byte(old.Name)); err != nil {
+					return err
+				}
+				if err := names.Put([]byte(d.Name), []byte(id)); err != nil {
+					return err
+				}
+			}
+		}
+		out = d
+		return put(tx.Bucket(bDevices), id, d)
+	})
+	return out, err
+}
+
+// Device returns the device with id.
+func (s *Store) Device(id string) (Device, error) {
+	var d Device
+	err := s.db.View(func(tx *bolt.Tx) error { return get(tx.Bucket(bDevices), id, &d) })
+	if err != nil {
+		return Device{}, fmt.Errorf("device %s: %w", id, err)
+	}
+	return d, nil
+}
+
+// DeviceByName returns the active device called name.
+func (s *Store) DeviceByName(name string) (Device, error) {
+	var d Device
+	err := s.db.View(func(tx *bolt.Tx) error {
+		id := tx.Bucket(bNames).Get([]byte(name))
+		if id == nil {
+			return ErrNotFound
+		}
+		return get(tx.Bucket(bDevices), string(id), &d)
+	})
+	if err != nil {
+		return Device{}, fmt.Errorf("device named %q: %w", name, err)
+	}
+	return d, nil
+}
+
+// DeviceByPSKIdentity returns the device that owns a PSK identity.
+func (s *Store) DeviceByPSKIdentity(identity string) (Device, error) {
+	var d Device
+	err := s.db.View(func(tx *bolt.Tx) error {
+		id := tx.Bucket(bPSK).Get([]byte(identity))
+		if id == nil {
+			return ErrNotFound
+		}
+		return get(tx.Bucket(bDevices), string(id), &d)
+	})
+	if err != nil {
+		return Device{}, fmt.Errorf("psk identity: %w", err)
+	}
+	return d, nil
+}
+
+// Devices returns every device, revoked ones included.
+func (s *Store) Devices() ([]Device, error) {
+	var ds []Device
+	err := s.db.View(func(tx *bolt.Tx) error {
+		return tx.Bucket(bDevices).ForEach(func(_, v []byte) error {
+			var d Device
+			if err := json.Unmarshal(v, &d); err != nil {
+				return err
+			}
+			ds = append(ds, d)
+			return nil
+		})
+	})
+	return ds, err
+}
+
+// RecordCert remembers a certificate issued to a device.
+func (s *Store) RecordCert(c Cert) error {
+	return s.db.Update(func(tx *bolt.Tx) error { return put(tx.Bucket(bCerts), c.Serial, c) })
+}
+
+// Certs returns every issued certificate's metadata.
+func (s *Store) Certs() ([]Cert, error) {
+	var cs []Cert
+	err := s.db.View(func(tx *bolt.Tx) error {
+		return tx.Bucket(bCerts).ForEach(func(_, v []byte) error {
+			var c Cert
+			if err := json.Unmarshal(v, &c); err != nil {
+				return err
+			}
+			cs = append(cs, c)
+			return nil
+		})
+	})
+	return cs, err
+}
+
+// Revoke marks the device and every certificate issued to it revoked, frees
+// its name and PSK identity, and returns the device as it now is.
+func (s *Store) Revoke(id string, at time.Time) (Device, error) {
+	var d Device
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		if err := get(tx.Bucket(bDevices), id, &d); err != nil {
+			return fmt.Errorf("revoke device %s: %w", id, err)
+		}
+		if d.Revoked {
+			return nil
+		}
+		d.Revoked, d.RevokedAt = true, at
+		if err := tx.Bucket(bNames).Delete([]byte(d.Name)); err != nil {
+			return err
+		}
+		certs := tx.Bucket(bCerts)
+		err := certs.ForEach(func(k, v []byte) error {
+			var c Cert
+			if err := json.Unmarshal(v, &c); err != nil {
+				return err
+			}
+			if c.Device == id && !c.Revoked {
+				c.Revoked = true
+				return put(certs, string(k), c)
+			}
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+		return put(tx.Bucket(bDevices), id, d)
+	})
+	return d, err
+}
+
+// Event is one audit-log entry: who did what, when, from where.
+type Event struct {
+	Seq    uint64    `json:"seq"`
+	Time   time.Time `json:"time"`
+	Actor  string    `json:"actor"`  // admin user, "bastionctl", "button", "device:<id>", "system"
+	Action string    `json:"action"` // e.g. device.add, device.revoke, pairing.open
+	Target string    `json:"target,omitempty"`
+	Remote string    `json:"remote,omitempty"`
+	Detail string    `json:"detail,omitempty"`
+}
+
+// Audit appends e and returns its sequence number.
+func (s *Store) Audit(e Event) (uint64, error) {
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bAudit)
+		seq, err := b.NextSequence()
+		if err != nil {
+			return err
+		}
+		e.Seq = seq
+		data, err := json.Marshal(e)
+		if err != nil {
+			return err
+		}
+		return b.Put(binary.BigEndian.AppendUint64(nil, seq), data)
+	})
+	return e.Seq, err
+}
+
+// AuditLog returns up to limit events, newest first, with Seq < before (0 =
+// from the newest).
+func (s *Store) AuditLog(limit int, before uint64) ([]Event, error) {
+	var es []Event
+	err := s.db.View(func(tx *bolt.Tx) error {
+		c := tx.Bucket(bAudit).Cursor()
+		var k, v []byte
+		if before == 0 {
+			k, v = c.Last()
+		} else {
+			if k, _ = c.Seek(binary.BigEndian.AppendUint64(nil, before)); k == nil {
+				k, v = c.Last() // every key is below before
+			} else {
+				k, v = c.Prev()
+			}
+		}
+		for ; k != nil && len(es) < limit; k, v = c.Prev() {
+			var e Event
+			if err := json.Unmarshal(v, &e); err != nil {
+				return err
+			}
+			es = append(es, e)
+		}
+		return nil
+	})
+	return es, err
+}
+
+// Meta returns a small named value, or ErrNotFound.
+func (s *Store) Meta(key string) ([]byte, error) {
+	var out []byte
+	err := s.db.View(func(tx *bolt.Tx) error {
+		v := tx.Bucket(bMeta).Get([]byte(key))
+		if v == nil {
+			return ErrNotFound
+		}
+		out = append([]byte(nil), v...)
+		return nil
+	})
+	return out, err
+}
+
+// SetMeta stores a small named value; nil deletes it.
+func (s *Store) SetMeta(key string, v []byte) error {
+	return s.db.Update(func(tx *bolt.Tx) error {
+		if v == nil {
+			return tx.Bucket(bMeta).Delete([]byte(key))
+		}
+		return tx.Bucket(bMeta).Put([]byte(key), v)
+	})
+}

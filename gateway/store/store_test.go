@@ -1,0 +1,186 @@
+package store
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+)
+
+func open(t *testing.T) (*Store, string) {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "state.db")
+	s, err := Open(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s, p
+}
+
+func TestDevices(t *testing.T) {
+	s, p := open(t)
+	fi, err := os.Stat(p)
+	if err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("store file mode = %v, %v; want 0600", fi.Mode().Perm(), err)
+	}
+	now := time.Date(2026, 11, 24, 12, 0, 0, 0, time.UTC)
+	d := Device{ID: "a1", Name: "lamp", Auth: "psk", PSKIdentity: "psk-a1", Created: now}
+	if err := s.AddDevice(d); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.AddDevice(Device{ID: "b2", Name: "lamp"}); !errors.Is(err, ErrNameTaken) {
+		t.Fatalf("duplicate name: got %v, want ErrNameTaken", err)
+	}
+	for name, get := range map[string]func() (Device, error){
+		"id":   func() (Device, error) { return s.Device("a1") },
+		"name": func() (Device, error) { return s.DeviceByName("lamp") },
+		"psk":  func() (Device, error) { return s.DeviceByPSKIdentity("psk-a1") },
+	} {
+		got, err := get()
+		if err != nil {
+			t.Fatalf("by %s: %v", name, err)
+		}
+		if diff := cmp.Diff(d, got); diff != "" {
+			t.Errorf("by %s (-want +got):\n%s", name, diff)
+		}
+	}
+	if _, err := s.Device("zz"); !errors.Is(err, ErrNotFound) {
+		t.Errorf("missing device: got %v", err)
+	}
+	if err := s.RecordCert(Cert{Serial: "01", Device: "a1", NotAfter: now}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.UpdateDevice("a1", func(d *Device) error { d.Name = "lamp2"; d.Revoked = true; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	got, _ := s.DeviceByName("lamp2")
+	if got.ID != "a1" || got.Revoked {
+		t.Errorf("rename: got %+v; want id a1, not revoked (Update cannot revoke)", got)
+	}
+	rd, err := s.Revoke("a1", now)
+	if err != nil || !rd.Revoked || !rd.RevokedAt.Equal(now) {
+		t.Fatalf("revoke: %+v %v", rd, err)
+	}
+	if _, err := s.DeviceByName("lamp2"); !errors.Is(err, ErrNotFound) {
+		t.Errorf("revoked device keeps its name: %v", err)
+	}
+	cs, _ := s.Certs()
+	if len(cs) != 1 || !cs[0].Revoked {
+		t.Errorf("certs after revoke: %+v; want the one cert revoked", cs)
+	}
+	if err := s.AddDevice(Device{ID: "c3", Name: "lamp2"}); err != nil {
+		t.Errorf("name of a revoked device should be free: %v", err)
+	}
+	all, _ := s.Devices()
+	if len(all) != 2 {
+		t.Errorf("Devices() = %d, want 2", len(all))
+	}
+}
+
+func TestAuditPaging(t *testing.T) {
+	s, _ := open(t)
+	for i := 1; i <= 5; i++ {
+		seq, err := s.Audit(Event{Action: fmt.Sprint("a", i)})
+		if err != nil || seq != uint64(i) {
+			t.Fatalf("audit %d: seq %d err %v", i, seq, err)
+		}
+	}
+	page, _ := s.AuditLog(2, 0)
+	next, _ := s.AuditLog(2, page[1].Seq)
+	tail, _ := s.AuditLog(10, 99)
+	got := []string{page[0].Action, page[1].Action, next[0].Action, next[1].Action}
+	if diff := cmp.Diff([]string{"a5", "a4", "a3", "a2"}, got); diff != "" {
+		t.Errorf("paging (-want +got):\n%s", diff)
+	}
+	if len(tail) != 5 {
+		t.Errorf("before beyond last: %d events, want 5", len(tail))
+	}
+}
+
+func TestLockedByOther(t *testing.T) {
+	_, p := open(t)
+	if _, err := Open(p); err == nil {
+		t.Fatal("second Open of a held store succeeded")
+	}
+}
+
+// The child writes devices and audit events as fast as it can and prints the
+// number of each committed transaction; the parent kills it with SIGKILL and
+// checks that every printed write survived and the file is consistent.
+func TestSurvivesKill9(t *testing.T) {
+	if p := os.Getenv("STORE_KILL_CHILD"); p != "" {
+		s, err := Open(p)
+		if err != nil {
+			fmt.Println("ERR", err)
+			os.Exit(1)
+		}
+		ds, _ := s.Devices()
+		for i := len(ds); ; i++ {
+			if err := s.AddDevice(Device{ID: fmt.Sprint("d", i), Name: fmt.Sprint("n", i)}); err != nil {
+				fmt.Println("ERR", err)
+				os.Exit(1)
+			}
+			if _, err := s.Audit(Event{Action: "device.add", Target: fmt.Sprint("d", i)}); err != nil {
+				fmt.Println("ERR", err)
+				os.Exit(1)
+			}
+			fmt.Println(i)
+		}
+	}
+	p := filepath.Join(t.TempDir(), "state.db")
+	for round := 0; round < 3; round++ {
+		cmd := exec.Command(os.Args[0], "-test.run=^TestSurvivesKill9$")
+		cmd.Env = append(os.Environ(), "STORE_KILL_CHILD="+p)
+		out, err := cmd.StdoutPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		sc := bufio.NewScanner(out)
+		last := -1
+		deadline := time.Now().Add(30 * time.Second)
+		for sc.Scan() && time.Now().Before(deadline) {
+			n, err := strconv.Atoi(sc.Text())
+			if err != nil {
+				t.Fatalf("child: %s", sc.Text())
+			}
+			last = n
+			if n >= 60*(round+1)+round*7 { // kill at a different point each round
+				break
+			}
+		}
+		cmd.Process.Signal(syscall.SIGKILL)
+		cmd.Wait()
+		if last < 0 {
+			t.Fatal("child committed nothing before the deadline")
+		}
+		s, err := Open(p)
+		if err != nil {
+			t.Fatalf("reopen after kill -9: %v", err)
+		}
+		if err := s.Check(); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.Device(fmt.Sprint("d", last)); err != nil {
+			t.Errorf("round %d: acknowledged write d%d lost: %v", round, last, err)
+		}
+		ds, _ := s.Devices()
+		ev, _ := s.AuditLog(1, 0)
+		if len(ev) == 0 || len(ds) < last+1 {
+			t.Errorf("round %d: %d devices, %d audit; want ≥ %d", round, len(ds), len(ev), last+1)
+		}
+		// The next round's child continues in the same file after this crash.
+		s.Close()
+	}
+}

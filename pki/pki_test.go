@@ -1,0 +1,331 @@
+package pki
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/ed25519"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"errors"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// fakeClock is a settable clock.
+type fakeClock struct {
+	mu  sync.Mutex
+	now time.Time
+	bad bool
+}
+
+func (c *fakeClock) Now() time.Time { c.mu.Lock(); defer c.mu.Unlock(); return c.now }
+func (c *fakeClock) Sane() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.bad {
+		return ErrClockNotSet
+	}
+	return nil
+}
+func (c *fakeClock) Add(d time.Duration) { c.mu.Lock(); c.now = c.now.Add(d); c.mu.Unlock() }
+
+var discard = slog.New(slog.NewTextHandler(io.Discard, nil))
+
+func newCA(t *testing.T) (*CA, *fakeClock, string) {
+	t.Helper()
+	dir := filepath.Join(t.TempDir(), "pki")
+	clk := &fakeClock{now: time.Now()}
+	ca, err := Open(dir, "test", clk, discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ca, clk, dir
+}
+
+func csrPEM(t *testing.T, key any) []byte {
+	t.Helper()
+	der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{
+		Subject:  pkix.Name{CommonName: "i-want-to-be-admin"},
+		DNSNames: []string{"evil.example"},
+	}, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der})
+}
+
+func TestCreateAndReuse(t *testing.T) {
+	ca, clk, dir := newCA(t)
+	for _, f := range []string{"root.key", "ca.key", "psk.key"} {
+		fi, err := os.Stat(filepath.Join(dir, f))
+		if err != nil || fi.Mode().Perm() != 0o600 {
+			t.Errorf("%s: mode %v err %v; want 0600", f, fi.Mode().Perm(), err)
+		}
+	}
+	if fi, _ := os.Stat(dir); fi.Mode().Perm() != 0o700 {
+		t.Errorf("pki dir mode %v, want 0700", fi.Mode().Perm())
+	}
+	if _, err := ca.Issuer().Verify(x509.VerifyOptions{Roots: ca.RootPool()}); err != nil {
+		t.Fatalf("issuing CA does not chain to root: %v", err)
+	}
+	ca2, err := Open(dir, "test", clk, discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !ca2.Root().Equal(ca.Root()) || !ca2.Issuer().Equal(ca.Issuer()) {
+		t.Error("second Open created a new CA instead of reusing it")
+	}
+	if string(ca2.PSK("x")) != string(ca.PSK("x")) {
+		t.Error("PSK derivation changed across restarts")
+	}
+	os.Chmod(filepath.Join(dir, "ca.key"), 0o644)
+	if _, err := Open(dir, "test", clk, discard); err == nil {
+		t.Error("Open accepted a world-readable CA key")
+	}
+}
+
+func TestClockNotSet(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "pki")
+	clk := &fakeClock{now: time.Unix(0, 0), bad: true}
+	if _, err := Open(dir, "test", clk, discard); !errors.Is(err, ErrClockNotSet) {
+		t.Fatalf("creating a CA with an unset clock: got %v, want ErrClockNotSet", err)
+	}
+	ca, clk2, _ := newCA(t)
+	clk2.bad = true
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	csr, _ := ParseCSR(csrPEM(t, key))
+	if _, err := ca.IssueDevice(csr, "dev1", time.Hour); !errors.Is(err, ErrClockNotSet) {
+		t.Errorf("issue with unset clock: %v", err)
+	}
+	if _, _, err := ca.VerifyDevice([][]byte{ca.Issuer().Raw}); !errors.Is(err, ErrClockNotSet) {
+		t.Errorf("verify with unset clock: %v", err)
+	}
+	if (SystemClock{NotBefore: time.Now().Add(time.Hour)}).Sane() == nil {
+		t.Error("SystemClock before its floor reported sane")
+	}
+	if err := (SystemClock{NotBefore: time.Now().Add(-time.Hour)}).Sane(); err != nil {
+		t.Errorf("SystemClock after its floor: %v", err)
+	}
+}
+
+func TestDeviceCertificate(t *testing.T) {
+	ca, clk, _ := newCA(t)
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	csr, err := ParseCSR(csrPEM(t, key))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := ca.IssueDevice(csr, "dev1", 24*time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(cert.URIs) != 1 || cert.URIs[0].String() != "urn:bastion:device:dev1" {
+		t.Errorf("URI SANs = %v, want [urn:bastion:device:dev1]", cert.URIs)
+	}
+	if len(cert.DNSNames) != 0 || cert.Subject.CommonName != "dev1" {
+		t.Errorf("names from the CSR leaked into the certificate: %v %q", cert.DNSNames, cert.Subject.CommonName)
+	}
+	if _, err := cert.Verify(x509.VerifyOptions{Roots: ca.RootPool(), Intermediates: pool(ca.Issuer()), KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}); err != nil {
+		t.Fatalf("device cert does not chain: %v", err)
+	}
+	id, _, err := ca.VerifyDevice([][]byte{cert.Raw})
+	if err != nil || id != "dev1" {
+		t.Fatalf("VerifyDevice = %q, %v", id, err)
+	}
+
+	// Revocation of the serial, then of the device, takes effect at once.
+	ca.Revocations().RevokeSerial(Serial(cert))
+	if _, _, err := ca.VerifyDevice([][]byte{cert.Raw}); !errors.Is(err, ErrRevoked) {
+		t.Errorf("revoked serial accepted: %v", err)
+	}
+	cert2, _ := ca.IssueDevice(csr, "dev1", 24*time.Hour)
+	if _, _, err := ca.VerifyDevice([][]byte{cert2.Raw}); err != nil {
+		t.Errorf("fresh cert refused: %v", err)
+	}
+	var notified []string
+	ca.Revocations().Subscribe(func(d string) { notified = append(notified, d) })
+	ca.Revocations().RevokeDevice("dev1")
+	if _, _, err := ca.VerifyDevice([][]byte{cert2.Raw}); !errors.Is(err, ErrRevoked) {
+		t.Errorf("cert of revoked device accepted: %v", err)
+	}
+	if len(notified) != 1 || notified[0] != "dev1" {
+		t.Errorf("revocation subscribers told %v", notified)
+	}
+
+	// Expired.
+	cert3, _ := ca.IssueDevice(csr, "dev2", time.Hour)
+	clk.Add(2 * time.Hour)
+	if _, _, err := ca.VerifyDevice([][]byte{cert3.Raw}); err == nil {
+		t.Error("expired certificate accepted")
+	}
+}
+
+func TestVerifyDeviceRefusals(t *testing.T) {
+	ca, _, _ := newCA(t)
+	other, _, _ := newCA(t)
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	csr, _ := ParseCSR(csrPEM(t, key))
+	foreign, _ := other.IssueDevice(csr, "dev1", time.Hour)
+	if _, _, err := ca.VerifyDevice([][]byte{foreign.Raw}); err == nil {
+		t.Error("certificate from another CA accepted")
+	}
+	sc, _ := ca.ServerCert("mqtt", []string{"localhost"}, time.Hour*24, time.Hour)
+	if _, _, err := ca.VerifyDevice([][]byte{sc.Leaf().Raw}); err == nil {
+		t.Error("a server certificate was accepted as a device certificate")
+	}
+	if _, _, err := ca.VerifyDevice(nil); err == nil {
+		t.Error("no certificate accepted")
+	}
+	if _, _, err := ca.VerifyDevice([][]byte{[]byte("junk")}); err == nil {
+		t.Error("junk accepted")
+	}
+}
+
+func TestParseCSR(t *testing.T) {
+	p256, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	p224, _ := ecdsa.GenerateKey(elliptic.P224(), rand.Reader)
+	_, ed, _ := ed25519.GenerateKey(rand.Reader)
+	good := csrPEM(t, p256)
+	tampered := []byte(string(good))
+	blk, _ := pem.Decode(tampered)
+	blk.Bytes[len(blk.Bytes)/2] ^= 1
+	tests := map[string]struct {
+		in []byte
+		ok bool
+	}{
+		"p256 pem": {good, true},
+		"p256 der": {mustDER(good), true},
+		"p224":     {csrPEM(t, p224), false},
+		"ed25519":  {csrPEM(t, ed), false},
+		"tampered": {pem.EncodeToMemory(blk), false},
+		"garbage":  {[]byte("hello"), false},
+	}
+	for name, tc := range tests {
+		_, err := ParseCSR(tc.in)
+		if (err == nil) != tc.ok {
+			t.Errorf("%s: err = %v, want ok=%v", name, err, tc.ok)
+		}
+	}
+}
+
+func FuzzParseCSR(f *testing.F) {
+	k, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	der, _ := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{Subject: pkix.Name{CommonName: "x"}}, k)
+	f.Add(der)
+	f.Add(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der}))
+	f.Add([]byte("-----BEGIN CERTIFICATE REQUEST-----\n-----END CERTIFICATE REQUEST-----\n"))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		csr, err := ParseCSR(b)
+		if err == nil && csr.CheckSignature() != nil {
+			t.Fatal("accepted a CSR whose signature does not verify")
+		}
+	})
+}
+
+func mustDER(p []byte) []byte { b, _ := pem.Decode(p); return b.Bytes }
+
+func pool(cs ...*x509.Certificate) *x509.CertPool {
+	p := x509.NewCertPool()
+	for _, c := range cs {
+		p.AddCert(c)
+	}
+	return p
+}
+
+func TestPSK(t *testing.T) {
+	ca, _, _ := newCA(t)
+	id1, id2 := NewPSKIdentity(), NewPSKIdentity()
+	if id1 == id2 {
+		t.Fatal("PSK identities repeat")
+	}
+	k1 := ca.PSK(id1)
+	if len(k1) != 32 || strings.Trim(string(k1), "0123456789abcdef") != "" || string(k1) == string(ca.PSK(id2)) {
+		t.Errorf("PSK: %d bits, distinct=%v", len(k1)*8, string(k1) != string(ca.PSK(id2)))
+	}
+	other, _, _ := newCA(t)
+	if string(other.PSK(id1)) == string(k1) {
+		t.Error("two CAs derive the same PSK")
+	}
+}
+
+// A live TLS server keeps serving across a renewal, and the next handshake
+// sees the new certificate with the right SANs.
+func TestServerCertRenewalLive(t *testing.T) {
+	ca, clk, _ := newCA(t)
+	sc, err := ca.ServerCert("console", []string{"localhost", "127.0.0.1", "::1"}, 48*time.Hour, 24*time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", TLSServer(sc, tls.NoClientCert, nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.(*tls.Conn).Handshake()
+			c.Close()
+		}
+	}()
+	defer wg.Wait()
+	defer ln.Close()
+	serial := func() string {
+		t.Helper()
+		c, err := tls.Dial("tcp", ln.Addr().String(), &tls.Config{RootCAs: ca.RootPool(), ServerName: "127.0.0.1", Time: clk.Now})
+		if err != nil {
+			t.Fatalf("handshake: %v", err)
+		}
+		defer c.Close()
+		st := c.ConnectionState()
+		if st.Version < tls.VersionTLS12 {
+			t.Errorf("negotiated %x", st.Version)
+		}
+		return Serial(st.PeerCertificates[0])
+	}
+	first := serial()
+	if _, err := tls.Dial("tcp", ln.Addr().String(), &tls.Config{RootCAs: ca.RootPool(), ServerName: "evil.example"}); err == nil {
+		t.Error("certificate valid for a name it should not cover")
+	}
+	if _, err := tls.Dial("tcp", ln.Addr().String(), &tls.Config{RootCAs: ca.RootPool(), ServerName: "127.0.0.1", MaxVersion: tls.VersionTLS11}); err == nil {
+		t.Error("TLS 1.1 accepted")
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { RunRenewal(ctx, 10*time.Millisecond, sc); close(done) }()
+	clk.Add(25 * time.Hour) // now inside the renew window
+	deadline := time.Now().Add(5 * time.Second)
+	for serial() == first {
+		if time.Now().After(deadline) {
+			t.Fatal("certificate not renewed within 5s")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	cancel()
+	<-done
+	// A restart loads the renewed certificate rather than issuing another.
+	sc2, _ := ca.ServerCert("console", []string{"::1", "localhost", "127.0.0.1"}, 48*time.Hour, 24*time.Hour)
+	if Serial(sc2.Leaf()) != Serial(sc.Leaf()) {
+		t.Error("reload issued a new certificate though the current one is fresh")
+	}
+	sc3, _ := ca.ServerCert("console", []string{"localhost", "box.lan"}, 48*time.Hour, 24*time.Hour)
+	if Serial(sc3.Leaf()) == Serial(sc.Leaf()) {
+		t.Error("changed SANs did not re-issue the certificate")
+	}
+}

@@ -1,0 +1,94 @@
+package pki
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+
+	"github.com/pion/dtls/v3"
+)
+
+// The one place TLS and DTLS settings are chosen.
+//
+// TCP listeners follow Mozilla's "intermediate" server profile: TLS 1.2 and
+// 1.3, ECDHE with AEAD ciphers only, X25519/P-256/P-384 (plus the hybrid
+// post-quantum X25519MLKEM768 first, which Mozilla's current guidelines
+// add). Our server keys are ECDSA, so only the ECDSA suites can be chosen.
+var tlsCipherSuites = []uint16{
+	tls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+	tls.TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+	tls.TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305,
+}
+
+var tlsCurves = []tls.CurveID{tls.X25519MLKEM768, tls.X25519, tls.CurveP256, tls.CurveP384}
+
+// TLSServer returns the server config for a TCP listener. clientAuth is
+// tls.RequireAnyClientCert (with verify checking the device) for device
+// listeners, or tls.NoClientCert for the console.
+func TLSServer(sc *ServerCert, clientAuth tls.ClientAuthType, verify func(rawCerts [][]byte, _ [][]*x509.Certificate) error) *tls.Config {
+	return &tls.Config{
+		MinVersion:            tls.VersionTLS12,
+		CipherSuites:          tlsCipherSuites,
+		CurvePreferences:      tlsCurves,
+		GetCertificate:        sc.GetCertificate,
+		ClientAuth:            clientAuth,
+		VerifyPeerCertificate: verify,
+	}
+}
+
+// TLSClient returns the client config for the upstream link: TLS 1.3 unless
+// min12 allows 1.2, the same suites and curves, the given roots.
+func TLSClient(roots *x509.CertPool, serverName string, min12 bool) *tls.Config {
+	c := &tls.Config{
+		MinVersion:       tls.VersionTLS13,
+		CipherSuites:     tlsCipherSuites,
+		CurvePreferences: tlsCurves,
+		RootCAs:          roots,
+		ServerName:       serverName,
+	}
+	if min12 {
+		c.MinVersion = tls.VersionTLS12
+	}
+	return c
+}
+
+// DTLS suites: CCM_8 for the smallest devices, GCM where they can.
+var (
+	DTLSCertSuites = []dtls.CipherSuiteID{
+		dtls.TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8,
+		dtls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+	}
+	DTLSPSKSuites = []dtls.CipherSuiteID{
+		dtls.TLS_PSK_WITH_AES_128_CCM_8,
+		dtls.TLS_PSK_WITH_AES_128_GCM_SHA256,
+	}
+)
+
+// DTLSCertServer returns the DTLS 1.2 config for certificate devices:
+// ECDSA suites, client certificate required and verified by verify,
+// extended master secret required, HelloVerifyRequest cookies on, and
+// connection IDs offered.
+func DTLSCertServer(sc *ServerCert, verify func(rawCerts [][]byte, _ [][]*x509.Certificate) error) *dtls.Config {
+	return &dtls.Config{
+		CipherSuites: DTLSCertSuites,
+		GetCertificate: func(*dtls.ClientHelloInfo) (*tls.Certificate, error) {
+			return sc.GetCertificate(nil)
+		},
+		ClientAuth:            dtls.RequireAnyClientCert,
+		VerifyPeerCertificate: verify,
+		ExtendedMasterSecret:  dtls.RequireExtendedMasterSecret,
+		ConnectionIDGenerator: dtls.RandomCIDGenerator(8),
+	}
+}
+
+// DTLSPSKServer returns the DTLS 1.2 config for PSK devices. psk maps the
+// identity the device sends to its key, or an error for an unknown or
+// revoked identity.
+func DTLSPSKServer(psk func(identity []byte) ([]byte, error)) *dtls.Config {
+	return &dtls.Config{
+		CipherSuites:          DTLSPSKSuites,
+		PSK:                   psk,
+		PSKIdentityHint:       []byte("bastion"),
+		ExtendedMasterSecret:  dtls.RequireExtendedMasterSecret,
+		ConnectionIDGenerator: dtls.RandomCIDGenerator(8),
+	}
+}

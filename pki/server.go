@@ -1,0 +1,173 @@
+package pki
+
+import (
+	"bytes"
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"fmt"
+	"net"
+	"slices"
+	"sync/atomic"
+	"time"
+)
+
+// ServerCert is a listener's certificate, renewed before expiry and swapped
+// live: TLS configs read it through GetCertificate, so a renewal reaches the
+// next handshake without a restart.
+type ServerCert struct {
+	ca       *CA
+	name     string
+	sans     []string
+	validity time.Duration
+	renew    time.Duration
+	cur      atomic.Pointer[tls.Certificate]
+}
+
+// ServerCert loads or issues the certificate for the listener called name
+// (e.g. "mqtt") covering sans (DNS names and IP addresses).
+func (ca *CA) ServerCert(name string, sans []string, validity, renewBefore time.Duration) (*ServerCert, error) {
+	sc := &ServerCert{ca: ca, name: name, sans: slices.Clone(sans), validity: validity, renew: renewBefore}
+	if c, err := sc.load(); err == nil && sc.fresh(c) {
+		sc.cur.Store(c)
+		return sc, nil
+	}
+	if err := sc.Renew(); err != nil {
+		return nil, err
+	}
+	return sc, nil
+}
+
+func (sc *ServerCert) files() (string, string) {
+	return sc.ca.path("server-" + sc.name + ".crt"), sc.ca.path("server-" + sc.name + ".key")
+}
+
+func (sc *ServerCert) load() (*tls.Certificate, error) {
+	crt, key := sc.files()
+	if _, err := readSecret(key); err != nil {
+		return nil, err
+	}
+	c, err := tls.LoadX509KeyPair(crt, key)
+	if err != nil {
+		return nil, err
+	}
+	return &c, nil
+}
+
+// fresh: same names, signed by the current issuer, and not yet due.
+func (sc *ServerCert) fresh(c *tls.Certificate) bool {
+	leaf := c.Leaf
+	if leaf == nil || !bytes.Equal(leaf.RawIssuer, sc.ca.issuer.RawSubject) || leaf.CheckSignatureFrom(sc.ca.issuer) != nil {
+		return false
+	}
+	var have []string
+	have = append(have, leaf.DNSNames...)
+	for _, ip := range leaf.IPAddresses {
+		have = append(have, ip.String())
+	}
+	want := normSANs(sc.sans)
+	slices.Sort(have)
+	if !slices.Equal(have, want) {
+		return false
+	}
+	return sc.ca.clock.Now().Before(leaf.NotAfter.Add(-sc.renew))
+}
+
+func normSANs(sans []string) []string {
+	var out []string
+	for _, s := range sans {
+		if ip := net.ParseIP(s); ip != nil {
+			out = append(out, ip.String())
+		} else {
+			out = append(out, s)
+		}
+	}
+	slices.Sort(out)
+	return slices.Compact(out)
+}
+
+// Renew issues a new key and certificate now and swaps it in.
+func (sc *ServerCert) Renew() error {
+	if err := sc.ca.clock.Sane(); err != nil {
+		return fmt.Errorf("issue %s server certificate: %w", sc.name, err)
+	}
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return err
+	}
+	now := sc.ca.clock.Now()
+	tmpl := &x509.Certificate{
+		Subject:     pkix.Name{CommonName: "bastion " + sc.name},
+		NotBefore:   now.Add(-5 * time.Minute),
+		NotAfter:    now.Add(sc.validity),
+		KeyUsage:    x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	for _, s := range normSANs(sc.sans) {
+		if ip := net.ParseIP(s); ip != nil {
+			tmpl.IPAddresses = append(tmpl.IPAddresses, ip)
+		} else {
+			tmpl.DNSNames = append(tmpl.DNSNames, s)
+		}
+	}
+	leaf, err := signCert(tmpl, sc.ca.issuer, &key.PublicKey, sc.ca.key)
+	if err != nil {
+		return fmt.Errorf("sign %s server certificate: %w", sc.name, err)
+	}
+	crt, keyFile := sc.files()
+	if err := writeFileAtomic(keyFile, keyPEM(key), 0o600); err != nil {
+		return fmt.Errorf("write %s: %w", keyFile, err)
+	}
+	if err := writeFileAtomic(crt, append(certPEM(leaf), certPEM(sc.ca.issuer)...), 0o644); err != nil {
+		return fmt.Errorf("write %s: %w", crt, err)
+	}
+	sc.cur.Store(&tls.Certificate{
+		Certificate: [][]byte{leaf.Raw, sc.ca.issuer.Raw},
+		PrivateKey:  key,
+		Leaf:        leaf,
+	})
+	sc.ca.log.Info("pki: issued server certificate", "listener", sc.name, "serial", Serial(leaf), "not_after", leaf.NotAfter, "sans", sc.sans)
+	return nil
+}
+
+// Leaf returns the certificate being served.
+func (sc *ServerCert) Leaf() *x509.Certificate { return sc.cur.Load().Leaf }
+
+// Certificate returns the current certificate, for GetCertificate callbacks.
+func (sc *ServerCert) Certificate() *tls.Certificate { return sc.cur.Load() }
+
+// GetCertificate is a crypto/tls callback.
+func (sc *ServerCert) GetCertificate(*tls.ClientHelloInfo) (*tls.Certificate, error) {
+	if err := sc.ca.clock.Sane(); err != nil {
+		return nil, err
+	}
+	return sc.cur.Load(), nil
+}
+
+// Due reports whether the certificate should be renewed now.
+func (sc *ServerCert) Due() bool { return !sc.ca.clock.Now().Before(sc.Leaf().NotAfter.Add(-sc.renew)) }
+
+// RunRenewal renews the certificates when they fall due, checking every
+// interval, until ctx ends.
+func RunRenewal(ctx context.Context, interval time.Duration, certs ...*ServerCert) error {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		for _, sc := range certs {
+			if sc.Due() {
+				if err := sc.Renew(); err != nil {
+					sc.ca.log.Error("pki: renewing server certificate failed; will retry", "listener", sc.name, "err", err)
+				}
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+	}
+}
