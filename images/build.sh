@@ -141,7 +141,7 @@ root=$work/root
 log "installing bastion"
 install -m 0755 -o root -g root "$bindir/bastiond" "$bindir/bastionctl" "$root/usr/bin/"
 install -d -m 0755 "$root/etc/bastion"
-install -m 0644 "$work/bastion.yaml" "$root/etc/bastion/bastion.yaml"
+install -m 0600 "$work/bastion.yaml" "$root/etc/bastion/bastion.yaml"
 (cd "$here/rootfs" && find . -path ./etc/initramfs-tools -prune -o -type d -print) | while read -r d; do
 	install -d -m 0755 "$root/$d"
 done

@@ -38,6 +38,9 @@ var (
 
 // Capabilities bastiond may hold: CAP_NET_BIND_SERVICE (10), CAP_NET_ADMIN
 // (12), CAP_NET_RAW (13).
+// guestIP is the address qemu's user-mode DHCP gives the guest.
+const guestIP = "10.0.2.15"
+
 const wantCapBnd = 1<<10 | 1<<12 | 1<<13
 
 func TestApplianceBoot(t *testing.T) {
@@ -56,12 +59,17 @@ func TestApplianceBoot(t *testing.T) {
 		t.Fatal(err)
 	}
 	disk := makeTestDisk(t, imageDir, l)
+	ns := newNetns(t)
 
 	var fwds []forward
 	hostPort := map[string]int{}
 	add := func(proto string, ports []int) {
 		for _, p := range ports {
-			f := forward{proto: proto, guest: p, host: freePort(t, proto)}
+			hp, err := ns.freePort(proto)
+			if err != nil {
+				t.Fatal(err)
+			}
+			f := forward{proto: proto, guest: p, host: hp}
 			fwds = append(fwds, f)
 			hostPort[f.String()] = f.host
 		}
@@ -72,7 +80,7 @@ func TestApplianceBoot(t *testing.T) {
 	add("udp", silentUDP)
 
 	start := time.Now()
-	v := startVM(ctx, t, imageDir, disk, fwds, "systemd.journald.forward_to_console=1")
+	v := startVM(ctx, t, ns, imageDir, disk, fwds, "systemd.journald.forward_to_console=1")
 
 	// 1. The product's console banner: ready, where the console is, and
 	// (first boot) the setup code.
@@ -106,7 +114,7 @@ func TestApplianceBoot(t *testing.T) {
 	}
 	for _, p := range gatewayTCP {
 		addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(hostPort[forward{proto: "tcp", guest: p}.String()]))
-		if err := tlsChainCheck(ctx, addr, roots); err != nil {
+		if err := tlsChainCheck(ctx, ns, addr, roots); err != nil {
 			t.Errorf("tcp/%d: %v", p, err)
 		}
 	}
@@ -124,15 +132,15 @@ func TestApplianceBoot(t *testing.T) {
 			port = 5685
 		}
 		addr := &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: hostPort[forward{proto: "udp", guest: port}.String()]}
-		if err := dtlsPSKHandshake(ctx, addr, psk.PSKIdentity, psk.PSK); err != nil {
+		if err := dtlsPSKHandshake(ctx, ns, addr, psk.PSKIdentity, psk.PSK); err != nil {
 			t.Errorf("CoAPS PSK handshake on udp/%d: %v", port, err)
 		}
 	}
 	// The certificate CoAPS port must at least answer a DTLS ClientHello.
-	if n, err := dtlsAnswers(ctx, &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: hostPort["udp/5684"]}, roots); n == 0 {
+	if n, err := dtlsAnswers(ctx, ns, &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: hostPort["udp/5684"]}, roots); n == 0 {
 		t.Errorf("udp/5684 (CoAPS, certificates) sent no DTLS record back: %v", err)
 	}
-	checkSilent(ctx, t, hostPort)
+	checkSilent(ctx, t, ns, hostPort)
 
 	// 3. Power button: the box shuts down cleanly.
 	offCtx, offCancel := context.WithTimeout(ctx, 2*time.Minute)
@@ -256,20 +264,26 @@ func checkInside(t *testing.T, rep map[string]section) {
 
 // tlsChainCheck completes a TLS handshake and checks that the server's chain
 // ends at the image's own root.
-func tlsChainCheck(ctx context.Context, addr string, roots *x509.CertPool) error {
-	d := tls.Dialer{Config: &tls.Config{
-		RootCAs:    roots,
-		ServerName: "bastion",
+func tlsChainCheck(ctx context.Context, ns *netns, addr string, roots *x509.CertPool) error {
+	cfg := &tls.Config{
+		RootCAs: roots,
+		// The address the banner tells people to browse to: the lan
+		// interface's DHCP address in qemu's user network.
+		ServerName: guestIP,
 		MinVersion: tls.VersionTLS12,
-	}}
+	}
 	hctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	c, err := d.DialContext(hctx, "tcp", addr)
+	raw, err := ns.dial(hctx, "tcp", addr)
 	if err != nil {
+		return fmt.Errorf("connect %s: %w", addr, err)
+	}
+	c := tls.Client(raw, cfg)
+	defer c.Close()
+	if err := c.HandshakeContext(hctx); err != nil {
 		return fmt.Errorf("TLS handshake verifying against the image's CA: %w", err)
 	}
-	defer c.Close()
-	cs := c.(*tls.Conn).ConnectionState()
+	cs := c.ConnectionState()
 	if len(cs.VerifiedChains) == 0 {
 		return errors.New("no verified chain")
 	}
@@ -300,12 +314,12 @@ func (c *countingConn) count() int {
 	return c.n
 }
 
-func dtlsPSKHandshake(ctx context.Context, addr *net.UDPAddr, identity, hexKey string) error {
+func dtlsPSKHandshake(ctx context.Context, ns *netns, addr *net.UDPAddr, identity, hexKey string) error {
 	key, err := hexDecode(hexKey)
 	if err != nil {
 		return fmt.Errorf("psk from bastionctl: %w", err)
 	}
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	pc, err := ns.listenUDP()
 	if err != nil {
 		return err
 	}
@@ -329,8 +343,8 @@ func dtlsPSKHandshake(ctx context.Context, addr *net.UDPAddr, identity, hexKey s
 
 // dtlsAnswers starts a certificate DTLS handshake without a client
 // certificate and reports how many datagrams the server sent back.
-func dtlsAnswers(ctx context.Context, addr *net.UDPAddr, roots *x509.CertPool) (int, error) {
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+func dtlsAnswers(ctx context.Context, ns *netns, addr *net.UDPAddr, roots *x509.CertPool) (int, error) {
+	pc, err := ns.listenUDP()
 	if err != nil {
 		return 0, err
 	}
@@ -400,7 +414,7 @@ func udpProbe(port int) []byte {
 // and fails if anything comes back. User-mode networking accepts every
 // forwarded TCP connection on the host side, so "answers" means data, not a
 // completed connect.
-func checkSilent(ctx context.Context, t *testing.T, hostPort map[string]int) {
+func checkSilent(ctx context.Context, t *testing.T, ns *netns, hostPort map[string]int) {
 	t.Helper()
 	type result struct {
 		port string
@@ -414,8 +428,7 @@ func checkSilent(ctx context.Context, t *testing.T, hostPort map[string]int) {
 		addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(hostPort[name]))
 		pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		defer cancel()
-		var d net.Dialer
-		c, err := d.DialContext(pctx, proto, addr)
+		c, err := ns.dial(pctx, proto, addr)
 		if err != nil {
 			results <- result{port: name}
 			return

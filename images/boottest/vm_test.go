@@ -105,29 +105,6 @@ func makeTestDisk(t *testing.T, imageDir string, l layout) string {
 	return disk
 }
 
-// freePort returns a port on 127.0.0.1 that was free a moment ago.
-func freePort(t *testing.T, proto string) int {
-	t.Helper()
-	switch proto {
-	case "tcp":
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer l.Close()
-		return l.Addr().(*net.TCPAddr).Port
-	case "udp":
-		c, err := net.ListenPacket("udp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer c.Close()
-		return c.LocalAddr().(*net.UDPAddr).Port
-	}
-	t.Fatalf("freePort: unknown protocol %q", proto)
-	return 0
-}
-
 // lineLog keeps the lines read from one serial port and lets the test wait
 // for a line matching a pattern.
 type lineLog struct {
@@ -227,11 +204,12 @@ type forward struct {
 func (f forward) String() string { return fmt.Sprintf("%s/%d", f.proto, f.guest) }
 
 // startVM boots kernel+initrd from imageDir with disk as the only drive, in
-// TCG, with user-mode networking that is restricted (the guest reaches
-// nothing) except for the given forwards from 127.0.0.1.
-func startVM(ctx context.Context, t *testing.T, imageDir, disk string, fwds []forward, extraCmdline string) *vm {
+// TCG, inside ns (so the guest reaches nothing), with user-mode networking
+// and the given forwards from the namespace's 127.0.0.1.
+func startVM(ctx context.Context, t *testing.T, ns *netns, imageDir, disk string, fwds []forward, extraCmdline string) *vm {
 	t.Helper()
 	qemu := testenv.RequireCommand(t, "qemu-system-x86_64")
+	ip := testenv.RequireCommand(t, "ip")
 	cmdline, err := os.ReadFile(filepath.Join(imageDir, "cmdline"))
 	if err != nil {
 		t.Fatalf("read kernel command line: %v", err)
@@ -267,7 +245,7 @@ func startVM(ctx context.Context, t *testing.T, imageDir, disk string, fwds []fo
 		"-initrd", filepath.Join(imageDir, "initrd.img"),
 		"-append", strings.TrimSpace(string(cmdline)) + " " + extraCmdline,
 		"-drive", "file=" + disk + ",format=raw,if=virtio,cache=unsafe",
-		"-netdev", "user,id=n0,restrict=on," + strings.Join(hostfwd, ","),
+		"-netdev", "user,id=n0," + strings.Join(hostfwd, ","),
 		"-device", "virtio-net-pci,netdev=n0",
 		"-object", "rng-random,filename=/dev/urandom,id=rng0",
 		"-device", "virtio-rng-pci,rng=rng0",
@@ -279,7 +257,7 @@ func startVM(ctx context.Context, t *testing.T, imageDir, disk string, fwds []fo
 		"-mon", "chardev=mon0,mode=control",
 	}
 	v := &vm{exited: make(chan struct{})}
-	v.cmd = exec.Command(qemu, args...)
+	v.cmd = exec.Command(ip, append([]string{"netns", "exec", ns.name, qemu}, args...)...)
 	qlog, err := os.Create(filepath.Join(logDir, "qemu.log"))
 	if err != nil {
 		t.Fatal(err)
