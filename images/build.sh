@@ -54,6 +54,16 @@ packages=(
 	systemd-resolved systemd-timesyncd systemd-boot-efi
 )
 
+# Kernel modules for hardware a wired gateway never has. Leaving them out
+# makes the image smaller and removes kernel code that a local process could
+# otherwise get auto-loaded (e.g. by opening an AF_BLUETOOTH socket).
+module_excludes=()
+for m in sound drivers/media drivers/net/wireless net/mac80211 net/wireless drivers/bluetooth \
+	net/bluetooth drivers/infiniband drivers/isdn drivers/staging net/nfc drivers/nfc; do
+	module_excludes+=("--dpkgopt=path-exclude=/lib/modules/*/kernel/$m/*"
+		"--dpkgopt=path-exclude=/usr/lib/modules/*/kernel/$m/*")
+done
+
 log() { printf 'build.sh: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
@@ -110,10 +120,22 @@ fi
 "$bindir/bastiond" --check-config "$work/bastion.yaml" ||
 	die "bastiond --check-config rejects its own default config"
 
+# The image is built around three settings of that config: check them, so a
+# changed default fails here and not on a box.
+grep -qx 'state_dir: "/var/lib/bastion"' "$work/bastion.yaml" ||
+	die "default config's state_dir is not /var/lib/bastion (the state partition's mount point)"
+sed -n '/^firewall:/,/^[^ #]/p' "$work/bastion.yaml" | grep -qx '  lan: \["eth0"\]' ||
+	die "default config's firewall.lan is not [eth0] (net.ifnames=0 names the NIC eth0)"
+sed -n '/^firewall:/,/^[^ #]/p' "$work/bastion.yaml" | grep -qx '  manage: true' ||
+	die "default config does not manage the firewall"
+
 # 3. The root filesystem from Debian packages.
 mkdir -p "$cache/apt" "$out"
 log "mmdebstrap $suite (${packages[*]})"
+# merged-usr hooks: /usr is merged by mmdebstrap and usr-is-merged is
+# installed early, so usrmerge (and the perl it pulls in) never is.
 mmdebstrap --mode=root --variant=minbase --format=directory \
+	--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr \
 	--include="$(IFS=,; echo "${packages[*]}")" \
 	--aptopt='APT::Install-Recommends "false"' \
 	--aptopt='Acquire::Languages "none"' \
@@ -123,6 +145,7 @@ mmdebstrap --mode=root --variant=minbase --format=directory \
 	--dpkgopt='path-exclude=/usr/share/locale/*' \
 	--dpkgopt='path-exclude=/usr/share/doc/*' \
 	--dpkgopt='path-include=/usr/share/doc/*/copyright' \
+	"${module_excludes[@]}" \
 	--skip=essential/unlink --skip=download/empty \
 	--setup-hook='mkdir -p "$1/var/cache/apt/archives"' \
 	--setup-hook="sync-in '$cache/apt' /var/cache/apt/archives/" \
@@ -165,6 +188,8 @@ tmpfs /var/lib/systemd tmpfs rw,nosuid,nodev,noexec,mode=0755,size=8M 0 0
 EOF
 echo bastion > "$root/etc/hostname"
 printf '127.0.0.1\tlocalhost\n127.0.1.1\tbastion\n::1\tlocalhost ip6-localhost ip6-loopback\n' > "$root/etc/hosts"
+# mmdebstrap copies these from the build host, modes included.
+chmod 0644 "$root/etc/hostname" "$root/etc/hosts"
 # An empty machine-id on a read-only root: systemd makes a fresh one in /run
 # on every boot instead of all boxes sharing the one baked in here.
 : > "$root/etc/machine-id"
@@ -202,17 +227,33 @@ rm -rf "$root/var/cache/apt"/*.bin "$root/var/lib/apt/lists"/* "$root/var/log"/*
 # Clamp every timestamp so the filesystem does not record when it was built.
 find "$root" -newermt "@$SOURCE_DATE_EPOCH" -print0 | xargs -0r touch -h --no-dereference -d "@$SOURCE_DATE_EPOCH"
 
+# mke2fs -d copies each file's ctime, which no tool can set on the source;
+# set them to SOURCE_DATE_EPOCH inside the new filesystem instead.
+clamp_ctimes() {
+	local src=$1 fs=$2 out
+	(cd "$src" && find . -mindepth 1 | sed 's|^\.||') |
+		awk -v t="@$SOURCE_DATE_EPOCH" 'index($0, " ") == 0 { print "sif " $0 " ctime " t } END { print "sif / ctime " t }' \
+			> "$work/ctime.cmds"
+	if (cd "$src" && find . -name '* *' | grep -q .); then
+		die "$src has file names with spaces, which clamp_ctimes cannot pass to debugfs"
+	fi
+	out=$(debugfs -w -f "$work/ctime.cmds" "$fs" 2>&1 | grep -v '^debugfs' || true)
+	[ -z "$out" ] || die "debugfs ctime clamp on $fs: $out"
+}
+
 # 5. Filesystems, made from directories: no loop device, no mount.
 log "making filesystems"
 root_kib=$(du -sk --apparent-size "$root" | cut -f1)
 root_mib=$(( (root_kib * 13 / 10) / 1024 + 64 ))
 mke2fs -q -F -t ext4 -L bastion-root -U "$root_fsuuid" -E "hash_seed=$root_fsuuid,root_owner=0:0" \
 	-O ^has_journal,^metadata_csum_seed -m 0 -b 4096 -d "$root" "$work/root.ext4" "${root_mib}M"
+clamp_ctimes "$root" "$work/root.ext4"
 mkdir -p "$work/state"
 chmod 0700 "$work/state"
 touch -d "@$SOURCE_DATE_EPOCH" "$work/state"
 mke2fs -q -F -t ext4 -L bastion-state -U "$state_fsuuid" -E "hash_seed=$state_fsuuid,root_owner=0:0" \
 	-m 0 -b 4096 -d "$work/state" "$work/state.ext4" "${state_mib}M"
+clamp_ctimes "$work/state" "$work/state.ext4"
 
 # ESP: systemd-boot, one entry, no command-line editor at the boot menu.
 esp=$work/esp
