@@ -391,6 +391,11 @@ func newProverWithScalar(c Context, s *ProverSecret, x scalar) (*Prover, []byte,
 	return p, append([]byte(nil), p.shareP...), nil
 }
 
+// SetContext replaces the context before Finish. shareP does not depend on
+// the context, which enters only the transcript, so a prover that learns
+// the verifier's identity in the verifier's answer may send shareP first.
+func (p *Prover) SetContext(c Context) { p.ctx = c }
+
 // Finish takes the verifier's shareV and confirmV. If confirmV checks, it
 // returns confirmP to send back and K_shared; otherwise it returns an error
 // wrapping ErrInvalidShare or ErrConfirmation and no key. A Prover finishes

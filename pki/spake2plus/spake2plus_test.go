@@ -483,3 +483,51 @@ func FuzzProverFinish(f *testing.F) {
 		}
 	})
 }
+
+// TestReplayedMessagesFail: messages recorded from a completed run are
+// useless against a new run, on either side, because each run draws
+// fresh x and y.
+func TestReplayedMessagesFail(t *testing.T) {
+	s := register(t, "12345-67890", testCtx)
+	rec := s.VerifierRecord()
+	p1, shareP1, _ := NewProver(testCtx, s, rand.Reader)
+	v1, shareV1, confirmV1, _ := NewVerifier(testCtx, rec, shareP1, rand.Reader)
+	confirmP1, _, err := p1.Finish(shareV1, confirmV1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v1.Finish(confirmP1); err != nil {
+		t.Fatal(err)
+	}
+	// An attacker replays the old prover's shareP and confirmP to a new
+	// verifier run.
+	v2, _, _, err := NewVerifier(testCtx, rec, shareP1, rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v2.Finish(confirmP1); !errors.Is(err, ErrConfirmation) {
+		t.Fatalf("replayed confirmP: %v", err)
+	}
+	// Or the old verifier's answer to a new prover run.
+	p2, _, _ := NewProver(testCtx, s, rand.Reader)
+	if _, _, err := p2.Finish(shareV1, confirmV1); !errors.Is(err, ErrConfirmation) {
+		t.Fatalf("replayed shareV/confirmV: %v", err)
+	}
+}
+
+func TestProverSetContext(t *testing.T) {
+	s := register(t, "code", testCtx)
+	p, shareP, _ := NewProver(Context{}, s, rand.Reader)
+	v, shareV, confirmV, err := NewVerifier(testCtx, s.VerifierRecord(), shareP, rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.SetContext(testCtx)
+	confirmP, _, err := p.Finish(shareV, confirmV)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.Finish(confirmP); err != nil {
+		t.Fatal(err)
+	}
+}
