@@ -3,6 +3,7 @@ module github.com/bastion-iot/bastion
 go 1.26.8
 
 require (
+	filippo.io/bigmod v0.1.0 // indirect
 	filippo.io/nistec v0.0.4 // indirect
 	github.com/beorn7/perks v1.0.1 // indirect
 	github.com/cespare/xxhash/v2 v2.3.0 // indirect

@@ -5,6 +5,10 @@
 // key schedule and key confirmation, and registration of a setup code into
 // w0 and w1 through scrypt.
 //
+// Group arithmetic is filippo.io/nistec (constant time); scalar range
+// checks and the reduction of the PBKDF output use filippo.io/bigmod
+// (constant time), so no secret scalar goes through math/big.
+//
 // It owns no sockets and no storage: callers carry the shares and
 // confirmations in whatever protocol they run, and store the records.
 // It never logs, and never returns a shared key before the peer's
@@ -23,8 +27,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"math/big"
 
+	"filippo.io/bigmod"
 	"filippo.io/nistec"
 )
 
@@ -66,8 +70,21 @@ const (
 	nHex = "03d8bbd6c639c62937b04d997f38c3770719c629d7014d49a24b4f98baa1292b49"
 )
 
-// order is the order p of the P-256 group (called n in SEC1).
-var order, _ = new(big.Int).SetString("ffffffff00000000ffffffffffffffffbce6faada7179e84f3b9cac2fc632551", 16)
+// orderBytes is the order p of the P-256 group (called n in SEC1).
+var orderBytes = [ScalarSize]byte{
+	0xff, 0xff, 0xff, 0xff, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+	0xbc, 0xe6, 0xfa, 0xad, 0xa7, 0x17, 0x9e, 0x84, 0xf3, 0xb9, 0xca, 0xc2, 0xfc, 0x63, 0x25, 0x51,
+}
+
+// orderModulus is p for constant-time arithmetic (filippo.io/bigmod, the
+// standalone copy of the standard library's crypto/internal/bigmod).
+func orderModulus() *bigmod.Modulus {
+	m, err := bigmod.NewModulus(orderBytes[:])
+	if err != nil {
+		panic("spake2plus: P-256 order refused: " + err.Error())
+	}
+	return m
+}
 
 func mustPoint(h string) *nistec.P256Point {
 	b := make([]byte, len(h)/2)
@@ -118,23 +135,36 @@ func scalarFromBytes(b []byte) (scalar, error) {
 	if len(b) != ScalarSize {
 		return s, fmt.Errorf("%w: scalar is %d bytes, want %d", ErrInvalidSecret, len(b), ScalarSize)
 	}
-	v := new(big.Int).SetBytes(b)
-	if v.Sign() == 0 || v.Cmp(order) >= 0 {
+	// Both checks run in constant time: the scalar may be a secret.
+	n, err := bigmod.NewNat().SetBytes(b, orderModulus())
+	if err != nil || n.IsZero() == 1 {
 		return s, fmt.Errorf("%w: scalar not in [1, p-1]", ErrInvalidSecret)
 	}
 	copy(s[:], b)
 	return s, nil
 }
 
-// reduce returns v mod p as a scalar; zero is refused because w0 = 0 or
-// w1 = 0 would remove the password from the exchange.
+// reduce returns v mod p as a scalar, in constant time; zero is refused
+// because w0 = 0 or w1 = 0 would remove the password from the exchange.
 func reduce(v []byte) (scalar, error) {
 	var s scalar
-	r := new(big.Int).Mod(new(big.Int).SetBytes(v), order)
-	if r.Sign() == 0 {
+	// A modulus of 2^(8*len(v)) + 1 holds any value of len(v) bytes.
+	wideBytes := make([]byte, len(v)+1)
+	wideBytes[0], wideBytes[len(v)] = 1, 1
+	wide, err := bigmod.NewModulus(wideBytes)
+	if err != nil {
+		return s, fmt.Errorf("%w: %w", ErrInvalidSecret, err)
+	}
+	x, err := bigmod.NewNat().SetBytes(v, wide)
+	if err != nil {
+		return s, fmt.Errorf("%w: %w", ErrInvalidSecret, err)
+	}
+	order := orderModulus()
+	r := bigmod.NewNat().Mod(x, order)
+	if r.IsZero() == 1 {
 		return s, fmt.Errorf("%w: value reduces to zero mod p", ErrInvalidSecret)
 	}
-	r.FillBytes(s[:])
+	copy(s[:], r.Bytes(order))
 	return s, nil
 }
 
@@ -405,6 +435,7 @@ func (p *Prover) Finish(shareV, confirmV []byte) (confirmP, sharedKey []byte, er
 		return nil, nil, ErrUsed
 	}
 	p.done = true
+	defer clear(p.x[:])
 	Y, err := decodeShare(shareV)
 	if err != nil {
 		return nil, nil, fmt.Errorf("spake2plus prover: shareV: %w", err)

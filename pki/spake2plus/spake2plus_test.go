@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
+	"math/big"
 	"os"
 	"strings"
 	"testing"
@@ -529,5 +530,49 @@ func TestProverSetContext(t *testing.T) {
 	}
 	if _, err := v.Finish(confirmP); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestReduceMatchesBigInt checks the constant-time reduction against
+// math/big on edge values and random ones.
+func TestReduceMatchesBigInt(t *testing.T) {
+	n := new(big.Int).SetBytes(orderBytes[:])
+	pad := func(v *big.Int) []byte { return v.FillBytes(make([]byte, 40)) }
+	inputs := [][]byte{
+		pad(new(big.Int).Add(n, big.NewInt(1))),
+		pad(new(big.Int).Sub(n, big.NewInt(1))),
+		pad(new(big.Int).Mul(n, big.NewInt(0xffffffffff))),
+		pad(new(big.Int).Add(new(big.Int).Mul(n, big.NewInt(0xffffffffff)), big.NewInt(5))),
+		bytes.Repeat([]byte{0xff}, 40),
+		bytes.Repeat([]byte{0xff}, 64),
+		append(make([]byte, 39), 1),
+	}
+	for range 200 {
+		b := make([]byte, 40)
+		rand.Read(b)
+		inputs = append(inputs, b)
+	}
+	for _, in := range inputs {
+		want := new(big.Int).Mod(new(big.Int).SetBytes(in), n)
+		got, err := reduce(in)
+		if want.Sign() == 0 {
+			if err == nil {
+				t.Fatalf("%x reduces to zero but was accepted", in)
+			}
+			continue
+		}
+		if err != nil || new(big.Int).SetBytes(got[:]).Cmp(want) != 0 {
+			t.Fatalf("reduce(%x) = %x, %v; want %x", in, got, err, want)
+		}
+	}
+	if _, err := reduce(pad(new(big.Int).Mul(n, big.NewInt(3)))); !errors.Is(err, ErrInvalidSecret) {
+		t.Fatalf("multiple of p: %v", err)
+	}
+	nm1 := new(big.Int).Sub(n, big.NewInt(1)).FillBytes(make([]byte, 32))
+	if _, err := scalarFromBytes(nm1); err != nil {
+		t.Fatalf("p-1 refused: %v", err)
+	}
+	if _, err := scalarFromBytes(orderBytes[:]); err == nil {
+		t.Fatal("p accepted as a scalar")
 	}
 }
