@@ -64,10 +64,13 @@ var (
 	ErrUsed = errors.New("spake2plus: session already finished or used out of order")
 )
 
-// The RFC 9383 section 4 constants for P-256, compressed SEC1.
+// The RFC 9383 section 4 constants for P-256. The RFC prints them
+// compressed (02886e2f... and 03d8bbd6...); they are kept uncompressed, as
+// they enter the transcript, so that using them costs no square root. A
+// test checks that they compress to the RFC's values.
 const (
-	mHex = "02886e2f97ace46e55ba9dd7242579f2993b64e16ef3dcab95afd497333d8fa12f"
-	nHex = "03d8bbd6c639c62937b04d997f38c3770719c629d7014d49a24b4f98baa1292b49"
+	mHex = "04886e2f97ace46e55ba9dd7242579f2993b64e16ef3dcab95afd497333d8fa12f5ff355163e43ce224e0b0e65ff02ac8e5c7be09419c785e0ca547d55a12e2d20"
+	nHex = "04d8bbd6c639c62937b04d997f38c3770719c629d7014d49a24b4f98baa1292b4907d60aa6bfade45008a636337f5168c64d9bd36034808cd564490b1e656edbe7"
 )
 
 // orderBytes is the order p of the P-256 group (called n in SEC1).
@@ -109,8 +112,8 @@ func mustPoint(h string) *nistec.P256Point {
 }
 
 // pointM and pointN are decoded on each use so that no package state is
-// shared between goroutines; decoding a compressed point is cheap next to
-// the scalar multiplications that follow.
+// shared between goroutines; decoding an uncompressed point is cheap next
+// to the scalar multiplications that follow.
 func pointM() *nistec.P256Point { return mustPoint(mHex) }
 func pointN() *nistec.P256Point { return mustPoint(nHex) }
 
