@@ -8,7 +8,6 @@ import (
 	"io"
 	"math"
 	"os"
-	"strconv"
 	"time"
 	"unsafe"
 )
@@ -199,6 +198,3 @@ func (s *InputSource) Next(ctx context.Context) (Edge, error) {
 		}
 	}
 }
-
-// KeyCodeString formats a key code for messages, e.g. "0x211".
-func KeyCodeString(code uint16) string { return "0x" + strconv.FormatUint(uint64(code), 16) }

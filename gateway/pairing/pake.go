@@ -138,6 +138,17 @@ type Session struct {
 // Succeed once EST has issued the device's certificate.
 func (s *Session) Attempt() *Attempt { return s.attempt }
 
+// Succeed commits the enrollment once EST has issued the device's
+// certificate (see Attempt.Succeed: on error, withhold it) and forgets the
+// device's setup code, which has served its one purpose.
+func (s *Session) Succeed() error {
+	if err := s.attempt.Succeed(); err != nil {
+		return err
+	}
+	s.e.Codes.Remove(s.attempt.Device(), "device enrolled")
+	return nil
+}
+
 // Hello handles round 1. It claims the window for the device (refused
 // when closed, aborting it on overlap) and fails the attempt when the
 // device has no registered code.

@@ -92,11 +92,14 @@ func TestSetupCodeEnrollmentBothRoles(t *testing.T) {
 				t.Fatalf("PSKs differ: %x %x", gw, dev)
 			}
 			// EST /sen would run here over DTLS-PSK; then the commit.
-			if err := s.Attempt().Succeed(); err != nil {
+			if err := s.Succeed(); err != nil {
 				t.Fatal(err)
 			}
 			if e := r.wait(StepClosed); e.Reason != ReasonEnrolled || e.Device != "lamp-1" {
 				t.Fatalf("close %+v", e)
+			}
+			if _, err := e.Codes.Lookup("lamp-1"); !errors.Is(err, ErrNoCode) {
+				t.Fatalf("code kept after enrollment: %v", err)
 			}
 		})
 	}
