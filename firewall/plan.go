@@ -303,13 +303,14 @@ func hashlimit(r Rate, f Family, s Service) []string {
 	name := fmt.Sprintf("bst%s%c%d", hex.EncodeToString(sum[:2]), s.Proto[0], s.Port)
 	m := []string{"-m", "conntrack", "--ctstate", "NEW",
 		"-m", "hashlimit", "--hashlimit-above", fmt.Sprintf("%d/%s", r.Count, r.unit()),
-		"--hashlimit-burst", strconv.Itoa(int(r.Burst)), "--hashlimit-mode", "srcip"}
+		"--hashlimit-burst", strconv.Itoa(int(r.Burst)), "--hashlimit-mode", "srcip", "--hashlimit-name", name}
 	if f == IPv6 {
 		// One IPv6 host usually owns a whole /64; limiting per /128 would
 		// let it rotate addresses around the limit.
+		// (iptables prints the mask after the name.)
 		m = append(m, "--hashlimit-srcmask", "64")
 	}
-	return append(m, "--hashlimit-name", name)
+	return m
 }
 
 func forwardRules(p Policy) []Rule {
