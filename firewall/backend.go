@@ -2,7 +2,6 @@ package firewall
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"strconv"
 	"strings"
@@ -12,17 +11,18 @@ import (
 // own verbs. NewIPTables returns the real ones; Fake is the in-memory one.
 type Backend interface {
 	Family() Family
-	// ListChains names every chain of the filter table.
-	ListChains(ctx context.Context) ([]string, error)
-	// ListRules returns a chain's rules in order, in `iptables -S` form,
-	// with counters. A missing chain is an error wrapping ErrNoChain.
-	ListRules(ctx context.Context, chain string) ([]LiveRule, error)
+	// Snapshot reads the whole filter table at once: chain names and every
+	// rule in `iptables -S` form, with counters.
+	Snapshot(ctx context.Context) (Table, error)
 	// Commit applies ops as one transaction: all of them or none.
 	Commit(ctx context.Context, ops []Op) error
 }
 
-// ErrNoChain is wrapped by ListRules when the chain does not exist.
-var ErrNoChain = errors.New("no such chain")
+// Table is a snapshot of one family's filter table.
+type Table struct {
+	Chains []string              // built-in chains first, in the order listed
+	Rules  map[string][]LiveRule // by chain, in order
+}
 
 // OpKind is what an Op does.
 type OpKind int

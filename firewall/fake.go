@@ -40,32 +40,22 @@ func NewFake(f Family) *Fake {
 // Family implements Backend.
 func (f *Fake) Family() Family { return f.family }
 
-// ListChains implements Backend.
-func (f *Fake) ListChains(ctx context.Context) ([]string, error) {
+// Snapshot implements Backend.
+func (f *Fake) Snapshot(ctx context.Context) (Table, error) {
 	if err := ctx.Err(); err != nil {
-		return nil, err
+		return Table{}, err
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	return slices.Clone(f.order), nil
-}
-
-// ListRules implements Backend.
-func (f *Fake) ListRules(ctx context.Context, chain string) ([]LiveRule, error) {
-	if err := ctx.Err(); err != nil {
-		return nil, err
+	t := Table{Chains: slices.Clone(f.order), Rules: map[string][]LiveRule{}}
+	for name, rules := range f.chains {
+		out := make([]LiveRule, len(rules))
+		for i, r := range rules {
+			out[i] = LiveRule{Rule: slices.Clone(r.Rule), Packets: r.Packets, Bytes: r.Bytes}
+		}
+		t.Rules[name] = out
 	}
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	rules, ok := f.chains[chain]
-	if !ok {
-		return nil, fmt.Errorf("fake %s: list %s: %w", f.family, chain, ErrNoChain)
-	}
-	out := make([]LiveRule, len(rules))
-	for i, r := range rules {
-		out[i] = LiveRule{Rule: slices.Clone(r.Rule), Packets: r.Packets, Bytes: r.Bytes}
-	}
-	return out, nil
+	return t, nil
 }
 
 // Commit implements Backend: ops are applied to a copy that replaces the

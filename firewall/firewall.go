@@ -106,22 +106,20 @@ type live struct {
 }
 
 func readLive(ctx context.Context, b Backend) (live, error) {
-	l := live{hooks: map[string][]LiveRule{}, chains: map[string][]LiveRule{}}
-	var err error
-	if l.names, err = b.ListChains(ctx); err != nil {
+	t, err := b.Snapshot(ctx)
+	if err != nil {
 		return live{}, err
 	}
+	l := live{names: t.Chains, hooks: map[string][]LiveRule{}, chains: map[string][]LiveRule{}}
 	for _, h := range []string{"INPUT", "FORWARD"} {
-		if l.hooks[h], err = b.ListRules(ctx, h); err != nil {
-			return live{}, err
+		if !slices.Contains(t.Chains, h) {
+			return live{}, fmt.Errorf("%s filter table has no %s chain", b.Family(), h)
 		}
+		l.hooks[h] = t.Rules[h]
 	}
-	for _, c := range l.names {
-		if !strings.HasPrefix(c, chainPrefix) {
-			continue
-		}
-		if l.chains[c], err = b.ListRules(ctx, c); err != nil {
-			return live{}, err
+	for _, c := range t.Chains {
+		if strings.HasPrefix(c, chainPrefix) {
+			l.chains[c] = t.Rules[c]
 		}
 	}
 	return l, nil
@@ -332,13 +330,16 @@ func (f *Firewall) commit(ctx context.Context, b Backend, ch change, reason stri
 		return err
 	}
 	f.m.commits.WithLabelValues(fam, reason).Inc()
+	if len(ch.created) == 0 {
+		return nil
+	}
+	t, err := b.Snapshot(ctx)
+	if err != nil {
+		f.log.Warn("firewall read-back of new chains failed", "family", fam, "err", err)
+		return nil
+	}
 	for name, c := range ch.created {
-		lr, err := b.ListRules(ctx, name)
-		if err != nil {
-			f.log.Warn("firewall read-back of new chain failed", "family", fam, "chain", name, "err", err)
-			continue
-		}
-		got := rulesOf(lr)
+		got := rulesOf(t.Rules[name])
 		if equalRules(got, c.Rules) {
 			continue
 		}

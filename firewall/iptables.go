@@ -3,7 +3,6 @@ package firewall
 import (
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	"os/exec"
 	"strings"
@@ -24,10 +23,13 @@ func InNetns(name string) IPTablesOption {
 	return func(c *iptablesConfig) { c.netns = name }
 }
 
-// NewIPTables returns the real backends for IPv4 and IPv6: reads go
-// through github.com/coreos/go-iptables, transactions through
-// iptables-restore --noflush (one kernel transaction per family, which
-// go-iptables does not offer). Needs root and the iptables package.
+// NewIPTables returns the real backends for IPv4 and IPv6. It finds the
+// binaries and checks their version with github.com/coreos/go-iptables;
+// reads are one `iptables -v -S` per snapshot and writes one
+// `iptables-restore --noflush` per transaction, so every change is a
+// single kernel transaction (go-iptables runs one command per rule, which
+// is neither atomic nor fast: see the README's benchmark). Needs root and
+// the iptables package (1.6.2 or newer, legacy or nf_tables).
 func NewIPTables(opts ...IPTablesOption) (v4, v6 Backend, err error) {
 	var cfg iptablesConfig
 	for _, o := range opts {
@@ -39,19 +41,26 @@ func NewIPTables(opts ...IPTablesOption) (v4, v6 Backend, err error) {
 		}
 	}
 	mk := func(f Family) (Backend, error) {
-		proto, restore := iptables.ProtocolIPv4, "iptables-restore"
+		proto, list, restore := iptables.ProtocolIPv4, "iptables", "iptables-restore"
 		if f == IPv6 {
-			proto, restore = iptables.ProtocolIPv6, "ip6tables-restore"
+			proto, list, restore = iptables.ProtocolIPv6, "ip6tables", "ip6tables-restore"
 		}
 		ipt, err := iptables.New(iptables.IPFamily(proto), iptables.Timeout(10))
 		if err != nil {
 			return nil, fmt.Errorf("%s backend: %w (is the iptables package installed?)", f, err)
 		}
-		path, err := exec.LookPath(restore)
-		if err != nil {
+		// --wait for iptables-restore and "-S -v" arrived in 1.6.2.
+		if v1, v2, v3 := ipt.GetIptablesVersion(); v1 < 1 || (v1 == 1 && (v2 < 6 || (v2 == 6 && v3 < 2))) {
+			return nil, fmt.Errorf("%s backend: version %d.%d.%d is too old: need 1.6.2 or newer", f, v1, v2, v3)
+		}
+		b := &iptablesBackend{family: f, netns: cfg.netns}
+		if b.list, err = exec.LookPath(list); err != nil {
 			return nil, fmt.Errorf("%s backend: %w (is the iptables package installed?)", f, err)
 		}
-		return &iptablesBackend{family: f, ipt: ipt, restore: path, netns: cfg.netns}, nil
+		if b.restore, err = exec.LookPath(restore); err != nil {
+			return nil, fmt.Errorf("%s backend: %w (is the iptables package installed?)", f, err)
+		}
+		return b, nil
 	}
 	if v4, err = mk(IPv4); err != nil {
 		return nil, nil, err
@@ -64,8 +73,8 @@ func NewIPTables(opts ...IPTablesOption) (v4, v6 Backend, err error) {
 
 type iptablesBackend struct {
 	family  Family
-	ipt     *iptables.IPTables
-	restore string
+	list    string // iptables / ip6tables
+	restore string // iptables-restore / ip6tables-restore
 	netns   string
 }
 
@@ -83,48 +92,24 @@ func (b *iptablesBackend) in(ctx context.Context, fn func() error) error {
 	return netns.Do(b.netns, fn)
 }
 
-func (b *iptablesBackend) ListChains(ctx context.Context) ([]string, error) {
-	var chains []string
+// Snapshot reads the table with one `iptables -v -S`: each iptables-nft
+// run loads the whole ruleset from the kernel, so one listing per chain
+// (go-iptables' List) would cost that many loads on every reconcile.
+func (b *iptablesBackend) Snapshot(ctx context.Context) (Table, error) {
+	var out, errb bytes.Buffer
 	err := b.in(ctx, func() error {
-		var err error
-		chains, err = b.ipt.ListChains("filter")
-		return err
+		cmd := exec.CommandContext(ctx, b.list, "--wait", "10", "-t", "filter", "-v", "-S")
+		cmd.Stdout, cmd.Stderr = &out, &errb
+		return cmd.Run()
 	})
 	if err != nil {
-		return nil, fmt.Errorf("%s list chains of filter: %w", b.family, err)
+		return Table{}, fmt.Errorf("%s -t filter -v -S: %w: %s", b.family, err, strings.TrimSpace(errb.String()))
 	}
-	return chains, nil
-}
-
-func (b *iptablesBackend) ListRules(ctx context.Context, chain string) ([]LiveRule, error) {
-	var lines []string
-	err := b.in(ctx, func() error {
-		var err error
-		lines, err = b.ipt.ListWithCounters("filter", chain)
-		return err
-	})
+	t, err := parseTable(out.String())
 	if err != nil {
-		var ie *iptables.Error
-		if errors.As(err, &ie) && ie.IsNotExist() {
-			return nil, fmt.Errorf("%s list filter/%s: %w", b.family, chain, ErrNoChain)
-		}
-		return nil, fmt.Errorf("%s list filter/%s: %w", b.family, chain, err)
+		return Table{}, fmt.Errorf("%s -t filter -v -S: %w", b.family, err)
 	}
-	var rules []LiveRule
-	for _, l := range lines {
-		if !strings.HasPrefix(l, "-A ") {
-			continue // "-N chain" / "-P chain policy"
-		}
-		c, r, err := parseRuleLine(l)
-		if err != nil {
-			return nil, fmt.Errorf("%s list filter/%s: %w", b.family, chain, err)
-		}
-		if c != chain {
-			return nil, fmt.Errorf("%s list filter/%s: got a rule of chain %q", b.family, chain, c)
-		}
-		rules = append(rules, r)
-	}
-	return rules, nil
+	return t, nil
 }
 
 func (b *iptablesBackend) Commit(ctx context.Context, ops []Op) error {

@@ -100,3 +100,39 @@ func parseRuleLine(line string) (chain string, r LiveRule, err error) {
 	r.Rule = spec
 	return chain, r, nil
 }
+
+// parseTable parses the output of `iptables -t filter -v -S` (kernel
+// state, so treated as untrusted): "-P chain policy [-c p b]", "-N chain"
+// and "-A chain rule" lines.
+func parseTable(out string) (Table, error) {
+	t := Table{Rules: map[string][]LiveRule{}}
+	known := map[string]bool{}
+	for n, line := range strings.Split(out, "\n") {
+		line = strings.TrimRight(line, "\r")
+		switch {
+		case line == "":
+		case strings.HasPrefix(line, "-P ") || strings.HasPrefix(line, "-N "):
+			f := strings.Fields(line)
+			if len(f) < 2 {
+				return Table{}, fmt.Errorf("line %d: %q: chain name missing", n+1, line)
+			}
+			if known[f[1]] {
+				return Table{}, fmt.Errorf("line %d: chain %q listed twice", n+1, f[1])
+			}
+			known[f[1]] = true
+			t.Chains = append(t.Chains, f[1])
+		case strings.HasPrefix(line, "-A "):
+			chain, r, err := parseRuleLine(line)
+			if err != nil {
+				return Table{}, fmt.Errorf("line %d: %w", n+1, err)
+			}
+			if !known[chain] {
+				return Table{}, fmt.Errorf("line %d: rule of undeclared chain %q", n+1, chain)
+			}
+			t.Rules[chain] = append(t.Rules[chain], r)
+		default:
+			return Table{}, fmt.Errorf("line %d: %q: not a -P, -N or -A line", n+1, line)
+		}
+	}
+	return t, nil
+}
