@@ -63,6 +63,39 @@ func naiveApply(ns string, ipts map[Family]*iptables.IPTables, rs Ruleset, gen i
 	})
 }
 
+// naiveReload flushes the existing naive chains and refills them rule by
+// rule, as a simple go-iptables user reloads.
+func naiveReload(ns string, ipts map[Family]*iptables.IPTables, rs Ruleset) error {
+	return netns.Do(ns, func() error {
+		for fam, ipt := range ipts {
+			for _, c := range rs.Chains(fam) {
+				name := fmt.Sprintf("NAIVE-%s-0", c.Hook)
+				if err := ipt.ClearChain("filter", name); err != nil {
+					return err
+				}
+				for _, r := range c.Rules {
+					if err := ipt.Append("filter", name, r...); err != nil {
+						return err
+					}
+				}
+			}
+		}
+		return nil
+	})
+}
+
+func newGoIPTables(tb testing.TB) map[Family]*iptables.IPTables {
+	tb.Helper()
+	ipts := map[Family]*iptables.IPTables{}
+	for fam, proto := range map[Family]iptables.Protocol{IPv4: iptables.ProtocolIPv4, IPv6: iptables.ProtocolIPv6} {
+		var err error
+		if ipts[fam], err = iptables.New(iptables.IPFamily(proto), iptables.Timeout(10)); err != nil {
+			tb.Fatal(err)
+		}
+	}
+	return ipts
+}
+
 // BenchmarkApply100Rules applies a 100-rule policy to both families,
 // Bastion's way (plan, diff, one iptables-restore transaction per family)
 // and the naive go-iptables way (one exec per rule), alternating in the
@@ -84,12 +117,7 @@ func BenchmarkApply100Rules(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	ipts := map[Family]*iptables.IPTables{}
-	for fam, proto := range map[Family]iptables.Protocol{IPv4: iptables.ProtocolIPv4, IPv6: iptables.ProtocolIPv6} {
-		if ipts[fam], err = iptables.New(iptables.IPFamily(proto), iptables.Timeout(10)); err != nil {
-			b.Fatal(err)
-		}
-	}
+	ipts := newGoIPTables(b)
 	policies := []Policy{policy100(0), policy100(1)}
 	rulesets := make([]Ruleset, 2)
 	for i, p := range policies {

@@ -414,30 +414,19 @@ func testutilCounter(t *testing.T, reg *prometheus.Registry, name string, labels
 	return 0
 }
 
-func TestRealReloadsNeverOpenForbiddenPorts(t *testing.T) {
-	tp := newTopo(t)
-	fw, _ := tp.firewall(t)
-	ctx := context.Background()
-	a := gatewayPolicy("lan0", "wan0") // 8443, 8883, 5684
-	b := a
-	b.Services = []Service{
-		{Name: "mqtt-tls", Proto: TCP, Port: 8883, Zones: []string{ZoneLAN}, Handshake: true},
-		{Name: "coaps", Proto: UDP, Port: 5684, Zones: []string{ZoneLAN}, Handshake: true},
-		{Name: "extra", Proto: TCP, Port: 9000, Zones: []string{ZoneLAN}},
-		{Name: "est", Proto: UDP, Port: 5685, Zones: []string{ZoneLAN}, Handshake: true},
-	}
-	b.HandshakeRate = Rate{Count: 10000, Per: time.Second, Burst: 10000}
-	a.HandshakeRate = b.HandshakeRate // the prober must not hit the limit
-	if err := fw.Apply(ctx, a); err != nil {
-		t.Fatal(err)
-	}
-	forbidden := []target{{"tcp", 22}, {"tcp", 1883}, {"udp", 5683}}
+// prober keeps probing, from the lan client, the ports both reload
+// policies forbid (and tcp/8883, which both allow) until stopped.
+type prober struct {
+	stop                      chan struct{}
+	wg                        sync.WaitGroup
+	probes, violations, allow atomic.Int64
+	mu                        sync.Mutex
+	seen                      []string
+}
 
-	stop := make(chan struct{})
-	var probes, violations, bothOK atomic.Int64
-	var wg sync.WaitGroup
-	var vmu sync.Mutex
-	var seen []string
+func startProber(t *testing.T, tp *topo) *prober {
+	pr := &prober{stop: make(chan struct{})}
+	forbidden := []target{{"tcp", 22}, {"tcp", 1883}, {"udp", 5683}}
 	for _, host := range []string{gwLAN4, gwLAN6} {
 		// Several probers per forbidden port so that every reload sees
 		// probes in flight; a short timeout is enough on a veth, where an
@@ -447,38 +436,68 @@ func TestRealReloadsNeverOpenForbiddenPorts(t *testing.T) {
 			targets = append(targets, forbidden...)
 		}
 		for _, f := range append(targets, target{"tcp", 8883}) {
-			wg.Add(1)
+			pr.wg.Add(1)
 			go func() {
-				defer wg.Done()
+				defer pr.wg.Done()
 				addr := net.JoinHostPort(host, strconv.Itoa(f.port))
-				for i := 0; i < 100000; i++ { // bounded; stop ends it long before
+				for i := 0; i < 1_000_000; i++ { // bounded; stop ends it long before
 					select {
-					case <-stop:
+					case <-pr.stop:
 						return
 					default:
 					}
-					ok, err := tp.lan.Answers(ctx, f.network, addr, 50*time.Millisecond)
+					ok, err := tp.lan.Answers(context.Background(), f.network, addr, 50*time.Millisecond)
 					if err != nil {
 						t.Error(err)
 						return
 					}
 					if f.port == 8883 {
 						if ok {
-							bothOK.Add(1)
+							pr.allow.Add(1)
 						}
 						continue
 					}
-					probes.Add(1)
+					pr.probes.Add(1)
 					if ok {
-						violations.Add(1)
-						vmu.Lock()
-						seen = append(seen, f.network+" "+addr)
-						vmu.Unlock()
+						pr.violations.Add(1)
+						pr.mu.Lock()
+						if len(pr.seen) < 10 {
+							pr.seen = append(pr.seen, f.network+" "+addr)
+						}
+						pr.mu.Unlock()
 					}
 				}
 			}()
 		}
 	}
+	return pr
+}
+
+func (pr *prober) halt() { close(pr.stop); pr.wg.Wait() }
+
+func reloadPolicies() (a, b Policy) {
+	a = gatewayPolicy("lan0", "wan0") // 8443, 8883, 5684
+	b = a
+	b.Services = []Service{
+		{Name: "mqtt-tls", Proto: TCP, Port: 8883, Zones: []string{ZoneLAN}, Handshake: true},
+		{Name: "coaps", Proto: UDP, Port: 5684, Zones: []string{ZoneLAN}, Handshake: true},
+		{Name: "extra", Proto: TCP, Port: 9000, Zones: []string{ZoneLAN}},
+		{Name: "est", Proto: UDP, Port: 5685, Zones: []string{ZoneLAN}, Handshake: true},
+	}
+	b.HandshakeRate = Rate{Count: 10000, Per: time.Second, Burst: 10000}
+	a.HandshakeRate = b.HandshakeRate // the prober must not hit the limit
+	return a, b
+}
+
+func TestRealReloadsNeverOpenForbiddenPorts(t *testing.T) {
+	tp := newTopo(t)
+	fw, _ := tp.firewall(t)
+	ctx := context.Background()
+	a, b := reloadPolicies()
+	if err := fw.Apply(ctx, a); err != nil {
+		t.Fatal(err)
+	}
+	pr := startProber(t, tp)
 	start := time.Now()
 	deadline := start.Add(3 * time.Minute)
 	for i := range 100 {
@@ -487,29 +506,56 @@ func TestRealReloadsNeverOpenForbiddenPorts(t *testing.T) {
 			p = a
 		}
 		if err := fw.Apply(ctx, p); err != nil {
-			close(stop)
-			wg.Wait()
+			pr.halt()
 			t.Fatalf("reload %d: %v", i, err)
 		}
 		if time.Now().After(deadline) {
-			close(stop)
-			wg.Wait()
+			pr.halt()
 			t.Fatalf("100 reloads took more than 3 minutes (%d done)", i+1)
 		}
 	}
 	elapsed := time.Since(start)
-	close(stop)
-	wg.Wait()
-	t.Logf("100 reloads in %v (%v each); %d forbidden-port probes, %d answers from tcp/8883", elapsed, elapsed/100, probes.Load(), bothOK.Load())
-	if violations.Load() != 0 {
-		t.Errorf("%d probes reached a port both policies forbid: %v", violations.Load(), seen)
+	pr.halt()
+	t.Logf("100 reloads in %v (%v each); %d forbidden-port probes, %d answers from tcp/8883", elapsed, elapsed/100, pr.probes.Load(), pr.allow.Load())
+	if pr.violations.Load() != 0 {
+		t.Errorf("%d probes reached a port both policies forbid: %v", pr.violations.Load(), pr.seen)
 	}
-	if probes.Load() < 100 || bothOK.Load() == 0 {
-		t.Errorf("prober too weak to mean anything: %d forbidden probes, %d allowed answers", probes.Load(), bothOK.Load())
+	if pr.probes.Load() < 100 || pr.allow.Load() == 0 {
+		t.Errorf("prober too weak to mean anything: %d forbidden probes, %d allowed answers", pr.probes.Load(), pr.allow.Load())
 	}
-	// Both policies allow 8883; the swap never closed it for long enough
-	// to matter here, and it answers now.
 	if ok, _ := tp.lan.Answers(ctx, "tcp", net.JoinHostPort(gwLAN4, "8883"), time.Second); !ok {
 		t.Error("tcp/8883 does not answer after the reloads")
+	}
+}
+
+// TestRealProberCatchesNaiveReload is the control for the test above: the
+// same prober, against reloads done the usual way (take the old rules
+// out, put the new ones in rule by rule with go-iptables), must see the
+// forbidden ports open. Otherwise a pass above would mean nothing.
+func TestRealProberCatchesNaiveReload(t *testing.T) {
+	tp := newTopo(t)
+	a, b := reloadPolicies()
+	rs := make([]Ruleset, 2)
+	for i, p := range []Policy{a, b} {
+		var err error
+		if rs[i], err = Plan(p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ipts := newGoIPTables(t)
+	if err := naiveApply(tp.gw.Name, ipts, rs[0], 0); err != nil {
+		t.Fatal(err)
+	}
+	pr := startProber(t, tp)
+	for i := 1; i <= 5 && pr.violations.Load() == 0; i++ {
+		if err := naiveReload(tp.gw.Name, ipts, rs[i%2]); err != nil {
+			pr.halt()
+			t.Fatal(err)
+		}
+	}
+	pr.halt()
+	t.Logf("naive reloads: %d of %d forbidden-port probes answered", pr.violations.Load(), pr.probes.Load())
+	if pr.violations.Load() == 0 {
+		t.Error("the prober saw no forbidden port open during naive flush-and-refill reloads; it cannot be trusted")
 	}
 }

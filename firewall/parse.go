@@ -116,6 +116,9 @@ func parseTable(out string) (Table, error) {
 			if len(f) < 2 {
 				return Table{}, fmt.Errorf("line %d: %q: chain name missing", n+1, line)
 			}
+			if strings.ContainsAny(f[1], `"'\\`) {
+				return Table{}, fmt.Errorf("line %d: chain name %q has quotes or backslashes", n+1, f[1])
+			}
 			if known[f[1]] {
 				return Table{}, fmt.Errorf("line %d: chain %q listed twice", n+1, f[1])
 			}

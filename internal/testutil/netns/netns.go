@@ -172,7 +172,7 @@ func (n *NS) Answers(ctx context.Context, network, addr string, timeout time.Dur
 		return err
 	})
 	if err != nil {
-		if network == "tcp" {
+		if network == "tcp" || ctx.Err() != nil {
 			return false, nil // timed out, refused or unreachable: not answering
 		}
 		return false, fmt.Errorf("dial %s %s in %s: %w", network, addr, n.Name, err)
