@@ -47,6 +47,10 @@ func New(t testing.TB, prefix string) *NS {
 	})
 	n := &NS{Name: name, t: t}
 	n.MustRun("ip", "link", "set", "lo", "up")
+	// No duplicate address detection on links the test made: addresses,
+	// link-local ones included, are usable at once instead of after a
+	// second or two of "tentative" (which makes first probes flaky).
+	n.MustRun("sysctl", "-q", "-w", "net.ipv6.conf.default.accept_dad=0", "net.ipv6.conf.all.accept_dad=0")
 	return n
 }
 
