@@ -234,14 +234,24 @@ func (f *Firewall) plan(fam Family, l live, want []Chain) change {
 		case current == target:
 			ch.findings = append(ch.findings, finding{"jump_modified", fmt.Sprintf("%s jump is %q", c.Hook, ours[0].String())})
 		}
-		// In one transaction: drop every jump into our chains and put the
-		// single right one first. No packet ever sees the hook without it.
+		// The swap, inside the same transaction as the new chain: insert
+		// the new jump first, then delete the old ones, so that even read
+		// op by op there is no moment without a jump. Copies identical to
+		// the new jump go first (a -D by spec would hit the new one).
 		for _, r := range ours {
-			ch.ops = append(ch.ops, Op{Kind: OpDelete, Chain: c.Hook, Rule: r})
-			ch.text = append(ch.text, "- -A "+c.Hook+" "+r.String())
+			if slices.Equal(r, jump) {
+				ch.ops = append(ch.ops, Op{Kind: OpDelete, Chain: c.Hook, Rule: r})
+				ch.text = append(ch.text, "- -A "+c.Hook+" "+r.String())
+			}
 		}
 		ch.ops = append(ch.ops, Op{Kind: OpInsert, Chain: c.Hook, Pos: 1, Rule: jump})
 		ch.text = append(ch.text, "+ -I "+c.Hook+" 1 "+jump.String())
+		for _, r := range ours {
+			if !slices.Equal(r, jump) {
+				ch.ops = append(ch.ops, Op{Kind: OpDelete, Chain: c.Hook, Rule: r})
+				ch.text = append(ch.text, "- -A "+c.Hook+" "+r.String())
+			}
+		}
 	}
 	for _, name := range l.names {
 		if strings.HasPrefix(name, chainPrefix) && !keep[name] {

@@ -520,3 +520,48 @@ func TestNewRequiresBothFamilies(t *testing.T) {
 		t.Error("second New on the same registry succeeded; metrics would collide")
 	}
 }
+
+// TestSwapIsSafeEvenOpByOp checks the order of a reload's transaction:
+// even if the ops took effect one at a time, every hook would start with
+// a jump into a complete chain of either the old or the new policy.
+func TestSwapIsSafeEvenOpByOp(t *testing.T) {
+	ctx := context.Background()
+	a := gatewayPolicy("eth1", "eth0")
+	b := a
+	b.Services = a.Services[1:]
+	ra, _ := Plan(a)
+	rb, _ := Plan(b)
+	for _, fam := range []Family{IPv4, IPv6} {
+		e := newFakeEnv(t)
+		fk := e.v4
+		if fam == IPv6 {
+			fk = e.v6
+		}
+		if err := e.fw.Apply(ctx, a); err != nil {
+			t.Fatal(err)
+		}
+		l, err := readLive(ctx, fk)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ch := e.fw.plan(fam, l, rb.Chains(fam))
+		ops := append(ch.ops, ch.cleanup...)
+		for i, o := range ops {
+			if err := fk.Tamper(o); err != nil {
+				t.Fatalf("%s op %d %q: %v", fam, i, o.String(), err)
+			}
+			snap, _ := fk.Snapshot(ctx)
+			for k, hook := range []string{"INPUT", "FORWARD"} {
+				rules := snap.Rules[hook]
+				if len(rules) == 0 || !isOurJump(rules[0].Rule) {
+					t.Fatalf("%s after op %d %q: %s does not start with a jump", fam, i, o.String(), hook)
+				}
+				got := rulesOf(snap.Rules[rules[0].Rule.Target()])
+				if !equalRules(got, ra.Chains(fam)[k].Rules) && !equalRules(got, rb.Chains(fam)[k].Rules) {
+					t.Fatalf("%s after op %d %q: %s jumps to an incomplete chain (%d rules)", fam, i, o.String(), hook, len(got))
+				}
+			}
+		}
+		checkEnforced(t, fk, rb)
+	}
+}
