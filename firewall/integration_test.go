@@ -389,8 +389,10 @@ func TestRealDriftRepairedWithin10s(t *testing.T) {
 			if got == want {
 				break
 			}
-			// A rebuilt chain has a new name; compare the rules alone.
-			if normalizeNames(got) == normalizeNames(want) {
+			// A rebuilt chain has a new name; compare the rules alone. The
+			// counter moves just after the commit, so wait for both.
+			if normalizeNames(got) == normalizeNames(want) &&
+				testutilCounter(t, reg, "bastion_firewall_drift_repaired_total", s.fam.String(), s.kind) > before {
 				break
 			}
 			if time.Since(start) > 10*time.Second {
