@@ -90,7 +90,7 @@ func New(v4, v6 Backend, log *slog.Logger, reg prometheus.Registerer, opts ...Op
 	for _, o := range opts {
 		o(f)
 	}
-	for _, c := range []prometheus.Collector{f.m.drift, f.m.commits, f.m.errors} {
+	for _, c := range []prometheus.Collector{f.m.drift, f.m.commits, f.m.errors, newDropCollector(f)} {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("firewall: register metrics: %w", err)
 		}

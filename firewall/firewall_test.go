@@ -494,6 +494,12 @@ func TestShowAndDropCounters(t *testing.T) {
 	if diff := cmp.Diff(want, counts); diff != "" {
 		t.Errorf("v4 drop counters (-want +got):\n%s", diff)
 	}
+	if got := testutilCounter(t, e.reg, "bastion_firewall_dropped_packets_total", "iptables", "default-drop"); got != 7 {
+		t.Errorf("metric dropped_packets{iptables,default-drop} = %v, want 7", got)
+	}
+	if got := testutilCounter(t, e.reg, "bastion_firewall_dropped_bytes_total", "iptables", "ratelimit:mqtt-tls"); got != 180 {
+		t.Errorf("metric dropped_bytes{iptables,ratelimit:mqtt-tls} = %v, want 180", got)
+	}
 	s, err := e.fw.Show(ctx)
 	if err != nil {
 		t.Fatal(err)
