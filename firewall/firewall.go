@@ -209,7 +209,9 @@ func (f *Firewall) plan(fam Family, l live, want []Chain) change {
 			} else {
 				ch.text = append(ch.text, fmt.Sprintf("new chain %s:", target))
 			}
-			ch.text = append(ch.text, lineDiff(old, lines(c.Rules))...)
+			for _, d := range lineDiff(old, lines(c.Rules)) {
+				ch.text = append(ch.text, "  "+d)
+			}
 		}
 		keep[target] = true
 
