@@ -331,17 +331,24 @@ func (f *Firewall) commit(ctx context.Context, b Backend, ch change, reason stri
 	if ch.empty() {
 		return nil
 	}
-	err := b.Commit(ctx, append(slices.Clip(ch.ops), ch.cleanup...))
+	ops := append(slices.Clip(ch.ops), ch.cleanup...)
+	err := b.Commit(ctx, ops)
 	if err != nil && len(ch.cleanup) > 0 && len(ch.ops) > 0 {
 		f.log.Warn("firewall cleanup of old chains failed; applying without it", "family", fam, "err", err)
 		f.m.errors.WithLabelValues(fam, "cleanup").Inc()
-		err = b.Commit(ctx, ch.ops)
+		ops = ch.ops
+		err = b.Commit(ctx, ops)
 	}
 	if err != nil {
 		f.m.errors.WithLabelValues(fam, reason).Inc()
 		return err
 	}
 	f.m.commits.WithLabelValues(fam, reason).Inc()
+	for _, o := range ops {
+		if o.Kind == OpDeleteChain {
+			delete(f.canon[b.Family()], o.Chain)
+		}
+	}
 	if len(ch.created) == 0 {
 		return nil
 	}
@@ -488,6 +495,7 @@ func (f *Firewall) Remove(ctx context.Context) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.desired = nil
+	f.canon = map[Family]map[string]canonChain{IPv4: {}, IPv6: {}}
 	var errs []error
 	for _, b := range f.backends {
 		fam := b.Family().String()

@@ -571,3 +571,33 @@ func TestSwapIsSafeEvenOpByOp(t *testing.T) {
 		checkEnforced(t, fk, rb)
 	}
 }
+
+func TestCleanupBlockedStillSwaps(t *testing.T) {
+	e := newFakeEnv(t)
+	ctx := context.Background()
+	a := gatewayPolicy("eth1", "eth0")
+	if err := e.fw.Apply(ctx, a); err != nil {
+		t.Fatal(err)
+	}
+	old := mustList(t, e.v4, "INPUT")[0].Rule.Target()
+	// Another program jumps into Bastion's chain, so it cannot be deleted.
+	if err := e.v4.Tamper(Op{Kind: OpAppend, Chain: "OUTPUT", Rule: Rule{"-j", old}}); err != nil {
+		t.Fatal(err)
+	}
+	b := a
+	b.Services = a.Services[:1]
+	if err := e.fw.Apply(ctx, b); err != nil {
+		t.Fatalf("apply blocked only in cleanup: %v", err)
+	}
+	rb, _ := Plan(b)
+	in := mustList(t, e.v4, "INPUT")
+	if got := rulesOf(mustList(t, e.v4, in[0].Rule.Target())); !equalRules(got, rb.IPv4[0].Rules) {
+		t.Error("new policy not in force after a blocked cleanup")
+	}
+	if _, err := listRules(e.v4, old); err != nil {
+		t.Errorf("old chain vanished although referenced: %v", err)
+	}
+	if got := testutil.ToFloat64(e.fw.m.errors.WithLabelValues("iptables", "cleanup")); got != 1 {
+		t.Errorf("cleanup errors = %v, want 1", got)
+	}
+}
