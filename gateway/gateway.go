@@ -25,6 +25,7 @@ import (
 
 	"github.com/bastion-iot/bastion/bridges/coap"
 	"github.com/bastion-iot/bastion/bridges/mqtt"
+	"github.com/bastion-iot/bastion/firewall"
 	"github.com/bastion-iot/bastion/gateway/config"
 	"github.com/bastion-iot/bastion/gateway/console"
 	"github.com/bastion-iot/bastion/gateway/control"
@@ -74,6 +75,7 @@ type Gateway struct {
 	mqtt       *mqtt.Server
 	console    *console.Server
 	ctl        *controlServer
+	fw         *firewall.Firewall
 	started    time.Time
 
 	// extraControl lets components add control-socket endpoints.
@@ -95,8 +97,8 @@ func Run(ctx context.Context, opts Options) error {
 
 // New loads the configuration and opens the state: store, CA, listeners.
 // Nothing is served until Run.
-func New(opts Options) (g *Gateway, err error) {
-	g = &Gateway{opts: opts, level: new(slog.LevelVar), extraControl: map[string]http.Handler{}}
+func New(opts Options) (_ *Gateway, err error) {
+	g := &Gateway{opts: opts, level: new(slog.LevelVar), extraControl: map[string]http.Handler{}}
 	if g.opts.Out == nil {
 		g.opts.Out = os.Stderr
 	}
@@ -148,6 +150,9 @@ func New(opts Options) (g *Gateway, err error) {
 		}}
 	if err := g.devices.loadRevocations(); err != nil {
 		return nil, fmt.Errorf("load revocations: %w", err)
+	}
+	if err := g.openFirewall(context.Background(), cfg); err != nil {
+		return nil, err
 	}
 	if err := g.openListeners(cfg); err != nil {
 		return nil, err
@@ -354,6 +359,9 @@ func (g *Gateway) Run(ctx context.Context) error {
 		return pki.RunRenewal(ctx, time.Hour, cs...)
 	})
 	eg.Go(func() error { return g.reloadLoop(ctx) })
+	if g.fw != nil {
+		eg.Go(func() error { return g.fw.Run(ctx) })
+	}
 	if l := g.cfg.Load().Metrics.Listen; l != "" {
 		if err := g.serveMetrics(ctx, eg, l); err != nil {
 			return err
@@ -411,6 +419,17 @@ func (g *Gateway) Reload() error {
 	}
 	if cfg.StateDir != old.StateDir || cfg.CoAP != old.CoAP || cfg.MQTT != old.MQTT || cfg.Console != old.Console {
 		g.log.Warn("config reload: listener and state_dir changes take effect at the next restart")
+	}
+	if g.fw != nil {
+		p, err := cfg.FirewallPolicy()
+		if err == nil {
+			err = g.fw.Apply(context.Background(), p)
+		}
+		if err != nil {
+			g.metrics.reloads.WithLabelValues("refused").Inc()
+			g.log.Error("config reload refused: the new firewall policy could not be applied; the running configuration stays", "err", err)
+			return err
+		}
 	}
 	g.level.Set(parseLevel(cfg.Log.Level))
 	g.cfg.Store(&cfg)
@@ -510,6 +529,16 @@ func (g *Gateway) printSummary() {
 	fmt.Fprintf(w, "  admin:    bastionctl --state %s status\n", g.cfg.Load().StateDir)
 	if g.setupCode != "" {
 		fmt.Fprintf(w, "  setup code: %s   (one-time: creates the first console admin)\n", g.setupCode)
+	}
+	if g.fw == nil {
+		if plan, err := g.firewallPlan(context.Background()); err == nil {
+			fmt.Fprintf(w, "  firewall: not managed here (firewall.manage: false); the policy would install:\n")
+			for _, l := range strings.Split(strings.TrimRight(plan, "\n"), "\n") {
+				fmt.Fprintf(w, "    %s\n", l)
+			}
+		}
+	} else {
+		fmt.Fprintf(w, "  firewall: applied (bastionctl firewall show)\n")
 	}
 	fmt.Fprintln(w)
 }

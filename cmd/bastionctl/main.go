@@ -25,6 +25,9 @@ commands:
   device add NAME --auth secret           MQTT device with id + secret login
   device revoke ID                        revoke a device at once
   pki show                                CA and server certificates
+  firewall plan                           what applying the policy would change
+  firewall show                           the live rules and drop counters
+  firewall remove                         take Bastion's rules out (the only way)
   metrics                                 Prometheus metrics
 `
 

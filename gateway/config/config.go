@@ -79,12 +79,27 @@ type Metrics struct {
 }
 
 // Firewall binds zones to interfaces. The services each zone may reach are
-// derived from what is enabled above.
+// derived from what is enabled above: turning a listener off closes its
+// port.
 type Firewall struct {
 	// Manage: apply rules (as root). Off in --dev, where the plan is printed.
 	Manage bool     `yaml:"manage"`
-	LAN    []string `yaml:"lan"` // interface names in the lan zone
+	LAN    []string `yaml:"lan"` // interface names in the lan zone ("wlan+" matches a prefix)
 	WAN    []string `yaml:"wan"` // interface names in the wan zone
+	// HandshakeRate limits new DTLS/TLS handshakes per source address.
+	HandshakeRate string `yaml:"handshake_rate"`
+	// Ping lists the zones that may ping the box (never wan).
+	Ping []string `yaml:"ping"`
+	// Forward lists the traffic allowed through the box between zones.
+	Forward []Forward `yaml:"forward"`
+}
+
+// Forward allows new connections from one zone to another.
+type Forward struct {
+	From  string `yaml:"from"`
+	To    string `yaml:"to"`
+	Proto string `yaml:"proto"` // tcp, udp or "" for any
+	Port  int    `yaml:"port"`  // 0 for any
 }
 
 // Duration is a time.Duration written as "90s", "720h" in YAML.

@@ -3,6 +3,7 @@ package config
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -70,6 +71,9 @@ func TestLoadErrors(t *testing.T) {
 		"iface both zones":      {"firewall:\n  lan: [eth0]\n  wan: [eth0]\n", []string{"is in both lan and wan"}},
 		"empty lan managed":     {"firewall:\n  lan: []\n", []string{"bad.yaml:2: firewall.lan: is empty while firewall.manage is true"}},
 		"state dir empty":       {"state_dir: \"\"\nfirewall:\n  lan: [eth0]\n", nil}, // default refills it: no error
+		"handshake rate":        {"firewall:\n  handshake_rate: lots\n", []string{"bad.yaml:2: firewall.handshake_rate: \"lots\""}},
+		"wan ping":              {"firewall:\n  wan: [eth1]\n  ping: [wan]\n", []string{"bad.yaml:1: firewall: "}},
+		"forward port":          {"firewall:\n  forward: [{from: lan, to: wan, proto: tcp, port: 70000}]\n", []string{"firewall.forward[0].port: \"70000\" is outside 0-65535"}},
 		"two errors":            {"log:\n  level: loud\nmqtt:\n  listen: \":1883\"\n", []string{"bad.yaml:2: log.level", "bad.yaml:4: mqtt.listen"}},
 	}
 	for name, tc := range tests {
@@ -129,5 +133,29 @@ func TestLoadOverridesDefaults(t *testing.T) {
 	}
 	if c.CoAP.Enabled || c.PKI.RenewBefore.D() != 48*time.Hour || !c.MQTT.Enabled || c.MQTT.Listen != ":8883" {
 		t.Errorf("overrides/defaults wrong: %+v", c)
+	}
+}
+
+func TestFirewallPolicyFollowsListeners(t *testing.T) {
+	c := Production()
+	p, err := c.FirewallPolicy()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, s := range p.Services {
+		got = append(got, fmt.Sprintf("%s %s/%d %v", s.Name, s.Proto, s.Port, s.Zones))
+	}
+	want := []string{"coaps udp/5684 [lan]", "coaps-psk udp/5685 [lan]", "mqtt-tls tcp/8883 [lan]", "console tcp/443 [lan]"}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("services (-want +got):\n%s", diff)
+	}
+	if err := p.Validate(); err != nil {
+		t.Errorf("default policy invalid: %v", err)
+	}
+	c.CoAP.Enabled, c.Console.Enabled = false, false
+	p, _ = c.FirewallPolicy()
+	if len(p.Services) != 1 || p.Services[0].Name != "mqtt-tls" {
+		t.Errorf("turning listeners off should close their ports; services = %+v", p.Services)
 	}
 }

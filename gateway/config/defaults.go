@@ -9,7 +9,7 @@ func Production() Config {
 		CoAP:     CoAP{Enabled: true, PSKListen: ":5685"},
 		MQTT:     MQTT{Enabled: true},
 		Console:  Console{Enabled: true},
-		Firewall: Firewall{Manage: true, LAN: []string{"eth0"}},
+		Firewall: Firewall{Manage: true, LAN: []string{"eth0"}, Ping: []string{"lan"}},
 	}
 	SetDefaults(&c)
 	return c
@@ -25,7 +25,8 @@ func Dev(stateDir string) Config {
 		MQTT:      MQTT{Enabled: true, Listen: "127.0.0.1:8883"},
 		Console:   Console{Enabled: true, Listen: "127.0.0.1:8443"},
 		PKI:       PKI{Hostnames: []string{"localhost", "127.0.0.1", "::1"}},
-		Firewall:  Firewall{Manage: false, LAN: []string{"lo"}},
+		// br-lan is only an example zone for the printed plan: --dev applies nothing.
+		Firewall: Firewall{Manage: false, LAN: []string{"br-lan"}, Ping: []string{"lan"}},
 	}
 	SetDefaults(&c)
 	return c
@@ -62,4 +63,5 @@ func SetDefaults(c *Config) {
 	defD(&c.PKI.ServerCertValidity, 90*24*time.Hour)
 	defD(&c.PKI.DeviceCertValidity, 365*24*time.Hour)
 	defD(&c.PKI.RenewBefore, 30*24*time.Hour)
+	def(&c.Firewall.HandshakeRate, "20/second burst 40")
 }

@@ -120,6 +120,11 @@ func (c *Config) Validate() error {
 		errs = append(errs, &Error{Key: "firewall.lan", Msg: "is empty while firewall.manage is true: name the lan interfaces (e.g. [br-lan]) or no device can reach the gateway"})
 	}
 
+	if len(errs) == 0 && len(c.Firewall.LAN) > 0 {
+		// The derived policy is checked last: its complaints would only
+		// repeat the ones above.
+		c.validateFirewall(&errs)
+	}
 	if len(errs) > 0 {
 		return errs
 	}

@@ -64,16 +64,21 @@ metrics:
   listen: %q
 
 # Zones: which interfaces are lan (devices) and wan (internet). Nothing is
-# reachable from wan. manage: false prints the plan instead of applying it.
+# reachable from wan; the enabled listeners above are reachable from lan.
+# manage: false prints the plan instead of applying it.
 firewall:
   manage: %t
-  lan: %s
+  lan: %s   # "wlan+" matches every interface starting with wlan
   wan: %s
+  handshake_rate: %q   # new DTLS/TLS handshakes per source address
+  ping: %s   # zones that may ping the box (never wan)
+  forward: []   # e.g. [{from: lan, to: wan, proto: tcp, port: 443}]; default deny
 `, c.StateDir, c.GatewayID, c.Log.Level, c.Log.Format,
 		c.CoAP.Enabled, c.CoAP.Listen, c.CoAP.PSKListen, c.CoAP.MaxPayload,
 		c.MQTT.Enabled, c.MQTT.Listen, c.MQTT.AllowSecretAuth, c.MQTT.MaxPacketSize,
 		c.Console.Enabled, c.Console.Listen,
 		list(c.PKI.Hostnames), c.PKI.ServerCertValidity.D(), c.PKI.DeviceCertValidity.D(), c.PKI.RenewBefore.D(),
-		c.Metrics.Listen, c.Firewall.Manage, list(c.Firewall.LAN), list(c.Firewall.WAN))
+		c.Metrics.Listen, c.Firewall.Manage, list(c.Firewall.LAN), list(c.Firewall.WAN),
+		c.Firewall.HandshakeRate, list(c.Firewall.Ping))
 	return err
 }
