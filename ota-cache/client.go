@@ -48,20 +48,15 @@ type Fetched struct {
 var ErrChanged = errors.New("firmware changed during the transfer: restart from the beginning")
 
 // FetchCoAP downloads path into dst with Block2 requests of size szx,
-// starting at the last whole block already in dst (so a download killed
-// half-way resumes where it stopped). maxSize bounds what is accepted.
-func FetchCoAP(ctx context.Context, conn CoAPGetter, path string, dst *os.File, szx blockwise.SZX, maxSize int64) (Fetched, error) {
+// starting at the block that holds offset from (the bytes a previous,
+// interrupted attempt already wrote), so a download resumes from any block.
+// Blocks arrive in order, so dst may also be a sequential hasher that
+// ignores offsets. maxSize bounds what is accepted.
+func FetchCoAP(ctx context.Context, conn CoAPGetter, path string, dst io.WriterAt, from int64, szx blockwise.SZX, maxSize int64) (Fetched, error) {
 	var res Fetched
-	fi, err := dst.Stat()
-	if err != nil {
-		return res, fmt.Errorf("fetch %s: stat %s: %w", path, dst.Name(), err)
-	}
 	bs := szx.Size()
-	num := fi.Size() / bs
+	num := from / bs
 	res.ResumedAt = num * bs
-	if err := dst.Truncate(res.ResumedAt); err != nil {
-		return res, fmt.Errorf("fetch %s: truncate %s: %w", path, dst.Name(), err)
-	}
 	var etag []byte
 	size := int64(-1)
 	for {
@@ -115,7 +110,7 @@ func FetchCoAP(ctx context.Context, conn CoAPGetter, path string, dst *os.File, 
 			return res, fmt.Errorf("fetch %s: more than the %d bytes accepted", path, maxSize)
 		}
 		if _, err := dst.WriteAt(body, off); err != nil {
-			return res, fmt.Errorf("fetch %s: write %s: %w", path, dst.Name(), err)
+			return res, fmt.Errorf("fetch %s: write at %d: %w", path, off, err)
 		}
 		if !more {
 			res.Size = off + int64(len(body))
@@ -133,16 +128,13 @@ func FetchCoAP(ctx context.Context, conn CoAPGetter, path string, dst *os.File, 
 }
 
 // FetchHTTPS downloads url into dst, resuming with a Range request from
-// dst's current size when etag (the ETag of the earlier attempt, for
-// Bastion the quoted sha256) is known; the If-Range header makes the
-// gateway send the whole image again if it changed.
-func FetchHTTPS(ctx context.Context, hc *http.Client, url string, dst *os.File, etag string, maxSize int64) (Fetched, error) {
+// offset from (what an earlier attempt wrote) when etag, the ETag of that
+// attempt (for Bastion the quoted sha256), is known. If-Range makes the
+// gateway send the whole image again if it changed; Fetched.ResumedAt
+// then is 0 and the caller should truncate dst to Fetched.Size.
+func FetchHTTPS(ctx context.Context, hc *http.Client, url string, dst io.WriterAt, from int64, etag string, maxSize int64) (Fetched, error) {
 	var res Fetched
-	fi, err := dst.Stat()
-	if err != nil {
-		return res, fmt.Errorf("fetch %s: stat %s: %w", url, dst.Name(), err)
-	}
-	off := fi.Size()
+	off := from
 	if etag == "" {
 		off = 0
 	}
@@ -172,9 +164,6 @@ func FetchHTTPS(ctx context.Context, hc *http.Client, url string, dst *os.File, 
 		return res, fmt.Errorf("fetch %s: HTTP %s: %s", url, resp.Status, strings.TrimSpace(string(msg)))
 	}
 	res.ResumedAt, res.ETag = off, resp.Header.Get("ETag")
-	if err := dst.Truncate(off); err != nil {
-		return res, fmt.Errorf("fetch %s: truncate %s: %w", url, dst.Name(), err)
-	}
 	n, err := io.Copy(io.NewOffsetWriter(dst, off), io.LimitReader(resp.Body, maxSize-off+1))
 	res.Size = off + n
 	if err != nil {
