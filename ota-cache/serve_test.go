@@ -72,11 +72,15 @@ func pskConfig(lookup func(id string) ([]byte, bool)) *piondtls.Config {
 // transfer on, routing /fw/ to ServeCoAP and /fw-status to ServeCoAPStatus
 // with the PSK identity as the device. It is what bridges/coap will do.
 func startCoAPS(t testing.TB, c *Cache) string {
-	t.Helper()
-	l, err := coapnet.NewDTLSListener("udp", "127.0.0.1:0", pskConfig(func(id string) ([]byte, bool) {
+	return startCoAPSWith(t, c, "127.0.0.1:0", func(id string) ([]byte, bool) {
 		k, ok := testPSKs[id]
 		return []byte(k), ok
-	}))
+	})
+}
+
+func startCoAPSWith(t testing.TB, c *Cache, addr string, psk func(id string) ([]byte, bool)) string {
+	t.Helper()
+	l, err := coapnet.NewDTLSListener("udp", addr, pskConfig(psk))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -110,8 +114,12 @@ func stoppableRunner(t testing.TB) periodic.Func {
 }
 
 func dialDevice(t testing.TB, addr, id string) *udpclient.Conn {
+	return dialDeviceKey(t, addr, id, []byte(testPSKs[id]))
+}
+
+func dialDeviceKey(t testing.TB, addr, id string, key []byte) *udpclient.Conn {
 	t.Helper()
-	cfg := pskConfig(func(string) ([]byte, bool) { return []byte(testPSKs[id]), true })
+	cfg := pskConfig(func(string) ([]byte, bool) { return key, true })
 	cfg.PSKIdentityHint = []byte(id)
 	co, err := dtls.Dial(addr, cfg, options.WithBlockwise(false, blockwise.SZX1024, time.Minute),
 		options.WithErrors(func(error) {}), options.WithPeriodicRunner(stoppableRunner(t)))
