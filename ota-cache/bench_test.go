@@ -27,6 +27,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"runtime/debug"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 	"sync"
@@ -34,12 +35,23 @@ import (
 	"testing"
 	"time"
 
+	piondtls "github.com/pion/dtls/v3"
 	"github.com/plgd-dev/go-coap/v3/net/blockwise"
 
 	"github.com/bastion-iot/bastion/internal/testenv"
 )
 
 const benchPSK = "bench-psk-0123456789"
+
+// benchSuite is the DTLS suite the devices offer: OTACACHE_BENCH_SUITE=gcm
+// (TLS_PSK_WITH_AES_128_GCM_SHA256) or ccm8 (default,
+// TLS_PSK_WITH_AES_128_CCM_8, what constrained devices use).
+func benchSuite() piondtls.CipherSuiteID {
+	if os.Getenv("OTACACHE_BENCH_SUITE") == "gcm" {
+		return piondtls.TLS_PSK_WITH_AES_128_GCM_SHA256
+	}
+	return piondtls.TLS_PSK_WITH_AES_128_CCM_8
+}
 
 func envInt(name string, def int) int {
 	if v, err := strconv.Atoi(os.Getenv(name)); err == nil && v > 0 {
@@ -81,6 +93,16 @@ func TestHelperGatewayProcess(t *testing.T) {
 	addr := startCoAPSWith(t, c, "127.0.0.1:0", func(id string) ([]byte, bool) {
 		return []byte(benchPSK), strings.HasPrefix(id, "bench-")
 	})
+	if p := os.Getenv("OTACACHE_BENCH_CPUPROFILE"); p != "" {
+		pf, err := os.Create(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := pprof.StartCPUProfile(pf); err != nil {
+			t.Fatal(err)
+		}
+		defer pprof.StopCPUProfile()
+	}
 	fmt.Printf("READY %s /fw/sha256/%s\n", addr, sha)
 	// Serve until the benchmark closes stdin.
 	_, _ = bufio.NewReader(os.Stdin).ReadString('\n')
@@ -127,7 +149,7 @@ func (s seqHash) WriteAt(p []byte, _ int64) (int, error) {
 func runLoad(b *testing.B, addr, path string, n int, want [32]byte, size int64, serverPID int, limit time.Duration) loadResult {
 	conns := make([]CoAPGetter, n)
 	for i := range n {
-		conns[i] = dialDeviceKey(b, addr, fmt.Sprintf("bench-%d", i), []byte(benchPSK))
+		conns[i] = dialDeviceKey(b, addr, fmt.Sprintf("bench-%d", i), []byte(benchPSK), benchSuite())
 	}
 	res := loadResult{baseRSS: rssKiB(serverPID)}
 	res.peakRSS = res.baseRSS
@@ -292,8 +314,8 @@ func BenchmarkCoAPSServe(b *testing.B) {
 		_ = srv.Wait()
 
 		for name, r := range map[string]loadResult{"bastion": gwRes, "libcoap": lcRes} {
-			b.Logf("%-8s %d devices x %d MiB: %d bytes in %v = %.2f MiB/s; RSS %d -> %d KiB (growth %.1f MiB); failures %d %s",
-				name, n, size>>20, r.bytes, r.elapsed.Round(time.Millisecond), r.mibps(), r.baseRSS, r.peakRSS,
+			b.Logf("%-8s %s, %d devices x %d MiB: %d bytes in %v = %.2f MiB/s; RSS %d -> %d KiB (growth %.1f MiB); failures %d %s",
+				name, benchSuite(), n, size>>20, r.bytes, r.elapsed.Round(time.Millisecond), r.mibps(), r.baseRSS, r.peakRSS,
 				float64(r.peakRSS-r.baseRSS)/1024, r.failures, r.firstError)
 		}
 		ratio := gwRes.mibps() / lcRes.mibps()

@@ -230,11 +230,7 @@ func (c *Cache) Run(ctx context.Context) error {
 		if err := c.Check(ctx); err != nil && ctx.Err() == nil {
 			c.log.Warn("firmware check failed", "err", err)
 		}
-		wait := c.cfg.CheckInterval
-		if j := c.cfg.CheckJitter; j > 0 {
-			wait += time.Duration(rand.Int64N(int64(2*j)+1)) - j
-		}
-		t := time.NewTimer(wait)
+		t := time.NewTimer(jittered(c.cfg.CheckInterval, c.cfg.CheckJitter, rand.Int64N))
 		select {
 		case <-ctx.Done():
 			t.Stop()
@@ -242,6 +238,15 @@ func (c *Cache) Run(ctx context.Context) error {
 		case <-t.C:
 		}
 	}
+}
+
+// jittered returns d moved by a uniform amount in [-j, +j]; randN(n)
+// returns a uniform number in [0, n).
+func jittered(d, j time.Duration, randN func(int64) int64) time.Duration {
+	if j <= 0 {
+		return d
+	}
+	return d + time.Duration(randN(int64(2*j)+1)) - j
 }
 
 // ctxTransport gives go-tuf's fetcher (which takes no context) the

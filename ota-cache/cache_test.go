@@ -6,6 +6,7 @@ import (
 	"crypto"
 	"crypto/ed25519"
 	"crypto/rand"
+	mrand "math/rand/v2"
 	"os"
 	"path/filepath"
 	"strings"
@@ -454,5 +455,20 @@ func TestConfigValidate(t *testing.T) {
 				t.Errorf("Validate() = %v, want it to contain %q", err, tc.want)
 			}
 		})
+	}
+}
+
+func TestJitter(t *testing.T) {
+	lo := jittered(6*time.Hour, 36*time.Minute, func(int64) int64 { return 0 })
+	hi := jittered(6*time.Hour, 36*time.Minute, func(n int64) int64 { return n - 1 })
+	if lo != 6*time.Hour-36*time.Minute || hi != 6*time.Hour+36*time.Minute {
+		t.Errorf("jitter range [%v, %v], want [5h24m, 6h36m]", lo, hi)
+	}
+	seen := map[time.Duration]bool{}
+	for range 50 {
+		seen[jittered(time.Hour, time.Minute, mrand.Int64N)] = true
+	}
+	if len(seen) < 2 {
+		t.Error("jitter with math/rand gave the same wait every time")
 	}
 }
