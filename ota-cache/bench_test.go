@@ -268,6 +268,9 @@ func BenchmarkCoAPSServe(b *testing.B) {
 		// --- the gateway (ota-cache + go-coap DTLS), its own process ---
 		gw := exec.Command(exe, "-test.run=^TestHelperGatewayProcess$", "-test.count=1")
 		gw.Env = append(os.Environ(), "OTACACHE_HELPER_GATEWAY_IMAGE="+imgPath, "OTACACHE_BENCH_DEVICES="+strconv.Itoa(n))
+		if p := os.Getenv("OTACACHE_BENCH_GATEWAY_GOMAXPROCS"); p != "" {
+			gw.Env = append(gw.Env, "GOMAXPROCS="+p)
+		}
 		stdin, _ := gw.StdinPipe()
 		stdout, _ := gw.StdoutPipe()
 		gw.Stderr = os.Stderr

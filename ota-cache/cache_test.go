@@ -472,3 +472,27 @@ func TestJitter(t *testing.T) {
 		t.Error("jitter with math/rand gave the same wait every time")
 	}
 }
+
+func TestSequenceFloorSurvivesRestart(t *testing.T) {
+	f := newFixture(t)
+	f.repo.addImage(classA, "1.1.0", 9, testImage(2000, 50))
+	f.repo.publish()
+	c := f.open(t)
+	if err := c.Check(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	// Restart, then the vendor (or whoever holds the targets key) publishes
+	// validly signed metadata whose class-A image has a lower sequence.
+	c2 := f.open(t)
+	delete(f.repo.targets.Signed.Targets, "fw/acme/th-10/1.1.0.bin")
+	f.repo.addImage(classA, "1.3.0", 4, testImage(2000, 51))
+	f.repo.publish()
+	err := c2.Check(context.Background())
+	if err == nil || !strings.Contains(err.Error(), "sequence 4, below 9 already seen") {
+		t.Fatalf("Check after restart = %v, want the sequence floor of 9 to hold", err)
+	}
+	if o, ok := c2.Offer("dev-a"); ok {
+		t.Errorf("offered %+v below the persisted floor", o)
+	}
+}
