@@ -23,6 +23,8 @@ import (
 // block N of a transfer it does not know (a device resuming after a
 // restart), seeks straight to block N. Every block carries the image's
 // ETag, so a device that resumes can tell that the image did not change.
+// The connections must use a bounded response cache (NewResponseCache):
+// go-coap's default keeps every block sent for 247 s.
 func (c *Cache) ServeCoAP(w mux.ResponseWriter, r *mux.Message, device string) {
 	refuse := func(code codes.Code, msg string) {
 		c.count(func(k *Counters) { k.ServeRefused++ })
