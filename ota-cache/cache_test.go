@@ -496,3 +496,31 @@ func TestSequenceFloorSurvivesRestart(t *testing.T) {
 		t.Errorf("offered %+v below the persisted floor", o)
 	}
 }
+
+// TestOnlyConfiguredRootIsTrusted: a repository signed with other keys
+// than the configured root.json (an impostor, or a MITM with a valid TLS
+// certificate) is refused; nothing is trusted on first download.
+func TestOnlyConfiguredRootIsTrusted(t *testing.T) {
+	f := newFixture(t)
+	f.repo.addImage(classA, "1.1.0", 1, testImage(1000, 60))
+	f.repo.publish()
+	other := newTestRepo(t)
+	cfg := f.config()
+	cfg.TrustedRoot = other.rootJSON()
+	c, err := New(cfg, f.devices, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	err = c.Check(context.Background())
+	if err == nil || !strings.Contains(err.Error(), "tuf refresh") {
+		t.Fatalf("Check against a repository the configured root does not sign = %v, want a refusal", err)
+	}
+	t.Logf("refused: %v", err)
+	if _, ok := c.Offer("dev-a"); ok || len(imageFiles(t, f.dir)) != 0 {
+		t.Error("something from the impostor repository was offered or stored")
+	}
+	if _, err := New(Config{RepositoryURL: f.repo.url(), StateDir: t.TempDir()}, f.devices, nil); err == nil || !strings.Contains(err.Error(), "never trusts a root on first download") {
+		t.Errorf("New without a trusted root = %v", err)
+	}
+}
