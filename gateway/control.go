@@ -45,6 +45,7 @@ func newControlServer(g *Gateway, path string) (*controlServer, error) {
 	mux.HandleFunc("GET /v1/pki", c.pkiShow)
 	mux.Handle("GET /metrics", promhttp.HandlerFor(g.metrics.reg, promhttp.HandlerOpts{}))
 	g.controlFirewall(mux)
+	g.controlFirmware(mux)
 	for path, h := range g.extraControl {
 		mux.Handle(path, h)
 	}

@@ -31,6 +31,7 @@ import (
 	"github.com/bastion-iot/bastion/gateway/control"
 	"github.com/bastion-iot/bastion/gateway/store"
 	"github.com/bastion-iot/bastion/internal/buildinfo"
+	otacache "github.com/bastion-iot/bastion/ota-cache"
 	"github.com/bastion-iot/bastion/pki"
 )
 
@@ -76,6 +77,7 @@ type Gateway struct {
 	console    *console.Server
 	ctl        *controlServer
 	fw         *firewall.Firewall
+	firmware   *otacache.Cache
 	started    time.Time
 
 	// extraControl lets components add control-socket endpoints.
@@ -152,6 +154,9 @@ func New(opts Options) (_ *Gateway, err error) {
 		return nil, fmt.Errorf("load revocations: %w", err)
 	}
 	if err := g.openFirewall(context.Background(), cfg); err != nil {
+		return nil, err
+	}
+	if err := g.openFirmware(cfg); err != nil {
 		return nil, err
 	}
 	if err := g.openListeners(cfg); err != nil {
@@ -362,6 +367,9 @@ func (g *Gateway) Run(ctx context.Context) error {
 	if g.fw != nil {
 		eg.Go(func() error { return g.fw.Run(ctx) })
 	}
+	if g.firmware != nil {
+		eg.Go(func() error { return g.firmware.Run(ctx) })
+	}
 	if l := g.cfg.Load().Metrics.Listen; l != "" {
 		if err := g.serveMetrics(ctx, eg, l); err != nil {
 			return err
@@ -379,6 +387,9 @@ func (g *Gateway) Run(ctx context.Context) error {
 }
 
 func (g *Gateway) close() {
+	if g.firmware != nil {
+		g.firmware.Close()
+	}
 	if g.store != nil {
 		g.store.Close()
 		g.store = nil

@@ -25,6 +25,26 @@ type Config struct {
 	PKI       PKI      `yaml:"pki"`
 	Metrics   Metrics  `yaml:"metrics"`
 	Firewall  Firewall `yaml:"firewall"`
+	Firmware  Firmware `yaml:"firmware"`
+}
+
+// Firmware configures the verified firmware cache: a TUF client of the
+// vendor's update repository.
+type Firmware struct {
+	Enabled       bool   `yaml:"enabled"`
+	RepositoryURL string `yaml:"repository_url"` // https:// base of the TUF metadata
+	TargetsURL    string `yaml:"targets_url"`    // default repository_url + /targets
+	// TrustedRoot is the file holding the vendor's root.json: the only
+	// trust anchor, never fetched on first use.
+	TrustedRoot string `yaml:"trusted_root"`
+	// CABundle is a PEM file of CAs for the repository's HTTPS server
+	// ("" = the system roots).
+	CABundle      string   `yaml:"ca_bundle"`
+	CheckInterval Duration `yaml:"check_interval"`
+	MaxCacheBytes int64    `yaml:"max_cache_bytes"`
+	// VendorKeys maps a vendor to a PEM public key file; the gateway then
+	// checks the vendor's manifest signature before offering an image.
+	VendorKeys map[string]string `yaml:"vendor_keys"`
 }
 
 // Log configures the daemon's structured log.

