@@ -40,6 +40,16 @@ func (c *cli) dispatch(ctx context.Context, args []string) error {
 		return err
 	case args[0] == "pki" && len(args) == 2 && args[1] == "show":
 		return c.pkiShow(ctx)
+	case args[0] == "firmware" && len(args) == 2 && (args[1] == "status" || args[1] == "check"):
+		method, path := "GET", "/v1/firmware"
+		if args[1] == "check" {
+			method, path = "POST", "/v1/firmware/check"
+		}
+		raw, err := c.ctl.Do(ctx, method, path, nil, nil)
+		if err == nil {
+			c.out.Write(raw) // JSON either way: the status is structured data
+		}
+		return err
 	case args[0] == "firewall" && len(args) == 2:
 		return c.firewall(ctx, args[1])
 	case args[0] == "device" && len(args) >= 2:

@@ -28,6 +28,8 @@ commands:
   firewall plan                           what applying the policy would change
   firewall show                           the live rules and drop counters
   firewall remove                         take Bastion's rules out (the only way)
+  firmware status                         firmware cache, offers, device update status
+  firmware check                          check the vendor's TUF repository now
   metrics                                 Prometheus metrics
 `
 
