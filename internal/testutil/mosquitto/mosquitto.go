@@ -39,6 +39,9 @@ type Options struct {
 	Config string
 	// Name distinguishes several brokers in one test (files, logs).
 	Name string
+	// Persistent keeps sessions and queued messages across Stop/Start
+	// (mosquitto persistence in the broker's directory).
+	Persistent bool
 }
 
 // Broker is a running (or stopped) mosquitto process.
@@ -100,7 +103,12 @@ func Start(t testing.TB, o Options) *Broker {
 		// cannot enter the test's private temporary directory.
 		fmt.Fprintf(&c, "user root\n")
 	}
-	fmt.Fprintf(&c, "persistence false\nlog_dest file %s\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\nconnection_messages true\n", b.LogFile)
+	if o.Persistent {
+		fmt.Fprintf(&c, "persistence true\npersistence_location %s/\n", dir)
+	} else {
+		fmt.Fprintf(&c, "persistence false\n")
+	}
+	fmt.Fprintf(&c, "log_dest file %s\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\nconnection_messages true\n", b.LogFile)
 	// Unlimited queues: a test that counts messages must not lose any to a
 	// broker-side limit it did not ask for.
 	fmt.Fprintf(&c, "max_queued_messages 0\nmax_queued_bytes 0\nmax_inflight_messages 100\n")
