@@ -389,8 +389,21 @@ func (u *Upstream) dial(ctx context.Context, _ autopaho.ClientConfig, broker *ur
 	return packets.NewThreadSafeConn(conn), nil
 }
 
+// explained is an error explain already annotated.
+type explained struct{ error }
+
+func (e explained) Unwrap() error { return e.error }
+
 // explain turns TLS failures into errors naming the config key to fix.
 func explain(err error, s *snapshot) error {
+	var done explained
+	if errors.As(err, &done) {
+		return done // drop the wrapping autopaho added around our dial error
+	}
+	return explained{explain1(err, s)}
+}
+
+func explain1(err error, s *snapshot) error {
 	var ua x509.UnknownAuthorityError
 	var he x509.HostnameError
 	var ci x509.CertificateInvalidError
@@ -497,7 +510,7 @@ const shards = 64
 func (u *Upstream) sendLoop(ctx context.Context, cm *autopaho.ConnectionManager, ups <-chan chan struct{}, s *snapshot) {
 	var down chan struct{}
 	pause := time.Duration(0)
-	for {
+	for ctx.Err() == nil {
 		if down == nil || closed(down) {
 			select {
 			case down = <-ups:
