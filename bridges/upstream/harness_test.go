@@ -203,4 +203,3 @@ func userProp(p *paho.Publish, key string) string {
 func telemetry(dev string, i int) bridges.Message {
 	return bridges.Message{Device: dev, Topic: "devices/" + dev + "/t/n", QoS: 1, Payload: fmt.Appendf(nil, `{"dev":%q,"i":%d}`, dev, i)}
 }
-

@@ -17,7 +17,6 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
-	"hash/fnv"
 	"log/slog"
 	"net"
 	"net/url"
@@ -31,7 +30,6 @@ import (
 	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/bridges/queue"
 	"github.com/eclipse/paho.golang/autopaho"
-	"github.com/eclipse/paho.golang/packets"
 	"github.com/eclipse/paho.golang/paho"
 	"github.com/eclipse/paho.golang/paho/session/state"
 	"github.com/prometheus/client_golang/prometheus"
@@ -95,6 +93,8 @@ type Upstream struct {
 	mu      sync.Mutex
 	st      Status
 	restart context.CancelFunc
+	// turn is the publish waiting to be written (see pipeline).
+	turn atomic.Pointer[turn]
 }
 
 // New checks cfg (Defaults, Validate), loads the certificate files and
@@ -386,7 +386,11 @@ func (u *Upstream) dial(ctx context.Context, _ autopaho.ClientConfig, broker *ur
 	if err != nil {
 		return nil, explain(err, s)
 	}
-	return packets.NewThreadSafeConn(conn), nil
+	return &packetConn{Conn: conn, onPublish: func() {
+		if t := u.turn.Swap(nil); t != nil {
+			t.release()
+		}
+	}}, nil
 }
 
 // explained is an error explain already annotated.
@@ -500,10 +504,6 @@ func (u *Upstream) downlink(ctx context.Context, p *paho.Publish) {
 	u.m.downlink.WithLabelValues("unmapped").Inc()
 }
 
-// shards bounds the publishing goroutines; a device always uses the same
-// one, which publishes its messages one after another (order per device).
-const shards = 64
-
 // sendLoop runs the pipeline on each connection. After a failure while the
 // connection stays up (a broker refusing a message) it waits with growing
 // pauses instead of spinning; the message stays in the queue.
@@ -547,7 +547,9 @@ func closed(c chan struct{}) bool {
 
 // pipeline sends the queue from its head until the connection drops or a
 // publish fails, and reports whether it ended on a failure other than the
-// connection going down.
+// connection going down. Up to Window publishes await their PUBACK at once;
+// each is written only after the previous one is on the wire, so the broker
+// sees queue order (and so order per device).
 func (u *Upstream) pipeline(ctx context.Context, cm *autopaho.ConnectionManager, down <-chan struct{}, s *snapshot) bool {
 	pctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -562,27 +564,7 @@ func (u *Upstream) pipeline(ctx context.Context, cm *autopaho.ConnectionManager,
 		}
 	}()
 	window := make(chan struct{}, s.cfg.Window)
-	var lanes [shards]chan queue.Entry
 	var failed atomic.Bool
-	for i := range lanes {
-		lanes[i] = make(chan queue.Entry, s.cfg.Window)
-		wg.Add(1)
-		go func(lane chan queue.Entry) {
-			defer wg.Done()
-			for e := range lane {
-				if pctx.Err() == nil {
-					if err := u.publish(pctx, cm, e); err != nil {
-						if pctx.Err() == nil {
-							failed.Store(true)
-							u.setError(err)
-						}
-						cancel()
-					}
-				}
-				<-window
-			}
-		}(lanes[i])
-	}
 	var cursor uint64
 feed:
 	for {
@@ -595,48 +577,78 @@ feed:
 			break
 		}
 		for _, e := range es {
+			cursor = e.Seq
+			p, err := u.prepare(e)
+			if err != nil {
+				u.setError(err)
+				failed.Store(true)
+				break feed
+			}
+			if p == nil {
+				continue // withheld and acked
+			}
 			select {
 			case window <- struct{}{}:
 			case <-pctx.Done():
 				break feed
 			}
-			h := fnv.New32a()
-			h.Write([]byte(e.Device))
-			lanes[h.Sum32()%shards] <- e
-			cursor = e.Seq
+			t := newTurn()
+			u.turn.Store(t)
+			wg.Add(1)
+			go func(e queue.Entry) {
+				defer wg.Done()
+				err := u.publish(pctx, cm, e, p)
+				t.release()
+				<-window
+				if err != nil {
+					if pctx.Err() == nil {
+						failed.Store(true)
+						u.setError(err)
+					}
+					cancel()
+				}
+			}(e)
+			select {
+			case <-t.ch:
+			case <-pctx.Done():
+				break feed
+			}
 		}
-	}
-	for _, l := range lanes {
-		close(l)
 	}
 	cancel()
 	wg.Wait()
 	return failed.Load()
 }
 
-// publish sends one queued message and acks it in the queue after PUBACK.
-func (u *Upstream) publish(ctx context.Context, cm *autopaho.ConnectionManager, e queue.Entry) error {
+// prepare applies the current mapping and privacy rules. A withheld message
+// is acked (removed) and nil returned.
+func (u *Upstream) prepare(e queue.Entry) (*paho.Publish, error) {
 	s := u.cur.Load()
 	topic, ok := s.routes.mapUp(e.Device, e.Topic)
 	if !ok {
 		u.withheld("unmapped")
-		return u.q.Ack(e.Seq)
+		return nil, u.q.Ack(e.Seq)
 	}
 	v, payload, reason := applyRules(s.cfg.Forward, e.Topic, e.Payload)
 	if v == withhold {
 		u.withheld(reason)
-		return u.q.Ack(e.Seq)
+		return nil, u.q.Ack(e.Seq)
 	}
-	p := &paho.Publish{
+	return &paho.Publish{
 		Topic: topic, QoS: min(e.QoS, 1), Payload: payload,
 		Properties: &paho.PublishProperties{User: paho.UserProperties{
 			{Key: OriginProperty, Value: s.cfg.Gateway},
 			{Key: SeqProperty, Value: strconv.FormatUint(e.Seq, 10)},
 		}},
-	}
+	}, nil
+}
+
+// publish sends one prepared message and acks it in the queue after the
+// PUBACK.
+func (u *Upstream) publish(ctx context.Context, cm *autopaho.ConnectionManager, e queue.Entry, p *paho.Publish) error {
 	if _, err := cm.Publish(ctx, p); err != nil {
 		u.m.publishErrors.Inc()
-		return fmt.Errorf("upstream publish seq %d of device %s to %s: %w", e.Seq, e.Device, topic, err)
+		return fmt.Errorf("upstream publish seq %d of device %s to %s: %w", e.Seq, e.Device, p.Topic, err)
 	}
 	if err := u.q.Ack(e.Seq); err != nil {
 		return fmt.Errorf("upstream: ack seq %d in the queue: %w", e.Seq, err)
