@@ -94,12 +94,14 @@ type segment struct {
 	live int // held (committed, unacked) messages in this segment
 }
 
+// entry is the in-memory index of one held message (40 bytes; the message
+// itself stays on disk until read).
 type entry struct {
 	seq      uint64
 	seg      *segment
 	off      int64
+	received int64 // Unix ns
 	n        int32
-	received time.Time
 	acked    bool
 }
 
@@ -139,6 +141,9 @@ var _ bridges.Sink = (*Queue)(nil)
 // whose Accept returned, cuts any torn tail, and starts the writer. Metrics
 // are registered on reg (nil: not exported).
 func Open(dir string, opts Options, log *slog.Logger, reg prometheus.Registerer) (*Queue, error) {
+	if opts.MaxBytes < 0 || opts.MaxAge < 0 || opts.SegmentBytes < 0 || opts.MaxMessageBytes < 0 || opts.AckFlushInterval < 0 {
+		return nil, fmt.Errorf("open queue %s: negative option in %+v", dir, opts)
+	}
 	opts.defaults()
 	if opts.SegmentBytes > opts.MaxBytes {
 		return nil, fmt.Errorf("open queue %s: SegmentBytes %d above MaxBytes %d", dir, opts.SegmentBytes, opts.MaxBytes)
@@ -230,7 +235,7 @@ func (q *Queue) recover() error {
 			switch rec.kind {
 			case kindMsg:
 				if rec.seq > lastSeq {
-					q.ents = append(q.ents, entry{seq: rec.seq, seg: seg, off: int64(off), n: int32(n), received: rec.msg.Received})
+					q.ents = append(q.ents, entry{seq: rec.seq, seg: seg, off: int64(off), n: int32(n), received: rec.msg.Received.UnixNano()})
 					lastSeq = rec.seq
 				}
 			case kindAck:
@@ -396,7 +401,7 @@ func (q *Queue) kick() {
 func (q *Queue) oldestLocked() time.Time {
 	for _, e := range q.ents {
 		if !e.acked {
-			return e.received
+			return time.Unix(0, e.received)
 		}
 	}
 	return time.Time{}
@@ -505,7 +510,7 @@ func (q *Queue) flush(sync bool) {
 	seg.size = off + int64(len(buf))
 	pos := off + int64(ackLen)
 	for _, p := range batch {
-		q.ents = append(q.ents, entry{seq: p.seq, seg: seg, off: pos, n: int32(len(p.buf)), received: p.recv})
+		q.ents = append(q.ents, entry{seq: p.seq, seg: seg, off: pos, n: int32(len(p.buf)), received: p.recv.UnixNano()})
 		pos += int64(len(p.buf))
 		seg.live++
 	}
