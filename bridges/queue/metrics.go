@@ -31,7 +31,7 @@ func newMetrics(q *Queue) *metrics {
 			return q.opts.Now().Sub(s.Oldest).Seconds()
 		}),
 		refused: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bastion_queue_refusals_total",
-			Help: "Messages refused by the queue, by reason (bytes, age, too_large)."}, []string{"reason"}),
+			Help: "Messages refused by the queue, by reason (bytes, age, too_large, disk_full)."}, []string{"reason"}),
 		fsyncs: prometheus.NewCounter(prometheus.CounterOpts{Name: "bastion_queue_fsyncs_total",
 			Help: "fsync calls made by the queue (one per group-commit batch)."}),
 		accepted: prometheus.NewCounter(prometheus.CounterOpts{Name: "bastion_queue_accepted_total",

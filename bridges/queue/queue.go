@@ -24,6 +24,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/bastion-iot/bastion/bridges"
@@ -470,6 +471,7 @@ func (q *Queue) flush(sync bool) {
 		return
 	}
 	var err error
+	fsyncFailed := false
 	if q.segs[len(q.segs)-1].size+int64(len(buf)) > q.opts.SegmentBytes && len(batch) > 0 {
 		// Rotation gets the marks into the old segment first; they are
 		// harmless if lost.
@@ -488,18 +490,31 @@ func (q *Queue) flush(sync bool) {
 	if err == nil && sync {
 		if err = seg.f.Sync(); err != nil {
 			err = fmt.Errorf("queue: fsync %s: %w", seg.path, err)
+			fsyncFailed = true
 		}
 		q.m.fsyncs.Inc()
 	}
 
 	q.mu.Lock()
 	if err != nil {
-		// After a failed fsync the page cache state is unknown; stop
-		// accepting rather than pretend (the messages may reappear on
-		// restart, which only duplicates).
-		q.failed = err
+		if fsyncFailed {
+			// After a failed fsync the page cache state is unknown; stop
+			// accepting rather than pretend (the messages may reappear on
+			// restart, which only duplicates).
+			q.failed = err
+			q.log.Error("queue fsync failed; refusing new messages until reopened", "err", err)
+		} else {
+			// A failed write (disk full) leaves seg.size where it was: the
+			// next batch overwrites the partial bytes. The refused messages'
+			// marks go back to the pending list.
+			q.acks = append(q.acks, acks...)
+			q.log.Error("queue write failed; refusing this batch", "err", err)
+		}
 		q.mu.Unlock()
-		q.log.Error("queue write failed; refusing new messages until restart", "err", err)
+		if errors.Is(err, syscall.ENOSPC) {
+			err = fmt.Errorf("%w: %w", bridges.ErrQueueFull, err)
+			q.m.refused.WithLabelValues("disk_full").Add(float64(len(batch)))
+		}
 		for _, p := range batch {
 			if p.done != nil {
 				p.done <- err

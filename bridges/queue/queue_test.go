@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/bastion-iot/bastion/bridges"
+	"github.com/bastion-iot/bastion/internal/testenv"
 	"github.com/google/go-cmp/cmp"
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/goleak"
@@ -455,5 +456,50 @@ func TestSIGKILLKeepsEveryAcceptedMessage(t *testing.T) {
 			t.Fatalf("%d messages acknowledged by Accept are missing after SIGKILL", missing)
 		}
 		q.Close()
+	}
+}
+
+// TestDiskFull fills a real (tiny tmpfs) filesystem: Accept must refuse
+// with ErrQueueFull, keep everything it accepted, and work again once
+// delivered segments free space.
+func TestDiskFull(t *testing.T) {
+	testenv.RequireRoot(t)
+	dir := t.TempDir()
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", dir).CombinedOutput(); err != nil {
+		t.Fatalf("mount tmpfs: %v: %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("umount", dir).Run() })
+	q, reg := open(t, dir, Options{MaxBytes: 64 << 20, SegmentBytes: 32 << 10})
+	ctx := context.Background()
+	var err error
+	accepted := 0
+	for i := 0; i < 100000; i++ {
+		m := msg("a", i)
+		m.Payload = make([]byte, 1000)
+		if err = q.Accept(ctx, m); err != nil {
+			break
+		}
+		accepted++
+	}
+	if !errors.Is(err, bridges.ErrQueueFull) || !errors.Is(err, syscall.ENOSPC) {
+		t.Fatalf("Accept on a full disk: %v; want ErrQueueFull wrapping ENOSPC", err)
+	}
+	if r := metricValue(t, reg, "bastion_queue_refusals_total"); r < 1 {
+		t.Fatalf("refusals = %v", r)
+	}
+	es := drain(t, q)
+	if len(es) != accepted {
+		t.Fatalf("held %d after disk full, accepted %d", len(es), accepted)
+	}
+	for _, e := range es[:len(es)/2] {
+		q.Ack(e.Seq)
+	}
+	if err := q.Accept(ctx, msg("a", -1)); err != nil {
+		t.Fatalf("Accept after delivery freed segments: %v", err)
+	}
+	q.Close()
+	q2, _ := open(t, dir, Options{MaxBytes: 64 << 20, SegmentBytes: 32 << 10})
+	if got, want := len(drain(t, q2)), accepted-len(es)/2+1; got != want {
+		t.Fatalf("after reopen %d held, want %d", got, want)
 	}
 }
