@@ -136,6 +136,10 @@ func TestRefusesUntrustedBroker(t *testing.T) {
 	}{
 		"wrong CA":          {func(c *Config) { c.CAFile = other.CertFile }, "not signed by a CA in upstream.ca_file"},
 		"wrong server name": {func(c *Config) { c.ServerName = "evil.example" }, `not valid for upstream.server_name "evil.example"`},
+		"client certificate from another CA": {func(c *Config) {
+			leaf := other.Client(t, "gw1")
+			c.CertFile, c.KeyFile = leaf.CertFile, leaf.KeyFile
+		}, "broker refused the TLS handshake, likely our client certificate (upstream.cert_file"},
 	}
 	for name, tc := range cases {
 		t.Run(name, func(t *testing.T) {
