@@ -487,20 +487,43 @@ func (q *Queue) flush(sync bool) {
 			err = fmt.Errorf("queue: write %d bytes to %s at %d: %w", len(buf), seg.path, off, err)
 		}
 	}
-	if err == nil && sync {
-		if err = seg.f.Sync(); err != nil {
-			err = fmt.Errorf("queue: fsync %s: %w", seg.path, err)
-			fsyncFailed = true
+	if err == nil {
+		// Index (and wake the link) as soon as the bytes are written: the
+		// link may send while the fsync runs. Until the fsync returns, the
+		// device is not acknowledged, so a crash now means it sends again
+		// (a duplicate upstream), never a loss.
+		q.mu.Lock()
+		seg.size = off + int64(len(buf))
+		pos := off + int64(ackLen)
+		for _, p := range batch {
+			q.ents = append(q.ents, entry{seq: p.seq, seg: seg, off: pos, n: int32(len(p.buf)), received: p.recv.UnixNano()})
+			pos += int64(len(p.buf))
+			seg.live++
 		}
-		q.m.fsyncs.Inc()
+		q.depth += len(batch)
+		q.m.accepted.Add(float64(len(batch)))
+		q.m.depth.Set(float64(q.depth))
+		q.m.bytes.Set(float64(q.diskBytes()))
+		if len(batch) > 0 {
+			close(q.notify)
+			q.notify = make(chan struct{})
+		}
+		q.mu.Unlock()
+		if sync {
+			if err = seg.f.Sync(); err != nil {
+				err = fmt.Errorf("queue: fsync %s: %w", seg.path, err)
+				fsyncFailed = true
+			}
+			q.m.fsyncs.Inc()
+		}
 	}
 
-	q.mu.Lock()
 	if err != nil {
+		q.mu.Lock()
 		if fsyncFailed {
 			// After a failed fsync the page cache state is unknown; stop
 			// accepting rather than pretend (the messages may reappear on
-			// restart, which only duplicates).
+			// restart, or be sent already, which only duplicates).
 			q.failed = err
 			q.log.Error("queue fsync failed; refusing new messages until reopened", "err", err)
 		} else {
@@ -522,22 +545,6 @@ func (q *Queue) flush(sync bool) {
 		}
 		return
 	}
-	seg.size = off + int64(len(buf))
-	pos := off + int64(ackLen)
-	for _, p := range batch {
-		q.ents = append(q.ents, entry{seq: p.seq, seg: seg, off: pos, n: int32(len(p.buf)), received: p.recv.UnixNano()})
-		pos += int64(len(p.buf))
-		seg.live++
-	}
-	q.depth += len(batch)
-	q.m.accepted.Add(float64(len(batch)))
-	q.m.depth.Set(float64(q.depth))
-	q.m.bytes.Set(float64(q.diskBytes()))
-	if len(batch) > 0 {
-		close(q.notify)
-		q.notify = make(chan struct{})
-	}
-	q.mu.Unlock()
 	for _, p := range batch {
 		if p.done != nil {
 			p.done <- nil
