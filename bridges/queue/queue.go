@@ -553,7 +553,8 @@ func (q *Queue) flush(sync bool) {
 }
 
 // Next returns up to max held entries with Seq > after, in order, waiting
-// until there is at least one or ctx ends.
+// until there is at least one or ctx ends. An entry is visible once written,
+// possibly before its fsync returned (sending it early can only duplicate).
 func (q *Queue) Next(ctx context.Context, after uint64, max int) ([]Entry, error) {
 	if max <= 0 {
 		max = 1
