@@ -97,8 +97,20 @@ func parseRuleLine(line string) (chain string, r LiveRule, err error) {
 		}
 		spec = append(spec, rest[i])
 	}
+	// What is left must not read as counters again: a second numeric
+	// "-c N M" would make the rule mean two things, so it is refused.
+	for i := 0; i+2 < len(spec); i++ {
+		if spec[i] == "-c" && isUint(spec[i+1]) && isUint(spec[i+2]) {
+			return "", LiveRule{}, fmt.Errorf("parse rule %q: more than one \"-c <packets> <bytes>\" counter field", line)
+		}
+	}
 	r.Rule = spec
 	return chain, r, nil
+}
+
+func isUint(s string) bool {
+	_, err := strconv.ParseUint(s, 10, 64)
+	return err == nil
 }
 
 // parseTable parses the output of `iptables -t filter -v -S` (kernel
