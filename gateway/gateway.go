@@ -23,8 +23,11 @@ import (
 
 	"golang.org/x/sync/errgroup"
 
+	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/bridges/coap"
 	"github.com/bastion-iot/bastion/bridges/mqtt"
+	"github.com/bastion-iot/bastion/bridges/queue"
+	"github.com/bastion-iot/bastion/bridges/upstream"
 	"github.com/bastion-iot/bastion/firewall"
 	"github.com/bastion-iot/bastion/gateway/config"
 	"github.com/bastion-iot/bastion/gateway/console"
@@ -78,7 +81,12 @@ type Gateway struct {
 	ctl        *controlServer
 	fw         *firewall.Firewall
 	firmware   *otacache.Cache
-	started    time.Time
+	queue      *queue.Queue
+	upstream   *upstream.Upstream
+	// sink takes device telemetry: the upstream link when there is one.
+	sink     bridges.Sink
+	downlink atomic.Pointer[func(context.Context, bridges.Message) error]
+	started  time.Time
 
 	// extraControl lets components add control-socket endpoints.
 	extraControl    map[string]http.Handler
@@ -154,6 +162,9 @@ func New(opts Options) (_ *Gateway, err error) {
 		return nil, fmt.Errorf("load revocations: %w", err)
 	}
 	if err := g.openFirewall(context.Background(), cfg); err != nil {
+		return nil, err
+	}
+	if err := g.openUpstream(cfg); err != nil {
 		return nil, err
 	}
 	if err := g.openFirmware(cfg); err != nil {
@@ -282,7 +293,7 @@ func (g *Gateway) openListeners(cfg config.Config) error {
 		if err != nil {
 			return err
 		}
-		g.coap, err = coap.New(coap.Config{Listen: cfg.CoAP.Listen, PSKListen: cfg.CoAP.PSKListen, MaxPayload: cfg.CoAP.MaxPayload}, sc, id, nil, g.log)
+		g.coap, err = coap.New(coap.Config{Listen: cfg.CoAP.Listen, PSKListen: cfg.CoAP.PSKListen, MaxPayload: cfg.CoAP.MaxPayload}, sc, id, g.sink, g.log)
 		if err != nil {
 			return err
 		}
@@ -370,6 +381,9 @@ func (g *Gateway) Run(ctx context.Context) error {
 	if g.firmware != nil {
 		eg.Go(func() error { return g.firmware.Run(ctx) })
 	}
+	if g.upstream != nil {
+		eg.Go(func() error { return g.upstream.Run(ctx) })
+	}
 	if l := g.cfg.Load().Metrics.Listen; l != "" {
 		if err := g.serveMetrics(ctx, eg, l); err != nil {
 			return err
@@ -387,6 +401,9 @@ func (g *Gateway) Run(ctx context.Context) error {
 }
 
 func (g *Gateway) close() {
+	if g.queue != nil {
+		g.queue.Close()
+	}
 	if g.firmware != nil {
 		g.firmware.Close()
 	}
@@ -441,6 +458,15 @@ func (g *Gateway) Reload() error {
 			g.log.Error("config reload refused: the new firewall policy could not be applied; the running configuration stays", "err", err)
 			return err
 		}
+	}
+	if g.upstream != nil && cfg.Upstream.Enabled {
+		if err := g.upstream.Reload(cfg.Upstream.Config); err != nil {
+			g.metrics.reloads.WithLabelValues("refused").Inc()
+			g.log.Error("config reload refused: the upstream link refused the new settings; the running configuration stays", "err", err)
+			return err
+		}
+	} else if (g.upstream != nil) != cfg.Upstream.Enabled {
+		g.log.Warn("config reload: turning upstream on or off takes effect at the next restart")
 	}
 	g.level.Set(parseLevel(cfg.Log.Level))
 	g.cfg.Store(&cfg)

@@ -10,6 +10,8 @@ package config
 
 import (
 	"time"
+
+	"github.com/bastion-iot/bastion/bridges/upstream"
 )
 
 // Config is the whole of bastion.yaml.
@@ -26,6 +28,20 @@ type Config struct {
 	Metrics   Metrics  `yaml:"metrics"`
 	Firewall  Firewall `yaml:"firewall"`
 	Firmware  Firmware `yaml:"firmware"`
+	Upstream  Upstream `yaml:"upstream"`
+}
+
+// Upstream configures the link to the cloud broker and the durable queue in
+// front of it. The link's own keys (broker, ca_file, cert_file, key_file,
+// uplink, downlink, forward ...) are those of bridges/upstream.
+type Upstream struct {
+	Enabled         bool `yaml:"enabled"`
+	upstream.Config `yaml:",inline"`
+	// QueueMaxBytes and QueueMaxAge bound the store-and-forward queue;
+	// when either is reached new QoS 1 messages are refused (MQTT 0x97,
+	// CoAP 5.03), never dropped.
+	QueueMaxBytes int64    `yaml:"queue_max_bytes"`
+	QueueMaxAge   Duration `yaml:"queue_max_age"`
 }
 
 // Firmware configures the verified firmware cache: a TUF client of the

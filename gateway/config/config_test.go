@@ -78,6 +78,10 @@ func TestLoadErrors(t *testing.T) {
 		"firmware no root":      {"firmware:\n  enabled: true\n  repository_url: https://x\n", []string{"bad.yaml:1: firmware.trusted_root: must name the vendor's root.json"}},
 		"firmware interval":     {"firmware:\n  enabled: true\n  repository_url: https://x\n  trusted_root: /r\n  check_interval: 5s\n", []string{"bad.yaml:5: firmware.check_interval: \"5s\" is shorter than 1m"}},
 		"firmware cache":        {"firmware:\n  enabled: true\n  repository_url: https://x\n  trusted_root: /r\n  max_cache_bytes: 10\n", []string{"firmware.max_cache_bytes: \"10\" is below 1 MiB"}},
+		"upstream cleartext":    {"upstream:\n  enabled: true\n  broker: mqtt://cloud:1883\n  ca_file: /ca\n  cert_file: /c\n  key_file: /k\n", []string{"bad.yaml:3: upstream.broker: scheme \"mqtt\" is not accepted"}},
+		"upstream no ca":        {"upstream:\n  enabled: true\n  broker: mqtts://cloud:8883\n  cert_file: /c\n  key_file: /k\n", []string{"bad.yaml:1: upstream.ca_file: required"}},
+		"upstream loop":         {"upstream:\n  enabled: true\n  broker: mqtts://cloud:8883\n  ca_file: /ca\n  cert_file: /c\n  key_file: /k\n  uplink: [{local: \"devices/{id}/t/#\", remote: \"bastion/{gateway}/{id}/c/#\"}]\n", []string{"bad.yaml:7: upstream.uplink"}},
+		"upstream bad key":      {"upstream:\n  brokr: x\n", []string{"bad.yaml:2: upstream.brokr: unknown key; accepted here: backoff_max, backoff_min, broker"}},
 		"two errors":            {"log:\n  level: loud\nmqtt:\n  listen: \":1883\"\n", []string{"bad.yaml:2: log.level", "bad.yaml:4: mqtt.listen"}},
 	}
 	for name, tc := range tests {

@@ -137,6 +137,23 @@ func (c *Config) Validate() error {
 			bad("firmware.max_cache_bytes", f.MaxCacheBytes, "is below 1 MiB (1048576)")
 		}
 	}
+	if c.Upstream.Enabled {
+		if err := c.Upstream.Config.Validate(); err != nil {
+			for _, e := range unjoin(err) {
+				key, msg, ok := strings.Cut(e.Error(), ": ")
+				if !ok {
+					key, msg = "upstream", e.Error()
+				}
+				errs = append(errs, &Error{Key: key, Msg: msg})
+			}
+		}
+		if c.Upstream.QueueMaxBytes < 1<<20 {
+			bad("upstream.queue_max_bytes", c.Upstream.QueueMaxBytes, "is below 1 MiB (1048576)")
+		}
+		if c.Upstream.QueueMaxAge.D() < time.Minute {
+			bad("upstream.queue_max_age", c.Upstream.QueueMaxAge.D(), "is shorter than 1m")
+		}
+	}
 	if len(errs) == 0 && len(c.Firewall.LAN) > 0 {
 		// The derived policy is checked last: its complaints would only
 		// repeat the ones above.
