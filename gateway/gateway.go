@@ -73,8 +73,10 @@ type Gateway struct {
 	coap       *coap.Server
 	mqtt       *mqtt.Server
 	console    *console.Server
-	ctl        *controlServer
-	started    time.Time
+	// consoleHandler is the console's pages and API (nil if disabled).
+	consoleHandler *console.Handler
+	ctl            *controlServer
+	started        time.Time
 
 	// extraControl lets components add control-socket endpoints.
 	extraControl    map[string]http.Handler
@@ -292,7 +294,12 @@ func (g *Gateway) openListeners(cfg config.Config) error {
 		if err != nil {
 			return err
 		}
-		g.console, err = console.New(cfg.Console.Listen, pki.TLSServer(sc, 0, nil), nil, g.log)
+		g.consoleHandler, err = console.NewHandler(console.Options{Store: g.store, Gateway: consoleBackend{g}, Log: g.log})
+		if err != nil {
+			return err
+		}
+		g.extraControl["POST /v1/console/recover"] = g.consoleHandler.RecoveryControlHandler()
+		g.console, err = console.New(cfg.Console.Listen, pki.TLSServer(sc, 0, nil), g.consoleHandler, g.log)
 		if err != nil {
 			return err
 		}
