@@ -121,9 +121,14 @@ var commonWords = func() map[string]bool {
 
 var leet = strings.NewReplacer("0", "o", "1", "l", "!", "i", "3", "e", "4", "a", "5", "s", "7", "t", "@", "a", "$", "s", "|", "l", "+", "t")
 
+// leetI reads 1 as i (4l1ce) where leet reads it as l (p4ssw0rd1).
+var leetI = strings.NewReplacer("0", "o", "1", "i", "!", "i", "3", "e", "4", "a", "5", "s", "7", "t", "@", "a", "$", "s", "|", "l", "+", "t")
+
 // normalise lower-cases, undoes letter substitutions and strips what is not
 // a letter from both ends, so Passw0rd!2024 and password compare equal.
-func normalise(s string) string {
+func normalise(s string) string { return normaliseWith(leet, s) }
+
+func normaliseWith(leet *strings.Replacer, s string) string {
 	s = strings.ToLower(s)
 	core := strings.TrimFunc(s, func(r rune) bool { return !unicode.IsLetter(r) })
 	if core == "" {
@@ -150,7 +155,7 @@ func CheckPassword(user, password string) error {
 		return fmt.Errorf("password too long: at most %d bytes", MaxPasswordLen)
 	}
 	lower := strings.ToLower(password)
-	if u := strings.ToLower(strings.TrimSpace(user)); len(u) >= 3 && (strings.Contains(lower, u) || strings.Contains(leet.Replace(lower), u)) {
+	if u := strings.ToLower(strings.TrimSpace(user)); len(u) >= 3 && (strings.Contains(lower, u) || strings.Contains(leet.Replace(lower), u) || strings.Contains(leetI.Replace(lower), u)) {
 		return errors.New("password contains the user name: choose one that does not")
 	}
 	distinct := map[rune]bool{}
@@ -169,7 +174,9 @@ func CheckPassword(user, password string) error {
 	if core == "" {
 		return errors.New("password has no letters between digits and symbols: common patterns like dates and PINs are refused")
 	}
-	if commonWords[core] || commonWords[strings.ReplaceAll(core, " ", "")] || repeatsCommon(core) {
+	coreI := normaliseWith(leetI, password)
+	if commonWords[core] || commonWords[coreI] || repeatsCommon(core) || madeOfCommon(lettersOnly(core)) ||
+		madeOfCommon(lettersOnly(coreI)) || madeOfCommon(lettersOnly(strings.ToLower(password))) {
 		return errors.New("password is too common (it is, or is built from, a frequently used password): choose another")
 	}
 	return nil
@@ -188,6 +195,31 @@ func repeatsCommon(s string) bool {
 		}
 	}
 	return false
+}
+
+func lettersOnly(s string) string {
+	return strings.Map(func(r rune) rune {
+		if unicode.IsLetter(r) {
+			return r
+		}
+		return -1
+	}, s)
+}
+
+// madeOfCommon reports whether s is entirely a concatenation of refused
+// words (letmeinletmein, summerwinter, adminpassword).
+func madeOfCommon(s string) bool {
+	if s == "" {
+		return false
+	}
+	ok := make([]bool, len(s)+1) // ok[i]: s[:i] splits into common words
+	ok[0] = true
+	for i := 1; i <= len(s); i++ {
+		for j := max(0, i-20); j <= i-3 && !ok[i]; j++ {
+			ok[i] = ok[j] && commonWords[s[j:i]]
+		}
+	}
+	return ok[len(s)]
 }
 
 func reverse(s string) string {
