@@ -16,6 +16,8 @@ var _ console.Gateway = consoleBackend{}
 
 func (b consoleBackend) Health(ctx context.Context) console.Health {
 	s := b.g.Status()
+	// The control socket's path means nothing over the web.
+	delete(s.Listeners, "control")
 	return console.Health{Version: s.Version, GatewayID: s.GatewayID, Mode: s.Mode, Uptime: s.Uptime, ClockSane: s.ClockSane,
 		Listeners: s.Listeners, Devices: s.Devices, RevokedDevices: s.RevokedDevices, Components: s.Components}
 }
