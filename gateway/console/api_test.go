@@ -1,6 +1,7 @@
 package console_test
 
 import (
+	"context"
 	"net/http"
 	"net/url"
 	"regexp"
@@ -10,6 +11,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 
 	"github.com/bastion-iot/bastion/gateway/console"
+	"github.com/bastion-iot/bastion/gateway/control"
 	"github.com/bastion-iot/bastion/gateway/store"
 )
 
@@ -375,5 +377,25 @@ func TestUnknownJSONAndOversizedBodiesRefused(t *testing.T) {
 		if r := b.do(t, c, "POST", "/api/v1/devices", body, csrf(tok)); r.code != http.StatusBadRequest {
 			t.Errorf("%s: %d %.200s, want 400", name, r.code, r.body)
 		}
+	}
+}
+
+// The recovery code comes from the root-only control socket (what
+// `bastionctl console recover` will call), never from the network.
+func TestRecoveryCodeFromTheControlSocket(t *testing.T) {
+	b := startBox(t)
+	b.setupAdmin(t, "root")
+	var out struct{ Code string }
+	if _, err := control.New(control.SocketPath(b.dir)).Do(context.Background(), "POST", "/v1/console/recover", nil, &out); err != nil {
+		t.Fatalf("control socket: %v", err)
+	}
+	c := b.client(t)
+	in := map[string]string{"code": out.Code, "user": "root", "password": "new lantern pebble river"}
+	if r := b.do(t, c, "POST", "/api/v1/recover", in, nil); r.code != http.StatusOK {
+		t.Fatalf("recover with the socket's code: %d %s", r.code, r.body)
+	}
+	// No such thing over HTTPS.
+	if r := b.do(t, c, "POST", "/api/v1/recovery-code", nil, nil); r.code != http.StatusNotFound {
+		t.Errorf("recovery code over the network: %d", r.code)
 	}
 }

@@ -89,6 +89,9 @@ type Handler struct {
 	cop   *http.CrossOriginProtection
 	pages *pages
 	comp  atomic.Pointer[Components]
+	// patterns are the routes registered, for the test that holds the
+	// OpenAPI file to them.
+	patterns []string
 
 	mu       sync.Mutex
 	presence time.Time // physical presence (button) grants setup/recovery until then

@@ -25,6 +25,7 @@ type handlerFunc func(w http.ResponseWriter, r *http.Request, p *principal) erro
 // body bound on state changes, authentication, role, then the session's
 // CSRF token on state changes.
 func (h *Handler) handle(pattern string, need access, f handlerFunc) {
+	h.patterns = append(h.patterns, pattern+" "+[...]string{"public", "viewer", "admin"}[need])
 	h.mux.HandleFunc(pattern, func(w http.ResponseWriter, r *http.Request) {
 		api := strings.HasPrefix(r.URL.Path, "/api/")
 		if unsafeMethod(r.Method) {
