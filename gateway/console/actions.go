@@ -93,9 +93,9 @@ func (h *Handler) doLogin(ctx context.Context, w http.ResponseWriter, r *http.Re
 		user = user[:64]
 	}
 	if until := h.thr.lockedUntil(now, "u:"+user, "s:"+src); !until.IsZero() {
-		// Counted too, so hammering a locked account extends the lockout.
+		// Counted, so hammering a locked account extends the lockout; not
+		// audited one by one, so a flood cannot wear the flash.
 		h.thr.failLogin(now, user, src)
-		h.audit(ctx, Actor{Name: "anonymous", Remote: src}, "console.login_locked", user, "")
 		return store.Session{}, &lockedError{wait: until.Sub(now)}
 	}
 	u, err := h.o.Store.Admin(user)
