@@ -521,7 +521,16 @@ func (h *Handler) putRule(ctx context.Context, p *principal, in ruleInput) (stor
 		return r, err
 	}
 	h.audit(ctx, p.actor(), "upstream.rule", r.ID, r.Topic+" → "+r.Action+" "+strings.Join(r.Fields, ","))
+	h.rulesChanged()
 	return r, nil
+}
+
+func (h *Handler) rulesChanged() {
+	if f := h.c().RulesChanged; f != nil {
+		if rs, err := h.o.Store.ForwardRules(); err == nil {
+			f(rs)
+		}
+	}
 }
 
 func (h *Handler) deleteRule(ctx context.Context, p *principal, id string) error {
@@ -529,6 +538,7 @@ func (h *Handler) deleteRule(ctx context.Context, p *principal, id string) error
 		return err
 	}
 	h.audit(ctx, p.actor(), "upstream.rule_delete", id, "")
+	h.rulesChanged()
 	return nil
 }
 
@@ -549,6 +559,11 @@ func (h *Handler) setOptOut(ctx context.Context, p *principal, in optOutInput) e
 		return err
 	}
 	h.audit(ctx, p.actor(), "privacy.optout", in.Datum, strconv.FormatBool(in.OptOut))
+	if f := h.c().OptOutsChanged; f != nil {
+		if m, err := h.o.Store.OptOuts(); err == nil {
+			f(m)
+		}
+	}
 	return nil
 }
 
@@ -627,6 +642,10 @@ type passwordInput struct {
 // changePassword sets the caller's own password; every other session of
 // theirs ends.
 func (h *Handler) changePassword(ctx context.Context, p *principal, in passwordInput) error {
+	now := h.o.Now()
+	if until := h.thr.lockedUntil(now, "u:"+p.user, "s:"+p.remote); !until.IsZero() {
+		return &lockedError{wait: until.Sub(now)}
+	}
 	u, err := h.o.Store.Admin(p.user)
 	if err != nil {
 		return err

@@ -71,13 +71,10 @@ func nssHome(t *testing.T, b *box) string {
 	return home
 }
 
-func TestBrowserConsoleFlow(t *testing.T) {
-	chromium := testenv.RequireCommand(t, "chromium")
-	b := startBox(t)
-	verifyChain(t, b)
-	home := nssHome(t, b)
-	shots := screenshotDir(t)
-
+// newBrowser starts headless Chromium with a fresh profile and HOME (whose
+// NSS database decides which roots it trusts). It closes with the test.
+func newBrowser(t *testing.T, chromium, home string) context.Context {
+	t.Helper()
 	opts := []chromedp.ExecAllocatorOption{
 		chromedp.ExecPath(chromium),
 		chromedp.Headless, chromedp.NoSandbox, chromedp.DisableGPU, chromedp.NoFirstRun, chromedp.NoDefaultBrowserCheck,
@@ -91,12 +88,34 @@ func TestBrowserConsoleFlow(t *testing.T) {
 		chromedp.WindowSize(1280, 900),
 	}
 	actx, cancelA := chromedp.NewExecAllocator(context.Background(), opts...)
-	defer cancelA()
 	ctx, cancelB := chromedp.NewContext(actx)
-	defer cancelB()
-	ctx, cancelT := context.WithTimeout(ctx, 3*time.Minute)
-	defer cancelT()
+	t.Cleanup(func() { cancelB(); cancelA() })
+	return ctx
+}
 
+// Without our root in its NSS database the browser refuses the console:
+// proof that the main test's browser trusts it through that database and
+// not through some bypass.
+func TestBrowserRefusesConsoleWithoutTheRoot(t *testing.T) {
+	chromium := testenv.RequireCommand(t, "chromium")
+	b := startBox(t)
+	ctx := newBrowser(t, chromium, t.TempDir())
+	sctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	err := chromedp.Do(sctx, chromedp.Navigate(b.base+"/login"))
+	if err == nil || !strings.Contains(err.Error(), "ERR_CERT_AUTHORITY_INVALID") {
+		t.Fatalf("navigate without the root trusted: %v, want net::ERR_CERT_AUTHORITY_INVALID", err)
+	}
+}
+
+func TestBrowserConsoleFlow(t *testing.T) {
+	chromium := testenv.RequireCommand(t, "chromium")
+	b := startBox(t)
+	verifyChain(t, b)
+	home := nssHome(t, b)
+	shots := screenshotDir(t)
+
+	ctx := newBrowser(t, chromium, home)
 	// Start the browser, then listen: confirm() dialogs are accepted, and
 	// every console message is kept (CSP violations show up there).
 	if err := chromedp.Do(ctx, chromedp.Navigate("about:blank")); err != nil {
@@ -132,8 +151,7 @@ func TestBrowserConsoleFlow(t *testing.T) {
 		}
 	}()
 	defer func() {
-		cancelT()
-		cancelB()
+		chromedp.Cancel(ctx)
 		wg.Wait()
 	}()
 

@@ -71,6 +71,11 @@ type Components struct {
 	Firewall Firewall
 	Upstream Upstream
 	Traffic  Traffic
+	// RulesChanged, if set, gets the forwarding rules after every change
+	// (the upstream link can also just read store.ForwardRules).
+	RulesChanged func([]store.ForwardRule)
+	// OptOutsChanged, if set, gets the privacy opt-outs after every change.
+	OptOutsChanged func(map[string]bool)
 }
 
 // SetComponents replaces the optional components; safe while serving.

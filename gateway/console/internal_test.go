@@ -210,3 +210,49 @@ func TestPresenceWindowIsSingleUse(t *testing.T) {
 		t.Errorf("second recovery on one press: %d, want 403", code)
 	}
 }
+
+func TestRulesAndOptOutChangesAreAnnounced(t *testing.T) {
+	h, srv, _ := newTestHandler(t)
+	var mu sync.Mutex
+	var gotRules [][]string
+	var gotOff map[string]bool
+	h.SetComponents(Components{
+		RulesChanged: func(rs []store.ForwardRule) {
+			mu.Lock()
+			defer mu.Unlock()
+			var s []string
+			for _, r := range rs {
+				s = append(s, r.Topic+" "+r.Action)
+			}
+			gotRules = append(gotRules, s)
+		},
+		OptOutsChanged: func(m map[string]bool) { mu.Lock(); gotOff = m; mu.Unlock() },
+	})
+	jar, _ := cookiejar.New(nil)
+	c := srv.Client()
+	c.Jar = jar
+	code, body := post(t, c, srv.URL+"/api/v1/setup", `{"code":"ABCD-EFGH-JKLM-NPQR","user":"root","password":"correct horse battery staple"}`)
+	if code != 201 {
+		t.Fatalf("setup: %d %s", code, body)
+	}
+	tok := body[strings.Index(body, `"csrf_token": "`)+15:]
+	tok = tok[:strings.IndexByte(tok, '"')]
+	post(t, c, srv.URL+"/api/v1/upstream/rules", `{"topic":"devices/+/t/a","action":"forward"}`, "X-CSRF-Token", tok)
+	post(t, c, srv.URL+"/api/v1/upstream/rules", `{"topic":"devices/+/t/a","action":"local"}`, "X-CSRF-Token", tok)
+	req, _ := http.NewRequest("PUT", srv.URL+"/api/v1/privacy/optout", strings.NewReader(`{"datum":"device.counters","opt_out":true}`))
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("X-CSRF-Token", tok)
+	if res, err := c.Do(req); err != nil || res.StatusCode != 200 {
+		t.Fatalf("opt out: %v %v", res, err)
+	} else {
+		res.Body.Close()
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if d := cmp.Diff([][]string{{"devices/+/t/a forward"}, {"devices/+/t/a local"}}, gotRules); d != "" {
+		t.Errorf("announced rules (-want +got):\n%s", d)
+	}
+	if d := cmp.Diff(map[string]bool{"device.counters": true}, gotOff); d != "" {
+		t.Errorf("announced opt-outs (-want +got):\n%s", d)
+	}
+}
