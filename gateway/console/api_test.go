@@ -399,3 +399,67 @@ func TestRecoveryCodeFromTheControlSocket(t *testing.T) {
 		t.Errorf("recovery code over the network: %d", r.code)
 	}
 }
+
+func TestExportAndEraseDeviceData(t *testing.T) {
+	b := startBox(t)
+	c, tok := b.setupAdmin(t, "root")
+	r := b.do(t, c, "POST", "/api/v1/devices", map[string]string{"name": "bedroom sensor", "auth": "psk", "vendor": "Acme", "model": "T1"}, csrf(tok))
+	var cr console.Credentials
+	r.json(t, &cr)
+	b.do(t, c, "PATCH", "/api/v1/devices/"+cr.ID, map[string]string{"name": "bedroom sensor 2"}, csrf(tok))
+	r = b.do(t, c, "GET", "/api/v1/devices/"+cr.ID+"/export", nil, nil)
+	var ex struct {
+		Device store.Device
+		Audit  []store.Event
+	}
+	r.json(t, &ex)
+	if r.code != http.StatusOK || ex.Device.Name != "bedroom sensor 2" || ex.Device.Vendor != "Acme" || !strings.Contains(r.hdr.Get("Content-Disposition"), "attachment") {
+		t.Errorf("export: %d %+v %q", r.code, ex.Device, r.hdr.Get("Content-Disposition"))
+	}
+	var actions []string
+	for _, e := range ex.Audit {
+		actions = append(actions, e.Action)
+	}
+	if d := cmp.Diff([]string{"device.rename", "device.add"}, actions); d != "" {
+		t.Errorf("exported audit events (-want +got):\n%s", d)
+	}
+	if r := b.do(t, c, "DELETE", "/api/v1/devices/"+cr.ID+"/data", nil, csrf(tok)); r.code != http.StatusNoContent {
+		t.Fatalf("erase: %d %s", r.code, r.body)
+	}
+	d, err := b.g.Store().Device(cr.ID)
+	if err != nil || !d.Revoked || d.Name != "erased-"+cr.ID || d.Vendor != "" || d.Model != "" {
+		t.Errorf("after erase: %+v %v, want revoked with no name, vendor or model", d, err)
+	}
+	if !b.g.CA().Revocations().Revoked(cr.ID, "") {
+		t.Error("erased device's credentials are not revoked")
+	}
+	if r := b.do(t, c, "GET", "/api/v1/devices/nosuch/export", nil, nil); r.code != http.StatusNotFound {
+		t.Errorf("export unknown device: %d", r.code)
+	}
+}
+
+func TestExpectDeviceByCodeOverAPI(t *testing.T) {
+	b := startBox(t)
+	c, tok := b.setupAdmin(t, "root")
+	for _, bad := range []map[string]string{{"name": "x", "code": "12"}, {"name": "x", "code": "<script>alert(1)</script>"}, {"name": "", "code": "34970112332"}} {
+		if r := b.do(t, c, "POST", "/api/v1/pairing/expected", bad, csrf(tok)); r.code != http.StatusBadRequest {
+			t.Errorf("expect %v: %d, want 400", bad, r.code)
+		}
+	}
+	if r := b.do(t, c, "POST", "/api/v1/pairing/expected", map[string]string{"name": "door", "code": "MT:Y.K9042C00KA0648G00"}, csrf(tok)); r.code != http.StatusCreated || strings.Contains(r.body, "MT:") {
+		t.Fatalf("expect: %d %s (the code must not be echoed)", r.code, r.body)
+	}
+	r := b.do(t, c, "GET", "/api/v1/pairing", nil, nil)
+	var st struct {
+		Available bool
+		Window    struct{ Open bool }
+		Expected  []struct{ ID, Name, Code string }
+	}
+	r.json(t, &st)
+	if st.Available || st.Window.Open || len(st.Expected) != 1 || st.Expected[0].Name != "door" || strings.Contains(r.body, "K9042") {
+		t.Errorf("pairing state: %s", r.body)
+	}
+	if r := b.do(t, c, "DELETE", "/api/v1/pairing/expected/"+st.Expected[0].ID, nil, csrf(tok)); r.code != http.StatusNoContent {
+		t.Errorf("withdraw: %d", r.code)
+	}
+}
