@@ -132,11 +132,7 @@ func NewHandler(o Options) (*Handler, error) {
 	}
 	h := &Handler{o: o, log: o.Log.With("component", "console"), mux: http.NewServeMux(), hash: newHasher(2),
 		thr: newThrottle(o.Throttle), cop: http.NewCrossOriginProtection(), pages: pg, flashes: map[string]string{}}
-	// A refused cross-origin request gets a plain 403 with the reason.
 	h.SetComponents(o.Components)
-	h.cop.SetDenyHandler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		h.fail(w, r, errf(http.StatusForbidden, "cross-origin request refused"))
-	}))
 	sub, _ := fs.Sub(staticFS, "static")
 	h.mux.Handle("GET /static/", http.StripPrefix("/static/", http.FileServerFS(sub)))
 	h.mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) { w.Write([]byte("ok\n")) })
@@ -167,7 +163,9 @@ func lanSource(addr string) bool {
 // PhysicalPresence is called by the box's button code (never from the
 // network): for d (at most 10 min) the setup and recovery forms accept
 // creating the first admin or resetting a password without a code. Used
-// once, it ends.
+// once, it ends. Anyone on the LAN could use that window, so the caller
+// should tie it to a gesture of its own (not the pairing press) and the
+// console audits it.
 func (h *Handler) PhysicalPresence(source string, d time.Duration) {
 	d = min(d, 10*time.Minute)
 	h.mu.Lock()
