@@ -83,6 +83,8 @@ type Gateway struct {
 	firmware   *otacache.Cache
 	queue      *queue.Queue
 	upstream   *upstream.Upstream
+	// consoleHandler is the console's pages and API (nil if disabled).
+	consoleHandler *console.Handler
 	// sink takes device telemetry: the upstream link when there is one.
 	sink     bridges.Sink
 	downlink atomic.Pointer[func(context.Context, bridges.Message) error]
@@ -313,7 +315,12 @@ func (g *Gateway) openListeners(cfg config.Config) error {
 		if err != nil {
 			return err
 		}
-		g.console, err = console.New(cfg.Console.Listen, pki.TLSServer(sc, 0, nil), nil, g.log)
+		g.consoleHandler, err = console.NewHandler(console.Options{Store: g.store, Gateway: consoleBackend{g}, Log: g.log})
+		if err != nil {
+			return err
+		}
+		g.extraControl["POST /v1/console/recover"] = g.consoleHandler.RecoveryControlHandler()
+		g.console, err = console.New(cfg.Console.Listen, pki.TLSServer(sc, 0, nil), g.consoleHandler, g.log)
 		if err != nil {
 			return err
 		}
