@@ -175,6 +175,10 @@ func New(opts Options) (_ *Gateway, err error) {
 	if err := g.openListeners(cfg); err != nil {
 		return nil, err
 	}
+	g.wireConsole()
+	if err := g.applyForwardRules(); err != nil {
+		return nil, fmt.Errorf("forwarding rules: %w", err)
+	}
 	if g.ctl, err = newControlServer(g, control.SocketPath(cfg.StateDir)); err != nil {
 		return nil, err
 	}
@@ -467,7 +471,9 @@ func (g *Gateway) Reload() error {
 		}
 	}
 	if g.upstream != nil && cfg.Upstream.Enabled {
-		if err := g.upstream.Reload(cfg.Upstream.Config); err != nil {
+		ucfg := cfg.Upstream.Config
+		ucfg.Forward = g.forwardRules(ucfg) // the console's rules stay in force
+		if err := g.upstream.Reload(ucfg); err != nil {
 			g.metrics.reloads.WithLabelValues("refused").Inc()
 			g.log.Error("config reload refused: the upstream link refused the new settings; the running configuration stays", "err", err)
 			return err

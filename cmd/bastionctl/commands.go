@@ -50,6 +50,20 @@ func (c *cli) dispatch(ctx context.Context, args []string) error {
 			c.out.Write(raw) // JSON either way: the status is structured data
 		}
 		return err
+	case args[0] == "console" && len(args) == 2 && args[1] == "recover":
+		var r struct {
+			Code      string `json:"code"`
+			ExpiresIn string `json:"expires_in"`
+		}
+		raw, err := c.ctl.Do(ctx, "POST", "/v1/console/recover", nil, &r)
+		if err != nil || c.json {
+			if err == nil {
+				return c.printJSON(raw)
+			}
+			return err
+		}
+		fmt.Fprintf(c.out, "recovery code: %s (valid %s, once): enter it on the console's recovery page to set a new admin password\n", r.Code, r.ExpiresIn)
+		return nil
 	case args[0] == "firewall" && len(args) == 2:
 		return c.firewall(ctx, args[1])
 	case args[0] == "device" && len(args) >= 2:

@@ -30,6 +30,7 @@ commands:
   firewall remove                         take Bastion's rules out (the only way)
   firmware status                         firmware cache, offers, device update status
   firmware check                          check the vendor's TUF repository now
+  console recover                         one-time code to reset a console password (physical access to the box)
   metrics                                 Prometheus metrics
 `
 
