@@ -95,6 +95,17 @@ func TestDeviceLifecycle(t *testing.T) {
 	if code != 0 || !strings.Contains(out, "Bastion Root CA") {
 		t.Errorf("pki show: %s", out)
 	}
+	out, _, code = ctl(t, "--state", state, "firewall", "plan")
+	if code != 0 || !strings.Contains(out, "firewall.manage: false") || !strings.Contains(out, "bastion:default-drop") {
+		t.Errorf("firewall plan (exit %d):\n%s", code, out)
+	}
+	if _, errs, code := ctl(t, "--state", state, "firewall", "show"); code != 1 || !strings.Contains(errs, "does not manage the firewall") {
+		t.Errorf("firewall show when not managed: exit %d %s", code, errs)
+	}
+	out, _, code = ctl(t, "--state", state, "console", "recover")
+	if code != 0 || !strings.Contains(out, "recovery code: ") {
+		t.Errorf("console recover (exit %d): %s", code, out)
+	}
 	out, _, code = ctl(t, "--state", state, "status")
 	if code != 0 || !strings.Contains(out, "devices: 1 active, 1 revoked") {
 		t.Errorf("status: %s", out)
