@@ -122,11 +122,14 @@ fi
 
 # The image is built around three settings of that config: check them, so a
 # changed default fails here and not on a box.
-grep -qx 'state_dir: "/var/lib/bastion"' "$work/bastion.yaml" ||
+# (comments stripped: the file is bastiond's commented default)
+cfg_plain=$(sed 's/[[:space:]]*#.*//' "$work/bastion.yaml")
+fw_section=$(printf '%s\n' "$cfg_plain" | sed -n '/^firewall:/,/^[^ ]/p')
+printf '%s\n' "$cfg_plain" | grep -qx 'state_dir: "/var/lib/bastion"' ||
 	die "default config's state_dir is not /var/lib/bastion (the state partition's mount point)"
-sed -n '/^firewall:/,/^[^ #]/p' "$work/bastion.yaml" | grep -qx '  lan: \["eth0"\]' ||
+printf '%s\n' "$fw_section" | grep -qx '  lan: \["eth0"\]' ||
 	die "default config's firewall.lan is not [eth0] (net.ifnames=0 names the NIC eth0)"
-sed -n '/^firewall:/,/^[^ #]/p' "$work/bastion.yaml" | grep -qx '  manage: true' ||
+printf '%s\n' "$fw_section" | grep -qx '  manage: true' ||
 	die "default config does not manage the firewall"
 
 # 3. The root filesystem from Debian packages.

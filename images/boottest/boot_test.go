@@ -163,20 +163,22 @@ func checkInside(t *testing.T, rep map[string]section) {
 		}
 	}
 
-	// Firewall: inbound denied by default, the gateway's ports opened.
+	// Firewall: inbound denied by default, the gateway's ports opened on
+	// the lan interface only, nothing for the cleartext twins or SSH/HTTP.
 	for _, fam := range []string{"iptables", "ip6tables"} {
-		rules := rep[fam].body
-		if !regexp.MustCompile(`(?m)^:INPUT (DROP|REJECT)`).MatchString(rules) &&
-			!regexp.MustCompile(`(?m)^-A INPUT .*-j (DROP|REJECT)\s*$`).MatchString(rules) {
-			t.Errorf("%s: INPUT is not default-deny:\n%s", fam, rules)
+		if err := checkDefaultDeny(rep[fam].body); err != nil {
+			t.Errorf("%s: %v:\n%s", fam, err, rep[fam].body)
 		}
-		for _, p := range []string{"443", "8883", "5684"} {
-			if !regexp.MustCompile(`--dports? (\S*,)?` + p + `\b`).MatchString(rules) {
-				t.Errorf("%s: no rule for port %s:\n%s", fam, p, rules)
+		rules := rep[fam].body
+		for _, p := range []string{"tcp 443", "tcp 8883", "udp 5684", "udp 5685"} {
+			proto, port, _ := strings.Cut(p, " ")
+			re := regexp.MustCompile(`(?m)^-A \S+ -i eth0 -p ` + proto + `\b.*--dport ` + port + `\b.*-j ACCEPT\s*$`)
+			if !re.MatchString(rules) {
+				t.Errorf("%s: no ACCEPT for %s/%s on eth0:\n%s", fam, proto, port, rules)
 			}
 		}
 		for _, p := range []string{"22", "80", "1883", "5683"} {
-			if regexp.MustCompile(`-p (tcp|udp).*--dports? (\S*,)?` + p + `\b.*-j ACCEPT`).MatchString(rules) {
+			if regexp.MustCompile(`(?m)^-A .*--dports? (\S*,)?` + p + `\b.*-j ACCEPT\s*$`).MatchString(rules) {
 				t.Errorf("%s: port %s is accepted:\n%s", fam, p, rules)
 			}
 		}
@@ -260,6 +262,43 @@ func checkInside(t *testing.T, rep map[string]section) {
 	if pw := strings.TrimSpace(rep["root-password"].body); pw != "*" && !strings.HasPrefix(pw, "!") {
 		t.Errorf("root has a usable password hash in the image")
 	}
+}
+
+// checkDefaultDeny checks an iptables-save filter table: INPUT either has a
+// DROP policy, or its first rule jumps to a chain whose last rule drops
+// everything unconditionally.
+func checkDefaultDeny(rules string) error {
+	if regexp.MustCompile(`(?m)^:INPUT DROP`).MatchString(rules) {
+		return nil
+	}
+	var input []string
+	chains := map[string][]string{}
+	for _, line := range strings.Split(rules, "\n") {
+		f := strings.Fields(line)
+		if len(f) < 2 || f[0] != "-A" {
+			continue
+		}
+		chains[f[1]] = append(chains[f[1]], line)
+		if f[1] == "INPUT" {
+			input = append(input, line)
+		}
+	}
+	if len(input) == 0 {
+		return errors.New("INPUT has an ACCEPT policy and no rules")
+	}
+	m := regexp.MustCompile(`^-A INPUT (-m comment --comment "[^"]*" )?-j (\S+)\s*$`).FindStringSubmatch(input[0])
+	if m == nil {
+		return fmt.Errorf("first INPUT rule %q is not an unconditional jump", input[0])
+	}
+	target := chains[m[2]]
+	if len(target) == 0 {
+		return fmt.Errorf("INPUT jumps to %s, which is empty", m[2])
+	}
+	last := target[len(target)-1]
+	if !regexp.MustCompile(`^-A \S+ (-m comment --comment "[^"]*" )?-j (DROP|REJECT)\b`).MatchString(last) {
+		return fmt.Errorf("%s does not end in an unconditional DROP: %q", m[2], last)
+	}
+	return nil
 }
 
 // tlsChainCheck completes a TLS handshake and checks that the server's chain

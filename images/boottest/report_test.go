@@ -39,3 +39,29 @@ func TestParseReport(t *testing.T) {
 		}
 	}
 }
+
+func TestCheckDefaultDeny(t *testing.T) {
+	good := `*filter
+:INPUT ACCEPT [0:0]
+:BASTION-IN-1 - [0:0]
+-A INPUT -m comment --comment "bastion:jump" -j BASTION-IN-1
+-A BASTION-IN-1 -i eth0 -p tcp -m tcp --dport 443 -j ACCEPT
+-A BASTION-IN-1 -m comment --comment "bastion:default-drop" -j DROP
+COMMIT`
+	if err := checkDefaultDeny(good); err != nil {
+		t.Errorf("good ruleset refused: %v", err)
+	}
+	if err := checkDefaultDeny(":INPUT DROP [0:0]\n"); err != nil {
+		t.Errorf("DROP policy refused: %v", err)
+	}
+	for name, bad := range map[string]string{
+		"empty":            ":INPUT ACCEPT [0:0]\n",
+		"conditional jump": ":INPUT ACCEPT [0:0]\n-A INPUT -i eth0 -j B\n-A B -j DROP\n",
+		"no final drop":    ":INPUT ACCEPT [0:0]\n-A INPUT -j B\n-A B -p tcp --dport 1 -j DROP\n-A B -j ACCEPT\n",
+		"conditional drop": ":INPUT ACCEPT [0:0]\n-A INPUT -j B\n-A B -i eth0 -j DROP\n",
+	} {
+		if err := checkDefaultDeny(bad); err == nil {
+			t.Errorf("%s: accepted as default-deny", name)
+		}
+	}
+}

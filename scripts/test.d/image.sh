@@ -11,6 +11,13 @@ t0=$(date +%s)
 timeout 15m images/cross.sh
 echo "-- cross builds took $(( $(date +%s) - t0 ))s"
 
+echo "-- OpenWrt recipe: init script syntax, config adapter against the real bastiond"
+sh -n images/openwrt/bastion/files/bastiond.init
+owrt=$(mktemp -d)
+trap 'rm -rf "$owrt"' EXIT
+PATH="$PWD/images/out/cross/linux-amd64:$PATH" sh images/openwrt/bastion/files/openwrt-config "$owrt/bastion.yaml" /etc/bastion/state
+images/out/cross/linux-amd64/bastiond --check-config "$owrt/bastion.yaml"
+
 if [ "$(id -u)" -ne 0 ]; then
 	if [ "${BASTION_REQUIRE_ALL:-}" = 1 ]; then
 		echo "image.sh: building the appliance image needs root" >&2
