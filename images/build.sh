@@ -230,15 +230,17 @@ rm -rf "$root/var/cache/apt"/*.bin "$root/var/lib/apt/lists"/* "$root/var/log"/*
 # Clamp every timestamp so the filesystem does not record when it was built.
 find "$root" -newermt "@$SOURCE_DATE_EPOCH" -print0 | xargs -0r touch -h --no-dereference -d "@$SOURCE_DATE_EPOCH"
 
-# mke2fs -d copies each file's ctime, which no tool can set on the source;
-# set them to SOURCE_DATE_EPOCH inside the new filesystem instead.
-clamp_ctimes() {
+# mke2fs -d copies each file's ctime, which no tool can set on the source,
+# and its atime, which every read after the clamp above moves again (relatime);
+# set both to SOURCE_DATE_EPOCH inside the new filesystem instead.
+clamp_times() {
 	local src=$1 fs=$2 out
 	(cd "$src" && find . -mindepth 1 | sed 's|^\.||') |
-		awk -v t="@$SOURCE_DATE_EPOCH" 'index($0, " ") == 0 { print "sif " $0 " ctime " t } END { print "sif / ctime " t }' \
+		awk -v t="@$SOURCE_DATE_EPOCH" 'index($0, " ") == 0 { print "sif " $0 " ctime " t; print "sif " $0 " atime " t }
+			END { print "sif / ctime " t; print "sif / atime " t }' \
 			> "$work/ctime.cmds"
 	if (cd "$src" && find . -name '* *' | grep -q .); then
-		die "$src has file names with spaces, which clamp_ctimes cannot pass to debugfs"
+		die "$src has file names with spaces, which clamp_times cannot pass to debugfs"
 	fi
 	out=$(debugfs -w -f "$work/ctime.cmds" "$fs" 2>&1 | grep -v '^debugfs' || true)
 	[ -z "$out" ] || die "debugfs ctime clamp on $fs: $out"
@@ -250,13 +252,13 @@ root_kib=$(du -sk --apparent-size "$root" | cut -f1)
 root_mib=$(( (root_kib * 13 / 10) / 1024 + 64 ))
 mke2fs -q -F -t ext4 -L bastion-root -U "$root_fsuuid" -E "hash_seed=$root_fsuuid,root_owner=0:0" \
 	-O ^has_journal,^metadata_csum_seed -m 0 -b 4096 -d "$root" "$work/root.ext4" "${root_mib}M"
-clamp_ctimes "$root" "$work/root.ext4"
+clamp_times "$root" "$work/root.ext4"
 mkdir -p "$work/state"
 chmod 0700 "$work/state"
 touch -d "@$SOURCE_DATE_EPOCH" "$work/state"
 mke2fs -q -F -t ext4 -L bastion-state -U "$state_fsuuid" -E "hash_seed=$state_fsuuid,root_owner=0:0" \
 	-m 0 -b 4096 -d "$work/state" "$work/state.ext4" "${state_mib}M"
-clamp_ctimes "$work/state" "$work/state.ext4"
+clamp_times "$work/state" "$work/state.ext4"
 
 # ESP: systemd-boot, one entry, no command-line editor at the boot menu.
 esp=$work/esp
