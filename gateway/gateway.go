@@ -23,7 +23,9 @@ import (
 
 	"golang.org/x/sync/errgroup"
 
+	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/bridges/coap"
+	"github.com/bastion-iot/bastion/bridges/hub"
 	"github.com/bastion-iot/bastion/bridges/mqtt"
 	"github.com/bastion-iot/bastion/gateway/config"
 	"github.com/bastion-iot/bastion/gateway/console"
@@ -55,6 +57,10 @@ type Options struct {
 	Clock pki.Clock
 	// Ready is called once every listener is up.
 	Ready func(*Gateway)
+	// Sink receives device telemetry before it is acknowledged. Nil means
+	// hub.LocalSink: messages reach local subscribers only (until the
+	// durable queue is wired in).
+	Sink bridges.Sink
 }
 
 // Gateway is one running Bastion.
@@ -70,6 +76,7 @@ type Gateway struct {
 	devices    *Devices
 	metrics    *metrics
 	certs      map[string]*pki.ServerCert
+	hub        *hub.Hub
 	coap       *coap.Server
 	mqtt       *mqtt.Server
 	console    *console.Server
@@ -267,12 +274,20 @@ func (g *Gateway) openListeners(cfg config.Config) error {
 		return sc, nil
 	}
 	id := g.identity()
+	sink := g.opts.Sink
+	if sink == nil {
+		sink = hub.LocalSink{}
+	}
+	var err error
+	if g.hub, err = hub.New(sink, g.metrics.reg, g.log); err != nil {
+		return err
+	}
 	if cfg.CoAP.Enabled {
 		sc, err := cert("coap", cfg.CoAP.Listen)
 		if err != nil {
 			return err
 		}
-		g.coap, err = coap.New(coap.Config{Listen: cfg.CoAP.Listen, PSKListen: cfg.CoAP.PSKListen, MaxPayload: cfg.CoAP.MaxPayload}, sc, id, nil, g.log)
+		g.coap, err = coap.New(coap.Config{Listen: cfg.CoAP.Listen, PSKListen: cfg.CoAP.PSKListen, MaxPayload: cfg.CoAP.MaxPayload}, sc, id, g.hub, g.log)
 		if err != nil {
 			return err
 		}
@@ -282,7 +297,8 @@ func (g *Gateway) openListeners(cfg config.Config) error {
 		if err != nil {
 			return err
 		}
-		g.mqtt, err = mqtt.New(mqtt.Config{Listen: cfg.MQTT.Listen, AllowSecretAuth: cfg.MQTT.AllowSecretAuth, MaxPacketSize: cfg.MQTT.MaxPacketSize}, sc, id, g.log)
+		g.mqtt, err = mqtt.New(mqtt.Config{Listen: cfg.MQTT.Listen, AllowSecretAuth: cfg.MQTT.AllowSecretAuth,
+			MaxPacketSize: cfg.MQTT.MaxPacketSize, MaxPayload: cfg.CoAP.MaxPayload, Retained: g.store}, sc, id, g.hub, g.log)
 		if err != nil {
 			return err
 		}
@@ -472,6 +488,14 @@ func (g *Gateway) Addrs() map[string]string {
 	m["control"] = g.ctl.path
 	return m
 }
+
+// Deliver sends a command to a device (m.Topic = devices/{m.Device}/c/...)
+// over whichever transport it is connected with: CoAP Observe or MQTT. The
+// upstream downlink, the console and the gateway itself use it.
+func (g *Gateway) Deliver(ctx context.Context, m bridges.Message) error { return g.hub.Deliver(ctx, m) }
+
+// Hub returns the local message hub shared by the device transports.
+func (g *Gateway) Hub() *hub.Hub { return g.hub }
 
 // CA returns the gateway's certificate authority.
 func (g *Gateway) CA() *pki.CA { return g.ca }

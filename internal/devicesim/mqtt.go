@@ -1,0 +1,99 @@
+package devicesim
+
+import (
+	"context"
+	"crypto/tls"
+	"fmt"
+	"net"
+
+	"github.com/eclipse/paho.golang/paho"
+)
+
+// MQTT is a device's MQTT 5 session over TLS.
+type MQTT struct {
+	c    *paho.Client
+	conn net.Conn
+	id   string
+}
+
+// DialMQTT connects over TLS as the device (client id = device id) and
+// calls onMessage for every message the gateway delivers.
+func (d *Device) DialMQTT(ctx context.Context, addr string, onMessage func(topic string, payload []byte)) (*MQTT, error) {
+	return d.DialMQTTAs(ctx, addr, d.ID, onMessage)
+}
+
+// DialMQTTAs is DialMQTT with another client id (tests of the refusal).
+func (d *Device) DialMQTTAs(ctx context.Context, addr, clientID string, onMessage func(topic string, payload []byte)) (*MQTT, error) {
+	cfg, err := d.TLSConfig(addr)
+	if err != nil {
+		return nil, err
+	}
+	conn, err := (&tls.Dialer{Config: cfg}).DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("mqtts connect to %s as %s: %w", addr, d.ID, err)
+	}
+	cc := paho.ClientConfig{Conn: conn}
+	if onMessage != nil {
+		cc.OnPublishReceived = []func(paho.PublishReceived) (bool, error){func(pr paho.PublishReceived) (bool, error) {
+			onMessage(pr.Packet.Topic, pr.Packet.Payload)
+			return true, nil
+		}}
+	}
+	c := paho.NewClient(cc)
+	cp := &paho.Connect{ClientID: clientID, KeepAlive: 60, CleanStart: true}
+	if d.Auth == "secret" {
+		cp.Username, cp.UsernameFlag = d.ID, true
+		cp.Password, cp.PasswordFlag = []byte(d.Secret), true
+	}
+	ca, err := c.Connect(ctx, cp)
+	if err != nil {
+		conn.Close()
+		if ca != nil {
+			return nil, fmt.Errorf("mqtt CONNECT as %s refused: reason 0x%02x %s", clientID, ca.ReasonCode, ca.Properties.ReasonString)
+		}
+		return nil, fmt.Errorf("mqtt CONNECT as %s: %w", clientID, err)
+	}
+	return &MQTT{c: c, conn: conn, id: d.ID}, nil
+}
+
+// Publish sends a message on topic. For QoS 1 the reason code of the PUBACK is returned (0 = accepted,
+// 0x97 = gateway queue full, 0x87 = not authorised).
+func (m *MQTT) Publish(ctx context.Context, topic string, qos byte, payload []byte) (byte, error) {
+	pr, err := m.c.Publish(ctx, &paho.Publish{Topic: topic, QoS: qos, Payload: payload})
+	if pr != nil {
+		return pr.ReasonCode, err
+	}
+	return 0, err
+}
+
+// PublishRetained publishes a retained QoS 1 message (device status).
+func (m *MQTT) PublishRetained(ctx context.Context, topic string, payload []byte) (byte, error) {
+	pr, err := m.c.Publish(ctx, &paho.Publish{Topic: topic, QoS: 1, Retain: true, Payload: payload})
+	if pr != nil {
+		return pr.ReasonCode, err
+	}
+	return 0, err
+}
+
+// TelemetryTopic is the topic a device publishes telemetry path on.
+func (m *MQTT) TelemetryTopic(path string) string { return "devices/" + m.id + "/t/" + path }
+
+// Subscribe subscribes to filter with QoS 1 and returns the SUBACK reason.
+func (m *MQTT) Subscribe(ctx context.Context, filter string) (byte, error) {
+	sa, err := m.c.Subscribe(ctx, &paho.Subscribe{Subscriptions: []paho.SubscribeOptions{{Topic: filter, QoS: 1}}})
+	if sa != nil && len(sa.Reasons) > 0 {
+		return sa.Reasons[0], err
+	}
+	return 0, err
+}
+
+// Done is closed when the session ends.
+func (m *MQTT) Done() <-chan struct{} { return m.c.Done() }
+
+// Close disconnects cleanly.
+func (m *MQTT) Close() error {
+	err := m.c.Disconnect(&paho.Disconnect{ReasonCode: 0})
+	m.conn.Close()
+	<-m.c.Done()
+	return err
+}
