@@ -107,10 +107,15 @@ func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log 
 	caps.MaximumSessionExpiryInterval = uint32(cfg.SessionExpiry.Seconds())
 	caps.MaximumMessageExpiryInterval = int64(cfg.SessionExpiry.Seconds())
 	caps.SharedSubAvailable = 0
+	// mochi's default (8192 queued packets per client) costs 64 KiB of
+	// channel per connection; an idle-device gateway holds thousands.
+	caps.MaximumClientWritesPending = int32(cfg.MaxInflight) * 4
 	s.mq = mochi.New(&mochi.Options{
-		Capabilities: caps,
-		InlineClient: true,
-		Logger:       s.log.With("lib", "mochi"),
+		Capabilities:             caps,
+		InlineClient:             true,
+		ClientNetReadBufferSize:  2048,
+		ClientNetWriteBufferSize: 2048,
+		Logger:                   s.log.With("lib", "mochi"),
 	})
 	if err := s.mq.AddHook(&authHook{s: s}, nil); err != nil {
 		return nil, err

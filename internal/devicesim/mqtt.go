@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"fmt"
 	"net"
+	"sync"
 
 	"github.com/eclipse/paho.golang/paho"
 )
@@ -14,6 +15,30 @@ type MQTT struct {
 	c    *paho.Client
 	conn net.Conn
 	id   string
+	mu   sync.Mutex
+	err  error
+}
+
+func (m *MQTT) setErr(err error) {
+	m.mu.Lock()
+	if m.err == nil {
+		m.err = err
+	}
+	m.mu.Unlock()
+}
+
+// Err is why the session ended, if it did for a reason other than Close.
+func (m *MQTT) Err() error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.err
+}
+
+func reasonString(p *paho.DisconnectProperties) string {
+	if p == nil {
+		return ""
+	}
+	return p.ReasonString
 }
 
 // DialMQTT connects over TLS as the device (client id = device id) and
@@ -32,7 +57,13 @@ func (d *Device) DialMQTTAs(ctx context.Context, addr, clientID string, onMessag
 	if err != nil {
 		return nil, fmt.Errorf("mqtts connect to %s as %s: %w", addr, d.ID, err)
 	}
-	cc := paho.ClientConfig{Conn: conn}
+	m := &MQTT{conn: conn, id: d.ID}
+	cc := paho.ClientConfig{Conn: conn,
+		OnServerDisconnect: func(dc *paho.Disconnect) {
+			m.setErr(fmt.Errorf("server sent DISCONNECT reason 0x%02x %s", dc.ReasonCode, reasonString(dc.Properties)))
+		},
+		OnClientError: func(err error) { m.setErr(err) },
+	}
 	if onMessage != nil {
 		cc.OnPublishReceived = []func(paho.PublishReceived) (bool, error){func(pr paho.PublishReceived) (bool, error) {
 			onMessage(pr.Packet.Topic, pr.Packet.Payload)
@@ -53,7 +84,8 @@ func (d *Device) DialMQTTAs(ctx context.Context, addr, clientID string, onMessag
 		}
 		return nil, fmt.Errorf("mqtt CONNECT as %s: %w", clientID, err)
 	}
-	return &MQTT{c: c, conn: conn, id: d.ID}, nil
+	m.c = c
+	return m, nil
 }
 
 // Publish sends a message on topic. For QoS 1 the reason code of the PUBACK is returned (0 = accepted,
