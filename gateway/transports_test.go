@@ -794,3 +794,59 @@ func TestRetainedMessagesSurviveRestart(t *testing.T) {
 		t.Errorf("broker after restart has retained %q (%v), want yes", m, ok)
 	}
 }
+
+// clientHello captures the first flight of a real pion DTLS PSK client.
+func clientHello(t *testing.T) []byte {
+	t.Helper()
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	c, err := piondtls.Dial("udp", pc.LocalAddr().(*net.UDPAddr), &piondtls.Config{
+		PSK:             func([]byte) ([]byte, error) { return []byte("0123456789abcdef"), nil },
+		PSKIdentityHint: []byte("x"), CipherSuites: pki.DTLSPSKSuites,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { c.HandshakeContext(ctx); close(done) }()
+	buf := make([]byte, 2048)
+	pc.SetReadDeadline(time.Now().Add(5 * time.Second))
+	n, _, err := pc.ReadFrom(buf)
+	cancel()
+	c.Close()
+	<-done
+	if err != nil {
+		t.Fatal(err)
+	}
+	return buf[:n]
+}
+
+func TestDTLSHandshakesInFlightLimitedPerSource(t *testing.T) {
+	g := startTransports(t)
+	hello := clientHello(t)
+	raddr, _ := net.ResolveUDPAddr("udp", g.g.Addrs()["coaps_psk"])
+	// 12 handshakes from one address that never finish: the default limit
+	// is 8 in flight, so at least 4 are dropped before any crypto.
+	for range 12 {
+		c, err := net.DialUDP("udp", nil, raddr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		if _, err := c.Write(hello); err != nil {
+			t.Fatal(err)
+		}
+	}
+	g.waitLog(t, "too many handshakes in flight from this source", "remote=127.0.0.1:")
+	deadline := time.Now().Add(5 * time.Second)
+	for g.refusals(hub.CoAP, hub.ReasonHandshakeLimit) < 4 && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if n := g.refusals(hub.CoAP, hub.ReasonHandshakeLimit); n != 4 {
+		t.Errorf("handshake-limit refusals %v, want 4", n)
+	}
+}
