@@ -101,7 +101,7 @@ func BenchmarkMQTTvsMosquitto(b *testing.B) {
 	}
 	for _, qos := range []byte{0, 1} {
 		for _, pubs := range []int{1, 50} {
-			per := map[byte]int{0: 20000, 1: 4000}[qos] / pubs
+			per := map[byte]int{0: 20000, 1: 20000}[qos] / pubs
 			if pubs == 1 {
 				per = map[byte]int{0: 20000, 1: 4000}[qos]
 			}

@@ -44,6 +44,11 @@ type Config struct {
 	// RetryAfter is the Max-Age sent with 5.03 when the Sink is full
 	// (default 30s).
 	RetryAfter time.Duration
+	// IdleTimeout closes a session that has sent nothing for this long
+	// (default 10 min; go-coap's own default of 16 s would drop a sleeping
+	// device's command observation). A device that comes back after it
+	// does a new handshake.
+	IdleTimeout time.Duration
 }
 
 func (c *Config) defaults() {
@@ -58,6 +63,9 @@ func (c *Config) defaults() {
 	}
 	if c.RetryAfter <= 0 {
 		c.RetryAfter = 30 * time.Second
+	}
+	if c.IdleTimeout <= 0 {
+		c.IdleTimeout = 10 * time.Minute
 	}
 }
 
@@ -157,6 +165,10 @@ func (s *Server) Run(ctx context.Context) error {
 			options.WithMaxMessageSize(uint32(max(64*1024, 4*s.cfg.MaxPayload))),
 			options.WithDTLSHandshakeTimeout(s.cfg.HandshakeTimeout),
 			options.WithOnNewConn(s.onNewConn),
+			options.WithInactivityMonitor(s.cfg.IdleTimeout, func(cc *udpclient.Conn) {
+				s.log.Debug("coap: closing idle session", "device", s.deviceOf(cc), "idle", s.cfg.IdleTimeout)
+				cc.Close()
+			}),
 			// go-coap's default runner leaves a sleeping goroutine per
 			// connection behind; this one stops with the server.
 			options.WithPeriodicRunner(periodic.New(ctx.Done(), time.Second)),
@@ -247,6 +259,13 @@ func (s *Server) sessionOf(cc *udpclient.Conn) *session {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.sessions[cc]
+}
+
+func (s *Server) deviceOf(cc *udpclient.Conn) string {
+	if se := s.sessionOf(cc); se != nil {
+		return se.device
+	}
+	return ""
 }
 
 // revoke closes every session of a revoked device. It must not block (it
