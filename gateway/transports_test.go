@@ -111,12 +111,15 @@ type tgw struct {
 
 // startTransports starts a dev gateway on free loopback ports with a test
 // sink, a settable clock and a captured log.
-func startTransports(t *testing.T) *tgw {
+func startTransports(t *testing.T) *tgw { return startTransportsWith(t, false) }
+
+func startTransportsWith(t *testing.T, secretAuth bool) *tgw {
 	t.Helper()
 	dir := filepath.Join(t.TempDir(), "state")
 	os.MkdirAll(dir, 0o700)
 	cfg := testConfig(dir)
 	cfg.CoAP.MaxPayload = 1024
+	cfg.MQTT.AllowSecretAuth = secretAuth
 	if err := WriteConfigFile(filepath.Join(dir, "bastion.yaml"), cfg); err != nil {
 		t.Fatal(err)
 	}
@@ -849,4 +852,44 @@ func TestDTLSHandshakesInFlightLimitedPerSource(t *testing.T) {
 	if n := g.refusals(hub.CoAP, hub.ReasonHandshakeLimit); n != 4 {
 		t.Errorf("handshake-limit refusals %v, want 4", n)
 	}
+}
+
+func TestMQTTSecretLoginAndOneSessionPerDevice(t *testing.T) {
+	g := startTransportsWith(t, true)
+	ctx := ctxT(t, 30*time.Second)
+	d := g.addDevice(t, "legacy", "secret")
+	m1, err := d.DialMQTT(ctx, g.g.Addrs()["mqtts"], nil)
+	if err != nil {
+		t.Fatalf("secret login: %v", err)
+	}
+	defer m1.Close()
+	// A second connection of the same device takes the session over.
+	m2, err := d.DialMQTT(ctx, g.g.Addrs()["mqtts"], nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m2.Close()
+	select {
+	case <-m1.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("first session still open after the device connected again")
+	}
+	g.waitLog(t, "one session per device", "device="+d.ID)
+	if rc, err := m2.Publish(ctx, m2.TelemetryTopic("x"), 1, []byte("1")); err != nil || rc != 0 {
+		t.Errorf("publish on the new session: %#x %v", rc, err)
+	}
+
+	// Wrong secret, and no certificate and no secret at all.
+	bad := *d
+	bad.Secret = "wrong"
+	if _, err := bad.DialMQTT(ctx, g.g.Addrs()["mqtts"], nil); err == nil {
+		t.Error("wrong secret accepted")
+	}
+	g.waitLog(t, "secret login failed", "device="+d.ID, "reason=bad_secret")
+	none := *d
+	none.Auth, none.Secret = "none", ""
+	if _, err := none.DialMQTT(ctx, g.g.Addrs()["mqtts"], nil); err == nil {
+		t.Error("connection without credentials accepted")
+	}
+	g.waitLog(t, "connect refused: no client certificate", "reason=no_credentials")
 }

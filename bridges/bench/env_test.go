@@ -93,6 +93,11 @@ func startBastion(b *testing.B) *bastion {
 		b.Fatal(err)
 	}
 	cmd := exec.Command(bin, "--dev", "--state", dir)
+	// BENCH_BASTIOND_GOMEMLIMIT sets a Go soft memory limit for bastiond
+	// only (not for the load generator in this process).
+	if v := os.Getenv("BENCH_BASTIOND_GOMEMLIMIT"); v != "" {
+		cmd.Env = append(os.Environ(), "GOMEMLIMIT="+v)
+	}
 	var errBuf bytes.Buffer
 	cmd.Stderr, cmd.Stdout = &errBuf, &errBuf
 	if err := cmd.Start(); err != nil {

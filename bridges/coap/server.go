@@ -79,6 +79,7 @@ type Server struct {
 	lnC *limitListener
 	lnP *limitListener
 
+	closing  sync.WaitGroup // revocation closes in progress; Run waits
 	mu       sync.Mutex
 	sessions map[*udpclient.Conn]*session
 	byDevice map[string]map[*udpclient.Conn]struct{}
@@ -187,6 +188,7 @@ func (s *Server) Run(ctx context.Context) error {
 			first = err
 		}
 	}
+	s.closing.Wait()
 	return first
 }
 
@@ -283,7 +285,9 @@ func (s *Server) revoke(device string) {
 		return
 	}
 	s.log.Info("coap: closing sessions of revoked device", "device", device, "sessions", len(ccs))
+	s.closing.Add(1)
 	go func() {
+		defer s.closing.Done()
 		for _, cc := range ccs {
 			cc.Close()
 		}

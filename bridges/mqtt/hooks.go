@@ -63,6 +63,11 @@ func (h *authHook) OnConnectAuthenticate(cl *mochi.Client, pk packets.Packet) bo
 	if cl.ID != dev {
 		return refuse(hub.ReasonClientID, "client id is not the authenticated device; use the device id as client id", "device", dev)
 	}
+	if old, ok := h.s.mq.Clients.Get(dev); ok && !old.Closed() {
+		// The broker takes the session over right after this hook.
+		h.s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonSessionTakenOver).Inc()
+		log.Info("mqtt: older session closed: the device connected again (one session per device)", "device", dev, "old_remote", old.Net.Remote)
+	}
 	log.Info("mqtt: device connected", "device", dev)
 	return true
 }
@@ -84,10 +89,6 @@ func (h *authHook) OnDisconnect(cl *mochi.Client, err error, expire bool) {
 		return
 	}
 	h.s.m.Sessions.WithLabelValues(hub.MQTT).Dec()
-	if errors.Is(err, packets.ErrSessionTakenOver) {
-		h.s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonSessionTakenOver).Inc()
-		h.s.log.Info("mqtt: older session closed: the device connected again (one session per device)", "device", cl.ID)
-	}
 }
 
 // OnACLCheck keeps a device inside its namespace. The broker asks for every
