@@ -303,6 +303,16 @@ func (g *Gateway) openListeners(cfg config.Config) error {
 			return err
 		}
 	}
+	g.addStatus("transports", func() any {
+		st := map[string]int{}
+		if g.coap != nil {
+			st["coap_sessions"] = g.coap.SessionCount()
+		}
+		if g.mqtt != nil {
+			st["mqtt_sessions"] = g.mqtt.SessionCount()
+		}
+		return st
+	})
 	if cfg.Console.Enabled {
 		sc, err := cert("console", cfg.Console.Listen)
 		if err != nil {

@@ -14,7 +14,9 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/hex"
+	"encoding/json"
 	"encoding/pem"
+	"fmt"
 	"log/slog"
 	"math/big"
 	"net"
@@ -445,6 +447,9 @@ func TestCommandReachesCoAPObserverAndMQTTSubscriber(t *testing.T) {
 		t.Fatal("CoAP observer got no command")
 	}
 	expectMsg(t, mGot, "devices/"+md.ID+"/c/speed", "3")
+	if st, _ := json.Marshal(g.g.Status().Components["transports"]); string(st) != `{"coap_sessions":1,"mqtt_sessions":1}` {
+		t.Errorf("status transports = %s, want one session on each", st)
+	}
 	// A command for another device reaches neither.
 	g.g.Deliver(ctx, bridges.Message{Device: "dother", Topic: "devices/dother/c/valve", Payload: []byte("x")})
 	if err := g.g.Deliver(ctx, bridges.Message{Device: cd.ID, Topic: "devices/" + md.ID + "/c/x"}); err == nil {
@@ -892,4 +897,44 @@ func TestMQTTSecretLoginAndOneSessionPerDevice(t *testing.T) {
 		t.Error("connection without credentials accepted")
 	}
 	g.waitLog(t, "connect refused: no client certificate", "reason=no_credentials")
+}
+
+func TestLibcoapObserveReceivesCommands(t *testing.T) {
+	cc := testenv.RequireCommand(t, "coap-client-openssl")
+	g := startTransports(t)
+	d := g.addDevice(t, "blinker", "psk")
+	key, _ := hex.DecodeString(d.PSK)
+	ctx := ctxT(t, 30*time.Second)
+	cmd := exec.CommandContext(ctx, cc, "-u", d.PSKIdentity, "-k", string(key), "-m", "get", "-s", "10", "-B", "12",
+		"coaps://"+g.g.Addrs()["coaps_psk"]+"/c/led")
+	var out syncBuf
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	defer func() {
+		cmd.Process.Kill()
+		<-done
+	}()
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	// Each command differs, so a second one seen can only have come as an
+	// Observe notification (the first may be the GET's own answer).
+	n := 0
+	for strings.Count(out.String(), "blink-") < 2 {
+		select {
+		case err := <-done:
+			done <- err
+			t.Fatalf("coap-client ended before a command arrived: %v\n%s", err, out.String())
+		case <-ctx.Done():
+			t.Fatalf("no command reached the libcoap observer:\n%s", out.String())
+		case <-tick.C: // until the observation is registered
+			n++
+			if err := g.g.Deliver(ctx, bridges.Message{Device: d.ID, Topic: "devices/" + d.ID + "/c/led", Payload: []byte(fmt.Sprintf("blink-%d", n))}); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
 }

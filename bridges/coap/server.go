@@ -294,6 +294,13 @@ func (s *Server) revoke(device string) {
 	}()
 }
 
+// SessionCount returns how many device sessions are open now.
+func (s *Server) SessionCount() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.sessions)
+}
+
 // Sessions returns how many sessions device has open now.
 func (s *Server) Sessions(device string) int {
 	s.mu.Lock()

@@ -206,6 +206,13 @@ func (s *Server) disconnect(device string) {
 	}
 }
 
+// SessionCount returns how many authenticated device sessions are open.
+func (s *Server) SessionCount() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.authed)
+}
+
 // Connected reports whether device has an MQTT session open now.
 func (s *Server) Connected(device string) bool {
 	cl, ok := s.mq.Clients.Get(device)
