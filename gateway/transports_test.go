@@ -755,6 +755,10 @@ func TestRevokedDeviceSessionsCloseWithinOneSecond(t *testing.T) {
 	if g.refusals(hub.CoAP, hub.ReasonRevoked) < 1 {
 		t.Error("revoked refusal not counted")
 	}
+	if _, err := cd.DialMQTT(ctx, g.g.Addrs()["mqtts"], nil); err == nil {
+		t.Error("revoked certificate device connected over MQTT again")
+	}
+	g.waitLog(t, "mqtt: handshake refused", "device="+cd.ID, "reason=revoked")
 }
 
 func TestRetainedMessagesSurviveRestart(t *testing.T) {
@@ -936,5 +940,74 @@ func TestLibcoapObserveReceivesCommands(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
+	}
+}
+
+func TestDTLSConnectionIDNegotiated(t *testing.T) {
+	g := startTransports(t)
+	d := g.addDevice(t, "roamer", "psk")
+	// A UDP relay between device and gateway records the content type of
+	// every datagram the device sends: with a connection ID from the
+	// gateway, application data travels as tls12_cid records (type 25).
+	relay, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer relay.Close()
+	up, err := net.Dial("udp", g.coapAddr(d))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer up.Close()
+	var mu sync.Mutex
+	types := map[byte]bool{}
+	var client net.Addr
+	relayDone := make(chan struct{}, 2)
+	go func() {
+		defer func() { relayDone <- struct{}{} }()
+		buf := make([]byte, 4096)
+		for {
+			n, from, err := relay.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			client = from
+			types[buf[0]] = true
+			mu.Unlock()
+			up.Write(buf[:n])
+		}
+	}()
+	go func() {
+		defer func() { relayDone <- struct{}{} }()
+		buf := make([]byte, 4096)
+		for {
+			n, err := up.Read(buf)
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			c := client
+			mu.Unlock()
+			relay.WriteTo(buf[:n], c)
+		}
+	}()
+	ctx := ctxT(t, 10*time.Second)
+	co, err := d.DialCoAP(ctx, relay.LocalAddr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r, err := co.Publish(ctx, "x", []byte("1")); err != nil || r.Code != codes.Changed {
+		t.Fatalf("publish through the relay: %v %v", r.Code, err)
+	}
+	co.Close()
+	relay.Close()
+	up.Close()
+	<-relayDone
+	<-relayDone
+	mu.Lock()
+	defer mu.Unlock()
+	if !types[25] {
+		t.Errorf("device sent record types %v, no tls12_cid (25): connection ID not in use", types)
 	}
 }

@@ -22,6 +22,7 @@ import (
 // CoAP is a device's CoAP-over-DTLS session with the gateway.
 type CoAP struct {
 	cc   *udpclient.Conn
+	dc   *piondtls.Conn
 	stop context.CancelFunc
 }
 
@@ -50,13 +51,18 @@ func (d *Device) DialCoAP(ctx context.Context, addr string) (*CoAP, error) {
 		// go-coap's default runner sleeps on after the session; this one ends with it.
 		options.WithPeriodicRunner(periodic.New(life.Done(), time.Second)),
 		options.WithErrors(func(error) {}))
-	return &CoAP{cc: cc, stop: stop}, nil
+	return &CoAP{cc: cc, dc: conn, stop: stop}, nil
 }
 
 // Close ends the session.
+// Close ends the session and waits until its goroutines are done. The DTLS
+// connection is closed here too: go-coap's session close alone leaves its
+// reader waiting when the peer is already gone.
 func (c *CoAP) Close() error {
 	err := c.cc.Close()
+	c.dc.Close()
 	c.stop()
+	<-c.cc.Done()
 	return err
 }
 
