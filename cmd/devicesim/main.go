@@ -110,9 +110,13 @@ func run(args []string, stdout, stderr io.Writer) int {
 	return 0
 }
 
-// telemetryPath turns a TOPIC argument into the path below t/.
-func telemetryPath(id, topic string) string {
-	return strings.TrimPrefix(topic, "devices/"+id+"/t/")
+// telemetryPath turns a TOPIC argument into the path below t/; ok is false
+// for a full topic outside the device's telemetry tree.
+func telemetryPath(id, topic string) (string, bool) {
+	if p, ok := strings.CutPrefix(topic, "devices/"+id+"/t/"); ok {
+		return p, true
+	}
+	return topic, !strings.HasPrefix(topic, "devices/")
 }
 
 func report(w io.Writer, r devicesim.LoadResult) {
@@ -136,7 +140,10 @@ func runCoAP(ctx context.Context, d *devicesim.Device, addr string, args []strin
 		if len(args) != 3 {
 			return errors.New("publish TOPIC PAYLOAD")
 		}
-		path := telemetryPath(d.ID, args[1])
+		path, ok := telemetryPath(d.ID, args[1])
+		if !ok {
+			return fmt.Errorf("CoAP can only POST into the device's own tree devices/%s/t/...", d.ID)
+		}
 		r, err := devicesim.Load(ctx, lo, func(ctx context.Context, _ int) error {
 			rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 			defer cancel()
@@ -198,7 +205,12 @@ func runMQTT(ctx context.Context, d *devicesim.Device, addr string, args []strin
 		if len(args) != 3 {
 			return errors.New("publish TOPIC PAYLOAD")
 		}
-		topic := mq.TelemetryTopic(telemetryPath(d.ID, args[1]))
+		// A full topic outside the device's tree is sent as given, so that a
+		// demo can show the gateway refusing it.
+		topic := args[1]
+		if p, ok := telemetryPath(d.ID, args[1]); ok {
+			topic = mq.TelemetryTopic(p)
+		}
 		r, err := devicesim.Load(ctx, lo, func(ctx context.Context, _ int) error {
 			rc, err := mq.Publish(ctx, topic, qos, []byte(args[2]))
 			if err != nil {

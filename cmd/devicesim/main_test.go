@@ -100,6 +100,11 @@ func TestDevicesimCommand(t *testing.T) {
 			t.Errorf("%s: output %q, want %q", tc.name, out.String(), tc.want)
 		}
 	}
+	// Publishing into another device's tree is refused by the gateway.
+	errb.Reset()
+	if rc := run([]string{"--mqtt", "--creds", certCreds, "--key", filepath.Join(dir, "k.pem"), "--addr", addrs["mqtts"], "publish", "devices/" + pc.ID + "/t/x", "1"}, &out, &errb); rc != 1 || !strings.Contains(errb.String(), "refused") {
+		t.Errorf("publish into another device's tree: exit %d, stderr %q; want 1 and refused", rc, errb.String())
+	}
 	// Usage errors exit 2; a refused device exits 1 with the reason.
 	if rc := run([]string{"--coap", "--mqtt", "publish"}, &out, &errb); rc != 2 {
 		t.Errorf("both transports: exit %d, want 2", rc)
@@ -110,5 +115,15 @@ func TestDevicesimCommand(t *testing.T) {
 	errb.Reset()
 	if rc := run([]string{"--coap", "--creds", pskCreds, "--addr", addrs["coaps_psk"], "publish", "temp", "1"}, &out, &errb); rc != 1 || !strings.Contains(errb.String(), "handshake") {
 		t.Errorf("revoked device: exit %d, stderr %q; want 1 and a handshake error", rc, errb.String())
+	}
+}
+
+func TestTelemetryPath(t *testing.T) {
+	for in, want := range map[string]string{"temp": "temp|true", "room/temp": "room/temp|true",
+		"devices/d1/t/x": "x|true", "devices/d2/t/x": "devices/d2/t/x|false"} {
+		p, ok := telemetryPath("d1", in)
+		if got := p + "|" + map[bool]string{true: "true", false: "false"}[ok]; got != want {
+			t.Errorf("telemetryPath(d1, %q) = %s, want %s", in, got, want)
+		}
 	}
 }
