@@ -146,7 +146,12 @@ func startTransportsWith(t *testing.T, secretAuth bool) *tgw {
 		t.Fatal("gateway not ready within 10s")
 	}
 	tg := &tgw{running: r, log: lb, dir: dir, sink: sink, clock: clock}
-	t.Cleanup(func() { r.stop(t) })
+	t.Cleanup(func() {
+		r.stop(t)
+		if t.Failed() {
+			t.Logf("gateway log:\n%s", lb.String())
+		}
+	})
 	return tg
 }
 

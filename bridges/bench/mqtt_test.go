@@ -32,19 +32,11 @@ func (r result) p99() time.Duration {
 // handle a connection's packets in order, so its PUBACK means every QoS 0
 // message before it was processed.
 func mqttLoad(b *testing.B, addr string, devs []*devicesim.Device, per int, qos byte) result {
-	// A client's connection is now and then reset in the QoS 0 flood right
-	// after CONNECT, against either broker (seen with Mosquitto and Bastion
-	// alike, so most likely the client library); such a run is redone once.
-	for attempt := 1; ; attempt++ {
-		r, err := mqttLoadOnce(b, addr, devs, per, qos)
-		if err == nil {
-			return r
-		}
-		if attempt == 2 {
-			b.Fatalf("load against %s failed twice: %v", addr, err)
-		}
-		b.Logf("load against %s failed, redone: %v", addr, err)
+	r, err := mqttLoadOnce(b, addr, devs, per, qos)
+	if err != nil {
+		b.Fatalf("load against %s: %v", addr, err)
 	}
+	return r
 }
 
 func mqttLoadOnce(b *testing.B, addr string, devs []*devicesim.Device, per int, qos byte) (result, error) {

@@ -58,7 +58,7 @@ func (d *Device) DialMQTTAs(ctx context.Context, addr, clientID string, onMessag
 		return nil, fmt.Errorf("mqtts connect to %s as %s: %w", addr, d.ID, err)
 	}
 	m := &MQTT{conn: conn, id: d.ID}
-	cc := paho.ClientConfig{Conn: conn,
+	cc := paho.ClientConfig{Conn: &lockedConn{Conn: conn},
 		OnServerDisconnect: func(dc *paho.Disconnect) {
 			m.setErr(fmt.Errorf("server sent DISCONNECT reason 0x%02x %s", dc.ReasonCode, reasonString(dc.Properties)))
 		},
@@ -88,10 +88,25 @@ func (d *Device) DialMQTTAs(ctx context.Context, addr, clientID string, onMessag
 	return m, nil
 }
 
-// Publish sends a message on topic. For QoS 1 the reason code of the PUBACK is returned (0 = accepted,
+// lockedConn makes every MQTT packet paho writes one uninterrupted
+// sequence of writes: paho writes a packet in several Write calls and its
+// pinger sends a PINGREQ right after CONNACK from another goroutine, which
+// without the lock interleaves with the first PUBLISH (brokers then see a
+// malformed packet and drop the connection). paho takes the lock when the
+// connection implements sync.Locker.
+type lockedConn struct {
+	net.Conn
+	sync.Mutex
+}
+
+// Publish sends a message on topic. A refusal by the gateway is not an
+// error: the reason code says it. For QoS 1 the reason code of the PUBACK is returned (0 = accepted,
 // 0x97 = gateway queue full, 0x87 = not authorised).
 func (m *MQTT) Publish(ctx context.Context, topic string, qos byte, payload []byte) (byte, error) {
 	pr, err := m.c.Publish(ctx, &paho.Publish{Topic: topic, QoS: qos, Payload: payload})
+	if pr != nil && pr.ReasonCode >= 0x80 {
+		return pr.ReasonCode, nil // an answer, not a failure: the caller reads the code
+	}
 	if pr != nil {
 		return pr.ReasonCode, err
 	}
