@@ -44,6 +44,8 @@ func newControlServer(g *Gateway, path string) (*controlServer, error) {
 	mux.HandleFunc("POST /v1/devices/{id}/revoke", c.revokeDevice)
 	mux.HandleFunc("GET /v1/pki", c.pkiShow)
 	mux.Handle("GET /metrics", promhttp.HandlerFor(g.metrics.reg, promhttp.HandlerOpts{}))
+	g.controlFirewall(mux)
+	g.controlFirmware(mux)
 	for path, h := range g.extraControl {
 		mux.Handle(path, h)
 	}

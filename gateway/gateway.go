@@ -27,11 +27,15 @@ import (
 	"github.com/bastion-iot/bastion/bridges/coap"
 	"github.com/bastion-iot/bastion/bridges/hub"
 	"github.com/bastion-iot/bastion/bridges/mqtt"
+	"github.com/bastion-iot/bastion/bridges/queue"
+	"github.com/bastion-iot/bastion/bridges/upstream"
+	"github.com/bastion-iot/bastion/firewall"
 	"github.com/bastion-iot/bastion/gateway/config"
 	"github.com/bastion-iot/bastion/gateway/console"
 	"github.com/bastion-iot/bastion/gateway/control"
 	"github.com/bastion-iot/bastion/gateway/store"
 	"github.com/bastion-iot/bastion/internal/buildinfo"
+	otacache "github.com/bastion-iot/bastion/ota-cache"
 	"github.com/bastion-iot/bastion/pki"
 )
 
@@ -57,9 +61,9 @@ type Options struct {
 	Clock pki.Clock
 	// Ready is called once every listener is up.
 	Ready func(*Gateway)
-	// Sink receives device telemetry before it is acknowledged. Nil means
-	// hub.LocalSink: messages reach local subscribers only (until the
-	// durable queue is wired in).
+	// Sink, if set, receives device telemetry before it is acknowledged
+	// instead of the upstream link (tests). With neither, messages reach
+	// local subscribers only (hub.LocalSink).
 	Sink bridges.Sink
 }
 
@@ -81,7 +85,16 @@ type Gateway struct {
 	mqtt       *mqtt.Server
 	console    *console.Server
 	ctl        *controlServer
-	started    time.Time
+	fw         *firewall.Firewall
+	firmware   *otacache.Cache
+	queue      *queue.Queue
+	upstream   *upstream.Upstream
+	// consoleHandler is the console's pages and API (nil if disabled).
+	consoleHandler *console.Handler
+	// sink takes device telemetry: the upstream link when there is one.
+	sink     bridges.Sink
+	downlink atomic.Pointer[func(context.Context, bridges.Message) error]
+	started  time.Time
 
 	// extraControl lets components add control-socket endpoints.
 	extraControl    map[string]http.Handler
@@ -102,8 +115,8 @@ func Run(ctx context.Context, opts Options) error {
 
 // New loads the configuration and opens the state: store, CA, listeners.
 // Nothing is served until Run.
-func New(opts Options) (g *Gateway, err error) {
-	g = &Gateway{opts: opts, level: new(slog.LevelVar), extraControl: map[string]http.Handler{}}
+func New(opts Options) (_ *Gateway, err error) {
+	g := &Gateway{opts: opts, level: new(slog.LevelVar), extraControl: map[string]http.Handler{}}
 	if g.opts.Out == nil {
 		g.opts.Out = os.Stderr
 	}
@@ -156,8 +169,21 @@ func New(opts Options) (g *Gateway, err error) {
 	if err := g.devices.loadRevocations(); err != nil {
 		return nil, fmt.Errorf("load revocations: %w", err)
 	}
+	if err := g.openFirewall(context.Background(), cfg); err != nil {
+		return nil, err
+	}
+	if err := g.openUpstream(cfg); err != nil {
+		return nil, err
+	}
+	if err := g.openFirmware(cfg); err != nil {
+		return nil, err
+	}
 	if err := g.openListeners(cfg); err != nil {
 		return nil, err
+	}
+	g.wireConsole()
+	if err := g.applyForwardRules(); err != nil {
+		return nil, fmt.Errorf("forwarding rules: %w", err)
 	}
 	if g.ctl, err = newControlServer(g, control.SocketPath(cfg.StateDir)); err != nil {
 		return nil, err
@@ -274,7 +300,13 @@ func (g *Gateway) openListeners(cfg config.Config) error {
 		return sc, nil
 	}
 	id := g.identity()
+	// Telemetry goes to the Sink a test gave, else the upstream link (which
+	// applies the privacy rules, then the durable queue), else nowhere but
+	// local subscribers.
 	sink := g.opts.Sink
+	if sink == nil {
+		sink = g.sink
+	}
 	if sink == nil {
 		sink = hub.LocalSink{}
 	}
@@ -282,6 +314,8 @@ func (g *Gateway) openListeners(cfg config.Config) error {
 	if g.hub, err = hub.New(sink, g.metrics.reg, g.log); err != nil {
 		return err
 	}
+	// Commands from the cloud reach devices on whichever transport they use.
+	g.setDownlink(g.hub.Deliver)
 	if cfg.CoAP.Enabled {
 		sc, err := cert("coap", cfg.CoAP.Listen)
 		if err != nil {
@@ -318,7 +352,12 @@ func (g *Gateway) openListeners(cfg config.Config) error {
 		if err != nil {
 			return err
 		}
-		g.console, err = console.New(cfg.Console.Listen, pki.TLSServer(sc, 0, nil), nil, g.log)
+		g.consoleHandler, err = console.NewHandler(console.Options{Store: g.store, Gateway: consoleBackend{g}, Log: g.log})
+		if err != nil {
+			return err
+		}
+		g.extraControl["POST /v1/console/recover"] = g.consoleHandler.RecoveryControlHandler()
+		g.console, err = console.New(cfg.Console.Listen, pki.TLSServer(sc, 0, nil), g.consoleHandler, g.log)
 		if err != nil {
 			return err
 		}
@@ -380,6 +419,15 @@ func (g *Gateway) Run(ctx context.Context) error {
 		return pki.RunRenewal(ctx, time.Hour, cs...)
 	})
 	eg.Go(func() error { return g.reloadLoop(ctx) })
+	if g.fw != nil {
+		eg.Go(func() error { return g.fw.Run(ctx) })
+	}
+	if g.firmware != nil {
+		eg.Go(func() error { return g.firmware.Run(ctx) })
+	}
+	if g.upstream != nil {
+		eg.Go(func() error { return g.upstream.Run(ctx) })
+	}
 	if l := g.cfg.Load().Metrics.Listen; l != "" {
 		if err := g.serveMetrics(ctx, eg, l); err != nil {
 			return err
@@ -397,6 +445,12 @@ func (g *Gateway) Run(ctx context.Context) error {
 }
 
 func (g *Gateway) close() {
+	if g.queue != nil {
+		g.queue.Close()
+	}
+	if g.firmware != nil {
+		g.firmware.Close()
+	}
 	if g.store != nil {
 		g.store.Close()
 		g.store = nil
@@ -437,6 +491,28 @@ func (g *Gateway) Reload() error {
 	}
 	if cfg.StateDir != old.StateDir || cfg.CoAP != old.CoAP || cfg.MQTT != old.MQTT || cfg.Console != old.Console {
 		g.log.Warn("config reload: listener and state_dir changes take effect at the next restart")
+	}
+	if g.fw != nil {
+		p, err := cfg.FirewallPolicy()
+		if err == nil {
+			err = g.fw.Apply(context.Background(), p)
+		}
+		if err != nil {
+			g.metrics.reloads.WithLabelValues("refused").Inc()
+			g.log.Error("config reload refused: the new firewall policy could not be applied; the running configuration stays", "err", err)
+			return err
+		}
+	}
+	if g.upstream != nil && cfg.Upstream.Enabled {
+		ucfg := cfg.Upstream.Config
+		ucfg.Forward = g.forwardRules(ucfg) // the console's rules stay in force
+		if err := g.upstream.Reload(ucfg); err != nil {
+			g.metrics.reloads.WithLabelValues("refused").Inc()
+			g.log.Error("config reload refused: the upstream link refused the new settings; the running configuration stays", "err", err)
+			return err
+		}
+	} else if (g.upstream != nil) != cfg.Upstream.Enabled {
+		g.log.Warn("config reload: turning upstream on or off takes effect at the next restart")
 	}
 	g.level.Set(parseLevel(cfg.Log.Level))
 	g.cfg.Store(&cfg)
@@ -544,6 +620,16 @@ func (g *Gateway) printSummary() {
 	fmt.Fprintf(w, "  admin:    bastionctl --state %s status\n", g.cfg.Load().StateDir)
 	if g.setupCode != "" {
 		fmt.Fprintf(w, "  setup code: %s   (one-time: creates the first console admin)\n", g.setupCode)
+	}
+	if g.fw == nil {
+		if plan, err := g.firewallPlan(context.Background()); err == nil {
+			fmt.Fprintf(w, "  firewall: not managed here (firewall.manage: false); the policy would install:\n")
+			for _, l := range strings.Split(strings.TrimRight(plan, "\n"), "\n") {
+				fmt.Fprintf(w, "    %s\n", l)
+			}
+		}
+	} else {
+		fmt.Fprintf(w, "  firewall: applied (bastionctl firewall show)\n")
 	}
 	fmt.Fprintln(w)
 }

@@ -40,6 +40,32 @@ func (c *cli) dispatch(ctx context.Context, args []string) error {
 		return err
 	case args[0] == "pki" && len(args) == 2 && args[1] == "show":
 		return c.pkiShow(ctx)
+	case args[0] == "firmware" && len(args) == 2 && (args[1] == "status" || args[1] == "check"):
+		method, path := "GET", "/v1/firmware"
+		if args[1] == "check" {
+			method, path = "POST", "/v1/firmware/check"
+		}
+		raw, err := c.ctl.Do(ctx, method, path, nil, nil)
+		if err == nil {
+			c.out.Write(raw) // JSON either way: the status is structured data
+		}
+		return err
+	case args[0] == "console" && len(args) == 2 && args[1] == "recover":
+		var r struct {
+			Code      string `json:"code"`
+			ExpiresIn string `json:"expires_in"`
+		}
+		raw, err := c.ctl.Do(ctx, "POST", "/v1/console/recover", nil, &r)
+		if err != nil || c.json {
+			if err == nil {
+				return c.printJSON(raw)
+			}
+			return err
+		}
+		fmt.Fprintf(c.out, "recovery code: %s (valid %s, once): enter it on the console's recovery page to set a new admin password\n", r.Code, r.ExpiresIn)
+		return nil
+	case args[0] == "firewall" && len(args) == 2:
+		return c.firewall(ctx, args[1])
 	case args[0] == "device" && len(args) >= 2:
 		switch args[1] {
 		case "list":
@@ -239,5 +265,36 @@ func (c *cli) pkiShow(ctx context.Context) error {
 		fmt.Fprintf(c.out, "server %-8s until %s  %s\n", n, s.NotAfter.Format(time.DateTime), strings.Join(s.SANs, ", "))
 	}
 	fmt.Fprintf(c.out, "device certificates: %d issued, %d revoked\n", info.DeviceCerts, info.RevokedCerts)
+	return nil
+}
+
+func (c *cli) firewall(ctx context.Context, verb string) error {
+	var path, method, field = "/v1/firewall/" + verb, "GET", ""
+	switch verb {
+	case "plan":
+		field = "plan"
+	case "show":
+		field = "rules"
+	case "remove":
+		method = "POST"
+	default:
+		return usageError("firewall takes plan, show or remove")
+	}
+	var reply map[string]any
+	raw, err := c.ctl.Do(ctx, method, path, nil, &reply)
+	if err != nil || c.json {
+		if err == nil {
+			return c.printJSON(raw)
+		}
+		return err
+	}
+	if field == "" {
+		fmt.Fprintln(c.out, "Bastion's firewall rules removed: the box is unfiltered until bastiond applies the policy again")
+		return nil
+	}
+	if verb == "plan" && reply["managed"] == false {
+		fmt.Fprintln(c.out, "# bastiond does not manage the firewall (firewall.manage: false); this is what the policy would install")
+	}
+	fmt.Fprint(c.out, reply[field])
 	return nil
 }

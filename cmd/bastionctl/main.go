@@ -25,6 +25,12 @@ commands:
   device add NAME --auth secret           MQTT device with id + secret login
   device revoke ID                        revoke a device at once
   pki show                                CA and server certificates
+  firewall plan                           what applying the policy would change
+  firewall show                           the live rules and drop counters
+  firewall remove                         take Bastion's rules out (the only way)
+  firmware status                         firmware cache, offers, device update status
+  firmware check                          check the vendor's TUF repository now
+  console recover                         one-time code to reset a console password (physical access to the box)
   metrics                                 Prometheus metrics
 `
 

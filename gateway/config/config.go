@@ -10,6 +10,8 @@ package config
 
 import (
 	"time"
+
+	"github.com/bastion-iot/bastion/bridges/upstream"
 )
 
 // Config is the whole of bastion.yaml.
@@ -25,6 +27,40 @@ type Config struct {
 	PKI       PKI      `yaml:"pki"`
 	Metrics   Metrics  `yaml:"metrics"`
 	Firewall  Firewall `yaml:"firewall"`
+	Firmware  Firmware `yaml:"firmware"`
+	Upstream  Upstream `yaml:"upstream"`
+}
+
+// Upstream configures the link to the cloud broker and the durable queue in
+// front of it. The link's own keys (broker, ca_file, cert_file, key_file,
+// uplink, downlink, forward ...) are those of bridges/upstream.
+type Upstream struct {
+	Enabled         bool `yaml:"enabled"`
+	upstream.Config `yaml:",inline"`
+	// QueueMaxBytes and QueueMaxAge bound the store-and-forward queue;
+	// when either is reached new QoS 1 messages are refused (MQTT 0x97,
+	// CoAP 5.03), never dropped.
+	QueueMaxBytes int64    `yaml:"queue_max_bytes"`
+	QueueMaxAge   Duration `yaml:"queue_max_age"`
+}
+
+// Firmware configures the verified firmware cache: a TUF client of the
+// vendor's update repository.
+type Firmware struct {
+	Enabled       bool   `yaml:"enabled"`
+	RepositoryURL string `yaml:"repository_url"` // https:// base of the TUF metadata
+	TargetsURL    string `yaml:"targets_url"`    // default repository_url + /targets
+	// TrustedRoot is the file holding the vendor's root.json: the only
+	// trust anchor, never fetched on first use.
+	TrustedRoot string `yaml:"trusted_root"`
+	// CABundle is a PEM file of CAs for the repository's HTTPS server
+	// ("" = the system roots).
+	CABundle      string   `yaml:"ca_bundle"`
+	CheckInterval Duration `yaml:"check_interval"`
+	MaxCacheBytes int64    `yaml:"max_cache_bytes"`
+	// VendorKeys maps a vendor to a PEM public key file; the gateway then
+	// checks the vendor's manifest signature before offering an image.
+	VendorKeys map[string]string `yaml:"vendor_keys"`
 }
 
 // Log configures the daemon's structured log.
@@ -79,12 +115,27 @@ type Metrics struct {
 }
 
 // Firewall binds zones to interfaces. The services each zone may reach are
-// derived from what is enabled above.
+// derived from what is enabled above: turning a listener off closes its
+// port.
 type Firewall struct {
 	// Manage: apply rules (as root). Off in --dev, where the plan is printed.
 	Manage bool     `yaml:"manage"`
-	LAN    []string `yaml:"lan"` // interface names in the lan zone
+	LAN    []string `yaml:"lan"` // interface names in the lan zone ("wlan+" matches a prefix)
 	WAN    []string `yaml:"wan"` // interface names in the wan zone
+	// HandshakeRate limits new DTLS/TLS handshakes per source address.
+	HandshakeRate string `yaml:"handshake_rate"`
+	// Ping lists the zones that may ping the box (never wan).
+	Ping []string `yaml:"ping"`
+	// Forward lists the traffic allowed through the box between zones.
+	Forward []Forward `yaml:"forward"`
+}
+
+// Forward allows new connections from one zone to another.
+type Forward struct {
+	From  string `yaml:"from"`
+	To    string `yaml:"to"`
+	Proto string `yaml:"proto"` // tcp, udp or "" for any
+	Port  int    `yaml:"port"`  // 0 for any
 }
 
 // Duration is a time.Duration written as "90s", "720h" in YAML.

@@ -3,6 +3,7 @@ package config
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -40,7 +41,7 @@ func TestLoadErrors(t *testing.T) {
 		yaml string
 		want []string // substrings of the error, in order of the errors
 	}{
-		"unknown top-level key": {"state_dir: /x\nbogus: 1\n", []string{"bad.yaml:2: bogus: unknown key; accepted here: coap, console, firewall, gateway_id, log, metrics, mqtt, pki, state_dir"}},
+		"unknown top-level key": {"state_dir: /x\nbogus: 1\n", []string{"bad.yaml:2: bogus: unknown key; accepted here: coap, console, firewall, "}},
 		"unknown nested key":    {"coap:\n  listen: \":5684\"\n  lsten: x\n", []string{"bad.yaml:3: coap.lsten: unknown key; accepted here: enabled, listen, max_payload, psk_listen"}},
 		"not a mapping":         {"- a\n- b\n", []string{"bad.yaml:1: the file must be a YAML mapping"}},
 		"section not mapping":   {"coap: 5\n", []string{"bad.yaml:1: coap: want a mapping with keys enabled, listen, max_payload, psk_listen"}},
@@ -70,6 +71,17 @@ func TestLoadErrors(t *testing.T) {
 		"iface both zones":      {"firewall:\n  lan: [eth0]\n  wan: [eth0]\n", []string{"is in both lan and wan"}},
 		"empty lan managed":     {"firewall:\n  lan: []\n", []string{"bad.yaml:2: firewall.lan: is empty while firewall.manage is true"}},
 		"state dir empty":       {"state_dir: \"\"\nfirewall:\n  lan: [eth0]\n", nil}, // default refills it: no error
+		"handshake rate":        {"firewall:\n  handshake_rate: lots\n", []string{"bad.yaml:2: firewall.handshake_rate: \"lots\""}},
+		"wan ping":              {"firewall:\n  wan: [eth1]\n  ping: [wan]\n", []string{"bad.yaml:1: firewall: "}},
+		"forward port":          {"firewall:\n  forward: [{from: lan, to: wan, proto: tcp, port: 70000}]\n", []string{"firewall.forward[0].port: \"70000\" is outside 0-65535"}},
+		"firmware http":         {"firmware:\n  enabled: true\n  repository_url: http://x\n  trusted_root: /r.json\n", []string{"bad.yaml:3: firmware.repository_url: \"http://x\" is not an https:// URL"}},
+		"firmware no root":      {"firmware:\n  enabled: true\n  repository_url: https://x\n", []string{"bad.yaml:1: firmware.trusted_root: must name the vendor's root.json"}},
+		"firmware interval":     {"firmware:\n  enabled: true\n  repository_url: https://x\n  trusted_root: /r\n  check_interval: 5s\n", []string{"bad.yaml:5: firmware.check_interval: \"5s\" is shorter than 1m"}},
+		"firmware cache":        {"firmware:\n  enabled: true\n  repository_url: https://x\n  trusted_root: /r\n  max_cache_bytes: 10\n", []string{"firmware.max_cache_bytes: \"10\" is below 1 MiB"}},
+		"upstream cleartext":    {"upstream:\n  enabled: true\n  broker: mqtt://cloud:1883\n  ca_file: /ca\n  cert_file: /c\n  key_file: /k\n", []string{"bad.yaml:3: upstream.broker: scheme \"mqtt\" is not accepted"}},
+		"upstream no ca":        {"upstream:\n  enabled: true\n  broker: mqtts://cloud:8883\n  cert_file: /c\n  key_file: /k\n", []string{"bad.yaml:1: upstream.ca_file: required"}},
+		"upstream loop":         {"upstream:\n  enabled: true\n  broker: mqtts://cloud:8883\n  ca_file: /ca\n  cert_file: /c\n  key_file: /k\n  uplink: [{local: \"devices/{id}/t/#\", remote: \"bastion/{gateway}/{id}/c/#\"}]\n", []string{"bad.yaml:7: upstream.uplink"}},
+		"upstream bad key":      {"upstream:\n  brokr: x\n", []string{"bad.yaml:2: upstream.brokr: unknown key; accepted here: backoff_max, backoff_min, broker"}},
 		"two errors":            {"log:\n  level: loud\nmqtt:\n  listen: \":1883\"\n", []string{"bad.yaml:2: log.level", "bad.yaml:4: mqtt.listen"}},
 	}
 	for name, tc := range tests {
@@ -129,5 +141,29 @@ func TestLoadOverridesDefaults(t *testing.T) {
 	}
 	if c.CoAP.Enabled || c.PKI.RenewBefore.D() != 48*time.Hour || !c.MQTT.Enabled || c.MQTT.Listen != ":8883" {
 		t.Errorf("overrides/defaults wrong: %+v", c)
+	}
+}
+
+func TestFirewallPolicyFollowsListeners(t *testing.T) {
+	c := Production()
+	p, err := c.FirewallPolicy()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, s := range p.Services {
+		got = append(got, fmt.Sprintf("%s %s/%d %v", s.Name, s.Proto, s.Port, s.Zones))
+	}
+	want := []string{"coaps udp/5684 [lan]", "coaps-psk udp/5685 [lan]", "mqtt-tls tcp/8883 [lan]", "console tcp/443 [lan]"}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("services (-want +got):\n%s", diff)
+	}
+	if err := p.Validate(); err != nil {
+		t.Errorf("default policy invalid: %v", err)
+	}
+	c.CoAP.Enabled, c.Console.Enabled = false, false
+	p, _ = c.FirewallPolicy()
+	if len(p.Services) != 1 || p.Services[0].Name != "mqtt-tls" {
+		t.Errorf("turning listeners off should close their ports; services = %+v", p.Services)
 	}
 }

@@ -1,6 +1,10 @@
 package config
 
-import "time"
+import (
+	"time"
+
+	"github.com/bastion-iot/bastion/bridges/upstream"
+)
 
 // Production is the default configuration of a box: every listener on all
 // addresses of the lan interfaces, state under /var/lib/bastion.
@@ -9,7 +13,8 @@ func Production() Config {
 		CoAP:     CoAP{Enabled: true, PSKListen: ":5685"},
 		MQTT:     MQTT{Enabled: true},
 		Console:  Console{Enabled: true},
-		Firewall: Firewall{Manage: true, LAN: []string{"eth0"}},
+		Firewall: Firewall{Manage: true, LAN: []string{"eth0"}, Ping: []string{"lan"}},
+		Upstream: Upstream{Config: upstream.Config{Forward: defaultForward}},
 	}
 	SetDefaults(&c)
 	return c
@@ -25,11 +30,17 @@ func Dev(stateDir string) Config {
 		MQTT:      MQTT{Enabled: true, Listen: "127.0.0.1:8883"},
 		Console:   Console{Enabled: true, Listen: "127.0.0.1:8443"},
 		PKI:       PKI{Hostnames: []string{"localhost", "127.0.0.1", "::1"}},
-		Firewall:  Firewall{Manage: false, LAN: []string{"lo"}},
+		// br-lan is only an example zone for the printed plan: --dev applies nothing.
+		Firewall: Firewall{Manage: false, LAN: []string{"br-lan"}, Ping: []string{"lan"}},
+		Upstream: Upstream{Config: upstream.Config{Forward: defaultForward}},
 	}
 	SetDefaults(&c)
 	return c
 }
+
+// defaultForward names the one thing forwarded when upstream is turned on:
+// device telemetry. It is written into the config file so a person sees it.
+var defaultForward = []upstream.Rule{{Topic: "devices/+/t/#", Action: "forward"}}
 
 // SetDefaults fills every zero value that has a default. Booleans are set
 // in Production, which Load decodes the file onto, so that an explicit
@@ -62,4 +73,15 @@ func SetDefaults(c *Config) {
 	defD(&c.PKI.ServerCertValidity, 90*24*time.Hour)
 	defD(&c.PKI.DeviceCertValidity, 365*24*time.Hour)
 	defD(&c.PKI.RenewBefore, 30*24*time.Hour)
+	def(&c.Firewall.HandshakeRate, "20/second burst 40")
+	defD(&c.Firmware.CheckInterval, 6*time.Hour)
+	if c.Upstream.QueueMaxBytes == 0 {
+		c.Upstream.QueueMaxBytes = 64 << 20
+	}
+	defD(&c.Upstream.QueueMaxAge, 7*24*time.Hour)
+	def(&c.Upstream.Gateway, c.GatewayID)
+	c.Upstream.Config.Defaults()
+	if c.Firmware.MaxCacheBytes == 0 {
+		c.Firmware.MaxCacheBytes = 1 << 30
+	}
 }

@@ -131,13 +131,7 @@ func checkKeys(file string, n *yaml.Node, t reflect.Type, path string, lines map
 			*errs = append(*errs, &Error{File: file, Line: n.Line, Key: path, Msg: fmt.Sprintf("want a mapping with keys %s, got %q", strings.Join(yamlKeys(t), ", "), n.Value)})
 			return
 		}
-		fields := map[string]reflect.Type{}
-		for i := 0; i < t.NumField(); i++ {
-			f := t.Field(i)
-			if name := yamlName(f); name != "" {
-				fields[name] = f.Type
-			}
-		}
+		fields := yamlFields(t)
 		for i := 0; i+1 < len(n.Content); i += 2 {
 			k, v := n.Content[i], n.Content[i+1]
 			key := k.Value
@@ -163,6 +157,25 @@ func checkKeys(file string, n *yaml.Node, t reflect.Type, path string, lines map
 	}
 }
 
+// yamlFields maps each YAML key of struct type t to its Go type, looking
+// through ",inline" fields.
+func yamlFields(t reflect.Type) map[string]reflect.Type {
+	fields := map[string]reflect.Type{}
+	for i := 0; i < t.NumField(); i++ {
+		f := t.Field(i)
+		if strings.Contains(f.Tag.Get("yaml"), ",inline") {
+			for k, v := range yamlFields(f.Type) {
+				fields[k] = v
+			}
+			continue
+		}
+		if name := yamlName(f); name != "" {
+			fields[name] = f.Type
+		}
+	}
+	return fields
+}
+
 func yamlName(f reflect.StructField) string {
 	tag := f.Tag.Get("yaml")
 	name, _, _ := strings.Cut(tag, ",")
@@ -177,10 +190,8 @@ func yamlName(f reflect.StructField) string {
 
 func yamlKeys(t reflect.Type) []string {
 	var ks []string
-	for i := 0; i < t.NumField(); i++ {
-		if n := yamlName(t.Field(i)); n != "" {
-			ks = append(ks, n)
-		}
+	for k := range yamlFields(t) {
+		ks = append(ks, k)
 	}
 	sort.Strings(ks)
 	return ks

@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"regexp"
 	"strconv"
+	"strings"
 	"time"
 )
 
@@ -120,6 +121,44 @@ func (c *Config) Validate() error {
 		errs = append(errs, &Error{Key: "firewall.lan", Msg: "is empty while firewall.manage is true: name the lan interfaces (e.g. [br-lan]) or no device can reach the gateway"})
 	}
 
+	if f := c.Firmware; f.Enabled {
+		for key, u := range map[string]string{"firmware.repository_url": f.RepositoryURL, "firmware.targets_url": f.TargetsURL} {
+			if (u != "" || key == "firmware.repository_url") && !strings.HasPrefix(u, "https://") {
+				bad(key, u, "is not an https:// URL: firmware is fetched over HTTPS only")
+			}
+		}
+		if f.TrustedRoot == "" {
+			errs = append(errs, &Error{Key: "firmware.trusted_root", Msg: "must name the vendor's root.json file: it is the only trust anchor"})
+		}
+		if f.CheckInterval.D() < time.Minute {
+			bad("firmware.check_interval", f.CheckInterval.D(), "is shorter than 1m")
+		}
+		if f.MaxCacheBytes < 1<<20 {
+			bad("firmware.max_cache_bytes", f.MaxCacheBytes, "is below 1 MiB (1048576)")
+		}
+	}
+	if c.Upstream.Enabled {
+		if err := c.Upstream.Config.Validate(); err != nil {
+			for _, e := range unjoin(err) {
+				key, msg, ok := strings.Cut(e.Error(), ": ")
+				if !ok {
+					key, msg = "upstream", e.Error()
+				}
+				errs = append(errs, &Error{Key: key, Msg: msg})
+			}
+		}
+		if c.Upstream.QueueMaxBytes < 1<<20 {
+			bad("upstream.queue_max_bytes", c.Upstream.QueueMaxBytes, "is below 1 MiB (1048576)")
+		}
+		if c.Upstream.QueueMaxAge.D() < time.Minute {
+			bad("upstream.queue_max_age", c.Upstream.QueueMaxAge.D(), "is shorter than 1m")
+		}
+	}
+	if len(errs) == 0 && len(c.Firewall.LAN) > 0 {
+		// The derived policy is checked last: its complaints would only
+		// repeat the ones above.
+		c.validateFirewall(&errs)
+	}
 	if len(errs) > 0 {
 		return errs
 	}

@@ -2,6 +2,8 @@ package config
 
 import (
 	"fmt"
+
+	"github.com/bastion-iot/bastion/bridges/upstream"
 	"io"
 	"strings"
 )
@@ -64,16 +66,82 @@ metrics:
   listen: %q
 
 # Zones: which interfaces are lan (devices) and wan (internet). Nothing is
-# reachable from wan. manage: false prints the plan instead of applying it.
+# reachable from wan; the enabled listeners above are reachable from lan.
+# manage: false prints the plan instead of applying it.
 firewall:
   manage: %t
-  lan: %s
+  lan: %s   # "wlan+" matches every interface starting with wlan
   wan: %s
-`, c.StateDir, c.GatewayID, c.Log.Level, c.Log.Format,
+  handshake_rate: %q   # new DTLS/TLS handshakes per source address
+  ping: %s   # zones that may ping the box (never wan)
+  forward: []   # e.g. [{from: lan, to: wan, proto: tcp, port: 443}]; default deny
+
+# Verified firmware cache: a TUF client of the vendor's update repository.
+firmware:
+  enabled: %t
+  repository_url: %q   # https:// base of the TUF metadata
+  targets_url: %q      # "" = repository_url + /targets
+  trusted_root: %q     # the vendor's root.json file: the only trust anchor
+  ca_bundle: %q        # PEM CAs for the repository's HTTPS ("" = system roots)
+  check_interval: %s
+  max_cache_bytes: %d
+  vendor_keys: {}      # vendor: PEM public key file, to check manifests too
+
+# The cloud: MQTT v5 over TLS 1.3 with this gateway's client certificate.
+# Device messages wait in a durable queue (fsync before the device's ack)
+# and are deleted only after the broker's PUBACK.
+upstream:
+  enabled: %t
+  broker: %q          # mqtts://host:port
+  server_name: %q     # the name in the broker's certificate ("" = host of broker)
+  ca_file: %q         # PEM CAs trusted for the broker (required; never the system roots)
+  cert_file: %q       # this gateway's client certificate (PEM)
+  key_file: %q        # and its key (PEM, 0600)
+  tls_min_version: %q # "1.3" or "1.2"
+  gateway: %q         # this gateway's id in upstream topics
+  prefix: %q
+  keepalive: %s
+  backoff_min: %s
+  backoff_max: %s
+  queue_max_bytes: %d  # when full, new QoS 1 messages are refused, never dropped
+  queue_max_age: %s
+  # Topic mapping ("" = the defaults: devices/{id}/t/# -> {prefix}/{gateway}/{id}/t/#,
+  # and {prefix}/{gateway}/{id}/c/# -> devices/{id}/c/#). Mappings that would loop are refused.
+  uplink: []
+  downlink: []
+  # Privacy: only what a rule names leaves the box; first match wins.
+  # action: forward, redact (drop the JSON fields listed) or local.
+  forward:
+%s`, c.StateDir, c.GatewayID, c.Log.Level, c.Log.Format,
 		c.CoAP.Enabled, c.CoAP.Listen, c.CoAP.PSKListen, c.CoAP.MaxPayload,
 		c.MQTT.Enabled, c.MQTT.Listen, c.MQTT.AllowSecretAuth, c.MQTT.MaxPacketSize,
 		c.Console.Enabled, c.Console.Listen,
 		list(c.PKI.Hostnames), c.PKI.ServerCertValidity.D(), c.PKI.DeviceCertValidity.D(), c.PKI.RenewBefore.D(),
-		c.Metrics.Listen, c.Firewall.Manage, list(c.Firewall.LAN), list(c.Firewall.WAN))
+		c.Metrics.Listen, c.Firewall.Manage, list(c.Firewall.LAN), list(c.Firewall.WAN),
+		c.Firewall.HandshakeRate, list(c.Firewall.Ping),
+		c.Firmware.Enabled, c.Firmware.RepositoryURL, c.Firmware.TargetsURL, c.Firmware.TrustedRoot, c.Firmware.CABundle,
+		c.Firmware.CheckInterval.D(), c.Firmware.MaxCacheBytes,
+		c.Upstream.Enabled, c.Upstream.Broker, c.Upstream.ServerName, c.Upstream.CAFile, c.Upstream.CertFile, c.Upstream.KeyFile,
+		c.Upstream.TLSMinVersion, c.Upstream.Gateway, c.Upstream.Prefix, c.Upstream.KeepAlive, c.Upstream.BackoffMin, c.Upstream.BackoffMax,
+		c.Upstream.QueueMaxBytes, c.Upstream.QueueMaxAge.D(), rules(c.Upstream.Forward))
 	return err
+}
+
+func rules(rs []upstream.Rule) string {
+	var b strings.Builder
+	for _, r := range rs {
+		fmt.Fprintf(&b, "    - {topic: %q, action: %s", r.Topic, r.Action)
+		if len(r.Fields) > 0 {
+			q := make([]string, len(r.Fields))
+			for i, f := range r.Fields {
+				q[i] = fmt.Sprintf("%q", f)
+			}
+			fmt.Fprintf(&b, ", fields: [%s]", strings.Join(q, ", "))
+		}
+		b.WriteString("}\n")
+	}
+	if b.Len() == 0 {
+		return "    []\n"
+	}
+	return b.String()
 }

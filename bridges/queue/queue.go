@@ -1,0 +1,684 @@
+// Package queue is Bastion's durable store-and-forward queue between the
+// device transports and the upstream link. It owns the queue directory: a
+// segmented append-only log of CRC-checked records.
+//
+// Accept returns only once a QoS 1 message is on disk (written and fsynced;
+// concurrent Accepts share one fsync: group commit). A message leaves the
+// queue only when the upstream link calls Ack after the broker's PUBACK.
+// Messages are read back in the order they were accepted, so order per device
+// is kept. The queue is bounded by bytes on disk and by the age of the oldest
+// message it holds; when either bound is reached Accept returns
+// bridges.ErrQueueFull and nothing already held is dropped.
+//
+// The queue never talks to the network and never interprets payloads.
+package queue
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/bastion-iot/bastion/bridges"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Options bound and tune the queue. Zero values take the defaults.
+type Options struct {
+	// MaxBytes bounds the bytes on disk (segments, including at most one
+	// segment of already delivered records). Default 64 MiB.
+	MaxBytes int64
+	// MaxAge bounds how old the oldest held message may be before new
+	// messages are refused. Default 7 days.
+	MaxAge time.Duration
+	// SegmentBytes is the size at which a new segment file is started.
+	// Default 4 MiB.
+	SegmentBytes int64
+	// MaxMessageBytes bounds one message (device + topic + payload).
+	// Default 256 KiB.
+	MaxMessageBytes int
+	// AckFlushInterval is how long delivered-marks may wait in memory before
+	// they are written (without fsync: losing them only causes duplicates).
+	// Default 1s.
+	AckFlushInterval time.Duration
+	// Now is the clock for message ages; default time.Now.
+	Now func() time.Time
+}
+
+func (o *Options) defaults() {
+	if o.MaxBytes == 0 {
+		o.MaxBytes = 64 << 20
+	}
+	if o.MaxAge == 0 {
+		o.MaxAge = 7 * 24 * time.Hour
+	}
+	if o.SegmentBytes == 0 {
+		o.SegmentBytes = 4 << 20
+	}
+	if o.MaxMessageBytes == 0 {
+		o.MaxMessageBytes = 256 << 10
+	}
+	if o.AckFlushInterval == 0 {
+		o.AckFlushInterval = time.Second
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+}
+
+// ErrClosed is returned by calls on a closed queue.
+var ErrClosed = errors.New("queue closed")
+
+// ErrTooLarge is returned by Accept for a message above MaxMessageBytes.
+var ErrTooLarge = errors.New("message too large for the queue")
+
+// Entry is a held message and its sequence number (unique, increasing in
+// acceptance order).
+type Entry struct {
+	Seq uint64
+	bridges.Message
+}
+
+type segment struct {
+	base uint64
+	path string
+	f    *os.File
+	size int64
+	live int // held (committed, unacked) messages in this segment
+}
+
+// entry is the in-memory index of one held message (40 bytes; the message
+// itself stays on disk until read).
+type entry struct {
+	seq      uint64
+	seg      *segment
+	off      int64
+	received int64 // Unix ns
+	n        int32
+	acked    bool
+}
+
+type pending struct {
+	buf  []byte
+	seq  uint64
+	recv time.Time
+	done chan error // nil for QoS 0
+}
+
+// Queue is the durable queue. It implements bridges.Sink.
+type Queue struct {
+	dir  string
+	opts Options
+	log  *slog.Logger
+	m    *metrics
+
+	mu      sync.Mutex
+	closed  bool
+	failed  error // sticky write/fsync failure
+	segs    []*segment
+	ents    []entry // committed entries in seq order; acked ones trimmed from the head
+	depth   int
+	nextSeq uint64
+	batch   []pending
+	batchB  int64
+	acks    []uint64 // delivered marks not yet written
+	notify  chan struct{}
+	wake    chan struct{}
+	stop    chan struct{}
+	stopped chan struct{}
+}
+
+var _ bridges.Sink = (*Queue)(nil)
+
+// Open opens (creating if needed) the queue in dir, recovers every message
+// whose Accept returned, cuts any torn tail, and starts the writer. Metrics
+// are registered on reg (nil: not exported).
+func Open(dir string, opts Options, log *slog.Logger, reg prometheus.Registerer) (*Queue, error) {
+	if opts.MaxBytes < 0 || opts.MaxAge < 0 || opts.SegmentBytes < 0 || opts.MaxMessageBytes < 0 || opts.AckFlushInterval < 0 {
+		return nil, fmt.Errorf("open queue %s: negative option in %+v", dir, opts)
+	}
+	opts.defaults()
+	if opts.SegmentBytes > opts.MaxBytes {
+		return nil, fmt.Errorf("open queue %s: SegmentBytes %d above MaxBytes %d", dir, opts.SegmentBytes, opts.MaxBytes)
+	}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("open queue: create %s: %w", dir, err)
+	}
+	q := &Queue{
+		dir: dir, opts: opts, log: log.With("component", "queue"),
+		notify: make(chan struct{}), wake: make(chan struct{}, 1),
+		stop: make(chan struct{}), stopped: make(chan struct{}),
+	}
+	q.m = newMetrics(q)
+	if err := q.recover(); err != nil {
+		q.closeFiles()
+		return nil, err
+	}
+	if reg != nil {
+		if err := q.m.register(reg); err != nil {
+			q.closeFiles()
+			return nil, fmt.Errorf("open queue %s: register metrics: %w", dir, err)
+		}
+	}
+	q.m.depth.Set(float64(q.depth))
+	q.m.bytes.Set(float64(q.diskBytes()))
+	go q.writer()
+	return q, nil
+}
+
+// recover loads every segment, cutting torn or corrupt tails.
+func (q *Queue) recover() error {
+	names, err := filepath.Glob(filepath.Join(q.dir, "*.seg"))
+	if err != nil {
+		return fmt.Errorf("open queue %s: list segments: %w", q.dir, err)
+	}
+	sort.Strings(names)
+	acked := map[uint64]bool{}
+	var lastSeq uint64
+	for i, name := range names {
+		last := i == len(names)-1
+		var base uint64
+		if _, err := fmt.Sscanf(filepath.Base(name), "%020d.seg", &base); err != nil {
+			return fmt.Errorf("open queue: segment name %s: not <20 digits>.seg; move the file away", name)
+		}
+		data, err := os.ReadFile(name)
+		if err != nil {
+			return fmt.Errorf("open queue: read segment %s: %w", name, err)
+		}
+		if len(data) < len(segMagic) || string(data[:len(segMagic)]) != segMagic {
+			if len(data) <= len(segMagic) && strings.HasPrefix(segMagic, string(data)) {
+				// Creation torn before its first sync: it never held a message.
+				q.log.Warn("removing segment cut during creation", "segment", name, "bytes", len(data))
+				if err := os.Remove(name); err != nil {
+					return fmt.Errorf("open queue: remove empty segment %s: %w", name, err)
+				}
+				continue
+			}
+			return fmt.Errorf("open queue: %s is not a queue segment (bad magic); move it away", name)
+		}
+		f, err := os.OpenFile(name, os.O_RDWR, 0o600)
+		if err != nil {
+			return fmt.Errorf("open queue: open segment %s: %w", name, err)
+		}
+		seg := &segment{base: base, path: name, f: f}
+		q.segs = append(q.segs, seg)
+		off := len(segMagic)
+		for off < len(data) {
+			rec, n, err := decodeRecord(data[off:])
+			if err != nil {
+				q.m.cut.Inc()
+				lvl := slog.LevelWarn
+				if !last || !errors.Is(err, errShort) {
+					lvl = slog.LevelError
+				}
+				q.log.Log(context.Background(), lvl, "cutting queue segment at a bad record (torn write after a crash, or disk corruption)",
+					"segment", name, "offset", off, "bytes_cut", len(data)-off, "err", err)
+				if err := f.Truncate(int64(off)); err != nil {
+					return fmt.Errorf("open queue: truncate %s at %d: %w", name, off, err)
+				}
+				if err := f.Sync(); err != nil {
+					return fmt.Errorf("open queue: sync %s after truncate: %w", name, err)
+				}
+				data = data[:off]
+				break
+			}
+			switch rec.kind {
+			case kindMsg:
+				if rec.seq > lastSeq {
+					q.ents = append(q.ents, entry{seq: rec.seq, seg: seg, off: int64(off), n: int32(n), received: rec.msg.Received.UnixNano()})
+					lastSeq = rec.seq
+				}
+			case kindAck:
+				for _, s := range rec.acks {
+					acked[s] = true
+				}
+			}
+			off += n
+		}
+		seg.size = int64(len(data))
+		q.nextSeq = max(q.nextSeq, base, lastSeq+1)
+	}
+	kept := q.ents[:0]
+	for _, e := range q.ents {
+		if !acked[e.seq] {
+			e.seg.live++
+			kept = append(kept, e)
+		}
+	}
+	q.ents = kept
+	q.depth = len(kept)
+	if q.nextSeq == 0 {
+		q.nextSeq = 1
+	}
+	if len(q.segs) == 0 {
+		if err := q.newSegment(q.nextSeq); err != nil {
+			return err
+		}
+	}
+	q.reclaim()
+	q.log.Info("queue opened", "dir", q.dir, "held", q.depth, "segments", len(q.segs), "next_seq", q.nextSeq)
+	return nil
+}
+
+// newSegment starts a new active segment and makes its existence durable.
+func (q *Queue) newSegment(base uint64) error {
+	name := filepath.Join(q.dir, fmt.Sprintf("%020d.seg", base))
+	f, err := os.OpenFile(name, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return fmt.Errorf("queue: create segment %s: %w", name, err)
+	}
+	if _, err := f.Write([]byte(segMagic)); err != nil {
+		f.Close()
+		return fmt.Errorf("queue: write segment header %s: %w", name, err)
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return fmt.Errorf("queue: sync new segment %s: %w", name, err)
+	}
+	if err := syncDir(q.dir); err != nil {
+		f.Close()
+		return err
+	}
+	q.m.fsyncs.Add(2)
+	q.segs = append(q.segs, &segment{base: base, path: name, f: f, size: int64(len(segMagic))})
+	return nil
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return fmt.Errorf("queue: open dir %s for sync: %w", dir, err)
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("queue: sync dir %s: %w", dir, err)
+	}
+	return nil
+}
+
+// reclaim trims delivered entries and removes fully delivered segments,
+// oldest first (so ack records for older segments are never needed again).
+// Caller holds q.mu.
+func (q *Queue) reclaim() {
+	i := 0
+	for i < len(q.ents) && q.ents[i].acked {
+		i++
+	}
+	if i > 0 {
+		q.ents = q.ents[i:]
+		if cap(q.ents) > 1024 && len(q.ents) < cap(q.ents)/4 {
+			q.ents = append([]entry(nil), q.ents...)
+		}
+	}
+	for len(q.segs) > 1 && q.segs[0].live == 0 {
+		s := q.segs[0]
+		s.f.Close()
+		if err := os.Remove(s.path); err != nil {
+			q.log.Error("removing delivered segment failed; will retry", "segment", s.path, "err", err)
+			return
+		}
+		q.segs = q.segs[1:]
+	}
+}
+
+func (q *Queue) diskBytes() int64 {
+	var n int64
+	for _, s := range q.segs {
+		n += s.size
+	}
+	return n
+}
+
+// Accept holds m. For QoS 1 it returns once m is durably on disk; for QoS 0
+// once it is in the next write batch. It returns bridges.ErrQueueFull when the
+// queue is at its byte or age bound.
+func (q *Queue) Accept(ctx context.Context, m bridges.Message) error {
+	if m.Received.IsZero() {
+		m.Received = q.opts.Now()
+	}
+	if n := len(m.Device) + len(m.Topic) + len(m.Payload); n > q.opts.MaxMessageBytes {
+		q.m.refused.WithLabelValues("too_large").Inc()
+		return fmt.Errorf("queue accept from %s: %d bytes, limit %d: %w", m.Device, n, q.opts.MaxMessageBytes, ErrTooLarge)
+	}
+	var done chan error
+	if m.QoS > 0 {
+		done = make(chan error, 1)
+	}
+	q.mu.Lock()
+	if q.closed {
+		q.mu.Unlock()
+		return ErrClosed
+	}
+	if q.failed != nil {
+		q.mu.Unlock()
+		return fmt.Errorf("queue accept: queue stopped after a disk error: %w", q.failed)
+	}
+	if len(q.ents) > 0 && q.opts.Now().Sub(q.oldestLocked()) > q.opts.MaxAge {
+		q.mu.Unlock()
+		q.m.refused.WithLabelValues("age").Inc()
+		return fmt.Errorf("queue accept from %s: oldest held message is older than %s: %w", m.Device, q.opts.MaxAge, bridges.ErrQueueFull)
+	}
+	buf := appendMsg(nil, q.nextSeq, &m)
+	if q.diskBytes()+q.batchB+int64(len(buf)) > q.opts.MaxBytes {
+		q.mu.Unlock()
+		q.m.refused.WithLabelValues("bytes").Inc()
+		return fmt.Errorf("queue accept from %s: %d bytes held, limit %d: %w", m.Device, q.diskBytes()+q.batchB, q.opts.MaxBytes, bridges.ErrQueueFull)
+	}
+	q.batch = append(q.batch, pending{buf: buf, seq: q.nextSeq, recv: m.Received, done: done})
+	q.batchB += int64(len(buf))
+	q.nextSeq++
+	q.mu.Unlock()
+	q.kick()
+	if done == nil {
+		return nil
+	}
+	select {
+	case err := <-done:
+		return err
+	case <-ctx.Done():
+		// It may still be written (and then delivered): at least once.
+		return fmt.Errorf("queue accept from %s: waiting for disk: %w", m.Device, ctx.Err())
+	}
+}
+
+func (q *Queue) kick() {
+	select {
+	case q.wake <- struct{}{}:
+	default:
+	}
+}
+
+func (q *Queue) oldestLocked() time.Time {
+	for _, e := range q.ents {
+		if !e.acked {
+			return time.Unix(0, e.received)
+		}
+	}
+	return time.Time{}
+}
+
+// writer is the single goroutine that writes: message batches (one write
+// and one fsync for everything that arrived meanwhile), and delivered-marks
+// piggybacked on those or flushed after AckFlushInterval. When idle it writes
+// nothing.
+func (q *Queue) writer() {
+	defer close(q.stopped)
+	var ackTimer <-chan time.Time
+	for {
+		fired := false
+		select {
+		case <-q.wake:
+		case <-ackTimer:
+			fired, ackTimer = true, nil
+		case <-q.stop:
+			q.flush(true)
+			return
+		}
+		q.mu.Lock()
+		haveBatch, haveAcks := len(q.batch) > 0, len(q.acks) > 0
+		q.mu.Unlock()
+		switch {
+		case haveBatch:
+			q.flush(true)
+			ackTimer = nil
+		case haveAcks && fired:
+			q.flush(false)
+		case haveAcks && ackTimer == nil:
+			ackTimer = time.After(q.opts.AckFlushInterval)
+		}
+	}
+}
+
+// flush writes pending acks and the message batch to the active segment.
+// With sync it fsyncs and then completes the batch's Accepts.
+func (q *Queue) flush(sync bool) {
+	q.mu.Lock()
+	batch := q.batch
+	q.batch, q.batchB = nil, 0
+	acks := q.acks
+	q.acks = nil
+	if q.failed != nil {
+		q.mu.Unlock()
+		for _, p := range batch {
+			if p.done != nil {
+				p.done <- fmt.Errorf("queue: disk error earlier: %w", q.failed)
+			}
+		}
+		return
+	}
+	var buf []byte
+	if len(acks) > 0 {
+		sort.Slice(acks, func(i, j int) bool { return acks[i] < acks[j] })
+		buf = appendAck(buf, acks)
+	}
+	ackLen := len(buf)
+	for _, p := range batch {
+		buf = append(buf, p.buf...)
+	}
+	if len(buf) == 0 {
+		q.mu.Unlock()
+		return
+	}
+	var err error
+	fsyncFailed := false
+	if q.segs[len(q.segs)-1].size+int64(len(buf)) > q.opts.SegmentBytes && len(batch) > 0 {
+		// Rotation gets the marks into the old segment first; they are
+		// harmless if lost.
+		err = q.newSegment(batch[0].seq)
+	}
+	seg := q.segs[len(q.segs)-1]
+	off := seg.size
+	q.mu.Unlock()
+
+	if err == nil {
+		_, err = seg.f.WriteAt(buf, off)
+		if err != nil {
+			err = fmt.Errorf("queue: write %d bytes to %s at %d: %w", len(buf), seg.path, off, err)
+		}
+	}
+	if err == nil {
+		// Index (and wake the link) as soon as the bytes are written: the
+		// link may send while the fsync runs. Until the fsync returns, the
+		// device is not acknowledged, so a crash now means it sends again
+		// (a duplicate upstream), never a loss.
+		q.mu.Lock()
+		seg.size = off + int64(len(buf))
+		pos := off + int64(ackLen)
+		for _, p := range batch {
+			q.ents = append(q.ents, entry{seq: p.seq, seg: seg, off: pos, n: int32(len(p.buf)), received: p.recv.UnixNano()})
+			pos += int64(len(p.buf))
+			seg.live++
+		}
+		q.depth += len(batch)
+		q.m.accepted.Add(float64(len(batch)))
+		q.m.depth.Set(float64(q.depth))
+		q.m.bytes.Set(float64(q.diskBytes()))
+		if len(batch) > 0 {
+			close(q.notify)
+			q.notify = make(chan struct{})
+		}
+		q.mu.Unlock()
+		if sync {
+			if err = seg.f.Sync(); err != nil {
+				err = fmt.Errorf("queue: fsync %s: %w", seg.path, err)
+				fsyncFailed = true
+			}
+			q.m.fsyncs.Inc()
+		}
+	}
+
+	if err != nil {
+		q.mu.Lock()
+		if fsyncFailed {
+			// After a failed fsync the page cache state is unknown; stop
+			// accepting rather than pretend (the messages may reappear on
+			// restart, or be sent already, which only duplicates).
+			q.failed = err
+			q.log.Error("queue fsync failed; refusing new messages until reopened", "err", err)
+		} else {
+			// A failed write (disk full) leaves seg.size where it was: the
+			// next batch overwrites the partial bytes. The refused messages'
+			// marks go back to the pending list.
+			q.acks = append(q.acks, acks...)
+			q.log.Error("queue write failed; refusing this batch", "err", err)
+		}
+		q.mu.Unlock()
+		if errors.Is(err, syscall.ENOSPC) {
+			err = fmt.Errorf("%w: %w", bridges.ErrQueueFull, err)
+			q.m.refused.WithLabelValues("disk_full").Add(float64(len(batch)))
+		}
+		for _, p := range batch {
+			if p.done != nil {
+				p.done <- err
+			}
+		}
+		return
+	}
+	for _, p := range batch {
+		if p.done != nil {
+			p.done <- nil
+		}
+	}
+}
+
+// Next returns up to max held entries with Seq > after, in order, waiting
+// until there is at least one or ctx ends. An entry is visible once written,
+// possibly before its fsync returned (sending it early can only duplicate).
+func (q *Queue) Next(ctx context.Context, after uint64, max int) ([]Entry, error) {
+	if max <= 0 {
+		max = 1
+	}
+	for {
+		q.mu.Lock()
+		if q.closed {
+			q.mu.Unlock()
+			return nil, ErrClosed
+		}
+		i := sort.Search(len(q.ents), func(i int) bool { return q.ents[i].seq > after })
+		var out []Entry
+		var err error
+		for ; i < len(q.ents) && len(out) < max; i++ {
+			e := q.ents[i]
+			if e.acked {
+				continue
+			}
+			var m bridges.Message
+			if m, err = q.read(e); err != nil {
+				break
+			}
+			out = append(out, Entry{Seq: e.seq, Message: m})
+		}
+		ch := q.notify
+		q.mu.Unlock()
+		if err != nil {
+			return out, err
+		}
+		if len(out) > 0 {
+			return out, nil
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+}
+
+// read loads one entry from its segment. Caller holds q.mu.
+func (q *Queue) read(e entry) (bridges.Message, error) {
+	b := make([]byte, e.n)
+	if _, err := e.seg.f.ReadAt(b, e.off); err != nil && !(errors.Is(err, io.EOF) && len(b) == int(e.n)) {
+		return bridges.Message{}, fmt.Errorf("queue: read seq %d from %s at %d: %w", e.seq, e.seg.path, e.off, err)
+	}
+	rec, _, err := decodeRecord(b)
+	if err != nil || rec.kind != kindMsg || rec.seq != e.seq {
+		return bridges.Message{}, fmt.Errorf("queue: record for seq %d in %s at %d unreadable: %v", e.seq, e.seg.path, e.off, err)
+	}
+	return rec.msg, nil
+}
+
+// Ack marks entries delivered (after the upstream PUBACK) and frees their
+// space. Unknown or already acked seqs are ignored.
+func (q *Queue) Ack(seqs ...uint64) error {
+	q.mu.Lock()
+	if q.closed {
+		q.mu.Unlock()
+		return ErrClosed
+	}
+	n := 0
+	for _, s := range seqs {
+		i := sort.Search(len(q.ents), func(i int) bool { return q.ents[i].seq >= s })
+		if i == len(q.ents) || q.ents[i].seq != s || q.ents[i].acked {
+			continue
+		}
+		q.ents[i].acked = true
+		q.ents[i].seg.live--
+		q.acks = append(q.acks, s)
+		n++
+	}
+	q.depth -= n
+	q.reclaim()
+	q.m.acked.Add(float64(n))
+	q.m.depth.Set(float64(q.depth))
+	q.m.bytes.Set(float64(q.diskBytes()))
+	q.mu.Unlock()
+	if n > 0 {
+		q.kick()
+	}
+	return nil
+}
+
+// Stats is a snapshot of the queue.
+type Stats struct {
+	Depth  int       // messages held
+	Bytes  int64     // bytes on disk
+	Oldest time.Time // receive time of the oldest held message (zero if none)
+}
+
+// Stats returns a snapshot.
+func (q *Queue) Stats() Stats {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return Stats{Depth: q.depth, Bytes: q.diskBytes(), Oldest: q.oldestLocked()}
+}
+
+// Close writes pending marks, waits for in-flight Accepts to be written and
+// closes the files. Messages held stay on disk for the next Open.
+func (q *Queue) Close() error {
+	q.mu.Lock()
+	if q.closed {
+		q.mu.Unlock()
+		return nil
+	}
+	// New calls fail from here; the writer's last flush completes the
+	// Accepts already batched.
+	q.closed = true
+	close(q.notify)
+	q.notify = make(chan struct{})
+	q.mu.Unlock()
+	close(q.stop)
+	<-q.stopped
+	q.mu.Lock()
+	err := q.failed
+	q.mu.Unlock()
+	q.m.unregister()
+	q.closeFiles()
+	return err
+}
+
+func (q *Queue) closeFiles() {
+	for _, s := range q.segs {
+		s.f.Close()
+	}
+}

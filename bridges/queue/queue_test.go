@@ -1,0 +1,505 @@
+package queue
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/bastion-iot/bastion/bridges"
+	"github.com/bastion-iot/bastion/internal/testenv"
+	"github.com/google/go-cmp/cmp"
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/goleak"
+)
+
+func TestMain(m *testing.M) {
+	if dir := os.Getenv("BASTION_QUEUE_CHILD"); dir != "" {
+		os.Exit(childAccept(dir))
+	}
+	goleak.VerifyTestMain(m)
+}
+
+var discard = slog.New(slog.DiscardHandler)
+
+func open(t *testing.T, dir string, o Options) (*Queue, *prometheus.Registry) {
+	t.Helper()
+	reg := prometheus.NewRegistry()
+	q, err := Open(dir, o, discard, reg)
+	if err != nil {
+		t.Fatalf("Open(%s): %v", dir, err)
+	}
+	t.Cleanup(func() { q.Close() })
+	return q, reg
+}
+
+// epoch is recent so that test messages are young for the age bound.
+var epoch = time.Now().Truncate(time.Second).UTC()
+
+func msg(dev string, i int) bridges.Message {
+	return bridges.Message{
+		Device: dev, Topic: "devices/" + dev + "/t/temp", QoS: 1,
+		Payload:  []byte(fmt.Sprintf(`{"i":%d}`, i)),
+		Received: epoch.Add(time.Duration(i)),
+	}
+}
+
+func drain(t *testing.T, q *Queue) []Entry {
+	t.Helper()
+	var all []Entry
+	var after uint64
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+		es, err := q.Next(ctx, after, 1000)
+		cancel()
+		if errors.Is(err, context.DeadlineExceeded) {
+			return all
+		}
+		if err != nil {
+			t.Fatalf("Next(after %d): %v", after, err)
+		}
+		all = append(all, es...)
+		after = es[len(es)-1].Seq
+	}
+}
+
+func normalize(es []Entry) []bridges.Message {
+	var out []bridges.Message
+	for _, e := range es {
+		m := e.Message
+		m.Received = m.Received.UTC()
+		out = append(out, m)
+	}
+	return out
+}
+
+func TestAcceptNextAckReopen(t *testing.T) {
+	dir := t.TempDir()
+	q, reg := open(t, dir, Options{SegmentBytes: 1 << 10, MaxBytes: 1 << 20})
+	ctx := context.Background()
+	var want []bridges.Message
+	for i := range 100 {
+		m := msg([]string{"a", "b", "c"}[i%3], i)
+		if err := q.Accept(ctx, m); err != nil {
+			t.Fatalf("Accept %d: %v", i, err)
+		}
+		want = append(want, m)
+	}
+	got := drain(t, q)
+	if d := cmp.Diff(want, normalize(got)); d != "" {
+		t.Fatalf("Next after Accept (-want +got):\n%s", d)
+	}
+	for i := 1; i < len(got); i++ {
+		if got[i].Seq <= got[i-1].Seq {
+			t.Fatalf("seq not increasing at %d: %d then %d", i, got[i-1].Seq, got[i].Seq)
+		}
+	}
+	// Ack the first 60 (out of order) and 70.
+	var acks []uint64
+	for i := 59; i >= 0; i-- {
+		acks = append(acks, got[i].Seq)
+	}
+	acks = append(acks, got[70].Seq)
+	if err := q.Ack(acks...); err != nil {
+		t.Fatalf("Ack: %v", err)
+	}
+	if n := metricValue(t, reg, "bastion_queue_depth"); n != 39 {
+		t.Fatalf("depth metric after acks = %v, want 39", n)
+	}
+	if err := q.Close(); err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+	wantLeft := append(append([]bridges.Message{}, want[60:70]...), want[71:]...)
+	q2, _ := open(t, dir, Options{SegmentBytes: 1 << 10, MaxBytes: 1 << 20})
+	got2 := drain(t, q2)
+	if d := cmp.Diff(wantLeft, normalize(got2)); d != "" {
+		t.Fatalf("after reopen (-want +got):\n%s", d)
+	}
+	// New messages continue the sequence.
+	if err := q2.Accept(ctx, msg("a", 1000)); err != nil {
+		t.Fatalf("Accept after reopen: %v", err)
+	}
+	got3 := drain(t, q2)
+	if last := got3[len(got3)-1]; last.Seq <= got[len(got)-1].Seq {
+		t.Fatalf("seq after reopen %d not above %d", last.Seq, got[len(got)-1].Seq)
+	}
+}
+
+func metricValue(t *testing.T, reg *prometheus.Registry, name string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatalf("gather: %v", err)
+	}
+	var sum float64
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			switch {
+			case m.Counter != nil:
+				sum += m.Counter.GetValue()
+			case m.Gauge != nil:
+				sum += m.Gauge.GetValue()
+			}
+		}
+	}
+	return sum
+}
+
+// TestGroupCommit: 50 concurrent publishers must share fsyncs.
+func TestGroupCommit(t *testing.T) {
+	q, reg := open(t, t.TempDir(), Options{})
+	const pubs, each = 50, 100
+	var wg sync.WaitGroup
+	errs := make(chan error, pubs)
+	start := time.Now()
+	for p := range pubs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range each {
+				if err := q.Accept(context.Background(), msg(fmt.Sprintf("d%d", p), i)); err != nil {
+					errs <- err
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatalf("Accept: %v", err)
+	}
+	el := time.Since(start)
+	fsyncs := metricValue(t, reg, "bastion_queue_fsyncs_total")
+	n := float64(pubs * each)
+	t.Logf("%d durable accepts from %d publishers in %v (%.0f/s), %v fsyncs (%.1f messages per fsync)", pubs*each, pubs, el, n/el.Seconds(), fsyncs, n/fsyncs)
+	if fsyncs > n/5 {
+		t.Fatalf("fsyncs = %v for %v messages from %d concurrent publishers: group commit is not batching", fsyncs, n, pubs)
+	}
+	// Order per device is acceptance order.
+	last := map[string]int{}
+	for _, e := range drain(t, q) {
+		var i int
+		fmt.Sscanf(string(e.Payload), `{"i":%d}`, &i)
+		if prev, ok := last[e.Device]; ok && i != prev+1 {
+			t.Fatalf("device %s: message %d after %d", e.Device, i, prev)
+		}
+		last[e.Device] = i
+	}
+	if len(last) != pubs {
+		t.Fatalf("devices seen = %d, want %d", len(last), pubs)
+	}
+}
+
+func TestTornTailIsCut(t *testing.T) {
+	dir := t.TempDir()
+	q, _ := open(t, dir, Options{})
+	for i := range 10 {
+		if err := q.Accept(context.Background(), msg("a", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	q.Close()
+	segs, _ := filepath.Glob(filepath.Join(dir, "*.seg"))
+	if len(segs) != 1 {
+		t.Fatalf("segments = %v, want 1", segs)
+	}
+	full, _ := os.ReadFile(segs[0])
+	one := len(appendMsg(nil, 1, ptr(msg("a", 0))))
+	cases := map[string][]byte{
+		"half a record":       full[:len(full)-one/2],
+		"header only":         append(append([]byte{}, full...), 0x20, 0, 0, 0),
+		"garbage after":       append(append([]byte{}, full...), []byte("\xff\xff\xff\x7fgarbage")...),
+		"flipped bit in last": flip(full, len(full)-3),
+	}
+	want := map[string]int{"half a record": 9, "header only": 10, "garbage after": 10, "flipped bit in last": 9}
+	for name, data := range cases {
+		t.Run(name, func(t *testing.T) {
+			d := t.TempDir()
+			if err := os.WriteFile(filepath.Join(d, filepath.Base(segs[0])), data, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			q, reg := open(t, d, Options{})
+			if got := len(drain(t, q)); got != want[name] {
+				t.Fatalf("messages after cut = %d, want %d", got, want[name])
+			}
+			if c := metricValue(t, reg, "bastion_queue_records_cut_total"); c != 1 {
+				t.Fatalf("records_cut_total = %v, want 1", c)
+			}
+			// The log continues cleanly after the cut.
+			if err := q.Accept(context.Background(), msg("a", 99)); err != nil {
+				t.Fatal(err)
+			}
+			q.Close()
+			q2, reg2 := open(t, d, Options{})
+			if got := len(drain(t, q2)); got != want[name]+1 {
+				t.Fatalf("after append and reopen = %d, want %d", got, want[name]+1)
+			}
+			if c := metricValue(t, reg2, "bastion_queue_records_cut_total"); c != 0 {
+				t.Fatalf("second open cut again: %v", c)
+			}
+		})
+	}
+}
+
+func ptr[T any](v T) *T { return &v }
+
+func flip(b []byte, i int) []byte {
+	c := append([]byte{}, b...)
+	c[i] ^= 0x01
+	return c
+}
+
+func TestFullByBytes(t *testing.T) {
+	q, reg := open(t, t.TempDir(), Options{MaxBytes: 8 << 10, SegmentBytes: 2 << 10})
+	ctx := context.Background()
+	accepted := 0
+	var err error
+	for i := 0; i < 10000; i++ {
+		if err = q.Accept(ctx, msg("a", i)); err != nil {
+			break
+		}
+		accepted++
+	}
+	if !errors.Is(err, bridges.ErrQueueFull) {
+		t.Fatalf("Accept when full: %v, want ErrQueueFull", err)
+	}
+	if r := metricValue(t, reg, "bastion_queue_refusals_total"); r != 1 {
+		t.Fatalf("refusals = %v, want 1", r)
+	}
+	if st := q.Stats(); st.Bytes > 8<<10 || st.Depth != accepted {
+		t.Fatalf("stats when full = %+v; want bytes <= %d and depth %d", st, 8<<10, accepted)
+	}
+	// Nothing held was dropped; delivering everything frees space.
+	es := drain(t, q)
+	if len(es) != accepted {
+		t.Fatalf("held %d, accepted %d", len(es), accepted)
+	}
+	for _, e := range es {
+		q.Ack(e.Seq)
+	}
+	if err := q.Accept(ctx, msg("a", 1)); err != nil {
+		t.Fatalf("Accept after delivery freed space: %v", err)
+	}
+}
+
+func TestFullByAge(t *testing.T) {
+	var now atomic.Int64
+	now.Store(time.Unix(1700000000, 0).UnixNano())
+	clock := func() time.Time { return time.Unix(0, now.Load()) }
+	q, reg := open(t, t.TempDir(), Options{MaxAge: time.Hour, Now: clock})
+	ctx := context.Background()
+	m := msg("a", 0)
+	m.Received = time.Time{} // stamped by the queue's clock
+	if err := q.Accept(ctx, m); err != nil {
+		t.Fatal(err)
+	}
+	now.Add(int64(30 * time.Minute))
+	if got := metricValue(t, reg, "bastion_queue_oldest_age_seconds"); got != 1800 {
+		t.Fatalf("oldest age = %v, want 1800", got)
+	}
+	if err := q.Accept(ctx, m); err != nil {
+		t.Fatalf("Accept at 30m: %v", err)
+	}
+	now.Add(int64(31 * time.Minute))
+	if err := q.Accept(ctx, m); !errors.Is(err, bridges.ErrQueueFull) {
+		t.Fatalf("Accept with a 61m old message held: %v, want ErrQueueFull", err)
+	}
+	es := drain(t, q)
+	q.Ack(es[0].Seq)
+	if err := q.Accept(ctx, m); err != nil {
+		t.Fatalf("Accept after the old message was delivered: %v", err)
+	}
+}
+
+func TestTooLarge(t *testing.T) {
+	q, _ := open(t, t.TempDir(), Options{MaxMessageBytes: 100})
+	m := msg("a", 0)
+	m.Payload = make([]byte, 200)
+	if err := q.Accept(context.Background(), m); !errors.Is(err, ErrTooLarge) {
+		t.Fatalf("Accept 200 bytes with limit 100: %v, want ErrTooLarge", err)
+	}
+}
+
+// TestNoWritesWhenIdle: once delivered-marks are flushed, an idle queue
+// neither writes nor fsyncs.
+func TestNoWritesWhenIdle(t *testing.T) {
+	dir := t.TempDir()
+	q, reg := open(t, dir, Options{AckFlushInterval: 10 * time.Millisecond})
+	for i := range 5 {
+		q.Accept(context.Background(), msg("a", i))
+	}
+	for _, e := range drain(t, q) {
+		q.Ack(e.Seq)
+	}
+	size := func() int64 {
+		segs, _ := filepath.Glob(filepath.Join(dir, "*.seg"))
+		var n int64
+		for _, s := range segs {
+			fi, _ := os.Stat(s)
+			n += fi.Size()
+		}
+		return n
+	}
+	before := size()
+	deadline := time.Now().Add(5 * time.Second)
+	for size() == before { // the delivered-marks record lands after the interval
+		if time.Now().After(deadline) {
+			t.Fatalf("delivered marks never written")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	s1, f1 := size(), metricValue(t, reg, "bastion_queue_fsyncs_total")
+	time.Sleep(200 * time.Millisecond) // 20 flush intervals of idleness
+	if s2, f2 := size(), metricValue(t, reg, "bastion_queue_fsyncs_total"); s2 != s1 || f2 != f1 {
+		t.Fatalf("idle queue wrote: size %d -> %d, fsyncs %v -> %v", s1, s2, f1, f2)
+	}
+}
+
+// childAccept is the body of the re-executed test binary for the power-cut
+// test: it accepts messages and prints each sequence number once Accept
+// returned nil, until it is killed.
+func childAccept(dir string) int {
+	q, err := Open(dir, Options{}, discard, nil)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	out := bufio.NewWriter(os.Stdout)
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	for p := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := p; i < 1_000_000; i += 8 {
+				m := msg("d"+strconv.Itoa(p), i)
+				if err := q.Accept(context.Background(), m); err != nil {
+					fmt.Fprintln(os.Stderr, err)
+					return
+				}
+				mu.Lock()
+				fmt.Fprintf(out, "%d\n", i)
+				out.Flush()
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	return 0
+}
+
+// TestSIGKILLKeepsEveryAcceptedMessage re-executes the test binary as a
+// writer, SIGKILLs it mid-stream, and checks every message it saw accepted
+// is in the reopened queue.
+func TestSIGKILLKeepsEveryAcceptedMessage(t *testing.T) {
+	for round := range 3 {
+		dir := t.TempDir()
+		cmd := exec.Command(os.Args[0], "-test.run=^$")
+		cmd.Env = append(os.Environ(), "BASTION_QUEUE_CHILD="+dir)
+		stdout, err := cmd.StdoutPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		cmd.Stderr = os.Stderr
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		seen := map[int]bool{}
+		sc := bufio.NewScanner(stdout)
+		killAt := 2000 + round*1500
+		for sc.Scan() {
+			i, err := strconv.Atoi(sc.Text())
+			if err != nil {
+				t.Fatalf("child printed %q", sc.Text())
+			}
+			seen[i] = true
+			if len(seen) == killAt {
+				cmd.Process.Signal(syscall.SIGKILL)
+				break
+			}
+		}
+		io.Copy(io.Discard, stdout)
+		cmd.Wait()
+		if len(seen) < killAt {
+			t.Fatalf("child stopped after %d accepts before the kill", len(seen))
+		}
+		q, _ := open(t, dir, Options{})
+		have := map[int]bool{}
+		for _, e := range drain(t, q) {
+			var i int
+			fmt.Sscanf(string(e.Payload), `{"i":%d}`, &i)
+			have[i] = true
+		}
+		missing := 0
+		for i := range seen {
+			if !have[i] {
+				missing++
+			}
+		}
+		t.Logf("round %d: child acknowledged %d, queue holds %d after SIGKILL", round, len(seen), len(have))
+		if missing > 0 {
+			t.Fatalf("%d messages acknowledged by Accept are missing after SIGKILL", missing)
+		}
+		q.Close()
+	}
+}
+
+// TestDiskFull fills a real (tiny tmpfs) filesystem: Accept must refuse
+// with ErrQueueFull, keep everything it accepted, and work again once
+// delivered segments free space.
+func TestDiskFull(t *testing.T) {
+	testenv.RequireRoot(t)
+	dir := t.TempDir()
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", dir).CombinedOutput(); err != nil {
+		t.Fatalf("mount tmpfs: %v: %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("umount", dir).Run() })
+	q, reg := open(t, dir, Options{MaxBytes: 64 << 20, SegmentBytes: 32 << 10})
+	ctx := context.Background()
+	var err error
+	accepted := 0
+	for i := 0; i < 100000; i++ {
+		m := msg("a", i)
+		m.Payload = make([]byte, 1000)
+		if err = q.Accept(ctx, m); err != nil {
+			break
+		}
+		accepted++
+	}
+	if !errors.Is(err, bridges.ErrQueueFull) || !errors.Is(err, syscall.ENOSPC) {
+		t.Fatalf("Accept on a full disk: %v; want ErrQueueFull wrapping ENOSPC", err)
+	}
+	if r := metricValue(t, reg, "bastion_queue_refusals_total"); r < 1 {
+		t.Fatalf("refusals = %v", r)
+	}
+	es := drain(t, q)
+	if len(es) != accepted {
+		t.Fatalf("held %d after disk full, accepted %d", len(es), accepted)
+	}
+	for _, e := range es[:len(es)/2] {
+		q.Ack(e.Seq)
+	}
+	if err := q.Accept(ctx, msg("a", -1)); err != nil {
+		t.Fatalf("Accept after delivery freed segments: %v", err)
+	}
+	q.Close()
+	q2, _ := open(t, dir, Options{MaxBytes: 64 << 20, SegmentBytes: 32 << 10})
+	if got, want := len(drain(t, q2)), accepted-len(es)/2+1; got != want {
+		t.Fatalf("after reopen %d held, want %d", got, want)
+	}
+}

@@ -1,0 +1,44 @@
+package upstream
+
+import "github.com/prometheus/client_golang/prometheus"
+
+type metrics struct {
+	connected     prometheus.Gauge
+	published     prometheus.Counter
+	publishErrors prometheus.Counter
+	connectErrors prometheus.Counter
+	withheld      *prometheus.CounterVec
+	downlink      *prometheus.CounterVec
+	reloads       *prometheus.CounterVec
+	certExpiry    prometheus.Gauge
+}
+
+func newMetrics() *metrics {
+	return &metrics{
+		connected: prometheus.NewGauge(prometheus.GaugeOpts{Name: "bastion_upstream_connected",
+			Help: "1 while the upstream MQTT connection is up."}),
+		published: prometheus.NewCounter(prometheus.CounterOpts{Name: "bastion_upstream_published_total",
+			Help: "Messages acknowledged by the upstream broker (and then deleted from the queue)."}),
+		publishErrors: prometheus.NewCounter(prometheus.CounterOpts{Name: "bastion_upstream_publish_errors_total",
+			Help: "Publishes that failed or were refused by the broker (the message stays queued)."}),
+		connectErrors: prometheus.NewCounter(prometheus.CounterOpts{Name: "bastion_upstream_connect_errors_total",
+			Help: "Failed connection attempts to the upstream broker."}),
+		withheld: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bastion_upstream_withheld_total",
+			Help: "Messages kept local, by reason (no_rule, local, redact_not_json, unmapped)."}, []string{"reason"}),
+		downlink: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bastion_upstream_downlink_total",
+			Help: "Downlink commands by result (delivered, refused, loop, unmapped)."}, []string{"result"}),
+		reloads: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bastion_upstream_reloads_total",
+			Help: "Configuration reloads by result (ok, refused)."}, []string{"result"}),
+		certExpiry: prometheus.NewGauge(prometheus.GaugeOpts{Name: "bastion_upstream_client_cert_expiry_timestamp_seconds",
+			Help: "NotAfter of the client certificate in use (Unix seconds)."}),
+	}
+}
+
+func (m *metrics) register(reg prometheus.Registerer) error {
+	for _, c := range []prometheus.Collector{m.connected, m.published, m.publishErrors, m.connectErrors, m.withheld, m.downlink, m.reloads, m.certExpiry} {
+		if err := reg.Register(c); err != nil {
+			return err
+		}
+	}
+	return nil
+}

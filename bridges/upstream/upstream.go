@@ -1,0 +1,661 @@
+// Package upstream is Bastion's link to the cloud: an MQTT v5 client
+// (paho.golang autopaho) over TLS 1.3 (1.2 if configured) with the gateway's
+// client certificate, the broker verified against a configured CA bundle and
+// server name. It drains the durable queue (bridges/queue) in order per
+// device at QoS 1 and tells the queue to delete a message only after the
+// broker's PUBACK; it maps topics both ways, applies the privacy forwarding
+// rules, and refuses configurations that would loop.
+//
+// It never skips certificate verification, never deletes a message the
+// broker did not acknowledge, and never forwards a topic the config does not
+// name.
+package upstream
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/url"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/bastion-iot/bastion/bridges"
+	"github.com/bastion-iot/bastion/bridges/queue"
+	"github.com/eclipse/paho.golang/autopaho"
+	"github.com/eclipse/paho.golang/paho"
+	"github.com/eclipse/paho.golang/paho/session/state"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// User properties on every uplink PUBLISH.
+const (
+	// OriginProperty carries the gateway id; a downlink message carrying
+	// our own id is our own traffic coming back and is dropped.
+	OriginProperty = "bastion-origin"
+	// SeqProperty carries the queue sequence number so the cloud can drop
+	// the duplicates that at-least-once delivery allows.
+	SeqProperty = "bastion-seq"
+)
+
+// Source is the queue the link drains; *queue.Queue implements it.
+type Source interface {
+	bridges.Sink
+	Next(ctx context.Context, after uint64, max int) ([]queue.Entry, error)
+	Ack(seqs ...uint64) error
+}
+
+// Deliver hands a downlink command to the device transports. Its message
+// is addressed to device m.Device on topic devices/{id}/c/....
+type Deliver func(ctx context.Context, m bridges.Message) error
+
+// Status is the link's state for bastionctl and the console.
+type Status struct {
+	Connected          bool      `json:"connected"`
+	Broker             string    `json:"broker"`
+	ServerName         string    `json:"server_name"`
+	ConnectedSince     time.Time `json:"connected_since,omitzero"`
+	LastError          string    `json:"last_error,omitempty"`
+	LastErrorAt        time.Time `json:"last_error_at,omitzero"`
+	Published          uint64    `json:"published"` // acknowledged by the broker
+	Withheld           uint64    `json:"withheld"`  // kept local by privacy rules or mapping
+	Downlink           uint64    `json:"downlink"`  // commands delivered to devices
+	LoopsDropped       uint64    `json:"loops_dropped"`
+	ClientCertSubject  string    `json:"client_cert_subject"`
+	ClientCertNotAfter time.Time `json:"client_cert_not_after"`
+}
+
+// snapshot is one immutable configuration with its loaded credentials.
+type snapshot struct {
+	cfg    Config
+	routes routes
+	cert   *tls.Certificate
+	roots  *x509.CertPool
+	caPEM  []byte
+	minTLS uint16
+}
+
+// Upstream is the upstream link.
+type Upstream struct {
+	log     *slog.Logger
+	q       Source
+	deliver Deliver
+	cur     atomic.Pointer[snapshot]
+	m       *metrics
+
+	mu      sync.Mutex
+	st      Status
+	restart context.CancelFunc
+	// turn is the publish waiting to be written (see pipeline).
+	turn atomic.Pointer[turn]
+}
+
+// New checks cfg (Defaults, Validate), loads the certificate files and
+// returns the link; Run connects. Metrics go to reg (nil: not exported).
+func New(cfg Config, q Source, deliver Deliver, log *slog.Logger, reg prometheus.Registerer) (*Upstream, error) {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	s, err := load(cfg)
+	if err != nil {
+		return nil, err
+	}
+	u := &Upstream{log: log.With("component", "upstream"), q: q, deliver: deliver}
+	u.m = newMetrics()
+	if reg != nil {
+		if err := u.m.register(reg); err != nil {
+			return nil, fmt.Errorf("upstream: register metrics: %w", err)
+		}
+	}
+	u.install(s)
+	return u, nil
+}
+
+func load(cfg Config) (*snapshot, error) {
+	cfg.Defaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	rs, err := cfg.compile()
+	if err != nil {
+		return nil, err
+	}
+	s := &snapshot{cfg: cfg, routes: rs, minTLS: tls.VersionTLS13}
+	if cfg.TLSMinVersion == "1.2" {
+		s.minTLS = tls.VersionTLS12
+	}
+	cert, err := tls.LoadX509KeyPair(cfg.CertFile, cfg.KeyFile)
+	if err != nil {
+		return nil, fmt.Errorf("upstream.cert_file %s / upstream.key_file %s: load client certificate: %w", cfg.CertFile, cfg.KeyFile, err)
+	}
+	if cert.Leaf == nil || len(cert.Certificate) == 0 {
+		return nil, fmt.Errorf("upstream.cert_file %s: no certificate", cfg.CertFile)
+	}
+	s.cert = &cert
+	s.caPEM, err = os.ReadFile(cfg.CAFile)
+	if err != nil {
+		return nil, fmt.Errorf("upstream.ca_file %s: read broker CA bundle: %w", cfg.CAFile, err)
+	}
+	s.roots = x509.NewCertPool()
+	if !s.roots.AppendCertsFromPEM(s.caPEM) {
+		return nil, fmt.Errorf("upstream.ca_file %s: no PEM certificates found; it must hold the CA(s) that sign the broker's certificate", cfg.CAFile)
+	}
+	return s, nil
+}
+
+func (u *Upstream) install(s *snapshot) {
+	u.cur.Store(s)
+	u.mu.Lock()
+	u.st.Broker = s.cfg.Broker
+	u.st.ServerName = s.cfg.ServerName
+	u.st.ClientCertSubject = s.cert.Leaf.Subject.String()
+	u.st.ClientCertNotAfter = s.cert.Leaf.NotAfter
+	u.mu.Unlock()
+	u.m.certExpiry.Set(float64(s.cert.Leaf.NotAfter.Unix()))
+}
+
+// Reload swaps in a new configuration and credentials (client certificate,
+// CA bundle) without a restart. A bad config or unreadable files leave the
+// running one in place and return why. When the connection parameters or
+// credentials changed, the link reconnects so the new ones are used (and
+// proven) at once; privacy rules and uplink mappings apply from the next
+// message.
+func (u *Upstream) Reload(cfg Config) error {
+	s, err := load(cfg)
+	if err != nil {
+		u.m.reloads.WithLabelValues("refused").Inc()
+		return fmt.Errorf("upstream reload refused, keeping the running configuration: %w", err)
+	}
+	old := u.cur.Load()
+	u.install(s)
+	u.m.reloads.WithLabelValues("ok").Inc()
+	if needsReconnect(old, s) {
+		u.log.Info("upstream configuration or credentials changed; reconnecting", "broker", s.cfg.Broker)
+		u.mu.Lock()
+		if u.restart != nil {
+			u.restart()
+		}
+		u.mu.Unlock()
+	}
+	return nil
+}
+
+func needsReconnect(a, b *snapshot) bool {
+	ac, bc := a.cfg, b.cfg
+	ac.Forward, bc.Forward, ac.Uplink, bc.Uplink = nil, nil, nil, nil
+	if fmt.Sprint(ac) != fmt.Sprint(bc) {
+		return true
+	}
+	return string(a.caPEM) != string(b.caPEM) || !equalChain(a.cert.Certificate, b.cert.Certificate)
+}
+
+func equalChain(a, b [][]byte) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if string(a[i]) != string(b[i]) {
+			return false
+		}
+	}
+	return true
+}
+
+// Status returns a snapshot of the link's state.
+func (u *Upstream) Status() Status {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return u.st
+}
+
+// Accept is the privacy gate in front of the queue (a bridges.Sink): a
+// message the rules keep local, or no uplink maps, is withheld (and
+// counted) without touching the disk; a redact rule strips fields before the
+// message is stored. Everything else goes to the queue. The rules are applied
+// again when sending, so a rule tightened by Reload also covers messages
+// already queued.
+func (u *Upstream) Accept(ctx context.Context, m bridges.Message) error {
+	if !strings.HasPrefix(m.Topic, bridges.TopicPrefix(m.Device)) {
+		return fmt.Errorf("upstream accept: topic %q is outside device %q's namespace %s", m.Topic, m.Device, bridges.TopicPrefix(m.Device))
+	}
+	s := u.cur.Load()
+	if _, ok := s.routes.mapUp(m.Device, m.Topic); !ok {
+		u.withheld("unmapped")
+		return nil
+	}
+	v, payload, reason := applyRules(s.cfg.Forward, m.Topic, m.Payload)
+	if v == withhold {
+		u.withheld(reason)
+		return nil
+	}
+	m.Payload = payload
+	return u.q.Accept(ctx, m)
+}
+
+func (u *Upstream) withheld(reason string) {
+	u.m.withheld.WithLabelValues(reason).Inc()
+	u.mu.Lock()
+	u.st.Withheld++
+	u.mu.Unlock()
+}
+
+func (rs routes) mapUp(device, topic string) (string, bool) {
+	for _, r := range rs.up {
+		if id, rest, ok := r.from.match(topic); ok && id == device {
+			return r.to.render(id, rest), true
+		}
+	}
+	return "", false
+}
+
+// Run keeps the link up until ctx ends. It returns nil on shutdown.
+func (u *Upstream) Run(ctx context.Context) error {
+	for ctx.Err() == nil {
+		gen, cancel := context.WithCancel(ctx)
+		u.mu.Lock()
+		u.restart = cancel
+		u.mu.Unlock()
+		err := u.generation(gen, u.cur.Load())
+		cancel()
+		if err != nil && ctx.Err() == nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// generation is one connection manager with one configuration; Reload
+// ends it to start the next.
+func (u *Upstream) generation(ctx context.Context, s *snapshot) error {
+	broker, err := url.Parse(s.cfg.Broker)
+	if err != nil {
+		return fmt.Errorf("upstream.broker %q: %w", s.cfg.Broker, err)
+	}
+	var (
+		wg    sync.WaitGroup
+		ups   = make(chan chan struct{}, 1)
+		downM sync.Mutex
+		down  chan struct{}
+	)
+	sess := state.NewInMemory()
+	defer sess.Close()
+	cc := autopaho.ClientConfig{
+		ServerUrls: []*url.URL{broker},
+		KeepAlive:  uint16(s.cfg.KeepAlive / time.Second),
+		// Every connection starts clean and the session ends with it: the
+		// durable queue, not a broker session, decides what is resent.
+		CleanStartOnInitialConnection: true,
+		SessionExpiryInterval:         0,
+		ConnectTimeout:                s.cfg.ConnectTimeout,
+		ReconnectBackoff:              autopaho.NewExponentialBackoff(s.cfg.BackoffMin, s.cfg.BackoffMax, min(2*s.cfg.BackoffMin, s.cfg.BackoffMax), 2),
+		AttemptConnection:             u.dial,
+		ConnectPacketBuilder: func(cp *paho.Connect, _ *url.URL) (*paho.Connect, error) {
+			cp.CleanStart = true
+			return cp, nil
+		},
+		OnConnectionUp: func(cm *autopaho.ConnectionManager, ca *paho.Connack) {
+			u.log.Info("upstream connected", "broker", s.cfg.Broker)
+			u.setConnected(true)
+			d := make(chan struct{})
+			downM.Lock()
+			down = d
+			downM.Unlock()
+			select {
+			case <-ups:
+			default:
+			}
+			ups <- d
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				if err := u.subscribe(ctx, cm, s); err != nil {
+					u.setError(err)
+				}
+			}()
+		},
+		OnConnectionDown: func() bool {
+			u.setConnected(false)
+			downM.Lock()
+			if down != nil {
+				close(down)
+				down = nil
+			}
+			downM.Unlock()
+			return true
+		},
+		OnConnectError: func(err error) {
+			u.m.connectErrors.Inc()
+			u.setError(explain(err, u.cur.Load()))
+		},
+		ClientConfig: paho.ClientConfig{
+			ClientID: s.cfg.ClientID,
+			Session:  sess,
+			OnPublishReceived: []func(paho.PublishReceived) (bool, error){
+				func(pr paho.PublishReceived) (bool, error) {
+					u.downlink(ctx, pr.Packet)
+					return true, nil
+				},
+			},
+			OnClientError: func(err error) { u.setError(fmt.Errorf("upstream connection to %s lost: %w", s.cfg.Broker, err)) },
+			OnServerDisconnect: func(d *paho.Disconnect) {
+				u.setError(fmt.Errorf("upstream broker %s sent DISCONNECT with reason 0x%02x %s", s.cfg.Broker, d.ReasonCode, reasonString(d.Properties)))
+			},
+		},
+	}
+	cm, err := autopaho.NewConnection(ctx, cc)
+	if err != nil {
+		return fmt.Errorf("upstream connect to %s: %w", s.cfg.Broker, err)
+	}
+	u.sendLoop(ctx, cm, ups, s)
+	<-cm.Done()
+	wg.Wait()
+	u.setConnected(false)
+	return nil
+}
+
+func reasonString(p *paho.DisconnectProperties) string {
+	if p == nil {
+		return ""
+	}
+	return p.ReasonString
+}
+
+// dial opens the TLS connection with the credentials current at dial time,
+// so a rotated certificate or CA bundle is used on the next attempt.
+func (u *Upstream) dial(ctx context.Context, _ autopaho.ClientConfig, broker *url.URL) (net.Conn, error) {
+	s := u.cur.Load()
+	tc := &tls.Config{
+		MinVersion: s.minTLS,
+		RootCAs:    s.roots,
+		ServerName: s.cfg.ServerName,
+		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+			return u.cur.Load().cert, nil
+		},
+	}
+	dctx, cancel := context.WithTimeout(ctx, s.cfg.ConnectTimeout)
+	defer cancel()
+	d := tls.Dialer{Config: tc}
+	conn, err := d.DialContext(dctx, "tcp", broker.Host)
+	if err != nil {
+		return nil, explain(err, s)
+	}
+	return &packetConn{Conn: conn, onPublish: func() {
+		if t := u.turn.Swap(nil); t != nil {
+			t.release()
+		}
+	}}, nil
+}
+
+// explained is an error explain already annotated.
+type explained struct{ error }
+
+func (e explained) Unwrap() error { return e.error }
+
+// explain turns TLS failures into errors naming the config key to fix.
+func explain(err error, s *snapshot) error {
+	var done explained
+	if errors.As(err, &done) {
+		return done // drop the wrapping autopaho added around our dial error
+	}
+	return explained{explain1(err, s)}
+}
+
+func explain1(err error, s *snapshot) error {
+	var ua x509.UnknownAuthorityError
+	var he x509.HostnameError
+	var ci x509.CertificateInvalidError
+	switch {
+	case errors.As(err, &ua):
+		return fmt.Errorf("upstream %s: broker certificate is not signed by a CA in upstream.ca_file %s; refusing to connect: %w", s.cfg.Broker, s.cfg.CAFile, err)
+	case errors.As(err, &he):
+		return fmt.Errorf("upstream %s: broker certificate is not valid for upstream.server_name %q; refusing to connect: %w", s.cfg.Broker, s.cfg.ServerName, err)
+	case errors.As(err, &ci):
+		return fmt.Errorf("upstream %s: broker certificate invalid (check the clock and the certificate's dates); refusing to connect: %w", s.cfg.Broker, err)
+	case strings.Contains(err.Error(), "remote error: tls:"):
+		return fmt.Errorf("upstream %s: broker refused the TLS handshake, likely our client certificate (upstream.cert_file %s) or the TLS version (upstream.tls_min_version %s): %w", s.cfg.Broker, s.cfg.CertFile, s.cfg.TLSMinVersion, err)
+	}
+	return fmt.Errorf("upstream %s: %w", s.cfg.Broker, err)
+}
+
+func (u *Upstream) setConnected(up bool) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if up && !u.st.Connected {
+		u.st.ConnectedSince = time.Now()
+	}
+	if !up {
+		u.st.ConnectedSince = time.Time{}
+	}
+	u.st.Connected = up
+	if up {
+		u.m.connected.Set(1)
+	} else {
+		u.m.connected.Set(0)
+	}
+}
+
+func (u *Upstream) setError(err error) {
+	u.log.Warn("upstream link", "err", err)
+	u.mu.Lock()
+	u.st.LastError = err.Error()
+	u.st.LastErrorAt = time.Now()
+	u.mu.Unlock()
+}
+
+func (u *Upstream) subscribe(ctx context.Context, cm *autopaho.ConnectionManager, s *snapshot) error {
+	var subs []paho.SubscribeOptions
+	for _, r := range s.routes.down {
+		// NoLocal: the broker never sends us our own publications.
+		subs = append(subs, paho.SubscribeOptions{Topic: r.from.filter(), QoS: 1, NoLocal: true})
+	}
+	if len(subs) == 0 {
+		return nil
+	}
+	sa, err := cm.Subscribe(ctx, &paho.Subscribe{Subscriptions: subs})
+	if err != nil {
+		return fmt.Errorf("upstream subscribe %v: %w", subs, err)
+	}
+	for i, rc := range sa.Reasons {
+		if rc >= 0x80 && i < len(subs) {
+			return fmt.Errorf("upstream broker refused the downlink subscription %q with reason 0x%02x (check the broker's ACL for this gateway)", subs[i].Topic, rc)
+		}
+	}
+	return nil
+}
+
+// downlink maps a command from the broker to a device.
+func (u *Upstream) downlink(ctx context.Context, p *paho.Publish) {
+	s := u.cur.Load()
+	if p.Properties != nil {
+		for _, up := range p.Properties.User {
+			if up.Key == OriginProperty && up.Value == s.cfg.Gateway {
+				u.m.downlink.WithLabelValues("loop").Inc()
+				u.mu.Lock()
+				u.st.LoopsDropped++
+				u.mu.Unlock()
+				return
+			}
+		}
+	}
+	for _, r := range s.routes.down {
+		id, rest, ok := r.from.match(p.Topic)
+		if !ok {
+			continue
+		}
+		m := bridges.Message{Device: id, Topic: r.to.render(id, rest), Payload: p.Payload, QoS: min(p.QoS, 1), Received: time.Now()}
+		if err := u.deliver(ctx, m); err != nil {
+			u.m.downlink.WithLabelValues("refused").Inc()
+			u.log.Warn("downlink command not delivered", "device", id, "topic", m.Topic, "err", err)
+			return
+		}
+		u.m.downlink.WithLabelValues("delivered").Inc()
+		u.mu.Lock()
+		u.st.Downlink++
+		u.mu.Unlock()
+		return
+	}
+	u.m.downlink.WithLabelValues("unmapped").Inc()
+}
+
+// sendLoop runs the pipeline on each connection. After a failure while the
+// connection stays up (a broker refusing a message) it waits with growing
+// pauses instead of spinning; the message stays in the queue.
+func (u *Upstream) sendLoop(ctx context.Context, cm *autopaho.ConnectionManager, ups <-chan chan struct{}, s *snapshot) {
+	var down chan struct{}
+	pause := time.Duration(0)
+	for ctx.Err() == nil {
+		if down == nil || closed(down) {
+			select {
+			case down = <-ups:
+				pause = 0
+			case <-ctx.Done():
+				return
+			}
+		}
+		if pause > 0 {
+			select {
+			case <-time.After(pause):
+			case <-down:
+				continue
+			case <-ctx.Done():
+				return
+			}
+		}
+		if u.pipeline(ctx, cm, down, s) {
+			pause = min(max(2*pause, s.cfg.BackoffMin), s.cfg.BackoffMax)
+		} else {
+			pause = 0
+		}
+	}
+}
+
+func closed(c chan struct{}) bool {
+	select {
+	case <-c:
+		return true
+	default:
+		return false
+	}
+}
+
+// pipeline sends the queue from its head until the connection drops or a
+// publish fails, and reports whether it ended on a failure other than the
+// connection going down. Up to Window publishes await their PUBACK at once;
+// each is written only after the previous one is on the wire, so the broker
+// sees queue order (and so order per device).
+func (u *Upstream) pipeline(ctx context.Context, cm *autopaho.ConnectionManager, down <-chan struct{}, s *snapshot) bool {
+	pctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		select {
+		case <-down:
+			cancel()
+		case <-pctx.Done():
+		}
+	}()
+	window := make(chan struct{}, s.cfg.Window)
+	var failed atomic.Bool
+	var cursor uint64
+feed:
+	for {
+		es, err := u.q.Next(pctx, cursor, 64)
+		if err != nil {
+			if pctx.Err() == nil {
+				u.setError(fmt.Errorf("upstream: reading the queue: %w", err))
+				failed.Store(true)
+			}
+			break
+		}
+		for _, e := range es {
+			cursor = e.Seq
+			p, err := u.prepare(e)
+			if err != nil {
+				u.setError(err)
+				failed.Store(true)
+				break feed
+			}
+			if p == nil {
+				continue // withheld and acked
+			}
+			select {
+			case window <- struct{}{}:
+			case <-pctx.Done():
+				break feed
+			}
+			t := newTurn()
+			u.turn.Store(t)
+			wg.Add(1)
+			go func(e queue.Entry) {
+				defer wg.Done()
+				err := u.publish(pctx, cm, e, p)
+				t.release()
+				<-window
+				if err != nil {
+					if pctx.Err() == nil {
+						failed.Store(true)
+						u.setError(err)
+					}
+					cancel()
+				}
+			}(e)
+			select {
+			case <-t.ch:
+			case <-pctx.Done():
+				break feed
+			}
+		}
+	}
+	cancel()
+	wg.Wait()
+	return failed.Load()
+}
+
+// prepare applies the current mapping and privacy rules. A withheld message
+// is acked (removed) and nil returned.
+func (u *Upstream) prepare(e queue.Entry) (*paho.Publish, error) {
+	s := u.cur.Load()
+	topic, ok := s.routes.mapUp(e.Device, e.Topic)
+	if !ok {
+		u.withheld("unmapped")
+		return nil, u.q.Ack(e.Seq)
+	}
+	v, payload, reason := applyRules(s.cfg.Forward, e.Topic, e.Payload)
+	if v == withhold {
+		u.withheld(reason)
+		return nil, u.q.Ack(e.Seq)
+	}
+	return &paho.Publish{
+		Topic: topic, QoS: min(e.QoS, 1), Payload: payload,
+		Properties: &paho.PublishProperties{User: paho.UserProperties{
+			{Key: OriginProperty, Value: s.cfg.Gateway},
+			{Key: SeqProperty, Value: strconv.FormatUint(e.Seq, 10)},
+		}},
+	}, nil
+}
+
+// publish sends one prepared message and acks it in the queue after the
+// PUBACK.
+func (u *Upstream) publish(ctx context.Context, cm *autopaho.ConnectionManager, e queue.Entry, p *paho.Publish) error {
+	if _, err := cm.Publish(ctx, p); err != nil {
+		u.m.publishErrors.Inc()
+		return fmt.Errorf("upstream publish seq %d of device %s to %s: %w", e.Seq, e.Device, p.Topic, err)
+	}
+	if err := u.q.Ack(e.Seq); err != nil {
+		return fmt.Errorf("upstream: ack seq %d in the queue: %w", e.Seq, err)
+	}
+	u.m.published.Inc()
+	u.mu.Lock()
+	u.st.Published++
+	u.mu.Unlock()
+	return nil
+}

@@ -1,0 +1,151 @@
+package main
+
+import (
+	"bufio"
+	"context"
+
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/bastion-iot/bastion/gateway"
+	"github.com/bastion-iot/bastion/gateway/config"
+	"github.com/bastion-iot/bastion/gateway/control"
+)
+
+// The test binary doubles as bastiond: with BASTIOND_MAIN=1 it runs main
+// with the arguments after "--".
+func TestMain(m *testing.M) {
+	if os.Getenv("BASTIOND_MAIN") == "1" {
+		for i, a := range os.Args {
+			if a == "--" {
+				os.Args = append([]string{"bastiond"}, os.Args[i+1:]...)
+				break
+			}
+		}
+		main()
+		return
+	}
+	os.Exit(m.Run())
+}
+
+func bastiond(args ...string) *exec.Cmd {
+	cmd := exec.Command(os.Args[0], append([]string{"-test.run=^$", "--"}, args...)...)
+	cmd.Env = append(os.Environ(), "BASTIOND_MAIN=1")
+	return cmd
+}
+
+func TestCheckConfig(t *testing.T) {
+	dir := t.TempDir()
+	bad := filepath.Join(dir, "bad.yaml")
+	os.WriteFile(bad, []byte("firewall:\n  lan: [eth0]\nconsole:\n  listen: \":99999\"\n"), 0o600)
+	out, err := bastiond("--check-config", bad).CombinedOutput()
+	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 1 {
+		t.Fatalf("bad config: exit %v, want 1", err)
+	}
+	if want := bad + ":4: console.listen: \":99999\""; !strings.Contains(string(out), want) {
+		t.Errorf("output %q does not contain %q", out, want)
+	}
+	good := filepath.Join(dir, "good.yaml")
+	if out, err := bastiond("--write-default-config", good).CombinedOutput(); err != nil {
+		t.Fatalf("write default config: %v %s", err, out)
+	}
+	out, err = bastiond("--check-config", good).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "configuration OK") {
+		t.Errorf("default config: %v %s", err, out)
+	}
+	out, err = bastiond("--check-config", filepath.Join(dir, "missing.yaml")).CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "missing.yaml") {
+		t.Errorf("missing config: %v %s", err, out)
+	}
+}
+
+// bastiond --dev starts within 5 s, reloads on SIGHUP (keeping the old
+// configuration when the new one is bad), and exits 0 on SIGTERM.
+func TestDevSignals(t *testing.T) {
+	state := filepath.Join(t.TempDir(), "state")
+	os.MkdirAll(state, 0o700)
+	cfg := config.Dev(state)
+	cfg.CoAP.Listen, cfg.CoAP.PSKListen, cfg.MQTT.Listen, cfg.Console.Listen = "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"
+	cfgPath := filepath.Join(state, "bastion.yaml")
+	if err := gateway.WriteConfigFile(cfgPath, cfg); err != nil {
+		t.Fatal(err)
+	}
+	cmd := bastiond("--dev", "--state", state)
+	stderr, _ := cmd.StderrPipe()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer cmd.Process.Kill()
+	lines := make(chan string, 100)
+	go func() {
+		sc := bufio.NewScanner(stderr)
+		for sc.Scan() {
+			lines <- sc.Text()
+		}
+		close(lines)
+	}()
+	waitFor := func(what string, d time.Duration) []string {
+		t.Helper()
+		var seen []string
+		timeout := time.After(d)
+		for {
+			select {
+			case l, ok := <-lines:
+				if !ok {
+					t.Fatalf("bastiond exited before %q; output:\n%s", what, strings.Join(seen, "\n"))
+				}
+				seen = append(seen, l)
+				if strings.Contains(l, what) {
+					return seen
+				}
+			case <-timeout:
+				t.Fatalf("no %q within %s; output:\n%s", what, d, strings.Join(seen, "\n"))
+			}
+		}
+	}
+	out := strings.Join(waitFor("gateway ready", 5*time.Second), "\n")
+	for _, w := range []string{"coaps://127.0.0.1:", "mqtts://127.0.0.1:", "https://127.0.0.1:", "setup code: "} {
+		if !strings.Contains(out, w) {
+			t.Errorf("start-up output lacks %q", w)
+		}
+	}
+	ctx := context.Background()
+	if _, err := control.New(control.SocketPath(state)).Do(ctx, "GET", "/v1/status", nil, nil); err != nil {
+		t.Fatalf("control socket: %v", err)
+	}
+
+	good, _ := os.ReadFile(cfgPath)
+	os.WriteFile(cfgPath, []byte("log:\n  level: shouty\n"), 0o600)
+	cmd.Process.Signal(syscall.SIGHUP)
+	waitFor("config reload refused", 5*time.Second)
+	if _, err := control.New(control.SocketPath(state)).Do(ctx, "GET", "/v1/status", nil, nil); err != nil {
+		t.Fatalf("bastiond not serving after a refused reload: %v", err)
+	}
+	os.WriteFile(cfgPath, good, 0o600)
+	cmd.Process.Signal(syscall.SIGHUP)
+	waitFor("config reloaded", 5*time.Second)
+
+	cmd.Process.Signal(syscall.SIGTERM)
+	done := make(chan error, 1)
+	go func() {
+		for range lines {
+		}
+		done <- cmd.Wait()
+	}()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("bastiond exit after SIGTERM: %v, want status 0", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("bastiond did not exit within 20s of SIGTERM")
+	}
+	if _, err := os.Stat(control.SocketPath(state)); err == nil {
+		t.Error("control socket left behind after a clean stop")
+	}
+}

@@ -1,0 +1,523 @@
+package console
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/subtle"
+	"embed"
+	"encoding/base32"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/bastion-iot/bastion/gateway/store"
+)
+
+// Meta keys shared with the gateway, which writes the setup code's hash at
+// start while no admin exists.
+const (
+	MetaSetupCode    = "console.setup_code_sha256"
+	MetaAdminExists  = "console.admin_exists"
+	metaRecoveryCode = "console.recovery_code"
+)
+
+// Cookie names. The __Host- prefix makes the browser insist on Secure,
+// Path=/ and no Domain, so no other host can set or read them.
+const (
+	sessionCookie = "__Host-bastion_session"
+	preCookie     = "__Host-bastion_pre" // double-submit token for the forms used before login
+)
+
+// Roles.
+const (
+	RoleAdmin  = "admin"
+	RoleViewer = "viewer"
+)
+
+// Options configure the console handler.
+type Options struct {
+	Store   *store.Store // required
+	Gateway Gateway      // required
+	// Components are the optional parts; they can also be set later with
+	// SetComponents, as the gateway builds them.
+	Components Components
+	Log        *slog.Logger
+	// Now is the clock (default time.Now).
+	Now func() time.Time
+	// Throttle is the login rate limit (zero: DefaultThrottle).
+	Throttle ThrottlePolicy
+	// IdleTimeout and MaxAge end sessions (defaults 30 min and 12 h).
+	IdleTimeout, MaxAge time.Duration
+}
+
+// Components are the optional parts of the box the console shows. A nil
+// one is shown as "not available in this build" (API: 501).
+type Components struct {
+	Pairing  Pairing
+	Firmware Firmware
+	Firewall Firewall
+	Upstream Upstream
+	Traffic  Traffic
+	// RulesChanged, if set, gets the forwarding rules after every change
+	// (the upstream link can also just read store.ForwardRules).
+	RulesChanged func([]store.ForwardRule)
+	// OptOutsChanged, if set, gets the privacy opt-outs after every change.
+	OptOutsChanged func(map[string]bool)
+}
+
+// SetComponents replaces the optional components; safe while serving.
+func (h *Handler) SetComponents(c Components) { h.comp.Store(&c) }
+
+func (h *Handler) c() *Components { return h.comp.Load() }
+
+// Handler serves the console's pages, its JSON API under /api/v1 and its
+// static assets.
+type Handler struct {
+	o     Options
+	log   *slog.Logger
+	mux   *http.ServeMux
+	hash  *hasher
+	thr   *throttle
+	cop   *http.CrossOriginProtection
+	pages *pages
+	comp  atomic.Pointer[Components]
+	// patterns are the routes registered, for the test that holds the
+	// OpenAPI file to them.
+	patterns []string
+
+	mu       sync.Mutex
+	presence time.Time // physical presence (button) grants setup/recovery until then
+	flashes  map[string]string
+}
+
+//go:embed static
+var staticFS embed.FS
+
+// NewHandler builds the console.
+func NewHandler(o Options) (*Handler, error) {
+	if o.Store == nil || o.Gateway == nil {
+		return nil, errors.New("console: Store and Gateway are required")
+	}
+	if o.Log == nil {
+		o.Log = slog.New(slog.DiscardHandler)
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	if o.Throttle == (ThrottlePolicy{}) {
+		o.Throttle = DefaultThrottle
+	}
+	if o.IdleTimeout == 0 {
+		o.IdleTimeout = 30 * time.Minute
+	}
+	if o.MaxAge == 0 {
+		o.MaxAge = 12 * time.Hour
+	}
+	pg, err := loadPages()
+	if err != nil {
+		return nil, err
+	}
+	h := &Handler{o: o, log: o.Log.With("component", "console"), mux: http.NewServeMux(), hash: newHasher(2),
+		thr: newThrottle(o.Throttle), cop: http.NewCrossOriginProtection(), pages: pg, flashes: map[string]string{}}
+	h.SetComponents(o.Components)
+	sub, _ := fs.Sub(staticFS, "static")
+	h.mux.Handle("GET /static/", http.StripPrefix("/static/", http.FileServerFS(sub)))
+	h.mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) { w.Write([]byte("ok\n")) })
+	h.routes()
+	return h, nil
+}
+
+// ServeHTTP answers only LAN and loopback sources.
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if !lanSource(r.RemoteAddr) {
+		http.Error(w, "the console answers only on the local network", http.StatusForbidden)
+		return
+	}
+	h.mux.ServeHTTP(w, r)
+}
+
+// lanSource reports whether addr is loopback, private (RFC 1918, ULA) or
+// link-local: the console is for the people on the box's LAN.
+func lanSource(addr string) bool {
+	ap, err := netip.ParseAddrPort(addr)
+	if err != nil {
+		return false
+	}
+	a := ap.Addr().Unmap()
+	return a.IsLoopback() || a.IsPrivate() || a.IsLinkLocalUnicast()
+}
+
+// PhysicalPresence is called by the box's button code (never from the
+// network): for d (at most 10 min) the setup and recovery forms accept
+// creating the first admin or resetting a password without a code. Used
+// once, it ends. Anyone on the LAN could use that window, so the caller
+// should tie it to a gesture of its own (not the pairing press) and the
+// console audits it.
+func (h *Handler) PhysicalPresence(source string, d time.Duration) {
+	d = min(d, 10*time.Minute)
+	h.mu.Lock()
+	h.presence = h.o.Now().Add(d)
+	h.mu.Unlock()
+	h.audit(context.Background(), Actor{Name: source}, "console.presence", "", "setup and recovery allowed for "+d.String())
+}
+
+// consumePresence reports whether a presence window is active and ends it.
+func (h *Handler) consumePresence() bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	ok := h.o.Now().Before(h.presence)
+	h.presence = time.Time{}
+	return ok
+}
+
+func (h *Handler) presenceActive() bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.o.Now().Before(h.presence)
+}
+
+// NewRecoveryCode makes a one-time password recovery code valid for 15
+// minutes and returns it. Only root on the box reaches it (bastionctl over
+// the control socket, see RecoveryControlHandler); it is never reachable
+// from the network, and there is no e-mail recovery.
+func (h *Handler) NewRecoveryCode() (string, error) {
+	code := newCode()
+	sum := sha256.Sum256([]byte(code))
+	v := hex.EncodeToString(sum[:]) + " " + strconv.FormatInt(h.o.Now().Add(15*time.Minute).Unix(), 10)
+	if err := h.o.Store.SetMeta(metaRecoveryCode, []byte(v)); err != nil {
+		return "", fmt.Errorf("store recovery code: %w", err)
+	}
+	h.audit(context.Background(), Actor{Name: "bastionctl"}, "console.recovery_code", "", "valid 15 minutes")
+	return code, nil
+}
+
+// RecoveryControlHandler is the control-socket endpoint for
+// `bastionctl console recover`: POST answers {"code": "...", "expires_in": "15m0s"}.
+func (h *Handler) RecoveryControlHandler() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		code, err := h.NewRecoveryCode()
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		json.NewEncoder(w).Encode(map[string]string{"code": code, "expires_in": "15m0s"})
+	})
+}
+
+// checkRecoveryCode checks and, when it matches, consumes the code.
+func (h *Handler) checkRecoveryCode(code string) bool {
+	v, err := h.o.Store.Meta(metaRecoveryCode)
+	if err != nil {
+		return false
+	}
+	f := strings.Fields(string(v))
+	if len(f) != 2 {
+		return false
+	}
+	exp, err := strconv.ParseInt(f[1], 10, 64)
+	if err != nil || h.o.Now().Unix() > exp {
+		return false
+	}
+	sum := sha256.Sum256([]byte(normCode(code)))
+	if subtle.ConstantTimeCompare([]byte(hex.EncodeToString(sum[:])), []byte(f[0])) != 1 {
+		return false
+	}
+	h.o.Store.SetMeta(metaRecoveryCode, nil)
+	return true
+}
+
+var base32NoPad = base32.StdEncoding.WithPadding(base32.NoPadding)
+
+func normCode(c string) string { return strings.ToUpper(strings.TrimSpace(c)) }
+
+// newCode returns 80 random bits as XXXX-XXXX-XXXX-XXXX (base32).
+func newCode() string {
+	b := make([]byte, 10)
+	rand.Read(b)
+	s := base32NoPad.EncodeToString(b)
+	return s[0:4] + "-" + s[4:8] + "-" + s[8:12] + "-" + s[12:16]
+}
+
+func randomToken() string {
+	b := make([]byte, 32) // 256 bits
+	rand.Read(b)
+	return base64.RawURLEncoding.EncodeToString(b)
+}
+
+func hashToken(t string) string {
+	s := sha256.Sum256([]byte(t))
+	return hex.EncodeToString(s[:])
+}
+
+// httpError is an error with the status and the message the user sees.
+type httpError struct {
+	code int
+	msg  string
+}
+
+func (e *httpError) Error() string { return e.msg }
+
+func errf(code int, format string, a ...any) error {
+	return &httpError{code: code, msg: fmt.Sprintf(format, a...)}
+}
+
+func statusOf(err error) (int, string) {
+	var he *httpError
+	if errors.As(err, &he) {
+		return he.code, he.msg
+	}
+	var le *lockedError
+	if errors.As(err, &le) {
+		return http.StatusTooManyRequests, le.Error()
+	}
+	var br BadRequestError
+	if errors.As(err, &br) && br.BadRequest() {
+		return http.StatusBadRequest, err.Error()
+	}
+	if errors.Is(err, store.ErrNotFound) {
+		return http.StatusNotFound, err.Error()
+	}
+	if errors.Is(err, store.ErrExists) || errors.Is(err, store.ErrNameTaken) || errors.Is(err, store.ErrLastAdmin) {
+		return http.StatusConflict, err.Error()
+	}
+	return http.StatusInternalServerError, "internal error (see the gateway log)"
+}
+
+func (h *Handler) audit(ctx context.Context, who Actor, action, target, detail string) {
+	if _, err := h.o.Store.Audit(store.Event{Time: h.o.Now(), Actor: who.Name, Remote: who.Remote, Action: action, Target: target, Detail: detail}); err != nil {
+		h.log.ErrorContext(ctx, "audit log write failed", "action", action, "err", err)
+	}
+}
+
+func remoteIP(r *http.Request) string {
+	host, _, err := net.SplitHostPort(r.RemoteAddr)
+	if err != nil {
+		return r.RemoteAddr
+	}
+	return host
+}
+
+// principal is who a request acts as.
+type principal struct {
+	user    string
+	role    string
+	session *store.Session // nil when authenticated by API token
+	token   string         // API token id
+	remote  string
+}
+
+func (p *principal) actor() Actor { return Actor{Name: p.user, Remote: p.remote} }
+
+// authenticate finds the principal from an API token or a session cookie.
+// It returns nil (no error) when the request carries neither.
+func (h *Handler) authenticate(r *http.Request) (*principal, error) {
+	now := h.o.Now()
+	if az := r.Header.Get("Authorization"); az != "" {
+		tok, ok := parseBearer(az)
+		if !ok {
+			return nil, errf(http.StatusUnauthorized, "Authorization header: use Bearer <token>")
+		}
+		t, err := h.o.Store.APIToken(hashToken(tok))
+		if err != nil {
+			return nil, errf(http.StatusUnauthorized, "unknown API token")
+		}
+		u, err := h.o.Store.Admin(t.User)
+		if err != nil {
+			return nil, errf(http.StatusUnauthorized, "the token's account no longer exists")
+		}
+		if now.Sub(t.LastUsed) > time.Minute {
+			t.LastUsed = now
+			h.o.Store.PutAPIToken(t)
+		}
+		return &principal{user: u.Name, role: u.Role, token: t.ID, remote: remoteIP(r)}, nil
+	}
+	c, err := r.Cookie(sessionCookie)
+	if err != nil || c.Value == "" {
+		return nil, nil
+	}
+	s, err := h.o.Store.Session(hashToken(c.Value))
+	if err != nil {
+		return nil, nil
+	}
+	if now.Sub(s.LastSeen) > h.o.IdleTimeout || now.Sub(s.Created) > h.o.MaxAge {
+		h.o.Store.DeleteSession(s.Hash)
+		return nil, nil
+	}
+	u, err := h.o.Store.Admin(s.User)
+	if err != nil {
+		h.o.Store.DeleteSession(s.Hash)
+		return nil, nil
+	}
+	// Touch at most once a minute: a write per request would wear the
+	// router's flash.
+	if now.Sub(s.LastSeen) > time.Minute {
+		s.LastSeen = now
+		h.o.Store.PutSession(s)
+	}
+	return &principal{user: u.Name, role: u.Role, session: &s, remote: remoteIP(r)}, nil
+}
+
+// parseBearer extracts the token from "Bearer <token>".
+func parseBearer(v string) (string, bool) {
+	scheme, tok, ok := strings.Cut(v, " ")
+	if !ok || !strings.EqualFold(scheme, "Bearer") {
+		return "", false
+	}
+	tok = strings.TrimSpace(tok)
+	if len(tok) < 16 || len(tok) > 128 {
+		return "", false
+	}
+	for _, c := range tok {
+		if !(c >= 'A' && c <= 'Z' || c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-' || c == '_') {
+			return "", false
+		}
+	}
+	return tok, true
+}
+
+func unsafeMethod(m string) bool {
+	return m != http.MethodGet && m != http.MethodHead && m != http.MethodOptions
+}
+
+// checkCSRF enforces the synchronizer token of the session on every state
+// change made with a session cookie. API tokens are not ambient
+// credentials, so they need none.
+func checkCSRF(r *http.Request, p *principal) error {
+	if p.session == nil {
+		return nil
+	}
+	got := r.Header.Get("X-CSRF-Token")
+	if got == "" && isForm(r) {
+		got = r.PostFormValue("csrf")
+	}
+	if got == "" || subtle.ConstantTimeCompare([]byte(got), []byte(p.session.CSRF)) != 1 {
+		return errf(http.StatusForbidden, "missing or wrong CSRF token: reload the page and try again")
+	}
+	return nil
+}
+
+func isForm(r *http.Request) bool {
+	ct := r.Header.Get("Content-Type")
+	return strings.HasPrefix(ct, "application/x-www-form-urlencoded") || strings.HasPrefix(ct, "multipart/form-data")
+}
+
+func isJSON(r *http.Request) bool {
+	ct := r.Header.Get("Content-Type")
+	return ct == "application/json" || strings.HasPrefix(ct, "application/json;")
+}
+
+// checkPreCSRF protects the forms used before login (setup, login,
+// recovery): a browser form must echo the __Host- cookie's token; a JSON
+// request needs the application/json type, which a cross-site form cannot
+// send without a preflight this server never grants.
+func checkPreCSRF(r *http.Request) error {
+	if isJSON(r) {
+		return nil
+	}
+	c, err := r.Cookie(preCookie)
+	got := r.PostFormValue("csrf")
+	if err != nil || c.Value == "" || got == "" || subtle.ConstantTimeCompare([]byte(c.Value), []byte(got)) != 1 {
+		return errf(http.StatusForbidden, "missing or wrong form token: reload the page and try again")
+	}
+	return nil
+}
+
+// preToken returns the pre-login form token, setting its cookie if needed.
+func preToken(w http.ResponseWriter, r *http.Request) string {
+	if c, err := r.Cookie(preCookie); err == nil && len(c.Value) == 43 {
+		return c.Value
+	}
+	t := randomToken()
+	http.SetCookie(w, &http.Cookie{Name: preCookie, Value: t, Path: "/", Secure: true, HttpOnly: true, SameSite: http.SameSiteStrictMode})
+	return t
+}
+
+const maxBody = 64 << 10
+
+// decodeJSON reads a bounded JSON body into v, refusing unknown fields and
+// trailing data.
+func decodeJSON(r *http.Request, v any) error {
+	if !isJSON(r) {
+		return errf(http.StatusUnsupportedMediaType, "send Content-Type: application/json")
+	}
+	dec := json.NewDecoder(http.MaxBytesReader(nil, r.Body, maxBody))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return errf(http.StatusBadRequest, "request body: %v", err)
+	}
+	if dec.More() {
+		return errf(http.StatusBadRequest, "request body: trailing data after the JSON object")
+	}
+	return nil
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	enc.Encode(v)
+}
+
+// fail answers an error: JSON for the API, a page for browsers.
+func (h *Handler) fail(w http.ResponseWriter, r *http.Request, err error) {
+	code, msg := statusOf(err)
+	if code >= 500 {
+		h.log.Error("console request failed", "method", r.Method, "path", r.URL.Path, "err", err)
+	}
+	if code == http.StatusTooManyRequests {
+		var le *lockedError
+		if errors.As(err, &le) {
+			w.Header().Set("Retry-After", strconv.Itoa(int(le.wait.Seconds())+1))
+		}
+	}
+	if strings.HasPrefix(r.URL.Path, "/api/") {
+		writeJSON(w, code, map[string]string{"error": msg})
+		return
+	}
+	h.pages.render(w, code, "error", &view{Title: http.StatusText(code), Error: msg})
+}
+
+type lockedError struct{ wait time.Duration }
+
+func (e *lockedError) Error() string {
+	return fmt.Sprintf("too many failed logins: try again in %s", e.wait.Round(time.Second))
+}
+
+// setFlash remembers a one-line message for the session's next page.
+func (h *Handler) setFlash(p *principal, msg string) {
+	if p.session == nil {
+		return
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if len(h.flashes) > 1000 {
+		clear(h.flashes)
+	}
+	h.flashes[p.session.Hash] = msg
+}
+
+func (h *Handler) takeFlash(p *principal) string {
+	if p == nil || p.session == nil {
+		return ""
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	m := h.flashes[p.session.Hash]
+	delete(h.flashes, p.session.Hash)
+	return m
+}

@@ -1,0 +1,258 @@
+package console
+
+import (
+	"context"
+	"io"
+	"net/http"
+	"net/http/cookiejar"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+	"go.yaml.in/yaml/v3"
+
+	"github.com/bastion-iot/bastion/gateway/store"
+)
+
+// stubGateway stands in for the gateway in the tests that need a clock the
+// test controls; the real gateway is used by every other test.
+type stubGateway struct{ code string }
+
+func (s stubGateway) Health(context.Context) Health             { return Health{ClockSane: true} }
+func (s stubGateway) Certificates(context.Context) []CertStatus { return nil }
+func (s stubGateway) CheckSetupCode(c string) bool              { return normCode(c) == s.code }
+func (s stubGateway) AddDevice(context.Context, DeviceRequest, Actor) (Credentials, error) {
+	return Credentials{}, errNotAvailable
+}
+func (s stubGateway) RevokeDevice(context.Context, string, Actor) error { return errNotAvailable }
+
+type fakeClock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func (c *fakeClock) now() time.Time { c.mu.Lock(); defer c.mu.Unlock(); return c.t }
+func (c *fakeClock) add(d time.Duration) {
+	c.mu.Lock()
+	c.t = c.t.Add(d)
+	c.mu.Unlock()
+}
+
+func newTestHandler(t *testing.T) (*Handler, *httptest.Server, *fakeClock) {
+	st, err := store.Open(filepath.Join(t.TempDir(), "s.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	clk := &fakeClock{t: time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)}
+	h, err := NewHandler(Options{Store: st, Gateway: stubGateway{code: "ABCD-EFGH-JKLM-NPQR"}, Now: clk.now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewTLSServer(SecurityHeaders(h))
+	t.Cleanup(srv.Close)
+	return h, srv, clk
+}
+
+func post(t *testing.T, c *http.Client, url, body string, hdr ...string) (int, string) {
+	t.Helper()
+	req, _ := http.NewRequest("POST", url, strings.NewReader(body))
+	req.Header.Set("Content-Type", "application/json")
+	for i := 0; i+1 < len(hdr); i += 2 {
+		req.Header.Set(hdr[i], hdr[i+1])
+	}
+	res, err := c.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer res.Body.Close()
+	b, _ := io.ReadAll(res.Body)
+	return res.StatusCode, string(b)
+}
+
+func get(t *testing.T, c *http.Client, url string) int {
+	t.Helper()
+	res, err := c.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.Body.Close()
+	return res.StatusCode
+}
+
+func TestSessionIdleAndAbsoluteExpiry(t *testing.T) {
+	_, srv, clk := newTestHandler(t)
+	jar, _ := cookiejar.New(nil)
+	c := srv.Client()
+	c.Jar = jar
+	if code, body := post(t, c, srv.URL+"/api/v1/setup", `{"code":"abcd-efgh-jklm-npqr","user":"root","password":"correct horse battery staple"}`); code != 201 {
+		t.Fatalf("setup: %d %s", code, body)
+	}
+	// Active use every 20 minutes keeps the session for up to 12 h...
+	for range 36 { // 12 h
+		clk.add(20 * time.Minute)
+		if code := get(t, c, srv.URL+"/api/v1/session"); code != 200 {
+			t.Fatalf("session at %s: %d, want 200", clk.now(), code)
+		}
+	}
+	// ...and not beyond.
+	clk.add(20 * time.Minute)
+	if code := get(t, c, srv.URL+"/api/v1/session"); code != 401 {
+		t.Errorf("session after 12h20m: %d, want 401", code)
+	}
+	// A fresh login ends after 31 idle minutes.
+	if code, _ := post(t, c, srv.URL+"/api/v1/session", `{"user":"root","password":"correct horse battery staple"}`); code != 201 {
+		t.Fatalf("login: %d", code)
+	}
+	clk.add(31 * time.Minute)
+	if code := get(t, c, srv.URL+"/api/v1/session"); code != 401 {
+		t.Errorf("session after 31 idle minutes: %d, want 401", code)
+	}
+}
+
+func TestLockoutEndsAndBacksOff(t *testing.T) {
+	_, srv, clk := newTestHandler(t)
+	c := srv.Client()
+	post(t, c, srv.URL+"/api/v1/setup", `{"code":"ABCD-EFGH-JKLM-NPQR","user":"root","password":"correct horse battery staple"}`)
+	bad := `{"user":"root","password":"wrong wrong wrong"}`
+	good := `{"user":"root","password":"correct horse battery staple"}`
+	for range DefaultThrottle.FreeUser {
+		post(t, c, srv.URL+"/api/v1/session", bad)
+	}
+	if code, _ := post(t, c, srv.URL+"/api/v1/session", good); code != 429 {
+		t.Fatalf("right password while locked: %d, want 429", code)
+	}
+	// That attempt counted: the lockout is now 2×Base.
+	clk.add(DefaultThrottle.Base + time.Second)
+	if code, _ := post(t, c, srv.URL+"/api/v1/session", good); code != 429 {
+		t.Fatalf("after Base: %d, want 429 (backoff doubled)", code)
+	}
+	clk.add(4*DefaultThrottle.Base + time.Second)
+	if code, body := post(t, c, srv.URL+"/api/v1/session", good); code != 201 {
+		t.Fatalf("after the lockout: %d %s, want 201", code, body)
+	}
+}
+
+func TestOnlyLANSourcesAnswered(t *testing.T) {
+	h, _, _ := newTestHandler(t)
+	for addr, want := range map[string]int{"8.8.8.8:4000": 403, "192.168.1.5:4000": 303, "[2001:db8::5]:1": 403} {
+		r := httptest.NewRequest("GET", "/", nil)
+		r.RemoteAddr = addr
+		w := httptest.NewRecorder()
+		h.ServeHTTP(w, r)
+		if w.Code != want {
+			t.Errorf("GET / from %s: %d, want %d", addr, w.Code, want)
+		}
+	}
+}
+
+// The OpenAPI file documents exactly the API the server registers, with
+// the role each operation needs.
+func TestOpenAPIMatchesRoutes(t *testing.T) {
+	h, _, _ := newTestHandler(t)
+	var doc struct {
+		Paths map[string]map[string]yaml.Node `yaml:"paths"`
+	}
+	b, err := os.ReadFile("openapi.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := yaml.Unmarshal(b, &doc); err != nil {
+		t.Fatalf("openapi.yaml: %v", err)
+	}
+	var documented []string
+	for p, ops := range doc.Paths {
+		for m, n := range ops {
+			if m == "parameters" {
+				continue
+			}
+			var op struct {
+				Role string `yaml:"x-role"`
+			}
+			n.Decode(&op)
+			documented = append(documented, strings.ToUpper(m)+" /api/v1"+p+" "+op.Role)
+		}
+	}
+	var served []string
+	for _, p := range h.patterns {
+		if strings.Contains(p, " /api/") {
+			served = append(served, p)
+		}
+	}
+	slices.Sort(documented)
+	slices.Sort(served)
+	if d := cmp.Diff(served, documented); d != "" {
+		t.Errorf("openapi.yaml vs the routes (-served +documented):\n%s", d)
+	}
+}
+
+func TestPresenceWindowIsSingleUse(t *testing.T) {
+	h, srv, clk := newTestHandler(t)
+	c := srv.Client()
+	h.PhysicalPresence("button", time.Hour) // capped at 10 min
+	clk.add(11 * time.Minute)
+	if code, _ := post(t, c, srv.URL+"/api/v1/setup", `{"user":"root","password":"correct horse battery staple"}`); code != 403 {
+		t.Errorf("setup 11 min after a press: %d, want 403", code)
+	}
+	h.PhysicalPresence("button", 5*time.Minute)
+	if code, _ := post(t, c, srv.URL+"/api/v1/setup", `{"user":"root","password":"correct horse battery staple"}`); code != 201 {
+		t.Fatalf("setup after a press: %d, want 201", code)
+	}
+	h.PhysicalPresence("button", 5*time.Minute)
+	post(t, c, srv.URL+"/api/v1/recover", `{"user":"root","password":"another horse battery staple"}`)
+	if code, _ := post(t, c, srv.URL+"/api/v1/recover", `{"user":"root","password":"third horse battery staple"}`); code != 403 {
+		t.Errorf("second recovery on one press: %d, want 403", code)
+	}
+}
+
+func TestRulesAndOptOutChangesAreAnnounced(t *testing.T) {
+	h, srv, _ := newTestHandler(t)
+	var mu sync.Mutex
+	var gotRules [][]string
+	var gotOff map[string]bool
+	h.SetComponents(Components{
+		RulesChanged: func(rs []store.ForwardRule) {
+			mu.Lock()
+			defer mu.Unlock()
+			var s []string
+			for _, r := range rs {
+				s = append(s, r.Topic+" "+r.Action)
+			}
+			gotRules = append(gotRules, s)
+		},
+		OptOutsChanged: func(m map[string]bool) { mu.Lock(); gotOff = m; mu.Unlock() },
+	})
+	jar, _ := cookiejar.New(nil)
+	c := srv.Client()
+	c.Jar = jar
+	code, body := post(t, c, srv.URL+"/api/v1/setup", `{"code":"ABCD-EFGH-JKLM-NPQR","user":"root","password":"correct horse battery staple"}`)
+	if code != 201 {
+		t.Fatalf("setup: %d %s", code, body)
+	}
+	tok := body[strings.Index(body, `"csrf_token": "`)+15:]
+	tok = tok[:strings.IndexByte(tok, '"')]
+	post(t, c, srv.URL+"/api/v1/upstream/rules", `{"topic":"devices/+/t/a","action":"forward"}`, "X-CSRF-Token", tok)
+	post(t, c, srv.URL+"/api/v1/upstream/rules", `{"topic":"devices/+/t/a","action":"local"}`, "X-CSRF-Token", tok)
+	req, _ := http.NewRequest("PUT", srv.URL+"/api/v1/privacy/optout", strings.NewReader(`{"datum":"device.counters","opt_out":true}`))
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("X-CSRF-Token", tok)
+	if res, err := c.Do(req); err != nil || res.StatusCode != 200 {
+		t.Fatalf("opt out: %v %v", res, err)
+	} else {
+		res.Body.Close()
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if d := cmp.Diff([][]string{{"devices/+/t/a forward"}, {"devices/+/t/a local"}}, gotRules); d != "" {
+		t.Errorf("announced rules (-want +got):\n%s", d)
+	}
+	if d := cmp.Diff(map[string]bool{"device.counters": true}, gotOff); d != "" {
+		t.Errorf("announced opt-outs (-want +got):\n%s", d)
+	}
+}

@@ -1,0 +1,66 @@
+package console
+
+// Datum is one kind of data Bastion collects or forwards: what, why, where
+// it goes, how long it is kept, and whether it may be switched off. The
+// list is the privacy statement; the console page and GET /api/v1/privacy
+// both show it, so the human- and machine-readable forms cannot differ.
+type Datum struct {
+	ID        string `json:"id"`
+	What      string `json:"what"`
+	Why       string `json:"why"`
+	Where     string `json:"where"`
+	Retention string `json:"retention"`
+	// Optional data can be switched off (opt-out); the rest is needed for
+	// the gateway to do its job.
+	Optional bool `json:"optional"`
+	OptedOut bool `json:"opted_out"`
+}
+
+// Catalogue is Bastion's privacy statement. Extra collection is off by
+// default: nothing optional here is forwarded unless a forwarding rule
+// names it.
+var Catalogue = []Datum{
+	{ID: "device.identity", What: "device id, name, authentication kind, vendor, model, certificate serials",
+		Why: "to authenticate each device and show it to you", Where: "stays on the gateway (state directory)",
+		Retention: "until the device's data is deleted; the id and revoked serials are kept after deletion so old credentials stay refused"},
+	{ID: "device.last_seen", What: "time a device was last connected, firmware version it reports",
+		Why: "health view and offering only newer firmware", Where: "stays on the gateway",
+		Retention: "overwritten on each connection; deleted with the device's data", Optional: true},
+	{ID: "device.counters", What: "message and byte counters per device",
+		Why: "troubleshooting and spotting misbehaving devices", Where: "stays on the gateway (memory and metrics)",
+		Retention: "until restart", Optional: true},
+	{ID: "telemetry", What: "messages devices publish (devices/{id}/t/...)",
+		Why: "the purpose of the gateway: deliver them to your cloud", Where: "upstream broker, only for topics a forwarding rule names (forward, or redact fields first); local-only topics never leave",
+		Retention: "queued on the gateway only until the broker acknowledges them (bounded by size and age)"},
+	{ID: "commands", What: "commands sent to devices (devices/{id}/c/...)",
+		Why: "to control devices", Where: "from the upstream broker or local clients to the device",
+		Retention: "not stored beyond delivery"},
+	{ID: "audit.remote_address", What: "IP address and user name of each console action and login attempt",
+		Why: "security: who did what, when, from where", Where: "stays on the gateway (audit log)",
+		Retention: "kept as the security record; not forwarded"},
+	{ID: "admin.accounts", What: "console user names, roles, argon2id password hashes, session and token hashes",
+		Why: "to let only you administer the box", Where: "stays on the gateway",
+		Retention: "until the account is deleted; sessions end after 30 min idle or 12 h"},
+	{ID: "firmware.status", What: "firmware update status devices report",
+		Why: "to show which devices are up to date", Where: "stays on the gateway",
+		Retention: "latest report per device", Optional: true},
+}
+
+func datumByID(id string) (Datum, bool) {
+	for _, d := range Catalogue {
+		if d.ID == id {
+			return d, true
+		}
+	}
+	return Datum{}, false
+}
+
+func (h *Handler) privacy() ([]Datum, error) {
+	off, err := h.o.Store.OptOuts()
+	out := make([]Datum, len(Catalogue))
+	for i, d := range Catalogue {
+		d.OptedOut = d.Optional && off[d.ID]
+		out[i] = d
+	}
+	return out, err
+}

@@ -1,0 +1,292 @@
+package console
+
+import (
+	"context"
+	"encoding/json"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+)
+
+func TestCheckPassword(t *testing.T) {
+	for _, tc := range []struct {
+		user, pw string
+		want     string // substring of the error, "" = accepted
+	}{
+		{"root", "correct horse battery staple", ""},
+		{"root", "tulip orbit canoe window", ""},
+		{"root", "Vy8#kq2!Lm0@zR", ""},
+		{"root", "short", "too short"},
+		{"root", "elevenchars", "too short"},
+		{"root", "password", "too short"},
+		{"root", "Password1234", "too common"},
+		{"root", "P@ssw0rd2024!", "too common"},
+		{"root", "letmein!letmein!", "too common"},
+		{"root", "SummerWinter2025", "too common"},
+		{"root", "adminpassword", "too common"},
+		{"root", "Bastion2026!!", "too common"},
+		{"root", "qwertyuiop123", "too common"},
+		{"root", "qwertyuiopas", "sequence"},
+		{"root", "123456789012", "no letters"},
+		{"root", "p4ssw0rdadm1n", "too common"},
+		{"root", "2024-01-01!!!", "no letters"},
+		{"root", "aaaaaaaaaaaaaaaa", "different"},
+		{"root", "abcabcabcabcabc", "different"},
+		{"alice", "my name is Alice!", "user name"},
+		{"alice", "my name is 4l1ce!", "user name"},
+		{"root", strings.Repeat("ab1!xyz9", 40), "too long"},
+		{"root", "\xff\xfe invalid utf8 bytes", "UTF-8"},
+	} {
+		err := CheckPassword(tc.user, tc.pw)
+		if tc.want == "" {
+			if err != nil {
+				t.Errorf("CheckPassword(%q, %q) = %v, want accepted", tc.user, tc.pw, err)
+			}
+			continue
+		}
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("CheckPassword(%q, %q) = %v, want an error with %q", tc.user, tc.pw, err, tc.want)
+		}
+	}
+}
+
+func TestHashVerify(t *testing.T) {
+	h := newHasher(1)
+	ctx := context.Background()
+	e1, _ := h.hash(ctx, "correct horse battery staple")
+	e2, _ := h.hash(ctx, "correct horse battery staple")
+	if e1 == e2 {
+		t.Error("two hashes of one password are equal: salt not random")
+	}
+	if ok, err := h.verify(ctx, e1, "correct horse battery staple"); !ok || err != nil {
+		t.Errorf("verify right password: %v %v", ok, err)
+	}
+	if ok, _ := h.verify(ctx, e1, "correct horse battery stapler"); ok {
+		t.Error("verify wrong password: ok")
+	}
+	if ok, err := h.verify(ctx, dummyHash, "x"); ok || err != nil {
+		t.Errorf("dummy hash: %v %v", ok, err)
+	}
+	for _, bad := range []string{"", "$argon2i$v=19$m=19456,t=2,p=1$AAAAAAAAAAAAAAAAAAAAAA$AAAAAAAAAAAAAAAAAAAAAA",
+		"$argon2id$v=19$m=4194304,t=2,p=1$AAAAAAAAAAAAAAAAAAAAAA$AAAAAAAAAAAAAAAAAAAAAA", "$argon2id$v=19$m=19456,t=2,p=1$!!$AAAA"} {
+		if _, err := h.verify(ctx, bad, "x"); err == nil {
+			t.Errorf("verify accepted the encoding %q", bad)
+		}
+	}
+}
+
+func TestThrottleBackoffDoubles(t *testing.T) {
+	p := ThrottlePolicy{FreeUser: 3, FreeSource: 100, Base: 10 * time.Second, Max: 80 * time.Second, Forget: time.Hour}
+	th := newThrottle(p)
+	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	var got []time.Duration
+	for range 7 {
+		th.failLogin(now, "root", "10.0.0.2")
+		until := th.lockedUntil(now, "u:root")
+		if until.IsZero() {
+			got = append(got, 0)
+		} else {
+			got = append(got, until.Sub(now))
+		}
+	}
+	want := []time.Duration{0, 0, 10 * time.Second, 20 * time.Second, 40 * time.Second, 80 * time.Second, 80 * time.Second}
+	if d := cmp.Diff(want, got); d != "" {
+		t.Errorf("lockout after each failure (-want +got):\n%s", d)
+	}
+	if !th.lockedUntil(now.Add(81*time.Second), "u:root").IsZero() {
+		t.Error("still locked after the lockout ended")
+	}
+	if !th.lockedUntil(now, "s:10.0.0.2").IsZero() {
+		t.Error("source locked after 7 failures with FreeSource 100")
+	}
+	th.reset("u:root")
+	if !th.lockedUntil(now, "u:root").IsZero() {
+		t.Error("locked after reset")
+	}
+	// Bounded memory.
+	th.maxKeys = 10
+	for i := range 50 {
+		th.fail(now, "k"+string(rune('a'+i)), 5)
+	}
+	if len(th.m) > 10 {
+		t.Errorf("throttle holds %d keys, bound 10", len(th.m))
+	}
+}
+
+func TestLANSource(t *testing.T) {
+	for addr, want := range map[string]bool{
+		"127.0.0.1:5": true, "[::1]:5": true, "192.168.1.20:5": true, "10.1.2.3:5": true, "172.16.0.9:5": true,
+		"[fd00::1]:5": true, "[fe80::1]:5": true, "[::ffff:192.168.0.2]:5": true,
+		"8.8.8.8:5": false, "[2001:db8::1]:5": false, "100.64.0.1:5": false, "garbage": false, "": false,
+	} {
+		if got := lanSource(addr); got != want {
+			t.Errorf("lanSource(%q) = %v, want %v", addr, got, want)
+		}
+	}
+}
+
+func TestParseBearer(t *testing.T) {
+	tok := strings.Repeat("Ab-_9", 9)
+	for in, want := range map[string]string{
+		"Bearer " + tok: tok, "bearer " + tok: tok, "Bearer  " + tok + " ": tok,
+		"Basic " + tok: "", "Bearer": "", "Bearer short": "", "Bearer " + tok + "!": "", "Bearer " + strings.Repeat("a", 200): "",
+	} {
+		got, ok := parseBearer(in)
+		if got != want || ok != (want != "") {
+			t.Errorf("parseBearer(%q) = %q, %v; want %q", in, got, ok, want)
+		}
+	}
+}
+
+func TestSecurityHeadersOnEveryAnswer(t *testing.T) {
+	for _, p := range []string{"/static/app.css", "/login", "/api/v1/devices", "/nope"} {
+		w := httptest.NewRecorder()
+		SecurityHeaders(http404()).ServeHTTP(w, httptest.NewRequest("GET", p, nil))
+		for _, k := range []string{"Strict-Transport-Security", "Content-Security-Policy", "X-Content-Type-Options", "X-Frame-Options"} {
+			if w.Header().Get(k) == "" {
+				t.Errorf("%s: no %s", p, k)
+			}
+		}
+	}
+}
+
+// Every embedded asset is referenced by a template and no template uses
+// inline script, inline style or an external URL.
+func TestTemplatesHaveNoInlineScriptOrExternalResource(t *testing.T) {
+	files, _ := filepath.Glob("templates/*.html")
+	for _, f := range files {
+		b, _ := os.ReadFile(f)
+		s := string(b)
+		for _, bad := range []string{"<script>", "style=", " on", "javascript:", "http://", "https://", "<style"} {
+			if bad == " on" {
+				for _, attr := range []string{" onclick", " onload", " onerror", " onsubmit", " onchange"} {
+					if strings.Contains(s, attr) {
+						t.Errorf("%s has an inline handler %q", f, attr)
+					}
+				}
+				continue
+			}
+			if strings.Contains(s, bad) {
+				t.Errorf("%s contains %q", f, bad)
+			}
+		}
+	}
+}
+
+func FuzzParseRule(f *testing.F) {
+	seedJSON(f, "testdata/rules.jsonl")
+	f.Fuzz(func(t *testing.T, topic, action, fields string) {
+		r, err := parseRule(ruleInput{Topic: topic, Action: action, Fields: splitFields(fields)})
+		if err != nil {
+			return
+		}
+		if !strings.HasPrefix(r.Topic, "devices/") || len(r.Topic) > 256 {
+			t.Fatalf("accepted topic %q", r.Topic)
+		}
+		for i, l := range strings.Split(r.Topic, "/") {
+			if strings.ContainsAny(l, "+#") && len(l) != 1 || l == "#" && i != strings.Count(r.Topic, "/") {
+				t.Fatalf("accepted a misplaced wildcard in %q", r.Topic)
+			}
+		}
+		if (r.Action == "redact") != (len(r.Fields) > 0) {
+			t.Fatalf("action %q with fields %q", r.Action, r.Fields)
+		}
+	})
+}
+
+func seedJSON(f *testing.F, path string) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		f.Fatal(err)
+	}
+	for l := range strings.Lines(string(b)) {
+		var in struct{ Topic, Action, Fields string }
+		if err := json.Unmarshal([]byte(l), &in); err != nil {
+			f.Fatalf("%s: %v", path, err)
+		}
+		f.Add(in.Topic, in.Action, in.Fields)
+	}
+}
+
+func seedLines(f *testing.F, path string) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		f.Fatal(err)
+	}
+	for l := range strings.Lines(string(b)) {
+		f.Add(strings.TrimSuffix(l, "\n"))
+	}
+}
+
+func FuzzParseBearer(f *testing.F) {
+	seedLines(f, "testdata/authorization.txt")
+	f.Fuzz(func(t *testing.T, s string) {
+		tok, ok := parseBearer(s)
+		if ok && (len(tok) < 16 || len(tok) > 128 || strings.ContainsAny(tok, " \t\r\n")) {
+			t.Fatalf("parseBearer(%q) accepted %q", s, tok)
+		}
+	})
+}
+
+func FuzzParseSetupCode(f *testing.F) {
+	seedLines(f, "testdata/setup-codes.txt")
+	f.Fuzz(func(t *testing.T, s string) {
+		c, err := parseSetupCode(s)
+		if err != nil {
+			return
+		}
+		if len(c) < 8 || len(c) > 64 || strings.ContainsAny(c, " <>\"'&") {
+			t.Fatalf("parseSetupCode(%q) accepted %q", s, c)
+		}
+	})
+}
+
+func FuzzCheckPassword(f *testing.F) {
+	for _, s := range []string{"correct horse battery staple", "P@ssw0rd2024!", "letmein!letmein!", "\xff", ""} {
+		f.Add("root", s)
+	}
+	f.Fuzz(func(t *testing.T, user, pw string) {
+		if CheckPassword(user, pw) == nil && (len([]rune(pw)) < MinPasswordLen || len(pw) > MaxPasswordLen) {
+			t.Fatalf("accepted %q", pw)
+		}
+	})
+}
+
+func FuzzParsePage(f *testing.F) {
+	for _, s := range [][2]string{{"100", ""}, {"", "42"}, {"0", "-1"}, {"501", "x"}, {"1e3", "18446744073709551616"}} {
+		f.Add(s[0], s[1])
+	}
+	f.Fuzz(func(t *testing.T, l, b string) {
+		limit, _, err := parsePage(l, b)
+		if err == nil && (limit < 1 || limit > 500) {
+			t.Fatalf("parsePage(%q) limit %d", l, limit)
+		}
+	})
+}
+
+func http404() http.Handler { return http.NotFoundHandler() }
+
+// BenchmarkPasswordVerify measures one login's argon2id cost (19 MiB, t=2):
+// the price of each guess for an attacker and of each login for the box.
+func BenchmarkPasswordVerify(b *testing.B) {
+	h := newHasher(1)
+	enc, _ := h.hash(context.Background(), "correct horse battery staple")
+	b.ReportAllocs()
+	for b.Loop() {
+		h.verify(context.Background(), enc, "correct horse battery staple")
+	}
+}
+
+// BenchmarkCheckPassword measures the strength check (runs on every
+// password set).
+func BenchmarkCheckPassword(b *testing.B) {
+	for b.Loop() {
+		CheckPassword("root", "correct horse battery staple")
+	}
+}

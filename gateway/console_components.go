@@ -1,0 +1,146 @@
+package gateway
+
+import (
+	"context"
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/bastion-iot/bastion/bridges/upstream"
+	"github.com/bastion-iot/bastion/gateway/console"
+	"github.com/bastion-iot/bastion/gateway/store"
+)
+
+// wireConsole gives the console the parts that exist in this gateway.
+func (g *Gateway) wireConsole() {
+	if g.consoleHandler == nil {
+		return
+	}
+	c := console.Components{Firewall: consoleFirewall{g}, Upstream: consoleUpstream{g}}
+	if g.firmware != nil {
+		c.Firmware = consoleFirmware{g}
+	}
+	c.RulesChanged = func([]store.ForwardRule) {
+		if err := g.applyForwardRules(); err != nil {
+			g.log.Error("forwarding rules from the console could not be applied to the upstream link", "err", err)
+		}
+	}
+	g.consoleHandler.SetComponents(c)
+}
+
+// forwardRules is the effective privacy policy: the rules set in the
+// console come first (first match wins), then those in bastion.yaml.
+func (g *Gateway) forwardRules(cfg upstream.Config) []upstream.Rule {
+	var out []upstream.Rule
+	if rs, err := g.store.ForwardRules(); err == nil {
+		for _, r := range rs {
+			out = append(out, upstream.Rule{Topic: r.Topic, Action: r.Action, Fields: r.Fields})
+		}
+	}
+	return append(out, cfg.Forward...)
+}
+
+func (g *Gateway) applyForwardRules() error {
+	if g.upstream == nil {
+		return nil
+	}
+	cfg := g.cfg.Load().Upstream.Config
+	cfg.Forward = g.forwardRules(cfg)
+	return g.upstream.Reload(cfg)
+}
+
+type consoleFirewall struct{ g *Gateway }
+
+func (f consoleFirewall) Show(ctx context.Context) (console.Report, error) {
+	g := f.g
+	cfg := g.cfg.Load()
+	var svc [][]string
+	if p, err := cfg.FirewallPolicy(); err == nil {
+		for _, s := range p.Services {
+			svc = append(svc, []string{s.Name, fmt.Sprintf("%d/%s", s.Port, s.Proto), strings.Join(s.Zones, ", ")})
+		}
+	}
+	r := console.Report{Sections: []console.Section{{
+		Title: "Policy",
+		Rows: [][2]string{
+			{"managed", strconv.FormatBool(g.fw != nil)},
+			{"lan", strings.Join(cfg.Firewall.LAN, ", ")},
+			{"wan", strings.Join(cfg.Firewall.WAN, ", ")},
+			{"handshake rate", cfg.Firewall.HandshakeRate},
+		},
+		Header: []string{"service", "port", "zones"},
+		Table:  svc,
+	}}}
+	if g.fw != nil {
+		live, err := g.fw.Show(ctx)
+		if err != nil {
+			return r, err
+		}
+		r.Sections = append(r.Sections, console.Section{Title: "Live rules", Pre: live})
+	} else if plan, err := g.firewallPlan(ctx); err == nil {
+		r.Sections = append(r.Sections, console.Section{Title: "Plan (not applied: firewall.manage is false)", Pre: plan})
+	}
+	return r, nil
+}
+
+type consoleUpstream struct{ g *Gateway }
+
+func (u consoleUpstream) Show(ctx context.Context) (console.Report, error) {
+	g := u.g
+	cfg := g.cfg.Load().Upstream
+	if g.upstream == nil {
+		return console.Report{Sections: []console.Section{{Title: "Upstream", Rows: [][2]string{{"state", "off (upstream.enabled: false): device data stays on this box"}}}}}, nil
+	}
+	st := g.upstream.Status()
+	q := g.queue.Stats()
+	link := console.Section{Title: "Link", Rows: [][2]string{
+		{"broker", st.Broker}, {"server name", st.ServerName}, {"connected", strconv.FormatBool(st.Connected)},
+		{"client certificate", st.ClientCertSubject + " until " + st.ClientCertNotAfter.Format(time.DateOnly)},
+		{"published", strconv.FormatUint(st.Published, 10)}, {"withheld by privacy rules", strconv.FormatUint(st.Withheld, 10)},
+		{"commands delivered", strconv.FormatUint(st.Downlink, 10)},
+		{"queue", fmt.Sprintf("%d messages, %d bytes", q.Depth, q.Bytes)},
+	}}
+	if !st.Connected && st.LastError != "" {
+		link.Alarm = "upstream disconnected: " + st.LastError
+	}
+	var maps [][]string
+	for _, m := range cfg.Uplink {
+		maps = append(maps, []string{"uplink", m.Local, m.Remote})
+	}
+	for _, m := range cfg.Downlink {
+		maps = append(maps, []string{"downlink", m.Remote, m.Local})
+	}
+	var rules [][]string
+	for _, r := range g.forwardRules(cfg.Config) {
+		rules = append(rules, []string{r.Topic, r.Action, strings.Join(r.Fields, ", ")})
+	}
+	return console.Report{Sections: []console.Section{
+		link,
+		{Title: "Topic mapping", Header: []string{"direction", "from", "to"}, Table: maps},
+		{Title: "Forwarding rules in effect (console rules first)", Header: []string{"topic", "action", "fields"}, Table: rules},
+	}}, nil
+}
+
+type consoleFirmware struct{ g *Gateway }
+
+func (f consoleFirmware) Show(ctx context.Context) (console.Report, error) {
+	st := f.g.firmware.Status()
+	sec := console.Section{Title: "Firmware cache", Rows: [][2]string{
+		{"frozen", strconv.FormatBool(st.Frozen)}, {"last error", st.LastError},
+	}}
+	if st.Frozen {
+		sec.Alarm = "firmware metadata expired or never fetched: no update is offered"
+	}
+	var devs [][]string
+	for id, s := range f.g.firmware.DeviceStatuses() {
+		devs = append(devs, []string{id, fmt.Sprintf("%+v", s)})
+	}
+	return console.Report{Sections: []console.Section{sec, {Title: "Device update status", Header: []string{"device", "status"}, Table: devs}}}, nil
+}
+
+func (f consoleFirmware) CheckNow(ctx context.Context, who console.Actor) error {
+	err := f.g.firmware.Check(ctx)
+	f.g.devices.audit(Actor{Name: who.Name, Remote: who.Remote}, "firmware.check", "", errString(err))
+	return err
+}

@@ -1,0 +1,130 @@
+package gateway
+
+import (
+	"crypto"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
+	"fmt"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/bastion-iot/bastion/gateway/config"
+	otacache "github.com/bastion-iot/bastion/ota-cache"
+)
+
+// firmwareDevices tells the firmware cache which device classes are enrolled
+// and what each device runs, from the store.
+type firmwareDevices struct{ g *Gateway }
+
+func (f firmwareDevices) Device(id string) (otacache.DeviceInfo, bool) {
+	d, err := f.g.store.Device(id)
+	if err != nil || d.Revoked || d.Vendor == "" || d.Model == "" {
+		return otacache.DeviceInfo{}, false
+	}
+	return otacache.DeviceInfo{Class: otacache.Class{Vendor: d.Vendor, Model: d.Model}, Version: d.Version}, true
+}
+
+func (f firmwareDevices) Classes() []otacache.Class {
+	ds, _ := f.g.store.Devices()
+	seen := map[otacache.Class]bool{}
+	var out []otacache.Class
+	for _, d := range ds {
+		c := otacache.Class{Vendor: d.Vendor, Model: d.Model}
+		if d.Revoked || c.Vendor == "" || c.Model == "" || seen[c] {
+			continue
+		}
+		seen[c] = true
+		out = append(out, c)
+	}
+	return out
+}
+
+// openFirmware builds the firmware cache from the configuration. Reading the
+// trust anchor and keys happens here, not in Validate, which does no I/O.
+func (g *Gateway) openFirmware(cfg config.Config) error {
+	f := cfg.Firmware
+	if !f.Enabled {
+		return nil
+	}
+	root, err := os.ReadFile(f.TrustedRoot)
+	if err != nil {
+		return fmt.Errorf("firmware.trusted_root: %w (it must be the vendor's root.json)", err)
+	}
+	hc := &http.Client{Timeout: 5 * time.Minute}
+	if f.CABundle != "" {
+		pemBytes, err := os.ReadFile(f.CABundle)
+		if err != nil {
+			return fmt.Errorf("firmware.ca_bundle: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pemBytes) {
+			return fmt.Errorf("firmware.ca_bundle %s: no PEM certificate in it", f.CABundle)
+		}
+		hc.Transport = &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}}
+	}
+	keys := map[string]crypto.PublicKey{}
+	for vendor, file := range f.VendorKeys {
+		b, err := os.ReadFile(file)
+		if err != nil {
+			return fmt.Errorf("firmware.vendor_keys.%s: %w", vendor, err)
+		}
+		blk, _ := pem.Decode(b)
+		if blk == nil {
+			return fmt.Errorf("firmware.vendor_keys.%s: %s holds no PEM public key", vendor, file)
+		}
+		k, err := x509.ParsePKIXPublicKey(blk.Bytes)
+		if err != nil {
+			return fmt.Errorf("firmware.vendor_keys.%s: %w", vendor, err)
+		}
+		keys[vendor] = k
+	}
+	g.firmware, err = otacache.New(otacache.Config{
+		RepositoryURL: f.RepositoryURL,
+		TargetsURL:    f.TargetsURL,
+		TrustedRoot:   root,
+		StateDir:      filepath.Join(cfg.StateDir, "firmware"),
+		HTTPClient:    hc,
+		CheckInterval: f.CheckInterval.D(),
+		MaxCacheBytes: f.MaxCacheBytes,
+		VendorKeys:    keys,
+		Now:           g.clock.Now,
+	}, firmwareDevices{g}, g.log.With("component", "firmware"))
+	if err != nil {
+		return err
+	}
+	g.addStatus("firmware", func() any { return g.firmware.Status() })
+	return nil
+}
+
+func (g *Gateway) controlFirmware(mux *http.ServeMux) {
+	mux.HandleFunc("GET /v1/firmware", func(w http.ResponseWriter, r *http.Request) {
+		if g.firmware == nil {
+			writeErr(w, fmt.Errorf("%w: the firmware cache is off (firmware.enabled: false)", ErrBadRequest))
+			return
+		}
+		writeJSON(w, http.StatusOK, map[string]any{"status": g.firmware.Status(), "devices": g.firmware.DeviceStatuses()})
+	})
+	mux.HandleFunc("POST /v1/firmware/check", func(w http.ResponseWriter, r *http.Request) {
+		if g.firmware == nil {
+			writeErr(w, fmt.Errorf("%w: the firmware cache is off (firmware.enabled: false)", ErrBadRequest))
+			return
+		}
+		err := g.firmware.Check(r.Context())
+		g.devices.audit(ctlActor, "firmware.check", "", errString(err))
+		if err != nil {
+			writeErr(w, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, map[string]any{"status": g.firmware.Status()})
+	})
+}
+
+func errString(err error) string {
+	if err == nil {
+		return ""
+	}
+	return err.Error()
+}

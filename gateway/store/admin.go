@@ -1,0 +1,405 @@
+package store
+
+// Console state: admin accounts, sessions, API tokens, upstream forwarding
+// rules, privacy opt-outs and device codes waiting for the next pairing
+// window. Sessions and tokens are stored only as the SHA-256 of their
+// random value, so a copy of the database does not log anyone in.
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sort"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+)
+
+var (
+	bAdmins   = []byte("console_admins")   // name → AdminUser
+	bSessions = []byte("console_sessions") // hex sha256(id) → Session
+	bTokens   = []byte("console_tokens")   // hex sha256(token) → APIToken
+	bRules    = []byte("forward_rules")    // id → ForwardRule
+	bExpected = []byte("pairing_expected") // id → ExpectedDevice
+	bOptOut   = []byte("privacy_optout")   // datum → "1"
+)
+
+// ErrExists is returned when a record that must be new already exists.
+var ErrExists = errors.New("already exists")
+
+// ErrLastAdmin is returned when a change would leave no admin account.
+var ErrLastAdmin = errors.New("it would leave no admin account")
+
+// AdminUser is one console account.
+type AdminUser struct {
+	Name         string    `json:"name"`
+	Role         string    `json:"role"` // admin or viewer
+	PasswordHash string    `json:"password_hash"`
+	Created      time.Time `json:"created"`
+	PasswordSet  time.Time `json:"password_set"`
+}
+
+// Session is a logged-in browser session. The id itself is never stored.
+type Session struct {
+	Hash     string    `json:"hash"`
+	User     string    `json:"user"`
+	CSRF     string    `json:"csrf"`
+	Created  time.Time `json:"created"`
+	LastSeen time.Time `json:"last_seen"`
+	Remote   string    `json:"remote,omitempty"`
+}
+
+// APIToken is a bearer token for the JSON API, acting as its user.
+type APIToken struct {
+	Hash     string    `json:"hash"`
+	ID       string    `json:"id"` // short public handle, shown in lists
+	Label    string    `json:"label"`
+	User     string    `json:"user"`
+	Created  time.Time `json:"created"`
+	LastUsed time.Time `json:"last_used,omitzero"`
+}
+
+// ForwardRule says what the upstream link does with messages whose device
+// topic matches Topic (an MQTT filter such as devices/+/t/temperature).
+// The upstream code reads these with ForwardRules; the console writes them.
+type ForwardRule struct {
+	ID      string    `json:"id"`
+	Topic   string    `json:"topic"`
+	Action  string    `json:"action"`           // forward, redact, local
+	Fields  []string  `json:"fields,omitempty"` // JSON fields removed by redact
+	Updated time.Time `json:"updated"`
+	By      string    `json:"by,omitempty"`
+}
+
+// ExpectedDevice is a device announced by its setup code for the next
+// pairing window. The pairing code consumes it.
+type ExpectedDevice struct {
+	ID      string    `json:"id"`
+	Name    string    `json:"name"`
+	Code    string    `json:"code"` // the label's setup code, needed to run the PAKE
+	Created time.Time `json:"created"`
+	Expires time.Time `json:"expires"`
+	By      string    `json:"by"`
+}
+
+func (s *Store) update(bucket []byte, fn func(b *bolt.Bucket) error) error {
+	return s.db.Update(func(tx *bolt.Tx) error {
+		b, err := tx.CreateBucketIfNotExists(bucket)
+		if err != nil {
+			return err
+		}
+		return fn(b)
+	})
+}
+
+// view runs fn on bucket; a bucket not created yet reads as empty.
+func (s *Store) view(bucket []byte, fn func(b *bolt.Bucket) error) error {
+	return s.db.View(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucket)
+		if b == nil {
+			return ErrNotFound
+		}
+		return fn(b)
+	})
+}
+
+func list[T any](s *Store, bucket []byte) ([]T, error) {
+	var out []T
+	err := s.view(bucket, func(b *bolt.Bucket) error {
+		return b.ForEach(func(_, v []byte) error {
+			var x T
+			if err := json.Unmarshal(v, &x); err != nil {
+				return err
+			}
+			out = append(out, x)
+			return nil
+		})
+	})
+	if errors.Is(err, ErrNotFound) {
+		err = nil
+	}
+	return out, err
+}
+
+func one[T any](s *Store, bucket []byte, key string) (T, error) {
+	var x T
+	err := s.view(bucket, func(b *bolt.Bucket) error { return get(b, key, &x) })
+	return x, err
+}
+
+// CreateFirstAdmin stores u as the first admin account and, in the same
+// transaction, sets existsKey in meta and deletes codeKey, so the one-time
+// setup code stops working exactly when the account exists. It fails with
+// ErrExists if any account or the marker already exists.
+func (s *Store) CreateFirstAdmin(u AdminUser, existsKey, codeKey string) error {
+	return s.db.Update(func(tx *bolt.Tx) error {
+		b, err := tx.CreateBucketIfNotExists(bAdmins)
+		if err != nil {
+			return err
+		}
+		meta := tx.Bucket(bMeta)
+		if k, _ := b.Cursor().First(); k != nil || meta.Get([]byte(existsKey)) != nil {
+			return fmt.Errorf("create first admin %q: an admin %w", u.Name, ErrExists)
+		}
+		if err := put(b, u.Name, u); err != nil {
+			return err
+		}
+		if err := meta.Put([]byte(existsKey), []byte(u.Created.UTC().Format(time.RFC3339))); err != nil {
+			return err
+		}
+		return meta.Delete([]byte(codeKey))
+	})
+}
+
+// AddAdmin creates a new account; the name must be free.
+func (s *Store) AddAdmin(u AdminUser) error {
+	return s.update(bAdmins, func(b *bolt.Bucket) error {
+		if b.Get([]byte(u.Name)) != nil {
+			return fmt.Errorf("add admin %q: %w", u.Name, ErrExists)
+		}
+		return put(b, u.Name, u)
+	})
+}
+
+func adminCount(b *bolt.Bucket, except string) int {
+	n := 0
+	b.ForEach(func(k, v []byte) error {
+		var u AdminUser
+		if string(k) != except && json.Unmarshal(v, &u) == nil && u.Role == "admin" {
+			n++
+		}
+		return nil
+	})
+	return n
+}
+
+// UpdateAdmin applies fn to the account name. A change that leaves no
+// account with the admin role fails with ErrLastAdmin.
+func (s *Store) UpdateAdmin(name string, fn func(*AdminUser) error) (AdminUser, error) {
+	var out AdminUser
+	err := s.update(bAdmins, func(b *bolt.Bucket) error {
+		var u AdminUser
+		if err := get(b, name, &u); err != nil {
+			return fmt.Errorf("admin %q: %w", name, err)
+		}
+		if err := fn(&u); err != nil {
+			return err
+		}
+		u.Name = name
+		if u.Role != "admin" && adminCount(b, name) == 0 {
+			return fmt.Errorf("change role of %q: %w", name, ErrLastAdmin)
+		}
+		out = u
+		return put(b, name, u)
+	})
+	return out, err
+}
+
+// DeleteAdmin removes an account and all its sessions and tokens.
+func (s *Store) DeleteAdmin(name string) error {
+	return s.db.Update(func(tx *bolt.Tx) error {
+		b, err := tx.CreateBucketIfNotExists(bAdmins)
+		if err != nil {
+			return err
+		}
+		if b.Get([]byte(name)) == nil {
+			return fmt.Errorf("delete admin %q: %w", name, ErrNotFound)
+		}
+		if adminCount(b, name) == 0 {
+			return fmt.Errorf("delete admin %q: %w", name, ErrLastAdmin)
+		}
+		if err := b.Delete([]byte(name)); err != nil {
+			return err
+		}
+		if err := deleteWhere(tx, bSessions, func(v []byte) bool { var x Session; return json.Unmarshal(v, &x) == nil && x.User == name }); err != nil {
+			return err
+		}
+		return deleteWhere(tx, bTokens, func(v []byte) bool { var x APIToken; return json.Unmarshal(v, &x) == nil && x.User == name })
+	})
+}
+
+func deleteWhere(tx *bolt.Tx, bucket []byte, match func(v []byte) bool) error {
+	b, err := tx.CreateBucketIfNotExists(bucket)
+	if err != nil {
+		return err
+	}
+	var keys [][]byte
+	b.ForEach(func(k, v []byte) error {
+		if match(v) {
+			keys = append(keys, append([]byte(nil), k...))
+		}
+		return nil
+	})
+	for _, k := range keys {
+		if err := b.Delete(k); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Admin returns one account.
+func (s *Store) Admin(name string) (AdminUser, error) {
+	u, err := one[AdminUser](s, bAdmins, name)
+	if err != nil {
+		return u, fmt.Errorf("admin %q: %w", name, err)
+	}
+	return u, nil
+}
+
+// Admins returns every account, by name.
+func (s *Store) Admins() ([]AdminUser, error) {
+	us, err := list[AdminUser](s, bAdmins)
+	sort.Slice(us, func(i, j int) bool { return us[i].Name < us[j].Name })
+	return us, err
+}
+
+// PutSession stores a session under its hash.
+func (s *Store) PutSession(x Session) error {
+	return s.update(bSessions, func(b *bolt.Bucket) error { return put(b, x.Hash, x) })
+}
+
+// Session returns the session with the given hash.
+func (s *Store) Session(hash string) (Session, error) { return one[Session](s, bSessions, hash) }
+
+// DeleteSession removes one session; a missing one is not an error.
+func (s *Store) DeleteSession(hash string) error {
+	return s.update(bSessions, func(b *bolt.Bucket) error { return b.Delete([]byte(hash)) })
+}
+
+// DeleteSessions removes every session of user (password change, recovery,
+// role change) and every session that match reports expired.
+func (s *Store) DeleteSessions(user string, expired func(Session) bool) error {
+	return s.db.Update(func(tx *bolt.Tx) error {
+		return deleteWhere(tx, bSessions, func(v []byte) bool {
+			var x Session
+			if json.Unmarshal(v, &x) != nil {
+				return true
+			}
+			return (user != "" && x.User == user) || (expired != nil && expired(x))
+		})
+	})
+}
+
+// PutAPIToken stores a token under its hash.
+func (s *Store) PutAPIToken(t APIToken) error {
+	return s.update(bTokens, func(b *bolt.Bucket) error { return put(b, t.Hash, t) })
+}
+
+// APIToken returns the token with the given hash.
+func (s *Store) APIToken(hash string) (APIToken, error) { return one[APIToken](s, bTokens, hash) }
+
+// APITokens returns every token.
+func (s *Store) APITokens() ([]APIToken, error) { return list[APIToken](s, bTokens) }
+
+// DeleteAPIToken removes the token with public id; user "" means any user.
+func (s *Store) DeleteAPIToken(id, user string) error {
+	found := false
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		return deleteWhere(tx, bTokens, func(v []byte) bool {
+			var x APIToken
+			m := json.Unmarshal(v, &x) == nil && x.ID == id && (user == "" || x.User == user)
+			found = found || m
+			return m
+		})
+	})
+	if err == nil && !found {
+		err = fmt.Errorf("api token %q: %w", id, ErrNotFound)
+	}
+	return err
+}
+
+// ForwardRules returns the upstream forwarding rules, by topic. The upstream
+// link reads them here; an empty list means nothing has been configured in
+// the console.
+func (s *Store) ForwardRules() ([]ForwardRule, error) {
+	rs, err := list[ForwardRule](s, bRules)
+	sort.Slice(rs, func(i, j int) bool { return rs[i].Topic < rs[j].Topic })
+	return rs, err
+}
+
+// PutForwardRule creates or replaces the rule for r.Topic (one rule per
+// topic filter) and returns it with its id.
+func (s *Store) PutForwardRule(r ForwardRule) (ForwardRule, error) {
+	err := s.update(bRules, func(b *bolt.Bucket) error {
+		b.ForEach(func(k, v []byte) error {
+			var x ForwardRule
+			if json.Unmarshal(v, &x) == nil && x.Topic == r.Topic && r.ID == "" {
+				r.ID = x.ID
+			}
+			return nil
+		})
+		if r.ID == "" {
+			n, err := b.NextSequence()
+			if err != nil {
+				return err
+			}
+			r.ID = fmt.Sprintf("r%d", n)
+		}
+		return put(b, r.ID, r)
+	})
+	return r, err
+}
+
+// DeleteForwardRule removes a rule by id.
+func (s *Store) DeleteForwardRule(id string) error {
+	return s.update(bRules, func(b *bolt.Bucket) error {
+		if b.Get([]byte(id)) == nil {
+			return fmt.Errorf("forward rule %q: %w", id, ErrNotFound)
+		}
+		return b.Delete([]byte(id))
+	})
+}
+
+// ExpectDevice records a device announced for the next pairing window.
+func (s *Store) ExpectDevice(e ExpectedDevice) (ExpectedDevice, error) {
+	err := s.update(bExpected, func(b *bolt.Bucket) error {
+		n, err := b.NextSequence()
+		if err != nil {
+			return err
+		}
+		e.ID = fmt.Sprintf("e%d", n)
+		return put(b, e.ID, e)
+	})
+	return e, err
+}
+
+// ExpectedDevices returns the announced devices, oldest first.
+func (s *Store) ExpectedDevices() ([]ExpectedDevice, error) {
+	es, err := list[ExpectedDevice](s, bExpected)
+	sort.Slice(es, func(i, j int) bool { return es[i].Created.Before(es[j].Created) })
+	return es, err
+}
+
+// DeleteExpectedDevice removes an announced device (withdrawn, expired or
+// enrolled).
+func (s *Store) DeleteExpectedDevice(id string) error {
+	return s.update(bExpected, func(b *bolt.Bucket) error {
+		if b.Get([]byte(id)) == nil {
+			return fmt.Errorf("expected device %q: %w", id, ErrNotFound)
+		}
+		return b.Delete([]byte(id))
+	})
+}
+
+// SetOptOut records whether the optional datum is switched off.
+func (s *Store) SetOptOut(datum string, off bool) error {
+	return s.update(bOptOut, func(b *bolt.Bucket) error {
+		if off {
+			return b.Put([]byte(datum), []byte("1"))
+		}
+		return b.Delete([]byte(datum))
+	})
+}
+
+// OptOuts returns the data switched off.
+func (s *Store) OptOuts() (map[string]bool, error) {
+	m := map[string]bool{}
+	err := s.view(bOptOut, func(b *bolt.Bucket) error {
+		return b.ForEach(func(k, _ []byte) error { m[string(k)] = true; return nil })
+	})
+	if errors.Is(err, ErrNotFound) {
+		err = nil
+	}
+	return m, err
+}

@@ -1,0 +1,79 @@
+package store
+
+import (
+	"errors"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+)
+
+func TestFirstAdminIsOnceAndSpendsTheCode(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "s.db")
+	s, err := Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.SetMeta("code", []byte("hash"))
+	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	if err := s.CreateFirstAdmin(AdminUser{Name: "root", Role: "admin", Created: now}, "exists", "code"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.CreateFirstAdmin(AdminUser{Name: "eve", Role: "admin", Created: now}, "exists", "code"); !errors.Is(err, ErrExists) {
+		t.Errorf("second first admin: %v, want ErrExists", err)
+	}
+	if _, err := s.Meta("code"); !errors.Is(err, ErrNotFound) {
+		t.Errorf("setup code hash still stored: %v", err)
+	}
+	if _, err := s.Meta("exists"); err != nil {
+		t.Errorf("marker: %v", err)
+	}
+	// The last admin can be neither demoted nor deleted.
+	if _, err := s.UpdateAdmin("root", func(u *AdminUser) error { u.Role = "viewer"; return nil }); !errors.Is(err, ErrLastAdmin) {
+		t.Errorf("demote the last admin: %v", err)
+	}
+	if err := s.DeleteAdmin("root"); !errors.Is(err, ErrLastAdmin) {
+		t.Errorf("delete the last admin: %v", err)
+	}
+	s.AddAdmin(AdminUser{Name: "ann", Role: "admin"})
+	s.PutSession(Session{Hash: "h1", User: "root"})
+	s.PutSession(Session{Hash: "h2", User: "ann"})
+	s.PutAPIToken(APIToken{Hash: "t1", ID: "i1", User: "root"})
+	if err := s.DeleteAdmin("root"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Session("h1"); !errors.Is(err, ErrNotFound) {
+		t.Errorf("deleted account's session: %v", err)
+	}
+	if _, err := s.APIToken("t1"); !errors.Is(err, ErrNotFound) {
+		t.Errorf("deleted account's token: %v", err)
+	}
+	if _, err := s.Session("h2"); err != nil {
+		t.Errorf("other account's session gone: %v", err)
+	}
+	// Forwarding rules: one per topic, and they survive a restart.
+	r1, _ := s.PutForwardRule(ForwardRule{Topic: "devices/+/t/a", Action: "forward"})
+	r2, _ := s.PutForwardRule(ForwardRule{Topic: "devices/+/t/a", Action: "local"})
+	s.PutForwardRule(ForwardRule{Topic: "devices/#", Action: "local"})
+	if r1.ID != r2.ID {
+		t.Errorf("same topic got ids %s and %s", r1.ID, r2.ID)
+	}
+	s.Close()
+	s, err = Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	rs, _ := s.ForwardRules()
+	var got []string
+	for _, r := range rs {
+		got = append(got, r.Topic+" "+r.Action)
+	}
+	if d := cmp.Diff([]string{"devices/# local", "devices/+/t/a local"}, got); d != "" {
+		t.Errorf("rules after reopen (-want +got):\n%s", d)
+	}
+	if err := s.Check(); err != nil {
+		t.Error(err)
+	}
+}

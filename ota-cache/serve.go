@@ -1,0 +1,164 @@
+package otacache
+
+import (
+	"errors"
+	"io"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/plgd-dev/go-coap/v3/message"
+	"github.com/plgd-dev/go-coap/v3/message/codes"
+	"github.com/plgd-dev/go-coap/v3/mux"
+)
+
+// ServeCoAP answers GET /fw/sha256/{sha256} and GET /fw/{vendor}/{model}
+// for an authenticated device (its identity comes from the DTLS session).
+// Any other method gets 4.05.
+//
+// The response body is a reader over the verified image file: the CoAP
+// server must be created with go-coap's block-wise transfer enabled
+// (options.WithBlockwise(true, blockwise.SZX1024, ...)), which cuts it into
+// Block2 blocks (RFC 7959), sets Size2, and, for a request that asks for
+// block N of a transfer it does not know (a device resuming after a
+// restart), seeks straight to block N. Every block carries the image's
+// ETag, so a device that resumes can tell that the image did not change.
+// The connections must use a bounded response cache (NewResponseCache):
+// go-coap's default keeps every block sent for 247 s.
+func (c *Cache) ServeCoAP(w mux.ResponseWriter, r *mux.Message, device string) {
+	refuse := func(code codes.Code, msg string) {
+		c.count(func(k *Counters) { k.ServeRefused++ })
+		c.log.Info("firmware request refused", "device", device, "transport", "coap", "code", code.String(), "reason", msg)
+		_ = w.SetResponse(code, message.TextPlain, strings.NewReader(msg))
+	}
+	if r.Code() != codes.GET {
+		refuse(codes.MethodNotAllowed, "firmware is download-only: GET")
+		return
+	}
+	p, err := r.Path()
+	if err != nil {
+		refuse(codes.BadRequest, "no Uri-Path")
+		return
+	}
+	ref, err := ParseFirmwarePath(p)
+	if err != nil {
+		refuse(codes.NotFound, err.Error())
+		return
+	}
+	img, err := c.imageForServe(device, ref)
+	if err != nil {
+		refuse(coapCode(err), err.Error())
+		return
+	}
+	if err := w.SetResponse(codes.Content, message.AppOctets, io.NewSectionReader(img.f, 0, img.size)); err != nil {
+		c.log.Warn("coap response", "device", device, "err", err)
+		return
+	}
+	w.Message().SetOptionBytes(message.ETag, img.etag())
+	if img.size <= 1<<32-1 {
+		w.Message().SetOptionUint32(message.Size2, uint32(img.size))
+	}
+	if blk, err := r.Options().GetUint32(message.Block2); err != nil || blk>>4 == 0 {
+		// Count transfers, not blocks: a fresh request or block 0.
+		c.count(func(k *Counters) { k.Served++ })
+	}
+}
+
+func coapCode(err error) codes.Code {
+	var se *serveError
+	if errors.As(err, &se) {
+		switch se.kind {
+		case errForbidden:
+			return codes.Forbidden
+		case errNotFound:
+			return codes.NotFound
+		case errUnavailable:
+			return codes.ServiceUnavailable
+		}
+	}
+	return codes.InternalServerError
+}
+
+func httpCode(err error) int {
+	var se *serveError
+	if errors.As(err, &se) {
+		switch se.kind {
+		case errForbidden:
+			return http.StatusForbidden
+		case errNotFound:
+			return http.StatusNotFound
+		case errUnavailable:
+			return http.StatusServiceUnavailable
+		}
+	}
+	return http.StatusInternalServerError
+}
+
+// HTTPHandler serves the same paths over HTTPS for devices that speak
+// MQTT: GET only, with Range and If-Range (a device resumes an interrupted
+// download with "Range: bytes=N-" and "If-Range" set to the ETag, the
+// quoted sha256). identify returns the device identity the listener's
+// mutual TLS authenticated; the listener must require client certificates.
+func (c *Cache) HTTPHandler(identify func(*http.Request) (device string, ok bool)) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		refuse := func(device string, code int, msg string) {
+			c.count(func(k *Counters) { k.ServeRefused++ })
+			c.log.Info("firmware request refused", "device", device, "transport", "https", "code", code, "reason", msg)
+			http.Error(w, msg, code)
+		}
+		if r.Method != http.MethodGet {
+			w.Header().Set("Allow", http.MethodGet)
+			refuse("", http.StatusMethodNotAllowed, "firmware is download-only: GET")
+			return
+		}
+		device, ok := identify(r)
+		if !ok {
+			refuse("", http.StatusForbidden, "no authenticated device identity on this connection")
+			return
+		}
+		ref, err := ParseFirmwarePath(r.URL.Path)
+		if err != nil {
+			refuse(device, http.StatusNotFound, err.Error())
+			return
+		}
+		img, err := c.imageForServe(device, ref)
+		if err != nil {
+			refuse(device, httpCode(err), err.Error())
+			return
+		}
+		h := w.Header()
+		h.Set("Content-Type", "application/octet-stream")
+		h.Set("X-Content-Type-Options", "nosniff")
+		h.Set("Cache-Control", "private, no-transform")
+		h.Set("ETag", `"`+img.sha+`"`)
+		if r.Header.Get("Range") == "" {
+			c.count(func(k *Counters) { k.Served++ })
+		}
+		http.ServeContent(w, r, "", time.Time{}, io.NewSectionReader(img.f, 0, img.size))
+	})
+}
+
+// ServeCoAPStatus takes a device's update status report: POST (or PUT)
+// with the JSON of DeviceStatus, answered 2.04. It is a separate resource
+// from the download-only /fw/ tree (suggested path: /fw-status).
+func (c *Cache) ServeCoAPStatus(w mux.ResponseWriter, r *mux.Message, device string) {
+	if r.Code() != codes.POST && r.Code() != codes.PUT {
+		_ = w.SetResponse(codes.MethodNotAllowed, message.TextPlain, strings.NewReader("status reports: POST or PUT"))
+		return
+	}
+	body, err := io.ReadAll(io.LimitReader(r.Body(), 2048))
+	if err != nil {
+		_ = w.SetResponse(codes.BadRequest, message.TextPlain, strings.NewReader("unreadable payload"))
+		return
+	}
+	st, err := ParseStatusReport(body)
+	if err == nil {
+		err = c.ReportStatus(device, st)
+	}
+	if err != nil {
+		c.log.Info("status report refused", "device", device, "reason", err)
+		_ = w.SetResponse(codes.BadRequest, message.TextPlain, strings.NewReader(err.Error()))
+		return
+	}
+	_ = w.SetResponse(codes.Changed, message.TextPlain, nil)
+}
