@@ -36,8 +36,11 @@ import (
 
 	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/bridges/hub"
+	"github.com/bastion-iot/bastion/bridges/upstream"
 	"github.com/bastion-iot/bastion/internal/devicesim"
 	"github.com/bastion-iot/bastion/internal/testenv"
+	"github.com/bastion-iot/bastion/internal/testutil/mosquitto"
+	"github.com/bastion-iot/bastion/internal/testutil/testpki"
 	"github.com/bastion-iot/bastion/pki"
 )
 
@@ -1014,5 +1017,90 @@ func TestDTLSConnectionIDNegotiated(t *testing.T) {
 	defer mu.Unlock()
 	if !types[25] {
 		t.Errorf("device sent record types %v, no tls12_cid (25): connection ID not in use", types)
+	}
+}
+
+// Device → Bastion → cloud and back, through the upstream link to a real
+// Mosquitto (TLS 1.3, require_certificate): CoAP and MQTT telemetry arrive
+// on the mapped cloud topics, and a command the cloud publishes reaches a
+// CoAP observer.
+func TestDevicesThroughUpstreamToCloud(t *testing.T) {
+	testenv.RequireCommand(t, "mosquitto")
+	cloud := testpki.New(t, t.TempDir(), "cloud")
+	b := mosquitto.Start(t, mosquitto.Options{CA: cloud})
+	gw := cloud.Client(t, "bastion-dev")
+	dir := filepath.Join(t.TempDir(), "state")
+	os.MkdirAll(dir, 0o700)
+	cfg := testConfig(dir)
+	cfg.Upstream.Enabled = true
+	cfg.Upstream.Config = upstream.Config{
+		Broker: "mqtts://" + b.Addr, ServerName: "127.0.0.1", CAFile: cloud.CertFile,
+		CertFile: gw.CertFile, KeyFile: gw.KeyFile, Gateway: "bastion-dev",
+		Forward: []upstream.Rule{{Topic: "devices/+/t/#", Action: "forward"}},
+	}
+	cfg.Upstream.Config.Defaults()
+	if err := WriteConfigFile(filepath.Join(dir, "bastion.yaml"), cfg); err != nil {
+		t.Fatal(err)
+	}
+	r := start(t, dir, nil)
+	defer r.stop(t)
+	tg := &tgw{running: r, log: &syncBuf{}, dir: dir}
+	ctx := ctxT(t, 30*time.Second)
+
+	// The cloud side: a subscriber with a cloud client certificate.
+	sub := cloud.Client(t, "cloud-app")
+	app := &devicesim.Device{Creds: devicesim.Creds{ID: "cloud-app", Auth: "cert", CertPEM: string(sub.CertPEM), KeyPEM: string(sub.KeyPEM), CAPEM: string(cloud.CertPEM)}}
+	got := make(chan [2]string, 10)
+	cl, err := app.DialMQTT(ctx, b.Addr, func(topic string, p []byte) { got <- [2]string{topic, string(p)} })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	if rc, err := cl.Subscribe(ctx, "bastion/bastion-dev/+/t/#"); err != nil || rc >= 0x80 {
+		t.Fatalf("cloud subscribe: %#x %v", rc, err)
+	}
+
+	cd := tg.addDevice(t, "coap-dev", "psk")
+	md := tg.addDevice(t, "mqtt-dev", "cert")
+	co, err := cd.DialCoAP(ctx, tg.coapAddr(cd))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer co.Close()
+	if res, err := co.Publish(ctx, "temp", []byte("21.5")); err != nil || res.Code != codes.Changed {
+		t.Fatalf("CoAP publish: %v %v", res.Code, err)
+	}
+	expectMsg(t, got, "bastion/bastion-dev/"+cd.ID+"/t/temp", "21.5")
+	mq, err := md.DialMQTT(ctx, r.g.Addrs()["mqtts"], nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mq.Close()
+	if rc, err := mq.Publish(ctx, mq.TelemetryTopic("energy"), 1, []byte("42")); err != nil || rc != 0 {
+		t.Fatalf("MQTT publish: %#x %v", rc, err)
+	}
+	expectMsg(t, got, "bastion/bastion-dev/"+md.ID+"/t/energy", "42")
+
+	// Downlink: the cloud commands the CoAP device.
+	cmds := make(chan string, 10)
+	if _, err := co.Observe(ctx, "led", func(p []byte) { cmds <- string(p) }); err != nil {
+		t.Fatal(err)
+	}
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	for n := 0; ; n++ {
+		select {
+		case c := <-cmds:
+			if !strings.HasPrefix(c, "on-") {
+				t.Fatalf("command %q", c)
+			}
+			return
+		case <-ctx.Done():
+			t.Fatal("no cloud command reached the CoAP observer")
+		case <-tick.C: // until the link's downlink subscription is in place
+			if _, err := cl.Publish(ctx, "bastion/bastion-dev/"+cd.ID+"/c/led", 1, []byte(fmt.Sprintf("on-%d", n))); err != nil {
+				t.Fatal(err)
+			}
+		}
 	}
 }
