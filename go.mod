@@ -6,6 +6,7 @@ require (
 	filippo.io/bigmod v0.1.0
 	filippo.io/nistec v0.0.4
 	github.com/coreos/go-iptables v0.8.0
+	github.com/eclipse/paho.golang v0.23.0
 	github.com/google/go-cmp v0.7.0
 	github.com/mochi-mqtt/server/v2 v2.7.9
 	github.com/pion/dtls/v3 v3.1.15
@@ -26,7 +27,6 @@ require (
 	github.com/chromedp/cdproto v0.159.0
 	github.com/chromedp/chromedp v0.23.0
 	github.com/dsnet/golib/memfile v1.0.0 // indirect
-	github.com/eclipse/paho.golang v0.23.0
 	github.com/fxamacker/cbor/v2 v2.5.0
 	github.com/go-json-experiment/json v0.0.0-20260213210345-44df1a37e875 // indirect
 	github.com/google/go-containerregistry v0.20.7 // indirect

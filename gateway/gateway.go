@@ -25,6 +25,7 @@ import (
 
 	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/bridges/coap"
+	"github.com/bastion-iot/bastion/bridges/hub"
 	"github.com/bastion-iot/bastion/bridges/mqtt"
 	"github.com/bastion-iot/bastion/bridges/queue"
 	"github.com/bastion-iot/bastion/bridges/upstream"
@@ -60,6 +61,10 @@ type Options struct {
 	Clock pki.Clock
 	// Ready is called once every listener is up.
 	Ready func(*Gateway)
+	// Sink, if set, receives device telemetry before it is acknowledged
+	// instead of the upstream link (tests). With neither, messages reach
+	// local subscribers only (hub.LocalSink).
+	Sink bridges.Sink
 }
 
 // Gateway is one running Bastion.
@@ -75,6 +80,7 @@ type Gateway struct {
 	devices    *Devices
 	metrics    *metrics
 	certs      map[string]*pki.ServerCert
+	hub        *hub.Hub
 	coap       *coap.Server
 	mqtt       *mqtt.Server
 	console    *console.Server
@@ -294,12 +300,28 @@ func (g *Gateway) openListeners(cfg config.Config) error {
 		return sc, nil
 	}
 	id := g.identity()
+	// Telemetry goes to the Sink a test gave, else the upstream link (which
+	// applies the privacy rules, then the durable queue), else nowhere but
+	// local subscribers.
+	sink := g.opts.Sink
+	if sink == nil {
+		sink = g.sink
+	}
+	if sink == nil {
+		sink = hub.LocalSink{}
+	}
+	var err error
+	if g.hub, err = hub.New(sink, g.metrics.reg, g.log); err != nil {
+		return err
+	}
+	// Commands from the cloud reach devices on whichever transport they use.
+	g.setDownlink(g.hub.Deliver)
 	if cfg.CoAP.Enabled {
 		sc, err := cert("coap", cfg.CoAP.Listen)
 		if err != nil {
 			return err
 		}
-		g.coap, err = coap.New(coap.Config{Listen: cfg.CoAP.Listen, PSKListen: cfg.CoAP.PSKListen, MaxPayload: cfg.CoAP.MaxPayload}, sc, id, g.sink, g.log)
+		g.coap, err = coap.New(coap.Config{Listen: cfg.CoAP.Listen, PSKListen: cfg.CoAP.PSKListen, MaxPayload: cfg.CoAP.MaxPayload}, sc, id, g.hub, g.log)
 		if err != nil {
 			return err
 		}
@@ -309,11 +331,22 @@ func (g *Gateway) openListeners(cfg config.Config) error {
 		if err != nil {
 			return err
 		}
-		g.mqtt, err = mqtt.New(mqtt.Config{Listen: cfg.MQTT.Listen, AllowSecretAuth: cfg.MQTT.AllowSecretAuth, MaxPacketSize: cfg.MQTT.MaxPacketSize}, sc, id, g.log)
+		g.mqtt, err = mqtt.New(mqtt.Config{Listen: cfg.MQTT.Listen, AllowSecretAuth: cfg.MQTT.AllowSecretAuth,
+			MaxPacketSize: cfg.MQTT.MaxPacketSize, MaxPayload: cfg.CoAP.MaxPayload, Retained: g.store}, sc, id, g.hub, g.log)
 		if err != nil {
 			return err
 		}
 	}
+	g.addStatus("transports", func() any {
+		st := map[string]int{}
+		if g.coap != nil {
+			st["coap_sessions"] = g.coap.SessionCount()
+		}
+		if g.mqtt != nil {
+			st["mqtt_sessions"] = g.mqtt.SessionCount()
+		}
+		return st
+	})
 	if cfg.Console.Enabled {
 		sc, err := cert("console", cfg.Console.Listen)
 		if err != nil {
@@ -541,6 +574,14 @@ func (g *Gateway) Addrs() map[string]string {
 	m["control"] = g.ctl.path
 	return m
 }
+
+// Deliver sends a command to a device (m.Topic = devices/{m.Device}/c/...)
+// over whichever transport it is connected with: CoAP Observe or MQTT. The
+// upstream downlink, the console and the gateway itself use it.
+func (g *Gateway) Deliver(ctx context.Context, m bridges.Message) error { return g.hub.Deliver(ctx, m) }
+
+// Hub returns the local message hub shared by the device transports.
+func (g *Gateway) Hub() *hub.Hub { return g.hub }
 
 // CA returns the gateway's certificate authority.
 func (g *Gateway) CA() *pki.CA { return g.ca }

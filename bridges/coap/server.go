@@ -1,29 +1,32 @@
 // Package coap terminates CoAP over DTLS 1.2 from devices: one listener for
 // certificate devices and one for PSK devices (pion/dtls offers only PSK
 // suites once a PSK callback is set). Every request is tied to the device
-// identity the handshake proved. It never listens in cleartext.
+// identity the handshake proved, and a device reaches only its own
+// namespace: POST /t/{path} is telemetry on devices/{id}/t/{path}, GET
+// /c/{path} (with Observe) receives commands sent to devices/{id}/c/{path}.
+// It never listens in cleartext and never decides on its own who a device is.
 package coap
 
 import (
-	"bytes"
 	"context"
 	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
+	"sync"
 	"time"
 
+	piondtls "github.com/pion/dtls/v3"
 	"github.com/plgd-dev/go-coap/v3/dtls"
 	"github.com/plgd-dev/go-coap/v3/dtls/server"
-	"github.com/plgd-dev/go-coap/v3/message"
-	"github.com/plgd-dev/go-coap/v3/message/codes"
-	"github.com/plgd-dev/go-coap/v3/mux"
 	coapnet "github.com/plgd-dev/go-coap/v3/net"
 	"github.com/plgd-dev/go-coap/v3/options"
 	"github.com/plgd-dev/go-coap/v3/pkg/runner/periodic"
+	udpclient "github.com/plgd-dev/go-coap/v3/udp/client"
 
 	"github.com/bastion-iot/bastion/bridges"
+	"github.com/bastion-iot/bastion/bridges/hub"
 	"github.com/bastion-iot/bastion/pki"
 )
 
@@ -31,49 +34,110 @@ import (
 type Config struct {
 	Listen     string // certificate devices
 	PSKListen  string // PSK devices; "" disables
-	MaxPayload int
+	MaxPayload int    // bytes; larger requests get 4.13
+	// HandshakeTimeout bounds one DTLS handshake (default 10s); it derives
+	// from the server's context, so shutdown also ends it.
+	HandshakeTimeout time.Duration
+	// MaxHandshakesPerSource bounds DTLS handshakes in flight from one IP
+	// address (default 8); more are dropped before any crypto is done.
+	MaxHandshakesPerSource int
+	// RetryAfter is the Max-Age sent with 5.03 when the Sink is full
+	// (default 30s).
+	RetryAfter time.Duration
+	// IdleTimeout closes a session that has sent nothing for this long
+	// (default 10 min; go-coap's own default of 16 s would drop a sleeping
+	// device's command observation). A device that comes back after it
+	// does a new handshake.
+	IdleTimeout time.Duration
+}
+
+func (c *Config) defaults() {
+	if c.MaxPayload <= 0 {
+		c.MaxPayload = 1024
+	}
+	if c.HandshakeTimeout <= 0 {
+		c.HandshakeTimeout = 10 * time.Second
+	}
+	if c.MaxHandshakesPerSource <= 0 {
+		c.MaxHandshakesPerSource = 8
+	}
+	if c.RetryAfter <= 0 {
+		c.RetryAfter = 30 * time.Second
+	}
+	if c.IdleTimeout <= 0 {
+		c.IdleTimeout = 10 * time.Minute
+	}
 }
 
 // Server is the CoAP-over-DTLS front end.
 type Server struct {
-	cfg  Config
-	cert *pki.ServerCert
-	id   bridges.Identity
-	sink bridges.Sink
-	log  *slog.Logger
-	lnC  *coapnet.DTLSListener
-	lnP  *coapnet.DTLSListener
+	cfg Config
+	id  bridges.Identity
+	hub *hub.Hub
+	m   *hub.Metrics
+	log *slog.Logger
+	lnC *limitListener
+	lnP *limitListener
+
+	closing  sync.WaitGroup // revocation closes in progress; Run waits
+	mu       sync.Mutex
+	sessions map[*udpclient.Conn]*session
+	byDevice map[string]map[*udpclient.Conn]struct{}
+}
+
+// session is one authenticated DTLS association.
+type session struct {
+	device string
+	mode   string // "cert" or "psk"
+	cc     *udpclient.Conn
+	mu     sync.Mutex
+	cancel map[string]func() // observe token → cancel
+	seq    uint32
 }
 
 // New binds the listeners (so a port clash is reported before Run).
-func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, sink bridges.Sink, log *slog.Logger) (*Server, error) {
-	s := &Server{cfg: cfg, cert: cert, id: id, sink: sink, log: log.With("component", "coap")}
+func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log *slog.Logger) (*Server, error) {
+	cfg.defaults()
+	s := &Server{cfg: cfg, id: id, hub: h, m: h.Metrics(), log: log.With("component", "coap"),
+		sessions: map[*udpclient.Conn]*session{}, byDevice: map[string]map[*udpclient.Conn]struct{}{}}
 	verify := func(raw [][]byte, _ [][]*x509.Certificate) error {
 		dev, err := id.VerifyCert(raw)
 		if err != nil {
-			s.log.Warn("coap: device certificate refused", "device", dev, "err", err)
+			if dev == "" {
+				dev = hub.ClaimedDevice(raw)
+			}
+			reason := hub.CertRefusal(err)
+			s.m.Refused.WithLabelValues(hub.CoAP, reason).Inc()
+			s.log.Warn("coap: handshake refused: device certificate not accepted", "device", dev, "reason", reason, "err", err)
 		}
 		return err
 	}
-	var err error
-	s.lnC, err = coapnet.NewDTLSListener("udp", cfg.Listen, pki.DTLSCertServer(cert, verify))
+	ln, err := coapnet.NewDTLSListener("udp", cfg.Listen, pki.DTLSCertServer(cert, verify))
 	if err != nil {
 		return nil, fmt.Errorf("coap: listen udp %s: %w", cfg.Listen, err)
 	}
+	s.lnC = s.limit(ln)
 	if cfg.PSKListen != "" {
 		psk := func(identity []byte) ([]byte, error) {
 			dev, key, err := id.PSK(identity)
 			if err != nil {
-				s.log.Warn("coap: PSK identity refused", "device", dev, "err", err)
+				reason := hub.ReasonUnknownPSK
+				if errors.Is(err, pki.ErrRevoked) {
+					reason = hub.ReasonRevoked
+				}
+				s.m.Refused.WithLabelValues(hub.CoAP, reason).Inc()
+				s.log.Warn("coap: handshake refused: PSK identity not accepted", "device", dev, "psk_identity", string(identity), "reason", reason, "err", err)
 			}
 			return key, err
 		}
-		s.lnP, err = coapnet.NewDTLSListener("udp", cfg.PSKListen, pki.DTLSPSKServer(psk))
+		ln, err := coapnet.NewDTLSListener("udp", cfg.PSKListen, pki.DTLSPSKServer(psk))
 		if err != nil {
 			s.lnC.Close()
 			return nil, fmt.Errorf("coap: listen udp %s: %w", cfg.PSKListen, err)
 		}
+		s.lnP = s.limit(ln)
 	}
+	id.OnRevoke(s.revoke)
 	return s, nil
 }
 
@@ -85,30 +149,27 @@ func (s *Server) Addrs() (cert, psk net.Addr) {
 	return s.lnC.Addr(), psk
 }
 
-func (s *Server) router() *mux.Router {
-	r := mux.NewRouter()
-	r.Handle("/.well-known/core", mux.HandlerFunc(func(w mux.ResponseWriter, req *mux.Message) {
-		if req.Code() != codes.GET {
-			w.SetResponse(codes.MethodNotAllowed, message.TextPlain, nil)
-			return
-		}
-		w.SetResponse(codes.Content, message.AppLinkFormat, bytes.NewReader([]byte(`</t>;rt="bastion.telemetry",</c>;rt="bastion.command";obs`)))
-	}))
-	return r
-}
-
-// Run serves until ctx ends, then closes the listeners.
+// Run serves until ctx ends, then closes the listeners and every session.
 func (s *Server) Run(ctx context.Context) error {
-	r := s.router()
-	srvs := []*server.Server{}
-	lns := []*coapnet.DTLSListener{s.lnC}
+	lns := []*limitListener{s.lnC}
 	if s.lnP != nil {
 		lns = append(lns, s.lnP)
 	}
 	errc := make(chan error, len(lns))
+	var srvs []*server.Server
 	for _, ln := range lns {
-		srv := dtls.NewServer(options.WithMux(r), options.WithContext(ctx),
-			options.WithMaxMessageSize(uint32(s.cfg.MaxPayload+1024)),
+		srv := dtls.NewServer(
+			options.WithHandlerFunc(s.serveCoAP),
+			options.WithContext(ctx),
+			// Big enough that an oversized request still reaches the
+			// handler and gets 4.13 instead of silence.
+			options.WithMaxMessageSize(uint32(max(64*1024, 4*s.cfg.MaxPayload))),
+			options.WithDTLSHandshakeTimeout(s.cfg.HandshakeTimeout),
+			options.WithOnNewConn(s.onNewConn),
+			options.WithInactivityMonitor(s.cfg.IdleTimeout, func(cc *udpclient.Conn) {
+				s.log.Debug("coap: closing idle session", "device", s.deviceOf(cc), "idle", s.cfg.IdleTimeout)
+				cc.Close()
+			}),
 			// go-coap's default runner leaves a sleeping goroutine per
 			// connection behind; this one stops with the server.
 			options.WithPeriodicRunner(periodic.New(ctx.Done(), time.Second)),
@@ -127,12 +188,132 @@ func (s *Server) Run(ctx context.Context) error {
 			first = err
 		}
 	}
+	s.closing.Wait()
 	return first
 }
 
-func addrOrNone(l *coapnet.DTLSListener) string {
+func addrOrNone(l *limitListener) string {
 	if l == nil {
 		return "off"
 	}
 	return l.Addr().String()
+}
+
+// onNewConn runs after a successful handshake: it learns the device from
+// the DTLS state and registers the session for revocation.
+func (s *Server) onNewConn(cc *udpclient.Conn) {
+	dc := dtlsConnOf(cc.NetConn())
+	if dc == nil {
+		cc.Close()
+		return
+	}
+	st, ok := dc.ConnectionState()
+	if !ok {
+		cc.Close()
+		return
+	}
+	var dev, mode string
+	var err error
+	if len(st.PeerCertificates) > 0 {
+		mode = "cert"
+		dev, err = s.id.VerifyCert(st.PeerCertificates)
+	} else {
+		mode = "psk"
+		dev, _, err = s.id.PSK(st.IdentityHint)
+	}
+	if err != nil || dev == "" {
+		// Revoked between the handshake and now.
+		s.log.Warn("coap: session refused after handshake", "device", dev, "err", err)
+		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonRevoked).Inc()
+		cc.Close()
+		return
+	}
+	se := &session{device: dev, mode: mode, cc: cc, cancel: map[string]func(){}}
+	s.mu.Lock()
+	s.sessions[cc] = se
+	if s.byDevice[dev] == nil {
+		s.byDevice[dev] = map[*udpclient.Conn]struct{}{}
+	}
+	s.byDevice[dev][cc] = struct{}{}
+	s.mu.Unlock()
+	s.m.Sessions.WithLabelValues(hub.CoAP).Inc()
+	s.m.Handshakes.WithLabelValues(hub.CoAP, "ok").Inc()
+	s.log.Debug("coap: device session open", "device", dev, "mode", mode, "remote", cc.RemoteAddr())
+	cc.AddOnClose(func() {
+		s.mu.Lock()
+		delete(s.sessions, cc)
+		delete(s.byDevice[dev], cc)
+		if len(s.byDevice[dev]) == 0 {
+			delete(s.byDevice, dev)
+		}
+		s.mu.Unlock()
+		se.mu.Lock()
+		for _, c := range se.cancel {
+			c()
+		}
+		se.cancel = nil
+		se.mu.Unlock()
+		s.m.Sessions.WithLabelValues(hub.CoAP).Dec()
+	})
+}
+
+func (s *Server) sessionOf(cc *udpclient.Conn) *session {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.sessions[cc]
+}
+
+func (s *Server) deviceOf(cc *udpclient.Conn) string {
+	if se := s.sessionOf(cc); se != nil {
+		return se.device
+	}
+	return ""
+}
+
+// revoke closes every session of a revoked device. It must not block (it
+// runs inside the revocation call), so the closing happens on its own
+// goroutine, which ends as soon as the sessions are closed.
+func (s *Server) revoke(device string) {
+	s.mu.Lock()
+	var ccs []*udpclient.Conn
+	for cc := range s.byDevice[device] {
+		ccs = append(ccs, cc)
+	}
+	s.mu.Unlock()
+	s.hub.Forget(device)
+	if len(ccs) == 0 {
+		return
+	}
+	s.log.Info("coap: closing sessions of revoked device", "device", device, "sessions", len(ccs))
+	s.closing.Add(1)
+	go func() {
+		defer s.closing.Done()
+		for _, cc := range ccs {
+			cc.Close()
+		}
+	}()
+}
+
+// SessionCount returns how many device sessions are open now.
+func (s *Server) SessionCount() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.sessions)
+}
+
+// Sessions returns how many sessions device has open now.
+func (s *Server) Sessions(device string) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.byDevice[device])
+}
+
+func dtlsConnOf(c net.Conn) *piondtls.Conn {
+	switch v := c.(type) {
+	case *piondtls.Conn:
+		return v
+	case *handshakeConn:
+		return v.Conn
+	}
+	return nil
 }

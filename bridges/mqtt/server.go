@@ -1,26 +1,27 @@
 // Package mqtt terminates MQTT 3.1.1 and 5 over TLS from devices with an
 // embedded mochi-mqtt broker. A client certificate (or, where allowed, a
 // per-device secret over TLS) proves the device; the MQTT client id must be
-// that device's id, and a device may publish and subscribe only inside
-// devices/{id}/. There is no cleartext listener.
+// that device's id, and a device may publish only devices/{id}/t/... and
+// devices/{id}/s/... and subscribe only devices/{id}/c/... and the
+// read-only bastion/broadcast/ tree. Telemetry goes to the gateway's Sink
+// before it is acknowledged. There is no cleartext listener.
 package mqtt
 
 import (
-	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
-	"strings"
 	"sync"
+	"time"
 
 	mochi "github.com/mochi-mqtt/server/v2"
-	"github.com/mochi-mqtt/server/v2/listeners"
 	"github.com/mochi-mqtt/server/v2/packets"
 
 	"github.com/bastion-iot/bastion/bridges"
+	"github.com/bastion-iot/bastion/bridges/hub"
 	"github.com/bastion-iot/bastion/pki"
 )
 
@@ -28,35 +29,101 @@ import (
 type Config struct {
 	Listen          string
 	AllowSecretAuth bool
-	MaxPacketSize   int
+	MaxPacketSize   int // bytes (default 64 KiB)
+	// MaxPayload bounds a device message's payload, as CoAP's max_payload
+	// does (default MaxPacketSize); larger publishes are refused (MQTT 5:
+	// PUBACK 0x95).
+	MaxPayload int
+	// ReceiveMaximum is the QoS 1 messages a client may have unacknowledged
+	// towards the gateway, and MaxInflight those the gateway keeps towards a
+	// client (defaults 32 and 64).
+	ReceiveMaximum uint16
+	MaxInflight    uint16
+	// MaxKeepalive caps the keepalive a client asks for; a client asking
+	// for none gets this one (default 5 min), so idle dead sessions end.
+	MaxKeepalive uint16
+	// SessionExpiry bounds how long a disconnected session is kept
+	// (default 1 h).
+	SessionExpiry time.Duration
+	// HandshakeTimeout bounds the TLS handshake and the wait for CONNECT
+	// (default 10 s).
+	HandshakeTimeout time.Duration
+	// Retained stores retained messages so that they survive a restart.
+	// Nil keeps them in memory only.
+	Retained RetainedStore
+}
+
+func (c *Config) defaults() {
+	if c.MaxPacketSize <= 0 {
+		c.MaxPacketSize = 64 * 1024
+	}
+	if c.MaxPayload <= 0 || c.MaxPayload > c.MaxPacketSize {
+		c.MaxPayload = c.MaxPacketSize
+	}
+	if c.ReceiveMaximum == 0 {
+		c.ReceiveMaximum = 32
+	}
+	if c.MaxInflight == 0 {
+		c.MaxInflight = 64
+	}
+	if c.MaxKeepalive == 0 {
+		c.MaxKeepalive = 300
+	}
+	if c.SessionExpiry <= 0 {
+		c.SessionExpiry = time.Hour
+	}
+	if c.HandshakeTimeout <= 0 {
+		c.HandshakeTimeout = 10 * time.Second
+	}
 }
 
 // BroadcastPrefix is the gateway-owned topic tree every device may read.
-const BroadcastPrefix = "bastion/broadcast/"
+const BroadcastPrefix = hub.BroadcastPrefix
 
 // Server is the MQTT-over-TLS front end.
 type Server struct {
-	cfg  Config
-	id   bridges.Identity
-	log  *slog.Logger
-	mq   *mochi.Server
-	tcp  *listeners.TCP
-	mu   sync.Mutex
-	addr string
+	cfg Config
+	id  bridges.Identity
+	hub *hub.Hub
+	m   *hub.Metrics
+	log *slog.Logger
+	mq  *mochi.Server
+	tls *tlsListener
+
+	mu     sync.Mutex
+	authed map[*mochi.Client]string // client → device, for the session gauge
+	subID  int
 }
 
 // New builds the broker and binds its TLS listener.
-func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, log *slog.Logger) (*Server, error) {
-	s := &Server{cfg: cfg, id: id, log: log.With("component", "mqtt")}
+func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log *slog.Logger) (*Server, error) {
+	cfg.defaults()
+	s := &Server{cfg: cfg, id: id, hub: h, m: h.Metrics(), log: log.With("component", "mqtt"), authed: map[*mochi.Client]string{}}
 	caps := mochi.NewDefaultServerCapabilities()
 	caps.MaximumPacketSize = uint32(cfg.MaxPacketSize)
+	caps.ReceiveMaximum = cfg.ReceiveMaximum
+	caps.MaximumInflight = cfg.MaxInflight
+	caps.MaximumQos = 1
+	caps.MaximumSessionExpiryInterval = uint32(cfg.SessionExpiry.Seconds())
+	caps.MaximumMessageExpiryInterval = int64(cfg.SessionExpiry.Seconds())
+	caps.SharedSubAvailable = 0
+	// mochi's default (8192 queued packets per client) costs 64 KiB of
+	// channel per connection; an idle-device gateway holds thousands.
+	caps.MaximumClientWritesPending = int32(cfg.MaxInflight) * 4
 	s.mq = mochi.New(&mochi.Options{
-		Capabilities: caps,
-		InlineClient: true,
-		Logger:       s.log.With("lib", "mochi"),
+		Capabilities:             caps,
+		InlineClient:             true,
+		ClientNetReadBufferSize:  2048,
+		ClientNetWriteBufferSize: 2048,
+		Logger:                   s.log.With("lib", "mochi"),
 	})
 	if err := s.mq.AddHook(&authHook{s: s}, nil); err != nil {
 		return nil, err
+	}
+	if cfg.Retained != nil {
+		if err := s.mq.AddHook(&retainHook{st: cfg.Retained, log: s.log}, nil); err != nil {
+			return nil, err
+		}
 	}
 	clientAuth := tls.RequireAnyClientCert
 	if cfg.AllowSecretAuth {
@@ -68,24 +135,27 @@ func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, log *slog.Logger
 		}
 		dev, err := id.VerifyCert(raw)
 		if err != nil {
-			s.log.Warn("mqtt: device certificate refused", "device", dev, "err", err)
+			if dev == "" {
+				dev = hub.ClaimedDevice(raw)
+			}
+			reason := hub.CertRefusal(err)
+			s.m.Refused.WithLabelValues(hub.MQTT, reason).Inc()
+			s.log.Warn("mqtt: handshake refused: device certificate not accepted", "device", dev, "reason", reason, "err", err)
+			return &certRefused{err}
 		}
-		return err
+		return nil
 	}
-	s.tcp = listeners.NewTCP(listeners.Config{Type: "tcp", ID: "tls", Address: cfg.Listen,
-		TLSConfig: pki.TLSServer(cert, clientAuth, verify)})
-	if err := s.mq.AddListener(s.tcp); err != nil {
+	s.tls = &tlsListener{s: s, id: "tls", addr: cfg.Listen, cfg: pki.TLSServer(cert, clientAuth, verify)}
+	if err := s.mq.AddListener(s.tls); err != nil {
 		return nil, fmt.Errorf("mqtt: listen tcp %s: %w", cfg.Listen, err)
 	}
 	id.OnRevoke(s.disconnect)
+	h.AddMirror(hub.MQTT, s.mirror)
 	return s, nil
 }
 
 // Addr returns the bound address.
-func (s *Server) Addr() string { return s.tcp.Address() }
-
-// Broker is the embedded broker, for the gateway's own inline publishing.
-func (s *Server) Broker() *mochi.Server { return s.mq }
+func (s *Server) Addr() string { return s.tls.Address() }
 
 // Run serves until ctx ends.
 func (s *Server) Run(ctx context.Context) error {
@@ -97,12 +167,64 @@ func (s *Server) Run(ctx context.Context) error {
 	return s.mq.Close()
 }
 
+// mirror publishes telemetry from other transports and commands to local
+// MQTT subscribers through the broker's inline client.
+func (s *Server) mirror(m bridges.Message) {
+	if err := s.mq.Publish(m.Topic, m.Payload, false, m.QoS); err != nil {
+		s.log.Debug("mqtt: local publish failed", "device", m.Device, "topic", m.Topic, "err", err)
+	}
+}
+
+// Retained returns the retained payload on topic, if the broker holds one.
+func (s *Server) Retained(topic string) ([]byte, bool) {
+	pk, ok := s.mq.Topics.Retained.Get(topic)
+	return pk.Payload, ok
+}
+
+// Subscribe lets the gateway itself (not a device) receive what is
+// published on filter, e.g. devices/+/t/# for local consumers. fn runs on
+// the publishing goroutine and must not block.
+func (s *Server) Subscribe(filter string, fn func(topic string, payload []byte)) (cancel func(), err error) {
+	s.mu.Lock()
+	s.subID++
+	id := s.subID
+	s.mu.Unlock()
+	err = s.mq.Subscribe(filter, id, func(_ *mochi.Client, _ packets.Subscription, pk packets.Packet) {
+		fn(pk.TopicName, pk.Payload)
+	})
+	if err != nil {
+		return nil, fmt.Errorf("mqtt: inline subscribe %s: %w", filter, err)
+	}
+	return func() { s.mq.Unsubscribe(filter, id) }, nil
+}
+
 func (s *Server) disconnect(device string) {
 	if cl, ok := s.mq.Clients.Get(device); ok && !cl.Closed() {
 		s.log.Info("mqtt: closing session of revoked device", "device", device)
+		s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonRevoked).Inc()
 		s.mq.DisconnectClient(cl, packets.ErrNotAuthorized)
 	}
 }
+
+// SessionCount returns how many authenticated device sessions are open.
+func (s *Server) SessionCount() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.authed)
+}
+
+// Connected reports whether device has an MQTT session open now.
+func (s *Server) Connected(device string) bool {
+	cl, ok := s.mq.Clients.Get(device)
+	return ok && !cl.Closed()
+}
+
+// certRefused marks a handshake error already logged and counted by the
+// certificate check.
+type certRefused struct{ err error }
+
+func (e *certRefused) Error() string { return e.err.Error() }
+func (e *certRefused) Unwrap() error { return e.err }
 
 // deviceOf returns the device a connection proved, from its certificate.
 func deviceOf(id bridges.Identity, cl *mochi.Client) (string, bool, error) {
@@ -120,54 +242,4 @@ func deviceOf(id bridges.Identity, cl *mochi.Client) (string, bool, error) {
 	}
 	dev, err := id.VerifyCert(raw)
 	return dev, true, err
-}
-
-type authHook struct {
-	mochi.HookBase
-	s *Server
-}
-
-func (h *authHook) ID() string { return "bastion-auth" }
-
-func (h *authHook) Provides(b byte) bool {
-	return bytes.Contains([]byte{mochi.OnConnectAuthenticate, mochi.OnACLCheck}, []byte{b})
-}
-
-// OnConnectAuthenticate binds the MQTT client id to the proven identity.
-func (h *authHook) OnConnectAuthenticate(cl *mochi.Client, pk packets.Packet) bool {
-	log := h.s.log.With("remote", cl.Net.Remote, "client_id", cl.ID)
-	dev, hasCert, err := deviceOf(h.s.id, cl)
-	switch {
-	case err != nil:
-		log.Warn("mqtt: connect refused: certificate not accepted", "device", dev, "err", err)
-		return false
-	case hasCert:
-	case h.s.cfg.AllowSecretAuth && len(pk.Connect.Username) > 0:
-		dev = string(pk.Connect.Username)
-		if err := h.s.id.CheckSecret(dev, pk.Connect.Password); err != nil {
-			log.Warn("mqtt: connect refused: secret login failed", "device", dev, "err", err)
-			return false
-		}
-	default:
-		log.Warn("mqtt: connect refused: no client certificate")
-		return false
-	}
-	if cl.ID != dev {
-		log.Warn("mqtt: connect refused: client id is not the authenticated device", "device", dev)
-		return false
-	}
-	log.Info("mqtt: device connected", "device", dev)
-	return true
-}
-
-// OnACLCheck keeps a device inside devices/{id}/, plus read-only broadcasts.
-func (h *authHook) OnACLCheck(cl *mochi.Client, topic string, write bool) bool {
-	if strings.HasPrefix(topic, bridges.TopicPrefix(cl.ID)) {
-		return true
-	}
-	if !write && strings.HasPrefix(topic, BroadcastPrefix) {
-		return true
-	}
-	h.s.log.Warn("mqtt: topic outside the device namespace refused", "device", cl.ID, "topic", topic, "write", write)
-	return false
 }

@@ -1,0 +1,142 @@
+package bench
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/bastion-iot/bastion/internal/devicesim"
+)
+
+// result of one load run.
+type result struct {
+	msgs    int
+	elapsed time.Duration
+	lat     []time.Duration // QoS 1: publish → PUBACK
+}
+
+func (r result) rate() float64 { return float64(r.msgs) / r.elapsed.Seconds() }
+func (r result) p99() time.Duration {
+	if len(r.lat) == 0 {
+		return 0
+	}
+	slices.Sort(r.lat)
+	return r.lat[(len(r.lat)-1)*99/100]
+}
+
+// mqttLoad connects pubs clients, then each publishes per messages of 100
+// bytes with qos. QoS 0 ends with a QoS 1 publish as a fence: both brokers
+// handle a connection's packets in order, so its PUBACK means every QoS 0
+// message before it was processed.
+func mqttLoad(b *testing.B, addr string, devs []*devicesim.Device, per int, qos byte) result {
+	r, err := mqttLoadOnce(b, addr, devs, per, qos)
+	if err != nil {
+		b.Fatalf("load against %s: %v", addr, err)
+	}
+	return r
+}
+
+func mqttLoadOnce(b *testing.B, addr string, devs []*devicesim.Device, per int, qos byte) (result, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	clients := make([]*devicesim.MQTT, len(devs))
+	defer func() {
+		for _, c := range clients {
+			if c != nil {
+				c.Close()
+			}
+		}
+	}()
+	for i, d := range devs {
+		c, err := d.DialMQTT(ctx, addr, nil)
+		if err != nil {
+			return result{}, fmt.Errorf("connect %d to %s: %v", i, addr, err)
+		}
+		clients[i] = c
+	}
+	payload := make([]byte, 100)
+	var mu sync.Mutex
+	var lat []time.Duration
+	var firstErr error
+	var wg sync.WaitGroup
+	start := time.Now()
+	for i, c := range clients {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			topic := "devices/" + devs[i].ID + "/t/bench"
+			my := make([]time.Duration, 0, per)
+			for n := 0; n < per && ctx.Err() == nil; n++ {
+				t0 := time.Now()
+				rc, err := c.Publish(ctx, topic, qos, payload)
+				if err != nil || rc >= 0x80 {
+					mu.Lock()
+					firstErr = fmt.Errorf("publish %d: %v rc %#x (session: %v)", n, err, rc, c.Err())
+					mu.Unlock()
+					return
+				}
+				if qos == 1 {
+					my = append(my, time.Since(t0))
+				}
+			}
+			if qos == 0 {
+				if _, err := c.Publish(ctx, topic, 1, payload); err != nil {
+					mu.Lock()
+					firstErr = fmt.Errorf("fence: %v", err)
+					mu.Unlock()
+				}
+			}
+			mu.Lock()
+			lat = append(lat, my...)
+			mu.Unlock()
+		}()
+	}
+	wg.Wait()
+	return result{msgs: per * len(clients), elapsed: time.Since(start), lat: lat}, firstErr
+}
+
+// BenchmarkMQTTvsMosquitto: MQTT over TLS with client certificates, 100-byte
+// payloads, QoS 0 and 1, 1 and 50 publishers, Bastion and Mosquitto 2 in the
+// same run. Reported: msg/s for both, the throughput ratio (Bastion /
+// Mosquitto, goal ≥ 1) and for QoS 1 the p99 PUBACK latency ratio (goal ≤ 1).
+func BenchmarkMQTTvsMosquitto(b *testing.B) {
+	raiseNoFile(b, 65536)
+	bs := startBastion(b)
+	ca := newTestCA(b)
+	mosq := startMosquitto(b, ca)
+	const maxPubs = 50
+	bDevs := bs.addDevices(b, "mq", "cert", maxPubs)
+	mDevs := make([]*devicesim.Device, maxPubs)
+	for i := range mDevs {
+		c, k := ca.issue(b, fmt.Sprintf("m%d", i), false)
+		mDevs[i] = &devicesim.Device{Creds: devicesim.Creds{ID: fmt.Sprintf("m%d", i), Auth: "cert", CertPEM: c, KeyPEM: k, CAPEM: ca.pem}}
+	}
+	for _, qos := range []byte{0, 1} {
+		for _, pubs := range []int{1, 50} {
+			per := map[byte]int{0: 20000, 1: 20000}[qos] / pubs
+			if pubs == 1 {
+				per = map[byte]int{0: 20000, 1: 4000}[qos]
+			}
+			b.Run(fmt.Sprintf("qos%d/pubs%d", qos, pubs), func(b *testing.B) {
+				for range b.N {
+					// Alternate who goes first so neither always gets the warm cache.
+					m := mqttLoad(b, mosq, mDevs[:pubs], per, qos)
+					g := mqttLoad(b, bs.addrs["mqtts"], bDevs[:pubs], per, qos)
+					b.ReportMetric(g.rate(), "bastion_msg/s")
+					b.ReportMetric(m.rate(), "mosquitto_msg/s")
+					b.ReportMetric(g.rate()/m.rate(), "throughput_ratio")
+					if qos == 1 {
+						b.ReportMetric(float64(g.p99().Microseconds()), "bastion_p99_µs")
+						b.ReportMetric(float64(m.p99().Microseconds()), "mosquitto_p99_µs")
+						b.ReportMetric(float64(g.p99())/float64(m.p99()), "p99_ratio")
+					}
+					b.Logf("QoS %d, %d publishers × %d msgs: Bastion %.0f msg/s p99 %v | Mosquitto %.0f msg/s p99 %v | ratio %.2f",
+						qos, pubs, per, g.rate(), g.p99(), m.rate(), m.p99(), g.rate()/m.rate())
+				}
+			})
+		}
+	}
+}

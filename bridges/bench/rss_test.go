@@ -1,0 +1,112 @@
+package bench
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"regexp"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/bastion-iot/bastion/internal/devicesim"
+)
+
+var sessionsRe = regexp.MustCompile(`bastion_transport_sessions\{transport="(\w+)"\} (\d+)`)
+
+func (bs *bastion) sessions(b *testing.B) map[string]int {
+	raw, err := bs.ctl.Do(context.Background(), "GET", "/metrics", nil, nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	m := map[string]int{}
+	for _, s := range sessionsRe.FindAllStringSubmatch(string(raw), -1) {
+		m[s[1]], _ = strconv.Atoi(s[2])
+	}
+	return m
+}
+
+// BenchmarkIdleRSS connects BENCH_IDLE devices (default 10000), half over
+// MQTT/TLS with certificates and half over CoAP/DTLS with PSK, lets them sit
+// idle and reports bastiond's RSS (goal ≤ 256 MiB). Bounded: 10 min.
+func BenchmarkIdleRSS(b *testing.B) {
+	n := 10000
+	if v, err := strconv.Atoi(os.Getenv("BENCH_IDLE")); err == nil && v > 0 {
+		n = v
+	}
+	raiseNoFile(b, uint64(n)+1024)
+	bs := startBastion(b)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	t0 := time.Now()
+	nm, nc := n/2, n-n/2
+	switch os.Getenv("BENCH_ONLY") { // to see each stack's share
+	case "mqtt":
+		nm, nc = n, 0
+	case "coap":
+		nm, nc = 0, n
+	}
+	mDevs := bs.addDevices(b, "idle-m", "cert", nm)
+	cDevs := bs.addDevices(b, "idle-c", "psk", nc)
+	b.Logf("added %d devices in %v", n, time.Since(t0).Round(time.Second))
+	base := rss(bs.cmd.Process.Pid)
+
+	var mu sync.Mutex
+	var closers []func() error
+	var failed atomic.Int64
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, 6) // below the per-source DTLS handshake limit
+	t0 = time.Now()
+	for i := range n {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			var c func() error
+			var err error
+			if i < len(mDevs) {
+				var m *devicesim.MQTT
+				m, err = mDevs[i].DialMQTT(ctx, bs.addrs["mqtts"], nil)
+				if err == nil {
+					c = m.Close
+				}
+			} else {
+				var co *devicesim.CoAP
+				co, err = cDevs[i-len(mDevs)].DialCoAP(ctx, bs.addrs["coaps_psk"])
+				if err == nil {
+					c = co.Close
+				}
+			}
+			if err != nil {
+				if failed.Add(1) < 5 {
+					b.Logf("connect: %v", err)
+				}
+				return
+			}
+			if c != nil {
+				mu.Lock()
+				closers = append(closers, c)
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	b.Logf("connected %d sessions in %v (%d failed)", len(closers), time.Since(t0).Round(time.Second), failed.Load())
+	s := bs.sessions(b)
+	r := rss(bs.cmd.Process.Pid)
+	b.ReportMetric(float64(r)/(1<<20), "rss_MiB")
+	b.ReportMetric(float64(base)/(1<<20), "rss_before_MiB")
+	b.ReportMetric(float64(s["mqtt"]), "mqtt_sessions")
+	b.ReportMetric(float64(s["coap"]), "coap_sessions")
+	b.Logf("%s", fmt.Sprintf("bastiond RSS with %d idle sessions (mqtt %d, coap %d): %.1f MiB (%.1f MiB before)",
+		s["mqtt"]+s["coap"], s["mqtt"], s["coap"], float64(r)/(1<<20), float64(base)/(1<<20)))
+	var cw sync.WaitGroup
+	for _, c := range closers {
+		cw.Add(1)
+		sem <- struct{}{}
+		go func() { defer func() { <-sem; cw.Done() }(); c() }()
+	}
+	cw.Wait()
+}

@@ -1,0 +1,289 @@
+package coap
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"time"
+
+	"github.com/plgd-dev/go-coap/v3/message"
+	"github.com/plgd-dev/go-coap/v3/message/codes"
+	"github.com/plgd-dev/go-coap/v3/message/pool"
+	"github.com/plgd-dev/go-coap/v3/net/responsewriter"
+	udpclient "github.com/plgd-dev/go-coap/v3/udp/client"
+
+	"github.com/bastion-iot/bastion/bridges"
+	"github.com/bastion-iot/bastion/bridges/hub"
+)
+
+// wellKnownCore is the resource directory (RFC 6690) a device sees.
+const wellKnownCore = `</t>;rt="bastion.telemetry";ct="0 42 50 60 110 112",</c>;rt="bastion.command";obs`
+
+// telemetryFormats are the Content-Formats accepted on /t (absent is fine):
+// text/plain, octet-stream, JSON, CBOR, SenML JSON and CBOR.
+var telemetryFormats = map[message.MediaType]bool{
+	message.TextPlain: true, message.AppOctets: true, message.AppJSON: true,
+	message.AppCBOR: true, message.AppSenmlJSON: true, message.AppSenmlCbor: true,
+}
+
+// request is what the router needs from a CoAP request, taken out of the
+// go-coap message so that routing is a plain function (and fuzzable).
+type request struct {
+	code        codes.Code
+	confirmable bool
+	path        string
+	observe     int64 // -1: no Observe option
+	format      int64 // -1: no Content-Format
+	bodySize    int64
+	body        io.ReadSeeker
+}
+
+// response is what the router decided.
+type response struct {
+	code    codes.Code
+	format  message.MediaType
+	body    []byte
+	maxAge  uint32 // seconds; 0: no Max-Age option
+	size1   uint32 // 0: no Size1 option
+	observe int    // obsNone, obsRegister, obsDeregister
+	topic   string // command topic for GET /c
+}
+
+const (
+	obsNone = iota
+	obsRegister
+	obsDeregister
+)
+
+func parseRequest(m *pool.Message) (request, error) {
+	r := request{code: m.Code(), confirmable: m.Type() == message.Confirmable, observe: -1, format: -1}
+	p, err := m.Options().Path()
+	if err != nil && !errors.Is(err, message.ErrOptionNotFound) {
+		return r, fmt.Errorf("Uri-Path: %w", err)
+	}
+	r.path = p
+	if o, err := m.Observe(); err == nil {
+		r.observe = int64(o)
+	}
+	if f, err := m.ContentFormat(); err == nil {
+		r.format = int64(f)
+	}
+	if m.Body() != nil {
+		n, err := m.BodySize()
+		if err != nil {
+			return r, fmt.Errorf("payload: %w", err)
+		}
+		r.bodySize, r.body = n, m.Body()
+	}
+	return r, nil
+}
+
+func diag(code codes.Code, format string, args ...any) response {
+	return response{code: code, format: message.TextPlain, body: fmt.Appendf(nil, format, args...)}
+}
+
+// route decides the answer to one request from device and, for telemetry,
+// hands the message to the hub (so a confirmable request is acknowledged
+// only after the Sink accepted it).
+func (s *Server) route(ctx context.Context, device string, r request) response {
+	path := strings.TrimPrefix(r.path, "/")
+	switch {
+	case path == ".well-known/core":
+		if r.code != codes.GET {
+			return diag(codes.MethodNotAllowed, "/.well-known/core allows GET")
+		}
+		return response{code: codes.Content, format: message.AppLinkFormat, body: []byte(wellKnownCore)}
+	case path == "t" || strings.HasPrefix(path, "t/"):
+		if r.code != codes.POST {
+			return diag(codes.MethodNotAllowed, "/t allows POST")
+		}
+		return s.telemetry(ctx, device, strings.TrimPrefix(strings.TrimPrefix(path, "t"), "/"), r)
+	case path == "c" || strings.HasPrefix(path, "c/"):
+		if r.code != codes.GET {
+			return diag(codes.MethodNotAllowed, "/c allows GET (with Observe)")
+		}
+		return s.command(device, strings.TrimPrefix(strings.TrimPrefix(path, "c"), "/"), r)
+	}
+	return diag(codes.NotFound, "no resource %q; see /.well-known/core", r.path)
+}
+
+func (s *Server) telemetry(ctx context.Context, device, path string, r request) response {
+	topic, ok := hub.TelemetryTopic(device, path)
+	if !ok {
+		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonBadRequest).Inc()
+		s.log.Info("coap: telemetry refused: bad path", "device", device, "path", r.path)
+		return diag(codes.BadRequest, "telemetry needs a path /t/{segment}/...: non-empty segments without + # $")
+	}
+	if r.bodySize > int64(s.cfg.MaxPayload) {
+		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonTooLarge).Inc()
+		s.log.Warn("coap: telemetry refused: payload too large", "device", device, "topic", topic, "size", r.bodySize, "limit", s.cfg.MaxPayload)
+		res := diag(codes.RequestEntityTooLarge, "payload %d bytes, limit %d", r.bodySize, s.cfg.MaxPayload)
+		res.size1 = uint32(s.cfg.MaxPayload)
+		return res
+	}
+	if r.format >= 0 && !telemetryFormats[message.MediaType(r.format)] {
+		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonBadRequest).Inc()
+		s.log.Info("coap: telemetry refused: unsupported content format", "device", device, "format", r.format)
+		return diag(codes.UnsupportedMediaType, "content format %d not accepted; use 0, 42, 50, 60, 110 or 112", r.format)
+	}
+	var payload []byte
+	if r.body != nil && r.bodySize > 0 {
+		payload = make([]byte, r.bodySize)
+		if _, err := r.body.Seek(0, io.SeekStart); err != nil {
+			return diag(codes.BadRequest, "payload unreadable")
+		}
+		if _, err := io.ReadFull(r.body, payload); err != nil {
+			return diag(codes.BadRequest, "payload unreadable")
+		}
+	}
+	var qos byte
+	if r.confirmable {
+		qos = 1
+	}
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	err := s.hub.Telemetry(ctx, hub.CoAP, bridges.Message{Device: device, Topic: topic, Payload: payload, QoS: qos, Received: time.Now()})
+	switch {
+	case err == nil:
+		return response{code: codes.Changed}
+	case errors.Is(err, bridges.ErrQueueFull), errors.Is(err, context.DeadlineExceeded):
+		s.log.Warn("coap: telemetry refused: queue full, device asked to retry", "device", device, "topic", topic, "retry_after", s.cfg.RetryAfter)
+		res := diag(codes.ServiceUnavailable, "gateway queue full; retry after %d s", int(s.cfg.RetryAfter.Seconds()))
+		res.maxAge = uint32(s.cfg.RetryAfter.Seconds())
+		return res
+	default:
+		s.log.Error("coap: telemetry not accepted", "device", device, "topic", topic, "err", err)
+		return diag(codes.InternalServerError, "telemetry not accepted")
+	}
+}
+
+func (s *Server) command(device, path string, r request) response {
+	topic, ok := hub.CommandTopic(device, path)
+	if !ok {
+		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonBadRequest).Inc()
+		s.log.Info("coap: command read refused: bad path", "device", device, "path", r.path)
+		return diag(codes.BadRequest, "command path /c/{segment}/...: non-empty segments without + # $")
+	}
+	res := response{code: codes.Content, format: message.AppOctets, topic: topic}
+	switch r.observe {
+	case 0:
+		res.observe = obsRegister
+	case 1:
+		res.observe = obsDeregister
+	}
+	if m, ok := s.hub.LastCommand(topic); ok {
+		res.body = m.Payload
+	}
+	return res
+}
+
+// serveCoAP is the go-coap handler: identity from the session, then route.
+func (s *Server) serveCoAP(w *responsewriter.ResponseWriter[*udpclient.Conn], m *pool.Message) {
+	se := s.sessionOf(w.Conn())
+	if se == nil {
+		// No identity (revoked while the request was in flight): say so
+		// and let the close that is under way finish.
+		w.SetResponse(codes.Unauthorized, message.TextPlain, bytes.NewReader([]byte("no device session")))
+		return
+	}
+	r, err := parseRequest(m)
+	var res response
+	if err != nil {
+		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonBadRequest).Inc()
+		s.log.Info("coap: request refused: malformed", "device", se.device, "err", err)
+		res = diag(codes.BadRequest, "malformed request: %v", err)
+	} else {
+		res = s.route(m.Context(), se.device, r)
+	}
+	var opts []message.Option
+	if res.maxAge > 0 {
+		opts = append(opts, message.Option{ID: message.MaxAge, Value: encodeUint(res.maxAge)})
+	}
+	if res.size1 > 0 {
+		opts = append(opts, message.Option{ID: message.Size1, Value: encodeUint(res.size1)})
+	}
+	switch res.observe {
+	case obsRegister:
+		seq := se.observe(s, m.Token(), res.topic)
+		opts = append(opts, message.Option{ID: message.Observe, Value: encodeUint(seq)})
+	case obsDeregister:
+		se.unobserve(m.Token())
+	}
+	var body io.ReadSeeker
+	if res.body != nil || res.code == codes.Content {
+		body = bytes.NewReader(res.body)
+	}
+	if err := w.SetResponse(res.code, res.format, body, opts...); err != nil {
+		s.log.Debug("coap: response not set", "device", se.device, "err", err)
+	}
+}
+
+func encodeUint(v uint32) []byte {
+	switch {
+	case v == 0:
+		return nil
+	case v < 1<<8:
+		return []byte{byte(v)}
+	case v < 1<<16:
+		return []byte{byte(v >> 8), byte(v)}
+	case v < 1<<24:
+		return []byte{byte(v >> 16), byte(v >> 8), byte(v)}
+	}
+	return []byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)}
+}
+
+// observe registers the token for commands on topic and returns the
+// Observe sequence number of the first response.
+func (se *session) observe(s *Server, token message.Token, topic string) uint32 {
+	key := string(token)
+	tok := append(message.Token(nil), token...)
+	cancel := s.hub.Observe(se.device, topic, func(m bridges.Message) { se.notify(s, tok, m) })
+	se.mu.Lock()
+	defer se.mu.Unlock()
+	if se.cancel == nil { // session already closed
+		cancel()
+		return 0
+	}
+	if old, ok := se.cancel[key]; ok {
+		old()
+	}
+	se.cancel[key] = cancel
+	se.seq++
+	return se.seq & 0xffffff
+}
+
+func (se *session) unobserve(token message.Token) {
+	se.mu.Lock()
+	defer se.mu.Unlock()
+	if c, ok := se.cancel[string(token)]; ok {
+		c()
+		delete(se.cancel, string(token))
+	}
+}
+
+// notify sends a command as a non-confirmable notification (RFC 7641 §4.5
+// allows it; a confirmable one would block the delivering goroutine until
+// the device acknowledges). The device can GET the last command again.
+func (se *session) notify(s *Server, token message.Token, c bridges.Message) {
+	se.mu.Lock()
+	se.seq++
+	seq := se.seq & 0xffffff
+	se.mu.Unlock()
+	cc := se.cc
+	m := cc.AcquireMessage(cc.Context())
+	defer cc.ReleaseMessage(m)
+	m.SetType(message.NonConfirmable)
+	m.SetCode(codes.Content)
+	m.SetToken(token)
+	m.SetObserve(seq)
+	m.SetContentFormat(message.AppOctets)
+	m.SetBody(bytes.NewReader(c.Payload))
+	if err := cc.WriteMessage(m); err != nil {
+		s.log.Debug("coap: command notification not sent", "device", se.device, "topic", c.Topic, "err", err)
+		return
+	}
+	s.m.Messages.WithLabelValues(hub.CoAP, "command").Inc()
+}

@@ -1,0 +1,212 @@
+// Package hub is the one local message model both device transports share:
+// telemetry a device sends over CoAP or MQTT goes to the gateway's Sink and
+// is mirrored to local MQTT subscribers as devices/{id}/t/...; a command
+// given to Deliver reaches the addressed device whether it observes over
+// CoAP or subscribes over MQTT. The hub owns no sockets and never decides
+// who a device is: the transports hand it only authenticated identities.
+package hub
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/bastion-iot/bastion/bridges"
+)
+
+// Transport names used in metrics and as the origin of a message.
+const (
+	CoAP = "coap"
+	MQTT = "mqtt"
+)
+
+// Hub routes messages between the device transports, the Sink and the
+// gateway.
+type Hub struct {
+	sink bridges.Sink
+	log  *slog.Logger
+	m    *Metrics
+
+	mu      sync.RWMutex
+	next    uint64
+	obs     map[string]map[uint64]observer // device → observers
+	mirrors map[string]func(bridges.Message)
+	last    map[string]bridges.Message // topic → last command, bounded per device
+	nLast   map[string]int
+}
+
+type observer struct {
+	prefix string // full topic the observer asked for
+	fn     func(bridges.Message)
+}
+
+// maxLastPerDevice bounds the commands kept for plain (non-observe) GETs.
+const maxLastPerDevice = 16
+
+// New returns a hub that hands telemetry to sink. reg receives the transport
+// metrics (shared by both transports).
+func New(sink bridges.Sink, reg prometheus.Registerer, log *slog.Logger) (*Hub, error) {
+	if sink == nil {
+		return nil, errors.New("hub: a Sink is required")
+	}
+	m, err := newMetrics(reg)
+	if err != nil {
+		return nil, err
+	}
+	return &Hub{sink: sink, log: log.With("component", "hub"), m: m,
+		obs: map[string]map[uint64]observer{}, mirrors: map[string]func(bridges.Message){},
+		last: map[string]bridges.Message{}, nLast: map[string]int{}}, nil
+}
+
+// Metrics returns the transport metrics the hub registered.
+func (h *Hub) Metrics() *Metrics { return h.m }
+
+// AddMirror registers fn to receive every telemetry message and command
+// that did not originate from the transport named origin (the MQTT broker
+// registers itself so that MQTT subscribers see CoAP telemetry and
+// commands). fn must not block.
+func (h *Hub) AddMirror(origin string, fn func(bridges.Message)) {
+	h.mu.Lock()
+	h.mirrors[origin] = fn
+	h.mu.Unlock()
+}
+
+// Telemetry takes a message a device sent over transport origin. The topic
+// must already be inside the device's namespace (the transports check with
+// DeviceTopic). It returns once the Sink has accepted the message, so the
+// transport may then acknowledge the device; bridges.ErrQueueFull is passed
+// through for the transport to refuse the message.
+func (h *Hub) Telemetry(ctx context.Context, origin string, m bridges.Message) error {
+	if !strings.HasPrefix(m.Topic, bridges.TopicPrefix(m.Device)) {
+		return fmt.Errorf("telemetry from %s on %q: topic outside the device namespace", m.Device, m.Topic)
+	}
+	if m.Received.IsZero() {
+		m.Received = time.Now()
+	}
+	if err := h.sink.Accept(ctx, m); err != nil {
+		if errors.Is(err, bridges.ErrQueueFull) {
+			h.m.Refused.WithLabelValues(origin, ReasonQueueFull).Inc()
+		}
+		return fmt.Errorf("accept telemetry from %s on %s: %w", m.Device, m.Topic, err)
+	}
+	h.m.Messages.WithLabelValues(origin, "telemetry").Inc()
+	h.mirror(origin, m)
+	return nil
+}
+
+// Deliver sends a command to a device: m.Topic must be
+// devices/{m.Device}/c/... . It reaches the device's CoAP observers and MQTT
+// subscriptions; a device that is not connected misses it (the last command
+// per topic is kept for a plain CoAP GET). This is the entry point for the
+// gateway itself, the upstream downlink and administrators.
+func (h *Hub) Deliver(ctx context.Context, m bridges.Message) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if _, ok := CommandPath(m.Device, m.Topic); !ok {
+		return fmt.Errorf("deliver command to %q on %q: the topic must be %sc/<path>", m.Device, m.Topic, bridges.TopicPrefix(m.Device))
+	}
+	if m.Received.IsZero() {
+		m.Received = time.Now()
+	}
+	h.mu.Lock()
+	if _, ok := h.last[m.Topic]; ok || h.nLast[m.Device] < maxLastPerDevice {
+		if !ok {
+			h.nLast[m.Device]++
+		}
+		h.last[m.Topic] = m
+	}
+	var fns []func(bridges.Message)
+	for _, o := range h.obs[m.Device] {
+		if topicUnder(m.Topic, o.prefix) {
+			fns = append(fns, o.fn)
+		}
+	}
+	h.mu.Unlock()
+	for _, fn := range fns {
+		fn(m)
+	}
+	h.m.Messages.WithLabelValues("gateway", "command").Inc()
+	h.mirror("", m)
+	return nil
+}
+
+// LastCommand returns the last command delivered on topic, if any.
+func (h *Hub) LastCommand(topic string) (bridges.Message, bool) {
+	h.mu.RLock()
+	defer h.mu.RUnlock()
+	m, ok := h.last[topic]
+	return m, ok
+}
+
+// Observe registers fn for the commands to device whose topic is topic or
+// below it. fn runs on the delivering goroutine and must not block. The
+// returned function cancels the registration.
+func (h *Hub) Observe(device, topic string, fn func(bridges.Message)) (cancel func()) {
+	h.mu.Lock()
+	h.next++
+	id := h.next
+	if h.obs[device] == nil {
+		h.obs[device] = map[uint64]observer{}
+	}
+	h.obs[device][id] = observer{prefix: topic, fn: fn}
+	h.mu.Unlock()
+	h.m.Observers.Inc()
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			h.mu.Lock()
+			delete(h.obs[device], id)
+			if len(h.obs[device]) == 0 {
+				delete(h.obs, device)
+			}
+			h.mu.Unlock()
+			h.m.Observers.Dec()
+		})
+	}
+}
+
+// Forget drops what the hub keeps for a device (a revoked device).
+func (h *Hub) Forget(device string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for t := range h.last {
+		if strings.HasPrefix(t, bridges.TopicPrefix(device)) {
+			delete(h.last, t)
+		}
+	}
+	delete(h.nLast, device)
+}
+
+func (h *Hub) mirror(origin string, m bridges.Message) {
+	h.mu.RLock()
+	var fns []func(bridges.Message)
+	for name, fn := range h.mirrors {
+		if name != origin {
+			fns = append(fns, fn)
+		}
+	}
+	h.mu.RUnlock()
+	for _, fn := range fns {
+		fn(m)
+	}
+}
+
+// topicUnder reports whether topic is prefix or a topic below it.
+func topicUnder(topic, prefix string) bool {
+	return topic == prefix || strings.HasPrefix(topic, strings.TrimSuffix(prefix, "/")+"/")
+}
+
+// LocalSink is the Sink the gateway uses until a durable queue is plugged
+// in: it holds nothing, so a message is "accepted" once the hub has it and
+// it is delivered only to local subscribers.
+type LocalSink struct{}
+
+// Accept implements bridges.Sink.
+func (LocalSink) Accept(ctx context.Context, _ bridges.Message) error { return ctx.Err() }

@@ -1,0 +1,191 @@
+package hub
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"os"
+	"strings"
+	"testing"
+
+	"github.com/google/go-cmp/cmp"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"go.uber.org/goleak"
+
+	"github.com/bastion-iot/bastion/bridges"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+var discard = slog.New(slog.NewTextHandler(io.Discard, nil))
+
+func TestACL(t *testing.T) {
+	for _, tc := range []struct {
+		topic          string
+		publish, subsc bool
+	}{
+		{"devices/dev1/t/temp", true, false},
+		{"devices/dev1/t/room/temp", true, false},
+		{"devices/dev1/s/online", true, false},
+		{"devices/dev1/c/led", false, true},
+		{"devices/dev1/c/#", false, true},
+		{"devices/dev1/c/+/x", false, true},
+		{"devices/dev1/c/#/x", false, false},
+		{"devices/dev1/c", false, false},
+		{"devices/dev2/t/x", false, false},
+		{"devices/dev2/c/#", false, false},
+		{"devices/+/c/#", false, false},
+		{"devices/dev1/#", false, false},
+		{"devices/dev1/+/led", false, false},
+		{"#", false, false},
+		{"bastion/broadcast/#", false, true},
+		{"bastion/broadcast/time", false, true},
+		{"$SYS/broker/uptime", false, false},
+		{"$share/g/devices/dev1/c/#", false, false},
+		{"devices/dev1/t/", false, false},
+		{"devices/dev1/t//x", false, false},
+		{"devices/dev1/t/../x", false, false},
+		{"devices/dev1/t/a+b", false, false},
+		{"devices/dev1/t/#", false, false},
+		{"devices/dev1/x/y", false, false},
+	} {
+		if got := MayPublish("dev1", tc.topic); got != tc.publish {
+			t.Errorf("MayPublish(dev1, %q) = %v, want %v", tc.topic, got, tc.publish)
+		}
+		if got := MaySubscribe("dev1", tc.topic); got != tc.subsc {
+			t.Errorf("MaySubscribe(dev1, %q) = %v, want %v", tc.topic, got, tc.subsc)
+		}
+	}
+	if MayPublish("", "devices//t/x") || MaySubscribe("", "devices//c/#") {
+		t.Error("empty device allowed")
+	}
+}
+
+func TestMapping(t *testing.T) {
+	got := []string{}
+	for _, p := range []string{"temp", "room/temp", "", "a//b", "a/#", "$x"} {
+		tp, ok := TelemetryTopic("d1", p)
+		got = append(got, tp+"|"+map[bool]string{true: "ok", false: "no"}[ok])
+	}
+	want := []string{"devices/d1/t/temp|ok", "devices/d1/t/room/temp|ok", "|no", "|no", "|no", "|no"}
+	if d := cmp.Diff(want, got); d != "" {
+		t.Errorf("TelemetryTopic (-want +got):\n%s", d)
+	}
+	if tp, ok := CommandTopic("d1", ""); !ok || tp != "devices/d1/c" {
+		t.Errorf("CommandTopic root = %q %v", tp, ok)
+	}
+	if p, ok := CommandPath("d1", "devices/d1/c/led/1"); !ok || p != "led/1" {
+		t.Errorf("CommandPath = %q %v", p, ok)
+	}
+	if _, ok := CommandPath("d1", "devices/d2/c/led"); ok {
+		t.Error("CommandPath accepted another device")
+	}
+}
+
+type fullSink struct{ err error }
+
+func (s fullSink) Accept(context.Context, bridges.Message) error { return s.err }
+
+func TestHubRouting(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	h, err := New(LocalSink{}, reg, discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := New(LocalSink{}, reg, discard); err == nil {
+		t.Error("second hub on one registry: want an error")
+	}
+	var mirrored, observed []string
+	h.AddMirror(MQTT, func(m bridges.Message) { mirrored = append(mirrored, m.Topic) })
+	cancel := h.Observe("d1", "devices/d1/c/led", func(m bridges.Message) { observed = append(observed, m.Topic+"="+string(m.Payload)) })
+	ctx := context.Background()
+	h.Telemetry(ctx, CoAP, bridges.Message{Device: "d1", Topic: "devices/d1/t/x"})
+	h.Telemetry(ctx, MQTT, bridges.Message{Device: "d1", Topic: "devices/d1/t/y"}) // not mirrored back
+	if err := h.Telemetry(ctx, CoAP, bridges.Message{Device: "d1", Topic: "devices/d2/t/x"}); err == nil {
+		t.Error("telemetry outside the namespace accepted")
+	}
+	for _, m := range []bridges.Message{
+		{Device: "d1", Topic: "devices/d1/c/led", Payload: []byte("on")},
+		{Device: "d1", Topic: "devices/d1/c/led/2", Payload: []byte("off")},
+		{Device: "d1", Topic: "devices/d1/c/ledx", Payload: []byte("no")},
+		{Device: "d2", Topic: "devices/d2/c/led", Payload: []byte("no")},
+	} {
+		if err := h.Deliver(ctx, m); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := h.Deliver(ctx, bridges.Message{Device: "d1", Topic: "devices/d2/c/led"}); err == nil {
+		t.Error("Deliver to another device's topic accepted")
+	}
+	cancel()
+	cancel()
+	h.Deliver(ctx, bridges.Message{Device: "d1", Topic: "devices/d1/c/led", Payload: []byte("late")})
+	if d := cmp.Diff([]string{"devices/d1/c/led=on", "devices/d1/c/led/2=off"}, observed); d != "" {
+		t.Errorf("observed (-want +got):\n%s", d)
+	}
+	wantM := []string{"devices/d1/t/x", "devices/d1/c/led", "devices/d1/c/led/2", "devices/d1/c/ledx", "devices/d2/c/led", "devices/d1/c/led"}
+	if d := cmp.Diff(wantM, mirrored); d != "" {
+		t.Errorf("mirrored (-want +got):\n%s", d)
+	}
+	if m, ok := h.LastCommand("devices/d1/c/led"); !ok || string(m.Payload) != "late" {
+		t.Errorf("last command %q %v", m.Payload, ok)
+	}
+	if g := testutil.ToFloat64(h.m.Observers); g != 0 {
+		t.Errorf("observers gauge %v after cancel, want 0", g)
+	}
+	h.Forget("d1")
+	if _, ok := h.LastCommand("devices/d1/c/led"); ok {
+		t.Error("Forget kept the last command")
+	}
+
+	hf, _ := New(fullSink{bridges.ErrQueueFull}, nil, discard)
+	if err := hf.Telemetry(ctx, CoAP, bridges.Message{Device: "d1", Topic: "devices/d1/t/x"}); !errors.Is(err, bridges.ErrQueueFull) {
+		t.Errorf("full sink: %v, want ErrQueueFull", err)
+	}
+	if n := testutil.ToFloat64(hf.m.Refused.WithLabelValues(CoAP, ReasonQueueFull)); n != 1 {
+		t.Errorf("queue-full refusals %v, want 1", n)
+	}
+}
+
+// FuzzTopicACL checks the namespace invariants of the ACL and mapping
+// functions on arbitrary topics, seeded with the topics and filters the
+// tests see on the wire (testdata/topics.txt).
+func FuzzTopicACL(f *testing.F) {
+	fh, err := os.Open("testdata/topics.txt")
+	if err != nil {
+		f.Fatal(err)
+	}
+	sc := bufio.NewScanner(fh)
+	for sc.Scan() {
+		if l := sc.Text(); l != "" && !strings.HasPrefix(l, "# ") {
+			f.Add("dev1", l)
+		}
+	}
+	fh.Close()
+	f.Fuzz(func(t *testing.T, dev, topic string) {
+		if MayPublish(dev, topic) {
+			if !strings.HasPrefix(topic, "devices/"+dev+"/t/") && !strings.HasPrefix(topic, "devices/"+dev+"/s/") {
+				t.Fatalf("publish allowed outside the namespace: %q %q", dev, topic)
+			}
+			if strings.ContainsAny(topic[len("devices/"+dev+"/"):], "+#") {
+				t.Fatalf("publish allowed with a wildcard: %q", topic)
+			}
+		}
+		if MaySubscribe(dev, topic) {
+			if !strings.HasPrefix(topic, "devices/"+dev+"/c/") && !strings.HasPrefix(topic, BroadcastPrefix) {
+				t.Fatalf("subscribe allowed outside the namespace: %q %q", dev, topic)
+			}
+		}
+		if p, ok := CommandPath(dev, topic); ok {
+			if ct, ok2 := CommandTopic(dev, p); !ok2 || ct != topic {
+				t.Fatalf("CommandPath/CommandTopic do not round-trip: %q → %q → %q", topic, p, ct)
+			}
+		}
+		if tt, ok := TelemetryTopic(dev, topic); ok && !MayPublish(dev, tt) && dev != "" {
+			t.Fatalf("mapped telemetry topic %q not publishable by %q", tt, dev)
+		}
+	})
+}

@@ -1,0 +1,78 @@
+package hub
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Refusal reasons, the values of the reason label. Each has a log line with
+// the device (when known) where it is counted.
+const (
+	ReasonWrongCA          = "wrong_ca"
+	ReasonExpired          = "cert_expired"
+	ReasonBadCert          = "bad_certificate"
+	ReasonRevoked          = "revoked"
+	ReasonUnknownPSK       = "unknown_psk_identity"
+	ReasonClientID         = "client_id_mismatch"
+	ReasonNoCredentials    = "no_credentials"
+	ReasonBadSecret        = "bad_secret"
+	ReasonPublishACL       = "publish_outside_namespace"
+	ReasonSubscribeACL     = "subscribe_outside_namespace"
+	ReasonTooLarge         = "payload_too_large"
+	ReasonPlaintext        = "plaintext"
+	ReasonBadRequest       = "bad_request"
+	ReasonQueueFull        = "queue_full"
+	ReasonHandshakeLimit   = "handshake_limit"
+	ReasonHandshakeFailed  = "handshake_failed"
+	ReasonSessionTakenOver = "session_taken_over"
+)
+
+// Metrics are the transports' counters, registered once on the gateway's
+// registry.
+type Metrics struct {
+	Refused    *prometheus.CounterVec // transport, reason
+	Messages   *prometheus.CounterVec // transport, kind
+	Sessions   *prometheus.GaugeVec   // transport
+	Handshakes *prometheus.CounterVec // transport, result
+	Observers  prometheus.Gauge
+}
+
+func newMetrics(reg prometheus.Registerer) (*Metrics, error) {
+	m := &Metrics{
+		Refused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "bastion_transport_refusals_total",
+			Help: "Connections, requests and messages refused by the device transports, by reason.",
+		}, []string{"transport", "reason"}),
+		Messages: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "bastion_transport_messages_total",
+			Help: "Messages accepted from devices (telemetry) and delivered to them (command).",
+		}, []string{"transport", "kind"}),
+		Sessions: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "bastion_transport_sessions",
+			Help: "Authenticated device sessions open now.",
+		}, []string{"transport"}),
+		Handshakes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "bastion_transport_handshakes_total",
+			Help: "TLS/DTLS handshakes, by result (ok, failed).",
+		}, []string{"transport", "result"}),
+		Observers: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "bastion_coap_observers",
+			Help: "CoAP Observe registrations for commands.",
+		}),
+	}
+	if reg == nil {
+		return m, nil
+	}
+	for _, c := range []prometheus.Collector{m.Refused, m.Messages, m.Sessions, m.Handshakes, m.Observers} {
+		if err := reg.Register(c); err != nil {
+			var are prometheus.AlreadyRegisteredError
+			if errors.As(err, &are) {
+				return nil, fmt.Errorf("hub metrics: registered twice on one registry: %w", err)
+			}
+			return nil, fmt.Errorf("hub metrics: %w", err)
+		}
+	}
+	return m, nil
+}

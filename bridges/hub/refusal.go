@@ -1,0 +1,43 @@
+package hub
+
+import (
+	"crypto/x509"
+	"errors"
+
+	"github.com/bastion-iot/bastion/pki"
+)
+
+// CertRefusal names why a device certificate was refused, for the reason
+// label.
+func CertRefusal(err error) string {
+	var inv x509.CertificateInvalidError
+	var ua x509.UnknownAuthorityError
+	switch {
+	case errors.Is(err, pki.ErrRevoked):
+		return ReasonRevoked
+	case errors.As(err, &inv) && inv.Reason == x509.Expired:
+		return ReasonExpired
+	case errors.As(err, &ua):
+		return ReasonWrongCA
+	default:
+		return ReasonBadCert
+	}
+}
+
+// ClaimedDevice is the device id a certificate names, unverified: only for
+// log lines about refused certificates, so that a person can see which
+// device failed.
+func ClaimedDevice(raw [][]byte) string {
+	if len(raw) == 0 {
+		return ""
+	}
+	c, err := x509.ParseCertificate(raw[0])
+	if err != nil {
+		return ""
+	}
+	id, err := pki.DeviceIDOf(c)
+	if err != nil {
+		return c.Subject.CommonName
+	}
+	return id
+}

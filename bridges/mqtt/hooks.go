@@ -1,0 +1,147 @@
+package mqtt
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"time"
+
+	mochi "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/bastion-iot/bastion/bridges"
+	"github.com/bastion-iot/bastion/bridges/hub"
+	"github.com/bastion-iot/bastion/pki"
+)
+
+type authHook struct {
+	mochi.HookBase
+	s *Server
+}
+
+func (h *authHook) ID() string { return "bastion-auth" }
+
+func (h *authHook) Provides(b byte) bool {
+	return bytes.Contains([]byte{mochi.OnConnect, mochi.OnConnectAuthenticate, mochi.OnACLCheck,
+		mochi.OnPublish, mochi.OnSessionEstablished, mochi.OnDisconnect}, []byte{b})
+}
+
+// OnConnect caps the keepalive so that a dead device's session ends.
+func (h *authHook) OnConnect(cl *mochi.Client, pk packets.Packet) error {
+	if ka := cl.State.Keepalive; ka == 0 || ka > h.s.cfg.MaxKeepalive {
+		cl.State.Keepalive = h.s.cfg.MaxKeepalive
+		cl.State.ServerKeepalive = true
+	}
+	return nil
+}
+
+// OnConnectAuthenticate binds the MQTT client id to the proven identity.
+func (h *authHook) OnConnectAuthenticate(cl *mochi.Client, pk packets.Packet) bool {
+	log := h.s.log.With("remote", cl.Net.Remote, "client_id", cl.ID)
+	refuse := func(reason, msg string, args ...any) bool {
+		h.s.m.Refused.WithLabelValues(hub.MQTT, reason).Inc()
+		log.Warn("mqtt: connect refused: "+msg, append([]any{"reason", reason}, args...)...)
+		return false
+	}
+	dev, hasCert, err := deviceOf(h.s.id, cl)
+	switch {
+	case err != nil:
+		return refuse(hub.CertRefusal(err), "certificate not accepted", "device", dev, "err", err)
+	case hasCert:
+	case h.s.cfg.AllowSecretAuth && len(pk.Connect.Username) > 0:
+		dev = string(pk.Connect.Username)
+		if err := h.s.id.CheckSecret(dev, pk.Connect.Password); err != nil {
+			reason := hub.ReasonBadSecret
+			if errors.Is(err, pki.ErrRevoked) {
+				reason = hub.ReasonRevoked
+			}
+			return refuse(reason, "secret login failed", "device", dev, "err", err)
+		}
+	default:
+		return refuse(hub.ReasonNoCredentials, "no client certificate", "device", "")
+	}
+	if cl.ID != dev {
+		return refuse(hub.ReasonClientID, "client id is not the authenticated device; use the device id as client id", "device", dev)
+	}
+	if old, ok := h.s.mq.Clients.Get(dev); ok && !old.Closed() {
+		// The broker takes the session over right after this hook.
+		h.s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonSessionTakenOver).Inc()
+		log.Info("mqtt: older session closed: the device connected again (one session per device)", "device", dev, "old_remote", old.Net.Remote)
+	}
+	log.Info("mqtt: device connected", "device", dev)
+	return true
+}
+
+func (h *authHook) OnSessionEstablished(cl *mochi.Client, pk packets.Packet) {
+	h.s.mu.Lock()
+	h.s.authed[cl] = cl.ID
+	h.s.mu.Unlock()
+	h.s.m.Sessions.WithLabelValues(hub.MQTT).Inc()
+	h.s.m.Handshakes.WithLabelValues(hub.MQTT, "ok").Inc()
+}
+
+func (h *authHook) OnDisconnect(cl *mochi.Client, err error, expire bool) {
+	h.s.mu.Lock()
+	_, ok := h.s.authed[cl]
+	delete(h.s.authed, cl)
+	h.s.mu.Unlock()
+	if !ok {
+		return
+	}
+	h.s.m.Sessions.WithLabelValues(hub.MQTT).Dec()
+}
+
+// OnACLCheck keeps a device inside its namespace. The broker asks for every
+// publish (write), every subscription filter and every delivery (read).
+func (h *authHook) OnACLCheck(cl *mochi.Client, topic string, write bool) bool {
+	if write {
+		if hub.MayPublish(cl.ID, topic) {
+			return true
+		}
+		h.s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonPublishACL).Inc()
+		h.s.log.Warn("mqtt: publish refused: topic outside the device namespace", "device", cl.ID, "topic", topic,
+			"allowed", bridges.TopicPrefix(cl.ID)+"t/... or s/...")
+		return false
+	}
+	if hub.MaySubscribe(cl.ID, topic) || hub.MayRead(cl.ID, topic) {
+		return true
+	}
+	h.s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonSubscribeACL).Inc()
+	h.s.log.Warn("mqtt: subscribe refused: filter outside the device namespace", "device", cl.ID, "filter", topic,
+		"allowed", bridges.TopicPrefix(cl.ID)+"c/# or "+hub.BroadcastPrefix+"#")
+	return false
+}
+
+// OnPublish hands device telemetry to the Sink before the broker sends the
+// PUBACK: a QoS 1 message is acknowledged only once it is accepted. A full
+// queue is refused (MQTT 5: PUBACK 0x97; 3.1.1 has no negative PUBACK, so
+// no PUBACK at all and the device resends after reconnecting).
+func (h *authHook) OnPublish(cl *mochi.Client, pk packets.Packet) (packets.Packet, error) {
+	if cl.Net.Inline {
+		return pk, nil // the gateway's own mirror of CoAP telemetry and commands
+	}
+	if len(pk.Payload) > h.s.cfg.MaxPayload {
+		h.s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonTooLarge).Inc()
+		h.s.log.Warn("mqtt: publish refused: payload too large", "device", cl.ID, "topic", pk.TopicName, "size", len(pk.Payload), "limit", h.s.cfg.MaxPayload)
+		if cl.Properties.ProtocolVersion == 5 && pk.FixedHeader.Qos > 0 {
+			return pk, packets.ErrPacketTooLarge
+		}
+		return pk, packets.ErrRejectPacket
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	err := h.s.hub.Telemetry(ctx, hub.MQTT, bridges.Message{Device: cl.ID, Topic: pk.TopicName,
+		Payload: pk.Payload, QoS: pk.FixedHeader.Qos, Received: time.Now()})
+	if err == nil {
+		return pk, nil
+	}
+	if errors.Is(err, bridges.ErrQueueFull) || errors.Is(err, context.DeadlineExceeded) {
+		h.s.log.Warn("mqtt: publish refused: queue full, device asked to retry", "device", cl.ID, "topic", pk.TopicName, "qos", pk.FixedHeader.Qos)
+	} else {
+		h.s.log.Error("mqtt: publish not accepted", "device", cl.ID, "topic", pk.TopicName, "err", err)
+	}
+	if cl.Properties.ProtocolVersion == 5 && pk.FixedHeader.Qos > 0 {
+		return pk, packets.ErrQuotaExceeded
+	}
+	return pk, packets.ErrRejectPacket
+}

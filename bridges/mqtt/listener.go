@@ -1,0 +1,140 @@
+package mqtt
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/mochi-mqtt/server/v2/listeners"
+
+	"github.com/bastion-iot/bastion/bridges/hub"
+)
+
+// tlsListener is the broker's only listener. It does the TLS handshake
+// itself, before the broker sees the connection, so that the handshake has
+// a deadline, and a refused handshake (plaintext MQTT on the TLS port, no
+// client certificate) gets a clear log line and a metric.
+type tlsListener struct {
+	s    *Server
+	id   string
+	addr string
+	cfg  *tls.Config
+
+	ln     net.Listener
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+}
+
+var _ listeners.Listener = (*tlsListener)(nil)
+
+func (l *tlsListener) ID() string       { return l.id }
+func (l *tlsListener) Protocol() string { return "tcp+tls" }
+
+func (l *tlsListener) Address() string {
+	if l.ln != nil {
+		return l.ln.Addr().String()
+	}
+	return l.addr
+}
+
+// Init binds the port (called by AddListener, so clashes show up in New).
+func (l *tlsListener) Init(*slog.Logger) error {
+	ln, err := net.Listen("tcp", l.addr)
+	if err != nil {
+		return err
+	}
+	l.ln = ln
+	l.ctx, l.cancel = context.WithCancel(context.Background())
+	return nil
+}
+
+// Serve accepts until Close.
+func (l *tlsListener) Serve(establish listeners.EstablishFn) {
+	for {
+		c, err := l.ln.Accept()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				continue
+			}
+			l.s.log.Error("mqtt: accept failed", "err", err)
+			select {
+			case <-l.ctx.Done():
+				return
+			case <-time.After(100 * time.Millisecond): // EMFILE: do not spin
+			}
+			continue
+		}
+		l.wg.Add(1)
+		go func() {
+			defer l.wg.Done()
+			l.handle(c, establish)
+		}()
+	}
+}
+
+func (l *tlsListener) handle(c net.Conn, establish listeners.EstablishFn) {
+	ctx, cancel := context.WithTimeout(l.ctx, l.s.cfg.HandshakeTimeout)
+	tc := tls.Server(c, l.cfg)
+	err := tc.HandshakeContext(ctx)
+	cancel()
+	if err != nil {
+		l.refused(c, err)
+		c.Close()
+		return
+	}
+	// CONNECT must follow within the same bound; the broker then applies
+	// the keepalive.
+	c.SetReadDeadline(time.Now().Add(l.s.cfg.HandshakeTimeout))
+	if err := establish(l.id, tc); err != nil {
+		l.s.log.Debug("mqtt: client session ended", "remote", c.RemoteAddr().String(), "err", err)
+	}
+}
+
+func (l *tlsListener) refused(c net.Conn, err error) {
+	remote := c.RemoteAddr().String()
+	var rh tls.RecordHeaderError
+	var cr *certRefused
+	switch {
+	case errors.As(err, &cr):
+		// counted and logged by the certificate check
+	case errors.As(err, &rh):
+		what := "not TLS"
+		if len(rh.RecordHeader) > 0 && rh.RecordHeader[0]>>4 == 1 {
+			what = "plaintext MQTT CONNECT"
+		}
+		l.s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonPlaintext).Inc()
+		l.s.log.Warn("mqtt: connection refused: plaintext on the TLS port; connect with mqtts (TLS) and a client certificate",
+			"device", "", "remote", remote, "saw", what, "first_bytes", fmt.Sprintf("%x", rh.RecordHeader[:]))
+	case isNoClientCert(err):
+		l.s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonNoCredentials).Inc()
+		l.s.log.Warn("mqtt: handshake refused: no client certificate", "device", "", "remote", remote)
+	default:
+		l.s.m.Handshakes.WithLabelValues(hub.MQTT, "failed").Inc()
+		l.s.log.Info("mqtt: TLS handshake failed", "device", "", "remote", remote, "err", err)
+	}
+}
+
+func isNoClientCert(err error) bool {
+	// crypto/tls has no sentinel for it.
+	return err != nil && strings.Contains(err.Error(), "client didn't provide a certificate")
+}
+
+// Close stops accepting, ends handshakes in progress and closes the
+// broker's clients of this listener.
+func (l *tlsListener) Close(closeClients listeners.CloseFn) {
+	l.cancel()
+	l.ln.Close()
+	closeClients(l.id)
+	l.wg.Wait()
+}
