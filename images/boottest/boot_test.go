@@ -9,6 +9,8 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -58,7 +60,13 @@ func TestApplianceBoot(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	disk := makeTestDisk(t, imageDir, l)
+	work := t.TempDir()
+	devicesim := buildDevicesim(t, work)
+	keyFile, csrFile := filepath.Join(work, "device.key"), filepath.Join(work, "device.csr")
+	if out, err := exec.Command(devicesim, "keygen", keyFile, csrFile).CombinedOutput(); err != nil {
+		t.Fatalf("devicesim keygen: %v: %s", err, out)
+	}
+	disk := makeTestDisk(t, imageDir, l, map[string]string{"device.csr": csrFile})
 	ns := newNetns(t)
 
 	var fwds []forward
@@ -76,6 +84,14 @@ func TestApplianceBoot(t *testing.T) {
 	}
 	add("tcp", gatewayTCP)
 	add("udp", gatewayUDP)
+	// MQTT again on the guest's address inside the namespace: devicesim
+	// checks the gateway's certificate for the host it dials, and the
+	// certificate names the LAN address, as it does for real devices.
+	mqttByName, err := ns.freePort("tcp")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fwds = append(fwds, forward{proto: "tcp", guest: 8883, host: mqttByName, bind: guestIP})
 	add("tcp", silentTCP)
 	add("udp", silentUDP)
 
@@ -141,6 +157,27 @@ func TestApplianceBoot(t *testing.T) {
 		t.Errorf("udp/5684 (CoAPS, certificates) sent no DTLS record back: %v", err)
 	}
 	checkSilent(ctx, t, ns, hostPort)
+
+	// Devices publish through the box with devicesim: CoAPS with the PSK
+	// device, MQTT over TLS with a certificate device enrolled from a CSR.
+	if s := rep["device-psk"]; s.rc == 0 {
+		creds := filepath.Join(work, "psk.json")
+		os.WriteFile(creds, []byte(s.body), 0o600)
+		port := hostPort[forward{proto: "udp", guest: 5685}.String()]
+		if psk.CoAPSPort != 0 {
+			port = hostPort[forward{proto: "udp", guest: psk.CoAPSPort}.String()]
+		}
+		runDevicesim(ctx, t, ns, devicesim, "--coap", "--creds", creds, "--addr", fmt.Sprintf("127.0.0.1:%d", port),
+			"--count", "3", "publish", "boot/temp", "21.5")
+	}
+	if s := rep["device-cert"]; s.rc != 0 {
+		t.Errorf("bastionctl device add --auth cert --csr failed in the guest (rc %d):\n%s", s.rc, s.body)
+	} else {
+		creds := filepath.Join(work, "cert.json")
+		os.WriteFile(creds, []byte(s.body), 0o600)
+		runDevicesim(ctx, t, ns, devicesim, "--mqtt", "--creds", creds, "--key", keyFile,
+			"--addr", fmt.Sprintf("%s:%d", guestIP, mqttByName), "--count", "3", "publish", "boot/temp", "21.5")
+	}
 
 	// 3. Power button: the box shuts down cleanly.
 	offCtx, offCancel := context.WithTimeout(ctx, 2*time.Minute)
@@ -261,6 +298,36 @@ func checkInside(t *testing.T, rep map[string]section) {
 	}
 	if pw := strings.TrimSpace(rep["root-password"].body); pw != "*" && !strings.HasPrefix(pw, "!") {
 		t.Errorf("root has a usable password hash in the image")
+	}
+}
+
+// buildDevicesim builds cmd/devicesim from this tree for the host.
+func buildDevicesim(t *testing.T, dir string) string {
+	t.Helper()
+	out := filepath.Join(dir, "devicesim")
+	cmd := exec.Command("go", "build", "-o", out, "github.com/bastion-iot/bastion/cmd/devicesim")
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("go build devicesim: %v: %s", err, b)
+	}
+	return out
+}
+
+// runDevicesim runs devicesim inside the namespace and checks that the
+// gateway accepted every message it sent.
+func runDevicesim(ctx context.Context, t *testing.T, ns *netns, devicesim string, args ...string) {
+	t.Helper()
+	dctx, cancel := context.WithTimeout(ctx, 90*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(dctx, "ip", append([]string{"netns", "exec", ns.name, devicesim}, args...)...)
+	out, err := cmd.CombinedOutput()
+	t.Logf("devicesim %s:\n%s", strings.Join(args, " "), out)
+	if err != nil {
+		t.Errorf("devicesim %s: %v", strings.Join(args, " "), err)
+		return
+	}
+	if !regexp.MustCompile(`sent 3, accepted 3, refused 0`).Match(out) {
+		t.Errorf("devicesim %s: not every message was accepted:\n%s", strings.Join(args, " "), out)
 	}
 }
 

@@ -43,6 +43,18 @@ func newNetns(t *testing.T) *netns {
 	if out, err := exec.Command(ip, "-n", name, "link", "set", "lo", "up").CombinedOutput(); err != nil {
 		t.Fatalf("ip -n %s link set lo up: %v: %s", name, err, out)
 	}
+	// The guest's own address, on the namespace's loopback too, so that a
+	// client there can dial the gateway by the name its certificate has.
+	if out, err := exec.Command(ip, "-n", name, "addr", "add", guestIP+"/32", "dev", "lo").CombinedOutput(); err != nil {
+		t.Fatalf("ip -n %s addr add %s: %v: %s", name, guestIP, err, out)
+	}
+	// ...but connections to it leave from 127.0.0.1: qemu's user network
+	// shows a loopback peer to the guest as its gateway (10.0.2.2), while a
+	// peer at 10.0.2.15 would look like the guest itself and never connect.
+	if out, err := exec.Command(ip, "-n", name, "route", "replace", "local", guestIP, "dev", "lo",
+		"table", "local", "proto", "kernel", "scope", "host", "src", "127.0.0.1").CombinedOutput(); err != nil {
+		t.Fatalf("ip -n %s route replace local %s: %v: %s", name, guestIP, err, out)
+	}
 	f, err := os.Open("/run/netns/" + name)
 	if err != nil {
 		t.Fatal(err)
@@ -75,7 +87,7 @@ func (n *netns) do(fn func() error) error {
 	return ferr
 }
 
-// freePort returns a port on 127.0.0.1 inside the namespace that was free a
+// freePort returns a port on 127.0.0.1 (and so on every address) inside the namespace that was free a
 // moment ago.
 func (n *netns) freePort(proto string) (int, error) {
 	var port int

@@ -55,7 +55,8 @@ func (l layout) offset(startKey string) int64 {
 
 // makeTestDisk copies the shipped disk image and writes the report unit into
 // the copy's root filesystem with debugfs (no loop device, no mount).
-func makeTestDisk(t *testing.T, imageDir string, l layout) string {
+// extra maps host files to paths under /usr/local/share/bastion-boottest.
+func makeTestDisk(t *testing.T, imageDir string, l layout, extra map[string]string) string {
 	t.Helper()
 	debugfs := testenv.RequireCommand(t, "debugfs")
 	dir := t.TempDir()
@@ -83,7 +84,11 @@ func makeTestDisk(t *testing.T, imageDir string, l layout) string {
 		"sif /etc/systemd/system/bastion-test-report.service uid 0",
 		"sif /etc/systemd/system/bastion-test-report.service gid 0",
 		"symlink /etc/systemd/system/multi-user.target.wants/bastion-test-report.service /etc/systemd/system/bastion-test-report.service",
+		"mkdir /usr/local/share/bastion-boottest",
 	}, "\n") + "\n"
+	for name, host := range extra {
+		cmds += "write " + host + " /usr/local/share/bastion-boottest/" + name + "\n"
+	}
 	cmdFile := filepath.Join(dir, "debugfs.cmds")
 	if err := os.WriteFile(cmdFile, []byte(cmds), 0o644); err != nil {
 		t.Fatal(err)
@@ -199,6 +204,7 @@ type forward struct {
 	proto string
 	guest int
 	host  int
+	bind  string // host-side address in the namespace; "" = 127.0.0.1
 }
 
 func (f forward) String() string { return fmt.Sprintf("%s/%d", f.proto, f.guest) }
@@ -236,7 +242,11 @@ func startVM(ctx context.Context, t *testing.T, ns *netns, imageDir, disk string
 
 	var hostfwd []string
 	for _, f := range fwds {
-		hostfwd = append(hostfwd, fmt.Sprintf("hostfwd=%s:127.0.0.1:%d-:%d", f.proto, f.host, f.guest))
+		bind := f.bind
+		if bind == "" {
+			bind = "127.0.0.1"
+		}
+		hostfwd = append(hostfwd, fmt.Sprintf("hostfwd=%s:%s:%d-:%d", f.proto, bind, f.host, f.guest))
 	}
 	args := []string{
 		"-machine", "q35", "-accel", "tcg", "-cpu", "max", "-m", "1024", "-smp", "2",
