@@ -526,7 +526,7 @@ func checkSilent(ctx context.Context, t *testing.T, ns *netns, hostPort map[stri
 		port string
 		got  []byte
 	}
-	results := make(chan result, len(silentTCP)+len(silentUDP))
+	results := make(chan result, len(silentTCP)+len(silentUDP)+1)
 	var wg sync.WaitGroup
 	probe := func(proto string, guest int, payload []byte) {
 		defer wg.Done()
@@ -547,6 +547,10 @@ func checkSilent(ctx context.Context, t *testing.T, ns *netns, hostPort map[stri
 		n, _ := c.Read(buf)
 		results <- result{port: name, got: buf[:n]}
 	}
+	// Control: the same probe to the console port must get an answer (Go's
+	// TLS server answers plain HTTP with a 400), or the probe proves nothing.
+	wg.Add(1)
+	go probe("tcp", 443, httpProbe)
 	for _, p := range silentTCP {
 		wg.Add(1)
 		payload := httpProbe
@@ -562,6 +566,12 @@ func checkSilent(ctx context.Context, t *testing.T, ns *netns, hostPort map[stri
 	wg.Wait()
 	close(results)
 	for r := range results {
+		if r.port == "tcp/443" {
+			if len(r.got) == 0 {
+				t.Errorf("control probe to tcp/443 got no answer: the silent-port probes cannot see a listener")
+			}
+			continue
+		}
 		if len(r.got) > 0 {
 			t.Errorf("%s answered a probe (must be silent): %q", r.port, r.got)
 		}
