@@ -1,12 +1,15 @@
 package powercut
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -49,7 +52,7 @@ func BenchmarkFullStack(b *testing.B) {
 	}
 	cfg := gwConfig(b, state, cloud, cloud.CA.CertFile, mosquitto.ServerName, cloud.CA.Client(b, gatewayID), gatewayID)
 	cfg.Log.Level = "warn"
-	startGateway(b, cfg, true)
+	gw := startGateway(b, cfg, true)
 	gDevs := make([]*devicesim.Device, maxPubs)
 	for i := range gDevs {
 		gDevs[i] = addDevice(b, state, fmt.Sprintf("b%d", i), "cert")
@@ -86,16 +89,19 @@ topic # out 1 devices/ bastion/%s/
 	var lines []string
 	for _, sc := range scenarios {
 		m := fullRun(b, sub, edge.Addr, mDevs[:sc.pubs], sc.inflight, sc.each)
+		cpu0 := cpuTime(b, gw.cmd.Process.Pid)
 		g := fullRun(b, sub, cfg.MQTT.Listen, gDevs[:sc.pubs], sc.inflight, sc.each)
+		cpu := cpuTime(b, gw.cmd.Process.Pid) - cpu0
 		name := fmt.Sprintf("%dpub", sc.pubs)
 		if sc.inflight > 1 {
 			name += fmt.Sprintf("x%d", sc.inflight)
 		}
 		ratio := g.rate() / m.rate()
-		lines = append(lines, fmt.Sprintf("%2d publishers × %2d in flight × %4d | Bastion %6.0f msg/s e2e p50 %v p99 %v, PUBACK p50 %v p99 %v | Mosquitto bridge %6.0f msg/s e2e p50 %v p99 %v, PUBACK p50 %v p99 %v | throughput ratio %.2fx, e2e p99 ratio %.2fx, dups %d/%d",
+		lines = append(lines, fmt.Sprintf("%2d publishers × %2d in flight × %4d | Bastion %6.0f msg/s e2e p50 %v p99 %v, PUBACK p50 %v p99 %v | Mosquitto bridge %6.0f msg/s e2e p50 %v p99 %v, PUBACK p50 %v p99 %v | throughput ratio %.2fx, e2e p99 ratio %.2fx, dups %d/%d; bastiond CPU %.0f µs/msg (%.2f cores)",
 			sc.pubs, sc.inflight, sc.each, g.rate(), g.pct(g.e2e, 50), g.pct(g.e2e, 99), g.pct(g.ack, 50), g.pct(g.ack, 99),
 			m.rate(), m.pct(m.e2e, 50), m.pct(m.e2e, 99), m.pct(m.ack, 50), m.pct(m.ack, 99),
-			ratio, float64(g.pct(g.e2e, 99))/float64(m.pct(m.e2e, 99)), g.dups, m.dups))
+			ratio, float64(g.pct(g.e2e, 99))/float64(m.pct(m.e2e, 99)), g.dups, m.dups,
+			float64(cpu.Microseconds())/float64(g.msgs), cpu.Seconds()/g.elapsed.Seconds()))
 		b.ReportMetric(g.rate(), "bastion-msg/s-"+name)
 		b.ReportMetric(m.rate(), "mosquitto-msg/s-"+name)
 		b.ReportMetric(ratio, "tput-ratio-"+name)
@@ -132,6 +138,20 @@ func probe(b *testing.B, sub *subscriber, addr string, d *devicesim.Device) {
 			b.Fatalf("nothing sent via %s reached the cloud subscriber within 30s", addr)
 		}
 	}
+}
+
+// cpuTime is the user+system CPU time pid used so far (/proc/pid/stat,
+// clock ticks of 10 ms on Linux/amd64).
+func cpuTime(b *testing.B, pid int) time.Duration {
+	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		b.Fatal(err)
+	}
+	// Fields after the command name, which is in parentheses.
+	f := strings.Fields(string(raw[bytes.LastIndexByte(raw, ')')+2:]))
+	utime, _ := strconv.ParseInt(f[11], 10, 64)
+	stime, _ := strconv.ParseInt(f[12], 10, 64)
+	return time.Duration(utime+stime) * 10 * time.Millisecond
 }
 
 type fullResult struct {
