@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/bastion-iot/bastion/gateway/control"
 	"github.com/bastion-iot/bastion/internal/devicesim"
 	"github.com/bastion-iot/bastion/internal/testutil/mosquitto"
 )
@@ -89,19 +90,20 @@ topic # out 1 devices/ bastion/%s/
 	var lines []string
 	for _, sc := range scenarios {
 		m := fullRun(b, sub, edge.Addr, mDevs[:sc.pubs], sc.inflight, sc.each)
-		cpu0 := cpuTime(b, gw.cmd.Process.Pid)
+		cpu0, fs0 := cpuTime(b, gw.cmd.Process.Pid), metric(b, state, "bastion_queue_fsyncs_total")
 		g := fullRun(b, sub, cfg.MQTT.Listen, gDevs[:sc.pubs], sc.inflight, sc.each)
-		cpu := cpuTime(b, gw.cmd.Process.Pid) - cpu0
+		cpu, fsyncs := cpuTime(b, gw.cmd.Process.Pid)-cpu0, metric(b, state, "bastion_queue_fsyncs_total")-fs0
 		name := fmt.Sprintf("%dpub", sc.pubs)
 		if sc.inflight > 1 {
 			name += fmt.Sprintf("x%d", sc.inflight)
 		}
 		ratio := g.rate() / m.rate()
-		lines = append(lines, fmt.Sprintf("%2d publishers × %2d in flight × %4d | Bastion %6.0f msg/s e2e p50 %v p99 %v, PUBACK p50 %v p99 %v | Mosquitto bridge %6.0f msg/s e2e p50 %v p99 %v, PUBACK p50 %v p99 %v | throughput ratio %.2fx, e2e p99 ratio %.2fx, dups %d/%d; bastiond CPU %.0f µs/msg (%.2f cores)",
+		lines = append(lines, fmt.Sprintf("%2d publishers × %2d in flight × %4d | Bastion %6.0f msg/s e2e p50 %v p99 %v, PUBACK p50 %v p99 %v | Mosquitto bridge %6.0f msg/s e2e p50 %v p99 %v, PUBACK p50 %v p99 %v | throughput ratio %.2fx, e2e p99 ratio %.2fx, dups %d/%d; bastiond CPU %.0f µs/msg (%.2f cores), %.1f msgs/fsync, %.0f fsyncs/s",
 			sc.pubs, sc.inflight, sc.each, g.rate(), g.pct(g.e2e, 50), g.pct(g.e2e, 99), g.pct(g.ack, 50), g.pct(g.ack, 99),
 			m.rate(), m.pct(m.e2e, 50), m.pct(m.e2e, 99), m.pct(m.ack, 50), m.pct(m.ack, 99),
 			ratio, float64(g.pct(g.e2e, 99))/float64(m.pct(m.e2e, 99)), g.dups, m.dups,
-			float64(cpu.Microseconds())/float64(g.msgs), cpu.Seconds()/g.elapsed.Seconds()))
+			float64(cpu.Microseconds())/float64(g.msgs), cpu.Seconds()/g.elapsed.Seconds(),
+			float64(g.msgs)/fsyncs, fsyncs/g.elapsed.Seconds()))
 		b.ReportMetric(g.rate(), "bastion-msg/s-"+name)
 		b.ReportMetric(m.rate(), "mosquitto-msg/s-"+name)
 		b.ReportMetric(ratio, "tput-ratio-"+name)
@@ -152,6 +154,27 @@ func cpuTime(b *testing.B, pid int) time.Duration {
 	utime, _ := strconv.ParseInt(f[11], 10, 64)
 	stime, _ := strconv.ParseInt(f[12], 10, 64)
 	return time.Duration(utime+stime) * 10 * time.Millisecond
+}
+
+// metric reads one counter from bastiond's metrics on its control socket.
+func metric(b *testing.B, state, name string) float64 {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	raw, err := control.New(control.SocketPath(state)).Do(ctx, "GET", "/metrics", nil, nil)
+	if err != nil {
+		b.Fatalf("metrics: %v", err)
+	}
+	for _, l := range strings.Split(string(raw), "\n") {
+		if v, ok := strings.CutPrefix(l, name+" "); ok {
+			f, err := strconv.ParseFloat(v, 64)
+			if err != nil {
+				b.Fatalf("metric %s: %q", name, l)
+			}
+			return f
+		}
+	}
+	b.Fatalf("no metric %s", name)
+	return 0
 }
 
 type fullResult struct {
