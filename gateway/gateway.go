@@ -95,6 +95,8 @@ type Gateway struct {
 	sink     bridges.Sink
 	downlink atomic.Pointer[func(context.Context, bridges.Message) error]
 	started  time.Time
+	// restoreMemLimit puts back the process's memory limit from before New.
+	restoreMemLimit func()
 
 	// extraControl lets components add control-socket endpoints.
 	extraControl    map[string]http.Handler
@@ -130,6 +132,7 @@ func New(opts Options) (_ *Gateway, err error) {
 		g.log = newLogger(os.Stderr, cfg.Log, g.level)
 	}
 	g.level.Set(parseLevel(cfg.Log.Level))
+	g.restoreMemLimit = applyMemoryLimit(cfg.MemoryLimit, os.Getenv("GOMEMLIMIT"), g.log)
 	g.clock = opts.Clock
 	if g.clock == nil {
 		g.clock = pki.SystemClock{NotBefore: buildinfo.NotBefore()}
@@ -445,6 +448,10 @@ func (g *Gateway) Run(ctx context.Context) error {
 }
 
 func (g *Gateway) close() {
+	if g.restoreMemLimit != nil {
+		g.restoreMemLimit()
+		g.restoreMemLimit = nil
+	}
 	if g.queue != nil {
 		g.queue.Close()
 	}
@@ -489,8 +496,8 @@ func (g *Gateway) Reload() error {
 		g.store.Audit(store.Event{Time: g.clock.Now(), Actor: "system", Action: "config.reload_refused", Target: g.configPath, Detail: err.Error()})
 		return err
 	}
-	if cfg.StateDir != old.StateDir || cfg.CoAP != old.CoAP || cfg.MQTT != old.MQTT || cfg.Console != old.Console {
-		g.log.Warn("config reload: listener and state_dir changes take effect at the next restart")
+	if cfg.StateDir != old.StateDir || cfg.CoAP != old.CoAP || cfg.MQTT != old.MQTT || cfg.Console != old.Console || cfg.MemoryLimit != old.MemoryLimit {
+		g.log.Warn("config reload: listener, state_dir and memory_limit changes take effect at the next restart")
 	}
 	if g.fw != nil {
 		p, err := cfg.FirewallPolicy()

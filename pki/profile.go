@@ -5,6 +5,7 @@ import (
 	"crypto/x509"
 
 	"github.com/pion/dtls/v3"
+	"github.com/pion/logging"
 )
 
 // The one place TLS and DTLS settings are chosen.
@@ -77,6 +78,7 @@ func DTLSCertServer(sc *ServerCert, verify func(rawCerts [][]byte, _ [][]*x509.C
 		VerifyPeerCertificate: verify,
 		ExtendedMasterSecret:  dtls.RequireExtendedMasterSecret,
 		ConnectionIDGenerator: dtls.RandomCIDGenerator(8),
+		LoggerFactory:         newSharedDTLSLogs(),
 	}
 }
 
@@ -90,5 +92,17 @@ func DTLSPSKServer(psk func(identity []byte) ([]byte, error)) *dtls.Config {
 		PSKIdentityHint:       []byte("bastion"),
 		ExtendedMasterSecret:  dtls.RequireExtendedMasterSecret,
 		ConnectionIDGenerator: dtls.RandomCIDGenerator(8),
+		LoggerFactory:         newSharedDTLSLogs(),
 	}
 }
+
+// sharedDTLSLogs hands every connection of a listener the same pion logger,
+// with pion's default level and output. pion's default factory builds five
+// log.Loggers per connection, about 1 KiB of every idle DTLS session.
+type sharedDTLSLogs struct{ l logging.LeveledLogger }
+
+func newSharedDTLSLogs() sharedDTLSLogs {
+	return sharedDTLSLogs{logging.NewDefaultLoggerFactory().NewLogger("dtls")}
+}
+
+func (s sharedDTLSLogs) NewLogger(string) logging.LeveledLogger { return s.l }

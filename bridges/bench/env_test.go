@@ -46,7 +46,12 @@ func buildBastiond(b *testing.B) string {
 			return
 		}
 		bastiond = filepath.Join(dir, "bastiond")
-		out, err := exec.Command("go", "build", "-o", bastiond, "github.com/bastion-iot/bastion/cmd/bastiond").CombinedOutput()
+		args := []string{"build", "-o", bastiond}
+		if os.Getenv("BENCH_PROFILE_DIR") != "" {
+			// SIGUSR1 writes heap/goroutine profiles (cmd/bastiond/profile_benchprof.go).
+			args = append(args, "-tags", "benchprof")
+		}
+		out, err := exec.Command("go", append(args, "github.com/bastion-iot/bastion/cmd/bastiond")...).CombinedOutput()
 		if err != nil {
 			buildErr = fmt.Errorf("go build bastiond: %v\n%s", err, out)
 		}
@@ -95,8 +100,12 @@ func startBastion(b *testing.B) *bastion {
 	cmd := exec.Command(bin, "--dev", "--state", dir)
 	// BENCH_BASTIOND_GOMEMLIMIT sets a Go soft memory limit for bastiond
 	// only (not for the load generator in this process).
+	cmd.Env = os.Environ()
 	if v := os.Getenv("BENCH_BASTIOND_GOMEMLIMIT"); v != "" {
-		cmd.Env = append(os.Environ(), "GOMEMLIMIT="+v)
+		cmd.Env = append(cmd.Env, "GOMEMLIMIT="+v)
+	}
+	if v := os.Getenv("BENCH_PROFILE_DIR"); v != "" {
+		cmd.Env = append(cmd.Env, "BASTIOND_PROFILE_DIR="+v)
 	}
 	var errBuf bytes.Buffer
 	cmd.Stderr, cmd.Stdout = &errBuf, &errBuf

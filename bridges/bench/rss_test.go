@@ -4,10 +4,12 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -102,6 +104,9 @@ func BenchmarkIdleRSS(b *testing.B) {
 	b.ReportMetric(float64(s["coap"]), "coap_sessions")
 	b.Logf("%s", fmt.Sprintf("bastiond RSS with %d idle sessions (mqtt %d, coap %d): %.1f MiB (%.1f MiB before)",
 		s["mqtt"]+s["coap"], s["mqtt"], s["coap"], float64(r)/(1<<20), float64(base)/(1<<20)))
+	if dir := os.Getenv("BENCH_PROFILE_DIR"); dir != "" {
+		bs.profile(b, dir)
+	}
 	var cw sync.WaitGroup
 	for _, c := range closers {
 		cw.Add(1)
@@ -109,4 +114,25 @@ func BenchmarkIdleRSS(b *testing.B) {
 		go func() { defer func() { <-sem; cw.Done() }(); c() }()
 	}
 	cw.Wait()
+}
+
+// profile asks a -tags benchprof bastiond for heap and goroutine profiles
+// (SIGUSR1) and waits, bounded, for them to be written to dir.
+func (bs *bastion) profile(b *testing.B, dir string) {
+	done := filepath.Join(dir, "memstats.txt")
+	os.Remove(done)
+	if err := bs.cmd.Process.Signal(syscall.SIGUSR1); err != nil {
+		b.Fatal(err)
+	}
+	deadline := time.Now().Add(time.Minute)
+	for {
+		if st, err := os.ReadFile(done); err == nil {
+			b.Logf("bastiond profiles in %s (go tool pprof -sample_index=inuse_space %s/heap.pprof):\n%s", dir, dir, st)
+			return
+		}
+		if time.Now().After(deadline) {
+			b.Fatalf("no profiles in %s within 1 min (is BENCH_PROFILE_DIR absolute and writable?)", dir)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }

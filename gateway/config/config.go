@@ -19,16 +19,21 @@ type Config struct {
 	// StateDir holds the CA, the store and the control socket.
 	StateDir string `yaml:"state_dir"`
 	// GatewayID names this box upstream and in certificates.
-	GatewayID string   `yaml:"gateway_id"`
-	Log       Log      `yaml:"log"`
-	CoAP      CoAP     `yaml:"coap"`
-	MQTT      MQTT     `yaml:"mqtt"`
-	Console   Console  `yaml:"console"`
-	PKI       PKI      `yaml:"pki"`
-	Metrics   Metrics  `yaml:"metrics"`
-	Firewall  Firewall `yaml:"firewall"`
-	Firmware  Firmware `yaml:"firmware"`
-	Upstream  Upstream `yaml:"upstream"`
+	GatewayID string `yaml:"gateway_id"`
+	Log       Log    `yaml:"log"`
+	// MemoryLimit is the Go runtime's soft memory limit for the daemon, in
+	// bytes (debug.SetMemoryLimit): the garbage collector works harder as
+	// the heap nears it instead of letting it double. -1 means no limit.
+	// GOMEMLIMIT in the environment, if set, wins.
+	MemoryLimit int64    `yaml:"memory_limit"`
+	CoAP        CoAP     `yaml:"coap"`
+	MQTT        MQTT     `yaml:"mqtt"`
+	Console     Console  `yaml:"console"`
+	PKI         PKI      `yaml:"pki"`
+	Metrics     Metrics  `yaml:"metrics"`
+	Firewall    Firewall `yaml:"firewall"`
+	Firmware    Firmware `yaml:"firmware"`
+	Upstream    Upstream `yaml:"upstream"`
 }
 
 // Upstream configures the link to the cloud broker and the durable queue in

@@ -82,6 +82,11 @@ func TestLoadErrors(t *testing.T) {
 		"upstream no ca":        {"upstream:\n  enabled: true\n  broker: mqtts://cloud:8883\n  cert_file: /c\n  key_file: /k\n", []string{"bad.yaml:1: upstream.ca_file: required"}},
 		"upstream loop":         {"upstream:\n  enabled: true\n  broker: mqtts://cloud:8883\n  ca_file: /ca\n  cert_file: /c\n  key_file: /k\n  uplink: [{local: \"devices/{id}/t/#\", remote: \"bastion/{gateway}/{id}/c/#\"}]\n", []string{"bad.yaml:7: upstream.uplink"}},
 		"upstream bad key":      {"upstream:\n  brokr: x\n", []string{"bad.yaml:2: upstream.brokr: unknown key; accepted here: backoff_max, backoff_min, broker"}},
+		"memory limit small":    {"log:\n  level: info\nmemory_limit: 1000\n", []string{"bad.yaml:3: memory_limit: \"1000\" is below 32 MiB (33554432)"}},
+		"memory limit negative": {"memory_limit: -2\n", []string{"bad.yaml:1: memory_limit: \"-2\" is below 32 MiB"}},
+		"memory limit words":    {"memory_limit: 192MiB\n", []string{"bad.yaml:1: cannot unmarshal !!str `192MiB` into int64"}},
+		"memory limit off":      {"memory_limit: -1\n", nil},
+		"memory limit ok":       {"memory_limit: 134217728\n", nil},
 		"two errors":            {"log:\n  level: loud\nmqtt:\n  listen: \":1883\"\n", []string{"bad.yaml:2: log.level", "bad.yaml:4: mqtt.listen"}},
 	}
 	for name, tc := range tests {
@@ -165,5 +170,23 @@ func TestFirewallPolicyFollowsListeners(t *testing.T) {
 	p, _ = c.FirewallPolicy()
 	if len(p.Services) != 1 || p.Services[0].Name != "mqtt-tls" {
 		t.Errorf("turning listeners off should close their ports; services = %+v", p.Services)
+	}
+}
+
+func TestMemoryLimit(t *testing.T) {
+	for in, want := range map[string]int64{
+		"":                         DefaultMemoryLimit,
+		"memory_limit: -1\n":       -1,
+		"memory_limit: 67108864\n": 64 << 20,
+	} {
+		base := Production()
+		base.Firewall.LAN = []string{"br-lan"}
+		c, err := Parse("m.yaml", []byte(in), base)
+		if err != nil {
+			t.Fatalf("%q: %v", in, err)
+		}
+		if diff := cmp.Diff(want, c.MemoryLimit); diff != "" {
+			t.Errorf("memory_limit from %q (-want +got):\n%s", in, diff)
+		}
 	}
 }

@@ -42,6 +42,10 @@ func Dev(stateDir string) Config {
 // device telemetry. It is written into the config file so a person sees it.
 var defaultForward = []upstream.Rule{{Topic: "devices/+/t/#", Action: "forward"}}
 
+// DefaultMemoryLimit suits a 256 MiB box: it leaves 64 MiB to the kernel,
+// the page cache and the other processes.
+const DefaultMemoryLimit = 192 << 20
+
 // SetDefaults fills every zero value that has a default. Booleans are set
 // in Production, which Load decodes the file onto, so that an explicit
 // `enabled: false` stays false.
@@ -65,6 +69,9 @@ func SetDefaults(c *Config) {
 	def(&c.GatewayID, "bastion")
 	def(&c.Log.Level, "info")
 	def(&c.Log.Format, "text")
+	if c.MemoryLimit == 0 {
+		c.MemoryLimit = DefaultMemoryLimit
+	}
 	def(&c.CoAP.Listen, ":5684")
 	defI(&c.CoAP.MaxPayload, 1024)
 	def(&c.MQTT.Listen, ":8883")

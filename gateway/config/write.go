@@ -33,6 +33,11 @@ log:
   level: %s    # debug, info, warn, error
   format: %s   # text or json
 
+# Go soft memory limit in bytes (-1 = none; GOMEMLIMIT in the environment
+# wins). Near it the garbage collector runs more often instead of letting the
+# heap double; size it below the box's RAM (default 192 MiB for 256 MiB).
+memory_limit: %d
+
 # CoAP over DTLS 1.2 for constrained devices. Certificate devices use
 # "listen"; PSK devices use "psk_listen" ("" turns PSK off).
 coap:
@@ -112,7 +117,7 @@ upstream:
   # Privacy: only what a rule names leaves the box; first match wins.
   # action: forward, redact (drop the JSON fields listed) or local.
   forward:
-%s`, c.StateDir, c.GatewayID, c.Log.Level, c.Log.Format,
+%s`, c.StateDir, c.GatewayID, c.Log.Level, c.Log.Format, c.MemoryLimit,
 		c.CoAP.Enabled, c.CoAP.Listen, c.CoAP.PSKListen, c.CoAP.MaxPayload,
 		c.MQTT.Enabled, c.MQTT.Listen, c.MQTT.AllowSecretAuth, c.MQTT.MaxPacketSize,
 		c.Console.Enabled, c.Console.Listen,
