@@ -4,6 +4,8 @@ import (
 	"io"
 	"log/slog"
 	"math"
+	"os"
+	"path/filepath"
 	"runtime/debug"
 	"testing"
 
@@ -35,5 +37,29 @@ func TestApplyMemoryLimit(t *testing.T) {
 				t.Errorf("limit after restore (-want +got):\n%s", diff)
 			}
 		})
+	}
+}
+
+// The gateway applies memory_limit from its file for as long as it runs.
+func TestGatewayAppliesMemoryLimit(t *testing.T) {
+	if env := os.Getenv("GOMEMLIMIT"); env != "" {
+		t.Skipf("GOMEMLIMIT=%s is set and wins over memory_limit", env)
+	}
+	before := debug.SetMemoryLimit(-1)
+	dir := filepath.Join(t.TempDir(), "state")
+	os.MkdirAll(dir, 0o700)
+	c := testConfig(dir)
+	c.MemoryLimit = 100 << 20
+	if err := WriteConfigFile(filepath.Join(dir, "bastion.yaml"), c); err != nil {
+		t.Fatal(err)
+	}
+	r := start(t, dir, nil)
+	running := debug.SetMemoryLimit(-1)
+	r.stop(t)
+	if diff := cmp.Diff(int64(100<<20), running); diff != "" {
+		t.Errorf("memory limit while running (-want +got):\n%s", diff)
+	}
+	if diff := cmp.Diff(before, debug.SetMemoryLimit(-1)); diff != "" {
+		t.Errorf("memory limit after stop (-want +got):\n%s", diff)
 	}
 }
