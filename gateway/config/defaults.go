@@ -42,9 +42,11 @@ func Dev(stateDir string) Config {
 // device telemetry. It is written into the config file so a person sees it.
 var defaultForward = []upstream.Rule{{Topic: "devices/+/t/#", Action: "forward"}}
 
-// DefaultMemoryLimit suits a 256 MiB box: it leaves 64 MiB to the kernel,
-// the page cache and the other processes.
-const DefaultMemoryLimit = 192 << 20
+// DefaultMemoryLimit suits a 256 MiB box, whose systemd unit caps the
+// daemon's cgroup at MemoryMax=75% = 192 MiB: the soft limit sits below that
+// hard one, leaving room for memory the Go limit does not see (the store's
+// mmap'd pages count in the cgroup). Raise it with the box's RAM.
+const DefaultMemoryLimit = 160 << 20
 
 // SetDefaults fills every zero value that has a default. Booleans are set
 // in Production, which Load decodes the file onto, so that an explicit

@@ -43,7 +43,7 @@ func (c *Config) Validate() error {
 		bad("log.format", c.Log.Format, "is not a log format: use text or json")
 	}
 	if c.MemoryLimit != -1 && c.MemoryLimit < 32<<20 {
-		bad("memory_limit", c.MemoryLimit, "is below 32 MiB (33554432): give bytes, e.g. 201326592 for 192 MiB, or -1 for no limit")
+		bad("memory_limit", c.MemoryLimit, "is below 32 MiB (33554432): give bytes, e.g. 167772160 for 160 MiB, or -1 for no limit")
 	}
 
 	type bound struct{ key, proto, addr string }

@@ -35,7 +35,8 @@ log:
 
 # Go soft memory limit in bytes (-1 = none; GOMEMLIMIT in the environment
 # wins). Near it the garbage collector runs more often instead of letting the
-# heap double; size it below the box's RAM (default 192 MiB for 256 MiB).
+# heap double. Keep it below the unit's MemoryMax (75%% of RAM): the default,
+# 167772160 = 160 MiB, suits a 256 MiB box; about 320 MiB suits 512 MiB.
 memory_limit: %d
 
 # CoAP over DTLS 1.2 for constrained devices. Certificate devices use
