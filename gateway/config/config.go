@@ -29,6 +29,27 @@ type Config struct {
 	Firewall  Firewall `yaml:"firewall"`
 	Firmware  Firmware `yaml:"firmware"`
 	Upstream  Upstream `yaml:"upstream"`
+	Pairing   Pairing  `yaml:"pairing"`
+}
+
+// Pairing configures the physical-button pairing window. Only the button
+// opens a window; nothing here (and nothing on the network) can.
+type Pairing struct {
+	// Window is how long a window stays open after a press (10s to 15m).
+	Window Duration `yaml:"window"`
+	// Input is an evdev node (/dev/input/eventN) or a FIFO carrying the
+	// same struct input_event bytes ("" = no input button).
+	Input string `yaml:"input"`
+	// KeyCode is the key watched on Input (default 0x211 KEY_WPS_BUTTON).
+	KeyCode int `yaml:"key_code"`
+	// Layout of struct input_event: auto (this machine's), 64 or 32.
+	Layout string `yaml:"layout"`
+	// GPIOChip and GPIOLine name a GPIO button ("" = none).
+	GPIOChip string `yaml:"gpio_chip"`
+	GPIOLine int    `yaml:"gpio_line"`
+	// Vendors maps a vendor name to a PEM file of the roots its devices'
+	// manufacturer certificates (IDevID) chain to.
+	Vendors map[string]string `yaml:"vendors"`
 }
 
 // Upstream configures the link to the cloud broker and the durable queue in

@@ -82,6 +82,18 @@ func TestLoadErrors(t *testing.T) {
 		"upstream no ca":        {"upstream:\n  enabled: true\n  broker: mqtts://cloud:8883\n  cert_file: /c\n  key_file: /k\n", []string{"bad.yaml:1: upstream.ca_file: required"}},
 		"upstream loop":         {"upstream:\n  enabled: true\n  broker: mqtts://cloud:8883\n  ca_file: /ca\n  cert_file: /c\n  key_file: /k\n  uplink: [{local: \"devices/{id}/t/#\", remote: \"bastion/{gateway}/{id}/c/#\"}]\n", []string{"bad.yaml:7: upstream.uplink"}},
 		"upstream bad key":      {"upstream:\n  brokr: x\n", []string{"bad.yaml:2: upstream.brokr: unknown key; accepted here: backoff_max, backoff_min, broker"}},
+		"pairing window short":  {"pairing:\n  window: 5s\n", []string{"bad.yaml:2: pairing.window: \"5s\" is out of range: use 10s to 15m"}},
+		"pairing window long":   {"pairing:\n  window: 1h\n", []string{"bad.yaml:2: pairing.window: \"1h0m0s\" is out of range"}},
+		"pairing key code":      {"pairing:\n  key_code: 4096\n", []string{"bad.yaml:2: pairing.key_code: \"4096\" is not a key code"}},
+		"pairing layout":        {"pairing:\n  layout: 48\n", []string{"bad.yaml:2: pairing.layout: \"48\" is not a struct input_event layout: use auto, 64 or 32"}},
+		"pairing input":         {"pairing:\n  input: button.fifo\n", []string{"bad.yaml:2: pairing.input: \"button.fifo\" is not an absolute path"}},
+		"pairing gpio chip":     {"pairing:\n  gpio_chip: gpiochip0\n", []string{"bad.yaml:2: pairing.gpio_chip: \"gpiochip0\" is not a GPIO character device"}},
+		"pairing gpio no chip":  {"pairing:\n  gpio_line: 17\n", []string{"bad.yaml:2: pairing.gpio_line: \"17\" is set without pairing.gpio_chip"}},
+		"pairing gpio range":    {"pairing:\n  gpio_chip: /dev/gpiochip0\n  gpio_line: 9999\n", []string{"bad.yaml:3: pairing.gpio_line: \"9999\" is out of range"}},
+		"pairing vendor name":   {"pairing:\n  vendors:\n    \"bad vendor\": /etc/v.pem\n", []string{"bad.yaml:3: pairing.vendors.bad vendor: \"bad vendor\" is not a vendor name"}},
+		"pairing vendor file":   {"pairing:\n  vendors:\n    acme: roots.pem\n", []string{"bad.yaml:3: pairing.vendors.acme: \"roots.pem\" is not an absolute path"}},
+		"pairing unknown key":   {"pairing:\n  windw: 5s\n", []string{"bad.yaml:2: pairing.windw: unknown key; accepted here: gpio_chip, gpio_line, input, key_code, layout, vendors, window"}},
+		"pairing ok":            {"pairing:\n  window: 15m\n  input: /dev/input/event0\n  layout: \"32\"\n  gpio_chip: /dev/gpiochip0\n  gpio_line: 17\n  vendors:\n    acme: /etc/bastion/acme.pem\n", nil},
 		"two errors":            {"log:\n  level: loud\nmqtt:\n  listen: \":1883\"\n", []string{"bad.yaml:2: log.level", "bad.yaml:4: mqtt.listen"}},
 	}
 	for name, tc := range tests {

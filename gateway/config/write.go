@@ -5,6 +5,7 @@ import (
 
 	"github.com/bastion-iot/bastion/bridges/upstream"
 	"io"
+	"sort"
 	"strings"
 )
 
@@ -112,7 +113,18 @@ upstream:
   # Privacy: only what a rule names leaves the box; first match wins.
   # action: forward, redact (drop the JSON fields listed) or local.
   forward:
-%s`, c.StateDir, c.GatewayID, c.Log.Level, c.Log.Format,
+%s
+# Physical-button pairing. Only a press of the box's button opens a window
+# (held 1-10 s; held 10 s or more cancels one); nothing on the network can.
+pairing:
+  window: %s        # how long a window stays open: 10s to 15m
+  input: %q         # evdev node (/dev/input/eventN) or a FIFO of struct input_event ("" = none)
+  key_code: %d      # 529 = 0x211 KEY_WPS_BUTTON
+  layout: %q        # struct input_event layout: auto, 64 or 32
+  gpio_chip: %q     # e.g. /dev/gpiochip0 ("" = no GPIO button)
+  gpio_line: %d
+  # Vendor name: PEM file of the roots its manufacturer certificates (IDevID) chain to.
+  vendors:%s`, c.StateDir, c.GatewayID, c.Log.Level, c.Log.Format,
 		c.CoAP.Enabled, c.CoAP.Listen, c.CoAP.PSKListen, c.CoAP.MaxPayload,
 		c.MQTT.Enabled, c.MQTT.Listen, c.MQTT.AllowSecretAuth, c.MQTT.MaxPacketSize,
 		c.Console.Enabled, c.Console.Listen,
@@ -123,7 +135,9 @@ upstream:
 		c.Firmware.CheckInterval.D(), c.Firmware.MaxCacheBytes,
 		c.Upstream.Enabled, c.Upstream.Broker, c.Upstream.ServerName, c.Upstream.CAFile, c.Upstream.CertFile, c.Upstream.KeyFile,
 		c.Upstream.TLSMinVersion, c.Upstream.Gateway, c.Upstream.Prefix, c.Upstream.KeepAlive, c.Upstream.BackoffMin, c.Upstream.BackoffMax,
-		c.Upstream.QueueMaxBytes, c.Upstream.QueueMaxAge.D(), rules(c.Upstream.Forward))
+		c.Upstream.QueueMaxBytes, c.Upstream.QueueMaxAge.D(), rules(c.Upstream.Forward),
+		c.Pairing.Window.D(), c.Pairing.Input, c.Pairing.KeyCode, c.Pairing.Layout, c.Pairing.GPIOChip, c.Pairing.GPIOLine,
+		vendors(c.Pairing.Vendors))
 	return err
 }
 
@@ -142,6 +156,23 @@ func rules(rs []upstream.Rule) string {
 	}
 	if b.Len() == 0 {
 		return "    []\n"
+	}
+	return b.String()
+}
+
+func vendors(m map[string]string) string {
+	if len(m) == 0 {
+		return " {}\n"
+	}
+	names := make([]string, 0, len(m))
+	for n := range m {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	var b strings.Builder
+	b.WriteString("\n")
+	for _, n := range names {
+		fmt.Fprintf(&b, "    %q: %q\n", n, m[n])
 	}
 	return b.String()
 }
