@@ -35,6 +35,7 @@ import (
 	"github.com/bastion-iot/bastion/gateway/control"
 	"github.com/bastion-iot/bastion/gateway/store"
 	"github.com/bastion-iot/bastion/internal/buildinfo"
+	"github.com/bastion-iot/bastion/internal/clock"
 	otacache "github.com/bastion-iot/bastion/ota-cache"
 	"github.com/bastion-iot/bastion/pki"
 )
@@ -61,6 +62,9 @@ type Options struct {
 	Clock pki.Clock
 	// Ready is called once every listener is up.
 	Ready func(*Gateway)
+	// PairingClock overrides the pairing window's clock (tests move it
+	// instead of waiting out a window).
+	PairingClock clock.Clock
 	// Sink, if set, receives device telemetry before it is acknowledged
 	// instead of the upstream link (tests). With neither, messages reach
 	// local subscribers only (hub.LocalSink).
@@ -89,6 +93,7 @@ type Gateway struct {
 	firmware   *otacache.Cache
 	queue      *queue.Queue
 	upstream   *upstream.Upstream
+	pairing    *pairingSvc
 	// consoleHandler is the console's pages and API (nil if disabled).
 	consoleHandler *console.Handler
 	// sink takes device telemetry: the upstream link when there is one.
@@ -176,6 +181,9 @@ func New(opts Options) (_ *Gateway, err error) {
 		return nil, err
 	}
 	if err := g.openFirmware(cfg); err != nil {
+		return nil, err
+	}
+	if err := g.openPairing(cfg); err != nil {
 		return nil, err
 	}
 	if err := g.openListeners(cfg); err != nil {
@@ -321,7 +329,8 @@ func (g *Gateway) openListeners(cfg config.Config) error {
 		if err != nil {
 			return err
 		}
-		g.coap, err = coap.New(coap.Config{Listen: cfg.CoAP.Listen, PSKListen: cfg.CoAP.PSKListen, MaxPayload: cfg.CoAP.MaxPayload}, sc, id, g.hub, g.log)
+		g.coap, err = coap.New(coap.Config{Listen: cfg.CoAP.Listen, PSKListen: cfg.CoAP.PSKListen, MaxPayload: cfg.CoAP.MaxPayload,
+			Enroll: g.coapEnrollment()}, sc, g.coapIdentity(id), g.hub, g.log)
 		if err != nil {
 			return err
 		}
@@ -365,7 +374,9 @@ func (g *Gateway) openListeners(cfg config.Config) error {
 	return nil
 }
 
-func (g *Gateway) identity() *identity { return &identity{ca: g.ca, store: g.store, m: g.metrics} }
+func (g *Gateway) identity() *identity {
+	return &identity{ca: g.ca, store: g.store, m: g.metrics, pairing: g.pairing}
+}
 
 const metaSetupCode = "console.setup_code_sha256"
 const metaAdminExists = "console.admin_exists"
@@ -428,6 +439,9 @@ func (g *Gateway) Run(ctx context.Context) error {
 	if g.upstream != nil {
 		eg.Go(func() error { return g.upstream.Run(ctx) })
 	}
+	if g.pairing != nil {
+		g.pairing.run(ctx, eg)
+	}
 	if l := g.cfg.Load().Metrics.Listen; l != "" {
 		if err := g.serveMetrics(ctx, eg, l); err != nil {
 			return err
@@ -445,6 +459,9 @@ func (g *Gateway) Run(ctx context.Context) error {
 }
 
 func (g *Gateway) close() {
+	if g.pairing != nil {
+		g.pairing.close()
+	}
 	if g.queue != nil {
 		g.queue.Close()
 	}

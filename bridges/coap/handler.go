@@ -196,7 +196,7 @@ func (s *Server) serveCoAP(w *responsewriter.ResponseWriter[*udpclient.Conn], m 
 		s.log.Info("coap: request refused: malformed", "device", se.device, "err", err)
 		res = diag(codes.BadRequest, "malformed request: %v", err)
 	} else {
-		res = s.route(m.Context(), se.device, r)
+		res = s.routeSession(m.Context(), m, se, r)
 	}
 	var opts []message.Option
 	if res.maxAge > 0 {

@@ -49,6 +49,8 @@ type Config struct {
 	// device's command observation). A device that comes back after it
 	// does a new handshake.
 	IdleTimeout time.Duration
+	// Enroll, if set, admits pairing sessions (see enroll.go).
+	Enroll Enrollment
 }
 
 func (c *Config) defaults() {
@@ -93,6 +95,7 @@ type session struct {
 	mu     sync.Mutex
 	cancel map[string]func() // observe token → cancel
 	seq    uint32
+	enroll enrollInfo // what the session may reach (enroll.go)
 }
 
 // New binds the listeners (so a port clash is reported before Run).
@@ -228,7 +231,7 @@ func (s *Server) onNewConn(cc *udpclient.Conn) {
 		cc.Close()
 		return
 	}
-	se := &session{device: dev, mode: mode, cc: cc, cancel: map[string]func(){}}
+	se := &session{device: dev, mode: mode, cc: cc, cancel: map[string]func(){}, enroll: s.classify(dev, st)}
 	s.mu.Lock()
 	s.sessions[cc] = se
 	if s.byDevice[dev] == nil {

@@ -1,0 +1,626 @@
+package gateway
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net/http"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/bastion-iot/bastion/bridges"
+	"github.com/bastion-iot/bastion/bridges/coap"
+	"github.com/bastion-iot/bastion/gateway/button"
+	"github.com/bastion-iot/bastion/gateway/config"
+	"github.com/bastion-iot/bastion/gateway/console"
+	"github.com/bastion-iot/bastion/gateway/pairing"
+	"github.com/bastion-iot/bastion/gateway/store"
+	"github.com/bastion-iot/bastion/internal/clock"
+	"github.com/bastion-iot/bastion/pki"
+	"github.com/bastion-iot/bastion/pki/est"
+	"github.com/bastion-iot/bastion/pki/spake2plus"
+)
+
+// Session identities of enrollment sessions, as bridges.Identity returns
+// them. Operational device ids never contain ':' (pki.ValidDeviceID), so
+// these can never be mistaken for one, and coap.Kind tells them apart.
+const (
+	idPAKE   = "pake:"
+	idEnroll = "enroll:"
+	idIDevID = "idevid:"
+)
+
+// pairingSvc wires the button, the pairing window, the setup codes and EST
+// together. Nothing in it opens the window: only button events do, and
+// they come only from the sources opened here from the configuration.
+type pairingSvc struct {
+	g        *Gateway
+	win      *pairing.Window
+	codes    *pairing.Codes
+	enroller *pairing.Enroller
+	vendors  map[string]*x509.CertPool
+	sources  []button.Source
+	watchers []*button.Watcher
+	events   chan button.Event
+	refused  *prometheus.CounterVec
+
+	mu      sync.Mutex
+	pake    map[string]*pakeRun      // label device id → exchange after hello
+	pending map[string]*pendingEnrol // label device id → PAKE done, EST next
+}
+
+type pakeRun struct {
+	s        *pairing.Session
+	expected store.ExpectedDevice
+}
+
+type pendingEnrol struct {
+	s        *pairing.Session
+	psk      []byte
+	expected store.ExpectedDevice
+}
+
+// openPairing builds the window and opens the button sources. In --dev
+// the input is a FIFO in the state directory, made 0600 here.
+func (g *Gateway) openPairing(cfg config.Config) error {
+	p := &pairingSvc{g: g, events: make(chan button.Event), vendors: map[string]*x509.CertPool{},
+		pake: map[string]*pakeRun{}, pending: map[string]*pendingEnrol{}}
+	clk := g.opts.PairingClock
+	if clk == nil {
+		clk = clock.Real{}
+	}
+	var err error
+	p.win, err = pairing.New(pairing.Config{Duration: cfg.Pairing.Window.D()}, p.events, clk, p.audit, g.metrics.reg, g.log)
+	if err != nil {
+		return fmt.Errorf("pairing: %w", err)
+	}
+	if p.codes, err = pairing.NewCodes(pairing.GatewayProver, spake2plus.DefaultKDFParams, clk, p.audit); err != nil {
+		return fmt.Errorf("pairing: %w", err)
+	}
+	p.enroller = &pairing.Enroller{Window: p.win, Codes: p.codes, GatewayID: cfg.GatewayID, Rand: rand.Reader}
+	p.refused = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "bastion", Subsystem: "pairing", Name: "sessions_refused_total",
+		Help: "Enrollment DTLS sessions refused at the handshake, by reason.",
+	}, []string{"reason"})
+	if err := g.metrics.reg.Register(p.refused); err != nil {
+		return fmt.Errorf("pairing metrics: %w", err)
+	}
+	for name, file := range cfg.Pairing.Vendors {
+		b, err := os.ReadFile(file)
+		if err != nil {
+			return fmt.Errorf("pairing.vendors.%s: %w", name, err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(b) {
+			return fmt.Errorf("pairing.vendors.%s: %s holds no PEM certificate", name, file)
+		}
+		p.vendors[name] = pool
+	}
+	g.pairing = p // before the sources: close() releases what was opened
+	if err := p.openSources(cfg.Pairing, clk); err != nil {
+		return err
+	}
+	g.extraControl["POST /v1/pairing/expect"] = http.HandlerFunc(p.controlExpect)
+	g.addStatus("pairing", func() any {
+		st := p.win.State()
+		m := map[string]any{"open": st.Open, "failures": st.Failures, "buttons": len(p.sources), "vendors": len(p.vendors)}
+		if st.Open {
+			m["closes"] = st.Deadline
+			m["enrolling"] = st.Enrolling
+		}
+		if st.LastClose != nil {
+			m["last_close"] = string(st.LastClose.Reason)
+		}
+		return m
+	})
+	return nil
+}
+
+func (p *pairingSvc) openSources(pc config.Pairing, clk clock.Clock) error {
+	layout := button.NativeLayout()
+	switch pc.Layout {
+	case "64":
+		layout = button.Layout64
+	case "32":
+		layout = button.Layout32
+	}
+	if pc.Input != "" {
+		src, err := openInput(pc.Input, uint16(pc.KeyCode), layout, p.g.opts.Dev)
+		if err != nil {
+			return err
+		}
+		p.sources = append(p.sources, src)
+	}
+	if pc.GPIOChip != "" {
+		src, err := button.OpenGPIO(pc.GPIOChip, uint32(pc.GPIOLine), button.GPIOConfig{ActiveLow: true, Bias: button.BiasPullUp})
+		if err != nil {
+			return fmt.Errorf("pairing.gpio_chip: %w", err)
+		}
+		p.sources = append(p.sources, src)
+	}
+	for _, s := range p.sources {
+		w, err := button.NewWatcher(s, button.Config{}, clk, p.g.log)
+		if err != nil {
+			return err
+		}
+		p.watchers = append(p.watchers, w)
+	}
+	if len(p.sources) == 0 {
+		p.g.log.Warn("pairing: no button configured (pairing.input, pairing.gpio_chip): no device can be paired")
+	}
+	return nil
+}
+
+// openInput opens an evdev node or a FIFO. A FIFO is opened read-write so
+// that opening does not wait for a writer and a writer closing is no EOF;
+// in dev mode a missing one is made, 0600, in the 0700 state directory.
+func openInput(path string, code uint16, l button.Layout, dev bool) (button.Source, error) {
+	fi, err := os.Stat(path)
+	if errors.Is(err, fs.ErrNotExist) && dev {
+		if err := syscall.Mkfifo(path, 0o600); err != nil {
+			return nil, fmt.Errorf("pairing.input: make FIFO %s: %w", path, err)
+		}
+		fi, err = os.Stat(path)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("pairing.input %s: %w", path, err)
+	}
+	if fi.Mode()&fs.ModeNamedPipe == 0 {
+		return button.OpenInput(path, code, l)
+	}
+	if fi.Mode().Perm()&0o022 != 0 {
+		return nil, fmt.Errorf("pairing.input %s: FIFO mode %v lets others press the button: chmod 600 it", path, fi.Mode().Perm())
+	}
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return nil, fmt.Errorf("pairing.input: open FIFO %s: %w", path, err)
+	}
+	s, err := button.NewInputSource(f, code, l)
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	return s, nil
+}
+
+// run starts the window and the watchers in the gateway's errgroup.
+func (p *pairingSvc) run(ctx context.Context, eg *errgroup.Group) {
+	eg.Go(func() error { return p.win.Run(ctx) })
+	for _, w := range p.watchers {
+		eg.Go(func() error { return w.Run(ctx, p.events) })
+	}
+}
+
+func (p *pairingSvc) close() {
+	for _, s := range p.sources {
+		if c, ok := s.(interface{ Close() error }); ok {
+			c.Close()
+		}
+	}
+}
+
+// audit writes a window step to the audit log.
+func (p *pairingSvc) audit(e pairing.AuditEvent) {
+	actor := "pairing"
+	if e.Step == pairing.StepOpened || e.Reason == pairing.ReasonCancelled {
+		actor = "button"
+	}
+	detail := e.Detail
+	if e.Reason != "" {
+		detail = strings.TrimSpace(string(e.Reason) + "; " + detail)
+	}
+	if e.Alert {
+		detail = "ALERT: " + detail
+	}
+	p.event(actor, string(e.Step), e.Device, detail)
+}
+
+func (p *pairingSvc) event(actor, action, target, detail string) {
+	st := p.g.store
+	if st == nil {
+		return
+	}
+	if _, err := st.Audit(store.Event{Time: p.g.clock.Now(), Actor: actor, Action: action, Target: target, Detail: detail}); err != nil {
+		p.g.log.Error("audit log write failed", "action", action, "err", err)
+	}
+}
+
+func (p *pairingSvc) refuse(reason, device, detail string) error {
+	p.refused.WithLabelValues(reason).Inc()
+	p.event("pairing", "pairing.session_refused", device, reason+": "+detail)
+	return fmt.Errorf("pairing session for %q refused: %s", device, detail)
+}
+
+// psk recognises the enrollment PSK identities; ok is false for any other
+// identity (an operational PSK).
+func (p *pairingSvc) psk(identity []byte) (device string, key []byte, err error, ok bool) {
+	if p == nil {
+		return "", nil, nil, false
+	}
+	prefix, id := pairing.SplitIdentity(string(identity))
+	switch {
+	case prefix == "":
+		return "", nil, nil, false
+	case id == "" || len(id) > 128:
+		return "", nil, p.refuse("bad identity", id, "enrollment identity without a usable device id"), true
+	case !p.win.IsOpen():
+		return "", nil, p.refuse("no window", id, "no pairing window is open: press the gateway's button first"), true
+	case prefix == pairing.PAKEIdentityPrefix:
+		return idPAKE + id, pairing.PublicPAKEPSK(id), nil, true
+	}
+	p.mu.Lock()
+	pe := p.pending[id]
+	p.mu.Unlock()
+	if pe == nil || p.win.State().Enrolling != id {
+		return "", nil, p.refuse("no exchange", id, "no setup-code exchange completed for this device in the open window"), true
+	}
+	return idEnroll + id, pe.psk, nil, true
+}
+
+// verifyIDevID accepts a manufacturer certificate chaining to a configured
+// vendor root, only while the window is open, for an enrollment session.
+func (p *pairingSvc) verifyIDevID(raw [][]byte) (string, error) {
+	if len(raw) == 0 {
+		return "", errors.New("no certificate")
+	}
+	leaf, err := x509.ParseCertificate(raw[0])
+	if err != nil {
+		return "", fmt.Errorf("certificate does not parse: %w", err)
+	}
+	claim := leaf.Subject.CommonName
+	if len(p.vendors) == 0 {
+		return "", errors.New("not issued by this gateway's CA, and no vendor roots are configured (pairing.vendors)")
+	}
+	inter := x509.NewCertPool()
+	for _, r := range raw[1:] {
+		if c, err := x509.ParseCertificate(r); err == nil {
+			inter.AddCert(c)
+		}
+	}
+	vendor := ""
+	for name, pool := range p.vendors {
+		if _, err := leaf.Verify(x509.VerifyOptions{Roots: pool, Intermediates: inter, CurrentTime: p.g.clock.Now(),
+			KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err == nil {
+			vendor = name
+			break
+		}
+	}
+	if vendor == "" {
+		return "", p.refuse("unknown vendor", claim, "certificate chains neither to this gateway's CA nor to a configured vendor root")
+	}
+	if !p.win.IsOpen() {
+		return "", p.refuse("no window", claim, "manufacturer certificate of "+vendor+" outside a pairing window: press the gateway's button first")
+	}
+	sum := sha256.Sum256(leaf.Raw)
+	return idIDevID + vendor + ":" + hex.EncodeToString(sum[:8]), nil
+}
+
+// coapIdentity is the identity the CoAP listeners use: the gateway's, plus
+// manufacturer certificates for enrollment sessions. MQTT does not get
+// the latter: it has no enrollment resources.
+type coapIdentity struct {
+	*identity
+	p *pairingSvc
+}
+
+func (c coapIdentity) VerifyCert(raw [][]byte) (string, error) {
+	dev, err := c.identity.VerifyCert(raw)
+	if err == nil || errors.Is(err, pki.ErrRevoked) || c.p == nil {
+		return dev, err
+	}
+	return c.p.verifyIDevID(raw)
+}
+
+func (g *Gateway) coapIdentity(id *identity) bridges.Identity {
+	return coapIdentity{identity: id, p: g.pairing}
+}
+
+// coapEnrollment is the Enrollment the CoAP server gets (nil interface if
+// pairing is not wired).
+func (g *Gateway) coapEnrollment() coap.Enrollment {
+	if g.pairing == nil {
+		return nil
+	}
+	return g.pairing
+}
+
+// Kind classifies session identities for the CoAP server.
+func (p *pairingSvc) Kind(device string) coap.Kind {
+	switch {
+	case strings.HasPrefix(device, idPAKE):
+		return coap.KindPAKE
+	case strings.HasPrefix(device, idEnroll), strings.HasPrefix(device, idIDevID):
+		return coap.KindEnroll
+	case strings.Contains(device, ":"):
+		return coap.KindNone
+	}
+	return coap.KindDevice
+}
+
+// PAKE runs one round of the setup-code exchange.
+func (p *pairingSvc) PAKE(ctx context.Context, device string, msg []byte) ([]byte, error) {
+	id := strings.TrimPrefix(device, idPAKE)
+	var m pairing.PAKEMessage
+	if err := m.UnmarshalBinary(msg); err != nil {
+		p.event("pairing", "pairing.message_refused", id, err.Error())
+		return nil, err
+	}
+	switch m.Type {
+	case pairing.MsgHello:
+		if string(m.ID) != id {
+			p.event("pairing", "pairing.message_refused", id, "hello names another device than the session")
+			return nil, fmt.Errorf("hello for %q in the session of %q", m.ID, id)
+		}
+		exp, err := p.expectedFor(id)
+		if err == nil {
+			code := []byte(exp.Code)
+			ttl := time.Until(exp.Expires)
+			if ttl <= 0 || ttl > pairing.MaxCodeTTL {
+				ttl = pairing.DefaultTTL
+			}
+			err = p.codes.Register(id, code, ttl)
+		}
+		if err != nil {
+			p.event("pairing", "pairing.setup_code_missing", id, err.Error())
+		}
+		// Hello claims the window and fails the attempt when no code is
+		// registered, so that an unknown device counts as a failure.
+		s, reply, herr := p.enroller.Hello(msg)
+		if herr != nil {
+			return nil, herr
+		}
+		p.mu.Lock()
+		p.pake[id] = &pakeRun{s: s, expected: exp}
+		delete(p.pending, id)
+		p.mu.Unlock()
+		return reply, nil
+	case pairing.MsgRound2:
+		p.mu.Lock()
+		run := p.pake[id]
+		delete(p.pake, id)
+		p.mu.Unlock()
+		if run == nil {
+			p.event("pairing", "pairing.message_refused", id, "round 2 without a hello in this window")
+			return nil, errors.New("round 2 without a hello: start the exchange again")
+		}
+		reply, _, psk, err := run.s.Finish(msg)
+		if err != nil {
+			return nil, err
+		}
+		if p.win.State().Enrolling != id {
+			return nil, fmt.Errorf("enroll %s: %w", id, pairing.ErrAttemptOver)
+		}
+		p.mu.Lock()
+		p.pending[id] = &pendingEnrol{s: run.s, psk: psk, expected: run.expected}
+		p.mu.Unlock()
+		p.event("pairing", "pairing.pake_done", id, "setup code proved; enrollment session keyed")
+		return reply, nil
+	}
+	return nil, fmt.Errorf("%w: unexpected message type %d", pairing.ErrMalformedPAKE, m.Type)
+}
+
+// expectedFor picks the setup code registered for device: the expected
+// device named like the device's label id, else the only one expected.
+func (p *pairingSvc) expectedFor(id string) (store.ExpectedDevice, error) {
+	es, err := p.g.store.ExpectedDevices()
+	if err != nil {
+		return store.ExpectedDevice{}, err
+	}
+	now := p.g.clock.Now()
+	var live []store.ExpectedDevice
+	for _, e := range es {
+		if now.Before(e.Expires) {
+			live = append(live, e)
+		}
+	}
+	for _, e := range live {
+		if e.Name == id {
+			return e, nil
+		}
+	}
+	switch len(live) {
+	case 0:
+		return store.ExpectedDevice{}, pairing.ErrNoCode
+	case 1:
+		return live[0], nil
+	}
+	return store.ExpectedDevice{}, fmt.Errorf("%d devices are expected and none is named %q: name the expected device by the id on its label, or pair one at a time", len(live), id)
+}
+
+// caIssuer adapts the CA to est.Issuer.
+type caIssuer struct{ g *Gateway }
+
+func (c caIssuer) IssueDevice(ctx context.Context, csr *x509.CertificateRequest, id string) (*x509.Certificate, error) {
+	return c.g.ca.IssueDevice(csr, id, c.g.cfg.Load().PKI.DeviceCertValidity.D())
+}
+
+func (c caIssuer) Chain() []*x509.Certificate { return c.g.ca.Chain() }
+
+func estRefuse(code est.Code, err error) est.Response {
+	return est.Response{Code: code, ContentFormat: est.NoFormat, Payload: []byte(err.Error()), Err: err}
+}
+
+// EST answers EST-coaps: /crts and /sren for operational sessions, /crts
+// and /sen for enrollment sessions. /sen commits the window's attempt
+// before the certificate leaves, and records the device.
+func (p *pairingSvc) EST(ctx context.Context, device string, kind coap.Kind, peer []*x509.Certificate, r est.Request) est.Response {
+	h := est.Handler{Issuer: caIssuer{p.g}}
+	if kind == coap.KindDevice || r.Path == est.PathCrts {
+		if r.Path == est.PathSren {
+			if len(peer) == 0 {
+				return estRefuse(est.Unauthorized, errors.New("renewal needs the current operational certificate: use the certificate listener"))
+			}
+			r.Peer, r.DeviceID = peer[0], device
+		}
+		resp := h.Handle(ctx, r)
+		if resp.Issued != nil {
+			p.g.store.RecordCert(store.Cert{Serial: pki.Serial(resp.Issued), Device: device, NotAfter: resp.Issued.NotAfter})
+			p.event("device:"+device, "device.renew", device, "serial "+pki.Serial(resp.Issued))
+		}
+		return resp
+	}
+	// Enrollment (/sen) in a KindEnroll session.
+	var commit func() error
+	var fail func(string)
+	var name, vendor, model, method, expectedID string
+	switch {
+	case strings.HasPrefix(device, idEnroll):
+		id := strings.TrimPrefix(device, idEnroll)
+		p.mu.Lock()
+		pe := p.pending[id]
+		p.mu.Unlock()
+		if pe == nil {
+			return estRefuse(est.Forbidden, errors.New("no setup-code exchange completed for this device in the open window"))
+		}
+		commit, fail = pe.s.Succeed, pe.s.Attempt().Fail
+		name, method, expectedID = pe.expected.Name, "setup-code", pe.expected.ID
+		if name == "" {
+			name = id
+		}
+	case strings.HasPrefix(device, idIDevID) && len(peer) > 0:
+		a, err := p.win.Begin(device)
+		if err != nil {
+			return estRefuse(est.Forbidden, err)
+		}
+		commit, fail = a.Succeed, a.Fail
+		vendor, _, _ = strings.Cut(strings.TrimPrefix(device, idIDevID), ":")
+		model = peer[0].Subject.CommonName
+		if model == "" {
+			model = peer[0].Subject.SerialNumber
+		}
+		name, method = vendor+" "+model, "idevid"
+	default:
+		return estRefuse(est.Forbidden, errors.New("this session may not enroll"))
+	}
+	opID := pki.NewDeviceID()
+	r.DeviceID = opID
+	resp := h.Handle(ctx, r)
+	if resp.Issued == nil {
+		fail("EST enrollment refused: " + errString(resp.Err))
+		return resp
+	}
+	if err := commit(); err != nil {
+		return estRefuse(est.Forbidden, fmt.Errorf("credentials withheld: %w", err))
+	}
+	p.mu.Lock()
+	delete(p.pending, strings.TrimPrefix(device, idEnroll))
+	p.mu.Unlock()
+	if expectedID != "" {
+		p.g.store.DeleteExpectedDevice(expectedID)
+	}
+	if err := p.g.devices.enrolled(name, vendor, model, opID, resp.Issued, method); err != nil {
+		p.g.log.Error("pairing: enrolled device not recorded", "device", opID, "err", err)
+		return estRefuse(est.InternalServerError, fmt.Errorf("device record: %w", err))
+	}
+	return resp
+}
+
+// enrolled records a device that enrolled in a pairing window: the same
+// record and audit as Add, so revocation works the same way.
+func (d *Devices) enrolled(name, vendor, model, id string, cert *x509.Certificate, method string) error {
+	now := d.ca.Clock().Now()
+	dev := store.Device{ID: id, Name: name, Auth: "cert", Vendor: vendor, Model: model, Created: now}
+	if !validName(dev.Name) {
+		dev.Name = id
+	}
+	if err := d.store.RecordCert(store.Cert{Serial: pki.Serial(cert), Device: id, NotAfter: cert.NotAfter}); err != nil {
+		return err
+	}
+	err := d.store.AddDevice(dev)
+	if errors.Is(err, store.ErrNameTaken) {
+		dev.Name = dev.Name + " (" + id + ")"
+		err = d.store.AddDevice(dev)
+	}
+	if err != nil {
+		return err
+	}
+	d.audit(Actor{Name: "pairing"}, "device.add", id, "name="+strconv.Quote(dev.Name)+" auth=cert method="+method+" vendor="+strconv.Quote(vendor)+" model="+strconv.Quote(model))
+	d.log.Info("device enrolled in a pairing window", "device", id, "name", dev.Name, "method", method, "vendor", vendor)
+	return nil
+}
+
+// controlExpect registers a setup code over the control socket
+// (bastionctl pairing expect): registration only, it opens nothing.
+func (p *pairingSvc) controlExpect(w http.ResponseWriter, r *http.Request) {
+	if ok, _ := r.Context().Value(peerKey{}).(bool); !ok {
+		http.Error(w, "control socket: peer not allowed", http.StatusForbidden)
+		return
+	}
+	var in struct {
+		Name string `json:"name"`
+		Code string `json:"code"`
+	}
+	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 4096)).Decode(&in); err != nil {
+		http.Error(w, "want JSON {name, code}: "+err.Error(), http.StatusBadRequest)
+		return
+	}
+	code := strings.ReplaceAll(strings.TrimSpace(in.Code), " ", "")
+	if !validName(in.Name) || len(code) < pairing.MinCodeLen || len(code) > pairing.MaxCodeLen {
+		http.Error(w, "name: 1-64 printable characters; code: 8-64 characters as printed on the label", http.StatusBadRequest)
+		return
+	}
+	now := p.g.clock.Now()
+	e, err := p.g.store.ExpectDevice(store.ExpectedDevice{Name: in.Name, Code: code, Created: now, Expires: now.Add(pairing.DefaultTTL), By: "bastionctl"})
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusInternalServerError)
+		return
+	}
+	p.event("bastionctl", "pairing.expect", e.ID, "name="+strconv.Quote(in.Name))
+	e.Code = ""
+	w.Header().Set("Content-Type", "application/json")
+	json.NewEncoder(w).Encode(e)
+}
+
+// consolePairing shows the window and its history; it cannot open it.
+type consolePairing struct{ p *pairingSvc }
+
+func (c consolePairing) Window(ctx context.Context) (console.PairingWindow, error) {
+	st := c.p.win.State()
+	w := console.PairingWindow{Open: st.Open, Attempts: st.Failures, Available: len(c.p.sources) > 0}
+	if st.Open {
+		w.OpenedBy, w.Closes = "button", st.Deadline
+	}
+	return w, nil
+}
+
+func (c consolePairing) History(ctx context.Context, limit int) ([]console.PairingEvent, error) {
+	es, err := c.p.g.store.AuditLog(20*limit, 0)
+	if err != nil {
+		return nil, err
+	}
+	var out []console.PairingEvent
+	for _, e := range es {
+		if len(out) >= limit {
+			break
+		}
+		if !strings.HasPrefix(e.Action, "pairing.") && !(e.Action == "device.add" && e.Actor == "pairing") {
+			continue
+		}
+		method := ""
+		switch {
+		case strings.Contains(e.Detail, "method=idevid") || strings.HasPrefix(e.Target, idIDevID):
+			method = "idevid"
+		case strings.Contains(e.Detail, "method=setup-code"), strings.HasPrefix(e.Action, "pairing.pake"), strings.HasPrefix(e.Action, "pairing.setup_code"):
+			method = "setup-code"
+		}
+		res := strings.TrimPrefix(e.Action, "pairing.")
+		if e.Detail != "" {
+			res += ": " + e.Detail
+		}
+		out = append(out, console.PairingEvent{Time: e.Time, Device: e.Target, Method: method, Result: res})
+	}
+	return out, nil
+}
