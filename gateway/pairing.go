@@ -110,7 +110,7 @@ func (g *Gateway) openPairing(cfg config.Config) error {
 		p.vendors[name] = pool
 	}
 	g.pairing = p // before the sources: close() releases what was opened
-	if err := p.openSources(cfg.Pairing, clk); err != nil {
+	if err := p.openSources(cfg.Pairing); err != nil {
 		return err
 	}
 	g.extraControl["POST /v1/pairing/expect"] = http.HandlerFunc(p.controlExpect)
@@ -129,7 +129,7 @@ func (g *Gateway) openPairing(cfg config.Config) error {
 	return nil
 }
 
-func (p *pairingSvc) openSources(pc config.Pairing, clk clock.Clock) error {
+func (p *pairingSvc) openSources(pc config.Pairing) error {
 	layout := button.NativeLayout()
 	switch pc.Layout {
 	case "64":
@@ -152,7 +152,8 @@ func (p *pairingSvc) openSources(pc config.Pairing, clk clock.Clock) error {
 		p.sources = append(p.sources, src)
 	}
 	for _, s := range p.sources {
-		w, err := button.NewWatcher(s, button.Config{}, clk, p.g.log)
+		// Debounce is about the real signal: always the real clock.
+		w, err := button.NewWatcher(s, button.Config{}, clock.Real{}, p.g.log)
 		if err != nil {
 			return err
 		}
