@@ -100,10 +100,9 @@ func (s *Server) routeSession(ctx context.Context, m *pool.Message, se *session,
 	path := "/" + strings.TrimPrefix(r.path, "/")
 	kind := se.enroll.kind
 	switch {
-	case kind == KindDevice && s.cfg.Enroll != nil && strings.HasPrefix(path, "/.well-known/est/"):
-		if path == est.PathSen {
-			return s.refuseEnroll(se, path, "enrollment (/sen) is only for a new device in a pairing window; renew with /sren")
-		}
+	case kind == KindDevice && s.cfg.Enroll != nil && path == est.PathSen:
+		return s.refuseEnroll(se, path, "enrollment (/sen) is only for a new device in a pairing window; renew with /sren")
+	case kind == KindDevice && s.cfg.Enroll != nil && (path == est.PathCrts || path == est.PathSren):
 		return s.est(ctx, m, se, r, path)
 	case kind == KindDevice:
 		return s.route(ctx, se.device, r)
