@@ -30,11 +30,18 @@ const usage = `usage:
   devicesim --mqtt --creds FILE ... subscribe [PATH]    (commands on devices/{id}/c/PATH, default #)
   devicesim --coap --creds FILE ... observe [PATH]      (commands on /c/PATH)
   devicesim keygen KEY_OUT CSR_OUT                      (key and CSR for bastionctl device add --auth cert --csr)
+  devicesim pair ... | press-button ...                 (pairing: see devicesim pair --help)
 
 TOPIC is a telemetry path (temp, room/temp) or a full topic devices/{id}/t/... .
 `
 
 func run(args []string, stdout, stderr io.Writer) int {
+	if len(args) > 0 && args[0] == "pair" {
+		return runPair(args[1:], stdout, stderr)
+	}
+	if len(args) > 0 && args[0] == "press-button" {
+		return runPress(args[1:], stdout, stderr)
+	}
 	fs := flag.NewFlagSet("devicesim", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.Usage = func() { fmt.Fprint(stderr, usage); fs.PrintDefaults() }
