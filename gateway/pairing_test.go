@@ -86,22 +86,31 @@ func startPairing(t *testing.T, mutate func(*config.Config)) *pgw {
 	return &pgw{tgw: &tgw{running: r, log: lb, dir: dir, sink: sink}, pclock: pc, fifo: fifo}
 }
 
-// press holds the button for hold and waits (bounded) until the window
-// reports the press.
+// press holds the button for hold and waits (bounded) until the press is
+// in the audit log (written after the window changed state).
 func (g *pgw) press(t *testing.T, hold time.Duration) {
 	t.Helper()
-	g.pclock.Advance(time.Millisecond) // so that this press has its own ButtonSeen
-	before := g.g.pairing.win.State().ButtonSeen
+	count := func() int {
+		es, _ := g.g.Store().AuditLog(10000, 0)
+		n := 0
+		for _, e := range es {
+			if e.Actor == "button" || e.Action == string(pairing.StepButtonIgnored) {
+				n++
+			}
+		}
+		return n
+	}
+	before := count()
 	if err := devicesim.PressButton(g.fifo, hold, button.KeyWPSButton); err != nil {
 		t.Fatal(err)
 	}
 	for i := 0; i < 500; i++ {
-		if g.g.pairing.win.State().ButtonSeen != before {
+		if count() != before {
 			return
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	t.Fatal("the window did not see the button press within 5s")
+	t.Fatal("the button press was not audited within 5s")
 }
 
 func (g *pgw) expect(t *testing.T, name, code string) {
@@ -228,6 +237,7 @@ func TestPairingSetupCode(t *testing.T) {
 		t.Error("/crts inside the enrollment session did not give the gateway's root")
 	}
 	g.publishBoth(t, c)
+	renew(t, g, c)
 
 	// The enrollment session identity is dead once the window closed.
 	if _, err := devicesim.DialPSK(ctx, psk, pairing.PSKIdentityPrefix+"acme-t1", make([]byte, 32)); err == nil {
@@ -408,5 +418,49 @@ func TestPairingIDevID(t *testing.T) {
 	h, _ := consolePairing{g.g.pairing}.History(ctx, 50)
 	if len(h) == 0 || !slices.ContainsFunc(h, func(e console.PairingEvent) bool { return e.Method == "idevid" }) {
 		t.Errorf("console history = %+v, want idevid events", h)
+	}
+}
+
+// renew runs EST /sren with the operational certificate on the certificate
+// listener: always available, no window needed.
+func renew(t *testing.T, g *pgw, c devicesim.Creds) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	co, err := (&devicesim.Device{Creds: c}).DialCoAP(ctx, g.g.Addrs()["coaps"])
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer co.Close()
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	csr, _ := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, key)
+	if r, err := co.Do(ctx, codes.POST, "/.well-known/est/sen", csr, 286); err != nil || r.Code != codes.Forbidden {
+		t.Errorf("operational session POST /sen = %v %v, want 4.03", r.Code, err)
+	}
+	r, err := co.Do(ctx, codes.POST, "/.well-known/est/sren", csr, 286)
+	if err != nil || r.Code != codes.Changed {
+		t.Fatalf("/sren = %v %s %v, want 2.04", r.Code, r.Payload, err)
+	}
+	cert, err := x509.ParseCertificate(r.Payload)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if id, err := pki.DeviceIDOf(cert); err != nil || id != c.ID {
+		t.Errorf("renewed certificate is for %q (%v), want %s", id, err, c.ID)
+	}
+	if len(g.audited(t, "device.renew")) != 1 {
+		t.Error("renewal not audited")
+	}
+}
+
+func TestPairingKinds(t *testing.T) {
+	p := &pairingSvc{}
+	for dev, want := range map[string]coap.Kind{
+		"dabc234": coap.KindDevice, "pake:acme-1": coap.KindPAKE, "enroll:acme-1": coap.KindEnroll,
+		"idevid:acme:00ff": coap.KindEnroll, "other:x": coap.KindNone,
+	} {
+		if got := p.Kind(dev); got != want {
+			t.Errorf("Kind(%q) = %v, want %v", dev, got, want)
+		}
 	}
 }
