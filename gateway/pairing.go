@@ -273,17 +273,16 @@ func (p *pairingSvc) psk(identity []byte) (device string, key []byte, err error,
 
 // verifyIDevID accepts a manufacturer certificate chaining to a configured
 // vendor root, only while the window is open, for an enrollment session.
-func (p *pairingSvc) verifyIDevID(raw [][]byte) (string, error) {
+// caErr is why the gateway's own CA refused the chain: it stays the answer
+// for anything that is not an enrollment, so refusal reasons keep their
+// meaning.
+func (p *pairingSvc) verifyIDevID(raw [][]byte, caErr error) (string, error) {
 	if len(raw) == 0 {
-		return "", errors.New("no certificate")
+		return "", caErr
 	}
 	leaf, err := x509.ParseCertificate(raw[0])
 	if err != nil {
-		return "", fmt.Errorf("certificate does not parse: %w", err)
-	}
-	claim := leaf.Subject.CommonName
-	if len(p.vendors) == 0 {
-		return "", errors.New("not issued by this gateway's CA, and no vendor roots are configured (pairing.vendors)")
+		return "", caErr
 	}
 	inter := x509.NewCertPool()
 	for _, r := range raw[1:] {
@@ -299,10 +298,15 @@ func (p *pairingSvc) verifyIDevID(raw [][]byte) (string, error) {
 			break
 		}
 	}
-	if vendor == "" {
-		return "", p.refuse("unknown vendor", claim, "certificate chains neither to this gateway's CA nor to a configured vendor root")
-	}
-	if !p.win.IsOpen() {
+	open := p.win.IsOpen()
+	claim := leaf.Subject.CommonName
+	switch {
+	case vendor == "" && open:
+		p.refuse("unknown vendor", claim, "certificate chains neither to this gateway's CA nor to a configured vendor root (pairing.vendors)")
+		return "", caErr
+	case vendor == "":
+		return "", caErr
+	case !open:
 		return "", p.refuse("no window", claim, "manufacturer certificate of "+vendor+" outside a pairing window: press the gateway's button first")
 	}
 	sum := sha256.Sum256(leaf.Raw)
@@ -322,7 +326,11 @@ func (c coapIdentity) VerifyCert(raw [][]byte) (string, error) {
 	if err == nil || errors.Is(err, pki.ErrRevoked) || c.p == nil {
 		return dev, err
 	}
-	return c.p.verifyIDevID(raw)
+	idev, ierr := c.p.verifyIDevID(raw, err)
+	if ierr == err {
+		return dev, err
+	}
+	return idev, ierr
 }
 
 func (g *Gateway) coapIdentity(id *identity) bridges.Identity {
