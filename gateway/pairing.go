@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -56,6 +57,14 @@ type pairingSvc struct {
 	watchers []*button.Watcher
 	events   chan button.Event
 	refused  *prometheus.CounterVec
+	// buttonErr is why a button source stopped, for the status.
+	buttonErr atomic.Value
+	// pakeMu runs one PAKE message at a time: a hello costs a scrypt
+	// derivation (32 MiB), which must not run concurrently on a small box.
+	pakeMu sync.Mutex
+	// derived remembers which expected code is registered for which label
+	// id, so that a repeated hello does not derive it again.
+	derived map[string]string
 
 	mu      sync.Mutex
 	pake    map[string]*pakeRun      // label device id → exchange after hello
@@ -77,7 +86,7 @@ type pendingEnrol struct {
 // the input is a FIFO in the state directory, made 0600 here.
 func (g *Gateway) openPairing(cfg config.Config) error {
 	p := &pairingSvc{g: g, events: make(chan button.Event), vendors: map[string]*x509.CertPool{},
-		pake: map[string]*pakeRun{}, pending: map[string]*pendingEnrol{}}
+		pake: map[string]*pakeRun{}, pending: map[string]*pendingEnrol{}, derived: map[string]string{}}
 	clk := g.opts.PairingClock
 	if clk == nil {
 		clk = clock.Real{}
@@ -123,6 +132,9 @@ func (g *Gateway) openPairing(cfg config.Config) error {
 		}
 		if st.LastClose != nil {
 			m["last_close"] = string(st.LastClose.Reason)
+		}
+		if e, ok := p.buttonErr.Load().(string); ok {
+			m["button_error"] = e
 		}
 		return m
 	})
@@ -201,7 +213,16 @@ func openInput(path string, code uint16, l button.Layout, dev bool) (button.Sour
 func (p *pairingSvc) run(ctx context.Context, eg *errgroup.Group) {
 	eg.Go(func() error { return p.win.Run(ctx) })
 	for _, w := range p.watchers {
-		eg.Go(func() error { return w.Run(ctx, p.events) })
+		eg.Go(func() error {
+			// A button that goes away (an unplugged input device) stops
+			// pairing, not the gateway: devices already paired keep working.
+			if err := w.Run(ctx, p.events); err != nil {
+				p.buttonErr.Store(err.Error())
+				p.g.log.Error("pairing: button source stopped; no device can be paired until the gateway restarts", "err", err)
+				p.event("system", "pairing.button_failed", "", err.Error())
+			}
+			return nil
+		})
 	}
 }
 
@@ -361,6 +382,8 @@ func (p *pairingSvc) Kind(device string) coap.Kind {
 
 // PAKE runs one round of the setup-code exchange.
 func (p *pairingSvc) PAKE(ctx context.Context, device string, msg []byte) ([]byte, error) {
+	p.pakeMu.Lock()
+	defer p.pakeMu.Unlock()
 	id := strings.TrimPrefix(device, idPAKE)
 	var m pairing.PAKEMessage
 	if err := m.UnmarshalBinary(msg); err != nil {
@@ -374,13 +397,19 @@ func (p *pairingSvc) PAKE(ctx context.Context, device string, msg []byte) ([]byt
 			return nil, fmt.Errorf("hello for %q in the session of %q", m.ID, id)
 		}
 		exp, err := p.expectedFor(id)
-		if err == nil {
+		if enrolling := p.win.State().Enrolling; enrolling != "" && enrolling != id {
+			// Hello below aborts the window for the overlap: no need to
+			// derive a code for it.
+			err = nil
+		} else if err == nil && !p.isDerived(id, exp) {
 			code := []byte(exp.Code)
 			ttl := time.Until(exp.Expires)
 			if ttl <= 0 || ttl > pairing.MaxCodeTTL {
 				ttl = pairing.DefaultTTL
 			}
-			err = p.codes.Register(id, code, ttl)
+			if err = p.codes.Register(id, code, ttl); err == nil {
+				p.derived[id] = derivedKey(exp)
+			}
 		}
 		if err != nil {
 			p.event("pairing", "pairing.setup_code_missing", id, err.Error())
@@ -419,6 +448,24 @@ func (p *pairingSvc) PAKE(ctx context.Context, device string, msg []byte) ([]byt
 		return reply, nil
 	}
 	return nil, fmt.Errorf("%w: unexpected message type %d", pairing.ErrMalformedPAKE, m.Type)
+}
+
+func derivedKey(e store.ExpectedDevice) string {
+	h := sha256.Sum256([]byte(e.ID + "\x00" + e.Code))
+	return string(h[:])
+}
+
+// isDerived reports whether the code book holds e's code for id already.
+func (p *pairingSvc) isDerived(id string, e store.ExpectedDevice) bool {
+	if p.derived[id] != derivedKey(e) {
+		return false
+	}
+	for _, c := range p.codes.List() {
+		if c.Device == id {
+			return true
+		}
+	}
+	return false
 }
 
 // expectedFor picks the setup code registered for device: the expected
