@@ -529,9 +529,36 @@ func (p *pairingSvc) EST(ctx context.Context, device string, kind coap.Kind, pee
 		return resp
 	}
 	// Enrollment (/sen) in a KindEnroll session.
-	var commit func() error
-	var fail func(string)
-	var name, vendor, model, method, expectedID string
+	en, err := p.beginEnrol(device, peer)
+	if err != nil {
+		return estRefuse(est.Forbidden, err)
+	}
+	r.DeviceID = en.opID
+	resp := h.Handle(ctx, r)
+	if resp.Issued == nil {
+		en.fail("EST enrollment refused: " + errString(resp.Err))
+		return resp
+	}
+	if err := p.finishEnrol(en, store.Device{Auth: "cert"}, resp.Issued); err != nil {
+		return estRefuse(est.Forbidden, err)
+	}
+	return resp
+}
+
+// enrolment is one device's enrollment in progress, whichever way it
+// proved itself.
+type enrolment struct {
+	opID                                    string // its operational device id
+	commit                                  func() error
+	fail                                    func(string)
+	name, vendor, model, method, expectedID string
+	label                                   string // setup-code label id
+}
+
+// beginEnrol finds (setup code) or claims (IDevID) the window's attempt
+// for the device of a KindEnroll session.
+func (p *pairingSvc) beginEnrol(device string, peer []*x509.Certificate) (*enrolment, error) {
+	en := &enrolment{opID: pki.NewDeviceID()}
 	switch {
 	case strings.HasPrefix(device, idEnroll):
 		id := strings.TrimPrefix(device, idEnroll)
@@ -539,72 +566,88 @@ func (p *pairingSvc) EST(ctx context.Context, device string, kind coap.Kind, pee
 		pe := p.pending[id]
 		p.mu.Unlock()
 		if pe == nil {
-			return estRefuse(est.Forbidden, errors.New("no setup-code exchange completed for this device in the open window"))
+			return nil, errors.New("no setup-code exchange completed for this device in the open window")
 		}
-		commit, fail = pe.s.Succeed, pe.s.Attempt().Fail
-		name, method, expectedID = pe.expected.Name, "setup-code", pe.expected.ID
-		if name == "" {
-			name = id
+		en.commit, en.fail = pe.s.Succeed, pe.s.Attempt().Fail
+		en.name, en.method, en.expectedID, en.label = pe.expected.Name, "setup-code", pe.expected.ID, id
+		if en.name == "" {
+			en.name = id
 		}
 	case strings.HasPrefix(device, idIDevID) && len(peer) > 0:
 		a, err := p.win.Begin(device)
 		if err != nil {
-			return estRefuse(est.Forbidden, err)
+			return nil, err
 		}
-		commit, fail = a.Succeed, a.Fail
-		vendor, _, _ = strings.Cut(strings.TrimPrefix(device, idIDevID), ":")
-		model = peer[0].Subject.CommonName
-		if model == "" {
-			model = peer[0].Subject.SerialNumber
+		en.commit, en.fail = a.Succeed, a.Fail
+		en.vendor, _, _ = strings.Cut(strings.TrimPrefix(device, idIDevID), ":")
+		en.model = peer[0].Subject.CommonName
+		if en.model == "" {
+			en.model = peer[0].Subject.SerialNumber
 		}
-		name, method = vendor+" "+model, "idevid"
+		en.name, en.method = en.vendor+" "+en.model, "idevid"
 	default:
-		return estRefuse(est.Forbidden, errors.New("this session may not enroll"))
+		return nil, errors.New("this session may not enroll")
 	}
-	opID := pki.NewDeviceID()
-	r.DeviceID = opID
-	resp := h.Handle(ctx, r)
-	if resp.Issued == nil {
-		fail("EST enrollment refused: " + errString(resp.Err))
-		return resp
-	}
-	if err := commit(); err != nil {
-		return estRefuse(est.Forbidden, fmt.Errorf("credentials withheld: %w", err))
+	return en, nil
+}
+
+// finishEnrol commits the attempt (closing the window) before credentials
+// leave, then records the device. cert is nil for a PSK device.
+func (p *pairingSvc) finishEnrol(en *enrolment, dev store.Device, cert *x509.Certificate) error {
+	if err := en.commit(); err != nil {
+		return fmt.Errorf("credentials withheld: %w", err)
 	}
 	p.mu.Lock()
-	delete(p.pending, strings.TrimPrefix(device, idEnroll))
+	delete(p.pending, en.label)
 	p.mu.Unlock()
-	if expectedID != "" {
-		p.g.store.DeleteExpectedDevice(expectedID)
+	if en.expectedID != "" {
+		p.g.store.DeleteExpectedDevice(en.expectedID)
 	}
-	if err := p.g.devices.enrolled(name, vendor, model, opID, resp.Issued, method); err != nil {
-		p.g.log.Error("pairing: enrolled device not recorded", "device", opID, "err", err)
-		return estRefuse(est.InternalServerError, fmt.Errorf("device record: %w", err))
+	dev.ID, dev.Name, dev.Vendor, dev.Model = en.opID, en.name, en.vendor, en.model
+	if err := p.g.devices.enrolled(dev, cert, en.method); err != nil {
+		p.g.log.Error("pairing: enrolled device not recorded", "device", en.opID, "err", err)
+		return fmt.Errorf("device record: %w", err)
 	}
-	return resp
+	return nil
+}
+
+// EnrollPSK gives a PSK-only device an operational PSK instead of a
+// certificate.
+func (p *pairingSvc) EnrollPSK(ctx context.Context, device string) ([]byte, error) {
+	en, err := p.beginEnrol(device, nil)
+	if err != nil {
+		return nil, err
+	}
+	dev := store.Device{Auth: "psk", PSKIdentity: pki.NewPSKIdentity()}
+	if err := p.finishEnrol(en, dev, nil); err != nil {
+		return nil, err
+	}
+	return json.Marshal(map[string]string{"id": en.opID, "psk_identity": dev.PSKIdentity, "psk": hex.EncodeToString(p.g.ca.PSK(dev.PSKIdentity))})
 }
 
 // enrolled records a device that enrolled in a pairing window: the same
 // record and audit as Add, so revocation works the same way.
-func (d *Devices) enrolled(name, vendor, model, id string, cert *x509.Certificate, method string) error {
-	now := d.ca.Clock().Now()
-	dev := store.Device{ID: id, Name: name, Auth: "cert", Vendor: vendor, Model: model, Created: now}
+func (d *Devices) enrolled(dev store.Device, cert *x509.Certificate, method string) error {
+	dev.Created = d.ca.Clock().Now()
 	if !validName(dev.Name) {
-		dev.Name = id
+		dev.Name = dev.ID
 	}
-	if err := d.store.RecordCert(store.Cert{Serial: pki.Serial(cert), Device: id, NotAfter: cert.NotAfter}); err != nil {
-		return err
+	if cert != nil {
+		if err := d.store.RecordCert(store.Cert{Serial: pki.Serial(cert), Device: dev.ID, NotAfter: cert.NotAfter}); err != nil {
+			return err
+		}
 	}
 	err := d.store.AddDevice(dev)
 	if errors.Is(err, store.ErrNameTaken) {
-		dev.Name = dev.Name + " (" + id + ")"
+		dev.Name = dev.Name + " (" + dev.ID + ")"
 		err = d.store.AddDevice(dev)
 	}
 	if err != nil {
 		return err
 	}
-	d.audit(Actor{Name: "pairing"}, "device.add", id, "name="+strconv.Quote(dev.Name)+" auth=cert method="+method+" vendor="+strconv.Quote(vendor)+" model="+strconv.Quote(model))
-	d.log.Info("device enrolled in a pairing window", "device", id, "name", dev.Name, "method", method, "vendor", vendor)
+	d.audit(Actor{Name: "pairing"}, "device.add", dev.ID, "name="+strconv.Quote(dev.Name)+" auth="+dev.Auth+" method="+method+
+		" vendor="+strconv.Quote(dev.Vendor)+" model="+strconv.Quote(dev.Model))
+	d.log.Info("device enrolled in a pairing window", "device", dev.ID, "name", dev.Name, "auth", dev.Auth, "method", method, "vendor", dev.Vendor)
 	return nil
 }
 

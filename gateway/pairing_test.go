@@ -189,7 +189,7 @@ func TestPairingSetupCode(t *testing.T) {
 	g.expect(t, "thermo", goodCode)
 
 	// No window: the PAKE session itself is refused at the handshake.
-	if _, err := devicesim.PairCode(ctx, psk, "acme-t1", goodCode, nil); err == nil {
+	if _, err := devicesim.PairCode(ctx, psk, "acme-t1", goodCode, devicesim.PairOptions{}); err == nil {
 		t.Fatal("pairing succeeded with no window open")
 	}
 	if n := testutil.ToFloat64(g.g.pairing.refused.WithLabelValues("no window")); n < 1 {
@@ -219,7 +219,7 @@ func TestPairingSetupCode(t *testing.T) {
 	s.Close()
 
 	var run devicesim.PAKERun
-	c, err := devicesim.PairCode(ctx, psk, "acme-t1", goodCode, &run)
+	c, err := devicesim.PairCode(ctx, psk, "acme-t1", goodCode, devicesim.PairOptions{Run: &run})
 	if err != nil {
 		t.Fatalf("pair with the setup code: %v", err)
 	}
@@ -283,7 +283,7 @@ func TestPairingRefusals(t *testing.T) {
 		if r := g.lastClose(t); r != pairing.ReasonTimeout {
 			t.Fatalf("window closed for %q, want timeout", r)
 		}
-		if _, err := devicesim.PairCode(ctx, psk, "acme-l1", goodCode, nil); err == nil {
+		if _, err := devicesim.PairCode(ctx, psk, "acme-l1", goodCode, devicesim.PairOptions{}); err == nil {
 			t.Fatal("pairing succeeded after the window timed out")
 		}
 	})
@@ -320,7 +320,7 @@ func TestPairingRefusals(t *testing.T) {
 			t.Errorf("overlap alert audit = %+v, want one ALERT", al)
 		}
 		// The first device is refused too: its round 2 finds no window.
-		if _, err := devicesim.PairCode(ctx, psk, "acme-l1", goodCode, nil); err == nil {
+		if _, err := devicesim.PairCode(ctx, psk, "acme-l1", goodCode, devicesim.PairOptions{}); err == nil {
 			t.Error("first device enrolled after the overlap abort")
 		}
 	})
@@ -328,7 +328,7 @@ func TestPairingRefusals(t *testing.T) {
 	t.Run("wrong code ten times", func(t *testing.T) {
 		g.press(t, 1500*time.Millisecond)
 		for i := 1; i <= pairing.DefaultMaxFailures; i++ {
-			if _, err := devicesim.PairCode(ctx, psk, "acme-l1", "WRONG-CODE-0000", nil); err == nil {
+			if _, err := devicesim.PairCode(ctx, psk, "acme-l1", "WRONG-CODE-0000", devicesim.PairOptions{}); err == nil {
 				t.Fatalf("attempt %d with a wrong code succeeded", i)
 			}
 			if open := g.g.pairing.win.IsOpen(); open != (i < pairing.DefaultMaxFailures) {
@@ -462,5 +462,44 @@ func TestPairingKinds(t *testing.T) {
 		if got := p.Kind(dev); got != want {
 			t.Errorf("Kind(%q) = %v, want %v", dev, got, want)
 		}
+	}
+}
+
+// A PSK-only device leaves the window with an operational PSK and
+// publishes over the CoAPS PSK listener.
+func TestPairingSetupCodePSK(t *testing.T) {
+	g := startPairing(t, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	g.expect(t, "meter", goodCode)
+	g.press(t, 1500*time.Millisecond)
+	c, err := devicesim.PairCode(ctx, g.g.Addrs()["coaps_psk"], "acme-m1", goodCode, devicesim.PairOptions{PSK: true})
+	if err != nil {
+		t.Fatalf("pair for a PSK: %v", err)
+	}
+	if r := g.lastClose(t); r != pairing.ReasonEnrolled {
+		t.Errorf("window closed for %q, want enrolled", r)
+	}
+	dev, err := g.g.Store().Device(c.ID)
+	if err != nil || dev.Auth != "psk" || dev.PSKIdentity != c.PSKIdentity || dev.Name != "meter" {
+		t.Fatalf("device record = %+v %v, want meter/psk with the issued identity", dev, err)
+	}
+	co, err := (&devicesim.Device{Creds: c}).DialCoAP(ctx, g.g.Addrs()["coaps_psk"])
+	if err != nil {
+		t.Fatalf("CoAPS with the enrolled PSK: %v", err)
+	}
+	defer co.Close()
+	if r, err := co.Publish(ctx, "kwh", []byte("3")); err != nil || r.Code != codes.Changed {
+		t.Fatalf("publish: %v %v", r.Code, err)
+	}
+	if ms := g.sink.messages(); len(ms) != 1 || ms[0].Topic != "devices/"+c.ID+"/t/kwh" {
+		t.Errorf("sink = %+v, want one message on devices/%s/t/kwh", ms, c.ID)
+	}
+	// Revocation works as for any device.
+	if _, err := g.g.Devices().Revoke(c.ID, Actor{Name: "test"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := (&devicesim.Device{Creds: c}).DialCoAP(ctx, g.g.Addrs()["coaps_psk"]); err == nil {
+		t.Error("revoked enrolled PSK still accepted")
 	}
 }

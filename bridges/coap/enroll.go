@@ -51,6 +51,11 @@ func (k Kind) String() string {
 // round trips is one confirmable POST of a pairing.PAKEMessage.
 const PAKEPath = "/.well-known/bastion/pake"
 
+// PSKPath is where a PSK-only device in an enrollment session asks for an
+// operational PSK instead of a certificate (POST, empty body; the answer is
+// JSON {"id", "psk_identity", "psk"}, content format 50).
+const PSKPath = "/.well-known/bastion/psk"
+
 // maxEnrollBody bounds PAKE and EST request bodies.
 const maxEnrollBody = est.MaxCSRSize
 
@@ -67,6 +72,9 @@ type Enrollment interface {
 	// EST answers an EST-coaps request of a KindEnroll or KindDevice
 	// session; peer is the session's client certificate chain, if any.
 	EST(ctx context.Context, device string, kind Kind, peer []*x509.Certificate, r est.Request) est.Response
+	// EnrollPSK issues an operational PSK to the device of a KindEnroll
+	// session (PSKPath) and returns the JSON answer.
+	EnrollPSK(ctx context.Context, device string) ([]byte, error)
 }
 
 // enrollInfo is what a session may reach and the certificates it proved.
@@ -110,6 +118,8 @@ func (s *Server) routeSession(ctx context.Context, m *pool.Message, se *session,
 		return s.pake(ctx, se, r)
 	case kind == KindEnroll && (path == est.PathSen || path == est.PathCrts):
 		return s.est(ctx, m, se, r, path)
+	case kind == KindEnroll && path == PSKPath:
+		return s.enrollPSK(ctx, se, r)
 	}
 	return s.refuseEnroll(se, path, "this "+kind.String()+" session may not reach "+path)
 }
@@ -185,4 +195,16 @@ func (s *Server) est(ctx context.Context, m *pool.Message, se *session, r reques
 		res.format = message.MediaType(out.ContentFormat)
 	}
 	return res
+}
+
+func (s *Server) enrollPSK(ctx context.Context, se *session, r request) response {
+	if r.code != codes.POST {
+		return diag(codes.MethodNotAllowed, "%s allows POST", PSKPath)
+	}
+	body, err := s.cfg.Enroll.EnrollPSK(ctx, se.device)
+	if err != nil {
+		s.log.Warn("coap: PSK enrollment refused", "device", se.device, "err", err)
+		return diag(codes.Forbidden, "%v", err)
+	}
+	return response{code: codes.Changed, format: message.AppJSON, body: body}
 }

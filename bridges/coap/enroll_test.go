@@ -27,6 +27,11 @@ func (f *fakeEnroll) PAKE(_ context.Context, device string, msg []byte) ([]byte,
 	return []byte{1}, nil
 }
 
+func (f *fakeEnroll) EnrollPSK(_ context.Context, device string) ([]byte, error) {
+	f.calls = append(f.calls, "psk")
+	return []byte("{}"), nil
+}
+
 func (f *fakeEnroll) EST(_ context.Context, device string, kind Kind, _ []*x509.Certificate, r est.Request) est.Response {
 	f.calls = append(f.calls, "est "+r.Path)
 	return est.Response{Code: est.Changed, ContentFormat: est.FormatPKIXCert, Payload: []byte{2}}
@@ -74,6 +79,7 @@ func TestRouteSessionKinds(t *testing.T) {
 	sren := encode(t, codes.POST, est.PathSren, est.FormatPKCS10, []byte{0x30})
 	pake := encode(t, codes.POST, PAKEPath, int(message.AppOctets), []byte{1, 1})
 	tele := encode(t, codes.POST, "/t/temp", int(message.TextPlain), []byte("21"))
+	psk := encode(t, codes.POST, PSKPath, -1, nil)
 	for _, tc := range []struct {
 		name  string
 		kind  Kind
@@ -91,6 +97,9 @@ func TestRouteSessionKinds(t *testing.T) {
 		{"enroll not sren", KindEnroll, sren, codes.Forbidden, nil, 0},
 		{"enroll not pake", KindEnroll, pake, codes.Forbidden, nil, 0},
 		{"enroll not telemetry", KindEnroll, tele, codes.Forbidden, nil, 0},
+		{"enroll reaches psk", KindEnroll, psk, codes.Changed, []string{"psk"}, 0},
+		{"pake not psk", KindPAKE, psk, codes.Forbidden, nil, 0},
+		{"device not psk", KindDevice, psk, codes.NotFound, nil, 0},
 		{"device not sen", KindDevice, sen, codes.Forbidden, nil, 0},
 		{"device not pake", KindDevice, pake, codes.NotFound, nil, 0},
 		{"device sren", KindDevice, sren, codes.Changed, []string{"est " + est.PathSren}, 0},
@@ -145,6 +154,7 @@ func FuzzRouteSession(f *testing.F) {
 		f.Add(byte(k), encode(f, codes.GET, est.PathCrts, -1, nil))
 		f.Add(byte(k), encode(f, codes.POST, PAKEPath, int(message.AppOctets), []byte{1, 1, 0, 2, 'i', 'd', 0, 0, 0, 0}))
 		f.Add(byte(k), encode(f, codes.POST, "/t/x", -1, []byte("1")))
+		f.Add(byte(k), encode(f, codes.POST, PSKPath, -1, nil))
 	}
 	f.Fuzz(func(t *testing.T, k byte, data []byte) {
 		kind := Kind(k % 4)
@@ -168,7 +178,7 @@ func FuzzRouteSession(f *testing.F) {
 			case KindPAKE:
 				ok = c == "pake"
 			case KindEnroll:
-				ok = c == "est "+est.PathSen || c == "est "+est.PathCrts
+				ok = c == "est "+est.PathSen || c == "est "+est.PathCrts || c == "psk"
 			case KindDevice:
 				ok = c == "est "+est.PathCrts || c == "est "+est.PathSren
 			}

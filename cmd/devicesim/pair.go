@@ -18,7 +18,7 @@ import (
 )
 
 const pairUsage = `usage:
-  devicesim pair --code CODE --id ID [--addr HOST:PSKPORT] --out CREDS   (setup code: SPAKE2+ then EST)
+  devicesim pair --code CODE --id ID [--psk] [--addr HOST:PSKPORT] --out CREDS   (setup code: SPAKE2+ then EST)
   devicesim pair --idevid CERT.pem --key KEY.pem --ca ROOT.pem [--addr HOST:PORT] --out CREDS
   devicesim press-button --fifo PATH [--hold 1.5s]   (dev gateway: STATE/button.fifo)
 
@@ -38,6 +38,7 @@ func runPair(args []string, stdout, stderr io.Writer) int {
 		caFile  = fs.String("ca", "", "gateway root CA PEM (with --idevid)")
 		addr    = fs.String("addr", "", "gateway address (default 127.0.0.1:5685 for --code, 127.0.0.1:5684 for --idevid)")
 		out     = fs.String("out", "", "credentials file to write")
+		usePSK  = fs.Bool("psk", false, "ask for an operational PSK instead of a certificate (with --code)")
 		limit   = fs.Duration("limit", 30*time.Second, "give up after this long")
 	)
 	if err := fs.Parse(args); err != nil {
@@ -57,7 +58,7 @@ func runPair(args []string, stdout, stderr io.Writer) int {
 		if *addr == "" {
 			*addr = "127.0.0.1:5685"
 		}
-		c, err = devicesim.PairCode(ctx, *addr, *id, *code, nil)
+		c, err = devicesim.PairCode(ctx, *addr, *id, *code, devicesim.PairOptions{PSK: *usePSK})
 	} else {
 		if *addr == "" {
 			*addr = "127.0.0.1:5684"

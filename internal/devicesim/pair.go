@@ -7,9 +7,12 @@ import (
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"encoding/pem"
 	"fmt"
+	"net"
 	"os"
+	"strconv"
 	"time"
 
 	piondtls "github.com/pion/dtls/v3"
@@ -44,11 +47,20 @@ type PAKERun struct {
 	Hello, Round2 []byte // the requests sent
 }
 
+// PairOptions adjust PairCode.
+type PairOptions struct {
+	// Run, if set, receives the PAKE messages sent (tests replay them).
+	Run *PAKERun
+	// PSK asks for an operational PSK instead of a certificate (a device
+	// that cannot do ECDSA).
+	PSK bool
+}
+
 // PairCode enrolls with a setup code: SPAKE2+ in a PAKE session on the
-// gateway's PSK listener (pskAddr), then EST /sen in the session keyed
-// with the PAKE's result. The code never travels. run, if not nil,
-// receives the messages sent.
-func PairCode(ctx context.Context, pskAddr, id, code string, run *PAKERun) (Creds, error) {
+// gateway's PSK listener (pskAddr), then EST /sen (or the PSK resource)
+// in the session keyed with the PAKE's result. The code never travels.
+func PairCode(ctx context.Context, pskAddr, id, code string, o PairOptions) (Creds, error) {
+	run := o.Run
 	secret, err := pairing.DeriveSetupSecret([]byte(code), id, spake2plus.DefaultKDFParams)
 	if err != nil {
 		return Creds{}, err
@@ -88,7 +100,29 @@ func PairCode(ctx context.Context, pskAddr, id, code string, run *PAKERun) (Cred
 		return Creds{}, fmt.Errorf("pair %s: enrollment session: %w", id, err)
 	}
 	defer es.Close()
+	if o.PSK {
+		return es.enrollPSK(ctx, pskAddr)
+	}
 	return es.enrollEST(ctx)
+}
+
+// enrollPSK asks for an operational PSK inside the enrollment session.
+func (c *CoAP) enrollPSK(ctx context.Context, pskAddr string) (Creds, error) {
+	r, err := c.Do(ctx, codes.POST, coap.PSKPath, nil, -1)
+	if err != nil || r.Code != codes.Changed {
+		return Creds{}, fmt.Errorf("psk enrollment: %v %s %w", r.Code, r.Payload, err)
+	}
+	var a struct {
+		ID          string `json:"id"`
+		PSKIdentity string `json:"psk_identity"`
+		PSK         string `json:"psk"`
+	}
+	if err := json.Unmarshal(r.Payload, &a); err != nil || a.ID == "" || a.PSKIdentity == "" || a.PSK == "" {
+		return Creds{}, fmt.Errorf("psk enrollment answer %q: %v", r.Payload, err)
+	}
+	_, port, _ := net.SplitHostPort(pskAddr)
+	p, _ := strconv.Atoi(port)
+	return Creds{ID: a.ID, Name: a.ID, Auth: "psk", PSKIdentity: a.PSKIdentity, PSK: a.PSK, CoAPSPort: p}, nil
 }
 
 // PairIDevID enrolls with a manufacturer certificate on the gateway's
