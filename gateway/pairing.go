@@ -62,6 +62,10 @@ type pairingSvc struct {
 	// pakeMu runs one PAKE message at a time: a hello costs a scrypt
 	// derivation (32 MiB), which must not run concurrently on a small box.
 	pakeMu sync.Mutex
+	// EST over HTTPS (pairing_est.go): opened and closed with the window.
+	estChange chan struct{}
+	estAddr   atomic.Value // string
+	estCert   *pki.ServerCert
 	// derived remembers which expected code is registered for which label
 	// id, so that a repeated hello does not derive it again.
 	derived map[string]string
@@ -86,7 +90,8 @@ type pendingEnrol struct {
 // the input is a FIFO in the state directory, made 0600 here.
 func (g *Gateway) openPairing(cfg config.Config) error {
 	p := &pairingSvc{g: g, events: make(chan button.Event), vendors: map[string]*x509.CertPool{},
-		pake: map[string]*pakeRun{}, pending: map[string]*pendingEnrol{}, derived: map[string]string{}}
+		pake: map[string]*pakeRun{}, pending: map[string]*pendingEnrol{}, derived: map[string]string{}, estChange: make(chan struct{}, 1)}
+	p.estAddr.Store("")
 	clk := g.opts.PairingClock
 	if clk == nil {
 		clk = clock.Real{}
@@ -132,6 +137,9 @@ func (g *Gateway) openPairing(cfg config.Config) error {
 		}
 		if st.LastClose != nil {
 			m["last_close"] = string(st.LastClose.Reason)
+		}
+		if a := p.ESTAddr(); a != "" {
+			m["est_https"] = a
 		}
 		if e, ok := p.buttonErr.Load().(string); ok {
 			m["button_error"] = e
@@ -212,6 +220,9 @@ func openInput(path string, code uint16, l button.Layout, dev bool) (button.Sour
 // run starts the window and the watchers in the gateway's errgroup.
 func (p *pairingSvc) run(ctx context.Context, eg *errgroup.Group) {
 	eg.Go(func() error { return p.win.Run(ctx) })
+	if p.g.cfg.Load().Pairing.ESTListen != "" {
+		eg.Go(func() error { return p.runEST(ctx) })
+	}
 	for _, w := range p.watchers {
 		eg.Go(func() error {
 			// A button that goes away (an unplugged input device) stops
@@ -236,6 +247,9 @@ func (p *pairingSvc) close() {
 
 // audit writes a window step to the audit log.
 func (p *pairingSvc) audit(e pairing.AuditEvent) {
+	if e.Step == pairing.StepOpened || e.Step == pairing.StepClosed {
+		p.estKick()
+	}
 	actor := "pairing"
 	if e.Step == pairing.StepOpened || e.Reason == pairing.ReasonCancelled {
 		actor = "button"

@@ -9,9 +9,11 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/base64"
 	"encoding/pem"
 	"log/slog"
 	"math/big"
+	"net"
 	"os"
 	"path/filepath"
 	"slices"
@@ -502,4 +504,87 @@ func TestPairingSetupCodePSK(t *testing.T) {
 	if _, err := (&devicesim.Device{Creds: c}).DialCoAP(ctx, g.g.Addrs()["coaps_psk"]); err == nil {
 		t.Error("revoked enrolled PSK still accepted")
 	}
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for i := 0; i < 500; i++ {
+		if cond() {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Fatalf("%s: not within 5s", what)
+}
+
+// An MQTT-only device with an IDevID enrolls over EST on HTTPS, on a
+// listener that exists only while the window is open.
+func TestPairingIDevIDHTTPS(t *testing.T) {
+	acmeRoot, acmeDev := vendorCA(t, "acme")
+	_, rogueDev := vendorCA(t, "rogue")
+	rootFile := filepath.Join(t.TempDir(), "acme.pem")
+	os.WriteFile(rootFile, acmeRoot, 0o644)
+	g := startPairing(t, func(c *config.Config) {
+		c.Pairing.Vendors = map[string]string{"acme": rootFile}
+		c.Pairing.ESTListen = "127.0.0.1:0"
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	roots := g.g.CA().RootPool()
+	if a := g.g.pairing.ESTAddr(); a != "" {
+		t.Fatalf("EST over HTTPS listens at %s with no window", a)
+	}
+	g.press(t, 1500*time.Millisecond)
+	waitFor(t, "EST over HTTPS opens with the window", func() bool { return g.g.pairing.ESTAddr() != "" })
+	addr := g.g.pairing.ESTAddr()
+	url := "https://" + addr
+	if _, err := devicesim.PairIDevIDHTTPS(ctx, url, rogueDev, roots); err == nil {
+		t.Fatal("unknown vendor enrolled over HTTPS")
+	}
+	c, err := devicesim.PairIDevIDHTTPS(ctx, url, acmeDev, roots)
+	if err != nil {
+		t.Fatalf("EST over HTTPS: %v", err)
+	}
+	if r := g.lastClose(t); r != pairing.ReasonEnrolled {
+		t.Errorf("window closed for %q, want enrolled", r)
+	}
+	waitFor(t, "EST over HTTPS closes with the window", func() bool { return g.g.pairing.ESTAddr() == "" })
+	if conn, err := net.DialTimeout("tcp", addr, 2*time.Second); err == nil {
+		conn.Close()
+		t.Errorf("%s still accepts connections after the window closed", addr)
+	}
+	dev, err := g.g.Store().Device(c.ID)
+	if err != nil || dev.Vendor != "acme" {
+		t.Errorf("device record = %+v %v, want vendor acme", dev, err)
+	}
+	g.publishBoth(t, c)
+}
+
+// FuzzDecodeESTBody: RFC 7030 bodies (base64 DER, line breaks allowed),
+// seeded with real CSRs as devicesim encodes them.
+func FuzzDecodeESTBody(f *testing.F) {
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	csr, _ := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, key)
+	b64 := base64.StdEncoding.EncodeToString(csr)
+	f.Add([]byte(b64))
+	var wrapped strings.Builder
+	for i := 0; i < len(b64); i += 64 {
+		wrapped.WriteString(b64[i:min(i+64, len(b64))] + "\r\n")
+	}
+	f.Add([]byte(wrapped.String()))
+	f.Add([]byte("not base64!"))
+	f.Add([]byte{})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		der, err := decodeESTBody(bytes.NewReader(b))
+		if err != nil {
+			return
+		}
+		if len(b) > maxESTBody || len(der) > maxESTBody {
+			t.Fatalf("decoded %d bytes from a %d-byte body over the limit", len(der), len(b))
+		}
+		again, err := decodeESTBody(strings.NewReader(base64.StdEncoding.EncodeToString(der)))
+		if err != nil || !bytes.Equal(again, der) {
+			t.Fatalf("round trip: %v", err)
+		}
+	})
 }

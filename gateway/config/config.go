@@ -50,6 +50,10 @@ type Pairing struct {
 	// Vendors maps a vendor name to a PEM file of the roots its devices'
 	// manufacturer certificates (IDevID) chain to.
 	Vendors map[string]string `yaml:"vendors"`
+	// ESTListen is the HTTPS address of EST (RFC 7030) for MQTT-only
+	// devices with an IDevID; it listens only while a window is open, and
+	// the firewall opens it only then ("" = off).
+	ESTListen string `yaml:"est_listen"`
 }
 
 // Upstream configures the link to the cloud broker and the durable queue in

@@ -92,7 +92,9 @@ func TestLoadErrors(t *testing.T) {
 		"pairing gpio range":    {"pairing:\n  gpio_chip: /dev/gpiochip0\n  gpio_line: 9999\n", []string{"bad.yaml:3: pairing.gpio_line: \"9999\" is out of range"}},
 		"pairing vendor name":   {"pairing:\n  vendors:\n    \"bad vendor\": /etc/v.pem\n", []string{"bad.yaml:3: pairing.vendors.bad vendor: \"bad vendor\" is not a vendor name"}},
 		"pairing vendor file":   {"pairing:\n  vendors:\n    acme: roots.pem\n", []string{"bad.yaml:3: pairing.vendors.acme: \"roots.pem\" is not an absolute path"}},
-		"pairing unknown key":   {"pairing:\n  windw: 5s\n", []string{"bad.yaml:2: pairing.windw: unknown key; accepted here: gpio_chip, gpio_line, input, key_code, layout, vendors, window"}},
+		"pairing unknown key":   {"pairing:\n  windw: 5s\n", []string{"bad.yaml:2: pairing.windw: unknown key; accepted here: est_listen, gpio_chip, gpio_line, input, key_code, layout, vendors, window"}},
+		"pairing est clash":     {"pairing:\n  est_listen: \":8883\"\n", []string{"bad.yaml:2: pairing.est_listen: \":8883\" uses the same tcp port as mqtt.listen"}},
+		"pairing est cleartext": {"pairing:\n  est_listen: \":80\"\n", []string{"bad.yaml:2: pairing.est_listen: \":80\" is port 80, the port of plain HTTP"}},
 		"pairing ok":            {"pairing:\n  window: 15m\n  input: /dev/input/event0\n  layout: \"32\"\n  gpio_chip: /dev/gpiochip0\n  gpio_line: 17\n  vendors:\n    acme: /etc/bastion/acme.pem\n", nil},
 		"two errors":            {"log:\n  level: loud\nmqtt:\n  listen: \":1883\"\n", []string{"bad.yaml:2: log.level", "bad.yaml:4: mqtt.listen"}},
 	}

@@ -71,6 +71,9 @@ func (c *Config) Validate() error {
 	if c.Console.Enabled {
 		listen("console.listen", "tcp", c.Console.Listen)
 	}
+	if c.Pairing.ESTListen != "" {
+		listen("pairing.est_listen", "tcp", c.Pairing.ESTListen)
+	}
 	for i := range bounds {
 		for j := 0; j < i; j++ {
 			a, b := bounds[i], bounds[j]

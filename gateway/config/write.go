@@ -123,6 +123,7 @@ pairing:
   layout: %q        # struct input_event layout: auto, 64 or 32
   gpio_chip: %q     # e.g. /dev/gpiochip0 ("" = no GPIO button)
   gpio_line: %d
+  est_listen: %q    # HTTPS EST (RFC 7030) for MQTT-only IDevID devices, only while a window is open ("" = off)
   # Vendor name: PEM file of the roots its manufacturer certificates (IDevID) chain to.
   vendors:%s`, c.StateDir, c.GatewayID, c.Log.Level, c.Log.Format,
 		c.CoAP.Enabled, c.CoAP.Listen, c.CoAP.PSKListen, c.CoAP.MaxPayload,
@@ -136,7 +137,7 @@ pairing:
 		c.Upstream.Enabled, c.Upstream.Broker, c.Upstream.ServerName, c.Upstream.CAFile, c.Upstream.CertFile, c.Upstream.KeyFile,
 		c.Upstream.TLSMinVersion, c.Upstream.Gateway, c.Upstream.Prefix, c.Upstream.KeepAlive, c.Upstream.BackoffMin, c.Upstream.BackoffMax,
 		c.Upstream.QueueMaxBytes, c.Upstream.QueueMaxAge.D(), rules(c.Upstream.Forward),
-		c.Pairing.Window.D(), c.Pairing.Input, c.Pairing.KeyCode, c.Pairing.Layout, c.Pairing.GPIOChip, c.Pairing.GPIOLine,
+		c.Pairing.Window.D(), c.Pairing.Input, c.Pairing.KeyCode, c.Pairing.Layout, c.Pairing.GPIOChip, c.Pairing.GPIOLine, c.Pairing.ESTListen,
 		vendors(c.Pairing.Vendors))
 	return err
 }

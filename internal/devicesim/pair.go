@@ -7,12 +7,16 @@ import (
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/base64"
 	"encoding/json"
 	"encoding/pem"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"os"
 	"strconv"
+	"strings"
 	"time"
 
 	piondtls "github.com/pion/dtls/v3"
@@ -213,4 +217,73 @@ func PressButton(path string, hold time.Duration, code uint16) error {
 		return fmt.Errorf("press button: write %s: %w", path, err)
 	}
 	return nil
+}
+
+// PairIDevIDHTTPS enrolls an MQTT-only device over EST on HTTPS (RFC 7030
+// simpleenroll and cacerts) with its manufacturer certificate as the TLS
+// client certificate. baseURL is https://host:port of pairing.est_listen.
+func PairIDevIDHTTPS(ctx context.Context, baseURL string, idevid tls.Certificate, roots *x509.CertPool) (Creds, error) {
+	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: roots, Certificates: []tls.Certificate{idevid},
+		MinVersion: tls.VersionTLS12}}, Timeout: 20 * time.Second}
+	defer hc.CloseIdleConnections()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return Creds{}, err
+	}
+	csr, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, key)
+	if err != nil {
+		return Creds{}, err
+	}
+	call := func(method, path string, body []byte) ([]byte, error) {
+		req, err := http.NewRequestWithContext(ctx, method, baseURL+path, strings.NewReader(base64.StdEncoding.EncodeToString(body)))
+		if err != nil {
+			return nil, err
+		}
+		if body != nil {
+			req.Header.Set("Content-Type", "application/pkcs10")
+			req.Header.Set("Content-Transfer-Encoding", "base64")
+		}
+		resp, err := hc.Do(req)
+		if err != nil {
+			return nil, fmt.Errorf("est %s: %w", path, err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+		if resp.StatusCode != http.StatusOK {
+			return nil, fmt.Errorf("est %s: %s: %s", path, resp.Status, strings.TrimSpace(string(b)))
+		}
+		return base64.StdEncoding.DecodeString(string(b))
+	}
+	// cacerts first (RFC 7030 4.1): the listener closes with the window,
+	// which the enrollment closes.
+	der, err := call("GET", "/.well-known/est/cacerts", nil)
+	if err != nil {
+		return Creds{}, err
+	}
+	chain, err := est.ParseCertsOnly(der)
+	if err != nil {
+		return Creds{}, err
+	}
+	der, err = call("POST", "/.well-known/est/simpleenroll", csr)
+	if err != nil {
+		return Creds{}, err
+	}
+	certs, err := est.ParseCertsOnly(der)
+	if err != nil {
+		return Creds{}, err
+	}
+	id, err := pki.DeviceIDOf(certs[0])
+	if err != nil {
+		return Creds{}, err
+	}
+	kb, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		return Creds{}, err
+	}
+	var caPEM []byte
+	for _, ca := range chain {
+		caPEM = append(caPEM, pki.CertPEM(ca)...)
+	}
+	return Creds{ID: id, Name: id, Auth: "cert", CertPEM: string(pki.CertPEM(certs[0])), CAPEM: string(caPEM),
+		KeyPEM: string(pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kb}))}, nil
 }
