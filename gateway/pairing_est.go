@@ -59,8 +59,8 @@ func (p *pairingSvc) runEST(ctx context.Context) error {
 		cancel()
 		<-done
 		srv, done = nil, nil
-		p.estAddr.Store("")
 		p.estFirewall(false)
+		p.estAddr.Store("")
 		p.g.log.Info("pairing: EST over HTTPS closed with the window")
 	}
 	defer stop()
@@ -79,12 +79,12 @@ func (p *pairingSvc) runEST(ctx context.Context) error {
 				p.event("system", "pairing.est_failed", "", err.Error())
 				continue
 			}
+			p.estAddr.Store(ln.Addr().String())
 			p.estFirewall(true)
 			srv = &http.Server{Handler: p.estHandler(), ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second,
 				ErrorLog:    slog.NewLogLogger(p.g.log.Handler(), slog.LevelWarn),
 				BaseContext: func(net.Listener) context.Context { return ctx }}
 			done = make(chan struct{})
-			p.estAddr.Store(ln.Addr().String())
 			go func(s *http.Server, done chan struct{}) {
 				defer close(done)
 				s.Serve(ln)

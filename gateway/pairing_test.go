@@ -26,6 +26,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/bastion-iot/bastion/bridges/coap"
+	"github.com/bastion-iot/bastion/firewall"
 	"github.com/bastion-iot/bastion/gateway/button"
 	"github.com/bastion-iot/bastion/gateway/config"
 	"github.com/bastion-iot/bastion/gateway/console"
@@ -46,6 +47,12 @@ type pgw struct {
 // pairing window runs on a fake clock (only the timeout test moves it).
 func startPairing(t *testing.T, mutate func(*config.Config)) *pgw {
 	t.Helper()
+	return startPairingWith(t, mutate, nil)
+}
+
+// startPairingWith also runs before on the gateway before it serves.
+func startPairingWith(t *testing.T, mutate func(*config.Config), before func(*Gateway)) *pgw {
+	t.Helper()
 	dir := filepath.Join(t.TempDir(), "state")
 	os.MkdirAll(dir, 0o700)
 	cfg := testConfig(dir)
@@ -62,6 +69,9 @@ func startPairing(t *testing.T, mutate func(*config.Config)) *pgw {
 		Out: &bytes.Buffer{}, Sink: sink, Clock: &offsetClock{}, PairingClock: pc})
 	if err != nil {
 		t.Fatal(err)
+	}
+	if before != nil {
+		before(g)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	ready := make(chan struct{})
@@ -524,10 +534,35 @@ func TestPairingIDevIDHTTPS(t *testing.T) {
 	_, rogueDev := vendorCA(t, "rogue")
 	rootFile := filepath.Join(t.TempDir(), "acme.pem")
 	os.WriteFile(rootFile, acmeRoot, 0o644)
-	g := startPairing(t, func(c *config.Config) {
+	// The firewall runs its real planning on in-memory tables: the EST
+	// port must be in the policy exactly while the window is open.
+	v4 := firewall.NewFake(firewall.IPv4)
+	g := startPairingWith(t, func(c *config.Config) {
 		c.Pairing.Vendors = map[string]string{"acme": rootFile}
 		c.Pairing.ESTListen = "127.0.0.1:0"
+	}, func(g *Gateway) {
+		fw, err := firewall.New(v4, firewall.NewFake(firewall.IPv6), discard, g.metrics.reg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg := g.Config()
+		p, _ := cfg.FirewallPolicy()
+		if err := fw.Apply(context.Background(), p); err != nil {
+			t.Fatal(err)
+		}
+		g.fw = fw
 	})
+	estRule := func(port string) bool {
+		tb, _ := v4.Snapshot(context.Background())
+		for _, rs := range tb.Rules {
+			for _, r := range rs {
+				if strings.Contains(strings.Join(r.Rule, " "), "--dport "+port) {
+					return true
+				}
+			}
+		}
+		return false
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	roots := g.g.CA().RootPool()
@@ -537,6 +572,10 @@ func TestPairingIDevIDHTTPS(t *testing.T) {
 	g.press(t, 1500*time.Millisecond)
 	waitFor(t, "EST over HTTPS opens with the window", func() bool { return g.g.pairing.ESTAddr() != "" })
 	addr := g.g.pairing.ESTAddr()
+	_, port, _ := net.SplitHostPort(addr)
+	if !estRule(port) {
+		t.Errorf("no firewall rule for the EST port %s while the window is open", port)
+	}
 	url := "https://" + addr
 	if _, err := devicesim.PairIDevIDHTTPS(ctx, url, rogueDev, roots); err == nil {
 		t.Fatal("unknown vendor enrolled over HTTPS")
@@ -549,6 +588,9 @@ func TestPairingIDevIDHTTPS(t *testing.T) {
 		t.Errorf("window closed for %q, want enrolled", r)
 	}
 	waitFor(t, "EST over HTTPS closes with the window", func() bool { return g.g.pairing.ESTAddr() == "" })
+	if estRule(port) {
+		t.Errorf("firewall rule for the EST port %s left after the window closed", port)
+	}
 	if conn, err := net.DialTimeout("tcp", addr, 2*time.Second); err == nil {
 		conn.Close()
 		t.Errorf("%s still accepts connections after the window closed", addr)
