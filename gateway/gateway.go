@@ -635,6 +635,9 @@ func (g *Gateway) printSummary() {
 	}
 	fmt.Fprintf(w, "  CA:       %s (trust this root)\n", filepath.Join(g.cfg.Load().StateDir, "pki", "root.crt"))
 	fmt.Fprintf(w, "  admin:    bastionctl --state %s status\n", g.cfg.Load().StateDir)
+	if g.pairing != nil {
+		g.pairing.summary(w)
+	}
 	if g.setupCode != "" {
 		fmt.Fprintf(w, "  setup code: %s   (one-time: creates the first console admin)\n", g.setupCode)
 	}

@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"net/http"
 	"os"
@@ -215,6 +216,19 @@ func openInput(path string, code uint16, l button.Layout, dev bool) (button.Sour
 		return nil, err
 	}
 	return s, nil
+}
+
+// summary is the start-up line about pairing.
+func (p *pairingSvc) summary(w io.Writer) {
+	pc := p.g.cfg.Load().Pairing
+	switch {
+	case len(p.sources) == 0:
+		fmt.Fprintf(w, "  pairing:  no button configured (pairing.input / pairing.gpio_chip): devices cannot be paired\n")
+	case p.g.opts.Dev && pc.Input != "":
+		fmt.Fprintf(w, "  pairing:  button is %s (press: devicesim press-button --fifo %s --hold 1.5s)\n", pc.Input, pc.Input)
+	default:
+		fmt.Fprintf(w, "  pairing:  press the box's pairing button 1-10 s to open a %v window\n", pc.Window.D())
+	}
 }
 
 // run starts the window and the watchers in the gateway's errgroup.

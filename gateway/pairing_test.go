@@ -290,7 +290,11 @@ func TestPairingRefusals(t *testing.T) {
 
 	t.Run("timeout", func(t *testing.T) {
 		g.press(t, 1500*time.Millisecond)
-		<-g.pclock.Armed()
+		select {
+		case <-g.pclock.Armed():
+		case <-time.After(5 * time.Second):
+			t.Fatal("the window armed no timeout")
+		}
 		g.pclock.Advance(pairing.DefaultDuration + time.Second)
 		if r := g.lastClose(t); r != pairing.ReasonTimeout {
 			t.Fatalf("window closed for %q, want timeout", r)
