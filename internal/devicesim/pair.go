@@ -72,7 +72,7 @@ func PairCode(ctx context.Context, pskAddr, id, code string, o PairOptions) (Cre
 	dev := &pairing.Device{ID: id, Role: pairing.GatewayProver, Verifier: secret.VerifierRecord(), Rand: rand.Reader}
 	s, err := DialPSK(ctx, pskAddr, pairing.PAKEIdentityPrefix+id, pairing.PublicPAKEPSK(id))
 	if err != nil {
-		return Creds{}, fmt.Errorf("pair %s: pake session: %w", id, err)
+		return Creds{}, fmt.Errorf("pair %s: pake session refused (is the gateway's pairing window open? press its button 1-10 s first): %w", id, err)
 	}
 	defer s.Close()
 	hello, err := dev.Hello()
@@ -145,7 +145,7 @@ func PairIDevID(ctx context.Context, certAddr string, idevid tls.Certificate, ro
 	}
 	s, err := d.dialWith(ctx, certAddr, cfg)
 	if err != nil {
-		return Creds{}, fmt.Errorf("pair with idevid: %w", err)
+		return Creds{}, fmt.Errorf("pair with idevid: refused (is the gateway's pairing window open, and the vendor's root in pairing.vendors?): %w", err)
 	}
 	defer s.Close()
 	return s.enrollEST(ctx)
