@@ -74,6 +74,9 @@ type pairingSvc struct {
 	mu      sync.Mutex
 	pake    map[string]*pakeRun      // label device id → exchange after hello
 	pending map[string]*pendingEnrol // label device id → PAKE done, EST next
+	// idevWindow is when the window was opened in which an IDevID session
+	// was accepted, by session identity.
+	idevWindow map[string]time.Time
 }
 
 type pakeRun struct {
@@ -91,7 +94,7 @@ type pendingEnrol struct {
 // the input is a FIFO in the state directory, made 0600 here.
 func (g *Gateway) openPairing(cfg config.Config) error {
 	p := &pairingSvc{g: g, events: make(chan button.Event), vendors: map[string]*x509.CertPool{},
-		pake: map[string]*pakeRun{}, pending: map[string]*pendingEnrol{}, derived: map[string]string{}, estChange: make(chan struct{}, 1)}
+		pake: map[string]*pakeRun{}, pending: map[string]*pendingEnrol{}, derived: map[string]string{}, idevWindow: map[string]time.Time{}, estChange: make(chan struct{}, 1)}
 	p.estAddr.Store("")
 	clk := g.opts.PairingClock
 	if clk == nil {
@@ -264,6 +267,11 @@ func (p *pairingSvc) audit(e pairing.AuditEvent) {
 	if e.Step == pairing.StepOpened || e.Step == pairing.StepClosed {
 		p.estKick()
 	}
+	if e.Step == pairing.StepClosed {
+		p.mu.Lock()
+		clear(p.idevWindow)
+		p.mu.Unlock()
+	}
 	actor := "pairing"
 	if e.Step == pairing.StepOpened || e.Reason == pairing.ReasonCancelled {
 		actor = "button"
@@ -359,7 +367,13 @@ func (p *pairingSvc) verifyIDevID(raw [][]byte, caErr error) (string, error) {
 		return "", p.refuse("no window", claim, "manufacturer certificate of "+vendor+" outside a pairing window: press the gateway's button first")
 	}
 	sum := sha256.Sum256(leaf.Raw)
-	return idIDevID + vendor + ":" + hex.EncodeToString(sum[:8]), nil
+	dev := idIDevID + vendor + ":" + hex.EncodeToString(sum[:8])
+	// The session belongs to this window: one kept open into a later
+	// window may not enroll there without a new handshake.
+	p.mu.Lock()
+	p.idevWindow[dev] = p.win.State().OpenedAt
+	p.mu.Unlock()
+	return dev, nil
 }
 
 // coapIdentity is the identity the CoAP listeners use: the gateway's, plus
@@ -602,6 +616,13 @@ func (p *pairingSvc) beginEnrol(device string, peer []*x509.Certificate) (*enrol
 			en.name = id
 		}
 	case strings.HasPrefix(device, idIDevID) && len(peer) > 0:
+		p.mu.Lock()
+		seen := p.idevWindow[device]
+		p.mu.Unlock()
+		if st := p.win.State(); st.Open && !seen.Equal(st.OpenedAt) {
+			p.event("pairing", "pairing.session_refused", device, "enrollment session from an earlier window")
+			return nil, errors.New("this session was opened in an earlier pairing window: reconnect")
+		}
 		a, err := p.win.Begin(device)
 		if err != nil {
 			return nil, err

@@ -107,7 +107,7 @@ func PairCode(ctx context.Context, pskAddr, id, code string, o PairOptions) (Cre
 	if o.PSK {
 		return es.enrollPSK(ctx, pskAddr)
 	}
-	return es.enrollEST(ctx)
+	return es.EnrollEST(ctx)
 }
 
 // enrollPSK asks for an operational PSK inside the enrollment session.
@@ -134,6 +134,16 @@ func (c *CoAP) enrollPSK(ctx context.Context, pskAddr string) (Creds, error) {
 // of band: a device that has none would need RFC 7030's bootstrap trust,
 // which is not offered).
 func PairIDevID(ctx context.Context, certAddr string, idevid tls.Certificate, roots *x509.CertPool) (Creds, error) {
+	s, err := DialIDevID(ctx, certAddr, idevid, roots)
+	if err != nil {
+		return Creds{}, err
+	}
+	defer s.Close()
+	return s.EnrollEST(ctx)
+}
+
+// DialIDevID opens the enrollment session of PairIDevID.
+func DialIDevID(ctx context.Context, certAddr string, idevid tls.Certificate, roots *x509.CertPool) (*CoAP, error) {
 	d := &Device{Creds: Creds{ID: "idevid"}, Roots: roots}
 	cfg := &piondtls.Config{
 		ExtendedMasterSecret:  piondtls.RequireExtendedMasterSecret,
@@ -145,14 +155,14 @@ func PairIDevID(ctx context.Context, certAddr string, idevid tls.Certificate, ro
 	}
 	s, err := d.dialWith(ctx, certAddr, cfg)
 	if err != nil {
-		return Creds{}, fmt.Errorf("pair with idevid: refused (is the gateway's pairing window open, and the vendor's root in pairing.vendors?): %w", err)
+		return nil, fmt.Errorf("pair with idevid: refused (is the gateway's pairing window open, and the vendor's root in pairing.vendors?): %w", err)
 	}
-	defer s.Close()
-	return s.enrollEST(ctx)
+	return s, nil
 }
 
-// enrollEST makes a key, runs /sen, then /crts, inside the session.
-func (c *CoAP) enrollEST(ctx context.Context) (Creds, error) {
+// EnrollEST makes a key, runs /sen, then /crts, inside an enrollment
+// session.
+func (c *CoAP) EnrollEST(ctx context.Context) (Creds, error) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return Creds{}, err
