@@ -510,7 +510,7 @@ func (g *Gateway) Reload() error {
 		g.log.Warn("config reload: listener and state_dir changes take effect at the next restart")
 	}
 	if g.fw != nil {
-		p, err := cfg.FirewallPolicy()
+		p, err := cfg.FirewallPolicy(g.pairingFirewallExtra()...)
 		if err == nil {
 			err = g.fw.Apply(context.Background(), p)
 		}

@@ -133,10 +133,7 @@ func (p *pairingSvc) estFirewall(open bool) {
 	cfg := p.g.cfg.Load()
 	var extra []firewall.Service
 	if open {
-		_, port, _ := net.SplitHostPort(p.estAddr.Load().(string))
-		var n uint16
-		fmt.Sscan(port, &n)
-		extra = append(extra, firewall.Service{Name: "est-https", Proto: firewall.TCP, Port: n, Zones: []string{firewall.ZoneLAN}, Handshake: true})
+		extra = p.firewallExtra()
 	}
 	pol, err := cfg.FirewallPolicy(extra...)
 	if err == nil {
@@ -145,6 +142,28 @@ func (p *pairingSvc) estFirewall(open bool) {
 	if err != nil {
 		p.g.log.Error("pairing: firewall policy for EST over HTTPS not applied", "open", open, "err", err)
 	}
+}
+
+// firewallExtra is the service the policy needs beyond the configuration
+// now: the EST port while it listens.
+func (p *pairingSvc) firewallExtra() []firewall.Service {
+	_, port, err := net.SplitHostPort(p.ESTAddr())
+	if err != nil {
+		return nil
+	}
+	var n uint16
+	if _, err := fmt.Sscan(port, &n); err != nil || n == 0 {
+		return nil
+	}
+	return []firewall.Service{{Name: "est-https", Proto: firewall.TCP, Port: n, Zones: []string{firewall.ZoneLAN}, Handshake: true}}
+}
+
+// pairingFirewallExtra is firewallExtra for Reload (nil without pairing).
+func (g *Gateway) pairingFirewallExtra() []firewall.Service {
+	if g.pairing == nil {
+		return nil
+	}
+	return g.pairing.firewallExtra()
 }
 
 // ESTAddr is the HTTPS EST address while a window is open, else "".

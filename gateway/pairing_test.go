@@ -592,6 +592,13 @@ func TestPairingIDevIDHTTPS(t *testing.T) {
 	if !estRule(port) {
 		t.Errorf("no firewall rule for the EST port %s while the window is open", port)
 	}
+	// A reload during the window keeps the port open.
+	if err := g.g.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	if !estRule(port) {
+		t.Errorf("a reload during the window took the EST port %s out of the firewall", port)
+	}
 	url := "https://" + addr
 	if _, err := devicesim.PairIDevIDHTTPS(ctx, url, rogueDev, roots); err == nil {
 		t.Fatal("unknown vendor enrolled over HTTPS")
