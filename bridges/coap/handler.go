@@ -189,6 +189,9 @@ func (s *Server) serveCoAP(w *responsewriter.ResponseWriter[*udpclient.Conn], m 
 		w.SetResponse(codes.Unauthorized, message.TextPlain, bytes.NewReader([]byte("no device session")))
 		return
 	}
+	if s.serveFirmware(w, m, se) {
+		return
+	}
 	r, err := parseRequest(m)
 	var res response
 	if err != nil {
