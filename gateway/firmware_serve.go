@@ -72,6 +72,28 @@ func (g *Gateway) openFirmwareHTTPS(cfg config.Config, cert func(name, listen st
 	}
 	mux := http.NewServeMux()
 	mux.Handle("/fw/", g.firmware.HTTPHandler(identify))
+	// The current offer for an MQTT device that connects after the last
+	// announcement (MQTT offers are not retained): GET only, as /fw/.
+	mux.HandleFunc("/fw/offer", func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodGet {
+			w.Header().Set("Allow", http.MethodGet)
+			http.Error(w, "/fw/offer allows GET", http.StatusMethodNotAllowed)
+			return
+		}
+		dev, ok := identify(r)
+		if !ok {
+			http.Error(w, "no authenticated device identity on this connection", http.StatusForbidden)
+			return
+		}
+		o, ok := g.firmware.Offer(dev)
+		if !ok {
+			w.WriteHeader(http.StatusNoContent)
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("Cache-Control", "no-store")
+		_ = json.NewEncoder(w).Encode(o)
+	})
 	ln, err := net.Listen("tcp", cfg.Firmware.HTTPSListen)
 	if err != nil {
 		return fmt.Errorf("firmware.https_listen %s: %w", cfg.Firmware.HTTPSListen, err)
