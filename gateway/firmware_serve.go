@@ -10,12 +10,12 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"strings"
 	"sync"
 	"time"
 
 	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/bridges/coap"
+	"github.com/bastion-iot/bastion/bridges/hub"
 	"github.com/bastion-iot/bastion/gateway/config"
 	otacache "github.com/bastion-iot/bastion/ota-cache"
 	"github.com/bastion-iot/bastion/pki"
@@ -160,13 +160,10 @@ func (g *Gateway) runFirmwareAnnounce(ctx context.Context) error {
 		}
 	})
 	defer cancel()
-	if g.mqtt != nil {
-		unsub, err := g.mqtt.Subscribe(StatusTopicFilter, g.mqttFirmwareStatus)
-		if err != nil {
-			return err
-		}
-		defer unsub()
-	}
+	// Status reports arrive as device telemetry on devices/{id}/s/fw; the
+	// hub passes them on while the device still waits for its PUBACK, so a
+	// report is recorded before the device hears it was accepted.
+	g.hub.AddMirror("firmware", g.firmwareStatusMirror)
 	for {
 		select {
 		case <-ctx.Done():
@@ -181,9 +178,9 @@ func (g *Gateway) runFirmwareAnnounce(ctx context.Context) error {
 	}
 }
 
-// StatusTopicFilter is where MQTT devices publish firmware status reports
-// (the JSON of otacache.DeviceStatus): devices/{id}/s/fw.
-const StatusTopicFilter = "devices/+/s/fw"
+// statusTopic is where a device publishes firmware status reports (the
+// JSON of otacache.DeviceStatus), over MQTT: devices/{id}/s/fw.
+func statusTopic(device string) string { return bridges.TopicPrefix(device) + hub.ClassStatus + "/fw" }
 
 func (g *Gateway) announceOffers(ctx context.Context, classes map[otacache.Class]bool) {
 	ds, err := g.store.Devices()
@@ -211,20 +208,20 @@ func (g *Gateway) announceOffers(ctx context.Context, classes map[otacache.Class
 	}
 }
 
-// mqttFirmwareStatus takes a status report an MQTT device published on
-// its own devices/{id}/s/fw (the broker's ACL lets only device id publish
-// there, so the topic names the device).
-func (g *Gateway) mqttFirmwareStatus(topic string, payload []byte) {
-	segs := strings.Split(topic, "/")
-	if len(segs) != 4 {
+// firmwareStatusMirror takes a status report a device published on its
+// own devices/{id}/s/fw; m.Device is the identity the transport proved.
+func (g *Gateway) firmwareStatusMirror(m bridges.Message) {
+	if m.Device == "" || m.Topic != statusTopic(m.Device) {
 		return
 	}
-	dev := segs[1]
-	st, err := otacache.ParseStatusReport(payload)
+	st, err := otacache.ParseStatusReport(m.Payload)
 	if err == nil {
-		err = g.firmware.ReportStatus(dev, st)
+		err = g.firmware.ReportStatus(m.Device, st)
 	}
 	if err != nil {
-		g.log.Info("firmware: mqtt status report refused", "device", dev, "err", err)
+		g.log.Info("firmware: mqtt status report refused", "device", m.Device, "err", err)
 	}
 }
+
+// Firmware returns the firmware cache, or nil when firmware.enabled is false.
+func (g *Gateway) Firmware() *otacache.Cache { return g.firmware }
