@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"strings"
 	"sync"
 	"time"
 
@@ -22,6 +23,7 @@ import (
 // handshakes per source).
 type DTLSListener interface {
 	AcceptWithContext(ctx context.Context) (net.Conn, error)
+	Close() error
 }
 
 // DTLSServeConfig configures ServeDTLS. Only Handler is required.
@@ -54,8 +56,9 @@ type DTLSServeConfig struct {
 // a ResponseCache of ResponseCacheEntries instead of go-coap's default,
 // which keeps every response (one per firmware block) for 247 s.
 // Block-wise transfer (RFC 7959) is on. It serves until ctx ends or l
-// fails, then closes every connection and waits for their goroutines; the
-// caller closes l. A nil error means ctx ended or l was closed.
+// fails, then closes l and every connection and waits for their
+// goroutines (go-coap's Accept does not return on ctx alone, so ServeDTLS
+// closes l when ctx ends). A nil error means ctx ended or l was closed.
 func ServeDTLS(ctx context.Context, l DTLSListener, cfg DTLSServeConfig) error {
 	if cfg.Handler == nil {
 		return errors.New("serve dtls: no handler")
@@ -103,11 +106,17 @@ func ServeDTLS(ctx context.Context, l DTLSListener, cfg DTLSServeConfig) error {
 			}
 		}
 	}()
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		<-ctx.Done()
+		_ = l.Close()
+	}()
 	var err error
 	for {
 		rw, aerr := l.AcceptWithContext(ctx)
 		if aerr != nil {
-			if ctx.Err() != nil || errors.Is(aerr, net.ErrClosed) {
+			if ctx.Err() != nil || listenerClosed(aerr) {
 				break
 			}
 			var ne net.Error
@@ -129,6 +138,14 @@ func ServeDTLS(ctx context.Context, l DTLSListener, cfg DTLSServeConfig) error {
 	}
 	wg.Wait()
 	return err
+}
+
+// listenerClosed reports whether err says the listener was closed: by
+// net (ErrClosed), by go-coap (ErrListenerIsClosed) or by pion/dtls's
+// internal UDP listener, whose error value is not exported.
+func listenerClosed(err error) bool {
+	return errors.Is(err, net.ErrClosed) || errors.Is(err, coapnet.ErrListenerIsClosed) ||
+		strings.HasSuffix(err.Error(), "udp: listener closed")
 }
 
 type dtlsConns struct {
