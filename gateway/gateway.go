@@ -580,6 +580,9 @@ func (g *Gateway) Addrs() map[string]string {
 	if g.console != nil {
 		m["console"] = g.console.Addr().String()
 	}
+	if a := g.FirmwareHTTPSAddr(); a != nil {
+		m["firmware_https"] = a.String()
+	}
 	m["control"] = g.ctl.path
 	return m
 }
@@ -624,6 +627,9 @@ func (g *Gateway) printSummary() {
 	}
 	if v, ok := a["console"]; ok {
 		fmt.Fprintf(w, "  console:  https://%s/\n", v)
+	}
+	if v, ok := a["firmware_https"]; ok {
+		fmt.Fprintf(w, "  firmware: https://%s/fw/ (device certificates; CoAPS devices use /fw/ on CoAPS)\n", v)
 	}
 	fmt.Fprintf(w, "  CA:       %s (trust this root)\n", filepath.Join(g.cfg.Load().StateDir, "pki", "root.crt"))
 	fmt.Fprintf(w, "  admin:    bastionctl --state %s status\n", g.cfg.Load().StateDir)
