@@ -10,6 +10,7 @@ package gateway
 import (
 	"bytes"
 	"context"
+	"errors"
 	"crypto/ed25519"
 	"crypto/rand"
 	"crypto/sha256"
@@ -48,7 +49,7 @@ type fwVendor struct {
 	key  ed25519.PrivateKey
 }
 
-func (v *fwVendor) publish(t *testing.T, cl otacache.Class, version string, seq uint64, data []byte) string {
+func (v *fwVendor) publish(t testing.TB, cl otacache.Class, version string, seq uint64, data []byte) string {
 	t.Helper()
 	custom, err := otacache.VendorTargetCustom(cl, version, seq, data, v.key)
 	if err != nil {
@@ -66,15 +67,19 @@ type fwgw struct {
 
 // startFirmwareGateway starts a dev gateway with the firmware cache on,
 // trusting v's repository, every listener on a free loopback port.
-func startFirmwareGateway(t *testing.T, v *fwVendor) *fwgw {
+func startFirmwareGateway(t testing.TB, v *fwVendor) *fwgw {
 	t.Helper()
 	dir := filepath.Join(t.TempDir(), "state")
 	os.MkdirAll(dir, 0o700)
 	cfg := testConfig(dir)
 	cfg.Firmware.Enabled = true
 	cfg.Firmware.RepositoryURL = v.repo.URL()
-	cfg.Firmware.TrustedRoot = writeFile(t, filepath.Dir(dir), "root.json", string(v.repo.RootJSON()))
-	cfg.Firmware.CABundle = writeFile(t, filepath.Dir(dir), "vendor-ca.pem", string(v.repo.CertPEM()))
+	cfg.Firmware.TrustedRoot = filepath.Join(filepath.Dir(dir), "root.json")
+	cfg.Firmware.CABundle = filepath.Join(filepath.Dir(dir), "vendor-ca.pem")
+	if err := errors.Join(os.WriteFile(cfg.Firmware.TrustedRoot, v.repo.RootJSON(), 0o600),
+		os.WriteFile(cfg.Firmware.CABundle, v.repo.CertPEM(), 0o600)); err != nil {
+		t.Fatal(err)
+	}
 	cfg.Firmware.HTTPSListen = "127.0.0.1:0"
 	if err := WriteConfigFile(filepath.Join(dir, "bastion.yaml"), cfg); err != nil {
 		t.Fatal(err)
@@ -99,7 +104,15 @@ func startFirmwareGateway(t *testing.T, v *fwVendor) *fwgw {
 		t.Fatal("gateway not ready within 10s")
 	}
 	t.Cleanup(func() {
-		r.stop(t)
+		r.cancel()
+		select {
+		case err := <-r.done:
+			if err != nil {
+				t.Errorf("Run returned %v after cancel, want nil", err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Error("gateway did not stop within 10s")
+		}
 		if t.Failed() {
 			t.Logf("gateway log:\n%s", lb.String())
 		}
@@ -108,7 +121,7 @@ func startFirmwareGateway(t *testing.T, v *fwVendor) *fwgw {
 }
 
 // addFWDevice enrolls a device of class cl through the control API.
-func (g *fwgw) addFWDevice(t *testing.T, name, auth string, cl otacache.Class) (*devicesim.Device, Credentials) {
+func (g *fwgw) addFWDevice(t testing.TB, name, auth string, cl otacache.Class) (*devicesim.Device, Credentials) {
 	t.Helper()
 	req := AddRequest{Name: name, Auth: auth, Vendor: cl.Vendor, Model: cl.Model}
 	var keyPEM []byte
@@ -150,7 +163,7 @@ func (g *fwgw) statuses(t *testing.T) map[string]otacache.DeviceStatus {
 	return out.Devices
 }
 
-func newFWVendor(t *testing.T) *fwVendor {
+func newFWVendor(t testing.TB) *fwVendor {
 	_, k, err := ed25519.GenerateKey(rand.Reader)
 	if err != nil {
 		t.Fatal(err)
