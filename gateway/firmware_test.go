@@ -417,6 +417,40 @@ func TestFirmwareThroughTheGateway(t *testing.T) {
 		}
 	})
 
+	t.Run("revoked device gets nothing over HTTPS", func(t *testing.T) {
+		hc, err := ma.HTTPSClient(httpsAddr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer hc.CloseIdleConnections()
+		resp, err := hc.Get("https://" + httpsAddr + "/fw/acme/th-10")
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("before revocation: %s, want 200", resp.Status)
+		}
+		if _, err := g.g.Devices().Revoke(ma.ID, Actor{Name: "test"}); err != nil {
+			t.Fatal(err)
+		}
+		// (The class path: 1.1.0 was evicted when 1.2.0 came.)
+		// The kept-alive connection is checked again per request.
+		resp, err = hc.Get("https://" + httpsAddr + "/fw/acme/th-10")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusForbidden {
+				t.Errorf("revoked device on its open connection: %s, want 403", resp.Status)
+			}
+		}
+		hc.CloseIdleConnections()
+		if resp, err := hc.Get("https://" + httpsAddr + "/fw/acme/th-10"); err == nil {
+			resp.Body.Close()
+			t.Errorf("revoked device completed a new TLS handshake: %s", resp.Status)
+		}
+	})
+
 	t.Run("CoAP status report", func(t *testing.T) {
 		fc, err := pa.DialFirmwareCoAP(ctxT(t, 10*time.Second), pskAddr)
 		if err != nil {
