@@ -405,6 +405,12 @@ func TestFirmwareThroughTheGateway(t *testing.T) {
 			if err := json.Unmarshal([]byte(m[1]), &o); err != nil || m[0] != topic || o.Version != "1.2.0" || o.SHA256 != shaA2 || o.Device != ma.ID {
 				t.Errorf("MQTT got %s %s (%v), want the 1.2.0 offer for %s", m[0], m[1], err, ma.ID)
 			}
+			// The fuzz seed of devicesim.ParseOffer is this real offer.
+			if os.Getenv("BASTION_WRITE_TESTDATA") != "" {
+				if err := os.WriteFile("../internal/devicesim/testdata/offer.json", []byte(m[1]), 0o644); err != nil {
+					t.Error(err)
+				}
+			}
 		case <-time.After(10 * time.Second):
 			t.Fatal("MQTT subscriber got no offer within 10s")
 		}

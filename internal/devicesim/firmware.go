@@ -139,11 +139,35 @@ func decodeOffer(resp *pool.Message) (otacache.Offer, bool, error) {
 	if err != nil {
 		return o, false, fmt.Errorf("GET %s: %w", OfferPath, err)
 	}
+	return ParseOffer(b)
+}
+
+// ParseOffer decodes an offer as the gateway sends it (CoAP /fw/offer,
+// MQTT devices/{id}/c/fw/offer, HTTPS /fw/offer). An empty payload means
+// no offer. The download path must be the content address of the offered
+// sha256, so a gateway cannot point the device anywhere else; the
+// manifest itself is checked later by otacache.VerifyImage.
+func ParseOffer(b []byte) (otacache.Offer, bool, error) {
+	var o otacache.Offer
 	if len(b) == 0 {
 		return o, false, nil
 	}
+	if len(b) > 64<<10 {
+		return o, false, fmt.Errorf("offer of %d bytes: more than 64 KiB", len(b))
+	}
 	if err := json.Unmarshal(b, &o); err != nil {
-		return o, false, fmt.Errorf("offer from %s: %w", OfferPath, err)
+		return o, false, fmt.Errorf("offer: %w", err)
+	}
+	ref, err := otacache.ParseFirmwarePath(o.Path)
+	switch {
+	case err != nil:
+		return o, false, fmt.Errorf("offer: %w", err)
+	case ref.SHA256 == "" || o.Path != "/fw/sha256/"+o.SHA256:
+		return o, false, fmt.Errorf("offer: path %q is not /fw/sha256/ of the offered sha256 %q", o.Path, o.SHA256)
+	case o.Size <= 0 || o.Size > maxFirmwareSize:
+		return o, false, fmt.Errorf("offer: size %d out of range", o.Size)
+	case len(o.Manifest) == 0:
+		return o, false, errors.New("offer: no vendor manifest")
 	}
 	return o, true, nil
 }
@@ -161,8 +185,7 @@ func (c *FirmwareCoAP) ObserveOffer(ctx context.Context, fn func(otacache.Offer)
 			firstC <- b
 			return
 		}
-		var o otacache.Offer
-		if json.Unmarshal(b, &o) == nil && o.SHA256 != "" {
+		if o, ok, err := ParseOffer(b); err == nil && ok {
 			fn(o)
 		}
 	})
@@ -299,10 +322,7 @@ func HTTPSOffer(ctx context.Context, hc *http.Client, base string) (otacache.Off
 	case resp.StatusCode != http.StatusOK:
 		return o, false, fmt.Errorf("GET %s: %s: %s", OfferPath, resp.Status, bytes.TrimSpace(b))
 	}
-	if err := json.Unmarshal(b, &o); err != nil {
-		return o, false, fmt.Errorf("offer from %s: %w", OfferPath, err)
-	}
-	return o, true, nil
+	return ParseOffer(b)
 }
 
 // openResume opens the output file and returns how many bytes of it can
