@@ -44,6 +44,15 @@ func OfferTopic(device string) string {
 	return bridges.TopicPrefix(device) + hub.ClassCommand + "/" + OfferPath
 }
 
+// notifyFormat is the Content-Format of a notification on topic: offers
+// are JSON, other commands opaque bytes.
+func notifyFormat(topic string) message.MediaType {
+	if strings.HasSuffix(topic, "/"+hub.ClassCommand+"/"+OfferPath) {
+		return message.AppJSON
+	}
+	return message.AppOctets
+}
+
 // serveFirmware answers the firmware resources and reports whether the
 // request was one of them. se is the request's authenticated session.
 func (s *Server) serveFirmware(w *responsewriter.ResponseWriter[*udpclient.Conn], m *pool.Message, se *session) bool {

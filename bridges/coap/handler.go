@@ -282,7 +282,7 @@ func (se *session) notify(s *Server, token message.Token, c bridges.Message) {
 	m.SetCode(codes.Content)
 	m.SetToken(token)
 	m.SetObserve(seq)
-	m.SetContentFormat(message.AppOctets)
+	m.SetContentFormat(notifyFormat(c.Topic))
 	m.SetBody(bytes.NewReader(c.Payload))
 	if err := cc.WriteMessage(m); err != nil {
 		s.log.Debug("coap: command notification not sent", "device", se.device, "topic", c.Topic, "err", err)

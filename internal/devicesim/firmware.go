@@ -18,6 +18,7 @@ import (
 
 	piondtls "github.com/pion/dtls/v3"
 	"github.com/plgd-dev/go-coap/v3/dtls"
+	"github.com/plgd-dev/go-coap/v3/message"
 	"github.com/plgd-dev/go-coap/v3/message/codes"
 	"github.com/plgd-dev/go-coap/v3/message/pool"
 	"github.com/plgd-dev/go-coap/v3/net/blockwise"
@@ -183,6 +184,10 @@ func (c *FirmwareCoAP) ObserveOffer(ctx context.Context, fn func(otacache.Offer)
 		b, _ := m.ReadBody()
 		if n == 1 {
 			firstC <- b
+			return
+		}
+		// Offers are JSON; anything else on this resource is not an offer.
+		if cf, err := m.ContentFormat(); err != nil || cf != message.AppJSON {
 			return
 		}
 		if o, ok, err := ParseOffer(b); err == nil && ok {
