@@ -189,6 +189,9 @@ func (s *Server) serveCoAP(w *responsewriter.ResponseWriter[*udpclient.Conn], m 
 		w.SetResponse(codes.Unauthorized, message.TextPlain, bytes.NewReader([]byte("no device session")))
 		return
 	}
+	if s.serveFirmware(w, m, se) {
+		return
+	}
 	r, err := parseRequest(m)
 	var res response
 	if err != nil {
@@ -279,7 +282,7 @@ func (se *session) notify(s *Server, token message.Token, c bridges.Message) {
 	m.SetCode(codes.Content)
 	m.SetToken(token)
 	m.SetObserve(seq)
-	m.SetContentFormat(message.AppOctets)
+	m.SetContentFormat(notifyFormat(c.Topic))
 	m.SetBody(bytes.NewReader(c.Payload))
 	if err := cc.WriteMessage(m); err != nil {
 		s.log.Debug("coap: command notification not sent", "device", se.device, "topic", c.Topic, "err", err)

@@ -70,6 +70,9 @@ func (c *Config) Validate() error {
 	if c.Console.Enabled {
 		listen("console.listen", "tcp", c.Console.Listen)
 	}
+	if c.Firmware.Enabled {
+		listen("firmware.https_listen", "tcp", c.Firmware.HTTPSListen)
+	}
 	for i := range bounds {
 		for j := 0; j < i; j++ {
 			a, b := bounds[i], bounds[j]
