@@ -91,9 +91,11 @@ type Gateway struct {
 	ctl        *controlServer
 	fw         *firewall.Firewall
 	firmware   *otacache.Cache
-	queue      *queue.Queue
-	upstream   *upstream.Upstream
-	pairing    *pairingSvc
+	// firmwareHTTPS serves images to MQTT devices (firmware_serve.go).
+	firmwareHTTPS *firmwareHTTPS
+	queue         *queue.Queue
+	upstream      *upstream.Upstream
+	pairing       *pairingSvc
 	// consoleHandler is the console's pages and API (nil if disabled).
 	consoleHandler *console.Handler
 	// sink takes device telemetry: the upstream link when there is one.
@@ -330,7 +332,7 @@ func (g *Gateway) openListeners(cfg config.Config) error {
 			return err
 		}
 		g.coap, err = coap.New(coap.Config{Listen: cfg.CoAP.Listen, PSKListen: cfg.CoAP.PSKListen, MaxPayload: cfg.CoAP.MaxPayload,
-			Enroll: g.coapEnrollment()}, sc, g.coapIdentity(id), g.hub, g.log)
+			Firmware: g.coapFirmware(), Enroll: g.coapEnrollment()}, sc, g.coapIdentity(id), g.hub, g.log)
 		if err != nil {
 			return err
 		}
@@ -345,6 +347,9 @@ func (g *Gateway) openListeners(cfg config.Config) error {
 		if err != nil {
 			return err
 		}
+	}
+	if err := g.openFirmwareHTTPS(cfg, cert); err != nil {
+		return err
 	}
 	g.addStatus("transports", func() any {
 		st := map[string]int{}
@@ -435,6 +440,10 @@ func (g *Gateway) Run(ctx context.Context) error {
 	}
 	if g.firmware != nil {
 		eg.Go(func() error { return g.firmware.Run(ctx) })
+		eg.Go(func() error { return g.runFirmwareAnnounce(ctx) })
+	}
+	if g.firmwareHTTPS != nil {
+		eg.Go(func() error { return g.firmwareHTTPS.run(ctx) })
 	}
 	if g.upstream != nil {
 		eg.Go(func() error { return g.upstream.Run(ctx) })
@@ -588,6 +597,9 @@ func (g *Gateway) Addrs() map[string]string {
 	if g.console != nil {
 		m["console"] = g.console.Addr().String()
 	}
+	if a := g.FirmwareHTTPSAddr(); a != nil {
+		m["firmware_https"] = a.String()
+	}
 	m["control"] = g.ctl.path
 	return m
 }
@@ -632,6 +644,9 @@ func (g *Gateway) printSummary() {
 	}
 	if v, ok := a["console"]; ok {
 		fmt.Fprintf(w, "  console:  https://%s/\n", v)
+	}
+	if v, ok := a["firmware_https"]; ok {
+		fmt.Fprintf(w, "  firmware: https://%s/fw/ (device certificates; CoAPS devices use /fw/ on CoAPS)\n", v)
 	}
 	fmt.Fprintf(w, "  CA:       %s (trust this root)\n", filepath.Join(g.cfg.Load().StateDir, "pki", "root.crt"))
 	fmt.Fprintf(w, "  admin:    bastionctl --state %s status\n", g.cfg.Load().StateDir)

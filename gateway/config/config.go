@@ -86,6 +86,9 @@ type Firmware struct {
 	// VendorKeys maps a vendor to a PEM public key file; the gateway then
 	// checks the vendor's manifest signature before offering an image.
 	VendorKeys map[string]string `yaml:"vendor_keys"`
+	// HTTPSListen is the HTTPS listener (client certificate required)
+	// that serves verified images with Range to MQTT devices.
+	HTTPSListen string `yaml:"https_listen"`
 }
 
 // Log configures the daemon's structured log.

@@ -30,6 +30,7 @@ func Dev(stateDir string) Config {
 		CoAP:      CoAP{Enabled: true, Listen: "127.0.0.1:5684", PSKListen: "127.0.0.1:5685"},
 		MQTT:      MQTT{Enabled: true, Listen: "127.0.0.1:8883"},
 		Console:   Console{Enabled: true, Listen: "127.0.0.1:8443"},
+		Firmware:  Firmware{HTTPSListen: "127.0.0.1:8444"},
 		PKI:       PKI{Hostnames: []string{"localhost", "127.0.0.1", "::1"}},
 		// br-lan is only an example zone for the printed plan: --dev applies nothing.
 		Firewall: Firewall{Manage: false, LAN: []string{"br-lan"}, Ping: []string{"lan"}},
@@ -84,6 +85,7 @@ func SetDefaults(c *Config) {
 	defD(&c.PKI.RenewBefore, 30*24*time.Hour)
 	def(&c.Firewall.HandshakeRate, "20/second burst 40")
 	defD(&c.Firmware.CheckInterval, 6*time.Hour)
+	def(&c.Firmware.HTTPSListen, ":8444")
 	if c.Upstream.QueueMaxBytes == 0 {
 		c.Upstream.QueueMaxBytes = 64 << 20
 	}

@@ -71,6 +71,9 @@ func (c *Config) Validate() error {
 	if c.Console.Enabled {
 		listen("console.listen", "tcp", c.Console.Listen)
 	}
+	if c.Firmware.Enabled {
+		listen("firmware.https_listen", "tcp", c.Firmware.HTTPSListen)
+	}
 	if c.Pairing.ESTListen != "" {
 		listen("pairing.est_listen", "tcp", c.Pairing.ESTListen)
 	}

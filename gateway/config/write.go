@@ -87,6 +87,7 @@ firmware:
   check_interval: %s
   max_cache_bytes: %d
   vendor_keys: {}      # vendor: PEM public key file, to check manifests too
+  https_listen: %q     # HTTPS with client certificates, Range: images for MQTT devices
 
 # The cloud: MQTT v5 over TLS 1.3 with this gateway's client certificate.
 # Device messages wait in a durable queue (fsync before the device's ack)
@@ -133,7 +134,7 @@ pairing:
 		c.Metrics.Listen, c.Firewall.Manage, list(c.Firewall.LAN), list(c.Firewall.WAN),
 		c.Firewall.HandshakeRate, list(c.Firewall.Ping),
 		c.Firmware.Enabled, c.Firmware.RepositoryURL, c.Firmware.TargetsURL, c.Firmware.TrustedRoot, c.Firmware.CABundle,
-		c.Firmware.CheckInterval.D(), c.Firmware.MaxCacheBytes,
+		c.Firmware.CheckInterval.D(), c.Firmware.MaxCacheBytes, c.Firmware.HTTPSListen,
 		c.Upstream.Enabled, c.Upstream.Broker, c.Upstream.ServerName, c.Upstream.CAFile, c.Upstream.CertFile, c.Upstream.KeyFile,
 		c.Upstream.TLSMinVersion, c.Upstream.Gateway, c.Upstream.Prefix, c.Upstream.KeepAlive, c.Upstream.BackoffMin, c.Upstream.BackoffMax,
 		c.Upstream.QueueMaxBytes, c.Upstream.QueueMaxAge.D(), rules(c.Upstream.Forward),

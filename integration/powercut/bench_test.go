@@ -1,0 +1,288 @@
+package powercut
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/bastion-iot/bastion/gateway/control"
+	"github.com/bastion-iot/bastion/internal/devicesim"
+	"github.com/bastion-iot/bastion/internal/testutil/mosquitto"
+)
+
+// BenchmarkFullStack compares, in one run on loopback, the whole bridged
+// path with durability on
+//
+//	device (devicesim, MQTT 5 / TLS, client cert, QoS 1) -> bastiond process (PUBACK after fsync) -> upstream link (MQTT 5, TLS 1.3, client cert) -> Mosquitto -> subscriber
+//
+// with the peers' own way of doing it
+//
+//	device (the same client) -> Mosquitto A (TLS, require_certificate, bridge MQTT 5 / TLS 1.3 / client cert) -> Mosquitto B -> subscriber
+//
+// Each device waits for its PUBACK before sending the next message;
+// 100-byte payloads carry the send time, so latency is end to end (device
+// send -> cloud subscriber). Throughput is messages delivered to the
+// subscriber per second from the first send to the last arrival. Not in
+// CI's pass/fail (no timing assertions); run it with
+//
+//	go test -run '^$' -bench FullStack -benchtime 1x -count 3 ./integration/powercut/
+func BenchmarkFullStack(b *testing.B) {
+	const gatewayID = "gw1"
+	// pubs device sessions, each with inflight QoS 1 publishes awaiting
+	// their PUBACK (1 = send, wait, send; 16 = a device pipelining within
+	// the receive maximum both brokers grant).
+	scenarios := []struct{ pubs, inflight, each int }{{1, 1, 3000}, {1, 16, 6400}, {50, 1, 200}}
+	maxPubs := 50
+
+	cloud := mosquitto.Start(b, mosquitto.Options{Name: "cloud"})
+	sub := subscribe(b, cloud, "bench-sub", "bastion/#", false)
+
+	// Bastion, its own process, upstream to the cloud broker.
+	state := filepath.Join(b.TempDir(), "state")
+	if err := os.MkdirAll(state, 0o700); err != nil {
+		b.Fatal(err)
+	}
+	cfg := gwConfig(b, state, cloud, cloud.CA.CertFile, mosquitto.ServerName, cloud.CA.Client(b, gatewayID), gatewayID)
+	cfg.Log.Level = "warn"
+	gw := startGateway(b, cfg, true)
+	gDevs := make([]*devicesim.Device, maxPubs)
+	for i := range gDevs {
+		gDevs[i] = addDevice(b, state, fmt.Sprintf("b%d", i), "cert")
+	}
+
+	// Mosquitto A bridging to the same cloud broker, as a Mosquitto edge
+	// gateway would be set up: same TLS, same client-certificate rule.
+	bridgeLeaf := cloud.CA.Client(b, "gw-mosq")
+	edge := mosquitto.Start(b, mosquitto.Options{Name: "edge", CA: cloud.CA, Config: fmt.Sprintf(`
+connection cloud
+address %s
+bridge_protocol_version mqttv50
+remote_clientid gw-mosq
+cleansession true
+bridge_cafile %s
+bridge_certfile %s
+bridge_keyfile %s
+bridge_tls_version tlsv1.3
+bridge_insecure false
+topic # out 1 devices/ bastion/%s/
+`, cloud.Addr, cloud.CA.CertFile, bridgeLeaf.CertFile, bridgeLeaf.KeyFile, gatewayID)})
+	mDevs := make([]*devicesim.Device, maxPubs)
+	for i := range mDevs {
+		id := fmt.Sprintf("m%d", i)
+		l := cloud.CA.Client(b, id)
+		mDevs[i] = &devicesim.Device{Creds: devicesim.Creds{ID: id, Auth: "cert", CertPEM: string(l.CertPEM), KeyPEM: string(l.KeyPEM),
+			CAPEM: string(cloud.CA.CertPEM)}, ServerName: mosquitto.ServerName}
+	}
+
+	// Both paths must deliver before anything is timed.
+	probe(b, sub, cfg.MQTT.Listen, gDevs[0])
+	probe(b, sub, edge.Addr, mDevs[0])
+
+	var lines []string
+	for _, sc := range scenarios {
+		m := fullRun(b, sub, edge.Addr, mDevs[:sc.pubs], sc.inflight, sc.each)
+		cpu0, fs0 := cpuTime(b, gw.cmd.Process.Pid), metric(b, state, "bastion_queue_fsyncs_total")
+		g := fullRun(b, sub, cfg.MQTT.Listen, gDevs[:sc.pubs], sc.inflight, sc.each)
+		cpu, fsyncs := cpuTime(b, gw.cmd.Process.Pid)-cpu0, metric(b, state, "bastion_queue_fsyncs_total")-fs0
+		name := fmt.Sprintf("%dpub", sc.pubs)
+		if sc.inflight > 1 {
+			name += fmt.Sprintf("x%d", sc.inflight)
+		}
+		ratio := g.rate() / m.rate()
+		lines = append(lines, fmt.Sprintf("%2d publishers × %2d in flight × %4d | Bastion %6.0f msg/s e2e p50 %v p99 %v, PUBACK p50 %v p99 %v | Mosquitto bridge %6.0f msg/s e2e p50 %v p99 %v, PUBACK p50 %v p99 %v | throughput ratio %.2fx, e2e p99 ratio %.2fx, dups %d/%d; bastiond CPU %.0f µs/msg (%.2f cores), %.1f msgs/fsync, %.0f fsyncs/s",
+			sc.pubs, sc.inflight, sc.each, g.rate(), g.pct(g.e2e, 50), g.pct(g.e2e, 99), g.pct(g.ack, 50), g.pct(g.ack, 99),
+			m.rate(), m.pct(m.e2e, 50), m.pct(m.e2e, 99), m.pct(m.ack, 50), m.pct(m.ack, 99),
+			ratio, float64(g.pct(g.e2e, 99))/float64(m.pct(m.e2e, 99)), g.dups, m.dups,
+			float64(cpu.Microseconds())/float64(g.msgs), cpu.Seconds()/g.elapsed.Seconds(),
+			float64(g.msgs)/fsyncs, fsyncs/g.elapsed.Seconds()))
+		b.ReportMetric(g.rate(), "bastion-msg/s-"+name)
+		b.ReportMetric(m.rate(), "mosquitto-msg/s-"+name)
+		b.ReportMetric(ratio, "tput-ratio-"+name)
+		b.ReportMetric(float64(g.pct(g.e2e, 99).Microseconds()), "bastion-p99-µs-"+name)
+		b.ReportMetric(float64(m.pct(m.e2e, 99).Microseconds()), "mosquitto-p99-µs-"+name)
+	}
+	for _, l := range lines {
+		b.Log(l)
+	}
+}
+
+// probe publishes through addr until one message reaches the subscriber
+// (the bridge or the upstream link may still be connecting).
+func probe(b *testing.B, sub *subscriber, addr string, d *devicesim.Device) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	c, err := d.DialMQTT(ctx, addr, nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer c.Close()
+	for {
+		if rc, err := c.Publish(ctx, c.TelemetryTopic("probe"), 1, []byte("probe")); err != nil || rc != 0 {
+			b.Fatalf("probe via %s: rc 0x%02x %v", addr, rc, err)
+		}
+		select {
+		case <-sub.got:
+			for len(sub.got) > 0 { // later probes
+				<-sub.got
+			}
+			return
+		case <-time.After(200 * time.Millisecond): // next probe: a bridge drops what it had no connection for
+		case <-ctx.Done():
+			b.Fatalf("nothing sent via %s reached the cloud subscriber within 30s", addr)
+		}
+	}
+}
+
+// cpuTime is the user+system CPU time pid used so far (/proc/pid/stat,
+// clock ticks of 10 ms on Linux/amd64).
+func cpuTime(b *testing.B, pid int) time.Duration {
+	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		b.Fatal(err)
+	}
+	// Fields after the command name, which is in parentheses.
+	f := strings.Fields(string(raw[bytes.LastIndexByte(raw, ')')+2:]))
+	utime, _ := strconv.ParseInt(f[11], 10, 64)
+	stime, _ := strconv.ParseInt(f[12], 10, 64)
+	return time.Duration(utime+stime) * 10 * time.Millisecond
+}
+
+// metric reads one counter from bastiond's metrics on its control socket.
+func metric(b *testing.B, state, name string) float64 {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	raw, err := control.New(control.SocketPath(state)).Do(ctx, "GET", "/metrics", nil, nil)
+	if err != nil {
+		b.Fatalf("metrics: %v", err)
+	}
+	for _, l := range strings.Split(string(raw), "\n") {
+		if v, ok := strings.CutPrefix(l, name+" "); ok {
+			f, err := strconv.ParseFloat(v, 64)
+			if err != nil {
+				b.Fatalf("metric %s: %q", name, l)
+			}
+			return f
+		}
+	}
+	b.Fatalf("no metric %s", name)
+	return 0
+}
+
+type fullResult struct {
+	msgs     int
+	elapsed  time.Duration
+	e2e, ack []time.Duration
+	dups     int
+}
+
+func (r fullResult) rate() float64 { return float64(r.msgs) / r.elapsed.Seconds() }
+
+func (r fullResult) pct(l []time.Duration, p int) time.Duration {
+	if len(l) == 0 {
+		return 0
+	}
+	return l[(len(l)-1)*p/100].Round(10 * time.Microsecond)
+}
+
+// fullRun connects one device session per device, then each publishes each
+// messages at QoS 1 with inflight publishes awaiting their PUBACK at a
+// time; the subscriber measures.
+func fullRun(b *testing.B, sub *subscriber, addr string, devs []*devicesim.Device, inflight, each int) fullResult {
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	for len(sub.got) > 0 {
+		<-sub.got
+	}
+	clients := make([]*devicesim.MQTT, len(devs))
+	for i, d := range devs {
+		c, err := d.DialMQTT(ctx, addr, nil)
+		if err != nil {
+			b.Fatalf("connect %s to %s: %v", d.ID, addr, err)
+		}
+		clients[i] = c
+	}
+	defer func() {
+		for _, c := range clients {
+			c.Close()
+		}
+	}()
+	each -= each % inflight
+	total := len(devs) * each
+	r := fullResult{msgs: total, e2e: make([]time.Duration, 0, total)}
+	recvDone := make(chan struct{})
+	var last time.Time
+	go func() {
+		defer close(recvDone)
+		seen := make(map[uint64]bool, total)
+		for len(seen) < total {
+			select {
+			case p := <-sub.got:
+				now := time.Now()
+				if len(p.Payload) < 16 {
+					continue
+				}
+				id := binary.BigEndian.Uint64(p.Payload[8:])
+				if seen[id] {
+					r.dups++
+					continue
+				}
+				seen[id] = true
+				r.e2e = append(r.e2e, now.Sub(time.Unix(0, int64(binary.BigEndian.Uint64(p.Payload)))))
+				last = now
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	errs := make(chan error, len(devs)*inflight)
+	start := time.Now()
+	per := each / inflight
+	for i, c := range clients {
+		for k := range inflight {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				topic := c.TelemetryTopic("n")
+				payload := make([]byte, 100)
+				acks := make([]time.Duration, 0, per)
+				for n := range per {
+					binary.BigEndian.PutUint64(payload[8:], uint64(i*each+k*per+n))
+					t0 := time.Now()
+					binary.BigEndian.PutUint64(payload, uint64(t0.UnixNano()))
+					if rc, err := c.Publish(ctx, topic, 1, payload); err != nil || rc != 0 {
+						errs <- fmt.Errorf("publish %d via %s: rc 0x%02x %v", n, addr, rc, err)
+						return
+					}
+					acks = append(acks, time.Since(t0))
+				}
+				mu.Lock()
+				r.ack = append(r.ack, acks...)
+				mu.Unlock()
+			}()
+		}
+	}
+	wg.Wait()
+	<-recvDone
+	close(errs)
+	for err := range errs {
+		b.Fatal(err)
+	}
+	if len(r.e2e) < total {
+		b.Fatalf("via %s the subscriber got %d of %d", addr, len(r.e2e), total)
+	}
+	r.elapsed = last.Sub(start)
+	slices.Sort(r.e2e)
+	slices.Sort(r.ack)
+	return r
+}

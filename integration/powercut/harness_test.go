@@ -1,0 +1,394 @@
+package powercut
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"fmt"
+	"net"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/eclipse/paho.golang/autopaho"
+	"github.com/eclipse/paho.golang/packets"
+	"github.com/eclipse/paho.golang/paho"
+	"go.uber.org/goleak"
+
+	"github.com/bastion-iot/bastion/bridges/upstream"
+	"github.com/bastion-iot/bastion/gateway"
+	"github.com/bastion-iot/bastion/gateway/config"
+	"github.com/bastion-iot/bastion/gateway/control"
+	"github.com/bastion-iot/bastion/internal/devicesim"
+	"github.com/bastion-iot/bastion/internal/testutil/mosquitto"
+	"github.com/bastion-iot/bastion/internal/testutil/testpki"
+)
+
+var (
+	buildOnce sync.Once
+	binDir    string
+	buildErr  error
+)
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if binDir != "" {
+		os.RemoveAll(binDir)
+	}
+	if code == 0 {
+		if err := goleak.Find(); err != nil {
+			fmt.Fprintf(os.Stderr, "goleak: %v\n", err)
+			code = 1
+		}
+	}
+	os.Exit(code)
+}
+
+// binaries builds bastiond and bastionctl once per test binary: the gateway
+// under test is its own process, killed and restarted like the real one.
+func binaries(tb testing.TB) (bastiond, bastionctl string) {
+	tb.Helper()
+	buildOnce.Do(func() {
+		binDir, buildErr = os.MkdirTemp("", "bastion-powercut-bin")
+		if buildErr != nil {
+			return
+		}
+		out, err := exec.Command("go", "build", "-o", binDir,
+			"github.com/bastion-iot/bastion/cmd/bastiond", "github.com/bastion-iot/bastion/cmd/bastionctl").CombinedOutput()
+		if err != nil {
+			buildErr = fmt.Errorf("go build bastiond bastionctl: %v\n%s", err, out)
+		}
+	})
+	if buildErr != nil {
+		tb.Fatal(buildErr)
+	}
+	return filepath.Join(binDir, "bastiond"), filepath.Join(binDir, "bastionctl")
+}
+
+// freePort asks the kernel for a free loopback port, so that a restarted
+// bastiond listens where the devices already point.
+func freePort(tb testing.TB, network string) int {
+	tb.Helper()
+	if network == "udp" {
+		c, err := net.ListenPacket("udp", "127.0.0.1:0")
+		if err != nil {
+			tb.Fatal(err)
+		}
+		defer c.Close()
+		return c.LocalAddr().(*net.UDPAddr).Port
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// gwConfig is a --dev configuration on fixed free loopback ports with the
+// upstream link pointing at broker (CA file, server name and client leaf
+// as given).
+func gwConfig(tb testing.TB, state string, b *mosquitto.Broker, caFile, serverName string, leaf *testpki.Leaf, gatewayID string) config.Config {
+	cfg := config.Dev(state)
+	cfg.CoAP.Listen = fmt.Sprintf("127.0.0.1:%d", freePort(tb, "udp"))
+	cfg.CoAP.PSKListen = fmt.Sprintf("127.0.0.1:%d", freePort(tb, "udp"))
+	cfg.MQTT.Listen = fmt.Sprintf("127.0.0.1:%d", freePort(tb, "tcp"))
+	cfg.Console.Enabled = false
+	cfg.Log.Level = "info"
+	cfg.Upstream.Enabled = true
+	cfg.Upstream.Config = upstream.Config{
+		Broker: "mqtts://" + b.Addr, ServerName: serverName, CAFile: caFile,
+		CertFile: leaf.CertFile, KeyFile: leaf.KeyFile, Gateway: gatewayID,
+		// Short backoff: the test waits for the reconnect after the
+		// broker comes back, and should not wait a minute for it.
+		BackoffMin: 50 * time.Millisecond, BackoffMax: 300 * time.Millisecond,
+		Forward: []upstream.Rule{{Topic: "devices/+/t/#", Action: "forward"}},
+	}
+	cfg.Upstream.Config.Defaults()
+	return cfg
+}
+
+// proc is one bastiond process and its log.
+type proc struct {
+	cmd  *exec.Cmd
+	log  *logLines
+	done chan struct{} // closed when the process has exited and its log is read
+}
+
+// logLines collects a process's log lines and lets a test wait for one.
+type logLines struct {
+	mu      sync.Mutex
+	lines   []string
+	changed chan struct{}
+	closed  bool
+}
+
+func newLogLines() *logLines { return &logLines{changed: make(chan struct{})} }
+
+func (l *logLines) add(s string) {
+	l.mu.Lock()
+	l.lines = append(l.lines, s)
+	close(l.changed)
+	l.changed = make(chan struct{})
+	l.mu.Unlock()
+}
+
+func (l *logLines) close() {
+	l.mu.Lock()
+	l.closed = true
+	close(l.changed)
+	l.changed = make(chan struct{})
+	l.mu.Unlock()
+}
+
+func (l *logLines) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return strings.Join(l.lines, "\n")
+}
+
+// count is the number of lines containing s.
+func (l *logLines) count(s string) int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	n := 0
+	for _, x := range l.lines {
+		if strings.Contains(x, s) {
+			n++
+		}
+	}
+	return n
+}
+
+// wait returns the first line containing s that is at least the (n+1)th
+// such line, waiting for it (an event, not a poll) up to d.
+func (l *logLines) wait(tb testing.TB, s string, n int, d time.Duration) string {
+	tb.Helper()
+	timeout := time.After(d)
+	for {
+		l.mu.Lock()
+		seen := 0
+		for _, x := range l.lines {
+			if strings.Contains(x, s) {
+				if seen == n {
+					l.mu.Unlock()
+					return x
+				}
+				seen++
+			}
+		}
+		ch, closed := l.changed, l.closed
+		l.mu.Unlock()
+		if closed {
+			tb.Fatalf("bastiond exited before logging %q; log:\n%s", s, l)
+		}
+		select {
+		case <-ch:
+		case <-timeout:
+			tb.Fatalf("bastiond did not log %q within %s; log:\n%s", s, d, l)
+		}
+	}
+}
+
+// startGateway writes cfg and starts bastiond --dev on it, returning once it
+// is ready (it logged "gateway ready"). It is killed when the test ends.
+func startGateway(tb testing.TB, cfg config.Config, writeConfig bool) *proc {
+	tb.Helper()
+	bin, _ := binaries(tb)
+	if writeConfig {
+		if err := gateway.WriteConfigFile(filepath.Join(cfg.StateDir, "bastion.yaml"), cfg); err != nil {
+			tb.Fatal(err)
+		}
+	}
+	cmd := exec.Command(bin, "--dev", "--state", cfg.StateDir)
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	cmd.Stdout = cmd.Stderr
+	if err := cmd.Start(); err != nil {
+		tb.Fatalf("start bastiond: %v", err)
+	}
+	p := &proc{cmd: cmd, log: newLogLines(), done: make(chan struct{})}
+	go func() {
+		sc := bufio.NewScanner(stderr)
+		sc.Buffer(make([]byte, 64<<10), 1<<20)
+		for sc.Scan() {
+			p.log.add(sc.Text())
+		}
+		p.log.close()
+		cmd.Wait()
+		close(p.done)
+	}()
+	tb.Cleanup(func() {
+		p.kill()
+		if tb.Failed() {
+			tb.Logf("bastiond (pid %d) log:\n%s", cmd.Process.Pid, p.log)
+		}
+	})
+	ready := "gateway ready"
+	if cfg.Log.Level == "warn" || cfg.Log.Level == "error" {
+		// Quiet logs (the benchmark): the start-up summary, printed just
+		// before "gateway ready" once everything listens.
+		ready = "Bastion dev is running"
+	}
+	p.log.wait(tb, ready, 0, 30*time.Second)
+	return p
+}
+
+// kill SIGKILLs the process and waits until it is gone.
+func (p *proc) kill() {
+	p.cmd.Process.Signal(syscall.SIGKILL)
+	<-p.done
+}
+
+// stop SIGTERMs the process and waits until it is gone.
+func (p *proc) stop() {
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-p.done:
+	case <-time.After(20 * time.Second):
+		p.kill()
+	}
+}
+
+// addDevice adds a device through the control socket: "cert" devices get a
+// key and CSR of their own, "psk" devices a PSK.
+func addDevice(tb testing.TB, state, name, auth string) *devicesim.Device {
+	tb.Helper()
+	req := gateway.AddRequest{Name: name, Auth: auth}
+	var key []byte
+	if auth == "cert" {
+		k, csr, err := devicesim.NewKey()
+		if err != nil {
+			tb.Fatal(err)
+		}
+		key, req.CSR = k, string(csr)
+	}
+	var c gateway.Credentials
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := control.New(control.SocketPath(state)).Do(ctx, "POST", "/v1/devices", req, &c); err != nil {
+		tb.Fatalf("add device %s: %v", name, err)
+	}
+	root, err := os.ReadFile(filepath.Join(state, "pki", "root.crt"))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return &devicesim.Device{Creds: devicesim.Creds{ID: c.ID, Name: name, Auth: c.Auth, PSKIdentity: c.PSKIdentity,
+		PSK: c.PSK, CertPEM: c.CertPEM, CAPEM: string(root), KeyPEM: string(key)}}
+}
+
+// ctlStatus is the part of `bastionctl --json status` these tests read.
+type ctlStatus struct {
+	Components struct {
+		Upstream struct {
+			Link  upstream.Status `json:"link"`
+			Queue struct {
+				Depth int   `json:"depth"`
+				Bytes int64 `json:"bytes"`
+			} `json:"queue"`
+		} `json:"upstream"`
+	} `json:"components"`
+}
+
+// bastionctlStatus runs the real `bastionctl --json status` against state.
+func bastionctlStatus(tb testing.TB, state string) ctlStatus {
+	tb.Helper()
+	_, ctl := binaries(tb)
+	out, err := exec.Command(ctl, "--state", state, "--json", "status").Output()
+	if err != nil {
+		tb.Fatalf("bastionctl --json status: %v", err)
+	}
+	var st ctlStatus
+	if err := json.Unmarshal(out, &st); err != nil {
+		tb.Fatalf("bastionctl --json status printed %q: %v", out, err)
+	}
+	return st
+}
+
+// subscriber is the cloud side: an MQTT v5 client on the cloud broker that
+// reconnects on its own and hands every message to got.
+type subscriber struct {
+	cm  *autopaho.ConnectionManager
+	got chan *paho.Publish
+}
+
+// subscribe connects cn to b and subscribes to filter at QoS 1. persistent
+// keeps its session (and the messages queued for it) across a broker restart.
+func subscribe(tb testing.TB, b *mosquitto.Broker, cn, filter string, persistent bool) *subscriber {
+	tb.Helper()
+	s := &subscriber{got: make(chan *paho.Publish, 50000)}
+	u, _ := url.Parse("mqtts://" + b.Addr)
+	tc := b.ClientTLS(b.CA.Client(tb, cn))
+	subscribed := make(chan struct{}, 1)
+	cfg := autopaho.ClientConfig{
+		ServerUrls:       []*url.URL{u},
+		KeepAlive:        30,
+		ReconnectBackoff: autopaho.NewConstantBackoff(50 * time.Millisecond),
+		AttemptConnection: func(ctx context.Context, _ autopaho.ClientConfig, u *url.URL) (net.Conn, error) {
+			c, err := (&tls.Dialer{Config: tc}).DialContext(ctx, "tcp", u.Host)
+			if err != nil {
+				return nil, err
+			}
+			return packets.NewThreadSafeConn(c), nil
+		},
+		CleanStartOnInitialConnection: !persistent,
+		OnConnectionUp: func(cm *autopaho.ConnectionManager, _ *paho.Connack) {
+			go func() {
+				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+				defer cancel()
+				if _, err := cm.Subscribe(ctx, &paho.Subscribe{Subscriptions: []paho.SubscribeOptions{{Topic: filter, QoS: 1}}}); err == nil {
+					select {
+					case subscribed <- struct{}{}:
+					default:
+					}
+				}
+			}()
+		},
+		ClientConfig: paho.ClientConfig{
+			ClientID: cn,
+			OnPublishReceived: []func(paho.PublishReceived) (bool, error){func(pr paho.PublishReceived) (bool, error) {
+				s.got <- pr.Packet
+				return true, nil
+			}},
+		},
+	}
+	if persistent {
+		cfg.SessionExpiryInterval = 3600
+	}
+	var err error
+	s.cm, err = autopaho.NewConnection(context.Background(), cfg)
+	if err != nil {
+		tb.Fatalf("subscriber: %v", err)
+	}
+	tb.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		s.cm.Disconnect(ctx)
+		<-s.cm.Done()
+	})
+	select {
+	case <-subscribed:
+	case <-time.After(10 * time.Second):
+		tb.Fatalf("subscriber %s: not subscribed to %s within 10s", cn, filter)
+	}
+	return s
+}
+
+func userProp(p *paho.Publish, key string) string {
+	if p.Properties == nil {
+		return ""
+	}
+	return p.Properties.User.Get(key)
+}
+
+func itoa(i int) string { return strconv.Itoa(i) }
