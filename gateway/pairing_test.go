@@ -589,9 +589,9 @@ func TestPairingIDevIDHTTPS(t *testing.T) {
 	waitFor(t, "EST over HTTPS opens with the window", func() bool { return g.g.pairing.ESTAddr() != "" })
 	addr := g.g.pairing.ESTAddr()
 	_, port, _ := net.SplitHostPort(addr)
-	if !estRule(port) {
-		t.Errorf("no firewall rule for the EST port %s while the window is open", port)
-	}
+	// The address is published before the rule is applied (bind, rule,
+	// serve), so wait for the rule.
+	waitFor(t, "firewall rule for the EST port while the window is open", func() bool { return estRule(port) })
 	// A reload during the window keeps the port open.
 	if err := g.g.Reload(); err != nil {
 		t.Fatal(err)
