@@ -21,6 +21,9 @@ func (g *Gateway) wireConsole() {
 	if g.firmware != nil {
 		c.Firmware = consoleFirmware{g}
 	}
+	if g.pairing != nil {
+		c.Pairing = consolePairing{g.pairing}
+	}
 	c.RulesChanged = func([]store.ForwardRule) {
 		if err := g.applyForwardRules(); err != nil {
 			g.log.Error("forwarding rules from the console could not be applied to the upstream link", "err", err)

@@ -35,6 +35,7 @@ import (
 	"github.com/bastion-iot/bastion/gateway/control"
 	"github.com/bastion-iot/bastion/gateway/store"
 	"github.com/bastion-iot/bastion/internal/buildinfo"
+	"github.com/bastion-iot/bastion/internal/clock"
 	otacache "github.com/bastion-iot/bastion/ota-cache"
 	"github.com/bastion-iot/bastion/pki"
 )
@@ -61,6 +62,9 @@ type Options struct {
 	Clock pki.Clock
 	// Ready is called once every listener is up.
 	Ready func(*Gateway)
+	// PairingClock overrides the pairing window's clock (tests move it
+	// instead of waiting out a window).
+	PairingClock clock.Clock
 	// Sink, if set, receives device telemetry before it is acknowledged
 	// instead of the upstream link (tests). With neither, messages reach
 	// local subscribers only (hub.LocalSink).
@@ -87,8 +91,11 @@ type Gateway struct {
 	ctl        *controlServer
 	fw         *firewall.Firewall
 	firmware   *otacache.Cache
-	queue      *queue.Queue
-	upstream   *upstream.Upstream
+	// firmwareHTTPS serves images to MQTT devices (firmware_serve.go).
+	firmwareHTTPS *firmwareHTTPS
+	queue         *queue.Queue
+	upstream      *upstream.Upstream
+	pairing       *pairingSvc
 	// consoleHandler is the console's pages and API (nil if disabled).
 	consoleHandler *console.Handler
 	// sink takes device telemetry: the upstream link when there is one.
@@ -179,6 +186,9 @@ func New(opts Options) (_ *Gateway, err error) {
 		return nil, err
 	}
 	if err := g.openFirmware(cfg); err != nil {
+		return nil, err
+	}
+	if err := g.openPairing(cfg); err != nil {
 		return nil, err
 	}
 	if err := g.openListeners(cfg); err != nil {
@@ -324,7 +334,8 @@ func (g *Gateway) openListeners(cfg config.Config) error {
 		if err != nil {
 			return err
 		}
-		g.coap, err = coap.New(coap.Config{Listen: cfg.CoAP.Listen, PSKListen: cfg.CoAP.PSKListen, MaxPayload: cfg.CoAP.MaxPayload}, sc, id, g.hub, g.log)
+		g.coap, err = coap.New(coap.Config{Listen: cfg.CoAP.Listen, PSKListen: cfg.CoAP.PSKListen, MaxPayload: cfg.CoAP.MaxPayload,
+			Firmware: g.coapFirmware(), Enroll: g.coapEnrollment()}, sc, g.coapIdentity(id), g.hub, g.log)
 		if err != nil {
 			return err
 		}
@@ -339,6 +350,9 @@ func (g *Gateway) openListeners(cfg config.Config) error {
 		if err != nil {
 			return err
 		}
+	}
+	if err := g.openFirmwareHTTPS(cfg, cert); err != nil {
+		return err
 	}
 	g.addStatus("transports", func() any {
 		st := map[string]int{}
@@ -368,7 +382,9 @@ func (g *Gateway) openListeners(cfg config.Config) error {
 	return nil
 }
 
-func (g *Gateway) identity() *identity { return &identity{ca: g.ca, store: g.store, m: g.metrics} }
+func (g *Gateway) identity() *identity {
+	return &identity{ca: g.ca, store: g.store, m: g.metrics, pairing: g.pairing}
+}
 
 const metaSetupCode = "console.setup_code_sha256"
 const metaAdminExists = "console.admin_exists"
@@ -427,9 +443,16 @@ func (g *Gateway) Run(ctx context.Context) error {
 	}
 	if g.firmware != nil {
 		eg.Go(func() error { return g.firmware.Run(ctx) })
+		eg.Go(func() error { return g.runFirmwareAnnounce(ctx) })
+	}
+	if g.firmwareHTTPS != nil {
+		eg.Go(func() error { return g.firmwareHTTPS.run(ctx) })
 	}
 	if g.upstream != nil {
 		eg.Go(func() error { return g.upstream.Run(ctx) })
+	}
+	if g.pairing != nil {
+		g.pairing.run(ctx, eg)
 	}
 	if l := g.cfg.Load().Metrics.Listen; l != "" {
 		if err := g.serveMetrics(ctx, eg, l); err != nil {
@@ -451,6 +474,9 @@ func (g *Gateway) close() {
 	if g.restoreMemLimit != nil {
 		g.restoreMemLimit()
 		g.restoreMemLimit = nil
+	}
+	if g.pairing != nil {
+		g.pairing.close()
 	}
 	if g.queue != nil {
 		g.queue.Close()
@@ -500,7 +526,7 @@ func (g *Gateway) Reload() error {
 		g.log.Warn("config reload: listener, state_dir and memory_limit changes take effect at the next restart")
 	}
 	if g.fw != nil {
-		p, err := cfg.FirewallPolicy()
+		p, err := cfg.FirewallPolicy(g.pairingFirewallExtra()...)
 		if err == nil {
 			err = g.fw.Apply(context.Background(), p)
 		}
@@ -578,6 +604,9 @@ func (g *Gateway) Addrs() map[string]string {
 	if g.console != nil {
 		m["console"] = g.console.Addr().String()
 	}
+	if a := g.FirmwareHTTPSAddr(); a != nil {
+		m["firmware_https"] = a.String()
+	}
 	m["control"] = g.ctl.path
 	return m
 }
@@ -623,8 +652,14 @@ func (g *Gateway) printSummary() {
 	if v, ok := a["console"]; ok {
 		fmt.Fprintf(w, "  console:  https://%s/\n", v)
 	}
+	if v, ok := a["firmware_https"]; ok {
+		fmt.Fprintf(w, "  firmware: https://%s/fw/ (device certificates; CoAPS devices use /fw/ on CoAPS)\n", v)
+	}
 	fmt.Fprintf(w, "  CA:       %s (trust this root)\n", filepath.Join(g.cfg.Load().StateDir, "pki", "root.crt"))
 	fmt.Fprintf(w, "  admin:    bastionctl --state %s status\n", g.cfg.Load().StateDir)
+	if g.pairing != nil {
+		g.pairing.summary(w)
+	}
 	if g.setupCode != "" {
 		fmt.Fprintf(w, "  setup code: %s   (one-time: creates the first console admin)\n", g.setupCode)
 	}

@@ -18,6 +18,8 @@ type identity struct {
 	ca    *pki.CA
 	store *store.Store
 	m     *metrics
+	// pairing recognises the enrollment PSK identities (pairing.go).
+	pairing *pairingSvc
 }
 
 func (i *identity) VerifyCert(raw [][]byte) (string, error) {
@@ -30,6 +32,9 @@ func (i *identity) VerifyCert(raw [][]byte) (string, error) {
 }
 
 func (i *identity) PSK(identity []byte) (string, []byte, error) {
+	if dev, key, err, ok := i.pairing.psk(identity); ok {
+		return dev, key, err
+	}
 	d, err := i.store.DeviceByPSKIdentity(string(identity))
 	if err != nil {
 		i.m.authFailures.WithLabelValues("psk_unknown").Inc()

@@ -84,9 +84,9 @@ func TestHelperGatewayProcess(t *testing.T) {
 	}
 	// The vendor repository lives in this process only for the test; drop
 	// its copy of the image so the baseline is the gateway's own.
-	f.repo.mu.Lock()
-	f.repo.files = map[string][]byte{}
-	f.repo.mu.Unlock()
+
+	f.repo.Clear()
+
 	data = nil
 	runtime.GC()
 	debug.FreeOSMemory()

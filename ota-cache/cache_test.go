@@ -156,7 +156,7 @@ func TestRestartVerifiesImagesAndKeepsServingOffline(t *testing.T) {
 		t.Fatal(err)
 	}
 	c.Close()
-	f.repo.srv.Close() // vendor unreachable from now on
+	f.repo.Close() // vendor unreachable from now on
 
 	c2 := f.open(t)
 	if o, ok := c2.Offer("dev-a"); !ok || o.SHA256 != sha {
@@ -279,7 +279,7 @@ func TestRefused(t *testing.T) {
 			attack: func(t *testing.T, f *fixture) {
 				f.repo.addImage(classA, "1.2.0", 6, testImage(9000, 23))
 				_, wrong, _ := ed25519.GenerateKey(rand.Reader)
-				f.repo.keys["targets"] = wrong
+				f.repo.Keys["targets"] = wrong
 				f.repo.publish()
 			},
 			errHas:  []string{"tuf refresh", "signature"},
@@ -317,7 +317,7 @@ func TestRefused(t *testing.T) {
 			name: "expired timestamp (freeze)",
 			attack: func(t *testing.T, f *fixture) {
 				f.repo.addImage(classA, "1.2.0", 6, testImage(9000, 26))
-				f.repo.timestampExpires = time.Now().Add(-time.Hour).UTC().Truncate(time.Second)
+				f.repo.TimestampExpires = time.Now().Add(-time.Hour).UTC().Truncate(time.Second)
 				f.repo.publish()
 			},
 			errHas: []string{"tuf refresh", "expired"},
@@ -327,7 +327,7 @@ func TestRefused(t *testing.T) {
 			attack: func(t *testing.T, f *fixture) {
 				// Validly signed new metadata whose only class-A image has a
 				// lower sequence than the one already seen.
-				delete(f.repo.targets.Signed.Targets, "fw/acme/th-10/1.1.0.bin")
+				delete(f.repo.Targets.Signed.Targets, "fw/acme/th-10/1.1.0.bin")
 				f.repo.addImage(classA, "1.0.5", 1, testImage(9000, 27))
 				f.repo.publish()
 			},
@@ -485,7 +485,7 @@ func TestSequenceFloorSurvivesRestart(t *testing.T) {
 	// Restart, then the vendor (or whoever holds the targets key) publishes
 	// validly signed metadata whose class-A image has a lower sequence.
 	c2 := f.open(t)
-	delete(f.repo.targets.Signed.Targets, "fw/acme/th-10/1.1.0.bin")
+	delete(f.repo.Targets.Signed.Targets, "fw/acme/th-10/1.1.0.bin")
 	f.repo.addImage(classA, "1.3.0", 4, testImage(2000, 51))
 	f.repo.publish()
 	err := c2.Check(context.Background())

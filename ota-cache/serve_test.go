@@ -10,7 +10,6 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
-	"errors"
 	"fmt"
 	"io"
 	"log"
@@ -28,14 +27,11 @@ import (
 
 	piondtls "github.com/pion/dtls/v3"
 	"github.com/plgd-dev/go-coap/v3/dtls"
-	dtlsserver "github.com/plgd-dev/go-coap/v3/dtls/server"
 	"github.com/plgd-dev/go-coap/v3/message"
 	"github.com/plgd-dev/go-coap/v3/message/codes"
-	"github.com/plgd-dev/go-coap/v3/message/pool"
 	"github.com/plgd-dev/go-coap/v3/mux"
 	coapnet "github.com/plgd-dev/go-coap/v3/net"
 	"github.com/plgd-dev/go-coap/v3/net/blockwise"
-	"github.com/plgd-dev/go-coap/v3/net/monitor/inactivity"
 	"github.com/plgd-dev/go-coap/v3/options"
 	"github.com/plgd-dev/go-coap/v3/pkg/runner/periodic"
 	udpclient "github.com/plgd-dev/go-coap/v3/udp/client"
@@ -105,78 +101,12 @@ func startCoAPSWith(t testing.TB, c *Cache, addr string, psk func(id string) ([]
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	wg.Add(1)
-	go func() { defer wg.Done(); serveDTLSBounded(ctx, l, mux.ToHandler[*udpclient.Conn](r), &wg) }()
+	go func() {
+		defer wg.Done()
+		_ = ServeDTLS(ctx, l, DTLSServeConfig{Handler: mux.ToHandler[*udpclient.Conn](r), HandshakeTimeout: 30 * time.Second})
+	}()
 	t.Cleanup(func() { cancel(); l.Close(); wg.Wait() })
 	return l.Addr().String()
-}
-
-// serveDTLSBounded is go-coap's dtls.Server accept loop with one change:
-// every connection gets a bounded ResponseCache instead of go-coap's
-// default one (which keeps every response for 247 s; see ResponseCache).
-// Block-wise transfer is on with 1024-byte blocks. This is the shape
-// bridges/coap needs for a listener that serves firmware.
-func serveDTLSBounded(ctx context.Context, l *coapnet.DTLSListener, h udpclient.HandlerFunc, wg *sync.WaitGroup) {
-	for {
-		rw, err := l.AcceptWithContext(ctx)
-		if err != nil {
-			if ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
-				return
-			}
-			continue
-		}
-		wg.Add(1)
-		go func() { defer wg.Done(); serveDTLSConn(ctx, rw, h) }()
-	}
-}
-
-func serveDTLSConn(ctx context.Context, rw net.Conn, h udpclient.HandlerFunc) {
-	if hs, ok := rw.(interface{ HandshakeContext(context.Context) error }); ok {
-		hctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-		err := hs.HandshakeContext(hctx)
-		cancel()
-		if err != nil {
-			_ = rw.Close()
-			return
-		}
-	}
-	cfg := udpclient.DefaultConfig
-	cfg.Handler = h
-	cfg.Errors = func(error) {}
-	cfg.BlockwiseSZX = blockwise.SZX1024
-	cfg.QBlockwiseSecure = true
-	session := dtlsserver.NewSession(ctx, coapnet.NewConn(rw), cfg.MaxMessageSize, cfg.MTU, true)
-	cc := udpclient.NewConnWithOpts(session, &cfg,
-		udpclient.WithBlockWise(func(cc *udpclient.Conn) *blockwise.BlockWise[*udpclient.Conn] {
-			return blockwise.New(cc, time.Minute, cfg.Errors, func(token message.Token) (*pool.Message, bool) {
-				return cc.GetObservationRequest(token)
-			})
-		}),
-		udpclient.WithInactivityMonitor(udpclient.DeferInactivityWhileConfirmableMessagesPending(
-			inactivity.New(time.Minute, func(cc *udpclient.Conn) { _ = cc.Close() }))),
-		udpclient.WithResponseMessageCache(NewResponseCache(32)),
-	)
-	done := make(chan struct{})
-	go func() {
-		tk := time.NewTicker(time.Second)
-		defer tk.Stop()
-		for {
-			select {
-			case <-done:
-				return
-			case now := <-tk.C:
-				cc.CheckExpirations(now)
-			}
-		}
-	}()
-	go func() {
-		select {
-		case <-ctx.Done():
-			_ = cc.Close()
-		case <-cc.Done():
-		}
-	}()
-	_ = cc.Run()
-	close(done)
 }
 
 // stoppableRunner replaces go-coap's default periodic runner (a goroutine

@@ -189,6 +189,10 @@ func (s *Server) serveCoAP(w *responsewriter.ResponseWriter[*udpclient.Conn], m 
 		w.SetResponse(codes.Unauthorized, message.TextPlain, bytes.NewReader([]byte("no device session")))
 		return
 	}
+	// Firmware is for operational sessions only (enroll.go: session kinds).
+	if se.enroll.kind == KindDevice && s.serveFirmware(w, m, se) {
+		return
+	}
 	r, err := parseRequest(m)
 	var res response
 	if err != nil {
@@ -196,7 +200,7 @@ func (s *Server) serveCoAP(w *responsewriter.ResponseWriter[*udpclient.Conn], m 
 		s.log.Info("coap: request refused: malformed", "device", se.device, "err", err)
 		res = diag(codes.BadRequest, "malformed request: %v", err)
 	} else {
-		res = s.route(m.Context(), se.device, r)
+		res = s.routeSession(m.Context(), m, se, r)
 	}
 	var opts []message.Option
 	if res.maxAge > 0 {
@@ -279,7 +283,7 @@ func (se *session) notify(s *Server, token message.Token, c bridges.Message) {
 	m.SetCode(codes.Content)
 	m.SetToken(token)
 	m.SetObserve(seq)
-	m.SetContentFormat(message.AppOctets)
+	m.SetContentFormat(notifyFormat(c.Topic))
 	m.SetBody(bytes.NewReader(c.Payload))
 	if err := cc.WriteMessage(m); err != nil {
 		s.log.Debug("coap: command notification not sent", "device", se.device, "topic", c.Topic, "err", err)

@@ -18,11 +18,7 @@ import (
 	"time"
 
 	piondtls "github.com/pion/dtls/v3"
-	"github.com/plgd-dev/go-coap/v3/dtls"
-	"github.com/plgd-dev/go-coap/v3/dtls/server"
 	coapnet "github.com/plgd-dev/go-coap/v3/net"
-	"github.com/plgd-dev/go-coap/v3/options"
-	"github.com/plgd-dev/go-coap/v3/pkg/runner/periodic"
 	udpclient "github.com/plgd-dev/go-coap/v3/udp/client"
 
 	"github.com/bastion-iot/bastion/bridges"
@@ -49,6 +45,11 @@ type Config struct {
 	// device's command observation). A device that comes back after it
 	// does a new handshake.
 	IdleTimeout time.Duration
+	// Enroll, if set, admits pairing sessions (see enroll.go).
+	Enroll Enrollment
+	// Firmware, if set, serves /fw/... (download only), /fw/offer and
+	// /fw-status to each session's device (see firmware.go).
+	Firmware Firmware
 }
 
 func (c *Config) defaults() {
@@ -93,6 +94,7 @@ type session struct {
 	mu     sync.Mutex
 	cancel map[string]func() // observe token → cancel
 	seq    uint32
+	enroll enrollInfo // what the session may reach (enroll.go)
 }
 
 // New binds the listeners (so a port clash is reported before Run).
@@ -156,31 +158,15 @@ func (s *Server) Run(ctx context.Context) error {
 		lns = append(lns, s.lnP)
 	}
 	errc := make(chan error, len(lns))
-	var srvs []*server.Server
 	for _, ln := range lns {
-		srv := dtls.NewServer(
-			options.WithHandlerFunc(s.serveCoAP),
-			options.WithContext(ctx),
-			// Big enough that an oversized request still reaches the
-			// handler and gets 4.13 instead of silence.
-			options.WithMaxMessageSize(uint32(max(64*1024, 4*s.cfg.MaxPayload))),
-			options.WithDTLSHandshakeTimeout(s.cfg.HandshakeTimeout),
-			options.WithOnNewConn(s.onNewConn),
-			options.WithInactivityMonitor(s.cfg.IdleTimeout, func(cc *udpclient.Conn) {
-				s.log.Debug("coap: closing idle session", "device", s.deviceOf(cc), "idle", s.cfg.IdleTimeout)
-				cc.Close()
-			}),
-			// go-coap's default runner leaves a sleeping goroutine per
-			// connection behind; this one stops with the server.
-			options.WithPeriodicRunner(periodic.New(ctx.Done(), time.Second)),
-			options.WithErrors(func(err error) { s.log.Debug("coap: connection error", "err", err) }))
-		srvs = append(srvs, srv)
-		go func() { errc <- srv.Serve(ln) }()
+		// otacache.ServeDTLS, not dtls.NewServer: go-coap's server keeps
+		// every response (one per firmware block) for 247 s.
+		go func() { errc <- s.serve(ctx, ln) }()
 	}
 	s.log.Info("coap: listening", "cert", s.lnC.Addr(), "psk", addrOrNone(s.lnP))
 	<-ctx.Done()
-	for _, srv := range srvs {
-		srv.Stop()
+	for _, ln := range lns {
+		ln.Close()
 	}
 	var first error
 	for range lns {
@@ -228,7 +214,7 @@ func (s *Server) onNewConn(cc *udpclient.Conn) {
 		cc.Close()
 		return
 	}
-	se := &session{device: dev, mode: mode, cc: cc, cancel: map[string]func(){}}
+	se := &session{device: dev, mode: mode, cc: cc, cancel: map[string]func(){}, enroll: s.classify(dev, st)}
 	s.mu.Lock()
 	s.sessions[cc] = se
 	if s.byDevice[dev] == nil {

@@ -66,6 +66,8 @@ func (c *cli) dispatch(ctx context.Context, args []string) error {
 		return nil
 	case args[0] == "firewall" && len(args) == 2:
 		return c.firewall(ctx, args[1])
+	case args[0] == "pairing" && len(args) >= 2 && args[1] == "expect":
+		return c.pairingExpect(ctx, args[2:])
 	case args[0] == "device" && len(args) >= 2:
 		switch args[1] {
 		case "list":
@@ -296,5 +298,31 @@ func (c *cli) firewall(ctx context.Context, verb string) error {
 		fmt.Fprintln(c.out, "# bastiond does not manage the firewall (firewall.manage: false); this is what the policy would install")
 	}
 	fmt.Fprint(c.out, reply[field])
+	return nil
+}
+
+// pairingExpect registers a device's setup code for the next pairing
+// window. It cannot open the window: only the box's button does.
+func (c *cli) pairingExpect(ctx context.Context, args []string) error {
+	if len(args) == 0 || strings.HasPrefix(args[0], "-") {
+		return usageError("pairing expect needs a NAME first")
+	}
+	fs := flag.NewFlagSet("pairing expect", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	code := fs.String("code", "", "the setup code on the device's label")
+	if err := fs.Parse(args[1:]); err != nil {
+		return usageError(err.Error())
+	}
+	if *code == "" || fs.NArg() > 0 {
+		return usageError("pairing expect NAME --code CODE")
+	}
+	raw, err := c.ctl.Do(ctx, "POST", "/v1/pairing/expect", map[string]string{"name": args[0], "code": *code}, nil)
+	if err != nil || c.json {
+		if err == nil {
+			return c.printJSON(raw)
+		}
+		return err
+	}
+	fmt.Fprintf(c.out, "device %s expected: press the gateway's pairing button (1-10 s), then start the device's pairing\n", args[0])
 	return nil
 }

@@ -30,6 +30,8 @@ commands:
   firewall remove                         take Bastion's rules out (the only way)
   firmware status                         firmware cache, offers, device update status
   firmware check                          check the vendor's TUF repository now
+  pairing expect NAME --code CODE         register a device's setup code for the next pairing window
+                                          (only the box's button opens the window)
   console recover                         one-time code to reset a console password (physical access to the box)
   metrics                                 Prometheus metrics
 `

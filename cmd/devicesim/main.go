@@ -29,12 +29,20 @@ const usage = `usage:
             [--qos 0|1] [--count N --rate R] publish TOPIC PAYLOAD
   devicesim --mqtt --creds FILE ... subscribe [PATH]    (commands on devices/{id}/c/PATH, default #)
   devicesim --coap --creds FILE ... observe [PATH]      (commands on /c/PATH)
+  devicesim --coap|--mqtt --creds FILE ... firmware fetch --out FILE [--vendor-key PEM]   (see firmware -h)
   devicesim keygen KEY_OUT CSR_OUT                      (key and CSR for bastionctl device add --auth cert --csr)
+  devicesim pair ... | press-button ...                 (pairing: see devicesim pair --help)
 
 TOPIC is a telemetry path (temp, room/temp) or a full topic devices/{id}/t/... .
 `
 
 func run(args []string, stdout, stderr io.Writer) int {
+	if len(args) > 0 && args[0] == "pair" {
+		return runPair(args[1:], stdout, stderr)
+	}
+	if len(args) > 0 && args[0] == "press-button" {
+		return runPress(args[1:], stdout, stderr)
+	}
 	fs := flag.NewFlagSet("devicesim", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.Usage = func() { fmt.Fprint(stderr, usage); fs.PrintDefaults() }
@@ -92,15 +100,16 @@ func run(args []string, stdout, stderr io.Writer) int {
 	d := &devicesim.Device{Creds: c}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if *useCoAP {
-		if *addr == "" {
-			*addr = d.CoAPAddr("127.0.0.1", "127.0.0.1:5684")
-		}
+	if *useCoAP && *addr == "" {
+		*addr = d.CoAPAddr("127.0.0.1", "127.0.0.1:5684")
+	} else if *addr == "" {
+		*addr = "127.0.0.1:8883"
+	}
+	if rest[0] == "firmware" {
+		err = runFirmware(ctx, d, *useCoAP, *addr, rest[1:], stdout, stderr)
+	} else if *useCoAP {
 		err = runCoAP(ctx, d, *addr, rest, *qos, devicesim.LoadOptions{Count: *count, Rate: *rate, Limit: *limit}, stdout)
 	} else {
-		if *addr == "" {
-			*addr = "127.0.0.1:8883"
-		}
 		err = runMQTT(ctx, d, *addr, rest, byte(*qos), devicesim.LoadOptions{Count: *count, Rate: *rate, Limit: *limit}, stdout)
 	}
 	if err != nil {

@@ -34,6 +34,31 @@ type Config struct {
 	Firewall    Firewall `yaml:"firewall"`
 	Firmware    Firmware `yaml:"firmware"`
 	Upstream    Upstream `yaml:"upstream"`
+	Pairing     Pairing  `yaml:"pairing"`
+}
+
+// Pairing configures the physical-button pairing window. Only the button
+// opens a window; nothing here (and nothing on the network) can.
+type Pairing struct {
+	// Window is how long a window stays open after a press (10s to 15m).
+	Window Duration `yaml:"window"`
+	// Input is an evdev node (/dev/input/eventN) or a FIFO carrying the
+	// same struct input_event bytes ("" = no input button).
+	Input string `yaml:"input"`
+	// KeyCode is the key watched on Input (default 0x211 KEY_WPS_BUTTON).
+	KeyCode int `yaml:"key_code"`
+	// Layout of struct input_event: auto (this machine's), 64 or 32.
+	Layout string `yaml:"layout"`
+	// GPIOChip and GPIOLine name a GPIO button ("" = none).
+	GPIOChip string `yaml:"gpio_chip"`
+	GPIOLine int    `yaml:"gpio_line"`
+	// Vendors maps a vendor name to a PEM file of the roots its devices'
+	// manufacturer certificates (IDevID) chain to.
+	Vendors map[string]string `yaml:"vendors"`
+	// ESTListen is the HTTPS address of EST (RFC 7030) for MQTT-only
+	// devices with an IDevID; it listens only while a window is open, and
+	// the firewall opens it only then ("" = off).
+	ESTListen string `yaml:"est_listen"`
 }
 
 // Upstream configures the link to the cloud broker and the durable queue in
@@ -66,6 +91,9 @@ type Firmware struct {
 	// VendorKeys maps a vendor to a PEM public key file; the gateway then
 	// checks the vendor's manifest signature before offering an image.
 	VendorKeys map[string]string `yaml:"vendor_keys"`
+	// HTTPSListen is the HTTPS listener (client certificate required)
+	// that serves verified images with Range to MQTT devices.
+	HTTPSListen string `yaml:"https_listen"`
 }
 
 // Log configures the daemon's structured log.

@@ -78,6 +78,10 @@ func TestLoadErrors(t *testing.T) {
 		"firmware no root":      {"firmware:\n  enabled: true\n  repository_url: https://x\n", []string{"bad.yaml:1: firmware.trusted_root: must name the vendor's root.json"}},
 		"firmware interval":     {"firmware:\n  enabled: true\n  repository_url: https://x\n  trusted_root: /r\n  check_interval: 5s\n", []string{"bad.yaml:5: firmware.check_interval: \"5s\" is shorter than 1m"}},
 		"firmware cache":        {"firmware:\n  enabled: true\n  repository_url: https://x\n  trusted_root: /r\n  max_cache_bytes: 10\n", []string{"firmware.max_cache_bytes: \"10\" is below 1 MiB"}},
+		"firmware https addr":   {"firmware:\n  enabled: true\n  repository_url: https://x\n  trusted_root: /r\n  https_listen: x\n", []string{"bad.yaml:5: firmware.https_listen: \"x\" is not host:port"}},
+		"firmware https clash":  {"firmware:\n  enabled: true\n  repository_url: https://x\n  trusted_root: /r\n  https_listen: \":8883\"\n", []string{"bad.yaml:5: firmware.https_listen: \":8883\" uses the same tcp port as mqtt.listen (:8883)"}},
+		"firmware https plain":  {"firmware:\n  enabled: true\n  repository_url: https://x\n  trusted_root: /r\n  https_listen: \":80\"\n", []string{"bad.yaml:5: firmware.https_listen: \":80\" is port 80, the port of plain HTTP"}},
+		"firmware https off":    {"firmware:\n  enabled: false\n  https_listen: \":8883\"\n", nil}, // not listening: no clash
 		"upstream cleartext":    {"upstream:\n  enabled: true\n  broker: mqtt://cloud:1883\n  ca_file: /ca\n  cert_file: /c\n  key_file: /k\n", []string{"bad.yaml:3: upstream.broker: scheme \"mqtt\" is not accepted"}},
 		"upstream no ca":        {"upstream:\n  enabled: true\n  broker: mqtts://cloud:8883\n  cert_file: /c\n  key_file: /k\n", []string{"bad.yaml:1: upstream.ca_file: required"}},
 		"upstream loop":         {"upstream:\n  enabled: true\n  broker: mqtts://cloud:8883\n  ca_file: /ca\n  cert_file: /c\n  key_file: /k\n  uplink: [{local: \"devices/{id}/t/#\", remote: \"bastion/{gateway}/{id}/c/#\"}]\n", []string{"bad.yaml:7: upstream.uplink"}},
@@ -87,6 +91,20 @@ func TestLoadErrors(t *testing.T) {
 		"memory limit words":    {"memory_limit: 192MiB\n", []string{"bad.yaml:1: cannot unmarshal !!str `192MiB` into int64"}},
 		"memory limit off":      {"memory_limit: -1\n", nil},
 		"memory limit ok":       {"memory_limit: 134217728\n", nil},
+		"pairing window short":  {"pairing:\n  window: 5s\n", []string{"bad.yaml:2: pairing.window: \"5s\" is out of range: use 10s to 15m"}},
+		"pairing window long":   {"pairing:\n  window: 1h\n", []string{"bad.yaml:2: pairing.window: \"1h0m0s\" is out of range"}},
+		"pairing key code":      {"pairing:\n  key_code: 4096\n", []string{"bad.yaml:2: pairing.key_code: \"4096\" is not a key code"}},
+		"pairing layout":        {"pairing:\n  layout: 48\n", []string{"bad.yaml:2: pairing.layout: \"48\" is not a struct input_event layout: use auto, 64 or 32"}},
+		"pairing input":         {"pairing:\n  input: button.fifo\n", []string{"bad.yaml:2: pairing.input: \"button.fifo\" is not an absolute path"}},
+		"pairing gpio chip":     {"pairing:\n  gpio_chip: gpiochip0\n", []string{"bad.yaml:2: pairing.gpio_chip: \"gpiochip0\" is not a GPIO character device"}},
+		"pairing gpio no chip":  {"pairing:\n  gpio_line: 17\n", []string{"bad.yaml:2: pairing.gpio_line: \"17\" is set without pairing.gpio_chip"}},
+		"pairing gpio range":    {"pairing:\n  gpio_chip: /dev/gpiochip0\n  gpio_line: 9999\n", []string{"bad.yaml:3: pairing.gpio_line: \"9999\" is out of range"}},
+		"pairing vendor name":   {"pairing:\n  vendors:\n    \"bad vendor\": /etc/v.pem\n", []string{"bad.yaml:3: pairing.vendors.bad vendor: \"bad vendor\" is not a vendor name"}},
+		"pairing vendor file":   {"pairing:\n  vendors:\n    acme: roots.pem\n", []string{"bad.yaml:3: pairing.vendors.acme: \"roots.pem\" is not an absolute path"}},
+		"pairing unknown key":   {"pairing:\n  windw: 5s\n", []string{"bad.yaml:2: pairing.windw: unknown key; accepted here: est_listen, gpio_chip, gpio_line, input, key_code, layout, vendors, window"}},
+		"pairing est clash":     {"pairing:\n  est_listen: \":8883\"\n", []string{"bad.yaml:2: pairing.est_listen: \":8883\" uses the same tcp port as mqtt.listen"}},
+		"pairing est cleartext": {"pairing:\n  est_listen: \":80\"\n", []string{"bad.yaml:2: pairing.est_listen: \":80\" is port 80, the port of plain HTTP"}},
+		"pairing ok":            {"pairing:\n  window: 15m\n  input: /dev/input/event0\n  layout: \"32\"\n  gpio_chip: /dev/gpiochip0\n  gpio_line: 17\n  vendors:\n    acme: /etc/bastion/acme.pem\n", nil},
 		"two errors":            {"log:\n  level: loud\nmqtt:\n  listen: \":1883\"\n", []string{"bad.yaml:2: log.level", "bad.yaml:4: mqtt.listen"}},
 	}
 	for name, tc := range tests {
@@ -162,6 +180,23 @@ func TestFirewallPolicyFollowsListeners(t *testing.T) {
 	want := []string{"coaps udp/5684 [lan]", "coaps-psk udp/5685 [lan]", "mqtt-tls tcp/8883 [lan]", "console tcp/443 [lan]"}
 	if diff := cmp.Diff(want, got); diff != "" {
 		t.Errorf("services (-want +got):\n%s", diff)
+	}
+	// The firmware HTTPS listener is opened only while the cache is on.
+	fc := Production()
+	fc.Firmware.Enabled = true
+	fp, err := fc.FirewallPolicy()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got = got[:0]
+	for _, s := range fp.Services {
+		got = append(got, fmt.Sprintf("%s %s/%d %v", s.Name, s.Proto, s.Port, s.Zones))
+	}
+	if diff := cmp.Diff(append(want, "firmware-https tcp/8444 [lan]"), got); diff != "" {
+		t.Errorf("services with firmware on (-want +got):\n%s", diff)
+	}
+	if got := Dev(t.TempDir()).Firmware.HTTPSListen; got != "127.0.0.1:8444" {
+		t.Errorf("dev firmware.https_listen = %q, want 127.0.0.1:8444", got)
 	}
 	if err := p.Validate(); err != nil {
 		t.Errorf("default policy invalid: %v", err)

@@ -1,6 +1,7 @@
 package config
 
 import (
+	"path/filepath"
 	"time"
 
 	"github.com/bastion-iot/bastion/bridges/upstream"
@@ -29,14 +30,23 @@ func Dev(stateDir string) Config {
 		CoAP:      CoAP{Enabled: true, Listen: "127.0.0.1:5684", PSKListen: "127.0.0.1:5685"},
 		MQTT:      MQTT{Enabled: true, Listen: "127.0.0.1:8883"},
 		Console:   Console{Enabled: true, Listen: "127.0.0.1:8443"},
+		Firmware:  Firmware{HTTPSListen: "127.0.0.1:8444"},
 		PKI:       PKI{Hostnames: []string{"localhost", "127.0.0.1", "::1"}},
 		// br-lan is only an example zone for the printed plan: --dev applies nothing.
 		Firewall: Firewall{Manage: false, LAN: []string{"br-lan"}, Ping: []string{"lan"}},
 		Upstream: Upstream{Config: upstream.Config{Forward: defaultForward}},
+		// The FIFO is created 0600 in the 0700 state directory: only the
+		// local user (or root) can write a press into it, which stands in
+		// for physical presence on a developer's machine.
+		Pairing: Pairing{Input: filepath.Join(stateDir, DevButtonFIFO)},
 	}
 	SetDefaults(&c)
 	return c
 }
+
+// DevButtonFIFO is the dev-mode button: a FIFO in the state directory that
+// carries struct input_event bytes (devicesim press-button writes them).
+const DevButtonFIFO = "button.fifo"
 
 // defaultForward names the one thing forwarded when upstream is turned on:
 // device telemetry. It is written into the config file so a person sees it.
@@ -84,12 +94,16 @@ func SetDefaults(c *Config) {
 	defD(&c.PKI.RenewBefore, 30*24*time.Hour)
 	def(&c.Firewall.HandshakeRate, "20/second burst 40")
 	defD(&c.Firmware.CheckInterval, 6*time.Hour)
+	def(&c.Firmware.HTTPSListen, ":8444")
 	if c.Upstream.QueueMaxBytes == 0 {
 		c.Upstream.QueueMaxBytes = 64 << 20
 	}
 	defD(&c.Upstream.QueueMaxAge, 7*24*time.Hour)
 	def(&c.Upstream.Gateway, c.GatewayID)
 	c.Upstream.Config.Defaults()
+	defD(&c.Pairing.Window, 120*time.Second)
+	defI(&c.Pairing.KeyCode, 0x211)
+	def(&c.Pairing.Layout, "auto")
 	if c.Firmware.MaxCacheBytes == 0 {
 		c.Firmware.MaxCacheBytes = 1 << 30
 	}

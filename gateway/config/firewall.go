@@ -44,6 +44,7 @@ func (c *Config) FirewallPolicy(extra ...firewall.Service) (firewall.Policy, err
 	add(c.CoAP.Enabled, "coaps-psk", firewall.UDP, c.CoAP.PSKListen)
 	add(c.MQTT.Enabled, "mqtt-tls", firewall.TCP, c.MQTT.Listen)
 	add(c.Console.Enabled, "console", firewall.TCP, c.Console.Listen)
+	add(c.Firmware.Enabled, "firmware-https", firewall.TCP, c.Firmware.HTTPSListen)
 	p.Services = append(p.Services, extra...)
 	for _, f := range c.Firewall.Forward {
 		p.Forward = append(p.Forward, firewall.ForwardRule{From: f.From, To: f.To, Proto: firewall.Proto(f.Proto), Port: uint16(f.Port)})

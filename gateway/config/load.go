@@ -154,6 +154,14 @@ func checkKeys(file string, n *yaml.Node, t reflect.Type, path string, lines map
 				checkKeys(file, v, t.Elem(), key, lines, errs)
 			}
 		}
+	case reflect.Map:
+		if n.Kind == yaml.MappingNode {
+			for i := 0; i+1 < len(n.Content); i += 2 {
+				key := path + "." + n.Content[i].Value
+				lines[key] = n.Content[i].Line
+				checkKeys(file, n.Content[i+1], t.Elem(), key, lines, errs)
+			}
+		}
 	}
 }
 

@@ -5,6 +5,7 @@ import (
 	"net"
 	"net/netip"
 	"regexp"
+	"sort"
 	"strconv"
 	"strings"
 	"time"
@@ -72,6 +73,12 @@ func (c *Config) Validate() error {
 	}
 	if c.Console.Enabled {
 		listen("console.listen", "tcp", c.Console.Listen)
+	}
+	if c.Firmware.Enabled {
+		listen("firmware.https_listen", "tcp", c.Firmware.HTTPSListen)
+	}
+	if c.Pairing.ESTListen != "" {
+		listen("pairing.est_listen", "tcp", c.Pairing.ESTListen)
 	}
 	for i := range bounds {
 		for j := 0; j < i; j++ {
@@ -157,6 +164,7 @@ func (c *Config) Validate() error {
 			bad("upstream.queue_max_age", c.Upstream.QueueMaxAge.D(), "is shorter than 1m")
 		}
 	}
+	c.validatePairing(bad, &errs)
 	if len(errs) == 0 && len(c.Firewall.LAN) > 0 {
 		// The derived policy is checked last: its complaints would only
 		// repeat the ones above.
@@ -205,3 +213,46 @@ func isLoopback(host string) bool {
 var hostnameRe = regexp.MustCompile(`^([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$`)
 
 func validHostname(h string) bool { return len(h) <= 253 && hostnameRe.MatchString(h) }
+
+var vendorRe = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
+
+func (c *Config) validatePairing(bad func(key string, value any, format string, args ...any), errs *Errors) {
+	p := c.Pairing
+	if w := p.Window.D(); w < 10*time.Second || w > 15*time.Minute {
+		bad("pairing.window", w, "is out of range: use 10s to 15m (default 2m0s)")
+	}
+	if p.KeyCode < 1 || p.KeyCode > 0x2ff {
+		bad("pairing.key_code", p.KeyCode, "is not a key code: use 1 to 767 (0x211 is KEY_WPS_BUTTON)")
+	}
+	switch p.Layout {
+	case "auto", "64", "32":
+	default:
+		bad("pairing.layout", p.Layout, "is not a struct input_event layout: use auto, 64 or 32")
+	}
+	if p.Input != "" && !strings.HasPrefix(p.Input, "/") {
+		bad("pairing.input", p.Input, "is not an absolute path (an evdev node such as /dev/input/event0, or a FIFO)")
+	}
+	if p.GPIOChip != "" && !strings.HasPrefix(p.GPIOChip, "/dev/") {
+		bad("pairing.gpio_chip", p.GPIOChip, "is not a GPIO character device such as /dev/gpiochip0")
+	}
+	if p.GPIOLine < 0 || p.GPIOLine > 511 {
+		bad("pairing.gpio_line", p.GPIOLine, "is out of range: use 0 to 511")
+	}
+	if p.GPIOLine != 0 && p.GPIOChip == "" {
+		bad("pairing.gpio_line", p.GPIOLine, "is set without pairing.gpio_chip: name the chip too")
+	}
+	names := make([]string, 0, len(p.Vendors))
+	for name := range p.Vendors {
+		names = append(names, name)
+	}
+	sort.Strings(names)
+	for _, name := range names {
+		file := p.Vendors[name]
+		key := "pairing.vendors." + name
+		if !vendorRe.MatchString(name) {
+			bad(key, name, "is not a vendor name: use 1-64 letters, digits, '.', '_' and '-'")
+		} else if !strings.HasPrefix(file, "/") {
+			bad(key, file, "is not an absolute path to a PEM file of the vendor's IDevID roots")
+		}
+	}
+}

@@ -5,6 +5,7 @@ import (
 
 	"github.com/bastion-iot/bastion/bridges/upstream"
 	"io"
+	"sort"
 	"strings"
 )
 
@@ -92,6 +93,7 @@ firmware:
   check_interval: %s
   max_cache_bytes: %d
   vendor_keys: {}      # vendor: PEM public key file, to check manifests too
+  https_listen: %q     # HTTPS with client certificates, Range: images for MQTT devices
 
 # The cloud: MQTT v5 over TLS 1.3 with this gateway's client certificate.
 # Device messages wait in a durable queue (fsync before the device's ack)
@@ -118,7 +120,19 @@ upstream:
   # Privacy: only what a rule names leaves the box; first match wins.
   # action: forward, redact (drop the JSON fields listed) or local.
   forward:
-%s`, c.StateDir, c.GatewayID, c.Log.Level, c.Log.Format, c.MemoryLimit,
+%s
+# Physical-button pairing. Only a press of the box's button opens a window
+# (held 1-10 s; held 10 s or more cancels one); nothing on the network can.
+pairing:
+  window: %s        # how long a window stays open: 10s to 15m
+  input: %q         # evdev node (/dev/input/eventN) or a FIFO of struct input_event ("" = none)
+  key_code: %d      # 529 = 0x211 KEY_WPS_BUTTON
+  layout: %q        # struct input_event layout: auto, 64 or 32
+  gpio_chip: %q     # e.g. /dev/gpiochip0 ("" = no GPIO button)
+  gpio_line: %d
+  est_listen: %q    # HTTPS EST (RFC 7030) for MQTT-only IDevID devices, only while a window is open ("" = off)
+  # Vendor name: PEM file of the roots its manufacturer certificates (IDevID) chain to.
+  vendors:%s`, c.StateDir, c.GatewayID, c.Log.Level, c.Log.Format, c.MemoryLimit,
 		c.CoAP.Enabled, c.CoAP.Listen, c.CoAP.PSKListen, c.CoAP.MaxPayload,
 		c.MQTT.Enabled, c.MQTT.Listen, c.MQTT.AllowSecretAuth, c.MQTT.MaxPacketSize,
 		c.Console.Enabled, c.Console.Listen,
@@ -126,10 +140,12 @@ upstream:
 		c.Metrics.Listen, c.Firewall.Manage, list(c.Firewall.LAN), list(c.Firewall.WAN),
 		c.Firewall.HandshakeRate, list(c.Firewall.Ping),
 		c.Firmware.Enabled, c.Firmware.RepositoryURL, c.Firmware.TargetsURL, c.Firmware.TrustedRoot, c.Firmware.CABundle,
-		c.Firmware.CheckInterval.D(), c.Firmware.MaxCacheBytes,
+		c.Firmware.CheckInterval.D(), c.Firmware.MaxCacheBytes, c.Firmware.HTTPSListen,
 		c.Upstream.Enabled, c.Upstream.Broker, c.Upstream.ServerName, c.Upstream.CAFile, c.Upstream.CertFile, c.Upstream.KeyFile,
 		c.Upstream.TLSMinVersion, c.Upstream.Gateway, c.Upstream.Prefix, c.Upstream.KeepAlive, c.Upstream.BackoffMin, c.Upstream.BackoffMax,
-		c.Upstream.QueueMaxBytes, c.Upstream.QueueMaxAge.D(), rules(c.Upstream.Forward))
+		c.Upstream.QueueMaxBytes, c.Upstream.QueueMaxAge.D(), rules(c.Upstream.Forward),
+		c.Pairing.Window.D(), c.Pairing.Input, c.Pairing.KeyCode, c.Pairing.Layout, c.Pairing.GPIOChip, c.Pairing.GPIOLine, c.Pairing.ESTListen,
+		vendors(c.Pairing.Vendors))
 	return err
 }
 
@@ -148,6 +164,23 @@ func rules(rs []upstream.Rule) string {
 	}
 	if b.Len() == 0 {
 		return "    []\n"
+	}
+	return b.String()
+}
+
+func vendors(m map[string]string) string {
+	if len(m) == 0 {
+		return " {}\n"
+	}
+	names := make([]string, 0, len(m))
+	for n := range m {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	var b strings.Builder
+	b.WriteString("\n")
+	for _, n := range names {
+		fmt.Fprintf(&b, "    %q: %q\n", n, m[n])
 	}
 	return b.String()
 }

@@ -456,7 +456,7 @@ func TestExpectDeviceByCodeOverAPI(t *testing.T) {
 		Expected  []struct{ ID, Name, Code string }
 	}
 	r.json(t, &st)
-	if st.Available || st.Window.Open || len(st.Expected) != 1 || st.Expected[0].Name != "door" || strings.Contains(r.body, "K9042") {
+	if !st.Available || st.Window.Open || len(st.Expected) != 1 || st.Expected[0].Name != "door" || strings.Contains(r.body, "K9042") {
 		t.Errorf("pairing state: %s", r.body)
 	}
 	if r := b.do(t, c, "DELETE", "/api/v1/pairing/expected/"+st.Expected[0].ID, nil, csrf(tok)); r.code != http.StatusNoContent {

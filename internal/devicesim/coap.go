@@ -32,6 +32,12 @@ func (d *Device) DialCoAP(ctx context.Context, addr string) (*CoAP, error) {
 	if err != nil {
 		return nil, err
 	}
+	return d.dialWith(ctx, addr, cfg)
+}
+
+// dialWith does the handshake with a given DTLS config (pair.go's
+// enrollment sessions use their own).
+func (d *Device) dialWith(ctx context.Context, addr string, cfg *piondtls.Config) (*CoAP, error) {
 	raddr, err := net.ResolveUDPAddr("udp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("coaps %s: %w", addr, err)

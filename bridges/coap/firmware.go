@@ -1,0 +1,141 @@
+package coap
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"io"
+	"strings"
+
+	"github.com/plgd-dev/go-coap/v3/message"
+	"github.com/plgd-dev/go-coap/v3/message/codes"
+	"github.com/plgd-dev/go-coap/v3/message/pool"
+	"github.com/plgd-dev/go-coap/v3/mux"
+	"github.com/plgd-dev/go-coap/v3/net/responsewriter"
+	udpclient "github.com/plgd-dev/go-coap/v3/udp/client"
+
+	"github.com/bastion-iot/bastion/bridges"
+	"github.com/bastion-iot/bastion/bridges/hub"
+	otacache "github.com/bastion-iot/bastion/ota-cache"
+)
+
+// Firmware is the verified firmware cache as the CoAP bridge uses it
+// (*otacache.Cache implements it). The bridge only passes the device the
+// DTLS session proved; the cache decides what that device may download.
+type Firmware interface {
+	ServeCoAP(w mux.ResponseWriter, r *mux.Message, device string)
+	ServeCoAPStatus(w mux.ResponseWriter, r *mux.Message, device string)
+	Offer(device string) (otacache.Offer, bool)
+}
+
+// Firmware resources. /fw/... is download-only (GET); the offer is the
+// device's own command topic OfferPath, so one hub.Deliver of an offer
+// reaches both a CoAP observer of /fw/offer and an MQTT subscriber.
+const (
+	fwOfferResource  = "fw/offer"
+	fwStatusResource = "fw-status"
+	// OfferPath is the command path (below devices/{id}/c/) offers are
+	// delivered on.
+	OfferPath = "fw/offer"
+)
+
+// OfferTopic is the MQTT topic (and hub command topic) of device's offers.
+func OfferTopic(device string) string {
+	return bridges.TopicPrefix(device) + hub.ClassCommand + "/" + OfferPath
+}
+
+// notifyFormat is the Content-Format of a notification on topic: offers
+// are JSON, other commands opaque bytes.
+func notifyFormat(topic string) message.MediaType {
+	if strings.HasSuffix(topic, "/"+hub.ClassCommand+"/"+OfferPath) {
+		return message.AppJSON
+	}
+	return message.AppOctets
+}
+
+// serveFirmware answers the firmware resources and reports whether the
+// request was one of them. se is the request's authenticated session.
+func (s *Server) serveFirmware(w *responsewriter.ResponseWriter[*udpclient.Conn], m *pool.Message, se *session) bool {
+	fw := s.cfg.Firmware
+	if fw == nil {
+		return false
+	}
+	p, err := m.Options().Path()
+	if err != nil {
+		return false
+	}
+	p = strings.TrimPrefix(p, "/")
+	mw := muxWriter{w}
+	mm := &mux.Message{Message: m, RouteParams: new(mux.RouteParams)}
+	switch {
+	case p == fwStatusResource:
+		fw.ServeCoAPStatus(mw, mm, se.device)
+	case p == fwOfferResource:
+		s.serveOffer(w, m, se)
+	case p == "fw" || strings.HasPrefix(p, "fw/"):
+		fw.ServeCoAP(mw, mm, se.device)
+	default:
+		return false
+	}
+	return true
+}
+
+// serveOffer answers GET /fw/offer: 2.05 with the current offer as JSON,
+// or with an empty payload when there is none. With Observe: 0 the device
+// is registered on its offer topic and gets each new offer as a
+// notification.
+func (s *Server) serveOffer(w *responsewriter.ResponseWriter[*udpclient.Conn], m *pool.Message, se *session) {
+	if m.Code() != codes.GET {
+		_ = w.SetResponse(codes.MethodNotAllowed, message.TextPlain, strings.NewReader("/fw/offer allows GET (with Observe)"))
+		return
+	}
+	var body []byte
+	if o, ok := s.cfg.Firmware.Offer(se.device); ok {
+		body, _ = json.Marshal(o)
+	}
+	var opts []message.Option
+	if obs, err := m.Observe(); err == nil {
+		switch obs {
+		case 0:
+			seq := se.observe(s, m.Token(), OfferTopic(se.device))
+			opts = append(opts, message.Option{ID: message.Observe, Value: encodeUint(seq)})
+		case 1:
+			se.unobserve(m.Token())
+		}
+	}
+	if err := w.SetResponse(codes.Content, message.AppJSON, bytes.NewReader(body), opts...); err != nil {
+		s.log.Debug("coap: offer response not set", "device", se.device, "err", err)
+	}
+}
+
+// muxWriter lets the go-coap connection's response writer stand where the
+// firmware cache takes go-coap's router interface.
+type muxWriter struct {
+	w *responsewriter.ResponseWriter[*udpclient.Conn]
+}
+
+func (w muxWriter) SetResponse(code codes.Code, cf message.MediaType, d io.ReadSeeker, opts ...message.Option) error {
+	return w.w.SetResponse(code, cf, d, opts...)
+}
+func (w muxWriter) Conn() mux.Conn             { return w.w.Conn() }
+func (w muxWriter) SetMessage(m *pool.Message) { w.w.SetMessage(m) }
+func (w muxWriter) Message() *pool.Message     { return w.w.Message() }
+
+// serve runs one listener's accept loop with a bounded response cache per
+// session (otacache.ServeDTLS).
+func (s *Server) serve(ctx context.Context, ln *limitListener) error {
+	return otacache.ServeDTLS(ctx, ln, otacache.DTLSServeConfig{
+		Handler: s.serveCoAP,
+		// Big enough that an oversized request still reaches the handler
+		// and gets 4.13 instead of silence.
+		MaxMessageSize:   uint32(max(64*1024, 4*s.cfg.MaxPayload)),
+		HandshakeTimeout: s.cfg.HandshakeTimeout,
+		IdleTimeout:      s.cfg.IdleTimeout,
+		OnIdle: func(cc *udpclient.Conn) {
+			s.log.Debug("coap: closing idle session", "device", s.deviceOf(cc), "idle", s.cfg.IdleTimeout)
+			cc.Close()
+		},
+		OnNewConn: s.onNewConn,
+		Errors:    func(err error) { s.log.Debug("coap: connection error", "err", err) },
+	})
+}

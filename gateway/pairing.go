@@ -1,0 +1,774 @@
+package gateway
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"net/http"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/bastion-iot/bastion/bridges"
+	"github.com/bastion-iot/bastion/bridges/coap"
+	"github.com/bastion-iot/bastion/gateway/button"
+	"github.com/bastion-iot/bastion/gateway/config"
+	"github.com/bastion-iot/bastion/gateway/console"
+	"github.com/bastion-iot/bastion/gateway/pairing"
+	"github.com/bastion-iot/bastion/gateway/store"
+	"github.com/bastion-iot/bastion/internal/clock"
+	"github.com/bastion-iot/bastion/pki"
+	"github.com/bastion-iot/bastion/pki/est"
+	"github.com/bastion-iot/bastion/pki/spake2plus"
+)
+
+// Session identities of enrollment sessions, as bridges.Identity returns
+// them. Operational device ids never contain ':' (pki.ValidDeviceID), so
+// these can never be mistaken for one, and coap.Kind tells them apart.
+const (
+	idPAKE   = "pake:"
+	idEnroll = "enroll:"
+	idIDevID = "idevid:"
+)
+
+// pairingSvc wires the button, the pairing window, the setup codes and EST
+// together. Nothing in it opens the window: only button events do, and
+// they come only from the sources opened here from the configuration.
+type pairingSvc struct {
+	g        *Gateway
+	win      *pairing.Window
+	codes    *pairing.Codes
+	enroller *pairing.Enroller
+	vendors  map[string]*x509.CertPool
+	sources  []button.Source
+	watchers []*button.Watcher
+	events   chan button.Event
+	refused  *prometheus.CounterVec
+	// buttonErr is why a button source stopped, for the status.
+	buttonErr atomic.Value
+	// pakeMu runs one PAKE message at a time: a hello costs a scrypt
+	// derivation (32 MiB), which must not run concurrently on a small box.
+	pakeMu sync.Mutex
+	// EST over HTTPS (pairing_est.go): opened and closed with the window.
+	estChange chan struct{}
+	estAddr   atomic.Value // string
+	estCert   *pki.ServerCert
+	// derived remembers which expected code is registered for which label
+	// id, so that a repeated hello does not derive it again.
+	derived map[string]string
+
+	mu      sync.Mutex
+	pake    map[string]*pakeRun      // label device id → exchange after hello
+	pending map[string]*pendingEnrol // label device id → PAKE done, EST next
+	// idevWindow is when the window was opened in which an IDevID session
+	// was accepted, by session identity.
+	idevWindow map[string]time.Time
+}
+
+type pakeRun struct {
+	s        *pairing.Session
+	expected store.ExpectedDevice
+}
+
+type pendingEnrol struct {
+	s        *pairing.Session
+	psk      []byte
+	expected store.ExpectedDevice
+}
+
+// openPairing builds the window and opens the button sources. In --dev
+// the input is a FIFO in the state directory, made 0600 here.
+func (g *Gateway) openPairing(cfg config.Config) error {
+	p := &pairingSvc{g: g, events: make(chan button.Event), vendors: map[string]*x509.CertPool{},
+		pake: map[string]*pakeRun{}, pending: map[string]*pendingEnrol{}, derived: map[string]string{}, idevWindow: map[string]time.Time{}, estChange: make(chan struct{}, 1)}
+	p.estAddr.Store("")
+	clk := g.opts.PairingClock
+	if clk == nil {
+		clk = clock.Real{}
+	}
+	var err error
+	p.win, err = pairing.New(pairing.Config{Duration: cfg.Pairing.Window.D()}, p.events, clk, p.audit, g.metrics.reg, g.log)
+	if err != nil {
+		return fmt.Errorf("pairing: %w", err)
+	}
+	if p.codes, err = pairing.NewCodes(pairing.GatewayProver, spake2plus.DefaultKDFParams, clk, p.audit); err != nil {
+		return fmt.Errorf("pairing: %w", err)
+	}
+	p.enroller = &pairing.Enroller{Window: p.win, Codes: p.codes, GatewayID: cfg.GatewayID, Rand: rand.Reader}
+	p.refused = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "bastion", Subsystem: "pairing", Name: "sessions_refused_total",
+		Help: "Enrollment DTLS sessions refused at the handshake, by reason.",
+	}, []string{"reason"})
+	if err := g.metrics.reg.Register(p.refused); err != nil {
+		return fmt.Errorf("pairing metrics: %w", err)
+	}
+	for name, file := range cfg.Pairing.Vendors {
+		b, err := os.ReadFile(file)
+		if err != nil {
+			return fmt.Errorf("pairing.vendors.%s: %w", name, err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(b) {
+			return fmt.Errorf("pairing.vendors.%s: %s holds no PEM certificate", name, file)
+		}
+		p.vendors[name] = pool
+	}
+	g.pairing = p // before the sources: close() releases what was opened
+	if err := p.openSources(cfg.Pairing); err != nil {
+		return err
+	}
+	g.extraControl["POST /v1/pairing/expect"] = http.HandlerFunc(p.controlExpect)
+	g.addStatus("pairing", func() any {
+		st := p.win.State()
+		m := map[string]any{"open": st.Open, "failures": st.Failures, "buttons": len(p.sources), "vendors": len(p.vendors)}
+		if st.Open {
+			m["closes"] = st.Deadline
+			m["enrolling"] = st.Enrolling
+		}
+		if st.LastClose != nil {
+			m["last_close"] = string(st.LastClose.Reason)
+		}
+		if a := p.ESTAddr(); a != "" {
+			m["est_https"] = a
+		}
+		if e, ok := p.buttonErr.Load().(string); ok {
+			m["button_error"] = e
+		}
+		return m
+	})
+	return nil
+}
+
+func (p *pairingSvc) openSources(pc config.Pairing) error {
+	layout := button.NativeLayout()
+	switch pc.Layout {
+	case "64":
+		layout = button.Layout64
+	case "32":
+		layout = button.Layout32
+	}
+	if pc.Input != "" {
+		src, err := openInput(pc.Input, uint16(pc.KeyCode), layout, p.g.opts.Dev)
+		if err != nil {
+			return err
+		}
+		p.sources = append(p.sources, src)
+	}
+	if pc.GPIOChip != "" {
+		src, err := button.OpenGPIO(pc.GPIOChip, uint32(pc.GPIOLine), button.GPIOConfig{ActiveLow: true, Bias: button.BiasPullUp})
+		if err != nil {
+			return fmt.Errorf("pairing.gpio_chip: %w", err)
+		}
+		p.sources = append(p.sources, src)
+	}
+	for _, s := range p.sources {
+		// Debounce is about the real signal: always the real clock.
+		w, err := button.NewWatcher(s, button.Config{}, clock.Real{}, p.g.log)
+		if err != nil {
+			return err
+		}
+		p.watchers = append(p.watchers, w)
+	}
+	if len(p.sources) == 0 {
+		p.g.log.Warn("pairing: no button configured (pairing.input, pairing.gpio_chip): no device can be paired")
+	}
+	return nil
+}
+
+// openInput opens an evdev node or a FIFO. A FIFO is opened read-write so
+// that opening does not wait for a writer and a writer closing is no EOF;
+// in dev mode a missing one is made, 0600, in the 0700 state directory.
+func openInput(path string, code uint16, l button.Layout, dev bool) (button.Source, error) {
+	fi, err := os.Stat(path)
+	if errors.Is(err, fs.ErrNotExist) && dev {
+		if err := syscall.Mkfifo(path, 0o600); err != nil {
+			return nil, fmt.Errorf("pairing.input: make FIFO %s: %w", path, err)
+		}
+		fi, err = os.Stat(path)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("pairing.input %s: %w", path, err)
+	}
+	if fi.Mode()&fs.ModeNamedPipe == 0 {
+		return button.OpenInput(path, code, l)
+	}
+	if fi.Mode().Perm()&0o022 != 0 {
+		return nil, fmt.Errorf("pairing.input %s: FIFO mode %v lets others press the button: chmod 600 it", path, fi.Mode().Perm())
+	}
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return nil, fmt.Errorf("pairing.input: open FIFO %s: %w", path, err)
+	}
+	s, err := button.NewInputSource(f, code, l)
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	return s, nil
+}
+
+// summary is the start-up line about pairing.
+func (p *pairingSvc) summary(w io.Writer) {
+	pc := p.g.cfg.Load().Pairing
+	switch {
+	case len(p.sources) == 0:
+		fmt.Fprintf(w, "  pairing:  no button configured (pairing.input / pairing.gpio_chip): devices cannot be paired\n")
+	case p.g.opts.Dev && pc.Input != "":
+		fmt.Fprintf(w, "  pairing:  button is %s (press: devicesim press-button --fifo %s --hold 1.5s)\n", pc.Input, pc.Input)
+	default:
+		fmt.Fprintf(w, "  pairing:  press the box's pairing button 1-10 s to open a %v window\n", pc.Window.D())
+	}
+}
+
+// run starts the window and the watchers in the gateway's errgroup.
+func (p *pairingSvc) run(ctx context.Context, eg *errgroup.Group) {
+	eg.Go(func() error { return p.win.Run(ctx) })
+	if p.g.cfg.Load().Pairing.ESTListen != "" {
+		eg.Go(func() error { return p.runEST(ctx) })
+	}
+	for _, w := range p.watchers {
+		eg.Go(func() error {
+			// A button that goes away (an unplugged input device) stops
+			// pairing, not the gateway: devices already paired keep working.
+			if err := w.Run(ctx, p.events); err != nil {
+				p.buttonErr.Store(err.Error())
+				p.g.log.Error("pairing: button source stopped; no device can be paired until the gateway restarts", "err", err)
+				p.event("system", "pairing.button_failed", "", err.Error())
+			}
+			return nil
+		})
+	}
+}
+
+func (p *pairingSvc) close() {
+	for _, s := range p.sources {
+		if c, ok := s.(interface{ Close() error }); ok {
+			c.Close()
+		}
+	}
+}
+
+// audit writes a window step to the audit log.
+func (p *pairingSvc) audit(e pairing.AuditEvent) {
+	if e.Step == pairing.StepOpened || e.Step == pairing.StepClosed {
+		p.estKick()
+	}
+	if e.Step == pairing.StepClosed {
+		p.mu.Lock()
+		clear(p.idevWindow)
+		p.mu.Unlock()
+	}
+	actor := "pairing"
+	if e.Step == pairing.StepOpened || e.Reason == pairing.ReasonCancelled {
+		actor = "button"
+	}
+	detail := e.Detail
+	if e.Reason != "" {
+		detail = strings.TrimSpace(string(e.Reason) + "; " + detail)
+	}
+	if e.Alert {
+		detail = "ALERT: " + detail
+	}
+	p.event(actor, string(e.Step), e.Device, detail)
+}
+
+func (p *pairingSvc) event(actor, action, target, detail string) {
+	st := p.g.store
+	if st == nil {
+		return
+	}
+	if _, err := st.Audit(store.Event{Time: p.g.clock.Now(), Actor: actor, Action: action, Target: target, Detail: detail}); err != nil {
+		p.g.log.Error("audit log write failed", "action", action, "err", err)
+	}
+}
+
+func (p *pairingSvc) refuse(reason, device, detail string) error {
+	p.refused.WithLabelValues(reason).Inc()
+	p.event("pairing", "pairing.session_refused", device, reason+": "+detail)
+	return fmt.Errorf("pairing session for %q refused: %s", device, detail)
+}
+
+// psk recognises the enrollment PSK identities; ok is false for any other
+// identity (an operational PSK).
+func (p *pairingSvc) psk(identity []byte) (device string, key []byte, err error, ok bool) {
+	if p == nil {
+		return "", nil, nil, false
+	}
+	prefix, id := pairing.SplitIdentity(string(identity))
+	switch {
+	case prefix == "":
+		return "", nil, nil, false
+	case id == "" || len(id) > 128:
+		return "", nil, p.refuse("bad identity", id, "enrollment identity without a usable device id"), true
+	case !p.win.IsOpen():
+		return "", nil, p.refuse("no window", id, "no pairing window is open: press the gateway's button first"), true
+	case prefix == pairing.PAKEIdentityPrefix:
+		return idPAKE + id, pairing.PublicPAKEPSK(id), nil, true
+	}
+	p.mu.Lock()
+	pe := p.pending[id]
+	p.mu.Unlock()
+	if pe == nil || p.win.State().Enrolling != id {
+		return "", nil, p.refuse("no exchange", id, "no setup-code exchange completed for this device in the open window"), true
+	}
+	return idEnroll + id, pe.psk, nil, true
+}
+
+// verifyIDevID accepts a manufacturer certificate chaining to a configured
+// vendor root, only while the window is open, for an enrollment session.
+// caErr is why the gateway's own CA refused the chain: it stays the answer
+// for anything that is not an enrollment, so refusal reasons keep their
+// meaning.
+func (p *pairingSvc) verifyIDevID(raw [][]byte, caErr error) (string, error) {
+	if len(raw) == 0 {
+		return "", caErr
+	}
+	leaf, err := x509.ParseCertificate(raw[0])
+	if err != nil {
+		return "", caErr
+	}
+	inter := x509.NewCertPool()
+	for _, r := range raw[1:] {
+		if c, err := x509.ParseCertificate(r); err == nil {
+			inter.AddCert(c)
+		}
+	}
+	vendor := ""
+	for name, pool := range p.vendors {
+		if _, err := leaf.Verify(x509.VerifyOptions{Roots: pool, Intermediates: inter, CurrentTime: p.g.clock.Now(),
+			KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err == nil {
+			vendor = name
+			break
+		}
+	}
+	open := p.win.IsOpen()
+	claim := leaf.Subject.CommonName
+	switch {
+	case vendor == "" && open:
+		p.refuse("unknown vendor", claim, "certificate chains neither to this gateway's CA nor to a configured vendor root (pairing.vendors)")
+		return "", caErr
+	case vendor == "":
+		return "", caErr
+	case !open:
+		return "", p.refuse("no window", claim, "manufacturer certificate of "+vendor+" outside a pairing window: press the gateway's button first")
+	}
+	sum := sha256.Sum256(leaf.Raw)
+	dev := idIDevID + vendor + ":" + hex.EncodeToString(sum[:8])
+	// The session belongs to this window: one kept open into a later
+	// window may not enroll there without a new handshake.
+	p.mu.Lock()
+	p.idevWindow[dev] = p.win.State().OpenedAt
+	p.mu.Unlock()
+	return dev, nil
+}
+
+// coapIdentity is the identity the CoAP listeners use: the gateway's, plus
+// manufacturer certificates for enrollment sessions. MQTT does not get
+// the latter: it has no enrollment resources.
+type coapIdentity struct {
+	*identity
+	p *pairingSvc
+}
+
+func (c coapIdentity) VerifyCert(raw [][]byte) (string, error) {
+	dev, err := c.identity.VerifyCert(raw)
+	if err == nil || errors.Is(err, pki.ErrRevoked) || c.p == nil {
+		return dev, err
+	}
+	idev, ierr := c.p.verifyIDevID(raw, err)
+	if ierr == err {
+		return dev, err
+	}
+	return idev, ierr
+}
+
+func (g *Gateway) coapIdentity(id *identity) bridges.Identity {
+	return coapIdentity{identity: id, p: g.pairing}
+}
+
+// coapEnrollment is the Enrollment the CoAP server gets (nil interface if
+// pairing is not wired).
+func (g *Gateway) coapEnrollment() coap.Enrollment {
+	if g.pairing == nil {
+		return nil
+	}
+	return g.pairing
+}
+
+// Kind classifies session identities for the CoAP server.
+func (p *pairingSvc) Kind(device string) coap.Kind {
+	switch {
+	case strings.HasPrefix(device, idPAKE):
+		return coap.KindPAKE
+	case strings.HasPrefix(device, idEnroll), strings.HasPrefix(device, idIDevID):
+		return coap.KindEnroll
+	case strings.Contains(device, ":"):
+		return coap.KindNone
+	}
+	return coap.KindDevice
+}
+
+// PAKE runs one round of the setup-code exchange.
+func (p *pairingSvc) PAKE(ctx context.Context, device string, msg []byte) ([]byte, error) {
+	p.pakeMu.Lock()
+	defer p.pakeMu.Unlock()
+	id := strings.TrimPrefix(device, idPAKE)
+	var m pairing.PAKEMessage
+	if err := m.UnmarshalBinary(msg); err != nil {
+		p.event("pairing", "pairing.message_refused", id, err.Error())
+		return nil, err
+	}
+	switch m.Type {
+	case pairing.MsgHello:
+		if string(m.ID) != id {
+			p.event("pairing", "pairing.message_refused", id, "hello names another device than the session")
+			return nil, fmt.Errorf("hello for %q in the session of %q", m.ID, id)
+		}
+		exp, err := p.expectedFor(id)
+		if enrolling := p.win.State().Enrolling; enrolling != "" && enrolling != id {
+			// Hello below aborts the window for the overlap: no need to
+			// derive a code for it.
+			err = nil
+		} else if err == nil && !p.isDerived(id, exp) {
+			code := []byte(exp.Code)
+			ttl := time.Until(exp.Expires)
+			if ttl <= 0 || ttl > pairing.MaxCodeTTL {
+				ttl = pairing.DefaultTTL
+			}
+			if err = p.codes.Register(id, code, ttl); err == nil {
+				p.derived[id] = derivedKey(exp)
+			}
+		}
+		if err != nil {
+			p.event("pairing", "pairing.setup_code_missing", id, err.Error())
+		}
+		// Hello claims the window and fails the attempt when no code is
+		// registered, so that an unknown device counts as a failure.
+		s, reply, herr := p.enroller.Hello(msg)
+		if herr != nil {
+			return nil, herr
+		}
+		p.mu.Lock()
+		p.pake[id] = &pakeRun{s: s, expected: exp}
+		delete(p.pending, id)
+		p.mu.Unlock()
+		return reply, nil
+	case pairing.MsgRound2:
+		p.mu.Lock()
+		run := p.pake[id]
+		delete(p.pake, id)
+		p.mu.Unlock()
+		if run == nil {
+			p.event("pairing", "pairing.message_refused", id, "round 2 without a hello in this window")
+			return nil, errors.New("round 2 without a hello: start the exchange again")
+		}
+		reply, _, psk, err := run.s.Finish(msg)
+		if err != nil {
+			return nil, err
+		}
+		if p.win.State().Enrolling != id {
+			return nil, fmt.Errorf("enroll %s: %w", id, pairing.ErrAttemptOver)
+		}
+		p.mu.Lock()
+		p.pending[id] = &pendingEnrol{s: run.s, psk: psk, expected: run.expected}
+		p.mu.Unlock()
+		p.event("pairing", "pairing.pake_done", id, "setup code proved; enrollment session keyed")
+		return reply, nil
+	}
+	return nil, fmt.Errorf("%w: unexpected message type %d", pairing.ErrMalformedPAKE, m.Type)
+}
+
+func derivedKey(e store.ExpectedDevice) string {
+	h := sha256.Sum256([]byte(e.ID + "\x00" + e.Code))
+	return string(h[:])
+}
+
+// isDerived reports whether the code book holds e's code for id already.
+func (p *pairingSvc) isDerived(id string, e store.ExpectedDevice) bool {
+	if p.derived[id] != derivedKey(e) {
+		return false
+	}
+	for _, c := range p.codes.List() {
+		if c.Device == id {
+			return true
+		}
+	}
+	return false
+}
+
+// expectedFor picks the setup code registered for device: the expected
+// device named like the device's label id, else the only one expected.
+func (p *pairingSvc) expectedFor(id string) (store.ExpectedDevice, error) {
+	es, err := p.g.store.ExpectedDevices()
+	if err != nil {
+		return store.ExpectedDevice{}, err
+	}
+	now := p.g.clock.Now()
+	var live []store.ExpectedDevice
+	for _, e := range es {
+		if now.Before(e.Expires) {
+			live = append(live, e)
+		}
+	}
+	for _, e := range live {
+		if e.Name == id {
+			return e, nil
+		}
+	}
+	switch len(live) {
+	case 0:
+		return store.ExpectedDevice{}, pairing.ErrNoCode
+	case 1:
+		return live[0], nil
+	}
+	return store.ExpectedDevice{}, fmt.Errorf("%d devices are expected and none is named %q: name the expected device by the id on its label, or pair one at a time", len(live), id)
+}
+
+// caIssuer adapts the CA to est.Issuer.
+type caIssuer struct{ g *Gateway }
+
+func (c caIssuer) IssueDevice(ctx context.Context, csr *x509.CertificateRequest, id string) (*x509.Certificate, error) {
+	return c.g.ca.IssueDevice(csr, id, c.g.cfg.Load().PKI.DeviceCertValidity.D())
+}
+
+func (c caIssuer) Chain() []*x509.Certificate { return c.g.ca.Chain() }
+
+func estRefuse(code est.Code, err error) est.Response {
+	return est.Response{Code: code, ContentFormat: est.NoFormat, Payload: []byte(err.Error()), Err: err}
+}
+
+// EST answers EST-coaps: /crts and /sren for operational sessions, /crts
+// and /sen for enrollment sessions. /sen commits the window's attempt
+// before the certificate leaves, and records the device.
+func (p *pairingSvc) EST(ctx context.Context, device string, kind coap.Kind, peer []*x509.Certificate, r est.Request) est.Response {
+	h := est.Handler{Issuer: caIssuer{p.g}}
+	if kind == coap.KindDevice || r.Path == est.PathCrts {
+		if r.Path == est.PathSren {
+			if len(peer) == 0 {
+				return estRefuse(est.Unauthorized, errors.New("renewal needs the current operational certificate: use the certificate listener"))
+			}
+			r.Peer, r.DeviceID = peer[0], device
+		}
+		resp := h.Handle(ctx, r)
+		if resp.Issued != nil {
+			p.g.store.RecordCert(store.Cert{Serial: pki.Serial(resp.Issued), Device: device, NotAfter: resp.Issued.NotAfter})
+			p.event("device:"+device, "device.renew", device, "serial "+pki.Serial(resp.Issued))
+		}
+		return resp
+	}
+	// Enrollment (/sen) in a KindEnroll session.
+	en, err := p.beginEnrol(device, peer)
+	if err != nil {
+		return estRefuse(est.Forbidden, err)
+	}
+	r.DeviceID = en.opID
+	resp := h.Handle(ctx, r)
+	if resp.Issued == nil {
+		en.fail("EST enrollment refused: " + errString(resp.Err))
+		return resp
+	}
+	if err := p.finishEnrol(en, store.Device{Auth: "cert"}, resp.Issued); err != nil {
+		return estRefuse(est.Forbidden, err)
+	}
+	return resp
+}
+
+// enrolment is one device's enrollment in progress, whichever way it
+// proved itself.
+type enrolment struct {
+	opID                                    string // its operational device id
+	commit                                  func() error
+	fail                                    func(string)
+	name, vendor, model, method, expectedID string
+	label                                   string // setup-code label id
+}
+
+// beginEnrol finds (setup code) or claims (IDevID) the window's attempt
+// for the device of a KindEnroll session.
+func (p *pairingSvc) beginEnrol(device string, peer []*x509.Certificate) (*enrolment, error) {
+	en := &enrolment{opID: pki.NewDeviceID()}
+	switch {
+	case strings.HasPrefix(device, idEnroll):
+		id := strings.TrimPrefix(device, idEnroll)
+		p.mu.Lock()
+		pe := p.pending[id]
+		p.mu.Unlock()
+		if pe == nil {
+			return nil, errors.New("no setup-code exchange completed for this device in the open window")
+		}
+		en.commit, en.fail = pe.s.Succeed, pe.s.Attempt().Fail
+		en.name, en.method, en.expectedID, en.label = pe.expected.Name, "setup-code", pe.expected.ID, id
+		if en.name == "" {
+			en.name = id
+		}
+	case strings.HasPrefix(device, idIDevID) && len(peer) > 0:
+		p.mu.Lock()
+		seen := p.idevWindow[device]
+		p.mu.Unlock()
+		if st := p.win.State(); st.Open && !seen.Equal(st.OpenedAt) {
+			p.event("pairing", "pairing.session_refused", device, "enrollment session from an earlier window")
+			return nil, errors.New("this session was opened in an earlier pairing window: reconnect")
+		}
+		a, err := p.win.Begin(device)
+		if err != nil {
+			return nil, err
+		}
+		en.commit, en.fail = a.Succeed, a.Fail
+		en.vendor, _, _ = strings.Cut(strings.TrimPrefix(device, idIDevID), ":")
+		en.model = peer[0].Subject.CommonName
+		if en.model == "" {
+			en.model = peer[0].Subject.SerialNumber
+		}
+		en.name, en.method = en.vendor+" "+en.model, "idevid"
+	default:
+		return nil, errors.New("this session may not enroll")
+	}
+	return en, nil
+}
+
+// finishEnrol commits the attempt (closing the window) before credentials
+// leave, then records the device. cert is nil for a PSK device.
+func (p *pairingSvc) finishEnrol(en *enrolment, dev store.Device, cert *x509.Certificate) error {
+	if err := en.commit(); err != nil {
+		return fmt.Errorf("credentials withheld: %w", err)
+	}
+	p.mu.Lock()
+	delete(p.pending, en.label)
+	p.mu.Unlock()
+	if en.expectedID != "" {
+		p.g.store.DeleteExpectedDevice(en.expectedID)
+	}
+	dev.ID, dev.Name, dev.Vendor, dev.Model = en.opID, en.name, en.vendor, en.model
+	if err := p.g.devices.enrolled(dev, cert, en.method); err != nil {
+		p.g.log.Error("pairing: enrolled device not recorded", "device", en.opID, "err", err)
+		return fmt.Errorf("device record: %w", err)
+	}
+	return nil
+}
+
+// EnrollPSK gives a PSK-only device an operational PSK instead of a
+// certificate.
+func (p *pairingSvc) EnrollPSK(ctx context.Context, device string) ([]byte, error) {
+	en, err := p.beginEnrol(device, nil)
+	if err != nil {
+		return nil, err
+	}
+	dev := store.Device{Auth: "psk", PSKIdentity: pki.NewPSKIdentity()}
+	if err := p.finishEnrol(en, dev, nil); err != nil {
+		return nil, err
+	}
+	return json.Marshal(map[string]string{"id": en.opID, "psk_identity": dev.PSKIdentity, "psk": hex.EncodeToString(p.g.ca.PSK(dev.PSKIdentity))})
+}
+
+// enrolled records a device that enrolled in a pairing window: the same
+// record and audit as Add, so revocation works the same way.
+func (d *Devices) enrolled(dev store.Device, cert *x509.Certificate, method string) error {
+	dev.Created = d.ca.Clock().Now()
+	if !validName(dev.Name) {
+		dev.Name = dev.ID
+	}
+	if cert != nil {
+		if err := d.store.RecordCert(store.Cert{Serial: pki.Serial(cert), Device: dev.ID, NotAfter: cert.NotAfter}); err != nil {
+			return err
+		}
+	}
+	err := d.store.AddDevice(dev)
+	if errors.Is(err, store.ErrNameTaken) {
+		dev.Name = dev.Name + " (" + dev.ID + ")"
+		err = d.store.AddDevice(dev)
+	}
+	if err != nil {
+		return err
+	}
+	d.audit(Actor{Name: "pairing"}, "device.add", dev.ID, "name="+strconv.Quote(dev.Name)+" auth="+dev.Auth+" method="+method+
+		" vendor="+strconv.Quote(dev.Vendor)+" model="+strconv.Quote(dev.Model))
+	d.log.Info("device enrolled in a pairing window", "device", dev.ID, "name", dev.Name, "auth", dev.Auth, "method", method, "vendor", dev.Vendor)
+	return nil
+}
+
+// controlExpect registers a setup code over the control socket
+// (bastionctl pairing expect): registration only, it opens nothing.
+func (p *pairingSvc) controlExpect(w http.ResponseWriter, r *http.Request) {
+	if ok, _ := r.Context().Value(peerKey{}).(bool); !ok {
+		http.Error(w, "control socket: peer not allowed", http.StatusForbidden)
+		return
+	}
+	var in struct {
+		Name string `json:"name"`
+		Code string `json:"code"`
+	}
+	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 4096)).Decode(&in); err != nil {
+		http.Error(w, "want JSON {name, code}: "+err.Error(), http.StatusBadRequest)
+		return
+	}
+	code := strings.ReplaceAll(strings.TrimSpace(in.Code), " ", "")
+	if !validName(in.Name) || len(code) < pairing.MinCodeLen || len(code) > pairing.MaxCodeLen {
+		http.Error(w, "name: 1-64 printable characters; code: 8-64 characters as printed on the label", http.StatusBadRequest)
+		return
+	}
+	now := p.g.clock.Now()
+	e, err := p.g.store.ExpectDevice(store.ExpectedDevice{Name: in.Name, Code: code, Created: now, Expires: now.Add(pairing.DefaultTTL), By: "bastionctl"})
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusInternalServerError)
+		return
+	}
+	p.event("bastionctl", "pairing.expect", e.ID, "name="+strconv.Quote(in.Name))
+	e.Code = ""
+	w.Header().Set("Content-Type", "application/json")
+	json.NewEncoder(w).Encode(e)
+}
+
+// consolePairing shows the window and its history; it cannot open it.
+type consolePairing struct{ p *pairingSvc }
+
+func (c consolePairing) Window(ctx context.Context) (console.PairingWindow, error) {
+	st := c.p.win.State()
+	w := console.PairingWindow{Open: st.Open, Attempts: st.Failures, Available: len(c.p.sources) > 0}
+	if st.Open {
+		w.OpenedBy, w.Closes = "button", st.Deadline
+	}
+	return w, nil
+}
+
+func (c consolePairing) History(ctx context.Context, limit int) ([]console.PairingEvent, error) {
+	es, err := c.p.g.store.AuditLog(20*limit, 0)
+	if err != nil {
+		return nil, err
+	}
+	var out []console.PairingEvent
+	for _, e := range es {
+		if len(out) >= limit {
+			break
+		}
+		if !strings.HasPrefix(e.Action, "pairing.") && !(e.Action == "device.add" && e.Actor == "pairing") {
+			continue
+		}
+		method := ""
+		switch {
+		case strings.Contains(e.Detail, "method=idevid") || strings.HasPrefix(e.Target, idIDevID):
+			method = "idevid"
+		case strings.Contains(e.Detail, "method=setup-code"), strings.HasPrefix(e.Action, "pairing.pake"), strings.HasPrefix(e.Action, "pairing.setup_code"):
+			method = "setup-code"
+		}
+		res := strings.TrimPrefix(e.Action, "pairing.")
+		if e.Detail != "" {
+			res += ": " + e.Detail
+		}
+		out = append(out, console.PairingEvent{Time: e.Time, Device: e.Target, Method: method, Result: res})
+	}
+	return out, nil
+}

@@ -1,0 +1,259 @@
+package gateway
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/bastion-iot/bastion/firewall"
+	"github.com/bastion-iot/bastion/gateway/store"
+	"github.com/bastion-iot/bastion/pki"
+	"github.com/bastion-iot/bastion/pki/est"
+)
+
+// EST over HTTPS (RFC 7030) for MQTT-only devices that carry an IDevID:
+// GET /.well-known/est/cacerts and POST /.well-known/est/simpleenroll on
+// pairing.est_listen. The listener exists only while a pairing window is
+// open (and only then is its port in the firewall policy); the TLS client
+// certificate must chain to a configured vendor root. Setup-code devices
+// enroll over CoAPS: Go's TLS has no PSK mode to carry the PAKE's key.
+
+const (
+	estCACertsPath = "/.well-known/est/cacerts"
+	estEnrollPath  = "/.well-known/est/simpleenroll"
+	maxESTBody     = 8 << 10
+)
+
+// estKick tells runEST that the window may have opened or closed.
+func (p *pairingSvc) estKick() {
+	select {
+	case p.estChange <- struct{}{}:
+	default:
+	}
+}
+
+// runEST opens and closes the HTTPS listener with the window, until ctx
+// ends.
+func (p *pairingSvc) runEST(ctx context.Context) error {
+	var srv *http.Server
+	var done chan struct{}
+	stop := func() {
+		if srv == nil {
+			return
+		}
+		// Shutdown closes the listener at once and lets the request that
+		// closed the window deliver its certificate.
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		if srv.Shutdown(sctx) != nil {
+			srv.Close()
+		}
+		cancel()
+		<-done
+		srv, done = nil, nil
+		p.estFirewall(false)
+		p.estAddr.Store("")
+		p.g.log.Info("pairing: EST over HTTPS closed with the window")
+	}
+	defer stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-p.estChange:
+		}
+		open := p.win.IsOpen()
+		switch {
+		case open && srv == nil:
+			ln, err := p.listenEST()
+			if err != nil {
+				p.g.log.Error("pairing: EST over HTTPS not opened; IDevID devices can still enroll over CoAPS", "err", err)
+				p.event("system", "pairing.est_failed", "", err.Error())
+				continue
+			}
+			p.estAddr.Store(ln.Addr().String())
+			p.estFirewall(true)
+			srv = &http.Server{Handler: p.estHandler(), ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second,
+				ErrorLog:    slog.NewLogLogger(p.g.log.Handler(), slog.LevelWarn),
+				BaseContext: func(net.Listener) context.Context { return ctx }}
+			done = make(chan struct{})
+			go func(s *http.Server, done chan struct{}) {
+				defer close(done)
+				s.Serve(ln)
+			}(srv, done)
+			p.g.log.Info("pairing: EST over HTTPS open while the window is", "addr", ln.Addr())
+		case !open && srv != nil:
+			stop()
+		}
+	}
+}
+
+func (p *pairingSvc) listenEST() (net.Listener, error) {
+	cfg := p.g.cfg.Load()
+	listen := cfg.Pairing.ESTListen
+	if p.estCert == nil {
+		sc, err := p.g.ca.ServerCert("est", p.g.serverSANs(*cfg, listen), cfg.PKI.ServerCertValidity.D(), cfg.PKI.RenewBefore.D())
+		if err != nil {
+			return nil, err
+		}
+		p.estCert = sc
+	} else if p.estCert.Due() {
+		if err := p.estCert.Renew(); err != nil {
+			return nil, err
+		}
+	}
+	verify := func(raw [][]byte, _ [][]*x509.Certificate) error {
+		dev, err := p.verifyIDevID(raw, errors.New("not a manufacturer certificate of a configured vendor"))
+		if err == nil && dev == "" {
+			err = errors.New("no device identity")
+		}
+		return err
+	}
+	ln, err := tls.Listen("tcp", listen, pki.TLSServer(p.estCert, tls.RequireAnyClientCert, verify))
+	if err != nil {
+		return nil, fmt.Errorf("pairing.est_listen %s: %w", listen, err)
+	}
+	return ln, nil
+}
+
+// estFirewall adds the EST port to the applied policy while the window is
+// open, and takes it out after.
+func (p *pairingSvc) estFirewall(open bool) {
+	if p.g.fw == nil {
+		return
+	}
+	cfg := p.g.cfg.Load()
+	var extra []firewall.Service
+	if open {
+		extra = p.firewallExtra()
+	}
+	pol, err := cfg.FirewallPolicy(extra...)
+	if err == nil {
+		err = p.g.fw.Apply(context.Background(), pol)
+	}
+	if err != nil {
+		p.g.log.Error("pairing: firewall policy for EST over HTTPS not applied", "open", open, "err", err)
+	}
+}
+
+// firewallExtra is the service the policy needs beyond the configuration
+// now: the EST port while it listens.
+func (p *pairingSvc) firewallExtra() []firewall.Service {
+	_, port, err := net.SplitHostPort(p.ESTAddr())
+	if err != nil {
+		return nil
+	}
+	var n uint16
+	if _, err := fmt.Sscan(port, &n); err != nil || n == 0 {
+		return nil
+	}
+	return []firewall.Service{{Name: "est-https", Proto: firewall.TCP, Port: n, Zones: []string{firewall.ZoneLAN}, Handshake: true}}
+}
+
+// pairingFirewallExtra is firewallExtra for Reload (nil without pairing).
+func (g *Gateway) pairingFirewallExtra() []firewall.Service {
+	if g.pairing == nil {
+		return nil
+	}
+	return g.pairing.firewallExtra()
+}
+
+// ESTAddr is the HTTPS EST address while a window is open, else "".
+func (p *pairingSvc) ESTAddr() string {
+	a, _ := p.estAddr.Load().(string)
+	return a
+}
+
+func (p *pairingSvc) estHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET "+estCACertsPath, func(w http.ResponseWriter, r *http.Request) {
+		der, err := est.EncodeCertsOnly(p.g.ca.Chain())
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		writeBase64(w, "application/pkcs7-mime", der)
+	})
+	mux.HandleFunc("POST "+estEnrollPath, p.estSimpleEnroll)
+	return mux
+}
+
+func writeBase64(w http.ResponseWriter, ctype string, der []byte) {
+	w.Header().Set("Content-Type", ctype)
+	w.Header().Set("Content-Transfer-Encoding", "base64")
+	io.WriteString(w, base64.StdEncoding.EncodeToString(der))
+}
+
+// decodeESTBody reads an RFC 7030 base64 body (line breaks allowed).
+func decodeESTBody(r io.Reader) ([]byte, error) {
+	b, err := io.ReadAll(io.LimitReader(r, maxESTBody+1))
+	if err != nil {
+		return nil, err
+	}
+	if len(b) > maxESTBody {
+		return nil, fmt.Errorf("body over %d bytes", maxESTBody)
+	}
+	clean := strings.Map(func(c rune) rune {
+		if c == '\r' || c == '\n' || c == ' ' || c == '\t' {
+			return -1
+		}
+		return c
+	}, string(b))
+	der, err := base64.StdEncoding.DecodeString(clean)
+	if err != nil {
+		return nil, fmt.Errorf("body is not base64 (RFC 7030 4.2.1): %w", err)
+	}
+	return der, nil
+}
+
+func (p *pairingSvc) estSimpleEnroll(w http.ResponseWriter, r *http.Request) {
+	if r.TLS == nil || len(r.TLS.PeerCertificates) == 0 {
+		http.Error(w, "a manufacturer client certificate is required", http.StatusUnauthorized)
+		return
+	}
+	if ct := r.Header.Get("Content-Type"); !strings.HasPrefix(ct, "application/pkcs10") {
+		http.Error(w, "Content-Type "+ct+": want application/pkcs10 (base64 DER)", http.StatusUnsupportedMediaType)
+		return
+	}
+	peer := r.TLS.PeerCertificates
+	raw := make([][]byte, len(peer))
+	for i, c := range peer {
+		raw[i] = c.Raw
+	}
+	device, err := p.verifyIDevID(raw, errors.New("not a manufacturer certificate of a configured vendor"))
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusForbidden)
+		return
+	}
+	csr, err := decodeESTBody(r.Body)
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusBadRequest)
+		return
+	}
+	en, err := p.beginEnrol(device, peer)
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusForbidden)
+		return
+	}
+	en.method = "idevid-https"
+	resp := est.Handler{Issuer: caIssuer{p.g}}.Handle(r.Context(), est.Request{Method: "POST", Path: est.PathSen,
+		ContentFormat: est.FormatPKCS10, Accept: est.FormatCertsOnly, Payload: csr, DeviceID: en.opID})
+	if resp.Issued == nil {
+		en.fail("EST over HTTPS refused: " + errString(resp.Err))
+		http.Error(w, string(resp.Payload), http.StatusBadRequest)
+		return
+	}
+	if err := p.finishEnrol(en, store.Device{Auth: "cert"}, resp.Issued); err != nil {
+		http.Error(w, err.Error(), http.StatusForbidden)
+		return
+	}
+	writeBase64(w, "application/pkcs7-mime; smime-type=certs-only", resp.Payload)
+}
