@@ -27,7 +27,8 @@ import (
 // otacache.NewResponseCache(32)), ...). serve_test.go shows how.
 type ResponseCache struct {
 	mu    sync.Mutex
-	slots []cacheSlot
+	slots []cacheSlot // grows to size on first use: idle sessions hold none
+	size  int
 	next  int
 }
 
@@ -41,7 +42,7 @@ var _ udpclient.MessageCache = (*ResponseCache)(nil)
 
 // NewResponseCache keeps at most entries responses (at least 1).
 func NewResponseCache(entries int) *ResponseCache {
-	return &ResponseCache{slots: make([]cacheSlot, max(entries, 1))}
+	return &ResponseCache{size: max(entries, 1)}
 }
 
 // Load fills msg with the cached response to the request with message ID key.
@@ -76,8 +77,12 @@ func (c *ResponseCache) Store(key string, msg *pool.Message) error {
 			return nil // first response wins, as in go-coap's own cache
 		}
 	}
+	if len(c.slots) < c.size {
+		c.slots = append(c.slots, cacheSlot{})
+		c.next = len(c.slots) - 1
+	}
 	s := &c.slots[c.next]
-	c.next = (c.next + 1) % len(c.slots)
+	c.next = (c.next + 1) % c.size
 	s.key = key
 	s.raw = append(s.raw[:0], raw...)
 	s.expires = time.Now().Add(udpclient.ExchangeLifetime)
