@@ -18,6 +18,9 @@ func (g *Gateway) wireConsole() {
 		return
 	}
 	c := console.Components{Firewall: consoleFirewall{g}, Upstream: consoleUpstream{g}}
+	if g.hub != nil {
+		c.Traffic = consoleTraffic{g}
+	}
 	if g.firmware != nil {
 		c.Firmware = consoleFirmware{g}
 	}
@@ -146,4 +149,16 @@ func (f consoleFirmware) CheckNow(ctx context.Context, who console.Actor) error 
 	err := f.g.firmware.Check(ctx)
 	f.g.devices.audit(Actor{Name: who.Name, Remote: who.Remote}, "firmware.check", "", errString(err))
 	return err
+}
+
+// consoleTraffic gives the device page its counters (since start, in memory).
+type consoleTraffic struct{ g *Gateway }
+
+func (t consoleTraffic) Counters(ctx context.Context, device string) (console.DeviceCounters, bool) {
+	c, ok := t.g.hub.Traffic(device)
+	if !ok {
+		return console.DeviceCounters{}, false
+	}
+	return console.DeviceCounters{MessagesIn: c.MessagesIn, MessagesOut: c.MessagesOut, BytesIn: c.BytesIn,
+		BytesOut: c.BytesOut, Refused: c.Refused, LastSeen: c.LastSeen}, true
 }

@@ -1,12 +1,14 @@
 package gateway
 
 import (
+	"context"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/bridges/upstream"
 	"github.com/bastion-iot/bastion/internal/testenv"
 	"github.com/bastion-iot/bastion/internal/testutil/mosquitto"
@@ -65,5 +67,22 @@ func TestUpstreamConnects(t *testing.T) {
 	}
 	if !connected() {
 		t.Error("refused reload dropped the upstream link")
+	}
+}
+
+// The console's device page gets the hub's per-device counters.
+func TestConsoleTrafficCounters(t *testing.T) {
+	r := start(t, filepath.Join(t.TempDir(), "state"), nil)
+	defer r.stop(t)
+	ctx := context.Background()
+	if _, ok := (consoleTraffic{r.g}).Counters(ctx, "d1"); ok {
+		t.Fatal("counters for a device never seen")
+	}
+	if err := r.g.hub.Telemetry(ctx, "coap", bridges.Message{Device: "d1", Topic: "devices/d1/t/temp", Payload: []byte("21.5")}); err != nil {
+		t.Fatal(err)
+	}
+	c, ok := (consoleTraffic{r.g}).Counters(ctx, "d1")
+	if !ok || c.MessagesIn != 1 || c.BytesIn != 4 || c.LastSeen.IsZero() {
+		t.Errorf("counters = %+v, %v", c, ok)
 	}
 }

@@ -39,6 +39,7 @@ type Hub struct {
 	mirrors map[string]func(bridges.Message)
 	last    map[string]bridges.Message // topic → last command, bounded per device
 	nLast   map[string]int
+	traffic trafficTable
 }
 
 type observer struct {
@@ -93,8 +94,14 @@ func (h *Hub) Telemetry(ctx context.Context, origin string, m bridges.Message) e
 		if errors.Is(err, bridges.ErrQueueFull) {
 			h.m.Refused.WithLabelValues(origin, ReasonQueueFull).Inc()
 		}
+		h.traffic.update(m.Device, func(t *Traffic) { t.Refused++ })
 		return fmt.Errorf("accept telemetry from %s on %s: %w", m.Device, m.Topic, err)
 	}
+	h.traffic.update(m.Device, func(t *Traffic) {
+		t.MessagesIn++
+		t.BytesIn += uint64(len(m.Payload))
+		t.LastSeen = m.Received
+	})
 	h.m.Messages.WithLabelValues(origin, "telemetry").Inc()
 	h.mirror(origin, m)
 	return nil
@@ -132,6 +139,7 @@ func (h *Hub) Deliver(ctx context.Context, m bridges.Message) error {
 	for _, fn := range fns {
 		fn(m)
 	}
+	h.traffic.update(m.Device, func(t *Traffic) { t.MessagesOut++; t.BytesOut += uint64(len(m.Payload)) })
 	h.m.Messages.WithLabelValues("gateway", "command").Inc()
 	h.mirror("", m)
 	return nil
@@ -182,6 +190,7 @@ func (h *Hub) Forget(device string) {
 		}
 	}
 	delete(h.nLast, device)
+	h.forgetTraffic(device)
 }
 
 func (h *Hub) mirror(origin string, m bridges.Message) {

@@ -1,0 +1,56 @@
+package hub
+
+import (
+	"sync"
+	"time"
+)
+
+// Traffic is one device's counters since the gateway started: what the
+// console shows on a device's page. They live in memory only; nothing about
+// a device's traffic is written to flash.
+type Traffic struct {
+	MessagesIn  uint64    `json:"messages_in"`  // telemetry accepted from the device
+	BytesIn     uint64    `json:"bytes_in"`     // payload bytes of those
+	MessagesOut uint64    `json:"messages_out"` // commands handed to its transports
+	BytesOut    uint64    `json:"bytes_out"`
+	Refused     uint64    `json:"refused"` // telemetry refused (queue full, bad topic)
+	LastSeen    time.Time `json:"last_seen,omitzero"`
+}
+
+type trafficTable struct {
+	mu sync.Mutex
+	m  map[string]*Traffic
+}
+
+func (t *trafficTable) update(device string, f func(*Traffic)) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.m == nil {
+		t.m = map[string]*Traffic{}
+	}
+	c := t.m[device]
+	if c == nil {
+		c = &Traffic{}
+		t.m[device] = c
+	}
+	f(c)
+}
+
+// Traffic returns a device's counters, and false if it has not been seen
+// since the gateway started.
+func (h *Hub) Traffic(device string) (Traffic, bool) {
+	h.traffic.mu.Lock()
+	defer h.traffic.mu.Unlock()
+	c, ok := h.traffic.m[device]
+	if !ok {
+		return Traffic{}, false
+	}
+	return *c, true
+}
+
+// forgetTraffic drops a device's counters (Forget: a revoked or erased device).
+func (h *Hub) forgetTraffic(device string) {
+	h.traffic.mu.Lock()
+	delete(h.traffic.m, device)
+	h.traffic.mu.Unlock()
+}
