@@ -36,11 +36,8 @@ import (
 
 	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/bridges/hub"
-	"github.com/bastion-iot/bastion/bridges/upstream"
 	"github.com/bastion-iot/bastion/internal/devicesim"
 	"github.com/bastion-iot/bastion/internal/testenv"
-	"github.com/bastion-iot/bastion/internal/testutil/mosquitto"
-	"github.com/bastion-iot/bastion/internal/testutil/testpki"
 	"github.com/bastion-iot/bastion/pki"
 )
 
@@ -1025,24 +1022,7 @@ func TestDTLSConnectionIDNegotiated(t *testing.T) {
 // on the mapped cloud topics, and a command the cloud publishes reaches a
 // CoAP observer.
 func TestDevicesThroughUpstreamToCloud(t *testing.T) {
-	testenv.RequireCommand(t, "mosquitto")
-	cloud := testpki.New(t, t.TempDir(), "cloud")
-	b := mosquitto.Start(t, mosquitto.Options{CA: cloud})
-	gw := cloud.Client(t, "bastion-dev")
-	dir := filepath.Join(t.TempDir(), "state")
-	os.MkdirAll(dir, 0o700)
-	cfg := testConfig(dir)
-	cfg.Upstream.Enabled = true
-	cfg.Upstream.Config = upstream.Config{
-		Broker: "mqtts://" + b.Addr, ServerName: "127.0.0.1", CAFile: cloud.CertFile,
-		CertFile: gw.CertFile, KeyFile: gw.KeyFile, Gateway: "bastion-dev",
-		Forward: []upstream.Rule{{Topic: "devices/+/t/#", Action: "forward"}},
-	}
-	cfg.Upstream.Config.Defaults()
-	if err := WriteConfigFile(filepath.Join(dir, "bastion.yaml"), cfg); err != nil {
-		t.Fatal(err)
-	}
-	r := start(t, dir, nil)
+	r, b, cloud, dir := startWithCloud(t)
 	defer r.stop(t)
 	tg := &tgw{running: r, log: &syncBuf{}, dir: dir}
 	ctx := ctxT(t, 30*time.Second)
