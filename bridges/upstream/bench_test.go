@@ -48,7 +48,7 @@ func BenchmarkBridge(b *testing.B) {
 	for _, sc := range scenarios {
 		total := sc.pubs * sc.each
 		cloud := mosquitto.Start(b, mosquitto.Options{Name: fmt.Sprintf("cloud%d", sc.pubs)})
-		sub := subscribe(b, cloud, fmt.Sprintf("sub%d", sc.pubs), "bastion/#", false)
+		sub := mosquitto.Subscribe(b, cloud, fmt.Sprintf("sub%d", sc.pubs), "bastion/#", false)
 
 		// Bastion.
 		l := startLink(b, linkConfig(b, cloud, "gw1"), b.TempDir())
@@ -112,11 +112,11 @@ type benchResult = struct {
 
 // run drives total messages from pubs publishers (each waiting for its
 // acknowledgement) and measures end-to-end latency at the subscriber.
-func run(b *testing.B, sub *subscriber, total, pubs int, mk func(p int) (send func([]byte) error, done func())) benchResult {
+func run(b *testing.B, sub *mosquitto.Subscriber, total, pubs int, mk func(p int) (send func([]byte) error, done func())) benchResult {
 	b.Helper()
 	// Drain anything left over from an earlier run.
-	for len(sub.got) > 0 {
-		<-sub.got
+	for len(sub.Got) > 0 {
+		<-sub.Got
 	}
 	lat := make([]time.Duration, 0, total)
 	recvDone := make(chan struct{})
@@ -127,7 +127,7 @@ func run(b *testing.B, sub *subscriber, total, pubs int, mk func(p int) (send fu
 		timeout := time.After(120 * time.Second)
 		for len(seen) < total {
 			select {
-			case p := <-sub.got:
+			case p := <-sub.Got:
 				if len(p.Payload) < 16 {
 					continue
 				}

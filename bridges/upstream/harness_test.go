@@ -5,8 +5,6 @@ import (
 	"crypto/tls"
 	"fmt"
 	"log/slog"
-	"net"
-	"net/url"
 	"os"
 	"testing"
 	"time"
@@ -14,7 +12,6 @@ import (
 	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/bridges/queue"
 	"github.com/bastion-iot/bastion/internal/testutil/mosquitto"
-	"github.com/eclipse/paho.golang/autopaho"
 	"github.com/eclipse/paho.golang/packets"
 	"github.com/eclipse/paho.golang/paho"
 	"github.com/prometheus/client_golang/prometheus"
@@ -103,75 +100,6 @@ func waitFor(t testing.TB, what string, d time.Duration, cond func() bool) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-}
-
-// subscriber is a real MQTT v5 client (paho autopaho) on the broker.
-type subscriber struct {
-	cm  *autopaho.ConnectionManager
-	got chan *paho.Publish
-}
-
-// subscribe connects a client with certificate cn and subscribes to filter
-// at QoS 1. With persistent, its session (and queued messages) outlives a
-// disconnect or, on a persistent broker, a broker restart.
-func subscribe(t testing.TB, b *mosquitto.Broker, cn, filter string, persistent bool) *subscriber {
-	t.Helper()
-	s := &subscriber{got: make(chan *paho.Publish, 200000)}
-	u, _ := url.Parse("mqtts://" + b.Addr)
-	tc := b.ClientTLS(b.CA.Client(t, cn))
-	subscribed := make(chan struct{}, 1)
-	cfg := autopaho.ClientConfig{
-		ServerUrls:       []*url.URL{u},
-		KeepAlive:        30,
-		ReconnectBackoff: autopaho.NewConstantBackoff(20 * time.Millisecond),
-		AttemptConnection: func(ctx context.Context, _ autopaho.ClientConfig, u *url.URL) (net.Conn, error) {
-			d := tls.Dialer{Config: tc}
-			c, err := d.DialContext(ctx, "tcp", u.Host)
-			if err != nil {
-				return nil, err
-			}
-			return packets.NewThreadSafeConn(c), nil
-		},
-		CleanStartOnInitialConnection: !persistent,
-		OnConnectionUp: func(cm *autopaho.ConnectionManager, _ *paho.Connack) {
-			go func() {
-				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-				defer cancel()
-				if _, err := cm.Subscribe(ctx, &paho.Subscribe{Subscriptions: []paho.SubscribeOptions{{Topic: filter, QoS: 1}}}); err == nil {
-					select {
-					case subscribed <- struct{}{}:
-					default:
-					}
-				}
-			}()
-		},
-		ClientConfig: paho.ClientConfig{
-			ClientID: cn,
-			OnPublishReceived: []func(paho.PublishReceived) (bool, error){func(pr paho.PublishReceived) (bool, error) {
-				s.got <- pr.Packet
-				return true, nil
-			}},
-		},
-	}
-	if persistent {
-		cfg.SessionExpiryInterval = 3600
-	}
-	var err error
-	s.cm, err = autopaho.NewConnection(context.Background(), cfg)
-	if err != nil {
-		t.Fatalf("subscriber: %v", err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		s.cm.Disconnect(ctx)
-	})
-	select {
-	case <-subscribed:
-	case <-time.After(10 * time.Second):
-		t.Fatalf("subscriber %s: not subscribed to %s within 10s", cn, filter)
-	}
-	return s
 }
 
 // publish sends one message from a separate client (the cloud side).

@@ -20,7 +20,7 @@ import (
 // the mapped topics, with privacy rules, and a downlink command back.
 func TestEndToEnd(t *testing.T) {
 	b := mosquitto.Start(t, mosquitto.Options{})
-	sub := subscribe(t, b, "cloud-sub", "bastion/#", false)
+	sub := mosquitto.Subscribe(t, b, "cloud-sub", "bastion/#", false)
 	cfg := linkConfig(t, b, "gw1")
 	cfg.Forward = []Rule{
 		{Topic: "devices/+/t/secret/#", Action: ActionLocal},
@@ -59,7 +59,7 @@ func TestEndToEnd(t *testing.T) {
 	seqs := map[string]bool{}
 	for len(got) < len(want) {
 		select {
-		case p := <-sub.got:
+		case p := <-sub.Got:
 			got = append(got, rx{p.Topic, string(p.Payload), userProp(p, OriginProperty)})
 			seqs[userProp(p, SeqProperty)] = true
 		case <-time.After(10 * time.Second):
@@ -128,7 +128,7 @@ func TestEndToEnd(t *testing.T) {
 // with a clear error, nothing is sent, and the queue keeps the messages.
 func TestRefusesUntrustedBroker(t *testing.T) {
 	b := mosquitto.Start(t, mosquitto.Options{})
-	sub := subscribe(t, b, "cloud-sub", "#", false)
+	sub := mosquitto.Subscribe(t, b, "cloud-sub", "#", false)
 	other := testpki.New(t, t.TempDir(), "other")
 	cases := map[string]struct {
 		edit func(*Config)
@@ -164,7 +164,7 @@ func TestRefusesUntrustedBroker(t *testing.T) {
 				t.Fatalf("queue depth %d, want 20 kept", d)
 			}
 			select {
-			case p := <-sub.got:
+			case p := <-sub.Got:
 				t.Fatalf("broker received %s despite an untrusted server", p.Topic)
 			default:
 			}
@@ -198,7 +198,7 @@ func metric(t testing.TB, l *link, name string) float64 {
 // swapped in while connected; the link reconnects with the new certificate.
 func TestRotation(t *testing.T) {
 	b := mosquitto.Start(t, mosquitto.Options{})
-	sub := subscribe(t, b, "cloud-sub", "bastion/#", false)
+	sub := mosquitto.Subscribe(t, b, "cloud-sub", "bastion/#", false)
 	cfg := linkConfig(t, b, "gw1-v1")
 	l := startLink(t, cfg, t.TempDir())
 	waitFor(t, "connected", 10*time.Second, func() bool { return l.up.Status().Connected })
@@ -209,7 +209,7 @@ func TestRotation(t *testing.T) {
 		}
 		for {
 			select {
-			case p := <-sub.got:
+			case p := <-sub.Got:
 				var v struct{ I int }
 				json.Unmarshal(p.Payload, &v)
 				if v.I < i {

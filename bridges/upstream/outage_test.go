@@ -92,7 +92,7 @@ func powerCut(t *testing.T, outage bool) {
 	b := mosquitto.Start(t, mosquitto.Options{Persistent: true})
 	// The cloud subscriber's session survives the broker restart, so it
 	// gets everything published while it reconnects.
-	sub := subscribe(t, b, "cloud-sub", "bastion/gw1/#", true)
+	sub := mosquitto.Subscribe(t, b, "cloud-sub", "bastion/gw1/#", true)
 	if outage {
 		b.Stop(t)
 	}
@@ -144,7 +144,7 @@ func powerCut(t *testing.T, outage bool) {
 	deadline := time.After(120 * time.Second)
 	for missing := len(acked); missing > 0; {
 		select {
-		case p := <-sub.got:
+		case p := <-sub.Got:
 			var v struct {
 				Dev string
 				I   int
@@ -177,7 +177,7 @@ func powerCut(t *testing.T, outage bool) {
 	// Drain what is still in flight to count duplicates honestly.
 	for quiet := false; !quiet; {
 		select {
-		case p := <-sub.got:
+		case p := <-sub.Got:
 			var v struct{ I int }
 			json.Unmarshal(p.Payload, &v)
 			received++

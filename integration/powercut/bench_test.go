@@ -44,7 +44,7 @@ func BenchmarkFullStack(b *testing.B) {
 	maxPubs := 50
 
 	cloud := mosquitto.Start(b, mosquitto.Options{Name: "cloud"})
-	sub := subscribe(b, cloud, "bench-sub", "bastion/#", false)
+	sub := mosquitto.Subscribe(b, cloud, "bench-sub", "bastion/#", false)
 
 	// Bastion, its own process, upstream to the cloud broker.
 	state := filepath.Join(b.TempDir(), "state")
@@ -117,7 +117,7 @@ topic # out 1 devices/ bastion/%s/
 
 // probe publishes through addr until one message reaches the subscriber
 // (the bridge or the upstream link may still be connecting).
-func probe(b *testing.B, sub *subscriber, addr string, d *devicesim.Device) {
+func probe(b *testing.B, sub *mosquitto.Subscriber, addr string, d *devicesim.Device) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	c, err := d.DialMQTT(ctx, addr, nil)
@@ -130,9 +130,9 @@ func probe(b *testing.B, sub *subscriber, addr string, d *devicesim.Device) {
 			b.Fatalf("probe via %s: rc 0x%02x %v", addr, rc, err)
 		}
 		select {
-		case <-sub.got:
-			for len(sub.got) > 0 { // later probes
-				<-sub.got
+		case <-sub.Got:
+			for len(sub.Got) > 0 { // later probes
+				<-sub.Got
 			}
 			return
 		case <-time.After(200 * time.Millisecond): // next probe: a bridge drops what it had no connection for
@@ -196,11 +196,11 @@ func (r fullResult) pct(l []time.Duration, p int) time.Duration {
 // fullRun connects one device session per device, then each publishes each
 // messages at QoS 1 with inflight publishes awaiting their PUBACK at a
 // time; the subscriber measures.
-func fullRun(b *testing.B, sub *subscriber, addr string, devs []*devicesim.Device, inflight, each int) fullResult {
+func fullRun(b *testing.B, sub *mosquitto.Subscriber, addr string, devs []*devicesim.Device, inflight, each int) fullResult {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	for len(sub.got) > 0 {
-		<-sub.got
+	for len(sub.Got) > 0 {
+		<-sub.Got
 	}
 	clients := make([]*devicesim.MQTT, len(devs))
 	for i, d := range devs {
@@ -225,7 +225,7 @@ func fullRun(b *testing.B, sub *subscriber, addr string, devs []*devicesim.Devic
 		seen := make(map[uint64]bool, total)
 		for len(seen) < total {
 			select {
-			case p := <-sub.got:
+			case p := <-sub.Got:
 				now := time.Now()
 				if len(p.Payload) < 16 {
 					continue

@@ -3,11 +3,9 @@ package powercut
 import (
 	"bufio"
 	"context"
-	"crypto/tls"
 	"encoding/json"
 	"fmt"
 	"net"
-	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -18,8 +16,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/eclipse/paho.golang/autopaho"
-	"github.com/eclipse/paho.golang/packets"
 	"github.com/eclipse/paho.golang/paho"
 	"go.uber.org/goleak"
 
@@ -313,75 +309,6 @@ func bastionctlStatus(tb testing.TB, state string) ctlStatus {
 		tb.Fatalf("bastionctl --json status printed %q: %v", out, err)
 	}
 	return st
-}
-
-// subscriber is the cloud side: an MQTT v5 client on the cloud broker that
-// reconnects on its own and hands every message to got.
-type subscriber struct {
-	cm  *autopaho.ConnectionManager
-	got chan *paho.Publish
-}
-
-// subscribe connects cn to b and subscribes to filter at QoS 1. persistent
-// keeps its session (and the messages queued for it) across a broker restart.
-func subscribe(tb testing.TB, b *mosquitto.Broker, cn, filter string, persistent bool) *subscriber {
-	tb.Helper()
-	s := &subscriber{got: make(chan *paho.Publish, 50000)}
-	u, _ := url.Parse("mqtts://" + b.Addr)
-	tc := b.ClientTLS(b.CA.Client(tb, cn))
-	subscribed := make(chan struct{}, 1)
-	cfg := autopaho.ClientConfig{
-		ServerUrls:       []*url.URL{u},
-		KeepAlive:        30,
-		ReconnectBackoff: autopaho.NewConstantBackoff(50 * time.Millisecond),
-		AttemptConnection: func(ctx context.Context, _ autopaho.ClientConfig, u *url.URL) (net.Conn, error) {
-			c, err := (&tls.Dialer{Config: tc}).DialContext(ctx, "tcp", u.Host)
-			if err != nil {
-				return nil, err
-			}
-			return packets.NewThreadSafeConn(c), nil
-		},
-		CleanStartOnInitialConnection: !persistent,
-		OnConnectionUp: func(cm *autopaho.ConnectionManager, _ *paho.Connack) {
-			go func() {
-				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-				defer cancel()
-				if _, err := cm.Subscribe(ctx, &paho.Subscribe{Subscriptions: []paho.SubscribeOptions{{Topic: filter, QoS: 1}}}); err == nil {
-					select {
-					case subscribed <- struct{}{}:
-					default:
-					}
-				}
-			}()
-		},
-		ClientConfig: paho.ClientConfig{
-			ClientID: cn,
-			OnPublishReceived: []func(paho.PublishReceived) (bool, error){func(pr paho.PublishReceived) (bool, error) {
-				s.got <- pr.Packet
-				return true, nil
-			}},
-		},
-	}
-	if persistent {
-		cfg.SessionExpiryInterval = 3600
-	}
-	var err error
-	s.cm, err = autopaho.NewConnection(context.Background(), cfg)
-	if err != nil {
-		tb.Fatalf("subscriber: %v", err)
-	}
-	tb.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		s.cm.Disconnect(ctx)
-		<-s.cm.Done()
-	})
-	select {
-	case <-subscribed:
-	case <-time.After(10 * time.Second):
-		tb.Fatalf("subscriber %s: not subscribed to %s within 10s", cn, filter)
-	}
-	return s
 }
 
 func userProp(p *paho.Publish, key string) string {

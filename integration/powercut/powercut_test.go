@@ -111,7 +111,7 @@ func TestPowerCut(t *testing.T) {
 	cloud := mosquitto.Start(t, mosquitto.Options{CA: cloudCA, Persistent: true})
 	// The subscriber's session survives the broker restart: it gets
 	// everything published while it was away, as a cloud consumer would.
-	sub := subscribe(t, cloud, "cloud-sub", "bastion/"+gatewayID+"/#", true)
+	sub := mosquitto.Subscribe(t, cloud, "cloud-sub", "bastion/"+gatewayID+"/#", true)
 	cloud.Stop(t)
 
 	state := filepath.Join(t.TempDir(), "state")
@@ -226,7 +226,7 @@ func TestPowerCut(t *testing.T) {
 	}
 	for missing := len(acked); missing > 0; {
 		select {
-		case m := <-sub.got:
+		case m := <-sub.Got:
 			before := len(got)
 			take(m.Payload)
 			if len(got) > before {
@@ -250,15 +250,15 @@ func TestPowerCut(t *testing.T) {
 			break
 		}
 		select {
-		case m := <-sub.got:
+		case m := <-sub.Got:
 			take(m.Payload)
 		case <-drained:
 			t.Fatalf("queue depth %d, not drained 30s after every message arrived", st.Components.Upstream.Queue.Depth)
 		case <-time.After(100 * time.Millisecond): // between status polls of the other process
 		}
 	}
-	for len(sub.got) > 0 {
-		take((<-sub.got).Payload)
+	for len(sub.Got) > 0 {
+		take((<-sub.Got).Payload)
 	}
 	pmu.Lock()
 	p.stop()

@@ -27,7 +27,7 @@ func TestUntrustedBroker(t *testing.T) {
 	const gatewayID, n = "gw-untrusted", 20
 	cloudCA := testpki.New(t, t.TempDir(), "cloud")
 	cloud := mosquitto.Start(t, mosquitto.Options{CA: cloudCA})
-	sub := subscribe(t, cloud, "cloud-sub", "bastion/#", false)
+	sub := mosquitto.Subscribe(t, cloud, "cloud-sub", "bastion/#", false)
 	impostor := testpki.New(t, t.TempDir(), "impostor")
 
 	state := filepath.Join(t.TempDir(), "state")
@@ -87,7 +87,7 @@ func TestUntrustedBroker(t *testing.T) {
 	p.log.wait(t, wrongName, 0, 15*time.Second)
 	p.log.wait(t, wrongName, 1, 15*time.Second)
 	checkHeld("wrong server name")
-	if k := len(sub.got); k != 0 {
+	if k := len(sub.Got); k != 0 {
 		t.Fatalf("the cloud subscriber got %d messages from a gateway that must not have connected", k)
 	}
 	if strings.Contains(cloud.Log(), "u'"+gatewayID+"'") {
@@ -102,7 +102,7 @@ func TestUntrustedBroker(t *testing.T) {
 	p.cmd.Process.Signal(syscall.SIGHUP)
 	for i := range n {
 		select {
-		case m := <-sub.got:
+		case m := <-sub.Got:
 			var v int
 			if err := json.Unmarshal(m.Payload, &v); err != nil || v != i {
 				t.Fatalf("cloud message %d: payload %q, want %d", i, m.Payload, i)
