@@ -16,6 +16,7 @@ import (
 	"github.com/plgd-dev/go-coap/v3/message/pool"
 	"github.com/plgd-dev/go-coap/v3/options"
 	"github.com/plgd-dev/go-coap/v3/pkg/runner/periodic"
+	"github.com/plgd-dev/go-coap/v3/udp"
 	udpclient "github.com/plgd-dev/go-coap/v3/udp/client"
 )
 
@@ -36,8 +37,9 @@ func (d *Device) DialCoAP(ctx context.Context, addr string) (*CoAP, error) {
 }
 
 // dialWith does the handshake with a given DTLS config (pair.go's
-// enrollment sessions use their own).
-func (d *Device) dialWith(ctx context.Context, addr string, cfg *piondtls.Config) (*CoAP, error) {
+// enrollment sessions use their own); extra go-coap options come last, so
+// they override the defaults (firmware sessions turn block-wise off).
+func (d *Device) dialWith(ctx context.Context, addr string, cfg *piondtls.Config, extra ...udp.Option) (*CoAP, error) {
 	raddr, err := net.ResolveUDPAddr("udp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("coaps %s: %w", addr, err)
@@ -53,10 +55,11 @@ func (d *Device) dialWith(ctx context.Context, addr string, cfg *piondtls.Config
 		return nil, fmt.Errorf("coaps handshake with %s as %s: %w", addr, d.ID, err)
 	}
 	life, stop := context.WithCancel(context.WithoutCancel(ctx))
-	cc := dtls.Client(conn, options.WithContext(life), options.WithMaxMessageSize(128*1024),
+	opts := []udp.Option{options.WithContext(life), options.WithMaxMessageSize(128 * 1024),
 		// go-coap's default runner sleeps on after the session; this one ends with it.
 		options.WithPeriodicRunner(periodic.New(life.Done(), time.Second)),
-		options.WithErrors(func(error) {}))
+		options.WithErrors(func(error) {})}
+	cc := dtls.Client(conn, append(opts, extra...)...)
 	return &CoAP{cc: cc, dc: conn, stop: stop}, nil
 }
 

@@ -11,19 +11,15 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"time"
 
-	piondtls "github.com/pion/dtls/v3"
-	"github.com/plgd-dev/go-coap/v3/dtls"
 	"github.com/plgd-dev/go-coap/v3/message"
 	"github.com/plgd-dev/go-coap/v3/message/codes"
 	"github.com/plgd-dev/go-coap/v3/message/pool"
 	"github.com/plgd-dev/go-coap/v3/net/blockwise"
 	"github.com/plgd-dev/go-coap/v3/options"
-	"github.com/plgd-dev/go-coap/v3/pkg/runner/periodic"
 	udpclient "github.com/plgd-dev/go-coap/v3/udp/client"
 
 	otacache "github.com/bastion-iot/bastion/ota-cache"
@@ -77,11 +73,7 @@ func ParseVendorKey(pemBytes []byte) (crypto.PublicKey, error) {
 // FirmwareCoAP is a CoAPS session for firmware: block-wise transfer is off
 // in the client so that the device asks for each Block2 itself and can
 // resume from any block (otacache.FetchCoAP).
-type FirmwareCoAP struct {
-	cc   *udpclient.Conn
-	dc   *piondtls.Conn
-	stop context.CancelFunc
-}
+type FirmwareCoAP struct{ *CoAP }
 
 // DialFirmwareCoAP does the DTLS handshake with the gateway at addr.
 func (d *Device) DialFirmwareCoAP(ctx context.Context, addr string) (*FirmwareCoAP, error) {
@@ -89,32 +81,11 @@ func (d *Device) DialFirmwareCoAP(ctx context.Context, addr string) (*FirmwareCo
 	if err != nil {
 		return nil, err
 	}
-	raddr, err := net.ResolveUDPAddr("udp", addr)
+	c, err := d.dialWith(ctx, addr, cfg, options.WithBlockwise(false, blockwise.SZX1024, time.Minute))
 	if err != nil {
-		return nil, fmt.Errorf("coaps %s: %w", addr, err)
+		return nil, err
 	}
-	conn, err := piondtls.Dial("udp", raddr, cfg)
-	if err != nil {
-		return nil, fmt.Errorf("coaps dial %s as %s: %w", addr, d.ID, err)
-	}
-	if err := conn.HandshakeContext(ctx); err != nil {
-		conn.Close()
-		return nil, fmt.Errorf("coaps handshake with %s as %s: %w", addr, d.ID, err)
-	}
-	life, stop := context.WithCancel(context.WithoutCancel(ctx))
-	cc := dtls.Client(conn, options.WithContext(life), options.WithBlockwise(false, blockwise.SZX1024, time.Minute),
-		options.WithPeriodicRunner(periodic.New(life.Done(), time.Second)),
-		options.WithErrors(func(error) {}))
-	return &FirmwareCoAP{cc: cc, dc: conn, stop: stop}, nil
-}
-
-// Close ends the session and waits for its goroutines.
-func (c *FirmwareCoAP) Close() error {
-	err := c.cc.Close()
-	c.dc.Close()
-	c.stop()
-	<-c.cc.Done()
-	return err
+	return &FirmwareCoAP{c}, nil
 }
 
 // Conn is the go-coap connection (block-wise off), for tests that send
