@@ -86,23 +86,8 @@ func startFirmwareGateway(t testing.TB, v *fwVendor) *fwgw {
 	}
 	lb := &syncBuf{}
 	sink := &testSink{}
-	g, err := New(Options{Dev: true, StateDir: dir, Log: slog.New(slog.NewTextHandler(lb, &slog.HandlerOptions{Level: slog.LevelDebug})),
-		Out: &bytes.Buffer{}, Sink: sink})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	ready := make(chan struct{})
-	g.opts.Ready = func(*Gateway) { close(ready) }
-	r := &running{g: g, cancel: cancel, done: make(chan error, 1)}
-	go func() { r.done <- g.Run(ctx) }()
-	select {
-	case <-ready:
-	case err := <-r.done:
-		t.Fatalf("gateway stopped at start: %v", err)
-	case <-time.After(10 * time.Second):
-		t.Fatal("gateway not ready within 10s")
-	}
+	r := runGateway(t, Options{Dev: true, StateDir: dir, Log: slog.New(slog.NewTextHandler(lb, &slog.HandlerOptions{Level: slog.LevelDebug})),
+		Out: &bytes.Buffer{}, Sink: sink}, 10*time.Second)
 	t.Cleanup(func() {
 		r.cancel()
 		select {

@@ -71,21 +71,30 @@ func start(t *testing.T, dir string, reload chan struct{}) *running {
 		}
 	}
 	out := &bytes.Buffer{}
-	g, err := New(Options{Dev: true, StateDir: dir, Log: discard, Out: out, Reload: reload})
+	r := runGateway(t, Options{Dev: true, StateDir: dir, Log: discard, Out: out, Reload: reload}, 5*time.Second)
+	r.out = out
+	return r
+}
+
+// runGateway starts a gateway with opts and waits until it is ready, at
+// most within.
+func runGateway(t testing.TB, opts Options, within time.Duration) *running {
+	t.Helper()
+	g, err := New(opts)
 	if err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	ready := make(chan struct{})
 	g.opts.Ready = func(*Gateway) { close(ready) }
-	r := &running{g: g, cancel: cancel, done: make(chan error, 1), out: out}
+	r := &running{g: g, cancel: cancel, done: make(chan error, 1)}
 	go func() { r.done <- g.Run(ctx) }()
 	select {
 	case <-ready:
 	case err := <-r.done:
 		t.Fatalf("gateway stopped at start: %v", err)
-	case <-time.After(5 * time.Second):
-		t.Fatal("gateway not ready within 5s")
+	case <-time.After(within):
+		t.Fatalf("gateway not ready within %s", within)
 	}
 	return r
 }

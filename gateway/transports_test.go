@@ -128,23 +128,8 @@ func startTransportsWith(t *testing.T, secretAuth bool) *tgw {
 	lb := &syncBuf{}
 	sink := &testSink{}
 	clock := &offsetClock{}
-	g, err := New(Options{Dev: true, StateDir: dir, Log: slog.New(slog.NewTextHandler(lb, &slog.HandlerOptions{Level: slog.LevelDebug})),
-		Out: &bytes.Buffer{}, Sink: sink, Clock: clock})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	ready := make(chan struct{})
-	g.opts.Ready = func(*Gateway) { close(ready) }
-	r := &running{g: g, cancel: cancel, done: make(chan error, 1)}
-	go func() { r.done <- g.Run(ctx) }()
-	select {
-	case <-ready:
-	case err := <-r.done:
-		t.Fatalf("gateway stopped at start: %v", err)
-	case <-time.After(10 * time.Second):
-		t.Fatal("gateway not ready within 10s")
-	}
+	r := runGateway(t, Options{Dev: true, StateDir: dir, Log: slog.New(slog.NewTextHandler(lb, &slog.HandlerOptions{Level: slog.LevelDebug})),
+		Out: &bytes.Buffer{}, Sink: sink, Clock: clock}, 10*time.Second)
 	tg := &tgw{running: r, log: lb, dir: dir, sink: sink, clock: clock}
 	t.Cleanup(func() {
 		r.stop(t)
