@@ -24,7 +24,7 @@ import (
 // telemetry POST).
 func startLibcoap(b *testing.B, key string) (addr string) {
 	bin := testenv.RequireCommand(b, "coap-server-openssl")
-	port := freePort(b, "udp")
+	port := testenv.FreePort(b, "udp")
 	// libcoap listens for DTLS on port+1.
 	for {
 		c, err := net.ListenPacket("udp", fmt.Sprintf("127.0.0.1:%d", port+1))
@@ -32,7 +32,7 @@ func startLibcoap(b *testing.B, key string) (addr string) {
 			c.Close()
 			break
 		}
-		port = freePort(b, "udp")
+		port = testenv.FreePort(b, "udp")
 	}
 	cmd := exec.Command(bin, "-A", "127.0.0.1", "-p", fmt.Sprint(port), "-k", key, "-v", "0")
 	var out bytes.Buffer

@@ -239,23 +239,6 @@ func (ca *testCA) issue(b *testing.B, cn string, server bool) (certPEM, keyPEM s
 		string(pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kb}))
 }
 
-func freePort(b *testing.B, network string) int {
-	if network == "udp" {
-		c, err := net.ListenPacket("udp", "127.0.0.1:0")
-		if err != nil {
-			b.Fatal(err)
-		}
-		defer c.Close()
-		return c.LocalAddr().(*net.UDPAddr).Port
-	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
 // startMosquitto runs Mosquitto 2 with TLS and require_certificate, as
 // Bastion's MQTT listener is configured.
 func startMosquitto(b *testing.B, ca *testCA) (addr string) {
@@ -265,7 +248,7 @@ func startMosquitto(b *testing.B, ca *testCA) (addr string) {
 	os.WriteFile(filepath.Join(dir, "ca.pem"), []byte(ca.pem), 0o600)
 	os.WriteFile(filepath.Join(dir, "srv.pem"), []byte(sc), 0o600)
 	os.WriteFile(filepath.Join(dir, "srv.key"), []byte(sk), 0o600)
-	port := freePort(b, "tcp")
+	port := testenv.FreePort(b, "tcp")
 	conf := fmt.Sprintf(`listener %d 127.0.0.1
 cafile %s/ca.pem
 certfile %s/srv.pem

@@ -5,7 +5,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -24,6 +23,7 @@ import (
 	"github.com/bastion-iot/bastion/gateway/config"
 	"github.com/bastion-iot/bastion/gateway/control"
 	"github.com/bastion-iot/bastion/internal/devicesim"
+	"github.com/bastion-iot/bastion/internal/testenv"
 	"github.com/bastion-iot/bastion/internal/testutil/mosquitto"
 	"github.com/bastion-iot/bastion/internal/testutil/testpki"
 )
@@ -69,34 +69,14 @@ func binaries(tb testing.TB) (bastiond, bastionctl string) {
 	return filepath.Join(binDir, "bastiond"), filepath.Join(binDir, "bastionctl")
 }
 
-// freePort asks the kernel for a free loopback port, so that a restarted
-// bastiond listens where the devices already point.
-func freePort(tb testing.TB, network string) int {
-	tb.Helper()
-	if network == "udp" {
-		c, err := net.ListenPacket("udp", "127.0.0.1:0")
-		if err != nil {
-			tb.Fatal(err)
-		}
-		defer c.Close()
-		return c.LocalAddr().(*net.UDPAddr).Port
-	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		tb.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
 // gwConfig is a --dev configuration on fixed free loopback ports with the
 // upstream link pointing at broker (CA file, server name and client leaf
 // as given).
 func gwConfig(tb testing.TB, state string, b *mosquitto.Broker, caFile, serverName string, leaf *testpki.Leaf, gatewayID string) config.Config {
 	cfg := config.Dev(state)
-	cfg.CoAP.Listen = fmt.Sprintf("127.0.0.1:%d", freePort(tb, "udp"))
-	cfg.CoAP.PSKListen = fmt.Sprintf("127.0.0.1:%d", freePort(tb, "udp"))
-	cfg.MQTT.Listen = fmt.Sprintf("127.0.0.1:%d", freePort(tb, "tcp"))
+	cfg.CoAP.Listen = fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(tb, "udp"))
+	cfg.CoAP.PSKListen = fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(tb, "udp"))
+	cfg.MQTT.Listen = fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(tb, "tcp"))
 	cfg.Console.Enabled = false
 	cfg.Log.Level = "info"
 	cfg.Upstream.Enabled = true

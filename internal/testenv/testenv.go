@@ -6,6 +6,7 @@
 package testenv
 
 import (
+	"net"
 	"os"
 	"os/exec"
 	"testing"
@@ -38,4 +39,25 @@ func RequireCommand(t testing.TB, name string) string {
 		missing(t, "test needs the command "+name+" (see scripts/packages.d)")
 	}
 	return p
+}
+
+// FreePort asks the kernel for a free loopback port for network ("tcp" or
+// "udp"), for a peer that must be told its port before it starts (or a
+// restarted process that must come back on the same port).
+func FreePort(tb testing.TB, network string) int {
+	tb.Helper()
+	if network == "udp" {
+		c, err := net.ListenPacket("udp", "127.0.0.1:0")
+		if err != nil {
+			tb.Fatalf("find a free udp port: %v", err)
+		}
+		defer c.Close()
+		return c.LocalAddr().(*net.UDPAddr).Port
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		tb.Fatalf("find a free tcp port: %v", err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
 }

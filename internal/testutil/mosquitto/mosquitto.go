@@ -93,7 +93,9 @@ func Start(t testing.TB, o Options) *Broker {
 		conf:    filepath.Join(dir, "mosquitto.conf"),
 	}
 	b.probe = ca.Client(t, name+"-probe")
-	b.Port = freePort(t)
+	// Another process could take the port before mosquitto binds; Start
+	// then fails loudly rather than hangs.
+	b.Port = testenv.FreePort(t, "tcp")
 	b.Addr = net.JoinHostPort("127.0.0.1", strconv.Itoa(b.Port))
 
 	var c strings.Builder
@@ -219,16 +221,4 @@ func (b *Broker) readLog(name string) string {
 		return fmt.Sprintf("(no log: %v)", err)
 	}
 	return string(s)
-}
-
-// freePort asks the kernel for a free loopback port. Another process could
-// take it before mosquitto binds; Start then fails loudly rather than hangs.
-func freePort(t testing.TB) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatalf("mosquitto: find free port: %v", err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
 }
