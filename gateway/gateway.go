@@ -195,9 +195,6 @@ func New(opts Options) (_ *Gateway, err error) {
 		return nil, err
 	}
 	g.wireConsole()
-	if err := g.applyForwardRules(); err != nil {
-		return nil, fmt.Errorf("forwarding rules: %w", err)
-	}
 	if g.ctl, err = newControlServer(g, control.SocketPath(cfg.StateDir)); err != nil {
 		return nil, err
 	}

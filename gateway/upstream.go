@@ -37,7 +37,9 @@ func (g *Gateway) openUpstream(cfg config.Config) error {
 		}
 		return errNoDownlink
 	}
-	g.upstream, err = upstream.New(cfg.Upstream.Config, g.queue, deliver, g.log.With("component", "upstream"), g.metrics.reg)
+	ucfg := cfg.Upstream.Config
+	ucfg.Forward = g.forwardRules(ucfg) // the console's rules come first
+	g.upstream, err = upstream.New(ucfg, g.queue, deliver, g.log.With("component", "upstream"), g.metrics.reg)
 	if err != nil {
 		return err
 	}
