@@ -1,6 +1,8 @@
 package coap
 
 import (
+	"os"
+	"path/filepath"
 	"testing"
 
 	"golang.org/x/net/bpf"
@@ -52,4 +54,41 @@ func TestSniff(t *testing.T) {
 			t.Errorf("sniff(%q) = %q, want %q", pkt, got, want)
 		}
 	}
+}
+
+// FuzzSteering runs the steering program and sniff on arbitrary datagrams
+// (seeded with libcoap's plaintext captures and DTLS record headers): a
+// datagram goes to pion exactly when it starts with a DTLS record type or
+// is empty, and anything sniff calls plaintext CoAP goes to the guard.
+func FuzzSteering(f *testing.F) {
+	files, _ := filepath.Glob("testdata/captures/*.bin")
+	if len(files) == 0 {
+		f.Fatal("no seed captures in testdata/captures")
+	}
+	for _, p := range files {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(b)
+	}
+	f.Add([]byte{22, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0})
+	f.Add([]byte{25, 0xfe, 0xfd})
+	vm, err := bpf.NewVM(dtlsSteering())
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Fuzz(func(t *testing.T, pkt []byte) {
+		got, err := vm.Run(pkt)
+		if err != nil {
+			t.Fatal(err)
+		}
+		wantPion := len(pkt) == 0 || (pkt[0] >= 20 && pkt[0] <= 25)
+		if (got == 0) != wantPion || got > 1 {
+			t.Fatalf("datagram % x went to socket %d", pkt, got)
+		}
+		if sniff(pkt) == "plaintext CoAP" && got != 1 {
+			t.Fatalf("plaintext CoAP % x went to pion", pkt)
+		}
+	})
 }
