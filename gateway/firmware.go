@@ -91,6 +91,7 @@ func (g *Gateway) openFirmware(cfg config.Config) error {
 		MaxCacheBytes: f.MaxCacheBytes,
 		VendorKeys:    keys,
 		Now:           g.clock.Now,
+		StatusStore:   g.store, // devices' update status survives a restart
 	}, firmwareDevices{g}, g.log.With("component", "firmware"))
 	if err != nil {
 		return err

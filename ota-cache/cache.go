@@ -54,6 +54,7 @@ type Cache struct {
 	lastErr  string
 	alarms   map[string]string // key → message, for Status
 	statuses map[string]DeviceStatus
+	sw       *statusWriter // nil without a Config.StatusStore
 	subs     map[int]func(Class)
 	nextSub  int
 	counters Counters
@@ -128,6 +129,13 @@ func New(cfg Config, devices Devices, log *slog.Logger) (*Cache, error) {
 	if err := c.load(); err != nil {
 		c.Close()
 		return nil, err
+	}
+	if cfg.StatusStore != nil {
+		c.sw = newStatusWriter(cfg.StatusStore)
+		if err := c.loadStatuses(); err != nil {
+			c.Close()
+			return nil, fmt.Errorf("ota-cache: load device firmware statuses: %w", err)
+		}
 	}
 	return c, nil
 }
