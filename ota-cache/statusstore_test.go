@@ -171,7 +171,9 @@ func TestStatusReportsAreGroupCommitted(t *testing.T) {
 	deadline := time.Now().Add(10 * time.Second)
 	// ...while the other devices report.
 	for i := 1; i < n; i++ {
-		go func() { errs <- c.ReportStatus(fmt.Sprintf("d%02d", i), DeviceStatus{State: StateVerified, Version: "1.1"}) }()
+		go func() {
+			errs <- c.ReportStatus(fmt.Sprintf("d%02d", i), DeviceStatus{State: StateVerified, Version: "1.1"})
+		}()
 	}
 	for c.sw.queued() != n-1 {
 		if time.Now().After(deadline) {
