@@ -2,6 +2,7 @@ package console
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
@@ -321,7 +322,10 @@ type deviceExport struct {
 	Counters     *DeviceCounters `json:"counters,omitempty"`
 	Certificates []store.Cert    `json:"certificates"`
 	Audit        []store.Event   `json:"audit"`
-	Exported     time.Time       `json:"exported"`
+	// FirmwareStatus is the device's latest firmware update status report
+	// as stored (its "at" is when the status last changed).
+	FirmwareStatus json.RawMessage `json:"firmware_status,omitempty"`
+	Exported       time.Time       `json:"exported"`
 }
 
 func (h *Handler) exportDevice(ctx context.Context, p *principal, id string) (deviceExport, error) {
@@ -339,6 +343,11 @@ func (h *Handler) exportDevice(ctx context.Context, p *principal, id string) (de
 			ex.Certificates = append(ex.Certificates, c)
 		}
 	}
+	fw, err := h.o.Store.FirmwareStatus(id)
+	if err != nil && !errors.Is(err, store.ErrNotFound) {
+		return ex, err
+	}
+	ex.FirmwareStatus = fw
 	var before uint64
 	for range 100 { // at most 100 pages of the audit log
 		es, err := h.o.Store.AuditLog(500, before)
@@ -360,7 +369,7 @@ func (h *Handler) exportDevice(ctx context.Context, p *principal, id string) (de
 }
 
 // eraseDevice revokes the device and deletes what describes it (name,
-// vendor, model, version, last seen). The id and the revoked certificate
+// vendor, model, version, last seen, firmware update status). The id and the revoked certificate
 // serials stay, because forgetting them would let the old credentials in
 // again; the audit log stays as the security record.
 func (h *Handler) eraseDevice(ctx context.Context, p *principal, id string) error {
@@ -377,6 +386,16 @@ func (h *Handler) eraseDevice(ctx context.Context, p *principal, id string) erro
 		*d = store.Device{ID: d.ID, Name: "erased-" + d.ID, Auth: d.Auth, PSKIdentity: d.PSKIdentity, Created: d.Created}
 		return nil
 	})
+	if err != nil {
+		return err
+	}
+	// Its firmware update status goes too; through the cache when there is
+	// one, which holds it in memory as well.
+	if fw := h.c().Firmware; fw != nil {
+		err = fw.ForgetDevice(ctx, id)
+	} else {
+		err = h.o.Store.DeleteFirmwareStatus(id)
+	}
 	if err != nil {
 		return err
 	}
