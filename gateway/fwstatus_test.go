@@ -191,4 +191,3 @@ func withoutAt(m map[string]otacache.DeviceStatus) map[string]otacache.DeviceSta
 	}
 	return out
 }
-
