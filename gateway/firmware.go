@@ -96,6 +96,7 @@ func (g *Gateway) openFirmware(cfg config.Config) error {
 	if err != nil {
 		return err
 	}
+	g.offers = newOfferQueue()
 	g.addStatus("firmware", func() any { return g.firmware.Status() })
 	return nil
 }

@@ -383,6 +383,16 @@ func TestFirmwareThroughTheGateway(t *testing.T) {
 		if rc, err := mq.Subscribe(ctx, topic); err != nil || rc >= 0x80 {
 			t.Fatalf("subscribe %s: rc %#x %v", topic, rc, err)
 		}
+		// On subscribing, the device gets the offer in force (1.1.0).
+		select {
+		case m := <-mqOffers:
+			var o otacache.Offer
+			if err := json.Unmarshal([]byte(m[1]), &o); err != nil || m[0] != topic || o.Version != "1.1.0" || o.Device != ma.ID {
+				t.Errorf("MQTT on subscribe got %s %s (%v), want the 1.1.0 offer for %s", m[0], m[1], err, ma.ID)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("MQTT subscriber got no offer on subscribe within 10s")
+		}
 		imgA2 := tufrepo.Image(7000, 3)
 		shaA2 := v.publish(t, fwClassA, "1.2.0", 2, imgA2)
 		g.check(t)

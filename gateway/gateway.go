@@ -91,6 +91,8 @@ type Gateway struct {
 	ctl        *controlServer
 	fw         *firewall.Firewall
 	firmware   *otacache.Cache
+	// offers is the firmware announcer's work queue (firmware_serve.go).
+	offers *offerQueue
 	// firmwareHTTPS serves images to MQTT devices (firmware_serve.go).
 	firmwareHTTPS *firmwareHTTPS
 	queue         *queue.Queue
@@ -346,6 +348,13 @@ func (g *Gateway) openListeners(cfg config.Config) error {
 			MaxPacketSize: cfg.MQTT.MaxPacketSize, MaxPayload: cfg.CoAP.MaxPayload, Retained: g.store}, sc, id, g.hub, g.log)
 		if err != nil {
 			return err
+		}
+		if g.firmware != nil {
+			// A device that subscribes after an announcement gets the offer
+			// in force (MQTT offers are sent, not retained).
+			if err := g.mqtt.OnSubscribed(g.offerSubscribed); err != nil {
+				return err
+			}
 		}
 	}
 	if err := g.openFirmwareHTTPS(cfg, cert); err != nil {
