@@ -7,13 +7,16 @@ package gateway
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"net"
 	"os/exec"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/eclipse/paho.golang/paho"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/bastion-iot/bastion/bridges"
@@ -184,5 +187,81 @@ func TestFilterMatches(t *testing.T) {
 		if got := filterMatches(f, topic); got != want {
 			t.Errorf("filterMatches(%q, %q) = %v, want %v", f, topic, got, want)
 		}
+	}
+}
+
+// dialPersistent connects as d with MQTT 5, clean start off and a session
+// kept for 5 minutes, so that a reconnection resumes the subscriptions.
+func dialPersistent(t *testing.T, ctx context.Context, addr string, d *devicesim.Device, got chan<- string) *paho.Client {
+	t.Helper()
+	cfg, err := d.TLSConfig(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn, err := (&tls.Dialer{Config: cfg}).DialContext(ctx, "tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := paho.NewClient(paho.ClientConfig{Conn: &lockedNetConn{Conn: conn},
+		OnPublishReceived: []func(paho.PublishReceived) (bool, error){func(pr paho.PublishReceived) (bool, error) {
+			got <- string(pr.Packet.Payload)
+			return true, nil
+		}}})
+	expiry := uint32(300)
+	ca, err := c.Connect(ctx, &paho.Connect{ClientID: d.ID, KeepAlive: 60, CleanStart: false,
+		Properties: &paho.ConnectProperties{SessionExpiryInterval: &expiry}})
+	if err != nil {
+		conn.Close()
+		t.Fatalf("CONNECT: %v %+v", err, ca)
+	}
+	t.Cleanup(func() { conn.Close(); <-c.Done() })
+	return c
+}
+
+// lockedNetConn keeps paho's packet writes whole (see devicesim's lockedConn).
+type lockedNetConn struct {
+	net.Conn
+	sync.Mutex
+}
+
+func TestFirmwareOfferReachesResumedMQTTSession(t *testing.T) {
+	v := newFWVendor(t)
+	v.publish(t, fwClassA, "1.1.0", 1, tufrepo.Image(3000, 1))
+	g := startFirmwareGateway(t, v)
+	d, _ := g.addFWDevice(t, "meter-a", "cert", fwClassA)
+	g.check(t)
+	addr := g.g.Addrs()["mqtts"]
+	ctx := ctxT(t, 30*time.Second)
+	got := make(chan string, 8)
+	expectOffer := func(t *testing.T, when string) {
+		t.Helper()
+		select {
+		case m := <-got:
+			var o otacache.Offer
+			if err := json.Unmarshal([]byte(m), &o); err != nil || o.Device != d.ID || o.Version != "1.1.0" {
+				t.Fatalf("%s: got %q (%v), want the 1.1.0 offer", when, m, err)
+			}
+		case <-time.After(20 * time.Second):
+			t.Fatalf("%s: no offer within 20s", when)
+		}
+	}
+
+	// A persistent session subscribes, gets the offer, and goes away.
+	c := dialPersistent(t, ctx, addr, d, got)
+	if sa, err := c.Subscribe(ctx, &paho.Subscribe{Subscriptions: []paho.SubscribeOptions{{Topic: coap.OfferTopic(d.ID), QoS: 1}}}); err != nil || sa.Reasons[0] >= 0x80 {
+		t.Fatalf("SUBSCRIBE: %v %+v", err, sa)
+	}
+	expectOffer(t, "on subscribe")
+	if err := c.Disconnect(&paho.Disconnect{ReasonCode: 0}); err != nil {
+		t.Fatal(err)
+	}
+
+	// Back on its kept session without subscribing again (a device that
+	// rebooted and trusts its session): nothing was published meanwhile,
+	// so only the gateway's look at the resumed subscriptions sends it.
+	dialPersistent(t, ctx, addr, d, got)
+	expectOffer(t, "on the resumed session")
+	if n := testutil.ToFloat64(g.g.metrics.offers.WithLabelValues("subscribe", "sent")); n != 2 {
+		t.Errorf("offers sent on subscribe = %v, want 2 (subscribe, resume)", n)
 	}
 }
