@@ -52,7 +52,7 @@ func validRole(r string) error {
 
 func checkNewPassword(user, pw string) error {
 	if err := CheckPassword(user, pw); err != nil {
-		return errf(http.StatusBadRequest, "%s", err.Error())
+		return refuse(ReasonWeakPassword, http.StatusBadRequest, "%s", err.Error())
 	}
 	return nil
 }
@@ -111,7 +111,7 @@ func (h *Handler) doLogin(ctx context.Context, w http.ResponseWriter, r *http.Re
 	if err != nil || !ok {
 		h.thr.failLogin(now, user, src)
 		h.audit(ctx, Actor{Name: "anonymous", Remote: src}, "console.login_failed", user, "")
-		return store.Session{}, errf(http.StatusUnauthorized, "wrong user name or password")
+		return store.Session{}, refuse(ReasonBadLogin, http.StatusUnauthorized, "wrong user name or password")
 	}
 	h.thr.reset("u:"+user, "s:"+src)
 	s, err := h.newSession(w, r, u.Name)
@@ -144,7 +144,7 @@ func (h *Handler) doSetup(ctx context.Context, w http.ResponseWriter, r *http.Re
 		if in.Code != "" || !h.consumePresence() {
 			h.thr.fail(now, "setup:"+src, 5)
 			h.audit(ctx, Actor{Name: "anonymous", Remote: src}, "console.setup_refused", user, "wrong setup code")
-			return store.Session{}, errf(http.StatusForbidden, "wrong setup code: use the code bastiond printed on the box's console, or press the button on the box first")
+			return store.Session{}, refuse(ReasonBadCode, http.StatusForbidden, "wrong setup code: use the code bastiond printed on the box's console, or press the button on the box first")
 		}
 		how = "button"
 	}
@@ -180,7 +180,7 @@ func (h *Handler) doRecover(ctx context.Context, r *http.Request, in setupInput)
 		if in.Code != "" || !h.consumePresence() {
 			h.thr.fail(now, "recover:"+src, 5)
 			h.audit(ctx, Actor{Name: "anonymous", Remote: src}, "console.recover_refused", user, "wrong recovery code")
-			return errf(http.StatusForbidden, "wrong or expired recovery code: run `bastionctl console recover` as root on the box, or press the button")
+			return refuse(ReasonBadCode, http.StatusForbidden, "wrong or expired recovery code: run `bastionctl console recover` as root on the box, or press the button")
 		}
 		how = "button"
 	}
@@ -671,7 +671,7 @@ func (h *Handler) changePassword(ctx context.Context, p *principal, in passwordI
 	}
 	if ok, err := h.hash.verify(ctx, u.PasswordHash, in.Current); err != nil || !ok {
 		h.thr.failLogin(h.o.Now(), p.user, p.remote)
-		return errf(http.StatusForbidden, "current password is wrong")
+		return refuse(ReasonBadLogin, http.StatusForbidden, "current password is wrong")
 	}
 	if err := checkNewPassword(p.user, in.New); err != nil {
 		return err
