@@ -265,3 +265,24 @@ func TestFirmwareOfferReachesResumedMQTTSession(t *testing.T) {
 		t.Errorf("offers sent on subscribe = %v, want 2 (subscribe, resume)", n)
 	}
 }
+
+// FuzzFilterMatches: the topic filters a device subscribes with (granted by
+// the broker's ACL, so within its namespace), seeded with the filters the
+// tests' mosquitto_sub and paho clients send.
+func FuzzFilterMatches(f *testing.F) {
+	for _, s := range []string{"devices/d1/c/fw/offer", "devices/d1/c/#", "devices/d1/c/+/offer", "bastion/broadcast/#", "#", "+", "", "/", "devices//c/#"} {
+		f.Add(s, "devices/d1/c/fw/offer")
+	}
+	f.Fuzz(func(t *testing.T, filter, topic string) {
+		got := filterMatches(filter, topic)
+		if !strings.ContainsAny(filter, "+#") && got != (filter == topic) {
+			t.Fatalf("filterMatches(%q, %q) = %v for a filter without wildcards", filter, topic, got)
+		}
+		if filter == "#" && !got {
+			t.Fatalf("%q does not match %q", filter, topic)
+		}
+		if got && !strings.ContainsAny(filter, "#") && strings.Count(filter, "/") != strings.Count(topic, "/") {
+			t.Fatalf("filterMatches(%q, %q): matched a topic of another depth without #", filter, topic)
+		}
+	})
+}
