@@ -249,10 +249,12 @@ func (c *Cache) ReportStatus(device string, st DeviceStatus) error {
 	prev, had := c.statuses[device]
 	c.statuses[device] = st
 	// Only a change is written: a device repeating its report wears no
-	// flash (the stored At is then when the status last changed).
-	if c.sw != nil && (!had || !prev.sameReport(st)) {
+	// flash (the stored At is then when the status last changed). A report
+	// whose write failed is written again with the next one.
+	if c.sw != nil && (!had || !prev.sameReport(st) || c.unsaved[device]) {
 		v, _ := json.Marshal(st)
 		b = c.sw.enqueue(device, v)
+		delete(c.unsaved, device)
 	}
 	c.mu.Unlock()
 	if st.State == StateInstalled {
@@ -261,6 +263,9 @@ func (c *Cache) ReportStatus(device string, st DeviceStatus) error {
 	}
 	if b != nil {
 		if err := c.sw.wait(b); err != nil {
+			c.mu.Lock()
+			c.unsaved[device] = true
+			c.mu.Unlock()
 			return fmt.Errorf("status report from %q taken but %w: %w", device, errStatusNotStored, err)
 		}
 	}

@@ -217,6 +217,20 @@ func TestStatusReportNotStoredIsAnError(t *testing.T) {
 	if !errors.Is(err, errStatusNotStored) || !errors.Is(err, boom) {
 		t.Errorf("report with a failing store: %v, want errStatusNotStored wrapping %v", err, boom)
 	}
+	// The store recovers: the same report again is written this time,
+	// though it says nothing new.
+	st.mu.Lock()
+	st.fail = nil
+	st.mu.Unlock()
+	if err := c.ReportStatus("dev-a", DeviceStatus{State: StateDownloading}); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := st.m["dev-a"]; !ok || st.nBatches() != 1 {
+		t.Errorf("after the store recovered: stored %v, %d writes; want dev-a in 1 write", ok, st.nBatches())
+	}
+	if err := c.ReportStatus("dev-a", DeviceStatus{State: StateDownloading}); err != nil || st.nBatches() != 1 {
+		t.Errorf("then the same again: err %v, %d writes; want 1", err, st.nBatches())
+	}
 }
 
 func (w *statusWriter) queued() int {
