@@ -91,10 +91,12 @@ func (g *Gateway) openFirmware(cfg config.Config) error {
 		MaxCacheBytes: f.MaxCacheBytes,
 		VendorKeys:    keys,
 		Now:           g.clock.Now,
+		StatusStore:   g.store, // devices' update status survives a restart
 	}, firmwareDevices{g}, g.log.With("component", "firmware"))
 	if err != nil {
 		return err
 	}
+	g.offers = newOfferQueue()
 	g.addStatus("firmware", func() any { return g.firmware.Status() })
 	return nil
 }

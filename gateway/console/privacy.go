@@ -43,7 +43,7 @@ var Catalogue = []Datum{
 		Retention: "until the account is deleted; sessions end after 30 min idle or 12 h"},
 	{ID: "firmware.status", What: "firmware update status devices report",
 		Why: "to show which devices are up to date", Where: "stays on the gateway",
-		Retention: "latest report per device", Optional: true},
+		Retention: "latest report per device, kept across restarts (written only when it changes); deleted with the device's data", Optional: true},
 }
 
 func datumByID(id string) (Datum, bool) {
