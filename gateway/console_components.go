@@ -29,6 +29,7 @@ func (g *Gateway) wireConsole() {
 	if g.pairing != nil {
 		c.Pairing = consolePairing{g.pairing}
 	}
+	c.OptOutsChanged = g.applyOptOuts
 	c.RulesChanged = func([]store.ForwardRule) {
 		if err := g.applyForwardRules(); err != nil {
 			g.log.Error("forwarding rules from the console could not be applied to the upstream link", "err", err)
@@ -139,6 +140,10 @@ func (f consoleFirmware) Show(ctx context.Context) (console.Report, error) {
 	}}
 	if st.Frozen {
 		sec.Alarm = "firmware metadata expired or never fetched: no update is offered"
+	}
+	if f.g.optedOut(optOutFwStatus) {
+		sec.Rows = append(sec.Rows, [2]string{"device update status", "not kept: the firmware.status privacy opt-out is on"})
+		return console.Report{Sections: []console.Section{sec}}, nil
 	}
 	var devs [][]string
 	sts := f.g.firmware.DeviceStatuses()

@@ -326,6 +326,7 @@ func (g *Gateway) openListeners(cfg config.Config) error {
 	if g.hub, err = hub.New(sink, g.metrics.reg, g.log); err != nil {
 		return err
 	}
+	g.startOptOuts()
 	// Commands from the cloud reach devices on whichever transport they use.
 	g.setDownlink(g.hub.Deliver)
 	if cfg.CoAP.Enabled {
