@@ -254,20 +254,34 @@ func (g *Gateway) announceOffers(ctx context.Context, classes map[otacache.Class
 
 // sendOffer delivers the device's current offer, if it has one, on its
 // offer topic; trigger (change, subscribe) says why, for the log and
-// bastion_firmware_offers_total.
+// bastion_firmware_offers_total. When a change leaves the device without an
+// offer (freeze alarm, newest image already installed) it sends an empty
+// payload, which means "nothing is offered now" (as an empty /fw/offer
+// does): a device that already holds the old offer hears it is withdrawn,
+// and a plain CoAP GET of the command path no longer returns it. A new
+// subscriber with nothing to be offered gets nothing.
 func (g *Gateway) sendOffer(ctx context.Context, device, trigger string) {
 	o, ok := g.firmware.Offer(device)
-	if !ok {
+	if !ok && trigger != "change" {
 		g.metrics.offers.WithLabelValues(trigger, "none").Inc()
 		return
 	}
-	b, err := json.Marshal(o)
+	var b []byte
+	var err error
+	if ok {
+		b, err = json.Marshal(o)
+	}
 	if err == nil {
 		err = g.hub.Deliver(ctx, bridges.Message{Device: device, Topic: coap.OfferTopic(device), Payload: b, QoS: 1})
 	}
 	if err != nil {
 		g.metrics.offers.WithLabelValues(trigger, "failed").Inc()
 		g.log.Warn("firmware: offer not delivered", "device", device, "trigger", trigger, "err", err)
+		return
+	}
+	if !ok {
+		g.metrics.offers.WithLabelValues(trigger, "withdrawn").Inc()
+		g.log.Info("firmware: no offer in force; withdrawal sent", "device", device, "trigger", trigger)
 		return
 	}
 	g.metrics.offers.WithLabelValues(trigger, "sent").Inc()

@@ -115,19 +115,44 @@ func TestFirmwareOfferReachesLateMQTTSubscriber(t *testing.T) {
 		checkOffer(t, startMosquittoSub(t, g, mb, "mqttv5", "devices/"+mb.ID+"/c/#").wait(t), mb.ID)
 	})
 
-	t.Run("withdrawn offer is not delivered", func(t *testing.T) {
+	t.Run("withdrawn offer is announced as withdrawn and not delivered to a late subscriber", func(t *testing.T) {
 		// ma reports 1.1.0 installed (over MQTT, as a device does): the
 		// offer is withdrawn for it.
+		// The device, subscribed, hears the withdrawal: an empty payload.
 		ctx := ctxT(t, 20*time.Second)
-		mq, err := ma.DialMQTT(ctx, g.g.Addrs()["mqtts"], nil)
+		got := make(chan []byte, 4)
+		withdrawn := testutil.ToFloat64(g.g.metrics.offers.WithLabelValues("change", "withdrawn"))
+		mq, err := ma.DialMQTT(ctx, g.g.Addrs()["mqtts"], func(tp string, p []byte) {
+			if tp == topic {
+				got <- p
+			}
+		})
 		if err != nil {
 			t.Fatal(err)
+		}
+		if rc, err := mq.Subscribe(ctx, topic); err != nil || rc >= 0x80 {
+			t.Fatalf("subscribe: rc %#x %v", rc, err)
+		}
+		select {
+		case p := <-got:
+			checkOffer(t, string(p), ma.ID) // sent on subscribe
+		case <-time.After(20 * time.Second):
+			t.Fatal("no offer on subscribe")
 		}
 		report, _ := json.Marshal(otacache.DeviceStatus{State: otacache.StateInstalled, Version: "1.1.0", SHA256: sha})
 		if rc, err := mq.Publish(ctx, statusTopic(ma.ID), 1, report); err != nil || rc >= 0x80 {
 			t.Fatalf("status report: rc %#x %v", rc, err)
 		}
+		select {
+		case p := <-got:
+			if len(p) != 0 {
+				t.Errorf("after installed the device got %q, want the empty withdrawal", p)
+			}
+		case <-time.After(20 * time.Second):
+			t.Fatal("no withdrawal after installed")
+		}
 		mq.Close()
+		waitOffers(t, g.g, "change", "withdrawn", withdrawn+1)
 		if o, ok := g.g.Firmware().Offer(ma.ID); ok {
 			t.Fatalf("offer still in force after installed: %+v", o)
 		}
