@@ -41,9 +41,11 @@ func (i caIdentity) VerifyCert(raw [][]byte) (string, error) {
 	id, _, err := i.ca.VerifyDevice(raw)
 	return id, err
 }
-func (caIdentity) PSK([]byte) (string, []byte, error) { return "", nil, errors.New("no PSK devices here") }
-func (caIdentity) CheckSecret(string, []byte) error   { return errors.New("no secrets here") }
-func (caIdentity) OnRevoke(func(string))              {}
+func (caIdentity) PSK([]byte) (string, []byte, error) {
+	return "", nil, errors.New("no PSK devices here")
+}
+func (caIdentity) CheckSecret(string, []byte) error { return errors.New("no secrets here") }
+func (caIdentity) OnRevoke(func(string))            {}
 
 type rig struct {
 	s   *Server
