@@ -402,10 +402,10 @@ func (q *Queue) admit(m bridges.Message) (chan error, error) {
 		return nil, fmt.Errorf("queue accept from %s: oldest held message is older than %s: %w", m.Device, q.opts.MaxAge, bridges.ErrQueueFull)
 	}
 	buf := appendMsg(nil, q.nextSeq, &m)
-	if q.diskBytes()+q.batchB+int64(len(buf)) > q.opts.MaxBytes {
+	if held := q.diskBytes() + q.batchB; held+int64(len(buf)) > q.opts.MaxBytes {
 		q.mu.Unlock()
 		q.m.refused.WithLabelValues("bytes").Inc()
-		return nil, fmt.Errorf("queue accept from %s: %d bytes held, limit %d: %w", m.Device, q.diskBytes()+q.batchB, q.opts.MaxBytes, bridges.ErrQueueFull)
+		return nil, fmt.Errorf("queue accept from %s: %d bytes held, limit %d: %w", m.Device, held, q.opts.MaxBytes, bridges.ErrQueueFull)
 	}
 	q.batch = append(q.batch, pending{buf: buf, seq: q.nextSeq, recv: m.Received, done: done})
 	q.batchB += int64(len(buf))
