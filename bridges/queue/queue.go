@@ -533,7 +533,10 @@ func (q *Queue) flush(sync bool) {
 		}
 		q.mu.Unlock()
 		if sync {
-			if err = q.opts.Sync(seg.f); err != nil {
+			t0 := time.Now()
+			err = q.opts.Sync(seg.f)
+			q.m.fsyncSec.Add(time.Since(t0).Seconds())
+			if err != nil {
 				err = fmt.Errorf("queue: fsync %s: %w", seg.path, err)
 				fsyncFailed = true
 			}
