@@ -51,9 +51,8 @@ type Options struct {
 	AckFlushInterval time.Duration
 	// Now is the clock for message ages; default time.Now.
 	Now func() time.Time
-	// Sync makes a written batch durable; default fdatasync (the data and
-	// the metadata needed to read it back, including a new size). Tests
-	// set it to hold or fail the group commit.
+	// Sync makes a written batch durable; default (*os.File).Sync. Tests
+	// set it to hold or fail the group commit's fsync.
 	Sync func(f *os.File) error
 }
 
@@ -77,7 +76,7 @@ func (o *Options) defaults() {
 		o.Now = time.Now
 	}
 	if o.Sync == nil {
-		o.Sync = fdatasync
+		o.Sync = (*os.File).Sync
 	}
 }
 
@@ -204,7 +203,7 @@ func (q *Queue) recover() error {
 			return fmt.Errorf("open queue: read segment %s: %w", name, err)
 		}
 		if len(data) < len(segMagic) || string(data[:len(segMagic)]) != segMagic {
-			if (len(data) <= len(segMagic) && strings.HasPrefix(segMagic, string(data))) || allZero(data) {
+			if len(data) <= len(segMagic) && strings.HasPrefix(segMagic, string(data)) {
 				// Creation torn before its first sync: it never held a message.
 				q.log.Warn("removing segment cut during creation", "segment", name, "bytes", len(data))
 				if err := os.Remove(name); err != nil {
@@ -223,11 +222,6 @@ func (q *Queue) recover() error {
 		off := len(segMagic)
 		for off < len(data) {
 			rec, n, err := decodeRecord(data[off:])
-			if err != nil && allZero(data[off:]) {
-				// The preallocated tail: never written, nothing torn.
-				data = data[:off]
-				break
-			}
 			if err != nil {
 				q.m.cut.Inc()
 				lvl := slog.LevelWarn
@@ -298,19 +292,6 @@ func (q *Queue) newSegment(base uint64) error {
 		f.Close()
 		return fmt.Errorf("queue: sync new segment %s: %w", name, err)
 	}
-	// Allocate the whole segment now (no data is written: the blocks read
-	// as zeros), so that a commit's fdatasync writes the batch and no
-	// allocation (BenchmarkCommitSync: about a third less per commit on
-	// ext4). Best effort: a filesystem without fallocate, or a full disk,
-	// just appends. The magic is durable first, so a crash leaves either
-	// a bare magic or a magic with a zero tail, which recover reads as an
-	// empty segment.
-	if err := syscall.Fallocate(int(f.Fd()), 0, 0, q.opts.SegmentBytes); err != nil {
-		q.log.Debug("queue: segment not preallocated; appending", "segment", name, "err", err)
-	} else if err := f.Sync(); err != nil {
-		f.Close()
-		return fmt.Errorf("queue: sync preallocated segment %s: %w", name, err)
-	}
 	if err := syncDir(q.dir); err != nil {
 		f.Close()
 		return err
@@ -318,24 +299,6 @@ func (q *Queue) newSegment(base uint64) error {
 	q.m.fsyncs.Add(2)
 	q.segs = append(q.segs, &segment{base: base, path: name, f: f, size: int64(len(segMagic))})
 	return nil
-}
-
-func fdatasync(f *os.File) error {
-	if err := syscall.Fdatasync(int(f.Fd())); err != nil {
-		return &os.PathError{Op: "fdatasync", Path: f.Name(), Err: err}
-	}
-	return nil
-}
-
-// allZero reports whether b holds only zero bytes: the unwritten,
-// preallocated tail of a segment.
-func allZero(b []byte) bool {
-	for _, c := range b {
-		if c != 0 {
-			return false
-		}
-	}
-	return true
 }
 
 func syncDir(dir string) error {
