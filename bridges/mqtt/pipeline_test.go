@@ -25,6 +25,7 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/bridges/hub"
 	"github.com/bastion-iot/bastion/bridges/queue"
 	"github.com/bastion-iot/bastion/pki"
@@ -49,6 +50,7 @@ func (caIdentity) OnRevoke(func(string))            {}
 
 type rig struct {
 	s   *Server
+	hub *hub.Hub
 	q   *queue.Queue
 	reg *prometheus.Registry
 	ca  *pki.CA
@@ -127,7 +129,7 @@ func newRig(t *testing.T, opts queue.Options) *rig {
 		}
 		q.Close()
 	})
-	return &rig{s: s, q: q, reg: reg, ca: ca}
+	return &rig{s: s, hub: h, q: q, reg: reg, ca: ca}
 }
 
 // metric returns a counter or gauge from the rig's registry.
@@ -205,6 +207,8 @@ func (d *device) send(pk packets.Packet) {
 		err = pk.PublishEncode(&buf)
 	case packets.Pingreq:
 		err = pk.PingreqEncode(&buf)
+	case packets.Subscribe:
+		err = pk.SubscribeEncode(&buf)
 	default:
 		err = fmt.Errorf("type %d not used here", pk.FixedHeader.Type)
 	}
@@ -248,6 +252,10 @@ func (d *device) readErr(timeout time.Duration) (packets.Packet, error) {
 		err = pk.ConnackDecode(body)
 	case packets.Puback:
 		err = pk.PubackDecode(body)
+	case packets.Suback:
+		err = pk.SubackDecode(body)
+	case packets.Publish:
+		err = pk.PublishDecode(body)
 	case packets.Pingresp:
 	default:
 		err = fmt.Errorf("unexpected packet type %d", pk.FixedHeader.Type)
@@ -518,6 +526,111 @@ func TestOneSessionGroupCommit(t *testing.T) {
 	}
 	if len(ents) != total {
 		t.Errorf("queue holds %d, want %d", len(ents), total)
+	}
+}
+
+// TestPipelineBoundsMessages: an MQTT 3.1.1 device (no receive maximum)
+// pipelining 100 QoS 1 messages while the fsync is held gets exactly
+// maxPipelined of them admitted; the session reads no further until the
+// disk catches up, then all 100 are acknowledged in order.
+func TestPipelineBoundsMessages(t *testing.T) {
+	hs := newHeldSync()
+	r := newRig(t, queue.Options{Sync: hs.sync})
+	released := false
+	defer func() {
+		if !released {
+			hs.release(nil)
+		}
+	}()
+	d := r.dial(t, "dev-4", 4)
+	for i := range 100 {
+		d.publish(uint16(i+1), i)
+	}
+	<-hs.entered
+	pc := r.conn(t, "dev-4")
+	waitFor(t, "the session to reach its bound", func() bool { _, p := pc.heldPackets(); return p == maxPipelined })
+	time.Sleep(100 * time.Millisecond) // a bound that does not hold would admit more meanwhile
+	if _, p := pc.heldPackets(); p != maxPipelined {
+		t.Fatalf("%d messages waiting for the disk, want the bound %d", p, maxPipelined)
+	}
+	if n := r.metric(t, "bastion_transport_messages_total"); n != maxPipelined {
+		t.Fatalf("%v messages admitted while the fsync is held, want the bound %d", n, maxPipelined)
+	}
+	released = true
+	hs.release(nil)
+	if diff := cmp.Diff(successAcks(1, 100), d.readAcks(100)); diff != "" {
+		t.Errorf("PUBACKs (-want +got):\n%s", diff)
+	}
+}
+
+// TestPipelineHoldsCommandsInOrder: commands for the device that the
+// gateway sends while a PUBACK waits for the fsync are held behind it (the
+// device sees the bytes in the order the broker wrote them), the bytes held
+// stay within maxHeldBytes (the broker's writer waits), and all arrive,
+// in order, once the fsync returns.
+func TestPipelineHoldsCommandsInOrder(t *testing.T) {
+	hs := newHeldSync()
+	r := newRig(t, queue.Options{Sync: hs.sync})
+	released := false
+	defer func() {
+		if !released {
+			hs.release(nil)
+		}
+	}()
+	const dev, cmds, size = "dev-5", 20, 4 << 10
+	d := r.dial(t, dev, 5)
+	d.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Subscribe, Qos: 1}, PacketID: 7,
+		Filters: packets.Subscriptions{{Filter: "devices/" + dev + "/c/#"}}})
+	if pk := d.read(5 * time.Second); pk.FixedHeader.Type != packets.Suback || pk.PacketID != 7 {
+		t.Fatalf("SUBACK: got type %d id %d", pk.FixedHeader.Type, pk.PacketID)
+	}
+	d.publish(1, 0)
+	<-hs.entered
+	pc := r.conn(t, dev)
+	waitFor(t, "the PUBACK held", func() bool { n, _ := pc.heldPackets(); return n == 1 })
+	for i := range cmds {
+		payload := bytes.Repeat([]byte{byte('a' + i)}, size)
+		if err := r.hub.Deliver(context.Background(), bridges.Message{Device: dev, Topic: fmt.Sprintf("devices/%s/c/%02d", dev, i), Payload: payload}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	fit := (maxHeldBytes - 4) / (size + 30) // PUBACK, then whole command PUBLISHes
+	waitFor(t, "commands held up to the bound", func() bool { n, _ := pc.heldPackets(); return n >= 1+fit })
+	pc.mu.Lock()
+	held := len(pc.p.held)
+	pc.mu.Unlock()
+	if held > maxHeldBytes {
+		t.Fatalf("%d bytes held, bound %d", held, maxHeldBytes)
+	}
+	if _, err := d.readErr(100 * time.Millisecond); !isTimeout(err) {
+		t.Fatalf("device read while the fsync is held: %v, want nothing", err)
+	}
+	released = true
+	hs.release(nil)
+	type seen struct {
+		Type  byte
+		ID    uint16
+		Topic string
+		First byte
+	}
+	want := []seen{{Type: packets.Puback, ID: 1}}
+	for i := range cmds {
+		want = append(want, seen{Type: packets.Publish, Topic: fmt.Sprintf("devices/%s/c/%02d", dev, i), First: byte('a' + i)})
+	}
+	var got []seen
+	for range want {
+		pk := d.read(10 * time.Second)
+		sn := seen{Type: pk.FixedHeader.Type, Topic: pk.TopicName}
+		if pk.FixedHeader.Type == packets.Puback {
+			sn.ID = pk.PacketID
+		}
+		if len(pk.Payload) > 0 {
+			sn.First = pk.Payload[0]
+		}
+		got = append(got, sn)
+	}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("device saw (-want +got):\n%s", diff)
 	}
 }
 
