@@ -3,7 +3,9 @@
 // segmented append-only log of CRC-checked records.
 //
 // Accept returns only once a QoS 1 message is on disk (written and fsynced;
-// concurrent Accepts share one fsync: group commit). A message leaves the
+// concurrent Accepts share one fsync: group commit); AcceptAsync admits at
+// once and reports the fsync on a channel, so that one caller can have many
+// messages in the same group commit. A message leaves the
 // queue only when the upstream link calls Ack after the broker's PUBACK.
 // Messages are read back in the order they were accepted, so order per device
 // is kept. The queue is bounded by bytes on disk and by the age of the oldest
