@@ -77,6 +77,24 @@ func (c *Config) defaults() {
 	}
 }
 
+// readBufferSize is mochi's per-client bufio.Reader in front of the
+// tls.Conn. crypto/tls already holds the whole decrypted record and returns
+// at most one record per Read, so a larger buffer batches nothing; bodies
+// larger than it are read straight into the packet. 512 bytes hold a
+// typical telemetry PUBLISH; mochi's default (2 KiB) cost 1.5 KiB more per
+// idle session.
+const readBufferSize = 512
+
+// writesPending sizes mochi's per-client outbound queue (a channel of
+// pointers allocated in full when the client connects: 8 bytes a slot).
+// QoS 1 deliveries to a client are bounded by maxInflight before they reach
+// the queue (mochi refuses the next one with quota exceeded), so the queue
+// needs maxInflight slots for them plus room for a burst of QoS 0
+// broadcasts; a QoS 0 packet finding the queue full is dropped, which QoS 0
+// allows. mochi's default (8192) cost 64 KiB per connection and the
+// earlier 4×inflight 2 KiB.
+func writesPending(maxInflight uint16) int32 { return int32(maxInflight) + 32 }
+
 // BroadcastPrefix is the gateway-owned topic tree every device may read.
 const BroadcastPrefix = hub.BroadcastPrefix
 
@@ -107,13 +125,11 @@ func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log 
 	caps.MaximumSessionExpiryInterval = uint32(cfg.SessionExpiry.Seconds())
 	caps.MaximumMessageExpiryInterval = int64(cfg.SessionExpiry.Seconds())
 	caps.SharedSubAvailable = 0
-	// mochi's default (8192 queued packets per client) costs 64 KiB of
-	// channel per connection; an idle-device gateway holds thousands.
-	caps.MaximumClientWritesPending = int32(cfg.MaxInflight) * 4
+	caps.MaximumClientWritesPending = writesPending(cfg.MaxInflight)
 	s.mq = mochi.New(&mochi.Options{
 		Capabilities:             caps,
 		InlineClient:             true,
-		ClientNetReadBufferSize:  2048,
+		ClientNetReadBufferSize:  readBufferSize,
 		ClientNetWriteBufferSize: 2048,
 		Logger:                   s.log.With("lib", "mochi"),
 	})

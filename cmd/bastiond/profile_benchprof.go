@@ -8,6 +8,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"runtime/metrics"
 	"runtime/pprof"
 	"strings"
 	"syscall"
@@ -22,6 +23,9 @@ func init() {
 	if dir == "" {
 		return
 	}
+	// Record every allocation: the default rate (one sample per 512 KiB)
+	// cannot attribute the few KiB an idle session holds.
+	runtime.MemProfileRate = 1
 	ch := make(chan os.Signal, 1)
 	signal.Notify(ch, syscall.SIGUSR1)
 	go func() {
@@ -58,10 +62,30 @@ func writeProfiles(dir string) error {
 	s := fmt.Sprintf("StackInuse after 1..4 GCs %%s\ngoroutines %d\nHeapAlloc %d\nHeapInuse %d\nHeapIdle %d\nHeapReleased %d\nStackInuse %d\nSys %d\nNumGC %d\n",
 		runtime.NumGoroutine(), ms.HeapAlloc, ms.HeapInuse, ms.HeapIdle, ms.HeapReleased, ms.StackInuse, ms.Sys, ms.NumGC)
 	s = fmt.Sprintf(s, strings.Join(shrink, " "))
+	s += memoryClasses()
 	tmp := filepath.Join(dir, "memstats.txt.tmp")
 	if err := os.WriteFile(tmp, []byte(s), 0o600); err != nil {
 		return err
 	}
 	// Renamed last: the benchmark waits for this file.
 	return os.Rename(tmp, filepath.Join(dir, "memstats.txt"))
+}
+
+// memoryClasses returns runtime/metrics' /memory/classes/* (where every
+// byte the runtime mapped goes), one per line.
+func memoryClasses() string {
+	var samples []metrics.Sample
+	for _, d := range metrics.All() {
+		if strings.HasPrefix(d.Name, "/memory/classes/") || d.Name == "/gc/stack/starting-size:bytes" {
+			samples = append(samples, metrics.Sample{Name: d.Name})
+		}
+	}
+	metrics.Read(samples)
+	var b strings.Builder
+	for _, s := range samples {
+		if s.Value.Kind() == metrics.KindUint64 {
+			fmt.Fprintf(&b, "%s %d\n", s.Name, s.Value.Uint64())
+		}
+	}
+	return b.String()
 }
