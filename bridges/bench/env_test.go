@@ -106,6 +106,10 @@ func startBastion(b *testing.B) *bastion {
 	}
 	if v := os.Getenv("BENCH_PROFILE_DIR"); v != "" {
 		cmd.Env = append(cmd.Env, "BASTIOND_PROFILE_DIR="+v)
+		// BENCH_MEMPROFILE_RATE=1: exact heap profile (slow; for IdleRSS).
+		if r := os.Getenv("BENCH_MEMPROFILE_RATE"); r != "" {
+			cmd.Env = append(cmd.Env, "BASTIOND_MEMPROFILE_RATE="+r)
+		}
 	}
 	var errBuf bytes.Buffer
 	cmd.Stderr, cmd.Stdout = &errBuf, &errBuf

@@ -124,7 +124,10 @@ func BenchmarkMQTTvsMosquitto(b *testing.B) {
 				for range b.N {
 					// Alternate who goes first so neither always gets the warm cache.
 					m := mqttLoad(b, mosq, mDevs[:pubs], per, qos)
-					g := mqttLoad(b, bs.addrs["mqtts"], bDevs[:pubs], per, qos)
+					var g result
+					bs.cpuProfile(b, fmt.Sprintf("qos%d-pubs%d", qos, pubs), func() {
+						g = mqttLoad(b, bs.addrs["mqtts"], bDevs[:pubs], per, qos)
+					})
 					b.ReportMetric(g.rate(), "bastion_msg/s")
 					b.ReportMetric(m.rate(), "mosquitto_msg/s")
 					b.ReportMetric(g.rate()/m.rate(), "throughput_ratio")
