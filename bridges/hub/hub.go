@@ -102,7 +102,7 @@ func (h *Hub) Telemetry(ctx context.Context, origin string, m bridges.Message) e
 		t.BytesIn += uint64(len(m.Payload))
 		t.LastSeen = m.Received
 	})
-	h.m.Messages.WithLabelValues(origin, "telemetry").Inc()
+	h.m.telemetryCounter(origin).Inc()
 	h.mirror(origin, m)
 	return nil
 }
