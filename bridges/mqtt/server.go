@@ -312,7 +312,8 @@ func (a *acceptDeadline) context(now time.Time) context.Context {
 	return ctx
 }
 
-// stop releases the current context's timer (the older ones have fired).
+// stop releases the current context's timer; older ones fire on their own
+// within acceptTimeout + 1 s (timers, not goroutines).
 func (a *acceptDeadline) stop() {
 	if d := a.cur.Swap(nil); d != nil {
 		d.cancel()
