@@ -8,7 +8,6 @@ import (
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -27,19 +26,9 @@ import (
 	"github.com/bastion-iot/bastion/pki"
 )
 
-// caIdentity is the gateway's certificate check without its store.
-type caIdentity struct{ ca *pki.CA }
-
-func (c caIdentity) VerifyCert(raw [][]byte) (string, error) {
-	dev, _, err := c.ca.VerifyDevice(raw)
-	return dev, err
-}
-func (caIdentity) PSK([]byte) (string, []byte, error)            { return "", nil, errors.New("no PSKs here") }
-func (caIdentity) CheckSecret(string, []byte) error              { return errors.New("no secrets here") }
-func (caIdentity) OnRevoke(func(string))                         {}
-func (acceptSink) Accept(context.Context, bridges.Message) error { return nil }
-
 type acceptSink struct{}
+
+func (acceptSink) Accept(context.Context, bridges.Message) error { return nil }
 
 // liveBytes returns the live heap and the goroutine stacks after two GCs.
 func liveBytes() (heap, stacks uint64) {
