@@ -19,10 +19,10 @@ import (
 
 	piondtls "github.com/pion/dtls/v3"
 	coapnet "github.com/plgd-dev/go-coap/v3/net"
-	udpclient "github.com/plgd-dev/go-coap/v3/udp/client"
 
 	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/bridges/hub"
+	otacache "github.com/bastion-iot/bastion/ota-cache"
 	"github.com/bastion-iot/bastion/pki"
 )
 
@@ -82,15 +82,15 @@ type Server struct {
 
 	closing  sync.WaitGroup // revocation closes in progress; Run waits
 	mu       sync.Mutex
-	sessions map[*udpclient.Conn]*session
-	byDevice map[string]map[*udpclient.Conn]struct{}
+	sessions map[*otacache.DTLSConn]*session
+	byDevice map[string]map[*otacache.DTLSConn]struct{}
 }
 
 // session is one authenticated DTLS association.
 type session struct {
 	device string
 	mode   string // "cert" or "psk"
-	cc     *udpclient.Conn
+	cc     *otacache.DTLSConn
 	mu     sync.Mutex
 	cancel map[string]func() // observe token → cancel
 	seq    uint32
@@ -101,7 +101,7 @@ type session struct {
 func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log *slog.Logger) (*Server, error) {
 	cfg.defaults()
 	s := &Server{cfg: cfg, id: id, hub: h, m: h.Metrics(), log: log.With("component", "coap"),
-		sessions: map[*udpclient.Conn]*session{}, byDevice: map[string]map[*udpclient.Conn]struct{}{}}
+		sessions: map[*otacache.DTLSConn]*session{}, byDevice: map[string]map[*otacache.DTLSConn]struct{}{}}
 	verify := func(raw [][]byte, _ [][]*x509.Certificate) error {
 		dev, err := id.VerifyCert(raw)
 		if err != nil {
@@ -187,7 +187,7 @@ func addrOrNone(l *limitListener) string {
 
 // onNewConn runs after a successful handshake: it learns the device from
 // the DTLS state and registers the session for revocation.
-func (s *Server) onNewConn(cc *udpclient.Conn) {
+func (s *Server) onNewConn(cc *otacache.DTLSConn) {
 	dc := dtlsConnOf(cc.NetConn())
 	if dc == nil {
 		cc.Close()
@@ -218,7 +218,7 @@ func (s *Server) onNewConn(cc *udpclient.Conn) {
 	s.mu.Lock()
 	s.sessions[cc] = se
 	if s.byDevice[dev] == nil {
-		s.byDevice[dev] = map[*udpclient.Conn]struct{}{}
+		s.byDevice[dev] = map[*otacache.DTLSConn]struct{}{}
 	}
 	s.byDevice[dev][cc] = struct{}{}
 	s.mu.Unlock()
@@ -243,13 +243,13 @@ func (s *Server) onNewConn(cc *udpclient.Conn) {
 	})
 }
 
-func (s *Server) sessionOf(cc *udpclient.Conn) *session {
+func (s *Server) sessionOf(cc *otacache.DTLSConn) *session {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.sessions[cc]
 }
 
-func (s *Server) deviceOf(cc *udpclient.Conn) string {
+func (s *Server) deviceOf(cc *otacache.DTLSConn) string {
 	if se := s.sessionOf(cc); se != nil {
 		return se.device
 	}
@@ -261,7 +261,7 @@ func (s *Server) deviceOf(cc *udpclient.Conn) string {
 // goroutine, which ends as soon as the sessions are closed.
 func (s *Server) revoke(device string) {
 	s.mu.Lock()
-	var ccs []*udpclient.Conn
+	var ccs []*otacache.DTLSConn
 	for cc := range s.byDevice[device] {
 		ccs = append(ccs, cc)
 	}
