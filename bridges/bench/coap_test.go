@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"net"
+	"os"
 	"os/exec"
 	"sync"
 	"syscall"
@@ -130,6 +131,18 @@ func handshakes(b *testing.B, addr string, d *devicesim.Device, n, conc int) flo
 	return float64(n) / time.Since(start).Seconds()
 }
 
+// cpuProfile starts or ends (every other call) a CPU profile of a
+// BENCH_PROFILE_DIR bastiond: cpu-1.pprof, cpu-2.pprof ... in that
+// directory, one per measured Bastion phase.
+func (bs *bastion) cpuProfile(b *testing.B) {
+	if os.Getenv("BENCH_PROFILE_DIR") == "" {
+		return
+	}
+	if err := bs.cmd.Process.Signal(syscall.SIGUSR2); err != nil {
+		b.Fatal(err)
+	}
+}
+
 // BenchmarkCoAPvsLibcoap: CoAP over DTLS 1.2 with PSK, Bastion against
 // libcoap's coap-server-openssl in the same run, the same client (pion/dtls
 // + go-coap) for both. Request/response: confirmable POST /t/bench on
@@ -165,7 +178,9 @@ func BenchmarkCoAPvsLibcoap(b *testing.B) {
 			per := 4000 / sessions
 			for range b.N {
 				l := coapLoad(b, lc, lDevs[:sessions], per, lDo)
+				bs.cpuProfile(b)
 				g := coapLoad(b, bs.addrs["coaps_psk"], bDevs[:sessions], per, bDo)
+				bs.cpuProfile(b)
 				b.ReportMetric(g.rate(), "bastion_req/s")
 				b.ReportMetric(l.rate(), "libcoap_req/s")
 				b.ReportMetric(g.rate()/l.rate(), "throughput_ratio")
@@ -178,7 +193,9 @@ func BenchmarkCoAPvsLibcoap(b *testing.B) {
 	b.Run("handshakes", func(b *testing.B) {
 		for range b.N {
 			l := handshakes(b, lc, lDevs[0], 500, 4)
+			bs.cpuProfile(b)
 			g := handshakes(b, bs.addrs["coaps_psk"], bDevs[0], 500, 4)
+			bs.cpuProfile(b)
 			b.ReportMetric(g, "bastion_hs/s")
 			b.ReportMetric(l, "libcoap_hs/s")
 			b.ReportMetric(g/l, "ratio")

@@ -15,18 +15,39 @@ import (
 
 // Only in binaries built with -tags benchprof (bridges/bench builds one when
 // BENCH_PROFILE_DIR is set): on SIGUSR1 write heap and goroutine profiles
-// and the runtime's memory statistics to $BASTIOND_PROFILE_DIR. Nothing is
-// reachable over the network; the production binary has none of this.
+// and the runtime's memory statistics to $BASTIOND_PROFILE_DIR; SIGUSR2
+// starts a CPU profile (cpu-N.pprof there) and the next SIGUSR2 ends it.
+// Nothing is reachable over the network; the production binary has none of
+// this.
 func init() {
 	dir := os.Getenv("BASTIOND_PROFILE_DIR")
 	if dir == "" {
 		return
 	}
 	ch := make(chan os.Signal, 1)
-	signal.Notify(ch, syscall.SIGUSR1)
+	signal.Notify(ch, syscall.SIGUSR1, syscall.SIGUSR2)
 	go func() {
-		for range ch {
-			if err := writeProfiles(dir); err != nil {
+		var cpu *os.File
+		n := 0
+		for sig := range ch {
+			var err error
+			switch {
+			case sig == syscall.SIGUSR1:
+				err = writeProfiles(dir)
+			case cpu == nil:
+				n++
+				if cpu, err = os.Create(filepath.Join(dir, fmt.Sprintf("cpu-%d.pprof", n))); err == nil {
+					if err = pprof.StartCPUProfile(cpu); err != nil {
+						cpu.Close()
+						cpu = nil
+					}
+				}
+			default:
+				pprof.StopCPUProfile()
+				err = cpu.Close()
+				cpu = nil
+			}
+			if err != nil {
 				fmt.Fprintf(os.Stderr, "bastiond: profiles: %v\n", err)
 			}
 		}
