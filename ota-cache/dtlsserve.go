@@ -208,6 +208,7 @@ type DTLSConn struct {
 	closeOnce sync.Once
 	mu        sync.Mutex
 	onClose   []func()
+	value     atomic.Value
 
 	// Block1 reassembly, touched only by the reading goroutine.
 	b1Key  string
@@ -231,6 +232,18 @@ func (c *DTLSConn) Close() error {
 	var err error
 	c.closeOnce.Do(func() { err = c.nc.Close() })
 	return err
+}
+
+// SetValue keeps v with the session (typically set in OnNewConn: who the
+// peer is), so handlers need no lookup per request.
+func (c *DTLSConn) SetValue(v any) { c.value.Store(&v) }
+
+// Value is what SetValue kept, or nil.
+func (c *DTLSConn) Value() any {
+	if p, ok := c.value.Load().(*any); ok {
+		return *p
+	}
+	return nil
 }
 
 // AddOnClose registers f to run once the session has ended.
@@ -302,7 +315,24 @@ func (w *DTLSResponseWriter) Message() *pool.Message { return w.msg }
 // SetMessage replaces the answer.
 func (w *DTLSResponseWriter) SetMessage(m *pool.Message) { w.msg, w.set = m, true }
 
-var msgPool = pool.New(1024, 2048)
+// msgs recycles request and answer messages. Not go-coap's pool.Pool: its
+// count of pooled messages does not learn that a GC emptied the sync.Pool
+// beneath it, so after a few GCs it stops taking messages back and every
+// request allocates two new ones (seen in the firmware benchmark's profile).
+var msgs = sync.Pool{New: func() any { return pool.NewMessage(context.Background()) }}
+
+func acquireMessage(ctx context.Context) *pool.Message {
+	m := msgs.Get().(*pool.Message)
+	m.Reset()
+	m.SetContext(ctx)
+	return m
+}
+
+func releaseMessage(m *pool.Message) {
+	m.SetContext(context.Background())
+	m.Reset()
+	msgs.Put(m)
+}
 
 // blockBufs hold one block of a response body while it is encoded.
 var blockBufs = sync.Pool{New: func() any { b := make([]byte, 1024); return &b }}
@@ -382,8 +412,8 @@ func isBufferTooSmall(err error) bool {
 // handleDatagram answers one decrypted CoAP message.
 func (c *DTLSConn) handleDatagram(data []byte) {
 	cfg := c.srv.cfg
-	req := msgPool.AcquireMessage(c.ctx)
-	defer msgPool.ReleaseMessage(req)
+	req := acquireMessage(c.ctx)
+	defer releaseMessage(req)
 	if _, err := req.UnmarshalWithDecoder(coder.DefaultCoder, data); err != nil {
 		// RFC 7252 §4.2: a malformed CON whose header we can read is
 		// rejected with RST; anything else is silently ignored.
@@ -412,8 +442,8 @@ func (c *DTLSConn) handleDatagram(data []byte) {
 		}
 		return
 	}
-	w := &DTLSResponseWriter{conn: c, msg: msgPool.AcquireMessage(c.ctx)}
-	defer func() { msgPool.ReleaseMessage(w.msg) }()
+	w := &DTLSResponseWriter{conn: c, msg: acquireMessage(c.ctx)}
+	defer func() { releaseMessage(w.msg) }()
 	if v, err := req.GetOptionUint32(message.NoResponse); err == nil {
 		w.noRe = &v
 	}

@@ -44,8 +44,21 @@ var testPSKs = map[string]string{"dev-a": "secret-key-of-dev-a", "dev-b": "secre
 
 // pskIdentity is how a gateway learns who is on a DTLS session: the PSK
 // identity the handshake authenticated.
+// ServeDTLS's OnNewConn learns it once per session (as bridges/coap does)
+// and keeps it with SetValue.
 func pskIdentity(w *DTLSResponseWriter) (string, bool) {
-	dc, ok := w.Session().NetConn().(*piondtls.Conn)
+	id, ok := w.Session().Value().(string)
+	return id, ok
+}
+
+func learnIdentity(c *DTLSConn) {
+	if id, ok := sessionIdentity(c.NetConn()); ok {
+		c.SetValue(id)
+	}
+}
+
+func sessionIdentity(nc net.Conn) (string, bool) {
+	dc, ok := nc.(*piondtls.Conn)
 	if !ok {
 		return "", false
 	}
@@ -104,7 +117,7 @@ func startCoAPSWith(t testing.TB, c *Cache, addr string, psk func(id string) ([]
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		_ = ServeDTLS(ctx, l, DTLSServeConfig{Handler: h, HandshakeTimeout: 30 * time.Second})
+		_ = ServeDTLS(ctx, l, DTLSServeConfig{Handler: h, OnNewConn: learnIdentity, HandshakeTimeout: 30 * time.Second})
 	}()
 	t.Cleanup(func() { cancel(); l.Close(); wg.Wait() })
 	return l.Addr().String()

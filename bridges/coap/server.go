@@ -215,6 +215,7 @@ func (s *Server) onNewConn(cc *otacache.DTLSConn) {
 		return
 	}
 	se := &session{device: dev, mode: mode, cc: cc, cancel: map[string]func(){}, enroll: s.classify(dev, st)}
+	cc.SetValue(se)
 	s.mu.Lock()
 	s.sessions[cc] = se
 	if s.byDevice[dev] == nil {
@@ -243,10 +244,11 @@ func (s *Server) onNewConn(cc *otacache.DTLSConn) {
 	})
 }
 
+// sessionOf is the session onNewConn bound to cc, nil if none was (the
+// device was refused after the handshake).
 func (s *Server) sessionOf(cc *otacache.DTLSConn) *session {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.sessions[cc]
+	se, _ := cc.Value().(*session)
+	return se
 }
 
 func (s *Server) deviceOf(cc *otacache.DTLSConn) string {
