@@ -376,10 +376,18 @@ func (s *dtlsServer) serveConn(ctx context.Context, rw net.Conn) {
 		cfg.OnNewConn(c)
 	}
 	buf := make([]byte, cfg.ReadBufferSize)
+	// pion's SetReadDeadline makes a new timer on every call, so the
+	// deadline is moved only when it is step stale: a session is closed
+	// between IdleTimeout and IdleTimeout+step after its last datagram.
+	step := min(time.Second, cfg.IdleTimeout/8)
+	var deadline time.Time
 	for {
-		if err := rw.SetReadDeadline(time.Now().Add(cfg.IdleTimeout)); err != nil {
-			cfg.Errors(fmt.Errorf("%v: set read deadline: %w", rw.RemoteAddr(), err))
-			return
+		if now := time.Now(); deadline.Sub(now) < cfg.IdleTimeout {
+			deadline = now.Add(cfg.IdleTimeout + step)
+			if err := rw.SetReadDeadline(deadline); err != nil {
+				cfg.Errors(fmt.Errorf("%v: set read deadline: %w", rw.RemoteAddr(), err))
+				return
+			}
 		}
 		n, err := rw.Read(buf)
 		if err != nil {

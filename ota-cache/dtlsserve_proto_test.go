@@ -314,3 +314,72 @@ func TestServeDTLSLibcoapBlock1(t *testing.T) {
 		t.Errorf("handler bodies (-want +got):\n%s", diff)
 	}
 }
+
+// TestServeDTLSIdleTimeout: a session that sends nothing for IdleTimeout
+// is closed (OnIdle, then the AddOnClose functions run); one that keeps
+// sending is not.
+func TestServeDTLSIdleTimeout(t *testing.T) {
+	l, err := coapnet.NewDTLSListener("udp", "127.0.0.1:0", pskConfig(func(id string) ([]byte, bool) {
+		k, ok := testPSKs[id]
+		return []byte(k), ok
+	}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	const idle = 400 * time.Millisecond
+	idled := make(chan time.Time, 4)
+	closed := make(chan struct{}, 4)
+	h := func(w *DTLSResponseWriter, r *pool.Message) {
+		_ = w.SetResponse(codes.Content, message.TextPlain, strings.NewReader("ok"))
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_ = ServeDTLS(ctx, l, DTLSServeConfig{Handler: h, IdleTimeout: idle,
+			OnIdle:    func(*DTLSConn) { idled <- time.Now() },
+			OnNewConn: func(c *DTLSConn) { c.AddOnClose(func() { closed <- struct{}{} }) }})
+	}()
+	defer func() { cancel(); <-done }()
+
+	get := func(d *rawDevice, mid int32) {
+		t.Helper()
+		d.send(message.Message{Type: message.Confirmable, Code: codes.GET, MessageID: mid, Token: []byte("i"), Options: pathOpts("x")})
+		if m := d.recv(); m.Code != codes.Content {
+			t.Fatalf("answer %v, want 2.05", m.Code)
+		}
+	}
+	// Busy: a request every idle/4 for 3 idle periods keeps the session.
+	busy := dialRaw(t, l.Addr().String())
+	tk := time.NewTicker(idle / 4)
+	for i := range 12 {
+		get(busy, int32(100+i))
+		<-tk.C
+	}
+	tk.Stop()
+	select {
+	case at := <-idled:
+		t.Fatalf("busy session closed as idle at %v", at)
+	default:
+	}
+	// Silent from now on: closed after idle (and at most idle + 1/8).
+	last := time.Now()
+	get(busy, 200)
+	select {
+	case at := <-idled:
+		if gap := at.Sub(last); gap < idle || gap > 3*idle {
+			t.Errorf("closed %v after the last request, want about %v", gap, idle)
+		}
+	case <-time.After(10 * idle):
+		t.Fatal("idle session not closed")
+	}
+	select {
+	case <-closed:
+	case <-time.After(5 * time.Second):
+		t.Fatal("AddOnClose functions did not run after the idle close")
+	}
+	busy.dc.SetReadDeadline(time.Now().Add(2 * time.Second))
+	if _, err := busy.dc.Read(make([]byte, 64)); err == nil {
+		t.Error("idle-closed session still delivers data")
+	}
+}
