@@ -129,10 +129,10 @@ func BenchmarkGatewayFirmwareMemory(b *testing.B) {
 
 	// The same cache behind go-coap's stock dtls.Server.
 	id := g.g.identity()
-	l, err := coapnet.NewDTLSListener("udp", "127.0.0.1:0", pki.DTLSPSKServer(func(hint []byte) ([]byte, error) {
+	l, err := coapnet.NewDTLSListener("udp", "127.0.0.1:0", coapnet.NewDTLSServerOptions(pki.DTLSPSKServer(func(hint []byte) ([]byte, error) {
 		_, k, err := id.PSK(hint)
 		return k, err
-	}))
+	})...))
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -335,6 +335,44 @@ func foreignDeviceCert(t *testing.T, id string, validity time.Duration) (certPEM
 		string(pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kb}))
 }
 
+// TestPlaintextCoAPOnDTLSPortsRefused sends libcoap's plain coap:// to both
+// DTLS ports: each datagram is refused with a log line naming what it was
+// and counted, nothing answers it, and DTLS on the same ports still works.
+func TestPlaintextCoAPOnDTLSPortsRefused(t *testing.T) {
+	cc := testenv.RequireCommand(t, "coap-client-openssl")
+	g := startTransports(t)
+	d := g.addDevice(t, "kettle", "psk")
+	for _, port := range []string{"coaps", "coaps_psk"} {
+		before := g.refusals(hub.CoAP, hub.ReasonPlaintext)
+		u := "coap://" + g.g.Addrs()[port] + "/t/plain"
+		out, err := exec.CommandContext(ctxT(t, 20*time.Second), cc, "-m", "post", "-e", "1", "-B", "2", u).CombinedOutput()
+		if err == nil && strings.Contains(string(out), "2.0") {
+			t.Errorf("%s: plaintext POST was answered:\n%s", port, out)
+		}
+		g.waitLog(t, "plaintext on a DTLS port", `saw="plaintext CoAP"`, "listen="+g.g.Addrs()[port])
+		if got := g.refusals(hub.CoAP, hub.ReasonPlaintext); got <= before {
+			t.Errorf("%s: plaintext datagrams not counted (refusals %v → %v)", port, before, got)
+		}
+	}
+	// Raw garbage too, and DTLS on the PSK port is unaffected.
+	before := g.refusals(hub.CoAP, hub.ReasonPlaintext)
+	c, err := net.Dial("udp", g.g.Addrs()["coaps_psk"])
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Write([]byte{0xde, 0xad, 0xbe, 0xef, 0x00})
+	c.Close()
+	g.waitLog(t, "plaintext on a DTLS port", `saw="not DTLS"`, "listen="+g.g.Addrs()["coaps_psk"])
+	if g.refusals(hub.CoAP, hub.ReasonPlaintext) != before+1 {
+		t.Error("non-DTLS datagram not counted once")
+	}
+	co, err := d.DialCoAP(ctxT(t, 10*time.Second), g.coapAddr(d))
+	if err != nil {
+		t.Fatalf("DTLS next to the guard: %v", err)
+	}
+	co.Close()
+}
+
 func TestMosquittoClientsWithCertificates(t *testing.T) {
 	pub := testenv.RequireCommand(t, "mosquitto_pub")
 	sub := testenv.RequireCommand(t, "mosquitto_sub")

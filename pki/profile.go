@@ -64,35 +64,36 @@ var (
 	}
 )
 
-// DTLSCertServer returns the DTLS 1.2 config for certificate devices:
-// ECDSA suites, client certificate required and verified by verify,
-// extended master secret required, HelloVerifyRequest cookies on, and
-// connection IDs offered.
-func DTLSCertServer(sc *ServerCert, verify func(rawCerts [][]byte, _ [][]*x509.Certificate) error) *dtls.Config {
-	return &dtls.Config{
-		CipherSuites: DTLSCertSuites,
-		GetCertificate: func(*dtls.ClientHelloInfo) (*tls.Certificate, error) {
+// DTLSCertServer returns the DTLS 1.2 server options for certificate
+// devices: ECDSA suites, client certificate required and verified by
+// verify, extended master secret required, HelloVerifyRequest cookies on,
+// and connection IDs offered. Options, not a *dtls.Config, so a caller can
+// add socket options (dtls.WithListenConfig) the Config cannot carry.
+func DTLSCertServer(sc *ServerCert, verify func(rawCerts [][]byte, _ [][]*x509.Certificate) error) []dtls.ServerOption {
+	return []dtls.ServerOption{
+		dtls.WithCipherSuites(DTLSCertSuites...),
+		dtls.WithGetCertificate(func(*dtls.ClientHelloInfo) (*tls.Certificate, error) {
 			return sc.GetCertificate(nil)
-		},
-		ClientAuth:            dtls.RequireAnyClientCert,
-		VerifyPeerCertificate: verify,
-		ExtendedMasterSecret:  dtls.RequireExtendedMasterSecret,
-		ConnectionIDGenerator: dtls.RandomCIDGenerator(8),
-		LoggerFactory:         newSharedDTLSLogs(),
+		}),
+		dtls.WithClientAuth(dtls.RequireAnyClientCert),
+		dtls.WithVerifyPeerCertificate(verify),
+		dtls.WithExtendedMasterSecret(dtls.RequireExtendedMasterSecret),
+		dtls.WithConnectionIDGenerator(dtls.RandomCIDGenerator(8)),
+		dtls.WithLoggerFactory(newSharedDTLSLogs()),
 	}
 }
 
-// DTLSPSKServer returns the DTLS 1.2 config for PSK devices. psk maps the
-// identity the device sends to its key, or an error for an unknown or
-// revoked identity.
-func DTLSPSKServer(psk func(identity []byte) ([]byte, error)) *dtls.Config {
-	return &dtls.Config{
-		CipherSuites:          DTLSPSKSuites,
-		PSK:                   psk,
-		PSKIdentityHint:       []byte("bastion"),
-		ExtendedMasterSecret:  dtls.RequireExtendedMasterSecret,
-		ConnectionIDGenerator: dtls.RandomCIDGenerator(8),
-		LoggerFactory:         newSharedDTLSLogs(),
+// DTLSPSKServer returns the DTLS 1.2 server options for PSK devices. psk
+// maps the identity the device sends to its key, or an error for an unknown
+// or revoked identity.
+func DTLSPSKServer(psk func(identity []byte) ([]byte, error)) []dtls.ServerOption {
+	return []dtls.ServerOption{
+		dtls.WithCipherSuites(DTLSPSKSuites...),
+		dtls.WithPSK(psk),
+		dtls.WithPSKIdentityHint([]byte("bastion")),
+		dtls.WithExtendedMasterSecret(dtls.RequireExtendedMasterSecret),
+		dtls.WithConnectionIDGenerator(dtls.RandomCIDGenerator(8)),
+		dtls.WithLoggerFactory(newSharedDTLSLogs()),
 	}
 }
 

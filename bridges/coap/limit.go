@@ -21,6 +21,14 @@ type limitListener struct {
 	s     *Server
 	mu    sync.Mutex
 	inFly map[string]int
+	guard *plaintextGuard
+}
+
+// Close closes the DTLS listener and its plaintext guard.
+func (l *limitListener) Close() error {
+	err := l.DTLSListener.Close()
+	l.guard.close()
+	return err
 }
 
 func (s *Server) limit(ln *coapnet.DTLSListener) *limitListener {

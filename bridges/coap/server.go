@@ -102,6 +102,7 @@ func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log 
 	cfg.defaults()
 	s := &Server{cfg: cfg, id: id, hub: h, m: h.Metrics(), log: log.With("component", "coap"),
 		sessions: map[*otacache.DTLSConn]*session{}, byDevice: map[string]map[*otacache.DTLSConn]struct{}{}}
+	var err error
 	verify := func(raw [][]byte, _ [][]*x509.Certificate) error {
 		dev, err := id.VerifyCert(raw)
 		if err != nil {
@@ -114,11 +115,10 @@ func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log 
 		}
 		return err
 	}
-	ln, err := coapnet.NewDTLSListener("udp", cfg.Listen, pki.DTLSCertServer(cert, verify))
+	s.lnC, err = s.listen(cfg.Listen, pki.DTLSCertServer(cert, verify))
 	if err != nil {
-		return nil, fmt.Errorf("coap: listen udp %s: %w", cfg.Listen, err)
+		return nil, err
 	}
-	s.lnC = s.limit(ln)
 	if cfg.PSKListen != "" {
 		psk := func(identity []byte) ([]byte, error) {
 			dev, key, err := id.PSK(identity)
@@ -132,15 +132,31 @@ func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log 
 			}
 			return key, err
 		}
-		ln, err := coapnet.NewDTLSListener("udp", cfg.PSKListen, pki.DTLSPSKServer(psk))
+		s.lnP, err = s.listen(cfg.PSKListen, pki.DTLSPSKServer(psk))
 		if err != nil {
 			s.lnC.Close()
-			return nil, fmt.Errorf("coap: listen udp %s: %w", cfg.PSKListen, err)
+			return nil, err
 		}
-		s.lnP = s.limit(ln)
 	}
 	id.OnRevoke(s.revoke)
 	return s, nil
+}
+
+// listen binds one DTLS listener and the plaintext guard next to it.
+func (s *Server) listen(addr string, opts []piondtls.ServerOption) (*limitListener, error) {
+	g := newPlaintextGuard(s.log, s.m)
+	opts = append(opts, piondtls.WithListenConfig(g.listenConfig()))
+	ln, err := coapnet.NewDTLSListener("udp", addr, coapnet.NewDTLSServerOptions(opts...))
+	if err != nil {
+		return nil, fmt.Errorf("coap: listen udp %s: %w", addr, err)
+	}
+	if err := g.open(ln.Addr()); err != nil {
+		ln.Close()
+		return nil, err
+	}
+	l := s.limit(ln)
+	l.guard = g
+	return l, nil
 }
 
 // Addrs returns the bound addresses (certificate, PSK).
@@ -159,6 +175,7 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	errc := make(chan error, len(lns))
 	for _, ln := range lns {
+		ln.guard.start()
 		// otacache.ServeDTLS, not dtls.NewServer: go-coap's server keeps
 		// every response (one per firmware block) for 247 s.
 		go func() { errc <- s.serve(ctx, ln) }()
