@@ -25,8 +25,10 @@ func (c *recordConn) Write(b []byte) (int, error) {
 	c.out = append(c.out, append([]byte(nil), b...))
 	return len(b), nil
 }
-func (c *recordConn) RemoteAddr() net.Addr { return &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 5684} }
-func (c *recordConn) Close() error         { return nil }
+func (c *recordConn) RemoteAddr() net.Addr {
+	return &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 5684}
+}
+func (c *recordConn) Close() error { return nil }
 
 // FuzzServeDatagram feeds decrypted datagrams from a device to the CoAP
 // layer of ServeDTLS (decode, dedup, Block1 reassembly, Block2 cutting):
