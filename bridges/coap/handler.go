@@ -246,9 +246,12 @@ func (se *session) observe(s *Server, token message.Token, topic string) uint32 
 	cancel := s.hub.Observe(se.device, topic, func(m bridges.Message) { se.notify(s, tok, m) })
 	se.mu.Lock()
 	defer se.mu.Unlock()
-	if se.cancel == nil { // session already closed
+	if se.closed {
 		cancel()
 		return 0
+	}
+	if se.cancel == nil {
+		se.cancel = map[string]func(){}
 	}
 	if old, ok := se.cancel[key]; ok {
 		old()

@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"slices"
 	"sync"
 	"time"
 
@@ -82,8 +83,10 @@ type Server struct {
 
 	closing  sync.WaitGroup // revocation closes in progress; Run waits
 	mu       sync.Mutex
-	sessions map[*otacache.DTLSConn]*session
-	byDevice map[string]map[*otacache.DTLSConn]struct{}
+	nSession int
+	// byDevice: most devices have one session, so a slice (not a map)
+	// per device keeps an idle session's bookkeeping small.
+	byDevice map[string][]*otacache.DTLSConn
 }
 
 // session is one authenticated DTLS association.
@@ -92,7 +95,8 @@ type session struct {
 	mode   string // "cert" or "psk"
 	cc     *otacache.DTLSConn
 	mu     sync.Mutex
-	cancel map[string]func() // observe token → cancel
+	cancel map[string]func() // observe token → cancel; made on first use
+	closed bool
 	seq    uint32
 	enroll enrollInfo // what the session may reach (enroll.go)
 }
@@ -101,7 +105,7 @@ type session struct {
 func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log *slog.Logger) (*Server, error) {
 	cfg.defaults()
 	s := &Server{cfg: cfg, id: id, hub: h, m: h.Metrics(), log: log.With("component", "coap"),
-		sessions: map[*otacache.DTLSConn]*session{}, byDevice: map[string]map[*otacache.DTLSConn]struct{}{}}
+		byDevice: map[string][]*otacache.DTLSConn{}}
 	var err error
 	verify := func(raw [][]byte, _ [][]*x509.Certificate) error {
 		dev, err := id.VerifyCert(raw)
@@ -231,31 +235,29 @@ func (s *Server) onNewConn(cc *otacache.DTLSConn) {
 		cc.Close()
 		return
 	}
-	se := &session{device: dev, mode: mode, cc: cc, cancel: map[string]func(){}, enroll: s.classify(dev, st)}
+	se := &session{device: dev, mode: mode, cc: cc, enroll: s.classify(dev, st)}
 	cc.SetValue(se)
 	s.mu.Lock()
-	s.sessions[cc] = se
-	if s.byDevice[dev] == nil {
-		s.byDevice[dev] = map[*otacache.DTLSConn]struct{}{}
-	}
-	s.byDevice[dev][cc] = struct{}{}
+	s.nSession++
+	s.byDevice[dev] = append(s.byDevice[dev], cc)
 	s.mu.Unlock()
 	s.m.Sessions.WithLabelValues(hub.CoAP).Inc()
 	s.m.Handshakes.WithLabelValues(hub.CoAP, "ok").Inc()
 	s.log.Debug("coap: device session open", "device", dev, "mode", mode, "remote", cc.RemoteAddr())
 	cc.AddOnClose(func() {
 		s.mu.Lock()
-		delete(s.sessions, cc)
-		delete(s.byDevice[dev], cc)
-		if len(s.byDevice[dev]) == 0 {
+		s.nSession--
+		if l := slices.DeleteFunc(s.byDevice[dev], func(c *otacache.DTLSConn) bool { return c == cc }); len(l) == 0 {
 			delete(s.byDevice, dev)
+		} else {
+			s.byDevice[dev] = l
 		}
 		s.mu.Unlock()
 		se.mu.Lock()
 		for _, c := range se.cancel {
 			c()
 		}
-		se.cancel = nil
+		se.cancel, se.closed = nil, true
 		se.mu.Unlock()
 		s.m.Sessions.WithLabelValues(hub.CoAP).Dec()
 	})
@@ -281,7 +283,7 @@ func (s *Server) deviceOf(cc *otacache.DTLSConn) string {
 func (s *Server) revoke(device string) {
 	s.mu.Lock()
 	var ccs []*otacache.DTLSConn
-	for cc := range s.byDevice[device] {
+	for _, cc := range s.byDevice[device] {
 		ccs = append(ccs, cc)
 	}
 	s.mu.Unlock()
@@ -303,7 +305,7 @@ func (s *Server) revoke(device string) {
 func (s *Server) SessionCount() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return len(s.sessions)
+	return s.nSession
 }
 
 // Sessions returns how many sessions device has open now.
