@@ -104,8 +104,8 @@ func (s *Server) serveOffer(w *otacache.DTLSResponseWriter, m *pool.Message, se 
 	}
 }
 
-// serve runs one listener's accept loop with a bounded response cache per
-// session (otacache.ServeDTLS).
+// serve runs one listener's sessions (otacache.ServeDTLS: one goroutine
+// per session, answered inline, bounded response cache).
 func (s *Server) serve(ctx context.Context, ln *limitListener) error {
 	return otacache.ServeDTLS(ctx, ln, otacache.DTLSServeConfig{
 		Handler: s.serveCoAP,

@@ -179,7 +179,8 @@ func (s *Server) command(device, path string, r request) response {
 	return res
 }
 
-// serveCoAP is the go-coap handler: identity from the session, then route.
+// serveCoAP answers one request (otacache.ServeDTLS calls it on the
+// session's goroutine): identity from the session, then route.
 func (s *Server) serveCoAP(w *otacache.DTLSResponseWriter, m *pool.Message) {
 	se := s.sessionOf(w.Session())
 	if se == nil {

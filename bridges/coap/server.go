@@ -180,8 +180,8 @@ func (s *Server) Run(ctx context.Context) error {
 	errc := make(chan error, len(lns))
 	for _, ln := range lns {
 		ln.guard.start()
-		// otacache.ServeDTLS, not dtls.NewServer: go-coap's server keeps
-		// every response (one per firmware block) for 247 s.
+		// otacache.ServeDTLS: one goroutine of ours per session, answers
+		// inline, bounded response cache (ota-cache/README.md).
 		go func() { errc <- s.serve(ctx, ln) }()
 	}
 	s.log.Info("coap: listening", "cert", s.lnC.Addr(), "psk", addrOrNone(s.lnP))
