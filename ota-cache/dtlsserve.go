@@ -12,6 +12,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	piondtls "github.com/pion/dtls/v3"
 	"github.com/plgd-dev/go-coap/v3/message"
 	"github.com/plgd-dev/go-coap/v3/message/codes"
 	"github.com/plgd-dev/go-coap/v3/message/noresponse"
@@ -398,8 +399,11 @@ func (s *dtlsServer) serveConn(ctx context.Context, rw net.Conn) {
 				}
 				return
 			}
-			if isBufferTooSmall(err) {
-				cfg.Errors(fmt.Errorf("%v: datagram larger than %d bytes dropped: %w", rw.RemoteAddr(), cfg.ReadBufferSize, err))
+			var te *piondtls.TemporaryError
+			if errors.As(err, &te) {
+				// The record was consumed and the session is intact (a
+				// datagram larger than the buffer, a stray record type).
+				cfg.Errors(fmt.Errorf("%v: record dropped (read buffer %d bytes): %w", rw.RemoteAddr(), cfg.ReadBufferSize, err))
 				continue
 			}
 			if ctx.Err() == nil && !errors.Is(err, net.ErrClosed) && !errors.Is(err, io.EOF) {
@@ -409,12 +413,6 @@ func (s *dtlsServer) serveConn(ctx context.Context, rw net.Conn) {
 		}
 		c.handleDatagram(buf[:n])
 	}
-}
-
-// isBufferTooSmall matches pion/dtls's errBufferTooSmall (not exported):
-// the record was consumed, the session is intact.
-func isBufferTooSmall(err error) bool {
-	return strings.Contains(err.Error(), "buffer is too small")
 }
 
 // handleDatagram answers one decrypted CoAP message.
