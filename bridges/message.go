@@ -35,6 +35,23 @@ type Sink interface {
 	Accept(ctx context.Context, m Message) error
 }
 
+// AsyncSink is a Sink that can admit a message without waiting for it to
+// be durable, so that a transport can read a device's next message while the
+// disk catches up and acknowledge each one later, in order (per-session
+// pipelining). Accept keeps its meaning.
+type AsyncSink interface {
+	Sink
+	// AcceptAsync makes every decision Accept makes before it would wait
+	// (ErrQueueFull, too large, refused) and returns without waiting for
+	// the disk. A nil channel means the message is already as accepted as
+	// a nil from Accept says (QoS 0, or kept local by a privacy rule).
+	// Otherwise exactly one value arrives on it: nil once the message is
+	// held as safely as Accept promises, or the error Accept would have
+	// returned. The device may be acknowledged only after that nil. ctx
+	// bounds the admission only.
+	AcceptAsync(ctx context.Context, m Message) (durable <-chan error, err error)
+}
+
 // ErrQueueFull is returned by a Sink that cannot take more messages. The
 // transport refuses the message to the device (MQTT 0x97 quota exceeded,
 // CoAP 5.03 with Max-Age) instead of dropping it.

@@ -3,6 +3,8 @@ package gateway
 import (
 	"context"
 	"fmt"
+	"maps"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -27,6 +29,7 @@ func (g *Gateway) wireConsole() {
 	if g.pairing != nil {
 		c.Pairing = consolePairing{g.pairing}
 	}
+	c.OptOutsChanged = g.applyOptOuts
 	c.RulesChanged = func([]store.ForwardRule) {
 		if err := g.applyForwardRules(); err != nil {
 			g.log.Error("forwarding rules from the console could not be applied to the upstream link", "err", err)
@@ -138,17 +141,28 @@ func (f consoleFirmware) Show(ctx context.Context) (console.Report, error) {
 	if st.Frozen {
 		sec.Alarm = "firmware metadata expired or never fetched: no update is offered"
 	}
-	var devs [][]string
-	for id, s := range f.g.firmware.DeviceStatuses() {
-		devs = append(devs, []string{id, fmt.Sprintf("%+v", s)})
+	if f.g.optedOut(optOutFwStatus) {
+		sec.Rows = append(sec.Rows, [2]string{"device update status", "not kept: the firmware.status privacy opt-out is on"})
+		return console.Report{Sections: []console.Section{sec}}, nil
 	}
-	return console.Report{Sections: []console.Section{sec, {Title: "Device update status", Header: []string{"device", "status"}, Table: devs}}}, nil
+	var devs [][]string
+	sts := f.g.firmware.DeviceStatuses()
+	for _, id := range slices.Sorted(maps.Keys(sts)) {
+		s := sts[id]
+		devs = append(devs, []string{id, s.State, s.Version, s.SHA256, s.Detail, s.At.UTC().Format(time.RFC3339)})
+	}
+	return console.Report{Sections: []console.Section{sec, {Title: "Device update status (latest report; kept across restarts)",
+		Header: []string{"device", "state", "version", "sha256", "detail", "reported"}, Table: devs}}}, nil
 }
 
 func (f consoleFirmware) CheckNow(ctx context.Context, who console.Actor) error {
 	err := f.g.firmware.Check(ctx)
 	f.g.devices.audit(Actor{Name: who.Name, Remote: who.Remote}, "firmware.check", "", errString(err))
 	return err
+}
+
+func (f consoleFirmware) ForgetDevice(ctx context.Context, device string) error {
+	return f.g.firmware.ForgetDevice(device)
 }
 
 // consoleTraffic gives the device page its counters (since start, in memory).

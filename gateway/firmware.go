@@ -91,10 +91,12 @@ func (g *Gateway) openFirmware(cfg config.Config) error {
 		MaxCacheBytes: f.MaxCacheBytes,
 		VendorKeys:    keys,
 		Now:           g.clock.Now,
+		StatusStore:   fwStatusStore{g}, // survives a restart unless opted out
 	}, firmwareDevices{g}, g.log.With("component", "firmware"))
 	if err != nil {
 		return err
 	}
+	g.offers = newOfferQueue()
 	g.addStatus("firmware", func() any { return g.firmware.Status() })
 	return nil
 }
@@ -105,7 +107,11 @@ func (g *Gateway) controlFirmware(mux *http.ServeMux) {
 			writeErr(w, fmt.Errorf("%w: the firmware cache is off (firmware.enabled: false)", ErrBadRequest))
 			return
 		}
-		writeJSON(w, http.StatusOK, map[string]any{"status": g.firmware.Status(), "devices": g.firmware.DeviceStatuses()})
+		devs := g.firmware.DeviceStatuses()
+		if g.optedOut(optOutFwStatus) {
+			devs = nil // not shown: the firmware.status privacy opt-out is on
+		}
+		writeJSON(w, http.StatusOK, map[string]any{"status": g.firmware.Status(), "devices": devs})
 	})
 	mux.HandleFunc("POST /v1/firmware/check", func(w http.ResponseWriter, r *http.Request) {
 		if g.firmware == nil {

@@ -8,8 +8,11 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
+	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -72,8 +75,8 @@ func (g *Gateway) openFirmwareHTTPS(cfg config.Config, cert func(name, listen st
 	}
 	mux := http.NewServeMux()
 	mux.Handle("/fw/", g.firmware.HTTPHandler(identify))
-	// The current offer for an MQTT device that connects after the last
-	// announcement (MQTT offers are not retained): GET only, as /fw/.
+	// The current offer, for an MQTT device that would rather ask than
+	// subscribe (a subscriber gets it on subscribe too): GET only, as /fw/.
 	mux.HandleFunc("/fw/offer", func(w http.ResponseWriter, r *http.Request) {
 		if r.Method != http.MethodGet {
 			w.Header().Set("Allow", http.MethodGet)
@@ -138,27 +141,78 @@ func (g *Gateway) FirmwareHTTPSAddr() net.Addr {
 	return g.firmwareHTTPS.Addr()
 }
 
+// offerQueue is the announcer's work: classes whose offer changed (told by
+// the cache) and devices that just subscribed to their offer topic over
+// MQTT (told by the broker). Producers record and return; they never block.
+type offerQueue struct {
+	mu      sync.Mutex
+	classes map[otacache.Class]bool
+	devices map[string]bool
+	wake    chan struct{}
+}
+
+func newOfferQueue() *offerQueue {
+	return &offerQueue{classes: map[otacache.Class]bool{}, devices: map[string]bool{}, wake: make(chan struct{}, 1)}
+}
+
+func (q *offerQueue) add(cl *otacache.Class, device string) {
+	q.mu.Lock()
+	if cl != nil {
+		q.classes[*cl] = true
+	}
+	if device != "" {
+		q.devices[device] = true
+	}
+	q.mu.Unlock()
+	select {
+	case q.wake <- struct{}{}:
+	default:
+	}
+}
+
+func (q *offerQueue) take() (map[otacache.Class]bool, map[string]bool) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	cls, devs := q.classes, q.devices
+	q.classes, q.devices = map[otacache.Class]bool{}, map[string]bool{}
+	return cls, devs
+}
+
+// offerSubscribed is the MQTT broker telling the gateway that a device now
+// holds filter. A device that subscribes to its offer topic after the last
+// announcement (it was offline, it rebooted) gets the offer in force now,
+// and nothing if there is none (withdrawn, frozen metadata, already
+// installed): the offer is computed at that moment, never replayed.
+func (g *Gateway) offerSubscribed(device, filter string) {
+	if filterMatches(filter, coap.OfferTopic(device)) {
+		g.offers.add(nil, device)
+	}
+}
+
+// filterMatches reports whether the MQTT topic filter f matches topic t
+// ("+" is one level, a trailing "#" any number including none).
+func filterMatches(f, t string) bool {
+	fs, ts := strings.Split(f, "/"), strings.Split(t, "/")
+	for i, seg := range fs {
+		if seg == "#" {
+			return i == len(fs)-1
+		}
+		if i >= len(ts) || (seg != "+" && seg != ts[i]) {
+			return false
+		}
+	}
+	return len(fs) == len(ts)
+}
+
 // runFirmwareAnnounce pushes each device's offer to its offer topic
 // (devices/{id}/c/fw/offer: CoAP observers of /fw/offer and MQTT
-// subscribers) whenever the cache says a class's offer changed, and takes
-// MQTT status reports on devices/{id}/s/fw.
+// subscribers) whenever the cache says a class's offer changed, sends the
+// current offer to a device that subscribes to that topic over MQTT, and
+// takes MQTT status reports on devices/{id}/s/fw.
 func (g *Gateway) runFirmwareAnnounce(ctx context.Context) error {
-	var (
-		mu      sync.Mutex
-		pending = map[otacache.Class]bool{}
-		wake    = make(chan struct{}, 1)
-	)
 	// Subscribe's callback runs on the checking goroutine and must not
 	// block: it only records the class.
-	cancel := g.firmware.Subscribe(func(cl otacache.Class) {
-		mu.Lock()
-		pending[cl] = true
-		mu.Unlock()
-		select {
-		case wake <- struct{}{}:
-		default:
-		}
-	})
+	cancel := g.firmware.Subscribe(func(cl otacache.Class) { g.offers.add(&cl, "") })
 	defer cancel()
 	// Status reports arrive as device telemetry on devices/{id}/s/fw; the
 	// hub passes them on while the device still waits for its PUBACK, so a
@@ -168,13 +222,15 @@ func (g *Gateway) runFirmwareAnnounce(ctx context.Context) error {
 		select {
 		case <-ctx.Done():
 			return nil
-		case <-wake:
+		case <-g.offers.wake:
 		}
-		mu.Lock()
-		classes := pending
-		pending = map[otacache.Class]bool{}
-		mu.Unlock()
-		g.announceOffers(ctx, classes)
+		classes, devices := g.offers.take()
+		if len(classes) > 0 {
+			g.announceOffers(ctx, classes)
+		}
+		for _, d := range slices.Sorted(maps.Keys(devices)) {
+			g.sendOffer(ctx, d, "subscribe")
+		}
 	}
 }
 
@@ -192,20 +248,44 @@ func (g *Gateway) announceOffers(ctx context.Context, classes map[otacache.Class
 		if d.Revoked || !classes[otacache.Class{Vendor: d.Vendor, Model: d.Model}] {
 			continue
 		}
-		o, ok := g.firmware.Offer(d.ID)
-		if !ok {
-			continue
-		}
-		b, err := json.Marshal(o)
-		if err != nil {
-			continue
-		}
-		if err := g.hub.Deliver(ctx, bridges.Message{Device: d.ID, Topic: coap.OfferTopic(d.ID), Payload: b, QoS: 1}); err != nil {
-			g.log.Warn("firmware: offer not delivered", "device", d.ID, "err", err)
-			continue
-		}
-		g.log.Info("firmware: offer announced", "device", d.ID, "version", o.Version, "sha256", o.SHA256)
+		g.sendOffer(ctx, d.ID, "change")
 	}
+}
+
+// sendOffer delivers the device's current offer, if it has one, on its
+// offer topic; trigger (change, subscribe) says why, for the log and
+// bastion_firmware_offers_total. When a change leaves the device without an
+// offer (freeze alarm, newest image already installed) it sends an empty
+// payload, which means "nothing is offered now" (as an empty /fw/offer
+// does): a device that already holds the old offer hears it is withdrawn,
+// and a plain CoAP GET of the command path no longer returns it. A new
+// subscriber with nothing to be offered gets nothing.
+func (g *Gateway) sendOffer(ctx context.Context, device, trigger string) {
+	o, ok := g.firmware.Offer(device)
+	if !ok && trigger != "change" {
+		g.metrics.offers.WithLabelValues(trigger, "none").Inc()
+		return
+	}
+	var b []byte
+	var err error
+	if ok {
+		b, err = json.Marshal(o)
+	}
+	if err == nil {
+		err = g.hub.Deliver(ctx, bridges.Message{Device: device, Topic: coap.OfferTopic(device), Payload: b, QoS: 1})
+	}
+	if err != nil {
+		g.metrics.offers.WithLabelValues(trigger, "failed").Inc()
+		g.log.Warn("firmware: offer not delivered", "device", device, "trigger", trigger, "err", err)
+		return
+	}
+	if !ok {
+		g.metrics.offers.WithLabelValues(trigger, "withdrawn").Inc()
+		g.log.Info("firmware: no offer in force; withdrawal sent", "device", device, "trigger", trigger)
+		return
+	}
+	g.metrics.offers.WithLabelValues(trigger, "sent").Inc()
+	g.log.Info("firmware: offer announced", "device", device, "trigger", trigger, "version", o.Version, "sha256", o.SHA256)
 }
 
 // firmwareStatusMirror takes a status report a device published on its

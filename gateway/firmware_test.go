@@ -24,6 +24,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -63,13 +64,21 @@ func (v *fwVendor) publish(t testing.TB, cl otacache.Class, version string, seq 
 type fwgw struct {
 	*tgw
 	ctl *control.Client
+	// stop stops the gateway (once; the test's cleanup calls it too).
+	stop func()
 }
 
 // startFirmwareGateway starts a dev gateway with the firmware cache on,
 // trusting v's repository, every listener on a free loopback port.
 func startFirmwareGateway(t testing.TB, v *fwVendor) *fwgw {
 	t.Helper()
-	dir := filepath.Join(t.TempDir(), "state")
+	return startFirmwareGatewayIn(t, v, filepath.Join(t.TempDir(), "state"))
+}
+
+// startFirmwareGatewayIn is startFirmwareGateway on the state directory
+// dir: a second call after stop is a restart with the same state.
+func startFirmwareGatewayIn(t testing.TB, v *fwVendor, dir string) *fwgw {
+	t.Helper()
 	os.MkdirAll(dir, 0o700)
 	cfg := testConfig(dir)
 	cfg.Firmware.Enabled = true
@@ -88,21 +97,25 @@ func startFirmwareGateway(t testing.TB, v *fwVendor) *fwgw {
 	sink := &testSink{}
 	r := runGateway(t, Options{Dev: true, StateDir: dir, Log: slog.New(slog.NewTextHandler(lb, &slog.HandlerOptions{Level: slog.LevelDebug})),
 		Out: &bytes.Buffer{}, Sink: sink}, 10*time.Second)
-	t.Cleanup(func() {
-		r.cancel()
-		select {
-		case err := <-r.done:
-			if err != nil {
-				t.Errorf("Run returned %v after cancel, want nil", err)
+	var once sync.Once
+	stop := func() {
+		once.Do(func() {
+			r.cancel()
+			select {
+			case err := <-r.done:
+				if err != nil {
+					t.Errorf("Run returned %v after cancel, want nil", err)
+				}
+			case <-time.After(10 * time.Second):
+				t.Error("gateway did not stop within 10s")
 			}
-		case <-time.After(10 * time.Second):
-			t.Error("gateway did not stop within 10s")
-		}
-		if t.Failed() {
-			t.Logf("gateway log:\n%s", lb.String())
-		}
-	})
-	return &fwgw{tgw: &tgw{running: r, log: lb, dir: dir, sink: sink}, ctl: control.New(control.SocketPath(dir))}
+			if t.Failed() {
+				t.Logf("gateway log:\n%s", lb.String())
+			}
+		})
+	}
+	t.Cleanup(stop)
+	return &fwgw{tgw: &tgw{running: r, log: lb, dir: dir, sink: sink}, ctl: control.New(control.SocketPath(dir)), stop: stop}
 }
 
 // addFWDevice enrolls a device of class cl through the control API.
@@ -369,6 +382,16 @@ func TestFirmwareThroughTheGateway(t *testing.T) {
 		topic := "devices/" + ma.ID + "/c/fw/offer"
 		if rc, err := mq.Subscribe(ctx, topic); err != nil || rc >= 0x80 {
 			t.Fatalf("subscribe %s: rc %#x %v", topic, rc, err)
+		}
+		// On subscribing, the device gets the offer in force (1.1.0).
+		select {
+		case m := <-mqOffers:
+			var o otacache.Offer
+			if err := json.Unmarshal([]byte(m[1]), &o); err != nil || m[0] != topic || o.Version != "1.1.0" || o.Device != ma.ID {
+				t.Errorf("MQTT on subscribe got %s %s (%v), want the 1.1.0 offer for %s", m[0], m[1], err, ma.ID)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("MQTT subscriber got no offer on subscribe within 10s")
 		}
 		imgA2 := tufrepo.Image(7000, 3)
 		shaA2 := v.publish(t, fwClassA, "1.2.0", 2, imgA2)

@@ -91,6 +91,8 @@ type Gateway struct {
 	ctl        *controlServer
 	fw         *firewall.Firewall
 	firmware   *otacache.Cache
+	// offers is the firmware announcer's work queue (firmware_serve.go).
+	offers *offerQueue
 	// firmwareHTTPS serves images to MQTT devices (firmware_serve.go).
 	firmwareHTTPS *firmwareHTTPS
 	queue         *queue.Queue
@@ -324,6 +326,7 @@ func (g *Gateway) openListeners(cfg config.Config) error {
 	if g.hub, err = hub.New(sink, g.metrics.reg, g.log); err != nil {
 		return err
 	}
+	g.startOptOuts()
 	// Commands from the cloud reach devices on whichever transport they use.
 	g.setDownlink(g.hub.Deliver)
 	if cfg.CoAP.Enabled {
@@ -347,6 +350,13 @@ func (g *Gateway) openListeners(cfg config.Config) error {
 		if err != nil {
 			return err
 		}
+		if g.firmware != nil {
+			// A device that subscribes after an announcement gets the offer
+			// in force (MQTT offers are sent, not retained).
+			if err := g.mqtt.OnSubscribed(g.offerSubscribed); err != nil {
+				return err
+			}
+		}
 	}
 	if err := g.openFirmwareHTTPS(cfg, cert); err != nil {
 		return err
@@ -366,7 +376,7 @@ func (g *Gateway) openListeners(cfg config.Config) error {
 		if err != nil {
 			return err
 		}
-		g.consoleHandler, err = console.NewHandler(console.Options{Store: g.store, Gateway: consoleBackend{g}, Log: g.log})
+		g.consoleHandler, err = console.NewHandler(console.Options{Store: g.store, Gateway: consoleBackend{g}, Log: g.log, Metrics: g.metrics.reg})
 		if err != nil {
 			return err
 		}

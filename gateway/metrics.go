@@ -14,6 +14,11 @@ type metrics struct {
 	reloads      *prometheus.CounterVec
 	devices      prometheus.GaugeFunc
 	clockSane    prometheus.Gauge
+	// offers counts firmware offers the gateway computed for a device, by
+	// trigger (change: the class's offer changed; subscribe: the device
+	// subscribed to its offer topic over MQTT) and result (sent, none,
+	// failed).
+	offers *prometheus.CounterVec
 }
 
 func newMetrics(deviceCount func() float64) *metrics {
@@ -36,8 +41,12 @@ func newMetrics(deviceCount func() float64) *metrics {
 			Name: "bastion_clock_sane",
 			Help: "1 when the wall clock is plausible and certificates can be judged.",
 		}),
+		offers: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "bastion_firmware_offers_total",
+			Help: "Firmware offers computed for a device, by trigger (change, subscribe) and result (sent, none, failed).",
+		}, []string{"trigger", "result"}),
 	}
-	reg.MustRegister(m.authFailures, m.reloads, m.devices, m.clockSane,
+	reg.MustRegister(m.authFailures, m.reloads, m.devices, m.clockSane, m.offers,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

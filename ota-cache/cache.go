@@ -54,6 +54,8 @@ type Cache struct {
 	lastErr  string
 	alarms   map[string]string // key → message, for Status
 	statuses map[string]DeviceStatus
+	sw       *statusWriter   // nil without a Config.StatusStore
+	unsaved  map[string]bool // devices whose last status write failed
 	subs     map[int]func(Class)
 	nextSub  int
 	counters Counters
@@ -118,7 +120,7 @@ func New(cfg Config, devices Devices, log *slog.Logger) (*Cache, error) {
 	c := &Cache{
 		cfg: cfg, devices: devices, log: log.With("component", "ota-cache"),
 		images: map[string]*image{}, current: map[Class]*image{},
-		alarms: map[string]string{}, statuses: map[string]DeviceStatus{}, subs: map[int]func(Class){},
+		alarms: map[string]string{}, statuses: map[string]DeviceStatus{}, unsaved: map[string]bool{}, subs: map[int]func(Class){},
 	}
 	for _, d := range []string{cfg.StateDir, c.metaDir(), c.imageDir()} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
@@ -128,6 +130,13 @@ func New(cfg Config, devices Devices, log *slog.Logger) (*Cache, error) {
 	if err := c.load(); err != nil {
 		c.Close()
 		return nil, err
+	}
+	if cfg.StatusStore != nil {
+		c.sw = newStatusWriter(cfg.StatusStore)
+		if err := c.loadStatuses(); err != nil {
+			c.Close()
+			return nil, fmt.Errorf("ota-cache: load device firmware statuses: %w", err)
+		}
 	}
 	return c, nil
 }

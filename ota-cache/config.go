@@ -49,6 +49,10 @@ type Config struct {
 	EvictGrace time.Duration
 	// Now is the clock (default time.Now); tests move it to judge expiry.
 	Now func() time.Time
+	// StatusStore, if set, keeps devices' latest status reports across
+	// restarts (written only when a device's status changes, in batches).
+	// Nil keeps them in memory only.
+	StatusStore StatusStore
 }
 
 func (c *Config) setDefaults() {

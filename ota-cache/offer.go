@@ -245,7 +245,8 @@ func (st DeviceStatus) validate() error {
 
 // ReportStatus records a device's update status for the console. An
 // "installed" report raises the version the device is considered to run,
-// so the same image is not offered again.
+// so the same image is not offered again. With a Config.StatusStore it
+// returns once a changed status is stored.
 func (c *Cache) ReportStatus(device string, st DeviceStatus) error {
 	if _, ok := c.devices.Device(device); !ok {
 		return fmt.Errorf("status report from %q: device not enrolled", device)
@@ -254,12 +255,30 @@ func (c *Cache) ReportStatus(device string, st DeviceStatus) error {
 		return fmt.Errorf("status report from %q: %w", device, err)
 	}
 	st.At = c.cfg.Now()
+	var b *statusBatch
 	c.mu.Lock()
+	prev, had := c.statuses[device]
 	c.statuses[device] = st
+	// Only a change is written: a device repeating its report wears no
+	// flash (the stored At is then when the status last changed). A report
+	// whose write failed is written again with the next one.
+	if c.sw != nil && (!had || !prev.sameReport(st) || c.unsaved[device]) {
+		v, _ := json.Marshal(st)
+		b = c.sw.enqueue(device, v)
+		delete(c.unsaved, device)
+	}
 	c.mu.Unlock()
 	if st.State == StateInstalled {
 		info, _ := c.devices.Device(device)
 		c.notify([]Class{info.Class})
+	}
+	if b != nil {
+		if err := c.sw.wait(b); err != nil {
+			c.mu.Lock()
+			c.unsaved[device] = true
+			c.mu.Unlock()
+			return fmt.Errorf("status report from %q taken but %w: %w", device, errStatusNotStored, err)
+		}
 	}
 	return nil
 }

@@ -151,6 +151,11 @@ func (c *Cache) ServeCoAPStatus(w mux.ResponseWriter, r *mux.Message, device str
 	if err == nil {
 		err = c.ReportStatus(device, st)
 	}
+	if errors.Is(err, errStatusNotStored) {
+		c.log.Error("status report not stored", "device", device, "err", err)
+		_ = w.SetResponse(codes.InternalServerError, message.TextPlain, strings.NewReader("status report not stored on the gateway; retry later"))
+		return
+	}
 	if err != nil {
 		c.log.Info("status report refused", "device", device, "reason", err)
 		_ = w.SetResponse(codes.BadRequest, message.TextPlain, strings.NewReader(err.Error()))

@@ -84,18 +84,42 @@ func (h *Hub) AddMirror(origin string, fn func(bridges.Message)) {
 // transport may then acknowledge the device; bridges.ErrQueueFull is passed
 // through for the transport to refuse the message.
 func (h *Hub) Telemetry(ctx context.Context, origin string, m bridges.Message) error {
+	_, err := h.telemetry(origin, m, func(m bridges.Message) (<-chan error, error) {
+		return nil, h.sink.Accept(ctx, m)
+	})
+	return err
+}
+
+// TelemetryAsync is Telemetry for a transport that acknowledges later
+// (MQTT's per-session pipelining): it returns once the Sink has admitted m,
+// with the Sink's durability channel (bridges.AsyncSink). A nil channel
+// means m is already accepted; otherwise the transport may acknowledge the
+// device only after a nil arrives on it. Refusals (bridges.ErrQueueFull...)
+// are returned at once, exactly as from Telemetry. A Sink without
+// AcceptAsync is waited for here, as Telemetry does.
+func (h *Hub) TelemetryAsync(ctx context.Context, origin string, m bridges.Message) (<-chan error, error) {
+	return h.telemetry(origin, m, func(m bridges.Message) (<-chan error, error) {
+		if as, ok := h.sink.(bridges.AsyncSink); ok {
+			return as.AcceptAsync(ctx, m)
+		}
+		return nil, h.sink.Accept(ctx, m)
+	})
+}
+
+func (h *Hub) telemetry(origin string, m bridges.Message, accept func(bridges.Message) (<-chan error, error)) (<-chan error, error) {
 	if !strings.HasPrefix(m.Topic, bridges.TopicPrefix(m.Device)) {
-		return fmt.Errorf("telemetry from %s on %q: topic outside the device namespace", m.Device, m.Topic)
+		return nil, fmt.Errorf("telemetry from %s on %q: topic outside the device namespace", m.Device, m.Topic)
 	}
 	if m.Received.IsZero() {
 		m.Received = time.Now()
 	}
-	if err := h.sink.Accept(ctx, m); err != nil {
+	durable, err := accept(m)
+	if err != nil {
 		if errors.Is(err, bridges.ErrQueueFull) {
 			h.m.Refused.WithLabelValues(origin, ReasonQueueFull).Inc()
 		}
 		h.traffic.update(m.Device, func(t *Traffic) { t.Refused++ })
-		return fmt.Errorf("accept telemetry from %s on %s: %w", m.Device, m.Topic, err)
+		return nil, fmt.Errorf("accept telemetry from %s on %s: %w", m.Device, m.Topic, err)
 	}
 	h.traffic.update(m.Device, func(t *Traffic) {
 		t.MessagesIn++
@@ -104,7 +128,7 @@ func (h *Hub) Telemetry(ctx context.Context, origin string, m bridges.Message) e
 	})
 	h.m.Messages.WithLabelValues(origin, "telemetry").Inc()
 	h.mirror(origin, m)
-	return nil
+	return durable, nil
 }
 
 // Deliver sends a command to a device: m.Topic must be

@@ -17,14 +17,26 @@ type Traffic struct {
 	LastSeen    time.Time `json:"last_seen,omitzero"`
 }
 
+// TrafficOptOut switches off what the hub keeps per device: the console's
+// privacy opt-outs "device.counters" and "device.last_seen". The zero value
+// keeps both.
+type TrafficOptOut struct {
+	Counters bool
+	LastSeen bool
+}
+
 type trafficTable struct {
-	mu sync.Mutex
-	m  map[string]*Traffic
+	mu  sync.Mutex
+	m   map[string]*Traffic
+	off TrafficOptOut
 }
 
 func (t *trafficTable) update(device string, f func(*Traffic)) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	if t.off.Counters && t.off.LastSeen {
+		return
+	}
 	if t.m == nil {
 		t.m = map[string]*Traffic{}
 	}
@@ -34,6 +46,31 @@ func (t *trafficTable) update(device string, f func(*Traffic)) {
 		t.m[device] = c
 	}
 	f(c)
+	t.off.strip(c)
+}
+
+// strip zeroes what is opted out, so it is never kept, not only not shown.
+func (o TrafficOptOut) strip(c *Traffic) {
+	if o.Counters {
+		*c = Traffic{LastSeen: c.LastSeen}
+	}
+	if o.LastSeen {
+		c.LastSeen = time.Time{}
+	}
+}
+
+// SetTrafficOptOut applies the privacy opt-outs to what is kept from now on
+// and erases what was kept before of the data now switched off.
+func (h *Hub) SetTrafficOptOut(o TrafficOptOut) {
+	h.traffic.mu.Lock()
+	defer h.traffic.mu.Unlock()
+	h.traffic.off = o
+	for dev, c := range h.traffic.m {
+		o.strip(c)
+		if *c == (Traffic{}) {
+			delete(h.traffic.m, dev)
+		}
+	}
 }
 
 // Traffic returns a device's counters, and false if it has not been seen

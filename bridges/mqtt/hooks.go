@@ -116,6 +116,11 @@ func (h *authHook) OnACLCheck(cl *mochi.Client, topic string, write bool) bool {
 // PUBACK: a QoS 1 message is acknowledged only once it is accepted. A full
 // queue is refused (MQTT 5: PUBACK 0x97; 3.1.1 has no negative PUBACK, so
 // no PUBACK at all and the device resends after reconnecting).
+//
+// A QoS 1 message is not waited for here: once the Sink admitted it, the
+// session's connection (pipeConn) holds the PUBACK mochi writes next until
+// the message is durable, and mochi goes on reading the device's next
+// packet. Refusals are decided here, synchronously, as before.
 func (h *authHook) OnPublish(cl *mochi.Client, pk packets.Packet) (packets.Packet, error) {
 	if cl.Net.Inline {
 		return pk, nil // the gateway's own mirror of CoAP telemetry and commands
@@ -130,10 +135,20 @@ func (h *authHook) OnPublish(cl *mochi.Client, pk packets.Packet) (packets.Packe
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	err := h.s.hub.Telemetry(ctx, hub.MQTT, bridges.Message{Device: cl.ID, Topic: pk.TopicName,
-		Payload: pk.Payload, QoS: pk.FixedHeader.Qos, Received: time.Now()})
+	m := bridges.Message{Device: cl.ID, Topic: pk.TopicName, Payload: pk.Payload, QoS: pk.FixedHeader.Qos, Received: time.Now()}
+	var err error
+	if pc, ok := cl.Net.Conn.(*pipeConn); ok && m.QoS > 0 {
+		err = h.pipelined(ctx, pc, m)
+	} else {
+		err = h.s.hub.Telemetry(ctx, hub.MQTT, m)
+	}
 	if err == nil {
 		return pk, nil
+	}
+	if errors.Is(err, errSessionEnded) {
+		// Closing anyway; the device sends it again after reconnecting.
+		h.s.log.Debug("mqtt: publish during session end not acknowledged", "device", cl.ID, "topic", pk.TopicName)
+		return pk, packets.ErrRejectPacket
 	}
 	if errors.Is(err, bridges.ErrQueueFull) || errors.Is(err, context.DeadlineExceeded) {
 		h.s.log.Warn("mqtt: publish refused: queue full, device asked to retry", "device", cl.ID, "topic", pk.TopicName, "qos", pk.FixedHeader.Qos)
@@ -144,4 +159,19 @@ func (h *authHook) OnPublish(cl *mochi.Client, pk packets.Packet) (packets.Packe
 		return pk, packets.ErrQuotaExceeded
 	}
 	return pk, packets.ErrRejectPacket
+}
+
+// pipelined admits a QoS 1 message without waiting for the disk and makes
+// the session hold what mochi writes next (its PUBACK) until it is durable.
+// At most maxPipelined messages per session wait; the read loop waits here
+// for room.
+func (h *authHook) pipelined(ctx context.Context, pc *pipeConn, m bridges.Message) error {
+	if err := pc.waitRoom(); err != nil {
+		return err
+	}
+	durable, err := h.s.hub.TelemetryAsync(ctx, hub.MQTT, m)
+	if err != nil || durable == nil {
+		return err
+	}
+	return pc.hold(m.Device, durable)
 }

@@ -96,7 +96,9 @@ func (l *tlsListener) handle(c net.Conn, establish listeners.EstablishFn) {
 	// CONNECT must follow within the same bound; the broker then applies
 	// the keepalive.
 	c.SetReadDeadline(time.Now().Add(l.s.cfg.HandshakeTimeout))
-	if err := establish(l.id, tc); err != nil {
+	// mochi reads and writes through pipeConn so that PUBACKs can wait for
+	// the queue's fsync without stopping the session's reads.
+	if err := establish(l.id, &pipeConn{Conn: tc, l: l}); err != nil {
 		l.s.log.Debug("mqtt: client session ended", "remote", c.RemoteAddr().String(), "err", err)
 	}
 }

@@ -228,7 +228,7 @@ func (e *certRefused) Unwrap() error { return e.err }
 
 // deviceOf returns the device a connection proved, from its certificate.
 func deviceOf(id bridges.Identity, cl *mochi.Client) (string, bool, error) {
-	tc, ok := cl.Net.Conn.(*tls.Conn)
+	tc, ok := cl.Net.Conn.(interface{ ConnectionState() tls.ConnectionState })
 	if !ok {
 		return "", false, errors.New("not a TLS connection")
 	}

@@ -3,7 +3,9 @@
 // segmented append-only log of CRC-checked records.
 //
 // Accept returns only once a QoS 1 message is on disk (written and fsynced;
-// concurrent Accepts share one fsync: group commit). A message leaves the
+// concurrent Accepts share one fsync: group commit); AcceptAsync admits at
+// once and reports the fsync on a channel, so that one caller can have many
+// messages in the same group commit. A message leaves the
 // queue only when the upstream link calls Ack after the broker's PUBACK.
 // Messages are read back in the order they were accepted, so order per device
 // is kept. The queue is bounded by bytes on disk and by the age of the oldest
@@ -51,6 +53,9 @@ type Options struct {
 	AckFlushInterval time.Duration
 	// Now is the clock for message ages; default time.Now.
 	Now func() time.Time
+	// Sync makes a written batch durable; default (*os.File).Sync. Tests
+	// set it to hold or fail the group commit's fsync.
+	Sync func(f *os.File) error
 }
 
 func (o *Options) defaults() {
@@ -71,6 +76,9 @@ func (o *Options) defaults() {
 	}
 	if o.Now == nil {
 		o.Now = time.Now
+	}
+	if o.Sync == nil {
+		o.Sync = (*os.File).Sync
 	}
 }
 
@@ -136,7 +144,7 @@ type Queue struct {
 	stopped chan struct{}
 }
 
-var _ bridges.Sink = (*Queue)(nil)
+var _ bridges.AsyncSink = (*Queue)(nil)
 
 // Open opens (creating if needed) the queue in dir, recovers every message
 // whose Accept returned, cuts any torn tail, and starts the writer. Metrics
@@ -344,44 +352,9 @@ func (q *Queue) diskBytes() int64 {
 // once it is in the next write batch. It returns bridges.ErrQueueFull when the
 // queue is at its byte or age bound.
 func (q *Queue) Accept(ctx context.Context, m bridges.Message) error {
-	if m.Received.IsZero() {
-		m.Received = q.opts.Now()
-	}
-	if n := len(m.Device) + len(m.Topic) + len(m.Payload); n > q.opts.MaxMessageBytes {
-		q.m.refused.WithLabelValues("too_large").Inc()
-		return fmt.Errorf("queue accept from %s: %d bytes, limit %d: %w", m.Device, n, q.opts.MaxMessageBytes, ErrTooLarge)
-	}
-	var done chan error
-	if m.QoS > 0 {
-		done = make(chan error, 1)
-	}
-	q.mu.Lock()
-	if q.closed {
-		q.mu.Unlock()
-		return ErrClosed
-	}
-	if q.failed != nil {
-		q.mu.Unlock()
-		return fmt.Errorf("queue accept: queue stopped after a disk error: %w", q.failed)
-	}
-	if len(q.ents) > 0 && q.opts.Now().Sub(q.oldestLocked()) > q.opts.MaxAge {
-		q.mu.Unlock()
-		q.m.refused.WithLabelValues("age").Inc()
-		return fmt.Errorf("queue accept from %s: oldest held message is older than %s: %w", m.Device, q.opts.MaxAge, bridges.ErrQueueFull)
-	}
-	buf := appendMsg(nil, q.nextSeq, &m)
-	if q.diskBytes()+q.batchB+int64(len(buf)) > q.opts.MaxBytes {
-		q.mu.Unlock()
-		q.m.refused.WithLabelValues("bytes").Inc()
-		return fmt.Errorf("queue accept from %s: %d bytes held, limit %d: %w", m.Device, q.diskBytes()+q.batchB, q.opts.MaxBytes, bridges.ErrQueueFull)
-	}
-	q.batch = append(q.batch, pending{buf: buf, seq: q.nextSeq, recv: m.Received, done: done})
-	q.batchB += int64(len(buf))
-	q.nextSeq++
-	q.mu.Unlock()
-	q.kick()
-	if done == nil {
-		return nil
+	done, err := q.admit(m)
+	if err != nil || done == nil {
+		return err
 	}
 	select {
 	case err := <-done:
@@ -390,6 +363,58 @@ func (q *Queue) Accept(ctx context.Context, m bridges.Message) error {
 		// It may still be written (and then delivered): at least once.
 		return fmt.Errorf("queue accept from %s: waiting for disk: %w", m.Device, ctx.Err())
 	}
+}
+
+// AcceptAsync makes every decision Accept makes (full by bytes or age, too
+// large, closed, stopped after a disk error) and returns without waiting for
+// the disk. For QoS 1 the channel then receives exactly one value: nil once
+// the group commit that covers m has been fsynced, or the error Accept would
+// have returned. For QoS 0 the channel is nil. ctx is not used: admission
+// never blocks.
+func (q *Queue) AcceptAsync(_ context.Context, m bridges.Message) (<-chan error, error) {
+	return q.admit(m)
+}
+
+// admit checks the bounds and adds m to the next batch; done is nil for
+// QoS 0.
+func (q *Queue) admit(m bridges.Message) (chan error, error) {
+	if m.Received.IsZero() {
+		m.Received = q.opts.Now()
+	}
+	if n := len(m.Device) + len(m.Topic) + len(m.Payload); n > q.opts.MaxMessageBytes {
+		q.m.refused.WithLabelValues("too_large").Inc()
+		return nil, fmt.Errorf("queue accept from %s: %d bytes, limit %d: %w", m.Device, n, q.opts.MaxMessageBytes, ErrTooLarge)
+	}
+	var done chan error
+	if m.QoS > 0 {
+		done = make(chan error, 1)
+	}
+	q.mu.Lock()
+	if q.closed {
+		q.mu.Unlock()
+		return nil, ErrClosed
+	}
+	if q.failed != nil {
+		q.mu.Unlock()
+		return nil, fmt.Errorf("queue accept: queue stopped after a disk error: %w", q.failed)
+	}
+	if len(q.ents) > 0 && q.opts.Now().Sub(q.oldestLocked()) > q.opts.MaxAge {
+		q.mu.Unlock()
+		q.m.refused.WithLabelValues("age").Inc()
+		return nil, fmt.Errorf("queue accept from %s: oldest held message is older than %s: %w", m.Device, q.opts.MaxAge, bridges.ErrQueueFull)
+	}
+	buf := appendMsg(nil, q.nextSeq, &m)
+	if held := q.diskBytes() + q.batchB; held+int64(len(buf)) > q.opts.MaxBytes {
+		q.mu.Unlock()
+		q.m.refused.WithLabelValues("bytes").Inc()
+		return nil, fmt.Errorf("queue accept from %s: %d bytes held, limit %d: %w", m.Device, held, q.opts.MaxBytes, bridges.ErrQueueFull)
+	}
+	q.batch = append(q.batch, pending{buf: buf, seq: q.nextSeq, recv: m.Received, done: done})
+	q.batchB += int64(len(buf))
+	q.nextSeq++
+	q.mu.Unlock()
+	q.kick()
+	return done, nil
 }
 
 func (q *Queue) kick() {
@@ -510,7 +535,10 @@ func (q *Queue) flush(sync bool) {
 		}
 		q.mu.Unlock()
 		if sync {
-			if err = seg.f.Sync(); err != nil {
+			t0 := time.Now()
+			err = q.opts.Sync(seg.f)
+			q.m.fsyncSec.Add(time.Since(t0).Seconds())
+			if err != nil {
 				err = fmt.Errorf("queue: fsync %s: %w", seg.path, err)
 				fsyncFailed = true
 			}

@@ -503,3 +503,78 @@ func TestDiskFull(t *testing.T) {
 		t.Fatalf("after reopen %d held, want %d", got, want)
 	}
 }
+
+// TestAcceptAsync: admission decides at once, the channel reports the
+// fsync. With the fsync held, 20 messages from one caller are admitted
+// without waiting and none is reported durable; released, all are, in
+// order, with fewer fsyncs than messages. A failed fsync is reported on the
+// channel, and the queue refuses from then on.
+func TestAcceptAsync(t *testing.T) {
+	gate, entered := make(chan struct{}), make(chan struct{}, 64)
+	var failNext atomic.Bool
+	q, reg := open(t, t.TempDir(), Options{Sync: func(f *os.File) error {
+		entered <- struct{}{}
+		<-gate
+		if failNext.Load() {
+			return errors.New("EIO from the test")
+		}
+		return f.Sync()
+	}})
+	ctx := context.Background()
+	if ch, err := q.AcceptAsync(ctx, bridges.Message{Device: "d", Topic: "devices/d/t/x", QoS: 0}); ch != nil || err != nil {
+		t.Fatalf("QoS 0: got channel %v, err %v; want nil, nil", ch, err)
+	}
+	fs0 := metricValue(t, reg, "bastion_queue_fsyncs_total")
+	var chans []<-chan error
+	for i := range 20 {
+		ch, err := q.AcceptAsync(ctx, msg("d", i))
+		if err != nil || ch == nil {
+			t.Fatalf("AcceptAsync %d: channel %v, err %v", i, ch, err)
+		}
+		chans = append(chans, ch)
+	}
+	<-entered
+	for i, ch := range chans {
+		select {
+		case err := <-ch:
+			t.Fatalf("message %d reported (%v) while its fsync is held", i, err)
+		default:
+		}
+	}
+	if _, err := q.AcceptAsync(ctx, bridges.Message{Device: "d", Topic: "devices/d/t/x", QoS: 1, Payload: make([]byte, 300<<10)}); !errors.Is(err, ErrTooLarge) {
+		t.Fatalf("too large: got %v, want ErrTooLarge at once", err)
+	}
+	close(gate)
+	for i, ch := range chans {
+		if err := <-ch; err != nil {
+			t.Fatalf("message %d: %v", i, err)
+		}
+	}
+	if fs := metricValue(t, reg, "bastion_queue_fsyncs_total") - fs0; fs >= 20 || fs < 1 {
+		t.Errorf("%v fsyncs for 20 messages admitted during one held fsync; want group commit", fs)
+	}
+	got := normalize(drain(t, q))
+	var want []bridges.Message
+	want = append(want, bridges.Message{Device: "d", Topic: "devices/d/t/x"})
+	for i := range 20 {
+		want = append(want, msg("d", i))
+	}
+	if diff := cmp.Diff(len(want), len(got)); diff != "" {
+		t.Fatalf("held messages (-want +got):\n%s", diff)
+	}
+	if diff := cmp.Diff(want[1:], got[1:]); diff != "" {
+		t.Errorf("order (-want +got):\n%s", diff)
+	}
+
+	failNext.Store(true)
+	ch, err := q.AcceptAsync(ctx, msg("d", 99))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := <-ch; err == nil {
+		t.Fatal("failed fsync reported as durable")
+	}
+	if _, err := q.AcceptAsync(ctx, msg("d", 100)); err == nil {
+		t.Fatal("queue admitted a message after a failed fsync")
+	}
+}

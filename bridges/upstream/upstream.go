@@ -82,6 +82,8 @@ type snapshot struct {
 	minTLS uint16
 }
 
+var _ bridges.AsyncSink = (*Upstream)(nil)
+
 // Upstream is the upstream link.
 type Upstream struct {
 	log     *slog.Logger
@@ -222,21 +224,46 @@ func (u *Upstream) Status() Status {
 // again when sending, so a rule tightened by Reload also covers messages
 // already queued.
 func (u *Upstream) Accept(ctx context.Context, m bridges.Message) error {
+	m, keep, err := u.gate(m)
+	if err != nil || !keep {
+		return err
+	}
+	return u.q.Accept(ctx, m)
+}
+
+// AcceptAsync is the same privacy gate in front of the queue's AcceptAsync
+// (bridges.AsyncSink): the rules decide at once, a withheld message needs no
+// wait (nil channel), and a stored one is durable when the channel says so.
+// A queue without AcceptAsync is waited for here.
+func (u *Upstream) AcceptAsync(ctx context.Context, m bridges.Message) (<-chan error, error) {
+	m, keep, err := u.gate(m)
+	if err != nil || !keep {
+		return nil, err
+	}
+	if as, ok := u.q.(bridges.AsyncSink); ok {
+		return as.AcceptAsync(ctx, m)
+	}
+	return nil, u.q.Accept(ctx, m)
+}
+
+// gate applies the mapping and the privacy rules: keep is false for a
+// message that stays local (counted as withheld).
+func (u *Upstream) gate(m bridges.Message) (_ bridges.Message, keep bool, _ error) {
 	if !strings.HasPrefix(m.Topic, bridges.TopicPrefix(m.Device)) {
-		return fmt.Errorf("upstream accept: topic %q is outside device %q's namespace %s", m.Topic, m.Device, bridges.TopicPrefix(m.Device))
+		return m, false, fmt.Errorf("upstream accept: topic %q is outside device %q's namespace %s", m.Topic, m.Device, bridges.TopicPrefix(m.Device))
 	}
 	s := u.cur.Load()
 	if _, ok := s.routes.mapUp(m.Device, m.Topic); !ok {
 		u.withheld("unmapped")
-		return nil
+		return m, false, nil
 	}
 	v, payload, reason := applyRules(s.cfg.Forward, m.Topic, m.Payload)
 	if v == withhold {
 		u.withheld(reason)
-		return nil
+		return m, false, nil
 	}
 	m.Payload = payload
-	return u.q.Accept(ctx, m)
+	return m, true, nil
 }
 
 func (u *Upstream) withheld(reason string) {

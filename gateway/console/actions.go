@@ -2,6 +2,7 @@ package console
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
@@ -51,7 +52,7 @@ func validRole(r string) error {
 
 func checkNewPassword(user, pw string) error {
 	if err := CheckPassword(user, pw); err != nil {
-		return errf(http.StatusBadRequest, "%s", err.Error())
+		return refuse(ReasonWeakPassword, http.StatusBadRequest, "%s", err.Error())
 	}
 	return nil
 }
@@ -110,7 +111,7 @@ func (h *Handler) doLogin(ctx context.Context, w http.ResponseWriter, r *http.Re
 	if err != nil || !ok {
 		h.thr.failLogin(now, user, src)
 		h.audit(ctx, Actor{Name: "anonymous", Remote: src}, "console.login_failed", user, "")
-		return store.Session{}, errf(http.StatusUnauthorized, "wrong user name or password")
+		return store.Session{}, refuse(ReasonBadLogin, http.StatusUnauthorized, "wrong user name or password")
 	}
 	h.thr.reset("u:"+user, "s:"+src)
 	s, err := h.newSession(w, r, u.Name)
@@ -143,7 +144,7 @@ func (h *Handler) doSetup(ctx context.Context, w http.ResponseWriter, r *http.Re
 		if in.Code != "" || !h.consumePresence() {
 			h.thr.fail(now, "setup:"+src, 5)
 			h.audit(ctx, Actor{Name: "anonymous", Remote: src}, "console.setup_refused", user, "wrong setup code")
-			return store.Session{}, errf(http.StatusForbidden, "wrong setup code: use the code bastiond printed on the box's console, or press the button on the box first")
+			return store.Session{}, refuse(ReasonBadCode, http.StatusForbidden, "wrong setup code: use the code bastiond printed on the box's console, or press the button on the box first")
 		}
 		how = "button"
 	}
@@ -179,7 +180,7 @@ func (h *Handler) doRecover(ctx context.Context, r *http.Request, in setupInput)
 		if in.Code != "" || !h.consumePresence() {
 			h.thr.fail(now, "recover:"+src, 5)
 			h.audit(ctx, Actor{Name: "anonymous", Remote: src}, "console.recover_refused", user, "wrong recovery code")
-			return errf(http.StatusForbidden, "wrong or expired recovery code: run `bastionctl console recover` as root on the box, or press the button")
+			return refuse(ReasonBadCode, http.StatusForbidden, "wrong or expired recovery code: run `bastionctl console recover` as root on the box, or press the button")
 		}
 		how = "button"
 	}
@@ -321,7 +322,10 @@ type deviceExport struct {
 	Counters     *DeviceCounters `json:"counters,omitempty"`
 	Certificates []store.Cert    `json:"certificates"`
 	Audit        []store.Event   `json:"audit"`
-	Exported     time.Time       `json:"exported"`
+	// FirmwareStatus is the device's latest firmware update status report
+	// as stored (its "at" is when the status last changed).
+	FirmwareStatus json.RawMessage `json:"firmware_status,omitempty"`
+	Exported       time.Time       `json:"exported"`
 }
 
 func (h *Handler) exportDevice(ctx context.Context, p *principal, id string) (deviceExport, error) {
@@ -339,6 +343,11 @@ func (h *Handler) exportDevice(ctx context.Context, p *principal, id string) (de
 			ex.Certificates = append(ex.Certificates, c)
 		}
 	}
+	fw, err := h.o.Store.FirmwareStatus(id)
+	if err != nil && !errors.Is(err, store.ErrNotFound) {
+		return ex, err
+	}
+	ex.FirmwareStatus = fw
 	var before uint64
 	for range 100 { // at most 100 pages of the audit log
 		es, err := h.o.Store.AuditLog(500, before)
@@ -360,7 +369,7 @@ func (h *Handler) exportDevice(ctx context.Context, p *principal, id string) (de
 }
 
 // eraseDevice revokes the device and deletes what describes it (name,
-// vendor, model, version, last seen). The id and the revoked certificate
+// vendor, model, version, last seen, firmware update status). The id and the revoked certificate
 // serials stay, because forgetting them would let the old credentials in
 // again; the audit log stays as the security record.
 func (h *Handler) eraseDevice(ctx context.Context, p *principal, id string) error {
@@ -377,6 +386,16 @@ func (h *Handler) eraseDevice(ctx context.Context, p *principal, id string) erro
 		*d = store.Device{ID: d.ID, Name: "erased-" + d.ID, Auth: d.Auth, PSKIdentity: d.PSKIdentity, Created: d.Created}
 		return nil
 	})
+	if err != nil {
+		return err
+	}
+	// Its firmware update status goes too; through the cache when there is
+	// one, which holds it in memory as well.
+	if fw := h.c().Firmware; fw != nil {
+		err = fw.ForgetDevice(ctx, id)
+	} else {
+		err = h.o.Store.DeleteFirmwareStatus(id)
+	}
 	if err != nil {
 		return err
 	}
@@ -652,7 +671,7 @@ func (h *Handler) changePassword(ctx context.Context, p *principal, in passwordI
 	}
 	if ok, err := h.hash.verify(ctx, u.PasswordHash, in.Current); err != nil || !ok {
 		h.thr.failLogin(h.o.Now(), p.user, p.remote)
-		return errf(http.StatusForbidden, "current password is wrong")
+		return refuse(ReasonBadLogin, http.StatusForbidden, "current password is wrong")
 	}
 	if err := checkNewPassword(p.user, in.New); err != nil {
 		return err

@@ -2,6 +2,8 @@ package console_test
 
 import (
 	"context"
+	"encoding/json"
+	"errors"
 	"net/http"
 	"net/url"
 	"regexp"
@@ -407,14 +409,27 @@ func TestExportAndEraseDeviceData(t *testing.T) {
 	var cr console.Credentials
 	r.json(t, &cr)
 	b.do(t, c, "PATCH", "/api/v1/devices/"+cr.ID, map[string]string{"name": "bedroom sensor 2"}, csrf(tok))
+	// A firmware status report kept from a run with the firmware cache on
+	// (this box has it off, so the console erases it from the store itself).
+	fw := `{"state":"failed","version":"1.2","detail":"verification failed","at":"2026-11-24T10:00:00Z"}`
+	if err := b.g.Store().PutFirmwareStatuses(map[string][]byte{cr.ID: []byte(fw)}); err != nil {
+		t.Fatal(err)
+	}
 	r = b.do(t, c, "GET", "/api/v1/devices/"+cr.ID+"/export", nil, nil)
 	var ex struct {
-		Device store.Device
-		Audit  []store.Event
+		Device         store.Device
+		Audit          []store.Event
+		FirmwareStatus json.RawMessage `json:"firmware_status"`
 	}
 	r.json(t, &ex)
 	if r.code != http.StatusOK || ex.Device.Name != "bedroom sensor 2" || ex.Device.Vendor != "Acme" || !strings.Contains(r.hdr.Get("Content-Disposition"), "attachment") {
 		t.Errorf("export: %d %+v %q", r.code, ex.Device, r.hdr.Get("Content-Disposition"))
+	}
+	var gotFW, wantFW map[string]any
+	json.Unmarshal(ex.FirmwareStatus, &gotFW)
+	json.Unmarshal([]byte(fw), &wantFW)
+	if d := cmp.Diff(wantFW, gotFW); d != "" {
+		t.Errorf("exported firmware_status (-want +got):\n%s", d)
 	}
 	var actions []string
 	for _, e := range ex.Audit {
@@ -432,6 +447,9 @@ func TestExportAndEraseDeviceData(t *testing.T) {
 	}
 	if !b.g.CA().Revocations().Revoked(cr.ID, "") {
 		t.Error("erased device's credentials are not revoked")
+	}
+	if _, err := b.g.Store().FirmwareStatus(cr.ID); !errors.Is(err, store.ErrNotFound) {
+		t.Errorf("erased device's firmware status still stored: %v", err)
 	}
 	if r := b.do(t, c, "GET", "/api/v1/devices/nosuch/export", nil, nil); r.code != http.StatusNotFound {
 		t.Errorf("export unknown device: %d", r.code)

@@ -129,6 +129,9 @@ type Firmware interface {
 	Show(ctx context.Context) (Report, error)
 	// CheckNow asks the TUF client to check the repository now.
 	CheckNow(ctx context.Context, who Actor) error
+	// ForgetDevice deletes a device's update status (memory and store):
+	// the device's data is being erased.
+	ForgetDevice(ctx context.Context, device string) error
 }
 
 // Firewall shows the policy, the live rules and drift events.

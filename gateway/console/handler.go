@@ -23,6 +23,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/bastion-iot/bastion/gateway/store"
 )
 
@@ -61,6 +63,9 @@ type Options struct {
 	Throttle ThrottlePolicy
 	// IdleTimeout and MaxAge end sessions (defaults 30 min and 12 h).
 	IdleTimeout, MaxAge time.Duration
+	// Metrics receives bastion_console_refusals_total{reason} (the
+	// gateway's registry). Nil: counted, but not exported.
+	Metrics prometheus.Registerer
 }
 
 // Components are the optional parts of the box the console shows. A nil
@@ -94,6 +99,8 @@ type Handler struct {
 	cop   *http.CrossOriginProtection
 	pages *pages
 	comp  atomic.Pointer[Components]
+	// refusals counts every refused request by reason (RefusalReasons).
+	refusals *prometheus.CounterVec
 	// patterns are the routes registered, for the test that holds the
 	// OpenAPI file to them.
 	patterns []string
@@ -133,6 +140,18 @@ func NewHandler(o Options) (*Handler, error) {
 	h := &Handler{o: o, log: o.Log.With("component", "console"), mux: http.NewServeMux(), hash: newHasher(2),
 		thr: newThrottle(o.Throttle), cop: http.NewCrossOriginProtection(), pages: pg, flashes: map[string]string{}}
 	h.SetComponents(o.Components)
+	h.refusals = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "bastion_console_refusals_total",
+		Help: "Console and API requests refused, by reason (not_lan, cross_origin, csrf, unauthenticated, forbidden_role, bad_login, throttled, bad_code, weak_password, invalid, too_large, not_found, conflict, other).",
+	}, []string{"reason"})
+	for _, r := range RefusalReasons { // every series exists from the start, at 0
+		h.refusals.WithLabelValues(r)
+	}
+	if o.Metrics != nil {
+		if err := o.Metrics.Register(h.refusals); err != nil {
+			return nil, fmt.Errorf("console: register metrics: %w", err)
+		}
+	}
 	sub, _ := fs.Sub(staticFS, "static")
 	h.mux.Handle("GET /static/", http.StripPrefix("/static/", http.FileServerFS(sub)))
 	h.mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) { w.Write([]byte("ok\n")) })
@@ -143,6 +162,7 @@ func NewHandler(o Options) (*Handler, error) {
 // ServeHTTP answers only LAN and loopback sources.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if !lanSource(r.RemoteAddr) {
+		h.refused(ReasonNotLAN)
 		http.Error(w, "the console answers only on the local network", http.StatusForbidden)
 		return
 	}
@@ -263,10 +283,13 @@ func hashToken(t string) string {
 	return hex.EncodeToString(s[:])
 }
 
-// httpError is an error with the status and the message the user sees.
+// httpError is an error with the status and the message the user sees,
+// and, for a refusal, its reason in bastion_console_refusals_total (empty:
+// derived from the status).
 type httpError struct {
-	code int
-	msg  string
+	code   int
+	msg    string
+	reason string
 }
 
 func (e *httpError) Error() string { return e.msg }
@@ -274,6 +297,66 @@ func (e *httpError) Error() string { return e.msg }
 func errf(code int, format string, a ...any) error {
 	return &httpError{code: code, msg: fmt.Sprintf(format, a...)}
 }
+
+// refuse is errf for a refusal whose reason the status alone does not say.
+func refuse(reason string, code int, format string, a ...any) error {
+	return &httpError{code: code, msg: fmt.Sprintf(format, a...), reason: reason}
+}
+
+// Refusal reasons: the values of the reason label of
+// bastion_console_refusals_total. The set is fixed (never a label per user,
+// address or path), so the series stay few.
+const (
+	ReasonNotLAN          = "not_lan"         // source address outside loopback/LAN
+	ReasonCrossOrigin     = "cross_origin"    // Sec-Fetch-Site/Origin check of a state change
+	ReasonCSRF            = "csrf"            // missing or wrong CSRF or pre-login form token
+	ReasonUnauthenticated = "unauthenticated" // no, expired or unknown session or API token
+	ReasonForbiddenRole   = "forbidden_role"  // a viewer asking for an admin action
+	ReasonBadLogin        = "bad_login"       // wrong user name or password
+	ReasonThrottled       = "throttled"       // login, setup or recovery locked out
+	ReasonBadCode         = "bad_code"        // wrong setup or recovery code
+	ReasonWeakPassword    = "weak_password"   // a new password the strength check refuses
+	ReasonInvalid         = "invalid"         // malformed or invalid input
+	ReasonTooLarge        = "too_large"       // request body over 64 KiB
+	ReasonNotFound        = "not_found"       // no such device, rule, account ...
+	ReasonConflict        = "conflict"        // name taken, already exists, last admin ...
+	ReasonOther           = "other"           // any other 4xx
+)
+
+// RefusalReasons lists every reason, in the order of the list above.
+var RefusalReasons = []string{ReasonNotLAN, ReasonCrossOrigin, ReasonCSRF, ReasonUnauthenticated, ReasonForbiddenRole,
+	ReasonBadLogin, ReasonThrottled, ReasonBadCode, ReasonWeakPassword, ReasonInvalid, ReasonTooLarge, ReasonNotFound,
+	ReasonConflict, ReasonOther}
+
+// refusalReason classifies an answered error with status code; ok is false
+// when it is not a refusal (a 5xx is the gateway's fault, not the client's).
+func refusalReason(err error, code int) (string, bool) {
+	if code < 400 || code >= 500 {
+		return "", false
+	}
+	var he *httpError
+	if errors.As(err, &he) && he.reason != "" {
+		return he.reason, true
+	}
+	switch code {
+	case http.StatusBadRequest, http.StatusUnsupportedMediaType, http.StatusUnprocessableEntity:
+		return ReasonInvalid, true
+	case http.StatusUnauthorized:
+		return ReasonUnauthenticated, true
+	case http.StatusNotFound:
+		return ReasonNotFound, true
+	case http.StatusConflict:
+		return ReasonConflict, true
+	case http.StatusRequestEntityTooLarge:
+		return ReasonTooLarge, true
+	case http.StatusTooManyRequests:
+		return ReasonThrottled, true
+	}
+	return ReasonOther, true
+}
+
+// refused counts one refusal.
+func (h *Handler) refused(reason string) { h.refusals.WithLabelValues(reason).Inc() }
 
 func statusOf(err error) (int, string) {
 	var he *httpError
@@ -405,7 +488,7 @@ func checkCSRF(r *http.Request, p *principal) error {
 		got = r.PostFormValue("csrf")
 	}
 	if got == "" || subtle.ConstantTimeCompare([]byte(got), []byte(p.session.CSRF)) != 1 {
-		return errf(http.StatusForbidden, "missing or wrong CSRF token: reload the page and try again")
+		return refuse(ReasonCSRF, http.StatusForbidden, "missing or wrong CSRF token: reload the page and try again")
 	}
 	return nil
 }
@@ -431,7 +514,7 @@ func checkPreCSRF(r *http.Request) error {
 	c, err := r.Cookie(preCookie)
 	got := r.PostFormValue("csrf")
 	if err != nil || c.Value == "" || got == "" || subtle.ConstantTimeCompare([]byte(c.Value), []byte(got)) != 1 {
-		return errf(http.StatusForbidden, "missing or wrong form token: reload the page and try again")
+		return refuse(ReasonCSRF, http.StatusForbidden, "missing or wrong form token: reload the page and try again")
 	}
 	return nil
 }
@@ -448,6 +531,23 @@ func preToken(w http.ResponseWriter, r *http.Request) string {
 
 const maxBody = 64 << 10
 
+// parseForm reads a form body (already bounded by maxBody).
+func parseForm(r *http.Request) error {
+	var err error
+	if strings.HasPrefix(r.Header.Get("Content-Type"), "multipart/form-data") {
+		err = r.ParseMultipartForm(maxBody)
+	} else {
+		err = r.ParseForm()
+	}
+	if mbe := (*http.MaxBytesError)(nil); errors.As(err, &mbe) {
+		return refuse(ReasonTooLarge, http.StatusBadRequest, "form larger than %d bytes", mbe.Limit)
+	}
+	if err != nil {
+		return errf(http.StatusBadRequest, "form: %v", err)
+	}
+	return nil
+}
+
 // decodeJSON reads a bounded JSON body into v, refusing unknown fields and
 // trailing data.
 func decodeJSON(r *http.Request, v any) error {
@@ -457,6 +557,9 @@ func decodeJSON(r *http.Request, v any) error {
 	dec := json.NewDecoder(http.MaxBytesReader(nil, r.Body, maxBody))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
+		if mbe := (*http.MaxBytesError)(nil); errors.As(err, &mbe) {
+			return refuse(ReasonTooLarge, http.StatusBadRequest, "request body larger than %d bytes", mbe.Limit)
+		}
 		return errf(http.StatusBadRequest, "request body: %v", err)
 	}
 	if dec.More() {
@@ -476,6 +579,9 @@ func writeJSON(w http.ResponseWriter, code int, v any) {
 // fail answers an error: JSON for the API, a page for browsers.
 func (h *Handler) fail(w http.ResponseWriter, r *http.Request, err error) {
 	code, msg := statusOf(err)
+	if reason, ok := refusalReason(err, code); ok {
+		h.refused(reason)
+	}
 	if code >= 500 {
 		h.log.Error("console request failed", "method", r.Method, "path", r.URL.Path, "err", err)
 	}

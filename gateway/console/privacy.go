@@ -23,12 +23,12 @@ var Catalogue = []Datum{
 	{ID: "device.identity", What: "device id, name, authentication kind, vendor, model, certificate serials",
 		Why: "to authenticate each device and show it to you", Where: "stays on the gateway (state directory)",
 		Retention: "until the device's data is deleted; the id and revoked serials are kept after deletion so old credentials stay refused"},
-	{ID: "device.last_seen", What: "time a device was last connected, firmware version it reports",
-		Why: "health view and offering only newer firmware", Where: "stays on the gateway",
-		Retention: "overwritten on each connection; deleted with the device's data", Optional: true},
+	{ID: "device.last_seen", What: "time a device last sent telemetry",
+		Why: "health view", Where: "stays on the gateway (memory)",
+		Retention: "until restart; deleted with the device's data; opting out erases it and keeps none", Optional: true},
 	{ID: "device.counters", What: "message and byte counters per device",
-		Why: "troubleshooting and spotting misbehaving devices", Where: "stays on the gateway (memory and metrics)",
-		Retention: "until restart", Optional: true},
+		Why: "troubleshooting and spotting misbehaving devices", Where: "stays on the gateway (memory)",
+		Retention: "until restart; opting out erases them and keeps none", Optional: true},
 	{ID: "telemetry", What: "messages devices publish (devices/{id}/t/...)",
 		Why: "the purpose of the gateway: deliver them to your cloud", Where: "upstream broker, only for topics a forwarding rule names (forward, or redact fields first); local-only topics never leave",
 		Retention: "queued on the gateway only until the broker acknowledges them (bounded by size and age)"},
@@ -43,7 +43,7 @@ var Catalogue = []Datum{
 		Retention: "until the account is deleted; sessions end after 30 min idle or 12 h"},
 	{ID: "firmware.status", What: "firmware update status devices report",
 		Why: "to show which devices are up to date", Where: "stays on the gateway",
-		Retention: "latest report per device", Optional: true},
+		Retention: "latest report per device, kept across restarts (written only when it changes); deleted with the device's data; opting out erases the stored reports, and reports are then neither stored nor shown (held in memory only so an installed image is not offered again)", Optional: true},
 }
 
 func datumByID(id string) (Datum, bool) {

@@ -31,8 +31,16 @@ func (h *Handler) handle(pattern string, need access, f handlerFunc) {
 		if unsafeMethod(r.Method) {
 			r.Body = http.MaxBytesReader(w, r.Body, maxBody)
 			if err := h.cop.Check(r); err != nil {
-				h.fail(w, r, errf(http.StatusForbidden, "cross-origin request refused"))
+				h.fail(w, r, refuse(ReasonCrossOrigin, http.StatusForbidden, "cross-origin request refused"))
 				return
+			}
+			if isForm(r) {
+				// Parsed here so that an oversized or malformed form is
+				// refused as such, not later as a form without its token.
+				if err := parseForm(r); err != nil {
+					h.fail(w, r, err)
+					return
+				}
 			}
 		}
 		p, err := h.authenticate(r)
@@ -47,6 +55,7 @@ func (h *Handler) handle(pattern string, need access, f handlerFunc) {
 					if !h.adminExists() {
 						to = "/setup"
 					}
+					h.refused(ReasonUnauthenticated)
 					http.Redirect(w, r, to, http.StatusSeeOther)
 					return
 				}
@@ -54,7 +63,7 @@ func (h *Handler) handle(pattern string, need access, f handlerFunc) {
 				return
 			}
 			if need == admin && p.role != RoleAdmin {
-				h.fail(w, r, errf(http.StatusForbidden, "your role (%s) may look but not change anything; ask an admin", p.role))
+				h.fail(w, r, refuse(ReasonForbiddenRole, http.StatusForbidden, "your role (%s) may look but not change anything; ask an admin", p.role))
 				return
 			}
 			if unsafeMethod(r.Method) {

@@ -22,7 +22,7 @@ import (
 // BenchmarkFullStack compares, in one run on loopback, the whole bridged
 // path with durability on
 //
-//	device (devicesim, MQTT 5 / TLS, client cert, QoS 1) -> bastiond process (PUBACK after fsync) -> upstream link (MQTT 5, TLS 1.3, client cert) -> Mosquitto -> subscriber
+//	device (devicesim, MQTT 5 / TLS, client cert, QoS 1) -> bastiond process (PUBACK after fsync, pipelined per session) -> upstream link (MQTT 5, TLS 1.3, client cert) -> Mosquitto -> subscriber
 //
 // with the peers' own way of doing it
 //
@@ -89,21 +89,26 @@ topic # out 1 devices/ bastion/%s/
 
 	var lines []string
 	for _, sc := range scenarios {
+		ecpu0 := cpuTime(b, edge.Pid())
 		m := fullRun(b, sub, edge.Addr, mDevs[:sc.pubs], sc.inflight, sc.each)
-		cpu0, fs0 := cpuTime(b, gw.cmd.Process.Pid), metric(b, state, "bastion_queue_fsyncs_total")
+		ecpu := cpuTime(b, edge.Pid()) - ecpu0
+		cpu0, fs0, fsSec0 := cpuTime(b, gw.cmd.Process.Pid), metric(b, state, "bastion_queue_fsyncs_total"), metric(b, state, "bastion_queue_fsync_seconds_total")
 		g := fullRun(b, sub, cfg.MQTT.Listen, gDevs[:sc.pubs], sc.inflight, sc.each)
 		cpu, fsyncs := cpuTime(b, gw.cmd.Process.Pid)-cpu0, metric(b, state, "bastion_queue_fsyncs_total")-fs0
+		fsSec := metric(b, state, "bastion_queue_fsync_seconds_total") - fsSec0
 		name := fmt.Sprintf("%dpub", sc.pubs)
 		if sc.inflight > 1 {
 			name += fmt.Sprintf("x%d", sc.inflight)
 		}
 		ratio := g.rate() / m.rate()
-		lines = append(lines, fmt.Sprintf("%2d publishers × %2d in flight × %4d | Bastion %6.0f msg/s e2e p50 %v p99 %v, PUBACK p50 %v p99 %v | Mosquitto bridge %6.0f msg/s e2e p50 %v p99 %v, PUBACK p50 %v p99 %v | throughput ratio %.2fx, e2e p99 ratio %.2fx, dups %d/%d; bastiond CPU %.0f µs/msg (%.2f cores), %.1f msgs/fsync, %.0f fsyncs/s",
+		lines = append(lines, fmt.Sprintf("%2d publishers × %2d in flight × %4d | Bastion %6.0f msg/s e2e p50 %v p99 %v, PUBACK p50 %v p99 %v | Mosquitto bridge %6.0f msg/s e2e p50 %v p99 %v, PUBACK p50 %v p99 %v | throughput ratio %.2fx, e2e p99 ratio %.2fx, dups %d/%d; bastiond CPU %.0f µs/msg (%.2f cores), %.1f msgs/fsync, %.0f fsyncs/s, mean fsync %v (writer in fsync %.0f%% of the time); edge Mosquitto CPU %.0f µs/msg (%.2f cores)",
 			sc.pubs, sc.inflight, sc.each, g.rate(), g.pct(g.e2e, 50), g.pct(g.e2e, 99), g.pct(g.ack, 50), g.pct(g.ack, 99),
 			m.rate(), m.pct(m.e2e, 50), m.pct(m.e2e, 99), m.pct(m.ack, 50), m.pct(m.ack, 99),
 			ratio, float64(g.pct(g.e2e, 99))/float64(m.pct(m.e2e, 99)), g.dups, m.dups,
 			float64(cpu.Microseconds())/float64(g.msgs), cpu.Seconds()/g.elapsed.Seconds(),
-			float64(g.msgs)/fsyncs, fsyncs/g.elapsed.Seconds()))
+			float64(g.msgs)/fsyncs, fsyncs/g.elapsed.Seconds(),
+			time.Duration(fsSec/fsyncs*float64(time.Second)).Round(time.Microsecond), 100*fsSec/g.elapsed.Seconds(),
+			float64(ecpu.Microseconds())/float64(m.msgs), ecpu.Seconds()/m.elapsed.Seconds()))
 		b.ReportMetric(g.rate(), "bastion-msg/s-"+name)
 		b.ReportMetric(m.rate(), "mosquitto-msg/s-"+name)
 		b.ReportMetric(ratio, "tput-ratio-"+name)

@@ -182,6 +182,17 @@ func (b *Broker) Stop(t testing.TB) {
 	}
 }
 
+// Pid is the broker process's id (0 while stopped), for benchmarks that
+// read its CPU time.
+func (b *Broker) Pid() int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.cmd == nil {
+		return 0
+	}
+	return b.cmd.Process.Pid
+}
+
 func (b *Broker) stop() error {
 	b.mu.Lock()
 	defer b.mu.Unlock()

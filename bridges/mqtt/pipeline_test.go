@@ -1,0 +1,644 @@
+package mqtt
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+	"github.com/mochi-mqtt/server/v2/packets"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/bastion-iot/bastion/bridges"
+	"github.com/bastion-iot/bastion/bridges/hub"
+	"github.com/bastion-iot/bastion/bridges/queue"
+	"github.com/bastion-iot/bastion/pki"
+)
+
+// These tests run the real MQTT server (mochi behind our TLS listener) over
+// a real durable queue on disk, with a device speaking raw MQTT over a real
+// TLS connection with a client certificate, so that every byte the device
+// receives is seen.
+
+type caIdentity struct{ ca *pki.CA }
+
+func (i caIdentity) VerifyCert(raw [][]byte) (string, error) {
+	id, _, err := i.ca.VerifyDevice(raw)
+	return id, err
+}
+func (caIdentity) PSK([]byte) (string, []byte, error) {
+	return "", nil, errors.New("no PSK devices here")
+}
+func (caIdentity) CheckSecret(string, []byte) error { return errors.New("no secrets here") }
+func (caIdentity) OnRevoke(func(string))            {}
+
+type rig struct {
+	s   *Server
+	hub *hub.Hub
+	q   *queue.Queue
+	reg *prometheus.Registry
+	ca  *pki.CA
+}
+
+// heldSync is a queue Sync that blocks every fsync while held, and can be
+// told to fail them.
+type heldSync struct {
+	mu      sync.Mutex
+	gate    chan struct{} // closed when fsyncs may proceed
+	fail    error
+	entered chan struct{} // one token per fsync started
+}
+
+func newHeldSync() *heldSync {
+	return &heldSync{gate: make(chan struct{}), entered: make(chan struct{}, 1024)}
+}
+
+func (h *heldSync) sync(f *os.File) error {
+	select {
+	case h.entered <- struct{}{}:
+	default:
+	}
+	h.mu.Lock()
+	gate := h.gate
+	h.mu.Unlock()
+	<-gate
+	h.mu.Lock()
+	err := h.fail
+	h.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	return f.Sync()
+}
+
+func (h *heldSync) release(fail error) {
+	h.mu.Lock()
+	h.fail = fail
+	close(h.gate)
+	h.mu.Unlock()
+}
+
+func newRig(t *testing.T, opts queue.Options) *rig {
+	t.Helper()
+	dir := t.TempDir()
+	log := slog.New(slog.DiscardHandler)
+	ca, err := pki.Open(filepath.Join(dir, "ca"), "gw1", pki.SystemClock{}, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sc, err := ca.ServerCert("mqtt", []string{"127.0.0.1"}, 24*time.Hour, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	reg := prometheus.NewRegistry()
+	q, err := queue.Open(filepath.Join(dir, "queue"), opts, log, reg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h, err := hub.New(q, reg, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := New(Config{Listen: "127.0.0.1:0"}, sc, caIdentity{ca}, h, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- s.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("mqtt server: %v", err)
+		}
+		q.Close()
+	})
+	return &rig{s: s, hub: h, q: q, reg: reg, ca: ca}
+}
+
+// metric returns a counter or gauge from the rig's registry.
+func (r *rig) metric(t *testing.T, name string) float64 {
+	t.Helper()
+	mfs, err := r.reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+		var v float64
+		for _, m := range mf.GetMetric() {
+			v += m.GetCounter().GetValue() + m.GetGauge().GetValue()
+		}
+		return v
+	}
+	t.Fatalf("no metric %s", name)
+	return 0
+}
+
+// device is a raw MQTT client on a real TLS connection.
+type device struct {
+	t   *testing.T
+	id  string
+	ver byte
+	c   *tls.Conn
+	r   *bufio.Reader
+}
+
+func (r *rig) dial(t *testing.T, id string, ver byte) *device {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{Subject: pkix.Name{CommonName: id}}, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	csr, err := x509.ParseCertificateRequest(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	leaf, err := r.ca.IssueDevice(csr, id, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := tls.Dial("tcp", r.s.Addr(), &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: r.ca.RootPool(), ServerName: "127.0.0.1",
+		Certificates: []tls.Certificate{{Certificate: [][]byte{leaf.Raw, r.ca.Issuer().Raw}, PrivateKey: key}}})
+	if err != nil {
+		t.Fatalf("TLS to the MQTT server: %v", err)
+	}
+	t.Cleanup(func() { c.Close() })
+	d := &device{t: t, id: id, ver: ver, c: c, r: bufio.NewReader(c)}
+	d.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: ver,
+		Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: true, Keepalive: 60, ClientIdentifier: id}})
+	if pk := d.read(5 * time.Second); pk.FixedHeader.Type != packets.Connack || pk.ReasonCode != 0 {
+		t.Fatalf("CONNACK: got type %d reason 0x%02x", pk.FixedHeader.Type, pk.ReasonCode)
+	}
+	return d
+}
+
+func (d *device) send(pk packets.Packet) {
+	d.t.Helper()
+	var buf bytes.Buffer
+	var err error
+	pk.ProtocolVersion = d.ver
+	switch pk.FixedHeader.Type {
+	case packets.Connect:
+		err = pk.ConnectEncode(&buf)
+	case packets.Publish:
+		err = pk.PublishEncode(&buf)
+	case packets.Pingreq:
+		err = pk.PingreqEncode(&buf)
+	case packets.Subscribe:
+		err = pk.SubscribeEncode(&buf)
+	default:
+		err = fmt.Errorf("type %d not used here", pk.FixedHeader.Type)
+	}
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	d.c.SetWriteDeadline(time.Now().Add(5 * time.Second))
+	if _, err := d.c.Write(buf.Bytes()); err != nil {
+		d.t.Fatalf("device %s write: %v", d.id, err)
+	}
+}
+
+func (d *device) publish(id uint16, n int) {
+	d.t.Helper()
+	d.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}, PacketID: id,
+		TopicName: "devices/" + d.id + "/t/n", Payload: fmt.Appendf(nil, "msg %04d", n)})
+}
+
+// readErr reads one packet or returns the read error.
+func (d *device) readErr(timeout time.Duration) (packets.Packet, error) {
+	d.c.SetReadDeadline(time.Now().Add(timeout))
+	b, err := d.r.ReadByte()
+	if err != nil {
+		return packets.Packet{}, err
+	}
+	pk := packets.Packet{ProtocolVersion: d.ver}
+	if err := pk.FixedHeader.Decode(b); err != nil {
+		return pk, err
+	}
+	n, _, err := packets.DecodeLength(d.r)
+	if err != nil {
+		return pk, err
+	}
+	pk.FixedHeader.Remaining = n
+	body := make([]byte, n)
+	if _, err := io.ReadFull(d.r, body); err != nil {
+		return pk, err
+	}
+	switch pk.FixedHeader.Type {
+	case packets.Connack:
+		err = pk.ConnackDecode(body)
+	case packets.Puback:
+		err = pk.PubackDecode(body)
+	case packets.Suback:
+		err = pk.SubackDecode(body)
+	case packets.Publish:
+		err = pk.PublishDecode(body)
+	case packets.Pingresp:
+	default:
+		err = fmt.Errorf("unexpected packet type %d", pk.FixedHeader.Type)
+	}
+	return pk, err
+}
+
+func (d *device) read(timeout time.Duration) packets.Packet {
+	d.t.Helper()
+	pk, err := d.readErr(timeout)
+	if err != nil {
+		d.t.Fatalf("device %s read: %v", d.id, err)
+	}
+	return pk
+}
+
+// ack is what the device saw: PUBACK id and reason, or PINGRESP (id 0).
+type ack struct {
+	Type   byte
+	ID     uint16
+	Reason byte
+}
+
+func (d *device) readAcks(n int) []ack {
+	d.t.Helper()
+	var got []ack
+	for range n {
+		pk := d.read(10 * time.Second)
+		got = append(got, ack{pk.FixedHeader.Type, pk.PacketID, pk.ReasonCode})
+	}
+	return got
+}
+
+// conn returns the server side of the device's session.
+func (r *rig) conn(t *testing.T, id string) *pipeConn {
+	t.Helper()
+	cl, ok := r.s.mq.Clients.Get(id)
+	if !ok {
+		t.Fatalf("no session for %s", id)
+	}
+	pc, ok := cl.Net.Conn.(*pipeConn)
+	if !ok {
+		t.Fatalf("session conn is %T, not *pipeConn", cl.Net.Conn)
+	}
+	return pc
+}
+
+// heldPackets counts the whole MQTT packets the session holds and the
+// messages it has waiting for the disk.
+func (pc *pipeConn) heldPackets() (n, pending int) {
+	pc.mu.Lock()
+	defer pc.mu.Unlock()
+	if pc.p == nil {
+		return 0, 0
+	}
+	b := pc.p.held
+	for len(b) > 1 {
+		size, used, err := packets.DecodeLength(bytes.NewReader(b[1:]))
+		if err != nil || len(b) < 1+used+size {
+			break
+		}
+		b = b[1+used+size:]
+		n++
+	}
+	return n, len(pc.p.waits)
+}
+
+// waitFor polls cond (bounded) for a state inside the server that has no
+// event to wait on.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after 10s waiting for %s", what)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+func successAcks(from, to uint16) []ack {
+	var a []ack
+	for id := from; id <= to; id++ {
+		a = append(a, ack{packets.Puback, id, 0})
+	}
+	return a
+}
+
+// TestPubackWaitsForFsync: with the queue's fsync held, a device with 16
+// QoS 1 messages in flight and a PINGREQ behind them gets nothing; once
+// the fsync returns it gets the 16 PUBACKs in order, then the PINGRESP; the
+// queue holds the messages in the order sent.
+func TestPubackWaitsForFsync(t *testing.T) {
+	hs := newHeldSync()
+	r := newRig(t, queue.Options{Sync: hs.sync})
+	released := false
+	defer func() {
+		if !released {
+			hs.release(nil)
+		}
+	}()
+	d := r.dial(t, "dev-1", 5)
+	fsyncs0 := r.metric(t, "bastion_queue_fsyncs_total")
+	for i := range 16 {
+		d.publish(uint16(i+1), i)
+	}
+	d.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Pingreq}})
+
+	select {
+	case <-hs.entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the queue never started an fsync")
+	}
+	pc := r.conn(t, "dev-1")
+	// The session read all 17 packets and answered them into the hold.
+	waitFor(t, "16 PUBACKs and a PINGRESP held", func() bool { n, _ := pc.heldPackets(); return n == 17 })
+	if _, err := d.readErr(200 * time.Millisecond); !isTimeout(err) {
+		t.Fatalf("device read while the fsync is held: got %v, want a timeout (nothing sent)", err)
+	}
+	if got := r.metric(t, "bastion_queue_fsyncs_total") - fsyncs0; got != 0 {
+		t.Fatalf("%v fsyncs completed while held", got)
+	}
+
+	released = true
+	hs.release(nil)
+	want := append(successAcks(1, 16), ack{Type: packets.Pingresp})
+	if diff := cmp.Diff(want, d.readAcks(17)); diff != "" {
+		t.Errorf("device saw after the fsync (-want +got):\n%s", diff)
+	}
+	ents, err := r.q.Next(context.Background(), 0, 100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var gotPayloads, wantPayloads []string
+	for i, e := range ents {
+		gotPayloads = append(gotPayloads, string(e.Payload))
+		wantPayloads = append(wantPayloads, fmt.Sprintf("msg %04d", i))
+	}
+	if len(ents) != 16 {
+		t.Errorf("queue holds %d messages, want 16", len(ents))
+	}
+	if diff := cmp.Diff(wantPayloads, gotPayloads); diff != "" {
+		t.Errorf("queue order (-want +got):\n%s", diff)
+	}
+	waitFor(t, "the session's pipeline to end", func() bool { pc.mu.Lock(); defer pc.mu.Unlock(); return pc.p == nil })
+}
+
+// TestFailedFsyncClosesSession: when the fsync that covers the held
+// messages fails, the device gets no PUBACK at all and its connection is
+// closed; reconnecting, it is refused (the queue refuses everything after a
+// failed fsync) with MQTT 5 reason 0x97 rather than acknowledged.
+func TestFailedFsyncClosesSession(t *testing.T) {
+	hs := newHeldSync()
+	r := newRig(t, queue.Options{Sync: hs.sync})
+	released := false
+	defer func() {
+		if !released {
+			hs.release(nil)
+		}
+	}()
+	d := r.dial(t, "dev-2", 5)
+	for i := range 16 {
+		d.publish(uint16(i+1), i)
+	}
+	<-hs.entered
+	pc := r.conn(t, "dev-2")
+	waitFor(t, "16 PUBACKs held", func() bool { n, _ := pc.heldPackets(); return n == 16 })
+	released = true
+	hs.release(errors.New("EIO from the test's disk"))
+
+	var got []ack
+	var err error
+	for {
+		var pk packets.Packet
+		if pk, err = d.readErr(10 * time.Second); err != nil {
+			break
+		}
+		got = append(got, ack{pk.FixedHeader.Type, pk.PacketID, pk.ReasonCode})
+	}
+	if len(got) != 0 || !(errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) || isReset(err)) {
+		t.Fatalf("after a failed fsync the device saw %v then %v; want nothing, then the connection closed", got, err)
+	}
+
+	d2 := r.dial(t, "dev-2", 5)
+	d2.publish(1, 0)
+	if diff := cmp.Diff([]ack{{packets.Puback, 1, packets.ErrQuotaExceeded.Code}}, d2.readAcks(1)); diff != "" {
+		t.Errorf("publish after the failed fsync (-want +got):\n%s", diff)
+	}
+}
+
+// TestQueueFullWhilePipelined: admission stays synchronous and exact. With
+// room for a few messages only, a device pipelining 30 gets PUBACK 0x00
+// for the first ones and then 0x97 (MQTT 5), or no PUBACK at all (MQTT
+// 3.1.1, which has no negative PUBACK), in packet order, and the session
+// stays usable (PINGRESP after them).
+func TestQueueFullWhilePipelined(t *testing.T) {
+	for _, ver := range []byte{5, 4} {
+		t.Run(fmt.Sprintf("v%d", ver), func(t *testing.T) {
+			r := newRig(t, queue.Options{MaxBytes: 1024, SegmentBytes: 1024})
+			d := r.dial(t, fmt.Sprintf("dev-v%d", ver), ver)
+			for i := range 30 {
+				d.publish(uint16(i+1), i)
+			}
+			d.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Pingreq}})
+			var got []ack
+			for {
+				pk := d.read(10 * time.Second)
+				got = append(got, ack{pk.FixedHeader.Type, pk.PacketID, pk.ReasonCode})
+				if pk.FixedHeader.Type == packets.Pingresp {
+					break
+				}
+			}
+			held := int(r.metric(t, "bastion_queue_depth"))
+			if held == 0 || held == 30 {
+				t.Fatalf("queue holds %d of 30: the test needs it to fill part way", held)
+			}
+			want := successAcks(1, uint16(held))
+			if ver == 5 {
+				for id := held + 1; id <= 30; id++ {
+					want = append(want, ack{packets.Puback, uint16(id), packets.ErrQuotaExceeded.Code})
+				}
+			}
+			want = append(want, ack{Type: packets.Pingresp})
+			if diff := cmp.Diff(want, got); diff != "" {
+				t.Errorf("device saw, queue full after %d (-want +got):\n%s", held, diff)
+			}
+		})
+	}
+}
+
+// TestOneSessionGroupCommit: one device keeping 32 QoS 1 messages in flight
+// (the receive maximum) over a real disk gets more than one message per
+// fsync, and its PUBACKs and queue order are those it sent.
+func TestOneSessionGroupCommit(t *testing.T) {
+	const total, window = 512, 32
+	r := newRig(t, queue.Options{})
+	d := r.dial(t, "dev-3", 5)
+	fsyncs0, acc0 := r.metric(t, "bastion_queue_fsyncs_total"), r.metric(t, "bastion_queue_accepted_total")
+	sent := 0
+	for ; sent < window; sent++ {
+		d.publish(uint16(sent+1), sent)
+	}
+	var got []ack
+	for len(got) < total {
+		pk := d.read(10 * time.Second)
+		got = append(got, ack{pk.FixedHeader.Type, pk.PacketID, pk.ReasonCode})
+		if sent < total {
+			d.publish(uint16(sent%60000+1), sent)
+			sent++
+		}
+	}
+	if diff := cmp.Diff(successAcks(1, total), got); diff != "" {
+		t.Errorf("PUBACKs (-want +got):\n%s", diff)
+	}
+	fsyncs, acc := r.metric(t, "bastion_queue_fsyncs_total")-fsyncs0, r.metric(t, "bastion_queue_accepted_total")-acc0
+	t.Logf("%v messages accepted with %v fsyncs: %.1f messages per fsync", acc, fsyncs, acc/fsyncs)
+	if acc != total || acc/fsyncs <= 1 {
+		t.Errorf("%v messages with %v fsyncs: want %d messages and more than one per fsync", acc, fsyncs, total)
+	}
+	ents, err := r.q.Next(context.Background(), 0, total+1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, e := range ents {
+		if want := fmt.Sprintf("msg %04d", i); string(e.Payload) != want {
+			t.Fatalf("queue entry %d is %q, want %q (order per device)", i, e.Payload, want)
+		}
+	}
+	if len(ents) != total {
+		t.Errorf("queue holds %d, want %d", len(ents), total)
+	}
+}
+
+// TestPipelineBoundsMessages: an MQTT 3.1.1 device (no receive maximum)
+// pipelining 100 QoS 1 messages while the fsync is held gets exactly
+// maxPipelined of them admitted; the session reads no further until the
+// disk catches up, then all 100 are acknowledged in order.
+func TestPipelineBoundsMessages(t *testing.T) {
+	hs := newHeldSync()
+	r := newRig(t, queue.Options{Sync: hs.sync})
+	released := false
+	defer func() {
+		if !released {
+			hs.release(nil)
+		}
+	}()
+	d := r.dial(t, "dev-4", 4)
+	for i := range 100 {
+		d.publish(uint16(i+1), i)
+	}
+	<-hs.entered
+	pc := r.conn(t, "dev-4")
+	waitFor(t, "the session to reach its bound", func() bool { _, p := pc.heldPackets(); return p == maxPipelined })
+	time.Sleep(100 * time.Millisecond) // a bound that does not hold would admit more meanwhile
+	if _, p := pc.heldPackets(); p != maxPipelined {
+		t.Fatalf("%d messages waiting for the disk, want the bound %d", p, maxPipelined)
+	}
+	if n := r.metric(t, "bastion_transport_messages_total"); n != maxPipelined {
+		t.Fatalf("%v messages admitted while the fsync is held, want the bound %d", n, maxPipelined)
+	}
+	released = true
+	hs.release(nil)
+	if diff := cmp.Diff(successAcks(1, 100), d.readAcks(100)); diff != "" {
+		t.Errorf("PUBACKs (-want +got):\n%s", diff)
+	}
+}
+
+// TestPipelineHoldsCommandsInOrder: commands for the device that the
+// gateway sends while a PUBACK waits for the fsync are held behind it (the
+// device sees the bytes in the order the broker wrote them), the bytes held
+// stay within maxHeldBytes (the broker's writer waits), and all arrive,
+// in order, once the fsync returns.
+func TestPipelineHoldsCommandsInOrder(t *testing.T) {
+	hs := newHeldSync()
+	r := newRig(t, queue.Options{Sync: hs.sync})
+	released := false
+	defer func() {
+		if !released {
+			hs.release(nil)
+		}
+	}()
+	const dev, cmds, size = "dev-5", 20, 4 << 10
+	d := r.dial(t, dev, 5)
+	d.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Subscribe, Qos: 1}, PacketID: 7,
+		Filters: packets.Subscriptions{{Filter: "devices/" + dev + "/c/#"}}})
+	if pk := d.read(5 * time.Second); pk.FixedHeader.Type != packets.Suback || pk.PacketID != 7 {
+		t.Fatalf("SUBACK: got type %d id %d", pk.FixedHeader.Type, pk.PacketID)
+	}
+	d.publish(1, 0)
+	<-hs.entered
+	pc := r.conn(t, dev)
+	waitFor(t, "the PUBACK held", func() bool { n, _ := pc.heldPackets(); return n == 1 })
+	for i := range cmds {
+		payload := bytes.Repeat([]byte{byte('a' + i)}, size)
+		if err := r.hub.Deliver(context.Background(), bridges.Message{Device: dev, Topic: fmt.Sprintf("devices/%s/c/%02d", dev, i), Payload: payload}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	fit := (maxHeldBytes - 4) / (size + 30) // PUBACK, then whole command PUBLISHes
+	waitFor(t, "commands held up to the bound", func() bool { n, _ := pc.heldPackets(); return n >= 1+fit })
+	pc.mu.Lock()
+	held := len(pc.p.held)
+	pc.mu.Unlock()
+	if held > maxHeldBytes {
+		t.Fatalf("%d bytes held, bound %d", held, maxHeldBytes)
+	}
+	if _, err := d.readErr(100 * time.Millisecond); !isTimeout(err) {
+		t.Fatalf("device read while the fsync is held: %v, want nothing", err)
+	}
+	released = true
+	hs.release(nil)
+	type seen struct {
+		Type  byte
+		ID    uint16
+		Topic string
+		First byte
+	}
+	want := []seen{{Type: packets.Puback, ID: 1}}
+	for i := range cmds {
+		want = append(want, seen{Type: packets.Publish, Topic: fmt.Sprintf("devices/%s/c/%02d", dev, i), First: byte('a' + i)})
+	}
+	var got []seen
+	for range want {
+		pk := d.read(10 * time.Second)
+		sn := seen{Type: pk.FixedHeader.Type, Topic: pk.TopicName}
+		if pk.FixedHeader.Type == packets.Puback {
+			sn.ID = pk.PacketID
+		}
+		if len(pk.Payload) > 0 {
+			sn.First = pk.Payload[0]
+		}
+		got = append(got, sn)
+	}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("device saw (-want +got):\n%s", diff)
+	}
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+func isReset(err error) bool {
+	return err != nil && (errors.Is(err, os.ErrDeadlineExceeded) == false) && bytes.Contains([]byte(err.Error()), []byte("reset"))
+}

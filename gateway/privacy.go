@@ -1,0 +1,81 @@
+package gateway
+
+import (
+	"maps"
+
+	"github.com/bastion-iot/bastion/bridges/hub"
+)
+
+// Privacy opt-outs (console privacy page, store.OptOuts) that the gateway
+// enforces. The console's catalogue names them; these are the optional ones.
+const (
+	optOutLastSeen = "device.last_seen"
+	optOutCounters = "device.counters"
+	optOutFwStatus = "firmware.status"
+)
+
+// optedOut reads the opt-outs from the store. A store that cannot be read
+// counts as opted out of everything optional: privacy fails closed.
+func (g *Gateway) optedOut(datum string) bool {
+	m, err := g.store.OptOuts()
+	if err != nil {
+		g.log.Error("privacy opt-outs unreadable; treating every optional datum as switched off", "err", err)
+		return true
+	}
+	return m[datum]
+}
+
+// applyOptOuts makes the opt-outs true in what the gateway keeps: the hub
+// stops keeping (and erases) per-device counters or last-seen times, and
+// stored firmware status reports are erased. It runs at start and after
+// every change in the console.
+func (g *Gateway) applyOptOuts(off map[string]bool) {
+	if g.hub != nil {
+		g.hub.SetTrafficOptOut(hub.TrafficOptOut{Counters: off[optOutCounters], LastSeen: off[optOutLastSeen]})
+	}
+	if off[optOutFwStatus] {
+		stored, err := g.store.FirmwareStatuses()
+		if err == nil && len(stored) > 0 {
+			for dev := range stored {
+				stored[dev] = nil // a nil value deletes
+			}
+			err = g.store.PutFirmwareStatuses(stored)
+		}
+		if err != nil {
+			g.log.Error("firmware.status opted out but the stored reports could not be erased", "err", err)
+		}
+	}
+}
+
+// startOptOuts applies the stored opt-outs once the hub exists.
+func (g *Gateway) startOptOuts() {
+	m, err := g.store.OptOuts()
+	if err != nil {
+		g.log.Error("privacy opt-outs unreadable; treating every optional datum as switched off", "err", err)
+		m = map[string]bool{optOutLastSeen: true, optOutCounters: true, optOutFwStatus: true}
+	}
+	g.applyOptOuts(m)
+}
+
+// fwStatusStore is the firmware cache's StatusStore with the
+// firmware.status opt-out applied: while it is on, nothing is loaded and
+// every write is a delete, so reports live only in memory (to avoid
+// offering an installed image again) and are gone at restart.
+type fwStatusStore struct{ g *Gateway }
+
+func (s fwStatusStore) FirmwareStatuses() (map[string][]byte, error) {
+	if s.g.optedOut(optOutFwStatus) {
+		return map[string][]byte{}, nil
+	}
+	return s.g.store.FirmwareStatuses()
+}
+
+func (s fwStatusStore) PutFirmwareStatuses(batch map[string][]byte) error {
+	if s.g.optedOut(optOutFwStatus) {
+		batch = maps.Clone(batch)
+		for dev := range batch {
+			batch[dev] = nil
+		}
+	}
+	return s.g.store.PutFirmwareStatuses(batch)
+}

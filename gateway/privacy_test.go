@@ -1,0 +1,116 @@
+package gateway
+
+// The console's privacy opt-outs change what the gateway keeps, not only
+// what it shows: switched on through the console API, they erase what was
+// kept and keep nothing new, and they hold after a restart.
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"net/http"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/bastion-iot/bastion/gateway/store"
+	"github.com/bastion-iot/bastion/internal/devicesim"
+	"github.com/bastion-iot/bastion/internal/testutil/tufrepo"
+	otacache "github.com/bastion-iot/bastion/ota-cache"
+)
+
+func (c *consoleAPI) optOut(t *testing.T, datum string, off bool) {
+	t.Helper()
+	body, _ := json.Marshal(map[string]any{"datum": datum, "opt_out": off})
+	req, _ := http.NewRequest("PUT", c.base+"/api/v1/privacy/optout", bytes.NewReader(body))
+	req.Header.Set("Authorization", "Bearer "+c.token)
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("opt out of %s: %d", datum, resp.StatusCode)
+	}
+}
+
+func TestPrivacyOptOutsAreEnforced(t *testing.T) {
+	v := newFWVendor(t)
+	img := tufrepo.Image(3000, 1)
+	sha := v.publish(t, fwClassA, "1.1.0", 1, img)
+	dir := filepath.Join(t.TempDir(), "state")
+	g := startFirmwareGatewayIn(t, v, dir)
+	d, _ := g.addFWDevice(t, "thermo", "psk", fwClassA)
+	g.check(t)
+	ctx := ctxT(t, 60*time.Second)
+
+	report := func(g *fwgw, state string) {
+		t.Helper()
+		fc, err := d.DialFirmwareCoAP(ctx, g.g.Addrs()["coaps_psk"])
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer fc.Close()
+		if err := otacache.ReportStatusCoAP(ctx, fc.Conn(), devicesim.StatusPath, otacache.DeviceStatus{State: state, Version: "1.1.0", SHA256: sha}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := fc.Publish(ctx, "/t/temp", []byte("21")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	report(g, otacache.StateDownloading)
+	if _, err := g.g.Store().FirmwareStatus(d.ID); err != nil {
+		t.Fatalf("before opting out the status is not stored: %v", err)
+	}
+	if tr, ok := g.g.Hub().Traffic(d.ID); !ok || tr.MessagesIn != 1 || tr.LastSeen.IsZero() {
+		t.Fatalf("before opting out: traffic %+v %v", tr, ok)
+	}
+
+	api := newConsoleAPI(t, g.g)
+	api.optOut(t, optOutFwStatus, true)
+	api.optOut(t, optOutCounters, true)
+	api.optOut(t, optOutLastSeen, true)
+	if _, err := g.g.Store().FirmwareStatus(d.ID); !errors.Is(err, store.ErrNotFound) {
+		t.Errorf("firmware.status opted out: stored report not erased (%v)", err)
+	}
+	if tr, ok := g.g.Hub().Traffic(d.ID); ok {
+		t.Errorf("counters and last seen opted out: still kept %+v", tr)
+	}
+	report(g, otacache.StateFailed)
+	if _, err := g.g.Store().FirmwareStatus(d.ID); !errors.Is(err, store.ErrNotFound) {
+		t.Errorf("firmware.status opted out: a new report was stored (%v)", err)
+	}
+	if tr, ok := g.g.Hub().Traffic(d.ID); ok {
+		t.Errorf("counters and last seen opted out: new traffic kept %+v", tr)
+	}
+	if st := g.statuses(t); len(st) != 0 {
+		t.Errorf("firmware.status opted out: /v1/firmware shows %+v", st)
+	}
+	if rows := api.statusRows(t); len(rows) != 0 {
+		t.Errorf("firmware.status opted out: console shows %+v", rows)
+	}
+
+	// After a restart the opt-outs hold from the first message.
+	g.stop()
+	g = startFirmwareGatewayIn(t, v, dir)
+	report(g, otacache.StateFailed)
+	if _, err := g.g.Store().FirmwareStatus(d.ID); !errors.Is(err, store.ErrNotFound) {
+		t.Errorf("after restart: report stored despite the opt-out (%v)", err)
+	}
+	if tr, ok := g.g.Hub().Traffic(d.ID); ok {
+		t.Errorf("after restart: traffic kept despite the opt-outs: %+v", tr)
+	}
+
+	// Opting back in keeps data again from the next change on.
+	api = newConsoleAPI(t, g.g)
+	api.optOut(t, optOutFwStatus, false)
+	api.optOut(t, optOutCounters, false)
+	report(g, otacache.StateInstalled)
+	if _, err := g.g.Store().FirmwareStatus(d.ID); err != nil {
+		t.Errorf("opted back in: report not stored (%v)", err)
+	}
+	if tr, ok := g.g.Hub().Traffic(d.ID); !ok || tr.MessagesIn != 1 || !tr.LastSeen.IsZero() {
+		t.Errorf("counters back in, last seen still out: traffic %+v %v", tr, ok)
+	}
+}
