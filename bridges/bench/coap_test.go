@@ -151,18 +151,6 @@ func procCPU(pid int) time.Duration {
 	return time.Duration(ut+st) * 10 * time.Millisecond
 }
 
-// cpuProfile starts or ends (every other call) a CPU profile of a
-// BENCH_PROFILE_DIR bastiond: cpu-1.pprof, cpu-2.pprof ... in that
-// directory, one per measured Bastion phase.
-func (bs *bastion) cpuProfile(b *testing.B) {
-	if os.Getenv("BENCH_PROFILE_DIR") == "" {
-		return
-	}
-	if err := bs.cmd.Process.Signal(syscall.SIGUSR2); err != nil {
-		b.Fatal(err)
-	}
-}
-
 // BenchmarkCoAPvsLibcoap: CoAP over DTLS 1.2 with PSK, Bastion against
 // libcoap's coap-server-openssl in the same run, the same client (pion/dtls
 // + go-coap) for both. Request/response: confirmable POST /t/bench on
@@ -206,11 +194,13 @@ func BenchmarkCoAPvsLibcoap(b *testing.B) {
 				lc0 := procCPU(lcPid)
 				l := coapLoad(b, lc, lDevs[:sessions], per, lDo)
 				lcCPU := procCPU(lcPid) - lc0
-				bs.cpuProfile(b)
-				g0 := procCPU(bs.cmd.Process.Pid)
-				g := coapLoad(b, bs.addrs["coaps_psk"], bDevs[:sessions], per, bDo)
-				gCPU := procCPU(bs.cmd.Process.Pid) - g0
-				bs.cpuProfile(b)
+				var g result
+				var gCPU time.Duration
+				bs.cpuProfile(b, fmt.Sprintf("coap-sessions%d", sessions), func() {
+					g0 := procCPU(bs.cmd.Process.Pid)
+					g = coapLoad(b, bs.addrs["coaps_psk"], bDevs[:sessions], per, bDo)
+					gCPU = procCPU(bs.cmd.Process.Pid) - g0
+				})
 				// Server CPU per request: unlike the rate, it hardly depends
 				// on what else the machine is doing.
 				gus, lus := float64(gCPU.Microseconds())/float64(g.msgs), float64(lcCPU.Microseconds())/float64(l.msgs)
@@ -230,11 +220,13 @@ func BenchmarkCoAPvsLibcoap(b *testing.B) {
 			lc0 := procCPU(lcPid)
 			l := handshakes(b, lc, lDevs[0], 500, 4)
 			lcCPU := procCPU(lcPid) - lc0
-			bs.cpuProfile(b)
-			g0 := procCPU(bs.cmd.Process.Pid)
-			g := handshakes(b, bs.addrs["coaps_psk"], bDevs[0], 500, 4)
-			gCPU := procCPU(bs.cmd.Process.Pid) - g0
-			bs.cpuProfile(b)
+			var g float64
+			var gCPU time.Duration
+			bs.cpuProfile(b, "coap-handshakes", func() {
+				g0 := procCPU(bs.cmd.Process.Pid)
+				g = handshakes(b, bs.addrs["coaps_psk"], bDevs[0], 500, 4)
+				gCPU = procCPU(bs.cmd.Process.Pid) - g0
+			})
 			gus, lus := float64(gCPU.Microseconds())/500, float64(lcCPU.Microseconds())/500
 			b.ReportMetric(gus, "bastion_cpu_us/hs")
 			b.ReportMetric(lus, "libcoap_cpu_us/hs")
