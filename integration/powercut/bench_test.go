@@ -47,13 +47,22 @@ func BenchmarkFullStack(b *testing.B) {
 
 	cloud := mosquitto.Start(b, mosquitto.Options{Name: "cloud"})
 	sub := mosquitto.Subscribe(b, cloud, "bench-sub", "bastion/#", false)
+	if os.Getenv("BENCH_DEBUG_LOGS") != "" {
+		b.Cleanup(func() {
+			raw, _ := os.ReadFile(cloud.LogFile)
+			b.Logf("cloud log:\n%s", raw)
+		})
+	}
 
 	// Bastion, its own process, upstream to the cloud broker; with
 	// BENCH_BASTIOND_BASELINE=<path to another bastiond build> a second one
 	// runs that build, alternating with this one in every scenario.
-	gws := []*benchGateway{newBenchGateway(b, "Bastion", "", cloud, gatewayID, maxPubs)}
+	gws := []*benchGateway{newBenchGateway(b, "Bastion", "", cloud, sub, gatewayID, maxPubs)}
 	if base := os.Getenv("BENCH_BASTIOND_BASELINE"); base != "" {
-		gws = append(gws, newBenchGateway(b, "baseline", base, cloud, gatewayID, maxPubs))
+		// Its own cloud broker: a --dev gateway's MQTT client id is fixed.
+		cloud2 := mosquitto.Start(b, mosquitto.Options{Name: "cloud2"})
+		sub2 := mosquitto.Subscribe(b, cloud2, "bench-sub", "bastion/#", false)
+		gws = append(gws, newBenchGateway(b, "baseline", base, cloud2, sub2, gatewayID, maxPubs))
 	}
 
 	// Mosquitto A bridging to the same cloud broker, as a Mosquitto edge
@@ -82,7 +91,7 @@ topic # out 1 devices/ bastion/%s/
 
 	// Both paths must deliver before anything is timed.
 	for _, g := range gws {
-		probe(b, sub, g.cfg.MQTT.Listen, g.devs[0])
+		probe(b, g.sub, g.cfg.MQTT.Listen, g.devs[0])
 	}
 	probe(b, sub, edge.Addr, mDevs[0])
 
@@ -100,7 +109,7 @@ topic # out 1 devices/ bastion/%s/
 			slices.Reverse(order)
 		}
 		for _, gw := range order {
-			g, st := gw.run(b, sub, sc.pubs, sc.inflight, sc.each, name)
+			g, st := gw.run(b, sc.pubs, sc.inflight, sc.each, name)
 			ratio := g.rate() / m.rate()
 			lines = append(lines, fmt.Sprintf("%2d publishers × %2d in flight × %4d | %s %6.0f msg/s e2e p50 %v p99 %v, PUBACK p50 %v p99 %v | Mosquitto bridge %6.0f msg/s e2e p50 %v p99 %v, PUBACK p50 %v p99 %v | throughput ratio %.2fx, e2e p99 ratio %.2fx, dups %d/%d; bastiond CPU %.0f µs/msg (%.2f cores), %.1f msgs/fsync, %.0f fsyncs/s, mean fsync %v (writer in fsync %.0f%% of the time); edge Mosquitto CPU %.0f µs/msg (%.2f cores)",
 				sc.pubs, sc.inflight, sc.each, gw.name, g.rate(), g.pct(g.e2e, 50), g.pct(g.e2e, 99), g.pct(g.ack, 50), g.pct(g.ack, 99),
@@ -126,6 +135,12 @@ topic # out 1 devices/ bastion/%s/
 	for _, l := range lines {
 		b.Log(l)
 	}
+	if os.Getenv("BENCH_DEBUG_LOGS") != "" {
+		for _, g := range gws {
+			b.Logf("%s log:\n%s", g.name, g.p.log)
+		}
+
+	}
 }
 
 // benchRound alternates which gateway goes first between -count rounds.
@@ -136,21 +151,23 @@ type benchGateway struct {
 	name, state string
 	cfg         config.Config
 	p           *proc
+	sub         *mosquitto.Subscriber // on its cloud broker
 	devs        []*devicesim.Device
 	profile     bool // SIGUSR2 CPU profiles around each run
 	profiles    int
 }
 
 // newBenchGateway starts bastiond (bin, or this tree's build if empty) on a
-// fresh state directory, upstream to cloud, with pubs devices.
-func newBenchGateway(b *testing.B, name, bin string, cloud *mosquitto.Broker, gatewayID string, pubs int) *benchGateway {
+// fresh state directory, upstream to cloud (sub subscribes there), with
+// pubs devices.
+func newBenchGateway(b *testing.B, name, bin string, cloud *mosquitto.Broker, sub *mosquitto.Subscriber, gatewayID string, pubs int) *benchGateway {
 	state := filepath.Join(b.TempDir(), "state")
 	if err := os.MkdirAll(state, 0o700); err != nil {
 		b.Fatal(err)
 	}
 	cfg := gwConfig(b, state, cloud, cloud.CA.CertFile, mosquitto.ServerName, cloud.CA.Client(b, gatewayID), gatewayID)
 	cfg.Log.Level = "warn"
-	g := &benchGateway{name: name, state: state, cfg: cfg}
+	g := &benchGateway{name: name, state: state, cfg: cfg, sub: sub}
 	if bin == "" {
 		bin, _ = binaries(b)
 		g.profile = os.Getenv("BENCH_PROFILE_DIR") != ""
@@ -169,11 +186,11 @@ type runStats struct {
 	fsyncs, fsSec float64
 }
 
-func (g *benchGateway) run(b *testing.B, sub *mosquitto.Subscriber, pubs, inflight, each int, name string) (fullResult, runStats) {
+func (g *benchGateway) run(b *testing.B, pubs, inflight, each int, name string) (fullResult, runStats) {
 	pid := g.p.cmd.Process.Pid
 	cpu0, fs0, fsSec0 := cpuTime(b, pid), metric(b, g.state, "bastion_queue_fsyncs_total"), metric(b, g.state, "bastion_queue_fsync_seconds_total")
 	g.signalProfile(b, "")
-	r := fullRun(b, sub, g.cfg.MQTT.Listen, g.devs[:pubs], inflight, each)
+	r := fullRun(b, g.sub, g.cfg.MQTT.Listen, g.devs[:pubs], inflight, each)
 	g.signalProfile(b, fmt.Sprintf("cpu-%s-%d.pprof", name, benchRound))
 	st := runStats{cpu: cpuTime(b, pid) - cpu0, fsyncs: metric(b, g.state, "bastion_queue_fsyncs_total") - fs0}
 	st.fsSec = metric(b, g.state, "bastion_queue_fsync_seconds_total") - fsSec0
