@@ -596,16 +596,26 @@ func (q *Queue) Next(ctx context.Context, after uint64, max int) ([]Entry, error
 		i := sort.Search(len(q.ents), func(i int) bool { return q.ents[i].seq > after })
 		var out []Entry
 		var err error
-		for ; i < len(q.ents) && len(out) < max; i++ {
-			e := q.ents[i]
-			if e.acked {
+		for i < len(q.ents) && len(out) < max {
+			if q.ents[i].acked {
+				i++
 				continue
 			}
-			var m bridges.Message
-			if m, err = q.read(e); err != nil {
+			// Entries next to each other in one segment are read with one
+			// read (the delivered-marks between batches come along).
+			j, span := i+1, int64(q.ents[i].n)
+			for ; j < len(q.ents) && len(out)+(j-i) < max; j++ {
+				e := q.ents[j]
+				end := e.off + int64(e.n) - q.ents[i].off
+				if e.seg != q.ents[i].seg || end > maxReadSpan {
+					break
+				}
+				span = end
+			}
+			if out, err = q.readSpan(out, q.ents[i:j], span); err != nil {
 				break
 			}
-			out = append(out, Entry{Seq: e.seq, Message: m})
+			i = j
 		}
 		ch := q.notify
 		q.mu.Unlock()
@@ -623,17 +633,29 @@ func (q *Queue) Next(ctx context.Context, after uint64, max int) ([]Entry, error
 	}
 }
 
-// read loads one entry from its segment. Caller holds q.mu.
-func (q *Queue) read(e entry) (bridges.Message, error) {
-	b := make([]byte, e.n)
-	if _, err := e.seg.f.ReadAt(b, e.off); err != nil && !(errors.Is(err, io.EOF) && len(b) == int(e.n)) {
-		return bridges.Message{}, fmt.Errorf("queue: read seq %d from %s at %d: %w", e.seq, e.seg.path, e.off, err)
+// maxReadSpan bounds one read in Next.
+const maxReadSpan = 256 << 10
+
+// readSpan appends the held entries of es, which lie in one segment within
+// span bytes from es[0], reading them with one read. Caller holds q.mu.
+func (q *Queue) readSpan(out []Entry, es []entry, span int64) ([]Entry, error) {
+	first := es[0]
+	b := make([]byte, span)
+	if n, err := first.seg.f.ReadAt(b, first.off); err != nil && !(errors.Is(err, io.EOF) && n == len(b)) {
+		return out, fmt.Errorf("queue: read seqs %d..%d from %s at %d: %w", first.seq, es[len(es)-1].seq, first.seg.path, first.off, err)
 	}
-	rec, _, err := decodeRecord(b)
-	if err != nil || rec.kind != kindMsg || rec.seq != e.seq {
-		return bridges.Message{}, fmt.Errorf("queue: record for seq %d in %s at %d unreadable: %v", e.seq, e.seg.path, e.off, err)
+	for _, e := range es {
+		if e.acked {
+			continue
+		}
+		rel := e.off - first.off
+		rec, _, err := decodeRecord(b[rel : rel+int64(e.n)])
+		if err != nil || rec.kind != kindMsg || rec.seq != e.seq {
+			return out, fmt.Errorf("queue: record for seq %d in %s at %d unreadable: %v", e.seq, e.seg.path, e.off, err)
+		}
+		out = append(out, Entry{Seq: e.seq, Message: rec.msg})
 	}
-	return rec.msg, nil
+	return out, nil
 }
 
 // Ack marks entries delivered (after the upstream PUBACK) and frees their
@@ -644,7 +666,7 @@ func (q *Queue) Ack(seqs ...uint64) error {
 		q.mu.Unlock()
 		return ErrClosed
 	}
-	n := 0
+	n, hadAcks := 0, len(q.acks) > 0
 	for _, s := range seqs {
 		i := sort.Search(len(q.ents), func(i int) bool { return q.ents[i].seq >= s })
 		if i == len(q.ents) || q.ents[i].seq != s || q.ents[i].acked {
@@ -661,7 +683,9 @@ func (q *Queue) Ack(seqs ...uint64) error {
 	q.m.depth.Set(float64(q.depth))
 	q.m.bytes.Set(float64(q.diskBytes()))
 	q.mu.Unlock()
-	if n > 0 {
+	if n > 0 && !hadAcks {
+		// Only the first mark needs the writer (to start its flush timer,
+		// unless a batch takes the marks first): no wake-up per PUBACK.
 		q.kick()
 	}
 	return nil
