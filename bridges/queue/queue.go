@@ -128,20 +128,22 @@ type Queue struct {
 	log  *slog.Logger
 	m    *metrics
 
-	mu      sync.Mutex
-	closed  bool
-	failed  error // sticky write/fsync failure
-	segs    []*segment
-	ents    []entry // committed entries in seq order; acked ones trimmed from the head
-	depth   int
-	nextSeq uint64
-	batch   []pending
-	batchB  int64
-	acks    []uint64 // delivered marks not yet written
-	notify  chan struct{}
-	wake    chan struct{}
-	stop    chan struct{}
-	stopped chan struct{}
+	mu       sync.Mutex
+	closed   bool
+	failed   error // sticky write/fsync failure
+	segs     []*segment
+	ents     []entry // committed entries in seq order; acked ones trimmed from the head
+	depth    int
+	nextSeq  uint64
+	batch    []pending
+	batchB   int64
+	acks     []uint64 // delivered marks not yet written
+	notify   chan struct{}
+	wake     chan struct{}
+	ackDue   chan struct{} // the delivered-marks timer fired (capacity 1)
+	ackArmed bool          // that timer is running
+	stop     chan struct{}
+	stopped  chan struct{}
 }
 
 var _ bridges.AsyncSink = (*Queue)(nil)
@@ -165,7 +167,7 @@ func Open(dir string, opts Options, log *slog.Logger, reg prometheus.Registerer)
 	}
 	q := &Queue{
 		dir: dir, opts: opts, log: log.With("component", "queue"),
-		notify: make(chan struct{}), wake: make(chan struct{}, 1),
+		notify: make(chan struct{}), wake: make(chan struct{}, 1), ackDue: make(chan struct{}, 1),
 		stop: make(chan struct{}), stopped: make(chan struct{}),
 	}
 	q.m = newMetrics(q)
@@ -435,32 +437,31 @@ func (q *Queue) oldestLocked() time.Time {
 
 // writer is the single goroutine that writes: message batches (one write
 // and one fsync for everything that arrived meanwhile), and delivered-marks
-// piggybacked on those or flushed after AckFlushInterval. When idle it writes
-// nothing.
+// piggybacked on those or flushed (without fsync) when the timer Ack armed
+// fires. When idle it writes nothing.
 func (q *Queue) writer() {
 	defer close(q.stopped)
-	var ackTimer <-chan time.Time
 	for {
 		fired := false
 		select {
 		case <-q.wake:
-		case <-ackTimer:
-			fired, ackTimer = true, nil
+		case <-q.ackDue:
+			fired = true
 		case <-q.stop:
 			q.flush(true)
 			return
 		}
 		q.mu.Lock()
 		haveBatch, haveAcks := len(q.batch) > 0, len(q.acks) > 0
+		if fired {
+			q.ackArmed = false
+		}
 		q.mu.Unlock()
 		switch {
 		case haveBatch:
 			q.flush(true)
-			ackTimer = nil
 		case haveAcks && fired:
 			q.flush(false)
-		case haveAcks && ackTimer == nil:
-			ackTimer = time.After(q.opts.AckFlushInterval)
 		}
 	}
 }
@@ -666,7 +667,7 @@ func (q *Queue) Ack(seqs ...uint64) error {
 		q.mu.Unlock()
 		return ErrClosed
 	}
-	n, hadAcks := 0, len(q.acks) > 0
+	n := 0
 	for _, s := range seqs {
 		i := sort.Search(len(q.ents), func(i int) bool { return q.ents[i].seq >= s })
 		if i == len(q.ents) || q.ents[i].seq != s || q.ents[i].acked {
@@ -682,11 +683,20 @@ func (q *Queue) Ack(seqs ...uint64) error {
 	q.m.acked.Add(float64(n))
 	q.m.depth.Set(float64(q.depth))
 	q.m.bytes.Set(float64(q.diskBytes()))
+	arm := n > 0 && !q.ackArmed
+	if arm {
+		q.ackArmed = true
+	}
 	q.mu.Unlock()
-	if n > 0 && !hadAcks {
-		// Only the first mark needs the writer (to start its flush timer,
-		// unless a batch takes the marks first): no wake-up per PUBACK.
-		q.kick()
+	if arm {
+		// The marks ride along with the next batch; the timer writes them
+		// if none comes. No writer wake-up per PUBACK, one timer at most.
+		time.AfterFunc(q.opts.AckFlushInterval, func() {
+			select {
+			case q.ackDue <- struct{}{}:
+			default:
+			}
+		})
 	}
 	return nil
 }
