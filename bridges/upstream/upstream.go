@@ -705,7 +705,11 @@ func (r *sendRun) puback(seq uint64, reason byte) {
 	u := r.u
 	if reason >= 0x80 {
 		u.m.publishErrors.Inc()
-		r.fail(fmt.Errorf("upstream broker %s refused seq %d with PUBACK reason 0x%02x %s; it stays queued and is retried", u.cur.Load().cfg.Broker, seq, reason, (&packets.Puback{ReasonCode: reason}).Reason()))
+		why := (&packets.Puback{ReasonCode: reason}).Reason()
+		if why == "" && reason == 0x95 {
+			why = "packet too large"
+		}
+		r.fail(fmt.Errorf("upstream broker %s refused seq %d with PUBACK reason 0x%02x (%s); it stays queued and is retried", u.cur.Load().cfg.Broker, seq, reason, why))
 		return
 	}
 	if err := u.q.Ack(seq); err != nil {
