@@ -331,5 +331,11 @@ func BenchmarkCoAPSServe(b *testing.B) {
 		if gwRes.failures > 0 {
 			b.Errorf("bastion: %d of %d devices failed: %s", gwRes.failures, n, gwRes.firstError)
 		}
+		if lcRes.failures > 0 {
+			// Seen on a loaded machine: about 93 s (CoAP's MAX_TRANSMIT_WAIT)
+			// into its run, coap-server-openssl answers without the ETag and
+			// every device stops. Its rate then covers only part of the image.
+			b.Logf("libcoap run incomplete (%d devices failed): its rate and the ratio cover only the bytes served before the failure; use fewer devices or OTACACHE_BENCH_MIB so it ends sooner", lcRes.failures)
+		}
 	}
 }

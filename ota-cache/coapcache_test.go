@@ -1,52 +1,40 @@
 package otacache
 
 import (
-	"bytes"
-	"context"
 	"strconv"
 	"testing"
 	"time"
-
-	"github.com/plgd-dev/go-coap/v3/message"
-	"github.com/plgd-dev/go-coap/v3/message/codes"
-	"github.com/plgd-dev/go-coap/v3/message/pool"
 )
 
 func TestResponseCacheBoundedReplay(t *testing.T) {
 	c := NewResponseCache(4)
-	msg := func(i int) *pool.Message {
-		m := pool.NewMessage(context.Background())
-		m.SetCode(codes.Content)
-		m.SetMessageID(int32(i))
-		m.SetType(message.Acknowledgement)
-		m.SetBody(bytes.NewReader([]byte("block " + strconv.Itoa(i))))
-		return m
+	if len(c.slots) != 0 {
+		t.Fatalf("new cache holds %d slots, want none until used", len(c.slots))
 	}
+	raw := func(i int) []byte { return []byte("block " + strconv.Itoa(i)) }
 	for i := range 6 {
-		if err := c.Store(strconv.Itoa(i), msg(i)); err != nil {
-			t.Fatal(err)
-		}
+		r := raw(i)
+		c.store(uint16(i), r)
+		r[0] = 'X' // the cache keeps its own copy
 	}
 	// The last 4 are replayed byte for byte; older ones are gone.
 	for i := range 6 {
-		got := pool.NewMessage(context.Background())
-		ok, err := c.Load(strconv.Itoa(i), got)
-		if err != nil {
-			t.Fatal(err)
-		}
+		got, ok := c.load(uint16(i))
 		if want := i >= 2; ok != want {
-			t.Errorf("Load(%d) found=%v, want %v", i, ok, want)
+			t.Errorf("load(%d) found=%v, want %v", i, ok, want)
 			continue
 		}
-		if ok {
-			body, _ := got.ReadBody()
-			if string(body) != "block "+strconv.Itoa(i) || got.Code() != codes.Content {
-				t.Errorf("Load(%d) = %v %q", i, got.Code(), body)
-			}
+		if ok && string(got) != string(raw(i)) {
+			t.Errorf("load(%d) = %q, want %q", i, got, raw(i))
 		}
 	}
-	c.CheckExpirations(time.Now().Add(248 * time.Second))
-	if ok, _ := c.Load("5", pool.NewMessage(context.Background())); ok {
+	if len(c.slots) != 4 {
+		t.Errorf("cache grew to %d slots, want 4", len(c.slots))
+	}
+	for i := range c.slots {
+		c.slots[i].expires = time.Now().Add(-time.Second)
+	}
+	if _, ok := c.load(5); ok {
 		t.Error("entry survived EXCHANGE_LIFETIME")
 	}
 }

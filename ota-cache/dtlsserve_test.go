@@ -14,8 +14,6 @@ import (
 	"github.com/plgd-dev/go-coap/v3/message/codes"
 	"github.com/plgd-dev/go-coap/v3/message/pool"
 	coapnet "github.com/plgd-dev/go-coap/v3/net"
-	"github.com/plgd-dev/go-coap/v3/net/responsewriter"
-	udpclient "github.com/plgd-dev/go-coap/v3/udp/client"
 	"github.com/plgd-dev/go-coap/v3/udp/coder"
 )
 
@@ -34,14 +32,14 @@ func TestServeDTLSReplaysAndStops(t *testing.T) {
 	}
 	defer l.Close()
 	var calls, conns atomic.Int32
-	h := func(w *responsewriter.ResponseWriter[*udpclient.Conn], r *pool.Message) {
+	h := func(w *DTLSResponseWriter, r *pool.Message) {
 		n := calls.Add(1)
 		_ = w.SetResponse(codes.Content, message.TextPlain, bytes.NewReader([]byte{byte('0' + n)}))
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() {
-		done <- ServeDTLS(ctx, l, DTLSServeConfig{Handler: h, ResponseCacheEntries: 2, OnNewConn: func(*udpclient.Conn) { conns.Add(1) }})
+		done <- ServeDTLS(ctx, l, DTLSServeConfig{Handler: h, ResponseCacheEntries: 2, OnNewConn: func(*DTLSConn) { conns.Add(1) }})
 	}()
 
 	cfg := pskConfig(func(string) ([]byte, bool) { return []byte(testPSKs["dev-a"]), true })
@@ -71,8 +69,7 @@ func TestServeDTLSReplaysAndStops(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		// Retransmit as a CoAP client does (RFC 7252 §4.2): go-coap drops a
-		// duplicate that arrives while the first copy is still in flight.
+		// Retransmit as a CoAP client does (RFC 7252 §4.2) until answered.
 		buf := make([]byte, 2048)
 		var n int
 		for try := 0; ; try++ {

@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"maps"
-	"regexp"
 	"strings"
 	"time"
 )
@@ -134,7 +133,19 @@ type FirmwareRef struct {
 	SHA256 string
 }
 
-var shaRE = regexp.MustCompile(`^[0-9a-f]{64}$`)
+// isSHA256Hex reports whether s is 64 lower-case hex digits. (Not a
+// regexp: it runs for every firmware block served.)
+func isSHA256Hex(s string) bool {
+	if len(s) != 64 {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; (c < '0' || c > '9') && (c < 'a' || c > 'f') {
+			return false
+		}
+	}
+	return true
+}
 
 // ParseFirmwarePath parses "/fw/sha256/{hex}" or "/fw/{vendor}/{model}"
 // (a leading slash is optional; CoAP Uri-Path arrives without one).
@@ -147,7 +158,7 @@ func ParseFirmwarePath(p string) (FirmwareRef, error) {
 		return FirmwareRef{}, fmt.Errorf("firmware path %q: want /fw/sha256/{sha256} or /fw/{vendor}/{model}", p)
 	}
 	if segs[1] == "sha256" {
-		if !shaRE.MatchString(segs[2]) {
+		if !isSHA256Hex(segs[2]) {
 			return FirmwareRef{}, fmt.Errorf("firmware path %q: want 64 lower-case hex digits after /fw/sha256/", p)
 		}
 		return FirmwareRef{SHA256: segs[2]}, nil
@@ -218,7 +229,7 @@ func (st DeviceStatus) validate() error {
 	if st.State == StateInstalled && st.Version == "" {
 		return errors.New("status report: state installed needs the installed version")
 	}
-	if st.SHA256 != "" && !shaRE.MatchString(st.SHA256) {
+	if st.SHA256 != "" && !isSHA256Hex(st.SHA256) {
 		return errors.New("status report: sha256 must be 64 lower-case hex digits")
 	}
 	if len(st.Detail) > 256 {

@@ -17,14 +17,10 @@ import (
 // Any other method gets 4.05.
 //
 // The response body is a reader over the verified image file: the CoAP
-// server must be created with go-coap's block-wise transfer enabled
-// (options.WithBlockwise(true, blockwise.SZX1024, ...)), which cuts it into
-// Block2 blocks (RFC 7959), sets Size2, and, for a request that asks for
-// block N of a transfer it does not know (a device resuming after a
-// restart), seeks straight to block N. Every block carries the image's
-// ETag, so a device that resumes can tell that the image did not change.
-// The connections must use a bounded response cache (NewResponseCache):
-// go-coap's default keeps every block sent for 247 s.
+// server (ServeDTLS) cuts the block a request asks for out of it (Block2,
+// RFC 7959) by reading at the block's offset, so a device resumes from any
+// block without server state. Every block carries the image's ETag, so a
+// device that resumes can tell that the image did not change.
 func (c *Cache) ServeCoAP(w mux.ResponseWriter, r *mux.Message, device string) {
 	refuse := func(code codes.Code, msg string) {
 		c.count(func(k *Counters) { k.ServeRefused++ })

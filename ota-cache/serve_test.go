@@ -29,6 +29,7 @@ import (
 	"github.com/plgd-dev/go-coap/v3/dtls"
 	"github.com/plgd-dev/go-coap/v3/message"
 	"github.com/plgd-dev/go-coap/v3/message/codes"
+	"github.com/plgd-dev/go-coap/v3/message/pool"
 	"github.com/plgd-dev/go-coap/v3/mux"
 	coapnet "github.com/plgd-dev/go-coap/v3/net"
 	"github.com/plgd-dev/go-coap/v3/net/blockwise"
@@ -43,8 +44,21 @@ var testPSKs = map[string]string{"dev-a": "secret-key-of-dev-a", "dev-b": "secre
 
 // pskIdentity is how a gateway learns who is on a DTLS session: the PSK
 // identity the handshake authenticated.
-func pskIdentity(w mux.ResponseWriter) (string, bool) {
-	dc, ok := w.Conn().NetConn().(*piondtls.Conn)
+// ServeDTLS's OnNewConn learns it once per session (as bridges/coap does)
+// and keeps it with SetValue.
+func pskIdentity(w *DTLSResponseWriter) (string, bool) {
+	id, ok := w.Session().Value().(string)
+	return id, ok
+}
+
+func learnIdentity(c *DTLSConn) {
+	if id, ok := sessionIdentity(c.NetConn()); ok {
+		c.SetValue(id)
+	}
+}
+
+func sessionIdentity(nc net.Conn) (string, bool) {
+	dc, ok := nc.(*piondtls.Conn)
 	if !ok {
 		return "", false
 	}
@@ -85,8 +99,8 @@ func startCoAPSWith(t testing.TB, c *Cache, addr string, psk func(id string) ([]
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := mux.NewRouter()
-	r.DefaultHandle(mux.HandlerFunc(func(w mux.ResponseWriter, m *mux.Message) {
+	h := func(w *DTLSResponseWriter, pm *pool.Message) {
+		m := &mux.Message{Message: pm, RouteParams: new(mux.RouteParams)}
 		dev, ok := pskIdentity(w)
 		if !ok {
 			_ = w.SetResponse(codes.Unauthorized, message.TextPlain, nil)
@@ -97,13 +111,13 @@ func startCoAPSWith(t testing.TB, c *Cache, addr string, psk func(id string) ([]
 			return
 		}
 		c.ServeCoAP(w, m, dev)
-	}))
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		_ = ServeDTLS(ctx, l, DTLSServeConfig{Handler: mux.ToHandler[*udpclient.Conn](r), HandshakeTimeout: 30 * time.Second})
+		_ = ServeDTLS(ctx, l, DTLSServeConfig{Handler: h, OnNewConn: learnIdentity, HandshakeTimeout: 30 * time.Second})
 	}()
 	t.Cleanup(func() { cancel(); l.Close(); wg.Wait() })
 	return l.Addr().String()

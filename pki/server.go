@@ -152,22 +152,23 @@ func (sc *ServerCert) GetCertificate(*tls.ClientHelloInfo) (*tls.Certificate, er
 func (sc *ServerCert) Due() bool { return !sc.ca.clock.Now().Before(sc.Leaf().NotAfter.Add(-sc.renew)) }
 
 // RunRenewal renews the certificates when they fall due, checking every
-// interval, until ctx ends.
+// interval, until ctx ends. The first check is one interval after the
+// start: ServerCert already renewed what was due when it made sc.
 func RunRenewal(ctx context.Context, interval time.Duration, certs ...*ServerCert) error {
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
 		for _, sc := range certs {
 			if sc.Due() {
 				if err := sc.Renew(); err != nil {
 					sc.ca.log.Error("pki: renewing server certificate failed; will retry", "listener", sc.name, "err", err)
 				}
 			}
-		}
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-t.C:
 		}
 	}
 }

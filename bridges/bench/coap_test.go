@@ -6,7 +6,10 @@ import (
 	"encoding/hex"
 	"fmt"
 	"net"
+	"os"
 	"os/exec"
+	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -22,7 +25,7 @@ import (
 // startLibcoap runs libcoap's example server with a PSK (it answers PUT on
 // /example_data by storing the payload, the nearest thing to Bastion's
 // telemetry POST).
-func startLibcoap(b *testing.B, key string) (addr string) {
+func startLibcoap(b *testing.B, key string) (addr string, pid int) {
 	bin := testenv.RequireCommand(b, "coap-server-openssl")
 	port := testenv.FreePort(b, "udp")
 	// libcoap listens for DTLS on port+1.
@@ -41,6 +44,7 @@ func startLibcoap(b *testing.B, key string) (addr string) {
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { cmd.Process.Signal(syscall.SIGTERM); cmd.Wait() })
+	pid = cmd.Process.Pid
 	addr = fmt.Sprintf("127.0.0.1:%d", port+1)
 	// Ready once a handshake completes.
 	d := &devicesim.Device{Creds: devicesim.Creds{ID: "probe", Auth: "psk", PSKIdentity: "probe", PSK: hex.EncodeToString([]byte(key))}}
@@ -51,7 +55,7 @@ func startLibcoap(b *testing.B, key string) (addr string) {
 		cancel()
 		if err == nil {
 			c.Close()
-			return addr
+			return addr, pid
 		}
 		if time.Now().After(deadline) {
 			b.Fatalf("coap-server-openssl not answering: %v\n%s", err, out.String())
@@ -130,6 +134,23 @@ func handshakes(b *testing.B, addr string, d *devicesim.Device, n, conc int) flo
 	return float64(n) / time.Since(start).Seconds()
 }
 
+// procCPU is the user + system CPU time process pid has used (from
+// /proc/pid/stat, in clock ticks of 10 ms).
+func procCPU(pid int) time.Duration {
+	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	// Fields after the command name, which is in parentheses and may hold spaces.
+	f := strings.Fields(string(raw[bytes.LastIndexByte(raw, ')')+1:]))
+	if len(f) < 13 {
+		return 0
+	}
+	ut, _ := strconv.ParseInt(f[11], 10, 64)
+	st, _ := strconv.ParseInt(f[12], 10, 64)
+	return time.Duration(ut+st) * 10 * time.Millisecond
+}
+
 // BenchmarkCoAPvsLibcoap: CoAP over DTLS 1.2 with PSK, Bastion against
 // libcoap's coap-server-openssl in the same run, the same client (pion/dtls
 // + go-coap) for both. Request/response: confirmable POST /t/bench on
@@ -139,7 +160,13 @@ func handshakes(b *testing.B, addr string, d *devicesim.Device, n, conc int) flo
 func BenchmarkCoAPvsLibcoap(b *testing.B) {
 	bs := startBastion(b)
 	const key = "bench-psk-key-16"
-	lc := startLibcoap(b, key)
+	lc, lcPid := startLibcoap(b, key)
+	// BENCH_COAP_REQUESTS: requests per round (default 4000), so a round
+	// lasts long enough to rise above this shared machine's noise.
+	total := 4000
+	if v, err := strconv.Atoi(os.Getenv("BENCH_COAP_REQUESTS")); err == nil && v > 0 {
+		total = v
+	}
 	bDevs := bs.addDevices(b, "co", "psk", 10)
 	lDevs := make([]*devicesim.Device, 10)
 	for i := range lDevs {
@@ -162,27 +189,51 @@ func BenchmarkCoAPvsLibcoap(b *testing.B) {
 	}
 	for _, sessions := range []int{1, 10} {
 		b.Run(fmt.Sprintf("request/sessions%d", sessions), func(b *testing.B) {
-			per := 4000 / sessions
+			per := total / sessions
 			for range b.N {
+				lc0 := procCPU(lcPid)
 				l := coapLoad(b, lc, lDevs[:sessions], per, lDo)
-				g := coapLoad(b, bs.addrs["coaps_psk"], bDevs[:sessions], per, bDo)
+				lcCPU := procCPU(lcPid) - lc0
+				var g result
+				var gCPU time.Duration
+				bs.cpuProfile(b, fmt.Sprintf("coap-sessions%d", sessions), func() {
+					g0 := procCPU(bs.cmd.Process.Pid)
+					g = coapLoad(b, bs.addrs["coaps_psk"], bDevs[:sessions], per, bDo)
+					gCPU = procCPU(bs.cmd.Process.Pid) - g0
+				})
+				// Server CPU per request: unlike the rate, it hardly depends
+				// on what else the machine is doing.
+				gus, lus := float64(gCPU.Microseconds())/float64(g.msgs), float64(lcCPU.Microseconds())/float64(l.msgs)
+				b.ReportMetric(gus, "bastion_cpu_us/req")
+				b.ReportMetric(lus, "libcoap_cpu_us/req")
 				b.ReportMetric(g.rate(), "bastion_req/s")
 				b.ReportMetric(l.rate(), "libcoap_req/s")
 				b.ReportMetric(g.rate()/l.rate(), "throughput_ratio")
 				b.ReportMetric(float64(g.p99())/float64(l.p99()), "p99_ratio")
-				b.Logf("%d sessions × %d requests: Bastion %.0f req/s p99 %v | libcoap %.0f req/s p99 %v | ratio %.2f",
-					sessions, per, g.rate(), g.p99(), l.rate(), l.p99(), g.rate()/l.rate())
+				b.Logf("%d sessions × %d requests: Bastion %.0f req/s p99 %v | libcoap %.0f req/s p99 %v | ratio %.2f | server CPU per request: Bastion %.1f µs, libcoap %.1f µs",
+					sessions, per, g.rate(), g.p99(), l.rate(), l.p99(), g.rate()/l.rate(), gus, lus)
 			}
 		})
 	}
 	b.Run("handshakes", func(b *testing.B) {
 		for range b.N {
+			lc0 := procCPU(lcPid)
 			l := handshakes(b, lc, lDevs[0], 500, 4)
-			g := handshakes(b, bs.addrs["coaps_psk"], bDevs[0], 500, 4)
+			lcCPU := procCPU(lcPid) - lc0
+			var g float64
+			var gCPU time.Duration
+			bs.cpuProfile(b, "coap-handshakes", func() {
+				g0 := procCPU(bs.cmd.Process.Pid)
+				g = handshakes(b, bs.addrs["coaps_psk"], bDevs[0], 500, 4)
+				gCPU = procCPU(bs.cmd.Process.Pid) - g0
+			})
+			gus, lus := float64(gCPU.Microseconds())/500, float64(lcCPU.Microseconds())/500
+			b.ReportMetric(gus, "bastion_cpu_us/hs")
+			b.ReportMetric(lus, "libcoap_cpu_us/hs")
 			b.ReportMetric(g, "bastion_hs/s")
 			b.ReportMetric(l, "libcoap_hs/s")
 			b.ReportMetric(g/l, "ratio")
-			b.Logf("PSK handshakes: Bastion %.0f/s | libcoap %.0f/s | ratio %.2f", g, l, g/l)
+			b.Logf("PSK handshakes: Bastion %.0f/s | libcoap %.0f/s | ratio %.2f | server CPU per handshake: Bastion %.0f µs, libcoap %.0f µs", g, l, g/l, gus, lus)
 		}
 	})
 }

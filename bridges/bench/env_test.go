@@ -106,6 +106,10 @@ func startBastion(b *testing.B) *bastion {
 	}
 	if v := os.Getenv("BENCH_PROFILE_DIR"); v != "" {
 		cmd.Env = append(cmd.Env, "BASTIOND_PROFILE_DIR="+v)
+		// BENCH_MEMPROFILE_RATE=1: exact heap profile (slow; for IdleRSS).
+		if r := os.Getenv("BENCH_MEMPROFILE_RATE"); r != "" {
+			cmd.Env = append(cmd.Env, "BASTIOND_MEMPROFILE_RATE="+r)
+		}
 	}
 	var errBuf bytes.Buffer
 	cmd.Stderr, cmd.Stdout = &errBuf, &errBuf
@@ -241,7 +245,7 @@ func (ca *testCA) issue(b *testing.B, cn string, server bool) (certPEM, keyPEM s
 
 // startMosquitto runs Mosquitto 2 with TLS and require_certificate, as
 // Bastion's MQTT listener is configured.
-func startMosquitto(b *testing.B, ca *testCA) (addr string) {
+func startMosquitto(b *testing.B, ca *testCA) (addr string, pid int) {
 	bin := testenv.RequireCommand(b, "mosquitto")
 	dir := b.TempDir()
 	sc, sk := ca.issue(b, "127.0.0.1", true)
@@ -274,7 +278,27 @@ max_packet_size 65536
 	b.Cleanup(func() { cmd.Process.Signal(syscall.SIGTERM); cmd.Wait() })
 	addr = fmt.Sprintf("127.0.0.1:%d", port)
 	waitTCP(b, addr, &out)
-	return addr
+	return addr, cmd.Process.Pid
+}
+
+// cpuTime returns the CPU time all threads of pid have run so far
+// (/proc/PID/task/*/schedstat, nanoseconds). CPU per message is what a
+// shared machine disturbs least: other jobs stretch a run's wall time, not
+// the cycles the broker spends on it.
+func cpuTime(pid int) time.Duration {
+	tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/schedstat", pid))
+	var ns int64
+	for _, t := range tasks {
+		raw, err := os.ReadFile(t)
+		if err != nil {
+			continue // the thread ended
+		}
+		if f := strings.Fields(string(raw)); len(f) > 0 {
+			v, _ := strconv.ParseInt(f[0], 10, 64)
+			ns += v
+		}
+	}
+	return time.Duration(ns)
 }
 
 func waitTCP(b *testing.B, addr string, out *bytes.Buffer) {

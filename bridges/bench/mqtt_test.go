@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -16,7 +17,11 @@ type result struct {
 	msgs    int
 	elapsed time.Duration
 	lat     []time.Duration // QoS 1: publish → PUBACK
+	cpu     time.Duration   // the broker's CPU time during the run
 }
+
+// cpuPerMsg is the broker's CPU time per message in µs.
+func (r result) cpuPerMsg() float64 { return float64(r.cpu.Microseconds()) / float64(r.msgs) }
 
 func (r result) rate() float64 { return float64(r.msgs) / r.elapsed.Seconds() }
 func (r result) p99() time.Duration {
@@ -31,15 +36,15 @@ func (r result) p99() time.Duration {
 // bytes with qos. QoS 0 ends with a QoS 1 publish as a fence: both brokers
 // handle a connection's packets in order, so its PUBACK means every QoS 0
 // message before it was processed.
-func mqttLoad(b *testing.B, addr string, devs []*devicesim.Device, per int, qos byte) result {
-	r, err := mqttLoadOnce(b, addr, devs, per, qos)
+func mqttLoad(b *testing.B, addr string, pid int, devs []*devicesim.Device, per int, qos byte) result {
+	r, err := mqttLoadOnce(b, addr, pid, devs, per, qos)
 	if err != nil {
 		b.Fatalf("load against %s: %v", addr, err)
 	}
 	return r
 }
 
-func mqttLoadOnce(b *testing.B, addr string, devs []*devicesim.Device, per int, qos byte) (result, error) {
+func mqttLoadOnce(b *testing.B, addr string, pid int, devs []*devicesim.Device, per int, qos byte) (result, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	clients := make([]*devicesim.MQTT, len(devs))
@@ -62,6 +67,7 @@ func mqttLoadOnce(b *testing.B, addr string, devs []*devicesim.Device, per int, 
 	var lat []time.Duration
 	var firstErr error
 	var wg sync.WaitGroup
+	cpu0 := cpuTime(pid)
 	start := time.Now()
 	for i, c := range clients {
 		wg.Add(1)
@@ -95,8 +101,12 @@ func mqttLoadOnce(b *testing.B, addr string, devs []*devicesim.Device, per int, 
 		}()
 	}
 	wg.Wait()
-	return result{msgs: per * len(clients), elapsed: time.Since(start), lat: lat}, firstErr
+	return result{msgs: per * len(clients), elapsed: time.Since(start), lat: lat, cpu: cpuTime(pid) - cpu0}, firstErr
 }
+
+// mqttRounds counts load rounds in this test binary, to alternate who goes
+// first.
+var mqttRounds atomic.Int64
 
 // BenchmarkMQTTvsMosquitto: MQTT over TLS with client certificates, 100-byte
 // payloads, QoS 0 and 1, 1 and 50 publishers, Bastion and Mosquitto 2 in the
@@ -106,7 +116,8 @@ func BenchmarkMQTTvsMosquitto(b *testing.B) {
 	raiseNoFile(b, 65536)
 	bs := startBastion(b)
 	ca := newTestCA(b)
-	mosq := startMosquitto(b, ca)
+	mosq, mosqPid := startMosquitto(b, ca)
+	bPid := bs.cmd.Process.Pid
 	const maxPubs = 50
 	bDevs := bs.addDevices(b, "mq", "cert", maxPubs)
 	mDevs := make([]*devicesim.Device, maxPubs)
@@ -116,25 +127,41 @@ func BenchmarkMQTTvsMosquitto(b *testing.B) {
 	}
 	for _, qos := range []byte{0, 1} {
 		for _, pubs := range []int{1, 50} {
-			per := map[byte]int{0: 20000, 1: 20000}[qos] / pubs
+			// Totals long enough (0.5–2 s a run here) that one scheduler
+			// hiccup on a shared machine does not decide the ratio.
+			per := map[byte]int{0: 100000, 1: 40000}[qos] / pubs
 			if pubs == 1 {
-				per = map[byte]int{0: 20000, 1: 4000}[qos]
+				per = map[byte]int{0: 100000, 1: 10000}[qos]
 			}
 			b.Run(fmt.Sprintf("qos%d/pubs%d", qos, pubs), func(b *testing.B) {
 				for range b.N {
-					// Alternate who goes first so neither always gets the warm cache.
-					m := mqttLoad(b, mosq, mDevs[:pubs], per, qos)
-					g := mqttLoad(b, bs.addrs["mqtts"], bDevs[:pubs], per, qos)
+					// Alternate who goes first (over -count and b.N) so that
+					// neither always runs on the warmer or the quieter machine.
+					var g, m result
+					runBastion := func() {
+						bs.cpuProfile(b, fmt.Sprintf("qos%d-pubs%d", qos, pubs), func() {
+							g = mqttLoad(b, bs.addrs["mqtts"], bPid, bDevs[:pubs], per, qos)
+						})
+					}
+					if mqttRounds.Add(1)%2 == 0 {
+						runBastion()
+						m = mqttLoad(b, mosq, mosqPid, mDevs[:pubs], per, qos)
+					} else {
+						m = mqttLoad(b, mosq, mosqPid, mDevs[:pubs], per, qos)
+						runBastion()
+					}
 					b.ReportMetric(g.rate(), "bastion_msg/s")
 					b.ReportMetric(m.rate(), "mosquitto_msg/s")
 					b.ReportMetric(g.rate()/m.rate(), "throughput_ratio")
+					b.ReportMetric(g.cpuPerMsg(), "bastion_cpu_µs/msg")
+					b.ReportMetric(m.cpuPerMsg(), "mosquitto_cpu_µs/msg")
 					if qos == 1 {
 						b.ReportMetric(float64(g.p99().Microseconds()), "bastion_p99_µs")
 						b.ReportMetric(float64(m.p99().Microseconds()), "mosquitto_p99_µs")
 						b.ReportMetric(float64(g.p99())/float64(m.p99()), "p99_ratio")
 					}
-					b.Logf("QoS %d, %d publishers × %d msgs: Bastion %.0f msg/s p99 %v | Mosquitto %.0f msg/s p99 %v | ratio %.2f",
-						qos, pubs, per, g.rate(), g.p99(), m.rate(), m.p99(), g.rate()/m.rate())
+					b.Logf("QoS %d, %d publishers × %d msgs: Bastion %.0f msg/s p99 %v cpu %.1f µs/msg | Mosquitto %.0f msg/s p99 %v cpu %.1f µs/msg | ratio %.2f, cpu ratio %.2f",
+						qos, pubs, per, g.rate(), g.p99(), g.cpuPerMsg(), m.rate(), m.p99(), m.cpuPerMsg(), g.rate()/m.rate(), g.cpuPerMsg()/m.cpuPerMsg())
 				}
 			})
 		}

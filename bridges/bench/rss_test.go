@@ -136,3 +136,37 @@ func (bs *bastion) profile(b *testing.B, dir string) {
 		time.Sleep(100 * time.Millisecond)
 	}
 }
+
+// cpuProfile runs load with a CPU profile of a -tags benchprof bastiond
+// (BENCH_PROFILE_DIR set) written to dir/cpu-<name>.pprof; without
+// BENCH_PROFILE_DIR it just runs load.
+func (bs *bastion) cpuProfile(b *testing.B, name string, load func()) {
+	dir := os.Getenv("BENCH_PROFILE_DIR")
+	if dir == "" {
+		load()
+		return
+	}
+	done := filepath.Join(dir, "cpu.done")
+	os.Remove(done)
+	if err := os.WriteFile(filepath.Join(dir, "cpu.name"), []byte(name), 0o600); err != nil {
+		b.Fatal(err)
+	}
+	if err := bs.cmd.Process.Signal(syscall.SIGUSR2); err != nil {
+		b.Fatal(err)
+	}
+	load()
+	if err := bs.cmd.Process.Signal(syscall.SIGUSR2); err != nil {
+		b.Fatal(err)
+	}
+	deadline := time.Now().Add(time.Minute)
+	for {
+		if _, err := os.Stat(done); err == nil {
+			b.Logf("bastiond CPU profile: go tool pprof %s", filepath.Join(dir, "cpu-"+name+".pprof"))
+			return
+		}
+		if time.Now().After(deadline) {
+			b.Fatalf("CPU profile %s not written within 1 min", name)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}

@@ -4,15 +4,12 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"io"
 	"strings"
 
 	"github.com/plgd-dev/go-coap/v3/message"
 	"github.com/plgd-dev/go-coap/v3/message/codes"
 	"github.com/plgd-dev/go-coap/v3/message/pool"
 	"github.com/plgd-dev/go-coap/v3/mux"
-	"github.com/plgd-dev/go-coap/v3/net/responsewriter"
-	udpclient "github.com/plgd-dev/go-coap/v3/udp/client"
 
 	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/bridges/hub"
@@ -55,7 +52,7 @@ func notifyFormat(topic string) message.MediaType {
 
 // serveFirmware answers the firmware resources and reports whether the
 // request was one of them. se is the request's authenticated session.
-func (s *Server) serveFirmware(w *responsewriter.ResponseWriter[*udpclient.Conn], m *pool.Message, se *session) bool {
+func (s *Server) serveFirmware(w *otacache.DTLSResponseWriter, m *pool.Message, se *session) bool {
 	fw := s.cfg.Firmware
 	if fw == nil {
 		return false
@@ -65,15 +62,14 @@ func (s *Server) serveFirmware(w *responsewriter.ResponseWriter[*udpclient.Conn]
 		return false
 	}
 	p = strings.TrimPrefix(p, "/")
-	mw := muxWriter{w}
 	mm := &mux.Message{Message: m, RouteParams: new(mux.RouteParams)}
 	switch {
 	case p == fwStatusResource:
-		fw.ServeCoAPStatus(mw, mm, se.device)
+		fw.ServeCoAPStatus(w, mm, se.device)
 	case p == fwOfferResource:
 		s.serveOffer(w, m, se)
 	case p == "fw" || strings.HasPrefix(p, "fw/"):
-		fw.ServeCoAP(mw, mm, se.device)
+		fw.ServeCoAP(w, mm, se.device)
 	default:
 		return false
 	}
@@ -84,7 +80,7 @@ func (s *Server) serveFirmware(w *responsewriter.ResponseWriter[*udpclient.Conn]
 // or with an empty payload when there is none. With Observe: 0 the device
 // is registered on its offer topic and gets each new offer as a
 // notification.
-func (s *Server) serveOffer(w *responsewriter.ResponseWriter[*udpclient.Conn], m *pool.Message, se *session) {
+func (s *Server) serveOffer(w *otacache.DTLSResponseWriter, m *pool.Message, se *session) {
 	if m.Code() != codes.GET {
 		_ = w.SetResponse(codes.MethodNotAllowed, message.TextPlain, strings.NewReader("/fw/offer allows GET (with Observe)"))
 		return
@@ -108,30 +104,20 @@ func (s *Server) serveOffer(w *responsewriter.ResponseWriter[*udpclient.Conn], m
 	}
 }
 
-// muxWriter lets the go-coap connection's response writer stand where the
-// firmware cache takes go-coap's router interface.
-type muxWriter struct {
-	w *responsewriter.ResponseWriter[*udpclient.Conn]
-}
-
-func (w muxWriter) SetResponse(code codes.Code, cf message.MediaType, d io.ReadSeeker, opts ...message.Option) error {
-	return w.w.SetResponse(code, cf, d, opts...)
-}
-func (w muxWriter) Conn() mux.Conn             { return w.w.Conn() }
-func (w muxWriter) SetMessage(m *pool.Message) { w.w.SetMessage(m) }
-func (w muxWriter) Message() *pool.Message     { return w.w.Message() }
-
-// serve runs one listener's accept loop with a bounded response cache per
-// session (otacache.ServeDTLS).
+// serve runs one listener's sessions (otacache.ServeDTLS: one goroutine
+// per session, answered inline, bounded response cache).
 func (s *Server) serve(ctx context.Context, ln *limitListener) error {
 	return otacache.ServeDTLS(ctx, ln, otacache.DTLSServeConfig{
 		Handler: s.serveCoAP,
 		// Big enough that an oversized request still reaches the handler
 		// and gets 4.13 instead of silence.
-		MaxMessageSize:   uint32(max(64*1024, 4*s.cfg.MaxPayload)),
+		MaxMessageSize: uint32(max(64*1024, 4*s.cfg.MaxPayload)),
+		// A payload a little over the limit in one datagram still reaches
+		// the handler (4.13 with Size1) instead of being dropped.
+		ReadBufferSize:   max(1472, s.cfg.MaxPayload+128),
 		HandshakeTimeout: s.cfg.HandshakeTimeout,
 		IdleTimeout:      s.cfg.IdleTimeout,
-		OnIdle: func(cc *udpclient.Conn) {
+		OnIdle: func(cc *otacache.DTLSConn) {
 			s.log.Debug("coap: closing idle session", "device", s.deviceOf(cc), "idle", s.cfg.IdleTimeout)
 			cc.Close()
 		},

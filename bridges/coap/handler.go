@@ -12,11 +12,10 @@ import (
 	"github.com/plgd-dev/go-coap/v3/message"
 	"github.com/plgd-dev/go-coap/v3/message/codes"
 	"github.com/plgd-dev/go-coap/v3/message/pool"
-	"github.com/plgd-dev/go-coap/v3/net/responsewriter"
-	udpclient "github.com/plgd-dev/go-coap/v3/udp/client"
 
 	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/bridges/hub"
+	otacache "github.com/bastion-iot/bastion/ota-cache"
 )
 
 // wellKnownCore is the resource directory (RFC 6690) a device sees.
@@ -180,9 +179,10 @@ func (s *Server) command(device, path string, r request) response {
 	return res
 }
 
-// serveCoAP is the go-coap handler: identity from the session, then route.
-func (s *Server) serveCoAP(w *responsewriter.ResponseWriter[*udpclient.Conn], m *pool.Message) {
-	se := s.sessionOf(w.Conn())
+// serveCoAP answers one request (otacache.ServeDTLS calls it on the
+// session's goroutine): identity from the session, then route.
+func (s *Server) serveCoAP(w *otacache.DTLSResponseWriter, m *pool.Message) {
+	se := s.sessionOf(w.Session())
 	if se == nil {
 		// No identity (revoked while the request was in flight): say so
 		// and let the close that is under way finish.
@@ -247,9 +247,12 @@ func (se *session) observe(s *Server, token message.Token, topic string) uint32 
 	cancel := s.hub.Observe(se.device, topic, func(m bridges.Message) { se.notify(s, tok, m) })
 	se.mu.Lock()
 	defer se.mu.Unlock()
-	if se.cancel == nil { // session already closed
+	if se.closed {
 		cancel()
 		return 0
+	}
+	if se.cancel == nil {
+		se.cancel = map[string]func(){}
 	}
 	if old, ok := se.cancel[key]; ok {
 		old()
@@ -277,8 +280,7 @@ func (se *session) notify(s *Server, token message.Token, c bridges.Message) {
 	seq := se.seq & 0xffffff
 	se.mu.Unlock()
 	cc := se.cc
-	m := cc.AcquireMessage(cc.Context())
-	defer cc.ReleaseMessage(m)
+	m := pool.NewMessage(cc.Context())
 	m.SetType(message.NonConfirmable)
 	m.SetCode(codes.Content)
 	m.SetToken(token)

@@ -14,8 +14,8 @@ import (
 // limitListener bounds DTLS handshakes in flight per source address: a
 // flood of ClientHellos from one host (cookies already stop spoofed ones)
 // cannot take every handshake slot. pion's OnConnectionAttempt has no "done"
-// callback, so the count is kept around HandshakeContext, which go-coap
-// calls with the server's handshake timeout.
+// callback, so the count is kept around HandshakeContext, which
+// otacache.ServeDTLS calls with the server's handshake timeout.
 type limitListener struct {
 	*coapnet.DTLSListener
 	s     *Server
@@ -35,7 +35,7 @@ func (s *Server) limit(ln *coapnet.DTLSListener) *limitListener {
 	return &limitListener{DTLSListener: ln, s: s, inFly: map[string]int{}}
 }
 
-// AcceptWithContext implements go-coap's dtls server.Listener.
+// AcceptWithContext implements otacache.DTLSListener.
 func (l *limitListener) AcceptWithContext(ctx context.Context) (net.Conn, error) {
 	for {
 		c, err := l.DTLSListener.AcceptWithContext(ctx)

@@ -14,15 +14,16 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"slices"
 	"sync"
 	"time"
 
 	piondtls "github.com/pion/dtls/v3"
 	coapnet "github.com/plgd-dev/go-coap/v3/net"
-	udpclient "github.com/plgd-dev/go-coap/v3/udp/client"
 
 	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/bridges/hub"
+	otacache "github.com/bastion-iot/bastion/ota-cache"
 	"github.com/bastion-iot/bastion/pki"
 )
 
@@ -82,17 +83,20 @@ type Server struct {
 
 	closing  sync.WaitGroup // revocation closes in progress; Run waits
 	mu       sync.Mutex
-	sessions map[*udpclient.Conn]*session
-	byDevice map[string]map[*udpclient.Conn]struct{}
+	nSession int
+	// byDevice: most devices have one session, so a slice (not a map)
+	// per device keeps an idle session's bookkeeping small.
+	byDevice map[string][]*otacache.DTLSConn
 }
 
 // session is one authenticated DTLS association.
 type session struct {
 	device string
 	mode   string // "cert" or "psk"
-	cc     *udpclient.Conn
+	cc     *otacache.DTLSConn
 	mu     sync.Mutex
-	cancel map[string]func() // observe token → cancel
+	cancel map[string]func() // observe token → cancel; made on first use
+	closed bool
 	seq    uint32
 	enroll enrollInfo // what the session may reach (enroll.go)
 }
@@ -101,7 +105,7 @@ type session struct {
 func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log *slog.Logger) (*Server, error) {
 	cfg.defaults()
 	s := &Server{cfg: cfg, id: id, hub: h, m: h.Metrics(), log: log.With("component", "coap"),
-		sessions: map[*udpclient.Conn]*session{}, byDevice: map[string]map[*udpclient.Conn]struct{}{}}
+		byDevice: map[string][]*otacache.DTLSConn{}}
 	var err error
 	verify := func(raw [][]byte, _ [][]*x509.Certificate) error {
 		dev, err := id.VerifyCert(raw)
@@ -176,8 +180,8 @@ func (s *Server) Run(ctx context.Context) error {
 	errc := make(chan error, len(lns))
 	for _, ln := range lns {
 		ln.guard.start()
-		// otacache.ServeDTLS, not dtls.NewServer: go-coap's server keeps
-		// every response (one per firmware block) for 247 s.
+		// otacache.ServeDTLS: one goroutine of ours per session, answers
+		// inline, bounded response cache (ota-cache/README.md).
 		go func() { errc <- s.serve(ctx, ln) }()
 	}
 	s.log.Info("coap: listening", "cert", s.lnC.Addr(), "psk", addrOrNone(s.lnP))
@@ -204,7 +208,7 @@ func addrOrNone(l *limitListener) string {
 
 // onNewConn runs after a successful handshake: it learns the device from
 // the DTLS state and registers the session for revocation.
-func (s *Server) onNewConn(cc *udpclient.Conn) {
+func (s *Server) onNewConn(cc *otacache.DTLSConn) {
 	dc := dtlsConnOf(cc.NetConn())
 	if dc == nil {
 		cc.Close()
@@ -231,42 +235,42 @@ func (s *Server) onNewConn(cc *udpclient.Conn) {
 		cc.Close()
 		return
 	}
-	se := &session{device: dev, mode: mode, cc: cc, cancel: map[string]func(){}, enroll: s.classify(dev, st)}
+	se := &session{device: dev, mode: mode, cc: cc, enroll: s.classify(dev, st)}
+	cc.SetValue(se)
 	s.mu.Lock()
-	s.sessions[cc] = se
-	if s.byDevice[dev] == nil {
-		s.byDevice[dev] = map[*udpclient.Conn]struct{}{}
-	}
-	s.byDevice[dev][cc] = struct{}{}
+	s.nSession++
+	s.byDevice[dev] = append(s.byDevice[dev], cc)
 	s.mu.Unlock()
 	s.m.Sessions.WithLabelValues(hub.CoAP).Inc()
 	s.m.Handshakes.WithLabelValues(hub.CoAP, "ok").Inc()
 	s.log.Debug("coap: device session open", "device", dev, "mode", mode, "remote", cc.RemoteAddr())
 	cc.AddOnClose(func() {
 		s.mu.Lock()
-		delete(s.sessions, cc)
-		delete(s.byDevice[dev], cc)
-		if len(s.byDevice[dev]) == 0 {
+		s.nSession--
+		if l := slices.DeleteFunc(s.byDevice[dev], func(c *otacache.DTLSConn) bool { return c == cc }); len(l) == 0 {
 			delete(s.byDevice, dev)
+		} else {
+			s.byDevice[dev] = l
 		}
 		s.mu.Unlock()
 		se.mu.Lock()
 		for _, c := range se.cancel {
 			c()
 		}
-		se.cancel = nil
+		se.cancel, se.closed = nil, true
 		se.mu.Unlock()
 		s.m.Sessions.WithLabelValues(hub.CoAP).Dec()
 	})
 }
 
-func (s *Server) sessionOf(cc *udpclient.Conn) *session {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.sessions[cc]
+// sessionOf is the session onNewConn bound to cc, nil if none was (the
+// device was refused after the handshake).
+func (s *Server) sessionOf(cc *otacache.DTLSConn) *session {
+	se, _ := cc.Value().(*session)
+	return se
 }
 
-func (s *Server) deviceOf(cc *udpclient.Conn) string {
+func (s *Server) deviceOf(cc *otacache.DTLSConn) string {
 	if se := s.sessionOf(cc); se != nil {
 		return se.device
 	}
@@ -278,8 +282,8 @@ func (s *Server) deviceOf(cc *udpclient.Conn) string {
 // goroutine, which ends as soon as the sessions are closed.
 func (s *Server) revoke(device string) {
 	s.mu.Lock()
-	var ccs []*udpclient.Conn
-	for cc := range s.byDevice[device] {
+	var ccs []*otacache.DTLSConn
+	for _, cc := range s.byDevice[device] {
 		ccs = append(ccs, cc)
 	}
 	s.mu.Unlock()
@@ -301,7 +305,7 @@ func (s *Server) revoke(device string) {
 func (s *Server) SessionCount() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return len(s.sessions)
+	return s.nSession
 }
 
 // Sessions returns how many sessions device has open now.

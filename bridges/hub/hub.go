@@ -126,7 +126,7 @@ func (h *Hub) telemetry(origin string, m bridges.Message, accept func(bridges.Me
 		t.BytesIn += uint64(len(m.Payload))
 		t.LastSeen = m.Received
 	})
-	h.m.Messages.WithLabelValues(origin, "telemetry").Inc()
+	h.m.telemetryCounter(origin).Inc()
 	h.mirror(origin, m)
 	return durable, nil
 }

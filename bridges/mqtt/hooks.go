@@ -1,7 +1,6 @@
 package mqtt
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"time"
@@ -22,9 +21,11 @@ type authHook struct {
 func (h *authHook) ID() string { return "bastion-auth" }
 
 func (h *authHook) Provides(b byte) bool {
-	return bytes.Contains([]byte{mochi.OnConnect, mochi.OnConnectAuthenticate, mochi.OnACLCheck,
-		mochi.OnPublish, mochi.OnSessionEstablished, mochi.OnDisconnect}, []byte{b})
+	return authEvents[b]
 }
+
+var authEvents = hookEvents(mochi.OnConnect, mochi.OnConnectAuthenticate, mochi.OnACLCheck,
+	mochi.OnPublish, mochi.OnSessionEstablished, mochi.OnDisconnect)
 
 // OnConnect caps the keepalive so that a dead device's session ends.
 func (h *authHook) OnConnect(cl *mochi.Client, pk packets.Packet) error {
@@ -133,7 +134,7 @@ func (h *authHook) OnPublish(cl *mochi.Client, pk packets.Packet) (packets.Packe
 		}
 		return pk, packets.ErrRejectPacket
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	ctx, cancel := h.s.acceptContext(pk.FixedHeader.Qos)
 	defer cancel()
 	m := bridges.Message{Device: cl.ID, Topic: pk.TopicName, Payload: pk.Payload, QoS: pk.FixedHeader.Qos, Received: time.Now()}
 	var err error

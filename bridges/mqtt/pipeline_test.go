@@ -36,6 +36,7 @@ import (
 // TLS connection with a client certificate, so that every byte the device
 // receives is seen.
 
+// caIdentity is the gateway's certificate check without its store.
 type caIdentity struct{ ca *pki.CA }
 
 func (i caIdentity) VerifyCert(raw [][]byte) (string, error) {

@@ -1,7 +1,6 @@
 package mqtt
 
 import (
-	"bytes"
 	"encoding/json"
 	"log/slog"
 
@@ -28,7 +27,7 @@ type retainHook struct {
 func (h *retainHook) ID() string { return "bastion-retained" }
 
 func (h *retainHook) Provides(b byte) bool {
-	return bytes.Contains([]byte{mochi.OnRetainMessage, mochi.OnRetainedExpired, mochi.StoredRetainedMessages}, []byte{b})
+	return retainEvents[b]
 }
 
 func (h *retainHook) OnRetainMessage(cl *mochi.Client, pk packets.Packet, r int64) {
@@ -72,4 +71,17 @@ func (h *retainHook) StoredRetainedMessages() ([]storage.Message, error) {
 		return nil
 	})
 	return out, err
+}
+
+var retainEvents = hookEvents(mochi.OnRetainMessage, mochi.OnRetainedExpired, mochi.StoredRetainedMessages)
+
+// hookEvents is a lookup table for a hook's Provides: mochi asks every hook
+// for every event of every packet (about ten times a PUBLISH), so the answer
+// must cost no more than an index.
+func hookEvents(events ...byte) *[256]bool {
+	var t [256]bool
+	for _, e := range events {
+		t[e] = true
+	}
+	return &t
 }

@@ -8,29 +8,72 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"runtime/metrics"
 	"runtime/pprof"
+	"strconv"
 	"strings"
 	"syscall"
 )
 
 // Only in binaries built with -tags benchprof (bridges/bench builds one when
 // BENCH_PROFILE_DIR is set): on SIGUSR1 write heap and goroutine profiles
-// and the runtime's memory statistics to $BASTIOND_PROFILE_DIR. Nothing is
+// and the runtime's memory statistics to $BASTIOND_PROFILE_DIR; SIGUSR2
+// starts and stops a CPU profile there. Nothing is
 // reachable over the network; the production binary has none of this.
 func init() {
 	dir := os.Getenv("BASTIOND_PROFILE_DIR")
 	if dir == "" {
 		return
 	}
+	// BASTIOND_MEMPROFILE_RATE=1 records every allocation: the default rate
+	// (one sample per 512 KiB) cannot attribute the few KiB an idle session
+	// holds, but recording all of them slows the daemon several times.
+	if r, err := strconv.Atoi(os.Getenv("BASTIOND_MEMPROFILE_RATE")); err == nil && r > 0 {
+		runtime.MemProfileRate = r
+	}
 	ch := make(chan os.Signal, 1)
-	signal.Notify(ch, syscall.SIGUSR1)
+	signal.Notify(ch, syscall.SIGUSR1, syscall.SIGUSR2)
 	go func() {
-		for range ch {
-			if err := writeProfiles(dir); err != nil {
+		var cpu *os.File
+		for sig := range ch {
+			var err error
+			if sig == syscall.SIGUSR2 {
+				cpu, err = toggleCPUProfile(dir, cpu)
+			} else {
+				err = writeProfiles(dir)
+			}
+			if err != nil {
 				fmt.Fprintf(os.Stderr, "bastiond: profiles: %v\n", err)
 			}
 		}
 	}()
+}
+
+// toggleCPUProfile starts a CPU profile into dir/cpu-<name>.pprof, name
+// read from dir/cpu.name, or stops the running one and then writes
+// dir/cpu.done (the benchmark waits for it).
+func toggleCPUProfile(dir string, running *os.File) (*os.File, error) {
+	if running != nil {
+		pprof.StopCPUProfile()
+		err := running.Close()
+		if werr := os.WriteFile(filepath.Join(dir, "cpu.done"), nil, 0o600); err == nil {
+			err = werr
+		}
+		return nil, err
+	}
+	name, err := os.ReadFile(filepath.Join(dir, "cpu.name"))
+	if err != nil {
+		return nil, err
+	}
+	f, err := os.Create(filepath.Join(dir, "cpu-"+strings.TrimSpace(string(name))+".pprof"))
+	if err != nil {
+		return nil, err
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return f, nil
 }
 
 func writeProfiles(dir string) error {
@@ -58,10 +101,30 @@ func writeProfiles(dir string) error {
 	s := fmt.Sprintf("StackInuse after 1..4 GCs %%s\ngoroutines %d\nHeapAlloc %d\nHeapInuse %d\nHeapIdle %d\nHeapReleased %d\nStackInuse %d\nSys %d\nNumGC %d\n",
 		runtime.NumGoroutine(), ms.HeapAlloc, ms.HeapInuse, ms.HeapIdle, ms.HeapReleased, ms.StackInuse, ms.Sys, ms.NumGC)
 	s = fmt.Sprintf(s, strings.Join(shrink, " "))
+	s += memoryClasses()
 	tmp := filepath.Join(dir, "memstats.txt.tmp")
 	if err := os.WriteFile(tmp, []byte(s), 0o600); err != nil {
 		return err
 	}
 	// Renamed last: the benchmark waits for this file.
 	return os.Rename(tmp, filepath.Join(dir, "memstats.txt"))
+}
+
+// memoryClasses returns runtime/metrics' /memory/classes/* (where every
+// byte the runtime mapped goes), one per line.
+func memoryClasses() string {
+	var samples []metrics.Sample
+	for _, d := range metrics.All() {
+		if strings.HasPrefix(d.Name, "/memory/classes/") || d.Name == "/gc/stack/starting-size:bytes" {
+			samples = append(samples, metrics.Sample{Name: d.Name})
+		}
+	}
+	metrics.Read(samples)
+	var b strings.Builder
+	for _, s := range samples {
+		if s.Value.Kind() == metrics.KindUint64 {
+			fmt.Fprintf(&b, "%s %d\n", s.Name, s.Value.Uint64())
+		}
+	}
+	return b.String()
 }
