@@ -153,8 +153,7 @@ type benchGateway struct {
 	p           *proc
 	sub         *mosquitto.Subscriber // on its cloud broker
 	devs        []*devicesim.Device
-	profile     bool // SIGUSR2 CPU profiles around each run
-	profiles    int
+	profiling   bool // SIGUSR2 CPU profiles around each run
 }
 
 // newBenchGateway starts bastiond (bin, or this tree's build if empty) on a
@@ -170,7 +169,7 @@ func newBenchGateway(b *testing.B, name, bin string, cloud *mosquitto.Broker, su
 	g := &benchGateway{name: name, state: state, cfg: cfg, sub: sub}
 	if bin == "" {
 		bin, _ = binaries(b)
-		g.profile = os.Getenv("BENCH_PROFILE_DIR") != ""
+		g.profiling = os.Getenv("BENCH_PROFILE_DIR") != ""
 	}
 	g.p = startGatewayBin(b, bin, cfg, true)
 	g.devs = make([]*devicesim.Device, pubs)
@@ -189,38 +188,43 @@ type runStats struct {
 func (g *benchGateway) run(b *testing.B, pubs, inflight, each int, name string) (fullResult, runStats) {
 	pid := g.p.cmd.Process.Pid
 	cpu0, fs0, fsSec0 := cpuTime(b, pid), metric(b, g.state, "bastion_queue_fsyncs_total"), metric(b, g.state, "bastion_queue_fsync_seconds_total")
-	g.signalProfile(b, "")
+	g.profile(b, fmt.Sprintf("%s-%d", name, benchRound), true)
 	r := fullRun(b, g.sub, g.cfg.MQTT.Listen, g.devs[:pubs], inflight, each)
-	g.signalProfile(b, fmt.Sprintf("cpu-%s-%d.pprof", name, benchRound))
+	g.profile(b, fmt.Sprintf("%s-%d", name, benchRound), false)
 	st := runStats{cpu: cpuTime(b, pid) - cpu0, fsyncs: metric(b, g.state, "bastion_queue_fsyncs_total") - fs0}
 	st.fsSec = metric(b, g.state, "bastion_queue_fsync_seconds_total") - fsSec0
 	return r, st
 }
 
-// signalProfile starts (save == "") or stops a CPU profile in a benchprof
-// build, and waits, bounded, for a stopped one to be written as save.
-func (g *benchGateway) signalProfile(b *testing.B, save string) {
-	if !g.profile {
+// profile starts or stops a CPU profile cpu-<name>.pprof in a benchprof
+// build (cmd/bastiond/profile_benchprof.go: SIGUSR2 toggles, the name is
+// read from cpu.name, cpu.done is written after a stop) and waits, bounded,
+// for a stopped one to be written.
+func (g *benchGateway) profile(b *testing.B, name string, start bool) {
+	if !g.profiling {
 		return
 	}
 	dir := os.Getenv("BENCH_PROFILE_DIR")
-	if save != "" {
-		g.profiles++
+	done := filepath.Join(dir, "cpu.done")
+	if start {
+		os.Remove(done)
+		if err := os.WriteFile(filepath.Join(dir, "cpu.name"), []byte(name), 0o600); err != nil {
+			b.Fatal(err)
+		}
 	}
 	if err := g.p.cmd.Process.Signal(syscall.SIGUSR2); err != nil {
 		b.Fatal(err)
 	}
-	if save == "" {
+	if start {
 		return
 	}
-	written := filepath.Join(dir, fmt.Sprintf("cpu-%d.pprof", g.profiles))
 	for deadline := time.Now().Add(time.Minute); ; {
-		if err := os.Rename(written, filepath.Join(dir, save)); err == nil {
-			b.Logf("bastiond CPU profile: go tool pprof %s", filepath.Join(dir, save))
+		if _, err := os.Stat(done); err == nil {
+			b.Logf("bastiond CPU profile: go tool pprof %s", filepath.Join(dir, "cpu-"+name+".pprof"))
 			return
 		}
 		if time.Now().After(deadline) {
-			b.Fatalf("no CPU profile %s within 1 min (is BENCH_PROFILE_DIR absolute and writable?)", written)
+			b.Fatalf("no %s within 1 min (is BENCH_PROFILE_DIR absolute and writable?)", done)
 		}
 		time.Sleep(20 * time.Millisecond) // a file written by another process: nothing to wait on
 	}

@@ -59,7 +59,7 @@ func binaries(tb testing.TB) (bastiond, bastionctl string) {
 		}
 		args := []string{"build", "-o", binDir}
 		if os.Getenv("BENCH_PROFILE_DIR") != "" {
-			// SIGUSR2 starts/stops a CPU profile (cmd/bastiond/cpuprofile_benchprof.go).
+			// SIGUSR2 starts/stops a CPU profile (cmd/bastiond/profile_benchprof.go).
 			args = append(args, "-tags", "benchprof")
 		}
 		args = append(args, "github.com/bastion-iot/bastion/cmd/bastiond", "github.com/bastion-iot/bastion/cmd/bastionctl")
