@@ -128,20 +128,22 @@ type Queue struct {
 	log  *slog.Logger
 	m    *metrics
 
-	mu      sync.Mutex
-	closed  bool
-	failed  error // sticky write/fsync failure
-	segs    []*segment
-	ents    []entry // committed entries in seq order; acked ones trimmed from the head
-	depth   int
-	nextSeq uint64
-	batch   []pending
-	batchB  int64
-	acks    []uint64 // delivered marks not yet written
-	notify  chan struct{}
-	wake    chan struct{}
-	stop    chan struct{}
-	stopped chan struct{}
+	mu       sync.Mutex
+	closed   bool
+	failed   error // sticky write/fsync failure
+	segs     []*segment
+	ents     []entry // committed entries in seq order; acked ones trimmed from the head
+	depth    int
+	nextSeq  uint64
+	batch    []pending
+	batchB   int64
+	acks     []uint64 // delivered marks not yet written
+	notify   chan struct{}
+	wake     chan struct{}
+	ackDue   chan struct{} // the delivered-marks timer fired (capacity 1)
+	ackArmed bool          // that timer is running
+	stop     chan struct{}
+	stopped  chan struct{}
 }
 
 var _ bridges.AsyncSink = (*Queue)(nil)
@@ -165,7 +167,7 @@ func Open(dir string, opts Options, log *slog.Logger, reg prometheus.Registerer)
 	}
 	q := &Queue{
 		dir: dir, opts: opts, log: log.With("component", "queue"),
-		notify: make(chan struct{}), wake: make(chan struct{}, 1),
+		notify: make(chan struct{}), wake: make(chan struct{}, 1), ackDue: make(chan struct{}, 1),
 		stop: make(chan struct{}), stopped: make(chan struct{}),
 	}
 	q.m = newMetrics(q)
@@ -435,32 +437,31 @@ func (q *Queue) oldestLocked() time.Time {
 
 // writer is the single goroutine that writes: message batches (one write
 // and one fsync for everything that arrived meanwhile), and delivered-marks
-// piggybacked on those or flushed after AckFlushInterval. When idle it writes
-// nothing.
+// piggybacked on those or flushed (without fsync) when the timer Ack armed
+// fires. When idle it writes nothing.
 func (q *Queue) writer() {
 	defer close(q.stopped)
-	var ackTimer <-chan time.Time
 	for {
 		fired := false
 		select {
 		case <-q.wake:
-		case <-ackTimer:
-			fired, ackTimer = true, nil
+		case <-q.ackDue:
+			fired = true
 		case <-q.stop:
 			q.flush(true)
 			return
 		}
 		q.mu.Lock()
 		haveBatch, haveAcks := len(q.batch) > 0, len(q.acks) > 0
+		if fired {
+			q.ackArmed = false
+		}
 		q.mu.Unlock()
 		switch {
 		case haveBatch:
 			q.flush(true)
-			ackTimer = nil
 		case haveAcks && fired:
 			q.flush(false)
-		case haveAcks && ackTimer == nil:
-			ackTimer = time.After(q.opts.AckFlushInterval)
 		}
 	}
 }
@@ -596,16 +597,26 @@ func (q *Queue) Next(ctx context.Context, after uint64, max int) ([]Entry, error
 		i := sort.Search(len(q.ents), func(i int) bool { return q.ents[i].seq > after })
 		var out []Entry
 		var err error
-		for ; i < len(q.ents) && len(out) < max; i++ {
-			e := q.ents[i]
-			if e.acked {
+		for i < len(q.ents) && len(out) < max {
+			if q.ents[i].acked {
+				i++
 				continue
 			}
-			var m bridges.Message
-			if m, err = q.read(e); err != nil {
+			// Entries next to each other in one segment are read with one
+			// read (the delivered-marks between batches come along).
+			j, span := i+1, int64(q.ents[i].n)
+			for ; j < len(q.ents) && len(out)+(j-i) < max; j++ {
+				e := q.ents[j]
+				end := e.off + int64(e.n) - q.ents[i].off
+				if e.seg != q.ents[i].seg || end > maxReadSpan {
+					break
+				}
+				span = end
+			}
+			if out, err = q.readSpan(out, q.ents[i:j], span); err != nil {
 				break
 			}
-			out = append(out, Entry{Seq: e.seq, Message: m})
+			i = j
 		}
 		ch := q.notify
 		q.mu.Unlock()
@@ -623,17 +634,29 @@ func (q *Queue) Next(ctx context.Context, after uint64, max int) ([]Entry, error
 	}
 }
 
-// read loads one entry from its segment. Caller holds q.mu.
-func (q *Queue) read(e entry) (bridges.Message, error) {
-	b := make([]byte, e.n)
-	if _, err := e.seg.f.ReadAt(b, e.off); err != nil && !(errors.Is(err, io.EOF) && len(b) == int(e.n)) {
-		return bridges.Message{}, fmt.Errorf("queue: read seq %d from %s at %d: %w", e.seq, e.seg.path, e.off, err)
+// maxReadSpan bounds one read in Next.
+const maxReadSpan = 256 << 10
+
+// readSpan appends the held entries of es, which lie in one segment within
+// span bytes from es[0], reading them with one read. Caller holds q.mu.
+func (q *Queue) readSpan(out []Entry, es []entry, span int64) ([]Entry, error) {
+	first := es[0]
+	b := make([]byte, span)
+	if n, err := first.seg.f.ReadAt(b, first.off); err != nil && !(errors.Is(err, io.EOF) && n == len(b)) {
+		return out, fmt.Errorf("queue: read seqs %d..%d from %s at %d: %w", first.seq, es[len(es)-1].seq, first.seg.path, first.off, err)
 	}
-	rec, _, err := decodeRecord(b)
-	if err != nil || rec.kind != kindMsg || rec.seq != e.seq {
-		return bridges.Message{}, fmt.Errorf("queue: record for seq %d in %s at %d unreadable: %v", e.seq, e.seg.path, e.off, err)
+	for _, e := range es {
+		if e.acked {
+			continue
+		}
+		rel := e.off - first.off
+		rec, _, err := decodeRecord(b[rel : rel+int64(e.n)])
+		if err != nil || rec.kind != kindMsg || rec.seq != e.seq {
+			return out, fmt.Errorf("queue: record for seq %d in %s at %d unreadable: %v", e.seq, e.seg.path, e.off, err)
+		}
+		out = append(out, Entry{Seq: e.seq, Message: rec.msg})
 	}
-	return rec.msg, nil
+	return out, nil
 }
 
 // Ack marks entries delivered (after the upstream PUBACK) and frees their
@@ -660,9 +683,20 @@ func (q *Queue) Ack(seqs ...uint64) error {
 	q.m.acked.Add(float64(n))
 	q.m.depth.Set(float64(q.depth))
 	q.m.bytes.Set(float64(q.diskBytes()))
+	arm := n > 0 && !q.ackArmed
+	if arm {
+		q.ackArmed = true
+	}
 	q.mu.Unlock()
-	if n > 0 {
-		q.kick()
+	if arm {
+		// The marks ride along with the next batch; the timer writes them
+		// if none comes. No writer wake-up per PUBACK, one timer at most.
+		time.AfterFunc(q.opts.AckFlushInterval, func() {
+			select {
+			case q.ackDue <- struct{}{}:
+			default:
+			}
+		})
 	}
 	return nil
 }

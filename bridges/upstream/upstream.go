@@ -30,8 +30,8 @@ import (
 	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/bridges/queue"
 	"github.com/eclipse/paho.golang/autopaho"
+	"github.com/eclipse/paho.golang/packets"
 	"github.com/eclipse/paho.golang/paho"
-	"github.com/eclipse/paho.golang/paho/session/state"
 	"github.com/prometheus/client_golang/prometheus"
 )
 
@@ -95,8 +95,6 @@ type Upstream struct {
 	mu      sync.Mutex
 	st      Status
 	restart context.CancelFunc
-	// turn is the publish waiting to be written (see pipeline).
-	turn atomic.Pointer[turn]
 }
 
 // New checks cfg (Defaults, Validate), loads the certificate files and
@@ -311,8 +309,7 @@ func (u *Upstream) generation(ctx context.Context, s *snapshot) error {
 		downM sync.Mutex
 		down  chan struct{}
 	)
-	sess := state.NewInMemory()
-	defer sess.Close()
+	sess := newLinkSession()
 	cc := autopaho.ClientConfig{
 		ServerUrls: []*url.URL{broker},
 		KeepAlive:  uint16(s.cfg.KeepAlive / time.Second),
@@ -380,7 +377,7 @@ func (u *Upstream) generation(ctx context.Context, s *snapshot) error {
 	if err != nil {
 		return fmt.Errorf("upstream connect to %s: %w", s.cfg.Broker, err)
 	}
-	u.sendLoop(ctx, cm, ups, s)
+	u.sendLoop(ctx, sess, ups, s)
 	<-cm.Done()
 	wg.Wait()
 	u.setConnected(false)
@@ -413,11 +410,7 @@ func (u *Upstream) dial(ctx context.Context, _ autopaho.ClientConfig, broker *ur
 	if err != nil {
 		return nil, explain(err, s)
 	}
-	return &packetConn{Conn: conn, onPublish: func() {
-		if t := u.turn.Swap(nil); t != nil {
-			t.release()
-		}
-	}}, nil
+	return &packetConn{Conn: conn}, nil
 }
 
 // explained is an error explain already annotated.
@@ -534,7 +527,7 @@ func (u *Upstream) downlink(ctx context.Context, p *paho.Publish) {
 // sendLoop runs the pipeline on each connection. After a failure while the
 // connection stays up (a broker refusing a message) it waits with growing
 // pauses instead of spinning; the message stays in the queue.
-func (u *Upstream) sendLoop(ctx context.Context, cm *autopaho.ConnectionManager, ups <-chan chan struct{}, s *snapshot) {
+func (u *Upstream) sendLoop(ctx context.Context, ls *linkSession, ups <-chan chan struct{}, s *snapshot) {
 	var down chan struct{}
 	pause := time.Duration(0)
 	for ctx.Err() == nil {
@@ -555,7 +548,7 @@ func (u *Upstream) sendLoop(ctx context.Context, cm *autopaho.ConnectionManager,
 				return
 			}
 		}
-		if u.pipeline(ctx, cm, down, s) {
+		if u.pipeline(ctx, ls, down, s) {
 			pause = min(max(2*pause, s.cfg.BackoffMin), s.cfg.BackoffMax)
 		} else {
 			pause = 0
@@ -574,10 +567,20 @@ func closed(c chan struct{}) bool {
 
 // pipeline sends the queue from its head until the connection drops or a
 // publish fails, and reports whether it ended on a failure other than the
-// connection going down. Up to Window publishes await their PUBACK at once;
-// each is written only after the previous one is on the wire, so the broker
-// sees queue order (and so order per device).
-func (u *Upstream) pipeline(ctx context.Context, cm *autopaho.ConnectionManager, down <-chan struct{}, s *snapshot) bool {
+// connection going down. It is the only writer of PUBLISH packets: it
+// writes them in queue order (so order per device is kept), every PUBLISH
+// that is ready at once in one write (one TLS record), with up to Window
+// (and the broker's Receive Maximum) awaiting their PUBACK. The PUBACKs
+// complete on paho's receive goroutine (linkSession, sendRun.puback).
+func (u *Upstream) pipeline(ctx context.Context, ls *linkSession, down <-chan struct{}, s *snapshot) bool {
+	gen, maxQoS := ls.connection()
+	if gen == 0 { // already gone; the next connection brings a new down
+		select {
+		case <-down:
+		case <-ctx.Done():
+		}
+		return false
+	}
 	pctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	var wg sync.WaitGroup
@@ -590,99 +593,172 @@ func (u *Upstream) pipeline(ctx context.Context, cm *autopaho.ConnectionManager,
 		case <-pctx.Done():
 		}
 	}()
-	window := make(chan struct{}, s.cfg.Window)
-	var failed atomic.Bool
-	var cursor uint64
+	r := &sendRun{u: u, cancel: cancel}
+	var (
+		cursor uint64
+		buf    []byte
+		qos0   []uint64 // sent at QoS 0 in buf: acked once written
+	)
+	flush := func() bool {
+		if len(buf) == 0 {
+			return true
+		}
+		err := ls.write(gen, buf)
+		buf = buf[:0]
+		if err != nil {
+			if !errors.Is(err, errNoConnection) && pctx.Err() == nil {
+				r.fail(fmt.Errorf("upstream: write to %s: %w", s.cfg.Broker, err))
+			}
+			cancel()
+			return false
+		}
+		if len(qos0) > 0 {
+			if err := u.q.Ack(qos0...); err != nil {
+				r.fail(fmt.Errorf("upstream: ack QoS 0 seqs %d..%d in the queue: %w", qos0[0], qos0[len(qos0)-1], err))
+				return false
+			}
+			u.delivered(len(qos0))
+			qos0 = qos0[:0]
+		}
+		return true
+	}
 feed:
 	for {
 		es, err := u.q.Next(pctx, cursor, 64)
 		if err != nil {
 			if pctx.Err() == nil {
-				u.setError(fmt.Errorf("upstream: reading the queue: %w", err))
-				failed.Store(true)
+				r.fail(fmt.Errorf("upstream: reading the queue: %w", err))
 			}
 			break
 		}
 		for _, e := range es {
 			cursor = e.Seq
-			p, err := u.prepare(e)
+			topic, payload, keep, err := u.prepare(e)
 			if err != nil {
-				u.setError(err)
-				failed.Store(true)
+				r.fail(err)
 				break feed
 			}
-			if p == nil {
+			if !keep {
 				continue // withheld and acked
 			}
-			select {
-			case window <- struct{}{}:
-			case <-pctx.Done():
+			qos := min(e.QoS, 1)
+			if qos > maxQoS {
+				r.fail(fmt.Errorf("upstream broker %s grants at most QoS %d; QoS %d messages stay queued", s.cfg.Broker, maxQoS, qos))
 				break feed
 			}
-			t := newTurn()
-			u.turn.Store(t)
-			wg.Add(1)
-			go func(e queue.Entry) {
-				defer wg.Done()
-				err := u.publish(pctx, cm, e, p)
-				t.release()
-				<-window
+			var id uint16
+			for qos > 0 {
+				var full bool
+				id, full, err = ls.addPublish(gen, s.cfg.Window, r, e.Seq)
 				if err != nil {
-					if pctx.Err() == nil {
-						failed.Store(true)
-						u.setError(err)
+					if !errors.Is(err, errNoConnection) {
+						r.fail(fmt.Errorf("upstream publish seq %d: %w", e.Seq, err))
 					}
-					cancel()
+					break feed
 				}
-			}(e)
-			select {
-			case <-t.ch:
-			case <-pctx.Done():
-				break feed
+				if !full {
+					break
+				}
+				// The window is full: send what is gathered, wait for a PUBACK.
+				if !flush() {
+					break feed
+				}
+				select {
+				case <-ls.room:
+				case <-pctx.Done():
+					break feed
+				}
 			}
+			buf = appendPublish(buf, id, qos, topic, payload, s.cfg.Gateway, e.Seq)
+			if qos == 0 {
+				qos0 = append(qos0, e.Seq)
+			}
+		}
+		if !flush() {
+			break
 		}
 	}
 	cancel()
 	wg.Wait()
-	return failed.Load()
+	return r.failed.Load()
+}
+
+// sendRun is one pass of the pipeline over one connection.
+type sendRun struct {
+	u      *Upstream
+	cancel context.CancelFunc
+	failed atomic.Bool
+}
+
+// fail ends the run on a failure other than the connection going down.
+func (r *sendRun) fail(err error) {
+	if !r.failed.Swap(true) {
+		r.u.setError(err)
+	}
+	r.cancel()
+}
+
+// puback completes PUBLISH seq (on paho's receive goroutine): only a
+// success deletes it from the queue. A refusal keeps it, ends the run and
+// the link retries from the queue's head after a pause.
+func (r *sendRun) puback(seq uint64, reason byte) {
+	u := r.u
+	if reason >= 0x80 {
+		u.m.publishErrors.Inc()
+		why := (&packets.Puback{ReasonCode: reason}).Reason()
+		if why == "" && reason == 0x95 {
+			why = "packet too large"
+		}
+		r.fail(fmt.Errorf("upstream broker %s refused seq %d with PUBACK reason 0x%02x (%s); it stays queued and is retried", u.cur.Load().cfg.Broker, seq, reason, why))
+		return
+	}
+	if err := u.q.Ack(seq); err != nil {
+		r.fail(fmt.Errorf("upstream: ack seq %d in the queue: %w", seq, err))
+		return
+	}
+	u.delivered(1)
+}
+
+func (u *Upstream) delivered(n int) {
+	u.m.published.Add(float64(n))
+	u.mu.Lock()
+	u.st.Published += uint64(n)
+	u.mu.Unlock()
 }
 
 // prepare applies the current mapping and privacy rules. A withheld message
-// is acked (removed) and nil returned.
-func (u *Upstream) prepare(e queue.Entry) (*paho.Publish, error) {
+// is acked (removed) and keep is false.
+func (u *Upstream) prepare(e queue.Entry) (topic string, payload []byte, keep bool, _ error) {
 	s := u.cur.Load()
 	topic, ok := s.routes.mapUp(e.Device, e.Topic)
 	if !ok {
 		u.withheld("unmapped")
-		return nil, u.q.Ack(e.Seq)
+		return "", nil, false, u.q.Ack(e.Seq)
 	}
 	v, payload, reason := applyRules(s.cfg.Forward, e.Topic, e.Payload)
 	if v == withhold {
 		u.withheld(reason)
-		return nil, u.q.Ack(e.Seq)
+		return "", nil, false, u.q.Ack(e.Seq)
 	}
-	return &paho.Publish{
-		Topic: topic, QoS: min(e.QoS, 1), Payload: payload,
-		Properties: &paho.PublishProperties{User: paho.UserProperties{
-			{Key: OriginProperty, Value: s.cfg.Gateway},
-			{Key: SeqProperty, Value: strconv.FormatUint(e.Seq, 10)},
-		}},
-	}, nil
+	return topic, payload, true, nil
 }
 
-// publish sends one prepared message and acks it in the queue after the
-// PUBACK.
-func (u *Upstream) publish(ctx context.Context, cm *autopaho.ConnectionManager, e queue.Entry, p *paho.Publish) error {
-	if _, err := cm.Publish(ctx, p); err != nil {
-		u.m.publishErrors.Inc()
-		return fmt.Errorf("upstream publish seq %d of device %s to %s: %w", e.Seq, e.Device, p.Topic, err)
-	}
-	if err := u.q.Ack(e.Seq); err != nil {
-		return fmt.Errorf("upstream: ack seq %d in the queue: %w", e.Seq, err)
-	}
-	u.m.published.Inc()
-	u.mu.Lock()
-	u.st.Published++
-	u.mu.Unlock()
-	return nil
+// appendPublish appends one PUBLISH (paho's encoder) with the user
+// properties origin and seq.
+func appendPublish(b []byte, id uint16, qos byte, topic string, payload []byte, gateway string, seq uint64) []byte {
+	p := packets.Publish{PacketID: id, QoS: qos, Topic: topic, Payload: payload,
+		Properties: &packets.Properties{User: []packets.User{
+			{Key: OriginProperty, Value: gateway},
+			{Key: SeqProperty, Value: strconv.FormatUint(seq, 10)},
+		}}}
+	w := appendWriter{b}
+	p.WriteTo(&w) // appendWriter never fails
+	return w.b
+}
+
+type appendWriter struct{ b []byte }
+
+func (w *appendWriter) Write(p []byte) (int, error) {
+	w.b = append(w.b, p...)
+	return len(p), nil
 }

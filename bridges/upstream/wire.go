@@ -3,55 +3,43 @@ package upstream
 import (
 	"net"
 	"sync"
-
-	"github.com/eclipse/paho.golang/packets"
 )
-
-// turn lets the pipeline start the next publish only once the previous
-// PUBLISH is on the wire, so that many publishes can await their PUBACK at
-// once while the broker still receives them in queue order.
-type turn struct {
-	once sync.Once
-	ch   chan struct{}
-}
-
-func newTurn() *turn { return &turn{ch: make(chan struct{})} }
-
-func (t *turn) release() { t.once.Do(func() { close(t.ch) }) }
 
 // packetConn is the connection paho writes to. paho locks it around each
 // packet (it implements sync.Locker, which packets.ControlPacket.WriteTo
 // honours) and writes a packet in several pieces; packetConn gathers the
-// pieces and sends the packet with one write (one TLS record, one syscall),
-// and reports when a PUBLISH has gone out.
+// pieces and sends the packet with one write (one TLS record, one syscall).
+// The link's sender writes many whole PUBLISH packets at once with
+// writePackets.
 type packetConn struct {
 	net.Conn
-	mu        sync.Mutex
-	locked    bool
-	first     bool
-	publish   bool
-	need      int
-	buf       []byte
-	onPublish func()
+	mu     sync.Mutex
+	locked bool
+	first  bool
+	need   int
+	buf    []byte
+}
+
+// writePackets writes whole packets in one write, between paho's packets.
+func (c *packetConn) writePackets(b []byte) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	_, err := c.Conn.Write(b)
+	return err
 }
 
 func (c *packetConn) Lock() {
 	c.mu.Lock()
-	c.locked, c.first, c.publish, c.buf = true, true, false, c.buf[:0]
+	c.locked, c.first, c.buf = true, true, c.buf[:0]
 }
 
 func (c *packetConn) Unlock() {
-	var err error
 	if len(c.buf) > 0 { // a packet shorter than its header said: send what we have
-		_, err = c.Conn.Write(c.buf)
+		c.Conn.Write(c.buf) // an error shows on the next write or read
 		c.buf = c.buf[:0]
 	}
-	pub := c.publish && err == nil
 	c.locked = false
 	c.mu.Unlock()
-	if pub && c.onPublish != nil {
-		c.onPublish()
-	}
 }
 
 func (c *packetConn) Write(b []byte) (int, error) {
@@ -64,7 +52,6 @@ func (c *packetConn) Write(b []byte) (int, error) {
 		if !ok {
 			return c.Conn.Write(b)
 		}
-		c.publish = b[0]>>4 == packets.PUBLISH
 		c.need = rem
 		c.buf = append(c.buf[:0], b...)
 	} else {

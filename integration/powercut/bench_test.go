@@ -11,9 +11,11 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
+	"github.com/bastion-iot/bastion/gateway/config"
 	"github.com/bastion-iot/bastion/gateway/control"
 	"github.com/bastion-iot/bastion/internal/devicesim"
 	"github.com/bastion-iot/bastion/internal/testutil/mosquitto"
@@ -45,18 +47,22 @@ func BenchmarkFullStack(b *testing.B) {
 
 	cloud := mosquitto.Start(b, mosquitto.Options{Name: "cloud"})
 	sub := mosquitto.Subscribe(b, cloud, "bench-sub", "bastion/#", false)
-
-	// Bastion, its own process, upstream to the cloud broker.
-	state := filepath.Join(b.TempDir(), "state")
-	if err := os.MkdirAll(state, 0o700); err != nil {
-		b.Fatal(err)
+	if os.Getenv("BENCH_DEBUG_LOGS") != "" {
+		b.Cleanup(func() {
+			raw, _ := os.ReadFile(cloud.LogFile)
+			b.Logf("cloud log:\n%s", raw)
+		})
 	}
-	cfg := gwConfig(b, state, cloud, cloud.CA.CertFile, mosquitto.ServerName, cloud.CA.Client(b, gatewayID), gatewayID)
-	cfg.Log.Level = "warn"
-	gw := startGateway(b, cfg, true)
-	gDevs := make([]*devicesim.Device, maxPubs)
-	for i := range gDevs {
-		gDevs[i] = addDevice(b, state, fmt.Sprintf("b%d", i), "cert")
+
+	// Bastion, its own process, upstream to the cloud broker; with
+	// BENCH_BASTIOND_BASELINE=<path to another bastiond build> a second one
+	// runs that build, alternating with this one in every scenario.
+	gws := []*benchGateway{newBenchGateway(b, "Bastion", "", cloud, sub, gatewayID, maxPubs)}
+	if base := os.Getenv("BENCH_BASTIOND_BASELINE"); base != "" {
+		// Its own cloud broker: a --dev gateway's MQTT client id is fixed.
+		cloud2 := mosquitto.Start(b, mosquitto.Options{Name: "cloud2"})
+		sub2 := mosquitto.Subscribe(b, cloud2, "bench-sub", "bastion/#", false)
+		gws = append(gws, newBenchGateway(b, "baseline", base, cloud2, sub2, gatewayID, maxPubs))
 	}
 
 	// Mosquitto A bridging to the same cloud broker, as a Mosquitto edge
@@ -84,39 +90,143 @@ topic # out 1 devices/ bastion/%s/
 	}
 
 	// Both paths must deliver before anything is timed.
-	probe(b, sub, cfg.MQTT.Listen, gDevs[0])
+	for _, g := range gws {
+		probe(b, g.sub, g.cfg.MQTT.Listen, g.devs[0])
+	}
 	probe(b, sub, edge.Addr, mDevs[0])
 
 	var lines []string
-	for _, sc := range scenarios {
+	for i, sc := range scenarios {
 		ecpu0 := cpuTime(b, edge.Pid())
 		m := fullRun(b, sub, edge.Addr, mDevs[:sc.pubs], sc.inflight, sc.each)
 		ecpu := cpuTime(b, edge.Pid()) - ecpu0
-		cpu0, fs0, fsSec0 := cpuTime(b, gw.cmd.Process.Pid), metric(b, state, "bastion_queue_fsyncs_total"), metric(b, state, "bastion_queue_fsync_seconds_total")
-		g := fullRun(b, sub, cfg.MQTT.Listen, gDevs[:sc.pubs], sc.inflight, sc.each)
-		cpu, fsyncs := cpuTime(b, gw.cmd.Process.Pid)-cpu0, metric(b, state, "bastion_queue_fsyncs_total")-fs0
-		fsSec := metric(b, state, "bastion_queue_fsync_seconds_total") - fsSec0
 		name := fmt.Sprintf("%dpub", sc.pubs)
 		if sc.inflight > 1 {
 			name += fmt.Sprintf("x%d", sc.inflight)
 		}
-		ratio := g.rate() / m.rate()
-		lines = append(lines, fmt.Sprintf("%2d publishers × %2d in flight × %4d | Bastion %6.0f msg/s e2e p50 %v p99 %v, PUBACK p50 %v p99 %v | Mosquitto bridge %6.0f msg/s e2e p50 %v p99 %v, PUBACK p50 %v p99 %v | throughput ratio %.2fx, e2e p99 ratio %.2fx, dups %d/%d; bastiond CPU %.0f µs/msg (%.2f cores), %.1f msgs/fsync, %.0f fsyncs/s, mean fsync %v (writer in fsync %.0f%% of the time); edge Mosquitto CPU %.0f µs/msg (%.2f cores)",
-			sc.pubs, sc.inflight, sc.each, g.rate(), g.pct(g.e2e, 50), g.pct(g.e2e, 99), g.pct(g.ack, 50), g.pct(g.ack, 99),
-			m.rate(), m.pct(m.e2e, 50), m.pct(m.e2e, 99), m.pct(m.ack, 50), m.pct(m.ack, 99),
-			ratio, float64(g.pct(g.e2e, 99))/float64(m.pct(m.e2e, 99)), g.dups, m.dups,
-			float64(cpu.Microseconds())/float64(g.msgs), cpu.Seconds()/g.elapsed.Seconds(),
-			float64(g.msgs)/fsyncs, fsyncs/g.elapsed.Seconds(),
-			time.Duration(fsSec/fsyncs*float64(time.Second)).Round(time.Microsecond), 100*fsSec/g.elapsed.Seconds(),
-			float64(ecpu.Microseconds())/float64(m.msgs), ecpu.Seconds()/m.elapsed.Seconds()))
-		b.ReportMetric(g.rate(), "bastion-msg/s-"+name)
+		order := slices.Clone(gws)
+		if (benchRound+i)%2 == 1 {
+			slices.Reverse(order)
+		}
+		for _, gw := range order {
+			g, st := gw.run(b, sc.pubs, sc.inflight, sc.each, name)
+			ratio := g.rate() / m.rate()
+			lines = append(lines, fmt.Sprintf("%2d publishers × %2d in flight × %4d | %s %6.0f msg/s e2e p50 %v p99 %v, PUBACK p50 %v p99 %v | Mosquitto bridge %6.0f msg/s e2e p50 %v p99 %v, PUBACK p50 %v p99 %v | throughput ratio %.2fx, e2e p99 ratio %.2fx, dups %d/%d; bastiond CPU %.0f µs/msg (%.2f cores), %.1f msgs/fsync, %.0f fsyncs/s, mean fsync %v (writer in fsync %.0f%% of the time); edge Mosquitto CPU %.0f µs/msg (%.2f cores)",
+				sc.pubs, sc.inflight, sc.each, gw.name, g.rate(), g.pct(g.e2e, 50), g.pct(g.e2e, 99), g.pct(g.ack, 50), g.pct(g.ack, 99),
+				m.rate(), m.pct(m.e2e, 50), m.pct(m.e2e, 99), m.pct(m.ack, 50), m.pct(m.ack, 99),
+				ratio, float64(g.pct(g.e2e, 99))/float64(m.pct(m.e2e, 99)), g.dups, m.dups,
+				float64(st.cpu.Microseconds())/float64(g.msgs), st.cpu.Seconds()/g.elapsed.Seconds(),
+				float64(g.msgs)/st.fsyncs, st.fsyncs/g.elapsed.Seconds(),
+				time.Duration(st.fsSec/st.fsyncs*float64(time.Second)).Round(time.Microsecond), 100*st.fsSec/g.elapsed.Seconds(),
+				float64(ecpu.Microseconds())/float64(m.msgs), ecpu.Seconds()/m.elapsed.Seconds()))
+			prefix := "bastion"
+			if gw.name != "Bastion" {
+				prefix = gw.name
+			}
+			b.ReportMetric(g.rate(), prefix+"-msg/s-"+name)
+			b.ReportMetric(ratio, prefix+"-tput-ratio-"+name)
+			b.ReportMetric(float64(g.pct(g.e2e, 99).Microseconds()), prefix+"-p99-µs-"+name)
+			b.ReportMetric(float64(st.cpu.Microseconds())/float64(g.msgs), prefix+"-cpu-µs/msg-"+name)
+		}
 		b.ReportMetric(m.rate(), "mosquitto-msg/s-"+name)
-		b.ReportMetric(ratio, "tput-ratio-"+name)
-		b.ReportMetric(float64(g.pct(g.e2e, 99).Microseconds()), "bastion-p99-µs-"+name)
 		b.ReportMetric(float64(m.pct(m.e2e, 99).Microseconds()), "mosquitto-p99-µs-"+name)
 	}
+	benchRound++
 	for _, l := range lines {
 		b.Log(l)
+	}
+	if os.Getenv("BENCH_DEBUG_LOGS") != "" {
+		for _, g := range gws {
+			b.Logf("%s log:\n%s", g.name, g.p.log)
+		}
+
+	}
+}
+
+// benchRound alternates which gateway goes first between -count rounds.
+var benchRound int
+
+// benchGateway is one bastiond process under benchmark with its devices.
+type benchGateway struct {
+	name, state string
+	cfg         config.Config
+	p           *proc
+	sub         *mosquitto.Subscriber // on its cloud broker
+	devs        []*devicesim.Device
+	profiling   bool // SIGUSR2 CPU profiles around each run
+}
+
+// newBenchGateway starts bastiond (bin, or this tree's build if empty) on a
+// fresh state directory, upstream to cloud (sub subscribes there), with
+// pubs devices.
+func newBenchGateway(b *testing.B, name, bin string, cloud *mosquitto.Broker, sub *mosquitto.Subscriber, gatewayID string, pubs int) *benchGateway {
+	state := filepath.Join(b.TempDir(), "state")
+	if err := os.MkdirAll(state, 0o700); err != nil {
+		b.Fatal(err)
+	}
+	cfg := gwConfig(b, state, cloud, cloud.CA.CertFile, mosquitto.ServerName, cloud.CA.Client(b, gatewayID), gatewayID)
+	cfg.Log.Level = "warn"
+	g := &benchGateway{name: name, state: state, cfg: cfg, sub: sub}
+	if bin == "" {
+		bin, _ = binaries(b)
+		g.profiling = os.Getenv("BENCH_PROFILE_DIR") != ""
+	}
+	g.p = startGatewayBin(b, bin, cfg, true)
+	g.devs = make([]*devicesim.Device, pubs)
+	for i := range g.devs {
+		g.devs[i] = addDevice(b, state, fmt.Sprintf("b%d", i), "cert")
+	}
+	return g
+}
+
+// runStats is what bastiond did during one run.
+type runStats struct {
+	cpu           time.Duration
+	fsyncs, fsSec float64
+}
+
+func (g *benchGateway) run(b *testing.B, pubs, inflight, each int, name string) (fullResult, runStats) {
+	pid := g.p.cmd.Process.Pid
+	cpu0, fs0, fsSec0 := cpuTime(b, pid), metric(b, g.state, "bastion_queue_fsyncs_total"), metric(b, g.state, "bastion_queue_fsync_seconds_total")
+	g.profile(b, fmt.Sprintf("%s-%d", name, benchRound), true)
+	r := fullRun(b, g.sub, g.cfg.MQTT.Listen, g.devs[:pubs], inflight, each)
+	g.profile(b, fmt.Sprintf("%s-%d", name, benchRound), false)
+	st := runStats{cpu: cpuTime(b, pid) - cpu0, fsyncs: metric(b, g.state, "bastion_queue_fsyncs_total") - fs0}
+	st.fsSec = metric(b, g.state, "bastion_queue_fsync_seconds_total") - fsSec0
+	return r, st
+}
+
+// profile starts or stops a CPU profile cpu-<name>.pprof in a benchprof
+// build (cmd/bastiond/profile_benchprof.go: SIGUSR2 toggles, the name is
+// read from cpu.name, cpu.done is written after a stop) and waits, bounded,
+// for a stopped one to be written.
+func (g *benchGateway) profile(b *testing.B, name string, start bool) {
+	if !g.profiling {
+		return
+	}
+	dir := os.Getenv("BENCH_PROFILE_DIR")
+	done := filepath.Join(dir, "cpu.done")
+	if start {
+		os.Remove(done)
+		if err := os.WriteFile(filepath.Join(dir, "cpu.name"), []byte(name), 0o600); err != nil {
+			b.Fatal(err)
+		}
+	}
+	if err := g.p.cmd.Process.Signal(syscall.SIGUSR2); err != nil {
+		b.Fatal(err)
+	}
+	if start {
+		return
+	}
+	for deadline := time.Now().Add(time.Minute); ; {
+		if _, err := os.Stat(done); err == nil {
+			b.Logf("bastiond CPU profile: go tool pprof %s", filepath.Join(dir, "cpu-"+name+".pprof"))
+			return
+		}
+		if time.Now().After(deadline) {
+			b.Fatalf("no %s within 1 min (is BENCH_PROFILE_DIR absolute and writable?)", done)
+		}
+		time.Sleep(20 * time.Millisecond) // a file written by another process: nothing to wait on
 	}
 }
 

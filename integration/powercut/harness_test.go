@@ -57,8 +57,13 @@ func binaries(tb testing.TB) (bastiond, bastionctl string) {
 		if buildErr != nil {
 			return
 		}
-		out, err := exec.Command("go", "build", "-o", binDir,
-			"github.com/bastion-iot/bastion/cmd/bastiond", "github.com/bastion-iot/bastion/cmd/bastionctl").CombinedOutput()
+		args := []string{"build", "-o", binDir}
+		if os.Getenv("BENCH_PROFILE_DIR") != "" {
+			// SIGUSR2 starts/stops a CPU profile (cmd/bastiond/profile_benchprof.go).
+			args = append(args, "-tags", "benchprof")
+		}
+		args = append(args, "github.com/bastion-iot/bastion/cmd/bastiond", "github.com/bastion-iot/bastion/cmd/bastionctl")
+		out, err := exec.Command("go", args...).CombinedOutput()
 		if err != nil {
 			buildErr = fmt.Errorf("go build bastiond bastionctl: %v\n%s", err, out)
 		}
@@ -179,12 +184,22 @@ func (l *logLines) wait(tb testing.TB, s string, n int, d time.Duration) string 
 func startGateway(tb testing.TB, cfg config.Config, writeConfig bool) *proc {
 	tb.Helper()
 	bin, _ := binaries(tb)
+	return startGatewayBin(tb, bin, cfg, writeConfig)
+}
+
+// startGatewayBin is startGateway with the bastiond binary bin (the
+// benchmark's baseline build).
+func startGatewayBin(tb testing.TB, bin string, cfg config.Config, writeConfig bool) *proc {
+	tb.Helper()
 	if writeConfig {
 		if err := gateway.WriteConfigFile(filepath.Join(cfg.StateDir, "bastion.yaml"), cfg); err != nil {
 			tb.Fatal(err)
 		}
 	}
 	cmd := exec.Command(bin, "--dev", "--state", cfg.StateDir)
+	if dir := os.Getenv("BENCH_PROFILE_DIR"); dir != "" {
+		cmd.Env = append(os.Environ(), "BASTIOND_PROFILE_DIR="+dir)
+	}
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
 		tb.Fatal(err)

@@ -1,0 +1,286 @@
+package upstream
+
+import (
+	"context"
+	"errors"
+	"io"
+	"sync"
+
+	"github.com/eclipse/paho.golang/packets"
+	paholog "github.com/eclipse/paho.golang/paho/log"
+	"github.com/eclipse/paho.golang/paho/session"
+)
+
+// linkSession is the MQTT session state of one link (paho's
+// session.SessionManager). Every connection starts clean and the durable
+// queue, not the session, is what gets resent, so the session keeps no
+// store: it allocates packet identifiers, routes SUBACK/UNSUBACK to paho's
+// waiting calls, answers the broker's QoS 1/2 PUBLISHes (downlink), and
+// completes the link's own PUBLISHes. Those are written by the link's single
+// sender (pipeline) several to a TLS record, and their PUBACKs go straight
+// to the queue from paho's receive goroutine: no goroutine, timer or context
+// per message, which paho's blocking Publish would need.
+type linkSession struct {
+	mu      sync.Mutex
+	conn    io.Writer // nil while disconnected
+	gen     uint64    // counts connections: a sender bound to an old one writes nothing to a new one
+	recvMax int       // the broker's Receive Maximum
+	maxQoS  byte
+	lastID  uint16
+	client  map[uint16]clientPacket // identifiers in use by our packets
+	pubs    int                     // PUBLISHes in client awaiting PUBACK
+	server  map[uint16]bool         // QoS 2 PUBLISHes from the broker awaiting PUBREL
+	room    chan struct{}           // a PUBACK freed a slot (capacity 1)
+	errs    paholog.Logger
+}
+
+// clientPacket is one of our packets awaiting its answer: a SUBSCRIBE or
+// UNSUBSCRIBE (resp, paho waits on it) or a PUBLISH of the pipeline run r.
+type clientPacket struct {
+	resp chan<- packets.ControlPacket
+	r    *sendRun
+	seq  uint64
+}
+
+// errNoConnection: the connection the sender was bound to is gone.
+var errNoConnection = errors.New("upstream connection lost")
+
+var _ session.SessionManager = (*linkSession)(nil)
+
+func newLinkSession() *linkSession {
+	return &linkSession{client: map[uint16]clientPacket{}, server: map[uint16]bool{}, room: make(chan struct{}, 1), maxQoS: 2}
+}
+
+// ConAckReceived starts a connection. The session is always new (clean
+// start, expiry 0): whatever was in flight on the last one is forgotten (the
+// queue still holds it).
+func (s *linkSession) ConAckReceived(conn io.Writer, _ *packets.Connect, ca *packets.Connack) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.reset()
+	s.conn = conn
+	s.recvMax, s.maxQoS = 65535, 2
+	if ca.Properties != nil && ca.Properties.ReceiveMaximum != nil {
+		s.recvMax = int(*ca.Properties.ReceiveMaximum)
+	}
+	if ca.Properties != nil && ca.Properties.MaximumQOS != nil {
+		s.maxQoS = *ca.Properties.MaximumQOS
+	}
+	return nil
+}
+
+// ConnectionLost ends the connection; paho's waiting SUBSCRIBE/UNSUBSCRIBE
+// calls get the empty packet that means "connection lost".
+func (s *linkSession) ConnectionLost(*packets.Disconnect) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.reset()
+	return nil
+}
+
+// reset forgets the connection. Caller holds s.mu.
+func (s *linkSession) reset() {
+	for _, cp := range s.client {
+		if cp.resp != nil {
+			select {
+			case cp.resp <- packets.ControlPacket{}:
+			default:
+			}
+		}
+	}
+	clear(s.client)
+	clear(s.server)
+	s.pubs = 0
+	s.conn = nil
+	s.gen++
+}
+
+// connection returns the current connection's generation (0: none).
+func (s *linkSession) connection() (gen uint64, maxQoS byte) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.conn == nil {
+		return 0, 0
+	}
+	return s.gen, s.maxQoS
+}
+
+// nextID allocates a free packet identifier. Caller holds s.mu.
+func (s *linkSession) nextID(cp clientPacket) (uint16, error) {
+	for range 65535 {
+		s.lastID++
+		if s.lastID == 0 {
+			s.lastID = 1
+		}
+		if _, used := s.client[s.lastID]; !used {
+			s.client[s.lastID] = cp
+			return s.lastID, nil
+		}
+	}
+	return 0, session.ErrPacketIdentifiersExhausted
+}
+
+// AddToSession is paho's path for SUBSCRIBE and UNSUBSCRIBE. The link's
+// PUBLISHes go through addPublish; paho's own Publish (QoS > 0) is refused
+// because nothing would ack its message in the queue.
+func (s *linkSession) AddToSession(_ context.Context, p session.Packet, resp chan<- packets.ControlPacket) error {
+	if p.Type() == packets.PUBLISH {
+		return errors.New("upstream session: QoS 1/2 PUBLISH is sent by the link's pipeline, not paho's Publish")
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.conn == nil {
+		return session.ErrNoConnection
+	}
+	id, err := s.nextID(clientPacket{resp: resp})
+	if err != nil {
+		return err
+	}
+	p.SetIdentifier(id)
+	return nil
+}
+
+// addPublish reserves an identifier for PUBLISH seq of run r on connection
+// gen. full: window (or the broker's Receive Maximum) publishes await their
+// PUBACK; wait on s.room and try again.
+func (s *linkSession) addPublish(gen uint64, window int, r *sendRun, seq uint64) (id uint16, full bool, err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.conn == nil || s.gen != gen {
+		return 0, false, errNoConnection
+	}
+	if s.pubs >= min(window, s.recvMax) {
+		return 0, true, nil
+	}
+	id, err = s.nextID(clientPacket{r: r, seq: seq})
+	if err != nil {
+		return 0, false, err
+	}
+	s.pubs++
+	return id, false, nil
+}
+
+// write sends b (whole packets) on connection gen, in one write.
+func (s *linkSession) write(gen uint64, b []byte) error {
+	s.mu.Lock()
+	conn := s.conn
+	if s.gen != gen {
+		conn = nil
+	}
+	s.mu.Unlock()
+	if conn == nil {
+		return errNoConnection
+	}
+	if pc, ok := conn.(*packetConn); ok {
+		return pc.writePackets(b)
+	}
+	_, err := conn.Write(b)
+	return err
+}
+
+// PacketReceived handles every packet with an identifier. It runs on
+// paho's receive goroutine, in the order the broker sent them.
+func (s *linkSession) PacketReceived(recv *packets.ControlPacket, pubChan chan<- *packets.Publish) error {
+	switch p := recv.Content.(type) {
+	case *packets.Puback:
+		s.mu.Lock()
+		cp, ok := s.client[p.PacketID]
+		if ok && cp.r != nil {
+			delete(s.client, p.PacketID)
+			s.pubs--
+		}
+		s.mu.Unlock()
+		if ok && cp.r != nil {
+			select {
+			case s.room <- struct{}{}:
+			default:
+			}
+			cp.r.puback(cp.seq, p.ReasonCode)
+		}
+		return nil
+	case *packets.Suback:
+		s.endClient(p.PacketID, recv)
+		return nil
+	case *packets.Unsuback:
+		s.endClient(p.PacketID, recv)
+		return nil
+	case *packets.Pubrec: // we send no QoS 2: "Packet Identifier not found"
+		return s.send(&packets.Pubrel{PacketID: p.PacketID, ReasonCode: 0x92})
+	case *packets.Pubcomp:
+		return nil
+	case *packets.Pubrel:
+		s.mu.Lock()
+		delete(s.server, p.PacketID)
+		s.mu.Unlock()
+		return s.send(&packets.Pubcomp{PacketID: p.PacketID})
+	case *packets.Publish:
+		if p.QoS == 0 {
+			pubChan <- p
+			return nil
+		}
+		if p.PacketID == 0 {
+			return errors.New("upstream session: QoS > 0 PUBLISH without a packet identifier")
+		}
+		if p.QoS == 2 {
+			s.mu.Lock()
+			dup := s.server[p.PacketID]
+			s.mu.Unlock()
+			if dup { // delivered already, PUBREC lost: answer again
+				return s.send(&packets.Pubrec{PacketID: p.PacketID})
+			}
+		}
+		pubChan <- p // answered by Ack once handled
+		return nil
+	}
+	return nil
+}
+
+func (s *linkSession) endClient(id uint16, recv *packets.ControlPacket) {
+	s.mu.Lock()
+	cp, ok := s.client[id]
+	if ok && cp.resp != nil {
+		delete(s.client, id)
+	}
+	s.mu.Unlock()
+	if ok && cp.resp != nil {
+		cp.resp <- *recv // buffered (1) by paho
+	}
+}
+
+// Ack answers a broker PUBLISH once paho's handlers have run (in the order
+// received).
+func (s *linkSession) Ack(pb *packets.Publish) error {
+	switch pb.QoS {
+	case 1:
+		return s.send(&packets.Puback{PacketID: pb.PacketID})
+	case 2:
+		s.mu.Lock()
+		s.server[pb.PacketID] = true
+		s.mu.Unlock()
+		return s.send(&packets.Pubrec{PacketID: pb.PacketID})
+	}
+	return nil
+}
+
+// send writes one answer packet on the current connection.
+func (s *linkSession) send(p interface {
+	WriteTo(io.Writer) (int64, error)
+}) error {
+	s.mu.Lock()
+	conn := s.conn
+	s.mu.Unlock()
+	if conn == nil {
+		return session.ErrNoConnection
+	}
+	_, err := p.WriteTo(conn)
+	if err != nil && s.errs != nil {
+		s.errs.Printf("upstream session: write: %v", err)
+	}
+	return err
+}
+
+func (s *linkSession) Close() error { return nil }
+
+func (s *linkSession) SetErrorLogger(l paholog.Logger) { s.errs = l }
+
+func (s *linkSession) SetDebugLogger(paholog.Logger) {}
