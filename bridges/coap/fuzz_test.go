@@ -36,12 +36,9 @@ func testServer(t testing.TB, sink bridges.Sink) *Server {
 	return &Server{cfg: cfg, hub: h, m: h.Metrics(), log: log}
 }
 
-// FuzzRequest feeds raw CoAP datagrams (seeded with messages captured from
-// libcoap's coap-client, testdata/captures) through go-coap's decoder and
-// our request parser and router, as device "dev1". Whatever the bytes, the
-// router must answer, never panic, and never let telemetry leave
-// devices/dev1/t/.
-func FuzzRequest(f *testing.F) {
+// addCaptures seeds f with the CoAP datagrams captured from libcoap's
+// coap-client (testdata/captures).
+func addCaptures(f *testing.F) {
 	files, _ := filepath.Glob("testdata/captures/*.bin")
 	if len(files) == 0 {
 		f.Fatal("no seed captures in testdata/captures")
@@ -53,6 +50,15 @@ func FuzzRequest(f *testing.F) {
 		}
 		f.Add(b)
 	}
+}
+
+// FuzzRequest feeds raw CoAP datagrams (seeded with messages captured from
+// libcoap's coap-client, testdata/captures) through go-coap's decoder and
+// our request parser and router, as device "dev1". Whatever the bytes, the
+// router must answer, never panic, and never let telemetry leave
+// devices/dev1/t/.
+func FuzzRequest(f *testing.F) {
+	addCaptures(f)
 	sink := &recordSink{}
 	s := testServer(f, sink)
 	f.Fuzz(func(t *testing.T, data []byte) {

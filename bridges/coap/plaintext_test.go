@@ -1,8 +1,6 @@
 package coap
 
 import (
-	"os"
-	"path/filepath"
 	"testing"
 
 	"golang.org/x/net/bpf"
@@ -61,17 +59,7 @@ func TestSniff(t *testing.T) {
 // datagram goes to pion exactly when it starts with a DTLS record type or
 // is empty, and anything sniff calls plaintext CoAP goes to the guard.
 func FuzzSteering(f *testing.F) {
-	files, _ := filepath.Glob("testdata/captures/*.bin")
-	if len(files) == 0 {
-		f.Fatal("no seed captures in testdata/captures")
-	}
-	for _, p := range files {
-		b, err := os.ReadFile(p)
-		if err != nil {
-			f.Fatal(err)
-		}
-		f.Add(b)
-	}
+	addCaptures(f)
 	f.Add([]byte{22, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0})
 	f.Add([]byte{25, 0xfe, 0xfd})
 	vm, err := bpf.NewVM(dtlsSteering())

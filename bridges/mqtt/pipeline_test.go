@@ -60,10 +60,11 @@ type rig struct {
 // heldSync is a queue Sync that blocks every fsync while held, and can be
 // told to fail them.
 type heldSync struct {
-	mu      sync.Mutex
-	gate    chan struct{} // closed when fsyncs may proceed
-	fail    error
-	entered chan struct{} // one token per fsync started
+	mu       sync.Mutex
+	gate     chan struct{} // closed when fsyncs may proceed
+	fail     error
+	entered  chan struct{} // one token per fsync started
+	released bool
 }
 
 func newHeldSync() *heldSync {
@@ -88,11 +89,17 @@ func (h *heldSync) sync(f *os.File) error {
 	return f.Sync()
 }
 
+// release lets the held fsyncs go on, failing them with fail; only the
+// first call counts.
 func (h *heldSync) release(fail error) {
 	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.released {
+		return
+	}
+	h.released = true
 	h.fail = fail
 	close(h.gate)
-	h.mu.Unlock()
 }
 
 func newRig(t *testing.T, opts queue.Options) *rig {
@@ -352,12 +359,7 @@ func successAcks(from, to uint16) []ack {
 func TestPubackWaitsForFsync(t *testing.T) {
 	hs := newHeldSync()
 	r := newRig(t, queue.Options{Sync: hs.sync})
-	released := false
-	defer func() {
-		if !released {
-			hs.release(nil)
-		}
-	}()
+	defer hs.release(nil) // no-op if the test released it already
 	d := r.dial(t, "dev-1", 5)
 	fsyncs0 := r.metric(t, "bastion_queue_fsyncs_total")
 	for i := range 16 {
@@ -380,7 +382,6 @@ func TestPubackWaitsForFsync(t *testing.T) {
 		t.Fatalf("%v fsyncs completed while held", got)
 	}
 
-	released = true
 	hs.release(nil)
 	want := append(successAcks(1, 16), ack{Type: packets.Pingresp})
 	if diff := cmp.Diff(want, d.readAcks(17)); diff != "" {
@@ -411,12 +412,7 @@ func TestPubackWaitsForFsync(t *testing.T) {
 func TestFailedFsyncClosesSession(t *testing.T) {
 	hs := newHeldSync()
 	r := newRig(t, queue.Options{Sync: hs.sync})
-	released := false
-	defer func() {
-		if !released {
-			hs.release(nil)
-		}
-	}()
+	defer hs.release(nil) // no-op if the test released it already
 	d := r.dial(t, "dev-2", 5)
 	for i := range 16 {
 		d.publish(uint16(i+1), i)
@@ -424,7 +420,6 @@ func TestFailedFsyncClosesSession(t *testing.T) {
 	<-hs.entered
 	pc := r.conn(t, "dev-2")
 	waitFor(t, "16 PUBACKs held", func() bool { n, _ := pc.heldPackets(); return n == 16 })
-	released = true
 	hs.release(errors.New("EIO from the test's disk"))
 
 	var got []ack
@@ -537,12 +532,7 @@ func TestOneSessionGroupCommit(t *testing.T) {
 func TestPipelineBoundsMessages(t *testing.T) {
 	hs := newHeldSync()
 	r := newRig(t, queue.Options{Sync: hs.sync})
-	released := false
-	defer func() {
-		if !released {
-			hs.release(nil)
-		}
-	}()
+	defer hs.release(nil) // no-op if the test released it already
 	d := r.dial(t, "dev-4", 4)
 	for i := range 100 {
 		d.publish(uint16(i+1), i)
@@ -557,7 +547,6 @@ func TestPipelineBoundsMessages(t *testing.T) {
 	if n := r.metric(t, "bastion_transport_messages_total"); n != maxPipelined {
 		t.Fatalf("%v messages admitted while the fsync is held, want the bound %d", n, maxPipelined)
 	}
-	released = true
 	hs.release(nil)
 	if diff := cmp.Diff(successAcks(1, 100), d.readAcks(100)); diff != "" {
 		t.Errorf("PUBACKs (-want +got):\n%s", diff)
@@ -572,12 +561,7 @@ func TestPipelineBoundsMessages(t *testing.T) {
 func TestPipelineHoldsCommandsInOrder(t *testing.T) {
 	hs := newHeldSync()
 	r := newRig(t, queue.Options{Sync: hs.sync})
-	released := false
-	defer func() {
-		if !released {
-			hs.release(nil)
-		}
-	}()
+	defer hs.release(nil) // no-op if the test released it already
 	const dev, cmds, size = "dev-5", 20, 4 << 10
 	d := r.dial(t, dev, 5)
 	d.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Subscribe, Qos: 1}, PacketID: 7,
@@ -606,7 +590,6 @@ func TestPipelineHoldsCommandsInOrder(t *testing.T) {
 	if _, err := d.readErr(100 * time.Millisecond); !isTimeout(err) {
 		t.Fatalf("device read while the fsync is held: %v, want nothing", err)
 	}
-	released = true
 	hs.release(nil)
 	type seen struct {
 		Type  byte
