@@ -128,15 +128,19 @@ type Queue struct {
 	log  *slog.Logger
 	m    *metrics
 
-	mu       sync.Mutex
-	closed   bool
-	failed   error // sticky write/fsync failure
-	segs     []*segment
-	ents     []entry // committed entries in seq order; acked ones trimmed from the head
-	depth    int
-	nextSeq  uint64
-	batch    []pending
-	batchB   int64
+	mu      sync.Mutex
+	closed  bool
+	failed  error // sticky write/fsync failure
+	segs    []*segment
+	ents    []entry // committed entries in seq order; acked ones trimmed from the head
+	depth   int
+	nextSeq uint64
+	batch   []pending
+	batchB  int64
+	// writingB is the bytes of the batch being written: no longer in
+	// batchB, not yet in its segment's size. Admission counts it, or a
+	// message arriving during the write would see room that is taken.
+	writingB int64
 	acks     []uint64 // delivered marks not yet written
 	notify   chan struct{}
 	wake     chan struct{}
@@ -406,7 +410,7 @@ func (q *Queue) admit(m bridges.Message) (chan error, error) {
 		return nil, fmt.Errorf("queue accept from %s: oldest held message is older than %s: %w", m.Device, q.opts.MaxAge, bridges.ErrQueueFull)
 	}
 	buf := appendMsg(nil, q.nextSeq, &m)
-	if held := q.diskBytes() + q.batchB; held+int64(len(buf)) > q.opts.MaxBytes {
+	if held := q.diskBytes() + q.batchB + q.writingB; held+int64(len(buf)) > q.opts.MaxBytes {
 		q.mu.Unlock()
 		q.m.refused.WithLabelValues("bytes").Inc()
 		return nil, fmt.Errorf("queue accept from %s: %d bytes held, limit %d: %w", m.Device, held, q.opts.MaxBytes, bridges.ErrQueueFull)
@@ -471,10 +475,11 @@ func (q *Queue) writer() {
 func (q *Queue) flush(sync bool) {
 	q.mu.Lock()
 	batch := q.batch
-	q.batch, q.batchB = nil, 0
+	q.batch, q.batchB, q.writingB = nil, 0, q.batchB
 	acks := q.acks
 	q.acks = nil
 	if q.failed != nil {
+		q.writingB = 0
 		q.mu.Unlock()
 		for _, p := range batch {
 			if p.done != nil {
@@ -493,6 +498,7 @@ func (q *Queue) flush(sync bool) {
 		buf = append(buf, p.buf...)
 	}
 	if len(buf) == 0 {
+		q.writingB = 0
 		q.mu.Unlock()
 		return
 	}
@@ -520,6 +526,7 @@ func (q *Queue) flush(sync bool) {
 		// (a duplicate upstream), never a loss.
 		q.mu.Lock()
 		seg.size = off + int64(len(buf))
+		q.writingB = 0
 		pos := off + int64(ackLen)
 		for _, p := range batch {
 			q.ents = append(q.ents, entry{seq: p.seq, seg: seg, off: pos, n: int32(len(p.buf)), received: p.recv.UnixNano()})
@@ -549,6 +556,9 @@ func (q *Queue) flush(sync bool) {
 
 	if err != nil {
 		q.mu.Lock()
+		if !fsyncFailed {
+			q.writingB = 0 // nothing of the batch was indexed
+		}
 		if fsyncFailed {
 			// After a failed fsync the page cache state is unknown; stop
 			// accepting rather than pretend (the messages may reappear on
