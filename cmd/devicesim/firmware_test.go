@@ -9,13 +9,10 @@ import (
 	"crypto/x509"
 	"encoding/json"
 	"encoding/pem"
-	"io"
-	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/bastion-iot/bastion/gateway"
 	"github.com/bastion-iot/bastion/gateway/config"
@@ -38,8 +35,6 @@ func TestFirmwareFetchCommand(t *testing.T) {
 	repo.Publish()
 
 	dir := t.TempDir()
-	state := filepath.Join(dir, "state")
-	os.MkdirAll(state, 0o700)
 	write := func(name string, b []byte) string {
 		p := filepath.Join(dir, name)
 		if err := os.WriteFile(p, b, 0o600); err != nil {
@@ -47,35 +42,10 @@ func TestFirmwareFetchCommand(t *testing.T) {
 		}
 		return p
 	}
-	c := config.Dev(state)
-	c.CoAP.Listen, c.CoAP.PSKListen, c.MQTT.Listen, c.Console.Listen = "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"
-	c.Firmware.Enabled, c.Firmware.RepositoryURL, c.Firmware.HTTPSListen = true, repo.URL(), "127.0.0.1:0"
-	c.Firmware.TrustedRoot, c.Firmware.CABundle = write("root.json", repo.RootJSON()), write("vendor-ca.pem", repo.CertPEM())
-	if err := gateway.WriteConfigFile(filepath.Join(state, "bastion.yaml"), c); err != nil {
-		t.Fatal(err)
-	}
-	ready := make(chan struct{})
-	g, err := gateway.New(gateway.Options{Dev: true, StateDir: state, Log: slog.New(slog.NewTextHandler(io.Discard, nil)),
-		Out: io.Discard, Ready: func(*gateway.Gateway) { close(ready) }})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- g.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("gateway Run: %v", err)
-		}
+	g := startGatewayWith(t, filepath.Join(dir, "state"), func(c *config.Config) {
+		c.Firmware.Enabled, c.Firmware.RepositoryURL, c.Firmware.HTTPSListen = true, repo.URL(), "127.0.0.1:0"
+		c.Firmware.TrustedRoot, c.Firmware.CABundle = write("root.json", repo.RootJSON()), write("vendor-ca.pem", repo.CertPEM())
 	})
-	select {
-	case <-ready:
-	case err := <-done:
-		t.Fatalf("gateway stopped: %v", err)
-	case <-time.After(10 * time.Second):
-		t.Fatal("gateway not ready")
-	}
 
 	var out, errb bytes.Buffer
 	if rc := run([]string{"keygen", filepath.Join(dir, "k.pem"), filepath.Join(dir, "c.csr")}, &out, &errb); rc != 0 {

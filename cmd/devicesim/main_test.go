@@ -22,10 +22,18 @@ func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
 // startGateway runs a dev gateway on free loopback ports.
 func startGateway(t *testing.T) *gateway.Gateway {
-	dir := filepath.Join(t.TempDir(), "state")
+	return startGatewayWith(t, filepath.Join(t.TempDir(), "state"), nil)
+}
+
+// startGatewayWith runs a dev gateway on free loopback ports with its state
+// in dir, after edit (if any) changed its configuration.
+func startGatewayWith(t *testing.T, dir string, edit func(*config.Config)) *gateway.Gateway {
 	os.MkdirAll(dir, 0o700)
 	c := config.Dev(dir)
 	c.CoAP.Listen, c.CoAP.PSKListen, c.MQTT.Listen, c.Console.Listen = "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"
+	if edit != nil {
+		edit(&c)
+	}
 	if err := gateway.WriteConfigFile(filepath.Join(dir, "bastion.yaml"), c); err != nil {
 		t.Fatal(err)
 	}
