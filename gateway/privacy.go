@@ -14,16 +14,18 @@ const (
 	optOutFwStatus = "firmware.status"
 )
 
-// optedOut reads the opt-outs from the store. A store that cannot be read
+// optOuts reads the opt-outs from the store. A store that cannot be read
 // counts as opted out of everything optional: privacy fails closed.
-func (g *Gateway) optedOut(datum string) bool {
+func (g *Gateway) optOuts() map[string]bool {
 	m, err := g.store.OptOuts()
 	if err != nil {
 		g.log.Error("privacy opt-outs unreadable; treating every optional datum as switched off", "err", err)
-		return true
+		return map[string]bool{optOutLastSeen: true, optOutCounters: true, optOutFwStatus: true}
 	}
-	return m[datum]
+	return m
 }
+
+func (g *Gateway) optedOut(datum string) bool { return g.optOuts()[datum] }
 
 // applyOptOuts makes the opt-outs true in what the gateway keeps: the hub
 // stops keeping (and erases) per-device counters or last-seen times, and
@@ -48,14 +50,7 @@ func (g *Gateway) applyOptOuts(off map[string]bool) {
 }
 
 // startOptOuts applies the stored opt-outs once the hub exists.
-func (g *Gateway) startOptOuts() {
-	m, err := g.store.OptOuts()
-	if err != nil {
-		g.log.Error("privacy opt-outs unreadable; treating every optional datum as switched off", "err", err)
-		m = map[string]bool{optOutLastSeen: true, optOutCounters: true, optOutFwStatus: true}
-	}
-	g.applyOptOuts(m)
-}
+func (g *Gateway) startOptOuts() { g.applyOptOuts(g.optOuts()) }
 
 // fwStatusStore is the firmware cache's StatusStore with the
 // firmware.status opt-out applied: while it is on, nothing is loaded and
