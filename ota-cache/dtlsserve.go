@@ -1,6 +1,7 @@
 package otacache
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -518,13 +519,13 @@ func (c *DTLSConn) block1(w *DTLSResponseWriter, req *pool.Message, v uint32) ([
 	}
 	body := c.b1Body
 	c.b1Key, c.b1Body = "", nil
-	req.SetBody(newBytesReader(body))
+	req.SetBody(bytes.NewReader(body))
 	req.Remove(message.Block1)
 	return []message.Option{{ID: message.Block1, Value: append([]byte(nil), optVal...)}}, false
 }
 
-func newBytesReader(b []byte) io.ReadSeeker { return strings.NewReader(string(b)) }
-
+// putUint is message.EncodeUint32 without its allocation for 3-byte
+// values, which every Block2 option past block 4095 of an image needs.
 func putUint(b []byte, v uint32) int {
 	switch {
 	case v == 0:

@@ -226,17 +226,9 @@ func (s *Server) serveCoAP(w *otacache.DTLSResponseWriter, m *pool.Message) {
 }
 
 func encodeUint(v uint32) []byte {
-	switch {
-	case v == 0:
-		return nil
-	case v < 1<<8:
-		return []byte{byte(v)}
-	case v < 1<<16:
-		return []byte{byte(v >> 8), byte(v)}
-	case v < 1<<24:
-		return []byte{byte(v >> 16), byte(v >> 8), byte(v)}
-	}
-	return []byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)}
+	var b [4]byte
+	n, _ := message.EncodeUint32(b[:], v) // 4 bytes always suffice
+	return b[:n]
 }
 
 // observe registers the token for commands on topic and returns the
