@@ -36,11 +36,6 @@ import (
 // Bastion's publishers call Accept in-process while Mosquitto's publishers
 // pay a TLS MQTT hop: the README says so next to the numbers.
 func BenchmarkBridge(b *testing.B) {
-	type result struct {
-		msgs          int
-		el            time.Duration
-		p50, p99, max time.Duration
-	}
 	scenarios := []struct {
 		pubs, each int
 	}{{1, 3000}, {50, 300}}
@@ -89,7 +84,7 @@ topic # out 1 devices/ bastion/gw1/
 		})
 		edge.Stop(b)
 
-		tput := func(r result) float64 { return float64(r.msgs) / r.el.Seconds() }
+		tput := func(r benchResult) float64 { return float64(r.msgs) / r.el.Seconds() }
 		ratio := tput(bastion) / tput(mosq)
 		lines = append(lines,
 			fmt.Sprintf("%3d publishers, %6d msgs | bastion %8.0f msg/s p50 %7v p99 %7v | mosquitto bridge %8.0f msg/s p50 %7v p99 %7v | throughput ratio %.2fx, p99 ratio %.2fx",

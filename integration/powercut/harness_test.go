@@ -15,7 +15,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/eclipse/paho.golang/paho"
 	"go.uber.org/goleak"
 
 	"github.com/bastion-iot/bastion/bridges/upstream"
@@ -304,13 +303,6 @@ func bastionctlStatus(tb testing.TB, state string) ctlStatus {
 		tb.Fatalf("bastionctl --json status printed %q: %v", out, err)
 	}
 	return st
-}
-
-func userProp(p *paho.Publish, key string) string {
-	if p.Properties == nil {
-		return ""
-	}
-	return p.Properties.User.Get(key)
 }
 
 func itoa(i int) string { return strconv.Itoa(i) }
