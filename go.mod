@@ -57,3 +57,5 @@ require (
 replace github.com/pion/dtls/v3 => ./third_party/pion-dtls
 
 replace github.com/pion/transport/v5 => ./third_party/pion-transport
+
+replace github.com/mochi-mqtt/server/v2 => ./third_party/mochi-server
