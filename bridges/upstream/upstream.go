@@ -719,6 +719,16 @@ func (r *sendRun) puback(seq uint64, reason byte) {
 	u.delivered(1)
 }
 
+// acked completes PUBLISHes the broker acknowledged with success, in one
+// queue.Ack.
+func (r *sendRun) acked(seqs []uint64) {
+	if err := r.u.q.Ack(seqs...); err != nil {
+		r.fail(fmt.Errorf("upstream: ack seqs %d..%d in the queue: %w", seqs[0], seqs[len(seqs)-1], err))
+		return
+	}
+	r.u.delivered(len(seqs))
+}
+
 func (u *Upstream) delivered(n int) {
 	u.m.published.Add(float64(n))
 	u.mu.Lock()
