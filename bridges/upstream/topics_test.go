@@ -101,6 +101,12 @@ func TestMappingAllocs(t *testing.T) {
 			t.Fatal("not forwarded")
 		}
 	})
+	if !rs.mapsUp("dev-17", "devices/dev-17/t/sensors/temp") || rs.mapsUp("dev-17", "devices/dev-18/t/sensors/temp") {
+		t.Error("mapsUp disagrees with mapUp")
+	}
+	if n := testing.AllocsPerRun(100, func() { rs.mapsUp("dev-17", "devices/dev-17/t/sensors/temp") }); n != 0 {
+		t.Errorf("mapsUp (the admission check): %.1f allocations, want 0", n)
+	}
 	if got != "bastion/gw1/dev-17/t/sensors/temp" {
 		t.Fatalf("mapUp = %q", got)
 	}

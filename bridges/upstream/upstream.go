@@ -251,7 +251,7 @@ func (u *Upstream) gate(m bridges.Message) (_ bridges.Message, keep bool, _ erro
 		return m, false, fmt.Errorf("upstream accept: topic %q is outside device %q's namespace %s", m.Topic, m.Device, bridges.TopicPrefix(m.Device))
 	}
 	s := u.cur.Load()
-	if _, ok := s.routes.mapUp(m.Device, m.Topic); !ok {
+	if !s.routes.mapsUp(m.Device, m.Topic) {
 		u.withheld("unmapped")
 		return m, false, nil
 	}
@@ -269,6 +269,16 @@ func (u *Upstream) withheld(reason string) {
 	u.mu.Lock()
 	u.st.Withheld++
 	u.mu.Unlock()
+}
+
+// mapsUp reports whether mapUp maps topic, without building the result.
+func (rs routes) mapsUp(device, topic string) bool {
+	for _, r := range rs.up {
+		if id, _, ok := r.from.match(topic); ok && id == device {
+			return true
+		}
+	}
+	return false
 }
 
 func (rs routes) mapUp(device, topic string) (string, bool) {
