@@ -9,6 +9,7 @@ import (
 	"os"
 	"strings"
 	"testing"
+	"unicode/utf8"
 
 	"github.com/google/go-cmp/cmp"
 	"github.com/prometheus/client_golang/prometheus"
@@ -184,8 +185,37 @@ func FuzzTopicACL(f *testing.F) {
 				t.Fatalf("CommandPath/CommandTopic do not round-trip: %q → %q → %q", topic, p, ct)
 			}
 		}
+		if got, want := ValidPath(topic), splitValidPath(topic); got != want {
+			t.Fatalf("ValidPath(%q) = %v, the level-splitting version says %v", topic, got, want)
+		}
 		if tt, ok := TelemetryTopic(dev, topic); ok && !MayPublish(dev, tt) && dev != "" {
 			t.Fatalf("mapped telemetry topic %q not publishable by %q", tt, dev)
 		}
 	})
+}
+
+// splitValidPath is the level-splitting ValidPath that allocated on every
+// message; FuzzTopicACL checks the current one agrees with it.
+func splitValidPath(p string) bool {
+	if p == "" || len(p) > 256 || !utf8.ValidString(p) {
+		return false
+	}
+	for _, seg := range strings.Split(p, "/") {
+		if seg == "" || seg == "." || seg == ".." || strings.ContainsAny(seg, "+#\x00$") {
+			return false
+		}
+	}
+	return true
+}
+
+// TestPublishACLAllocs: the check mochi runs for every PUBLISH allocates
+// nothing.
+func TestPublishACLAllocs(t *testing.T) {
+	if n := testing.AllocsPerRun(100, func() {
+		if !MayPublish("dev-17", "devices/dev-17/t/sensors/room-2/temp") {
+			t.Fatal("refused")
+		}
+	}); n != 0 {
+		t.Errorf("MayPublish: %.1f allocations, want 0", n)
+	}
 }

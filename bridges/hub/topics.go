@@ -29,7 +29,10 @@ func ValidPath(p string) bool {
 	if p == "" || len(p) > 256 || !utf8.ValidString(p) {
 		return false
 	}
-	for _, seg := range strings.Split(p, "/") {
+	// Segment by segment without splitting: this runs for every message.
+	for more := true; more; {
+		var seg string
+		seg, p, more = strings.Cut(p, "/")
 		if seg == "" || seg == "." || seg == ".." || strings.ContainsAny(seg, "+#\x00$") {
 			return false
 		}

@@ -23,6 +23,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -114,11 +115,13 @@ type entry struct {
 	acked    bool
 }
 
+// pending is an admitted message waiting for the writer; its record is
+// batchBuf[off:off+n].
 type pending struct {
-	buf  []byte
-	seq  uint64
-	recv time.Time
-	done chan error // nil for QoS 0
+	off, n int
+	seq    uint64
+	recv   int64      // Unix ns
+	done   chan error // nil for QoS 0
 }
 
 // Queue is the durable queue. It implements bridges.Sink.
@@ -137,6 +140,14 @@ type Queue struct {
 	nextSeq uint64
 	batch   []pending
 	batchB  int64
+	// batchBuf holds the records of batch, back to back. The writer takes
+	// batch and batchBuf and leaves the previous ones (emptied) in their
+	// place, so that admitting a message allocates nothing but its
+	// durability channel.
+	batchBuf   []byte
+	spareBatch []pending
+	spareBuf   []byte
+	wbuf       []byte // the writer's: delivered-marks + the batch, written at once
 	// writingB is the bytes of the batch being written: no longer in
 	// batchB, not yet in its segment's size. Admission counts it, or a
 	// message arriving during the write would see room that is taken.
@@ -409,14 +420,17 @@ func (q *Queue) admit(m bridges.Message) (chan error, error) {
 		q.m.refused.WithLabelValues("age").Inc()
 		return nil, fmt.Errorf("queue accept from %s: oldest held message is older than %s: %w", m.Device, q.opts.MaxAge, bridges.ErrQueueFull)
 	}
-	buf := appendMsg(nil, q.nextSeq, &m)
-	if held := q.diskBytes() + q.batchB + q.writingB; held+int64(len(buf)) > q.opts.MaxBytes {
+	off := len(q.batchBuf)
+	q.batchBuf = appendMsg(q.batchBuf, q.nextSeq, &m)
+	n := len(q.batchBuf) - off
+	if held := q.diskBytes() + q.batchB + q.writingB; held+int64(n) > q.opts.MaxBytes {
+		q.batchBuf = q.batchBuf[:off]
 		q.mu.Unlock()
 		q.m.refused.WithLabelValues("bytes").Inc()
 		return nil, fmt.Errorf("queue accept from %s: %d bytes held, limit %d: %w", m.Device, held, q.opts.MaxBytes, bridges.ErrQueueFull)
 	}
-	q.batch = append(q.batch, pending{buf: buf, seq: q.nextSeq, recv: m.Received, done: done})
-	q.batchB += int64(len(buf))
+	q.batch = append(q.batch, pending{off: off, n: n, seq: q.nextSeq, recv: m.Received.UnixNano(), done: done})
+	q.batchB += int64(n)
 	q.nextSeq++
 	q.mu.Unlock()
 	q.kick()
@@ -474,8 +488,11 @@ func (q *Queue) writer() {
 // With sync it fsyncs and then completes the batch's Accepts.
 func (q *Queue) flush(sync bool) {
 	q.mu.Lock()
-	batch := q.batch
-	q.batch, q.batchB, q.writingB = nil, 0, q.batchB
+	batch, batchBuf := q.batch, q.batchBuf
+	q.batch, q.batchBuf = q.spareBatch[:0], q.spareBuf[:0]
+	q.spareBatch, q.spareBuf = nil, nil
+	q.batchB, q.writingB = 0, q.batchB
+	defer q.recycle(batch, batchBuf)
 	acks := q.acks
 	q.acks = nil
 	if q.failed != nil {
@@ -488,14 +505,15 @@ func (q *Queue) flush(sync bool) {
 		}
 		return
 	}
-	var buf []byte
+	buf := q.wbuf[:0]
 	if len(acks) > 0 {
-		sort.Slice(acks, func(i, j int) bool { return acks[i] < acks[j] })
+		slices.Sort(acks)
 		buf = appendAck(buf, acks)
 	}
 	ackLen := len(buf)
-	for _, p := range batch {
-		buf = append(buf, p.buf...)
+	buf = append(buf, batchBuf...)
+	if cap(buf) <= maxKeptBuf {
+		q.wbuf = buf
 	}
 	if len(buf) == 0 {
 		q.writingB = 0
@@ -529,8 +547,8 @@ func (q *Queue) flush(sync bool) {
 		q.writingB = 0
 		pos := off + int64(ackLen)
 		for _, p := range batch {
-			q.ents = append(q.ents, entry{seq: p.seq, seg: seg, off: pos, n: int32(len(p.buf)), received: p.recv.UnixNano()})
-			pos += int64(len(p.buf))
+			q.ents = append(q.ents, entry{seq: p.seq, seg: seg, off: pos, n: int32(p.n), received: p.recv})
+			pos += int64(p.n)
 			seg.live++
 		}
 		q.depth += len(batch)
@@ -591,6 +609,23 @@ func (q *Queue) flush(sync bool) {
 	}
 }
 
+// maxKeptBuf bounds the buffers the writer keeps for the next batch: a
+// burst of large messages does not pin its memory.
+const maxKeptBuf = 1 << 20
+
+// recycle hands a written batch's slices back for the next one.
+func (q *Queue) recycle(batch []pending, buf []byte) {
+	clear(batch) // drop the channels
+	q.mu.Lock()
+	if cap(batch) <= maxKeptBuf/64 {
+		q.spareBatch = batch[:0]
+	}
+	if cap(buf) <= maxKeptBuf {
+		q.spareBuf = buf[:0]
+	}
+	q.mu.Unlock()
+}
+
 // Next returns up to max held entries with Seq > after, in order, waiting
 // until there is at least one or ctx ends. An entry is visible once written,
 // possibly before its fsync returned (sending it early can only duplicate).
@@ -606,6 +641,9 @@ func (q *Queue) Next(ctx context.Context, after uint64, max int) ([]Entry, error
 		}
 		i := sort.Search(len(q.ents), func(i int) bool { return q.ents[i].seq > after })
 		var out []Entry
+		if i < len(q.ents) {
+			out = make([]Entry, 0, min(max, len(q.ents)-i))
+		}
 		var err error
 		for i < len(q.ents) && len(out) < max {
 			if q.ents[i].acked {

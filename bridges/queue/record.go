@@ -54,8 +54,8 @@ func appendMsg(dst []byte, seq uint64, m *bridges.Message) []byte {
 	dst = binary.AppendUvarint(dst, seq)
 	dst = binary.AppendVarint(dst, m.Received.UnixNano())
 	dst = append(dst, m.QoS)
-	dst = appendBytes(dst, []byte(m.Device))
-	dst = appendBytes(dst, []byte(m.Topic))
+	dst = appendStr(dst, m.Device)
+	dst = appendStr(dst, m.Topic)
 	dst = appendBytes(dst, m.Payload)
 	return seal(dst, start)
 }
@@ -79,6 +79,11 @@ func appendBytes(dst, b []byte) []byte {
 	return append(dst, b...)
 }
 
+func appendStr(dst []byte, s string) []byte {
+	dst = binary.AppendUvarint(dst, uint64(len(s)))
+	return append(dst, s...)
+}
+
 func seal(dst []byte, start int) []byte {
 	body := dst[start+recHeader:]
 	binary.LittleEndian.PutUint32(dst[start:], uint32(len(body)))
@@ -88,7 +93,8 @@ func seal(dst []byte, start int) []byte {
 
 // decodeRecord decodes the record at the start of b and returns it with its
 // total length. It never panics and never allocates more than the record's
-// own (checksummed, bounded) length.
+// own (checksummed, bounded) length. A message's Payload is a slice of b
+// (capacity cut to the payload): b must not be changed while it is used.
 func decodeRecord(b []byte) (record, int, error) {
 	if len(b) < recHeader {
 		return record{}, 0, errShort
@@ -155,7 +161,8 @@ func (r *reader) byte1() byte {
 	return c
 }
 
-func (r *reader) bytes() []byte {
+// field returns the next length-prefixed field, a slice of the body.
+func (r *reader) field() []byte {
 	n := r.uvarint()
 	if r.err != nil {
 		return nil
@@ -164,10 +171,21 @@ func (r *reader) bytes() []byte {
 		r.err = fmt.Errorf("field length %d beyond body", n)
 		return nil
 	}
-	v := append([]byte(nil), r.b[:n]...)
+	v := r.b[:n:n]
 	r.b = r.b[n:]
 	return v
 }
+
+// view is the next field as a slice of the body (nil if empty): no copy.
+func (r *reader) view() []byte {
+	if v := r.field(); len(v) > 0 {
+		return v
+	}
+	return nil
+}
+
+// str is the next field as a string (one copy).
+func (r *reader) str() string { return string(r.field()) }
 
 func decodeBody(body []byte) (record, error) {
 	r := &reader{b: body}
@@ -177,9 +195,9 @@ func decodeBody(body []byte) (record, error) {
 		rec.seq = r.uvarint()
 		rec.msg.Received = time.Unix(0, r.varint())
 		rec.msg.QoS = r.byte1()
-		rec.msg.Device = string(r.bytes())
-		rec.msg.Topic = string(r.bytes())
-		rec.msg.Payload = r.bytes()
+		rec.msg.Device = r.str()
+		rec.msg.Topic = r.str()
+		rec.msg.Payload = r.view()
 		if r.err == nil && rec.msg.QoS > 1 {
 			r.err = fmt.Errorf("QoS %d", rec.msg.QoS)
 		}

@@ -31,6 +31,7 @@ type linkSession struct {
 	pubs    int                     // PUBLISHes in client awaiting PUBACK
 	server  map[uint16]bool         // QoS 2 PUBLISHes from the broker awaiting PUBREL
 	room    chan struct{}           // a PUBACK freed a slot (capacity 1)
+	seqs    []uint64                // pubacks' scratch (paho's reading goroutine only)
 	errs    paholog.Logger
 }
 
@@ -59,6 +60,9 @@ func (s *linkSession) ConAckReceived(conn io.Writer, _ *packets.Connect, ca *pac
 	defer s.mu.Unlock()
 	s.reset()
 	s.conn = conn
+	if pc, ok := conn.(*packetConn); ok {
+		pc.sink.Store(&pubackSink{s: s, gen: s.gen})
+	}
 	s.recvMax, s.maxQoS = 65535, 2
 	if ca.Properties != nil && ca.Properties.ReceiveMaximum != nil {
 		s.recvMax = int(*ca.Properties.ReceiveMaximum)
@@ -233,6 +237,63 @@ func (s *linkSession) PacketReceived(recv *packets.ControlPacket, pubChan chan<-
 		return nil
 	}
 	return nil
+}
+
+// pubacks completes the PUBACKs packetConn took out of connection gen's
+// stream, in the order received: one lock for all of them, and the
+// successes of one run acknowledged in the queue together. PUBACKs of a
+// connection that is no longer the session's are ignored (the queue still
+// holds those messages).
+func (s *linkSession) pubacks(gen uint64, acks []puback) {
+	s.mu.Lock()
+	if s.gen != gen || s.conn == nil {
+		s.mu.Unlock()
+		return
+	}
+	freed := 0
+	for i := range acks {
+		cp, ok := s.client[acks[i].id]
+		if !ok || cp.r == nil {
+			continue // not awaiting a PUBACK: ignored, as paho's session would
+		}
+		delete(s.client, acks[i].id)
+		s.pubs--
+		freed++
+		acks[i].r, acks[i].seq = cp.r, cp.seq
+	}
+	s.mu.Unlock()
+	if freed == 0 {
+		return
+	}
+	select {
+	case s.room <- struct{}{}:
+	default:
+	}
+	var run *sendRun
+	seqs := s.seqs[:0]
+	done := func() {
+		if len(seqs) > 0 {
+			run.acked(seqs)
+			seqs = seqs[:0]
+		}
+	}
+	for _, a := range acks {
+		if a.r == nil {
+			continue
+		}
+		if a.r != run {
+			done()
+			run = a.r
+		}
+		if a.reason >= 0x80 {
+			done()
+			a.r.puback(a.seq, a.reason)
+			continue
+		}
+		seqs = append(seqs, a.seq)
+	}
+	done()
+	s.seqs = seqs
 }
 
 func (s *linkSession) endClient(id uint16, recv *packets.ControlPacket) {

@@ -13,6 +13,10 @@ import (
 type template struct {
 	levels []string // with {prefix} and {gateway} substituted; {id} and # kept
 	idAt   int
+	// pre and post surround {id} when rendering: the levels before it
+	// (each followed by "/") and those after it up to # (each preceded by
+	// "/"), so that render is one concatenation.
+	pre, post string
 }
 
 func compile(tmpl, prefix, gateway string) (template, error) {
@@ -47,6 +51,12 @@ func compile(tmpl, prefix, gateway string) (template, error) {
 	if t.levels[len(t.levels)-1] != "#" {
 		return template{}, fmt.Errorf("%q must end in /#", tmpl)
 	}
+	for _, l := range t.levels[:t.idAt] {
+		t.pre += l + "/"
+	}
+	for _, l := range t.levels[t.idAt+1 : len(t.levels)-1] {
+		t.post += "/" + l
+	}
 	return t, nil
 }
 
@@ -57,34 +67,40 @@ func (t template) filter() string {
 	return strings.Join(l, "/")
 }
 
-// match returns the device id and the levels matched by # if topic fits.
-func (t template) match(topic string) (id string, rest []string, ok bool) {
-	levels := strings.Split(topic, "/")
+// match returns the device id and what # matched if topic fits: rest is
+// "" when the topic ends where # begins, else the remaining levels with
+// their leading "/" (a slice of topic: match allocates nothing, as it runs
+// twice for every message).
+func (t template) match(topic string) (id, rest string, ok bool) {
 	n := len(t.levels) - 1 // without #
-	if len(levels) < n {
-		return "", nil, false
-	}
+	rem, more := topic, true
 	for i := 0; i < n; i++ {
+		if !more {
+			return "", "", false
+		}
+		var l string
+		l, rem, more = strings.Cut(rem, "/")
 		if i == t.idAt {
-			if levels[i] == "" || strings.ContainsAny(levels[i], "+#") {
-				return "", nil, false
+			if l == "" || strings.ContainsAny(l, "+#") {
+				return "", "", false
 			}
-			id = levels[i]
+			id = l
 			continue
 		}
-		if levels[i] != t.levels[i] {
-			return "", nil, false
+		if l != t.levels[i] {
+			return "", "", false
 		}
 	}
-	return id, levels[n:], true
+	if more {
+		rest = topic[len(topic)-len(rem)-1:]
+	}
+	return id, rest, true
 }
 
-// render builds a topic from the template.
-func (t template) render(id string, rest []string) string {
-	l := append([]string(nil), t.levels[:len(t.levels)-1]...)
-	l[t.idAt] = id
-	l = append(l, rest...)
-	return strings.Join(l, "/")
+// render builds a topic from the template, id and what match returned as
+// rest.
+func (t template) render(id, rest string) string {
+	return t.pre + id + t.post + rest
 }
 
 // overlaps reports whether some topic matches both MQTT filters a and b.
@@ -127,19 +143,28 @@ func validFilter(f string) error {
 	return nil
 }
 
-// matchFilter reports whether topic matches the MQTT filter f.
+// matchFilter reports whether topic matches the MQTT filter f. It walks
+// both level by level without splitting them (it runs twice for every
+// message and rule).
 func matchFilter(f, topic string) bool {
-	fl, tl := strings.Split(f, "/"), strings.Split(topic, "/")
-	for i, l := range fl {
+	tdone := false
+	for {
+		var l, tl string
+		var fmore, tmore bool
+		l, f, fmore = strings.Cut(f, "/")
 		if l == "#" {
 			return true
 		}
-		if i >= len(tl) {
+		if tdone {
 			return false
 		}
-		if l != "+" && l != tl[i] {
+		tl, topic, tmore = strings.Cut(topic, "/")
+		tdone = !tmore
+		if l != "+" && l != tl {
 			return false
+		}
+		if !fmore {
+			return tdone
 		}
 	}
-	return len(fl) == len(tl)
 }

@@ -3,14 +3,24 @@ package upstream
 import (
 	"net"
 	"sync"
+	"sync/atomic"
 )
 
-// packetConn is the connection paho writes to. paho locks it around each
-// packet (it implements sync.Locker, which packets.ControlPacket.WriteTo
-// honours) and writes a packet in several pieces; packetConn gathers the
-// pieces and sends the packet with one write (one TLS record, one syscall).
-// The link's sender writes many whole PUBLISH packets at once with
-// writePackets.
+// packetConn is the connection paho writes to and reads from.
+//
+// Writes: paho locks it around each packet (it implements sync.Locker,
+// which packets.ControlPacket.WriteTo honours) and writes a packet in
+// several pieces; packetConn gathers the pieces and sends the packet with
+// one write (one TLS record, one syscall). The link's sender writes many
+// whole PUBLISH packets at once with writePackets.
+//
+// Reads: the broker's PUBACKs (one per uplink message) are taken out of the
+// stream in Read and completed in the link's session directly, every
+// PUBACK of one read from the connection at once; paho reads every other
+// packet, byte for byte as the broker sent it. paho's packet reader
+// allocates about 2 KB per packet (its bytes.Buffer grows by 512 bytes
+// before reading even a 2-byte body) and takes the session lock once per
+// PUBACK.
 type packetConn struct {
 	net.Conn
 	mu     sync.Mutex
@@ -18,6 +28,136 @@ type packetConn struct {
 	first  bool
 	need   int
 	buf    []byte
+
+	// The read side; only paho's reading goroutine (its CONNACK reader,
+	// then its receive loop) touches it.
+	sink atomic.Pointer[pubackSink] // nil until the session has the connection
+	rbuf []byte                     // read buffer: in and out are slices of it
+	in   []byte                     // read, not yet looked at
+	out  []byte                     // for paho
+	pass int                        // bytes of the current packet still to go to paho
+	raw  bool                       // a malformed header: everything goes to paho
+	acks []puback
+}
+
+// pubackSink completes PUBACKs of connection gen of a session.
+type pubackSink struct {
+	s   *linkSession
+	gen uint64
+}
+
+// puback is one PUBACK taken out of the stream.
+type puback struct {
+	id     uint16
+	reason byte
+	r      *sendRun // filled by the session: the PUBLISH it answers
+	seq    uint64
+}
+
+// readBufSize is packetConn's read buffer; a PUBACK larger than it (a long
+// reason string) goes to paho's reader instead.
+const readBufSize = 4096
+
+// Read gives paho every packet but PUBACKs.
+func (c *packetConn) Read(p []byte) (int, error) {
+	for {
+		if len(c.out) > 0 {
+			n := copy(p, c.out)
+			c.out = c.out[n:]
+			return n, nil
+		}
+		if c.scan() {
+			continue
+		}
+		if c.rbuf == nil {
+			c.rbuf = make([]byte, readBufSize)
+		}
+		// out is empty: move what is left to the front and read more.
+		k := copy(c.rbuf, c.in)
+		n, err := c.Conn.Read(c.rbuf[k:])
+		c.in = c.rbuf[:k+n]
+		if n == 0 && err != nil {
+			return 0, err
+		}
+		// With n > 0 an error, if any, comes again on the next read.
+	}
+}
+
+// scan moves the next packet's bytes to out, or takes the PUBACKs at the
+// head of in and completes them; it reports whether it did anything.
+func (c *packetConn) scan() bool {
+	if c.pass > 0 || c.raw {
+		if len(c.in) == 0 {
+			return false
+		}
+		k := len(c.in)
+		if !c.raw {
+			k = min(k, c.pass)
+			c.pass -= k
+		}
+		c.out, c.in = c.in[:k], c.in[k:]
+		return true
+	}
+	sink := c.sink.Load()
+	did := false
+	for len(c.in) > 0 {
+		rem, hl, ok := fixedHeader(c.in)
+		if hl < 0 {
+			c.raw = true // paho's reader will refuse it
+			did = true
+			break
+		}
+		if !ok {
+			break // the header is not complete yet
+		}
+		if c.in[0] == 0x40 && rem >= 2 && sink != nil && hl+rem <= len(c.rbuf) {
+			if len(c.in) < hl+rem {
+				break
+			}
+			body := c.in[hl : hl+rem]
+			a := puback{id: uint16(body[0])<<8 | uint16(body[1])}
+			if rem > 2 {
+				a.reason = body[2] // properties (a reason string) are not needed
+			}
+			c.acks = append(c.acks, a)
+			c.in = c.in[hl+rem:]
+			did = true
+			continue
+		}
+		c.pass = hl + rem
+		k := min(c.pass, len(c.in))
+		c.pass -= k
+		c.out, c.in = c.in[:k], c.in[k:]
+		did = true
+		break
+	}
+	if len(c.acks) > 0 {
+		sink.s.pubacks(sink.gen, c.acks)
+		clear(c.acks)
+		c.acks = c.acks[:0]
+	}
+	return did
+}
+
+// fixedHeader decodes an MQTT fixed header at the start of b: the
+// remaining length and the header's length. ok is false while b ends
+// inside the header; hl is -1 for a remaining length longer than 4 bytes.
+func fixedHeader(b []byte) (rem, hl int, ok bool) {
+	mul := 1
+	for i := 1; i < len(b); i++ {
+		if i > 4 {
+			return 0, -1, false
+		}
+		rem += int(b[i]&0x7f) * mul
+		mul *= 128
+		if b[i]&0x80 == 0 {
+			return rem, i + 1, true
+		}
+	}
+	if len(b) > 4 {
+		return 0, -1, false
+	}
+	return 0, 0, false
 }
 
 // writePackets writes whole packets in one write, between paho's packets.

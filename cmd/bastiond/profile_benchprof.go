@@ -51,21 +51,35 @@ func init() {
 
 // toggleCPUProfile starts a CPU profile into dir/cpu-<name>.pprof, name
 // read from dir/cpu.name, or stops the running one and then writes
-// dir/cpu.done (the benchmark waits for it).
+// dir/cpu.done (the benchmark waits for it). Around it, the allocation
+// profile (cumulative since start) is written as allocs-<name>-base.pprof
+// and allocs-<name>.pprof, so that
+//
+//	go tool pprof -sample_index=alloc_space -base allocs-<name>-base.pprof bastiond allocs-<name>.pprof
+//
+// shows what the profiled stretch allocated (BASTIOND_MEMPROFILE_RATE
+// sets the sampling; the default, one sample per 512 KiB, is coarse).
 func toggleCPUProfile(dir string, running *os.File) (*os.File, error) {
+	raw, err := os.ReadFile(filepath.Join(dir, "cpu.name"))
+	if err != nil {
+		return nil, err
+	}
+	name := strings.TrimSpace(string(raw))
 	if running != nil {
 		pprof.StopCPUProfile()
 		err := running.Close()
+		if werr := writeAllocs(filepath.Join(dir, "allocs-"+name+".pprof")); err == nil {
+			err = werr
+		}
 		if werr := os.WriteFile(filepath.Join(dir, "cpu.done"), nil, 0o600); err == nil {
 			err = werr
 		}
 		return nil, err
 	}
-	name, err := os.ReadFile(filepath.Join(dir, "cpu.name"))
-	if err != nil {
+	if err := writeAllocs(filepath.Join(dir, "allocs-"+name+"-base.pprof")); err != nil {
 		return nil, err
 	}
-	f, err := os.Create(filepath.Join(dir, "cpu-"+strings.TrimSpace(string(name))+".pprof"))
+	f, err := os.Create(filepath.Join(dir, "cpu-"+name+".pprof"))
 	if err != nil {
 		return nil, err
 	}
@@ -74,6 +88,18 @@ func toggleCPUProfile(dir string, running *os.File) (*os.File, error) {
 		return nil, err
 	}
 	return f, nil
+}
+
+func writeAllocs(path string) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	err = pprof.Lookup("allocs").WriteTo(f, 0)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
 }
 
 func writeProfiles(dir string) error {

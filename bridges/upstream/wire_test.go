@@ -1,0 +1,272 @@
+package upstream
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"net"
+	"strconv"
+	"strings"
+	"testing"
+
+	"github.com/eclipse/paho.golang/packets"
+	"github.com/google/go-cmp/cmp"
+
+	"github.com/bastion-iot/bastion/bridges"
+	"github.com/bastion-iot/bastion/bridges/queue"
+)
+
+// pahoPublish is the PUBLISH as paho's encoder writes it.
+func pahoPublish(id uint16, qos byte, topic string, payload []byte, gateway string, seq uint64) []byte {
+	p := packets.Publish{PacketID: id, QoS: qos, Topic: topic, Payload: payload,
+		Properties: &packets.Properties{User: []packets.User{
+			{Key: OriginProperty, Value: gateway},
+			{Key: SeqProperty, Value: strconv.FormatUint(seq, 10)},
+		}}}
+	var b bytes.Buffer
+	if _, err := p.WriteTo(&b); err != nil {
+		panic(err)
+	}
+	return b.Bytes()
+}
+
+// TestAppendPublish: the link's own PUBLISH encoder writes exactly what
+// paho's does, and paho's decoder reads it back, for remaining lengths of
+// one to three bytes and both QoS.
+func TestAppendPublish(t *testing.T) {
+	for _, c := range []struct {
+		id      uint16
+		qos     byte
+		topic   string
+		payload int
+		gateway string
+		seq     uint64
+	}{
+		{1, 1, "bastion/gw1/d1/t/temp", 100, "gw1", 1},
+		{65535, 1, "bastion/gw1/d1/t", 0, "gw1", 18446744073709551615},
+		{0, 0, "bastion/gw-0042/sensor.7/t/a/b/", 20, "gw-0042", 1234567},
+		{300, 1, strings.Repeat("t", 200), 200, strings.Repeat("g", 64), 99},
+		{7, 1, "bastion/gw1/d1/t/big", 20000, "gw1", 5},
+		{8, 1, "bastion/gw1/d1/t/huge", 256 << 10, "gw1", 6},
+	} {
+		payload := bytes.Repeat([]byte{0xa5}, c.payload)
+		prefix := []byte("earlier packets")
+		got := appendPublish(append([]byte(nil), prefix...), c.id, c.qos, c.topic, payload, c.gateway, c.seq)
+		want := append(append([]byte(nil), prefix...), pahoPublish(c.id, c.qos, c.topic, payload, c.gateway, c.seq)...)
+		if !bytes.Equal(got, want) {
+			t.Errorf("appendPublish(%d, %d, %q, %d bytes, %q, %d) (-paho +ours):\n%s", c.id, c.qos, c.topic, c.payload, c.gateway, c.seq, cmp.Diff(want, got))
+			continue
+		}
+		cp, err := packets.ReadPacket(bytes.NewReader(got[len(prefix):]))
+		if err != nil {
+			t.Fatalf("paho cannot read our PUBLISH: %v", err)
+		}
+		p := cp.Content.(*packets.Publish)
+		if p.Topic != c.topic || p.QoS != c.qos || !bytes.Equal(p.Payload, payload) || (c.qos > 0 && p.PacketID != c.id) {
+			t.Errorf("paho read back topic %q qos %d id %d, %d bytes", p.Topic, p.QoS, p.PacketID, len(p.Payload))
+		}
+	}
+}
+
+// TestAppendPublishAllocs: appending to a buffer with room allocates nothing.
+func TestAppendPublishAllocs(t *testing.T) {
+	buf := make([]byte, 0, 4096)
+	payload := make([]byte, 100)
+	allocs := testing.AllocsPerRun(1000, func() {
+		buf = appendPublish(buf[:0], 17, 1, "bastion/gw1/dev-17/t/sensors/temp", payload, "gw1", 123456789)
+	})
+	if allocs != 0 {
+		t.Errorf("appendPublish: %.1f allocations, want 0", allocs)
+	}
+}
+
+// chunkConn is a connection whose reads return at most chunk bytes of data,
+// then io.EOF.
+type chunkConn struct {
+	net.Conn
+	data  []byte
+	chunk int
+}
+
+func (c *chunkConn) Read(p []byte) (int, error) {
+	if len(c.data) == 0 {
+		return 0, io.EOF
+	}
+	n := min(len(p), c.chunk, len(c.data))
+	copy(p, c.data[:n])
+	c.data = c.data[n:]
+	return n, nil
+}
+
+// ackSource is a Source that records Ack calls.
+type ackSource struct {
+	bridges.Sink
+	acks [][]uint64
+}
+
+func (s *ackSource) Next(context.Context, uint64, int) ([]queue.Entry, error) { return nil, nil }
+func (s *ackSource) Ack(seqs ...uint64) error {
+	s.acks = append(s.acks, append([]uint64(nil), seqs...))
+	return nil
+}
+
+// readerSetup is a session on a packetConn over data read chunk bytes at a
+// time, with PUBLISHes seq 101..108 awaiting PUBACKs as ids 1..8.
+func readerSetup(t testing.TB, data []byte, chunk int) (*packetConn, *ackSource, *sendRun) {
+	pc := &packetConn{Conn: &chunkConn{data: data, chunk: chunk}}
+	s := newLinkSession()
+	if err := s.ConAckReceived(pc, nil, &packets.Connack{}); err != nil {
+		t.Fatal(err)
+	}
+	src := &ackSource{}
+	u := &Upstream{q: src, m: newMetrics(), log: testLog()}
+	u.cur.Store(&snapshot{})
+	r := &sendRun{u: u, cancel: func() {}}
+	gen, _ := s.connection()
+	for i := range 8 {
+		if id, full, err := s.addPublish(gen, 64, r, uint64(101+i)); err != nil || full || id != uint16(i+1) {
+			t.Fatalf("addPublish: id %d full %v %v", id, full, err)
+		}
+	}
+	return pc, src, r
+}
+
+func encode(t testing.TB, p interface {
+	WriteTo(io.Writer) (int64, error)
+}) []byte {
+	var b bytes.Buffer
+	if _, err := p.WriteTo(&b); err != nil {
+		t.Fatal(err)
+	}
+	return b.Bytes()
+}
+
+// TestReadTakesPubacks: PUBACKs are completed from the stream (successes
+// of one read in one queue Ack, a refusal kept and reported, unknown ids
+// ignored) and paho reads every other packet exactly as sent, however the
+// connection splits the bytes.
+func TestReadTakesPubacks(t *testing.T) {
+	reason := "quota exceeded"
+	refusal := encode(t, &packets.Puback{PacketID: 3, ReasonCode: 0x97, Properties: &packets.Properties{ReasonString: reason}})
+	suback := encode(t, &packets.Suback{PacketID: 9, Reasons: []byte{1}, Properties: &packets.Properties{}})
+	down := encode(t, &packets.Publish{PacketID: 7, QoS: 1, Topic: "bastion/gw1/d1/c/x", Payload: bytes.Repeat([]byte("p"), 5000), Properties: &packets.Properties{}})
+	var stream []byte
+	stream = append(stream, 0x40, 2, 0, 1)       // PUBACK 1, success, short form
+	stream = append(stream, 0x40, 3, 0, 2, 0x10) // PUBACK 2, "no matching subscribers" (a success)
+	stream = append(stream, suback...)
+	stream = append(stream, refusal...)
+	stream = append(stream, down...)
+	stream = append(stream, 0xd0, 0)             // PINGRESP
+	stream = append(stream, 0x40, 2, 0, 99)      // PUBACK for an id not in use
+	stream = append(stream, 0x40, 2, 0, 4)       // PUBACK 4
+	stream = append(stream, 0x40, 4, 0, 5, 0, 0) // PUBACK 5 with empty properties
+	for _, chunk := range []int{1, 2, 3, 5, 7, 64, 4096, len(stream)} {
+		pc, src, r := readerSetup(t, stream, chunk)
+		var types []byte
+		for {
+			cp, err := packets.ReadPacket(pc)
+			if errors.Is(err, io.EOF) {
+				break
+			}
+			if err != nil {
+				t.Fatalf("chunk %d: paho read: %v", chunk, err)
+			}
+			types = append(types, cp.Type)
+			if p, ok := cp.Content.(*packets.Publish); ok && len(p.Payload) != 5000 {
+				t.Errorf("chunk %d: downlink payload %d bytes, want 5000", chunk, len(p.Payload))
+			}
+		}
+		if diff := cmp.Diff([]byte{packets.SUBACK, packets.PUBLISH, packets.PINGRESP}, types); diff != "" {
+			t.Errorf("chunk %d: packets paho read (-want +got):\n%s", chunk, diff)
+		}
+		var acked []uint64
+		for _, a := range src.acks {
+			acked = append(acked, a...)
+		}
+		if diff := cmp.Diff([]uint64{101, 102, 104, 105}, acked); diff != "" {
+			t.Errorf("chunk %d: acked in the queue (-want +got):\n%s", chunk, diff)
+		}
+		if chunk == len(stream) && len(src.acks) != 2 {
+			t.Errorf("one read: %d queue Acks %v, want 2 (before and after the refusal)", len(src.acks), src.acks)
+		}
+		if !r.failed.Load() {
+			t.Errorf("chunk %d: the refusal of seq 103 did not fail the run", chunk)
+		}
+	}
+}
+
+// FuzzPacketConnRead: the bytes come from the broker. However they are
+// split, Read never panics, gives paho exactly the stream without the
+// well-formed PUBACKs (as a whole-buffer parse finds them), and completes
+// those PUBACKs' messages in order.
+func FuzzPacketConnRead(f *testing.F) {
+	f.Add([]byte{0x40, 2, 0, 1, 0xd0, 0, 0x40, 3, 0, 2, 0x97}, uint8(1))
+	f.Add([]byte{0x90, 3, 0, 9, 1, 0x40, 2, 0, 4, 0x40, 1, 0}, uint8(3))
+	f.Add([]byte{0x40, 0xff, 0xff, 0xff, 0xff, 0x7f, 0x40, 2, 0, 1}, uint8(2))
+	f.Add([]byte{0x30, 0x80, 0x01, 0, 1, 'a'}, uint8(200))
+	f.Add([]byte{0x40, 2, 0}, uint8(1))
+	var enc []byte // paho's encoder: a refusal with a reason string, a SUBACK, a downlink PUBLISH, a PUBACK
+	enc = append(enc, encode(f, &packets.Puback{PacketID: 3, ReasonCode: 0x97, Properties: &packets.Properties{ReasonString: "quota exceeded"}})...)
+	enc = append(enc, encode(f, &packets.Suback{PacketID: 9, Reasons: []byte{1}, Properties: &packets.Properties{}})...)
+	enc = append(enc, encode(f, &packets.Publish{PacketID: 7, QoS: 1, Topic: "bastion/gw1/d1/c/x", Payload: []byte("on"), Properties: &packets.Properties{}})...)
+	enc = append(enc, encode(f, &packets.Puback{PacketID: 1, Properties: &packets.Properties{}})...)
+	f.Add(enc, uint8(5))
+	f.Fuzz(func(t *testing.T, data []byte, chunk uint8) {
+		wantPass, wantAcks := refSplit(data)
+		pc, src, _ := readerSetup(t, data, int(chunk)%64+1)
+		var got []byte
+		buf := make([]byte, 37)
+		for range len(data) + 2 {
+			n, err := pc.Read(buf)
+			got = append(got, buf[:n]...)
+			if err != nil {
+				break
+			}
+		}
+		if !bytes.Equal(wantPass, got) {
+			t.Fatalf("paho got (-want +got):\n%s", cmp.Diff(wantPass, got))
+		}
+		var acked []uint64
+		for _, a := range src.acks {
+			acked = append(acked, a...)
+		}
+		if diff := cmp.Diff(wantAcks, acked); diff != "" {
+			t.Fatalf("acked (-want +got):\n%s", diff)
+		}
+	})
+}
+
+// refSplit parses the whole stream: the bytes paho must get, and the seqs
+// acknowledged (ids 1..8 are seqs 101..108, each once, successes only).
+func refSplit(data []byte) (pass []byte, acks []uint64) {
+	pass = []byte{}
+	used := map[uint16]bool{}
+	for len(data) > 0 {
+		rem, hl, ok := fixedHeader(data)
+		if hl < 0 {
+			return append(pass, data...), acks
+		}
+		if !ok {
+			return pass, acks // a header cut by the end: never complete
+		}
+		if data[0] == 0x40 && rem >= 2 && hl+rem <= readBufSize {
+			if len(data) < hl+rem {
+				return pass, acks
+			}
+			id := uint16(data[hl])<<8 | uint16(data[hl+1])
+			if id >= 1 && id <= 8 && !used[id] {
+				used[id] = true
+				if rem == 2 || data[hl+2] < 0x80 {
+					acks = append(acks, 100+uint64(id))
+				}
+			}
+			data = data[hl+rem:]
+			continue
+		}
+		n := min(hl+rem, len(data))
+		pass = append(pass, data[:n]...)
+		data = data[n:]
+	}
+	return pass, acks
+}
