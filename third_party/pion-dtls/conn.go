@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/pion/dtls/v3/internal/closer"
+	"github.com/pion/dtls/v3/internal/net/udp"
 	"github.com/pion/dtls/v3/pkg/crypto/elliptic"
 	"github.com/pion/dtls/v3/pkg/crypto/signaturehash"
 	"github.com/pion/dtls/v3/pkg/protocol"
@@ -62,13 +63,17 @@ type recvHandshakeState struct {
 
 // Conn represents a DTLS connection.
 type Conn struct {
-	lock           sync.RWMutex      // Internal lock (must not be public)
-	nextConn       netctx.PacketConn // Embedded Conn, typically a udpconn we read/write from
-	fragmentBuffer *fragmentBuffer   // out-of-order and missing fragment handling
-	handshakeCache *handshakeCache   // caching of handshake messages for verifyData generation
-	decrypted      chan any          // Decrypted Application Data or error, pull by calling `Read`
-	rAddr          net.Addr
-	state          State // Internal state
+	lock     sync.RWMutex      // Internal lock (must not be public)
+	nextConn netctx.PacketConn // Embedded Conn, typically a udpconn we read/write from
+	// waitForDatagram: nextConn is a listener's connection, whose ReadFrom
+	// with an empty buffer waits for a datagram without taking it
+	// (io.ErrShortBuffer). Bastion patch, see readAndBuffer.
+	waitForDatagram bool
+	fragmentBuffer  *fragmentBuffer // out-of-order and missing fragment handling
+	handshakeCache  *handshakeCache // caching of handshake messages for verifyData generation
+	decrypted       chan any        // Decrypted Application Data or error, pull by calling `Read`
+	rAddr           net.Addr
+	state           State // Internal state
 
 	maximumTransmissionUnit int
 	paddingLengthGenerator  func(uint) uint
@@ -238,6 +243,7 @@ func createConn(
 	conn := &Conn{
 		rAddr:                   rAddr,
 		nextConn:                netctx.NewPacketConn(nextConn),
+		waitForDatagram:         isListenerConn(nextConn),
 		handshakeConfig:         handshakeConfig,
 		fragmentBuffer:          newFragmentBuffer(),
 		handshakeCache:          newHandshakeCache(),
@@ -915,7 +921,25 @@ var poolReadBuffer = sync.Pool{ //nolint:gochecknoglobals
 	},
 }
 
+// isListenerConn reports whether c is a connection of this package's
+// listener (Bastion patch).
+func isListenerConn(c net.PacketConn) bool {
+	_, ok := c.(*udp.PacketConn)
+
+	return ok
+}
+
 func (c *Conn) readAndBuffer(ctx context.Context) error { //nolint:cyclop
+	// Bastion patch (third_party/README.md): on a listener's connection,
+	// wait for the next datagram before taking an 8 KiB read buffer, so an
+	// idle connection does not hold one. The empty read leaves the datagram
+	// in place (io.ErrShortBuffer); an empty datagram is consumed by it, as
+	// the read below would have done, and there is nothing to process.
+	if c.waitForDatagram {
+		if _, _, err := c.nextConn.ReadFromContext(ctx, nil); err != nil && !errors.Is(err, io.ErrShortBuffer) {
+			return netError(err)
+		}
+	}
 	bufptr, ok := poolReadBuffer.Get().(*[]byte)
 	if !ok {
 		return errFailedToAccessPoolReadBuffer
