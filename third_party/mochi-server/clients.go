@@ -155,6 +155,7 @@ type ClientState struct {
 	open            context.Context      // indicate that the client is open for packet exchange
 	cancelOpen      context.CancelFunc   // cancel function for open context
 	outboundQty     int32                // number of messages currently in the outbound queue
+	writing         atomic.Bool          // a WriteLoop is running (Bastion patch)
 	Keepalive       uint16               // the number of seconds the connection can wait
 	ServerKeepalive bool                 // keepalive was set by the server
 }
@@ -191,14 +192,35 @@ func newClient(c net.Conn, o *ops) *Client {
 }
 
 // WriteLoop ranges over pending outbound messages and writes them to the client connection.
+//
+// Bastion patch (third_party/README.md): WriteLoop returns once the queue is
+// empty, and startWriter starts it again when a packet is queued, so an idle
+// client has no writer goroutine. At most one runs: writing is set while one
+// does, and a loop that finds the queue empty clears it and then looks again,
+// so a packet queued in between is either seen by this loop or starts the next.
 func (cl *Client) WriteLoop() {
+	cl.State.writing.Store(true)
 	for {
 		select {
 		case pk := <-cl.State.outbound:
 			cl.writeOutbound(pk)
 		case <-cl.State.open.Done():
+			cl.State.writing.Store(false)
 			return
+		default:
+			cl.State.writing.Store(false)
+			if len(cl.State.outbound) == 0 || !cl.State.writing.CompareAndSwap(false, true) {
+				return
+			}
 		}
+	}
+}
+
+// startWriter starts a WriteLoop for a packet just queued unless one is
+// running (Bastion patch).
+func (cl *Client) startWriter() {
+	if cl.State.writing.CompareAndSwap(false, true) {
+		go cl.WriteLoop()
 	}
 }
 
