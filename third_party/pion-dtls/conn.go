@@ -487,7 +487,7 @@ func (c *Conn) Write(payload []byte) (int, error) {
 		return 0, err
 	}
 
-	// Bastion patch (third_party/PATCHES.md): the write deadline's own
+	// Bastion patch (third_party/README.md): the write deadline's own
 	// context, without contextWithClose's goroutine per Write. Close ends a
 	// write through the socket; the errors are mapped below as
 	// closeContext.Err did.
