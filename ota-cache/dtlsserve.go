@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"strings"
 	"sync"
@@ -32,10 +33,10 @@ type DTLSListener interface {
 	Close() error
 }
 
-// DTLSHandlerFunc answers one CoAP request. It runs on the session's own
-// reading goroutine: while it runs, the session reads nothing else (a
-// retransmission of the same request waits and is then answered from the
-// response cache).
+// DTLSHandlerFunc answers one CoAP request. It runs on the session's
+// record reader (pion's goroutine for the connection): while it runs, the
+// session reads nothing else (a retransmission of the same request waits
+// and is then answered from the response cache).
 type DTLSHandlerFunc func(w *DTLSResponseWriter, r *pool.Message)
 
 // DTLSServeConfig configures ServeDTLS. Only Handler is required.
@@ -45,8 +46,7 @@ type DTLSServeConfig struct {
 	// blocks (default 64 KiB); a larger one gets 4.13 with Size1.
 	MaxMessageSize uint32
 	// ReadBufferSize bounds one datagram's CoAP message (default 1472,
-	// go-coap's MTU); a larger datagram is dropped. Every idle session
-	// holds one buffer of this size.
+	// go-coap's MTU); a larger one is dropped.
 	ReadBufferSize int
 	// HandshakeTimeout bounds one DTLS handshake (default 10 s); it derives
 	// from ctx, so shutdown ends handshakes too.
@@ -68,11 +68,11 @@ type DTLSServeConfig struct {
 	BlockwiseSZX blockwise.SZX
 }
 
-// ServeDTLS serves CoAP (RFC 7252) over DTLS sessions accepted from l
-// with one goroutine per session that reads a record, answers it inline
-// and writes the answer: no goroutine hand-off between the DTLS record
-// and the handler (go-coap's server uses three more per session and
-// passes every message across two of them). It keeps go-coap's message
+// ServeDTLS serves CoAP (RFC 7252) over DTLS sessions accepted from l.
+// After its handshake a session has no goroutine of ours: pion's record
+// reader decrypts a record and calls onRecord, which answers it inline
+// and writes the answer (go-coap's server uses three more goroutines per
+// session and passes every message across two of them). It keeps go-coap's message
 // codec and the semantics its server gave us:
 //
 //   - a confirmable request is answered piggybacked (ACK, same message
@@ -93,7 +93,7 @@ type DTLSServeConfig struct {
 //   - idle sessions are closed after IdleTimeout.
 //
 // It serves until ctx ends or l fails, then closes l and every session and
-// waits for their goroutines. A nil error means ctx ended or l was closed.
+// waits for them to end. A nil error means ctx ended or l was closed.
 func ServeDTLS(ctx context.Context, l DTLSListener, cfg DTLSServeConfig) error {
 	if cfg.Handler == nil {
 		return errors.New("serve dtls: no handler")
@@ -152,6 +152,7 @@ func ServeDTLS(ctx context.Context, l DTLSListener, cfg DTLSServeConfig) error {
 	cancel()
 	srv.closeAll()
 	wg.Wait()
+	srv.sessions.Wait()
 	return err
 }
 
@@ -168,6 +169,8 @@ type dtlsServer struct {
 	mu     sync.Mutex
 	conns  map[*DTLSConn]struct{}
 	closed bool
+	// sessions counts established sessions until their end has run.
+	sessions sync.WaitGroup
 }
 
 func (s *dtlsServer) add(c *DTLSConn) bool {
@@ -177,6 +180,7 @@ func (s *dtlsServer) add(c *DTLSConn) bool {
 		return false
 	}
 	s.conns[c] = struct{}{}
+	s.sessions.Add(1)
 	return true
 }
 
@@ -201,18 +205,25 @@ func (s *dtlsServer) closeAll() {
 
 // DTLSConn is one DTLS session served by ServeDTLS.
 type DTLSConn struct {
-	nc    net.Conn
-	ctx   context.Context
-	srv   *dtlsServer
-	msgID atomic.Uint32
-	cache *ResponseCache
+	nc     net.Conn
+	ctx    context.Context
+	cancel context.CancelFunc
+	srv    *dtlsServer
+	msgID  atomic.Uint32
+	cache  *ResponseCache
+
+	// lastRead (Unix ns) is when the last record came; idle closes the
+	// session IdleTimeout after it.
+	lastRead atomic.Int64
+	idle     *time.Timer
 
 	closeOnce sync.Once
+	endOnce   sync.Once
 	mu        sync.Mutex
 	onClose   []func()
 	value     atomic.Value
 
-	// Block1 reassembly, touched only by the reading goroutine.
+	// Block1 reassembly, touched only by onRecord (never concurrent).
 	b1Key  string
 	b1Next int64
 	b1Body []byte
@@ -228,8 +239,8 @@ func (c *DTLSConn) RemoteAddr() net.Addr { return c.nc.RemoteAddr() }
 // Context ends when the session is closed or the server stops.
 func (c *DTLSConn) Context() context.Context { return c.ctx }
 
-// Close closes the DTLS session; the reading goroutine then ends and runs
-// the AddOnClose functions. Safe to call more than once, from anywhere.
+// Close closes the DTLS session; its record reader then ends and runs the
+// AddOnClose functions. Safe to call more than once, from anywhere.
 func (c *DTLSConn) Close() error {
 	var err error
 	c.closeOnce.Do(func() { err = c.nc.Close() })
@@ -342,8 +353,24 @@ var blockBufs = sync.Pool{New: func() any { b := make([]byte, 1024); return &b }
 // wireBufs hold one encoded datagram.
 var wireBufs = sync.Pool{New: func() any { b := make([]byte, 0, 1280); return &b }}
 
+// readHandlerConn is a DTLS connection that hands each decrypted record
+// to a function on its own record reader (pion/dtls with the patch in
+// third_party/: Conn.SetReadHandler).
+type readHandlerConn interface {
+	SetReadHandler(h func(p []byte, err error)) error
+}
+
+// serveConn runs the handshake, then hands the session to its record
+// reader (onRecord) and returns: an established session has no goroutine
+// of ours.
 func (s *dtlsServer) serveConn(ctx context.Context, rw net.Conn) {
 	cfg := s.cfg
+	rh, ok := rw.(readHandlerConn)
+	if !ok {
+		cfg.Errors(fmt.Errorf("%v: %T cannot hand its records to a handler (is the pion/dtls copy in third_party/ in use?)", rw.RemoteAddr(), rw))
+		_ = rw.Close()
+		return
+	}
 	if hs, ok := rw.(interface{ HandshakeContext(context.Context) error }); ok {
 		hctx, cancel := context.WithTimeout(ctx, cfg.HandshakeTimeout)
 		err := hs.HandshakeContext(hctx)
@@ -355,17 +382,82 @@ func (s *dtlsServer) serveConn(ctx context.Context, rw net.Conn) {
 		}
 	}
 	cctx, cancel := context.WithCancel(ctx)
-	c := &DTLSConn{nc: rw, ctx: cctx, srv: s, cache: NewResponseCache(cfg.ResponseCacheEntries)}
+	c := &DTLSConn{nc: rw, ctx: cctx, cancel: cancel, srv: s, cache: NewResponseCache(cfg.ResponseCacheEntries)}
 	c.msgID.Store(uint32(message.GetMID()))
 	if !s.add(c) {
 		cancel()
 		_ = rw.Close()
 		return
 	}
-	defer func() {
-		cancel()
+	if cfg.OnNewConn != nil {
+		cfg.OnNewConn(c)
+	}
+	c.lastRead.Store(time.Now().UnixNano())
+	// Set before it can fire: checkIdle resets it.
+	c.idle = time.AfterFunc(time.Duration(math.MaxInt64), c.checkIdle)
+	c.idle.Reset(cfg.IdleTimeout)
+	if err := rh.SetReadHandler(c.onRecord); err != nil {
+		cfg.Errors(fmt.Errorf("%v: %w", rw.RemoteAddr(), err))
+		c.end()
+	}
+}
+
+// onRecord takes one decrypted record, an error, or (io.EOF) the end of
+// the session, on the session's record reader.
+func (c *DTLSConn) onRecord(p []byte, err error) {
+	cfg := c.srv.cfg
+	if err != nil {
+		if errors.Is(err, io.EOF) {
+			c.end()
+			return
+		}
+		var te *piondtls.TemporaryError
+		if errors.As(err, &te) {
+			// The record was consumed and the session is intact (a stray
+			// record type).
+			cfg.Errors(fmt.Errorf("%v: record dropped: %w", c.RemoteAddr(), err))
+			return
+		}
+		if c.ctx.Err() == nil && !errors.Is(err, net.ErrClosed) {
+			cfg.Errors(fmt.Errorf("%v: read: %w", c.RemoteAddr(), err))
+		}
 		_ = c.Close()
-		s.remove(c)
+		return
+	}
+	c.lastRead.Store(time.Now().UnixNano())
+	if len(p) > cfg.ReadBufferSize {
+		cfg.Errors(fmt.Errorf("%v: record dropped: %d bytes, over the %d-byte limit (ReadBufferSize)", c.RemoteAddr(), len(p), cfg.ReadBufferSize))
+		return
+	}
+	c.handleDatagram(p)
+}
+
+// checkIdle runs when the idle timer fires: a session that has read
+// nothing for IdleTimeout is closed, any other gets the timer again for
+// the rest of its time. Reading moves only a timestamp, not the timer.
+func (c *DTLSConn) checkIdle() {
+	cfg := c.srv.cfg
+	if rest := cfg.IdleTimeout - time.Since(time.Unix(0, c.lastRead.Load())); rest > 0 {
+		c.idle.Reset(rest)
+		return
+	}
+	if c.ctx.Err() != nil {
+		return
+	}
+	if cfg.OnIdle != nil {
+		cfg.OnIdle(c)
+	}
+	_ = c.Close()
+}
+
+// end runs once, when the session has ended: it runs the AddOnClose
+// functions and lets ServeDTLS return.
+func (c *DTLSConn) end() {
+	c.endOnce.Do(func() {
+		c.cancel()
+		c.idle.Stop()
+		_ = c.Close()
+		c.srv.remove(c)
 		c.mu.Lock()
 		fs := c.onClose
 		c.onClose = nil
@@ -373,47 +465,8 @@ func (s *dtlsServer) serveConn(ctx context.Context, rw net.Conn) {
 		for _, f := range fs {
 			f()
 		}
-	}()
-	if cfg.OnNewConn != nil {
-		cfg.OnNewConn(c)
-	}
-	buf := make([]byte, cfg.ReadBufferSize)
-	// pion's SetReadDeadline makes a new timer on every call, so the
-	// deadline is moved only when it is step stale: a session is closed
-	// between IdleTimeout and IdleTimeout+step after its last datagram.
-	step := min(time.Second, cfg.IdleTimeout/8)
-	var deadline time.Time
-	for {
-		if now := time.Now(); deadline.Sub(now) < cfg.IdleTimeout {
-			deadline = now.Add(cfg.IdleTimeout + step)
-			if err := rw.SetReadDeadline(deadline); err != nil {
-				cfg.Errors(fmt.Errorf("%v: set read deadline: %w", rw.RemoteAddr(), err))
-				return
-			}
-		}
-		n, err := rw.Read(buf)
-		if err != nil {
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				if cfg.OnIdle != nil {
-					cfg.OnIdle(c)
-				}
-				return
-			}
-			var te *piondtls.TemporaryError
-			if errors.As(err, &te) {
-				// The record was consumed and the session is intact (a
-				// datagram larger than the buffer, a stray record type).
-				cfg.Errors(fmt.Errorf("%v: record dropped (read buffer %d bytes): %w", rw.RemoteAddr(), cfg.ReadBufferSize, err))
-				continue
-			}
-			if ctx.Err() == nil && !errors.Is(err, net.ErrClosed) && !errors.Is(err, io.EOF) {
-				cfg.Errors(fmt.Errorf("%v: read: %w", rw.RemoteAddr(), err))
-			}
-			return
-		}
-		c.handleDatagram(buf[:n])
-	}
+		c.srv.sessions.Done()
+	})
 }
 
 // handleDatagram answers one decrypted CoAP message.

@@ -104,6 +104,14 @@ type Conn struct {
 	replayProtectionWindow uint
 
 	handshakeConfig *handshakeConfig
+
+	// readHandler, when set, takes application data instead of decrypted;
+	// deliverMu keeps its calls in order and never concurrent, and
+	// readEnded records that it has had its last call. Bastion patch, see
+	// SetReadHandler.
+	readHandler atomic.Pointer[func([]byte, error)]
+	deliverMu   sync.Mutex
+	readEnded   bool
 }
 
 // createConn creates a new DTLS connection.
@@ -989,12 +997,23 @@ func (c *Conn) readAndBuffer(ctx context.Context) error { //nolint:cyclop
 			isRetransmit:            isRetransmit,
 			isClientHelloRetransmit: isClientHelloRetransmit,
 		}
-		select {
-		case c.handshakeRecv <- s:
-			// If the other party may retransmit the flight,
-			// we should respond even if it not a new message.
-			<-s.done
-		case <-c.fsm.Done():
+		if !c.fsm.parked.Load() {
+			select {
+			case c.handshakeRecv <- s:
+				// If the other party may retransmit the flight,
+				// we should respond even if it not a new message.
+				<-s.done
+
+				return nil
+			case <-c.fsm.Done():
+			}
+		}
+		if c.fsm.parked.Load() {
+			// Bastion patch: the handshake goroutine has ended (see
+			// handshakeFSM.Run); answer a retransmission here.
+			if err := c.fsm.retransmitFinished(ctx, c); err != nil {
+				c.log.Debugf("retransmit last flight: %v", err)
+			}
 		}
 	}
 
@@ -1225,6 +1244,8 @@ func (c *Conn) handleIncomingPacket(
 	}
 
 	isLatestSeqNum := false
+	var deliver []byte
+	hasDeliver := false
 	switch content := r.Content.(type) {
 	case *alert.Alert:
 		c.log.Tracef("%s: <- %s", srvCliStr(c.state.isClient), content.String())
@@ -1266,19 +1287,26 @@ func (c *Conn) handleIncomingPacket(
 
 		isLatestSeqNum = markPacketAsValid()
 
-		if !c.isHandshakeCompletedSuccessfully() {
-			// Read waits for the handshake to complete. Never block its packet
-			// reader on early application data: Finished may still be pending.
-			select {
-			case c.decrypted <- content.Data:
-			default:
-			}
+		if c.readHandler.Load() != nil {
+			// Delivered below, once a new peer address is in place for
+			// the handler's answer. Bastion patch, see SetReadHandler.
+			deliver, hasDeliver = content.Data, true
 		} else {
-			select {
-			case c.decrypted <- content.Data:
-			case <-c.closed.Done():
-			case <-ctx.Done():
+			if !c.isHandshakeCompletedSuccessfully() {
+				// Read waits for the handshake to complete. Never block its packet
+				// reader on early application data: Finished may still be pending.
+				select {
+				case c.decrypted <- content.Data:
+				default:
+				}
+			} else {
+				select {
+				case c.decrypted <- content.Data:
+				case <-c.closed.Done():
+				case <-ctx.Done():
+				}
 			}
+			c.drainToHandler()
 		}
 
 	default:
@@ -1297,8 +1325,104 @@ func (c *Conn) handleIncomingPacket(
 			c.lock.Unlock()
 		}
 	}
+	if hasDeliver {
+		c.deliver(deliver, nil)
+	}
 
 	return false, false, nil, nil
+}
+
+// SetReadHandler makes the connection hand its application data to h on
+// its record reader goroutine instead of queueing it for Read: h(p, nil)
+// for each record, h(nil, err) for each error Read would have returned
+// while the connection lives on (a non-fatal alert, a record that failed
+// to decrypt), and h(nil, io.EOF) once, last, when the connection has
+// ended. Records already queued for Read come first, in order. Calls are
+// never concurrent; p is the handler's to keep. While h runs, the
+// connection reads nothing else, so h must not block for long; it may
+// Write and Close. Call it once, after the handshake, and do not call
+// Read afterwards.
+//
+// Bastion patch (third_party/README.md): a server that answers each
+// record as it comes (CoAP) needs no goroutine of its own per session,
+// and no hand-off between goroutines per record.
+func (c *Conn) SetReadHandler(h func(p []byte, err error)) error {
+	if h == nil {
+		return errNilReadHandler
+	}
+	if !c.isHandshakeCompletedSuccessfully() {
+		return errReadHandlerBeforeHandshake
+	}
+	c.deliverMu.Lock()
+	defer c.deliverMu.Unlock()
+	if !c.readHandler.CompareAndSwap(nil, &h) {
+		return errReadHandlerSet
+	}
+	c.drainLocked(h)
+	if c.readEnded {
+		h(nil, io.EOF)
+	}
+
+	return nil
+}
+
+// drainToHandler hands what the record reader has just queued for Read to
+// the read handler, if one was set meanwhile: SetReadHandler sets the
+// handler before it drains the queue, and the reader queues before it
+// looks for a handler, so every queued record is drained by one of them.
+func (c *Conn) drainToHandler() {
+	h := c.readHandler.Load()
+	if h == nil {
+		return
+	}
+	c.deliverMu.Lock()
+	c.drainLocked(*h)
+	c.deliverMu.Unlock()
+}
+
+// drainLocked hands everything queued for Read to h; deliverMu is held.
+func (c *Conn) drainLocked(h func([]byte, error)) {
+	for {
+		select {
+		case v, ok := <-c.decrypted:
+			if !ok {
+				return
+			}
+			switch v := v.(type) {
+			case []byte:
+				h(v, nil)
+			case error:
+				h(nil, v)
+			}
+		default:
+			return
+		}
+	}
+}
+
+// deliver hands p or err to the read handler.
+func (c *Conn) deliver(p []byte, err error) {
+	h := c.readHandler.Load()
+	c.deliverMu.Lock()
+	defer c.deliverMu.Unlock()
+	if !c.readEnded {
+		(*h)(p, err)
+	}
+}
+
+// endRead records that the record reader has ended and gives the read
+// handler, if set, what is still queued and then io.EOF.
+func (c *Conn) endRead() {
+	c.deliverMu.Lock()
+	defer c.deliverMu.Unlock()
+	if c.readEnded {
+		return
+	}
+	c.readEnded = true
+	if h := c.readHandler.Load(); h != nil {
+		c.drainLocked(*h)
+		(*h)(nil, io.EOF)
+	}
 }
 
 func (c *Conn) recvHandshake() <-chan recvHandshakeState {
@@ -1361,6 +1485,7 @@ func (c *Conn) handshake(
 	initialFlight flightVal,
 	initialState handshakeState,
 ) error {
+	cfg.parkWhenFinished = true
 	c.fsm = newHandshakeFSM(&c.state, c.handshakeCache, cfg, initialFlight)
 
 	done := make(chan struct{})
@@ -1388,6 +1513,10 @@ func (c *Conn) handshake(
 	go func() {
 		defer handshakeLoopsFinished.Done()
 		err := c.fsm.Run(ctxHs, c, initialState)
+		if errors.Is(err, errHandshakeParked) {
+			// The record reader answers retransmissions from here on.
+			return
+		}
 		if !errors.Is(err, context.Canceled) {
 			select {
 			case firstErr <- err:
@@ -1402,6 +1531,7 @@ func (c *Conn) handshake(
 				// It's safe to close decrypted channnel now.
 				close(c.decrypted)
 			}
+			c.endRead()
 
 			// Force stop handshaker when the underlying connection is closed.
 			cancel()
@@ -1413,12 +1543,7 @@ func (c *Conn) handshake(
 				if errors.As(err, &alertErr) {
 					if !alertErr.IsFatalOrCloseNotify() {
 						if c.isHandshakeCompletedSuccessfully() {
-							// Pass the error to Read()
-							select {
-							case c.decrypted <- err:
-							case <-c.closed.Done():
-							case <-ctxRead.Done():
-							}
+							c.passReadError(ctxRead, err)
 						}
 
 						continue // non-fatal alert must not stop read loop
@@ -1436,11 +1561,7 @@ func (c *Conn) handshake(
 					default:
 						if c.isHandshakeCompletedSuccessfully() {
 							// Keep read loop and pass the read error to Read()
-							select {
-							case c.decrypted <- err:
-							case <-c.closed.Done():
-							case <-ctxRead.Done():
-							}
+							c.passReadError(ctxRead, err)
 
 							continue // non-fatal alert must not stop read loop
 						}
@@ -1483,6 +1604,21 @@ func (c *Conn) handshake(
 	case <-done:
 		return nil
 	}
+}
+
+// passReadError gives err to Read, or to the read handler if one is set.
+func (c *Conn) passReadError(ctx context.Context, err error) {
+	if c.readHandler.Load() != nil {
+		c.deliver(nil, err)
+
+		return
+	}
+	select {
+	case c.decrypted <- err:
+	case <-c.closed.Done():
+	case <-ctx.Done():
+	}
+	c.drainToHandler()
 }
 
 func (c *Conn) translateHandshakeCtxError(err error) error {

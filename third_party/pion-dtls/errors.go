@@ -24,6 +24,12 @@ var (
 
 	//nolint:err113
 	errBufferTooSmall = &TemporaryError{Err: errors.New("buffer is too small")}
+
+	// Bastion patch (third_party/README.md).
+	errHandshakeParked            = errors.New("handshake finished; the record reader answers retransmissions")
+	errNilReadHandler             = &InternalError{Err: errors.New("read handler is nil")}
+	errReadHandlerBeforeHandshake = &InternalError{Err: errors.New("read handler set before the handshake completed")}
+	errReadHandlerSet             = &InternalError{Err: errors.New("read handler already set")}
 	//nolint:err113
 	errContextUnsupported = &TemporaryError{Err: errors.New("context is not supported for ExportKeyingMaterial")}
 	//nolint:err113

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/pion/dtls/v3/pkg/crypto/elliptic"
@@ -93,6 +94,8 @@ type handshakeFSM struct {
 	cache                  *handshakeCache
 	cfg                    *handshakeConfig
 	closed                 chan struct{}
+	// parked: Run has ended after the handshake finished (Bastion patch).
+	parked atomic.Bool
 }
 
 type handshakeConfig struct {
@@ -142,6 +145,11 @@ type handshakeConfig struct {
 
 	minVersion protocol.Version
 	maxVersion protocol.Version
+
+	// parkWhenFinished: Run returns errHandshakeParked once the handshake
+	// has finished (Bastion patch; set by Conn, whose record reader then
+	// answers retransmissions).
+	parkWhenFinished bool
 }
 
 type flightConn interface {
@@ -206,6 +214,16 @@ func (s *handshakeFSM) Run(ctx context.Context, conn flightConn, initialState ha
 		case handshakeWaiting:
 			state, err = s.wait(ctx, conn)
 		case handshakeFinished:
+			// Bastion patch (third_party/README.md): once the handshake
+			// has finished, nothing is left for this goroutine but to
+			// answer the peer's retransmission of its last flight, which
+			// the record reader does itself (retransmitFinished). Ending
+			// here spares every established connection a goroutine.
+			if s.cfg.parkWhenFinished {
+				s.parked.Store(true)
+
+				return errHandshakeParked
+			}
 			state, err = s.finish(ctx, conn)
 		default:
 			return errInvalidFSMTransition
@@ -268,6 +286,20 @@ func (s *handshakeFSM) prepare(ctx context.Context, conn flightConn) (handshakeS
 	}
 
 	return handshakeSending, nil
+}
+
+func (s *handshakeFSM) finish(ctx context.Context, c flightConn) (handshakeState, error) {
+	select {
+	case state := <-c.recvHandshake():
+		close(state.done)
+		if s.state.isClient {
+			return handshakeFinished, nil
+		} else {
+			return handshakeSending, nil
+		}
+	case <-ctx.Done():
+		return handshakeErrored, ctx.Err()
+	}
 }
 
 func (s *handshakeFSM) send(ctx context.Context, c flightConn) (handshakeState, error) {
@@ -362,18 +394,16 @@ func (s *handshakeFSM) wait(ctx context.Context, conn flightConn) (handshakeStat
 	}
 }
 
-func (s *handshakeFSM) finish(ctx context.Context, c flightConn) (handshakeState, error) {
-	select {
-	case state := <-c.recvHandshake():
-		close(state.done)
-		if s.state.isClient {
-			return handshakeFinished, nil
-		} else {
-			return handshakeSending, nil
-		}
-	case <-ctx.Done():
-		return handshakeErrored, ctx.Err()
+// retransmitFinished is what finish did for a handshake message that came
+// after the handshake finished: a server sends its last flight again (the
+// peer did not get it), a client has nothing to send.
+func (s *handshakeFSM) retransmitFinished(ctx context.Context, c flightConn) error {
+	if s.state.isClient {
+		return nil
 	}
+	_, err := s.send(ctx, c)
+
+	return err
 }
 
 // Back off timer-driven retries without shortening a configured interval above
