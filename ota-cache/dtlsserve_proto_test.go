@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net"
 	"os/exec"
+	"runtime/pprof"
 	"strings"
 	"sync"
 	"testing"
@@ -386,5 +387,50 @@ func TestServeDTLSIdleTimeout(t *testing.T) {
 	busy.dc.SetReadDeadline(time.Now().Add(2 * time.Second))
 	if _, err := busy.dc.Read(make([]byte, 64)); err == nil {
 		t.Error("idle-closed session still delivers data")
+	}
+}
+
+// TestServeDTLSSessionGoroutines: an established session has no goroutine
+// of ServeDTLS and no handshake goroutine of pion; what is left is pion's
+// record reader, which answers (bridges/bench's 10,000 idle devices need
+// this to stay under 256 MiB).
+func TestServeDTLSSessionGoroutines(t *testing.T) {
+	p := startProtoServer(t, 1024)
+	const n = 20
+	devs := make([]*rawDevice, n)
+	for i := range devs {
+		devs[i] = dialRaw(t, p.addr)
+		devs[i].send(message.Message{Type: message.Confirmable, Code: codes.GET, MessageID: int32(i), Token: []byte("g"), Options: pathOpts("big")})
+		if m := devs[i].recv(); m.Code != codes.Content {
+			t.Fatalf("device %d: answer %v, want 2.05", i, m.Code)
+		}
+	}
+	var dump string
+	count := func(frame string) int { return strings.Count(dump, frame) }
+	// Handshake goroutines end just after the handshake: wait, bounded.
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		var b bytes.Buffer
+		_ = pprof.Lookup("goroutine").WriteTo(&b, 2) // one stack per goroutine
+		dump = b.String()
+		if count("(*handshakeFSM).Run") == 0 || time.Now().After(deadline) {
+			break
+		}
+	}
+	if got := count("(*dtlsServer).serveConn"); got != 0 {
+		t.Errorf("%d goroutines in serveConn with %d established sessions, want 0", got, n)
+	}
+	if got := count("(*handshakeFSM).Run"); got != 0 {
+		t.Errorf("%d handshake goroutines with %d established sessions (and their clients), want 0", got, n)
+	}
+	// One record reader per connection: n servers and n clients.
+	if got := count("(*Conn).handshake.func"); got != 2*n {
+		t.Errorf("%d pion record readers, want %d (one per connection, both ends)", got, 2*n)
+	}
+	// Sessions still answer.
+	for i, d := range devs {
+		d.send(message.Message{Type: message.Confirmable, Code: codes.GET, MessageID: int32(100 + i), Token: []byte("h"), Options: pathOpts("big")})
+		if m := d.recv(); m.Code != codes.Content {
+			t.Fatalf("device %d: answer %v, want 2.05", i, m.Code)
+		}
 	}
 }
