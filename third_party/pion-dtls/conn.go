@@ -584,6 +584,22 @@ func (c *Conn) writePackets(ctx context.Context, pkts []*packet) error {
 		return err
 	}
 
+	if c.waitForDatagram {
+		// Bastion patch (third_party/README.md): a listener's connection
+		// writes to the listener's shared socket, and no per-connection
+		// deadline or context can end a write in progress there
+		// (udp.PacketConn.SetWriteDeadline only fails later writes). So
+		// the context is checked here, once, instead of being watched
+		// during each write, which cost an allocation and a lock.
+		if err := ctx.Err(); err != nil {
+			if errors.Is(err, context.Canceled) && c.isConnectionClosed() {
+				return ErrConnClosed
+			}
+
+			return netError(err)
+		}
+		ctx = context.Background()
+	}
 	for _, compactedRawPacket := range compactedRawPackets {
 		if _, err = c.nextConn.WriteToContext(ctx, compactedRawPacket, rAddr); err != nil {
 			if errors.Is(err, context.Canceled) && c.isConnectionClosed() {
@@ -943,10 +959,18 @@ func (c *Conn) readAndBuffer(ctx context.Context) error { //nolint:cyclop
 	// idle connection does not hold one. The empty read leaves the datagram
 	// in place (io.ErrShortBuffer); an empty datagram is consumed by it, as
 	// the read below would have done, and there is nothing to process.
+	readCtx := ctx
 	if c.waitForDatagram {
-		if _, _, err := c.nextConn.ReadFromContext(ctx, nil); err != nil && !errors.Is(err, io.ErrShortBuffer) {
+		_, _, err := c.nextConn.ReadFromContext(ctx, nil)
+		if err == nil {
+			return nil // an empty datagram, consumed: nothing to process
+		}
+		if !errors.Is(err, io.ErrShortBuffer) {
 			return netError(err)
 		}
+		// A datagram is waiting and this goroutine is the only reader, so
+		// the read below returns at once: it need not watch ctx.
+		readCtx = context.Background() //nolint:contextcheck
 	}
 	bufptr, ok := poolReadBuffer.Get().(*[]byte)
 	if !ok {
@@ -955,7 +979,7 @@ func (c *Conn) readAndBuffer(ctx context.Context) error { //nolint:cyclop
 	defer poolReadBuffer.Put(bufptr)
 
 	b := *bufptr
-	i, rAddr, err := c.nextConn.ReadFromContext(ctx, b)
+	i, rAddr, err := c.nextConn.ReadFromContext(readCtx, b)
 	if err != nil {
 		return netError(err)
 	}

@@ -69,7 +69,7 @@ func (p *packetConn) ReadFromContext(ctx context.Context, b []byte) (int, net.Ad
 	default:
 	}
 
-	// Bastion patch (third_party/PATCHES.md): the context is watched with
+	// Bastion patch (third_party/README.md): the context is watched with
 	// context.AfterFunc instead of a goroutine started and joined per call.
 	// For a context of the context package nothing runs unless it ends.
 	w := watch(ctx, p.nextConn.SetReadDeadline, &p.readWatch)
