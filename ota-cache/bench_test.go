@@ -122,9 +122,27 @@ func rssKiB(pid int) int64 {
 	return -1
 }
 
+// procCPU is the user + system CPU time process pid has used (from
+// /proc/pid/stat, in clock ticks of 10 ms).
+func procCPU(pid int) time.Duration {
+	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	// Fields after the command name, which is in parentheses and may hold spaces.
+	f := strings.Fields(string(raw[bytes.LastIndexByte(raw, ')')+1:]))
+	if len(f) < 13 {
+		return 0
+	}
+	ut, _ := strconv.ParseInt(f[11], 10, 64)
+	st, _ := strconv.ParseInt(f[12], 10, 64)
+	return time.Duration(ut+st) * 10 * time.Millisecond
+}
+
 type loadResult struct {
 	bytes      int64
 	elapsed    time.Duration
+	cpu        time.Duration // the server's CPU time during the load
 	baseRSS    int64 // KiB
 	peakRSS    int64 // KiB
 	failures   int
@@ -132,6 +150,12 @@ type loadResult struct {
 }
 
 func (r loadResult) mibps() float64 { return float64(r.bytes) / (1 << 20) / r.elapsed.Seconds() }
+
+// cpuPerMiB is the server's CPU milliseconds per MiB served: unlike the
+// rate, it hardly depends on what else the machine is doing.
+func (r loadResult) cpuPerMiB() float64 {
+	return float64(r.cpu.Microseconds()) / 1e3 / (float64(r.bytes) / (1 << 20))
+}
 
 // seqHash hashes writes in arrival order (FetchCoAP writes in order).
 type seqHash struct {
@@ -175,6 +199,7 @@ func runLoad(b *testing.B, addr, path string, n int, want [32]byte, size int64, 
 	}()
 	var wg sync.WaitGroup
 	var mu sync.Mutex
+	cpu0 := procCPU(serverPID)
 	start := time.Now()
 	for i := range n {
 		wg.Add(1)
@@ -197,6 +222,7 @@ func runLoad(b *testing.B, addr, path string, n int, want [32]byte, size int64, 
 	}
 	wg.Wait()
 	res.elapsed = time.Since(start)
+	res.cpu = procCPU(serverPID) - cpu0
 	close(stopSampling)
 	<-sampled
 	res.bytes = total.Load()
@@ -317,8 +343,8 @@ func BenchmarkCoAPSServe(b *testing.B) {
 		_ = srv.Wait()
 
 		for name, r := range map[string]loadResult{"bastion": gwRes, "libcoap": lcRes} {
-			b.Logf("%-8s %s, %d devices x %d MiB: %d bytes in %v = %.2f MiB/s; RSS %d -> %d KiB (growth %.1f MiB); failures %d %s",
-				name, benchSuite(), n, size>>20, r.bytes, r.elapsed.Round(time.Millisecond), r.mibps(), r.baseRSS, r.peakRSS,
+			b.Logf("%-8s %s, %d devices x %d MiB: %d bytes in %v = %.2f MiB/s; server CPU %.1f ms/MiB; RSS %d -> %d KiB (growth %.1f MiB); failures %d %s",
+				name, benchSuite(), n, size>>20, r.bytes, r.elapsed.Round(time.Millisecond), r.mibps(), r.cpuPerMiB(), r.baseRSS, r.peakRSS,
 				float64(r.peakRSS-r.baseRSS)/1024, r.failures, r.firstError)
 		}
 		ratio := gwRes.mibps() / lcRes.mibps()
@@ -328,6 +354,8 @@ func BenchmarkCoAPSServe(b *testing.B) {
 		b.ReportMetric(lcRes.mibps(), "libcoap-MiB/s")
 		b.ReportMetric(ratio, "ratio")
 		b.ReportMetric(growth, "bastion-RSS-growth-MiB")
+		b.ReportMetric(gwRes.cpuPerMiB(), "bastion-cpu-ms/MiB")
+		b.ReportMetric(lcRes.cpuPerMiB(), "libcoap-cpu-ms/MiB")
 		if gwRes.failures > 0 {
 			b.Errorf("bastion: %d of %d devices failed: %s", gwRes.failures, n, gwRes.firstError)
 		}
