@@ -19,7 +19,7 @@ const exchangeLifetime = 247 * time.Second
 // transfer (NSTART = 1) only ever retransmits its latest requests, so
 // keeping the last few responses is enough.
 //
-// It belongs to one session's reading goroutine (ServeDTLS) and is not
+// It belongs to one session's record handler (ServeDTLS) and is not
 // safe for concurrent use. Its slots are allocated on first use, so an
 // idle session holds none.
 type ResponseCache struct {

@@ -104,8 +104,9 @@ func (s *Server) serveOffer(w *otacache.DTLSResponseWriter, m *pool.Message, se 
 	}
 }
 
-// serve runs one listener's sessions (otacache.ServeDTLS: one goroutine
-// per session, answered inline, bounded response cache).
+// serve runs one listener's sessions (otacache.ServeDTLS: each request is
+// answered inline on pion's record reader, with no goroutine of ours per
+// session, and a bounded response cache).
 func (s *Server) serve(ctx context.Context, ln *limitListener) error {
 	return otacache.ServeDTLS(ctx, ln, otacache.DTLSServeConfig{
 		Handler: s.serveCoAP,

@@ -180,7 +180,7 @@ func (s *Server) command(device, path string, r request) response {
 }
 
 // serveCoAP answers one request (otacache.ServeDTLS calls it on the
-// session's goroutine): identity from the session, then route.
+// session's record reader): identity from the session, then route.
 func (s *Server) serveCoAP(w *otacache.DTLSResponseWriter, m *pool.Message) {
 	se := s.sessionOf(w.Session())
 	if se == nil {

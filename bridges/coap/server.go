@@ -180,7 +180,7 @@ func (s *Server) Run(ctx context.Context) error {
 	errc := make(chan error, len(lns))
 	for _, ln := range lns {
 		ln.guard.start()
-		// otacache.ServeDTLS: one goroutine of ours per session, answers
+		// otacache.ServeDTLS: no goroutine of ours per session, answers
 		// inline, bounded response cache (ota-cache/README.md).
 		go func() { errc <- s.serve(ctx, ln) }()
 	}
