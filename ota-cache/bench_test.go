@@ -143,8 +143,8 @@ type loadResult struct {
 	bytes      int64
 	elapsed    time.Duration
 	cpu        time.Duration // the server's CPU time during the load
-	baseRSS    int64 // KiB
-	peakRSS    int64 // KiB
+	baseRSS    int64         // KiB
+	peakRSS    int64         // KiB
 	failures   int
 	firstError string
 }
