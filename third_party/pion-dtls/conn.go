@@ -63,13 +63,17 @@ type recvHandshakeState struct {
 
 // Conn represents a DTLS connection.
 type Conn struct {
-	lock           sync.RWMutex      // Internal lock (must not be public)
-	nextConn       netctx.PacketConn // Embedded Conn, typically a udpconn we read/write from
-	fragmentBuffer *fragmentBuffer   // out-of-order and missing fragment handling
-	handshakeCache *handshakeCache   // caching of handshake messages for verifyData generation
-	decrypted      chan any          // Decrypted Application Data or error, pull by calling `Read`
-	rAddr          net.Addr
-	state          State // Internal state
+	lock     sync.RWMutex      // Internal lock (must not be public)
+	nextConn netctx.PacketConn // Embedded Conn, typically a udpconn we read/write from
+	// waitForDatagram: nextConn is a listener's connection, whose ReadFrom
+	// with an empty buffer waits for a datagram without taking it
+	// (io.ErrShortBuffer). Bastion patch, see readAndBuffer.
+	waitForDatagram bool
+	fragmentBuffer  *fragmentBuffer // out-of-order and missing fragment handling
+	handshakeCache  *handshakeCache // caching of handshake messages for verifyData generation
+	decrypted       chan any        // Decrypted Application Data or error, pull by calling `Read`
+	rAddr           net.Addr
+	state           State // Internal state
 
 	maximumTransmissionUnit int
 	paddingLengthGenerator  func(uint) uint
@@ -108,11 +112,6 @@ type Conn struct {
 	readHandler atomic.Pointer[func([]byte, error)]
 	deliverMu   sync.Mutex
 	readEnded   bool
-
-	// listenerConn is nextConn's connection when it is a listener's,
-	// whose ReadFrom with an empty buffer waits for a datagram without
-	// taking it (io.ErrShortBuffer). Bastion patch, see readAndBuffer.
-	listenerConn *udp.PacketConn
 }
 
 // createConn creates a new DTLS connection.
@@ -252,7 +251,7 @@ func createConn(
 	conn := &Conn{
 		rAddr:                   rAddr,
 		nextConn:                netctx.NewPacketConn(nextConn),
-		listenerConn:            listenerConnOf(nextConn),
+		waitForDatagram:         isListenerConn(nextConn),
 		handshakeConfig:         handshakeConfig,
 		fragmentBuffer:          newFragmentBuffer(),
 		handshakeCache:          newHandshakeCache(),
@@ -585,7 +584,7 @@ func (c *Conn) writePackets(ctx context.Context, pkts []*packet) error {
 		return err
 	}
 
-	if c.listenerConn != nil {
+	if c.waitForDatagram {
 		// Bastion patch (third_party/README.md): a listener's connection
 		// writes to the listener's shared socket, and no per-connection
 		// deadline or context can end a write in progress there
@@ -946,12 +945,12 @@ var poolReadBuffer = sync.Pool{ //nolint:gochecknoglobals
 	},
 }
 
-// listenerConnOf is c if it is a connection of this package's listener,
-// or nil (Bastion patch).
-func listenerConnOf(c net.PacketConn) *udp.PacketConn {
-	lc, _ := c.(*udp.PacketConn)
+// isListenerConn reports whether c is a connection of this package's
+// listener (Bastion patch).
+func isListenerConn(c net.PacketConn) bool {
+	_, ok := c.(*udp.PacketConn)
 
-	return lc
+	return ok
 }
 
 func (c *Conn) readAndBuffer(ctx context.Context) error { //nolint:cyclop
@@ -960,25 +959,18 @@ func (c *Conn) readAndBuffer(ctx context.Context) error { //nolint:cyclop
 	// idle connection does not hold one. The empty read leaves the datagram
 	// in place (io.ErrShortBuffer); an empty datagram is consumed by it, as
 	// the read below would have done, and there is nothing to process.
-	//
-	// Both reads of a listener's connection go to it directly, without
-	// netctx's watch of ctx per call: ctx is the reader's context, and
-	// handshake() moves the connection's read deadline into the past once
-	// when it ends, which ends the wait here.
-	readFrom := func(b []byte) (int, net.Addr, error) { return c.nextConn.ReadFromContext(ctx, b) }
-	if lc := c.listenerConn; lc != nil {
-		readFrom = lc.ReadFrom
-		_, _, err := lc.ReadFrom(nil)
+	readCtx := ctx
+	if c.waitForDatagram {
+		_, _, err := c.nextConn.ReadFromContext(ctx, nil)
 		if err == nil {
 			return nil // an empty datagram, consumed: nothing to process
 		}
 		if !errors.Is(err, io.ErrShortBuffer) {
-			if e := ctx.Err(); e != nil {
-				err = e // as netctx reports it
-			}
-
 			return netError(err)
 		}
+		// A datagram is waiting and this goroutine is the only reader, so
+		// the read below returns at once: it need not watch ctx.
+		readCtx = context.Background() //nolint:contextcheck
 	}
 	bufptr, ok := poolReadBuffer.Get().(*[]byte)
 	if !ok {
@@ -987,12 +979,8 @@ func (c *Conn) readAndBuffer(ctx context.Context) error { //nolint:cyclop
 	defer poolReadBuffer.Put(bufptr)
 
 	b := *bufptr
-	i, rAddr, err := readFrom(b)
+	i, rAddr, err := c.nextConn.ReadFromContext(readCtx, b)
 	if err != nil {
-		if e := ctx.Err(); e != nil && i == 0 {
-			err = e
-		}
-
 		return netError(err)
 	}
 
@@ -1526,11 +1514,6 @@ func (c *Conn) handshake(
 
 	done := make(chan struct{})
 	ctxRead, cancelRead := context.WithCancel(context.Background())
-	if lc := c.listenerConn; lc != nil {
-		// Bastion patch: readAndBuffer reads a listener's connection
-		// without watching ctxRead per call; this ends its wait instead.
-		context.AfterFunc(ctxRead, func() { _ = lc.SetReadDeadline(time.Unix(1, 0)) })
-	}
 	cfg.onFlightState = func(_ flightVal, s handshakeState) {
 		if s == handshakeFinished && c.setHandshakeCompletedSuccessfully() {
 			close(done)
