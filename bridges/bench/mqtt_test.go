@@ -3,7 +3,9 @@ package bench
 import (
 	"context"
 	"fmt"
+	"os"
 	"slices"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -132,6 +134,11 @@ func BenchmarkMQTTvsMosquitto(b *testing.B) {
 			per := map[byte]int{0: 100000, 1: 40000}[qos] / pubs
 			if pubs == 1 {
 				per = map[byte]int{0: 100000, 1: 10000}[qos]
+			}
+			// BENCH_MQTT_SCALE multiplies the messages (longer runs for
+			// profiles: BENCH_MQTT_SCALE=10).
+			if f, err := strconv.ParseFloat(os.Getenv("BENCH_MQTT_SCALE"), 64); err == nil && f > 0 {
+				per = max(1, int(float64(per)*f))
 			}
 			b.Run(fmt.Sprintf("qos%d/pubs%d", qos, pubs), func(b *testing.B) {
 				for range b.N {
