@@ -2,8 +2,11 @@ package bench
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
+	"os"
 	"slices"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -125,6 +128,13 @@ func BenchmarkMQTTvsMosquitto(b *testing.B) {
 		c, k := ca.issue(b, fmt.Sprintf("m%d", i), false)
 		mDevs[i] = &devicesim.Device{Creds: devicesim.Creds{ID: fmt.Sprintf("m%d", i), Auth: "cert", CertPEM: c, KeyPEM: k, CAPEM: ca.pem}}
 	}
+	// Same TLS on both sides, or the comparison measures the cipher.
+	bv, bsuite := tlsParams(b, bs.addrs["mqtts"], bDevs[0])
+	mv, ms := tlsParams(b, mosq, mDevs[0])
+	if bv != mv || bsuite != ms {
+		b.Fatalf("TLS differs: Bastion %s %s, Mosquitto %s %s", tls.VersionName(bv), tls.CipherSuiteName(bsuite), tls.VersionName(mv), tls.CipherSuiteName(ms))
+	}
+	b.Logf("both: %s %s, client certificates", tls.VersionName(bv), tls.CipherSuiteName(bsuite))
 	for _, qos := range []byte{0, 1} {
 		for _, pubs := range []int{1, 50} {
 			// Totals long enough (0.5–2 s a run here) that one scheduler
@@ -132,6 +142,11 @@ func BenchmarkMQTTvsMosquitto(b *testing.B) {
 			per := map[byte]int{0: 100000, 1: 40000}[qos] / pubs
 			if pubs == 1 {
 				per = map[byte]int{0: 100000, 1: 10000}[qos]
+			}
+			// BENCH_MQTT_SCALE multiplies the messages (longer runs for
+			// profiles: BENCH_MQTT_SCALE=10).
+			if f, err := strconv.ParseFloat(os.Getenv("BENCH_MQTT_SCALE"), 64); err == nil && f > 0 {
+				per = max(1, int(float64(per)*f))
 			}
 			b.Run(fmt.Sprintf("qos%d/pubs%d", qos, pubs), func(b *testing.B) {
 				for range b.N {
@@ -166,4 +181,20 @@ func BenchmarkMQTTvsMosquitto(b *testing.B) {
 			})
 		}
 	}
+}
+
+// tlsParams returns the TLS version and cipher suite dev negotiates with
+// the broker at addr.
+func tlsParams(b *testing.B, addr string, dev *devicesim.Device) (uint16, uint16) {
+	cfg, err := dev.TLSConfig(addr)
+	if err != nil {
+		b.Fatal(err)
+	}
+	c, err := tls.Dial("tcp", addr, cfg)
+	if err != nil {
+		b.Fatalf("TLS to %s: %v", addr, err)
+	}
+	defer c.Close()
+	st := c.ConnectionState()
+	return st.Version, st.CipherSuite
 }

@@ -134,9 +134,10 @@ func (h *authHook) OnPublish(cl *mochi.Client, pk packets.Packet) (packets.Packe
 		}
 		return pk, packets.ErrRejectPacket
 	}
-	ctx, cancel := h.s.acceptContext(pk.FixedHeader.Qos)
+	now := time.Now()
+	ctx, cancel := h.s.acceptContext(pk.FixedHeader.Qos, now)
 	defer cancel()
-	m := bridges.Message{Device: cl.ID, Topic: pk.TopicName, Payload: pk.Payload, QoS: pk.FixedHeader.Qos, Received: time.Now()}
+	m := bridges.Message{Device: cl.ID, Topic: pk.TopicName, Payload: pk.Payload, QoS: pk.FixedHeader.Qos, Received: now}
 	var err error
 	if pc, ok := cl.Net.Conn.(*pipeConn); ok && m.QoS > 0 {
 		err = h.pipelined(ctx, pc, m)

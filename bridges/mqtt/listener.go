@@ -85,7 +85,7 @@ func (l *tlsListener) Serve(establish listeners.EstablishFn) {
 
 func (l *tlsListener) handle(c net.Conn, establish listeners.EstablishFn) {
 	ctx, cancel := context.WithTimeout(l.ctx, l.s.cfg.HandshakeTimeout)
-	tc := tls.Server(c, l.cfg)
+	tc := tls.Server(newRawConn(c), l.cfg)
 	err := tc.HandshakeContext(ctx)
 	cancel()
 	if err != nil {

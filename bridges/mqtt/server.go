@@ -271,12 +271,13 @@ const acceptTimeout = 5 * time.Second
 
 // acceptContext returns the context a publish waits for the Sink under.
 // A QoS 0 Accept returns at once, so it gets none; QoS 1 publishes share
-// one deadline per second (see acceptDeadline).
-func (s *Server) acceptContext(qos byte) (context.Context, context.CancelFunc) {
+// one deadline per second (see acceptDeadline). now is the message's
+// arrival (one clock read per message serves both).
+func (s *Server) acceptContext(qos byte, now time.Time) (context.Context, context.CancelFunc) {
 	if qos == 0 {
 		return context.Background(), func() {}
 	}
-	return s.deadline.context(time.Now()), func() {}
+	return s.deadline.context(now), func() {}
 }
 
 // acceptDeadline hands every QoS 1 publish that starts within the same

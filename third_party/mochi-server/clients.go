@@ -517,7 +517,10 @@ func (cl *Client) ReadPacket(fh *packets.FixedHeader) (pk packets.Packet, err er
 
 	// Decode the remaining packet values using a fresh copy of the bytes,
 	// otherwise the next packet will change the data of this one.
-	px := append([]byte{}, p[:]...)
+	// Bastion patch (third_party/README.md): p is made above for this packet
+	// alone and read into once, so it already is that fresh copy; copying it
+	// again cost an allocation per packet.
+	px := p
 	switch pk.FixedHeader.Type {
 	case packets.Connect:
 		err = pk.ConnectDecode(px)

@@ -964,20 +964,27 @@ func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 		ack = s.buildAck(pk.PacketID, packets.Pubrec, 0, pk.Properties, packets.CodeSuccess) // [MQTT-3.3.4-1] [MQTT-4.3.3-8]
 	}
 
-	if ok := cl.State.Inflight.Set(ack); ok {
+	// Bastion patch (third_party/README.md): a QoS 1 PUBACK stays in
+	// Inflight only if it could not be written, so it is put there only
+	// then, instead of being set before the write and deleted after it
+	// (which allocated a packet per message). The hooks are called in the
+	// same order as before; the QoS 2 PUBREC is tracked as before.
+	if pk.FixedHeader.Qos == 1 {
+		s.hooks.OnQosPublish(cl, ack, ack.Created, 0)
+	} else if ok := cl.State.Inflight.Set(ack); ok {
 		atomic.AddInt64(&s.Info.Inflight, 1)
 		s.hooks.OnQosPublish(cl, ack, ack.Created, 0)
 	}
 
 	err = cl.WritePacket(ack)
 	if err != nil {
+		if pk.FixedHeader.Qos == 1 && cl.State.Inflight.Set(ack) {
+			atomic.AddInt64(&s.Info.Inflight, 1)
+		}
 		return err
 	}
 
 	if pk.FixedHeader.Qos == 1 {
-		if ok := cl.State.Inflight.Delete(ack.PacketID); ok {
-			atomic.AddInt64(&s.Info.Inflight, -1)
-		}
 		cl.State.Inflight.IncreaseReceiveQuota()
 		s.hooks.OnQosComplete(cl, ack)
 	}
@@ -1018,8 +1025,16 @@ func (s *Server) publishToSubscribers(pk packets.Packet) {
 		}
 	}
 
-	subscribers := s.Topics.Subscribers(pk.TopicName)
+	// Bastion patch (third_party/README.md): the scan starts with no maps
+	// and makes only those it fills (the gather functions make theirs when
+	// first called), instead of four empty ones per message; a message
+	// nobody subscribed to allocates none. Hooks see every map made, as
+	// they did from Subscribers.
+	subscribers := s.Topics.scanSubscribers(pk.TopicName, 0, nil, &Subscribers{})
 	if len(subscribers.Shared) > 0 {
+		if subscribers.SharedSelected == nil {
+			subscribers.SharedSelected = map[string]packets.Subscription{}
+		}
 		subscribers = s.hooks.OnSelectSubscribers(subscribers, pk)
 		if len(subscribers.SharedSelected) == 0 {
 			subscribers.SelectShared()
