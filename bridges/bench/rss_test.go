@@ -104,6 +104,14 @@ func BenchmarkIdleRSS(b *testing.B) {
 	b.ReportMetric(float64(s["coap"]), "coap_sessions")
 	b.Logf("%s", fmt.Sprintf("bastiond RSS with %d idle sessions (mqtt %d, coap %d): %.1f MiB (%.1f MiB before)",
 		s["mqtt"]+s["coap"], s["mqtt"], s["coap"], float64(r)/(1<<20), float64(base)/(1<<20)))
+	if got := s["mqtt"] + s["coap"]; got != n {
+		b.Errorf("%d sessions open in bastiond, want %d: the RSS above is not for the goal's load", got, n)
+	}
+	// Issue #3's goal, for its load only (10,000 devices, both stacks).
+	const goalMiB = 256
+	if n == 10000 && nm == nc && float64(r)/(1<<20) > goalMiB {
+		b.Errorf("bastiond RSS %.1f MiB with %d idle devices: over the %d MiB goal", float64(r)/(1<<20), n, goalMiB)
+	}
 	if dir := os.Getenv("BENCH_PROFILE_DIR"); dir != "" {
 		bs.profile(b, dir)
 	}
