@@ -15,6 +15,7 @@ import (
 	"log/slog"
 	"net"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -84,9 +85,26 @@ type Server struct {
 	closing  sync.WaitGroup // revocation closes in progress; Run waits
 	mu       sync.Mutex
 	nSession int
+	// revGen counts revocations (under mu). onNewConn registers a session
+	// only if no revocation happened since the device's credentials were
+	// checked, so a revocation can never miss a session being set up.
+	revGen uint64
+	// pskSeen hands the PSK callback's answer (device, revGen before the
+	// lookup) to onNewConn, which then needs no second store lookup. An
+	// entry lives from the callback to onNewConn; one left by a handshake
+	// that failed later is replaced by the next callback for the identity,
+	// and there is at most one per valid identity.
+	pskMu   sync.Mutex
+	pskSeen map[string]pskAnswer
 	// byDevice: most devices have one session, so a slice (not a map)
 	// per device keeps an idle session's bookkeeping small.
 	byDevice map[string][]*otacache.DTLSConn
+}
+
+// pskAnswer is what the PSK callback found for an identity.
+type pskAnswer struct {
+	device string
+	gen    uint64 // revGen before the lookup
 }
 
 // session is one authenticated DTLS association.
@@ -105,7 +123,7 @@ type session struct {
 func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log *slog.Logger) (*Server, error) {
 	cfg.defaults()
 	s := &Server{cfg: cfg, id: id, hub: h, m: h.Metrics(), log: log.With("component", "coap"),
-		byDevice: map[string][]*otacache.DTLSConn{}}
+		byDevice: map[string][]*otacache.DTLSConn{}, pskSeen: map[string]pskAnswer{}}
 	var err error
 	verify := func(raw [][]byte, _ [][]*x509.Certificate) error {
 		dev, err := id.VerifyCert(raw)
@@ -125,7 +143,15 @@ func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log 
 	}
 	if cfg.PSKListen != "" {
 		psk := func(identity []byte) ([]byte, error) {
+			gen := s.revocations()
 			dev, key, err := id.PSK(identity)
+			if err == nil && !strings.Contains(dev, ":") {
+				// Enrollment identities (they hold a ':') are looked up
+				// again in onNewConn: their pairing window may have closed.
+				s.pskMu.Lock()
+				s.pskSeen[string(identity)] = pskAnswer{device: dev, gen: gen}
+				s.pskMu.Unlock()
+			}
 			if err != nil {
 				reason := hub.ReasonUnknownPSK
 				if errors.Is(err, pki.ErrRevoked) {
@@ -219,28 +245,49 @@ func (s *Server) onNewConn(cc *otacache.DTLSConn) {
 		cc.Close()
 		return
 	}
-	var dev, mode string
-	var err error
+	mode := "psk"
 	if len(st.PeerCertificates) > 0 {
 		mode = "cert"
-		dev, err = s.id.VerifyCert(st.PeerCertificates)
-	} else {
-		mode = "psk"
-		dev, _, err = s.id.PSK(st.IdentityHint)
 	}
-	if err != nil || dev == "" {
+	// The credentials are checked again unless the PSK callback's answer
+	// is at hand, and again after any revocation since that check.
+	var dev string
+	var gen uint64
+	var err error
+	if mode == "psk" {
+		s.pskMu.Lock()
+		a, ok := s.pskSeen[string(st.IdentityHint)]
+		delete(s.pskSeen, string(st.IdentityHint))
+		s.pskMu.Unlock()
+		dev, gen = a.device, a.gen
+		if !ok {
+			dev, gen, err = s.check(st)
+		}
+	} else {
+		dev, gen, err = s.check(st)
+	}
+	var se *session
+	for err == nil && dev != "" {
+		info := s.classify(dev, st)
+		s.mu.Lock()
+		if s.revGen == gen {
+			se = &session{device: dev, mode: mode, cc: cc, enroll: info}
+			cc.SetValue(se)
+			s.nSession++
+			s.byDevice[dev] = append(s.byDevice[dev], cc)
+			s.mu.Unlock()
+			break
+		}
+		s.mu.Unlock()
+		dev, gen, err = s.check(st)
+	}
+	if se == nil {
 		// Revoked between the handshake and now.
 		s.log.Warn("coap: session refused after handshake", "device", dev, "err", err)
 		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonRevoked).Inc()
 		cc.Close()
 		return
 	}
-	se := &session{device: dev, mode: mode, cc: cc, enroll: s.classify(dev, st)}
-	cc.SetValue(se)
-	s.mu.Lock()
-	s.nSession++
-	s.byDevice[dev] = append(s.byDevice[dev], cc)
-	s.mu.Unlock()
 	s.m.Sessions.WithLabelValues(hub.CoAP).Inc()
 	s.m.Handshakes.WithLabelValues(hub.CoAP, "ok").Inc()
 	s.log.Debug("coap: device session open", "device", dev, "mode", mode, "remote", cc.RemoteAddr())
@@ -263,6 +310,24 @@ func (s *Server) onNewConn(cc *otacache.DTLSConn) {
 	})
 }
 
+// check looks the session's credentials up again: the device they belong
+// to now, and revGen from before the lookup.
+func (s *Server) check(st piondtls.State) (dev string, gen uint64, err error) {
+	gen = s.revocations()
+	if len(st.PeerCertificates) > 0 {
+		dev, err = s.id.VerifyCert(st.PeerCertificates)
+	} else {
+		dev, _, err = s.id.PSK(st.IdentityHint)
+	}
+	return dev, gen, err
+}
+
+func (s *Server) revocations() uint64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.revGen
+}
+
 // sessionOf is the session onNewConn bound to cc, nil if none was (the
 // device was refused after the handshake).
 func (s *Server) sessionOf(cc *otacache.DTLSConn) *session {
@@ -282,6 +347,7 @@ func (s *Server) deviceOf(cc *otacache.DTLSConn) string {
 // goroutine, which ends as soon as the sessions are closed.
 func (s *Server) revoke(device string) {
 	s.mu.Lock()
+	s.revGen++
 	var ccs []*otacache.DTLSConn
 	for _, cc := range s.byDevice[device] {
 		ccs = append(ccs, cc)
