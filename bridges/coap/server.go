@@ -91,9 +91,10 @@ type Server struct {
 	revGen uint64
 	// pskSeen hands the PSK callback's answer (device, revGen before the
 	// lookup) to onNewConn, which then needs no second store lookup. An
-	// entry lives from the callback to onNewConn; one left by a handshake
-	// that failed later is replaced by the next callback for the identity,
-	// and there is at most one per valid identity.
+	// entry lives from the callback to the last onNewConn of the
+	// identity's handshakes in flight; handshakes that fail after the
+	// callback leave it behind, so it is bounded (maxPSKSeen) and cleared
+	// when full, which only costs the next sessions a second lookup.
 	pskMu   sync.Mutex
 	pskSeen map[string]pskAnswer
 	// byDevice: most devices have one session, so a slice (not a map)
@@ -104,8 +105,11 @@ type Server struct {
 // pskAnswer is what the PSK callback found for an identity.
 type pskAnswer struct {
 	device string
-	gen    uint64 // revGen before the lookup
+	gen    uint64 // revGen before the latest lookup
+	n      int    // handshakes past the callback, not yet in onNewConn
 }
+
+const maxPSKSeen = 4096
 
 // session is one authenticated DTLS association.
 type session struct {
@@ -149,7 +153,20 @@ func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log 
 				// Enrollment identities (they hold a ':') are looked up
 				// again in onNewConn: their pairing window may have closed.
 				s.pskMu.Lock()
-				s.pskSeen[string(identity)] = pskAnswer{device: dev, gen: gen}
+				a, ok := s.pskSeen[string(identity)]
+				if !ok && len(s.pskSeen) >= maxPSKSeen {
+					clear(s.pskSeen)
+				}
+				switch {
+				case !ok || a.device != dev:
+					a = pskAnswer{device: dev, gen: gen}
+				case gen > a.gen:
+					// Revocation is for good: a device found valid after
+					// revocation gen was valid at every earlier one too.
+					a.gen = gen
+				}
+				a.n++
+				s.pskSeen[string(identity)] = a
 				s.pskMu.Unlock()
 			}
 			if err != nil {
@@ -257,7 +274,11 @@ func (s *Server) onNewConn(cc *otacache.DTLSConn) {
 	if mode == "psk" {
 		s.pskMu.Lock()
 		a, ok := s.pskSeen[string(st.IdentityHint)]
-		delete(s.pskSeen, string(st.IdentityHint))
+		if a.n--; a.n <= 0 {
+			delete(s.pskSeen, string(st.IdentityHint))
+		} else {
+			s.pskSeen[string(st.IdentityHint)] = a
+		}
 		s.pskMu.Unlock()
 		dev, gen = a.device, a.gen
 		if !ok {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"path/filepath"
@@ -158,24 +159,31 @@ func request(t *testing.T, d *devicesim.Device, addr string) error {
 	defer c.Close()
 	r, err := c.Do(ctx, codes.GET, "/.well-known/core", nil, -1)
 	if err == nil && r.Code != codes.Content {
-		t.Fatalf("GET /.well-known/core as %s: %v", d.ID, r.Code)
+		err = fmt.Errorf("GET /.well-known/core as %s: %v", d.ID, r.Code)
 	}
 	return err
 }
 
 // A PSK handshake looks the identity up once: onNewConn takes the device
-// from the PSK callback's answer instead of asking the store again.
+// from the PSK callback's answer instead of asking the store again, also
+// when several handshakes of one identity are in flight at once.
 func TestPSKLookedUpOncePerSession(t *testing.T) {
 	id := &fakeIdentity{key: []byte("0123456789abcdef"), revoked: map[string]bool{}}
 	_, pskDev, _, pskAddr, _ := startSessions(t, id)
-	const sessions = 3
-	for range sessions {
-		if err := request(t, pskDev, pskAddr); err != nil {
-			t.Fatalf("session refused: %v", err)
+	const rounds, parallel = 3, 4
+	for range rounds {
+		errs := make(chan error, parallel)
+		for range parallel {
+			go func() { errs <- request(t, pskDev, pskAddr) }()
+		}
+		for range parallel {
+			if err := <-errs; err != nil {
+				t.Fatalf("session refused: %v", err)
+			}
 		}
 	}
-	if psk, _ := id.calls(); psk != sessions {
-		t.Errorf("PSK lookups for %d sessions: %d, want %d", sessions, psk, sessions)
+	if psk, _ := id.calls(); psk != rounds*parallel {
+		t.Errorf("PSK lookups for %d sessions: %d, want %d", rounds*parallel, psk, rounds*parallel)
 	}
 }
 
