@@ -242,7 +242,7 @@ func createConn(
 
 	conn := &Conn{
 		rAddr:                   rAddr,
-		nextConn:                netctx.NewPacketConn(nextConn),
+		nextConn:                newPacketConn(nextConn), // Bastion patch: listener_conn_bastion.go
 		waitForDatagram:         isListenerConn(nextConn),
 		handshakeConfig:         handshakeConfig,
 		fragmentBuffer:          newFragmentBuffer(),
@@ -715,15 +715,22 @@ func (c *Conn) compactRawPackets(rawPackets [][]byte) [][]byte {
 		return rawPackets
 	}
 
-	combinedRawPackets := make([][]byte, 0)
-	currentCombinedRawPacket := make([]byte, 0)
+	// Bastion patch: each datagram is allocated once at the size it will
+	// have (at most the MTU), instead of grown by appends from empty.
+	left := 0
+	for _, rawPacket := range rawPackets {
+		left += len(rawPacket)
+	}
+	combinedRawPackets := make([][]byte, 0, 1)
+	currentCombinedRawPacket := make([]byte, 0, min(left, c.maximumTransmissionUnit))
 
 	for _, rawPacket := range rawPackets {
 		if len(currentCombinedRawPacket) > 0 && len(currentCombinedRawPacket)+len(rawPacket) >= c.maximumTransmissionUnit {
 			combinedRawPackets = append(combinedRawPackets, currentCombinedRawPacket)
-			currentCombinedRawPacket = []byte{}
+			currentCombinedRawPacket = make([]byte, 0, min(left, c.maximumTransmissionUnit))
 		}
 		currentCombinedRawPacket = append(currentCombinedRawPacket, rawPacket...)
+		left -= len(rawPacket)
 	}
 
 	combinedRawPackets = append(combinedRawPackets, currentCombinedRawPacket)

@@ -309,6 +309,11 @@ func (c *PacketConn) ReadFrom(buff []byte) (int, net.Addr, error) {
 	return c.buffer.ReadFrom(buff)
 }
 
+// ReadFromContext is ReadFrom that also ends when ctx does (Bastion patch).
+func (c *PacketConn) ReadFromContext(ctx context.Context, buff []byte) (int, net.Addr, error) {
+	return c.buffer.ReadFromContext(ctx, buff)
+}
+
 // WriteTo writes len(payload) bytes from payload to the specified address.
 func (c *PacketConn) WriteTo(payload []byte, addr net.Addr) (n int, err error) {
 	// If we have a connection identifier, check to see if the outgoing packet
