@@ -104,6 +104,9 @@ type Conn struct {
 	replayProtectionWindow uint
 
 	handshakeConfig *handshakeConfig
+
+	// traces: log may write Tracef lines (Bastion patch, see logTraces).
+	traces bool
 }
 
 // createConn creates a new DTLS connection.
@@ -223,6 +226,7 @@ func createConn(
 		initialRetransmitInterval:     workerInterval,
 		disableRetransmitBackoff:      config.DisableRetransmitBackoff,
 		log:                           logger,
+		traces:                        logTraces(logger),
 		initialEpoch:                  0,
 		keyLogWriter:                  config.KeyLogWriter,
 		sessionStore:                  config.SessionStore,
@@ -252,6 +256,7 @@ func createConn(
 
 		decrypted: make(chan any, 1),
 		log:       logger,
+		traces:    logTraces(logger),
 
 		readDeadline:  deadline.New(),
 		writeDeadline: deadline.New(),
@@ -613,11 +618,12 @@ func (c *Conn) prepareRawPackets(pkts []*packet) ([][]byte, net.Addr, error) {
 func (c *Conn) prepareRawPacket(pkt *packet) ([][]byte, error) {
 	dtlsHandshake, ok := pkt.record.Content.(*handshake.Handshake)
 	if ok {
-		if err := c.cacheHandshakePacket(pkt, dtlsHandshake); err != nil {
+		handshakeRaw, err := c.cacheHandshakeRaw(pkt, dtlsHandshake)
+		if err != nil {
 			return nil, err
 		}
 
-		return c.processHandshakePacket(pkt, dtlsHandshake)
+		return c.processHandshakePacket(pkt, dtlsHandshake, handshakeRaw[handshake.HeaderLength:])
 	}
 
 	rawPacket, err := c.processPacket(pkt)
@@ -629,17 +635,31 @@ func (c *Conn) prepareRawPacket(pkt *packet) ([][]byte, error) {
 }
 
 func (c *Conn) cacheHandshakePacket(pkt *packet, dtlsHandshake *handshake.Handshake) error {
-	handshakeRaw, err := pkt.record.Marshal()
+	_, err := c.cacheHandshakeRaw(pkt, dtlsHandshake)
+
+	return err
+}
+
+// cacheHandshakeRaw marshals the handshake message, caches it for the
+// transcript and returns it (Bastion patch: processHandshakePacket
+// fragments these bytes instead of marshaling the message a second time;
+// the record header is updated as pkt.record.Marshal did).
+func (c *Conn) cacheHandshakeRaw(pkt *packet, dtlsHandshake *handshake.Handshake) ([]byte, error) {
+	handshakeRaw, err := dtlsHandshake.Marshal()
 	if err != nil {
-		return err
+		return nil, err
+	}
+	pkt.record.Header.ContentLen = uint16(len(handshakeRaw)) //nolint:gosec // G115
+	pkt.record.Header.ContentType = dtlsHandshake.ContentType()
+
+	if c.traces {
+		c.log.Tracef("[handshake:%v] -> %s (epoch: %d, seq: %d)",
+			srvCliStr(c.state.isClient), dtlsHandshake.Header.Type.String(),
+			pkt.record.Header.Epoch, dtlsHandshake.Header.MessageSequence)
 	}
 
-	c.log.Tracef("[handshake:%v] -> %s (epoch: %d, seq: %d)",
-		srvCliStr(c.state.isClient), dtlsHandshake.Header.Type.String(),
-		pkt.record.Header.Epoch, dtlsHandshake.Header.MessageSequence)
-
-	return c.handshakeCache.push(
-		handshakeRaw[recordlayer.FixedHeaderSize:],
+	return handshakeRaw, c.handshakeCache.push(
+		handshakeRaw,
 		pkt.record.Header.Epoch,
 		dtlsHandshake.Header.MessageSequence,
 		dtlsHandshake.Header.Type,
@@ -804,10 +824,12 @@ func (c *Conn) processPacket(pkt *packet) ([]byte, error) { //nolint:cyclop
 }
 
 //nolint:cyclop
-func (c *Conn) processHandshakePacket(pkt *packet, dtlsHandshake *handshake.Handshake) ([][]byte, error) {
+func (c *Conn) processHandshakePacket(
+	pkt *packet, dtlsHandshake *handshake.Handshake, content []byte,
+) ([][]byte, error) {
 	rawPackets := make([][]byte, 0)
 
-	handshakeFragments, err := c.fragmentHandshake(dtlsHandshake)
+	handshakeFragments, err := c.fragmentHandshake(dtlsHandshake, content)
 	if err != nil {
 		return nil, err
 	}
@@ -879,12 +901,9 @@ func (c *Conn) processHandshakePacket(pkt *packet, dtlsHandshake *handshake.Hand
 	return rawPackets, nil
 }
 
-func (c *Conn) fragmentHandshake(dtlsHandshake *handshake.Handshake) ([][]byte, error) {
-	content, err := dtlsHandshake.Message.Marshal()
-	if err != nil {
-		return nil, err
-	}
-
+// fragmentHandshake cuts content, the marshaled message of dtlsHandshake,
+// into fragments that fit the MTU.
+func (c *Conn) fragmentHandshake(dtlsHandshake *handshake.Handshake, content []byte) ([][]byte, error) {
 	fragmentedHandshakes := make([][]byte, 0)
 
 	contentFragments := splitBytes(content, c.maximumTransmissionUnit)

@@ -125,6 +125,7 @@ type handshakeConfig struct {
 
 	onFlightState func(flightVal, handshakeState)
 	log           logging.LeveledLogger
+	traces        bool // log may write Tracef lines (Bastion patch, see logTraces)
 	keyLogWriter  io.Writer
 
 	localGetCertificate       func(*ClientHelloInfo) (*tls.Certificate, error)
@@ -263,7 +264,9 @@ func (s *handshakeFSM) prepare(ctx context.Context, conn flightConn) (handshakeS
 		}
 	}
 	if epoch != nextEpoch {
-		s.cfg.log.Tracef("[handshake:%s] -> changeCipherSpec (epoch: %d)", srvCliStr(s.state.isClient), nextEpoch)
+		if s.cfg.traces {
+			s.cfg.log.Tracef("[handshake:%s] -> changeCipherSpec (epoch: %d)", srvCliStr(s.state.isClient), nextEpoch)
+		}
 		conn.setLocalEpoch(nextEpoch)
 	}
 
@@ -332,12 +335,14 @@ func (s *handshakeFSM) wait(ctx context.Context, conn flightConn) (handshakeStat
 			} else if !state.isRetransmit {
 				s.retransmitInterval = s.cfg.initialRetransmitInterval
 			}
-			s.cfg.log.Tracef(
-				"[handshake:%s] %s -> %s",
-				srvCliStr(s.state.isClient),
-				s.currentFlight.String(),
-				nextFlight.String(),
-			)
+			if s.cfg.traces {
+				s.cfg.log.Tracef(
+					"[handshake:%s] %s -> %s",
+					srvCliStr(s.state.isClient),
+					s.currentFlight.String(),
+					nextFlight.String(),
+				)
+			}
 			if nextFlight.isLastRecvFlight() && s.currentFlight == nextFlight {
 				return handshakeFinished, nil
 			}

@@ -9,6 +9,7 @@ import (
 	"sync"
 
 	"github.com/pion/dtls/v3/internal/net/udp"
+	"github.com/pion/logging"
 	"github.com/pion/transport/v5/netctx"
 )
 
@@ -77,3 +78,22 @@ func (p *listenerPacketConn) Close() error {
 func (p *listenerPacketConn) LocalAddr() net.Addr { return p.conn.LocalAddr() }
 
 func (p *listenerPacketConn) Conn() net.PacketConn { return p.conn }
+
+// traceEnabler is implemented by a logger that can tell whether its Tracef
+// writes anything (Bastion patch).
+type traceEnabler interface {
+	TraceEnabled() bool
+}
+
+// logTraces reports whether l may write Tracef lines. The arguments of a
+// Tracef call are boxed into interfaces, allocations made even when the
+// logger drops the line, so the calls on the handshake's hot paths are
+// skipped for a logger that says it does not trace. Any other logger is
+// assumed to trace: nothing changes for it.
+func logTraces(l logging.LeveledLogger) bool {
+	if t, ok := l.(traceEnabler); ok {
+		return t.TraceEnabled()
+	}
+
+	return true
+}

@@ -7,10 +7,14 @@ import (
 	"context"
 	"errors"
 	"net"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/pion/dtls/v3/internal/net/udp"
+	dtlsnet "github.com/pion/dtls/v3/pkg/net"
+	"github.com/pion/logging"
+	"github.com/pion/transport/v5/dpipe"
 	"github.com/pion/transport/v5/netctx"
 )
 
@@ -96,5 +100,82 @@ func TestListenerPacketConn(t *testing.T) {
 	}
 	if _, err := pc.WriteToContext(ctx, []byte("x"), raddr); !errors.Is(err, netctx.ErrClosing) {
 		t.Fatalf("write after Close: %v, want netctx.ErrClosing", err)
+	}
+}
+
+// traceRecorder is a LeveledLogger that keeps its Tracef formats and says
+// whether it traces.
+type traceRecorder struct {
+	logging.LeveledLogger
+	trace bool
+	mu    sync.Mutex
+	seen  []string
+}
+
+func (r *traceRecorder) TraceEnabled() bool { return r.trace }
+
+func (r *traceRecorder) Tracef(format string, _ ...any) {
+	r.mu.Lock()
+	r.seen = append(r.seen, format)
+	r.mu.Unlock()
+}
+
+func (r *traceRecorder) NewLogger(string) logging.LeveledLogger { return r }
+
+func (r *traceRecorder) count(format string) int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	n := 0
+	for _, f := range r.seen {
+		if f == format {
+			n++
+		}
+	}
+
+	return n
+}
+
+// TestTraceGate: the Tracef calls the Bastion patch gates are made for a
+// logger that traces or does not say, and skipped for one that says it
+// does not.
+func TestTraceGate(t *testing.T) {
+	gated := []string{
+		"[handshake:%v] -> %s (epoch: %d, seq: %d)",
+		"[handshake:%s] -> changeCipherSpec (epoch: %d)",
+		"[handshake:%s] %s -> %s",
+	}
+	for _, trace := range []bool{true, false} {
+		rec := &traceRecorder{LeveledLogger: logging.NewDefaultLoggerFactory().NewLogger("dtls"), trace: trace}
+		ca, cb := dpipe.Pipe()
+		psk := func([]byte) ([]byte, error) { return []byte{1, 2, 3, 4}, nil }
+		cfg := func() *Config {
+			return &Config{
+				PSK: psk, PSKIdentityHint: []byte("id"), LoggerFactory: rec,
+				CipherSuites: []CipherSuiteID{TLS_PSK_WITH_AES_128_CCM_8},
+			}
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		errc := make(chan error, 1)
+		var client *Conn
+		go func() {
+			var err error
+			client, err = testClient(ctx, dtlsnet.PacketConnFromConn(ca), ca.RemoteAddr(), cfg(), false)
+			errc <- err
+		}()
+		server, err := testServer(ctx, dtlsnet.PacketConnFromConn(cb), cb.RemoteAddr(), cfg(), false)
+		if cerr := <-errc; err == nil {
+			err = cerr
+		}
+		cancel()
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = client.Close()
+		_ = server.Close()
+		for _, f := range gated {
+			if n := rec.count(f); (n > 0) != trace {
+				t.Errorf("TraceEnabled %v: %d Tracef(%q)", trace, n, f)
+			}
+		}
 	}
 }
