@@ -311,7 +311,9 @@ func (s *Server) onNewConn(cc *otacache.DTLSConn) {
 	}
 	s.m.Sessions.WithLabelValues(hub.CoAP).Inc()
 	s.m.Handshakes.WithLabelValues(hub.CoAP, "ok").Inc()
-	s.log.Debug("coap: device session open", "device", dev, "mode", mode, "remote", cc.RemoteAddr())
+	if s.log.Enabled(context.Background(), slog.LevelDebug) { // its arguments are allocated even when dropped
+		s.log.Debug("coap: device session open", "device", dev, "mode", mode, "remote", cc.RemoteAddr())
+	}
 	cc.AddOnClose(func() {
 		s.mu.Lock()
 		s.nSession--
