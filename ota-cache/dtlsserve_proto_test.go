@@ -407,12 +407,13 @@ func TestServeDTLSSessionGoroutines(t *testing.T) {
 	}
 	var dump string
 	count := func(frame string) int { return strings.Count(dump, frame) }
-	// Handshake goroutines end just after the handshake: wait, bounded.
+	// Handshake goroutines, and the server's part of the session start,
+	// end just after the client's handshake has: wait, bounded.
 	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
 		var b bytes.Buffer
 		_ = pprof.Lookup("goroutine").WriteTo(&b, 2) // one stack per goroutine
 		dump = b.String()
-		if count("(*handshakeFSM).Run") == 0 || time.Now().After(deadline) {
+		if count("(*handshakeFSM).Run")+count("(*dtlsServer).serveConn") == 0 || time.Now().After(deadline) {
 			break
 		}
 	}

@@ -329,3 +329,22 @@ func TestServerCertRenewalLive(t *testing.T) {
 		t.Error("changed SANs did not re-issue the certificate")
 	}
 }
+
+// The DTLS logger tells pion whether it traces as pion's own factory would
+// decide it (PION_LOG_TRACE=all or naming the dtls scope), so pion skips
+// building Tracef arguments only when no trace line would be written.
+func TestDTLSLogsTraceEnabled(t *testing.T) {
+	for _, tc := range []struct {
+		env  string
+		want bool
+	}{{"", false}, {"all", true}, {"dtls", true}, {"ice,dtls", true}, {"ice", false}} {
+		t.Setenv("PION_LOG_TRACE", tc.env)
+		l, ok := newSharedDTLSLogs().NewLogger("dtls").(interface{ TraceEnabled() bool })
+		if !ok {
+			t.Fatal("the DTLS logger does not implement TraceEnabled")
+		}
+		if got := l.TraceEnabled(); got != tc.want {
+			t.Errorf("PION_LOG_TRACE=%q: TraceEnabled %v, want %v", tc.env, got, tc.want)
+		}
+	}
+}

@@ -100,10 +100,27 @@ func DTLSPSKServer(psk func(identity []byte) ([]byte, error)) []dtls.ServerOptio
 // sharedDTLSLogs hands every connection of a listener the same pion logger,
 // with pion's default level and output. pion's default factory builds five
 // log.Loggers per connection, about 1 KiB of every idle DTLS session.
-type sharedDTLSLogs struct{ l logging.LeveledLogger }
+type sharedDTLSLogs struct{ l *dtlsLogger }
 
 func newSharedDTLSLogs() sharedDTLSLogs {
-	return sharedDTLSLogs{logging.NewDefaultLoggerFactory().NewLogger("dtls")}
+	f := logging.NewDefaultLoggerFactory()
+	level := f.DefaultLogLevel
+	if l, ok := f.ScopeLevels["dtls"]; ok {
+		level = l
+	}
+	return sharedDTLSLogs{&dtlsLogger{LeveledLogger: f.NewLogger("dtls"), trace: level >= logging.LogLevelTrace}}
 }
 
 func (s sharedDTLSLogs) NewLogger(string) logging.LeveledLogger { return s.l }
+
+// dtlsLogger tells the patched pion whether it writes Tracef lines
+// (third_party/README.md): when it does not (unless PION_LOG_TRACE names
+// dtls or all), pion skips the Tracef calls of its handshake, whose
+// arguments are allocated even when the line is dropped.
+type dtlsLogger struct {
+	logging.LeveledLogger
+	trace bool
+}
+
+// TraceEnabled reports whether Tracef writes anything.
+func (l *dtlsLogger) TraceEnabled() bool { return l.trace }

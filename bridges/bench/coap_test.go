@@ -215,19 +215,25 @@ func BenchmarkCoAPvsLibcoap(b *testing.B) {
 			}
 		})
 	}
+	// BENCH_COAP_HANDSHAKES: handshakes per round (default 500); more give
+	// a CPU profile enough samples.
+	nHS := 500
+	if v, err := strconv.Atoi(os.Getenv("BENCH_COAP_HANDSHAKES")); err == nil && v > 0 {
+		nHS = v
+	}
 	b.Run("handshakes", func(b *testing.B) {
 		for range b.N {
 			lc0 := procCPU(lcPid)
-			l := handshakes(b, lc, lDevs[0], 500, 4)
+			l := handshakes(b, lc, lDevs[0], nHS, 4)
 			lcCPU := procCPU(lcPid) - lc0
 			var g float64
 			var gCPU time.Duration
 			bs.cpuProfile(b, "coap-handshakes", func() {
 				g0 := procCPU(bs.cmd.Process.Pid)
-				g = handshakes(b, bs.addrs["coaps_psk"], bDevs[0], 500, 4)
+				g = handshakes(b, bs.addrs["coaps_psk"], bDevs[0], nHS, 4)
 				gCPU = procCPU(bs.cmd.Process.Pid) - g0
 			})
-			gus, lus := float64(gCPU.Microseconds())/500, float64(lcCPU.Microseconds())/500
+			gus, lus := float64(gCPU.Microseconds())/float64(nHS), float64(lcCPU.Microseconds())/float64(nHS)
 			b.ReportMetric(gus, "bastion_cpu_us/hs")
 			b.ReportMetric(lus, "libcoap_cpu_us/hs")
 			b.ReportMetric(g, "bastion_hs/s")

@@ -15,6 +15,7 @@ import (
 	"log/slog"
 	"net"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -84,10 +85,31 @@ type Server struct {
 	closing  sync.WaitGroup // revocation closes in progress; Run waits
 	mu       sync.Mutex
 	nSession int
+	// revGen counts revocations (under mu). onNewConn registers a session
+	// only if no revocation happened since the device's credentials were
+	// checked, so a revocation can never miss a session being set up.
+	revGen uint64
+	// pskSeen hands the PSK callback's answer (device, revGen before the
+	// lookup) to onNewConn, which then needs no second store lookup. An
+	// entry lives from the callback to the last onNewConn of the
+	// identity's handshakes in flight; handshakes that fail after the
+	// callback leave it behind, so it is bounded (maxPSKSeen) and cleared
+	// when full, which only costs the next sessions a second lookup.
+	pskMu   sync.Mutex
+	pskSeen map[string]pskAnswer
 	// byDevice: most devices have one session, so a slice (not a map)
 	// per device keeps an idle session's bookkeeping small.
 	byDevice map[string][]*otacache.DTLSConn
 }
+
+// pskAnswer is what the PSK callback found for an identity.
+type pskAnswer struct {
+	device string
+	gen    uint64 // revGen before the latest lookup
+	n      int    // handshakes past the callback, not yet in onNewConn
+}
+
+const maxPSKSeen = 4096
 
 // session is one authenticated DTLS association.
 type session struct {
@@ -105,7 +127,7 @@ type session struct {
 func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log *slog.Logger) (*Server, error) {
 	cfg.defaults()
 	s := &Server{cfg: cfg, id: id, hub: h, m: h.Metrics(), log: log.With("component", "coap"),
-		byDevice: map[string][]*otacache.DTLSConn{}}
+		byDevice: map[string][]*otacache.DTLSConn{}, pskSeen: map[string]pskAnswer{}}
 	var err error
 	verify := func(raw [][]byte, _ [][]*x509.Certificate) error {
 		dev, err := id.VerifyCert(raw)
@@ -125,7 +147,28 @@ func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log 
 	}
 	if cfg.PSKListen != "" {
 		psk := func(identity []byte) ([]byte, error) {
+			gen := s.revocations()
 			dev, key, err := id.PSK(identity)
+			if err == nil && !strings.Contains(dev, ":") {
+				// Enrollment identities (they hold a ':') are looked up
+				// again in onNewConn: their pairing window may have closed.
+				s.pskMu.Lock()
+				a, ok := s.pskSeen[string(identity)]
+				if !ok && len(s.pskSeen) >= maxPSKSeen {
+					clear(s.pskSeen)
+				}
+				switch {
+				case !ok || a.device != dev:
+					a = pskAnswer{device: dev, gen: gen}
+				case gen > a.gen:
+					// Revocation is for good: a device found valid after
+					// revocation gen was valid at every earlier one too.
+					a.gen = gen
+				}
+				a.n++
+				s.pskSeen[string(identity)] = a
+				s.pskMu.Unlock()
+			}
 			if err != nil {
 				reason := hub.ReasonUnknownPSK
 				if errors.Is(err, pki.ErrRevoked) {
@@ -219,31 +262,58 @@ func (s *Server) onNewConn(cc *otacache.DTLSConn) {
 		cc.Close()
 		return
 	}
-	var dev, mode string
-	var err error
+	mode := "psk"
 	if len(st.PeerCertificates) > 0 {
 		mode = "cert"
-		dev, err = s.id.VerifyCert(st.PeerCertificates)
-	} else {
-		mode = "psk"
-		dev, _, err = s.id.PSK(st.IdentityHint)
 	}
-	if err != nil || dev == "" {
+	// The credentials are checked again unless the PSK callback's answer
+	// is at hand, and again after any revocation since that check.
+	var dev string
+	var gen uint64
+	var err error
+	if mode == "psk" {
+		s.pskMu.Lock()
+		a, ok := s.pskSeen[string(st.IdentityHint)]
+		if a.n--; a.n <= 0 {
+			delete(s.pskSeen, string(st.IdentityHint))
+		} else {
+			s.pskSeen[string(st.IdentityHint)] = a
+		}
+		s.pskMu.Unlock()
+		dev, gen = a.device, a.gen
+		if !ok {
+			dev, gen, err = s.check(st)
+		}
+	} else {
+		dev, gen, err = s.check(st)
+	}
+	var se *session
+	for err == nil && dev != "" {
+		info := s.classify(dev, st)
+		s.mu.Lock()
+		if s.revGen == gen {
+			se = &session{device: dev, mode: mode, cc: cc, enroll: info}
+			cc.SetValue(se)
+			s.nSession++
+			s.byDevice[dev] = append(s.byDevice[dev], cc)
+			s.mu.Unlock()
+			break
+		}
+		s.mu.Unlock()
+		dev, gen, err = s.check(st)
+	}
+	if se == nil {
 		// Revoked between the handshake and now.
 		s.log.Warn("coap: session refused after handshake", "device", dev, "err", err)
 		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonRevoked).Inc()
 		cc.Close()
 		return
 	}
-	se := &session{device: dev, mode: mode, cc: cc, enroll: s.classify(dev, st)}
-	cc.SetValue(se)
-	s.mu.Lock()
-	s.nSession++
-	s.byDevice[dev] = append(s.byDevice[dev], cc)
-	s.mu.Unlock()
 	s.m.Sessions.WithLabelValues(hub.CoAP).Inc()
 	s.m.Handshakes.WithLabelValues(hub.CoAP, "ok").Inc()
-	s.log.Debug("coap: device session open", "device", dev, "mode", mode, "remote", cc.RemoteAddr())
+	if s.log.Enabled(context.Background(), slog.LevelDebug) { // its arguments are allocated even when dropped
+		s.log.Debug("coap: device session open", "device", dev, "mode", mode, "remote", cc.RemoteAddr())
+	}
 	cc.AddOnClose(func() {
 		s.mu.Lock()
 		s.nSession--
@@ -261,6 +331,24 @@ func (s *Server) onNewConn(cc *otacache.DTLSConn) {
 		se.mu.Unlock()
 		s.m.Sessions.WithLabelValues(hub.CoAP).Dec()
 	})
+}
+
+// check looks the session's credentials up again: the device they belong
+// to now, and revGen from before the lookup.
+func (s *Server) check(st piondtls.State) (dev string, gen uint64, err error) {
+	gen = s.revocations()
+	if len(st.PeerCertificates) > 0 {
+		dev, err = s.id.VerifyCert(st.PeerCertificates)
+	} else {
+		dev, _, err = s.id.PSK(st.IdentityHint)
+	}
+	return dev, gen, err
+}
+
+func (s *Server) revocations() uint64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.revGen
 }
 
 // sessionOf is the session onNewConn bound to cc, nil if none was (the
@@ -282,6 +370,7 @@ func (s *Server) deviceOf(cc *otacache.DTLSConn) string {
 // goroutine, which ends as soon as the sessions are closed.
 func (s *Server) revoke(device string) {
 	s.mu.Lock()
+	s.revGen++
 	var ccs []*otacache.DTLSConn
 	for _, cc := range s.byDevice[device] {
 		ccs = append(ccs, cc)

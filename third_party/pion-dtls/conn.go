@@ -112,6 +112,9 @@ type Conn struct {
 	readHandler atomic.Pointer[func([]byte, error)]
 	deliverMu   sync.Mutex
 	readEnded   bool
+
+	// traces: log may write Tracef lines (Bastion patch, see logTraces).
+	traces bool
 }
 
 // createConn creates a new DTLS connection.
@@ -231,6 +234,7 @@ func createConn(
 		initialRetransmitInterval:     workerInterval,
 		disableRetransmitBackoff:      config.DisableRetransmitBackoff,
 		log:                           logger,
+		traces:                        logTraces(logger),
 		initialEpoch:                  0,
 		keyLogWriter:                  config.KeyLogWriter,
 		sessionStore:                  config.SessionStore,
@@ -250,7 +254,7 @@ func createConn(
 
 	conn := &Conn{
 		rAddr:                   rAddr,
-		nextConn:                netctx.NewPacketConn(nextConn),
+		nextConn:                newPacketConn(nextConn), // Bastion patch: listener_conn_bastion.go
 		waitForDatagram:         isListenerConn(nextConn),
 		handshakeConfig:         handshakeConfig,
 		fragmentBuffer:          newFragmentBuffer(),
@@ -260,6 +264,7 @@ func createConn(
 
 		decrypted: make(chan any, 1),
 		log:       logger,
+		traces:    logTraces(logger),
 
 		readDeadline:  deadline.New(),
 		writeDeadline: deadline.New(),
@@ -584,22 +589,6 @@ func (c *Conn) writePackets(ctx context.Context, pkts []*packet) error {
 		return err
 	}
 
-	if c.waitForDatagram {
-		// Bastion patch (third_party/README.md): a listener's connection
-		// writes to the listener's shared socket, and no per-connection
-		// deadline or context can end a write in progress there
-		// (udp.PacketConn.SetWriteDeadline only fails later writes). So
-		// the context is checked here, once, instead of being watched
-		// during each write, which cost an allocation and a lock.
-		if err := ctx.Err(); err != nil {
-			if errors.Is(err, context.Canceled) && c.isConnectionClosed() {
-				return ErrConnClosed
-			}
-
-			return netError(err)
-		}
-		ctx = context.Background()
-	}
 	for _, compactedRawPacket := range compactedRawPackets {
 		if _, err = c.nextConn.WriteToContext(ctx, compactedRawPacket, rAddr); err != nil {
 			if errors.Is(err, context.Canceled) && c.isConnectionClosed() {
@@ -637,11 +626,12 @@ func (c *Conn) prepareRawPackets(pkts []*packet) ([][]byte, net.Addr, error) {
 func (c *Conn) prepareRawPacket(pkt *packet) ([][]byte, error) {
 	dtlsHandshake, ok := pkt.record.Content.(*handshake.Handshake)
 	if ok {
-		if err := c.cacheHandshakePacket(pkt, dtlsHandshake); err != nil {
+		handshakeRaw, err := c.cacheHandshakeRaw(pkt, dtlsHandshake)
+		if err != nil {
 			return nil, err
 		}
 
-		return c.processHandshakePacket(pkt, dtlsHandshake)
+		return c.processHandshakePacket(pkt, dtlsHandshake, handshakeRaw[handshake.HeaderLength:])
 	}
 
 	rawPacket, err := c.processPacket(pkt)
@@ -653,17 +643,31 @@ func (c *Conn) prepareRawPacket(pkt *packet) ([][]byte, error) {
 }
 
 func (c *Conn) cacheHandshakePacket(pkt *packet, dtlsHandshake *handshake.Handshake) error {
-	handshakeRaw, err := pkt.record.Marshal()
+	_, err := c.cacheHandshakeRaw(pkt, dtlsHandshake)
+
+	return err
+}
+
+// cacheHandshakeRaw marshals the handshake message, caches it for the
+// transcript and returns it (Bastion patch: processHandshakePacket
+// fragments these bytes instead of marshaling the message a second time;
+// the record header is updated as pkt.record.Marshal did).
+func (c *Conn) cacheHandshakeRaw(pkt *packet, dtlsHandshake *handshake.Handshake) ([]byte, error) {
+	handshakeRaw, err := dtlsHandshake.Marshal()
 	if err != nil {
-		return err
+		return nil, err
+	}
+	pkt.record.Header.ContentLen = uint16(len(handshakeRaw)) //nolint:gosec // G115
+	pkt.record.Header.ContentType = dtlsHandshake.ContentType()
+
+	if c.traces {
+		c.log.Tracef("[handshake:%v] -> %s (epoch: %d, seq: %d)",
+			srvCliStr(c.state.isClient), dtlsHandshake.Header.Type.String(),
+			pkt.record.Header.Epoch, dtlsHandshake.Header.MessageSequence)
 	}
 
-	c.log.Tracef("[handshake:%v] -> %s (epoch: %d, seq: %d)",
-		srvCliStr(c.state.isClient), dtlsHandshake.Header.Type.String(),
-		pkt.record.Header.Epoch, dtlsHandshake.Header.MessageSequence)
-
-	return c.handshakeCache.push(
-		handshakeRaw[recordlayer.FixedHeaderSize:],
+	return handshakeRaw, c.handshakeCache.push(
+		handshakeRaw,
 		pkt.record.Header.Epoch,
 		dtlsHandshake.Header.MessageSequence,
 		dtlsHandshake.Header.Type,
@@ -739,15 +743,22 @@ func (c *Conn) compactRawPackets(rawPackets [][]byte) [][]byte {
 		return rawPackets
 	}
 
-	combinedRawPackets := make([][]byte, 0)
-	currentCombinedRawPacket := make([]byte, 0)
+	// Bastion patch: each datagram is allocated once at the size it will
+	// have (at most the MTU), instead of grown by appends from empty.
+	left := 0
+	for _, rawPacket := range rawPackets {
+		left += len(rawPacket)
+	}
+	combinedRawPackets := make([][]byte, 0, 1)
+	currentCombinedRawPacket := make([]byte, 0, min(left, c.maximumTransmissionUnit))
 
 	for _, rawPacket := range rawPackets {
 		if len(currentCombinedRawPacket) > 0 && len(currentCombinedRawPacket)+len(rawPacket) >= c.maximumTransmissionUnit {
 			combinedRawPackets = append(combinedRawPackets, currentCombinedRawPacket)
-			currentCombinedRawPacket = []byte{}
+			currentCombinedRawPacket = make([]byte, 0, min(left, c.maximumTransmissionUnit))
 		}
 		currentCombinedRawPacket = append(currentCombinedRawPacket, rawPacket...)
+		left -= len(rawPacket)
 	}
 
 	combinedRawPackets = append(combinedRawPackets, currentCombinedRawPacket)
@@ -821,10 +832,12 @@ func (c *Conn) processPacket(pkt *packet) ([]byte, error) { //nolint:cyclop
 }
 
 //nolint:cyclop
-func (c *Conn) processHandshakePacket(pkt *packet, dtlsHandshake *handshake.Handshake) ([][]byte, error) {
+func (c *Conn) processHandshakePacket(
+	pkt *packet, dtlsHandshake *handshake.Handshake, content []byte,
+) ([][]byte, error) {
 	rawPackets := make([][]byte, 0)
 
-	handshakeFragments, err := c.fragmentHandshake(dtlsHandshake)
+	handshakeFragments, err := c.fragmentHandshake(dtlsHandshake, content)
 	if err != nil {
 		return nil, err
 	}
@@ -896,12 +909,9 @@ func (c *Conn) processHandshakePacket(pkt *packet, dtlsHandshake *handshake.Hand
 	return rawPackets, nil
 }
 
-func (c *Conn) fragmentHandshake(dtlsHandshake *handshake.Handshake) ([][]byte, error) {
-	content, err := dtlsHandshake.Message.Marshal()
-	if err != nil {
-		return nil, err
-	}
-
+// fragmentHandshake cuts content, the marshaled message of dtlsHandshake,
+// into fragments that fit the MTU.
+func (c *Conn) fragmentHandshake(dtlsHandshake *handshake.Handshake, content []byte) ([][]byte, error) {
 	fragmentedHandshakes := make([][]byte, 0)
 
 	contentFragments := splitBytes(content, c.maximumTransmissionUnit)
@@ -959,7 +969,6 @@ func (c *Conn) readAndBuffer(ctx context.Context) error { //nolint:cyclop
 	// idle connection does not hold one. The empty read leaves the datagram
 	// in place (io.ErrShortBuffer); an empty datagram is consumed by it, as
 	// the read below would have done, and there is nothing to process.
-	readCtx := ctx
 	if c.waitForDatagram {
 		_, _, err := c.nextConn.ReadFromContext(ctx, nil)
 		if err == nil {
@@ -968,9 +977,6 @@ func (c *Conn) readAndBuffer(ctx context.Context) error { //nolint:cyclop
 		if !errors.Is(err, io.ErrShortBuffer) {
 			return netError(err)
 		}
-		// A datagram is waiting and this goroutine is the only reader, so
-		// the read below returns at once: it need not watch ctx.
-		readCtx = context.Background() //nolint:contextcheck
 	}
 	bufptr, ok := poolReadBuffer.Get().(*[]byte)
 	if !ok {
@@ -979,7 +985,7 @@ func (c *Conn) readAndBuffer(ctx context.Context) error { //nolint:cyclop
 	defer poolReadBuffer.Put(bufptr)
 
 	b := *bufptr
-	i, rAddr, err := c.nextConn.ReadFromContext(readCtx, b)
+	i, rAddr, err := c.nextConn.ReadFromContext(ctx, b)
 	if err != nil {
 		return netError(err)
 	}
@@ -1000,11 +1006,14 @@ func (c *Conn) readAndBuffer(ctx context.Context) error { //nolint:cyclop
 			}
 		}
 
-		var e *alertError
-		if errors.As(err, &e) && e.IsFatalOrCloseNotify() {
-			return e
-		}
 		if err != nil {
+			// Bastion patch: e is declared only here, so that it does not
+			// escape to the heap for every record that has no error.
+			var e *alertError
+			if errors.As(err, &e) && e.IsFatalOrCloseNotify() {
+				return e
+			}
+
 			return err
 		}
 		if hs {
@@ -1272,7 +1281,9 @@ func (c *Conn) handleIncomingPacket(
 	hasDeliver := false
 	switch content := r.Content.(type) {
 	case *alert.Alert:
-		c.log.Tracef("%s: <- %s", srvCliStr(c.state.isClient), content.String())
+		if c.traces {
+			c.log.Tracef("%s: <- %s", srvCliStr(c.state.isClient), content.String())
+		}
 		var a *alert.Alert
 		if content.Description == alert.CloseNotify {
 			// Respond with a close_notify [RFC5246 Section 7.2.1]
@@ -1296,7 +1307,9 @@ func (c *Conn) handleIncomingPacket(
 		}
 
 		newRemoteEpoch := header.Epoch + 1
-		c.log.Tracef("%s: <- ChangeCipherSpec (epoch: %d)", srvCliStr(c.state.isClient), newRemoteEpoch)
+		if c.traces {
+			c.log.Tracef("%s: <- ChangeCipherSpec (epoch: %d)", srvCliStr(c.state.isClient), newRemoteEpoch)
+		}
 
 		if c.state.getRemoteEpoch()+1 == newRemoteEpoch {
 			c.setRemoteEpoch(newRemoteEpoch)

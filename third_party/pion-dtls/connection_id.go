@@ -5,6 +5,7 @@ package dtls
 
 import (
 	"crypto/rand"
+	"encoding/binary"
 
 	"github.com/pion/dtls/v3/pkg/protocol"
 	"github.com/pion/dtls/v3/pkg/protocol/extension"
@@ -40,26 +41,45 @@ func OnlySendCIDGenerator() func() []byte {
 // NOTE: properly routing datagrams based on connection IDs requires using
 // constant size connection IDs.
 func cidDatagramRouter(size int) func([]byte) (string, bool) {
+	// Bastion patch: the records are walked in place, with the split of
+	// recordlayer.ContentAwareUnpackDatagram and the checks of
+	// recordlayer.Header.Unmarshal, instead of allocating the record list,
+	// a header and a CID buffer for every datagram the listener reads.
+	// Same answer: "" and false if the datagram does not split into
+	// records, else the CID of the first CID record with a valid version.
 	return func(packet []byte) (string, bool) {
-		pkts, err := recordlayer.ContentAwareUnpackDatagram(packet, size)
-		if err != nil || len(pkts) < 1 {
+		var cid []byte
+		found := false
+		for offset := 0; offset != len(packet); {
+			headerSize := recordlayer.FixedHeaderSize
+			lenIdx := recordlayer.FixedHeaderSize - 2
+			isCID := protocol.ContentType(packet[offset]) == protocol.ContentTypeConnectionID
+			if isCID {
+				headerSize += size
+				lenIdx += size
+			}
+			if len(packet)-offset <= headerSize {
+				return "", false
+			}
+			pktLen := headerSize + int(binary.BigEndian.Uint16(packet[offset+lenIdx:]))
+			if offset+pktLen > len(packet) {
+				return "", false
+			}
+			pkt := packet[offset : offset+pktLen]
+			offset += pktLen
+			if found || !isCID {
+				continue
+			}
+			version := protocol.Version{Major: pkt[1], Minor: pkt[2]}
+			if version.Equal(protocol.Version1_0) || version.Equal(protocol.Version1_2) {
+				cid, found = pkt[11:11+size], true
+			}
+		}
+		if !found {
 			return "", false
 		}
-		for _, pkt := range pkts {
-			h := &recordlayer.Header{
-				ConnectionID: make([]byte, size),
-			}
-			if err := h.Unmarshal(pkt); err != nil {
-				continue
-			}
-			if h.ContentType != protocol.ContentTypeConnectionID {
-				continue
-			}
 
-			return string(h.ConnectionID), true
-		}
-
-		return "", false
+		return string(cid), true
 	}
 }
 

@@ -174,9 +174,12 @@ func (h *handshakeCache) fullPullMap(
 
 // pullAndMerge calls pull and then merges the results, ignoring any null entries.
 func (h *handshakeCache) pullAndMerge(rules ...handshakeCachePullRule) []byte {
-	merged := []byte{}
+	items := h.pull(rules...)
+	// Bastion patch: sized once, not grown by doubling (it is the whole
+	// transcript, a few hundred bytes to kilobytes).
+	merged := make([]byte, 0, mergedLen(items))
 
-	for _, p := range h.pull(rules...) {
+	for _, p := range items {
 		if p != nil {
 			merged = append(merged, p.data...)
 		}
@@ -185,11 +188,23 @@ func (h *handshakeCache) pullAndMerge(rules ...handshakeCachePullRule) []byte {
 	return merged
 }
 
+func mergedLen(items []*handshakeCacheItem, additional ...[]byte) int {
+	n := 0
+	for _, p := range items {
+		if p != nil {
+			n += len(p.data)
+		}
+	}
+	for _, a := range additional {
+		n += len(a)
+	}
+
+	return n
+}
+
 // sessionHash returns the session hash for Extended Master Secret support
 // https://tools.ietf.org/html/draft-ietf-tls-session-hash-06#section-4
 func (h *handshakeCache) sessionHash(hf prf.HashFunc, epoch uint16, additional ...[]byte) ([]byte, error) {
-	merged := []byte{}
-
 	// Order defined by https://tools.ietf.org/html/rfc5246#section-7.3
 	handshakeBuffer := h.pull(
 		handshakeCachePullRule{handshake.TypeClientHello, epoch, true, false},
@@ -202,20 +217,21 @@ func (h *handshakeCache) sessionHash(hf prf.HashFunc, epoch uint16, additional .
 		handshakeCachePullRule{handshake.TypeClientKeyExchange, epoch, true, false},
 	)
 
+	// Bastion patch: hashed message by message, not merged into a copy of
+	// the transcript first (same bytes in the same order).
+	hash := hf()
 	for _, p := range handshakeBuffer {
 		if p == nil {
 			continue
 		}
-
-		merged = append(merged, p.data...)
+		if _, err := hash.Write(p.data); err != nil {
+			return []byte{}, err
+		}
 	}
 	for _, a := range additional {
-		merged = append(merged, a...)
-	}
-
-	hash := hf()
-	if _, err := hash.Write(merged); err != nil {
-		return []byte{}, err
+		if _, err := hash.Write(a); err != nil {
+			return []byte{}, err
+		}
 	}
 
 	return hash.Sum(nil), nil

@@ -128,6 +128,7 @@ type handshakeConfig struct {
 
 	onFlightState func(flightVal, handshakeState)
 	log           logging.LeveledLogger
+	traces        bool // log may write Tracef lines (Bastion patch, see logTraces)
 	keyLogWriter  io.Writer
 
 	localGetCertificate       func(*ClientHelloInfo) (*tls.Certificate, error)
@@ -201,7 +202,9 @@ func (s *handshakeFSM) Run(ctx context.Context, conn flightConn, initialState ha
 		close(s.closed)
 	}()
 	for {
-		s.cfg.log.Tracef("[handshake:%s] %s: %s", srvCliStr(s.state.isClient), s.currentFlight.String(), state.String())
+		if s.cfg.traces {
+			s.cfg.log.Tracef("[handshake:%s] %s: %s", srvCliStr(s.state.isClient), s.currentFlight.String(), state.String())
+		}
 		if s.cfg.onFlightState != nil {
 			s.cfg.onFlightState(s.currentFlight, state)
 		}
@@ -281,7 +284,9 @@ func (s *handshakeFSM) prepare(ctx context.Context, conn flightConn) (handshakeS
 		}
 	}
 	if epoch != nextEpoch {
-		s.cfg.log.Tracef("[handshake:%s] -> changeCipherSpec (epoch: %d)", srvCliStr(s.state.isClient), nextEpoch)
+		if s.cfg.traces {
+			s.cfg.log.Tracef("[handshake:%s] -> changeCipherSpec (epoch: %d)", srvCliStr(s.state.isClient), nextEpoch)
+		}
 		conn.setLocalEpoch(nextEpoch)
 	}
 
@@ -364,12 +369,14 @@ func (s *handshakeFSM) wait(ctx context.Context, conn flightConn) (handshakeStat
 			} else if !state.isRetransmit {
 				s.retransmitInterval = s.cfg.initialRetransmitInterval
 			}
-			s.cfg.log.Tracef(
-				"[handshake:%s] %s -> %s",
-				srvCliStr(s.state.isClient),
-				s.currentFlight.String(),
-				nextFlight.String(),
-			)
+			if s.cfg.traces {
+				s.cfg.log.Tracef(
+					"[handshake:%s] %s -> %s",
+					srvCliStr(s.state.isClient),
+					s.currentFlight.String(),
+					nextFlight.String(),
+				)
+			}
 			if nextFlight.isLastRecvFlight() && s.currentFlight == nextFlight {
 				return handshakeFinished, nil
 			}

@@ -14,6 +14,7 @@ package net
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"io"
 	"net"
@@ -147,7 +148,27 @@ func (b *PacketBuffer) WriteTo(pkt []byte, addr net.Addr) (int, error) {
 
 // ReadFrom reads a single packet from the buffer, or blocks until one is
 // available.
-func (b *PacketBuffer) ReadFrom(packet []byte) (n int, addr net.Addr, err error) { //nolint:cyclop
+func (b *PacketBuffer) ReadFrom(packet []byte) (n int, addr net.Addr, err error) {
+	return b.readFrom(nil, packet)
+}
+
+// ReadFromContext is ReadFrom that also returns ctx.Err() once ctx ends
+// (Bastion patch: a listener's connection waits on its context here
+// instead of through netctx's deadline watcher).
+func (b *PacketBuffer) ReadFromContext(ctx context.Context, packet []byte) (n int, addr net.Addr, err error) {
+	return b.readFrom(ctx, packet)
+}
+
+func (b *PacketBuffer) readFrom(ctx context.Context, packet []byte) (n int, addr net.Addr, err error) { //nolint:cyclop
+	var done <-chan struct{} // nil: ReadFrom, no context
+	if ctx != nil {
+		done = ctx.Done()
+		select {
+		case <-done:
+			return 0, nil, ctx.Err()
+		default:
+		}
+	}
 	select {
 	case <-b.readDeadline.Done():
 		return 0, nil, ErrTimeout
@@ -205,6 +226,8 @@ func (b *PacketBuffer) ReadFrom(packet []byte) (n int, addr net.Addr, err error)
 		select {
 		case <-b.readDeadline.Done():
 			return 0, nil, ErrTimeout
+		case <-done:
+			return 0, nil, ctx.Err()
 		case <-notify:
 		}
 	}

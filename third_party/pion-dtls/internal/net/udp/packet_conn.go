@@ -20,6 +20,7 @@ import (
 	"context"
 	"errors"
 	"net"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -215,15 +216,29 @@ func (l *listener) readLoop() {
 	defer close(l.readDoneCh)
 
 	buf := make([]byte, receiveMTU)
+	addrs := make(map[netip.AddrPort]remoteAddr)
 
 	for {
-		n, raddr, err := l.pConn.ReadFrom(buf)
+		// Bastion patch: the sender's address is read without an allocation
+		// and mapped to the *net.UDPAddr and the key string it had the
+		// last time, instead of a new address and a new key per datagram.
+		n, ap, err := l.pConn.ReadFromUDPAddrPort(buf)
 		if err != nil {
 			l.errRead.Store(err)
 
 			return
 		}
-		conn, ok, err := l.getConn(raddr, buf[:n])
+		ra, seen := addrs[ap]
+		if !seen {
+			if len(addrs) >= maxRemoteAddrs {
+				clear(addrs)
+			}
+			addr := net.UDPAddrFromAddrPort(ap)
+			ra = remoteAddr{addr: addr, key: addr.String()}
+			addrs[ap] = ra
+		}
+		raddr := ra.addr
+		conn, ok, err := l.getConnKey(raddr, ra.key, buf[:n])
 		if err != nil {
 			continue
 		}
@@ -233,8 +248,18 @@ func (l *listener) readLoop() {
 	}
 }
 
-// getConn gets an existing connection or creates a new one.
-func (l *listener) getConn(raddr net.Addr, buf []byte) (*PacketConn, bool, error) { //nolint:cyclop
+// remoteAddr is a sender's address as readLoop hands it on (Bastion patch).
+type remoteAddr struct {
+	addr *net.UDPAddr
+	key  string // addr.String(), the key of its connection in conns
+}
+
+// maxRemoteAddrs bounds readLoop's memory of senders' addresses.
+const maxRemoteAddrs = 1024
+
+// getConnKey gets an existing connection or creates a new one. key is
+// raddr.String() (Bastion patch: given, see readLoop).
+func (l *listener) getConnKey(raddr net.Addr, key string, buf []byte) (*PacketConn, bool, error) { //nolint:cyclop
 	l.connLock.Lock()
 	defer l.connLock.Unlock()
 	// If we have a custom resolver, use it.
@@ -248,7 +273,7 @@ func (l *listener) getConn(raddr net.Addr, buf []byte) (*PacketConn, bool, error
 
 	// If we don't have a custom resolver, or we were unable to find an
 	// associated connection, fall back to remote address.
-	conn, ok := l.conns[raddr.String()]
+	conn, ok := l.conns[key]
 	if !ok {
 		if isAccepting, ok := l.accepting.Load().(bool); !isAccepting || !ok {
 			return nil, false, ErrClosedListener
@@ -262,7 +287,7 @@ func (l *listener) getConn(raddr net.Addr, buf []byte) (*PacketConn, bool, error
 		l.connWG.Add(1)
 		select {
 		case l.acceptCh <- conn:
-			l.conns[raddr.String()] = conn
+			l.conns[key] = conn
 		default:
 			l.connWG.Done()
 
@@ -307,6 +332,11 @@ func (l *listener) newPacketConn(raddr net.Addr) *PacketConn {
 // the underlying buffer.
 func (c *PacketConn) ReadFrom(buff []byte) (int, net.Addr, error) {
 	return c.buffer.ReadFrom(buff)
+}
+
+// ReadFromContext is ReadFrom that also ends when ctx does (Bastion patch).
+func (c *PacketConn) ReadFromContext(ctx context.Context, buff []byte) (int, net.Addr, error) {
+	return c.buffer.ReadFromContext(ctx, buff)
 }
 
 // WriteTo writes len(payload) bytes from payload to the specified address.
@@ -355,6 +385,21 @@ func (c *PacketConn) WriteTo(payload []byte, addr net.Addr) (n int, err error) {
 	}
 
 	return c.listener.pConn.WriteTo(payload, addr)
+}
+
+// sameAddr reports whether a.String() == b.String(), without formatting
+// UDP addresses (Bastion patch: WriteTo asks it for every datagram of a
+// connection with a connection ID). For UDP addresses, equal strings are
+// equal ports, zones and IPs (an IPv4 address prints the same in its 4- and
+// 16-byte forms, and IP.Equal treats those as equal).
+func sameAddr(a, b net.Addr) bool {
+	ua, okA := a.(*net.UDPAddr)
+	ub, okB := b.(*net.UDPAddr)
+	if okA && okB && ua != nil && ub != nil {
+		return ua.Port == ub.Port && ua.Zone == ub.Zone && ua.IP.Equal(ub.IP)
+	}
+
+	return a.String() == b.String()
 }
 
 // Close closes the conn and releases any Read calls.
@@ -419,16 +464,4 @@ func (c *PacketConn) SetWriteDeadline(t time.Time) error {
 	// Write deadline of underlying connection should not be changed
 	// since the connection can be shared.
 	return nil
-}
-
-// sameAddr is a.String() == b.String() without formatting two strings
-// for every datagram written (Bastion patch, third_party/README.md).
-func sameAddr(a, b net.Addr) bool {
-	ua, ok1 := a.(*net.UDPAddr)
-	ub, ok2 := b.(*net.UDPAddr)
-	if ok1 && ok2 {
-		return ua.Port == ub.Port && ua.Zone == ub.Zone && ua.IP.Equal(ub.IP)
-	}
-
-	return a.String() == b.String()
 }

@@ -121,8 +121,17 @@ func (c *ccm) cbcData(mac, data []byte) {
 
 var errPlaintextTooLong = errors.New("ccm: plaintext too large")
 
-func (c *ccm) tag(nonce, plaintext, adata []byte) ([]byte, error) {
-	var mac [ccmBlockSize]byte
+// ccmScratch holds the 16-byte blocks of one Seal or Open (Bastion patch).
+// They reach the cipher.Block interface, so they live on the heap: one
+// allocation per call instead of one per block, plus none for a
+// cipher.Stream (see xorCTR).
+type ccmScratch struct {
+	mac, iv, s0, ks [ccmBlockSize]byte
+}
+
+func (c *ccm) tag(scratch *ccmScratch, nonce, plaintext, adata []byte) ([]byte, error) {
+	mac := &scratch.mac
+	*mac = [ccmBlockSize]byte{}
 
 	if len(adata) > 0 {
 		mac[0] |= 1 << 6
@@ -196,13 +205,14 @@ func sliceForAppend(in []byte, n int) (head, tail []byte) {
 //
 // The plaintext and dst may alias exactly or not at all.
 func (c *ccm) Seal(dst, nonce, plaintext, adata []byte) []byte {
-	tag, err := c.tag(nonce, plaintext, adata)
+	scratch := new(ccmScratch)
+	tag, err := c.tag(scratch, nonce, plaintext, adata)
 	if err != nil {
 		// The cipher.AEAD interface doesn't allow for an error return.
 		panic(err) // nolint
 	}
 
-	var iv, s0 [ccmBlockSize]byte
+	iv, s0 := &scratch.iv, &scratch.s0
 	iv[0] = c.L - 1
 	copy(iv[1:ccmBlockSize-c.L], nonce)
 	c.b.Encrypt(s0[:], iv[:])
@@ -210,12 +220,40 @@ func (c *ccm) Seal(dst, nonce, plaintext, adata []byte) []byte {
 		tag[i] ^= s0[i]
 	}
 	iv[len(iv)-1] |= 1
-	stream := cipher.NewCTR(c.b, iv[:])
 	ret, out := sliceForAppend(dst, len(plaintext)+int(c.M))
-	stream.XORKeyStream(out, plaintext)
+	c.xorCTR(scratch, out, plaintext)
 	copy(out[len(plaintext):], tag)
 
 	return ret
+}
+
+// ctrInlineMax: up to this many bytes, xorCTR runs the counter itself;
+// longer inputs go through crypto/cipher's CTR, whose batched AES is
+// faster once there are enough blocks to pay for its allocation.
+const ctrInlineMax = 256
+
+// xorCTR XORs src into dst with the CTR keystream starting at scratch.iv,
+// as cipher.NewCTR(c.b, iv).XORKeyStream(dst, src) (Bastion patch: without
+// allocating a cipher.Stream for each record; DTLS records on a CoAP link
+// are mostly small). It changes scratch.iv and scratch.ks.
+func (c *ccm) xorCTR(scratch *ccmScratch, dst, src []byte) {
+	if len(src) > ctrInlineMax {
+		cipher.NewCTR(c.b, scratch.iv[:]).XORKeyStream(dst, src)
+
+		return
+	}
+	ctr, ks := &scratch.iv, &scratch.ks
+	for len(src) > 0 {
+		c.b.Encrypt(ks[:], ctr[:])
+		n := subtle.XORBytes(dst, src, ks[:])
+		dst, src = dst[n:], src[n:]
+		for i := ccmBlockSize - 1; i >= 0; i-- {
+			ctr[i]++
+			if ctr[i] != 0 {
+				break
+			}
+		}
+	}
 }
 
 var (
@@ -232,11 +270,12 @@ func (c *ccm) Open(dst, nonce, ciphertext, adata []byte) ([]byte, error) {
 		return nil, errCiphertextTooLong
 	}
 
-	tag := make([]byte, int(c.M))
-	copy(tag, ciphertext[len(ciphertext)-int(c.M):])
+	var tag [ccmBlockSize]byte
+	copy(tag[:c.M], ciphertext[len(ciphertext)-int(c.M):])
 	ciphertextWithoutTag := ciphertext[:len(ciphertext)-int(c.M)]
 
-	var iv, s0 [ccmBlockSize]byte
+	scratch := new(ccmScratch)
+	iv, s0 := &scratch.iv, &scratch.s0
 	iv[0] = c.L - 1
 	copy(iv[1:ccmBlockSize-c.L], nonce)
 	c.b.Encrypt(s0[:], iv[:])
@@ -244,20 +283,24 @@ func (c *ccm) Open(dst, nonce, ciphertext, adata []byte) ([]byte, error) {
 		tag[i] ^= s0[i]
 	}
 	iv[len(iv)-1] |= 1
-	stream := cipher.NewCTR(c.b, iv[:])
 
-	// Cannot decrypt directly to dst since we're not supposed to
-	// reveal the plaintext to the caller if authentication fails.
-	plaintext := make([]byte, len(ciphertextWithoutTag))
-	stream.XORKeyStream(plaintext, ciphertextWithoutTag)
-	expectedTag, err := c.tag(nonce, plaintext, adata)
+	// Bastion patch: decrypted straight into dst (which may be the
+	// ciphertext itself), and wiped if authentication fails, as
+	// crypto/cipher's GCM does, instead of into a new buffer first.
+	ret, plaintext := sliceForAppend(dst, len(ciphertextWithoutTag))
+	c.xorCTR(scratch, plaintext, ciphertextWithoutTag)
+	expectedTag, err := c.tag(scratch, nonce, plaintext, adata)
 	if err != nil {
+		clear(plaintext)
+
 		return nil, err
 	}
 
-	if subtle.ConstantTimeCompare(tag, expectedTag) != 1 {
+	if subtle.ConstantTimeCompare(tag[:c.M], expectedTag) != 1 {
+		clear(plaintext)
+
 		return nil, errOpen
 	}
 
-	return append(dst, plaintext...), nil
+	return ret, nil
 }

@@ -11,7 +11,6 @@ import (
 	"errors"
 	"fmt"
 	"hash"
-	"math"
 
 	"github.com/pion/dtls/v3/pkg/crypto/elliptic"
 	"github.com/pion/dtls/v3/pkg/protocol"
@@ -157,30 +156,38 @@ func PreMasterSecret(publicKey, privateKey []byte, curve elliptic.Curve) ([]byte
 //
 // https://tools.ietf.org/html/rfc4346w
 func PHash(secret, seed []byte, requestedLength int, hashFunc HashFunc) ([]byte, error) {
-	hmacSHA256 := func(key, data []byte) ([]byte, error) {
-		mac := hmac.New(hashFunc, key)
-		if _, err := mac.Write(data); err != nil {
-			return nil, err
-		}
-
-		return mac.Sum(nil), nil
+	// Bastion patch: one keyed HMAC, Reset between uses, and the output
+	// allocated once, instead of two hmac.New (two hash states and the key
+	// schedule each) and a growing append per round. Same bytes out:
+	// A(i) = HMAC(secret, A(i-1)) with A(0) = seed, and the output is
+	// HMAC(secret, A(1) + seed) + HMAC(secret, A(2) + seed) + ...
+	mac := hmac.New(hashFunc, secret)
+	size := mac.Size()
+	iterations := (requestedLength + size - 1) / size
+	out := make([]byte, 0, iterations*size)
+	if iterations == 0 {
+		return out, nil
 	}
-
-	var err error
-	lastRound := seed
-	out := []byte{}
-
-	iterations := int(math.Ceil(float64(requestedLength) / float64(hashFunc().Size())))
-	for range iterations {
-		lastRound, err = hmacSHA256(secret, lastRound)
-		if err != nil {
+	if _, err := mac.Write(seed); err != nil {
+		return nil, err
+	}
+	lastRound := mac.Sum(make([]byte, 0, size))
+	for i := range iterations {
+		mac.Reset()
+		if _, err := mac.Write(lastRound); err != nil {
 			return nil, err
 		}
-		withSecret, err := hmacSHA256(secret, append(lastRound, seed...))
-		if err != nil {
+		if _, err := mac.Write(seed); err != nil {
 			return nil, err
 		}
-		out = append(out, withSecret...)
+		out = mac.Sum(out)
+		if i+1 < iterations {
+			mac.Reset()
+			if _, err := mac.Write(lastRound); err != nil {
+				return nil, err
+			}
+			lastRound = mac.Sum(lastRound[:0])
+		}
 	}
 
 	return out[:requestedLength], nil

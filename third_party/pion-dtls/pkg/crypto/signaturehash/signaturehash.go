@@ -170,6 +170,14 @@ func FromCertificate(cert *x509.Certificate) (Algorithm, error) { //nolint:cyclo
 	return Algorithm{Hash: hashAlg, Signature: sigAlg}, nil
 }
 
+// knownSignatures and knownHashes are built once (Bastion patch): Unmarshal
+// runs for every scheme a ClientHello offers, each time it is parsed, and
+// signature.Algorithms and hash.Algorithms build a new map per call.
+var (
+	knownSignatures = signature.Algorithms() //nolint:gochecknoglobals
+	knownHashes     = hash.Algorithms()      //nolint:gochecknoglobals
+)
+
 // Unmarshal translates a tls.SignatureScheme to a Algorithm.
 // This function handles both TLS 1.2 byte-split encoding and
 // TLS 1.3 PSS full uint16 schemes.
@@ -188,12 +196,12 @@ func (a *Algorithm) Unmarshal(sigScheme tls.SignatureScheme) error {
 	}
 
 	// Validate signature algorithm
-	if _, ok := signature.Algorithms()[a.Signature]; !ok {
+	if _, ok := knownSignatures[a.Signature]; !ok {
 		return errInvalidSignatureAlgorithm
 	}
 
 	// Validate hash algorithm
-	if _, ok := hash.Algorithms()[a.Hash]; !ok || (ok && a.Hash == hash.None) {
+	if _, ok := knownHashes[a.Hash]; !ok || (ok && a.Hash == hash.None) {
 		return errInvalidHashAlgorithm
 	}
 

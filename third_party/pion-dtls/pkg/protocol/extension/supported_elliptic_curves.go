@@ -65,9 +65,10 @@ func (s *SupportedEllipticCurves) Unmarshal(data []byte) error {
 		return errLengthMismatch
 	}
 
+	known := elliptic.Curves() // Bastion patch: once per Unmarshal, not per group
 	for i := range groupCount {
 		supportedGroupID := elliptic.Curve(binary.BigEndian.Uint16(data[(supportedGroupsHeaderSize + (i * 2)):]))
-		if _, ok := elliptic.Curves()[supportedGroupID]; ok {
+		if _, ok := known[supportedGroupID]; ok {
 			s.EllipticCurves = append(s.EllipticCurves, supportedGroupID)
 		}
 	}

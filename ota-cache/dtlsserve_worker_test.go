@@ -1,0 +1,103 @@
+package otacache
+
+import (
+	"context"
+	"io"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/plgd-dev/go-coap/v3/message/pool"
+)
+
+// pipeListener hands out the server ends of in-memory connections (no
+// DTLS: serveConn skips the handshake for a conn without one).
+type pipeListener struct {
+	conns  chan net.Conn
+	closed chan struct{}
+}
+
+func (l *pipeListener) AcceptWithContext(ctx context.Context) (net.Conn, error) {
+	select {
+	case c := <-l.conns:
+		return c, nil
+	case <-l.closed:
+		return nil, net.ErrClosed
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+func (l *pipeListener) Close() error {
+	select {
+	case <-l.closed:
+	default:
+		close(l.closed)
+	}
+	return nil
+}
+
+// pipeSession is the server end of an in-memory connection with pion's
+// SetReadHandler: a goroutine reads and hands over what it read.
+type pipeSession struct{ net.Conn }
+
+func (p pipeSession) SetReadHandler(h func([]byte, error)) error {
+	go func() {
+		b := make([]byte, 1500)
+		for {
+			n, err := p.Read(b)
+			if err != nil {
+				h(nil, io.EOF)
+				return
+			}
+			h(append([]byte(nil), b[:n]...), nil)
+		}
+	}()
+	return nil
+}
+
+// Sessions one after another are served by the goroutine the first one
+// started, not by a new goroutine each (whose stack would grow again).
+func TestServeDTLSReusesSessionGoroutines(t *testing.T) {
+	opened, ended := make(chan struct{}, 1), make(chan struct{}, 1)
+	cfg := &DTLSServeConfig{
+		Handler:     func(*DTLSResponseWriter, *pool.Message) {},
+		IdleTimeout: time.Minute, ReadBufferSize: 1472, ResponseCacheEntries: 1,
+		Errors: func(error) {},
+		OnNewConn: func(c *DTLSConn) {
+			c.AddOnClose(func() { ended <- struct{}{} })
+			opened <- struct{}{}
+		},
+	}
+	srv := newDTLSServer(cfg)
+	l := &pipeListener{conns: make(chan net.Conn), closed: make(chan struct{})}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- srv.serve(ctx, l) }()
+	const sessions = 10
+	wait := func(c chan struct{}, what string) {
+		t.Helper()
+		select {
+		case <-c:
+		case <-time.After(10 * time.Second):
+			t.Fatalf("no session %s within 10 s", what)
+		}
+	}
+	for range sessions {
+		client, server := net.Pipe()
+		l.conns <- pipeSession{server}
+		wait(opened, "opened")
+		client.Close()
+		wait(ended, "ended")
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	// The worker is back waiting a few instructions after its session's
+	// close functions ran, long before the next connection arrives; one
+	// more start is tolerated for a scheduler that is slow in between.
+	if n := srv.started.Load(); n > 2 {
+		t.Errorf("goroutines started for %d sessions one after another: %d, want 1 (at most 2)", sessions, n)
+	}
+}
