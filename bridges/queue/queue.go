@@ -57,6 +57,13 @@ type Options struct {
 	// Sync makes a written batch durable; default (*os.File).Sync. Tests
 	// set it to hold or fail the group commit's fsync.
 	Sync func(f *os.File) error
+	// SyncsInFlight is how many group commits may be in fsync at once
+	// (pipelined group commit): the next batch is written and its fsync
+	// started while the previous one's still runs, because a disk
+	// completes overlapping cache flushes faster than the same flushes one
+	// after another. Batches still complete in order. Default 2; 1 is the
+	// plain group commit.
+	SyncsInFlight int
 }
 
 func (o *Options) defaults() {
@@ -80,6 +87,9 @@ func (o *Options) defaults() {
 	}
 	if o.Sync == nil {
 		o.Sync = (*os.File).Sync
+	}
+	if o.SyncsInFlight == 0 {
+		o.SyncsInFlight = 2
 	}
 }
 
@@ -159,6 +169,14 @@ type Queue struct {
 	ackArmed bool          // that timer is running
 	stop     chan struct{}
 	stopped  chan struct{}
+
+	// The writer's group commits whose fsync runs (pipelined): a slot in
+	// syncSlots per commit in fsync, lastDone closed once the newest
+	// commit has completed (its Accepts told), syncs counts their
+	// goroutines. Only the writer goroutine starts commits.
+	syncSlots chan struct{}
+	lastDone  chan struct{}
+	syncs     sync.WaitGroup
 }
 
 var _ bridges.AsyncSink = (*Queue)(nil)
@@ -167,7 +185,7 @@ var _ bridges.AsyncSink = (*Queue)(nil)
 // whose Accept returned, cuts any torn tail, and starts the writer. Metrics
 // are registered on reg (nil: not exported).
 func Open(dir string, opts Options, log *slog.Logger, reg prometheus.Registerer) (*Queue, error) {
-	if opts.MaxBytes < 0 || opts.MaxAge < 0 || opts.SegmentBytes < 0 || opts.MaxMessageBytes < 0 || opts.AckFlushInterval < 0 {
+	if opts.MaxBytes < 0 || opts.MaxAge < 0 || opts.SegmentBytes < 0 || opts.MaxMessageBytes < 0 || opts.AckFlushInterval < 0 || opts.SyncsInFlight < 0 {
 		return nil, fmt.Errorf("open queue %s: negative option in %+v", dir, opts)
 	}
 	opts.defaults()
@@ -184,7 +202,9 @@ func Open(dir string, opts Options, log *slog.Logger, reg prometheus.Registerer)
 		dir: dir, opts: opts, log: log.With("component", "queue"),
 		notify: make(chan struct{}), wake: make(chan struct{}, 1), ackDue: make(chan struct{}, 1),
 		stop: make(chan struct{}), stopped: make(chan struct{}),
+		syncSlots: make(chan struct{}, opts.SyncsInFlight), lastDone: make(chan struct{}),
 	}
+	close(q.lastDone)
 	q.m = newMetrics(q)
 	if err := q.recover(); err != nil {
 		q.closeFiles()
@@ -454,11 +474,13 @@ func (q *Queue) oldestLocked() time.Time {
 }
 
 // writer is the single goroutine that writes: message batches (one write
-// and one fsync for everything that arrived meanwhile), and delivered-marks
-// piggybacked on those or flushed (without fsync) when the timer Ack armed
-// fires. When idle it writes nothing.
+// for everything that arrived meanwhile, then its fsync, with up to
+// SyncsInFlight fsyncs overlapping), and delivered-marks piggybacked on
+// those or flushed (without fsync) when the timer Ack armed fires. When
+// idle it writes nothing. It waits for its commits before it ends.
 func (q *Queue) writer() {
 	defer close(q.stopped)
+	defer q.syncs.Wait()
 	for {
 		fired := false
 		select {
@@ -484,25 +506,36 @@ func (q *Queue) writer() {
 	}
 }
 
-// flush writes pending acks and the message batch to the active segment.
-// With sync it fsyncs and then completes the batch's Accepts.
+// flush writes pending delivered-marks to the active segment; with sync,
+// the message batch with them, and then starts the batch's commit: its
+// fsync runs on a goroutine of its own, and its Accepts are told after it
+// returned and after every earlier commit completed. flush first waits for
+// a free commit slot, so that while SyncsInFlight fsyncs run, new messages
+// gather in the next batch. Without sync the batch stays for the next
+// flush(true): a batch is never told durable without its fsync.
 func (q *Queue) flush(sync bool) {
+	if sync {
+		q.syncSlots <- struct{}{}
+	}
+	started := false
+	defer func() {
+		if sync && !started {
+			<-q.syncSlots
+		}
+	}()
 	q.mu.Lock()
-	batch, batchBuf := q.batch, q.batchBuf
-	q.batch, q.batchBuf = q.spareBatch[:0], q.spareBuf[:0]
-	q.spareBatch, q.spareBuf = nil, nil
-	q.batchB, q.writingB = 0, q.batchB
-	defer q.recycle(batch, batchBuf)
+	var batch []pending
+	var batchBuf []byte
+	if sync {
+		batch, batchBuf = q.batch, q.batchBuf
+		q.batch, q.batchBuf = q.spareBatch[:0], q.spareBuf[:0]
+		q.spareBatch, q.spareBuf = nil, nil
+		q.batchB, q.writingB = 0, q.batchB
+	}
 	acks := q.acks
 	q.acks = nil
 	if q.failed != nil {
-		q.writingB = 0
-		q.mu.Unlock()
-		for _, p := range batch {
-			if p.done != nil {
-				p.done <- fmt.Errorf("queue: disk error earlier: %w", q.failed)
-			}
-		}
+		q.failBatchLocked(batch, batchBuf)
 		return
 	}
 	buf := q.wbuf[:0]
@@ -518,11 +551,24 @@ func (q *Queue) flush(sync bool) {
 	if len(buf) == 0 {
 		q.writingB = 0
 		q.mu.Unlock()
+		q.recycle(batch, batchBuf)
 		return
 	}
 	var err error
-	fsyncFailed := false
 	if q.segs[len(q.segs)-1].size+int64(len(buf)) > q.opts.SegmentBytes && len(batch) > 0 {
+		if len(q.syncSlots) > 1 {
+			// Commits of the active segment are still in fsync: they
+			// finish before it stops being the last segment, the only
+			// one reclaim never closes.
+			q.mu.Unlock()
+			q.waitSyncs()
+			q.mu.Lock()
+			if q.failed != nil {
+				q.acks = append(q.acks, acks...)
+				q.failBatchLocked(batch, batchBuf)
+				return
+			}
+		}
 		// Rotation gets the marks into the old segment first; they are
 		// harmless if lost.
 		err = q.newSegment(batch[0].seq)
@@ -560,53 +606,97 @@ func (q *Queue) flush(sync bool) {
 			q.notify = make(chan struct{})
 		}
 		q.mu.Unlock()
+		q.recycle(nil, batchBuf)
 		if sync {
-			t0 := time.Now()
-			err = q.opts.Sync(seg.f)
-			q.m.fsyncSec.Add(time.Since(t0).Seconds())
-			if err != nil {
-				err = fmt.Errorf("queue: fsync %s: %w", seg.path, err)
-				fsyncFailed = true
-			}
-			q.m.fsyncs.Inc()
-		}
-	}
-
-	if err != nil {
-		q.mu.Lock()
-		if !fsyncFailed {
-			q.writingB = 0 // nothing of the batch was indexed
-		}
-		if fsyncFailed {
-			// After a failed fsync the page cache state is unknown; stop
-			// accepting rather than pretend (the messages may reappear on
-			// restart, or be sent already, which only duplicates).
-			q.failed = err
-			q.log.Error("queue fsync failed; refusing new messages until reopened", "err", err)
-		} else {
-			// A failed write (disk full) leaves seg.size where it was: the
-			// next batch overwrites the partial bytes. The refused messages'
-			// marks go back to the pending list.
-			q.acks = append(q.acks, acks...)
-			q.log.Error("queue write failed; refusing this batch", "err", err)
-		}
-		q.mu.Unlock()
-		if errors.Is(err, syscall.ENOSPC) {
-			err = fmt.Errorf("%w: %w", bridges.ErrQueueFull, err)
-			q.m.refused.WithLabelValues("disk_full").Add(float64(len(batch)))
-		}
-		for _, p := range batch {
-			if p.done != nil {
-				p.done <- err
-			}
+			prev, done := q.lastDone, make(chan struct{})
+			q.lastDone = done
+			started = true
+			q.syncs.Add(1)
+			go q.commit(seg, batch, prev, done)
 		}
 		return
 	}
+
+	// A failed write (disk full) leaves seg.size where it was: the next
+	// batch overwrites the partial bytes. The refused messages' marks go
+	// back to the pending list.
+	q.mu.Lock()
+	q.writingB = 0 // nothing of the batch was indexed
+	q.acks = append(q.acks, acks...)
+	q.log.Error("queue write failed; refusing this batch", "err", err)
+	q.mu.Unlock()
+	if errors.Is(err, syscall.ENOSPC) {
+		err = fmt.Errorf("%w: %w", bridges.ErrQueueFull, err)
+		q.m.refused.WithLabelValues("disk_full").Add(float64(len(batch)))
+	}
 	for _, p := range batch {
 		if p.done != nil {
-			p.done <- nil
+			p.done <- err
 		}
 	}
+	q.recycle(batch, batchBuf)
+}
+
+// failBatchLocked refuses batch after an earlier fsync failure and unlocks
+// q.mu.
+func (q *Queue) failBatchLocked(batch []pending, batchBuf []byte) {
+	q.writingB = 0
+	err := fmt.Errorf("queue: disk error earlier: %w", q.failed)
+	q.mu.Unlock()
+	for _, p := range batch {
+		if p.done != nil {
+			p.done <- err
+		}
+	}
+	q.recycle(batch, batchBuf)
+}
+
+// waitSyncs returns once no commit but the caller's slot is in fsync.
+// Only the writer starts commits, so none starts meanwhile.
+func (q *Queue) waitSyncs() {
+	n := cap(q.syncSlots) - 1
+	for range n {
+		q.syncSlots <- struct{}{}
+	}
+	for range n {
+		<-q.syncSlots
+	}
+}
+
+// commit makes batch, written to seg, durable: fsync, then (after the
+// commit before it, prev, has completed) tells its Accepts, in order. An
+// fsync that follows a failed one does not count: after a failed fsync
+// what the page cache holds of the file is unknown, so every later batch
+// is refused too and the queue refuses new messages until reopened (the
+// messages may reappear on restart, or be sent already: duplicates, never
+// an acknowledged loss). It frees its commit slot last.
+func (q *Queue) commit(seg *segment, batch []pending, prev <-chan struct{}, done chan struct{}) {
+	defer q.syncs.Done()
+	t0 := time.Now()
+	err := q.opts.Sync(seg.f)
+	q.m.fsyncSec.Add(time.Since(t0).Seconds())
+	q.m.fsyncs.Inc()
+	<-prev
+	q.mu.Lock()
+	switch {
+	case err != nil:
+		err = fmt.Errorf("queue: fsync %s: %w", seg.path, err)
+		if q.failed == nil {
+			q.failed = err
+			q.log.Error("queue fsync failed; refusing new messages until reopened", "err", err)
+		}
+	case q.failed != nil:
+		err = fmt.Errorf("queue: disk error earlier: %w", q.failed)
+	}
+	q.mu.Unlock()
+	for _, p := range batch {
+		if p.done != nil {
+			p.done <- err
+		}
+	}
+	q.recycle(batch, nil)
+	close(done)
+	<-q.syncSlots
 }
 
 // maxKeptBuf bounds the buffers the writer keeps for the next batch: a
@@ -614,13 +704,14 @@ func (q *Queue) flush(sync bool) {
 const maxKeptBuf = 1 << 20
 
 // recycle hands a written batch's slices back for the next one.
+// Either may be nil (not handed back).
 func (q *Queue) recycle(batch []pending, buf []byte) {
 	clear(batch) // drop the channels
 	q.mu.Lock()
-	if cap(batch) <= maxKeptBuf/64 {
+	if batch != nil && cap(batch) <= maxKeptBuf/64 {
 		q.spareBatch = batch[:0]
 	}
-	if cap(buf) <= maxKeptBuf {
+	if buf != nil && cap(buf) <= maxKeptBuf {
 		q.spareBuf = buf[:0]
 	}
 	q.mu.Unlock()

@@ -1,0 +1,263 @@
+package queue
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/bastion-iot/bastion/bridges"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// heldSync is one fsync the test holds until it sends on release: nil
+// runs the real fsync, an error fails it.
+type heldSync struct {
+	f       *os.File
+	release chan error // capacity 1
+}
+
+// gatedSyncs holds every fsync of the queue until the test releases it;
+// once the test ends (cleanup, before the queue's Close) every fsync runs
+// unheld, so a failing test does not hang in Close.
+type gatedSyncs struct {
+	started chan *heldSync
+	done    chan struct{}
+}
+
+func newGatedSyncs() *gatedSyncs {
+	return &gatedSyncs{started: make(chan *heldSync, 16), done: make(chan struct{})}
+}
+
+// openGated opens a queue whose fsyncs g holds.
+func openGated(t *testing.T, dir string, o Options) (*Queue, *prometheus.Registry, *gatedSyncs) {
+	g := newGatedSyncs()
+	o.Sync = g.sync
+	q, reg := open(t, dir, o)
+	t.Cleanup(func() { close(g.done) })
+	return q, reg, g
+}
+
+func (g *gatedSyncs) sync(f *os.File) error {
+	h := &heldSync{f: f, release: make(chan error, 1)}
+	select {
+	case g.started <- h:
+	case <-g.done:
+		return f.Sync()
+	}
+	select {
+	case err := <-h.release:
+		if err != nil {
+			return err
+		}
+	case <-g.done:
+	}
+	return f.Sync()
+}
+
+// next waits (bounded) for the next fsync to start.
+func (g *gatedSyncs) next(t *testing.T, what string) *heldSync {
+	t.Helper()
+	select {
+	case h := <-g.started:
+		return h
+	case <-time.After(10 * time.Second):
+		t.Fatalf("no fsync started within 10s for %s", what)
+		return nil
+	}
+}
+
+// none checks that no fsync starts within d (a negative: bounded wait).
+func (g *gatedSyncs) none(t *testing.T, d time.Duration, why string) {
+	t.Helper()
+	select {
+	case <-g.started:
+		t.Fatalf("an fsync started: %s", why)
+	case <-time.After(d):
+	}
+}
+
+// quiet checks that nothing is reported on ch within d.
+func quiet(t *testing.T, ch <-chan error, d time.Duration, why string) {
+	t.Helper()
+	select {
+	case err := <-ch:
+		t.Fatalf("reported (err %v): %s", err, why)
+	case <-time.After(d):
+	}
+}
+
+func admit(t *testing.T, q *Queue, m bridges.Message) <-chan error {
+	t.Helper()
+	ch, err := q.AcceptAsync(context.Background(), m)
+	if err != nil || ch == nil {
+		t.Fatalf("AcceptAsync: channel %v, err %v", ch, err)
+	}
+	return ch
+}
+
+func result(t *testing.T, ch <-chan error) error {
+	t.Helper()
+	select {
+	case err := <-ch:
+		return err
+	case <-time.After(10 * time.Second):
+		t.Fatal("no durability report within 10s")
+		return nil
+	}
+}
+
+// TestPipelinedCommit: the next batch is written and its fsync started
+// while the previous fsync still runs (two at once by default, never a
+// third), and batches are reported durable in order: a later batch whose
+// fsync returned first waits for the earlier one.
+func TestPipelinedCommit(t *testing.T) {
+	q, reg, g := openGated(t, t.TempDir(), Options{})
+	fs0 := metricValue(t, reg, "bastion_queue_fsyncs_total")
+	a := admit(t, q, msg("d", 0))
+	ha := g.next(t, "the first batch")
+	b := admit(t, q, msg("d", 1))
+	hb := g.next(t, "the second batch while the first is in fsync (pipelined group commit)")
+	c := admit(t, q, msg("d", 2))
+	g.none(t, 100*time.Millisecond, "a third commit while two are in fsync")
+
+	hb.release <- nil
+	quiet(t, b, 100*time.Millisecond, "the second batch before the first one's fsync returned")
+	ha.release <- nil
+	if err := result(t, a); err != nil {
+		t.Fatalf("first: %v", err)
+	}
+	if err := result(t, b); err != nil {
+		t.Fatalf("second: %v", err)
+	}
+	hc := g.next(t, "the third batch once a commit completed")
+	quiet(t, c, 50*time.Millisecond, "the third batch while its fsync is held")
+	hc.release <- nil
+	if err := result(t, c); err != nil {
+		t.Fatalf("third: %v", err)
+	}
+	if fs := metricValue(t, reg, "bastion_queue_fsyncs_total") - fs0; fs != 3 {
+		t.Errorf("fsyncs = %v, want 3", fs)
+	}
+	got := normalize(drain(t, q))
+	if len(got) != 3 || got[0].Payload[5] != '0' || got[2].Payload[5] != '2' {
+		t.Errorf("held = %q, want messages 0, 1, 2 in order", got)
+	}
+}
+
+// TestSyncsInFlightOne: with SyncsInFlight 1 the next fsync starts only
+// after the previous returned (the plain group commit).
+func TestSyncsInFlightOne(t *testing.T) {
+	q, _, g := openGated(t, t.TempDir(), Options{SyncsInFlight: 1})
+	a := admit(t, q, msg("d", 0))
+	ha := g.next(t, "the first batch")
+	b := admit(t, q, msg("d", 1))
+	g.none(t, 100*time.Millisecond, "a second commit with SyncsInFlight 1")
+	ha.release <- nil
+	g.next(t, "the second batch").release <- nil
+	for _, ch := range []<-chan error{a, b} {
+		if err := result(t, ch); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// TestFailedFsyncFailsLaterCommits: when an fsync fails, a later batch
+// whose own fsync succeeded meanwhile is refused too (after a failed fsync
+// the page cache's state of the file is unknown), and the queue admits
+// nothing more.
+func TestFailedFsyncFailsLaterCommits(t *testing.T) {
+	q, _, g := openGated(t, t.TempDir(), Options{})
+	a := admit(t, q, msg("d", 0))
+	ha := g.next(t, "the first batch")
+	b := admit(t, q, msg("d", 1))
+	hb := g.next(t, "the second batch")
+	hb.release <- nil
+	ha.release <- errors.New("EIO from the test")
+	if err := result(t, a); err == nil {
+		t.Fatal("first batch reported durable after its fsync failed")
+	}
+	if err := result(t, b); err == nil {
+		t.Fatal("second batch reported durable after an earlier fsync failed")
+	}
+	if _, err := q.AcceptAsync(context.Background(), msg("d", 2)); err == nil {
+		t.Fatal("queue admitted a message after a failed fsync")
+	}
+}
+
+// TestFlushWithoutSyncLeavesBatch: the writer's flush of delivered-marks
+// (no fsync, when the marks' timer fires) must not take a batch that
+// arrived meanwhile: that batch would be told durable without an fsync.
+func TestFlushWithoutSyncLeavesBatch(t *testing.T) {
+	q, _, g := openGated(t, t.TempDir(), Options{SyncsInFlight: 1})
+	a := admit(t, q, msg("d", 0))
+	ha := g.next(t, "the first batch")
+	// The writer now waits for the one commit slot to write b.
+	b := admit(t, q, msg("d", 1))
+	q.flush(false) // as the marks' timer would, racing with b's admission
+	quiet(t, b, 100*time.Millisecond, "a batch written by a flush without fsync")
+	ha.release <- nil
+	if err := result(t, a); err != nil {
+		t.Fatal(err)
+	}
+	hb := g.next(t, "the second batch")
+	quiet(t, b, 50*time.Millisecond, "the second batch while its fsync is held")
+	hb.release <- nil
+	if err := result(t, b); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestRotationWaitsForSyncs: a batch that starts a new segment waits until
+// the commits of the old one are out of fsync. Otherwise a fully delivered
+// old segment (the link may send and get the PUBACK before the fsync
+// returns) could be closed and removed under its own fsync, which then
+// fails and stops the queue.
+func TestRotationWaitsForSyncs(t *testing.T) {
+	dir := t.TempDir()
+	q, _, g := openGated(t, dir, Options{SegmentBytes: 4 << 10, MaxBytes: 1 << 20})
+	ctx := context.Background()
+	a := admit(t, q, msg("d", 0))
+	ha := g.next(t, "the first batch")
+	es, err := q.Next(ctx, 0, 10)
+	if err != nil || len(es) != 1 {
+		t.Fatalf("Next: %v, %v", es, err)
+	}
+	if err := q.Ack(es[0].Seq); err != nil { // delivered before its fsync returned
+		t.Fatal(err)
+	}
+	big := msg("d", 1)
+	big.Payload = make([]byte, 5<<10) // does not fit the first segment
+	b := admit(t, q, big)
+	select {
+	case hb := <-g.started:
+		// Rotated with the old segment's fsync still running: a delivered
+		// mark for b now reclaims the old segment under that fsync.
+		es, err := q.Next(ctx, es[0].Seq, 10)
+		if err == nil && len(es) == 1 {
+			q.Ack(es[0].Seq)
+		}
+		ha.release <- nil
+		hb.release <- nil
+		t.Fatalf("the batch starting segment %s was written while the previous segment's fsync ran (first batch: %v)", filepath.Base(hb.f.Name()), result(t, a))
+	case <-time.After(100 * time.Millisecond):
+	}
+	segs, _ := filepath.Glob(filepath.Join(dir, "*.seg"))
+	if len(segs) != 1 {
+		t.Fatalf("segments while the first fsync is held: %v, want 1", segs)
+	}
+	ha.release <- nil
+	if err := result(t, a); err != nil {
+		t.Fatalf("first batch: %v", err)
+	}
+	hb := g.next(t, "the batch in the new segment")
+	if filepath.Base(hb.f.Name()) == filepath.Base(segs[0]) {
+		t.Fatalf("second batch synced %s, want a new segment", hb.f.Name())
+	}
+	hb.release <- nil
+	if err := result(t, b); err != nil {
+		t.Fatalf("second batch: %v", err)
+	}
+}
