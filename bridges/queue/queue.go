@@ -5,7 +5,11 @@
 // Accept returns only once a QoS 1 message is on disk (written and fsynced;
 // concurrent Accepts share one fsync: group commit); AcceptAsync admits at
 // once and reports the fsync on a channel, so that one caller can have many
-// messages in the same group commit. A message leaves the
+// messages in the same group commit. Each segment is written full of zeros
+// when it is started, so that a commit overwrites allocated blocks and its
+// fsync has no inode or allocation to write (one I/O request fewer per
+// commit); the zero tail reads back as the segment's clean end. A message
+// leaves the
 // queue only when the upstream link calls Ack after the broker's PUBACK.
 // Messages are read back in the order they were accepted, so order per device
 // is kept. The queue is bounded by bytes on disk and by the age of the oldest
@@ -38,8 +42,10 @@ import (
 
 // Options bound and tune the queue. Zero values take the defaults.
 type Options struct {
-	// MaxBytes bounds the bytes on disk (segments, including at most one
-	// segment of already delivered records). Default 64 MiB.
+	// MaxBytes bounds the bytes of records on disk (segments, including at
+	// most one segment of already delivered records). Default 64 MiB. The
+	// active segment is preallocated to SegmentBytes, so the files take at
+	// most SegmentBytes more.
 	MaxBytes int64
 	// MaxAge bounds how old the oldest held message may be before new
 	// messages are refused. Default 7 days.
