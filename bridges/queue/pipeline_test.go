@@ -345,3 +345,27 @@ func TestTornCreationRemoved(t *testing.T) {
 		t.Fatal("Open accepted a segment with a foreign header")
 	}
 }
+
+// TestSmallMaxBytesOpens: the gateway accepts upstream.queue_max_bytes from
+// 1 MiB; below the 4 MiB default segment the segment size follows MaxBytes
+// (a quarter of it) instead of Open refusing, and the preallocated files
+// stay within it.
+func TestSmallMaxBytesOpens(t *testing.T) {
+	dir := t.TempDir()
+	q, _ := open(t, dir, Options{MaxBytes: 1 << 20})
+	if err := q.Accept(context.Background(), msg("a", 0)); err != nil {
+		t.Fatal(err)
+	}
+	segs, _ := filepath.Glob(filepath.Join(dir, "*.seg"))
+	var total int64
+	for _, s := range segs {
+		fi, err := os.Stat(s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		total += fi.Size()
+	}
+	if total != 256<<10 {
+		t.Errorf("files take %d bytes, want one segment of 256 KiB", total)
+	}
+}

@@ -50,8 +50,10 @@ type Options struct {
 	// MaxAge bounds how old the oldest held message may be before new
 	// messages are refused. Default 7 days.
 	MaxAge time.Duration
-	// SegmentBytes is the size at which a new segment file is started.
-	// Default 4 MiB.
+	// SegmentBytes is the size at which a new segment file is started
+	// (and to which it is preallocated). Default 4 MiB, or MaxBytes/4 if
+	// that is smaller, so that a small MaxBytes (the gateway accepts 1 MiB)
+	// still opens and its preallocation stays a quarter of it.
 	SegmentBytes int64
 	// MaxMessageBytes bounds one message (device + topic + payload).
 	// Default 256 KiB.
@@ -82,7 +84,7 @@ func (o *Options) defaults() {
 		o.MaxAge = 7 * 24 * time.Hour
 	}
 	if o.SegmentBytes == 0 {
-		o.SegmentBytes = 4 << 20
+		o.SegmentBytes = min(4<<20, o.MaxBytes/4)
 	}
 	if o.MaxMessageBytes == 0 {
 		o.MaxMessageBytes = 256 << 10
