@@ -369,3 +369,75 @@ func TestSmallMaxBytesOpens(t *testing.T) {
 		t.Errorf("files take %d bytes, want one segment of 256 KiB", total)
 	}
 }
+
+// TestAdmitDuringSegmentCreation: starting a segment writes SegmentBytes of
+// zeros and syncs them (milliseconds); devices' messages are admitted
+// meanwhile instead of waiting for the queue's lock.
+func TestAdmitDuringSegmentCreation(t *testing.T) {
+	q, _ := open(t, t.TempDir(), Options{SegmentBytes: 4 << 10, MaxBytes: 1 << 20})
+	if err := q.Accept(context.Background(), msg("d", -1)); err != nil {
+		t.Fatal(err)
+	}
+	entered, release := make(chan string, 1), make(chan struct{})
+	q.creating = func(f *os.File) {
+		entered <- filepath.Base(f.Name())
+		<-release
+	}
+	big := msg("d", 0)
+	big.Payload = make([]byte, 5<<10) // does not fit the first segment
+	b := admit(t, q, big)
+	select {
+	case <-entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no segment started for a batch that does not fit")
+	}
+	admitted := make(chan (<-chan error), 1)
+	go func() {
+		ch, err := q.AcceptAsync(context.Background(), msg("d", 1))
+		if err != nil {
+			t.Error(err)
+		}
+		admitted <- ch
+	}()
+	var c <-chan error
+	select {
+	case c = <-admitted:
+	case <-time.After(5 * time.Second):
+		close(release)
+		<-admitted
+		t.Fatal("admission waited for the new segment's creation")
+	}
+	close(release)
+	for _, ch := range []<-chan error{b, c} {
+		if err := result(t, ch); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got := normalize(drain(t, q))
+	if len(got) != 3 || len(got[1].Payload) != 5<<10 {
+		t.Fatalf("held %d messages, want the first, the big one, then the last", len(got))
+	}
+}
+
+// TestFirstBatchLargerThanSegment: a batch that does not fit an empty
+// segment is written there instead of starting a new segment, which would
+// have the empty one's name (both named after the next seq) and fail.
+func TestFirstBatchLargerThanSegment(t *testing.T) {
+	dir := t.TempDir()
+	q, _ := open(t, dir, Options{SegmentBytes: 4 << 10, MaxBytes: 1 << 20})
+	big := msg("d", 0)
+	big.Payload = make([]byte, 5<<10)
+	if err := q.Accept(context.Background(), big); err != nil {
+		t.Fatalf("Accept of a batch larger than an empty segment: %v", err)
+	}
+	if err := q.Accept(context.Background(), msg("d", 1)); err != nil {
+		t.Fatal(err)
+	}
+	if got := len(drain(t, q)); got != 2 {
+		t.Fatalf("held %d, want 2", got)
+	}
+	segs, _ := filepath.Glob(filepath.Join(dir, "*.seg"))
+	if len(segs) != 2 {
+		t.Errorf("segments %v, want the first (with the big batch) and a new one", segs)
+	}
+}

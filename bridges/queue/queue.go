@@ -187,6 +187,10 @@ type Queue struct {
 	syncSlots chan struct{}
 	lastDone  chan struct{}
 	syncs     sync.WaitGroup
+
+	// creating, if set (tests in this package, before anything that
+	// rotates), runs while a new segment is written, before its sync.
+	creating func(f *os.File)
 }
 
 var _ bridges.AsyncSink = (*Queue)(nil)
@@ -323,16 +327,19 @@ func (q *Queue) recover() error {
 		q.nextSeq = 1
 	}
 	if len(q.segs) == 0 {
-		if err := q.newSegment(q.nextSeq); err != nil {
+		seg, err := q.createSegment(q.nextSeq)
+		if err != nil {
 			return err
 		}
+		q.segs = append(q.segs, seg)
 	}
 	q.reclaim()
 	q.log.Info("queue opened", "dir", q.dir, "held", q.depth, "segments", len(q.segs), "next_seq", q.nextSeq)
 	return nil
 }
 
-// newSegment starts a new active segment and makes its existence durable.
+// createSegment makes a new segment, durably, for the caller to append to
+// q.segs. It takes no lock: admissions go on while it writes.
 // The segment is written full of zeros up to SegmentBytes first, so that a
 // commit later overwrites blocks that are already allocated and written and
 // leaves the file's size alone: its fsync then writes the data and flushes
@@ -342,15 +349,15 @@ func (q *Queue) recover() error {
 // -30 % of the CPU); on flash, one page write fewer per commit, against
 // writing each segment's zeros once. recover reads the zero tail as the
 // segment's clean end.
-func (q *Queue) newSegment(base uint64) error {
+func (q *Queue) createSegment(base uint64) (*segment, error) {
 	name := filepath.Join(q.dir, fmt.Sprintf("%020d.seg", base))
 	f, err := os.OpenFile(name, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
-		return fmt.Errorf("queue: create segment %s: %w", name, err)
+		return nil, fmt.Errorf("queue: create segment %s: %w", name, err)
 	}
 	if _, err := f.Write([]byte(segMagic)); err != nil {
 		f.Close()
-		return fmt.Errorf("queue: write segment header %s: %w", name, err)
+		return nil, fmt.Errorf("queue: write segment header %s: %w", name, err)
 	}
 	if err := zeroFill(f, int64(len(segMagic)), q.opts.SegmentBytes); err != nil {
 		// Best effort: without the zeros commits append (slower, same
@@ -358,20 +365,22 @@ func (q *Queue) newSegment(base uint64) error {
 		q.log.Warn("queue: could not preallocate segment; commits will append", "segment", name, "err", err)
 		if err := f.Truncate(int64(len(segMagic))); err != nil {
 			f.Close()
-			return fmt.Errorf("queue: truncate segment %s after a failed preallocation: %w", name, err)
+			return nil, fmt.Errorf("queue: truncate segment %s after a failed preallocation: %w", name, err)
 		}
+	}
+	if q.creating != nil {
+		q.creating(f)
 	}
 	if err := f.Sync(); err != nil {
 		f.Close()
-		return fmt.Errorf("queue: sync new segment %s: %w", name, err)
+		return nil, fmt.Errorf("queue: sync new segment %s: %w", name, err)
 	}
 	if err := syncDir(q.dir); err != nil {
 		f.Close()
-		return err
+		return nil, err
 	}
 	q.m.fsyncs.Add(2)
-	q.segs = append(q.segs, &segment{base: base, path: name, f: f, size: int64(len(segMagic))})
-	return nil
+	return &segment{base: base, path: name, f: f, size: int64(len(segMagic))}, nil
 }
 
 // zeroBlock is what zeroFill writes (never changed).
@@ -631,7 +640,10 @@ func (q *Queue) flush(sync bool) {
 		return
 	}
 	var err error
-	if q.segs[len(q.segs)-1].size+int64(len(buf)) > q.opts.SegmentBytes && len(batch) > 0 {
+	// A new segment only after one that holds something: an empty one
+	// would be left behind, and it has the name (its base, the next seq)
+	// the new one would take.
+	if active := q.segs[len(q.segs)-1]; active.size > int64(len(segMagic)) && active.size+int64(len(buf)) > q.opts.SegmentBytes && len(batch) > 0 {
 		if len(q.syncSlots) > 1 {
 			// Commits of the active segment are still in fsync: they
 			// finish before it stops being the last segment, the only
@@ -645,9 +657,17 @@ func (q *Queue) flush(sync bool) {
 				return
 			}
 		}
-		// Rotation gets the marks into the old segment first; they are
-		// harmless if lost.
-		err = q.newSegment(batch[0].seq)
+		// Writing the new segment's zeros and syncing them takes
+		// milliseconds: admissions, Next and Ack go on meanwhile. Only
+		// this goroutine changes the last segment, and reclaim never
+		// removes the last one.
+		q.mu.Unlock()
+		var ns *segment
+		ns, err = q.createSegment(batch[0].seq)
+		q.mu.Lock()
+		if err == nil {
+			q.segs = append(q.segs, ns)
+		}
 	}
 	seg := q.segs[len(q.segs)-1]
 	off := seg.size
