@@ -10,7 +10,9 @@ import (
 	"github.com/bastion-iot/bastion/bridges"
 )
 
-// On-disk layout. A segment file starts with segMagic, then records:
+// On-disk layout. A segment file starts with segMagic, then records, then
+// zeros up to the size it was preallocated to (no record starts with a zero
+// length, so the first zero length after a record is the clean end):
 //
 //	u32 little-endian body length | u32 CRC-32C of body | body
 //

@@ -10,6 +10,7 @@ import (
 	"runtime"
 	"runtime/metrics"
 	"runtime/pprof"
+	"runtime/trace"
 	"strconv"
 	"strings"
 	"syscall"
@@ -68,6 +69,13 @@ func toggleCPUProfile(dir string, running *os.File) (*os.File, error) {
 	if running != nil {
 		pprof.StopCPUProfile()
 		err := running.Close()
+		if tf := tracing; tf != nil {
+			tracing = nil
+			trace.Stop()
+			if cerr := tf.Close(); err == nil {
+				err = cerr
+			}
+		}
 		if werr := writeAllocs(filepath.Join(dir, "allocs-"+name+".pprof")); err == nil {
 			err = werr
 		}
@@ -87,8 +95,26 @@ func toggleCPUProfile(dir string, running *os.File) (*os.File, error) {
 		f.Close()
 		return nil, err
 	}
+	// BASTIOND_TRACE=1: an execution trace of the same stretch,
+	// trace-<name>.out, for where a message waits (go tool trace
+	// -pprof=sched|sync|syscall|net).
+	if os.Getenv("BASTIOND_TRACE") != "" {
+		tf, err := os.Create(filepath.Join(dir, "trace-"+name+".out"))
+		if err != nil {
+			return f, err
+		}
+		if err := trace.Start(tf); err != nil {
+			tf.Close()
+			return f, err
+		}
+		tracing = tf
+	}
 	return f, nil
 }
+
+// tracing is the running execution trace's file (only the signal
+// goroutine touches it).
+var tracing *os.File
 
 func writeAllocs(path string) error {
 	f, err := os.Create(path)

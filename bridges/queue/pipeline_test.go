@@ -1,0 +1,443 @@
+package queue
+
+import (
+	"context"
+	"errors"
+	"github.com/google/go-cmp/cmp"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/bastion-iot/bastion/bridges"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// heldSync is one fsync the test holds until it sends on release: nil
+// runs the real fsync, an error fails it.
+type heldSync struct {
+	f       *os.File
+	release chan error // capacity 1
+}
+
+// gatedSyncs holds every fsync of the queue until the test releases it;
+// once the test ends (cleanup, before the queue's Close) every fsync runs
+// unheld, so a failing test does not hang in Close.
+type gatedSyncs struct {
+	started chan *heldSync
+	done    chan struct{}
+}
+
+func newGatedSyncs() *gatedSyncs {
+	return &gatedSyncs{started: make(chan *heldSync, 16), done: make(chan struct{})}
+}
+
+// openGated opens a queue whose fsyncs g holds.
+func openGated(t *testing.T, dir string, o Options) (*Queue, *prometheus.Registry, *gatedSyncs) {
+	g := newGatedSyncs()
+	o.Sync = g.sync
+	q, reg := open(t, dir, o)
+	t.Cleanup(func() { close(g.done) })
+	return q, reg, g
+}
+
+func (g *gatedSyncs) sync(f *os.File) error {
+	h := &heldSync{f: f, release: make(chan error, 1)}
+	select {
+	case g.started <- h:
+	case <-g.done:
+		return f.Sync()
+	}
+	select {
+	case err := <-h.release:
+		if err != nil {
+			return err
+		}
+	case <-g.done:
+	}
+	return f.Sync()
+}
+
+// next waits (bounded) for the next fsync to start.
+func (g *gatedSyncs) next(t *testing.T, what string) *heldSync {
+	t.Helper()
+	select {
+	case h := <-g.started:
+		return h
+	case <-time.After(10 * time.Second):
+		t.Fatalf("no fsync started within 10s for %s", what)
+		return nil
+	}
+}
+
+// none checks that no fsync starts within d (a negative: bounded wait).
+func (g *gatedSyncs) none(t *testing.T, d time.Duration, why string) {
+	t.Helper()
+	select {
+	case <-g.started:
+		t.Fatalf("an fsync started: %s", why)
+	case <-time.After(d):
+	}
+}
+
+// quiet checks that nothing is reported on ch within d.
+func quiet(t *testing.T, ch <-chan error, d time.Duration, why string) {
+	t.Helper()
+	select {
+	case err := <-ch:
+		t.Fatalf("reported (err %v): %s", err, why)
+	case <-time.After(d):
+	}
+}
+
+func admit(t *testing.T, q *Queue, m bridges.Message) <-chan error {
+	t.Helper()
+	ch, err := q.AcceptAsync(context.Background(), m)
+	if err != nil || ch == nil {
+		t.Fatalf("AcceptAsync: channel %v, err %v", ch, err)
+	}
+	return ch
+}
+
+func result(t *testing.T, ch <-chan error) error {
+	t.Helper()
+	select {
+	case err := <-ch:
+		return err
+	case <-time.After(10 * time.Second):
+		t.Fatal("no durability report within 10s")
+		return nil
+	}
+}
+
+// TestPipelinedCommit: with SyncsInFlight 2 the next batch is written and
+// its fsync started while the previous fsync still runs (never a third), and batches are reported durable in order: a later batch whose
+// fsync returned first waits for the earlier one.
+func TestPipelinedCommit(t *testing.T) {
+	q, reg, g := openGated(t, t.TempDir(), Options{SyncsInFlight: 2})
+	fs0 := metricValue(t, reg, "bastion_queue_fsyncs_total")
+	a := admit(t, q, msg("d", 0))
+	ha := g.next(t, "the first batch")
+	b := admit(t, q, msg("d", 1))
+	hb := g.next(t, "the second batch while the first is in fsync (pipelined group commit)")
+	c := admit(t, q, msg("d", 2))
+	g.none(t, 100*time.Millisecond, "a third commit while two are in fsync")
+
+	hb.release <- nil
+	quiet(t, b, 100*time.Millisecond, "the second batch before the first one's fsync returned")
+	ha.release <- nil
+	if err := result(t, a); err != nil {
+		t.Fatalf("first: %v", err)
+	}
+	if err := result(t, b); err != nil {
+		t.Fatalf("second: %v", err)
+	}
+	hc := g.next(t, "the third batch once a commit completed")
+	quiet(t, c, 50*time.Millisecond, "the third batch while its fsync is held")
+	hc.release <- nil
+	if err := result(t, c); err != nil {
+		t.Fatalf("third: %v", err)
+	}
+	if fs := metricValue(t, reg, "bastion_queue_fsyncs_total") - fs0; fs != 3 {
+		t.Errorf("fsyncs = %v, want 3", fs)
+	}
+	got := normalize(drain(t, q))
+	if len(got) != 3 || got[0].Payload[5] != '0' || got[2].Payload[5] != '2' {
+		t.Errorf("held = %q, want messages 0, 1, 2 in order", got)
+	}
+}
+
+// TestSyncsInFlightOne: by default (SyncsInFlight 1) the next fsync starts
+// only after the previous returned (the plain group commit).
+func TestSyncsInFlightOne(t *testing.T) {
+	q, _, g := openGated(t, t.TempDir(), Options{})
+	a := admit(t, q, msg("d", 0))
+	ha := g.next(t, "the first batch")
+	b := admit(t, q, msg("d", 1))
+	g.none(t, 100*time.Millisecond, "a second commit with SyncsInFlight 1")
+	ha.release <- nil
+	g.next(t, "the second batch").release <- nil
+	for _, ch := range []<-chan error{a, b} {
+		if err := result(t, ch); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// TestFailedFsyncFailsLaterCommits: when an fsync fails, a later batch
+// whose own fsync succeeded meanwhile is refused too (after a failed fsync
+// the page cache's state of the file is unknown), and the queue admits
+// nothing more.
+func TestFailedFsyncFailsLaterCommits(t *testing.T) {
+	q, _, g := openGated(t, t.TempDir(), Options{SyncsInFlight: 2})
+	a := admit(t, q, msg("d", 0))
+	ha := g.next(t, "the first batch")
+	b := admit(t, q, msg("d", 1))
+	hb := g.next(t, "the second batch")
+	hb.release <- nil
+	ha.release <- errors.New("EIO from the test")
+	if err := result(t, a); err == nil {
+		t.Fatal("first batch reported durable after its fsync failed")
+	}
+	if err := result(t, b); err == nil {
+		t.Fatal("second batch reported durable after an earlier fsync failed")
+	}
+	if _, err := q.AcceptAsync(context.Background(), msg("d", 2)); err == nil {
+		t.Fatal("queue admitted a message after a failed fsync")
+	}
+}
+
+// TestFlushWithoutSyncLeavesBatch: the writer's flush of delivered-marks
+// (no fsync, when the marks' timer fires) must not take a batch that
+// arrived meanwhile: that batch would be told durable without an fsync.
+func TestFlushWithoutSyncLeavesBatch(t *testing.T) {
+	q, _, g := openGated(t, t.TempDir(), Options{SyncsInFlight: 1})
+	a := admit(t, q, msg("d", 0))
+	ha := g.next(t, "the first batch")
+	// The writer now waits for the one commit slot to write b.
+	b := admit(t, q, msg("d", 1))
+	q.flush(false) // as the marks' timer would, racing with b's admission
+	quiet(t, b, 100*time.Millisecond, "a batch written by a flush without fsync")
+	ha.release <- nil
+	if err := result(t, a); err != nil {
+		t.Fatal(err)
+	}
+	hb := g.next(t, "the second batch")
+	quiet(t, b, 50*time.Millisecond, "the second batch while its fsync is held")
+	hb.release <- nil
+	if err := result(t, b); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestRotationWaitsForSyncs: a batch that starts a new segment waits until
+// the commits of the old one are out of fsync. Otherwise a fully delivered
+// old segment (the link may send and get the PUBACK before the fsync
+// returns) could be closed and removed under its own fsync, which then
+// fails and stops the queue.
+func TestRotationWaitsForSyncs(t *testing.T) {
+	dir := t.TempDir()
+	q, _, g := openGated(t, dir, Options{SegmentBytes: 4 << 10, MaxBytes: 1 << 20, SyncsInFlight: 2})
+	ctx := context.Background()
+	a := admit(t, q, msg("d", 0))
+	ha := g.next(t, "the first batch")
+	es, err := q.Next(ctx, 0, 10)
+	if err != nil || len(es) != 1 {
+		t.Fatalf("Next: %v, %v", es, err)
+	}
+	if err := q.Ack(es[0].Seq); err != nil { // delivered before its fsync returned
+		t.Fatal(err)
+	}
+	big := msg("d", 1)
+	big.Payload = make([]byte, 5<<10) // does not fit the first segment
+	b := admit(t, q, big)
+	select {
+	case hb := <-g.started:
+		// Rotated with the old segment's fsync still running: a delivered
+		// mark for b now reclaims the old segment under that fsync.
+		es, err := q.Next(ctx, es[0].Seq, 10)
+		if err == nil && len(es) == 1 {
+			q.Ack(es[0].Seq)
+		}
+		ha.release <- nil
+		hb.release <- nil
+		t.Fatalf("the batch starting segment %s was written while the previous segment's fsync ran (first batch: %v)", filepath.Base(hb.f.Name()), result(t, a))
+	case <-time.After(100 * time.Millisecond):
+	}
+	segs, _ := filepath.Glob(filepath.Join(dir, "*.seg"))
+	if len(segs) != 1 {
+		t.Fatalf("segments while the first fsync is held: %v, want 1", segs)
+	}
+	ha.release <- nil
+	if err := result(t, a); err != nil {
+		t.Fatalf("first batch: %v", err)
+	}
+	hb := g.next(t, "the batch in the new segment")
+	if filepath.Base(hb.f.Name()) == filepath.Base(segs[0]) {
+		t.Fatalf("second batch synced %s, want a new segment", hb.f.Name())
+	}
+	hb.release <- nil
+	if err := result(t, b); err != nil {
+		t.Fatalf("second batch: %v", err)
+	}
+}
+
+// TestCommitsDoNotGrowSegment: a segment is preallocated (zeros up to
+// SegmentBytes), so commits overwrite allocated blocks and never change the
+// file's size (an append's fsync also writes the inode); the zero tail
+// reads back as the clean end, across reopens, without a cut.
+func TestCommitsDoNotGrowSegment(t *testing.T) {
+	dir := t.TempDir()
+	const segBytes = 64 << 10
+	sizes := func() []int64 {
+		segs, _ := filepath.Glob(filepath.Join(dir, "*.seg"))
+		var out []int64
+		for _, s := range segs {
+			fi, err := os.Stat(s)
+			if err != nil {
+				t.Fatal(err)
+			}
+			out = append(out, fi.Size())
+		}
+		return out
+	}
+	q, _ := open(t, dir, Options{SegmentBytes: segBytes, MaxBytes: 1 << 20})
+	for i := range 10 {
+		if err := q.Accept(context.Background(), msg("a", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if diff := cmp.Diff([]int64{segBytes}, sizes()); diff != "" {
+		t.Fatalf("segment sizes after 10 commits (-want +got):\n%s", diff)
+	}
+	q.Close()
+	for round, n := range []int{10, 15} {
+		q, reg := open(t, dir, Options{SegmentBytes: segBytes, MaxBytes: 1 << 20})
+		if c := metricValue(t, reg, "bastion_queue_records_cut_total"); c != 0 {
+			t.Fatalf("reopen %d: the zero tail was cut (%v)", round, c)
+		}
+		if got := len(drain(t, q)); got != n {
+			t.Fatalf("reopen %d: %d messages, want %d", round, got, n)
+		}
+		for i := range 5 {
+			if err := q.Accept(context.Background(), msg("b", i)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		q.Close()
+		if diff := cmp.Diff([]int64{segBytes}, sizes()); diff != "" {
+			t.Fatalf("reopen %d: segment sizes after more commits (-want +got):\n%s", round, diff)
+		}
+	}
+}
+
+// TestTornCreationRemoved: a preallocated segment whose creation was cut
+// before its first sync (the header's sector not written: zeros, or part
+// of the magic, then zeros) never held a message; Open removes it instead
+// of refusing to start. Anything else without the magic is still refused.
+func TestTornCreationRemoved(t *testing.T) {
+	for name, data := range map[string][]byte{
+		"all zeros":           make([]byte, 8<<10),
+		"part magic, zeros":   append([]byte(segMagic[:4]), make([]byte, 8<<10)...),
+		"part magic, no tail": []byte(segMagic[:5]),
+	} {
+		t.Run(name, func(t *testing.T) {
+			dir := t.TempDir()
+			torn := filepath.Join(dir, "00000000000000000007.seg")
+			if err := os.WriteFile(torn, data, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			q, _ := open(t, dir, Options{})
+			if _, err := os.Stat(torn); !errors.Is(err, os.ErrNotExist) {
+				t.Fatalf("torn segment still there: %v", err)
+			}
+			if err := q.Accept(context.Background(), msg("a", 0)); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, "00000000000000000007.seg"), append([]byte("NOTQUEUE"), make([]byte, 64)...), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if q, err := Open(dir, Options{}, discard, nil); err == nil {
+		q.Close()
+		t.Fatal("Open accepted a segment with a foreign header")
+	}
+}
+
+// TestSmallMaxBytesOpens: the gateway accepts upstream.queue_max_bytes from
+// 1 MiB; below the 4 MiB default segment the segment size follows MaxBytes
+// (a quarter of it) instead of Open refusing, and the preallocated files
+// stay within it.
+func TestSmallMaxBytesOpens(t *testing.T) {
+	dir := t.TempDir()
+	q, _ := open(t, dir, Options{MaxBytes: 1 << 20})
+	if err := q.Accept(context.Background(), msg("a", 0)); err != nil {
+		t.Fatal(err)
+	}
+	segs, _ := filepath.Glob(filepath.Join(dir, "*.seg"))
+	var total int64
+	for _, s := range segs {
+		fi, err := os.Stat(s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		total += fi.Size()
+	}
+	if total != 256<<10 {
+		t.Errorf("files take %d bytes, want one segment of 256 KiB", total)
+	}
+}
+
+// TestAdmitDuringSegmentCreation: starting a segment writes SegmentBytes of
+// zeros and syncs them (milliseconds); devices' messages are admitted
+// meanwhile instead of waiting for the queue's lock.
+func TestAdmitDuringSegmentCreation(t *testing.T) {
+	q, _ := open(t, t.TempDir(), Options{SegmentBytes: 4 << 10, MaxBytes: 1 << 20})
+	if err := q.Accept(context.Background(), msg("d", -1)); err != nil {
+		t.Fatal(err)
+	}
+	entered, release := make(chan string, 1), make(chan struct{})
+	q.creating = func(f *os.File) {
+		entered <- filepath.Base(f.Name())
+		<-release
+	}
+	big := msg("d", 0)
+	big.Payload = make([]byte, 5<<10) // does not fit the first segment
+	b := admit(t, q, big)
+	select {
+	case <-entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no segment started for a batch that does not fit")
+	}
+	admitted := make(chan (<-chan error), 1)
+	go func() {
+		ch, err := q.AcceptAsync(context.Background(), msg("d", 1))
+		if err != nil {
+			t.Error(err)
+		}
+		admitted <- ch
+	}()
+	var c <-chan error
+	select {
+	case c = <-admitted:
+	case <-time.After(5 * time.Second):
+		close(release)
+		<-admitted
+		t.Fatal("admission waited for the new segment's creation")
+	}
+	close(release)
+	for _, ch := range []<-chan error{b, c} {
+		if err := result(t, ch); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got := normalize(drain(t, q))
+	if len(got) != 3 || len(got[1].Payload) != 5<<10 {
+		t.Fatalf("held %d messages, want the first, the big one, then the last", len(got))
+	}
+}
+
+// TestFirstBatchLargerThanSegment: a batch that does not fit an empty
+// segment is written there instead of starting a new segment, which would
+// have the empty one's name (both named after the next seq) and fail.
+func TestFirstBatchLargerThanSegment(t *testing.T) {
+	dir := t.TempDir()
+	q, _ := open(t, dir, Options{SegmentBytes: 4 << 10, MaxBytes: 1 << 20})
+	big := msg("d", 0)
+	big.Payload = make([]byte, 5<<10)
+	if err := q.Accept(context.Background(), big); err != nil {
+		t.Fatalf("Accept of a batch larger than an empty segment: %v", err)
+	}
+	if err := q.Accept(context.Background(), msg("d", 1)); err != nil {
+		t.Fatal(err)
+	}
+	if got := len(drain(t, q)); got != 2 {
+		t.Fatalf("held %d, want 2", got)
+	}
+	segs, _ := filepath.Glob(filepath.Join(dir, "*.seg"))
+	if len(segs) != 2 {
+		t.Errorf("segments %v, want the first (with the big batch) and a new one", segs)
+	}
+}
