@@ -21,6 +21,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"math"
+	"sync"
 )
 
 // ccm represents a Counter with CBC-MAC with a specific key.
@@ -123,6 +124,17 @@ var errPlaintextTooLong = errors.New("ccm: plaintext too large")
 
 func (c *ccm) tag(nonce, plaintext, adata []byte) ([]byte, error) {
 	var mac [ccmBlockSize]byte
+	if err := c.tagInto(&mac, nonce, plaintext, adata); err != nil {
+		return nil, err
+	}
+
+	return mac[:c.M], nil
+}
+
+// tagInto computes the tag into mac[:c.M] (Bastion patch,
+// third_party/README.md: tag's result escaped, an allocation per call).
+func (c *ccm) tagInto(mac *[ccmBlockSize]byte, nonce, plaintext, adata []byte) error {
+	*mac = [ccmBlockSize]byte{}
 
 	if len(adata) > 0 {
 		mac[0] |= 1 << 6
@@ -130,10 +142,10 @@ func (c *ccm) tag(nonce, plaintext, adata []byte) ([]byte, error) {
 	mac[0] |= (c.M - 2) << 2
 	mac[0] |= c.L - 1
 	if len(nonce) != c.NonceSize() {
-		return nil, errInvalidNonceSize
+		return errInvalidNonceSize
 	}
 	if len(plaintext) > c.MaxLength() {
-		return nil, errPlaintextTooLong
+		return errPlaintextTooLong
 	}
 	binary.BigEndian.PutUint64(mac[ccmBlockSize-8:], uint64(len(plaintext)))
 	copy(mac[1:ccmBlockSize-c.L], nonce)
@@ -167,7 +179,7 @@ func (c *ccm) tag(nonce, plaintext, adata []byte) ([]byte, error) {
 		c.cbcData(mac[:], plaintext)
 	}
 
-	return mac[:c.M], nil
+	return nil
 }
 
 // sliceForAppend takes a slice and a requested number of bytes. It returns a
@@ -188,6 +200,24 @@ func sliceForAppend(in []byte, n int) (head, tail []byte) {
 	return
 }
 
+// ccmScratch holds the blocks of one Seal or Open, which escaped to the
+// heap as local arrays (they reach cipher.Block.Encrypt): Bastion patch,
+// third_party/README.md.
+type ccmScratch struct {
+	mac, iv, s0, tag [ccmBlockSize]byte
+}
+
+var ccmScratchPool = sync.Pool{New: func() any { return new(ccmScratch) }} //nolint:gochecknoglobals
+
+// getScratch returns zeroed scratch blocks (iv and s0 are used as the
+// zero arrays they were).
+func getScratch() *ccmScratch {
+	sc, _ := ccmScratchPool.Get().(*ccmScratch)
+	*sc = ccmScratch{}
+
+	return sc
+}
+
 // Seal encrypts and authenticates plaintext, authenticates the
 // additional data and appends the result to dst, returning the updated
 // slice. The nonce must be NonceSize() bytes long and unique for all
@@ -196,13 +226,16 @@ func sliceForAppend(in []byte, n int) (head, tail []byte) {
 //
 // The plaintext and dst may alias exactly or not at all.
 func (c *ccm) Seal(dst, nonce, plaintext, adata []byte) []byte {
-	tag, err := c.tag(nonce, plaintext, adata)
+	sc := getScratch()
+	defer ccmScratchPool.Put(sc)
+	err := c.tagInto(&sc.mac, nonce, plaintext, adata)
+	tag := sc.mac[:c.M]
 	if err != nil {
 		// The cipher.AEAD interface doesn't allow for an error return.
 		panic(err) // nolint
 	}
 
-	var iv, s0 [ccmBlockSize]byte
+	iv, s0 := &sc.iv, &sc.s0
 	iv[0] = c.L - 1
 	copy(iv[1:ccmBlockSize-c.L], nonce)
 	c.b.Encrypt(s0[:], iv[:])
@@ -232,11 +265,13 @@ func (c *ccm) Open(dst, nonce, ciphertext, adata []byte) ([]byte, error) {
 		return nil, errCiphertextTooLong
 	}
 
-	tag := make([]byte, int(c.M))
+	sc := getScratch()
+	defer ccmScratchPool.Put(sc)
+	tag := sc.tag[:c.M]
 	copy(tag, ciphertext[len(ciphertext)-int(c.M):])
 	ciphertextWithoutTag := ciphertext[:len(ciphertext)-int(c.M)]
 
-	var iv, s0 [ccmBlockSize]byte
+	iv, s0 := &sc.iv, &sc.s0
 	iv[0] = c.L - 1
 	copy(iv[1:ccmBlockSize-c.L], nonce)
 	c.b.Encrypt(s0[:], iv[:])
@@ -246,18 +281,23 @@ func (c *ccm) Open(dst, nonce, ciphertext, adata []byte) ([]byte, error) {
 	iv[len(iv)-1] |= 1
 	stream := cipher.NewCTR(c.b, iv[:])
 
-	// Cannot decrypt directly to dst since we're not supposed to
-	// reveal the plaintext to the caller if authentication fails.
-	plaintext := make([]byte, len(ciphertextWithoutTag))
+	// Bastion patch (third_party/README.md): decrypt into dst, as
+	// crypto/cipher's GCM does, and wipe it if authentication fails, so
+	// the plaintext is still never revealed; pion made a copy per record.
+	ret, plaintext := sliceForAppend(dst, len(ciphertextWithoutTag))
 	stream.XORKeyStream(plaintext, ciphertextWithoutTag)
-	expectedTag, err := c.tag(nonce, plaintext, adata)
-	if err != nil {
+	expectedTag := &sc.mac
+	if err := c.tagInto(expectedTag, nonce, plaintext, adata); err != nil {
+		clear(plaintext)
+
 		return nil, err
 	}
 
-	if subtle.ConstantTimeCompare(tag, expectedTag) != 1 {
+	if subtle.ConstantTimeCompare(tag, expectedTag[:c.M]) != 1 {
+		clear(plaintext)
+
 		return nil, errOpen
 	}
 
-	return append(dst, plaintext...), nil
+	return ret, nil
 }
