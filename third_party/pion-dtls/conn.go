@@ -1105,7 +1105,15 @@ func (c *Conn) readAndBuffer(ctx context.Context) error { //nolint:cyclop
 	// the read below would have done, and there is nothing to process.
 	readCtx := ctx
 	if c.waitForDatagram {
-		_, _, err := c.nextConn.ReadFromContext(ctx, nil)
+		// The listener's connection watches ctx itself, without netctx's
+		// registration per wait; its buffer closes with it (io.EOF, which
+		// ends the reader as netctx's net.ErrClosed did).
+		var err error
+		if lc, ok := c.nextConn.Conn().(*udp.PacketConn); ok {
+			_, _, err = lc.ReadFromContext(ctx, nil)
+		} else {
+			_, _, err = c.nextConn.ReadFromContext(ctx, nil)
+		}
 		if err == nil {
 			return nil // an empty datagram, consumed: nothing to process
 		}

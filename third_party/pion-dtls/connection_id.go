@@ -41,13 +41,16 @@ func OnlySendCIDGenerator() func() []byte {
 // constant size connection IDs.
 func cidDatagramRouter(size int) func([]byte) (string, bool) {
 	return func(packet []byte) (string, bool) {
-		pkts, err := recordlayer.ContentAwareUnpackDatagram(packet, size)
+		// Bastion patch (third_party/README.md): the records and the
+		// header are unpacked on the stack.
+		var pktsArray [4][]byte
+		pkts, err := recordlayer.AppendContentAwareUnpackDatagram(pktsArray[:0], packet, size)
 		if err != nil || len(pkts) < 1 {
 			return "", false
 		}
 		for _, pkt := range pkts {
 			h := &recordlayer.Header{
-				ConnectionID: make([]byte, size),
+				ConnectionID: connectionIDPlaceholder(size),
 			}
 			if err := h.Unmarshal(pkt); err != nil {
 				continue

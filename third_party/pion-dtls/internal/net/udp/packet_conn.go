@@ -20,6 +20,7 @@ import (
 	"context"
 	"errors"
 	"net"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -54,7 +55,11 @@ type listener struct {
 
 	connLock sync.Mutex
 	conns    map[string]*PacketConn
-	connWG   sync.WaitGroup
+	// byAddr has each connection that conns has under its remote address,
+	// under that address as read (Bastion patch, third_party/README.md):
+	// readLoop finds it without formatting the address.
+	byAddr map[netip.AddrPort]*PacketConn
+	connWG sync.WaitGroup
 
 	readWG   sync.WaitGroup
 	errClose atomic.Value // error
@@ -180,6 +185,7 @@ func (lc *ListenConfig) Listen(network string, laddr *net.UDPAddr) (dtlsnet.Pack
 		pConn:          conn,
 		acceptCh:       make(chan *PacketConn, lc.Backlog),
 		conns:          make(map[string]*PacketConn),
+		byAddr:         make(map[netip.AddrPort]*PacketConn),
 		doneCh:         make(chan struct{}),
 		acceptFilter:   lc.AcceptFilter,
 		datagramRouter: lc.DatagramRouter,
@@ -217,12 +223,20 @@ func (l *listener) readLoop() {
 	buf := make([]byte, receiveMTU)
 
 	for {
-		n, raddr, err := l.pConn.ReadFrom(buf)
+		// Bastion patch (third_party/README.md): the address is read as a
+		// value, and a known connection's own *net.UDPAddr is handed on.
+		n, ap, err := l.pConn.ReadFromUDPAddrPort(buf)
 		if err != nil {
 			l.errRead.Store(err)
 
 			return
 		}
+		if conn, raddr := l.route(ap, buf[:n]); conn != nil {
+			_, _ = conn.buffer.WriteTo(buf[:n], raddr)
+
+			continue
+		}
+		raddr := net.UDPAddrFromAddrPort(ap)
 		conn, ok, err := l.getConn(raddr, buf[:n])
 		if err != nil {
 			continue
@@ -231,6 +245,29 @@ func (l *listener) readLoop() {
 			_, _ = conn.buffer.WriteTo(buf[:n], raddr)
 		}
 	}
+}
+
+// route finds the existing connection that getConn would give buf from
+// ap, and the address to hand it with; nil when getConn must decide.
+func (l *listener) route(ap netip.AddrPort, buf []byte) (*PacketConn, net.Addr) {
+	l.connLock.Lock()
+	defer l.connLock.Unlock()
+	if l.datagramRouter != nil {
+		if id, ok := l.datagramRouter(buf); ok {
+			if conn, ok := l.conns[id]; ok {
+				if ap == conn.raddrAP {
+					return conn, conn.raddr
+				}
+
+				return conn, net.UDPAddrFromAddrPort(ap)
+			}
+		}
+	}
+	if conn, ok := l.byAddr[ap]; ok {
+		return conn, conn.raddr
+	}
+
+	return nil, nil
 }
 
 // getConn gets an existing connection or creates a new one.
@@ -263,6 +300,9 @@ func (l *listener) getConn(raddr net.Addr, buf []byte) (*PacketConn, bool, error
 		select {
 		case l.acceptCh <- conn:
 			l.conns[raddr.String()] = conn
+			if conn.raddrAP.IsValid() {
+				l.byAddr[conn.raddrAP] = conn
+			}
 		default:
 			l.connWG.Done()
 
@@ -281,8 +321,9 @@ type PacketConn struct {
 	listener *listener
 
 	raddr   net.Addr
-	rmraddr atomic.Value // bool
-	id      atomic.Value // string
+	raddrAP netip.AddrPort // raddr as read, if a UDP address (Bastion patch)
+	rmraddr atomic.Value   // bool
+	id      atomic.Value   // string
 
 	buffer *idtlsnet.PacketBuffer
 
@@ -294,9 +335,15 @@ type PacketConn struct {
 
 // newPacketConn constructs a new PacketConn.
 func (l *listener) newPacketConn(raddr net.Addr) *PacketConn {
+	var ap netip.AddrPort
+	if u, ok := raddr.(*net.UDPAddr); ok {
+		ap = udpAddrPort(u)
+	}
+
 	return &PacketConn{
 		listener:      l,
 		raddr:         raddr,
+		raddrAP:       ap,
 		buffer:        idtlsnet.NewPacketBuffer(),
 		doneCh:        make(chan struct{}),
 		writeDeadline: deadline.New(),
@@ -307,6 +354,18 @@ func (l *listener) newPacketConn(raddr net.Addr) *PacketConn {
 // the underlying buffer.
 func (c *PacketConn) ReadFrom(buff []byte) (int, net.Addr, error) {
 	return c.buffer.ReadFrom(buff)
+}
+
+// ReadFromContext is ReadFrom that also ends, with ctx.Err(), when ctx
+// ends, as netctx's ReadFromContext does, without registering a watch of
+// ctx for every wait (Bastion patch, third_party/README.md).
+func (c *PacketConn) ReadFromContext(ctx context.Context, buff []byte) (int, net.Addr, error) {
+	n, addr, err := c.buffer.ReadFromDone(buff, ctx.Done())
+	if e := ctx.Err(); e != nil && n == 0 {
+		err = e
+	}
+
+	return n, addr, err
 }
 
 // WriteTo writes len(payload) bytes from payload to the specified address.
@@ -343,6 +402,7 @@ func (c *PacketConn) WriteTo(payload []byte, addr net.Addr) (n int, err error) {
 		if id != nil && c.rmraddr.Load() == nil && !sameAddr(addr, c.raddr) {
 			c.listener.connLock.Lock()
 			delete(c.listener.conns, c.raddr.String())
+			c.listener.forgetAddr(c)
 			c.rmraddr.Store(true)
 			c.listener.connLock.Unlock()
 		}
@@ -373,6 +433,7 @@ func (c *PacketConn) Close() error {
 		// connection map.
 		if c.rmraddr.Load() == nil {
 			delete(c.listener.conns, c.raddr.String())
+			c.listener.forgetAddr(c)
 			c.rmraddr.Store(true)
 		}
 		nConns := len(c.listener.conns)
@@ -419,6 +480,31 @@ func (c *PacketConn) SetWriteDeadline(t time.Time) error {
 	// Write deadline of underlying connection should not be changed
 	// since the connection can be shared.
 	return nil
+}
+
+// forgetAddr removes c from byAddr, as its address is removed from
+// conns; connLock is held.
+func (l *listener) forgetAddr(c *PacketConn) {
+	if l.byAddr[c.raddrAP] == c {
+		delete(l.byAddr, c.raddrAP)
+	}
+}
+
+// udpAddrPort is the address ReadFromUDPAddrPort returns for a datagram
+// from u (ReadFrom's *net.UDPAddr for it): a 4-byte IP is IPv4, a
+// 16-byte one (from an IPv6 socket) is kept as it is, IPv4-mapped too.
+func udpAddrPort(u *net.UDPAddr) netip.AddrPort {
+	var a netip.Addr
+	switch len(u.IP) {
+	case net.IPv4len:
+		a = netip.AddrFrom4([4]byte(u.IP))
+	case net.IPv6len:
+		a = netip.AddrFrom16([16]byte(u.IP)).WithZone(u.Zone)
+	default:
+		return netip.AddrPort{}
+	}
+
+	return netip.AddrPortFrom(a, uint16(u.Port)) //nolint:gosec // G115, a port
 }
 
 // sameAddr is a.String() == b.String() without formatting two strings
