@@ -123,4 +123,3 @@ func TestBastionInPlaceSealOverflow(t *testing.T) {
 		t.Fatalf("sealApplicationData after the last sequence number: %v, want %v", err, errSequenceNumberOverflow)
 	}
 }
-
