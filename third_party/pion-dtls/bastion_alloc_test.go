@@ -1,7 +1,7 @@
 // SPDX-FileCopyrightText: 2026 Bastion authors
 // SPDX-License-Identifier: MIT
 
-// Allocation tests of the Bastion patch (third_party/README.md, (8)):
+// Allocation tests of the Bastion patch (third_party/README.md, (7)):
 // the application data paths of an established listener connection. They
 // use only what the unpatched release has too, so they can be run
 // against it (where they fail).

@@ -1,7 +1,7 @@
 // SPDX-FileCopyrightText: 2026 Bastion authors
 // SPDX-License-Identifier: MIT
 
-// Tests of the Bastion patch (third_party/README.md, (8)): application
+// Tests of the Bastion patch (third_party/README.md, (7)): application
 // data records of an established connection are sealed in place, with the
 // bytes and the sequence numbers of pion's generic path.
 

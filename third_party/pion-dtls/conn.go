@@ -1652,7 +1652,7 @@ func (c *Conn) handleApplicationData(
 // to decrypt), and h(nil, io.EOF) once, last, when the connection has
 // ended. Records already queued for Read come first, in order. Calls are
 // never concurrent; p is valid only until h returns (it may be a slice of
-// the read buffer, Bastion patch (8)). While h runs, the
+// the read buffer, Bastion patch (7)). While h runs, the
 // connection reads nothing else, so h must not block for long; it may
 // Write and Close. Call it once, after the handshake, and do not call
 // Read afterwards.
