@@ -111,9 +111,9 @@ func bastionDirectPair(t *testing.T, suite CipherSuiteID, cid bool) (client, ser
 	return client, server, gate
 }
 
-// TestBastionWriteAllocs: a listener connection's Write of an application
-// data record allocates nothing with AES-GCM and one object with AES-CCM
-// (pion's generic path: 10 or more objects).
+// TestBastionWriteAllocs: a listener connection's Write of a 100-byte
+// application data record allocates nothing (pion's generic path: 10 to
+// 20 objects).
 func TestBastionWriteAllocs(t *testing.T) {
 	for _, suite := range []CipherSuiteID{TLS_PSK_WITH_AES_128_CCM_8, TLS_PSK_WITH_AES_128_GCM_SHA256} {
 		for _, cid := range []bool{false, true} {
@@ -127,12 +127,8 @@ func TestBastionWriteAllocs(t *testing.T) {
 					}
 				})
 				t.Logf("Write: %.1f allocations per record", allocs)
-				want := 0.0
-				if suite == TLS_PSK_WITH_AES_128_CCM_8 {
-					want = 1 // the key stream of cipher.NewCTR in package ccm
-				}
-				if allocs > want {
-					t.Fatalf("Write allocates %.1f objects per record, want <= %.0f", allocs, want)
+				if allocs > 0 {
+					t.Fatalf("Write allocates %.1f objects per record, want 0", allocs)
 				}
 			})
 		}
@@ -140,9 +136,9 @@ func TestBastionWriteAllocs(t *testing.T) {
 }
 
 // TestBastionReadAllocs: a record that reaches a listener and is handed
-// to its connection's read handler costs the server no allocation with
-// AES-GCM, one more with a connection ID (the listener's routing key) and
-// one more with AES-CCM (its key stream); pion's path made 12 or more.
+// to its connection's read handler costs the server no allocation, one
+// with a connection ID (the listener's routing key, string(cid)); pion's
+// path made 18 to 29.
 // The client's records go out from its socket directly, so that only the
 // server's work is counted.
 func TestBastionReadAllocs(t *testing.T) {
@@ -200,9 +196,6 @@ func TestBastionReadAllocs(t *testing.T) {
 				want := 0.0
 				if cid {
 					want++ // the listener's routing key, string(connection ID)
-				}
-				if suite == TLS_PSK_WITH_AES_128_CCM_8 {
-					want++ // cipher.NewCTR in package ccm
 				}
 				if allocs > want {
 					t.Fatalf("the server allocates %.1f objects per record read, want <= %.0f", allocs, want)

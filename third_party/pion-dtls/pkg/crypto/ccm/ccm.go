@@ -204,7 +204,35 @@ func sliceForAppend(in []byte, n int) (head, tail []byte) {
 // heap as local arrays (they reach cipher.Block.Encrypt): Bastion patch,
 // third_party/README.md.
 type ccmScratch struct {
-	mac, iv, s0, tag [ccmBlockSize]byte
+	mac, iv, s0, tag, ctr, ks [ccmBlockSize]byte
+}
+
+// ctrInlineMax is the longest message xorCTR encrypts block by block;
+// longer ones go through cipher.NewCTR, whose assembly is faster there.
+const ctrInlineMax = 256
+
+// xorCTR is cipher.NewCTR(c.b, iv).XORKeyStream(dst, src) (a big-endian
+// increment of the whole block, as crypto/cipher's CTR does) without its
+// allocations for a short message (Bastion patch, third_party/README.md).
+func (c *ccm) xorCTR(sc *ccmScratch, iv *[ccmBlockSize]byte, dst, src []byte) {
+	if len(src) > ctrInlineMax {
+		cipher.NewCTR(c.b, iv[:]).XORKeyStream(dst, src)
+
+		return
+	}
+	ctr, ks := &sc.ctr, &sc.ks
+	*ctr = *iv
+	for len(src) > 0 {
+		c.b.Encrypt(ks[:], ctr[:])
+		n := subtle.XORBytes(dst, src, ks[:])
+		dst, src = dst[n:], src[n:]
+		for i := ccmBlockSize - 1; i >= 0; i-- {
+			ctr[i]++
+			if ctr[i] != 0 {
+				break
+			}
+		}
+	}
 }
 
 var ccmScratchPool = sync.Pool{New: func() any { return new(ccmScratch) }} //nolint:gochecknoglobals
@@ -243,9 +271,8 @@ func (c *ccm) Seal(dst, nonce, plaintext, adata []byte) []byte {
 		tag[i] ^= s0[i]
 	}
 	iv[len(iv)-1] |= 1
-	stream := cipher.NewCTR(c.b, iv[:])
 	ret, out := sliceForAppend(dst, len(plaintext)+int(c.M))
-	stream.XORKeyStream(out, plaintext)
+	c.xorCTR(sc, iv, out[:len(plaintext)], plaintext)
 	copy(out[len(plaintext):], tag)
 
 	return ret
@@ -279,13 +306,12 @@ func (c *ccm) Open(dst, nonce, ciphertext, adata []byte) ([]byte, error) {
 		tag[i] ^= s0[i]
 	}
 	iv[len(iv)-1] |= 1
-	stream := cipher.NewCTR(c.b, iv[:])
 
 	// Bastion patch (third_party/README.md): decrypt into dst, as
 	// crypto/cipher's GCM does, and wipe it if authentication fails, so
 	// the plaintext is still never revealed; pion made a copy per record.
 	ret, plaintext := sliceForAppend(dst, len(ciphertextWithoutTag))
-	stream.XORKeyStream(plaintext, ciphertextWithoutTag)
+	c.xorCTR(sc, iv, plaintext, ciphertextWithoutTag)
 	expectedTag := &sc.mac
 	if err := c.tagInto(expectedTag, nonce, plaintext, adata); err != nil {
 		clear(plaintext)
