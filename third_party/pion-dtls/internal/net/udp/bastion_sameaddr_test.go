@@ -5,6 +5,7 @@ package udp
 
 import (
 	"net"
+	"net/netip"
 	"testing"
 )
 
@@ -26,5 +27,20 @@ func TestBastionSameAddr(t *testing.T) {
 				t.Errorf("sameAddr(%v, %v) = %v, want %v (as their strings)", a, b, got, want)
 			}
 		}
+	}
+}
+
+// TestBastionUDPAddrPort: the listener's byAddr key of a connection
+// (udpAddrPort of the *net.UDPAddr it was accepted with, made from the
+// datagram's netip.AddrPort) is the AddrPort its later datagrams carry.
+func TestBastionUDPAddrPort(t *testing.T) {
+	for _, s := range []string{"127.0.0.1:5684", "[::1]:1", "[::ffff:127.0.0.1]:65535", "[fe80::1%eth0]:5684", "0.0.0.0:0"} {
+		ap := netip.MustParseAddrPort(s)
+		if got := udpAddrPort(net.UDPAddrFromAddrPort(ap)); got != ap {
+			t.Errorf("udpAddrPort(UDPAddrFromAddrPort(%v)) = %v", ap, got)
+		}
+	}
+	if got := udpAddrPort(&net.UDPAddr{}); got.IsValid() {
+		t.Errorf("udpAddrPort of an address without IP = %v, want invalid (no byAddr entry)", got)
 	}
 }
