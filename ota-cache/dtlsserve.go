@@ -447,7 +447,9 @@ func (s *dtlsServer) serveConn(ctx context.Context, rw net.Conn) {
 }
 
 // onRecord takes one decrypted record, an error, or (io.EOF) the end of
-// the session, on the session's record reader.
+// the session, on the session's record reader. p is pion's read buffer,
+// valid only until onRecord returns: handleDatagram decodes it into a
+// pooled message (a copy) and keeps no reference to it.
 func (c *DTLSConn) onRecord(p []byte, err error) {
 	cfg := c.srv.cfg
 	if err != nil {

@@ -505,11 +505,29 @@ func (c *Conn) Write(payload []byte) (int, error) {
 	// write through the socket; the errors are mapped below as
 	// closeContext.Err did.
 	ctx := c.writeDeadline.Context()
-	err := c.writePackets(ctx, []*packet{
+	epoch := c.state.getLocalEpoch()
+	done, err := c.writeApplicationData(ctx, epoch, payload)
+	if !done {
+		err = c.writeGenericApplicationData(ctx, epoch, payload)
+	}
+	switch {
+	case err == nil:
+	case c.isConnectionClosed():
+		err = ErrConnClosed
+	case errors.Is(err, context.Canceled) && context.Cause(ctx) != nil:
+		err = netError(context.Cause(ctx))
+	}
+
+	return len(payload), err
+}
+
+// writeGenericApplicationData is Write's path through processPacket.
+func (c *Conn) writeGenericApplicationData(ctx context.Context, epoch uint16, payload []byte) error {
+	return c.writePackets(ctx, []*packet{
 		{
 			record: &recordlayer.RecordLayer{
 				Header: recordlayer.Header{
-					Epoch:   c.state.getLocalEpoch(),
+					Epoch:   epoch,
 					Version: protocol.Version1_2,
 				},
 				Content: &protocol.ApplicationData{
@@ -520,15 +538,127 @@ func (c *Conn) Write(payload []byte) (int, error) {
 			shouldEncrypt: true,
 		},
 	})
-	switch {
-	case err == nil:
-	case c.isConnectionClosed():
-		err = ErrConnClosed
-	case errors.Is(err, context.Canceled) && context.Cause(ctx) != nil:
-		err = netError(context.Cause(ctx))
+}
+
+// inPlaceEncrypter is a cipher suite that can encrypt a record in the
+// buffer that holds it (Bastion patch: the AES-GCM and AES-CCM suites).
+type inPlaceEncrypter interface {
+	EncryptInPlace(hdr recordlayer.Header, buf []byte) ([]byte, error)
+}
+
+// maxInPlacePayload bounds the application data the in-place path takes;
+// larger writes take the generic path.
+const maxInPlacePayload = 16384
+
+// poolWriteBuffer holds the buffers the in-place path seals records in:
+// the largest header (with a 255-byte connection ID), the explicit nonce,
+// maxInPlacePayload, the inner content type and the largest tag.
+var poolWriteBuffer = sync.Pool{ //nolint:gochecknoglobals
+	New: func() any {
+		b := make([]byte, 0, recordlayer.FixedHeaderSize+255+8+maxInPlacePayload+1+16)
+
+		return &b
+	},
+}
+
+// writeApplicationData writes payload as one application data record
+// sealed in place in a pooled buffer, with the bytes the generic path
+// (processPacket) would write, without its allocations. done is false,
+// and nothing was written or counted, when the cipher suite cannot
+// encrypt in place or payload is too large: the caller takes the generic
+// path (Bastion patch, third_party/README.md).
+func (c *Conn) writeApplicationData(ctx context.Context, epoch uint16, payload []byte) (done bool, err error) {
+	if len(payload) > maxInPlacePayload {
+		return false, nil
+	}
+	c.writeLock.Lock()
+	defer c.writeLock.Unlock()
+
+	bufPtr, _ := poolWriteBuffer.Get().(*[]byte)
+	defer poolWriteBuffer.Put(bufPtr)
+
+	c.lock.Lock()
+	raw, done, err := c.sealApplicationData((*bufPtr)[:0], epoch, payload)
+	rAddr := c.rAddr
+	c.lock.Unlock()
+	if !done || err != nil {
+		return done, err
+	}
+	ctx, err = c.writeContext(ctx)
+	if err != nil {
+		return true, err
 	}
 
-	return len(payload), err
+	return true, c.writeRaw(ctx, raw, rAddr)
+}
+
+// sealApplicationData appends to buf the encrypted application data
+// record that processPacket makes of payload, taking the next sequence
+// number of epoch as processPacket does; c.lock is held. done is false,
+// and no sequence number taken, when the cipher suite cannot encrypt in
+// place.
+func (c *Conn) sealApplicationData(buf []byte, epoch uint16, payload []byte) ([]byte, bool, error) {
+	enc, ok := c.state.cipherSuite.(inPlaceEncrypter)
+	if !ok {
+		return nil, false, nil
+	}
+	cid := c.state.remoteConnectionID
+	if len(cid) > 255 {
+		return nil, false, nil
+	}
+	seq, err := c.nextLocalSequenceNumber(epoch)
+	if err != nil {
+		return nil, true, err
+	}
+	hdr := recordlayer.Header{
+		ContentType:    protocol.ContentTypeApplicationData,
+		Version:        protocol.Version1_2,
+		Epoch:          epoch,
+		SequenceNumber: seq,
+		ContentLen:     uint16(len(payload)), //nolint:gosec // G115, bounded by maxInPlacePayload
+	}
+	if len(cid) > 0 {
+		// RFC 9146: the content and its real type form the inner plaintext
+		// (no padding), under a tls12_cid header.
+		hdr.ContentType = protocol.ContentTypeConnectionID
+		hdr.ConnectionID = cid
+		hdr.ContentLen++
+	}
+	headerSize := hdr.Size()
+	buf = append(buf,
+		byte(hdr.ContentType), hdr.Version.Major, hdr.Version.Minor,
+		byte(hdr.Epoch>>8), byte(hdr.Epoch),
+		byte(seq>>40), byte(seq>>32), byte(seq>>24), byte(seq>>16), byte(seq>>8), byte(seq))
+	buf = append(buf, cid...)
+	buf = append(buf, byte(hdr.ContentLen>>8), byte(hdr.ContentLen))
+	buf = append(buf, make([]byte, 8)...) // the explicit nonce
+	buf = append(buf, payload...)
+	if len(cid) > 0 {
+		buf = append(buf, byte(protocol.ContentTypeApplicationData))
+	}
+	if len(buf) != headerSize+8+int(hdr.ContentLen) {
+		return nil, true, errInPlaceLayout
+	}
+	raw, err := enc.EncryptInPlace(hdr, buf)
+
+	return raw, true, err
+}
+
+// nextLocalSequenceNumber takes the next sequence number of epoch for a
+// record to send (processPacket's accounting).
+func (c *Conn) nextLocalSequenceNumber(epoch uint16) (uint64, error) {
+	for len(c.state.localSequenceNumber) <= int(epoch) {
+		c.state.localSequenceNumber = append(c.state.localSequenceNumber, uint64(0))
+	}
+	seq := atomic.AddUint64(&c.state.localSequenceNumber[epoch], 1) - 1
+	if seq > recordlayer.MaxSequenceNumber {
+		// RFC 6347 Section 4.1.0
+		// The implementation must either abandon an association or rehandshake
+		// prior to allowing the sequence number to wrap.
+		return 0, errSequenceNumberOverflow
+	}
+
+	return seq, nil
 }
 
 // Close closes the connection.
@@ -589,14 +719,51 @@ func (c *Conn) writePackets(ctx context.Context, pkts []*packet) error {
 		return err
 	}
 
+	ctx, err = c.writeContext(ctx)
+	if err != nil {
+		return err
+	}
 	for _, compactedRawPacket := range compactedRawPackets {
-		if _, err = c.nextConn.WriteToContext(ctx, compactedRawPacket, rAddr); err != nil {
+		if err := c.writeRaw(ctx, compactedRawPacket, rAddr); err != nil {
+			return err
+		}
+	}
+
+	return nil
+}
+
+// writeContext returns the context the writes of one call are made with.
+func (c *Conn) writeContext(ctx context.Context) (context.Context, error) {
+	if c.waitForDatagram {
+		// Bastion patch (third_party/README.md): a listener's connection
+		// writes to the listener's shared socket, and no per-connection
+		// deadline or context can end a write in progress there
+		// (udp.PacketConn.SetWriteDeadline only fails later writes). So
+		// the context is checked here, once, instead of being watched
+		// during each write, which cost an allocation and a lock.
+		if err := ctx.Err(); err != nil {
 			if errors.Is(err, context.Canceled) && c.isConnectionClosed() {
-				return ErrConnClosed
+				return nil, ErrConnClosed
 			}
 
-			return netError(err)
+			return nil, netError(err)
 		}
+
+		return context.Background(), nil
+	}
+
+	return ctx, nil
+}
+
+// writeRaw sends one datagram to rAddr with a context from writeContext;
+// c.writeLock is held.
+func (c *Conn) writeRaw(ctx context.Context, raw []byte, rAddr net.Addr) error {
+	if _, err := c.nextConn.WriteToContext(ctx, raw, rAddr); err != nil {
+		if errors.Is(err, context.Canceled) && c.isConnectionClosed() {
+			return ErrConnClosed
+		}
+
+		return netError(err)
 	}
 
 	return nil
@@ -767,16 +934,9 @@ func (c *Conn) compactRawPackets(rawPackets [][]byte) [][]byte {
 }
 
 func (c *Conn) processPacket(pkt *packet) ([]byte, error) { //nolint:cyclop
-	epoch := pkt.record.Header.Epoch
-	for len(c.state.localSequenceNumber) <= int(epoch) {
-		c.state.localSequenceNumber = append(c.state.localSequenceNumber, uint64(0))
-	}
-	seq := atomic.AddUint64(&c.state.localSequenceNumber[epoch], 1) - 1
-	if seq > recordlayer.MaxSequenceNumber {
-		// RFC 6347 Section 4.1.0
-		// The implementation must either abandon an association or rehandshake
-		// prior to allowing the sequence number to wrap.
-		return nil, errSequenceNumberOverflow
+	seq, err := c.nextLocalSequenceNumber(pkt.record.Header.Epoch)
+	if err != nil {
+		return nil, err
 	}
 	pkt.record.Header.SequenceNumber = seq
 
@@ -970,7 +1130,15 @@ func (c *Conn) readAndBuffer(ctx context.Context) error { //nolint:cyclop
 	// in place (io.ErrShortBuffer); an empty datagram is consumed by it, as
 	// the read below would have done, and there is nothing to process.
 	if c.waitForDatagram {
-		_, _, err := c.nextConn.ReadFromContext(ctx, nil)
+		// The listener's connection watches ctx itself, without netctx's
+		// registration per wait; its buffer closes with it (io.EOF, which
+		// ends the reader as netctx's net.ErrClosed did).
+		var err error
+		if lc, ok := c.nextConn.Conn().(*udp.PacketConn); ok {
+			_, _, err = lc.ReadFromContext(ctx, nil)
+		} else {
+			_, _, err = c.nextConn.ReadFromContext(ctx, nil)
+		}
 		if err == nil {
 			return nil // an empty datagram, consumed: nothing to process
 		}
@@ -990,7 +1158,8 @@ func (c *Conn) readAndBuffer(ctx context.Context) error { //nolint:cyclop
 		return netError(err)
 	}
 
-	pkts, err := recordlayer.ContentAwareUnpackDatagram(b[:i], len(c.state.getLocalConnectionID()))
+	var pktsArray [4][]byte // most datagrams hold one record
+	pkts, err := recordlayer.AppendContentAwareUnpackDatagram(pktsArray[:0], b[:i], len(c.state.getLocalConnectionID()))
 	if err != nil {
 		return err
 	}
@@ -1007,8 +1176,8 @@ func (c *Conn) readAndBuffer(ctx context.Context) error { //nolint:cyclop
 		}
 
 		if err != nil {
-			// Bastion patch: e is declared only here, so that it does not
-			// escape to the heap for every record that has no error.
+			// Bastion patch: e is looked at only for an error (errors.As
+			// needs &e, which made it a heap allocation per record).
 			var e *alertError
 			if errors.As(err, &e) && e.IsFatalOrCloseNotify() {
 				return e
@@ -1101,11 +1270,13 @@ func (c *Conn) handleIncomingPacket(
 	rAddr net.Addr,
 	enqueue bool,
 ) (bool, bool, *alert.Alert, error) {
-	header := &recordlayer.Header{}
+	// Bastion patch (third_party/README.md): header, its connection ID
+	// placeholder and the replay mark below live on the stack.
+	var header recordlayer.Header
 	// Set connection ID size so that records of content type tls12_cid will
 	// be parsed correctly.
 	if len(c.state.getLocalConnectionID()) > 0 {
-		header.ConnectionID = make([]byte, len(c.state.getLocalConnectionID()))
+		header.ConnectionID = connectionIDPlaceholder(len(c.state.getLocalConnectionID()))
 	}
 	if err := header.Unmarshal(buf); err != nil {
 		// Decode error must be silently discarded
@@ -1152,29 +1323,20 @@ func (c *Conn) handleIncomingPacket(
 			replaydetector.New(c.replayProtectionWindow, recordlayer.MaxSequenceNumber),
 		)
 	}
-	markPacketAsValid, ok := c.state.replayDetector[int(header.Epoch)].Check(header.SequenceNumber)
+	mark := replayMark{c: c, epoch: header.Epoch, seq: header.SequenceNumber}
+	ok := false
+	if ca, isCA := c.state.replayDetector[int(header.Epoch)].(replaydetector.CheckAccepter); isCA {
+		mark.ca, mark.tok = ca, ca.CheckSeq(header.SequenceNumber)
+		ok = mark.tok.Passed()
+	} else {
+		mark.accept, ok = c.state.replayDetector[int(header.Epoch)].Check(header.SequenceNumber)
+	}
 	if !ok {
 		c.log.Debugf("discarded duplicated packet (epoch: %d, seq: %d)",
 			header.Epoch, header.SequenceNumber,
 		)
 
 		return false, false, nil, nil
-	}
-
-	markReplay := markPacketAsValid
-	markPacketAsValid = func() bool {
-		latest := markReplay()
-		if header.Epoch > 0 {
-			next := header.SequenceNumber + 1
-			for previous := c.state.remoteSequenceNumber.Load(); next > previous; {
-				if c.state.remoteSequenceNumber.CompareAndSwap(previous, next) {
-					break
-				}
-				previous = c.state.remoteSequenceNumber.Load()
-			}
-		}
-
-		return latest
 	}
 
 	// originalCID indicates whether the original record had content type
@@ -1204,13 +1366,32 @@ func (c *Conn) handleIncomingPacket(
 		var err error
 		var hdr recordlayer.Header
 		if header.ContentType == protocol.ContentTypeConnectionID {
-			hdr.ConnectionID = make([]byte, len(c.state.getLocalConnectionID()))
+			hdr.ConnectionID = connectionIDPlaceholder(len(c.state.getLocalConnectionID()))
 		}
 		buf, err = c.state.cipherSuite.Decrypt(hdr, buf)
 		if err != nil {
 			c.log.Debugf("%s: decrypt failed: %s", srvCliStr(c.state.isClient), err)
 
 			return false, false, nil, nil
+		}
+		// Bastion patch (third_party/README.md): application data, the
+		// common case, is handled in place, without the copies below.
+		if data, ok := appDataContent(&header, buf); ok {
+			// If connection ID does not match discard the packet.
+			if !bytes.Equal(c.state.getLocalConnectionID(), header.ConnectionID) {
+				c.log.Debug("unexpected connection ID")
+
+				return false, false, nil, nil
+			}
+			// What fragmentBuffer.push would have been given.
+			if c.fragmentBuffer.size()+recordlayer.FixedHeaderSize+len(data) >= fragmentBufferMaxSize {
+				c.log.Debugf("defragment failed: %s", errFragmentBufferOverflow)
+
+				return false, false, nil, nil
+			}
+
+			return c.handleApplicationData(ctx, data, rAddr, header.ContentType == protocol.ContentTypeConnectionID,
+				&mark)
 		}
 		// If this is a connection ID record, make it look like a normal record for
 		// further processing.
@@ -1254,7 +1435,7 @@ func (c *Conn) handleIncomingPacket(
 
 		return false, false, nil, nil
 	} else if isHandshake {
-		markPacketAsValid()
+		mark.markValid()
 
 		for out, epoch := c.fragmentBuffer.pop(); out != nil; out, epoch = c.fragmentBuffer.pop() {
 			header := &handshake.Header{}
@@ -1289,7 +1470,7 @@ func (c *Conn) handleIncomingPacket(
 			// Respond with a close_notify [RFC5246 Section 7.2.1]
 			a = &alert.Alert{Level: alert.Warning, Description: alert.CloseNotify}
 		}
-		_ = markPacketAsValid()
+		_ = mark.markValid()
 
 		return false, false, a, &alertError{content}
 	case *protocol.ChangeCipherSpec:
@@ -1313,7 +1494,7 @@ func (c *Conn) handleIncomingPacket(
 
 		if c.state.getRemoteEpoch()+1 == newRemoteEpoch {
 			c.setRemoteEpoch(newRemoteEpoch)
-			isLatestSeqNum = markPacketAsValid()
+			isLatestSeqNum = mark.markValid()
 		}
 	case *protocol.ApplicationData:
 		if header.Epoch == 0 {
@@ -1322,7 +1503,7 @@ func (c *Conn) handleIncomingPacket(
 			}, errApplicationDataEpochZero
 		}
 
-		isLatestSeqNum = markPacketAsValid()
+		isLatestSeqNum = mark.markValid()
 
 		if c.readHandler.Load() != nil {
 			// Delivered below, once a new peer address is in place for
@@ -1369,13 +1550,135 @@ func (c *Conn) handleIncomingPacket(
 	return false, false, nil, nil
 }
 
+// replayMark marks a record that passed the replay check as received,
+// once it has been authenticated (Bastion patch: a value on the stack
+// where pion made two closures per record).
+type replayMark struct {
+	c      *Conn
+	ca     replaydetector.CheckAccepter
+	tok    replaydetector.Token
+	accept func() bool // from Check, when the detector is no CheckAccepter
+	epoch  uint16
+	seq    uint64
+}
+
+func (m *replayMark) markValid() bool {
+	var latest bool
+	if m.ca != nil {
+		latest = m.ca.Accept(m.tok)
+	} else {
+		latest = m.accept()
+	}
+	if m.epoch > 0 {
+		next := m.seq + 1
+		for previous := m.c.state.remoteSequenceNumber.Load(); next > previous; {
+			if m.c.state.remoteSequenceNumber.CompareAndSwap(previous, next) {
+				break
+			}
+			previous = m.c.state.remoteSequenceNumber.Load()
+		}
+	}
+
+	return latest
+}
+
+// zeroConnectionID backs connectionIDPlaceholder. It is never written:
+// recordlayer.Header.Unmarshal replaces the placeholder with a slice of
+// the record, and only reads its length.
+var zeroConnectionID [255]byte //nolint:gochecknoglobals
+
+// connectionIDPlaceholder returns n zero bytes for a Header's
+// ConnectionID, which tells Unmarshal the length of the ID to expect
+// (pion made a new slice per record).
+func connectionIDPlaceholder(n int) []byte {
+	if n <= len(zeroConnectionID) {
+		return zeroConnectionID[:n:n]
+	}
+
+	return make([]byte, n)
+}
+
+// appDataContent returns the content of a decrypted record (buf, with its
+// header h as read before decryption) that is application data, as the
+// generic path (InnerPlaintext and RecordLayer.Unmarshal) would find it,
+// without copying; ok is false for any other record, which takes the
+// generic path.
+func appDataContent(h *recordlayer.Header, buf []byte) ([]byte, bool) {
+	switch h.ContentType {
+	case protocol.ContentTypeApplicationData:
+		if len(buf) < recordlayer.FixedHeaderSize {
+			return nil, false
+		}
+
+		return buf[recordlayer.FixedHeaderSize:], true
+	case protocol.ContentTypeConnectionID:
+		if len(buf) < h.Size() {
+			return nil, false
+		}
+		inner := buf[h.Size():]
+		i := len(inner) - 1
+		for i >= 0 && inner[i] == 0 {
+			i--
+		}
+		if i < 0 || protocol.ContentType(inner[i]) != protocol.ContentTypeApplicationData {
+			return nil, false
+		}
+
+		return inner[:i], true
+	default:
+		return nil, false
+	}
+}
+
+// handleApplicationData is handleIncomingPacket's handling of an
+// authenticated application data record of an epoch > 0 whose content is
+// data, a slice of the read buffer: the read handler gets it as it is
+// (valid while the handler runs), Read a copy, as the generic path gives.
+func (c *Conn) handleApplicationData(
+	ctx context.Context, data []byte, rAddr net.Addr, originalCID bool, mark *replayMark,
+) (bool, bool, *alert.Alert, error) {
+	isLatestSeqNum := mark.markValid()
+	hasDeliver := false
+	if c.readHandler.Load() != nil {
+		hasDeliver = true
+	} else {
+		owned := append([]byte{}, data...)
+		if !c.isHandshakeCompletedSuccessfully() {
+			select {
+			case c.decrypted <- owned:
+			default:
+			}
+		} else {
+			select {
+			case c.decrypted <- owned:
+			case <-c.closed.Done():
+			case <-ctx.Done():
+			}
+		}
+		c.drainToHandler()
+	}
+	if originalCID && isLatestSeqNum {
+		if rAddr != c.RemoteAddr() {
+			c.lock.Lock()
+			c.rAddr = rAddr
+			c.lock.Unlock()
+		}
+	}
+	if hasDeliver {
+		c.deliver(data, nil)
+	}
+
+	return false, false, nil, nil
+}
+
 // SetReadHandler makes the connection hand its application data to h on
 // its record reader goroutine instead of queueing it for Read: h(p, nil)
 // for each record, h(nil, err) for each error Read would have returned
 // while the connection lives on (a non-fatal alert, a record that failed
 // to decrypt), and h(nil, io.EOF) once, last, when the connection has
 // ended. Records already queued for Read come first, in order. Calls are
-// never concurrent; p is the handler's to keep. While h runs, the
+// never concurrent; p is valid only until h returns (it may be a slice of
+// the read buffer, Bastion patch (7)). While h runs, the
 // connection reads nothing else, so h must not block for long; it may
 // Write and Close. Call it once, after the handshake, and do not call
 // Read afterwards.

@@ -30,6 +30,7 @@ var (
 	errNilReadHandler             = &InternalError{Err: errors.New("read handler is nil")}
 	errReadHandlerBeforeHandshake = &InternalError{Err: errors.New("read handler set before the handshake completed")}
 	errReadHandlerSet             = &InternalError{Err: errors.New("read handler already set")}
+	errInPlaceLayout              = &InternalError{Err: errors.New("in-place record has the wrong length")}
 	//nolint:err113
 	errContextUnsupported = &TemporaryError{Err: errors.New("context is not supported for ExportKeyingMaterial")}
 	//nolint:err113

@@ -72,9 +72,9 @@ func (p *packetConn) ReadFromContext(ctx context.Context, b []byte) (int, net.Ad
 	// Bastion patch (third_party/README.md): the context is watched with
 	// context.AfterFunc instead of a goroutine started and joined per call.
 	// For a context of the context package nothing runs unless it ends.
-	w := watch(ctx, p.nextConn.SetReadDeadline, &p.readWatch)
+	w := watch(ctx, p.nextConn, false, &p.readWatch)
 	n, raddr, err := p.nextConn.ReadFrom(b)
-	errSetDeadline := w.stop(p.nextConn.SetReadDeadline)
+	errSetDeadline := w.stop()
 	if e := ctx.Err(); e != nil && n == 0 {
 		err = e
 	}
@@ -99,9 +99,9 @@ func (p *packetConn) WriteToContext(ctx context.Context, b []byte, raddr net.Add
 	default:
 	}
 
-	w := watch(ctx, p.nextConn.SetWriteDeadline, &p.writeWatch)
+	w := watch(ctx, p.nextConn, true, &p.writeWatch)
 	n, err := p.nextConn.WriteTo(b, raddr)
-	errSetDeadline := w.stop(p.nextConn.SetWriteDeadline)
+	errSetDeadline := w.stop()
 	if e := ctx.Err(); e != nil && n == 0 {
 		err = e
 	}
@@ -114,28 +114,41 @@ func (p *packetConn) WriteToContext(ctx context.Context, b []byte, raddr net.Add
 
 // watcher ends a blocked call when its context ends, by moving the deadline
 // into the past (Bastion patch). One per direction, reused: calls in one
-// direction are serialised by the connection's mutex.
+// direction are serialised by the connection's mutex. It holds the
+// connection and the direction rather than a method value, which would be
+// a new closure per call.
 type watcher struct {
-	set   func(time.Time) error
-	fired chan error // the deadline function's result, once it has run
-	stopf func() bool
+	pc      net.PacketConn
+	write   bool
+	fired   chan error // the deadline function's result, once it has run
+	stopf   func() bool
+	expireF func() // w.expire, made once
+}
+
+func (w *watcher) setDeadline(t time.Time) error {
+	if w.write {
+		return w.pc.SetWriteDeadline(t)
+	}
+
+	return w.pc.SetReadDeadline(t)
 }
 
 func (w *watcher) expire() {
-	w.fired <- w.set(veryOld)
+	w.fired <- w.setDeadline(veryOld)
 }
 
-// watch arranges for set(veryOld) to run if ctx ends before stop. It
-// returns nil when ctx can never end.
-func watch(ctx context.Context, set func(time.Time) error, w *watcher) *watcher {
+// watch arranges for the read (or write) deadline of pc to be set to
+// veryOld if ctx ends before stop. It returns nil when ctx can never end.
+func watch(ctx context.Context, pc net.PacketConn, write bool, w *watcher) *watcher {
 	if ctx.Done() == nil {
 		return nil
 	}
 	if w.fired == nil {
 		w.fired = make(chan error, 1)
+		w.expireF = w.expire
 	}
-	w.set = set
-	w.stopf = context.AfterFunc(ctx, w.expire)
+	w.pc, w.write = pc, write
+	w.stopf = context.AfterFunc(ctx, w.expireF)
 
 	return w
 }
@@ -143,16 +156,16 @@ func watch(ctx context.Context, set func(time.Time) error, w *watcher) *watcher 
 // stop ends the watch. If the deadline was moved, it waits for that and
 // clears it again (the next call starts without a deadline, as before), and
 // returns the first error of either.
-func (w *watcher) stop(set func(time.Time) error) error {
+func (w *watcher) stop() error {
 	if w == nil {
 		return nil
 	}
-	defer func() { w.set, w.stopf = nil, nil }()
+	defer func() { w.stopf = nil }()
 	if w.stopf() {
 		return nil
 	}
 	err := <-w.fired
-	if err2 := set(time.Time{}); err == nil {
+	if err2 := w.setDeadline(time.Time{}); err == nil {
 		err = err2
 	}
 

@@ -118,3 +118,14 @@ func (c *AesCcm) Decrypt(h recordlayer.Header, raw []byte) ([]byte, error) {
 
 	return cipherSuite.Decrypt(h, raw)
 }
+
+// EncryptInPlace encrypts a single TLS RecordLayer in buf, with the bytes
+// Encrypt returns (Bastion patch, see ciphersuite.CCM.EncryptInPlace).
+func (c *AesCcm) EncryptInPlace(hdr recordlayer.Header, buf []byte) ([]byte, error) {
+	cipherSuite, ok := c.ccm.Load().(*ciphersuite.CCM)
+	if !ok {
+		return nil, fmt.Errorf("%w, unable to encrypt", errCipherSuiteNotInit)
+	}
+
+	return cipherSuite.EncryptInPlace(hdr, buf)
+}

@@ -114,3 +114,14 @@ func (c *TLSEcdheEcdsaWithAes128GcmSha256) Decrypt(h recordlayer.Header, raw []b
 
 	return cipherSuite.Decrypt(h, raw)
 }
+
+// EncryptInPlace encrypts a single TLS RecordLayer in buf, with the bytes
+// Encrypt returns (Bastion patch, see ciphersuite.GCM.EncryptInPlace).
+func (c *TLSEcdheEcdsaWithAes128GcmSha256) EncryptInPlace(hdr recordlayer.Header, buf []byte) ([]byte, error) {
+	cipherSuite, ok := c.gcm.Load().(*ciphersuite.GCM)
+	if !ok {
+		return nil, fmt.Errorf("%w, unable to encrypt", errCipherSuiteNotInit)
+	}
+
+	return cipherSuite.EncryptInPlace(hdr, buf)
+}

@@ -14,7 +14,6 @@ package net
 
 import (
 	"bytes"
-	"context"
 	"errors"
 	"io"
 	"net"
@@ -48,8 +47,12 @@ type PacketBuffer struct {
 	// when the write pointer and read pointer are at the same index.
 	full bool
 
-	notify chan struct{}
-	closed bool
+	// notify wakes a waiting reader. Bastion patch (third_party/README.md):
+	// one channel with room for one token, made at the first wait, instead
+	// of a channel per wait closed by the next write. Close closes it.
+	notify  chan struct{}
+	waiting int // readers waiting on notify
+	closed  bool
 
 	readDeadline *deadline.Deadline
 }
@@ -76,12 +79,6 @@ func (b *PacketBuffer) WriteTo(pkt []byte, addr net.Addr) (int, error) {
 		b.mutex.Unlock()
 
 		return 0, io.ErrClosedPipe
-	}
-
-	var notify chan struct{}
-	if b.notify != nil {
-		notify = b.notify
-		b.notify = nil
 	}
 
 	// Check to see if we are full.
@@ -137,46 +134,48 @@ func (b *PacketBuffer) WriteTo(pkt []byte, addr net.Addr) (int, error) {
 		b.full = true
 	}
 
+	b.wakeLocked()
 	b.mutex.Unlock()
-
-	if notify != nil {
-		close(notify)
-	}
 
 	return n, nil
 }
 
-// ReadFrom reads a single packet from the buffer, or blocks until one is
-// available.
-func (b *PacketBuffer) ReadFrom(packet []byte) (n int, addr net.Addr, err error) {
-	return b.readFrom(nil, packet)
-}
-
-// ReadFromContext is ReadFrom that also returns ctx.Err() once ctx ends
-// (Bastion patch: a listener's connection waits on its context here
-// instead of through netctx's deadline watcher).
-func (b *PacketBuffer) ReadFromContext(ctx context.Context, packet []byte) (n int, addr net.Addr, err error) {
-	return b.readFrom(ctx, packet)
-}
-
-func (b *PacketBuffer) readFrom(ctx context.Context, packet []byte) (n int, addr net.Addr, err error) { //nolint:cyclop
-	var done <-chan struct{} // nil: ReadFrom, no context
-	if ctx != nil {
-		done = ctx.Done()
+// wakeLocked gives a waiting reader a token, if it has none yet; the mutex
+// is held and the buffer is open.
+func (b *PacketBuffer) wakeLocked() {
+	if b.waiting > 0 {
 		select {
-		case <-done:
-			return 0, nil, ctx.Err()
+		case b.notify <- struct{}{}:
 		default:
 		}
 	}
+}
+
+// errWaitDone is what readFrom returns when done is closed first.
+var errWaitDone = errors.New("buffer: wait ended")
+
+// ReadFrom reads a single packet from the buffer, or blocks until one is
+// available.
+func (b *PacketBuffer) ReadFrom(packet []byte) (n int, addr net.Addr, err error) {
+	return b.ReadFromDone(packet, nil)
+}
+
+// ReadFromDone is ReadFrom that also stops waiting when done is closed,
+// with an error (Bastion patch, third_party/README.md).
+func (b *PacketBuffer) ReadFromDone(packet []byte, done <-chan struct{}) (n int, addr net.Addr, err error) { //nolint:cyclop
 	select {
 	case <-b.readDeadline.Done():
 		return 0, nil, ErrTimeout
 	default:
 	}
 
+	waited := false
 	for {
 		b.mutex.Lock()
+		if waited {
+			b.waiting--
+			waited = false
+		}
 
 		if b.read != b.write || b.full {
 			ap := b.packets[b.read]
@@ -205,6 +204,11 @@ func (b *PacketBuffer) readFrom(ctx context.Context, packet []byte) (n int, addr
 			if b.full {
 				b.full = false
 			}
+			// Another waiting reader may take the next packet (a token
+			// is not a broadcast).
+			if b.read != b.write && !b.closed {
+				b.wakeLocked()
+			}
 
 			b.mutex.Unlock()
 
@@ -218,16 +222,26 @@ func (b *PacketBuffer) readFrom(ctx context.Context, packet []byte) (n int, addr
 		}
 
 		if b.notify == nil {
-			b.notify = make(chan struct{})
+			b.notify = make(chan struct{}, 1)
 		}
 		notify := b.notify
+		b.waiting++
+		waited = true
 		b.mutex.Unlock()
 
 		select {
 		case <-b.readDeadline.Done():
+			b.mutex.Lock()
+			b.waiting--
+			b.mutex.Unlock()
+
 			return 0, nil, ErrTimeout
 		case <-done:
-			return 0, nil, ctx.Err()
+			b.mutex.Lock()
+			b.waiting--
+			b.mutex.Unlock()
+
+			return 0, nil, errWaitDone
 		case <-notify:
 		}
 	}
@@ -244,15 +258,12 @@ func (b *PacketBuffer) Close() (err error) {
 		return nil
 	}
 
-	notify := b.notify
-	b.notify = nil
 	b.closed = true
+	if b.notify != nil {
+		close(b.notify) // wakes every waiting reader
+	}
 
 	b.mutex.Unlock()
-
-	if notify != nil {
-		close(notify)
-	}
 
 	return nil
 }

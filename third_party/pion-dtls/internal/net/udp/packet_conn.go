@@ -55,7 +55,11 @@ type listener struct {
 
 	connLock sync.Mutex
 	conns    map[string]*PacketConn
-	connWG   sync.WaitGroup
+	// byAddr has each connection that conns has under its remote address,
+	// under that address as read (Bastion patch, third_party/README.md):
+	// readLoop finds it without formatting the address.
+	byAddr map[netip.AddrPort]*PacketConn
+	connWG sync.WaitGroup
 
 	readWG   sync.WaitGroup
 	errClose atomic.Value // error
@@ -181,6 +185,7 @@ func (lc *ListenConfig) Listen(network string, laddr *net.UDPAddr) (dtlsnet.Pack
 		pConn:          conn,
 		acceptCh:       make(chan *PacketConn, lc.Backlog),
 		conns:          make(map[string]*PacketConn),
+		byAddr:         make(map[netip.AddrPort]*PacketConn),
 		doneCh:         make(chan struct{}),
 		acceptFilter:   lc.AcceptFilter,
 		datagramRouter: lc.DatagramRouter,
@@ -216,29 +221,23 @@ func (l *listener) readLoop() {
 	defer close(l.readDoneCh)
 
 	buf := make([]byte, receiveMTU)
-	addrs := make(map[netip.AddrPort]remoteAddr)
 
 	for {
-		// Bastion patch: the sender's address is read without an allocation
-		// and mapped to the *net.UDPAddr and the key string it had the
-		// last time, instead of a new address and a new key per datagram.
+		// Bastion patch (third_party/README.md): the address is read as a
+		// value, and a known connection's own *net.UDPAddr is handed on.
 		n, ap, err := l.pConn.ReadFromUDPAddrPort(buf)
 		if err != nil {
 			l.errRead.Store(err)
 
 			return
 		}
-		ra, seen := addrs[ap]
-		if !seen {
-			if len(addrs) >= maxRemoteAddrs {
-				clear(addrs)
-			}
-			addr := net.UDPAddrFromAddrPort(ap)
-			ra = remoteAddr{addr: addr, key: addr.String()}
-			addrs[ap] = ra
+		if conn, raddr := l.route(ap, buf[:n]); conn != nil {
+			_, _ = conn.buffer.WriteTo(buf[:n], raddr)
+
+			continue
 		}
-		raddr := ra.addr
-		conn, ok, err := l.getConnKey(raddr, ra.key, buf[:n])
+		raddr := net.UDPAddrFromAddrPort(ap)
+		conn, ok, err := l.getConn(raddr, buf[:n])
 		if err != nil {
 			continue
 		}
@@ -248,18 +247,31 @@ func (l *listener) readLoop() {
 	}
 }
 
-// remoteAddr is a sender's address as readLoop hands it on (Bastion patch).
-type remoteAddr struct {
-	addr *net.UDPAddr
-	key  string // addr.String(), the key of its connection in conns
+// route finds the existing connection that getConn would give buf from
+// ap, and the address to hand it with; nil when getConn must decide.
+func (l *listener) route(ap netip.AddrPort, buf []byte) (*PacketConn, net.Addr) {
+	l.connLock.Lock()
+	defer l.connLock.Unlock()
+	if l.datagramRouter != nil {
+		if id, ok := l.datagramRouter(buf); ok {
+			if conn, ok := l.conns[id]; ok {
+				if ap == conn.raddrAP {
+					return conn, conn.raddr
+				}
+
+				return conn, net.UDPAddrFromAddrPort(ap)
+			}
+		}
+	}
+	if conn, ok := l.byAddr[ap]; ok {
+		return conn, conn.raddr
+	}
+
+	return nil, nil
 }
 
-// maxRemoteAddrs bounds readLoop's memory of senders' addresses.
-const maxRemoteAddrs = 1024
-
-// getConnKey gets an existing connection or creates a new one. key is
-// raddr.String() (Bastion patch: given, see readLoop).
-func (l *listener) getConnKey(raddr net.Addr, key string, buf []byte) (*PacketConn, bool, error) { //nolint:cyclop
+// getConn gets an existing connection or creates a new one.
+func (l *listener) getConn(raddr net.Addr, buf []byte) (*PacketConn, bool, error) { //nolint:cyclop
 	l.connLock.Lock()
 	defer l.connLock.Unlock()
 	// If we have a custom resolver, use it.
@@ -273,7 +285,7 @@ func (l *listener) getConnKey(raddr net.Addr, key string, buf []byte) (*PacketCo
 
 	// If we don't have a custom resolver, or we were unable to find an
 	// associated connection, fall back to remote address.
-	conn, ok := l.conns[key]
+	conn, ok := l.conns[raddr.String()]
 	if !ok {
 		if isAccepting, ok := l.accepting.Load().(bool); !isAccepting || !ok {
 			return nil, false, ErrClosedListener
@@ -287,7 +299,10 @@ func (l *listener) getConnKey(raddr net.Addr, key string, buf []byte) (*PacketCo
 		l.connWG.Add(1)
 		select {
 		case l.acceptCh <- conn:
-			l.conns[key] = conn
+			l.conns[raddr.String()] = conn
+			if conn.raddrAP.IsValid() {
+				l.byAddr[conn.raddrAP] = conn
+			}
 		default:
 			l.connWG.Done()
 
@@ -306,8 +321,9 @@ type PacketConn struct {
 	listener *listener
 
 	raddr   net.Addr
-	rmraddr atomic.Value // bool
-	id      atomic.Value // string
+	raddrAP netip.AddrPort // raddr as read, if a UDP address (Bastion patch)
+	rmraddr atomic.Value   // bool
+	id      atomic.Value   // string
 
 	buffer *idtlsnet.PacketBuffer
 
@@ -319,9 +335,15 @@ type PacketConn struct {
 
 // newPacketConn constructs a new PacketConn.
 func (l *listener) newPacketConn(raddr net.Addr) *PacketConn {
+	var ap netip.AddrPort
+	if u, ok := raddr.(*net.UDPAddr); ok {
+		ap = udpAddrPort(u)
+	}
+
 	return &PacketConn{
 		listener:      l,
 		raddr:         raddr,
+		raddrAP:       ap,
 		buffer:        idtlsnet.NewPacketBuffer(),
 		doneCh:        make(chan struct{}),
 		writeDeadline: deadline.New(),
@@ -334,9 +356,16 @@ func (c *PacketConn) ReadFrom(buff []byte) (int, net.Addr, error) {
 	return c.buffer.ReadFrom(buff)
 }
 
-// ReadFromContext is ReadFrom that also ends when ctx does (Bastion patch).
+// ReadFromContext is ReadFrom that also ends, with ctx.Err(), when ctx
+// ends, as netctx's ReadFromContext does, without registering a watch of
+// ctx for every wait (Bastion patch, third_party/README.md).
 func (c *PacketConn) ReadFromContext(ctx context.Context, buff []byte) (int, net.Addr, error) {
-	return c.buffer.ReadFromContext(ctx, buff)
+	n, addr, err := c.buffer.ReadFromDone(buff, ctx.Done())
+	if e := ctx.Err(); e != nil && n == 0 {
+		err = e
+	}
+
+	return n, addr, err
 }
 
 // WriteTo writes len(payload) bytes from payload to the specified address.
@@ -373,6 +402,7 @@ func (c *PacketConn) WriteTo(payload []byte, addr net.Addr) (n int, err error) {
 		if id != nil && c.rmraddr.Load() == nil && !sameAddr(addr, c.raddr) {
 			c.listener.connLock.Lock()
 			delete(c.listener.conns, c.raddr.String())
+			c.listener.forgetAddr(c)
 			c.rmraddr.Store(true)
 			c.listener.connLock.Unlock()
 		}
@@ -385,21 +415,6 @@ func (c *PacketConn) WriteTo(payload []byte, addr net.Addr) (n int, err error) {
 	}
 
 	return c.listener.pConn.WriteTo(payload, addr)
-}
-
-// sameAddr reports whether a.String() == b.String(), without formatting
-// UDP addresses (Bastion patch: WriteTo asks it for every datagram of a
-// connection with a connection ID). For UDP addresses, equal strings are
-// equal ports, zones and IPs (an IPv4 address prints the same in its 4- and
-// 16-byte forms, and IP.Equal treats those as equal).
-func sameAddr(a, b net.Addr) bool {
-	ua, okA := a.(*net.UDPAddr)
-	ub, okB := b.(*net.UDPAddr)
-	if okA && okB && ua != nil && ub != nil {
-		return ua.Port == ub.Port && ua.Zone == ub.Zone && ua.IP.Equal(ub.IP)
-	}
-
-	return a.String() == b.String()
 }
 
 // Close closes the conn and releases any Read calls.
@@ -418,6 +433,7 @@ func (c *PacketConn) Close() error {
 		// connection map.
 		if c.rmraddr.Load() == nil {
 			delete(c.listener.conns, c.raddr.String())
+			c.listener.forgetAddr(c)
 			c.rmraddr.Store(true)
 		}
 		nConns := len(c.listener.conns)
@@ -464,4 +480,41 @@ func (c *PacketConn) SetWriteDeadline(t time.Time) error {
 	// Write deadline of underlying connection should not be changed
 	// since the connection can be shared.
 	return nil
+}
+
+// forgetAddr removes c from byAddr, as its address is removed from
+// conns; connLock is held.
+func (l *listener) forgetAddr(c *PacketConn) {
+	if l.byAddr[c.raddrAP] == c {
+		delete(l.byAddr, c.raddrAP)
+	}
+}
+
+// udpAddrPort is the address ReadFromUDPAddrPort returns for a datagram
+// from u (ReadFrom's *net.UDPAddr for it): a 4-byte IP is IPv4, a
+// 16-byte one (from an IPv6 socket) is kept as it is, IPv4-mapped too.
+func udpAddrPort(u *net.UDPAddr) netip.AddrPort {
+	var a netip.Addr
+	switch len(u.IP) {
+	case net.IPv4len:
+		a = netip.AddrFrom4([4]byte(u.IP))
+	case net.IPv6len:
+		a = netip.AddrFrom16([16]byte(u.IP)).WithZone(u.Zone)
+	default:
+		return netip.AddrPort{}
+	}
+
+	return netip.AddrPortFrom(a, uint16(u.Port)) //nolint:gosec // G115, a port
+}
+
+// sameAddr is a.String() == b.String() without formatting two strings
+// for every datagram written (Bastion patch, third_party/README.md).
+func sameAddr(a, b net.Addr) bool {
+	ua, ok1 := a.(*net.UDPAddr)
+	ub, ok2 := b.(*net.UDPAddr)
+	if ok1 && ok2 {
+		return ua.Port == ub.Port && ua.Zone == ub.Zone && ua.IP.Equal(ub.IP)
+	}
+
+	return a.String() == b.String()
 }

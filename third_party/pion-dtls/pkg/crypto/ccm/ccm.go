@@ -21,6 +21,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"math"
+	"sync"
 )
 
 // ccm represents a Counter with CBC-MAC with a specific key.
@@ -121,16 +122,18 @@ func (c *ccm) cbcData(mac, data []byte) {
 
 var errPlaintextTooLong = errors.New("ccm: plaintext too large")
 
-// ccmScratch holds the 16-byte blocks of one Seal or Open (Bastion patch).
-// They reach the cipher.Block interface, so they live on the heap: one
-// allocation per call instead of one per block, plus none for a
-// cipher.Stream (see xorCTR).
-type ccmScratch struct {
-	mac, iv, s0, ks [ccmBlockSize]byte
+func (c *ccm) tag(nonce, plaintext, adata []byte) ([]byte, error) {
+	var mac [ccmBlockSize]byte
+	if err := c.tagInto(&mac, nonce, plaintext, adata); err != nil {
+		return nil, err
+	}
+
+	return mac[:c.M], nil
 }
 
-func (c *ccm) tag(scratch *ccmScratch, nonce, plaintext, adata []byte) ([]byte, error) {
-	mac := &scratch.mac
+// tagInto computes the tag into mac[:c.M] (Bastion patch,
+// third_party/README.md: tag's result escaped, an allocation per call).
+func (c *ccm) tagInto(mac *[ccmBlockSize]byte, nonce, plaintext, adata []byte) error {
 	*mac = [ccmBlockSize]byte{}
 
 	if len(adata) > 0 {
@@ -139,10 +142,10 @@ func (c *ccm) tag(scratch *ccmScratch, nonce, plaintext, adata []byte) ([]byte, 
 	mac[0] |= (c.M - 2) << 2
 	mac[0] |= c.L - 1
 	if len(nonce) != c.NonceSize() {
-		return nil, errInvalidNonceSize
+		return errInvalidNonceSize
 	}
 	if len(plaintext) > c.MaxLength() {
-		return nil, errPlaintextTooLong
+		return errPlaintextTooLong
 	}
 	binary.BigEndian.PutUint64(mac[ccmBlockSize-8:], uint64(len(plaintext)))
 	copy(mac[1:ccmBlockSize-c.L], nonce)
@@ -176,7 +179,7 @@ func (c *ccm) tag(scratch *ccmScratch, nonce, plaintext, adata []byte) ([]byte, 
 		c.cbcData(mac[:], plaintext)
 	}
 
-	return mac[:c.M], nil
+	return nil
 }
 
 // sliceForAppend takes a slice and a requested number of bytes. It returns a
@@ -197,52 +200,28 @@ func sliceForAppend(in []byte, n int) (head, tail []byte) {
 	return
 }
 
-// Seal encrypts and authenticates plaintext, authenticates the
-// additional data and appends the result to dst, returning the updated
-// slice. The nonce must be NonceSize() bytes long and unique for all
-// time, for a given key.
-// The plaintext must be no longer than MaxLength() bytes long.
-//
-// The plaintext and dst may alias exactly or not at all.
-func (c *ccm) Seal(dst, nonce, plaintext, adata []byte) []byte {
-	scratch := new(ccmScratch)
-	tag, err := c.tag(scratch, nonce, plaintext, adata)
-	if err != nil {
-		// The cipher.AEAD interface doesn't allow for an error return.
-		panic(err) // nolint
-	}
-
-	iv, s0 := &scratch.iv, &scratch.s0
-	iv[0] = c.L - 1
-	copy(iv[1:ccmBlockSize-c.L], nonce)
-	c.b.Encrypt(s0[:], iv[:])
-	for i := 0; i < int(c.M); i++ {
-		tag[i] ^= s0[i]
-	}
-	iv[len(iv)-1] |= 1
-	ret, out := sliceForAppend(dst, len(plaintext)+int(c.M))
-	c.xorCTR(scratch, out, plaintext)
-	copy(out[len(plaintext):], tag)
-
-	return ret
+// ccmScratch holds the blocks of one Seal or Open, which escaped to the
+// heap as local arrays (they reach cipher.Block.Encrypt): Bastion patch,
+// third_party/README.md.
+type ccmScratch struct {
+	mac, iv, s0, tag, ctr, ks [ccmBlockSize]byte
 }
 
-// ctrInlineMax: up to this many bytes, xorCTR runs the counter itself;
-// longer inputs go through crypto/cipher's CTR, whose batched AES is
-// faster once there are enough blocks to pay for its allocation.
+// ctrInlineMax is the longest message xorCTR encrypts block by block;
+// longer ones go through cipher.NewCTR, whose assembly is faster there.
 const ctrInlineMax = 256
 
-// xorCTR XORs src into dst with the CTR keystream starting at scratch.iv,
-// as cipher.NewCTR(c.b, iv).XORKeyStream(dst, src) (Bastion patch: without
-// allocating a cipher.Stream for each record; DTLS records on a CoAP link
-// are mostly small). It changes scratch.iv and scratch.ks.
-func (c *ccm) xorCTR(scratch *ccmScratch, dst, src []byte) {
+// xorCTR is cipher.NewCTR(c.b, iv).XORKeyStream(dst, src) (a big-endian
+// increment of the whole block, as crypto/cipher's CTR does) without its
+// allocations for a short message (Bastion patch, third_party/README.md).
+func (c *ccm) xorCTR(sc *ccmScratch, iv *[ccmBlockSize]byte, dst, src []byte) {
 	if len(src) > ctrInlineMax {
-		cipher.NewCTR(c.b, scratch.iv[:]).XORKeyStream(dst, src)
+		cipher.NewCTR(c.b, iv[:]).XORKeyStream(dst, src)
 
 		return
 	}
-	ctr, ks := &scratch.iv, &scratch.ks
+	ctr, ks := &sc.ctr, &sc.ks
+	*ctr = *iv
 	for len(src) > 0 {
 		c.b.Encrypt(ks[:], ctr[:])
 		n := subtle.XORBytes(dst, src, ks[:])
@@ -254,6 +233,49 @@ func (c *ccm) xorCTR(scratch *ccmScratch, dst, src []byte) {
 			}
 		}
 	}
+}
+
+var ccmScratchPool = sync.Pool{New: func() any { return new(ccmScratch) }} //nolint:gochecknoglobals
+
+// getScratch returns zeroed scratch blocks (iv and s0 are used as the
+// zero arrays they were).
+func getScratch() *ccmScratch {
+	sc, _ := ccmScratchPool.Get().(*ccmScratch)
+	*sc = ccmScratch{}
+
+	return sc
+}
+
+// Seal encrypts and authenticates plaintext, authenticates the
+// additional data and appends the result to dst, returning the updated
+// slice. The nonce must be NonceSize() bytes long and unique for all
+// time, for a given key.
+// The plaintext must be no longer than MaxLength() bytes long.
+//
+// The plaintext and dst may alias exactly or not at all.
+func (c *ccm) Seal(dst, nonce, plaintext, adata []byte) []byte {
+	sc := getScratch()
+	defer ccmScratchPool.Put(sc)
+	err := c.tagInto(&sc.mac, nonce, plaintext, adata)
+	tag := sc.mac[:c.M]
+	if err != nil {
+		// The cipher.AEAD interface doesn't allow for an error return.
+		panic(err) // nolint
+	}
+
+	iv, s0 := &sc.iv, &sc.s0
+	iv[0] = c.L - 1
+	copy(iv[1:ccmBlockSize-c.L], nonce)
+	c.b.Encrypt(s0[:], iv[:])
+	for i := 0; i < int(c.M); i++ {
+		tag[i] ^= s0[i]
+	}
+	iv[len(iv)-1] |= 1
+	ret, out := sliceForAppend(dst, len(plaintext)+int(c.M))
+	c.xorCTR(sc, iv, out[:len(plaintext)], plaintext)
+	copy(out[len(plaintext):], tag)
+
+	return ret
 }
 
 var (
@@ -270,12 +292,13 @@ func (c *ccm) Open(dst, nonce, ciphertext, adata []byte) ([]byte, error) {
 		return nil, errCiphertextTooLong
 	}
 
-	var tag [ccmBlockSize]byte
-	copy(tag[:c.M], ciphertext[len(ciphertext)-int(c.M):])
+	sc := getScratch()
+	defer ccmScratchPool.Put(sc)
+	tag := sc.tag[:c.M]
+	copy(tag, ciphertext[len(ciphertext)-int(c.M):])
 	ciphertextWithoutTag := ciphertext[:len(ciphertext)-int(c.M)]
 
-	scratch := new(ccmScratch)
-	iv, s0 := &scratch.iv, &scratch.s0
+	iv, s0 := &sc.iv, &sc.s0
 	iv[0] = c.L - 1
 	copy(iv[1:ccmBlockSize-c.L], nonce)
 	c.b.Encrypt(s0[:], iv[:])
@@ -284,19 +307,19 @@ func (c *ccm) Open(dst, nonce, ciphertext, adata []byte) ([]byte, error) {
 	}
 	iv[len(iv)-1] |= 1
 
-	// Bastion patch: decrypted straight into dst (which may be the
-	// ciphertext itself), and wiped if authentication fails, as
-	// crypto/cipher's GCM does, instead of into a new buffer first.
+	// Bastion patch (third_party/README.md): decrypt into dst, as
+	// crypto/cipher's GCM does, and wipe it if authentication fails, so
+	// the plaintext is still never revealed; pion made a copy per record.
 	ret, plaintext := sliceForAppend(dst, len(ciphertextWithoutTag))
-	c.xorCTR(scratch, plaintext, ciphertextWithoutTag)
-	expectedTag, err := c.tag(scratch, nonce, plaintext, adata)
-	if err != nil {
+	c.xorCTR(sc, iv, plaintext, ciphertextWithoutTag)
+	expectedTag := &sc.mac
+	if err := c.tagInto(expectedTag, nonce, plaintext, adata); err != nil {
 		clear(plaintext)
 
 		return nil, err
 	}
 
-	if subtle.ConstantTimeCompare(tag[:c.M], expectedTag) != 1 {
+	if subtle.ConstantTimeCompare(tag, expectedTag[:c.M]) != 1 {
 		clear(plaintext)
 
 		return nil, errOpen

@@ -6,40 +6,9 @@ package ccm
 import (
 	"bytes"
 	"crypto/aes"
-	"crypto/cipher"
 	"fmt"
 	"testing"
 )
-
-// TestXORCTRMatchesStdlib: the counter-mode keystream Seal and Open use
-// (Bastion patch: no cipher.Stream allocated per record) is crypto/cipher's
-// CTR, for every length up to a few blocks past the inline limit and for
-// counters that carry across bytes.
-func TestXORCTRMatchesStdlib(t *testing.T) {
-	b, err := aes.NewCipher(bytes.Repeat([]byte{7}, 16))
-	if err != nil {
-		t.Fatal(err)
-	}
-	c := &ccm{b: b, M: 8, L: 3}
-	src := make([]byte, 2*ctrInlineMax+100)
-	for i := range src {
-		src[i] = byte(i * 31)
-	}
-	for _, last := range []byte{0x00, 0xfe, 0xff} {
-		var iv [ccmBlockSize]byte
-		iv[0] = c.L - 1
-		iv[13], iv[14], iv[15] = 0xff, last, last
-		for n := 0; n <= len(src); n++ {
-			want := make([]byte, n)
-			cipher.NewCTR(b, iv[:]).XORKeyStream(want, src[:n])
-			got := make([]byte, n)
-			c.xorCTR(&ccmScratch{iv: iv}, got, src[:n])
-			if !bytes.Equal(got, want) {
-				t.Fatalf("iv ...%x, %d bytes: got %x, want %x", iv[13:], n, got, want)
-			}
-		}
-	}
-}
 
 func BenchmarkSeal(b *testing.B) {
 	blk, err := aes.NewCipher(bytes.Repeat([]byte{7}, 16))

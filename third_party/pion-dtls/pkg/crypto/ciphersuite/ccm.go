@@ -66,3 +66,12 @@ func (c *CCM) Encrypt(pkt *recordlayer.RecordLayer, raw []byte) ([]byte, error) 
 func (c *CCM) Decrypt(header recordlayer.Header, in []byte) ([]byte, error) {
 	return c.aead.decrypt(header, in)
 }
+
+// EncryptInPlace encrypts the record in buf, in place, with the bytes
+// Encrypt returns for the same record: buf[:hdr.Size()] is the record's
+// header as hdr.Marshal writes it, then 8 bytes of room for the explicit
+// nonce, then the plaintext; cap(buf) must leave room for the tag
+// (Bastion patch, third_party/README.md).
+func (c *CCM) EncryptInPlace(hdr recordlayer.Header, buf []byte) ([]byte, error) {
+	return c.aead.encryptInPlace(&hdr, buf)
+}

@@ -31,6 +31,8 @@ var (
 	errInvalidMAC = &protocol.TemporaryError{Err: errors.New("invalid mac")}
 	//nolint:err113
 	errFailedToCast = &protocol.FatalError{Err: errors.New("failed to cast")}
+	//nolint:err113
+	errNotEnoughRoomForTag = &protocol.InternalError{Err: errors.New("buffer not long enough to contain tag")}
 )
 
 // aead provides a generic API to Encrypt/Decrypt DTLS 1.2 Packets.
@@ -42,9 +44,15 @@ type aead struct {
 	nonceLength   int
 	tagLength     int
 
-	// buffer pool for (fixed-size) nonces.
+	// buffer pool for (fixed-size) nonces, each followed by room for the
+	// additional data (Bastion patch, third_party/README.md).
 	nonceBufferPool sync.Pool
 }
+
+// aeadScratchExtra is the room for additional data after a pooled nonce:
+// 13 bytes without a connection ID, 23 plus the ID's length with one.
+// A longer connection ID makes the additional data allocate, as before.
+const aeadScratchExtra = 23 + 32
 
 // newAEAD creates a generic DTLS AEAD-based Cipher.
 func newAEAD(
@@ -64,7 +72,7 @@ func newAEAD(
 		tagLength:     tagLength,
 		nonceBufferPool: sync.Pool{
 			New: func() any {
-				b := make([]byte, nonceLength)
+				b := make([]byte, nonceLength, nonceLength+aeadScratchExtra)
 				return &b // nolint:nlreturn
 			},
 		},
@@ -86,12 +94,7 @@ func (a *aead) encrypt(pkt *recordlayer.RecordLayer, raw []byte) ([]byte, error)
 	seq64 := (uint64(pkt.Header.Epoch) << 48) | (pkt.Header.SequenceNumber & 0x0000ffffffffffff)
 	binary.BigEndian.PutUint64(nonce[4:], seq64)
 
-	var additionalData []byte
-	if pkt.Header.ContentType == protocol.ContentTypeConnectionID {
-		additionalData = generateAEADAdditionalDataCID(&pkt.Header, len(payload))
-	} else {
-		additionalData = generateAEADAdditionalData(&pkt.Header, len(payload))
-	}
+	additionalData := appendAEADAdditionalData(nonce[len(nonce):], &pkt.Header, len(payload))
 	finalSize := len(raw) + 8 + len(payload) + a.tagLength
 	r := make([]byte, finalSize)
 	copy(r, raw)
@@ -103,6 +106,39 @@ func (a *aead) encrypt(pkt *recordlayer.RecordLayer, raw []byte) ([]byte, error)
 	binary.BigEndian.PutUint16(r[pkt.Header.Size()-2:], uint16(len(r)-pkt.Header.Size())) //nolint:gosec //G115
 
 	// Return nonce buffer to pool
+	a.nonceBufferPool.Put(noncePtr)
+
+	return r, nil
+}
+
+// encryptInPlace encrypts the record in buf as encrypt does, in buf:
+// buf[:hdr.Size()] is the record's header as hdr.Marshal writes it,
+// the next 8 bytes are room for the explicit nonce, and the rest is the
+// plaintext; cap(buf) must leave room for the tag. The result has the
+// bytes encrypt returns for the same record (Bastion patch,
+// third_party/README.md).
+func (a *aead) encryptInPlace(hdr *recordlayer.Header, buf []byte) ([]byte, error) {
+	headerSize := hdr.Size()
+	if len(buf) < headerSize+8 {
+		return nil, errNotEnoughRoomForNonce
+	}
+	if cap(buf)-len(buf) < a.tagLength {
+		return nil, errNotEnoughRoomForTag
+	}
+	payload := buf[headerSize+8:]
+
+	noncePtr := a.nonceBufferPool.Get().(*[]byte) // nolint:forcetypeassert
+	nonce := *noncePtr
+	copy(nonce, a.localWriteIV[:4])
+	seq64 := (uint64(hdr.Epoch) << 48) | (hdr.SequenceNumber & 0x0000ffffffffffff)
+	binary.BigEndian.PutUint64(nonce[4:], seq64)
+
+	additionalData := appendAEADAdditionalData(nonce[len(nonce):], hdr, len(payload))
+	copy(buf[headerSize:], nonce[4:])
+	sealed := a.localAEAD.Seal(payload[:0], nonce, payload, additionalData)
+	r := buf[:headerSize+8+len(sealed)]
+	binary.BigEndian.PutUint16(r[headerSize-2:], uint16(len(r)-headerSize)) //nolint:gosec //G115
+
 	a.nonceBufferPool.Put(noncePtr)
 
 	return r, nil
@@ -129,12 +165,7 @@ func (a *aead) decrypt(header recordlayer.Header, in []byte) ([]byte, error) {
 	copy(nonce[4:], in[header.Size():header.Size()+8])
 	out := in[header.Size()+8:]
 
-	var additionalData []byte
-	if header.ContentType == protocol.ContentTypeConnectionID {
-		additionalData = generateAEADAdditionalDataCID(&header, len(out)-a.tagLength)
-	} else {
-		additionalData = generateAEADAdditionalData(&header, len(out)-a.tagLength)
-	}
+	additionalData := appendAEADAdditionalData(nonce[len(nonce):], &header, len(out)-a.tagLength)
 	out, err = a.remoteAEAD.Open(out[:0], nonce, out, additionalData)
 	if err != nil {
 		// Return nonce buffer to pool
@@ -147,6 +178,35 @@ func (a *aead) decrypt(header recordlayer.Header, in []byte) ([]byte, error) {
 	a.nonceBufferPool.Put(noncePtr)
 
 	return append(in[:header.Size()], out...), nil
+}
+
+// appendAEADAdditionalData appends to dst the additional data that
+// generateAEADAdditionalData (or, for a record with a connection ID,
+// generateAEADAdditionalDataCID) returns, without allocating when dst has
+// room (Bastion patch, third_party/README.md).
+func appendAEADAdditionalData(dst []byte, h *recordlayer.Header, payloadLen int) []byte {
+	if h.ContentType == protocol.ContentTypeConnectionID {
+		dst = binary.BigEndian.AppendUint64(dst, seqNumPlaceholder)
+		dst = append(dst,
+			uint8(protocol.ContentTypeConnectionID),
+			uint8(len(h.ConnectionID)), //nolint:gosec //G115
+			uint8(protocol.ContentTypeConnectionID),
+			h.Version.Major, h.Version.Minor)
+		dst = binary.BigEndian.AppendUint16(dst, h.Epoch)
+		dst = append(dst,
+			byte(h.SequenceNumber>>40), byte(h.SequenceNumber>>32), byte(h.SequenceNumber>>24),
+			byte(h.SequenceNumber>>16), byte(h.SequenceNumber>>8), byte(h.SequenceNumber))
+		dst = append(dst, h.ConnectionID...)
+
+		return binary.BigEndian.AppendUint16(dst, uint16(payloadLen)) //nolint:gosec //G115
+	}
+	dst = binary.BigEndian.AppendUint16(dst, h.Epoch)
+	dst = append(dst,
+		byte(h.SequenceNumber>>40), byte(h.SequenceNumber>>32), byte(h.SequenceNumber>>24),
+		byte(h.SequenceNumber>>16), byte(h.SequenceNumber>>8), byte(h.SequenceNumber),
+		byte(h.ContentType), h.Version.Major, h.Version.Minor)
+
+	return binary.BigEndian.AppendUint16(dst, uint16(payloadLen)) //nolint:gosec //G115
 }
 
 func generateAEADAdditionalData(h *recordlayer.Header, payloadLen int) []byte {

@@ -61,3 +61,12 @@ func (g *GCM) Encrypt(pkt *recordlayer.RecordLayer, raw []byte) ([]byte, error) 
 func (g *GCM) Decrypt(header recordlayer.Header, in []byte) ([]byte, error) {
 	return g.aead.decrypt(header, in)
 }
+
+// EncryptInPlace encrypts the record in buf, in place, with the bytes
+// Encrypt returns for the same record: buf[:hdr.Size()] is the record's
+// header as hdr.Marshal writes it, then 8 bytes of room for the explicit
+// nonce, then the plaintext; cap(buf) must leave room for the tag
+// (Bastion patch, third_party/README.md).
+func (g *GCM) EncryptInPlace(hdr recordlayer.Header, buf []byte) ([]byte, error) {
+	return g.aead.encryptInPlace(&hdr, buf)
+}

@@ -119,8 +119,13 @@ func UnpackDatagram(buf []byte) ([][]byte, error) {
 // presence of a connection identifier if the record is of content type
 // tls12_cid.
 func ContentAwareUnpackDatagram(buf []byte, cidLength int) ([][]byte, error) {
-	out := [][]byte{}
+	return AppendContentAwareUnpackDatagram([][]byte{}, buf, cidLength)
+}
 
+// AppendContentAwareUnpackDatagram is ContentAwareUnpackDatagram appending
+// the records to out, so a caller can unpack into an array of its own
+// (Bastion patch, third_party/README.md).
+func AppendContentAwareUnpackDatagram(out [][]byte, buf []byte, cidLength int) ([][]byte, error) {
 	for offset := 0; len(buf) != offset; {
 		headerSize := FixedHeaderSize
 		lenIdx := fixedHeaderLenIdx
