@@ -122,23 +122,6 @@ func rssKiB(pid int) int64 {
 	return -1
 }
 
-// procCPU is the user + system CPU time process pid has used (from
-// /proc/pid/stat, in clock ticks of 10 ms).
-func procCPU(pid int) time.Duration {
-	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0
-	}
-	// Fields after the command name, which is in parentheses and may hold spaces.
-	f := strings.Fields(string(raw[bytes.LastIndexByte(raw, ')')+1:]))
-	if len(f) < 13 {
-		return 0
-	}
-	ut, _ := strconv.ParseInt(f[11], 10, 64)
-	st, _ := strconv.ParseInt(f[12], 10, 64)
-	return time.Duration(ut+st) * 10 * time.Millisecond
-}
-
 type loadResult struct {
 	bytes      int64
 	elapsed    time.Duration
@@ -199,7 +182,7 @@ func runLoad(b *testing.B, addr, path string, n int, want [32]byte, size int64, 
 	}()
 	var wg sync.WaitGroup
 	var mu sync.Mutex
-	cpu0 := procCPU(serverPID)
+	cpu0 := testenv.ProcCPU(serverPID)
 	start := time.Now()
 	for i := range n {
 		wg.Add(1)
@@ -222,7 +205,7 @@ func runLoad(b *testing.B, addr, path string, n int, want [32]byte, size int64, 
 	}
 	wg.Wait()
 	res.elapsed = time.Since(start)
-	res.cpu = procCPU(serverPID) - cpu0
+	res.cpu = testenv.ProcCPU(serverPID) - cpu0
 	close(stopSampling)
 	<-sampled
 	res.bytes = total.Load()

@@ -9,7 +9,6 @@ import (
 	"os"
 	"os/exec"
 	"strconv"
-	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -134,23 +133,6 @@ func handshakes(b *testing.B, addr string, d *devicesim.Device, n, conc int) flo
 	return float64(n) / time.Since(start).Seconds()
 }
 
-// procCPU is the user + system CPU time process pid has used (from
-// /proc/pid/stat, in clock ticks of 10 ms).
-func procCPU(pid int) time.Duration {
-	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0
-	}
-	// Fields after the command name, which is in parentheses and may hold spaces.
-	f := strings.Fields(string(raw[bytes.LastIndexByte(raw, ')')+1:]))
-	if len(f) < 13 {
-		return 0
-	}
-	ut, _ := strconv.ParseInt(f[11], 10, 64)
-	st, _ := strconv.ParseInt(f[12], 10, 64)
-	return time.Duration(ut+st) * 10 * time.Millisecond
-}
-
 // BenchmarkCoAPvsLibcoap: CoAP over DTLS 1.2 with PSK, Bastion against
 // libcoap's coap-server-openssl in the same run, the same client (pion/dtls
 // + go-coap) for both. Request/response: confirmable POST /t/bench on
@@ -191,15 +173,15 @@ func BenchmarkCoAPvsLibcoap(b *testing.B) {
 		b.Run(fmt.Sprintf("request/sessions%d", sessions), func(b *testing.B) {
 			per := total / sessions
 			for range b.N {
-				lc0 := procCPU(lcPid)
+				lc0 := testenv.ProcCPU(lcPid)
 				l := coapLoad(b, lc, lDevs[:sessions], per, lDo)
-				lcCPU := procCPU(lcPid) - lc0
+				lcCPU := testenv.ProcCPU(lcPid) - lc0
 				var g result
 				var gCPU time.Duration
 				bs.cpuProfile(b, fmt.Sprintf("coap-sessions%d", sessions), func() {
-					g0 := procCPU(bs.cmd.Process.Pid)
+					g0 := testenv.ProcCPU(bs.cmd.Process.Pid)
 					g = coapLoad(b, bs.addrs["coaps_psk"], bDevs[:sessions], per, bDo)
-					gCPU = procCPU(bs.cmd.Process.Pid) - g0
+					gCPU = testenv.ProcCPU(bs.cmd.Process.Pid) - g0
 				})
 				// Server CPU per request: unlike the rate, it hardly depends
 				// on what else the machine is doing.
@@ -223,15 +205,15 @@ func BenchmarkCoAPvsLibcoap(b *testing.B) {
 	}
 	b.Run("handshakes", func(b *testing.B) {
 		for range b.N {
-			lc0 := procCPU(lcPid)
+			lc0 := testenv.ProcCPU(lcPid)
 			l := handshakes(b, lc, lDevs[0], nHS, 4)
-			lcCPU := procCPU(lcPid) - lc0
+			lcCPU := testenv.ProcCPU(lcPid) - lc0
 			var g float64
 			var gCPU time.Duration
 			bs.cpuProfile(b, "coap-handshakes", func() {
-				g0 := procCPU(bs.cmd.Process.Pid)
+				g0 := testenv.ProcCPU(bs.cmd.Process.Pid)
 				g = handshakes(b, bs.addrs["coaps_psk"], bDevs[0], nHS, 4)
-				gCPU = procCPU(bs.cmd.Process.Pid) - g0
+				gCPU = testenv.ProcCPU(bs.cmd.Process.Pid) - g0
 			})
 			gus, lus := float64(gCPU.Microseconds())/float64(nHS), float64(lcCPU.Microseconds())/float64(nHS)
 			b.ReportMetric(gus, "bastion_cpu_us/hs")

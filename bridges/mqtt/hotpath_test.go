@@ -22,6 +22,7 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/bridges/hub"
 	"github.com/bastion-iot/bastion/pki"
 )
@@ -35,6 +36,13 @@ import (
 // localServer starts the MQTT server over a hub with hub.LocalSink.
 func localServer(tb testing.TB) (*Server, *pki.CA) {
 	tb.Helper()
+	return sinkServer(tb, hub.LocalSink{})
+}
+
+// sinkServer starts the MQTT server on loopback over a hub with sink, with
+// a new CA; it stops when the test ends.
+func sinkServer(tb testing.TB, sink bridges.Sink) (*Server, *pki.CA) {
+	tb.Helper()
 	log := slog.New(slog.DiscardHandler)
 	ca, err := pki.Open(filepath.Join(tb.TempDir(), "pki"), "gw1", pki.SystemClock{}, log)
 	if err != nil {
@@ -44,7 +52,7 @@ func localServer(tb testing.TB) (*Server, *pki.CA) {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	h, err := hub.New(hub.LocalSink{}, prometheus.NewRegistry(), log)
+	h, err := hub.New(sink, prometheus.NewRegistry(), log)
 	if err != nil {
 		tb.Fatal(err)
 	}

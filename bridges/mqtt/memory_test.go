@@ -10,20 +10,14 @@ import (
 	"crypto/x509"
 	"fmt"
 	"io"
-	"log/slog"
-	"path/filepath"
 	"runtime"
 	"runtime/metrics"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/mochi-mqtt/server/v2/packets"
-	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/bastion-iot/bastion/bridges"
-	"github.com/bastion-iot/bastion/bridges/hub"
-	"github.com/bastion-iot/bastion/pki"
 )
 
 type acceptSink struct{}
@@ -56,28 +50,7 @@ func TestIdleSessionMemory(t *testing.T) {
 	}
 	const sessions = 200
 	const maxHeap, maxStacks = 48 << 10, 12 << 10
-	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	ca, err := pki.Open(filepath.Join(t.TempDir(), "pki"), "test", pki.SystemClock{}, log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	sc, err := ca.ServerCert("mqtt", []string{"127.0.0.1"}, 24*time.Hour, time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
-	h, err := hub.New(acceptSink{}, prometheus.NewRegistry(), log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv, err := New(Config{Listen: "127.0.0.1:0"}, sc, caIdentity{ca}, h, log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() { defer wg.Done(); srv.Run(ctx) }()
-	defer func() { cancel(); wg.Wait() }()
+	srv, ca := sinkServer(t, acceptSink{})
 
 	// Credentials first, so that only sessions are measured.
 	roots := x509.NewCertPool()
