@@ -113,7 +113,7 @@ func (s *Server) routeSession(ctx context.Context, m *pool.Message, se *session,
 	case kind == KindDevice && s.cfg.Enroll != nil && (path == est.PathCrts || path == est.PathSren):
 		return s.est(ctx, m, se, r, path)
 	case kind == KindDevice:
-		return s.route(ctx, se.device, r)
+		return s.route(se.device, r)
 	case kind == KindPAKE && path == PAKEPath:
 		return s.pake(ctx, se, r)
 	case kind == KindEnroll && (path == est.PathSen || path == est.PathCrts):

@@ -33,7 +33,7 @@ func testServer(t testing.TB, sink bridges.Sink) *Server {
 	}
 	cfg := Config{MaxPayload: 64}
 	cfg.defaults()
-	return &Server{cfg: cfg, hub: h, m: h.Metrics(), log: log}
+	return &Server{cfg: cfg, hub: h, m: h.Metrics(), log: log, deadline: &hub.SharedDeadline{Timeout: acceptTimeout}}
 }
 
 // addCaptures seeds f with the CoAP datagrams captured from libcoap's
@@ -72,7 +72,7 @@ func FuzzRequest(f *testing.F) {
 		if err != nil {
 			res = diag(codes.BadRequest, "malformed")
 		} else {
-			res = s.route(context.Background(), "dev1", r)
+			res = s.route("dev1", r)
 		}
 		if res.code == 0 {
 			t.Fatalf("no response code for %x", data)
@@ -120,7 +120,7 @@ func TestCapturedRequests(t *testing.T) {
 		if err != nil {
 			t.Fatalf("%s: %v", tc.file, err)
 		}
-		res := s.route(context.Background(), "dev1", r)
+		res := s.route("dev1", r)
 		if res.code != tc.want {
 			t.Errorf("%s: got %v, want %v (%s)", tc.file, res.code, tc.want, res.body)
 		}

@@ -87,7 +87,7 @@ func diag(code codes.Code, format string, args ...any) response {
 // route decides the answer to one request from device and, for telemetry,
 // hands the message to the hub (so a confirmable request is acknowledged
 // only after the Sink accepted it).
-func (s *Server) route(ctx context.Context, device string, r request) response {
+func (s *Server) route(device string, r request) response {
 	path := strings.TrimPrefix(r.path, "/")
 	switch {
 	case path == ".well-known/core":
@@ -99,7 +99,7 @@ func (s *Server) route(ctx context.Context, device string, r request) response {
 		if r.code != codes.POST {
 			return diag(codes.MethodNotAllowed, "/t allows POST")
 		}
-		return s.telemetry(ctx, device, strings.TrimPrefix(strings.TrimPrefix(path, "t"), "/"), r)
+		return s.telemetry(device, strings.TrimPrefix(strings.TrimPrefix(path, "t"), "/"), r)
 	case path == "c" || strings.HasPrefix(path, "c/"):
 		if r.code != codes.GET {
 			return diag(codes.MethodNotAllowed, "/c allows GET (with Observe)")
@@ -109,7 +109,7 @@ func (s *Server) route(ctx context.Context, device string, r request) response {
 	return diag(codes.NotFound, "no resource %q; see /.well-known/core", r.path)
 }
 
-func (s *Server) telemetry(ctx context.Context, device, path string, r request) response {
+func (s *Server) telemetry(device, path string, r request) response {
 	topic, ok := hub.TelemetryTopic(device, path)
 	if !ok {
 		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonBadRequest).Inc()
@@ -138,13 +138,16 @@ func (s *Server) telemetry(ctx context.Context, device, path string, r request) 
 			return diag(codes.BadRequest, "payload unreadable")
 		}
 	}
+	// A NON request's Accept does not wait; a CON request waits, bounded,
+	// until the message is durable (acceptTimeout, shared per second).
+	now := time.Now()
 	var qos byte
+	ctx := context.Background()
 	if r.confirmable {
 		qos = 1
+		ctx = s.deadline.Context(now)
 	}
-	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
-	err := s.hub.Telemetry(ctx, hub.CoAP, bridges.Message{Device: device, Topic: topic, Payload: payload, QoS: qos, Received: time.Now()})
+	err := s.hub.Telemetry(ctx, hub.CoAP, bridges.Message{Device: device, Topic: topic, Payload: payload, QoS: qos, Received: now})
 	switch {
 	case err == nil:
 		return response{code: codes.Changed}

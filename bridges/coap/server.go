@@ -72,6 +72,10 @@ func (c *Config) defaults() {
 	}
 }
 
+// acceptTimeout bounds how long a confirmable request waits for the Sink
+// (the durable queue's fsync) before it is answered 5.03 with Max-Age.
+const acceptTimeout = 5 * time.Second
+
 // Server is the CoAP-over-DTLS front end.
 type Server struct {
 	cfg Config
@@ -100,6 +104,8 @@ type Server struct {
 	// byDevice: most devices have one session, so a slice (not a map)
 	// per device keeps an idle session's bookkeeping small.
 	byDevice map[string][]*otacache.DTLSConn
+	// deadline bounds a confirmable request's wait for the Sink.
+	deadline *hub.SharedDeadline
 }
 
 // pskAnswer is what the PSK callback found for an identity.
@@ -127,7 +133,8 @@ type session struct {
 func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log *slog.Logger) (*Server, error) {
 	cfg.defaults()
 	s := &Server{cfg: cfg, id: id, hub: h, m: h.Metrics(), log: log.With("component", "coap"),
-		byDevice: map[string][]*otacache.DTLSConn{}, pskSeen: map[string]pskAnswer{}}
+		byDevice: map[string][]*otacache.DTLSConn{}, pskSeen: map[string]pskAnswer{},
+		deadline: &hub.SharedDeadline{Timeout: acceptTimeout}}
 	var err error
 	verify := func(raw [][]byte, _ [][]*x509.Certificate) error {
 		dev, err := id.VerifyCert(raw)
@@ -239,6 +246,7 @@ func (s *Server) Run(ctx context.Context) error {
 		}
 	}
 	s.closing.Wait()
+	s.deadline.Stop()
 	return first
 }
 

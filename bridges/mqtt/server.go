@@ -15,7 +15,6 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	mochi "github.com/mochi-mqtt/server/v2"
@@ -113,13 +112,14 @@ type Server struct {
 	authed map[*mochi.Client]string // client → device, for the session gauge
 	subID  int
 
-	deadline acceptDeadline
+	deadline *hub.SharedDeadline
 }
 
 // New builds the broker and binds its TLS listener.
 func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log *slog.Logger) (*Server, error) {
 	cfg.defaults()
-	s := &Server{cfg: cfg, id: id, hub: h, m: h.Metrics(), log: log.With("component", "mqtt"), authed: map[*mochi.Client]string{}}
+	s := &Server{cfg: cfg, id: id, hub: h, m: h.Metrics(), log: log.With("component", "mqtt"), authed: map[*mochi.Client]string{},
+		deadline: &hub.SharedDeadline{Timeout: acceptTimeout}}
 	caps := mochi.NewDefaultServerCapabilities()
 	caps.MaximumPacketSize = uint32(cfg.MaxPacketSize)
 	caps.ReceiveMaximum = cfg.ReceiveMaximum
@@ -184,7 +184,7 @@ func (s *Server) Run(ctx context.Context) error {
 	s.log.Info("mqtt: listening", "addr", s.Addr())
 	<-ctx.Done()
 	err := s.mq.Close()
-	s.deadline.stop()
+	s.deadline.Stop()
 	return err
 }
 
@@ -271,52 +271,11 @@ const acceptTimeout = 5 * time.Second
 
 // acceptContext returns the context a publish waits for the Sink under.
 // A QoS 0 Accept returns at once, so it gets none; QoS 1 publishes share
-// one deadline per second (see acceptDeadline). now is the message's
+// one deadline per second (hub.SharedDeadline). now is the message's
 // arrival (one clock read per message serves both).
 func (s *Server) acceptContext(qos byte, now time.Time) (context.Context, context.CancelFunc) {
 	if qos == 0 {
 		return context.Background(), func() {}
 	}
-	return s.deadline.context(now), func() {}
-}
-
-// acceptDeadline hands every QoS 1 publish that starts within the same
-// second one shared context, whose deadline is acceptTimeout + 1 s after
-// that second began: each publish may wait between acceptTimeout and
-// acceptTimeout + 1 s. A context.WithTimeout per message (a runtime timer
-// added and removed every time) was about 1 µs of the 18 µs of CPU a
-// QoS 1 message costs with 50 publishers; this is an atomic load.
-type acceptDeadline struct {
-	cur atomic.Pointer[sharedDeadline]
-	mu  sync.Mutex // serialises renewals
-}
-
-type sharedDeadline struct {
-	ctx        context.Context
-	cancel     context.CancelFunc
-	reuseUntil time.Time
-}
-
-func (a *acceptDeadline) context(now time.Time) context.Context {
-	if d := a.cur.Load(); d != nil && now.Before(d.reuseUntil) {
-		return d.ctx
-	}
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if d := a.cur.Load(); d != nil && now.Before(d.reuseUntil) {
-		return d.ctx
-	}
-	// The previous context is left to its own timer: publishes that took
-	// it still wait under it.
-	ctx, cancel := context.WithDeadline(context.Background(), now.Add(acceptTimeout+time.Second))
-	a.cur.Store(&sharedDeadline{ctx: ctx, cancel: cancel, reuseUntil: now.Add(time.Second)})
-	return ctx
-}
-
-// stop releases the current context's timer; older ones fire on their own
-// within acceptTimeout + 1 s (timers, not goroutines).
-func (a *acceptDeadline) stop() {
-	if d := a.cur.Swap(nil); d != nil {
-		d.cancel()
-	}
+	return s.deadline.Context(now), func() {}
 }

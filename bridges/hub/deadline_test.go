@@ -1,19 +1,21 @@
-package mqtt
+package hub
 
 import (
 	"testing"
 	"time"
 )
 
-func TestAcceptDeadlineShared(t *testing.T) {
-	var a acceptDeadline
-	defer a.stop()
+const acceptTimeout = 5 * time.Second
+
+func TestSharedDeadline(t *testing.T) {
+	a := &SharedDeadline{Timeout: acceptTimeout}
+	defer a.Stop()
 	t0 := time.Now()
-	c1 := a.context(t0)
-	if c2 := a.context(t0.Add(999 * time.Millisecond)); c2 != c1 {
+	c1 := a.Context(t0)
+	if c2 := a.Context(t0.Add(999 * time.Millisecond)); c2 != c1 {
 		t.Error("publishes within the same second got different contexts; want one shared")
 	}
-	c3 := a.context(t0.Add(time.Second))
+	c3 := a.Context(t0.Add(time.Second))
 	if c3 == c1 {
 		t.Error("a publish one second later reused the old context; its wait would be bounded by less than acceptTimeout")
 	}
@@ -25,7 +27,7 @@ func TestAcceptDeadlineShared(t *testing.T) {
 				start.Sub(t0), dl.Sub(start), ok, acceptTimeout, acceptTimeout+time.Second)
 		}
 	}
-	a.stop()
+	a.Stop()
 	if c3.Err() == nil {
 		t.Error("stop did not release the current context")
 	}
