@@ -138,16 +138,14 @@ func (s *Server) telemetry(device, path string, r request) response {
 			return diag(codes.BadRequest, "payload unreadable")
 		}
 	}
-	// A NON request's Accept does not wait; a CON request waits, bounded,
-	// until the message is durable (acceptTimeout, shared per second).
+	// A CON request waits, bounded, until the message is durable
+	// (acceptTimeout, shared per second); a NON request does not wait.
 	now := time.Now()
 	var qos byte
-	ctx := context.Background()
 	if r.confirmable {
 		qos = 1
-		ctx = s.deadline.Context(now)
 	}
-	err := s.hub.Telemetry(ctx, hub.CoAP, bridges.Message{Device: device, Topic: topic, Payload: payload, QoS: qos, Received: now})
+	err := s.hub.Telemetry(s.deadline.ForQoS(qos, now), hub.CoAP, bridges.Message{Device: device, Topic: topic, Payload: payload, QoS: qos, Received: now})
 	switch {
 	case err == nil:
 		return response{code: codes.Changed}

@@ -44,6 +44,15 @@ func (a *SharedDeadline) Context(now time.Time) context.Context {
 	return ctx
 }
 
+// ForQoS is the context a message of qos waits for the Sink under: none
+// for QoS 0, whose Accept does not wait, else Context(now).
+func (a *SharedDeadline) ForQoS(qos byte, now time.Time) context.Context {
+	if qos == 0 {
+		return context.Background()
+	}
+	return a.Context(now)
+}
+
 // Stop releases the current context's timer; older ones fire on their own
 // within Timeout + 1 s (timers, not goroutines).
 func (a *SharedDeadline) Stop() {

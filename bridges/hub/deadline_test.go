@@ -27,6 +27,12 @@ func TestSharedDeadline(t *testing.T) {
 				start.Sub(t0), dl.Sub(start), ok, acceptTimeout, acceptTimeout+time.Second)
 		}
 	}
+	if _, ok := a.ForQoS(0, t0).Deadline(); ok {
+		t.Error("a QoS 0 message got a deadline; its Accept does not wait")
+	}
+	if a.ForQoS(1, t0.Add(time.Second)) != c3 {
+		t.Error("a QoS 1 message did not get the shared context")
+	}
 	a.Stop()
 	if c3.Err() == nil {
 		t.Error("stop did not release the current context")

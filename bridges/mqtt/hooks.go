@@ -135,8 +135,7 @@ func (h *authHook) OnPublish(cl *mochi.Client, pk packets.Packet) (packets.Packe
 		return pk, packets.ErrRejectPacket
 	}
 	now := time.Now()
-	ctx, cancel := h.s.acceptContext(pk.FixedHeader.Qos, now)
-	defer cancel()
+	ctx := h.s.deadline.ForQoS(pk.FixedHeader.Qos, now)
 	m := bridges.Message{Device: cl.ID, Topic: pk.TopicName, Payload: pk.Payload, QoS: pk.FixedHeader.Qos, Received: now}
 	var err error
 	if pc, ok := cl.Net.Conn.(*pipeConn); ok && m.QoS > 0 {

@@ -268,14 +268,3 @@ func deviceOf(id bridges.Identity, cl *mochi.Client) (string, bool, error) {
 // acceptTimeout bounds how long a QoS 1 publish waits for the Sink (the
 // durable queue's fsync) before the device is told to retry.
 const acceptTimeout = 5 * time.Second
-
-// acceptContext returns the context a publish waits for the Sink under.
-// A QoS 0 Accept returns at once, so it gets none; QoS 1 publishes share
-// one deadline per second (hub.SharedDeadline). now is the message's
-// arrival (one clock read per message serves both).
-func (s *Server) acceptContext(qos byte, now time.Time) (context.Context, context.CancelFunc) {
-	if qos == 0 {
-		return context.Background(), func() {}
-	}
-	return s.deadline.Context(now), func() {}
-}

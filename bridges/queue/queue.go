@@ -69,10 +69,11 @@ type Options struct {
 	Sync func(f *os.File) error
 	// SyncsInFlight is how many group commits may be in fsync at once
 	// (pipelined group commit): the next batch is written and its fsync
-	// started while the previous one's still runs, because a disk
+	// started while the previous one's still runs, for a disk that
 	// completes overlapping cache flushes faster than the same flushes one
-	// after another. Batches still complete in order. Default 2; 1 is the
-	// plain group commit.
+	// after another. Batches still complete in order. Default 1, the plain
+	// group commit: the disk measured is not such a disk, and 2 gained
+	// nothing there (bridges/README.md, "The disk commit").
 	SyncsInFlight int
 }
 
