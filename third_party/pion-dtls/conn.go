@@ -584,10 +584,6 @@ func (c *Conn) writeApplicationData(ctx context.Context, epoch uint16, payload [
 	if !done || err != nil {
 		return done, err
 	}
-	ctx, err = c.writeContext(ctx)
-	if err != nil {
-		return true, err
-	}
 
 	return true, c.writeRaw(ctx, raw, rAddr)
 }
@@ -719,10 +715,6 @@ func (c *Conn) writePackets(ctx context.Context, pkts []*packet) error {
 		return err
 	}
 
-	ctx, err = c.writeContext(ctx)
-	if err != nil {
-		return err
-	}
 	for _, compactedRawPacket := range compactedRawPackets {
 		if err := c.writeRaw(ctx, compactedRawPacket, rAddr); err != nil {
 			return err
@@ -732,30 +724,8 @@ func (c *Conn) writePackets(ctx context.Context, pkts []*packet) error {
 	return nil
 }
 
-// writeContext returns the context the writes of one call are made with.
-func (c *Conn) writeContext(ctx context.Context) (context.Context, error) {
-	if c.waitForDatagram {
-		// Bastion patch (third_party/README.md): a listener's connection
-		// writes to the listener's shared socket, and no per-connection
-		// deadline or context can end a write in progress there
-		// (udp.PacketConn.SetWriteDeadline only fails later writes). So
-		// the context is checked here, once, instead of being watched
-		// during each write, which cost an allocation and a lock.
-		if err := ctx.Err(); err != nil {
-			if errors.Is(err, context.Canceled) && c.isConnectionClosed() {
-				return nil, ErrConnClosed
-			}
-
-			return nil, netError(err)
-		}
-
-		return context.Background(), nil
-	}
-
-	return ctx, nil
-}
-
-// writeRaw sends one datagram to rAddr with a context from writeContext;
+// writeRaw sends one datagram to rAddr (a listener's connection checks
+// ctx itself, without watching it: listenerPacketConn);
 // c.writeLock is held.
 func (c *Conn) writeRaw(ctx context.Context, raw []byte, rAddr net.Addr) error {
 	if _, err := c.nextConn.WriteToContext(ctx, raw, rAddr); err != nil {
