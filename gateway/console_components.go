@@ -110,6 +110,13 @@ func (u consoleUpstream) Show(ctx context.Context) (console.Report, error) {
 		{"commands delivered", strconv.FormatUint(st.Downlink, 10)},
 		{"queue", fmt.Sprintf("%d messages, %d bytes", q.Depth, q.Bytes)},
 	}}
+	if g.parking != nil {
+		ps := g.parking.Stats()
+		link.Rows = append(link.Rows, [2]string{"parked (refused by the broker for good)", fmt.Sprintf("%d messages, %d bytes", ps.Depth, ps.Bytes)})
+		if ps.Depth > 0 {
+			link.Alarm = fmt.Sprintf("%d messages refused by the broker are held on this box (last: %s): fix the cause, then bastionctl upstream parked retry (or drop)", ps.Depth, st.LastParked)
+		}
+	}
 	if !st.Connected && st.LastError != "" {
 		link.Alarm = "upstream disconnected: " + st.LastError
 	}

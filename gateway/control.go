@@ -46,6 +46,7 @@ func newControlServer(g *Gateway, path string) (*controlServer, error) {
 	mux.Handle("GET /metrics", promhttp.HandlerFor(g.metrics.reg, promhttp.HandlerOpts{}))
 	g.controlFirewall(mux)
 	g.controlFirmware(mux)
+	g.controlUpstream(mux)
 	for path, h := range g.extraControl {
 		mux.Handle(path, h)
 	}

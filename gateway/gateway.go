@@ -96,6 +96,7 @@ type Gateway struct {
 	// firmwareHTTPS serves images to MQTT devices (firmware_serve.go).
 	firmwareHTTPS *firmwareHTTPS
 	queue         *queue.Queue
+	parking       *queue.Queue // messages the broker refused for good
 	upstream      *upstream.Upstream
 	pairing       *pairingSvc
 	// consoleHandler is the console's pages and API (nil if disabled).
@@ -487,6 +488,9 @@ func (g *Gateway) close() {
 	}
 	if g.queue != nil {
 		g.queue.Close()
+	}
+	if g.parking != nil {
+		g.parking.Close()
 	}
 	if g.firmware != nil {
 		g.firmware.Close()

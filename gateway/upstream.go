@@ -3,7 +3,10 @@ package gateway
 import (
 	"context"
 	"errors"
+	"fmt"
+	"net/http"
 	"path/filepath"
+	"strconv"
 	"time"
 
 	"github.com/bastion-iot/bastion/bridges"
@@ -43,6 +46,16 @@ func (g *Gateway) openUpstream(cfg config.Config) error {
 	if err != nil {
 		return err
 	}
+	// The parking queue has no metrics of its own (its names would clash
+	// with the main queue's); the link exports its depth.
+	g.parking, err = queue.Open(filepath.Join(cfg.StateDir, "parked"), queue.Options{
+		MaxBytes: cfg.Upstream.ParkedMaxBytes,
+		MaxAge:   100 * 365 * 24 * time.Hour, // kept until an operator decides
+	}, g.log.With("component", "parked"), nil)
+	if err != nil {
+		return err
+	}
+	g.upstream.SetParking(g.parking)
 	g.sink = g.upstream
 	g.addStatus("upstream", func() any {
 		st := g.queue.Stats()
@@ -50,9 +63,72 @@ func (g *Gateway) openUpstream(cfg config.Config) error {
 		if !st.Oldest.IsZero() {
 			oldest = time.Since(st.Oldest).Round(time.Second).String()
 		}
-		return map[string]any{"link": g.upstream.Status(), "queue": map[string]any{"depth": st.Depth, "bytes": st.Bytes, "oldest_age": oldest}}
+		ps := g.parking.Stats()
+		return map[string]any{
+			"link":   g.upstream.Status(),
+			"queue":  map[string]any{"depth": st.Depth, "bytes": st.Bytes, "oldest_age": oldest},
+			"parked": map[string]any{"depth": ps.Depth, "bytes": ps.Bytes},
+		}
 	})
 	return nil
+}
+
+// controlUpstream is bastionctl's API for parked messages (see
+// bridges/upstream: messages the broker refused for good).
+func (g *Gateway) controlUpstream(mux *http.ServeMux) {
+	link := func(w http.ResponseWriter) *upstream.Upstream {
+		if g.upstream == nil {
+			writeErr(w, fmt.Errorf("%w: the upstream link is off (upstream.enabled: false), so nothing is parked", ErrBadRequest))
+		}
+		return g.upstream
+	}
+	mux.HandleFunc("GET /v1/upstream/parked", func(w http.ResponseWriter, r *http.Request) {
+		u := link(w)
+		if u == nil {
+			return
+		}
+		max := 100
+		if s := r.URL.Query().Get("max"); s != "" {
+			n, err := strconv.Atoi(s)
+			if err != nil || n < 0 || n > 10000 {
+				writeErr(w, fmt.Errorf("%w: max=%q: want a number from 0 to 10000", ErrBadRequest, s))
+				return
+			}
+			max = n
+		}
+		p, err := u.ListParked(r.Context(), max)
+		if err != nil {
+			writeErr(w, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, p)
+	})
+	for _, op := range []string{"retry", "drop"} {
+		mux.HandleFunc("POST /v1/upstream/parked/"+op, func(w http.ResponseWriter, r *http.Request) {
+			u := link(w)
+			if u == nil {
+				return
+			}
+			f := u.RetryParked
+			if op == "drop" {
+				f = u.DropParked
+			}
+			n, err := f(r.Context())
+			g.devices.audit(ctlActor, "upstream.parked."+op, "", fmt.Sprintf("count=%d", n)+errDetail(err))
+			if err != nil {
+				writeJSON(w, http.StatusConflict, map[string]any{"error": err.Error(), "count": n})
+				return
+			}
+			writeJSON(w, http.StatusOK, map[string]any{"count": n})
+		})
+	}
+}
+
+func errDetail(err error) string {
+	if err == nil {
+		return ""
+	}
+	return " err=" + strconv.Quote(err.Error())
 }
 
 // setDownlink sets where commands from the cloud go (the transports).

@@ -8,6 +8,8 @@ type metrics struct {
 	publishErrors prometheus.Counter
 	connectErrors prometheus.Counter
 	withheld      *prometheus.CounterVec
+	parked        *prometheus.CounterVec
+	parkedDepth   prometheus.GaugeFunc // set by New: it reads the parking queue
 	downlink      *prometheus.CounterVec
 	reloads       *prometheus.CounterVec
 	certExpiry    prometheus.Gauge
@@ -25,6 +27,8 @@ func newMetrics() *metrics {
 			Help: "Failed connection attempts to the upstream broker."}),
 		withheld: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bastion_upstream_withheld_total",
 			Help: "Messages kept local, by reason (no_rule, local, redact_not_json, unmapped)."}, []string{"reason"}),
+		parked: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bastion_upstream_parked_total",
+			Help: "Messages the broker refused for good, moved to the parking queue, by reason (not_authorized, topic_name_invalid, packet_too_large, payload_format_invalid)."}, []string{"reason"}),
 		downlink: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bastion_upstream_downlink_total",
 			Help: "Downlink commands by result (delivered, refused, loop, unmapped)."}, []string{"result"}),
 		reloads: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bastion_upstream_reloads_total",
@@ -35,7 +39,7 @@ func newMetrics() *metrics {
 }
 
 func (m *metrics) register(reg prometheus.Registerer) error {
-	for _, c := range []prometheus.Collector{m.connected, m.published, m.publishErrors, m.connectErrors, m.withheld, m.downlink, m.reloads, m.certExpiry} {
+	for _, c := range []prometheus.Collector{m.connected, m.published, m.publishErrors, m.connectErrors, m.withheld, m.parked, m.parkedDepth, m.downlink, m.reloads, m.certExpiry} {
 		if err := reg.Register(c); err != nil {
 			return err
 		}

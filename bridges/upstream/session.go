@@ -26,6 +26,7 @@ type linkSession struct {
 	gen     uint64    // counts connections: a sender bound to an old one writes nothing to a new one
 	recvMax int       // the broker's Receive Maximum
 	maxQoS  byte
+	maxPkt  int // the broker's Maximum Packet Size (0: no limit)
 	lastID  uint16
 	client  map[uint16]clientPacket // identifiers in use by our packets
 	pubs    int                     // PUBLISHes in client awaiting PUBACK
@@ -63,7 +64,10 @@ func (s *linkSession) ConAckReceived(conn io.Writer, _ *packets.Connect, ca *pac
 	if pc, ok := conn.(*packetConn); ok {
 		pc.sink.Store(&pubackSink{s: s, gen: s.gen})
 	}
-	s.recvMax, s.maxQoS = 65535, 2
+	s.recvMax, s.maxQoS, s.maxPkt = 65535, 2, 0
+	if ca.Properties != nil && ca.Properties.MaximumPacketSize != nil {
+		s.maxPkt = int(*ca.Properties.MaximumPacketSize)
+	}
 	if ca.Properties != nil && ca.Properties.ReceiveMaximum != nil {
 		s.recvMax = int(*ca.Properties.ReceiveMaximum)
 	}
@@ -99,14 +103,15 @@ func (s *linkSession) reset() {
 	s.gen++
 }
 
-// connection returns the current connection's generation (0: none).
-func (s *linkSession) connection() (gen uint64, maxQoS byte) {
+// connection returns the current connection's generation (0: none), the
+// highest QoS and the largest packet the broker accepts (0: no limit).
+func (s *linkSession) connection() (gen uint64, maxQoS byte, maxPacket int) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.conn == nil {
-		return 0, 0
+		return 0, 0, 0
 	}
-	return s.gen, s.maxQoS
+	return s.gen, s.maxQoS, s.maxPkt
 }
 
 // nextID allocates a free packet identifier. Caller holds s.mu.

@@ -68,6 +68,8 @@ type Status struct {
 	Withheld           uint64    `json:"withheld"`  // kept local by privacy rules or mapping
 	Downlink           uint64    `json:"downlink"`  // commands delivered to devices
 	LoopsDropped       uint64    `json:"loops_dropped"`
+	LastParked         string    `json:"last_parked,omitempty"` // why the broker refused the last parked message
+	LastParkedAt       time.Time `json:"last_parked_at,omitzero"`
 	ClientCertSubject  string    `json:"client_cert_subject"`
 	ClientCertNotAfter time.Time `json:"client_cert_not_after"`
 }
@@ -90,11 +92,13 @@ type Upstream struct {
 	q       Source
 	deliver Deliver
 	cur     atomic.Pointer[snapshot]
+	parking atomic.Pointer[queue.Queue] // nil: refused messages stay queued
 	m       *metrics
 
 	mu      sync.Mutex
 	st      Status
 	restart context.CancelFunc
+	parks   parkBucket
 }
 
 // New checks cfg (Defaults, Validate), loads the certificate files and
@@ -109,6 +113,14 @@ func New(cfg Config, q Source, deliver Deliver, log *slog.Logger, reg prometheus
 	}
 	u := &Upstream{log: log.With("component", "upstream"), q: q, deliver: deliver}
 	u.m = newMetrics()
+	u.m.parkedDepth = prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "bastion_upstream_parked",
+		Help: "Messages held in the parking queue (refused by the broker for good) until an operator retries or drops them."},
+		func() float64 {
+			if p := u.parking.Load(); p != nil {
+				return float64(p.Stats().Depth)
+			}
+			return 0
+		})
 	if reg != nil {
 		if err := u.m.register(reg); err != nil {
 			return nil, fmt.Errorf("upstream: register metrics: %w", err)
@@ -320,6 +332,7 @@ func (u *Upstream) generation(ctx context.Context, s *snapshot) error {
 		down  chan struct{}
 	)
 	sess := newLinkSession()
+	bo := newBackoff(s.cfg.BackoffMin, s.cfg.BackoffMax)
 	cc := autopaho.ClientConfig{
 		ServerUrls: []*url.URL{broker},
 		KeepAlive:  uint16(s.cfg.KeepAlive / time.Second),
@@ -328,7 +341,7 @@ func (u *Upstream) generation(ctx context.Context, s *snapshot) error {
 		CleanStartOnInitialConnection: true,
 		SessionExpiryInterval:         0,
 		ConnectTimeout:                s.cfg.ConnectTimeout,
-		ReconnectBackoff:              autopaho.NewExponentialBackoff(s.cfg.BackoffMin, s.cfg.BackoffMax, min(2*s.cfg.BackoffMin, s.cfg.BackoffMax), 2),
+		ReconnectBackoff:              bo.delay,
 		AttemptConnection:             u.dial,
 		ConnectPacketBuilder: func(cp *paho.Connect, _ *url.URL) (*paho.Connect, error) {
 			cp.CleanStart = true
@@ -336,6 +349,7 @@ func (u *Upstream) generation(ctx context.Context, s *snapshot) error {
 		},
 		OnConnectionUp: func(cm *autopaho.ConnectionManager, ca *paho.Connack) {
 			u.log.Info("upstream connected", "broker", s.cfg.Broker)
+			bo.up()
 			u.setConnected(true)
 			d := make(chan struct{})
 			downM.Lock()
@@ -355,6 +369,7 @@ func (u *Upstream) generation(ctx context.Context, s *snapshot) error {
 			}()
 		},
 		OnConnectionDown: func() bool {
+			bo.down()
 			u.setConnected(false)
 			downM.Lock()
 			if down != nil {
@@ -583,7 +598,7 @@ func closed(c chan struct{}) bool {
 // (and the broker's Receive Maximum) awaiting their PUBACK. The PUBACKs
 // complete on paho's receive goroutine (linkSession, sendRun.puback).
 func (u *Upstream) pipeline(ctx context.Context, ls *linkSession, down <-chan struct{}, s *snapshot) bool {
-	gen, maxQoS := ls.connection()
+	gen, maxQoS, maxPacket := ls.connection()
 	if gen == 0 { // already gone; the next connection brings a new down
 		select {
 		case <-down:
@@ -652,6 +667,14 @@ feed:
 				continue // withheld and acked
 			}
 			qos := min(e.QoS, 1)
+			if maxPacket > 0 && publishLen(qos, topic, payload, s.cfg.Gateway, e.Seq) > maxPacket {
+				why := fmt.Sprintf("the PUBLISH would be larger than the broker's Maximum Packet Size of %d bytes", maxPacket)
+				if u.park(e, 0x95, why) {
+					continue
+				}
+				r.fail(fmt.Errorf("upstream broker %s: seq %d from %s: %s; it stays queued", s.cfg.Broker, e.Seq, e.Device, why))
+				break feed
+			}
 			if qos > maxQoS {
 				r.fail(fmt.Errorf("upstream broker %s grants at most QoS %d; QoS %d messages stay queued", s.cfg.Broker, maxQoS, qos))
 				break feed
@@ -715,11 +738,11 @@ func (r *sendRun) puback(seq uint64, reason byte) {
 	u := r.u
 	if reason >= 0x80 {
 		u.m.publishErrors.Inc()
-		why := (&packets.Puback{ReasonCode: reason}).Reason()
-		if why == "" && reason == 0x95 {
-			why = "packet too large"
+		why := fmt.Sprintf("PUBACK reason 0x%02x (%s)", reason, pubackReason(reason))
+		if u.parkRefused(seq, reason, why) {
+			return
 		}
-		r.fail(fmt.Errorf("upstream broker %s refused seq %d with PUBACK reason 0x%02x (%s); it stays queued and is retried", u.cur.Load().cfg.Broker, seq, reason, why))
+		r.fail(fmt.Errorf("upstream broker %s refused seq %d with %s; it stays queued and is retried", u.cur.Load().cfg.Broker, seq, why))
 		return
 	}
 	if err := u.q.Ack(seq); err != nil {
@@ -742,6 +765,7 @@ func (r *sendRun) acked(seqs []uint64) {
 func (u *Upstream) delivered(n int) {
 	u.m.published.Add(float64(n))
 	u.mu.Lock()
+	u.parks.refill()
 	u.st.Published += uint64(n)
 	u.mu.Unlock()
 }
@@ -791,6 +815,17 @@ func appendPublish(b []byte, id uint16, qos byte, topic string, payload []byte, 
 	b = append(b, byte(len(seqStr)>>8), byte(len(seqStr)))
 	b = append(b, seqStr...)
 	return append(b, payload...)
+}
+
+// publishLen is the length of the packet appendPublish appends.
+func publishLen(qos byte, topic string, payload []byte, gateway string, seq uint64) int {
+	var seqBuf [20]byte
+	props := 1 + 2 + len(OriginProperty) + 2 + len(gateway) + 1 + 2 + len(SeqProperty) + 2 + len(strconv.AppendUint(seqBuf[:0], seq, 10))
+	rem := 2 + len(topic) + vbiLen(props) + props + len(payload)
+	if qos > 0 {
+		rem += 2
+	}
+	return 1 + vbiLen(rem) + rem
 }
 
 // appendString appends an MQTT UTF-8 string: two length bytes, then s.

@@ -123,7 +123,7 @@ func readerSetup(t testing.TB, data []byte, chunk int) (*packetConn, *ackSource,
 	u := &Upstream{q: src, m: newMetrics(), log: testLog()}
 	u.cur.Store(&snapshot{})
 	r := &sendRun{u: u, cancel: func() {}}
-	gen, _ := s.connection()
+	gen, _, _ := s.connection()
 	for i := range 8 {
 		if id, full, err := s.addPublish(gen, 64, r, uint64(101+i)); err != nil || full || id != uint16(i+1) {
 			t.Fatalf("addPublish: id %d full %v %v", id, full, err)

@@ -64,6 +64,15 @@ func (c *cli) dispatch(ctx context.Context, args []string) error {
 		}
 		fmt.Fprintf(c.out, "recovery code: %s (valid %s, once): enter it on the console's recovery page to set a new admin password\n", r.Code, r.ExpiresIn)
 		return nil
+	case args[0] == "upstream" && len(args) >= 2 && args[1] == "parked":
+		verb := "list"
+		if len(args) == 3 {
+			verb = args[2]
+		}
+		if len(args) > 3 {
+			return usageError("upstream parked takes list, retry or drop")
+		}
+		return c.parked(ctx, verb)
 	case args[0] == "firewall" && len(args) == 2:
 		return c.firewall(ctx, args[1])
 	case args[0] == "pairing" && len(args) >= 2 && args[1] == "expect":
@@ -299,6 +308,64 @@ func (c *cli) firewall(ctx context.Context, verb string) error {
 	}
 	fmt.Fprint(c.out, reply[field])
 	return nil
+}
+
+// parked lists, retries or drops the messages the upstream broker refused
+// for good (bridges/upstream's parking queue).
+func (c *cli) parked(ctx context.Context, verb string) error {
+	if verb == "retry" || verb == "drop" {
+		var r struct {
+			Count int `json:"count"`
+		}
+		raw, err := c.ctl.Do(ctx, "POST", "/v1/upstream/parked/"+verb, nil, &r)
+		if err != nil || c.json {
+			if err == nil {
+				return c.printJSON(raw)
+			}
+			return err
+		}
+		if verb == "retry" {
+			fmt.Fprintf(c.out, "%d parked messages moved back to the end of the upstream queue\n", r.Count)
+		} else {
+			fmt.Fprintf(c.out, "%d parked messages deleted\n", r.Count)
+		}
+		return nil
+	}
+	if verb != "list" {
+		return usageError("upstream parked takes list, retry or drop")
+	}
+	var p struct {
+		Depth    int   `json:"depth"`
+		Bytes    int64 `json:"bytes"`
+		Messages []struct {
+			Seq      uint64    `json:"seq"`
+			Device   string    `json:"device"`
+			Topic    string    `json:"topic"`
+			Bytes    int       `json:"bytes"`
+			Received time.Time `json:"received"`
+			Why      string    `json:"why"`
+		} `json:"messages"`
+	}
+	raw, err := c.ctl.Do(ctx, "GET", "/v1/upstream/parked", nil, &p)
+	if err != nil || c.json {
+		if err == nil {
+			return c.printJSON(raw)
+		}
+		return err
+	}
+	fmt.Fprintf(c.out, "%d messages parked (%d bytes on disk)\n", p.Depth, p.Bytes)
+	if len(p.Messages) == 0 {
+		return nil
+	}
+	tw := tabwriter.NewWriter(c.out, 2, 8, 2, ' ', 0)
+	fmt.Fprintln(tw, "SEQ\tDEVICE\tTOPIC\tBYTES\tRECEIVED\tREFUSED")
+	for _, m := range p.Messages {
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%d\t%s\t%s\n", m.Seq, m.Device, m.Topic, m.Bytes, m.Received.Format(time.DateTime), m.Why)
+	}
+	if len(p.Messages) < p.Depth {
+		fmt.Fprintf(tw, "... and %d more\n", p.Depth-len(p.Messages))
+	}
+	return tw.Flush()
 }
 
 // pairingExpect registers a device's setup code for the next pairing

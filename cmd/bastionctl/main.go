@@ -32,6 +32,9 @@ commands:
   firmware check                          check the vendor's TUF repository now
   pairing expect NAME --code CODE         register a device's setup code for the next pairing window
                                           (only the box's button opens the window)
+  upstream parked [list]                  messages the cloud broker refused for good, held on the box
+  upstream parked retry                   send them again (after fixing the cause on the broker)
+  upstream parked drop                    delete them (they are gone)
   console recover                         one-time code to reset a console password (physical access to the box)
   metrics                                 Prometheus metrics
 `

@@ -9,6 +9,7 @@ import (
 	"crypto/x509"
 	"encoding/json"
 	"encoding/pem"
+	"fmt"
 	"io"
 	"log/slog"
 	"os"
@@ -122,5 +123,54 @@ func TestUsageAndUnreachable(t *testing.T) {
 	_, errs, code := ctl(t, "--socket", filepath.Join(t.TempDir(), "nope.sock"), "status")
 	if code != 1 || !strings.Contains(errs, "cannot reach bastiond") {
 		t.Errorf("unreachable daemon: exit %d: %s", code, errs)
+	}
+}
+
+// fakeCtl answers bastionctl's API calls from a table.
+type fakeCtl map[string]string
+
+func (f fakeCtl) Do(_ context.Context, method, path string, _, out any) ([]byte, error) {
+	raw, ok := f[method+" "+path]
+	if !ok {
+		return nil, fmt.Errorf("unexpected %s %s", method, path)
+	}
+	if out != nil {
+		if err := json.Unmarshal([]byte(raw), out); err != nil {
+			return nil, err
+		}
+	}
+	return []byte(raw), nil
+}
+
+func TestUpstreamParked(t *testing.T) {
+	f := fakeCtl{
+		"GET /v1/upstream/parked":        `{"depth":3,"bytes":4096,"messages":[{"seq":7,"device":"d1","topic":"devices/d1/t/big","bytes":900,"received":"2026-11-25T10:00:00Z","why":"PUBACK reason 0x95 (packet too large)"}]}`,
+		"POST /v1/upstream/parked/retry": `{"count":3}`,
+		"POST /v1/upstream/parked/drop":  `{"count":2}`,
+	}
+	for _, tc := range []struct {
+		args []string
+		want []string
+	}{
+		{[]string{"upstream", "parked"}, []string{"3 messages parked", "devices/d1/t/big", "0x95 (packet too large)", "and 2 more"}},
+		{[]string{"upstream", "parked", "list"}, []string{"3 messages parked"}},
+		{[]string{"upstream", "parked", "retry"}, []string{"3 parked messages moved back"}},
+		{[]string{"upstream", "parked", "drop"}, []string{"2 parked messages deleted"}},
+	} {
+		var out bytes.Buffer
+		c := &cli{ctl: f, out: &out}
+		if err := c.dispatch(context.Background(), tc.args); err != nil {
+			t.Errorf("%v: %v", tc.args, err)
+			continue
+		}
+		for _, w := range tc.want {
+			if !strings.Contains(out.String(), w) {
+				t.Errorf("%v: output %q lacks %q", tc.args, out.String(), w)
+			}
+		}
+	}
+	c := &cli{ctl: f, out: io.Discard}
+	if err := c.dispatch(context.Background(), []string{"upstream", "parked", "purge"}); err == nil {
+		t.Error("upstream parked purge: want a usage error")
 	}
 }

@@ -72,6 +72,11 @@ type Upstream struct {
 	// CoAP 5.03), never dropped.
 	QueueMaxBytes int64    `yaml:"queue_max_bytes"`
 	QueueMaxAge   Duration `yaml:"queue_max_age"`
+	// ParkedMaxBytes bounds the parking queue: messages the broker refused
+	// for good (too large, not authorized, invalid topic or payload), kept
+	// until an operator retries or drops them. When it is full such a
+	// message stays at the head of the main queue instead.
+	ParkedMaxBytes int64 `yaml:"parked_max_bytes"`
 }
 
 // Firmware configures the verified firmware cache: a TUF client of the

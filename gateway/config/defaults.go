@@ -99,6 +99,9 @@ func SetDefaults(c *Config) {
 		c.Upstream.QueueMaxBytes = 64 << 20
 	}
 	defD(&c.Upstream.QueueMaxAge, 7*24*time.Hour)
+	if c.Upstream.ParkedMaxBytes == 0 {
+		c.Upstream.ParkedMaxBytes = 4 << 20
+	}
 	def(&c.Upstream.Gateway, c.GatewayID)
 	c.Upstream.Config.Defaults()
 	defD(&c.Pairing.Window, 120*time.Second)

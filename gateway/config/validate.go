@@ -160,6 +160,9 @@ func (c *Config) Validate() error {
 		if c.Upstream.QueueMaxBytes < 1<<20 {
 			bad("upstream.queue_max_bytes", c.Upstream.QueueMaxBytes, "is below 1 MiB (1048576)")
 		}
+		if c.Upstream.ParkedMaxBytes < 1<<20 {
+			bad("upstream.parked_max_bytes", c.Upstream.ParkedMaxBytes, "is below 1 MiB (1048576)")
+		}
 		if c.Upstream.QueueMaxAge.D() < time.Minute {
 			bad("upstream.queue_max_age", c.Upstream.QueueMaxAge.D(), "is shorter than 1m")
 		}

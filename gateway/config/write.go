@@ -113,6 +113,7 @@ upstream:
   backoff_max: %s
   queue_max_bytes: %d  # when full, new QoS 1 messages are refused, never dropped
   queue_max_age: %s
+  parked_max_bytes: %d # messages the broker refuses for good wait here for bastionctl upstream parked retry|drop
   # Topic mapping ("" = the defaults: devices/{id}/t/# -> {prefix}/{gateway}/{id}/t/#,
   # and {prefix}/{gateway}/{id}/c/# -> devices/{id}/c/#). Mappings that would loop are refused.
   uplink: []
@@ -143,7 +144,7 @@ pairing:
 		c.Firmware.CheckInterval.D(), c.Firmware.MaxCacheBytes, c.Firmware.HTTPSListen,
 		c.Upstream.Enabled, c.Upstream.Broker, c.Upstream.ServerName, c.Upstream.CAFile, c.Upstream.CertFile, c.Upstream.KeyFile,
 		c.Upstream.TLSMinVersion, c.Upstream.Gateway, c.Upstream.Prefix, c.Upstream.KeepAlive, c.Upstream.BackoffMin, c.Upstream.BackoffMax,
-		c.Upstream.QueueMaxBytes, c.Upstream.QueueMaxAge.D(), rules(c.Upstream.Forward),
+		c.Upstream.QueueMaxBytes, c.Upstream.QueueMaxAge.D(), c.Upstream.ParkedMaxBytes, rules(c.Upstream.Forward),
 		c.Pairing.Window.D(), c.Pairing.Input, c.Pairing.KeyCode, c.Pairing.Layout, c.Pairing.GPIOChip, c.Pairing.GPIOLine, c.Pairing.ESTListen,
 		vendors(c.Pairing.Vendors))
 	return err

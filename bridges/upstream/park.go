@@ -1,0 +1,282 @@
+package upstream
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/bastion-iot/bastion/bridges"
+	"github.com/bastion-iot/bastion/bridges/queue"
+	"github.com/eclipse/paho.golang/packets"
+)
+
+// A message the broker refuses for a reason that resending cannot change
+// (it is too large for the broker, its topic or payload is invalid, or the
+// gateway may not publish there) would otherwise stay at the head of the
+// queue and be resent forever, holding back every device's messages behind
+// it. Such a message is parked instead: written durably to a second queue
+// (the parking queue, on the same disk), then deleted from the main one.
+// Parked messages are kept until an operator retries them (they go back to
+// the end of the main queue) or drops them (bastionctl upstream parked).
+// Nothing is deleted that is not first held elsewhere.
+
+// parkBurst and parkEvery bound how many refused messages are parked with
+// no success in between: parkBurst at once, then one per parkEvery. A
+// broker that refuses everything (the gateway lost its permission) is a link
+// problem, not a message problem; the rest stays queued and the link retries
+// it with backoff, instead of the whole backlog moving to the parking queue.
+// A few bad messages in a row still get out of the way.
+const (
+	parkBurst = 16
+	parkEvery = time.Minute
+)
+
+// parkBucket is a token bucket for parking; a message the broker accepted
+// fills it. Guarded by Upstream.mu.
+type parkBucket struct {
+	used int       // tokens taken since the bucket was last full
+	at   time.Time // when used last grew from 0
+}
+
+func (b *parkBucket) refill() { b.used = 0 }
+
+func (b *parkBucket) take(now time.Time) bool {
+	if b.used > 0 {
+		back := int(now.Sub(b.at) / parkEvery)
+		b.used = max(0, b.used-back)
+		b.at = b.at.Add(time.Duration(back) * parkEvery)
+	}
+	if b.used >= parkBurst {
+		return false
+	}
+	if b.used == 0 {
+		b.at = now
+	}
+	b.used++
+	return true
+}
+
+// ErrNoParking is returned by the parked-message calls when the link has no
+// parking queue.
+var ErrNoParking = errors.New("upstream: no parking queue is configured")
+
+// permanent reports whether a PUBACK failure reason is about the message
+// itself, so that resending it unchanged cannot succeed. 0x80, 0x83 (the
+// broker's own trouble), 0x91 and 0x97 (quota: the cloud's back-pressure)
+// are retried instead.
+func permanent(reason byte) bool {
+	switch reason {
+	case 0x87, // not authorized
+		0x90, // topic name invalid
+		0x95, // packet too large (Mosquitto answers a PUBLISH above its message_size_limit so)
+		0x99: // payload format invalid
+		return true
+	}
+	return false
+}
+
+// reasonName is the metric label and log word for a refusal reason.
+func reasonName(reason byte) string {
+	switch reason {
+	case 0x87:
+		return "not_authorized"
+	case 0x90:
+		return "topic_name_invalid"
+	case 0x95:
+		return "packet_too_large"
+	case 0x99:
+		return "payload_format_invalid"
+	}
+	return fmt.Sprintf("0x%02x", reason)
+}
+
+// SetParking gives the link a queue for the messages the broker refuses for
+// good (see above). Without one (nil) such a message stays at the head of the
+// main queue and is retried, as every other refusal is. Call it before Run.
+func (u *Upstream) SetParking(p *queue.Queue) {
+	u.parking.Store(p)
+}
+
+// park moves entry e, refused with reason, to the parking queue. It reports
+// false when it could not (no parking queue, the burst is used up, the
+// parking queue is full or failed); the message then stays in the main queue.
+func (u *Upstream) park(e queue.Entry, reason byte, why string) bool {
+	p := u.parking.Load()
+	if p == nil {
+		return false
+	}
+	u.mu.Lock()
+	ok := u.parks.take(time.Now())
+	u.mu.Unlock()
+	if !ok {
+		return false
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	log := u.log.With("device", e.Device, "topic", e.Topic, "seq", e.Seq, "bytes", len(e.Payload))
+	pm := e.Message
+	pm.Topic = e.Topic + "\x00" + why
+	if err := p.Accept(ctx, pm); err != nil {
+		log.Error("upstream: a refused message cannot be parked; it stays queued and blocks the queue until there is room: retry or drop parked messages with bastionctl upstream parked", "refusal", why, "err", err)
+		return false
+	}
+	if err := u.q.Ack(e.Seq); err != nil {
+		// Held twice now, which is safe: a retry only duplicates it.
+		log.Error("upstream: parked message could not be deleted from the queue", "err", err)
+		return false
+	}
+	u.m.parked.WithLabelValues(reasonName(reason)).Inc()
+	u.mu.Lock()
+	u.st.LastParked = why
+	u.st.LastParkedAt = time.Now()
+	u.mu.Unlock()
+	log.Warn("upstream: message refused by the broker for good; parked (bastionctl upstream parked list | retry | drop)", "refusal", why)
+	return true
+}
+
+// parkRefused parks PUBLISH seq after a PUBACK with a permanent failure
+// reason. It runs on paho's reading goroutine; the entry is read back from
+// the queue, which still holds it.
+func (u *Upstream) parkRefused(seq uint64, reason byte, why string) bool {
+	if u.parking.Load() == nil || !permanent(reason) {
+		return false
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	es, err := u.q.Next(ctx, seq-1, 1)
+	if err != nil || len(es) == 0 || es[0].Seq != seq {
+		return false // already acked, or unreadable: leave it to the retry
+	}
+	return u.park(es[0], reason, why)
+}
+
+// The parking queue keeps why each message was refused after its topic and
+// a NUL, which no topic contains (bridges/hub refuses it; MQTT forbids it).
+func splitParked(m bridges.Message) (_ bridges.Message, why string) {
+	m.Topic, why, _ = strings.Cut(m.Topic, "\x00")
+	return m, why
+}
+
+// Parked is a snapshot of the parking queue.
+type Parked struct {
+	Depth    int             `json:"depth"`
+	Bytes    int64           `json:"bytes"`
+	Messages []ParkedMessage `json:"messages,omitempty"`
+}
+
+// ParkedMessage is one parked message, without its payload.
+type ParkedMessage struct {
+	Seq      uint64    `json:"seq"`
+	Device   string    `json:"device"`
+	Topic    string    `json:"topic"`
+	Bytes    int       `json:"bytes"`
+	QoS      byte      `json:"qos"`
+	Received time.Time `json:"received"`
+	Why      string    `json:"why"` // the broker's refusal
+}
+
+// ListParked returns the parking queue's depth and up to max of its
+// messages, oldest first.
+func (u *Upstream) ListParked(ctx context.Context, max int) (Parked, error) {
+	p := u.parking.Load()
+	if p == nil {
+		return Parked{}, ErrNoParking
+	}
+	st := p.Stats()
+	out := Parked{Depth: st.Depth, Bytes: st.Bytes}
+	var after uint64
+	for len(out.Messages) < max && len(out.Messages) < st.Depth {
+		es, err := nextNow(ctx, p, after, min(64, max-len(out.Messages)))
+		if err != nil {
+			return out, err
+		}
+		if len(es) == 0 {
+			break
+		}
+		for _, e := range es {
+			m, why := splitParked(e.Message)
+			out.Messages = append(out.Messages, ParkedMessage{Seq: e.Seq, Device: m.Device, Topic: m.Topic, Bytes: len(m.Payload), QoS: m.QoS, Received: m.Received, Why: why})
+			after = e.Seq
+		}
+	}
+	return out, nil
+}
+
+// RetryParked moves every parked message back to the end of the main queue
+// (durably, then deletes it from the parking queue) and returns how many it
+// moved. A retried message is sent after the messages that arrived while it
+// was parked. A full main queue stops it with bridges.ErrQueueFull; what was
+// not moved stays parked.
+func (u *Upstream) RetryParked(ctx context.Context) (int, error) {
+	n, err := u.drainParked(ctx, func(e queue.Entry) error {
+		m, _ := splitParked(e.Message)
+		if err := u.q.Accept(ctx, m); err != nil {
+			return fmt.Errorf("upstream: retry parked seq %d from %s: %w", e.Seq, e.Device, err)
+		}
+		return nil
+	})
+	u.log.Info("upstream: parked messages moved back to the queue", "count", n, "err", err)
+	return n, err
+}
+
+// DropParked deletes every parked message (an operator's decision: they are
+// gone) and returns how many.
+func (u *Upstream) DropParked(ctx context.Context) (int, error) {
+	n, err := u.drainParked(ctx, func(queue.Entry) error { return nil })
+	u.log.Warn("upstream: parked messages dropped by the operator", "count", n, "err", err)
+	return n, err
+}
+
+func (u *Upstream) drainParked(ctx context.Context, each func(queue.Entry) error) (int, error) {
+	p := u.parking.Load()
+	if p == nil {
+		return 0, ErrNoParking
+	}
+	// Only what is parked now: a retried message refused again is parked
+	// again, after these, and must not be retried in the same call.
+	todo := p.Stats().Depth
+	var (
+		n     int
+		after uint64
+	)
+	for ctx.Err() == nil && n < todo {
+		es, err := nextNow(ctx, p, after, min(64, todo-n))
+		if err != nil || len(es) == 0 {
+			return n, err
+		}
+		for _, e := range es {
+			if err := each(e); err != nil {
+				return n, err
+			}
+			if err := p.Ack(e.Seq); err != nil {
+				return n, fmt.Errorf("upstream: delete parked seq %d: %w", e.Seq, err)
+			}
+			after = e.Seq
+			n++
+		}
+	}
+	return n, ctx.Err()
+}
+
+// nextNow is queue.Next without the wait for new messages: an empty result
+// means nothing is held after after.
+func nextNow(ctx context.Context, q *queue.Queue, after uint64, max int) ([]queue.Entry, error) {
+	ctx, cancel := context.WithCancel(ctx)
+	cancel() // Next returns what it holds before it looks at ctx
+	es, err := q.Next(ctx, after, max)
+	if errors.Is(err, context.Canceled) {
+		return nil, nil
+	}
+	return es, err
+}
+
+// pubackReason is the text of a PUBACK failure reason.
+func pubackReason(reason byte) string {
+	why := (&packets.Puback{ReasonCode: reason}).Reason()
+	if why == "" && reason == 0x95 {
+		why = "packet too large"
+	}
+	return why
+}

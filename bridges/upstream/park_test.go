@@ -1,0 +1,205 @@
+package upstream
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/bastion-iot/bastion/bridges"
+	"github.com/bastion-iot/bastion/bridges/queue"
+	"github.com/bastion-iot/bastion/internal/testutil/mosquitto"
+)
+
+// startParking gives l a parking queue in dir.
+func startParking(t testing.TB, l *link, dir string) *queue.Queue {
+	t.Helper()
+	p, err := queue.Open(dir, queue.Options{MaxBytes: 1 << 20}, testLog(), nil)
+	if err != nil {
+		t.Fatalf("open the parking queue: %v", err)
+	}
+	t.Cleanup(func() { p.Close() })
+	l.up.SetParking(p)
+	return p
+}
+
+// expectTopics reads from sub until it has seen every topic in want (in
+// that order) and fails on anything else.
+func expectTopics(t *testing.T, l *link, sub *mosquitto.Subscriber, want ...string) {
+	t.Helper()
+	for _, w := range want {
+		select {
+		case p := <-sub.Got:
+			if p.Topic != w {
+				t.Fatalf("cloud got %s, want %s", p.Topic, w)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("%s never arrived; status %+v", w, l.up.Status())
+		}
+	}
+}
+
+// TestParkOversized: Mosquitto refuses a message above its
+// message_size_limit (PUBACK 0x95). Without parking that message stays at
+// the head of the queue and nothing behind it is ever sent (the old
+// behaviour); with parking it moves to the parking queue and the messages
+// after it flow.
+func TestParkOversized(t *testing.T) {
+	b := mosquitto.Start(t, mosquitto.Options{Config: "message_size_limit 64\n"})
+	sub := mosquitto.Subscribe(t, b, "cloud-sub", "bastion/#", false)
+	l := startLink(t, linkConfig(t, b, "gw1"), t.TempDir())
+	p := startParking(t, l, t.TempDir())
+	waitFor(t, "link connected", 10*time.Second, func() bool { return l.up.Status().Connected })
+	ctx := context.Background()
+	big := telemetry("big", 1)
+	big.Payload = []byte(`{"pad":"` + strings.Repeat("x", 100) + `"}`)
+	for _, m := range []bridges.Message{telemetry("a", 1), big, telemetry("b", 2)} {
+		if err := l.up.Accept(ctx, m); err != nil {
+			t.Fatalf("Accept: %v", err)
+		}
+	}
+	expectTopics(t, l, sub, "bastion/gw1/a/t/n", "bastion/gw1/b/t/n")
+	waitFor(t, "the oversized message parked", 10*time.Second, func() bool { return p.Stats().Depth == 1 })
+	waitFor(t, "the queue emptied", 10*time.Second, func() bool { return l.q.Stats().Depth == 0 })
+	if got := metric(t, l, "bastion_upstream_parked"); got != 1 {
+		t.Errorf("bastion_upstream_parked = %v, want 1", got)
+	}
+	st := l.up.Status()
+	if !strings.Contains(st.LastParked, "0x95") {
+		t.Errorf("Status.LastParked = %q, want the 0x95 refusal", st.LastParked)
+	}
+	ps, err := l.up.ListParked(ctx, 10)
+	if err != nil {
+		t.Fatalf("ListParked: %v", err)
+	}
+	if len(ps.Messages) != 1 || ps.Messages[0].Device != "big" || ps.Messages[0].Topic != big.Topic || ps.Messages[0].Bytes != len(big.Payload) || !strings.Contains(ps.Messages[0].Why, "0x95") {
+		t.Fatalf("ListParked = %+v, want the big message", ps)
+	}
+	n, err := l.up.DropParked(ctx)
+	if err != nil || n != 1 {
+		t.Fatalf("DropParked = %d, %v; want 1, nil", n, err)
+	}
+	if d := p.Stats().Depth; d != 0 {
+		t.Errorf("parking depth %d after drop, want 0", d)
+	}
+}
+
+// TestParkBeyondMaximumPacketSize: a broker that announces a Maximum Packet
+// Size (Mosquitto's max_packet_size) would close the connection on a larger
+// PUBLISH, and the link would reconnect and send it again forever. The link
+// parks it without sending it, and the connection stays up.
+func TestParkBeyondMaximumPacketSize(t *testing.T) {
+	b := mosquitto.Start(t, mosquitto.Options{Config: "max_packet_size 300\n"})
+	sub := mosquitto.Subscribe(t, b, "cloud-sub", "bastion/#", false)
+	l := startLink(t, linkConfig(t, b, "gw1"), t.TempDir())
+	p := startParking(t, l, t.TempDir())
+	waitFor(t, "link connected", 10*time.Second, func() bool { return l.up.Status().Connected })
+	ctx := context.Background()
+	big := telemetry("big", 1)
+	big.Payload = []byte(`{"pad":"` + strings.Repeat("x", 400) + `"}`)
+	for _, m := range []bridges.Message{telemetry("a", 1), big, telemetry("b", 2)} {
+		if err := l.up.Accept(ctx, m); err != nil {
+			t.Fatalf("Accept: %v", err)
+		}
+	}
+	expectTopics(t, l, sub, "bastion/gw1/a/t/n", "bastion/gw1/b/t/n")
+	waitFor(t, "the oversized message parked", 10*time.Second, func() bool { return p.Stats().Depth == 1 })
+	if st := l.up.Status(); !strings.Contains(st.LastParked, "Maximum Packet Size of 300") {
+		t.Errorf("Status.LastParked = %q, want the broker's Maximum Packet Size", st.LastParked)
+	}
+	if c := strings.Count(b.Log(), "as gw1 ("); c != 1 {
+		t.Errorf("broker saw %d link connections, want 1 (the oversized PUBLISH must not be sent); log:\n%s", c, b.Log())
+	}
+}
+
+// TestParkUnauthorizedThenRetry: the broker's ACL refuses one device's topic
+// (PUBACK 0x87). That message is parked and the others flow; once the ACL
+// allows it, RetryParked sends it.
+func TestParkUnauthorizedThenRetry(t *testing.T) {
+	acl := filepath.Join(t.TempDir(), "acl")
+	writeACL := func(extra string) {
+		t.Helper()
+		s := "user cloud-sub\ntopic read bastion/#\nuser gw1\ntopic readwrite bastion/gw1/a/#\ntopic read bastion/gw1/+/c/#\n" + extra
+		if err := os.WriteFile(acl, []byte(s), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	writeACL("")
+	b := mosquitto.Start(t, mosquitto.Options{Config: "acl_file " + acl + "\n"})
+	sub := mosquitto.Subscribe(t, b, "cloud-sub", "bastion/#", false)
+	l := startLink(t, linkConfig(t, b, "gw1"), t.TempDir())
+	p := startParking(t, l, t.TempDir())
+	waitFor(t, "link connected", 10*time.Second, func() bool { return l.up.Status().Connected })
+	ctx := context.Background()
+	for _, m := range []bridges.Message{telemetry("a", 1), telemetry("x", 1), telemetry("a", 2)} {
+		if err := l.up.Accept(ctx, m); err != nil {
+			t.Fatalf("Accept: %v", err)
+		}
+	}
+	expectTopics(t, l, sub, "bastion/gw1/a/t/n", "bastion/gw1/a/t/n")
+	waitFor(t, "the refused message parked", 10*time.Second, func() bool { return p.Stats().Depth == 1 })
+	if st := l.up.Status(); !strings.Contains(st.LastParked, "0x87") {
+		t.Errorf("Status.LastParked = %q, want the 0x87 refusal", st.LastParked)
+	}
+
+	writeACL("topic write bastion/gw1/x/#\n")
+	if err := syscall.Kill(b.Pid(), syscall.SIGHUP); err != nil {
+		t.Fatalf("reload mosquitto's ACL: %v", err)
+	}
+	// Mosquitto reloads the ACL file asynchronously; retry until it takes.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if n, err := l.up.RetryParked(ctx); err != nil || n != 1 {
+			t.Fatalf("RetryParked = %d, %v; want 1, nil", n, err)
+		}
+		select {
+		case pub := <-sub.Got:
+			if pub.Topic != "bastion/gw1/x/t/n" || userProp(pub, OriginProperty) != "gw1" {
+				t.Fatalf("cloud got %s, want bastion/gw1/x/t/n", pub.Topic)
+			}
+			if d := p.Stats().Depth; d != 0 {
+				t.Errorf("parking depth %d after the retry arrived, want 0", d)
+			}
+			return
+		case <-time.After(500 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the retried message never arrived; status %+v", l.up.Status())
+		}
+		waitFor(t, "parked again", 5*time.Second, func() bool { return p.Stats().Depth == 1 })
+	}
+}
+
+// TestParkBurst: a broker that refuses everything is a link problem. At
+// most parkBurst messages are parked with no success in between; the rest
+// stays queued and is retried. (Mosquitto 2.0.11 also drops the connection
+// after a run of denied publishes, so this covers reconnects too.)
+func TestParkBurst(t *testing.T) {
+	acl := filepath.Join(t.TempDir(), "acl")
+	if err := os.WriteFile(acl, []byte("user gw1\ntopic read bastion/gw1/+/c/#\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	b := mosquitto.Start(t, mosquitto.Options{Config: "acl_file " + acl + "\n"})
+	l := startLink(t, linkConfig(t, b, "gw1"), t.TempDir())
+	p := startParking(t, l, t.TempDir())
+	waitFor(t, "link connected", 10*time.Second, func() bool { return l.up.Status().Connected })
+	ctx := context.Background()
+	const total = 3 * parkBurst
+	for i := range total {
+		if err := l.up.Accept(ctx, telemetry("a", i)); err != nil {
+			t.Fatalf("Accept: %v", err)
+		}
+	}
+	waitFor(t, "refusals past the burst", 30*time.Second, func() bool {
+		return metric(t, l, "bastion_upstream_publish_errors_total") >= parkBurst+3
+	})
+	if d := p.Stats().Depth; d != parkBurst {
+		t.Errorf("parking depth %d, want %d (the burst)", d, parkBurst)
+	}
+	if d := l.q.Stats().Depth; d != total-parkBurst {
+		t.Errorf("queue depth %d, want %d (only the burst parked)", d, total-parkBurst)
+	}
+}
