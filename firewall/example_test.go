@@ -40,15 +40,15 @@ func ExampleFirewall_Diff() {
 	fmt.Print(plan)
 	// Output:
 	// iptables:
-	//   chain BASTION-IN-c3107a63 replaces BASTION-IN-8e9f8cba:
+	//   chain BASTION-IN-62426544 replaces BASTION-IN-0b26c0c5:
 	//     - -i eth1 -p tcp -m tcp --dport 443 -m comment --comment bastion:svc:console -j ACCEPT
-	//   + -I INPUT 1 -m comment --comment bastion:jump -j BASTION-IN-c3107a63
-	//   - -A INPUT -m comment --comment bastion:jump -j BASTION-IN-8e9f8cba
-	//   - chain BASTION-IN-8e9f8cba (11 rules)
+	//   + -I INPUT 1 -m comment --comment bastion:jump -j BASTION-IN-62426544
+	//   - -A INPUT -m comment --comment bastion:jump -j BASTION-IN-0b26c0c5
+	//   - chain BASTION-IN-0b26c0c5 (12 rules)
 	// ip6tables:
-	//   chain BASTION-IN-6ad91024 replaces BASTION-IN-b53fc7a2:
+	//   chain BASTION-IN-3262c5d0 replaces BASTION-IN-7161bf53:
 	//     - -i eth1 -p tcp -m tcp --dport 443 -m comment --comment bastion:svc:console -j ACCEPT
-	//   + -I INPUT 1 -m comment --comment bastion:jump -j BASTION-IN-6ad91024
-	//   - -A INPUT -m comment --comment bastion:jump -j BASTION-IN-b53fc7a2
-	//   - chain BASTION-IN-b53fc7a2 (20 rules)
+	//   + -I INPUT 1 -m comment --comment bastion:jump -j BASTION-IN-3262c5d0
+	//   - -A INPUT -m comment --comment bastion:jump -j BASTION-IN-7161bf53
+	//   - chain BASTION-IN-7161bf53 (21 rules)
 }

@@ -204,9 +204,18 @@ func ifaces(p Policy, zone string) []string {
 	return nil
 }
 
+// stateful accepts replies to connections and the ICMP errors and
+// expectations related to them, and drops what conntrack cannot place. It
+// accepts an established connection's packets only in the reply direction:
+// the packets the connection's opener sends go through the policy's rules
+// again, every one of them, so a service or forward that a reload closes is
+// closed for the connections already open to it too, at the next packet.
+// (Accepting every ESTABLISHED packet here is the usual rule set, and it
+// kept such a connection open until it ended.)
 func stateful(label string) []Rule {
 	return []Rule{
-		ruleBuilder{}.with("-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED").rule("established", "ACCEPT"),
+		ruleBuilder{}.with("-m", "conntrack", "--ctstate", "ESTABLISHED", "--ctdir", "REPLY").rule("established", "ACCEPT"),
+		ruleBuilder{}.with("-m", "conntrack", "--ctstate", "RELATED").rule("related", "ACCEPT"),
 		ruleBuilder{}.with("-m", "conntrack", "--ctstate", "INVALID").rule(label+labelInvalid, "DROP"),
 	}
 }
