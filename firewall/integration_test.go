@@ -641,43 +641,6 @@ func TestRealForwardDenyByDefault(t *testing.T) {
 	check("lan->wan tcp/9100 allowed", map[string]bool{"lan->wan v4": true, "lan->wan v6": true})
 }
 
-// echoTCP listens on addr inside ns and echoes every connection until the
-// test ends.
-func echoTCP(t *testing.T, ns *tnetns.NS, addr string) {
-	t.Helper()
-	var ln net.Listener
-	if err := ns.Do(func() (err error) { ln, err = net.Listen("tcp", addr); return err }); err != nil {
-		t.Fatalf("listen %s in %s: %v", addr, ns.Name, err)
-	}
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				buf := make([]byte, 64)
-				for {
-					n, err := c.Read(buf)
-					if err != nil {
-						return
-					}
-					if _, err := c.Write(buf[:n]); err != nil {
-						return
-					}
-				}
-			}()
-		}
-	}()
-	t.Cleanup(func() { ln.Close(); wg.Wait() })
-}
-
 // dialIn opens a connection from inside ns (the socket stays there).
 func dialIn(t *testing.T, ns *tnetns.NS, network, addr string) net.Conn {
 	t.Helper()
@@ -707,8 +670,8 @@ func echoes(c net.Conn, d time.Duration) bool {
 // ESTABLISHED first" rule the open connections would go on until they end.
 func TestRealReloadCutsOpenConnections(t *testing.T) {
 	tp := newTopo(t)
-	echoTCP(t, tp.gw, "[::]:9200")
-	echoTCP(t, tp.wan, "[::]:9300")
+	tp.gw.EchoTCP("[::]:9200")
+	tp.wan.EchoTCP("[::]:9300")
 	fw, _ := tp.firewall(t)
 	ctx := context.Background()
 	open := gatewayPolicy("lan0", "wan0")

@@ -26,6 +26,32 @@ func startParking(t testing.TB, l *link, dir string) *queue.Queue {
 	return p
 }
 
+// parkedLink starts Mosquitto with conf, a cloud subscriber on bastion/#
+// (sub is nil when subscribe is false), and a connected link with a parking
+// queue.
+func parkedLink(t *testing.T, conf string, subscribe bool) (*mosquitto.Broker, *mosquitto.Subscriber, *link, *queue.Queue) {
+	t.Helper()
+	b := mosquitto.Start(t, mosquitto.Options{Config: conf})
+	var sub *mosquitto.Subscriber
+	if subscribe {
+		sub = mosquitto.Subscribe(t, b, "cloud-sub", "bastion/#", false)
+	}
+	l := startLink(t, linkConfig(t, b, "gw1"), t.TempDir())
+	p := startParking(t, l, t.TempDir())
+	waitFor(t, "link connected", 10*time.Second, func() bool { return l.up.Status().Connected })
+	return b, sub, l, p
+}
+
+// acceptAll hands ms to the link.
+func acceptAll(t *testing.T, l *link, ms ...bridges.Message) {
+	t.Helper()
+	for _, m := range ms {
+		if err := l.up.Accept(context.Background(), m); err != nil {
+			t.Fatalf("Accept %s: %v", m.Topic, err)
+		}
+	}
+}
+
 // expectTopics reads from sub until it has seen every topic in want (in
 // that order) and fails on anything else.
 func expectTopics(t *testing.T, l *link, sub *mosquitto.Subscriber, want ...string) {
@@ -48,19 +74,11 @@ func expectTopics(t *testing.T, l *link, sub *mosquitto.Subscriber, want ...stri
 // behaviour); with parking it moves to the parking queue and the messages
 // after it flow.
 func TestParkOversized(t *testing.T) {
-	b := mosquitto.Start(t, mosquitto.Options{Config: "message_size_limit 64\n"})
-	sub := mosquitto.Subscribe(t, b, "cloud-sub", "bastion/#", false)
-	l := startLink(t, linkConfig(t, b, "gw1"), t.TempDir())
-	p := startParking(t, l, t.TempDir())
-	waitFor(t, "link connected", 10*time.Second, func() bool { return l.up.Status().Connected })
+	_, sub, l, p := parkedLink(t, "message_size_limit 64\n", true)
 	ctx := context.Background()
 	big := telemetry("big", 1)
 	big.Payload = []byte(`{"pad":"` + strings.Repeat("x", 100) + `"}`)
-	for _, m := range []bridges.Message{telemetry("a", 1), big, telemetry("b", 2)} {
-		if err := l.up.Accept(ctx, m); err != nil {
-			t.Fatalf("Accept: %v", err)
-		}
-	}
+	acceptAll(t, l, telemetry("a", 1), big, telemetry("b", 2))
 	expectTopics(t, l, sub, "bastion/gw1/a/t/n", "bastion/gw1/b/t/n")
 	waitFor(t, "the oversized message parked", 10*time.Second, func() bool { return p.Stats().Depth == 1 })
 	waitFor(t, "the queue emptied", 10*time.Second, func() bool { return l.q.Stats().Depth == 0 })
@@ -92,19 +110,10 @@ func TestParkOversized(t *testing.T) {
 // PUBLISH, and the link would reconnect and send it again forever. The link
 // parks it without sending it, and the connection stays up.
 func TestParkBeyondMaximumPacketSize(t *testing.T) {
-	b := mosquitto.Start(t, mosquitto.Options{Config: "max_packet_size 300\n"})
-	sub := mosquitto.Subscribe(t, b, "cloud-sub", "bastion/#", false)
-	l := startLink(t, linkConfig(t, b, "gw1"), t.TempDir())
-	p := startParking(t, l, t.TempDir())
-	waitFor(t, "link connected", 10*time.Second, func() bool { return l.up.Status().Connected })
-	ctx := context.Background()
+	b, sub, l, p := parkedLink(t, "max_packet_size 300\n", true)
 	big := telemetry("big", 1)
 	big.Payload = []byte(`{"pad":"` + strings.Repeat("x", 400) + `"}`)
-	for _, m := range []bridges.Message{telemetry("a", 1), big, telemetry("b", 2)} {
-		if err := l.up.Accept(ctx, m); err != nil {
-			t.Fatalf("Accept: %v", err)
-		}
-	}
+	acceptAll(t, l, telemetry("a", 1), big, telemetry("b", 2))
 	expectTopics(t, l, sub, "bastion/gw1/a/t/n", "bastion/gw1/b/t/n")
 	waitFor(t, "the oversized message parked", 10*time.Second, func() bool { return p.Stats().Depth == 1 })
 	if st := l.up.Status(); !strings.Contains(st.LastParked, "Maximum Packet Size of 300") {
@@ -128,17 +137,9 @@ func TestParkUnauthorizedThenRetry(t *testing.T) {
 		}
 	}
 	writeACL("")
-	b := mosquitto.Start(t, mosquitto.Options{Config: "acl_file " + acl + "\n"})
-	sub := mosquitto.Subscribe(t, b, "cloud-sub", "bastion/#", false)
-	l := startLink(t, linkConfig(t, b, "gw1"), t.TempDir())
-	p := startParking(t, l, t.TempDir())
-	waitFor(t, "link connected", 10*time.Second, func() bool { return l.up.Status().Connected })
+	b, sub, l, p := parkedLink(t, "acl_file "+acl+"\n", true)
 	ctx := context.Background()
-	for _, m := range []bridges.Message{telemetry("a", 1), telemetry("x", 1), telemetry("a", 2)} {
-		if err := l.up.Accept(ctx, m); err != nil {
-			t.Fatalf("Accept: %v", err)
-		}
-	}
+	acceptAll(t, l, telemetry("a", 1), telemetry("x", 1), telemetry("a", 2))
 	expectTopics(t, l, sub, "bastion/gw1/a/t/n", "bastion/gw1/a/t/n")
 	waitFor(t, "the refused message parked", 10*time.Second, func() bool { return p.Stats().Depth == 1 })
 	if st := l.up.Status(); !strings.Contains(st.LastParked, "0x87") {
@@ -182,17 +183,13 @@ func TestParkBurst(t *testing.T) {
 	if err := os.WriteFile(acl, []byte("user gw1\ntopic read bastion/gw1/+/c/#\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	b := mosquitto.Start(t, mosquitto.Options{Config: "acl_file " + acl + "\n"})
-	l := startLink(t, linkConfig(t, b, "gw1"), t.TempDir())
-	p := startParking(t, l, t.TempDir())
-	waitFor(t, "link connected", 10*time.Second, func() bool { return l.up.Status().Connected })
-	ctx := context.Background()
+	_, _, l, p := parkedLink(t, "acl_file "+acl+"\n", false)
 	const total = 3 * parkBurst
-	for i := range total {
-		if err := l.up.Accept(ctx, telemetry("a", i)); err != nil {
-			t.Fatalf("Accept: %v", err)
-		}
+	ms := make([]bridges.Message, total)
+	for i := range ms {
+		ms[i] = telemetry("a", i)
 	}
+	acceptAll(t, l, ms...)
 	waitFor(t, "refusals past the burst", 30*time.Second, func() bool {
 		return metric(t, l, "bastion_upstream_publish_errors_total") >= parkBurst+3
 	})

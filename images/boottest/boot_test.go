@@ -66,7 +66,13 @@ func TestApplianceBoot(t *testing.T) {
 	if out, err := exec.Command(devicesim, "keygen", keyFile, csrFile).CombinedOutput(); err != nil {
 		t.Fatalf("devicesim keygen: %v: %s", err, out)
 	}
-	disk := makeTestDisk(t, imageDir, l, map[string]string{"device.csr": csrFile})
+	buttonTest := filepath.Join(work, "button.test")
+	build := exec.Command("go", "test", "-c", "-o", buttonTest, "github.com/bastion-iot/bastion/gateway/button")
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("go test -c gateway/button: %v: %s", err, out)
+	}
+	disk := makeTestDisk(t, imageDir, l, map[string]string{"device.csr": csrFile, "button.test": buttonTest})
 	ns := newNetns(t)
 
 	var fwds []forward
@@ -194,10 +200,17 @@ func TestApplianceBoot(t *testing.T) {
 // checkInside judges what the report unit saw inside the guest.
 func checkInside(t *testing.T, rep map[string]section) {
 	t.Helper()
-	for _, name := range []string{"iptables", "ip6tables", "sockets", "mounts", "sysctl", "bastiond-status", "failed-units", "root-password"} {
+	for _, name := range []string{"iptables", "ip6tables", "sockets", "mounts", "sysctl", "bastiond-status", "failed-units", "root-password", "button-uinput"} {
 		if s, ok := rep[name]; !ok || s.rc != 0 {
 			t.Errorf("report section %s missing or failed (rc %d):\n%s", name, s.rc, s.body)
 		}
+	}
+	// The pairing button through a real kernel input device (uinput on the
+	// appliance's kernel): it must have run, not skipped.
+	if b := rep["button-uinput"].body; !strings.Contains(b, "--- PASS: TestRealInputDevice") {
+		t.Errorf("TestRealInputDevice did not pass inside the appliance:\n%s", b)
+	} else {
+		t.Logf("inside the appliance:\n%s", b)
 	}
 
 	// Firewall: inbound denied by default, the gateway's ports opened on

@@ -88,6 +88,9 @@ func makeTestDisk(t *testing.T, imageDir string, l layout, extra map[string]stri
 	}, "\n") + "\n"
 	for name, host := range extra {
 		cmds += "write " + host + " /usr/local/share/bastion-boottest/" + name + "\n"
+		if strings.HasSuffix(name, ".test") { // a test binary the report runs
+			cmds += "sif /usr/local/share/bastion-boottest/" + name + " mode 0100755\n"
+		}
 	}
 	cmdFile := filepath.Join(dir, "debugfs.cmds")
 	if err := os.WriteFile(cmdFile, []byte(cmds), 0o644); err != nil {

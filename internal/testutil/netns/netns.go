@@ -12,6 +12,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os/exec"
 	"strings"
@@ -104,7 +105,12 @@ func (n *NS) AddAddr(ifname, cidr string) {
 
 // ServeTCP listens on addr ("[::]:8883" or ":8883", dual-stack) inside the
 // namespace and accepts and closes every connection until the test ends.
-func (n *NS) ServeTCP(addr string) {
+func (n *NS) ServeTCP(addr string) { n.serveTCP(addr, false) }
+
+// EchoTCP is ServeTCP with connections kept open, echoing what they read.
+func (n *NS) EchoTCP(addr string) { n.serveTCP(addr, true) }
+
+func (n *NS) serveTCP(addr string, echo bool) {
 	n.t.Helper()
 	var ln net.Listener
 	err := n.Do(func() error {
@@ -124,9 +130,20 @@ func (n *NS) ServeTCP(addr string) {
 			if err != nil {
 				return
 			}
-			c.Close()
+			if !echo {
+				c.Close()
+				continue
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer c.Close()
+				io.Copy(c, c)
+			}()
 		}
 	}()
+	// Echoing connections end when their clients close them (the tests'
+	// own cleanups, which run first).
 	n.t.Cleanup(func() { ln.Close(); wg.Wait() })
 }
 
