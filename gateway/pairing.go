@@ -161,7 +161,13 @@ func (p *pairingSvc) openSources(pc config.Pairing) error {
 	case "32":
 		layout = button.Layout32
 	}
-	if pc.Input != "" {
+	if pc.Input == "auto" {
+		src, err := button.OpenAutoInput("/dev/input", uint16(pc.KeyCode), layout, 2*time.Second, p.g.log.With("component", "button"))
+		if err != nil {
+			return fmt.Errorf("pairing.input auto: %w", err)
+		}
+		p.sources = append(p.sources, src)
+	} else if pc.Input != "" {
 		src, err := openInput(pc.Input, uint16(pc.KeyCode), layout, p.g.opts.Dev)
 		if err != nil {
 			return err
@@ -227,7 +233,7 @@ func (p *pairingSvc) summary(w io.Writer) {
 	switch {
 	case len(p.sources) == 0:
 		fmt.Fprintf(w, "  pairing:  no button configured (pairing.input / pairing.gpio_chip): devices cannot be paired\n")
-	case p.g.opts.Dev && pc.Input != "":
+	case p.g.opts.Dev && pc.Input != "" && pc.Input != "auto":
 		fmt.Fprintf(w, "  pairing:  button is %s (press: devicesim press-button --fifo %s --hold 1.5s)\n", pc.Input, pc.Input)
 	default:
 		fmt.Fprintf(w, "  pairing:  press the box's pairing button 1-10 s to open a %v window\n", pc.Window.D())
@@ -266,6 +272,9 @@ func (p *pairingSvc) close() {
 func (p *pairingSvc) audit(e pairing.AuditEvent) {
 	if e.Step == pairing.StepOpened || e.Step == pairing.StepClosed {
 		p.estKick()
+		// On the box's own screen too (the appliance shows the journal):
+		// whoever pressed the button sees that it worked.
+		p.g.log.Info("pairing window "+strings.TrimPrefix(string(e.Step), "pairing.window_"), "reason", e.Reason, "detail", e.Detail)
 	}
 	if e.Step == pairing.StepClosed {
 		p.mu.Lock()

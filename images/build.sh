@@ -131,6 +131,15 @@ printf '%s\n' "$fw_section" | grep -qx '  lan: \["eth0"\]' ||
 	die "default config's firewall.lan is not [eth0] (net.ifnames=0 names the NIC eth0)"
 printf '%s\n' "$fw_section" | grep -qx '  manage: true' ||
 	die "default config does not manage the firewall"
+# A PC has no WPS key: on this appliance the pairing button is Scroll Lock
+# (KEY_SCROLLLOCK, 70) held 1-10 s on a keyboard attached to the box, which
+# nothing else on it uses (there is no shell). A PS/2 Pause key could not
+# be held: it sends no release.
+printf '%s\n' "$cfg_plain" | sed -n '/^pairing:/,/^[^ ]/p' | grep -qx '  input: "auto"' ||
+	die "default config's pairing.input is not auto"
+sed -i 's/^\(  key_code: \)529\b.*/\170      # KEY_SCROLLLOCK: hold Scroll Lock 1-10 s on a keyboard attached to the box/' "$work/bastion.yaml"
+grep -q '^  key_code: 70 ' "$work/bastion.yaml" || die "could not set pairing.key_code to 70 (Scroll Lock)"
+"$bindir/bastiond" --check-config "$work/bastion.yaml" || die "bastiond --check-config rejects the appliance's config"
 
 # 3. The root filesystem from Debian packages.
 mkdir -p "$cache/apt" "$out"

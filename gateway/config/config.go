@@ -42,8 +42,10 @@ type Config struct {
 type Pairing struct {
 	// Window is how long a window stays open after a press (10s to 15m).
 	Window Duration `yaml:"window"`
-	// Input is an evdev node (/dev/input/eventN) or a FIFO carrying the
-	// same struct input_event bytes ("" = no input button).
+	// Input is "auto" (every evdev device that has KeyCode, found and
+	// re-found as devices come and go; never Bluetooth ones), an evdev node
+	// (/dev/input/eventN) or a FIFO carrying the same struct input_event
+	// bytes ("" = no input button).
 	Input string `yaml:"input"`
 	// KeyCode is the key watched on Input (default 0x211 KEY_WPS_BUTTON).
 	KeyCode int `yaml:"key_code"`

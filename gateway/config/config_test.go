@@ -95,7 +95,7 @@ func TestLoadErrors(t *testing.T) {
 		"pairing window long":   {"pairing:\n  window: 1h\n", []string{"bad.yaml:2: pairing.window: \"1h0m0s\" is out of range"}},
 		"pairing key code":      {"pairing:\n  key_code: 4096\n", []string{"bad.yaml:2: pairing.key_code: \"4096\" is not a key code"}},
 		"pairing layout":        {"pairing:\n  layout: 48\n", []string{"bad.yaml:2: pairing.layout: \"48\" is not a struct input_event layout: use auto, 64 or 32"}},
-		"pairing input":         {"pairing:\n  input: button.fifo\n", []string{"bad.yaml:2: pairing.input: \"button.fifo\" is not an absolute path"}},
+		"pairing input":         {"pairing:\n  input: button.fifo\n", []string{"bad.yaml:2: pairing.input: \"button.fifo\" is neither \"auto\""}},
 		"pairing gpio chip":     {"pairing:\n  gpio_chip: gpiochip0\n", []string{"bad.yaml:2: pairing.gpio_chip: \"gpiochip0\" is not a GPIO character device"}},
 		"pairing gpio no chip":  {"pairing:\n  gpio_line: 17\n", []string{"bad.yaml:2: pairing.gpio_line: \"17\" is set without pairing.gpio_chip"}},
 		"pairing gpio range":    {"pairing:\n  gpio_chip: /dev/gpiochip0\n  gpio_line: 9999\n", []string{"bad.yaml:3: pairing.gpio_line: \"9999\" is out of range"}},

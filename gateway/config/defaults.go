@@ -16,6 +16,9 @@ func Production() Config {
 		Console:  Console{Enabled: true},
 		Firewall: Firewall{Manage: true, LAN: []string{"eth0"}, Ping: []string{"lan"}},
 		Upstream: Upstream{Config: upstream.Config{Forward: defaultForward}},
+		// A router's WPS button (gpio-keys) is an input device with
+		// KEY_WPS_BUTTON, whatever its event number.
+		Pairing: Pairing{Input: "auto"},
 	}
 	SetDefaults(&c)
 	return c

@@ -232,8 +232,8 @@ func (c *Config) validatePairing(bad func(key string, value any, format string, 
 	default:
 		bad("pairing.layout", p.Layout, "is not a struct input_event layout: use auto, 64 or 32")
 	}
-	if p.Input != "" && !strings.HasPrefix(p.Input, "/") {
-		bad("pairing.input", p.Input, "is not an absolute path (an evdev node such as /dev/input/event0, or a FIFO)")
+	if p.Input != "" && p.Input != "auto" && !strings.HasPrefix(p.Input, "/") {
+		bad("pairing.input", p.Input, `is neither "auto" (every input device with key_code) nor an absolute path (an evdev node such as /dev/input/event0, or a FIFO)`)
 	}
 	if p.GPIOChip != "" && !strings.HasPrefix(p.GPIOChip, "/dev/") {
 		bad("pairing.gpio_chip", p.GPIOChip, "is not a GPIO character device such as /dev/gpiochip0")

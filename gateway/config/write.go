@@ -126,7 +126,7 @@ upstream:
 # (held 1-10 s; held 10 s or more cancels one); nothing on the network can.
 pairing:
   window: %s        # how long a window stays open: 10s to 15m
-  input: %q         # evdev node (/dev/input/eventN) or a FIFO of struct input_event ("" = none)
+  input: %q         # auto (every input device with key_code, not Bluetooth), an evdev node, or a FIFO of struct input_event ("" = none)
   key_code: %d      # 529 = 0x211 KEY_WPS_BUTTON
   layout: %q        # struct input_event layout: auto, 64 or 32
   gpio_chip: %q     # e.g. /dev/gpiochip0 ("" = no GPIO button)

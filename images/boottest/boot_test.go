@@ -129,6 +129,18 @@ func TestApplianceBoot(t *testing.T) {
 
 	checkInside(t, rep)
 
+	// The pairing button on the appliance: Scroll Lock held 1.5 s on the
+	// box's keyboard (bastiond finds it by itself: pairing.input auto) opens
+	// a window, which bastiond says on the screen.
+	if err := v.holdKey(ctx, "scroll_lock", 1500*time.Millisecond); err != nil {
+		t.Fatalf("press the pairing key: %v", err)
+	}
+	keyCtx, keyCancel := context.WithTimeout(ctx, 30*time.Second)
+	defer keyCancel()
+	if _, err := v.console.waitFor(keyCtx, regexp.MustCompile(`pairing window opened`)); err != nil {
+		t.Errorf("holding the pairing key on the appliance's keyboard opened no window: %v\nconsole tail:\n%s", err, v.console.tail(40))
+	}
+
 	// 2. From the outside, through the forwarded ports.
 	roots := x509.NewCertPool()
 	if s := rep["root-crt"]; s.rc != 0 || !roots.AppendCertsFromPEM([]byte(s.body)) {
@@ -207,7 +219,7 @@ func checkInside(t *testing.T, rep map[string]section) {
 	}
 	// The pairing button through a real kernel input device (uinput on the
 	// appliance's kernel): it must have run, not skipped.
-	if b := rep["button-uinput"].body; !strings.Contains(b, "--- PASS: TestRealInputDevice") {
+	if b := rep["button-uinput"].body; !strings.Contains(b, "--- PASS: TestRealInputDevice") || !strings.Contains(b, "--- PASS: TestRealAutoInput") {
 		t.Errorf("TestRealInputDevice did not pass inside the appliance:\n%s", b)
 	} else {
 		t.Logf("inside the appliance:\n%s", b)

@@ -262,6 +262,8 @@ func startVM(ctx context.Context, t *testing.T, ns *netns, imageDir, disk string
 		"-device", "virtio-net-pci,netdev=n0",
 		"-object", "rng-random,filename=/dev/urandom,id=rng0",
 		"-device", "virtio-rng-pci,rng=rng0",
+		// A keyboard attached to the box: the test holds its pairing key.
+		"-device", "virtio-keyboard-pci,id=kbd0",
 		"-chardev", "socket,id=ser0,path=" + filepath.Join(sockDir, "s0"),
 		"-chardev", "socket,id=ser1,path=" + filepath.Join(sockDir, "s1"),
 		"-serial", "chardev:ser0",
@@ -345,13 +347,44 @@ func startVM(ctx context.Context, t *testing.T, ns *netns, imageDir, disk string
 	return v
 }
 
+// holdKey holds the key (a QMP qcode, e.g. "scroll_lock") on the VM's
+// keyboard for d, as a person pressing it.
+func (v *vm) holdKey(ctx context.Context, qcode string, d time.Duration) error {
+	key := func(down bool) error {
+		// No "device": with -display none there is no console to bind
+		// it to; events go to the one keyboard.
+		_, err := v.qmpExecute(ctx, "input-send-event", map[string]any{"events": []any{
+			map[string]any{"type": "key", "data": map[string]any{"down": down, "key": map[string]any{"type": "qcode", "data": qcode}}},
+		}})
+		return err
+	}
+	if err := key(true); err != nil {
+		return err
+	}
+	time.Sleep(d) // the hold itself
+	return key(false)
+}
+
 // qmpCommand runs one QMP command and returns its "return" value, skipping
 // asynchronous events.
 func (v *vm) qmpCommand(ctx context.Context, name string) (json.RawMessage, error) {
+	return v.qmpExecute(ctx, name, nil)
+}
+
+// qmpExecute is qmpCommand with arguments (nil: none).
+func (v *vm) qmpExecute(ctx context.Context, name string, args any) (json.RawMessage, error) {
 	if dl, ok := ctx.Deadline(); ok {
 		v.qmp.SetDeadline(dl)
 	}
-	if _, err := fmt.Fprintf(v.qmp, `{"execute":%q}`+"\n", name); err != nil {
+	cmd := map[string]any{"execute": name}
+	if args != nil {
+		cmd["arguments"] = args
+	}
+	b, err := json.Marshal(cmd)
+	if err != nil {
+		return nil, fmt.Errorf("qmp %s: %w", name, err)
+	}
+	if _, err := v.qmp.Write(append(b, '\n')); err != nil {
 		return nil, fmt.Errorf("qmp %s: %w", name, err)
 	}
 	for {

@@ -18,6 +18,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"unsafe"
 
@@ -51,7 +52,15 @@ type uinputSetup struct {
 type Device struct {
 	f         *os.File
 	eventPath string
+	destroy   sync.Once
 }
+
+// Bus types (include/uapi/linux/input.h) a device can claim.
+const (
+	BusUSB       = 0x03
+	BusBluetooth = 0x05
+	BusVirtual   = 0x06
+)
 
 // Available reports whether the kernel has the uinput driver, and if not,
 // why.
@@ -74,18 +83,21 @@ func Available() (bool, string) {
 // destroyed at the end of the test.
 func New(t testing.TB, name string, keys ...uint16) *Device {
 	t.Helper()
+	return NewOnBus(t, BusVirtual, name, keys...)
+}
+
+// NewOnBus is New for a device that says it is on bus.
+func NewOnBus(t testing.TB, bus uint16, name string, keys ...uint16) *Device {
+	t.Helper()
 	if ok, why := Available(); !ok {
-		t.Skipf("skipping real input device test: %s; the pipe test covers the same decoder", why)
+		t.Skipf("skipping real input device test: %s; the pipe test covers the same decoder here, and the appliance boot test (images/boottest) runs this test inside its VM", why)
 	}
 	f, err := openUinput(t)
 	if err != nil {
 		t.Skipf("skipping real input device test: %v", err)
 	}
 	d := &Device{f: f}
-	t.Cleanup(func() {
-		d.ioctl(uiDevDestroy, 0)
-		f.Close()
-	})
+	t.Cleanup(d.Destroy)
 	if err := d.ioctl(uiSetEvBit, evKey); err != nil {
 		t.Fatalf("UI_SET_EVBIT EV_KEY: %v", err)
 	}
@@ -95,7 +107,7 @@ func New(t testing.TB, name string, keys ...uint16) *Device {
 		}
 	}
 	var setup uinputSetup
-	setup.bustype, setup.vendor, setup.product, setup.version = 0x06 /* BUS_VIRTUAL */, 0xb457, 0x0001, 1
+	setup.bustype, setup.vendor, setup.product, setup.version = bus, 0xb457, 0x0001, 1
 	copy(setup.name[:], name)
 	if unsafe.Sizeof(setup) != 92 {
 		t.Fatalf("struct uinput_setup is %d bytes here, want 92", unsafe.Sizeof(setup))
@@ -174,6 +186,14 @@ func eventNode(t testing.TB, sys string) (string, error) {
 }
 
 func fileExists(p string) bool { _, err := os.Stat(p); return err == nil }
+
+// Destroy unplugs the device (its event node goes away).
+func (d *Device) Destroy() {
+	d.destroy.Do(func() {
+		d.ioctl(uiDevDestroy, 0)
+		d.f.Close()
+	})
+}
 
 // EventPath is the evdev node the kernel delivers this device's events on.
 func (d *Device) EventPath() string { return d.eventPath }
