@@ -50,6 +50,10 @@ func OpenAutoInput(dir string, code uint16, l Layout, rescan time.Duration, log 
 	ctx, cancel := context.WithCancel(context.Background())
 	a := &AutoInput{dir: dir, code: code, layout: l, log: log, edges: make(chan Edge, 16), cancel: cancel, open: map[string]*InputSource{}}
 	a.scan(ctx)
+	if len(a.Devices()) == 0 {
+		a.log.Warn("button: no input device has the pairing key yet; watching for one", "dir", dir, "key_code", code,
+			"hint", "plug in a keyboard with the key, or set pairing.input to the button's evdev node or a FIFO (OpenWrt's gpio-button-hotplug does not make input devices)")
+	}
 	a.wg.Add(1)
 	go func() {
 		defer a.wg.Done()
