@@ -281,8 +281,11 @@ func (p *pairingSvc) audit(e pairing.AuditEvent) {
 		clear(p.idevWindow)
 		p.mu.Unlock()
 	}
+	if e.Step == pairing.StepLongPressIdle {
+		p.recoveryCode()
+	}
 	actor := "pairing"
-	if e.Step == pairing.StepOpened || e.Reason == pairing.ReasonCancelled {
+	if e.Step == pairing.StepOpened || e.Reason == pairing.ReasonCancelled || e.Step == pairing.StepLongPressIdle {
 		actor = "button"
 	}
 	detail := e.Detail
@@ -293,6 +296,26 @@ func (p *pairingSvc) audit(e pairing.AuditEvent) {
 		detail = "ALERT: " + detail
 	}
 	p.event(actor, string(e.Step), e.Device, detail)
+}
+
+// recoveryCode answers a long press of the button with no window open: a
+// one-time console password recovery code, valid 15 minutes, written to the
+// log, which only the box shows (its screen and serial console on the
+// appliance; root's logread on a router), never the network. Holding the
+// button that long is the physical presence the recovery needs; the code
+// itself is entered on the console's recovery page.
+func (p *pairingSvc) recoveryCode() {
+	h := p.g.consoleHandler
+	if h == nil {
+		p.g.log.Warn("long press of the pairing button: no console recovery code, the console is off")
+		return
+	}
+	code, err := h.NewRecoveryCodeFor("button")
+	if err != nil {
+		p.g.log.Error("long press of the pairing button: console recovery code", "err", err)
+		return
+	}
+	p.g.log.Warn("console recovery code: "+code+" (valid 15 minutes, once): enter it on the console's password recovery page", "source", "pairing button held 10 s or more with no window open")
 }
 
 func (p *pairingSvc) event(actor, action, target, detail string) {

@@ -10,12 +10,16 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/base64"
+	"encoding/json"
 	"encoding/pem"
+	"io"
 	"log/slog"
 	"math/big"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"testing"
@@ -106,7 +110,7 @@ func (g *pgw) press(t *testing.T, hold time.Duration) {
 		es, _ := g.g.Store().AuditLog(10000, 0)
 		n := 0
 		for _, e := range es {
-			if e.Actor == "button" || e.Action == string(pairing.StepButtonIgnored) {
+			if e.Actor == "button" || e.Action == string(pairing.StepButtonIgnored) || e.Action == string(pairing.StepLongPressIdle) {
 				n++
 			}
 		}
@@ -652,4 +656,58 @@ func FuzzDecodeESTBody(f *testing.F) {
 			t.Fatalf("round trip: %v", err)
 		}
 	})
+}
+
+// A long press of the pairing button with no window open is the physical
+// gesture for console password recovery: the box's log (its screen, on the
+// appliance) shows a one-time code, which sets a password on the console's
+// recovery page once; the audit log says the button asked for it.
+func TestLongPressRecoveryCode(t *testing.T) {
+	g := startPairing(t, nil)
+	g.press(t, 11*time.Second)
+	re := regexp.MustCompile(`console recovery code: (\S+) \(valid 15 minutes, once\)`)
+	var code string
+	for i := 0; code == "" && i < 500; i++ {
+		if m := re.FindStringSubmatch(g.log.String()); m != nil {
+			code = m[1]
+		} else {
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	if code == "" {
+		t.Fatal("no recovery code in the log within 5s after a long press")
+	}
+	if st := g.g.pairing.win.State(); st.Open {
+		t.Fatal("a long press opened a window")
+	}
+	hc := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: g.g.CA().RootPool(), ServerName: "127.0.0.1"}}}
+	defer hc.CloseIdleConnections()
+	post := func(path string, body map[string]string) int {
+		t.Helper()
+		b, _ := json.Marshal(body)
+		resp, err := hc.Post("https://"+g.g.Addrs()["console"]+path, "application/json", bytes.NewReader(b))
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	in := map[string]string{"code": code, "user": "owner", "password": "long enough passphrase 7"}
+	if st := post("/api/v1/recover", in); st != http.StatusOK {
+		t.Fatalf("recover with the button's code: HTTP %d", st)
+	}
+	if st := post("/api/v1/session", map[string]string{"user": "owner", "password": in["password"]}); st != http.StatusCreated {
+		t.Fatalf("log in with the recovered password: HTTP %d", st)
+	}
+	if st := post("/api/v1/recover", in); st != http.StatusForbidden {
+		t.Errorf("the code worked twice: HTTP %d", st)
+	}
+	es, err := g.g.Store().AuditLog(100, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.ContainsFunc(es, func(e store.Event) bool { return e.Action == "console.recovery_code" && e.Actor == "button" }) {
+		t.Error("the audit log does not say the button asked for a recovery code")
+	}
 }

@@ -208,7 +208,7 @@ chmod 0644 "$root/etc/hostname" "$root/etc/hosts"
 rm -f "$root/var/lib/dbus/machine-id"
 ln -sf ../run/systemd/resolve/resolv.conf "$root/etc/resolv.conf"
 
-systemctl --root="$root" enable bastiond.service bastion-console.service \
+systemctl --root="$root" enable bastiond.service bastion-console.service bastion-screen.service \
 	systemd-networkd.service systemd-resolved.service systemd-timesyncd.service >/dev/null 2>&1
 # No login prompt anywhere: the appliance has no accounts to log in to and
 # no password to guess. The setup code is shown instead.

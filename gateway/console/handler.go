@@ -214,13 +214,19 @@ func (h *Handler) presenceActive() bool {
 // the control socket, see RecoveryControlHandler); it is never reachable
 // from the network, and there is no e-mail recovery.
 func (h *Handler) NewRecoveryCode() (string, error) {
+	return h.NewRecoveryCodeFor("bastionctl")
+}
+
+// NewRecoveryCodeFor is NewRecoveryCode on behalf of source (bastionctl,
+// or the box's button), which the audit log records.
+func (h *Handler) NewRecoveryCodeFor(source string) (string, error) {
 	code := newCode()
 	sum := sha256.Sum256([]byte(code))
 	v := hex.EncodeToString(sum[:]) + " " + strconv.FormatInt(h.o.Now().Add(15*time.Minute).Unix(), 10)
 	if err := h.o.Store.SetMeta(metaRecoveryCode, []byte(v)); err != nil {
 		return "", fmt.Errorf("store recovery code: %w", err)
 	}
-	h.audit(context.Background(), Actor{Name: "bastionctl"}, "console.recovery_code", "", "valid 15 minutes")
+	h.audit(context.Background(), Actor{Name: source}, "console.recovery_code", "", "valid 15 minutes")
 	return code, nil
 }
 

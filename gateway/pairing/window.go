@@ -86,9 +86,13 @@ type Step string
 
 // The audited steps.
 const (
-	StepOpened          Step = "pairing.window_opened"
-	StepClosed          Step = "pairing.window_closed"
-	StepButtonIgnored   Step = "pairing.button_ignored"
+	StepOpened        Step = "pairing.window_opened"
+	StepClosed        Step = "pairing.window_closed"
+	StepButtonIgnored Step = "pairing.button_ignored"
+	// StepLongPressIdle is a long press (one that would cancel a window)
+	// with no window open: the gateway makes it the physical gesture for a
+	// console password recovery code.
+	StepLongPressIdle   Step = "pairing.long_press_no_window"
 	StepAttemptBegan    Step = "pairing.attempt_began"
 	StepAttemptFailed   Step = "pairing.attempt_failed"
 	StepAttemptRefused  Step = "pairing.attempt_refused"
@@ -309,7 +313,7 @@ func (w *Window) pressLocked(ev button.Event) bool {
 	case button.Cancel:
 		w.button = w.clock.Now()
 		if !w.open {
-			w.record(AuditEvent{Step: StepButtonIgnored, Detail: "cancel press with no window open"})
+			w.record(AuditEvent{Step: StepLongPressIdle, Detail: fmt.Sprintf("button %s held %v with no window open", ev.Source(), ev.Held())})
 			return false
 		}
 		w.closeLocked(ReasonCancelled, "")
