@@ -162,6 +162,10 @@ func (a *AutoInput) scan(ctx context.Context) {
 // try opens path if it is an evdev device with the key that is not on
 // Bluetooth.
 func (a *AutoInput) try(path string) (*InputSource, string) {
+	// Only character devices: opening anything else (a FIFO) could block.
+	if fi, err := os.Stat(path); err != nil || fi.Mode()&os.ModeCharDevice == 0 {
+		return nil, "not a character device"
+	}
 	f, err := os.OpenFile(path, os.O_RDONLY, 0)
 	if err != nil {
 		return nil, err.Error()
