@@ -88,11 +88,16 @@ func waitOffers(t *testing.T, g *Gateway, trigger, result string, want float64) 
 func TestFirmwareOfferReachesLateMQTTSubscriber(t *testing.T) {
 	testenv.RequireCommand(t, "mosquitto_sub")
 	v := newFWVendor(t)
-	img := tufrepo.Image(4000, 1)
-	sha := v.publish(t, fwClassA, "1.1.0", 1, img)
+	v.publish(t, fwClassB, "2.0", 1, tufrepo.Image(1000, 2)) // a repository with another class only
 	g := startFirmwareGateway(t, v)
+	// The check at start is over before the devices exist (on a loaded
+	// machine it could otherwise announce to one of them, and the next
+	// check would see no change for the other).
+	g.check(t)
 	ma, _ := g.addFWDevice(t, "meter-a", "cert", fwClassA)
 	mb, _ := g.addFWDevice(t, "meter-b", "cert", fwClassA)
+	img := tufrepo.Image(4000, 1)
+	sha := v.publish(t, fwClassA, "1.1.0", 1, img)
 	// The offer is announced now, while no device is connected.
 	g.check(t)
 	waitOffers(t, g.g, "change", "sent", 2)

@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"os/exec"
 	"strings"
 	"sync"
@@ -193,7 +194,9 @@ func (n *NS) Answers(ctx context.Context, network, addr string, timeout time.Dur
 		return err
 	})
 	if err != nil {
-		if network == "tcp" || ctx.Err() != nil {
+		// A dial that ran out of time (on a loaded machine, even a UDP
+		// dial's socket set-up can) may report it before ctx does.
+		if network == "tcp" || ctx.Err() != nil || errors.Is(err, os.ErrDeadlineExceeded) {
 			return false, nil // timed out, refused or unreachable: not answering
 		}
 		return false, fmt.Errorf("dial %s %s in %s: %w", network, addr, n.Name, err)
