@@ -14,7 +14,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"os"
 	"os/exec"
 	"strings"
 	"sync"
@@ -196,7 +195,8 @@ func (n *NS) Answers(ctx context.Context, network, addr string, timeout time.Dur
 	if err != nil {
 		// A dial that ran out of time (on a loaded machine, even a UDP
 		// dial's socket set-up can) may report it before ctx does.
-		if network == "tcp" || ctx.Err() != nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		var ne net.Error
+		if network == "tcp" || ctx.Err() != nil || errors.As(err, &ne) && ne.Timeout() {
 			return false, nil // timed out, refused or unreachable: not answering
 		}
 		return false, fmt.Errorf("dial %s %s in %s: %w", network, addr, n.Name, err)
