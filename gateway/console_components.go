@@ -131,11 +131,19 @@ func (u consoleUpstream) Show(ctx context.Context) (console.Report, error) {
 	for _, r := range g.forwardRules(cfg.Config) {
 		rules = append(rules, []string{r.Topic, r.Action, strings.Join(r.Fields, ", ")})
 	}
-	return console.Report{Sections: []console.Section{
-		link,
-		{Title: "Topic mapping", Header: []string{"direction", "from", "to"}, Table: maps},
-		{Title: "Forwarding rules in effect (console rules first)", Header: []string{"topic", "action", "fields"}, Table: rules},
-	}}, nil
+	secs := []console.Section{link}
+	if pk, err := g.upstream.ListParked(ctx, 20); err == nil && pk.Depth > 0 {
+		var rows [][]string
+		for _, m := range pk.Messages {
+			rows = append(rows, []string{m.Device, m.Topic, strconv.Itoa(m.Bytes), m.Received.Format(time.DateTime), m.Why})
+		}
+		secs = append(secs, console.Section{Title: fmt.Sprintf("Parked messages (%d; bastionctl upstream parked retry | drop)", pk.Depth),
+			Header: []string{"device", "topic", "bytes", "received", "refused"}, Table: rows})
+	}
+	return console.Report{Sections: append(secs,
+		console.Section{Title: "Topic mapping", Header: []string{"direction", "from", "to"}, Table: maps},
+		console.Section{Title: "Forwarding rules in effect (console rules first)", Header: []string{"topic", "action", "fields"}, Table: rules},
+	)}, nil
 }
 
 type consoleFirmware struct{ g *Gateway }

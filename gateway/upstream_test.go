@@ -116,6 +116,17 @@ func TestUpstreamParkedControl(t *testing.T) {
 	if len(p.Messages) != 1 || p.Messages[0].Topic != big.Topic || !strings.Contains(p.Messages[0].Why, "0x95") {
 		t.Fatalf("parked = %+v, want %s refused with 0x95", p, big.Topic)
 	}
+	// The console's upstream page shows the alarm and the parked message.
+	rep, err := consoleUpstream{r.g}.Show(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(rep.Sections[0].Alarm, "1 messages refused by the broker") {
+		t.Errorf("console alarm %q, want the parked message", rep.Sections[0].Alarm)
+	}
+	if len(rep.Sections) < 2 || !strings.HasPrefix(rep.Sections[1].Title, "Parked messages (1;") || len(rep.Sections[1].Table) != 1 || rep.Sections[1].Table[0][1] != big.Topic {
+		t.Errorf("console sections %+v, want the parked message listed second", rep.Sections)
+	}
 	if _, err := ctl.Do(ctx, "GET", "/v1/upstream/parked?max=x", nil, nil); err == nil || !strings.Contains(err.Error(), "max=") {
 		t.Errorf("a bad max: %v, want an error naming it", err)
 	}
