@@ -141,8 +141,19 @@ type entry struct {
 type pending struct {
 	off, n int
 	seq    uint64
-	recv   int64      // Unix ns
-	done   chan error // nil for QoS 0
+	recv   int64       // Unix ns
+	done   chan error  // Accept's and AcceptAsync's; nil for QoS 0
+	fn     func(error) // AcceptNotify's, instead of done
+}
+
+// tell reports the batch's outcome to the message's Accept.
+func (p *pending) tell(err error) {
+	switch {
+	case p.fn != nil:
+		p.fn(err)
+	case p.done != nil:
+		p.done <- err
+	}
 }
 
 // Queue is the durable queue. It implements bridges.Sink.
@@ -194,7 +205,7 @@ type Queue struct {
 	creating func(f *os.File)
 }
 
-var _ bridges.AsyncSink = (*Queue)(nil)
+var _ bridges.NotifySink = (*Queue)(nil)
 
 // Open opens (creating if needed) the queue in dir, recovers every message
 // whose Accept returned, cuts any torn tail, and starts the writer. Metrics
@@ -475,7 +486,7 @@ func (q *Queue) diskBytes() int64 {
 // once it is in the next write batch. It returns bridges.ErrQueueFull when the
 // queue is at its byte or age bound.
 func (q *Queue) Accept(ctx context.Context, m bridges.Message) error {
-	done, err := q.admit(m)
+	done, err := q.admit(m, nil)
 	if err != nil || done == nil {
 		return err
 	}
@@ -495,12 +506,26 @@ func (q *Queue) Accept(ctx context.Context, m bridges.Message) error {
 // have returned. For QoS 0 the channel is nil. ctx is not used: admission
 // never blocks.
 func (q *Queue) AcceptAsync(_ context.Context, m bridges.Message) (<-chan error, error) {
-	return q.admit(m)
+	return q.admit(m, nil)
 }
 
-// admit checks the bounds and adds m to the next batch; done is nil for
-// QoS 0.
-func (q *Queue) admit(m bridges.Message) (chan error, error) {
+// AcceptNotify is AcceptAsync with the outcome reported by calling fn
+// (bridges.NotifySink): for QoS 1 fn is called exactly once, on the queue's
+// writer goroutine, right after the fsync of the group commit covering m
+// (or with the error AcceptAsync's channel would carry), in acceptance
+// order; the next commit waits while fn runs. No channel is made.
+func (q *Queue) AcceptNotify(_ context.Context, m bridges.Message, fn func(error)) (pending bool, err error) {
+	if m.QoS == 0 {
+		fn = nil
+	}
+	done, err := q.admit(m, fn)
+	return err == nil && (done != nil || fn != nil), err
+}
+
+// admit checks the bounds and adds m to the next batch. For QoS 1 the
+// outcome goes to fn if set, else to the returned channel; done is nil for
+// QoS 0 and with fn.
+func (q *Queue) admit(m bridges.Message, fn func(error)) (chan error, error) {
 	if m.Received.IsZero() {
 		m.Received = q.opts.Now()
 	}
@@ -509,7 +534,7 @@ func (q *Queue) admit(m bridges.Message) (chan error, error) {
 		return nil, fmt.Errorf("queue accept from %s: %d bytes, limit %d: %w", m.Device, n, q.opts.MaxMessageBytes, ErrTooLarge)
 	}
 	var done chan error
-	if m.QoS > 0 {
+	if m.QoS > 0 && fn == nil {
 		done = make(chan error, 1)
 	}
 	q.mu.Lock()
@@ -535,7 +560,7 @@ func (q *Queue) admit(m bridges.Message) (chan error, error) {
 		q.m.refused.WithLabelValues("bytes").Inc()
 		return nil, fmt.Errorf("queue accept from %s: %d bytes held, limit %d: %w", m.Device, held, q.opts.MaxBytes, bridges.ErrQueueFull)
 	}
-	q.batch = append(q.batch, pending{off: off, n: n, seq: q.nextSeq, recv: m.Received.UnixNano(), done: done})
+	q.batch = append(q.batch, pending{off: off, n: n, seq: q.nextSeq, recv: m.Received.UnixNano(), done: done, fn: fn})
 	q.batchB += int64(n)
 	q.nextSeq++
 	q.mu.Unlock()
@@ -732,10 +757,8 @@ func (q *Queue) flush(sync bool) {
 		err = fmt.Errorf("%w: %w", bridges.ErrQueueFull, err)
 		q.m.refused.WithLabelValues("disk_full").Add(float64(len(batch)))
 	}
-	for _, p := range batch {
-		if p.done != nil {
-			p.done <- err
-		}
+	for i := range batch {
+		batch[i].tell(err)
 	}
 	q.recycle(batch, batchBuf)
 }
@@ -746,10 +769,8 @@ func (q *Queue) failBatchLocked(batch []pending, batchBuf []byte) {
 	q.writingB = 0
 	err := fmt.Errorf("queue: disk error earlier: %w", q.failed)
 	q.mu.Unlock()
-	for _, p := range batch {
-		if p.done != nil {
-			p.done <- err
-		}
+	for i := range batch {
+		batch[i].tell(err)
 	}
 	q.recycle(batch, batchBuf)
 }
@@ -792,10 +813,8 @@ func (q *Queue) commit(seg *segment, batch []pending, prev <-chan struct{}, done
 		err = fmt.Errorf("queue: disk error earlier: %w", q.failed)
 	}
 	q.mu.Unlock()
-	for _, p := range batch {
-		if p.done != nil {
-			p.done <- err
-		}
+	for i := range batch {
+		batch[i].tell(err)
 	}
 	q.recycle(batch, nil)
 	close(done)

@@ -37,6 +37,11 @@ import (
 // CI's pass/fail (no timing assertions); run it with
 //
 //	go test -run '^$' -bench FullStack -benchtime 1x -count 3 ./integration/powercut/
+//
+// BENCH_BASTIOND_BASELINE=<bastiond binary> runs a second gateway of that
+// build side by side; BENCH_PROFILE_DIR=<absolute dir> writes bastiond CPU
+// profiles per scenario (BASTIOND_TRACE=1: execution traces too);
+// BENCH_FULLSTACK_SCALE=<factor> multiplies the messages per scenario.
 func BenchmarkFullStack(b *testing.B) {
 	const gatewayID = "gw1"
 	// pubs device sessions, each with inflight QoS 1 publishes awaiting
@@ -44,6 +49,13 @@ func BenchmarkFullStack(b *testing.B) {
 	// the receive maximum both brokers grant).
 	scenarios := []struct{ pubs, inflight, each int }{{1, 1, 3000}, {1, 16, 6400}, {50, 1, 200}}
 	maxPubs := 50
+	// BENCH_FULLSTACK_SCALE multiplies the messages (longer runs for
+	// profiles: BENCH_FULLSTACK_SCALE=5).
+	if f, err := strconv.ParseFloat(os.Getenv("BENCH_FULLSTACK_SCALE"), 64); err == nil && f > 0 {
+		for i := range scenarios {
+			scenarios[i].each = max(scenarios[i].inflight, int(float64(scenarios[i].each)*f))
+		}
+	}
 
 	cloud := mosquitto.Start(b, mosquitto.Options{Name: "cloud"})
 	sub := mosquitto.Subscribe(b, cloud, "bench-sub", "bastion/#", false)
