@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"net"
 	"sync"
+	"sync/atomic"
+	"time"
 )
 
 // Per-session bounds of the PUBACK pipeline (see pipeConn).
@@ -23,6 +25,11 @@ const (
 	maxHeldBytes = 32 << 10
 	// keptHeld bounds the held buffer a session keeps between bursts.
 	keptHeld = 1 << 10
+	// deadlineSlack is how much later than asked a deadline may be set, so
+	// that mochi's per-packet keepalive deadline (now + 1.5 × keepalive,
+	// set before every packet read) changes the connection's timers at
+	// most once per deadlineSlack instead of once per packet.
+	deadlineSlack = 100 * time.Millisecond
 )
 
 // errSessionEnded is returned for writes and messages of a session whose
@@ -59,6 +66,9 @@ type pipeConn struct {
 	// report is reported as a func value, made once per connection so
 	// that admitting a message allocates nothing for it.
 	report func(error)
+	// deadline is the deadline last set on the connection (Unix ns; 0:
+	// none), see SetDeadline.
+	deadline atomic.Int64
 
 	mu     sync.Mutex
 	cond   sync.Cond // L is mu: room in the pipeline or in held, or the end
@@ -177,6 +187,25 @@ func (c *pipeConn) Write(b []byte) (int, error) {
 		}
 		c.cond.Wait()
 	}
+}
+
+// SetDeadline sets the connection's read and write deadline to t, or
+// keeps the one set if that is not earlier than t and at most
+// deadlineSlack later: a session never times out earlier than asked, and
+// up to deadlineSlack later. mochi calls it (refreshDeadline) before every
+// packet it reads, and each call resets two runtime timers; nothing else
+// sets the deadlines of a session's connection once mochi has it.
+func (c *pipeConn) SetDeadline(t time.Time) error {
+	if t.IsZero() {
+		c.deadline.Store(0)
+		return c.Conn.SetDeadline(t)
+	}
+	if cur, n := c.deadline.Load(), t.UnixNano(); cur != 0 && n <= cur && n >= cur-int64(deadlineSlack) {
+		return nil
+	}
+	t = t.Add(deadlineSlack)
+	c.deadline.Store(t.UnixNano())
+	return c.Conn.SetDeadline(t)
 }
 
 // Close closes the connection first (so a write blocked on a slow device

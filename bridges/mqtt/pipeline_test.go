@@ -676,3 +676,61 @@ func isTimeout(err error) bool {
 func isReset(err error) bool {
 	return err != nil && (errors.Is(err, os.ErrDeadlineExceeded) == false) && bytes.Contains([]byte(err.Error()), []byte("reset"))
 }
+
+// TestSetDeadlineCoalesced: pipeConn keeps a deadline already set when the
+// new one is at most deadlineSlack earlier than it, so mochi's per-packet
+// refresh does not reset the timers every packet; the connection never
+// times out before the deadline asked for, a shorter deadline is applied,
+// and a zero one clears it.
+func TestSetDeadlineCoalesced(t *testing.T) {
+	// A read on a TLS server connection that never handshakes waits for
+	// the ClientHello until the deadline.
+	readTimesOut := func(pc *pipeConn) (time.Time, error) {
+		_, err := pc.Read(make([]byte, 1))
+		return time.Now(), err
+	}
+	conn := func() *pipeConn {
+		a, b := net.Pipe()
+		t.Cleanup(func() { a.Close(); b.Close() })
+		return newPipeConn(tls.Server(a, &tls.Config{}), nil)
+	}
+
+	pc := conn()
+	first := time.Now().Add(100 * time.Millisecond)
+	if err := pc.SetDeadline(first); err != nil {
+		t.Fatal(err)
+	}
+	set := pc.deadline.Load()
+	later := first.Add(deadlineSlack / 2)
+	if err := pc.SetDeadline(later); err != nil {
+		t.Fatal(err)
+	}
+	if got := pc.deadline.Load(); got != set {
+		t.Errorf("a deadline within the slack reset the timers: %v, want %v kept", time.Unix(0, got), time.Unix(0, set))
+	}
+	at, err := readTimesOut(pc)
+	if !isTimeout(err) {
+		t.Fatalf("read: %v, want a timeout", err)
+	}
+	if at.Before(later) {
+		t.Errorf("timed out at %v, before the deadline asked for, %v", at, later)
+	}
+
+	pc = conn()
+	pc.SetDeadline(time.Now().Add(time.Hour))
+	short := time.Now().Add(50 * time.Millisecond)
+	pc.SetDeadline(short)
+	if got := time.Unix(0, pc.deadline.Load()); got.Before(short) || got.After(short.Add(deadlineSlack)) {
+		t.Errorf("shorter deadline %v set as %v", short, got)
+	}
+	if _, err := readTimesOut(pc); !isTimeout(err) {
+		t.Fatalf("read after a shorter deadline: %v, want a timeout", err)
+	}
+
+	pc = conn()
+	pc.SetDeadline(time.Now().Add(time.Hour))
+	pc.SetDeadline(time.Time{})
+	if got := pc.deadline.Load(); got != 0 {
+		t.Errorf("zero deadline left %v", time.Unix(0, got))
+	}
+}
