@@ -441,3 +441,49 @@ func TestFirstBatchLargerThanSegment(t *testing.T) {
 		t.Errorf("segments %v, want the first (with the big batch) and a new one", segs)
 	}
 }
+
+// TestGatherAfterABatch: the adaptive group commit. A lone writer (every
+// batch one message) is never held back, even with an hour allowed; after
+// a commit of four, one message waits for the batch to grow back to four,
+// which then share one fsync.
+func TestGatherAfterABatch(t *testing.T) {
+	q, reg, g := openGated(t, t.TempDir(), Options{})
+	q.mu.Lock()
+	q.gatherFor = time.Hour
+	q.mu.Unlock()
+	check := func(chs ...<-chan error) {
+		t.Helper()
+		for _, ch := range chs {
+			if err := result(t, ch); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	for i := range 3 {
+		a := admit(t, q, msg("d", i))
+		g.next(t, "a lone message's commit").release <- nil
+		check(a)
+	}
+	b := admit(t, q, msg("d", 3))
+	hb := g.next(t, "one message")
+	var four []<-chan error
+	for i := range 4 {
+		four = append(four, admit(t, q, msg("d", 4+i)))
+	}
+	hb.release <- nil
+	g.next(t, "the four admitted during the last fsync").release <- nil
+	check(append(four, b)...)
+
+	fs0 := metricValue(t, reg, "bastion_queue_fsyncs_total")
+	var gathered []<-chan error
+	for i := range 3 {
+		gathered = append(gathered, admit(t, q, msg("e", i)))
+		g.none(t, 50*time.Millisecond, "a commit of fewer than the last batch's four while gathering")
+	}
+	gathered = append(gathered, admit(t, q, msg("e", 3)))
+	g.next(t, "the gathered four").release <- nil
+	check(gathered...)
+	if fs := metricValue(t, reg, "bastion_queue_fsyncs_total") - fs0; fs != 1 {
+		t.Errorf("%v fsyncs for the four gathered messages, want 1", fs)
+	}
+}

@@ -185,12 +185,17 @@ type Queue struct {
 	// message arriving during the write would see room that is taken.
 	writingB int64
 	acks     []uint64 // delivered marks not yet written
-	notify   chan struct{}
-	wake     chan struct{}
-	ackDue   chan struct{} // the delivered-marks timer fired (capacity 1)
-	ackArmed bool          // that timer is running
-	stop     chan struct{}
-	stopped  chan struct{}
+	// lastBatch is the size of the last commit's batch; gather, while the
+	// writer waits for a batch to grow back to it, that size (admissions
+	// below it do not wake the writer). See gatherWait.
+	lastBatch, gather int
+	fsyncEWMA         time.Duration // recent fsync time (moving average)
+	notify            chan struct{}
+	wake              chan struct{}
+	ackDue            chan struct{} // the delivered-marks timer fired (capacity 1)
+	ackArmed          bool          // that timer is running
+	stop              chan struct{}
+	stopped           chan struct{}
 
 	// The writer's group commits whose fsync runs (pipelined): a slot in
 	// syncSlots per commit in fsync, lastDone closed once the newest
@@ -203,6 +208,9 @@ type Queue struct {
 	// creating, if set (tests in this package, before anything that
 	// rotates), runs while a new segment is written, before its sync.
 	creating func(f *os.File)
+	// gatherFor, if set (tests in this package, under mu), replaces
+	// gatherWait's bound.
+	gatherFor time.Duration
 }
 
 var _ bridges.NotifySink = (*Queue)(nil)
@@ -563,8 +571,11 @@ func (q *Queue) admit(m bridges.Message, fn func(error)) (chan error, error) {
 	q.batch = append(q.batch, pending{off: off, n: n, seq: q.nextSeq, recv: m.Received.UnixNano(), done: done, fn: fn})
 	q.batchB += int64(n)
 	q.nextSeq++
+	gathering := q.gather > 0 && len(q.batch) < q.gather
 	q.mu.Unlock()
-	q.kick()
+	if !gathering {
+		q.kick()
+	}
 	return done, nil
 }
 
@@ -592,6 +603,8 @@ func (q *Queue) oldestLocked() time.Time {
 func (q *Queue) writer() {
 	defer close(q.stopped)
 	defer q.syncs.Wait()
+	gt := time.NewTimer(time.Hour)
+	gt.Stop()
 	for {
 		fired := false
 		select {
@@ -610,11 +623,55 @@ func (q *Queue) writer() {
 		q.mu.Unlock()
 		switch {
 		case haveBatch:
+			q.gatherWait(gt)
 			q.flush(true)
 		case haveAcks && fired:
 			q.flush(false)
 		}
 	}
+}
+
+// maxGatherWait bounds how long gatherWait holds a batch back.
+const maxGatherWait = 500 * time.Microsecond
+
+// gatherWait is the adaptive part of the group commit: when the last
+// commit carried several messages (several sessions, or one pipelining)
+// and fewer are waiting now, it waits, at most half the mean fsync time and
+// maxGatherWait, for the batch to grow back to that size, so that writers
+// whose acknowledgement just went out join this commit instead of starting
+// the next. A lone writer (last batch of one) is never delayed.
+func (q *Queue) gatherWait(t *time.Timer) {
+	q.mu.Lock()
+	target := q.lastBatch
+	wait := min(q.fsyncEWMA/2, maxGatherWait)
+	if q.gatherFor > 0 {
+		wait = q.gatherFor
+	}
+	if target < 2 || len(q.batch) >= target || q.closed || wait <= 0 {
+		q.mu.Unlock()
+		return
+	}
+	q.gather = target
+	q.mu.Unlock()
+	select { // a kick that came before gather was set
+	case <-q.wake:
+	default:
+	}
+	q.mu.Lock()
+	grown := len(q.batch) >= target
+	q.mu.Unlock()
+	if !grown {
+		t.Reset(wait)
+		select {
+		case <-q.wake:
+		case <-t.C:
+		case <-q.stop:
+		}
+		t.Stop()
+	}
+	q.mu.Lock()
+	q.gather = 0
+	q.mu.Unlock()
 }
 
 // flush writes pending delivered-marks to the active segment; with sync,
@@ -639,6 +696,9 @@ func (q *Queue) flush(sync bool) {
 	var batchBuf []byte
 	if sync {
 		batch, batchBuf = q.batch, q.batchBuf
+		if len(batch) > 0 {
+			q.lastBatch = len(batch)
+		}
 		q.batch, q.batchBuf = q.spareBatch[:0], q.spareBuf[:0]
 		q.spareBatch, q.spareBuf = nil, nil
 		q.batchB, q.writingB = 0, q.batchB
@@ -798,10 +858,12 @@ func (q *Queue) commit(seg *segment, batch []pending, prev <-chan struct{}, done
 	defer q.syncs.Done()
 	t0 := time.Now()
 	err := q.opts.Sync(seg.f)
-	q.m.fsyncSec.Add(time.Since(t0).Seconds())
+	took := time.Since(t0)
+	q.m.fsyncSec.Add(took.Seconds())
 	q.m.fsyncs.Inc()
 	<-prev
 	q.mu.Lock()
+	q.fsyncEWMA += (took - q.fsyncEWMA) / 8
 	switch {
 	case err != nil:
 		err = fmt.Errorf("queue: fsync %s: %w", seg.path, err)
