@@ -190,12 +190,13 @@ type Queue struct {
 	// below it do not wake the writer). See gatherWait.
 	lastBatch, gather int
 	fsyncEWMA         time.Duration // recent fsync time (moving average)
-	notify            chan struct{}
-	wake              chan struct{}
-	ackDue            chan struct{} // the delivered-marks timer fired (capacity 1)
-	ackArmed          bool          // that timer is running
-	stop              chan struct{}
-	stopped           chan struct{}
+
+	notify   chan struct{}
+	wake     chan struct{}
+	ackDue   chan struct{} // the delivered-marks timer fired (capacity 1)
+	ackArmed bool          // that timer is running
+	stop     chan struct{}
+	stopped  chan struct{}
 
 	// The writer's group commits whose fsync runs (pipelined): a slot in
 	// syncSlots per commit in fsync, lastDone closed once the newest
