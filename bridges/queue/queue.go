@@ -67,14 +67,6 @@ type Options struct {
 	// Sync makes a written batch durable; default (*os.File).Sync. Tests
 	// set it to hold or fail the group commit's fsync.
 	Sync func(f *os.File) error
-	// SyncsInFlight is how many group commits may be in fsync at once
-	// (pipelined group commit): the next batch is written and its fsync
-	// started while the previous one's still runs, for a disk that
-	// completes overlapping cache flushes faster than the same flushes one
-	// after another. Batches still complete in order. Default 1, the plain
-	// group commit: the disk measured is not such a disk, and 2 gained
-	// nothing there (bridges/README.md, "The disk commit").
-	SyncsInFlight int
 }
 
 func (o *Options) defaults() {
@@ -98,9 +90,6 @@ func (o *Options) defaults() {
 	}
 	if o.Sync == nil {
 		o.Sync = (*os.File).Sync
-	}
-	if o.SyncsInFlight == 0 {
-		o.SyncsInFlight = 1
 	}
 }
 
@@ -198,14 +187,6 @@ type Queue struct {
 	stop     chan struct{}
 	stopped  chan struct{}
 
-	// The writer's group commits whose fsync runs (pipelined): a slot in
-	// syncSlots per commit in fsync, lastDone closed once the newest
-	// commit has completed (its Accepts told), syncs counts their
-	// goroutines. Only the writer goroutine starts commits.
-	syncSlots chan struct{}
-	lastDone  chan struct{}
-	syncs     sync.WaitGroup
-
 	// creating, if set (tests in this package, before anything that
 	// rotates), runs while a new segment is written, before its sync.
 	creating func(f *os.File)
@@ -220,7 +201,7 @@ var _ bridges.NotifySink = (*Queue)(nil)
 // whose Accept returned, cuts any torn tail, and starts the writer. Metrics
 // are registered on reg (nil: not exported).
 func Open(dir string, opts Options, log *slog.Logger, reg prometheus.Registerer) (*Queue, error) {
-	if opts.MaxBytes < 0 || opts.MaxAge < 0 || opts.SegmentBytes < 0 || opts.MaxMessageBytes < 0 || opts.AckFlushInterval < 0 || opts.SyncsInFlight < 0 {
+	if opts.MaxBytes < 0 || opts.MaxAge < 0 || opts.SegmentBytes < 0 || opts.MaxMessageBytes < 0 || opts.AckFlushInterval < 0 {
 		return nil, fmt.Errorf("open queue %s: negative option in %+v", dir, opts)
 	}
 	opts.defaults()
@@ -237,9 +218,7 @@ func Open(dir string, opts Options, log *slog.Logger, reg prometheus.Registerer)
 		dir: dir, opts: opts, log: log.With("component", "queue"),
 		notify: make(chan struct{}), wake: make(chan struct{}, 1), ackDue: make(chan struct{}, 1),
 		stop: make(chan struct{}), stopped: make(chan struct{}),
-		syncSlots: make(chan struct{}, opts.SyncsInFlight), lastDone: make(chan struct{}),
 	}
-	close(q.lastDone)
 	q.m = newMetrics(q)
 	if err := q.recover(); err != nil {
 		q.closeFiles()
@@ -597,13 +576,11 @@ func (q *Queue) oldestLocked() time.Time {
 }
 
 // writer is the single goroutine that writes: message batches (one write
-// for everything that arrived meanwhile, then its fsync, with up to
-// SyncsInFlight fsyncs overlapping), and delivered-marks piggybacked on
-// those or flushed (without fsync) when the timer Ack armed fires. When
-// idle it writes nothing. It waits for its commits before it ends.
+// for everything that arrived meanwhile, then its fsync), and
+// delivered-marks piggybacked on those or flushed (without fsync) when the
+// timer Ack armed fires. When idle it writes nothing.
 func (q *Queue) writer() {
 	defer close(q.stopped)
-	defer q.syncs.Wait()
 	gt := time.NewTimer(time.Hour)
 	gt.Stop()
 	for {
@@ -676,22 +653,11 @@ func (q *Queue) gatherWait(t *time.Timer) {
 }
 
 // flush writes pending delivered-marks to the active segment; with sync,
-// the message batch with them, and then starts the batch's commit: its
-// fsync runs on a goroutine of its own, and its Accepts are told after it
-// returned and after every earlier commit completed. flush first waits for
-// a free commit slot, so that while SyncsInFlight fsyncs run, new messages
-// gather in the next batch. Without sync the batch stays for the next
-// flush(true): a batch is never told durable without its fsync.
+// the message batch with them, and then commits the batch: its fsync, then
+// its Accepts are told. New messages gather in the next batch meanwhile.
+// Without sync the batch stays for the next flush(true): a batch is never
+// told durable without its fsync.
 func (q *Queue) flush(sync bool) {
-	if sync {
-		q.syncSlots <- struct{}{}
-	}
-	started := false
-	defer func() {
-		if sync && !started {
-			<-q.syncSlots
-		}
-	}()
 	q.mu.Lock()
 	var batch []pending
 	var batchBuf []byte
@@ -731,19 +697,6 @@ func (q *Queue) flush(sync bool) {
 	// would be left behind, and it has the name (its base, the next seq)
 	// the new one would take.
 	if active := q.segs[len(q.segs)-1]; active.size > int64(len(segMagic)) && active.size+int64(len(buf)) > q.opts.SegmentBytes && len(batch) > 0 {
-		if len(q.syncSlots) > 1 {
-			// Commits of the active segment are still in fsync: they
-			// finish before it stops being the last segment, the only
-			// one reclaim never closes.
-			q.mu.Unlock()
-			q.waitSyncs()
-			q.mu.Lock()
-			if q.failed != nil {
-				q.acks = append(q.acks, acks...)
-				q.failBatchLocked(batch, batchBuf)
-				return
-			}
-		}
 		// Writing the new segment's zeros and syncing them takes
 		// milliseconds: admissions, Next and Ack go on meanwhile. Only
 		// this goroutine changes the last segment, and reclaim never
@@ -791,17 +744,7 @@ func (q *Queue) flush(sync bool) {
 		q.mu.Unlock()
 		q.recycle(nil, batchBuf)
 		if sync {
-			prev, done := q.lastDone, make(chan struct{})
-			q.lastDone = done
-			started = true
-			q.syncs.Add(1)
-			if cap(q.syncSlots) == 1 {
-				// Nothing to overlap with: no hand-off to another
-				// goroutine.
-				q.commit(seg, batch, prev, done)
-			} else {
-				go q.commit(seg, batch, prev, done)
-			}
+			q.commit(seg, batch)
 		}
 		return
 	}
@@ -836,33 +779,19 @@ func (q *Queue) failBatchLocked(batch []pending, batchBuf []byte) {
 	q.recycle(batch, batchBuf)
 }
 
-// waitSyncs returns once no commit but the caller's slot is in fsync.
-// Only the writer starts commits, so none starts meanwhile.
-func (q *Queue) waitSyncs() {
-	n := cap(q.syncSlots) - 1
-	for range n {
-		q.syncSlots <- struct{}{}
-	}
-	for range n {
-		<-q.syncSlots
-	}
-}
-
-// commit makes batch, written to seg, durable: fsync, then (after the
-// commit before it, prev, has completed) tells its Accepts, in order. An
-// fsync that follows a failed one does not count: after a failed fsync
-// what the page cache holds of the file is unknown, so every later batch
-// is refused too and the queue refuses new messages until reopened (the
-// messages may reappear on restart, or be sent already: duplicates, never
-// an acknowledged loss). It frees its commit slot last.
-func (q *Queue) commit(seg *segment, batch []pending, prev <-chan struct{}, done chan struct{}) {
-	defer q.syncs.Done()
+// commit makes batch, written to seg, durable: fsync, then tells its
+// Accepts, in order. After a failed fsync what the page cache holds of the
+// file is unknown, so every later batch is refused too and the queue
+// refuses new messages until reopened (the messages may reappear on
+// restart, or be sent already: duplicates, never an acknowledged loss).
+// The writer runs it: the next batch is written only after this one's
+// Accepts were told.
+func (q *Queue) commit(seg *segment, batch []pending) {
 	t0 := time.Now()
 	err := q.opts.Sync(seg.f)
 	took := time.Since(t0)
 	q.m.fsyncSec.Add(took.Seconds())
 	q.m.fsyncs.Inc()
-	<-prev
 	q.mu.Lock()
 	q.fsyncEWMA += (took - q.fsyncEWMA) / 8
 	switch {
@@ -880,8 +809,6 @@ func (q *Queue) commit(seg *segment, batch []pending, prev <-chan struct{}, done
 		batch[i].tell(err)
 	}
 	q.recycle(batch, nil)
-	close(done)
-	<-q.syncSlots
 }
 
 // maxKeptBuf bounds the buffers the writer keeps for the next batch: a
