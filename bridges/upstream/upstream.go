@@ -82,7 +82,7 @@ type snapshot struct {
 	minTLS uint16
 }
 
-var _ bridges.AsyncSink = (*Upstream)(nil)
+var _ bridges.NotifySink = (*Upstream)(nil)
 
 // Upstream is the upstream link.
 type Upstream struct {
