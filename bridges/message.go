@@ -52,6 +52,31 @@ type AsyncSink interface {
 	AcceptAsync(ctx context.Context, m Message) (durable <-chan error, err error)
 }
 
+// NotifySink is an AsyncSink that reports durability by calling a function
+// instead of sending on a channel, so that a transport need not keep a
+// goroutine parked per message (or per session) waiting for the disk: the
+// sink's own goroutine calls done once the group commit covering the message
+// returned. Accept and AcceptAsync keep their meaning.
+type NotifySink interface {
+	AsyncSink
+	// AcceptNotify makes AcceptAsync's decisions. pending false: done is
+	// never called, and the message is as accepted as err says (nil: as a
+	// nil from Accept). pending true: done is called exactly once, with
+	// what AcceptAsync's channel would carry, on a goroutine of the sink's
+	// that stalls every other message while done runs: done must not
+	// block (no I/O, no lock held across I/O).
+	AcceptNotify(ctx context.Context, m Message, done func(error)) (pending bool, err error)
+}
+
+// AcceptNotify admits m to s with done called back if s is a NotifySink;
+// any other Sink is waited for here, as Accept waits (pending false).
+func AcceptNotify(ctx context.Context, s Sink, m Message, done func(error)) (pending bool, err error) {
+	if ns, ok := s.(NotifySink); ok {
+		return ns.AcceptNotify(ctx, m, done)
+	}
+	return false, s.Accept(ctx, m)
+}
+
 // ErrQueueFull is returned by a Sink that cannot take more messages. The
 // transport refuses the message to the device (MQTT 0x97 quota exceeded,
 // CoAP 5.03 with Max-Age) instead of dropping it.

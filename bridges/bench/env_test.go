@@ -85,7 +85,12 @@ type bastion struct {
 
 // startBastion runs bastiond --dev on free loopback ports with logs at warn.
 func startBastion(b *testing.B) *bastion {
-	bin := buildBastiond(b)
+	return startBastionBin(b, buildBastiond(b))
+}
+
+// startBastionBin is startBastion with the bastiond binary bin (a
+// baseline build, BENCH_BASTIOND_BASELINE).
+func startBastionBin(b *testing.B, bin string) *bastion {
 	dir := b.TempDir()
 	cfg := config.Dev(dir)
 	cfg.CoAP.Listen, cfg.CoAP.PSKListen, cfg.MQTT.Listen = "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"

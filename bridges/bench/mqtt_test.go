@@ -115,6 +115,8 @@ var mqttRounds atomic.Int64
 // payloads, QoS 0 and 1, 1 and 50 publishers, Bastion and Mosquitto 2 in the
 // same run. Reported: msg/s for both, the throughput ratio (Bastion /
 // Mosquitto, goal ≥ 1) and for QoS 1 the p99 PUBACK latency ratio (goal ≤ 1).
+// BENCH_BASTIOND_BASELINE=<path to another bastiond build> runs that build
+// too, in the same rounds, and reports this / baseline.
 func BenchmarkMQTTvsMosquitto(b *testing.B) {
 	raiseNoFile(b, 65536)
 	bs := startBastion(b)
@@ -135,6 +137,14 @@ func BenchmarkMQTTvsMosquitto(b *testing.B) {
 		b.Fatalf("TLS differs: Bastion %s %s, Mosquitto %s %s", tls.VersionName(bv), tls.CipherSuiteName(bsuite), tls.VersionName(mv), tls.CipherSuiteName(ms))
 	}
 	b.Logf("both: %s %s, client certificates", tls.VersionName(bv), tls.CipherSuiteName(bsuite))
+	// BENCH_BASTIOND_BASELINE=<another bastiond build>: it runs too, in the
+	// same rounds, for this build / baseline ratios.
+	var base *bastion
+	var baseDevs []*devicesim.Device
+	if bin := os.Getenv("BENCH_BASTIOND_BASELINE"); bin != "" {
+		base = startBastionBin(b, bin)
+		baseDevs = base.addDevices(b, "mq", "cert", maxPubs)
+	}
 	for _, qos := range []byte{0, 1} {
 		for _, pubs := range []int{1, 50} {
 			// Totals long enough (0.5–2 s a run here) that one scheduler
@@ -150,20 +160,31 @@ func BenchmarkMQTTvsMosquitto(b *testing.B) {
 			}
 			b.Run(fmt.Sprintf("qos%d/pubs%d", qos, pubs), func(b *testing.B) {
 				for range b.N {
-					// Alternate who goes first (over -count and b.N) so that
-					// neither always runs on the warmer or the quieter machine.
-					var g, m result
-					runBastion := func() {
-						bs.cpuProfile(b, fmt.Sprintf("qos%d-pubs%d", qos, pubs), func() {
-							g = mqttLoad(b, bs.addrs["mqtts"], bPid, bDevs[:pubs], per, qos)
+					var g, m, bl result
+					runs := []func(){
+						func() {
+							bs.cpuProfile(b, fmt.Sprintf("qos%d-pubs%d", qos, pubs), func() {
+								g = mqttLoad(b, bs.addrs["mqtts"], bPid, bDevs[:pubs], per, qos)
+							})
+						},
+						func() { m = mqttLoad(b, mosq, mosqPid, mDevs[:pubs], per, qos) },
+					}
+					if base != nil {
+						runs = append(runs, func() {
+							bl = mqttLoad(b, base.addrs["mqtts"], base.cmd.Process.Pid, baseDevs[:pubs], per, qos)
 						})
 					}
-					if mqttRounds.Add(1)%2 == 0 {
-						runBastion()
-						m = mqttLoad(b, mosq, mosqPid, mDevs[:pubs], per, qos)
-					} else {
-						m = mqttLoad(b, mosq, mosqPid, mDevs[:pubs], per, qos)
-						runBastion()
+					// Rotate who goes first (over -count and b.N) so that
+					// none always runs on the warmer or the quieter machine.
+					r := int(mqttRounds.Add(1))
+					for i := range runs {
+						runs[(r+i)%len(runs)]()
+					}
+					if base != nil {
+						b.ReportMetric(bl.rate()/m.rate(), "baseline_throughput_ratio")
+						b.ReportMetric(g.rate()/bl.rate(), "this/baseline")
+						b.Logf("QoS %d, %d publishers: baseline %.0f msg/s p99 %v cpu %.1f µs/msg, ratio to Mosquitto %.2f, p99 ratio %.2f | this / baseline: throughput %.2f, cpu %.2f",
+							qos, pubs, bl.rate(), bl.p99(), bl.cpuPerMsg(), bl.rate()/m.rate(), float64(bl.p99())/float64(m.p99()), g.rate()/bl.rate(), g.cpuPerMsg()/bl.cpuPerMsg())
 					}
 					b.ReportMetric(g.rate(), "bastion_msg/s")
 					b.ReportMetric(m.rate(), "mosquitto_msg/s")

@@ -106,6 +106,18 @@ func (h *Hub) TelemetryAsync(ctx context.Context, origin string, m bridges.Messa
 	})
 }
 
+// TelemetryNotify is TelemetryAsync with durability reported by calling
+// done (bridges.NotifySink) instead of on a channel: pending true means done
+// is called exactly once, on the Sink's goroutine, and must not block.
+func (h *Hub) TelemetryNotify(ctx context.Context, origin string, m bridges.Message, done func(error)) (pending bool, err error) {
+	_, err = h.telemetry(origin, m, func(m bridges.Message) (<-chan error, error) {
+		var err error
+		pending, err = bridges.AcceptNotify(ctx, h.sink, m, done)
+		return nil, err
+	})
+	return pending, err
+}
+
 func (h *Hub) telemetry(origin string, m bridges.Message, accept func(bridges.Message) (<-chan error, error)) (<-chan error, error) {
 	if !strings.HasPrefix(m.Topic, bridges.TopicPrefix(m.Device)) {
 		return nil, fmt.Errorf("telemetry from %s on %q: topic outside the device namespace", m.Device, m.Topic)

@@ -163,16 +163,16 @@ func (h *authHook) OnPublish(cl *mochi.Client, pk packets.Packet) (packets.Packe
 }
 
 // pipelined admits a QoS 1 message without waiting for the disk and makes
-// the session hold what mochi writes next (its PUBACK) until it is durable.
-// At most maxPipelined messages per session wait; the read loop waits here
-// for room.
+// the session hold what mochi writes next (its PUBACK) until the Sink
+// reports it durable. At most maxPipelined messages per session wait; the
+// read loop waits here for room.
 func (h *authHook) pipelined(ctx context.Context, pc *pipeConn, m bridges.Message) error {
-	if err := pc.waitRoom(); err != nil {
+	if err := pc.reserve(m.Device); err != nil {
 		return err
 	}
-	durable, err := h.s.hub.TelemetryAsync(ctx, hub.MQTT, m)
-	if err != nil || durable == nil {
-		return err
+	pending, err := h.s.hub.TelemetryNotify(ctx, hub.MQTT, m, pc.report)
+	if !pending {
+		pc.unreserve()
 	}
-	return pc.hold(m.Device, durable)
+	return err
 }

@@ -98,9 +98,14 @@ func (l *tlsListener) handle(c net.Conn, establish listeners.EstablishFn) {
 	c.SetReadDeadline(time.Now().Add(l.s.cfg.HandshakeTimeout))
 	// mochi reads and writes through pipeConn so that PUBACKs can wait for
 	// the queue's fsync without stopping the session's reads.
-	if err := establish(l.id, &pipeConn{Conn: tc, l: l}); err != nil {
+	pc := newPipeConn(tc, l)
+	if err := establish(l.id, pc); err != nil {
 		l.s.log.Debug("mqtt: client session ended", "remote", c.RemoteAddr().String(), "err", err)
 	}
+	// mochi closed it already (Client.Stop); closing here too ends the
+	// pipeline before this goroutine releases l.wg, whatever mochi did,
+	// so that no flusher starts after it (pipeConn.reported).
+	pc.Close()
 }
 
 func (l *tlsListener) refused(c net.Conn, err error) {

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"net"
 	"sync"
+	"sync/atomic"
+	"time"
 )
 
 // Per-session bounds of the PUBACK pipeline (see pipeConn).
@@ -21,6 +23,13 @@ const (
 	// A write that would go beyond it waits until the held bytes are sent;
 	// one write larger than the bound is held alone.
 	maxHeldBytes = 32 << 10
+	// keptHeld bounds the held buffer a session keeps between bursts.
+	keptHeld = 1 << 10
+	// deadlineSlack is how much later than asked a deadline may be set, so
+	// that mochi's per-packet keepalive deadline (now + 1.5 × keepalive,
+	// set before every packet read) changes the connection's timers at
+	// most once per deadlineSlack instead of once per packet.
+	deadlineSlack = 100 * time.Millisecond
 )
 
 // errSessionEnded is returned for writes and messages of a session whose
@@ -30,49 +39,53 @@ var errSessionEnded = fmt.Errorf("mqtt session ended: %w", net.ErrClosed)
 // pipeConn is a device's TLS connection as mochi sees it. It lets a session
 // go on reading while its QoS 1 messages wait for the durable queue's fsync
 // (so that one device's messages in flight share a group commit): OnPublish
-// admits a message and registers its durability channel (hold) instead of
-// waiting for it, and from then on every byte mochi writes to the session
-// (the message's PUBACK first, then anything after it: other PUBACKs,
-// commands, PINGRESP) is held, in order, until every message registered
-// before that write is durable; only then is it written. With nothing
-// pending, writes go straight through.
+// registers a message (reserve) and admits it to the Sink with the
+// session's durability callback (report) instead of waiting for it, and
+// from then on every byte mochi writes to the session (the message's PUBACK
+// first, then anything after it: other PUBACKs, commands, PINGRESP) is held,
+// in order, until every message registered before that write is durable;
+// only then is it written. With nothing pending, writes go straight through.
+//
+// The Sink calls report on its own goroutine after the fsync, in order,
+// and report never blocks: it counts the message and, unless one already
+// runs, starts the session's flusher goroutine, which writes what the
+// durable messages allow and ends when it has caught up. So a session
+// costs one goroutine start per group commit that covers it, and nothing
+// while no message waits: no goroutine is parked per session or per
+// message. (report does not write to the device itself: crypto/tls holds
+// its write lock across a blocking write, and the session's reader can
+// write too (a TLS 1.3 KeyUpdate reply), so a device that stops reading
+// could stall the queue's writer, and with it every device.)
 //
 // If a message is not made durable (the queue's write or fsync failed),
 // the bytes held are discarded and the connection is closed: the device
 // never sees a PUBACK for it and sends it again after reconnecting.
-//
-// The flusher goroutine exists only while messages are pending. The
-// pipeline state does too until the session's first QoS 1 message; after
-// that an ended one (≈ 0.3 KiB, its buffers cut back to small ones) is kept
-// for the next, so that a device with one message in flight does not
-// allocate it again for every message.
 type pipeConn struct {
 	*tls.Conn
 	l *tlsListener
+	// report is reported as a func value, made once per connection so
+	// that admitting a message allocates nothing for it.
+	report func(error)
+	// deadline is the deadline last set on the connection (Unix ns; 0:
+	// none), see SetDeadline.
+	deadline atomic.Int64
 
 	mu     sync.Mutex
-	p      *pipeline // nil while nothing is pending
-	idle   *pipeline // an ended pipeline, for the next message
+	cond   sync.Cond // L is mu: room in the pipeline or in held, or the end
 	closed bool
-}
-
-// Bounds of what an ended pipeline keeps for the next one.
-const (
-	keptWaits = 16
-	keptHeld  = 1 << 10
-)
-
-// pipeline is a session's state while messages wait for the disk.
-type pipeline struct {
 	device string
-	waits  []<-chan error // admitted, not yet known durable, oldest first
-	enq    uint64         // messages registered since the pipeline started
-	done   uint64         // of them known durable (a prefix)
-	held   []byte         // bytes mochi wrote behind the barrier, in order
-	runs   []heldRun      // how held splits by barrier
-	cond   sync.Cond      // room in waits or held, or the end; L is the conn's mu
-	stop   chan struct{}  // closed at the end: the flusher stops waiting
-	err    error          // why the session ended; nil while it runs
+	enq    uint64    // messages registered (reserve) over the session
+	done   uint64    // of them durable with their held bytes sent (a prefix)
+	held   []byte    // bytes mochi wrote behind the barrier, in order
+	runs   []heldRun // how held splits by barrier
+
+	// Set by report (the Sink's goroutine) and read by the flusher. Never
+	// held across I/O or together with mu except mu -> nmu in shut.
+	nmu     sync.Mutex
+	durable uint64 // messages reported durable (a prefix: reports come in order)
+	failed  error  // the first failure reported; nothing counts after it
+	running bool   // a flusher goroutine is started and not finished
+	ended   bool   // the session ended: no flusher starts any more
 }
 
 // heldRun is a stretch of held bytes written when enq was barrier: they may
@@ -82,46 +95,73 @@ type heldRun struct {
 	barrier uint64
 }
 
-// waitRoom blocks the session's read loop (it runs in OnPublish) while
-// maxPipelined of its messages wait for the disk.
-func (c *pipeConn) waitRoom() error {
+func newPipeConn(tc *tls.Conn, l *tlsListener) *pipeConn {
+	c := &pipeConn{Conn: tc, l: l}
+	c.cond.L = &c.mu
+	c.report = c.reported
+	return c
+}
+
+// reserve registers the session's next QoS 1 message, waiting (the
+// session's read loop runs OnPublish) while maxPipelined of its messages
+// wait for the disk. What mochi writes from now on is held until the
+// message is reported durable; the caller admits it with c.report, or
+// calls unreserve if the Sink did not take the callback.
+func (c *pipeConn) reserve(device string) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for {
 		if c.closed {
 			return errSessionEnded
 		}
-		p := c.p
-		if p == nil || len(p.waits) < maxPipelined {
-			return nil
+		if c.enq-c.done < maxPipelined {
+			break
 		}
-		p.cond.Wait()
+		c.cond.Wait()
 	}
+	c.device = device
+	c.enq++
+	return nil
 }
 
-// hold registers an admitted message: what mochi writes from now on waits
-// until durable delivers nil (and every earlier message's did).
-func (c *pipeConn) hold(device string, durable <-chan error) error {
+// unreserve is for a reserved message the Sink will not report (refused,
+// or accepted without a wait): it takes back the reservation if nothing
+// can depend on it, else it counts as durable at once (a refusal's
+// negative PUBACK still goes out after the PUBACKs before it).
+func (c *pipeConn) unreserve() {
 	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.closed {
-		return errSessionEnded
+	if c.done == c.enq-1 && len(c.held) == 0 {
+		c.enq--
+		c.mu.Unlock()
+		return
 	}
-	p := c.p
-	if p == nil {
-		if p = c.idle; p != nil {
-			c.idle = nil
-		} else {
-			p = &pipeline{device: device, stop: make(chan struct{})}
-			p.cond.L = &c.mu
-		}
-		c.p = p
+	c.mu.Unlock()
+	c.reported(nil)
+}
+
+// reported is report: the Sink's outcome for the oldest registered message
+// not yet reported. It never blocks.
+func (c *pipeConn) reported(err error) {
+	c.nmu.Lock()
+	switch {
+	case c.failed != nil:
+	case err != nil:
+		c.failed = err
+	default:
+		c.durable++
+	}
+	start := !c.running && !c.ended
+	if start {
+		c.running = true
+		// The session's goroutine (handle) holds a count of l.wg until
+		// the connection is closed, and closing sets ended first: this
+		// Add never races with l.wg.Wait from zero.
 		c.l.wg.Add(1)
-		go c.flush(p)
 	}
-	p.waits = append(p.waits, durable)
-	p.enq++
-	return nil
+	c.nmu.Unlock()
+	if start {
+		go c.flush()
+	}
 }
 
 // Write sends b at once if no message of the session is waiting for the
@@ -133,21 +173,39 @@ func (c *pipeConn) Write(b []byte) (int, error) {
 		if c.closed {
 			return 0, errSessionEnded
 		}
-		p := c.p
-		if p == nil || (len(p.held) == 0 && p.done == p.enq) {
+		if c.done == c.enq && len(c.held) == 0 {
 			return c.Conn.Write(b)
 		}
-		if len(p.held) == 0 || len(p.held)+len(b) <= maxHeldBytes {
-			p.held = append(p.held, b...)
-			if k := len(p.runs) - 1; k >= 0 && p.runs[k].barrier == p.enq {
-				p.runs[k].n += len(b)
+		if len(c.held) == 0 || len(c.held)+len(b) <= maxHeldBytes {
+			c.held = append(c.held, b...)
+			if k := len(c.runs) - 1; k >= 0 && c.runs[k].barrier == c.enq {
+				c.runs[k].n += len(b)
 			} else {
-				p.runs = append(p.runs, heldRun{n: len(b), barrier: p.enq})
+				c.runs = append(c.runs, heldRun{n: len(b), barrier: c.enq})
 			}
 			return len(b), nil
 		}
-		p.cond.Wait()
+		c.cond.Wait()
 	}
+}
+
+// SetDeadline sets the connection's read and write deadline to t, or
+// keeps the one set if that is not earlier than t and at most
+// deadlineSlack later: a session never times out earlier than asked, and
+// up to deadlineSlack later. mochi calls it (refreshDeadline) before every
+// packet it reads, and each call resets two runtime timers; nothing else
+// sets the deadlines of a session's connection once mochi has it.
+func (c *pipeConn) SetDeadline(t time.Time) error {
+	if t.IsZero() {
+		c.deadline.Store(0)
+		return c.Conn.SetDeadline(t)
+	}
+	if cur, n := c.deadline.Load(), t.UnixNano(); cur != 0 && n <= cur && n >= cur-int64(deadlineSlack) {
+		return nil
+	}
+	t = t.Add(deadlineSlack)
+	c.deadline.Store(t.UnixNano())
+	return c.Conn.SetDeadline(t)
 }
 
 // Close closes the connection first (so a write blocked on a slow device
@@ -155,133 +213,106 @@ func (c *pipeConn) Write(b []byte) (int, error) {
 func (c *pipeConn) Close() error {
 	err := c.Conn.Close()
 	c.mu.Lock()
-	if p := c.p; p != nil {
-		c.shut(p, errSessionEnded)
-	}
-	c.closed = true
+	c.shut()
 	c.mu.Unlock()
 	return err
 }
 
-// shut ends the pipeline: held bytes are dropped unsent. Caller holds c.mu.
-func (c *pipeConn) shut(p *pipeline, err error) {
-	if p.err != nil {
+// shut ends the pipeline: held bytes are dropped unsent and no flusher
+// starts any more. Caller holds c.mu.
+func (c *pipeConn) shut() {
+	if c.closed {
 		return
 	}
-	p.err = err
-	close(p.stop)
-	p.waits, p.held, p.runs = nil, nil, nil
-	c.p, c.idle = nil, nil
 	c.closed = true
-	p.cond.Broadcast()
+	c.held, c.runs = nil, nil
+	c.cond.Broadcast()
+	c.nmu.Lock()
+	c.ended = true
+	c.nmu.Unlock()
 }
 
-// flush is the pipeline's goroutine: it waits for the oldest pending
-// message, takes every later one that is already durable (same group
-// commit), writes the held bytes those allow, in order, and ends when
-// nothing is pending.
-func (c *pipeConn) flush(p *pipeline) {
+// flush is the flusher goroutine: it writes the held bytes that the
+// messages reported durable allow, in order, until it has caught up with
+// the reports; a failure reported ends the session.
+func (c *pipeConn) flush() {
 	defer c.l.wg.Done()
 	for {
+		c.nmu.Lock()
+		durable, failed := c.durable, c.failed
+		c.nmu.Unlock()
+
 		c.mu.Lock()
-		if p.err != nil {
+		if c.closed {
 			c.mu.Unlock()
+			c.stopped()
 			return
-		}
-		if len(p.waits) == 0 {
-			// done == enq: everything held was written. This goroutine
-			// does not touch p after the unlock: the next hold may
-			// start the next pipeline with it.
-			c.p = nil
-			p.cond.Broadcast()
-			p.enq, p.done = 0, 0
-			p.waits, p.runs = keep(p.waits, keptWaits), keep(p.runs, keptWaits)
-			p.held = keep(p.held, keptHeld)
-			c.idle = p
-			c.mu.Unlock()
-			return
-		}
-		first := p.waits[0]
-		c.mu.Unlock()
-		var err error
-		select {
-		case err = <-first:
-		case <-p.stop:
-			return
-		}
-		c.mu.Lock()
-		if p.err != nil {
-			c.mu.Unlock()
-			return
-		}
-		n := 0
-		if err == nil {
-			n = 1
-		ready:
-			for n < len(p.waits) {
-				select {
-				case err = <-p.waits[n]:
-					if err != nil {
-						break ready
-					}
-					n++
-				default:
-					break ready
-				}
-			}
-		}
-		p.waits = p.waits[n:]
-		p.done += uint64(n)
-		k, size := 0, 0
-		for k < len(p.runs) && p.runs[k].barrier <= p.done {
-			size += p.runs[k].n
-			k++
 		}
 		var werr error
-		if size > 0 {
-			// Written under mu so that a direct Write cannot overtake it.
-			_, werr = c.Conn.Write(p.held[:size])
-			p.held = append(p.held[:0], p.held[size:]...)
-			p.runs = append(p.runs[:0], p.runs[k:]...)
+		if durable > c.done {
+			c.done = durable
+			k, size := 0, 0
+			for k < len(c.runs) && c.runs[k].barrier <= c.done {
+				size += c.runs[k].n
+				k++
+			}
+			if size > 0 {
+				// Written under mu so that a direct Write cannot overtake it.
+				_, werr = c.Conn.Write(c.held[:size])
+				c.held = append(c.held[:0], c.held[size:]...)
+				c.runs = append(c.runs[:0], c.runs[k:]...)
+				if len(c.held) == 0 && cap(c.held) > keptHeld {
+					c.held, c.runs = nil, nil
+				}
+			}
+			c.cond.Broadcast()
 		}
-		p.cond.Broadcast()
+		device := c.device
 		c.mu.Unlock()
+
 		switch {
-		case err != nil:
-			c.fail(p, err, true)
+		case failed != nil:
+			c.fail(device, failed, true)
+			c.stopped()
 			return
 		case werr != nil:
-			c.fail(p, werr, false)
+			c.fail(device, werr, false)
+			c.stopped()
 			return
 		}
+		c.nmu.Lock()
+		if c.durable == durable && c.failed == nil {
+			c.running = false
+			c.nmu.Unlock()
+			return
+		}
+		c.nmu.Unlock()
 	}
 }
 
-// keep returns s emptied, or nil if its array is larger than max.
-func keep[T any](s []T, max int) []T {
-	if cap(s) > max {
-		return nil
-	}
-	clear(s[:cap(s)]) // no channels kept alive
-	return s[:0]
+// stopped marks the flusher finished after the session ended.
+func (c *pipeConn) stopped() {
+	c.nmu.Lock()
+	c.running = false
+	c.nmu.Unlock()
 }
 
 // fail ends the session: a message that is not durable must never be
 // acknowledged, so nothing held is sent and the device will send it again
 // after reconnecting.
-func (c *pipeConn) fail(p *pipeline, err error, durability bool) {
+func (c *pipeConn) fail(device string, err error, durability bool) {
 	c.mu.Lock()
-	ended := p.err != nil
-	c.shut(p, err)
+	ended := c.closed
+	c.shut()
 	c.mu.Unlock()
 	if ended {
 		return
 	}
 	if durability && !errors.Is(err, net.ErrClosed) {
 		c.l.s.log.Error("mqtt: a message was not made durable; closing the session without acknowledging it (the device sends it again after reconnecting)",
-			"device", p.device, "err", err)
+			"device", device, "err", err)
 	} else {
-		c.l.s.log.Debug("mqtt: write to device failed", "device", p.device, "err", err)
+		c.l.s.log.Debug("mqtt: write to device failed", "device", device, "err", err)
 	}
 	c.Conn.Close()
 }

@@ -17,6 +17,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"runtime"
 	"sync"
 	"testing"
 	"time"
@@ -316,10 +317,7 @@ func (r *rig) conn(t *testing.T, id string) *pipeConn {
 func (pc *pipeConn) heldPackets() (n, pending int) {
 	pc.mu.Lock()
 	defer pc.mu.Unlock()
-	if pc.p == nil {
-		return 0, 0
-	}
-	b := pc.p.held
+	b := pc.held
 	for len(b) > 1 {
 		size, used, err := packets.DecodeLength(bytes.NewReader(b[1:]))
 		if err != nil || len(b) < 1+used+size {
@@ -328,7 +326,7 @@ func (pc *pipeConn) heldPackets() (n, pending int) {
 		b = b[1+used+size:]
 		n++
 	}
-	return n, len(pc.p.waits)
+	return n, int(pc.enq - pc.done)
 }
 
 // waitFor polls cond (bounded) for a state inside the server that has no
@@ -402,7 +400,15 @@ func TestPubackWaitsForFsync(t *testing.T) {
 	if diff := cmp.Diff(wantPayloads, gotPayloads); diff != "" {
 		t.Errorf("queue order (-want +got):\n%s", diff)
 	}
-	waitFor(t, "the session's pipeline to end", func() bool { pc.mu.Lock(); defer pc.mu.Unlock(); return pc.p == nil })
+	// Caught up: nothing waits, nothing is held, and no flusher goroutine
+	// stays behind (goleak in TestMain checks the process too).
+	waitFor(t, "the session's flusher to catch up and end", func() bool {
+		pc.mu.Lock()
+		defer pc.mu.Unlock()
+		pc.nmu.Lock()
+		defer pc.nmu.Unlock()
+		return pc.enq == pc.done && len(pc.held) == 0 && !pc.running
+	})
 }
 
 // TestFailedFsyncClosesSession: when the fsync that covers the held
@@ -525,6 +531,50 @@ func TestOneSessionGroupCommit(t *testing.T) {
 	}
 }
 
+// TestNoGoroutineWaitsForTheDisk: sessions whose PUBACKs wait for a held
+// fsync have no goroutine of their own parked meanwhile (the queue calls
+// each session back after the fsync, which then starts one flusher); once
+// the fsync returns every device gets its PUBACKs and the flushers end.
+func TestNoGoroutineWaitsForTheDisk(t *testing.T) {
+	hs := newHeldSync()
+	r := newRig(t, queue.Options{Sync: hs.sync})
+	defer hs.release(nil)
+	const sessions = 5
+	var devs []*device
+	for i := range sessions {
+		d := r.dial(t, fmt.Sprintf("dev-g%d", i), 5)
+		for k := range 3 {
+			d.publish(uint16(k+1), k)
+		}
+		devs = append(devs, d)
+	}
+	<-hs.entered
+	for i := range sessions {
+		pc := r.conn(t, fmt.Sprintf("dev-g%d", i))
+		waitFor(t, "3 PUBACKs held", func() bool {
+			n, pending := pc.heldPackets()
+			return n+pending >= 3 && pending > 0
+		})
+	}
+	if n := flushers(); n != 0 {
+		t.Fatalf("%d pipeConn flusher goroutines while every message waits for the fsync; want 0", n)
+	}
+	hs.release(nil)
+	for _, d := range devs {
+		if diff := cmp.Diff(successAcks(1, 3), d.readAcks(3)); diff != "" {
+			t.Errorf("PUBACKs (-want +got):\n%s", diff)
+		}
+	}
+	waitFor(t, "the flushers to end", func() bool { return flushers() == 0 })
+}
+
+// flushers counts the goroutines running pipeConn.flush.
+func flushers() int {
+	buf := make([]byte, 1<<20)
+	buf = buf[:runtime.Stack(buf, true)]
+	return bytes.Count(buf, []byte("mqtt.(*pipeConn).flush("))
+}
+
 // TestPipelineBoundsMessages: an MQTT 3.1.1 device (no receive maximum)
 // pipelining 100 QoS 1 messages while the fsync is held gets exactly
 // maxPipelined of them admitted; the session reads no further until the
@@ -582,7 +632,7 @@ func TestPipelineHoldsCommandsInOrder(t *testing.T) {
 	fit := (maxHeldBytes - 4) / (size + 30) // PUBACK, then whole command PUBLISHes
 	waitFor(t, "commands held up to the bound", func() bool { n, _ := pc.heldPackets(); return n >= 1+fit })
 	pc.mu.Lock()
-	held := len(pc.p.held)
+	held := len(pc.held)
 	pc.mu.Unlock()
 	if held > maxHeldBytes {
 		t.Fatalf("%d bytes held, bound %d", held, maxHeldBytes)
@@ -625,4 +675,62 @@ func isTimeout(err error) bool {
 
 func isReset(err error) bool {
 	return err != nil && (errors.Is(err, os.ErrDeadlineExceeded) == false) && bytes.Contains([]byte(err.Error()), []byte("reset"))
+}
+
+// TestSetDeadlineCoalesced: pipeConn keeps a deadline already set when the
+// new one is at most deadlineSlack earlier than it, so mochi's per-packet
+// refresh does not reset the timers every packet; the connection never
+// times out before the deadline asked for, a shorter deadline is applied,
+// and a zero one clears it.
+func TestSetDeadlineCoalesced(t *testing.T) {
+	// A read on a TLS server connection that never handshakes waits for
+	// the ClientHello until the deadline.
+	readTimesOut := func(pc *pipeConn) (time.Time, error) {
+		_, err := pc.Read(make([]byte, 1))
+		return time.Now(), err
+	}
+	conn := func() *pipeConn {
+		a, b := net.Pipe()
+		t.Cleanup(func() { a.Close(); b.Close() })
+		return newPipeConn(tls.Server(a, &tls.Config{}), nil)
+	}
+
+	pc := conn()
+	first := time.Now().Add(100 * time.Millisecond)
+	if err := pc.SetDeadline(first); err != nil {
+		t.Fatal(err)
+	}
+	set := pc.deadline.Load()
+	later := first.Add(deadlineSlack / 2)
+	if err := pc.SetDeadline(later); err != nil {
+		t.Fatal(err)
+	}
+	if got := pc.deadline.Load(); got != set {
+		t.Errorf("a deadline within the slack reset the timers: %v, want %v kept", time.Unix(0, got), time.Unix(0, set))
+	}
+	at, err := readTimesOut(pc)
+	if !isTimeout(err) {
+		t.Fatalf("read: %v, want a timeout", err)
+	}
+	if at.Before(later) {
+		t.Errorf("timed out at %v, before the deadline asked for, %v", at, later)
+	}
+
+	pc = conn()
+	pc.SetDeadline(time.Now().Add(time.Hour))
+	short := time.Now().Add(50 * time.Millisecond)
+	pc.SetDeadline(short)
+	if got := time.Unix(0, pc.deadline.Load()); got.Before(short) || got.After(short.Add(deadlineSlack)) {
+		t.Errorf("shorter deadline %v set as %v", short, got)
+	}
+	if _, err := readTimesOut(pc); !isTimeout(err) {
+		t.Fatalf("read after a shorter deadline: %v, want a timeout", err)
+	}
+
+	pc = conn()
+	pc.SetDeadline(time.Now().Add(time.Hour))
+	pc.SetDeadline(time.Time{})
+	if got := pc.deadline.Load(); got != 0 {
+		t.Errorf("zero deadline left %v", time.Unix(0, got))
+	}
 }

@@ -67,14 +67,6 @@ type Options struct {
 	// Sync makes a written batch durable; default (*os.File).Sync. Tests
 	// set it to hold or fail the group commit's fsync.
 	Sync func(f *os.File) error
-	// SyncsInFlight is how many group commits may be in fsync at once
-	// (pipelined group commit): the next batch is written and its fsync
-	// started while the previous one's still runs, for a disk that
-	// completes overlapping cache flushes faster than the same flushes one
-	// after another. Batches still complete in order. Default 1, the plain
-	// group commit: the disk measured is not such a disk, and 2 gained
-	// nothing there (bridges/README.md, "The disk commit").
-	SyncsInFlight int
 }
 
 func (o *Options) defaults() {
@@ -98,9 +90,6 @@ func (o *Options) defaults() {
 	}
 	if o.Sync == nil {
 		o.Sync = (*os.File).Sync
-	}
-	if o.SyncsInFlight == 0 {
-		o.SyncsInFlight = 1
 	}
 }
 
@@ -141,8 +130,19 @@ type entry struct {
 type pending struct {
 	off, n int
 	seq    uint64
-	recv   int64      // Unix ns
-	done   chan error // nil for QoS 0
+	recv   int64       // Unix ns
+	done   chan error  // Accept's and AcceptAsync's; nil for QoS 0
+	fn     func(error) // AcceptNotify's, instead of done
+}
+
+// tell reports the batch's outcome to the message's Accept.
+func (p *pending) tell(err error) {
+	switch {
+	case p.fn != nil:
+		p.fn(err)
+	case p.done != nil:
+		p.done <- err
+	}
 }
 
 // Queue is the durable queue. It implements bridges.Sink.
@@ -174,6 +174,12 @@ type Queue struct {
 	// message arriving during the write would see room that is taken.
 	writingB int64
 	acks     []uint64 // delivered marks not yet written
+	// lastBatch is the size of the last commit's batch; gather, while the
+	// writer waits for a batch to grow back to it, that size (admissions
+	// below it do not wake the writer). See gatherWait.
+	lastBatch, gather int
+	fsyncEWMA         time.Duration // recent fsync time (moving average)
+
 	notify   chan struct{}
 	wake     chan struct{}
 	ackDue   chan struct{} // the delivered-marks timer fired (capacity 1)
@@ -181,26 +187,21 @@ type Queue struct {
 	stop     chan struct{}
 	stopped  chan struct{}
 
-	// The writer's group commits whose fsync runs (pipelined): a slot in
-	// syncSlots per commit in fsync, lastDone closed once the newest
-	// commit has completed (its Accepts told), syncs counts their
-	// goroutines. Only the writer goroutine starts commits.
-	syncSlots chan struct{}
-	lastDone  chan struct{}
-	syncs     sync.WaitGroup
-
 	// creating, if set (tests in this package, before anything that
 	// rotates), runs while a new segment is written, before its sync.
 	creating func(f *os.File)
+	// gatherFor, if set (tests in this package, under mu), replaces
+	// gatherWait's bound.
+	gatherFor time.Duration
 }
 
-var _ bridges.AsyncSink = (*Queue)(nil)
+var _ bridges.NotifySink = (*Queue)(nil)
 
 // Open opens (creating if needed) the queue in dir, recovers every message
 // whose Accept returned, cuts any torn tail, and starts the writer. Metrics
 // are registered on reg (nil: not exported).
 func Open(dir string, opts Options, log *slog.Logger, reg prometheus.Registerer) (*Queue, error) {
-	if opts.MaxBytes < 0 || opts.MaxAge < 0 || opts.SegmentBytes < 0 || opts.MaxMessageBytes < 0 || opts.AckFlushInterval < 0 || opts.SyncsInFlight < 0 {
+	if opts.MaxBytes < 0 || opts.MaxAge < 0 || opts.SegmentBytes < 0 || opts.MaxMessageBytes < 0 || opts.AckFlushInterval < 0 {
 		return nil, fmt.Errorf("open queue %s: negative option in %+v", dir, opts)
 	}
 	opts.defaults()
@@ -217,9 +218,7 @@ func Open(dir string, opts Options, log *slog.Logger, reg prometheus.Registerer)
 		dir: dir, opts: opts, log: log.With("component", "queue"),
 		notify: make(chan struct{}), wake: make(chan struct{}, 1), ackDue: make(chan struct{}, 1),
 		stop: make(chan struct{}), stopped: make(chan struct{}),
-		syncSlots: make(chan struct{}, opts.SyncsInFlight), lastDone: make(chan struct{}),
 	}
-	close(q.lastDone)
 	q.m = newMetrics(q)
 	if err := q.recover(); err != nil {
 		q.closeFiles()
@@ -475,7 +474,7 @@ func (q *Queue) diskBytes() int64 {
 // once it is in the next write batch. It returns bridges.ErrQueueFull when the
 // queue is at its byte or age bound.
 func (q *Queue) Accept(ctx context.Context, m bridges.Message) error {
-	done, err := q.admit(m)
+	done, err := q.admit(m, nil)
 	if err != nil || done == nil {
 		return err
 	}
@@ -495,12 +494,26 @@ func (q *Queue) Accept(ctx context.Context, m bridges.Message) error {
 // have returned. For QoS 0 the channel is nil. ctx is not used: admission
 // never blocks.
 func (q *Queue) AcceptAsync(_ context.Context, m bridges.Message) (<-chan error, error) {
-	return q.admit(m)
+	return q.admit(m, nil)
 }
 
-// admit checks the bounds and adds m to the next batch; done is nil for
-// QoS 0.
-func (q *Queue) admit(m bridges.Message) (chan error, error) {
+// AcceptNotify is AcceptAsync with the outcome reported by calling fn
+// (bridges.NotifySink): for QoS 1 fn is called exactly once, on the queue's
+// writer goroutine, right after the fsync of the group commit covering m
+// (or with the error AcceptAsync's channel would carry), in acceptance
+// order; the next commit waits while fn runs. No channel is made.
+func (q *Queue) AcceptNotify(_ context.Context, m bridges.Message, fn func(error)) (pending bool, err error) {
+	if m.QoS == 0 {
+		fn = nil
+	}
+	done, err := q.admit(m, fn)
+	return err == nil && (done != nil || fn != nil), err
+}
+
+// admit checks the bounds and adds m to the next batch. For QoS 1 the
+// outcome goes to fn if set, else to the returned channel; done is nil for
+// QoS 0 and with fn.
+func (q *Queue) admit(m bridges.Message, fn func(error)) (chan error, error) {
 	if m.Received.IsZero() {
 		m.Received = q.opts.Now()
 	}
@@ -509,7 +522,7 @@ func (q *Queue) admit(m bridges.Message) (chan error, error) {
 		return nil, fmt.Errorf("queue accept from %s: %d bytes, limit %d: %w", m.Device, n, q.opts.MaxMessageBytes, ErrTooLarge)
 	}
 	var done chan error
-	if m.QoS > 0 {
+	if m.QoS > 0 && fn == nil {
 		done = make(chan error, 1)
 	}
 	q.mu.Lock()
@@ -535,11 +548,14 @@ func (q *Queue) admit(m bridges.Message) (chan error, error) {
 		q.m.refused.WithLabelValues("bytes").Inc()
 		return nil, fmt.Errorf("queue accept from %s: %d bytes held, limit %d: %w", m.Device, held, q.opts.MaxBytes, bridges.ErrQueueFull)
 	}
-	q.batch = append(q.batch, pending{off: off, n: n, seq: q.nextSeq, recv: m.Received.UnixNano(), done: done})
+	q.batch = append(q.batch, pending{off: off, n: n, seq: q.nextSeq, recv: m.Received.UnixNano(), done: done, fn: fn})
 	q.batchB += int64(n)
 	q.nextSeq++
+	gathering := q.gather > 0 && len(q.batch) < q.gather
 	q.mu.Unlock()
-	q.kick()
+	if !gathering {
+		q.kick()
+	}
 	return done, nil
 }
 
@@ -560,13 +576,13 @@ func (q *Queue) oldestLocked() time.Time {
 }
 
 // writer is the single goroutine that writes: message batches (one write
-// for everything that arrived meanwhile, then its fsync, with up to
-// SyncsInFlight fsyncs overlapping), and delivered-marks piggybacked on
-// those or flushed (without fsync) when the timer Ack armed fires. When
-// idle it writes nothing. It waits for its commits before it ends.
+// for everything that arrived meanwhile, then its fsync), and
+// delivered-marks piggybacked on those or flushed (without fsync) when the
+// timer Ack armed fires. When idle it writes nothing.
 func (q *Queue) writer() {
 	defer close(q.stopped)
-	defer q.syncs.Wait()
+	gt := time.NewTimer(time.Hour)
+	gt.Stop()
 	for {
 		fired := false
 		select {
@@ -585,6 +601,7 @@ func (q *Queue) writer() {
 		q.mu.Unlock()
 		switch {
 		case haveBatch:
+			q.gatherWait(gt)
 			q.flush(true)
 		case haveAcks && fired:
 			q.flush(false)
@@ -592,28 +609,63 @@ func (q *Queue) writer() {
 	}
 }
 
-// flush writes pending delivered-marks to the active segment; with sync,
-// the message batch with them, and then starts the batch's commit: its
-// fsync runs on a goroutine of its own, and its Accepts are told after it
-// returned and after every earlier commit completed. flush first waits for
-// a free commit slot, so that while SyncsInFlight fsyncs run, new messages
-// gather in the next batch. Without sync the batch stays for the next
-// flush(true): a batch is never told durable without its fsync.
-func (q *Queue) flush(sync bool) {
-	if sync {
-		q.syncSlots <- struct{}{}
+// maxGatherWait bounds how long gatherWait holds a batch back.
+const maxGatherWait = 500 * time.Microsecond
+
+// gatherWait is the adaptive part of the group commit: when the last
+// commit carried several messages (several sessions, or one pipelining)
+// and fewer are waiting now, it waits, at most half the mean fsync time and
+// maxGatherWait, for the batch to grow back to that size, so that writers
+// whose acknowledgement just went out join this commit instead of starting
+// the next. A lone writer (last batch of one) is never delayed.
+func (q *Queue) gatherWait(t *time.Timer) {
+	q.mu.Lock()
+	target := q.lastBatch
+	wait := min(q.fsyncEWMA/2, maxGatherWait)
+	if q.gatherFor > 0 {
+		wait = q.gatherFor
 	}
-	started := false
-	defer func() {
-		if sync && !started {
-			<-q.syncSlots
+	if target < 2 || len(q.batch) >= target || q.closed || wait <= 0 {
+		q.mu.Unlock()
+		return
+	}
+	q.gather = target
+	q.mu.Unlock()
+	select { // a kick that came before gather was set
+	case <-q.wake:
+	default:
+	}
+	q.mu.Lock()
+	grown := len(q.batch) >= target
+	q.mu.Unlock()
+	if !grown {
+		t.Reset(wait)
+		select {
+		case <-q.wake:
+		case <-t.C:
+		case <-q.stop:
 		}
-	}()
+		t.Stop()
+	}
+	q.mu.Lock()
+	q.gather = 0
+	q.mu.Unlock()
+}
+
+// flush writes pending delivered-marks to the active segment; with sync,
+// the message batch with them, and then commits the batch: its fsync, then
+// its Accepts are told. New messages gather in the next batch meanwhile.
+// Without sync the batch stays for the next flush(true): a batch is never
+// told durable without its fsync.
+func (q *Queue) flush(sync bool) {
 	q.mu.Lock()
 	var batch []pending
 	var batchBuf []byte
 	if sync {
 		batch, batchBuf = q.batch, q.batchBuf
+		if len(batch) > 0 {
+			q.lastBatch = len(batch)
+		}
 		q.batch, q.batchBuf = q.spareBatch[:0], q.spareBuf[:0]
 		q.spareBatch, q.spareBuf = nil, nil
 		q.batchB, q.writingB = 0, q.batchB
@@ -645,19 +697,6 @@ func (q *Queue) flush(sync bool) {
 	// would be left behind, and it has the name (its base, the next seq)
 	// the new one would take.
 	if active := q.segs[len(q.segs)-1]; active.size > int64(len(segMagic)) && active.size+int64(len(buf)) > q.opts.SegmentBytes && len(batch) > 0 {
-		if len(q.syncSlots) > 1 {
-			// Commits of the active segment are still in fsync: they
-			// finish before it stops being the last segment, the only
-			// one reclaim never closes.
-			q.mu.Unlock()
-			q.waitSyncs()
-			q.mu.Lock()
-			if q.failed != nil {
-				q.acks = append(q.acks, acks...)
-				q.failBatchLocked(batch, batchBuf)
-				return
-			}
-		}
 		// Writing the new segment's zeros and syncing them takes
 		// milliseconds: admissions, Next and Ack go on meanwhile. Only
 		// this goroutine changes the last segment, and reclaim never
@@ -705,17 +744,7 @@ func (q *Queue) flush(sync bool) {
 		q.mu.Unlock()
 		q.recycle(nil, batchBuf)
 		if sync {
-			prev, done := q.lastDone, make(chan struct{})
-			q.lastDone = done
-			started = true
-			q.syncs.Add(1)
-			if cap(q.syncSlots) == 1 {
-				// Nothing to overlap with: no hand-off to another
-				// goroutine.
-				q.commit(seg, batch, prev, done)
-			} else {
-				go q.commit(seg, batch, prev, done)
-			}
+			q.commit(seg, batch)
 		}
 		return
 	}
@@ -732,10 +761,8 @@ func (q *Queue) flush(sync bool) {
 		err = fmt.Errorf("%w: %w", bridges.ErrQueueFull, err)
 		q.m.refused.WithLabelValues("disk_full").Add(float64(len(batch)))
 	}
-	for _, p := range batch {
-		if p.done != nil {
-			p.done <- err
-		}
+	for i := range batch {
+		batch[i].tell(err)
 	}
 	q.recycle(batch, batchBuf)
 }
@@ -746,41 +773,27 @@ func (q *Queue) failBatchLocked(batch []pending, batchBuf []byte) {
 	q.writingB = 0
 	err := fmt.Errorf("queue: disk error earlier: %w", q.failed)
 	q.mu.Unlock()
-	for _, p := range batch {
-		if p.done != nil {
-			p.done <- err
-		}
+	for i := range batch {
+		batch[i].tell(err)
 	}
 	q.recycle(batch, batchBuf)
 }
 
-// waitSyncs returns once no commit but the caller's slot is in fsync.
-// Only the writer starts commits, so none starts meanwhile.
-func (q *Queue) waitSyncs() {
-	n := cap(q.syncSlots) - 1
-	for range n {
-		q.syncSlots <- struct{}{}
-	}
-	for range n {
-		<-q.syncSlots
-	}
-}
-
-// commit makes batch, written to seg, durable: fsync, then (after the
-// commit before it, prev, has completed) tells its Accepts, in order. An
-// fsync that follows a failed one does not count: after a failed fsync
-// what the page cache holds of the file is unknown, so every later batch
-// is refused too and the queue refuses new messages until reopened (the
-// messages may reappear on restart, or be sent already: duplicates, never
-// an acknowledged loss). It frees its commit slot last.
-func (q *Queue) commit(seg *segment, batch []pending, prev <-chan struct{}, done chan struct{}) {
-	defer q.syncs.Done()
+// commit makes batch, written to seg, durable: fsync, then tells its
+// Accepts, in order. After a failed fsync what the page cache holds of the
+// file is unknown, so every later batch is refused too and the queue
+// refuses new messages until reopened (the messages may reappear on
+// restart, or be sent already: duplicates, never an acknowledged loss).
+// The writer runs it: the next batch is written only after this one's
+// Accepts were told.
+func (q *Queue) commit(seg *segment, batch []pending) {
 	t0 := time.Now()
 	err := q.opts.Sync(seg.f)
-	q.m.fsyncSec.Add(time.Since(t0).Seconds())
+	took := time.Since(t0)
+	q.m.fsyncSec.Add(took.Seconds())
 	q.m.fsyncs.Inc()
-	<-prev
 	q.mu.Lock()
+	q.fsyncEWMA += (took - q.fsyncEWMA) / 8
 	switch {
 	case err != nil:
 		err = fmt.Errorf("queue: fsync %s: %w", seg.path, err)
@@ -792,14 +805,10 @@ func (q *Queue) commit(seg *segment, batch []pending, prev <-chan struct{}, done
 		err = fmt.Errorf("queue: disk error earlier: %w", q.failed)
 	}
 	q.mu.Unlock()
-	for _, p := range batch {
-		if p.done != nil {
-			p.done <- err
-		}
+	for i := range batch {
+		batch[i].tell(err)
 	}
 	q.recycle(batch, nil)
-	close(done)
-	<-q.syncSlots
 }
 
 // maxKeptBuf bounds the buffers the writer keeps for the next batch: a

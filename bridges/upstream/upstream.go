@@ -84,7 +84,7 @@ type snapshot struct {
 	minTLS uint16
 }
 
-var _ bridges.AsyncSink = (*Upstream)(nil)
+var _ bridges.NotifySink = (*Upstream)(nil)
 
 // Upstream is the upstream link.
 type Upstream struct {
@@ -254,6 +254,16 @@ func (u *Upstream) AcceptAsync(ctx context.Context, m bridges.Message) (<-chan e
 		return as.AcceptAsync(ctx, m)
 	}
 	return nil, u.q.Accept(ctx, m)
+}
+
+// AcceptNotify is the same privacy gate in front of the queue's
+// AcceptNotify (bridges.NotifySink).
+func (u *Upstream) AcceptNotify(ctx context.Context, m bridges.Message, done func(error)) (pending bool, err error) {
+	m, keep, err := u.gate(m)
+	if err != nil || !keep {
+		return false, err
+	}
+	return bridges.AcceptNotify(ctx, u.q, m, done)
 }
 
 // gate applies the mapping and the privacy rules: keep is false for a

@@ -37,6 +37,12 @@ import (
 // CI's pass/fail (no timing assertions); run it with
 //
 //	go test -run '^$' -bench FullStack -benchtime 1x -count 3 ./integration/powercut/
+//
+// BENCH_BASTIOND_BASELINE=<bastiond binary> runs a second gateway of that
+// build side by side; BENCH_PROFILE_DIR=<absolute dir> writes bastiond CPU
+// profiles per scenario (BASTIOND_TRACE=1: execution traces too);
+// BENCH_FULLSTACK_SCALE=<factor> multiplies the messages per scenario;
+// BENCH_FULLSTACK_ONLY=1pub,1pubx16,50pub runs only the scenarios named.
 func BenchmarkFullStack(b *testing.B) {
 	const gatewayID = "gw1"
 	// pubs device sessions, each with inflight QoS 1 publishes awaiting
@@ -44,6 +50,13 @@ func BenchmarkFullStack(b *testing.B) {
 	// the receive maximum both brokers grant).
 	scenarios := []struct{ pubs, inflight, each int }{{1, 1, 3000}, {1, 16, 6400}, {50, 1, 200}}
 	maxPubs := 50
+	// BENCH_FULLSTACK_SCALE multiplies the messages (longer runs for
+	// profiles: BENCH_FULLSTACK_SCALE=5).
+	if f, err := strconv.ParseFloat(os.Getenv("BENCH_FULLSTACK_SCALE"), 64); err == nil && f > 0 {
+		for i := range scenarios {
+			scenarios[i].each = max(scenarios[i].inflight, int(float64(scenarios[i].each)*f))
+		}
+	}
 
 	cloud := mosquitto.Start(b, mosquitto.Options{Name: "cloud"})
 	sub := mosquitto.Subscribe(b, cloud, "bench-sub", "bastion/#", false)
@@ -96,14 +109,18 @@ topic # out 1 devices/ bastion/%s/
 	probe(b, sub, edge.Addr, mDevs[0])
 
 	var lines []string
+	only := os.Getenv("BENCH_FULLSTACK_ONLY") // e.g. "1pub,1pubx16" (names as reported)
 	for i, sc := range scenarios {
-		ecpu0 := cpuTime(b, edge.Pid())
-		m := fullRun(b, sub, edge.Addr, mDevs[:sc.pubs], sc.inflight, sc.each)
-		ecpu := cpuTime(b, edge.Pid()) - ecpu0
 		name := fmt.Sprintf("%dpub", sc.pubs)
 		if sc.inflight > 1 {
 			name += fmt.Sprintf("x%d", sc.inflight)
 		}
+		if only != "" && !slices.Contains(strings.Split(only, ","), name) {
+			continue
+		}
+		ecpu0 := cpuTime(b, edge.Pid())
+		m := fullRun(b, sub, edge.Addr, mDevs[:sc.pubs], sc.inflight, sc.each)
+		ecpu := cpuTime(b, edge.Pid()) - ecpu0
 		order := slices.Clone(gws)
 		if (benchRound+i)%2 == 1 {
 			slices.Reverse(order)

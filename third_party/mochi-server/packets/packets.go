@@ -701,6 +701,25 @@ func (pk *Packet) PublishValidate(topicAliasMaximum uint16) Code {
 
 // encodePubAckRelRecComp encodes a Puback, Pubrel, Pubrec, or Pubcomp packet.
 func (pk *Packet) encodePubAckRelRecComp(buf *bytes.Buffer) error {
+	// Bastion patch (third_party/README.md): with no property set nothing
+	// but the packet id and an error reason code is written, whatever the
+	// packet type allows; encoded directly, without the three pooled
+	// buffers (a PUBACK per QoS 1 message).
+	if pk.ProtocolVersion != 5 || pk.Properties.isEmpty() {
+		var b [5]byte
+		b[0] = pk.FixedHeader.Type<<4 | encodeBool(pk.FixedHeader.Dup)<<3 | pk.FixedHeader.Qos<<1 | encodeBool(pk.FixedHeader.Retain)
+		b[2], b[3] = byte(pk.PacketID>>8), byte(pk.PacketID)
+		n := 4
+		if pk.ProtocolVersion == 5 && pk.ReasonCode >= ErrUnspecifiedError.Code {
+			b[4] = pk.ReasonCode
+			n = 5
+		}
+		pk.FixedHeader.Remaining = n - 2
+		b[1] = byte(pk.FixedHeader.Remaining)
+		buf.Write(b[:n])
+		return nil
+	}
+
 	nb := mempool.GetBuffer()
 	defer mempool.PutBuffer(nb)
 	nb.Write(encodeUint16(pk.PacketID))

@@ -123,6 +123,23 @@ type Properties struct {
 	SharedSubAvailableFlag    bool           `json:"fssa"`
 }
 
+// isEmpty reports whether no field of p is set, so that Encode would write
+// nothing but a zero length for any packet type (Bastion patch: the
+// PUBACK fast path in encodePubAckRelRecComp). Every field is listed;
+// TestBastionPropertiesIsEmpty fails if one is added and not listed here.
+func (p *Properties) isEmpty() bool {
+	return len(p.CorrelationData) == 0 && len(p.SubscriptionIdentifier) == 0 && len(p.AuthenticationData) == 0 && len(p.User) == 0 &&
+		p.ContentType == "" && p.ResponseTopic == "" && p.AssignedClientID == "" && p.AuthenticationMethod == "" &&
+		p.ResponseInfo == "" && p.ServerReference == "" && p.ReasonString == "" &&
+		p.MessageExpiryInterval == 0 && p.SessionExpiryInterval == 0 && p.WillDelayInterval == 0 && p.MaximumPacketSize == 0 &&
+		p.ServerKeepAlive == 0 && p.ReceiveMaximum == 0 && p.TopicAliasMaximum == 0 && p.TopicAlias == 0 &&
+		p.PayloadFormat == 0 && !p.PayloadFormatFlag && !p.SessionExpiryIntervalFlag && !p.ServerKeepAliveFlag &&
+		p.RequestProblemInfo == 0 && !p.RequestProblemInfoFlag && p.RequestResponseInfo == 0 && !p.TopicAliasFlag &&
+		p.MaximumQos == 0 && !p.MaximumQosFlag && p.RetainAvailable == 0 && !p.RetainAvailableFlag &&
+		p.WildcardSubAvailable == 0 && !p.WildcardSubAvailableFlag && p.SubIDAvailable == 0 && !p.SubIDAvailableFlag &&
+		p.SharedSubAvailable == 0 && !p.SharedSubAvailableFlag
+}
+
 // Copy creates a new Properties struct with copies of the values.
 func (p *Properties) Copy(allowTransfer bool) Properties {
 	pr := Properties{
