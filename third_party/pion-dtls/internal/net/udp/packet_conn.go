@@ -44,6 +44,8 @@ var (
 // listener augments a connection-oriented Listener over a UDP PacketConn.
 type listener struct {
 	pConn *net.UDPConn
+	// io reads and writes pConn (Bastion patch, udpio.go).
+	io udpIO
 
 	accepting      atomic.Value // bool
 	acceptCh       chan *PacketConn
@@ -183,6 +185,7 @@ func (lc *ListenConfig) Listen(network string, laddr *net.UDPAddr) (dtlsnet.Pack
 
 	packetListener := &listener{
 		pConn:          conn,
+		io:             newUDPIO(conn),
 		acceptCh:       make(chan *PacketConn, lc.Backlog),
 		conns:          make(map[string]*PacketConn),
 		byAddr:         make(map[netip.AddrPort]*PacketConn),
@@ -220,30 +223,38 @@ func (l *listener) readLoop() {
 	defer l.readWG.Done()
 	defer close(l.readDoneCh)
 
-	buf := make([]byte, receiveMTU)
-
+	// Bastion patch (third_party/README.md): datagrams are read in
+	// batches where the system allows (udpio.go), the address as a value,
+	// and a known connection's own *net.UDPAddr is handed on.
+	var batch [readBatch]datagram
 	for {
-		// Bastion patch (third_party/README.md): the address is read as a
-		// value, and a known connection's own *net.UDPAddr is handed on.
-		n, ap, err := l.pConn.ReadFromUDPAddrPort(buf)
+		n, err := l.io.readBatch(&batch)
 		if err != nil {
 			l.errRead.Store(err)
 
 			return
 		}
-		if conn, raddr := l.route(ap, buf[:n]); conn != nil {
-			_, _ = conn.buffer.WriteTo(buf[:n], raddr)
+		for i := range n {
+			l.dispatch(batch[i].b, batch[i].addr)
+		}
+	}
+}
 
-			continue
-		}
-		raddr := net.UDPAddrFromAddrPort(ap)
-		conn, ok, err := l.getConn(raddr, buf[:n])
-		if err != nil {
-			continue
-		}
-		if ok {
-			_, _ = conn.buffer.WriteTo(buf[:n], raddr)
-		}
+// dispatch hands one datagram read from ap to its connection, making the
+// connection if getConn accepts it.
+func (l *listener) dispatch(buf []byte, ap netip.AddrPort) {
+	if conn, raddr := l.route(ap, buf); conn != nil {
+		_, _ = conn.buffer.WriteTo(buf, raddr)
+
+		return
+	}
+	raddr := net.UDPAddrFromAddrPort(ap)
+	conn, ok, err := l.getConn(raddr, buf)
+	if err != nil {
+		return
+	}
+	if ok {
+		_, _ = conn.buffer.WriteTo(buf, raddr)
 	}
 }
 
@@ -414,7 +425,17 @@ func (c *PacketConn) WriteTo(payload []byte, addr net.Addr) (n int, err error) {
 	default:
 	}
 
-	return c.listener.pConn.WriteTo(payload, addr)
+	// Bastion patch: written through the listener's udpIO; the
+	// connection's own address is already an AddrPort.
+	ap := c.raddrAP
+	if addr != c.raddr {
+		ap = netip.AddrPort{}
+		if u, ok := addr.(*net.UDPAddr); ok {
+			ap = udpAddrPort(u)
+		}
+	}
+
+	return c.listener.io.writeTo(payload, addr, ap)
 }
 
 // Close closes the conn and releases any Read calls.
