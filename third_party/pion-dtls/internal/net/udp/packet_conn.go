@@ -68,6 +68,10 @@ type listener struct {
 
 	readDoneCh chan struct{}
 	errRead    atomic.Value // error
+
+	// inlineConn is the connection whose inline reader the read loop is
+	// running, if any (Bastion patch, see PacketConn.SetInlineReader).
+	inlineConn atomic.Pointer[PacketConn]
 }
 
 // Accept waits for and returns the next connection to the listener.
@@ -244,6 +248,17 @@ func (l *listener) readLoop() {
 // connection if getConn accepts it.
 func (l *listener) dispatch(buf []byte, ap netip.AddrPort) {
 	if conn, raddr := l.route(ap, buf); conn != nil {
+		// Bastion patch: a connection with an inline reader takes the
+		// datagram here when nothing is queued before it (in order) and
+		// it can (see SetInlineReader); anything else is queued.
+		if f := conn.inline.Load(); f != nil && conn.buffer.Empty() {
+			l.inlineConn.Store(conn)
+			done := (*f)(buf, raddr)
+			l.inlineConn.Store(nil)
+			if done {
+				return
+			}
+		}
 		_, _ = conn.buffer.WriteTo(buf, raddr)
 
 		return
@@ -342,6 +357,22 @@ type PacketConn struct {
 	doneOnce sync.Once
 
 	writeDeadline *deadline.Deadline
+
+	// inline, when set, is offered each datagram for this connection on
+	// the listener's read loop (Bastion patch, see SetInlineReader).
+	inline atomic.Pointer[func([]byte, net.Addr) bool]
+}
+
+// SetInlineReader makes the listener's read loop offer each datagram for
+// this connection to f, on the read loop itself, when no datagram is
+// queued for ReadFrom before it (Bastion patch, third_party/README.md). f
+// returns false to leave the datagram to ReadFrom (it is queued, as
+// without f); true when it has taken it. b is the listener's read buffer,
+// valid only until f returns, and f may change it. While f runs the
+// listener reads no datagram for any connection, so f must not block; it
+// may write and close this connection.
+func (c *PacketConn) SetInlineReader(f func(b []byte, raddr net.Addr) bool) {
+	c.inline.Store(&f)
 }
 
 // newPacketConn constructs a new PacketConn.
@@ -460,7 +491,11 @@ func (c *PacketConn) Close() error {
 		nConns := len(c.listener.conns)
 		c.listener.connLock.Unlock()
 
-		if isAccepting, ok := c.listener.accepting.Load().(bool); nConns == 0 && !isAccepting && ok {
+		// Bastion patch: a Close from this connection's inline reader runs
+		// on the read loop, which cannot end under it: no wait there (the
+		// socket's close error is not reported to that Close).
+		onReadLoop := c.listener.inlineConn.Load() == c
+		if isAccepting, ok := c.listener.accepting.Load().(bool); nConns == 0 && !isAccepting && ok && !onReadLoop {
 			// Wait if this is the final connection
 			c.listener.readWG.Wait()
 			if errClose, ok := c.listener.errClose.Load().(error); ok {
