@@ -123,6 +123,7 @@ func (s *Server) serve(ctx context.Context, ln *limitListener) error {
 			cc.Close()
 		},
 		OnNewConn: s.onNewConn,
+		Inline:    s.inline,
 		Errors:    func(err error) { s.log.Debug("coap: connection error", "err", err) },
 	})
 }
