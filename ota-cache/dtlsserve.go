@@ -39,7 +39,8 @@ type DTLSListener interface {
 // session (inline: every session of the listener) reads nothing else (a
 // retransmission of the same request waits and is then answered from the
 // response cache). A handler that must wait answers later instead
-// (DTLSResponseWriter.Defer).
+// (DTLSResponseWriter.Defer). w and r are valid until it returns (after
+// Defer, until the deferred answer's Done).
 type DTLSHandlerFunc func(w *DTLSResponseWriter, r *pool.Message)
 
 // DTLSServeConfig configures ServeDTLS. Only Handler is required.
@@ -408,8 +409,18 @@ func (d *DTLSDeferred) Done() {
 		c.cache.unmarkPending(uint16(w.req.MessageID()))
 		c.cacheMu.Unlock()
 		releaseMessage(w.req)
-		releaseMessage(w.msg)
+		releaseWriter(w)
 	})
+}
+
+// writers recycles response writers: a handler's w is valid until it
+// returns, or with Defer until Done.
+var writers = sync.Pool{New: func() any { return new(DTLSResponseWriter) }}
+
+func releaseWriter(w *DTLSResponseWriter) {
+	releaseMessage(w.msg)
+	*w = DTLSResponseWriter{}
+	writers.Put(w)
 }
 
 // Conn is nil (see DTLSResponseWriter).
@@ -645,10 +656,11 @@ func (c *DTLSConn) handleDatagram(data []byte) {
 		// gets it from the cache.
 		return
 	}
-	w := &DTLSResponseWriter{conn: c, msg: acquireMessage(c.ctx), req: req}
+	w := writers.Get().(*DTLSResponseWriter)
+	*w = DTLSResponseWriter{conn: c, msg: acquireMessage(c.ctx), req: req}
 	defer func() {
 		if !deferred {
-			releaseMessage(w.msg)
+			releaseWriter(w)
 		}
 	}()
 	if v, err := req.GetOptionUint32(message.NoResponse); err == nil {

@@ -86,10 +86,10 @@ type Server struct {
 	lnC *limitListener
 	lnP *limitListener
 
-	closing  sync.WaitGroup // revocation closes in progress; Run waits
+	closing sync.WaitGroup // revocation closes in progress; Run waits
 	// bg: answers given from a goroutine of their own (serveCoAP: a wait
 	// for the disk, off the listener's read loop); Run waits.
-	bg sync.WaitGroup
+	bg       sync.WaitGroup
 	mu       sync.Mutex
 	nSession int
 	// revGen counts revocations (under mu). onNewConn registers a session
