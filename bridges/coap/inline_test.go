@@ -2,6 +2,9 @@ package coap_test
 
 import (
 	"context"
+	"fmt"
+	"runtime"
+	"strings"
 	"testing"
 	"time"
 
@@ -14,8 +17,16 @@ import (
 // heldMessage is telemetry a holdSink admitted: done says when it is
 // durable (nil) or why not.
 type heldMessage struct {
-	m    bridges.Message
-	done chan error
+	m      bridges.Message
+	done   chan error
+	onLoop bool // admitted on the DTLS listener's read loop
+}
+
+// onReadLoop reports whether the caller runs on pion's listener read loop
+// (requests answered inline).
+func onReadLoop() bool {
+	buf := make([]byte, 64<<10)
+	return strings.Contains(string(buf[:runtime.Stack(buf, false)]), "udp.(*listener).readLoop")
 }
 
 // holdSink is a bridges.AsyncSink whose QoS 1 messages become durable
@@ -39,7 +50,7 @@ func (s holdSink) AcceptAsync(_ context.Context, m bridges.Message) (<-chan erro
 	if m.QoS == 0 {
 		return nil, nil
 	}
-	h := heldMessage{m: m, done: make(chan error, 1)}
+	h := heldMessage{m: m, done: make(chan error, 1), onLoop: onReadLoop()}
 	s.held <- h
 	return h.done, nil
 }
@@ -129,8 +140,48 @@ func TestTelemetryWaitsForDiskWithoutHoldingSessions(t *testing.T) {
 	}
 	// A durable write that fails as a full queue: 5.03, as before.
 	full := publish(ctx, a, "full")
-	sink.next(t).done <- bridges.ErrQueueFull
+	h := sink.next(t)
+	h.done <- bridges.ErrQueueFull
 	if code := answerOf(t, "telemetry refused by the queue", full); code != codes.ServiceUnavailable {
 		t.Fatalf("telemetry the queue refused: %v, want 5.03", code)
+	}
+	// The session's third request: long after its handler was set, so
+	// taken on the read loop.
+	if !h.onLoop {
+		t.Error("telemetry of a device session with an AsyncSink was not admitted on the listener's read loop")
+	}
+}
+
+// blockingSink is a Sink without AcceptAsync: its Accept may wait, so it
+// must never be called on the listener's read loop.
+type blockingSink struct{ onLoop chan bool }
+
+func (s blockingSink) Accept(context.Context, bridges.Message) error {
+	s.onLoop <- onReadLoop()
+	return nil
+}
+
+// With a Sink that may wait, device sessions keep their own record reader:
+// Accept never runs on the listener's read loop, where it would hold up
+// every session.
+func TestBlockingSinkNotOnReadLoop(t *testing.T) {
+	sink := blockingSink{onLoop: make(chan bool, 8)}
+	id := &fakeIdentity{key: []byte("0123456789abcdef"), revoked: map[string]bool{}}
+	_, dev, _, addr, _ := startSessionsWithSink(t, id, sink)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	c, err := dev.DialCoAP(ctx, addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	for i := range 3 {
+		r, err := c.Publish(ctx, fmt.Sprint("x", i), []byte("x"))
+		if err != nil || r.Code != codes.Changed {
+			t.Fatalf("publish %d: %v %v, want 2.04", i, r.Code, err)
+		}
+		if <-sink.onLoop {
+			t.Fatalf("publish %d: a Sink that may wait was called on the listener's read loop", i)
+		}
 	}
 }
