@@ -305,3 +305,57 @@ func TestBastionInlineCloseOnReadLoop(t *testing.T) {
 		t.Fatalf("the record was not handled on the read loop (%d inline)", inline)
 	}
 }
+
+// TestBastionInlineReadHandlerSuites: with AES-CCM-8 and AES-GCM, without
+// and with connection IDs (whose records hide their content type until
+// decrypted), records are taken on the read loop in order, and the peer's
+// close_notify ends the session with the handler's io.EOF (with a
+// connection ID it is decrypted on the read loop, a fatal alert there).
+func TestBastionInlineReadHandlerSuites(t *testing.T) {
+	for _, suite := range []CipherSuiteID{TLS_PSK_WITH_AES_128_CCM_8, TLS_PSK_WITH_AES_128_GCM_SHA256} {
+		for _, cid := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%v/cid=%v", suite, cid), func(t *testing.T) {
+				client, server, _ := bastionDirectPair(t, suite, cid)
+				waitFor(t, "both handshake goroutines to end", func() bool { return fsmGoroutines() == 0 })
+				rec := newInlineRecorder(t)
+				rec.onData = func(p []byte) {
+					if _, err := server.Write(append([]byte("echo "), p...)); err != nil {
+						t.Errorf("write from handler: %v", err)
+					}
+				}
+				if err := server.SetInlineReadHandler(rec.handle); err != nil {
+					t.Fatal(err)
+				}
+				var want []string
+				buf := make([]byte, 64)
+				for i := range 20 {
+					s := fmt.Sprintf("m%02d", i)
+					want = append(want, s)
+					if _, err := client.Write([]byte(s)); err != nil {
+						t.Fatal(err)
+					}
+					_ = client.SetReadDeadline(time.Now().Add(5 * time.Second))
+					n, err := client.Read(buf)
+					if err != nil || string(buf[:n]) != "echo "+s {
+						t.Fatalf("echo of %q: %q, %v", s, buf[:n], err)
+					}
+				}
+				got, inline, errs := rec.snapshot()
+				if strings.Join(got, ",") != strings.Join(want, ",") || len(errs) > 0 {
+					t.Fatalf("records %v errors %v, want %v", got, errs, want)
+				}
+				if inline < len(want)/2 {
+					t.Errorf("%d of %d records on the listener's read loop, want most", inline, len(got))
+				}
+				if err := client.Close(); err != nil {
+					t.Fatal(err)
+				}
+				select {
+				case <-rec.ended:
+				case <-time.After(5 * time.Second):
+					t.Fatal("handler never got io.EOF after the peer's close_notify")
+				}
+			})
+		}
+	}
+}
