@@ -96,6 +96,7 @@ type image struct {
 	tc     TargetCustom
 	ver    Version
 	f      *os.File // opened and verified; served from this fd only
+	tag    [8]byte  // the CoAP ETag: the sha256's first 8 bytes
 }
 
 // Counters are monotonically increasing event counts for metrics.
@@ -214,7 +215,9 @@ func (c *Cache) openVerified(sha string, si storedImage) (*image, error) {
 		f.Close()
 		return nil, err
 	}
-	return &image{sha: sha, size: si.Length, target: si.Target, tc: si.Custom, ver: ver, f: f}, nil
+	img := &image{sha: sha, size: si.Length, target: si.Target, tc: si.Custom, ver: ver, f: f}
+	copy(img.tag[:], want)
+	return img, nil
 }
 
 // Close releases every open image. Serving after Close refuses.

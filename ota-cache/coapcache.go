@@ -1,6 +1,7 @@
 package otacache
 
 import (
+	"slices"
 	"time"
 )
 
@@ -19,13 +20,17 @@ const exchangeLifetime = 247 * time.Second
 // transfer (NSTART = 1) only ever retransmits its latest requests, so
 // keeping the last few responses is enough.
 //
-// It belongs to one session's record handler (ServeDTLS) and is not
-// safe for concurrent use. Its slots are allocated on first use, so an
+// It belongs to one session (ServeDTLS) and is not safe for concurrent
+// use: the session guards it with a mutex (a deferred answer is stored
+// from the goroutine that completes it). Its slots are allocated on first use, so an
 // idle session holds none.
 type ResponseCache struct {
 	slots []cacheSlot
 	size  int
 	next  int
+	// pending are the message IDs of requests whose answer was deferred
+	// and is not stored yet (DTLSResponseWriter.Defer).
+	pending []uint16
 }
 
 type cacheSlot struct {
@@ -44,10 +49,10 @@ func (c *ResponseCache) load(mid uint16) ([]byte, bool) {
 	if len(c.slots) == 0 {
 		return nil, false
 	}
-	now := time.Now()
 	for i := range c.slots {
 		s := &c.slots[i]
-		if s.mid == mid && len(s.raw) > 0 && now.Before(s.expires) {
+		// The clock is read only for a match: nearly every request is new.
+		if s.mid == mid && len(s.raw) > 0 && time.Now().Before(s.expires) {
 			return s.raw, true
 		}
 	}
@@ -67,4 +72,24 @@ func (c *ResponseCache) store(mid uint16, raw []byte) {
 	s.mid = mid
 	s.raw = append(s.raw[:0], raw...)
 	s.expires = time.Now().Add(exchangeLifetime)
+	c.unmarkPending(mid)
 }
+
+// unmarkPending forgets that the answer to mid was deferred.
+func (c *ResponseCache) unmarkPending(mid uint16) {
+	if i := slices.Index(c.pending, mid); i >= 0 {
+		c.pending = slices.Delete(c.pending, i, i+1)
+	}
+}
+
+// markPending records that the answer to the request with message ID mid
+// will be stored later.
+func (c *ResponseCache) markPending(mid uint16) {
+	if !slices.Contains(c.pending, mid) {
+		c.pending = append(c.pending, mid)
+	}
+}
+
+// isPending reports whether the answer to mid was deferred and is not
+// stored yet.
+func (c *ResponseCache) isPending(mid uint16) bool { return slices.Contains(c.pending, mid) }

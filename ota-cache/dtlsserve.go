@@ -34,9 +34,13 @@ type DTLSListener interface {
 }
 
 // DTLSHandlerFunc answers one CoAP request. It runs on the session's
-// record reader (pion's goroutine for the connection): while it runs, the
-// session reads nothing else (a retransmission of the same request waits
-// and is then answered from the response cache).
+// record reader (pion's goroutine for the connection), or with
+// DTLSServeConfig.Inline on the listener's read loop: while it runs, the
+// session (inline: every session of the listener) reads nothing else (a
+// retransmission of the same request waits and is then answered from the
+// response cache). A handler that must wait answers later instead
+// (DTLSResponseWriter.Defer). w and r are valid until it returns (after
+// Defer, until the deferred answer's Done).
 type DTLSHandlerFunc func(w *DTLSResponseWriter, r *pool.Message)
 
 // DTLSServeConfig configures ServeDTLS. Only Handler is required.
@@ -66,6 +70,13 @@ type DTLSServeConfig struct {
 	ResponseCacheEntries int
 	// BlockwiseSZX is the largest Block2 size offered (default 1024).
 	BlockwiseSZX blockwise.SZX
+	// Inline, if set, is asked once per session, after OnNewConn: true
+	// lets pion's listener run Handler for that session on its own read
+	// loop (pion Conn.SetInlineReadHandler, third_party/README.md), which
+	// saves a goroutine hand-off per request. Say true only for sessions
+	// whose Handler never blocks: while it runs, no session of the
+	// listener reads anything.
+	Inline func(*DTLSConn) bool
 }
 
 // ServeDTLS serves CoAP (RFC 7252) over DTLS sessions accepted from l.
@@ -254,7 +265,11 @@ type DTLSConn struct {
 	cancel context.CancelFunc
 	srv    *dtlsServer
 	msgID  atomic.Uint32
-	cache  *ResponseCache
+	// cache is the session's response cache; cacheMu guards it, since a
+	// deferred answer (DTLSResponseWriter.Defer) is stored from another
+	// goroutine.
+	cacheMu sync.Mutex
+	cache   *ResponseCache
 
 	// lastRead (Unix ns) is when the last record came; idle closes the
 	// session IdleTimeout after it.
@@ -340,6 +355,72 @@ type DTLSResponseWriter struct {
 	msg  *pool.Message
 	noRe *uint32 // the request's No-Response value, if any
 	set  bool
+
+	// For Defer: the request, the Block1 option its answer carries, and
+	// the deferred answer once Defer was called.
+	req      *pool.Message
+	extra    []message.Option
+	deferred *DTLSDeferred
+}
+
+// Defer tells the server that the handler answers later, from another
+// goroutine: the handler returns at once (so that its session, or with
+// DTLSServeConfig.Inline every session of the listener, reads on while
+// the answer waits, e.g. for the disk) and the answer is set and sent
+// through the returned DTLSDeferred, whose Done must be called exactly
+// once. Meanwhile a retransmission of the request is not handled again:
+// it is dropped, and after Done answered from the response cache. Call it
+// at most once, from the handler, before it returns; the request message
+// stays valid until Done.
+func (w *DTLSResponseWriter) Defer() *DTLSDeferred {
+	if w.deferred == nil {
+		w.deferred = &DTLSDeferred{w: w}
+		c := w.conn
+		c.cacheMu.Lock()
+		c.cache.markPending(uint16(w.req.MessageID()))
+		c.cacheMu.Unlock()
+	}
+	return w.deferred
+}
+
+// DTLSDeferred is an answer a handler gives after it has returned
+// (DTLSResponseWriter.Defer).
+type DTLSDeferred struct {
+	w    *DTLSResponseWriter
+	once sync.Once
+}
+
+// SetResponse is DTLSResponseWriter.SetResponse for the deferred answer.
+func (d *DTLSDeferred) SetResponse(code codes.Code, cf message.MediaType, r io.ReadSeeker, opts ...message.Option) error {
+	return d.w.SetResponse(code, cf, r, opts...)
+}
+
+// Done sends the answer set with SetResponse (4.04 if none was), keeps it
+// for retransmissions and releases the request. Only the first call does
+// anything.
+func (d *DTLSDeferred) Done() {
+	d.once.Do(func() {
+		w := d.w
+		c := w.conn
+		c.finish(w.req, w, w.extra)
+		// Sent and stored, or nothing to store (No-Response, an answer
+		// that could not be encoded): no longer pending either way.
+		c.cacheMu.Lock()
+		c.cache.unmarkPending(uint16(w.req.MessageID()))
+		c.cacheMu.Unlock()
+		releaseMessage(w.req)
+		releaseWriter(w)
+	})
+}
+
+// writers recycles response writers: a handler's w is valid until it
+// returns, or with Defer until Done.
+var writers = sync.Pool{New: func() any { return new(DTLSResponseWriter) }}
+
+func releaseWriter(w *DTLSResponseWriter) {
+	releaseMessage(w.msg)
+	*w = DTLSResponseWriter{}
+	writers.Put(w)
 }
 
 // Conn is nil (see DTLSResponseWriter).
@@ -404,6 +485,12 @@ type readHandlerConn interface {
 	SetReadHandler(h func(p []byte, err error)) error
 }
 
+// inlineReadHandlerConn can also run the handler on the listener's read
+// loop (DTLSServeConfig.Inline).
+type inlineReadHandlerConn interface {
+	SetInlineReadHandler(h func(p []byte, err error)) error
+}
+
 // serveConn runs the handshake, then hands the session to its record
 // reader (onRecord) and returns: an established session has no goroutine
 // of ours.
@@ -440,7 +527,11 @@ func (s *dtlsServer) serveConn(ctx context.Context, rw net.Conn) {
 	// Set before it can fire: checkIdle resets it.
 	c.idle = time.AfterFunc(time.Duration(math.MaxInt64), c.checkIdle)
 	c.idle.Reset(cfg.IdleTimeout)
-	if err := rh.SetReadHandler(c.onRecord); err != nil {
+	set := rh.SetReadHandler
+	if ih, ok := rw.(inlineReadHandlerConn); ok && cfg.Inline != nil && cfg.Inline(c) {
+		set = ih.SetInlineReadHandler
+	}
+	if err := set(c.onRecord); err != nil {
 		cfg.Errors(fmt.Errorf("%v: %w", rw.RemoteAddr(), err))
 		c.end()
 	}
@@ -519,7 +610,12 @@ func (c *DTLSConn) end() {
 func (c *DTLSConn) handleDatagram(data []byte) {
 	cfg := c.srv.cfg
 	req := acquireMessage(c.ctx)
-	defer releaseMessage(req)
+	deferred := false
+	defer func() {
+		if !deferred { // else DTLSDeferred.Done releases it
+			releaseMessage(req)
+		}
+	}()
 	if _, err := req.UnmarshalWithDecoder(coder.DefaultCoder, data); err != nil {
 		// RFC 7252 §4.2: a malformed CON whose header we can read is
 		// rejected with RST; anything else is silently ignored.
@@ -542,14 +638,31 @@ func (c *DTLSConn) handleDatagram(data []byte) {
 		return
 	}
 	mid := uint16(req.MessageID())
-	if raw, ok := c.cache.load(mid); ok {
-		if _, err := c.nc.Write(raw); err != nil {
+	c.cacheMu.Lock()
+	raw, ok := c.cache.load(mid)
+	if ok {
+		_, err := c.nc.Write(raw)
+		c.cacheMu.Unlock()
+		if err != nil {
 			cfg.Errors(fmt.Errorf("%v: write cached answer: %w", c.RemoteAddr(), err))
 		}
 		return
 	}
-	w := &DTLSResponseWriter{conn: c, msg: acquireMessage(c.ctx)}
-	defer func() { releaseMessage(w.msg) }()
+	pending := c.cache.isPending(mid)
+	c.cacheMu.Unlock()
+	if pending {
+		// A retransmission of a request whose answer was deferred: the
+		// answer goes out when it is ready, and a later retransmission
+		// gets it from the cache.
+		return
+	}
+	w := writers.Get().(*DTLSResponseWriter)
+	*w = DTLSResponseWriter{conn: c, msg: acquireMessage(c.ctx), req: req}
+	defer func() {
+		if !deferred {
+			releaseWriter(w)
+		}
+	}()
 	if v, err := req.GetOptionUint32(message.NoResponse); err == nil {
 		w.noRe = &v
 	}
@@ -563,7 +676,12 @@ func (c *DTLSConn) handleDatagram(data []byte) {
 		}
 	}
 	w.msg.SetCode(codes.NotFound)
+	w.extra = block1
 	cfg.Handler(w, req)
+	if w.deferred != nil {
+		deferred = true
+		return
+	}
 	c.finish(req, w, block1)
 }
 
@@ -765,5 +883,7 @@ func (c *DTLSConn) send(reqMID uint16, out message.Message) {
 	if _, err := c.nc.Write(raw); err != nil {
 		c.srv.cfg.Errors(fmt.Errorf("%v: write answer: %w", c.RemoteAddr(), err))
 	}
+	c.cacheMu.Lock()
 	c.cache.store(reqMID, raw)
+	c.cacheMu.Unlock()
 }

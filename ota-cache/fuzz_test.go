@@ -12,6 +12,7 @@ import (
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
+	"github.com/plgd-dev/go-coap/v3/message"
 )
 
 // The fuzz seeds in testdata/ are real encoder output: target custom
@@ -216,6 +217,36 @@ func FuzzParseStatusReport(f *testing.F) {
 		}
 		if d := cmp.Diff(st, st2); d != "" {
 			t.Fatalf("round trip (-first +second):\n%s", d)
+		}
+	})
+}
+
+// FuzzFirmwareRefFromOptions: the Uri-Path options read in place
+// (firmwareRefFromOptions, what ServeCoAP does for every block) accept
+// exactly the paths ParseFirmwarePath accepts from the joined options, with
+// the same answer. Segments are separated by NUL in the input, so that a
+// segment may hold a '/'.
+func FuzzFirmwareRefFromOptions(f *testing.F) {
+	for _, s := range seeds(f, "paths.txt") {
+		for _, line := range strings.Split(string(s), "\n") {
+			f.Add(strings.ReplaceAll(strings.TrimPrefix(line, "/"), "/", "\x00"))
+		}
+	}
+	f.Add("fw\x00sha256/x\x00y")
+	f.Fuzz(func(t *testing.T, in string) {
+		var opts message.Options
+		for _, seg := range strings.Split(in, "\x00") {
+			opts = append(opts, message.Option{ID: message.URIPath, Value: []byte(seg)})
+		}
+		got, ok := firmwareRefFromOptions(opts)
+		var want FirmwareRef
+		wantOK := false
+		if p, err := opts.Path(); err == nil {
+			want, err = ParseFirmwarePath(p)
+			wantOK = err == nil
+		}
+		if ok != wantOK || got != want {
+			t.Fatalf("options %q: got %+v %v, ParseFirmwarePath(Path()) %+v %v", in, got, ok, want, wantOK)
 		}
 	})
 }

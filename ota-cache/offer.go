@@ -2,7 +2,6 @@ package otacache
 
 import (
 	"bytes"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -170,11 +169,9 @@ func ParseFirmwarePath(p string) (FirmwareRef, error) {
 	return FirmwareRef{Class: cl}, nil
 }
 
-// etag is the CoAP ETag (8 bytes of the sha256) of an image.
-func (img *image) etag() []byte {
-	b, _ := hex.DecodeString(img.sha[:16])
-	return b
-}
+// etag is the CoAP ETag (8 bytes of the sha256) of an image, decoded
+// once when the image was opened (every block carries it).
+func (img *image) etag() []byte { return img.tag[:] }
 
 // Update states a device reports.
 const (

@@ -1,11 +1,13 @@
 package otacache
 
 import (
+	"bytes"
 	"errors"
 	"io"
 	"net/http"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/plgd-dev/go-coap/v3/message"
 	"github.com/plgd-dev/go-coap/v3/message/codes"
@@ -31,15 +33,17 @@ func (c *Cache) ServeCoAP(w mux.ResponseWriter, r *mux.Message, device string) {
 		refuse(codes.MethodNotAllowed, "firmware is download-only: GET")
 		return
 	}
-	p, err := r.Path()
-	if err != nil {
-		refuse(codes.BadRequest, "no Uri-Path")
-		return
-	}
-	ref, err := ParseFirmwarePath(p)
-	if err != nil {
-		refuse(codes.NotFound, err.Error())
-		return
+	ref, ok := firmwareRefFromOptions(r.Options())
+	if !ok {
+		p, err := r.Path()
+		if err != nil {
+			refuse(codes.BadRequest, "no Uri-Path")
+			return
+		}
+		if ref, err = ParseFirmwarePath(p); err != nil {
+			refuse(codes.NotFound, err.Error())
+			return
+		}
 	}
 	img, err := c.imageForServe(device, ref)
 	if err != nil {
@@ -58,6 +62,41 @@ func (c *Cache) ServeCoAP(w mux.ResponseWriter, r *mux.Message, device string) {
 		// Count transfers, not blocks: a fresh request or block 0.
 		c.count(func(k *Counters) { k.Served++ })
 	}
+}
+
+// firmwareRefFromOptions is ParseFirmwarePath of the request's Uri-Path
+// read straight from its options, without joining them into a string and
+// splitting it again (every firmware block asks): ok only for a path that
+// ParseFirmwarePath(opts.Path()) accepts, with the same answer; anything
+// else (refusals, with their messages) is left to that.
+func firmwareRefFromOptions(opts message.Options) (FirmwareRef, bool) {
+	var segs [3][]byte
+	n, size := 0, 0
+	for _, o := range opts {
+		if o.ID != message.URIPath {
+			continue
+		}
+		if n == len(segs) || bytes.IndexByte(o.Value, '/') >= 0 || !utf8.Valid(o.Value) {
+			return FirmwareRef{}, false
+		}
+		segs[n] = o.Value
+		n++
+		size += 1 + len(o.Value)
+	}
+	if n != 3 || size > 200 || string(segs[0]) != "fw" {
+		return FirmwareRef{}, false
+	}
+	if string(segs[1]) == "sha256" {
+		if !isSHA256Hex(string(segs[2])) {
+			return FirmwareRef{}, false
+		}
+		return FirmwareRef{SHA256: string(segs[2])}, true
+	}
+	cl := Class{Vendor: string(segs[1]), Model: string(segs[2])}
+	if cl.Validate() != nil {
+		return FirmwareRef{}, false
+	}
+	return FirmwareRef{Class: cl}, true
 }
 
 func coapCode(err error) codes.Code {

@@ -99,6 +99,10 @@ func startCoAPSWith(t testing.TB, c *Cache, addr string, psk func(id string) ([]
 	if err != nil {
 		t.Fatal(err)
 	}
+	// As bridges/coap serves them: on the listener's read loop (Inline),
+	// with a status report, which waits for the store, answered from a
+	// goroutine of its own (Defer).
+	var reports sync.WaitGroup
 	h := func(w *DTLSResponseWriter, pm *pool.Message) {
 		m := &mux.Message{Message: pm, RouteParams: new(mux.RouteParams)}
 		dev, ok := pskIdentity(w)
@@ -107,7 +111,13 @@ func startCoAPSWith(t testing.TB, c *Cache, addr string, psk func(id string) ([]
 			return
 		}
 		if p, _ := m.Path(); p == "/fw-status" {
-			c.ServeCoAPStatus(w, m, dev)
+			d := w.Defer()
+			reports.Add(1)
+			go func() {
+				defer reports.Done()
+				c.ServeCoAPStatus(w, m, dev)
+				d.Done()
+			}()
 			return
 		}
 		c.ServeCoAP(w, m, dev)
@@ -117,9 +127,10 @@ func startCoAPSWith(t testing.TB, c *Cache, addr string, psk func(id string) ([]
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		_ = ServeDTLS(ctx, l, DTLSServeConfig{Handler: h, OnNewConn: learnIdentity, HandshakeTimeout: 30 * time.Second})
+		_ = ServeDTLS(ctx, l, DTLSServeConfig{Handler: h, OnNewConn: learnIdentity, HandshakeTimeout: 30 * time.Second,
+			Inline: func(*DTLSConn) bool { return true }})
 	}()
-	t.Cleanup(func() { cancel(); l.Close(); wg.Wait() })
+	t.Cleanup(func() { cancel(); l.Close(); wg.Wait(); reports.Wait() })
 	return l.Addr().String()
 }
 

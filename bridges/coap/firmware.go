@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"strings"
+	"unicode/utf8"
 
 	"github.com/plgd-dev/go-coap/v3/message"
 	"github.com/plgd-dev/go-coap/v3/message/codes"
@@ -57,23 +58,61 @@ func (s *Server) serveFirmware(w *otacache.DTLSResponseWriter, m *pool.Message, 
 	if fw == nil {
 		return false
 	}
-	p, err := m.Options().Path()
-	if err != nil {
+	res := firmwareResource(m.Options())
+	if res == fwNone {
 		return false
 	}
-	p = strings.TrimPrefix(p, "/")
 	mm := &mux.Message{Message: m, RouteParams: new(mux.RouteParams)}
-	switch {
-	case p == fwStatusResource:
+	switch res {
+	case fwStatus:
 		fw.ServeCoAPStatus(w, mm, se.device)
-	case p == fwOfferResource:
+	case fwOffer:
 		s.serveOffer(w, m, se)
-	case p == "fw" || strings.HasPrefix(p, "fw/"):
-		fw.ServeCoAP(w, mm, se.device)
 	default:
-		return false
+		fw.ServeCoAP(w, mm, se.device)
 	}
 	return true
+}
+
+// The firmware resources (firmwareResource).
+const (
+	fwNone   = iota // not a firmware resource
+	fwStatus        // fwStatusResource
+	fwOffer         // fwOfferResource
+	fwImage         // fw or below: an image
+)
+
+// firmwareResource tells which firmware resource the Uri-Path options
+// name, looking at them in place (every request of a device session asks,
+// telemetry too): the joined path "fw-status", "fw/offer", "fw" or below;
+// a path that does not join (a segment with '/', not UTF-8) is none.
+func firmwareResource(opts message.Options) int {
+	var first, second []byte
+	n := 0
+	for _, o := range opts {
+		if o.ID != message.URIPath {
+			continue
+		}
+		if bytes.IndexByte(o.Value, '/') >= 0 || !utf8.Valid(o.Value) {
+			return fwNone
+		}
+		switch n {
+		case 0:
+			first = o.Value
+		case 1:
+			second = o.Value
+		}
+		n++
+	}
+	switch {
+	case n == 1 && string(first) == fwStatusResource:
+		return fwStatus
+	case n == 2 && string(first) == "fw" && string(second) == "offer":
+		return fwOffer
+	case n >= 1 && string(first) == "fw":
+		return fwImage
+	}
+	return fwNone
 }
 
 // serveOffer answers GET /fw/offer: 2.05 with the current offer as JSON,
@@ -123,6 +162,7 @@ func (s *Server) serve(ctx context.Context, ln *limitListener) error {
 			cc.Close()
 		},
 		OnNewConn: s.onNewConn,
+		Inline:    s.inline,
 		Errors:    func(err error) { s.log.Debug("coap: connection error", "err", err) },
 	})
 }

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/plgd-dev/go-coap/v3/message"
 	"github.com/plgd-dev/go-coap/v3/message/codes"
 	"github.com/plgd-dev/go-coap/v3/message/pool"
 	"github.com/plgd-dev/go-coap/v3/udp/coder"
@@ -131,4 +132,36 @@ func TestCapturedRequests(t *testing.T) {
 			t.Errorf("observe: %+v", res)
 		}
 	}
+}
+
+// FuzzFirmwareResource: firmwareResource, which reads the Uri-Path options
+// in place, names the same resource as the joined path did (the string
+// comparisons serveFirmware made before). Segments are separated by NUL in
+// the input, so that one may hold a '/'.
+func FuzzFirmwareResource(f *testing.F) {
+	for _, p := range []string{"fw-status", "fw\x00offer", "fw\x00sha256\x00" + strings.Repeat("ab", 32), "fw\x00acme\x00lamp",
+		"fw", "fw\x00", "\x00fw", "t\x00x", "fw-status\x00x", "fw\x00offer\x00x", "fw/offer", "fw\x00a/b", "\xff", ".well-known\x00core"} {
+		f.Add(p)
+	}
+	f.Fuzz(func(t *testing.T, in string) {
+		var opts message.Options
+		for _, seg := range strings.Split(in, "\x00") {
+			opts = append(opts, message.Option{ID: message.URIPath, Value: []byte(seg)})
+		}
+		want := fwNone
+		if p, err := opts.Path(); err == nil {
+			p = strings.TrimPrefix(p, "/")
+			switch {
+			case p == fwStatusResource:
+				want = fwStatus
+			case p == fwOfferResource:
+				want = fwOffer
+			case p == "fw" || strings.HasPrefix(p, "fw/"):
+				want = fwImage
+			}
+		}
+		if got := firmwareResource(opts); got != want {
+			t.Fatalf("options %q: resource %d, the joined path says %d", in, got, want)
+		}
+	})
 }

@@ -48,7 +48,15 @@ type response struct {
 	maxAge  uint32 // seconds; 0: no Max-Age option
 	size1   uint32 // 0: no Size1 option
 	observe int    // obsNone, obsRegister, obsDeregister
-	topic   string // command topic for GET /c
+	topic   string // command topic for GET /c (telemetry: its topic)
+
+	// durable, when set, is the Sink's answer still to come for telemetry
+	// it has admitted but not yet made durable (a confirmable request):
+	// the device is answered once it comes (telemetryAnswer), and waitCtx
+	// bounds the wait.
+	durable <-chan error
+	waitCtx context.Context
+	device  string
 }
 
 const (
@@ -138,14 +146,27 @@ func (s *Server) telemetry(device, path string, r request) response {
 			return diag(codes.BadRequest, "payload unreadable")
 		}
 	}
-	// A CON request waits, bounded, until the message is durable
-	// (acceptTimeout, shared per second); a NON request does not wait.
+	// A CON request is answered, within a bound (acceptTimeout, shared per
+	// second), once the message is durable; a NON request once it is
+	// admitted. The Sink admits without waiting where it can (an
+	// AsyncSink): the wait for the disk is then serveCoAP's, which answers
+	// later (otacache's Defer) instead of holding up the session.
 	now := time.Now()
 	var qos byte
 	if r.confirmable {
 		qos = 1
 	}
-	err := s.hub.Telemetry(s.deadline.ForQoS(qos, now), hub.CoAP, bridges.Message{Device: device, Topic: topic, Payload: payload, QoS: qos, Received: now})
+	ctx := s.deadline.ForQoS(qos, now)
+	durable, err := s.hub.TelemetryAsync(ctx, hub.CoAP, bridges.Message{Device: device, Topic: topic, Payload: payload, QoS: qos, Received: now})
+	if err == nil && durable != nil {
+		return response{code: codes.Changed, durable: durable, waitCtx: ctx, device: device, topic: topic}
+	}
+	return s.telemetryAnswer(device, topic, err)
+}
+
+// telemetryAnswer is the answer to telemetry the Sink accepted (err nil)
+// or refused.
+func (s *Server) telemetryAnswer(device, topic string, err error) response {
 	switch {
 	case err == nil:
 		return response{code: codes.Changed}
@@ -181,7 +202,8 @@ func (s *Server) command(device, path string, r request) response {
 }
 
 // serveCoAP answers one request (otacache.ServeDTLS calls it on the
-// session's record reader): identity from the session, then route.
+// session's record reader, or for a device session on the listener's read
+// loop: see inline): identity from the session, then route.
 func (s *Server) serveCoAP(w *otacache.DTLSResponseWriter, m *pool.Message) {
 	se := s.sessionOf(w.Session())
 	if se == nil {
@@ -190,6 +212,72 @@ func (s *Server) serveCoAP(w *otacache.DTLSResponseWriter, m *pool.Message) {
 		w.SetResponse(codes.Unauthorized, message.TextPlain, bytes.NewReader([]byte("no device session")))
 		return
 	}
+	if se.inline && mayBlock(m) {
+		// On the read loop nothing may wait: the request is answered
+		// from a goroutine of its own.
+		d := w.Defer()
+		s.bg.Add(1)
+		go func() {
+			defer s.bg.Done()
+			s.serveSession(w, m, se, false)
+			d.Done()
+		}()
+		return
+	}
+	s.serveSession(w, m, se, true)
+}
+
+// mayBlock reports whether answering m may wait (for the store or the
+// disk): an EST request (a certificate is issued and stored) or a
+// firmware status report (stored). Everything else a device session asks
+// is answered from memory, the Sink's admission (which does not wait:
+// inline), or a block of a cached image (a read, as any event-loop server
+// makes). It looks at the Uri-Path options without joining them.
+func mayBlock(m *pool.Message) bool {
+	first := true
+	for _, o := range m.Options() {
+		if o.ID != message.URIPath {
+			continue
+		}
+		if first {
+			if string(o.Value) == fwStatusResource {
+				return true
+			}
+			if string(o.Value) != ".well-known" {
+				return false
+			}
+			first = false
+			continue
+		}
+		return string(o.Value) == "est"
+	}
+	return false
+}
+
+// inline reports whether cc's requests may be answered on the DTLS
+// listener's read loop (otacache's DTLSServeConfig.Inline, which saves a
+// goroutine hand-off per request): for a device session, when the Sink
+// admits telemetry without waiting. Enrollment sessions (PAKE, EST) wait
+// for the store and keep their record reader.
+func (s *Server) inline(cc *otacache.DTLSConn) bool {
+	se := s.sessionOf(cc)
+	if se == nil || se.enroll.kind != KindDevice || !s.hub.AdmitsWithoutWaiting() {
+		return false
+	}
+	se.inline = true
+	return true
+}
+
+// responseSetter is an answer being built: the response writer, or the
+// deferred answer after otacache's Defer.
+type responseSetter interface {
+	SetResponse(code codes.Code, cf message.MediaType, d io.ReadSeeker, opts ...message.Option) error
+}
+
+// serveSession answers m from session se. canDefer: it runs on the
+// session's reader, so a wait for the disk is deferred to a goroutine;
+// otherwise it runs on a goroutine of its own and may wait here.
+func (s *Server) serveSession(w *otacache.DTLSResponseWriter, m *pool.Message, se *session, canDefer bool) {
 	// Firmware is for operational sessions only (enroll.go: session kinds).
 	if se.enroll.kind == KindDevice && s.serveFirmware(w, m, se) {
 		return
@@ -203,6 +291,37 @@ func (s *Server) serveCoAP(w *otacache.DTLSResponseWriter, m *pool.Message) {
 	} else {
 		res = s.routeSession(m.Context(), m, se, r)
 	}
+	if res.durable != nil {
+		if !canDefer {
+			s.answer(w, m, se, s.telemetryAnswer(res.device, res.topic, waitDurable(res)))
+			return
+		}
+		d := w.Defer()
+		s.bg.Add(1)
+		go func() {
+			defer s.bg.Done()
+			s.answer(d, m, se, s.telemetryAnswer(res.device, res.topic, waitDurable(res)))
+			d.Done()
+		}()
+		return
+	}
+	s.answer(w, m, se, res)
+}
+
+// waitDurable waits for the Sink's durability answer, within res.waitCtx
+// (then context.DeadlineExceeded: the device is asked to retry, as when
+// Accept itself timed out).
+func waitDurable(res response) error {
+	select {
+	case err := <-res.durable:
+		return err
+	case <-res.waitCtx.Done():
+		return fmt.Errorf("telemetry from %s on %s: waiting for the disk: %w", res.device, res.topic, res.waitCtx.Err())
+	}
+}
+
+// answer sets res as the answer to m.
+func (s *Server) answer(w responseSetter, m *pool.Message, se *session, res response) {
 	var opts []message.Option
 	if res.maxAge > 0 {
 		opts = append(opts, message.Option{ID: message.MaxAge, Value: encodeUint(res.maxAge)})

@@ -86,7 +86,10 @@ type Server struct {
 	lnC *limitListener
 	lnP *limitListener
 
-	closing  sync.WaitGroup // revocation closes in progress; Run waits
+	closing sync.WaitGroup // revocation closes in progress; Run waits
+	// bg: answers given from a goroutine of their own (serveCoAP: a wait
+	// for the disk, off the listener's read loop); Run waits.
+	bg       sync.WaitGroup
 	mu       sync.Mutex
 	nSession int
 	// revGen counts revocations (under mu). onNewConn registers a session
@@ -127,6 +130,9 @@ type session struct {
 	closed bool
 	seq    uint32
 	enroll enrollInfo // what the session may reach (enroll.go)
+	// inline: requests are answered on the DTLS listener's read loop
+	// (Server.inline); set before the first request, then only read.
+	inline bool
 }
 
 // New binds the listeners (so a port clash is reported before Run).
@@ -246,6 +252,7 @@ func (s *Server) Run(ctx context.Context) error {
 		}
 	}
 	s.closing.Wait()
+	s.bg.Wait()
 	s.deadline.Stop()
 	return first
 }

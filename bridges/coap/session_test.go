@@ -112,6 +112,12 @@ func (nopSink) Accept(context.Context, bridges.Message) error { return nil }
 // devices for its PSK and certificate listeners.
 func startSessions(t *testing.T, id *fakeIdentity) (s *coap.Server, pskDev, certDev *devicesim.Device, pskAddr, certAddr string) {
 	t.Helper()
+	return startSessionsWithSink(t, id, nopSink{})
+}
+
+// startSessionsWithSink is startSessions with telemetry going to sink.
+func startSessionsWithSink(t *testing.T, id *fakeIdentity, sink bridges.Sink) (s *coap.Server, pskDev, certDev *devicesim.Device, pskAddr, certAddr string) {
+	t.Helper()
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	dir := t.TempDir()
 	ca, err := pki.Open(filepath.Join(dir, "pki"), "test", pki.SystemClock{}, log)
@@ -122,7 +128,7 @@ func startSessions(t *testing.T, id *fakeIdentity) (s *coap.Server, pskDev, cert
 	if err != nil {
 		t.Fatal(err)
 	}
-	h, err := hub.New(nopSink{}, prometheus.NewRegistry(), log)
+	h, err := hub.New(sink, prometheus.NewRegistry(), log)
 	if err != nil {
 		t.Fatal(err)
 	}

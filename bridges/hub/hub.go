@@ -118,6 +118,15 @@ func (h *Hub) TelemetryNotify(ctx context.Context, origin string, m bridges.Mess
 	return pending, err
 }
 
+// AdmitsWithoutWaiting reports whether TelemetryAsync returns without
+// waiting for the Sink (the Sink is a bridges.AsyncSink), so that a
+// transport may call it where it must not block (CoAP answers requests on
+// the DTLS listener's read loop only then).
+func (h *Hub) AdmitsWithoutWaiting() bool {
+	_, ok := h.sink.(bridges.AsyncSink)
+	return ok
+}
+
 func (h *Hub) telemetry(origin string, m bridges.Message, accept func(bridges.Message) (<-chan error, error)) (<-chan error, error) {
 	if !strings.HasPrefix(m.Topic, bridges.TopicPrefix(m.Device)) {
 		return nil, fmt.Errorf("telemetry from %s on %q: topic outside the device namespace", m.Device, m.Topic)
@@ -255,3 +264,8 @@ type LocalSink struct{}
 
 // Accept implements bridges.Sink.
 func (LocalSink) Accept(ctx context.Context, _ bridges.Message) error { return ctx.Err() }
+
+// AcceptAsync implements bridges.AsyncSink: nothing to wait for.
+func (LocalSink) AcceptAsync(ctx context.Context, _ bridges.Message) (<-chan error, error) {
+	return nil, ctx.Err()
+}

@@ -113,6 +113,13 @@ type Conn struct {
 	deliverMu   sync.Mutex
 	readEnded   bool
 
+	// procMu is held, on a listener's connection, by whichever goroutine
+	// processes a datagram: the record reader (readAndBuffer) or the
+	// listener's read loop (readInline); readCtx is the record reader's
+	// context, set under procMu. Bastion patch, see SetInlineReadHandler.
+	procMu  sync.Mutex
+	readCtx context.Context //nolint:containedctx
+
 	// traces: log may write Tracef lines (Bastion patch, see logTraces).
 	traces bool
 }
@@ -1115,6 +1122,12 @@ func (c *Conn) readAndBuffer(ctx context.Context) error { //nolint:cyclop
 		if !errors.Is(err, io.ErrShortBuffer) {
 			return netError(err)
 		}
+		// Bastion patch: the datagram is processed under procMu, taken
+		// before it leaves the queue, so that the listener's inline reader
+		// (readInline) can neither overtake it nor run beside it.
+		c.procMu.Lock()
+		defer c.procMu.Unlock()
+		c.readCtx = ctx
 	}
 	bufptr, ok := poolReadBuffer.Get().(*[]byte)
 	if !ok {
@@ -1128,8 +1141,15 @@ func (c *Conn) readAndBuffer(ctx context.Context) error { //nolint:cyclop
 		return netError(err)
 	}
 
+	return c.processDatagram(ctx, b[:i], rAddr)
+}
+
+// processDatagram handles the records of one datagram read from rAddr
+// (Bastion patch: readAndBuffer's work after the read, shared with
+// readInline).
+func (c *Conn) processDatagram(ctx context.Context, b []byte, rAddr net.Addr) error { //nolint:cyclop
 	var pktsArray [4][]byte // most datagrams hold one record
-	pkts, err := recordlayer.AppendContentAwareUnpackDatagram(pktsArray[:0], b[:i], len(c.state.getLocalConnectionID()))
+	pkts, err := recordlayer.AppendContentAwareUnpackDatagram(pktsArray[:0], b, len(c.state.getLocalConnectionID()))
 	if err != nil {
 		return err
 	}
@@ -1674,6 +1694,100 @@ func (c *Conn) SetReadHandler(h func(p []byte, err error)) error {
 	}
 
 	return nil
+}
+
+// SetInlineReadHandler is SetReadHandler, and on a listener's connection
+// lets the listener's read loop run h itself (Bastion patch,
+// third_party/README.md): a datagram of application data that finds
+// nothing queued before it and the record reader idle is decrypted and
+// handed to h on the read loop, with no hand-off to the record reader's
+// goroutine (a scheduler wake-up per datagram). Everything else still goes
+// through the record reader, in order: records are processed one datagram
+// at a time, in the order read, by exactly the same code.
+//
+// The cost is h's: while h runs on the read loop, no session of the
+// listener gets any datagram. Use it only if h never blocks (no waiting
+// for a disk, a lock held across I/O, another peer). A connection that is
+// not a listener's is as with SetReadHandler.
+func (c *Conn) SetInlineReadHandler(h func(p []byte, err error)) error {
+	if err := c.SetReadHandler(h); err != nil {
+		return err
+	}
+	if lc, ok := c.nextConn.Conn().(*udp.PacketConn); ok && c.waitForDatagram {
+		lc.SetInlineReader(c.readInline)
+	}
+
+	return nil
+}
+
+// readInline is the listener's inline reader (udp.PacketConn
+// SetInlineReader): it processes b as the record reader would have, and
+// reports false, leaving b untouched to be queued for the record reader,
+// when the record reader is busy, the session is not established with its
+// handshake goroutine ended, or b holds anything but application data
+// (with or without a connection ID).
+func (c *Conn) readInline(b []byte, rAddr net.Addr) bool {
+	if !c.procMu.TryLock() {
+		return false
+	}
+	defer c.procMu.Unlock()
+	ctx := c.readCtx
+	if ctx == nil || ctx.Err() != nil || c.isConnectionClosed() || !c.isHandshakeCompletedSuccessfully() ||
+		c.fsm == nil || !c.fsm.parked.Load() || !onlyApplicationData(b, len(c.state.getLocalConnectionID())) {
+		return false
+	}
+	if err := c.processDatagram(ctx, b, rAddr); err != nil {
+		c.inlineReadError(ctx, err)
+	}
+
+	return true
+}
+
+// onlyApplicationData reports whether every record of datagram b is
+// application data, or a connection ID record (whose inner type is known
+// only once decrypted: processDatagram handles any). A malformed datagram
+// is left to the record reader too.
+func onlyApplicationData(b []byte, cidLen int) bool {
+	var pktsArray [4][]byte
+	pkts, err := recordlayer.AppendContentAwareUnpackDatagram(pktsArray[:0], b, cidLen)
+	if err != nil || len(pkts) == 0 {
+		return false
+	}
+	for _, p := range pkts {
+		if t := protocol.ContentType(p[0]); t != protocol.ContentTypeApplicationData && t != protocol.ContentTypeConnectionID {
+			return false
+		}
+	}
+
+	return true
+}
+
+// inlineReadError does with an error of processDatagram on the read loop
+// what the record reader's loop (handshake) does with it on an
+// established connection: the read handler gets a non-fatal one, a
+// malformed datagram is dropped, and anything that ends the record reader
+// closes the connection instead, whose record reader then ends (io.EOF)
+// and gives the read handler its last call.
+func (c *Conn) inlineReadError(ctx context.Context, err error) {
+	var alertErr *alertError
+	if errors.As(err, &alertErr) {
+		if !alertErr.IsFatalOrCloseNotify() {
+			c.passReadError(ctx, err)
+
+			return
+		}
+		_ = c.close(false) //nolint:contextcheck
+
+		return
+	}
+	switch {
+	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled),
+		errors.Is(err, io.EOF), errors.Is(err, net.ErrClosed):
+		_ = c.close(false) //nolint:contextcheck
+	case errors.Is(err, recordlayer.ErrInvalidPacketLength):
+	default:
+		c.passReadError(ctx, err)
+	}
 }
 
 // drainToHandler hands what the record reader has just queued for Read to

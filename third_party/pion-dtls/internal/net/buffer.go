@@ -140,6 +140,16 @@ func (b *PacketBuffer) WriteTo(pkt []byte, addr net.Addr) (int, error) {
 	return n, nil
 }
 
+// Empty reports whether no packet is queued (Bastion patch: the listener
+// hands a datagram to its connection's inline reader only when nothing is
+// queued before it).
+func (b *PacketBuffer) Empty() bool {
+	b.mutex.Lock()
+	defer b.mutex.Unlock()
+
+	return b.read == b.write && !b.full
+}
+
 // wakeLocked gives a waiting reader a token, if it has none yet; the mutex
 // is held and the buffer is open.
 func (b *PacketBuffer) wakeLocked() {

@@ -44,6 +44,8 @@ var (
 // listener augments a connection-oriented Listener over a UDP PacketConn.
 type listener struct {
 	pConn *net.UDPConn
+	// io reads and writes pConn (Bastion patch, udpio.go).
+	io udpIO
 
 	accepting      atomic.Value // bool
 	acceptCh       chan *PacketConn
@@ -66,6 +68,10 @@ type listener struct {
 
 	readDoneCh chan struct{}
 	errRead    atomic.Value // error
+
+	// inlineConn is the connection whose inline reader the read loop is
+	// running, if any (Bastion patch, see PacketConn.SetInlineReader).
+	inlineConn atomic.Pointer[PacketConn]
 }
 
 // Accept waits for and returns the next connection to the listener.
@@ -183,6 +189,7 @@ func (lc *ListenConfig) Listen(network string, laddr *net.UDPAddr) (dtlsnet.Pack
 
 	packetListener := &listener{
 		pConn:          conn,
+		io:             newUDPIO(conn),
 		acceptCh:       make(chan *PacketConn, lc.Backlog),
 		conns:          make(map[string]*PacketConn),
 		byAddr:         make(map[netip.AddrPort]*PacketConn),
@@ -220,30 +227,49 @@ func (l *listener) readLoop() {
 	defer l.readWG.Done()
 	defer close(l.readDoneCh)
 
-	buf := make([]byte, receiveMTU)
-
+	// Bastion patch (third_party/README.md): datagrams are read in
+	// batches where the system allows (udpio.go), the address as a value,
+	// and a known connection's own *net.UDPAddr is handed on.
+	var batch [readBatch]datagram
 	for {
-		// Bastion patch (third_party/README.md): the address is read as a
-		// value, and a known connection's own *net.UDPAddr is handed on.
-		n, ap, err := l.pConn.ReadFromUDPAddrPort(buf)
+		n, err := l.io.readBatch(&batch)
 		if err != nil {
 			l.errRead.Store(err)
 
 			return
 		}
-		if conn, raddr := l.route(ap, buf[:n]); conn != nil {
-			_, _ = conn.buffer.WriteTo(buf[:n], raddr)
+		for i := range n {
+			l.dispatch(batch[i].b, batch[i].addr)
+		}
+	}
+}
 
-			continue
+// dispatch hands one datagram read from ap to its connection, making the
+// connection if getConn accepts it.
+func (l *listener) dispatch(buf []byte, ap netip.AddrPort) {
+	if conn, raddr := l.route(ap, buf); conn != nil {
+		// Bastion patch: a connection with an inline reader takes the
+		// datagram here when nothing is queued before it (in order) and
+		// it can (see SetInlineReader); anything else is queued.
+		if f := conn.inline.Load(); f != nil && conn.buffer.Empty() {
+			l.inlineConn.Store(conn)
+			done := (*f)(buf, raddr)
+			l.inlineConn.Store(nil)
+			if done {
+				return
+			}
 		}
-		raddr := net.UDPAddrFromAddrPort(ap)
-		conn, ok, err := l.getConn(raddr, buf[:n])
-		if err != nil {
-			continue
-		}
-		if ok {
-			_, _ = conn.buffer.WriteTo(buf[:n], raddr)
-		}
+		_, _ = conn.buffer.WriteTo(buf, raddr)
+
+		return
+	}
+	raddr := net.UDPAddrFromAddrPort(ap)
+	conn, ok, err := l.getConn(raddr, buf)
+	if err != nil {
+		return
+	}
+	if ok {
+		_, _ = conn.buffer.WriteTo(buf, raddr)
 	}
 }
 
@@ -331,6 +357,22 @@ type PacketConn struct {
 	doneOnce sync.Once
 
 	writeDeadline *deadline.Deadline
+
+	// inline, when set, is offered each datagram for this connection on
+	// the listener's read loop (Bastion patch, see SetInlineReader).
+	inline atomic.Pointer[func([]byte, net.Addr) bool]
+}
+
+// SetInlineReader makes the listener's read loop offer each datagram for
+// this connection to f, on the read loop itself, when no datagram is
+// queued for ReadFrom before it (Bastion patch, third_party/README.md). f
+// returns false to leave the datagram to ReadFrom (it is queued, as
+// without f); true when it has taken it. b is the listener's read buffer,
+// valid only until f returns, and f may change it. While f runs the
+// listener reads no datagram for any connection, so f must not block; it
+// may write and close this connection.
+func (c *PacketConn) SetInlineReader(f func(b []byte, raddr net.Addr) bool) {
+	c.inline.Store(&f)
 }
 
 // newPacketConn constructs a new PacketConn.
@@ -414,7 +456,17 @@ func (c *PacketConn) WriteTo(payload []byte, addr net.Addr) (n int, err error) {
 	default:
 	}
 
-	return c.listener.pConn.WriteTo(payload, addr)
+	// Bastion patch: written through the listener's udpIO; the
+	// connection's own address is already an AddrPort.
+	ap := c.raddrAP
+	if addr != c.raddr {
+		ap = netip.AddrPort{}
+		if u, ok := addr.(*net.UDPAddr); ok {
+			ap = udpAddrPort(u)
+		}
+	}
+
+	return c.listener.io.writeTo(payload, addr, ap)
 }
 
 // Close closes the conn and releases any Read calls.
@@ -439,7 +491,11 @@ func (c *PacketConn) Close() error {
 		nConns := len(c.listener.conns)
 		c.listener.connLock.Unlock()
 
-		if isAccepting, ok := c.listener.accepting.Load().(bool); nConns == 0 && !isAccepting && ok {
+		// Bastion patch: a Close from this connection's inline reader runs
+		// on the read loop, which cannot end under it: no wait there (the
+		// socket's close error is not reported to that Close).
+		onReadLoop := c.listener.inlineConn.Load() == c
+		if isAccepting, ok := c.listener.accepting.Load().(bool); nConns == 0 && !isAccepting && ok && !onReadLoop {
 			// Wait if this is the final connection
 			c.listener.readWG.Wait()
 			if errClose, ok := c.listener.errClose.Load().(error); ok {

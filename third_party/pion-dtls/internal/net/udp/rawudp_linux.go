@@ -1,0 +1,255 @@
+// SPDX-FileCopyrightText: 2026 The Pion community <https://pion.ly>
+// SPDX-License-Identifier: MIT
+
+//go:build linux && !386
+
+package udp
+
+import (
+	"net"
+	"net/netip"
+	"os"
+	"strconv"
+	"sync"
+	"syscall"
+	"unsafe"
+)
+
+// rawUDP is the listener's socket I/O on Linux (Bastion patch,
+// third_party/README.md): the read loop takes up to readBatch datagrams
+// per recvmmsg(2), and datagrams are sent with sendto(2), both entered
+// with syscall.RawSyscall instead of the runtime's syscall entry.
+//
+// Why: the socket is non-blocking (the runtime's poller waits for it, as
+// net.UDPConn does: RawConn.Read and Write park the goroutine on EAGAIN),
+// so these calls return at once and the runtime's entry only costs: it
+// marks the P as in a syscall and, when the other Ps were idle, wakes the
+// runtime's sysmon thread. One recvmmsg instead of one recvfrom per
+// datagram saves a system call per datagram that was already queued, and
+// the EAGAIN read before the read loop parks is made once per batch.
+//
+// What does not change: the datagrams, their order, the addresses (the
+// netip.AddrPort ReadFromUDPAddrPort gives for the same datagram,
+// TestBastionRawUDPAddrPort), errors as *net.OpError around the same
+// errno or poller error (net.ErrClosed after Close).
+type rawUDP struct {
+	conn   *net.UDPConn
+	rc     syscall.RawConn
+	family int
+
+	// Read state: only the read loop reads.
+	bufs   [readBatch][receiveMTU]byte
+	msgs   [readBatch]mmsghdr
+	iovs   [readBatch]syscall.Iovec
+	names  [readBatch]syscall.RawSockaddrInet6
+	rn     int
+	rerrno syscall.Errno
+	readFn func(fd uintptr) bool
+	zones  map[uint32]string
+
+	// Write state: the callbacks RawConn runs are made once, with their
+	// arguments here, so a write allocates nothing; wmu serialises writers
+	// as net.UDPConn's write lock does.
+	wmu     sync.Mutex
+	wbuf    []byte
+	wsa     syscall.RawSockaddrInet6
+	wsalen  uintptr
+	wn      int
+	werrno  syscall.Errno
+	writeFn func(fd uintptr) bool
+}
+
+// mmsghdr is struct mmsghdr: Go pads it to Msghdr's alignment as C does.
+type mmsghdr struct {
+	hdr syscall.Msghdr
+	len uint32
+}
+
+const msgWaitForOne = 0x10000 // MSG_WAITFORONE
+
+func newUDPIO(conn *net.UDPConn) udpIO {
+	rc, err := conn.SyscallConn()
+	if err != nil {
+		return &portableUDP{conn: conn}
+	}
+	family := 0
+	if cerr := rc.Control(func(fd uintptr) {
+		sa, err := syscall.Getsockname(int(fd))
+		if err != nil {
+			return
+		}
+		switch sa.(type) {
+		case *syscall.SockaddrInet4:
+			family = syscall.AF_INET
+		case *syscall.SockaddrInet6:
+			family = syscall.AF_INET6
+		}
+	}); cerr != nil || family == 0 {
+		return &portableUDP{conn: conn}
+	}
+	r := &rawUDP{conn: conn, rc: rc, family: family}
+	for i := range r.msgs {
+		r.iovs[i].Base = &r.bufs[i][0]
+		r.iovs[i].SetLen(receiveMTU)
+		h := &r.msgs[i].hdr
+		h.Name = (*byte)(unsafe.Pointer(&r.names[i]))
+		h.Iov = &r.iovs[i]
+		h.Iovlen = 1
+	}
+	r.readFn, r.writeFn = r.read, r.write
+
+	return r
+}
+
+// read is RawConn.Read's callback: false asks the poller to wait until the
+// socket is readable and call it again.
+func (r *rawUDP) read(fd uintptr) bool {
+	for i := range r.msgs {
+		r.msgs[i].hdr.Namelen = syscall.SizeofSockaddrInet6
+		r.msgs[i].hdr.Flags = 0
+		r.msgs[i].len = 0
+	}
+	for {
+		n, _, e := syscall.RawSyscall6(syscall.SYS_RECVMMSG, fd,
+			uintptr(unsafe.Pointer(&r.msgs[0])), readBatch, msgWaitForOne, 0, 0)
+		if e == syscall.EINTR {
+			continue
+		}
+		r.rn, r.rerrno = int(n), e
+
+		return e != syscall.EAGAIN
+	}
+}
+
+func (r *rawUDP) readBatch(dst *[readBatch]datagram) (int, error) {
+	r.rn, r.rerrno = 0, 0
+	if err := r.rc.Read(r.readFn); err != nil {
+		return 0, r.opError("read", nil, unwrapOpError(err))
+	}
+	if r.rerrno != 0 {
+		return 0, r.opError("read", nil, os.NewSyscallError("recvmmsg", r.rerrno))
+	}
+	for i := range r.rn {
+		n := int(r.msgs[i].len)
+		if n > receiveMTU {
+			n = receiveMTU
+		}
+		dst[i] = datagram{b: r.bufs[i][:n], addr: r.addrPort(&r.names[i])}
+	}
+
+	return r.rn, nil
+}
+
+// addrPort is what ReadFromUDPAddrPort makes of the sender's address: an
+// IPv4 address from an IPv4 socket, a 16-byte one (IPv4-mapped too) from
+// an IPv6 socket, with the zone named as net names it.
+func (r *rawUDP) addrPort(sa *syscall.RawSockaddrInet6) netip.AddrPort {
+	switch sa.Family {
+	case syscall.AF_INET:
+		sa4 := (*syscall.RawSockaddrInet4)(unsafe.Pointer(sa))
+		p := (*[2]byte)(unsafe.Pointer(&sa4.Port))
+
+		return netip.AddrPortFrom(netip.AddrFrom4(sa4.Addr), uint16(p[0])<<8|uint16(p[1]))
+	case syscall.AF_INET6:
+		p := (*[2]byte)(unsafe.Pointer(&sa.Port))
+		a := netip.AddrFrom16(sa.Addr)
+		if sa.Scope_id != 0 {
+			a = a.WithZone(r.zone(sa.Scope_id))
+		}
+
+		return netip.AddrPortFrom(a, uint16(p[0])<<8|uint16(p[1]))
+	}
+
+	return netip.AddrPort{}
+}
+
+// zone names interface index i as net's zone cache does: its name, or
+// the number when no interface has it. Names are kept (link-local peers
+// come back); an unknown index is looked up again next time.
+func (r *rawUDP) zone(i uint32) string {
+	if z, ok := r.zones[i]; ok {
+		return z
+	}
+	ifi, err := net.InterfaceByIndex(int(i))
+	if err != nil {
+		return strconv.FormatUint(uint64(i), 10)
+	}
+	if r.zones == nil {
+		r.zones = map[uint32]string{}
+	}
+	r.zones[i] = ifi.Name
+
+	return ifi.Name
+}
+
+func (r *rawUDP) write(fd uintptr) bool {
+	for {
+		n, _, e := syscall.RawSyscall6(syscall.SYS_SENDTO, fd,
+			uintptr(unsafe.Pointer(unsafe.SliceData(r.wbuf))), uintptr(len(r.wbuf)), 0,
+			uintptr(unsafe.Pointer(&r.wsa)), r.wsalen)
+		if e == syscall.EINTR {
+			continue
+		}
+		r.wn, r.werrno = int(n), e
+
+		return e != syscall.EAGAIN
+	}
+}
+
+// writeTo sends b to ap (addr is ap as a net.Addr, for errors and for the
+// portable path).
+func (r *rawUDP) writeTo(b []byte, addr net.Addr, ap netip.AddrPort) (int, error) {
+	if !ap.IsValid() || ap.Addr().Zone() != "" {
+		// An address that is not a UDP one, or one with a zone, which
+		// needs an index: net knows how to write to it.
+		return r.conn.WriteTo(b, addr)
+	}
+	r.wmu.Lock()
+	defer r.wmu.Unlock()
+	r.wsa = syscall.RawSockaddrInet6{}
+	ip := ap.Addr()
+	switch {
+	case r.family == syscall.AF_INET:
+		if !ip.Unmap().Is4() {
+			return r.conn.WriteTo(b, addr) // net's error for it
+		}
+		sa4 := (*syscall.RawSockaddrInet4)(unsafe.Pointer(&r.wsa))
+		sa4.Family = syscall.AF_INET
+		sa4.Addr = ip.Unmap().As4()
+		p := (*[2]byte)(unsafe.Pointer(&sa4.Port))
+		p[0], p[1] = byte(ap.Port()>>8), byte(ap.Port())
+		r.wsalen = syscall.SizeofSockaddrInet4
+	default:
+		r.wsa.Family = syscall.AF_INET6
+		r.wsa.Addr = ip.As16()
+		p := (*[2]byte)(unsafe.Pointer(&r.wsa.Port))
+		p[0], p[1] = byte(ap.Port()>>8), byte(ap.Port())
+		r.wsalen = syscall.SizeofSockaddrInet6
+	}
+	r.wbuf, r.wn, r.werrno = b, 0, 0
+	err := r.rc.Write(r.writeFn)
+	r.wbuf = nil
+	switch {
+	case err != nil:
+		return 0, r.opError("write", addr, unwrapOpError(err))
+	case r.werrno != 0:
+		return 0, r.opError("write", addr, os.NewSyscallError("sendto", r.werrno))
+	}
+
+	return r.wn, nil
+}
+
+func (r *rawUDP) opError(op string, addr net.Addr, err error) error {
+	return &net.OpError{Op: op, Net: "udp", Source: r.conn.LocalAddr(), Addr: addr, Err: err}
+}
+
+// unwrapOpError takes RawConn's "raw-read"/"raw-write" *net.OpError apart,
+// so that the error says "read" or "write" around the same cause as
+// net.UDPConn's would.
+func unwrapOpError(err error) error {
+	if oe, ok := err.(*net.OpError); ok { //nolint:errorlint // RawConn's own type
+		return oe.Err
+	}
+
+	return err
+}

@@ -1,0 +1,51 @@
+// SPDX-FileCopyrightText: 2026 The Pion community <https://pion.ly>
+// SPDX-License-Identifier: MIT
+
+package udp
+
+import (
+	"net"
+	"net/netip"
+)
+
+// readBatch is how many datagrams the read loop takes from the socket at
+// once, where the system lets it (Bastion patch, rawudp_linux.go).
+const readBatch = 8
+
+// datagram is one datagram read: b is valid until the next readBatch.
+type datagram struct {
+	b    []byte
+	addr netip.AddrPort
+}
+
+// udpIO is how the listener reads and writes its socket (Bastion patch,
+// third_party/README.md): on Linux without the runtime's syscall entry and
+// in batches (rawudp_linux.go), elsewhere through net.UDPConn.
+type udpIO interface {
+	// readBatch reads one or more datagrams into dst and returns how
+	// many; it waits for the first.
+	readBatch(dst *[readBatch]datagram) (int, error)
+	// writeTo sends b to addr, which is ap (invalid when addr is not a UDP
+	// address).
+	writeTo(b []byte, addr net.Addr, ap netip.AddrPort) (int, error)
+}
+
+// portableUDP is net.UDPConn's I/O, one datagram per read.
+type portableUDP struct {
+	conn *net.UDPConn
+	buf  [receiveMTU]byte
+}
+
+func (p *portableUDP) readBatch(dst *[readBatch]datagram) (int, error) {
+	n, ap, err := p.conn.ReadFromUDPAddrPort(p.buf[:])
+	if err != nil {
+		return 0, err
+	}
+	dst[0] = datagram{b: p.buf[:n], addr: ap}
+
+	return 1, nil
+}
+
+func (p *portableUDP) writeTo(b []byte, addr net.Addr, _ netip.AddrPort) (int, error) {
+	return p.conn.WriteTo(b, addr)
+}
