@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/pion/dtls/v3/internal/closer"
+	dnet "github.com/pion/dtls/v3/internal/net"
 	"github.com/pion/dtls/v3/internal/net/udp"
 	"github.com/pion/dtls/v3/pkg/crypto/elliptic"
 	"github.com/pion/dtls/v3/pkg/crypto/signaturehash"
@@ -69,11 +70,20 @@ type Conn struct {
 	// with an empty buffer waits for a datagram without taking it
 	// (io.ErrShortBuffer). Bastion patch, see readAndBuffer.
 	waitForDatagram bool
-	fragmentBuffer  *fragmentBuffer // out-of-order and missing fragment handling
-	handshakeCache  *handshakeCache // caching of handshake messages for verifyData generation
-	decrypted       chan any        // Decrypted Application Data or error, pull by calling `Read`
-	rAddr           net.Addr
-	state           State // Internal state
+	// readsHandshake: handshakeInline's state machine reads on its own
+	// goroutine; readAndBuffer leaves a flight's arrival in
+	// handshakeRecvd instead of handing it over. handshakeReadFailed: a
+	// read error ended that handshake. Bastion patch; only that goroutine
+	// uses them, before it starts the record reader.
+	readsHandshake      bool
+	handshakeRecvd      recvHandshakeState
+	handshakeArrived    bool
+	handshakeReadFailed bool
+	fragmentBuffer      *fragmentBuffer // out-of-order and missing fragment handling
+	handshakeCache      *handshakeCache // caching of handshake messages for verifyData generation
+	decrypted           chan any        // Decrypted Application Data or error, pull by calling `Read`
+	rAddr               net.Addr
+	state               State // Internal state
 
 	maximumTransmissionUnit int
 	paddingLengthGenerator  func(uint) uint
@@ -1163,6 +1173,16 @@ func (c *Conn) readAndBuffer(ctx context.Context) error { //nolint:cyclop
 			isRetransmit = true
 		}
 	}
+	if hasHandshake && c.readsHandshake {
+		// Bastion patch: the state machine reads itself (handshakeInline).
+		c.handshakeRecvd = recvHandshakeState{
+			isRetransmit:            isRetransmit,
+			isClientHelloRetransmit: isClientHelloRetransmit,
+		}
+		c.handshakeArrived = true
+
+		return nil
+	}
 	if hasHandshake {
 		s := recvHandshakeState{
 			done:                    make(chan struct{}),
@@ -1795,6 +1815,9 @@ func (c *Conn) handshake(
 	initialFlight flightVal,
 	initialState handshakeState,
 ) error {
+	if lc, ok := c.nextConn.Conn().(*udp.PacketConn); ok && !c.state.isClient {
+		return c.handshakeInline(ctx, lc, cfg, initialFlight, initialState)
+	}
 	cfg.parkWhenFinished = true
 	c.fsm = newHandshakeFSM(&c.state, c.handshakeCache, cfg, initialFlight)
 
@@ -1835,67 +1858,8 @@ func (c *Conn) handshake(
 		}
 	}()
 	go func() {
-		defer func() {
-			if c.isHandshakeCompletedSuccessfully() {
-				// Escaping read loop.
-				// It's safe to close decrypted channnel now.
-				close(c.decrypted)
-			}
-			c.endRead()
-
-			// Force stop handshaker when the underlying connection is closed.
-			cancel()
-		}()
 		defer handshakeLoopsFinished.Done()
-		for {
-			if err := c.readAndBuffer(ctxRead); err != nil { //nolint:nestif
-				var alertErr *alertError
-				if errors.As(err, &alertErr) {
-					if !alertErr.IsFatalOrCloseNotify() {
-						if c.isHandshakeCompletedSuccessfully() {
-							c.passReadError(ctxRead, err)
-						}
-
-						continue // non-fatal alert must not stop read loop
-					}
-				} else {
-					switch {
-					case errors.Is(err, context.DeadlineExceeded),
-						errors.Is(err, context.Canceled),
-						errors.Is(err, io.EOF),
-						errors.Is(err, net.ErrClosed):
-					case errors.Is(err, recordlayer.ErrInvalidPacketLength):
-						// Decode error must be silently discarded
-						// [RFC6347 Section-4.1.2.7]
-						continue
-					default:
-						if c.isHandshakeCompletedSuccessfully() {
-							// Keep read loop and pass the read error to Read()
-							c.passReadError(ctxRead, err)
-
-							continue // non-fatal alert must not stop read loop
-						}
-					}
-				}
-
-				select {
-				case firstErr <- err:
-				default:
-				}
-
-				if alertErr != nil {
-					if alertErr.IsFatalOrCloseNotify() {
-						_ = c.close(false) //nolint:contextcheck
-					}
-				}
-				if !c.isConnectionClosed() && errors.Is(err, context.Canceled) {
-					c.log.Trace("handshake timeouts - closing underline connection")
-					_ = c.close(false) //nolint:contextcheck
-				}
-
-				return
-			}
-		}
+		c.readRecords(ctxRead, cancel, firstErr)
 	}()
 
 	select {
@@ -1913,6 +1877,178 @@ func (c *Conn) handshake(
 		return c.translateHandshakeCtxError(ctx.Err())
 	case <-done:
 		return nil
+	}
+}
+
+// readRecords is the record reader: it reads until the connection ends,
+// then cancels the handshake (cancel). A terminal error goes to firstErr
+// if there is room.
+func (c *Conn) readRecords(ctxRead context.Context, cancel context.CancelFunc, firstErr chan error) { //nolint:cyclop
+	defer func() {
+		if c.isHandshakeCompletedSuccessfully() {
+			// Escaping read loop.
+			// It's safe to close decrypted channnel now.
+			close(c.decrypted)
+		}
+		c.endRead()
+
+		// Force stop handshaker when the underlying connection is closed.
+		cancel()
+	}()
+	for {
+		if err := c.readAndBuffer(ctxRead); err != nil { //nolint:nestif
+			var alertErr *alertError
+			if errors.As(err, &alertErr) {
+				if !alertErr.IsFatalOrCloseNotify() {
+					if c.isHandshakeCompletedSuccessfully() {
+						c.passReadError(ctxRead, err)
+					}
+
+					continue // non-fatal alert must not stop read loop
+				}
+			} else {
+				switch {
+				case errors.Is(err, context.DeadlineExceeded),
+					errors.Is(err, context.Canceled),
+					errors.Is(err, io.EOF),
+					errors.Is(err, net.ErrClosed):
+				case errors.Is(err, recordlayer.ErrInvalidPacketLength):
+					// Decode error must be silently discarded
+					// [RFC6347 Section-4.1.2.7]
+					continue
+				default:
+					if c.isHandshakeCompletedSuccessfully() {
+						// Keep read loop and pass the read error to Read()
+						c.passReadError(ctxRead, err)
+
+						continue // non-fatal alert must not stop read loop
+					}
+				}
+			}
+
+			select {
+			case firstErr <- err:
+			default:
+			}
+
+			if alertErr != nil {
+				if alertErr.IsFatalOrCloseNotify() {
+					_ = c.close(false) //nolint:contextcheck
+				}
+			}
+			if !c.isConnectionClosed() && errors.Is(err, context.Canceled) {
+				c.log.Trace("handshake timeouts - closing underline connection")
+				_ = c.close(false) //nolint:contextcheck
+			}
+
+			return
+		}
+	}
+}
+
+// handshakeInline is handshake for a server connection of this package's
+// listener, on the calling goroutine alone (Bastion patch,
+// third_party/README.md): the state machine reads the client's flights
+// itself (readHandshake) instead of receiving them from the record
+// reader, and the record reader starts once the handshake has finished.
+// Pion ran both from the start, with two hand-offs between them per
+// datagram and one to the caller at the end. What ends a handshake, and
+// what it returns, is what the two goroutines did.
+func (c *Conn) handshakeInline(
+	ctx context.Context,
+	lc *udp.PacketConn,
+	cfg *handshakeConfig,
+	initialFlight flightVal,
+	initialState handshakeState,
+) error {
+	cfg.parkWhenFinished = true
+	c.fsm = newHandshakeFSM(&c.state, c.handshakeCache, cfg, initialFlight)
+	c.fsm.reader = c
+
+	// Close cancels the handshake and its reads: the same context.
+	ctxHs, cancel := context.WithCancel(ctx)
+	defer cancel()
+	c.closeLock.Lock()
+	c.cancelHandshaker = cancel
+	c.cancelHandshakeReader = cancel
+	c.closeLock.Unlock()
+
+	c.readsHandshake = true
+	err := c.fsm.Run(ctxHs, c, initialState)
+	c.readsHandshake = false
+	_ = lc.SetReadDeadline(time.Time{})
+
+	if errors.Is(err, errHandshakeParked) {
+		c.setHandshakeCompletedSuccessfully()
+		ctxRead, cancelRead := context.WithCancel(context.Background())
+		c.closeLock.Lock()
+		c.cancelHandshakeReader = cancelRead
+		closed := c.isConnectionClosed()
+		c.closeLock.Unlock()
+		if closed {
+			cancelRead()
+		}
+		go c.readRecords(ctxRead, func() {}, nil)
+
+		return nil
+	}
+	if ctx.Err() != nil {
+		err = ctx.Err()
+	}
+	// The record reader's end: it was cancelled (and then closed the
+	// connection) unless a read error of its own ended the handshake.
+	c.endRead()
+	if !c.handshakeReadFailed && !c.isConnectionClosed() {
+		c.log.Trace("handshake timeouts - closing underline connection")
+		_ = c.close(false) //nolint:contextcheck
+	}
+
+	return c.translateHandshakeCtxError(err)
+}
+
+// readHandshake implements handshakeReader for handshakeInline: it reads
+// and processes datagrams as the record reader does, until one brings
+// handshake messages. The retransmit deadline is the listener
+// connection's read deadline. Errors are handled as the record reader
+// handled them during a handshake: skipped, or the end of the handshake
+// (a fatal alert or close_notify also closes the connection).
+func (c *Conn) readHandshake(ctx context.Context, deadline time.Time) (recvHandshakeState, error) {
+	if lc, ok := c.nextConn.Conn().(*udp.PacketConn); ok {
+		_ = lc.SetReadDeadline(deadline)
+	}
+	for {
+		c.handshakeArrived = false
+		err := c.readAndBuffer(ctx)
+		if err == nil {
+			if c.handshakeArrived {
+				c.handshakeArrived = false
+
+				return c.handshakeRecvd, nil
+			}
+
+			continue
+		}
+		if errors.Is(err, dnet.ErrTimeout) {
+			return recvHandshakeState{}, errRetransmitDue
+		}
+		if ctx.Err() != nil {
+			return recvHandshakeState{}, ctx.Err()
+		}
+		var alertErr *alertError
+		switch {
+		case errors.As(err, &alertErr):
+			if !alertErr.IsFatalOrCloseNotify() {
+				continue // non-fatal alert must not stop read loop
+			}
+			_ = c.close(false) //nolint:contextcheck
+		case errors.Is(err, recordlayer.ErrInvalidPacketLength):
+			// Decode error must be silently discarded
+			// [RFC6347 Section-4.1.2.7]
+			continue
+		}
+		c.handshakeReadFailed = true
+
+		return recvHandshakeState{}, err
 	}
 }
 
