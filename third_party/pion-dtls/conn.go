@@ -7,6 +7,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/fips140"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -753,7 +754,7 @@ func (c *Conn) prepareRawPackets(pkts []*packet) ([][]byte, net.Addr, error) {
 	c.lock.Lock()
 	defer c.lock.Unlock()
 
-	var rawPackets [][]byte
+	rawPackets := make([][]byte, 0, len(pkts)) // Bastion patch: one record per packet, usually
 
 	for _, pkt := range pkts {
 		pktRawPackets, err := c.prepareRawPacket(pkt)
@@ -776,6 +777,10 @@ func (c *Conn) prepareRawPacket(pkt *packet) ([][]byte, error) {
 		handshakeRaw, err := c.cacheHandshakeRaw(pkt, dtlsHandshake)
 		if err != nil {
 			return nil, err
+		}
+
+		if len(handshakeRaw)-handshake.HeaderLength <= c.maximumTransmissionUnit && !pkt.shouldWrapCID {
+			return c.handshakeRecord(pkt, handshakeRaw)
 		}
 
 		return c.processHandshakePacket(pkt, dtlsHandshake, handshakeRaw[handshake.HeaderLength:])
@@ -813,7 +818,9 @@ func (c *Conn) cacheHandshakeRaw(pkt *packet, dtlsHandshake *handshake.Handshake
 			pkt.record.Header.Epoch, dtlsHandshake.Header.MessageSequence)
 	}
 
-	return handshakeRaw, c.handshakeCache.push(
+	// Bastion patch: handshakeRaw is new and only read from now on (by
+	// the fragmenting), so the cache keeps it without a copy.
+	return handshakeRaw, c.handshakeCache.pushOwned(
 		handshakeRaw,
 		pkt.record.Header.Epoch,
 		dtlsHandshake.Header.MessageSequence,
@@ -969,6 +976,56 @@ func (c *Conn) processPacket(pkt *packet) ([]byte, error) { //nolint:cyclop
 	}
 
 	return rawPacket, nil
+}
+
+// handshakeRecord is processHandshakePacket for a message that fits in one
+// fragment, without a connection ID wrapped around it (Bastion patch):
+// the fragment is the marshaled message raw itself (its header has
+// offset 0 and fragment length = length), so the record is written once,
+// header and message, instead of marshaling the fragment header and the
+// record header apart and appending to each.
+func (c *Conn) handshakeRecord(pkt *packet, raw []byte) ([][]byte, error) {
+	epoch := pkt.record.Header.Epoch
+	for len(c.state.localSequenceNumber) <= int(epoch) {
+		c.state.localSequenceNumber = append(c.state.localSequenceNumber, uint64(0))
+	}
+	seq := atomic.AddUint64(&c.state.localSequenceNumber[epoch], 1) - 1
+	if seq > recordlayer.MaxSequenceNumber {
+		return nil, errSequenceNumberOverflow
+	}
+	header := recordlayer.Header{
+		Version:        pkt.record.Header.Version,
+		ContentType:    pkt.record.Header.ContentType,
+		ContentLen:     uint16(len(raw)), //nolint:gosec // G115
+		Epoch:          epoch,
+		SequenceNumber: seq,
+	}
+	rawPacket := make([]byte, recordlayer.FixedHeaderSize+len(raw))
+	putRecordHeader(rawPacket, &header)
+	copy(rawPacket[recordlayer.FixedHeaderSize:], raw)
+	pkt.record.Header = header
+	if pkt.shouldEncrypt {
+		var err error
+		rawPacket, err = c.state.cipherSuite.Encrypt(pkt.record, rawPacket)
+		if err != nil {
+			return nil, err
+		}
+	}
+
+	return [][]byte{rawPacket}, nil
+}
+
+// putRecordHeader writes h (no connection ID) as recordlayer.Header.Marshal
+// does, into b[:recordlayer.FixedHeaderSize].
+func putRecordHeader(b []byte, h *recordlayer.Header) {
+	b[0] = byte(h.ContentType)
+	b[1] = h.Version.Major
+	b[2] = h.Version.Minor
+	binary.BigEndian.PutUint16(b[3:], h.Epoch)
+	b[5] = byte(h.SequenceNumber >> 40)
+	b[6] = byte(h.SequenceNumber >> 32)
+	binary.BigEndian.PutUint32(b[7:], uint32(h.SequenceNumber)) //nolint:gosec // G115: the low 32 bits
+	binary.BigEndian.PutUint16(b[11:], h.ContentLen)
 }
 
 //nolint:cyclop
@@ -1417,7 +1474,14 @@ func (c *Conn) handleIncomingPacket(
 		}
 	}
 
-	isHandshake, isRetransmit, err := c.fragmentBuffer.push(append([]byte{}, buf...))
+	// Bastion patch: only a handshake record is kept by the fragment
+	// buffer (it must not keep the read buffer); any other it looks at
+	// and lets go, so it gets no copy.
+	fragBuf := buf
+	if len(buf) > 0 && protocol.ContentType(buf[0]) == protocol.ContentTypeHandshake {
+		fragBuf = append([]byte{}, buf...)
+	}
+	isHandshake, isRetransmit, err := c.fragmentBuffer.push(fragBuf)
 	if err != nil {
 		// Decode error must be silently discarded
 		// [RFC6347 Section-4.1.2.7]
@@ -1434,7 +1498,8 @@ func (c *Conn) handleIncomingPacket(
 
 				continue
 			}
-			if err := c.handshakeCache.push(out, epoch, header.MessageSequence, header.Type, !c.state.isClient); err != nil {
+			// Bastion patch: out is pop's and only read from now on.
+			if err := c.handshakeCache.pushOwned(out, epoch, header.MessageSequence, header.Type, !c.state.isClient); err != nil {
 				return false, false, &alert.Alert{Level: alert.Fatal, Description: alert.InternalError}, err
 			}
 		}
