@@ -424,7 +424,7 @@ func TestServeDTLSSessionGoroutines(t *testing.T) {
 		t.Errorf("%d handshake goroutines with %d established sessions (and their clients), want 0", got, n)
 	}
 	// One record reader per connection: n servers and n clients.
-	if got := count("(*Conn).handshake.func"); got != 2*n {
+	if got := count("(*Conn).readRecords("); got != 2*n {
 		t.Errorf("%d pion record readers, want %d (one per connection, both ends)", got, 2*n)
 	}
 	// Sessions still answer.

@@ -15,6 +15,7 @@ import (
 	"math/big"
 	"os"
 	"path/filepath"
+	"sync"
 	"time"
 )
 
@@ -34,6 +35,7 @@ type CA struct {
 	issuer  *x509.Certificate
 	key     Signer // issuing key
 	pskKey  []byte
+	pskMACs sync.Pool // of hash.Hash: HMAC-SHA256 keyed with pskKey (PSK)
 	revoked *Revocations
 }
 

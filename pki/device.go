@@ -12,6 +12,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"hash"
 	"net/url"
 	"regexp"
 	"strings"
@@ -176,10 +177,23 @@ func NewPSKIdentity() string {
 // rather than 16 raw bytes, because common device tooling (libcoap's
 // -k, many firmware config files) takes a PSK only as a text string.
 func (ca *CA) PSK(identity string) []byte {
-	m := hmac.New(sha256.New, ca.pskKey)
+	// Every PSK handshake derives its key here: an HMAC keyed once and
+	// Reset for the next identity, instead of hmac.New (two SHA-256
+	// states and the key schedule) per call. pskKey never changes after
+	// Open, so a pooled HMAC is always keyed with it.
+	m, ok := ca.pskMACs.Get().(hash.Hash)
+	if ok {
+		m.Reset()
+	} else {
+		m = hmac.New(sha256.New, ca.pskKey)
+	}
 	m.Write([]byte("bastion psk v1\x00"))
 	m.Write([]byte(identity))
-	return []byte(hex.EncodeToString(m.Sum(nil)[:PSKEntropy]))
+	var sum [sha256.Size]byte
+	key := make([]byte, hex.EncodedLen(PSKEntropy))
+	hex.Encode(key, m.Sum(sum[:0])[:PSKEntropy])
+	ca.pskMACs.Put(m)
+	return key
 }
 
 func pemDecode(b []byte, types ...string) []byte {

@@ -5,10 +5,13 @@ import (
 	"crypto/ecdsa"
 	"crypto/ed25519"
 	"crypto/elliptic"
+	"crypto/hmac"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/hex"
 	"encoding/pem"
 	"errors"
 	"io"
@@ -347,4 +350,33 @@ func TestDTLSLogsTraceEnabled(t *testing.T) {
 			t.Errorf("PION_LOG_TRACE=%q: TraceEnabled %v, want %v", tc.env, got, tc.want)
 		}
 	}
+}
+
+// PSK reuses its keyed HMAC: the same identity gives the same key every
+// time, interleaved with others and from several goroutines, and it is
+// HMAC-SHA256(psk.key, "bastion psk v1\x00" || identity), hex, truncated.
+func TestPSKPooledHMAC(t *testing.T) {
+	ca, _, _ := newCA(t)
+	want := func(id string) string {
+		m := hmac.New(sha256.New, ca.pskKey)
+		m.Write([]byte("bastion psk v1\x00" + id))
+		return hex.EncodeToString(m.Sum(nil)[:PSKEntropy])
+	}
+	ids := []string{NewPSKIdentity(), NewPSKIdentity(), "", "x"}
+	var wg sync.WaitGroup
+	for range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range 200 {
+				for _, id := range ids {
+					if got := string(ca.PSK(id)); got != want(id) {
+						t.Errorf("PSK(%q) = %s, want %s", id, got, want(id))
+						return
+					}
+				}
+			}
+		}()
+	}
+	wg.Wait()
 }

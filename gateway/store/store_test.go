@@ -184,3 +184,64 @@ func TestSurvivesKill9(t *testing.T) {
 		s.Close()
 	}
 }
+
+// DeviceByPSKIdentity answers from memory between writes, and a lookup
+// after a write that changed the device sees the change.
+func TestDeviceByPSKIdentityCache(t *testing.T) {
+	s, _ := open(t)
+	now := time.Date(2026, 11, 24, 12, 0, 0, 0, time.UTC)
+	if err := s.AddDevice(Device{ID: "a1", Name: "lamp", Auth: "psk", PSKIdentity: "psk-a1", Created: now}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.DeviceByPSKIdentity("psk-a1"); err != nil {
+		t.Fatal(err)
+	}
+	// Answered from memory: reading the file allocated a transaction and
+	// the decoded record.
+	if n := testing.AllocsPerRun(100, func() { _, _ = s.DeviceByPSKIdentity("psk-a1") }); n != 0 {
+		t.Errorf("cached lookup: %v allocations, want 0", n)
+	}
+	if _, err := s.UpdateDevice("a1", func(d *Device) error { d.Version = "2.0"; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if d, err := s.DeviceByPSKIdentity("psk-a1"); err != nil || d.Version != "2.0" {
+		t.Fatalf("after UpdateDevice: version %q, %v; want 2.0", d.Version, err)
+	}
+	if _, err := s.Revoke("a1", now); err != nil {
+		t.Fatal(err)
+	}
+	if d, err := s.DeviceByPSKIdentity("psk-a1"); err != nil || !d.Revoked {
+		t.Fatalf("after Revoke: revoked %v, %v; want true", d.Revoked, err)
+	}
+	if _, err := s.DeviceByPSKIdentity("psk-none"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("unknown identity: %v, want ErrNotFound", err)
+	}
+	if err := s.AddDevice(Device{ID: "b2", Name: "fan", Auth: "psk", PSKIdentity: "psk-none", Created: now}); err != nil {
+		t.Fatal(err)
+	}
+	if d, err := s.DeviceByPSKIdentity("psk-none"); err != nil || d.ID != "b2" {
+		t.Fatalf("identity added after a failed lookup: %q, %v; want b2", d.ID, err)
+	}
+}
+
+// A lookup that read the device before a Revoke committed does not keep
+// its answer: the next lookup sees the device revoked.
+func TestDeviceByPSKIdentityCacheRevokeDuringLookup(t *testing.T) {
+	s, _ := open(t)
+	now := time.Date(2026, 11, 24, 12, 0, 0, 0, time.UTC)
+	if err := s.AddDevice(Device{ID: "a1", Name: "lamp", Auth: "psk", PSKIdentity: "psk-a1", Created: now}); err != nil {
+		t.Fatal(err)
+	}
+	s.psk.afterRead = func() {
+		s.psk.afterRead = nil
+		if _, err := s.Revoke("a1", now); err != nil {
+			t.Error(err)
+		}
+	}
+	if d, err := s.DeviceByPSKIdentity("psk-a1"); err != nil || d.Revoked {
+		t.Fatalf("lookup that began before Revoke: revoked %v, %v; want the device as it was read", d.Revoked, err)
+	}
+	if d, err := s.DeviceByPSKIdentity("psk-a1"); err != nil || !d.Revoked {
+		t.Fatalf("lookup after Revoke: revoked %v, %v; want true", d.Revoked, err)
+	}
+}

@@ -7,6 +7,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/fips140"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -16,6 +17,7 @@ import (
 	"time"
 
 	"github.com/pion/dtls/v3/internal/closer"
+	dnet "github.com/pion/dtls/v3/internal/net"
 	"github.com/pion/dtls/v3/internal/net/udp"
 	"github.com/pion/dtls/v3/pkg/crypto/elliptic"
 	"github.com/pion/dtls/v3/pkg/crypto/signaturehash"
@@ -69,11 +71,20 @@ type Conn struct {
 	// with an empty buffer waits for a datagram without taking it
 	// (io.ErrShortBuffer). Bastion patch, see readAndBuffer.
 	waitForDatagram bool
-	fragmentBuffer  *fragmentBuffer // out-of-order and missing fragment handling
-	handshakeCache  *handshakeCache // caching of handshake messages for verifyData generation
-	decrypted       chan any        // Decrypted Application Data or error, pull by calling `Read`
-	rAddr           net.Addr
-	state           State // Internal state
+	// readsHandshake: handshakeInline's state machine reads on its own
+	// goroutine; readAndBuffer leaves a flight's arrival in
+	// handshakeRecvd instead of handing it over. handshakeReadFailed: a
+	// read error ended that handshake. Bastion patch; only that goroutine
+	// uses them, before it starts the record reader.
+	readsHandshake      bool
+	handshakeRecvd      recvHandshakeState
+	handshakeArrived    bool
+	handshakeReadFailed bool
+	fragmentBuffer      *fragmentBuffer // out-of-order and missing fragment handling
+	handshakeCache      *handshakeCache // caching of handshake messages for verifyData generation
+	decrypted           chan any        // Decrypted Application Data or error, pull by calling `Read`
+	rAddr               net.Addr
+	state               State // Internal state
 
 	maximumTransmissionUnit int
 	paddingLengthGenerator  func(uint) uint
@@ -750,7 +761,7 @@ func (c *Conn) prepareRawPackets(pkts []*packet) ([][]byte, net.Addr, error) {
 	c.lock.Lock()
 	defer c.lock.Unlock()
 
-	var rawPackets [][]byte
+	rawPackets := make([][]byte, 0, len(pkts)) // Bastion patch: one record per packet, usually
 
 	for _, pkt := range pkts {
 		pktRawPackets, err := c.prepareRawPacket(pkt)
@@ -773,6 +784,10 @@ func (c *Conn) prepareRawPacket(pkt *packet) ([][]byte, error) {
 		handshakeRaw, err := c.cacheHandshakeRaw(pkt, dtlsHandshake)
 		if err != nil {
 			return nil, err
+		}
+
+		if len(handshakeRaw)-handshake.HeaderLength <= c.maximumTransmissionUnit && !pkt.shouldWrapCID {
+			return c.handshakeRecord(pkt, handshakeRaw)
 		}
 
 		return c.processHandshakePacket(pkt, dtlsHandshake, handshakeRaw[handshake.HeaderLength:])
@@ -810,7 +825,9 @@ func (c *Conn) cacheHandshakeRaw(pkt *packet, dtlsHandshake *handshake.Handshake
 			pkt.record.Header.Epoch, dtlsHandshake.Header.MessageSequence)
 	}
 
-	return handshakeRaw, c.handshakeCache.push(
+	// Bastion patch: handshakeRaw is new and only read from now on (by
+	// the fragmenting), so the cache keeps it without a copy.
+	return handshakeRaw, c.handshakeCache.pushOwned(
 		handshakeRaw,
 		pkt.record.Header.Epoch,
 		dtlsHandshake.Header.MessageSequence,
@@ -966,6 +983,56 @@ func (c *Conn) processPacket(pkt *packet) ([]byte, error) { //nolint:cyclop
 	}
 
 	return rawPacket, nil
+}
+
+// handshakeRecord is processHandshakePacket for a message that fits in one
+// fragment, without a connection ID wrapped around it (Bastion patch):
+// the fragment is the marshaled message raw itself (its header has
+// offset 0 and fragment length = length), so the record is written once,
+// header and message, instead of marshaling the fragment header and the
+// record header apart and appending to each.
+func (c *Conn) handshakeRecord(pkt *packet, raw []byte) ([][]byte, error) {
+	epoch := pkt.record.Header.Epoch
+	for len(c.state.localSequenceNumber) <= int(epoch) {
+		c.state.localSequenceNumber = append(c.state.localSequenceNumber, uint64(0))
+	}
+	seq := atomic.AddUint64(&c.state.localSequenceNumber[epoch], 1) - 1
+	if seq > recordlayer.MaxSequenceNumber {
+		return nil, errSequenceNumberOverflow
+	}
+	header := recordlayer.Header{
+		Version:        pkt.record.Header.Version,
+		ContentType:    pkt.record.Header.ContentType,
+		ContentLen:     uint16(len(raw)), //nolint:gosec // G115
+		Epoch:          epoch,
+		SequenceNumber: seq,
+	}
+	rawPacket := make([]byte, recordlayer.FixedHeaderSize+len(raw))
+	putRecordHeader(rawPacket, &header)
+	copy(rawPacket[recordlayer.FixedHeaderSize:], raw)
+	pkt.record.Header = header
+	if pkt.shouldEncrypt {
+		var err error
+		rawPacket, err = c.state.cipherSuite.Encrypt(pkt.record, rawPacket)
+		if err != nil {
+			return nil, err
+		}
+	}
+
+	return [][]byte{rawPacket}, nil
+}
+
+// putRecordHeader writes h (no connection ID) as recordlayer.Header.Marshal
+// does, into b[:recordlayer.FixedHeaderSize].
+func putRecordHeader(b []byte, h *recordlayer.Header) {
+	b[0] = byte(h.ContentType)
+	b[1] = h.Version.Major
+	b[2] = h.Version.Minor
+	binary.BigEndian.PutUint16(b[3:], h.Epoch)
+	b[5] = byte(h.SequenceNumber >> 40)
+	b[6] = byte(h.SequenceNumber >> 32)
+	binary.BigEndian.PutUint32(b[7:], uint32(h.SequenceNumber)) //nolint:gosec // G115: the low 32 bits
+	binary.BigEndian.PutUint16(b[11:], h.ContentLen)
 }
 
 //nolint:cyclop
@@ -1182,6 +1249,16 @@ func (c *Conn) processDatagram(ctx context.Context, b []byte, rAddr net.Addr) er
 		if rtx {
 			isRetransmit = true
 		}
+	}
+	if hasHandshake && c.readsHandshake {
+		// Bastion patch: the state machine reads itself (handshakeInline).
+		c.handshakeRecvd = recvHandshakeState{
+			isRetransmit:            isRetransmit,
+			isClientHelloRetransmit: isClientHelloRetransmit,
+		}
+		c.handshakeArrived = true
+
+		return nil
 	}
 	if hasHandshake {
 		s := recvHandshakeState{
@@ -1417,7 +1494,14 @@ func (c *Conn) handleIncomingPacket(
 		}
 	}
 
-	isHandshake, isRetransmit, err := c.fragmentBuffer.push(append([]byte{}, buf...))
+	// Bastion patch: only a handshake record is kept by the fragment
+	// buffer (it must not keep the read buffer); any other it looks at
+	// and lets go, so it gets no copy.
+	fragBuf := buf
+	if len(buf) > 0 && protocol.ContentType(buf[0]) == protocol.ContentTypeHandshake {
+		fragBuf = append([]byte{}, buf...)
+	}
+	isHandshake, isRetransmit, err := c.fragmentBuffer.push(fragBuf)
 	if err != nil {
 		// Decode error must be silently discarded
 		// [RFC6347 Section-4.1.2.7]
@@ -1434,7 +1518,8 @@ func (c *Conn) handleIncomingPacket(
 
 				continue
 			}
-			if err := c.handshakeCache.push(out, epoch, header.MessageSequence, header.Type, !c.state.isClient); err != nil {
+			// Bastion patch: out is pop's and only read from now on.
+			if err := c.handshakeCache.pushOwned(out, epoch, header.MessageSequence, header.Type, !c.state.isClient); err != nil {
 				return false, false, &alert.Alert{Level: alert.Fatal, Description: alert.InternalError}, err
 			}
 		}
@@ -1909,6 +1994,9 @@ func (c *Conn) handshake(
 	initialFlight flightVal,
 	initialState handshakeState,
 ) error {
+	if lc, ok := c.nextConn.Conn().(*udp.PacketConn); ok && !c.state.isClient {
+		return c.handshakeInline(ctx, lc, cfg, initialFlight, initialState)
+	}
 	cfg.parkWhenFinished = true
 	c.fsm = newHandshakeFSM(&c.state, c.handshakeCache, cfg, initialFlight)
 
@@ -1949,67 +2037,8 @@ func (c *Conn) handshake(
 		}
 	}()
 	go func() {
-		defer func() {
-			if c.isHandshakeCompletedSuccessfully() {
-				// Escaping read loop.
-				// It's safe to close decrypted channnel now.
-				close(c.decrypted)
-			}
-			c.endRead()
-
-			// Force stop handshaker when the underlying connection is closed.
-			cancel()
-		}()
 		defer handshakeLoopsFinished.Done()
-		for {
-			if err := c.readAndBuffer(ctxRead); err != nil { //nolint:nestif
-				var alertErr *alertError
-				if errors.As(err, &alertErr) {
-					if !alertErr.IsFatalOrCloseNotify() {
-						if c.isHandshakeCompletedSuccessfully() {
-							c.passReadError(ctxRead, err)
-						}
-
-						continue // non-fatal alert must not stop read loop
-					}
-				} else {
-					switch {
-					case errors.Is(err, context.DeadlineExceeded),
-						errors.Is(err, context.Canceled),
-						errors.Is(err, io.EOF),
-						errors.Is(err, net.ErrClosed):
-					case errors.Is(err, recordlayer.ErrInvalidPacketLength):
-						// Decode error must be silently discarded
-						// [RFC6347 Section-4.1.2.7]
-						continue
-					default:
-						if c.isHandshakeCompletedSuccessfully() {
-							// Keep read loop and pass the read error to Read()
-							c.passReadError(ctxRead, err)
-
-							continue // non-fatal alert must not stop read loop
-						}
-					}
-				}
-
-				select {
-				case firstErr <- err:
-				default:
-				}
-
-				if alertErr != nil {
-					if alertErr.IsFatalOrCloseNotify() {
-						_ = c.close(false) //nolint:contextcheck
-					}
-				}
-				if !c.isConnectionClosed() && errors.Is(err, context.Canceled) {
-					c.log.Trace("handshake timeouts - closing underline connection")
-					_ = c.close(false) //nolint:contextcheck
-				}
-
-				return
-			}
-		}
+		c.readRecords(ctxRead, cancel, firstErr)
 	}()
 
 	select {
@@ -2027,6 +2056,178 @@ func (c *Conn) handshake(
 		return c.translateHandshakeCtxError(ctx.Err())
 	case <-done:
 		return nil
+	}
+}
+
+// readRecords is the record reader: it reads until the connection ends,
+// then cancels the handshake (cancel). A terminal error goes to firstErr
+// if there is room.
+func (c *Conn) readRecords(ctxRead context.Context, cancel context.CancelFunc, firstErr chan error) { //nolint:cyclop
+	defer func() {
+		if c.isHandshakeCompletedSuccessfully() {
+			// Escaping read loop.
+			// It's safe to close decrypted channnel now.
+			close(c.decrypted)
+		}
+		c.endRead()
+
+		// Force stop handshaker when the underlying connection is closed.
+		cancel()
+	}()
+	for {
+		if err := c.readAndBuffer(ctxRead); err != nil { //nolint:nestif
+			var alertErr *alertError
+			if errors.As(err, &alertErr) {
+				if !alertErr.IsFatalOrCloseNotify() {
+					if c.isHandshakeCompletedSuccessfully() {
+						c.passReadError(ctxRead, err)
+					}
+
+					continue // non-fatal alert must not stop read loop
+				}
+			} else {
+				switch {
+				case errors.Is(err, context.DeadlineExceeded),
+					errors.Is(err, context.Canceled),
+					errors.Is(err, io.EOF),
+					errors.Is(err, net.ErrClosed):
+				case errors.Is(err, recordlayer.ErrInvalidPacketLength):
+					// Decode error must be silently discarded
+					// [RFC6347 Section-4.1.2.7]
+					continue
+				default:
+					if c.isHandshakeCompletedSuccessfully() {
+						// Keep read loop and pass the read error to Read()
+						c.passReadError(ctxRead, err)
+
+						continue // non-fatal alert must not stop read loop
+					}
+				}
+			}
+
+			select {
+			case firstErr <- err:
+			default:
+			}
+
+			if alertErr != nil {
+				if alertErr.IsFatalOrCloseNotify() {
+					_ = c.close(false) //nolint:contextcheck
+				}
+			}
+			if !c.isConnectionClosed() && errors.Is(err, context.Canceled) {
+				c.log.Trace("handshake timeouts - closing underline connection")
+				_ = c.close(false) //nolint:contextcheck
+			}
+
+			return
+		}
+	}
+}
+
+// handshakeInline is handshake for a server connection of this package's
+// listener, on the calling goroutine alone (Bastion patch,
+// third_party/README.md): the state machine reads the client's flights
+// itself (readHandshake) instead of receiving them from the record
+// reader, and the record reader starts once the handshake has finished.
+// Pion ran both from the start, with two hand-offs between them per
+// datagram and one to the caller at the end. What ends a handshake, and
+// what it returns, is what the two goroutines did.
+func (c *Conn) handshakeInline(
+	ctx context.Context,
+	lc *udp.PacketConn,
+	cfg *handshakeConfig,
+	initialFlight flightVal,
+	initialState handshakeState,
+) error {
+	cfg.parkWhenFinished = true
+	c.fsm = newHandshakeFSM(&c.state, c.handshakeCache, cfg, initialFlight)
+	c.fsm.reader = c
+
+	// Close cancels the handshake and its reads: the same context.
+	ctxHs, cancel := context.WithCancel(ctx)
+	defer cancel()
+	c.closeLock.Lock()
+	c.cancelHandshaker = cancel
+	c.cancelHandshakeReader = cancel
+	c.closeLock.Unlock()
+
+	c.readsHandshake = true
+	err := c.fsm.Run(ctxHs, c, initialState)
+	c.readsHandshake = false
+	_ = lc.SetReadDeadline(time.Time{})
+
+	if errors.Is(err, errHandshakeParked) {
+		c.setHandshakeCompletedSuccessfully()
+		ctxRead, cancelRead := context.WithCancel(context.Background())
+		c.closeLock.Lock()
+		c.cancelHandshakeReader = cancelRead
+		closed := c.isConnectionClosed()
+		c.closeLock.Unlock()
+		if closed {
+			cancelRead()
+		}
+		go c.readRecords(ctxRead, func() {}, nil)
+
+		return nil
+	}
+	if ctx.Err() != nil {
+		err = ctx.Err()
+	}
+	// The record reader's end: it was cancelled (and then closed the
+	// connection) unless a read error of its own ended the handshake.
+	c.endRead()
+	if !c.handshakeReadFailed && !c.isConnectionClosed() {
+		c.log.Trace("handshake timeouts - closing underline connection")
+		_ = c.close(false) //nolint:contextcheck
+	}
+
+	return c.translateHandshakeCtxError(err)
+}
+
+// readHandshake implements handshakeReader for handshakeInline: it reads
+// and processes datagrams as the record reader does, until one brings
+// handshake messages. The retransmit deadline is the listener
+// connection's read deadline. Errors are handled as the record reader
+// handled them during a handshake: skipped, or the end of the handshake
+// (a fatal alert or close_notify also closes the connection).
+func (c *Conn) readHandshake(ctx context.Context, deadline time.Time) (recvHandshakeState, error) {
+	if lc, ok := c.nextConn.Conn().(*udp.PacketConn); ok {
+		_ = lc.SetReadDeadline(deadline)
+	}
+	for {
+		c.handshakeArrived = false
+		err := c.readAndBuffer(ctx)
+		if err == nil {
+			if c.handshakeArrived {
+				c.handshakeArrived = false
+
+				return c.handshakeRecvd, nil
+			}
+
+			continue
+		}
+		if errors.Is(err, dnet.ErrTimeout) {
+			return recvHandshakeState{}, errRetransmitDue
+		}
+		if ctx.Err() != nil {
+			return recvHandshakeState{}, ctx.Err()
+		}
+		var alertErr *alertError
+		switch {
+		case errors.As(err, &alertErr):
+			if !alertErr.IsFatalOrCloseNotify() {
+				continue // non-fatal alert must not stop read loop
+			}
+			_ = c.close(false) //nolint:contextcheck
+		case errors.Is(err, recordlayer.ErrInvalidPacketLength):
+			// Decode error must be silently discarded
+			// [RFC6347 Section-4.1.2.7]
+			continue
+		}
+		c.handshakeReadFailed = true
+
+		return recvHandshakeState{}, err
 	}
 }
 

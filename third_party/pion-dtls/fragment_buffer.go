@@ -44,6 +44,10 @@ type fragments struct {
 	handshakeHeader handshake.Header
 	epoch           uint16
 	hasStart        bool
+	// whole: the message arrived in one fragment, and this is it with its
+	// handshake header, which then is the header pop would write (offset
+	// 0, fragment length = length); ranges stays empty (Bastion patch).
+	whole []byte
 }
 
 // add stores a fragment if its count increase fits within available, returning
@@ -154,6 +158,7 @@ func (f *fragmentBuffer) push(buf []byte) (isHandshake, isRetransmit bool, err e
 			return false, false, errBufferTooSmall
 		}
 		data := buf[handshake.HeaderLength:end]
+		rawMessage := buf[:end:end]
 		buf = buf[end:]
 
 		// Already assembled, or claims bytes outside the message.
@@ -165,11 +170,31 @@ func (f *fragmentBuffer) push(buf []byte) (isHandshake, isRetransmit bool, err e
 
 		messageFragments, ok := f.cache[header.MessageSequence]
 		if !ok {
+			if header.FragmentOffset == 0 && header.FragmentLength == header.Length && header.Length > 0 {
+				// Bastion patch: the whole message in one fragment (the
+				// usual case) is kept as it came, with its header: what
+				// add and pop would store and rebuild. (An empty one
+				// takes add's way, which keeps no slice of the record.)
+				if f.totalFragmentCount+1 > fragmentBufferMaxCount {
+					return false, false, errFragmentBufferOverflow
+				}
+				f.cache[header.MessageSequence] = &fragments{
+					handshakeType: header.Type, handshakeLength: header.Length, covered: header.Length,
+					handshakeHeader: header, epoch: recordLayerHeader.Epoch, hasStart: true,
+					whole: rawMessage,
+				}
+				f.totalFragmentCount++
+				f.totalBufferSize += len(data)
+
+				continue
+			}
 			messageFragments = &fragments{handshakeType: header.Type, handshakeLength: header.Length}
 		} else if header.Type != messageFragments.handshakeType || header.Length != messageFragments.handshakeLength {
 			// Disagrees with the message's earlier fragments; admitting it
 			// would break the bounds pop relies on.
 			continue
+		} else if messageFragments.whole != nil {
+			continue // covered by the whole message
 		}
 
 		// empty fragments also count because retaining them consumes memory.
@@ -199,6 +224,14 @@ func (f *fragmentBuffer) pop() (content []byte, epoch uint16) {
 	frags, ok := f.cache[f.currentMessageSequenceNumber]
 	if !ok || frags.covered < frags.handshakeLength {
 		return nil, 0
+	}
+	if frags.whole != nil {
+		f.totalBufferSize -= len(frags.whole) - handshake.HeaderLength
+		f.totalFragmentCount--
+		delete(f.cache, f.currentMessageSequenceNumber)
+		f.currentMessageSequenceNumber++
+
+		return frags.whole, frags.epoch
 	}
 
 	firstHeader := frags.handshakeHeader

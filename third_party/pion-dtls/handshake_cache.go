@@ -49,6 +49,19 @@ func newHandshakeCache() *handshakeCache {
 }
 
 func (h *handshakeCache) push(data []byte, epoch, messageSequence uint16, typ handshake.Type, isClient bool) error {
+	return h.pushData(data, false, epoch, messageSequence, typ, isClient)
+}
+
+// pushOwned is push of data that no one writes to afterwards, which the
+// cache then keeps without a copy (Bastion patch: a reassembled message
+// and a marshaled outgoing one are new slices that are only read).
+func (h *handshakeCache) pushOwned(data []byte, epoch, messageSequence uint16, typ handshake.Type, isClient bool) error {
+	return h.pushData(data, true, epoch, messageSequence, typ, isClient)
+}
+
+func (h *handshakeCache) pushData(
+	data []byte, owned bool, epoch, messageSequence uint16, typ handshake.Type, isClient bool,
+) error {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 
@@ -64,8 +77,11 @@ func (h *handshakeCache) push(data []byte, epoch, messageSequence uint16, typ ha
 		return errHandshakeCacheOverflow
 	}
 	h.size += len(data)
+	if !owned {
+		data = bytes.Clone(data)
+	}
 	h.cache = append(h.cache, &handshakeCacheItem{
-		data:            bytes.Clone(data),
+		data:            data,
 		epoch:           epoch,
 		messageSequence: messageSequence,
 		typ:             typ,
@@ -119,7 +135,10 @@ func (h *handshakeCache) fullPullMap(
 	h.mu.Lock()
 	defer h.mu.Unlock()
 
-	ci := make(map[handshake.Type]*handshakeCacheItem)
+	// Bastion patch: the item of each rule in a slice on the stack, not a
+	// map per call; ci[i] is the item of rules[i].
+	var ciArray [8]*handshakeCacheItem
+	ci := ciArray[:0]
 	for _, rule := range rules {
 		var item *handshakeCacheItem
 		for _, c := range h.cache {
@@ -136,14 +155,23 @@ func (h *handshakeCache) fullPullMap(
 			// Missing mandatory message.
 			return startSeq, nil, false
 		}
-		ci[rule.typ] = item
+		ci = append(ci, item)
 	}
 	out := make(map[handshake.Type]handshake.Message)
 	seq := startSeq
 	ok := false
-	for _, r := range rules {
+	for k, r := range rules {
 		typ := r.typ
-		i := ci[typ]
+		// What the map held for typ: the item of the last rule of that
+		// type.
+		i := ci[k]
+		for j := len(rules) - 1; j > k; j-- {
+			if rules[j].typ == typ {
+				i = ci[j]
+
+				break
+			}
+		}
 		if i == nil {
 			continue
 		}

@@ -7,6 +7,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"io"
 	"sync"
@@ -96,6 +97,22 @@ type handshakeFSM struct {
 	closed                 chan struct{}
 	// parked: Run has ended after the handshake finished (Bastion patch).
 	parked atomic.Bool
+	// reader, when set, reads the peer's flights on the goroutine that
+	// runs the FSM instead of receiving them from a record reader
+	// goroutine (Bastion patch, see Conn.handshakeInline).
+	reader handshakeReader
+}
+
+// errRetransmitDue: a handshakeReader's deadline passed (Bastion patch).
+var errRetransmitDue = errors.New("retransmit timer expired") //nolint:err113,gochecknoglobals
+
+// handshakeReader is a flightConn that reads the peer's flights itself
+// (Bastion patch).
+type handshakeReader interface {
+	// readHandshake processes datagrams until one brings handshake
+	// messages, until deadline (errRetransmitDue), or until ctx ends or
+	// reading fails.
+	readHandshake(ctx context.Context, deadline time.Time) (recvHandshakeState, error)
 }
 
 type handshakeConfig struct {
@@ -330,13 +347,25 @@ func (s *handshakeFSM) wait(ctx context.Context, conn flightConn) (handshakeStat
 		return handshakeErrored, errFlight
 	}
 
-	retransmitTimer := time.NewTimer(s.retransmitInterval)
-	defer retransmitTimer.Stop()
+	// Bastion patch: with a reader, the retransmit timer is a read
+	// deadline of the reader's, not a timer of its own.
+	var retransmitC <-chan time.Time
+	var retransmitAt time.Time
+	if s.reader == nil {
+		retransmitTimer := time.NewTimer(s.retransmitInterval)
+		defer retransmitTimer.Stop()
+		retransmitC = retransmitTimer.C
+	} else {
+		retransmitAt = time.Now().Add(s.retransmitInterval)
+	}
 	for {
-		select {
-		case state := <-conn.recvHandshake():
+		state, ev, err := s.next(ctx, conn, retransmitC, retransmitAt)
+		switch ev {
+		case waitReceived:
 			nextFlight, alert, err := parse(ctx, conn, s.state, s.cache, s.cfg)
-			close(state.done)
+			if state.done != nil {
+				close(state.done)
+			}
 			if alert != nil {
 				if alertErr := conn.notify(ctx, alert.Level, alert.Description); alertErr != nil {
 					if err != nil {
@@ -360,8 +389,13 @@ func (s *handshakeFSM) wait(ctx context.Context, conn flightConn) (handshakeStat
 			}
 			if s.currentFlight == flight3 && nextFlight == flight3 {
 				// A new cookie doesn't bypass or reset the retry backoff.
+				if retransmitC == nil { // Bastion patch: a reader's deadline
+					t := time.NewTimer(time.Until(retransmitAt))
+					retransmitC = t.C
+					defer t.Stop()
+				}
 				select {
-				case <-retransmitTimer.C:
+				case <-retransmitC:
 					s.backoffRetransmit()
 				case <-ctx.Done():
 					return handshakeErrored, ctx.Err()
@@ -384,7 +418,7 @@ func (s *handshakeFSM) wait(ctx context.Context, conn flightConn) (handshakeStat
 
 			return handshakePreparing, nil
 
-		case <-retransmitTimer.C:
+		case waitRetransmit:
 			if !s.retransmit {
 				return handshakeWaiting, nil
 			}
@@ -393,11 +427,52 @@ func (s *handshakeFSM) wait(ctx context.Context, conn flightConn) (handshakeStat
 			s.backoffPeerRetransmit()
 
 			return handshakeSending, nil
-		case <-ctx.Done():
+		case waitDone:
 			s.retransmitInterval = s.cfg.initialRetransmitInterval
 
 			return handshakeErrored, ctx.Err()
+		default: // waitFailed: the reader could not read
+			return handshakeErrored, err
 		}
+	}
+}
+
+// What ended a wait for the peer's next flight (Bastion patch).
+type waitEvent uint8
+
+const (
+	waitReceived   waitEvent = iota // handshake messages arrived
+	waitRetransmit                  // the retransmit timer expired
+	waitDone                        // ctx ended
+	waitFailed                      // the FSM's reader failed
+)
+
+// next waits for the peer's handshake messages, the retransmit timer
+// (retransmitC, or the deadline at for the FSM's reader) or ctx, whichever
+// comes first, as wait's select did (Bastion patch).
+func (s *handshakeFSM) next(
+	ctx context.Context, conn flightConn, retransmitC <-chan time.Time, at time.Time,
+) (recvHandshakeState, waitEvent, error) {
+	if s.reader == nil {
+		select {
+		case state := <-conn.recvHandshake():
+			return state, waitReceived, nil
+		case <-retransmitC:
+			return recvHandshakeState{}, waitRetransmit, nil
+		case <-ctx.Done():
+			return recvHandshakeState{}, waitDone, nil
+		}
+	}
+	state, err := s.reader.readHandshake(ctx, at)
+	switch {
+	case err == nil:
+		return state, waitReceived, nil
+	case ctx.Err() != nil:
+		return recvHandshakeState{}, waitDone, nil
+	case errors.Is(err, errRetransmitDue):
+		return recvHandshakeState{}, waitRetransmit, nil
+	default:
+		return recvHandshakeState{}, waitFailed, err
 	}
 }
 

@@ -29,14 +29,20 @@ type Header struct {
 // Marshal encodes the Header.
 func (h *Header) Marshal() ([]byte, error) {
 	out := make([]byte, HeaderLength)
+	h.put(out)
 
+	return out, nil
+}
+
+// put writes the header into out[:HeaderLength] (Bastion patch: shared by
+// Marshal and Handshake.Marshal, which writes it into the message's
+// buffer).
+func (h *Header) put(out []byte) {
 	out[0] = byte(h.Type)
 	util.PutBigEndianUint24(out[1:], h.Length)
 	binary.BigEndian.PutUint16(out[4:], h.MessageSequence)
 	util.PutBigEndianUint24(out[6:], h.FragmentOffset)
 	util.PutBigEndianUint24(out[9:], h.FragmentLength)
-
-	return out, nil
 }
 
 // Unmarshal populates the header from encoded data.
