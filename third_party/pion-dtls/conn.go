@@ -2167,6 +2167,12 @@ func (c *Conn) handshakeInline(
 		if closed {
 			cancelRead()
 		}
+		// The listener's inline reader may take the very first datagram
+		// of the established session (SetInlineReadHandler): it needs the
+		// record reader's context before that reader has read anything.
+		c.procMu.Lock()
+		c.readCtx = ctxRead
+		c.procMu.Unlock()
 		go c.readRecords(ctxRead, func() {}, nil)
 
 		return nil
