@@ -15,7 +15,6 @@ import (
 	"github.com/plgd-dev/go-coap/v3/message"
 	"github.com/plgd-dev/go-coap/v3/message/codes"
 	"github.com/plgd-dev/go-coap/v3/message/pool"
-	coapnet "github.com/plgd-dev/go-coap/v3/net"
 	"github.com/plgd-dev/go-coap/v3/udp/coder"
 )
 
@@ -92,13 +91,7 @@ func (d *coapDevice) answer() (int32, codes.Code, []byte) {
 // the deferred request is not handled again; the deferred answer goes out
 // on Done and a later retransmission is answered with it from the cache.
 func TestServeDTLSInlineDeferred(t *testing.T) {
-	l, err := coapnet.NewDTLSListener("udp", "127.0.0.1:0", pskConfig(func(id string) ([]byte, bool) {
-		k, ok := testPSKs[id]
-		return []byte(k), ok
-	}))
-	if err != nil {
-		t.Fatal(err)
-	}
+	l := testPSKListener(t)
 	defer l.Close()
 	var slowCalls, calls, inline atomic.Int32
 	deferred := make(chan *DTLSDeferred, 4)
@@ -181,13 +174,7 @@ func TestServeDTLSInlineDeferred(t *testing.T) {
 // TestServeDTLSNotInline: without Inline the handler runs on the
 // session's own record reader.
 func TestServeDTLSNotInline(t *testing.T) {
-	l, err := coapnet.NewDTLSListener("udp", "127.0.0.1:0", pskConfig(func(id string) ([]byte, bool) {
-		k, ok := testPSKs[id]
-		return []byte(k), ok
-	}))
-	if err != nil {
-		t.Fatal(err)
-	}
+	l := testPSKListener(t)
 	defer l.Close()
 	var inline atomic.Int32
 	h := func(w *DTLSResponseWriter, r *pool.Message) {

@@ -19,7 +19,6 @@ import (
 	"github.com/plgd-dev/go-coap/v3/message"
 	"github.com/plgd-dev/go-coap/v3/message/codes"
 	"github.com/plgd-dev/go-coap/v3/message/pool"
-	coapnet "github.com/plgd-dev/go-coap/v3/net"
 	"github.com/plgd-dev/go-coap/v3/net/blockwise"
 	"github.com/plgd-dev/go-coap/v3/udp/coder"
 
@@ -51,13 +50,7 @@ var bigBody = func() []byte {
 
 func startProtoServer(t *testing.T, maxBody uint32) *protoServer {
 	t.Helper()
-	l, err := coapnet.NewDTLSListener("udp", "127.0.0.1:0", pskConfig(func(id string) ([]byte, bool) {
-		k, ok := testPSKs[id]
-		return []byte(k), ok
-	}))
-	if err != nil {
-		t.Fatal(err)
-	}
+	l := testPSKListener(t)
 	p := &protoServer{addr: l.Addr().String()}
 	h := func(w *DTLSResponseWriter, r *pool.Message) {
 		if path, _ := r.Path(); path == "/big" {
@@ -325,13 +318,7 @@ func TestServeDTLSLibcoapBlock1(t *testing.T) {
 // is closed (OnIdle, then the AddOnClose functions run); one that keeps
 // sending is not.
 func TestServeDTLSIdleTimeout(t *testing.T) {
-	l, err := coapnet.NewDTLSListener("udp", "127.0.0.1:0", pskConfig(func(id string) ([]byte, bool) {
-		k, ok := testPSKs[id]
-		return []byte(k), ok
-	}))
-	if err != nil {
-		t.Fatal(err)
-	}
+	l := testPSKListener(t)
 	const idle = 400 * time.Millisecond
 	idled := make(chan time.Time, 4)
 	closed := make(chan struct{}, 4)

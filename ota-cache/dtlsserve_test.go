@@ -17,12 +17,10 @@ import (
 	"github.com/plgd-dev/go-coap/v3/udp/coder"
 )
 
-// TestServeDTLSReplaysAndStops checks the production accept loop over a
-// real DTLS-PSK session: a retransmitted confirmable request (same message
-// ID) is answered from the bounded response cache without running the
-// handler again, OnNewConn runs once per session, and cancelling the
-// context ends ServeDTLS with nil and closes the open session.
-func TestServeDTLSReplaysAndStops(t *testing.T) {
+// testPSKListener is a DTLS-PSK listener on a loopback port that knows
+// testPSKs.
+func testPSKListener(t *testing.T) *coapnet.DTLSListener {
+	t.Helper()
 	l, err := coapnet.NewDTLSListener("udp", "127.0.0.1:0", pskConfig(func(id string) ([]byte, bool) {
 		k, ok := testPSKs[id]
 		return []byte(k), ok
@@ -30,6 +28,16 @@ func TestServeDTLSReplaysAndStops(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return l
+}
+
+// TestServeDTLSReplaysAndStops checks the production accept loop over a
+// real DTLS-PSK session: a retransmitted confirmable request (same message
+// ID) is answered from the bounded response cache without running the
+// handler again, OnNewConn runs once per session, and cancelling the
+// context ends ServeDTLS with nil and closes the open session.
+func TestServeDTLSReplaysAndStops(t *testing.T) {
+	l := testPSKListener(t)
 	defer l.Close()
 	var calls, conns atomic.Int32
 	h := func(w *DTLSResponseWriter, r *pool.Message) {
