@@ -385,9 +385,16 @@ func (w *DTLSResponseWriter) Defer() *DTLSDeferred {
 
 // DTLSDeferred is an answer a handler gives after it has returned
 // (DTLSResponseWriter.Defer).
+//
+// Done may come before the handler has returned (the disk was quick, on
+// another goroutine): the answer is then sent when the handler returns,
+// never earlier, because until then the handler and the server still use
+// the writer and the request, which completing releases.
 type DTLSDeferred struct {
-	w    *DTLSResponseWriter
-	once sync.Once
+	w        *DTLSResponseWriter
+	mu       sync.Mutex
+	returned bool // the handler has returned
+	done     bool // Done was called
 }
 
 // SetResponse is DTLSResponseWriter.SetResponse for the deferred answer.
@@ -399,18 +406,42 @@ func (d *DTLSDeferred) SetResponse(code codes.Code, cf message.MediaType, r io.R
 // for retransmissions and releases the request. Only the first call does
 // anything.
 func (d *DTLSDeferred) Done() {
-	d.once.Do(func() {
-		w := d.w
-		c := w.conn
-		c.finish(w.req, w, w.extra)
-		// Sent and stored, or nothing to store (No-Response, an answer
-		// that could not be encoded): no longer pending either way.
-		c.cacheMu.Lock()
-		c.cache.unmarkPending(uint16(w.req.MessageID()))
-		c.cacheMu.Unlock()
-		releaseMessage(w.req)
-		releaseWriter(w)
-	})
+	d.mu.Lock()
+	if d.done {
+		d.mu.Unlock()
+		return
+	}
+	d.done = true
+	ready := d.returned
+	d.mu.Unlock()
+	if ready {
+		d.complete()
+	}
+}
+
+// handlerReturned is the server's side of the hand-over: the handler that
+// deferred has returned.
+func (d *DTLSDeferred) handlerReturned() {
+	d.mu.Lock()
+	d.returned = true
+	ready := d.done
+	d.mu.Unlock()
+	if ready {
+		d.complete()
+	}
+}
+
+func (d *DTLSDeferred) complete() {
+	w := d.w
+	c := w.conn
+	c.finish(w.req, w, w.extra)
+	// Sent and stored, or nothing to store (No-Response, an answer that
+	// could not be encoded): no longer pending either way.
+	c.cacheMu.Lock()
+	c.cache.unmarkPending(uint16(w.req.MessageID()))
+	c.cacheMu.Unlock()
+	releaseMessage(w.req)
+	releaseWriter(w)
 }
 
 // writers recycles response writers: a handler's w is valid until it
@@ -678,8 +709,11 @@ func (c *DTLSConn) handleDatagram(data []byte) {
 	w.msg.SetCode(codes.NotFound)
 	w.extra = block1
 	cfg.Handler(w, req)
-	if w.deferred != nil {
+	// w is still ours here even if the handler deferred and the answer is
+	// already Done: completing waits for handlerReturned.
+	if d := w.deferred; d != nil {
 		deferred = true
+		d.handlerReturned()
 		return
 	}
 	c.finish(req, w, block1)

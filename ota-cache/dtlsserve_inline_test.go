@@ -171,6 +171,37 @@ func TestServeDTLSInlineDeferred(t *testing.T) {
 	}
 }
 
+// TestServeDTLSDeferDoneBeforeReturn: a handler's deferred answer can be
+// Done before the handler returns (the disk was quick, on another
+// goroutine; here on the handler's own). The answer goes out once, intact,
+// and the server does not use the released writer: the old code sent it,
+// released the writer, then found no deferral on it and answered again from
+// a nil message (bastiond crashed in the power-cut test under load).
+func TestServeDTLSDeferDoneBeforeReturn(t *testing.T) {
+	l := testPSKListener(t)
+	defer l.Close()
+	h := func(w *DTLSResponseWriter, r *pool.Message) {
+		d := w.Defer()
+		_ = d.SetResponse(codes.Changed, message.TextPlain, bytes.NewReader([]byte("durable")))
+		d.Done()
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		_ = ServeDTLS(ctx, l, DTLSServeConfig{Handler: h, OnNewConn: learnIdentity, Inline: func(*DTLSConn) bool { return true }})
+	}()
+	defer func() { cancel(); wg.Wait() }()
+	a := dialCoAPDevice(t, l.Addr().(*net.UDPAddr), "dev-a")
+	for i := range 20 {
+		a.send(int32(10+i), "/t")
+		if mid, code, body := a.answer(); mid != int32(10+i) || code != codes.Changed || !bytes.HasSuffix(body, []byte("durable")) {
+			t.Fatalf("answer %d: message %d %v %q, want %d Changed with \"durable\"", i, mid, code, body, 10+i)
+		}
+	}
+}
+
 // TestServeDTLSNotInline: without Inline the handler runs on the
 // session's own record reader.
 func TestServeDTLSNotInline(t *testing.T) {
