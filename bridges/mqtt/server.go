@@ -191,6 +191,12 @@ func (s *Server) Run(ctx context.Context) error {
 // mirror publishes telemetry from other transports and commands to local
 // MQTT subscribers through the broker's inline client.
 func (s *Server) mirror(m bridges.Message) {
+	// Most CoAP telemetry has no local subscriber: publishing it into the
+	// broker anyway (a packet injected through the broker's whole publish
+	// path) was about 9 % of the CPU of a CoAP request.
+	if !s.mq.Topics.HasSubscribers(m.Topic) {
+		return
+	}
 	if err := s.mq.Publish(m.Topic, m.Payload, false, m.QoS); err != nil {
 		s.log.Debug("mqtt: local publish failed", "device", m.Device, "topic", m.Topic, "err", err)
 	}

@@ -589,6 +589,59 @@ func (x *TopicsIndex) Subscribers(topic string) *Subscribers {
 	})
 }
 
+// HasSubscribers reports whether a message published on topic could reach
+// anyone: it answers true whenever Subscribers(topic) would find a
+// subscription, shared subscription or inline subscription (and possibly
+// in a few cases where it would not), without building the maps Subscribers
+// fills. Bastion patch: the gateway mirrors every CoAP message into the
+// broker for local subscribers, and most have none.
+func (x *TopicsIndex) HasSubscribers(topic string) bool {
+	return len(topic) > 0 && x.hasSubscribers(topic, 0, x.root)
+}
+
+func (x *TopicsIndex) hasSubscribers(topic string, d int, n *particle) bool {
+	key, hasNext := isolateParticle(topic, d)
+	for _, partKey := range [2]string{key, "+"} {
+		particle := n.particles.get(partKey)
+		if particle == nil {
+			continue
+		}
+		if hasNext {
+			if x.hasSubscribers(topic, d+1, particle) {
+				return true
+			}
+			continue
+		}
+		if anySubscriber(topic, particle) {
+			return true
+		}
+		if wild := particle.particles.get("#"); wild != nil && partKey != "+" && anySubscriber(topic, wild) {
+			return true
+		}
+	}
+	if particle := n.particles.get("#"); particle != nil && anySubscriber(topic, particle) {
+		return true
+	}
+	return false
+}
+
+// anySubscriber reports whether the gather functions would find anything at
+// particle for topic.
+func anySubscriber(topic string, particle *particle) bool {
+	if particle.shared.Len() > 0 || particle.inlineSubscriptions.Len() > 0 {
+		return true
+	}
+	if topic[0] != '$' {
+		return particle.subscriptions.Len() > 0
+	}
+	for _, sub := range particle.subscriptions.GetAll() {
+		if len(sub.Filter) == 0 || (sub.Filter[0] != '+' && sub.Filter[0] != '#') { // as gatherSubscriptions [MQTT-4.7.1-1] [MQTT-4.7.1-2]
+			return true
+		}
+	}
+	return false
+}
+
 // scanSubscribers returns a list of client subscriptions matching an indexed topic address.
 func (x *TopicsIndex) scanSubscribers(topic string, d int, n *particle, subs *Subscribers) *Subscribers {
 	if n == nil {
