@@ -15,6 +15,7 @@ import (
 	"github.com/plgd-dev/go-coap/v3/message"
 	"github.com/plgd-dev/go-coap/v3/message/codes"
 	"github.com/plgd-dev/go-coap/v3/message/pool"
+	coapnet "github.com/plgd-dev/go-coap/v3/net"
 	"github.com/plgd-dev/go-coap/v3/udp/coder"
 )
 
@@ -85,6 +86,18 @@ func (d *coapDevice) answer() (int32, codes.Code, []byte) {
 	return resp.MessageID(), resp.Code(), buf[:n]
 }
 
+// serveInBackground runs ServeDTLS on l until the test ends.
+func serveInBackground(t *testing.T, l *coapnet.DTLSListener, cfg DTLSServeConfig) {
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		_ = ServeDTLS(ctx, l, cfg)
+	}()
+	t.Cleanup(func() { cancel(); wg.Wait() })
+}
+
 // TestServeDTLSInlineDeferred: with Inline, handlers run on the listener's
 // read loop; a handler that defers its answer (as one waiting for the disk
 // must) holds up neither its own session nor another; a retransmission of
@@ -107,14 +120,7 @@ func TestServeDTLSInlineDeferred(t *testing.T) {
 		}
 		_ = w.SetResponse(codes.Changed, message.TextPlain, bytes.NewReader([]byte("fast")))
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		_ = ServeDTLS(ctx, l, DTLSServeConfig{Handler: h, OnNewConn: learnIdentity, Inline: func(*DTLSConn) bool { return true }})
-	}()
-	defer func() { cancel(); wg.Wait() }()
+	serveInBackground(t, l, DTLSServeConfig{Handler: h, OnNewConn: learnIdentity, Inline: func(*DTLSConn) bool { return true }})
 
 	a := dialCoAPDevice(t, l.Addr().(*net.UDPAddr), "dev-a")
 	b := dialCoAPDevice(t, l.Addr().(*net.UDPAddr), "dev-b")
@@ -185,14 +191,7 @@ func TestServeDTLSDeferDoneBeforeReturn(t *testing.T) {
 		_ = d.SetResponse(codes.Changed, message.TextPlain, bytes.NewReader([]byte("durable")))
 		d.Done()
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		_ = ServeDTLS(ctx, l, DTLSServeConfig{Handler: h, OnNewConn: learnIdentity, Inline: func(*DTLSConn) bool { return true }})
-	}()
-	defer func() { cancel(); wg.Wait() }()
+	serveInBackground(t, l, DTLSServeConfig{Handler: h, OnNewConn: learnIdentity, Inline: func(*DTLSConn) bool { return true }})
 	a := dialCoAPDevice(t, l.Addr().(*net.UDPAddr), "dev-a")
 	for i := range 20 {
 		a.send(int32(10+i), "/t")
@@ -214,14 +213,7 @@ func TestServeDTLSNotInline(t *testing.T) {
 		}
 		_ = w.SetResponse(codes.Changed, message.TextPlain, nil)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		_ = ServeDTLS(ctx, l, DTLSServeConfig{Handler: h, Inline: func(*DTLSConn) bool { return false }})
-	}()
-	defer func() { cancel(); wg.Wait() }()
+	serveInBackground(t, l, DTLSServeConfig{Handler: h, Inline: func(*DTLSConn) bool { return false }})
 	a := dialCoAPDevice(t, l.Addr().(*net.UDPAddr), "dev-a")
 	for mid := int32(1); mid <= 3; mid++ {
 		a.send(mid, "/x")

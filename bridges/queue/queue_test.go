@@ -526,22 +526,28 @@ func TestDiskFull(t *testing.T) {
 	}
 }
 
-// TestAcceptAsync: admission decides at once, the channel reports the
-// fsync. With the fsync held, 20 messages from one caller are admitted
-// without waiting and none is reported durable; released, all are, in
-// order, with fewer fsyncs than messages. A failed fsync is reported on the
-// channel, and the queue refuses from then on.
-func TestAcceptAsync(t *testing.T) {
-	gate, entered := make(chan struct{}), make(chan struct{}, 64)
-	var failNext atomic.Bool
-	q, reg := open(t, t.TempDir(), Options{Sync: func(f *os.File) error {
+// gateSync is an Options.Sync that signals entered and waits for gate
+// before each fsync, and fails it while failNext is set.
+func gateSync() (gate, entered chan struct{}, failNext *atomic.Bool, syncFn func(*os.File) error) {
+	gate, entered, failNext = make(chan struct{}), make(chan struct{}, 64), new(atomic.Bool)
+	return gate, entered, failNext, func(f *os.File) error {
 		entered <- struct{}{}
 		<-gate
 		if failNext.Load() {
 			return errors.New("EIO from the test")
 		}
 		return f.Sync()
-	}})
+	}
+}
+
+// TestAcceptAsync: admission decides at once, the channel reports the
+// fsync. With the fsync held, 20 messages from one caller are admitted
+// without waiting and none is reported durable; released, all are, in
+// order, with fewer fsyncs than messages. A failed fsync is reported on the
+// channel, and the queue refuses from then on.
+func TestAcceptAsync(t *testing.T) {
+	gate, entered, failNext, syncFn := gateSync()
+	q, reg := open(t, t.TempDir(), Options{Sync: syncFn})
 	ctx := context.Background()
 	if ch, err := q.AcceptAsync(ctx, bridges.Message{Device: "d", Topic: "devices/d/t/x", QoS: 0}); ch != nil || err != nil {
 		t.Fatalf("QoS 0: got channel %v, err %v; want nil, nil", ch, err)
@@ -743,16 +749,8 @@ func TestAllocsPerMessage(t *testing.T) {
 // admitted and none is reported; released, each is reported exactly once,
 // nil, in acceptance order, after its commit's fsync; a failed fsync is reported to the callback too.
 func TestAcceptNotify(t *testing.T) {
-	gate, entered := make(chan struct{}), make(chan struct{}, 64)
-	var failNext atomic.Bool
-	q, _ := open(t, t.TempDir(), Options{Sync: func(f *os.File) error {
-		entered <- struct{}{}
-		<-gate
-		if failNext.Load() {
-			return errors.New("EIO from the test")
-		}
-		return f.Sync()
-	}})
+	gate, entered, failNext, syncFn := gateSync()
+	q, _ := open(t, t.TempDir(), Options{Sync: syncFn})
 	ctx := context.Background()
 	var mu sync.Mutex
 	var got []string // "i:err" in call order

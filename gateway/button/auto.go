@@ -37,6 +37,11 @@ type AutoInput struct {
 	mu     sync.Mutex
 	open   map[string]*InputSource // by path
 	closed bool
+
+	// rejected remembers the nodes looked at and not used, by path, with
+	// the change time they had then: a rescan opens a node again only if
+	// it was made anew (another device got its number). Scan goroutine only.
+	rejected map[string]time.Time
 }
 
 // OpenAutoInput starts watching dir (normally /dev/input) for devices with
@@ -48,7 +53,8 @@ func OpenAutoInput(dir string, code uint16, l Layout, rescan time.Duration, log 
 		return nil, fmt.Errorf("auto input %s: layout %d: want 16 or 24", dir, int(l))
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	a := &AutoInput{dir: dir, code: code, layout: l, log: log, edges: make(chan Edge, 16), cancel: cancel, open: map[string]*InputSource{}}
+	a := &AutoInput{dir: dir, code: code, layout: l, log: log, edges: make(chan Edge, 16), cancel: cancel,
+		open: map[string]*InputSource{}, rejected: map[string]time.Time{}}
 	a.scan(ctx)
 	if len(a.Devices()) == 0 {
 		a.log.Warn("button: no input device has the pairing key yet; watching for one", "dir", dir, "key_code", code,
@@ -73,13 +79,10 @@ func OpenAutoInput(dir string, code uint16, l Layout, rescan time.Duration, log 
 
 // Name lists the devices in use.
 func (a *AutoInput) Name() string {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	names := make([]string, 0, len(a.open))
-	for p := range a.open {
-		names = append(names, filepath.Base(p))
+	names := a.Devices()
+	for i, p := range names {
+		names[i] = filepath.Base(p)
 	}
-	slices.Sort(names)
 	return "auto:" + a.dir + "[" + strings.Join(names, ",") + "]"
 }
 
@@ -138,13 +141,17 @@ func (a *AutoInput) scan(ctx context.Context) {
 		if known {
 			continue
 		}
-		s, why := a.try(path)
-		if s == nil {
-			if why != "" {
-				a.log.Debug("button: input device not used", "device", path, "why", why)
-			}
+		ctime, ok := changeTime(path)
+		if t, seen := a.rejected[path]; ok && seen && t.Equal(ctime) {
 			continue
 		}
+		s, why := a.try(path)
+		if s == nil {
+			a.rejected[path] = ctime
+			a.log.Debug("button: input device not used", "device", path, "why", why)
+			continue
+		}
+		delete(a.rejected, path)
 		a.mu.Lock()
 		if a.closed {
 			a.mu.Unlock()
@@ -157,6 +164,16 @@ func (a *AutoInput) scan(ctx context.Context) {
 		a.log.Info("button: watching input device", "device", path, "key_code", a.code)
 		go a.read(ctx, path, s)
 	}
+}
+
+// changeTime is the node's inode change time (ok false if it cannot be
+// read): a device node made anew has a new one.
+func changeTime(path string) (time.Time, bool) {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return time.Time{}, false
+	}
+	return time.Unix(st.Ctim.Unix()), true
 }
 
 // try opens path if it is an evdev device with the key that is not on
