@@ -80,13 +80,26 @@ func TestApplianceBoot(t *testing.T) {
 
 	var fwds []forward
 	hostPort := map[string]int{}
-	add := func(proto string, ports []int) {
-		for _, p := range ports {
+	// A port freed by one pick can be handed out again by the next, and
+	// qemu refuses to start when two forwards share a host port; CI saw it.
+	taken := map[string]bool{}
+	pick := func(proto string) int {
+		for range 100 {
 			hp, err := ns.freePort(proto)
 			if err != nil {
 				t.Fatal(err)
 			}
-			f := forward{proto: proto, guest: p, host: hp}
+			if k := fmt.Sprintf("%s/%d", proto, hp); !taken[k] {
+				taken[k] = true
+				return hp
+			}
+		}
+		t.Fatalf("no unused %s port after 100 picks", proto)
+		return 0
+	}
+	add := func(proto string, ports []int) {
+		for _, p := range ports {
+			f := forward{proto: proto, guest: p, host: pick(proto)}
 			fwds = append(fwds, f)
 			hostPort[f.String()] = f.host
 		}
@@ -96,10 +109,7 @@ func TestApplianceBoot(t *testing.T) {
 	// MQTT again on the guest's address inside the namespace: devicesim
 	// checks the gateway's certificate for the host it dials, and the
 	// certificate names the LAN address, as it does for real devices.
-	mqttByName, err := ns.freePort("tcp")
-	if err != nil {
-		t.Fatal(err)
-	}
+	mqttByName := pick("tcp")
 	fwds = append(fwds, forward{proto: "tcp", guest: 8883, host: mqttByName, bind: guestIP})
 	add("tcp", silentTCP)
 	add("udp", silentUDP)
