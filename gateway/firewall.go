@@ -8,6 +8,7 @@ import (
 
 	"github.com/bastion-iot/bastion/firewall"
 	"github.com/bastion-iot/bastion/gateway/config"
+	"golang.org/x/sys/unix"
 )
 
 // openFirewall applies the policy before any listener binds, so that the
@@ -17,14 +18,14 @@ func (g *Gateway) openFirewall(ctx context.Context, cfg config.Config) error {
 	if !cfg.Firewall.Manage {
 		return nil
 	}
-	if os.Geteuid() != 0 {
-		return fmt.Errorf("firewall.manage is true but bastiond is not root (it needs CAP_NET_ADMIN to apply iptables rules): run it as root, or set firewall.manage: false in %s to only print the plan", g.configPath)
+	if !hasNetAdmin() {
+		return fmt.Errorf("firewall.manage is true but bastiond lacks CAP_NET_ADMIN (effective, and ambient when not root, so that iptables inherits it), which applying iptables rules needs: give it that capability (the appliance's bastiond.service runs it as user bastion with AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW CAP_NET_BIND_SERVICE), or set firewall.manage: false in %s to only print the plan", g.configPath)
 	}
 	v4, v6, err := firewall.NewIPTables()
 	if err != nil {
 		return fmt.Errorf("firewall: %w", err)
 	}
-	if g.fw, err = firewall.New(v4, v6, g.log.With("component", "firewall"), g.metrics.reg); err != nil {
+	if g.fw, err = firewall.New(v4, v6, g.log, g.metrics.reg); err != nil {
 		return err
 	}
 	p, err := cfg.FirewallPolicy()
@@ -82,8 +83,8 @@ func (g *Gateway) controlFirewall(mux *http.ServeMux) {
 		fw := g.fw
 		if fw == nil {
 			// Rules left by an earlier run with manage: true can still be removed.
-			if os.Geteuid() != 0 {
-				writeErr(w, fmt.Errorf("%w: removing firewall rules needs root", ErrBadRequest))
+			if !hasNetAdmin() {
+				writeErr(w, fmt.Errorf("%w: removing firewall rules needs CAP_NET_ADMIN, which bastiond lacks", ErrBadRequest))
 				return
 			}
 			v4, v6, err := firewall.NewIPTables()
@@ -103,4 +104,25 @@ func (g *Gateway) controlFirewall(mux *http.ServeMux) {
 		g.log.Warn("firewall: rules removed on request; the box is unfiltered until the next apply")
 		writeJSON(w, http.StatusOK, map[string]any{"removed": true})
 	})
+}
+
+// hasNetAdmin reports whether bastiond, and the iptables it runs, may
+// program the firewall. Being root is not the test: the appliance runs
+// bastiond as user bastion with just the capabilities it needs. Root
+// passes them to iptables through exec; another user only through the
+// ambient set, so that is checked too.
+func hasNetAdmin() bool {
+	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+	var data [2]unix.CapUserData
+	if err := unix.Capget(&hdr, &data[0]); err != nil {
+		return os.Geteuid() == 0
+	}
+	if data[unix.CAP_NET_ADMIN/32].Effective&(1<<(unix.CAP_NET_ADMIN%32)) == 0 {
+		return false
+	}
+	if os.Geteuid() == 0 {
+		return true
+	}
+	amb, err := unix.PrctlRetInt(unix.PR_CAP_AMBIENT, unix.PR_CAP_AMBIENT_IS_SET, unix.CAP_NET_ADMIN, 0, 0)
+	return err == nil && amb == 1
 }

@@ -92,7 +92,7 @@ func (g *Gateway) openFirmware(cfg config.Config) error {
 		VendorKeys:    keys,
 		Now:           g.clock.Now,
 		StatusStore:   fwStatusStore{g}, // survives a restart unless opted out
-	}, firmwareDevices{g}, g.log.With("component", "firmware"))
+	}, firmwareDevices{g}, g.log) // logs as component=ota-cache
 	if err != nil {
 		return err
 	}

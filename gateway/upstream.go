@@ -30,7 +30,7 @@ func (g *Gateway) openUpstream(cfg config.Config) error {
 	g.queue, err = queue.Open(filepath.Join(cfg.StateDir, "queue"), queue.Options{
 		MaxBytes: cfg.Upstream.QueueMaxBytes,
 		MaxAge:   cfg.Upstream.QueueMaxAge.D(),
-	}, g.log.With("component", "queue"), g.metrics.reg)
+	}, g.log, g.metrics.reg) // the queue names its component itself
 	if err != nil {
 		return err
 	}
@@ -42,7 +42,7 @@ func (g *Gateway) openUpstream(cfg config.Config) error {
 	}
 	ucfg := cfg.Upstream.Config
 	ucfg.Forward = g.forwardRules(ucfg) // the console's rules come first
-	g.upstream, err = upstream.New(ucfg, g.queue, deliver, g.log.With("component", "upstream"), g.metrics.reg)
+	g.upstream, err = upstream.New(ucfg, g.queue, deliver, g.log, g.metrics.reg)
 	if err != nil {
 		return err
 	}
@@ -51,7 +51,7 @@ func (g *Gateway) openUpstream(cfg config.Config) error {
 	g.parking, err = queue.Open(filepath.Join(cfg.StateDir, "parked"), queue.Options{
 		MaxBytes: cfg.Upstream.ParkedMaxBytes,
 		MaxAge:   100 * 365 * 24 * time.Hour, // kept until an operator decides
-	}, g.log.With("component", "parked"), nil)
+	}, g.log.With("queue", "parked"), nil)
 	if err != nil {
 		return err
 	}

@@ -69,7 +69,8 @@ die() { log "error: $*"; exit 1; }
 
 [ "$(id -u)" -eq 0 ] || die "run as root (mmdebstrap --mode=root and file ownership inside the image need it)"
 
-host_tools=(mmdebstrap:mmdebstrap mke2fs:e2fsprogs debugfs:e2fsprogs sfdisk:fdisk mkfs.vfat:dosfstools mcopy:mtools)
+host_tools=(mmdebstrap:mmdebstrap mke2fs:e2fsprogs debugfs:e2fsprogs sfdisk:fdisk mkfs.vfat:dosfstools mcopy:mtools
+	systemctl:systemd systemd-sysusers:systemd)
 missing=()
 for t in "${host_tools[@]}"; do
 	command -v "${t%%:*}" >/dev/null 2>&1 || missing+=("${t#*:}")
@@ -186,7 +187,19 @@ done
 done
 install -d -m 0755 "$root/usr/share/doc/bastion"
 install -m 0644 "$here/README.md" "$root/usr/share/doc/bastion/README.md"
-install -d -m 0700 "$root/var/lib/bastion"
+# bastiond runs as user bastion, not root (bastiond.service). The user is
+# made here because /etc is read-only on the box; sysusers numbers it the
+# same way for the same package set, so builds stay reproducible.
+systemd-sysusers --root="$root" "$root/usr/lib/sysusers.d/bastion.conf" ||
+	die "systemd-sysusers could not create user bastion"
+bastion_uid=$(awk -F: '$1 == "bastion" { print $3 }' "$root/etc/passwd")
+bastion_gid=$(awk -F: '$1 == "bastion" { print $4 }' "$root/etc/passwd")
+[ -n "$bastion_uid" ] && [ "$bastion_uid" != 0 ] && [ -n "$bastion_gid" ] ||
+	die "user bastion missing or uid 0 in the image's /etc/passwd"
+# The config holds no secret, but only bastiond needs to read it.
+chown "0:$bastion_gid" "$root/etc/bastion/bastion.yaml"
+chmod 0640 "$root/etc/bastion/bastion.yaml"
+install -d -m 0700 -o "$bastion_uid" -g "$bastion_gid" "$root/var/lib/bastion"
 
 cat > "$root/etc/fstab" <<EOF
 # The root filesystem is read-only; everything that changes lives on the
@@ -264,8 +277,10 @@ mke2fs -q -F -t ext4 -L bastion-root -U "$root_fsuuid" -E "hash_seed=$root_fsuui
 clamp_times "$root" "$work/root.ext4"
 mkdir -p "$work/state"
 chmod 0700 "$work/state"
+# mke2fs -d may take the root's owner from the directory; both say bastion.
+chown "$bastion_uid:$bastion_gid" "$work/state"
 touch -d "@$SOURCE_DATE_EPOCH" "$work/state"
-mke2fs -q -F -t ext4 -L bastion-state -U "$state_fsuuid" -E "hash_seed=$state_fsuuid,root_owner=0:0" \
+mke2fs -q -F -t ext4 -L bastion-state -U "$state_fsuuid" -E "hash_seed=$state_fsuuid,root_owner=$bastion_uid:$bastion_gid" \
 	-m 0 -b 4096 -d "$work/state" "$work/state.ext4" "${state_mib}M"
 clamp_times "$work/state" "$work/state.ext4"
 

@@ -15,6 +15,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -350,6 +351,16 @@ func checkInside(t *testing.T, rep map[string]section) {
 	}
 	if bnd, err := strconv.ParseUint(status["CapBnd"], 16, 64); err != nil || bnd&^wantCapBnd != 0 {
 		t.Errorf("bastiond capability bounding set %q holds more than NET_ADMIN, NET_BIND_SERVICE, NET_RAW", status["CapBnd"])
+	}
+	// Not root: its own user, holding (ambient, for the iptables it runs)
+	// exactly the capabilities of the bounding set.
+	if uids := strings.Fields(status["Uid"]); len(uids) != 4 || slices.Contains(uids, "0") {
+		t.Errorf("bastiond Uid = %q, want a non-root user in all four fields", status["Uid"])
+	}
+	for _, k := range []string{"CapEff", "CapAmb"} {
+		if v, err := strconv.ParseUint(status[k], 16, 64); err != nil || v != wantCapBnd {
+			t.Errorf("bastiond %s = %q, want exactly NET_ADMIN, NET_BIND_SERVICE, NET_RAW (%x)", k, status[k], wantCapBnd)
+		}
 	}
 	if status["NoNewPrivs"] != "1" {
 		t.Errorf("bastiond NoNewPrivs = %q, want 1", status["NoNewPrivs"])
