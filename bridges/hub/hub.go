@@ -90,25 +90,15 @@ func (h *Hub) Telemetry(ctx context.Context, origin string, m bridges.Message) e
 	return err
 }
 
-// TelemetryAsync is Telemetry for a transport that acknowledges later
-// (MQTT's per-session pipelining): it returns once the Sink has admitted m,
-// with the Sink's durability channel (bridges.AsyncSink). A nil channel
-// means m is already accepted; otherwise the transport may acknowledge the
-// device only after a nil arrives on it. Refusals (bridges.ErrQueueFull...)
-// are returned at once, exactly as from Telemetry. A Sink without
-// AcceptAsync is waited for here, as Telemetry does.
-func (h *Hub) TelemetryAsync(ctx context.Context, origin string, m bridges.Message) (<-chan error, error) {
-	return h.telemetry(origin, m, func(m bridges.Message) (<-chan error, error) {
-		if as, ok := h.sink.(bridges.AsyncSink); ok {
-			return as.AcceptAsync(ctx, m)
-		}
-		return nil, h.sink.Accept(ctx, m)
-	})
-}
-
-// TelemetryNotify is TelemetryAsync with durability reported by calling
-// done (bridges.NotifySink) instead of on a channel: pending true means done
-// is called exactly once, on the Sink's goroutine, and must not block.
+// TelemetryNotify is Telemetry for a transport that acknowledges later
+// (MQTT's PUBACK pipeline, CoAP's deferred answers): it returns once the
+// Sink has admitted m, and durability is reported by calling done
+// (bridges.NotifySink). pending true means done is called exactly once, on
+// the Sink's goroutine, and must not block; the transport may acknowledge
+// the device only after done(nil). pending false: m is as accepted as err
+// says. Refusals (bridges.ErrQueueFull...) are returned at once, exactly as
+// from Telemetry. A Sink that is not a NotifySink is waited for here, as
+// Telemetry does.
 func (h *Hub) TelemetryNotify(ctx context.Context, origin string, m bridges.Message, done func(error)) (pending bool, err error) {
 	_, err = h.telemetry(origin, m, func(m bridges.Message) (<-chan error, error) {
 		var err error
@@ -118,12 +108,12 @@ func (h *Hub) TelemetryNotify(ctx context.Context, origin string, m bridges.Mess
 	return pending, err
 }
 
-// AdmitsWithoutWaiting reports whether TelemetryAsync returns without
-// waiting for the Sink (the Sink is a bridges.AsyncSink), so that a
+// AdmitsWithoutWaiting reports whether TelemetryNotify returns without
+// waiting for the Sink (the Sink is a bridges.NotifySink), so that a
 // transport may call it where it must not block (CoAP answers requests on
 // the DTLS listener's read loop only then).
 func (h *Hub) AdmitsWithoutWaiting() bool {
-	_, ok := h.sink.(bridges.AsyncSink)
+	_, ok := h.sink.(bridges.NotifySink)
 	return ok
 }
 
@@ -269,3 +259,11 @@ func (LocalSink) Accept(ctx context.Context, _ bridges.Message) error { return c
 func (LocalSink) AcceptAsync(ctx context.Context, _ bridges.Message) (<-chan error, error) {
 	return nil, ctx.Err()
 }
+
+// AcceptNotify implements bridges.NotifySink: nothing to wait for, so done
+// is never called.
+func (LocalSink) AcceptNotify(ctx context.Context, _ bridges.Message, _ func(error)) (bool, error) {
+	return false, ctx.Err()
+}
+
+var _ bridges.NotifySink = LocalSink{}
