@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"maps"
 	"math/rand/v2"
@@ -96,6 +97,7 @@ type image struct {
 	tc     TargetCustom
 	ver    Version
 	f      *os.File // opened and verified; served from this fd only
+	m      *mapping // f mapped for CoAP blocks; nil where it could not be
 	tag    [8]byte  // the CoAP ETag: the sha256's first 8 bytes
 }
 
@@ -217,7 +219,27 @@ func (c *Cache) openVerified(sha string, si storedImage) (*image, error) {
 	}
 	img := &image{sha: sha, size: si.Length, target: si.Target, tc: si.Custom, ver: ver, f: f}
 	copy(img.tag[:], want)
+	if img.m, err = mapFile(f, si.Length); err != nil && si.Length > 0 {
+		c.log.Info("firmware image served from its file, not mapped", "sha256", sha, "err", err)
+	}
 	return img, nil
+}
+
+// coapBody is what a CoAP transfer reads: the mapping when there is one
+// (no syscall per block), the file otherwise.
+func (img *image) coapBody() io.ReadSeeker {
+	if img.m != nil {
+		return io.NewSectionReader(img.m, 0, img.size)
+	}
+	return io.NewSectionReader(img.f, 0, img.size)
+}
+
+// close releases the mapping (after the copies in progress) and the file.
+func (img *image) close() {
+	if img.m != nil {
+		_ = img.m.unmap()
+	}
+	img.f.Close()
 }
 
 // Close releases every open image. Serving after Close refuses.
@@ -226,10 +248,10 @@ func (c *Cache) Close() error {
 	defer c.mu.Unlock()
 	c.closed = true
 	for _, img := range c.images {
-		img.f.Close()
+		img.close()
 	}
 	for _, img := range c.retired {
-		img.f.Close()
+		img.close()
 	}
 	c.images, c.current, c.retired = map[string]*image{}, map[Class]*image{}, nil
 	return nil
@@ -434,7 +456,7 @@ func (c *Cache) check(ctx context.Context) error {
 	if c.closed {
 		c.mu.Unlock()
 		for _, img := range fresh {
-			img.f.Close()
+			img.close()
 		}
 		return errors.New("ota-cache closed during check")
 	}
@@ -579,7 +601,7 @@ func (c *Cache) retire(img *image) {
 		defer c.mu.Unlock()
 		if i := slices.Index(c.retired, img); i >= 0 {
 			c.retired = slices.Delete(c.retired, i, i+1)
-			img.f.Close()
+			img.close()
 		}
 	})
 }

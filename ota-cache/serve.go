@@ -50,7 +50,7 @@ func (c *Cache) ServeCoAP(w mux.ResponseWriter, r *mux.Message, device string) {
 		refuse(coapCode(err), err.Error())
 		return
 	}
-	if err := w.SetResponse(codes.Content, message.AppOctets, io.NewSectionReader(img.f, 0, img.size)); err != nil {
+	if err := w.SetResponse(codes.Content, message.AppOctets, img.coapBody()); err != nil {
 		c.log.Warn("coap response", "device", device, "err", err)
 		return
 	}

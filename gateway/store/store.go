@@ -39,18 +39,20 @@ var ErrNameTaken = errors.New("name already used by an active device")
 
 // Store is an open state database.
 type Store struct {
-	db  *bolt.DB
-	psk pskCache
+	db *bolt.DB
+	// Answers about devices kept in memory: a PSK handshake looks its
+	// identity up (reading and decoding the record from the file was
+	// about 6 % of the gateway's CPU per handshake), and a firmware
+	// transfer looks its device up for every block.
+	psk, byID deviceCache
 }
 
-// pskCache keeps DeviceByPSKIdentity's answers in memory: a PSK
-// handshake looks its identity up, and reading and decoding the record
-// from the file was about 6 % of the gateway's CPU per handshake. Every
-// write that can change an answer (updateDevices) empties it once the
-// write has committed, and an answer read from the file is kept only if
-// no such write committed while it was read (gen), so a lookup that
-// starts after Revoke or UpdateDevice has returned sees their result.
-type pskCache struct {
+// deviceCache keeps a lookup's answers in memory. Every write that can
+// change an answer (updateDevices) empties it once the write has
+// committed, and an answer read from the file is kept only if no such
+// write committed while it was read (gen), so a lookup that starts after
+// Revoke or UpdateDevice has returned sees their result.
+type deviceCache struct {
 	mu  sync.Mutex
 	gen uint64 // committed writes to devices
 	m   map[string]Device
@@ -59,18 +61,51 @@ type pskCache struct {
 	afterRead func()
 }
 
-// maxPSKCache bounds the cache (about 300 bytes an entry); when full it is
-// emptied, which only costs the next lookups a read from the file.
-const maxPSKCache = 8192
+// maxDeviceCache bounds each cache (about 300 bytes an entry); when full
+// it is emptied, which only costs the next lookups a read from the file.
+const maxDeviceCache = 8192
+
+// get answers key from memory, or from load (the file) and keeps that.
+func (c *deviceCache) get(key string, load func(string) (Device, error)) (Device, error) {
+	c.mu.Lock()
+	cached, ok := c.m[key]
+	gen := c.gen
+	c.mu.Unlock()
+	if ok {
+		return cached, nil
+	}
+	d, err := load(key)
+	if err != nil {
+		return Device{}, err
+	}
+	if c.afterRead != nil {
+		c.afterRead()
+	}
+	c.mu.Lock()
+	if c.gen == gen { // no write committed since the read began
+		if c.m == nil || len(c.m) >= maxDeviceCache {
+			c.m = make(map[string]Device)
+		}
+		c.m[key] = d
+	}
+	c.mu.Unlock()
+	return d, nil
+}
+
+// invalidate empties the cache after a write to devices committed.
+func (c *deviceCache) invalidate() {
+	c.mu.Lock()
+	c.gen++
+	clear(c.m)
+	c.mu.Unlock()
+}
 
 // updateDevices runs fn in a write transaction that may change devices or
-// PSK identities, then empties the PSK cache.
+// PSK identities, then empties the device caches.
 func (s *Store) updateDevices(fn func(tx *bolt.Tx) error) error {
 	err := s.db.Update(fn)
-	s.psk.mu.Lock()
-	s.psk.gen++
-	clear(s.psk.m)
-	s.psk.mu.Unlock()
+	s.psk.invalidate()
+	s.byID.invalidate()
 	return err
 }
 
@@ -214,8 +249,13 @@ func (s *Store) UpdateDevice(id string, fn func(*Device) error) (Device, error) 
 	return out, err
 }
 
-// Device returns the device with id.
+// Device returns the device with id, as the last committed write left it
+// (from memory if it was looked up since).
 func (s *Store) Device(id string) (Device, error) {
+	return s.byID.get(id, s.device)
+}
+
+func (s *Store) device(id string) (Device, error) {
 	var d Device
 	err := s.db.View(func(tx *bolt.Tx) error { return get(tx.Bucket(bDevices), id, &d) })
 	if err != nil {
@@ -243,29 +283,7 @@ func (s *Store) DeviceByName(name string) (Device, error) {
 // DeviceByPSKIdentity returns the device that owns a PSK identity, as the
 // last committed write left it (from memory if it was looked up since).
 func (s *Store) DeviceByPSKIdentity(identity string) (Device, error) {
-	s.psk.mu.Lock()
-	cached, ok := s.psk.m[identity]
-	gen := s.psk.gen
-	s.psk.mu.Unlock()
-	if ok {
-		return cached, nil
-	}
-	d, err := s.deviceByPSKIdentity(identity)
-	if err != nil {
-		return Device{}, err
-	}
-	if s.psk.afterRead != nil {
-		s.psk.afterRead()
-	}
-	s.psk.mu.Lock()
-	if s.psk.gen == gen { // no write committed since the read began
-		if s.psk.m == nil || len(s.psk.m) >= maxPSKCache {
-			s.psk.m = make(map[string]Device)
-		}
-		s.psk.m[identity] = d
-	}
-	s.psk.mu.Unlock()
-	return d, nil
+	return s.psk.get(identity, s.deviceByPSKIdentity)
 }
 
 func (s *Store) deviceByPSKIdentity(identity string) (Device, error) {

@@ -185,63 +185,83 @@ func TestSurvivesKill9(t *testing.T) {
 	}
 }
 
-// DeviceByPSKIdentity answers from memory between writes, and a lookup
-// after a write that changed the device sees the change.
-func TestDeviceByPSKIdentityCache(t *testing.T) {
-	s, _ := open(t)
-	now := time.Date(2026, 11, 24, 12, 0, 0, 0, time.UTC)
-	if err := s.AddDevice(Device{ID: "a1", Name: "lamp", Auth: "psk", PSKIdentity: "psk-a1", Created: now}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := s.DeviceByPSKIdentity("psk-a1"); err != nil {
-		t.Fatal(err)
-	}
-	// Answered from memory: reading the file allocated a transaction and
-	// the decoded record.
-	if n := testing.AllocsPerRun(100, func() { _, _ = s.DeviceByPSKIdentity("psk-a1") }); n != 0 {
-		t.Errorf("cached lookup: %v allocations, want 0", n)
-	}
-	if _, err := s.UpdateDevice("a1", func(d *Device) error { d.Version = "2.0"; return nil }); err != nil {
-		t.Fatal(err)
-	}
-	if d, err := s.DeviceByPSKIdentity("psk-a1"); err != nil || d.Version != "2.0" {
-		t.Fatalf("after UpdateDevice: version %q, %v; want 2.0", d.Version, err)
-	}
-	if _, err := s.Revoke("a1", now); err != nil {
-		t.Fatal(err)
-	}
-	if d, err := s.DeviceByPSKIdentity("psk-a1"); err != nil || !d.Revoked {
-		t.Fatalf("after Revoke: revoked %v, %v; want true", d.Revoked, err)
-	}
-	if _, err := s.DeviceByPSKIdentity("psk-none"); !errors.Is(err, ErrNotFound) {
-		t.Fatalf("unknown identity: %v, want ErrNotFound", err)
-	}
-	if err := s.AddDevice(Device{ID: "b2", Name: "fan", Auth: "psk", PSKIdentity: "psk-none", Created: now}); err != nil {
-		t.Fatal(err)
-	}
-	if d, err := s.DeviceByPSKIdentity("psk-none"); err != nil || d.ID != "b2" {
-		t.Fatalf("identity added after a failed lookup: %q, %v; want b2", d.ID, err)
+// The device lookups a handshake and a firmware block make, by PSK
+// identity and by id: each answers from memory between writes.
+var cachedLookups = []struct {
+	name        string
+	key, absent string // absent: the key of the device "b2" added later
+	lookup      func(*Store, string) (Device, error)
+	cache       func(*Store) *deviceCache
+}{
+	{"psk", "psk-a1", "psk-b2", (*Store).DeviceByPSKIdentity, func(s *Store) *deviceCache { return &s.psk }},
+	{"id", "a1", "b2", (*Store).Device, func(s *Store) *deviceCache { return &s.byID }},
+}
+
+// A lookup after a write that changed the device sees the change.
+func TestDeviceLookupCache(t *testing.T) {
+	for _, tc := range cachedLookups {
+		t.Run(tc.name, func(t *testing.T) {
+			s, _ := open(t)
+			now := time.Date(2026, 11, 24, 12, 0, 0, 0, time.UTC)
+			if err := s.AddDevice(Device{ID: "a1", Name: "lamp", Auth: "psk", PSKIdentity: "psk-a1", Created: now}); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := tc.lookup(s, tc.key); err != nil {
+				t.Fatal(err)
+			}
+			// Answered from memory: reading the file allocated a transaction and
+			// the decoded record.
+			if n := testing.AllocsPerRun(100, func() { _, _ = tc.lookup(s, tc.key) }); n != 0 {
+				t.Errorf("cached lookup: %v allocations, want 0", n)
+			}
+			if _, err := s.UpdateDevice("a1", func(d *Device) error { d.Version = "2.0"; return nil }); err != nil {
+				t.Fatal(err)
+			}
+			if d, err := tc.lookup(s, tc.key); err != nil || d.Version != "2.0" {
+				t.Fatalf("after UpdateDevice: version %q, %v; want 2.0", d.Version, err)
+			}
+			if _, err := s.Revoke("a1", now); err != nil {
+				t.Fatal(err)
+			}
+			if d, err := tc.lookup(s, tc.key); err != nil || !d.Revoked {
+				t.Fatalf("after Revoke: revoked %v, %v; want true", d.Revoked, err)
+			}
+			if _, err := tc.lookup(s, tc.absent); !errors.Is(err, ErrNotFound) {
+				t.Fatalf("unknown device: %v, want ErrNotFound", err)
+			}
+			if err := s.AddDevice(Device{ID: "b2", Name: "fan", Auth: "psk", PSKIdentity: "psk-b2", Created: now}); err != nil {
+				t.Fatal(err)
+			}
+			if d, err := tc.lookup(s, tc.absent); err != nil || d.ID != "b2" {
+				t.Fatalf("device added after a failed lookup: %q, %v; want b2", d.ID, err)
+			}
+		})
 	}
 }
 
 // A lookup that read the device before a Revoke committed does not keep
 // its answer: the next lookup sees the device revoked.
-func TestDeviceByPSKIdentityCacheRevokeDuringLookup(t *testing.T) {
-	s, _ := open(t)
-	now := time.Date(2026, 11, 24, 12, 0, 0, 0, time.UTC)
-	if err := s.AddDevice(Device{ID: "a1", Name: "lamp", Auth: "psk", PSKIdentity: "psk-a1", Created: now}); err != nil {
-		t.Fatal(err)
-	}
-	s.psk.afterRead = func() {
-		s.psk.afterRead = nil
-		if _, err := s.Revoke("a1", now); err != nil {
-			t.Error(err)
-		}
-	}
-	if d, err := s.DeviceByPSKIdentity("psk-a1"); err != nil || d.Revoked {
-		t.Fatalf("lookup that began before Revoke: revoked %v, %v; want the device as it was read", d.Revoked, err)
-	}
-	if d, err := s.DeviceByPSKIdentity("psk-a1"); err != nil || !d.Revoked {
-		t.Fatalf("lookup after Revoke: revoked %v, %v; want true", d.Revoked, err)
+func TestDeviceLookupCacheRevokeDuringLookup(t *testing.T) {
+	for _, tc := range cachedLookups {
+		t.Run(tc.name, func(t *testing.T) {
+			s, _ := open(t)
+			now := time.Date(2026, 11, 24, 12, 0, 0, 0, time.UTC)
+			if err := s.AddDevice(Device{ID: "a1", Name: "lamp", Auth: "psk", PSKIdentity: "psk-a1", Created: now}); err != nil {
+				t.Fatal(err)
+			}
+			c := tc.cache(s)
+			c.afterRead = func() {
+				c.afterRead = nil
+				if _, err := s.Revoke("a1", now); err != nil {
+					t.Error(err)
+				}
+			}
+			if d, err := tc.lookup(s, tc.key); err != nil || d.Revoked {
+				t.Fatalf("lookup that began before Revoke: revoked %v, %v; want the device as it was read", d.Revoked, err)
+			}
+			if d, err := tc.lookup(s, tc.key); err != nil || !d.Revoked {
+				t.Fatalf("lookup after Revoke: revoked %v, %v; want true", d.Revoked, err)
+			}
+		})
 	}
 }
