@@ -84,10 +84,7 @@ func (h *Hub) AddMirror(origin string, fn func(bridges.Message)) {
 // transport may then acknowledge the device; bridges.ErrQueueFull is passed
 // through for the transport to refuse the message.
 func (h *Hub) Telemetry(ctx context.Context, origin string, m bridges.Message) error {
-	_, err := h.telemetry(origin, m, func(m bridges.Message) (<-chan error, error) {
-		return nil, h.sink.Accept(ctx, m)
-	})
-	return err
+	return h.telemetry(origin, m, func(m bridges.Message) error { return h.sink.Accept(ctx, m) })
 }
 
 // TelemetryNotify is Telemetry for a transport that acknowledges later
@@ -100,10 +97,10 @@ func (h *Hub) Telemetry(ctx context.Context, origin string, m bridges.Message) e
 // from Telemetry. A Sink that is not a NotifySink is waited for here, as
 // Telemetry does.
 func (h *Hub) TelemetryNotify(ctx context.Context, origin string, m bridges.Message, done func(error)) (pending bool, err error) {
-	_, err = h.telemetry(origin, m, func(m bridges.Message) (<-chan error, error) {
+	err = h.telemetry(origin, m, func(m bridges.Message) error {
 		var err error
 		pending, err = bridges.AcceptNotify(ctx, h.sink, m, done)
-		return nil, err
+		return err
 	})
 	return pending, err
 }
@@ -117,20 +114,19 @@ func (h *Hub) AdmitsWithoutWaiting() bool {
 	return ok
 }
 
-func (h *Hub) telemetry(origin string, m bridges.Message, accept func(bridges.Message) (<-chan error, error)) (<-chan error, error) {
+func (h *Hub) telemetry(origin string, m bridges.Message, accept func(bridges.Message) error) error {
 	if !strings.HasPrefix(m.Topic, bridges.TopicPrefix(m.Device)) {
-		return nil, fmt.Errorf("telemetry from %s on %q: topic outside the device namespace", m.Device, m.Topic)
+		return fmt.Errorf("telemetry from %s on %q: topic outside the device namespace", m.Device, m.Topic)
 	}
 	if m.Received.IsZero() {
 		m.Received = time.Now()
 	}
-	durable, err := accept(m)
-	if err != nil {
+	if err := accept(m); err != nil {
 		if errors.Is(err, bridges.ErrQueueFull) {
 			h.m.Refused.WithLabelValues(origin, ReasonQueueFull).Inc()
 		}
 		h.traffic.update(m.Device, func(t *Traffic) { t.Refused++ })
-		return nil, fmt.Errorf("accept telemetry from %s on %s: %w", m.Device, m.Topic, err)
+		return fmt.Errorf("accept telemetry from %s on %s: %w", m.Device, m.Topic, err)
 	}
 	h.traffic.update(m.Device, func(t *Traffic) {
 		t.MessagesIn++
@@ -139,7 +135,7 @@ func (h *Hub) telemetry(origin string, m bridges.Message, accept func(bridges.Me
 	})
 	h.m.telemetryCounter(origin).Inc()
 	h.mirror(origin, m)
-	return durable, nil
+	return nil
 }
 
 // Deliver sends a command to a device: m.Topic must be
