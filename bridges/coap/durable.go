@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"sync"
+	"sync/atomic"
 
 	"github.com/plgd-dev/go-coap/v3/message/pool"
 
@@ -21,10 +22,12 @@ import (
 //     per-session acceptTimeout bound) ends first: 5.03 with Max-Age, the
 //     answer a timed-out Accept gets. done coming later then does nothing.
 //
-// No goroutine waits per request: the deadline is a context.AfterFunc on
-// the context every request of that second shares (a goroutine starts only
-// if it fires), and the answer is written by the callback itself. Writing
-// a DTLS record from the Sink's goroutine is one encryption and one UDP
+// No goroutine waits per request, and no timer or context is made per
+// request: every answer waiting under the same shared deadline context is
+// on that context's deadlineWatch, one context.AfterFunc per context (per
+// second), whose one goroutine answers what is still waiting when the
+// deadline ends. The answer is written by the callback itself. Writing a
+// DTLS record from the Sink's goroutine is one encryption and one UDP
 // datagram, which never waits for the device (UDP has no flow control, so
 // a device that stops reading cannot stall the queue's writer as a TCP
 // peer could stall MQTT's; the listener's read loop writes inline answers
@@ -46,10 +49,13 @@ type durableAnswer struct {
 	err     error // done's outcome when it came before handOver
 	// Set by handOver; cleared by whoever settles after it, which then
 	// owns them until d.Done.
-	d    *otacache.DTLSDeferred
-	m    *pool.Message
-	se   *session
-	stop func() bool // the deadline's AfterFunc
+	d  *otacache.DTLSDeferred
+	m  *pool.Message
+	se *session
+	w  *deadlineWatch // the deadline it waits on (nil: none)
+
+	// Links in w's list, under w.mu (frozen once w has fired).
+	prev, next *durableAnswer
 }
 
 // handOver is the handler's side, right after the Sink said the message is
@@ -64,13 +70,22 @@ func (a *durableAnswer) handOver(w *otacache.DTLSResponseWriter, m *pool.Message
 		s.answer(w, m, se, s.telemetryAnswer(a.device, a.topic, err))
 		return
 	}
-	// Deferred under mu: done, which now waits for mu, finds d set. The
-	// handler still returns before anything is sent: the deferred answer
-	// completes only once the handler has returned (DTLSDeferred).
+	if a.ctx.Done() != nil { // QoS 0 has no deadline
+		a.w = s.watches.of(s, a.ctx)
+		if !a.w.add(a) {
+			// The deadline has already passed: answered now, as then.
+			a.settled, a.w = true, nil
+			a.mu.Unlock()
+			s.answer(w, m, se, s.telemetryAnswer(a.device, a.topic, a.timeoutErr()))
+			return
+		}
+	}
+	// Deferred under mu: done, and the deadline's timeout, now wait for mu
+	// and find d set. The handler still returns before anything is sent:
+	// the deferred answer completes only once the handler has returned
+	// (DTLSDeferred).
 	a.d, a.m, a.se = w.Defer(), m, se
 	s.bg.Add(1) // Run waits for the answer, as it waited for the goroutine that gave it
-	// If ctx has already ended, timeout starts now and waits for mu.
-	a.stop = context.AfterFunc(a.ctx, a.timeout)
 	a.mu.Unlock()
 }
 
@@ -90,14 +105,16 @@ func (a *durableAnswer) done(err error) {
 		a.mu.Unlock()
 		return
 	}
-	m, se, stop := a.take()
+	m, se, w := a.take()
 	a.mu.Unlock()
-	stop()
+	if w != nil {
+		w.remove(a)
+	}
 	a.finish(d, m, se, err)
 }
 
-// timeout runs (on a goroutine of context.AfterFunc's) when the request's
-// deadline ends before done came.
+// timeout is the deadline's side (deadlineWatch.fire): the deadline ended
+// before done came.
 func (a *durableAnswer) timeout() {
 	a.mu.Lock()
 	if a.settled {
@@ -110,14 +127,18 @@ func (a *durableAnswer) timeout() {
 	a.mu.Unlock()
 	// The message may still become durable (and then be delivered): at
 	// least once, as when Accept times out.
-	a.finish(d, m, se, fmt.Errorf("telemetry from %s on %s: waiting for the disk: %w", a.device, a.topic, a.ctx.Err()))
+	a.finish(d, m, se, a.timeoutErr())
+}
+
+func (a *durableAnswer) timeoutErr() error {
+	return fmt.Errorf("telemetry from %s on %s: waiting for the disk: %w", a.device, a.topic, a.ctx.Err())
 }
 
 // take hands the deferred request to the caller, who settled; mu is held.
-func (a *durableAnswer) take() (*pool.Message, *session, func() bool) {
-	m, se, stop := a.m, a.se, a.stop
-	a.d, a.m, a.se, a.stop = nil, nil, nil, nil
-	return m, se, stop
+func (a *durableAnswer) take() (*pool.Message, *session, *deadlineWatch) {
+	m, se, w := a.m, a.se, a.w
+	a.d, a.m, a.se, a.w = nil, nil, nil, nil
+	return m, se, w
 }
 
 // finish sends the deferred answer for outcome err and releases the
@@ -127,4 +148,125 @@ func (a *durableAnswer) finish(d *otacache.DTLSDeferred, m *pool.Message, se *se
 	s.answer(d, m, se, s.telemetryAnswer(a.device, a.topic, err))
 	d.Done()
 	s.bg.Done()
+}
+
+// deadlineWatch holds the answers waiting under one shared deadline
+// context and answers those still waiting when it ends (fire, from the
+// context's one AfterFunc). Registering and removing an answer is a list
+// operation under mu: no allocation, no timer, no context per request.
+type deadlineWatch struct {
+	s     *Server
+	ctx   context.Context
+	stop  func() bool // the AfterFunc's; set under Server.watches.mu
+	mu    sync.Mutex
+	head  *durableAnswer
+	fired bool // the list was handed to fire; links are frozen
+}
+
+// add puts a on the list, or reports false if the deadline has ended.
+func (w *deadlineWatch) add(a *durableAnswer) bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.fired {
+		return false
+	}
+	a.next = w.head
+	if w.head != nil {
+		w.head.prev = a
+	}
+	w.head = a
+	return true
+}
+
+// remove takes a, which done settled, off the list, unless fire already
+// has the list (then fire finds it settled).
+func (w *deadlineWatch) remove(a *durableAnswer) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.fired {
+		return
+	}
+	if a.prev != nil {
+		a.prev.next = a.next
+	} else {
+		w.head = a.next
+	}
+	if a.next != nil {
+		a.next.prev = a.prev
+	}
+	a.prev, a.next = nil, nil
+}
+
+// fire runs when the deadline ends: every answer still on the list gets
+// the timeout's answer, on this one goroutine.
+func (w *deadlineWatch) fire() {
+	s := w.s
+	s.watches.forget(w)
+	w.mu.Lock()
+	w.fired = true
+	a := w.head
+	w.head = nil
+	if a != nil {
+		// The answers on the list hold counts of bg, so it is above zero
+		// even if Run already waits.
+		s.bg.Add(1)
+	}
+	w.mu.Unlock()
+	if a == nil {
+		return
+	}
+	defer s.bg.Done()
+	for a != nil {
+		next := a.next // frozen: remove leaves a fired list alone
+		a.timeout()
+		a = next
+	}
+}
+
+// deadlineWatches finds the watch of a shared deadline context: the
+// current one in an atomic load, a new one (and its AfterFunc) once per
+// context.
+type deadlineWatches struct {
+	cur  atomic.Pointer[deadlineWatch]
+	mu   sync.Mutex
+	live map[*deadlineWatch]struct{} // not fired yet; Run stops them at the end
+}
+
+func (ws *deadlineWatches) of(s *Server, ctx context.Context) *deadlineWatch {
+	if w := ws.cur.Load(); w != nil && w.ctx == ctx {
+		return w
+	}
+	ws.mu.Lock()
+	defer ws.mu.Unlock()
+	if w := ws.cur.Load(); w != nil && w.ctx == ctx {
+		return w
+	}
+	w := &deadlineWatch{s: s, ctx: ctx}
+	if ws.live == nil {
+		ws.live = map[*deadlineWatch]struct{}{}
+	}
+	ws.live[w] = struct{}{}
+	// If ctx has already ended, fire starts at once and finds w.
+	w.stop = context.AfterFunc(ctx, w.fire)
+	ws.cur.Store(w)
+	return w
+}
+
+func (ws *deadlineWatches) forget(w *deadlineWatch) {
+	ws.mu.Lock()
+	delete(ws.live, w)
+	ws.mu.Unlock()
+}
+
+// stopAll stops the AfterFuncs of the watches that have not fired (Run,
+// once no answer waits: their lists are empty), so that none starts a
+// goroutine after Run returned.
+func (ws *deadlineWatches) stopAll() {
+	ws.mu.Lock()
+	defer ws.mu.Unlock()
+	for w := range ws.live {
+		w.stop()
+	}
+	ws.live = nil
+	ws.cur.Store(nil)
 }

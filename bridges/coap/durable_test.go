@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-cmp/cmp"
 	piondtls "github.com/pion/dtls/v3"
 	"github.com/plgd-dev/go-coap/v3/message"
 	"github.com/plgd-dev/go-coap/v3/message/codes"
@@ -249,6 +250,52 @@ func TestDurableAnswerTimeoutAnswersOnce(t *testing.T) {
 	c.expect("telemetry made durable in time", 3, codes.Changed)
 	c.send(1, codes.POST, "/t/late", []byte("x"))
 	c.expect("retransmission of the timed-out request", 1, codes.ServiceUnavailable)
+}
+
+// Many requests wait under the same deadline; the callbacks of some come
+// in time, in any order (taken off the deadline's list from its head,
+// middle and tail), the rest after the deadline: every request is answered
+// exactly once, 2.04 for the first kind and 5.03 for the second, and the
+// late callbacks send nothing.
+func TestDurableAnswersTimeoutManyOnce(t *testing.T) {
+	const n = 12
+	sink := holdSink{held: make(chan heldMessage, n)}
+	id := &fakeIdentity{key: []byte("0123456789abcdef"), revoked: map[string]bool{}}
+	_, dev, _, addr, _, _ := startStoppable(t, id, sink, 300*time.Millisecond)
+	c := dialRaw(t, dev, addr)
+	held := map[string]heldMessage{}
+	for i := range n {
+		c.send(uint16(1+i), codes.POST, fmt.Sprintf("/t/m%d", i), []byte("x"))
+		h := sink.next(t)
+		held[h.m.Topic] = h
+	}
+	inTime := []int{n - 1, 0, 5, 6, 3} // head (last added), tail, middle, neighbours
+	for _, i := range inTime {
+		held[fmt.Sprintf("devices/dev-psk/t/m%d", i)].done(nil)
+	}
+	want := map[uint16]codes.Code{}
+	for i := range n {
+		want[uint16(1+i)] = codes.ServiceUnavailable
+	}
+	for _, i := range inTime {
+		want[uint16(1+i)] = codes.Changed
+	}
+	got := map[uint16]codes.Code{}
+	for range n {
+		a := c.next()
+		if _, dup := got[a.mid]; dup || a.token != string(tokenOf(a.mid)) {
+			t.Fatalf("answer to message %d (token %q) again, or with a wrong token; so far %v", a.mid, a.token, got)
+		}
+		got[a.mid] = a.code
+	}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("answers by message ID (-want +got):\n%s", diff)
+	}
+	for _, h := range held {
+		h.done(nil) // all late now, or called already: nothing more is sent
+	}
+	c.send(100, codes.GET, "/.well-known/core", nil)
+	c.expect("GET after the late callbacks", 100, codes.Content)
 }
 
 // The Sink's callback may come before the handler has deferred its answer
