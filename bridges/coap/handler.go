@@ -38,6 +38,11 @@ type request struct {
 	format      int64 // -1: no Content-Format
 	bodySize    int64
 	body        io.ReadSeeker
+	// mayDefer: the caller can answer after it returned (serveSession on
+	// the session's reader or the listener's read loop), so telemetry the
+	// Sink has admitted but not yet made durable is answered from the
+	// Sink's callback (durableAnswer) instead of waited for here.
+	mayDefer bool
 }
 
 // response is what the router decided.
@@ -50,13 +55,11 @@ type response struct {
 	observe int    // obsNone, obsRegister, obsDeregister
 	topic   string // command topic for GET /c (telemetry: its topic)
 
-	// durable, when set, is the Sink's answer still to come for telemetry
-	// it has admitted but not yet made durable (a confirmable request):
-	// the device is answered once it comes (telemetryAnswer), and waitCtx
-	// bounds the wait.
-	durable <-chan error
-	waitCtx context.Context
-	device  string
+	// wait, when set, is telemetry the Sink has admitted but not yet made
+	// durable (a confirmable request): the device is answered from the
+	// Sink's callback or at the deadline, whichever comes first
+	// (durableAnswer); the caller hands it the request (handOver).
+	wait *durableAnswer
 }
 
 const (
@@ -148,18 +151,24 @@ func (s *Server) telemetry(device, path string, r request) response {
 	}
 	// A CON request is answered, within a bound (acceptTimeout, shared per
 	// second), once the message is durable; a NON request once it is
-	// admitted. The Sink admits without waiting where it can (an
-	// AsyncSink): the wait for the disk is then serveCoAP's, which answers
-	// later (otacache's Defer) instead of holding up the session.
+	// admitted. The Sink admits without waiting where it can (a
+	// NotifySink): the answer is then given later (otacache's Defer), from
+	// the Sink's callback after the fsync, instead of holding up the
+	// session, and with no goroutine parked per request.
 	now := time.Now()
 	var qos byte
 	if r.confirmable {
 		qos = 1
 	}
 	ctx := s.deadline.ForQoS(qos, now)
-	durable, err := s.hub.TelemetryAsync(ctx, hub.CoAP, bridges.Message{Device: device, Topic: topic, Payload: payload, QoS: qos, Received: now})
-	if err == nil && durable != nil {
-		return response{code: codes.Changed, durable: durable, waitCtx: ctx, device: device, topic: topic}
+	m := bridges.Message{Device: device, Topic: topic, Payload: payload, QoS: qos, Received: now}
+	if !r.mayDefer {
+		return s.telemetryAnswer(device, topic, s.hub.Telemetry(ctx, hub.CoAP, m))
+	}
+	a := &durableAnswer{s: s, device: device, topic: topic, ctx: ctx}
+	pending, err := s.hub.TelemetryNotify(ctx, hub.CoAP, m, a.done)
+	if err == nil && pending {
+		return response{code: codes.Changed, wait: a}
 	}
 	return s.telemetryAnswer(device, topic, err)
 }
@@ -275,8 +284,9 @@ type responseSetter interface {
 }
 
 // serveSession answers m from session se. canDefer: it runs on the
-// session's reader, so a wait for the disk is deferred to a goroutine;
-// otherwise it runs on a goroutine of its own and may wait here.
+// session's reader (or the listener's read loop), so telemetry waiting for
+// the disk is answered later, from the Sink's callback; otherwise it runs
+// on a goroutine of its own and may wait here.
 func (s *Server) serveSession(w *otacache.DTLSResponseWriter, m *pool.Message, se *session, canDefer bool) {
 	// Firmware is for operational sessions only (enroll.go: session kinds).
 	if se.enroll.kind == KindDevice && s.serveFirmware(w, m, se) {
@@ -289,35 +299,14 @@ func (s *Server) serveSession(w *otacache.DTLSResponseWriter, m *pool.Message, s
 		s.log.Info("coap: request refused: malformed", "device", se.device, "err", err)
 		res = diag(codes.BadRequest, "malformed request: %v", err)
 	} else {
+		r.mayDefer = canDefer
 		res = s.routeSession(m.Context(), m, se, r)
 	}
-	if res.durable != nil {
-		if !canDefer {
-			s.answer(w, m, se, s.telemetryAnswer(res.device, res.topic, waitDurable(res)))
-			return
-		}
-		d := w.Defer()
-		s.bg.Add(1)
-		go func() {
-			defer s.bg.Done()
-			s.answer(d, m, se, s.telemetryAnswer(res.device, res.topic, waitDurable(res)))
-			d.Done()
-		}()
+	if res.wait != nil {
+		res.wait.handOver(w, m, se)
 		return
 	}
 	s.answer(w, m, se, res)
-}
-
-// waitDurable waits for the Sink's durability answer, within res.waitCtx
-// (then context.DeadlineExceeded: the device is asked to retry, as when
-// Accept itself timed out).
-func waitDurable(res response) error {
-	select {
-	case err := <-res.durable:
-		return err
-	case <-res.waitCtx.Done():
-		return fmt.Errorf("telemetry from %s on %s: waiting for the disk: %w", res.device, res.topic, res.waitCtx.Err())
-	}
 }
 
 // answer sets res as the answer to m.

@@ -14,11 +14,11 @@ import (
 	"github.com/bastion-iot/bastion/internal/devicesim"
 )
 
-// heldMessage is telemetry a holdSink admitted: done says when it is
-// durable (nil) or why not.
+// heldMessage is telemetry a holdSink admitted: calling done says it is
+// durable (nil) or why not, as the queue's writer does after its fsync.
 type heldMessage struct {
 	m      bridges.Message
-	done   chan error
+	done   func(error)
 	onLoop bool // admitted on the DTLS listener's read loop
 }
 
@@ -29,7 +29,7 @@ func onReadLoop() bool {
 	return strings.Contains(string(buf[:runtime.Stack(buf, false)]), "udp.(*listener).readLoop")
 }
 
-// holdSink is a bridges.AsyncSink whose QoS 1 messages become durable
+// holdSink is a bridges.NotifySink whose QoS 1 messages become durable
 // only when the test says so, as a queue waiting for its disk.
 type holdSink struct{ held chan heldMessage }
 
@@ -46,13 +46,21 @@ func (s holdSink) Accept(ctx context.Context, m bridges.Message) error {
 	}
 }
 
-func (s holdSink) AcceptAsync(_ context.Context, m bridges.Message) (<-chan error, error) {
-	if m.QoS == 0 {
-		return nil, nil
+func (s holdSink) AcceptAsync(ctx context.Context, m bridges.Message) (<-chan error, error) {
+	ch := make(chan error, 1)
+	pending, err := s.AcceptNotify(ctx, m, func(err error) { ch <- err })
+	if !pending {
+		return nil, err
 	}
-	h := heldMessage{m: m, done: make(chan error, 1), onLoop: onReadLoop()}
-	s.held <- h
-	return h.done, nil
+	return ch, nil
+}
+
+func (s holdSink) AcceptNotify(_ context.Context, m bridges.Message, done func(error)) (bool, error) {
+	if m.QoS == 0 {
+		return false, nil
+	}
+	s.held <- heldMessage{m: m, done: done, onLoop: onReadLoop()}
+	return true, nil
 }
 
 func (s holdSink) next(t *testing.T) heldMessage {
@@ -125,7 +133,7 @@ func TestTelemetryWaitsForDiskWithoutHoldingSessions(t *testing.T) {
 		t.Fatalf("other session: GET /.well-known/core: %v %v, want 2.05", r.Code, err)
 	}
 	other := publish(ctx, b, "other")
-	sink.next(t).done <- nil
+	sink.next(t).done(nil)
 	if code := answerOf(t, "telemetry of the other session", other); code != codes.Changed {
 		t.Fatalf("other session's telemetry: %v, want 2.04", code)
 	}
@@ -134,21 +142,21 @@ func TestTelemetryWaitsForDiskWithoutHoldingSessions(t *testing.T) {
 		t.Fatalf("telemetry answered (%v) before the Sink said it was durable", r.Code)
 	default:
 	}
-	held.done <- nil
+	held.done(nil)
 	if code := answerOf(t, "held telemetry", slow); code != codes.Changed {
 		t.Fatalf("held telemetry: %v, want 2.04", code)
 	}
 	// A durable write that fails as a full queue: 5.03, as before.
 	full := publish(ctx, a, "full")
 	h := sink.next(t)
-	h.done <- bridges.ErrQueueFull
+	h.done(bridges.ErrQueueFull)
 	if code := answerOf(t, "telemetry refused by the queue", full); code != codes.ServiceUnavailable {
 		t.Fatalf("telemetry the queue refused: %v, want 5.03", code)
 	}
 	// The session's third request: long after its handler was set, so
 	// taken on the read loop.
 	if !h.onLoop {
-		t.Error("telemetry of a device session with an AsyncSink was not admitted on the listener's read loop")
+		t.Error("telemetry of a device session with a NotifySink was not admitted on the listener's read loop")
 	}
 }
 

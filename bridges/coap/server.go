@@ -87,8 +87,9 @@ type Server struct {
 	lnP *limitListener
 
 	closing sync.WaitGroup // revocation closes in progress; Run waits
-	// bg: answers given from a goroutine of their own (serveCoAP: a wait
-	// for the disk, off the listener's read loop); Run waits.
+	// bg: answers given later (serveCoAP: from a goroutine of their own,
+	// off the listener's read loop; durable.go: deferred telemetry); Run
+	// waits.
 	bg       sync.WaitGroup
 	mu       sync.Mutex
 	nSession int
@@ -107,8 +108,10 @@ type Server struct {
 	// byDevice: most devices have one session, so a slice (not a map)
 	// per device keeps an idle session's bookkeeping small.
 	byDevice map[string][]*otacache.DTLSConn
-	// deadline bounds a confirmable request's wait for the Sink.
+	// deadline bounds a confirmable request's wait for the Sink; watches
+	// answer the deferred requests whose deadline ends first (durable.go).
 	deadline *hub.SharedDeadline
+	watches  deadlineWatches
 }
 
 // pskAnswer is what the PSK callback found for an identity.
@@ -253,6 +256,7 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	s.closing.Wait()
 	s.bg.Wait()
+	s.watches.stopAll()
 	s.deadline.Stop()
 	return first
 }

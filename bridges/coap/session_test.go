@@ -118,6 +118,16 @@ func startSessions(t *testing.T, id *fakeIdentity) (s *coap.Server, pskDev, cert
 // startSessionsWithSink is startSessions with telemetry going to sink.
 func startSessionsWithSink(t *testing.T, id *fakeIdentity, sink bridges.Sink) (s *coap.Server, pskDev, certDev *devicesim.Device, pskAddr, certAddr string) {
 	t.Helper()
+	s, pskDev, certDev, pskAddr, certAddr, _ = startStoppable(t, id, sink, 0)
+	return s, pskDev, certDev, pskAddr, certAddr
+}
+
+// startStoppable is startSessionsWithSink with a confirmable request's
+// wait for the Sink bounded by acceptTimeout (0: the server's default),
+// and stop, which ends Run and returns once it has returned (bounded; also
+// done at cleanup).
+func startStoppable(t *testing.T, id *fakeIdentity, sink bridges.Sink, acceptTimeout time.Duration) (s *coap.Server, pskDev, certDev *devicesim.Device, pskAddr, certAddr string, stop func()) {
+	t.Helper()
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	dir := t.TempDir()
 	ca, err := pki.Open(filepath.Join(dir, "pki"), "test", pki.SystemClock{}, log)
@@ -136,17 +146,28 @@ func startSessionsWithSink(t *testing.T, id *fakeIdentity, sink bridges.Sink) (s
 	if err != nil {
 		t.Fatal(err)
 	}
+	if acceptTimeout > 0 {
+		coap.SetAcceptTimeout(s, acceptTimeout)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { defer close(done); s.Run(ctx) }()
-	t.Cleanup(func() { cancel(); <-done })
+	stop = func() {
+		cancel()
+		select {
+		case <-done:
+		case <-time.After(30 * time.Second):
+			t.Error("Run did not return within 30 s of its context's end")
+		}
+	}
+	t.Cleanup(stop)
 
 	c, p := s.Addrs()
 	pskDev = &devicesim.Device{Creds: devicesim.Creds{ID: "dev-psk", Auth: "psk", PSKIdentity: "id-psk", PSK: hex.EncodeToString(id.key)}}
 	leaf := testpki.New(t, dir, "maker").Client(t, "dev-cert")
 	certDev = &devicesim.Device{Creds: devicesim.Creds{ID: "dev-cert", Auth: "cert", CertPEM: string(leaf.CertPEM), KeyPEM: string(leaf.KeyPEM)}}
 	certDev.Roots = ca.RootPool()
-	return s, pskDev, certDev, p.String(), c.String()
+	return s, pskDev, certDev, p.String(), c.String(), stop
 }
 
 // request opens a session and asks for /.well-known/core: an answer means

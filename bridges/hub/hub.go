@@ -84,63 +84,49 @@ func (h *Hub) AddMirror(origin string, fn func(bridges.Message)) {
 // transport may then acknowledge the device; bridges.ErrQueueFull is passed
 // through for the transport to refuse the message.
 func (h *Hub) Telemetry(ctx context.Context, origin string, m bridges.Message) error {
-	_, err := h.telemetry(origin, m, func(m bridges.Message) (<-chan error, error) {
-		return nil, h.sink.Accept(ctx, m)
-	})
-	return err
+	return h.telemetry(origin, m, func(m bridges.Message) error { return h.sink.Accept(ctx, m) })
 }
 
-// TelemetryAsync is Telemetry for a transport that acknowledges later
-// (MQTT's per-session pipelining): it returns once the Sink has admitted m,
-// with the Sink's durability channel (bridges.AsyncSink). A nil channel
-// means m is already accepted; otherwise the transport may acknowledge the
-// device only after a nil arrives on it. Refusals (bridges.ErrQueueFull...)
-// are returned at once, exactly as from Telemetry. A Sink without
-// AcceptAsync is waited for here, as Telemetry does.
-func (h *Hub) TelemetryAsync(ctx context.Context, origin string, m bridges.Message) (<-chan error, error) {
-	return h.telemetry(origin, m, func(m bridges.Message) (<-chan error, error) {
-		if as, ok := h.sink.(bridges.AsyncSink); ok {
-			return as.AcceptAsync(ctx, m)
-		}
-		return nil, h.sink.Accept(ctx, m)
-	})
-}
-
-// TelemetryNotify is TelemetryAsync with durability reported by calling
-// done (bridges.NotifySink) instead of on a channel: pending true means done
-// is called exactly once, on the Sink's goroutine, and must not block.
+// TelemetryNotify is Telemetry for a transport that acknowledges later
+// (MQTT's PUBACK pipeline, CoAP's deferred answers): it returns once the
+// Sink has admitted m, and durability is reported by calling done
+// (bridges.NotifySink). pending true means done is called exactly once, on
+// the Sink's goroutine, and must not block; the transport may acknowledge
+// the device only after done(nil). pending false: m is as accepted as err
+// says. Refusals (bridges.ErrQueueFull...) are returned at once, exactly as
+// from Telemetry. A Sink that is not a NotifySink is waited for here, as
+// Telemetry does.
 func (h *Hub) TelemetryNotify(ctx context.Context, origin string, m bridges.Message, done func(error)) (pending bool, err error) {
-	_, err = h.telemetry(origin, m, func(m bridges.Message) (<-chan error, error) {
+	err = h.telemetry(origin, m, func(m bridges.Message) error {
 		var err error
 		pending, err = bridges.AcceptNotify(ctx, h.sink, m, done)
-		return nil, err
+		return err
 	})
 	return pending, err
 }
 
-// AdmitsWithoutWaiting reports whether TelemetryAsync returns without
-// waiting for the Sink (the Sink is a bridges.AsyncSink), so that a
+// AdmitsWithoutWaiting reports whether TelemetryNotify returns without
+// waiting for the Sink (the Sink is a bridges.NotifySink), so that a
 // transport may call it where it must not block (CoAP answers requests on
 // the DTLS listener's read loop only then).
 func (h *Hub) AdmitsWithoutWaiting() bool {
-	_, ok := h.sink.(bridges.AsyncSink)
+	_, ok := h.sink.(bridges.NotifySink)
 	return ok
 }
 
-func (h *Hub) telemetry(origin string, m bridges.Message, accept func(bridges.Message) (<-chan error, error)) (<-chan error, error) {
+func (h *Hub) telemetry(origin string, m bridges.Message, accept func(bridges.Message) error) error {
 	if !strings.HasPrefix(m.Topic, bridges.TopicPrefix(m.Device)) {
-		return nil, fmt.Errorf("telemetry from %s on %q: topic outside the device namespace", m.Device, m.Topic)
+		return fmt.Errorf("telemetry from %s on %q: topic outside the device namespace", m.Device, m.Topic)
 	}
 	if m.Received.IsZero() {
 		m.Received = time.Now()
 	}
-	durable, err := accept(m)
-	if err != nil {
+	if err := accept(m); err != nil {
 		if errors.Is(err, bridges.ErrQueueFull) {
 			h.m.Refused.WithLabelValues(origin, ReasonQueueFull).Inc()
 		}
 		h.traffic.update(m.Device, func(t *Traffic) { t.Refused++ })
-		return nil, fmt.Errorf("accept telemetry from %s on %s: %w", m.Device, m.Topic, err)
+		return fmt.Errorf("accept telemetry from %s on %s: %w", m.Device, m.Topic, err)
 	}
 	h.traffic.update(m.Device, func(t *Traffic) {
 		t.MessagesIn++
@@ -149,7 +135,7 @@ func (h *Hub) telemetry(origin string, m bridges.Message, accept func(bridges.Me
 	})
 	h.m.telemetryCounter(origin).Inc()
 	h.mirror(origin, m)
-	return durable, nil
+	return nil
 }
 
 // Deliver sends a command to a device: m.Topic must be
@@ -269,3 +255,11 @@ func (LocalSink) Accept(ctx context.Context, _ bridges.Message) error { return c
 func (LocalSink) AcceptAsync(ctx context.Context, _ bridges.Message) (<-chan error, error) {
 	return nil, ctx.Err()
 }
+
+// AcceptNotify implements bridges.NotifySink: nothing to wait for, so done
+// is never called.
+func (LocalSink) AcceptNotify(ctx context.Context, _ bridges.Message, _ func(error)) (bool, error) {
+	return false, ctx.Err()
+}
+
+var _ bridges.NotifySink = LocalSink{}

@@ -219,3 +219,63 @@ func TestPublishACLAllocs(t *testing.T) {
 		t.Errorf("MayPublish: %.1f allocations, want 0", n)
 	}
 }
+
+// asyncOnlySink is a bridges.AsyncSink that cannot report by callback.
+type asyncOnlySink struct{ fullSink }
+
+func (asyncOnlySink) AcceptAsync(context.Context, bridges.Message) (<-chan error, error) {
+	return nil, nil
+}
+
+// notifySink reports every QoS 1 message pending and keeps its callback.
+type notifySink struct {
+	asyncOnlySink
+	done []func(error)
+}
+
+func (s *notifySink) AcceptNotify(_ context.Context, m bridges.Message, done func(error)) (bool, error) {
+	if m.QoS == 0 {
+		return false, nil
+	}
+	s.done = append(s.done, done)
+	return true, nil
+}
+
+// Only a NotifySink (LocalSink is one) admits without waiting: a
+// transport that must not block (CoAP's read loop) relies on it, and
+// TelemetryNotify waits in Accept for any other Sink (pending false).
+func TestTelemetryNotify(t *testing.T) {
+	m := bridges.Message{Device: "d1", Topic: "devices/d1/t/x", QoS: 1}
+	ns := &notifySink{}
+	for _, tc := range []struct {
+		name        string
+		sink        bridges.Sink
+		admits      bool
+		wantPending bool
+		wantErr     error
+	}{
+		{"LocalSink", LocalSink{}, true, false, nil},
+		{"NotifySink", ns, true, true, nil},
+		{"AsyncSink only", asyncOnlySink{}, false, false, nil},
+		{"plain Sink, full", fullSink{err: bridges.ErrQueueFull}, false, false, bridges.ErrQueueFull},
+	} {
+		h, err := New(tc.sink, prometheus.NewRegistry(), discard)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := h.AdmitsWithoutWaiting(); got != tc.admits {
+			t.Errorf("%s: AdmitsWithoutWaiting %v, want %v", tc.name, got, tc.admits)
+		}
+		called := 0
+		pending, err := h.TelemetryNotify(context.Background(), CoAP, m, func(error) { called++ })
+		if pending != tc.wantPending || !errors.Is(err, tc.wantErr) || (tc.wantErr == nil && err != nil) {
+			t.Errorf("%s: TelemetryNotify pending %v err %v, want %v %v", tc.name, pending, err, tc.wantPending, tc.wantErr)
+		}
+		if called != 0 {
+			t.Errorf("%s: done called %d times before the Sink reported", tc.name, called)
+		}
+	}
+	if len(ns.done) != 1 {
+		t.Fatalf("NotifySink got %d callbacks, want 1", len(ns.done))
+	}
+}
