@@ -63,8 +63,11 @@ type NotifySink interface {
 	// never called, and the message is as accepted as err says (nil: as a
 	// nil from Accept). pending true: done is called exactly once, with
 	// what AcceptAsync's channel would carry, on a goroutine of the sink's
-	// that stalls every other message while done runs: done must not
-	// block (no I/O, no lock held across I/O).
+	// that stalls every other message while done runs: done must not wait
+	// on a peer (no TCP or TLS write, which a device that stops reading
+	// can hold up; no lock held across one). Sending one UDP datagram,
+	// which waits for no peer, is allowed: the CoAP bridge answers a
+	// deferred request from done that way.
 	AcceptNotify(ctx context.Context, m Message, done func(error)) (pending bool, err error)
 }
 
