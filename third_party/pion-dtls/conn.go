@@ -2173,7 +2173,9 @@ func (c *Conn) handshakeInline(
 		c.procMu.Lock()
 		c.readCtx = ctxRead
 		c.procMu.Unlock()
-		go c.readRecords(ctxRead, func() {}, nil)
+		// Bastion patch (20): on a goroutine whose stack a record reader
+		// has grown before, if one is spare.
+		lc.Go(func() { c.readRecords(ctxRead, func() {}, nil) })
 
 		return nil
 	}

@@ -72,6 +72,10 @@ type listener struct {
 	// inlineConn is the connection whose inline reader the read loop is
 	// running, if any (Bastion patch, see PacketConn.SetInlineReader).
 	inlineConn atomic.Pointer[PacketConn]
+
+	// spare runs the connections' record readers (Bastion patch, see
+	// PacketConn.Go).
+	spare *spareGoroutines
 }
 
 // Accept waits for and returns the next connection to the listener.
@@ -199,6 +203,7 @@ func (lc *ListenConfig) Listen(network string, laddr *net.UDPAddr) (dtlsnet.Pack
 		connIdentifier: lc.ConnectionIdentifier,
 		readDoneCh:     make(chan struct{}),
 	}
+	packetListener.spare = newSpareGoroutines(packetListener.doneCh)
 
 	packetListener.accepting.Store(true)
 	packetListener.connWG.Add(1)
