@@ -131,6 +131,12 @@ type Conn struct {
 	procMu  sync.Mutex
 	readCtx context.Context //nolint:containedctx
 
+	// startReader, on a listener's connection whose handshake has
+	// finished, starts its record reader; it is taken (swapped for nil)
+	// by the first of: a datagram queued for the reader, Close. Bastion
+	// patch (22), see startRecordReader.
+	startReader atomic.Pointer[func()]
+
 	// traces: log may write Tracef lines (Bastion patch, see logTraces).
 	traces bool
 }
@@ -2173,9 +2179,20 @@ func (c *Conn) handshakeInline(
 		c.procMu.Lock()
 		c.readCtx = ctxRead
 		c.procMu.Unlock()
-		// Bastion patch (20): on a goroutine whose stack a record reader
-		// has grown before, if one is spare.
-		lc.Go(func() { c.readRecords(ctxRead, func() {}, nil) })
+		// Bastion patch (22): the record reader starts when it has
+		// something to do: a datagram queued for it (lc's queue hook), or
+		// Close (close), whichever comes first; now if either came while
+		// the hook was not yet set. Bastion patch (20): on a goroutine
+		// whose stack a record reader has grown before, if one is spare.
+		start := func() { lc.Go(func() { c.readRecords(ctxRead, func() {}, nil) }) }
+		c.startReader.Store(&start)
+		lc.SetOnQueue(c.startRecordReader)
+		c.closeLock.Lock()
+		closed = c.isConnectionClosed()
+		c.closeLock.Unlock()
+		if closed || lc.Queued() {
+			c.startRecordReader()
+		}
 
 		return nil
 	}
@@ -2191,6 +2208,22 @@ func (c *Conn) handshakeInline(
 	}
 
 	return c.translateHandshakeCtxError(err)
+}
+
+// startRecordReader starts the record reader of a listener's connection
+// whose handshake has finished, unless it has started (Bastion patch
+// (22)). Until then the connection has no goroutine: application data
+// the listener's read loop takes itself (SetInlineReadHandler) needs
+// none, and an idle session holds none. Anything else (a retransmitted
+// flight, an alert, data for Read or for a read handler that is not
+// inline, data while the reader would be busy) is queued by the listener,
+// which then calls this; so does Close, after which the reader ends the
+// connection's reading as it always did (the read handler's io.EOF, Read's
+// end).
+func (c *Conn) startRecordReader() {
+	if f := c.startReader.Swap(nil); f != nil {
+		(*f)()
+	}
 }
 
 // readHandshake implements handshakeReader for handshakeInline: it reads
@@ -2281,6 +2314,9 @@ func (c *Conn) close(byUser bool) error {
 
 	cancelHandshaker()
 	cancelHandshakeReader()
+	// Bastion patch (22): a record reader not started yet starts now, to
+	// end as a cancelled one does.
+	c.startRecordReader()
 
 	if closedByUser || isClosed {
 		return nil
