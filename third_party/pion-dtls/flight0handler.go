@@ -27,7 +27,9 @@ func flight0Parse(
 	cache *handshakeCache,
 	cfg *handshakeConfig,
 ) (flightVal, *alert.Alert, error) {
-	seq, msgs, ok := cache.fullPullMap(0, state.cipherSuite,
+	// Bastion patch (25): a connection the listener made for a ClientHello
+	// with a valid cookie starts at that hello's message_seq (else 0).
+	seq, msgs, ok := cache.fullPullMap(state.handshakeRecvSequence, state.cipherSuite,
 		handshakeCachePullRule{handshake.TypeClientHello, cfg.initialEpoch, true, false},
 	)
 	if !ok {
@@ -59,7 +61,7 @@ func flight0Parse(
 	}
 	state.initialClientHelloHash = helloHash
 	nextFlight := flight2
-	if cfg.insecureSkipHelloVerify {
+	if cfg.insecureSkipHelloVerify || state.helloVerified {
 		nextFlight = flight4
 	}
 	if nextFlight == flight2 {
@@ -301,7 +303,7 @@ func flight0Generate(
 	// Initialize
 	state.clientKeyExchange = nil
 	state.clientFlightProcessed = false
-	if !cfg.insecureSkipHelloVerify {
+	if !cfg.insecureSkipHelloVerify && !state.helloVerified {
 		state.cookie = make([]byte, cookieLength)
 		if _, err := rand.Read(state.cookie); err != nil {
 			return nil, nil, err
