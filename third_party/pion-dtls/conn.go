@@ -2147,25 +2147,6 @@ func (c *Conn) handshakeInline(
 	initialState handshakeState,
 ) error {
 	cfg.parkWhenFinished = true
-	if hv, ok := lc.AcceptTag().(*helloVerified); ok {
-		// Bastion patch (25): the listener answered the first ClientHello
-		// and checked the cookie of this one. The handshake goes on as
-		// after pion's own HelloVerifyRequest (message_seq 0): it reads
-		// from the hello's message_seq on, and its ServerHello has that
-		// message_seq too, as after pion's (0, then 1).
-		c.state.helloVerified = true
-		c.state.cookie = hv.cookie
-		c.state.handshakeRecvSequence = int(hv.messageSeq)
-		c.state.handshakeSendSequence = int(hv.messageSeq)
-		c.fragmentBuffer.currentMessageSequenceNumber = hv.messageSeq
-		if len(c.state.localSequenceNumber) == 0 {
-			c.state.localSequenceNumber = append(c.state.localSequenceNumber, 0)
-		}
-		// One above the hello's: above the listener's HelloVerifyRequest
-		// (numbered as the first hello) also for a client that numbered
-		// both hellos alike.
-		c.state.localSequenceNumber[0] = hv.recordSeq + 1
-	}
 	c.fsm = newHandshakeFSM(&c.state, c.handshakeCache, cfg, initialFlight)
 	c.fsm.reader = c
 

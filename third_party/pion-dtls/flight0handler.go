@@ -27,9 +27,7 @@ func flight0Parse(
 	cache *handshakeCache,
 	cfg *handshakeConfig,
 ) (flightVal, *alert.Alert, error) {
-	// Bastion patch (25): a connection the listener made for a ClientHello
-	// with a valid cookie starts at that hello's message_seq (else 0).
-	seq, msgs, ok := cache.fullPullMap(state.handshakeRecvSequence, state.cipherSuite,
+	seq, msgs, ok := cache.fullPullMap(0, state.cipherSuite,
 		handshakeCachePullRule{handshake.TypeClientHello, cfg.initialEpoch, true, false},
 	)
 	if !ok {
@@ -61,7 +59,7 @@ func flight0Parse(
 	}
 	state.initialClientHelloHash = helloHash
 	nextFlight := flight2
-	if cfg.insecureSkipHelloVerify || state.helloVerified {
+	if cfg.insecureSkipHelloVerify {
 		nextFlight = flight4
 	}
 	if nextFlight == flight2 {
@@ -303,7 +301,7 @@ func flight0Generate(
 	// Initialize
 	state.clientKeyExchange = nil
 	state.clientFlightProcessed = false
-	if !cfg.insecureSkipHelloVerify && !state.helloVerified {
+	if !cfg.insecureSkipHelloVerify {
 		state.cookie = make([]byte, cookieLength)
 		if _, err := rand.Read(state.cookie); err != nil {
 			return nil, nil, err

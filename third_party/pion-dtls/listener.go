@@ -35,15 +35,6 @@ func Listen(network string, laddr *net.UDPAddr, config *Config) (net.Listener, e
 		},
 		ListenConfig: config.listenConfig,
 	}
-	// Bastion patch (25): cookieless ClientHellos are answered by the
-	// listener itself (hello_cookie_bastion.go).
-	if !config.InsecureSkipVerifyHello {
-		cookies, err := newHelloCookies()
-		if err != nil {
-			return nil, err
-		}
-		lc.HelloFilter = cookies.filter
-	}
 	// If connection ID support is enabled, then they must be supported in
 	// routing.
 	if config.ConnectionIDGenerator != nil {

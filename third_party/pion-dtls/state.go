@@ -66,9 +66,6 @@ type State struct {
 	namedCurve                 elliptic.Curve
 	localKeypair               *elliptic.Keypair
 	cookie                     []byte
-	// helloVerified: the listener checked the cookie of the ClientHello
-	// that made this connection (Bastion patch (25)).
-	helloVerified bool
 	handshakeSendSequence      int
 	handshakeRecvSequence      int
 	serverName                 string

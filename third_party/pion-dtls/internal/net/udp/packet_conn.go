@@ -52,7 +52,6 @@ type listener struct {
 	doneCh         chan struct{}
 	doneOnce       sync.Once
 	acceptFilter   func([]byte) bool
-	helloFilter    func([]byte, net.Addr, func([]byte)) (bool, any)
 	datagramRouter func([]byte) (string, bool)
 	connIdentifier func([]byte) (string, bool)
 
@@ -158,13 +157,6 @@ type ListenConfig struct {
 	// the incoming packet. If not set, any packet creates new conn.
 	AcceptFilter func([]byte) bool
 
-	// HelloFilter, if set, is asked after AcceptFilter (Bastion patch
-	// (25), third_party/README.md): it may answer the datagram itself
-	// (reply writes to its sender from the listener's socket) and refuse
-	// it, or accept it with a tag that the new connection keeps
-	// (PacketConn.AcceptTag). It runs on the read loop and must not block.
-	HelloFilter func(b []byte, raddr net.Addr, reply func([]byte)) (accept bool, tag any)
-
 	// DatagramRouter routes an incoming datagram to a connection by extracting
 	// an identifier from the its paylod
 	DatagramRouter func([]byte) (string, bool)
@@ -207,7 +199,6 @@ func (lc *ListenConfig) Listen(network string, laddr *net.UDPAddr) (dtlsnet.Pack
 		byAddr:         make(map[netip.AddrPort]*PacketConn),
 		doneCh:         make(chan struct{}),
 		acceptFilter:   lc.AcceptFilter,
-		helloFilter:    lc.HelloFilter,
 		datagramRouter: lc.DatagramRouter,
 		connIdentifier: lc.ConnectionIdentifier,
 		readDoneCh:     make(chan struct{}),
@@ -339,15 +330,7 @@ func (l *listener) getConn(raddr net.Addr, buf []byte) (*PacketConn, bool, error
 				return nil, false, nil
 			}
 		}
-		var tag any
-		if l.helloFilter != nil {
-			var accept bool
-			if accept, tag = l.helloFilter(buf, raddr, func(b []byte) { _, _ = l.io.writeTo(b, raddr, udpAddrPortOf(raddr)) }); !accept {
-				return nil, false, nil
-			}
-		}
 		conn = l.newPacketConn(raddr)
-		conn.acceptTag = tag
 		l.connWG.Add(1)
 		select {
 		case l.acceptCh <- conn:
@@ -391,16 +374,6 @@ type PacketConn struct {
 	// onQueue, when set, is called on the read loop after each datagram
 	// queued for ReadFrom (Bastion patch, see SetOnQueue).
 	onQueue atomic.Pointer[func()]
-
-	// acceptTag is what the listener's HelloFilter said when it accepted
-	// the datagram that made this connection (Bastion patch (25)).
-	acceptTag any
-}
-
-// AcceptTag is what ListenConfig.HelloFilter returned with the datagram
-// that made this connection, nil without one (Bastion patch (25)).
-func (c *PacketConn) AcceptTag() any {
-	return c.acceptTag
 }
 
 // SetOnQueue makes the listener's read loop call f after it has queued a
@@ -627,14 +600,4 @@ func sameAddr(a, b net.Addr) bool {
 	}
 
 	return a.String() == b.String()
-}
-
-// udpAddrPortOf is udpAddrPort of a *net.UDPAddr, the zero AddrPort for
-// any other address (Bastion patch).
-func udpAddrPortOf(a net.Addr) netip.AddrPort {
-	if u, ok := a.(*net.UDPAddr); ok {
-		return udpAddrPort(u)
-	}
-
-	return netip.AddrPort{}
 }
