@@ -32,8 +32,9 @@ func waitEnded(t *testing.T, rec *inlineRecorder, what string) {
 
 // TestBastionRecordReaderOnDemand: an established session whose records
 // the listener's read loop takes has no record reader (only the client
-// has one); the client's close_notify, which the read loop leaves to the
-// reader, starts it, and the handler gets its io.EOF.
+// has one), and the client's close_notify is taken on the read loop too,
+// which ends the session there (patch (26)): the handler gets its io.EOF
+// on the read loop, and no record reader ever ran for the server.
 func TestBastionRecordReaderOnDemand(t *testing.T) {
 	client, server := bastionPair(t, func([]byte, bool) bool { return true })
 	waitFor(t, "both handshake goroutines to end", func() bool { return fsmGoroutines() == 0 })
@@ -62,6 +63,12 @@ func TestBastionRecordReaderOnDemand(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitEnded(t, rec, "the client's close_notify")
+	rec.mu.Lock()
+	eofOnLoop := rec.eofOnLoop
+	rec.mu.Unlock()
+	if !eofOnLoop {
+		t.Error("io.EOF not on the read loop: a record reader was started to end the session")
+	}
 	waitFor(t, "no record reader", func() bool { return recordReaders() == 0 })
 }
 

@@ -136,6 +136,8 @@ type Conn struct {
 	// by the first of: a datagram queued for the reader, Close. Bastion
 	// patch (22), see startRecordReader.
 	startReader atomic.Pointer[func()]
+	// inlineProc: readInline is processing a datagram (patch (26)).
+	inlineProc atomic.Bool
 
 	// traces: log may write Tracef lines (Bastion patch, see logTraces).
 	traces bool
@@ -1815,29 +1817,54 @@ func (c *Conn) SetInlineReadHandler(h func(p []byte, err error)) error {
 // SetInlineReader): it processes b as the record reader would have, and
 // reports false, leaving b untouched to be queued for the record reader,
 // when the record reader is busy, the session is not established with its
-// handshake goroutine ended, or b holds anything but application data
-// (with or without a connection ID).
+// handshake goroutine ended, or b holds anything but application data and
+// alerts (with or without a connection ID).
+//
+// Bastion patch (26): if the connection was closed while b was processed
+// (the peer's close_notify, a fatal alert, the handler's Close) and its
+// record reader never started (patch (22)), the reader's end is done here
+// (Read's channel closed, the handler's io.EOF) instead of starting the
+// reader only to end it; close leaves that to readInline while it
+// processes (inlineProc).
 func (c *Conn) readInline(b []byte, rAddr net.Addr) bool {
 	if !c.procMu.TryLock() {
 		return false
 	}
-	defer c.procMu.Unlock()
 	ctx := c.readCtx
 	if ctx == nil || ctx.Err() != nil || c.isConnectionClosed() || !c.isHandshakeCompletedSuccessfully() ||
 		c.fsm == nil || !c.fsm.parked.Load() || !onlyApplicationData(b, len(c.state.getLocalConnectionID())) {
+		c.procMu.Unlock()
+
 		return false
 	}
+	c.inlineProc.Store(true)
 	if err := c.processDatagram(ctx, b, rAddr); err != nil {
 		c.inlineReadError(ctx, err)
+	}
+	c.inlineProc.Store(false)
+	c.procMu.Unlock()
+	// close saw inlineProc and left the reader to this; or it did not,
+	// and took startReader itself. Either way the reader's end runs once.
+	if c.isConnectionClosed() && c.startReader.Swap(nil) != nil {
+		c.endReading()
 	}
 
 	return true
 }
 
+// endReading is what the record reader does when it ends (readRecords),
+// for a connection whose reader never ran (Bastion patch (26)).
+func (c *Conn) endReading() {
+	close(c.decrypted)
+	c.endRead()
+}
+
 // onlyApplicationData reports whether every record of datagram b is
-// application data, or a connection ID record (whose inner type is known
-// only once decrypted: processDatagram handles any). A malformed datagram
-// is left to the record reader too.
+// application data or an alert (Bastion patch (26); processDatagram and
+// inlineReadError handle alerts as the record reader does), or a
+// connection ID record (whose inner type is known only once decrypted:
+// processDatagram handles any). A malformed datagram is left to the
+// record reader too.
 func onlyApplicationData(b []byte, cidLen int) bool {
 	var pktsArray [4][]byte
 	pkts, err := recordlayer.AppendContentAwareUnpackDatagram(pktsArray[:0], b, cidLen)
@@ -1845,7 +1872,8 @@ func onlyApplicationData(b []byte, cidLen int) bool {
 		return false
 	}
 	for _, p := range pkts {
-		if t := protocol.ContentType(p[0]); t != protocol.ContentTypeApplicationData && t != protocol.ContentTypeConnectionID {
+		if t := protocol.ContentType(p[0]); t != protocol.ContentTypeApplicationData && t != protocol.ContentTypeConnectionID &&
+			t != protocol.ContentTypeAlert {
 			return false
 		}
 	}
@@ -2315,8 +2343,11 @@ func (c *Conn) close(byUser bool) error {
 	cancelHandshaker()
 	cancelHandshakeReader()
 	// Bastion patch (22): a record reader not started yet starts now, to
-	// end as a cancelled one does.
-	c.startRecordReader()
+	// end as a cancelled one does; unless the listener's inline reader is
+	// processing a datagram, which then ends reading itself (patch (26)).
+	if !c.inlineProc.Load() {
+		c.startRecordReader()
+	}
 
 	if closedByUser || isClosed {
 		return nil
