@@ -134,16 +134,22 @@ func ServeDTLS(ctx context.Context, l DTLSListener, cfg DTLSServeConfig) error {
 }
 
 func newDTLSServer(cfg *DTLSServeConfig) *dtlsServer {
-	return &dtlsServer{cfg: cfg, conns: map[*DTLSConn]struct{}{}, idle: make(chan net.Conn)}
+	return &dtlsServer{cfg: cfg, conns: map[*DTLSConn]struct{}{}}
 }
 
-// workerIdle is how long a session goroutine whose session ended waits for
-// the next accepted connection before it ends.
-const workerIdle = time.Second
+// maxAcceptors bounds the session goroutines that wait in Accept between
+// sessions; one more is started whenever the last of them takes a
+// connection, so there is always one waiting.
+const maxAcceptors = 8
 
+// serve runs the session goroutines (worker) until ctx ends or the
+// listener fails. There is no accept loop of its own: a worker accepts
+// the connection it then serves, so a new connection wakes one goroutine
+// (the one blocked in Accept), not an accept loop and then a worker.
 func (s *dtlsServer) serve(ctx context.Context, l DTLSListener) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	s.l, s.stop = l, cancel
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() {
@@ -151,36 +157,21 @@ func (s *dtlsServer) serve(ctx context.Context, l DTLSListener) error {
 		<-ctx.Done()
 		_ = l.Close()
 	}()
-	var err error
-	for {
-		rw, aerr := l.AcceptWithContext(ctx)
-		if aerr != nil {
-			if ctx.Err() != nil || listenerClosed(aerr) {
-				break
-			}
-			var ne net.Error
-			if errors.As(aerr, &ne) && ne.Timeout() {
-				continue
-			}
-			err = fmt.Errorf("serve dtls: accept: %w", aerr)
-			break
-		}
-		if rw == nil {
-			continue
-		}
-		select {
-		case s.idle <- rw: // a session goroutine that is free takes it
-		default:
-			s.started.Add(1)
-			wg.Add(1)
-			go func() { defer wg.Done(); s.worker(ctx, rw) }()
-		}
-	}
-	cancel()
+	s.acceptors.Add(1)
+	s.spawn(ctx, &wg)
+	<-ctx.Done()
 	s.closeAll()
 	wg.Wait()
 	s.sessions.Wait()
-	return err
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.err
+}
+
+func (s *dtlsServer) spawn(ctx context.Context, wg *sync.WaitGroup) {
+	s.started.Add(1)
+	wg.Add(1)
+	go func() { defer wg.Done(); s.worker(ctx, wg) }()
 }
 
 // listenerClosed reports whether err says the listener was closed: by
@@ -192,37 +183,60 @@ func listenerClosed(err error) bool {
 }
 
 type dtlsServer struct {
-	cfg    *DTLSServeConfig
-	mu     sync.Mutex
+	cfg  *DTLSServeConfig
+	l    DTLSListener
+	stop context.CancelFunc // ends serve
+	mu   sync.Mutex
+	err  error // the accept error serve returns
+	// conns are the established sessions.
 	conns  map[*DTLSConn]struct{}
 	closed bool
 	// sessions counts established sessions until their end has run.
 	sessions sync.WaitGroup
-	// idle hands an accepted connection to a worker whose session ended.
-	idle    chan net.Conn
-	started atomic.Int64 // workers started (tests)
+	// acceptors counts the workers in (or on their way into) Accept.
+	acceptors atomic.Int32
+	started   atomic.Int64 // workers started (tests)
 }
 
-// worker serves rw, then the connections handed to it on s.idle until none
-// comes for workerIdle. A goroutine that has served a DTLS handshake has
-// grown its stack to what a session needs; a new goroutine for every
-// connection grows a small one again, copying it each time (runtime.
-// copystack was 5 % of the gateway's CPU per PSK handshake).
-func (s *dtlsServer) worker(ctx context.Context, rw net.Conn) {
-	var timer *time.Timer
+// worker accepts a connection and serves it (the handshake, then the
+// session's setup), then accepts the next, until the listener fails or
+// maxAcceptors others already wait. Before it serves, it makes sure
+// another worker waits in Accept. A goroutine that has served a DTLS
+// handshake has grown its stack to what a handshake needs; a new
+// goroutine for every connection grows a small one again, copying it each
+// time (runtime.copystack was 5 % of the gateway's CPU per PSK
+// handshake). Until 2026-11-25 an accept loop handed each connection to a
+// worker over a channel: two scheduler wake-ups per connection instead of
+// one.
+func (s *dtlsServer) worker(ctx context.Context, wg *sync.WaitGroup) {
 	for {
-		s.serveConn(ctx, rw)
-		if timer == nil {
-			timer = time.NewTimer(workerIdle)
-		} else {
-			timer.Reset(workerIdle)
-		}
-		select {
-		case rw = <-s.idle:
-		case <-timer.C:
+		rw, err := s.l.AcceptWithContext(ctx)
+		if err != nil {
+			var ne net.Error
+			if ctx.Err() == nil && !listenerClosed(err) && errors.As(err, &ne) && ne.Timeout() {
+				continue
+			}
+			if ctx.Err() == nil && !listenerClosed(err) {
+				s.mu.Lock()
+				if s.err == nil {
+					s.err = fmt.Errorf("serve dtls: accept: %w", err)
+				}
+				s.mu.Unlock()
+			}
+			s.acceptors.Add(-1)
+			s.stop()
 			return
-		case <-ctx.Done():
-			timer.Stop()
+		}
+		if rw == nil {
+			continue
+		}
+		if s.acceptors.Add(-1) == 0 {
+			s.acceptors.Add(1)
+			s.spawn(ctx, wg)
+		}
+		s.serveConn(ctx, rw)
+		if ctx.Err() != nil || s.acceptors.Add(1) > maxAcceptors {
+			s.acceptors.Add(-1)
 			return
 		}
 	}

@@ -4,6 +4,8 @@ import (
 	"context"
 	"io"
 	"net"
+	"runtime"
+	"strings"
 	"testing"
 	"time"
 
@@ -99,5 +101,98 @@ func TestServeDTLSReusesSessionGoroutines(t *testing.T) {
 	// more start is tolerated for a scheduler that is slow in between.
 	if n := srv.started.Load(); n > 2 {
 		t.Errorf("goroutines started for %d sessions one after another: %d, want 1 (at most 2)", sessions, n)
+	}
+}
+
+// goid is the calling goroutine's id, from its stack header.
+func goid() string {
+	b := make([]byte, 64)
+	b = b[:runtime.Stack(b, false)]
+	f := strings.Fields(string(b))
+	if len(f) < 2 {
+		return ""
+	}
+	return f[1]
+}
+
+// gidListener is a pipeListener that tells each connection which
+// goroutine accepted it.
+type gidListener struct{ *pipeListener }
+
+func (l gidListener) AcceptWithContext(ctx context.Context) (net.Conn, error) {
+	c, err := l.pipeListener.AcceptWithContext(ctx)
+	if hc, ok := c.(*handshakeSession); ok {
+		hc.acceptedBy = goid()
+	}
+	return c, err
+}
+
+// handshakeSession is a pipeSession with a handshake that reports whether
+// it runs on the goroutine that accepted it.
+type handshakeSession struct {
+	pipeSession
+	acceptedBy string
+	sameG      chan bool
+}
+
+func (h *handshakeSession) HandshakeContext(context.Context) error {
+	h.sameG <- h.acceptedBy == goid()
+	return nil
+}
+
+// A connection is served by the goroutine that accepted it: no hand-off
+// from an accept loop to a session goroutine (a scheduler wake-up per
+// handshake). And however many sessions were served at once, at most
+// maxAcceptors goroutines wait in Accept afterwards.
+func TestServeDTLSAcceptsOnSessionGoroutine(t *testing.T) {
+	cfg := &DTLSServeConfig{
+		Handler:     func(*DTLSResponseWriter, *pool.Message) {},
+		IdleTimeout: time.Minute, ReadBufferSize: 1472, ResponseCacheEntries: 1,
+		Errors: func(error) {},
+	}
+	srv := newDTLSServer(cfg)
+	l := gidListener{&pipeListener{conns: make(chan net.Conn), closed: make(chan struct{})}}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- srv.serve(ctx, l) }()
+	// 20 handshakes at once: each blocks until read below, so 20
+	// goroutines serve at the same time.
+	const n = 20
+	sessions := make([]*handshakeSession, n)
+	var clients []net.Conn
+	for i := range sessions {
+		client, server := net.Pipe()
+		clients = append(clients, client)
+		sessions[i] = &handshakeSession{pipeSession: pipeSession{server}, sameG: make(chan bool)}
+		select {
+		case l.conns <- sessions[i]:
+		case <-time.After(10 * time.Second):
+			t.Fatalf("connection %d not accepted within 10 s", i)
+		}
+	}
+	for i, s := range sessions {
+		select {
+		case same := <-s.sameG:
+			if !same {
+				t.Errorf("connection %d: handshake not on the goroutine that accepted it", i)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("connection %d: no handshake within 10 s", i)
+		}
+	}
+	// Every worker is back in Accept or gone; count those in Accept.
+	deadline := time.Now().Add(10 * time.Second)
+	for srv.acceptors.Load() < maxAcceptors && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	if got := srv.acceptors.Load(); got != maxAcceptors {
+		t.Errorf("workers waiting in Accept after %d sessions at once: %d, want %d", n, got, maxAcceptors)
+	}
+	for _, c := range clients {
+		c.Close()
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
 	}
 }

@@ -203,18 +203,44 @@ func BenchmarkCoAPvsLibcoap(b *testing.B) {
 	if v, err := strconv.Atoi(os.Getenv("BENCH_COAP_HANDSHAKES")); err == nil && v > 0 {
 		nHS = v
 	}
+	// BENCH_BASTIOND_BASELINE=<another bastiond build>: it runs the
+	// handshakes too, in the same rounds, for this build / baseline.
+	var base *bastion
+	var baseDev *devicesim.Device
+	if bin := os.Getenv("BENCH_BASTIOND_BASELINE"); bin != "" {
+		base = startBastionBin(b, bin)
+		baseDev = base.addDevices(b, "cb", "psk", 1)[0]
+	}
 	b.Run("handshakes", func(b *testing.B) {
 		for range b.N {
-			lc0 := testenv.ProcCPU(lcPid)
-			l := handshakes(b, lc, lDevs[0], nHS, 4)
-			lcCPU := testenv.ProcCPU(lcPid) - lc0
-			var g float64
-			var gCPU time.Duration
-			bs.cpuProfile(b, "coap-handshakes", func() {
-				g0 := testenv.ProcCPU(bs.cmd.Process.Pid)
-				g = handshakes(b, bs.addrs["coaps_psk"], bDevs[0], nHS, 4)
-				gCPU = testenv.ProcCPU(bs.cmd.Process.Pid) - g0
-			})
+			var l, g, bl float64
+			var lcCPU, gCPU, blCPU time.Duration
+			runs := []func(){
+				func() {
+					lc0 := testenv.ProcCPU(lcPid)
+					l = handshakes(b, lc, lDevs[0], nHS, 4)
+					lcCPU = testenv.ProcCPU(lcPid) - lc0
+				},
+				func() {
+					bs.cpuProfile(b, "coap-handshakes", func() {
+						g0 := testenv.ProcCPU(bs.cmd.Process.Pid)
+						g = handshakes(b, bs.addrs["coaps_psk"], bDevs[0], nHS, 4)
+						gCPU = testenv.ProcCPU(bs.cmd.Process.Pid) - g0
+					})
+				},
+			}
+			if base != nil {
+				runs = append(runs, func() {
+					b0 := testenv.ProcCPU(base.cmd.Process.Pid)
+					bl = handshakes(b, base.addrs["coaps_psk"], baseDev, nHS, 4)
+					blCPU = testenv.ProcCPU(base.cmd.Process.Pid) - b0
+				})
+			}
+			// Rotate who goes first, as the MQTT benchmark does.
+			r := int(mqttRounds.Add(1))
+			for i := range runs {
+				runs[(r+i)%len(runs)]()
+			}
 			gus, lus := float64(gCPU.Microseconds())/float64(nHS), float64(lcCPU.Microseconds())/float64(nHS)
 			b.ReportMetric(gus, "bastion_cpu_us/hs")
 			b.ReportMetric(lus, "libcoap_cpu_us/hs")
@@ -222,6 +248,12 @@ func BenchmarkCoAPvsLibcoap(b *testing.B) {
 			b.ReportMetric(l, "libcoap_hs/s")
 			b.ReportMetric(g/l, "ratio")
 			b.Logf("PSK handshakes: Bastion %.0f/s | libcoap %.0f/s | ratio %.2f | server CPU per handshake: Bastion %.0f µs, libcoap %.0f µs", g, l, g/l, gus, lus)
+			if base != nil {
+				bus := float64(blCPU.Microseconds()) / float64(nHS)
+				b.ReportMetric(bus, "baseline_cpu_us/hs")
+				b.ReportMetric(bl/l, "baseline_ratio")
+				b.Logf("baseline: %.0f/s, ratio to libcoap %.2f, server CPU per handshake %.0f µs | this / baseline: rate %.2f, CPU %.2f", bl, bl/l, bus, g/bl, gus/bus)
+			}
 		}
 	})
 }

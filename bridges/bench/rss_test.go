@@ -39,7 +39,14 @@ func BenchmarkIdleRSS(b *testing.B) {
 		n = v
 	}
 	raiseNoFile(b, uint64(n)+1024)
-	bs := startBastion(b)
+	// BENCH_IDLE_BIN=<another bastiond build> measures that build instead
+	// (run the benchmark once with it and once without to compare).
+	var bs *bastion
+	if bin := os.Getenv("BENCH_IDLE_BIN"); bin != "" {
+		bs = startBastionBin(b, bin)
+	} else {
+		bs = startBastion(b)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	t0 := time.Now()

@@ -39,6 +39,8 @@ type inlineRecorder struct {
 	ended   chan struct{}
 	onData  func(p []byte)
 	endOnce sync.Once
+	// eofOnLoop: the io.EOF came on the listener's read loop.
+	eofOnLoop bool
 }
 
 func newInlineRecorder(t *testing.T) *inlineRecorder {
@@ -58,6 +60,9 @@ func (r *inlineRecorder) handle(p []byte, err error) {
 	defer func() { r.mu.Lock(); r.in = false; r.mu.Unlock() }()
 	switch {
 	case errors.Is(err, io.EOF):
+		r.mu.Lock()
+		r.eofOnLoop = onLoop
+		r.mu.Unlock()
 		r.endOnce.Do(func() { close(r.ended) })
 	case err != nil:
 		r.mu.Lock()

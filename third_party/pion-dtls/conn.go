@@ -131,6 +131,14 @@ type Conn struct {
 	procMu  sync.Mutex
 	readCtx context.Context //nolint:containedctx
 
+	// startReader, on a listener's connection whose handshake has
+	// finished, starts its record reader; it is taken (swapped for nil)
+	// by the first of: a datagram queued for the reader, Close. Bastion
+	// patch (22), see startRecordReader.
+	startReader atomic.Pointer[func()]
+	// inlineProc: readInline is processing a datagram (patch (26)).
+	inlineProc atomic.Bool
+
 	// traces: log may write Tracef lines (Bastion patch, see logTraces).
 	traces bool
 }
@@ -1809,29 +1817,54 @@ func (c *Conn) SetInlineReadHandler(h func(p []byte, err error)) error {
 // SetInlineReader): it processes b as the record reader would have, and
 // reports false, leaving b untouched to be queued for the record reader,
 // when the record reader is busy, the session is not established with its
-// handshake goroutine ended, or b holds anything but application data
-// (with or without a connection ID).
+// handshake goroutine ended, or b holds anything but application data and
+// alerts (with or without a connection ID).
+//
+// Bastion patch (26): if the connection was closed while b was processed
+// (the peer's close_notify, a fatal alert, the handler's Close) and its
+// record reader never started (patch (22)), the reader's end is done here
+// (Read's channel closed, the handler's io.EOF) instead of starting the
+// reader only to end it; close leaves that to readInline while it
+// processes (inlineProc).
 func (c *Conn) readInline(b []byte, rAddr net.Addr) bool {
 	if !c.procMu.TryLock() {
 		return false
 	}
-	defer c.procMu.Unlock()
 	ctx := c.readCtx
 	if ctx == nil || ctx.Err() != nil || c.isConnectionClosed() || !c.isHandshakeCompletedSuccessfully() ||
 		c.fsm == nil || !c.fsm.parked.Load() || !onlyApplicationData(b, len(c.state.getLocalConnectionID())) {
+		c.procMu.Unlock()
+
 		return false
 	}
+	c.inlineProc.Store(true)
 	if err := c.processDatagram(ctx, b, rAddr); err != nil {
 		c.inlineReadError(ctx, err)
+	}
+	c.inlineProc.Store(false)
+	c.procMu.Unlock()
+	// close saw inlineProc and left the reader to this; or it did not,
+	// and took startReader itself. Either way the reader's end runs once.
+	if c.isConnectionClosed() && c.startReader.Swap(nil) != nil {
+		c.endReading()
 	}
 
 	return true
 }
 
+// endReading is what the record reader does when it ends (readRecords),
+// for a connection whose reader never ran (Bastion patch (26)).
+func (c *Conn) endReading() {
+	close(c.decrypted)
+	c.endRead()
+}
+
 // onlyApplicationData reports whether every record of datagram b is
-// application data, or a connection ID record (whose inner type is known
-// only once decrypted: processDatagram handles any). A malformed datagram
-// is left to the record reader too.
+// application data or an alert (Bastion patch (26); processDatagram and
+// inlineReadError handle alerts as the record reader does), or a
+// connection ID record (whose inner type is known only once decrypted:
+// processDatagram handles any). A malformed datagram is left to the
+// record reader too.
 func onlyApplicationData(b []byte, cidLen int) bool {
 	var pktsArray [4][]byte
 	pkts, err := recordlayer.AppendContentAwareUnpackDatagram(pktsArray[:0], b, cidLen)
@@ -1839,7 +1872,8 @@ func onlyApplicationData(b []byte, cidLen int) bool {
 		return false
 	}
 	for _, p := range pkts {
-		if t := protocol.ContentType(p[0]); t != protocol.ContentTypeApplicationData && t != protocol.ContentTypeConnectionID {
+		if t := protocol.ContentType(p[0]); t != protocol.ContentTypeApplicationData && t != protocol.ContentTypeConnectionID &&
+			t != protocol.ContentTypeAlert {
 			return false
 		}
 	}
@@ -2173,7 +2207,20 @@ func (c *Conn) handshakeInline(
 		c.procMu.Lock()
 		c.readCtx = ctxRead
 		c.procMu.Unlock()
-		go c.readRecords(ctxRead, func() {}, nil)
+		// Bastion patch (22): the record reader starts when it has
+		// something to do: a datagram queued for it (lc's queue hook), or
+		// Close (close), whichever comes first; now if either came while
+		// the hook was not yet set. Bastion patch (20): on a goroutine
+		// whose stack a record reader has grown before, if one is spare.
+		start := func() { lc.Go(func() { c.readRecords(ctxRead, func() {}, nil) }) }
+		c.startReader.Store(&start)
+		lc.SetOnQueue(c.startRecordReader)
+		c.closeLock.Lock()
+		closed = c.isConnectionClosed()
+		c.closeLock.Unlock()
+		if closed || lc.Queued() {
+			c.startRecordReader()
+		}
 
 		return nil
 	}
@@ -2189,6 +2236,22 @@ func (c *Conn) handshakeInline(
 	}
 
 	return c.translateHandshakeCtxError(err)
+}
+
+// startRecordReader starts the record reader of a listener's connection
+// whose handshake has finished, unless it has started (Bastion patch
+// (22)). Until then the connection has no goroutine: application data
+// the listener's read loop takes itself (SetInlineReadHandler) needs
+// none, and an idle session holds none. Anything else (a retransmitted
+// flight, an alert, data for Read or for a read handler that is not
+// inline, data while the reader would be busy) is queued by the listener,
+// which then calls this; so does Close, after which the reader ends the
+// connection's reading as it always did (the read handler's io.EOF, Read's
+// end).
+func (c *Conn) startRecordReader() {
+	if f := c.startReader.Swap(nil); f != nil {
+		(*f)()
+	}
 }
 
 // readHandshake implements handshakeReader for handshakeInline: it reads
@@ -2279,6 +2342,12 @@ func (c *Conn) close(byUser bool) error {
 
 	cancelHandshaker()
 	cancelHandshakeReader()
+	// Bastion patch (22): a record reader not started yet starts now, to
+	// end as a cancelled one does; unless the listener's inline reader is
+	// processing a datagram, which then ends reading itself (patch (26)).
+	if !c.inlineProc.Load() {
+		c.startRecordReader()
+	}
 
 	if closedByUser || isClosed {
 		return nil

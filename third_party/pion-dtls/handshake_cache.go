@@ -36,7 +36,12 @@ type handshakeCachePullRule struct {
 }
 
 type handshakeCache struct {
-	cache                         []*handshakeCacheItem
+	cache []*handshakeCacheItem
+	// first holds the first items and cache's first slots, so that a
+	// handshake's messages (about ten) take no allocation each (Bastion
+	// patch (24)); later ones are allocated as before.
+	first                         [handshakeCacheInline]handshakeCacheItem
+	firstPtrs                     [handshakeCacheInline]*handshakeCacheItem
 	size                          int
 	complete                      bool
 	mu                            sync.Mutex
@@ -44,8 +49,16 @@ type handshakeCache struct {
 	clientHelloRetransmitSequence uint16
 }
 
+// handshakeCacheInline is how many items a handshakeCache holds without
+// an allocation each: a full handshake with certificates on both sides
+// has thirteen messages.
+const handshakeCacheInline = 14
+
 func newHandshakeCache() *handshakeCache {
-	return &handshakeCache{}
+	h := &handshakeCache{}
+	h.cache = h.firstPtrs[:0]
+
+	return h
 }
 
 func (h *handshakeCache) push(data []byte, epoch, messageSequence uint16, typ handshake.Type, isClient bool) error {
@@ -80,13 +93,20 @@ func (h *handshakeCache) pushData(
 	if !owned {
 		data = bytes.Clone(data)
 	}
-	h.cache = append(h.cache, &handshakeCacheItem{
+	var item *handshakeCacheItem
+	if n := len(h.cache); n < len(h.first) && cap(h.cache) == len(h.firstPtrs) {
+		item = &h.first[n]
+	} else {
+		item = &handshakeCacheItem{}
+	}
+	*item = handshakeCacheItem{
 		data:            data,
 		epoch:           epoch,
 		messageSequence: messageSequence,
 		typ:             typ,
 		isClient:        isClient,
-	})
+	}
+	h.cache = append(h.cache, item)
 
 	return nil
 }
@@ -118,6 +138,23 @@ func (h *handshakeCache) pull(rules ...handshakeCachePullRule) []*handshakeCache
 					out[i] = c
 				}
 			}
+		}
+	}
+
+	return out
+}
+
+// pullOne is pull of one rule, with no slice allocated for the answer
+// (Bastion patch (24)).
+func (h *handshakeCache) pullOne(r handshakeCachePullRule) *handshakeCacheItem {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+
+	var out *handshakeCacheItem
+	for _, c := range h.cache {
+		if c.typ == r.typ && c.isClient == r.isClient && c.epoch == r.epoch &&
+			(out == nil || out.messageSequence < c.messageSequence) {
+			out = c
 		}
 	}
 
@@ -276,7 +313,7 @@ func (h *handshakeCache) isClientHelloRetransmit(packet []byte) bool {
 	if record.ContentType != protocol.ContentTypeHandshake || record.Epoch != 0 {
 		return false
 	}
-	cached := h.pull(handshakeCachePullRule{typ: handshake.TypeClientHello, epoch: 0, isClient: true})[0]
+	cached := h.pullOne(handshakeCachePullRule{typ: handshake.TypeClientHello, epoch: 0, isClient: true})
 	if cached == nil {
 		return false
 	}

@@ -72,6 +72,10 @@ type listener struct {
 	// inlineConn is the connection whose inline reader the read loop is
 	// running, if any (Bastion patch, see PacketConn.SetInlineReader).
 	inlineConn atomic.Pointer[PacketConn]
+
+	// spare runs the connections' record readers (Bastion patch, see
+	// PacketConn.Go).
+	spare *spareGoroutines
 }
 
 // Accept waits for and returns the next connection to the listener.
@@ -199,6 +203,7 @@ func (lc *ListenConfig) Listen(network string, laddr *net.UDPAddr) (dtlsnet.Pack
 		connIdentifier: lc.ConnectionIdentifier,
 		readDoneCh:     make(chan struct{}),
 	}
+	packetListener.spare = newSpareGoroutines(packetListener.doneCh)
 
 	packetListener.accepting.Store(true)
 	packetListener.connWG.Add(1)
@@ -260,6 +265,10 @@ func (l *listener) dispatch(buf []byte, ap netip.AddrPort) {
 			}
 		}
 		_, _ = conn.buffer.WriteTo(buf, raddr)
+		// Bastion patch (22): the connection's reader may wait for this.
+		if f := conn.onQueue.Load(); f != nil {
+			(*f)()
+		}
 
 		return
 	}
@@ -361,6 +370,24 @@ type PacketConn struct {
 	// inline, when set, is offered each datagram for this connection on
 	// the listener's read loop (Bastion patch, see SetInlineReader).
 	inline atomic.Pointer[func([]byte, net.Addr) bool]
+
+	// onQueue, when set, is called on the read loop after each datagram
+	// queued for ReadFrom (Bastion patch, see SetOnQueue).
+	onQueue atomic.Pointer[func()]
+}
+
+// SetOnQueue makes the listener's read loop call f after it has queued a
+// datagram for this connection's ReadFrom (Bastion patch (22),
+// third_party/README.md): a connection whose reader starts only when
+// there is something to read starts it there. f runs on the read loop and
+// must not block.
+func (c *PacketConn) SetOnQueue(f func()) {
+	c.onQueue.Store(&f)
+}
+
+// Queued reports whether a datagram is queued for ReadFrom.
+func (c *PacketConn) Queued() bool {
+	return !c.buffer.Empty()
 }
 
 // SetInlineReader makes the listener's read loop offer each datagram for

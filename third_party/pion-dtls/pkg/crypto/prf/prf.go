@@ -7,6 +7,7 @@ package prf
 import (
 	"crypto/ecdh"
 	"crypto/hmac"
+	"crypto/sha256"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -161,6 +162,10 @@ func PHash(secret, seed []byte, requestedLength int, hashFunc HashFunc) ([]byte,
 	// schedule each) and a growing append per round. Same bytes out:
 	// A(i) = HMAC(secret, A(i-1)) with A(0) = seed, and the output is
 	// HMAC(secret, A(1) + seed) + HMAC(secret, A(2) + seed) + ...
+	if isSHA256(hashFunc) {
+		// Bastion patch (23): see phash_sha256_bastion.go.
+		return phashSHA256(secret, seed, requestedLength), nil
+	}
 	mac := hmac.New(hashFunc, secret)
 	size := mac.Size()
 	iterations := (requestedLength + size - 1) / size
@@ -196,6 +201,11 @@ func PHash(secret, seed []byte, requestedLength int, hashFunc HashFunc) ([]byte,
 // ExtendedMasterSecret generates a Extended MasterSecret as defined in
 // https://tools.ietf.org/html/rfc7627
 func ExtendedMasterSecret(preMasterSecret, sessionHash []byte, h HashFunc) ([]byte, error) {
+	if isSHA256(h) { // Bastion patch (23)
+		var buf [seedRoom]byte
+
+		return phashSHA256(preMasterSecret, prfSeed(&buf, extendedMasterSecretLabel, sessionHash, nil), 48), nil
+	}
 	seed := append([]byte(extendedMasterSecretLabel), sessionHash...)
 
 	return PHash(preMasterSecret, seed, 48, h)
@@ -215,10 +225,18 @@ func GenerateEncryptionKeys(
 	macLen, keyLen, ivLen int,
 	h HashFunc,
 ) (*EncryptionKeys, error) {
-	seed := append(append([]byte(keyExpansionLabel), serverRandom...), clientRandom...)
-	keyMaterial, err := PHash(masterSecret, seed, (2*macLen)+(2*keyLen)+(2*ivLen), h)
-	if err != nil {
-		return nil, err
+	var keyMaterial []byte
+	if isSHA256(h) { // Bastion patch (23)
+		var buf [seedRoom]byte
+		keyMaterial = phashSHA256(masterSecret, prfSeed(&buf, keyExpansionLabel, serverRandom, clientRandom),
+			(2*macLen)+(2*keyLen)+(2*ivLen))
+	} else {
+		seed := append(append([]byte(keyExpansionLabel), serverRandom...), clientRandom...)
+		var err error
+		keyMaterial, err = PHash(masterSecret, seed, (2*macLen)+(2*keyLen)+(2*ivLen), h)
+		if err != nil {
+			return nil, err
+		}
 	}
 
 	clientMACKey := keyMaterial[:macLen]
@@ -250,6 +268,12 @@ func GenerateEncryptionKeys(
 }
 
 func prfVerifyData(masterSecret, handshakeBodies []byte, label string, hashFunc HashFunc) ([]byte, error) {
+	if isSHA256(hashFunc) { // Bastion patch (23)
+		var buf [seedRoom]byte
+		sum := sha256.Sum256(handshakeBodies)
+
+		return phashSHA256(masterSecret, prfSeed(&buf, label, sum[:], nil), 12), nil
+	}
 	h := hashFunc()
 	if _, err := h.Write(handshakeBodies); err != nil {
 		return nil, err

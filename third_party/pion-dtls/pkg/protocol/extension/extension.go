@@ -58,7 +58,9 @@ func Unmarshal(buf []byte) ([]Extension, error) { //nolint:cyclop
 		return nil, errLengthMismatch
 	}
 
-	extensions := []Extension{}
+	// Bastion patch (21): room for every extension at once, instead of
+	// growing the slice by appending one at a time.
+	extensions := make([]Extension, 0, countExtensions(buf[2:]))
 	unmarshalAndAppend := func(data []byte, e Extension) error {
 		err := e.Unmarshal(data)
 		if err != nil {
@@ -117,6 +119,23 @@ func Unmarshal(buf []byte) ([]Extension, error) { //nolint:cyclop
 	}
 
 	return extensions, nil
+}
+
+// countExtensions counts the extensions in buf (after the length), as
+// far as their headers can be read: a bound for Unmarshal's slice, which
+// checks everything itself.
+func countExtensions(buf []byte) int {
+	n := 0
+	for len(buf) >= 4 {
+		n++
+		l := 4 + int(binary.BigEndian.Uint16(buf[2:]))
+		if l > len(buf) {
+			break
+		}
+		buf = buf[l:]
+	}
+
+	return n
 }
 
 // Marshal many extensions at once.

@@ -6,6 +6,7 @@ package extension
 
 import (
 	"crypto/tls"
+	"slices"
 
 	"github.com/pion/dtls/v3/pkg/crypto/signaturehash"
 	"golang.org/x/crypto/cryptobyte"
@@ -48,6 +49,9 @@ func unmarshalGenericSignatureHashAlgorithm(typeValue TypeValue, data []byte, ds
 		return errLengthMismatch
 	}
 
+	// Bastion patch (21): room for every offered scheme at once, instead
+	// of growing the slice by appending one at a time.
+	*dst = slices.Grow(*dst, len(algData)/2)
 	for !algData.Empty() {
 		var scheme uint16
 		if !algData.ReadUint16(&scheme) {
