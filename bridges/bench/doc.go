@@ -2,6 +2,7 @@
 // peers on loopback: Bastion's MQTT over TLS against Mosquitto 2 with
 // require_certificate, Bastion's CoAP over DTLS (PSK) against libcoap's
 // coap-server-openssl, and the gateway's RSS with many idle devices. It
-// holds only benchmarks (see README.md for the command); nothing here runs
-// in CI's pass/fail.
+// holds benchmarks (see README.md for the command), which are not part of
+// CI's pass/fail, and one unit test of the load generator's MQTT client
+// (TestPacketConnOneWritePerPacket).
 package bench

@@ -109,6 +109,10 @@ func startBastionBin(b *testing.B, bin string) *bastion {
 	if v := os.Getenv("BENCH_BASTIOND_GOMEMLIMIT"); v != "" {
 		cmd.Env = append(cmd.Env, "GOMEMLIMIT="+v)
 	}
+	// BENCH_BASTIOND_GOMAXPROCS sets GOMAXPROCS for bastiond only.
+	if v := os.Getenv("BENCH_BASTIOND_GOMAXPROCS"); v != "" {
+		cmd.Env = append(cmd.Env, "GOMAXPROCS="+v)
+	}
 	if v := os.Getenv("BENCH_PROFILE_DIR"); v != "" {
 		cmd.Env = append(cmd.Env, "BASTIOND_PROFILE_DIR="+v)
 		// BENCH_MEMPROFILE_RATE=1: exact heap profile (slow; for IdleRSS).
@@ -296,19 +300,61 @@ max_packet_size 65536
 // shared machine disturbs least: other jobs stretch a run's wall time, not
 // the cycles the broker spends on it.
 func cpuTime(pid int) time.Duration {
+	ns, _ := schedStat(pid)
+	return time.Duration(ns)
+}
+
+// schedStat sums /proc/PID/task/*/schedstat over pid's threads: the CPU
+// time they ran (ns) and how many times they were scheduled in (each wake
+// after a sleep counts: a broker that keeps up with a publisher sleeps and
+// is woken between packets, one that lags finds the next ones waiting).
+func schedStat(pid int) (ns, slices int64) {
 	tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/schedstat", pid))
-	var ns int64
 	for _, t := range tasks {
 		raw, err := os.ReadFile(t)
 		if err != nil {
 			continue // the thread ended
 		}
-		if f := strings.Fields(string(raw)); len(f) > 0 {
+		if f := strings.Fields(string(raw)); len(f) > 2 {
 			v, _ := strconv.ParseInt(f[0], 10, 64)
+			n, _ := strconv.ParseInt(f[2], 10, 64)
 			ns += v
+			slices += n
 		}
 	}
-	return time.Duration(ns)
+	return ns, slices
+}
+
+// tcpSegments returns the TCP segments this network namespace has received
+// and sent so far (/proc/net/snmp InSegs + OutSegs), or -1. On loopback every
+// segment one side sends the other receives, and each is a pass through both
+// TCP stacks: a sender whose writes find the receiver's window open sends
+// each write as its own segment, one that finds it full coalesces them.
+func tcpSegments() int64 {
+	raw, err := os.ReadFile("/proc/net/snmp")
+	if err != nil {
+		return -1
+	}
+	var names []string
+	for _, line := range strings.Split(string(raw), "\n") {
+		f := strings.Fields(line)
+		if len(f) == 0 || f[0] != "Tcp:" {
+			continue
+		}
+		if names == nil {
+			names = f
+			continue
+		}
+		var n int64
+		for i := 1; i < len(f) && i < len(names); i++ {
+			if names[i] == "InSegs" || names[i] == "OutSegs" {
+				v, _ := strconv.ParseInt(f[i], 10, 64)
+				n += v
+			}
+		}
+		return n
+	}
+	return -1
 }
 
 func waitTCP(b *testing.B, addr string, out *bytes.Buffer) {

@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -21,6 +22,33 @@ type result struct {
 	elapsed time.Duration
 	lat     []time.Duration // QoS 1: publish → PUBACK
 	cpu     time.Duration   // the broker's CPU time during the run
+	// client is the load generator's (this process's) CPU time during the
+	// run: the same client code for both brokers, so a difference is what
+	// the broker's behaviour costs its peer (wake-ups, TCP window, ...).
+	client time.Duration
+	// slices is how many times the broker's threads were scheduled in.
+	slices int64
+	// segs is InSegs + OutSegs of this network namespace during the run
+	// (on loopback each segment is in both).
+	segs int64
+}
+
+// segsPerMsg is segs per message, halved: on loopback each segment is
+// counted once sent and once received.
+func (r result) segsPerMsg() float64 { return float64(r.segs) / 2 / float64(r.msgs) }
+
+// slicesPerMsg is how often the broker's threads were scheduled in per
+// message.
+func (r result) slicesPerMsg() float64 { return float64(r.slices) / float64(r.msgs) }
+
+// clientPerMsg is the load generator's CPU time per message in µs.
+func (r result) clientPerMsg() float64 { return float64(r.client.Microseconds()) / float64(r.msgs) }
+
+// selfCPU is this process's user + system CPU time so far.
+func selfCPU() time.Duration {
+	var ru syscall.Rusage
+	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 // cpuPerMsg is the broker's CPU time per message in µs.
@@ -50,7 +78,7 @@ func mqttLoad(b *testing.B, addr string, pid int, devs []*devicesim.Device, per 
 func mqttLoadOnce(b *testing.B, addr string, pid int, devs []*devicesim.Device, per int, qos byte) (result, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	clients := make([]*devicesim.MQTT, len(devs))
+	clients := make([]publisher, len(devs))
 	defer func() {
 		for _, c := range clients {
 			if c != nil {
@@ -59,7 +87,7 @@ func mqttLoadOnce(b *testing.B, addr string, pid int, devs []*devicesim.Device, 
 		}
 	}()
 	for i, d := range devs {
-		c, err := d.DialMQTT(ctx, addr, nil)
+		c, err := dialPublisher(ctx, d, addr)
 		if err != nil {
 			return result{}, fmt.Errorf("connect %d to %s: %v", i, addr, err)
 		}
@@ -70,7 +98,9 @@ func mqttLoadOnce(b *testing.B, addr string, pid int, devs []*devicesim.Device, 
 	var lat []time.Duration
 	var firstErr error
 	var wg sync.WaitGroup
-	cpu0 := cpuTime(pid)
+	_, sl0 := schedStat(pid)
+	seg0 := tcpSegments()
+	cpu0, self0 := cpuTime(pid), selfCPU()
 	start := time.Now()
 	for i, c := range clients {
 		wg.Add(1)
@@ -83,7 +113,11 @@ func mqttLoadOnce(b *testing.B, addr string, pid int, devs []*devicesim.Device, 
 				rc, err := c.Publish(ctx, topic, qos, payload)
 				if err != nil || rc >= 0x80 {
 					mu.Lock()
-					firstErr = fmt.Errorf("publish %d: %v rc %#x (session: %v)", n, err, rc, c.Err())
+					var session error
+					if m, ok := c.(*devicesim.MQTT); ok {
+						session = m.Err()
+					}
+					firstErr = fmt.Errorf("publish %d: %v rc %#x (session: %v)", n, err, rc, session)
 					mu.Unlock()
 					return
 				}
@@ -104,7 +138,7 @@ func mqttLoadOnce(b *testing.B, addr string, pid int, devs []*devicesim.Device, 
 		}()
 	}
 	wg.Wait()
-	return result{msgs: per * len(clients), elapsed: time.Since(start), lat: lat, cpu: cpuTime(pid) - cpu0}, firstErr
+	return result{msgs: per * len(clients), elapsed: time.Since(start), lat: lat, cpu: cpuTime(pid) - cpu0, client: selfCPU() - self0, slices: func() int64 { _, n := schedStat(pid); return n - sl0 }(), segs: tcpSegments() - seg0}, firstErr
 }
 
 // mqttRounds counts load rounds in this test binary, to alternate who goes
@@ -136,7 +170,7 @@ func BenchmarkMQTTvsMosquitto(b *testing.B) {
 	if bv != mv || bsuite != ms {
 		b.Fatalf("TLS differs: Bastion %s %s, Mosquitto %s %s", tls.VersionName(bv), tls.CipherSuiteName(bsuite), tls.VersionName(mv), tls.CipherSuiteName(ms))
 	}
-	b.Logf("both: %s %s, client certificates", tls.VersionName(bv), tls.CipherSuiteName(bsuite))
+	b.Logf("both: %s %s, client certificates; client writes a packet in one TLS record: %v (BENCH_MQTT_WRITES=packet)", tls.VersionName(bv), tls.CipherSuiteName(bsuite), packetWrites())
 	// BENCH_BASTIOND_BASELINE=<another bastiond build>: it runs too, in the
 	// same rounds, for this build / baseline ratios.
 	var base *bastion
@@ -183,21 +217,25 @@ func BenchmarkMQTTvsMosquitto(b *testing.B) {
 					if base != nil {
 						b.ReportMetric(bl.rate()/m.rate(), "baseline_throughput_ratio")
 						b.ReportMetric(g.rate()/bl.rate(), "this/baseline")
-						b.Logf("QoS %d, %d publishers: baseline %.0f msg/s p99 %v cpu %.1f µs/msg, ratio to Mosquitto %.2f, p99 ratio %.2f | this / baseline: throughput %.2f, cpu %.2f",
-							qos, pubs, bl.rate(), bl.p99(), bl.cpuPerMsg(), bl.rate()/m.rate(), float64(bl.p99())/float64(m.p99()), g.rate()/bl.rate(), g.cpuPerMsg()/bl.cpuPerMsg())
+						b.Logf("QoS %d, %d publishers: baseline %.0f msg/s p99 %v cpu %.1f µs/msg client cpu %.1f µs/msg TCP segments %.2f /msg, ratio to Mosquitto %.2f, p99 ratio %.2f | this / baseline: throughput %.2f, cpu %.2f",
+							qos, pubs, bl.rate(), bl.p99(), bl.cpuPerMsg(), bl.clientPerMsg(), bl.segsPerMsg(), bl.rate()/m.rate(), float64(bl.p99())/float64(m.p99()), g.rate()/bl.rate(), g.cpuPerMsg()/bl.cpuPerMsg())
 					}
 					b.ReportMetric(g.rate(), "bastion_msg/s")
 					b.ReportMetric(m.rate(), "mosquitto_msg/s")
 					b.ReportMetric(g.rate()/m.rate(), "throughput_ratio")
 					b.ReportMetric(g.cpuPerMsg(), "bastion_cpu_µs/msg")
 					b.ReportMetric(m.cpuPerMsg(), "mosquitto_cpu_µs/msg")
+					b.ReportMetric(g.clientPerMsg(), "client_cpu_µs/msg_bastion")
+					b.ReportMetric(m.clientPerMsg(), "client_cpu_µs/msg_mosquitto")
+					b.ReportMetric(g.segsPerMsg(), "tcp_segs/msg_bastion")
+					b.ReportMetric(m.segsPerMsg(), "tcp_segs/msg_mosquitto")
 					if qos == 1 {
 						b.ReportMetric(float64(g.p99().Microseconds()), "bastion_p99_µs")
 						b.ReportMetric(float64(m.p99().Microseconds()), "mosquitto_p99_µs")
 						b.ReportMetric(float64(g.p99())/float64(m.p99()), "p99_ratio")
 					}
-					b.Logf("QoS %d, %d publishers × %d msgs: Bastion %.0f msg/s p99 %v cpu %.1f µs/msg | Mosquitto %.0f msg/s p99 %v cpu %.1f µs/msg | ratio %.2f, cpu ratio %.2f",
-						qos, pubs, per, g.rate(), g.p99(), g.cpuPerMsg(), m.rate(), m.p99(), m.cpuPerMsg(), g.rate()/m.rate(), g.cpuPerMsg()/m.cpuPerMsg())
+					b.Logf("QoS %d, %d publishers × %d msgs: Bastion %.0f msg/s p99 %v cpu %.1f µs/msg | Mosquitto %.0f msg/s p99 %v cpu %.1f µs/msg | ratio %.2f, cpu ratio %.2f | client cpu %.1f vs %.1f µs/msg | broker scheduled in %.2f vs %.2f /msg | TCP segments %.2f vs %.2f /msg",
+						qos, pubs, per, g.rate(), g.p99(), g.cpuPerMsg(), m.rate(), m.p99(), m.cpuPerMsg(), g.rate()/m.rate(), g.cpuPerMsg()/m.cpuPerMsg(), g.clientPerMsg(), m.clientPerMsg(), g.slicesPerMsg(), m.slicesPerMsg(), g.segsPerMsg(), m.segsPerMsg())
 				}
 			})
 		}
