@@ -197,15 +197,22 @@ var cachedLookups = []struct {
 	{"id", "a1", "b2", (*Store).Device, func(s *Store) *deviceCache { return &s.byID }},
 }
 
+// storeWithLamp is a store holding PSK device a1 ("lamp", identity psk-a1).
+func storeWithLamp(t *testing.T) (*Store, time.Time) {
+	t.Helper()
+	s, _ := open(t)
+	now := time.Date(2026, 11, 24, 12, 0, 0, 0, time.UTC)
+	if err := s.AddDevice(Device{ID: "a1", Name: "lamp", Auth: "psk", PSKIdentity: "psk-a1", Created: now}); err != nil {
+		t.Fatal(err)
+	}
+	return s, now
+}
+
 // A lookup after a write that changed the device sees the change.
 func TestDeviceLookupCache(t *testing.T) {
 	for _, tc := range cachedLookups {
 		t.Run(tc.name, func(t *testing.T) {
-			s, _ := open(t)
-			now := time.Date(2026, 11, 24, 12, 0, 0, 0, time.UTC)
-			if err := s.AddDevice(Device{ID: "a1", Name: "lamp", Auth: "psk", PSKIdentity: "psk-a1", Created: now}); err != nil {
-				t.Fatal(err)
-			}
+			s, now := storeWithLamp(t)
 			if _, err := tc.lookup(s, tc.key); err != nil {
 				t.Fatal(err)
 			}
@@ -244,11 +251,7 @@ func TestDeviceLookupCache(t *testing.T) {
 func TestDeviceLookupCacheRevokeDuringLookup(t *testing.T) {
 	for _, tc := range cachedLookups {
 		t.Run(tc.name, func(t *testing.T) {
-			s, _ := open(t)
-			now := time.Date(2026, 11, 24, 12, 0, 0, 0, time.UTC)
-			if err := s.AddDevice(Device{ID: "a1", Name: "lamp", Auth: "psk", PSKIdentity: "psk-a1", Created: now}); err != nil {
-				t.Fatal(err)
-			}
+			s, now := storeWithLamp(t)
 			c := tc.cache(s)
 			c.afterRead = func() {
 				c.afterRead = nil
