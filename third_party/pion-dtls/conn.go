@@ -2342,6 +2342,15 @@ func (c *Conn) close(byUser bool) error {
 
 	cancelHandshaker()
 	cancelHandshakeReader()
+	if !isClosed {
+		// Bastion patch: Write's context is the write deadline's, no longer
+		// also ended by Close through a goroutine per Write
+		// (contextWithClose). A Write blocked in the socket (a peer that
+		// stopped reading a pipe) holds the write lock that close_notify
+		// needs below, so Close ends it here, by expiring that context.
+		// After Close no Write starts (ErrConnClosed).
+		c.writeDeadline.Set(time.Unix(1, 0))
+	}
 	// Bastion patch (22): a record reader not started yet starts now, to
 	// end as a cancelled one does; unless the listener's inline reader is
 	// processing a datagram, which then ends reading itself (patch (26)).
