@@ -3,11 +3,12 @@ package queue
 import (
 	"context"
 	"errors"
-	"github.com/google/go-cmp/cmp"
 	"os"
 	"path/filepath"
 	"testing"
 	"time"
+
+	"github.com/google/go-cmp/cmp"
 
 	"github.com/bastion-iot/bastion/bridges"
 	"github.com/prometheus/client_golang/prometheus"

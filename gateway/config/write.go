@@ -3,10 +3,11 @@ package config
 import (
 	"fmt"
 
-	"github.com/bastion-iot/bastion/bridges/upstream"
 	"io"
 	"sort"
 	"strings"
+
+	"github.com/bastion-iot/bastion/bridges/upstream"
 )
 
 // WriteCommented writes c as a bastion.yaml a person can read and edit: every
