@@ -833,49 +833,10 @@ func (q *Queue) recycle(batch []pending, buf []byte) {
 // until there is at least one or ctx ends. An entry is visible once written,
 // possibly before its fsync returned (sending it early can only duplicate).
 func (q *Queue) Next(ctx context.Context, after uint64, max int) ([]Entry, error) {
-	if max <= 0 {
-		max = 1
-	}
 	for {
-		q.mu.Lock()
-		if q.closed {
-			q.mu.Unlock()
-			return nil, ErrClosed
-		}
-		i := sort.Search(len(q.ents), func(i int) bool { return q.ents[i].seq > after })
-		var out []Entry
-		if i < len(q.ents) {
-			out = make([]Entry, 0, min(max, len(q.ents)-i))
-		}
-		var err error
-		for i < len(q.ents) && len(out) < max {
-			if q.ents[i].acked {
-				i++
-				continue
-			}
-			// Entries next to each other in one segment are read with one
-			// read (the delivered-marks between batches come along).
-			j, span := i+1, int64(q.ents[i].n)
-			for ; j < len(q.ents) && len(out)+(j-i) < max; j++ {
-				e := q.ents[j]
-				end := e.off + int64(e.n) - q.ents[i].off
-				if e.seg != q.ents[i].seg || end > maxReadSpan {
-					break
-				}
-				span = end
-			}
-			if out, err = q.readSpan(out, q.ents[i:j], span); err != nil {
-				break
-			}
-			i = j
-		}
-		ch := q.notify
-		q.mu.Unlock()
-		if err != nil {
+		out, ch, err := q.held(after, max)
+		if err != nil || len(out) > 0 {
 			return out, err
-		}
-		if len(out) > 0 {
-			return out, nil
 		}
 		select {
 		case <-ch:
@@ -883,6 +844,53 @@ func (q *Queue) Next(ctx context.Context, after uint64, max int) ([]Entry, error
 			return nil, ctx.Err()
 		}
 	}
+}
+
+// Held is Next without the wait: what is held now (none: an empty result).
+func (q *Queue) Held(after uint64, max int) ([]Entry, error) {
+	out, _, err := q.held(after, max)
+	return out, err
+}
+
+// held returns up to max held entries with Seq > after, and the channel
+// that is closed when the next one is written.
+func (q *Queue) held(after uint64, max int) ([]Entry, <-chan struct{}, error) {
+	if max <= 0 {
+		max = 1
+	}
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.closed {
+		return nil, nil, ErrClosed
+	}
+	i := sort.Search(len(q.ents), func(i int) bool { return q.ents[i].seq > after })
+	var out []Entry
+	if i < len(q.ents) {
+		out = make([]Entry, 0, min(max, len(q.ents)-i))
+	}
+	for i < len(q.ents) && len(out) < max {
+		if q.ents[i].acked {
+			i++
+			continue
+		}
+		// Entries next to each other in one segment are read with one
+		// read (the delivered-marks between batches come along).
+		j, span := i+1, int64(q.ents[i].n)
+		for ; j < len(q.ents) && len(out)+(j-i) < max; j++ {
+			e := q.ents[j]
+			end := e.off + int64(e.n) - q.ents[i].off
+			if e.seg != q.ents[i].seg || end > maxReadSpan {
+				break
+			}
+			span = end
+		}
+		var err error
+		if out, err = q.readSpan(out, q.ents[i:j], span); err != nil {
+			return out, q.notify, err
+		}
+		i = j
+	}
+	return out, q.notify, nil
 }
 
 // maxReadSpan bounds one read in Next.

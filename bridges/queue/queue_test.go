@@ -813,3 +813,23 @@ func TestAcceptNotify(t *testing.T) {
 		t.Fatalf("after a failed fsync the callback got %q, want one error", got)
 	}
 }
+
+// Held answers at once: nothing when nothing is held, then what Accept
+// wrote, as Next would.
+func TestHeldDoesNotWait(t *testing.T) {
+	q, _ := open(t, t.TempDir(), Options{})
+	ctx := context.Background()
+	if es, err := q.Held(0, 10); err != nil || len(es) != 0 {
+		t.Fatalf("empty queue: %d entries, %v; want none, nil", len(es), err)
+	}
+	if err := q.Accept(ctx, msg("d", 1)); err != nil {
+		t.Fatal(err)
+	}
+	es, err := q.Held(0, 10)
+	if err != nil || len(es) != 1 {
+		t.Fatalf("after one Accept: %d entries, %v; want 1", len(es), err)
+	}
+	if next, err := q.Next(ctx, 0, 10); err != nil || len(next) != 1 || next[0].Seq != es[0].Seq {
+		t.Fatalf("Next disagrees with Held: %+v, %v", next, err)
+	}
+}

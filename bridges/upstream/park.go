@@ -188,7 +188,7 @@ func (u *Upstream) ListParked(ctx context.Context, max int) (Parked, error) {
 	out := Parked{Depth: st.Depth, Bytes: st.Bytes}
 	var after uint64
 	for len(out.Messages) < max && len(out.Messages) < st.Depth {
-		es, err := nextNow(ctx, p, after, min(64, max-len(out.Messages)))
+		es, err := p.Held(after, min(64, max-len(out.Messages)))
 		if err != nil {
 			return out, err
 		}
@@ -242,7 +242,7 @@ func (u *Upstream) drainParked(ctx context.Context, each func(queue.Entry) error
 		after uint64
 	)
 	for ctx.Err() == nil && n < todo {
-		es, err := nextNow(ctx, p, after, min(64, todo-n))
+		es, err := p.Held(after, min(64, todo-n))
 		if err != nil || len(es) == 0 {
 			return n, err
 		}
@@ -258,18 +258,6 @@ func (u *Upstream) drainParked(ctx context.Context, each func(queue.Entry) error
 		}
 	}
 	return n, ctx.Err()
-}
-
-// nextNow is queue.Next without the wait for new messages: an empty result
-// means nothing is held after after.
-func nextNow(ctx context.Context, q *queue.Queue, after uint64, max int) ([]queue.Entry, error) {
-	ctx, cancel := context.WithCancel(ctx)
-	cancel() // Next returns what it holds before it looks at ctx
-	es, err := q.Next(ctx, after, max)
-	if errors.Is(err, context.Canceled) {
-		return nil, nil
-	}
-	return es, err
 }
 
 // pubackReason is the text of a PUBACK failure reason.
