@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"runtime"
 	"strings"
@@ -36,24 +35,13 @@ type rawDevice struct {
 
 func dialRaw(t *testing.T, d *devicesim.Device, addr string) *rawDevice {
 	t.Helper()
-	cfg, err := d.DTLSConfig(addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ua, err := net.ResolveUDPAddr("udp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	dc, err := piondtls.Dial("udp", ua, cfg)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	dc, err := d.DialDTLS(ctx, addr)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = dc.Close() })
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	if err := dc.HandshakeContext(ctx); err != nil {
-		t.Fatal(err)
-	}
 	return &rawDevice{t: t, dc: dc}
 }
 

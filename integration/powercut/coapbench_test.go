@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"net"
 	"os"
 	"path/filepath"
 	"slices"
@@ -216,22 +215,10 @@ func (g *coapGateway) run(b *testing.B, devs, inflight, total int) coapResult {
 type pipelinedDevice struct{ dc *piondtls.Conn }
 
 func dialPipelined(b *testing.B, d *devicesim.Device, addr string) *pipelinedDevice {
-	cfg, err := d.DTLSConfig(addr)
-	if err != nil {
-		b.Fatal(err)
-	}
-	ua, err := net.ResolveUDPAddr("udp", addr)
-	if err != nil {
-		b.Fatal(err)
-	}
-	dc, err := piondtls.Dial("udp", ua, cfg)
-	if err != nil {
-		b.Fatal(err)
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	if err := dc.HandshakeContext(ctx); err != nil {
-		dc.Close()
+	dc, err := d.DialDTLS(ctx, addr)
+	if err != nil {
 		b.Fatal(err)
 	}
 	return &pipelinedDevice{dc: dc}

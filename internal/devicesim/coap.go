@@ -36,16 +36,22 @@ func (d *Device) DialCoAP(ctx context.Context, addr string) (*CoAP, error) {
 	return d.dialWith(ctx, addr, cfg)
 }
 
-// dialWith does the handshake with a given DTLS config (pair.go's
-// enrollment sessions use their own); extra go-coap options come last, so
-// they override the defaults (firmware sessions turn block-wise off).
-func (d *Device) dialWith(ctx context.Context, addr string, cfg *piondtls.Config, extra ...udp.Option) (*CoAP, error) {
+// DialDTLS does the DTLS handshake with the gateway at addr and returns
+// the session bare, for callers that write CoAP datagrams themselves (tests
+// and benchmarks that keep several requests outstanding).
+func (d *Device) DialDTLS(ctx context.Context, addr string) (*piondtls.Conn, error) {
+	cfg, err := d.DTLSConfig(addr)
+	if err != nil {
+		return nil, err
+	}
+	return d.handshake(ctx, addr, cfg)
+}
+
+func (d *Device) handshake(ctx context.Context, addr string, cfg *piondtls.Config) (*piondtls.Conn, error) {
 	raddr, err := net.ResolveUDPAddr("udp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("coaps %s: %w", addr, err)
 	}
-	// The handshake is done here, so that a refused one is an error of
-	// DialCoAP and not of the first request.
 	conn, err := piondtls.Dial("udp", raddr, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("coaps dial %s as %s: %w", addr, d.ID, err)
@@ -53,6 +59,19 @@ func (d *Device) dialWith(ctx context.Context, addr string, cfg *piondtls.Config
 	if err := conn.HandshakeContext(ctx); err != nil {
 		conn.Close()
 		return nil, fmt.Errorf("coaps handshake with %s as %s: %w", addr, d.ID, err)
+	}
+	return conn, nil
+}
+
+// dialWith does the handshake with a given DTLS config (pair.go's
+// enrollment sessions use their own); extra go-coap options come last, so
+// they override the defaults (firmware sessions turn block-wise off).
+func (d *Device) dialWith(ctx context.Context, addr string, cfg *piondtls.Config, extra ...udp.Option) (*CoAP, error) {
+	// The handshake is done here, so that a refused one is an error of
+	// DialCoAP and not of the first request.
+	conn, err := d.handshake(ctx, addr, cfg)
+	if err != nil {
+		return nil, err
 	}
 	life, stop := context.WithCancel(context.WithoutCancel(ctx))
 	opts := []udp.Option{options.WithContext(life), options.WithMaxMessageSize(128 * 1024),
