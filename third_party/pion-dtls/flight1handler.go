@@ -34,7 +34,7 @@ func flight1Parse(
 		return 0, nil, nil
 	}
 
-	if _, ok := msgs[handshake.TypeServerHello]; ok {
+	if msgs[handshake.TypeServerHello] != nil { // Bastion patch (33): an array, nil when absent
 		// Flight1 and flight2 were skipped.
 		// Parse as flight3.
 		return flight3Parse(ctx, conn, state, cache, cfg)

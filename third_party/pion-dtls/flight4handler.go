@@ -59,7 +59,9 @@ func flight4Parse(
 	// Authenticate the full client transcript before accepting the handshake.
 	// pullAndMerge selects the cookie-bearing ClientHello and excludes both
 	// HelloVerifyRequest and the Finished message being verified.
-	transcript := cache.pullAndMerge(
+	// Bastion patch (36): hashed where the messages are, not merged first.
+	var transcriptHashBuf [64]byte
+	transcriptHash, err := cache.transcriptHash(transcriptHashBuf[:0], state.cipherSuite.HashFunc(),
 		handshakeCachePullRule{handshake.TypeClientHello, cfg.initialEpoch, true, false},
 		handshakeCachePullRule{handshake.TypeServerHello, cfg.initialEpoch, false, false},
 		handshakeCachePullRule{handshake.TypeCertificate, cfg.initialEpoch, false, false},
@@ -70,7 +72,10 @@ func flight4Parse(
 		handshakeCachePullRule{handshake.TypeClientKeyExchange, cfg.initialEpoch, true, false},
 		handshakeCachePullRule{handshake.TypeCertificateVerify, cfg.initialEpoch, true, false},
 	)
-	expectedVerifyData, err := prf.VerifyDataClient(state.masterSecret, transcript, state.cipherSuite.HashFunc())
+	if err != nil {
+		return 0, &alert.Alert{Level: alert.Fatal, Description: alert.InternalError}, err
+	}
+	expectedVerifyData, err := prf.VerifyDataClientHash(state.masterSecret, transcriptHash, state.cipherSuite.HashFunc())
 	if err != nil {
 		return 0, &alert.Alert{Level: alert.Fatal, Description: alert.InternalError}, err
 	}

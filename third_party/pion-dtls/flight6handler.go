@@ -55,7 +55,9 @@ func flight6Generate(
 		})
 
 	if len(state.localVerifyData) == 0 {
-		plainText := cache.pullAndMerge(
+		// Bastion patch (36): hashed where the messages are, not merged first.
+		var transcriptHashBuf [64]byte
+		transcriptHash, err := cache.transcriptHash(transcriptHashBuf[:0], state.cipherSuite.HashFunc(),
 			handshakeCachePullRule{handshake.TypeClientHello, cfg.initialEpoch, true, false},
 			handshakeCachePullRule{handshake.TypeServerHello, cfg.initialEpoch, false, false},
 			handshakeCachePullRule{handshake.TypeCertificate, cfg.initialEpoch, false, false},
@@ -67,9 +69,10 @@ func flight6Generate(
 			handshakeCachePullRule{handshake.TypeCertificateVerify, cfg.initialEpoch, true, false},
 			handshakeCachePullRule{handshake.TypeFinished, cfg.initialEpoch + 1, true, false},
 		)
-
-		var err error
-		state.localVerifyData, err = prf.VerifyDataServer(state.masterSecret, plainText, state.cipherSuite.HashFunc())
+		if err != nil {
+			return nil, &alert.Alert{Level: alert.Fatal, Description: alert.InternalError}, err
+		}
+		state.localVerifyData, err = prf.VerifyDataServerHash(state.masterSecret, transcriptHash, state.cipherSuite.HashFunc())
 		if err != nil {
 			return nil, &alert.Alert{Level: alert.Fatal, Description: alert.InternalError}, err
 		}

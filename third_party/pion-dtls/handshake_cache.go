@@ -5,6 +5,7 @@ package dtls
 
 import (
 	"bytes"
+	"crypto/sha256"
 	"sync"
 
 	"github.com/pion/dtls/v3/pkg/crypto/prf"
@@ -161,6 +162,13 @@ func (h *handshakeCache) pullOne(r handshakeCachePullRule) *handshakeCacheItem {
 	return out
 }
 
+// pulledMessages holds what fullPullMap found, indexed by handshake type
+// as its map was (Bastion patch (33)): an array returned by value instead
+// of a map allocated for every pull. Every type a flight asks for is at
+// most handshake.TypeFinished; a missing one is nil, as the map's zero
+// value was.
+type pulledMessages [handshake.TypeFinished + 1]handshake.Message
+
 // fullPullMap pulls all handshakes between rules[0] to rules[len(rules)-1] as map.
 //
 //nolint:cyclop
@@ -168,7 +176,7 @@ func (h *handshakeCache) fullPullMap(
 	startSeq int,
 	cipherSuite CipherSuite,
 	rules ...handshakeCachePullRule,
-) (int, map[handshake.Type]handshake.Message, bool) {
+) (int, pulledMessages, bool) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 
@@ -190,11 +198,15 @@ func (h *handshakeCache) fullPullMap(
 		}
 		if !rule.optional && item == nil {
 			// Missing mandatory message.
-			return startSeq, nil, false
+			return startSeq, pulledMessages{}, false
+		}
+		if int(rule.typ) >= len(pulledMessages{}) {
+			// Not a type any flight pulls (Bastion patch (33)).
+			return startSeq, pulledMessages{}, false
 		}
 		ci = append(ci, item)
 	}
-	out := make(map[handshake.Type]handshake.Message)
+	var out pulledMessages
 	seq := startSeq
 	ok := false
 	for k, r := range rules {
@@ -220,18 +232,18 @@ func (h *handshakeCache) fullPullMap(
 			KeyExchangeAlgorithm: keyExchangeAlgorithm,
 		}
 		if err := rawHandshake.Unmarshal(i.data); err != nil {
-			return startSeq, nil, false
+			return startSeq, pulledMessages{}, false
 		}
 		if uint16(seq) != rawHandshake.Header.MessageSequence { //nolint:gosec // G115
 			// There is a gap. Some messages are not arrived.
-			return startSeq, nil, false
+			return startSeq, pulledMessages{}, false
 		}
 		seq++
 		ok = true
 		out[typ] = rawHandshake.Message
 	}
 	if !ok {
-		return seq, nil, false
+		return seq, pulledMessages{}, false
 	}
 
 	return seq, out, true
@@ -267,9 +279,75 @@ func mergedLen(items []*handshakeCacheItem, additional ...[]byte) int {
 	return n
 }
 
+// transcriptHashRoom is how long a transcript transcriptHash hashes on
+// the stack with SHA-256: a PSK handshake's is a few hundred bytes.
+const transcriptHashRoom = 1024
+
+// transcriptHash appends to dst hf's hash of what pullAndMerge(rules...)
+// returns, the same bytes in the same order, without pull's slice and,
+// with SHA-256 and a transcript of up to transcriptHashRoom bytes, without
+// a merged copy or a hash.Hash on the heap (Bastion patch (36)).
+func (h *handshakeCache) transcriptHash(
+	dst []byte, hf prf.HashFunc, rules ...handshakeCachePullRule,
+) ([]byte, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+
+	var itemsArray [16]*handshakeCacheItem
+	items := itemsArray[:0]
+	n := 0
+	for _, r := range rules {
+		// The item pull chooses for r: the first of the highest message
+		// sequence of its type, side and epoch.
+		var item *handshakeCacheItem
+		for _, c := range h.cache {
+			if c.typ == r.typ && c.isClient == r.isClient && c.epoch == r.epoch &&
+				(item == nil || item.messageSequence < c.messageSequence) {
+				item = c
+			}
+		}
+		if item != nil {
+			items = append(items, item)
+			n += len(item.data)
+		}
+	}
+	if prf.IsSHA256(hf) && n <= transcriptHashRoom {
+		var buf [transcriptHashRoom]byte
+		merged := buf[:0]
+		for _, item := range items {
+			merged = append(merged, item.data...)
+		}
+		sum := sha256.Sum256(merged)
+
+		return append(dst, sum[:]...), nil
+	}
+	hash := hf()
+	for _, item := range items {
+		if _, err := hash.Write(item.data); err != nil {
+			return nil, err
+		}
+	}
+
+	return append(dst, hash.Sum(nil)...), nil
+}
+
 // sessionHash returns the session hash for Extended Master Secret support
 // https://tools.ietf.org/html/draft-ietf-tls-session-hash-06#section-4
 func (h *handshakeCache) sessionHash(hf prf.HashFunc, epoch uint16, additional ...[]byte) ([]byte, error) {
+	if len(additional) == 0 {
+		// Bastion patch (36): the same messages in the same order,
+		// hashed where they are.
+		return h.transcriptHash(nil, hf,
+			handshakeCachePullRule{handshake.TypeClientHello, epoch, true, false},
+			handshakeCachePullRule{handshake.TypeServerHello, epoch, false, false},
+			handshakeCachePullRule{handshake.TypeCertificate, epoch, false, false},
+			handshakeCachePullRule{handshake.TypeServerKeyExchange, epoch, false, false},
+			handshakeCachePullRule{handshake.TypeCertificateRequest, epoch, false, false},
+			handshakeCachePullRule{handshake.TypeServerHelloDone, epoch, false, false},
+			handshakeCachePullRule{handshake.TypeCertificate, epoch, true, false},
+			handshakeCachePullRule{handshake.TypeClientKeyExchange, epoch, true, false},
+		)
+	}
 	// Order defined by https://tools.ietf.org/html/rfc5246#section-7.3
 	handshakeBuffer := h.pull(
 		handshakeCachePullRule{handshake.TypeClientHello, epoch, true, false},

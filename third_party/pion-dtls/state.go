@@ -113,19 +113,38 @@ type serializedState struct {
 var errCipherSuiteNotSet = &InternalError{Err: errors.New("cipher suite not set")} //nolint:err113
 
 func (s *State) clone() (*State, error) {
-	serialized, err := s.serialize()
-	if err != nil {
+	state := &State{}
+	if err := s.cloneInto(state); err != nil {
 		return nil, err
 	}
-	state := &State{}
-	state.deserialize(*serialized)
 
-	return state, err
+	return state, nil
+}
+
+// cloneInto makes dst what clone returns (Bastion patch (34)): the
+// serialized form stays on the stack instead of being allocated.
+func (s *State) cloneInto(dst *State) error {
+	var serialized serializedState
+	if err := s.serializeTo(&serialized); err != nil {
+		return err
+	}
+	dst.deserialize(serialized)
+
+	return nil
 }
 
 func (s *State) serialize() (*serializedState, error) {
+	serialized := &serializedState{}
+	if err := s.serializeTo(serialized); err != nil {
+		return nil, err
+	}
+
+	return serialized, nil
+}
+
+func (s *State) serializeTo(out *serializedState) error {
 	if s.cipherSuite == nil {
-		return nil, errCipherSuiteNotSet
+		return errCipherSuiteNotSet
 	}
 	cipherSuiteID := uint16(s.cipherSuite.ID())
 
@@ -139,7 +158,7 @@ func (s *State) serialize() (*serializedState, error) {
 		remoteSequenceNumber = s.remoteSequenceNumber.Load()
 	}
 
-	return &serializedState{
+	*out = serializedState{
 		RemoteSequenceNumber:  remoteSequenceNumber,
 		HandshakeComplete:     s.handshakeComplete,
 		LocalEpoch:            s.getLocalEpoch(),
@@ -157,7 +176,9 @@ func (s *State) serialize() (*serializedState, error) {
 		RemoteConnectionID:    s.remoteConnectionID,
 		IsClient:              s.isClient,
 		NegotiatedProtocol:    s.NegotiatedProtocol,
-	}, nil
+	}
+
+	return nil
 }
 
 func (s *State) deserialize(serialized serializedState) {
@@ -170,8 +191,9 @@ func (s *State) deserialize(serialized serializedState) {
 	s.localEpoch.Store(serialized.LocalEpoch)
 	s.remoteEpoch.Store(serialized.RemoteEpoch)
 
-	for len(s.localSequenceNumber) <= int(epoch) {
-		s.localSequenceNumber = append(s.localSequenceNumber, uint64(0))
+	if n := int(epoch) + 1; len(s.localSequenceNumber) < n {
+		// Bastion patch (34): one allocation, not one per epoch.
+		s.localSequenceNumber = append(s.localSequenceNumber, make([]uint64, n-len(s.localSequenceNumber))...)
 	}
 
 	// Set random values

@@ -320,7 +320,8 @@ func (l *listener) getConn(raddr net.Addr, buf []byte) (*PacketConn, bool, error
 
 	// If we don't have a custom resolver, or we were unable to find an
 	// associated connection, fall back to remote address.
-	conn, ok := l.conns[raddr.String()]
+	key := raddr.String() // Bastion patch (35): formatted once per connection
+	conn, ok := l.conns[key]
 	if !ok {
 		if isAccepting, ok := l.accepting.Load().(bool); !isAccepting || !ok {
 			return nil, false, ErrClosedListener
@@ -330,11 +331,11 @@ func (l *listener) getConn(raddr net.Addr, buf []byte) (*PacketConn, bool, error
 				return nil, false, nil
 			}
 		}
-		conn = l.newPacketConn(raddr)
+		conn = l.newPacketConn(raddr, key)
 		l.connWG.Add(1)
 		select {
 		case l.acceptCh <- conn:
-			l.conns[raddr.String()] = conn
+			l.conns[key] = conn
 			if conn.raddrAP.IsValid() {
 				l.byAddr[conn.raddrAP] = conn
 			}
@@ -359,6 +360,10 @@ type PacketConn struct {
 	raddrAP netip.AddrPort // raddr as read, if a UDP address (Bastion patch)
 	rmraddr atomic.Value   // bool
 	id      atomic.Value   // string
+
+	// raddrKey is raddr.String(), conns' key for raddr (Bastion patch
+	// (35)), formatted once, when the connection is made.
+	raddrKey string
 
 	buffer *idtlsnet.PacketBuffer
 
@@ -403,7 +408,7 @@ func (c *PacketConn) SetInlineReader(f func(b []byte, raddr net.Addr) bool) {
 }
 
 // newPacketConn constructs a new PacketConn.
-func (l *listener) newPacketConn(raddr net.Addr) *PacketConn {
+func (l *listener) newPacketConn(raddr net.Addr, key string) *PacketConn {
 	var ap netip.AddrPort
 	if u, ok := raddr.(*net.UDPAddr); ok {
 		ap = udpAddrPort(u)
@@ -413,6 +418,7 @@ func (l *listener) newPacketConn(raddr net.Addr) *PacketConn {
 		listener:      l,
 		raddr:         raddr,
 		raddrAP:       ap,
+		raddrKey:      key,
 		buffer:        idtlsnet.NewPacketBuffer(),
 		doneCh:        make(chan struct{}),
 		writeDeadline: deadline.New(),
@@ -470,7 +476,7 @@ func (c *PacketConn) WriteTo(payload []byte, addr net.Addr) (n int, err error) {
 		// identifier.
 		if id != nil && c.rmraddr.Load() == nil && !sameAddr(addr, c.raddr) {
 			c.listener.connLock.Lock()
-			delete(c.listener.conns, c.raddr.String())
+			delete(c.listener.conns, c.raddrKey)
 			c.listener.forgetAddr(c)
 			c.rmraddr.Store(true)
 			c.listener.connLock.Unlock()
@@ -511,7 +517,7 @@ func (c *PacketConn) Close() error {
 		// If we haven't already removed the remote address, remove it from the
 		// connection map.
 		if c.rmraddr.Load() == nil {
-			delete(c.listener.conns, c.raddr.String())
+			delete(c.listener.conns, c.raddrKey)
 			c.listener.forgetAddr(c)
 			c.rmraddr.Store(true)
 		}

@@ -30,6 +30,12 @@ func isSHA256(h HashFunc) bool {
 	return h != nil && reflect.ValueOf(h).Pointer() == sha256New
 }
 
+// IsSHA256 reports whether h is crypto/sha256.New itself, for which a
+// caller may hash with sha256.Sum256 on the stack (Bastion patch (36)).
+func IsSHA256(h HashFunc) bool {
+	return isSHA256(h)
+}
+
 // seedRoom is how much seed the stack buffers of phashSHA256 hold: every
 // TLS 1.2 PRF seed (a label and two randoms, or a label and a hash).
 const seedRoom = 128

@@ -284,6 +284,32 @@ func prfVerifyData(masterSecret, handshakeBodies []byte, label string, hashFunc 
 	return PHash(masterSecret, seed, 12, hashFunc)
 }
 
+// verifyDataFromHash is prfVerifyData of a transcript whose hash is
+// transcriptHash (Bastion patch (36)): the caller hashes the handshake
+// messages where they are instead of merging them into one slice first.
+func verifyDataFromHash(masterSecret, transcriptHash []byte, label string, hashFunc HashFunc) ([]byte, error) {
+	if isSHA256(hashFunc) {
+		var buf [seedRoom]byte
+
+		return phashSHA256(masterSecret, prfSeed(&buf, label, transcriptHash, nil), 12), nil
+	}
+	seed := append([]byte(label), transcriptHash...)
+
+	return PHash(masterSecret, seed, 12, hashFunc)
+}
+
+// VerifyDataClientHash is VerifyDataClient of handshake bodies whose hash
+// (with h) is transcriptHash (Bastion patch (36)).
+func VerifyDataClientHash(masterSecret, transcriptHash []byte, h HashFunc) ([]byte, error) {
+	return verifyDataFromHash(masterSecret, transcriptHash, verifyDataClientLabel, h)
+}
+
+// VerifyDataServerHash is VerifyDataServer of handshake bodies whose hash
+// (with h) is transcriptHash (Bastion patch (36)).
+func VerifyDataServerHash(masterSecret, transcriptHash []byte, h HashFunc) ([]byte, error) {
+	return verifyDataFromHash(masterSecret, transcriptHash, verifyDataServerLabel, h)
+}
+
 // VerifyDataClient is caled on the Client Side to either verify or generate the VerifyData message.
 func VerifyDataClient(masterSecret, handshakeBodies []byte, h HashFunc) ([]byte, error) {
 	return prfVerifyData(masterSecret, handshakeBodies, verifyDataClientLabel, h)
