@@ -207,8 +207,14 @@ func BenchmarkCoAPvsLibcoap(b *testing.B) {
 	// handshakes too, in the same rounds, for this build / baseline.
 	var base *bastion
 	var baseDev *devicesim.Device
+	// BENCH_BASELINE_GOGC=<n>: the baseline runs with GOGC=n (the same
+	// build as this one, say, to see what the garbage collector costs).
 	if bin := os.Getenv("BENCH_BASTIOND_BASELINE"); bin != "" {
-		base = startBastionBin(b, bin)
+		var env []string
+		if v := os.Getenv("BENCH_BASELINE_GOGC"); v != "" {
+			env = append(env, "GOGC="+v)
+		}
+		base = startBastionBin(b, bin, env...)
 		baseDev = base.addDevices(b, "cb", "psk", 1)[0]
 	}
 	b.Run("handshakes", func(b *testing.B) {

@@ -89,8 +89,9 @@ func startBastion(b *testing.B) *bastion {
 }
 
 // startBastionBin is startBastion with the bastiond binary bin (a
-// baseline build, BENCH_BASTIOND_BASELINE).
-func startBastionBin(b *testing.B, bin string) *bastion {
+// baseline build, BENCH_BASTIOND_BASELINE) and env added to its
+// environment.
+func startBastionBin(b *testing.B, bin string, env ...string) *bastion {
 	dir := b.TempDir()
 	cfg := config.Dev(dir)
 	cfg.CoAP.Listen, cfg.CoAP.PSKListen, cfg.MQTT.Listen = "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"
@@ -120,6 +121,7 @@ func startBastionBin(b *testing.B, bin string) *bastion {
 			cmd.Env = append(cmd.Env, "BASTIOND_MEMPROFILE_RATE="+r)
 		}
 	}
+	cmd.Env = append(cmd.Env, env...)
 	var errBuf bytes.Buffer
 	cmd.Stderr, cmd.Stdout = &errBuf, &errBuf
 	if err := cmd.Start(); err != nil {

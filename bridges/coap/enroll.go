@@ -6,7 +6,6 @@ import (
 	"io"
 	"strings"
 
-	piondtls "github.com/pion/dtls/v3"
 	"github.com/plgd-dev/go-coap/v3/message"
 	"github.com/plgd-dev/go-coap/v3/message/codes"
 	"github.com/plgd-dev/go-coap/v3/message/pool"
@@ -84,7 +83,7 @@ type enrollInfo struct {
 }
 
 // classify runs once per session, in onNewConn.
-func (s *Server) classify(device string, st piondtls.State) enrollInfo {
+func (s *Server) classify(device string, st peerIdentity) enrollInfo {
 	info := enrollInfo{kind: KindDevice}
 	if s.cfg.Enroll != nil {
 		info.kind = s.cfg.Enroll.Kind(device)

@@ -276,11 +276,14 @@ func (s *Server) onNewConn(cc *otacache.DTLSConn) {
 		cc.Close()
 		return
 	}
-	st, ok := dc.ConnectionState()
+	// Only who the peer is: PeerIdentity, not a clone of pion's whole
+	// State (ConnectionState).
+	hint, certs, ok := dc.PeerIdentity()
 	if !ok {
 		cc.Close()
 		return
 	}
+	st := peerIdentity{IdentityHint: hint, PeerCertificates: certs}
 	mode := "psk"
 	if len(st.PeerCertificates) > 0 {
 		mode = "cert"
@@ -354,7 +357,14 @@ func (s *Server) onNewConn(cc *otacache.DTLSConn) {
 
 // check looks the session's credentials up again: the device they belong
 // to now, and revGen from before the lookup.
-func (s *Server) check(st piondtls.State) (dev string, gen uint64, err error) {
+// peerIdentity is who the peer of a DTLS session is: its PSK identity or
+// its certificate chain (pion's State.IdentityHint and PeerCertificates).
+type peerIdentity struct {
+	IdentityHint     []byte
+	PeerCertificates [][]byte
+}
+
+func (s *Server) check(st peerIdentity) (dev string, gen uint64, err error) {
 	gen = s.revocations()
 	if len(st.PeerCertificates) > 0 {
 		dev, err = s.id.VerifyCert(st.PeerCertificates)

@@ -713,6 +713,22 @@ func (c *Conn) ConnectionState() (State, bool) {
 	return *stateClone, true
 }
 
+// PeerIdentity returns the IdentityHint and PeerCertificates of the
+// State that ConnectionState would return, and its ok, without cloning
+// the whole state (Bastion patch (37): a server that only needs to know
+// who the peer is does not pay for a copy of the State, a new cipher
+// suite and the serialization in between).
+func (c *Conn) PeerIdentity() (identityHint []byte, peerCertificates [][]byte, ok bool) {
+	c.lock.RLock()
+	defer c.lock.RUnlock()
+	if c.state.cipherSuite == nil {
+		// ConnectionState fails here (errCipherSuiteNotSet).
+		return nil, nil, false
+	}
+
+	return c.state.IdentityHint, c.state.PeerCertificates, true
+}
+
 // SelectedSRTPProtectionProfile returns the selected SRTPProtectionProfile.
 func (c *Conn) SelectedSRTPProtectionProfile() (SRTPProtectionProfile, bool) {
 	profile := c.state.getSRTPProtectionProfile()

@@ -114,6 +114,11 @@ type fragmentBuffer struct {
 
 	totalBufferSize    int
 	totalFragmentCount int
+
+	// spare is the entry of the last whole message pop returned, which
+	// nothing refers to any more, for the next whole message (Bastion
+	// patch (38): one allocation per handshake, not one per message).
+	spare *fragments
 }
 
 func newFragmentBuffer() *fragmentBuffer {
@@ -178,11 +183,17 @@ func (f *fragmentBuffer) push(buf []byte) (isHandshake, isRetransmit bool, err e
 				if f.totalFragmentCount+1 > fragmentBufferMaxCount {
 					return false, false, errFragmentBufferOverflow
 				}
-				f.cache[header.MessageSequence] = &fragments{
+				entry := f.spare
+				if entry == nil {
+					entry = &fragments{}
+				}
+				f.spare = nil
+				*entry = fragments{
 					handshakeType: header.Type, handshakeLength: header.Length, covered: header.Length,
 					handshakeHeader: header, epoch: recordLayerHeader.Epoch, hasStart: true,
 					whole: rawMessage,
 				}
+				f.cache[header.MessageSequence] = entry
 				f.totalFragmentCount++
 				f.totalBufferSize += len(data)
 
@@ -230,8 +241,11 @@ func (f *fragmentBuffer) pop() (content []byte, epoch uint16) {
 		f.totalFragmentCount--
 		delete(f.cache, f.currentMessageSequenceNumber)
 		f.currentMessageSequenceNumber++
+		whole, epoch := frags.whole, frags.epoch
+		*frags = fragments{} // Bastion patch (38): it keeps no record
+		f.spare = frags
 
-		return frags.whole, frags.epoch
+		return whole, epoch
 	}
 
 	firstHeader := frags.handshakeHeader
