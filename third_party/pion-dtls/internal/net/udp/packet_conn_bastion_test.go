@@ -31,3 +31,33 @@ func TestSameAddrMatchesString(t *testing.T) {
 		}
 	}
 }
+
+// TestBastionConnAddrKey (patch (35)): a connection is kept in conns under
+// its address formatted once when it is made, which is raddr.String(), and
+// Close removes it from conns and byAddr.
+func TestBastionConnAddrKey(t *testing.T) {
+	ln, lc, dc, err := pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = dc.Close(); _ = ln.Close() }()
+	l, _ := ln.(*listener)
+	c, _ := lc.(*PacketConn)
+	want := dc.LocalAddr().String()
+	l.connLock.Lock()
+	got, ok := l.conns[want]
+	key := c.raddrKey
+	l.connLock.Unlock()
+	if !ok || got != c || key != want || key != c.raddr.String() {
+		t.Fatalf("conns[%q] = %p (%v), connection %p with key %q, raddr %q", want, got, ok, c, key, c.raddr)
+	}
+	if err := lc.Close(); err != nil {
+		t.Fatal(err)
+	}
+	l.connLock.Lock()
+	n, m := len(l.conns), len(l.byAddr)
+	l.connLock.Unlock()
+	if n != 0 || m != 0 {
+		t.Fatalf("after Close: %d in conns, %d in byAddr; want none", n, m)
+	}
+}

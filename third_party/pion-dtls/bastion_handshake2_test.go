@@ -1,0 +1,170 @@
+// SPDX-FileCopyrightText: 2026 Bastion authors
+// SPDX-License-Identifier: MIT
+
+package dtls
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"crypto/sha512"
+	"fmt"
+	"math/rand"
+	"reflect"
+	"testing"
+
+	"github.com/pion/dtls/v3/pkg/crypto/prf"
+	"github.com/pion/dtls/v3/pkg/protocol/handshake"
+)
+
+// The rules of a server's Finished (flight6Generate), the longest list.
+func finishedRules() []handshakeCachePullRule {
+	return []handshakeCachePullRule{
+		{handshake.TypeClientHello, 0, true, false},
+		{handshake.TypeServerHello, 0, false, false},
+		{handshake.TypeCertificate, 0, false, false},
+		{handshake.TypeServerKeyExchange, 0, false, false},
+		{handshake.TypeCertificateRequest, 0, false, false},
+		{handshake.TypeServerHelloDone, 0, false, false},
+		{handshake.TypeCertificate, 0, true, false},
+		{handshake.TypeClientKeyExchange, 0, true, false},
+		{handshake.TypeCertificateVerify, 0, true, false},
+		{handshake.TypeFinished, 1, true, false},
+	}
+}
+
+// TestBastionTranscriptHash (patch (36)): transcriptHash is the hash of
+// pullAndMerge's bytes for caches with messages missing, repeated
+// (several ClientHellos, the last one counts) and on both sides, short
+// (SHA-256 on the stack) and long (the heap); the verify data made from it
+// is the verify data made from the merged transcript; sessionHash is what
+// it was.
+func TestBastionTranscriptHash(t *testing.T) {
+	rnd := rand.New(rand.NewSource(1)) //nolint:gosec // test data
+	types := []handshake.Type{
+		handshake.TypeClientHello, handshake.TypeServerHello, handshake.TypeCertificate,
+		handshake.TypeServerKeyExchange, handshake.TypeCertificateRequest, handshake.TypeServerHelloDone,
+		handshake.TypeClientKeyExchange, handshake.TypeCertificateVerify, handshake.TypeFinished,
+	}
+	master := bytes.Repeat([]byte{7}, 48)
+	for round := range 300 {
+		h := newHandshakeCache()
+		n := rnd.Intn(16)
+		maxLen := []int{40, 200, 900}[round%3]
+		for i := range n {
+			data := make([]byte, rnd.Intn(maxLen))
+			rnd.Read(data)
+			typ := types[rnd.Intn(len(types))]
+			epoch := uint16(rnd.Intn(2))                              //nolint:gosec
+			_ = h.push(data, epoch, uint16(i), typ, rnd.Intn(2) == 0) //nolint:gosec
+		}
+		rules := finishedRules()
+		merged := h.pullAndMerge(rules...)
+		for _, hf := range []prf.HashFunc{sha256.New, sha512.New384} {
+			want := hf()
+			want.Write(merged)
+			got, err := h.transcriptHash([]byte("prefix"), hf, rules...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(got, append([]byte("prefix"), want.Sum(nil)...)) {
+				t.Fatalf("round %d: transcriptHash %x, want the hash of %d merged bytes %x", round, got, len(merged), want.Sum(nil))
+			}
+			sum := got[len("prefix"):]
+			for _, f := range []struct {
+				name      string
+				fromHash  func([]byte, []byte, prf.HashFunc) ([]byte, error)
+				fromBytes func([]byte, []byte, prf.HashFunc) ([]byte, error)
+			}{
+				{"client", prf.VerifyDataClientHash, prf.VerifyDataClient},
+				{"server", prf.VerifyDataServerHash, prf.VerifyDataServer},
+			} {
+				a, err1 := f.fromHash(master, sum, hf)
+				b, err2 := f.fromBytes(master, merged, hf)
+				if err1 != nil || err2 != nil || !bytes.Equal(a, b) {
+					t.Fatalf("round %d: %s verify data from the hash %x (%v), from the bytes %x (%v)", round, f.name, a, err1, b, err2)
+				}
+			}
+			// sessionHash, as it was: pull, then the messages hashed in order.
+			items := h.pull(rules[:8]...)
+			wantSession := hf()
+			for _, it := range items {
+				if it != nil {
+					wantSession.Write(it.data)
+				}
+			}
+			gotSession, err := h.sessionHash(hf, 0)
+			if err != nil || !bytes.Equal(gotSession, wantSession.Sum(nil)) {
+				t.Fatalf("round %d: sessionHash %x (%v), want %x", round, gotSession, err, wantSession.Sum(nil))
+			}
+		}
+	}
+	// A PSK transcript with SHA-256 is hashed without allocating.
+	h := newHandshakeCache()
+	for i, typ := range []handshake.Type{handshake.TypeClientHello, handshake.TypeServerHello, handshake.TypeServerHelloDone, handshake.TypeClientKeyExchange} {
+		_ = h.pushOwned(make([]byte, 100), 0, uint16(i), typ, typ == handshake.TypeClientHello || typ == handshake.TypeClientKeyExchange) //nolint:gosec
+	}
+	rules := finishedRules()
+	var buf [64]byte
+	if n := testing.AllocsPerRun(20, func() {
+		if _, err := h.transcriptHash(buf[:0], sha256.New, rules...); err != nil {
+			t.Fatal(err)
+		}
+	}); n != 0 {
+		t.Errorf("transcriptHash of a PSK transcript: %v allocations, want 0", n)
+	}
+}
+
+// TestBastionStateClone (patch (34)): clone makes what deserializing the
+// serialized state made.
+func TestBastionStateClone(t *testing.T) {
+	client, server := bastionPair(t, func([]byte, bool) bool { return true })
+	for _, c := range []*Conn{client, server} {
+		c.lock.RLock()
+		got, err := c.state.clone()
+		ser, err2 := c.state.serialize()
+		c.lock.RUnlock()
+		if err != nil || err2 != nil {
+			t.Fatal(err, err2)
+		}
+		want := &State{}
+		want.deserialize(*ser)
+		// The cipher suites are new, uninitialised ones of the same kind.
+		if reflect.TypeOf(got.cipherSuite) != reflect.TypeOf(want.cipherSuite) || got.cipherSuite.IsInitialized() {
+			t.Fatalf("clone's cipher suite %T (initialised %v), want a new %T", got.cipherSuite, got.cipherSuite.IsInitialized(), want.cipherSuite)
+		}
+		got.cipherSuite, want.cipherSuite = nil, nil
+		if got.remoteSequenceNumber.Load() != want.remoteSequenceNumber.Load() {
+			t.Fatalf("remote sequence number %d, want %d", got.remoteSequenceNumber.Load(), want.remoteSequenceNumber.Load())
+		}
+		got.remoteSequenceNumber, want.remoteSequenceNumber = nil, nil
+		if g, w := fmt.Sprintf("%+v", *got), fmt.Sprintf("%+v", *want); g != w { //nolint:govet // the atomics are read through %v
+			t.Fatalf("clone:\n%s\nwant:\n%s", g, w)
+		}
+	}
+	// An unfinished state fails as before.
+	if _, err := (&State{}).clone(); err == nil {
+		t.Fatal("clone of a state without a cipher suite succeeded")
+	}
+}
+
+// TestBastionPeerIdentity (patch (37)): PeerIdentity answers what
+// ConnectionState's State holds, on both ends.
+func TestBastionPeerIdentity(t *testing.T) {
+	client, server := bastionPair(t, func([]byte, bool) bool { return true })
+	for _, c := range []*Conn{client, server} {
+		st, ok := c.ConnectionState()
+		hint, certs, ok2 := c.PeerIdentity()
+		if ok != ok2 || !bytes.Equal(hint, st.IdentityHint) || !reflect.DeepEqual(certs, st.PeerCertificates) {
+			t.Fatalf("PeerIdentity %q %v %v, ConnectionState %q %v %v", hint, certs, ok2, st.IdentityHint, st.PeerCertificates, ok)
+		}
+	}
+	if _, _, ok := server.PeerIdentity(); !ok {
+		t.Fatal("no identity after the handshake")
+	}
+	if hint, _, _ := server.PeerIdentity(); !bytes.Equal(hint, []byte("device")) {
+		t.Fatalf("server sees identity %q, want %q", hint, "device")
+	}
+	if _, _, ok := (&Conn{}).PeerIdentity(); ok {
+		t.Fatal("PeerIdentity of a connection without a handshake: ok")
+	}
+}
