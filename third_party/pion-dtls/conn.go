@@ -752,7 +752,11 @@ func (c *Conn) writePackets(ctx context.Context, pkts []*packet) error {
 	c.writeLock.Lock()
 	defer c.writeLock.Unlock()
 
-	compactedRawPackets, rAddr, err := c.prepareRawPackets(pkts)
+	// Bastion patch (39): a flight's records are gathered in an array on
+	// the stack (a flight has a few), not in slices allocated per record
+	// and per flight.
+	var records [8][]byte
+	compactedRawPackets, rAddr, err := c.prepareRawPackets(records[:0], pkts)
 	if err != nil {
 		return err
 	}
@@ -781,19 +785,17 @@ func (c *Conn) writeRaw(ctx context.Context, raw []byte, rAddr net.Addr) error {
 	return nil
 }
 
-func (c *Conn) prepareRawPackets(pkts []*packet) ([][]byte, net.Addr, error) {
+func (c *Conn) prepareRawPackets(rawPackets [][]byte, pkts []*packet) ([][]byte, net.Addr, error) {
 	c.lock.Lock()
 	defer c.lock.Unlock()
 
-	rawPackets := make([][]byte, 0, len(pkts)) // Bastion patch: one record per packet, usually
-
 	for _, pkt := range pkts {
-		pktRawPackets, err := c.prepareRawPacket(pkt)
+		var err error
+		// Bastion patch (39): appended, not returned in a slice each.
+		rawPackets, err = c.appendRawPacket(rawPackets, pkt)
 		if err != nil {
 			return nil, nil, err
 		}
-
-		rawPackets = append(rawPackets, pktRawPackets...)
 	}
 	if len(rawPackets) == 0 {
 		return nil, nil, nil
@@ -802,7 +804,9 @@ func (c *Conn) prepareRawPackets(pkts []*packet) ([][]byte, net.Addr, error) {
 	return c.compactRawPackets(rawPackets), c.rAddr, nil
 }
 
-func (c *Conn) prepareRawPacket(pkt *packet) ([][]byte, error) {
+// appendRawPacket appends pkt's records to dst (Bastion patch (39): what
+// prepareRawPacket returned, without a slice of its own).
+func (c *Conn) appendRawPacket(dst [][]byte, pkt *packet) ([][]byte, error) {
 	dtlsHandshake, ok := pkt.record.Content.(*handshake.Handshake)
 	if ok {
 		handshakeRaw, err := c.cacheHandshakeRaw(pkt, dtlsHandshake)
@@ -811,10 +815,20 @@ func (c *Conn) prepareRawPacket(pkt *packet) ([][]byte, error) {
 		}
 
 		if len(handshakeRaw)-handshake.HeaderLength <= c.maximumTransmissionUnit && !pkt.shouldWrapCID {
-			return c.handshakeRecord(pkt, handshakeRaw)
+			rawPacket, err := c.handshakeRecordRaw(pkt, handshakeRaw)
+			if err != nil {
+				return nil, err
+			}
+
+			return append(dst, rawPacket), nil
 		}
 
-		return c.processHandshakePacket(pkt, dtlsHandshake, handshakeRaw[handshake.HeaderLength:])
+		fragments, err := c.processHandshakePacket(pkt, dtlsHandshake, handshakeRaw[handshake.HeaderLength:])
+		if err != nil {
+			return nil, err
+		}
+
+		return append(dst, fragments...), nil
 	}
 
 	rawPacket, err := c.processPacket(pkt)
@@ -822,7 +836,7 @@ func (c *Conn) prepareRawPacket(pkt *packet) ([][]byte, error) {
 		return nil, err
 	}
 
-	return [][]byte{rawPacket}, nil
+	return append(dst, rawPacket), nil
 }
 
 func (c *Conn) cacheHandshakePacket(pkt *packet, dtlsHandshake *handshake.Handshake) error {
@@ -1016,6 +1030,16 @@ func (c *Conn) processPacket(pkt *packet) ([]byte, error) { //nolint:cyclop
 // header and message, instead of marshaling the fragment header and the
 // record header apart and appending to each.
 func (c *Conn) handshakeRecord(pkt *packet, raw []byte) ([][]byte, error) {
+	rawPacket, err := c.handshakeRecordRaw(pkt, raw)
+	if err != nil {
+		return nil, err
+	}
+
+	return [][]byte{rawPacket}, nil
+}
+
+// handshakeRecordRaw is handshakeRecord's one record (Bastion patch (39)).
+func (c *Conn) handshakeRecordRaw(pkt *packet, raw []byte) ([]byte, error) {
 	epoch := pkt.record.Header.Epoch
 	for len(c.state.localSequenceNumber) <= int(epoch) {
 		c.state.localSequenceNumber = append(c.state.localSequenceNumber, uint64(0))
@@ -1043,7 +1067,7 @@ func (c *Conn) handshakeRecord(pkt *packet, raw []byte) ([][]byte, error) {
 		}
 	}
 
-	return [][]byte{rawPacket}, nil
+	return rawPacket, nil
 }
 
 // putRecordHeader writes h (no connection ID) as recordlayer.Header.Marshal
