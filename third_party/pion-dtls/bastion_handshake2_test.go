@@ -11,8 +11,11 @@ import (
 	"math/rand"
 	"reflect"
 	"testing"
+	"time"
 
 	"github.com/pion/dtls/v3/pkg/crypto/prf"
+	"github.com/pion/dtls/v3/pkg/protocol"
+	"github.com/pion/dtls/v3/pkg/protocol/extension"
 	"github.com/pion/dtls/v3/pkg/protocol/handshake"
 )
 
@@ -166,5 +169,61 @@ func TestBastionPeerIdentity(t *testing.T) {
 	}
 	if _, _, ok := (&Conn{}).PeerIdentity(); ok {
 		t.Fatal("PeerIdentity of a connection without a handshake: ok")
+	}
+}
+
+// TestBastionClientHelloNegotiationHash (patch (40)): the hash written on
+// the stack is the hash of what Marshal makes of the ClientHello without
+// cookie and extensions, for hellos with and without session IDs, many
+// or no cipher suites, several compression methods (Marshal writes them
+// last first), cookies and extensions (left out); what does not fit or
+// Marshal refuses takes Marshal's way.
+func TestBastionClientHelloNegotiationHash(t *testing.T) {
+	reference := func(hello *handshake.MessageClientHello) ([sha256.Size]byte, error) {
+		normalized := *hello
+		normalized.Cookie = nil
+		normalized.Extensions = nil
+		raw, err := normalized.Marshal()
+		if err != nil {
+			return [sha256.Size]byte{}, err
+		}
+
+		return sha256.Sum256(raw), nil
+	}
+	rnd := rand.New(rand.NewSource(2)) //nolint:gosec // test data
+	for round := range 500 {
+		hello := &handshake.MessageClientHello{
+			Version:    protocol.Version{Major: byte(rnd.Intn(256)), Minor: byte(rnd.Intn(256))}, //nolint:gosec
+			Cookie:     make([]byte, rnd.Intn(33)),
+			SessionID:  make([]byte, []int{0, 1, 32, 255, 256}[rnd.Intn(5)]),
+			Extensions: []extension.Extension{&extension.UseExtendedMasterSecret{Supported: true}},
+		}
+		hello.Random.GMTUnixTime = time.Unix(int64(rnd.Uint32()), 0)
+		rnd.Read(hello.Random.RandomBytes[:])
+		rnd.Read(hello.SessionID)
+		rnd.Read(hello.Cookie)
+		for range []int{0, 1, 4, 60, 600}[rnd.Intn(5)] {
+			hello.CipherSuiteIDs = append(hello.CipherSuiteIDs, uint16(rnd.Intn(1<<16))) //nolint:gosec
+		}
+		for range rnd.Intn(4) {
+			hello.CompressionMethods = append(hello.CompressionMethods, &protocol.CompressionMethod{ID: protocol.CompressionMethodID(rnd.Intn(256))}) //nolint:gosec
+		}
+		want, wantErr := reference(hello)
+		got, err := clientHelloNegotiationHash(hello)
+		if got != want || (err == nil) != (wantErr == nil) {
+			t.Fatalf("round %d: hash %x (%v), want %x (%v)", round, got, err, want, wantErr)
+		}
+		_, stack := clientHelloNegotiationHashStack(hello)
+		if fits := len(hello.SessionID) <= 255 && len(hello.CipherSuiteIDs) <= 400; stack != fits {
+			t.Fatalf("round %d: on the stack %v for a session ID of %d and %d suites", round, stack, len(hello.SessionID), len(hello.CipherSuiteIDs))
+		}
+	}
+	hello := &handshake.MessageClientHello{
+		Version:            protocol.Version1_2,
+		CipherSuiteIDs:     []uint16{0xc0a8, 0x00a8},
+		CompressionMethods: []*protocol.CompressionMethod{{ID: 0}},
+	}
+	if n := testing.AllocsPerRun(20, func() { _, _ = clientHelloNegotiationHash(hello) }); n != 0 {
+		t.Errorf("clientHelloNegotiationHash: %v allocations, want 0", n)
 	}
 }
