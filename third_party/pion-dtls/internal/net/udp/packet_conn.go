@@ -370,7 +370,10 @@ type PacketConn struct {
 	doneCh   chan struct{}
 	doneOnce sync.Once
 
-	writeDeadline *deadline.Deadline
+	// writeDeadline is made by the first SetWriteDeadline or SetDeadline
+	// that sets one (Bastion patch (41)): a listener's connection whose
+	// deadline is never set, as for every DTLS connection, holds none.
+	writeDeadline atomic.Pointer[deadline.Deadline]
 
 	// inline, when set, is offered each datagram for this connection on
 	// the listener's read loop (Bastion patch, see SetInlineReader).
@@ -415,13 +418,12 @@ func (l *listener) newPacketConn(raddr net.Addr, key string) *PacketConn {
 	}
 
 	return &PacketConn{
-		listener:      l,
-		raddr:         raddr,
-		raddrAP:       ap,
-		raddrKey:      key,
-		buffer:        idtlsnet.NewPacketBuffer(),
-		doneCh:        make(chan struct{}),
-		writeDeadline: deadline.New(),
+		listener: l,
+		raddr:    raddr,
+		raddrAP:  ap,
+		raddrKey: key,
+		buffer:   idtlsnet.NewPacketBuffer(),
+		doneCh:   make(chan struct{}),
 	}
 }
 
@@ -483,10 +485,12 @@ func (c *PacketConn) WriteTo(payload []byte, addr net.Addr) (n int, err error) {
 		}
 	}
 
-	select {
-	case <-c.writeDeadline.Done():
-		return 0, context.DeadlineExceeded
-	default:
+	if d := c.writeDeadline.Load(); d != nil {
+		select {
+		case <-d.Done():
+			return 0, context.DeadlineExceeded
+		default:
+		}
 	}
 
 	// Bastion patch: written through the listener's udpIO; the
@@ -553,7 +557,7 @@ func (c *PacketConn) LocalAddr() net.Addr {
 
 // SetDeadline implements net.PacketConn.SetDeadline.
 func (c *PacketConn) SetDeadline(t time.Time) error {
-	c.writeDeadline.Set(t)
+	c.setWriteDeadline(t)
 
 	return c.SetReadDeadline(t)
 }
@@ -565,10 +569,25 @@ func (c *PacketConn) SetReadDeadline(t time.Time) error {
 
 // SetWriteDeadline implements net.PacketConn.SetWriteDeadline.
 func (c *PacketConn) SetWriteDeadline(t time.Time) error {
-	c.writeDeadline.Set(t)
+	c.setWriteDeadline(t)
 	// Write deadline of underlying connection should not be changed
 	// since the connection can be shared.
 	return nil
+}
+
+// setWriteDeadline sets the write deadline, making it first unless t is
+// zero: no deadline is what a deadline never set means (Bastion patch
+// (41)).
+func (c *PacketConn) setWriteDeadline(t time.Time) {
+	d := c.writeDeadline.Load()
+	if d == nil {
+		if t.IsZero() {
+			return
+		}
+		c.writeDeadline.CompareAndSwap(nil, deadline.New())
+		d = c.writeDeadline.Load()
+	}
+	d.Set(t)
 }
 
 // forgetAddr removes c from byAddr, as its address is removed from

@@ -4,8 +4,11 @@
 package udp
 
 import (
+	"context"
+	"errors"
 	"net"
 	"testing"
+	"time"
 )
 
 // TestSameAddrMatchesString: sameAddr (Bastion patch) answers as comparing
@@ -59,5 +62,36 @@ func TestBastionConnAddrKey(t *testing.T) {
 	l.connLock.Unlock()
 	if n != 0 || m != 0 {
 		t.Fatalf("after Close: %d in conns, %d in byAddr; want none", n, m)
+	}
+}
+
+// TestBastionLazyWriteDeadline (patch (41)): a connection holds no write
+// deadline until one is set; a deadline set in the past stops WriteTo as
+// before, and clearing it lets writes through again.
+func TestBastionLazyWriteDeadline(t *testing.T) {
+	ln, lc, dc, err := pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = lc.Close(); _ = dc.Close(); _ = ln.Close() }()
+	c, _ := lc.(*PacketConn)
+	to := dc.LocalAddr()
+	if _, err := c.WriteTo([]byte("a"), to); err != nil {
+		t.Fatalf("write without a deadline: %v", err)
+	}
+	if err := c.SetWriteDeadline(time.Time{}); err != nil || c.writeDeadline.Load() != nil {
+		t.Fatalf("clearing an unset deadline made one (%v)", err)
+	}
+	if err := c.SetWriteDeadline(time.Unix(1, 0)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.WriteTo([]byte("b"), to); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("write after the deadline: %v, want %v", err, context.DeadlineExceeded)
+	}
+	if err := c.SetDeadline(time.Time{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.WriteTo([]byte("c"), to); err != nil {
+		t.Fatalf("write after clearing the deadline: %v", err)
 	}
 }
