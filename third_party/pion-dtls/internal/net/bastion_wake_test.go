@@ -4,6 +4,7 @@
 package net
 
 import (
+	"bytes"
 	"errors"
 	"io"
 	"net"
@@ -70,6 +71,31 @@ func TestBastionWakeEveryReader(t *testing.T) {
 		case <-finished:
 		case <-time.After(5 * time.Second):
 			t.Fatalf("round %d: Close did not wake every reader", round)
+		}
+	}
+}
+
+// TestBastionSlotSizedToPacket (patch (42)): a slot too small for a packet
+// gets a buffer of the packet's size, not twice its old one, and every
+// packet reads back as written.
+func TestBastionSlotSizedToPacket(t *testing.T) {
+	b := NewPacketBuffer()
+	defer func() { _ = b.Close() }()
+	addr := &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 5684}
+	largest := 0
+	for i, size := range []int{150, 170, 90, 170, 400, 10} {
+		pkt := bytes.Repeat([]byte{byte(i)}, size)
+		if _, err := b.WriteTo(pkt, addr); err != nil {
+			t.Fatal(err)
+		}
+		largest = max(largest, size)
+		if got := b.packets[0].data.Cap(); got != largest {
+			t.Fatalf("packet %d (%d bytes): slot capacity %d, want %d", i, size, got, largest)
+		}
+		out := make([]byte, 512)
+		n, from, err := b.ReadFrom(out)
+		if err != nil || !bytes.Equal(out[:n], pkt) || from != addr {
+			t.Fatalf("packet %d: read %d bytes from %v (%v)", i, n, from, err)
 		}
 	}
 }

@@ -112,6 +112,12 @@ func (b *PacketBuffer) WriteTo(pkt []byte, addr net.Addr) (int, error) {
 	// Store the packet at the write pointer.
 	packet := &b.packets[b.write]
 	packet.data.Reset()
+	if packet.data.Cap() < len(pkt) {
+		// Bastion patch (42): a slot too small for pkt gets a buffer of
+		// pkt's size, instead of twice the old one (bytes.Buffer's
+		// growth) that it then keeps for the connection's life.
+		packet.data = *bytes.NewBuffer(make([]byte, 0, len(pkt)))
+	}
 	n, err := packet.data.Write(pkt)
 	if err != nil {
 		b.mutex.Unlock()
