@@ -440,6 +440,14 @@ func (h *handshakeCache) addClientHelloRetransmit(
 	if !cached.matchesClientHelloFragment(header, data) {
 		return false, nil
 	}
+	if header.FragmentOffset == 0 && header.FragmentLength == header.Length && header.Length > 0 {
+		// Bastion patch (43): the whole message in one fragment completes
+		// a copy whatever came before, as adding it to a new or to the
+		// pending fragments would, without making them.
+		h.clientHelloRetransmit = nil
+
+		return true, nil
+	}
 	if h.clientHelloRetransmit == nil || h.clientHelloRetransmitSequence != header.MessageSequence {
 		h.clientHelloRetransmit = &fragments{}
 		h.clientHelloRetransmitSequence = header.MessageSequence

@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/pion/dtls/v3/pkg/protocol/handshake"
+	"github.com/pion/dtls/v3/pkg/protocol/recordlayer"
 )
 
 // TestBastionHandshakeCacheInline (patch (24)): a handshake's messages go
@@ -50,5 +51,41 @@ func TestBastionHandshakeCacheInline(t *testing.T) {
 				}
 			}
 		}
+	}
+}
+
+// TestBastionClientHelloRetransmitWhole (patch (43)): a ClientHello copy
+// that comes whole completes at once, also after a pending partial copy,
+// which it clears, without allocating; fragments are still put together.
+func TestBastionClientHelloRetransmitWhole(t *testing.T) {
+	const length = 60
+	whole := handshakeRecordBytes(0, handshake.TypeClientHello, 1, length, [2]int{0, length})
+	first := handshakeRecordBytes(0, handshake.TypeClientHello, 1, length, [2]int{0, 20})
+	last := handshakeRecordBytes(0, handshake.TypeClientHello, 1, length, [2]int{20, length})
+	h := newHandshakeCache()
+	if err := h.push(whole[recordlayer.FixedHeaderSize:], 0, 1, handshake.TypeClientHello, true); err != nil {
+		t.Fatal(err)
+	}
+	for i, step := range []struct {
+		packet  []byte
+		want    bool
+		pending bool
+	}{
+		{first, false, true},
+		{whole, true, false},
+		{first, false, true},
+		{last, true, false},
+		{whole, true, false},
+	} {
+		if got := h.isClientHelloRetransmit(step.packet); got != step.want || (h.clientHelloRetransmit != nil) != step.pending {
+			t.Fatalf("step %d: retransmit %v, pending %v; want %v, %v", i, got, h.clientHelloRetransmit != nil, step.want, step.pending)
+		}
+	}
+	if n := testing.AllocsPerRun(20, func() {
+		if !h.isClientHelloRetransmit(whole) {
+			t.Fatal("whole copy not recognised")
+		}
+	}); n != 0 {
+		t.Errorf("a whole ClientHello copy: %v allocations, want 0", n)
 	}
 }
