@@ -5,6 +5,7 @@ package prf
 
 import (
 	"crypto/sha256"
+	"encoding"
 	"reflect"
 )
 
@@ -14,9 +15,10 @@ import (
 // allocates two hash states, two pads and their saved states for every
 // key (hmac.New), about nine objects per PHash call, and PHash was 6 % of
 // the server's CPU per handshake. With SHA-256 itself as the hash, HMAC
-// is computed here with sha256.Sum256 over stack buffers: the pads are
-// hashed again for every HMAC (two more SHA-256 blocks each) instead of
-// restored from saved states, which costs less than the allocations did.
+// is computed here on the stack. (Patch (23) hashed the pads again for
+// every HMAC with sha256.Sum256; patch (44) saves the two padded states
+// once per call and restores them, in a crypto/sha256 digest that stays
+// on the stack.)
 // The bytes are RFC 2104's HMAC and RFC 5246's P_hash
 // (TestPHashSHA256MatchesReference); any other hash function takes the
 // generic code.
@@ -35,6 +37,10 @@ func isSHA256(h HashFunc) bool {
 func IsSHA256(h HashFunc) bool {
 	return isSHA256(h)
 }
+
+// sha256StateRoom holds crypto/sha256's marshaled state (108 bytes in
+// Go 1.26: a magic, the chaining values, a block and the length).
+const sha256StateRoom = 128
 
 // seedRoom is how much seed the stack buffers of phashSHA256 hold: every
 // TLS 1.2 PRF seed (a label and two randoms, or a label and a hash).
@@ -57,26 +63,53 @@ func phashSHA256(secret, seed []byte, requestedLength int) []byte {
 	} else {
 		copy(key[:], secret)
 	}
-	// in is the inner hash's input: key ^ ipad, then the message (A(i),
-	// then the seed); outer is the outer hash's: key ^ opad, then the
-	// inner hash.
-	var inArr [sha256.BlockSize + sha256.Size + seedRoom]byte
+	// Bastion patch (44): the hash states after the two padded keys are
+	// saved once per call and restored for every HMAC, instead of
+	// hashing the pads again (two SHA-256 blocks per HMAC). d is
+	// crypto/sha256's own digest, which the compiler keeps on the stack
+	// (its calls are devirtualized), and the states are in stack buffers.
+	var pad [sha256.BlockSize]byte
+	d := sha256.New()
+	for i, k := range key {
+		pad[i] = k ^ 0x36
+	}
+	d.Write(pad[:]) //nolint:errcheck // a hash.Hash Write never fails
+	var innerArr, outerArr [sha256StateRoom]byte
+	innerState, err := d.(encoding.BinaryAppender).AppendBinary(innerArr[:0])
+	if err != nil {
+		panic(err) // crypto/sha256 always marshals its state
+	}
+	d.Reset()
+	for i, k := range key {
+		pad[i] = k ^ 0x5c
+	}
+	d.Write(pad[:]) //nolint:errcheck
+	outerState, err := d.(encoding.BinaryAppender).AppendBinary(outerArr[:0])
+	if err != nil {
+		panic(err)
+	}
+	// in holds the message: A(i), then the seed.
+	var inArr [sha256.Size + seedRoom]byte
 	in := inArr[:]
-	if n := sha256.BlockSize + sha256.Size + len(seed); n > len(in) {
+	if n := sha256.Size + len(seed); n > len(in) {
 		in = make([]byte, n)
 	}
-	var outer [sha256.BlockSize + sha256.Size]byte
-	for i, k := range key {
-		in[i] = k ^ 0x36
-		outer[i] = k ^ 0x5c
-	}
 	mac := func(msgLen int) [sha256.Size]byte {
-		inner := sha256.Sum256(in[:sha256.BlockSize+msgLen])
-		copy(outer[sha256.BlockSize:], inner[:])
+		var inner, sum [sha256.Size]byte
+		if err := d.(encoding.BinaryUnmarshaler).UnmarshalBinary(innerState); err != nil {
+			panic(err)
+		}
+		d.Write(in[:msgLen]) //nolint:errcheck
+		d.Sum(inner[:0])
+		if err := d.(encoding.BinaryUnmarshaler).UnmarshalBinary(outerState); err != nil {
+			panic(err)
+		}
+		d.Write(inner[:]) //nolint:errcheck
+		d.Sum(sum[:0])
 
-		return sha256.Sum256(outer[:])
+		return sum
 	}
-	msg := in[sha256.BlockSize:]
+	msg := in
 	// A(1) = HMAC(secret, seed).
 	copy(msg, seed)
 	a := mac(len(seed))
