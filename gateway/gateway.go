@@ -142,7 +142,7 @@ func New(opts Options) (_ *Gateway, err error) {
 		g.log = newLogger(os.Stderr, cfg.Log, g.level)
 	}
 	g.level.Set(parseLevel(cfg.Log.Level))
-	g.restoreMemLimit = applyMemoryLimit(cfg.MemoryLimit, os.Getenv("GOMEMLIMIT"), g.log)
+	g.restoreMemLimit = applyMemoryLimit(cfg.MemoryLimit, os.Getenv("GOMEMLIMIT"), os.Getenv("GOGC"), g.log)
 	g.clock = opts.Clock
 	if g.clock == nil {
 		g.clock = pki.SystemClock{NotBefore: buildinfo.NotBefore()}

@@ -14,30 +14,50 @@ import (
 
 func TestApplyMemoryLimit(t *testing.T) {
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	// The test binary runs with no limit and GOGC=100 unless the
+	// environment says otherwise; the cases below assume exactly that.
+	if os.Getenv("GOMEMLIMIT") != "" || os.Getenv("GOGC") != "" {
+		t.Skip("GOMEMLIMIT or GOGC is set in the environment; the cases assume neither")
+	}
 	before := debug.SetMemoryLimit(-1) // negative: read only
+	beforePercent := gcPercent()
+	type state struct {
+		Limit   int64
+		Percent int
+	}
 	tests := map[string]struct {
-		limit int64
-		env   string
-		want  int64
+		limit          int64
+		envLimit, gogc string
+		want           state
 	}{
-		"config value":    {limit: 192 << 20, want: 192 << 20},
-		"no limit":        {limit: -1, want: math.MaxInt64},
-		"GOMEMLIMIT wins": {limit: 64 << 20, env: "300MiB", want: before},
-		"large config":    {limit: 1 << 30, want: 1 << 30},
+		"config value":         {limit: 192 << 20, want: state{192 << 20, gcPercentUnderLimit}},
+		"no limit":             {limit: -1, want: state{math.MaxInt64, 100}},
+		"GOMEMLIMIT wins":      {limit: 64 << 20, envLimit: "300MiB", want: state{before, 100}},
+		"large config":         {limit: 1 << 30, want: state{1 << 30, gcPercentUnderLimit}},
+		"GOGC wins":            {limit: 192 << 20, gogc: "100", want: state{192 << 20, 100}},
+		"GOGC with GOMEMLIMIT": {limit: 192 << 20, envLimit: "300MiB", gogc: "50", want: state{before, 100}},
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {
-			restore := applyMemoryLimit(tc.limit, tc.env, log)
-			got := debug.SetMemoryLimit(-1)
+			restore := applyMemoryLimit(tc.limit, tc.envLimit, tc.gogc, log)
+			got := state{debug.SetMemoryLimit(-1), gcPercent()}
 			restore()
 			if diff := cmp.Diff(tc.want, got); diff != "" {
-				t.Errorf("limit while applied (-want +got):\n%s", diff)
+				t.Errorf("while applied (-want +got):\n%s", diff)
 			}
-			if diff := cmp.Diff(before, debug.SetMemoryLimit(-1)); diff != "" {
-				t.Errorf("limit after restore (-want +got):\n%s", diff)
+			if diff := cmp.Diff(state{before, beforePercent}, state{debug.SetMemoryLimit(-1), gcPercent()}); diff != "" {
+				t.Errorf("after restore (-want +got):\n%s", diff)
 			}
 		})
 	}
+}
+
+// gcPercent reads the collector's percentage (SetGCPercent has no read-only
+// form).
+func gcPercent() int {
+	p := debug.SetGCPercent(100)
+	debug.SetGCPercent(p)
+	return p
 }
 
 // The gateway applies memory_limit from its file for as long as it runs.
