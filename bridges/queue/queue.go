@@ -712,7 +712,7 @@ func (q *Queue) flush(sync bool) {
 	q.mu.Unlock()
 
 	if err == nil {
-		_, err = seg.f.WriteAt(buf, off)
+		_, err = q.writeAt(seg.f, buf, off)
 		if err != nil {
 			err = fmt.Errorf("queue: write %d bytes to %s at %d: %w", len(buf), seg.path, off, err)
 		}
@@ -903,7 +903,7 @@ const maxReadSpan = 256 << 10
 func (q *Queue) readSpan(out []Entry, es []entry, span int64) ([]Entry, error) {
 	first := es[0]
 	b := make([]byte, span)
-	if n, err := first.seg.f.ReadAt(b, first.off); err != nil && !(errors.Is(err, io.EOF) && n == len(b)) {
+	if n, err := q.readAt(first.seg.f, b, first.off); err != nil && !(errors.Is(err, io.EOF) && n == len(b)) {
 		return out, fmt.Errorf("queue: read seqs %d..%d from %s at %d: %w", first.seq, es[len(es)-1].seq, first.seg.path, first.off, err)
 	}
 	for _, e := range es {
