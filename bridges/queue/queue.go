@@ -177,6 +177,8 @@ type Queue struct {
 	// below it do not wake the writer). See gatherWait.
 	lastBatch, gather int
 	fsyncEWMA         time.Duration // recent fsync time (moving average)
+	// strs holds the device ids and topics Next hands out (under mu).
+	strs interner
 
 	notify   chan struct{}
 	wake     chan struct{}
@@ -911,7 +913,7 @@ func (q *Queue) readSpan(out []Entry, es []entry, span int64) ([]Entry, error) {
 			continue
 		}
 		rel := e.off - first.off
-		rec, _, err := decodeRecord(b[rel : rel+int64(e.n)])
+		rec, _, err := decodeRecordIn(b[rel:rel+int64(e.n)], &q.strs)
 		if err != nil || rec.kind != kindMsg || rec.seq != e.seq {
 			return out, fmt.Errorf("queue: record for seq %d in %s at %d unreadable: %v", e.seq, e.seg.path, e.off, err)
 		}
