@@ -643,6 +643,7 @@ func (u *Upstream) pipeline(ctx context.Context, ls *linkSession, down <-chan st
 	}()
 	r := &sendRun{u: u, cancel: cancel}
 	var (
+		mapped mappedTopics // this run's upstream topics, per device and topic
 		cursor uint64
 		buf    []byte
 		qos0   []uint64 // sent at QoS 0 in buf: acked once written
@@ -681,7 +682,7 @@ feed:
 		}
 		for _, e := range es {
 			cursor = e.Seq
-			topic, payload, keep, err := u.prepare(e)
+			topic, payload, keep, err := u.prepare(e, &mapped)
 			if err != nil {
 				r.fail(err)
 				break feed
@@ -795,9 +796,9 @@ func (u *Upstream) delivered(n int) {
 
 // prepare applies the current mapping and privacy rules. A withheld message
 // is acked (removed) and keep is false.
-func (u *Upstream) prepare(e queue.Entry) (topic string, payload []byte, keep bool, _ error) {
+func (u *Upstream) prepare(e queue.Entry, mapped *mappedTopics) (topic string, payload []byte, keep bool, _ error) {
 	s := u.cur.Load()
-	topic, ok := s.routes.mapUp(e.Device, e.Topic)
+	topic, ok := mapped.mapUp(s, e.Device, e.Topic)
 	if !ok {
 		u.withheld("unmapped")
 		return "", nil, false, u.q.Ack(e.Seq)
