@@ -1,12 +1,9 @@
 package queue
 
 import (
-	"io"
 	"os"
 	"runtime"
-	"syscall"
 	"time"
-	"unsafe"
 )
 
 // rawSyncBelow is the mean commit fsync time (fsyncEWMA) below which the
@@ -44,31 +41,6 @@ func useRawSync(procs int, meanFsync time.Duration) bool {
 	return procs >= 2 && meanFsync < rawSyncBelow
 }
 
-// rawFsync is fsync(2) on f entered with syscall.RawSyscall (see
-// useRawSync). Durability is the same: it is the same system call on the
-// same descriptor, and EINTR is retried as os.File.Sync does.
-func rawFsync(f *os.File) error {
-	rc, err := f.SyscallConn()
-	if err != nil {
-		return &os.PathError{Op: "fsync", Path: f.Name(), Err: err}
-	}
-	var errno syscall.Errno
-	if cerr := rc.Control(func(fd uintptr) {
-		for {
-			_, _, errno = syscall.RawSyscall(syscall.SYS_FSYNC, fd, 0, 0)
-			if errno != syscall.EINTR {
-				return
-			}
-		}
-	}); cerr != nil {
-		return &os.PathError{Op: "fsync", Path: f.Name(), Err: cerr}
-	}
-	if errno != 0 {
-		return &os.PathError{Op: "fsync", Path: f.Name(), Err: errno}
-	}
-	return nil
-}
-
 // defaultSync is the commit's fsync when Options.Sync is not set. Only the
 // writer goroutine calls it (and only it writes fsyncEWMA).
 func (q *Queue) defaultSync(f *os.File) error {
@@ -76,78 +48,6 @@ func (q *Queue) defaultSync(f *os.File) error {
 		return rawFsync(f)
 	}
 	return f.Sync()
-}
-
-// rawPwrite is (*os.File).WriteAt made with syscall.RawSyscall6 (see
-// useRawSync): it writes all of b at off or returns the error (a short
-// write is retried, as WriteAt does; ENOSPC comes back as the Errno).
-func rawPwrite(f *os.File, b []byte, off int64) (int, error) {
-	rc, err := f.SyscallConn()
-	if err != nil {
-		return 0, &os.PathError{Op: "write", Path: f.Name(), Err: err}
-	}
-	n := 0
-	var errno syscall.Errno
-	if cerr := rc.Control(func(fd uintptr) {
-		for n < len(b) {
-			r, _, e := syscall.RawSyscall6(syscall.SYS_PWRITE64, fd, uintptr(unsafe.Pointer(&b[n])), uintptr(len(b)-n), uintptr(off+int64(n)), 0, 0)
-			switch {
-			case e == syscall.EINTR:
-				continue
-			case e != 0:
-				errno = e
-				return
-			case r == 0:
-				errno = syscall.EIO // WriteAt's io.ErrShortWrite; pwrite makes no progress
-				return
-			}
-			n += int(r)
-		}
-	}); cerr != nil {
-		return n, &os.PathError{Op: "write", Path: f.Name(), Err: cerr}
-	}
-	if errno != 0 {
-		return n, &os.PathError{Op: "write", Path: f.Name(), Err: errno}
-	}
-	return n, nil
-}
-
-// rawPread is (*os.File).ReadAt made with syscall.RawSyscall6 (see
-// useRawSync): it reads len(b) bytes at off, or returns io.EOF after the
-// bytes there are.
-func rawPread(f *os.File, b []byte, off int64) (int, error) {
-	rc, err := f.SyscallConn()
-	if err != nil {
-		return 0, &os.PathError{Op: "read", Path: f.Name(), Err: err}
-	}
-	n := 0
-	var errno syscall.Errno
-	eof := false
-	if cerr := rc.Control(func(fd uintptr) {
-		for n < len(b) {
-			r, _, e := syscall.RawSyscall6(syscall.SYS_PREAD64, fd, uintptr(unsafe.Pointer(&b[n])), uintptr(len(b)-n), uintptr(off+int64(n)), 0, 0)
-			switch {
-			case e == syscall.EINTR:
-				continue
-			case e != 0:
-				errno = e
-				return
-			case r == 0:
-				eof = true
-				return
-			}
-			n += int(r)
-		}
-	}); cerr != nil {
-		return n, &os.PathError{Op: "read", Path: f.Name(), Err: cerr}
-	}
-	switch {
-	case errno != 0:
-		return n, &os.PathError{Op: "read", Path: f.Name(), Err: errno}
-	case eof:
-		return n, io.EOF
-	}
-	return n, nil
 }
 
 // rawIO reports whether the queue's system calls go raw now (useRawSync).
@@ -159,7 +59,7 @@ func (q *Queue) rawIO() bool {
 
 // writeAt is f.WriteAt, raw when rawIO.
 func (q *Queue) writeAt(f *os.File, b []byte, off int64) (int, error) {
-	if len(b) > 0 && q.rawIO() {
+	if rawOffsets && len(b) > 0 && q.rawIO() {
 		return rawPwrite(f, b, off)
 	}
 	return f.WriteAt(b, off)
@@ -167,7 +67,7 @@ func (q *Queue) writeAt(f *os.File, b []byte, off int64) (int, error) {
 
 // readAt is f.ReadAt, raw when rawIO. Caller holds q.mu.
 func (q *Queue) readAt(f *os.File, b []byte, off int64) (int, error) {
-	if len(b) > 0 && q.rawIO() {
+	if rawOffsets && len(b) > 0 && q.rawIO() {
 		return rawPread(f, b, off)
 	}
 	return f.ReadAt(b, off)
