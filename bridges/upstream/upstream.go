@@ -642,11 +642,25 @@ func (u *Upstream) pipeline(ctx context.Context, ls *linkSession, down <-chan st
 		}
 	}()
 	r := &sendRun{u: u, cancel: cancel}
+	// The queue's NextInto reuses the entries and the read buffer of the
+	// previous batch: nothing of a batch is kept once its PUBLISHes are in
+	// buf (appendPublish copies the payload; park copies the message).
+	next := func(ctx context.Context, after uint64, max int, es []queue.Entry, b []byte) ([]queue.Entry, []byte, error) {
+		es, err := u.q.Next(ctx, after, max)
+		return es, nil, err
+	}
+	if qi, ok := u.q.(interface {
+		NextInto(context.Context, uint64, int, []queue.Entry, []byte) ([]queue.Entry, []byte, error)
+	}); ok {
+		next = qi.NextInto
+	}
 	var (
-		mapped mappedTopics // this run's upstream topics, per device and topic
-		cursor uint64
-		buf    []byte
-		qos0   []uint64 // sent at QoS 0 in buf: acked once written
+		es      []queue.Entry
+		readBuf []byte
+		mapped  mappedTopics // this run's upstream topics, per device and topic
+		cursor  uint64
+		buf     []byte
+		qos0    []uint64 // sent at QoS 0 in buf: acked once written
 	)
 	flush := func() bool {
 		if len(buf) == 0 {
@@ -673,7 +687,8 @@ func (u *Upstream) pipeline(ctx context.Context, ls *linkSession, down <-chan st
 	}
 feed:
 	for {
-		es, err := u.q.Next(pctx, cursor, 64)
+		var err error
+		es, readBuf, err = next(pctx, cursor, 64, es, readBuf)
 		if err != nil {
 			if pctx.Err() == nil {
 				r.fail(fmt.Errorf("upstream: reading the queue: %w", err))
