@@ -661,10 +661,11 @@ func TestNextSkipsAckedAndBounds(t *testing.T) {
 // as the MQTT pipeline and the link drive it, with AcceptAsync and with
 // AcceptNotify (what the MQTT pipeline uses), read with NextInto as the
 // link's sender does. What is left: the durability channel (none with
-// AcceptNotify: 2.03 and 0.03 per message measured). (Before the writer reused its batch buffers
-// and Next stopped copying each field twice and the payload: 12.7 per
-// message; before Next's device and topic strings came from the queue's
-// interner: 4.2 and 3.2, of which 1 was this test's own callback.)
+// AcceptNotify: 2.03 and 0.03 per message measured). (Before the writer
+// reused its batch buffers and Next stopped copying each field twice and
+// the payload: 12.7 per message; before Next's device and topic strings
+// came from the queue's interner: 4.2 and 3.2, of which 1 was this test's
+// own callback.)
 func TestAllocsPerMessage(t *testing.T) {
 	if raceEnabled {
 		t.Skip("the race detector allocates")
