@@ -14,6 +14,7 @@ import (
 	"github.com/mochi-mqtt/server/v2/listeners"
 
 	"github.com/bastion-iot/bastion/bridges/hub"
+	"github.com/bastion-iot/bastion/bridges/rawconn"
 )
 
 // tlsListener is the broker's only listener. It does the TLS handshake
@@ -85,7 +86,7 @@ func (l *tlsListener) Serve(establish listeners.EstablishFn) {
 
 func (l *tlsListener) handle(c net.Conn, establish listeners.EstablishFn) {
 	ctx, cancel := context.WithTimeout(l.ctx, l.s.cfg.HandshakeTimeout)
-	tc := tls.Server(newRawConn(c), l.cfg)
+	tc := tls.Server(rawconn.Wrap(c), l.cfg)
 	err := tc.HandshakeContext(ctx)
 	cancel()
 	if err != nil {

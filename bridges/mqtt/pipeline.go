@@ -64,8 +64,10 @@ type pipeConn struct {
 	*tls.Conn
 	l *tlsListener
 	// report is reported as a func value, made once per connection so
-	// that admitting a message allocates nothing for it.
-	report func(error)
+	// that admitting a message allocates nothing for it; flushFn is flush,
+	// likewise, so that starting the flusher allocates no closure.
+	report  func(error)
+	flushFn func()
 	// deadline is the deadline last set on the connection (Unix ns; 0:
 	// none), see SetDeadline.
 	deadline atomic.Int64
@@ -98,7 +100,7 @@ type heldRun struct {
 func newPipeConn(tc *tls.Conn, l *tlsListener) *pipeConn {
 	c := &pipeConn{Conn: tc, l: l}
 	c.cond.L = &c.mu
-	c.report = c.reported
+	c.report, c.flushFn = c.reported, c.flush
 	return c
 }
 
@@ -160,7 +162,7 @@ func (c *pipeConn) reported(err error) {
 	}
 	c.nmu.Unlock()
 	if start {
-		go c.flush()
+		go c.flushFn()
 	}
 }
 

@@ -98,6 +98,12 @@ func seal(dst []byte, start int) []byte {
 // own (checksummed, bounded) length. A message's Payload is a slice of b
 // (capacity cut to the payload): b must not be changed while it is used.
 func decodeRecord(b []byte) (record, int, error) {
+	return decodeRecordIn(b, nil)
+}
+
+// decodeRecordIn is decodeRecord with a message's device and topic taken
+// from in (nil: new strings).
+func decodeRecordIn(b []byte, in *interner) (record, int, error) {
 	if len(b) < recHeader {
 		return record{}, 0, errShort
 	}
@@ -112,7 +118,7 @@ func decodeRecord(b []byte) (record, int, error) {
 	if crc32.Checksum(body, castagnoli) != binary.LittleEndian.Uint32(b[4:]) {
 		return record{}, 0, fmt.Errorf("%w: checksum mismatch", errCorrupt)
 	}
-	r, err := decodeBody(body)
+	r, err := decodeBody(body, in)
 	if err != nil {
 		return record{}, 0, fmt.Errorf("%w: %v", errCorrupt, err)
 	}
@@ -122,6 +128,7 @@ func decodeRecord(b []byte) (record, int, error) {
 type reader struct {
 	b   []byte
 	err error
+	in  *interner // for str; nil: a new string each time
 }
 
 func (r *reader) uvarint() uint64 {
@@ -186,11 +193,50 @@ func (r *reader) view() []byte {
 	return nil
 }
 
-// str is the next field as a string (one copy).
-func (r *reader) str() string { return string(r.field()) }
+// str is the next field as a string (one copy, or none if the interner
+// has it).
+func (r *reader) str() string {
+	if r.in != nil {
+		return r.in.str(r.field())
+	}
+	return string(r.field())
+}
 
-func decodeBody(body []byte) (record, error) {
-	r := &reader{b: body}
+// interner hands out one string per distinct short value, so that reading
+// a message back from the queue does not allocate its device id and topic
+// again for every message: a device sends on a few topics, again and
+// again. It is bounded (maxInterned values of at most maxInternLen bytes;
+// when full it starts over) and not safe for concurrent use (the queue
+// uses it under its lock).
+type interner struct {
+	m map[string]string
+}
+
+const (
+	maxInterned  = 1024
+	maxInternLen = 256
+)
+
+func (in *interner) str(b []byte) string {
+	if s, ok := in.m[string(b)]; ok { // no allocation for the lookup
+		return s
+	}
+	s := string(b)
+	if len(b) > maxInternLen {
+		return s
+	}
+	if in.m == nil {
+		in.m = make(map[string]string)
+	}
+	if len(in.m) >= maxInterned {
+		clear(in.m)
+	}
+	in.m[s] = s
+	return s
+}
+
+func decodeBody(body []byte, in *interner) (record, error) {
+	r := &reader{b: body, in: in}
 	rec := record{kind: r.byte1()}
 	switch rec.kind {
 	case kindMsg:

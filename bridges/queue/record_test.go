@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/bastion-iot/bastion/bridges"
 	"github.com/google/go-cmp/cmp"
@@ -78,14 +79,20 @@ func TestRecordRoundTrip(t *testing.T) {
 // never panic, never claim more bytes than it was given, and whatever it
 // accepts must survive a re-encode unchanged.
 func FuzzDecodeRecord(f *testing.F) {
+	fuzzInterner = interner{}
 	for _, b := range seedRecords() {
 		f.Add(b)
 	}
 	f.Fuzz(func(t *testing.T, b []byte) {
 		// The checksum shields the body parser from most mutations; feed
 		// it the raw bytes too so the fuzzer reaches it.
-		_, _ = decodeBody(b)
+		_, _ = decodeBody(b, nil)
 		rec, n, err := decodeRecord(b)
+		// Through an interner (what Next uses): the same answer.
+		irec, in, ierr := decodeRecordIn(b, &fuzzInterner)
+		if (ierr == nil) != (err == nil) || in != n || irec.msg.Device != rec.msg.Device || irec.msg.Topic != rec.msg.Topic {
+			t.Fatalf("interned decode differs: %+v %d %v vs %+v %d %v", irec, in, ierr, rec, n, err)
+		}
 		if err != nil {
 			if !errors.Is(err, errShort) && !errors.Is(err, errCorrupt) {
 				t.Fatalf("unclassified error %v", err)
@@ -114,4 +121,41 @@ func FuzzDecodeRecord(f *testing.F) {
 			t.Fatalf("re-encode changed the record: %+v vs %+v", rec, rec2)
 		}
 	})
+}
+
+// fuzzInterner is shared by FuzzDecodeRecord's inputs, so that values
+// interned by one input are looked up by the next (inputs run one at a
+// time in a worker process).
+var fuzzInterner interner
+
+// TestInterner: one string per distinct value, the same one each time;
+// values above maxInternLen are not kept; at maxInterned values it starts
+// over (bounded); decoded messages carry the right fields either way.
+func TestInterner(t *testing.T) {
+	var in interner
+	a1, a2 := in.str([]byte("devices/d1/t/n")), in.str([]byte("devices/d1/t/n"))
+	if a1 != "devices/d1/t/n" || unsafe.StringData(a1) != unsafe.StringData(a2) {
+		t.Errorf("same value twice: %q %q, not one string", a1, a2)
+	}
+	if b := in.str([]byte("devices/d2/t/n")); b != "devices/d2/t/n" {
+		t.Errorf("second value %q", b)
+	}
+	long := bytes.Repeat([]byte("x"), maxInternLen+1)
+	if s := in.str(long); s != string(long) || len(in.m) != 2 {
+		t.Errorf("long value: %d bytes back, %d kept, want %d and 2", len(s), len(in.m), len(long))
+	}
+	for i := range 3 * maxInterned {
+		v := fmt.Sprintf("topic-%d", i)
+		if s := in.str([]byte(v)); s != v {
+			t.Fatalf("value %d: %q", i, s)
+		}
+		if len(in.m) > maxInterned {
+			t.Fatalf("%d values kept, bound %d", len(in.m), maxInterned)
+		}
+	}
+	m := bridges.Message{Device: "d1", Topic: "devices/d1/t/n", Payload: []byte("p"), QoS: 1, Received: time.Unix(0, 5)}
+	rec, _, err := decodeRecordIn(appendMsg(nil, 9, &m), &in)
+	if err != nil || rec.msg.Device != m.Device || rec.msg.Topic != m.Topic || string(rec.msg.Payload) != "p" || rec.seq != 9 {
+		t.Errorf("decoded %+v, %v", rec, err)
+	}
 }

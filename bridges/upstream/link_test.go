@@ -2,16 +2,22 @@ package upstream
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/url"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/bastion-iot/bastion/bridges"
+	"github.com/bastion-iot/bastion/bridges/queue"
+	"github.com/bastion-iot/bastion/bridges/rawconn"
 	"github.com/bastion-iot/bastion/internal/testutil/mosquitto"
 	"github.com/bastion-iot/bastion/internal/testutil/testpki"
+	"github.com/eclipse/paho.golang/autopaho"
 	"github.com/eclipse/paho.golang/paho"
 	"github.com/google/go-cmp/cmp"
 )
@@ -263,3 +269,43 @@ func TestRotation(t *testing.T) {
 }
 
 var _ = errors.New
+
+// TestDialRunsOnRawConn: the link's TLS 1.3 connection to a real broker
+// runs on rawconn (reads and writes without the runtime's syscall entry),
+// and what dial returns is the PUBACK-filtering packetConn over it.
+func TestDialRunsOnRawConn(t *testing.T) {
+	b := mosquitto.Start(t, mosquitto.Options{})
+	cfg := linkConfig(t, b, "gw1")
+	q, err := queue.Open(t.TempDir(), queue.Options{}, testLog(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer q.Close()
+	up, err := New(cfg, q, nil, testLog(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	broker, err := url.Parse(cfg.Broker)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := up.dial(context.Background(), autopaho.ClientConfig{}, broker)
+	if err != nil {
+		t.Fatalf("dial %s: %v", cfg.Broker, err)
+	}
+	defer c.Close()
+	pc, ok := c.(*packetConn)
+	if !ok {
+		t.Fatalf("dial returned %T; want *packetConn", c)
+	}
+	tc, ok := pc.Conn.(*tls.Conn)
+	if !ok {
+		t.Fatalf("packetConn runs on %T; want *tls.Conn", pc.Conn)
+	}
+	if v := tc.ConnectionState().Version; v != tls.VersionTLS13 {
+		t.Errorf("TLS version %x; want TLS 1.3", v)
+	}
+	if runtime.GOOS == "linux" && !rawconn.Is(tc.NetConn()) {
+		t.Errorf("the link's TLS runs on %T; want a rawconn", tc.NetConn())
+	}
+}

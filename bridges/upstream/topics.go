@@ -168,3 +168,42 @@ func matchFilter(f, topic string) bool {
 		}
 	}
 }
+
+// mappedTopics remembers the uplink mapping's answers for one snapshot of
+// the configuration, so that the link's sender does not build the same
+// upstream topic string again for every message of a device (it was the
+// one allocation per message left in the mapping). Bounded (maxMapped
+// entries; when full it starts over); not safe for concurrent use (one
+// per pipeline run, on the sender's goroutine).
+type mappedTopics struct {
+	s *snapshot
+	m map[mappedKey]string
+}
+
+type mappedKey struct{ device, topic string }
+
+const maxMapped = 1024
+
+// mapUp is s.routes.mapUp, remembered.
+func (mt *mappedTopics) mapUp(s *snapshot, device, topic string) (string, bool) {
+	if mt.s != s { // a Reload: new rules, new answers
+		mt.s = s
+		clear(mt.m)
+	}
+	k := mappedKey{device, topic}
+	if up, ok := mt.m[k]; ok {
+		return up, true
+	}
+	up, ok := s.routes.mapUp(device, topic)
+	if !ok {
+		return "", false
+	}
+	if mt.m == nil {
+		mt.m = make(map[mappedKey]string)
+	}
+	if len(mt.m) >= maxMapped {
+		clear(mt.m)
+	}
+	mt.m[k] = up
+	return up, true
+}

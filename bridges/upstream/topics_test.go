@@ -1,6 +1,7 @@
 package upstream
 
 import (
+	"fmt"
 	"strings"
 	"testing"
 )
@@ -112,5 +113,48 @@ func TestMappingAllocs(t *testing.T) {
 	}
 	if allocs > 1 {
 		t.Errorf("mapUp + applyRules: %.1f allocations per message, want at most 1 (the mapped topic)", allocs)
+	}
+}
+
+// TestMappedTopics: the sender's remembered mapping answers as mapUp does,
+// allocates nothing for a topic it has seen, forgets everything when the
+// snapshot changes (Reload), never maps another device's topic, and stays
+// bounded.
+func TestMappedTopics(t *testing.T) {
+	c := validConfig()
+	rs, err := c.compile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	s1 := &snapshot{cfg: c, routes: rs}
+	var mt mappedTopics
+	got, ok := mt.mapUp(s1, "dev-17", "devices/dev-17/t/sensors/temp")
+	if want, _ := rs.mapUp("dev-17", "devices/dev-17/t/sensors/temp"); !ok || got != want {
+		t.Fatalf("mapUp = %q %v, want %q", got, ok, want)
+	}
+	if n := testing.AllocsPerRun(100, func() { mt.mapUp(s1, "dev-17", "devices/dev-17/t/sensors/temp") }); n != 0 {
+		t.Errorf("a remembered topic: %.1f allocations, want 0", n)
+	}
+	if up, ok := mt.mapUp(s1, "dev-18", "devices/dev-17/t/sensors/temp"); ok {
+		t.Errorf("another device's topic mapped to %q", up)
+	}
+	c2 := c
+	c2.Prefix = "other"
+	rs2, err := c2.compile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	s2 := &snapshot{cfg: c2, routes: rs2}
+	if got, _ := mt.mapUp(s2, "dev-17", "devices/dev-17/t/sensors/temp"); got != "other/gw1/dev-17/t/sensors/temp" {
+		t.Errorf("after a reload: %q, want the new prefix", got)
+	}
+	for i := range 3 * maxMapped {
+		dev := fmt.Sprintf("d%d", i)
+		if _, ok := mt.mapUp(s2, dev, "devices/"+dev+"/t/x"); !ok {
+			t.Fatalf("device %s not mapped", dev)
+		}
+		if len(mt.m) > maxMapped {
+			t.Fatalf("%d topics kept, bound %d", len(mt.m), maxMapped)
+		}
 	}
 }

@@ -29,6 +29,7 @@ import (
 
 	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/bridges/queue"
+	"github.com/bastion-iot/bastion/bridges/rawconn"
 	"github.com/eclipse/paho.golang/autopaho"
 	"github.com/eclipse/paho.golang/packets"
 	"github.com/eclipse/paho.golang/paho"
@@ -438,11 +439,23 @@ func (u *Upstream) dial(ctx context.Context, _ autopaho.ClientConfig, broker *ur
 			return u.cur.Load().cert, nil
 		},
 	}
+	if tc.ServerName == "" { // as tls.Dialer does
+		tc.ServerName = broker.Hostname()
+	}
 	dctx, cancel := context.WithTimeout(ctx, s.cfg.ConnectTimeout)
 	defer cancel()
-	d := tls.Dialer{Config: tc}
-	conn, err := d.DialContext(dctx, "tcp", broker.Host)
+	var d net.Dialer
+	raw, err := d.DialContext(dctx, "tcp", broker.Host)
 	if err != nil {
+		return nil, explain(err, s)
+	}
+	// The TLS connection runs on rawconn: the link's reads and writes
+	// (one of each per group commit, about) then never wake the runtime's
+	// sysmon thread, which polls every 20 µs for a millisecond after each
+	// system call through the runtime's entry that finds it asleep.
+	conn := tls.Client(rawconn.Wrap(raw), tc)
+	if err := conn.HandshakeContext(dctx); err != nil {
+		raw.Close()
 		return nil, explain(err, s)
 	}
 	return &packetConn{Conn: conn}, nil
@@ -629,10 +642,25 @@ func (u *Upstream) pipeline(ctx context.Context, ls *linkSession, down <-chan st
 		}
 	}()
 	r := &sendRun{u: u, cancel: cancel}
+	// The queue's NextInto reuses the entries and the read buffer of the
+	// previous batch: nothing of a batch is kept once its PUBLISHes are in
+	// buf (appendPublish copies the payload; park copies the message).
+	next := func(ctx context.Context, after uint64, max int, es []queue.Entry, b []byte) ([]queue.Entry, []byte, error) {
+		es, err := u.q.Next(ctx, after, max)
+		return es, nil, err
+	}
+	if qi, ok := u.q.(interface {
+		NextInto(context.Context, uint64, int, []queue.Entry, []byte) ([]queue.Entry, []byte, error)
+	}); ok {
+		next = qi.NextInto
+	}
 	var (
-		cursor uint64
-		buf    []byte
-		qos0   []uint64 // sent at QoS 0 in buf: acked once written
+		es      []queue.Entry
+		readBuf []byte
+		mapped  mappedTopics // this run's upstream topics, per device and topic
+		cursor  uint64
+		buf     []byte
+		qos0    []uint64 // sent at QoS 0 in buf: acked once written
 	)
 	flush := func() bool {
 		if len(buf) == 0 {
@@ -659,7 +687,8 @@ func (u *Upstream) pipeline(ctx context.Context, ls *linkSession, down <-chan st
 	}
 feed:
 	for {
-		es, err := u.q.Next(pctx, cursor, 64)
+		var err error
+		es, readBuf, err = next(pctx, cursor, 64, es, readBuf)
 		if err != nil {
 			if pctx.Err() == nil {
 				r.fail(fmt.Errorf("upstream: reading the queue: %w", err))
@@ -668,7 +697,7 @@ feed:
 		}
 		for _, e := range es {
 			cursor = e.Seq
-			topic, payload, keep, err := u.prepare(e)
+			topic, payload, keep, err := u.prepare(e, &mapped)
 			if err != nil {
 				r.fail(err)
 				break feed
@@ -782,9 +811,9 @@ func (u *Upstream) delivered(n int) {
 
 // prepare applies the current mapping and privacy rules. A withheld message
 // is acked (removed) and keep is false.
-func (u *Upstream) prepare(e queue.Entry) (topic string, payload []byte, keep bool, _ error) {
+func (u *Upstream) prepare(e queue.Entry, mapped *mappedTopics) (topic string, payload []byte, keep bool, _ error) {
 	s := u.cur.Load()
-	topic, ok := s.routes.mapUp(e.Device, e.Topic)
+	topic, ok := mapped.mapUp(s, e.Device, e.Topic)
 	if !ok {
 		u.withheld("unmapped")
 		return "", nil, false, u.q.Ack(e.Seq)

@@ -1,4 +1,9 @@
-package mqtt
+// Package rawconn wraps a TCP connection so that its reads and writes enter
+// the kernel without the Go runtime's syscall entry (Linux; elsewhere the
+// connection is returned as it is). The device sessions of bridges/mqtt and
+// the upstream link of bridges/upstream run on it. It never changes what is
+// read or written, the deadlines, or the errors.
+package rawconn
 
 import (
 	"io"
@@ -21,7 +26,9 @@ import (
 // until the process is idle again and goes back to sleep. In CPU profiles
 // of bastiond under the MQTT benchmark that was 8-15 % of the gateway's CPU
 // (a wake-up and several nanosleeps per message with one publisher; a
-// 20 µs poll throughout with 50). The same trick is used by Go network
+// 20 µs poll throughout with 50). Any system call through the runtime's
+// entry wakes a sleeping sysmon, so the upstream link's socket runs on it
+// too (bridges/upstream). The same trick is used by Go network
 // libraries built on epoll (gnet, cloudwego/netpoll) and proposed for the
 // standard library itself (golang/go#19563); golang/go#18236 is sysmon's
 // fixed tick.
@@ -52,8 +59,8 @@ type rawConn struct {
 	writeFn func(fd uintptr) bool
 }
 
-// newRawConn wraps c, or returns it as it is if it is not a TCP connection.
-func newRawConn(c net.Conn) net.Conn {
+// Wrap wraps c, or returns it as it is if it is not a TCP connection.
+func Wrap(c net.Conn) net.Conn {
 	tc, ok := c.(*net.TCPConn)
 	if !ok {
 		return c
@@ -135,4 +142,11 @@ func (c *rawConn) Write(p []byte) (int, error) {
 		written += c.wn
 	}
 	return written, nil
+}
+
+// Is reports whether c is a connection Wrap made (tests check that the
+// listeners and the upstream link use it).
+func Is(c net.Conn) bool {
+	_, ok := c.(*rawConn)
+	return ok
 }

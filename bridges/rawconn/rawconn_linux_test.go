@@ -1,4 +1,4 @@
-package mqtt
+package rawconn
 
 import (
 	"bytes"
@@ -10,6 +10,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"go.uber.org/goleak"
 )
 
 // tcpPair returns a rawConn and the other end of a real loopback TCP
@@ -37,9 +39,9 @@ func tcpPair(t *testing.T) (*rawConn, net.Conn) {
 	if c == nil {
 		t.FailNow()
 	}
-	rc, ok := newRawConn(c).(*rawConn)
+	rc, ok := Wrap(c).(*rawConn)
 	if !ok {
-		t.Fatalf("newRawConn(%T) did not wrap it", c)
+		t.Fatalf("Wrap(%T) did not wrap it", c)
 	}
 	t.Cleanup(func() { rc.Close(); peer.Close() })
 	return rc, peer
@@ -132,21 +134,4 @@ func TestRawConnDeadlineAndClose(t *testing.T) {
 	}
 }
 
-// TestListenerUsesRawConn: device sessions run on rawConn.
-func TestListenerUsesRawConn(t *testing.T) {
-	s, ca := localServer(t)
-	dialPublisher(t, s, ca, "raw-1")
-	cl, ok := s.mq.Clients.Get("raw-1")
-	if !ok {
-		t.Fatal("no session for raw-1")
-	}
-	pc, ok := cl.Net.Conn.(*pipeConn)
-	if !ok {
-		t.Fatalf("session conn is %T; want *pipeConn", cl.Net.Conn)
-	}
-	if nc := pc.Conn.NetConn(); !isRawConn(nc) {
-		t.Errorf("device TLS runs on %T; want *rawConn", nc)
-	}
-}
-
-func isRawConn(c net.Conn) bool { _, ok := c.(*rawConn); return ok }
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }

@@ -1,0 +1,74 @@
+package queue
+
+import (
+	"os"
+	"runtime"
+	"time"
+)
+
+// rawSyncBelow is the mean commit fsync time (fsyncEWMA) below which the
+// queue's per-commit system calls (the batch's pwrite, the commit's fsync,
+// Next's pread) enter the kernel without the runtime's syscall entry
+// (rawFsync, rawPwrite, rawPread); above it, and with a single P, the
+// os.File methods are used.
+const rawSyncBelow = 2 * time.Millisecond
+
+// useRawSync reports whether the queue's per-commit system calls should be
+// made raw: only when the process has another P to run everything else
+// meanwhile and the disk's recent commits were quick.
+//
+// Why at all: an fsync through (*os.File).Sync enters the kernel through
+// the runtime's syscall entry, and it takes longer than one tick of the
+// runtime's sysmon thread (20 µs), so sysmon takes the P away from the
+// writer in almost every commit (waking another thread to run it, and
+// when the fsync returns the writer parks its thread and waits for a P).
+// A P taken away from a syscall also resets sysmon's back-off: with a
+// commit every millisecond sysmon then never slows down from polling every
+// 20 µs. In CPU profiles of bastiond under the full-stack benchmark (50
+// devices) sysmon's polling was 12 % of the gateway's CPU, and the hand-off
+// of the P and the thread wake-ups several percent more. The writer's
+// fsync is the one long syscall the gateway makes per commit; making it
+// without the runtime's entry keeps the P (the other P runs everything
+// else) and lets sysmon back off (4.7 % of the CPU after).
+//
+// What it costs: for the fsync's duration the writer's P runs nothing else
+// (its other goroutines are taken over by the other P), and a
+// stop-the-world of the garbage collector waits for the fsync to return.
+// Both are bounded by the fsync time, which is why a slow disk (a mean
+// above rawSyncBelow, e.g. an SD card) or a single P (everything would
+// stop for the fsync) keeps the runtime's entry.
+func useRawSync(procs int, meanFsync time.Duration) bool {
+	return procs >= 2 && meanFsync < rawSyncBelow
+}
+
+// defaultSync is the commit's fsync when Options.Sync is not set. Only the
+// writer goroutine calls it (and only it writes fsyncEWMA).
+func (q *Queue) defaultSync(f *os.File) error {
+	if q.rawIO() {
+		return rawFsync(f)
+	}
+	return f.Sync()
+}
+
+// rawIO reports whether the queue's system calls go raw now (useRawSync).
+// Caller holds q.mu or is the writer goroutine (the only one that changes
+// fsyncEWMA, under q.mu).
+func (q *Queue) rawIO() bool {
+	return useRawSync(runtime.GOMAXPROCS(0), q.fsyncEWMA)
+}
+
+// writeAt is f.WriteAt, raw when rawIO.
+func (q *Queue) writeAt(f *os.File, b []byte, off int64) (int, error) {
+	if rawOffsets && len(b) > 0 && q.rawIO() {
+		return rawPwrite(f, b, off)
+	}
+	return f.WriteAt(b, off)
+}
+
+// readAt is f.ReadAt, raw when rawIO. Caller holds q.mu.
+func (q *Queue) readAt(f *os.File, b []byte, off int64) (int, error) {
+	if rawOffsets && len(b) > 0 && q.rawIO() {
+		return rawPread(f, b, off)
+	}
+	return f.ReadAt(b, off)
+}
