@@ -26,8 +26,11 @@ const exchangeLifetime = 247 * time.Second
 // idle session holds none.
 type ResponseCache struct {
 	slots []cacheSlot
-	size  int
-	next  int
+	// mids mirrors slots[i].mid, so that the look-up every request makes
+	// reads one cache line instead of every slot.
+	mids []uint16
+	size int
+	next int
 	// pending are the message IDs of requests whose answer was deferred
 	// and is not stored yet (DTLSResponseWriter.Defer).
 	pending []uint16
@@ -35,9 +38,13 @@ type ResponseCache struct {
 
 type cacheSlot struct {
 	mid     uint16
-	raw     []byte
-	expires time.Time
+	raw     []byte // empty: no answer held
+	expires int64  // Unix ns
 }
+
+// slotBytes is the capacity a slot's buffer starts with: one datagram of
+// go-coap's MTU, so a firmware block's answer never regrows it.
+const slotBytes = 1472
 
 // NewResponseCache keeps at most entries responses (at least 1).
 func NewResponseCache(entries int) *ResponseCache {
@@ -46,13 +53,12 @@ func NewResponseCache(entries int) *ResponseCache {
 
 // load returns the encoded response to the request with message ID mid.
 func (c *ResponseCache) load(mid uint16) ([]byte, bool) {
-	if len(c.slots) == 0 {
-		return nil, false
-	}
-	for i := range c.slots {
-		s := &c.slots[i]
+	for i, m := range c.mids {
+		if m != mid {
+			continue
+		}
 		// The clock is read only for a match: nearly every request is new.
-		if s.mid == mid && len(s.raw) > 0 && time.Now().Before(s.expires) {
+		if s := &c.slots[i]; len(s.raw) > 0 && time.Now().UnixNano() < s.expires {
 			return s.raw, true
 		}
 	}
@@ -63,15 +69,36 @@ func (c *ResponseCache) load(mid uint16) ([]byte, bool) {
 // mid, replacing the oldest entry. Slot buffers are reused, so storing does
 // not allocate once the cache is warm.
 func (c *ResponseCache) store(mid uint16, raw []byte) {
+	buf := c.reserve(len(raw))
+	copy(buf, raw)
+	c.commit(mid, buf, time.Now())
+}
+
+// reserve empties the oldest slot and returns its buffer with length n,
+// for the caller to encode the next response into; commit then keeps it.
+// (ServeDTLS encodes every answer there: a block's answer is not copied
+// into the cache.) Until commit the slot holds no answer.
+func (c *ResponseCache) reserve(n int) []byte {
 	if len(c.slots) < c.size {
 		c.slots = append(c.slots, cacheSlot{})
+		c.mids = append(c.mids, 0)
 		c.next = len(c.slots) - 1
 	}
 	s := &c.slots[c.next]
+	s.raw = s.raw[:0]
+	if cap(s.raw) < n {
+		s.raw = make([]byte, 0, max(n, slotBytes))
+	}
+	return s.raw[:n]
+}
+
+// commit keeps raw, which reserve returned (or a prefix of it), as the
+// response to mid, sent at now, and makes that slot the newest.
+func (c *ResponseCache) commit(mid uint16, raw []byte, now time.Time) {
+	s := &c.slots[c.next]
+	s.mid, s.raw, s.expires = mid, raw, now.Add(exchangeLifetime).UnixNano()
+	c.mids[c.next] = mid
 	c.next = (c.next + 1) % c.size
-	s.mid = mid
-	s.raw = append(s.raw[:0], raw...)
-	s.expires = time.Now().Add(exchangeLifetime)
 	c.unmarkPending(mid)
 }
 

@@ -32,7 +32,7 @@ func TestResponseCacheBoundedReplay(t *testing.T) {
 		t.Errorf("cache grew to %d slots, want 4", len(c.slots))
 	}
 	for i := range c.slots {
-		c.slots[i].expires = time.Now().Add(-time.Second)
+		c.slots[i].expires = time.Now().Add(-time.Second).UnixNano()
 	}
 	if _, ok := c.load(5); ok {
 		t.Error("entry survived EXCHANGE_LIFETIME")
