@@ -679,14 +679,23 @@ func (c *DTLSConn) handleDatagram(data []byte, now time.Time) {
 	}
 	mid := uint16(req.MessageID())
 	c.cacheMu.Lock()
-	raw, ok := c.cache.load(mid)
-	if ok {
-		_, err := c.nc.Write(raw)
-		c.cacheMu.Unlock()
-		if err != nil {
-			cfg.Errors(fmt.Errorf("%v: write cached answer: %w", c.RemoteAddr(), err))
+	if s, ok := c.cache.load(mid); ok {
+		wp := wireBufs.Get().(*[]byte)
+		raw, err := s.answer((*wp)[:0])
+		if err == nil {
+			_, err = c.nc.Write(raw)
+			*wp = raw[:0]
+			wireBufs.Put(wp)
+			c.cacheMu.Unlock()
+			if err != nil {
+				cfg.Errors(fmt.Errorf("%v: write cached answer: %w", c.RemoteAddr(), err))
+			}
+			return
 		}
-		return
+		wireBufs.Put(wp)
+		// The answer's body can no longer be read (its image was dropped):
+		// the request is answered afresh.
+		s.drop()
 	}
 	pending := c.cache.isPending(mid)
 	c.cacheMu.Unlock()
@@ -930,28 +939,35 @@ func (c *DTLSConn) send(reqMID uint16, out message.Message, now time.Time) {
 // carry (go-coap's encoder refuses the same).
 var errAnswer = errors.New("answer not encodable: bad message ID, type or token")
 
+// wireBufs hold one encoded answer while it is written.
+var wireBufs = sync.Pool{New: func() any { b := make([]byte, 0, 1472); return &b }}
+
 // sendBody encodes out with n bytes of body at off as its payload
 // (out.Payload is not used), writes it and keeps it for a retransmission
-// of the request with message ID reqMID, sent at now. The answer is
-// encoded straight into the response cache's slot, and the payload read
-// straight from the body into it: for a firmware block that is the only
-// copy of the block before pion seals it. An error reading the body is
-// returned (nothing was sent); others are reported to Errors.
+// of the request with message ID reqMID, sent at now: a copy of it, or,
+// for a StableBody, a copy of the bytes before the payload and where the
+// payload is. The payload is read straight from the body into the
+// datagram's buffer. An error reading the body is returned (nothing was
+// sent); others are reported to Errors.
 func (c *DTLSConn) sendBody(reqMID uint16, out message.Message, body io.ReadSeeker, off int64, n int, now time.Time) error {
-	c.cacheMu.Lock()
-	raw, err := c.encodeInto(out, body, off, n)
+	wp := wireBufs.Get().(*[]byte)
+	defer wireBufs.Put(wp)
+	raw, err := encodeAnswer((*wp)[:0], out, body, off, n)
 	if err != nil {
-		c.cacheMu.Unlock()
 		if errors.Is(err, errBody) {
 			return err
 		}
 		c.srv.cfg.Errors(fmt.Errorf("%v: encode answer: %w", c.RemoteAddr(), err))
 		return nil
 	}
-	// Written under cacheMu, as a cached answer is: the slot's buffer is
-	// only reused by a later answer, which waits for the lock.
+	*wp = raw[:0] // keep a grown buffer
 	_, werr := c.nc.Write(raw)
-	c.cache.commit(reqMID, raw, now)
+	c.cacheMu.Lock()
+	if sb, ok := body.(StableBody); ok && n > 0 {
+		c.cache.storeRef(reqMID, raw[:len(raw)-n], sb, off, n, now)
+	} else {
+		c.cache.store(reqMID, raw, now)
+	}
 	c.cacheMu.Unlock()
 	if werr != nil {
 		c.srv.cfg.Errors(fmt.Errorf("%v: write answer: %w", c.RemoteAddr(), werr))
@@ -962,21 +978,23 @@ func (c *DTLSConn) sendBody(reqMID uint16, out message.Message, body io.ReadSeek
 // errBody wraps an error reading a response body.
 var errBody = errors.New("read response body")
 
-// encodeInto encodes out as RFC 7252 §3 lays a message out (what
-// go-coap's udp coder writes: header, token, options, then 0xFF and the
-// payload if there is one) into the response cache's next slot, with n
-// bytes of body at off as the payload, and returns the encoded answer;
-// cacheMu is held. The options are marshalled once (go-coap's Encode
-// marshals them twice, its Size once more).
-func (c *DTLSConn) encodeInto(out message.Message, body io.ReadSeeker, off int64, n int) ([]byte, error) {
+// encodeAnswer encodes out into buf's storage (a larger buffer if it is
+// too small) as RFC 7252 §3 lays a message out (what go-coap's udp coder writes: header, token, options, then 0xFF
+// and the payload if there is one), with n bytes of body at off as the
+// payload. The options are marshalled once (go-coap's Encode marshals
+// them twice, its Size once more).
+func encodeAnswer(buf []byte, out message.Message, body io.ReadSeeker, off int64, n int) ([]byte, error) {
 	if !message.ValidateMID(out.MessageID) || !message.ValidateType(out.Type) || len(out.Token) > message.MaxTokenSize {
 		return nil, errAnswer
 	}
 	hdr := 4 + len(out.Token)
-	buf := c.cache.reserve(slotBytes)
+	buf = buf[:cap(buf)]
+	if len(buf) < hdr {
+		buf = make([]byte, 1472)
+	}
 	optLen, err := out.Options.Marshal(buf[hdr:])
 	if errors.Is(err, message.ErrTooSmall) {
-		buf = c.cache.reserve(hdr + optLen + 1 + n)
+		buf = make([]byte, hdr+optLen+1+n)
 		optLen, err = out.Options.Marshal(buf[hdr:])
 	}
 	if err != nil {
@@ -987,10 +1005,9 @@ func (c *DTLSConn) encodeInto(out message.Message, body io.ReadSeeker, off int64
 		size += 1 + n
 	}
 	if len(buf) < size {
-		buf = c.cache.reserve(size)
-		if optLen, err = out.Options.Marshal(buf[hdr:]); err != nil {
-			return nil, err
-		}
+		nb := make([]byte, size)
+		copy(nb[hdr:], buf[hdr:hdr+optLen])
+		buf = nb
 	}
 	buf = buf[:size]
 	buf[0] = 1<<6 | byte(out.Type)<<4 | byte(len(out.Token))
