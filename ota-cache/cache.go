@@ -229,10 +229,20 @@ func (c *Cache) openVerified(sha string, si storedImage) (*image, error) {
 // (no syscall per block), the file otherwise.
 func (img *image) coapBody() io.ReadSeeker {
 	if img.m != nil {
-		return io.NewSectionReader(img.m, 0, img.size)
+		return &imageBody{*io.NewSectionReader(img.m, 0, img.size)}
 	}
-	return io.NewSectionReader(img.f, 0, img.size)
+	return &imageBody{*io.NewSectionReader(img.f, 0, img.size)}
 }
+
+// imageBody is a verified image as a response body. It is a StableBody:
+// the image is read from its verified descriptor or its read-only mapping
+// of it, never by path, and the cache never rewrites its files, so the
+// bytes at an offset never change (ServeDTLS's response cache keeps where
+// a block is instead of a copy). Once the image is dropped, reading fails.
+type imageBody struct{ io.SectionReader }
+
+// StableBody marks imageBody as a StableBody.
+func (*imageBody) StableBody() {}
 
 // close releases the mapping (after the copies in progress) and the file.
 func (img *image) close() {

@@ -14,25 +14,28 @@ func TestResponseCacheBoundedReplay(t *testing.T) {
 	raw := func(i int) []byte { return []byte("block " + strconv.Itoa(i)) }
 	for i := range 6 {
 		r := raw(i)
-		c.store(uint16(i), r)
+		c.store(uint16(i), r, time.Now())
 		r[0] = 'X' // the cache keeps its own copy
 	}
 	// The last 4 are replayed byte for byte; older ones are gone.
 	for i := range 6 {
-		got, ok := c.load(uint16(i))
+		s, ok := c.load(uint16(i))
 		if want := i >= 2; ok != want {
 			t.Errorf("load(%d) found=%v, want %v", i, ok, want)
 			continue
 		}
-		if ok && string(got) != string(raw(i)) {
-			t.Errorf("load(%d) = %q, want %q", i, got, raw(i))
+		if !ok {
+			continue
+		}
+		if got, err := s.answer(nil); err != nil || string(got) != string(raw(i)) {
+			t.Errorf("load(%d) = %q, %v; want %q", i, got, err, raw(i))
 		}
 	}
 	if len(c.slots) != 4 {
 		t.Errorf("cache grew to %d slots, want 4", len(c.slots))
 	}
 	for i := range c.slots {
-		c.slots[i].expires = time.Now().Add(-time.Second)
+		c.slots[i].expires = time.Now().Add(-time.Second).UnixNano()
 	}
 	if _, ok := c.load(5); ok {
 		t.Error("entry survived EXCHANGE_LIFETIME")

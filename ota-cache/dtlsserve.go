@@ -448,7 +448,7 @@ func (d *DTLSDeferred) handlerReturned() {
 func (d *DTLSDeferred) complete() {
 	w := d.w
 	c := w.conn
-	c.finish(w.req, w, w.extra)
+	c.finish(w.req, w, w.extra, time.Now())
 	// Sent and stored, or nothing to store (No-Response, an answer that
 	// could not be encoded): no longer pending either way.
 	c.cacheMu.Lock()
@@ -516,12 +516,6 @@ func releaseMessage(m *pool.Message) {
 	m.Reset()
 	msgs.Put(m)
 }
-
-// blockBufs hold one block of a response body while it is encoded.
-var blockBufs = sync.Pool{New: func() any { b := make([]byte, 1024); return &b }}
-
-// wireBufs hold one encoded datagram.
-var wireBufs = sync.Pool{New: func() any { b := make([]byte, 0, 1280); return &b }}
 
 // readHandlerConn is a DTLS connection that hands each decrypted record
 // to a function on its own record reader (pion/dtls with the patch in
@@ -606,12 +600,13 @@ func (c *DTLSConn) onRecord(p []byte, err error) {
 		_ = c.Close()
 		return
 	}
-	c.lastRead.Store(time.Now().UnixNano())
+	now := time.Now()
+	c.lastRead.Store(now.UnixNano())
 	if len(p) > cfg.ReadBufferSize {
 		cfg.Errors(fmt.Errorf("%v: record dropped: %d bytes, over the %d-byte limit (ReadBufferSize)", c.RemoteAddr(), len(p), cfg.ReadBufferSize))
 		return
 	}
-	c.handleDatagram(p)
+	c.handleDatagram(p, now)
 }
 
 // checkIdle runs when the idle timer fires: a session that has read
@@ -651,8 +646,8 @@ func (c *DTLSConn) end() {
 	})
 }
 
-// handleDatagram answers one decrypted CoAP message.
-func (c *DTLSConn) handleDatagram(data []byte) {
+// handleDatagram answers one decrypted CoAP message, read at now.
+func (c *DTLSConn) handleDatagram(data []byte, now time.Time) {
 	cfg := c.srv.cfg
 	req := acquireMessage(c.ctx)
 	deferred := false
@@ -684,14 +679,23 @@ func (c *DTLSConn) handleDatagram(data []byte) {
 	}
 	mid := uint16(req.MessageID())
 	c.cacheMu.Lock()
-	raw, ok := c.cache.load(mid)
-	if ok {
-		_, err := c.nc.Write(raw)
-		c.cacheMu.Unlock()
-		if err != nil {
-			cfg.Errors(fmt.Errorf("%v: write cached answer: %w", c.RemoteAddr(), err))
+	if s, ok := c.cache.load(mid); ok {
+		wp := wireBufs.Get().(*[]byte)
+		raw, err := s.answer((*wp)[:0])
+		if err == nil {
+			_, err = c.nc.Write(raw)
+			*wp = raw[:0]
+			wireBufs.Put(wp)
+			c.cacheMu.Unlock()
+			if err != nil {
+				cfg.Errors(fmt.Errorf("%v: write cached answer: %w", c.RemoteAddr(), err))
+			}
+			return
 		}
-		return
+		wireBufs.Put(wp)
+		// The answer's body can no longer be read (its image was dropped):
+		// the request is answered afresh.
+		s.drop()
 	}
 	pending := c.cache.isPending(mid)
 	c.cacheMu.Unlock()
@@ -716,7 +720,7 @@ func (c *DTLSConn) handleDatagram(data []byte) {
 		var done bool
 		block1, done = c.block1(w, req, v)
 		if done {
-			c.finish(req, w, nil)
+			c.finish(req, w, nil, now)
 			return
 		}
 	}
@@ -730,7 +734,7 @@ func (c *DTLSConn) handleDatagram(data []byte) {
 		d.handlerReturned()
 		return
 	}
-	c.finish(req, w, block1)
+	c.finish(req, w, block1, now)
 }
 
 // block1 takes one Block1 block: it answers 2.31, 4.08 or 4.13 itself
@@ -816,15 +820,16 @@ func (c *DTLSConn) writeRST(mid uint16) {
 }
 
 // finish encodes the answer (cutting a Block2 block out of its body),
-// sends it and keeps it for retransmissions.
-func (c *DTLSConn) finish(req *pool.Message, w *DTLSResponseWriter, extra []message.Option) {
+// sends it and keeps it for retransmissions. now is when the request was
+// read.
+func (c *DTLSConn) finish(req *pool.Message, w *DTLSResponseWriter, extra []message.Option, now time.Time) {
 	cfg := c.srv.cfg
 	mid := uint16(req.MessageID())
 	if !w.set && w.noRe != nil {
 		// No-Response suppressed the handler's answer: a NON gets nothing,
 		// a CON still needs its (empty) ACK.
 		if req.Type() == message.Confirmable {
-			c.send(mid, message.Message{MessageID: int32(mid), Type: message.Acknowledgement})
+			c.send(mid, message.Message{MessageID: int32(mid), Type: message.Acknowledgement}, now)
 		}
 		return
 	}
@@ -843,95 +848,177 @@ func (c *DTLSConn) finish(req *pool.Message, w *DTLSResponseWriter, extra []mess
 	for _, o := range extra {
 		out.Options = out.Options.Set(o)
 	}
-	var bp *[]byte
-	if body := resp.Body(); body != nil {
-		size, err := body.Seek(0, io.SeekEnd)
-		if err != nil {
-			c.answerError(req, codes.InternalServerError, "response body unreadable")
-			return
-		}
-		szx := cfg.BlockwiseSZX
-		reqBlock, hasBlock := uint32(0), false
-		if v, err := req.GetOptionUint32(message.Block2); err == nil {
-			reqBlock, hasBlock = v, true
-			if rs, _, _, err := blockwise.DecodeBlockOption(v); err == nil && rs < szx {
-				szx = rs
-			}
-		}
-		bs := int64(szx.Size())
-		bp = blockBufs.Get().(*[]byte)
-		defer blockBufs.Put(bp)
-		if hasBlock || size > bs {
-			_, num, _, err := blockwise.DecodeBlockOption(reqBlock)
-			off := num * bs
-			if err != nil || (off >= size && !(off == 0 && size == 0)) {
-				c.answerError(req, codes.BadOption, "Block2 beyond the end of the resource")
-				return
-			}
-			n := min(bs, size-off)
-			if _, err := body.Seek(off, io.SeekStart); err != nil {
-				c.answerError(req, codes.InternalServerError, "response body unreadable")
-				return
-			}
-			if _, err := io.ReadFull(body, (*bp)[:n]); err != nil {
-				c.answerError(req, codes.InternalServerError, "response body unreadable")
-				return
-			}
-			out.Payload = (*bp)[:n]
-			opt, _ := blockwise.EncodeBlockOption(szx, num, off+n < size)
-			var ob, sb [4]byte
-			out.Options = out.Options.Set(message.Option{ID: message.Block2, Value: ob[:putUint(ob[:], opt)]})
-			if !out.Options.HasOption(message.Size2) && size <= 1<<32-1 {
-				out.Options = out.Options.Set(message.Option{ID: message.Size2, Value: sb[:putUint(sb[:], uint32(size))]})
-			}
-		} else {
-			if _, err := body.Seek(0, io.SeekStart); err != nil {
-				c.answerError(req, codes.InternalServerError, "response body unreadable")
-				return
-			}
-			if _, err := io.ReadFull(body, (*bp)[:size]); err != nil {
-				c.answerError(req, codes.InternalServerError, "response body unreadable")
-				return
-			}
-			out.Payload = (*bp)[:size]
+	body := resp.Body()
+	if body == nil {
+		c.send(mid, out, now)
+		return
+	}
+	size, err := bodySize(body)
+	if err != nil {
+		c.answerError(req, codes.InternalServerError, "response body unreadable", now)
+		return
+	}
+	szx := cfg.BlockwiseSZX
+	reqBlock, hasBlock := uint32(0), false
+	if v, err := req.GetOptionUint32(message.Block2); err == nil {
+		reqBlock, hasBlock = v, true
+		if rs, _, _, err := blockwise.DecodeBlockOption(v); err == nil && rs < szx {
+			szx = rs
 		}
 	}
-	c.send(mid, out)
+	bs := int64(szx.Size())
+	off, n := int64(0), size
+	if hasBlock || size > bs {
+		_, num, _, err := blockwise.DecodeBlockOption(reqBlock)
+		off = num * bs
+		if err != nil || (off >= size && !(off == 0 && size == 0)) {
+			c.answerError(req, codes.BadOption, "Block2 beyond the end of the resource", now)
+			return
+		}
+		n = min(bs, size-off)
+		opt, _ := blockwise.EncodeBlockOption(szx, num, off+n < size)
+		var ob, sb [4]byte
+		out.Options = out.Options.Set(message.Option{ID: message.Block2, Value: ob[:putUint(ob[:], opt)]})
+		if !out.Options.HasOption(message.Size2) && size <= 1<<32-1 {
+			out.Options = out.Options.Set(message.Option{ID: message.Size2, Value: sb[:putUint(sb[:], uint32(size))]})
+		}
+	}
+	if err := c.sendBody(mid, out, body, off, int(n), now); err != nil {
+		c.answerError(req, codes.InternalServerError, "response body unreadable", now)
+	}
 }
 
-func (c *DTLSConn) answerError(req *pool.Message, code codes.Code, diag string) {
+// bodySize is the length of a response body: Size if it has one (an
+// io.SectionReader, what Cache.ServeCoAP answers with), else its end.
+func bodySize(body io.ReadSeeker) (int64, error) {
+	if s, ok := body.(interface{ Size() int64 }); ok {
+		return s.Size(), nil
+	}
+	return body.Seek(0, io.SeekEnd)
+}
+
+// readBody reads body's n bytes at off into p: with ReadAt if it has it
+// (no shared offset to move), else Seek and read.
+func readBody(body io.ReadSeeker, p []byte, off int64) error {
+	if ra, ok := body.(io.ReaderAt); ok {
+		n, err := ra.ReadAt(p, off)
+		if n == len(p) {
+			return nil
+		}
+		if err == nil {
+			err = io.ErrUnexpectedEOF
+		}
+		return err
+	}
+	if _, err := body.Seek(off, io.SeekStart); err != nil {
+		return err
+	}
+	_, err := io.ReadFull(body, p)
+	return err
+}
+
+func (c *DTLSConn) answerError(req *pool.Message, code codes.Code, diag string, now time.Time) {
 	out := message.Message{Token: req.Token(), Code: code, MessageID: req.MessageID(), Type: message.Acknowledgement, Payload: []byte(diag)}
 	if req.Type() != message.Confirmable {
 		out.Type, out.MessageID = message.NonConfirmable, int32(c.NextMessageID())
 	}
 	out.Options = message.Options{{ID: message.ContentFormat}}
-	c.send(uint16(req.MessageID()), out)
+	c.send(uint16(req.MessageID()), out, now)
 	c.srv.cfg.Errors(fmt.Errorf("%v: %s", c.RemoteAddr(), diag))
 }
 
-// send encodes and writes out, keeping it for a retransmission of the
-// request with message ID reqMID.
-func (c *DTLSConn) send(reqMID uint16, out message.Message) {
-	n, err := coder.DefaultCoder.Size(out)
-	if err != nil {
-		c.srv.cfg.Errors(fmt.Errorf("%v: encode answer: %w", c.RemoteAddr(), err))
-		return
-	}
+// send encodes and writes out (its Payload included), keeping it for a
+// retransmission of the request with message ID reqMID.
+func (c *DTLSConn) send(reqMID uint16, out message.Message, now time.Time) {
+	p := out.Payload
+	out.Payload = nil
+	_ = c.sendBody(reqMID, out, bytes.NewReader(p), 0, len(p), now)
+}
+
+// errAnswer: an answer with a message ID, type or token RFC 7252 cannot
+// carry (go-coap's encoder refuses the same).
+var errAnswer = errors.New("answer not encodable: bad message ID, type or token")
+
+// wireBufs hold one encoded answer while it is written.
+var wireBufs = sync.Pool{New: func() any { b := make([]byte, 0, 1472); return &b }}
+
+// sendBody encodes out with n bytes of body at off as its payload
+// (out.Payload is not used), writes it and keeps it for a retransmission
+// of the request with message ID reqMID, sent at now: a copy of it, or,
+// for a StableBody, a copy of the bytes before the payload and where the
+// payload is. The payload is read straight from the body into the
+// datagram's buffer. An error reading the body is returned (nothing was
+// sent); others are reported to Errors.
+func (c *DTLSConn) sendBody(reqMID uint16, out message.Message, body io.ReadSeeker, off int64, n int, now time.Time) error {
 	wp := wireBufs.Get().(*[]byte)
 	defer wireBufs.Put(wp)
-	if cap(*wp) < n {
-		*wp = make([]byte, n)
-	}
-	raw := (*wp)[:n]
-	if n, err = coder.DefaultCoder.Encode(out, raw); err != nil {
+	raw, err := encodeAnswer((*wp)[:0], out, body, off, n)
+	if err != nil {
+		if errors.Is(err, errBody) {
+			return err
+		}
 		c.srv.cfg.Errors(fmt.Errorf("%v: encode answer: %w", c.RemoteAddr(), err))
-		return
+		return nil
 	}
-	raw = raw[:n]
-	if _, err := c.nc.Write(raw); err != nil {
-		c.srv.cfg.Errors(fmt.Errorf("%v: write answer: %w", c.RemoteAddr(), err))
-	}
+	*wp = raw[:0] // keep a grown buffer
+	_, werr := c.nc.Write(raw)
 	c.cacheMu.Lock()
-	c.cache.store(reqMID, raw)
+	if sb, ok := body.(StableBody); ok && n > 0 {
+		c.cache.storeRef(reqMID, raw[:len(raw)-n], sb, off, n, now)
+	} else {
+		c.cache.store(reqMID, raw, now)
+	}
 	c.cacheMu.Unlock()
+	if werr != nil {
+		c.srv.cfg.Errors(fmt.Errorf("%v: write answer: %w", c.RemoteAddr(), werr))
+	}
+	return nil
+}
+
+// errBody wraps an error reading a response body.
+var errBody = errors.New("read response body")
+
+// encodeAnswer encodes out into buf's storage (a larger buffer if it is
+// too small) as RFC 7252 §3 lays a message out (what go-coap's udp coder writes: header, token, options, then 0xFF
+// and the payload if there is one), with n bytes of body at off as the
+// payload. The options are marshalled once (go-coap's Encode marshals
+// them twice, its Size once more).
+func encodeAnswer(buf []byte, out message.Message, body io.ReadSeeker, off int64, n int) ([]byte, error) {
+	if !message.ValidateMID(out.MessageID) || !message.ValidateType(out.Type) || len(out.Token) > message.MaxTokenSize {
+		return nil, errAnswer
+	}
+	hdr := 4 + len(out.Token)
+	buf = buf[:cap(buf)]
+	if len(buf) < hdr {
+		buf = make([]byte, 1472)
+	}
+	optLen, err := out.Options.Marshal(buf[hdr:])
+	if errors.Is(err, message.ErrTooSmall) {
+		buf = make([]byte, hdr+optLen+1+n)
+		optLen, err = out.Options.Marshal(buf[hdr:])
+	}
+	if err != nil {
+		return nil, err
+	}
+	size := hdr + optLen
+	if n > 0 {
+		size += 1 + n
+	}
+	if len(buf) < size {
+		nb := make([]byte, size)
+		copy(nb[hdr:], buf[hdr:hdr+optLen])
+		buf = nb
+	}
+	buf = buf[:size]
+	buf[0] = 1<<6 | byte(out.Type)<<4 | byte(len(out.Token))
+	buf[1] = byte(out.Code)
+	binary.BigEndian.PutUint16(buf[2:4], uint16(out.MessageID))
+	copy(buf[4:], out.Token)
+	if n > 0 {
+		buf[hdr+optLen] = 0xff
+		if err := readBody(body, buf[hdr+optLen+1:], off); err != nil {
+			return nil, fmt.Errorf("%w: %w", errBody, err)
+		}
+	}
+	return buf, nil
 }

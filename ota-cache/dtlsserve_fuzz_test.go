@@ -6,6 +6,7 @@ import (
 	"net"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/plgd-dev/go-coap/v3/message"
 	"github.com/plgd-dev/go-coap/v3/message/codes"
@@ -75,7 +76,7 @@ func FuzzServeDatagram(f *testing.F) {
 		// Twice: the second time is a duplicate (or the next Block1 block).
 		for range 2 {
 			before := len(rc.out)
-			c.handleDatagram(data)
+			c.handleDatagram(data, time.Now())
 			if n := len(rc.out) - before; n > 1 {
 				t.Fatalf("one datagram answered %d times", n)
 			}

@@ -6,8 +6,11 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/json"
+	"errors"
 	"os"
 	"path/filepath"
+	"slices"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -249,4 +252,41 @@ func FuzzFirmwareRefFromOptions(f *testing.F) {
 			t.Fatalf("options %q: got %+v %v, ParseFirmwarePath(Path()) %+v %v", in, got, ok, want, wantOK)
 		}
 	})
+}
+
+// FuzzParseVersion: ParseVersion (cut in place) accepts exactly what the
+// strings.Split version it replaced accepted, with the same components.
+func FuzzParseVersion(f *testing.F) {
+	for _, s := range []string{"1", "1.4.2", "1.2.3.4", "1.2.3.4.5", "01.2", "1..2", ".1", "1.", "4294967295.0", "4294967296", "1.-2", "", "a.b"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		want, wantErr := splitParseVersion(s)
+		got, err := ParseVersion(s)
+		if (err != nil) != (wantErr != nil) || !slices.Equal(got, want) {
+			t.Fatalf("ParseVersion(%q) = %v, %v; the Split parser: %v, %v", s, got, err, want, wantErr)
+		}
+	})
+}
+
+func splitParseVersion(s string) (Version, error) {
+	if s == "" || len(s) > 64 {
+		return nil, errors.New("length")
+	}
+	parts := strings.Split(s, ".")
+	if len(parts) > 4 {
+		return nil, errors.New("components")
+	}
+	v := make(Version, len(parts))
+	for i, p := range parts {
+		if p == "" || (len(p) > 1 && p[0] == '0') {
+			return nil, errors.New("empty or leading zero")
+		}
+		n, err := strconv.ParseUint(p, 10, 32)
+		if err != nil {
+			return nil, err
+		}
+		v[i] = n
+	}
+	return v, nil
 }

@@ -53,20 +53,25 @@ func ParseVersion(s string) (Version, error) {
 	if s == "" || len(s) > 64 {
 		return nil, fmt.Errorf("firmware version %q: want 1-4 dot-separated numbers such as 1.4.2", s)
 	}
-	parts := strings.Split(s, ".")
-	if len(parts) > 4 {
+	// Counted and cut in place, not strings.Split: the serving path parses
+	// the device's version for every block.
+	n := strings.Count(s, ".") + 1
+	if n > 4 {
 		return nil, fmt.Errorf("firmware version %q: more than 4 components", s)
 	}
-	v := make(Version, len(parts))
-	for i, p := range parts {
+	v := make(Version, n)
+	rest := s
+	for i := range n {
+		p, after, _ := strings.Cut(rest, ".")
+		rest = after
 		if p == "" || (len(p) > 1 && p[0] == '0') {
 			return nil, fmt.Errorf("firmware version %q: component %d %q is empty or has a leading zero", s, i+1, p)
 		}
-		n, err := strconv.ParseUint(p, 10, 32)
+		c, err := strconv.ParseUint(p, 10, 32)
 		if err != nil {
 			return nil, fmt.Errorf("firmware version %q: component %d %q is not a number below 2^32", s, i+1, p)
 		}
-		v[i] = n
+		v[i] = c
 	}
 	return v, nil
 }

@@ -1,13 +1,11 @@
 package otacache
 
 import (
-	"bytes"
 	"errors"
 	"io"
 	"net/http"
 	"strings"
 	"time"
-	"unicode/utf8"
 
 	"github.com/plgd-dev/go-coap/v3/message"
 	"github.com/plgd-dev/go-coap/v3/message/codes"
@@ -76,7 +74,9 @@ func firmwareRefFromOptions(opts message.Options) (FirmwareRef, bool) {
 		if o.ID != message.URIPath {
 			continue
 		}
-		if n == len(segs) || bytes.IndexByte(o.Value, '/') >= 0 || !utf8.Valid(o.Value) {
+		// No '/' or UTF-8 check: every segment accepted below is ASCII
+		// without '/' ("fw", "sha256", hex digits, or a validated Class).
+		if n == len(segs) {
 			return FirmwareRef{}, false
 		}
 		segs[n] = o.Value

@@ -29,6 +29,10 @@ type ccm struct {
 	b cipher.Block
 	M uint8
 	L uint8
+	// cbc is macData's CBC encrypter, made on first use; cbcMu is held
+	// while it is in use (Bastion patch).
+	cbcMu sync.Mutex
+	cbc   cbcMode
 }
 
 const ccmBlockSize = 16
@@ -124,18 +128,11 @@ func (c *ccm) cbcData(mac, data []byte) {
 
 var errPlaintextTooLong = errors.New("ccm: plaintext too large")
 
-func (c *ccm) tag(nonce, plaintext, adata []byte) ([]byte, error) {
-	var mac [ccmBlockSize]byte
-	if err := c.tagInto(&mac, nonce, plaintext, adata); err != nil {
-		return nil, err
-	}
-
-	return mac[:c.M], nil
-}
-
-// tagInto computes the tag into mac[:c.M] (Bastion patch,
-// third_party/README.md: tag's result escaped, an allocation per call).
-func (c *ccm) tagInto(mac *[ccmBlockSize]byte, nonce, plaintext, adata []byte) error {
+// macHeader computes into mac the CBC-MAC of B0 and the additional data,
+// the part of the tag before the message's blocks (Bastion patch,
+// third_party/README.md: pion's tag returned the whole tag, which escaped,
+// an allocation per call; macData adds the message's blocks).
+func (c *ccm) macHeader(mac *[ccmBlockSize]byte, nonce []byte, msgLen int, adata []byte) error {
 	*mac = [ccmBlockSize]byte{}
 
 	if len(adata) > 0 {
@@ -146,10 +143,10 @@ func (c *ccm) tagInto(mac *[ccmBlockSize]byte, nonce, plaintext, adata []byte) e
 	if len(nonce) != c.NonceSize() {
 		return errInvalidNonceSize
 	}
-	if len(plaintext) > c.MaxLength() {
+	if msgLen > c.MaxLength() {
 		return errPlaintextTooLong
 	}
-	binary.BigEndian.PutUint64(mac[ccmBlockSize-8:], uint64(len(plaintext)))
+	binary.BigEndian.PutUint64(mac[ccmBlockSize-8:], uint64(msgLen)) //nolint:gosec // G115, msgLen >= 0
 	copy(mac[1:ccmBlockSize-c.L], nonce)
 	c.b.Encrypt(mac[:], mac[:])
 
@@ -177,10 +174,6 @@ func (c *ccm) tagInto(mac *[ccmBlockSize]byte, nonce, plaintext, adata []byte) e
 		c.cbcData(mac[:], adata[i:])
 	}
 
-	if len(plaintext) > 0 {
-		c.cbcData(mac[:], plaintext)
-	}
-
 	return nil
 }
 
@@ -206,46 +199,167 @@ func sliceForAppend(in []byte, n int) (head, tail []byte) {
 // heap as local arrays (they reach cipher.Block.Encrypt): Bastion patch,
 // third_party/README.md.
 type ccmScratch struct {
-	mac, iv, s0, tag, ctr, ks [ccmBlockSize]byte
-}
-
-// ctrInlineMax is the longest message xorCTR encrypts block by block;
-// longer ones go through cipher.NewCTR, whose assembly is faster there.
-const ctrInlineMax = 256
-
-// xorCTR is cipher.NewCTR(c.b, iv).XORKeyStream(dst, src) (a big-endian
-// increment of the whole block, as crypto/cipher's CTR does) without its
-// allocations for a short message (Bastion patch, third_party/README.md).
-func (c *ccm) xorCTR(sc *ccmScratch, iv *[ccmBlockSize]byte, dst, src []byte) {
-	if len(src) > ctrInlineMax {
-		cipher.NewCTR(c.b, iv[:]).XORKeyStream(dst, src)
-
-		return
-	}
-	ctr, ks := &sc.ctr, &sc.ks
-	*ctr = *iv
-	for len(src) > 0 {
-		c.b.Encrypt(ks[:], ctr[:])
-		n := subtle.XORBytes(dst, src, ks[:])
-		dst, src = dst[n:], src[n:]
-		for i := ccmBlockSize - 1; i >= 0; i-- {
-			ctr[i]++
-			if ctr[i] != 0 {
-				break
-			}
-		}
-	}
+	mac, ctr, s0, ks, tag [ccmBlockSize]byte
+	cbcOut                [512]byte // macData's CBC output, thrown away
 }
 
 var ccmScratchPool = sync.Pool{New: func() any { return new(ccmScratch) }} //nolint:gochecknoglobals
 
-// getScratch returns zeroed scratch blocks (iv and s0 are used as the
-// zero arrays they were).
+// getScratch returns zeroed scratch blocks.
 func getScratch() *ccmScratch {
 	sc, _ := ccmScratchPool.Get().(*ccmScratch)
 	*sc = ccmScratch{}
 
 	return sc
+}
+
+// start computes the CBC-MAC of B0 and the additional data into sc.mac,
+// S0 (the tag's key stream block, counter 0) into sc.s0, and sets sc.ctr
+// to counter 1, where the message's key stream starts.
+func (c *ccm) start(sc *ccmScratch, nonce []byte, msgLen int, adata []byte) error {
+	if err := c.macHeader(&sc.mac, nonce, msgLen, adata); err != nil {
+		return err
+	}
+	ctr := &sc.ctr
+	ctr[0] = c.L - 1
+	copy(ctr[1:ccmBlockSize-c.L], nonce)
+	c.b.Encrypt(sc.s0[:], ctr[:])
+	ctr[len(ctr)-1] |= 1
+
+	return nil
+}
+
+// nextCounter is crypto/cipher's CTR increment: the whole block as one
+// big-endian number. The counter field is the last L bytes and never
+// overflows them: MaxLength bounds a message to 2^(8L)-1 bytes.
+func nextCounter(ctr *[ccmBlockSize]byte) {
+	lo := binary.BigEndian.Uint64(ctr[8:]) + 1
+	binary.BigEndian.PutUint64(ctr[8:], lo)
+	if lo == 0 {
+		binary.BigEndian.PutUint64(ctr[:8], binary.BigEndian.Uint64(ctr[:8])+1)
+	}
+}
+
+// ctrInlineMax is the longest message crypt encrypts block by block,
+// together with its MAC; longer ones go through crypto/cipher's CBC
+// (macData) and CTR, whose loops are faster there.
+const ctrInlineMax = 256
+
+// crypt runs CTR over the message and the CBC-MAC over the plaintext,
+// src to dst (Bastion patch, third_party/README.md). seal: src is the
+// plaintext, dst gets the ciphertext; else src is the ciphertext and dst
+// gets the plaintext. dst and src alias exactly or not at all.
+func (c *ccm) crypt(sc *ccmScratch, dst, src []byte, seal bool) {
+	if len(src) > ctrInlineMax {
+		if seal { // the MAC reads the plaintext before CTR overwrites it
+			c.macData(sc, src)
+			cipher.NewCTR(c.b, sc.ctr[:]).XORKeyStream(dst, src)
+		} else {
+			cipher.NewCTR(c.b, sc.ctr[:]).XORKeyStream(dst, src)
+			c.macData(sc, dst[:len(src)])
+		}
+
+		return
+	}
+	c.cryptShort(sc, dst, src, seal)
+}
+
+// cryptShort is crypt in one pass, a block at a time, without
+// cipher.NewCTR's allocation: each block is read whole before its output
+// is written. The MAC's AES calls form a chain, each waiting for the last;
+// the key stream block for the same position does not depend on it, so
+// the CPU computes it meanwhile.
+func (c *ccm) cryptShort(sc *ccmScratch, dst, src []byte, seal bool) {
+	mac, ctr, ks := &sc.mac, &sc.ctr, &sc.ks
+	dst = dst[:len(src)]
+	for len(src) >= ccmBlockSize {
+		_, _ = src[ccmBlockSize-1], dst[ccmBlockSize-1]
+		s0 := binary.LittleEndian.Uint64(src[0:])
+		s1 := binary.LittleEndian.Uint64(src[8:])
+		var k0, k1 uint64
+		if seal {
+			binary.LittleEndian.PutUint64(mac[0:], binary.LittleEndian.Uint64(mac[0:])^s0)
+			binary.LittleEndian.PutUint64(mac[8:], binary.LittleEndian.Uint64(mac[8:])^s1)
+			c.b.Encrypt(mac[:], mac[:])
+			c.b.Encrypt(ks[:], ctr[:])
+			k0, k1 = binary.LittleEndian.Uint64(ks[0:]), binary.LittleEndian.Uint64(ks[8:])
+		} else {
+			c.b.Encrypt(ks[:], ctr[:])
+			k0, k1 = binary.LittleEndian.Uint64(ks[0:]), binary.LittleEndian.Uint64(ks[8:])
+			binary.LittleEndian.PutUint64(mac[0:], binary.LittleEndian.Uint64(mac[0:])^s0^k0)
+			binary.LittleEndian.PutUint64(mac[8:], binary.LittleEndian.Uint64(mac[8:])^s1^k1)
+			c.b.Encrypt(mac[:], mac[:])
+		}
+		nextCounter(ctr)
+		binary.LittleEndian.PutUint64(dst[0:], s0^k0)
+		binary.LittleEndian.PutUint64(dst[8:], s1^k1)
+		dst, src = dst[ccmBlockSize:], src[ccmBlockSize:]
+	}
+	if len(src) == 0 {
+		return
+	}
+	// The last, partial block: the MAC takes the plaintext padded with
+	// zeros.
+	var last [ccmBlockSize]byte
+	c.b.Encrypt(ks[:], ctr[:])
+	if seal {
+		copy(last[:], src)
+		subtle.XORBytes(dst, src, ks[:len(src)])
+	} else {
+		subtle.XORBytes(last[:], src, ks[:len(src)])
+		copy(dst, last[:len(src)])
+	}
+	c.cbcRound(mac[:], last[:])
+}
+
+// cbcMin is the shortest run of whole blocks macData passes through the
+// CBC encrypter: below it, setting the encrypter up costs more than the
+// Encrypt calls it saves (a DTLS record of a CoAP request is 2-4 blocks).
+const cbcMin = 8 * ccmBlockSize
+
+// cbcMode is crypto/cipher's CBC encrypter for AES, whose IV can be set
+// again (crypto/tls uses the same method).
+type cbcMode interface {
+	cipher.BlockMode
+	SetIV(iv []byte)
+}
+
+// macData adds data's blocks (the last one padded with zeros) to the
+// CBC-MAC in sc.mac. Whole blocks go through crypto/cipher's CBC
+// encrypter with the MAC so far as its IV: CBC encryption is the CBC-MAC
+// chain, and its loop calls AES without cipher.Block.Encrypt's checks
+// for every block (Bastion patch, third_party/README.md: 66 Encrypt
+// calls were most of a 1 KiB record's sealing). The encrypter is kept
+// with the key (it holds a copy of the key schedule) and used by one
+// call at a time.
+func (c *ccm) macData(sc *ccmScratch, data []byte) {
+	full := len(data) &^ (ccmBlockSize - 1)
+	if full >= cbcMin {
+		var m cbcMode
+		locked := c.cbcMu.TryLock()
+		if locked && c.cbc != nil {
+			m = c.cbc
+		} else if nm, ok := cipher.NewCBCEncrypter(c.b, sc.mac[:]).(cbcMode); ok {
+			m = nm
+			if locked {
+				c.cbc = nm
+			}
+		}
+		if m != nil {
+			m.SetIV(sc.mac[:])
+			for blocks := data[:full]; len(blocks) > 0; {
+				n := min(len(blocks), len(sc.cbcOut))
+				m.CryptBlocks(sc.cbcOut[:n], blocks[:n])
+				copy(sc.mac[:], sc.cbcOut[n-ccmBlockSize:n])
+				blocks = blocks[n:]
+			}
+			data = data[full:]
+		}
+		if locked {
+			c.cbcMu.Unlock()
+		}
+	}
+	c.cbcData(sc.mac[:], data)
 }
 
 // Seal encrypts and authenticates plaintext, authenticates the
@@ -258,24 +372,16 @@ func getScratch() *ccmScratch {
 func (c *ccm) Seal(dst, nonce, plaintext, adata []byte) []byte {
 	sc := getScratch()
 	defer ccmScratchPool.Put(sc)
-	err := c.tagInto(&sc.mac, nonce, plaintext, adata)
-	tag := sc.mac[:c.M]
-	if err != nil {
+	if err := c.start(sc, nonce, len(plaintext), adata); err != nil {
 		// The cipher.AEAD interface doesn't allow for an error return.
 		panic(err) // nolint
 	}
-
-	iv, s0 := &sc.iv, &sc.s0
-	iv[0] = c.L - 1
-	copy(iv[1:ccmBlockSize-c.L], nonce)
-	c.b.Encrypt(s0[:], iv[:])
-	for i := 0; i < int(c.M); i++ {
-		tag[i] ^= s0[i]
-	}
-	iv[len(iv)-1] |= 1
 	ret, out := sliceForAppend(dst, len(plaintext)+int(c.M))
-	c.xorCTR(sc, iv, out[:len(plaintext)], plaintext)
-	copy(out[len(plaintext):], tag)
+	c.crypt(sc, out[:len(plaintext)], plaintext, true)
+	tag := out[len(plaintext):]
+	for i := range tag {
+		tag[i] = sc.mac[i] ^ sc.s0[i]
+	}
 
 	return ret
 }
@@ -296,32 +402,24 @@ func (c *ccm) Open(dst, nonce, ciphertext, adata []byte) ([]byte, error) {
 
 	sc := getScratch()
 	defer ccmScratchPool.Put(sc)
-	tag := sc.tag[:c.M]
-	copy(tag, ciphertext[len(ciphertext)-int(c.M):])
 	ciphertextWithoutTag := ciphertext[:len(ciphertext)-int(c.M)]
-
-	iv, s0 := &sc.iv, &sc.s0
-	iv[0] = c.L - 1
-	copy(iv[1:ccmBlockSize-c.L], nonce)
-	c.b.Encrypt(s0[:], iv[:])
-	for i := 0; i < int(c.M); i++ {
-		tag[i] ^= s0[i]
+	// The tag is read before dst, which may alias the ciphertext, is
+	// written.
+	tag := sc.tag[:c.M]
+	copy(tag, ciphertext[len(ciphertextWithoutTag):])
+	if err := c.start(sc, nonce, len(ciphertextWithoutTag), adata); err != nil {
+		return nil, err
 	}
-	iv[len(iv)-1] |= 1
 
 	// Bastion patch (third_party/README.md): decrypt into dst, as
 	// crypto/cipher's GCM does, and wipe it if authentication fails, so
 	// the plaintext is still never revealed; pion made a copy per record.
 	ret, plaintext := sliceForAppend(dst, len(ciphertextWithoutTag))
-	c.xorCTR(sc, iv, plaintext, ciphertextWithoutTag)
-	expectedTag := &sc.mac
-	if err := c.tagInto(expectedTag, nonce, plaintext, adata); err != nil {
-		clear(plaintext)
-
-		return nil, err
+	c.crypt(sc, plaintext, ciphertextWithoutTag, false)
+	for i := range tag {
+		tag[i] ^= sc.s0[i]
 	}
-
-	if subtle.ConstantTimeCompare(tag, expectedTag[:c.M]) != 1 {
+	if subtle.ConstantTimeCompare(tag, sc.mac[:c.M]) != 1 {
 		clear(plaintext)
 
 		return nil, errOpen

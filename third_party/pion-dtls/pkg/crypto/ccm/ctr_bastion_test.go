@@ -20,7 +20,7 @@ func BenchmarkSeal(b *testing.B) {
 		b.Fatal(err)
 	}
 	nonce := make([]byte, 12)
-	for _, n := range []int{16, 64, 256, 1024} {
+	for _, n := range []int{16, 64, 128, 256, 1024} {
 		b.Run(fmt.Sprint(n), func(b *testing.B) {
 			pt := make([]byte, n)
 			dst := make([]byte, 0, n+16)
@@ -44,7 +44,7 @@ func TestOpenInPlaceWipesOnFailure(t *testing.T) {
 		t.Fatal(err)
 	}
 	nonce, ad := make([]byte, 12), []byte("header")
-	for _, n := range []int{0, 5, 16, 100, ctrInlineMax + 40} {
+	for _, n := range []int{0, 5, 16, 100, 296} {
 		pt := bytes.Repeat([]byte{'p'}, n)
 		sealed := c.Seal(nil, nonce, pt, ad)
 		buf := append([]byte{}, sealed...)
