@@ -355,8 +355,6 @@ func (s *Server) onNewConn(cc *otacache.DTLSConn) {
 	})
 }
 
-// check looks the session's credentials up again: the device they belong
-// to now, and revGen from before the lookup.
 // peerIdentity is who the peer of a DTLS session is: its PSK identity or
 // its certificate chain (pion's State.IdentityHint and PeerCertificates).
 type peerIdentity struct {
@@ -364,6 +362,8 @@ type peerIdentity struct {
 	PeerCertificates [][]byte
 }
 
+// check looks the session's credentials up again: the device they belong
+// to now, and revGen from before the lookup.
 func (s *Server) check(st peerIdentity) (dev string, gen uint64, err error) {
 	gen = s.revocations()
 	if len(st.PeerCertificates) > 0 {
