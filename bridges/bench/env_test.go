@@ -373,3 +373,13 @@ func waitTCP(b *testing.B, addr string, out *bytes.Buffer) {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+// TestMain removes the bastiond built for the run: each run's copy is
+// about 25 MiB, and hundreds of runs had filled /tmp.
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if bastiond != "" {
+		os.RemoveAll(filepath.Dir(bastiond))
+	}
+	os.Exit(code)
+}
