@@ -45,50 +45,37 @@ func rawFsync(f *os.File) error {
 // useRawSync): it writes all of b at off or returns the error (a short
 // write is retried, as WriteAt does; ENOSPC comes back as the Errno).
 func rawPwrite(f *os.File, b []byte, off int64) (int, error) {
-	rc, err := f.SyscallConn()
-	if err != nil {
-		return 0, &os.PathError{Op: "write", Path: f.Name(), Err: err}
+	n, stalled, err := rawAt(f, "write", syscall.SYS_PWRITE64, b, off)
+	if err == nil && stalled {
+		// WriteAt's io.ErrShortWrite; pwrite makes no progress.
+		err = &os.PathError{Op: "write", Path: f.Name(), Err: syscall.EIO}
 	}
-	n := 0
-	var errno syscall.Errno
-	if cerr := rc.Control(func(fd uintptr) {
-		for n < len(b) {
-			r, _, e := syscall.RawSyscall6(syscall.SYS_PWRITE64, fd, uintptr(unsafe.Pointer(&b[n])), uintptr(len(b)-n), uintptr(off+int64(n)), 0, 0)
-			switch {
-			case e == syscall.EINTR:
-				continue
-			case e != 0:
-				errno = e
-				return
-			case r == 0:
-				errno = syscall.EIO // WriteAt's io.ErrShortWrite; pwrite makes no progress
-				return
-			}
-			n += int(r)
-		}
-	}); cerr != nil {
-		return n, &os.PathError{Op: "write", Path: f.Name(), Err: cerr}
-	}
-	if errno != 0 {
-		return n, &os.PathError{Op: "write", Path: f.Name(), Err: errno}
-	}
-	return n, nil
+	return n, err
 }
 
 // rawPread is (*os.File).ReadAt made with syscall.RawSyscall6 (see
 // useRawSync): it reads len(b) bytes at off, or returns io.EOF after the
 // bytes there are.
 func rawPread(f *os.File, b []byte, off int64) (int, error) {
+	n, stalled, err := rawAt(f, "read", syscall.SYS_PREAD64, b, off)
+	if err == nil && stalled {
+		err = io.EOF
+	}
+	return n, err
+}
+
+// rawAt is the loop of rawPwrite and rawPread: trap (pwrite64 or
+// pread64) on all of b at off, retrying EINTR and short transfers. stalled
+// reports a call that moved no bytes before b was done.
+func rawAt(f *os.File, op string, trap uintptr, b []byte, off int64) (n int, stalled bool, err error) {
 	rc, err := f.SyscallConn()
 	if err != nil {
-		return 0, &os.PathError{Op: "read", Path: f.Name(), Err: err}
+		return 0, false, &os.PathError{Op: op, Path: f.Name(), Err: err}
 	}
-	n := 0
 	var errno syscall.Errno
-	eof := false
 	if cerr := rc.Control(func(fd uintptr) {
 		for n < len(b) {
-			r, _, e := syscall.RawSyscall6(syscall.SYS_PREAD64, fd, uintptr(unsafe.Pointer(&b[n])), uintptr(len(b)-n), uintptr(off+int64(n)), 0, 0)
+			r, _, e := syscall.RawSyscall6(trap, fd, uintptr(unsafe.Pointer(&b[n])), uintptr(len(b)-n), uintptr(off+int64(n)), 0, 0)
 			switch {
 			case e == syscall.EINTR:
 				continue
@@ -96,19 +83,16 @@ func rawPread(f *os.File, b []byte, off int64) (int, error) {
 				errno = e
 				return
 			case r == 0:
-				eof = true
+				stalled = true
 				return
 			}
 			n += int(r)
 		}
 	}); cerr != nil {
-		return n, &os.PathError{Op: "read", Path: f.Name(), Err: cerr}
+		return n, false, &os.PathError{Op: op, Path: f.Name(), Err: cerr}
 	}
-	switch {
-	case errno != 0:
-		return n, &os.PathError{Op: "read", Path: f.Name(), Err: errno}
-	case eof:
-		return n, io.EOF
+	if errno != 0 {
+		return n, false, &os.PathError{Op: op, Path: f.Name(), Err: errno}
 	}
-	return n, nil
+	return n, stalled, nil
 }
