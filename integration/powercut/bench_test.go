@@ -118,15 +118,22 @@ topic # out 1 devices/ bastion/%s/
 		if only != "" && !slices.Contains(strings.Split(only, ","), name) {
 			continue
 		}
-		ecpu0 := cpuTime(b, edge.Pid())
+		ecpu0, ccpu0, lcpu0, box0 := cpuTime(b, edge.Pid()), cpuTime(b, cloud.Pid()), cpuTime(b, os.Getpid()), boxCPU(b)
+		segs0, sw0 := tcpSegs(b), switches(b, os.Getpid())
 		m := fullRun(b, sub, edge.Addr, mDevs[:sc.pubs], sc.inflight, sc.each)
 		ecpu := cpuTime(b, edge.Pid()) - ecpu0
+		mOther := otherCPU{cloud: cpuTime(b, cloud.Pid()) - ccpu0, load: cpuTime(b, os.Getpid()) - lcpu0, box: boxCPU(b) - box0,
+			segs: tcpSegs(b) - segs0, switches: switches(b, os.Getpid()) - sw0}
 		order := slices.Clone(gws)
 		if (benchRound+i)%2 == 1 {
 			slices.Reverse(order)
 		}
 		for _, gw := range order {
+			ccpu0, lcpu0, box0 := cpuTime(b, gw.cloud.Pid()), cpuTime(b, os.Getpid()), boxCPU(b)
+			segs0, sw0 := tcpSegs(b), switches(b, os.Getpid())
 			g, st := gw.run(b, sc.pubs, sc.inflight, sc.each, name)
+			gOther := otherCPU{cloud: cpuTime(b, gw.cloud.Pid()) - ccpu0, load: cpuTime(b, os.Getpid()) - lcpu0, box: boxCPU(b) - box0,
+				segs: tcpSegs(b) - segs0, switches: switches(b, os.Getpid()) - sw0}
 			ratio := g.rate() / m.rate()
 			lines = append(lines, fmt.Sprintf("%2d publishers × %2d in flight × %4d | %s %6.0f msg/s e2e p50 %v p99 %v, PUBACK p50 %v p99 %v | Mosquitto bridge %6.0f msg/s e2e p50 %v p99 %v, PUBACK p50 %v p99 %v | throughput ratio %.2fx, e2e p99 ratio %.2fx, dups %d/%d; bastiond CPU %.0f µs/msg (%.2f cores), %.1f msgs/fsync, %.0f fsyncs/s, mean fsync %v (writer in fsync %.0f%% of the time); edge Mosquitto CPU %.0f µs/msg (%.2f cores)",
 				sc.pubs, sc.inflight, sc.each, gw.name, g.rate(), g.pct(g.e2e, 50), g.pct(g.e2e, 99), g.pct(g.ack, 50), g.pct(g.ack, 99),
@@ -136,6 +143,13 @@ topic # out 1 devices/ bastion/%s/
 				float64(g.msgs)/st.fsyncs, st.fsyncs/g.elapsed.Seconds(),
 				time.Duration(st.fsSec/st.fsyncs*float64(time.Second)).Round(time.Microsecond), 100*st.fsSec/g.elapsed.Seconds(),
 				float64(ecpu.Microseconds())/float64(m.msgs), ecpu.Seconds()/m.elapsed.Seconds()))
+			// Where the whole box's CPU went: the cloud broker, this
+			// process (devices and subscriber) and everything busy.
+			lines = append(lines, fmt.Sprintf("%25s CPU µs/msg: %s cloud %.0f, load generator %.0f, box %.0f; TCP segments/msg %.1f, load generator switches/msg %.1f | Mosquitto bridge: cloud %.0f, load generator %.0f, box %.0f; segments/msg %.1f, switches/msg %.1f",
+				"", gw.name, gOther.perMsg(gOther.cloud, g.msgs), gOther.perMsg(gOther.load, g.msgs), gOther.perMsg(gOther.box, g.msgs),
+				float64(gOther.segs)/float64(g.msgs), float64(gOther.switches)/float64(g.msgs),
+				mOther.perMsg(mOther.cloud, m.msgs), mOther.perMsg(mOther.load, m.msgs), mOther.perMsg(mOther.box, m.msgs),
+				float64(mOther.segs)/float64(m.msgs), float64(mOther.switches)/float64(m.msgs)))
 			prefix := "bastion"
 			if gw.name != "Bastion" {
 				prefix = gw.name
@@ -168,6 +182,7 @@ type benchGateway struct {
 	name, state string
 	cfg         config.Config
 	p           *proc
+	cloud       *mosquitto.Broker
 	sub         *mosquitto.Subscriber // on its cloud broker
 	devs        []*devicesim.Device
 	profiling   bool // SIGUSR2 CPU profiles around each run
@@ -183,7 +198,7 @@ func newBenchGateway(b *testing.B, name, bin string, cloud *mosquitto.Broker, su
 	}
 	cfg := gwConfig(b, state, cloud, cloud.CA.CertFile, mosquitto.ServerName, cloud.CA.Client(b, gatewayID), gatewayID)
 	cfg.Log.Level = "warn"
-	g := &benchGateway{name: name, state: state, cfg: cfg, sub: sub}
+	g := &benchGateway{name: name, state: state, cfg: cfg, cloud: cloud, sub: sub}
 	if bin == "" {
 		bin, _ = binaries(b)
 		g.profiling = os.Getenv("BENCH_PROFILE_DIR") != ""
@@ -286,6 +301,85 @@ func cpuTime(b *testing.B, pid int) time.Duration {
 	utime, _ := strconv.ParseInt(f[11], 10, 64)
 	stime, _ := strconv.ParseInt(f[12], 10, 64)
 	return time.Duration(utime+stime) * 10 * time.Millisecond
+}
+
+// otherCPU is the CPU, besides the gateway's, that one run cost.
+type otherCPU struct {
+	cloud, load, box time.Duration
+	segs, switches   int64 // TCP segments sent box-wide; the load generator's context switches
+}
+
+func (otherCPU) perMsg(d time.Duration, msgs int) float64 {
+	return float64(d.Microseconds()) / float64(msgs)
+}
+
+// boxCPU is the CPU time all cores spent busy so far (/proc/stat: every
+// state but idle and iowait, in clock ticks of 10 ms).
+func boxCPU(b *testing.B) time.Duration {
+	raw, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		b.Fatal(err)
+	}
+	line, _, _ := strings.Cut(string(raw), "\n")
+	var busy int64
+	for i, f := range strings.Fields(line)[1:] {
+		if i == 3 || i == 4 { // idle, iowait
+			continue
+		}
+		v, _ := strconv.ParseInt(f, 10, 64)
+		busy += v
+	}
+	return time.Duration(busy) * 10 * time.Millisecond
+}
+
+// tcpSegs is the TCP segments the box has sent (/proc/net/snmp OutSegs).
+func tcpSegs(b *testing.B) int64 {
+	raw, err := os.ReadFile("/proc/net/snmp")
+	if err != nil {
+		b.Fatal(err)
+	}
+	var head []string
+	for _, l := range strings.Split(string(raw), "\n") {
+		f := strings.Fields(l)
+		if len(f) == 0 || f[0] != "Tcp:" {
+			continue
+		}
+		if head == nil {
+			head = f
+			continue
+		}
+		if i := slices.Index(head, "OutSegs"); i > 0 && i < len(f) {
+			v, _ := strconv.ParseInt(f[i], 10, 64)
+			return v
+		}
+	}
+	b.Fatal("no Tcp OutSegs in /proc/net/snmp")
+	return 0
+}
+
+// switches is the context switches all of pid's threads made so far.
+func switches(b *testing.B, pid int) int64 {
+	dirs, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	if err != nil {
+		b.Fatal(err)
+	}
+	var n int64
+	for _, d := range dirs {
+		raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/status", pid, d.Name()))
+		if err != nil {
+			continue // the thread exited
+		}
+		for _, l := range strings.Split(string(raw), "\n") {
+			if v, ok := strings.CutPrefix(l, "voluntary_ctxt_switches:"); ok {
+				k, _ := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+				n += k
+			} else if v, ok := strings.CutPrefix(l, "nonvoluntary_ctxt_switches:"); ok {
+				k, _ := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+				n += k
+			}
+		}
+	}
+	return n
 }
 
 // metric reads one counter from bastiond's metrics on its control socket.
