@@ -5,8 +5,11 @@ import (
 	"log/slog"
 	"math"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime/debug"
+	"slices"
+	"strings"
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
@@ -81,5 +84,35 @@ func TestGatewayAppliesMemoryLimit(t *testing.T) {
 	}
 	if diff := cmp.Diff(before, debug.SetMemoryLimit(-1)); diff != "" {
 		t.Errorf("memory limit after stop (-want +got):\n%s", diff)
+	}
+}
+
+// With GOMEMLIMIT set by the operator the limit is the runtime's (not
+// memory_limit) and the collector still runs at gcPercentUnderLimit under
+// it. The runtime reads GOMEMLIMIT only at start, so the case runs in a
+// child process of this test binary started with the variable set.
+func TestApplyMemoryLimitUnderGOMEMLIMIT(t *testing.T) {
+	const envLimit, limit = "300MiB", 300 << 20
+	if os.Getenv("BASTION_MEMLIMIT_CHILD") == "" {
+		cmd := exec.Command(os.Args[0], "-test.run", "^TestApplyMemoryLimitUnderGOMEMLIMIT$", "-test.v", "-test.count=1")
+		cmd.Env = append(slices.DeleteFunc(os.Environ(), func(kv string) bool {
+			return strings.HasPrefix(kv, "GOGC=") || strings.HasPrefix(kv, "GOMEMLIMIT=")
+		}), "BASTION_MEMLIMIT_CHILD=1", "GOMEMLIMIT="+envLimit)
+		out, err := cmd.CombinedOutput()
+		if err != nil || !strings.Contains(string(out), "--- PASS: TestApplyMemoryLimitUnderGOMEMLIMIT") {
+			t.Fatalf("child with GOMEMLIMIT=%s: %v\n%s", envLimit, err, out)
+		}
+		return
+	}
+	if got := debug.SetMemoryLimit(-1); got != limit {
+		t.Fatalf("child: runtime limit %d, want GOMEMLIMIT's %d", got, limit)
+	}
+	restore := applyMemoryLimit(64<<20, os.Getenv("GOMEMLIMIT"), "", slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if diff := cmp.Diff([2]int64{limit, gcPercentUnderLimit}, [2]int64{debug.SetMemoryLimit(-1), int64(gcPercent())}); diff != "" {
+		t.Errorf("while applied, [limit, GOGC] (-want +got):\n%s", diff)
+	}
+	restore()
+	if diff := cmp.Diff([2]int64{limit, 100}, [2]int64{debug.SetMemoryLimit(-1), int64(gcPercent())}); diff != "" {
+		t.Errorf("after restore, [limit, GOGC] (-want +got):\n%s", diff)
 	}
 }
