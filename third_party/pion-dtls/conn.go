@@ -2412,12 +2412,9 @@ func (c *Conn) close(byUser bool) error {
 }
 
 func (c *Conn) isConnectionClosed() bool {
-	select {
-	case <-c.closed.Done():
-		return true
-	default:
-		return false
-	}
+	// Bastion patch (45): Err, not a select on Done, whose first call
+	// makes the closer's channel (an allocation) only to look at it.
+	return c.closed.Err() != nil
 }
 
 func (c *Conn) setLocalEpoch(epoch uint16) {
