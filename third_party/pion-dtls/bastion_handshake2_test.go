@@ -7,8 +7,10 @@ import (
 	"bytes"
 	"crypto/sha256"
 	"crypto/sha512"
+	"errors"
 	"fmt"
 	"math/rand"
+	"net"
 	"reflect"
 	"testing"
 	"time"
@@ -225,5 +227,55 @@ func TestBastionClientHelloNegotiationHash(t *testing.T) {
 	}
 	if n := testing.AllocsPerRun(20, func() { _, _ = clientHelloNegotiationHash(hello) }); n != 0 {
 		t.Errorf("clientHelloNegotiationHash: %v allocations, want 0", n)
+	}
+}
+
+// A connection makes its read and write deadlines only when something
+// needs them (patch (47)): after a handshake, and with records going to a
+// read handler, the server holds neither; a deadline set later works as
+// before: a past read deadline ends Read, a past write deadline ends
+// Write, clearing it lets writes through, and Close after a Write still
+// closes.
+func TestBastionLazyConnDeadlines(t *testing.T) {
+	client, server := bastionPair(t, func([]byte, bool) bool { return true })
+	if err := server.SetReadHandler(func([]byte, error) {}); err != nil {
+		t.Fatal(err)
+	}
+	if server.readDeadline.Load() != nil || server.writeDeadline.Load() != nil {
+		t.Fatal("the server's deadlines were made before anything set or needed them")
+	}
+	if _, err := client.Write([]byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	if client.writeDeadline.Load() == nil {
+		t.Fatal("Write did not make the write deadline")
+	}
+	if client.readDeadline.Load() != nil {
+		t.Fatal("Write made the read deadline")
+	}
+	if err := client.SetReadDeadline(time.Now().Add(-time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	var ne net.Error
+	if _, err := client.Read(make([]byte, 16)); !errors.As(err, &ne) || !ne.Timeout() {
+		t.Fatalf("Read past its deadline: %v, want a timeout", err)
+	}
+	if err := server.SetWriteDeadline(time.Now().Add(-time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := server.Write([]byte("x")); !errors.As(err, &ne) || !ne.Timeout() {
+		t.Fatalf("Write past its deadline: %v, want a timeout", err)
+	}
+	if err := server.SetWriteDeadline(time.Time{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := server.Write([]byte("x")); err != nil {
+		t.Fatalf("Write after the deadline was cleared: %v", err)
+	}
+	if err := server.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := server.Write([]byte("x")); !errors.Is(err, ErrConnClosed) {
+		t.Fatalf("Write after Close: %v, want ErrConnClosed", err)
 	}
 }

@@ -12,6 +12,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"runtime"
 	"slices"
@@ -342,6 +343,78 @@ func BenchmarkBastionServerHandshake(b *testing.B) {
 			b.Fatal(err)
 		}
 		_ = c.Close()
+	}
+}
+
+// BenchmarkBastionServerHandshakeInline is BenchmarkBastionServerHandshake
+// with the server as Bastion's gateway runs it (otacache.ServeDTLS): after
+// the handshake the session's records go to an inline read handler, so
+// the client's close_notify is answered on the listener's read loop; each
+// iteration waits for the server's end of the session.
+//
+//	cd third_party && go test -run '^$' -bench BastionServerHandshakeInline -benchmem ./pion-dtls/
+func BenchmarkBastionServerHandshakeInline(b *testing.B) {
+	logs := quietLogs{}.NewLogger("dtls")
+	cfg := bastionPSKConfig()
+	cfg.FlightInterval = time.Second
+	cfg.ExtendedMasterSecret = RequireExtendedMasterSecret
+	cfg.ConnectionIDGenerator = RandomCIDGenerator(8)
+	cfg.LoggerFactory = sharedLogs{logs}
+	ln, err := Listen("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)}, cfg)
+	if err != nil {
+		b.Fatal(err)
+	}
+	ended := make(chan error, 1)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer ln.Close()
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			nc, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c := nc.(*Conn)
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			err = c.HandshakeContext(ctx)
+			cancel()
+			if err != nil {
+				_ = c.Close()
+				ended <- err
+				continue
+			}
+			if err := c.SetInlineReadHandler(func(_ []byte, err error) {
+				if errors.Is(err, io.EOF) {
+					ended <- nil
+				} else if err != nil {
+					_ = c.Close()
+				}
+			}); err != nil {
+				_ = c.Close()
+				ended <- err
+			}
+		}
+	}()
+	ccfg := bastionPSKConfig()
+	ccfg.FlightInterval = time.Second
+	ccfg.ConnectionIDGenerator = OnlySendCIDGenerator()
+	ccfg.LoggerFactory = sharedLogs{logs}
+	b.ReportAllocs()
+	b.ResetTimer()
+	for range b.N {
+		c, err := Dial("udp", ln.Addr().(*net.UDPAddr), ccfg)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := c.HandshakeContext(context.Background()); err != nil {
+			b.Fatal(err)
+		}
+		_ = c.Close()
+		if err := <-ended; err != nil {
+			b.Fatal(err)
+		}
 	}
 }
 

@@ -100,8 +100,12 @@ type Conn struct {
 	closeLock              sync.Mutex
 	closed                 *closer.Closer
 
-	readDeadline  *deadline.Deadline
-	writeDeadline *deadline.Deadline
+	// readDeadline and writeDeadline are made when first needed (Bastion
+	// patch (47), see lazyDeadline): a Read or SetReadDeadline, a Write or
+	// SetWriteDeadline. A server session whose records go to a read
+	// handler and that never sets a deadline holds neither.
+	readDeadline  atomic.Pointer[deadline.Deadline]
+	writeDeadline atomic.Pointer[deadline.Deadline]
 
 	log logging.LeveledLogger
 
@@ -292,9 +296,6 @@ func createConn(
 		log:       logger,
 		traces:    logTraces(logger),
 
-		readDeadline:  deadline.New(),
-		writeDeadline: deadline.New(),
-
 		reading:               make(chan struct{}, 1),
 		handshakeRecv:         make(chan recvHandshakeState),
 		closed:                closer.NewCloser(),
@@ -479,8 +480,9 @@ func (c *Conn) Read(buff []byte) (n int, err error) { //nolint:cyclop
 		return 0, err
 	}
 
+	readDeadline := lazyDeadline(&c.readDeadline)
 	select {
-	case <-c.readDeadline.Done():
+	case <-readDeadline.Done():
 		return 0, errDeadlineExceeded
 	default:
 	}
@@ -489,7 +491,7 @@ func (c *Conn) Read(buff []byte) (n int, err error) { //nolint:cyclop
 		select {
 		case <-c.closed.Done():
 			return 0, io.EOF
-		case <-c.readDeadline.Done():
+		case <-readDeadline.Done():
 			return 0, errDeadlineExceeded
 		case out, ok := <-c.decrypted:
 			if !ok {
@@ -512,12 +514,15 @@ func (c *Conn) Read(buff []byte) (n int, err error) { //nolint:cyclop
 
 // Write writes len(payload) bytes from payload to the DTLS connection.
 func (c *Conn) Write(payload []byte) (int, error) {
+	// Bastion patch (47): the deadline is there before Close can look for
+	// it (close expires it after marking the connection closed).
+	writeDeadline := lazyDeadline(&c.writeDeadline)
 	if c.isConnectionClosed() {
 		return 0, ErrConnClosed
 	}
 
 	select {
-	case <-c.writeDeadline.Done():
+	case <-writeDeadline.Done():
 		return 0, errDeadlineExceeded
 	default:
 	}
@@ -530,7 +535,7 @@ func (c *Conn) Write(payload []byte) (int, error) {
 	// context, without contextWithClose's goroutine per Write. Close ends a
 	// write through the socket; the errors are mapped below as
 	// closeContext.Err did.
-	ctx := c.writeDeadline.Context()
+	ctx := writeDeadline.Context()
 	epoch := c.state.getLocalEpoch()
 	done, err := c.writeApplicationData(ctx, epoch, payload)
 	if !done {
@@ -2389,7 +2394,11 @@ func (c *Conn) close(byUser bool) error {
 		// stopped reading a pipe) holds the write lock that close_notify
 		// needs below, so Close ends it here, by expiring that context.
 		// After Close no Write starts (ErrConnClosed).
-		c.writeDeadline.Set(time.Unix(1, 0))
+		// Bastion patch (47): a Write makes the deadline before it looks
+		// whether the connection is closed; none means no Write to end.
+		if d := c.writeDeadline.Load(); d != nil {
+			d.Set(time.Unix(1, 0))
+		}
 	}
 	// Bastion patch (22): a record reader not started yet starts now, to
 	// end as a cancelled one does; unless the listener's inline reader is
@@ -2412,12 +2421,9 @@ func (c *Conn) close(byUser bool) error {
 }
 
 func (c *Conn) isConnectionClosed() bool {
-	select {
-	case <-c.closed.Done():
-		return true
-	default:
-		return false
-	}
+	// Bastion patch (45): Err, not a select on Done, whose first call
+	// makes the closer's channel (an allocation) only to look at it.
+	return c.closed.Err() != nil
 }
 
 func (c *Conn) setLocalEpoch(epoch uint16) {
@@ -2454,14 +2460,14 @@ func (c *Conn) sessionKey() []byte {
 
 // SetDeadline implements net.Conn.SetDeadline.
 func (c *Conn) SetDeadline(t time.Time) error {
-	c.readDeadline.Set(t)
+	lazyDeadline(&c.readDeadline).Set(t)
 
 	return c.SetWriteDeadline(t)
 }
 
 // SetReadDeadline implements net.Conn.SetReadDeadline.
 func (c *Conn) SetReadDeadline(t time.Time) error {
-	c.readDeadline.Set(t)
+	lazyDeadline(&c.readDeadline).Set(t)
 	// Read deadline is fully managed by this layer.
 	// Don't set read deadline to underlying connection.
 	return nil
@@ -2469,7 +2475,22 @@ func (c *Conn) SetReadDeadline(t time.Time) error {
 
 // SetWriteDeadline implements net.Conn.SetWriteDeadline.
 func (c *Conn) SetWriteDeadline(t time.Time) error {
-	c.writeDeadline.Set(t)
+	lazyDeadline(&c.writeDeadline).Set(t)
 	// Write deadline is also fully managed by this layer.
 	return nil
+}
+
+// lazyDeadline returns the deadline in p, made (without one set) by the
+// first caller (Bastion patch (47)). A deadline made now behaves as the
+// one createConn used to make: nothing has set it, so it has not passed.
+func lazyDeadline(p *atomic.Pointer[deadline.Deadline]) *deadline.Deadline {
+	if d := p.Load(); d != nil {
+		return d
+	}
+	d := deadline.New()
+	if p.CompareAndSwap(nil, d) {
+		return d
+	}
+
+	return p.Load()
 }

@@ -321,7 +321,8 @@ func flight4Generate(
 	_ *handshakeCache,
 	cfg *handshakeConfig,
 ) ([]*packet, *alert.Alert, error) {
-	extensions := []extension.Extension{}
+	// Bastion patch (49): room for the usual extensions at once.
+	extensions := make([]extension.Extension, 0, 4)
 
 	if (cfg.extendedMasterSecret == RequestExtendedMasterSecret ||
 		cfg.extendedMasterSecret == RequireExtendedMasterSecret) && state.extendedMasterSecret {
@@ -370,7 +371,10 @@ func flight4Generate(
 		extensions = append(extensions, &extension.ConnectionID{CID: state.getLocalConnectionID()})
 	}
 
-	var pkts []*packet
+	// Bastion patch (49): the flight's packets in one block, the slice
+	// sized for them.
+	blk := new(flightBlock)
+	pkts := make([]*packet, 0, flightBlockSize)
 	cipherSuiteID := uint16(state.cipherSuite.ID())
 
 	if cfg.sessionStore != nil {
@@ -389,22 +393,11 @@ func flight4Generate(
 		Extensions:        extensions,
 	}
 
-	var content handshake.Handshake
-
+	var hello handshake.Message = serverHello
 	if cfg.serverHelloMessageHook != nil {
-		content = handshake.Handshake{Message: cfg.serverHelloMessageHook(*serverHello)}
-	} else {
-		content = handshake.Handshake{Message: serverHello}
+		hello = cfg.serverHelloMessageHook(*serverHello)
 	}
-
-	pkts = append(pkts, &packet{
-		record: &recordlayer.RecordLayer{
-			Header: recordlayer.Header{
-				Version: protocol.Version1_2,
-			},
-			Content: &content,
-		},
-	})
+	pkts = append(pkts, blk.handshake(hello))
 
 	switch {
 	case state.cipherSuite.AuthenticationType() == CipherSuiteAuthenticationTypeCertificate:
@@ -538,28 +531,10 @@ func flight4Generate(
 			srvExchange.NamedCurve = state.namedCurve
 			srvExchange.PublicKey = state.localKeypair.PublicKey
 		}
-		pkts = append(pkts, &packet{
-			record: &recordlayer.RecordLayer{
-				Header: recordlayer.Header{
-					Version: protocol.Version1_2,
-				},
-				Content: &handshake.Handshake{
-					Message: srvExchange,
-				},
-			},
-		})
+		pkts = append(pkts, blk.handshake(srvExchange))
 	}
 
-	pkts = append(pkts, &packet{
-		record: &recordlayer.RecordLayer{
-			Header: recordlayer.Header{
-				Version: protocol.Version1_2,
-			},
-			Content: &handshake.Handshake{
-				Message: &handshake.MessageServerHelloDone{},
-			},
-		},
-	})
+	pkts = append(pkts, blk.handshake(&handshake.MessageServerHelloDone{}))
 
 	return pkts, nil, nil
 }

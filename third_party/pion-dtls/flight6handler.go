@@ -10,7 +10,6 @@ import (
 	"github.com/pion/dtls/v3/pkg/protocol"
 	"github.com/pion/dtls/v3/pkg/protocol/alert"
 	"github.com/pion/dtls/v3/pkg/protocol/handshake"
-	"github.com/pion/dtls/v3/pkg/protocol/recordlayer"
 )
 
 func flight6Parse(
@@ -42,17 +41,10 @@ func flight6Generate(
 	cache *handshakeCache,
 	cfg *handshakeConfig,
 ) ([]*packet, *alert.Alert, error) {
-	var pkts []*packet
-
-	pkts = append(pkts,
-		&packet{
-			record: &recordlayer.RecordLayer{
-				Header: recordlayer.Header{
-					Version: protocol.Version1_2,
-				},
-				Content: &protocol.ChangeCipherSpec{},
-			},
-		})
+	// Bastion patch (49): the flight's packets in one block.
+	blk := new(flightBlock)
+	pkts := make([]*packet, 0, 2)
+	pkts = append(pkts, blk.record(&protocol.ChangeCipherSpec{}))
 
 	if len(state.localVerifyData) == 0 {
 		// Bastion patch (36): hashed where the messages are, not merged first.
@@ -78,24 +70,12 @@ func flight6Generate(
 		}
 	}
 
-	pkts = append(pkts,
-		&packet{
-			record: &recordlayer.RecordLayer{
-				Header: recordlayer.Header{
-					Version: protocol.Version1_2,
-					Epoch:   1,
-				},
-				Content: &handshake.Handshake{
-					Message: &handshake.MessageFinished{
-						VerifyData: state.localVerifyData,
-					},
-				},
-			},
-			shouldWrapCID:            len(state.remoteConnectionID) > 0,
-			shouldEncrypt:            true,
-			resetLocalSequenceNumber: true,
-		},
-	)
+	finished := blk.handshake(&handshake.MessageFinished{VerifyData: state.localVerifyData})
+	finished.record.Header.Epoch = 1
+	finished.shouldWrapCID = len(state.remoteConnectionID) > 0
+	finished.shouldEncrypt = true
+	finished.resetLocalSequenceNumber = true
+	pkts = append(pkts, finished)
 
 	return pkts, nil, nil
 }

@@ -56,9 +56,12 @@ func (p *listenerPacketConn) WriteToContext(ctx context.Context, b []byte, raddr
 	select {
 	case <-p.closed:
 		return 0, netctx.ErrClosing
-	case <-ctx.Done():
-		return 0, ctx.Err()
 	default:
+	}
+	// Bastion patch (45): ctx.Err, not a select on ctx.Done, whose first
+	// call makes the context's channel (an allocation) only to look at it.
+	if err := ctx.Err(); err != nil {
+		return 0, err
 	}
 	n, err := p.conn.WriteTo(b, raddr)
 	if e := ctx.Err(); e != nil && n == 0 {

@@ -235,6 +235,15 @@ func (l *listener) readLoop() {
 	// Bastion patch (third_party/README.md): datagrams are read in
 	// batches where the system allows (udpio.go), the address as a value,
 	// and a known connection's own *net.UDPAddr is handed on.
+	// Bastion patch (48): a reader that can dispatch inside its own read
+	// loop does, without a system call only to find the socket empty.
+	if s, ok := l.io.(interface {
+		serve(dispatch func(b []byte, ap netip.AddrPort)) error
+	}); ok {
+		l.errRead.Store(s.serve(l.dispatch))
+
+		return
+	}
 	var batch [readBatch]datagram
 	for {
 		n, err := l.io.readBatch(&batch)

@@ -11,6 +11,7 @@ import (
 	"os"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"unsafe"
 )
@@ -45,7 +46,11 @@ type rawUDP struct {
 	rn     int
 	rerrno syscall.Errno
 	readFn func(fd uintptr) bool
-	zones  map[uint32]string
+	// serve's callback and what it hands datagrams to (patch (48)).
+	serveFn  func(fd uintptr) bool
+	dispatch func(b []byte, ap netip.AddrPort)
+	recvs    atomic.Int64 // recvmmsg calls serve made (for its test)
+	zones    map[uint32]string
 
 	// Write state: the callbacks RawConn runs are made once, with their
 	// arguments here, so a write allocates nothing; wmu serialises writers
@@ -96,7 +101,7 @@ func newUDPIO(conn *net.UDPConn) udpIO {
 		h.Iov = &r.iovs[i]
 		h.Iovlen = 1
 	}
-	r.readFn, r.writeFn = r.read, r.write
+	r.readFn, r.writeFn, r.serveFn = r.read, r.write, r.serveRead
 
 	return r
 }
@@ -118,6 +123,72 @@ func (r *rawUDP) read(fd uintptr) bool {
 		r.rn, r.rerrno = int(n), e
 
 		return e != syscall.EAGAIN
+	}
+}
+
+// serve is the read loop (Bastion patch (48)): it reads batches as
+// readBatch does and hands each datagram to dispatch, until reading fails,
+// all inside one RawConn.Read, so that after a batch shorter than
+// readBatch it waits for the socket to become readable instead of calling
+// recvmmsg once more only to get EAGAIN (one system call less for every
+// datagram that arrives on its own, as each of a handshake's flights and
+// most requests do).
+//
+// Why no datagram is left behind: recvmmsg with MSG_WAITFORONE stops
+// before readBatch only when the next receive failed, with EAGAIN (the
+// queue was empty) or with an error it keeps for the next call (which the
+// socket also reports as readable). A datagram queued after that is a new
+// readiness event for the poller, which the wait below takes even if it
+// came while the batch was being dispatched: the poller keeps it (pdReady)
+// until the wait, and only a new RawConn.Read, which this loop does not
+// make between batches, would reset it. The datagrams, their order and
+// the errors are readBatch's; dispatch runs where readLoop ran it, on the
+// read loop's goroutine, now while it holds the socket's read lock (only
+// the read loop reads; Close of the socket waits for the loop to return).
+func (r *rawUDP) serve(dispatch func(b []byte, ap netip.AddrPort)) error {
+	r.dispatch, r.rerrno = dispatch, 0
+	err := r.rc.Read(r.serveFn)
+	r.dispatch = nil
+	if err != nil {
+		return r.opError("read", nil, unwrapOpError(err))
+	}
+
+	return r.opError("read", nil, os.NewSyscallError("recvmmsg", r.rerrno))
+}
+
+// serveRead is serve's RawConn.Read callback: it returns true only to end
+// the loop (an error in rerrno), false to wait for readability.
+func (r *rawUDP) serveRead(fd uintptr) bool {
+	for {
+		for i := range r.msgs {
+			r.msgs[i].hdr.Namelen = syscall.SizeofSockaddrInet6
+			r.msgs[i].hdr.Flags = 0
+			r.msgs[i].len = 0
+		}
+		n, _, e := syscall.RawSyscall6(syscall.SYS_RECVMMSG, fd,
+			uintptr(unsafe.Pointer(&r.msgs[0])), readBatch, msgWaitForOne, 0, 0)
+		r.recvs.Add(1)
+		switch e {
+		case 0:
+		case syscall.EINTR:
+			continue
+		case syscall.EAGAIN:
+			return false
+		default:
+			r.rerrno = e
+
+			return true
+		}
+		for i := range int(n) {
+			m := int(r.msgs[i].len)
+			if m > receiveMTU {
+				m = receiveMTU
+			}
+			r.dispatch(r.bufs[i][:m], r.addrPort(&r.names[i]))
+		}
+		if n < readBatch {
+			return false
+		}
 	}
 }
 

@@ -144,3 +144,80 @@ func TestBastionRawUDPErrors(t *testing.T) {
 		t.Errorf("write after Close: %v, want net.ErrClosed", err)
 	}
 }
+
+// TestBastionRawUDPServe: serve (patch (48)) hands every datagram to
+// dispatch once, in order, with its sender, whether datagrams come one at
+// a time (each waited for: after each, serve waits for the socket without
+// another recvmmsg, so one call per datagram) or in bursts larger than a
+// batch; and it ends with net.ErrClosed when the socket is closed.
+func TestBastionRawUDPServe(t *testing.T) {
+	srv, err := net.ListenPacket("udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw, ok := newUDPIO(srv.(*net.UDPConn)).(*rawUDP) //nolint:forcetypeassert
+	if !ok {
+		t.Fatal("newUDPIO is not *rawUDP on Linux")
+	}
+	peer, err := net.ListenPacket("udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer peer.Close()
+	type got struct {
+		b  string
+		ap netip.AddrPort
+	}
+	ch := make(chan got, 1024)
+	ended := make(chan error, 1)
+	go func() {
+		ended <- raw.serve(func(b []byte, ap netip.AddrPort) { ch <- got{string(b), ap} })
+	}()
+	want := peer.LocalAddr().(*net.UDPAddr).AddrPort() //nolint:forcetypeassert
+	recv := func(i int) {
+		t.Helper()
+		select {
+		case g := <-ch:
+			if w := fmt.Sprint("datagram ", i); g.b != w || g.ap != want {
+				t.Fatalf("got %q from %v, want %q from %v", g.b, g.ap, w, want)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("datagram %d not dispatched", i)
+		}
+	}
+	send := func(i int) {
+		t.Helper()
+		if _, err := peer.WriteTo([]byte(fmt.Sprint("datagram ", i)), srv.LocalAddr()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	const single = 50
+	for i := range single {
+		send(i)
+		recv(i)
+	}
+	// Each came alone: one recvmmsg each, none that found the socket
+	// empty but the first, before anything was sent (the read loop before
+	// made two per datagram).
+	if n := raw.recvs.Load(); n > single+1 {
+		t.Fatalf("%d recvmmsg calls for %d datagrams that came one at a time, want one each (and one at the start)", n, single)
+	}
+	const burst = 5*readBatch + 3
+	for i := single; i < single+burst; i++ {
+		send(i)
+	}
+	for i := single; i < single+burst; i++ {
+		recv(i)
+	}
+	if err := srv.Close(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-ended:
+		if !errors.Is(err, net.ErrClosed) {
+			t.Fatalf("serve ended with %v, want net.ErrClosed", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("serve did not end when the socket was closed")
+	}
+}

@@ -43,11 +43,33 @@ type aead struct {
 	remoteWriteIV []byte
 	nonceLength   int
 	tagLength     int
-
-	// buffer pool for (fixed-size) nonces, each followed by room for the
-	// additional data (Bastion patch, third_party/README.md).
-	nonceBufferPool sync.Pool
 }
+
+// nonceBufferPool holds buffers for nonces, each followed by room for the
+// additional data (Bastion patch, third_party/README.md). Bastion patch
+// (46): one pool for every connection instead of one per aead, which made
+// each new connection's first record allocate the pool's per-P array and
+// its first buffers again.
+var nonceBufferPool = sync.Pool{ //nolint:gochecknoglobals
+	New: func() any {
+		b := make([]byte, 0, 12+aeadScratchExtra) // DTLS 1.2's AEAD nonce is 12 bytes
+
+		return &b
+	},
+}
+
+// getNonce returns a pooled buffer (for putNonce) and its first nonceLength
+// bytes, with room for aeadScratchExtra bytes after them.
+func (a *aead) getNonce() (*[]byte, []byte) {
+	p := nonceBufferPool.Get().(*[]byte) //nolint:forcetypeassert
+	if cap(*p) < a.nonceLength+aeadScratchExtra {
+		*p = make([]byte, 0, a.nonceLength+aeadScratchExtra)
+	}
+
+	return p, (*p)[:a.nonceLength]
+}
+
+func putNonce(p *[]byte) { nonceBufferPool.Put(p) }
 
 // aeadScratchExtra is the room for additional data after a pooled nonce:
 // 13 bytes without a connection ID, 23 plus the ID's length with one.
@@ -70,12 +92,6 @@ func newAEAD(
 		remoteWriteIV: remoteWriteIV,
 		nonceLength:   nonceLength,
 		tagLength:     tagLength,
-		nonceBufferPool: sync.Pool{
-			New: func() any {
-				b := make([]byte, nonceLength, nonceLength+aeadScratchExtra)
-				return &b // nolint:nlreturn
-			},
-		},
 	}
 }
 
@@ -85,8 +101,7 @@ func (a *aead) encrypt(pkt *recordlayer.RecordLayer, raw []byte) ([]byte, error)
 	raw = raw[:pkt.Header.Size()]
 
 	// Get nonce buffer from pool
-	noncePtr := a.nonceBufferPool.Get().(*[]byte) // nolint:forcetypeassert
-	nonce := *noncePtr
+	noncePtr, nonce := a.getNonce()
 
 	copy(nonce, a.localWriteIV[:4])
 
@@ -106,7 +121,7 @@ func (a *aead) encrypt(pkt *recordlayer.RecordLayer, raw []byte) ([]byte, error)
 	binary.BigEndian.PutUint16(r[pkt.Header.Size()-2:], uint16(len(r)-pkt.Header.Size())) //nolint:gosec //G115
 
 	// Return nonce buffer to pool
-	a.nonceBufferPool.Put(noncePtr)
+	putNonce(noncePtr)
 
 	return r, nil
 }
@@ -127,8 +142,7 @@ func (a *aead) encryptInPlace(hdr *recordlayer.Header, buf []byte) ([]byte, erro
 	}
 	payload := buf[headerSize+8:]
 
-	noncePtr := a.nonceBufferPool.Get().(*[]byte) // nolint:forcetypeassert
-	nonce := *noncePtr
+	noncePtr, nonce := a.getNonce()
 	copy(nonce, a.localWriteIV[:4])
 	seq64 := (uint64(hdr.Epoch) << 48) | (hdr.SequenceNumber & 0x0000ffffffffffff)
 	binary.BigEndian.PutUint64(nonce[4:], seq64)
@@ -139,7 +153,7 @@ func (a *aead) encryptInPlace(hdr *recordlayer.Header, buf []byte) ([]byte, erro
 	r := buf[:headerSize+8+len(sealed)]
 	binary.BigEndian.PutUint16(r[headerSize-2:], uint16(len(r)-headerSize)) //nolint:gosec //G115
 
-	a.nonceBufferPool.Put(noncePtr)
+	putNonce(noncePtr)
 
 	return r, nil
 }
@@ -158,8 +172,7 @@ func (a *aead) decrypt(header recordlayer.Header, in []byte) ([]byte, error) {
 	}
 
 	// Get nonce buffer from pool
-	noncePtr := a.nonceBufferPool.Get().(*[]byte) // nolint:forcetypeassert
-	nonce := *noncePtr
+	noncePtr, nonce := a.getNonce()
 
 	copy(nonce[:4], a.remoteWriteIV[:4])
 	copy(nonce[4:], in[header.Size():header.Size()+8])
@@ -169,13 +182,13 @@ func (a *aead) decrypt(header recordlayer.Header, in []byte) ([]byte, error) {
 	out, err = a.remoteAEAD.Open(out[:0], nonce, out, additionalData)
 	if err != nil {
 		// Return nonce buffer to pool
-		a.nonceBufferPool.Put(noncePtr)
+		putNonce(noncePtr)
 
 		return nil, fmt.Errorf("%w: %v", errDecryptPacket, err) //nolint:errorlint
 	}
 
 	// Return nonce buffer to pool
-	a.nonceBufferPool.Put(noncePtr)
+	putNonce(noncePtr)
 
 	return append(in[:header.Size()], out...), nil
 }
