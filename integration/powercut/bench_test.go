@@ -7,6 +7,9 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
+	"runtime/metrics"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"strings"
@@ -45,6 +48,9 @@ import (
 // BENCH_FULLSTACK_ONLY=1pub,1pubx16,50pub runs only the scenarios named.
 func BenchmarkFullStack(b *testing.B) {
 	const gatewayID = "gw1"
+	if os.Getenv("BENCH_PROFILE_DIR") != "" {
+		runtime.MemProfileRate = 4096 // the load generator's allocations per phase, finely enough
+	}
 	// pubs device sessions, each with inflight QoS 1 publishes awaiting
 	// their PUBACK (1 = send, wait, send; 16 = a device pipelining within
 	// the receive maximum both brokers grant).
@@ -59,7 +65,7 @@ func BenchmarkFullStack(b *testing.B) {
 	}
 
 	cloud := mosquitto.Start(b, mosquitto.Options{Name: "cloud"})
-	sub := mosquitto.Subscribe(b, cloud, "bench-sub", "bastion/#", false)
+	sub := subscribeBench(b, cloud, "bench-sub", "bastion/#")
 	if os.Getenv("BENCH_DEBUG_LOGS") != "" {
 		b.Cleanup(func() {
 			raw, _ := os.ReadFile(cloud.LogFile)
@@ -74,7 +80,7 @@ func BenchmarkFullStack(b *testing.B) {
 	if base := os.Getenv("BENCH_BASTIOND_BASELINE"); base != "" {
 		// Its own cloud broker: a --dev gateway's MQTT client id is fixed.
 		cloud2 := mosquitto.Start(b, mosquitto.Options{Name: "cloud2"})
-		sub2 := mosquitto.Subscribe(b, cloud2, "bench-sub", "bastion/#", false)
+		sub2 := subscribeBench(b, cloud2, "bench-sub", "bastion/#")
 		gws = append(gws, newBenchGateway(b, "baseline", base, cloud2, sub2, gatewayID, maxPubs))
 	}
 
@@ -120,7 +126,9 @@ topic # out 1 devices/ bastion/%s/
 		}
 		ecpu0, ccpu0, lcpu0, box0 := cpuTime(b, edge.Pid()), cpuTime(b, cloud.Pid()), cpuTime(b, os.Getpid()), boxCPU(b)
 		segs0, sw0 := tcpSegs(b), switches(b, os.Getpid())
+		rt0 := loadProfile(b, "mosquitto-"+name)
 		m := fullRun(b, sub, edge.Addr, mDevs[:sc.pubs], sc.inflight, sc.each)
+		mRT := rt0.done(b)
 		ecpu := cpuTime(b, edge.Pid()) - ecpu0
 		mOther := otherCPU{cloud: cpuTime(b, cloud.Pid()) - ccpu0, load: cpuTime(b, os.Getpid()) - lcpu0, box: boxCPU(b) - box0,
 			segs: tcpSegs(b) - segs0, switches: switches(b, os.Getpid()) - sw0}
@@ -131,7 +139,9 @@ topic # out 1 devices/ bastion/%s/
 		for _, gw := range order {
 			ccpu0, lcpu0, box0 := cpuTime(b, gw.cloud.Pid()), cpuTime(b, os.Getpid()), boxCPU(b)
 			segs0, sw0 := tcpSegs(b), switches(b, os.Getpid())
+			rt0 := loadProfile(b, gw.name+"-"+name)
 			g, st := gw.run(b, sc.pubs, sc.inflight, sc.each, name)
+			gRT := rt0.done(b)
 			gOther := otherCPU{cloud: cpuTime(b, gw.cloud.Pid()) - ccpu0, load: cpuTime(b, os.Getpid()) - lcpu0, box: boxCPU(b) - box0,
 				segs: tcpSegs(b) - segs0, switches: switches(b, os.Getpid()) - sw0}
 			ratio := g.rate() / m.rate()
@@ -150,6 +160,7 @@ topic # out 1 devices/ bastion/%s/
 				float64(gOther.segs)/float64(g.msgs), float64(gOther.switches)/float64(g.msgs),
 				mOther.perMsg(mOther.cloud, m.msgs), mOther.perMsg(mOther.load, m.msgs), mOther.perMsg(mOther.box, m.msgs),
 				float64(mOther.segs)/float64(m.msgs), float64(mOther.switches)/float64(m.msgs)))
+			lines = append(lines, fmt.Sprintf("%25s load generator: %s %s | Mosquitto bridge: %s", "", gw.name, gRT.String(g.msgs), mRT.String(m.msgs)))
 			prefix := "bastion"
 			if gw.name != "Bastion" {
 				prefix = gw.name
@@ -183,7 +194,7 @@ type benchGateway struct {
 	cfg         config.Config
 	p           *proc
 	cloud       *mosquitto.Broker
-	sub         *mosquitto.Subscriber // on its cloud broker
+	sub         *benchSub // on its cloud broker
 	devs        []*devicesim.Device
 	profiling   bool // SIGUSR2 CPU profiles around each run
 }
@@ -191,7 +202,7 @@ type benchGateway struct {
 // newBenchGateway starts bastiond (bin, or this tree's build if empty) on a
 // fresh state directory, upstream to cloud (sub subscribes there), with
 // pubs devices.
-func newBenchGateway(b *testing.B, name, bin string, cloud *mosquitto.Broker, sub *mosquitto.Subscriber, gatewayID string, pubs int) *benchGateway {
+func newBenchGateway(b *testing.B, name, bin string, cloud *mosquitto.Broker, sub *benchSub, gatewayID string, pubs int) *benchGateway {
 	state := filepath.Join(b.TempDir(), "state")
 	if err := os.MkdirAll(state, 0o700); err != nil {
 		b.Fatal(err)
@@ -264,9 +275,17 @@ func (g *benchGateway) profile(b *testing.B, name string, start bool) {
 
 // probe publishes through addr until one message reaches the subscriber
 // (the bridge or the upstream link may still be connecting).
-func probe(b *testing.B, sub *mosquitto.Subscriber, addr string, d *devicesim.Device) {
+func probe(b *testing.B, sub *benchSub, addr string, d *devicesim.Device) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
+	got := make(chan struct{}, 1)
+	sub.setHandler(func([]byte) {
+		select {
+		case got <- struct{}{}:
+		default:
+		}
+	})
+	defer sub.setHandler(nil)
 	c, err := d.DialMQTT(ctx, addr, nil)
 	if err != nil {
 		b.Fatal(err)
@@ -277,10 +296,7 @@ func probe(b *testing.B, sub *mosquitto.Subscriber, addr string, d *devicesim.De
 			b.Fatalf("probe via %s: rc 0x%02x %v", addr, rc, err)
 		}
 		select {
-		case <-sub.Got:
-			for len(sub.Got) > 0 { // later probes
-				<-sub.Got
-			}
+		case <-got:
 			return
 		case <-time.After(200 * time.Millisecond): // next probe: a bridge drops what it had no connection for
 		case <-ctx.Done():
@@ -422,12 +438,9 @@ func (r fullResult) pct(l []time.Duration, p int) time.Duration {
 // fullRun connects one device session per device, then each publishes each
 // messages at QoS 1 with inflight publishes awaiting their PUBACK at a
 // time; the subscriber measures.
-func fullRun(b *testing.B, sub *mosquitto.Subscriber, addr string, devs []*devicesim.Device, inflight, each int) fullResult {
+func fullRun(b *testing.B, sub *benchSub, addr string, devs []*devicesim.Device, inflight, each int) fullResult {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	for len(sub.Got) > 0 {
-		<-sub.Got
-	}
 	clients := make([]*devicesim.MQTT, len(devs))
 	for i, d := range devs {
 		c, err := d.DialMQTT(ctx, addr, nil)
@@ -444,31 +457,35 @@ func fullRun(b *testing.B, sub *mosquitto.Subscriber, addr string, devs []*devic
 	each -= each % inflight
 	total := len(devs) * each
 	r := fullResult{msgs: total, e2e: make([]time.Duration, 0, total)}
+	// The subscriber's read goroutine measures each arrival; recvMu
+	// guards r.e2e, r.dups and last against a timed-out run's reads.
 	recvDone := make(chan struct{})
+	var recvMu sync.Mutex
 	var last time.Time
-	go func() {
-		defer close(recvDone)
-		seen := make(map[uint64]bool, total)
-		for len(seen) < total {
-			select {
-			case p := <-sub.Got:
-				now := time.Now()
-				if len(p.Payload) < 16 {
-					continue
-				}
-				id := binary.BigEndian.Uint64(p.Payload[8:])
-				if seen[id] {
-					r.dups++
-					continue
-				}
-				seen[id] = true
-				r.e2e = append(r.e2e, now.Sub(time.Unix(0, int64(binary.BigEndian.Uint64(p.Payload)))))
-				last = now
-			case <-ctx.Done():
-				return
-			}
+	seen := make([]bool, total)
+	sub.setHandler(func(p []byte) {
+		now := time.Now()
+		if len(p) < 16 {
+			return
 		}
-	}()
+		id := binary.BigEndian.Uint64(p[8:])
+		recvMu.Lock()
+		defer recvMu.Unlock()
+		if id >= uint64(total) || len(r.e2e) == total { // a late probe or duplicate after the run
+			return
+		}
+		if seen[id] {
+			r.dups++
+			return
+		}
+		seen[id] = true
+		r.e2e = append(r.e2e, now.Sub(time.Unix(0, int64(binary.BigEndian.Uint64(p)))))
+		last = now
+		if len(r.e2e) == total {
+			close(recvDone)
+		}
+	})
+	defer sub.setHandler(nil)
 	var mu sync.Mutex
 	var wg sync.WaitGroup
 	errs := make(chan error, len(devs)*inflight)
@@ -499,7 +516,13 @@ func fullRun(b *testing.B, sub *mosquitto.Subscriber, addr string, devs []*devic
 		}
 	}
 	wg.Wait()
-	<-recvDone
+	select {
+	case <-recvDone:
+	case <-ctx.Done():
+	}
+	sub.setHandler(nil)
+	recvMu.Lock()
+	defer recvMu.Unlock()
 	close(errs)
 	for err := range errs {
 		b.Fatal(err)
@@ -511,4 +534,69 @@ func fullRun(b *testing.B, sub *mosquitto.Subscriber, addr string, devs []*devic
 	slices.Sort(r.e2e)
 	slices.Sort(r.ack)
 	return r
+}
+
+// loadRuntime is what this process's Go runtime did during one run: the
+// load generator's own cost, so that the two paths' can be compared.
+type loadRuntime struct {
+	allocs, gcs uint64
+	profile     *os.File
+	name        string // of the heap profiles before and after
+}
+
+// writeHeap writes this process's heap profile (its alloc_objects count
+// every allocation so far, sampled at runtime.MemProfileRate).
+func writeHeap(b *testing.B, path string) {
+	f, err := os.Create(path)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	if err := pprof.Lookup("heap").WriteTo(f, 0); err != nil {
+		b.Fatal(err)
+	}
+}
+
+// loadProfile snapshots the runtime counters and, with BENCH_PROFILE_DIR,
+// starts a CPU profile of this process (loadgen-<name>-<round>.pprof).
+func loadProfile(b *testing.B, name string) loadRuntime {
+	var r loadRuntime
+	if dir := os.Getenv("BENCH_PROFILE_DIR"); dir != "" {
+		f, err := os.Create(filepath.Join(dir, fmt.Sprintf("loadgen-%s-%d.pprof", name, benchRound)))
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := pprof.StartCPUProfile(f); err != nil {
+			b.Fatal(err)
+		}
+		r.profile = f
+		r.name = filepath.Join(dir, fmt.Sprintf("loadgen-allocs-%s-%d", name, benchRound))
+		writeHeap(b, r.name+"-before.pprof")
+	}
+	r.allocs, r.gcs = runtimeCounters()
+	return r
+}
+
+// done stops the profile and returns the counters' increase.
+func (r loadRuntime) done(b *testing.B) loadRuntime {
+	allocs, gcs := runtimeCounters()
+	if r.profile != nil {
+		pprof.StopCPUProfile()
+		if err := r.profile.Close(); err != nil {
+			b.Fatal(err)
+		}
+		writeHeap(b, r.name+"-after.pprof")
+		b.Logf("load generator CPU profile: go tool pprof %s; allocations: go tool pprof -sample_index alloc_objects -diff_base %[2]s-before.pprof %[2]s-after.pprof", r.profile.Name(), r.name)
+	}
+	return loadRuntime{allocs: allocs - r.allocs, gcs: gcs - r.gcs}
+}
+
+func (r loadRuntime) String(msgs int) string {
+	return fmt.Sprintf("%.1f allocs/msg, %d GCs", float64(r.allocs)/float64(msgs), r.gcs)
+}
+
+func runtimeCounters() (allocs, gcs uint64) {
+	s := []metrics.Sample{{Name: "/gc/heap/allocs:objects"}, {Name: "/gc/cycles/total:gc-cycles"}}
+	metrics.Read(s)
+	return s[0].Value.Uint64(), s[1].Value.Uint64()
 }
