@@ -18,6 +18,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/bastion-iot/bastion/gateway/config"
 	"github.com/bastion-iot/bastion/gateway/control"
 	"github.com/bastion-iot/bastion/internal/devicesim"
@@ -174,9 +176,11 @@ topic # out 1 devices/ bastion/%s/
 		b.ReportMetric(float64(m.pct(m.e2e, 99).Microseconds()), "mosquitto-p99-µs-"+name)
 	}
 	benchRound++
-	for _, l := range lines {
+	// Profile notes last: a benchmark's log is cut after 10 lines (-v shows all).
+	for _, l := range append(lines, profNotes...) {
 		b.Log(l)
 	}
+	profNotes = nil
 	if os.Getenv("BENCH_DEBUG_LOGS") != "" {
 		for _, g := range gws {
 			b.Logf("%s log:\n%s", g.name, g.p.log)
@@ -184,6 +188,9 @@ topic # out 1 devices/ bastion/%s/
 
 	}
 }
+
+// profNotes are the profiling notes of this round (BENCH_PROFILE_DIR).
+var profNotes []string
 
 // benchRound alternates which gateway goes first between -count rounds.
 var benchRound int
@@ -542,6 +549,18 @@ type loadRuntime struct {
 	allocs, gcs uint64
 	profile     *os.File
 	name        string // of the heap profiles before and after
+	label       string
+	mono        float64 // CLOCK_MONOTONIC at the start, seconds
+}
+
+// monotonic is CLOCK_MONOTONIC in seconds, the clock perf's -k
+// CLOCK_MONOTONIC stamps samples with.
+func monotonic() float64 {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+		return 0
+	}
+	return float64(ts.Sec) + float64(ts.Nsec)/1e9
 }
 
 // writeHeap writes this process's heap profile (its alloc_objects count
@@ -570,6 +589,8 @@ func loadProfile(b *testing.B, name string) loadRuntime {
 			b.Fatal(err)
 		}
 		r.profile = f
+		r.mono = monotonic()
+		r.label = name
 		r.name = filepath.Join(dir, fmt.Sprintf("loadgen-allocs-%s-%d", name, benchRound))
 		writeHeap(b, r.name+"-before.pprof")
 	}
@@ -586,7 +607,8 @@ func (r loadRuntime) done(b *testing.B) loadRuntime {
 			b.Fatal(err)
 		}
 		writeHeap(b, r.name+"-after.pprof")
-		b.Logf("load generator CPU profile: go tool pprof %s; allocations: go tool pprof -sample_index alloc_objects -diff_base %[2]s-before.pprof %[2]s-after.pprof", r.profile.Name(), r.name)
+		profNotes = append(profNotes, fmt.Sprintf("%s: CLOCK_MONOTONIC %.6f,%.6f (perf record -k CLOCK_MONOTONIC; perf report --time a,b); load generator CPU profile: go tool pprof %s; allocations: go tool pprof -sample_index alloc_objects -diff_base %[4]s-before.pprof %[4]s-after.pprof",
+			r.label, r.mono, monotonic(), r.profile.Name(), r.name))
 	}
 	return loadRuntime{allocs: allocs - r.allocs, gcs: gcs - r.gcs}
 }
