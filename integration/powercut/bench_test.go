@@ -47,7 +47,9 @@ import (
 // build side by side; BENCH_PROFILE_DIR=<absolute dir> writes bastiond CPU
 // profiles per scenario (BASTIOND_TRACE=1: execution traces too);
 // BENCH_FULLSTACK_SCALE=<factor> multiplies the messages per scenario;
-// BENCH_FULLSTACK_ONLY=1pub,1pubx16,50pub runs only the scenarios named.
+// BENCH_FULLSTACK_ONLY=1pub,1pubx16,50pub runs only the scenarios named;
+// BENCH_MQTT_WRITES=packet makes every device write a packet as one TLS
+// record (paho.golang writes a PUBLISH in several).
 func BenchmarkFullStack(b *testing.B) {
 	const gatewayID = "gw1"
 	if os.Getenv("BENCH_PROFILE_DIR") != "" {
@@ -108,6 +110,19 @@ topic # out 1 devices/ bastion/%s/
 		l := cloud.CA.Client(b, id)
 		mDevs[i] = &devicesim.Device{Creds: devicesim.Creds{ID: id, Auth: "cert", CertPEM: string(l.CertPEM), KeyPEM: string(l.KeyPEM),
 			CAPEM: string(cloud.CA.CertPEM)}, ServerName: mosquitto.ServerName}
+	}
+
+	// BENCH_MQTT_WRITES=packet: every device writes a packet as one TLS
+	// record (devicesim.Device.PacketWrites), on both paths.
+	if os.Getenv("BENCH_MQTT_WRITES") == "packet" {
+		for _, d := range mDevs {
+			d.PacketWrites = true
+		}
+		for _, g := range gws {
+			for _, d := range g.devs {
+				d.PacketWrites = true
+			}
+		}
 	}
 
 	// Both paths must deliver before anything is timed.
