@@ -141,26 +141,71 @@ topic # out 1 devices/ bastion/%s/
 		if only != "" && !slices.Contains(strings.Split(only, ","), name) {
 			continue
 		}
-		ecpu0, ccpu0, lcpu0, box0 := cpuTime(b, edge.Pid()), cpuTime(b, cloud.Pid()), cpuTime(b, os.Getpid()), boxCPU(b)
-		segs0, sw0 := tcpSegs(b), switches(b, os.Getpid())
-		rt0 := loadProfile(b, "mosquitto-"+name)
-		m := fullRun(b, sub, edge.Addr, mDevs[:sc.pubs], sc.inflight, sc.each)
-		mRT := rt0.done(b)
-		ecpu := cpuTime(b, edge.Pid()) - ecpu0
-		mOther := otherCPU{cloud: cpuTime(b, cloud.Pid()) - ccpu0, load: cpuTime(b, os.Getpid()) - lcpu0, box: boxCPU(b) - box0,
-			segs: tcpSegs(b) - segs0, switches: switches(b, os.Getpid()) - sw0}
+		// The Mosquitto path runs first in even rounds and last in odd
+		// ones, and the gateways alternate among themselves, so that no
+		// path is always measured after another one's (its garbage, its
+		// connections' teardown, a warmer cache).
+		var m fullResult
+		var ecpu time.Duration
+		var mOther otherCPU
+		var mRT loadRuntime
+		runMosquitto := func() {
+			var ecpu0, ccpu0, lcpu0, box0 time.Duration
+			var segs0, sw0 int64
+			var rt0 loadRuntime
+			m = fullRun(b, sub, edge.Addr, mDevs[:sc.pubs], sc.inflight, sc.each, func(start bool) {
+				if start {
+					ecpu0, ccpu0, lcpu0, box0 = cpuTime(b, edge.Pid()), cpuTime(b, cloud.Pid()), cpuTime(b, os.Getpid()), boxCPU(b)
+					segs0, sw0 = tcpSegs(b), switches(b, os.Getpid())
+					rt0 = loadProfile(b, "mosquitto-"+name)
+					return
+				}
+				mRT = rt0.done(b)
+				ecpu = cpuTime(b, edge.Pid()) - ecpu0
+				mOther = otherCPU{cloud: cpuTime(b, cloud.Pid()) - ccpu0, load: cpuTime(b, os.Getpid()) - lcpu0, box: boxCPU(b) - box0,
+					segs: tcpSegs(b) - segs0, switches: switches(b, os.Getpid()) - sw0}
+			})
+		}
+		mosquittoLast := (benchRound+i)%2 == 1
+		if !mosquittoLast {
+			runMosquitto()
+		}
 		order := slices.Clone(gws)
 		if (benchRound+i)%2 == 1 {
 			slices.Reverse(order)
 		}
+		type gwResult struct {
+			gw     *benchGateway
+			g      fullResult
+			st     runStats
+			gOther otherCPU
+			gRT    loadRuntime
+		}
+		var results []gwResult
 		for _, gw := range order {
-			ccpu0, lcpu0, box0 := cpuTime(b, gw.cloud.Pid()), cpuTime(b, os.Getpid()), boxCPU(b)
-			segs0, sw0 := tcpSegs(b), switches(b, os.Getpid())
-			rt0 := loadProfile(b, gw.name+"-"+name)
-			g, st := gw.run(b, sc.pubs, sc.inflight, sc.each, name)
-			gRT := rt0.done(b)
-			gOther := otherCPU{cloud: cpuTime(b, gw.cloud.Pid()) - ccpu0, load: cpuTime(b, os.Getpid()) - lcpu0, box: boxCPU(b) - box0,
-				segs: tcpSegs(b) - segs0, switches: switches(b, os.Getpid()) - sw0}
+			var ccpu0, lcpu0, box0 time.Duration
+			var segs0, sw0 int64
+			var rt0, gRT loadRuntime
+			var gOther otherCPU
+			g, st := gw.run(b, sc.pubs, sc.inflight, sc.each, name, func(start bool) {
+				if start {
+					ccpu0, lcpu0, box0 = cpuTime(b, gw.cloud.Pid()), cpuTime(b, os.Getpid()), boxCPU(b)
+					segs0, sw0 = tcpSegs(b), switches(b, os.Getpid())
+					rt0 = loadProfile(b, gw.name+"-"+name)
+					return
+				}
+				gRT = rt0.done(b)
+				gOther = otherCPU{cloud: cpuTime(b, gw.cloud.Pid()) - ccpu0, load: cpuTime(b, os.Getpid()) - lcpu0, box: boxCPU(b) - box0,
+					segs: tcpSegs(b) - segs0, switches: switches(b, os.Getpid()) - sw0}
+			})
+			results = append(results, gwResult{gw, g, st, gOther, gRT})
+		}
+		if mosquittoLast {
+			runMosquitto()
+		}
+		lines = append(lines, fmt.Sprintf("%2d publishers × %2d in flight: Mosquitto path measured %s", sc.pubs, sc.inflight, map[bool]string{false: "first", true: "last"}[mosquittoLast]))
+		for _, res := range results {
+			gw, g, st, gOther, gRT := res.gw, res.g, res.st, res.gOther, res.gRT
 			ratio := g.rate() / m.rate()
 			lines = append(lines, fmt.Sprintf("%2d publishers × %2d in flight × %4d | %s %6.0f msg/s e2e p50 %v p99 %v, PUBACK p50 %v p99 %v | Mosquitto bridge %6.0f msg/s e2e p50 %v p99 %v, PUBACK p50 %v p99 %v | throughput ratio %.2fx, e2e p99 ratio %.2fx, dups %d/%d; bastiond CPU %.0f µs/msg (%.2f cores), %.1f msgs/fsync, %.0f fsyncs/s, mean fsync %v (writer in fsync %.0f%% of the time); edge Mosquitto CPU %.0f µs/msg (%.2f cores)",
 				sc.pubs, sc.inflight, sc.each, gw.name, g.rate(), g.pct(g.e2e, 50), g.pct(g.e2e, 99), g.pct(g.ack, 50), g.pct(g.ack, 99),
@@ -250,14 +295,23 @@ type runStats struct {
 	fsyncs, fsSec float64
 }
 
-func (g *benchGateway) run(b *testing.B, pubs, inflight, each int, name string) (fullResult, runStats) {
+func (g *benchGateway) run(b *testing.B, pubs, inflight, each int, name string, around func(start bool)) (fullResult, runStats) {
 	pid := g.p.cmd.Process.Pid
-	cpu0, fs0, fsSec0 := cpuTime(b, pid), metric(b, g.state, "bastion_queue_fsyncs_total"), metric(b, g.state, "bastion_queue_fsync_seconds_total")
-	g.profile(b, fmt.Sprintf("%s-%d", name, benchRound), true)
-	r := fullRun(b, g.sub, g.cfg.MQTT.Listen, g.devs[:pubs], inflight, each)
-	g.profile(b, fmt.Sprintf("%s-%d", name, benchRound), false)
-	st := runStats{cpu: cpuTime(b, pid) - cpu0, fsyncs: metric(b, g.state, "bastion_queue_fsyncs_total") - fs0}
-	st.fsSec = metric(b, g.state, "bastion_queue_fsync_seconds_total") - fsSec0
+	var cpu0 time.Duration
+	var fs0, fsSec0 float64
+	var st runStats
+	r := fullRun(b, g.sub, g.cfg.MQTT.Listen, g.devs[:pubs], inflight, each, func(start bool) {
+		if start {
+			cpu0, fs0, fsSec0 = cpuTime(b, pid), metric(b, g.state, "bastion_queue_fsyncs_total"), metric(b, g.state, "bastion_queue_fsync_seconds_total")
+			g.profile(b, fmt.Sprintf("%s-%d", name, benchRound), true)
+			around(true)
+			return
+		}
+		around(false)
+		g.profile(b, fmt.Sprintf("%s-%d", name, benchRound), false)
+		st = runStats{cpu: cpuTime(b, pid) - cpu0, fsyncs: metric(b, g.state, "bastion_queue_fsyncs_total") - fs0}
+		st.fsSec = metric(b, g.state, "bastion_queue_fsync_seconds_total") - fsSec0
+	})
 	return r, st
 }
 
@@ -459,8 +513,12 @@ func (r fullResult) pct(l []time.Duration, p int) time.Duration {
 
 // fullRun connects one device session per device, then each publishes each
 // messages at QoS 1 with inflight publishes awaiting their PUBACK at a
-// time; the subscriber measures.
-func fullRun(b *testing.B, sub *benchSub, addr string, devs []*devicesim.Device, inflight, each int) fullResult {
+// time; the subscriber measures. around(true) is called once the sessions
+// are up and this process's heap is collected, around(false) once the last
+// message arrived, before the sessions close: what it measures is the
+// messages, not the TLS handshakes and teardown of 50 sessions (which
+// were inside it before, in both paths) nor the previous run's garbage.
+func fullRun(b *testing.B, sub *benchSub, addr string, devs []*devicesim.Device, inflight, each int, around func(start bool)) fullResult {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	clients := make([]*devicesim.MQTT, len(devs))
@@ -511,6 +569,8 @@ func fullRun(b *testing.B, sub *benchSub, addr string, devs []*devicesim.Device,
 	var mu sync.Mutex
 	var wg sync.WaitGroup
 	errs := make(chan error, len(devs)*inflight)
+	runtime.GC()
+	around(true)
 	start := time.Now()
 	per := each / inflight
 	for i, c := range clients {
@@ -542,6 +602,7 @@ func fullRun(b *testing.B, sub *benchSub, addr string, devs []*devicesim.Device,
 	case <-recvDone:
 	case <-ctx.Done():
 	}
+	around(false)
 	sub.setHandler(nil)
 	recvMu.Lock()
 	defer recvMu.Unlock()
