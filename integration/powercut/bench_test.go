@@ -7,6 +7,9 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
+	"runtime/metrics"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"strings"
@@ -14,6 +17,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/bastion-iot/bastion/gateway/config"
 	"github.com/bastion-iot/bastion/gateway/control"
@@ -33,8 +38,20 @@ import (
 // Each device waits for its PUBACK before sending the next message;
 // 100-byte payloads carry the send time, so latency is end to end (device
 // send -> cloud subscriber). Throughput is messages delivered to the
-// subscriber per second from the first send to the last arrival. Not in
-// CI's pass/fail (no timing assertions); run it with
+// subscriber per second from the first send to the last arrival.
+//
+// Both paths are measured the same way: the cloud subscriber (benchSub)
+// skips MQTT v5 properties as bytes instead of decoding them (paho's
+// decoder charged the load generator ~10 µs and 26 allocations for the two
+// user properties each of Bastion's messages carries); the CPU counters
+// and profiles start after the device sessions are up and this process's
+// heap is collected, and stop before the sessions close (50 TLS handshakes
+// are not messages); the Mosquitto path runs first in every other
+// scenario. The second line per gateway shows where the whole box's CPU
+// went, with the load generator's allocations and GCs per phase (a
+// benchmark's log is cut after 10 lines: two per gateway and scenario).
+//
+// Not in CI's pass/fail (no timing assertions); run it with
 //
 //	go test -run '^$' -bench FullStack -benchtime 1x -count 3 ./integration/powercut/
 //
@@ -42,9 +59,14 @@ import (
 // build side by side; BENCH_PROFILE_DIR=<absolute dir> writes bastiond CPU
 // profiles per scenario (BASTIOND_TRACE=1: execution traces too);
 // BENCH_FULLSTACK_SCALE=<factor> multiplies the messages per scenario;
-// BENCH_FULLSTACK_ONLY=1pub,1pubx16,50pub runs only the scenarios named.
+// BENCH_FULLSTACK_ONLY=1pub,1pubx16,50pub runs only the scenarios named;
+// BENCH_MQTT_WRITES=packet makes every device write a packet as one TLS
+// record (paho.golang writes a PUBLISH in several).
 func BenchmarkFullStack(b *testing.B) {
 	const gatewayID = "gw1"
+	if os.Getenv("BENCH_PROFILE_DIR") != "" {
+		runtime.MemProfileRate = 4096 // the load generator's allocations per phase, finely enough
+	}
 	// pubs device sessions, each with inflight QoS 1 publishes awaiting
 	// their PUBACK (1 = send, wait, send; 16 = a device pipelining within
 	// the receive maximum both brokers grant).
@@ -59,7 +81,7 @@ func BenchmarkFullStack(b *testing.B) {
 	}
 
 	cloud := mosquitto.Start(b, mosquitto.Options{Name: "cloud"})
-	sub := mosquitto.Subscribe(b, cloud, "bench-sub", "bastion/#", false)
+	sub := subscribeBench(b, cloud, "bench-sub", "bastion/#")
 	if os.Getenv("BENCH_DEBUG_LOGS") != "" {
 		b.Cleanup(func() {
 			raw, _ := os.ReadFile(cloud.LogFile)
@@ -74,7 +96,7 @@ func BenchmarkFullStack(b *testing.B) {
 	if base := os.Getenv("BENCH_BASTIOND_BASELINE"); base != "" {
 		// Its own cloud broker: a --dev gateway's MQTT client id is fixed.
 		cloud2 := mosquitto.Start(b, mosquitto.Options{Name: "cloud2"})
-		sub2 := mosquitto.Subscribe(b, cloud2, "bench-sub", "bastion/#", false)
+		sub2 := subscribeBench(b, cloud2, "bench-sub", "bastion/#")
 		gws = append(gws, newBenchGateway(b, "baseline", base, cloud2, sub2, gatewayID, maxPubs))
 	}
 
@@ -102,6 +124,19 @@ topic # out 1 devices/ bastion/%s/
 			CAPEM: string(cloud.CA.CertPEM)}, ServerName: mosquitto.ServerName}
 	}
 
+	// BENCH_MQTT_WRITES=packet: every device writes a packet as one TLS
+	// record (devicesim.Device.PacketWrites), on both paths.
+	if os.Getenv("BENCH_MQTT_WRITES") == "packet" {
+		for _, d := range mDevs {
+			d.PacketWrites = true
+		}
+		for _, g := range gws {
+			for _, d := range g.devs {
+				d.PacketWrites = true
+			}
+		}
+	}
+
 	// Both paths must deliver before anything is timed.
 	for _, g := range gws {
 		probe(b, g.sub, g.cfg.MQTT.Listen, g.devs[0])
@@ -118,22 +153,71 @@ topic # out 1 devices/ bastion/%s/
 		if only != "" && !slices.Contains(strings.Split(only, ","), name) {
 			continue
 		}
-		ecpu0, ccpu0, lcpu0, box0 := cpuTime(b, edge.Pid()), cpuTime(b, cloud.Pid()), cpuTime(b, os.Getpid()), boxCPU(b)
-		segs0, sw0 := tcpSegs(b), switches(b, os.Getpid())
-		m := fullRun(b, sub, edge.Addr, mDevs[:sc.pubs], sc.inflight, sc.each)
-		ecpu := cpuTime(b, edge.Pid()) - ecpu0
-		mOther := otherCPU{cloud: cpuTime(b, cloud.Pid()) - ccpu0, load: cpuTime(b, os.Getpid()) - lcpu0, box: boxCPU(b) - box0,
-			segs: tcpSegs(b) - segs0, switches: switches(b, os.Getpid()) - sw0}
+		// The Mosquitto path runs first in even rounds and last in odd
+		// ones, and the gateways alternate among themselves, so that no
+		// path is always measured after another one's (its garbage, its
+		// connections' teardown, a warmer cache).
+		var m fullResult
+		var ecpu time.Duration
+		var mOther otherCPU
+		var mRT loadRuntime
+		runMosquitto := func() {
+			var ecpu0, ccpu0, lcpu0, box0 time.Duration
+			var segs0, sw0 int64
+			var rt0 loadRuntime
+			m = fullRun(b, sub, edge.Addr, mDevs[:sc.pubs], sc.inflight, sc.each, func(start bool) {
+				if start {
+					ecpu0, ccpu0, lcpu0, box0 = cpuTime(b, edge.Pid()), cpuTime(b, cloud.Pid()), cpuTime(b, os.Getpid()), boxCPU(b)
+					segs0, sw0 = tcpSegs(b), switches(b, os.Getpid())
+					rt0 = loadProfile(b, "mosquitto-"+name)
+					return
+				}
+				mRT = rt0.done(b)
+				ecpu = cpuTime(b, edge.Pid()) - ecpu0
+				mOther = otherCPU{cloud: cpuTime(b, cloud.Pid()) - ccpu0, load: cpuTime(b, os.Getpid()) - lcpu0, box: boxCPU(b) - box0,
+					segs: tcpSegs(b) - segs0, switches: switches(b, os.Getpid()) - sw0}
+			})
+		}
+		mosquittoLast := (benchRound+i)%2 == 1
+		if !mosquittoLast {
+			runMosquitto()
+		}
 		order := slices.Clone(gws)
 		if (benchRound+i)%2 == 1 {
 			slices.Reverse(order)
 		}
+		type gwResult struct {
+			gw     *benchGateway
+			g      fullResult
+			st     runStats
+			gOther otherCPU
+			gRT    loadRuntime
+		}
+		var results []gwResult
 		for _, gw := range order {
-			ccpu0, lcpu0, box0 := cpuTime(b, gw.cloud.Pid()), cpuTime(b, os.Getpid()), boxCPU(b)
-			segs0, sw0 := tcpSegs(b), switches(b, os.Getpid())
-			g, st := gw.run(b, sc.pubs, sc.inflight, sc.each, name)
-			gOther := otherCPU{cloud: cpuTime(b, gw.cloud.Pid()) - ccpu0, load: cpuTime(b, os.Getpid()) - lcpu0, box: boxCPU(b) - box0,
-				segs: tcpSegs(b) - segs0, switches: switches(b, os.Getpid()) - sw0}
+			var ccpu0, lcpu0, box0 time.Duration
+			var segs0, sw0 int64
+			var rt0, gRT loadRuntime
+			var gOther otherCPU
+			g, st := gw.run(b, sc.pubs, sc.inflight, sc.each, name, func(start bool) {
+				if start {
+					ccpu0, lcpu0, box0 = cpuTime(b, gw.cloud.Pid()), cpuTime(b, os.Getpid()), boxCPU(b)
+					segs0, sw0 = tcpSegs(b), switches(b, os.Getpid())
+					rt0 = loadProfile(b, gw.name+"-"+name)
+					return
+				}
+				gRT = rt0.done(b)
+				gOther = otherCPU{cloud: cpuTime(b, gw.cloud.Pid()) - ccpu0, load: cpuTime(b, os.Getpid()) - lcpu0, box: boxCPU(b) - box0,
+					segs: tcpSegs(b) - segs0, switches: switches(b, os.Getpid()) - sw0}
+			})
+			results = append(results, gwResult{gw, g, st, gOther, gRT})
+		}
+		if mosquittoLast {
+			runMosquitto()
+		}
+		mPos := map[bool]string{false: "first", true: "last"}[mosquittoLast]
+		for _, res := range results {
+			gw, g, st, gOther, gRT := res.gw, res.g, res.st, res.gOther, res.gRT
 			ratio := g.rate() / m.rate()
 			lines = append(lines, fmt.Sprintf("%2d publishers × %2d in flight × %4d | %s %6.0f msg/s e2e p50 %v p99 %v, PUBACK p50 %v p99 %v | Mosquitto bridge %6.0f msg/s e2e p50 %v p99 %v, PUBACK p50 %v p99 %v | throughput ratio %.2fx, e2e p99 ratio %.2fx, dups %d/%d; bastiond CPU %.0f µs/msg (%.2f cores), %.1f msgs/fsync, %.0f fsyncs/s, mean fsync %v (writer in fsync %.0f%% of the time); edge Mosquitto CPU %.0f µs/msg (%.2f cores)",
 				sc.pubs, sc.inflight, sc.each, gw.name, g.rate(), g.pct(g.e2e, 50), g.pct(g.e2e, 99), g.pct(g.ack, 50), g.pct(g.ack, 99),
@@ -145,10 +229,10 @@ topic # out 1 devices/ bastion/%s/
 				float64(ecpu.Microseconds())/float64(m.msgs), ecpu.Seconds()/m.elapsed.Seconds()))
 			// Where the whole box's CPU went: the cloud broker, this
 			// process (devices and subscriber) and everything busy.
-			lines = append(lines, fmt.Sprintf("%25s CPU µs/msg: %s cloud %.0f, load generator %.0f, box %.0f; TCP segments/msg %.1f, load generator switches/msg %.1f | Mosquitto bridge: cloud %.0f, load generator %.0f, box %.0f; segments/msg %.1f, switches/msg %.1f",
-				"", gw.name, gOther.perMsg(gOther.cloud, g.msgs), gOther.perMsg(gOther.load, g.msgs), gOther.perMsg(gOther.box, g.msgs),
-				float64(gOther.segs)/float64(g.msgs), float64(gOther.switches)/float64(g.msgs),
-				mOther.perMsg(mOther.cloud, m.msgs), mOther.perMsg(mOther.load, m.msgs), mOther.perMsg(mOther.box, m.msgs),
+			lines = append(lines, fmt.Sprintf("%25s CPU µs/msg: %s cloud %.0f, load generator %.0f (%s), box %.0f; TCP segments/msg %.1f, load generator switches/msg %.1f | Mosquitto bridge (measured %s): cloud %.0f, load generator %.0f (%s), box %.0f; segments/msg %.1f, switches/msg %.1f",
+				"", gw.name, gOther.perMsg(gOther.cloud, g.msgs), gOther.perMsg(gOther.load, g.msgs), gRT.String(g.msgs), gOther.perMsg(gOther.box, g.msgs),
+				float64(gOther.segs)/float64(g.msgs), float64(gOther.switches)/float64(g.msgs), mPos,
+				mOther.perMsg(mOther.cloud, m.msgs), mOther.perMsg(mOther.load, m.msgs), mRT.String(m.msgs), mOther.perMsg(mOther.box, m.msgs),
 				float64(mOther.segs)/float64(m.msgs), float64(mOther.switches)/float64(m.msgs)))
 			prefix := "bastion"
 			if gw.name != "Bastion" {
@@ -163,9 +247,11 @@ topic # out 1 devices/ bastion/%s/
 		b.ReportMetric(float64(m.pct(m.e2e, 99).Microseconds()), "mosquitto-p99-µs-"+name)
 	}
 	benchRound++
-	for _, l := range lines {
+	// Profile notes last: a benchmark's log is cut after 10 lines (-v shows all).
+	for _, l := range append(lines, profNotes...) {
 		b.Log(l)
 	}
+	profNotes = nil
 	if os.Getenv("BENCH_DEBUG_LOGS") != "" {
 		for _, g := range gws {
 			b.Logf("%s log:\n%s", g.name, g.p.log)
@@ -173,6 +259,9 @@ topic # out 1 devices/ bastion/%s/
 
 	}
 }
+
+// profNotes are the profiling notes of this round (BENCH_PROFILE_DIR).
+var profNotes []string
 
 // benchRound alternates which gateway goes first between -count rounds.
 var benchRound int
@@ -183,7 +272,7 @@ type benchGateway struct {
 	cfg         config.Config
 	p           *proc
 	cloud       *mosquitto.Broker
-	sub         *mosquitto.Subscriber // on its cloud broker
+	sub         *benchSub // on its cloud broker
 	devs        []*devicesim.Device
 	profiling   bool // SIGUSR2 CPU profiles around each run
 }
@@ -191,7 +280,7 @@ type benchGateway struct {
 // newBenchGateway starts bastiond (bin, or this tree's build if empty) on a
 // fresh state directory, upstream to cloud (sub subscribes there), with
 // pubs devices.
-func newBenchGateway(b *testing.B, name, bin string, cloud *mosquitto.Broker, sub *mosquitto.Subscriber, gatewayID string, pubs int) *benchGateway {
+func newBenchGateway(b *testing.B, name, bin string, cloud *mosquitto.Broker, sub *benchSub, gatewayID string, pubs int) *benchGateway {
 	state := filepath.Join(b.TempDir(), "state")
 	if err := os.MkdirAll(state, 0o700); err != nil {
 		b.Fatal(err)
@@ -217,14 +306,23 @@ type runStats struct {
 	fsyncs, fsSec float64
 }
 
-func (g *benchGateway) run(b *testing.B, pubs, inflight, each int, name string) (fullResult, runStats) {
+func (g *benchGateway) run(b *testing.B, pubs, inflight, each int, name string, around func(start bool)) (fullResult, runStats) {
 	pid := g.p.cmd.Process.Pid
-	cpu0, fs0, fsSec0 := cpuTime(b, pid), metric(b, g.state, "bastion_queue_fsyncs_total"), metric(b, g.state, "bastion_queue_fsync_seconds_total")
-	g.profile(b, fmt.Sprintf("%s-%d", name, benchRound), true)
-	r := fullRun(b, g.sub, g.cfg.MQTT.Listen, g.devs[:pubs], inflight, each)
-	g.profile(b, fmt.Sprintf("%s-%d", name, benchRound), false)
-	st := runStats{cpu: cpuTime(b, pid) - cpu0, fsyncs: metric(b, g.state, "bastion_queue_fsyncs_total") - fs0}
-	st.fsSec = metric(b, g.state, "bastion_queue_fsync_seconds_total") - fsSec0
+	var cpu0 time.Duration
+	var fs0, fsSec0 float64
+	var st runStats
+	r := fullRun(b, g.sub, g.cfg.MQTT.Listen, g.devs[:pubs], inflight, each, func(start bool) {
+		if start {
+			cpu0, fs0, fsSec0 = cpuTime(b, pid), metric(b, g.state, "bastion_queue_fsyncs_total"), metric(b, g.state, "bastion_queue_fsync_seconds_total")
+			g.profile(b, fmt.Sprintf("%s-%d", name, benchRound), true)
+			around(true)
+			return
+		}
+		around(false)
+		g.profile(b, fmt.Sprintf("%s-%d", name, benchRound), false)
+		st = runStats{cpu: cpuTime(b, pid) - cpu0, fsyncs: metric(b, g.state, "bastion_queue_fsyncs_total") - fs0}
+		st.fsSec = metric(b, g.state, "bastion_queue_fsync_seconds_total") - fsSec0
+	})
 	return r, st
 }
 
@@ -264,9 +362,17 @@ func (g *benchGateway) profile(b *testing.B, name string, start bool) {
 
 // probe publishes through addr until one message reaches the subscriber
 // (the bridge or the upstream link may still be connecting).
-func probe(b *testing.B, sub *mosquitto.Subscriber, addr string, d *devicesim.Device) {
+func probe(b *testing.B, sub *benchSub, addr string, d *devicesim.Device) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
+	got := make(chan struct{}, 1)
+	sub.setHandler(func([]byte) {
+		select {
+		case got <- struct{}{}:
+		default:
+		}
+	})
+	defer sub.setHandler(nil)
 	c, err := d.DialMQTT(ctx, addr, nil)
 	if err != nil {
 		b.Fatal(err)
@@ -277,10 +383,7 @@ func probe(b *testing.B, sub *mosquitto.Subscriber, addr string, d *devicesim.De
 			b.Fatalf("probe via %s: rc 0x%02x %v", addr, rc, err)
 		}
 		select {
-		case <-sub.Got:
-			for len(sub.Got) > 0 { // later probes
-				<-sub.Got
-			}
+		case <-got:
 			return
 		case <-time.After(200 * time.Millisecond): // next probe: a bridge drops what it had no connection for
 		case <-ctx.Done():
@@ -421,13 +524,14 @@ func (r fullResult) pct(l []time.Duration, p int) time.Duration {
 
 // fullRun connects one device session per device, then each publishes each
 // messages at QoS 1 with inflight publishes awaiting their PUBACK at a
-// time; the subscriber measures.
-func fullRun(b *testing.B, sub *mosquitto.Subscriber, addr string, devs []*devicesim.Device, inflight, each int) fullResult {
+// time; the subscriber measures. around(true) is called once the sessions
+// are up and this process's heap is collected, around(false) once the last
+// message arrived, before the sessions close: what it measures is the
+// messages, not the TLS handshakes and teardown of 50 sessions (which
+// were inside it before, in both paths) nor the previous run's garbage.
+func fullRun(b *testing.B, sub *benchSub, addr string, devs []*devicesim.Device, inflight, each int, around func(start bool)) fullResult {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	for len(sub.Got) > 0 {
-		<-sub.Got
-	}
 	clients := make([]*devicesim.MQTT, len(devs))
 	for i, d := range devs {
 		c, err := d.DialMQTT(ctx, addr, nil)
@@ -444,34 +548,40 @@ func fullRun(b *testing.B, sub *mosquitto.Subscriber, addr string, devs []*devic
 	each -= each % inflight
 	total := len(devs) * each
 	r := fullResult{msgs: total, e2e: make([]time.Duration, 0, total)}
+	// The subscriber's read goroutine measures each arrival; recvMu
+	// guards r.e2e, r.dups and last against a timed-out run's reads.
 	recvDone := make(chan struct{})
+	var recvMu sync.Mutex
 	var last time.Time
-	go func() {
-		defer close(recvDone)
-		seen := make(map[uint64]bool, total)
-		for len(seen) < total {
-			select {
-			case p := <-sub.Got:
-				now := time.Now()
-				if len(p.Payload) < 16 {
-					continue
-				}
-				id := binary.BigEndian.Uint64(p.Payload[8:])
-				if seen[id] {
-					r.dups++
-					continue
-				}
-				seen[id] = true
-				r.e2e = append(r.e2e, now.Sub(time.Unix(0, int64(binary.BigEndian.Uint64(p.Payload)))))
-				last = now
-			case <-ctx.Done():
-				return
-			}
+	seen := make([]bool, total)
+	sub.setHandler(func(p []byte) {
+		now := time.Now()
+		if len(p) < 16 {
+			return
 		}
-	}()
+		id := binary.BigEndian.Uint64(p[8:])
+		recvMu.Lock()
+		defer recvMu.Unlock()
+		if id >= uint64(total) || len(r.e2e) == total { // a late probe or duplicate after the run
+			return
+		}
+		if seen[id] {
+			r.dups++
+			return
+		}
+		seen[id] = true
+		r.e2e = append(r.e2e, now.Sub(time.Unix(0, int64(binary.BigEndian.Uint64(p)))))
+		last = now
+		if len(r.e2e) == total {
+			close(recvDone)
+		}
+	})
+	defer sub.setHandler(nil)
 	var mu sync.Mutex
 	var wg sync.WaitGroup
 	errs := make(chan error, len(devs)*inflight)
+	runtime.GC()
+	around(true)
 	start := time.Now()
 	per := each / inflight
 	for i, c := range clients {
@@ -499,7 +609,14 @@ func fullRun(b *testing.B, sub *mosquitto.Subscriber, addr string, devs []*devic
 		}
 	}
 	wg.Wait()
-	<-recvDone
+	select {
+	case <-recvDone:
+	case <-ctx.Done():
+	}
+	around(false)
+	sub.setHandler(nil)
+	recvMu.Lock()
+	defer recvMu.Unlock()
 	close(errs)
 	for err := range errs {
 		b.Fatal(err)
@@ -511,4 +628,84 @@ func fullRun(b *testing.B, sub *mosquitto.Subscriber, addr string, devs []*devic
 	slices.Sort(r.e2e)
 	slices.Sort(r.ack)
 	return r
+}
+
+// loadRuntime is what this process's Go runtime did during one run: the
+// load generator's own cost, so that the two paths' can be compared.
+type loadRuntime struct {
+	allocs, gcs uint64
+	profile     *os.File
+	name        string // of the heap profiles before and after
+	label       string
+	mono        float64 // CLOCK_MONOTONIC at the start, seconds
+}
+
+// monotonic is CLOCK_MONOTONIC in seconds, the clock perf's -k
+// CLOCK_MONOTONIC stamps samples with.
+func monotonic() float64 {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+		return 0
+	}
+	return float64(ts.Sec) + float64(ts.Nsec)/1e9
+}
+
+// writeHeap writes this process's heap profile (its alloc_objects count
+// every allocation so far, sampled at runtime.MemProfileRate).
+func writeHeap(b *testing.B, path string) {
+	f, err := os.Create(path)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	if err := pprof.Lookup("heap").WriteTo(f, 0); err != nil {
+		b.Fatal(err)
+	}
+}
+
+// loadProfile snapshots the runtime counters and, with BENCH_PROFILE_DIR,
+// starts a CPU profile of this process (loadgen-<name>-<round>.pprof).
+func loadProfile(b *testing.B, name string) loadRuntime {
+	var r loadRuntime
+	if dir := os.Getenv("BENCH_PROFILE_DIR"); dir != "" {
+		f, err := os.Create(filepath.Join(dir, fmt.Sprintf("loadgen-%s-%d.pprof", name, benchRound)))
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := pprof.StartCPUProfile(f); err != nil {
+			b.Fatal(err)
+		}
+		r.profile = f
+		r.mono = monotonic()
+		r.label = name
+		r.name = filepath.Join(dir, fmt.Sprintf("loadgen-allocs-%s-%d", name, benchRound))
+		writeHeap(b, r.name+"-before.pprof")
+	}
+	r.allocs, r.gcs = runtimeCounters()
+	return r
+}
+
+// done stops the profile and returns the counters' increase.
+func (r loadRuntime) done(b *testing.B) loadRuntime {
+	allocs, gcs := runtimeCounters()
+	if r.profile != nil {
+		pprof.StopCPUProfile()
+		if err := r.profile.Close(); err != nil {
+			b.Fatal(err)
+		}
+		writeHeap(b, r.name+"-after.pprof")
+		profNotes = append(profNotes, fmt.Sprintf("%s: CLOCK_MONOTONIC %.6f,%.6f (perf record -k CLOCK_MONOTONIC; perf report --time a,b); load generator CPU profile: go tool pprof %s; allocations: go tool pprof -sample_index alloc_objects -diff_base %[4]s-before.pprof %[4]s-after.pprof",
+			r.label, r.mono, monotonic(), r.profile.Name(), r.name))
+	}
+	return loadRuntime{allocs: allocs - r.allocs, gcs: gcs - r.gcs}
+}
+
+func (r loadRuntime) String(msgs int) string {
+	return fmt.Sprintf("%.1f allocs/msg, %d GCs", float64(r.allocs)/float64(msgs), r.gcs)
+}
+
+func runtimeCounters() (allocs, gcs uint64) {
+	s := []metrics.Sample{{Name: "/gc/heap/allocs:objects"}, {Name: "/gc/cycles/total:gc-cycles"}}
+	metrics.Read(s)
+	return s[0].Value.Uint64(), s[1].Value.Uint64()
 }

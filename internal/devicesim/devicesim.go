@@ -94,6 +94,11 @@ type Device struct {
 	// ServerName is checked in the gateway's certificate (default: the
 	// host of the address dialled).
 	ServerName string
+	// PacketWrites makes the MQTT session write each packet with one
+	// Write, so one TLS record, as most MQTT clients (paho.mqtt.c,
+	// mosquitto_pub, embedded stacks) do; by default paho.golang writes a
+	// PUBLISH in several (fixed header, topic, properties, payload).
+	PacketWrites bool
 }
 
 func (d *Device) roots() (*x509.CertPool, error) {

@@ -58,7 +58,7 @@ func (d *Device) DialMQTTAs(ctx context.Context, addr, clientID string, onMessag
 		return nil, fmt.Errorf("mqtts connect to %s as %s: %w", addr, d.ID, err)
 	}
 	m := &MQTT{conn: conn, id: d.ID}
-	cc := paho.ClientConfig{Conn: &lockedConn{Conn: conn},
+	cc := paho.ClientConfig{Conn: &lockedConn{Conn: conn, whole: d.PacketWrites},
 		OnServerDisconnect: func(dc *paho.Disconnect) {
 			m.setErr(fmt.Errorf("server sent DISCONNECT reason 0x%02x %s", dc.ReasonCode, reasonString(dc.Properties)))
 		},
@@ -94,9 +94,46 @@ func (d *Device) DialMQTTAs(ctx context.Context, addr, clientID string, onMessag
 // without the lock interleaves with the first PUBLISH (brokers then see a
 // malformed packet and drop the connection). paho takes the lock when the
 // connection implements sync.Locker.
+//
+// With whole (Device.PacketWrites) what paho writes under the lock is
+// gathered and written with one Write when it unlocks: one TLS record per
+// packet instead of paho's several for a PUBLISH.
 type lockedConn struct {
 	net.Conn
-	sync.Mutex
+	mu    sync.Mutex
+	whole bool
+	held  bool
+	buf   []byte
+	err   error // of the last gathered write, returned by the next Write
+}
+
+func (c *lockedConn) Lock() {
+	c.mu.Lock()
+	c.held = c.whole
+}
+
+func (c *lockedConn) Unlock() {
+	if c.held {
+		if len(c.buf) > 0 && c.err == nil {
+			if _, err := c.Conn.Write(c.buf); err != nil {
+				c.err = err
+				c.Conn.Close() // paho's reader sees it and ends the session
+			}
+		}
+		c.buf, c.held = c.buf[:0], false
+	}
+	c.mu.Unlock()
+}
+
+func (c *lockedConn) Write(p []byte) (int, error) {
+	if !c.held {
+		return c.Conn.Write(p)
+	}
+	if c.err != nil {
+		return 0, c.err
+	}
+	c.buf = append(c.buf, p...)
+	return len(p), nil
 }
 
 // Publish sends a message on topic. A refusal by the gateway is not an
