@@ -811,7 +811,14 @@ func (q *Queue) commit(seg *segment, batch []pending) {
 	q.m.fsyncSec.Add(took.Seconds())
 	q.m.fsyncs.Inc()
 	q.mu.Lock()
-	q.fsyncEWMA += (took - q.fsyncEWMA) / 8
+	if q.fsyncEWMA == 0 {
+		// The first commit's fsync is the mean until there are more: from
+		// zero, an average that moves an eighth of the way would call a
+		// slow disk quick for its first several commits (useRawSync).
+		q.fsyncEWMA = max(took, time.Nanosecond)
+	} else {
+		q.fsyncEWMA += (took - q.fsyncEWMA) / 8
+	}
 	switch {
 	case err != nil:
 		err = fmt.Errorf("queue: fsync %s: %w", seg.path, err)

@@ -15,7 +15,9 @@ const rawSyncBelow = 2 * time.Millisecond
 
 // useRawSync reports whether the queue's per-commit system calls should be
 // made raw: only when the process has another P to run everything else
-// meanwhile and the disk's recent commits were quick.
+// meanwhile and the disk's recent commits were quick. Before the first
+// commit there is no mean (zero) and the runtime's entry is used: the
+// first fsync on an unknown disk may be an SD card's tens of milliseconds.
 //
 // Why at all: an fsync through (*os.File).Sync enters the kernel through
 // the runtime's syscall entry, and it takes longer than one tick of the
@@ -38,7 +40,7 @@ const rawSyncBelow = 2 * time.Millisecond
 // above rawSyncBelow, e.g. an SD card) or a single P (everything would
 // stop for the fsync) keeps the runtime's entry.
 func useRawSync(procs int, meanFsync time.Duration) bool {
-	return procs >= 2 && meanFsync < rawSyncBelow
+	return procs >= 2 && meanFsync > 0 && meanFsync < rawSyncBelow
 }
 
 // defaultSync is the commit's fsync when Options.Sync is not set. Only the

@@ -2,6 +2,7 @@ package queue
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"io"
 	"os"
@@ -18,7 +19,7 @@ func TestUseRawSync(t *testing.T) {
 		want  bool
 	}{
 		"two Ps, fast disk":        {2, 300 * time.Microsecond, true},
-		"first commit (no mean)":   {4, 0, true},
+		"first commit (no mean)":   {4, 0, false},
 		"one P":                    {1, 300 * time.Microsecond, false},
 		"slow disk":                {2, rawSyncBelow, false},
 		"slow disk, many Ps":       {8, 20 * time.Millisecond, false},
@@ -107,5 +108,31 @@ func TestRawPwritePread(t *testing.T) {
 	defer r.Close()
 	if _, err := rawPwrite(r, got, 0); !errors.Is(err, syscall.EBADF) {
 		t.Errorf("rawPwrite on a read-only file: %v, want EBADF", err)
+	}
+}
+
+// The first commit's fsync time is the mean, not an eighth of it: a disk
+// whose first fsync is slow is not taken for a quick one (the raw calls
+// stay off), and before any commit there is no mean and no raw call.
+func TestFsyncMeanStartsAtFirstCommit(t *testing.T) {
+	const slow = 3 * rawSyncBelow
+	q, _ := open(t, t.TempDir(), Options{Sync: func(f *os.File) error {
+		time.Sleep(slow)
+		return f.Sync()
+	}})
+	q.mu.Lock()
+	raw := q.rawIO()
+	q.mu.Unlock()
+	if raw {
+		t.Fatal("raw system calls before any commit, with no fsync time measured")
+	}
+	if err := q.Accept(context.Background(), msg("d", 0)); err != nil {
+		t.Fatal(err)
+	}
+	q.mu.Lock()
+	mean, raw := q.fsyncEWMA, q.rawIO()
+	q.mu.Unlock()
+	if mean < slow || raw {
+		t.Errorf("after one fsync of at least %v: mean %v, raw %v; want the mean ≥ %v and no raw calls", slow, mean, raw, slow)
 	}
 }
