@@ -327,38 +327,6 @@ func schedStat(pid int) (ns, slices int64) {
 	return ns, slices
 }
 
-// tcpSegments returns the TCP segments this network namespace has received
-// and sent so far (/proc/net/snmp InSegs + OutSegs), or -1. On loopback every
-// segment one side sends the other receives, and each is a pass through both
-// TCP stacks: a sender whose writes find the receiver's window open sends
-// each write as its own segment, one that finds it full coalesces them.
-func tcpSegments() int64 {
-	raw, err := os.ReadFile("/proc/net/snmp")
-	if err != nil {
-		return -1
-	}
-	var names []string
-	for _, line := range strings.Split(string(raw), "\n") {
-		f := strings.Fields(line)
-		if len(f) == 0 || f[0] != "Tcp:" {
-			continue
-		}
-		if names == nil {
-			names = f
-			continue
-		}
-		var n int64
-		for i := 1; i < len(f) && i < len(names); i++ {
-			if names[i] == "InSegs" || names[i] == "OutSegs" {
-				v, _ := strconv.ParseInt(f[i], 10, 64)
-				n += v
-			}
-		}
-		return n
-	}
-	return -1
-}
-
 func waitTCP(b *testing.B, addr string, out *bytes.Buffer) {
 	deadline := time.Now().Add(10 * time.Second)
 	for {

@@ -1,7 +1,6 @@
 package powercut
 
 import (
-	"bytes"
 	"context"
 	"encoding/binary"
 	"fmt"
@@ -23,6 +22,7 @@ import (
 	"github.com/bastion-iot/bastion/gateway/config"
 	"github.com/bastion-iot/bastion/gateway/control"
 	"github.com/bastion-iot/bastion/internal/devicesim"
+	"github.com/bastion-iot/bastion/internal/testenv"
 	"github.com/bastion-iot/bastion/internal/testutil/mosquitto"
 )
 
@@ -392,18 +392,13 @@ func probe(b *testing.B, sub *benchSub, addr string, d *devicesim.Device) {
 	}
 }
 
-// cpuTime is the user+system CPU time pid used so far (/proc/pid/stat,
-// clock ticks of 10 ms on Linux/amd64).
+// cpuTime is the user+system CPU time pid used so far (testenv.ProcCPU,
+// clock ticks of 10 ms).
 func cpuTime(b *testing.B, pid int) time.Duration {
-	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
+	if _, err := os.Stat(fmt.Sprintf("/proc/%d", pid)); err != nil {
 		b.Fatal(err)
 	}
-	// Fields after the command name, which is in parentheses.
-	f := strings.Fields(string(raw[bytes.LastIndexByte(raw, ')')+2:]))
-	utime, _ := strconv.ParseInt(f[11], 10, 64)
-	stime, _ := strconv.ParseInt(f[12], 10, 64)
-	return time.Duration(utime+stime) * 10 * time.Millisecond
+	return testenv.ProcCPU(pid)
 }
 
 // otherCPU is the CPU, besides the gateway's, that one run cost.
@@ -437,27 +432,11 @@ func boxCPU(b *testing.B) time.Duration {
 
 // tcpSegs is the TCP segments the box has sent (/proc/net/snmp OutSegs).
 func tcpSegs(b *testing.B) int64 {
-	raw, err := os.ReadFile("/proc/net/snmp")
-	if err != nil {
-		b.Fatal(err)
+	n := testenv.TCPCounter("OutSegs")
+	if n < 0 {
+		b.Fatal("no Tcp OutSegs in /proc/net/snmp")
 	}
-	var head []string
-	for _, l := range strings.Split(string(raw), "\n") {
-		f := strings.Fields(l)
-		if len(f) == 0 || f[0] != "Tcp:" {
-			continue
-		}
-		if head == nil {
-			head = f
-			continue
-		}
-		if i := slices.Index(head, "OutSegs"); i > 0 && i < len(f) {
-			v, _ := strconv.ParseInt(f[i], 10, 64)
-			return v
-		}
-	}
-	b.Fatal("no Tcp OutSegs in /proc/net/snmp")
-	return 0
+	return n
 }
 
 // switches is the context switches all of pid's threads made so far.

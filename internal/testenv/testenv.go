@@ -11,6 +11,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -84,4 +85,37 @@ func ProcCPU(pid int) time.Duration {
 	ut, _ := strconv.ParseInt(f[11], 10, 64)
 	st, _ := strconv.ParseInt(f[12], 10, 64)
 	return time.Duration(ut+st) * 10 * time.Millisecond
+}
+
+// TCPCounter sums the named counters of the Tcp: lines of /proc/net/snmp
+// (this network namespace's, e.g. "InSegs", "OutSegs"), or returns -1 if
+// they cannot be read. On loopback every segment one side sends the other
+// receives, and each is a pass through both TCP stacks: a sender whose
+// writes find the receiver's window open sends each write as its own
+// segment, one that finds it full coalesces them.
+func TCPCounter(names ...string) int64 {
+	raw, err := os.ReadFile("/proc/net/snmp")
+	if err != nil {
+		return -1
+	}
+	var head []string
+	for _, line := range strings.Split(string(raw), "\n") {
+		f := strings.Fields(line)
+		if len(f) == 0 || f[0] != "Tcp:" {
+			continue
+		}
+		if head == nil {
+			head = f
+			continue
+		}
+		var n int64
+		for i := 1; i < len(f) && i < len(head); i++ {
+			if slices.Contains(names, head[i]) {
+				v, _ := strconv.ParseInt(f[i], 10, 64)
+				n += v
+			}
+		}
+		return n
+	}
+	return -1
 }
