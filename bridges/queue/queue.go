@@ -29,6 +29,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"sort"
 	"strings"
@@ -612,6 +613,14 @@ func (q *Queue) writer() {
 		q.mu.Unlock()
 		switch {
 		case haveBatch:
+			// The writer was woken by the first message of what may be
+			// many: a device session that accepts a message makes the
+			// writer its P's next goroutine, ahead of the other sessions
+			// readied by the same network poll. Yielding once lets those
+			// run and join this batch first (50 devices: 14–15 → 20–22
+			// messages per fsync; with a single P, the writer otherwise
+			// commits one message while the rest wait behind its fsync).
+			runtime.Gosched()
 			q.gatherWait(gt)
 			q.flush(true)
 		case haveAcks && fired:
