@@ -302,29 +302,8 @@ max_packet_size 65536
 // shared machine disturbs least: other jobs stretch a run's wall time, not
 // the cycles the broker spends on it.
 func cpuTime(pid int) time.Duration {
-	ns, _ := schedStat(pid)
+	ns, _ := testenv.SchedStat(pid)
 	return time.Duration(ns)
-}
-
-// schedStat sums /proc/PID/task/*/schedstat over pid's threads: the CPU
-// time they ran (ns) and how many times they were scheduled in (each wake
-// after a sleep counts: a broker that keeps up with a publisher sleeps and
-// is woken between packets, one that lags finds the next ones waiting).
-func schedStat(pid int) (ns, slices int64) {
-	tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/schedstat", pid))
-	for _, t := range tasks {
-		raw, err := os.ReadFile(t)
-		if err != nil {
-			continue // the thread ended
-		}
-		if f := strings.Fields(string(raw)); len(f) > 2 {
-			v, _ := strconv.ParseInt(f[0], 10, 64)
-			n, _ := strconv.ParseInt(f[2], 10, 64)
-			ns += v
-			slices += n
-		}
-	}
-	return ns, slices
 }
 
 func waitTCP(b *testing.B, addr string, out *bytes.Buffer) {

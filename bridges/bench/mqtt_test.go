@@ -99,7 +99,7 @@ func mqttLoadOnce(b *testing.B, addr string, pid int, devs []*devicesim.Device, 
 	var lat []time.Duration
 	var firstErr error
 	var wg sync.WaitGroup
-	_, sl0 := schedStat(pid)
+	_, sl0 := testenv.SchedStat(pid)
 	seg0 := testenv.TCPCounter("InSegs", "OutSegs")
 	cpu0, self0 := cpuTime(pid), selfCPU()
 	start := time.Now()
@@ -139,7 +139,7 @@ func mqttLoadOnce(b *testing.B, addr string, pid int, devs []*devicesim.Device, 
 		}()
 	}
 	wg.Wait()
-	return result{msgs: per * len(clients), elapsed: time.Since(start), lat: lat, cpu: cpuTime(pid) - cpu0, client: selfCPU() - self0, slices: func() int64 { _, n := schedStat(pid); return n - sl0 }(), segs: testenv.TCPCounter("InSegs", "OutSegs") - seg0}, firstErr
+	return result{msgs: per * len(clients), elapsed: time.Since(start), lat: lat, cpu: cpuTime(pid) - cpu0, client: selfCPU() - self0, slices: func() int64 { _, n := testenv.SchedStat(pid); return n - sl0 }(), segs: testenv.TCPCounter("InSegs", "OutSegs") - seg0}, firstErr
 }
 
 // mqttRounds counts load rounds in this test binary, to alternate who goes

@@ -168,14 +168,14 @@ topic # out 1 devices/ bastion/%s/
 			m = fullRun(b, sub, edge.Addr, mDevs[:sc.pubs], sc.inflight, sc.each, func(start bool) {
 				if start {
 					ecpu0, ccpu0, lcpu0, box0 = cpuTime(b, edge.Pid()), cpuTime(b, cloud.Pid()), cpuTime(b, os.Getpid()), boxCPU(b)
-					segs0, sw0 = tcpSegs(b), switches(b, os.Getpid())
+					segs0, sw0 = tcpSegs(b), switches(os.Getpid())
 					rt0 = loadProfile(b, "mosquitto-"+name)
 					return
 				}
 				mRT = rt0.done(b)
 				ecpu = cpuTime(b, edge.Pid()) - ecpu0
 				mOther = otherCPU{cloud: cpuTime(b, cloud.Pid()) - ccpu0, load: cpuTime(b, os.Getpid()) - lcpu0, box: boxCPU(b) - box0,
-					segs: tcpSegs(b) - segs0, switches: switches(b, os.Getpid()) - sw0}
+					segs: tcpSegs(b) - segs0, switches: switches(os.Getpid()) - sw0}
 			})
 		}
 		mosquittoLast := (benchRound+i)%2 == 1
@@ -202,13 +202,13 @@ topic # out 1 devices/ bastion/%s/
 			g, st := gw.run(b, sc.pubs, sc.inflight, sc.each, name, func(start bool) {
 				if start {
 					ccpu0, lcpu0, box0 = cpuTime(b, gw.cloud.Pid()), cpuTime(b, os.Getpid()), boxCPU(b)
-					segs0, sw0 = tcpSegs(b), switches(b, os.Getpid())
+					segs0, sw0 = tcpSegs(b), switches(os.Getpid())
 					rt0 = loadProfile(b, gw.name+"-"+name)
 					return
 				}
 				gRT = rt0.done(b)
 				gOther = otherCPU{cloud: cpuTime(b, gw.cloud.Pid()) - ccpu0, load: cpuTime(b, os.Getpid()) - lcpu0, box: boxCPU(b) - box0,
-					segs: tcpSegs(b) - segs0, switches: switches(b, os.Getpid()) - sw0}
+					segs: tcpSegs(b) - segs0, switches: switches(os.Getpid()) - sw0}
 			})
 			results = append(results, gwResult{gw, g, st, gOther, gRT})
 		}
@@ -229,10 +229,10 @@ topic # out 1 devices/ bastion/%s/
 				float64(ecpu.Microseconds())/float64(m.msgs), ecpu.Seconds()/m.elapsed.Seconds()))
 			// Where the whole box's CPU went: the cloud broker, this
 			// process (devices and subscriber) and everything busy.
-			lines = append(lines, fmt.Sprintf("%25s CPU µs/msg: %s cloud %.0f, load generator %.0f (%s), box %.0f; TCP segments/msg %.1f, load generator switches/msg %.1f | Mosquitto bridge (measured %s): cloud %.0f, load generator %.0f (%s), box %.0f; segments/msg %.1f, switches/msg %.1f",
-				"", gw.name, gOther.perMsg(gOther.cloud, g.msgs), gOther.perMsg(gOther.load, g.msgs), gRT.String(g.msgs), gOther.perMsg(gOther.box, g.msgs),
+			lines = append(lines, fmt.Sprintf("%25s CPU µs/msg: %s cloud %.0f, load generator %.0f (%s), box %.0f; TCP segments/msg %.1f, load generator scheduled in/msg %.1f | Mosquitto bridge (measured %s): cloud %.0f, load generator %.0f (%s), box %.0f; segments/msg %.1f, scheduled in/msg %.1f",
+				"", gw.name, perMsg(gOther.cloud, g.msgs), perMsg(gOther.load, g.msgs), gRT.String(g.msgs), perMsg(gOther.box, g.msgs),
 				float64(gOther.segs)/float64(g.msgs), float64(gOther.switches)/float64(g.msgs), mPos,
-				mOther.perMsg(mOther.cloud, m.msgs), mOther.perMsg(mOther.load, m.msgs), mRT.String(m.msgs), mOther.perMsg(mOther.box, m.msgs),
+				perMsg(mOther.cloud, m.msgs), perMsg(mOther.load, m.msgs), mRT.String(m.msgs), perMsg(mOther.box, m.msgs),
 				float64(mOther.segs)/float64(m.msgs), float64(mOther.switches)/float64(m.msgs)))
 			prefix := "bastion"
 			if gw.name != "Bastion" {
@@ -404,10 +404,10 @@ func cpuTime(b *testing.B, pid int) time.Duration {
 // otherCPU is the CPU, besides the gateway's, that one run cost.
 type otherCPU struct {
 	cloud, load, box time.Duration
-	segs, switches   int64 // TCP segments sent box-wide; the load generator's context switches
+	segs, switches   int64 // TCP segments sent box-wide; times the load generator's threads were scheduled in
 }
 
-func (otherCPU) perMsg(d time.Duration, msgs int) float64 {
+func perMsg(d time.Duration, msgs int) float64 {
 	return float64(d.Microseconds()) / float64(msgs)
 }
 
@@ -439,28 +439,10 @@ func tcpSegs(b *testing.B) int64 {
 	return n
 }
 
-// switches is the context switches all of pid's threads made so far.
-func switches(b *testing.B, pid int) int64 {
-	dirs, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
-	if err != nil {
-		b.Fatal(err)
-	}
-	var n int64
-	for _, d := range dirs {
-		raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/status", pid, d.Name()))
-		if err != nil {
-			continue // the thread exited
-		}
-		for _, l := range strings.Split(string(raw), "\n") {
-			if v, ok := strings.CutPrefix(l, "voluntary_ctxt_switches:"); ok {
-				k, _ := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
-				n += k
-			} else if v, ok := strings.CutPrefix(l, "nonvoluntary_ctxt_switches:"); ok {
-				k, _ := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
-				n += k
-			}
-		}
-	}
+// switches is how many times pid's threads were scheduled in so far
+// (testenv.SchedStat): each wake after a sleep counts.
+func switches(pid int) int64 {
+	_, n := testenv.SchedStat(pid)
 	return n
 }
 
