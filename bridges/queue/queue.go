@@ -67,7 +67,8 @@ type Options struct {
 	Now func() time.Time
 	// Sync makes a written batch durable; default fsync(2) (with a fast
 	// disk and more than one P without the runtime's syscall entry, see
-	// useRawSync). Tests set it to hold or fail the group commit's fsync.
+	// useRawSync; with one P submitted asynchronously, see defaultSync).
+	// Tests set it to hold or fail the group commit's fsync.
 	Sync func(f *os.File) error
 }
 
@@ -178,6 +179,11 @@ type Queue struct {
 	// below it do not wake the writer). See gatherWait.
 	lastBatch, gather int
 	fsyncEWMA         time.Duration // recent fsync time (moving average)
+	// aio is the writer's asynchronous fsync (defaultSync), set up at its
+	// first commit; noAIO once it is known not to work here. The writer
+	// goroutine's only.
+	aio   *aioFsync
+	noAIO bool
 	// strs holds the device ids and topics Next hands out (under mu).
 	strs interner
 
@@ -593,6 +599,11 @@ func (q *Queue) oldestLocked() time.Time {
 // timer Ack armed fires. When idle it writes nothing.
 func (q *Queue) writer() {
 	defer close(q.stopped)
+	defer func() {
+		if q.aio != nil {
+			q.aio.close()
+		}
+	}()
 	gt := time.NewTimer(time.Hour)
 	gt.Stop()
 	for {

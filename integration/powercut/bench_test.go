@@ -61,7 +61,10 @@ import (
 // BENCH_FULLSTACK_SCALE=<factor> multiplies the messages per scenario;
 // BENCH_FULLSTACK_ONLY=1pub,1pubx16,50pub runs only the scenarios named;
 // BENCH_MQTT_WRITES=packet makes every device write a packet as one TLS
-// record (paho.golang writes a PUBLISH in several).
+// record (paho.golang writes a PUBLISH in several);
+// BENCH_BASTIOND_WRAP=<program> starts every bastiond (this build and the
+// baseline) as "program bastiond args...", e.g. a two-line script that sets
+// GOMAXPROCS=1 and execs "taskset -c 0 $@" to try a one-core router.
 func BenchmarkFullStack(b *testing.B) {
 	const gatewayID = "gw1"
 	if os.Getenv("BENCH_PROFILE_DIR") != "" {

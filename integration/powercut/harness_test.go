@@ -196,6 +196,9 @@ func startGatewayBin(tb testing.TB, bin string, cfg config.Config, writeConfig b
 		}
 	}
 	cmd := exec.Command(bin, "--dev", "--state", cfg.StateDir)
+	if w := os.Getenv("BENCH_BASTIOND_WRAP"); w != "" {
+		cmd = exec.Command(w, bin, "--dev", "--state", cfg.StateDir)
+	}
 	if dir := os.Getenv("BENCH_PROFILE_DIR"); dir != "" {
 		cmd.Env = append(os.Environ(), "BASTIOND_PROFILE_DIR="+dir)
 	}
