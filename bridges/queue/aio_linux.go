@@ -83,7 +83,8 @@ func newAIOFsync() (*aioFsync, error) {
 		return nil, fmt.Errorf("%w: eventfd: %w", errAIOUnsupported, err)
 	}
 	// A non-blocking descriptor given to os.NewFile is registered with the
-	// runtime's poller: Read parks the goroutine, not the thread.
+	// runtime's poller: Read parks the goroutine, not the thread (and Fd
+	// leaves such a descriptor non-blocking; TestAIOFsync checks).
 	return &aioFsync{ctx: ctx, efd: os.NewFile(uintptr(fd), "queue-aio-eventfd")}, nil
 }
 
@@ -116,11 +117,12 @@ func (a *aioFsync) fsyncFd(fd uintptr) error {
 			break
 		}
 		if e != syscall.EINTR {
-			if e == syscall.EINVAL || e == syscall.ENOSYS || e == syscall.EPERM {
-				// The file system has no AIO fsync, or a policy refuses it.
-				return fmt.Errorf("%w: io_submit: %w", errAIOUnsupported, e)
-			}
-			return fmt.Errorf("io_submit: %w", e)
+			// EINVAL: the file system has no AIO fsync; ENOSYS, EPERM: the
+			// kernel or a policy refuses it; EAGAIN: no room. Whatever it
+			// is, nothing was submitted, and the blocking fsync the queue
+			// falls back to reports the file's own error if it has one:
+			// AIO never fails a commit that fsync(2) would not.
+			return fmt.Errorf("%w: io_submit: %w", errAIOUnsupported, e)
 		}
 	}
 	if _, err := a.efd.Read(a.ev[:]); err != nil {

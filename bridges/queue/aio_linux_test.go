@@ -9,6 +9,8 @@ import (
 	"runtime"
 	"syscall"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // TestAIOFsync: the asynchronous fsync syncs a real file, reports a file
@@ -33,6 +35,15 @@ func TestAIOFsync(t *testing.T) {
 		if err := a.fsync(f); err != nil {
 			t.Fatalf("aio fsync: %v", err)
 		}
+	}
+	// The eventfd stays non-blocking, so that waiting parks the goroutine
+	// in the poller instead of blocking a thread.
+	fl, err := unix.FcntlInt(a.efd.Fd(), unix.F_GETFL, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fl&unix.O_NONBLOCK == 0 {
+		t.Error("the eventfd was put in blocking mode")
 	}
 	f.Close()
 	if err := a.fsync(f); err == nil || errors.Is(err, errAIOUnsupported) {
