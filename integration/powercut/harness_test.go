@@ -195,10 +195,11 @@ func startGatewayBin(tb testing.TB, bin string, cfg config.Config, writeConfig b
 			tb.Fatal(err)
 		}
 	}
-	cmd := exec.Command(bin, "--dev", "--state", cfg.StateDir)
+	argv := []string{bin, "--dev", "--state", cfg.StateDir}
 	if w := os.Getenv("BENCH_BASTIOND_WRAP"); w != "" {
-		cmd = exec.Command(w, bin, "--dev", "--state", cfg.StateDir)
+		argv = append([]string{w}, argv...)
 	}
+	cmd := exec.Command(argv[0], argv[1:]...)
 	if dir := os.Getenv("BENCH_PROFILE_DIR"); dir != "" {
 		cmd.Env = append(os.Environ(), "BASTIOND_PROFILE_DIR="+dir)
 	}

@@ -114,16 +114,20 @@ func Parse(r io.Reader) (Results, error) {
 
 // Verdict is one goal against its measurements.
 type Verdict struct {
-	Goal              Goal
-	Values            []float64 // every round's value
-	Min, Median, Max  float64
-	Met               int // rounds meeting the goal
-	MedianMeets       bool
-	MeasuredSomewhere bool
+	Goal             Goal
+	Values           []float64 // every round's value
+	Min, Median, Max float64
+	Met              int // rounds meeting the goal
 }
 
+// Measured reports whether the goal's benchmark ran.
+func (v Verdict) Measured() bool { return len(v.Values) > 0 }
+
+// MedianMeets reports whether the median reaches the goal.
+func (v Verdict) MedianMeets() bool { return v.Measured() && v.Goal.met(v.Median) }
+
 // Judge evaluates every goal against res. Goals whose benchmark did not
-// run come back with MeasuredSomewhere false.
+// run come back with no values (Measured false).
 func Judge(res Results, goals []Goal) []Verdict {
 	var out []Verdict
 	for _, g := range goals {
@@ -138,8 +142,7 @@ func Judge(res Results, goals []Goal) []Verdict {
 		for _, name := range names {
 			v.Values = append(v.Values, res[name][g.Metric]...)
 		}
-		if len(v.Values) > 0 {
-			v.MeasuredSomewhere = true
+		if v.Measured() {
 			s := slices.Clone(v.Values)
 			slices.Sort(s)
 			v.Min, v.Max = s[0], s[len(s)-1]
@@ -153,7 +156,6 @@ func Judge(res Results, goals []Goal) []Verdict {
 					v.Met++
 				}
 			}
-			v.MedianMeets = g.met(v.Median)
 		}
 		out = append(out, v)
 	}
@@ -168,7 +170,7 @@ func Write(w io.Writer, vs []Verdict) error {
 	fmt.Fprintln(bw, "|---|---|---|---|---|---|---|")
 	var absent []string
 	for _, v := range vs {
-		if !v.MeasuredSomewhere {
+		if !v.Measured() {
 			absent = append(absent, v.Goal.What)
 			continue
 		}
@@ -176,7 +178,7 @@ func Write(w io.Writer, vs []Verdict) error {
 		switch {
 		case v.Met == len(v.Values):
 			verdict += " (met)"
-		case v.MedianMeets:
+		case v.MedianMeets():
 			verdict += " (median meets)"
 		default:
 			verdict += " (not met)"
