@@ -109,6 +109,13 @@ func newUDPIO(conn *net.UDPConn) udpIO {
 // read is RawConn.Read's callback: false asks the poller to wait until the
 // socket is readable and call it again.
 func (r *rawUDP) read(fd uintptr) bool {
+	r.rn, r.rerrno = r.recvmmsg(fd)
+
+	return r.rerrno != syscall.EAGAIN
+}
+
+// recvmmsg reads up to readBatch datagrams into r.bufs (EINTR retried).
+func (r *rawUDP) recvmmsg(fd uintptr) (int, syscall.Errno) {
 	for i := range r.msgs {
 		r.msgs[i].hdr.Namelen = syscall.SizeofSockaddrInet6
 		r.msgs[i].hdr.Flags = 0
@@ -117,12 +124,9 @@ func (r *rawUDP) read(fd uintptr) bool {
 	for {
 		n, _, e := syscall.RawSyscall6(syscall.SYS_RECVMMSG, fd,
 			uintptr(unsafe.Pointer(&r.msgs[0])), readBatch, msgWaitForOne, 0, 0)
-		if e == syscall.EINTR {
-			continue
+		if e != syscall.EINTR {
+			return int(n), e
 		}
-		r.rn, r.rerrno = int(n), e
-
-		return e != syscall.EAGAIN
 	}
 }
 
@@ -160,18 +164,10 @@ func (r *rawUDP) serve(dispatch func(b []byte, ap netip.AddrPort)) error {
 // the loop (an error in rerrno), false to wait for readability.
 func (r *rawUDP) serveRead(fd uintptr) bool {
 	for {
-		for i := range r.msgs {
-			r.msgs[i].hdr.Namelen = syscall.SizeofSockaddrInet6
-			r.msgs[i].hdr.Flags = 0
-			r.msgs[i].len = 0
-		}
-		n, _, e := syscall.RawSyscall6(syscall.SYS_RECVMMSG, fd,
-			uintptr(unsafe.Pointer(&r.msgs[0])), readBatch, msgWaitForOne, 0, 0)
+		n, e := r.recvmmsg(fd)
 		r.recvs.Add(1)
 		switch e {
 		case 0:
-		case syscall.EINTR:
-			continue
 		case syscall.EAGAIN:
 			return false
 		default:
@@ -179,7 +175,7 @@ func (r *rawUDP) serveRead(fd uintptr) bool {
 
 			return true
 		}
-		for i := range int(n) {
+		for i := range n {
 			m := int(r.msgs[i].len)
 			if m > receiveMTU {
 				m = receiveMTU
