@@ -64,6 +64,7 @@ var Goals = []Goal{
 	goal("full stack, 1 device, 16 in flight: e2e p99, µs", `^BenchmarkFullStack$`, "bastion-p99-µs-1pubx16", false, 5000),
 	goal("full stack, 50 devices: throughput / Mosquitto bridge", `^BenchmarkFullStack$`, "bastion-tput-ratio-50pub", true, 1),
 	goal("full stack, 50 devices: e2e p99, µs", `^BenchmarkFullStack$`, "bastion-p99-µs-50pub", false, 5000),
+	goal("full stack, 50 devices paced at 10,000 msg/s: e2e p99, µs", `^BenchmarkFullStack$`, "bastion-p99-µs-50paced", false, 5000),
 	goal("firewall: apply 100 rules, ms", `^BenchmarkApply100Rules$`, "bastion-ms/apply", false, 100),
 	goal("firmware to 100 CoAPS devices / libcoap", `^BenchmarkCoAPSServe$`, "ratio", true, 1),
 	goal("firmware serving: RSS growth, MiB", `^BenchmarkCoAPSServe$`, "bastion-RSS-growth-MiB", false, 64),
