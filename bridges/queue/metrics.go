@@ -10,7 +10,7 @@ type metrics struct {
 	oldest   prometheus.GaugeFunc
 	refused  *prometheus.CounterVec
 	fsyncs   prometheus.Counter
-	fsyncSec prometheus.Counter
+	fsyncSec prometheus.Histogram
 	accepted prometheus.Counter
 	acked    prometheus.Counter
 	cut      prometheus.Counter
@@ -35,8 +35,13 @@ func newMetrics(q *Queue) *metrics {
 			Help: "Messages refused by the queue, by reason (bytes, age, too_large, disk_full)."}, []string{"reason"}),
 		fsyncs: prometheus.NewCounter(prometheus.CounterOpts{Name: "bastion_queue_fsyncs_total",
 			Help: "fsync calls made by the queue (one per group-commit batch)."}),
-		fsyncSec: prometheus.NewCounter(prometheus.CounterOpts{Name: "bastion_queue_fsync_seconds_total",
-			Help: "Time spent in group-commit fsyncs (divided by bastion_queue_fsyncs_total: the mean commit latency of the disk)."}),
+		// A histogram, not only a sum: a disk whose mean commit is quick
+		// but whose every hundredth stalls for milliseconds (an SD card's
+		// garbage collection, a busy host's flush) holds every device
+		// waiting on that commit, and only the buckets show it.
+		fsyncSec: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "bastion_queue_fsync_seconds",
+			Help:    "Duration of group-commit fsyncs (_sum over _count: the disk's mean commit latency; the buckets: its tail).",
+			Buckets: []float64{50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 20e-3, 50e-3, 100e-3, 250e-3, 1}}),
 		accepted: prometheus.NewCounter(prometheus.CounterOpts{Name: "bastion_queue_accepted_total",
 			Help: "Messages written to the queue."}),
 		acked: prometheus.NewCounter(prometheus.CounterOpts{Name: "bastion_queue_acked_total",

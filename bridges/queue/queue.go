@@ -828,7 +828,7 @@ func (q *Queue) commit(seg *segment, batch []pending) {
 	}
 	err := sync(seg.f)
 	took := time.Since(t0)
-	q.m.fsyncSec.Add(took.Seconds())
+	q.m.fsyncSec.Observe(took.Seconds())
 	q.m.fsyncs.Inc()
 	q.mu.Lock()
 	if q.fsyncEWMA == 0 {

@@ -26,6 +26,7 @@ import (
 	"github.com/bastion-iot/bastion/internal/testenv"
 	"github.com/google/go-cmp/cmp"
 	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 	"go.uber.org/goleak"
 )
 
@@ -956,6 +957,50 @@ func TestAckInAnyOrderKeepsTheRest(t *testing.T) {
 			if err != nil || len(got) != len(held) {
 				t.Fatalf("after reopen %d held, want %d (%v)", len(got), len(held), err)
 			}
+		}
+	}
+}
+
+// TestFsyncHistogram: every commit's fsync is observed, so a slow commit
+// shows in the buckets though the mean hides it.
+func TestFsyncHistogram(t *testing.T) {
+	var n int
+	q, reg := open(t, t.TempDir(), Options{Sync: func(f *os.File) error {
+		n++ // the writer goroutine only
+		if n == 2 {
+			time.Sleep(6 * time.Millisecond)
+		}
+		return f.Sync()
+	}})
+	ctx := context.Background()
+	for i := range 3 {
+		if err := q.Accept(ctx, msg("d1", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var h *dto.Histogram
+	for _, mf := range mfs {
+		if mf.GetName() == "bastion_queue_fsync_seconds" {
+			h = mf.GetMetric()[0].GetHistogram()
+		}
+	}
+	if h == nil {
+		t.Fatal("no bastion_queue_fsync_seconds histogram")
+	}
+	// fsyncs_total also counts the new segment's and its directory's.
+	if got, all := h.GetSampleCount(), metricValue(t, reg, "bastion_queue_fsyncs_total"); got != 3 || all != 5 {
+		t.Fatalf("histogram count %v, fsyncs_total %v, want 3 commits of 5 fsyncs", got, all)
+	}
+	if h.GetSampleSum() < 0.006 {
+		t.Errorf("histogram sum %vs, want ≥ 6 ms (one fsync slept that long)", h.GetSampleSum())
+	}
+	for _, b := range h.GetBucket() {
+		if b.GetUpperBound() == 0.005 && b.GetCumulativeCount() != 2 {
+			t.Errorf("fsyncs ≤ 5 ms: %d, want 2 (the 6 ms one above)", b.GetCumulativeCount())
 		}
 	}
 }

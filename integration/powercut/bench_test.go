@@ -240,13 +240,14 @@ topic # out 1 devices/ bastion/%s/
 				load = fmt.Sprintf("%2d publishers paced, %.0f msg/s offered (sends > 1 ms late: %.1f%% / %.1f%%)", sc.pubs, sc.rate,
 					100*float64(g.late)/float64(g.msgs), 100*float64(m.late)/float64(m.msgs))
 			}
-			lines = append(lines, fmt.Sprintf("%s | %s %6.0f msg/s e2e p50 %v p99 %v, PUBACK p50 %v p99 %v | Mosquitto bridge %6.0f msg/s e2e p50 %v p99 %v, PUBACK p50 %v p99 %v | throughput ratio %.2fx, e2e p99 ratio %.2fx, dups %d/%d; bastiond CPU %.0f µs/msg (%.2f cores), %.1f msgs/fsync, %.0f fsyncs/s, mean fsync %v (writer in fsync %.0f%% of the time); edge Mosquitto CPU %.0f µs/msg (%.2f cores)",
+			lines = append(lines, fmt.Sprintf("%s | %s %6.0f msg/s e2e p50 %v p99 %v, PUBACK p50 %v p99 %v | Mosquitto bridge %6.0f msg/s e2e p50 %v p99 %v, PUBACK p50 %v p99 %v | throughput ratio %.2fx, e2e p99 ratio %.2fx, dups %d/%d; bastiond CPU %.0f µs/msg (%.2f cores), %.1f msgs/fsync, %.0f fsyncs/s, mean fsync %v (writer in fsync %.0f%% of the time; commits > 1 ms %.1f%%, > 5 ms %.2f%%); edge Mosquitto CPU %.0f µs/msg (%.2f cores)",
 				load, gw.name, g.rate(), g.pct(g.e2e, 50), g.pct(g.e2e, 99), g.pct(g.ack, 50), g.pct(g.ack, 99),
 				m.rate(), m.pct(m.e2e, 50), m.pct(m.e2e, 99), m.pct(m.ack, 50), m.pct(m.ack, 99),
 				ratio, float64(g.pct(g.e2e, 99))/float64(m.pct(m.e2e, 99)), g.dups, m.dups,
 				float64(st.cpu.Microseconds())/float64(g.msgs), st.cpu.Seconds()/g.elapsed.Seconds(),
 				float64(g.msgs)/st.fsyncs, st.fsyncs/g.elapsed.Seconds(),
 				time.Duration(st.fsSec/st.fsyncs*float64(time.Second)).Round(time.Microsecond), 100*st.fsSec/g.elapsed.Seconds(),
+				100*st.over1ms/st.commits, 100*st.over5ms/st.commits,
 				float64(ecpu.Microseconds())/float64(m.msgs), ecpu.Seconds()/m.elapsed.Seconds()))
 			// Where the whole box's CPU went: the cloud broker, this
 			// process (devices and subscriber) and everything busy.
@@ -327,16 +328,28 @@ func newBenchGateway(b *testing.B, name, bin string, cloud *mosquitto.Broker, su
 type runStats struct {
 	cpu           time.Duration
 	fsyncs, fsSec float64
+	// commits: commit fsyncs; over1ms, over5ms: of them, those that took
+	// longer (bastion_queue_fsync_seconds's buckets).
+	commits, over1ms, over5ms float64
+}
+
+// fsyncHist reads bastion_queue_fsync_seconds: commits, and those at most
+// 1 ms and 5 ms.
+func fsyncHist(b *testing.B, state string) (n, le1ms, le5ms float64) {
+	return metric(b, state, "bastion_queue_fsync_seconds_count"),
+		metric(b, state, `bastion_queue_fsync_seconds_bucket{le="0.001"}`),
+		metric(b, state, `bastion_queue_fsync_seconds_bucket{le="0.005"}`)
 }
 
 func (g *benchGateway) run(b *testing.B, pubs, inflight, each int, rate float64, name string, around func(start bool)) (fullResult, runStats) {
 	pid := g.p.cmd.Process.Pid
 	var cpu0 time.Duration
-	var fs0, fsSec0 float64
+	var fs0, fsSec0, n0, le1, le5 float64
 	var st runStats
 	r := fullRun(b, g.sub, g.cfg.MQTT.Listen, g.devs[:pubs], inflight, each, rate, func(start bool) {
 		if start {
-			cpu0, fs0, fsSec0 = cpuTime(b, pid), metric(b, g.state, "bastion_queue_fsyncs_total"), metric(b, g.state, "bastion_queue_fsync_seconds_total")
+			cpu0, fs0, fsSec0 = cpuTime(b, pid), metric(b, g.state, "bastion_queue_fsyncs_total"), metric(b, g.state, "bastion_queue_fsync_seconds_sum")
+			n0, le1, le5 = fsyncHist(b, g.state)
 			g.profile(b, fmt.Sprintf("%s-%d", name, benchRound), true)
 			around(true)
 			return
@@ -344,7 +357,10 @@ func (g *benchGateway) run(b *testing.B, pubs, inflight, each int, rate float64,
 		around(false)
 		g.profile(b, fmt.Sprintf("%s-%d", name, benchRound), false)
 		st = runStats{cpu: cpuTime(b, pid) - cpu0, fsyncs: metric(b, g.state, "bastion_queue_fsyncs_total") - fs0}
-		st.fsSec = metric(b, g.state, "bastion_queue_fsync_seconds_total") - fsSec0
+		st.fsSec = metric(b, g.state, "bastion_queue_fsync_seconds_sum") - fsSec0
+		n, l1, l5 := fsyncHist(b, g.state)
+		st.commits = n - n0
+		st.over1ms, st.over5ms = st.commits-(l1-le1), st.commits-(l5-le5)
 	})
 	return r, st
 }
