@@ -217,8 +217,8 @@ func BenchmarkPublish(b *testing.B) {
 // (mochi, our hooks, the hub, crypto/tls). Before the third_party/mochi-server
 // patches (3)-(6) a QoS 1 message cost 12 allocations (1.5 KiB: the PUBACK
 // set into Inflight and deleted again, four empty subscriber maps, a second
-// copy of the packet) and a QoS 0 message 8; now 6 and 3, of which
-// crypto/tls makes two per record read.
+// copy of the packet) and a QoS 0 message 8; now 6 and 3 (a QoS 0
+// message: mochi's packet and its buffer, and the delivery to subscribers).
 func TestAllocsPerMessage(t *testing.T) {
 	if raceEnabled {
 		t.Skip("the race detector changes what allocates (sync.Pool drops items on purpose)")
@@ -255,11 +255,16 @@ func TestAllocsPerMessage(t *testing.T) {
 		}
 		return nil
 	})
+	// The QoS 0 messages are written in one burst (TLS records of about
+	// a hundred packets each): crypto/tls allocates once per read of the
+	// connection, and how many reads n separately written packets take
+	// depends on how far the server keeps up with the client on this
+	// machine (3.5-3.7 allocations per message on one, under 3.5 on
+	// another); what is bounded here is the server's cost per message.
+	burst := bytes.Repeat(p.qos0, n)
 	qos0 := mallocs(func() error {
-		for range n {
-			if err := p.publish0(); err != nil {
-				return err
-			}
+		if _, err := p.c.Write(burst); err != nil {
+			return err
 		}
 		return p.publish1(1) // the fence: all n were handled before its PUBACK
 	})
@@ -267,7 +272,7 @@ func TestAllocsPerMessage(t *testing.T) {
 	if qos1 > 6.5 {
 		t.Errorf("QoS 1 message: %.2f allocations; want at most 6", qos1)
 	}
-	if qos0 > 3.5 {
+	if qos0 > 3.25 {
 		t.Errorf("QoS 0 message: %.2f allocations; want at most 3", qos0)
 	}
 }
