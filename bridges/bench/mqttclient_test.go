@@ -28,7 +28,9 @@ type publisher interface {
 // segments that the broker's reads pull through (0.01 segments per message
 // against 1–2). The benchmark prints TCP segments and the client's CPU per
 // message for both brokers so that this shows. Most MQTT clients (paho.mqtt.c,
-// mosquitto_pub, embedded stacks) write a packet with one send.
+// mosquitto_pub, embedded stacks) write a packet with one send; the
+// qos0/pubs1/mosquitto_pub run has Mosquitto's own client as the load
+// generator for that case (mosquittoPubLoad).
 func packetWrites() bool { return os.Getenv("BENCH_MQTT_WRITES") == "packet" }
 
 // dialPublisher connects d to the broker at addr with the writes
