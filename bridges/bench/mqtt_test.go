@@ -214,15 +214,7 @@ func BenchmarkMQTTvsMosquitto(b *testing.B) {
 				for i := range runs {
 					runs[(r+i)%len(runs)]()
 				}
-				b.ReportMetric(g.rate(), "bastion_msg/s")
-				b.ReportMetric(m.rate(), "mosquitto_msg/s")
-				b.ReportMetric(g.rate()/m.rate(), "throughput_ratio")
-				b.ReportMetric(g.cpuPerMsg(), "bastion_cpu_µs/msg")
-				b.ReportMetric(m.cpuPerMsg(), "mosquitto_cpu_µs/msg")
-				b.ReportMetric(g.clientPerMsg(), "client_cpu_µs/msg_bastion")
-				b.ReportMetric(m.clientPerMsg(), "client_cpu_µs/msg_mosquitto")
-				b.Logf("QoS 0, 1 mosquitto_pub × %d msgs: Bastion %.0f msg/s cpu %.1f µs/msg | Mosquitto %.0f msg/s cpu %.1f µs/msg | ratio %.2f, cpu ratio %.2f | client cpu %.1f vs %.1f µs/msg | broker scheduled in %.2f vs %.2f /msg | TCP segments %.2f vs %.2f /msg",
-					n, g.rate(), g.cpuPerMsg(), m.rate(), m.cpuPerMsg(), g.rate()/m.rate(), g.cpuPerMsg()/m.cpuPerMsg(), g.clientPerMsg(), m.clientPerMsg(), g.slicesPerMsg(), m.slicesPerMsg(), g.segsPerMsg(), m.segsPerMsg())
+				reportVsMosquitto(b, fmt.Sprintf("QoS 0, 1 mosquitto_pub × %d msgs", n), g, m)
 			}
 		})
 	}
@@ -267,26 +259,34 @@ func BenchmarkMQTTvsMosquitto(b *testing.B) {
 						b.Logf("QoS %d, %d publishers: baseline %.0f msg/s p99 %v cpu %.1f µs/msg client cpu %.1f µs/msg TCP segments %.2f /msg, ratio to Mosquitto %.2f, p99 ratio %.2f | this / baseline: throughput %.2f, cpu %.2f",
 							qos, pubs, bl.rate(), bl.p99(), bl.cpuPerMsg(), bl.clientPerMsg(), bl.segsPerMsg(), bl.rate()/m.rate(), float64(bl.p99())/float64(m.p99()), g.rate()/bl.rate(), g.cpuPerMsg()/bl.cpuPerMsg())
 					}
-					b.ReportMetric(g.rate(), "bastion_msg/s")
-					b.ReportMetric(m.rate(), "mosquitto_msg/s")
-					b.ReportMetric(g.rate()/m.rate(), "throughput_ratio")
-					b.ReportMetric(g.cpuPerMsg(), "bastion_cpu_µs/msg")
-					b.ReportMetric(m.cpuPerMsg(), "mosquitto_cpu_µs/msg")
-					b.ReportMetric(g.clientPerMsg(), "client_cpu_µs/msg_bastion")
-					b.ReportMetric(m.clientPerMsg(), "client_cpu_µs/msg_mosquitto")
-					b.ReportMetric(g.segsPerMsg(), "tcp_segs/msg_bastion")
-					b.ReportMetric(m.segsPerMsg(), "tcp_segs/msg_mosquitto")
-					if qos == 1 {
-						b.ReportMetric(float64(g.p99().Microseconds()), "bastion_p99_µs")
-						b.ReportMetric(float64(m.p99().Microseconds()), "mosquitto_p99_µs")
-						b.ReportMetric(float64(g.p99())/float64(m.p99()), "p99_ratio")
-					}
-					b.Logf("QoS %d, %d publishers × %d msgs: Bastion %.0f msg/s p99 %v cpu %.1f µs/msg | Mosquitto %.0f msg/s p99 %v cpu %.1f µs/msg | ratio %.2f, cpu ratio %.2f | client cpu %.1f vs %.1f µs/msg | broker scheduled in %.2f vs %.2f /msg | TCP segments %.2f vs %.2f /msg",
-						qos, pubs, per, g.rate(), g.p99(), g.cpuPerMsg(), m.rate(), m.p99(), m.cpuPerMsg(), g.rate()/m.rate(), g.cpuPerMsg()/m.cpuPerMsg(), g.clientPerMsg(), m.clientPerMsg(), g.slicesPerMsg(), m.slicesPerMsg(), g.segsPerMsg(), m.segsPerMsg())
+					reportVsMosquitto(b, fmt.Sprintf("QoS %d, %d publishers × %d msgs", qos, pubs, per), g, m)
 				}
 			})
 		}
 	}
+}
+
+// reportVsMosquitto reports one round of Bastion (g) against Mosquitto
+// (m), what the load was: their rates and ratio, CPU per message of both
+// brokers and of the client against each, TCP segments per message, and
+// with latencies (QoS 1) the p99s and their ratio.
+func reportVsMosquitto(b *testing.B, what string, g, m result) {
+	b.ReportMetric(g.rate(), "bastion_msg/s")
+	b.ReportMetric(m.rate(), "mosquitto_msg/s")
+	b.ReportMetric(g.rate()/m.rate(), "throughput_ratio")
+	b.ReportMetric(g.cpuPerMsg(), "bastion_cpu_µs/msg")
+	b.ReportMetric(m.cpuPerMsg(), "mosquitto_cpu_µs/msg")
+	b.ReportMetric(g.clientPerMsg(), "client_cpu_µs/msg_bastion")
+	b.ReportMetric(m.clientPerMsg(), "client_cpu_µs/msg_mosquitto")
+	b.ReportMetric(g.segsPerMsg(), "tcp_segs/msg_bastion")
+	b.ReportMetric(m.segsPerMsg(), "tcp_segs/msg_mosquitto")
+	if len(g.lat) > 0 && len(m.lat) > 0 {
+		b.ReportMetric(float64(g.p99().Microseconds()), "bastion_p99_µs")
+		b.ReportMetric(float64(m.p99().Microseconds()), "mosquitto_p99_µs")
+		b.ReportMetric(float64(g.p99())/float64(m.p99()), "p99_ratio")
+	}
+	b.Logf("%s: Bastion %.0f msg/s p99 %v cpu %.1f µs/msg | Mosquitto %.0f msg/s p99 %v cpu %.1f µs/msg | ratio %.2f, cpu ratio %.2f | client cpu %.1f vs %.1f µs/msg | broker scheduled in %.2f vs %.2f /msg | TCP segments %.2f vs %.2f /msg",
+		what, g.rate(), g.p99(), g.cpuPerMsg(), m.rate(), m.p99(), m.cpuPerMsg(), g.rate()/m.rate(), g.cpuPerMsg()/m.cpuPerMsg(), g.clientPerMsg(), m.clientPerMsg(), g.slicesPerMsg(), m.slicesPerMsg(), g.segsPerMsg(), m.segsPerMsg())
 }
 
 // tlsParams returns the TLS version and cipher suite dev negotiates with
