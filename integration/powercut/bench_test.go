@@ -333,12 +333,17 @@ type runStats struct {
 	commits, over1ms, over5ms float64
 }
 
-// fsyncHist reads bastion_queue_fsync_seconds: commits, and those at most
-// 1 ms and 5 ms.
-func fsyncHist(b *testing.B, state string) (n, le1ms, le5ms float64) {
-	return metric(b, state, "bastion_queue_fsync_seconds_count"),
-		metric(b, state, `bastion_queue_fsync_seconds_bucket{le="0.001"}`),
-		metric(b, state, `bastion_queue_fsync_seconds_bucket{le="0.005"}`)
+// fsyncHist reads bastion_queue_fsync_seconds: the time in commit fsyncs,
+// the commits, and those at most 1 ms and 5 ms. A baseline build from
+// before the histogram (session 10) has only the sum, under its old name;
+// its counts are then 0 (printed as NaN %).
+func fsyncHist(b *testing.B, state string) (sec, n, le1ms, le5ms float64) {
+	ms := gatewayMetrics(b, state)
+	if _, ok := ms["bastion_queue_fsync_seconds_sum"]; !ok {
+		return ms["bastion_queue_fsync_seconds_total"], 0, 0, 0
+	}
+	return ms["bastion_queue_fsync_seconds_sum"], ms["bastion_queue_fsync_seconds_count"],
+		ms[`bastion_queue_fsync_seconds_bucket{le="0.001"}`], ms[`bastion_queue_fsync_seconds_bucket{le="0.005"}`]
 }
 
 func (g *benchGateway) run(b *testing.B, pubs, inflight, each int, rate float64, name string, around func(start bool)) (fullResult, runStats) {
@@ -348,8 +353,8 @@ func (g *benchGateway) run(b *testing.B, pubs, inflight, each int, rate float64,
 	var st runStats
 	r := fullRun(b, g.sub, g.cfg.MQTT.Listen, g.devs[:pubs], inflight, each, rate, func(start bool) {
 		if start {
-			cpu0, fs0, fsSec0 = cpuTime(b, pid), metric(b, g.state, "bastion_queue_fsyncs_total"), metric(b, g.state, "bastion_queue_fsync_seconds_sum")
-			n0, le1, le5 = fsyncHist(b, g.state)
+			cpu0, fs0 = cpuTime(b, pid), metric(b, g.state, "bastion_queue_fsyncs_total")
+			fsSec0, n0, le1, le5 = fsyncHist(b, g.state)
 			g.profile(b, fmt.Sprintf("%s-%d", name, benchRound), true)
 			around(true)
 			return
@@ -357,9 +362,8 @@ func (g *benchGateway) run(b *testing.B, pubs, inflight, each int, rate float64,
 		around(false)
 		g.profile(b, fmt.Sprintf("%s-%d", name, benchRound), false)
 		st = runStats{cpu: cpuTime(b, pid) - cpu0, fsyncs: metric(b, g.state, "bastion_queue_fsyncs_total") - fs0}
-		st.fsSec = metric(b, g.state, "bastion_queue_fsync_seconds_sum") - fsSec0
-		n, l1, l5 := fsyncHist(b, g.state)
-		st.commits = n - n0
+		sec, n, l1, l5 := fsyncHist(b, g.state)
+		st.fsSec, st.commits = sec-fsSec0, n-n0
 		st.over1ms, st.over5ms = st.commits-(l1-le1), st.commits-(l5-le5)
 	})
 	return r, st
@@ -487,23 +491,35 @@ func switches(pid int) int64 {
 
 // metric reads one counter from bastiond's metrics on its control socket.
 func metric(b *testing.B, state, name string) float64 {
+	v, ok := gatewayMetrics(b, state)[name]
+	if !ok {
+		b.Fatalf("no metric %s", name)
+	}
+	return v
+}
+
+// gatewayMetrics is the gateway's metrics now, by series (name and labels as
+// exposed).
+func gatewayMetrics(b *testing.B, state string) map[string]float64 {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	raw, err := control.New(control.SocketPath(state)).Do(ctx, "GET", "/metrics", nil, nil)
 	if err != nil {
 		b.Fatalf("metrics: %v", err)
 	}
+	m := map[string]float64{}
 	for _, l := range strings.Split(string(raw), "\n") {
-		if v, ok := strings.CutPrefix(l, name+" "); ok {
-			f, err := strconv.ParseFloat(v, 64)
-			if err != nil {
-				b.Fatalf("metric %s: %q", name, l)
-			}
-			return f
+		i := strings.LastIndexByte(l, ' ')
+		if i < 0 || strings.HasPrefix(l, "#") {
+			continue
 		}
+		f, err := strconv.ParseFloat(l[i+1:], 64)
+		if err != nil {
+			b.Fatalf("metrics: %q", l)
+		}
+		m[l[:i]] = f
 	}
-	b.Fatalf("no metric %s", name)
-	return 0
+	return m
 }
 
 type fullResult struct {
