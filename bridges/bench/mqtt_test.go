@@ -347,7 +347,10 @@ func mosquittoPubLoad(b *testing.B, bin, addr string, pid int, dev *devicesim.De
 		b.Fatalf("mosquitto_pub to %s: %v\n%s", addr, err, out.String())
 	}
 	last, lastAt := cpuTime(pid), time.Now()
-	for time.Since(lastAt) < 5*time.Millisecond {
+	for quiet := time.Now().Add(30 * time.Second); time.Since(lastAt) < 5*time.Millisecond; {
+		if time.Now().After(quiet) {
+			b.Fatalf("broker %s still running 30 s after mosquitto_pub ended", addr)
+		}
 		time.Sleep(500 * time.Microsecond)
 		if c := cpuTime(pid); c != last {
 			last, lastAt = c, time.Now()
