@@ -18,13 +18,18 @@ import (
 
 var sessionsRe = regexp.MustCompile(`bastion_transport_sessions\{transport="(\w+)"\} (\d+)`)
 
-func (bs *bastion) sessions(b *testing.B) map[string]int {
+// metricsText is the gateway's /metrics, as exposed.
+func (bs *bastion) metricsText(b *testing.B) []byte {
 	raw, err := bs.ctl.Do(context.Background(), "GET", "/metrics", nil, nil)
 	if err != nil {
 		b.Fatal(err)
 	}
+	return raw
+}
+
+func (bs *bastion) sessions(b *testing.B) map[string]int {
 	m := map[string]int{}
-	for _, s := range sessionsRe.FindAllStringSubmatch(string(raw), -1) {
+	for _, s := range sessionsRe.FindAllStringSubmatch(string(bs.metricsText(b)), -1) {
 		m[s[1]], _ = strconv.Atoi(s[2])
 	}
 	return m
