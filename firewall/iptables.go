@@ -28,7 +28,7 @@ func InNetns(name string) IPTablesOption {
 // reads are one `iptables -v -S` per snapshot and writes one
 // `iptables-restore --noflush` per transaction, so every change is a
 // single kernel transaction (go-iptables runs one command per rule, which
-// is neither atomic nor fast: see the README's benchmark). Needs root and
+// is neither atomic nor fast: see docs/performance.md). Needs root and
 // the iptables package (1.6.2 or newer, legacy or nf_tables).
 func NewIPTables(opts ...IPTablesOption) (v4, v6 Backend, err error) {
 	var cfg iptablesConfig

@@ -12,7 +12,7 @@ import (
 // once per hundred DTLS handshakes, a sixth of a handshake's CPU. With a
 // limit in force the heap cannot grow past it whatever GOGC says, so a
 // larger GOGC only spends memory the limit already allows (10,000 idle
-// devices: 220 -> 223 MiB; see the README's Performance section).
+// devices: 220 -> 223 MiB; see docs/performance.md).
 const gcPercentUnderLimit = 400
 
 // applyMemoryLimit sets the Go runtime's soft memory limit to limit bytes

@@ -34,7 +34,7 @@ import (
 //
 // The device leg into Bastion (MQTT/CoAP transports) does not exist yet, so
 // Bastion's publishers call Accept in-process while Mosquitto's publishers
-// pay a TLS MQTT hop: the README says so next to the numbers.
+// pay a TLS MQTT hop: docs/performance.md says so next to the numbers.
 func BenchmarkBridge(b *testing.B) {
 	scenarios := []struct {
 		pubs, each int
