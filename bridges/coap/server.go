@@ -400,10 +400,7 @@ func (s *Server) deviceOf(cc *otacache.DTLSConn) string {
 func (s *Server) revoke(device string) {
 	s.mu.Lock()
 	s.revGen++
-	var ccs []*otacache.DTLSConn
-	for _, cc := range s.byDevice[device] {
-		ccs = append(ccs, cc)
-	}
+	ccs := slices.Clone(s.byDevice[device])
 	s.mu.Unlock()
 	s.hub.Forget(device)
 	if len(ccs) == 0 {

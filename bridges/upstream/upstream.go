@@ -645,7 +645,7 @@ func (u *Upstream) pipeline(ctx context.Context, ls *linkSession, down <-chan st
 	// The queue's NextInto reuses the entries and the read buffer of the
 	// previous batch: nothing of a batch is kept once its PUBLISHes are in
 	// buf (appendPublish copies the payload; park copies the message).
-	next := func(ctx context.Context, after uint64, max int, es []queue.Entry, b []byte) ([]queue.Entry, []byte, error) {
+	next := func(ctx context.Context, after uint64, max int, _ []queue.Entry, _ []byte) ([]queue.Entry, []byte, error) {
 		es, err := u.q.Next(ctx, after, max)
 		return es, nil, err
 	}

@@ -151,7 +151,7 @@ func runCoAP(ctx context.Context, d *devicesim.Device, addr string, args []strin
 		}
 		path, ok := telemetryPath(d.ID, args[1])
 		if !ok {
-			return fmt.Errorf("CoAP can only POST into the device's own tree devices/%s/t/...", d.ID)
+			return fmt.Errorf("CoAP can only POST into the device's own tree, devices/%s/t/", d.ID)
 		}
 		r, err := devicesim.Load(ctx, lo, func(ctx context.Context, _ int) error {
 			rctx, cancel := context.WithTimeout(ctx, 30*time.Second)

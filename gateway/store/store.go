@@ -19,6 +19,7 @@ import (
 	"time"
 
 	bolt "go.etcd.io/bbolt"
+	bolterrors "go.etcd.io/bbolt/errors"
 )
 
 var (
@@ -114,7 +115,7 @@ func (s *Store) updateDevices(fn func(tx *bolt.Tx) error) error {
 func Open(path string) (*Store, error) {
 	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: 2 * time.Second})
 	if err != nil {
-		if errors.Is(err, bolt.ErrTimeout) {
+		if errors.Is(err, bolterrors.ErrTimeout) {
 			return nil, fmt.Errorf("open store %s: locked by another process (is bastiond already running with this state directory?)", path)
 		}
 		return nil, fmt.Errorf("open store %s: %w", path, err)
