@@ -14,6 +14,7 @@ type metrics struct {
 	accepted prometheus.Counter
 	acked    prometheus.Counter
 	cut      prometheus.Counter
+	skipped  prometheus.Counter
 	reg      prometheus.Registerer
 }
 
@@ -48,11 +49,13 @@ func newMetrics(q *Queue) *metrics {
 			Help: "Messages removed after an upstream acknowledgement."}),
 		cut: prometheus.NewCounter(prometheus.CounterOpts{Name: "bastion_queue_records_cut_total",
 			Help: "Segment tails cut at open because a record was torn or corrupt."}),
+		skipped: prometheus.NewCounter(prometheus.CounterOpts{Name: "bastion_queue_corrupt_skipped_total",
+			Help: "Corrupt stretches skipped at open inside a segment that had been completed (disk corruption); the records after each were kept."}),
 	}
 }
 
 func (m *metrics) all() []prometheus.Collector {
-	return []prometheus.Collector{m.depth, m.bytes, m.oldest, m.refused, m.fsyncs, m.fsyncSec, m.accepted, m.acked, m.cut}
+	return []prometheus.Collector{m.depth, m.bytes, m.oldest, m.refused, m.fsyncs, m.fsyncSec, m.accepted, m.acked, m.cut, m.skipped}
 }
 
 func (m *metrics) register(reg prometheus.Registerer) error {

@@ -252,12 +252,15 @@ func (q *Queue) recover() error {
 	sort.Strings(names)
 	acked := map[uint64]bool{}
 	var lastSeq uint64
+	bases := make([]uint64, len(names))
 	for i, name := range names {
-		last := i == len(names)-1
-		var base uint64
-		if _, err := fmt.Sscanf(filepath.Base(name), "%020d.seg", &base); err != nil {
+		if _, err := fmt.Sscanf(filepath.Base(name), "%020d.seg", &bases[i]); err != nil {
 			return fmt.Errorf("open queue: segment name %s: not <20 digits>.seg; move the file away", name)
 		}
+	}
+	for i, name := range names {
+		last := i == len(names)-1
+		base := bases[i]
 		data, err := os.ReadFile(name)
 		if err != nil {
 			return fmt.Errorf("open queue: read segment %s: %w", name, err)
@@ -287,6 +290,23 @@ func (q *Queue) recover() error {
 				// record starts with a zero length).
 				data = data[:off]
 				break
+			}
+			if err != nil && !last {
+				// A segment before the last was complete and synced before
+				// the next one was started (the writer starts one only for
+				// a batch after the previous commit's fsync), so a bad
+				// record in it is the disk's corruption, not a torn write,
+				// and every message after it was acknowledged to its
+				// device. Skip only the damaged bytes: cutting the segment
+				// there would lose the rest of it.
+				if next := resync(data, off+1, lastSeq, bases[i+1], q.opts.MaxMessageBytes); next > 0 {
+					q.m.skipped.Inc()
+					q.log.Error("skipping corrupt bytes in a completed queue segment (disk corruption); the messages after them are kept",
+						"segment", name, "offset", off, "bytes_skipped", next-off, "err", err,
+						"last_good_seq", lastSeq, "lost_seqs_at_most", resyncSeq(data[next:])-lastSeq-1)
+					off = next
+					continue
+				}
 			}
 			if err != nil {
 				q.m.cut.Inc()

@@ -3,6 +3,7 @@ package queue
 import (
 	"bufio"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -14,6 +15,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"slices"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -264,6 +266,130 @@ func TestTornTailIsCut(t *testing.T) {
 			if c := metricValue(t, reg2, "bastion_queue_records_cut_total"); c != 0 {
 				t.Fatalf("second open cut again: %v", c)
 			}
+		})
+	}
+}
+
+// TestCorruptionInCompletedSegmentIsSkipped: a bad record in a segment
+// before the last is the disk's corruption of acknowledged messages (the
+// segment was synced before the next one was started), so only the damaged
+// bytes are skipped and every message after them is kept, in order. In the
+// last segment a bad record is the torn write of a batch that was never
+// acknowledged, and the tail is cut as before (TestTornTailIsCut).
+func TestCorruptionInCompletedSegmentIsSkipped(t *testing.T) {
+	dir := t.TempDir()
+	opts := Options{SegmentBytes: 1 << 10, MaxBytes: 1 << 20}
+	q, _ := open(t, dir, opts)
+	const total = 60
+	for i := range total {
+		if err := q.Accept(context.Background(), msg("a", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	q.Close()
+	segs, _ := filepath.Glob(filepath.Join(dir, "*.seg"))
+	sort.Strings(segs)
+	if len(segs) < 3 {
+		t.Fatalf("segments = %d, want at least 3 (SegmentBytes too large for the test)", len(segs))
+	}
+	files := map[string][]byte{}
+	for _, s := range segs {
+		files[s], _ = os.ReadFile(s)
+	}
+	// offsets of the records of a segment, and the message index of each
+	starts := func(data []byte) (offs, idx []int) {
+		off := len(segMagic)
+		for off < len(data) {
+			rec, n, err := decodeRecord(data[off:])
+			if err != nil {
+				break
+			}
+			var i int
+			fmt.Sscanf(string(rec.msg.Payload), `{"i":%d}`, &i)
+			offs, idx = append(offs, off), append(idx, i)
+			off += n
+		}
+		return offs, idx
+	}
+	first, lastSeg := segs[0], segs[len(segs)-1]
+	offs, idx := starts(files[first])
+	lOffs, lIdx := starts(files[lastSeg])
+	if len(offs) < 5 || len(lOffs) < 3 {
+		t.Fatalf("records in first/last segment = %d/%d, want at least 5/3", len(offs), len(lOffs))
+	}
+	except := func(lost ...int) []int {
+		var w []int
+		for i := range total {
+			if !slices.Contains(lost, i) {
+				w = append(w, i)
+			}
+		}
+		return w
+	}
+	upTo := func(n int) []int { return except(lIdx[slices.Index(lIdx, n):]...) }
+	garble := func(b []byte, from, to int) []byte {
+		c := append([]byte{}, b...)
+		for i := from; i < to; i++ {
+			c[i] = 0xaa
+		}
+		return c
+	}
+	cases := []struct {
+		name          string
+		seg           string
+		data          []byte
+		want          []int
+		skipped, cuts float64
+	}{
+		{"bit flipped in a body", first, flip(files[first], offs[2]+recHeader+3), except(idx[2]), 1, 0},
+		{"length destroyed", first, func() []byte {
+			c := append([]byte{}, files[first]...)
+			binary.LittleEndian.PutUint32(c[offs[2]:], 0xffffff00)
+			return c
+		}(), except(idx[2]), 1, 0},
+		{"two records garbled", first, garble(files[first], offs[2]+2, offs[3]+5), except(idx[2], idx[3]), 1, 0},
+		{"two stretches", first, garble(garble(files[first], offs[1]+1, offs[1]+4), offs[3]+1, offs[3]+4), except(idx[1], idx[3]), 2, 0},
+		{"last segment: cut, not skipped", lastSeg, flip(files[lastSeg], lOffs[1]+recHeader+3), upTo(lIdx[1]), 0, 1},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			d := t.TempDir()
+			for s, data := range files {
+				if s == c.seg {
+					data = c.data
+				}
+				if err := os.WriteFile(filepath.Join(d, filepath.Base(s)), data, 0o600); err != nil {
+					t.Fatal(err)
+				}
+			}
+			check := func(q *Queue, reg *prometheus.Registry, want []int) {
+				t.Helper()
+				var got []int
+				for _, e := range drain(t, q) {
+					var i int
+					fmt.Sscanf(string(e.Payload), `{"i":%d}`, &i)
+					got = append(got, i)
+				}
+				if d := cmp.Diff(want, got); d != "" {
+					t.Fatalf("messages after open (-want +got):\n%s", d)
+				}
+				if v := metricValue(t, reg, "bastion_queue_corrupt_skipped_total"); v != c.skipped {
+					t.Fatalf("corrupt_skipped_total = %v, want %v", v, c.skipped)
+				}
+			}
+			q, reg := open(t, d, opts)
+			check(q, reg, c.want)
+			if v := metricValue(t, reg, "bastion_queue_records_cut_total"); v != c.cuts {
+				t.Fatalf("records_cut_total = %v, want %v", v, c.cuts)
+			}
+			// The queue goes on: a new message is kept after the damage,
+			// and the next open skips the same bytes again.
+			if err := q.Accept(context.Background(), msg("a", 1000)); err != nil {
+				t.Fatal(err)
+			}
+			q.Close()
+			q2, reg2 := open(t, d, opts)
+			check(q2, reg2, append(slices.Clone(c.want), 1000))
 		})
 	}
 }

@@ -270,3 +270,35 @@ func decodeBody(body []byte, in *interner) (record, error) {
 	}
 	return rec, r.err
 }
+
+// resync returns the offset, at or after from, of the first record in data
+// that decodes as a message whose seq is above after and below before (the
+// next segment's base), or -1 if there is none. It is how recover steps
+// over corrupt bytes inside a completed segment. A length above
+// maxMessage and the header's worth is not tried: over random bytes every
+// 1,000th offset looks like a record of up to 4 MiB, and checksumming each
+// would take seconds per damaged segment (a record that large, kept from a
+// configuration with a higher limit, is then lost with the damage before
+// it). A false match needs the CRC-32C and the exact decoding of the body
+// to agree by chance.
+func resync(data []byte, from int, after, before uint64, maxMessage int) int {
+	limit := uint64(maxMessage) + 64 // kind, seq, time, QoS, three lengths
+	for o := from; o+recHeader < len(data); o++ {
+		n := uint64(binary.LittleEndian.Uint32(data[o:]))
+		if n == 0 || n > limit || uint64(len(data)-o-recHeader) < n {
+			continue
+		}
+		rec, _, err := decodeRecord(data[o:])
+		if err == nil && rec.kind == kindMsg && rec.seq > after && rec.seq < before {
+			return o
+		}
+	}
+	return -1
+}
+
+// resyncSeq is the seq of the message record at the start of b (which
+// resync found).
+func resyncSeq(b []byte) uint64 {
+	rec, _, _ := decodeRecord(b)
+	return rec.seq
+}

@@ -159,3 +159,30 @@ func TestInterner(t *testing.T) {
 		t.Errorf("decoded %+v, %v", rec, err)
 	}
 }
+
+// FuzzResync: over any bytes, resync never panics, and what it finds is a
+// message record within the bounds it was given.
+func FuzzResync(f *testing.F) {
+	var seg []byte
+	for _, b := range seedRecords() {
+		seg = append(seg, b...)
+	}
+	f.Add(seg, uint16(1), uint64(0), uint64(1<<62))
+	f.Add(append([]byte("\xaa\xaa\xaa"), seg...), uint16(0), uint64(0), uint64(1<<62))
+	f.Fuzz(func(t *testing.T, data []byte, from uint16, after, before uint64) {
+		o := resync(data, int(from), after, before, 256<<10)
+		if o < 0 {
+			return
+		}
+		if o < int(from) {
+			t.Fatalf("resync from %d returned %d", from, o)
+		}
+		rec, _, err := decodeRecord(data[o:])
+		if err != nil || rec.kind != kindMsg || rec.seq <= after || rec.seq >= before {
+			t.Fatalf("resync returned %d: %+v %v (after %d, before %d)", o, rec, err, after, before)
+		}
+		if resyncSeq(data[o:]) != rec.seq {
+			t.Fatal("resyncSeq differs")
+		}
+	})
+}
