@@ -5,17 +5,18 @@ import (
 )
 
 type metrics struct {
-	depth    prometheus.Gauge
-	bytes    prometheus.Gauge
-	oldest   prometheus.GaugeFunc
-	refused  *prometheus.CounterVec
-	fsyncs   prometheus.Counter
-	fsyncSec prometheus.Histogram
-	accepted prometheus.Counter
-	acked    prometheus.Counter
-	cut      prometheus.Counter
-	skipped  prometheus.Counter
-	reg      prometheus.Registerer
+	depth      prometheus.Gauge
+	bytes      prometheus.Gauge
+	oldest     prometheus.GaugeFunc
+	refused    *prometheus.CounterVec
+	fsyncs     prometheus.Counter
+	fsyncSec   prometheus.Histogram
+	accepted   prometheus.Counter
+	acked      prometheus.Counter
+	cut        prometheus.Counter
+	skipped    prometheus.Counter
+	unreadable prometheus.Counter
+	reg        prometheus.Registerer
 }
 
 func newMetrics(q *Queue) *metrics {
@@ -51,11 +52,13 @@ func newMetrics(q *Queue) *metrics {
 			Help: "Segment tails cut at open because a record was torn or corrupt."}),
 		skipped: prometheus.NewCounter(prometheus.CounterOpts{Name: "bastion_queue_corrupt_skipped_total",
 			Help: "Corrupt stretches skipped at open inside a segment that had been completed (disk corruption); the records after each were kept."}),
+		unreadable: prometheus.NewCounter(prometheus.CounterOpts{Name: "bastion_queue_unreadable_bytes_total",
+			Help: "Bytes of queue segments the disk could not read at open (EIO); the messages around them were kept."}),
 	}
 }
 
 func (m *metrics) all() []prometheus.Collector {
-	return []prometheus.Collector{m.depth, m.bytes, m.oldest, m.refused, m.fsyncs, m.fsyncSec, m.accepted, m.acked, m.cut, m.skipped}
+	return []prometheus.Collector{m.depth, m.bytes, m.oldest, m.refused, m.fsyncs, m.fsyncSec, m.accepted, m.acked, m.cut, m.skipped, m.unreadable}
 }
 
 func (m *metrics) register(reg prometheus.Registerer) error {

@@ -27,6 +27,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -65,6 +66,9 @@ type Options struct {
 	AckFlushInterval time.Duration
 	// Now is the clock for message ages; default time.Now.
 	Now func() time.Time
+	// readAt, if set (tests in this package), reads segment files at open
+	// instead of the file itself: a disk that cannot read some blocks.
+	readAt func(f *os.File, b []byte, off int64) (int, error)
 	// Sync makes a written batch durable; default fsync(2) (with a fast
 	// disk and more than one P without the runtime's syscall entry, see
 	// useRawSync; with one P submitted asynchronously, see defaultSync).
@@ -261,9 +265,14 @@ func (q *Queue) recover() error {
 	for i, name := range names {
 		last := i == len(names)-1
 		base := bases[i]
-		data, err := os.ReadFile(name)
+		data, bad, err := q.readSegment(name)
 		if err != nil {
 			return fmt.Errorf("open queue: read segment %s: %w", name, err)
+		}
+		for _, r := range bad {
+			q.m.unreadable.Add(float64(r[1] - r[0]))
+			q.log.Error("queue segment has blocks the disk cannot read (the disk is failing); the messages in them are lost, the rest are kept",
+				"segment", name, "from", r[0], "to", r[1], "err", syscall.EIO)
 		}
 		if len(data) < len(segMagic) || string(data[:len(segMagic)]) != segMagic {
 			if tornCreation(data) {
@@ -291,15 +300,21 @@ func (q *Queue) recover() error {
 				data = data[:off]
 				break
 			}
-			if err != nil && !last {
+			if err != nil && (!last || len(bad) > 0) {
 				// A segment before the last was complete and synced before
 				// the next one was started (the writer starts one only for
 				// a batch after the previous commit's fsync), so a bad
 				// record in it is the disk's corruption, not a torn write,
 				// and every message after it was acknowledged to its
 				// device. Skip only the damaged bytes: cutting the segment
-				// there would lose the rest of it.
-				if next := resync(data, off+1, lastSeq, bases[i+1], q.opts.MaxMessageBytes); next > 0 {
+				// there would lose the rest of it. The same in the last
+				// segment when the disk could not read some of it: that is
+				// not a torn write either.
+				before := uint64(math.MaxUint64)
+				if !last {
+					before = bases[i+1]
+				}
+				if next := resync(data, off+1, lastSeq, before, q.opts.MaxMessageBytes); next > 0 {
 					q.m.skipped.Inc()
 					q.log.Error("skipping corrupt bytes in a completed queue segment (disk corruption); the messages after them are kept",
 						"segment", name, "offset", off, "bytes_skipped", next-off, "err", err,
@@ -363,6 +378,54 @@ func (q *Queue) recover() error {
 	q.reclaim()
 	q.log.Info("queue opened", "dir", q.dir, "held", q.depth, "segments", len(q.segs), "next_seq", q.nextSeq)
 	return nil
+}
+
+// readSegment reads the segment file name whole. A block the disk cannot
+// read (EIO: a failing SD card or eMMC) comes back as zeros and its range in
+// bad, so that the messages around it are kept (recover skips the zeros as
+// it skips corrupt bytes) instead of the gateway refusing to start.
+func (q *Queue) readSegment(name string) (data []byte, bad [][2]int64, err error) {
+	f, err := os.Open(name)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, nil, err
+	}
+	readAt := q.opts.readAt
+	if readAt == nil {
+		readAt = (*os.File).ReadAt
+	}
+	data = make([]byte, fi.Size())
+	const chunk, block = 1 << 20, 4 << 10
+	for off := int64(0); off < int64(len(data)); off += chunk {
+		b := data[off:min(off+chunk, int64(len(data)))]
+		if _, err := readAt(f, b, off); err == nil || errors.Is(err, io.EOF) {
+			continue
+		} else if !errors.Is(err, syscall.EIO) {
+			return nil, nil, err
+		}
+		// Find the unreadable blocks one by one.
+		for bo := int64(0); bo < int64(len(b)); bo += block {
+			bb := b[bo:min(bo+block, int64(len(b)))]
+			_, err := readAt(f, bb, off+bo)
+			switch {
+			case err == nil || errors.Is(err, io.EOF):
+			case errors.Is(err, syscall.EIO):
+				clear(bb)
+				if n := len(bad); n > 0 && bad[n-1][1] == off+bo {
+					bad[n-1][1] += int64(len(bb))
+				} else {
+					bad = append(bad, [2]int64{off + bo, off + bo + int64(len(bb))})
+				}
+			default:
+				return nil, nil, err
+			}
+		}
+	}
+	return data, bad, nil
 }
 
 // createSegment makes a new segment, durably, for the caller to append to

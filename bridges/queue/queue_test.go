@@ -394,6 +394,100 @@ func TestCorruptionInCompletedSegmentIsSkipped(t *testing.T) {
 	}
 }
 
+// TestUnreadableBlocksAreSkipped: blocks of a segment the disk cannot read
+// (EIO) lose only the messages in them; the gateway opens its queue and
+// keeps the rest, in order, in any segment. Any other read error still
+// refuses to open.
+func TestUnreadableBlocksAreSkipped(t *testing.T) {
+	dir := t.TempDir()
+	opts := Options{SegmentBytes: 16 << 10, MaxBytes: 1 << 20}
+	q, _ := open(t, dir, opts)
+	total, extra := 0, -1 // until a third segment holds 200 messages
+	for ; extra != 0; total++ {
+		if err := q.Accept(context.Background(), msg("a", total)); err != nil {
+			t.Fatal(err)
+		}
+		if segs, _ := filepath.Glob(filepath.Join(dir, "*.seg")); len(segs) == 3 && extra < 0 {
+			extra = 200
+		}
+		if extra > 0 {
+			extra--
+		}
+	}
+	q.Close()
+	segs, _ := filepath.Glob(filepath.Join(dir, "*.seg"))
+	sort.Strings(segs)
+	const from, to = 4 << 10, 8 << 10
+	// the messages whose records touch [from, to) of a segment
+	inBlock := func(path string) []int {
+		data, _ := os.ReadFile(path)
+		var lost []int
+		off := len(segMagic)
+		for off < len(data) {
+			rec, n, err := decodeRecord(data[off:])
+			if err != nil {
+				break
+			}
+			if off < to && off+n > from {
+				var i int
+				fmt.Sscanf(string(rec.msg.Payload), `{"i":%d}`, &i)
+				lost = append(lost, i)
+			}
+			off += n
+		}
+		return lost
+	}
+	for _, c := range []struct{ name, seg string }{{"completed segment", segs[0]}, {"last segment", segs[2]}} {
+		t.Run(c.name, func(t *testing.T) {
+			lost := inBlock(c.seg)
+			if len(lost) == 0 {
+				t.Fatalf("no record in %s touches [%d, %d): the segment is too short for the test", c.seg, from, to)
+			}
+			o := opts
+			o.readAt = func(f *os.File, b []byte, off int64) (int, error) {
+				if f.Name() == c.seg && off < to && off+int64(len(b)) > from {
+					return 0, &os.PathError{Op: "read", Path: f.Name(), Err: syscall.EIO}
+				}
+				return f.ReadAt(b, off)
+			}
+			q, reg := open(t, dir, o)
+			var got []int
+			for _, e := range drain(t, q) {
+				var i int
+				fmt.Sscanf(string(e.Payload), `{"i":%d}`, &i)
+				got = append(got, i)
+			}
+			var want []int
+			for i := range total {
+				if !slices.Contains(lost, i) {
+					want = append(want, i)
+				}
+			}
+			if d := cmp.Diff(want, got); d != "" {
+				t.Fatalf("messages after open with blocks unreadable (-want +got):\n%s", d)
+			}
+			if v := metricValue(t, reg, "bastion_queue_unreadable_bytes_total"); v != to-from {
+				t.Fatalf("unreadable_bytes_total = %v, want %d", v, to-from)
+			}
+			q.Close()
+		})
+	}
+	t.Run("other read errors refuse to open", func(t *testing.T) {
+		o := opts
+		o.readAt = func(f *os.File, b []byte, off int64) (int, error) {
+			return 0, &os.PathError{Op: "read", Path: f.Name(), Err: syscall.ENOMEM}
+		}
+		q, err := Open(dir, o, discard, nil)
+		if err == nil {
+			q.Close()
+			t.Fatal("Open succeeded with every read failing")
+		}
+		if !errors.Is(err, syscall.ENOMEM) {
+			t.Fatalf("Open: %v, want the read error", err)
+		}
+	})
+}
+
 func ptr[T any](v T) *T { return &v }
 
 // recordsEnd is the offset after a segment's last decodable record.
