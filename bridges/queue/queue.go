@@ -116,6 +116,19 @@ type segment struct {
 	f    *os.File
 	size int64
 	live int // held (committed, unacked) messages in this segment
+	// holes are byte ranges recover skipped (corrupt, or unreadable by the
+	// disk): no read may cover them (see held).
+	holes [][2]int64
+}
+
+// inHole reports whether [from, to) overlaps one of the segment's holes.
+func (s *segment) inHole(from, to int64) bool {
+	for _, h := range s.holes {
+		if from < h[1] && h[0] < to {
+			return true
+		}
+	}
+	return false
 }
 
 // entry is the in-memory index of one held message (40 bytes; the message
@@ -289,11 +302,16 @@ func (q *Queue) recover() error {
 		if err != nil {
 			return fmt.Errorf("open queue: open segment %s: %w", name, err)
 		}
-		seg := &segment{base: base, path: name, f: f}
+		seg := &segment{base: base, path: name, f: f, holes: bad}
 		q.segs = append(q.segs, seg)
 		off := len(segMagic)
 		for off < len(data) {
 			rec, n, err := decodeRecord(data[off:])
+			if err == nil && seg.inHole(int64(off), int64(off+n)) {
+				// Decoded only because the bytes the disk could not read
+				// were zeros in the record too: it cannot be read later.
+				err = fmt.Errorf("%w: in a block the disk cannot read", errCorrupt)
+			}
 			if err != nil && allZero(data[off:]) {
 				// The preallocated rest of the segment: its clean end (no
 				// record starts with a zero length).
@@ -316,6 +334,7 @@ func (q *Queue) recover() error {
 				}
 				if next := resync(data, off+1, lastSeq, before, q.opts.MaxMessageBytes); next > 0 {
 					q.m.skipped.Inc()
+					seg.holes = append(seg.holes, [2]int64{int64(off), int64(next)})
 					q.log.Error("skipping corrupt bytes in a completed queue segment (disk corruption); the messages after them are kept",
 						"segment", name, "offset", off, "bytes_skipped", next-off, "err", err,
 						"last_good_seq", lastSeq, "lost_seqs_at_most", resyncSeq(data[next:])-lastSeq-1)
@@ -337,6 +356,9 @@ func (q *Queue) recover() error {
 				if err := f.Sync(); err != nil {
 					return fmt.Errorf("open queue: sync %s after truncate: %w", name, err)
 				}
+				// What is cut is rewritten by later commits, readable or
+				// not: a write that fails there is refused as any other.
+				seg.holes = slices.DeleteFunc(seg.holes, func(h [2]int64) bool { return h[0] >= int64(off) })
 				data = data[:off]
 				break
 			}
@@ -1018,7 +1040,7 @@ func (q *Queue) held(after uint64, max int, out []Entry, buf []byte) ([]Entry, [
 		for ; j < len(q.ents) && len(out)+(j-i) < max; j++ {
 			e := q.ents[j]
 			end := e.off + int64(e.n) - q.ents[i].off
-			if e.seg != q.ents[i].seg || end > maxReadSpan {
+			if e.seg != q.ents[i].seg || end > maxReadSpan || e.seg.inHole(q.ents[i].off, e.off) {
 				break
 			}
 			span = end

@@ -112,6 +112,9 @@ func (q *Queue) writeAt(f *os.File, b []byte, off int64) (int, error) {
 
 // readAt is f.ReadAt, raw when rawIO. Caller holds q.mu.
 func (q *Queue) readAt(f *os.File, b []byte, off int64) (int, error) {
+	if q.opts.readAt != nil {
+		return q.opts.readAt(f, b, off)
+	}
 	if rawOffsets && len(b) > 0 && q.rawIO() {
 		return rawPread(f, b, off)
 	}
