@@ -1047,11 +1047,45 @@ func (q *Queue) held(after uint64, max int, out []Entry, buf []byte) ([]Entry, [
 		}
 		var err error
 		if out, buf, err = q.readSpan(out, buf, q.ents[i:j], span); err != nil {
-			return out, buf, q.notify, err
+			if !errors.Is(err, syscall.EIO) {
+				return out, buf, q.notify, err
+			}
+			// The disk cannot read part of the span: read its messages
+			// one by one, and drop those it cannot read, or the link
+			// would stop at them for good.
+			for k := i; k < j; k++ {
+				if q.ents[k].acked {
+					continue
+				}
+				var kerr error
+				if out, buf, kerr = q.readSpan(out, buf, q.ents[k:k+1], int64(q.ents[k].n)); kerr != nil {
+					if !errors.Is(kerr, syscall.EIO) {
+						return out, buf, q.notify, kerr
+					}
+					q.loseLocked(k, kerr)
+				}
+			}
 		}
 		i = j
 	}
 	return out, buf, q.notify, nil
+}
+
+// loseLocked drops held entry k, which the disk cannot read: it is marked
+// delivered (so a restart does not try it again) and counted, with an
+// error naming it. Its segment is reclaimed by a later Ack (not here:
+// held is iterating over q.ents). Caller holds q.mu.
+func (q *Queue) loseLocked(k int, err error) {
+	e := &q.ents[k]
+	e.acked = true
+	e.seg.live--
+	q.acks = append(q.acks, e.seq)
+	q.depth--
+	q.m.lost.Inc()
+	q.m.depth.Set(float64(q.depth))
+	q.log.Error("queue: a held message cannot be read (the disk is failing); dropping it so that the messages after it are delivered",
+		"seq", e.seq, "segment", e.seg.path, "offset", e.off, "err", err)
+	q.armAckFlushLocked()
 }
 
 // maxReadSpan bounds one read in Next.
@@ -1109,22 +1143,28 @@ func (q *Queue) Ack(seqs ...uint64) error {
 	q.m.acked.Add(float64(n))
 	q.m.depth.Set(float64(q.depth))
 	q.m.bytes.Set(float64(q.diskBytes()))
-	arm := n > 0 && !q.ackArmed
-	if arm {
-		q.ackArmed = true
+	if n > 0 {
+		q.armAckFlushLocked()
 	}
 	q.mu.Unlock()
-	if arm {
-		// The marks ride along with the next batch; the timer writes them
-		// if none comes. No writer wake-up per PUBACK, one timer at most.
-		time.AfterFunc(q.opts.AckFlushInterval, func() {
-			select {
-			case q.ackDue <- struct{}{}:
-			default:
-			}
-		})
-	}
 	return nil
+}
+
+// armAckFlushLocked starts the timer that writes pending delivered-marks,
+// unless it runs already. The marks ride along with the next batch; the
+// timer writes them if none comes. No writer wake-up per PUBACK, one timer
+// at most. Caller holds q.mu.
+func (q *Queue) armAckFlushLocked() {
+	if q.ackArmed {
+		return
+	}
+	q.ackArmed = true
+	time.AfterFunc(q.opts.AckFlushInterval, func() {
+		select {
+		case q.ackDue <- struct{}{}:
+		default:
+		}
+	})
 }
 
 // Stats is a snapshot of the queue.

@@ -488,6 +488,64 @@ func TestUnreadableBlocksAreSkipped(t *testing.T) {
 	})
 }
 
+// TestUnreadableAtRuntimeIsDropped: a held message the disk cannot read
+// when it is due upstream is dropped, counted and marked delivered, and the
+// messages after it still come; without that the link would stop at it.
+func TestUnreadableAtRuntimeIsDropped(t *testing.T) {
+	dir := t.TempDir()
+	var badFrom, badTo atomic.Int64
+	opts := Options{readAt: func(f *os.File, b []byte, off int64) (int, error) {
+		if off < badTo.Load() && off+int64(len(b)) > badFrom.Load() {
+			return 0, &os.PathError{Op: "read", Path: f.Name(), Err: syscall.EIO}
+		}
+		return f.ReadAt(b, off)
+	}}
+	q, reg := open(t, dir, opts)
+	const total = 40
+	for i := range total {
+		if err := q.Accept(context.Background(), msg("a", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	q.mu.Lock()
+	badFrom.Store(q.ents[10].off + 1)
+	badTo.Store(q.ents[12].off + 1) // messages 10, 11 and 12
+	q.mu.Unlock()
+	payloads := func(es []Entry) []int {
+		var got []int
+		for _, e := range es {
+			var i int
+			fmt.Sscanf(string(e.Payload), `{"i":%d}`, &i)
+			got = append(got, i)
+		}
+		return got
+	}
+	var want []int
+	for i := range total {
+		if i < 10 || i > 12 {
+			want = append(want, i)
+		}
+	}
+	if d := cmp.Diff(want, payloads(drain(t, q))); d != "" {
+		t.Fatalf("messages with 10-12 unreadable (-want +got):\n%s", d)
+	}
+	if v := metricValue(t, reg, "bastion_queue_unreadable_dropped_total"); v != 3 {
+		t.Fatalf("unreadable_dropped_total = %v, want 3", v)
+	}
+	if v := metricValue(t, reg, "bastion_queue_depth"); v != total-3 {
+		t.Fatalf("depth = %v, want %d", v, total-3)
+	}
+	q.Close()
+	// Marked delivered: a restart does not bring them back, even with the
+	// disk reading them again.
+	badFrom.Store(0)
+	badTo.Store(0)
+	q2, _ := open(t, dir, opts)
+	if d := cmp.Diff(want, payloads(drain(t, q2))); d != "" {
+		t.Fatalf("after reopen (-want +got):\n%s", d)
+	}
+}
+
 func ptr[T any](v T) *T { return &v }
 
 // recordsEnd is the offset after a segment's last decodable record.
