@@ -201,6 +201,9 @@ type Queue struct {
 	// goroutine's only.
 	aio   *aioFsync
 	noAIO bool
+	// unreadable holds when each held message the disk could not read
+	// was first tried (see unreadableLocked).
+	unreadable map[uint64]time.Time
 	// strs holds the device ids and topics Next hands out (under mu).
 	strs interner
 
@@ -1051,24 +1054,67 @@ func (q *Queue) held(after uint64, max int, out []Entry, buf []byte) ([]Entry, [
 				return out, buf, q.notify, err
 			}
 			// The disk cannot read part of the span: read its messages
-			// one by one, and drop those it cannot read, or the link
-			// would stop at them for good.
+			// one by one. One it has not read for unreadableGrace is
+			// dropped, or the link would stop at it for good; until then
+			// what came before it is handed out and it is tried again
+			// (a disk that comes back, a card reader's glitch, loses
+			// nothing).
+			var stuck error
 			for k := i; k < j; k++ {
 				if q.ents[k].acked {
 					continue
 				}
-				var kerr error
-				if out, buf, kerr = q.readSpan(out, buf, q.ents[k:k+1], int64(q.ents[k].n)); kerr != nil {
-					if !errors.Is(kerr, syscall.EIO) {
-						return out, buf, q.notify, kerr
+				if stuck != nil {
+					// Nothing after a message that is still tried is handed
+					// out (order per device); only start its clock too.
+					if _, _, perr := q.readSpan(nil, nil, q.ents[k:k+1], int64(q.ents[k].n)); errors.Is(perr, syscall.EIO) {
+						q.unreadableLocked(k)
 					}
-					q.loseLocked(k, kerr)
+					continue
 				}
+				var kerr error
+				if out, buf, kerr = q.readSpan(out, buf, q.ents[k:k+1], int64(q.ents[k].n)); kerr == nil {
+					continue
+				}
+				if errors.Is(kerr, syscall.EIO) && q.unreadableLocked(k) {
+					q.loseLocked(k, kerr)
+					continue
+				}
+				stuck = kerr
+			}
+			if stuck != nil {
+				if len(out) > 0 {
+					return out, buf, q.notify, nil
+				}
+				return out, buf, q.notify, stuck
 			}
 		}
 		i = j
 	}
 	return out, buf, q.notify, nil
+}
+
+// unreadableGrace is how long a held message must have been unreadable
+// (EIO at every try) before it is dropped.
+const unreadableGrace = 10 * time.Minute
+
+// unreadableLocked notes that held entry k could not be read and reports
+// whether that has been so for unreadableGrace, with no write or fsync
+// failure meanwhile (a disk failing as a whole keeps everything for the
+// operator). Caller holds q.mu.
+func (q *Queue) unreadableLocked(k int) bool {
+	now := q.opts.Now()
+	if q.unreadable == nil {
+		q.unreadable = map[uint64]time.Time{}
+	}
+	first, ok := q.unreadable[q.ents[k].seq]
+	if !ok {
+		q.unreadable[q.ents[k].seq] = now
+		q.log.Warn("queue: a held message cannot be read (EIO); trying again", "seq", q.ents[k].seq,
+			"segment", q.ents[k].seg.path, "offset", q.ents[k].off, "dropped_after", unreadableGrace)
+		return false
+	}
+	return q.failed == nil && now.Sub(first) >= unreadableGrace
 }
 
 // loseLocked drops held entry k, which the disk cannot read: it is marked
@@ -1083,7 +1129,8 @@ func (q *Queue) loseLocked(k int, err error) {
 	q.depth--
 	q.m.lost.Inc()
 	q.m.depth.Set(float64(q.depth))
-	q.log.Error("queue: a held message cannot be read (the disk is failing); dropping it so that the messages after it are delivered",
+	delete(q.unreadable, e.seq)
+	q.log.Error("queue: a held message has been unreadable for "+unreadableGrace.String()+" (the disk is failing); dropping it so that the messages after it are delivered",
 		"seq", e.seq, "segment", e.seg.path, "offset", e.off, "err", err)
 	q.armAckFlushLocked()
 }
@@ -1136,6 +1183,7 @@ func (q *Queue) Ack(seqs ...uint64) error {
 		q.ents[i].acked = true
 		q.ents[i].seg.live--
 		q.acks = append(q.acks, s)
+		delete(q.unreadable, s)
 		n++
 	}
 	q.depth -= n

@@ -489,17 +489,29 @@ func TestUnreadableBlocksAreSkipped(t *testing.T) {
 }
 
 // TestUnreadableAtRuntimeIsDropped: a held message the disk cannot read
-// when it is due upstream is dropped, counted and marked delivered, and the
-// messages after it still come; without that the link would stop at it.
+// when it is due upstream is tried again for unreadableGrace (a disk that
+// comes back loses nothing; nothing after it is handed out, for order),
+// then dropped, counted and marked delivered, and the messages after it
+// come; before, the link stopped at it for good.
 func TestUnreadableAtRuntimeIsDropped(t *testing.T) {
+	t.Run("stays unreadable", func(t *testing.T) { testUnreadableAtRuntime(t, false) })
+	t.Run("comes back", func(t *testing.T) { testUnreadableAtRuntime(t, true) })
+}
+
+func testUnreadableAtRuntime(t *testing.T, comesBack bool) {
 	dir := t.TempDir()
 	var badFrom, badTo atomic.Int64
-	opts := Options{readAt: func(f *os.File, b []byte, off int64) (int, error) {
-		if off < badTo.Load() && off+int64(len(b)) > badFrom.Load() {
-			return 0, &os.PathError{Op: "read", Path: f.Name(), Err: syscall.EIO}
-		}
-		return f.ReadAt(b, off)
-	}}
+	var clock atomic.Int64
+	clock.Store(epoch.UnixNano())
+	opts := Options{
+		Now: func() time.Time { return time.Unix(0, clock.Load()) },
+		readAt: func(f *os.File, b []byte, off int64) (int, error) {
+			if off < badTo.Load() && off+int64(len(b)) > badFrom.Load() {
+				return 0, &os.PathError{Op: "read", Path: f.Name(), Err: syscall.EIO}
+			}
+			return f.ReadAt(b, off)
+		},
+	}
 	q, reg := open(t, dir, opts)
 	const total = 40
 	for i := range total {
@@ -520,14 +532,47 @@ func TestUnreadableAtRuntimeIsDropped(t *testing.T) {
 		}
 		return got
 	}
-	var want []int
-	for i := range total {
-		if i < 10 || i > 12 {
-			want = append(want, i)
+	next := func(after uint64) ([]Entry, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+		defer cancel()
+		return q.Next(ctx, after, 1000)
+	}
+	es, err := next(0)
+	if err != nil || !slices.Equal(payloads(es), []int{0, 1, 2, 3, 4, 5, 6, 7, 8, 9}) {
+		t.Fatalf("first Next = %v, %v; want 0-9 and no error", payloads(es), err)
+	}
+	after := es[len(es)-1].Seq
+	for range 2 { // within the grace: the error, again and again
+		if es, err := next(after); !errors.Is(err, syscall.EIO) {
+			t.Fatalf("Next at the unreadable message = %v, %v; want EIO", payloads(es), err)
 		}
 	}
-	if d := cmp.Diff(want, payloads(drain(t, q))); d != "" {
-		t.Fatalf("messages with 10-12 unreadable (-want +got):\n%s", d)
+	if v := metricValue(t, reg, "bastion_queue_unreadable_dropped_total"); v != 0 {
+		t.Fatalf("dropped within the grace: %v", v)
+	}
+	if comesBack {
+		// The disk reads again before the grace is over: nothing lost.
+		badFrom.Store(0)
+		badTo.Store(0)
+		if es, err := next(after); err != nil || len(es) != total-10 || payloads(es)[0] != 10 {
+			t.Fatalf("after the disk came back: %v, %v; want 10-%d", payloads(es), err, total-1)
+		}
+		if v := metricValue(t, reg, "bastion_queue_unreadable_dropped_total"); v != 0 {
+			t.Fatalf("dropped: %v", v)
+		}
+		return
+	}
+	clock.Add(int64(unreadableGrace))
+	var want []int
+	for i := 13; i < total; i++ {
+		want = append(want, i)
+	}
+	es, err = next(after)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := cmp.Diff(want, payloads(es)); d != "" {
+		t.Fatalf("after the grace (-want +got):\n%s", d)
 	}
 	if v := metricValue(t, reg, "bastion_queue_unreadable_dropped_total"); v != 3 {
 		t.Fatalf("unreadable_dropped_total = %v, want 3", v)
@@ -541,7 +586,7 @@ func TestUnreadableAtRuntimeIsDropped(t *testing.T) {
 	badFrom.Store(0)
 	badTo.Store(0)
 	q2, _ := open(t, dir, opts)
-	if d := cmp.Diff(want, payloads(drain(t, q2))); d != "" {
+	if d := cmp.Diff(append([]int{0, 1, 2, 3, 4, 5, 6, 7, 8, 9}, want...), payloads(drain(t, q2))); d != "" {
 		t.Fatalf("after reopen (-want +got):\n%s", d)
 	}
 }
