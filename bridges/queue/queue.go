@@ -69,6 +69,9 @@ type Options struct {
 	// readAt, if set (tests in this package), reads segment files at open
 	// instead of the file itself: a disk that cannot read some blocks.
 	readAt func(f *os.File, b []byte, off int64) (int, error)
+	// readRetries, if set (tests in this package), replaces the pauses
+	// before each new try of a block that failed to read at open.
+	readRetries []time.Duration
 	// Sync makes a written batch durable; default fsync(2) (with a fast
 	// disk and more than one P without the runtime's syscall entry, see
 	// useRawSync; with one P submitted asynchronously, see defaultSync).
@@ -423,6 +426,10 @@ func (q *Queue) readSegment(name string) (data []byte, bad [][2]int64, err error
 	if readAt == nil {
 		readAt = (*os.File).ReadAt
 	}
+	retries := q.opts.readRetries
+	if retries == nil {
+		retries = []time.Duration{100 * time.Millisecond, 500 * time.Millisecond, time.Second}
+	}
 	data = make([]byte, fi.Size())
 	const chunk, block = 1 << 20, 4 << 10
 	for off := int64(0); off < int64(len(data)); off += chunk {
@@ -432,10 +439,18 @@ func (q *Queue) readSegment(name string) (data []byte, bad [][2]int64, err error
 		} else if !errors.Is(err, syscall.EIO) {
 			return nil, nil, err
 		}
-		// Find the unreadable blocks one by one.
+		// Find the unreadable blocks one by one, each tried again after
+		// a pause or two: a card reader's glitch at boot loses nothing.
 		for bo := int64(0); bo < int64(len(b)); bo += block {
 			bb := b[bo:min(bo+block, int64(len(b)))]
 			_, err := readAt(f, bb, off+bo)
+			for _, d := range retries {
+				if !errors.Is(err, syscall.EIO) {
+					break
+				}
+				time.Sleep(d)
+				_, err = readAt(f, bb, off+bo)
+			}
 			switch {
 			case err == nil || errors.Is(err, io.EOF):
 			case errors.Is(err, syscall.EIO):
