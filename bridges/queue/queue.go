@@ -320,7 +320,9 @@ func (q *Queue) recover() error {
 			}
 			if err != nil && allZero(data[off:]) {
 				// The preallocated rest of the segment: its clean end (no
-				// record starts with a zero length).
+				// record starts with a zero length). An unreadable block
+				// there is rewritten by later commits: no longer a hole.
+				seg.holes = slices.DeleteFunc(seg.holes, func(h [2]int64) bool { return h[0] >= int64(off) })
 				data = data[:off]
 				break
 			}
@@ -341,7 +343,7 @@ func (q *Queue) recover() error {
 				if next := resync(data, off+1, lastSeq, before, q.opts.MaxMessageBytes); next > 0 {
 					q.m.skipped.Inc()
 					seg.holes = append(seg.holes, [2]int64{int64(off), int64(next)})
-					q.log.Error("skipping corrupt bytes in a completed queue segment (disk corruption); the messages after them are kept",
+					q.log.Error("skipping corrupt or unreadable bytes in a queue segment (the disk's corruption, not a torn write); the messages after them are kept",
 						"segment", name, "offset", off, "bytes_skipped", next-off, "err", err,
 						"last_good_seq", lastSeq, "lost_seqs_at_most", resyncSeq(data[next:])-lastSeq-1)
 					off = next
