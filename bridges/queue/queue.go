@@ -66,8 +66,9 @@ type Options struct {
 	AckFlushInterval time.Duration
 	// Now is the clock for message ages; default time.Now.
 	Now func() time.Time
-	// readAt, if set (tests in this package), reads segment files at open
-	// instead of the file itself: a disk that cannot read some blocks.
+	// readAt, if set (tests in this package), reads segment files (at open
+	// and for Next) instead of the file itself: a disk that cannot read
+	// some blocks.
 	readAt func(f *os.File, b []byte, off int64) (int, error)
 	// readRetries, if set (tests in this package), replaces the pauses
 	// before each new try of a block that failed to read at open.
@@ -432,6 +433,9 @@ func (q *Queue) readSegment(name string) (data []byte, bad [][2]int64, err error
 	if retries == nil {
 		retries = []time.Duration{100 * time.Millisecond, 500 * time.Millisecond, time.Second}
 	}
+	// The pauses of all retries together are bounded: a disk with many bad
+	// blocks must not hold the gateway's start for minutes.
+	budget := 5 * time.Second
 	data = make([]byte, fi.Size())
 	const chunk, block = 1 << 20, 4 << 10
 	for off := int64(0); off < int64(len(data)); off += chunk {
@@ -447,9 +451,10 @@ func (q *Queue) readSegment(name string) (data []byte, bad [][2]int64, err error
 			bb := b[bo:min(bo+block, int64(len(b)))]
 			_, err := readAt(f, bb, off+bo)
 			for _, d := range retries {
-				if !errors.Is(err, syscall.EIO) {
+				if !errors.Is(err, syscall.EIO) || budget < d {
 					break
 				}
+				budget -= d
 				time.Sleep(d)
 				_, err = readAt(f, bb, off+bo)
 			}
