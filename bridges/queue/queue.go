@@ -433,7 +433,8 @@ func (q *Queue) readSegment(name string) (data []byte, bad [][2]int64, err error
 	if retries == nil {
 		retries = []time.Duration{100 * time.Millisecond, 500 * time.Millisecond, time.Second}
 	}
-	// The pauses of all retries together are bounded: a disk with many bad
+	// The pauses of a segment's retries together are bounded (5 s, at most
+	// 80 s for a full 64 MiB queue): a disk with many bad
 	// blocks must not hold the gateway's start for minutes.
 	budget := 5 * time.Second
 	data = make([]byte, fi.Size())
