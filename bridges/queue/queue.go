@@ -433,9 +433,9 @@ func (q *Queue) readSegment(name string) (data []byte, bad [][2]int64, err error
 	if retries == nil {
 		retries = []time.Duration{100 * time.Millisecond, 500 * time.Millisecond, time.Second}
 	}
-	// The pauses of a segment's retries together are bounded (5 s, at most
-	// 80 s for a full 64 MiB queue): a disk with many bad
-	// blocks must not hold the gateway's start for minutes.
+	// The pauses of a segment's retries together are bounded (5 s; 80 s
+	// for a full 64 MiB queue of 4 MiB segments), so that a disk with many
+	// bad blocks holds the gateway's start for seconds, not hours.
 	budget := 5 * time.Second
 	data = make([]byte, fi.Size())
 	const chunk, block = 1 << 20, 4 << 10
