@@ -64,9 +64,13 @@ func (g *Gateway) openUpstream(cfg config.Config) error {
 			oldest = time.Since(st.Oldest).Round(time.Second).String()
 		}
 		ps := g.parking.Stats()
+		qs := map[string]any{"depth": st.Depth, "bytes": st.Bytes, "oldest_age": oldest}
+		if st.Err != nil {
+			qs["error"] = "refusing QoS 1 messages until bastiond restarts: " + st.Err.Error()
+		}
 		return map[string]any{
 			"link":   g.upstream.Status(),
-			"queue":  map[string]any{"depth": st.Depth, "bytes": st.Bytes, "oldest_age": oldest},
+			"queue":  qs,
 			"parked": map[string]any{"depth": ps.Depth, "bytes": ps.Bytes},
 		}
 	})

@@ -17,6 +17,7 @@ type metrics struct {
 	skipped    prometheus.Counter
 	unreadable prometheus.Counter
 	lost       prometheus.Counter
+	stopped    prometheus.Gauge
 	reg        prometheus.Registerer
 }
 
@@ -55,13 +56,15 @@ func newMetrics(q *Queue) *metrics {
 			Help: "Corrupt stretches skipped at open inside a segment that had been completed (disk corruption); the records after each were kept."}),
 		unreadable: prometheus.NewCounter(prometheus.CounterOpts{Name: "bastion_queue_unreadable_bytes_total",
 			Help: "Bytes of queue segments the disk could not read at open (EIO); the messages around them were kept."}),
+		stopped: prometheus.NewGauge(prometheus.GaugeOpts{Name: "bastion_queue_stopped",
+			Help: "1 once a failed fsync has stopped the queue from accepting messages (until bastiond restarts), else 0."}),
 		lost: prometheus.NewCounter(prometheus.CounterOpts{Name: "bastion_queue_unreadable_dropped_total",
 			Help: "Held messages dropped because the disk could not read them when they were due upstream (EIO)."}),
 	}
 }
 
 func (m *metrics) all() []prometheus.Collector {
-	return []prometheus.Collector{m.depth, m.bytes, m.oldest, m.refused, m.fsyncs, m.fsyncSec, m.accepted, m.acked, m.cut, m.skipped, m.unreadable, m.lost}
+	return []prometheus.Collector{m.depth, m.bytes, m.oldest, m.refused, m.fsyncs, m.fsyncSec, m.accepted, m.acked, m.cut, m.skipped, m.unreadable, m.lost, m.stopped}
 }
 
 func (m *metrics) register(reg prometheus.Registerer) error {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -139,6 +140,9 @@ func TestFailedFsyncFailsLaterCommits(t *testing.T) {
 	ha := g.next(t, "the first batch")
 	b := admit(t, q, msg("d", 1))
 	fs0 := metricValue(t, reg, "bastion_queue_fsyncs_total")
+	if v := metricValue(t, reg, "bastion_queue_stopped"); v != 0 || q.Stats().Err != nil {
+		t.Fatalf("stopped before any failure: metric %v, Stats().Err %v", v, q.Stats().Err)
+	}
 	ha.release <- errors.New("EIO from the test")
 	if err := result(t, a); err == nil {
 		t.Fatal("first batch reported durable after its fsync failed")
@@ -151,6 +155,13 @@ func TestFailedFsyncFailsLaterCommits(t *testing.T) {
 	}
 	if _, err := q.AcceptAsync(context.Background(), msg("d", 2)); err == nil {
 		t.Fatal("queue admitted a message after a failed fsync")
+	}
+	// Shown where an operator looks: metrics and bastionctl status.
+	if v := metricValue(t, reg, "bastion_queue_stopped"); v != 1 {
+		t.Errorf("bastion_queue_stopped = %v after a failed fsync, want 1", v)
+	}
+	if err := q.Stats().Err; err == nil || !strings.Contains(err.Error(), "EIO from the test") {
+		t.Errorf("Stats().Err = %v, want the fsync's error", err)
 	}
 }
 

@@ -975,6 +975,7 @@ func (q *Queue) commit(seg *segment, batch []pending) {
 		err = fmt.Errorf("queue: fsync %s: %w", seg.path, err)
 		if q.failed == nil {
 			q.failed = err
+			q.m.stopped.Set(1)
 			q.log.Error("queue fsync failed; refusing new messages until reopened", "err", err)
 		}
 	case q.failed != nil:
@@ -1243,13 +1244,16 @@ type Stats struct {
 	Depth  int       // messages held
 	Bytes  int64     // bytes on disk
 	Oldest time.Time // receive time of the oldest held message (zero if none)
+	// Err is the disk error that stopped the queue from accepting (a
+	// failed fsync; until reopened), nil while it accepts.
+	Err error
 }
 
 // Stats returns a snapshot.
 func (q *Queue) Stats() Stats {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	return Stats{Depth: q.depth, Bytes: q.diskBytes(), Oldest: q.oldestLocked()}
+	return Stats{Depth: q.depth, Bytes: q.diskBytes(), Oldest: q.oldestLocked(), Err: q.failed}
 }
 
 // Close writes pending marks, waits for in-flight Accepts to be written and
