@@ -66,7 +66,7 @@ func (g *Gateway) openUpstream(cfg config.Config) error {
 		ps := g.parking.Stats()
 		qs := map[string]any{"depth": st.Depth, "bytes": st.Bytes, "oldest_age": oldest}
 		if st.Err != nil {
-			qs["error"] = "refusing QoS 1 messages until bastiond restarts: " + st.Err.Error()
+			qs["error"] = "refusing QoS 1 messages after a disk error (retrying on a new segment): " + st.Err.Error()
 		}
 		return map[string]any{
 			"link":   g.upstream.Status(),

@@ -73,6 +73,8 @@ type Options struct {
 	// readRetries, if set (tests in this package), replaces the pauses
 	// before each new try of a block that failed to read at open.
 	readRetries []time.Duration
+	// resumeAfter, if set (tests in this package), replaces resumeFirst.
+	resumeAfter time.Duration
 	// Sync makes a written batch durable; default fsync(2) (with a fast
 	// disk and more than one P without the runtime's syscall entry, see
 	// useRawSync; with one P submitted asynchronously, see defaultSync).
@@ -217,6 +219,10 @@ type Queue struct {
 	ackArmed bool          // that timer is running
 	stop     chan struct{}
 	stopped  chan struct{}
+	// resumeDue: time to try accepting again after a failed fsync
+	// (capacity 1); resumeWait is the pause before the next try.
+	resumeDue  chan struct{}
+	resumeWait time.Duration
 
 	// creating, if set (tests in this package, before anything that
 	// rotates), runs while a new segment is written, before its sync.
@@ -248,7 +254,8 @@ func Open(dir string, opts Options, log *slog.Logger, reg prometheus.Registerer)
 	q := &Queue{
 		dir: dir, opts: opts, log: log.With("component", "queue"),
 		notify: make(chan struct{}), wake: make(chan struct{}, 1), ackDue: make(chan struct{}, 1),
-		stop: make(chan struct{}), stopped: make(chan struct{}),
+		resumeDue: make(chan struct{}, 1),
+		stop:      make(chan struct{}), stopped: make(chan struct{}),
 	}
 	q.m = newMetrics(q)
 	if err := q.recover(); err != nil {
@@ -743,6 +750,9 @@ func (q *Queue) writer() {
 		case <-q.wake:
 		case <-q.ackDue:
 			fired = true
+		case <-q.resumeDue:
+			q.resume()
+			continue
 		case <-q.stop:
 			q.flush(true)
 			return
@@ -947,8 +957,9 @@ func (q *Queue) failBatchLocked(batch []pending, batchBuf []byte) {
 // commit makes batch, written to seg, durable: fsync, then tells its
 // Accepts, in order. After a failed fsync what the page cache holds of the
 // file is unknown, so every later batch is refused too and the queue
-// refuses new messages until reopened (the messages may reappear on
-// restart, or be sent already: duplicates, never an acknowledged loss).
+// refuses new messages until resume has started a new segment (the
+// messages may reappear on restart, or be sent already: duplicates, never
+// an acknowledged loss).
 // The writer runs it: the next batch is written only after this one's
 // Accepts were told.
 func (q *Queue) commit(seg *segment, batch []pending) {
@@ -976,7 +987,12 @@ func (q *Queue) commit(seg *segment, batch []pending) {
 		if q.failed == nil {
 			q.failed = err
 			q.m.stopped.Set(1)
-			q.log.Error("queue fsync failed; refusing new messages until reopened", "err", err)
+			q.resumeWait = q.opts.resumeAfter
+			if q.resumeWait <= 0 {
+				q.resumeWait = resumeFirst
+			}
+			q.armResumeLocked()
+			q.log.Error("queue fsync failed; refusing new messages, trying a new segment in "+q.resumeWait.String(), "err", err)
 		}
 	case q.failed != nil:
 		err = fmt.Errorf("queue: disk error earlier: %w", q.failed)
@@ -986,6 +1002,60 @@ func (q *Queue) commit(seg *segment, batch []pending) {
 		batch[i].tell(err)
 	}
 	q.recycle(batch, nil)
+}
+
+// resumeFirst is how long the queue refuses messages after a failed fsync
+// before it tries to accept again; each failed try doubles it, up to
+// resumeMax.
+const resumeFirst, resumeMax = 10 * time.Second, 5 * time.Minute
+
+// armResumeLocked schedules the writer's next resume. Caller holds q.mu.
+func (q *Queue) armResumeLocked() {
+	time.AfterFunc(q.resumeWait, func() {
+		select {
+		case q.resumeDue <- struct{}{}:
+		default:
+		}
+	})
+}
+
+// resume makes the queue accept again after a failed fsync. After such a
+// failure the page cache may call the failed commit's pages clean while
+// the disk does not hold them, so nothing more is written after them: the
+// commits from here on go to a new segment (made and synced like any
+// other), and what the failed commit left ends a segment that recovery
+// treats as completed (corrupt bytes there are skipped, not followed by a
+// cut of later messages). The failed batch was never acknowledged. If the
+// new segment cannot be made durable either, it tries again later. The
+// writer goroutine only (it alone changes the last segment).
+func (q *Queue) resume() {
+	q.mu.Lock()
+	if q.failed == nil || q.closed {
+		q.mu.Unlock()
+		return
+	}
+	base, active := q.nextSeq, q.segs[len(q.segs)-1]
+	q.mu.Unlock()
+	var seg *segment
+	var err error
+	if active.base != base || active.size > int64(len(segMagic)) {
+		seg, err = q.createSegment(base)
+	}
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if err != nil {
+		q.resumeWait = min(2*q.resumeWait, resumeMax)
+		q.log.Error("queue: still cannot write after a failed fsync; trying again in "+q.resumeWait.String(), "err", err)
+		q.armResumeLocked()
+		return
+	}
+	if seg != nil {
+		q.segs = append(q.segs, seg)
+	}
+	q.log.Warn("queue: accepting messages again after a failed fsync; new commits go to a new segment",
+		"segment", q.segs[len(q.segs)-1].path, "failed_with", q.failed)
+	q.failed = nil
+	q.m.stopped.Set(0)
 }
 
 // maxKeptBuf bounds the buffers the writer keeps for the next batch: a
@@ -1245,7 +1315,7 @@ type Stats struct {
 	Bytes  int64     // bytes on disk
 	Oldest time.Time // receive time of the oldest held message (zero if none)
 	// Err is the disk error that stopped the queue from accepting (a
-	// failed fsync; until reopened), nil while it accepts.
+	// failed fsync; until resume succeeds), nil while it accepts.
 	Err error
 }
 
