@@ -1193,9 +1193,9 @@ func (q *Queue) held(after uint64, max int, out []Entry, buf []byte) ([]Entry, [
 const unreadableGrace = 10 * time.Minute
 
 // unreadableLocked notes that held entry k could not be read and reports
-// whether that has been so for unreadableGrace, with no write or fsync
-// failure meanwhile (a disk failing as a whole keeps everything for the
-// operator). Caller holds q.mu.
+// whether that has been so for unreadableGrace and the queue is not
+// stopped by a failed fsync (a disk failing as a whole keeps everything).
+// Caller holds q.mu.
 func (q *Queue) unreadableLocked(k int) bool {
 	now := q.opts.Now()
 	if q.unreadable == nil {
