@@ -21,6 +21,7 @@ package queue
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -987,15 +988,20 @@ func (q *Queue) commit(seg *segment, batch []pending) {
 		if q.failed == nil {
 			q.failed = err
 			q.m.stopped.Set(1)
-			q.resumeWait = q.opts.resumeAfter
-			if q.resumeWait <= 0 {
-				q.resumeWait = resumeFirst
+			// A disk that fails again right after a resume waits longer
+			// each time: every resume costs a new preallocated segment.
+			if q.resumeWait == 0 {
+				q.resumeWait = cmp.Or(q.opts.resumeAfter, resumeFirst)
+			} else {
+				q.resumeWait = min(2*q.resumeWait, resumeMax)
 			}
 			q.armResumeLocked()
 			q.log.Error("queue fsync failed; refusing new messages, trying a new segment in "+q.resumeWait.String(), "err", err)
 		}
 	case q.failed != nil:
 		err = fmt.Errorf("queue: disk error earlier: %w", q.failed)
+	default:
+		q.resumeWait = 0 // the disk works: a later failure starts over
 	}
 	q.mu.Unlock()
 	for i := range batch {
@@ -1005,8 +1011,8 @@ func (q *Queue) commit(seg *segment, batch []pending) {
 }
 
 // resumeFirst is how long the queue refuses messages after a failed fsync
-// before it tries to accept again; each failed try doubles it, up to
-// resumeMax.
+// before it tries to accept again; each failed try, and each failure
+// before a commit has succeeded since, doubles it, up to resumeMax.
 const resumeFirst, resumeMax = 10 * time.Second, 5 * time.Minute
 
 // armResumeLocked schedules the writer's next resume. Caller holds q.mu.
