@@ -57,7 +57,7 @@ func newMetrics(q *Queue) *metrics {
 		unreadable: prometheus.NewCounter(prometheus.CounterOpts{Name: "bastion_queue_unreadable_bytes_total",
 			Help: "Bytes of queue segments the disk could not read at open (EIO); the messages around them were kept."}),
 		stopped: prometheus.NewGauge(prometheus.GaugeOpts{Name: "bastion_queue_stopped",
-			Help: "1 while a failed fsync has stopped the queue from accepting messages (it tries a new segment after 10 s, then at doubling intervals up to 5 min), else 0."}),
+			Help: "1 while a failed fsync has stopped the queue from accepting messages (it tries a new segment after 10 s, longer while the disk keeps failing, up to 5 min), else 0."}),
 		lost: prometheus.NewCounter(prometheus.CounterOpts{Name: "bastion_queue_unreadable_dropped_total",
 			Help: "Held messages dropped because the disk could not read them when they were due upstream (EIO)."}),
 	}
