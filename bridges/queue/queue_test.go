@@ -404,6 +404,9 @@ func TestUnreadableBlocksAreSkipped(t *testing.T) {
 	q, _ := open(t, dir, opts)
 	total, extra := 0, -1 // until a third segment holds 200 messages
 	for ; extra != 0; total++ {
+		if total == 10000 {
+			t.Fatal("no third segment after 10,000 messages of 16 KiB segments")
+		}
 		if err := q.Accept(context.Background(), msg("a", total)); err != nil {
 			t.Fatal(err)
 		}
