@@ -274,7 +274,7 @@ func decodeBody(body []byte, in *interner) (record, error) {
 // resync returns the offset, at or after from, of the first record in data
 // that decodes as a message whose seq is above after and below before (the
 // next segment's base), or -1 if there is none. It is how recover steps
-// over corrupt bytes inside a completed segment. A length above
+// over corrupt or unreadable bytes (see recover). A length above
 // maxMessage and the header's worth is not tried: over random bytes every
 // 1,000th offset looks like a record of up to 4 MiB, and checksumming each
 // would take seconds per damaged segment (a record that large, kept from a
