@@ -716,9 +716,13 @@ func (q *Queue) admit(m bridges.Message, fn func(error)) (chan error, error) {
 	return done, nil
 }
 
-func (q *Queue) kick() {
+func (q *Queue) kick() { signal(q.wake) }
+
+// signal wakes the writer through ch (capacity 1) without waiting: a
+// signal already pending covers this one.
+func signal(ch chan struct{}) {
 	select {
-	case q.wake <- struct{}{}:
+	case ch <- struct{}{}:
 	default:
 	}
 }
@@ -1017,12 +1021,7 @@ const resumeFirst, resumeMax = 10 * time.Second, 5 * time.Minute
 
 // armResumeLocked schedules the writer's next resume. Caller holds q.mu.
 func (q *Queue) armResumeLocked() {
-	time.AfterFunc(q.resumeWait, func() {
-		select {
-		case q.resumeDue <- struct{}{}:
-		default:
-		}
-	})
+	time.AfterFunc(q.resumeWait, func() { signal(q.resumeDue) })
 }
 
 // resume makes the queue accept again after a failed fsync. After such a
@@ -1307,12 +1306,7 @@ func (q *Queue) armAckFlushLocked() {
 		return
 	}
 	q.ackArmed = true
-	time.AfterFunc(q.opts.AckFlushInterval, func() {
-		select {
-		case q.ackDue <- struct{}{}:
-		default:
-		}
-	})
+	time.AfterFunc(q.opts.AckFlushInterval, func() { signal(q.ackDue) })
 }
 
 // Stats is a snapshot of the queue.
