@@ -111,7 +111,7 @@ var ErrClosed = errors.New("queue closed")
 var ErrTooLarge = errors.New("message too large for the queue")
 
 // Entry is a held message and its sequence number (unique, increasing in
-// acceptance order).
+// acceptance order, never reused across restarts: see seqGap).
 type Entry struct {
 	Seq uint64
 	bridges.Message
@@ -404,6 +404,16 @@ func (q *Queue) recover() error {
 	}
 	q.ents = kept
 	q.depth = len(kept)
+	if len(q.segs) > 0 {
+		// A crash may have lost the last batch after it was written but
+		// before its fsync returned, and the link may have sent it
+		// upstream meanwhile: its sequence numbers are in the cloud though
+		// not on disk. Reusing them for new messages would make a cloud
+		// that drops duplicates by bastion-origin and bastion-seq drop an
+		// acknowledged message. So every open skips past any sequence
+		// number that batch can have held.
+		q.nextSeq += seqGap(q.opts.MaxBytes)
+	}
 	if q.nextSeq == 0 {
 		q.nextSeq = 1
 	}
@@ -418,6 +428,15 @@ func (q *Queue) recover() error {
 	q.log.Info("queue opened", "dir", q.dir, "held", q.depth, "segments", len(q.segs), "next_seq", q.nextSeq)
 	return nil
 }
+
+// seqGap is how far Open moves the next sequence number past the last one
+// on disk: more than one batch can hold. The writer writes one batch at a
+// time and the next only after the previous one's fsync, so at most one
+// written batch is not on disk after a crash; it holds at most MaxBytes
+// bytes (admission counts it) and a record takes at least one byte. 2^32
+// covers a MaxBytes lowered across the crash from up to 4 GiB; uint64
+// sequence numbers last 2^32 opens.
+func seqGap(maxBytes int64) uint64 { return max(1<<32, uint64(maxBytes)) }
 
 // readSegment reads the segment file name whole. A block the disk cannot
 // read (EIO: a failing SD card or eMMC) comes back as zeros and its range in

@@ -1373,3 +1373,71 @@ func TestFsyncHistogram(t *testing.T) {
 		t.Errorf("fsyncs ≤ 5 ms: %d, want 2 (the 6 ms one above)", le5ms.GetCumulativeCount())
 	}
 }
+
+// TestSeqNotReusedAfterLostBatch: the link may send a batch once it is
+// written, before its fsync returns. If the power fails then, the batch is
+// not on disk but its sequence numbers are in the cloud; a message
+// accepted after the restart must not get one of them, or a cloud that
+// drops duplicates by bastion-origin and bastion-seq would drop it. The
+// disk after the power cut is the directory as it was before the batch
+// was written (its write never reached the disk). Messages that were on
+// disk keep their sequence numbers (their resends are duplicates).
+func TestSeqNotReusedAfterLostBatch(t *testing.T) {
+	dir := t.TempDir()
+	var hold atomic.Bool
+	gate, entered := make(chan struct{}), make(chan struct{}, 1)
+	q, _ := open(t, dir, Options{Sync: func(f *os.File) error {
+		if hold.Load() {
+			entered <- struct{}{}
+			<-gate
+		}
+		return f.Sync()
+	}})
+	ctx := context.Background()
+	for i := range 3 {
+		if err := q.Accept(ctx, msg("a", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	durable := drain(t, q)
+	if len(durable) != 3 {
+		t.Fatalf("held %d messages, want 3", len(durable))
+	}
+	lost := t.TempDir()
+	if err := os.CopyFS(lost, os.DirFS(dir)); err != nil {
+		t.Fatal(err)
+	}
+
+	hold.Store(true)
+	done, err := q.AcceptAsync(ctx, msg("b", 0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	<-entered
+	sent, err := q.Next(ctx, durable[2].Seq, 10) // the link sends it before the fsync returns
+	if err != nil || len(sent) != 1 {
+		t.Fatalf("Next during the held fsync: %v, %v; want the written message", sent, err)
+	}
+	close(gate)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	q.Close()
+
+	q2, _ := open(t, lost, Options{})
+	if err := q2.Accept(ctx, msg("c", 0)); err != nil {
+		t.Fatal(err)
+	}
+	after := drain(t, q2)
+	if len(after) != 4 {
+		t.Fatalf("after the power cut the queue holds %d messages, want the 3 durable ones and the new one", len(after))
+	}
+	for i, e := range after[:3] {
+		if e.Seq != durable[i].Seq {
+			t.Errorf("durable message %d came back as seq %d, was %d: its resend would not be recognised as a duplicate", i, e.Seq, durable[i].Seq)
+		}
+	}
+	if got := after[3].Seq; got <= sent[0].Seq {
+		t.Fatalf("message accepted after the power cut got seq %d; seq %d was already sent upstream for another message (seqs must never be reused)", got, sent[0].Seq)
+	}
+}
