@@ -39,13 +39,18 @@ func (g *Gateway) wireConsole() {
 }
 
 // forwardRules is the effective privacy policy: the rules set in the
-// console come first (first match wins), then those in bastion.yaml.
+// console and those in bastion.yaml; where several match a topic the most
+// restrictive decides (bridges/upstream). If the console's rules cannot be
+// read, nothing is forwarded: one of them may be a local rule.
 func (g *Gateway) forwardRules(cfg upstream.Config) []upstream.Rule {
+	rs, err := g.store.ForwardRules()
+	if err != nil {
+		g.log.Error("cannot read the console's forwarding rules; forwarding nothing upstream until they can be read (restart or change a rule to try again)", "err", err)
+		return []upstream.Rule{{Topic: "#", Action: upstream.ActionLocal}}
+	}
 	var out []upstream.Rule
-	if rs, err := g.store.ForwardRules(); err == nil {
-		for _, r := range rs {
-			out = append(out, upstream.Rule{Topic: r.Topic, Action: r.Action, Fields: r.Fields})
-		}
+	for _, r := range rs {
+		out = append(out, upstream.Rule{Topic: r.Topic, Action: r.Action, Fields: r.Fields})
 	}
 	return append(out, cfg.Forward...)
 }
@@ -142,7 +147,7 @@ func (u consoleUpstream) Show(ctx context.Context) (console.Report, error) {
 	}
 	return console.Report{Sections: append(secs,
 		console.Section{Title: "Topic mapping", Header: []string{"direction", "from", "to"}, Table: maps},
-		console.Section{Title: "Forwarding rules in effect (console rules first)", Header: []string{"topic", "action", "fields"}, Table: rules},
+		console.Section{Title: "Forwarding rules in effect (the console's and bastion.yaml's; where several match, the most restrictive decides)", Header: []string{"topic", "action", "fields"}, Table: rules},
 	)}, nil
 }
 

@@ -41,7 +41,7 @@ func (g *Gateway) openUpstream(cfg config.Config) error {
 		return errNoDownlink
 	}
 	ucfg := cfg.Upstream.Config
-	ucfg.Forward = g.forwardRules(ucfg) // the console's rules come first
+	ucfg.Forward = g.forwardRules(ucfg) // the console's and the file's
 	g.upstream, err = upstream.New(ucfg, g.queue, deliver, g.log, g.metrics.reg)
 	if err != nil {
 		return err

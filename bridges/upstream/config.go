@@ -49,7 +49,8 @@ type Config struct {
 	// Downlink maps upstream topics (subscribed with no-local) to local
 	// device topics. Default: {prefix}/{gateway}/{id}/c/# -> devices/{id}/c/#.
 	Downlink []Mapping `toml:"downlink" yaml:"downlink" json:"downlink"`
-	// Forward are the privacy rules, first match wins. A message whose
+	// Forward are the privacy rules; where several match, the most
+	// restrictive decides (applyRules). A message whose
 	// topic matches no rule stays local: only what is named here leaves.
 	Forward []Rule `toml:"forward" yaml:"forward" json:"forward"`
 }

@@ -1,6 +1,7 @@
 package upstream
 
 import (
+	"slices"
 	"strings"
 	"testing"
 
@@ -132,10 +133,15 @@ func TestOverlaps(t *testing.T) {
 	}
 }
 
+// TestPrivacyRules runs the rules in every order: the most restrictive
+// matching rule decides (local over redact over forward, the fields of
+// every matching redact rule removed), so that a broad forward rule listed
+// first cannot undo a narrower local one.
 func TestPrivacyRules(t *testing.T) {
 	rules := []Rule{
 		{Topic: "devices/+/t/secret/#", Action: ActionLocal},
 		{Topic: "devices/+/t/gps", Action: ActionRedact, Fields: []string{"lat", "lon", "meta.owner"}},
+		{Topic: "devices/lamp/t/#", Action: ActionRedact, Fields: []string{"alt"}},
 		{Topic: "devices/+/t/#", Action: ActionForward},
 	}
 	cases := []struct {
@@ -145,16 +151,32 @@ func TestPrivacyRules(t *testing.T) {
 	}{
 		{"devices/a/t/temp", `{"c":1}`, send, `{"c":1}`, ""},
 		{"devices/a/t/secret/x", `{}`, withhold, "", "local"},
+		{"devices/lamp/t/secret/x", `{}`, withhold, "", "local"},
 		{"devices/a/t/gps", `{"lat":1.5,"lon":2,"alt":12345678901234567890,"meta":{"owner":"x","v":1}}`, send, `{"alt":12345678901234567890,"meta":{"v":1}}`, ""},
+		{"devices/lamp/t/gps", `{"lat":1.5,"lon":2,"alt":3,"meta":{"owner":"x","v":1}}`, send, `{"meta":{"v":1}}`, ""},
 		{"devices/a/t/gps", `not json`, withhold, "", "redact_not_json"},
 		{"devices/a/t/gps", `[1,2]`, withhold, "", "redact_not_json"},
 		{"devices/a/t/gps", `{"a":1} {"b":2}`, withhold, "", "redact_not_json"},
 		{"devices/a/state", `{}`, withhold, "", "no_rule"},
 	}
-	for _, c := range cases {
-		v, out, reason := applyRules(rules, c.topic, []byte(c.payload))
-		if d := cmp.Diff([]any{c.want, c.out, c.reason}, []any{v, string(out), reason}); d != "" {
-			t.Errorf("applyRules(%q, %s) (-want +got):\n%s", c.topic, c.payload, d)
+	var orders [][]Rule
+	var permute func(rest, done []Rule)
+	permute = func(rest, done []Rule) {
+		if len(rest) == 0 {
+			orders = append(orders, slices.Clone(done))
+			return
+		}
+		for i := range rest {
+			permute(slices.Concat(rest[:i], rest[i+1:]), append(done, rest[i]))
+		}
+	}
+	permute(rules, nil)
+	for _, rules := range orders {
+		for _, c := range cases {
+			v, out, reason := applyRules(rules, c.topic, []byte(c.payload))
+			if d := cmp.Diff([]any{c.want, c.out, c.reason}, []any{v, string(out), reason}); d != "" {
+				t.Errorf("applyRules(%q, %s) with rules in the order %v (-want +got):\n%s", c.topic, c.payload, rules, d)
+			}
 		}
 	}
 	if v, _, reason := applyRules(nil, "devices/a/t/temp", []byte("{}")); v != withhold || reason != "no_rule" {

@@ -16,25 +16,39 @@ const (
 )
 
 // applyRules returns the payload to send, or withhold with a reason
-// ("no_rule", "local", "redact_not_json"). First matching rule wins.
+// ("no_rule", "local", "redact_not_json"). When several rules match, the
+// most restrictive wins, whatever their order: local over redact over
+// forward, and every matching redact rule's fields are removed. The rules
+// come from two places (the console and bastion.yaml) and the console's are
+// listed in topic order, so an order-based rule would let a broad forward
+// rule undo a narrower local one.
 func applyRules(rules []Rule, topic string, payload []byte) (verdict, []byte, string) {
+	redacting, forward := false, false
+	var fields []string
 	for _, r := range rules {
 		if !matchFilter(r.Topic, topic) {
 			continue
 		}
 		switch r.Action {
-		case ActionForward:
-			return send, payload, ""
 		case ActionLocal:
 			return withhold, nil, "local"
 		case ActionRedact:
-			out, err := redact(payload, r.Fields)
-			if err != nil {
-				// Fail closed: a payload we cannot redact does not leave.
-				return withhold, nil, "redact_not_json"
-			}
-			return send, out, ""
+			redacting = true
+			fields = append(fields, r.Fields...)
+		case ActionForward:
+			forward = true
 		}
+	}
+	switch {
+	case redacting:
+		out, err := redact(payload, fields)
+		if err != nil {
+			// Fail closed: a payload we cannot redact does not leave.
+			return withhold, nil, "redact_not_json"
+		}
+		return send, out, ""
+	case forward:
+		return send, payload, ""
 	}
 	return withhold, nil, "no_rule"
 }

@@ -225,3 +225,34 @@ func TestMemoryLimit(t *testing.T) {
 		}
 	}
 }
+
+// TestForwardOnlyWhatTheFileNames: the base configuration's forward rule
+// (device telemetry) is written into a new file, but a file without forward
+// rules forwards nothing instead of inheriting it unseen.
+func TestForwardOnlyWhatTheFileNames(t *testing.T) {
+	for name, base := range map[string]Config{"production": Production(), "dev": Dev("/tmp/x")} {
+		t.Run(name, func(t *testing.T) {
+			if len(base.Upstream.Forward) == 0 {
+				t.Fatal("the default config forwards nothing: a new file would name no rule")
+			}
+			var buf bytes.Buffer
+			if err := WriteCommented(&buf, base); err != nil {
+				t.Fatal(err)
+			}
+			written, err := Parse("written.yaml", buf.Bytes(), base)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if diff := cmp.Diff(base.Upstream.Forward, written.Upstream.Forward); diff != "" {
+				t.Errorf("a written default file's rules (-want +got):\n%s", diff)
+			}
+			c, err := Parse("bastion.yaml", []byte("upstream:\n  enabled: false\n  prefix: site\n"), base)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(c.Upstream.Forward) != 0 {
+				t.Errorf("a file naming no forward rule forwards %v", c.Upstream.Forward)
+			}
+		})
+	}
+}

@@ -52,7 +52,8 @@ func Dev(stateDir string) Config {
 const DevButtonFIFO = "button.fifo"
 
 // defaultForward names the one thing forwarded when upstream is turned on:
-// device telemetry. It is written into the config file so a person sees it.
+// device telemetry. It is written into a new config file so a person sees
+// it; a file without forward rules forwards nothing (Parse).
 var defaultForward = []upstream.Rule{{Topic: "devices/+/t/#", Action: "forward"}}
 
 // DefaultMemoryLimit suits a 256 MiB box, whose systemd unit caps the

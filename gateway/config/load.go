@@ -73,6 +73,11 @@ func Parse(name string, b []byte, base Config) (Config, error) {
 		return Config{}, errs
 	}
 	c := base
+	// What leaves the box is only what the file names: the base's rule
+	// (device telemetry) is written into a new file by
+	// --write-default-config, but a file without forward rules forwards
+	// nothing rather than inheriting it unseen.
+	c.Upstream.Forward = nil
 	dec := yaml.NewDecoder(bytes.NewReader(b))
 	dec.KnownFields(true)
 	if err := dec.Decode(&c); err != nil && !errors.Is(err, io.EOF) {

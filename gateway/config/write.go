@@ -119,7 +119,8 @@ upstream:
   # and {prefix}/{gateway}/{id}/c/# -> devices/{id}/c/#). Mappings that would loop are refused.
   uplink: []
   downlink: []
-  # Privacy: only what a rule names leaves the box; first match wins.
+  # Privacy: only what a rule names leaves the box; where several rules match,
+  # the most restrictive decides (local, then redact, then forward).
   # action: forward, redact (drop the JSON fields listed) or local.
   forward:
 %s
