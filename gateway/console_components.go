@@ -59,6 +59,8 @@ func (g *Gateway) applyForwardRules() error {
 	if g.upstream == nil {
 		return nil
 	}
+	g.reloadMu.Lock()
+	defer g.reloadMu.Unlock()
 	cfg := g.cfg.Load().Upstream.Config
 	cfg.Forward = g.forwardRules(cfg)
 	return g.upstream.Reload(cfg)

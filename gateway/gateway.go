@@ -76,21 +76,26 @@ type Gateway struct {
 	opts       Options
 	configPath string
 	cfg        atomic.Pointer[config.Config]
-	level      *slog.LevelVar
-	log        *slog.Logger
-	clock      pki.Clock
-	store      *store.Store
-	ca         *pki.CA
-	devices    *Devices
-	metrics    *metrics
-	certs      map[string]*pki.ServerCert
-	hub        *hub.Hub
-	coap       *coap.Server
-	mqtt       *mqtt.Server
-	console    *console.Server
-	ctl        *controlServer
-	fw         *firewall.Firewall
-	firmware   *otacache.Cache
+	// reloadMu orders the two writers of the upstream link's settings,
+	// Reload and a console rule change: each reads the configuration and
+	// hands it to the link under it, so a rule change cannot hand the
+	// link the settings a concurrent reload has just replaced.
+	reloadMu sync.Mutex
+	level    *slog.LevelVar
+	log      *slog.Logger
+	clock    pki.Clock
+	store    *store.Store
+	ca       *pki.CA
+	devices  *Devices
+	metrics  *metrics
+	certs    map[string]*pki.ServerCert
+	hub      *hub.Hub
+	coap     *coap.Server
+	mqtt     *mqtt.Server
+	console  *console.Server
+	ctl      *controlServer
+	fw       *firewall.Firewall
+	firmware *otacache.Cache
 	// offers is the firmware announcer's work queue (firmware_serve.go).
 	offers *offerQueue
 	// firmwareHTTPS serves images to MQTT devices (firmware_serve.go).
@@ -519,6 +524,8 @@ func (g *Gateway) reloadLoop(ctx context.Context) error {
 // Reload re-reads the configuration file. A bad file is refused with the
 // reason and the running configuration stays.
 func (g *Gateway) Reload() error {
+	g.reloadMu.Lock()
+	defer g.reloadMu.Unlock()
 	old := g.cfg.Load()
 	var base config.Config
 	if g.opts.Dev {
