@@ -21,6 +21,7 @@ import (
 	"net"
 	"net/url"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -721,7 +722,7 @@ feed:
 			var id uint16
 			for qos > 0 {
 				var full bool
-				id, full, err = ls.addPublish(gen, s.cfg.Window, r, e.Seq)
+				id, full, err = ls.addPublish(gen, s.cfg.Window, r, e.Seq, e.Device)
 				if err != nil {
 					if !errors.Is(err, errNoConnection) {
 						r.fail(fmt.Errorf("upstream publish seq %d: %w", e.Seq, err))
@@ -760,6 +761,20 @@ type sendRun struct {
 	u      *Upstream
 	cancel context.CancelFunc
 	failed atomic.Bool
+
+	// Order per device after a refusal. The sender writes ahead of the
+	// PUBACKs, so when the broker refuses message N of device D (and N stays
+	// queued), D's later messages of this run may already be out, and the
+	// broker may accept them. Deleting those would let them reach the cloud
+	// before N, which is resent only after the pause. So from the refusal on,
+	// this run acknowledges nothing more of D: those messages stay queued
+	// and the next run resends them after N, in queue order (duplicates at
+	// the cloud, which bastion-origin/bastion-seq let it drop). Other
+	// devices' PUBACKs still delete theirs. held is touched only after a
+	// refusal; refused keeps the check a single atomic load until then.
+	refused atomic.Bool
+	heldMu  sync.Mutex
+	held    []string // devices with a refused message kept in the queue
 }
 
 // fail ends the run on a failure other than the connection going down.
@@ -770,10 +785,32 @@ func (r *sendRun) fail(err error) {
 	r.cancel()
 }
 
-// puback completes PUBLISH seq (on paho's receive goroutine): only a
-// success deletes it from the queue. A refusal keeps it, ends the run and
-// the link retries from the queue's head after a pause.
-func (r *sendRun) puback(seq uint64, reason byte) {
+// hold stops this run from acknowledging more of dev's messages.
+func (r *sendRun) hold(dev string) {
+	r.heldMu.Lock()
+	if !slices.Contains(r.held, dev) {
+		r.held = append(r.held, dev)
+	}
+	r.heldMu.Unlock()
+	r.refused.Store(true)
+}
+
+// holds reports whether dev's PUBACKs in this run no longer delete anything.
+func (r *sendRun) holds(dev string) bool {
+	if !r.refused.Load() {
+		return false
+	}
+	r.heldMu.Lock()
+	defer r.heldMu.Unlock()
+	return slices.Contains(r.held, dev)
+}
+
+// puback completes PUBLISH seq from device dev (on paho's receive
+// goroutine): only a success deletes it from the queue. A refusal keeps it
+// (unless it is parked), holds back dev's later messages of this run (see
+// sendRun), ends the run, and the link retries from the queue's head after a
+// pause.
+func (r *sendRun) puback(seq uint64, dev string, reason byte) {
 	u := r.u
 	if reason >= 0x80 {
 		u.m.publishErrors.Inc()
@@ -781,8 +818,12 @@ func (r *sendRun) puback(seq uint64, reason byte) {
 		if u.parkRefused(seq, reason, why) {
 			return
 		}
-		r.fail(fmt.Errorf("upstream broker %s refused seq %d with %s; it stays queued and is retried", u.cur.Load().cfg.Broker, seq, why))
+		r.hold(dev)
+		r.fail(fmt.Errorf("upstream broker %s refused seq %d from %s with %s; it stays queued and is retried, with %s's messages sent after it (order per device)", u.cur.Load().cfg.Broker, seq, dev, why, dev))
 		return
+	}
+	if r.holds(dev) {
+		return // stays queued: resent after the refused one
 	}
 	if err := u.q.Ack(seq); err != nil {
 		r.fail(fmt.Errorf("upstream: ack seq %d in the queue: %w", seq, err))
