@@ -295,3 +295,21 @@ func TestRefusalKeepsDeviceOrder(t *testing.T) {
 		t.Errorf("Published = %d, want 4 (d2's two in the first run, d1's two in the second)", n)
 	}
 }
+// TestSubscribeNoLocal: the link's downlink SUBSCRIBE asks for no-local, so
+// the broker never sends the gateway its own PUBLISHes. (TestEndToEnd cannot
+// show it: the config check keeps the default mappings apart, so nothing
+// would come back without it either.)
+func TestSubscribeNoLocal(t *testing.T) {
+	fb := startFakeBroker(t)
+	startLink(t, fb.config(t), t.TempDir())
+	c := fb.next(t)
+	select {
+	case s := <-c.subs:
+		want := []packets.SubOptions{{Topic: "bastion/gw1/+/c/#", QoS: 1, NoLocal: true}}
+		if d := cmp.Diff(want, s.Subscriptions); d != "" {
+			t.Errorf("the link's SUBSCRIBE (-want +got):\n%s", d)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatalf("the link did not subscribe")
+	}
+}

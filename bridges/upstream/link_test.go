@@ -179,6 +179,22 @@ func TestRefusesUntrustedBroker(t *testing.T) {
 	}
 }
 
+// TestConnectedGauge: bastion_upstream_connected is 1 while the link is up,
+// 0 once the broker has gone away, and 1 again when it is back.
+func TestConnectedGauge(t *testing.T) {
+	b := mosquitto.Start(t, mosquitto.Options{})
+	l := startLink(t, linkConfig(t, b, "gw1"), t.TempDir())
+	gauge := func() float64 { return metric(t, l, "bastion_upstream_connected") }
+	waitFor(t, "bastion_upstream_connected 1", 10*time.Second, func() bool { return gauge() == 1 })
+	b.Stop(t)
+	waitFor(t, "bastion_upstream_connected 0 after the broker stopped", 10*time.Second, func() bool { return gauge() == 0 })
+	if l.up.Status().Connected {
+		t.Errorf("status says connected with the broker stopped")
+	}
+	b.Start(t)
+	waitFor(t, "bastion_upstream_connected 1 after the broker is back", 10*time.Second, func() bool { return gauge() == 1 })
+}
+
 func metric(t testing.TB, l *link, name string) float64 {
 	mfs, err := l.reg.Gather()
 	if err != nil {
