@@ -295,6 +295,7 @@ func TestRefusalKeepsDeviceOrder(t *testing.T) {
 		t.Errorf("Published = %d, want 4 (d2's two in the first run, d1's two in the second)", n)
 	}
 }
+
 // TestSubscribeNoLocal: the link's downlink SUBSCRIBE asks for no-local, so
 // the broker never sends the gateway its own PUBLISHes. (TestEndToEnd cannot
 // show it: the config check keeps the default mappings apart, so nothing

@@ -487,10 +487,26 @@ func explain1(err error, s *snapshot) error {
 		return fmt.Errorf("upstream %s: broker certificate is not valid for upstream.server_name %q; refusing to connect: %w", s.cfg.Broker, s.cfg.ServerName, err)
 	case errors.As(err, &ci):
 		return fmt.Errorf("upstream %s: broker certificate invalid (check the clock and the certificate's dates); refusing to connect: %w", s.cfg.Broker, err)
+	case noCommonTLSVersion(err) && s.minTLS == tls.VersionTLS13:
+		return fmt.Errorf("upstream %s: the broker does not speak TLS 1.3, which upstream.tls_min_version %q requires; if it can only do TLS 1.2, set upstream.tls_min_version = \"1.2\"; refusing to connect: %w", s.cfg.Broker, s.cfg.TLSMinVersion, err)
+	case noCommonTLSVersion(err):
+		return fmt.Errorf("upstream %s: the broker speaks neither TLS 1.3 nor 1.2 (upstream.tls_min_version %q is the lowest the link uses); upgrade the broker's TLS; refusing to connect: %w", s.cfg.Broker, s.cfg.TLSMinVersion, err)
 	case strings.Contains(err.Error(), "remote error: tls:"):
 		return fmt.Errorf("upstream %s: broker refused the TLS handshake, likely our client certificate (upstream.cert_file %s) or the TLS version (upstream.tls_min_version %s): %w", s.cfg.Broker, s.cfg.CertFile, s.cfg.TLSMinVersion, err)
 	}
 	return fmt.Errorf("upstream %s: %w", s.cfg.Broker, err)
+}
+
+// noCommonTLSVersion reports a handshake that failed because the broker
+// offers no TLS version the link accepts: the broker's protocol_version
+// alert, or (a broker that ignores the versions we offered) our own refusal
+// of the version it chose. crypto/tls has no exported type for either.
+func noCommonTLSVersion(err error) bool {
+	var oe *net.OpError
+	if errors.As(err, &oe) && oe.Op == "remote error" && oe.Err != nil && oe.Err.Error() == "tls: protocol version not supported" {
+		return true
+	}
+	return strings.Contains(err.Error(), "tls: server selected unsupported protocol version")
 }
 
 func (u *Upstream) setConnected(up bool) {
