@@ -811,11 +811,14 @@ func (r *sendRun) hold(dev string) {
 	r.refused.Store(true)
 }
 
-// holds reports whether dev's PUBACKs in this run no longer delete anything.
+// holds reports whether dev's PUBACKs in this run no longer delete
+// anything. Until a refusal it is one atomic load, inlined into the PUBACK
+// loop.
 func (r *sendRun) holds(dev string) bool {
-	if !r.refused.Load() {
-		return false
-	}
+	return r.refused.Load() && r.isHeld(dev)
+}
+
+func (r *sendRun) isHeld(dev string) bool {
 	r.heldMu.Lock()
 	defer r.heldMu.Unlock()
 	return slices.Contains(r.held, dev)

@@ -207,6 +207,31 @@ func TestReadTakesPubacks(t *testing.T) {
 	}
 }
 
+// TestPahoPathHoldsDevice: a PUBACK packetConn leaves to paho (one larger
+// than its read buffer, with a long reason string) is completed through
+// linkSession.PacketReceived and keeps the same rule: after d1's 103 is
+// refused, d1's 105 is not acknowledged and d2's 104 is.
+func TestPahoPathHoldsDevice(t *testing.T) {
+	pc, src, r := readerSetup(t, nil, 1)
+	s := pc.sink.Load().s
+	long := strings.Repeat("r", readBufSize)
+	for _, p := range []*packets.Puback{
+		{PacketID: 3, ReasonCode: 0x97, Properties: &packets.Properties{ReasonString: long}},
+		{PacketID: 4, Properties: &packets.Properties{ReasonString: long}},
+		{PacketID: 5, Properties: &packets.Properties{ReasonString: long}},
+	} {
+		if err := s.PacketReceived(&packets.ControlPacket{Content: p}, nil); err != nil {
+			t.Fatalf("PacketReceived(PUBACK %d): %v", p.PacketID, err)
+		}
+	}
+	if diff := cmp.Diff([][]uint64{{104}}, src.acks); diff != "" {
+		t.Errorf("queue Acks (-want +got):\n%s", diff)
+	}
+	if !r.failed.Load() {
+		t.Errorf("the refusal of seq 103 did not fail the run")
+	}
+}
+
 // FuzzPacketConnRead: the bytes come from the broker. However they are
 // split, Read never panics, gives paho exactly the stream without the
 // well-formed PUBACKs (as a whole-buffer parse finds them), and completes
