@@ -179,6 +179,72 @@ func TestRefusesUntrustedBroker(t *testing.T) {
 	}
 }
 
+// TestConnectedGauge: bastion_upstream_connected is 1 while the link is up,
+// 0 once the broker has gone away, and 1 again when it is back.
+func TestConnectedGauge(t *testing.T) {
+	b := mosquitto.Start(t, mosquitto.Options{})
+	l := startLink(t, linkConfig(t, b, "gw1"), t.TempDir())
+	gauge := func() float64 { return metric(t, l, "bastion_upstream_connected") }
+	waitFor(t, "bastion_upstream_connected 1", 10*time.Second, func() bool { return gauge() == 1 })
+	b.Stop(t)
+	waitFor(t, "bastion_upstream_connected 0 after the broker stopped", 10*time.Second, func() bool { return gauge() == 0 })
+	if l.up.Status().Connected {
+		t.Errorf("status says connected with the broker stopped")
+	}
+	b.Start(t)
+	waitFor(t, "bastion_upstream_connected 1 after the broker is back", 10*time.Second, func() bool { return gauge() == 1 })
+}
+
+// TestTLS12ByConfig: TLS 1.3 by default, 1.2 only by config. Against a
+// Mosquitto that speaks only TLS 1.2 the default config is refused with an
+// error that names upstream.tls_min_version and the value to set, the
+// broker never sees the gateway and the queue keeps the message; with
+// tls_min_version "1.2" the same queue connects and delivers it.
+func TestTLS12ByConfig(t *testing.T) {
+	b := mosquitto.Start(t, mosquitto.Options{TLSVersion: "1.2"})
+	sub := mosquitto.Subscribe(t, b, "cloud-sub", "bastion/#", false)
+	dir := t.TempDir()
+	cfg := linkConfig(t, b, "gw1")
+	l := startLink(t, cfg, dir)
+	m := telemetry("d1", 1)
+	if err := l.up.Accept(context.Background(), m); err != nil {
+		t.Fatal(err)
+	}
+	const want = `the broker does not speak TLS 1.3, which upstream.tls_min_version "1.3" requires; if it can only do TLS 1.2, set upstream.tls_min_version = "1.2"`
+	waitFor(t, "the TLS version error in status", 10*time.Second, func() bool {
+		return strings.Contains(l.up.Status().LastError, want)
+	})
+	waitFor(t, "retries", 10*time.Second, func() bool { return metric(t, l, "bastion_upstream_connect_errors_total") >= 3 })
+	if st := l.up.Status(); st.Connected || st.Published != 0 {
+		t.Fatalf("status %+v: want not connected, nothing published", st)
+	}
+	if d := l.q.Stats().Depth; d != 1 {
+		t.Fatalf("queue depth %d, want the message kept", d)
+	}
+	if strings.Contains(b.Log(), "u'gw1'") {
+		t.Fatalf("the broker saw the gateway connect over TLS 1.2 with the default config:\n%s", b.Log())
+	}
+	select {
+	case p := <-sub.Got:
+		t.Fatalf("the cloud got %s with the default config", p.Topic)
+	default:
+	}
+	t.Logf("status error: %s", l.up.Status().LastError)
+	l.stop()
+
+	cfg.TLSMinVersion = "1.2"
+	l = startLink(t, cfg, dir)
+	select {
+	case p := <-sub.Got:
+		if p.Topic != "bastion/gw1/d1/t/n" || string(p.Payload) != string(m.Payload) {
+			t.Fatalf("cloud got %s %q, want bastion/gw1/d1/t/n %q", p.Topic, p.Payload, m.Payload)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatalf("nothing delivered with tls_min_version 1.2; status %+v", l.up.Status())
+	}
+	waitFor(t, "queue drained", 10*time.Second, func() bool { return l.q.Stats().Depth == 0 })
+}
+
 func metric(t testing.TB, l *link, name string) float64 {
 	mfs, err := l.reg.Gather()
 	if err != nil {

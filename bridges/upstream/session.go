@@ -37,11 +37,14 @@ type linkSession struct {
 }
 
 // clientPacket is one of our packets awaiting its answer: a SUBSCRIBE or
-// UNSUBSCRIBE (resp, paho waits on it) or a PUBLISH of the pipeline run r.
+// UNSUBSCRIBE (resp, paho waits on it) or a PUBLISH of the pipeline run r
+// (queue sequence seq, from device dev: a refusal holds back the PUBACKs of
+// that device's later messages, see sendRun.hold).
 type clientPacket struct {
 	resp chan<- packets.ControlPacket
 	r    *sendRun
 	seq  uint64
+	dev  string
 }
 
 // errNoConnection: the connection the sender was bound to is gone.
@@ -149,10 +152,10 @@ func (s *linkSession) AddToSession(_ context.Context, p session.Packet, resp cha
 	return nil
 }
 
-// addPublish reserves an identifier for PUBLISH seq of run r on connection
-// gen. full: window (or the broker's Receive Maximum) publishes await their
-// PUBACK; wait on s.room and try again.
-func (s *linkSession) addPublish(gen uint64, window int, r *sendRun, seq uint64) (id uint16, full bool, err error) {
+// addPublish reserves an identifier for PUBLISH seq (from device dev) of
+// run r on connection gen. full: window (or the broker's Receive Maximum)
+// publishes await their PUBACK; wait on s.room and try again.
+func (s *linkSession) addPublish(gen uint64, window int, r *sendRun, seq uint64, dev string) (id uint16, full bool, err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.conn == nil || s.gen != gen {
@@ -161,7 +164,7 @@ func (s *linkSession) addPublish(gen uint64, window int, r *sendRun, seq uint64)
 	if s.pubs >= min(window, s.recvMax) {
 		return 0, true, nil
 	}
-	id, err = s.nextID(clientPacket{r: r, seq: seq})
+	id, err = s.nextID(clientPacket{r: r, seq: seq, dev: dev})
 	if err != nil {
 		return 0, false, err
 	}
@@ -204,7 +207,7 @@ func (s *linkSession) PacketReceived(recv *packets.ControlPacket, pubChan chan<-
 			case s.room <- struct{}{}:
 			default:
 			}
-			cp.r.puback(cp.seq, p.ReasonCode)
+			cp.r.puback(cp.seq, cp.dev, p.ReasonCode)
 		}
 		return nil
 	case *packets.Suback:
@@ -248,7 +251,9 @@ func (s *linkSession) PacketReceived(recv *packets.ControlPacket, pubChan chan<-
 // stream, in the order received: one lock for all of them, and the
 // successes of one run acknowledged in the queue together. PUBACKs of a
 // connection that is no longer the session's are ignored (the queue still
-// holds those messages).
+// holds those messages). A success for a device whose earlier message this
+// run saw refused (and kept) is not acknowledged either (sendRun.hold): in
+// the same read or a later one.
 func (s *linkSession) pubacks(gen uint64, acks []puback) {
 	s.mu.Lock()
 	if s.gen != gen || s.conn == nil {
@@ -264,7 +269,7 @@ func (s *linkSession) pubacks(gen uint64, acks []puback) {
 		delete(s.client, acks[i].id)
 		s.pubs--
 		freed++
-		acks[i].r, acks[i].seq = cp.r, cp.seq
+		acks[i].r, acks[i].seq, acks[i].dev = cp.r, cp.seq, cp.dev
 	}
 	s.mu.Unlock()
 	if freed == 0 {
@@ -292,7 +297,10 @@ func (s *linkSession) pubacks(gen uint64, acks []puback) {
 		}
 		if a.reason >= 0x80 {
 			done()
-			a.r.puback(a.seq, a.reason)
+			a.r.puback(a.seq, a.dev, a.reason)
+			continue
+		}
+		if a.r.holds(a.dev) {
 			continue
 		}
 		seqs = append(seqs, a.seq)

@@ -21,6 +21,7 @@ import (
 	"net"
 	"net/url"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -486,10 +487,26 @@ func explain1(err error, s *snapshot) error {
 		return fmt.Errorf("upstream %s: broker certificate is not valid for upstream.server_name %q; refusing to connect: %w", s.cfg.Broker, s.cfg.ServerName, err)
 	case errors.As(err, &ci):
 		return fmt.Errorf("upstream %s: broker certificate invalid (check the clock and the certificate's dates); refusing to connect: %w", s.cfg.Broker, err)
+	case noCommonTLSVersion(err) && s.minTLS == tls.VersionTLS13:
+		return fmt.Errorf("upstream %s: the broker does not speak TLS 1.3, which upstream.tls_min_version %q requires; if it can only do TLS 1.2, set upstream.tls_min_version = \"1.2\"; refusing to connect: %w", s.cfg.Broker, s.cfg.TLSMinVersion, err)
+	case noCommonTLSVersion(err):
+		return fmt.Errorf("upstream %s: the broker speaks neither TLS 1.3 nor 1.2 (upstream.tls_min_version %q is the lowest the link uses); upgrade the broker's TLS; refusing to connect: %w", s.cfg.Broker, s.cfg.TLSMinVersion, err)
 	case strings.Contains(err.Error(), "remote error: tls:"):
 		return fmt.Errorf("upstream %s: broker refused the TLS handshake, likely our client certificate (upstream.cert_file %s) or the TLS version (upstream.tls_min_version %s): %w", s.cfg.Broker, s.cfg.CertFile, s.cfg.TLSMinVersion, err)
 	}
 	return fmt.Errorf("upstream %s: %w", s.cfg.Broker, err)
+}
+
+// noCommonTLSVersion reports a handshake that failed because the broker
+// offers no TLS version the link accepts: the broker's protocol_version
+// alert, or (a broker that ignores the versions we offered) our own refusal
+// of the version it chose. crypto/tls has no exported type for either.
+func noCommonTLSVersion(err error) bool {
+	var oe *net.OpError
+	if errors.As(err, &oe) && oe.Op == "remote error" && oe.Err != nil && oe.Err.Error() == "tls: protocol version not supported" {
+		return true
+	}
+	return strings.Contains(err.Error(), "tls: server selected unsupported protocol version")
 }
 
 func (u *Upstream) setConnected(up bool) {
@@ -721,7 +738,7 @@ feed:
 			var id uint16
 			for qos > 0 {
 				var full bool
-				id, full, err = ls.addPublish(gen, s.cfg.Window, r, e.Seq)
+				id, full, err = ls.addPublish(gen, s.cfg.Window, r, e.Seq, e.Device)
 				if err != nil {
 					if !errors.Is(err, errNoConnection) {
 						r.fail(fmt.Errorf("upstream publish seq %d: %w", e.Seq, err))
@@ -760,6 +777,20 @@ type sendRun struct {
 	u      *Upstream
 	cancel context.CancelFunc
 	failed atomic.Bool
+
+	// Order per device after a refusal. The sender writes ahead of the
+	// PUBACKs, so when the broker refuses message N of device D (and N stays
+	// queued), D's later messages of this run may already be out, and the
+	// broker may accept them. Deleting those would let them reach the cloud
+	// before N, which is resent only after the pause. So from the refusal on,
+	// this run acknowledges nothing more of D: those messages stay queued
+	// and the next run resends them after N, in queue order (duplicates at
+	// the cloud, which bastion-origin/bastion-seq let it drop). Other
+	// devices' PUBACKs still delete theirs. held is touched only after a
+	// refusal; refused keeps the check a single atomic load until then.
+	refused atomic.Bool
+	heldMu  sync.Mutex
+	held    []string // devices with a refused message kept in the queue
 }
 
 // fail ends the run on a failure other than the connection going down.
@@ -770,10 +801,35 @@ func (r *sendRun) fail(err error) {
 	r.cancel()
 }
 
-// puback completes PUBLISH seq (on paho's receive goroutine): only a
-// success deletes it from the queue. A refusal keeps it, ends the run and
-// the link retries from the queue's head after a pause.
-func (r *sendRun) puback(seq uint64, reason byte) {
+// hold stops this run from acknowledging more of dev's messages.
+func (r *sendRun) hold(dev string) {
+	r.heldMu.Lock()
+	if !slices.Contains(r.held, dev) {
+		r.held = append(r.held, dev)
+	}
+	r.heldMu.Unlock()
+	r.refused.Store(true)
+}
+
+// holds reports whether dev's PUBACKs in this run no longer delete
+// anything. Until a refusal it is one atomic load, inlined into the PUBACK
+// loop.
+func (r *sendRun) holds(dev string) bool {
+	return r.refused.Load() && r.isHeld(dev)
+}
+
+func (r *sendRun) isHeld(dev string) bool {
+	r.heldMu.Lock()
+	defer r.heldMu.Unlock()
+	return slices.Contains(r.held, dev)
+}
+
+// puback completes PUBLISH seq from device dev (on paho's receive
+// goroutine): only a success deletes it from the queue. A refusal keeps it
+// (unless it is parked), holds back dev's later messages of this run (see
+// sendRun), ends the run, and the link retries from the queue's head after a
+// pause.
+func (r *sendRun) puback(seq uint64, dev string, reason byte) {
 	u := r.u
 	if reason >= 0x80 {
 		u.m.publishErrors.Inc()
@@ -781,8 +837,12 @@ func (r *sendRun) puback(seq uint64, reason byte) {
 		if u.parkRefused(seq, reason, why) {
 			return
 		}
-		r.fail(fmt.Errorf("upstream broker %s refused seq %d with %s; it stays queued and is retried", u.cur.Load().cfg.Broker, seq, why))
+		r.hold(dev)
+		r.fail(fmt.Errorf("upstream broker %s refused seq %d from %s with %s; it stays queued and is retried, with %s's messages sent after it (order per device)", u.cur.Load().cfg.Broker, seq, dev, why, dev))
 		return
+	}
+	if r.holds(dev) {
+		return // stays queued: resent after the refused one
 	}
 	if err := u.q.Ack(seq); err != nil {
 		r.fail(fmt.Errorf("upstream: ack seq %d in the queue: %w", seq, err))

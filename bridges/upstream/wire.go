@@ -52,6 +52,7 @@ type puback struct {
 	reason byte
 	r      *sendRun // filled by the session: the PUBLISH it answers
 	seq    uint64
+	dev    string
 }
 
 // readBufSize is packetConn's read buffer; a PUBACK larger than it (a long

@@ -112,7 +112,8 @@ func (s *ackSource) Ack(seqs ...uint64) error {
 }
 
 // readerSetup is a session on a packetConn over data read chunk bytes at a
-// time, with PUBLISHes seq 101..108 awaiting PUBACKs as ids 1..8.
+// time, with PUBLISHes seq 101..108 awaiting PUBACKs as ids 1..8, from
+// device readerDev(id): odd ids are d1's, even ids d2's.
 func readerSetup(t testing.TB, data []byte, chunk int) (*packetConn, *ackSource, *sendRun) {
 	pc := &packetConn{Conn: &chunkConn{data: data, chunk: chunk}}
 	s := newLinkSession()
@@ -125,11 +126,18 @@ func readerSetup(t testing.TB, data []byte, chunk int) (*packetConn, *ackSource,
 	r := &sendRun{u: u, cancel: func() {}}
 	gen, _, _ := s.connection()
 	for i := range 8 {
-		if id, full, err := s.addPublish(gen, 64, r, uint64(101+i)); err != nil || full || id != uint16(i+1) {
+		if id, full, err := s.addPublish(gen, 64, r, uint64(101+i), readerDev(uint16(i+1))); err != nil || full || id != uint16(i+1) {
 			t.Fatalf("addPublish: id %d full %v %v", id, full, err)
 		}
 	}
 	return pc, src, r
+}
+
+func readerDev(id uint16) string {
+	if id%2 == 1 {
+		return "d1"
+	}
+	return "d2"
 }
 
 func encode(t testing.TB, p interface {
@@ -143,9 +151,10 @@ func encode(t testing.TB, p interface {
 }
 
 // TestReadTakesPubacks: PUBACKs are completed from the stream (successes
-// of one read in one queue Ack, a refusal kept and reported, unknown ids
-// ignored) and paho reads every other packet exactly as sent, however the
-// connection splits the bytes.
+// of one read in one queue Ack, a refusal kept and reported, after it no
+// success of the refused message's device acknowledged but the other
+// device's still are, unknown ids ignored) and paho reads every other
+// packet exactly as sent, however the connection splits the bytes.
 func TestReadTakesPubacks(t *testing.T) {
 	reason := "quota exceeded"
 	refusal := encode(t, &packets.Puback{PacketID: 3, ReasonCode: 0x97, Properties: &packets.Properties{ReasonString: reason}})
@@ -159,8 +168,8 @@ func TestReadTakesPubacks(t *testing.T) {
 	stream = append(stream, down...)
 	stream = append(stream, 0xd0, 0)             // PINGRESP
 	stream = append(stream, 0x40, 2, 0, 99)      // PUBACK for an id not in use
-	stream = append(stream, 0x40, 2, 0, 4)       // PUBACK 4
-	stream = append(stream, 0x40, 4, 0, 5, 0, 0) // PUBACK 5 with empty properties
+	stream = append(stream, 0x40, 2, 0, 4)       // PUBACK 4 (d2)
+	stream = append(stream, 0x40, 4, 0, 5, 0, 0) // PUBACK 5 with empty properties (d1, after d1's refusal)
 	for _, chunk := range []int{1, 2, 3, 5, 7, 64, 4096, len(stream)} {
 		pc, src, r := readerSetup(t, stream, chunk)
 		var types []byte
@@ -184,7 +193,9 @@ func TestReadTakesPubacks(t *testing.T) {
 		for _, a := range src.acks {
 			acked = append(acked, a...)
 		}
-		if diff := cmp.Diff([]uint64{101, 102, 104, 105}, acked); diff != "" {
+		// 103 (d1) was refused: 105 (d1) stays queued so that it is resent
+		// after 103; 104 (d2) is deleted.
+		if diff := cmp.Diff([]uint64{101, 102, 104}, acked); diff != "" {
 			t.Errorf("chunk %d: acked in the queue (-want +got):\n%s", chunk, diff)
 		}
 		if chunk == len(stream) && len(src.acks) != 2 {
@@ -193,6 +204,31 @@ func TestReadTakesPubacks(t *testing.T) {
 		if !r.failed.Load() {
 			t.Errorf("chunk %d: the refusal of seq 103 did not fail the run", chunk)
 		}
+	}
+}
+
+// TestPahoPathHoldsDevice: a PUBACK packetConn leaves to paho (one larger
+// than its read buffer, with a long reason string) is completed through
+// linkSession.PacketReceived and keeps the same rule: after d1's 103 is
+// refused, d1's 105 is not acknowledged and d2's 104 is.
+func TestPahoPathHoldsDevice(t *testing.T) {
+	pc, src, r := readerSetup(t, nil, 1)
+	s := pc.sink.Load().s
+	long := strings.Repeat("r", readBufSize)
+	for _, p := range []*packets.Puback{
+		{PacketID: 3, ReasonCode: 0x97, Properties: &packets.Properties{ReasonString: long}},
+		{PacketID: 4, Properties: &packets.Properties{ReasonString: long}},
+		{PacketID: 5, Properties: &packets.Properties{ReasonString: long}},
+	} {
+		if err := s.PacketReceived(&packets.ControlPacket{Content: p}, nil); err != nil {
+			t.Fatalf("PacketReceived(PUBACK %d): %v", p.PacketID, err)
+		}
+	}
+	if diff := cmp.Diff([][]uint64{{104}}, src.acks); diff != "" {
+		t.Errorf("queue Acks (-want +got):\n%s", diff)
+	}
+	if !r.failed.Load() {
+		t.Errorf("the refusal of seq 103 did not fail the run")
 	}
 }
 
@@ -238,10 +274,12 @@ func FuzzPacketConnRead(f *testing.F) {
 }
 
 // refSplit parses the whole stream: the bytes paho must get, and the seqs
-// acknowledged (ids 1..8 are seqs 101..108, each once, successes only).
+// acknowledged (ids 1..8 are seqs 101..108, each once, successes only, none
+// of a device after a refusal of one of its messages).
 func refSplit(data []byte) (pass []byte, acks []uint64) {
 	pass = []byte{}
 	used := map[uint16]bool{}
+	held := map[string]bool{}
 	for len(data) > 0 {
 		rem, hl, ok := fixedHeader(data)
 		if hl < 0 {
@@ -257,7 +295,10 @@ func refSplit(data []byte) (pass []byte, acks []uint64) {
 			id := uint16(data[hl])<<8 | uint16(data[hl+1])
 			if id >= 1 && id <= 8 && !used[id] {
 				used[id] = true
-				if rem == 2 || data[hl+2] < 0x80 {
+				switch {
+				case rem > 2 && data[hl+2] >= 0x80:
+					held[readerDev(id)] = true
+				case !held[readerDev(id)]:
 					acks = append(acks, 100+uint64(id))
 				}
 			}

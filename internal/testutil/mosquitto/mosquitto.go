@@ -1,7 +1,7 @@
 // Package mosquitto runs a real Debian Mosquitto 2 broker for tests: TLS 1.3
-// only, client certificates required (require_certificate true,
-// use_identity_as_username true), on a free 127.0.0.1 port, with a test CA
-// in the test's temporary directory. A test can stop it and start it again on
+// only (or, by option, TLS 1.2 only), client certificates required
+// (require_certificate true, use_identity_as_username true), on a free
+// 127.0.0.1 port, with a test CA in the test's temporary directory. A test can stop it and start it again on
 // the same port to simulate an outage. Readiness is proven by completing a
 // TLS handshake, never by sleeping. It never listens beyond loopback and never
 // runs without TLS.
@@ -42,6 +42,10 @@ type Options struct {
 	// Persistent keeps sessions and queued messages across Stop/Start
 	// (mosquitto persistence in the broker's directory).
 	Persistent bool
+	// TLSVersion is the one TLS version the broker speaks: "1.3" (the
+	// default, "") or "1.2", a broker that predates TLS 1.3 or has it
+	// turned off.
+	TLSVersion string
 }
 
 // Broker is a running (or stopped) mosquitto process.
@@ -56,12 +60,14 @@ type Broker struct {
 	Dir     string
 	LogFile string
 
-	t    testing.TB
-	bin  string
-	conf string
-	mu   sync.Mutex
-	cmd  *exec.Cmd
-	done chan struct{}
+	t      testing.TB
+	bin    string
+	conf   string
+	env    []string // the broker process's environment (nil: ours)
+	tlsMin uint16   // what ClientTLS offers at least
+	mu     sync.Mutex
+	cmd    *exec.Cmd
+	done   chan struct{}
 	// probe is the client certificate used for readiness handshakes.
 	probe *testpki.Leaf
 }
@@ -93,6 +99,24 @@ func Start(t testing.TB, o Options) *Broker {
 		conf:    filepath.Join(dir, "mosquitto.conf"),
 	}
 	b.probe = ca.Client(t, name+"-probe")
+	tlsConf := "tls_version tlsv1.3\n"
+	b.tlsMin = tls.VersionTLS13
+	switch o.TLSVersion {
+	case "", "1.3":
+	case "1.2":
+		// Mosquitto 2.0 reads tls_version as the lowest version it
+		// accepts and would still negotiate TLS 1.3; only OpenSSL's own
+		// configuration caps the highest one.
+		tlsConf = "tls_version tlsv1.2\n"
+		b.tlsMin = tls.VersionTLS12
+		osslConf := filepath.Join(dir, "openssl.cnf")
+		if err := os.WriteFile(osslConf, []byte(tls12Only), 0o644); err != nil {
+			t.Fatalf("mosquitto: write %s: %v", osslConf, err)
+		}
+		b.env = append(os.Environ(), "OPENSSL_CONF="+osslConf)
+	default:
+		t.Fatalf("mosquitto: Options.TLSVersion %q: want \"1.3\" (or empty) or \"1.2\"", o.TLSVersion)
+	}
 	// Another process could take the port before mosquitto binds; Start
 	// then fails loudly rather than hangs.
 	b.Port = testenv.FreePort(t, "tcp")
@@ -117,7 +141,7 @@ func Start(t testing.TB, o Options) *Broker {
 	fmt.Fprintf(&c, "allow_anonymous false\n")
 	fmt.Fprintf(&c, "listener %d 127.0.0.1\n", b.Port)
 	fmt.Fprintf(&c, "cafile %s\ncertfile %s\nkeyfile %s\n", ca.CertFile, b.Server.CertFile, b.Server.KeyFile)
-	fmt.Fprintf(&c, "require_certificate true\nuse_identity_as_username true\ntls_version tlsv1.3\n")
+	fmt.Fprintf(&c, "require_certificate true\nuse_identity_as_username true\n%s", tlsConf)
 	c.WriteString(o.Config)
 	c.WriteString("\n")
 	if err := os.WriteFile(b.conf, []byte(c.String()), 0o644); err != nil {
@@ -127,6 +151,17 @@ func Start(t testing.TB, o Options) *Broker {
 	b.Start(t)
 	return b
 }
+
+// tls12Only is an OpenSSL configuration (OPENSSL_CONF) whose defaults for
+// every TLS context cap the protocol at TLS 1.2.
+const tls12Only = `openssl_conf = default_conf
+[default_conf]
+ssl_conf = ssl_sect
+[ssl_sect]
+system_default = system_default_sect
+[system_default_sect]
+MaxProtocol = TLSv1.2
+`
 
 // Start starts the broker again (after Stop) on the same port and waits for
 // it to complete a TLS handshake.
@@ -138,6 +173,7 @@ func (b *Broker) Start(t testing.TB) {
 		t.Fatalf("mosquitto: Start while running")
 	}
 	cmd := exec.Command(b.bin, "-c", b.conf)
+	cmd.Env = b.env
 	out, err := os.OpenFile(filepath.Join(b.Dir, "stderr.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		t.Fatalf("mosquitto: open stderr log: %v", err)
@@ -212,11 +248,12 @@ func (b *Broker) stop() error {
 	}
 }
 
-// ClientTLS is a TLS 1.3 client configuration presenting leaf and trusting
-// the broker's CA, for test publishers and subscribers.
+// ClientTLS is a client configuration presenting leaf and trusting the
+// broker's CA, for test publishers and subscribers: TLS 1.3, or TLS 1.2 and
+// up for a broker started with TLSVersion "1.2".
 func (b *Broker) ClientTLS(leaf *testpki.Leaf) *tls.Config {
 	return &tls.Config{
-		MinVersion:   tls.VersionTLS13,
+		MinVersion:   b.tlsMin,
 		RootCAs:      b.CA.Pool(),
 		ServerName:   ServerName,
 		Certificates: []tls.Certificate{leaf.TLS},

@@ -51,3 +51,36 @@ func TestStartStopStart(t *testing.T) {
 		t.Fatalf("handshake after restart: %v", err)
 	}
 }
+
+// TestTLSVersion12Only proves the TLSVersion "1.2" option: the broker
+// refuses a client that offers only TLS 1.3 and negotiates TLS 1.2 with one
+// that offers both (as ClientTLS does for it), so a test against it shows
+// what a TLS-1.2-only cloud broker does. The default broker negotiates 1.3.
+func TestTLSVersion12Only(t *testing.T) {
+	for _, tc := range []struct {
+		version string
+		want    uint16
+	}{{"1.2", tls.VersionTLS12}, {"", tls.VersionTLS13}} {
+		b := mosquitto.Start(t, mosquitto.Options{TLSVersion: tc.version, Name: "tls" + tc.version})
+		leaf := b.CA.Client(t, "client")
+		conn, err := tls.Dial("tcp", b.Addr, b.ClientTLS(leaf))
+		if err != nil {
+			t.Fatalf("TLSVersion %q: handshake with ClientTLS: %v", tc.version, err)
+		}
+		if v := conn.ConnectionState().Version; v != tc.want {
+			t.Errorf("TLSVersion %q: negotiated %s, want %s", tc.version, tls.VersionName(v), tls.VersionName(tc.want))
+		}
+		conn.Close()
+		if tc.version != "1.2" {
+			continue
+		}
+		only13 := b.ClientTLS(leaf)
+		only13.MinVersion = tls.VersionTLS13
+		if conn, err := tls.Dial("tcp", b.Addr, only13); err == nil {
+			conn.Close()
+			t.Errorf("TLSVersion 1.2: a TLS 1.3-only client completed the handshake")
+		} else {
+			t.Logf("TLS 1.3-only client refused as expected: %v", err)
+		}
+	}
+}

@@ -1,0 +1,316 @@
+package upstream
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"errors"
+	"io"
+	"net"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/eclipse/paho.golang/packets"
+	"github.com/google/go-cmp/cmp"
+
+	"github.com/bastion-iot/bastion/bridges"
+	"github.com/bastion-iot/bastion/bridges/queue"
+	"github.com/bastion-iot/bastion/internal/testutil/testpki"
+)
+
+// fakeBroker is a scripted MQTT v5 broker over TLS 1.3 with client
+// certificates, on 127.0.0.1:0, for what a real broker cannot be made to do
+// on cue (refuse one message with 0x97 and accept the next) or to show
+// (the options of the link's SUBSCRIBE). It answers CONNECT and SUBSCRIBE
+// itself and hands every PUBLISH to the test, which answers with PUBACKs.
+type fakeBroker struct {
+	addr  string
+	ca    *testpki.CA
+	ln    net.Listener
+	conns chan *fakeConn
+	wg    sync.WaitGroup
+	mu    sync.Mutex
+	open  []net.Conn
+}
+
+// fakeConn is one client connection to a fakeBroker.
+type fakeConn struct {
+	conn net.Conn
+	wmu  sync.Mutex
+	pubs chan *packets.Publish   // in the order received
+	subs chan *packets.Subscribe // in the order received
+	done chan struct{}           // closed when the connection ends
+}
+
+func startFakeBroker(t *testing.T) *fakeBroker {
+	t.Helper()
+	ca := testpki.New(t, t.TempDir(), "fake")
+	srv := ca.Server(t, "fake-server", "fake.test", "127.0.0.1")
+	tc := &tls.Config{
+		MinVersion:   tls.VersionTLS13,
+		Certificates: []tls.Certificate{srv.TLS},
+		ClientAuth:   tls.RequireAndVerifyClientCert,
+		ClientCAs:    ca.Pool(),
+	}
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", tc)
+	if err != nil {
+		t.Fatalf("fake broker: listen: %v", err)
+	}
+	b := &fakeBroker{addr: ln.Addr().String(), ca: ca, ln: ln, conns: make(chan *fakeConn, 16)}
+	b.wg.Add(1)
+	go func() {
+		defer b.wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			b.mu.Lock()
+			b.open = append(b.open, c)
+			b.mu.Unlock()
+			fc := &fakeConn{conn: c, pubs: make(chan *packets.Publish, 1024), subs: make(chan *packets.Subscribe, 16), done: make(chan struct{})}
+			b.wg.Add(1)
+			go func() {
+				defer b.wg.Done()
+				defer close(fc.done)
+				defer c.Close()
+				fc.serve(t, b.conns)
+			}()
+		}
+	}()
+	t.Cleanup(b.close)
+	return b
+}
+
+func (b *fakeBroker) close() {
+	b.ln.Close()
+	b.mu.Lock()
+	for _, c := range b.open {
+		c.Close()
+	}
+	b.mu.Unlock()
+	b.wg.Wait()
+}
+
+// config is a link configuration for gateway gw1 trusting the fake broker.
+func (b *fakeBroker) config(t *testing.T) Config {
+	leaf := b.ca.Client(t, "gw1")
+	return Config{
+		Broker: "mqtts://" + b.addr, ServerName: "fake.test",
+		CAFile: b.ca.CertFile, CertFile: leaf.CertFile, KeyFile: leaf.KeyFile,
+		Gateway:    "gw1",
+		BackoffMin: 20 * time.Millisecond, BackoffMax: 300 * time.Millisecond,
+		ConnectTimeout: 2 * time.Second,
+		Forward:        []Rule{{Topic: "devices/+/t/#", Action: ActionForward}},
+	}
+}
+
+// next waits for the link's next connection (after its CONNACK).
+func (b *fakeBroker) next(t *testing.T) *fakeConn {
+	t.Helper()
+	select {
+	case c := <-b.conns:
+		return c
+	case <-time.After(10 * time.Second):
+		t.Fatalf("the link did not connect to the fake broker")
+		return nil
+	}
+}
+
+func (c *fakeConn) serve(t *testing.T, conns chan<- *fakeConn) {
+	for {
+		cp, err := packets.ReadPacket(c.conn)
+		if err != nil {
+			if !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) {
+				t.Logf("fake broker: read: %v", err)
+			}
+			return
+		}
+		switch p := cp.Content.(type) {
+		case *packets.Connect:
+			if c.write(&packets.Connack{Properties: &packets.Properties{}}) != nil {
+				return
+			}
+			conns <- c
+		case *packets.Subscribe:
+			granted := make([]byte, len(p.Subscriptions))
+			for i, s := range p.Subscriptions {
+				granted[i] = s.QoS
+			}
+			c.subs <- p
+			if c.write(&packets.Suback{PacketID: p.PacketID, Reasons: granted, Properties: &packets.Properties{}}) != nil {
+				return
+			}
+		case *packets.Publish:
+			c.pubs <- p
+		case *packets.Pingreq:
+			if c.write(&packets.Pingresp{}) != nil {
+				return
+			}
+		case *packets.Disconnect:
+			return
+		}
+	}
+}
+
+func (c *fakeConn) write(p interface {
+	WriteTo(io.Writer) (int64, error)
+}) error {
+	var b bytes.Buffer
+	if _, err := p.WriteTo(&b); err != nil {
+		return err
+	}
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	_, err := c.conn.Write(b.Bytes())
+	return err
+}
+
+// publishes waits for n PUBLISHes.
+func (c *fakeConn) publishes(t *testing.T, n int) []*packets.Publish {
+	t.Helper()
+	var out []*packets.Publish
+	for len(out) < n {
+		select {
+		case p := <-c.pubs:
+			out = append(out, p)
+		case <-time.After(10 * time.Second):
+			t.Fatalf("fake broker got %d of %d PUBLISHes", len(out), n)
+		}
+	}
+	return out
+}
+
+// puback answers PUBLISHes, all in one write (one TLS record: the link
+// reads them together).
+func (c *fakeConn) puback(t *testing.T, acks ...*packets.Puback) {
+	t.Helper()
+	var b bytes.Buffer
+	for _, a := range acks {
+		if _, err := a.WriteTo(&b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if _, err := c.conn.Write(b.Bytes()); err != nil {
+		t.Fatalf("fake broker: write PUBACKs: %v", err)
+	}
+}
+
+// seqOf is the bastion-seq of a PUBLISH from the link.
+func seqOf(t *testing.T, p *packets.Publish) uint64 {
+	t.Helper()
+	if p.Properties != nil {
+		for _, u := range p.Properties.User {
+			if u.Key == SeqProperty {
+				n, err := strconv.ParseUint(u.Value, 10, 64)
+				if err != nil {
+					t.Fatalf("%s %q: %v", SeqProperty, u.Value, err)
+				}
+				return n
+			}
+		}
+	}
+	t.Fatalf("PUBLISH %s without %s", p.Topic, SeqProperty)
+	return 0
+}
+
+// TestRefusalKeepsDeviceOrder: the broker refuses d1's first message with
+// 0x97 (quota exceeded: retried) and accepts everything after it in the same
+// read. d1's second message must not be deleted on that PUBACK (it would
+// reach the cloud before the first, which is resent only after the pause):
+// both stay queued and are resent in order, first then second. d2's
+// messages, accepted in the same read, are deleted (order is per device).
+func TestRefusalKeepsDeviceOrder(t *testing.T) {
+	fb := startFakeBroker(t)
+	dir := t.TempDir()
+	q, err := queue.Open(dir, queue.Options{}, testLog(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// In the queue before the link starts, so that one run sends all four.
+	for _, m := range []bridges.Message{telemetry("d1", 0), telemetry("d2", 0), telemetry("d1", 1), telemetry("d2", 1)} {
+		if err := q.Accept(context.Background(), m); err != nil {
+			t.Fatalf("Accept: %v", err)
+		}
+	}
+	if err := q.Close(); err != nil {
+		t.Fatal(err)
+	}
+	l := startLink(t, fb.config(t), dir)
+	c := fb.next(t)
+	first := c.publishes(t, 4)
+	var got []string
+	for _, p := range first {
+		got = append(got, p.Topic)
+	}
+	if d := cmp.Diff([]string{"bastion/gw1/d1/t/n", "bastion/gw1/d2/t/n", "bastion/gw1/d1/t/n", "bastion/gw1/d2/t/n"}, got); d != "" {
+		t.Fatalf("first run's PUBLISHes (-want +got):\n%s", d)
+	}
+	d1a, d1b := seqOf(t, first[0]), seqOf(t, first[2])
+	c.puback(t,
+		&packets.Puback{PacketID: first[0].PacketID, ReasonCode: 0x97, Properties: &packets.Properties{}},
+		&packets.Puback{PacketID: first[1].PacketID, Properties: &packets.Properties{}},
+		&packets.Puback{PacketID: first[2].PacketID, Properties: &packets.Properties{}},
+		&packets.Puback{PacketID: first[3].PacketID, Properties: &packets.Properties{}},
+	)
+	// d2's messages are deleted by the same read's queue Ack that would
+	// have deleted d1's second: once they are gone, the queue shows what
+	// that read kept.
+	held := func() []uint64 {
+		es, err := l.q.Held(0, 10)
+		if err != nil {
+			t.Fatalf("Held: %v", err)
+		}
+		var seqs []uint64
+		for _, e := range es {
+			seqs = append(seqs, e.Seq)
+		}
+		return seqs
+	}
+	waitFor(t, "d2's messages deleted", 10*time.Second, func() bool { return len(held()) <= 2 })
+	if d := cmp.Diff([]uint64{d1a, d1b}, held()); d != "" {
+		t.Fatalf("held after PUBACK 0x97 for d1's first, success for the rest (-want +got):\n%s", d)
+	}
+
+	// The resend: d1's first, then its second. (d2's would only come again
+	// if the next run read the queue before that read's Ack: allowed, and
+	// answered.)
+	var again []uint64
+	for len(again) < 2 {
+		p := c.publishes(t, 1)[0]
+		c.puback(t, &packets.Puback{PacketID: p.PacketID, Properties: &packets.Properties{}})
+		if p.Topic == "bastion/gw1/d1/t/n" {
+			again = append(again, seqOf(t, p))
+		}
+	}
+	if d := cmp.Diff([]uint64{d1a, d1b}, again); d != "" {
+		t.Fatalf("d1's messages resent (-want +got):\n%s", d)
+	}
+	waitFor(t, "queue drained", 10*time.Second, func() bool { return l.q.Stats().Depth == 0 })
+	if n := l.up.Status().Published; n != 4 {
+		t.Errorf("Published = %d, want 4 (d2's two in the first run, d1's two in the second)", n)
+	}
+}
+
+// TestSubscribeNoLocal: the link's downlink SUBSCRIBE asks for no-local, so
+// the broker never sends the gateway its own PUBLISHes. (TestEndToEnd cannot
+// show it: the config check keeps the default mappings apart, so nothing
+// would come back without it either.)
+func TestSubscribeNoLocal(t *testing.T) {
+	fb := startFakeBroker(t)
+	startLink(t, fb.config(t), t.TempDir())
+	c := fb.next(t)
+	select {
+	case s := <-c.subs:
+		want := []packets.SubOptions{{Topic: "bastion/gw1/+/c/#", QoS: 1, NoLocal: true}}
+		if d := cmp.Diff(want, s.Subscriptions); d != "" {
+			t.Errorf("the link's SUBSCRIBE (-want +got):\n%s", d)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatalf("the link did not subscribe")
+	}
+}
