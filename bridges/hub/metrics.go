@@ -28,6 +28,7 @@ const (
 	ReasonHandshakeLimit   = "handshake_limit"
 	ReasonHandshakeFailed  = "handshake_failed"
 	ReasonSessionTakenOver = "session_taken_over"
+	ReasonRetainedLimit    = "retained_limit"
 )
 
 // Metrics are the transports' counters, registered once on the gateway's

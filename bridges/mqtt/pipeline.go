@@ -71,6 +71,9 @@ type pipeConn struct {
 	// deadline is the deadline last set on the connection (Unix ns; 0:
 	// none), see SetDeadline.
 	deadline atomic.Int64
+	// authGen is Server.revGen from before the session's credentials were
+	// checked (set and read on the session's goroutine, during CONNECT).
+	authGen uint64
 
 	mu     sync.Mutex
 	cond   sync.Cond // L is mu: room in the pipeline or in held, or the end
