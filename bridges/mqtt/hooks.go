@@ -136,6 +136,13 @@ func (h *authHook) OnSessionEstablished(cl *mochi.Client, pk packets.Packet) {
 }
 
 func (h *authHook) OnDisconnect(cl *mochi.Client, err error, expire bool) {
+	if errors.Is(err, packets.ErrTopicAliasInvalid) {
+		// mochi refused the PUBLISH itself (Topic Alias Maximum 0), before
+		// any hook; counted here, where the session's end reports why.
+		h.s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonTopicAlias).Inc()
+		h.s.log.Warn("mqtt: session closed: the device used a topic alias; this gateway allows none, publish with the topic name",
+			"device", cl.ID, "reason", hub.ReasonTopicAlias)
+	}
 	h.s.mu.Lock()
 	_, ok := h.s.authed[cl]
 	delete(h.s.authed, cl)
