@@ -188,6 +188,10 @@ func (h *authHook) OnWill(cl *mochi.Client, will mochi.Will) (mochi.Will, error)
 		return will, nil
 	}
 	log := h.s.log.With("device", cl.ID, "topic", will.TopicName)
+	if pc, ok := cl.Net.Conn.(*pipeConn); ok && pc.refused.Load() {
+		log.Info("mqtt: Will not sent: the device was revoked")
+		return mochi.Will{}, nil
+	}
 	if reason, msg := h.s.willRefusal(cl.ID, will.TopicName, len(will.Payload)); reason != "" {
 		h.s.m.Refused.WithLabelValues(hub.MQTT, reason).Inc()
 		log.Warn("mqtt: Will not sent: "+msg, "reason", reason, "size", len(will.Payload), "limit", h.s.cfg.MaxPayload)

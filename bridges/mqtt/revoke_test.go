@@ -81,7 +81,7 @@ func (i *slowIdentity) revoke(dev string) {
 // credential check is under way (after the check read the revocation
 // state, before mochi added the client to its Clients) has its session
 // closed within 1 s of the revocation, for a certificate and for a secret
-// login alike, and the refusal is counted as revoked.
+// login alike, the refusal is counted as revoked, and its Will is not sent.
 func TestRevokedWhileConnecting(t *testing.T) {
 	for _, tc := range []struct {
 		name    string
@@ -99,7 +99,9 @@ func TestRevokedWhileConnecting(t *testing.T) {
 			})
 			before := r.refusals(hub.ReasonRevoked)
 			d := r.dialTLS(t, "deva", 5, tc.cert)
-			cp := packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: true, Keepalive: 60, ClientIdentifier: "deva"}
+			// With a Will, which a revoked device's session must not send.
+			cp := packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: true, Keepalive: 60, ClientIdentifier: "deva",
+				WillFlag: true, WillTopic: "devices/deva/s/online", WillPayload: []byte("offline"), WillQos: 1, WillRetain: true}
 			if !tc.cert {
 				cp.Username, cp.UsernameFlag, cp.Password, cp.PasswordFlag = []byte("deva"), true, []byte("s3cret"), true
 			}
@@ -130,6 +132,45 @@ func TestRevokedWhileConnecting(t *testing.T) {
 			if got := r.refusals(hub.ReasonRevoked) - before; got != 1 {
 				t.Errorf("revoked refusals counted %v, want 1", got)
 			}
+			if q := r.queued(t); len(q) != 0 {
+				t.Errorf("queue holds %q: the revoked device's Will was sent", q)
+			}
+			if _, ok := r.s.Retained("devices/deva/s/online"); ok {
+				t.Error("the revoked device's Will is retained")
+			}
 		})
+	}
+}
+
+// TestRevokedSessionSendsNoWill: closing the session of a device revoked
+// while connected ends its connection with an error, after which mochi
+// would send its Will; nothing is taken from a revoked device, so the Will
+// is neither queued nor retained nor delivered.
+func TestRevokedSessionSendsNoWill(t *testing.T) {
+	id := &slowIdentity{revoked: map[string]bool{}}
+	r := newRigWith(t, queue.Options{}, Config{}, func(ca *pki.CA) bridges.Identity {
+		id.caIdentity = caIdentity{ca}
+		return id
+	})
+	sub := r.inlineSub(t, "devices/deva/s/#")
+	d := r.dialTLS(t, "deva", 5, true)
+	if pk := d.connectWill(packets.ConnectParams{WillTopic: "devices/deva/s/online", WillPayload: []byte("offline"), WillQos: 1, WillRetain: true}); pk.ReasonCode != 0 {
+		t.Fatalf("CONNACK %#x", pk.ReasonCode)
+	}
+	waitFor(t, "the session", func() bool { return r.s.SessionCount() == 1 })
+	id.revoke("deva")
+	d.closed()
+	// The session leaves the gauge only after mochi's sendLWT returned.
+	waitFor(t, "the session to end", func() bool { return r.s.SessionCount() == 0 })
+	if q := r.queued(t); len(q) != 0 {
+		t.Errorf("queue holds %q: the revoked device's Will was sent", q)
+	}
+	if _, ok := r.s.Retained("devices/deva/s/online"); ok {
+		t.Error("the revoked device's Will is retained")
+	}
+	select {
+	case m := <-sub:
+		t.Errorf("subscriber got %q", m)
+	default:
 	}
 }

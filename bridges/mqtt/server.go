@@ -15,7 +15,6 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	mochi "github.com/mochi-mqtt/server/v2"
@@ -267,9 +266,11 @@ func (s *Server) revocations() uint64 {
 }
 
 // closeSession ends a session whose device is no longer accepted. Its Will
-// is dropped: nothing is taken from a device after its revocation.
+// is dropped (OnWill): nothing is taken from a device after its revocation.
 func (s *Server) closeSession(cl *mochi.Client) {
-	atomic.StoreUint32(&cl.Properties.Will.Flag, 0)
+	if pc, ok := cl.Net.Conn.(*pipeConn); ok {
+		pc.refused.Store(true)
+	}
 	s.mq.DisconnectClient(cl, packets.ErrNotAuthorized)
 }
 
