@@ -122,8 +122,8 @@ func (h *authHook) OnSessionEstablished(cl *mochi.Client, pk packets.Packet) {
 	h.s.mu.Unlock()
 	h.s.m.Sessions.WithLabelValues(hub.MQTT).Inc()
 	h.s.m.Handshakes.WithLabelValues(hub.MQTT, "ok").Inc()
-	if pc, ok := cl.Net.Conn.(*pipeConn); ok && pc.authGen == gen {
-		return
+	if pc, ok := cl.Net.Conn.(*pipeConn); (ok && pc.authGen == gen) || cl.Closed() {
+		return // not stale, or closed already (by disconnect, which counted it)
 	}
 	reason, err := h.s.recheck(cl, pk)
 	if err == nil {
