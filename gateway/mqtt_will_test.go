@@ -4,6 +4,8 @@ import (
 	"context"
 	"crypto/tls"
 	"net"
+	"os/exec"
+	"strings"
 	"testing"
 	"time"
 
@@ -12,6 +14,7 @@ import (
 	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/bridges/hub"
 	"github.com/bastion-iot/bastion/internal/devicesim"
+	"github.com/bastion-iot/bastion/internal/testenv"
 )
 
 // dialWill connects d over MQTT 5 with a Will and returns the client, its
@@ -128,5 +131,36 @@ func TestMQTTWillOutsideNamespaceRefused(t *testing.T) {
 	for _, will := range forged {
 		g.waitLog(t, "mqtt: connect refused: Will refused: topic outside the device namespace", "device="+a.ID,
 			"will_topic="+will.Topic, "reason="+hub.ReasonPublishACL)
+	}
+}
+
+// TestMosquittoWillOutsideNamespaceRefused: a real MQTT 3.1.1 client
+// (mosquitto_pub) with a Will on another device's command topic is
+// refused with CONNACK 0x05 not authorised and publishes nothing.
+func TestMosquittoWillOutsideNamespaceRefused(t *testing.T) {
+	pub := testenv.RequireCommand(t, "mosquitto_pub")
+	g := startTransports(t)
+	a := g.addDevice(t, "a", "cert")
+	b := g.addDevice(t, "b", "cert")
+	tmp := t.TempDir()
+	host, port, _ := net.SplitHostPort(g.g.Addrs()["mqtts"])
+	before := g.refusals(hub.MQTT, hub.ReasonPublishACL)
+	out, err := exec.CommandContext(ctxT(t, 20*time.Second), pub, "-h", host, "-p", port,
+		"--cafile", writeFile(t, tmp, "ca.pem", a.CAPEM), "--cert", writeFile(t, tmp, "c.pem", a.CertPEM),
+		"--key", writeFile(t, tmp, "k.pem", a.KeyPEM), "-i", a.ID, "-V", "mqttv311", "-q", "1",
+		"--will-topic", "devices/"+b.ID+"/c/unlock", "--will-payload", "1", "--will-qos", "1",
+		"-t", "devices/"+a.ID+"/t/x", "-m", "1").CombinedOutput()
+	if err == nil {
+		t.Fatalf("mosquitto_pub with a Will on B's command topic succeeded:\n%s", out)
+	}
+	if !strings.Contains(string(out), "not authorised") {
+		t.Errorf("mosquitto_pub said %q, want the CONNACK's not authorised", out)
+	}
+	g.waitLog(t, "Will refused: topic outside the device namespace", "device="+a.ID)
+	if n := g.refusals(hub.MQTT, hub.ReasonPublishACL); n != before+1 {
+		t.Errorf("publish_outside_namespace refusals %v, want %v", n, before+1)
+	}
+	if len(g.sink.messages()) != 0 {
+		t.Errorf("sink got %+v", g.sink.messages())
 	}
 }

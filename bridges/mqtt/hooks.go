@@ -94,10 +94,10 @@ func (h *authHook) OnConnectAuthenticate(cl *mochi.Client, pk packets.Packet) bo
 
 // refuseConnect answers a CONNECT whose credentials are fine with code
 // (MQTT 3.1.1: v3) and closes the connection. mochi answers every refusal
-// of OnConnectAuthenticate with 0x86 / 0x04 (bad user name or password),
-// which would send whoever reads the device's log to look at credentials
-// that are not the problem; its own CONNACK then finds the connection
-// closed and is not sent.
+// of OnConnectAuthenticate with MQTT 5's 0x86 bad user name or password
+// (3.1.1: 0x05 not authorised), which would send whoever reads the
+// device's log to look at credentials that are not the problem; its own
+// CONNACK then finds the connection closed and is not sent.
 func (h *authHook) refuseConnect(cl *mochi.Client, code, v3 packets.Code, why string) {
 	ack := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connack}, ReasonCode: code.Code,
 		Properties: packets.Properties{ReasonString: why}}
