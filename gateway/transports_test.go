@@ -564,10 +564,14 @@ func TestWrongRequestsGetTheRight4xx(t *testing.T) {
 	g.sink.full.Store(false)
 
 	// MQTT payload limit (the same max_payload as CoAP): PUBACK 0x95.
+	before := g.refusals(hub.MQTT, hub.ReasonTooLarge)
 	if rc, _ := mq.Publish(ctx, mq.TelemetryTopic("x"), 1, bytes.Repeat([]byte("a"), 1025)); rc != 0x95 {
 		t.Errorf("oversized MQTT publish: PUBACK %#x, want 0x95", rc)
 	}
 	g.waitLog(t, "mqtt: publish refused: payload too large", "device="+md.ID)
+	if n := g.refusals(hub.MQTT, hub.ReasonTooLarge); n != before+1 {
+		t.Errorf("MQTT payload_too_large refusals %v, want %v", n, before+1)
+	}
 }
 
 func TestConfirmableAckedOnlyAfterSinkAccepted(t *testing.T) {
@@ -652,12 +656,16 @@ func TestMQTTNamespaceAndIdentityRefusals(t *testing.T) {
 	if n := g.refusals(hub.MQTT, hub.ReasonPublishACL); n != 4 {
 		t.Errorf("publish refusals %v, want 4", n)
 	}
+	before = g.refusals(hub.MQTT, hub.ReasonSubscribeACL)
 	for _, f := range []string{"devices/" + b.ID + "/c/#", "devices/+/c/#", "#", "devices/" + a.ID + "/#"} {
 		if rc, _ := mq.Subscribe(ctx, f); rc < 0x80 {
 			t.Errorf("subscribe %s: SUBACK %#x, want a refusal", f, rc)
 		}
 	}
 	g.waitLog(t, "subscribe refused", "device="+a.ID, "filter=devices/+/c/#")
+	if n := g.refusals(hub.MQTT, hub.ReasonSubscribeACL); n != before+4 {
+		t.Errorf("subscribe_outside_namespace refusals %v, want %v", n, before+4)
+	}
 	for _, f := range []string{"devices/" + a.ID + "/c/#", "bastion/broadcast/#", "devices/" + a.ID + "/c/+/x"} {
 		if rc, err := mq.Subscribe(ctx, f); err != nil || rc >= 0x80 {
 			t.Errorf("subscribe %s: SUBACK %#x %v, want granted", f, rc, err)
@@ -689,6 +697,7 @@ func TestCertificateAndPSKRefusals(t *testing.T) {
 	}
 
 	// Wrong CA over MQTT.
+	before := g.refusals(hub.MQTT, hub.ReasonWrongCA)
 	cp, kp := foreignDeviceCert(t, d.ID, time.Hour)
 	evil := *d
 	evil.CertPEM, evil.KeyPEM = cp, kp
@@ -696,9 +705,12 @@ func TestCertificateAndPSKRefusals(t *testing.T) {
 		t.Error("foreign CA accepted over MQTT")
 	}
 	g.waitLog(t, "mqtt: handshake refused", "device="+d.ID, "reason=wrong_ca")
+	if n := g.refusals(hub.MQTT, hub.ReasonWrongCA); n != before+1 {
+		t.Errorf("MQTT wrong_ca refusals %v, want %v", n, before+1)
+	}
 
 	// Unknown PSK identity.
-	before := g.refusals(hub.CoAP, hub.ReasonUnknownPSK)
+	before = g.refusals(hub.CoAP, hub.ReasonUnknownPSK)
 	raddr, _ := net.ResolveUDPAddr("udp", g.g.Addrs()["coaps_psk"])
 	conn, err := piondtls.Dial("udp", raddr, &piondtls.Config{
 		PSK:             func([]byte) ([]byte, error) { return []byte("0123456789abcdef"), nil },
@@ -775,6 +787,9 @@ func TestRevokedDeviceSessionsCloseWithinOneSecond(t *testing.T) {
 	cancel()
 	g.waitLog(t, "closing sessions of revoked device", "device="+pd.ID)
 	g.waitLog(t, "mqtt: closing session of revoked device", "device="+cd.ID)
+	if n := g.refusals(hub.MQTT, hub.ReasonRevoked); n != 1 {
+		t.Errorf("MQTT revoked refusals %v after the session was closed, want 1", n)
+	}
 	// New sessions are refused.
 	if _, err := pd.DialCoAP(ctxT(t, 10*time.Second), g.coapAddr(pd)); err == nil {
 		t.Error("revoked PSK device completed a new handshake")
@@ -787,6 +802,9 @@ func TestRevokedDeviceSessionsCloseWithinOneSecond(t *testing.T) {
 		t.Error("revoked certificate device connected over MQTT again")
 	}
 	g.waitLog(t, "mqtt: handshake refused", "device="+cd.ID, "reason=revoked")
+	if n := g.refusals(hub.MQTT, hub.ReasonRevoked); n != 2 {
+		t.Errorf("MQTT revoked refusals %v after the new connection, want 2", n)
+	}
 }
 
 func TestRetainedMessagesSurviveRestart(t *testing.T) {

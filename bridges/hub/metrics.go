@@ -28,6 +28,8 @@ const (
 	ReasonHandshakeLimit   = "handshake_limit"
 	ReasonHandshakeFailed  = "handshake_failed"
 	ReasonSessionTakenOver = "session_taken_over"
+	ReasonRetainedLimit    = "retained_limit"
+	ReasonTopicAlias       = "topic_alias"
 )
 
 // Metrics are the transports' counters, registered once on the gateway's

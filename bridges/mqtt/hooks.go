@@ -25,7 +25,7 @@ func (h *authHook) Provides(b byte) bool {
 }
 
 var authEvents = hookEvents(mochi.OnConnect, mochi.OnConnectAuthenticate, mochi.OnACLCheck,
-	mochi.OnPublish, mochi.OnSessionEstablished, mochi.OnDisconnect)
+	mochi.OnPublish, mochi.OnSessionEstablished, mochi.OnDisconnect, mochi.OnWill)
 
 // OnConnect caps the keepalive so that a dead device's session ends.
 func (h *authHook) OnConnect(cl *mochi.Client, pk packets.Packet) error {
@@ -44,6 +44,9 @@ func (h *authHook) OnConnectAuthenticate(cl *mochi.Client, pk packets.Packet) bo
 		log.Warn("mqtt: connect refused: "+msg, append([]any{"reason", reason}, args...)...)
 		return false
 	}
+	// Taken before the credentials are looked at: OnSessionEstablished
+	// checks them again if a device was revoked since (see revGen).
+	gen := h.s.revocations()
 	dev, hasCert, err := deviceOf(h.s.id, cl)
 	switch {
 	case err != nil:
@@ -64,24 +67,82 @@ func (h *authHook) OnConnectAuthenticate(cl *mochi.Client, pk packets.Packet) bo
 	if cl.ID != dev {
 		return refuse(hub.ReasonClientID, "client id is not the authenticated device; use the device id as client id", "device", dev)
 	}
+	if pk.Connect.WillFlag {
+		if reason, msg := h.s.willRefusal(dev, pk.Connect.WillTopic, len(pk.Connect.WillPayload)); reason != "" {
+			refuse(reason, "Will refused: "+msg, "device", dev, "will_topic", pk.Connect.WillTopic,
+				"will_size", len(pk.Connect.WillPayload), "allowed", bridges.TopicPrefix(dev)+"t/... or s/...")
+			h.refuseConnect(cl, packets.ErrNotAuthorized, packets.Err3NotAuthorized, "will "+msg)
+			return false
+		}
+		// mochi would hold a delayed Will back after the connection ends
+		// while the Sink (OnWill) has it at once, and drop it if the device
+		// comes back in time: the upstream would see a Will the local
+		// subscribers never do. The Will goes out when the connection ends.
+		cl.Properties.Will.WillDelayInterval = 0
+	}
 	if old, ok := h.s.mq.Clients.Get(dev); ok && !old.Closed() {
 		// The broker takes the session over right after this hook.
 		h.s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonSessionTakenOver).Inc()
 		log.Info("mqtt: older session closed: the device connected again (one session per device)", "device", dev, "old_remote", old.Net.Remote)
 	}
+	if pc, ok := cl.Net.Conn.(*pipeConn); ok {
+		pc.authGen = gen
+	}
 	log.Info("mqtt: device connected", "device", dev)
 	return true
 }
 
+// refuseConnect answers a CONNECT whose credentials are fine with code
+// (MQTT 3.1.1: v3) and closes the connection. mochi answers every refusal
+// of OnConnectAuthenticate with MQTT 5's 0x86 bad user name or password
+// (3.1.1: 0x05 not authorised), which would send whoever reads the
+// device's log to look at credentials that are not the problem; its own
+// CONNACK then finds the connection closed and is not sent.
+func (h *authHook) refuseConnect(cl *mochi.Client, code, v3 packets.Code, why string) {
+	ack := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connack}, ReasonCode: code.Code,
+		Properties: packets.Properties{ReasonString: why}}
+	if cl.Properties.ProtocolVersion < 5 {
+		ack.ReasonCode = v3.Code
+	}
+	if err := cl.WritePacket(ack); err != nil {
+		h.s.log.Debug("mqtt: refusing CONNACK not sent", "device", cl.ID, "err", err)
+	}
+	cl.Stop(code)
+}
+
+// OnSessionEstablished runs once mochi has added the client to Clients,
+// where a revocation (Server.disconnect) finds it. A revocation between
+// the credential check and that point found no session to close, so if
+// any device was revoked since the check (revGen moved), the credentials
+// are checked again here; a revocation after this check finds the client.
 func (h *authHook) OnSessionEstablished(cl *mochi.Client, pk packets.Packet) {
 	h.s.mu.Lock()
 	h.s.authed[cl] = cl.ID
+	gen := h.s.revGen
 	h.s.mu.Unlock()
 	h.s.m.Sessions.WithLabelValues(hub.MQTT).Inc()
 	h.s.m.Handshakes.WithLabelValues(hub.MQTT, "ok").Inc()
+	if pc, ok := cl.Net.Conn.(*pipeConn); (ok && pc.authGen == gen) || cl.Closed() {
+		return // not stale, or closed already (by disconnect, which counted it)
+	}
+	reason, err := h.s.recheck(cl, pk)
+	if err == nil {
+		return
+	}
+	h.s.m.Refused.WithLabelValues(hub.MQTT, reason).Inc()
+	h.s.log.Warn("mqtt: closing session: credentials no longer accepted (revoked while connecting)", "device", cl.ID,
+		"reason", reason, "err", err)
+	h.s.closeSession(cl)
 }
 
 func (h *authHook) OnDisconnect(cl *mochi.Client, err error, expire bool) {
+	if errors.Is(err, packets.ErrTopicAliasInvalid) {
+		// mochi refused the PUBLISH itself (Topic Alias Maximum 0), before
+		// any hook; counted here, where the session's end reports why.
+		h.s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonTopicAlias).Inc()
+		h.s.log.Warn("mqtt: session closed: the device used a topic alias; this gateway allows none, publish with the topic name",
+			"device", cl.ID, "reason", hub.ReasonTopicAlias)
+	}
 	h.s.mu.Lock()
 	_, ok := h.s.authed[cl]
 	delete(h.s.authed, cl)
@@ -113,6 +174,57 @@ func (h *authHook) OnACLCheck(cl *mochi.Client, topic string, write bool) bool {
 	return false
 }
 
+// OnWill treats a device's Will as a publish by the device at the moment
+// its connection ends: the same namespace, payload limit and retained cap,
+// and the Sink before any local subscriber. mochi publishes (and retains)
+// a Will without asking OnACLCheck or OnPublish, so CONNECT already refused
+// a Will outside the namespace or too large, and this checks again in case
+// anything else set one. mochi sends the Will this returns, and the
+// original one if a hook returns an error: a Will is dropped by returning
+// an empty one (no topic: mochi's subscriber scan matches nothing; not
+// retained: nothing is stored).
+func (h *authHook) OnWill(cl *mochi.Client, will mochi.Will) (mochi.Will, error) {
+	if cl.Net.Inline {
+		return will, nil
+	}
+	log := h.s.log.With("device", cl.ID, "topic", will.TopicName)
+	if pc, ok := cl.Net.Conn.(*pipeConn); ok && pc.refused.Load() {
+		log.Info("mqtt: Will not sent: the device was revoked")
+		return mochi.Will{}, nil
+	}
+	if reason, msg := h.s.willRefusal(cl.ID, will.TopicName, len(will.Payload)); reason != "" {
+		h.s.m.Refused.WithLabelValues(hub.MQTT, reason).Inc()
+		log.Warn("mqtt: Will not sent: "+msg, "reason", reason, "size", len(will.Payload), "limit", h.s.cfg.MaxPayload)
+		return mochi.Will{}, nil
+	}
+	if will.Retain && !h.s.mayRetain(cl.ID, will.TopicName, len(will.Payload)) {
+		h.s.refuseRetain(cl.ID, will.TopicName, "Will")
+		return mochi.Will{}, nil
+	}
+	qos := min(will.Qos, 1)
+	now := time.Now()
+	m := bridges.Message{Device: cl.ID, Topic: will.TopicName, Payload: will.Payload, QoS: qos, Received: now}
+	if err := h.s.hub.Telemetry(h.s.deadline.ForQoS(qos, now), hub.MQTT, m); err != nil {
+		// As for a publish the Sink refused: no local subscriber gets it
+		// either, and there is no device left to retry.
+		log.Warn("mqtt: Will not sent: the Sink did not take it", "err", err)
+		return mochi.Will{}, nil
+	}
+	return will, nil
+}
+
+// willRefusal says why device may not have a Will on topic with size bytes
+// of payload ("" if it may): the rules of a publish.
+func (s *Server) willRefusal(device, topic string, size int) (reason, msg string) {
+	switch {
+	case !hub.MayPublish(device, topic):
+		return hub.ReasonPublishACL, "topic outside the device namespace"
+	case size > s.cfg.MaxPayload:
+		return hub.ReasonTooLarge, "payload too large"
+	}
+	return "", ""
+}
+
 // OnPublish hands device telemetry to the Sink before the broker sends the
 // PUBACK: a QoS 1 message is acknowledged only once it is accepted. A full
 // queue is refused (MQTT 5: PUBACK 0x97; 3.1.1 has no negative PUBACK, so
@@ -131,6 +243,15 @@ func (h *authHook) OnPublish(cl *mochi.Client, pk packets.Packet) (packets.Packe
 		h.s.log.Warn("mqtt: publish refused: payload too large", "device", cl.ID, "topic", pk.TopicName, "size", len(pk.Payload), "limit", h.s.cfg.MaxPayload)
 		if cl.Properties.ProtocolVersion == 5 && pk.FixedHeader.Qos > 0 {
 			return pk, packets.ErrPacketTooLarge
+		}
+		return pk, packets.ErrRejectPacket
+	}
+	if pk.FixedHeader.Retain && !h.s.mayRetain(cl.ID, pk.TopicName, len(pk.Payload)) {
+		// Refused whole, not only its retaining: a device that asked for
+		// a retained message must hear it was not kept (MQTT 5: PUBACK 0x97).
+		h.s.refuseRetain(cl.ID, pk.TopicName, "publish")
+		if cl.Properties.ProtocolVersion == 5 && pk.FixedHeader.Qos > 0 {
+			return pk, packets.ErrQuotaExceeded
 		}
 		return pk, packets.ErrRejectPacket
 	}

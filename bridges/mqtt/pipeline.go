@@ -71,6 +71,12 @@ type pipeConn struct {
 	// deadline is the deadline last set on the connection (Unix ns; 0:
 	// none), see SetDeadline.
 	deadline atomic.Int64
+	// authGen is Server.revGen from before the session's credentials were
+	// checked (set and read on the session's goroutine, during CONNECT).
+	authGen uint64
+	// refused is set when the session is closed because its device is no
+	// longer accepted (revoked): its Will is not sent.
+	refused atomic.Bool
 
 	mu     sync.Mutex
 	cond   sync.Cond // L is mu: room in the pipeline or in held, or the end

@@ -105,6 +105,13 @@ func (h *heldSync) release(fail error) {
 
 func newRig(t *testing.T, opts queue.Options) *rig {
 	t.Helper()
+	return newRigWith(t, opts, Config{}, nil)
+}
+
+// newRigWith is newRig with a configuration (Listen is set here) and, if
+// id is not nil, the identity it makes from the rig's CA.
+func newRigWith(t *testing.T, opts queue.Options, cfg Config, id func(*pki.CA) bridges.Identity) *rig {
+	t.Helper()
 	dir := t.TempDir()
 	log := slog.New(slog.DiscardHandler)
 	ca, err := pki.Open(filepath.Join(dir, "ca"), "gw1", pki.SystemClock{}, log)
@@ -124,7 +131,12 @@ func newRig(t *testing.T, opts queue.Options) *rig {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s, err := New(Config{Listen: "127.0.0.1:0"}, sc, caIdentity{ca}, h, log)
+	cfg.Listen = "127.0.0.1:0"
+	var ident bridges.Identity = caIdentity{ca}
+	if id != nil {
+		ident = id(ca)
+	}
+	s, err := New(cfg, sc, ident, h, log)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -173,6 +185,28 @@ type device struct {
 
 func (r *rig) dial(t *testing.T, id string, ver byte) *device {
 	t.Helper()
+	d := r.dialTLS(t, id, ver, true)
+	d.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: ver,
+		Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: true, Keepalive: 60, ClientIdentifier: id}})
+	if pk := d.read(5 * time.Second); pk.FixedHeader.Type != packets.Connack || pk.ReasonCode != 0 {
+		t.Fatalf("CONNACK: got type %d reason 0x%02x", pk.FixedHeader.Type, pk.ReasonCode)
+	}
+	return d
+}
+
+// dialTLS makes the device's TLS connection, with a client certificate for
+// id issued by the rig's CA if withCert, and sends nothing.
+func (r *rig) dialTLS(t *testing.T, id string, ver byte, withCert bool) *device {
+	t.Helper()
+	cfg := &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: r.ca.RootPool(), ServerName: "127.0.0.1"}
+	if !withCert {
+		c, err := tls.Dial("tcp", r.s.Addr(), cfg)
+		if err != nil {
+			t.Fatalf("TLS to the MQTT server: %v", err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return &device{t: t, id: id, ver: ver, c: c, r: bufio.NewReader(c)}
+	}
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		t.Fatal(err)
@@ -189,19 +223,13 @@ func (r *rig) dial(t *testing.T, id string, ver byte) *device {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c, err := tls.Dial("tcp", r.s.Addr(), &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: r.ca.RootPool(), ServerName: "127.0.0.1",
-		Certificates: []tls.Certificate{{Certificate: [][]byte{leaf.Raw, r.ca.Issuer().Raw}, PrivateKey: key}}})
+	cfg.Certificates = []tls.Certificate{{Certificate: [][]byte{leaf.Raw, r.ca.Issuer().Raw}, PrivateKey: key}}
+	c, err := tls.Dial("tcp", r.s.Addr(), cfg)
 	if err != nil {
 		t.Fatalf("TLS to the MQTT server: %v", err)
 	}
 	t.Cleanup(func() { c.Close() })
-	d := &device{t: t, id: id, ver: ver, c: c, r: bufio.NewReader(c)}
-	d.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: ver,
-		Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: true, Keepalive: 60, ClientIdentifier: id}})
-	if pk := d.read(5 * time.Second); pk.FixedHeader.Type != packets.Connack || pk.ReasonCode != 0 {
-		t.Fatalf("CONNACK: got type %d reason 0x%02x", pk.FixedHeader.Type, pk.ReasonCode)
-	}
-	return d
+	return &device{t: t, id: id, ver: ver, c: c, r: bufio.NewReader(c)}
 }
 
 func (d *device) send(pk packets.Packet) {
@@ -266,6 +294,8 @@ func (d *device) readErr(timeout time.Duration) (packets.Packet, error) {
 	case packets.Publish:
 		err = pk.PublishDecode(body)
 	case packets.Pingresp:
+	case packets.Disconnect:
+		err = pk.DisconnectDecode(body)
 	default:
 		err = fmt.Errorf("unexpected packet type %d", pk.FixedHeader.Type)
 	}

@@ -51,6 +51,10 @@ type Config struct {
 	// Retained stores retained messages so that they survive a restart.
 	// Nil keeps them in memory only.
 	Retained RetainedStore
+	// MaxRetained bounds the topics one device may hold a retained message
+	// on (default 16): each is a synced write to the store and stays in
+	// memory. Replacing or clearing one is always allowed.
+	MaxRetained int
 }
 
 func (c *Config) defaults() {
@@ -74,6 +78,9 @@ func (c *Config) defaults() {
 	}
 	if c.HandshakeTimeout <= 0 {
 		c.HandshakeTimeout = 10 * time.Second
+	}
+	if c.MaxRetained <= 0 {
+		c.MaxRetained = 16
 	}
 }
 
@@ -111,6 +118,12 @@ type Server struct {
 	mu     sync.Mutex
 	authed map[*mochi.Client]string // client → device, for the session gauge
 	subID  int
+	// revGen counts revocations (under mu). mochi adds a client to
+	// Clients, where disconnect looks for it, only after
+	// OnConnectAuthenticate returned; a session whose credentials were
+	// checked before a revocation that did not find it is checked again
+	// (OnSessionEstablished), as bridges/coap does.
+	revGen uint64
 
 	deadline *hub.SharedDeadline
 }
@@ -128,6 +141,12 @@ func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log 
 	caps.MaximumSessionExpiryInterval = uint32(cfg.SessionExpiry.Seconds())
 	caps.MaximumMessageExpiryInterval = int64(cfg.SessionExpiry.Seconds())
 	caps.SharedSubAvailable = 0
+	// No topic aliases: mochi's default (65535) let a device fill a table
+	// that large per session, and the ACL runs before an alias is resolved,
+	// so an alias-only publish was refused anyway. mochi never announced
+	// the maximum in CONNACK, so a conforming client used none: with 0 a
+	// client using one is disconnected (MQTT 5: 0x94 topic alias invalid).
+	caps.TopicAliasMaximum = 0
 	caps.MaximumClientWritesPending = writesPending(cfg.MaxInflight)
 	s.mq = mochi.New(&mochi.Options{
 		Capabilities:             caps,
@@ -225,12 +244,80 @@ func (s *Server) Subscribe(filter string, fn func(topic string, payload []byte))
 	return func() { s.mq.Unsubscribe(filter, id) }, nil
 }
 
+// disconnect closes the session of a revoked device. revGen moves first:
+// a session mochi adds to Clients after the lookup below sees the new
+// generation in OnSessionEstablished and has its credentials checked
+// again.
 func (s *Server) disconnect(device string) {
+	s.mu.Lock()
+	s.revGen++
+	s.mu.Unlock()
 	if cl, ok := s.mq.Clients.Get(device); ok && !cl.Closed() {
 		s.log.Info("mqtt: closing session of revoked device", "device", device)
 		s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonRevoked).Inc()
-		s.mq.DisconnectClient(cl, packets.ErrNotAuthorized)
+		s.closeSession(cl)
 	}
+}
+
+func (s *Server) revocations() uint64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.revGen
+}
+
+// closeSession ends a session whose device is no longer accepted. Its Will
+// is dropped (OnWill): nothing is taken from a device after its revocation.
+func (s *Server) closeSession(cl *mochi.Client) {
+	if pc, ok := cl.Net.Conn.(*pipeConn); ok {
+		pc.refused.Store(true)
+	}
+	s.mq.DisconnectClient(cl, packets.ErrNotAuthorized)
+}
+
+// recheck checks an established session's credentials again (see
+// revGen): the certificate it presented, or its secret. reason is the
+// refusal's label.
+func (s *Server) recheck(cl *mochi.Client, pk packets.Packet) (reason string, err error) {
+	dev, hasCert, err := deviceOf(s.id, cl)
+	switch {
+	case err != nil:
+		return hub.CertRefusal(err), fmt.Errorf("certificate: %w", err)
+	case !hasCert:
+		dev = string(pk.Connect.Username)
+		if err := s.id.CheckSecret(dev, pk.Connect.Password); err != nil {
+			if errors.Is(err, pki.ErrRevoked) {
+				return hub.ReasonRevoked, fmt.Errorf("secret: %w", err)
+			}
+			return hub.ReasonBadSecret, fmt.Errorf("secret: %w", err)
+		}
+	}
+	if dev != cl.ID {
+		return hub.ReasonClientID, fmt.Errorf("credentials now prove device %q, not %q", dev, cl.ID)
+	}
+	return "", nil
+}
+
+// mayRetain reports whether device may have a message of size bytes
+// retained on topic: clearing or replacing one of its retained messages
+// always, a new topic only below MaxRetained. The count is the broker's
+// own (its retained messages under the device's prefix, which is where
+// the ACL lets it publish), so it holds across restarts. A device's
+// publishes are handled one at a time, so only two sessions of one device
+// overlapping in a takeover could pass the cap, by one.
+func (s *Server) mayRetain(device, topic string, size int) bool {
+	if size == 0 {
+		return true
+	}
+	if _, ok := s.mq.Topics.Retained.Get(topic); ok {
+		return true
+	}
+	return len(s.mq.Topics.Messages(bridges.TopicPrefix(device)+"#")) < s.cfg.MaxRetained
+}
+
+func (s *Server) refuseRetain(device, topic, what string) {
+	s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonRetainedLimit).Inc()
+	s.log.Warn("mqtt: "+what+" refused: too many retained topics; clear one (an empty retained publish) or publish without retain",
+		"device", device, "topic", topic, "reason", hub.ReasonRetainedLimit, "limit", s.cfg.MaxRetained)
 }
 
 // SessionCount returns how many authenticated device sessions are open.
