@@ -170,7 +170,7 @@ func (s *Server) serve(ctx context.Context, ln *limitListener) error {
 		// answer that ignored it.
 		CriticalOptions: []message.OptionID{message.Accept},
 		OnBadOption:     s.badOption,
-		Errors:    func(err error) { s.log.Debug("coap: connection error", "err", err) },
+		Errors:          func(err error) { s.log.Debug("coap: connection error", "err", err) },
 	})
 }
 
