@@ -51,9 +51,17 @@ func helloVerifyCookie(t *testing.T, c *net.UDPConn) []byte {
 	if err != nil {
 		t.Fatalf("no answer to a ClientHello: %v", err)
 	}
+	// A handshake record (22) whose first message is of type 3.
+	if n < 14 || b[0] != 22 || b[13] != byte(handshake.TypeHelloVerifyRequest) {
+		t.Fatalf("answer to a ClientHello starts % x, want a HelloVerifyRequest (handshake type 3)", b[:min(n, 14)])
+	}
+	recs, err := recordlayer.UnpackDatagram(b[:n])
+	if err != nil {
+		t.Fatalf("answer to a ClientHello: %v", err)
+	}
 	var rec recordlayer.RecordLayer
-	if err := rec.Unmarshal(b[:n]); err != nil {
-		t.Fatalf("answer to a ClientHello % x: %v", b[:n], err)
+	if err := rec.Unmarshal(recs[0]); err != nil {
+		t.Fatalf("answer to a ClientHello % x: %v", recs[0], err)
 	}
 	hs, ok := rec.Content.(*handshake.Handshake)
 	if !ok {
