@@ -9,6 +9,8 @@ import (
 	"io"
 	"math"
 	"net"
+	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -77,6 +79,23 @@ type DTLSServeConfig struct {
 	// whose Handler never blocks: while it runs, no session of the
 	// listener reads anything.
 	Inline func(*DTLSConn) bool
+	// CriticalOptions are the critical (odd-numbered) options Handler
+	// processes, besides those ServeDTLS takes as processed itself: Block1
+	// and Block2 (its own), Uri-Path (every handler routes on it), and
+	// Uri-Host and Uri-Port (a listener serves one origin, whatever name
+	// and port the client used to reach it). A request carrying any other
+	// critical option, or one of these with a length outside its range,
+	// never reaches Handler (RFC 7252 §5.4.1, §5.4.3): a confirmable one
+	// gets 4.02 Bad Option naming the options, a non-confirmable one is
+	// dropped. Otherwise the handler would answer as if the option were
+	// not there, which is what "critical" forbids (a request with
+	// If-Match or OSCORE handled as a plain one). Elective options are
+	// never refused.
+	CriticalOptions []message.OptionID
+	// OnBadOption, if set, is told of every request refused for its
+	// critical options (the caller logs and counts it). It runs where
+	// Handler runs and must not block either.
+	OnBadOption func(c *DTLSConn, confirmable bool, unrecognised []message.OptionID)
 }
 
 // ServeDTLS serves CoAP (RFC 7252) over DTLS sessions accepted from l.
@@ -101,6 +120,10 @@ type DTLSServeConfig struct {
 //     session at a time, bounded by MaxMessageSize, 2.31 Continue between
 //     blocks, 4.08 for a block out of order, 4.13 + Size1 when too big);
 //   - No-Response (RFC 7967) is honoured;
+//   - a request with a critical option neither ServeDTLS nor the handler
+//     processes (DTLSServeConfig.CriticalOptions) gets 4.02 Bad Option, or
+//     is dropped if non-confirmable, before the handler runs (RFC 7252
+//     §5.4.1; go-coap's server did the same);
 //   - idle sessions are closed after IdleTimeout.
 //
 // It serves until ctx ends or l fails, then closes l and every session and
@@ -705,6 +728,11 @@ func (c *DTLSConn) handleDatagram(data []byte, now time.Time) {
 		// gets it from the cache.
 		return
 	}
+	var badBuf [4]message.OptionID
+	if bad := unrecognisedCritical(req.Options(), cfg.CriticalOptions, badBuf[:0]); len(bad) > 0 {
+		c.refuseOptions(req, bad, now)
+		return
+	}
 	w := writers.Get().(*DTLSResponseWriter)
 	*w = DTLSResponseWriter{conn: c, msg: acquireMessage(c.ctx), req: req}
 	defer func() {
@@ -735,6 +763,63 @@ func (c *DTLSConn) handleDatagram(data []byte, now time.Time) {
 		return
 	}
 	c.finish(req, w, block1, now)
+}
+
+// unrecognisedCritical appends to bad, once each in option order, the
+// critical options of opts that neither ServeDTLS nor the handler
+// (handled) processes, and those it processes whose length is outside the
+// option's range (RFC 7252 §5.4.3 counts them as unrecognised).
+func unrecognisedCritical(opts message.Options, handled []message.OptionID, bad []message.OptionID) []message.OptionID {
+	for _, o := range opts {
+		if o.ID%2 == 0 {
+			continue
+		}
+		ok := false
+		switch o.ID {
+		case message.URIHost, message.URIPort, message.URIPath, message.Block1, message.Block2:
+			ok = true
+		default:
+			ok = slices.Contains(handled, o.ID)
+		}
+		if ok {
+			if _, known := message.CoapOptionDefs[o.ID]; known && !message.VerifyOptLen(o.ID, len(o.Value)) {
+				ok = false
+			}
+		}
+		if !ok && !slices.Contains(bad, o.ID) {
+			bad = append(bad, o.ID)
+		}
+	}
+	return bad
+}
+
+// refuseOptions answers a request carrying critical options nobody here
+// processes (unrecognisedCritical): 4.02 naming them for a CON, kept for
+// its retransmissions; nothing for a NON (RFC 7252 §4.3: rejecting a NON
+// may send RST, and must otherwise ignore it; go-coap's server, which
+// ServeDTLS replaced, ignores it too).
+func (c *DTLSConn) refuseOptions(req *pool.Message, bad []message.OptionID, now time.Time) {
+	cfg := c.srv.cfg
+	con := req.Type() == message.Confirmable
+	if cfg.OnBadOption != nil {
+		cfg.OnBadOption(c, con, bad)
+	}
+	if !con {
+		return
+	}
+	diag := make([]byte, 0, 48)
+	diag = append(diag, "unrecognised critical option"...)
+	for i, id := range bad {
+		if i == 0 {
+			diag = append(diag, ' ')
+		} else {
+			diag = append(diag, ',')
+		}
+		diag = strconv.AppendUint(diag, uint64(id), 10)
+	}
+	out := message.Message{Token: req.Token(), Code: codes.BadOption, MessageID: req.MessageID(), Type: message.Acknowledgement,
+		Options: message.Options{{ID: message.ContentFormat}}, Payload: diag}
+	c.send(uint16(req.MessageID()), out, now)
 }
 
 // block1 takes one Block1 block: it answers 2.31, 4.08 or 4.13 itself

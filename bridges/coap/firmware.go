@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"strings"
 	"unicode/utf8"
 
@@ -163,6 +164,23 @@ func (s *Server) serve(ctx context.Context, ln *limitListener) error {
 		},
 		OnNewConn: s.onNewConn,
 		Inline:    s.inline,
-		Errors:    func(err error) { s.log.Debug("coap: connection error", "err", err) },
+		// Accept is EST's content negotiation (enroll.go). Nothing here
+		// reads Uri-Query, If-Match, If-None-Match, Proxy-Uri or
+		// Proxy-Scheme, so a request with one gets 4.02 instead of an
+		// answer that ignored it.
+		CriticalOptions: []message.OptionID{message.Accept},
+		OnBadOption:     s.badOption,
+		Errors:          func(err error) { s.log.Debug("coap: connection error", "err", err) },
 	})
+}
+
+// badOption logs and counts a request refused for a critical option the
+// gateway does not process (otacache answers it 4.02, or drops a NON).
+func (s *Server) badOption(cc *otacache.DTLSConn, confirmable bool, ids []message.OptionID) {
+	s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonBadRequest).Inc()
+	answer := "4.02"
+	if !confirmable {
+		answer = "dropped (non-confirmable)"
+	}
+	s.log.Info("coap: request refused: unrecognised critical option", "device", s.deviceOf(cc), "options", fmt.Sprint(ids), "answer", answer)
 }

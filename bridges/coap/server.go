@@ -37,7 +37,9 @@ type Config struct {
 	// from the server's context, so shutdown also ends it.
 	HandshakeTimeout time.Duration
 	// MaxHandshakesPerSource bounds DTLS handshakes in flight from one IP
-	// address (default 8); more are dropped before any crypto is done.
+	// address (default 8), counted from when the client echoed the
+	// HelloVerifyRequest cookie (limit.go); more are dropped before any
+	// crypto is done.
 	MaxHandshakesPerSource int
 	// RetryAfter is the Max-Age sent with 5.03 when the Sink is full
 	// (default 30s).

@@ -53,7 +53,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		keyFile = fs.String("key", "", "device private key PEM (certificate devices)")
 		caFile  = fs.String("ca", "", "gateway root CA PEM (default: ca_pem from the credentials)")
 		addr    = fs.String("addr", "", "gateway address (default 127.0.0.1 and the port for the transport)")
-		qos     = fs.Int("qos", 1, "MQTT QoS (0 or 1); CoAP: 1 = confirmable")
+		qos     = fs.Int("qos", 1, "MQTT QoS (0 or 1); CoAP: 1 = confirmable, 0 = non-confirmable")
 		count   = fs.Int("count", 1, "messages to publish")
 		rate    = fs.Float64("rate", 0, "messages per second (0: as fast as acknowledged)")
 		limit   = fs.Duration("limit", time.Minute, "stop after this long")
@@ -137,6 +137,9 @@ func report(w io.Writer, r devicesim.LoadResult) {
 }
 
 func runCoAP(ctx context.Context, d *devicesim.Device, addr string, args []string, qos int, lo devicesim.LoadOptions, out io.Writer) error {
+	if args[0] == "publish" && qos != 0 && qos != 1 {
+		return fmt.Errorf("--qos %d: CoAP publishes with 0 (non-confirmable) or 1 (confirmable)", qos)
+	}
 	hctx, cancel := context.WithTimeout(ctx, 15*time.Second)
 	co, err := d.DialCoAP(hctx, addr)
 	cancel()
@@ -156,7 +159,7 @@ func runCoAP(ctx context.Context, d *devicesim.Device, addr string, args []strin
 		r, err := devicesim.Load(ctx, lo, func(ctx context.Context, _ int) error {
 			rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 			defer cancel()
-			res, err := co.Publish(rctx, path, []byte(args[2]))
+			res, err := co.PublishQoS(rctx, path, []byte(args[2]), byte(qos))
 			if err != nil {
 				return err
 			}

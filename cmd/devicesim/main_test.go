@@ -14,6 +14,7 @@ import (
 
 	"go.uber.org/goleak"
 
+	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/gateway"
 	"github.com/bastion-iot/bastion/gateway/config"
 )
@@ -28,6 +29,12 @@ func startGateway(t *testing.T) *gateway.Gateway {
 // startGatewayWith runs a dev gateway on free loopback ports with its state
 // in dir, after edit (if any) changed its configuration.
 func startGatewayWith(t *testing.T, dir string, edit func(*config.Config)) *gateway.Gateway {
+	return startGatewaySink(t, dir, edit, nil)
+}
+
+// startGatewaySink is startGatewayWith with sink (if not nil) receiving
+// the devices' telemetry.
+func startGatewaySink(t *testing.T, dir string, edit func(*config.Config), sink bridges.Sink) *gateway.Gateway {
 	os.MkdirAll(dir, 0o700)
 	c := config.Dev(dir)
 	c.CoAP.Listen, c.CoAP.PSKListen, c.MQTT.Listen, c.Console.Listen = "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"
@@ -39,7 +46,7 @@ func startGatewayWith(t *testing.T, dir string, edit func(*config.Config)) *gate
 	}
 	ready := make(chan *gateway.Gateway, 1)
 	g, err := gateway.New(gateway.Options{Dev: true, StateDir: dir, Log: slog.New(slog.NewTextHandler(io.Discard, nil)),
-		Out: io.Discard, Ready: func(g *gateway.Gateway) { ready <- g }})
+		Out: io.Discard, Sink: sink, Ready: func(g *gateway.Gateway) { ready <- g }})
 	if err != nil {
 		t.Fatal(err)
 	}

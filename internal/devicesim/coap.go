@@ -107,9 +107,36 @@ type Response struct {
 // Publish POSTs telemetry to /t/{path} (confirmable: acknowledged once the
 // gateway accepted it).
 func (c *CoAP) Publish(ctx context.Context, path string, payload []byte) (Response, error) {
-	resp, err := c.cc.Post(ctx, "/t/"+strings.TrimPrefix(path, "/"), message.AppOctets, bytes.NewReader(payload))
+	return c.PublishQoS(ctx, path, payload, 1)
+}
+
+// PublishQoS POSTs telemetry to /t/{path}: with qos 1 as a confirmable
+// request (QoS 1 at the gateway: acknowledged once the message is
+// durable, retransmitted until then), with qos 0 as a non-confirmable one
+// (QoS 0 at the gateway, never retransmitted). The gateway answers a NON
+// request too (a NON 2.04 once admitted, or the refusal), and PublishQoS
+// waits for that answer; a lost datagram is not sent again, so ctx bounds
+// the wait.
+func (c *CoAP) PublishQoS(ctx context.Context, path string, payload []byte, qos byte) (Response, error) {
+	p := "/t/" + strings.TrimPrefix(path, "/")
+	typ := message.Confirmable
+	switch qos {
+	case 0:
+		typ = message.NonConfirmable
+	case 1:
+	default:
+		return Response{}, fmt.Errorf("coap POST %s: QoS %d: CoAP has 0 (non-confirmable) and 1 (confirmable)", p, qos)
+	}
+	req, err := c.cc.NewPostRequest(ctx, p, message.AppOctets, bytes.NewReader(payload))
 	if err != nil {
-		return Response{}, fmt.Errorf("coap POST /t/%s: %w", path, err)
+		return Response{}, fmt.Errorf("coap POST %s: %w", p, err)
+	}
+	defer c.cc.ReleaseMessage(req)
+	// go-coap sends a request confirmable unless its type is set.
+	req.SetType(typ)
+	resp, err := c.cc.Do(req)
+	if err != nil {
+		return Response{}, fmt.Errorf("coap POST %s: %w", p, err)
 	}
 	return toResponse(resp), nil
 }

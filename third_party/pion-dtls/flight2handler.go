@@ -54,6 +54,16 @@ func flight2Parse(
 	if helloHash != state.initialClientHelloHash {
 		return 0, &alert.Alert{Level: alert.Fatal, Description: alert.IllegalParameter}, errClientHelloChanged
 	}
+	// Bastion patch (50): the peer has proven it receives at its address.
+	// flight2Parse runs again only for a retransmitted ClientHello, which
+	// the FSM answers before parsing (isClientHelloRetransmit), so the
+	// hook runs once; it is cleared all the same.
+	if hook := cfg.onCookieVerified; hook != nil {
+		cfg.onCookieVerified = nil
+		if err := hook(); err != nil {
+			return 0, nil, err
+		}
+	}
 	state.handshakeRecvSequence = seq
 
 	return negotiateClientHello(clientHello, state, cfg, flight4)

@@ -168,6 +168,12 @@ type handshakeConfig struct {
 	// has finished (Bastion patch; set by Conn, whose record reader then
 	// answers retransmissions).
 	parkWhenFinished bool
+
+	// onCookieVerified (Bastion patch (50), Conn.SetOnCookieVerified)
+	// runs once a server's peer has echoed a valid HelloVerifyRequest
+	// cookie, before the ClientHello is negotiated; an error ends the
+	// handshake with it, without an alert.
+	onCookieVerified func() error
 }
 
 type flightConn interface {

@@ -1,0 +1,162 @@
+package gateway
+
+// The per-source DTLS handshake limit (bridges/coap/limit.go) counts only
+// clients that echoed the HelloVerifyRequest cookie: ClientHellos from a
+// spoofed address cannot lock that address's device out. Uses
+// transports_test.go's helpers (startTransports, clientHello).
+
+import (
+	"net"
+	"testing"
+	"time"
+
+	"github.com/pion/dtls/v3/pkg/protocol/handshake"
+	"github.com/pion/dtls/v3/pkg/protocol/recordlayer"
+	"github.com/plgd-dev/go-coap/v3/message/codes"
+
+	"github.com/bastion-iot/bastion/bridges/hub"
+)
+
+// sendHellos sends the ClientHello hello to addr from n sockets of
+// 127.0.0.1 and returns them once each has its HelloVerifyRequest: then
+// the gateway holds a connection for every one of them.
+func sendHellos(t *testing.T, addr string, hello []byte, n int) []*net.UDPConn {
+	t.Helper()
+	raddr, err := net.ResolveUDPAddr("udp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cs []*net.UDPConn
+	for range n {
+		c, err := net.DialUDP("udp", nil, raddr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		if _, err := c.Write(hello); err != nil {
+			t.Fatal(err)
+		}
+		cs = append(cs, c)
+	}
+	return cs
+}
+
+// helloVerifyCookie reads the gateway's answer to a first ClientHello on
+// c: it must be a HelloVerifyRequest; its cookie is returned.
+func helloVerifyCookie(t *testing.T, c *net.UDPConn) []byte {
+	t.Helper()
+	b := make([]byte, 2048)
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	n, err := c.Read(b)
+	if err != nil {
+		t.Fatalf("no answer to a ClientHello: %v", err)
+	}
+	// A handshake record (22) whose first message is of type 3.
+	if n < 14 || b[0] != 22 || b[13] != byte(handshake.TypeHelloVerifyRequest) {
+		t.Fatalf("answer to a ClientHello starts % x, want a HelloVerifyRequest (handshake type 3)", b[:min(n, 14)])
+	}
+	recs, err := recordlayer.UnpackDatagram(b[:n])
+	if err != nil {
+		t.Fatalf("answer to a ClientHello: %v", err)
+	}
+	var rec recordlayer.RecordLayer
+	if err := rec.Unmarshal(recs[0]); err != nil {
+		t.Fatalf("answer to a ClientHello % x: %v", recs[0], err)
+	}
+	hs, ok := rec.Content.(*handshake.Handshake)
+	if !ok {
+		t.Fatalf("answer to a ClientHello is a %T, want a handshake record", rec.Content)
+	}
+	hvr, ok := hs.Message.(*handshake.MessageHelloVerifyRequest)
+	if !ok {
+		t.Fatalf("answer to a ClientHello is a %T, want a HelloVerifyRequest", hs.Message)
+	}
+	return hvr.Cookie
+}
+
+// withCookie is the second ClientHello of a handshake: hello with cookie,
+// message and record sequence 1 (RFC 6347 4.2.1).
+func withCookie(t *testing.T, hello, cookie []byte) []byte {
+	t.Helper()
+	var rec recordlayer.RecordLayer
+	if err := rec.Unmarshal(hello); err != nil {
+		t.Fatal(err)
+	}
+	hs := rec.Content.(*handshake.Handshake)
+	hs.Message.(*handshake.MessageClientHello).Cookie = cookie
+	hs.Header.MessageSequence = 1
+	rec.Header.SequenceNumber = 1
+	out, err := rec.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// Twelve ClientHellos from 127.0.0.1 that never echo the cookie (what a
+// host spoofing a device's address can send) wait in the gateway, and a
+// device handshaking from 127.0.0.1 still gets in. Before, they took the
+// address's 8 slots for the 10 s handshake timeout. They end after about
+// 2 s (cookieWait), not after the handshake timeout.
+func TestCookielessClientHellosDoNotLockOutASource(t *testing.T) {
+	g := startTransports(t)
+	addr := g.g.Addrs()["coaps_psk"]
+	for _, c := range sendHellos(t, addr, clientHello(t), 12) {
+		helloVerifyCookie(t, c)
+	}
+	ctx := ctxT(t, 20*time.Second)
+	d := g.addDevice(t, "neighbour", "psk")
+	co, err := d.DialCoAP(ctx, addr)
+	if err != nil {
+		t.Fatalf("device handshake from 127.0.0.1 with 12 cookieless ClientHellos pending: %v", err)
+	}
+	defer co.Close()
+	if r, err := co.Publish(ctx, "x", []byte("1")); err != nil || r.Code != codes.Changed {
+		t.Fatalf("publish: %v %v", r.Code, err)
+	}
+	if n := g.refusals(hub.CoAP, hub.ReasonHandshakeLimit); n != 0 {
+		t.Errorf("handshake-limit refusals %v, want 0: cookieless ClientHellos were counted", n)
+	}
+	// waitLog gives up after 5 s, half the 10 s handshake timeout.
+	g.waitLog(t, "coap: handshake failed", "client did not echo the HelloVerifyRequest cookie within 2s")
+}
+
+// serverHello reads the gateway's next flight on c: it must start with a
+// ServerHello (flight 4: the handshake goes on).
+func serverHello(t *testing.T, c *net.UDPConn) {
+	t.Helper()
+	b := make([]byte, 4096)
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	n, err := c.Read(b)
+	if err != nil {
+		t.Fatalf("no flight 4 after the cookie was echoed: %v", err)
+	}
+	if n < 14 || b[0] != 22 || b[13] != byte(handshake.TypeServerHello) {
+		t.Fatalf("answer to the ClientHello with cookie % x, want a ServerHello", b[:min(n, 32)])
+	}
+}
+
+// Handshakes whose client echoed the cookie and then stalled are still
+// limited per source: 8 from 127.0.0.1 go on to flight 4 and wait for
+// the client's next flight; the next 4 are refused.
+func TestDTLSHandshakesWithCookieLimitedPerSource(t *testing.T) {
+	g := startTransports(t)
+	addr := g.g.Addrs()["coaps_psk"]
+	hello := clientHello(t)
+	for i, c := range sendHellos(t, addr, hello, 12) {
+		if _, err := c.Write(withCookie(t, hello, helloVerifyCookie(t, c))); err != nil {
+			t.Fatal(err)
+		}
+		if i < 8 { // the default limit
+			serverHello(t, c)
+		}
+	}
+	g.waitLog(t, "too many handshakes in flight from this source", "remote=127.0.0.1:")
+	deadline := time.Now().Add(5 * time.Second)
+	for g.refusals(hub.CoAP, hub.ReasonHandshakeLimit) < 4 && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if n := g.refusals(hub.CoAP, hub.ReasonHandshakeLimit); n != 4 {
+		t.Errorf("handshake-limit refusals %v, want 4", n)
+	}
+}
