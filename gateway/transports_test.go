@@ -883,32 +883,6 @@ func clientHello(t *testing.T) []byte {
 	return buf[:n]
 }
 
-func TestDTLSHandshakesInFlightLimitedPerSource(t *testing.T) {
-	g := startTransports(t)
-	hello := clientHello(t)
-	raddr, _ := net.ResolveUDPAddr("udp", g.g.Addrs()["coaps_psk"])
-	// 12 handshakes from one address that never finish: the default limit
-	// is 8 in flight, so at least 4 are dropped before any crypto.
-	for range 12 {
-		c, err := net.DialUDP("udp", nil, raddr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer c.Close()
-		if _, err := c.Write(hello); err != nil {
-			t.Fatal(err)
-		}
-	}
-	g.waitLog(t, "too many handshakes in flight from this source", "remote=127.0.0.1:")
-	deadline := time.Now().Add(5 * time.Second)
-	for g.refusals(hub.CoAP, hub.ReasonHandshakeLimit) < 4 && time.Now().Before(deadline) {
-		time.Sleep(20 * time.Millisecond)
-	}
-	if n := g.refusals(hub.CoAP, hub.ReasonHandshakeLimit); n != 4 {
-		t.Errorf("handshake-limit refusals %v, want 4", n)
-	}
-}
-
 func TestMQTTSecretLoginAndOneSessionPerDevice(t *testing.T) {
 	g := startTransportsWith(t, true)
 	ctx := ctxT(t, 30*time.Second)
