@@ -1046,7 +1046,11 @@ func (c *DTLSConn) sendBody(reqMID uint16, out message.Message, body io.ReadSeek
 		return nil
 	}
 	*wp = raw[:0] // keep a grown buffer
-	_, werr := c.nc.Write(raw)
+	// Kept before it is written: a deferred answer's request stays marked
+	// pending until this returns, and a retransmission that found it
+	// pending and not yet kept would be dropped, though the device, having
+	// lost the answer, would not be answered again until it retransmits
+	// once more (or never, if that was its last try).
 	c.cacheMu.Lock()
 	if sb, ok := body.(StableBody); ok && n > 0 {
 		c.cache.storeRef(reqMID, raw[:len(raw)-n], sb, off, n, now)
@@ -1054,6 +1058,7 @@ func (c *DTLSConn) sendBody(reqMID uint16, out message.Message, body io.ReadSeek
 		c.cache.store(reqMID, raw, now)
 	}
 	c.cacheMu.Unlock()
+	_, werr := c.nc.Write(raw)
 	if werr != nil {
 		c.srv.cfg.Errors(fmt.Errorf("%v: write answer: %w", c.RemoteAddr(), werr))
 	}
