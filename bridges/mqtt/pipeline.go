@@ -89,11 +89,52 @@ type pipeConn struct {
 
 	// Set by report (the Sink's goroutine) and read by the flusher. Never
 	// held across I/O or together with mu except mu -> nmu in shut.
-	nmu     sync.Mutex
-	durable uint64 // messages reported durable (a prefix: reports come in order)
-	failed  error  // the first failure reported; nothing counts after it
-	running bool   // a flusher goroutine is started and not finished
-	ended   bool   // the session ended: no flusher starts any more
+	nmu sync.Mutex
+	// durable is how many messages, in the order registered, are settled
+	// (a prefix): each made durable (report) or settled without the Sink
+	// (unreserve: refused, withheld). A message settled at once does not
+	// make the ones before it durable: it counts only once every earlier
+	// message has been reported, or its PUBACK could overtake theirs and
+	// acknowledge a message still waiting for its fsync.
+	durable uint64
+	// waiting holds, in order, the messages registered and not yet
+	// settled (at most maxPipelined: reserve bounds enq-done, and
+	// done <= durable); reg is the last one registered. durable is
+	// waiting's first minus one, or reg when it is empty.
+	waiting ring
+	reg     uint64
+	failed  error // the first failure reported; nothing counts after it
+	running bool  // a flusher goroutine is started and not finished
+	ended   bool  // the session ended: no flusher starts any more
+}
+
+// ring is a FIFO of message numbers, bounded by maxPipelined.
+type ring struct {
+	buf     [maxPipelined]uint64
+	head, n int
+}
+
+func (r *ring) push(v uint64) {
+	r.buf[(r.head+r.n)%len(r.buf)] = v
+	r.n++
+}
+
+func (r *ring) popFront() {
+	r.head = (r.head + 1) % len(r.buf)
+	r.n--
+}
+
+func (r *ring) popBack() { r.n-- }
+
+func (r *ring) front() uint64 { return r.buf[r.head] }
+
+// settledLocked recomputes durable after waiting changed. Caller holds nmu.
+func (c *pipeConn) settledLocked() {
+	if c.waiting.n == 0 {
+		c.durable = c.reg
+	} else {
+		c.durable = c.waiting.front() - 1
+	}
 }
 
 // heldRun is a stretch of held bytes written when enq was barrier: they may
@@ -129,6 +170,10 @@ func (c *pipeConn) reserve(device string) error {
 	}
 	c.device = device
 	c.enq++
+	c.nmu.Lock()
+	c.reg = c.enq
+	c.waiting.push(c.enq)
+	c.nmu.Unlock()
 	return nil
 }
 
@@ -140,23 +185,41 @@ func (c *pipeConn) unreserve() {
 	c.mu.Lock()
 	if c.done == c.enq-1 && len(c.held) == 0 {
 		c.enq--
+		c.nmu.Lock()
+		c.waiting.popBack()
+		c.reg = c.enq
+		c.nmu.Unlock()
 		c.mu.Unlock()
 		return
 	}
 	c.mu.Unlock()
-	c.reported(nil)
+	// The session's read loop registers and settles its messages one at a
+	// time, so this one is the last registered: out of waiting, it counts
+	// once the messages before it have (settledLocked).
+	c.nmu.Lock()
+	c.waiting.popBack()
+	c.nmu.Unlock()
+	c.settle(nil, false)
 }
 
 // reported is report: the Sink's outcome for the oldest registered message
-// not yet reported. It never blocks.
-func (c *pipeConn) reported(err error) {
+// it has not reported yet (the Sink reports in order). It never blocks.
+func (c *pipeConn) reported(err error) { c.settle(err, true) }
+
+// settle records an outcome (sink: the Sink's report for the oldest message
+// in waiting; otherwise a message unreserve has taken out of waiting) and
+// starts the flusher if none runs. It never blocks.
+func (c *pipeConn) settle(err error, sink bool) {
 	c.nmu.Lock()
 	switch {
 	case c.failed != nil:
 	case err != nil:
 		c.failed = err
 	default:
-		c.durable++
+		if sink {
+			c.waiting.popFront()
+		}
+		c.settledLocked()
 	}
 	start := !c.running && !c.ended
 	if start {

@@ -764,3 +764,66 @@ func TestSetDeadlineCoalesced(t *testing.T) {
 		t.Errorf("zero deadline left %v", time.Unix(0, got))
 	}
 }
+
+// TestRefusalBehindAnFsyncReleasesNothing: messages refused at once (the
+// queue full) while earlier ones wait for their fsync settle without the
+// Sink. That must not count the earlier ones durable: with the fsync held
+// the device gets nothing, neither the refusals nor the PUBACKs of the
+// waiting messages; released, it gets the PUBACKs, then the refusals, in
+// packet order; failed, it gets nothing and its connection is closed (a
+// PUBACK sent before the fsync would acknowledge a message the failed
+// fsync lost). The same holds for a message the Sink withholds without
+// queueing it (privacy rules): unreserve is the same path.
+func TestRefusalBehindAnFsyncReleasesNothing(t *testing.T) {
+	for _, fail := range []bool{false, true} {
+		t.Run(fmt.Sprintf("fsync fails %v", fail), func(t *testing.T) {
+			hs := newHeldSync()
+			r := newRig(t, queue.Options{Sync: hs.sync, MaxBytes: 1024, SegmentBytes: 1024})
+			defer hs.release(nil)
+			d := r.dial(t, "dev-r", 5)
+			const n = 30
+			for i := range n {
+				d.publish(uint16(i+1), i)
+			}
+			<-hs.entered
+			pc := r.conn(t, "dev-r")
+			waitFor(t, "every PUBLISH registered", func() bool {
+				pc.mu.Lock()
+				defer pc.mu.Unlock()
+				return pc.enq == n
+			})
+			refused := r.metric(t, "bastion_queue_refusals_total")
+			if refused == 0 {
+				t.Fatal("no message was refused: the test needs the queue to fill while the fsync is held")
+			}
+			if pk, err := d.readErr(300 * time.Millisecond); !isTimeout(err) {
+				t.Fatalf("while the fsync is held the device got type %d id %d reason 0x%02x (err %v); want nothing", pk.FixedHeader.Type, pk.PacketID, pk.ReasonCode, err)
+			}
+			if fail {
+				hs.release(errors.New("EIO from the test's disk"))
+				var got []ack
+				var err error
+				for {
+					var pk packets.Packet
+					if pk, err = d.readErr(10 * time.Second); err != nil {
+						break
+					}
+					got = append(got, ack{pk.FixedHeader.Type, pk.PacketID, pk.ReasonCode})
+				}
+				if len(got) != 0 {
+					t.Fatalf("after the failed fsync the device saw %v; want nothing, then the connection closed (%v)", got, err)
+				}
+				return
+			}
+			hs.release(nil)
+			ok := n - int(refused)
+			want := successAcks(1, uint16(ok))
+			for id := ok + 1; id <= n; id++ {
+				want = append(want, ack{packets.Puback, uint16(id), packets.ErrQuotaExceeded.Code})
+			}
+			if diff := cmp.Diff(want, d.readAcks(n)); diff != "" {
+				t.Errorf("device saw after the fsync (-want +got):\n%s", diff)
+			}
+		})
+	}
+}
