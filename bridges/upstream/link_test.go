@@ -375,3 +375,45 @@ func TestDialRunsOnRawConn(t *testing.T) {
 		t.Errorf("the link's TLS runs on %T; want a rawconn", tc.NetConn())
 	}
 }
+
+// TestReloadWithholdsQueuedMessages: a privacy rule tightened by Reload
+// also covers messages already queued (and acknowledged to their device):
+// they are deleted unsent, and counted apart from the messages withheld at
+// acceptance, so an operator sees what a reload cost. A message the new
+// rules still forward is delivered.
+func TestReloadWithholdsQueuedMessages(t *testing.T) {
+	b := mosquitto.Start(t, mosquitto.Options{})
+	cfg := linkConfig(t, b, "gw1")
+	b.Stop(t)
+	l := startLink(t, cfg, t.TempDir())
+	ctx := context.Background()
+	for i := range 3 {
+		if err := l.up.Accept(ctx, telemetry("dev0", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	kept := bridges.Message{Device: "dev0", Topic: "devices/dev0/t/ok", QoS: 1, Payload: []byte(`{}`)}
+	if err := l.up.Accept(ctx, kept); err != nil {
+		t.Fatal(err)
+	}
+	if got := metric(t, l, "bastion_upstream_withheld_total"); got != 0 {
+		t.Fatalf("withheld at acceptance: %v, want 0", got)
+	}
+	tight := cfg
+	tight.Forward = []Rule{{Topic: "devices/+/t/n", Action: ActionLocal}, {Topic: "devices/+/t/#", Action: ActionForward}}
+	if err := l.up.Reload(tight); err != nil {
+		t.Fatal(err)
+	}
+	b.Start(t)
+	waitFor(t, "the broker's PUBACK for the message the new rules forward", 10*time.Second, func() bool { return l.up.Status().Published == 1 })
+	if got := metric(t, l, "bastion_upstream_withheld_queued_total"); got != 3 {
+		t.Errorf("bastion_upstream_withheld_queued_total = %v, want the 3 queued messages the reload kept local", got)
+	}
+	if got := metric(t, l, "bastion_upstream_withheld_total"); got != 3 {
+		t.Errorf("bastion_upstream_withheld_total = %v, want 3", got)
+	}
+	waitFor(t, "the queue to be empty", 10*time.Second, func() bool { return metric(t, l, "bastion_queue_depth") == 0 })
+	if got := l.up.Status().Published; got != 1 {
+		t.Errorf("published %d messages, want only the one the new rules forward", got)
+	}
+}

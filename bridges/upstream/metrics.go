@@ -3,16 +3,17 @@ package upstream
 import "github.com/prometheus/client_golang/prometheus"
 
 type metrics struct {
-	connected     prometheus.Gauge
-	published     prometheus.Counter
-	publishErrors prometheus.Counter
-	connectErrors prometheus.Counter
-	withheld      *prometheus.CounterVec
-	parked        *prometheus.CounterVec
-	parkedDepth   prometheus.GaugeFunc // set by New: it reads the parking queue
-	downlink      *prometheus.CounterVec
-	reloads       *prometheus.CounterVec
-	certExpiry    prometheus.Gauge
+	connected      prometheus.Gauge
+	published      prometheus.Counter
+	publishErrors  prometheus.Counter
+	connectErrors  prometheus.Counter
+	withheld       *prometheus.CounterVec
+	withheldQueued *prometheus.CounterVec
+	parked         *prometheus.CounterVec
+	parkedDepth    prometheus.GaugeFunc // set by New: it reads the parking queue
+	downlink       *prometheus.CounterVec
+	reloads        *prometheus.CounterVec
+	certExpiry     prometheus.Gauge
 }
 
 func newMetrics() *metrics {
@@ -27,6 +28,8 @@ func newMetrics() *metrics {
 			Help: "Failed connection attempts to the upstream broker."}),
 		withheld: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bastion_upstream_withheld_total",
 			Help: "Messages kept local, by reason (no_rule, local, redact_not_json, unmapped)."}, []string{"reason"}),
+		withheldQueued: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bastion_upstream_withheld_queued_total",
+			Help: "Of the withheld messages, those deleted from the queue when due to be sent (accepted and acknowledged to their device before a reload changed the mapping or the privacy rules), by reason."}, []string{"reason"}),
 		parked: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bastion_upstream_parked_total",
 			Help: "Messages the broker refused for good, moved to the parking queue, by reason (not_authorized, topic_name_invalid, packet_too_large, payload_format_invalid)."}, []string{"reason"}),
 		downlink: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bastion_upstream_downlink_total",
@@ -39,7 +42,7 @@ func newMetrics() *metrics {
 }
 
 func (m *metrics) register(reg prometheus.Registerer) error {
-	for _, c := range []prometheus.Collector{m.connected, m.published, m.publishErrors, m.connectErrors, m.withheld, m.parked, m.parkedDepth, m.downlink, m.reloads, m.certExpiry} {
+	for _, c := range []prometheus.Collector{m.connected, m.published, m.publishErrors, m.connectErrors, m.withheld, m.withheldQueued, m.parked, m.parkedDepth, m.downlink, m.reloads, m.certExpiry} {
 		if err := reg.Register(c); err != nil {
 			return err
 		}

@@ -97,10 +97,14 @@ type Upstream struct {
 	parking atomic.Pointer[queue.Queue] // nil: refused messages stay queued
 	m       *metrics
 
-	mu      sync.Mutex
-	st      Status
-	restart context.CancelFunc
-	parks   parkBucket
+	mu sync.Mutex
+	st Status
+	// queuedWithheld counts withheldQueued since its last log line, at
+	// queuedWithheldLog (under mu).
+	queuedWithheld    int
+	queuedWithheldLog time.Time
+	restart           context.CancelFunc
+	parks             parkBucket
 }
 
 // New checks cfg (Defaults, Validate), loads the certificate files and
@@ -875,15 +879,37 @@ func (u *Upstream) prepare(e queue.Entry, mapped *mappedTopics) (topic string, p
 	s := u.cur.Load()
 	topic, ok := mapped.mapUp(s, e.Device, e.Topic)
 	if !ok {
-		u.withheld("unmapped")
+		u.withheldQueued(e, "unmapped")
 		return "", nil, false, u.q.Ack(e.Seq)
 	}
 	v, payload, reason := applyRules(s.cfg.Forward, e.Topic, e.Payload)
 	if v == withhold {
-		u.withheld(reason)
+		u.withheldQueued(e, reason)
 		return "", nil, false, u.q.Ack(e.Seq)
 	}
 	return topic, payload, true, nil
+}
+
+// withheldQueued counts a queued message deleted at send because the
+// mapping or the privacy rules changed since it was accepted, and says so
+// at most once a minute: its device was told it was accepted, so an
+// operator who mistyped a mapping in a reload must be able to see what it
+// cost.
+func (u *Upstream) withheldQueued(e queue.Entry, reason string) {
+	u.withheld(reason)
+	u.m.withheldQueued.WithLabelValues(reason).Inc()
+	u.mu.Lock()
+	u.queuedWithheld++
+	now := time.Now()
+	if now.Sub(u.queuedWithheldLog) < time.Minute {
+		u.mu.Unlock()
+		return
+	}
+	n := u.queuedWithheld
+	u.queuedWithheld, u.queuedWithheldLog = 0, now
+	u.mu.Unlock()
+	u.log.Warn("upstream: queued messages deleted unsent: the mapping or privacy rules changed after they were accepted (bastion_upstream_withheld_queued_total)",
+		"device", e.Device, "topic", e.Topic, "seq", e.Seq, "reason", reason, "since_last_line", n)
 }
 
 // appendPublish appends one MQTT v5 PUBLISH with the user properties
