@@ -53,7 +53,7 @@ func newMetrics(q *Queue) *metrics {
 		cut: prometheus.NewCounter(prometheus.CounterOpts{Name: "bastion_queue_records_cut_total",
 			Help: "Segment tails cut at open because a record was torn or corrupt."}),
 		skipped: prometheus.NewCounter(prometheus.CounterOpts{Name: "bastion_queue_corrupt_skipped_total",
-			Help: "Corrupt or unreadable stretches skipped at open (the disk's corruption, not a torn write); the records after each were kept."}),
+			Help: "Corrupt or unreadable stretches skipped at open because valid messages follow them (the disk's corruption, or a torn last batch that reached the disk out of order); the records after each were kept."}),
 		unreadable: prometheus.NewCounter(prometheus.CounterOpts{Name: "bastion_queue_unreadable_bytes_total",
 			Help: "Bytes of queue segments the disk could not read at open (EIO); the messages around them were kept."}),
 		stopped: prometheus.NewGauge(prometheus.GaugeOpts{Name: "bastion_queue_stopped",

@@ -275,7 +275,8 @@ func Open(dir string, opts Options, log *slog.Logger, reg prometheus.Registerer)
 	return q, nil
 }
 
-// recover loads every segment, cutting torn or corrupt tails.
+// recover loads every segment, skipping corrupt or unreadable bytes that
+// valid messages follow and cutting torn tails (see the comments inside).
 func (q *Queue) recover() error {
 	names, err := filepath.Glob(filepath.Join(q.dir, "*.seg"))
 	if err != nil {
@@ -335,16 +336,39 @@ func (q *Queue) recover() error {
 				data = data[:off]
 				break
 			}
-			if err != nil && (!last || len(bad) > 0) {
+			if err != nil {
+				// A bad record followed by a valid message record (one
+				// with a higher seq than every message before it) is
+				// skipped, not cut at: only the damaged bytes are lost.
+				//
 				// A segment before the last was complete and synced before
 				// the next one was started (the writer starts one only for
 				// a batch after the previous commit's fsync), so a bad
 				// record in it is the disk's corruption, not a torn write,
 				// and every message after it was acknowledged to its
-				// device. Skip only the damaged bytes: cutting the segment
-				// there would lose the rest of it. The same in the last
-				// segment when the disk could not read some of it: that is
-				// not a torn write either.
+				// device. The same when the disk could not read some of the
+				// segment: that is not a torn write either.
+				//
+				// In the last segment a torn write can only damage the
+				// batch written after the last fsync that returned, and its
+				// bytes may land out of order (a later sector of the batch
+				// on disk, an earlier one not: zeros or garbage, then valid
+				// records). So a valid record after the bad bytes is either
+				// acknowledged (the bad bytes are the disk's corruption and
+				// cutting would lose everything after them: with 4 MiB
+				// segments the last one usually holds most of the backlog)
+				// or part of that unacknowledged batch. Keeping it costs at
+				// most a duplicate upstream, after the device's resend of
+				// what was not acknowledged (which then also comes after
+				// it, not before); cutting it may lose acknowledged
+				// messages. A torn tail that nothing valid follows (half a
+				// record, a header, garbage, then zeros or the file's end)
+				// is still cut below.
+				//
+				// The last segment has no next base to bound the seqs
+				// from above: its records go up to the last seq the
+				// writer gave out, and every open moves that on by
+				// seqGap, so any seq above lastSeq may be there.
 				before := uint64(math.MaxUint64)
 				if !last {
 					before = bases[i+1]
@@ -352,7 +376,11 @@ func (q *Queue) recover() error {
 				if next := resync(data, off+1, lastSeq, before, q.opts.MaxMessageBytes); next > 0 {
 					q.m.skipped.Inc()
 					seg.holes = append(seg.holes, [2]int64{int64(off), int64(next)})
-					q.log.Error("skipping corrupt or unreadable bytes in a queue segment (the disk's corruption, not a torn write); the messages after them are kept",
+					why := "the disk's corruption, not a torn write"
+					if last && len(bad) == 0 {
+						why = "the disk's corruption, or a torn write of the last, unacknowledged batch that reached the disk out of order"
+					}
+					q.log.Error("skipping corrupt or unreadable bytes in a queue segment ("+why+"); the messages after them are kept",
 						"segment", name, "offset", off, "bytes_skipped", next-off, "err", err,
 						"last_good_seq", lastSeq, "lost_seqs_at_most", resyncSeq(data[next:])-lastSeq-1)
 					off = next

@@ -270,12 +270,122 @@ func TestTornTailIsCut(t *testing.T) {
 	}
 }
 
+// TestCorruptionInLastSegmentIsSkipped: a bad record in the last segment
+// that valid messages follow is not a torn tail (a torn write damages only
+// the batch after the last fsync, and leaves nothing valid after it unless
+// that batch landed out of order, when keeping it costs a duplicate at
+// most): only its bytes are skipped, the messages after it are kept, in
+// order, and the queue appends after the last of them. Before, the segment
+// was cut there: one flipped bit in the first record lost the whole backlog
+// (with 4 MiB segments the last one usually holds most of it).
+func TestCorruptionInLastSegmentIsSkipped(t *testing.T) {
+	dir := t.TempDir()
+	q, _ := open(t, dir, Options{})
+	for i := range 10 {
+		if err := q.Accept(context.Background(), msg("a", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	q.Close()
+	segs, _ := filepath.Glob(filepath.Join(dir, "*.seg"))
+	if len(segs) != 1 {
+		t.Fatalf("segments = %v, want 1", segs)
+	}
+	full, _ := os.ReadFile(segs[0]) // with the preallocated zeros
+	var offs []int
+	for off := len(segMagic); off < recordsEnd(full); {
+		_, n, _ := decodeRecord(full[off:])
+		offs = append(offs, off)
+		off += n
+	}
+	if len(offs) != 10 {
+		t.Fatalf("records = %d, want 10", len(offs))
+	}
+	except := func(lost ...int) []int {
+		var w []int
+		for i := range 10 {
+			if !slices.Contains(lost, i) {
+				w = append(w, i)
+			}
+		}
+		return w
+	}
+	cases := []struct {
+		name string
+		data []byte
+		want []int
+	}{
+		{"bit flipped in the first record", flip(full, offs[0]+recHeader+3), except(0)},
+		{"bit flipped in a middle record", flip(full, offs[5]+recHeader+3), except(5)},
+		{"length of the first record destroyed", func() []byte {
+			c := append([]byte{}, full...)
+			binary.LittleEndian.PutUint32(c[offs[0]:], 0xffffff00)
+			return c
+		}(), except(0)},
+		// The last batch's later sector on disk, its earlier one not (still
+		// the preallocated zeros): kept, a duplicate at most.
+		{"zeros before valid records", func() []byte {
+			c := append([]byte{}, full...)
+			clear(c[offs[3]:offs[6]])
+			return c
+		}(), except(3, 4, 5)},
+	}
+	payloads := func(es []Entry) []int {
+		var got []int
+		for _, e := range es {
+			var i int
+			fmt.Sscanf(string(e.Payload), `{"i":%d}`, &i)
+			got = append(got, i)
+		}
+		return got
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			d := t.TempDir()
+			if err := os.WriteFile(filepath.Join(d, filepath.Base(segs[0])), c.data, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			check := func(q *Queue, reg *prometheus.Registry, want []int) {
+				t.Helper()
+				if diff := cmp.Diff(want, payloads(drain(t, q))); diff != "" {
+					t.Fatalf("messages after open (-want +got):\n%s", diff)
+				}
+				// The same damaged bytes each open (they stay on disk),
+				// never a second stretch, never a cut.
+				if v := metricValue(t, reg, "bastion_queue_corrupt_skipped_total"); v != 1 {
+					t.Fatalf("corrupt_skipped_total = %v, want 1", v)
+				}
+				if v := metricValue(t, reg, "bastion_queue_records_cut_total"); v != 0 {
+					t.Fatalf("records_cut_total = %v, want 0", v)
+				}
+			}
+			q, reg := open(t, d, Options{})
+			check(q, reg, c.want)
+			// New commits go after the last kept record, not over it and
+			// not after the zeros.
+			if err := q.Accept(context.Background(), msg("a", 99)); err != nil {
+				t.Fatal(err)
+			}
+			q.mu.Lock()
+			size, seq := q.segs[0].size, q.ents[len(q.ents)-1].seq
+			q.mu.Unlock()
+			if want := int64(recordsEnd(full) + len(appendMsg(nil, seq, ptr(msg("a", 99))))); size != want {
+				t.Fatalf("segment size after the append = %d, want %d (the end of the last record, then the new one)", size, want)
+			}
+			q.Close()
+			q2, reg2 := open(t, d, Options{})
+			check(q2, reg2, append(slices.Clone(c.want), 99))
+			q2.Close()
+		})
+	}
+}
+
 // TestCorruptionInCompletedSegmentIsSkipped: a bad record in a segment
 // before the last is the disk's corruption of acknowledged messages (the
 // segment was synced before the next one was started), so only the damaged
 // bytes are skipped and every message after them is kept, in order. In the
-// last segment a bad record is the torn write of a batch that was never
-// acknowledged, and the tail is cut as before (TestTornTailIsCut).
+// last segment the same when valid messages follow; a bad record that
+// nothing valid follows is a torn tail and is cut (TestTornTailIsCut).
 func TestCorruptionInCompletedSegmentIsSkipped(t *testing.T) {
 	dir := t.TempDir()
 	opts := Options{SegmentBytes: 1 << 10, MaxBytes: 1 << 20}
@@ -349,7 +459,11 @@ func TestCorruptionInCompletedSegmentIsSkipped(t *testing.T) {
 		}(), except(idx[2]), 1, 0},
 		{"two records garbled", first, garble(files[first], offs[2]+2, offs[3]+5), except(idx[2], idx[3]), 1, 0},
 		{"two stretches", first, garble(garble(files[first], offs[1]+1, offs[1]+4), offs[3]+1, offs[3]+4), except(idx[1], idx[3]), 2, 0},
-		{"last segment: cut, not skipped", lastSeg, flip(files[lastSeg], lOffs[1]+recHeader+3), upTo(lIdx[1]), 0, 1},
+		// Valid records follow: corruption of acknowledged messages (or
+		// an unacknowledged batch torn out of order: a duplicate at most),
+		// skipped as in a completed segment (TestCorruptionInLastSegmentIsSkipped).
+		{"last segment: skipped too", lastSeg, flip(files[lastSeg], lOffs[1]+recHeader+3), except(lIdx[1]), 1, 0},
+		{"last segment: its last record, cut", lastSeg, flip(files[lastSeg], lOffs[len(lOffs)-1]+recHeader+3), upTo(lIdx[len(lIdx)-1]), 0, 1},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
