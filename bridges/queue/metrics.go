@@ -59,7 +59,7 @@ func newMetrics(q *Queue) *metrics {
 		stopped: prometheus.NewGauge(prometheus.GaugeOpts{Name: "bastion_queue_stopped",
 			Help: "1 while a failed fsync has stopped the queue from accepting messages (it tries a new segment after 10 s, longer while the disk keeps failing, up to 5 min), else 0."}),
 		lost: prometheus.NewCounter(prometheus.CounterOpts{Name: "bastion_queue_unreadable_dropped_total",
-			Help: "Held messages dropped because the disk could not read them when they were due upstream (EIO)."}),
+			Help: "Held messages dropped because, when they were due upstream, the disk could not read them (EIO, for 10 minutes) or their record no longer decoded (corruption)."}),
 	}
 }
 

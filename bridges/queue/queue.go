@@ -1195,16 +1195,21 @@ func (q *Queue) held(after uint64, max int, out []Entry, buf []byte) ([]Entry, [
 			span = end
 		}
 		var err error
+		n0 := len(out)
 		if out, buf, err = q.readSpan(out, buf, q.ents[i:j], span); err != nil {
-			if !errors.Is(err, syscall.EIO) {
-				return out, buf, q.notify, err
+			if !errors.Is(err, syscall.EIO) && !errors.Is(err, errCorrupt) {
+				return out[:n0], buf, q.notify, err
 			}
-			// The disk cannot read part of the span: read its messages
-			// one by one. One it has not read for unreadableGrace is
-			// dropped, or the link would stop at it for good; until then
-			// what came before it is handed out and it is tried again
-			// (a disk that comes back, a card reader's glitch, loses
-			// nothing).
+			// The disk cannot read part of the span, or a record in it
+			// no longer decodes: read its messages one by one (what the
+			// span's read handed out before the bad one comes again).
+			// One the disk has not read for unreadableGrace is dropped,
+			// or the link would stop at it for good; until then what
+			// came before it is handed out and it is tried again (a disk
+			// that comes back, a card reader's glitch, loses nothing).
+			// One that no longer decodes is dropped at once: see
+			// loseLocked.
+			out = out[:n0]
 			var stuck error
 			for k := i; k < j; k++ {
 				if q.ents[k].acked {
@@ -1222,7 +1227,7 @@ func (q *Queue) held(after uint64, max int, out []Entry, buf []byte) ([]Entry, [
 				if out, buf, kerr = q.readSpan(out, buf, q.ents[k:k+1], int64(q.ents[k].n)); kerr == nil {
 					continue
 				}
-				if errors.Is(kerr, syscall.EIO) && q.unreadableLocked(k) {
+				if errors.Is(kerr, errCorrupt) || errors.Is(kerr, syscall.EIO) && q.unreadableLocked(k) {
 					q.loseLocked(k, kerr)
 					continue
 				}
@@ -1263,10 +1268,26 @@ func (q *Queue) unreadableLocked(k int) bool {
 	return q.failed == nil && now.Sub(first) >= unreadableGrace
 }
 
-// loseLocked drops held entry k, which the disk cannot read: it is marked
-// delivered (so a restart does not try it again) and counted, with an
-// error naming it. Its segment is reclaimed by a later Ack (not here:
-// held is iterating over q.ents). Caller holds q.mu.
+// loseLocked drops held entry k, which the disk cannot read (EIO for
+// unreadableGrace) or which no longer decodes (err wraps errCorrupt): it is
+// marked delivered (so a restart does not try it again) and counted, with
+// an error naming it and why. Its segment is reclaimed by a later Ack (not
+// here: held is iterating over q.ents). Caller holds q.mu.
+//
+// A record that no longer decodes is dropped at its first read, without
+// the grace an EIO gets and even while a failed fsync stops the queue.
+// It decoded when it was indexed (written whole by this process before
+// its entry existed, or decoded by recover), and segments are append-only:
+// a commit writes only after the last indexed record, recover's truncation
+// happens before Open returns, nothing rewrites a record in place, so no
+// read can race a write of its bytes. Its bytes changed after: the disk's
+// or the memory's corruption, or pages a failed writeback left clean that
+// the kernel dropped and read back without them (that commit was never
+// acknowledged). A read goes through the page cache, so trying again reads
+// the same bytes; unlike EIO, where the device says it could not read and
+// a card reader's glitch passes, nothing says another try would differ.
+// Waiting unreadableGrace would only hold every device's messages behind
+// it (the link sends in order) and fill the queue.
 func (q *Queue) loseLocked(k int, err error) {
 	e := &q.ents[k]
 	e.acked = true
@@ -1276,7 +1297,11 @@ func (q *Queue) loseLocked(k int, err error) {
 	q.m.lost.Inc()
 	q.m.depth.Set(float64(q.depth))
 	delete(q.unreadable, e.seq)
-	q.log.Error("queue: a held message has been unreadable for "+unreadableGrace.String()+" (the disk is failing); dropping it so that the messages after it are delivered",
+	why := "has been unreadable for " + unreadableGrace.String() + " (the disk is failing)"
+	if errors.Is(err, errCorrupt) {
+		why = "no longer decodes (its bytes changed on disk or in memory: corruption)"
+	}
+	q.log.Error("queue: a held message "+why+"; dropping it so that the messages after it are delivered",
 		"seq", e.seq, "segment", e.seg.path, "offset", e.off, "err", err)
 	q.armAckFlushLocked()
 }
@@ -1304,8 +1329,14 @@ func (q *Queue) readSpan(out []Entry, buf []byte, es []entry, span int64) ([]Ent
 		}
 		rel := e.off - first.off
 		rec, _, err := decodeRecordIn(b[rel:rel+int64(e.n)], &q.strs)
-		if err != nil || rec.kind != kindMsg || rec.seq != e.seq {
-			return out, buf, fmt.Errorf("queue: record for seq %d in %s at %d unreadable: %v", e.seq, e.seg.path, e.off, err)
+		if err == nil && (rec.kind != kindMsg || rec.seq != e.seq) {
+			err = fmt.Errorf("%w: holds record kind %d, seq %d", errCorrupt, rec.kind, rec.seq)
+		}
+		if err != nil {
+			if !errors.Is(err, errCorrupt) { // errShort: its length changed
+				err = fmt.Errorf("%w: %w", errCorrupt, err)
+			}
+			return out, buf, fmt.Errorf("queue: record for seq %d in %s at %d no longer decodes: %w", e.seq, e.seg.path, e.off, err)
 		}
 		out = append(out, Entry{Seq: e.seq, Message: rec.msg})
 	}

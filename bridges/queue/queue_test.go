@@ -744,6 +744,124 @@ func testUnreadableAtRuntime(t *testing.T, comesBack bool) {
 	}
 }
 
+// TestUndecodableAtRuntimeIsDropped: a held message whose record no longer
+// decodes when it is due upstream (its bytes changed on disk: here written
+// through another descriptor, which Next's pread sees) is dropped at its
+// first read, counted and marked delivered, and every message after it
+// comes; before, Next returned the decoding error again and again and the
+// link stopped at it for good, every device behind it. Nothing decodes it
+// on a later try, so there is no grace (see loseLocked).
+func TestUndecodableAtRuntimeIsDropped(t *testing.T) {
+	type damage struct {
+		name   string
+		damage func(rec []byte)
+	}
+	for _, c := range []damage{
+		{"checksum", func(rec []byte) { rec[recHeader+3] ^= 0x01 }},
+		{"length", func(rec []byte) { binary.LittleEndian.PutUint32(rec, uint32(len(rec))) }},
+		{"another seq", func(rec []byte) {
+			m := msg("a", 10)
+			copy(rec, appendMsg(nil, 7, &m)) // the same length: seq 7 is as short as 11
+		}},
+	} {
+		t.Run(c.name+", after what is before it", func(t *testing.T) { testUndecodableAtRuntime(t, c.damage, false) })
+		// The messages before it in the same read were decoded already:
+		// they are handed out once, not twice.
+		t.Run(c.name+", in one read with what is before it", func(t *testing.T) { testUndecodableAtRuntime(t, c.damage, true) })
+	}
+}
+
+func testUndecodableAtRuntime(t *testing.T, damage func(rec []byte), oneRead bool) {
+	dir := t.TempDir()
+	q, reg := open(t, dir, Options{})
+	const total = 40
+	for i := range total {
+		if err := q.Accept(context.Background(), msg("a", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	q.mu.Lock()
+	bad := q.ents[10]
+	q.mu.Unlock()
+	rec := make([]byte, bad.n)
+	f, err := os.OpenFile(bad.seg.path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.ReadAt(rec, bad.off); err != nil {
+		t.Fatal(err)
+	}
+	damage(rec)
+	if _, err := f.WriteAt(rec, bad.off); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	payloads := func(es []Entry) []int {
+		var got []int
+		for _, e := range es {
+			var i int
+			fmt.Sscanf(string(e.Payload), `{"i":%d}`, &i)
+			got = append(got, i)
+		}
+		return got
+	}
+	next := func(after uint64, max int) ([]Entry, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+		defer cancel()
+		return q.Next(ctx, after, max)
+	}
+	var before, rest []int
+	for i := range total {
+		switch {
+		case i < 10:
+			before = append(before, i)
+		case i > 10:
+			rest = append(rest, i)
+		}
+	}
+	if oneRead {
+		es, err := next(0, 1000)
+		if d := cmp.Diff(append(slices.Clone(before), rest...), payloads(es)); err != nil || d != "" {
+			t.Fatalf("Next(0) with the damaged message: %v (-want +got):\n%s", err, d)
+		}
+	} else {
+		// What is before it comes as usual; it is not read yet.
+		es, err := next(0, 10)
+		if err != nil || !slices.Equal(payloads(es), before) {
+			t.Fatalf("Next(0, 10) = %v, %v; want 0-9 and no error", payloads(es), err)
+		}
+		if v := metricValue(t, reg, "bastion_queue_unreadable_dropped_total"); v != 0 {
+			t.Fatalf("dropped before it was read: %v", v)
+		}
+		// At its first read: dropped, and the rest come.
+		es, err = next(es[len(es)-1].Seq, 1000)
+		if err != nil {
+			t.Fatalf("Next at the damaged message: %v", err)
+		}
+		if d := cmp.Diff(rest, payloads(es)); d != "" {
+			t.Fatalf("Next at the damaged message (-want +got):\n%s", d)
+		}
+	}
+	// Dropped for good: from the start, everything else, once.
+	es, err := next(0, 1000)
+	if d := cmp.Diff(append(slices.Clone(before), rest...), payloads(es)); err != nil || d != "" {
+		t.Fatalf("Next(0) after the drop: %v (-want +got):\n%s", err, d)
+	}
+	if v := metricValue(t, reg, "bastion_queue_unreadable_dropped_total"); v != 1 {
+		t.Fatalf("unreadable_dropped_total = %v, want 1", v)
+	}
+	if v := metricValue(t, reg, "bastion_queue_depth"); v != total-1 {
+		t.Fatalf("depth = %v, want %d", v, total-1)
+	}
+	q.Close()
+	// Marked delivered, and the damaged bytes are skipped at open
+	// (the messages after them follow in the last segment).
+	q2, _ := open(t, dir, Options{})
+	if d := cmp.Diff(append(slices.Clone(before), rest...), payloads(drain(t, q2))); d != "" {
+		t.Fatalf("after reopen (-want +got):\n%s", d)
+	}
+}
+
 func ptr[T any](v T) *T { return &v }
 
 // recordsEnd is the offset after a segment's last decodable record.
