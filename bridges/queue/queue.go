@@ -1131,6 +1131,9 @@ func (q *Queue) recycle(batch []pending, buf []byte) {
 // Next returns up to max held entries with Seq > after, in order, waiting
 // until there is at least one or ctx ends. An entry is visible once written,
 // possibly before its fsync returned (sending it early can only duplicate).
+// A held message whose record no longer decodes is dropped, not returned
+// as an error, and one the disk cannot read is dropped after
+// unreadableGrace (see held and loseLocked).
 func (q *Queue) Next(ctx context.Context, after uint64, max int) ([]Entry, error) {
 	out, _, err := q.NextInto(ctx, after, max, nil, nil)
 	return out, err
