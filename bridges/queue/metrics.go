@@ -53,13 +53,13 @@ func newMetrics(q *Queue) *metrics {
 		cut: prometheus.NewCounter(prometheus.CounterOpts{Name: "bastion_queue_records_cut_total",
 			Help: "Segment tails cut at open because a record was torn or corrupt."}),
 		skipped: prometheus.NewCounter(prometheus.CounterOpts{Name: "bastion_queue_corrupt_skipped_total",
-			Help: "Corrupt or unreadable stretches skipped at open (the disk's corruption, not a torn write); the records after each were kept."}),
+			Help: "Corrupt or unreadable stretches skipped at open because valid messages follow them (the disk's corruption, or a torn last batch that reached the disk out of order); the records after each were kept."}),
 		unreadable: prometheus.NewCounter(prometheus.CounterOpts{Name: "bastion_queue_unreadable_bytes_total",
 			Help: "Bytes of queue segments the disk could not read at open (EIO); the messages around them were kept."}),
 		stopped: prometheus.NewGauge(prometheus.GaugeOpts{Name: "bastion_queue_stopped",
 			Help: "1 while a failed fsync has stopped the queue from accepting messages (it tries a new segment after 10 s, longer while the disk keeps failing, up to 5 min), else 0."}),
 		lost: prometheus.NewCounter(prometheus.CounterOpts{Name: "bastion_queue_unreadable_dropped_total",
-			Help: "Held messages dropped because the disk could not read them when they were due upstream (EIO)."}),
+			Help: "Held messages dropped because, when they were due upstream, the disk could not read them (EIO, for 10 minutes) or their record no longer decoded (corruption)."}),
 	}
 }
 

@@ -275,7 +275,8 @@ func Open(dir string, opts Options, log *slog.Logger, reg prometheus.Registerer)
 	return q, nil
 }
 
-// recover loads every segment, cutting torn or corrupt tails.
+// recover loads every segment, skipping corrupt or unreadable bytes that
+// valid messages follow and cutting torn tails (see the comments inside).
 func (q *Queue) recover() error {
 	names, err := filepath.Glob(filepath.Join(q.dir, "*.seg"))
 	if err != nil {
@@ -335,16 +336,39 @@ func (q *Queue) recover() error {
 				data = data[:off]
 				break
 			}
-			if err != nil && (!last || len(bad) > 0) {
+			if err != nil {
+				// A bad record followed by a valid message record (one
+				// with a higher seq than every message before it) is
+				// skipped, not cut at: only the damaged bytes are lost.
+				//
 				// A segment before the last was complete and synced before
 				// the next one was started (the writer starts one only for
 				// a batch after the previous commit's fsync), so a bad
 				// record in it is the disk's corruption, not a torn write,
 				// and every message after it was acknowledged to its
-				// device. Skip only the damaged bytes: cutting the segment
-				// there would lose the rest of it. The same in the last
-				// segment when the disk could not read some of it: that is
-				// not a torn write either.
+				// device. The same when the disk could not read some of the
+				// segment: that is not a torn write either.
+				//
+				// In the last segment a torn write can only damage the
+				// batch written after the last fsync that returned, and its
+				// bytes may land out of order (a later sector of the batch
+				// on disk, an earlier one not: zeros or garbage, then valid
+				// records). So a valid record after the bad bytes is either
+				// acknowledged (the bad bytes are the disk's corruption and
+				// cutting would lose everything after them: with 4 MiB
+				// segments the last one usually holds most of the backlog)
+				// or part of that unacknowledged batch. Keeping it costs at
+				// most a duplicate upstream, after the device's resend of
+				// what was not acknowledged (which then also comes after
+				// it, not before); cutting it may lose acknowledged
+				// messages. A torn tail that nothing valid follows (half a
+				// record, a header, garbage, then zeros or the file's end)
+				// is still cut below.
+				//
+				// The last segment has no next base to bound the seqs
+				// from above: its records go up to the last seq the
+				// writer gave out, and every open moves that on by
+				// seqGap, so any seq above lastSeq may be there.
 				before := uint64(math.MaxUint64)
 				if !last {
 					before = bases[i+1]
@@ -352,7 +376,11 @@ func (q *Queue) recover() error {
 				if next := resync(data, off+1, lastSeq, before, q.opts.MaxMessageBytes); next > 0 {
 					q.m.skipped.Inc()
 					seg.holes = append(seg.holes, [2]int64{int64(off), int64(next)})
-					q.log.Error("skipping corrupt or unreadable bytes in a queue segment (the disk's corruption, not a torn write); the messages after them are kept",
+					why := "the disk's corruption, not a torn write"
+					if last && len(bad) == 0 {
+						why = "the disk's corruption, or a torn write of the last, unacknowledged batch that reached the disk out of order"
+					}
+					q.log.Error("skipping corrupt or unreadable bytes in a queue segment ("+why+"); the messages after them are kept",
 						"segment", name, "offset", off, "bytes_skipped", next-off, "err", err,
 						"last_good_seq", lastSeq, "lost_seqs_at_most", resyncSeq(data[next:])-lastSeq-1)
 					off = next
@@ -1103,6 +1131,9 @@ func (q *Queue) recycle(batch []pending, buf []byte) {
 // Next returns up to max held entries with Seq > after, in order, waiting
 // until there is at least one or ctx ends. An entry is visible once written,
 // possibly before its fsync returned (sending it early can only duplicate).
+// A held message whose record no longer decodes is dropped, not returned
+// as an error, and one the disk cannot read is dropped after
+// unreadableGrace (see held and loseLocked).
 func (q *Queue) Next(ctx context.Context, after uint64, max int) ([]Entry, error) {
 	out, _, err := q.NextInto(ctx, after, max, nil, nil)
 	return out, err
@@ -1167,16 +1198,21 @@ func (q *Queue) held(after uint64, max int, out []Entry, buf []byte) ([]Entry, [
 			span = end
 		}
 		var err error
+		n0 := len(out)
 		if out, buf, err = q.readSpan(out, buf, q.ents[i:j], span); err != nil {
-			if !errors.Is(err, syscall.EIO) {
-				return out, buf, q.notify, err
+			if !errors.Is(err, syscall.EIO) && !errors.Is(err, errCorrupt) {
+				return out[:n0], buf, q.notify, err
 			}
-			// The disk cannot read part of the span: read its messages
-			// one by one. One it has not read for unreadableGrace is
-			// dropped, or the link would stop at it for good; until then
-			// what came before it is handed out and it is tried again
-			// (a disk that comes back, a card reader's glitch, loses
-			// nothing).
+			// The disk cannot read part of the span, or a record in it
+			// no longer decodes: read its messages one by one (what the
+			// span's read handed out before the bad one comes again).
+			// One the disk has not read for unreadableGrace is dropped,
+			// or the link would stop at it for good; until then what
+			// came before it is handed out and it is tried again (a disk
+			// that comes back, a card reader's glitch, loses nothing).
+			// One that no longer decodes is dropped at once: see
+			// loseLocked.
+			out = out[:n0]
 			var stuck error
 			for k := i; k < j; k++ {
 				if q.ents[k].acked {
@@ -1194,7 +1230,7 @@ func (q *Queue) held(after uint64, max int, out []Entry, buf []byte) ([]Entry, [
 				if out, buf, kerr = q.readSpan(out, buf, q.ents[k:k+1], int64(q.ents[k].n)); kerr == nil {
 					continue
 				}
-				if errors.Is(kerr, syscall.EIO) && q.unreadableLocked(k) {
+				if errors.Is(kerr, errCorrupt) || errors.Is(kerr, syscall.EIO) && q.unreadableLocked(k) {
 					q.loseLocked(k, kerr)
 					continue
 				}
@@ -1235,10 +1271,26 @@ func (q *Queue) unreadableLocked(k int) bool {
 	return q.failed == nil && now.Sub(first) >= unreadableGrace
 }
 
-// loseLocked drops held entry k, which the disk cannot read: it is marked
-// delivered (so a restart does not try it again) and counted, with an
-// error naming it. Its segment is reclaimed by a later Ack (not here:
-// held is iterating over q.ents). Caller holds q.mu.
+// loseLocked drops held entry k, which the disk cannot read (EIO for
+// unreadableGrace) or which no longer decodes (err wraps errCorrupt): it is
+// marked delivered (so a restart does not try it again) and counted, with
+// an error naming it and why. Its segment is reclaimed by a later Ack (not
+// here: held is iterating over q.ents). Caller holds q.mu.
+//
+// A record that no longer decodes is dropped at its first read, without
+// the grace an EIO gets and even while a failed fsync stops the queue.
+// It decoded when it was indexed (written whole by this process before
+// its entry existed, or decoded by recover), and segments are append-only:
+// a commit writes only after the last indexed record, recover's truncation
+// happens before Open returns, nothing rewrites a record in place, so no
+// read can race a write of its bytes. Its bytes changed after: the disk's
+// or the memory's corruption, or pages a failed writeback left clean that
+// the kernel dropped and read back without them (that commit was never
+// acknowledged). A read goes through the page cache, so trying again reads
+// the same bytes; unlike EIO, where the device says it could not read and
+// a card reader's glitch passes, nothing says another try would differ.
+// Waiting unreadableGrace would only hold every device's messages behind
+// it (the link sends in order) and fill the queue.
 func (q *Queue) loseLocked(k int, err error) {
 	e := &q.ents[k]
 	e.acked = true
@@ -1248,7 +1300,11 @@ func (q *Queue) loseLocked(k int, err error) {
 	q.m.lost.Inc()
 	q.m.depth.Set(float64(q.depth))
 	delete(q.unreadable, e.seq)
-	q.log.Error("queue: a held message has been unreadable for "+unreadableGrace.String()+" (the disk is failing); dropping it so that the messages after it are delivered",
+	why := "has been unreadable for " + unreadableGrace.String() + " (the disk is failing)"
+	if errors.Is(err, errCorrupt) {
+		why = "no longer decodes (its bytes changed on disk or in memory: corruption)"
+	}
+	q.log.Error("queue: a held message "+why+"; dropping it so that the messages after it are delivered",
 		"seq", e.seq, "segment", e.seg.path, "offset", e.off, "err", err)
 	q.armAckFlushLocked()
 }
@@ -1276,8 +1332,14 @@ func (q *Queue) readSpan(out []Entry, buf []byte, es []entry, span int64) ([]Ent
 		}
 		rel := e.off - first.off
 		rec, _, err := decodeRecordIn(b[rel:rel+int64(e.n)], &q.strs)
-		if err != nil || rec.kind != kindMsg || rec.seq != e.seq {
-			return out, buf, fmt.Errorf("queue: record for seq %d in %s at %d unreadable: %v", e.seq, e.seg.path, e.off, err)
+		if err == nil && (rec.kind != kindMsg || rec.seq != e.seq) {
+			err = fmt.Errorf("%w: holds record kind %d, seq %d", errCorrupt, rec.kind, rec.seq)
+		}
+		if err != nil {
+			if !errors.Is(err, errCorrupt) { // errShort: its length changed
+				err = fmt.Errorf("%w: %w", errCorrupt, err)
+			}
+			return out, buf, fmt.Errorf("queue: record for seq %d in %s at %d no longer decodes: %w", e.seq, e.seg.path, e.off, err)
 		}
 		out = append(out, Entry{Seq: e.seq, Message: rec.msg})
 	}

@@ -270,12 +270,122 @@ func TestTornTailIsCut(t *testing.T) {
 	}
 }
 
+// TestCorruptionInLastSegmentIsSkipped: a bad record in the last segment
+// that valid messages follow is not a torn tail (a torn write damages only
+// the batch after the last fsync, and leaves nothing valid after it unless
+// that batch landed out of order, when keeping it costs a duplicate at
+// most): only its bytes are skipped, the messages after it are kept, in
+// order, and the queue appends after the last of them. Before, the segment
+// was cut there: one flipped bit in the first record lost the whole backlog
+// (with 4 MiB segments the last one usually holds most of it).
+func TestCorruptionInLastSegmentIsSkipped(t *testing.T) {
+	dir := t.TempDir()
+	q, _ := open(t, dir, Options{})
+	for i := range 10 {
+		if err := q.Accept(context.Background(), msg("a", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	q.Close()
+	segs, _ := filepath.Glob(filepath.Join(dir, "*.seg"))
+	if len(segs) != 1 {
+		t.Fatalf("segments = %v, want 1", segs)
+	}
+	full, _ := os.ReadFile(segs[0]) // with the preallocated zeros
+	var offs []int
+	for off := len(segMagic); off < recordsEnd(full); {
+		_, n, _ := decodeRecord(full[off:])
+		offs = append(offs, off)
+		off += n
+	}
+	if len(offs) != 10 {
+		t.Fatalf("records = %d, want 10", len(offs))
+	}
+	except := func(lost ...int) []int {
+		var w []int
+		for i := range 10 {
+			if !slices.Contains(lost, i) {
+				w = append(w, i)
+			}
+		}
+		return w
+	}
+	cases := []struct {
+		name string
+		data []byte
+		want []int
+	}{
+		{"bit flipped in the first record", flip(full, offs[0]+recHeader+3), except(0)},
+		{"bit flipped in a middle record", flip(full, offs[5]+recHeader+3), except(5)},
+		{"length of the first record destroyed", func() []byte {
+			c := append([]byte{}, full...)
+			binary.LittleEndian.PutUint32(c[offs[0]:], 0xffffff00)
+			return c
+		}(), except(0)},
+		// The last batch's later sector on disk, its earlier one not (still
+		// the preallocated zeros): kept, a duplicate at most.
+		{"zeros before valid records", func() []byte {
+			c := append([]byte{}, full...)
+			clear(c[offs[3]:offs[6]])
+			return c
+		}(), except(3, 4, 5)},
+	}
+	payloads := func(es []Entry) []int {
+		var got []int
+		for _, e := range es {
+			var i int
+			fmt.Sscanf(string(e.Payload), `{"i":%d}`, &i)
+			got = append(got, i)
+		}
+		return got
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			d := t.TempDir()
+			if err := os.WriteFile(filepath.Join(d, filepath.Base(segs[0])), c.data, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			check := func(q *Queue, reg *prometheus.Registry, want []int) {
+				t.Helper()
+				if diff := cmp.Diff(want, payloads(drain(t, q))); diff != "" {
+					t.Fatalf("messages after open (-want +got):\n%s", diff)
+				}
+				// The same damaged bytes each open (they stay on disk),
+				// never a second stretch, never a cut.
+				if v := metricValue(t, reg, "bastion_queue_corrupt_skipped_total"); v != 1 {
+					t.Fatalf("corrupt_skipped_total = %v, want 1", v)
+				}
+				if v := metricValue(t, reg, "bastion_queue_records_cut_total"); v != 0 {
+					t.Fatalf("records_cut_total = %v, want 0", v)
+				}
+			}
+			q, reg := open(t, d, Options{})
+			check(q, reg, c.want)
+			// New commits go after the last kept record, not over it and
+			// not after the zeros.
+			if err := q.Accept(context.Background(), msg("a", 99)); err != nil {
+				t.Fatal(err)
+			}
+			q.mu.Lock()
+			size, seq := q.segs[0].size, q.ents[len(q.ents)-1].seq
+			q.mu.Unlock()
+			if want := int64(recordsEnd(full) + len(appendMsg(nil, seq, ptr(msg("a", 99))))); size != want {
+				t.Fatalf("segment size after the append = %d, want %d (the end of the last record, then the new one)", size, want)
+			}
+			q.Close()
+			q2, reg2 := open(t, d, Options{})
+			check(q2, reg2, append(slices.Clone(c.want), 99))
+			q2.Close()
+		})
+	}
+}
+
 // TestCorruptionInCompletedSegmentIsSkipped: a bad record in a segment
 // before the last is the disk's corruption of acknowledged messages (the
 // segment was synced before the next one was started), so only the damaged
 // bytes are skipped and every message after them is kept, in order. In the
-// last segment a bad record is the torn write of a batch that was never
-// acknowledged, and the tail is cut as before (TestTornTailIsCut).
+// last segment the same when valid messages follow; a bad record that
+// nothing valid follows is a torn tail and is cut (TestTornTailIsCut).
 func TestCorruptionInCompletedSegmentIsSkipped(t *testing.T) {
 	dir := t.TempDir()
 	opts := Options{SegmentBytes: 1 << 10, MaxBytes: 1 << 20}
@@ -349,7 +459,11 @@ func TestCorruptionInCompletedSegmentIsSkipped(t *testing.T) {
 		}(), except(idx[2]), 1, 0},
 		{"two records garbled", first, garble(files[first], offs[2]+2, offs[3]+5), except(idx[2], idx[3]), 1, 0},
 		{"two stretches", first, garble(garble(files[first], offs[1]+1, offs[1]+4), offs[3]+1, offs[3]+4), except(idx[1], idx[3]), 2, 0},
-		{"last segment: cut, not skipped", lastSeg, flip(files[lastSeg], lOffs[1]+recHeader+3), upTo(lIdx[1]), 0, 1},
+		// Valid records follow: corruption of acknowledged messages (or
+		// an unacknowledged batch torn out of order: a duplicate at most),
+		// skipped as in a completed segment (TestCorruptionInLastSegmentIsSkipped).
+		{"last segment: skipped too", lastSeg, flip(files[lastSeg], lOffs[1]+recHeader+3), except(lIdx[1]), 1, 0},
+		{"last segment: its last record, cut", lastSeg, flip(files[lastSeg], lOffs[len(lOffs)-1]+recHeader+3), upTo(lIdx[len(lIdx)-1]), 0, 1},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -626,6 +740,124 @@ func testUnreadableAtRuntime(t *testing.T, comesBack bool) {
 	badTo.Store(0)
 	q2, _ := open(t, dir, opts)
 	if d := cmp.Diff(append([]int{0, 1, 2, 3, 4, 5, 6, 7, 8, 9}, want...), payloads(drain(t, q2))); d != "" {
+		t.Fatalf("after reopen (-want +got):\n%s", d)
+	}
+}
+
+// TestUndecodableAtRuntimeIsDropped: a held message whose record no longer
+// decodes when it is due upstream (its bytes changed on disk: here written
+// through another descriptor, which Next's pread sees) is dropped at its
+// first read, counted and marked delivered, and every message after it
+// comes; before, Next returned the decoding error again and again and the
+// link stopped at it for good, every device behind it. Nothing decodes it
+// on a later try, so there is no grace (see loseLocked).
+func TestUndecodableAtRuntimeIsDropped(t *testing.T) {
+	type damage struct {
+		name   string
+		damage func(rec []byte)
+	}
+	for _, c := range []damage{
+		{"checksum", func(rec []byte) { rec[recHeader+3] ^= 0x01 }},
+		{"length", func(rec []byte) { binary.LittleEndian.PutUint32(rec, uint32(len(rec))) }},
+		{"another seq", func(rec []byte) {
+			m := msg("a", 10)
+			copy(rec, appendMsg(nil, 7, &m)) // the same length: seq 7 is as short as 11
+		}},
+	} {
+		t.Run(c.name+", after what is before it", func(t *testing.T) { testUndecodableAtRuntime(t, c.damage, false) })
+		// The messages before it in the same read were decoded already:
+		// they are handed out once, not twice.
+		t.Run(c.name+", in one read with what is before it", func(t *testing.T) { testUndecodableAtRuntime(t, c.damage, true) })
+	}
+}
+
+func testUndecodableAtRuntime(t *testing.T, damage func(rec []byte), oneRead bool) {
+	dir := t.TempDir()
+	q, reg := open(t, dir, Options{})
+	const total = 40
+	for i := range total {
+		if err := q.Accept(context.Background(), msg("a", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	q.mu.Lock()
+	bad := q.ents[10]
+	q.mu.Unlock()
+	rec := make([]byte, bad.n)
+	f, err := os.OpenFile(bad.seg.path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.ReadAt(rec, bad.off); err != nil {
+		t.Fatal(err)
+	}
+	damage(rec)
+	if _, err := f.WriteAt(rec, bad.off); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	payloads := func(es []Entry) []int {
+		var got []int
+		for _, e := range es {
+			var i int
+			fmt.Sscanf(string(e.Payload), `{"i":%d}`, &i)
+			got = append(got, i)
+		}
+		return got
+	}
+	next := func(after uint64, max int) ([]Entry, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+		defer cancel()
+		return q.Next(ctx, after, max)
+	}
+	var before, rest []int
+	for i := range total {
+		switch {
+		case i < 10:
+			before = append(before, i)
+		case i > 10:
+			rest = append(rest, i)
+		}
+	}
+	if oneRead {
+		es, err := next(0, 1000)
+		if d := cmp.Diff(append(slices.Clone(before), rest...), payloads(es)); err != nil || d != "" {
+			t.Fatalf("Next(0) with the damaged message: %v (-want +got):\n%s", err, d)
+		}
+	} else {
+		// What is before it comes as usual; it is not read yet.
+		es, err := next(0, 10)
+		if err != nil || !slices.Equal(payloads(es), before) {
+			t.Fatalf("Next(0, 10) = %v, %v; want 0-9 and no error", payloads(es), err)
+		}
+		if v := metricValue(t, reg, "bastion_queue_unreadable_dropped_total"); v != 0 {
+			t.Fatalf("dropped before it was read: %v", v)
+		}
+		// At its first read: dropped, and the rest come.
+		es, err = next(es[len(es)-1].Seq, 1000)
+		if err != nil {
+			t.Fatalf("Next at the damaged message: %v", err)
+		}
+		if d := cmp.Diff(rest, payloads(es)); d != "" {
+			t.Fatalf("Next at the damaged message (-want +got):\n%s", d)
+		}
+	}
+	// Dropped for good: from the start, everything else, once.
+	es, err := next(0, 1000)
+	if d := cmp.Diff(append(slices.Clone(before), rest...), payloads(es)); err != nil || d != "" {
+		t.Fatalf("Next(0) after the drop: %v (-want +got):\n%s", err, d)
+	}
+	if v := metricValue(t, reg, "bastion_queue_unreadable_dropped_total"); v != 1 {
+		t.Fatalf("unreadable_dropped_total = %v, want 1", v)
+	}
+	if v := metricValue(t, reg, "bastion_queue_depth"); v != total-1 {
+		t.Fatalf("depth = %v, want %d", v, total-1)
+	}
+	q.Close()
+	// Marked delivered, and the damaged bytes are skipped at open
+	// (the messages after them follow in the last segment).
+	q2, _ := open(t, dir, Options{})
+	if d := cmp.Diff(append(slices.Clone(before), rest...), payloads(drain(t, q2))); d != "" {
 		t.Fatalf("after reopen (-want +got):\n%s", d)
 	}
 }
