@@ -28,10 +28,13 @@ type identity struct {
 }
 
 func (i *identity) VerifyCert(raw [][]byte) (string, error) {
-	dev, _, err := i.ca.VerifyDevice(raw)
+	dev, leaf, err := i.ca.VerifyDevice(raw)
 	if err != nil {
 		i.m.authFailures.WithLabelValues("certificate").Inc()
 		return dev, err
+	}
+	if i.pairing != nil {
+		i.pairing.certUsed(dev, leaf)
 	}
 	return dev, nil
 }
