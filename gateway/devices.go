@@ -169,6 +169,8 @@ func (d *Devices) loadRevocations() error {
 	for _, c := range certs {
 		if c.Revoked {
 			d.ca.Revocations().RevokeSerial(c.Serial)
+		} else if !c.RetireAt.IsZero() {
+			d.ca.Revocations().RetireSerial(c.Serial, c.RetireAt)
 		}
 	}
 	return nil

@@ -88,6 +88,8 @@ type Gateway struct {
 	ca       *pki.CA
 	devices  *Devices
 	metrics  *metrics
+	// secrets bounds the argon2id runs of MQTT secret logins (identity.go).
+	secrets  *secretChecker
 	certs    map[string]*pki.ServerCert
 	hub      *hub.Hub
 	coap     *coap.Server
@@ -167,6 +169,7 @@ func New(opts Options) (_ *Gateway, err error) {
 		return nil, err
 	}
 	g.metrics = newMetrics(g.activeDevices)
+	g.secrets = newSecretChecker(secretCheckSlots, secretCheckWait)
 	if err := g.waitForClock(context.Background(), 0); err != nil {
 		return nil, err
 	}
@@ -396,7 +399,7 @@ func (g *Gateway) openListeners(cfg config.Config) error {
 }
 
 func (g *Gateway) identity() *identity {
-	return &identity{ca: g.ca, store: g.store, m: g.metrics, pairing: g.pairing}
+	return &identity{ca: g.ca, store: g.store, m: g.metrics, pairing: g.pairing, secrets: g.secrets, log: g.log}
 }
 
 const metaSetupCode = "console.setup_code_sha256"

@@ -19,6 +19,8 @@ type metrics struct {
 	// subscribed to its offer topic over MQTT) and result (sent, none,
 	// failed).
 	offers *prometheus.CounterVec
+	// renewals counts EST /sren requests by result (renewal.go).
+	renewals *prometheus.CounterVec
 }
 
 func newMetrics(deviceCount func() float64) *metrics {
@@ -45,8 +47,12 @@ func newMetrics(deviceCount func() float64) *metrics {
 			Name: "bastion_firmware_offers_total",
 			Help: "Firmware offers computed for a device, by trigger (change, subscribe) and result (sent, none, failed).",
 		}, []string{"trigger", "result"}),
+		renewals: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "bastion_device_cert_renewals_total",
+			Help: "EST /sren certificate renewals, by result (issued, resent, refused, expired, revoked, superseded, rate_limited, store_failed).",
+		}, []string{"result"}),
 	}
-	reg.MustRegister(m.authFailures, m.reloads, m.devices, m.clockSane, m.offers,
+	reg.MustRegister(m.renewals, m.authFailures, m.reloads, m.devices, m.clockSane, m.offers,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

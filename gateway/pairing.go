@@ -77,6 +77,9 @@ type pairingSvc struct {
 	// idevWindow is when the window was opened in which an IDevID session
 	// was accepted, by session identity.
 	idevWindow map[string]time.Time
+
+	// renew is the state of EST /sren renewals (renewal.go).
+	renew renewals
 }
 
 type pakeRun struct {
@@ -95,6 +98,7 @@ type pendingEnrol struct {
 func (g *Gateway) openPairing(cfg config.Config) error {
 	p := &pairingSvc{g: g, events: make(chan button.Event), vendors: map[string]*x509.CertPool{},
 		pake: map[string]*pakeRun{}, pending: map[string]*pendingEnrol{}, derived: map[string]string{}, idevWindow: map[string]time.Time{}, estChange: make(chan struct{}, 1)}
+	p.renew = renewals{store: g.store, last: map[string]renewal{}, byNew: map[string]string{}}
 	p.estAddr.Store("")
 	clk := g.opts.PairingClock
 	if clk == nil {
@@ -594,13 +598,9 @@ func (p *pairingSvc) EST(ctx context.Context, device string, kind coap.Kind, pee
 				return estRefuse(est.Unauthorized, errors.New("renewal needs the current operational certificate: use the certificate listener"))
 			}
 			r.Peer, r.DeviceID = peer[0], device
+			return p.renewCert(ctx, h, device, r)
 		}
-		resp := h.Handle(ctx, r)
-		if resp.Issued != nil {
-			p.g.store.RecordCert(store.Cert{Serial: pki.Serial(resp.Issued), Device: device, NotAfter: resp.Issued.NotAfter})
-			p.event("device:"+device, "device.renew", device, "serial "+pki.Serial(resp.Issued))
-		}
-		return resp
+		return h.Handle(ctx, r)
 	}
 	// Enrollment (/sen) in a KindEnroll session.
 	en, err := p.beginEnrol(device, peer)

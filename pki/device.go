@@ -120,7 +120,8 @@ var ErrRevoked = errors.New("revoked")
 // VerifyDevice checks a device's certificate chain as presented in a TLS or
 // DTLS handshake: it chains to this CA, is valid now, is for client
 // authentication, names exactly one device, and neither the certificate nor
-// the device is revoked. It returns the device id.
+// the device is revoked, nor the certificate renewed past its grace
+// (Revocations.RetireSerial). It returns the device id.
 func (ca *CA) VerifyDevice(rawCerts [][]byte) (string, *x509.Certificate, error) {
 	if err := ca.clock.Sane(); err != nil {
 		return "", nil, err
@@ -152,7 +153,7 @@ func (ca *CA) VerifyDevice(rawCerts [][]byte) (string, *x509.Certificate, error)
 	if err != nil {
 		return "", nil, err
 	}
-	if ca.revoked.Revoked(id, Serial(leaf)) {
+	if ca.revoked.Revoked(id, Serial(leaf)) || ca.revoked.Retired(Serial(leaf), ca.clock.Now()) {
 		return id, leaf, fmt.Errorf("device %s certificate %s: %w", id, Serial(leaf), ErrRevoked)
 	}
 	return id, leaf, nil

@@ -177,6 +177,9 @@ type Cert struct {
 	Device   string    `json:"device"`
 	NotAfter time.Time `json:"not_after"`
 	Revoked  bool      `json:"revoked,omitempty"`
+	// RetireAt is set when the certificate was renewed: it is refused
+	// from then on.
+	RetireAt time.Time `json:"retire_at,omitzero"`
 }
 
 func put(b *bolt.Bucket, k string, v any) error {
@@ -321,6 +324,26 @@ func (s *Store) Devices() ([]Device, error) {
 // RecordCert remembers a certificate issued to a device.
 func (s *Store) RecordCert(c Cert) error {
 	return s.db.Update(func(tx *bolt.Tx) error { return put(tx.Bucket(bCerts), c.Serial, c) })
+}
+
+// RecordRenewal records, in one transaction, that old was renewed (its
+// RetireAt set) and the certificate that replaces it.
+func (s *Store) RecordRenewal(old, renewed Cert) error {
+	return s.db.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bCerts)
+		var cur Cert
+		if err := get(b, old.Serial, &cur); err == nil {
+			cur.RetireAt = old.RetireAt
+			old = cur
+		}
+		if err := put(b, old.Serial, old); err != nil {
+			return fmt.Errorf("record renewal of %s: %w", old.Serial, err)
+		}
+		if err := put(b, renewed.Serial, renewed); err != nil {
+			return fmt.Errorf("record renewed certificate %s: %w", renewed.Serial, err)
+		}
+		return nil
+	})
 }
 
 // Certs returns every issued certificate's metadata.

@@ -21,6 +21,7 @@ import (
 	"encoding/asn1"
 	"errors"
 	"fmt"
+	"time"
 
 	"golang.org/x/crypto/cryptobyte"
 	cbasn1 "golang.org/x/crypto/cryptobyte/asn1"
@@ -60,6 +61,7 @@ const (
 	MethodNotAllowed    Code = 4<<5 | 5  // 4.05
 	NotAcceptable       Code = 4<<5 | 6  // 4.06
 	EntityTooLarge      Code = 4<<5 | 13 // 4.13
+	TooManyRequests     Code = 4<<5 | 29 // 4.29 (RFC 8516)
 	UnsupportedFormat   Code = 4<<5 | 15 // 4.15
 	InternalServerError Code = 5<<5 | 0  // 5.00
 	ServiceUnavailable  Code = 5<<5 | 3  // 5.03
@@ -112,6 +114,9 @@ type Response struct {
 // Handler answers EST-coaps requests.
 type Handler struct {
 	Issuer Issuer
+	// Now, when set, is the time against which /sren checks that the
+	// presented certificate is still valid (a session may outlive it).
+	Now func() time.Time
 }
 
 func refuse(code Code, err error) Response {
@@ -175,6 +180,12 @@ func (h Handler) enroll(ctx context.Context, r Request) Response {
 			return refuse(Unauthorized, errors.New("est sren: renewal needs the current operational certificate as DTLS client certificate"))
 		}
 		device = r.Peer.Subject.CommonName
+		if h.Now != nil {
+			if now := h.Now(); now.Before(r.Peer.NotBefore) || now.After(r.Peer.NotAfter) {
+				return refuse(Forbidden, fmt.Errorf("est sren %s: certificate valid %s to %s, not now (%s): enroll again in a pairing window",
+					device, r.Peer.NotBefore.UTC().Format(time.RFC3339), r.Peer.NotAfter.UTC().Format(time.RFC3339), now.UTC().Format(time.RFC3339)))
+			}
+		}
 		if r.DeviceID != "" && r.DeviceID != device {
 			return refuse(Forbidden, fmt.Errorf("est sren: session identity %q differs from certificate %q", r.DeviceID, device))
 		}

@@ -347,6 +347,23 @@ func TestSren(t *testing.T) {
 	}
 }
 
+// With a clock, /sren refuses a presenting certificate that expired while
+// its session lasted.
+func TestSrenExpiredPeer(t *testing.T) {
+	ca := newTestCA(t)
+	csr, _ := goCSR(t, &x509.CertificateRequest{Subject: pkix.Name{CommonName: "lamp-1"}})
+	first := Handler{Issuer: ca}.Handle(context.Background(), sen(csr, "lamp-1"))
+	if first.Code != Changed {
+		t.Fatal(first.Err)
+	}
+	later := func() time.Time { return first.Issued.NotAfter.Add(time.Second) }
+	newCSR, _ := goCSR(t, &x509.CertificateRequest{})
+	r := Handler{Issuer: ca, Now: later}.Handle(context.Background(), Request{Method: "POST", Path: PathSren, ContentFormat: FormatPKCS10, Accept: NoFormat, Payload: newCSR, Peer: first.Issued})
+	if r.Code != Forbidden || r.Issued != nil {
+		t.Errorf("sren with an expired certificate = %v %v, want 4.03", r.Code, r.Err)
+	}
+}
+
 func TestCodeString(t *testing.T) {
 	if Changed.String() != "2.04" || UnsupportedFormat.String() != "4.15" || InternalServerError.String() != "5.00" {
 		t.Fatal(Changed.String(), UnsupportedFormat.String(), InternalServerError.String())

@@ -1,0 +1,208 @@
+package gateway
+
+import (
+	"bytes"
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/plgd-dev/go-coap/v3/message/codes"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/bastion-iot/bastion/gateway/store"
+	"github.com/bastion-iot/bastion/internal/devicesim"
+	"github.com/bastion-iot/bastion/pki"
+)
+
+// pairedDevice pairs one certificate device with the setup code.
+func pairedDevice(t *testing.T, g *pgw) devicesim.Creds {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	g.expect(t, "thermo", goodCode)
+	g.press(t, 1500*time.Millisecond)
+	c, err := devicesim.PairCode(ctx, g.g.Addrs()["coaps_psk"], "acme-t1", goodCode, devicesim.PairOptions{})
+	if err != nil {
+		t.Fatalf("pair with the setup code: %v", err)
+	}
+	return c
+}
+
+// sren asks for a certificate for key over a session made with c; it
+// returns the answer's code, and the credentials of the new certificate
+// when one came back.
+func sren(t *testing.T, g *pgw, c devicesim.Creds, key *ecdsa.PrivateKey) (codes.Code, devicesim.Creds) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	co, err := (&devicesim.Device{Creds: c}).DialCoAP(ctx, g.g.Addrs()["coaps"])
+	if err != nil {
+		t.Fatalf("handshake for /sren: %v", err)
+	}
+	defer co.Close()
+	csr, _ := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, key)
+	r, err := co.Do(ctx, codes.POST, "/.well-known/est/sren", csr, 286)
+	if err != nil {
+		t.Fatalf("/sren: %v", err)
+	}
+	if r.Code != codes.Changed {
+		return r.Code, devicesim.Creds{}
+	}
+	cert, err := x509.ParseCertificate(r.Payload)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kb, _ := x509.MarshalECPrivateKey(key)
+	n := c
+	n.CertPEM = string(pki.CertPEM(cert))
+	n.KeyPEM = string(pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kb}))
+	return r.Code, n
+}
+
+func newKey(t *testing.T) *ecdsa.PrivateKey {
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
+func leafOf(t *testing.T, c devicesim.Creds) *x509.Certificate {
+	t.Helper()
+	b, _ := pem.Decode([]byte(c.CertPEM))
+	cert, err := x509.ParseCertificate(b.Bytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cert
+}
+
+// verifyErr is what a handshake with c's certificate meets.
+func verifyErr(g *pgw, t *testing.T, c devicesim.Creds) error {
+	_, err := g.g.identity().VerifyCert([][]byte{leafOf(t, c).Raw})
+	return err
+}
+
+// A renewal retires the certificate it replaces: after the grace, or at
+// once when the new one is first used; the old one cannot renew again
+// (but gets the same answer again for the same key within the grace), and
+// the new one cannot renew again within the hour.
+func TestRenewalRetiresOldCertificate(t *testing.T) {
+	g := startPairing(t, nil)
+	clk := g.g.opts.Clock.(*offsetClock)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	c0 := pairedDevice(t, g)
+
+	k1 := newKey(t)
+	code, c1 := sren(t, g, c0, k1)
+	if code != codes.Changed {
+		t.Fatalf("first /sren = %v, want 2.04", code)
+	}
+	// Within the grace the old certificate still connects; asking again
+	// with the same key gives the same certificate, with another key nothing.
+	if err := verifyErr(g, t, c0); err != nil {
+		t.Errorf("old certificate within the grace: %v, want accepted", err)
+	}
+	if code, again := sren(t, g, c0, k1); code != codes.Changed || leafOf(t, again).SerialNumber.Cmp(leafOf(t, c1).SerialNumber) != 0 {
+		t.Errorf("/sren again from the old certificate with the same key = %v, want 2.04 with the same certificate", code)
+	}
+	if code, _ := sren(t, g, c0, newKey(t)); code != codes.Forbidden {
+		t.Errorf("second /sren from the old certificate with another key = %v, want 4.03", code)
+	}
+	// After the grace the old certificate is refused as revoked, the new one works.
+	clk.off.Add(int64(renewGrace + time.Minute))
+	if err := verifyErr(g, t, c0); !errors.Is(err, pki.ErrRevoked) {
+		t.Errorf("old certificate after the grace: %v, want ErrRevoked", err)
+	}
+	if _, err := (&devicesim.Device{Creds: c0}).DialCoAP(ctx, g.g.Addrs()["coaps"]); err == nil {
+		t.Error("handshake with the old certificate after the grace accepted")
+	}
+	g.waitLog(t, "revoked", c0.ID)
+	// A rapid renewal from the new certificate is refused by the rate limit.
+	if code, _ := sren(t, g, c1, newKey(t)); code != codes.Code(4<<5|29) {
+		t.Errorf("/sren within the hour = %v, want 4.29", code)
+	}
+	if n := testutil.ToFloat64(g.g.metrics.renewals.WithLabelValues("rate_limited")); n != 1 {
+		t.Errorf("renewals{rate_limited} = %v, want 1", n)
+	}
+	// An hour later it may renew; the first handshake with the newest
+	// certificate retires c1 at once, without waiting for the grace.
+	clk.off.Add(int64(renewInterval))
+	code, c2 := sren(t, g, c1, newKey(t))
+	if code != codes.Changed {
+		t.Fatalf("/sren an hour later = %v, want 2.04", code)
+	}
+	if err := verifyErr(g, t, c1); err != nil {
+		t.Errorf("c1 right after its renewal: %v, want accepted (grace)", err)
+	}
+	co, err := (&devicesim.Device{Creds: c2}).DialCoAP(ctx, g.g.Addrs()["coaps"])
+	if err != nil {
+		t.Fatalf("handshake with the renewed certificate: %v", err)
+	}
+	co.Close()
+	if err := verifyErr(g, t, c1); !errors.Is(err, pki.ErrRevoked) {
+		t.Errorf("c1 after c2 was used: %v, want ErrRevoked", err)
+	}
+	// Retirement is persisted with the old certificates' records.
+	certs, _ := g.g.Store().Certs()
+	retired := map[string]bool{}
+	for _, c := range certs {
+		retired[c.Serial] = !c.RetireAt.IsZero()
+	}
+	if !retired[pki.Serial(leafOf(t, c0))] || !retired[pki.Serial(leafOf(t, c1))] || retired[pki.Serial(leafOf(t, c2))] {
+		t.Errorf("certificate records retired = %v, want c0 and c1 only", retired)
+	}
+}
+
+type failingRenewStore struct{}
+
+func (failingRenewStore) RecordRenewal(old, renewed store.Cert) error {
+	return errors.New("disk full")
+}
+
+// A renewal that cannot be recorded is answered 5.00 and retires nothing.
+func TestRenewalNotRecordedIsAnError(t *testing.T) {
+	g := startPairingWith(t, nil, func(g *Gateway) { g.pairing.renew.store = failingRenewStore{} })
+	c0 := pairedDevice(t, g)
+	if code, _ := sren(t, g, c0, newKey(t)); code != codes.InternalServerError {
+		t.Errorf("/sren with a failing store = %v, want 5.00", code)
+	}
+	if n := testutil.ToFloat64(g.g.metrics.renewals.WithLabelValues("store_failed")); n != 1 {
+		t.Errorf("renewals{store_failed} = %v, want 1", n)
+	}
+	clk := g.g.opts.Clock.(*offsetClock)
+	clk.off.Add(int64(renewGrace + time.Minute))
+	if err := verifyErr(g, t, c0); err != nil {
+		t.Errorf("certificate after a failed renewal: %v, want still accepted", err)
+	}
+}
+
+// The retirement is persisted: after a restart past the grace the old
+// certificate is refused, the new one accepted.
+func TestRenewalRetirementSurvivesRestart(t *testing.T) {
+	g := startPairing(t, nil)
+	c0 := pairedDevice(t, g)
+	code, c1 := sren(t, g, c0, newKey(t))
+	if code != codes.Changed {
+		t.Fatalf("/sren = %v, want 2.04", code)
+	}
+	g.running.stop(t)
+	g.running.done <- nil // for the cleanup's stop
+	clk := &offsetClock{}
+	clk.off.Store(int64(renewGrace + time.Minute))
+	r := runGateway(t, Options{Dev: true, StateDir: g.dir, Log: discard, Out: &bytes.Buffer{}, Clock: clk}, 10*time.Second)
+	defer r.stop(t)
+	if _, err := r.g.identity().VerifyCert([][]byte{leafOf(t, c0).Raw}); !errors.Is(err, pki.ErrRevoked) {
+		t.Errorf("old certificate after a restart past the grace: %v, want ErrRevoked", err)
+	}
+	if _, err := r.g.identity().VerifyCert([][]byte{leafOf(t, c1).Raw}); err != nil {
+		t.Errorf("renewed certificate after a restart: %v, want accepted", err)
+	}
+}
