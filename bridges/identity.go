@@ -1,5 +1,7 @@
 package bridges
 
+import "errors"
+
 // Identity is what the transports need from the gateway to know who a
 // device is. The gateway implements it with its CA and store; the
 // transports never look at certificates or keys any other way.
@@ -11,9 +13,15 @@ type Identity interface {
 	// revoked identity is an error.
 	PSK(identity []byte) (device string, key []byte, err error)
 	// CheckSecret verifies an MQTT username (device id) and secret for
-	// devices that cannot do client certificates.
+	// devices that cannot do client certificates. An error that is
+	// ErrBusy says the check was not made (too many at once), not that the
+	// secret is wrong.
 	CheckSecret(device string, secret []byte) error
 	// OnRevoke registers f to be called when a device is revoked, so that
 	// its open sessions are closed. f must not block.
 	OnRevoke(f func(device string))
 }
+
+// ErrBusy is (wrapped in) an Identity's error for a check it did not make
+// because too many were running: the device should try again shortly.
+var ErrBusy = errors.New("busy")

@@ -11,6 +11,7 @@ import (
 
 	"golang.org/x/crypto/argon2"
 
+	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/gateway/store"
 	"github.com/bastion-iot/bastion/pki"
 )
@@ -134,7 +135,7 @@ const (
 )
 
 // ErrSecretCheckBusy is returned when no argon2id slot freed up in time.
-var ErrSecretCheckBusy = errors.New("too many secret logins being checked at once: retry in a few seconds")
+var ErrSecretCheckBusy = fmt.Errorf("too many secret logins being checked at once: retry in a few seconds: %w", bridges.ErrBusy)
 
 // dummySecretHash is checked for ids without secret login, at the cost of
 // a real one.

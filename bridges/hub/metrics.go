@@ -19,6 +19,7 @@ const (
 	ReasonClientID         = "client_id_mismatch"
 	ReasonNoCredentials    = "no_credentials"
 	ReasonBadSecret        = "bad_secret"
+	ReasonBusy             = "busy"
 	ReasonPublishACL       = "publish_outside_namespace"
 	ReasonSubscribeACL     = "subscribe_outside_namespace"
 	ReasonTooLarge         = "payload_too_large"

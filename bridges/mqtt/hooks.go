@@ -55,6 +55,14 @@ func (h *authHook) OnConnectAuthenticate(cl *mochi.Client, pk packets.Packet) bo
 	case h.s.cfg.AllowSecretAuth && len(pk.Connect.Username) > 0:
 		dev = string(pk.Connect.Username)
 		if err := h.s.id.CheckSecret(dev, pk.Connect.Password); err != nil {
+			if errors.Is(err, bridges.ErrBusy) {
+				// Not a wrong secret: "server busy" (3.1.1: server
+				// unavailable) tells the device to try again, where
+				// "bad user name or password" may stop it for good.
+				refuse(hub.ReasonBusy, "secret login not checked: too many at once; the device should retry", "device", dev, "err", err)
+				h.refuseConnect(cl, packets.ErrServerBusy, packets.Err3ServerUnavailable, "busy: retry in a few seconds")
+				return false
+			}
 			reason := hub.ReasonBadSecret
 			if errors.Is(err, pki.ErrRevoked) {
 				reason = hub.ReasonRevoked

@@ -174,3 +174,42 @@ func TestRevokedSessionSendsNoWill(t *testing.T) {
 	default:
 	}
 }
+
+// busyIdentity is an identity whose secret checks are all refused as busy
+// (the gateway's bound on concurrent argon2id checks).
+type busyIdentity struct{ caIdentity }
+
+func (busyIdentity) CheckSecret(string, []byte) error {
+	return fmt.Errorf("too many at once: %w", bridges.ErrBusy)
+}
+
+// TestSecretCheckBusyIsServerBusy: a secret login the identity did not
+// check (too many checks at once) is refused as "server busy" (MQTT 5
+// 0x89; 3.1.1 0x03 server unavailable), which a device retries, not as a
+// bad user name or password, and counted as busy, not bad_secret.
+func TestSecretCheckBusyIsServerBusy(t *testing.T) {
+	for _, tc := range []struct {
+		ver  byte
+		want byte
+	}{{5, packets.ErrServerBusy.Code}, {4, packets.Err3ServerUnavailable.Code}} {
+		t.Run(fmt.Sprintf("v%d", tc.ver), func(t *testing.T) {
+			r := newRigWith(t, queue.Options{}, Config{AllowSecretAuth: true}, func(ca *pki.CA) bridges.Identity {
+				return busyIdentity{caIdentity{ca}}
+			})
+			d := r.dialTLS(t, "devb", tc.ver, false)
+			cp := packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: true, Keepalive: 60, ClientIdentifier: "devb",
+				Username: []byte("devb"), UsernameFlag: true, Password: []byte("s3cret"), PasswordFlag: true}
+			d.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, Connect: cp})
+			pk := d.read(10 * time.Second)
+			if pk.FixedHeader.Type != packets.Connack || pk.ReasonCode != tc.want {
+				t.Fatalf("got packet type %d reason 0x%02x, want CONNACK 0x%02x", pk.FixedHeader.Type, pk.ReasonCode, tc.want)
+			}
+			if got := r.refusals(hub.ReasonBusy); got != 1 {
+				t.Errorf("busy refusals %v, want 1", got)
+			}
+			if got := r.refusals(hub.ReasonBadSecret); got != 0 {
+				t.Errorf("bad_secret refusals %v, want 0", got)
+			}
+		})
+	}
+}

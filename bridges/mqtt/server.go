@@ -288,6 +288,9 @@ func (s *Server) recheck(cl *mochi.Client, pk packets.Packet) (reason string, er
 			if errors.Is(err, pki.ErrRevoked) {
 				return hub.ReasonRevoked, fmt.Errorf("secret: %w", err)
 			}
+			if errors.Is(err, bridges.ErrBusy) {
+				return hub.ReasonBusy, fmt.Errorf("secret: %w", err)
+			}
 			return hub.ReasonBadSecret, fmt.Errorf("secret: %w", err)
 		}
 	}
