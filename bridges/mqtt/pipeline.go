@@ -95,46 +95,16 @@ type pipeConn struct {
 	// (unreserve: refused, withheld). A message settled at once does not
 	// make the ones before it durable: it counts only once every earlier
 	// message has been reported, or its PUBACK could overtake theirs and
-	// acknowledge a message still waiting for its fsync.
+	// acknowledge a message still waiting for its fsync. Until then it is
+	// in ahead (ascending, all above durable+1; nil but after a refusal
+	// behind waiting messages, so an idle session keeps nothing). reg is
+	// the last message registered.
 	durable uint64
-	// waiting holds, in order, the messages registered and not yet
-	// settled (at most maxPipelined: reserve bounds enq-done, and
-	// done <= durable); reg is the last one registered. durable is
-	// waiting's first minus one, or reg when it is empty.
-	waiting ring
+	ahead   []uint64
 	reg     uint64
 	failed  error // the first failure reported; nothing counts after it
 	running bool  // a flusher goroutine is started and not finished
 	ended   bool  // the session ended: no flusher starts any more
-}
-
-// ring is a FIFO of message numbers, bounded by maxPipelined.
-type ring struct {
-	buf     [maxPipelined]uint64
-	head, n int
-}
-
-func (r *ring) push(v uint64) {
-	r.buf[(r.head+r.n)%len(r.buf)] = v
-	r.n++
-}
-
-func (r *ring) popFront() {
-	r.head = (r.head + 1) % len(r.buf)
-	r.n--
-}
-
-func (r *ring) popBack() { r.n-- }
-
-func (r *ring) front() uint64 { return r.buf[r.head] }
-
-// settledLocked recomputes durable after waiting changed. Caller holds nmu.
-func (c *pipeConn) settledLocked() {
-	if c.waiting.n == 0 {
-		c.durable = c.reg
-	} else {
-		c.durable = c.waiting.front() - 1
-	}
 }
 
 // heldRun is a stretch of held bytes written when enq was barrier: they may
@@ -172,7 +142,6 @@ func (c *pipeConn) reserve(device string) error {
 	c.enq++
 	c.nmu.Lock()
 	c.reg = c.enq
-	c.waiting.push(c.enq)
 	c.nmu.Unlock()
 	return nil
 }
@@ -186,19 +155,12 @@ func (c *pipeConn) unreserve() {
 	if c.done == c.enq-1 && len(c.held) == 0 {
 		c.enq--
 		c.nmu.Lock()
-		c.waiting.popBack()
 		c.reg = c.enq
 		c.nmu.Unlock()
 		c.mu.Unlock()
 		return
 	}
 	c.mu.Unlock()
-	// The session's read loop registers and settles its messages one at a
-	// time, so this one is the last registered: out of waiting, it counts
-	// once the messages before it have (settledLocked).
-	c.nmu.Lock()
-	c.waiting.popBack()
-	c.nmu.Unlock()
 	c.settle(nil, false)
 }
 
@@ -206,20 +168,30 @@ func (c *pipeConn) unreserve() {
 // it has not reported yet (the Sink reports in order). It never blocks.
 func (c *pipeConn) reported(err error) { c.settle(err, true) }
 
-// settle records an outcome (sink: the Sink's report for the oldest message
-// in waiting; otherwise a message unreserve has taken out of waiting) and
-// starts the flusher if none runs. It never blocks.
+// settle records an outcome and starts the flusher if none runs. It never
+// blocks. sink: the Sink's report, for message durable+1 (every message
+// up to durable is settled and none in ahead is durable+1, so the oldest
+// the Sink has not reported is that one: the session's read loop settles a
+// message the Sink did not take before it registers the next). Otherwise
+// the message the read loop registered last (reg), settled without the
+// Sink: it counts now if every message before it has, else once they have.
 func (c *pipeConn) settle(err error, sink bool) {
 	c.nmu.Lock()
 	switch {
 	case c.failed != nil:
 	case err != nil:
 		c.failed = err
+	case !sink && c.durable+1 != c.reg:
+		c.ahead = append(c.ahead, c.reg)
 	default:
-		if sink {
-			c.waiting.popFront()
+		c.durable++
+		for len(c.ahead) > 0 && c.ahead[0] == c.durable+1 {
+			c.durable++
+			c.ahead = c.ahead[1:]
 		}
-		c.settledLocked()
+		if len(c.ahead) == 0 {
+			c.ahead = nil
+		}
 	}
 	start := !c.running && !c.ended
 	if start {

@@ -827,3 +827,47 @@ func TestRefusalBehindAnFsyncReleasesNothing(t *testing.T) {
 		})
 	}
 }
+
+// TestSettleOrder drives a session's bookkeeping directly: messages the
+// Sink took (reported later, in order) interleaved with messages settled
+// at once (refused or withheld). durable, the prefix whose PUBACKs may go
+// out, never passes a message the Sink has not reported.
+func TestSettleOrder(t *testing.T) {
+	c := newPipeConn(nil, &tlsListener{})
+	c.flushFn = func() { c.l.wg.Done() } // no connection: count only
+	type step struct {
+		op   string // "sink" (taken by the Sink), "now" (settled at once), "report"
+		want uint64 // durable after the step
+	}
+	steps := []step{
+		{"sink", 0}, {"now", 0}, {"sink", 0}, {"now", 0}, {"now", 0}, // 1 S, 2 now, 3 S, 4-5 now
+		{"report", 2},                        // 1 durable; 2 follows it
+		{"report", 5},                        // 3 durable; 4 and 5 follow
+		{"now", 6},                           // 6: nothing waits before it
+		{"sink", 6}, {"sink", 6}, {"now", 6}, // 7 S, 8 S, 9 now
+		{"report", 7}, {"report", 9},
+	}
+	for i, s := range steps {
+		switch s.op {
+		case "sink", "now":
+			if err := c.reserve("dev"); err != nil {
+				t.Fatal(err)
+			}
+			if s.op == "now" {
+				c.settle(nil, false)
+			}
+		case "report":
+			c.reported(nil)
+		}
+		c.nmu.Lock()
+		got := c.durable
+		c.nmu.Unlock()
+		if got != s.want {
+			t.Fatalf("step %d (%s): durable %d, want %d", i, s.op, got, s.want)
+		}
+		c.mu.Lock()
+		c.done = got // as the flusher would, so reserve has room
+		c.mu.Unlock()
+	}
+	c.l.wg.Wait()
+}
