@@ -97,11 +97,9 @@ type pipeConn struct {
 	// message has been reported, or its PUBACK could overtake theirs and
 	// acknowledge a message still waiting for its fsync. Until then it is
 	// in ahead (ascending, all above durable+1; nil but after a refusal
-	// behind waiting messages, so an idle session keeps nothing). reg is
-	// the last message registered.
+	// behind waiting messages, so an idle session keeps nothing).
 	durable uint64
 	ahead   []uint64
-	reg     uint64
 	failed  error // the first failure reported; nothing counts after it
 	running bool  // a flusher goroutine is started and not finished
 	ended   bool  // the session ended: no flusher starts any more
@@ -140,9 +138,6 @@ func (c *pipeConn) reserve(device string) error {
 	}
 	c.device = device
 	c.enq++
-	c.nmu.Lock()
-	c.reg = c.enq
-	c.nmu.Unlock()
 	return nil
 }
 
@@ -154,35 +149,37 @@ func (c *pipeConn) unreserve() {
 	c.mu.Lock()
 	if c.done == c.enq-1 && len(c.held) == 0 {
 		c.enq--
-		c.nmu.Lock()
-		c.reg = c.enq
-		c.nmu.Unlock()
 		c.mu.Unlock()
 		return
 	}
+	last := c.enq // the session's read loop registers the next only after this
 	c.mu.Unlock()
-	c.settle(nil, false)
+	c.settleNow(last)
 }
 
 // reported is report: the Sink's outcome for the oldest registered message
 // it has not reported yet (the Sink reports in order). It never blocks.
-func (c *pipeConn) reported(err error) { c.settle(err, true) }
+func (c *pipeConn) reported(err error) { c.settle(err, 0) }
+
+// settleNow settles message n, registered last, without the Sink.
+func (c *pipeConn) settleNow(n uint64) { c.settle(nil, n) }
 
 // settle records an outcome and starts the flusher if none runs. It never
-// blocks. sink: the Sink's report, for message durable+1 (every message
-// up to durable is settled and none in ahead is durable+1, so the oldest
-// the Sink has not reported is that one: the session's read loop settles a
-// message the Sink did not take before it registers the next). Otherwise
-// the message the read loop registered last (reg), settled without the
-// Sink: it counts now if every message before it has, else once they have.
-func (c *pipeConn) settle(err error, sink bool) {
+// blocks. now == 0: the Sink's report, for message durable+1 (every
+// message up to durable is settled and none in ahead is durable+1, so the
+// oldest the Sink has not reported is that one: the session's read loop
+// settles a message the Sink did not take before it registers the next).
+// Otherwise message now, the last the read loop registered, settled
+// without the Sink: it counts at once if every message before it has, else
+// once they have.
+func (c *pipeConn) settle(err error, now uint64) {
 	c.nmu.Lock()
 	switch {
 	case c.failed != nil:
 	case err != nil:
 		c.failed = err
-	case !sink && c.durable+1 != c.reg:
-		c.ahead = append(c.ahead, c.reg)
+	case now != 0 && c.durable+1 != now:
+		c.ahead = append(c.ahead, now)
 	default:
 		c.durable++
 		for len(c.ahead) > 0 && c.ahead[0] == c.durable+1 {

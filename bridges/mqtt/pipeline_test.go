@@ -854,7 +854,10 @@ func TestSettleOrder(t *testing.T) {
 				t.Fatal(err)
 			}
 			if s.op == "now" {
-				c.settle(nil, false)
+				c.mu.Lock()
+				n := c.enq
+				c.mu.Unlock()
+				c.settleNow(n)
 			}
 		case "report":
 			c.reported(nil)
