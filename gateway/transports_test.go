@@ -856,31 +856,10 @@ func TestRetainedMessagesSurviveRestart(t *testing.T) {
 // clientHello captures the first flight of a real pion DTLS PSK client.
 func clientHello(t *testing.T) []byte {
 	t.Helper()
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pc.Close()
-	c, err := piondtls.Dial("udp", pc.LocalAddr().(*net.UDPAddr), &piondtls.Config{
+	return firstFlight(t, &piondtls.Config{
 		PSK:             func([]byte) ([]byte, error) { return []byte("0123456789abcdef"), nil },
 		PSKIdentityHint: []byte("x"), CipherSuites: pki.DTLSPSKSuites,
 	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { c.HandshakeContext(ctx); close(done) }()
-	buf := make([]byte, 2048)
-	pc.SetReadDeadline(time.Now().Add(5 * time.Second))
-	n, _, err := pc.ReadFrom(buf)
-	cancel()
-	c.Close()
-	<-done
-	if err != nil {
-		t.Fatal(err)
-	}
-	return buf[:n]
 }
 
 func TestMQTTSecretLoginAndOneSessionPerDevice(t *testing.T) {

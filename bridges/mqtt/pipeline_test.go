@@ -318,6 +318,19 @@ type ack struct {
 	Reason byte
 }
 
+// readUntilClosed reads what the device gets until the connection ends
+// (or 10 s pass with nothing), and the error that ended it.
+func (d *device) readUntilClosed() ([]ack, error) {
+	var got []ack
+	for {
+		pk, err := d.readErr(10 * time.Second)
+		if err != nil {
+			return got, err
+		}
+		got = append(got, ack{pk.FixedHeader.Type, pk.PacketID, pk.ReasonCode})
+	}
+}
+
 func (d *device) readAcks(n int) []ack {
 	d.t.Helper()
 	var got []ack
@@ -458,15 +471,7 @@ func TestFailedFsyncClosesSession(t *testing.T) {
 	waitFor(t, "16 PUBACKs held", func() bool { n, _ := pc.heldPackets(); return n == 16 })
 	hs.release(errors.New("EIO from the test's disk"))
 
-	var got []ack
-	var err error
-	for {
-		var pk packets.Packet
-		if pk, err = d.readErr(10 * time.Second); err != nil {
-			break
-		}
-		got = append(got, ack{pk.FixedHeader.Type, pk.PacketID, pk.ReasonCode})
-	}
+	got, err := d.readUntilClosed()
 	if len(got) != 0 || !(errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) || isReset(err)) {
 		t.Fatalf("after a failed fsync the device saw %v then %v; want nothing, then the connection closed", got, err)
 	}
@@ -801,16 +806,7 @@ func TestRefusalBehindAnFsyncReleasesNothing(t *testing.T) {
 			}
 			if fail {
 				hs.release(errors.New("EIO from the test's disk"))
-				var got []ack
-				var err error
-				for {
-					var pk packets.Packet
-					if pk, err = d.readErr(10 * time.Second); err != nil {
-						break
-					}
-					got = append(got, ack{pk.FixedHeader.Type, pk.PacketID, pk.ReasonCode})
-				}
-				if len(got) != 0 {
+				if got, err := d.readUntilClosed(); len(got) != 0 {
 					t.Fatalf("after the failed fsync the device saw %v; want nothing, then the connection closed (%v)", got, err)
 				}
 				return
