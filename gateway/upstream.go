@@ -13,6 +13,7 @@ import (
 	"github.com/bastion-iot/bastion/bridges/queue"
 	"github.com/bastion-iot/bastion/bridges/upstream"
 	"github.com/bastion-iot/bastion/gateway/config"
+	"github.com/bastion-iot/bastion/gateway/store"
 )
 
 // errNoDownlink is returned for a command that arrives before any device
@@ -34,15 +35,9 @@ func (g *Gateway) openUpstream(cfg config.Config) error {
 	if err != nil {
 		return err
 	}
-	deliver := func(ctx context.Context, m bridges.Message) error {
-		if d := g.downlink.Load(); d != nil {
-			return (*d)(ctx, m)
-		}
-		return errNoDownlink
-	}
 	ucfg := cfg.Upstream.Config
 	ucfg.Forward = g.forwardRules(ucfg) // the console's and the file's
-	g.upstream, err = upstream.New(ucfg, g.queue, deliver, g.log, g.metrics.reg)
+	g.upstream, err = upstream.New(ucfg, g.queue, g.deliverCommand, g.log, g.metrics.reg)
 	if err != nil {
 		return err
 	}
@@ -134,6 +129,33 @@ func errDetail(err error) string {
 	}
 	return " err=" + strconv.Quote(err.Error())
 }
+
+// deliverCommand hands a command from the cloud to the transports, only
+// for a device of this gateway that is not revoked. The cloud names the
+// device in the topic; without the check a command for an id that does
+// not exist, or for a revoked device, would be kept as the device's last
+// command (the hub keeps them for a device that observes later), for as
+// many ids as the cloud sends, and would undo the hub's forgetting of a
+// revoked device. The upstream link counts and logs the refusal.
+func (g *Gateway) deliverCommand(ctx context.Context, m bridges.Message) error {
+	d, err := g.store.Device(m.Device)
+	switch {
+	case errors.Is(err, store.ErrNotFound):
+		return fmt.Errorf("command for device %q: %w", m.Device, errNoSuchDevice)
+	case err != nil:
+		return fmt.Errorf("command for device %q: look up the device: %w", m.Device, err)
+	case d.Revoked:
+		return fmt.Errorf("command for device %q: the device is revoked", m.Device)
+	}
+	if f := g.downlink.Load(); f != nil {
+		return (*f)(ctx, m)
+	}
+	return errNoDownlink
+}
+
+// errNoSuchDevice is returned for a command whose topic names an id that
+// is not a device of this gateway.
+var errNoSuchDevice = errors.New("no such device on this gateway (check the cloud's topic)")
 
 // setDownlink sets where commands from the cloud go (the transports).
 func (g *Gateway) setDownlink(f func(context.Context, bridges.Message) error) {

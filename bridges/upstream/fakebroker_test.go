@@ -42,6 +42,9 @@ type fakeConn struct {
 	pubs chan *packets.Publish   // in the order received
 	subs chan *packets.Subscribe // in the order received
 	done chan struct{}           // closed when the connection ends
+	// connect is the link's CONNECT (set before the connection is handed
+	// to the test).
+	connect *packets.Connect
 }
 
 func startFakeBroker(t *testing.T) *fakeBroker {
@@ -130,6 +133,7 @@ func (c *fakeConn) serve(t *testing.T, conns chan<- *fakeConn) {
 		}
 		switch p := cp.Content.(type) {
 		case *packets.Connect:
+			c.connect = p
 			if c.write(&packets.Connack{Properties: &packets.Properties{}}) != nil {
 				return
 			}
@@ -312,5 +316,19 @@ func TestSubscribeNoLocal(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatalf("the link did not subscribe")
+	}
+}
+
+// TestConnectLimitsCommandSize: the link's CONNECT announces a Maximum
+// Packet Size, so the broker never sends it a command larger than any
+// device transport takes (a command is kept in memory until its device
+// takes it).
+func TestConnectLimitsCommandSize(t *testing.T) {
+	fb := startFakeBroker(t)
+	startLink(t, fb.config(t), t.TempDir())
+	c := fb.next(t)
+	p := c.connect.Properties
+	if p == nil || p.MaximumPacketSize == nil || *p.MaximumPacketSize != maxDownlinkPacket {
+		t.Fatalf("the link's CONNECT properties %+v: want Maximum Packet Size %d", p, maxDownlinkPacket)
 	}
 }

@@ -361,6 +361,11 @@ func (u *Upstream) generation(ctx context.Context, s *snapshot) error {
 		AttemptConnection:             u.dial,
 		ConnectPacketBuilder: func(cp *paho.Connect, _ *url.URL) (*paho.Connect, error) {
 			cp.CleanStart = true
+			if cp.Properties == nil {
+				cp.Properties = &paho.ConnectProperties{}
+			}
+			limit := uint32(maxDownlinkPacket)
+			cp.Properties.MaximumPacketSize = &limit
 			return cp, nil
 		},
 		OnConnectionUp: func(cm *autopaho.ConnectionManager, ca *paho.Connack) {
@@ -981,3 +986,11 @@ func vbiLen(n int) int {
 	}
 	return l
 }
+
+// maxDownlinkPacket is the Maximum Packet Size the link announces in its
+// CONNECT (MQTT v5 §3.1.2.11.4): the broker does not send it a larger
+// PUBLISH. A command is kept in memory as its device's last command until
+// the device takes it, and no device transport takes more than this (the
+// MQTT listener's default packet limit is 64 KiB, a CoAP device's far
+// less), so a larger one could only cost memory.
+const maxDownlinkPacket = 256 << 10
