@@ -33,10 +33,18 @@ type Hub struct {
 	log  *slog.Logger
 	m    *Metrics
 
+	// dmu orders command delivery: a Deliver stores the last command and
+	// calls the observers under it, and ObserveLast registers an observer
+	// and reads the last command under it, so no command falls between a
+	// registration and its first answer, and observers see commands in
+	// the order the last command changed. Lock order: dmu, then a
+	// transport's session lock (inside an observer), then mu; mu is never
+	// held while calling out.
+	dmu     sync.Mutex
 	mu      sync.RWMutex
 	next    uint64
 	obs     map[string]map[uint64]observer // device → observers
-	mirrors map[string]func(bridges.Message)
+	mirrors map[string]func(bridges.Message) bool
 	last    map[string]bridges.Message // topic → last command, bounded per device
 	nLast   map[string]int
 	traffic trafficTable
@@ -61,7 +69,7 @@ func New(sink bridges.Sink, reg prometheus.Registerer, log *slog.Logger) (*Hub, 
 		return nil, err
 	}
 	return &Hub{sink: sink, log: log.With("component", "hub"), m: m,
-		obs: map[string]map[uint64]observer{}, mirrors: map[string]func(bridges.Message){},
+		obs: map[string]map[uint64]observer{}, mirrors: map[string]func(bridges.Message) bool{},
 		last: map[string]bridges.Message{}, nLast: map[string]int{}}, nil
 }
 
@@ -71,8 +79,10 @@ func (h *Hub) Metrics() *Metrics { return h.m }
 // AddMirror registers fn to receive every telemetry message and command
 // that did not originate from the transport named origin (the MQTT broker
 // registers itself so that MQTT subscribers see CoAP telemetry and
-// commands). fn must not block.
-func (h *Hub) AddMirror(origin string, fn func(bridges.Message)) {
+// commands). fn must not block. It reports whether it handed the message
+// to a device's session (an MQTT subscriber of the topic): for a command
+// that is what makes Deliver count it as received.
+func (h *Hub) AddMirror(origin string, fn func(bridges.Message) bool) {
 	h.mu.Lock()
 	h.mirrors[origin] = fn
 	h.mu.Unlock()
@@ -141,18 +151,44 @@ func (h *Hub) telemetry(origin string, m bridges.Message, accept func(bridges.Me
 // Deliver sends a command to a device: m.Topic must be
 // devices/{m.Device}/c/... . It reaches the device's CoAP observers and MQTT
 // subscriptions; a device that is not connected misses it (the last command
-// per topic is kept for a plain CoAP GET). This is the entry point for the
-// gateway itself, the upstream downlink and administrators.
+// per topic is kept for a plain CoAP GET and the next Observe). This is the
+// entry point for the gateway itself, the upstream downlink and
+// administrators. nil means the hub took the command, whether or not a
+// device received it (see DeliverReached, Downlink).
 func (h *Hub) Deliver(ctx context.Context, m bridges.Message) error {
+	_, err := h.DeliverReached(ctx, m)
+	return err
+}
+
+// Downlink is Deliver for callers that count deliveries (the upstream
+// downlink): it returns bridges.ErrNoReceiver when the command was taken
+// and kept but no device session received it.
+func (h *Hub) Downlink(ctx context.Context, m bridges.Message) error {
+	reached, err := h.DeliverReached(ctx, m)
+	if err == nil && !reached {
+		return bridges.ErrNoReceiver
+	}
+	return err
+}
+
+// DeliverReached is Deliver that also reports whether a device session got
+// the command: a CoAP observer of its topic (the notification was handed
+// to the session; CoAP notifications are non-confirmable, so it is never
+// known to have arrived) or an MQTT subscriber. It allocates nothing for
+// up to four observers of the device.
+func (h *Hub) DeliverReached(ctx context.Context, m bridges.Message) (reached bool, err error) {
 	if err := ctx.Err(); err != nil {
-		return err
+		return false, err
 	}
 	if _, ok := CommandPath(m.Device, m.Topic); !ok {
-		return fmt.Errorf("deliver command to %q on %q: the topic must be %sc/<path>", m.Device, m.Topic, bridges.TopicPrefix(m.Device))
+		return false, fmt.Errorf("deliver command to %q on %q: the topic must be %sc/<path>", m.Device, m.Topic, bridges.TopicPrefix(m.Device))
 	}
 	if m.Received.IsZero() {
 		m.Received = time.Now()
 	}
+	var buf [4]func(bridges.Message)
+	fns := buf[:0]
+	h.dmu.Lock()
 	h.mu.Lock()
 	if _, ok := h.last[m.Topic]; ok || h.nLast[m.Device] < maxLastPerDevice {
 		if !ok {
@@ -160,20 +196,23 @@ func (h *Hub) Deliver(ctx context.Context, m bridges.Message) error {
 		}
 		h.last[m.Topic] = m
 	}
-	var fns []func(bridges.Message)
 	for _, o := range h.obs[m.Device] {
 		if topicUnder(m.Topic, o.prefix) {
 			fns = append(fns, o.fn)
 		}
 	}
 	h.mu.Unlock()
+	// Under dmu: an observer registering now either read this command as
+	// the last one or is called here, never neither; and two Delivers
+	// reach an observer in the order they stored the last command.
 	for _, fn := range fns {
 		fn(m)
 	}
+	h.dmu.Unlock()
 	h.traffic.update(m.Device, func(t *Traffic) { t.MessagesOut++; t.BytesOut += uint64(len(m.Payload)) })
 	h.m.Messages.WithLabelValues("gateway", "command").Inc()
-	h.mirror("", m)
-	return nil
+	mirrored := h.mirror("", m)
+	return len(fns) > 0 || mirrored, nil
 }
 
 // LastCommand returns the last command delivered on topic, if any.
@@ -188,6 +227,18 @@ func (h *Hub) LastCommand(topic string) (bridges.Message, bool) {
 // below it. fn runs on the delivering goroutine and must not block. The
 // returned function cancels the registration.
 func (h *Hub) Observe(device, topic string, fn func(bridges.Message)) (cancel func()) {
+	return h.ObserveLast(device, topic, fn, nil)
+}
+
+// ObserveLast is Observe that also reads the last command on topic
+// atomically with the registration: first (if not nil) gets it (ok false:
+// none) before ObserveLast returns, and every command delivered after that
+// one reaches fn, only after first has returned. So a device that starts
+// observing gets each command exactly once, either in its registration
+// answer or as a notification. first must not block and must not call
+// the hub.
+func (h *Hub) ObserveLast(device, topic string, fn func(bridges.Message), first func(last bridges.Message, ok bool)) (cancel func()) {
+	h.dmu.Lock()
 	h.mu.Lock()
 	h.next++
 	id := h.next
@@ -195,7 +246,12 @@ func (h *Hub) Observe(device, topic string, fn func(bridges.Message)) (cancel fu
 		h.obs[device] = map[uint64]observer{}
 	}
 	h.obs[device][id] = observer{prefix: topic, fn: fn}
+	last, ok := h.last[topic]
 	h.mu.Unlock()
+	if first != nil {
+		first(last, ok)
+	}
+	h.dmu.Unlock()
 	h.m.Observers.Inc()
 	var once sync.Once
 	return func() {
@@ -224,9 +280,11 @@ func (h *Hub) Forget(device string) {
 	h.forgetTraffic(device)
 }
 
-func (h *Hub) mirror(origin string, m bridges.Message) {
+// mirror hands m to the mirrors of every origin but origin and reports
+// whether one handed it to a device's session.
+func (h *Hub) mirror(origin string, m bridges.Message) (reached bool) {
 	h.mu.RLock()
-	var fns []func(bridges.Message)
+	var fns []func(bridges.Message) bool
 	for name, fn := range h.mirrors {
 		if name != origin {
 			fns = append(fns, fn)
@@ -234,8 +292,11 @@ func (h *Hub) mirror(origin string, m bridges.Message) {
 	}
 	h.mu.RUnlock()
 	for _, fn := range fns {
-		fn(m)
+		if fn(m) {
+			reached = true
+		}
 	}
+	return reached
 }
 
 // topicUnder reports whether topic is prefix or a topic below it.
