@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -45,9 +46,19 @@ type Hub struct {
 	next    uint64
 	obs     map[string]map[uint64]observer // device → observers
 	mirrors map[string]func(bridges.Message) bool
-	last    map[string]bridges.Message // topic → last command, bounded per device
+	last    map[string]bridges.Message // topic → last command, bounded per device and in bytes
 	nLast   map[string]int
-	traffic trafficTable
+	// lastBytes is what last holds (lastSize of each entry), at most
+	// maxLastBytes; fullLogged: the refusal was logged since the last
+	// command that was kept.
+	lastBytes  int
+	fullLogged bool
+	// forgotten: devices Forget dropped (revoked), at most maxForgotten;
+	// a Deliver for one keeps nothing (no last command, no traffic row),
+	// until the device proves itself again (telemetry, an observer).
+	forgotten  map[string]struct{}
+	nForgotten atomic.Int32
+	traffic    trafficTable
 }
 
 type observer struct {
@@ -57,6 +68,76 @@ type observer struct {
 
 // maxLastPerDevice bounds the commands kept for plain (non-observe) GETs.
 const maxLastPerDevice = 16
+
+// maxLastBytes bounds the memory of the last commands kept over all
+// devices (topic, payload and lastOverhead per entry): 4 MiB, about 16
+// commands of 256 bytes for each of 1000 devices. A command that would go
+// beyond it, or beyond maxLastPerDevice topics of its device, is not kept
+// (counted refusals{transport="gateway",reason="commands_full"}, logged
+// once until a command is kept again) and a command kept before on its
+// topic is dropped, so a plain GET never returns a stale one; commands
+// already kept for other devices are never evicted for it. It is still
+// delivered to the device's sessions; with none, Deliver returns
+// ErrCommandsFull.
+const maxLastBytes = 4 << 20
+
+// lastOverhead approximates a kept command's memory besides its topic and
+// payload (map entry, Message, string headers).
+const lastOverhead = 160
+
+// maxForgotten bounds the devices remembered as forgotten.
+const maxForgotten = 4096
+
+// ErrCommandsFull: a command no device session received and that the hub
+// could not keep (maxLastBytes, maxLastPerDevice): it is lost.
+var ErrCommandsFull = errors.New("command neither received by a device session nor kept: the store of last commands is full")
+
+func lastSize(m bridges.Message) int { return len(m.Topic) + len(m.Payload) + lastOverhead }
+
+// keep stores m as its topic's last command, within the bounds; h.mu is
+// held. It reports whether m was kept, and for a refusal whether the
+// device is forgotten (nothing kept, nothing counted).
+func (h *Hub) keep(m bridges.Message) (kept, forgotten bool) {
+	if _, ok := h.forgotten[m.Device]; ok {
+		return false, true
+	}
+	old, had := h.last[m.Topic]
+	oldSize := 0
+	if had {
+		oldSize = lastSize(old)
+	}
+	if (!had && h.nLast[m.Device] >= maxLastPerDevice) || h.lastBytes-oldSize+lastSize(m) > maxLastBytes {
+		if had {
+			delete(h.last, m.Topic)
+			h.lastBytes -= oldSize
+			if h.nLast[m.Device]--; h.nLast[m.Device] <= 0 {
+				delete(h.nLast, m.Device)
+			}
+		}
+		return false, false
+	}
+	if !had {
+		h.nLast[m.Device]++
+	}
+	h.last[m.Topic] = m
+	h.lastBytes += lastSize(m) - oldSize
+	return true, false
+}
+
+// remember ends device's forgotten state: it proved itself again (a
+// session of it sent telemetry or registered an observer), so it was
+// enrolled again after a revocation.
+func (h *Hub) remember(device string) {
+	if h.nForgotten.Load() == 0 {
+		return
+	}
+	h.mu.Lock()
+	if _, ok := h.forgotten[device]; ok {
+		delete(h.forgotten, device)
+		h.nForgotten.Add(-1)
+	}
+	h.mu.Unlock()
+}
 
 // New returns a hub that hands telemetry to sink. reg receives the transport
 // metrics (shared by both transports).
@@ -70,7 +151,7 @@ func New(sink bridges.Sink, reg prometheus.Registerer, log *slog.Logger) (*Hub, 
 	}
 	return &Hub{sink: sink, log: log.With("component", "hub"), m: m,
 		obs: map[string]map[uint64]observer{}, mirrors: map[string]func(bridges.Message) bool{},
-		last: map[string]bridges.Message{}, nLast: map[string]int{}}, nil
+		last: map[string]bridges.Message{}, nLast: map[string]int{}, forgotten: map[string]struct{}{}}, nil
 }
 
 // Metrics returns the transport metrics the hub registered.
@@ -138,6 +219,7 @@ func (h *Hub) telemetry(origin string, m bridges.Message, accept func(bridges.Me
 		h.traffic.update(m.Device, func(t *Traffic) { t.Refused++ })
 		return fmt.Errorf("accept telemetry from %s on %s: %w", m.Device, m.Topic, err)
 	}
+	h.remember(m.Device)
 	h.traffic.update(m.Device, func(t *Traffic) {
 		t.MessagesIn++
 		t.BytesIn += uint64(len(m.Payload))
@@ -190,12 +272,14 @@ func (h *Hub) DeliverReached(ctx context.Context, m bridges.Message) (reached bo
 	fns := buf[:0]
 	h.dmu.Lock()
 	h.mu.Lock()
-	if _, ok := h.last[m.Topic]; ok || h.nLast[m.Device] < maxLastPerDevice {
-		if !ok {
-			h.nLast[m.Device]++
-		}
-		h.last[m.Topic] = m
+	kept, forgotten := h.keep(m)
+	logFull := false
+	if kept {
+		h.fullLogged = false
+	} else if !forgotten && !h.fullLogged {
+		h.fullLogged, logFull = true, true
 	}
+	lastBytes := h.lastBytes
 	for _, o := range h.obs[m.Device] {
 		if topicUnder(m.Topic, o.prefix) {
 			fns = append(fns, o.fn)
@@ -209,10 +293,29 @@ func (h *Hub) DeliverReached(ctx context.Context, m bridges.Message) (reached bo
 		fn(m)
 	}
 	h.dmu.Unlock()
-	h.traffic.update(m.Device, func(t *Traffic) { t.MessagesOut++; t.BytesOut += uint64(len(m.Payload)) })
 	h.m.Messages.WithLabelValues("gateway", "command").Inc()
-	mirrored := h.mirror("", m)
-	return len(fns) > 0 || mirrored, nil
+	reached = h.mirror("", m) || len(fns) > 0
+	if !kept && !forgotten {
+		h.m.Refused.WithLabelValues("gateway", ReasonCommandsFull).Inc()
+		if logFull {
+			h.log.Warn("hub: command not kept for the device's next GET: last-command store full (logged once until one is kept again)",
+				"device", m.Device, "topic", m.Topic, "kept_bytes", lastBytes, "limit_bytes", maxLastBytes, "per_device", maxLastPerDevice, "received", reached)
+		}
+	}
+	count := func(t *Traffic) { t.MessagesOut++; t.BytesOut += uint64(len(m.Payload)) }
+	switch {
+	case forgotten:
+	case reached:
+		h.traffic.update(m.Device, count)
+	default:
+		// A command no session got makes no traffic row: the cloud may
+		// name device ids the gateway has never seen.
+		h.traffic.updateExisting(m.Device, count)
+		if !kept {
+			return false, fmt.Errorf("deliver command to %s on %s: %w", m.Device, m.Topic, ErrCommandsFull)
+		}
+	}
+	return reached, nil
 }
 
 // LastCommand returns the last command delivered on topic, if any.
@@ -238,6 +341,7 @@ func (h *Hub) Observe(device, topic string, fn func(bridges.Message)) (cancel fu
 // answer or as a notification. first must not block and must not call
 // the hub.
 func (h *Hub) ObserveLast(device, topic string, fn func(bridges.Message), first func(last bridges.Message, ok bool)) (cancel func()) {
+	h.remember(device)
 	h.dmu.Lock()
 	h.mu.Lock()
 	h.next++
@@ -267,16 +371,28 @@ func (h *Hub) ObserveLast(device, topic string, fn func(bridges.Message), first 
 	}
 }
 
-// Forget drops what the hub keeps for a device (a revoked device).
+// Forget drops what the hub keeps for a device (a revoked device), and
+// keeps nothing for it again (a later Deliver still reaches its sessions,
+// if any, but stores no last command and no traffic row) until a session
+// of the device sends telemetry or observes: it was enrolled again.
 func (h *Hub) Forget(device string) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	for t := range h.last {
+	for t, m := range h.last {
 		if strings.HasPrefix(t, bridges.TopicPrefix(device)) {
 			delete(h.last, t)
+			h.lastBytes -= lastSize(m)
 		}
 	}
 	delete(h.nLast, device)
+	if _, ok := h.forgotten[device]; !ok {
+		if len(h.forgotten) >= maxForgotten {
+			clear(h.forgotten) // bounded; what they may then keep is bounded by maxLastBytes
+			h.nForgotten.Store(0)
+		}
+		h.forgotten[device] = struct{}{}
+		h.nForgotten.Add(1)
+	}
 	h.forgetTraffic(device)
 }
 
