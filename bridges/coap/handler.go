@@ -402,7 +402,7 @@ const maxHeld = 16
 func (se *session) observe(s *Server, token message.Token, topic string) (seq uint32, last bridges.Message, ok bool, release func()) {
 	key := string(token)
 	o := &observation{tok: append(message.Token(nil), token...), held: true}
-	cancel := s.hub.ObserveLast(se.device, topic, func(m bridges.Message) { se.notify(s, o, m) }, func(l bridges.Message, found bool) {
+	cancel := s.hub.ObserveLast(se.device, topic, func(m bridges.Message) bool { return se.notify(s, o, m) }, func(l bridges.Message, found bool) {
 		last, ok = l, found
 		se.mu.Lock()
 		se.seq++
@@ -466,16 +466,32 @@ func (se *session) release(s *Server, o *observation) {
 	}
 }
 
+// maxNotifyPayload is the largest command sent as a notification: one
+// datagram, the size of the Block2 blocks answers are cut into (otacache's
+// default, 1024). A notification carrying only a first block (RFC 7959
+// §2.6) would make the device GET the rest from the observed resource,
+// which holds the last command of that exact topic, not of the topic below
+// it that the command may be on, and may have changed between blocks.
+const maxNotifyPayload = 1024
+
 // notify sends a command as a non-confirmable notification (RFC 7641 §4.5
 // allows it; a confirmable one would block the delivering goroutine until
 // the device acknowledges). The device can GET the last command again.
 // It runs under the hub's delivery lock (hub.Deliver), so notifications
-// follow the order in which the last command changed.
-func (se *session) notify(s *Server, o *observation, c bridges.Message) {
+// follow the order in which the last command changed. It reports whether
+// the session took the command: a command larger than maxNotifyPayload is
+// refused (counted reason="payload_too_large", logged); the device can
+// still GET it from its exact topic, Block2 as any answer.
+func (se *session) notify(s *Server, o *observation, c bridges.Message) bool {
+	if len(c.Payload) > maxNotifyPayload {
+		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonTooLarge).Inc()
+		s.log.Warn("coap: command not notified: larger than one notification; the device can GET it", "device", se.device, "topic", c.Topic, "size", len(c.Payload), "limit", maxNotifyPayload)
+		return false
+	}
 	se.mu.Lock()
 	defer se.mu.Unlock()
 	if o.gone || se.closed {
-		return
+		return false
 	}
 	if o.held {
 		if len(o.queue) >= maxHeld {
@@ -483,9 +499,10 @@ func (se *session) notify(s *Server, o *observation, c bridges.Message) {
 			o.queue = o.queue[1:]
 		}
 		o.queue = append(o.queue, c)
-		return
+		return true
 	}
 	se.send(s, o.tok, c)
+	return true
 }
 
 // send numbers and writes one notification; se.mu is held, across both,

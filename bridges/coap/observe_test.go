@@ -3,10 +3,12 @@ package coap_test
 import (
 	"context"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -16,6 +18,7 @@ import (
 	"github.com/plgd-dev/go-coap/v3/message/pool"
 	"github.com/plgd-dev/go-coap/v3/udp/coder"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/bridges/coap"
@@ -243,4 +246,35 @@ func TestObserveNumbersNeverGoBackwards(t *testing.T) {
 		t.Fatalf("only %d of %d notifications arrived", got, 2*per)
 	}
 	t.Logf("%d of %d notifications arrived, Observe numbers increasing", got, 2*per)
+}
+
+// A command larger than one notification (1024 bytes, the Block2 size of
+// answers) is not notified: the hub hears the observer did not take it
+// (Downlink: bridges.ErrNoReceiver), it is counted payload_too_large, and
+// the next command that fits is notified whole. Before, the whole payload
+// went out in one datagram, whatever its size. Mutation that fails it: the
+// size check in session.notify removed (the 2000-byte command is notified
+// and counted as received).
+func TestObserveOversizeCommandRefused(t *testing.T) {
+	h, dev, addr := startObserveServer(t, nil)
+	d := dialRaw(t, dev, addr)
+	d.sendObserve(1, "/c/x")
+	if ans := d.nextObserved(); ans.typ != message.Acknowledgement || ans.seq < 0 {
+		t.Fatalf("registration answer: %v", ans)
+	}
+	ctx := context.Background()
+	big := bridges.Message{Device: "dev-psk", Topic: "devices/dev-psk/c/x", Payload: []byte(strings.Repeat("b", 2000))}
+	if err := h.Downlink(ctx, big); !errors.Is(err, bridges.ErrNoReceiver) {
+		t.Fatalf("Downlink of 2000 bytes to a CoAP observer: %v, want ErrNoReceiver", err)
+	}
+	if got := testutil.ToFloat64(h.Metrics().Refused.WithLabelValues(hub.CoAP, hub.ReasonTooLarge)); got != 1 {
+		t.Errorf("refusals payload_too_large = %v, want 1", got)
+	}
+	fits := bridges.Message{Device: "dev-psk", Topic: "devices/dev-psk/c/x", Payload: []byte(strings.Repeat("f", 1024))}
+	if err := h.Downlink(ctx, fits); err != nil {
+		t.Fatalf("Downlink of 1024 bytes: %v", err)
+	}
+	if n := d.nextObserved(); n.typ != message.NonConfirmable || n.payload != string(fits.Payload) {
+		t.Fatalf("next datagram: %v (%d bytes); want the 1024-byte command", n.typ, len(n.payload))
+	}
 }

@@ -63,7 +63,7 @@ type Hub struct {
 
 type observer struct {
 	prefix string // full topic the observer asked for
-	fn     func(bridges.Message)
+	fn     func(bridges.Message) bool // reports whether it took the command
 }
 
 // maxLastPerDevice bounds the commands kept for plain (non-observe) GETs.
@@ -268,7 +268,7 @@ func (h *Hub) DeliverReached(ctx context.Context, m bridges.Message) (reached bo
 	if m.Received.IsZero() {
 		m.Received = time.Now()
 	}
-	var buf [4]func(bridges.Message)
+	var buf [4]func(bridges.Message) bool
 	fns := buf[:0]
 	h.dmu.Lock()
 	h.mu.Lock()
@@ -289,12 +289,15 @@ func (h *Hub) DeliverReached(ctx context.Context, m bridges.Message) (reached bo
 	// Under dmu: an observer registering now either read this command as
 	// the last one or is called here, never neither; and two Delivers
 	// reach an observer in the order they stored the last command.
+	observed := false
 	for _, fn := range fns {
-		fn(m)
+		if fn(m) {
+			observed = true
+		}
 	}
 	h.dmu.Unlock()
 	h.m.Messages.WithLabelValues("gateway", "command").Inc()
-	reached = h.mirror("", m) || len(fns) > 0
+	reached = h.mirror("", m) || observed
 	if !kept && !forgotten {
 		h.m.Refused.WithLabelValues("gateway", ReasonCommandsFull).Inc()
 		if logFull {
@@ -330,7 +333,7 @@ func (h *Hub) LastCommand(topic string) (bridges.Message, bool) {
 // below it. fn runs on the delivering goroutine and must not block. The
 // returned function cancels the registration.
 func (h *Hub) Observe(device, topic string, fn func(bridges.Message)) (cancel func()) {
-	return h.ObserveLast(device, topic, fn, nil)
+	return h.ObserveLast(device, topic, func(m bridges.Message) bool { fn(m); return true }, nil)
 }
 
 // ObserveLast is Observe that also reads the last command on topic
@@ -339,8 +342,10 @@ func (h *Hub) Observe(device, topic string, fn func(bridges.Message)) (cancel fu
 // one reaches fn, only after first has returned. So a device that starts
 // observing gets each command exactly once, either in its registration
 // answer or as a notification. first must not block and must not call
-// the hub.
-func (h *Hub) ObserveLast(device, topic string, fn func(bridges.Message), first func(last bridges.Message, ok bool)) (cancel func()) {
+// the hub. fn reports whether it took the command (a CoAP observer
+// refuses one too large for a notification); DeliverReached counts only
+// those that did.
+func (h *Hub) ObserveLast(device, topic string, fn func(bridges.Message) bool, first func(last bridges.Message, ok bool)) (cancel func()) {
 	h.remember(device)
 	h.dmu.Lock()
 	h.mu.Lock()
