@@ -62,7 +62,7 @@ type Hub struct {
 }
 
 type observer struct {
-	prefix string // full topic the observer asked for
+	prefix string                     // full topic the observer asked for
 	fn     func(bridges.Message) bool // reports whether it took the command
 }
 
