@@ -85,5 +85,12 @@ func AcceptNotify(ctx context.Context, s Sink, m Message, done func(error)) (pen
 // CoAP 5.03 with Max-Age) instead of dropping it.
 var ErrQueueFull = errors.New("message queue full: the upstream link is down or slow; retry later")
 
+// ErrNoReceiver is returned for a command the gateway took and kept (as
+// its topic's last command, for the device's next CoAP GET or Observe)
+// that no device session received: the device has no CoAP observer and no
+// MQTT subscription on that topic right now. A caller that counts
+// deliveries counts it apart from both "delivered" and "refused".
+var ErrNoReceiver = errors.New("command kept, but no device session is observing or subscribed to its topic")
+
 // TopicPrefix is the namespace a device may publish and subscribe in.
 func TopicPrefix(device string) string { return "devices/" + device + "/" }

@@ -290,9 +290,10 @@ func (g *Gateway) sendOffer(ctx context.Context, device, trigger string) {
 
 // firmwareStatusMirror takes a status report a device published on its
 // own devices/{id}/s/fw; m.Device is the identity the transport proved.
-func (g *Gateway) firmwareStatusMirror(m bridges.Message) {
+// It is no device's session: it never reports a command as received.
+func (g *Gateway) firmwareStatusMirror(m bridges.Message) bool {
 	if m.Device == "" || m.Topic != statusTopic(m.Device) {
-		return
+		return false
 	}
 	st, err := otacache.ParseStatusReport(m.Payload)
 	if err == nil {
@@ -301,6 +302,7 @@ func (g *Gateway) firmwareStatusMirror(m bridges.Message) {
 	if err != nil {
 		g.log.Info("firmware: mqtt status report refused", "device", m.Device, "err", err)
 	}
+	return false
 }
 
 // Firmware returns the firmware cache, or nil when firmware.enabled is false.

@@ -337,7 +337,7 @@ func (g *Gateway) openListeners(cfg config.Config) error {
 	}
 	g.startOptOuts()
 	// Commands from the cloud reach devices on whichever transport they use.
-	g.setDownlink(g.hub.Deliver)
+	g.setDownlink(g.hub.Downlink) // bridges.ErrNoReceiver: kept, no device session got it
 	if cfg.CoAP.Enabled {
 		sc, err := cert("coap", cfg.CoAP.Listen)
 		if err != nil {

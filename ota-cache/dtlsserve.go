@@ -398,6 +398,22 @@ type DTLSResponseWriter struct {
 	req      *pool.Message
 	extra    []message.Option
 	deferred *DTLSDeferred
+	after    func()
+}
+
+// AfterAnswer registers f to run once the answer has been sent (or was
+// not: No-Response, an answer that cannot be encoded), on the goroutine
+// that sent it, before the writer is released. An Observe registration
+// uses it to hold its notifications until the registration answer is on
+// the wire. Call it from the handler, at most once.
+func (w *DTLSResponseWriter) AfterAnswer(f func()) { w.after = f }
+
+// answered runs the AfterAnswer function, if any.
+func (w *DTLSResponseWriter) answered() {
+	if f := w.after; f != nil {
+		w.after = nil
+		f()
+	}
 }
 
 // Defer tells the server that the handler answers later, from another
@@ -472,6 +488,7 @@ func (d *DTLSDeferred) complete() {
 	w := d.w
 	c := w.conn
 	c.finish(w.req, w, w.extra, time.Now())
+	w.answered()
 	// Sent and stored, or nothing to store (No-Response, an answer that
 	// could not be encoded): no longer pending either way.
 	c.cacheMu.Lock()
@@ -763,6 +780,7 @@ func (c *DTLSConn) handleDatagram(data []byte, now time.Time) {
 		return
 	}
 	c.finish(req, w, block1, now)
+	w.answered()
 }
 
 // unrecognisedCritical appends to bad, once each in option order, the

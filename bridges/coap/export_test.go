@@ -6,3 +6,13 @@ import "time"
 // acceptTimeout constant otherwise), for tests of the deadline; call it
 // before Run.
 func SetAcceptTimeout(s *Server, d time.Duration) { s.deadline.Timeout = d }
+
+// Observe registration stages for SetObserveHook.
+const (
+	HookRouted     = hookRouted
+	HookRegistered = hookRegistered
+)
+
+// SetObserveHook has f run on the handler's goroutine at each stage of a
+// GET /c Observe registration; call it before Run.
+func SetObserveHook(s *Server, f func(stage int)) { s.observeHook = f }

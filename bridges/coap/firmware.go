@@ -125,22 +125,30 @@ func (s *Server) serveOffer(w *otacache.DTLSResponseWriter, m *pool.Message, se 
 		_ = w.SetResponse(codes.MethodNotAllowed, message.TextPlain, strings.NewReader("/fw/offer allows GET (with Observe)"))
 		return
 	}
-	var body []byte
-	if o, ok := s.cfg.Firmware.Offer(se.device); ok {
-		body, _ = json.Marshal(o)
-	}
 	var opts []message.Option
+	var release func()
 	if obs, err := m.Observe(); err == nil {
 		switch obs {
 		case 0:
-			seq := se.observe(s, m.Token(), OfferTopic(se.device))
+			// Registered before the offer is read: an offer announced
+			// meanwhile is in the answer or notified after it (perhaps
+			// both), never in neither.
+			seq, _, _, rel := se.observe(s, m.Token(), OfferTopic(se.device))
+			release = rel
 			opts = append(opts, message.Option{ID: message.Observe, Value: encodeUint(seq)})
 		case 1:
 			se.unobserve(m.Token())
 		}
 	}
+	var body []byte
+	if o, ok := s.cfg.Firmware.Offer(se.device); ok {
+		body, _ = json.Marshal(o)
+	}
 	if err := w.SetResponse(codes.Content, message.AppJSON, bytes.NewReader(body), opts...); err != nil {
 		s.log.Debug("coap: offer response not set", "device", se.device, "err", err)
+	}
+	if release != nil {
+		afterAnswer(w, release)
 	}
 }
 

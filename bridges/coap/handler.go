@@ -200,7 +200,10 @@ func (s *Server) command(device, path string, r request) response {
 	res := response{code: codes.Content, format: message.AppOctets, topic: topic}
 	switch r.observe {
 	case 0:
+		// The last command is read in answer, atomically with the
+		// registration (session.observe).
 		res.observe = obsRegister
+		return res
 	case 1:
 		res.observe = obsDeregister
 	}
@@ -306,6 +309,9 @@ func (s *Server) serveSession(w *otacache.DTLSResponseWriter, m *pool.Message, s
 		res.wait.handOver(w, m, se)
 		return
 	}
+	if res.observe == obsRegister && s.observeHook != nil {
+		s.observeHook(hookRouted)
+	}
 	s.answer(w, m, se, res)
 }
 
@@ -318,9 +324,17 @@ func (s *Server) answer(w responseSetter, m *pool.Message, se *session, res resp
 	if res.size1 > 0 {
 		opts = append(opts, message.Option{ID: message.Size1, Value: encodeUint(res.size1)})
 	}
+	var release func()
 	switch res.observe {
 	case obsRegister:
-		seq := se.observe(s, m.Token(), res.topic)
+		seq, last, ok, rel := se.observe(s, m.Token(), res.topic)
+		release = rel
+		if s.observeHook != nil {
+			s.observeHook(hookRegistered)
+		}
+		if ok {
+			res.body = last.Payload
+		}
 		opts = append(opts, message.Option{ID: message.Observe, Value: encodeUint(seq)})
 	case obsDeregister:
 		se.unobserve(m.Token())
@@ -332,6 +346,26 @@ func (s *Server) answer(w responseSetter, m *pool.Message, se *session, res resp
 	if err := w.SetResponse(res.code, res.format, body, opts...); err != nil {
 		s.log.Debug("coap: response not set", "device", se.device, "err", err)
 	}
+	if release != nil {
+		afterAnswer(w, release)
+	}
+}
+
+// Stages of an Observe registration at which tests' observeHook runs.
+const (
+	hookRouted     = iota // route decided, nothing registered yet
+	hookRegistered        // registered, answer not yet written
+)
+
+// afterAnswer runs f once w's answer has been written: from otacache
+// after it sent the answer (DTLSResponseWriter.AfterAnswer), or at once
+// for a writer that has no such hook (tests' writers).
+func afterAnswer(w responseSetter, f func()) {
+	if aw, ok := w.(interface{ AfterAnswer(func()) }); ok {
+		aw.AfterAnswer(f)
+		return
+	}
+	f()
 }
 
 func encodeUint(v uint32) []byte {
@@ -340,46 +374,143 @@ func encodeUint(v uint32) []byte {
 	return b[:n]
 }
 
-// observe registers the token for commands on topic and returns the
-// Observe sequence number of the first response.
-func (se *session) observe(s *Server, token message.Token, topic string) uint32 {
+// observation is one Observe registration of a session (its token).
+// Guarded by the session's mu.
+type observation struct {
+	tok    message.Token
+	cancel func()
+	// held: the registration answer has not been written yet; commands
+	// for the token wait in queue (at most maxHeld) so that no
+	// notification overtakes it.
+	held  bool
+	queue []bridges.Message
+	gone  bool // deregistered, replaced or the session closed
+}
+
+// maxHeld bounds the commands held for one registration while its answer
+// is being written (microseconds: the answer goes out right after the
+// handler returns). Beyond it the oldest is dropped, logged.
+const maxHeld = 16
+
+// observe registers the token for commands on topic. The topic's last
+// command (for the registration answer) is read atomically with the
+// registration, and the answer's Observe number is taken in the same
+// critical section (hub.ObserveLast), so a command delivered meanwhile is
+// either in the answer or notified after it with a higher number. The
+// token's notifications are held until release is called, once the
+// answer is on the wire (afterAnswer).
+func (se *session) observe(s *Server, token message.Token, topic string) (seq uint32, last bridges.Message, ok bool, release func()) {
 	key := string(token)
-	tok := append(message.Token(nil), token...)
-	cancel := s.hub.Observe(se.device, topic, func(m bridges.Message) { se.notify(s, tok, m) })
+	o := &observation{tok: append(message.Token(nil), token...), held: true}
+	cancel := s.hub.ObserveLast(se.device, topic, func(m bridges.Message) bool { return se.notify(s, o, m) }, func(l bridges.Message, found bool) {
+		last, ok = l, found
+		se.mu.Lock()
+		se.seq++
+		seq = se.seq & 0xffffff
+		se.mu.Unlock()
+	})
+	release = func() { se.release(s, o) }
 	se.mu.Lock()
 	defer se.mu.Unlock()
+	o.cancel = cancel
 	if se.closed {
+		o.gone = true
 		cancel()
-		return 0
+		return seq, last, ok, release
 	}
-	if se.cancel == nil {
-		se.cancel = map[string]func(){}
+	if se.obs == nil {
+		se.obs = map[string]*observation{}
 	}
-	if old, ok := se.cancel[key]; ok {
-		old()
+	if old, found := se.obs[key]; found {
+		old.gone = true
+		old.cancel()
 	}
-	se.cancel[key] = cancel
-	se.seq++
-	return se.seq & 0xffffff
+	se.obs[key] = o
+	return seq, last, ok, release
 }
 
 func (se *session) unobserve(token message.Token) {
 	se.mu.Lock()
 	defer se.mu.Unlock()
-	if c, ok := se.cancel[string(token)]; ok {
-		c()
-		delete(se.cancel, string(token))
+	if o, ok := se.obs[string(token)]; ok {
+		o.gone = true
+		o.cancel()
+		delete(se.obs, string(token))
 	}
 }
+
+// closeObservations ends every registration of a closed session.
+func (se *session) closeObservations() {
+	se.mu.Lock()
+	defer se.mu.Unlock()
+	for _, o := range se.obs {
+		o.gone = true
+		o.cancel()
+	}
+	se.obs, se.closed = nil, true
+}
+
+// release ends the hold on o's notifications (its registration answer
+// was written) and sends what was held.
+func (se *session) release(s *Server, o *observation) {
+	se.mu.Lock()
+	defer se.mu.Unlock()
+	o.held = false
+	q := o.queue
+	o.queue = nil
+	if o.gone || se.closed {
+		return
+	}
+	for _, c := range q {
+		se.send(s, o.tok, c)
+	}
+}
+
+// maxNotifyPayload is the largest command sent as a notification: one
+// datagram, the size of the Block2 blocks answers are cut into (otacache's
+// default, 1024). A notification carrying only a first block (RFC 7959
+// §2.6) would make the device GET the rest from the observed resource,
+// which holds the last command of that exact topic, not of the topic below
+// it that the command may be on, and may have changed between blocks.
+const maxNotifyPayload = 1024
 
 // notify sends a command as a non-confirmable notification (RFC 7641 §4.5
 // allows it; a confirmable one would block the delivering goroutine until
 // the device acknowledges). The device can GET the last command again.
-func (se *session) notify(s *Server, token message.Token, c bridges.Message) {
+// It runs under the hub's delivery lock (hub.Deliver), so notifications
+// follow the order in which the last command changed. It reports whether
+// the session took the command: a command larger than maxNotifyPayload is
+// refused (counted reason="payload_too_large", logged); the device can
+// still GET it from its exact topic, Block2 as any answer.
+func (se *session) notify(s *Server, o *observation, c bridges.Message) bool {
+	if len(c.Payload) > maxNotifyPayload {
+		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonTooLarge).Inc()
+		s.log.Warn("coap: command not notified: larger than one notification; the device can GET it", "device", se.device, "topic", c.Topic, "size", len(c.Payload), "limit", maxNotifyPayload)
+		return false
+	}
 	se.mu.Lock()
+	defer se.mu.Unlock()
+	if o.gone || se.closed {
+		return false
+	}
+	if o.held {
+		if len(o.queue) >= maxHeld {
+			s.log.Warn("coap: command notification dropped: too many held behind an observe registration", "device", se.device, "topic", o.queue[0].Topic)
+			o.queue = o.queue[1:]
+		}
+		o.queue = append(o.queue, c)
+		return true
+	}
+	se.send(s, o.tok, c)
+	return true
+}
+
+// send numbers and writes one notification; se.mu is held, across both,
+// so the Observe numbers on the wire never go backwards (the write is one
+// UDP datagram and does not wait for the device).
+func (se *session) send(s *Server, token message.Token, c bridges.Message) {
 	se.seq++
 	seq := se.seq & 0xffffff
-	se.mu.Unlock()
 	cc := se.cc
 	m := pool.NewMessage(cc.Context())
 	m.SetType(message.NonConfirmable)

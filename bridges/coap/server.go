@@ -114,6 +114,9 @@ type Server struct {
 	// answer the deferred requests whose deadline ends first (durable.go).
 	deadline *hub.SharedDeadline
 	watches  deadlineWatches
+	// observeHook, set by tests only (export_test.go) before Run, runs on
+	// the handler's goroutine at the stages of an Observe registration.
+	observeHook func(stage int)
 }
 
 // pskAnswer is what the PSK callback found for an identity.
@@ -130,8 +133,10 @@ type session struct {
 	device string
 	mode   string // "cert" or "psk"
 	cc     *otacache.DTLSConn
+	// mu guards obs, closed and seq, and is held across numbering and
+	// writing each notification (handler.go: session.send).
 	mu     sync.Mutex
-	cancel map[string]func() // observe token → cancel; made on first use
+	obs    map[string]*observation // observe token → registration; made on first use
 	closed bool
 	seq    uint32
 	enroll enrollInfo // what the session may reach (enroll.go)
@@ -347,12 +352,7 @@ func (s *Server) onNewConn(cc *otacache.DTLSConn) {
 			s.byDevice[dev] = l
 		}
 		s.mu.Unlock()
-		se.mu.Lock()
-		for _, c := range se.cancel {
-			c()
-		}
-		se.cancel, se.closed = nil, true
-		se.mu.Unlock()
+		se.closeObservations()
 		s.m.Sessions.WithLabelValues(hub.CoAP).Dec()
 	})
 }

@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -33,22 +34,110 @@ type Hub struct {
 	log  *slog.Logger
 	m    *Metrics
 
+	// dmu orders command delivery: a Deliver stores the last command and
+	// calls the observers under it, and ObserveLast registers an observer
+	// and reads the last command under it, so no command falls between a
+	// registration and its first answer, and observers see commands in
+	// the order the last command changed. Lock order: dmu, then a
+	// transport's session lock (inside an observer), then mu; mu is never
+	// held while calling out.
+	dmu     sync.Mutex
 	mu      sync.RWMutex
 	next    uint64
 	obs     map[string]map[uint64]observer // device → observers
-	mirrors map[string]func(bridges.Message)
-	last    map[string]bridges.Message // topic → last command, bounded per device
+	mirrors map[string]func(bridges.Message) bool
+	last    map[string]bridges.Message // topic → last command, bounded per device and in bytes
 	nLast   map[string]int
-	traffic trafficTable
+	// lastBytes is what last holds (lastSize of each entry), at most
+	// maxLastBytes; fullLogged: the refusal was logged since the last
+	// command that was kept.
+	lastBytes  int
+	fullLogged bool
+	// forgotten: devices Forget dropped (revoked), at most maxForgotten;
+	// a Deliver for one keeps nothing (no last command, no traffic row),
+	// until the device proves itself again (telemetry, an observer).
+	forgotten  map[string]struct{}
+	nForgotten atomic.Int32
+	traffic    trafficTable
 }
 
 type observer struct {
-	prefix string // full topic the observer asked for
-	fn     func(bridges.Message)
+	prefix string                     // full topic the observer asked for
+	fn     func(bridges.Message) bool // reports whether it took the command
 }
 
 // maxLastPerDevice bounds the commands kept for plain (non-observe) GETs.
 const maxLastPerDevice = 16
+
+// maxLastBytes bounds the memory of the last commands kept over all
+// devices (topic, payload and lastOverhead per entry): 4 MiB, about 16
+// commands of 256 bytes for each of 1000 devices. A command that would go
+// beyond it, or beyond maxLastPerDevice topics of its device, is not kept
+// (counted refusals{transport="gateway",reason="commands_full"}, logged
+// once until a command is kept again) and a command kept before on its
+// topic is dropped, so a plain GET never returns a stale one; commands
+// already kept for other devices are never evicted for it. It is still
+// delivered to the device's sessions; with none, Deliver returns
+// ErrCommandsFull.
+const maxLastBytes = 4 << 20
+
+// lastOverhead approximates a kept command's memory besides its topic and
+// payload (map entry, Message, string headers).
+const lastOverhead = 160
+
+// maxForgotten bounds the devices remembered as forgotten.
+const maxForgotten = 4096
+
+// ErrCommandsFull: a command no device session received and that the hub
+// could not keep (maxLastBytes, maxLastPerDevice): it is lost.
+var ErrCommandsFull = errors.New("command neither received by a device session nor kept: the store of last commands is full")
+
+func lastSize(m bridges.Message) int { return len(m.Topic) + len(m.Payload) + lastOverhead }
+
+// keep stores m as its topic's last command, within the bounds; h.mu is
+// held. It reports whether m was kept, and for a refusal whether the
+// device is forgotten (nothing kept, nothing counted).
+func (h *Hub) keep(m bridges.Message) (kept, forgotten bool) {
+	if _, ok := h.forgotten[m.Device]; ok {
+		return false, true
+	}
+	old, had := h.last[m.Topic]
+	oldSize := 0
+	if had {
+		oldSize = lastSize(old)
+	}
+	if (!had && h.nLast[m.Device] >= maxLastPerDevice) || h.lastBytes-oldSize+lastSize(m) > maxLastBytes {
+		if had {
+			delete(h.last, m.Topic)
+			h.lastBytes -= oldSize
+			if h.nLast[m.Device]--; h.nLast[m.Device] <= 0 {
+				delete(h.nLast, m.Device)
+			}
+		}
+		return false, false
+	}
+	if !had {
+		h.nLast[m.Device]++
+	}
+	h.last[m.Topic] = m
+	h.lastBytes += lastSize(m) - oldSize
+	return true, false
+}
+
+// remember ends device's forgotten state: it proved itself again (a
+// session of it sent telemetry or registered an observer), so it was
+// enrolled again after a revocation.
+func (h *Hub) remember(device string) {
+	if h.nForgotten.Load() == 0 {
+		return
+	}
+	h.mu.Lock()
+	if _, ok := h.forgotten[device]; ok {
+		delete(h.forgotten, device)
+		h.nForgotten.Add(-1)
+	}
+	h.mu.Unlock()
+}
 
 // New returns a hub that hands telemetry to sink. reg receives the transport
 // metrics (shared by both transports).
@@ -61,8 +150,8 @@ func New(sink bridges.Sink, reg prometheus.Registerer, log *slog.Logger) (*Hub, 
 		return nil, err
 	}
 	return &Hub{sink: sink, log: log.With("component", "hub"), m: m,
-		obs: map[string]map[uint64]observer{}, mirrors: map[string]func(bridges.Message){},
-		last: map[string]bridges.Message{}, nLast: map[string]int{}}, nil
+		obs: map[string]map[uint64]observer{}, mirrors: map[string]func(bridges.Message) bool{},
+		last: map[string]bridges.Message{}, nLast: map[string]int{}, forgotten: map[string]struct{}{}}, nil
 }
 
 // Metrics returns the transport metrics the hub registered.
@@ -71,8 +160,10 @@ func (h *Hub) Metrics() *Metrics { return h.m }
 // AddMirror registers fn to receive every telemetry message and command
 // that did not originate from the transport named origin (the MQTT broker
 // registers itself so that MQTT subscribers see CoAP telemetry and
-// commands). fn must not block.
-func (h *Hub) AddMirror(origin string, fn func(bridges.Message)) {
+// commands). fn must not block. It reports whether it handed the message
+// to a device's session (an MQTT subscriber of the topic): for a command
+// that is what makes Deliver count it as received.
+func (h *Hub) AddMirror(origin string, fn func(bridges.Message) bool) {
 	h.mu.Lock()
 	h.mirrors[origin] = fn
 	h.mu.Unlock()
@@ -128,6 +219,7 @@ func (h *Hub) telemetry(origin string, m bridges.Message, accept func(bridges.Me
 		h.traffic.update(m.Device, func(t *Traffic) { t.Refused++ })
 		return fmt.Errorf("accept telemetry from %s on %s: %w", m.Device, m.Topic, err)
 	}
+	h.remember(m.Device)
 	h.traffic.update(m.Device, func(t *Traffic) {
 		t.MessagesIn++
 		t.BytesIn += uint64(len(m.Payload))
@@ -141,39 +233,92 @@ func (h *Hub) telemetry(origin string, m bridges.Message, accept func(bridges.Me
 // Deliver sends a command to a device: m.Topic must be
 // devices/{m.Device}/c/... . It reaches the device's CoAP observers and MQTT
 // subscriptions; a device that is not connected misses it (the last command
-// per topic is kept for a plain CoAP GET). This is the entry point for the
-// gateway itself, the upstream downlink and administrators.
+// per topic is kept for a plain CoAP GET and the next Observe). This is the
+// entry point for the gateway itself, the upstream downlink and
+// administrators. nil means the hub took the command, whether or not a
+// device received it (see DeliverReached, Downlink).
 func (h *Hub) Deliver(ctx context.Context, m bridges.Message) error {
+	_, err := h.DeliverReached(ctx, m)
+	return err
+}
+
+// Downlink is Deliver for callers that count deliveries (the upstream
+// downlink): it returns bridges.ErrNoReceiver when the command was taken
+// and kept but no device session received it.
+func (h *Hub) Downlink(ctx context.Context, m bridges.Message) error {
+	reached, err := h.DeliverReached(ctx, m)
+	if err == nil && !reached {
+		return bridges.ErrNoReceiver
+	}
+	return err
+}
+
+// DeliverReached is Deliver that also reports whether a device session got
+// the command: a CoAP observer of its topic (the notification was handed
+// to the session; CoAP notifications are non-confirmable, so it is never
+// known to have arrived) or an MQTT subscriber. It allocates nothing for
+// up to four observers of the device.
+func (h *Hub) DeliverReached(ctx context.Context, m bridges.Message) (reached bool, err error) {
 	if err := ctx.Err(); err != nil {
-		return err
+		return false, err
 	}
 	if _, ok := CommandPath(m.Device, m.Topic); !ok {
-		return fmt.Errorf("deliver command to %q on %q: the topic must be %sc/<path>", m.Device, m.Topic, bridges.TopicPrefix(m.Device))
+		return false, fmt.Errorf("deliver command to %q on %q: the topic must be %sc/<path>", m.Device, m.Topic, bridges.TopicPrefix(m.Device))
 	}
 	if m.Received.IsZero() {
 		m.Received = time.Now()
 	}
+	var buf [4]func(bridges.Message) bool
+	fns := buf[:0]
+	h.dmu.Lock()
 	h.mu.Lock()
-	if _, ok := h.last[m.Topic]; ok || h.nLast[m.Device] < maxLastPerDevice {
-		if !ok {
-			h.nLast[m.Device]++
-		}
-		h.last[m.Topic] = m
+	kept, forgotten := h.keep(m)
+	logFull := false
+	if kept {
+		h.fullLogged = false
+	} else if !forgotten && !h.fullLogged {
+		h.fullLogged, logFull = true, true
 	}
-	var fns []func(bridges.Message)
+	lastBytes := h.lastBytes
 	for _, o := range h.obs[m.Device] {
 		if topicUnder(m.Topic, o.prefix) {
 			fns = append(fns, o.fn)
 		}
 	}
 	h.mu.Unlock()
+	// Under dmu: an observer registering now either read this command as
+	// the last one or is called here, never neither; and two Delivers
+	// reach an observer in the order they stored the last command.
+	observed := false
 	for _, fn := range fns {
-		fn(m)
+		if fn(m) {
+			observed = true
+		}
 	}
-	h.traffic.update(m.Device, func(t *Traffic) { t.MessagesOut++; t.BytesOut += uint64(len(m.Payload)) })
+	h.dmu.Unlock()
 	h.m.Messages.WithLabelValues("gateway", "command").Inc()
-	h.mirror("", m)
-	return nil
+	reached = h.mirror("", m) || observed
+	if !kept && !forgotten {
+		h.m.Refused.WithLabelValues("gateway", ReasonCommandsFull).Inc()
+		if logFull {
+			h.log.Warn("hub: command not kept for the device's next GET: last-command store full (logged once until one is kept again)",
+				"device", m.Device, "topic", m.Topic, "kept_bytes", lastBytes, "limit_bytes", maxLastBytes, "per_device", maxLastPerDevice, "received", reached)
+		}
+	}
+	count := func(t *Traffic) { t.MessagesOut++; t.BytesOut += uint64(len(m.Payload)) }
+	switch {
+	case forgotten:
+	case reached:
+		h.traffic.update(m.Device, count)
+	default:
+		// A command no session got makes no traffic row: the cloud may
+		// name device ids the gateway has never seen.
+		h.traffic.updateExisting(m.Device, count)
+		if !kept {
+			return false, fmt.Errorf("deliver command to %s on %s: %w", m.Device, m.Topic, ErrCommandsFull)
+		}
+	}
+	return reached, nil
 }
 
 // LastCommand returns the last command delivered on topic, if any.
@@ -188,6 +333,21 @@ func (h *Hub) LastCommand(topic string) (bridges.Message, bool) {
 // below it. fn runs on the delivering goroutine and must not block. The
 // returned function cancels the registration.
 func (h *Hub) Observe(device, topic string, fn func(bridges.Message)) (cancel func()) {
+	return h.ObserveLast(device, topic, func(m bridges.Message) bool { fn(m); return true }, nil)
+}
+
+// ObserveLast is Observe that also reads the last command on topic
+// atomically with the registration: first (if not nil) gets it (ok false:
+// none) before ObserveLast returns, and every command delivered after that
+// one reaches fn, only after first has returned. So a device that starts
+// observing gets each command exactly once, either in its registration
+// answer or as a notification. first must not block and must not call
+// the hub. fn reports whether it took the command (a CoAP observer
+// refuses one too large for a notification); DeliverReached counts only
+// those that did.
+func (h *Hub) ObserveLast(device, topic string, fn func(bridges.Message) bool, first func(last bridges.Message, ok bool)) (cancel func()) {
+	h.remember(device)
+	h.dmu.Lock()
 	h.mu.Lock()
 	h.next++
 	id := h.next
@@ -195,7 +355,12 @@ func (h *Hub) Observe(device, topic string, fn func(bridges.Message)) (cancel fu
 		h.obs[device] = map[uint64]observer{}
 	}
 	h.obs[device][id] = observer{prefix: topic, fn: fn}
+	last, ok := h.last[topic]
 	h.mu.Unlock()
+	if first != nil {
+		first(last, ok)
+	}
+	h.dmu.Unlock()
 	h.m.Observers.Inc()
 	var once sync.Once
 	return func() {
@@ -211,22 +376,36 @@ func (h *Hub) Observe(device, topic string, fn func(bridges.Message)) (cancel fu
 	}
 }
 
-// Forget drops what the hub keeps for a device (a revoked device).
+// Forget drops what the hub keeps for a device (a revoked device), and
+// keeps nothing for it again (a later Deliver still reaches its sessions,
+// if any, but stores no last command and no traffic row) until a session
+// of the device sends telemetry or observes: it was enrolled again.
 func (h *Hub) Forget(device string) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	for t := range h.last {
+	for t, m := range h.last {
 		if strings.HasPrefix(t, bridges.TopicPrefix(device)) {
 			delete(h.last, t)
+			h.lastBytes -= lastSize(m)
 		}
 	}
 	delete(h.nLast, device)
+	if _, ok := h.forgotten[device]; !ok {
+		if len(h.forgotten) >= maxForgotten {
+			clear(h.forgotten) // bounded; what they may then keep is bounded by maxLastBytes
+			h.nForgotten.Store(0)
+		}
+		h.forgotten[device] = struct{}{}
+		h.nForgotten.Add(1)
+	}
 	h.forgetTraffic(device)
 }
 
-func (h *Hub) mirror(origin string, m bridges.Message) {
+// mirror hands m to the mirrors of every origin but origin and reports
+// whether one handed it to a device's session.
+func (h *Hub) mirror(origin string, m bridges.Message) (reached bool) {
 	h.mu.RLock()
-	var fns []func(bridges.Message)
+	var fns []func(bridges.Message) bool
 	for name, fn := range h.mirrors {
 		if name != origin {
 			fns = append(fns, fn)
@@ -234,8 +413,11 @@ func (h *Hub) mirror(origin string, m bridges.Message) {
 	}
 	h.mu.RUnlock()
 	for _, fn := range fns {
-		fn(m)
+		if fn(m) {
+			reached = true
+		}
 	}
+	return reached
 }
 
 // topicUnder reports whether topic is prefix or a topic below it.

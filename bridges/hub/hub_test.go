@@ -100,7 +100,7 @@ func TestHubRouting(t *testing.T) {
 		t.Error("second hub on one registry: want an error")
 	}
 	var mirrored, observed []string
-	h.AddMirror(MQTT, func(m bridges.Message) { mirrored = append(mirrored, m.Topic) })
+	h.AddMirror(MQTT, func(m bridges.Message) bool { mirrored = append(mirrored, m.Topic); return false })
 	cancel := h.Observe("d1", "devices/d1/c/led", func(m bridges.Message) { observed = append(observed, m.Topic+"="+string(m.Payload)) })
 	ctx := context.Background()
 	h.Telemetry(ctx, CoAP, bridges.Message{Device: "d1", Topic: "devices/d1/t/x"})

@@ -31,6 +31,10 @@ const (
 	ReasonSessionTakenOver = "session_taken_over"
 	ReasonRetainedLimit    = "retained_limit"
 	ReasonTopicAlias       = "topic_alias"
+	// ReasonCommandsFull: a command not kept as its topic's last command
+	// (transport="gateway"): the device already has maxLastPerDevice
+	// topics kept, or all devices' kept commands reach maxLastBytes.
+	ReasonCommandsFull = "commands_full"
 )
 
 // Metrics are the transports' counters, registered once on the gateway's

@@ -31,7 +31,13 @@ type trafficTable struct {
 	off TrafficOptOut
 }
 
-func (t *trafficTable) update(device string, f func(*Traffic)) {
+func (t *trafficTable) update(device string, f func(*Traffic)) { t.apply(device, true, f) }
+
+// updateExisting is update for a device that has a row already: it never
+// makes one (a command to a device id the gateway has not seen).
+func (t *trafficTable) updateExisting(device string, f func(*Traffic)) { t.apply(device, false, f) }
+
+func (t *trafficTable) apply(device string, create bool, f func(*Traffic)) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if t.off.Counters && t.off.LastSeen {
@@ -42,6 +48,9 @@ func (t *trafficTable) update(device string, f func(*Traffic)) {
 	}
 	c := t.m[device]
 	if c == nil {
+		if !create {
+			return
+		}
 		c = &Traffic{}
 		t.m[device] = c
 	}

@@ -33,7 +33,7 @@ func newMetrics() *metrics {
 		parked: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bastion_upstream_parked_total",
 			Help: "Messages the broker refused for good, moved to the parking queue, by reason (not_authorized, topic_name_invalid, packet_too_large, payload_format_invalid)."}, []string{"reason"}),
 		downlink: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bastion_upstream_downlink_total",
-			Help: "Downlink commands by result (delivered, refused, loop, unmapped)."}, []string{"result"}),
+			Help: "Downlink commands by result (delivered: a device session received it; no_receiver: kept for the device, none received it; refused, loop, unmapped)."}, []string{"result"}),
 		reloads: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bastion_upstream_reloads_total",
 			Help: "Configuration reloads by result (ok, refused)."}, []string{"result"}),
 		certExpiry: prometheus.NewGauge(prometheus.GaugeOpts{Name: "bastion_upstream_client_cert_expiry_timestamp_seconds",

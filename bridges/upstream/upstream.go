@@ -584,7 +584,13 @@ func (u *Upstream) downlink(ctx context.Context, p *paho.Publish) {
 			continue
 		}
 		m := bridges.Message{Device: id, Topic: r.to.render(id, rest), Payload: p.Payload, QoS: min(p.QoS, 1), Received: time.Now()}
-		if err := u.deliver(ctx, m); err != nil {
+		if err := u.deliver(ctx, m); errors.Is(err, bridges.ErrNoReceiver) {
+			// Taken and kept for the device's next GET or Observe, but no
+			// session of the device received it: not "delivered".
+			u.m.downlink.WithLabelValues("no_receiver").Inc()
+			u.log.Info("downlink command kept: no device session receives it now", "device", id, "topic", m.Topic)
+			return
+		} else if err != nil {
 			u.m.downlink.WithLabelValues("refused").Inc()
 			u.log.Warn("downlink command not delivered", "device", id, "topic", m.Topic, "err", err)
 			return

@@ -181,10 +181,23 @@ func runCoAP(ctx context.Context, d *devicesim.Device, addr string, args []strin
 		if len(args) > 1 {
 			path = args[1]
 		}
-		cancel, err := co.Observe(ctx, path, func(p []byte) { fmt.Fprintf(out, "%s\n", p) })
+		// The registration answer carries the command in force, if any;
+		// Cancel reports Observe numbers that went backwards.
+		// Notifications wait until the answer's command is printed.
+		printed := make(chan struct{})
+		o, err := co.ObserveCommands(ctx, path, func(n devicesim.Notification) {
+			<-printed
+			fmt.Fprintf(out, "%s\n", n.Payload)
+		})
 		if err != nil {
+			close(printed)
 			return err
 		}
+		if len(o.First.Payload) > 0 {
+			fmt.Fprintf(out, "%s\n", o.First.Payload)
+		}
+		close(printed)
+		cancel := o.Cancel
 		select {
 		case <-ctx.Done():
 		case <-co.Done():
