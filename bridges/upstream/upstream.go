@@ -68,7 +68,7 @@ type Status struct {
 	LastErrorAt        time.Time `json:"last_error_at,omitzero"`
 	Published          uint64    `json:"published"` // acknowledged by the broker
 	Withheld           uint64    `json:"withheld"`  // kept local by privacy rules or mapping
-	Downlink           uint64    `json:"downlink"`  // commands delivered to devices
+	Downlink           uint64    `json:"downlink"`  // commands a device session received (not those kept for a device that is away)
 	LoopsDropped       uint64    `json:"loops_dropped"`
 	LastParked         string    `json:"last_parked,omitempty"` // why the broker refused the last parked message
 	LastParkedAt       time.Time `json:"last_parked_at,omitzero"`
