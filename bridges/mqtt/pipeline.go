@@ -143,8 +143,9 @@ func (c *pipeConn) reserve(device string) error {
 
 // unreserve is for a reserved message the Sink will not report (refused,
 // or accepted without a wait): it takes back the reservation if nothing
-// can depend on it, else it counts as durable at once (a refusal's
-// negative PUBACK still goes out after the PUBACKs before it).
+// can depend on it, else the message counts as settled once every message
+// before it has (settle), so that its PUBACK, a refusal's negative one
+// included, goes out after theirs and never before their fsync.
 func (c *pipeConn) unreserve() {
 	c.mu.Lock()
 	if c.done == c.enq-1 && len(c.held) == 0 {
