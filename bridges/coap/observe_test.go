@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -201,12 +202,25 @@ func TestObserveNumbersNeverGoBackwards(t *testing.T) {
 	}
 	const per = 1000
 	ctx := context.Background()
+	// The reader counts what arrived; the deliverers let it catch up every
+	// 100 commands each, so that the datagrams in flight fit the client's
+	// socket buffer on a loaded machine (with all 2000 back to back, most
+	// were dropped when the package's tests ran beside others).
+	var arrived atomic.Int64
+	catchUp := func(n int64) {
+		for deadline := time.Now().Add(2 * time.Second); arrived.Load() < n-20 && time.Now().Before(deadline); {
+			time.Sleep(time.Millisecond)
+		}
+	}
 	var wg sync.WaitGroup
 	for g := range 2 {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			for i := range per {
+				if i > 0 && i%100 == 0 {
+					catchUp(int64(2 * i))
+				}
 				m := bridges.Message{Device: "dev-psk", Topic: "devices/dev-psk/c/x", Payload: []byte(fmt.Sprintf("%d-%d", g, i))}
 				if err := h.Deliver(ctx, m); err != nil {
 					t.Error(err)
@@ -240,6 +254,7 @@ func TestObserveNumbersNeverGoBackwards(t *testing.T) {
 		}
 		last = n.seq
 		got++
+		arrived.Store(int64(got))
 	}
 	<-delivered
 	if got < per {

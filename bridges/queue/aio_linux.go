@@ -169,3 +169,10 @@ func (a *aioFsync) close() error {
 	}
 	return errors.Join(err, a.efd.Close())
 }
+
+// startWriteback starts writing f's dirty pages in [off, off+n) to the
+// disk without waiting for them and without a cache flush (the caller's
+// fsync makes them durable). An error only leaves the pages to that fsync.
+func startWriteback(f *os.File, off, n int64) {
+	unix.SyncFileRange(int(f.Fd()), off, n, unix.SYNC_FILE_RANGE_WRITE)
+}

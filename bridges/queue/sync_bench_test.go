@@ -24,7 +24,7 @@ func BenchmarkCommitSync(b *testing.B) {
 	const commits, segBytes = 1500, 4 << 20
 	fsync := func(f *os.File) error { return f.Sync() }
 	fdatasync := func(f *os.File) error { return syscall.Fdatasync(int(f.Fd())) }
-	zerofill := func(f *os.File) error { return zeroFill(f, 0, segBytes) }
+	zerofill := func(f *os.File) error { return zeroFill(f, 0, segBytes, 0) }
 	cpu := func() time.Duration {
 		var ru syscall.Rusage
 		if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {

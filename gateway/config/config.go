@@ -71,7 +71,8 @@ type Upstream struct {
 	upstream.Config `yaml:",inline"`
 	// QueueMaxBytes and QueueMaxAge bound the store-and-forward queue;
 	// when either is reached new QoS 1 messages are refused (MQTT 0x97,
-	// CoAP 5.03), never dropped.
+	// CoAP 5.03), never dropped. The files take up to two segments (8 MiB)
+	// more than QueueMaxBytes: see queue.Options.MaxBytes.
 	QueueMaxBytes int64    `yaml:"queue_max_bytes"`
 	QueueMaxAge   Duration `yaml:"queue_max_age"`
 	// ParkedMaxBytes bounds the parking queue: messages the broker refused
