@@ -109,14 +109,7 @@ func TestThrottleBackoffDoubles(t *testing.T) {
 	if !th.lockedUntil(now, "u:root").IsZero() {
 		t.Error("locked after reset")
 	}
-	// Bounded memory.
-	th.maxKeys = 10
-	for i := range 50 {
-		th.fail(now, "k"+string(rune('a'+i)), 5)
-	}
-	if len(th.m) > 10 {
-		t.Errorf("throttle holds %d keys, bound 10", len(th.m))
-	}
+	// Bounded memory: internal/throttle's TestBounded.
 }
 
 func TestLANSource(t *testing.T) {
