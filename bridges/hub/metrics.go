@@ -31,6 +31,9 @@ const (
 	ReasonSessionTakenOver = "session_taken_over"
 	ReasonRetainedLimit    = "retained_limit"
 	ReasonTopicAlias       = "topic_alias"
+	// ReasonSecretLockout: a secret login from a source address that
+	// failed too often lately, refused without checking the secret.
+	ReasonSecretLockout = "secret_lockout"
 	// ReasonCommandsFull: a command not kept as its topic's last command
 	// (transport="gateway"): the device already has maxLastPerDevice
 	// topics kept, or all devices' kept commands reach maxLastBytes.

@@ -3,6 +3,7 @@ package mqtt
 import (
 	"context"
 	"errors"
+	"net"
 	"time"
 
 	mochi "github.com/mochi-mqtt/server/v2"
@@ -54,6 +55,14 @@ func (h *authHook) OnConnectAuthenticate(cl *mochi.Client, pk packets.Packet) bo
 	case hasCert:
 	case h.s.cfg.AllowSecretAuth && len(pk.Connect.Username) > 0:
 		dev = string(pk.Connect.Username)
+		src := sourceKey(cl.Net.Remote)
+		now := h.s.cfg.Now()
+		if until := h.s.lockout.LockedUntil(now, src); !until.IsZero() {
+			wait := until.Sub(now).Round(time.Second)
+			refuse(hub.ReasonSecretLockout, "secret login not checked: too many failed secret logins from this address lately", "device", dev, "retry_in", wait)
+			h.refuseConnect(cl, packets.ErrConnectionRateExceeded, packets.Err3ServerUnavailable, "too many failed logins from this address: retry in "+wait.String())
+			return false
+		}
 		if err := h.s.id.CheckSecret(dev, pk.Connect.Password); err != nil {
 			if errors.Is(err, bridges.ErrBusy) {
 				// Not a wrong secret: "server busy" (3.1.1: server
@@ -67,6 +76,7 @@ func (h *authHook) OnConnectAuthenticate(cl *mochi.Client, pk packets.Packet) bo
 			if errors.Is(err, pki.ErrRevoked) {
 				reason = hub.ReasonRevoked
 			}
+			h.s.lockout.Fail(now, src, h.s.cfg.SecretLockout.Free)
 			return refuse(reason, "secret login failed", "device", dev, "err", err)
 		}
 	default:
@@ -98,6 +108,15 @@ func (h *authHook) OnConnectAuthenticate(cl *mochi.Client, pk packets.Packet) bo
 	}
 	log.Info("mqtt: device connected", "device", dev)
 	return true
+}
+
+// sourceKey is the lockout key of a client's remote address: its IP
+// (ports change with every connection).
+func sourceKey(remote string) string {
+	if host, _, err := net.SplitHostPort(remote); err == nil {
+		return host
+	}
+	return remote
 }
 
 // refuseConnect answers a CONNECT whose credentials are fine with code

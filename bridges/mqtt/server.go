@@ -22,6 +22,7 @@ import (
 
 	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/bridges/hub"
+	"github.com/bastion-iot/bastion/internal/throttle"
 	"github.com/bastion-iot/bastion/pki"
 )
 
@@ -55,7 +56,30 @@ type Config struct {
 	// on (default 16): each is a synced write to the store and stays in
 	// memory. Replacing or clearing one is always allowed.
 	MaxRetained int
+	// SecretLockout limits failed secret logins per source address (see
+	// DefaultSecretLockout, which a zero value takes); Now is its clock
+	// (default time.Now).
+	SecretLockout SecretLockout
+	Now           func() time.Time
 }
+
+// SecretLockout: after Free failed secret logins from one source address,
+// each further failure locks the address out for Base·2^(n-Free), at most
+// Max; logins from it are refused meanwhile without running argon2id. A
+// source with no failure for Forget starts over.
+type SecretLockout struct {
+	Free              int
+	Base, Max, Forget time.Duration
+}
+
+// DefaultSecretLockout: 20 failures, then 30 s doubling to 10 min. Device
+// secrets are 144 random bits, so this is not what stops guessing: it
+// keeps one LAN host from holding the two argon2id slots (and every other
+// secret device's logins) busy with wrong secrets. Per source only: a
+// lockout per device id would let anyone lock a device out by failing in
+// its name. Shorter than the console's hour because a device that shares
+// its address (behind a NAT) with a failing one is locked out with it.
+var DefaultSecretLockout = SecretLockout{Free: 20, Base: 30 * time.Second, Max: 10 * time.Minute, Forget: time.Hour}
 
 func (c *Config) defaults() {
 	if c.MaxPacketSize <= 0 {
@@ -81,6 +105,12 @@ func (c *Config) defaults() {
 	}
 	if c.MaxRetained <= 0 {
 		c.MaxRetained = 16
+	}
+	if c.SecretLockout == (SecretLockout{}) {
+		c.SecretLockout = DefaultSecretLockout
+	}
+	if c.Now == nil {
+		c.Now = time.Now
 	}
 }
 
@@ -125,6 +155,9 @@ type Server struct {
 	// (OnSessionEstablished), as bridges/coap does.
 	revGen uint64
 
+	// lockout counts failed secret logins by source address.
+	lockout *throttle.Throttle
+
 	deadline *hub.SharedDeadline
 }
 
@@ -133,6 +166,8 @@ func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log 
 	cfg.defaults()
 	s := &Server{cfg: cfg, id: id, hub: h, m: h.Metrics(), log: log.With("component", "mqtt"), authed: map[*mochi.Client]string{},
 		deadline: &hub.SharedDeadline{Timeout: acceptTimeout}}
+	l := cfg.SecretLockout
+	s.lockout = throttle.New(throttle.Policy{Base: l.Base, Max: l.Max, Forget: l.Forget}, 10000)
 	caps := mochi.NewDefaultServerCapabilities()
 	caps.MaximumPacketSize = uint32(cfg.MaxPacketSize)
 	caps.ReceiveMaximum = cfg.ReceiveMaximum

@@ -1,8 +1,9 @@
 package console
 
 import (
-	"sync"
 	"time"
+
+	lockout "github.com/bastion-iot/bastion/internal/throttle"
 )
 
 // ThrottlePolicy sets login rate limiting. After Free failures, each further
@@ -20,83 +21,26 @@ type ThrottlePolicy struct {
 // doubling to 1 h.
 var DefaultThrottle = ThrottlePolicy{FreeUser: 5, FreeSource: 20, Base: 30 * time.Second, Max: time.Hour, Forget: 24 * time.Hour}
 
-type throttleEntry struct {
-	fails  int
-	last   time.Time
-	locked time.Time // until
-}
-
-// throttle keeps failure counts in memory, bounded: past maxKeys the
-// oldest entries go first. A restart forgets them, which needs physical
-// access to the box.
+// throttle is the console's: keys "u:"+user, "s:"+source and the setup
+// and recovery pages' own.
 type throttle struct {
-	mu      sync.Mutex
-	p       ThrottlePolicy
-	m       map[string]*throttleEntry
-	maxKeys int
+	*lockout.Throttle
+	p ThrottlePolicy
 }
 
 func newThrottle(p ThrottlePolicy) *throttle {
-	return &throttle{p: p, m: map[string]*throttleEntry{}, maxKeys: 10000}
+	return &throttle{Throttle: lockout.New(lockout.Policy{Base: p.Base, Max: p.Max, Forget: p.Forget}, 10000), p: p}
 }
 
-// lockedUntil returns when the later of the user's and the source's
-// lockouts ends, or zero.
 func (t *throttle) lockedUntil(now time.Time, keys ...string) time.Time {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	var until time.Time
-	for _, k := range keys {
-		if e := t.m[k]; e != nil && e.locked.After(now) && e.locked.After(until) {
-			until = e.locked
-		}
-	}
-	return until
+	return t.LockedUntil(now, keys...)
 }
 
-func (t *throttle) fail(now time.Time, key string, free int) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	e := t.m[key]
-	if e == nil || now.Sub(e.last) > t.p.Forget {
-		if len(t.m) >= t.maxKeys {
-			t.evictOldest()
-		}
-		e = &throttleEntry{}
-		t.m[key] = e
-	}
-	e.fails++
-	e.last = now
-	if e.fails >= free {
-		d := t.p.Base
-		for i := free; i < e.fails && d < t.p.Max; i++ {
-			d *= 2
-		}
-		d = min(d, t.p.Max)
-		e.locked = now.Add(d)
-	}
-}
-
-func (t *throttle) evictOldest() {
-	var oldest string
-	var ot time.Time
-	for k, e := range t.m {
-		if oldest == "" || e.last.Before(ot) {
-			oldest, ot = k, e.last
-		}
-	}
-	delete(t.m, oldest)
-}
+func (t *throttle) fail(now time.Time, key string, free int) { t.Fail(now, key, free) }
 
 func (t *throttle) failLogin(now time.Time, user, source string) {
-	t.fail(now, "u:"+user, t.p.FreeUser)
-	t.fail(now, "s:"+source, t.p.FreeSource)
+	t.Fail(now, "u:"+user, t.p.FreeUser)
+	t.Fail(now, "s:"+source, t.p.FreeSource)
 }
 
-func (t *throttle) reset(keys ...string) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	for _, k := range keys {
-		delete(t.m, k)
-	}
-}
+func (t *throttle) reset(keys ...string) { t.Reset(keys...) }
