@@ -31,6 +31,9 @@ const (
 	ReasonSessionTakenOver = "session_taken_over"
 	ReasonRetainedLimit    = "retained_limit"
 	ReasonTopicAlias       = "topic_alias"
+	// ReasonHelloFlood: a DTLS connection ended before its client echoed
+	// the cookie, to make room for newer ones (coap.Config.MaxCookieWaiting).
+	ReasonHelloFlood = "hello_flood"
 	// ReasonCommandsFull: a command not kept as its topic's last command
 	// (transport="gateway"): the device already has maxLastPerDevice
 	// topics kept, or all devices' kept commands reach maxLastBytes.
