@@ -7,6 +7,7 @@ package gateway
 
 import (
 	"net"
+	"runtime"
 	"testing"
 	"time"
 
@@ -159,4 +160,37 @@ func TestDTLSHandshakesWithCookieLimitedPerSource(t *testing.T) {
 	if n := g.refusals(hub.CoAP, hub.ReasonHandshakeLimit); n != 4 {
 		t.Errorf("handshake-limit refusals %v, want 4", n)
 	}
+}
+
+// A flood of ClientHellos that never echo their cookie (from spoofed
+// addresses, one datagram each) is held to coap.Config.MaxCookieWaiting
+// connections (512 by default): the oldest are ended, counted as
+// hello_flood and logged once, and a device handshakes in the middle of
+// it. Before the bound every ClientHello held a connection and a goroutine
+// for cookieWait (5,000 in 0.7 s: 2,274 goroutines, 20 MiB of heap), which
+// a LAN host could repeat until a 256 MiB router ran out of memory.
+func TestClientHelloFloodIsBounded(t *testing.T) {
+	g := startTransports(t)
+	addr := g.g.Addrs()["coaps_psk"]
+	d := g.addDevice(t, "flooded", "psk")
+	base := runtime.NumGoroutine()
+	const n = 3000
+	sendHellos(t, addr, clientHello(t), n)
+	time.Sleep(200 * time.Millisecond) // the listener takes them in
+	if grew := runtime.NumGoroutine() - base; grew > 700 {
+		t.Errorf("%d goroutines more after %d cookieless ClientHellos, want at most about 512 (MaxCookieWaiting)", grew, n)
+	}
+	if got := g.refusals(hub.CoAP, hub.ReasonHelloFlood); got < 1 {
+		t.Errorf("hello_flood refusals = %v after %d ClientHellos, want some", got, n)
+	}
+	ctx := ctxT(t, 20*time.Second)
+	co, err := d.DialCoAP(ctx, addr)
+	if err != nil {
+		t.Fatalf("device handshake during the flood: %v", err)
+	}
+	defer co.Close()
+	if r, err := co.Publish(ctx, "x", []byte("1")); err != nil || r.Code != codes.Changed {
+		t.Fatalf("publish: %v %v", r.Code, err)
+	}
+	g.waitLog(t, "coap: ClientHellos flooding in", "waiting_limit=512")
 }

@@ -1,6 +1,7 @@
 package coap
 
 import (
+	"container/list"
 	"context"
 	"errors"
 	"fmt"
@@ -27,13 +28,31 @@ import (
 // the whole handshake timeout either. pion's OnConnectionAttempt has no
 // "done" callback, so the count is kept around HandshakeContext, which
 // otacache.ServeDTLS calls with the server's handshake timeout.
+//
+// It also bounds the connections waiting for a cookie echo, over all
+// sources (MaxCookieWaiting): each holds a connection and a goroutine
+// (about 12 KiB) for up to cookieWait, and ClientHellos from spoofed
+// addresses cost the sender one datagram each, so a LAN host could
+// otherwise fill a 256 MiB router's memory in seconds (5,000 ClientHellos
+// in 0.7 s took 2,274 goroutines and 20 MiB of heap). Past the bound the
+// oldest waiting connection is ended: a real client echoes its cookie
+// within a round trip, long before a flood pushes it out.
 type limitListener struct {
 	*coapnet.DTLSListener
 	s     *Server
 	mu    sync.Mutex
 	inFly map[string]int
 	guard *plaintextGuard
+	// waiting are the connections accepted whose client has not echoed
+	// the cookie yet, oldest first (under mu). evicted counts those ended
+	// to make room since the last log line, at floodLogged.
+	waiting     list.List
+	evicted     int
+	floodLogged time.Time
 }
+
+// floodLogEvery spaces the log lines about evicted connections.
+const floodLogEvery = time.Minute
 
 // cookieWait bounds the wait for a client to echo the cookie: a LAN round
 // trip takes milliseconds, and a client whose first ClientHello or the
@@ -45,6 +64,10 @@ const cookieWait = 2 * time.Second
 // errNoCookie ends a handshake whose client did not echo the cookie in
 // time.
 var errNoCookie = errors.New("client did not echo the HelloVerifyRequest cookie within " + cookieWait.String())
+
+// errEvicted ends a handshake whose client had not echoed the cookie when
+// MaxCookieWaiting newer connections had come.
+var errEvicted = errors.New("ended to make room: too many connections waiting for a cookie echo (a flood of ClientHellos)")
 
 // errHandshakeLimit ends a handshake over the per-source limit.
 var errHandshakeLimit = errors.New("too many handshakes in flight from this source address")
@@ -70,13 +93,60 @@ func (l *limitListener) AcceptWithContext(ctx context.Context) (net.Conn, error)
 	if !ok {
 		return c, nil
 	}
-	return &handshakeConn{Conn: dc, l: l, host: hostOf(c.RemoteAddr())}, nil
+	hc := &handshakeConn{Conn: dc, l: l, host: hostOf(c.RemoteAddr())}
+	l.admit(hc)
+	return hc, nil
+}
+
+// admit adds c to the connections waiting for a cookie echo and, past
+// MaxCookieWaiting, ends the oldest of them.
+func (l *limitListener) admit(c *handshakeConn) {
+	l.mu.Lock()
+	c.elem = l.waiting.PushBack(c)
+	var old *handshakeConn
+	if l.waiting.Len() > l.s.cfg.MaxCookieWaiting {
+		old = l.waiting.Remove(l.waiting.Front()).(*handshakeConn)
+		old.elem = nil
+		old.evicted = true
+		if old.cancel != nil {
+			old.cancel(errEvicted)
+		}
+		l.evicted++
+	}
+	logNow := old != nil && time.Since(l.floodLogged) >= floodLogEvery
+	n := l.evicted
+	if logNow {
+		l.floodLogged, l.evicted = time.Now(), 0
+	}
+	l.mu.Unlock()
+	if old == nil {
+		return
+	}
+	l.s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonHelloFlood).Inc()
+	if logNow {
+		// The device is not known: its identity comes after the cookie.
+		l.s.log.Warn("coap: ClientHellos flooding in: handshakes that did not echo their cookie were ended to make room (spoofed addresses, or a misbehaving host)",
+			"device", "", "ended", n, "since", floodLogEvery, "waiting_limit", l.s.cfg.MaxCookieWaiting, "last_remote", old.RemoteAddr().String())
+	}
+}
+
+// unwait takes c off the waiting list; false if it was evicted.
+func (l *limitListener) unwait(c *handshakeConn) bool {
+	if c.elem != nil {
+		l.waiting.Remove(c.elem)
+		c.elem = nil
+	}
+	return !c.evicted
 }
 
 // take counts c's handshake as in flight if its source has room; it runs
 // when c's client has echoed the cookie.
 func (l *limitListener) take(c *handshakeConn) error {
 	l.mu.Lock()
+	if !l.unwait(c) {
+		l.mu.Unlock()
+		return errEvicted
+	}
 	n := l.inFly[c.host]
 	if n >= l.s.cfg.MaxHandshakesPerSource {
 		l.mu.Unlock()
@@ -96,6 +166,7 @@ func (l *limitListener) take(c *handshakeConn) error {
 func (l *limitListener) release(c *handshakeConn) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	l.unwait(c)
 	if !c.counted {
 		return
 	}
@@ -125,11 +196,23 @@ type handshakeConn struct {
 	l       *limitListener
 	host    string
 	counted bool // holds a slot of l (under l.mu)
+	// Under l.mu: elem is c in l.waiting (nil when not there); evicted:
+	// ended to make room; cancel ends the running handshake.
+	elem    *list.Element
+	evicted bool
+	cancel  context.CancelCauseFunc
 }
 
 func (c *handshakeConn) HandshakeContext(ctx context.Context) error {
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
+	c.l.mu.Lock()
+	evicted := c.evicted
+	c.cancel = cancel
+	c.l.mu.Unlock()
+	if evicted {
+		cancel(errEvicted)
+	}
 	noCookie := time.AfterFunc(cookieWait, func() { cancel(errNoCookie) })
 	// The hook runs on this goroutine, inside HandshakeContext (pion's
 	// server handshake runs on its caller's goroutine, patch (18)).
@@ -143,8 +226,8 @@ func (c *handshakeConn) HandshakeContext(ctx context.Context) error {
 	noCookie.Stop()
 	c.l.release(c)
 	if err != nil {
-		if errors.Is(context.Cause(ctx), errNoCookie) {
-			err = fmt.Errorf("%w: %w", errNoCookie, err)
+		if cause := context.Cause(ctx); errors.Is(cause, errNoCookie) || errors.Is(cause, errEvicted) {
+			err = fmt.Errorf("%w: %w", cause, err)
 		}
 		if !errors.Is(err, errHandshakeLimit) {
 			c.l.s.m.Handshakes.WithLabelValues(hub.CoAP, "failed").Inc()

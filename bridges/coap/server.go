@@ -41,6 +41,10 @@ type Config struct {
 	// HelloVerifyRequest cookie (limit.go); more are dropped before any
 	// crypto is done.
 	MaxHandshakesPerSource int
+	// MaxCookieWaiting bounds the connections, from all sources, whose
+	// client has not echoed the HelloVerifyRequest cookie yet (default
+	// 512, about 6 MiB); past it the oldest is ended (limit.go).
+	MaxCookieWaiting int
 	// RetryAfter is the Max-Age sent with 5.03 when the Sink is full
 	// (default 30s).
 	RetryAfter time.Duration
@@ -65,6 +69,9 @@ func (c *Config) defaults() {
 	}
 	if c.MaxHandshakesPerSource <= 0 {
 		c.MaxHandshakesPerSource = 8
+	}
+	if c.MaxCookieWaiting <= 0 {
+		c.MaxCookieWaiting = 512
 	}
 	if c.RetryAfter <= 0 {
 		c.RetryAfter = 30 * time.Second
