@@ -105,6 +105,7 @@ func (h *authHook) OnConnectAuthenticate(cl *mochi.Client, pk packets.Packet) bo
 	}
 	if pc, ok := cl.Net.Conn.(*pipeConn); ok {
 		pc.authGen = gen
+		pc.authenticated()
 	}
 	log.Info("mqtt: device connected", "device", dev)
 	return true

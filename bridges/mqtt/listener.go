@@ -31,6 +31,66 @@ type tlsListener struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
+
+	// Connections not authenticated yet (the TLS handshake, then the
+	// wait for CONNECT and its check), by source address and in all
+	// (under mu); limited, logged once a minute (limitLogged, refusedN).
+	mu          sync.Mutex
+	unauth      map[string]int
+	unauthN     int
+	limitLogged time.Time
+	refusedN    int
+}
+
+// Each unauthenticated connection holds a goroutine and TLS state (about
+// 15 KiB) for up to HandshakeTimeout twice over; TCP cannot be spoofed,
+// so a limit per source address stops one host from holding thousands
+// (a slowloris), and the overall one bounds many hosts together.
+// admit takes a slot for a new connection from host.
+func (l *tlsListener) admit(host string) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.unauth[host] >= l.s.cfg.MaxUnauthPerSource || l.unauthN >= l.s.cfg.MaxUnauth {
+		return false
+	}
+	if l.unauth == nil {
+		l.unauth = map[string]int{}
+	}
+	l.unauth[host]++
+	l.unauthN++
+	return true
+}
+
+// release gives host's slot back.
+func (l *tlsListener) release(host string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.unauth[host] <= 1 {
+		delete(l.unauth, host)
+	} else {
+		l.unauth[host]--
+	}
+	l.unauthN--
+}
+
+// refuseUnauth closes a connection over the limits: counted, logged at
+// most once a minute (a flood would fill the log).
+func (l *tlsListener) refuseUnauth(c net.Conn, host string) {
+	c.Close()
+	l.s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonHandshakeLimit).Inc()
+	l.mu.Lock()
+	l.refusedN++
+	n, perSource, all := l.refusedN, l.unauth[host], l.unauthN
+	logNow := time.Since(l.limitLogged) >= time.Minute
+	if logNow {
+		l.limitLogged, l.refusedN = time.Now(), 0
+	}
+	l.mu.Unlock()
+	if logNow {
+		l.s.log.Warn("mqtt: connections refused: too many not yet authenticated (TLS handshake or CONNECT pending)",
+			"device", "", "remote", c.RemoteAddr().String(), "refused", n, "from_this_source", perSource, "per_source_limit", l.s.cfg.MaxUnauthPerSource,
+			"in_all", all, "limit", l.s.cfg.MaxUnauth)
+	}
 }
 
 var _ listeners.Listener = (*tlsListener)(nil)
@@ -76,20 +136,26 @@ func (l *tlsListener) Serve(establish listeners.EstablishFn) {
 			}
 			continue
 		}
+		host := hostOf(c.RemoteAddr())
+		if !l.admit(host) {
+			l.refuseUnauth(c, host)
+			continue
+		}
 		l.wg.Add(1)
 		go func() {
 			defer l.wg.Done()
-			l.handle(c, establish)
+			l.handle(c, host, establish)
 		}()
 	}
 }
 
-func (l *tlsListener) handle(c net.Conn, establish listeners.EstablishFn) {
+func (l *tlsListener) handle(c net.Conn, host string, establish listeners.EstablishFn) {
 	ctx, cancel := context.WithTimeout(l.ctx, l.s.cfg.HandshakeTimeout)
 	tc := tls.Server(rawconn.Wrap(c), l.cfg)
 	err := tc.HandshakeContext(ctx)
 	cancel()
 	if err != nil {
+		l.release(host)
 		l.refused(c, err)
 		c.Close()
 		return
@@ -100,6 +166,8 @@ func (l *tlsListener) handle(c net.Conn, establish listeners.EstablishFn) {
 	// mochi reads and writes through pipeConn so that PUBACKs can wait for
 	// the queue's fsync without stopping the session's reads.
 	pc := newPipeConn(tc, l)
+	pc.unauthHost = host
+	defer pc.authenticated() // the slot, if the session never got that far
 	if err := establish(l.id, pc); err != nil {
 		l.s.log.Debug("mqtt: client session ended", "remote", c.RemoteAddr().String(), "err", err)
 	}
@@ -131,6 +199,16 @@ func (l *tlsListener) refused(c net.Conn, err error) {
 		l.s.m.Handshakes.WithLabelValues(hub.MQTT, "failed").Inc()
 		l.s.log.Info("mqtt: TLS handshake failed", "device", "", "remote", remote, "err", err)
 	}
+}
+
+func hostOf(a net.Addr) string {
+	if t, ok := a.(*net.TCPAddr); ok {
+		return t.IP.String()
+	}
+	if h, _, err := net.SplitHostPort(a.String()); err == nil {
+		return h
+	}
+	return a.String()
 }
 
 func isNoClientCert(err error) bool {

@@ -56,6 +56,17 @@ type rig struct {
 	q   *queue.Queue
 	reg *prometheus.Registry
 	ca  *pki.CA
+	// from, if set, is the local address devices dial from (another
+	// source address than 127.0.0.1).
+	from string
+}
+
+func (r *rig) tlsDial(cfg *tls.Config) (*tls.Conn, error) {
+	d := &net.Dialer{Timeout: 10 * time.Second}
+	if r.from != "" {
+		d.LocalAddr = &net.TCPAddr{IP: net.ParseIP(r.from)}
+	}
+	return tls.DialWithDialer(d, "tcp", r.s.Addr(), cfg)
 }
 
 // heldSync is a queue Sync that blocks every fsync while held, and can be
@@ -200,7 +211,7 @@ func (r *rig) dialTLS(t *testing.T, id string, ver byte, withCert bool) *device 
 	t.Helper()
 	cfg := &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: r.ca.RootPool(), ServerName: "127.0.0.1"}
 	if !withCert {
-		c, err := tls.Dial("tcp", r.s.Addr(), cfg)
+		c, err := r.tlsDial(cfg)
 		if err != nil {
 			t.Fatalf("TLS to the MQTT server: %v", err)
 		}
@@ -224,7 +235,7 @@ func (r *rig) dialTLS(t *testing.T, id string, ver byte, withCert bool) *device 
 		t.Fatal(err)
 	}
 	cfg.Certificates = []tls.Certificate{{Certificate: [][]byte{leaf.Raw, r.ca.Issuer().Raw}, PrivateKey: key}}
-	c, err := tls.Dial("tcp", r.s.Addr(), cfg)
+	c, err := r.tlsDial(cfg)
 	if err != nil {
 		t.Fatalf("TLS to the MQTT server: %v", err)
 	}

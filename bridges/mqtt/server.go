@@ -61,6 +61,12 @@ type Config struct {
 	// (default time.Now).
 	SecretLockout SecretLockout
 	Now           func() time.Time
+	// MaxUnauthPerSource and MaxUnauth bound the connections not yet
+	// authenticated (in the TLS handshake or before their CONNECT was
+	// accepted) from one source address and in all (defaults 16 and 512);
+	// more are closed at once, counted as handshake_limit.
+	MaxUnauthPerSource int
+	MaxUnauth          int
 }
 
 // SecretLockout: after Free failed secret logins from one source address,
@@ -111,6 +117,12 @@ func (c *Config) defaults() {
 	}
 	if c.Now == nil {
 		c.Now = time.Now
+	}
+	if c.MaxUnauthPerSource <= 0 {
+		c.MaxUnauthPerSource = 16
+	}
+	if c.MaxUnauth <= 0 {
+		c.MaxUnauth = 512
 	}
 }
 
