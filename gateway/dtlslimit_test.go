@@ -16,6 +16,7 @@ import (
 	"github.com/plgd-dev/go-coap/v3/message/codes"
 
 	"github.com/bastion-iot/bastion/bridges/hub"
+	"github.com/bastion-iot/bastion/internal/devicesim"
 )
 
 // sendHellos sends the ClientHello hello to addr from n sockets of
@@ -193,4 +194,39 @@ func TestClientHelloFloodIsBounded(t *testing.T) {
 		t.Fatalf("publish: %v %v", r.Code, err)
 	}
 	g.waitLog(t, "coap: ClientHellos flooding in", "waiting_limit=512")
+}
+
+// A device holds at most eight DTLS sessions: a ninth closes its oldest
+// (counted session_taken_over, logged). A device that reboots starts a new
+// handshake while its old session lingers until the idle timeout; without
+// the bound every reboot, or a device with valid credentials opening
+// sessions on purpose, held another one.
+func TestCoAPSessionsPerDeviceBounded(t *testing.T) {
+	g := startTransports(t)
+	addr := g.g.Addrs()["coaps_psk"]
+	d := g.addDevice(t, "reboots", "psk")
+	ctx := ctxT(t, 30*time.Second)
+	var open []*devicesim.CoAP
+	for range 9 {
+		co, err := d.DialCoAP(ctx, addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer co.Close()
+		open = append(open, co)
+	}
+	select {
+	case <-open[0].Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("the device's oldest session is still open after its ninth handshake")
+	}
+	for i, co := range open[1:] {
+		if r, err := co.Publish(ctx, "x", []byte("1")); err != nil || r.Code != codes.Changed {
+			t.Fatalf("session %d of the newest eight: publish: %v %v", i+2, r.Code, err)
+		}
+	}
+	if n := g.refusals(hub.CoAP, hub.ReasonSessionTakenOver); n != 1 {
+		t.Errorf("session_taken_over refusals %v, want 1", n)
+	}
+	g.waitLog(t, "coap: oldest session of the device closed", "device="+d.ID)
 }

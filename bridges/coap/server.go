@@ -15,6 +15,7 @@ import (
 	"log/slog"
 	"net"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -324,6 +325,7 @@ func (s *Server) onNewConn(cc *otacache.DTLSConn) {
 		dev, gen, err = s.check(st)
 	}
 	var se *session
+	var oldest *otacache.DTLSConn
 	for err == nil && dev != "" {
 		info := s.classify(dev, st)
 		s.mu.Lock()
@@ -332,11 +334,20 @@ func (s *Server) onNewConn(cc *otacache.DTLSConn) {
 			cc.SetValue(se)
 			s.nSession++
 			s.byDevice[dev] = append(s.byDevice[dev], cc)
+			if l := s.byDevice[dev]; len(l) > maxSessionsPerDevice {
+				oldest = l[0] // its OnClose takes it out of byDevice
+			}
 			s.mu.Unlock()
 			break
 		}
 		s.mu.Unlock()
 		dev, gen, err = s.check(st)
+	}
+	if oldest != nil {
+		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonSessionTakenOver).Inc()
+		s.log.Info("coap: oldest session of the device closed: it opened more than "+strconv.Itoa(maxSessionsPerDevice),
+			"device", dev, "old_remote", oldest.RemoteAddr().String(), "remote", cc.RemoteAddr().String())
+		oldest.Close()
 	}
 	if se == nil {
 		// Revoked between the handshake and now.
@@ -431,6 +442,16 @@ func (s *Server) SessionCount() int {
 	defer s.mu.Unlock()
 	return s.nSession
 }
+
+// maxSessionsPerDevice bounds one device's open DTLS sessions; a new one
+// past it closes the device's oldest. A device that reboots or loses its
+// session state starts a new handshake while the old session lingers
+// until the idle timeout (10 min): one rebooting every 10 s would hold 60
+// sessions, and any device with valid credentials could open thousands.
+// Eight leaves room for a device that fetches firmware on a second session
+// while its first one observes commands, and for quick reconnects whose
+// old session's close_notify is still on its way.
+const maxSessionsPerDevice = 8
 
 // Sessions returns how many sessions device has open now.
 func (s *Server) Sessions(device string) int {
