@@ -229,7 +229,7 @@ func (c *handshakeConn) HandshakeContext(ctx context.Context) error {
 		if cause := context.Cause(ctx); errors.Is(cause, errNoCookie) || errors.Is(cause, errEvicted) {
 			err = fmt.Errorf("%w: %w", cause, err)
 		}
-		if !errors.Is(err, errHandshakeLimit) {
+		if !errors.Is(err, errHandshakeLimit) && !errors.Is(err, errEvicted) { // counted as refusals
 			c.l.s.m.Handshakes.WithLabelValues(hub.CoAP, "failed").Inc()
 		}
 		c.l.s.log.Debug("coap: handshake failed", "device", "", "remote", c.RemoteAddr().String(), "err", err)

@@ -72,13 +72,13 @@ func (h *authHook) OnConnectAuthenticate(cl *mochi.Client, pk packets.Packet) bo
 				h.refuseConnect(cl, packets.ErrServerBusy, packets.Err3ServerUnavailable, "busy: retry in a few seconds")
 				return false
 			}
-			reason := hub.ReasonBadSecret
 			if errors.Is(err, pki.ErrRevoked) {
-				reason = hub.ReasonRevoked
+				return refuse(hub.ReasonRevoked, "secret login failed", "device", dev, "err", err)
 			}
 			h.s.lockout.Fail(now, src, h.s.cfg.SecretLockout.Free)
-			return refuse(reason, "secret login failed", "device", dev, "err", err)
+			return refuse(hub.ReasonBadSecret, "secret login failed", "device", dev, "err", err)
 		}
+		h.s.lockout.Reset(src)
 	default:
 		return refuse(hub.ReasonNoCredentials, "no client certificate", "device", "")
 	}

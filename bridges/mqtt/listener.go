@@ -1,6 +1,7 @@
 package mqtt
 
 import (
+	"container/list"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -33,63 +34,95 @@ type tlsListener struct {
 	wg     sync.WaitGroup
 
 	// Connections not authenticated yet (the TLS handshake, then the
-	// wait for CONNECT and its check), by source address and in all
-	// (under mu); limited, logged once a minute (limitLogged, refusedN).
+	// wait for CONNECT and its check): by source address, and all of them
+	// oldest first (under mu). Refusals and evictions are logged once a
+	// minute (limitLogged, refusedN).
 	mu          sync.Mutex
 	unauth      map[string]int
-	unauthN     int
+	waiting     list.List // of *unauthSlot
 	limitLogged time.Time
 	refusedN    int
 }
 
-// Each unauthenticated connection holds a goroutine and TLS state (about
-// 15 KiB) for up to HandshakeTimeout twice over; TCP cannot be spoofed,
-// so a limit per source address stops one host from holding thousands
-// (a slowloris), and the overall one bounds many hosts together.
-// admit takes a slot for a new connection from host.
-func (l *tlsListener) admit(host string) bool {
+// unauthSlot is one unauthenticated connection's place (tlsListener.admit).
+type unauthSlot struct {
+	host string
+	conn net.Conn
+	elem *list.Element
+	done bool // released (under the listener's mu)
+}
+
+// admit takes a slot for connection c from host. Each unauthenticated
+// connection holds a goroutine and TLS state (about 15 KiB) for up to
+// HandshakeTimeout twice over. TCP cannot be spoofed, so a source address
+// over MaxUnauthPerSource is refused: one host cannot hold thousands (a
+// slowloris). Past MaxUnauth in all, the oldest unauthenticated
+// connection is closed instead of refusing the new one: a real device
+// gets through its handshake and CONNECT in milliseconds, so idle
+// connections from many addresses (easy to have on an IPv6 LAN, where a
+// host picks any address in its /64) push out each other, not the devices.
+// Per address, not per /64: on a LAN every device is in the same /64.
+func (l *tlsListener) admit(c net.Conn, host string) (*unauthSlot, bool) {
 	l.mu.Lock()
-	defer l.mu.Unlock()
-	if l.unauth[host] >= l.s.cfg.MaxUnauthPerSource || l.unauthN >= l.s.cfg.MaxUnauth {
-		return false
+	if l.unauth[host] >= l.s.cfg.MaxUnauthPerSource {
+		l.mu.Unlock()
+		l.limited(c, host, "connection refused: too many not yet authenticated from this address (TLS handshake or CONNECT pending)")
+		return nil, false
+	}
+	var old *unauthSlot
+	if l.waiting.Len() >= l.s.cfg.MaxUnauth {
+		old = l.waiting.Front().Value.(*unauthSlot)
+		l.releaseLocked(old)
 	}
 	if l.unauth == nil {
 		l.unauth = map[string]int{}
 	}
+	slot := &unauthSlot{host: host, conn: c}
+	slot.elem = l.waiting.PushBack(slot)
 	l.unauth[host]++
-	l.unauthN++
-	return true
+	l.mu.Unlock()
+	if old != nil { // closed: its goroutine's handshake or CONNECT read fails
+		l.limited(old.conn, old.host, "oldest unauthenticated connection closed: too many not yet authenticated in all")
+	}
+	return slot, true
 }
 
-// release gives host's slot back.
-func (l *tlsListener) release(host string) {
+func (l *tlsListener) releaseLocked(s *unauthSlot) {
+	if s.done {
+		return
+	}
+	s.done = true
+	l.waiting.Remove(s.elem)
+	if l.unauth[s.host] <= 1 {
+		delete(l.unauth, s.host)
+	} else {
+		l.unauth[s.host]--
+	}
+}
+
+// release gives s back (once; later calls do nothing).
+func (l *tlsListener) release(s *unauthSlot) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if l.unauth[host] <= 1 {
-		delete(l.unauth, host)
-	} else {
-		l.unauth[host]--
-	}
-	l.unauthN--
+	l.releaseLocked(s)
 }
 
-// refuseUnauth closes a connection over the limits: counted, logged at
-// most once a minute (a flood would fill the log).
-func (l *tlsListener) refuseUnauth(c net.Conn, host string) {
+// limited counts a connection closed by the limits (c, from host) and logs
+// at most once a minute: a flood would fill the log.
+func (l *tlsListener) limited(c net.Conn, host, msg string) {
 	c.Close()
 	l.s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonHandshakeLimit).Inc()
 	l.mu.Lock()
 	l.refusedN++
-	n, perSource, all := l.refusedN, l.unauth[host], l.unauthN
+	n, perSource, all := l.refusedN, l.unauth[host], l.waiting.Len()
 	logNow := time.Since(l.limitLogged) >= time.Minute
 	if logNow {
 		l.limitLogged, l.refusedN = time.Now(), 0
 	}
 	l.mu.Unlock()
 	if logNow {
-		l.s.log.Warn("mqtt: connections refused: too many not yet authenticated (TLS handshake or CONNECT pending)",
-			"device", "", "remote", c.RemoteAddr().String(), "refused", n, "from_this_source", perSource, "per_source_limit", l.s.cfg.MaxUnauthPerSource,
-			"in_all", all, "limit", l.s.cfg.MaxUnauth)
+		l.s.log.Warn("mqtt: "+msg, "device", "", "remote", c.RemoteAddr().String(), "closed_since_last_line", n,
+			"from_this_address", perSource, "per_address_limit", l.s.cfg.MaxUnauthPerSource, "in_all", all, "limit", l.s.cfg.MaxUnauth)
 	}
 }
 
@@ -136,26 +169,25 @@ func (l *tlsListener) Serve(establish listeners.EstablishFn) {
 			}
 			continue
 		}
-		host := hostOf(c.RemoteAddr())
-		if !l.admit(host) {
-			l.refuseUnauth(c, host)
+		slot, ok := l.admit(c, hostOf(c.RemoteAddr()))
+		if !ok {
 			continue
 		}
 		l.wg.Add(1)
 		go func() {
 			defer l.wg.Done()
-			l.handle(c, host, establish)
+			l.handle(c, slot, establish)
 		}()
 	}
 }
 
-func (l *tlsListener) handle(c net.Conn, host string, establish listeners.EstablishFn) {
+func (l *tlsListener) handle(c net.Conn, slot *unauthSlot, establish listeners.EstablishFn) {
 	ctx, cancel := context.WithTimeout(l.ctx, l.s.cfg.HandshakeTimeout)
 	tc := tls.Server(rawconn.Wrap(c), l.cfg)
 	err := tc.HandshakeContext(ctx)
 	cancel()
 	if err != nil {
-		l.release(host)
+		l.release(slot)
 		l.refused(c, err)
 		c.Close()
 		return
@@ -166,7 +198,7 @@ func (l *tlsListener) handle(c net.Conn, host string, establish listeners.Establ
 	// mochi reads and writes through pipeConn so that PUBACKs can wait for
 	// the queue's fsync without stopping the session's reads.
 	pc := newPipeConn(tc, l)
-	pc.unauthHost = host
+	pc.unauth = slot
 	defer pc.authenticated() // the slot, if the session never got that far
 	if err := establish(l.id, pc); err != nil {
 		l.s.log.Debug("mqtt: client session ended", "remote", c.RemoteAddr().String(), "err", err)

@@ -28,10 +28,69 @@ type countingIdentity struct {
 
 func (i countingIdentity) CheckSecret(_ string, secret []byte) error {
 	i.checks.Add(1)
-	if string(secret) != "s3cret" {
-		return errors.New("wrong secret")
+	switch string(secret) {
+	case "s3cret":
+		return nil
+	case "revoked": // the gateway refuses a revoked device before hashing
+		return fmt.Errorf("device: %w", pki.ErrRevoked)
 	}
-	return nil
+	return errors.New("wrong secret")
+}
+
+// secretLogin connects from the address from with device "devs" and
+// secret, and returns the CONNACK's reason code.
+func secretLogin(t *testing.T, r *rig, ver byte, from, secret string) byte {
+	t.Helper()
+	d := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(from)}, Timeout: 10 * time.Second}
+	c, err := tls.DialWithDialer(d, "tcp", r.s.Addr(), &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: r.ca.RootPool(), ServerName: "127.0.0.1"})
+	if err != nil {
+		t.Fatalf("TLS from %s: %v", from, err)
+	}
+	defer c.Close()
+	dev := &device{t: t, id: "devs", ver: ver, c: c, r: bufio.NewReader(c)}
+	dev.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, Connect: packets.ConnectParams{
+		ProtocolName: []byte("MQTT"), Clean: true, Keepalive: 60, ClientIdentifier: "devs",
+		Username: []byte("devs"), UsernameFlag: true, Password: []byte(secret), PasswordFlag: true}})
+	pk := dev.read(10 * time.Second)
+	if pk.FixedHeader.Type != packets.Connack {
+		t.Fatalf("got packet type %d, want CONNACK", pk.FixedHeader.Type)
+	}
+	return pk.ReasonCode
+}
+
+// TestSecretLockoutSparesRevokedAndResets: a revoked device's refused
+// logins (no argon2id run) do not lock its address out, and a successful
+// secret login from an address starts its count over: a revoked device
+// retrying behind a shared address does not lock the others out for good.
+func TestSecretLockoutSparesRevokedAndResets(t *testing.T) {
+	var checks atomic.Int32
+	r := newRigWith(t, queue.Options{}, Config{AllowSecretAuth: true,
+		SecretLockout: SecretLockout{Free: 3, Base: 30 * time.Second, Max: time.Minute, Forget: time.Hour}},
+		func(ca *pki.CA) bridges.Identity { return countingIdentity{caIdentity{ca}, &checks} })
+	for range 5 {
+		if got := secretLogin(t, r, 5, "127.0.0.1", "revoked"); got != packets.ErrBadUsernameOrPassword.Code {
+			t.Fatalf("revoked: CONNACK 0x%02x, want 0x%02x", got, packets.ErrBadUsernameOrPassword.Code)
+		}
+	}
+	for _, step := range []struct {
+		secret string
+		want   byte
+	}{
+		{"s3cret", 0}, // five revoked refusals did not lock the address
+		{"wrong", packets.ErrBadUsernameOrPassword.Code},
+		{"wrong", packets.ErrBadUsernameOrPassword.Code},
+		{"s3cret", 0}, // two failures, under Free: accepted, and the count starts over
+		{"wrong", packets.ErrBadUsernameOrPassword.Code},
+		{"wrong", packets.ErrBadUsernameOrPassword.Code},
+		{"s3cret", 0}, // locked now if the success had not reset the count
+	} {
+		if got := secretLogin(t, r, 5, "127.0.0.1", step.secret); got != step.want {
+			t.Fatalf("secret %q: CONNACK 0x%02x, want 0x%02x", step.secret, got, step.want)
+		}
+	}
+	if got := r.refusals(hub.ReasonSecretLockout); got != 0 {
+		t.Errorf("secret_lockout refusals %v, want 0", got)
+	}
 }
 
 // TestSecretLockoutPerSource: after Free failed secret logins from one
@@ -51,24 +110,7 @@ func TestSecretLockoutPerSource(t *testing.T) {
 			r := newRigWith(t, queue.Options{}, Config{AllowSecretAuth: true, Now: clock,
 				SecretLockout: SecretLockout{Free: 3, Base: 30 * time.Second, Max: time.Minute, Forget: time.Hour}},
 				func(ca *pki.CA) bridges.Identity { return countingIdentity{caIdentity{ca}, &checks} })
-			login := func(from, secret string) byte {
-				t.Helper()
-				d := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(from)}, Timeout: 10 * time.Second}
-				c, err := tls.DialWithDialer(d, "tcp", r.s.Addr(), &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: r.ca.RootPool(), ServerName: "127.0.0.1"})
-				if err != nil {
-					t.Fatalf("TLS from %s: %v", from, err)
-				}
-				defer c.Close()
-				dev := &device{t: t, id: "devs", ver: tc.ver, c: c, r: bufio.NewReader(c)}
-				dev.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, Connect: packets.ConnectParams{
-					ProtocolName: []byte("MQTT"), Clean: true, Keepalive: 60, ClientIdentifier: "devs",
-					Username: []byte("devs"), UsernameFlag: true, Password: []byte(secret), PasswordFlag: true}})
-				pk := dev.read(10 * time.Second)
-				if pk.FixedHeader.Type != packets.Connack {
-					t.Fatalf("got packet type %d, want CONNACK", pk.FixedHeader.Type)
-				}
-				return pk.ReasonCode
-			}
+			login := func(from, secret string) byte { t.Helper(); return secretLogin(t, r, tc.ver, from, secret) }
 			for i := range 3 {
 				if got := login("127.0.0.1", "wrong"); got != tc.bad {
 					t.Fatalf("wrong secret %d: CONNACK 0x%02x, want 0x%02x", i, got, tc.bad)

@@ -77,10 +77,9 @@ type pipeConn struct {
 	// refused is set when the session is closed because its device is no
 	// longer accepted (revoked): its Will is not sent.
 	refused atomic.Bool
-	// unauthHost holds a slot of the listener's unauthenticated
-	// connections until authenticated releases it (once).
-	unauthHost string
-	unauthDone atomic.Bool
+	// unauth is the connection's slot among the listener's
+	// unauthenticated ones until authenticated releases it.
+	unauth *unauthSlot
 
 	mu     sync.Mutex
 	cond   sync.Cond // L is mu: room in the pipeline or in held, or the end
@@ -120,8 +119,8 @@ type heldRun struct {
 // unauthenticated ones (tlsListener.admit): at the session's successful
 // CONNECT check, or when the session ends before it.
 func (c *pipeConn) authenticated() {
-	if c.unauthHost != "" && c.unauthDone.CompareAndSwap(false, true) {
-		c.l.release(c.unauthHost)
+	if c.unauth != nil {
+		c.l.release(c.unauth)
 	}
 }
 

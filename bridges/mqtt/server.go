@@ -69,10 +69,13 @@ type Config struct {
 	MaxUnauth          int
 }
 
-// SecretLockout: after Free failed secret logins from one source address,
-// each further failure locks the address out for Base·2^(n-Free), at most
-// Max; logins from it are refused meanwhile without running argon2id. A
-// source with no failure for Forget starts over.
+// SecretLockout: from the Free-th failed secret login from one source
+// address on, each failure locks the address out for Base·2^(n-Free), at
+// most Max; logins from it are refused meanwhile without running argon2id.
+// A source with no failure for Forget, or with a successful secret login,
+// starts over. A login refused because its device is revoked is not
+// counted: it runs no argon2id, and a revoked device that keeps retrying
+// would otherwise lock out the devices sharing its address for good.
 type SecretLockout struct {
 	Free              int
 	Base, Max, Forget time.Duration

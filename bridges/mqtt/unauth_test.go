@@ -92,10 +92,12 @@ func TestUnauthenticatedConnectionsLimitedPerSource(t *testing.T) {
 	}
 }
 
-// TestUnauthenticatedConnectionsLimitedInAll: the overall bound, over
-// source addresses.
+// TestUnauthenticatedConnectionsLimitedInAll: past MaxUnauth in all, the
+// oldest unauthenticated connection is closed, not the new one: idle
+// connections from many addresses cannot keep a device out.
 func TestUnauthenticatedConnectionsLimitedInAll(t *testing.T) {
 	r := newRigWith(t, queue.Options{}, Config{MaxUnauth: 3}, nil)
+	var idle []net.Conn
 	for i := range 3 {
 		d := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, byte(10+i))}}
 		c, err := d.Dial("tcp", r.s.Addr())
@@ -103,10 +105,11 @@ func TestUnauthenticatedConnectionsLimitedInAll(t *testing.T) {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { c.Close() })
+		idle = append(idle, c)
 	}
 	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(5 * time.Millisecond) {
 		r.s.tls.mu.Lock()
-		n := r.s.tls.unauthN
+		n := r.s.tls.waiting.Len()
 		r.s.tls.mu.Unlock()
 		if n == 3 {
 			break
@@ -115,7 +118,12 @@ func TestUnauthenticatedConnectionsLimitedInAll(t *testing.T) {
 			t.Fatalf("unauthenticated connections = %d, want 3", n)
 		}
 	}
-	closedAtOnce(t, r, "127.0.0.20")
+	r.from = "127.0.0.20"
+	r.dial(t, "dev-new", 5) // connects: the oldest idle connection made room
+	idle[0].SetReadDeadline(time.Now().Add(3 * time.Second))
+	if _, err := idle[0].Read(make([]byte, 1)); err == nil || isTimeout(err) {
+		t.Fatalf("the oldest idle connection was not closed: %v", err)
+	}
 	if got := r.refusals(hub.ReasonHandshakeLimit); got != 1 {
 		t.Errorf("handshake_limit refusals %v, want 1", got)
 	}

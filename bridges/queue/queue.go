@@ -706,6 +706,12 @@ func (q *Queue) rotate(base uint64) (*segment, error) {
 		return nil, err
 	}
 	q.m.fsyncs.Inc()
+	// Opened again under its new name, which errors about it then name
+	// (an os.File keeps the name it was opened with).
+	if nf, err := os.OpenFile(name, os.O_RDWR, 0o600); err == nil {
+		f.Close()
+		f = nf
+	}
 	return &segment{base: base, path: name, f: f, size: int64(len(segMagic))}, nil
 }
 

@@ -83,6 +83,9 @@ func TestRotationUsesPreparedSegment(t *testing.T) {
 	if !os.SameFile(before, after) {
 		t.Fatalf("the new segment %s is not the prepared file", active.path)
 	}
+	if active.f.Name() != active.path {
+		t.Errorf("the new segment's file is named %s, want %s (its errors would name the spare)", active.f.Name(), active.path)
+	}
 	if _, err := os.Stat(filepath.Join(dir, spareName)); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("%s still there after the rotation took it: %v", spareName, err)
 	}

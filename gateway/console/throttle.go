@@ -6,7 +6,7 @@ import (
 	lockout "github.com/bastion-iot/bastion/internal/throttle"
 )
 
-// ThrottlePolicy sets login rate limiting. After Free failures, each further
+// ThrottlePolicy sets login rate limiting. From the Free-th failure on, each
 // failure locks the key for Base·2^(n-Free), at most Max. Keys are the user
 // name and the source address, counted separately, so one source cannot
 // try many users and many sources cannot try one user.

@@ -1,6 +1,6 @@
 // Package throttle locks out keys (a console user, a source address) after
-// repeated failures: after Free failures each further one locks the key
-// for Base·2^(n-Free), at most Max. Counts are kept in memory, bounded; a
+// repeated failures: from the free-th failure on, each one locks the key
+// for Base·2^(n-free), at most Max. Counts are kept in memory, bounded; a
 // restart forgets them, which needs physical access to the box.
 package throttle
 
