@@ -31,6 +31,9 @@ const (
 	ReasonSessionTakenOver = "session_taken_over"
 	ReasonRetainedLimit    = "retained_limit"
 	ReasonTopicAlias       = "topic_alias"
+	// ReasonSubscriptionsLimit: an MQTT filter over the device's
+	// subscription quota (mqtt.Config.MaxSubscriptions).
+	ReasonSubscriptionsLimit = "subscriptions_limit"
 	// ReasonSecretLockout: a secret login from a source address that
 	// failed too often lately, refused without checking the secret.
 	ReasonSecretLockout = "secret_lockout"

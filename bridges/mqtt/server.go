@@ -67,6 +67,10 @@ type Config struct {
 	// more are closed at once, counted as handshake_limit.
 	MaxUnauthPerSource int
 	MaxUnauth          int
+	// MaxSubscriptions bounds one client's subscriptions (default 32); a
+	// filter past it gets SUBACK 0x97 (3.1.1: 0x80). Each is kept in the
+	// broker's topic tree, also for an hour after the session ends.
+	MaxSubscriptions int
 }
 
 // SecretLockout: from the Free-th failed secret login from one source
@@ -126,6 +130,9 @@ func (c *Config) defaults() {
 	}
 	if c.MaxUnauth <= 0 {
 		c.MaxUnauth = 512
+	}
+	if c.MaxSubscriptions <= 0 {
+		c.MaxSubscriptions = 32
 	}
 }
 
@@ -197,6 +204,7 @@ func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log 
 	// the maximum in CONNACK, so a conforming client used none: with 0 a
 	// client using one is disconnected (MQTT 5: 0x94 topic alias invalid).
 	caps.TopicAliasMaximum = 0
+	caps.MaximumSubscriptionsPerClient = cfg.MaxSubscriptions
 	caps.MaximumClientWritesPending = writesPending(cfg.MaxInflight)
 	s.mq = mochi.New(&mochi.Options{
 		Capabilities:             caps,

@@ -61,6 +61,10 @@ type Capabilities struct {
 	RetainAvailable              byte            `yaml:"retain_available" json:"retain_available"`                 // support of retain messages
 	WildcardSubAvailable         byte            `yaml:"wildcard_sub_available" json:"wildcard_sub_available"`     // support of wildcard subscriptions
 	SubIDAvailable               byte            `yaml:"sub_id_available" json:"sub_id_available"`                 // support of subscription identifiers
+	// MaximumSubscriptionsPerClient (Bastion): a client holds at most this
+	// many subscriptions; a SUBSCRIBE filter that would add one more gets
+	// 0x97 quota exceeded (MQTT 3.1.1: 0x80). 0: no limit.
+	MaximumSubscriptionsPerClient int `yaml:"maximum_subscriptions_per_client" json:"maximum_subscriptions_per_client"`
 }
 
 // NewDefaultServerCapabilities defines the default features and capabilities provided by the server.
@@ -1274,6 +1278,19 @@ func (s *Server) processPubcomp(cl *Client, pk packets.Packet) error {
 }
 
 // processSubscribe processes a Subscribe packet.
+// OverSubscriptionQuota (Bastion) reports whether subscribing cl to filter
+// would take it past max subscriptions (0: no limit). Replacing an existing
+// subscription adds none.
+func OverSubscriptionQuota(cl *Client, filter string, max int) bool {
+	if max <= 0 {
+		return false
+	}
+	if _, ok := cl.State.Subscriptions.Get(filter); ok {
+		return false
+	}
+	return cl.State.Subscriptions.Len() >= max
+}
+
 func (s *Server) processSubscribe(cl *Client, pk packets.Packet) error {
 	pk = s.hooks.OnSubscribe(cl, pk)
 	code := packets.CodeSuccess
@@ -1296,6 +1313,8 @@ func (s *Server) processSubscribe(cl *Client, pk packets.Packet) error {
 			if s.Options.Capabilities.Compatibilities.ObscureNotAuthorized {
 				reasonCodes[i] = packets.ErrUnspecifiedError.Code
 			}
+		} else if OverSubscriptionQuota(cl, sub.Filter, s.Options.Capabilities.MaximumSubscriptionsPerClient) {
+			reasonCodes[i] = packets.ErrQuotaExceeded.Code
 		} else {
 			isNew := s.Topics.Subscribe(cl.ID, sub) // [MQTT-3.8.4-3]
 			if isNew {
