@@ -327,6 +327,18 @@ func (s *Server) answer(w responseSetter, m *pool.Message, se *session, res resp
 	var release func()
 	switch res.observe {
 	case obsRegister:
+		if !se.mayObserve(m.Token()) {
+			// RFC 7641 §4.1: a server unwilling to add an observer
+			// answers the GET without Observe; the device sees it is not
+			// registered.
+			s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonObserveLimit).Inc()
+			s.log.Warn("coap: observe not registered: the session observes as many tokens as it may; answered as a plain GET",
+				"device", se.device, "topic", res.topic, "limit", maxObservations)
+			if last, ok := s.hub.LastCommand(res.topic); ok {
+				res.body = last.Payload
+			}
+			break
+		}
 		seq, last, ok, rel := se.observe(s, m.Token(), res.topic)
 		release = rel
 		if s.observeHook != nil {
@@ -385,6 +397,24 @@ type observation struct {
 	held  bool
 	queue []bridges.Message
 	gone  bool // deregistered, replaced or the session closed
+}
+
+// maxObservations bounds one session's observe registrations (distinct
+// tokens). Each holds an observer in the hub for as long as the session
+// lives, and a token is up to 8 bytes the device picks: without a bound
+// one device could register until the gateway ran out of memory. A device
+// observes its command topics, a handful.
+const maxObservations = 16
+
+// mayObserve reports whether token may register (again, or as a new one
+// while the session has room).
+func (se *session) mayObserve(token message.Token) bool {
+	se.mu.Lock()
+	defer se.mu.Unlock()
+	if _, ok := se.obs[string(token)]; ok {
+		return true
+	}
+	return len(se.obs) < maxObservations
 }
 
 // maxHeld bounds the commands held for one registration while its answer

@@ -299,3 +299,34 @@ func TestObserveOversizeCommandRefused(t *testing.T) {
 		t.Fatalf("next datagram: %v (%d bytes); want the 1024-byte command", n.typ, len(n.payload))
 	}
 }
+
+// A session observes at most 16 tokens: a 17th registration is answered as
+// a plain GET, without Observe (RFC 7641 §4.1: the device sees it is not
+// registered), carrying the last command, counted observe_limit; a held
+// token can register again. Without the bound a device could register
+// tokens until the gateway ran out of memory.
+func TestObserveRegistrationsBounded(t *testing.T) {
+	h, dev, addr := startObserveServer(t, nil)
+	if err := h.Deliver(context.Background(), bridges.Message{Device: "dev-psk", Topic: "devices/dev-psk/c/x", Payload: []byte("last")}); err != nil {
+		t.Fatal(err)
+	}
+	d := dialRaw(t, dev, addr)
+	for i := range 16 {
+		d.sendObserve(uint16(100+i), "/c/x")
+		if a := d.nextObserved(); a.typ != message.Acknowledgement || a.seq < 0 {
+			t.Fatalf("registration %d: %v, want an ACK with Observe", i, a)
+		}
+	}
+	d.sendObserve(200, "/c/x")
+	a := d.nextObserved()
+	if a.typ != message.Acknowledgement || a.seq >= 0 || a.payload != "last" {
+		t.Fatalf("17th registration: %v, want an ACK without Observe carrying the last command", a)
+	}
+	if got := testutil.ToFloat64(h.Metrics().Refused.WithLabelValues(hub.CoAP, hub.ReasonObserveLimit)); got != 1 {
+		t.Errorf("observe_limit refusals %v, want 1", got)
+	}
+	d.sendObserve(105, "/c/x") // a held token registers again
+	if a := d.nextObserved(); a.typ != message.Acknowledgement || a.seq < 0 {
+		t.Fatalf("held token registering again: %v, want an ACK with Observe", a)
+	}
+}

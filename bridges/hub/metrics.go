@@ -31,6 +31,9 @@ const (
 	ReasonSessionTakenOver = "session_taken_over"
 	ReasonRetainedLimit    = "retained_limit"
 	ReasonTopicAlias       = "topic_alias"
+	// ReasonObserveLimit: a CoAP observe registration past the session's
+	// bound, answered as a plain GET (RFC 7641 §4.1).
+	ReasonObserveLimit = "observe_limit"
 	// ReasonSubscriptionsLimit: an MQTT filter over the device's
 	// subscription quota (mqtt.Config.MaxSubscriptions).
 	ReasonSubscriptionsLimit = "subscriptions_limit"
