@@ -44,7 +44,7 @@ type Config struct {
 	MaxHandshakesPerSource int
 	// MaxCookieWaiting bounds the connections, from all sources, whose
 	// client has not echoed the HelloVerifyRequest cookie yet (default
-	// 512, about 6 MiB); past it the oldest is ended (limit.go).
+	// 512); past it the oldest is ended (limit.go).
 	MaxCookieWaiting int
 	// RetryAfter is the Max-Age sent with 5.03 when the Sink is full
 	// (default 30s).

@@ -3,7 +3,6 @@ package mqtt
 import (
 	"context"
 	"errors"
-	"net"
 	"time"
 
 	mochi "github.com/mochi-mqtt/server/v2"
@@ -26,7 +25,7 @@ func (h *authHook) Provides(b byte) bool {
 }
 
 var authEvents = hookEvents(mochi.OnConnect, mochi.OnConnectAuthenticate, mochi.OnACLCheck,
-	mochi.OnPublish, mochi.OnSessionEstablished, mochi.OnDisconnect, mochi.OnWill)
+	mochi.OnPublish, mochi.OnSessionEstablished, mochi.OnDisconnect, mochi.OnWill, mochi.OnSubscribed)
 
 // OnConnect caps the keepalive so that a dead device's session ends.
 func (h *authHook) OnConnect(cl *mochi.Client, pk packets.Packet) error {
@@ -55,7 +54,7 @@ func (h *authHook) OnConnectAuthenticate(cl *mochi.Client, pk packets.Packet) bo
 	case hasCert:
 	case h.s.cfg.AllowSecretAuth && len(pk.Connect.Username) > 0:
 		dev = string(pk.Connect.Username)
-		src := sourceKey(cl.Net.Remote)
+		src := bridges.SourceHost(cl.Net.Conn.RemoteAddr())
 		now := h.s.cfg.Now()
 		if until := h.s.lockout.LockedUntil(now, src); !until.IsZero() {
 			wait := until.Sub(now).Round(time.Second)
@@ -109,15 +108,6 @@ func (h *authHook) OnConnectAuthenticate(cl *mochi.Client, pk packets.Packet) bo
 	}
 	log.Info("mqtt: device connected", "device", dev)
 	return true
-}
-
-// sourceKey is the lockout key of a client's remote address: its IP
-// (ports change with every connection).
-func sourceKey(remote string) string {
-	if host, _, err := net.SplitHostPort(remote); err == nil {
-		return host
-	}
-	return remote
 }
 
 // refuseConnect answers a CONNECT whose credentials are fine with code
@@ -194,13 +184,6 @@ func (h *authHook) OnACLCheck(cl *mochi.Client, topic string, write bool) bool {
 		return false
 	}
 	if hub.MaySubscribe(cl.ID, topic) || hub.MayRead(cl.ID, topic) {
-		// mochi checks the quota next and answers 0x97 (3.1.1: 0x80),
-		// where nothing of ours would see it: counted and logged here.
-		if mochi.OverSubscriptionQuota(cl, topic, h.s.cfg.MaxSubscriptions) {
-			h.s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonSubscriptionsLimit).Inc()
-			h.s.log.Warn("mqtt: subscribe refused: the device holds as many subscriptions as it may; unsubscribe first or use a wildcard",
-				"device", cl.ID, "filter", topic, "limit", h.s.cfg.MaxSubscriptions)
-		}
 		return true
 	}
 	h.s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonSubscribeACL).Inc()
@@ -331,4 +314,24 @@ func (h *authHook) pipelined(ctx context.Context, pc *pipeConn, m bridges.Messag
 		pc.unreserve()
 	}
 	return err
+}
+
+// OnSubscribed counts and logs the filters mochi refused for the
+// subscription quota (mochi patch (9)): SUBACK 0x97, or 0x80 for MQTT
+// 3.1.1, which also answers an invalid filter or one the ACL refused, so
+// a refused filter counts here only if it is valid, in the device's
+// namespace (OnACLCheck counts the others) and not held after the
+// SUBSCRIBE. Not in OnACLCheck: mochi calls that for every message it
+// delivers too, with the topic, not a filter.
+func (h *authHook) OnSubscribed(cl *mochi.Client, pk packets.Packet, codes []byte) {
+	for i, sub := range pk.Filters {
+		if i >= len(codes) || codes[i] < packets.ErrUnspecifiedError.Code || !mochi.IsValidFilter(sub.Filter, false) ||
+			!(hub.MaySubscribe(cl.ID, sub.Filter) || hub.MayRead(cl.ID, sub.Filter)) ||
+			!mochi.OverSubscriptionQuota(cl, sub.Filter, h.s.cfg.MaxSubscriptions) {
+			continue
+		}
+		h.s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonSubscriptionsLimit).Inc()
+		h.s.log.Warn("mqtt: subscribe refused: the device holds as many subscriptions as it may; unsubscribe first or use a wildcard",
+			"device", cl.ID, "filter", sub.Filter, "limit", h.s.cfg.MaxSubscriptions)
+	}
 }

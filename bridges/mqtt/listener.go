@@ -14,6 +14,7 @@ import (
 
 	"github.com/mochi-mqtt/server/v2/listeners"
 
+	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/bridges/hub"
 	"github.com/bastion-iot/bastion/bridges/rawconn"
 )
@@ -53,7 +54,7 @@ type unauthSlot struct {
 }
 
 // admit takes a slot for connection c from host. Each unauthenticated
-// connection holds a goroutine and TLS state (about 15 KiB) for up to
+// connection holds a goroutine and TLS state for up to
 // HandshakeTimeout twice over. TCP cannot be spoofed, so a source address
 // over MaxUnauthPerSource is refused: one host cannot hold thousands (a
 // slowloris). Past MaxUnauth in all, the oldest unauthenticated
@@ -169,7 +170,7 @@ func (l *tlsListener) Serve(establish listeners.EstablishFn) {
 			}
 			continue
 		}
-		slot, ok := l.admit(c, hostOf(c.RemoteAddr()))
+		slot, ok := l.admit(c, bridges.SourceHost(c.RemoteAddr()))
 		if !ok {
 			continue
 		}
@@ -231,16 +232,6 @@ func (l *tlsListener) refused(c net.Conn, err error) {
 		l.s.m.Handshakes.WithLabelValues(hub.MQTT, "failed").Inc()
 		l.s.log.Info("mqtt: TLS handshake failed", "device", "", "remote", remote, "err", err)
 	}
-}
-
-func hostOf(a net.Addr) string {
-	if t, ok := a.(*net.TCPAddr); ok {
-		return t.IP.String()
-	}
-	if h, _, err := net.SplitHostPort(a.String()); err == nil {
-		return h
-	}
-	return a.String()
 }
 
 func isNoClientCert(err error) bool {

@@ -615,10 +615,12 @@ const spareName = "next.seg.spare"
 // this size as they are written, so that its sync has little left to
 // write. A commit's fsync that comes during that sync can wait for it
 // (ext4's ordered mode writes a journal transaction's newly allocated data
-// blocks before committing it): on an SD card writing 10 MB/s, 400 ms for
-// a whole segment. On the development VM's quick disk it makes no
+// blocks before committing it): 400 ms for a whole segment on a card that
+// writes 10 MB/s, by arithmetic (no card was measured). On the development
+// VM's quick disk it makes no
 // difference: BenchmarkRotation's slowest Accept was 4.3-5.9 ms with
 // every rotation writing its segment, 2.4-4.1 with the spare synced whole
+// (2 rotations a round; the others 4)
 // and 2.5-4.2 written back in pieces (syncing every piece: 1.8-2.7, but
 // the p99 twice as long, every commit meanwhile waiting for a cache flush).
 const spareWriteback = 256 << 10

@@ -93,7 +93,7 @@ func (h *Handler) doLogin(ctx context.Context, w http.ResponseWriter, r *http.Re
 	if len(user) > 64 {
 		user = user[:64]
 	}
-	if until := h.thr.lockedUntil(now, "u:"+user, "s:"+src); !until.IsZero() {
+	if until := h.thr.LockedUntil(now, "u:"+user, "s:"+src); !until.IsZero() {
 		// Counted, so hammering a locked account extends the lockout; not
 		// audited one by one, so a flood cannot wear the flash.
 		h.thr.failLogin(now, user, src)
@@ -113,7 +113,7 @@ func (h *Handler) doLogin(ctx context.Context, w http.ResponseWriter, r *http.Re
 		h.audit(ctx, Actor{Name: "anonymous", Remote: src}, "console.login_failed", user, "")
 		return store.Session{}, refuse(ReasonBadLogin, http.StatusUnauthorized, "wrong user name or password")
 	}
-	h.thr.reset("u:"+user, "s:"+src)
+	h.thr.Reset("u:"+user, "s:"+src)
 	s, err := h.newSession(w, r, u.Name)
 	if err != nil {
 		return s, err
@@ -129,7 +129,7 @@ func (h *Handler) doSetup(ctx context.Context, w http.ResponseWriter, r *http.Re
 	if h.adminExists() {
 		return store.Session{}, errf(http.StatusConflict, "an admin already exists: log in, or use password recovery")
 	}
-	if until := h.thr.lockedUntil(now, "setup:"+src); !until.IsZero() {
+	if until := h.thr.LockedUntil(now, "setup:"+src); !until.IsZero() {
 		return store.Session{}, &lockedError{wait: until.Sub(now)}
 	}
 	user := strings.TrimSpace(in.User)
@@ -142,7 +142,7 @@ func (h *Handler) doSetup(ctx context.Context, w http.ResponseWriter, r *http.Re
 	how := "setup code"
 	if !h.o.Gateway.CheckSetupCode(in.Code) {
 		if in.Code != "" || !h.consumePresence() {
-			h.thr.fail(now, "setup:"+src, 5)
+			h.thr.Fail(now, "setup:"+src, 5)
 			h.audit(ctx, Actor{Name: "anonymous", Remote: src}, "console.setup_refused", user, "wrong setup code")
 			return store.Session{}, refuse(ReasonBadCode, http.StatusForbidden, "wrong setup code: use the code bastiond printed on the box's console, or press the button on the box first")
 		}
@@ -165,7 +165,7 @@ func (h *Handler) doSetup(ctx context.Context, w http.ResponseWriter, r *http.Re
 // sessions end and its lockout is lifted.
 func (h *Handler) doRecover(ctx context.Context, r *http.Request, in setupInput) error {
 	now, src := h.o.Now(), remoteIP(r)
-	if until := h.thr.lockedUntil(now, "recover:"+src); !until.IsZero() {
+	if until := h.thr.LockedUntil(now, "recover:"+src); !until.IsZero() {
 		return &lockedError{wait: until.Sub(now)}
 	}
 	user := strings.TrimSpace(in.User)
@@ -178,7 +178,7 @@ func (h *Handler) doRecover(ctx context.Context, r *http.Request, in setupInput)
 	how := "recovery code"
 	if !h.checkRecoveryCode(in.Code) {
 		if in.Code != "" || !h.consumePresence() {
-			h.thr.fail(now, "recover:"+src, 5)
+			h.thr.Fail(now, "recover:"+src, 5)
 			h.audit(ctx, Actor{Name: "anonymous", Remote: src}, "console.recover_refused", user, "wrong recovery code")
 			return refuse(ReasonBadCode, http.StatusForbidden, "wrong or expired recovery code: run `bastionctl console recover` as root on the box, or press the button")
 		}
@@ -201,7 +201,7 @@ func (h *Handler) doRecover(ctx context.Context, r *http.Request, in setupInput)
 	h.o.Store.SetMeta(MetaAdminExists, []byte(now.UTC().Format(time.RFC3339)))
 	h.o.Store.SetMeta(MetaSetupCode, nil)
 	h.o.Store.DeleteSessions(user, nil)
-	h.thr.reset("u:" + user)
+	h.thr.Reset("u:" + user)
 	h.audit(ctx, Actor{Name: user, Remote: src}, "console.recover", user, "password set with the "+how)
 	return nil
 }
@@ -662,7 +662,7 @@ type passwordInput struct {
 // theirs ends.
 func (h *Handler) changePassword(ctx context.Context, p *principal, in passwordInput) error {
 	now := h.o.Now()
-	if until := h.thr.lockedUntil(now, "u:"+p.user, "s:"+p.remote); !until.IsZero() {
+	if until := h.thr.LockedUntil(now, "u:"+p.user, "s:"+p.remote); !until.IsZero() {
 		return &lockedError{wait: until.Sub(now)}
 	}
 	u, err := h.o.Store.Admin(p.user)

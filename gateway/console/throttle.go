@@ -32,15 +32,7 @@ func newThrottle(p ThrottlePolicy) *throttle {
 	return &throttle{Throttle: lockout.New(lockout.Policy{Base: p.Base, Max: p.Max, Forget: p.Forget}, 10000), p: p}
 }
 
-func (t *throttle) lockedUntil(now time.Time, keys ...string) time.Time {
-	return t.LockedUntil(now, keys...)
-}
-
-func (t *throttle) fail(now time.Time, key string, free int) { t.Fail(now, key, free) }
-
 func (t *throttle) failLogin(now time.Time, user, source string) {
 	t.Fail(now, "u:"+user, t.p.FreeUser)
 	t.Fail(now, "s:"+source, t.p.FreeSource)
 }
-
-func (t *throttle) reset(keys ...string) { t.Reset(keys...) }

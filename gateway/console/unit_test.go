@@ -88,14 +88,14 @@ func TestThrottleKeys(t *testing.T) {
 	for range 3 {
 		th.failLogin(now, "root", "10.0.0.2")
 	}
-	if until := th.lockedUntil(now, "u:root"); until.Sub(now) != 10*time.Second {
+	if until := th.LockedUntil(now, "u:root"); until.Sub(now) != 10*time.Second {
 		t.Errorf("user locked until %v after 3 failures with FreeUser 3, want 10 s", until.Sub(now))
 	}
-	if !th.lockedUntil(now, "s:10.0.0.2").IsZero() {
+	if !th.LockedUntil(now, "s:10.0.0.2").IsZero() {
 		t.Error("source locked after 3 failures with FreeSource 100")
 	}
-	th.reset("u:root")
-	if !th.lockedUntil(now, "u:root").IsZero() {
+	th.Reset("u:root")
+	if !th.LockedUntil(now, "u:root").IsZero() {
 		t.Error("locked after reset")
 	}
 }

@@ -1277,7 +1277,6 @@ func (s *Server) processPubcomp(cl *Client, pk packets.Packet) error {
 	return nil
 }
 
-// processSubscribe processes a Subscribe packet.
 // OverSubscriptionQuota (Bastion) reports whether subscribing cl to filter
 // would take it past max subscriptions (0: no limit). Replacing an existing
 // subscription adds none.
@@ -1291,6 +1290,7 @@ func OverSubscriptionQuota(cl *Client, filter string, max int) bool {
 	return cl.State.Subscriptions.Len() >= max
 }
 
+// processSubscribe processes a Subscribe packet.
 func (s *Server) processSubscribe(cl *Client, pk packets.Packet) error {
 	pk = s.hooks.OnSubscribe(cl, pk)
 	code := packets.CodeSuccess
