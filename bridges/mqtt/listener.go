@@ -244,6 +244,18 @@ func isNoClientCert(err error) bool {
 func (l *tlsListener) Close(closeClients listeners.CloseFn) {
 	l.cancel()
 	l.ln.Close()
+	// A connection past its TLS handshake but before its CONNECT is not
+	// among the broker's clients yet: closeClients does not end it, and
+	// its goroutine would hold wg until the CONNECT deadline (10 s).
+	l.mu.Lock()
+	var unauth []net.Conn
+	for e := l.waiting.Front(); e != nil; e = e.Next() {
+		unauth = append(unauth, e.Value.(*unauthSlot).conn)
+	}
+	l.mu.Unlock()
+	for _, c := range unauth {
+		c.Close()
+	}
 	closeClients(l.id)
 	l.wg.Wait()
 }

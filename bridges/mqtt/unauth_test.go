@@ -128,3 +128,23 @@ func TestUnauthenticatedConnectionsLimitedInAll(t *testing.T) {
 		t.Errorf("handshake_limit refusals %v, want 1", got)
 	}
 }
+
+// TestCloseEndsUnauthenticatedConnections: shutting down does not wait for
+// a connection that finished its TLS handshake but sent no CONNECT (not
+// yet one of the broker's clients) to reach its 10 s CONNECT deadline.
+func TestCloseEndsUnauthenticatedConnections(t *testing.T) {
+	r := newRigWith(t, queue.Options{}, Config{}, nil)
+	d := r.dialTLS(t, "quiet", 5, true) // and no CONNECT
+	time.Sleep(100 * time.Millisecond)  // the server is waiting for it
+	closed := make(chan struct{})
+	go func() { r.s.tls.Close(func(string) {}); close(closed) }()
+	select {
+	case <-closed:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the listener's Close waited for a connection that sent no CONNECT")
+	}
+	d.c.SetReadDeadline(time.Now().Add(3 * time.Second))
+	if _, err := d.c.Read(make([]byte, 1)); err == nil || isTimeout(err) {
+		t.Fatalf("the connection without CONNECT is still open after Close: %v", err)
+	}
+}
