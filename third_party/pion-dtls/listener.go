@@ -35,6 +35,14 @@ func Listen(network string, laddr *net.UDPAddr, config *Config) (net.Listener, e
 		},
 		ListenConfig: config.listenConfig,
 	}
+	var verifier *helloVerifier
+	if config.StatelessHelloVerify {
+		v, err := newHelloVerifier()
+		if err != nil {
+			return nil, err
+		}
+		verifier, lc.HelloVerify = v, v.answer
+	}
 	// If connection ID support is enabled, then they must be supported in
 	// routing.
 	if config.ConnectionIDGenerator != nil {
@@ -47,8 +55,9 @@ func Listen(network string, laddr *net.UDPAddr, config *Config) (net.Listener, e
 	}
 
 	return &listener{
-		config: config,
-		parent: parent,
+		config:   config,
+		parent:   parent,
+		verifier: verifier,
 	}, nil
 }
 
@@ -68,6 +77,9 @@ func ListenWithOptions(network string, laddr *net.UDPAddr, opts ...ServerOption)
 func NewListener(inner dtlsnet.PacketListener, config *Config) (net.Listener, error) {
 	if err := validateConfig(config); err != nil {
 		return nil, err
+	}
+	if config.StatelessHelloVerify {
+		return nil, errStatelessNeedsListen
 	}
 
 	return &listener{
@@ -90,6 +102,9 @@ func NewListenerWithOptions(inner dtlsnet.PacketListener, opts ...ServerOption) 
 type listener struct {
 	config *Config
 	parent dtlsnet.PacketListener
+	// verifier answers ClientHellos without a valid cookie on parent's
+	// read loop (Config.StatelessHelloVerify, Bastion patch (51)).
+	verifier *helloVerifier
 }
 
 // Accept waits for and returns the next connection to the listener.
@@ -105,6 +120,13 @@ func (l *listener) Accept() (net.Conn, error) {
 		_ = c.Close()
 
 		return nil, err
+	}
+	if l.verifier != nil {
+		if err := conn.startVerified(l.verifier, c, raddr); err != nil {
+			_ = conn.Close()
+
+			return nil, err
+		}
 	}
 
 	return conn, nil
