@@ -97,9 +97,9 @@ func withCookie(t *testing.T, hello, cookie []byte) []byte {
 
 // Twelve ClientHellos from 127.0.0.1 that never echo the cookie (what a
 // host spoofing a device's address can send) are answered and forgotten,
-// and a device handshaking from 127.0.0.1 still gets in. Until 2026-11-25
-// they took the address's 8 slots for the 10 s handshake timeout; until
-// 2026-11-26 each held a connection for 2 s.
+// and a device handshaking from 127.0.0.1 still gets in. They once took
+// the address's 8 slots for the 10 s handshake timeout; until session 14
+// each held a connection for 2 s.
 func TestCookielessClientHellosDoNotLockOutASource(t *testing.T) {
 	g := startTransports(t)
 	addr := g.g.Addrs()["coaps_psk"]
