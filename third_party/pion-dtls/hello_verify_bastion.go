@@ -31,27 +31,42 @@ import (
 // the listener's read loop answers a ClientHello without a valid cookie
 // with a HelloVerifyRequest itself and drops it; a connection is made only
 // for a ClientHello that echoes a valid one. The cookie binds the client's
-// address and the ClientHello's negotiated parameters (the ones RFC 6347
-// requires to stay the same between the two ClientHellos) to a time, under
-// a key of the listener:
+// address and the ClientHello's fields up to its compression methods
+// (version, random, session ID, cipher suites, compression methods: those
+// RFC 6347 requires to stay the same between the ClientHellos) to a time,
+// under a key of the listener:
 //
-//	cookie = t (4 bytes, Unix seconds) || HMAC-SHA256(key, t || address || hash)[:16]
+//	cookie = t || HMAC-SHA256(key, t || address || port || SHA-256(fields))[:16]
 //
-// valid for helloCookieLifetime. The connection then starts as pion's
-// would after sending its own HelloVerifyRequest: the cookie-bearing
-// ClientHello is the one in the transcript, the ServerHello is handshake
-// message 1, and (as OpenSSL's DTLSv1_listen does) the server's first
-// epoch 0 record number is the second ClientHello's, which no
-// HelloVerifyRequest used: each carries the record number of the
-// ClientHello it answers (RFC 6347 section 4.2.1), and the client's replay
-// window has seen those.
+// t is 4 bytes, seconds since the listener started on the monotonic clock
+// (a router without a real-time clock steps its wall clock at boot), and
+// the cookie is valid while t is at most helloCookieLifetime seconds old.
+// Those fields come before the extensions, so the first fragment of a
+// fragmented ClientHello holds them: the listener answers or admits from
+// it (as OpenSSL's DTLSv1_listen does), and later fragments from an
+// address without a connection are dropped.
+//
+// The connection then starts as pion's would after sending its own
+// HelloVerifyRequests: the cookie-bearing ClientHello is the one in the
+// transcript; the ServerHello's message sequence number is that
+// ClientHello's (one HelloVerifyRequest: 1), as every HelloVerifyRequest
+// carries the message sequence number of the ClientHello it answers, so a
+// client that echoed a stale cookie takes the new one as the next message;
+// and, as in OpenSSL, the server's first epoch 0 record number is the
+// admitted ClientHello's, which no HelloVerifyRequest used: each carries
+// the record number of the ClientHello it answers (RFC 6347 section
+// 4.2.1), and the client's replay window has seen those.
 
 const (
 	helloCookieLifetime = 30 // seconds
-	helloCookieMACLen   = 16
-	helloCookieLen      = 4 + helloCookieMACLen
-	helloVerifyLen      = recordlayer.FixedHeaderSize + handshake.HeaderLength + 3 + helloCookieLen
-	recordSeqMask       = 1<<48 - 1
+	// helloCookieGrace is how much older the cookie may be when the
+	// connection's handshake checks it again: Accept and the handshake's
+	// start come after the listener let the ClientHello through.
+	helloCookieGrace  = 30 // seconds
+	helloCookieMACLen = 16
+	helloCookieLen    = 4 + helloCookieMACLen
+	helloVerifyLen    = recordlayer.FixedHeaderSize + handshake.HeaderLength + 3 + helloCookieLen
+	recordSeqMask     = 1<<48 - 1
 	// tagMsgSeqShift places the ClientHello's message sequence above its
 	// record sequence number in the listener's accept tag, which has 63
 	// bits.
@@ -62,13 +77,14 @@ const (
 var errNoVerifiedHello = errors.New("dtls: connection not made for a ClientHello with a verified cookie")
 
 type helloVerifier struct {
-	key  [32]byte
-	macs sync.Pool // hash.Hash: HMAC-SHA256 under key
-	now  func() time.Time
+	key   [32]byte
+	macs  sync.Pool // hash.Hash: HMAC-SHA256 under key
+	start time.Time // with a monotonic reading
+	now   func() time.Time
 }
 
 func newHelloVerifier() (*helloVerifier, error) {
-	v := &helloVerifier{now: time.Now}
+	v := &helloVerifier{start: time.Now(), now: time.Now}
 	if _, err := rand.Read(v.key[:]); err != nil {
 		return nil, err
 	}
@@ -97,8 +113,13 @@ func (v *helloVerifier) mac(t uint32, ap netip.AddrPort, sum *[sha256.Size]byte)
 	return out
 }
 
+// seconds is the cookie time now: seconds since the verifier was made.
+func (v *helloVerifier) seconds() uint32 {
+	return uint32(v.now().Sub(v.start) / time.Second) //nolint:gosec // G115: wraps after 136 years, compared by difference
+}
+
 func (v *helloVerifier) cookie(ap netip.AddrPort, sum *[sha256.Size]byte) [helloCookieLen]byte {
-	return v.cookieAt(uint32(v.now().Unix()), ap, sum) //nolint:gosec // G115: wraps in 2106, compared by difference
+	return v.cookieAt(v.seconds(), ap, sum)
 }
 
 func (v *helloVerifier) cookieAt(t uint32, ap netip.AddrPort, sum *[sha256.Size]byte) [helloCookieLen]byte {
@@ -110,28 +131,65 @@ func (v *helloVerifier) cookieAt(t uint32, ap netip.AddrPort, sum *[sha256.Size]
 	return c
 }
 
-// valid reports whether cookie was made by cookie for ap and sum within
-// helloCookieLifetime.
-func (v *helloVerifier) valid(cookie []byte, ap netip.AddrPort, sum *[sha256.Size]byte) bool {
+// valid reports whether cookie was made by cookie for ap and sum at most
+// maxAge seconds ago.
+func (v *helloVerifier) valid(cookie []byte, ap netip.AddrPort, sum *[sha256.Size]byte, maxAge uint32) bool {
 	if len(cookie) != helloCookieLen {
 		return false
 	}
 	t := binary.BigEndian.Uint32(cookie)
-	if age := uint32(v.now().Unix()) - t; age > helloCookieLifetime { //nolint:gosec // G115, as in cookie
-		return false // old, or from a clock since set back
+	if age := v.seconds() - t; age > maxAge {
+		return false // old, or not made yet (wraps to a large age)
 	}
 	m := v.mac(t, ap, sum)
 
 	return hmac.Equal(m[:], cookie[4:])
 }
 
+// helloFields parses the start of a ClientHello's body, at least up to
+// its compression methods (the first fragment of a fragmented one does),
+// and returns its cookie and the SHA-256 of its other fields up to the
+// compression methods, as on the wire.
+func helloFields(body []byte) (cookie []byte, sum [sha256.Size]byte, ok bool) {
+	const fixed = 2 + handshake.RandomLength // version, random
+	p := fixed
+	if len(body) < p+1 {
+		return nil, sum, false
+	}
+	p += 1 + int(body[p]) // session ID
+	if body[fixed] > 32 || len(body) < p+1 {
+		return nil, sum, false
+	}
+	cookieStart := p
+	p += 1 + int(body[p])
+	if len(body) < p+2 {
+		return nil, sum, false
+	}
+	cookie = body[cookieStart+1 : p]
+	cookieEnd := p
+	n := int(binary.BigEndian.Uint16(body[p:]))
+	p += 2 + n // cipher suites
+	if n%2 != 0 || len(body) < p+1 {
+		return nil, sum, false
+	}
+	p += 1 + int(body[p]) // compression methods
+	if len(body) < p {
+		return nil, sum, false
+	}
+	h := sha256.New()
+	_, _ = h.Write(body[:cookieStart])
+	_, _ = h.Write(body[cookieEnd:p])
+	h.Sum(sum[:0])
+
+	return cookie, sum, true
+}
+
 // answer is the listener's udp.ListenConfig.HelloVerify: it lets through
-// a datagram that starts with an unfragmented ClientHello (in epoch 0)
-// with a valid cookie, tagged with the ClientHello's record and message
-// sequence numbers, and answers one without a valid cookie with a
+// a datagram that starts with a ClientHello (in epoch 0, or its first
+// fragment) with a valid cookie, tagged with the ClientHello's record and
+// message sequence numbers, and answers one without a valid cookie with a
 // HelloVerifyRequest in reply. Anything else is dropped: a server
-// connection starts with a ClientHello, and one that is fragmented cannot
-// be verified without keeping its fragments (OpenSSL drops those too).
+// connection starts with a ClientHello.
 func (v *helloVerifier) answer(b []byte, from netip.AddrPort, reply []byte) (int, bool, uint64) {
 	if len(b) < recordlayer.FixedHeaderSize+handshake.HeaderLength ||
 		protocol.ContentType(b[0]) != protocol.ContentTypeHandshake ||
@@ -147,25 +205,22 @@ func (v *helloVerifier) answer(b []byte, from netip.AddrPort, reply []byte) (int
 	}
 	var h handshake.Header
 	if err := h.Unmarshal(body); err != nil ||
-		h.Type != handshake.TypeClientHello || h.FragmentOffset != 0 || h.FragmentLength != h.Length ||
-		int(h.Length) > len(body)-handshake.HeaderLength || h.MessageSequence > tagMsgSeqMax {
+		h.Type != handshake.TypeClientHello || h.FragmentOffset != 0 || h.FragmentLength > h.Length ||
+		int(h.FragmentLength) > len(body)-handshake.HeaderLength || h.MessageSequence > tagMsgSeqMax {
 		return 0, false, 0
 	}
-	var hello handshake.MessageClientHello
-	if err := hello.Unmarshal(body[handshake.HeaderLength : handshake.HeaderLength+int(h.Length)]); err != nil {
+	cookie, sum, ok := helloFields(body[handshake.HeaderLength : handshake.HeaderLength+int(h.FragmentLength)])
+	if !ok {
 		return 0, false, 0
 	}
-	sum, err := clientHelloNegotiationHash(&hello)
-	if err != nil {
-		return 0, false, 0
-	}
-	if v.valid(hello.Cookie, from, &sum) {
+	if v.valid(cookie, from, &sum, helloCookieLifetime) {
 		return 0, true, recordSeq | uint64(h.MessageSequence)<<tagMsgSeqShift
 	}
 	// RFC 6347 section 4.2.1: a ClientHello with an invalid cookie is
 	// treated as one without; the HelloVerifyRequest carries the
-	// ClientHello's record sequence number. The bytes are those pion's
-	// flight2 sends, with DTLS 1.2 in both version fields.
+	// ClientHello's record sequence number, and its message sequence
+	// number (see above). The bytes are those pion's flight2 sends, with
+	// DTLS 1.2 in both version fields.
 	if len(reply) < helloVerifyLen {
 		return 0, false, 0
 	}
@@ -178,7 +233,7 @@ func (v *helloVerifier) answer(b []byte, from netip.AddrPort, reply []byte) (int
 	msgLen := 3 + helloCookieLen
 	hs[0] = byte(handshake.TypeHelloVerifyRequest)
 	hs[1], hs[2], hs[3] = 0, 0, byte(msgLen)
-	hs[4], hs[5] = 0, 0 // the server's first handshake message
+	binary.BigEndian.PutUint16(hs[4:], h.MessageSequence)
 	hs[6], hs[7], hs[8] = 0, 0, 0
 	hs[9], hs[10], hs[11] = 0, 0, byte(msgLen)
 	msg := hs[handshake.HeaderLength:]
@@ -210,6 +265,9 @@ func (c *Conn) startVerified(v *helloVerifier, pc net.PacketConn, raddr net.Addr
 	msgSeq := uint16(tag >> tagMsgSeqShift) //nolint:gosec // G115: at most tagMsgSeqMax
 	c.fragmentBuffer.currentMessageSequenceNumber = msgSeq
 	c.state.handshakeRecvSequence = int(msgSeq)
+	// The ServerHello follows HelloVerifyRequests numbered as the
+	// ClientHellos they answered, up to this one's.
+	c.state.handshakeSendSequence = int(msgSeq)
 	c.state.localSequenceNumber = []uint64{tag & recordSeqMask}
 
 	return nil
@@ -241,12 +299,17 @@ func flight0ParseVerified(
 	if err != nil {
 		return 0, &alert.Alert{Level: alert.Fatal, Description: alert.IllegalParameter}, err
 	}
-	// The listener checked it; this is the ClientHello the handshake uses.
-	if !cfg.helloVerifier.valid(clientHello.Cookie, cfg.helloVerifyAddr, &helloHash) {
+	// The listener checked the cookie of the ClientHello's first fragment;
+	// this is the whole ClientHello the handshake uses, a little later.
+	raw := cache.pullOne(handshakeCachePullRule{handshake.TypeClientHello, cfg.initialEpoch, true, false})
+	if raw == nil || len(raw.data) < handshake.HeaderLength {
+		return 0, &alert.Alert{Level: alert.Fatal, Description: alert.InternalError}, nil
+	}
+	cookie, sum, ok := helloFields(raw.data[handshake.HeaderLength:])
+	if !ok || !cfg.helloVerifier.valid(cookie, cfg.helloVerifyAddr, &sum, helloCookieLifetime+helloCookieGrace) {
 		return 0, &alert.Alert{Level: alert.Fatal, Description: alert.AccessDenied}, errCookieMismatch
 	}
 	state.initialClientHelloHash = helloHash
-	state.handshakeSendSequence = 1 // the HelloVerifyRequest was message 0
 	if hook := cfg.onCookieVerified; hook != nil {
 		cfg.onCookieVerified = nil
 		if err := hook(); err != nil {

@@ -110,26 +110,32 @@ type listener struct {
 // Accept waits for and returns the next connection to the listener.
 // You have to either close or read on all connection that are created.
 func (l *listener) Accept() (net.Conn, error) {
-	c, raddr, err := l.parent.Accept()
-	if err != nil {
-		return nil, err
-	}
+	for {
+		c, raddr, err := l.parent.Accept()
+		if err != nil {
+			return nil, err
+		}
 
-	conn, err := serverWithConfig(c, raddr, l.config)
-	if err != nil {
-		_ = c.Close()
-
-		return nil, err
-	}
-	if l.verifier != nil {
-		if err := conn.startVerified(l.verifier, c, raddr); err != nil {
-			_ = conn.Close()
+		conn, err := serverWithConfig(c, raddr, l.config)
+		if err != nil {
+			_ = c.Close()
 
 			return nil, err
 		}
-	}
+		if l.verifier == nil {
+			return conn, nil
+		}
+		// Bastion patch (51). A connection the listener did not make
+		// for a verified ClientHello cannot happen; if it did, it is
+		// that connection's failure, not the listener's.
+		if err := conn.startVerified(l.verifier, c, raddr); err != nil {
+			_ = conn.Close()
 
-	return conn, nil
+			continue
+		}
+
+		return conn, nil
+	}
 }
 
 // Close closes the listener.

@@ -303,7 +303,9 @@ func (l *listener) dispatch(buf []byte, ap netip.AddrPort) {
 		}
 		n, accept, t := l.helloVerify(buf, ap, l.verifyReply[:])
 		if n > 0 {
-			_, _ = l.io.writeTo(l.verifyReply[:n], net.UDPAddrFromAddrPort(ap), ap)
+			// The sender's address is not verified: the answer never
+			// waits for room in the socket (OpenSSL drops it too).
+			l.io.tryWriteTo(l.verifyReply[:n], ap)
 		}
 		if !accept {
 			return
