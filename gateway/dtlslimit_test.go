@@ -20,8 +20,7 @@ import (
 )
 
 // sendHellos sends the ClientHello hello to addr from n sockets of
-// 127.0.0.1 and returns them once each has its HelloVerifyRequest: then
-// the gateway holds a connection for every one of them.
+// 127.0.0.1 and returns them (it does not wait for the answers).
 func sendHellos(t *testing.T, addr string, hello []byte, n int) []*net.UDPConn {
 	t.Helper()
 	raddr, err := net.ResolveUDPAddr("udp", addr)
@@ -96,10 +95,10 @@ func withCookie(t *testing.T, hello, cookie []byte) []byte {
 }
 
 // Twelve ClientHellos from 127.0.0.1 that never echo the cookie (what a
-// host spoofing a device's address can send) wait in the gateway, and a
-// device handshaking from 127.0.0.1 still gets in. Before, they took the
-// address's 8 slots for the 10 s handshake timeout. They end after about
-// 2 s (cookieWait), not after the handshake timeout.
+// host spoofing a device's address can send) are answered and forgotten,
+// and a device handshaking from 127.0.0.1 still gets in. They once took
+// the address's 8 slots for the 10 s handshake timeout; until session 14
+// each held a connection for 2 s.
 func TestCookielessClientHellosDoNotLockOutASource(t *testing.T) {
 	g := startTransports(t)
 	addr := g.g.Addrs()["coaps_psk"]
@@ -110,7 +109,7 @@ func TestCookielessClientHellosDoNotLockOutASource(t *testing.T) {
 	d := g.addDevice(t, "neighbour", "psk")
 	co, err := d.DialCoAP(ctx, addr)
 	if err != nil {
-		t.Fatalf("device handshake from 127.0.0.1 with 12 cookieless ClientHellos pending: %v", err)
+		t.Fatalf("device handshake from 127.0.0.1 with 12 cookieless ClientHellos sent: %v", err)
 	}
 	defer co.Close()
 	if r, err := co.Publish(ctx, "x", []byte("1")); err != nil || r.Code != codes.Changed {
@@ -119,8 +118,6 @@ func TestCookielessClientHellosDoNotLockOutASource(t *testing.T) {
 	if n := g.refusals(hub.CoAP, hub.ReasonHandshakeLimit); n != 0 {
 		t.Errorf("handshake-limit refusals %v, want 0: cookieless ClientHellos were counted", n)
 	}
-	// waitLog gives up after 5 s, half the 10 s handshake timeout.
-	g.waitLog(t, "coap: handshake failed", "client did not echo the HelloVerifyRequest cookie within 2s")
 }
 
 // serverHello reads the gateway's next flight on c: it must start with a
@@ -164,25 +161,40 @@ func TestDTLSHandshakesWithCookieLimitedPerSource(t *testing.T) {
 }
 
 // A flood of ClientHellos that never echo their cookie (from spoofed
-// addresses, one datagram each) is held to coap.Config.MaxCookieWaiting
-// connections (512 by default): the oldest are ended, counted as
-// hello_flood and logged once, and a device handshakes in the middle of
-// it. Before the bound every ClientHello held a connection and a goroutine
-// for cookieWait (5,000 in 0.7 s: 2,274 goroutines, 20 MiB of heap), which
-// a LAN host could repeat until a 256 MiB router ran out of memory.
-func TestClientHelloFloodIsBounded(t *testing.T) {
+// addresses, one datagram each) holds nothing in the gateway: each is
+// answered with a HelloVerifyRequest by the listener and forgotten
+// (pion-dtls patch (51)), and a device handshakes in the middle of it.
+// Until 2026-11-26 every ClientHello held a connection and a goroutine
+// for 2 s (5,000 in 0.7 s: 2,274 goroutines, 20 MiB of heap), at most 512
+// of them from session 13 on.
+func TestClientHelloFloodKeepsNoState(t *testing.T) {
 	g := startTransports(t)
 	addr := g.g.Addrs()["coaps_psk"]
 	d := g.addDevice(t, "flooded", "psk")
 	base := runtime.NumGoroutine()
 	const n = 3000
-	sendHellos(t, addr, clientHello(t), n)
-	time.Sleep(200 * time.Millisecond) // the listener takes them in
-	if grew := runtime.NumGoroutine() - base; grew > 700 {
-		t.Errorf("%d goroutines more after %d cookieless ClientHellos, want at most about 512 (MaxCookieWaiting)", grew, n)
+	hello := clientHello(t)
+	cs := sendHellos(t, addr, hello, n)
+	// The last senders get their HelloVerifyRequest, so the listener has
+	// read the flood. A datagram may be lost when the socket's buffer
+	// overflows on a loaded machine: each asks again, at most 5 times.
+	for _, c := range cs[len(cs)-10:] {
+		b := make([]byte, 2048)
+		for try := 0; ; try++ {
+			c.SetReadDeadline(time.Now().Add(time.Second))
+			if n, err := c.Read(b); err == nil && n > 13 && b[13] == byte(handshake.TypeHelloVerifyRequest) {
+				break
+			}
+			if try == 4 {
+				t.Fatal("no HelloVerifyRequest for a ClientHello sent 5 times")
+			}
+			if _, err := c.Write(hello); err != nil {
+				t.Fatal(err)
+			}
+		}
 	}
-	if got := g.refusals(hub.CoAP, hub.ReasonHelloFlood); got < 1 {
-		t.Errorf("hello_flood refusals = %v after %d ClientHellos, want some", got, n)
+	if grew := runtime.NumGoroutine() - base; grew > 20 {
+		t.Errorf("%d goroutines more after %d cookieless ClientHellos, want none held for them", grew, n)
 	}
 	ctx := ctxT(t, 20*time.Second)
 	co, err := d.DialCoAP(ctx, addr)
@@ -193,7 +205,6 @@ func TestClientHelloFloodIsBounded(t *testing.T) {
 	if r, err := co.Publish(ctx, "x", []byte("1")); err != nil || r.Code != codes.Changed {
 		t.Fatalf("publish: %v %v", r.Code, err)
 	}
-	g.waitLog(t, "coap: ClientHellos flooding in", "waiting_limit=512")
 }
 
 // A device holds at most eight DTLS sessions: a ninth closes its oldest

@@ -42,10 +42,6 @@ type Config struct {
 	// HelloVerifyRequest cookie (limit.go); more are dropped before any
 	// crypto is done.
 	MaxHandshakesPerSource int
-	// MaxCookieWaiting bounds the connections, from all sources, whose
-	// client has not echoed the HelloVerifyRequest cookie yet (default
-	// 512); past it the oldest is ended (limit.go).
-	MaxCookieWaiting int
 	// RetryAfter is the Max-Age sent with 5.03 when the Sink is full
 	// (default 30s).
 	RetryAfter time.Duration
@@ -70,9 +66,6 @@ func (c *Config) defaults() {
 	}
 	if c.MaxHandshakesPerSource <= 0 {
 		c.MaxHandshakesPerSource = 8
-	}
-	if c.MaxCookieWaiting <= 0 {
-		c.MaxCookieWaiting = 512
 	}
 	if c.RetryAfter <= 0 {
 		c.RetryAfter = 30 * time.Second
@@ -223,7 +216,9 @@ func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log 
 // listen binds one DTLS listener and the plaintext guard next to it.
 func (s *Server) listen(addr string, opts []piondtls.ServerOption) (*limitListener, error) {
 	g := newPlaintextGuard(s.log, s.m)
-	opts = append(opts, piondtls.WithListenConfig(g.listenConfig()))
+	// WithStatelessHelloVerify: no state for a ClientHello until its
+	// cookie comes back (limit.go).
+	opts = append(opts, piondtls.WithListenConfig(g.listenConfig()), piondtls.WithStatelessHelloVerify(true))
 	ln, err := coapnet.NewDTLSListener("udp", addr, coapnet.NewDTLSServerOptions(opts...))
 	if err != nil {
 		return nil, fmt.Errorf("coap: listen udp %s: %w", addr, err)

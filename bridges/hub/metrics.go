@@ -40,9 +40,6 @@ const (
 	// ReasonSecretLockout: a secret login from a source address that
 	// failed too often lately, refused without checking the secret.
 	ReasonSecretLockout = "secret_lockout"
-	// ReasonHelloFlood: a DTLS connection ended before its client echoed
-	// the cookie, to make room for newer ones (coap.Config.MaxCookieWaiting).
-	ReasonHelloFlood = "hello_flood"
 	// ReasonCommandsFull: a command not kept as its topic's last command
 	// (transport="gateway"): the device already has maxLastPerDevice
 	// topics kept, or all devices' kept commands reach maxLastBytes.

@@ -34,7 +34,13 @@ func bastionPSKConfig() *Config {
 // when it returns true.
 func bastionPair(t *testing.T, fwd func(p []byte, toServer bool) bool) (client, server *Conn) {
 	t.Helper()
-	ln, err := Listen("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)}, bastionPSKConfig())
+	return bastionPairWith(t, bastionPSKConfig(), fwd)
+}
+
+// bastionPairWith is bastionPair with the listener's config srv.
+func bastionPairWith(t *testing.T, srv *Config, fwd func(p []byte, toServer bool) bool) (client, server *Conn) {
+	t.Helper()
+	ln, err := Listen("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)}, srv)
 	if err != nil {
 		t.Fatal(err)
 	}

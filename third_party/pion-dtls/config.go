@@ -194,6 +194,19 @@ type Config struct { //nolint:dupl
 	// This have implication on DoS attack resistance.
 	InsecureSkipVerifyHello bool
 
+	// StatelessHelloVerify, when acting as server through Listen, answers
+	// a ClientHello without a valid cookie with a HelloVerifyRequest from
+	// the listener's read loop, keeping no state, and makes a connection
+	// only for a ClientHello that echoes a valid cookie (RFC 6347 section
+	// 4.2.1), as OpenSSL's DTLSv1_listen does; without it the listener
+	// makes a connection, with its goroutine and buffers, for every
+	// ClientHello, which anyone can send from any address. The cookie is
+	// an HMAC of the client's address and ClientHello under a key of the
+	// listener, valid for 30 s. A ClientHello that is fragmented or does
+	// not parse is dropped. Bastion patch (51); not with
+	// InsecureSkipVerifyHello, and not with NewListener.
+	StatelessHelloVerify bool
+
 	// ConnectionIDGenerator generates connection identifiers that should be
 	// sent by the remote party if it supports the DTLS Connection Identifier
 	// extension, as determined during the handshake. Generated connection
@@ -291,6 +304,8 @@ func validateConfig(config *Config) error { //nolint:cyclop
 		return errNoConfigProvided
 	case config.PSKIdentityHint != nil && config.PSK == nil:
 		return errIdentityNoPSK
+	case config.StatelessHelloVerify && config.InsecureSkipVerifyHello:
+		return errStatelessSkipHello
 	}
 
 	for _, cert := range config.Certificates {

@@ -66,6 +66,13 @@ var (
 	errClientHelloChanged = &FatalError{Err: errors.New("client hello changed after hello verify request")}
 	//nolint:err113
 	errIdentityNoPSK = &FatalError{Err: errors.New("PSK Identity Hint provided but PSK is nil")}
+	// Bastion patch (51).
+	errStatelessSkipHello = &FatalError{
+		Err: errors.New("StatelessHelloVerify and InsecureSkipVerifyHello cannot both be set"),
+	}
+	errStatelessNeedsListen = &FatalError{
+		Err: errors.New("StatelessHelloVerify needs a listener made by Listen, not NewListener"),
+	}
 	//nolint:err113
 	errInvalidCertificate = &FatalError{Err: errors.New("no certificate provided")}
 	//nolint:err113

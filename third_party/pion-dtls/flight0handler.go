@@ -27,6 +27,9 @@ func flight0Parse(
 	cache *handshakeCache,
 	cfg *handshakeConfig,
 ) (flightVal, *alert.Alert, error) {
+	if cfg.helloVerifier != nil { // Bastion patch (51)
+		return flight0ParseVerified(state, cache, cfg)
+	}
 	seq, msgs, ok := cache.fullPullMap(0, state.cipherSuite,
 		handshakeCachePullRule{handshake.TypeClientHello, cfg.initialEpoch, true, false},
 	)
@@ -301,7 +304,9 @@ func flight0Generate(
 	// Initialize
 	state.clientKeyExchange = nil
 	state.clientFlightProcessed = false
-	if !cfg.insecureSkipHelloVerify {
+	// Bastion patch (51): with a stateless HelloVerifyRequest the cookie
+	// is the listener's.
+	if !cfg.insecureSkipHelloVerify && cfg.helloVerifier == nil {
 		state.cookie = make([]byte, cookieLength)
 		if _, err := rand.Read(state.cookie); err != nil {
 			return nil, nil, err

@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -174,6 +175,13 @@ type handshakeConfig struct {
 	// cookie, before the ClientHello is negotiated; an error ends the
 	// handshake with it, without an alert.
 	onCookieVerified func() error
+
+	// helloVerifier, when set, checked the cookie of the ClientHello this
+	// server connection was made for, from helloVerifyAddr, on the
+	// listener's read loop, and flight0Parse checks it again (Bastion
+	// patch (51), Config.StatelessHelloVerify).
+	helloVerifier   *helloVerifier
+	helloVerifyAddr netip.AddrPort
 }
 
 type flightConn interface {

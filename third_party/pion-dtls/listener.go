@@ -35,6 +35,14 @@ func Listen(network string, laddr *net.UDPAddr, config *Config) (net.Listener, e
 		},
 		ListenConfig: config.listenConfig,
 	}
+	var verifier *helloVerifier
+	if config.StatelessHelloVerify {
+		v, err := newHelloVerifier()
+		if err != nil {
+			return nil, err
+		}
+		verifier, lc.HelloVerify = v, v.answer
+	}
 	// If connection ID support is enabled, then they must be supported in
 	// routing.
 	if config.ConnectionIDGenerator != nil {
@@ -47,8 +55,9 @@ func Listen(network string, laddr *net.UDPAddr, config *Config) (net.Listener, e
 	}
 
 	return &listener{
-		config: config,
-		parent: parent,
+		config:   config,
+		parent:   parent,
+		verifier: verifier,
 	}, nil
 }
 
@@ -68,6 +77,9 @@ func ListenWithOptions(network string, laddr *net.UDPAddr, opts ...ServerOption)
 func NewListener(inner dtlsnet.PacketListener, config *Config) (net.Listener, error) {
 	if err := validateConfig(config); err != nil {
 		return nil, err
+	}
+	if config.StatelessHelloVerify {
+		return nil, errStatelessNeedsListen
 	}
 
 	return &listener{
@@ -90,24 +102,40 @@ func NewListenerWithOptions(inner dtlsnet.PacketListener, opts ...ServerOption) 
 type listener struct {
 	config *Config
 	parent dtlsnet.PacketListener
+	// verifier answers ClientHellos without a valid cookie on parent's
+	// read loop (Config.StatelessHelloVerify, Bastion patch (51)).
+	verifier *helloVerifier
 }
 
 // Accept waits for and returns the next connection to the listener.
 // You have to either close or read on all connection that are created.
 func (l *listener) Accept() (net.Conn, error) {
-	c, raddr, err := l.parent.Accept()
-	if err != nil {
-		return nil, err
+	for {
+		c, raddr, err := l.parent.Accept()
+		if err != nil {
+			return nil, err
+		}
+
+		conn, err := serverWithConfig(c, raddr, l.config)
+		if err != nil {
+			_ = c.Close()
+
+			return nil, err
+		}
+		if l.verifier == nil {
+			return conn, nil
+		}
+		// Bastion patch (51). A connection the listener did not make
+		// for a verified ClientHello cannot happen; if it did, it is
+		// that connection's failure, not the listener's.
+		if err := conn.startVerified(l.verifier, c, raddr); err != nil {
+			_ = conn.Close()
+
+			continue
+		}
+
+		return conn, nil
 	}
-
-	conn, err := serverWithConfig(c, raddr, l.config)
-	if err != nil {
-		_ = c.Close()
-
-		return nil, err
-	}
-
-	return conn, nil
 }
 
 // Close closes the listener.

@@ -73,6 +73,7 @@ type dtlsConfig struct { //nolint:dupl
 	getCertificate                func(*ClientHelloInfo) (*tls.Certificate, error)
 	getClientCertificate          func(*CertificateRequestInfo) (*tls.Certificate, error)
 	insecureSkipVerifyHello       bool
+	statelessHelloVerify          bool
 	connectionIDGenerator         func() []byte
 	paddingLengthGenerator        func(uint) uint
 	helloRandomBytesGenerator     func() [handshake.RandomBytesLength]byte
@@ -119,6 +120,7 @@ func (c *dtlsConfig) toConfig() *Config {
 		GetCertificate:                c.getCertificate,
 		GetClientCertificate:          c.getClientCertificate,
 		InsecureSkipVerifyHello:       c.insecureSkipVerifyHello,
+		StatelessHelloVerify:          c.statelessHelloVerify,
 		ConnectionIDGenerator:         c.connectionIDGenerator,
 		PaddingLengthGenerator:        c.paddingLengthGenerator,
 		HelloRandomBytesGenerator:     c.helloRandomBytesGenerator,
@@ -643,6 +645,16 @@ func WithGetCertificate(fn func(*ClientHelloInfo) (*tls.Certificate, error)) Ser
 func WithInsecureSkipVerifyHello(skip bool) ServerOption {
 	return serverOnlyOption(func(c *dtlsConfig) error {
 		c.insecureSkipVerifyHello = skip
+
+		return nil
+	})
+}
+
+// WithStatelessHelloVerify sets Config.StatelessHelloVerify (Bastion
+// patch (51)). This option is only applicable to servers.
+func WithStatelessHelloVerify(on bool) ServerOption {
+	return serverOnlyOption(func(c *dtlsConfig) error {
+		c.statelessHelloVerify = on
 
 		return nil
 	})

@@ -47,11 +47,14 @@ type listener struct {
 	// io reads and writes pConn (Bastion patch, udpio.go).
 	io udpIO
 
-	accepting      atomic.Value // bool
-	acceptCh       chan *PacketConn
-	doneCh         chan struct{}
-	doneOnce       sync.Once
-	acceptFilter   func([]byte) bool
+	accepting    atomic.Value // bool
+	acceptCh     chan *PacketConn
+	doneCh       chan struct{}
+	doneOnce     sync.Once
+	acceptFilter func([]byte) bool
+	helloVerify  func(b []byte, from netip.AddrPort, reply []byte) (int, bool, uint64)
+	// verifyReply is helloVerify's reply buffer; only the read loop uses it.
+	verifyReply    [verifyReplyRoom]byte
 	datagramRouter func([]byte) (string, bool)
 	connIdentifier func([]byte) (string, bool)
 
@@ -157,6 +160,17 @@ type ListenConfig struct {
 	// the incoming packet. If not set, any packet creates new conn.
 	AcceptFilter func([]byte) bool
 
+	// HelloVerify, when set, is offered every datagram from an address
+	// that has no connection, on the read loop, before AcceptFilter
+	// (Bastion patch (51), third_party/README.md): it may write a reply
+	// into reply (at most verifyReplyRoom bytes), which the listener sends
+	// back to from, and it decides whether a connection is made for the
+	// datagram; tag is kept with that connection (PacketConn.AcceptTag).
+	// It must not block or keep b or reply. A DTLS server answers a
+	// ClientHello with a HelloVerifyRequest here without keeping any state,
+	// and lets through only a ClientHello that echoes a valid cookie.
+	HelloVerify func(b []byte, from netip.AddrPort, reply []byte) (n int, accept bool, tag uint64)
+
 	// DatagramRouter routes an incoming datagram to a connection by extracting
 	// an identifier from the its paylod
 	DatagramRouter func([]byte) (string, bool)
@@ -199,6 +213,7 @@ func (lc *ListenConfig) Listen(network string, laddr *net.UDPAddr) (dtlsnet.Pack
 		byAddr:         make(map[netip.AddrPort]*PacketConn),
 		doneCh:         make(chan struct{}),
 		acceptFilter:   lc.AcceptFilter,
+		helloVerify:    lc.HelloVerify,
 		datagramRouter: lc.DatagramRouter,
 		connIdentifier: lc.ConnectionIdentifier,
 		readDoneCh:     make(chan struct{}),
@@ -281,14 +296,45 @@ func (l *listener) dispatch(buf []byte, ap netip.AddrPort) {
 
 		return
 	}
+	var tag uint64 // 0: no tag
+	if l.helloVerify != nil {
+		if accepting, _ := l.accepting.Load().(bool); !accepting {
+			return
+		}
+		n, accept, t := l.helloVerify(buf, ap, l.verifyReply[:])
+		if n > 0 {
+			// The sender's address is not verified: the answer never
+			// waits for room in the socket (OpenSSL drops it too).
+			l.io.tryWriteTo(l.verifyReply[:n], ap)
+		}
+		if !accept {
+			return
+		}
+		tag = t | acceptTagSet
+	}
 	raddr := net.UDPAddrFromAddrPort(ap)
-	conn, ok, err := l.getConn(raddr, buf)
+	conn, ok, err := l.getConn(raddr, buf, tag)
 	if err != nil {
 		return
 	}
 	if ok {
 		_, _ = conn.buffer.WriteTo(buf, raddr)
 	}
+}
+
+// verifyReplyRoom is the room ListenConfig.HelloVerify has for its reply.
+const verifyReplyRoom = 256
+
+// acceptTagSet marks PacketConn.acceptTag as set; HelloVerify's tags
+// are below it (a DTLS record sequence number has 48 bits).
+const acceptTagSet = 1 << 63
+
+// AcceptTag is the tag ListenConfig.HelloVerify gave the datagram this
+// connection was made for, and whether it gave one (Bastion patch (51)).
+func (c *PacketConn) AcceptTag() (uint64, bool) {
+	t := c.acceptTag
+
+	return t &^ acceptTagSet, t&acceptTagSet != 0
 }
 
 // route finds the existing connection that getConn would give buf from
@@ -315,7 +361,8 @@ func (l *listener) route(ap netip.AddrPort, buf []byte) (*PacketConn, net.Addr) 
 }
 
 // getConn gets an existing connection or creates a new one.
-func (l *listener) getConn(raddr net.Addr, buf []byte) (*PacketConn, bool, error) { //nolint:cyclop
+// tag is the new connection's acceptTag (Bastion patch (51)).
+func (l *listener) getConn(raddr net.Addr, buf []byte, tag uint64) (*PacketConn, bool, error) { //nolint:cyclop
 	l.connLock.Lock()
 	defer l.connLock.Unlock()
 	// If we have a custom resolver, use it.
@@ -341,6 +388,7 @@ func (l *listener) getConn(raddr net.Addr, buf []byte) (*PacketConn, bool, error
 			}
 		}
 		conn = l.newPacketConn(raddr, key)
+		conn.acceptTag = tag
 		l.connWG.Add(1)
 		select {
 		case l.acceptCh <- conn:
@@ -391,6 +439,11 @@ type PacketConn struct {
 	// onQueue, when set, is called on the read loop after each datagram
 	// queued for ReadFrom (Bastion patch, see SetOnQueue).
 	onQueue atomic.Pointer[func()]
+
+	// acceptTag is HelloVerify's tag for the datagram this connection was
+	// made for, with acceptTagSet (Bastion patch (51), see AcceptTag); set
+	// before the connection is handed to Accept, never changed after.
+	acceptTag uint64
 }
 
 // SetOnQueue makes the listener's read loop call f after it has queued a

@@ -55,12 +55,15 @@ type rawUDP struct {
 	// Write state: the callbacks RawConn runs are made once, with their
 	// arguments here, so a write allocates nothing; wmu serialises writers
 	// as net.UDPConn's write lock does.
-	wmu     sync.Mutex
-	wbuf    []byte
-	wsa     syscall.RawSockaddrInet6
-	wsalen  uintptr
-	wn      int
-	werrno  syscall.Errno
+	wmu    sync.Mutex
+	wbuf   []byte
+	wsa    syscall.RawSockaddrInet6
+	wsalen uintptr
+	wn     int
+	werrno syscall.Errno
+	// wonce makes write give up at EAGAIN instead of waiting (set by
+	// every send, under wmu; tryWriteTo).
+	wonce   bool
 	writeFn func(fd uintptr) bool
 }
 
@@ -259,26 +262,46 @@ func (r *rawUDP) write(fd uintptr) bool {
 		}
 		r.wn, r.werrno = int(n), e
 
-		return e != syscall.EAGAIN
+		return e != syscall.EAGAIN || r.wonce
 	}
+}
+
+// tryWriteTo sends b to ap if the socket takes it now and drops it
+// otherwise (Bastion patch (51)).
+func (r *rawUDP) tryWriteTo(b []byte, ap netip.AddrPort) {
+	_, _ = r.send(b, nil, ap, true)
 }
 
 // writeTo sends b to ap (addr is ap as a net.Addr, for errors and for the
 // portable path).
 func (r *rawUDP) writeTo(b []byte, addr net.Addr, ap netip.AddrPort) (int, error) {
+	return r.send(b, addr, ap, false)
+}
+
+// send is writeTo; once: give up if the socket has no room now (addr may
+// then be nil: made from ap where net needs it).
+func (r *rawUDP) send(b []byte, addr net.Addr, ap netip.AddrPort, once bool) (int, error) {
+	netAddr := func() net.Addr {
+		if addr == nil {
+			return net.UDPAddrFromAddrPort(ap)
+		}
+
+		return addr
+	}
 	if !ap.IsValid() || ap.Addr().Zone() != "" {
 		// An address that is not a UDP one, or one with a zone, which
 		// needs an index: net knows how to write to it.
-		return r.conn.WriteTo(b, addr)
+		return r.conn.WriteTo(b, netAddr())
 	}
 	r.wmu.Lock()
 	defer r.wmu.Unlock()
+	r.wonce = once // every send sets it under wmu
 	r.wsa = syscall.RawSockaddrInet6{}
 	ip := ap.Addr()
 	switch {
 	case r.family == syscall.AF_INET:
 		if !ip.Unmap().Is4() {
-			return r.conn.WriteTo(b, addr) // net's error for it
+			return r.conn.WriteTo(b, netAddr()) // net's error for it
 		}
 		sa4 := (*syscall.RawSockaddrInet4)(unsafe.Pointer(&r.wsa))
 		sa4.Family = syscall.AF_INET
@@ -298,9 +321,9 @@ func (r *rawUDP) writeTo(b []byte, addr net.Addr, ap netip.AddrPort) (int, error
 	r.wbuf = nil
 	switch {
 	case err != nil:
-		return 0, r.opError("write", addr, unwrapOpError(err))
+		return 0, r.opError("write", netAddr(), unwrapOpError(err))
 	case r.werrno != 0:
-		return 0, r.opError("write", addr, os.NewSyscallError("sendto", r.werrno))
+		return 0, r.opError("write", netAddr(), os.NewSyscallError("sendto", r.werrno))
 	}
 
 	return r.wn, nil

@@ -103,6 +103,12 @@ func TestBastionRawUDPAddrPort(t *testing.T) {
 			if !bytes.Equal(buf[:k], []byte("answer")) || from.(*net.UDPAddr).Port != port(srv) { //nolint:forcetypeassert
 				t.Errorf("peer read %q from %v, want %q from port %d", buf[:k], from, "answer", port(srv))
 			}
+			// So does one that would not wait for room (patch (51)).
+			raw.tryWriteTo([]byte("at once"), want)
+			k, _, err = peer.ReadFrom(buf)
+			if err != nil || string(buf[:k]) != "at once" {
+				t.Errorf("peer read %q, %v after tryWriteTo, want %q", buf[:k], err, "at once")
+			}
 		})
 	}
 }

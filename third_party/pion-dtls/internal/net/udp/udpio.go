@@ -28,6 +28,10 @@ type udpIO interface {
 	// writeTo sends b to addr, which is ap (invalid when addr is not a UDP
 	// address).
 	writeTo(b []byte, addr net.Addr, ap netip.AddrPort) (int, error)
+	// tryWriteTo sends b to ap if the socket takes it at once, and drops
+	// it otherwise (Bastion patch (51): the read loop's answers to
+	// datagrams from unverified addresses never wait).
+	tryWriteTo(b []byte, ap netip.AddrPort)
 }
 
 // portableUDP is net.UDPConn's I/O, one datagram per read.
@@ -48,4 +52,10 @@ func (p *portableUDP) readBatch(dst *[readBatch]datagram) (int, error) {
 
 func (p *portableUDP) writeTo(b []byte, addr net.Addr, _ netip.AddrPort) (int, error) {
 	return p.conn.WriteTo(b, addr)
+}
+
+func (p *portableUDP) tryWriteTo(b []byte, ap netip.AddrPort) {
+	// net has no send that never waits; a UDP send waits only for
+	// socket buffer room, briefly.
+	_, _ = p.conn.WriteToUDPAddrPort(b, ap)
 }
