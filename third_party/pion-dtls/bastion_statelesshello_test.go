@@ -10,6 +10,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"errors"
 	"net"
 	"runtime"
 	"sync"
@@ -447,4 +448,69 @@ func TestBastionStatelessHelloVerifyFragments(t *testing.T) {
 	}
 	_ = a.Close()
 	<-handshakes
+}
+
+// The handshake checks the cookie again, a moment after the listener let
+// its ClientHello through: a cookie the listener took when 29 s old is
+// still taken there at 45 s (helloCookieGrace), or the handshake would
+// fail with AccessDenied for a client that did nothing wrong.
+func TestBastionStatelessHelloVerifyGrace(t *testing.T) {
+	ln, err := Listen("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)}, bastionStatelessConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	v := ln.(*listener).verifier
+	hello := bastionClientHello(t)
+	_, sum, ok := helloFields(hello[recordlayer.FixedHeaderSize+handshake.HeaderLength:])
+	if !ok {
+		t.Fatal("the ClientHello's fields do not parse")
+	}
+	c, err := net.DialUDP("udp", nil, ln.Addr().(*net.UDPAddr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	cookie := v.cookieAt(v.seconds(), c.LocalAddr().(*net.UDPAddr).AddrPort(), &sum)
+	// The listener's check sees the cookie 29 s old, every later one 45 s.
+	// Set before any datagram reaches the listener: its read loop reads
+	// now only for one (these tests run without -race, see
+	// scripts/test.d/third-party.sh).
+	var calls atomic.Int32
+	start := time.Now()
+	v.now = func() time.Time {
+		if calls.Add(1) == 1 {
+			return start.Add(29 * time.Second)
+		}
+		return start.Add(45 * time.Second)
+	}
+	errc := make(chan error, 1)
+	go func() {
+		nc, err := ln.Accept()
+		if err != nil {
+			errc <- err
+			return
+		}
+		defer nc.Close()
+		ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+		defer cancel()
+		errc <- nc.(*Conn).HandshakeContext(ctx)
+	}()
+	if _, err := c.Write(bastionWithCookie(t, hello, cookie[:], nil)); err != nil {
+		t.Fatal(err)
+	}
+	b := make([]byte, 2048)
+	_ = c.SetReadDeadline(time.Now().Add(2 * time.Second))
+	n, err := c.Read(b)
+	if err != nil {
+		t.Fatalf("no answer: %v", err)
+	}
+	if typ, _ := bastionHandshake(b[:n]); typ != handshake.TypeServerHello {
+		t.Fatalf("answered with handshake type %d (content type %d), want a ServerHello", typ, b[0])
+	}
+	// The handshake then waits for the client's next flight and ends at
+	// its deadline, not with AccessDenied.
+	if err := <-errc; !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("server handshake ended with %v, want its deadline", err)
+	}
 }
