@@ -245,8 +245,21 @@ func expectMsg(t *testing.T, ch <-chan [2]string, topic, payload string) {
 	}
 }
 
-func TestLibcoapPSKTelemetryReachesMQTT(t *testing.T) {
-	cc := testenv.RequireCommand(t, "coap-client-openssl")
+// libcoapClients are libcoap's DTLS clients in Debian's libcoap3-bin: two
+// DTLS stacks (OpenSSL and GnuTLS) that devices' own stacks resemble, each
+// with its own way through the HelloVerifyRequest (pion-dtls patch (51)).
+var libcoapClients = []string{"coap-client-openssl", "coap-client-gnutls"}
+
+// eachLibcoapClient runs f as a subtest for each of libcoapClients.
+func eachLibcoapClient(t *testing.T, f func(t *testing.T, cc string)) {
+	for _, name := range libcoapClients {
+		t.Run(name, func(t *testing.T) { f(t, testenv.RequireCommand(t, name)) })
+	}
+}
+
+func TestLibcoapPSKTelemetryReachesMQTT(t *testing.T) { eachLibcoapClient(t, libcoapPSKTelemetry) }
+
+func libcoapPSKTelemetry(t *testing.T, cc string) {
 	g := startTransports(t)
 	d := g.addDevice(t, "lamp", "psk")
 	local := g.subscribeLocal(t, "devices/+/t/#")
@@ -270,8 +283,9 @@ func TestLibcoapPSKTelemetryReachesMQTT(t *testing.T) {
 	}
 }
 
-func TestLibcoapCertTelemetryAndRefusals(t *testing.T) {
-	cc := testenv.RequireCommand(t, "coap-client-openssl")
+func TestLibcoapCertTelemetryAndRefusals(t *testing.T) { eachLibcoapClient(t, libcoapCertTelemetry) }
+
+func libcoapCertTelemetry(t *testing.T, cc string) {
 	g := startTransports(t)
 	d := g.addDevice(t, "meter", "cert")
 	local := g.subscribeLocal(t, "devices/+/t/#")
