@@ -35,3 +35,7 @@ check mochi-server github.com/mochi-mqtt/server/v2 v2.7.9
 # (mochi v2.7.9 under -race: TestEstablishConnectionInheritExistingTrueTakeover
 # and TestServerProcessPublishACLCheckDeny, about 1 run in 3.)
 (cd third_party && go test -count=1 ./mochi-server/)
+# The patched copies' own parsers of network input get the short fuzz run
+# scripts/test gives the main module's (which does not see these modules):
+# pion-dtls (51)'s ClientHello parser on the listener's read loop.
+(cd third_party && go test -run '^$' -fuzz '^FuzzBastionHelloVerify$' -fuzztime "${FUZZTIME:-50000x}" -fuzzminimizetime 2s ./pion-dtls/)

@@ -115,7 +115,7 @@ func TestBastionCookieVerifiedHook(t *testing.T) {
 }
 
 // bastionClientHello is the first datagram of a real PSK client.
-func bastionClientHello(t *testing.T) []byte {
+func bastionClientHello(t testing.TB) []byte {
 	t.Helper()
 	pc, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	if err != nil {
