@@ -19,40 +19,46 @@ import (
 // bastionEcho is ClientHello datagram b (a record starting with a whole
 // ClientHello or its first fragment, as helloVerifier.answer takes it)
 // with its cookie replaced by cookie: what a client sends back after a
-// HelloVerifyRequest. nil if b's fields do not parse.
-func bastionEcho(b, cookie []byte) []byte {
+// HelloVerifyRequest. nil if b's fields do not parse; fits is false when
+// the longer message's length no longer fits its 24-bit field or the
+// record's 16-bit one (a fuzzed length near the top: nothing to echo).
+func bastionEcho(b, cookie []byte) (echo []byte, fits bool) {
 	const hdr = recordlayer.FixedHeaderSize + handshake.HeaderLength
 	if len(b) < hdr {
-		return nil
+		return nil, true
 	}
 	fragLen := int(b[22])<<16 | int(b[23])<<8 | int(b[24])
 	if len(b) < hdr+fragLen {
-		return nil
+		return nil, true
 	}
 	body := b[hdr : hdr+fragLen]
 	p := 2 + handshake.RandomLength
 	if len(body) < p+1 {
-		return nil
+		return nil, true
 	}
 	p += 1 + int(body[p])
 	if len(body) < p+1 {
-		return nil
+		return nil, true
 	}
 	start, end := p, p+1+int(body[p])
 	if len(body) < end {
-		return nil
+		return nil, true
+	}
+	delta := len(cookie) - (end - start - 1)
+	length := (int(b[14])<<16 | int(b[15])<<8 | int(b[16])) + delta
+	if length > 0xffffff || hdr+fragLen+delta-recordlayer.FixedHeaderSize > 0xffff {
+		return nil, false
 	}
 	out := append([]byte{}, b[:hdr]...)
 	out = append(out, body[:start]...)
 	out = append(out, byte(len(cookie)))
 	out = append(out, cookie...)
 	out = append(out, body[end:]...)
-	delta := len(cookie) - (end - start - 1)
 	binary.BigEndian.PutUint16(out[11:], uint16(len(out)-recordlayer.FixedHeaderSize))
 	put24 := func(at, v int) { out[at], out[at+1], out[at+2] = byte(v>>16), byte(v>>8), byte(v) }
-	put24(14, int(b[14])<<16|int(b[15])<<8|int(b[16])+delta) // length
-	put24(22, fragLen+delta)                                 // fragment length
-	return out
+	put24(14, length)        // length
+	put24(22, fragLen+delta) // fragment length
+	return out, true
 }
 
 // FuzzBastionHelloVerify feeds helloVerifier.answer (the listener's read
@@ -91,7 +97,10 @@ func FuzzBastionHelloVerify(f *testing.F) {
 			t.Fatalf("answer in record %d, want %d", bastionRecordSeq(reply[:n]), bastionRecordSeq(b))
 		}
 		off := recordlayer.FixedHeaderSize + handshake.HeaderLength + 3
-		echo := bastionEcho(b, reply[off:off+helloCookieLen])
+		echo, fits := bastionEcho(b, reply[off:off+helloCookieLen])
+		if !fits {
+			return
+		}
 		if echo == nil {
 			t.Fatal("an answered ClientHello's fields do not parse")
 		}
@@ -133,7 +142,8 @@ func TestBastionStatelessHelloVerifyLibcoapHellos(t *testing.T) {
 			t.Fatalf("%s: answered with %d bytes, type %d; want a HelloVerifyRequest", name, n, typ)
 		}
 		off := recordlayer.FixedHeaderSize + handshake.HeaderLength + 3
-		if _, ok, _ := v.answer(bastionEcho([]byte(s), reply[off:off+helloCookieLen]), from, reply[:]); !ok {
+		echo, _ := bastionEcho([]byte(s), reply[off:off+helloCookieLen])
+		if _, ok, _ := v.answer(echo, from, reply[:]); !ok {
 			t.Fatalf("%s: not admitted with its cookie", name)
 		}
 	}
