@@ -19,3 +19,16 @@ func (c *Conn) SetOnCookieVerified(f func() error) {
 	defer c.handshakeMutex.Unlock()
 	c.handshakeConfig.onCookieVerified = f
 }
+
+// cookieVerified runs the onCookieVerified hook, at most once: where a
+// server's handshake has checked the client's cookie (flight2Parse, or
+// flight0ParseVerified with patch (51)).
+func (c *handshakeConfig) cookieVerified() error {
+	hook := c.onCookieVerified
+	if hook == nil {
+		return nil
+	}
+	c.onCookieVerified = nil
+
+	return hook()
+}

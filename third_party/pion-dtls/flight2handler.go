@@ -58,11 +58,8 @@ func flight2Parse(
 	// flight2Parse runs again only for a retransmitted ClientHello, which
 	// the FSM answers before parsing (isClientHelloRetransmit), so the
 	// hook runs once; it is cleared all the same.
-	if hook := cfg.onCookieVerified; hook != nil {
-		cfg.onCookieVerified = nil
-		if err := hook(); err != nil {
-			return 0, nil, err
-		}
+	if err := cfg.cookieVerified(); err != nil {
+		return 0, nil, err
 	}
 	state.handshakeRecvSequence = seq
 

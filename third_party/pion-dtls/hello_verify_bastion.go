@@ -295,10 +295,8 @@ func flight0ParseVerified(
 	if !clientHello.Version.Equal(protocol.Version1_2) {
 		return 0, &alert.Alert{Level: alert.Fatal, Description: alert.ProtocolVersion}, errUnsupportedProtocolVersion
 	}
-	helloHash, err := clientHelloNegotiationHash(clientHello)
-	if err != nil {
-		return 0, &alert.Alert{Level: alert.Fatal, Description: alert.IllegalParameter}, err
-	}
+	// (No initialClientHelloHash: only flight2Parse compares it, and this
+	// connection never runs flight2Parse; the cookie binds the fields.)
 	// The listener checked the cookie of the ClientHello's first fragment;
 	// this is the whole ClientHello the handshake uses, a little later.
 	raw := cache.pullOne(handshakeCachePullRule{handshake.TypeClientHello, cfg.initialEpoch, true, false})
@@ -309,12 +307,8 @@ func flight0ParseVerified(
 	if !ok || !cfg.helloVerifier.valid(cookie, cfg.helloVerifyAddr, &sum, helloCookieLifetime+helloCookieGrace) {
 		return 0, &alert.Alert{Level: alert.Fatal, Description: alert.AccessDenied}, errCookieMismatch
 	}
-	state.initialClientHelloHash = helloHash
-	if hook := cfg.onCookieVerified; hook != nil {
-		cfg.onCookieVerified = nil
-		if err := hook(); err != nil {
-			return 0, nil, err
-		}
+	if err := cfg.cookieVerified(); err != nil {
+		return 0, nil, err
 	}
 	state.handshakeRecvSequence = seq
 
