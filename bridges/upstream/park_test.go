@@ -210,3 +210,28 @@ func TestParkBurst(t *testing.T) {
 		t.Errorf("queue depth %d, want %d (only the burst parked)", d, total-parkBurst)
 	}
 }
+
+// TestUnsendableKeepsWhatCameBefore: a queued message is above the broker's
+// Maximum Packet Size and cannot be parked (no parking queue), so it stays
+// at the head and every run ends at it. The messages queued before it, in
+// the same batch, were already given packet identifiers by that run: they
+// must still be sent. (Dropped with the run, they never left, and each retry
+// took more of the connection's window until the link stalled.)
+func TestUnsendableKeepsWhatCameBefore(t *testing.T) {
+	b := mosquitto.Start(t, mosquitto.Options{Config: "max_packet_size 300\n"})
+	sub := mosquitto.Subscribe(t, b, "cloud-sub", "bastion/#", false)
+	l := startLink(t, linkConfig(t, b, "gw1"), t.TempDir())
+	waitFor(t, "link connected", 10*time.Second, func() bool { return l.up.Status().Connected })
+	// Queued while the broker is away, so that one run reads all three.
+	b.Stop(t)
+	waitFor(t, "link down", 10*time.Second, func() bool { return !l.up.Status().Connected })
+	big := telemetry("c", 1)
+	big.Payload = []byte(`{"pad":"` + strings.Repeat("x", 400) + `"}`)
+	acceptAll(t, l, telemetry("a", 1), telemetry("b", 1), big)
+	b.Start(t)
+	expectTopics(t, l, sub, "bastion/gw1/a/t/n", "bastion/gw1/b/t/n")
+	waitFor(t, "the two sent messages deleted, the unsendable one kept", 10*time.Second, func() bool { return l.q.Stats().Depth == 1 })
+	if st := l.up.Status(); !strings.Contains(st.LastError, "Maximum Packet Size of 300") {
+		t.Errorf("Status.LastError = %q, want the broker's Maximum Packet Size", st.LastError)
+	}
+}

@@ -782,6 +782,13 @@ feed:
 			break
 		}
 	}
+	// A message that cannot be sent ends the run (it stays queued), but the
+	// PUBLISHes gathered before it hold packet identifiers of this
+	// connection and come before it in the queue: they go out, and their
+	// PUBACKs free those identifiers. Dropped with the run, they were never
+	// sent while the same message failed every retry, and each retry took
+	// more of the window until the link stalled.
+	flush()
 	cancel()
 	wg.Wait()
 	return r.failed.Load()
