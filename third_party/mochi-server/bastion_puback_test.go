@@ -19,7 +19,7 @@ type qosRecorder struct {
 
 func (h *qosRecorder) ID() string { return "qos-recorder" }
 func (h *qosRecorder) Provides(b byte) bool {
-	return b == OnQosPublish || b == OnQosComplete
+	return b == OnQosPublish || b == OnQosComplete || b == OnQosDropped
 }
 func (h *qosRecorder) OnQosPublish(cl *Client, pk packets.Packet, sent int64, resends int) {
 	h.mu.Lock()
@@ -31,12 +31,20 @@ func (h *qosRecorder) OnQosComplete(cl *Client, pk packets.Packet) {
 	defer h.mu.Unlock()
 	h.events = append(h.events, "complete")
 }
+func (h *qosRecorder) OnQosDropped(cl *Client, pk packets.Packet) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.events = append(h.events, "dropped")
+}
 
 // TestInboundQos1PubackBookkeeping (Bastion patch): the PUBACK of an inbound
-// QoS 1 message is kept in Inflight only when it could not be written, as
-// before the patch (where it was set before the write and deleted after);
+// QoS 1 message is never kept in Inflight: not when written (as before the
+// patch, where it was set before the write and deleted after), and not when
+// the write failed (before the patch it stayed, and a later connection
+// inheriting the session wrote it without the message having been stored);
 // the hooks see OnQosPublish then OnQosComplete for a written PUBACK, and
-// only OnQosPublish for one that could not be written.
+// OnQosPublish then OnQosDropped for one that could not be written, whose
+// receive quota is given back.
 func TestInboundQos1PubackBookkeeping(t *testing.T) {
 	pk := *packets.TPacketData[packets.Publish].Get(packets.TPublishQos1).Packet
 
@@ -68,11 +76,14 @@ func TestInboundQos1PubackBookkeeping(t *testing.T) {
 		s.Clients.Add(cl)
 		_ = w.Close()
 		require.ErrorIs(t, s.processPublish(cl, pk), io.ErrClosedPipe)
-		ack, ok := cl.State.Inflight.Get(pk.PacketID)
-		require.True(t, ok, "the unsent PUBACK is kept for the session to resend")
-		require.Equal(t, packets.Puback, ack.FixedHeader.Type)
-		require.Equal(t, int64(1), atomic.LoadInt64(&s.Info.Inflight))
-		require.Equal(t, int32(9), atomic.LoadInt32(&cl.State.Inflight.receiveQuota))
-		require.Equal(t, []string{"publish"}, rec.events)
+		// Not kept: a session that inherits Inflight writes what it holds
+		// at once, and this PUBACK's message may never have been stored
+		// (the write failed because the session ended).
+		_, ok := cl.State.Inflight.Get(pk.PacketID)
+		require.False(t, ok, "an unsent PUBACK must not be kept for a later connection to resend")
+		require.Equal(t, 0, cl.State.Inflight.Len())
+		require.Equal(t, int64(0), atomic.LoadInt64(&s.Info.Inflight))
+		require.Equal(t, int32(10), atomic.LoadInt32(&cl.State.Inflight.receiveQuota))
+		require.Equal(t, []string{"publish", "dropped"}, rec.events)
 	})
 }

@@ -968,11 +968,19 @@ func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 		ack = s.buildAck(pk.PacketID, packets.Pubrec, 0, pk.Properties, packets.CodeSuccess) // [MQTT-3.3.4-1] [MQTT-4.3.3-8]
 	}
 
-	// Bastion patch (third_party/README.md): a QoS 1 PUBACK stays in
-	// Inflight only if it could not be written, so it is put there only
-	// then, instead of being set before the write and deleted after it
-	// (which allocated a packet per message). The hooks are called in the
-	// same order as before; the QoS 2 PUBREC is tracked as before.
+	// Bastion patch (third_party/README.md): a QoS 1 PUBACK is not kept in
+	// Inflight at all (unpatched, it was set before the write and deleted
+	// after it, which allocated a packet per message, and kept when the
+	// write failed). A kept PUBACK is written again, unconditionally, by
+	// the next connection that inherits the session (ResendInflightMessages),
+	// but a write fails exactly when the session ended, and the gateway's
+	// PUBACK means "stored durably": the session may have ended because the
+	// fsync covering this message failed, so that resend would acknowledge a
+	// message that was never stored. Dropped, it costs nothing MQTT relies
+	// on: the client sends an unacknowledged PUBLISH again on the new
+	// connection [MQTT-4.4.0-1] and gets its PUBACK once that copy is
+	// stored. The hooks are called in the same order as before; the QoS 2
+	// PUBREC is tracked as before.
 	if pk.FixedHeader.Qos == 1 {
 		s.hooks.OnQosPublish(cl, ack, ack.Created, 0)
 	} else if ok := cl.State.Inflight.Set(ack); ok {
@@ -982,8 +990,9 @@ func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 
 	err = cl.WritePacket(ack)
 	if err != nil {
-		if pk.FixedHeader.Qos == 1 && cl.State.Inflight.Set(ack) {
-			atomic.AddInt64(&s.Info.Inflight, 1)
+		if pk.FixedHeader.Qos == 1 {
+			cl.State.Inflight.IncreaseReceiveQuota()
+			s.hooks.OnQosDropped(cl, ack)
 		}
 		return err
 	}
