@@ -69,7 +69,7 @@ type Rule struct {
 	// payload) or "local" (never leaves the gateway).
 	Action string `toml:"action" yaml:"action" json:"action"`
 	// Fields are the JSON fields redact removes; a dotted name reaches
-	// into nested objects (gps.lat).
+	// into nested objects and arrays of them (gps.lat), see redact.
 	Fields []string `toml:"fields" yaml:"fields" json:"fields"`
 }
 

@@ -27,7 +27,7 @@ func newMetrics() *metrics {
 		connectErrors: prometheus.NewCounter(prometheus.CounterOpts{Name: "bastion_upstream_connect_errors_total",
 			Help: "Failed connection attempts to the upstream broker."}),
 		withheld: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bastion_upstream_withheld_total",
-			Help: "Messages kept local, by reason (no_rule, local, redact_not_json, unmapped)."}, []string{"reason"}),
+			Help: "Messages kept local, by reason (no_rule, local, redact_not_json, redact_not_object, unmapped)."}, []string{"reason"}),
 		withheldQueued: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bastion_upstream_withheld_queued_total",
 			Help: "Of the withheld messages, those deleted from the queue when due to be sent (accepted and acknowledged to their device before a reload changed the mapping or the privacy rules), by reason."}, []string{"reason"}),
 		parked: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bastion_upstream_parked_total",

@@ -103,8 +103,12 @@ type Upstream struct {
 	// queuedWithheldLog (under mu).
 	queuedWithheld    int
 	queuedWithheldLog time.Time
-	restart           context.CancelFunc
-	parks             parkBucket
+	// redactRefused counts messages a redact rule withheld since
+	// redactFailed's last log line, at redactRefusedLog (under mu).
+	redactRefused    int
+	redactRefusedLog time.Time
+	restart          context.CancelFunc
+	parks            parkBucket
 }
 
 // New checks cfg (Defaults, Validate), loads the certificate files and
@@ -283,13 +287,35 @@ func (u *Upstream) gate(m bridges.Message) (_ bridges.Message, keep bool, _ erro
 		u.withheld("unmapped")
 		return m, false, nil
 	}
-	v, payload, reason := applyRules(s.cfg.Forward, m.Topic, m.Payload)
+	v, payload, reason, err := applyRules(s.cfg.Forward, m.Topic, m.Payload)
 	if v == withhold {
 		u.withheld(reason)
+		if err != nil {
+			u.redactFailed(m, reason, err)
+		}
 		return m, false, nil
 	}
 	m.Payload = payload
 	return m, true, nil
+}
+
+// redactFailed says, at most once a minute, that a redact rule kept a
+// message local because its payload could not be redacted: unlike a local
+// rule, that is not what the operator asked for, and only the payload shows
+// whether the rule or the device is wrong.
+func (u *Upstream) redactFailed(m bridges.Message, reason string, err error) {
+	u.mu.Lock()
+	u.redactRefused++
+	now := time.Now()
+	if now.Sub(u.redactRefusedLog) < time.Minute {
+		u.mu.Unlock()
+		return
+	}
+	n := u.redactRefused
+	u.redactRefused, u.redactRefusedLog = 0, now
+	u.mu.Unlock()
+	u.log.Warn("upstream: a message under a redact rule kept local: its payload cannot be redacted (bastion_upstream_withheld_total{reason})",
+		"device", m.Device, "topic", m.Topic, "reason", reason, "err", err, "since_last_line", n)
 }
 
 func (u *Upstream) withheld(reason string) {
@@ -900,7 +926,7 @@ func (u *Upstream) prepare(e queue.Entry, mapped *mappedTopics) (topic string, p
 		u.withheldQueued(e, "unmapped")
 		return "", nil, false, u.q.Ack(e.Seq)
 	}
-	v, payload, reason := applyRules(s.cfg.Forward, e.Topic, e.Payload)
+	v, payload, reason, _ := applyRules(s.cfg.Forward, e.Topic, e.Payload)
 	if v == withhold {
 		u.withheldQueued(e, reason)
 		return "", nil, false, u.q.Ack(e.Seq)
