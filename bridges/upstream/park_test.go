@@ -218,8 +218,10 @@ func TestParkBurst(t *testing.T) {
 // must still be sent. (Dropped with the run, they never left, and each retry
 // took more of the connection's window until the link stalled.)
 func TestUnsendableKeepsWhatCameBefore(t *testing.T) {
-	b := mosquitto.Start(t, mosquitto.Options{Config: "max_packet_size 300\n"})
-	sub := mosquitto.Subscribe(t, b, "cloud-sub", "bastion/#", false)
+	// The cloud subscriber's session survives the broker restart below:
+	// the link may publish before the subscriber is back.
+	b := mosquitto.Start(t, mosquitto.Options{Config: "max_packet_size 300\n", Persistent: true})
+	sub := mosquitto.Subscribe(t, b, "cloud-sub", "bastion/#", true)
 	l := startLink(t, linkConfig(t, b, "gw1"), t.TempDir())
 	waitFor(t, "link connected", 10*time.Second, func() bool { return l.up.Status().Connected })
 	// Queued while the broker is away, so that one run reads all three.
