@@ -209,6 +209,29 @@ func (u *Upstream) Reload(cfg Config) error {
 	return nil
 }
 
+// SetForward replaces the privacy rules alone, from the next message on,
+// keeping the running connection and credentials. Unlike Reload it reads no
+// file: a rule change (from the console) must take effect even while the
+// certificate files are being rotated or are unreadable, since the change
+// may be the operator keeping a topic local. Rules that do not validate
+// leave the running ones in place and return why.
+func (u *Upstream) SetForward(rules []Rule) error {
+	if err := errors.Join(validateRules(rules)...); err != nil {
+		return fmt.Errorf("upstream forwarding rules refused, keeping the running ones: %w", err)
+	}
+	rules = slices.Clone(rules)
+	for {
+		old := u.cur.Load()
+		s := *old
+		s.cfg.Forward = rules
+		if u.cur.CompareAndSwap(old, &s) {
+			break
+		}
+	}
+	u.log.Info("upstream forwarding rules replaced", "rules", len(rules))
+	return nil
+}
+
 func needsReconnect(a, b *snapshot) bool {
 	ac, bc := a.cfg, b.cfg
 	ac.Forward, bc.Forward, ac.Uplink, bc.Uplink = nil, nil, nil, nil
