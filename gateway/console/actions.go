@@ -511,6 +511,11 @@ func parseRule(in ruleInput) (store.ForwardRule, error) {
 					return store.ForwardRule{}, errf(http.StatusBadRequest, "field %q: 1-64 characters a-z A-Z 0-9 _ . -", f)
 				}
 			}
+			// The upstream link refuses these too: saved, such a rule would
+			// stop the link from taking any rule, and from starting.
+			if strings.HasPrefix(f, ".") || strings.HasSuffix(f, ".") || strings.Contains(f, "..") {
+				return store.ForwardRule{}, errf(http.StatusBadRequest, "field %q: a name, or names joined by single dots (gps.lat)", f)
+			}
 		}
 	default:
 		return store.ForwardRule{}, errf(http.StatusBadRequest, "action %q: use forward, redact or local", in.Action)
