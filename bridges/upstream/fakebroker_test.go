@@ -322,7 +322,8 @@ func TestSubscribeNoLocal(t *testing.T) {
 // TestConnectLimitsCommandSize: the link's CONNECT announces a Maximum
 // Packet Size, so the broker never sends it a command larger than any
 // device transport takes (a command is kept in memory until its device
-// takes it).
+// takes it), and a Receive Maximum, so the broker keeps at most that many
+// commands unacknowledged at the link (unset, it is 65,535).
 func TestConnectLimitsCommandSize(t *testing.T) {
 	fb := startFakeBroker(t)
 	startLink(t, fb.config(t), t.TempDir())
@@ -330,5 +331,8 @@ func TestConnectLimitsCommandSize(t *testing.T) {
 	p := c.connect.Properties
 	if p == nil || p.MaximumPacketSize == nil || *p.MaximumPacketSize != maxDownlinkPacket {
 		t.Fatalf("the link's CONNECT properties %+v: want Maximum Packet Size %d", p, maxDownlinkPacket)
+	}
+	if p.ReceiveMaximum == nil || *p.ReceiveMaximum != downlinkReceiveMaximum {
+		t.Fatalf("the link's CONNECT Receive Maximum %v: want %d", p.ReceiveMaximum, downlinkReceiveMaximum)
 	}
 }

@@ -415,6 +415,8 @@ func (u *Upstream) generation(ctx context.Context, s *snapshot) error {
 			}
 			limit := uint32(maxDownlinkPacket)
 			cp.Properties.MaximumPacketSize = &limit
+			recvMax := uint16(downlinkReceiveMaximum)
+			cp.Properties.ReceiveMaximum = &recvMax
 			return cp, nil
 		},
 		OnConnectionUp: func(cm *autopaho.ConnectionManager, ca *paho.Connack) {
@@ -1056,3 +1058,12 @@ func vbiLen(n int) int {
 // MQTT listener's default packet limit is 64 KiB, a CoAP device's far
 // less), so a larger one could only cost memory.
 const maxDownlinkPacket = 256 << 10
+
+// downlinkReceiveMaximum is the Receive Maximum the link announces in its
+// CONNECT (MQTT v5 §3.1.2.11.3): the broker keeps at most this many QoS 1
+// commands unacknowledged at the link. Unset, it is 65,535: that many
+// commands of up to maxDownlinkPacket each could be outstanding (and paho
+// sizes its queue of received PUBLISHes by it). Commands are few and are
+// handed off at once (Deliver), so a handful in flight loses nothing; 16
+// bounds what the broker can push ahead of the link to 16 × 256 KiB.
+const downlinkReceiveMaximum = 16
