@@ -137,17 +137,27 @@ func (u *Upstream) park(e queue.Entry, reason byte, why string) bool {
 }
 
 // parkRefused parks PUBLISH seq after a PUBACK with a permanent failure
-// reason. It runs on paho's reading goroutine; the entry is read back from
-// the queue, which still holds it.
-func (u *Upstream) parkRefused(seq uint64, reason byte, why string) bool {
+// reason; true means the refusal needs nothing more (no retry, no holding
+// back its device). It runs on paho's reading goroutine; the entry is read
+// back from the queue, which normally still holds it. It may not: a later
+// run on the same connection can send seq again before the first copy's
+// PUBACK, and that copy's refusal already parked it. Then it is handled.
+func (u *Upstream) parkRefused(seq uint64, dev string, reason byte, why string) bool {
 	if u.parking.Load() == nil || !permanent(reason) {
 		return false
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
+	// Next reads what is held before it waits for more, so with a context
+	// already done it is a lookup: on paho's reading goroutine a wait for a
+	// message that is gone would stall PUBACKs and PINGRESPs.
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
 	es, err := u.q.Next(ctx, seq-1, 1)
-	if err != nil || len(es) == 0 || es[0].Seq != seq {
-		return false // already acked, or unreadable: leave it to the retry
+	switch {
+	case err != nil && !errors.Is(err, context.Canceled):
+		return false // unreadable: leave it to the retry
+	case len(es) == 0 || es[0].Seq != seq:
+		u.log.Info("upstream: a refused message is no longer queued (parked or accepted as another copy); nothing to do", "device", dev, "seq", seq, "refusal", why)
+		return true
 	}
 	return u.park(es[0], reason, why)
 }

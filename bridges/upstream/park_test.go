@@ -17,11 +17,7 @@ import (
 // startParking gives l a parking queue in dir.
 func startParking(t testing.TB, l *link, dir string) *queue.Queue {
 	t.Helper()
-	p, err := queue.Open(dir, queue.Options{MaxBytes: 1 << 20}, testLog(), nil)
-	if err != nil {
-		t.Fatalf("open the parking queue: %v", err)
-	}
-	t.Cleanup(func() { p.Close() })
+	p := startParkingQueue(t, dir)
 	l.up.SetParking(p)
 	return p
 }
@@ -236,4 +232,60 @@ func TestUnsendableKeepsWhatCameBefore(t *testing.T) {
 	if st := l.up.Status(); !strings.Contains(st.LastError, "Maximum Packet Size of 300") {
 		t.Errorf("Status.LastError = %q, want the broker's Maximum Packet Size", st.LastError)
 	}
+}
+
+// TestRefusedAgainAfterParked: the broker refuses for good two copies of
+// one message (a later run on the same connection sent it again before the
+// first copy's PUBACK). The first refusal parks it; the second finds it gone
+// from the queue, which means it is handled: no wait on paho's reading
+// goroutine (the lookup used to wait up to 10 s for a message after it, with
+// PUBACKs and PINGRESPs unread meanwhile), no failed run, and the device's
+// later messages are not held back.
+func TestRefusedAgainAfterParked(t *testing.T) {
+	q, err := queue.Open(t.TempDir(), queue.Options{}, testLog(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer q.Close()
+	u := &Upstream{log: testLog(), q: q, m: newMetrics()}
+	u.cur.Store(&snapshot{cfg: validConfig()})
+	p := startParkingQueue(t, t.TempDir())
+	u.SetParking(p)
+	if err := q.Accept(context.Background(), telemetry("d1", 1)); err != nil {
+		t.Fatal(err)
+	}
+	es, err := q.Held(0, 1)
+	if err != nil || len(es) != 1 {
+		t.Fatalf("Held: %v %v", es, err)
+	}
+	seq := es[0].Seq
+
+	first := &sendRun{u: u, cancel: func() {}}
+	first.puback(seq, "d1", 0x87)
+	if p.Stats().Depth != 1 || q.Stats().Depth != 0 || first.failed.Load() {
+		t.Fatalf("first refusal: parked %d, queued %d, run failed %v; want 1, 0, false", p.Stats().Depth, q.Stats().Depth, first.failed.Load())
+	}
+
+	second := &sendRun{u: u, cancel: func() {}}
+	start := time.Now()
+	second.puback(seq, "d1", 0x87)
+	if d := time.Since(start); d > time.Second {
+		t.Errorf("the second refusal took %v on the reading goroutine, want no wait", d)
+	}
+	if second.failed.Load() || second.holds("d1") {
+		t.Errorf("second refusal of a parked message: run failed %v, d1 held %v; want neither (LastError %q)", second.failed.Load(), second.holds("d1"), u.Status().LastError)
+	}
+	if p.Stats().Depth != 1 {
+		t.Errorf("parked %d, want 1 (parked once)", p.Stats().Depth)
+	}
+}
+
+func startParkingQueue(t testing.TB, dir string) *queue.Queue {
+	t.Helper()
+	p, err := queue.Open(dir, queue.Options{MaxBytes: 1 << 20}, testLog(), nil)
+	if err != nil {
+		t.Fatalf("open the parking queue: %v", err)
+	}
+	t.Cleanup(func() { p.Close() })
+	return p
 }

@@ -907,7 +907,7 @@ func (r *sendRun) puback(seq uint64, dev string, reason byte) {
 	if reason >= 0x80 {
 		u.m.publishErrors.Inc()
 		why := fmt.Sprintf("PUBACK reason 0x%02x (%s)", reason, pubackReason(reason))
-		if u.parkRefused(seq, reason, why) {
+		if u.parkRefused(seq, dev, reason, why) {
 			return
 		}
 		r.hold(dev)
