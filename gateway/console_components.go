@@ -118,6 +118,7 @@ func (u consoleUpstream) Show(ctx context.Context) (console.Report, error) {
 		{"client certificate", st.ClientCertSubject + " until " + st.ClientCertNotAfter.Format(time.DateOnly)},
 		{"published", strconv.FormatUint(st.Published, 10)}, {"withheld by privacy rules", strconv.FormatUint(st.Withheld, 10)},
 		{"commands delivered", strconv.FormatUint(st.Downlink, 10)},
+		{"commands subscribed", strconv.FormatBool(st.DownlinkSubscribed)},
 		{"queue", fmt.Sprintf("%d messages, %d bytes", q.Depth, q.Bytes)},
 	}}
 	if g.parking != nil {
@@ -129,6 +130,8 @@ func (u consoleUpstream) Show(ctx context.Context) (console.Report, error) {
 	}
 	if !st.Connected && st.LastError != "" {
 		link.Alarm = "upstream disconnected: " + st.LastError
+	} else if st.Connected && !st.DownlinkSubscribed && st.LastError != "" {
+		link.Alarm = "commands from the cloud are not received: " + st.LastError
 	}
 	var maps [][]string
 	for _, m := range cfg.Uplink {

@@ -70,6 +70,7 @@ type Status struct {
 	Withheld           uint64    `json:"withheld"`  // kept local by privacy rules or mapping
 	Downlink           uint64    `json:"downlink"`  // commands a device session received (not those kept for a device that is away)
 	LoopsDropped       uint64    `json:"loops_dropped"`
+	DownlinkSubscribed bool      `json:"downlink_subscribed"`   // the broker granted every downlink subscription on this connection
 	LastParked         string    `json:"last_parked,omitempty"` // why the broker refused the last parked message
 	LastParkedAt       time.Time `json:"last_parked_at,omitzero"`
 	ClientCertSubject  string    `json:"client_cert_subject"`
@@ -435,20 +436,20 @@ func (u *Upstream) generation(ctx context.Context, s *snapshot) error {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				if err := u.subscribe(ctx, cm, s); err != nil {
-					u.setError(err)
-				}
+				u.subscribeDownlink(ctx, cm, s, d)
 			}()
 		},
 		OnConnectionDown: func() bool {
 			bo.down()
-			u.setConnected(false)
+			// down closes first: subscribeDownlink marks the downlink
+			// subscribed only while it is open, and setConnected clears it.
 			downM.Lock()
 			if down != nil {
 				close(down)
 				down = nil
 			}
 			downM.Unlock()
+			u.setConnected(false)
 			return true
 		},
 		OnConnectError: func(err error) {
@@ -583,7 +584,21 @@ func (u *Upstream) setConnected(up bool) {
 		u.m.connected.Set(1)
 	} else {
 		u.m.connected.Set(0)
+		u.st.DownlinkSubscribed = false
+		u.m.downlinkSubscribed.Set(0)
 	}
+}
+
+// setSubscribed records that every downlink subscription of the connection
+// that down belongs to is granted, unless that connection is gone already.
+func (u *Upstream) setSubscribed(down <-chan struct{}) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if closed(down) {
+		return
+	}
+	u.st.DownlinkSubscribed = true
+	u.m.downlinkSubscribed.Set(1)
 }
 
 func (u *Upstream) setError(err error) {
@@ -594,25 +609,86 @@ func (u *Upstream) setError(err error) {
 	u.mu.Unlock()
 }
 
-func (u *Upstream) subscribe(ctx context.Context, cm *autopaho.ConnectionManager, s *snapshot) error {
+// subscribeDownlink subscribes to the downlink filters on the connection
+// that down belongs to. Until the broker grants them the devices' commands
+// are lost (the session is clean: nothing is kept for the link), so what
+// the broker refuses or does not answer is asked again, with growing
+// pauses, for as long as the connection stays up; waiting for a reconnect
+// that a healthy connection never needs would lose them for good.
+func (u *Upstream) subscribeDownlink(ctx context.Context, cm *autopaho.ConnectionManager, s *snapshot, down <-chan struct{}) {
 	var subs []paho.SubscribeOptions
 	for _, r := range s.routes.down {
 		// NoLocal: the broker never sends us our own publications.
 		subs = append(subs, paho.SubscribeOptions{Topic: r.from.filter(), QoS: 1, NoLocal: true})
 	}
-	if len(subs) == 0 {
-		return nil
-	}
-	sa, err := cm.Subscribe(ctx, &paho.Subscribe{Subscriptions: subs})
-	if err != nil {
-		return fmt.Errorf("upstream subscribe %v: %w", subs, err)
-	}
-	for i, rc := range sa.Reasons {
-		if rc >= 0x80 && i < len(subs) {
-			return fmt.Errorf("upstream broker refused the downlink subscription %q with reason 0x%02x (check the broker's ACL for this gateway)", subs[i].Topic, rc)
+	var pause time.Duration
+	for len(subs) > 0 {
+		var err error
+		if subs, err = u.subscribe(ctx, cm, s, subs); err == nil {
+			break
+		}
+		if closed(down) || ctx.Err() != nil {
+			return
+		}
+		u.m.subscribeErrors.Inc()
+		pause = min(max(2*pause, s.cfg.BackoffMin), s.cfg.BackoffMax)
+		u.setError(fmt.Errorf("%w; downlink commands are lost until it is granted: asking again in %s", err, pause.Round(time.Millisecond)))
+		select {
+		case <-time.After(pause):
+		case <-down:
+			return
+		case <-ctx.Done():
+			return
 		}
 	}
-	return nil
+	u.setSubscribed(down)
+}
+
+// subscribe sends one SUBSCRIBE for subs and returns the ones not granted,
+// with why.
+func (u *Upstream) subscribe(ctx context.Context, cm *autopaho.ConnectionManager, s *snapshot, subs []paho.SubscribeOptions) ([]paho.SubscribeOptions, error) {
+	sa, err := cm.Subscribe(ctx, &paho.Subscribe{Subscriptions: subs})
+	if sa == nil { // paho returns the SUBACK with the error of a refusal
+		return subs, fmt.Errorf("upstream broker %s: downlink subscription to %s got no SUBACK: %w", s.cfg.Broker, topics(subs), err)
+	}
+	var (
+		refused []paho.SubscribeOptions
+		errs    []error
+	)
+	for i, sub := range subs {
+		rc := byte(0x80)
+		if i < len(sa.Reasons) {
+			rc = sa.Reasons[i]
+		}
+		if rc >= 0x80 {
+			refused = append(refused, sub)
+			errs = append(errs, fmt.Errorf("upstream broker %s refused the downlink subscription %q with SUBACK reason 0x%02x: %s", s.cfg.Broker, sub.Topic, rc, subackAdvice(rc)))
+		}
+	}
+	return refused, errors.Join(errs...)
+}
+
+func topics(subs []paho.SubscribeOptions) string {
+	ts := make([]string, len(subs))
+	for i, s := range subs {
+		ts[i] = s.Topic
+	}
+	return strings.Join(ts, ", ")
+}
+
+// subackAdvice says what a SUBACK failure reason means for the operator.
+func subackAdvice(rc byte) string {
+	switch rc {
+	case packets.SubackNotauthorized:
+		return "not authorized; allow this gateway's client (its certificate's identity) to subscribe to it in the broker's ACL"
+	case packets.SubackTopicFilterinvalid:
+		return "topic filter invalid; check upstream.downlink, upstream.prefix and upstream.gateway"
+	case packets.SubackWildcardsubscriptionsnotsupported:
+		return "the broker does not allow wildcard subscriptions, which the downlink mapping ({id} as +) needs; enable them on the broker"
+	case packets.SubackQuotaexceeded:
+		return "quota exceeded; raise this client's subscription limit on the broker"
+	}
+	return "the broker's own failure; see the broker's log"
 }
 
 // downlink maps a command from the broker to a device.
@@ -687,7 +763,7 @@ func (u *Upstream) sendLoop(ctx context.Context, ls *linkSession, ups <-chan cha
 	}
 }
 
-func closed(c chan struct{}) bool {
+func closed(c <-chan struct{}) bool {
 	select {
 	case <-c:
 		return true
