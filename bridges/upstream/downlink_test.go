@@ -137,3 +137,61 @@ func TestBrokerHonoursReceiveMaximum(t *testing.T) {
 		}
 	}
 }
+
+// TestRetainedCommandNotReplayed: a command the cloud published retained
+// is not delivered when the link subscribes, on its first connection or
+// after a reconnect: the link subscribes anew on each (clean session), so a
+// retained "reboot" would be carried out again every time. Commands sent
+// while the link is subscribed arrive.
+func TestRetainedCommandNotReplayed(t *testing.T) {
+	// Persistent: the retained command is still there after the restart.
+	b := mosquitto.Start(t, mosquitto.Options{Persistent: true})
+	cloudPublish(t, b, "cloud", &paho.Publish{Topic: "bastion/gw1/dev1/c/reboot", QoS: 1, Retain: true, Payload: []byte("now")})
+	l := startLink(t, linkConfig(t, b, "gw1"), t.TempDir())
+	expect := func(topic string) {
+		t.Helper()
+		select {
+		case m := <-l.commands:
+			if m.Topic != topic {
+				t.Fatalf("command %s %q delivered, want %s (a retained command replayed?)", m.Topic, m.Payload, topic)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("%s never arrived; status %+v", topic, l.up.Status())
+		}
+	}
+	waitFor(t, "the downlink subscribed", 10*time.Second, func() bool { return l.up.Status().DownlinkSubscribed })
+	cloudPublish(t, b, "cloud", &paho.Publish{Topic: "bastion/gw1/dev1/c/led", QoS: 1, Payload: []byte("on")})
+	expect("devices/dev1/c/led")
+
+	b.Stop(t)
+	waitFor(t, "link down", 10*time.Second, func() bool { return !l.up.Status().Connected })
+	b.Start(t)
+	waitFor(t, "the downlink subscribed again", 10*time.Second, func() bool { return l.up.Status().DownlinkSubscribed })
+	cloudPublish(t, b, "cloud", &paho.Publish{Topic: "bastion/gw1/dev1/c/led", QoS: 1, Payload: []byte("off")})
+	expect("devices/dev1/c/led")
+}
+
+// TestRetainedCommandDropped: a broker that ignores Retain Handling 2 and
+// replays a retained command anyway (it arrives with the retain flag) does
+// not get it delivered to the device.
+func TestRetainedCommandDropped(t *testing.T) {
+	c := validConfig()
+	rs, err := c.compile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []bridges.Message
+	u := &Upstream{log: slog.New(slog.DiscardHandler), m: newMetrics(), deliver: func(_ context.Context, m bridges.Message) error {
+		got = append(got, m)
+		return nil
+	}}
+	u.cur.Store(&snapshot{cfg: c, routes: rs})
+	u.downlink(context.Background(), &paho.Publish{Topic: "bastion/gw1/dev1/c/reboot", QoS: 1, Retain: true, Payload: []byte("now")})
+	u.downlink(context.Background(), &paho.Publish{Topic: "bastion/gw1/dev1/c/led", QoS: 1, Payload: []byte("on")})
+	if len(got) != 1 || got[0].Topic != "devices/dev1/c/led" {
+		t.Fatalf("delivered %+v, want only devices/dev1/c/led", got)
+	}
+	if n := testutil.ToFloat64(u.m.downlink.WithLabelValues("retained")); n != 1 {
+		t.Errorf(`bastion_upstream_downlink_total{result="retained"} = %v, want 1`, n)
+	}
+}

@@ -312,16 +312,17 @@ func TestRefusalKeepsDeviceOrder(t *testing.T) {
 }
 
 // TestSubscribeNoLocal: the link's downlink SUBSCRIBE asks for no-local, so
-// the broker never sends the gateway its own PUBLISHes. (TestEndToEnd cannot
+// the broker never sends the gateway its own PUBLISHes (TestEndToEnd cannot
 // show it: the config check keeps the default mappings apart, so nothing
-// would come back without it either.)
+// would come back without it either), and Retain Handling 2, so it sends no
+// retained message on subscribing (TestRetainedCommandNotReplayed).
 func TestSubscribeNoLocal(t *testing.T) {
 	fb := startFakeBroker(t)
 	startLink(t, fb.config(t), t.TempDir())
 	c := fb.next(t)
 	select {
 	case s := <-c.subs:
-		want := []packets.SubOptions{{Topic: "bastion/gw1/+/c/#", QoS: 1, NoLocal: true}}
+		want := []packets.SubOptions{{Topic: "bastion/gw1/+/c/#", QoS: 1, NoLocal: true, RetainHandling: 2}}
 		if d := cmp.Diff(want, s.Subscriptions); d != "" {
 			t.Errorf("the link's SUBSCRIBE (-want +got):\n%s", d)
 		}

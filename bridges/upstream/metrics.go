@@ -35,7 +35,7 @@ func newMetrics() *metrics {
 		parked: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bastion_upstream_parked_total",
 			Help: "Messages the broker refused for good, moved to the parking queue, by reason (not_authorized, topic_name_invalid, packet_too_large, payload_format_invalid)."}, []string{"reason"}),
 		downlink: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bastion_upstream_downlink_total",
-			Help: "Downlink commands by result (delivered: a device session received it; no_receiver: kept for the device, none received it; refused, loop, unmapped)."}, []string{"result"}),
+			Help: "Downlink commands by result (delivered: a device session received it; no_receiver: kept for the device, none received it; refused, loop, unmapped, retained: replayed from the broker's store, dropped)."}, []string{"result"}),
 		downlinkSubscribed: prometheus.NewGauge(prometheus.GaugeOpts{Name: "bastion_upstream_downlink_subscribed",
 			Help: "1 while the broker has granted every downlink (command) subscription on the current connection; 0: commands are lost."}),
 		subscribeErrors: prometheus.NewCounter(prometheus.CounterOpts{Name: "bastion_upstream_subscribe_errors_total",

@@ -619,7 +619,11 @@ func (u *Upstream) subscribeDownlink(ctx context.Context, cm *autopaho.Connectio
 	var subs []paho.SubscribeOptions
 	for _, r := range s.routes.down {
 		// NoLocal: the broker never sends us our own publications.
-		subs = append(subs, paho.SubscribeOptions{Topic: r.from.filter(), QoS: 1, NoLocal: true})
+		// RetainHandling 2: nor the retained messages it holds when we
+		// subscribe. Every connection subscribes anew (clean session), so
+		// a retained command (reboot, unlock) would be carried out again
+		// after each reconnect or reload; a command is for when it is sent.
+		subs = append(subs, paho.SubscribeOptions{Topic: r.from.filter(), QoS: 1, NoLocal: true, RetainHandling: 2})
 	}
 	var pause time.Duration
 	for len(subs) > 0 {
@@ -709,6 +713,14 @@ func (u *Upstream) downlink(ctx context.Context, p *paho.Publish) {
 		id, rest, ok := r.from.match(p.Topic)
 		if !ok {
 			continue
+		}
+		if p.Retain {
+			// Only a message replayed from the broker's store at subscribe
+			// time carries the flag (no Retain As Published); a broker that
+			// ignores RetainHandling 2 still does not get it executed again.
+			u.m.downlink.WithLabelValues("retained").Inc()
+			u.log.Info("downlink command dropped: a retained message replayed by the broker, not a command sent now", "device", id, "topic", p.Topic)
+			return
 		}
 		m := bridges.Message{Device: id, Topic: r.to.render(id, rest), Payload: p.Payload, QoS: min(p.QoS, 1), Received: time.Now()}
 		if err := u.deliver(ctx, m); errors.Is(err, bridges.ErrNoReceiver) {
