@@ -194,7 +194,9 @@ func TestConsoleRuleWhileCredentialsUnreadable(t *testing.T) {
 	if resp.StatusCode != http.StatusOK {
 		t.Fatalf("console rule: %d %s, want 200", resp.StatusCode, body)
 	}
-	link := func() upstream.Status { return r.g.Status().Components["upstream"].(map[string]any)["link"].(upstream.Status) }
+	link := func() upstream.Status {
+		return r.g.Status().Components["upstream"].(map[string]any)["link"].(upstream.Status)
+	}
 	before, depth := link().Withheld, r.g.queue.Stats().Depth
 	m := bridges.Message{Device: "d1", Topic: "devices/d1/t/location", QoS: 1, Payload: []byte(`{"lat":51.5}`)}
 	if err := r.g.sink.Accept(context.Background(), m); err != nil {
