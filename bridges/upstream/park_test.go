@@ -229,8 +229,28 @@ func TestUnsendableKeepsWhatCameBefore(t *testing.T) {
 	b.Start(t)
 	expectTopics(t, l, sub, "bastion/gw1/a/t/n", "bastion/gw1/b/t/n")
 	waitFor(t, "the two sent messages deleted, the unsendable one kept", 10*time.Second, func() bool { return l.q.Stats().Depth == 1 })
-	if st := l.up.Status(); !strings.Contains(st.LastError, "Maximum Packet Size of 300") {
-		t.Errorf("Status.LastError = %q, want the broker's Maximum Packet Size", st.LastError)
+	// The error says why the message is stuck and what to do about it.
+	if st := l.up.Status(); !strings.Contains(st.LastError, "Maximum Packet Size of 300") ||
+		!strings.Contains(st.LastError, "cannot be parked: the link has no parking queue") ||
+		!strings.Contains(st.LastError, "raise the broker's maximum packet size (Mosquitto: max_packet_size) to at least 4") {
+		t.Errorf("Status.LastError = %q, want the broker's Maximum Packet Size, why it is not parked, and the size to allow", st.LastError)
+	}
+}
+
+// TestBrokerMaximumQoS0: a broker whose CONNACK allows QoS 0 only
+// (Mosquitto's max_qos 0) stops the whole queue: the link sends at QoS 1 so
+// that nothing is deleted before the broker's PUBACK. The error says so and
+// what to change on the broker.
+func TestBrokerMaximumQoS0(t *testing.T) {
+	b := mosquitto.Start(t, mosquitto.Options{Config: "max_qos 0\n"})
+	l := startLink(t, linkConfig(t, b, "gw1"), t.TempDir())
+	acceptAll(t, l, telemetry("a", 1))
+	waitFor(t, "the QoS refusal reported", 10*time.Second, func() bool { return strings.Contains(l.up.Status().LastError, "grants at most QoS 0") })
+	if st := l.up.Status(); !strings.Contains(st.LastError, "seq 1 from a and every message behind it stay queued until the broker allows QoS 1 for this gateway (Mosquitto: max_qos 1 or more)") {
+		t.Errorf("Status.LastError = %q, want what stays queued and what to change on the broker", st.LastError)
+	}
+	if d := l.q.Stats().Depth; d != 1 {
+		t.Errorf("queue depth %d, want 1 (kept)", d)
 	}
 }
 

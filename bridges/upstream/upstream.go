@@ -877,16 +877,19 @@ feed:
 				continue // withheld and acked
 			}
 			qos := min(e.QoS, 1)
-			if maxPacket > 0 && publishLen(qos, topic, payload, s.cfg.Gateway, e.Seq) > maxPacket {
+			if n := publishLen(qos, topic, payload, s.cfg.Gateway, e.Seq); maxPacket > 0 && n > maxPacket {
 				why := fmt.Sprintf("the PUBLISH would be larger than the broker's Maximum Packet Size of %d bytes", maxPacket)
-				if u.park(e, 0x95, why) {
+				err := u.park(e, 0x95, why)
+				if err == nil {
 					continue
 				}
-				r.fail(fmt.Errorf("upstream broker %s: seq %d from %s: %s; it stays queued", s.cfg.Broker, e.Seq, e.Device, why))
+				r.fail(fmt.Errorf("upstream broker %s: seq %d from %s: %s, and it cannot be parked: %w; it stays at the head of the queue and every message behind it waits: raise the broker's maximum packet size (Mosquitto: max_packet_size) to at least %d bytes",
+					s.cfg.Broker, e.Seq, e.Device, why, err, n))
 				break feed
 			}
 			if qos > maxQoS {
-				r.fail(fmt.Errorf("upstream broker %s grants at most QoS %d; QoS %d messages stay queued", s.cfg.Broker, maxQoS, qos))
+				r.fail(fmt.Errorf("upstream broker %s grants at most QoS %d (CONNACK Maximum QoS), and the link sends at QoS 1 so that a message leaves the queue only after the broker's PUBACK; seq %d from %s and every message behind it stay queued until the broker allows QoS 1 for this gateway (Mosquitto: max_qos 1 or more)",
+					s.cfg.Broker, maxQoS, e.Seq, e.Device))
 				break feed
 			}
 			var id uint16
