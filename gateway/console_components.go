@@ -130,8 +130,6 @@ func (u consoleUpstream) Show(ctx context.Context) (console.Report, error) {
 	}
 	if !st.Connected && st.LastError != "" {
 		link.Alarm = "upstream disconnected: " + st.LastError
-	} else if st.Connected && !st.DownlinkSubscribed && st.LastError != "" {
-		link.Alarm = "commands from the cloud are not received: " + st.LastError
 	}
 	var maps [][]string
 	for _, m := range cfg.Uplink {
