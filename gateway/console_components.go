@@ -30,10 +30,12 @@ func (g *Gateway) wireConsole() {
 		c.Pairing = consolePairing{g.pairing}
 	}
 	c.OptOutsChanged = g.applyOptOuts
-	c.RulesChanged = func([]store.ForwardRule) {
+	c.RulesChanged = func([]store.ForwardRule) error {
 		if err := g.applyForwardRules(); err != nil {
-			g.log.Error("forwarding rules from the console could not be applied to the upstream link", "err", err)
+			g.log.Error("forwarding rules from the console could not be applied to the upstream link; the previous rules stay in force", "err", err)
+			return err
 		}
+		return nil
 	}
 	g.consoleHandler.SetComponents(c)
 }
@@ -55,15 +57,16 @@ func (g *Gateway) forwardRules(cfg upstream.Config) []upstream.Rule {
 	return append(out, cfg.Forward...)
 }
 
+// applyForwardRules puts the console's rules in force. It changes the rules
+// alone: a full Reload would also re-read the certificate files, and while
+// those are unreadable or mid-rotation it would refuse the rule change too.
 func (g *Gateway) applyForwardRules() error {
 	if g.upstream == nil {
 		return nil
 	}
 	g.reloadMu.Lock()
 	defer g.reloadMu.Unlock()
-	cfg := g.cfg.Load().Upstream.Config
-	cfg.Forward = g.forwardRules(cfg)
-	return g.upstream.Reload(cfg)
+	return g.upstream.SetForward(g.forwardRules(g.cfg.Load().Upstream.Config))
 }
 
 type consoleFirewall struct{ g *Gateway }
@@ -115,6 +118,7 @@ func (u consoleUpstream) Show(ctx context.Context) (console.Report, error) {
 		{"client certificate", st.ClientCertSubject + " until " + st.ClientCertNotAfter.Format(time.DateOnly)},
 		{"published", strconv.FormatUint(st.Published, 10)}, {"withheld by privacy rules", strconv.FormatUint(st.Withheld, 10)},
 		{"commands delivered", strconv.FormatUint(st.Downlink, 10)},
+		{"commands subscribed", strconv.FormatBool(st.DownlinkSubscribed)},
 		{"queue", fmt.Sprintf("%d messages, %d bytes", q.Depth, q.Bytes)},
 	}}
 	if g.parking != nil {

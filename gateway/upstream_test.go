@@ -2,6 +2,8 @@ package gateway
 
 import (
 	"context"
+	"io"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -164,5 +166,46 @@ func TestConsoleTrafficCounters(t *testing.T) {
 	c, ok := (consoleTraffic{r.g}).Counters(ctx, "d1")
 	if !ok || c.MessagesIn != 1 || c.BytesIn != 4 || c.LastSeen.IsZero() {
 		t.Errorf("counters = %+v, %v", c, ok)
+	}
+}
+
+// TestConsoleRuleWhileCredentialsUnreadable: a rule set in the console
+// takes effect at once even when the upstream certificate files cannot be
+// read at that moment (here the key is gone, as midway through a rotation).
+// The console used to apply its rules through a full reload of the link,
+// which re-read those files, was refused, and kept forwarding the topic the
+// operator had just made local while the console answered success.
+func TestConsoleRuleWhileCredentialsUnreadable(t *testing.T) {
+	r, _, _, _ := startWithCloud(t)
+	defer r.stop(t)
+	if err := os.Remove(r.g.cfg.Load().Upstream.KeyFile); err != nil {
+		t.Fatal(err)
+	}
+	api := newConsoleAPI(t, r.g)
+	req, _ := http.NewRequest("POST", api.base+"/api/v1/upstream/rules", strings.NewReader(`{"topic":"devices/+/t/location","action":"local"}`))
+	req.Header.Set("Authorization", "Bearer "+api.token)
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := api.hc.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("console rule: %d %s, want 200", resp.StatusCode, body)
+	}
+	link := func() upstream.Status {
+		return r.g.Status().Components["upstream"].(map[string]any)["link"].(upstream.Status)
+	}
+	before, depth := link().Withheld, r.g.queue.Stats().Depth
+	m := bridges.Message{Device: "d1", Topic: "devices/d1/t/location", QoS: 1, Payload: []byte(`{"lat":51.5}`)}
+	if err := r.g.sink.Accept(context.Background(), m); err != nil {
+		t.Fatalf("Accept: %v", err)
+	}
+	if got := link().Withheld; got != before+1 {
+		t.Errorf("withheld %d -> %d, want the message kept local by the console's rule", before, got)
+	}
+	if d := r.g.queue.Stats().Depth; d != depth {
+		t.Errorf("queue depth %d -> %d: the message was queued for the cloud", depth, d)
 	}
 }

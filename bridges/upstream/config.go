@@ -69,7 +69,7 @@ type Rule struct {
 	// payload) or "local" (never leaves the gateway).
 	Action string `toml:"action" yaml:"action" json:"action"`
 	// Fields are the JSON fields redact removes; a dotted name reaches
-	// into nested objects (gps.lat).
+	// into nested objects and arrays of them (gps.lat), see redact.
 	Fields []string `toml:"fields" yaml:"fields" json:"fields"`
 }
 
@@ -179,7 +179,18 @@ func (c *Config) Validate() error {
 	if _, err := c.compile(); err != nil {
 		errs = append(errs, err)
 	}
-	for i, r := range c.Forward {
+	errs = append(errs, validateRules(c.Forward)...)
+	return errors.Join(errs...)
+}
+
+// validateRules checks privacy rules without I/O; Validate and SetForward
+// share it.
+func validateRules(rules []Rule) []error {
+	var errs []error
+	bad := func(key, format string, a ...any) {
+		errs = append(errs, fmt.Errorf("upstream.%s: %s", key, fmt.Sprintf(format, a...)))
+	}
+	for i, r := range rules {
 		key := fmt.Sprintf("forward[%d]", i)
 		if err := validFilter(r.Topic); err != nil {
 			bad(key+".topic", "%v", err)
@@ -202,7 +213,7 @@ func (c *Config) Validate() error {
 			bad(key+".action", "%q is not accepted; use forward, redact or local", r.Action)
 		}
 	}
-	return errors.Join(errs...)
+	return errs
 }
 
 // compiled mappings.

@@ -154,6 +154,13 @@ func TestPrivacyRules(t *testing.T) {
 		{"devices/lamp/t/secret/x", `{}`, withhold, "", "local"},
 		{"devices/a/t/gps", `{"lat":1.5,"lon":2,"alt":12345678901234567890,"meta":{"owner":"x","v":1}}`, send, `{"alt":12345678901234567890,"meta":{"v":1}}`, ""},
 		{"devices/lamp/t/gps", `{"lat":1.5,"lon":2,"alt":3,"meta":{"owner":"x","v":1}}`, send, `{"meta":{"v":1}}`, ""},
+		// meta.owner reaches through arrays and matches a key spelled with
+		// the dot; a value it cannot reach into keeps the message local.
+		{"devices/a/t/gps", `{"meta":[{"owner":"x","v":1},{"owner":"y"},null]}`, send, `{"meta":[{"v":1},{},null]}`, ""},
+		{"devices/a/t/gps", `{"meta.owner":"x","meta":{"v":1}}`, send, `{"meta":{"v":1}}`, ""},
+		{"devices/a/t/gps", `{"meta":null}`, send, `{"meta":null}`, ""},
+		{"devices/a/t/gps", `{"meta":"owner=x"}`, withhold, "", "redact_not_object"},
+		{"devices/a/t/gps", `{"meta":[{"v":1},"owner=x"]}`, withhold, "", "redact_not_object"},
 		{"devices/a/t/gps", `not json`, withhold, "", "redact_not_json"},
 		{"devices/a/t/gps", `[1,2]`, withhold, "", "redact_not_json"},
 		{"devices/a/t/gps", `{"a":1} {"b":2}`, withhold, "", "redact_not_json"},
@@ -173,13 +180,13 @@ func TestPrivacyRules(t *testing.T) {
 	permute(rules, nil)
 	for _, rules := range orders {
 		for _, c := range cases {
-			v, out, reason := applyRules(rules, c.topic, []byte(c.payload))
+			v, out, reason, _ := applyRules(rules, c.topic, []byte(c.payload))
 			if d := cmp.Diff([]any{c.want, c.out, c.reason}, []any{v, string(out), reason}); d != "" {
 				t.Errorf("applyRules(%q, %s) with rules in the order %v (-want +got):\n%s", c.topic, c.payload, rules, d)
 			}
 		}
 	}
-	if v, _, reason := applyRules(nil, "devices/a/t/temp", []byte("{}")); v != withhold || reason != "no_rule" {
+	if v, _, reason, _ := applyRules(nil, "devices/a/t/temp", []byte("{}")); v != withhold || reason != "no_rule" {
 		t.Errorf("no rules configured: %v %q, want withhold no_rule", v, reason)
 	}
 }

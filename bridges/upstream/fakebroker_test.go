@@ -8,7 +8,9 @@ import (
 	"io"
 	"net"
 	"strconv"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -33,10 +35,15 @@ type fakeBroker struct {
 	wg    sync.WaitGroup
 	mu    sync.Mutex
 	open  []net.Conn
+	// refuseSubs: the next this many SUBSCRIBEs are answered with this
+	// reason for every filter (0: granted).
+	refuseSubs   atomic.Int32
+	refuseReason byte
 }
 
 // fakeConn is one client connection to a fakeBroker.
 type fakeConn struct {
+	b    *fakeBroker
 	conn net.Conn
 	wmu  sync.Mutex
 	pubs chan *packets.Publish   // in the order received
@@ -73,7 +80,7 @@ func startFakeBroker(t *testing.T) *fakeBroker {
 			b.mu.Lock()
 			b.open = append(b.open, c)
 			b.mu.Unlock()
-			fc := &fakeConn{conn: c, pubs: make(chan *packets.Publish, 1024), subs: make(chan *packets.Subscribe, 16), done: make(chan struct{})}
+			fc := &fakeConn{b: b, conn: c, pubs: make(chan *packets.Publish, 1024), subs: make(chan *packets.Subscribe, 16), done: make(chan struct{})}
 			b.wg.Add(1)
 			go func() {
 				defer b.wg.Done()
@@ -140,8 +147,12 @@ func (c *fakeConn) serve(t *testing.T, conns chan<- *fakeConn) {
 			conns <- c
 		case *packets.Subscribe:
 			granted := make([]byte, len(p.Subscriptions))
+			refuse := c.b.refuseSubs.Add(-1) >= 0
 			for i, s := range p.Subscriptions {
 				granted[i] = s.QoS
+				if refuse {
+					granted[i] = c.b.refuseReason
+				}
 			}
 			c.subs <- p
 			if c.write(&packets.Suback{PacketID: p.PacketID, Reasons: granted, Properties: &packets.Properties{}}) != nil {
@@ -301,16 +312,17 @@ func TestRefusalKeepsDeviceOrder(t *testing.T) {
 }
 
 // TestSubscribeNoLocal: the link's downlink SUBSCRIBE asks for no-local, so
-// the broker never sends the gateway its own PUBLISHes. (TestEndToEnd cannot
+// the broker never sends the gateway its own PUBLISHes (TestEndToEnd cannot
 // show it: the config check keeps the default mappings apart, so nothing
-// would come back without it either.)
+// would come back without it either), and Retain Handling 2, so it sends no
+// retained message on subscribing (TestRetainedCommandNotReplayed).
 func TestSubscribeNoLocal(t *testing.T) {
 	fb := startFakeBroker(t)
 	startLink(t, fb.config(t), t.TempDir())
 	c := fb.next(t)
 	select {
 	case s := <-c.subs:
-		want := []packets.SubOptions{{Topic: "bastion/gw1/+/c/#", QoS: 1, NoLocal: true}}
+		want := []packets.SubOptions{{Topic: "bastion/gw1/+/c/#", QoS: 1, NoLocal: true, RetainHandling: 2}}
 		if d := cmp.Diff(want, s.Subscriptions); d != "" {
 			t.Errorf("the link's SUBSCRIBE (-want +got):\n%s", d)
 		}
@@ -322,7 +334,8 @@ func TestSubscribeNoLocal(t *testing.T) {
 // TestConnectLimitsCommandSize: the link's CONNECT announces a Maximum
 // Packet Size, so the broker never sends it a command larger than any
 // device transport takes (a command is kept in memory until its device
-// takes it).
+// takes it), and a Receive Maximum, so the broker keeps at most that many
+// commands unacknowledged at the link (unset, it is 65,535).
 func TestConnectLimitsCommandSize(t *testing.T) {
 	fb := startFakeBroker(t)
 	startLink(t, fb.config(t), t.TempDir())
@@ -330,5 +343,56 @@ func TestConnectLimitsCommandSize(t *testing.T) {
 	p := c.connect.Properties
 	if p == nil || p.MaximumPacketSize == nil || *p.MaximumPacketSize != maxDownlinkPacket {
 		t.Fatalf("the link's CONNECT properties %+v: want Maximum Packet Size %d", p, maxDownlinkPacket)
+	}
+	if p.ReceiveMaximum == nil || *p.ReceiveMaximum != downlinkReceiveMaximum {
+		t.Fatalf("the link's CONNECT Receive Maximum %v: want %d", p.ReceiveMaximum, downlinkReceiveMaximum)
+	}
+}
+
+// TestDownlinkSubscriptionRetried: the broker refuses the link's downlink
+// subscription twice (SUBACK 0x87), then grants it. The link says why and
+// what to do, shows it in Status and the metrics, and asks again on the
+// same connection; once granted, commands arrive. (A refusal used to be
+// reported once, and commands were lost until something else made the link
+// reconnect.)
+func TestDownlinkSubscriptionRetried(t *testing.T) {
+	fb := startFakeBroker(t)
+	fb.refuseReason = 0x87
+	fb.refuseSubs.Store(2)
+	l := startLink(t, fb.config(t), t.TempDir())
+	c := fb.next(t)
+	for i := range 3 {
+		select {
+		case <-c.subs:
+		case <-time.After(10 * time.Second):
+			t.Fatalf("the link sent %d SUBSCRIBEs, want 3 (two refused, then granted); status %+v", i, l.up.Status())
+		}
+	}
+	waitFor(t, "the downlink subscribed", 10*time.Second, func() bool { return l.up.Status().DownlinkSubscribed })
+	st := l.up.Status()
+	if !strings.Contains(st.LastError, `refused the downlink subscription "bastion/gw1/+/c/#" with SUBACK reason 0x87: not authorized; allow this gateway's client`) {
+		t.Errorf("LastError %q, want the refusal with its reason and what to do", st.LastError)
+	}
+	if v := metric(t, l, "bastion_upstream_subscribe_errors_total"); v != 2 {
+		t.Errorf("bastion_upstream_subscribe_errors_total = %v, want 2", v)
+	}
+	if v := metric(t, l, "bastion_upstream_downlink_subscribed"); v != 1 {
+		t.Errorf("bastion_upstream_downlink_subscribed = %v, want 1", v)
+	}
+	if err := c.write(&packets.Publish{Topic: "bastion/gw1/dev1/c/led", QoS: 1, PacketID: 1, Payload: []byte("on"), Properties: &packets.Properties{}}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case m := <-l.commands:
+		if m.Device != "dev1" || m.Topic != "devices/dev1/c/led" {
+			t.Fatalf("command %+v, want devices/dev1/c/led for dev1", m)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatalf("the command never arrived; status %+v", l.up.Status())
+	}
+	select {
+	case <-fb.conns:
+		t.Errorf("the link reconnected; want the subscription asked again on the same connection")
+	default:
 	}
 }

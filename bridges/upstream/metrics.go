@@ -3,17 +3,19 @@ package upstream
 import "github.com/prometheus/client_golang/prometheus"
 
 type metrics struct {
-	connected      prometheus.Gauge
-	published      prometheus.Counter
-	publishErrors  prometheus.Counter
-	connectErrors  prometheus.Counter
-	withheld       *prometheus.CounterVec
-	withheldQueued *prometheus.CounterVec
-	parked         *prometheus.CounterVec
-	parkedDepth    prometheus.GaugeFunc // set by New: it reads the parking queue
-	downlink       *prometheus.CounterVec
-	reloads        *prometheus.CounterVec
-	certExpiry     prometheus.Gauge
+	connected          prometheus.Gauge
+	published          prometheus.Counter
+	publishErrors      prometheus.Counter
+	connectErrors      prometheus.Counter
+	withheld           *prometheus.CounterVec
+	withheldQueued     *prometheus.CounterVec
+	parked             *prometheus.CounterVec
+	parkedDepth        prometheus.GaugeFunc // set by New: it reads the parking queue
+	downlink           *prometheus.CounterVec
+	downlinkSubscribed prometheus.Gauge
+	subscribeErrors    prometheus.Counter
+	reloads            *prometheus.CounterVec
+	certExpiry         prometheus.Gauge
 }
 
 func newMetrics() *metrics {
@@ -27,13 +29,17 @@ func newMetrics() *metrics {
 		connectErrors: prometheus.NewCounter(prometheus.CounterOpts{Name: "bastion_upstream_connect_errors_total",
 			Help: "Failed connection attempts to the upstream broker."}),
 		withheld: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bastion_upstream_withheld_total",
-			Help: "Messages kept local, by reason (no_rule, local, redact_not_json, unmapped)."}, []string{"reason"}),
+			Help: "Messages kept local, by reason (no_rule, local, redact_not_json, redact_not_object, unmapped)."}, []string{"reason"}),
 		withheldQueued: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bastion_upstream_withheld_queued_total",
 			Help: "Of the withheld messages, those deleted from the queue when due to be sent (accepted and acknowledged to their device before a reload changed the mapping or the privacy rules), by reason."}, []string{"reason"}),
 		parked: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bastion_upstream_parked_total",
 			Help: "Messages the broker refused for good, moved to the parking queue, by reason (not_authorized, topic_name_invalid, packet_too_large, payload_format_invalid)."}, []string{"reason"}),
 		downlink: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bastion_upstream_downlink_total",
-			Help: "Downlink commands by result (delivered: a device session received it; no_receiver: kept for the device, none received it; refused, loop, unmapped)."}, []string{"result"}),
+			Help: "Downlink commands by result (delivered: a device session received it; no_receiver: kept for the device, none received it; refused, loop, unmapped, retained: replayed from the broker's store, dropped)."}, []string{"result"}),
+		downlinkSubscribed: prometheus.NewGauge(prometheus.GaugeOpts{Name: "bastion_upstream_downlink_subscribed",
+			Help: "1 while the broker has granted every downlink (command) subscription on the current connection; 0: commands are lost."}),
+		subscribeErrors: prometheus.NewCounter(prometheus.CounterOpts{Name: "bastion_upstream_subscribe_errors_total",
+			Help: "Downlink SUBSCRIBEs refused or not answered by the broker (each is asked again while connected)."}),
 		reloads: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bastion_upstream_reloads_total",
 			Help: "Configuration reloads by result (ok, refused)."}, []string{"result"}),
 		certExpiry: prometheus.NewGauge(prometheus.GaugeOpts{Name: "bastion_upstream_client_cert_expiry_timestamp_seconds",
@@ -42,7 +48,7 @@ func newMetrics() *metrics {
 }
 
 func (m *metrics) register(reg prometheus.Registerer) error {
-	for _, c := range []prometheus.Collector{m.connected, m.published, m.publishErrors, m.connectErrors, m.withheld, m.withheldQueued, m.parked, m.parkedDepth, m.downlink, m.reloads, m.certExpiry} {
+	for _, c := range []prometheus.Collector{m.connected, m.published, m.publishErrors, m.connectErrors, m.withheld, m.withheldQueued, m.parked, m.parkedDepth, m.downlink, m.downlinkSubscribed, m.subscribeErrors, m.reloads, m.certExpiry} {
 		if err := reg.Register(c); err != nil {
 			return err
 		}

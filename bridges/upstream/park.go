@@ -99,19 +99,19 @@ func (u *Upstream) SetParking(p *queue.Queue) {
 	u.parking.Store(p)
 }
 
-// park moves entry e, refused with reason, to the parking queue. It reports
-// false when it could not (no parking queue, the burst is used up, the
-// parking queue is full or failed); the message then stays in the main queue.
-func (u *Upstream) park(e queue.Entry, reason byte, why string) bool {
+// park moves entry e, refused with reason, to the parking queue. When it
+// cannot (no parking queue, the burst is used up, the parking queue is full
+// or failed) the message stays in the main queue and the error says why.
+func (u *Upstream) park(e queue.Entry, reason byte, why string) error {
 	p := u.parking.Load()
 	if p == nil {
-		return false
+		return errors.New("the link has no parking queue")
 	}
 	u.mu.Lock()
 	ok := u.parks.take(time.Now())
 	u.mu.Unlock()
 	if !ok {
-		return false
+		return fmt.Errorf("%d refused messages were parked with no message accepted since, and then one more is parked each %s: the broker may be refusing everything (check its ACL and limits for this gateway)", parkBurst, parkEvery)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -120,12 +120,12 @@ func (u *Upstream) park(e queue.Entry, reason byte, why string) bool {
 	pm.Topic = e.Topic + "\x00" + why
 	if err := p.Accept(ctx, pm); err != nil {
 		log.Error("upstream: a refused message cannot be parked; it stays queued and blocks the queue until there is room: retry or drop parked messages with bastionctl upstream parked", "refusal", why, "err", err)
-		return false
+		return fmt.Errorf("the parking queue did not take it (make room: bastionctl upstream parked list, then retry or drop): %w", err)
 	}
 	if err := u.q.Ack(e.Seq); err != nil {
 		// Held twice now, which is safe: a retry only duplicates it.
 		log.Error("upstream: parked message could not be deleted from the queue", "err", err)
-		return false
+		return fmt.Errorf("parked, but not deleted from the queue: %w", err)
 	}
 	u.m.parked.WithLabelValues(reasonName(reason)).Inc()
 	u.mu.Lock()
@@ -133,23 +133,33 @@ func (u *Upstream) park(e queue.Entry, reason byte, why string) bool {
 	u.st.LastParkedAt = time.Now()
 	u.mu.Unlock()
 	log.Warn("upstream: message refused by the broker for good; parked (bastionctl upstream parked list | retry | drop)", "refusal", why)
-	return true
+	return nil
 }
 
 // parkRefused parks PUBLISH seq after a PUBACK with a permanent failure
-// reason. It runs on paho's reading goroutine; the entry is read back from
-// the queue, which still holds it.
-func (u *Upstream) parkRefused(seq uint64, reason byte, why string) bool {
+// reason; true means the refusal needs nothing more (no retry, no holding
+// back its device). It runs on paho's reading goroutine; the entry is read
+// back from the queue, which normally still holds it. It may not: a later
+// run on the same connection can send seq again before the first copy's
+// PUBACK, and that copy's refusal already parked it. Then it is handled.
+func (u *Upstream) parkRefused(seq uint64, dev string, reason byte, why string) bool {
 	if u.parking.Load() == nil || !permanent(reason) {
 		return false
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
+	// Next reads what is held before it waits for more, so with a context
+	// already done it is a lookup: on paho's reading goroutine a wait for a
+	// message that is gone would stall PUBACKs and PINGRESPs.
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
 	es, err := u.q.Next(ctx, seq-1, 1)
-	if err != nil || len(es) == 0 || es[0].Seq != seq {
-		return false // already acked, or unreadable: leave it to the retry
+	switch {
+	case err != nil && !errors.Is(err, context.Canceled):
+		return false // unreadable: leave it to the retry
+	case len(es) == 0 || es[0].Seq != seq:
+		u.log.Info("upstream: a refused message is no longer queued (parked or accepted as another copy); nothing to do", "device", dev, "seq", seq, "refusal", why)
+		return true
 	}
-	return u.park(es[0], reason, why)
+	return u.park(es[0], reason, why) == nil
 }
 
 // The parking queue keeps why each message was refused after its topic and

@@ -17,11 +17,7 @@ import (
 // startParking gives l a parking queue in dir.
 func startParking(t testing.TB, l *link, dir string) *queue.Queue {
 	t.Helper()
-	p, err := queue.Open(dir, queue.Options{MaxBytes: 1 << 20}, testLog(), nil)
-	if err != nil {
-		t.Fatalf("open the parking queue: %v", err)
-	}
-	t.Cleanup(func() { p.Close() })
+	p := startParkingQueue(t, dir)
 	l.up.SetParking(p)
 	return p
 }
@@ -218,8 +214,10 @@ func TestParkBurst(t *testing.T) {
 // must still be sent. (Dropped with the run, they never left, and each retry
 // took more of the connection's window until the link stalled.)
 func TestUnsendableKeepsWhatCameBefore(t *testing.T) {
-	b := mosquitto.Start(t, mosquitto.Options{Config: "max_packet_size 300\n"})
-	sub := mosquitto.Subscribe(t, b, "cloud-sub", "bastion/#", false)
+	// The cloud subscriber's session survives the broker restart below:
+	// the link may publish before the subscriber is back.
+	b := mosquitto.Start(t, mosquitto.Options{Config: "max_packet_size 300\n", Persistent: true})
+	sub := mosquitto.Subscribe(t, b, "cloud-sub", "bastion/#", true)
 	l := startLink(t, linkConfig(t, b, "gw1"), t.TempDir())
 	waitFor(t, "link connected", 10*time.Second, func() bool { return l.up.Status().Connected })
 	// Queued while the broker is away, so that one run reads all three.
@@ -231,7 +229,83 @@ func TestUnsendableKeepsWhatCameBefore(t *testing.T) {
 	b.Start(t)
 	expectTopics(t, l, sub, "bastion/gw1/a/t/n", "bastion/gw1/b/t/n")
 	waitFor(t, "the two sent messages deleted, the unsendable one kept", 10*time.Second, func() bool { return l.q.Stats().Depth == 1 })
-	if st := l.up.Status(); !strings.Contains(st.LastError, "Maximum Packet Size of 300") {
-		t.Errorf("Status.LastError = %q, want the broker's Maximum Packet Size", st.LastError)
+	// The error says why the message is stuck and what to do about it.
+	if st := l.up.Status(); !strings.Contains(st.LastError, "Maximum Packet Size of 300") ||
+		!strings.Contains(st.LastError, "cannot be parked: the link has no parking queue") ||
+		!strings.Contains(st.LastError, "raise the broker's maximum packet size (Mosquitto: max_packet_size) to at least 4") {
+		t.Errorf("Status.LastError = %q, want the broker's Maximum Packet Size, why it is not parked, and the size to allow", st.LastError)
 	}
+}
+
+// TestBrokerMaximumQoS0: a broker whose CONNACK allows QoS 0 only
+// (Mosquitto's max_qos 0) stops the whole queue: the link sends at QoS 1 so
+// that nothing is deleted before the broker's PUBACK. The error says so and
+// what to change on the broker.
+func TestBrokerMaximumQoS0(t *testing.T) {
+	b := mosquitto.Start(t, mosquitto.Options{Config: "max_qos 0\n"})
+	l := startLink(t, linkConfig(t, b, "gw1"), t.TempDir())
+	acceptAll(t, l, telemetry("a", 1))
+	waitFor(t, "the QoS refusal reported", 10*time.Second, func() bool { return strings.Contains(l.up.Status().LastError, "grants at most QoS 0") })
+	if st := l.up.Status(); !strings.Contains(st.LastError, "seq 1 from a and every message behind it stay queued until the broker allows QoS 1 for this gateway (Mosquitto: max_qos 1 or more)") {
+		t.Errorf("Status.LastError = %q, want what stays queued and what to change on the broker", st.LastError)
+	}
+	if d := l.q.Stats().Depth; d != 1 {
+		t.Errorf("queue depth %d, want 1 (kept)", d)
+	}
+}
+
+// TestRefusedAgainAfterParked: the broker refuses for good two copies of
+// one message (a later run on the same connection sent it again before the
+// first copy's PUBACK). The first refusal parks it; the second finds it gone
+// from the queue, which means it is handled: no wait on paho's reading
+// goroutine (the lookup used to wait up to 10 s for a message after it, with
+// PUBACKs and PINGRESPs unread meanwhile), no failed run, and the device's
+// later messages are not held back.
+func TestRefusedAgainAfterParked(t *testing.T) {
+	q, err := queue.Open(t.TempDir(), queue.Options{}, testLog(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer q.Close()
+	u := &Upstream{log: testLog(), q: q, m: newMetrics()}
+	u.cur.Store(&snapshot{cfg: validConfig()})
+	p := startParkingQueue(t, t.TempDir())
+	u.SetParking(p)
+	if err := q.Accept(context.Background(), telemetry("d1", 1)); err != nil {
+		t.Fatal(err)
+	}
+	es, err := q.Held(0, 1)
+	if err != nil || len(es) != 1 {
+		t.Fatalf("Held: %v %v", es, err)
+	}
+	seq := es[0].Seq
+
+	first := &sendRun{u: u, cancel: func() {}}
+	first.puback(seq, "d1", 0x87)
+	if p.Stats().Depth != 1 || q.Stats().Depth != 0 || first.failed.Load() {
+		t.Fatalf("first refusal: parked %d, queued %d, run failed %v; want 1, 0, false", p.Stats().Depth, q.Stats().Depth, first.failed.Load())
+	}
+
+	second := &sendRun{u: u, cancel: func() {}}
+	start := time.Now()
+	second.puback(seq, "d1", 0x87)
+	if d := time.Since(start); d > time.Second {
+		t.Errorf("the second refusal took %v on the reading goroutine, want no wait", d)
+	}
+	if second.failed.Load() || second.holds("d1") {
+		t.Errorf("second refusal of a parked message: run failed %v, d1 held %v; want neither (LastError %q)", second.failed.Load(), second.holds("d1"), u.Status().LastError)
+	}
+	if p.Stats().Depth != 1 {
+		t.Errorf("parked %d, want 1 (parked once)", p.Stats().Depth)
+	}
+}
+
+func startParkingQueue(t testing.TB, dir string) *queue.Queue {
+	t.Helper()
+	p, err := queue.Open(dir, queue.Options{MaxBytes: 1 << 20}, testLog(), nil)
+	if err != nil {
+		t.Fatalf("open the parking queue: %v", err)
+	}
+	t.Cleanup(func() { p.Close() })
+	return p
 }

@@ -98,7 +98,7 @@ func TestMappingAllocs(t *testing.T) {
 	var got string
 	allocs := testing.AllocsPerRun(1000, func() {
 		got, _ = rs.mapUp("dev-17", "devices/dev-17/t/sensors/temp")
-		if v, _, _ := applyRules(rules, "devices/dev-17/t/sensors/temp", payload); v != send {
+		if v, _, _, _ := applyRules(rules, "devices/dev-17/t/sensors/temp", payload); v != send {
 			t.Fatal("not forwarded")
 		}
 	})

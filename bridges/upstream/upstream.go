@@ -70,6 +70,7 @@ type Status struct {
 	Withheld           uint64    `json:"withheld"`  // kept local by privacy rules or mapping
 	Downlink           uint64    `json:"downlink"`  // commands a device session received (not those kept for a device that is away)
 	LoopsDropped       uint64    `json:"loops_dropped"`
+	DownlinkSubscribed bool      `json:"downlink_subscribed"`   // the broker granted every downlink subscription on this connection
 	LastParked         string    `json:"last_parked,omitempty"` // why the broker refused the last parked message
 	LastParkedAt       time.Time `json:"last_parked_at,omitzero"`
 	ClientCertSubject  string    `json:"client_cert_subject"`
@@ -103,8 +104,12 @@ type Upstream struct {
 	// queuedWithheldLog (under mu).
 	queuedWithheld    int
 	queuedWithheldLog time.Time
-	restart           context.CancelFunc
-	parks             parkBucket
+	// redactRefused counts messages a redact rule withheld since
+	// redactFailed's last log line, at redactRefusedLog (under mu).
+	redactRefused    int
+	redactRefusedLog time.Time
+	restart          context.CancelFunc
+	parks            parkBucket
 }
 
 // New checks cfg (Defaults, Validate), loads the certificate files and
@@ -205,6 +210,29 @@ func (u *Upstream) Reload(cfg Config) error {
 	return nil
 }
 
+// SetForward replaces the privacy rules alone, from the next message on,
+// keeping the running connection and credentials. Unlike Reload it reads no
+// file: a rule change (from the console) must take effect even while the
+// certificate files are being rotated or are unreadable, since the change
+// may be the operator keeping a topic local. Rules that do not validate
+// leave the running ones in place and return why.
+func (u *Upstream) SetForward(rules []Rule) error {
+	if err := errors.Join(validateRules(rules)...); err != nil {
+		return fmt.Errorf("upstream forwarding rules refused, keeping the running ones: %w", err)
+	}
+	rules = slices.Clone(rules)
+	for {
+		old := u.cur.Load()
+		s := *old
+		s.cfg.Forward = rules
+		if u.cur.CompareAndSwap(old, &s) {
+			break
+		}
+	}
+	u.log.Info("upstream forwarding rules replaced", "rules", len(rules))
+	return nil
+}
+
 func needsReconnect(a, b *snapshot) bool {
 	ac, bc := a.cfg, b.cfg
 	ac.Forward, bc.Forward, ac.Uplink, bc.Uplink = nil, nil, nil, nil
@@ -283,13 +311,35 @@ func (u *Upstream) gate(m bridges.Message) (_ bridges.Message, keep bool, _ erro
 		u.withheld("unmapped")
 		return m, false, nil
 	}
-	v, payload, reason := applyRules(s.cfg.Forward, m.Topic, m.Payload)
+	v, payload, reason, err := applyRules(s.cfg.Forward, m.Topic, m.Payload)
 	if v == withhold {
 		u.withheld(reason)
+		if err != nil {
+			u.redactFailed(m, reason, err)
+		}
 		return m, false, nil
 	}
 	m.Payload = payload
 	return m, true, nil
+}
+
+// redactFailed says, at most once a minute, that a redact rule kept a
+// message local because its payload could not be redacted: unlike a local
+// rule, that is not what the operator asked for, and only the payload shows
+// whether the rule or the device is wrong.
+func (u *Upstream) redactFailed(m bridges.Message, reason string, err error) {
+	u.mu.Lock()
+	u.redactRefused++
+	now := time.Now()
+	if now.Sub(u.redactRefusedLog) < time.Minute {
+		u.mu.Unlock()
+		return
+	}
+	n := u.redactRefused
+	u.redactRefused, u.redactRefusedLog = 0, now
+	u.mu.Unlock()
+	u.log.Warn("upstream: a message under a redact rule kept local: its payload cannot be redacted (bastion_upstream_withheld_total{reason})",
+		"device", m.Device, "topic", m.Topic, "reason", reason, "err", err, "since_last_line", n)
 }
 
 func (u *Upstream) withheld(reason string) {
@@ -366,6 +416,8 @@ func (u *Upstream) generation(ctx context.Context, s *snapshot) error {
 			}
 			limit := uint32(maxDownlinkPacket)
 			cp.Properties.MaximumPacketSize = &limit
+			recvMax := uint16(downlinkReceiveMaximum)
+			cp.Properties.ReceiveMaximum = &recvMax
 			return cp, nil
 		},
 		OnConnectionUp: func(cm *autopaho.ConnectionManager, ca *paho.Connack) {
@@ -384,20 +436,20 @@ func (u *Upstream) generation(ctx context.Context, s *snapshot) error {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				if err := u.subscribe(ctx, cm, s); err != nil {
-					u.setError(err)
-				}
+				u.subscribeDownlink(ctx, cm, s, d)
 			}()
 		},
 		OnConnectionDown: func() bool {
 			bo.down()
-			u.setConnected(false)
+			// down closes first: subscribeDownlink marks the downlink
+			// subscribed only while it is open, and setConnected clears it.
 			downM.Lock()
 			if down != nil {
 				close(down)
 				down = nil
 			}
 			downM.Unlock()
+			u.setConnected(false)
 			return true
 		},
 		OnConnectError: func(err error) {
@@ -532,7 +584,21 @@ func (u *Upstream) setConnected(up bool) {
 		u.m.connected.Set(1)
 	} else {
 		u.m.connected.Set(0)
+		u.st.DownlinkSubscribed = false
+		u.m.downlinkSubscribed.Set(0)
 	}
+}
+
+// setSubscribed records that every downlink subscription of the connection
+// that down belongs to is granted, unless that connection is gone already.
+func (u *Upstream) setSubscribed(down <-chan struct{}) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if closed(down) {
+		return
+	}
+	u.st.DownlinkSubscribed = true
+	u.m.downlinkSubscribed.Set(1)
 }
 
 func (u *Upstream) setError(err error) {
@@ -543,25 +609,90 @@ func (u *Upstream) setError(err error) {
 	u.mu.Unlock()
 }
 
-func (u *Upstream) subscribe(ctx context.Context, cm *autopaho.ConnectionManager, s *snapshot) error {
+// subscribeDownlink subscribes to the downlink filters on the connection
+// that down belongs to. Until the broker grants them the devices' commands
+// are lost (the session is clean: nothing is kept for the link), so what
+// the broker refuses or does not answer is asked again, with growing
+// pauses, for as long as the connection stays up; waiting for a reconnect
+// that a healthy connection never needs would lose them for good.
+func (u *Upstream) subscribeDownlink(ctx context.Context, cm *autopaho.ConnectionManager, s *snapshot, down <-chan struct{}) {
 	var subs []paho.SubscribeOptions
 	for _, r := range s.routes.down {
 		// NoLocal: the broker never sends us our own publications.
-		subs = append(subs, paho.SubscribeOptions{Topic: r.from.filter(), QoS: 1, NoLocal: true})
+		// RetainHandling 2: nor the retained messages it holds when we
+		// subscribe. Every connection subscribes anew (clean session), so
+		// a retained command (reboot, unlock) would be carried out again
+		// after each reconnect or reload; a command is for when it is sent.
+		subs = append(subs, paho.SubscribeOptions{Topic: r.from.filter(), QoS: 1, NoLocal: true, RetainHandling: 2})
 	}
-	if len(subs) == 0 {
-		return nil
-	}
-	sa, err := cm.Subscribe(ctx, &paho.Subscribe{Subscriptions: subs})
-	if err != nil {
-		return fmt.Errorf("upstream subscribe %v: %w", subs, err)
-	}
-	for i, rc := range sa.Reasons {
-		if rc >= 0x80 && i < len(subs) {
-			return fmt.Errorf("upstream broker refused the downlink subscription %q with reason 0x%02x (check the broker's ACL for this gateway)", subs[i].Topic, rc)
+	var pause time.Duration
+	for len(subs) > 0 {
+		var err error
+		if subs, err = u.subscribe(ctx, cm, s, subs); err == nil {
+			break
+		}
+		if closed(down) || ctx.Err() != nil {
+			return
+		}
+		u.m.subscribeErrors.Inc()
+		pause = min(max(2*pause, s.cfg.BackoffMin), s.cfg.BackoffMax)
+		u.setError(fmt.Errorf("%w; downlink commands are lost until it is granted: asking again in %s", err, pause.Round(time.Millisecond)))
+		select {
+		case <-time.After(pause):
+		case <-down:
+			return
+		case <-ctx.Done():
+			return
 		}
 	}
-	return nil
+	u.setSubscribed(down)
+}
+
+// subscribe sends one SUBSCRIBE for subs and returns the ones not granted,
+// with why.
+func (u *Upstream) subscribe(ctx context.Context, cm *autopaho.ConnectionManager, s *snapshot, subs []paho.SubscribeOptions) ([]paho.SubscribeOptions, error) {
+	sa, err := cm.Subscribe(ctx, &paho.Subscribe{Subscriptions: subs})
+	if sa == nil { // paho returns the SUBACK with the error of a refusal
+		return subs, fmt.Errorf("upstream broker %s: downlink subscription to %s got no SUBACK: %w", s.cfg.Broker, topics(subs), err)
+	}
+	var (
+		refused []paho.SubscribeOptions
+		errs    []error
+	)
+	for i, sub := range subs {
+		rc := byte(0x80)
+		if i < len(sa.Reasons) {
+			rc = sa.Reasons[i]
+		}
+		if rc >= 0x80 {
+			refused = append(refused, sub)
+			errs = append(errs, fmt.Errorf("upstream broker %s refused the downlink subscription %q with SUBACK reason 0x%02x: %s", s.cfg.Broker, sub.Topic, rc, subackAdvice(rc)))
+		}
+	}
+	return refused, errors.Join(errs...)
+}
+
+func topics(subs []paho.SubscribeOptions) string {
+	ts := make([]string, len(subs))
+	for i, s := range subs {
+		ts[i] = s.Topic
+	}
+	return strings.Join(ts, ", ")
+}
+
+// subackAdvice says what a SUBACK failure reason means for the operator.
+func subackAdvice(rc byte) string {
+	switch rc {
+	case packets.SubackNotauthorized:
+		return "not authorized; allow this gateway's client (its certificate's identity) to subscribe to it in the broker's ACL"
+	case packets.SubackTopicFilterinvalid:
+		return "topic filter invalid; check upstream.downlink, upstream.prefix and upstream.gateway"
+	case packets.SubackWildcardsubscriptionsnotsupported:
+		return "the broker does not allow wildcard subscriptions, which the downlink mapping ({id} as +) needs; enable them on the broker"
+	case packets.SubackQuotaexceeded:
+		return "quota exceeded; raise this client's subscription limit on the broker"
+	}
+	return "the broker's own failure; see the broker's log"
 }
 
 // downlink maps a command from the broker to a device.
@@ -582,6 +713,14 @@ func (u *Upstream) downlink(ctx context.Context, p *paho.Publish) {
 		id, rest, ok := r.from.match(p.Topic)
 		if !ok {
 			continue
+		}
+		if p.Retain {
+			// Only a message replayed from the broker's store at subscribe
+			// time carries the flag (no Retain As Published); a broker that
+			// ignores RetainHandling 2 still does not get it executed again.
+			u.m.downlink.WithLabelValues("retained").Inc()
+			u.log.Info("downlink command dropped: a retained message replayed by the broker, not a command sent now", "device", id, "topic", p.Topic)
+			return
 		}
 		m := bridges.Message{Device: id, Topic: r.to.render(id, rest), Payload: p.Payload, QoS: min(p.QoS, 1), Received: time.Now()}
 		if err := u.deliver(ctx, m); errors.Is(err, bridges.ErrNoReceiver) {
@@ -636,7 +775,7 @@ func (u *Upstream) sendLoop(ctx context.Context, ls *linkSession, ups <-chan cha
 	}
 }
 
-func closed(c chan struct{}) bool {
+func closed(c <-chan struct{}) bool {
 	select {
 	case <-c:
 		return true
@@ -738,16 +877,19 @@ feed:
 				continue // withheld and acked
 			}
 			qos := min(e.QoS, 1)
-			if maxPacket > 0 && publishLen(qos, topic, payload, s.cfg.Gateway, e.Seq) > maxPacket {
+			if n := publishLen(qos, topic, payload, s.cfg.Gateway, e.Seq); maxPacket > 0 && n > maxPacket {
 				why := fmt.Sprintf("the PUBLISH would be larger than the broker's Maximum Packet Size of %d bytes", maxPacket)
-				if u.park(e, 0x95, why) {
+				err := u.park(e, 0x95, why)
+				if err == nil {
 					continue
 				}
-				r.fail(fmt.Errorf("upstream broker %s: seq %d from %s: %s; it stays queued", s.cfg.Broker, e.Seq, e.Device, why))
+				r.fail(fmt.Errorf("upstream broker %s: seq %d from %s: %s, and it cannot be parked: %w; it stays at the head of the queue and every message behind it waits: raise the broker's maximum packet size (Mosquitto: max_packet_size) to at least %d bytes",
+					s.cfg.Broker, e.Seq, e.Device, why, err, n))
 				break feed
 			}
 			if qos > maxQoS {
-				r.fail(fmt.Errorf("upstream broker %s grants at most QoS %d; QoS %d messages stay queued", s.cfg.Broker, maxQoS, qos))
+				r.fail(fmt.Errorf("upstream broker %s grants at most QoS %d (CONNACK Maximum QoS), and the link sends at QoS 1 so that a message leaves the queue only after the broker's PUBACK; seq %d from %s and every message behind it stay queued until the broker allows QoS 1 for this gateway (Mosquitto: max_qos 1 or more)",
+					s.cfg.Broker, maxQoS, e.Seq, e.Device))
 				break feed
 			}
 			var id uint16
@@ -856,7 +998,7 @@ func (r *sendRun) puback(seq uint64, dev string, reason byte) {
 	if reason >= 0x80 {
 		u.m.publishErrors.Inc()
 		why := fmt.Sprintf("PUBACK reason 0x%02x (%s)", reason, pubackReason(reason))
-		if u.parkRefused(seq, reason, why) {
+		if u.parkRefused(seq, dev, reason, why) {
 			return
 		}
 		r.hold(dev)
@@ -900,7 +1042,7 @@ func (u *Upstream) prepare(e queue.Entry, mapped *mappedTopics) (topic string, p
 		u.withheldQueued(e, "unmapped")
 		return "", nil, false, u.q.Ack(e.Seq)
 	}
-	v, payload, reason := applyRules(s.cfg.Forward, e.Topic, e.Payload)
+	v, payload, reason, _ := applyRules(s.cfg.Forward, e.Topic, e.Payload)
 	if v == withhold {
 		u.withheldQueued(e, reason)
 		return "", nil, false, u.q.Ack(e.Seq)
@@ -1007,3 +1149,12 @@ func vbiLen(n int) int {
 // MQTT listener's default packet limit is 64 KiB, a CoAP device's far
 // less), so a larger one could only cost memory.
 const maxDownlinkPacket = 256 << 10
+
+// downlinkReceiveMaximum is the Receive Maximum the link announces in its
+// CONNECT (MQTT v5 §3.1.2.11.3): the broker keeps at most this many QoS 1
+// commands unacknowledged at the link. Unset, it is 65,535: that many
+// commands of up to maxDownlinkPacket each could be outstanding (and paho
+// sizes its queue of received PUBLISHes by it). Commands are few and are
+// handed off at once (Deliver), so a handful in flight loses nothing; 16
+// bounds what the broker can push ahead of the link to 16 × 256 KiB.
+const downlinkReceiveMaximum = 16

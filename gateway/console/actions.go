@@ -511,6 +511,11 @@ func parseRule(in ruleInput) (store.ForwardRule, error) {
 					return store.ForwardRule{}, errf(http.StatusBadRequest, "field %q: 1-64 characters a-z A-Z 0-9 _ . -", f)
 				}
 			}
+			// The upstream link refuses these too: saved, such a rule would
+			// stop the link from taking any rule, and from starting.
+			if strings.HasPrefix(f, ".") || strings.HasSuffix(f, ".") || strings.Contains(f, "..") {
+				return store.ForwardRule{}, errf(http.StatusBadRequest, "field %q: a name, or names joined by single dots (gps.lat)", f)
+			}
 		}
 	default:
 		return store.ForwardRule{}, errf(http.StatusBadRequest, "action %q: use forward, redact or local", in.Action)
@@ -540,16 +545,29 @@ func (h *Handler) putRule(ctx context.Context, p *principal, in ruleInput) (stor
 		return r, err
 	}
 	h.audit(ctx, p.actor(), "upstream.rule", r.ID, r.Topic+" → "+r.Action+" "+strings.Join(r.Fields, ","))
-	h.rulesChanged()
+	if err := h.rulesChanged(); err != nil {
+		return r, err
+	}
 	return r, nil
 }
 
-func (h *Handler) rulesChanged() {
-	if f := h.c().RulesChanged; f != nil {
-		if rs, err := h.o.Store.ForwardRules(); err == nil {
-			f(rs)
-		}
+// rulesChanged hands the saved rules to the upstream link. When that fails
+// the change is saved but the link still applies the previous rules (which
+// may forward what the user just made local): the user must know, and the
+// answer says so instead of the usual success.
+func (h *Handler) rulesChanged() error {
+	f := h.c().RulesChanged
+	if f == nil {
+		return nil
 	}
+	rs, err := h.o.Store.ForwardRules()
+	if err == nil {
+		err = f(rs)
+	}
+	if err != nil {
+		return errf(http.StatusInternalServerError, "The change is saved, but the upstream link still applies the previous forwarding rules: %v. Fix the cause, then save or delete a rule to apply them again.", err)
+	}
+	return nil
 }
 
 func (h *Handler) deleteRule(ctx context.Context, p *principal, id string) error {
@@ -557,8 +575,7 @@ func (h *Handler) deleteRule(ctx context.Context, p *principal, id string) error
 		return err
 	}
 	h.audit(ctx, p.actor(), "upstream.rule_delete", id, "")
-	h.rulesChanged()
-	return nil
+	return h.rulesChanged()
 }
 
 type optOutInput struct {

@@ -77,8 +77,9 @@ type Components struct {
 	Upstream Upstream
 	Traffic  Traffic
 	// RulesChanged, if set, gets the forwarding rules after every change
-	// (the upstream link can also just read store.ForwardRules).
-	RulesChanged func([]store.ForwardRule)
+	// (the upstream link can also just read store.ForwardRules). An error
+	// means the saved rules are not in force; the user is told.
+	RulesChanged func([]store.ForwardRule) error
 	// OptOutsChanged, if set, gets the privacy opt-outs after every change.
 	OptOutsChanged func(map[string]bool)
 }

@@ -2,6 +2,7 @@ package console
 
 import (
 	"context"
+	"errors"
 	"io"
 	"net/http"
 	"net/http/cookiejar"
@@ -211,13 +212,53 @@ func TestPresenceWindowIsSingleUse(t *testing.T) {
 	}
 }
 
+// TestRuleNotInForceIsReported: when the upstream link does not take the
+// saved rules (RulesChanged fails), the console's answer says the previous
+// rules are still applied, for a saved and for a deleted rule; it used to
+// answer success, and the user believed a topic made local had stopped
+// leaving the box.
+func TestRuleNotInForceIsReported(t *testing.T) {
+	h, srv, _ := newTestHandler(t)
+	h.SetComponents(Components{RulesChanged: func([]store.ForwardRule) error {
+		return errors.New("upstream forwarding rules refused: example")
+	}})
+	jar, _ := cookiejar.New(nil)
+	c := srv.Client()
+	c.Jar = jar
+	code, body := post(t, c, srv.URL+"/api/v1/setup", `{"code":"ABCD-EFGH-JKLM-NPQR","user":"root","password":"correct horse battery staple"}`)
+	if code != 201 {
+		t.Fatalf("setup: %d %s", code, body)
+	}
+	tok := body[strings.Index(body, `"csrf_token": "`)+15:]
+	tok = tok[:strings.IndexByte(tok, '"')]
+	code, body = post(t, c, srv.URL+"/api/v1/upstream/rules", `{"topic":"devices/+/t/a","action":"local"}`, "X-CSRF-Token", tok)
+	if code != http.StatusInternalServerError || !strings.Contains(body, "still applies the previous forwarding rules") || !strings.Contains(body, "example") {
+		t.Errorf("saving a rule the link does not take: %d %s; want 500 saying the previous rules apply, and why", code, body)
+	}
+	rs, err := h.o.Store.ForwardRules()
+	if err != nil || len(rs) != 1 {
+		t.Fatalf("stored rules %v, %v; want the one saved", rs, err)
+	}
+	req, _ := http.NewRequest("DELETE", srv.URL+"/api/v1/upstream/rules/"+rs[0].ID, nil)
+	req.Header.Set("X-CSRF-Token", tok)
+	res, err := c.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(res.Body)
+	res.Body.Close()
+	if res.StatusCode != http.StatusInternalServerError || !strings.Contains(string(b), "still applies the previous forwarding rules") {
+		t.Errorf("deleting a rule the link does not take: %d %s; want 500 saying the previous rules apply", res.StatusCode, b)
+	}
+}
+
 func TestRulesAndOptOutChangesAreAnnounced(t *testing.T) {
 	h, srv, _ := newTestHandler(t)
 	var mu sync.Mutex
 	var gotRules [][]string
 	var gotOff map[string]bool
 	h.SetComponents(Components{
-		RulesChanged: func(rs []store.ForwardRule) {
+		RulesChanged: func(rs []store.ForwardRule) error {
 			mu.Lock()
 			defer mu.Unlock()
 			var s []string
@@ -225,6 +266,7 @@ func TestRulesAndOptOutChangesAreAnnounced(t *testing.T) {
 				s = append(s, r.Topic+" "+r.Action)
 			}
 			gotRules = append(gotRules, s)
+			return nil
 		},
 		OptOutsChanged: func(m map[string]bool) { mu.Lock(); gotOff = m; mu.Unlock() },
 	})

@@ -10,6 +10,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/bastion-iot/bastion/bridges/upstream"
 )
 
 func TestCheckPassword(t *testing.T) {
@@ -177,6 +179,14 @@ func FuzzParseRule(f *testing.F) {
 		}
 		if (r.Action == "redact") != (len(r.Fields) > 0) {
 			t.Fatalf("action %q with fields %q", r.Action, r.Fields)
+		}
+		// The upstream link must take what the console saves: it validates
+		// the console's rules with bastion.yaml's when it starts.
+		c := upstream.Config{Broker: "mqtts://cloud.example:8883", CAFile: "ca", CertFile: "crt", KeyFile: "key", Gateway: "gw1",
+			Forward: []upstream.Rule{{Topic: r.Topic, Action: r.Action, Fields: r.Fields}}}
+		c.Defaults()
+		if err := c.Validate(); err != nil {
+			t.Fatalf("accepted a rule the upstream link refuses: %v", err)
 		}
 	})
 }
