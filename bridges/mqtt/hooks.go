@@ -98,12 +98,16 @@ func (h *authHook) OnConnectAuthenticate(cl *mochi.Client, pk packets.Packet) bo
 		cl.Properties.Will.WillDelayInterval = 0
 	}
 	if old, ok := h.s.mq.Clients.Get(dev); ok && !old.Closed() {
-		// The broker takes the session over right after this hook.
+		// The broker takes the session over right after this hook; ended
+		// here, its DisconnectClient finds it closed instead of waiting
+		// for a write to an old connection the device no longer reads.
 		h.s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonSessionTakenOver).Inc()
 		log.Info("mqtt: older session closed: the device connected again (one session per device)", "device", dev, "old_remote", old.Net.Remote)
+		h.s.endSession(old, packets.ErrSessionTakenOver, time.Now().Add(endWait))
 	}
 	if pc, ok := cl.Net.Conn.(*pipeConn); ok {
 		pc.authGen = gen
+		pc.identify(dev)
 		pc.authenticated()
 	}
 	log.Info("mqtt: device connected", "device", dev)
@@ -255,6 +259,11 @@ func (s *Server) willRefusal(device, topic string, size int) (reason, msg string
 func (h *authHook) OnPublish(cl *mochi.Client, pk packets.Packet) (packets.Packet, error) {
 	if cl.Net.Inline {
 		return pk, nil // the gateway's own mirror of CoAP telemetry and commands
+	}
+	if pc, ok := cl.Net.Conn.(*pipeConn); ok && pc.refused.Load() {
+		// Revoked: read before the connection closed, taken from no one.
+		h.s.log.Debug("mqtt: publish of a revoked device dropped", "device", cl.ID, "topic", pk.TopicName)
+		return pk, packets.ErrRejectPacket
 	}
 	if len(pk.Payload) > h.s.cfg.MaxPayload {
 		h.s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonTooLarge).Inc()
