@@ -134,8 +134,10 @@ func (s *Server) serveOffer(w *otacache.DTLSResponseWriter, m *pool.Message, se 
 			// meanwhile is in the answer or notified after it (perhaps
 			// both), never in neither.
 			seq, _, _, rel := se.observe(s, m.Token(), OfferTopic(se.device))
-			release = rel
-			opts = append(opts, message.Option{ID: message.Observe, Value: encodeUint(seq)})
+			if rel != nil { // else over the session's bound: a plain GET
+				release = rel
+				opts = append(opts, message.Option{ID: message.Observe, Value: encodeUint(seq)})
+			}
 		case 1:
 			se.unobserve(m.Token())
 		}
