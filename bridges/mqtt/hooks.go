@@ -3,6 +3,8 @@ package mqtt
 import (
 	"context"
 	"errors"
+	"fmt"
+	"strings"
 	"time"
 
 	mochi "github.com/mochi-mqtt/server/v2"
@@ -191,9 +193,29 @@ func (h *authHook) OnACLCheck(cl *mochi.Client, topic string, write bool) bool {
 		return true
 	}
 	h.s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonSubscribeACL).Inc()
-	h.s.log.Warn("mqtt: subscribe refused: filter outside the device namespace", "device", cl.ID, "filter", topic,
+	h.s.log.Warn("mqtt: subscribe refused: "+filterRefusal(cl.ID, topic), "device", cl.ID, "filter", clip(topic), "filter_bytes", len(topic),
 		"allowed", bridges.TopicPrefix(cl.ID)+"c/# or "+hub.BroadcastPrefix+"#")
 	return false
+}
+
+// filterRefusal says why OnACLCheck refused filter, for its log line.
+func filterRefusal(device, filter string) string {
+	for _, root := range []string{bridges.TopicPrefix(device) + hub.ClassCommand + "/", hub.BroadcastPrefix} {
+		if rest, ok := strings.CutPrefix(filter, root); ok && len(rest) > hub.MaxPathLen {
+			return fmt.Sprintf("filter longer than %d bytes below %s; use a shorter filter or a wildcard", hub.MaxPathLen, root)
+		}
+	}
+	return "filter outside the device namespace"
+}
+
+// clip shortens what a device sent for a log line: a filter may be as
+// long as a packet.
+func clip(s string) string {
+	const n = 96
+	if len(s) <= n {
+		return s
+	}
+	return strings.ToValidUTF8(s[:n], "") + "…"
 }
 
 // OnWill treats a device's Will as a publish by the device at the moment
