@@ -27,7 +27,8 @@ func (h *authHook) Provides(b byte) bool {
 }
 
 var authEvents = hookEvents(mochi.OnConnect, mochi.OnConnectAuthenticate, mochi.OnACLCheck,
-	mochi.OnPublish, mochi.OnSessionEstablished, mochi.OnDisconnect, mochi.OnWill, mochi.OnSubscribed)
+	mochi.OnPublish, mochi.OnSessionEstablished, mochi.OnDisconnect, mochi.OnWill, mochi.OnSubscribed,
+	mochi.OnPacketRead)
 
 // OnConnect caps the keepalive so that a dead device's session ends.
 func (h *authHook) OnConnect(cl *mochi.Client, pk packets.Packet) error {
@@ -132,6 +133,24 @@ func (h *authHook) refuseConnect(cl *mochi.Client, code, v3 packets.Code, why st
 		h.s.log.Debug("mqtt: refusing CONNACK not sent", "device", cl.ID, "err", err)
 	}
 	cl.Stop(code)
+}
+
+// OnPacketRead ends the session of a device that sends a QoS 2 PUBLISH
+// (MQTT 5: DISCONNECT 0x9B QoS not supported; 3.1.1: the connection is
+// closed, the one refusal 3.1.1 allows besides the QoS 2 exchange). The
+// gateway takes QoS 0 and 1. mochi lowered QoS 2 to the Maximum QoS (1)
+// before OnPublish and answered with a PUBACK, which a QoS 2 sender does
+// not take as an answer: it kept the message and resent it after every
+// reconnect. Only this hook sees the QoS the device sent.
+func (h *authHook) OnPacketRead(cl *mochi.Client, pk packets.Packet) (packets.Packet, error) {
+	if pk.FixedHeader.Type != packets.Publish || pk.FixedHeader.Qos < 2 {
+		return pk, nil
+	}
+	h.s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonQoS).Inc()
+	h.s.log.Warn("mqtt: session closed: the device published with QoS 2; this gateway takes QoS 0 and 1, publish with QoS 1",
+		"device", cl.ID, "topic", clip(pk.TopicName), "reason", hub.ReasonQoS)
+	h.s.endSession(cl, packets.ErrQosNotSupported, time.Now().Add(endWait))
+	return pk, packets.ErrRejectPacket // ends mochi's read loop
 }
 
 // OnSessionEstablished runs once mochi has added the client to Clients,
