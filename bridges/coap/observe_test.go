@@ -158,11 +158,14 @@ func (d *rawDevice) readObserved(wait time.Duration) (observed, error) {
 // starting an observation not held (held: false in session.observe)
 // sends Z's notification before the answer.
 func TestObserveRegistrationRace(t *testing.T) {
-	var h *hub.Hub
+	// The hook reads the hub on the listener's read loop, which the
+	// request reaches through the kernel (pion's raw reads): the race
+	// detector sees no order between that and the assignment below.
+	var hp atomic.Pointer[hub.Hub]
 	ctx := context.Background()
 	topic := "devices/dev-psk/c/x"
 	deliver := func(p string) {
-		if err := h.Deliver(ctx, bridges.Message{Device: "dev-psk", Topic: topic, Payload: []byte(p)}); err != nil {
+		if err := hp.Load().Deliver(ctx, bridges.Message{Device: "dev-psk", Topic: topic, Payload: []byte(p)}); err != nil {
 			t.Error(err)
 		}
 	}
@@ -176,6 +179,7 @@ func TestObserveRegistrationRace(t *testing.T) {
 			}
 		})
 	})
+	hp.Store(h)
 	deliver("X")
 	d := dialRaw(t, dev, addr)
 	d.sendObserve(1, "/c/x")
