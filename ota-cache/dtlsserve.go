@@ -51,8 +51,23 @@ type DTLSServeConfig struct {
 	// MaxMessageSize bounds a request body reassembled from Block1
 	// blocks (default 64 KiB); a larger one gets 4.13 with Size1.
 	MaxMessageSize uint32
+	// BodyLimit, if set, is the largest request body the handler takes
+	// on path (0, or over MaxMessageSize: MaxMessageSize). A Block1
+	// transfer is refused (4.13, Size1 this limit) at the block that takes
+	// it past the limit, or at its first block if the Size1 the client
+	// announced does, instead of being reassembled up to MaxMessageSize
+	// for the handler to refuse; the device learns the handler's limit,
+	// not MaxMessageSize. It runs where Handler runs and must not block.
+	BodyLimit func(c *DTLSConn, path string) uint32
+	// OnTooLarge, if set, is told of every request ServeDTLS refuses with
+	// 4.13 itself (the caller logs and counts it): size is the body's
+	// bytes known so far (or the datagram's, for one over ReadBufferSize).
+	// It runs where Handler runs and must not block either.
+	OnTooLarge func(c *DTLSConn, path string, size uint64, limit uint32)
 	// ReadBufferSize bounds one datagram's CoAP message (default 1472,
-	// go-coap's MTU); a larger one is dropped.
+	// go-coap's MTU); a larger confirmable request gets 4.13 with Size1
+	// (the body limit of its path) without being decoded further, anything
+	// else larger is dropped.
 	ReadBufferSize int
 	// HandshakeTimeout bounds one DTLS handshake (default 10 s); it derives
 	// from ctx, so shutdown ends handshakes too.
@@ -644,9 +659,46 @@ func (c *DTLSConn) onRecord(p []byte, err error) {
 	c.lastRead.Store(now.UnixNano())
 	if len(p) > cfg.ReadBufferSize {
 		cfg.Errors(fmt.Errorf("%v: record dropped: %d bytes, over the %d-byte limit (ReadBufferSize)", c.RemoteAddr(), len(p), cfg.ReadBufferSize))
+		c.refuseDatagram(p, now)
 		return
 	}
 	c.handleDatagram(p, now)
+}
+
+// refuseDatagram answers a confirmable request too large to be read
+// (over ReadBufferSize) with 4.13: dropped silently, it left the device
+// retransmitting it until it gave up, never told why. Its options are
+// read where they lie in p (for the path, and so the limit), nothing is
+// copied; a NON, or a message whose header or options do not decode, is
+// only dropped.
+func (c *DTLSConn) refuseDatagram(p []byte, now time.Time) {
+	var opts [16]message.Option
+	m := message.Message{Options: opts[:0]}
+	if _, err := coder.DefaultCoder.Decode(p, &m); err != nil || m.Type != message.Confirmable || m.Code == codes.Empty || m.Code >= codes.Created {
+		return
+	}
+	path, _ := m.Options.Path()
+	limit := c.bodyLimit(path)
+	if c.srv.cfg.OnTooLarge != nil {
+		c.srv.cfg.OnTooLarge(c, path, uint64(len(p)), limit)
+	}
+	var sz [4]byte
+	out := message.Message{Token: m.Token, Code: codes.RequestEntityTooLarge, MessageID: m.MessageID, Type: message.Acknowledgement,
+		Options: message.Options{{ID: message.ContentFormat}, {ID: message.Size1, Value: sz[:putUint(sz[:], limit)]}},
+		Payload: fmt.Appendf(nil, "message of %d bytes, over the %d bytes one datagram may carry; body at most %d bytes, in Block1 blocks",
+			len(p), c.srv.cfg.ReadBufferSize, limit)}
+	c.send(uint16(m.MessageID), out, now)
+}
+
+// bodyLimit is BodyLimit's for path, within MaxMessageSize.
+func (c *DTLSConn) bodyLimit(path string) uint32 {
+	most := c.srv.cfg.MaxMessageSize
+	if f := c.srv.cfg.BodyLimit; f != nil {
+		if l := f(c, path); l > 0 && l < most {
+			return l
+		}
+	}
+	return most
 }
 
 // checkIdle runs when the idle timer fires: a session that has read
@@ -871,12 +923,22 @@ func (c *DTLSConn) block1(w *DTLSResponseWriter, req *pool.Message, v uint32) ([
 		_ = w.SetResponse(codes.BadRequest, message.TextPlain, strings.NewReader("Block1 block shorter than its size"))
 		return nil, true
 	}
-	if uint64(len(c.b1Body))+uint64(len(part)) > uint64(c.srv.cfg.MaxMessageSize) {
+	size := uint64(len(c.b1Body)) + uint64(len(part))
+	if num == 0 {
+		// RFC 7959 §4: Size1 in a request announces the body's size.
+		if announced, err := req.GetOptionUint32(message.Size1); err == nil {
+			size = max(size, uint64(announced))
+		}
+	}
+	if limit := c.bodyLimit(path); size > uint64(limit) {
 		c.b1Key, c.b1Body = "", nil
+		if c.srv.cfg.OnTooLarge != nil {
+			c.srv.cfg.OnTooLarge(c, path, size, limit)
+		}
 		var sz [4]byte
-		n := putUint(sz[:], c.srv.cfg.MaxMessageSize)
+		n := putUint(sz[:], limit)
 		_ = w.SetResponse(codes.RequestEntityTooLarge, message.TextPlain,
-			strings.NewReader(fmt.Sprintf("request body over %d bytes", c.srv.cfg.MaxMessageSize)),
+			strings.NewReader(fmt.Sprintf("request body over %d bytes", limit)),
 			message.Option{ID: message.Size1, Value: sz[:n]})
 		return nil, true
 	}

@@ -32,9 +32,10 @@ func (c *recordConn) RemoteAddr() net.Addr {
 func (c *recordConn) Close() error { return nil }
 
 // FuzzServeDatagram feeds decrypted datagrams from a device to the CoAP
-// layer of ServeDTLS (decode, dedup, Block1 reassembly, Block2 cutting):
-// it must not panic, must answer a datagram at most once, and everything
-// it sends must decode as CoAP.
+// layer of ServeDTLS (decode, dedup, Block1 reassembly with a body limit
+// per path, Block2 cutting, and the 4.13 for a datagram too large to
+// read): it must not panic, must answer a datagram at most once, and
+// everything it sends must decode as CoAP.
 func FuzzServeDatagram(f *testing.F) {
 	enc := func(m message.Message) []byte {
 		b := make([]byte, 2048)
@@ -62,7 +63,13 @@ func FuzzServeDatagram(f *testing.F) {
 	f.Add(enc(message.Message{Type: message.NonConfirmable, Code: codes.POST, MessageID: 4, Options: path("t", message.Option{ID: message.NoResponse, Value: []byte{2}}), Payload: []byte("21.5")}))
 	f.Add([]byte{0x49, 0x01, 0x00, 0x08})
 	f.Fuzz(func(t *testing.T, data []byte) {
-		cfg := &DTLSServeConfig{MaxMessageSize: 64, BlockwiseSZX: blockwise.SZX1024, Errors: func(error) {},
+		cfg := &DTLSServeConfig{MaxMessageSize: 64, BlockwiseSZX: blockwise.SZX1024, Errors: func(error) {}, ReadBufferSize: 1472,
+			BodyLimit: func(_ *DTLSConn, p string) uint32 {
+				if p == "/up" {
+					return 20
+				}
+				return 0
+			},
 			Handler: func(w *DTLSResponseWriter, r *pool.Message) {
 				if p, _ := r.Path(); p == "/big" {
 					_ = w.SetResponse(codes.Content, message.AppOctets, bytes.NewReader(bigBody))
@@ -80,6 +87,11 @@ func FuzzServeDatagram(f *testing.F) {
 			if n := len(rc.out) - before; n > 1 {
 				t.Fatalf("one datagram answered %d times", n)
 			}
+		}
+		before := len(rc.out)
+		c.refuseDatagram(data, time.Now())
+		if n := len(rc.out) - before; n > 1 {
+			t.Fatalf("one datagram too large to read answered %d times", n)
 		}
 		for _, out := range rc.out {
 			m := message.Message{Options: make(message.Options, 0, 16)}

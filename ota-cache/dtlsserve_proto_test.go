@@ -282,9 +282,14 @@ func TestServeDTLSProtocol(t *testing.T) {
 		Options: pathOpts("up", uintOpt(message.NoResponse, 2)), Payload: []byte("quiet")})
 	check("after No-Response", summary{Type: message.Acknowledgement, Code: codes.Changed, MID: 42, Token: "z", Payload: sumHex([]byte("loud"))},
 		ask(message.Message{Type: message.Confirmable, Code: codes.POST, MessageID: 42, Token: []byte("z"), Options: pathOpts("up"), Payload: []byte("loud")}, true))
-	// A datagram larger than the read buffer (1472 bytes) is dropped and
-	// the session goes on.
-	d.send(message.Message{Type: message.Confirmable, Code: codes.POST, MessageID: 43, Token: []byte("h"), Options: pathOpts("up"), Payload: bytes.Repeat([]byte("h"), 1800)})
+	// A datagram larger than the read buffer (1472 bytes) is not handled:
+	// a CON gets 4.13 with Size1 (the body limit, here MaxMessageSize), a
+	// NON nothing, and the session goes on.
+	got = ask(message.Message{Type: message.Confirmable, Code: codes.POST, MessageID: 43, Token: []byte("h"), Options: pathOpts("up"), Payload: bytes.Repeat([]byte("h"), 1800)}, true)
+	if got.Code != codes.RequestEntityTooLarge || got.MID != 43 || got.Token != "h" || got.Size != 40 {
+		t.Errorf("oversized CON datagram: %+v, want 4.13 with Size1 40 on MID 43", got)
+	}
+	d.send(message.Message{Type: message.NonConfirmable, Code: codes.POST, MessageID: 45, Token: []byte("g"), Options: pathOpts("up"), Payload: bytes.Repeat([]byte("g"), 1800)})
 	check("after an oversized datagram", summary{Type: message.Acknowledgement, Code: codes.Changed, MID: 44, Token: "k", Payload: sumHex([]byte("still"))},
 		ask(message.Message{Type: message.Confirmable, Code: codes.POST, MessageID: 44, Token: []byte("k"), Options: pathOpts("up"), Payload: []byte("still")}, true))
 	if diff := cmp.Diff([]string{string(body), "once", "quiet", "loud", "still"}, p.seen()); diff != "" {

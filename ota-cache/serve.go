@@ -173,6 +173,10 @@ func (c *Cache) HTTPHandler(identify func(*http.Request) (device string, ok bool
 	})
 }
 
+// MaxStatusReport bounds a status report's body (ServeCoAPStatus reads no
+// more of it).
+const MaxStatusReport = 2048
+
 // ServeCoAPStatus takes a device's update status report: POST (or PUT)
 // with the JSON of DeviceStatus, answered 2.04. It is a separate resource
 // from the download-only /fw/ tree (suggested path: /fw-status).
@@ -181,7 +185,7 @@ func (c *Cache) ServeCoAPStatus(w mux.ResponseWriter, r *mux.Message, device str
 		_ = w.SetResponse(codes.MethodNotAllowed, message.TextPlain, strings.NewReader("status reports: POST or PUT"))
 		return
 	}
-	body, err := io.ReadAll(io.LimitReader(r.Body(), 2048))
+	body, err := io.ReadAll(io.LimitReader(r.Body(), MaxStatusReport))
 	if err != nil {
 		_ = w.SetResponse(codes.BadRequest, message.TextPlain, strings.NewReader("unreadable payload"))
 		return

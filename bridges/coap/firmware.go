@@ -134,8 +134,10 @@ func (s *Server) serveOffer(w *otacache.DTLSResponseWriter, m *pool.Message, se 
 			// meanwhile is in the answer or notified after it (perhaps
 			// both), never in neither.
 			seq, _, _, rel := se.observe(s, m.Token(), OfferTopic(se.device))
-			release = rel
-			opts = append(opts, message.Option{ID: message.Observe, Value: encodeUint(seq)})
+			if rel != nil { // else over the session's bound: a plain GET
+				release = rel
+				opts = append(opts, message.Option{ID: message.Observe, Value: encodeUint(seq)})
+			}
 		case 1:
 			se.unobserve(m.Token())
 		}
@@ -158,9 +160,11 @@ func (s *Server) serveOffer(w *otacache.DTLSResponseWriter, m *pool.Message, se 
 func (s *Server) serve(ctx context.Context, ln *limitListener) error {
 	return otacache.ServeDTLS(ctx, ln, otacache.DTLSServeConfig{
 		Handler: s.serveCoAP,
-		// Big enough that an oversized request still reaches the handler
-		// and gets 4.13 instead of silence.
+		// Big enough for every resource's body limit (bodyLimit), which
+		// refuses a Block1 transfer as soon as it goes past it.
 		MaxMessageSize: uint32(max(64*1024, 4*s.cfg.MaxPayload)),
+		BodyLimit:      s.bodyLimit,
+		OnTooLarge:     s.tooLarge,
 		// A payload a little over the limit in one datagram still reaches
 		// the handler (4.13 with Size1) instead of being dropped.
 		ReadBufferSize:   max(1472, s.cfg.MaxPayload+128),
@@ -180,6 +184,31 @@ func (s *Server) serve(ctx context.Context, ln *limitListener) error {
 		OnBadOption:     s.badOption,
 		Errors:          func(err error) { s.log.Debug("coap: connection error", "err", err) },
 	})
+}
+
+// bodyLimit is the largest request body a resource takes: the payload
+// limit for telemetry (and anything without a body of its own), the CSR
+// bound for the enrollment resources, and the status report's bound.
+func (s *Server) bodyLimit(_ *otacache.DTLSConn, path string) uint32 {
+	p := strings.TrimPrefix(path, "/")
+	switch {
+	case p == fwStatusResource:
+		return otacache.MaxStatusReport
+	case strings.HasPrefix(p, ".well-known/"):
+		return maxEnrollBody
+	}
+	return uint32(s.cfg.MaxPayload)
+}
+
+// tooLarge logs and counts a request otacache refused with 4.13 (a Block1
+// transfer past bodyLimit, a datagram too large to read).
+func (s *Server) tooLarge(cc *otacache.DTLSConn, path string, size uint64, limit uint32) {
+	s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonTooLarge).Inc()
+	if len(path) > 128 { // a datagram refused unread may name a long one
+		path = strings.ToValidUTF8(path[:128], "") + "…"
+	}
+	s.log.Warn("coap: request refused: body too large; answered 4.13 with the limit in Size1", "device", s.deviceOf(cc),
+		"path", path, "size", size, "limit", limit)
 }
 
 // badOption logs and counts a request refused for a critical option the

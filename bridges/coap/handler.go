@@ -327,19 +327,13 @@ func (s *Server) answer(w responseSetter, m *pool.Message, se *session, res resp
 	var release func()
 	switch res.observe {
 	case obsRegister:
-		if !se.mayObserve(m.Token()) {
-			// RFC 7641 §4.1: a server unwilling to add an observer
-			// answers the GET without Observe; the device sees it is not
-			// registered.
-			s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonObserveLimit).Inc()
-			s.log.Warn("coap: observe not registered: the session observes as many tokens as it may; answered as a plain GET",
-				"device", se.device, "topic", res.topic, "limit", maxObservations)
+		seq, last, ok, rel := se.observe(s, m.Token(), res.topic)
+		if rel == nil {
 			if last, ok := s.hub.LastCommand(res.topic); ok {
 				res.body = last.Payload
 			}
 			break
 		}
-		seq, last, ok, rel := se.observe(s, m.Token(), res.topic)
 		release = rel
 		if s.observeHook != nil {
 			s.observeHook(hookRegistered)
@@ -406,17 +400,6 @@ type observation struct {
 // observes its command topics, a handful.
 const maxObservations = 16
 
-// mayObserve reports whether token may register (again, or as a new one
-// while the session has room).
-func (se *session) mayObserve(token message.Token) bool {
-	se.mu.Lock()
-	defer se.mu.Unlock()
-	if _, ok := se.obs[string(token)]; ok {
-		return true
-	}
-	return len(se.obs) < maxObservations
-}
-
 // maxHeld bounds the commands held for one registration while its answer
 // is being written (microseconds: the answer goes out right after the
 // handler returns). Beyond it the oldest is dropped, logged.
@@ -429,8 +412,25 @@ const maxHeld = 16
 // either in the answer or notified after it with a higher number. The
 // token's notifications are held until release is called, once the
 // answer is on the wire (afterAnswer).
+//
+// A new token past maxObservations is not registered (release is nil;
+// counted and logged here, so that no resource can skip the bound): RFC
+// 7641 §4.1 has a server unwilling to add an observer answer the GET
+// without Observe, so the device sees it is not registered. A session's
+// requests are handled one at a time, so the room seen here is still
+// there when the token is added below.
 func (se *session) observe(s *Server, token message.Token, topic string) (seq uint32, last bridges.Message, ok bool, release func()) {
 	key := string(token)
+	se.mu.Lock()
+	_, again := se.obs[key]
+	full := !again && len(se.obs) >= maxObservations
+	se.mu.Unlock()
+	if full {
+		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonObserveLimit).Inc()
+		s.log.Warn("coap: observe not registered: the session observes as many tokens as it may; answered as a plain GET",
+			"device", se.device, "topic", topic, "limit", maxObservations)
+		return 0, bridges.Message{}, false, nil
+	}
 	o := &observation{tok: append(message.Token(nil), token...), held: true}
 	cancel := s.hub.ObserveLast(se.device, topic, func(m bridges.Message) bool { return se.notify(s, o, m) }, func(l bridges.Message, found bool) {
 		last, ok = l, found

@@ -17,6 +17,7 @@ import (
 	"github.com/plgd-dev/go-coap/v3/message"
 	"github.com/plgd-dev/go-coap/v3/message/codes"
 	"github.com/plgd-dev/go-coap/v3/message/pool"
+	"github.com/plgd-dev/go-coap/v3/mux"
 	"github.com/plgd-dev/go-coap/v3/udp/coder"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
@@ -25,6 +26,7 @@ import (
 	"github.com/bastion-iot/bastion/bridges/coap"
 	"github.com/bastion-iot/bastion/bridges/hub"
 	"github.com/bastion-iot/bastion/internal/devicesim"
+	otacache "github.com/bastion-iot/bastion/ota-cache"
 	"github.com/bastion-iot/bastion/pki"
 )
 
@@ -32,6 +34,13 @@ import (
 // returns its hub (to deliver commands), the PSK device and its address.
 // prep runs before Run (test hooks).
 func startObserveServer(t *testing.T, prep func(*coap.Server)) (*hub.Hub, *devicesim.Device, string) {
+	t.Helper()
+	return startObserveServerWith(t, coap.Config{}, prep)
+}
+
+// startObserveServerWith is startObserveServer with cfg (its listen
+// addresses are set here).
+func startObserveServerWith(t *testing.T, cfg coap.Config, prep func(*coap.Server)) (*hub.Hub, *devicesim.Device, string) {
 	t.Helper()
 	id := &fakeIdentity{key: []byte("0123456789abcdef"), revoked: map[string]bool{}}
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
@@ -48,7 +57,8 @@ func startObserveServer(t *testing.T, prep func(*coap.Server)) (*hub.Hub, *devic
 	if err != nil {
 		t.Fatal(err)
 	}
-	s, err := coap.New(coap.Config{Listen: "127.0.0.1:0", PSKListen: "127.0.0.1:0"}, sc, id, h, log)
+	cfg.Listen, cfg.PSKListen = "127.0.0.1:0", "127.0.0.1:0"
+	s, err := coap.New(cfg, sc, id, h, log)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -148,11 +158,14 @@ func (d *rawDevice) readObserved(wait time.Duration) (observed, error) {
 // starting an observation not held (held: false in session.observe)
 // sends Z's notification before the answer.
 func TestObserveRegistrationRace(t *testing.T) {
-	var h *hub.Hub
+	// The hook reads the hub on the listener's read loop, which the
+	// request reaches through the kernel (pion's raw reads): the race
+	// detector sees no order between that and the assignment below.
+	var hp atomic.Pointer[hub.Hub]
 	ctx := context.Background()
 	topic := "devices/dev-psk/c/x"
 	deliver := func(p string) {
-		if err := h.Deliver(ctx, bridges.Message{Device: "dev-psk", Topic: topic, Payload: []byte(p)}); err != nil {
+		if err := hp.Load().Deliver(ctx, bridges.Message{Device: "dev-psk", Topic: topic, Payload: []byte(p)}); err != nil {
 			t.Error(err)
 		}
 	}
@@ -166,6 +179,7 @@ func TestObserveRegistrationRace(t *testing.T) {
 			}
 		})
 	})
+	hp.Store(h)
 	deliver("X")
 	d := dialRaw(t, dev, addr)
 	d.sendObserve(1, "/c/x")
@@ -326,6 +340,55 @@ func TestObserveRegistrationsBounded(t *testing.T) {
 		t.Errorf("observe_limit refusals %v, want 1", got)
 	}
 	d.sendObserve(105, "/c/x") // a held token registers again
+	if a := d.nextObserved(); a.typ != message.Acknowledgement || a.seq < 0 {
+		t.Fatalf("held token registering again: %v, want an ACK with Observe", a)
+	}
+}
+
+// offerOnly is a firmware cache that offers one version to every device
+// and serves nothing else.
+type offerOnly struct{}
+
+func (offerOnly) ServeCoAP(w mux.ResponseWriter, _ *mux.Message, _ string) {
+	_ = w.SetResponse(codes.NotFound, message.TextPlain, nil)
+}
+func (offerOnly) ServeCoAPStatus(w mux.ResponseWriter, _ *mux.Message, _ string) {
+	_ = w.SetResponse(codes.Changed, message.TextPlain, nil)
+}
+func (offerOnly) Offer(device string) (otacache.Offer, bool) {
+	return otacache.Offer{Device: device, Version: "2.0.0"}, true
+}
+
+// Registrations on /fw/offer count against the session's 16 like those on
+// /c: with 10 on /c/x and 6 on /fw/offer, a 17th on /fw/offer is answered
+// as a plain GET (the offer, no Observe), counted observe_limit, and the
+// hub holds 16 observers. Before, /fw/offer registered without the check,
+// so a device could register as many tokens as it liked there.
+func TestOfferObserveRegistrationsBounded(t *testing.T) {
+	h, dev, addr := startObserveServerWith(t, coap.Config{Firmware: offerOnly{}}, nil)
+	d := dialRaw(t, dev, addr)
+	for i := range 16 {
+		path := "/c/x"
+		if i >= 10 {
+			path = "/fw/offer"
+		}
+		d.sendObserve(uint16(100+i), path)
+		if a := d.nextObserved(); a.typ != message.Acknowledgement || a.seq < 0 {
+			t.Fatalf("registration %d on %s: %v, want an ACK with Observe", i, path, a)
+		}
+	}
+	d.sendObserve(200, "/fw/offer")
+	a := d.nextObserved()
+	if a.typ != message.Acknowledgement || a.seq >= 0 || !strings.Contains(a.payload, `"version":"2.0.0"`) {
+		t.Fatalf("17th registration, on /fw/offer: %v, want an ACK without Observe carrying the offer", a)
+	}
+	if got := testutil.ToFloat64(h.Metrics().Refused.WithLabelValues(hub.CoAP, hub.ReasonObserveLimit)); got != 1 {
+		t.Errorf("observe_limit refusals %v, want 1", got)
+	}
+	if got := testutil.ToFloat64(h.Metrics().Observers); got != 16 {
+		t.Errorf("hub observers %v, want 16", got)
+	}
+	d.sendObserve(112, "/fw/offer") // a held token registers again
 	if a := d.nextObserved(); a.typ != message.Acknowledgement || a.seq < 0 {
 		t.Fatalf("held token registering again: %v, want an ACK with Observe", a)
 	}

@@ -279,3 +279,26 @@ func TestTelemetryNotify(t *testing.T) {
 		t.Fatalf("NotifySink got %d callbacks, want 1", len(ns.done))
 	}
 }
+
+// Filters and read topics are held to MaxPathLen below their root, as
+// topics are: 256 bytes pass, 257 do not, in the device's command tree and
+// in the broadcast tree alike (MayRead let any string below
+// bastion/broadcast/ through, and the broker asks it for filters too).
+func TestFilterLengthBounded(t *testing.T) {
+	fits := strings.Repeat("a/", 127) + "aa"
+	over := fits + "a"
+	for _, root := range []string{"devices/dev1/c/", BroadcastPrefix} {
+		if !MaySubscribe("dev1", root+fits) || !MayRead("dev1", root+fits) {
+			t.Errorf("%s + 256 bytes refused", root)
+		}
+		if MaySubscribe("dev1", root+over) || MayRead("dev1", root+over) {
+			t.Errorf("%s + 257 bytes allowed", root)
+		}
+		if MaySubscribe("dev1", root+strings.Repeat("+/", 200)+"#") {
+			t.Errorf("%s + 402 bytes of wildcards allowed", root)
+		}
+	}
+	if MayRead("dev1", BroadcastPrefix+"a//b") || MayRead("dev1", BroadcastPrefix+"#") {
+		t.Error("MayRead allowed an invalid broadcast path")
+	}
+}

@@ -31,6 +31,8 @@ const (
 	ReasonSessionTakenOver = "session_taken_over"
 	ReasonRetainedLimit    = "retained_limit"
 	ReasonTopicAlias       = "topic_alias"
+	// ReasonQoS: an MQTT PUBLISH with QoS 2; the gateway takes QoS 0 and 1.
+	ReasonQoS = "qos_not_supported"
 	// ReasonObserveLimit: a CoAP observe registration past the session's
 	// bound, answered as a plain GET (RFC 7641 §4.1).
 	ReasonObserveLimit = "observe_limit"

@@ -22,11 +22,16 @@ const (
 // may write.
 const BroadcastPrefix = "bastion/broadcast/"
 
+// MaxPathLen bounds a topic path (the part of a topic after
+// devices/{id}/t/, s/ or c/, or after bastion/broadcast/) and a
+// subscription filter's below its root, in bytes.
+const MaxPathLen = 256
+
 // ValidPath reports whether p (the part of a topic after devices/{id}/t/ or
 // c/) is a usable topic path: non-empty segments, no MQTT wildcards, no
 // NUL, valid UTF-8, bounded length.
 func ValidPath(p string) bool {
-	if p == "" || len(p) > 256 || !utf8.ValidString(p) {
+	if p == "" || len(p) > MaxPathLen || !utf8.ValidString(p) {
 		return false
 	}
 	// Segment by segment without splitting: this runs for every message.
@@ -90,7 +95,9 @@ func MayPublish(device, topic string) bool {
 
 // MaySubscribe reports whether device may subscribe to filter: its own
 // command tree (wildcards allowed below devices/{id}/c) and the broadcast
-// tree.
+// tree, at most MaxPathLen bytes below either root. The bound is the
+// topics': a filter can still name any topic, while each of its levels is
+// a node of the broker's topic tree, kept for an hour after the session.
 func MaySubscribe(device, filter string) bool {
 	if device == "" || !utf8.ValidString(filter) || strings.ContainsRune(filter, 0) {
 		return false
@@ -108,15 +115,21 @@ func MaySubscribe(device, filter string) bool {
 }
 
 // MayRead reports whether a message on topic may be delivered to device (the
-// broker asks this for every delivery).
+// broker asks this for every delivery, and for every subscription filter
+// with the same question): its own commands and broadcasts, each a valid
+// path (ValidPath) below its root.
 func MayRead(device, topic string) bool {
 	if _, ok := CommandPath(device, topic); ok {
 		return true
 	}
-	return strings.HasPrefix(topic, BroadcastPrefix)
+	p, ok := strings.CutPrefix(topic, BroadcastPrefix)
+	return ok && ValidPath(p)
 }
 
 func validFilterRest(rest string) bool {
+	if len(rest) > MaxPathLen {
+		return false
+	}
 	segs := strings.Split(rest, "/")
 	for i, s := range segs {
 		switch {

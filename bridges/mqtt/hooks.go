@@ -3,6 +3,8 @@ package mqtt
 import (
 	"context"
 	"errors"
+	"fmt"
+	"strings"
 	"time"
 
 	mochi "github.com/mochi-mqtt/server/v2"
@@ -25,7 +27,8 @@ func (h *authHook) Provides(b byte) bool {
 }
 
 var authEvents = hookEvents(mochi.OnConnect, mochi.OnConnectAuthenticate, mochi.OnACLCheck,
-	mochi.OnPublish, mochi.OnSessionEstablished, mochi.OnDisconnect, mochi.OnWill, mochi.OnSubscribed)
+	mochi.OnPublish, mochi.OnSessionEstablished, mochi.OnDisconnect, mochi.OnWill, mochi.OnSubscribed,
+	mochi.OnPacketRead)
 
 // OnConnect caps the keepalive so that a dead device's session ends.
 func (h *authHook) OnConnect(cl *mochi.Client, pk packets.Packet) error {
@@ -98,12 +101,16 @@ func (h *authHook) OnConnectAuthenticate(cl *mochi.Client, pk packets.Packet) bo
 		cl.Properties.Will.WillDelayInterval = 0
 	}
 	if old, ok := h.s.mq.Clients.Get(dev); ok && !old.Closed() {
-		// The broker takes the session over right after this hook.
+		// The broker takes the session over right after this hook; ended
+		// here, its DisconnectClient finds it closed instead of waiting
+		// for a write to an old connection the device no longer reads.
 		h.s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonSessionTakenOver).Inc()
 		log.Info("mqtt: older session closed: the device connected again (one session per device)", "device", dev, "old_remote", old.Net.Remote)
+		h.s.endSession(old, packets.ErrSessionTakenOver, time.Now().Add(endWait))
 	}
 	if pc, ok := cl.Net.Conn.(*pipeConn); ok {
 		pc.authGen = gen
+		pc.identify(dev)
 		pc.authenticated()
 	}
 	log.Info("mqtt: device connected", "device", dev)
@@ -126,6 +133,24 @@ func (h *authHook) refuseConnect(cl *mochi.Client, code, v3 packets.Code, why st
 		h.s.log.Debug("mqtt: refusing CONNACK not sent", "device", cl.ID, "err", err)
 	}
 	cl.Stop(code)
+}
+
+// OnPacketRead ends the session of a device that sends a QoS 2 PUBLISH
+// (MQTT 5: DISCONNECT 0x9B QoS not supported; 3.1.1: the connection is
+// closed, the one refusal 3.1.1 allows besides the QoS 2 exchange). The
+// gateway takes QoS 0 and 1. mochi lowered QoS 2 to the Maximum QoS (1)
+// before OnPublish and answered with a PUBACK, which a QoS 2 sender does
+// not take as an answer: it kept the message and resent it after every
+// reconnect. Only this hook sees the QoS the device sent.
+func (h *authHook) OnPacketRead(cl *mochi.Client, pk packets.Packet) (packets.Packet, error) {
+	if pk.FixedHeader.Type != packets.Publish || pk.FixedHeader.Qos < 2 {
+		return pk, nil
+	}
+	h.s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonQoS).Inc()
+	h.s.log.Warn("mqtt: session closed: the device published with QoS 2; this gateway takes QoS 0 and 1, publish with QoS 1",
+		"device", cl.ID, "topic", clip(pk.TopicName), "reason", hub.ReasonQoS)
+	h.s.endSession(cl, packets.ErrQosNotSupported, time.Now().Add(endWait))
+	return pk, packets.ErrRejectPacket // ends mochi's read loop
 }
 
 // OnSessionEstablished runs once mochi has added the client to Clients,
@@ -187,9 +212,29 @@ func (h *authHook) OnACLCheck(cl *mochi.Client, topic string, write bool) bool {
 		return true
 	}
 	h.s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonSubscribeACL).Inc()
-	h.s.log.Warn("mqtt: subscribe refused: filter outside the device namespace", "device", cl.ID, "filter", topic,
+	h.s.log.Warn("mqtt: subscribe refused: "+filterRefusal(cl.ID, topic), "device", cl.ID, "filter", clip(topic), "filter_bytes", len(topic),
 		"allowed", bridges.TopicPrefix(cl.ID)+"c/# or "+hub.BroadcastPrefix+"#")
 	return false
+}
+
+// filterRefusal says why OnACLCheck refused filter, for its log line.
+func filterRefusal(device, filter string) string {
+	for _, root := range []string{bridges.TopicPrefix(device) + hub.ClassCommand + "/", hub.BroadcastPrefix} {
+		if rest, ok := strings.CutPrefix(filter, root); ok && len(rest) > hub.MaxPathLen {
+			return fmt.Sprintf("filter longer than %d bytes below %s; use a shorter filter or a wildcard", hub.MaxPathLen, root)
+		}
+	}
+	return "filter outside the device namespace"
+}
+
+// clip shortens what a device sent for a log line: a filter may be as
+// long as a packet.
+func clip(s string) string {
+	const n = 96
+	if len(s) <= n {
+		return s
+	}
+	return strings.ToValidUTF8(s[:n], "") + "…"
 }
 
 // OnWill treats a device's Will as a publish by the device at the moment
@@ -255,6 +300,11 @@ func (s *Server) willRefusal(device, topic string, size int) (reason, msg string
 func (h *authHook) OnPublish(cl *mochi.Client, pk packets.Packet) (packets.Packet, error) {
 	if cl.Net.Inline {
 		return pk, nil // the gateway's own mirror of CoAP telemetry and commands
+	}
+	if pc, ok := cl.Net.Conn.(*pipeConn); ok && pc.refused.Load() {
+		// Revoked: read before the connection closed, taken from no one.
+		h.s.log.Debug("mqtt: publish of a revoked device dropped", "device", cl.ID, "topic", pk.TopicName)
+		return pk, packets.ErrRejectPacket
 	}
 	if len(pk.Payload) > h.s.cfg.MaxPayload {
 		h.s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonTooLarge).Inc()

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/mochi-mqtt/server/v2/listeners"
+	"github.com/mochi-mqtt/server/v2/packets"
 
 	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/bridges/hub"
@@ -256,6 +257,17 @@ func (l *tlsListener) Close(closeClients listeners.CloseFn) {
 	for _, c := range unauth {
 		c.Close()
 	}
+	// Ended here, all at once and each within endWait, mochi's
+	// closeClients finds them closed: it would write each DISCONNECT in
+	// turn, waiting on every device that stopped reading.
+	var ending sync.WaitGroup
+	deadline := time.Now().Add(endWait)
+	for _, cl := range l.s.mq.Clients.GetByListener(l.id) {
+		if !cl.Closed() {
+			ending.Go(func() { l.s.endSession(cl, packets.ErrServerShuttingDown, deadline) })
+		}
+	}
+	ending.Wait()
 	closeClients(l.id)
 	l.wg.Wait()
 }

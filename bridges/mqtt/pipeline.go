@@ -30,6 +30,11 @@ const (
 	// set before every packet read) changes the connection's timers at
 	// most once per deadlineSlack instead of once per packet.
 	deadlineSlack = 100 * time.Millisecond
+	// endWait bounds how long ending a session (revoked, taken over,
+	// shutdown) waits to send its DISCONNECT before it closes the
+	// connection: a device that reads gets it at once, one that does not
+	// must not hold up whoever ends the session.
+	endWait = 50 * time.Millisecond
 )
 
 // errSessionEnded is returned for writes and messages of a session whose
@@ -68,9 +73,11 @@ type pipeConn struct {
 	// likewise, so that starting the flusher allocates no closure.
 	report  func(error)
 	flushFn func()
-	// deadline is the deadline last set on the connection (Unix ns; 0:
-	// none), see SetDeadline.
+	// deadline is the read deadline last set on the connection (Unix ns;
+	// 0: none), see SetDeadline.
 	deadline atomic.Int64
+	// wdl is the write deadline last set (Unix ns), see armWrite; under mu.
+	wdl int64
 	// authGen is Server.revGen from before the session's credentials were
 	// checked (set and read on the session's goroutine, during CONNECT).
 	authGen uint64
@@ -122,6 +129,13 @@ func (c *pipeConn) authenticated() {
 	if c.unauth != nil {
 		c.l.release(c.unauth)
 	}
+}
+
+// identify names the session's device for its log lines.
+func (c *pipeConn) identify(device string) {
+	c.mu.Lock()
+	c.device = device
+	c.mu.Unlock()
 }
 
 func newPipeConn(tc *tls.Conn, l *tlsListener) *pipeConn {
@@ -227,7 +241,12 @@ func (c *pipeConn) Write(b []byte) (int, error) {
 			return 0, errSessionEnded
 		}
 		if c.done == c.enq && len(c.held) == 0 {
-			return c.Conn.Write(b)
+			c.armWrite()
+			n, err := c.Conn.Write(b)
+			if err != nil {
+				c.writeFailed(c.device, err)
+			}
+			return n, err
 		}
 		if len(c.held) == 0 || len(c.held)+len(b) <= maxHeldBytes {
 			c.held = append(c.held, b...)
@@ -242,23 +261,89 @@ func (c *pipeConn) Write(b []byte) (int, error) {
 	}
 }
 
-// SetDeadline sets the connection's read and write deadline to t, or
-// keeps the one set if that is not earlier than t and at most
-// deadlineSlack later: a session never times out earlier than asked, and
-// up to deadlineSlack later. mochi calls it (refreshDeadline) before every
-// packet it reads, and each call resets two runtime timers; nothing else
-// sets the deadlines of a session's connection once mochi has it.
+// SetDeadline sets the connection's read deadline to t, or keeps the one
+// set if that is not earlier than t and at most deadlineSlack later: a
+// session never times out earlier than asked, and up to deadlineSlack
+// later. mochi calls it (refreshDeadline) before every packet it reads,
+// and each call resets a runtime timer. Writes have their own deadline
+// (armWrite): a packet read must not extend a write that is blocked.
 func (c *pipeConn) SetDeadline(t time.Time) error {
 	if t.IsZero() {
 		c.deadline.Store(0)
-		return c.Conn.SetDeadline(t)
+		return c.Conn.SetReadDeadline(t)
 	}
 	if cur, n := c.deadline.Load(), t.UnixNano(); cur != 0 && n <= cur && n >= cur-int64(deadlineSlack) {
 		return nil
 	}
 	t = t.Add(deadlineSlack)
 	c.deadline.Store(t.UnixNano())
-	return c.Conn.SetDeadline(t)
+	return c.Conn.SetReadDeadline(t)
+}
+
+// armWrite gives the write about to start Config.WriteTimeout, less up to
+// a thirtieth of it, so that the timer is reset at most that often. Caller
+// holds mu, under which every write to the device is made.
+func (c *pipeConn) armWrite() {
+	timeout := c.l.s.cfg.WriteTimeout
+	now := time.Now()
+	if c.wdl >= now.Add(timeout-timeout/30).UnixNano() {
+		return
+	}
+	t := now.Add(timeout)
+	c.wdl = t.UnixNano()
+	c.Conn.SetWriteDeadline(t)
+}
+
+// writeFailed ends the session after a failed write: crypto/tls fails
+// every write after one that failed, and mochi's writer would only log
+// it while the session went on reading. The TCP connection is closed
+// under the TLS layer: a close_notify would wait for the device too.
+// Caller holds mu.
+func (c *pipeConn) writeFailed(device string, err error) {
+	if c.closed {
+		return
+	}
+	c.shut()
+	c.Conn.NetConn().Close()
+	if isTimeout(err) {
+		c.l.s.log.Warn("mqtt: closing session: the device has not read what the gateway sent it; it must keep reading its connection",
+			"device", device, "write_timeout", c.l.s.cfg.WriteTimeout)
+	} else {
+		c.l.s.log.Debug("mqtt: write to device failed", "device", device, "err", err)
+	}
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+// end closes the session's connection without waiting on the device:
+// pk (a DISCONNECT, or nil) is written if nothing is held before it and
+// it can be by deadline, then the TCP connection is closed under the TLS
+// layer (no close_notify, which could wait for a full buffer too), so a
+// write blocked on the device returns at once. Held bytes are dropped.
+// mochi's own DisconnectClient wrote its DISCONNECT under the session's
+// lock, behind any write blocked on the device.
+func (c *pipeConn) end(pk []byte, deadline time.Time) {
+	raw := c.Conn.NetConn()
+	if pk != nil {
+		// Whatever holds mu (a write to the device) or the TLS write lock
+		// returns once the connection is closed.
+		t := time.AfterFunc(time.Until(deadline), func() { raw.Close() })
+		c.mu.Lock()
+		if !c.closed && c.done == c.enq && len(c.held) == 0 {
+			c.Conn.SetWriteDeadline(deadline)
+			c.Conn.Write(pk)
+		}
+		c.shut()
+		c.mu.Unlock()
+		t.Stop()
+	}
+	raw.Close()
+	c.mu.Lock()
+	c.shut()
+	c.mu.Unlock()
 }
 
 // Close closes the connection first (so a write blocked on a slow device
@@ -311,6 +396,7 @@ func (c *pipeConn) flush() {
 			}
 			if size > 0 {
 				// Written under mu so that a direct Write cannot overtake it.
+				c.armWrite()
 				_, werr = c.Conn.Write(c.held[:size])
 				c.held = append(c.held[:0], c.held[size:]...)
 				c.runs = append(c.runs[:0], c.runs[k:]...)
@@ -325,11 +411,13 @@ func (c *pipeConn) flush() {
 
 		switch {
 		case failed != nil:
-			c.fail(device, failed, true)
+			c.fail(device, failed)
 			c.stopped()
 			return
 		case werr != nil:
-			c.fail(device, werr, false)
+			c.mu.Lock()
+			c.writeFailed(device, werr)
+			c.mu.Unlock()
 			c.stopped()
 			return
 		}
@@ -353,7 +441,7 @@ func (c *pipeConn) stopped() {
 // fail ends the session: a message that is not durable must never be
 // acknowledged, so nothing held is sent and the device will send it again
 // after reconnecting.
-func (c *pipeConn) fail(device string, err error, durability bool) {
+func (c *pipeConn) fail(device string, err error) {
 	c.mu.Lock()
 	ended := c.closed
 	c.shut()
@@ -361,11 +449,9 @@ func (c *pipeConn) fail(device string, err error, durability bool) {
 	if ended {
 		return
 	}
-	if durability && !errors.Is(err, net.ErrClosed) {
+	if !errors.Is(err, net.ErrClosed) {
 		c.l.s.log.Error("mqtt: a message was not made durable; closing the session without acknowledging it (the device sends it again after reconnecting)",
 			"device", device, "err", err)
-	} else {
-		c.l.s.log.Debug("mqtt: write to device failed", "device", device, "err", err)
 	}
 	c.Conn.Close()
 }

@@ -19,6 +19,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -59,12 +60,27 @@ type rig struct {
 	// from, if set, is the local address devices dial from (another
 	// source address than 127.0.0.1).
 	from string
+	// rcvBuf, if set, is the devices' socket receive buffer (SO_RCVBUF,
+	// set before connecting so that the window stays that small).
+	rcvBuf int
+	// stop ends the server (as the test's cleanup does) and returns Run's
+	// error; later calls return the same.
+	stop func() error
 }
 
 func (r *rig) tlsDial(cfg *tls.Config) (*tls.Conn, error) {
 	d := &net.Dialer{Timeout: 10 * time.Second}
 	if r.from != "" {
 		d.LocalAddr = &net.TCPAddr{IP: net.ParseIP(r.from)}
+	}
+	if r.rcvBuf > 0 {
+		d.Control = func(_, _ string, c syscall.RawConn) error {
+			var serr error
+			err := c.Control(func(fd uintptr) {
+				serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, r.rcvBuf)
+			})
+			return errors.Join(err, serr)
+		}
 	}
 	return tls.DialWithDialer(d, "tcp", r.s.Addr(), cfg)
 }
@@ -154,14 +170,17 @@ func newRigWith(t *testing.T, opts queue.Options, cfg Config, id func(*pki.CA) b
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- s.Run(ctx) }()
-	t.Cleanup(func() {
+	stop := sync.OnceValue(func() error {
 		cancel()
-		if err := <-done; err != nil {
+		return <-done
+	})
+	t.Cleanup(func() {
+		if err := stop(); err != nil {
 			t.Errorf("mqtt server: %v", err)
 		}
 		q.Close()
 	})
-	return &rig{s: s, hub: h, q: q, reg: reg, ca: ca}
+	return &rig{s: s, hub: h, q: q, reg: reg, ca: ca, stop: stop}
 }
 
 // metric returns a counter or gauge from the rig's registry.
@@ -712,11 +731,6 @@ func TestPipelineHoldsCommandsInOrder(t *testing.T) {
 	if diff := cmp.Diff(want, got); diff != "" {
 		t.Errorf("device saw (-want +got):\n%s", diff)
 	}
-}
-
-func isTimeout(err error) bool {
-	var ne net.Error
-	return errors.As(err, &ne) && ne.Timeout()
 }
 
 func isReset(err error) bool {

@@ -8,6 +8,7 @@
 package mqtt
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -71,6 +72,13 @@ type Config struct {
 	// filter past it gets SUBACK 0x97 (3.1.1: 0x80). Each is kept in the
 	// broker's topic tree, also for an hour after the session ends.
 	MaxSubscriptions int
+	// WriteTimeout bounds one write to a device that does not read it
+	// (default 30 s); the session is closed then. mochi's keepalive
+	// deadline covered writes too, and every packet the device sent moved
+	// it on: a device that stopped reading and kept sending held a write,
+	// and the broker's lock of its session, as long as it liked. (EMQX's
+	// send_timeout, 15 s, does the same.)
+	WriteTimeout time.Duration
 }
 
 // SecretLockout: from the Free-th failed secret login from one source
@@ -133,6 +141,9 @@ func (c *Config) defaults() {
 	}
 	if c.MaxSubscriptions <= 0 {
 		c.MaxSubscriptions = 32
+	}
+	if c.WriteTimeout <= 0 {
+		c.WriteTimeout = 30 * time.Second
 	}
 }
 
@@ -320,6 +331,38 @@ func (s *Server) disconnect(device string) {
 	}
 }
 
+// endSession ends cl's session at once, whatever its device does: an MQTT
+// 5 device gets a DISCONNECT with code if that can be sent within endWait.
+// It runs in the revocation callback, in a new connection's CONNECT (the
+// takeover) and at shutdown, none of which may wait on a device that
+// stopped reading.
+func (s *Server) endSession(cl *mochi.Client, code packets.Code, deadline time.Time) {
+	pc, ok := cl.Net.Conn.(*pipeConn)
+	if !ok {
+		s.mq.DisconnectClient(cl, code)
+		return
+	}
+	pc.end(disconnectPacket(cl, code), deadline)
+	cl.Stop(code)
+}
+
+// disconnectPacket encodes the DISCONNECT mochi's DisconnectClient would
+// send cl: nil for MQTT 3.1.1, where only clients send one.
+func disconnectPacket(cl *mochi.Client, code packets.Code) []byte {
+	if cl.Properties.ProtocolVersion != 5 {
+		return nil
+	}
+	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Disconnect}, ProtocolVersion: 5,
+		ReasonCode: code.Code, Properties: packets.Properties{ReasonString: code.Reason}}
+	props := cl.Properties.Props
+	pk.Mods.DisallowProblemInfo = props.RequestProblemInfoFlag && props.RequestProblemInfo == 0
+	var buf bytes.Buffer
+	if err := pk.DisconnectEncode(&buf); err != nil || (props.MaximumPacketSize > 0 && uint32(buf.Len()) > props.MaximumPacketSize) {
+		return nil
+	}
+	return buf.Bytes()
+}
+
 func (s *Server) revocations() uint64 {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -327,12 +370,13 @@ func (s *Server) revocations() uint64 {
 }
 
 // closeSession ends a session whose device is no longer accepted. Its Will
-// is dropped (OnWill): nothing is taken from a device after its revocation.
+// is dropped (OnWill) and a packet read after this is not taken (OnPublish):
+// nothing is taken from a device after its revocation.
 func (s *Server) closeSession(cl *mochi.Client) {
 	if pc, ok := cl.Net.Conn.(*pipeConn); ok {
 		pc.refused.Store(true)
 	}
-	s.mq.DisconnectClient(cl, packets.ErrNotAuthorized)
+	s.endSession(cl, packets.ErrNotAuthorized, time.Now().Add(endWait))
 }
 
 // recheck checks an established session's credentials again (see
