@@ -291,7 +291,8 @@ func (s *Server) willRefusal(device, topic string, size int) (reason, msg string
 // OnPublish hands device telemetry to the Sink before the broker sends the
 // PUBACK: a QoS 1 message is acknowledged only once it is accepted. A full
 // queue is refused (MQTT 5: PUBACK 0x97; 3.1.1 has no negative PUBACK, so
-// no PUBACK at all and the device resends after reconnecting).
+// no PUBACK and the session is closed: the device resends after
+// reconnecting).
 //
 // A QoS 1 message is not waited for here: once the Sink admitted it, the
 // session's connection (pipeConn) holds the PUBACK mochi writes next until
@@ -340,12 +341,28 @@ func (h *authHook) OnPublish(cl *mochi.Client, pk packets.Packet) (packets.Packe
 		h.s.log.Debug("mqtt: publish during session end not acknowledged", "device", cl.ID, "topic", pk.TopicName)
 		return pk, packets.ErrRejectPacket
 	}
-	if errors.Is(err, bridges.ErrQueueFull) || errors.Is(err, context.DeadlineExceeded) {
+	v5 := cl.Properties.ProtocolVersion == 5
+	full := errors.Is(err, bridges.ErrQueueFull) || errors.Is(err, context.DeadlineExceeded)
+	switch {
+	case !v5 && pk.FixedHeader.Qos > 0:
+		// MQTT 3.1.1 has no negative PUBACK, and its client sends an
+		// unacknowledged PUBLISH again only when it reconnects
+		// [MQTT-4.4.0-1]: left open, the session would keep the refused
+		// message in the client's in-flight window for good (a few such
+		// refusals and it can publish nothing at QoS 1) and would go on
+		// taking the messages after it, ahead of it. So the session ends
+		// here, before mochi reads another packet; PUBACKs still held for
+		// messages before this one are dropped, and those are sent again
+		// as duplicates.
+		h.s.log.Warn("mqtt: publish refused; closing the MQTT 3.1.1 session so that the device sends it again after reconnecting (3.1.1 has no negative PUBACK)",
+			"device", cl.ID, "topic", pk.TopicName, "queue_full", full, "err", err)
+		h.s.endSession(cl, packets.ErrQuotaExceeded, time.Now())
+	case full:
 		h.s.log.Warn("mqtt: publish refused: queue full, device asked to retry", "device", cl.ID, "topic", pk.TopicName, "qos", pk.FixedHeader.Qos)
-	} else {
+	default:
 		h.s.log.Error("mqtt: publish not accepted", "device", cl.ID, "topic", pk.TopicName, "err", err)
 	}
-	if cl.Properties.ProtocolVersion == 5 && pk.FixedHeader.Qos > 0 {
+	if v5 && pk.FixedHeader.Qos > 0 {
 		return pk, packets.ErrQuotaExceeded
 	}
 	return pk, packets.ErrRejectPacket

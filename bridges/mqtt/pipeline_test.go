@@ -514,10 +514,13 @@ func TestFailedFsyncClosesSession(t *testing.T) {
 }
 
 // TestQueueFullWhilePipelined: admission stays synchronous and exact. With
-// room for a few messages only, a device pipelining 30 gets PUBACK 0x00
-// for the first ones and then 0x97 (MQTT 5), or no PUBACK at all (MQTT
-// 3.1.1, which has no negative PUBACK), in packet order, and the session
-// stays usable (PINGRESP after them).
+// room for a few messages only, a device pipelining 30 gets, with MQTT 5,
+// PUBACK 0x00 for the first ones and then 0x97, in packet order, and the
+// session stays usable (PINGRESP after them). MQTT 3.1.1 has no negative
+// PUBACK, and its client sends an unacknowledged PUBLISH again only when it
+// reconnects: the session is closed at the first refusal, having read
+// nothing after it; the device gets at most the PUBACKs of the messages
+// before it, in order.
 func TestQueueFullWhilePipelined(t *testing.T) {
 	for _, ver := range []byte{5, 4} {
 		t.Run(fmt.Sprintf("v%d", ver), func(t *testing.T) {
@@ -528,12 +531,17 @@ func TestQueueFullWhilePipelined(t *testing.T) {
 			}
 			d.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Pingreq}})
 			var got []ack
-			for {
-				pk := d.read(10 * time.Second)
-				got = append(got, ack{pk.FixedHeader.Type, pk.PacketID, pk.ReasonCode})
-				if pk.FixedHeader.Type == packets.Pingresp {
-					break
+			var end error
+			if ver == 5 {
+				for {
+					pk := d.read(10 * time.Second)
+					got = append(got, ack{pk.FixedHeader.Type, pk.PacketID, pk.ReasonCode})
+					if pk.FixedHeader.Type == packets.Pingresp {
+						break
+					}
 				}
+			} else {
+				got, end = d.readUntilClosed()
 			}
 			held := int(r.metric(t, "bastion_queue_depth"))
 			if held == 0 || held == 30 {
@@ -544,10 +552,20 @@ func TestQueueFullWhilePipelined(t *testing.T) {
 				for id := held + 1; id <= 30; id++ {
 					want = append(want, ack{packets.Puback, uint16(id), packets.ErrQuotaExceeded.Code})
 				}
+				want = append(want, ack{Type: packets.Pingresp})
+				if diff := cmp.Diff(want, got); diff != "" {
+					t.Errorf("device saw, queue full after %d (-want +got):\n%s", held, diff)
+				}
+				return
 			}
-			want = append(want, ack{Type: packets.Pingresp})
-			if diff := cmp.Diff(want, got); diff != "" {
-				t.Errorf("device saw, queue full after %d (-want +got):\n%s", held, diff)
+			if !(errors.Is(end, io.EOF) || errors.Is(end, net.ErrClosed) || isReset(end)) {
+				t.Fatalf("MQTT 3.1.1 device saw %v, then %v; want the connection closed after the first refusal", got, end)
+			}
+			if len(got) > held || (len(got) > 0 && cmp.Diff(want[:len(got)], got) != "") {
+				t.Errorf("MQTT 3.1.1 device saw %v before the close; want at most the PUBACKs 1..%d in order (queue full after %d)", got, held, held)
+			}
+			if refused := r.metric(t, "bastion_queue_refusals_total"); refused != 1 {
+				t.Errorf("%v refusals counted by the queue, want 1: the session must read nothing after the first refusal", refused)
 			}
 		})
 	}
