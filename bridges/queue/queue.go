@@ -115,7 +115,8 @@ var ErrClosed = errors.New("queue closed")
 var ErrTooLarge = errors.New("message too large for the queue")
 
 // Entry is a held message and its sequence number (unique, increasing in
-// acceptance order, never reused across restarts: see seqGap).
+// acceptance order, never reused across restarts: see seqGap and
+// writeFloor).
 type Entry struct {
 	Seq uint64
 	bridges.Message
@@ -300,6 +301,10 @@ func (q *Queue) recover() error {
 		return fmt.Errorf("open queue %s: list segments: %w", q.dir, err)
 	}
 	sort.Strings(names)
+	floor, floorNames, err := q.readFloor()
+	if err != nil {
+		return err
+	}
 	acked := map[uint64]bool{}
 	var lastSeq uint64
 	bases := make([]uint64, len(names))
@@ -459,8 +464,17 @@ func (q *Queue) recover() error {
 		// number that batch can have held.
 		q.nextSeq += seqGap(q.opts.MaxBytes)
 	}
-	if q.nextSeq == 0 {
-		q.nextSeq = 1
+	// The gap above covers a lost batch that followed a durable one. The
+	// first batch after an open follows the gap instead, so if it is lost
+	// the disk shows nothing past the last seq of the run before and the
+	// next open would compute this open's nextSeq again: the floor this
+	// open wrote, before it gave out any number, is past that batch.
+	q.nextSeq = max(q.nextSeq, floor, 1)
+	if q.nextSeq > math.MaxUint64-2*seqGap(q.opts.MaxBytes) {
+		return fmt.Errorf("open queue %s: next sequence number %d is too close to 2^64 to skip past a lost batch (only a damaged or forged segment or %s file holds such a number); move the queue directory away (the messages it holds are then lost)", q.dir, q.nextSeq, floorPrefix+"*")
+	}
+	if err := q.writeFloor(floorNames, q.nextSeq+seqGap(q.opts.MaxBytes)); err != nil {
+		return err
 	}
 	if len(q.segs) == 0 {
 		seg, err := q.createSegment(q.nextSeq)
@@ -482,6 +496,59 @@ func (q *Queue) recover() error {
 // covers a MaxBytes lowered across the crash from up to 4 GiB; uint64
 // sequence numbers last 2^32 opens.
 func seqGap(maxBytes int64) uint64 { return max(1<<32, uint64(maxBytes)) }
+
+// floorPrefix names the file whose name ends in the lowest sequence number
+// an open may give out (20 digits). Each open renames it past what its
+// first batch can hold (writeFloor). The value is in the name, not in the
+// file, so that moving it costs a rename and one directory sync, no data
+// block, and a torn write cannot damage it. "*.seg" does not match it.
+const floorPrefix = "seqfloor."
+
+// readFloor returns the floor the last open wrote (0 if none: a new queue,
+// or one written before the floor existed) and the names holding it.
+func (q *Queue) readFloor() (uint64, []string, error) {
+	names, err := filepath.Glob(filepath.Join(q.dir, floorPrefix+"*"))
+	if err != nil {
+		return 0, nil, fmt.Errorf("open queue %s: list sequence floor: %w", q.dir, err)
+	}
+	var floor uint64
+	for _, name := range names {
+		var v uint64
+		if _, err := fmt.Sscanf(filepath.Base(name), floorPrefix+"%020d", &v); err != nil || filepath.Base(name) != fmt.Sprintf(floorPrefix+"%020d", v) {
+			return 0, nil, fmt.Errorf("open queue: sequence floor name %s: not %s<20 digits>; move the file away", name, floorPrefix)
+		}
+		floor = max(floor, v)
+	}
+	return floor, names, nil
+}
+
+// writeFloor makes v the durable floor before any sequence number is given
+// out: old (readFloor's names) is renamed to it, or a new empty file made,
+// and the directory synced.
+func (q *Queue) writeFloor(old []string, v uint64) error {
+	name := filepath.Join(q.dir, fmt.Sprintf(floorPrefix+"%020d", v))
+	if len(old) > 0 {
+		if err := os.Rename(old[len(old)-1], name); err != nil {
+			return fmt.Errorf("open queue: move the sequence floor to %s: %w", name, err)
+		}
+		for _, o := range old[:len(old)-1] {
+			if err := os.Remove(o); err != nil {
+				return fmt.Errorf("open queue: remove the old sequence floor %s: %w", o, err)
+			}
+		}
+	} else {
+		f, err := os.OpenFile(name, os.O_RDWR|os.O_CREATE, 0o600)
+		if err != nil {
+			return fmt.Errorf("open queue: create the sequence floor %s: %w", name, err)
+		}
+		f.Close()
+	}
+	if err := syncDir(q.dir); err != nil {
+		return fmt.Errorf("open queue: make the sequence floor durable: %w", err)
+	}
+	q.m.fsyncs.Inc()
+	return nil
+}
 
 // readSegment reads the segment file name whole. A block the disk cannot
 // read (EIO: a failing SD card or eMMC) comes back as zeros and its range in
