@@ -952,7 +952,9 @@ func (q *Queue) admit(m bridges.Message, fn func(error)) (chan error, error) {
 		q.mu.Unlock()
 		return nil, fmt.Errorf("queue accept: queue stopped after a disk error: %w", q.failed)
 	}
-	if len(q.ents) > 0 && q.opts.Now().Sub(q.oldestLocked()) > q.opts.MaxAge {
+	// None held: zero, not an age (entries dropped by held but not yet
+	// trimmed would otherwise read as 292 years old).
+	if oldest := q.oldestLocked(); !oldest.IsZero() && q.opts.Now().Sub(oldest) > q.opts.MaxAge {
 		q.mu.Unlock()
 		q.m.refused.WithLabelValues("age").Inc()
 		return nil, fmt.Errorf("queue accept from %s: oldest held message is older than %s: %w", m.Device, q.opts.MaxAge, bridges.ErrQueueFull)
@@ -1389,7 +1391,17 @@ func (q *Queue) held(after uint64, max int, out []Entry, buf []byte) ([]Entry, [
 		max = 1
 	}
 	q.mu.Lock()
-	defer q.mu.Unlock()
+	lost := false
+	defer func() {
+		if lost {
+			// What was dropped frees its entries and segments now, as an
+			// Ack's would: with nothing else held no Ack comes, and the
+			// queue would count them against MaxBytes for good.
+			q.reclaim()
+			q.m.bytes.Set(float64(q.diskBytes()))
+		}
+		q.mu.Unlock()
+	}()
 	if q.closed {
 		return nil, buf, nil, ErrClosed
 	}
@@ -1448,6 +1460,7 @@ func (q *Queue) held(after uint64, max int, out []Entry, buf []byte) ([]Entry, [
 				}
 				if errors.Is(kerr, errCorrupt) || errors.Is(kerr, syscall.EIO) && q.unreadableLocked(k) {
 					q.loseLocked(k, kerr)
+					lost = true
 					continue
 				}
 				stuck = kerr
@@ -1490,8 +1503,8 @@ func (q *Queue) unreadableLocked(k int) bool {
 // loseLocked drops held entry k, which the disk cannot read (EIO for
 // unreadableGrace) or which no longer decodes (err wraps errCorrupt): it is
 // marked delivered (so a restart does not try it again) and counted, with
-// an error naming it and why. Its segment is reclaimed by a later Ack (not
-// here: held is iterating over q.ents). Caller holds q.mu.
+// an error naming it and why. held reclaims its entry and segment once it
+// is done iterating over q.ents. Caller holds q.mu.
 //
 // A record that no longer decodes is dropped at its first read, without
 // the grace an EIO gets and even while a failed fsync stops the queue.

@@ -1728,3 +1728,60 @@ func TestSeqNotReusedAfterLostFirstBatch(t *testing.T) {
 		t.Fatalf("message accepted after the power cut got seq %d; seq %d was already sent upstream for another message (seqs must never be reused)", got, sent[0].Seq)
 	}
 }
+
+// TestDroppingEverythingHeldKeepsAccepting: when held drops what the disk
+// cannot read (here every held message of a full queue, after the grace),
+// nothing is held any more, so no Ack comes to trim the dropped entries or
+// remove their segments. The queue must then accept again: before, it
+// refused every message for good, by age (the oldest of no held message
+// read as the zero time, 292 years old) and by bytes (the dropped
+// segments still counted).
+func TestDroppingEverythingHeldKeepsAccepting(t *testing.T) {
+	var broken atomic.Bool
+	var clock atomic.Int64
+	clock.Store(epoch.UnixNano())
+	q, reg := open(t, t.TempDir(), Options{
+		MaxBytes: 8 << 10, SegmentBytes: 2 << 10,
+		Now: func() time.Time { return time.Unix(0, clock.Load()) },
+		readAt: func(f *os.File, b []byte, off int64) (int, error) {
+			if broken.Load() {
+				return 0, &os.PathError{Op: "read", Path: f.Name(), Err: syscall.EIO}
+			}
+			return f.ReadAt(b, off)
+		},
+	})
+	ctx := context.Background()
+	n := 0
+	for ; ; n++ {
+		if err := q.Accept(ctx, msg("a", n)); errors.Is(err, bridges.ErrQueueFull) {
+			break
+		} else if err != nil {
+			t.Fatal(err)
+		}
+	}
+	broken.Store(true)
+	// Each Next starts the clock of the next unreadable messages or, after
+	// the grace, drops them.
+	for i := 0; ; i++ {
+		if i > 4*n {
+			t.Fatalf("still holding %d of %d unreadable messages after %d tries", q.Stats().Depth, n, i)
+		}
+		nctx, cancel := context.WithTimeout(ctx, 20*time.Millisecond)
+		_, err := q.Next(nctx, 0, 1000)
+		cancel()
+		if errors.Is(err, context.DeadlineExceeded) {
+			break
+		}
+		clock.Add(int64(unreadableGrace))
+	}
+	if v := metricValue(t, reg, "bastion_queue_unreadable_dropped_total"); v != float64(n) {
+		t.Fatalf("dropped %v of %d", v, n)
+	}
+	broken.Store(false)
+	if err := q.Accept(ctx, msg("b", 0)); err != nil {
+		t.Fatalf("Accept after every held message was dropped: %v", err)
+	}
+	if es := drain(t, q); len(es) != 1 || es[0].Device != "b" {
+		t.Fatalf("held after the drop: %v, want only the new message", es)
+	}
+}
