@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -555,5 +556,53 @@ func TestGatherAfterABatch(t *testing.T) {
 	check(gathered...)
 	if fs := metricValue(t, reg, "bastion_queue_fsyncs_total") - fs0; fs != 1 {
 		t.Errorf("%v fsyncs for the four gathered messages, want 1", fs)
+	}
+}
+
+// TestFailedResumeTriesAgain: when resume cannot make its new segment
+// durable (here the segment's sync fails), the next resume, with the same
+// base (nothing is admitted meanwhile), must not find that segment's name
+// taken. Before, the failed file stayed and every later resume failed on
+// it with EEXIST: refused until bastiond restarted.
+func TestFailedResumeTriesAgain(t *testing.T) {
+	dir := t.TempDir()
+	q, _, g := openGated(t, dir, Options{resumeAfter: 20 * time.Millisecond})
+	a := admit(t, q, msg("d", 0))
+	g.next(t, "the first batch").release <- nil
+	if err := result(t, a); err != nil {
+		t.Fatal(err)
+	}
+	var failing atomic.Bool
+	failing.Store(true)
+	failed := make(chan string, 1)
+	q.creating = func(f *os.File) {
+		if filepath.Base(f.Name()) != spareName && failing.Load() {
+			f.Close() // its sync fails
+			failing.Store(false)
+			failed <- f.Name()
+		}
+	}
+	b := admit(t, q, msg("d", 1))
+	g.next(t, "the failing batch").release <- errors.New("EIO from the test")
+	if err := result(t, b); err == nil {
+		t.Fatal("batch reported durable after its fsync failed")
+	}
+	select {
+	case name := <-failed:
+		t.Logf("resume's segment %s failed its sync", filepath.Base(name))
+	case <-time.After(10 * time.Second):
+		t.Fatal("no resume tried a new segment within 10 s")
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for q.Stats().Err != nil {
+		if time.Now().After(deadline) {
+			t.Fatalf("still refusing 5 s after a resume failed once (next tries after 40 ms): %v", q.Stats().Err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	c := admit(t, q, msg("d", 2))
+	g.next(t, "the batch after resuming").release <- nil
+	if err := result(t, c); err != nil {
+		t.Fatalf("accept after resuming: %v", err)
 	}
 }

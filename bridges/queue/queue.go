@@ -633,7 +633,10 @@ func (q *Queue) createSegment(base uint64) (*segment, error) {
 		return nil, err
 	}
 	if err := syncDir(q.dir); err != nil {
+		// Removed, or the next try (resume's, with the same base) would
+		// find the name taken and fail for good.
 		f.Close()
+		os.Remove(name)
 		return nil, err
 	}
 	q.m.fsyncs.Add(2)
@@ -645,31 +648,36 @@ func segName(dir string, base uint64) string {
 }
 
 // zeroedFile creates name (which must not exist) holding the segment magic
-// and zeros up to SegmentBytes, and syncs it (not its directory).
+// and zeros up to SegmentBytes, and syncs it (not its directory). On
+// failure the file is removed: it holds no message, and a later try with
+// the same name (resume's, whose base does not move while it refuses)
+// would fail on it for good.
 func (q *Queue) zeroedFile(name string, writebackEvery int64) (*os.File, error) {
 	f, err := os.OpenFile(name, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("queue: create segment %s: %w", name, err)
 	}
-	if _, err := f.Write([]byte(segMagic)); err != nil {
+	fail := func(err error) (*os.File, error) {
 		f.Close()
-		return nil, fmt.Errorf("queue: write segment header %s: %w", name, err)
+		os.Remove(name)
+		return nil, err
+	}
+	if _, err := f.Write([]byte(segMagic)); err != nil {
+		return fail(fmt.Errorf("queue: write segment header %s: %w", name, err))
 	}
 	if err := zeroFill(f, int64(len(segMagic)), q.opts.SegmentBytes, writebackEvery); err != nil {
 		// Best effort: without the zeros commits append (slower, same
 		// durability). A full disk is refused by the batch's own write.
 		q.log.Warn("queue: could not preallocate segment; commits will append", "segment", name, "err", err)
 		if err := f.Truncate(int64(len(segMagic))); err != nil {
-			f.Close()
-			return nil, fmt.Errorf("queue: truncate segment %s after a failed preallocation: %w", name, err)
+			return fail(fmt.Errorf("queue: truncate segment %s after a failed preallocation: %w", name, err))
 		}
 	}
 	if q.creating != nil {
 		q.creating(f)
 	}
 	if err := f.Sync(); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("queue: sync new segment %s: %w", name, err)
+		return fail(fmt.Errorf("queue: sync new segment %s: %w", name, err))
 	}
 	return f, nil
 }
@@ -772,6 +780,7 @@ func (q *Queue) rotate(base uint64) (*segment, error) {
 	}
 	if err := syncDir(q.dir); err != nil {
 		f.Close()
+		os.Remove(name) // holds no message; see createSegment
 		return nil, err
 	}
 	q.m.fsyncs.Inc()
