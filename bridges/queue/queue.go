@@ -307,6 +307,7 @@ func (q *Queue) recover() error {
 	}
 	acked := map[uint64]bool{}
 	var lastSeq uint64
+	newSeg := false // commits need a new segment (the last one's header is unreadable)
 	bases := make([]uint64, len(names))
 	for i, name := range names {
 		if _, err := fmt.Sscanf(filepath.Base(name), "%020d.seg", &bases[i]); err != nil {
@@ -325,8 +326,13 @@ func (q *Queue) recover() error {
 			q.log.Error("queue segment has blocks the disk cannot read (the disk is failing); the messages in them are lost, the rest are kept",
 				"segment", name, "from", r[0], "to", r[1], "err", syscall.EIO)
 		}
-		if len(data) < len(segMagic) || string(data[:len(segMagic)]) != segMagic {
-			if tornCreation(data) {
+		// A header the disk cannot read came back as zeros: that is not a
+		// torn creation (which would remove a segment holding acknowledged
+		// messages) nor a foreign file; its records are read past it like
+		// any unreadable block's.
+		headerBad := len(bad) > 0 && bad[0][0] < int64(len(segMagic))
+		if !headerBad && (len(data) < len(segMagic) || string(data[:len(segMagic)]) != segMagic) {
+			if len(bad) == 0 && tornCreation(data) {
 				// Creation torn before its first sync: it never held a message.
 				q.log.Warn("removing segment cut during creation", "segment", name, "bytes", len(data))
 				if err := os.Remove(name); err != nil {
@@ -335,6 +341,11 @@ func (q *Queue) recover() error {
 				continue
 			}
 			return fmt.Errorf("open queue: %s is not a queue segment (bad magic); move it away", name)
+		}
+		if headerBad && last {
+			// A commit's write into the unreadable block would need to read
+			// it first and fail, batch after batch.
+			newSeg = true
 		}
 		f, err := os.OpenFile(name, os.O_RDWR, 0o600)
 		if err != nil {
@@ -476,7 +487,7 @@ func (q *Queue) recover() error {
 	if err := q.writeFloor(floorNames, q.nextSeq+seqGap(q.opts.MaxBytes)); err != nil {
 		return err
 	}
-	if len(q.segs) == 0 {
+	if len(q.segs) == 0 || newSeg {
 		seg, err := q.createSegment(q.nextSeq)
 		if err != nil {
 			return err

@@ -1785,3 +1785,126 @@ func TestDroppingEverythingHeldKeepsAccepting(t *testing.T) {
 		t.Fatalf("held after the drop: %v, want only the new message", es)
 	}
 }
+
+// TestUnreadableHeader: a segment whose first block the disk cannot read
+// (EIO) reads back with zeros in place of its magic. That is neither a
+// torn creation (removed at open) nor a foreign file (refused): its
+// records past the block are kept like those after any unreadable block,
+// the segment's name still counts for the next sequence number, and
+// commits go to a new segment instead of into the unreadable block.
+// Before, such a segment was removed as a torn creation when its records
+// all lay in that block (and the queue started again at seq 1 if it was
+// the only one), and refused as "bad magic" otherwise.
+func TestUnreadableHeader(t *testing.T) {
+	const block = 4 << 10
+	opts := Options{SegmentBytes: 16 << 10, MaxBytes: 1 << 20, readRetries: []time.Duration{0, 0}}
+	// unreadable fails reads of seg's first block: that file, not
+	// another one made later under its name (kept open, so that its inode
+	// number is not given to that one).
+	unreadable := func(t *testing.T, o Options, seg string) Options {
+		keep, err := os.Open(seg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { keep.Close() })
+		was, err := keep.Stat()
+		if err != nil {
+			t.Fatal(err)
+		}
+		o.readAt = func(f *os.File, b []byte, off int64) (int, error) {
+			if fi, err := f.Stat(); err == nil && os.SameFile(fi, was) && off < block {
+				return 0, &os.PathError{Op: "read", Path: f.Name(), Err: syscall.EIO}
+			}
+			return f.ReadAt(b, off)
+		}
+		return o
+	}
+	payloads := func(es []Entry) []int {
+		var got []int
+		for _, e := range es {
+			var i int
+			fmt.Sscanf(string(e.Payload), `{"i":%d}`, &i)
+			got = append(got, i)
+		}
+		return got
+	}
+	ctx := context.Background()
+
+	t.Run("records past the block", func(t *testing.T) {
+		dir := t.TempDir()
+		q, _ := open(t, dir, opts)
+		var want []int // the messages whose records lie past the block
+		var seg string
+		var lastSeq uint64
+		for i := 0; activeSize(q) < 2*block; i++ {
+			if err := q.Accept(ctx, msg("a", i)); err != nil {
+				t.Fatal(err)
+			}
+			q.mu.Lock()
+			if e := q.ents[len(q.ents)-1]; e.off >= block {
+				want = append(want, i)
+			}
+			seg, lastSeq = q.segs[0].path, q.ents[len(q.ents)-1].seq
+			q.mu.Unlock()
+		}
+		all := len(drain(t, q))
+		q.Close()
+
+		q2, err := Open(dir, unreadable(t, opts, seg), discard, nil)
+		if err != nil {
+			t.Fatalf("Open with the segment's header unreadable: %v", err)
+		}
+		defer q2.Close()
+		if d := cmp.Diff(want, payloads(drain(t, q2))); d != "" {
+			t.Fatalf("held with the first block unreadable (-want +got):\n%s", d)
+		}
+		if err := q2.Accept(ctx, msg("b", 0)); err != nil {
+			t.Fatalf("Accept: %v", err)
+		}
+		q2.mu.Lock()
+		active := q2.segs[len(q2.segs)-1].path
+		q2.mu.Unlock()
+		if active == seg {
+			t.Fatalf("commits go to %s, whose first block is unreadable", seg)
+		}
+		q2.Close()
+		// The disk reads again: the segment is all there, untouched.
+		q3, _ := open(t, dir, opts)
+		es := drain(t, q3)
+		if len(es) != all+1 || es[len(es)-1].Device != "b" || es[len(es)-1].Seq <= lastSeq {
+			t.Fatalf("after the disk came back: %d messages (last %+v), want the %d first and then b past seq %d", len(es), es[len(es)-1], all, lastSeq)
+		}
+	})
+
+	t.Run("records only in the block, no floor", func(t *testing.T) {
+		dir := t.TempDir()
+		q, _ := open(t, dir, opts)
+		for i := range 3 {
+			if err := q.Accept(ctx, msg("a", i)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		sent := drain(t, q)
+		q.mu.Lock()
+		seg := q.segs[0].path
+		q.mu.Unlock()
+		q.Close()
+		// A queue written before the sequence floor existed.
+		floors, _ := filepath.Glob(filepath.Join(dir, floorPrefix+"*"))
+		for _, f := range floors {
+			os.Remove(f)
+		}
+		q2, err := Open(dir, unreadable(t, opts, seg), discard, nil)
+		if err != nil {
+			t.Fatalf("Open with the segment's header unreadable: %v", err)
+		}
+		defer q2.Close()
+		if err := q2.Accept(ctx, msg("b", 0)); err != nil {
+			t.Fatalf("Accept: %v", err)
+		}
+		es := drain(t, q2)
+		if len(es) != 1 || es[0].Seq <= sent[2].Seq {
+			t.Fatalf("held %v; want only b, past seq %d (given out before, maybe sent upstream already)", es, sent[2].Seq)
+		}
+	})
+}
