@@ -783,6 +783,25 @@ func (q *Queue) rotate(base uint64) (*segment, error) {
 		return q.createSegment(base)
 	}
 	name := segName(q.dir, base)
+	// rename replaces an existing file: a segment of that name (whose later
+	// reclaim would unlink this one) is refused, as createSegment's
+	// O_EXCL refuses it. Only this goroutine makes segment names.
+	if _, err := os.Lstat(name); !errors.Is(err, os.ErrNotExist) {
+		if err == nil {
+			err = os.ErrExist
+		}
+		q.mu.Lock()
+		if q.spare == nil && !q.closed {
+			q.spare = f
+			f = nil
+		}
+		q.mu.Unlock()
+		if f != nil {
+			f.Close()
+			os.Remove(f.Name())
+		}
+		return nil, fmt.Errorf("queue: start segment %s: %w; not replacing it (removing it later would unlink the new one)", name, err)
+	}
 	if err := os.Rename(f.Name(), name); err != nil {
 		f.Close()
 		os.Remove(f.Name())
@@ -1155,8 +1174,10 @@ func (q *Queue) flush(sync bool) {
 	var err error
 	// A new segment only after one that holds something: an empty one
 	// would be left behind, and it has the name (its base, the next seq)
-	// the new one would take.
-	if active := q.segs[len(q.segs)-1]; active.size > int64(len(segMagic)) && active.size+int64(len(buf)) > q.opts.SegmentBytes && len(batch) > 0 {
+	// the new one would take. The same for one named after this batch's
+	// first seq (started by resume or Open) that holds only
+	// delivered-marks: the new segment would replace its file.
+	if active := q.segs[len(q.segs)-1]; active.size > int64(len(segMagic)) && active.size+int64(len(buf)) > q.opts.SegmentBytes && len(batch) > 0 && batch[0].seq != active.base {
 		// Normally the spare is renamed; without one, writing the new
 		// segment's zeros and syncing them takes milliseconds, and
 		// admissions, Next and Ack go on meanwhile. Only this goroutine
