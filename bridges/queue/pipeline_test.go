@@ -15,6 +15,7 @@ import (
 
 	"github.com/bastion-iot/bastion/bridges"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
 // heldSync is one fsync the test holds until it sends on release: nil
@@ -604,5 +605,45 @@ func TestFailedResumeTriesAgain(t *testing.T) {
 	g.next(t, "the batch after resuming").release <- nil
 	if err := result(t, c); err != nil {
 		t.Fatalf("accept after resuming: %v", err)
+	}
+}
+
+// TestDiskErrorRefusalsCounted: every message refused because of the disk,
+// after it was admitted or at its admission, is counted in
+// bastion_queue_refusals_total{reason="disk_error"}: a batch whose new
+// segment could not be made, the batch whose fsync failed, the batch
+// refused because of that failure, and a message arriving while the queue
+// is stopped. Before, none of them was counted.
+func TestDiskErrorRefusalsCounted(t *testing.T) {
+	q, _, g := openGated(t, t.TempDir(), Options{SegmentBytes: 4 << 10, MaxBytes: 1 << 20, noSpare: true, resumeAfter: time.Hour})
+	diskErrors := func() float64 { return testutil.ToFloat64(q.m.refused.WithLabelValues("disk_error")) }
+	a := admit(t, q, msg("d", 0))
+	g.next(t, "the first batch").release <- nil
+	if err := result(t, a); err != nil {
+		t.Fatal(err)
+	}
+	q.creating = func(f *os.File) { f.Close() } // the new segment's sync fails
+	big := msg("d", 1)
+	big.Payload = make([]byte, 5<<10) // does not fit the first segment
+	if err := result(t, admit(t, q, big)); err == nil {
+		t.Fatal("batch reported durable though its segment could not be made")
+	}
+	if n := diskErrors(); n != 1 {
+		t.Fatalf("disk_error refusals after a failed rotation = %v, want 1", n)
+	}
+	b := admit(t, q, msg("d", 2))
+	hb := g.next(t, "the failing batch")
+	c := admit(t, q, msg("d", 3))
+	hb.release <- errors.New("EIO from the test")
+	for _, ch := range []<-chan error{b, c} {
+		if err := result(t, ch); err == nil {
+			t.Fatal("batch reported durable after a failed fsync")
+		}
+	}
+	if _, err := q.AcceptAsync(context.Background(), msg("d", 4)); err == nil {
+		t.Fatal("admitted while stopped after a failed fsync")
+	}
+	if n := diskErrors(); n != 4 {
+		t.Fatalf("disk_error refusals = %v, want 4 (the rotation's, the failed fsync's, the batch after it, the admission)", n)
 	}
 }

@@ -989,6 +989,7 @@ func (q *Queue) admit(m bridges.Message, fn func(error)) (chan error, error) {
 	}
 	if q.failed != nil {
 		q.mu.Unlock()
+		q.m.refused.WithLabelValues("disk_error").Inc()
 		return nil, fmt.Errorf("queue accept: queue stopped after a disk error: %w", q.failed)
 	}
 	// None held: zero, not an age (entries dropped by held but not yet
@@ -1245,12 +1246,22 @@ func (q *Queue) flush(sync bool) {
 	q.mu.Unlock()
 	if errors.Is(err, syscall.ENOSPC) {
 		err = fmt.Errorf("%w: %w", bridges.ErrQueueFull, err)
-		q.m.refused.WithLabelValues("disk_full").Add(float64(len(batch)))
+		q.refusedBatch("disk_full", batch)
+	} else {
+		q.refusedBatch("disk_error", batch) // a failed write or rotation
 	}
 	for i := range batch {
 		batch[i].tell(err)
 	}
 	q.recycle(batch, batchBuf)
+}
+
+// refusedBatch counts batch's messages, refused after their admission, as
+// refusals for reason.
+func (q *Queue) refusedBatch(reason string, batch []pending) {
+	if len(batch) > 0 {
+		q.m.refused.WithLabelValues(reason).Add(float64(len(batch)))
+	}
 }
 
 // failBatchLocked refuses batch after an earlier fsync failure and unlocks
@@ -1259,6 +1270,7 @@ func (q *Queue) failBatchLocked(batch []pending, batchBuf []byte) {
 	q.writingB = 0
 	err := fmt.Errorf("queue: disk error earlier: %w", q.failed)
 	q.mu.Unlock()
+	q.refusedBatch("disk_error", batch)
 	for i := range batch {
 		batch[i].tell(err)
 	}
@@ -1314,6 +1326,9 @@ func (q *Queue) commit(seg *segment, batch []pending) {
 		q.resumeWait = 0 // the disk works: a later failure starts over
 	}
 	q.mu.Unlock()
+	if err != nil {
+		q.refusedBatch("disk_error", batch)
+	}
 	for i := range batch {
 		batch[i].tell(err)
 	}
