@@ -1153,6 +1153,10 @@ func (q *Queue) flush(sync bool) {
 	acks := q.acks
 	q.acks = nil
 	if q.failed != nil {
+		// Nothing is written after a failed fsync: the marks wait for
+		// resume's segment (resume arms their timer), or they would be
+		// lost and their messages sent again after a restart.
+		q.acks = acks
 		q.failBatchLocked(batch, batchBuf)
 		return
 	}
@@ -1242,6 +1246,11 @@ func (q *Queue) flush(sync bool) {
 	q.mu.Lock()
 	q.writingB = 0 // nothing of the batch was indexed
 	q.acks = append(q.acks, acks...)
+	if len(q.acks) > 0 {
+		// The timer may have fired for this flush already: without a new
+		// one they would wait for the next batch or Ack.
+		q.armAckFlushLocked()
+	}
 	q.log.Error("queue write failed; refusing this batch", "err", err)
 	q.mu.Unlock()
 	if errors.Is(err, syscall.ENOSPC) {
@@ -1382,6 +1391,9 @@ func (q *Queue) resume() {
 		"segment", q.segs[len(q.segs)-1].path, "failed_with", q.failed)
 	q.failed = nil
 	q.m.stopped.Set(0)
+	if len(q.acks) > 0 {
+		q.armAckFlushLocked() // kept while stopped (see flush)
+	}
 }
 
 // maxKeptBuf bounds the buffers the writer keeps for the next batch: a
