@@ -260,6 +260,11 @@ func Open(dir string, opts Options, log *slog.Logger, reg prometheus.Registerer)
 	if opts.SegmentBytes > opts.MaxBytes {
 		return nil, fmt.Errorf("open queue %s: SegmentBytes %d above MaxBytes %d", dir, opts.SegmentBytes, opts.MaxBytes)
 	}
+	// A larger message would be written and acknowledged, then fail to
+	// decode: dropped at its first read, cut or skipped at the next open.
+	if limit := maxRecBody - msgOverhead; opts.MaxMessageBytes > limit {
+		return nil, fmt.Errorf("open queue %s: MaxMessageBytes %d above the record format's limit of %d; lower it", dir, opts.MaxMessageBytes, limit)
+	}
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}

@@ -9,6 +9,7 @@ import (
 	"io"
 	"log/slog"
 	"maps"
+	"math"
 	"math/rand/v2"
 	"os"
 	"os/exec"
@@ -1907,4 +1908,35 @@ func TestUnreadableHeader(t *testing.T) {
 			t.Fatalf("held %v; want only b, past seq %d (given out before, maybe sent upstream already)", es, sent[2].Seq)
 		}
 	})
+}
+
+// TestMaxMessageBytesWithinRecordLimit: a MaxMessageBytes whose records
+// the decoder would refuse (body above maxRecBody) is refused by Open;
+// before, such a message was accepted and acknowledged, then dropped as
+// corrupt. A message at the highest allowed limit survives a reopen.
+func TestMaxMessageBytesWithinRecordLimit(t *testing.T) {
+	if q, err := Open(t.TempDir(), Options{MaxMessageBytes: maxRecBody}, discard, nil); err == nil {
+		q.Close()
+		t.Fatalf("Open accepted MaxMessageBytes %d: its messages' records are above the decoder's %d", maxRecBody, maxRecBody)
+	}
+	dir := t.TempDir()
+	opts := Options{MaxMessageBytes: maxRecBody - msgOverhead, MaxBytes: 16 << 20, SegmentBytes: 64 << 10, Sync: func(*os.File) error { return nil }}
+	q, _ := open(t, dir, opts)
+	m := msg("a", 0)
+	m.Payload = make([]byte, opts.MaxMessageBytes-len(m.Device)-len(m.Topic))
+	m.Payload[len(m.Payload)-1] = 1
+	// Its widest record (the longest seq and time) still decodes.
+	w := m
+	w.Received = time.Unix(0, math.MinInt64)
+	if _, _, err := decodeRecord(appendMsg(nil, math.MaxUint64, &w)); err != nil {
+		t.Fatalf("the widest record of a message at the limit: %v", err)
+	}
+	if err := q.Accept(context.Background(), m); err != nil {
+		t.Fatal(err)
+	}
+	q.Close()
+	q2, _ := open(t, dir, opts)
+	if es := drain(t, q2); len(es) != 1 || len(es[0].Payload) != len(m.Payload) {
+		t.Fatalf("after reopen %d messages, want the one at the limit", len(es))
+	}
 }

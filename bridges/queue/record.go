@@ -30,6 +30,9 @@ const (
 	kindMsg    = 1
 	kindAck    = 2
 	maxRecBody = 4 << 20 // hard ceiling for the decoder, above any configured message size
+	// msgOverhead bounds a message body's bytes besides device, topic
+	// and payload: kind, seq, received, QoS, three lengths.
+	msgOverhead = 1 + 2*binary.MaxVarintLen64 + 1 + 3*binary.MaxVarintLen64
 )
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
