@@ -366,6 +366,11 @@ func (q *Queue) recover() error {
 				// were zeros in the record too: it cannot be read later.
 				err = fmt.Errorf("%w: in a block the disk cannot read", errCorrupt)
 			}
+			if err == nil && rec.kind == kindMsg && rec.seq >= seqCeiling {
+				// Not the queue's: the next of a chain of records a device
+				// embedded in its payload, after resync took the first.
+				err = fmt.Errorf("%w: seq %d above any the queue gives out", errCorrupt, rec.seq)
+			}
 			if err != nil && allZero(data[off:]) {
 				// The preallocated rest of the segment: its clean end (no
 				// record starts with a zero length). An unreadable block

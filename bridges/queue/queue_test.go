@@ -1940,3 +1940,62 @@ func TestMaxMessageBytesWithinRecordLimit(t *testing.T) {
 		t.Fatalf("after reopen %d messages, want the one at the limit", len(es))
 	}
 }
+
+// TestEmbeddedRecordAboveCeilingNotTaken: the record format and CRC-32C
+// are public, so a device can put valid-looking message records in its
+// payload. When its own record is damaged (here its checksum is torn),
+// recover looks for the next valid message inside its bytes. Such a
+// record with a seq no open can reach (at or above seqCeiling), alone or
+// after one resync took, must not be taken: before, it was held as a
+// message of another device and moved nextSeq past it, towards wrapping
+// and Open's refusal near 2^64. (A forged record with a plausible seq is
+// still taken after such damage: only a keyed checksum would stop that.)
+func TestEmbeddedRecordAboveCeilingNotTaken(t *testing.T) {
+	for _, chain := range []bool{false, true} {
+		t.Run(fmt.Sprintf("chain=%v", chain), func(t *testing.T) {
+			dir := t.TempDir()
+			ctx := context.Background()
+			q, _ := open(t, dir, Options{})
+			if err := q.Accept(ctx, msg("a", 0)); err != nil {
+				t.Fatal(err)
+			}
+			q.mu.Lock()
+			lastSeq := q.ents[0].seq
+			q.mu.Unlock()
+			var forged []byte
+			if chain {
+				v := msg("victim", 1)
+				forged = appendMsg(forged, lastSeq+1, &v)
+			}
+			v := msg("victim", 2)
+			forged = appendMsg(forged, seqCeiling+5, &v)
+			m := msg("mallory", 0)
+			m.Payload = forged
+			if err := q.Accept(ctx, m); err != nil {
+				t.Fatal(err)
+			}
+			q.mu.Lock()
+			bad := q.ents[1]
+			q.mu.Unlock()
+			q.Close()
+			f, err := os.OpenFile(bad.seg.path, os.O_RDWR, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := f.WriteAt([]byte{0xde, 0xad}, bad.off+4); err != nil { // its checksum
+				t.Fatal(err)
+			}
+			f.Close()
+
+			q2, _ := open(t, dir, Options{})
+			if err := q2.Accept(ctx, msg("c", 0)); err != nil {
+				t.Fatal(err)
+			}
+			for _, e := range drain(t, q2) {
+				if e.Seq >= seqCeiling {
+					t.Errorf("held seq %d from %s (%s): at or above %d, no open gives that out", e.Seq, e.Device, e.Payload, uint64(seqCeiling))
+				}
+			}
+		})
+	}
+}
