@@ -713,7 +713,7 @@ func TestMarksRearmedAfterFailedWrite(t *testing.T) {
 	}
 	es := drain(t, q)
 	c := admit(t, q, msg("d", 1))
-	hc := g.next(t, "a batch, held") // the writer waits in its fsync
+	hc := g.next(t, "a batch, held")            // the writer waits in its fsync
 	q.creating = func(f *os.File) { f.Close() } // the new segment's sync fails
 	big := msg("d", 2)
 	big.Payload = make([]byte, 5<<10) // does not fit the first segment
