@@ -36,9 +36,9 @@ func newMetrics(q *Queue) *metrics {
 			return q.opts.Now().Sub(s.Oldest).Seconds()
 		}),
 		refused: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bastion_queue_refusals_total",
-			Help: "Messages refused by the queue, by reason (bytes, age, too_large, disk_full)."}, []string{"reason"}),
+			Help: "Messages refused by the queue, by reason (bytes, age, too_large, disk_full, disk_error: a failed write, rotation or fsync, or the queue stopped after one)."}, []string{"reason"}),
 		fsyncs: prometheus.NewCounter(prometheus.CounterOpts{Name: "bastion_queue_fsyncs_total",
-			Help: "fsync calls made by the queue: one per group-commit batch, and two per new segment (the file and its directory)."}),
+			Help: "fsync calls made by the queue: one per group-commit batch, two per new segment (the file and its directory), and one per open (the directory, after moving the sequence floor)."}),
 		// A histogram, not only a sum: a disk whose mean commit is quick
 		// but whose every hundredth stalls for milliseconds (an SD card's
 		// garbage collection, a busy host's flush) holds every device

@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -14,6 +15,7 @@ import (
 
 	"github.com/bastion-iot/bastion/bridges"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
 // heldSync is one fsync the test holds until it sends on release: nil
@@ -556,4 +558,178 @@ func TestGatherAfterABatch(t *testing.T) {
 	if fs := metricValue(t, reg, "bastion_queue_fsyncs_total") - fs0; fs != 1 {
 		t.Errorf("%v fsyncs for the four gathered messages, want 1", fs)
 	}
+}
+
+// TestFailedResumeTriesAgain: when resume cannot make its new segment
+// durable (here the segment's sync fails), the next resume, with the same
+// base (nothing is admitted meanwhile), must not find that segment's name
+// taken. Before, the failed file stayed and every later resume failed on
+// it with EEXIST: refused until bastiond restarted.
+func TestFailedResumeTriesAgain(t *testing.T) {
+	dir := t.TempDir()
+	q, _, g := openGated(t, dir, Options{resumeAfter: 20 * time.Millisecond})
+	a := admit(t, q, msg("d", 0))
+	g.next(t, "the first batch").release <- nil
+	if err := result(t, a); err != nil {
+		t.Fatal(err)
+	}
+	var failing atomic.Bool
+	failing.Store(true)
+	failed := make(chan string, 1)
+	q.creating = func(f *os.File) {
+		if filepath.Base(f.Name()) != spareName && failing.Load() {
+			f.Close() // its sync fails
+			failing.Store(false)
+			failed <- f.Name()
+		}
+	}
+	b := admit(t, q, msg("d", 1))
+	g.next(t, "the failing batch").release <- errors.New("EIO from the test")
+	if err := result(t, b); err == nil {
+		t.Fatal("batch reported durable after its fsync failed")
+	}
+	select {
+	case name := <-failed:
+		t.Logf("resume's segment %s failed its sync", filepath.Base(name))
+	case <-time.After(10 * time.Second):
+		t.Fatal("no resume tried a new segment within 10 s")
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for q.Stats().Err != nil {
+		if time.Now().After(deadline) {
+			t.Fatalf("still refusing 5 s after a resume failed once (next tries after 40 ms): %v", q.Stats().Err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	c := admit(t, q, msg("d", 2))
+	g.next(t, "the batch after resuming").release <- nil
+	if err := result(t, c); err != nil {
+		t.Fatalf("accept after resuming: %v", err)
+	}
+}
+
+// TestDiskErrorRefusalsCounted: every message refused because of the disk,
+// after it was admitted or at its admission, is counted in
+// bastion_queue_refusals_total{reason="disk_error"}: a batch whose new
+// segment could not be made, the batch whose fsync failed, the batch
+// refused because of that failure, and a message arriving while the queue
+// is stopped. Before, none of them was counted.
+func TestDiskErrorRefusalsCounted(t *testing.T) {
+	q, _, g := openGated(t, t.TempDir(), Options{SegmentBytes: 4 << 10, MaxBytes: 1 << 20, noSpare: true, resumeAfter: time.Hour})
+	diskErrors := func() float64 { return testutil.ToFloat64(q.m.refused.WithLabelValues("disk_error")) }
+	a := admit(t, q, msg("d", 0))
+	g.next(t, "the first batch").release <- nil
+	if err := result(t, a); err != nil {
+		t.Fatal(err)
+	}
+	q.creating = func(f *os.File) { f.Close() } // the new segment's sync fails
+	big := msg("d", 1)
+	big.Payload = make([]byte, 5<<10) // does not fit the first segment
+	if err := result(t, admit(t, q, big)); err == nil {
+		t.Fatal("batch reported durable though its segment could not be made")
+	}
+	if n := diskErrors(); n != 1 {
+		t.Fatalf("disk_error refusals after a failed rotation = %v, want 1", n)
+	}
+	b := admit(t, q, msg("d", 2))
+	hb := g.next(t, "the failing batch")
+	c := admit(t, q, msg("d", 3))
+	hb.release <- errors.New("EIO from the test")
+	for _, ch := range []<-chan error{b, c} {
+		if err := result(t, ch); err == nil {
+			t.Fatal("batch reported durable after a failed fsync")
+		}
+	}
+	if _, err := q.AcceptAsync(context.Background(), msg("d", 4)); err == nil {
+		t.Fatal("admitted while stopped after a failed fsync")
+	}
+	if n := diskErrors(); n != 4 {
+		t.Fatalf("disk_error refusals = %v, want 4 (the rotation's, the failed fsync's, the batch after it, the admission)", n)
+	}
+}
+
+// waitFor polls cond for up to 5 s.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("not within 5 s: %s", what)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// TestMarksKeptWhileStopped: delivered-marks whose timer fires while a
+// failed fsync stops the queue are not written (nothing is, after a failed
+// fsync) but kept, and written to resume's segment once it accepts again.
+// Before, that flush dropped them: the delivered messages came back after
+// a restart.
+func TestMarksKeptWhileStopped(t *testing.T) {
+	dir := t.TempDir()
+	q, _, g := openGated(t, dir, Options{AckFlushInterval: 10 * time.Millisecond, resumeAfter: time.Hour})
+	a := admit(t, q, msg("d", 0))
+	g.next(t, "the first batch").release <- nil
+	if err := result(t, a); err != nil {
+		t.Fatal(err)
+	}
+	b := admit(t, q, msg("d", 1))
+	g.next(t, "the failing batch").release <- errors.New("EIO from the test")
+	if err := result(t, b); err == nil {
+		t.Fatal("batch reported durable after its fsync failed")
+	}
+	es := drain(t, q)
+	if err := q.Ack(es[0].Seq, es[1].Seq); err != nil {
+		t.Fatal(err)
+	}
+	// The marks' timer fires and its flush runs on the writer, which
+	// runs resume only after it.
+	waitFor(t, "the marks' timer fired", func() bool {
+		q.mu.Lock()
+		defer q.mu.Unlock()
+		return !q.ackArmed
+	})
+	signal(q.resumeDue)
+	waitFor(t, "resume", func() bool { return q.Stats().Err == nil })
+	waitFor(t, "the marks written to resume's segment", func() bool { return activeSize(q) > int64(len(segMagic)) })
+	q.Close()
+	q2, _ := open(t, dir, Options{})
+	if es := drain(t, q2); len(es) != 0 {
+		t.Fatalf("after reopen %d delivered messages are back", len(es))
+	}
+}
+
+// TestMarksRearmedAfterFailedWrite: when the marks' timer fired and the
+// writer took them with a batch whose write failed (here its new segment
+// could not be made), they are put back and their timer armed again, so
+// they are written without waiting for another batch or Ack. Before, they
+// waited.
+func TestMarksRearmedAfterFailedWrite(t *testing.T) {
+	q, _, g := openGated(t, t.TempDir(), Options{SegmentBytes: 4 << 10, MaxBytes: 1 << 20, noSpare: true, AckFlushInterval: 10 * time.Millisecond})
+	a := admit(t, q, msg("d", 0))
+	g.next(t, "the first batch").release <- nil
+	if err := result(t, a); err != nil {
+		t.Fatal(err)
+	}
+	es := drain(t, q)
+	c := admit(t, q, msg("d", 1))
+	hc := g.next(t, "a batch, held")            // the writer waits in its fsync
+	q.creating = func(f *os.File) { f.Close() } // the new segment's sync fails
+	big := msg("d", 2)
+	big.Payload = make([]byte, 5<<10) // does not fit the first segment
+	bigc := admit(t, q, big)
+	<-q.wake // so that the writer next wakes for the marks' timer, with the batch
+	if err := q.Ack(es[0].Seq); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the marks' timer fired", func() bool { return len(q.ackDue) == 1 })
+	hc.release <- nil
+	if err := result(t, c); err != nil {
+		t.Fatal(err)
+	}
+	if err := result(t, bigc); err == nil {
+		t.Fatal("batch reported durable though its segment could not be made")
+	}
+	size := activeSize(q)
+	waitFor(t, "the marks written after the failed write", func() bool { return activeSize(q) > size })
 }

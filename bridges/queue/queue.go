@@ -115,7 +115,8 @@ var ErrClosed = errors.New("queue closed")
 var ErrTooLarge = errors.New("message too large for the queue")
 
 // Entry is a held message and its sequence number (unique, increasing in
-// acceptance order, never reused across restarts: see seqGap).
+// acceptance order, never reused across restarts: see seqGap and
+// writeFloor).
 type Entry struct {
 	Seq uint64
 	bridges.Message
@@ -259,6 +260,11 @@ func Open(dir string, opts Options, log *slog.Logger, reg prometheus.Registerer)
 	if opts.SegmentBytes > opts.MaxBytes {
 		return nil, fmt.Errorf("open queue %s: SegmentBytes %d above MaxBytes %d", dir, opts.SegmentBytes, opts.MaxBytes)
 	}
+	// A larger message would be written and acknowledged, then fail to
+	// decode: dropped at its first read, cut or skipped at the next open.
+	if limit := maxRecBody - msgOverhead; opts.MaxMessageBytes > limit {
+		return nil, fmt.Errorf("open queue %s: MaxMessageBytes %d above the record format's limit of %d; lower it", dir, opts.MaxMessageBytes, limit)
+	}
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
@@ -300,8 +306,13 @@ func (q *Queue) recover() error {
 		return fmt.Errorf("open queue %s: list segments: %w", q.dir, err)
 	}
 	sort.Strings(names)
+	floor, floorNames, err := q.readFloor()
+	if err != nil {
+		return err
+	}
 	acked := map[uint64]bool{}
 	var lastSeq uint64
+	newSeg := false // commits need a new segment (the last one's header is unreadable)
 	bases := make([]uint64, len(names))
 	for i, name := range names {
 		if _, err := fmt.Sscanf(filepath.Base(name), "%020d.seg", &bases[i]); err != nil {
@@ -320,8 +331,13 @@ func (q *Queue) recover() error {
 			q.log.Error("queue segment has blocks the disk cannot read (the disk is failing); the messages in them are lost, the rest are kept",
 				"segment", name, "from", r[0], "to", r[1], "err", syscall.EIO)
 		}
-		if len(data) < len(segMagic) || string(data[:len(segMagic)]) != segMagic {
-			if tornCreation(data) {
+		// A header the disk cannot read came back as zeros: that is not a
+		// torn creation (which would remove a segment holding acknowledged
+		// messages) nor a foreign file; its records are read past it like
+		// any unreadable block's.
+		headerBad := len(bad) > 0 && bad[0][0] < int64(len(segMagic))
+		if !headerBad && (len(data) < len(segMagic) || string(data[:len(segMagic)]) != segMagic) {
+			if len(bad) == 0 && tornCreation(data) {
 				// Creation torn before its first sync: it never held a message.
 				q.log.Warn("removing segment cut during creation", "segment", name, "bytes", len(data))
 				if err := os.Remove(name); err != nil {
@@ -330,6 +346,11 @@ func (q *Queue) recover() error {
 				continue
 			}
 			return fmt.Errorf("open queue: %s is not a queue segment (bad magic); move it away", name)
+		}
+		if headerBad && last {
+			// A commit's write into the unreadable block would need to read
+			// it first and fail, batch after batch.
+			newSeg = true
 		}
 		f, err := os.OpenFile(name, os.O_RDWR, 0o600)
 		if err != nil {
@@ -344,6 +365,11 @@ func (q *Queue) recover() error {
 				// Decoded only because the bytes the disk could not read
 				// were zeros in the record too: it cannot be read later.
 				err = fmt.Errorf("%w: in a block the disk cannot read", errCorrupt)
+			}
+			if err == nil && rec.kind == kindMsg && rec.seq >= seqCeiling {
+				// Not the queue's: the next of a chain of records a device
+				// embedded in its payload, after resync took the first.
+				err = fmt.Errorf("%w: seq %d above any the queue gives out", errCorrupt, rec.seq)
 			}
 			if err != nil && allZero(data[off:]) {
 				// The preallocated rest of the segment: its clean end (no
@@ -459,10 +485,19 @@ func (q *Queue) recover() error {
 		// number that batch can have held.
 		q.nextSeq += seqGap(q.opts.MaxBytes)
 	}
-	if q.nextSeq == 0 {
-		q.nextSeq = 1
+	// The gap above covers a lost batch that followed a durable one. The
+	// first batch after an open follows the gap instead, so if it is lost
+	// the disk shows nothing past the last seq of the run before and the
+	// next open would compute this open's nextSeq again: the floor this
+	// open wrote, before it gave out any number, is past that batch.
+	q.nextSeq = max(q.nextSeq, floor, 1)
+	if q.nextSeq > math.MaxUint64-2*seqGap(q.opts.MaxBytes) {
+		return fmt.Errorf("open queue %s: next sequence number %d is too close to 2^64 to skip past a lost batch (only a damaged or forged segment or %s file holds such a number); move the queue directory away (the messages it holds are then lost)", q.dir, q.nextSeq, floorPrefix+"*")
 	}
-	if len(q.segs) == 0 {
+	if err := q.writeFloor(floorNames, q.nextSeq+seqGap(q.opts.MaxBytes)); err != nil {
+		return err
+	}
+	if len(q.segs) == 0 || newSeg {
 		seg, err := q.createSegment(q.nextSeq)
 		if err != nil {
 			return err
@@ -482,6 +517,59 @@ func (q *Queue) recover() error {
 // covers a MaxBytes lowered across the crash from up to 4 GiB; uint64
 // sequence numbers last 2^32 opens.
 func seqGap(maxBytes int64) uint64 { return max(1<<32, uint64(maxBytes)) }
+
+// floorPrefix names the file whose name ends in the lowest sequence number
+// an open may give out (20 digits). Each open renames it past what its
+// first batch can hold (writeFloor). The value is in the name, not in the
+// file, so that moving it costs a rename and one directory sync, no data
+// block, and a torn write cannot damage it. "*.seg" does not match it.
+const floorPrefix = "seqfloor."
+
+// readFloor returns the floor the last open wrote (0 if none: a new queue,
+// or one written before the floor existed) and the names holding it.
+func (q *Queue) readFloor() (uint64, []string, error) {
+	names, err := filepath.Glob(filepath.Join(q.dir, floorPrefix+"*"))
+	if err != nil {
+		return 0, nil, fmt.Errorf("open queue %s: list sequence floor: %w", q.dir, err)
+	}
+	var floor uint64
+	for _, name := range names {
+		var v uint64
+		if _, err := fmt.Sscanf(filepath.Base(name), floorPrefix+"%020d", &v); err != nil || filepath.Base(name) != fmt.Sprintf(floorPrefix+"%020d", v) {
+			return 0, nil, fmt.Errorf("open queue: sequence floor name %s: not %s<20 digits>; move the file away", name, floorPrefix)
+		}
+		floor = max(floor, v)
+	}
+	return floor, names, nil
+}
+
+// writeFloor makes v the durable floor before any sequence number is given
+// out: old (readFloor's names) is renamed to it, or a new empty file made,
+// and the directory synced.
+func (q *Queue) writeFloor(old []string, v uint64) error {
+	name := filepath.Join(q.dir, fmt.Sprintf(floorPrefix+"%020d", v))
+	if len(old) > 0 {
+		if err := os.Rename(old[len(old)-1], name); err != nil {
+			return fmt.Errorf("open queue: move the sequence floor to %s: %w", name, err)
+		}
+		for _, o := range old[:len(old)-1] {
+			if err := os.Remove(o); err != nil {
+				return fmt.Errorf("open queue: remove the old sequence floor %s: %w", o, err)
+			}
+		}
+	} else {
+		f, err := os.OpenFile(name, os.O_RDWR|os.O_CREATE, 0o600)
+		if err != nil {
+			return fmt.Errorf("open queue: create the sequence floor %s: %w", name, err)
+		}
+		f.Close()
+	}
+	if err := syncDir(q.dir); err != nil {
+		return fmt.Errorf("open queue: make the sequence floor durable: %w", err)
+	}
+	q.m.fsyncs.Inc()
+	return nil
+}
 
 // readSegment reads the segment file name whole. A block the disk cannot
 // read (EIO: a failing SD card or eMMC) comes back as zeros and its range in
@@ -566,7 +654,10 @@ func (q *Queue) createSegment(base uint64) (*segment, error) {
 		return nil, err
 	}
 	if err := syncDir(q.dir); err != nil {
+		// Removed, or the next try (resume's, with the same base) would
+		// find the name taken and fail for good.
 		f.Close()
+		os.Remove(name)
 		return nil, err
 	}
 	q.m.fsyncs.Add(2)
@@ -578,31 +669,36 @@ func segName(dir string, base uint64) string {
 }
 
 // zeroedFile creates name (which must not exist) holding the segment magic
-// and zeros up to SegmentBytes, and syncs it (not its directory).
+// and zeros up to SegmentBytes, and syncs it (not its directory). On
+// failure the file is removed: it holds no message, and a later try with
+// the same name (resume's, whose base does not move while it refuses)
+// would fail on it for good.
 func (q *Queue) zeroedFile(name string, writebackEvery int64) (*os.File, error) {
 	f, err := os.OpenFile(name, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("queue: create segment %s: %w", name, err)
 	}
-	if _, err := f.Write([]byte(segMagic)); err != nil {
+	fail := func(err error) (*os.File, error) {
 		f.Close()
-		return nil, fmt.Errorf("queue: write segment header %s: %w", name, err)
+		os.Remove(name)
+		return nil, err
+	}
+	if _, err := f.Write([]byte(segMagic)); err != nil {
+		return fail(fmt.Errorf("queue: write segment header %s: %w", name, err))
 	}
 	if err := zeroFill(f, int64(len(segMagic)), q.opts.SegmentBytes, writebackEvery); err != nil {
 		// Best effort: without the zeros commits append (slower, same
 		// durability). A full disk is refused by the batch's own write.
 		q.log.Warn("queue: could not preallocate segment; commits will append", "segment", name, "err", err)
 		if err := f.Truncate(int64(len(segMagic))); err != nil {
-			f.Close()
-			return nil, fmt.Errorf("queue: truncate segment %s after a failed preallocation: %w", name, err)
+			return fail(fmt.Errorf("queue: truncate segment %s after a failed preallocation: %w", name, err))
 		}
 	}
 	if q.creating != nil {
 		q.creating(f)
 	}
 	if err := f.Sync(); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("queue: sync new segment %s: %w", name, err)
+		return fail(fmt.Errorf("queue: sync new segment %s: %w", name, err))
 	}
 	return f, nil
 }
@@ -697,6 +793,25 @@ func (q *Queue) rotate(base uint64) (*segment, error) {
 		return q.createSegment(base)
 	}
 	name := segName(q.dir, base)
+	// rename replaces an existing file: a segment of that name (whose later
+	// reclaim would unlink this one) is refused, as createSegment's
+	// O_EXCL refuses it. Only this goroutine makes segment names.
+	if _, err := os.Lstat(name); !errors.Is(err, os.ErrNotExist) {
+		if err == nil {
+			err = os.ErrExist
+		}
+		q.mu.Lock()
+		if q.spare == nil && !q.closed {
+			q.spare = f
+			f = nil
+		}
+		q.mu.Unlock()
+		if f != nil {
+			f.Close()
+			os.Remove(f.Name())
+		}
+		return nil, fmt.Errorf("queue: start segment %s: %w; not replacing it (removing it later would unlink the new one)", name, err)
+	}
 	if err := os.Rename(f.Name(), name); err != nil {
 		f.Close()
 		os.Remove(f.Name())
@@ -705,6 +820,7 @@ func (q *Queue) rotate(base uint64) (*segment, error) {
 	}
 	if err := syncDir(q.dir); err != nil {
 		f.Close()
+		os.Remove(name) // holds no message; see createSegment
 		return nil, err
 	}
 	q.m.fsyncs.Inc()
@@ -883,9 +999,12 @@ func (q *Queue) admit(m bridges.Message, fn func(error)) (chan error, error) {
 	}
 	if q.failed != nil {
 		q.mu.Unlock()
+		q.m.refused.WithLabelValues("disk_error").Inc()
 		return nil, fmt.Errorf("queue accept: queue stopped after a disk error: %w", q.failed)
 	}
-	if len(q.ents) > 0 && q.opts.Now().Sub(q.oldestLocked()) > q.opts.MaxAge {
+	// None held: zero, not an age (entries dropped by held but not yet
+	// trimmed would otherwise read as 292 years old).
+	if oldest := q.oldestLocked(); !oldest.IsZero() && q.opts.Now().Sub(oldest) > q.opts.MaxAge {
 		q.mu.Unlock()
 		q.m.refused.WithLabelValues("age").Inc()
 		return nil, fmt.Errorf("queue accept from %s: oldest held message is older than %s: %w", m.Device, q.opts.MaxAge, bridges.ErrQueueFull)
@@ -1044,6 +1163,10 @@ func (q *Queue) flush(sync bool) {
 	acks := q.acks
 	q.acks = nil
 	if q.failed != nil {
+		// Nothing is written after a failed fsync: the marks wait for
+		// resume's segment (resume arms their timer), or they would be
+		// lost and their messages sent again after a restart.
+		q.acks = acks
 		q.failBatchLocked(batch, batchBuf)
 		return
 	}
@@ -1066,8 +1189,10 @@ func (q *Queue) flush(sync bool) {
 	var err error
 	// A new segment only after one that holds something: an empty one
 	// would be left behind, and it has the name (its base, the next seq)
-	// the new one would take.
-	if active := q.segs[len(q.segs)-1]; active.size > int64(len(segMagic)) && active.size+int64(len(buf)) > q.opts.SegmentBytes && len(batch) > 0 {
+	// the new one would take. The same for one named after this batch's
+	// first seq (started by resume or Open) that holds only
+	// delivered-marks: the new segment would replace its file.
+	if active := q.segs[len(q.segs)-1]; active.size > int64(len(segMagic)) && active.size+int64(len(buf)) > q.opts.SegmentBytes && len(batch) > 0 && batch[0].seq != active.base {
 		// Normally the spare is renamed; without one, writing the new
 		// segment's zeros and syncing them takes milliseconds, and
 		// admissions, Next and Ack go on meanwhile. Only this goroutine
@@ -1131,16 +1256,31 @@ func (q *Queue) flush(sync bool) {
 	q.mu.Lock()
 	q.writingB = 0 // nothing of the batch was indexed
 	q.acks = append(q.acks, acks...)
+	if len(q.acks) > 0 {
+		// The timer may have fired for this flush already: without a new
+		// one they would wait for the next batch or Ack.
+		q.armAckFlushLocked()
+	}
 	q.log.Error("queue write failed; refusing this batch", "err", err)
 	q.mu.Unlock()
 	if errors.Is(err, syscall.ENOSPC) {
 		err = fmt.Errorf("%w: %w", bridges.ErrQueueFull, err)
-		q.m.refused.WithLabelValues("disk_full").Add(float64(len(batch)))
+		q.refusedBatch("disk_full", batch)
+	} else {
+		q.refusedBatch("disk_error", batch) // a failed write or rotation
 	}
 	for i := range batch {
 		batch[i].tell(err)
 	}
 	q.recycle(batch, batchBuf)
+}
+
+// refusedBatch counts batch's messages, refused after their admission, as
+// refusals for reason.
+func (q *Queue) refusedBatch(reason string, batch []pending) {
+	if len(batch) > 0 {
+		q.m.refused.WithLabelValues(reason).Add(float64(len(batch)))
+	}
 }
 
 // failBatchLocked refuses batch after an earlier fsync failure and unlocks
@@ -1149,6 +1289,7 @@ func (q *Queue) failBatchLocked(batch []pending, batchBuf []byte) {
 	q.writingB = 0
 	err := fmt.Errorf("queue: disk error earlier: %w", q.failed)
 	q.mu.Unlock()
+	q.refusedBatch("disk_error", batch)
 	for i := range batch {
 		batch[i].tell(err)
 	}
@@ -1204,6 +1345,9 @@ func (q *Queue) commit(seg *segment, batch []pending) {
 		q.resumeWait = 0 // the disk works: a later failure starts over
 	}
 	q.mu.Unlock()
+	if err != nil {
+		q.refusedBatch("disk_error", batch)
+	}
 	for i := range batch {
 		batch[i].tell(err)
 	}
@@ -1257,6 +1401,9 @@ func (q *Queue) resume() {
 		"segment", q.segs[len(q.segs)-1].path, "failed_with", q.failed)
 	q.failed = nil
 	q.m.stopped.Set(0)
+	if len(q.acks) > 0 {
+		q.armAckFlushLocked() // kept while stopped (see flush)
+	}
 }
 
 // maxKeptBuf bounds the buffers the writer keeps for the next batch: a
@@ -1322,7 +1469,17 @@ func (q *Queue) held(after uint64, max int, out []Entry, buf []byte) ([]Entry, [
 		max = 1
 	}
 	q.mu.Lock()
-	defer q.mu.Unlock()
+	lost := false
+	defer func() {
+		if lost {
+			// What was dropped frees its entries and segments now, as an
+			// Ack's would: with nothing else held no Ack comes, and the
+			// queue would count them against MaxBytes for good.
+			q.reclaim()
+			q.m.bytes.Set(float64(q.diskBytes()))
+		}
+		q.mu.Unlock()
+	}()
 	if q.closed {
 		return nil, buf, nil, ErrClosed
 	}
@@ -1381,6 +1538,7 @@ func (q *Queue) held(after uint64, max int, out []Entry, buf []byte) ([]Entry, [
 				}
 				if errors.Is(kerr, errCorrupt) || errors.Is(kerr, syscall.EIO) && q.unreadableLocked(k) {
 					q.loseLocked(k, kerr)
+					lost = true
 					continue
 				}
 				stuck = kerr
@@ -1423,8 +1581,8 @@ func (q *Queue) unreadableLocked(k int) bool {
 // loseLocked drops held entry k, which the disk cannot read (EIO for
 // unreadableGrace) or which no longer decodes (err wraps errCorrupt): it is
 // marked delivered (so a restart does not try it again) and counted, with
-// an error naming it and why. Its segment is reclaimed by a later Ack (not
-// here: held is iterating over q.ents). Caller holds q.mu.
+// an error naming it and why. held reclaims its entry and segment once it
+// is done iterating over q.ents. Caller holds q.mu.
 //
 // A record that no longer decodes is dropped at its first read, without
 // the grace an EIO gets and even while a failed fsync stops the queue.

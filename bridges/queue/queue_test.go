@@ -9,6 +9,7 @@ import (
 	"io"
 	"log/slog"
 	"maps"
+	"math"
 	"math/rand/v2"
 	"os"
 	"os/exec"
@@ -1587,9 +1588,10 @@ func TestFsyncHistogram(t *testing.T) {
 	if h == nil {
 		t.Fatal("no bastion_queue_fsync_seconds histogram")
 	}
-	// fsyncs_total also counts the new segment's and its directory's.
-	if got, all := h.GetSampleCount(), metricValue(t, reg, "bastion_queue_fsyncs_total"); got != 3 || all != 5 {
-		t.Fatalf("histogram count %v, fsyncs_total %v, want 3 commits of 5 fsyncs", got, all)
+	// fsyncs_total also counts the new segment's and its directory's, and
+	// the directory's after the open moved the sequence floor.
+	if got, all := h.GetSampleCount(), metricValue(t, reg, "bastion_queue_fsyncs_total"); got != 3 || all != 6 {
+		t.Fatalf("histogram count %v, fsyncs_total %v, want 3 commits of 6 fsyncs", got, all)
 	}
 	if h.GetSampleSum() < 0.006 {
 		t.Errorf("histogram sum %vs, want ≥ 6 ms (one fsync slept that long)", h.GetSampleSum())
@@ -1673,5 +1675,327 @@ func TestSeqNotReusedAfterLostBatch(t *testing.T) {
 	}
 	if got := after[3].Seq; got <= sent[0].Seq {
 		t.Fatalf("message accepted after the power cut got seq %d; seq %d was already sent upstream for another message (seqs must never be reused)", got, sent[0].Seq)
+	}
+}
+
+// TestSeqNotReusedAfterLostFirstBatch: the first batch after an open is
+// numbered past the gap that open skipped, not right after the last seq on
+// disk. If the power fails after the link sent it but before its fsync,
+// the disk holds what it held before that open, and the next open must
+// still not give its numbers out again: the floor that open made durable
+// before giving out any number is past them. The disk after the power cut
+// is the directory as it was when that open returned.
+func TestSeqNotReusedAfterLostFirstBatch(t *testing.T) {
+	dir := t.TempDir()
+	ctx := context.Background()
+	q1, _ := open(t, dir, Options{})
+	for i := range 3 {
+		if err := q1.Accept(ctx, msg("a", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	q1.Close()
+
+	q2, _, g := openGated(t, dir, Options{})
+	lost := t.TempDir()
+	if err := os.CopyFS(lost, os.DirFS(dir)); err != nil {
+		t.Fatal(err)
+	}
+	held := drain(t, q2)
+	if len(held) != 3 {
+		t.Fatalf("held %d messages after reopen, want 3", len(held))
+	}
+	done := admit(t, q2, msg("b", 0))
+	h := g.next(t, "the first batch after the open")
+	sent, err := q2.Next(ctx, held[2].Seq, 10) // the link sends it before the fsync returns
+	if err != nil || len(sent) != 1 {
+		t.Fatalf("Next during the held fsync: %v, %v; want the written message", sent, err)
+	}
+	h.release <- nil
+	if err := result(t, done); err != nil {
+		t.Fatal(err)
+	}
+	q2.Close()
+
+	q3, _ := open(t, lost, Options{})
+	if err := q3.Accept(ctx, msg("c", 0)); err != nil {
+		t.Fatal(err)
+	}
+	after := drain(t, q3)
+	if len(after) != 4 {
+		t.Fatalf("after the power cut the queue holds %d messages, want the 3 durable ones and the new one", len(after))
+	}
+	if got := after[3].Seq; got <= sent[0].Seq {
+		t.Fatalf("message accepted after the power cut got seq %d; seq %d was already sent upstream for another message (seqs must never be reused)", got, sent[0].Seq)
+	}
+}
+
+// TestDroppingEverythingHeldKeepsAccepting: when held drops what the disk
+// cannot read (here every held message of a full queue, after the grace),
+// nothing is held any more, so no Ack comes to trim the dropped entries or
+// remove their segments. The queue must then accept again: before, it
+// refused every message for good, by age (the oldest of no held message
+// read as the zero time, 292 years old) and by bytes (the dropped
+// segments still counted).
+func TestDroppingEverythingHeldKeepsAccepting(t *testing.T) {
+	var broken atomic.Bool
+	var clock atomic.Int64
+	clock.Store(epoch.UnixNano())
+	q, reg := open(t, t.TempDir(), Options{
+		MaxBytes: 8 << 10, SegmentBytes: 2 << 10,
+		Now: func() time.Time { return time.Unix(0, clock.Load()) },
+		readAt: func(f *os.File, b []byte, off int64) (int, error) {
+			if broken.Load() {
+				return 0, &os.PathError{Op: "read", Path: f.Name(), Err: syscall.EIO}
+			}
+			return f.ReadAt(b, off)
+		},
+	})
+	ctx := context.Background()
+	n := 0
+	for ; ; n++ {
+		if err := q.Accept(ctx, msg("a", n)); errors.Is(err, bridges.ErrQueueFull) {
+			break
+		} else if err != nil {
+			t.Fatal(err)
+		}
+	}
+	broken.Store(true)
+	// Each Next starts the clock of the next unreadable messages or, after
+	// the grace, drops them.
+	for i := 0; ; i++ {
+		if i > 4*n {
+			t.Fatalf("still holding %d of %d unreadable messages after %d tries", q.Stats().Depth, n, i)
+		}
+		nctx, cancel := context.WithTimeout(ctx, 20*time.Millisecond)
+		_, err := q.Next(nctx, 0, 1000)
+		cancel()
+		if errors.Is(err, context.DeadlineExceeded) {
+			break
+		}
+		clock.Add(int64(unreadableGrace))
+	}
+	if v := metricValue(t, reg, "bastion_queue_unreadable_dropped_total"); v != float64(n) {
+		t.Fatalf("dropped %v of %d", v, n)
+	}
+	broken.Store(false)
+	if err := q.Accept(ctx, msg("b", 0)); err != nil {
+		t.Fatalf("Accept after every held message was dropped: %v", err)
+	}
+	if es := drain(t, q); len(es) != 1 || es[0].Device != "b" {
+		t.Fatalf("held after the drop: %v, want only the new message", es)
+	}
+}
+
+// TestUnreadableHeader: a segment whose first block the disk cannot read
+// (EIO) reads back with zeros in place of its magic. That is neither a
+// torn creation (removed at open) nor a foreign file (refused): its
+// records past the block are kept like those after any unreadable block,
+// the segment's name still counts for the next sequence number, and
+// commits go to a new segment instead of into the unreadable block.
+// Before, such a segment was removed as a torn creation when its records
+// all lay in that block (and the queue started again at seq 1 if it was
+// the only one), and refused as "bad magic" otherwise.
+func TestUnreadableHeader(t *testing.T) {
+	const block = 4 << 10
+	opts := Options{SegmentBytes: 16 << 10, MaxBytes: 1 << 20, readRetries: []time.Duration{0, 0}}
+	// unreadable fails reads of seg's first block: that file, not
+	// another one made later under its name (kept open, so that its inode
+	// number is not given to that one).
+	unreadable := func(t *testing.T, o Options, seg string) Options {
+		keep, err := os.Open(seg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { keep.Close() })
+		was, err := keep.Stat()
+		if err != nil {
+			t.Fatal(err)
+		}
+		o.readAt = func(f *os.File, b []byte, off int64) (int, error) {
+			if fi, err := f.Stat(); err == nil && os.SameFile(fi, was) && off < block {
+				return 0, &os.PathError{Op: "read", Path: f.Name(), Err: syscall.EIO}
+			}
+			return f.ReadAt(b, off)
+		}
+		return o
+	}
+	payloads := func(es []Entry) []int {
+		var got []int
+		for _, e := range es {
+			var i int
+			fmt.Sscanf(string(e.Payload), `{"i":%d}`, &i)
+			got = append(got, i)
+		}
+		return got
+	}
+	ctx := context.Background()
+
+	t.Run("records past the block", func(t *testing.T) {
+		dir := t.TempDir()
+		q, _ := open(t, dir, opts)
+		var want []int // the messages whose records lie past the block
+		var seg string
+		var lastSeq uint64
+		for i := 0; activeSize(q) < 2*block; i++ {
+			if err := q.Accept(ctx, msg("a", i)); err != nil {
+				t.Fatal(err)
+			}
+			q.mu.Lock()
+			if e := q.ents[len(q.ents)-1]; e.off >= block {
+				want = append(want, i)
+			}
+			seg, lastSeq = q.segs[0].path, q.ents[len(q.ents)-1].seq
+			q.mu.Unlock()
+		}
+		all := len(drain(t, q))
+		q.Close()
+
+		q2, err := Open(dir, unreadable(t, opts, seg), discard, nil)
+		if err != nil {
+			t.Fatalf("Open with the segment's header unreadable: %v", err)
+		}
+		defer q2.Close()
+		if d := cmp.Diff(want, payloads(drain(t, q2))); d != "" {
+			t.Fatalf("held with the first block unreadable (-want +got):\n%s", d)
+		}
+		if err := q2.Accept(ctx, msg("b", 0)); err != nil {
+			t.Fatalf("Accept: %v", err)
+		}
+		q2.mu.Lock()
+		active := q2.segs[len(q2.segs)-1].path
+		q2.mu.Unlock()
+		if active == seg {
+			t.Fatalf("commits go to %s, whose first block is unreadable", seg)
+		}
+		q2.Close()
+		// The disk reads again: the segment is all there, untouched.
+		q3, _ := open(t, dir, opts)
+		es := drain(t, q3)
+		if len(es) != all+1 || es[len(es)-1].Device != "b" || es[len(es)-1].Seq <= lastSeq {
+			t.Fatalf("after the disk came back: %d messages (last %+v), want the %d first and then b past seq %d", len(es), es[len(es)-1], all, lastSeq)
+		}
+	})
+
+	t.Run("records only in the block, no floor", func(t *testing.T) {
+		dir := t.TempDir()
+		q, _ := open(t, dir, opts)
+		for i := range 3 {
+			if err := q.Accept(ctx, msg("a", i)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		sent := drain(t, q)
+		q.mu.Lock()
+		seg := q.segs[0].path
+		q.mu.Unlock()
+		q.Close()
+		// A queue written before the sequence floor existed.
+		floors, _ := filepath.Glob(filepath.Join(dir, floorPrefix+"*"))
+		for _, f := range floors {
+			os.Remove(f)
+		}
+		q2, err := Open(dir, unreadable(t, opts, seg), discard, nil)
+		if err != nil {
+			t.Fatalf("Open with the segment's header unreadable: %v", err)
+		}
+		defer q2.Close()
+		if err := q2.Accept(ctx, msg("b", 0)); err != nil {
+			t.Fatalf("Accept: %v", err)
+		}
+		es := drain(t, q2)
+		if len(es) != 1 || es[0].Seq <= sent[2].Seq {
+			t.Fatalf("held %v; want only b, past seq %d (given out before, maybe sent upstream already)", es, sent[2].Seq)
+		}
+	})
+}
+
+// TestMaxMessageBytesWithinRecordLimit: a MaxMessageBytes whose records
+// the decoder would refuse (body above maxRecBody) is refused by Open;
+// before, such a message was accepted and acknowledged, then dropped as
+// corrupt. A message at the highest allowed limit survives a reopen.
+func TestMaxMessageBytesWithinRecordLimit(t *testing.T) {
+	if q, err := Open(t.TempDir(), Options{MaxMessageBytes: maxRecBody}, discard, nil); err == nil {
+		q.Close()
+		t.Fatalf("Open accepted MaxMessageBytes %d: its messages' records are above the decoder's %d", maxRecBody, maxRecBody)
+	}
+	dir := t.TempDir()
+	opts := Options{MaxMessageBytes: maxRecBody - msgOverhead, MaxBytes: 16 << 20, SegmentBytes: 64 << 10, Sync: func(*os.File) error { return nil }}
+	q, _ := open(t, dir, opts)
+	m := msg("a", 0)
+	m.Payload = make([]byte, opts.MaxMessageBytes-len(m.Device)-len(m.Topic))
+	m.Payload[len(m.Payload)-1] = 1
+	// Its widest record (the longest seq and time) still decodes.
+	w := m
+	w.Received = time.Unix(0, math.MinInt64)
+	if _, _, err := decodeRecord(appendMsg(nil, math.MaxUint64, &w)); err != nil {
+		t.Fatalf("the widest record of a message at the limit: %v", err)
+	}
+	if err := q.Accept(context.Background(), m); err != nil {
+		t.Fatal(err)
+	}
+	q.Close()
+	q2, _ := open(t, dir, opts)
+	if es := drain(t, q2); len(es) != 1 || len(es[0].Payload) != len(m.Payload) {
+		t.Fatalf("after reopen %d messages, want the one at the limit", len(es))
+	}
+}
+
+// TestEmbeddedRecordAboveCeilingNotTaken: the record format and CRC-32C
+// are public, so a device can put valid-looking message records in its
+// payload. When its own record is damaged (here its checksum is torn),
+// recover looks for the next valid message inside its bytes. Such a
+// record with a seq no open can reach (at or above seqCeiling), alone or
+// after one resync took, must not be taken: before, it was held as a
+// message of another device and moved nextSeq past it, towards wrapping
+// and Open's refusal near 2^64. (A forged record with a plausible seq is
+// still taken after such damage: only a keyed checksum would stop that.)
+func TestEmbeddedRecordAboveCeilingNotTaken(t *testing.T) {
+	for _, chain := range []bool{false, true} {
+		t.Run(fmt.Sprintf("chain=%v", chain), func(t *testing.T) {
+			dir := t.TempDir()
+			ctx := context.Background()
+			q, _ := open(t, dir, Options{})
+			if err := q.Accept(ctx, msg("a", 0)); err != nil {
+				t.Fatal(err)
+			}
+			q.mu.Lock()
+			lastSeq := q.ents[0].seq
+			q.mu.Unlock()
+			var forged []byte
+			if chain {
+				v := msg("victim", 1)
+				forged = appendMsg(forged, lastSeq+1, &v)
+			}
+			v := msg("victim", 2)
+			forged = appendMsg(forged, seqCeiling+5, &v)
+			m := msg("mallory", 0)
+			m.Payload = forged
+			if err := q.Accept(ctx, m); err != nil {
+				t.Fatal(err)
+			}
+			q.mu.Lock()
+			bad := q.ents[1]
+			q.mu.Unlock()
+			q.Close()
+			f, err := os.OpenFile(bad.seg.path, os.O_RDWR, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := f.WriteAt([]byte{0xde, 0xad}, bad.off+4); err != nil { // its checksum
+				t.Fatal(err)
+			}
+			f.Close()
+
+			q2, _ := open(t, dir, Options{})
+			if err := q2.Accept(ctx, msg("c", 0)); err != nil {
+				t.Fatal(err)
+			}
+			for _, e := range drain(t, q2) {
+				if e.Seq >= seqCeiling {
+					t.Errorf("held seq %d from %s (%s): at or above %d, no open gives that out", e.Seq, e.Device, e.Payload, uint64(seqCeiling))
+				}
+			}
+		})
 	}
 }

@@ -30,6 +30,16 @@ const (
 	kindMsg    = 1
 	kindAck    = 2
 	maxRecBody = 4 << 20 // hard ceiling for the decoder, above any configured message size
+	// msgOverhead bounds a message body's bytes besides device, topic
+	// and payload: kind, seq, received, QoS, three lengths.
+	msgOverhead = 1 + 2*binary.MaxVarintLen64 + 1 + 3*binary.MaxVarintLen64
+	// seqCeiling is above every sequence number the queue gives out: each
+	// open moves on by seqGap (2^32 for MaxBytes up to 4 GiB), so reaching
+	// it takes 2^31 opens. A message record at or above it was not written
+	// by the queue: a record a device embedded in its payload, found by
+	// resync after a torn or corrupt record, whose seq would push nextSeq
+	// to wrap or to Open's refusal near 2^64.
+	seqCeiling = 1 << 63
 )
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
@@ -273,7 +283,7 @@ func decodeBody(body []byte, in *interner) (record, error) {
 
 // resync returns the offset, at or after from, of the first record in data
 // that decodes as a message whose seq is above after and below before (the
-// next segment's base), or -1 if there is none. It is how recover steps
+// next segment's base) and seqCeiling, or -1 if there is none. It is how recover steps
 // over corrupt or unreadable bytes (see recover). A length above
 // maxMessage and the header's worth is not tried: over random bytes every
 // 1,000th offset looks like a record of up to 4 MiB, and checksumming each
@@ -289,7 +299,7 @@ func resync(data []byte, from int, after, before uint64, maxMessage int) int {
 			continue
 		}
 		rec, _, err := decodeRecord(data[o:])
-		if err == nil && rec.kind == kindMsg && rec.seq > after && rec.seq < before {
+		if err == nil && rec.kind == kindMsg && rec.seq > after && rec.seq < before && rec.seq < seqCeiling {
 			return o
 		}
 	}

@@ -178,7 +178,7 @@ func FuzzResync(f *testing.F) {
 			t.Fatalf("resync from %d returned %d", from, o)
 		}
 		rec, _, err := decodeRecord(data[o:])
-		if err != nil || rec.kind != kindMsg || rec.seq <= after || rec.seq >= before {
+		if err != nil || rec.kind != kindMsg || rec.seq <= after || rec.seq >= before || rec.seq >= seqCeiling {
 			t.Fatalf("resync returned %d: %+v %v (after %d, before %d)", o, rec, err, after, before)
 		}
 		if resyncSeq(data[o:]) != rec.seq {

@@ -169,3 +169,74 @@ func TestSpareFailureFallsBack(t *testing.T) {
 		t.Fatal("the failed preparation was not noted (it would be tried again at every commit)")
 	}
 }
+
+// TestRotationNeverReplacesASegment: after a failed fsync, resume starts a
+// segment named after the next seq while a prepared spare waits; a
+// delivered-mark written there makes it look used, and the next batch,
+// which starts at that same seq, does not fit what is left of it. The
+// rotation must not rename the spare over it (the batch is written there
+// instead): before, the spare replaced its file under its name, and once
+// the marks' segment was reclaimed its removal unlinked the file holding
+// the acknowledged batch.
+func TestRotationNeverReplacesASegment(t *testing.T) {
+	dir := t.TempDir()
+	opts := Options{SegmentBytes: 16 << 10, MaxBytes: 1 << 20, AckFlushInterval: 10 * time.Millisecond, resumeAfter: 10 * time.Millisecond}
+	q, _, g := openGated(t, dir, opts)
+	for i := 0; activeSize(q) < 9<<10; i++ {
+		ch := admit(t, q, msg("d", i))
+		g.next(t, "a small batch").release <- nil
+		if err := result(t, ch); err != nil {
+			t.Fatal(err)
+		}
+	}
+	spareReady(t, q)
+	ch := admit(t, q, msg("d", -1))
+	g.next(t, "the failing batch").release <- errors.New("EIO from the test")
+	if err := result(t, ch); err == nil {
+		t.Fatal("batch reported durable after its fsync failed")
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for q.Stats().Err != nil {
+		if time.Now().After(deadline) {
+			t.Fatal("no resume within 10 s")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	held := drain(t, q)
+	if err := q.Ack(held[0].Seq); err != nil {
+		t.Fatal(err)
+	}
+	for activeSize(q) == int64(len(segMagic)) { // the mark, written to resume's segment
+		if time.Now().After(deadline) {
+			t.Fatal("delivered-mark not written within 10 s")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	big := msg("d", 1000)
+	big.Payload = make([]byte, 16<<10)
+	ch = admit(t, q, big)
+	g.next(t, "the big batch").release <- nil
+	if err := result(t, ch); err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range held[1:] { // the old segments are reclaimed
+		q.Ack(e.Seq)
+	}
+	closed := make(chan error, 1)
+	go func() { closed <- q.Close() }()
+	g.next(t, "Close's commit of the delivered-marks").release <- nil
+	if err := <-closed; err != nil {
+		t.Fatal(err)
+	}
+
+	q2, _ := open(t, dir, opts)
+	es := drain(t, q2)
+	if len(es) == 0 || len(es[len(es)-1].Payload) != 16<<10 {
+		t.Fatalf("after reopen %d messages, the last %d bytes; want the acknowledged 16 KiB one last", len(es), func() int {
+			if len(es) == 0 {
+				return -1
+			}
+			return len(es[len(es)-1].Payload)
+		}())
+	}
+}
