@@ -207,7 +207,7 @@ func (s *Server) tooLarge(cc *otacache.DTLSConn, path string, size uint64, limit
 	if len(path) > 128 { // a datagram refused unread may name a long one
 		path = strings.ToValidUTF8(path[:128], "") + "…"
 	}
-	s.log.Warn("coap: request refused: body too large; answered 4.13 with the limit in Size1", "device", s.deviceOf(cc),
+	s.log.Warn("coap: request refused: payload too large; answered 4.13 with the limit in Size1", "device", s.deviceOf(cc),
 		"path", path, "size", size, "limit", limit)
 }
 

@@ -353,7 +353,9 @@ func (h *authHook) OnPublish(cl *mochi.Client, pk packets.Packet) (packets.Packe
 		// taking the messages after it, ahead of it. So the session ends
 		// here, before mochi reads another packet; PUBACKs still held for
 		// messages before this one are dropped, and those are sent again
-		// as duplicates.
+		// as duplicates. The device's Will is not published: the close
+		// asks it to send again, it does not mean the device is gone (and
+		// the queue that refused this would refuse the Will too).
 		h.s.log.Warn("mqtt: publish refused; closing the MQTT 3.1.1 session so that the device sends it again after reconnecting (3.1.1 has no negative PUBACK)",
 			"device", cl.ID, "topic", pk.TopicName, "queue_full", full, "err", err)
 		h.s.endSession(cl, packets.ErrQuotaExceeded, time.Now())

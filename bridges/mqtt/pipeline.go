@@ -241,8 +241,7 @@ func (c *pipeConn) Write(b []byte) (int, error) {
 			return 0, errSessionEnded
 		}
 		if c.done == c.enq && len(c.held) == 0 {
-			c.armWrite()
-			n, err := c.Conn.Write(b)
+			n, err := c.writeLocked(b)
 			if err != nil {
 				c.writeFailed(c.device, err)
 			}
@@ -277,7 +276,43 @@ func (c *pipeConn) SetDeadline(t time.Time) error {
 	}
 	t = t.Add(deadlineSlack)
 	c.deadline.Store(t.UnixNano())
+	// The write deadline is set only when a write starts (armWrite), so
+	// after WriteTimeout without one it has passed; but crypto/tls also
+	// writes by itself while reading (its answer to a TLS 1.3 KeyUpdate
+	// that asks for one), and such a write would fail at once and break
+	// the connection for the next PUBACK. So it is kept ahead here as
+	// well, once per deadlineSlack at most, and only while no write holds
+	// mu: a write that is blocked on the device must not be extended.
+	if c.l != nil && c.mu.TryLock() { // l is nil only in unit tests of the deadline alone
+		if timeout := c.l.s.cfg.WriteTimeout; c.wdl < time.Now().Add(timeout/2).UnixNano() {
+			c.armWrite()
+		}
+		c.mu.Unlock()
+	}
 	return c.Conn.SetReadDeadline(t)
+}
+
+// writeChunk is the most written to the device under one write deadline:
+// a TLS record's worth, so that a device that reads slowly but steadily
+// (a command of 256 KiB over a link of a few kbit/s) gets WriteTimeout
+// for each chunk rather than for the whole write.
+const writeChunk = 16 << 10
+
+// writeLocked writes b to the device, each writeChunk under a deadline of
+// its own (armWrite). Caller holds mu.
+func (c *pipeConn) writeLocked(b []byte) (int, error) {
+	n := 0
+	for len(b) > 0 {
+		k := min(len(b), writeChunk)
+		c.armWrite()
+		w, err := c.Conn.Write(b[:k])
+		n += w
+		if err != nil {
+			return n, err
+		}
+		b = b[k:]
+	}
+	return n, nil
 }
 
 // armWrite gives the write about to start Config.WriteTimeout, less up to
@@ -396,8 +431,7 @@ func (c *pipeConn) flush() {
 			}
 			if size > 0 {
 				// Written under mu so that a direct Write cannot overtake it.
-				c.armWrite()
-				_, werr = c.Conn.Write(c.held[:size])
+				_, werr = c.writeLocked(c.held[:size])
 				c.held = append(c.held[:0], c.held[size:]...)
 				c.runs = append(c.runs[:0], c.runs[k:]...)
 				if len(c.held) == 0 && cap(c.held) > keptHeld {

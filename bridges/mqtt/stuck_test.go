@@ -241,3 +241,83 @@ func TestStuckDeviceWriteTimesOut(t *testing.T) {
 	}
 	waitFor(t, "the session to end", func() bool { return r.s.SessionCount() == 0 })
 }
+
+// TestWriteDeadlineKeptAheadWhileReading: the write deadline is set when a
+// write starts, so once a session has written nothing for WriteTimeout it
+// has passed. crypto/tls writes on its own while reading (its answer to a
+// TLS 1.3 KeyUpdate that asks for one), outside our writes; with the
+// deadline passed that write fails at once and the connection is broken for
+// the next PUBACK. Each packet read keeps the deadline ahead while no
+// write is under way. The test makes such a write itself (a PINGRESP, on
+// the TLS connection directly) after an idle spell and a QoS 0 publish,
+// which the gateway reads without answering.
+func TestWriteDeadlineKeptAheadWhileReading(t *testing.T) {
+	const timeout = 300 * time.Millisecond
+	r := newRigWith(t, queue.Options{}, Config{WriteTimeout: timeout}, nil)
+	d := r.dial(t, "idle", 5) // the CONNACK arms the write deadline
+	pc := r.conn(t, "idle")
+	time.Sleep(3 * timeout)
+	before := r.metric(t, "bastion_queue_depth")
+	d.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish}, TopicName: "devices/idle/t/n", Payload: []byte("qos 0")})
+	waitFor(t, "the QoS 0 publish read and queued", func() bool { return r.metric(t, "bastion_queue_depth") > before })
+	// mochi refreshes the read deadline before it waits for the next
+	// packet, right after handling this one.
+	waitFor(t, "the session waiting for its next packet", func() bool {
+		return pc.deadline.Load() > time.Now().Add(time.Minute).UnixNano()
+	})
+	if _, err := pc.Conn.Write([]byte{packets.Pingresp << 4, 0}); err != nil {
+		t.Fatalf("a write crypto/tls makes while reading, %v after the session's last write: %v", 3*timeout, err)
+	}
+	if pk := d.read(5 * time.Second); pk.FixedHeader.Type != packets.Pingresp {
+		t.Fatalf("device read packet type %d, want the PINGRESP", pk.FixedHeader.Type)
+	}
+}
+
+// TestSlowSteadyReaderGetsItsCommand: the write deadline bounds a write
+// to a device that reads nothing, not a long write to one that reads slowly
+// but steadily: a 200 KiB command to a device reading 16 KiB every
+// WriteTimeout/2 (the whole command takes several WriteTimeouts) arrives
+// whole, and the session stays open.
+func TestSlowSteadyReaderGetsItsCommand(t *testing.T) {
+	const timeout = 400 * time.Millisecond
+	r := newRigWith(t, queue.Options{}, Config{WriteTimeout: timeout}, nil)
+	r.rcvBuf = 4096
+	d := r.dial(t, "slow", 5)
+	pc := r.conn(t, "slow")
+	if err := pc.Conn.NetConn().(interface{ SetWriteBuffer(int) error }).SetWriteBuffer(4096); err != nil {
+		t.Fatal(err)
+	}
+	d.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Subscribe, Qos: 1}, PacketID: 1,
+		Filters: packets.Subscriptions{{Filter: "devices/slow/c/#", Qos: 0}}})
+	if pk := d.read(5 * time.Second); pk.FixedHeader.Type != packets.Suback {
+		t.Fatalf("device read packet type %d, want the SUBACK", pk.FixedHeader.Type)
+	}
+	payload := bytes.Repeat([]byte("c"), 200<<10)
+	if err := r.s.mq.Publish("devices/slow/c/big", payload, false, 0); err != nil {
+		t.Fatal(err)
+	}
+	// Read slowly: at most 16 KiB every timeout/2.
+	var got []byte
+	buf := make([]byte, 16<<10)
+	deadline := time.Now().Add(30 * time.Second)
+	for len(got) < len(payload) {
+		if time.Now().After(deadline) {
+			t.Fatalf("read %d of %d bytes in 30 s", len(got), len(payload))
+		}
+		time.Sleep(timeout / 2)
+		for round := 0; round < len(buf); {
+			d.c.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+			n, err := d.r.Read(buf[:len(buf)-round])
+			got, round = append(got, buf[:n]...), round+n
+			if isTimeout(err) {
+				break
+			}
+			if err != nil {
+				t.Fatalf("after %d bytes of the command: %v (the gateway gave up on a device that was reading)", len(got), err)
+			}
+		}
+	}
+	if !bytes.Contains(got, payload[:1024]) || r.s.SessionCount() != 1 {
+		t.Fatalf("the command did not arrive whole on an open session (sessions %d)", r.s.SessionCount())
+	}
+}

@@ -88,6 +88,20 @@ func (cl *Clients) Delete(id string) {
 	delete(cl.internal, id)
 }
 
+// deleteIfCurrent deletes c if it is still the client held under its id,
+// and reports whether it did (Bastion patch (10), third_party/README.md): a
+// session that ends while a new connection of the same client id takes it
+// over must not delete the new one, which may already be held there.
+func (cl *Clients) deleteIfCurrent(c *Client) bool {
+	cl.Lock()
+	defer cl.Unlock()
+	if cur, ok := cl.internal[c.ID]; !ok || cur != c {
+		return false
+	}
+	delete(cl.internal, c.ID)
+	return true
+}
+
 // GetByListener returns clients matching a listener id.
 func (cl *Clients) GetByListener(id string) []*Client {
 	cl.RLock()

@@ -437,10 +437,18 @@ func (s *Server) attachClient(cl *Client, listener string) error {
 	expire := (cl.Properties.ProtocolVersion == 5 && cl.Properties.Props.SessionExpiryInterval == 0) || (cl.Properties.ProtocolVersion < 5 && cl.Properties.Clean)
 	s.hooks.OnDisconnect(cl, err, expire)
 
-	if expire && !cl.IsTakenOver() {
+	// Bastion patch (10): the ended session's state is dropped only if it
+	// is still the client held under its id. A new connection taking the
+	// session over sets IsTakenOver only after it found and disconnected
+	// this one, and adds itself right after; this session's goroutine may
+	// pass the IsTakenOver check before that and delete the new client,
+	// which then is no longer found (by revocation, by a takeover of its
+	// own) while it is connected. Deleted first, under the clients' lock,
+	// so that the new client is either not added yet (and finds nothing to
+	// take over: this session is clean) or is left alone.
+	if expire && !cl.IsTakenOver() && s.Clients.deleteIfCurrent(cl) {
 		cl.ClearInflights()
-		s.UnsubscribeClient(cl)
-		s.Clients.Delete(cl.ID) // [MQTT-4.1.0-2] ![MQTT-3.1.2-23]
+		s.UnsubscribeClient(cl) // [MQTT-4.1.0-2] ![MQTT-3.1.2-23]
 	}
 
 	return err
