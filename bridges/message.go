@@ -85,6 +85,13 @@ func AcceptNotify(ctx context.Context, s Sink, m Message, done func(error)) (pen
 // CoAP 5.03 with Max-Age) instead of dropping it.
 var ErrQueueFull = errors.New("message queue full: the upstream link is down or slow; retry later")
 
+// ErrDiskFailed marks a Sink's failure to store a message on its disk (a
+// write or fsync error, or a queue stopped after one). Transports answer it
+// as they answer any other error; it is named so that the refusal can be
+// counted as the gateway's disk at fault, apart from ErrQueueFull (a
+// backlog, or no space left: the device should retry later).
+var ErrDiskFailed = errors.New("the gateway's disk failed to store the message")
+
 // ErrNoReceiver is returned for a command the gateway took and kept (as
 // its topic's last command, for the device's next CoAP GET or Observe)
 // that no device session received: the device has no CoAP observer and no

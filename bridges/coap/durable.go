@@ -8,6 +8,7 @@ import (
 
 	"github.com/plgd-dev/go-coap/v3/message/pool"
 
+	"github.com/bastion-iot/bastion/bridges/hub"
 	otacache "github.com/bastion-iot/bastion/ota-cache"
 )
 
@@ -16,8 +17,8 @@ import (
 // is answered exactly once, by whichever comes first:
 //
 //   - done, the Sink's callback after the group commit's fsync (2.04, or
-//     the error's answer: 5.03 with Max-Age for a full queue), on the Sink's
-//     goroutine; or
+//     the error's answer: 5.03 with Max-Age for a full queue, 5.00 for a
+//     disk error), on the Sink's goroutine; or
 //   - timeout, when the request's shared deadline (hub.SharedDeadline, the
 //     per-session acceptTimeout bound) ends first: 5.03 with Max-Age, the
 //     answer a timed-out Accept gets. done coming later then does nothing.
@@ -67,7 +68,7 @@ func (a *durableAnswer) handOver(w *otacache.DTLSResponseWriter, m *pool.Message
 	if a.settled {
 		err := a.err
 		a.mu.Unlock()
-		s.answer(w, m, se, s.telemetryAnswer(a.device, a.topic, err))
+		s.answer(w, m, se, a.outcome(err))
 		return
 	}
 	if a.ctx.Done() != nil { // QoS 0 has no deadline
@@ -76,7 +77,7 @@ func (a *durableAnswer) handOver(w *otacache.DTLSResponseWriter, m *pool.Message
 			// The deadline has already passed: answered now, as then.
 			a.settled, a.w = true, nil
 			a.mu.Unlock()
-			s.answer(w, m, se, s.telemetryAnswer(a.device, a.topic, a.timeoutErr()))
+			s.answer(w, m, se, a.outcome(a.timeoutErr()))
 			return
 		}
 	}
@@ -145,9 +146,20 @@ func (a *durableAnswer) take() (*pool.Message, *session, *deadlineWatch) {
 // request (d.Done); neither d nor m may be used after it.
 func (a *durableAnswer) finish(d *otacache.DTLSDeferred, m *pool.Message, se *session, err error) {
 	s := a.s
-	s.answer(d, m, se, s.telemetryAnswer(a.device, a.topic, err))
+	s.answer(d, m, se, a.outcome(err))
 	d.Done()
 	s.bg.Done()
+}
+
+// outcome is the answer for the settled outcome err. The hub counted the
+// message as accepted when the Sink admitted it, so a failure here (the
+// Sink's, or the deadline's) is a refusal no one has counted yet: it is
+// counted here, once, since only the one that settled gets here.
+func (a *durableAnswer) outcome(err error) response {
+	if err != nil {
+		a.s.hub.NotDurable(hub.CoAP, a.device, err)
+	}
+	return a.s.telemetryAnswer(a.device, a.topic, err)
 }
 
 // deadlineWatch holds the answers waiting under one shared deadline

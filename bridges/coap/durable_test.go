@@ -18,8 +18,11 @@ import (
 	"github.com/plgd-dev/go-coap/v3/message/codes"
 	"github.com/plgd-dev/go-coap/v3/message/pool"
 	"github.com/plgd-dev/go-coap/v3/udp/coder"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/bastion-iot/bastion/bridges"
+	"github.com/bastion-iot/bastion/bridges/coap"
+	"github.com/bastion-iot/bastion/bridges/hub"
 	"github.com/bastion-iot/bastion/bridges/queue"
 	"github.com/bastion-iot/bastion/internal/devicesim"
 )
@@ -316,12 +319,13 @@ func (quickSink) AcceptNotify(_ context.Context, m bridges.Message, done func(er
 
 // A durable queue that is full refuses at once: 5.03 with Max-Age. A
 // failed fsync reaches the device as 5.00 through the callback, and the
-// device is never told 2.04 for it.
+// device is never told 2.04 for it. Each refusal is counted once, with its
+// reason (queue_full, disk_error), for the transport and the device.
 func TestDurableQueueFullAndFailedFsync(t *testing.T) {
 	g := newSyncGate()
 	q := openQueue(t, g, queue.Options{MaxBytes: 16 << 10})
 	id := &fakeIdentity{key: []byte("0123456789abcdef"), revoked: map[string]bool{}}
-	_, dev, _, addr, _ := startSessionsWithSink(t, id, q)
+	s, dev, _, addr, _ := startSessionsWithSink(t, id, q)
 	c := dialRaw(t, dev, addr)
 	payload := make([]byte, 1000)
 	mid := uint16(1)
@@ -345,11 +349,12 @@ func TestDurableQueueFullAndFailedFsync(t *testing.T) {
 	if mid < 5 {
 		t.Fatalf("refused as full after %d messages", mid-1)
 	}
+	checkRefusals(t, coap.HubOf(s), "dev-psk", hub.ReasonQueueFull, int(mid-1))
 
 	// A second queue, whose next fsync fails.
 	g2 := newSyncGate()
 	q2 := openQueue(t, g2, queue.Options{})
-	_, dev2, _, addr2, _ := startSessionsWithSink(t, id, q2)
+	s2, dev2, _, addr2, _ := startSessionsWithSink(t, id, q2)
 	c2 := dialRaw(t, dev2, addr2)
 	g2.armed.Store(true)
 	g2.fail.Store(true)
@@ -357,6 +362,50 @@ func TestDurableQueueFullAndFailedFsync(t *testing.T) {
 	g2.waitEntered(t)
 	g2.release()
 	c2.expect("telemetry whose fsync failed", 1, codes.InternalServerError)
+	checkRefusals(t, coap.HubOf(s2), "dev-psk", hub.ReasonDiskError, 1)
+}
+
+// checkRefusals checks that h counted one telemetry refusal, over CoAP,
+// with reason, and that device has it among its counters, after in
+// messages admitted.
+func checkRefusals(t *testing.T, h *hub.Hub, device, reason string, in int) {
+	t.Helper()
+	m := h.Metrics()
+	if n := testutil.ToFloat64(m.Refused.WithLabelValues(hub.CoAP, reason)); n != 1 {
+		t.Errorf("refusals{coap,%s} = %v, want 1", reason, n)
+	}
+	if n := testutil.CollectAndCount(m.Refused); n != 1 {
+		t.Errorf("%d refusal series, want only {coap,%s}", n, reason)
+	}
+	if tr, _ := h.Traffic(device); tr.Refused != 1 || tr.MessagesIn != uint64(in) {
+		t.Errorf("%s's counters %+v, want %d in and 1 refused", device, tr, in)
+	}
+}
+
+// The queue's fsync outlasting the commit deadline: the device gets 5.03
+// with Max-Age (as before: retry later), and the refusal is counted once,
+// as commit_timeout, not as a full queue, for the transport and the
+// device; the hub had counted the message in when the queue admitted it.
+// The fsync failing after that answer counts nothing more.
+func TestDurableTimeoutCounted(t *testing.T) {
+	g := newSyncGate()
+	q := openQueue(t, g, queue.Options{})
+	id := &fakeIdentity{key: []byte("0123456789abcdef"), revoked: map[string]bool{}}
+	s, dev, _, addr, _, _ := startStoppable(t, id, q, 300*time.Millisecond)
+	c := dialRaw(t, dev, addr)
+
+	g.armed.Store(true)
+	c.send(1, codes.POST, "/t/slow", []byte("x"))
+	g.waitEntered(t)
+	if a := c.expect("telemetry whose fsync outlasts the deadline", 1, codes.ServiceUnavailable); a.maxAge != 30 {
+		t.Errorf("5.03 Max-Age %d, want 30 (RetryAfter)", a.maxAge)
+	}
+	checkRefusals(t, coap.HubOf(s), "dev-psk", hub.ReasonCommitTimeout, 1)
+
+	g.fail.Store(true)
+	g.release()
+	q.Close() // returns once the writer has reported the failed fsync
+	checkRefusals(t, coap.HubOf(s), "dev-psk", hub.ReasonCommitTimeout, 1)
 }
 
 // A device revoked, or a server stopped, while its telemetry waits for the

@@ -1,11 +1,18 @@
 package coap
 
-import "time"
+import (
+	"time"
+
+	"github.com/bastion-iot/bastion/bridges/hub"
+)
 
 // SetAcceptTimeout bounds s's confirmable requests' wait for the Sink (the
 // acceptTimeout constant otherwise), for tests of the deadline; call it
 // before Run.
 func SetAcceptTimeout(s *Server, d time.Duration) { s.deadline.Timeout = d }
+
+// HubOf is the hub s hands telemetry to, for its counters.
+func HubOf(s *Server) *hub.Hub { return s.hub }
 
 // Observe registration stages for SetObserveHook.
 const (

@@ -2,7 +2,6 @@ package coap
 
 import (
 	"bytes"
-	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -176,14 +175,25 @@ func (s *Server) telemetry(device, path string, r request) response {
 // telemetryAnswer is the answer to telemetry the Sink accepted (err nil)
 // or refused.
 func (s *Server) telemetryAnswer(device, topic string, err error) response {
-	switch {
-	case err == nil:
+	if err == nil {
 		return response{code: codes.Changed}
-	case errors.Is(err, bridges.ErrQueueFull), errors.Is(err, context.DeadlineExceeded):
-		s.log.Warn("coap: telemetry refused: queue full, device asked to retry", "device", device, "topic", topic, "retry_after", s.cfg.RetryAfter)
+	}
+	// The device gets the same answer for a full queue and a deadline
+	// that passed (both mean: retry later); the log says which it was, so
+	// that whoever reads it looks at the backlog or at the disk.
+	switch reason := hub.SinkRefusal(err); reason {
+	case hub.ReasonQueueFull, hub.ReasonCommitTimeout:
+		msg := "coap: telemetry refused: queue full, device asked to retry"
+		if reason == hub.ReasonCommitTimeout {
+			msg = "coap: telemetry refused: not made durable within the commit deadline (slow disk), device asked to retry"
+		}
+		s.log.Warn(msg, "device", device, "topic", topic, "reason", reason, "retry_after", s.cfg.RetryAfter, "err", err)
 		res := diag(codes.ServiceUnavailable, "gateway queue full; retry after %d s", int(s.cfg.RetryAfter.Seconds()))
 		res.maxAge = uint32(s.cfg.RetryAfter.Seconds())
 		return res
+	case hub.ReasonDiskError:
+		s.log.Error("coap: telemetry not accepted: the gateway's disk failed to store it", "device", device, "topic", topic, "reason", reason, "err", err)
+		return diag(codes.InternalServerError, "telemetry not accepted")
 	default:
 		s.log.Error("coap: telemetry not accepted", "device", device, "topic", topic, "err", err)
 		return diag(codes.InternalServerError, "telemetry not accepted")

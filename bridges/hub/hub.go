@@ -213,8 +213,8 @@ func (h *Hub) telemetry(origin string, m bridges.Message, accept func(bridges.Me
 		m.Received = time.Now()
 	}
 	if err := accept(m); err != nil {
-		if errors.Is(err, bridges.ErrQueueFull) {
-			h.m.Refused.WithLabelValues(origin, ReasonQueueFull).Inc()
+		if reason := SinkRefusal(err); reason != "" {
+			h.m.Refused.WithLabelValues(origin, reason).Inc()
 		}
 		h.traffic.update(m.Device, func(t *Traffic) { t.Refused++ })
 		return fmt.Errorf("accept telemetry from %s on %s: %w", m.Device, m.Topic, err)
@@ -228,6 +228,43 @@ func (h *Hub) telemetry(origin string, m bridges.Message, accept func(bridges.Me
 	h.m.telemetryCounter(origin).Inc()
 	h.mirror(origin, m)
 	return nil
+}
+
+// SinkRefusal names, for the reason label, why the Sink did not take or
+// keep a message: ReasonQueueFull (bridges.ErrQueueFull, no space left on
+// the disk included), ReasonCommitTimeout (the wait's deadline ended first)
+// or ReasonDiskError (bridges.ErrDiskFailed); "" for any other error (the
+// session or the gateway ending, a message the transport refuses itself).
+func SinkRefusal(err error) string {
+	switch {
+	case errors.Is(err, bridges.ErrQueueFull):
+		return ReasonQueueFull
+	case errors.Is(err, context.DeadlineExceeded):
+		return ReasonCommitTimeout
+	case errors.Is(err, bridges.ErrDiskFailed):
+		return ReasonDiskError
+	}
+	return ""
+}
+
+// NotDurable counts telemetry that TelemetryNotify admitted (and counted
+// as accepted) but that the Sink then failed to make durable, or that was
+// not durable by its deadline: the transport refused it to the device
+// after all. The transport calls it once per such message, whatever it
+// then does with the session. It counts the refusal for origin, with
+// SinkRefusal's reason (ReasonDiskError for an error it does not name:
+// a late failure is the store's), and in the device's traffic, and
+// returns the reason counted. It never blocks (NotifySink callbacks call
+// it).
+func (h *Hub) NotDurable(origin, device string, err error) (reason string) {
+	reason = SinkRefusal(err)
+	if reason == "" {
+		reason = ReasonDiskError
+	}
+	h.m.Refused.WithLabelValues(origin, reason).Inc()
+	// A device forgotten meanwhile (revoked) gets no new row.
+	h.traffic.updateExisting(device, func(t *Traffic) { t.Refused++ })
+	return reason
 }
 
 // Deliver sends a command to a device: m.Topic must be

@@ -4,10 +4,12 @@ import (
 	"bufio"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"os"
 	"strings"
+	"syscall"
 	"testing"
 	"unicode/utf8"
 
@@ -300,5 +302,93 @@ func TestFilterLengthBounded(t *testing.T) {
 	}
 	if MayRead("dev1", BroadcastPrefix+"a//b") || MayRead("dev1", BroadcastPrefix+"#") {
 		t.Error("MayRead allowed an invalid broadcast path")
+	}
+}
+
+// A Sink's refusal is counted with a reason that says what failed: a full
+// queue (no space left on the disk included, which the queue reports as
+// full), a commit that outlasted the wait's deadline, or a disk error.
+// Other errors (the session ending) are counted for the device only.
+func TestSinkRefusalReasons(t *testing.T) {
+	ctx := context.Background()
+	for _, tc := range []struct {
+		name   string
+		err    error
+		reason string
+	}{
+		{"full", fmt.Errorf("queue accept: %w", bridges.ErrQueueFull), ReasonQueueFull},
+		{"no space", fmt.Errorf("%w: %w", bridges.ErrQueueFull, syscall.ENOSPC), ReasonQueueFull},
+		{"timeout", fmt.Errorf("waiting for disk: %w", context.DeadlineExceeded), ReasonCommitTimeout},
+		{"disk", fmt.Errorf("queue stopped: %w", errors.Join(errors.New("fsync: EIO"), bridges.ErrDiskFailed)), ReasonDiskError},
+		{"other", context.Canceled, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := SinkRefusal(tc.err); got != tc.reason {
+				t.Errorf("SinkRefusal(%v) = %q, want %q", tc.err, got, tc.reason)
+			}
+			h, err := New(fullSink{tc.err}, nil, discard)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := h.Telemetry(ctx, MQTT, bridges.Message{Device: "d1", Topic: "devices/d1/t/x"}); !errors.Is(err, tc.err) {
+				t.Errorf("Telemetry: %v, want %v", err, tc.err)
+			}
+			want := 0
+			if tc.reason != "" {
+				want = 1
+				if n := testutil.ToFloat64(h.m.Refused.WithLabelValues(MQTT, tc.reason)); n != 1 {
+					t.Errorf("refusals{mqtt,%s} %v, want 1", tc.reason, n)
+				}
+			}
+			if n := testutil.CollectAndCount(h.m.Refused); n != want {
+				t.Errorf("%d refusal series, want %d", n, want)
+			}
+			if tr, _ := h.Traffic("d1"); tr.Refused != 1 || tr.MessagesIn != 0 {
+				t.Errorf("device counters %+v, want 1 refused, none in", tr)
+			}
+		})
+	}
+}
+
+// NotDurable counts telemetry that was admitted (and counted in) and then
+// not made durable: once per call, with the reason of its error
+// (disk_error for one it does not name), for the transport and the
+// device, and it makes no row for a device forgotten meanwhile.
+func TestNotDurable(t *testing.T) {
+	h, err := New(LocalSink{}, nil, discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	for _, dev := range []string{"d1", "d2"} {
+		if err := h.Telemetry(ctx, CoAP, bridges.Message{Device: dev, Topic: "devices/" + dev + "/t/x"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, c := range []struct {
+		err  error
+		want string
+	}{
+		{fmt.Errorf("telemetry: %w", context.DeadlineExceeded), ReasonCommitTimeout},
+		{fmt.Errorf("queue: fsync: %w", bridges.ErrDiskFailed), ReasonDiskError},
+		{errors.New("queue: disk error earlier"), ReasonDiskError},
+		{fmt.Errorf("%w: %w", bridges.ErrQueueFull, syscall.ENOSPC), ReasonQueueFull},
+	} {
+		if got := h.NotDurable(CoAP, "d1", c.err); got != c.want {
+			t.Errorf("NotDurable(%v) reason %q, want %q", c.err, got, c.want)
+		}
+	}
+	for reason, want := range map[string]float64{ReasonCommitTimeout: 1, ReasonDiskError: 2, ReasonQueueFull: 1} {
+		if n := testutil.ToFloat64(h.m.Refused.WithLabelValues(CoAP, reason)); n != want {
+			t.Errorf("refusals{coap,%s} %v, want %v", reason, n, want)
+		}
+	}
+	if tr, _ := h.Traffic("d1"); tr.Refused != 4 || tr.MessagesIn != 1 {
+		t.Errorf("d1 counters %+v, want 1 in, 4 refused", tr)
+	}
+	h.Forget("d2")
+	h.NotDurable(CoAP, "d2", bridges.ErrDiskFailed)
+	if tr, ok := h.Traffic("d2"); ok {
+		t.Errorf("forgotten device has counters again: %+v", tr)
 	}
 }

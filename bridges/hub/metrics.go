@@ -46,6 +46,14 @@ const (
 	// (transport="gateway"): the device already has maxLastPerDevice
 	// topics kept, or all devices' kept commands reach maxLastBytes.
 	ReasonCommandsFull = "commands_full"
+	// ReasonCommitTimeout: telemetry the Sink admitted but had not made
+	// durable by the wait's deadline (a slow disk); the device was asked
+	// to retry, as for a full queue.
+	ReasonCommitTimeout = "commit_timeout"
+	// ReasonDiskError: telemetry the Sink could not store (a write or
+	// fsync failed, or the queue is stopped after one): a fault of the
+	// gateway's disk, not of the device or the link.
+	ReasonDiskError = "disk_error"
 )
 
 // Metrics are the transports' counters, registered once on the gateway's

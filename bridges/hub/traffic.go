@@ -9,11 +9,11 @@ import (
 // console shows on a device's page. They live in memory only; nothing about
 // a device's traffic is written to flash.
 type Traffic struct {
-	MessagesIn  uint64    `json:"messages_in"`  // telemetry accepted from the device
+	MessagesIn  uint64    `json:"messages_in"`  // telemetry admitted from the device (one not made durable later counts in Refused too)
 	BytesIn     uint64    `json:"bytes_in"`     // payload bytes of those
 	MessagesOut uint64    `json:"messages_out"` // commands handed to its transports
 	BytesOut    uint64    `json:"bytes_out"`
-	Refused     uint64    `json:"refused"` // telemetry refused (queue full, bad topic)
+	Refused     uint64    `json:"refused"` // telemetry refused (queue full, bad topic, not made durable)
 	LastSeen    time.Time `json:"last_seen,omitzero"`
 }
 

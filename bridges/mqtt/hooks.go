@@ -342,7 +342,8 @@ func (h *authHook) OnPublish(cl *mochi.Client, pk packets.Packet) (packets.Packe
 		return pk, packets.ErrRejectPacket
 	}
 	v5 := cl.Properties.ProtocolVersion == 5
-	full := errors.Is(err, bridges.ErrQueueFull) || errors.Is(err, context.DeadlineExceeded)
+	reason := hub.SinkRefusal(err) // counted by the hub
+	full := reason == hub.ReasonQueueFull || reason == hub.ReasonCommitTimeout
 	switch {
 	case !v5 && pk.FixedHeader.Qos > 0:
 		// MQTT 3.1.1 has no negative PUBACK, and its client sends an
@@ -357,8 +358,10 @@ func (h *authHook) OnPublish(cl *mochi.Client, pk packets.Packet) (packets.Packe
 		// asks it to send again, it does not mean the device is gone (and
 		// the queue that refused this would refuse the Will too).
 		h.s.log.Warn("mqtt: publish refused; closing the MQTT 3.1.1 session so that the device sends it again after reconnecting (3.1.1 has no negative PUBACK)",
-			"device", cl.ID, "topic", pk.TopicName, "queue_full", full, "err", err)
+			"device", cl.ID, "topic", pk.TopicName, "queue_full", full, "reason", reason, "err", err)
 		h.s.endSession(cl, packets.ErrQuotaExceeded, time.Now())
+	case reason == hub.ReasonCommitTimeout:
+		h.s.log.Warn("mqtt: publish refused: not made durable within the commit deadline (slow disk), device asked to retry", "device", cl.ID, "topic", pk.TopicName, "qos", pk.FixedHeader.Qos)
 	case full:
 		h.s.log.Warn("mqtt: publish refused: queue full, device asked to retry", "device", cl.ID, "topic", pk.TopicName, "qos", pk.FixedHeader.Qos)
 	default:

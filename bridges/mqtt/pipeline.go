@@ -8,6 +8,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/bastion-iot/bastion/bridges/hub"
 )
 
 // Per-session bounds of the PUBACK pipeline (see pipeConn).
@@ -64,7 +66,8 @@ var errSessionEnded = fmt.Errorf("mqtt session ended: %w", net.ErrClosed)
 //
 // If a message is not made durable (the queue's write or fsync failed),
 // the bytes held are discarded and the connection is closed: the device
-// never sees a PUBACK for it and sends it again after reconnecting.
+// never sees a PUBACK for it and sends it again after reconnecting. Each
+// such message is counted as refused (report, hub.NotDurable).
 type pipeConn struct {
 	*tls.Conn
 	l *tlsListener
@@ -113,6 +116,9 @@ type pipeConn struct {
 	failed  error // the first failure reported; nothing counts after it
 	running bool  // a flusher goroutine is started and not finished
 	ended   bool  // the session ended: no flusher starts any more
+	// rdev is the session's device (identify), for report's count of a
+	// message not made durable: report may not take mu.
+	rdev string
 }
 
 // heldRun is a stretch of held bytes written when enq was barrier: they may
@@ -136,6 +142,9 @@ func (c *pipeConn) identify(device string) {
 	c.mu.Lock()
 	c.device = device
 	c.mu.Unlock()
+	c.nmu.Lock()
+	c.rdev = device
+	c.nmu.Unlock()
 }
 
 func newPipeConn(tc *tls.Conn, l *tlsListener) *pipeConn {
@@ -201,6 +210,7 @@ func (c *pipeConn) settleNow(n uint64) { c.settle(nil, n) }
 // once they have.
 func (c *pipeConn) settle(err error, now uint64) {
 	c.nmu.Lock()
+	device := c.rdev
 	switch {
 	case c.failed != nil:
 	case err != nil:
@@ -226,6 +236,14 @@ func (c *pipeConn) settle(err error, now uint64) {
 		c.l.wg.Add(1)
 	}
 	c.nmu.Unlock()
+	if err != nil {
+		// The hub counted the message as accepted when the Sink admitted
+		// it; it is never acknowledged now (the session closes, the device
+		// sends it again). Counted here, per message the Sink failed,
+		// including those reported after the first failure or after the
+		// session ended: each is reported exactly once.
+		c.l.s.hub.NotDurable(hub.MQTT, device, err)
+	}
 	if start {
 		go c.flushFn()
 	}
@@ -485,7 +503,7 @@ func (c *pipeConn) fail(device string, err error) {
 	}
 	if !errors.Is(err, net.ErrClosed) {
 		c.l.s.log.Error("mqtt: a message was not made durable; closing the session without acknowledging it (the device sends it again after reconnecting)",
-			"device", device, "err", err)
+			"device", device, "reason", hub.SinkRefusal(err), "err", err)
 	}
 	c.Conn.Close()
 }

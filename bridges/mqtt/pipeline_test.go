@@ -26,6 +26,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"github.com/mochi-mqtt/server/v2/packets"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/bridges/hub"
@@ -487,7 +488,10 @@ func TestPubackWaitsForFsync(t *testing.T) {
 // TestFailedFsyncClosesSession: when the fsync that covers the held
 // messages fails, the device gets no PUBACK at all and its connection is
 // closed; reconnecting, it is refused (the queue refuses everything after a
-// failed fsync) with MQTT 5 reason 0x97 rather than acknowledged.
+// failed fsync) with MQTT 5 reason 0x97 rather than acknowledged. Each of
+// the 16 messages not made durable is counted as refused once, as a disk
+// error (not once per session close, and not as a full queue), for the
+// transport and the device, and so is the refusal after reconnecting.
 func TestFailedFsyncClosesSession(t *testing.T) {
 	hs := newHeldSync()
 	r := newRig(t, queue.Options{Sync: hs.sync})
@@ -505,11 +509,23 @@ func TestFailedFsyncClosesSession(t *testing.T) {
 	if len(got) != 0 || !(errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) || isReset(err)) {
 		t.Fatalf("after a failed fsync the device saw %v then %v; want nothing, then the connection closed", got, err)
 	}
+	refused := r.hub.Metrics().Refused
+	diskErrors := refused.WithLabelValues(hub.MQTT, hub.ReasonDiskError)
+	waitFor(t, "16 refusals counted", func() bool { return testutil.ToFloat64(diskErrors) >= 16 })
 
 	d2 := r.dial(t, "dev-2", 5)
 	d2.publish(1, 0)
 	if diff := cmp.Diff([]ack{{packets.Puback, 1, packets.ErrQuotaExceeded.Code}}, d2.readAcks(1)); diff != "" {
 		t.Errorf("publish after the failed fsync (-want +got):\n%s", diff)
+	}
+	if n := testutil.ToFloat64(diskErrors); n != 17 {
+		t.Errorf("refusals{mqtt,disk_error} = %v, want 17 (16 not made durable, 1 refused after reconnecting)", n)
+	}
+	if n := testutil.CollectAndCount(refused); n != 1 {
+		t.Errorf("%d refusal series, want only {mqtt,disk_error}", n)
+	}
+	if tr, _ := r.hub.Traffic("dev-2"); tr.MessagesIn != 16 || tr.Refused != 17 {
+		t.Errorf("dev-2's counters %+v, want 16 in, 17 refused", tr)
 	}
 }
 

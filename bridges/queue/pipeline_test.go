@@ -136,7 +136,8 @@ func TestOneFsyncAtATime(t *testing.T) {
 // TestFailedFsyncFailsLaterCommits: when an fsync fails, the batch that
 // gathered meanwhile is refused too without being written (after a failed
 // fsync the page cache's state of the file is unknown), and the queue
-// admits nothing more.
+// admits nothing more. Each of those errors is bridges.ErrDiskFailed, not
+// ErrQueueFull, so that the transports count them as the disk's fault.
 func TestFailedFsyncFailsLaterCommits(t *testing.T) {
 	q, reg, g := openGated(t, t.TempDir(), Options{})
 	a := admit(t, q, msg("d", 0))
@@ -147,17 +148,29 @@ func TestFailedFsyncFailsLaterCommits(t *testing.T) {
 		t.Fatalf("stopped before any failure: metric %v, Stats().Err %v", v, q.Stats().Err)
 	}
 	ha.release <- errors.New("EIO from the test")
+	diskErr := func(what string, err error) {
+		t.Helper()
+		if !errors.Is(err, bridges.ErrDiskFailed) || errors.Is(err, bridges.ErrQueueFull) {
+			t.Errorf("%s: %v, want bridges.ErrDiskFailed (and not ErrQueueFull)", what, err)
+		}
+	}
 	if err := result(t, a); err == nil {
 		t.Fatal("first batch reported durable after its fsync failed")
+	} else {
+		diskErr("first batch", err)
 	}
 	if err := result(t, b); err == nil {
 		t.Fatal("second batch reported durable after an earlier fsync failed")
+	} else {
+		diskErr("second batch", err)
 	}
 	if fs := metricValue(t, reg, "bastion_queue_fsyncs_total") - fs0; fs != 1 {
 		t.Errorf("%v fsyncs after the failed one started, want only it (1)", fs)
 	}
 	if _, err := q.AcceptAsync(context.Background(), msg("d", 2)); err == nil {
 		t.Fatal("queue admitted a message after a failed fsync")
+	} else {
+		diskErr("admission after the failure", err)
 	}
 	// Shown where an operator looks: metrics and bastionctl status.
 	if v := metricValue(t, reg, "bastion_queue_stopped"); v != 1 {

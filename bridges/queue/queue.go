@@ -114,6 +114,15 @@ var ErrClosed = errors.New("queue closed")
 // ErrTooLarge is returned by Accept for a message above MaxMessageBytes.
 var ErrTooLarge = errors.New("message too large for the queue")
 
+// diskError marks a failed write or fsync as bridges.ErrDiskFailed, with
+// err's text unchanged: the transports count the refusal as the disk's
+// fault, apart from a full queue. Kept as q.failed, it marks every later
+// refusal that wraps it too (a queue stopped after a failed fsync).
+type diskError struct{ err error }
+
+func (e diskError) Error() string   { return e.err.Error() }
+func (e diskError) Unwrap() []error { return []error{e.err, bridges.ErrDiskFailed} }
+
 // Entry is a held message and its sequence number (unique, increasing in
 // acceptance order, never reused across restarts: see seqGap and
 // writeFloor).
@@ -1268,6 +1277,7 @@ func (q *Queue) flush(sync bool) {
 		q.refusedBatch("disk_full", batch)
 	} else {
 		q.refusedBatch("disk_error", batch) // a failed write or rotation
+		err = diskError{err}
 	}
 	for i := range batch {
 		batch[i].tell(err)
@@ -1325,7 +1335,7 @@ func (q *Queue) commit(seg *segment, batch []pending) {
 	}
 	switch {
 	case err != nil:
-		err = fmt.Errorf("queue: fsync %s: %w", seg.path, err)
+		err = diskError{fmt.Errorf("queue: fsync %s: %w", seg.path, err)}
 		if q.failed == nil {
 			q.failed = err
 			q.m.stopped.Set(1)

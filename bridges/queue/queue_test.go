@@ -1105,8 +1105,8 @@ func TestDiskFull(t *testing.T) {
 		}
 		accepted++
 	}
-	if !errors.Is(err, bridges.ErrQueueFull) || !errors.Is(err, syscall.ENOSPC) {
-		t.Fatalf("Accept on a full disk: %v; want ErrQueueFull wrapping ENOSPC", err)
+	if !errors.Is(err, bridges.ErrQueueFull) || !errors.Is(err, syscall.ENOSPC) || errors.Is(err, bridges.ErrDiskFailed) {
+		t.Fatalf("Accept on a full disk: %v; want ErrQueueFull wrapping ENOSPC, not ErrDiskFailed", err)
 	}
 	if r := metricValue(t, reg, "bastion_queue_refusals_total"); r < 1 {
 		t.Fatalf("refusals = %v", r)
