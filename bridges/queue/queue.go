@@ -483,7 +483,9 @@ func (q *Queue) recover() error {
 		// that drops duplicates by bastion-origin and bastion-seq drop an
 		// acknowledged message. So every open skips past any sequence
 		// number that batch can have held.
-		q.nextSeq += seqGap(q.opts.MaxBytes)
+		// (Saturating: a segment name near 2^64 must not wrap it back to
+		// numbers already given out; the check below refuses it.)
+		q.nextSeq += min(seqGap(q.opts.MaxBytes), math.MaxUint64-q.nextSeq)
 	}
 	// The gap above covers a lost batch that followed a durable one. The
 	// first batch after an open follows the gap instead, so if it is lost
@@ -491,8 +493,12 @@ func (q *Queue) recover() error {
 	// next open would compute this open's nextSeq again: the floor this
 	// open wrote, before it gave out any number, is past that batch.
 	q.nextSeq = max(q.nextSeq, floor, 1)
-	if q.nextSeq > math.MaxUint64-2*seqGap(q.opts.MaxBytes) {
-		return fmt.Errorf("open queue %s: next sequence number %d is too close to 2^64 to skip past a lost batch (only a damaged or forged segment or %s file holds such a number); move the queue directory away (the messages it holds are then lost)", q.dir, q.nextSeq, floorPrefix+"*")
+	// Recover takes no message record at or above seqCeiling (resync's
+	// guard against records embedded in payloads), so a number this open
+	// or the next could give out there would be cut or skipped at the next
+	// open: acknowledged messages lost.
+	if gap := seqGap(q.opts.MaxBytes); 2*gap >= seqCeiling || q.nextSeq >= seqCeiling-2*gap {
+		return fmt.Errorf("open queue %s: next sequence number %d is too close to %d, above which recovery drops message records, to skip past a lost batch (only a damaged or forged segment name or %s file holds such a number); move the queue directory away (the messages it holds are then lost)", q.dir, q.nextSeq, uint64(seqCeiling), floorPrefix+"*")
 	}
 	if err := q.writeFloor(floorNames, q.nextSeq+seqGap(q.opts.MaxBytes)); err != nil {
 		return err
