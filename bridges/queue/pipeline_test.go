@@ -3,11 +3,15 @@ package queue
 import (
 	"context"
 	"errors"
+	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -732,4 +736,86 @@ func TestMarksRearmedAfterFailedWrite(t *testing.T) {
 	}
 	size := activeSize(q)
 	waitFor(t, "the marks written after the failed write", func() bool { return activeSize(q) > size })
+}
+
+// lockedBuffer is a log destination safe for the queue's goroutines.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// TestMarksRetryBacksOff: while the disk fails every write, pending
+// delivered-marks are tried again after a pause that doubles from
+// AckFlushInterval (up to ackRetryMax), not every AckFlushInterval for
+// good, and the log says the marks failed, not that a batch was refused
+// (there is none). One write that succeeds resets the pause. Before, a
+// failing card logged "refusing this batch" at ERROR every second forever.
+// Only lower bounds on the pauses are checked: a timer never fires early.
+func TestMarksRetryBacksOff(t *testing.T) {
+	const every = 10 * time.Millisecond
+	var failing atomic.Bool
+	var mu sync.Mutex
+	var tries []time.Time
+	o := Options{AckFlushInterval: every}
+	o.writeAt = func(f *os.File, b []byte, off int64) (int, error) {
+		if !failing.Load() {
+			return f.WriteAt(b, off)
+		}
+		mu.Lock()
+		tries = append(tries, time.Now())
+		mu.Unlock()
+		return 0, &os.PathError{Op: "write", Path: f.Name(), Err: syscall.EIO}
+	}
+	var logs lockedBuffer
+	q, err := Open(t.TempDir(), o, slog.New(slog.NewTextHandler(&logs, nil)), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { q.Close() })
+	if err := q.Accept(context.Background(), msg("d", 0)); err != nil {
+		t.Fatal(err)
+	}
+	es := drain(t, q)
+	failing.Store(true)
+	if err := q.Ack(es[0].Seq); err != nil {
+		t.Fatal(err)
+	}
+	const n = 5
+	waitFor(t, fmt.Sprintf("%d tries to write the marks", n), func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(tries) >= n
+	})
+	mu.Lock()
+	got := slices.Clone(tries[:n])
+	mu.Unlock()
+	for k := 1; k < n; k++ {
+		if gap, want := got[k].Sub(got[k-1]), every<<(k-1); gap < want {
+			t.Errorf("try %d came %v after try %d; want at least %v (the pause doubles after each failure)", k+1, gap, k, want)
+		}
+	}
+	if l := logs.String(); strings.Contains(l, "refusing this batch") || !strings.Contains(l, "writing delivered-marks failed") {
+		t.Errorf("log after failed marks-only writes:\n%s\nwant the marks' failure, no refused batch", l)
+	}
+	size := activeSize(q)
+	failing.Store(false)
+	waitFor(t, "the marks written once the disk works", func() bool { return activeSize(q) > size })
+	q.mu.Lock()
+	retry := q.ackRetry
+	q.mu.Unlock()
+	if retry != 0 {
+		t.Errorf("pause after a write succeeded = %v, want reset (0)", retry)
+	}
 }

@@ -72,6 +72,9 @@ type Options struct {
 	// and for Next) instead of the file itself: a disk that cannot read
 	// some blocks.
 	readAt func(f *os.File, b []byte, off int64) (int, error)
+	// writeAt, if set (tests in this package), writes the batches and
+	// delivered-marks instead of the file itself: a disk that fails writes.
+	writeAt func(f *os.File, b []byte, off int64) (int, error)
 	// readRetries, if set (tests in this package), replaces the pauses
 	// before each new try of a block that failed to read at open.
 	readRetries []time.Duration
@@ -223,6 +226,9 @@ type Queue struct {
 	wake     chan struct{}
 	ackDue   chan struct{} // the delivered-marks timer fired (capacity 1)
 	ackArmed bool          // that timer is running
+	// ackRetry is the timer's pause after failed writes (zero: none
+	// failed since the last write that succeeded): see ackRetryMax.
+	ackRetry time.Duration
 	stop     chan struct{}
 	stopped  chan struct{}
 	// resumeDue: time to try accepting again after a failed fsync
@@ -1231,6 +1237,7 @@ func (q *Queue) flush(sync bool) {
 		seg.size = off + int64(len(buf))
 		q.maybePrepareSpareLocked(seg)
 		q.writingB = 0
+		q.ackRetry = 0 // the disk writes again: marks wait AckFlushInterval
 		if q.acks == nil && cap(acks) <= maxKeptBuf/8 {
 			q.acks = acks[:0] // written: its array takes the next marks
 		}
@@ -1262,12 +1269,28 @@ func (q *Queue) flush(sync bool) {
 	q.mu.Lock()
 	q.writingB = 0 // nothing of the batch was indexed
 	q.acks = append(q.acks, acks...)
+	// A disk that keeps failing is tried less and less often (and logged
+	// so), not every AckFlushInterval for good.
+	if q.ackRetry == 0 {
+		q.ackRetry = q.opts.AckFlushInterval
+	} else {
+		q.ackRetry = min(2*q.ackRetry, max(ackRetryMax, q.opts.AckFlushInterval))
+	}
 	if len(q.acks) > 0 {
 		// The timer may have fired for this flush already: without a new
 		// one they would wait for the next batch or Ack.
 		q.armAckFlushLocked()
 	}
-	q.log.Error("queue write failed; refusing this batch", "err", err)
+	if len(batch) > 0 {
+		q.log.Error("queue write failed; refusing this batch", "err", err)
+	} else {
+		hint := "check the disk (the kernel log shows I/O errors)"
+		if errors.Is(err, syscall.ENOSPC) {
+			hint = "the disk is full: free space on it"
+		}
+		q.log.Error("queue: writing delivered-marks failed; they are kept and written with the next batch or tried again in "+
+			q.ackRetry.String()+" (a restart before then sends their messages upstream again); "+hint, "marks", len(q.acks), "err", err)
+	}
 	q.mu.Unlock()
 	if errors.Is(err, syscall.ENOSPC) {
 		err = fmt.Errorf("%w: %w", bridges.ErrQueueFull, err)
@@ -1407,6 +1430,7 @@ func (q *Queue) resume() {
 		"segment", q.segs[len(q.segs)-1].path, "failed_with", q.failed)
 	q.failed = nil
 	q.m.stopped.Set(0)
+	q.ackRetry = 0 // its new segment was written
 	if len(q.acks) > 0 {
 		q.armAckFlushLocked() // kept while stopped (see flush)
 	}
@@ -1694,14 +1718,21 @@ func (q *Queue) Ack(seqs ...uint64) error {
 // armAckFlushLocked starts the timer that writes pending delivered-marks,
 // unless it runs already. The marks ride along with the next batch; the
 // timer writes them if none comes. No writer wake-up per PUBACK, one timer
-// at most. Caller holds q.mu.
+// at most. After failed writes it waits ackRetry instead of
+// AckFlushInterval. Caller holds q.mu.
 func (q *Queue) armAckFlushLocked() {
 	if q.ackArmed {
 		return
 	}
 	q.ackArmed = true
-	time.AfterFunc(q.opts.AckFlushInterval, func() { signal(q.ackDue) })
+	time.AfterFunc(cmp.Or(q.ackRetry, q.opts.AckFlushInterval), func() { signal(q.ackDue) })
 }
+
+// ackRetryMax bounds ackRetry, which doubles from AckFlushInterval with
+// each failed write (a failing card's EIO, or ENOSPC when marks alone are
+// appended past a full segment's preallocated end) and is reset by one
+// that succeeds.
+const ackRetryMax = time.Minute
 
 // Stats is a snapshot of the queue.
 type Stats struct {
