@@ -652,6 +652,48 @@ func TestDiskErrorRefusalsCounted(t *testing.T) {
 	}
 }
 
+// TestFailedFsyncCountsOnlyTheRefused: of a batch whose fsync fails, only
+// the messages whose Accept reports the failure (QoS 1, by channel or
+// callback) are refused; its QoS 0 message, whose Accept returned at
+// admission and which stays held, is accepted. Each message is counted
+// once: accepted plus refused is what was offered. Before, the whole batch
+// was counted accepted when written and refused when its fsync failed.
+func TestFailedFsyncCountsOnlyTheRefused(t *testing.T) {
+	q, _, g := openGated(t, t.TempDir(), Options{resumeAfter: time.Hour})
+	accepted := func() float64 { return testutil.ToFloat64(q.m.accepted) }
+	diskErrors := func() float64 { return testutil.ToFloat64(q.m.refused.WithLabelValues("disk_error")) }
+	ctx := context.Background()
+	a := admit(t, q, msg("d", 0))
+	ha := g.next(t, "the first batch") // the next three gather behind it
+	b := admit(t, q, msg("d", 1))
+	zero := msg("d", 2)
+	zero.QoS = 0
+	if ch, err := q.AcceptAsync(ctx, zero); err != nil || ch != nil {
+		t.Fatalf("AcceptAsync QoS 0: channel %v, err %v", ch, err)
+	}
+	told := make(chan error, 1)
+	if pending, err := q.AcceptNotify(ctx, msg("d", 3), func(err error) { told <- err }); !pending || err != nil {
+		t.Fatalf("AcceptNotify: pending %v, err %v", pending, err)
+	}
+	ha.release <- nil
+	if err := result(t, a); err != nil {
+		t.Fatal(err)
+	}
+	hb := g.next(t, "the failing batch")
+	hb.release <- errors.New("EIO from the test")
+	for _, ch := range []<-chan error{b, told} {
+		if err := result(t, ch); err == nil {
+			t.Fatal("reported durable after a failed fsync")
+		}
+	}
+	if got := len(drain(t, q)); got != 4 {
+		t.Fatalf("held %d, want all 4 (a failed fsync's batch stays held)", got)
+	}
+	if acc, ref := accepted(), diskErrors(); acc != 2 || ref != 2 {
+		t.Fatalf("accepted %v, disk_error refusals %v; want 2 and 2 (the first and the QoS 0; the two told of the failure)", acc, ref)
+	}
+}
+
 // waitFor polls cond for up to 5 s.
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()

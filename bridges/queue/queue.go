@@ -1248,7 +1248,9 @@ func (q *Queue) flush(sync bool) {
 			seg.live++
 		}
 		q.depth += len(batch)
-		q.m.accepted.Add(float64(len(batch)))
+		// Accepted once written if its Accept already returned (QoS 0);
+		// the others once commit tells them so.
+		q.m.accepted.Add(float64(len(batch) - waiting(batch)))
 		q.m.depth.Set(float64(q.depth))
 		q.m.bytes.Set(float64(q.diskBytes()))
 		if len(batch) > 0 {
@@ -1374,13 +1376,31 @@ func (q *Queue) commit(seg *segment, batch []pending) {
 		q.resumeWait = 0 // the disk works: a later failure starts over
 	}
 	q.mu.Unlock()
+	// Only the messages whose Accept learns the outcome now: those told
+	// of the failure are refused (their devices resend; the written copy
+	// stays held and may be sent too: a duplicate), the others (QoS 0)
+	// were counted accepted when written and stay held.
 	if err != nil {
-		q.refusedBatch("disk_error", batch)
+		q.m.refused.WithLabelValues("disk_error").Add(float64(waiting(batch)))
+	} else {
+		q.m.accepted.Add(float64(waiting(batch)))
 	}
 	for i := range batch {
 		batch[i].tell(err)
 	}
 	q.recycle(batch, nil)
+}
+
+// waiting is how many of batch's messages wait to be told the outcome of
+// their commit (QoS 1: a channel or a callback).
+func waiting(batch []pending) int {
+	n := 0
+	for i := range batch {
+		if batch[i].done != nil || batch[i].fn != nil {
+			n++
+		}
+	}
+	return n
 }
 
 // resumeFirst is how long the queue refuses messages after a failed fsync
