@@ -36,7 +36,7 @@ func newMetrics(q *Queue) *metrics {
 			return q.opts.Now().Sub(s.Oldest).Seconds()
 		}),
 		refused: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bastion_queue_refusals_total",
-			Help: "Messages refused by the queue, by reason (bytes, age, too_large, disk_full, disk_error: a failed write, rotation or fsync, or the queue stopped after one)."}, []string{"reason"}),
+			Help: "Messages refused by the queue, by reason (bytes, age, too_large, disk_full, disk_error: a failed write, rotation or fsync, or the queue stopped after one; of a failed fsync's batch only the messages whose Accept reports it)."}, []string{"reason"}),
 		fsyncs: prometheus.NewCounter(prometheus.CounterOpts{Name: "bastion_queue_fsyncs_total",
 			Help: "fsync calls made by the queue: one per group-commit batch, two per new segment (the file and its directory), and one per open (the directory, after moving the sequence floor)."}),
 		// A histogram, not only a sum: a disk whose mean commit is quick
@@ -47,7 +47,7 @@ func newMetrics(q *Queue) *metrics {
 			Help:    "Duration of group-commit fsyncs (_sum over _count: the disk's mean commit latency; the buckets: its tail).",
 			Buckets: []float64{50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 20e-3, 50e-3, 100e-3, 250e-3, 1}}),
 		accepted: prometheus.NewCounter(prometheus.CounterOpts{Name: "bastion_queue_accepted_total",
-			Help: "Messages written to the queue."}),
+			Help: "Messages the queue took: QoS 0 once written, QoS 1 once fsynced (when Accept reports success). With bastion_queue_refusals_total, every message offered to an open queue is counted once."}),
 		acked: prometheus.NewCounter(prometheus.CounterOpts{Name: "bastion_queue_acked_total",
 			Help: "Messages removed after an upstream acknowledgement."}),
 		cut: prometheus.NewCounter(prometheus.CounterOpts{Name: "bastion_queue_records_cut_total",

@@ -3,11 +3,15 @@ package queue
 import (
 	"context"
 	"errors"
+	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -661,6 +665,48 @@ func TestDiskErrorRefusalsCounted(t *testing.T) {
 	}
 }
 
+// TestFailedFsyncCountsOnlyTheRefused: of a batch whose fsync fails, only
+// the messages whose Accept reports the failure (QoS 1, by channel or
+// callback) are refused; its QoS 0 message, whose Accept returned at
+// admission and which stays held, is accepted. Each message is counted
+// once: accepted plus refused is what was offered. Before, the whole batch
+// was counted accepted when written and refused when its fsync failed.
+func TestFailedFsyncCountsOnlyTheRefused(t *testing.T) {
+	q, _, g := openGated(t, t.TempDir(), Options{resumeAfter: time.Hour})
+	accepted := func() float64 { return testutil.ToFloat64(q.m.accepted) }
+	diskErrors := func() float64 { return testutil.ToFloat64(q.m.refused.WithLabelValues("disk_error")) }
+	ctx := context.Background()
+	a := admit(t, q, msg("d", 0))
+	ha := g.next(t, "the first batch") // the next three gather behind it
+	b := admit(t, q, msg("d", 1))
+	zero := msg("d", 2)
+	zero.QoS = 0
+	if ch, err := q.AcceptAsync(ctx, zero); err != nil || ch != nil {
+		t.Fatalf("AcceptAsync QoS 0: channel %v, err %v", ch, err)
+	}
+	told := make(chan error, 1)
+	if pending, err := q.AcceptNotify(ctx, msg("d", 3), func(err error) { told <- err }); !pending || err != nil {
+		t.Fatalf("AcceptNotify: pending %v, err %v", pending, err)
+	}
+	ha.release <- nil
+	if err := result(t, a); err != nil {
+		t.Fatal(err)
+	}
+	hb := g.next(t, "the failing batch")
+	hb.release <- errors.New("EIO from the test")
+	for _, ch := range []<-chan error{b, told} {
+		if err := result(t, ch); err == nil {
+			t.Fatal("reported durable after a failed fsync")
+		}
+	}
+	if got := len(drain(t, q)); got != 4 {
+		t.Fatalf("held %d, want all 4 (a failed fsync's batch stays held)", got)
+	}
+	if acc, ref := accepted(), diskErrors(); acc != 2 || ref != 2 {
+		t.Fatalf("accepted %v, disk_error refusals %v; want 2 and 2 (the first and the QoS 0; the two told of the failure)", acc, ref)
+	}
+}
+
 // waitFor polls cond for up to 5 s.
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
@@ -745,4 +791,86 @@ func TestMarksRearmedAfterFailedWrite(t *testing.T) {
 	}
 	size := activeSize(q)
 	waitFor(t, "the marks written after the failed write", func() bool { return activeSize(q) > size })
+}
+
+// lockedBuffer is a log destination safe for the queue's goroutines.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// TestMarksRetryBacksOff: while the disk fails every write, pending
+// delivered-marks are tried again after a pause that doubles from
+// AckFlushInterval (up to ackRetryMax), not every AckFlushInterval for
+// good, and the log says the marks failed, not that a batch was refused
+// (there is none). One write that succeeds resets the pause. Before, a
+// failing card logged "refusing this batch" at ERROR every second forever.
+// Only lower bounds on the pauses are checked: a timer never fires early.
+func TestMarksRetryBacksOff(t *testing.T) {
+	const every = 10 * time.Millisecond
+	var failing atomic.Bool
+	var mu sync.Mutex
+	var tries []time.Time
+	o := Options{AckFlushInterval: every}
+	o.writeAt = func(f *os.File, b []byte, off int64) (int, error) {
+		if !failing.Load() {
+			return f.WriteAt(b, off)
+		}
+		mu.Lock()
+		tries = append(tries, time.Now())
+		mu.Unlock()
+		return 0, &os.PathError{Op: "write", Path: f.Name(), Err: syscall.EIO}
+	}
+	var logs lockedBuffer
+	q, err := Open(t.TempDir(), o, slog.New(slog.NewTextHandler(&logs, nil)), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { q.Close() })
+	if err := q.Accept(context.Background(), msg("d", 0)); err != nil {
+		t.Fatal(err)
+	}
+	es := drain(t, q)
+	failing.Store(true)
+	if err := q.Ack(es[0].Seq); err != nil {
+		t.Fatal(err)
+	}
+	const n = 5
+	waitFor(t, fmt.Sprintf("%d tries to write the marks", n), func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(tries) >= n
+	})
+	mu.Lock()
+	got := slices.Clone(tries[:n])
+	mu.Unlock()
+	for k := 1; k < n; k++ {
+		if gap, want := got[k].Sub(got[k-1]), every<<(k-1); gap < want {
+			t.Errorf("try %d came %v after try %d; want at least %v (the pause doubles after each failure)", k+1, gap, k, want)
+		}
+	}
+	if l := logs.String(); strings.Contains(l, "refusing this batch") || !strings.Contains(l, "writing delivered-marks failed") {
+		t.Errorf("log after failed marks-only writes:\n%s\nwant the marks' failure, no refused batch", l)
+	}
+	size := activeSize(q)
+	failing.Store(false)
+	waitFor(t, "the marks written once the disk works", func() bool { return activeSize(q) > size })
+	q.mu.Lock()
+	retry := q.ackRetry
+	q.mu.Unlock()
+	if retry != 0 {
+		t.Errorf("pause after a write succeeded = %v, want reset (0)", retry)
+	}
 }

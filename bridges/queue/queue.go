@@ -72,6 +72,9 @@ type Options struct {
 	// and for Next) instead of the file itself: a disk that cannot read
 	// some blocks.
 	readAt func(f *os.File, b []byte, off int64) (int, error)
+	// writeAt, if set (tests in this package), writes the batches and
+	// delivered-marks instead of the file itself: a disk that fails writes.
+	writeAt func(f *os.File, b []byte, off int64) (int, error)
 	// readRetries, if set (tests in this package), replaces the pauses
 	// before each new try of a block that failed to read at open.
 	readRetries []time.Duration
@@ -232,6 +235,9 @@ type Queue struct {
 	wake     chan struct{}
 	ackDue   chan struct{} // the delivered-marks timer fired (capacity 1)
 	ackArmed bool          // that timer is running
+	// ackRetry is the timer's pause after failed writes (zero: none
+	// failed since the last write that succeeded): see ackRetryMax.
+	ackRetry time.Duration
 	stop     chan struct{}
 	stopped  chan struct{}
 	// resumeDue: time to try accepting again after a failed fsync
@@ -492,7 +498,9 @@ func (q *Queue) recover() error {
 		// that drops duplicates by bastion-origin and bastion-seq drop an
 		// acknowledged message. So every open skips past any sequence
 		// number that batch can have held.
-		q.nextSeq += seqGap(q.opts.MaxBytes)
+		// (Saturating: a segment name near 2^64 must not wrap it back to
+		// numbers already given out; the check below refuses it.)
+		q.nextSeq += min(seqGap(q.opts.MaxBytes), math.MaxUint64-q.nextSeq)
 	}
 	// The gap above covers a lost batch that followed a durable one. The
 	// first batch after an open follows the gap instead, so if it is lost
@@ -500,8 +508,12 @@ func (q *Queue) recover() error {
 	// next open would compute this open's nextSeq again: the floor this
 	// open wrote, before it gave out any number, is past that batch.
 	q.nextSeq = max(q.nextSeq, floor, 1)
-	if q.nextSeq > math.MaxUint64-2*seqGap(q.opts.MaxBytes) {
-		return fmt.Errorf("open queue %s: next sequence number %d is too close to 2^64 to skip past a lost batch (only a damaged or forged segment or %s file holds such a number); move the queue directory away (the messages it holds are then lost)", q.dir, q.nextSeq, floorPrefix+"*")
+	// Recover takes no message record at or above seqCeiling (resync's
+	// guard against records embedded in payloads), so a number this open
+	// or the next could give out there would be cut or skipped at the next
+	// open: acknowledged messages lost.
+	if gap := seqGap(q.opts.MaxBytes); 2*gap >= seqCeiling || q.nextSeq >= seqCeiling-2*gap {
+		return fmt.Errorf("open queue %s: next sequence number %d is too close to %d, above which recovery drops message records, to skip past a lost batch (only a damaged or forged segment name or %s file holds such a number); move the queue directory away (the messages it holds are then lost)", q.dir, q.nextSeq, uint64(seqCeiling), floorPrefix+"*")
 	}
 	if err := q.writeFloor(floorNames, q.nextSeq+seqGap(q.opts.MaxBytes)); err != nil {
 		return err
@@ -1234,6 +1246,7 @@ func (q *Queue) flush(sync bool) {
 		seg.size = off + int64(len(buf))
 		q.maybePrepareSpareLocked(seg)
 		q.writingB = 0
+		q.ackRetry = 0 // the disk writes again: marks wait AckFlushInterval
 		if q.acks == nil && cap(acks) <= maxKeptBuf/8 {
 			q.acks = acks[:0] // written: its array takes the next marks
 		}
@@ -1244,7 +1257,9 @@ func (q *Queue) flush(sync bool) {
 			seg.live++
 		}
 		q.depth += len(batch)
-		q.m.accepted.Add(float64(len(batch)))
+		// Accepted once written if its Accept already returned (QoS 0);
+		// the others once commit tells them so.
+		q.m.accepted.Add(float64(len(batch) - waiting(batch)))
 		q.m.depth.Set(float64(q.depth))
 		q.m.bytes.Set(float64(q.diskBytes()))
 		if len(batch) > 0 {
@@ -1265,12 +1280,28 @@ func (q *Queue) flush(sync bool) {
 	q.mu.Lock()
 	q.writingB = 0 // nothing of the batch was indexed
 	q.acks = append(q.acks, acks...)
+	// A disk that keeps failing is tried less and less often (and logged
+	// so), not every AckFlushInterval for good.
+	if q.ackRetry == 0 {
+		q.ackRetry = q.opts.AckFlushInterval
+	} else {
+		q.ackRetry = min(2*q.ackRetry, max(ackRetryMax, q.opts.AckFlushInterval))
+	}
 	if len(q.acks) > 0 {
 		// The timer may have fired for this flush already: without a new
 		// one they would wait for the next batch or Ack.
 		q.armAckFlushLocked()
 	}
-	q.log.Error("queue write failed; refusing this batch", "err", err)
+	if len(batch) > 0 {
+		q.log.Error("queue write failed; refusing this batch", "err", err)
+	} else {
+		hint := "check the disk (the kernel log shows I/O errors)"
+		if errors.Is(err, syscall.ENOSPC) {
+			hint = "the disk is full: free space on it"
+		}
+		q.log.Error("queue: writing delivered-marks failed; they are kept and written with the next batch or tried again in "+
+			q.ackRetry.String()+" (a restart before then sends their messages upstream again); "+hint, "marks", len(q.acks), "err", err)
+	}
 	q.mu.Unlock()
 	if errors.Is(err, syscall.ENOSPC) {
 		err = fmt.Errorf("%w: %w", bridges.ErrQueueFull, err)
@@ -1355,13 +1386,31 @@ func (q *Queue) commit(seg *segment, batch []pending) {
 		q.resumeWait = 0 // the disk works: a later failure starts over
 	}
 	q.mu.Unlock()
+	// Only the messages whose Accept learns the outcome now: those told
+	// of the failure are refused (their devices resend; the written copy
+	// stays held and may be sent too: a duplicate), the others (QoS 0)
+	// were counted accepted when written and stay held.
 	if err != nil {
-		q.refusedBatch("disk_error", batch)
+		q.m.refused.WithLabelValues("disk_error").Add(float64(waiting(batch)))
+	} else {
+		q.m.accepted.Add(float64(waiting(batch)))
 	}
 	for i := range batch {
 		batch[i].tell(err)
 	}
 	q.recycle(batch, nil)
+}
+
+// waiting is how many of batch's messages wait to be told the outcome of
+// their commit (QoS 1: a channel or a callback).
+func waiting(batch []pending) int {
+	n := 0
+	for i := range batch {
+		if batch[i].done != nil || batch[i].fn != nil {
+			n++
+		}
+	}
+	return n
 }
 
 // resumeFirst is how long the queue refuses messages after a failed fsync
@@ -1411,6 +1460,7 @@ func (q *Queue) resume() {
 		"segment", q.segs[len(q.segs)-1].path, "failed_with", q.failed)
 	q.failed = nil
 	q.m.stopped.Set(0)
+	q.ackRetry = 0 // its new segment was written
 	if len(q.acks) > 0 {
 		q.armAckFlushLocked() // kept while stopped (see flush)
 	}
@@ -1698,14 +1748,21 @@ func (q *Queue) Ack(seqs ...uint64) error {
 // armAckFlushLocked starts the timer that writes pending delivered-marks,
 // unless it runs already. The marks ride along with the next batch; the
 // timer writes them if none comes. No writer wake-up per PUBACK, one timer
-// at most. Caller holds q.mu.
+// at most. After failed writes it waits ackRetry instead of
+// AckFlushInterval. Caller holds q.mu.
 func (q *Queue) armAckFlushLocked() {
 	if q.ackArmed {
 		return
 	}
 	q.ackArmed = true
-	time.AfterFunc(q.opts.AckFlushInterval, func() { signal(q.ackDue) })
+	time.AfterFunc(cmp.Or(q.ackRetry, q.opts.AckFlushInterval), func() { signal(q.ackDue) })
 }
+
+// ackRetryMax bounds ackRetry, which doubles from AckFlushInterval with
+// each failed write (a failing card's EIO, or ENOSPC when marks alone are
+// appended past a full segment's preallocated end) and is reset by one
+// that succeeds.
+const ackRetryMax = time.Minute
 
 // Stats is a snapshot of the queue.
 type Stats struct {

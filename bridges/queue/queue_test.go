@@ -1999,3 +1999,65 @@ func TestEmbeddedRecordAboveCeilingNotTaken(t *testing.T) {
 		})
 	}
 }
+
+// TestOpenRefusesSeqNearCeiling: recover takes no message record at or
+// above seqCeiling, so Open must refuse a next sequence number from which
+// this open or the next would give such numbers out: their acknowledged
+// messages would be dropped at the next open. A sequence floor or a
+// segment name is where such a number comes from (damaged or forged).
+// Before, Open refused only near 2^64, and a segment name near 2^64
+// wrapped the next number back to small ones.
+func TestOpenRefusesSeqNearCeiling(t *testing.T) {
+	gap := seqGap(64 << 20)
+	floorFile := func(v uint64) func(dir string) {
+		return func(dir string) {
+			if err := os.WriteFile(filepath.Join(dir, fmt.Sprintf(floorPrefix+"%020d", v)), nil, 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	segFile := func(base uint64) func(dir string) {
+		return func(dir string) {
+			if err := os.WriteFile(segName(dir, base), []byte(segMagic), 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	for _, c := range []struct {
+		name string
+		make func(dir string)
+	}{
+		{"floor one gap below", floorFile(seqCeiling - gap)},
+		{"floor at the limit", floorFile(seqCeiling - 2*gap)},
+		{"floor above the ceiling", floorFile(seqCeiling + 1)},
+		{"segment two gaps below", segFile(seqCeiling - 2*gap)},
+		{"segment near 2^64", segFile(math.MaxUint64 - 5)},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			dir := t.TempDir()
+			c.make(dir)
+			q, err := Open(dir, Options{}, discard, nil)
+			if err == nil {
+				q.mu.Lock()
+				next := q.nextSeq
+				q.mu.Unlock()
+				q.Close()
+				t.Fatalf("Open succeeded with next seq %d; want it refused (at or above %d - 2*%d)", next, uint64(seqCeiling), gap)
+			}
+			if !strings.Contains(err.Error(), "move the queue directory away") {
+				t.Fatalf("Open: %v; want the refusal saying what to do", err)
+			}
+		})
+	}
+	// Just below the limit: it opens, and what it accepts is kept.
+	dir := t.TempDir()
+	floorFile(seqCeiling - 2*gap - 1)(dir)
+	q, _ := open(t, dir, Options{})
+	if err := q.Accept(context.Background(), msg("d", 0)); err != nil {
+		t.Fatal(err)
+	}
+	es := drain(t, q)
+	if len(es) != 1 || es[0].Seq >= seqCeiling {
+		t.Fatalf("held %v", es)
+	}
+}

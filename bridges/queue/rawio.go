@@ -104,6 +104,9 @@ func (q *Queue) rawIO() bool {
 
 // writeAt is f.WriteAt, raw when rawIO.
 func (q *Queue) writeAt(f *os.File, b []byte, off int64) (int, error) {
+	if q.opts.writeAt != nil {
+		return q.opts.writeAt(f, b, off)
+	}
 	if rawOffsets && len(b) > 0 && q.rawIO() {
 		return rawPwrite(f, b, off)
 	}

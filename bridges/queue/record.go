@@ -38,7 +38,7 @@ const (
 	// it takes 2^31 opens. A message record at or above it was not written
 	// by the queue: a record a device embedded in its payload, found by
 	// resync after a torn or corrupt record, whose seq would push nextSeq
-	// to wrap or to Open's refusal near 2^64.
+	// to wrap. Open refuses a nextSeq within two gaps of it.
 	seqCeiling = 1 << 63
 )
 

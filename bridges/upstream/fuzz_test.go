@@ -3,6 +3,7 @@ package upstream
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"slices"
 	"strings"
 	"testing"
@@ -47,17 +48,22 @@ func FuzzDownlink(f *testing.F) {
 // it returns is one JSON object in which no redacted field survives in any
 // spelling: nested objects, objects inside arrays on the way, or a key that
 // holds the dot. Nor does a value on a redacted field's way that redaction
-// cannot look into (a string, number or boolean where gps.lat needs gps to
-// be an object): the field may be in it, so such a payload must be refused.
+// cannot look into (a string or number where gps.lat needs gps to be an
+// object): the field may be in it, so such a payload must be refused. null
+// and a boolean hold nothing: such a payload is forwarded.
 func FuzzRedact(f *testing.F) {
 	for _, s := range []string{`{"lat":1.5,"lon":2,"fix":3}`, `{"gps":{"lat":1}}`, `[]`, `null`, `{"a":1} x`, `{"lat":{"lat":1}}`,
-		`{"gps":[{"lat":51.5}]}`, `{"gps":"51.5,0.1"}`, `{"gps.lat":51.5}`, `{"gps":[[{"lat":1}],null,{"x":{"lat":2}}]}`, `{"gps":null}`} {
+		`{"gps":[{"lat":51.5}]}`, `{"gps":"51.5,0.1"}`, `{"gps.lat":51.5}`, `{"gps":[[{"lat":1}],null,{"x":{"lat":2}}]}`, `{"gps":null}`, `{"gps":false}`, `{"gps":[true,{"lat":1}]}`, `{"gps":7}`} {
 		f.Add([]byte(s))
 	}
 	fields := []string{"lat", "gps.lat"}
 	f.Fuzz(func(t *testing.T, payload []byte) {
 		out, err := redact(payload, fields)
 		if err != nil {
+			var ne notObjectError
+			if errors.As(err, &ne) && ne.kind != "string" && ne.kind != "number" {
+				t.Fatalf("refused for a %s, which holds nothing to redact: %q: %v", ne.kind, payload, err)
+			}
 			return
 		}
 		// UseNumber: the output keeps a device's numbers as they came, and
@@ -69,8 +75,8 @@ func FuzzRedact(f *testing.F) {
 			t.Fatalf("redacted output is not one JSON object: %q: %v", out, err)
 		}
 		// Every key path of the output, arrays walked through: a redacted
-		// field is none of them, and no scalar other than null sits at a
-		// strict prefix of one.
+		// field is none of them, and no scalar other than null or a
+		// boolean sits at a strict prefix of one.
 		var walk func(v any, name string, root bool)
 		walk = func(v any, name string, root bool) {
 			switch v := v.(type) {
@@ -89,7 +95,7 @@ func FuzzRedact(f *testing.F) {
 				for _, c := range v {
 					walk(c, name, root)
 				}
-			case nil:
+			case nil, bool:
 			default:
 				for _, f := range fields {
 					if !root && strings.HasPrefix(f, name+".") {

@@ -71,8 +71,9 @@ func applyRules(rules []Rule, topic string, payload []byte) (verdict, []byte, st
 // that itself holds the dot ("gps.lat":..): a device's JSON may be shaped
 // any of these ways and the rule is meant to hide the datum, not one
 // spelling of it. A path that runs into a value redaction cannot reach
-// into (a string, number or boolean: "gps":"51.5,0.1") is an error, since
-// the field may well be in it; null holds nothing and is kept.
+// into (a string or number: "gps":"51.5,0.1") is an error, since the field
+// may well be in it, or be it; null and a boolean hold nothing and are
+// kept ({"gps":false} is forwarded, gps.lat is absent).
 func redact(payload []byte, fields []string) ([]byte, error) {
 	dec := json.NewDecoder(bytes.NewReader(payload))
 	dec.UseNumber() // keep numbers exactly as sent
@@ -132,14 +133,12 @@ func redactPath(v any, path []string, field, at string) error {
 			}
 		}
 		return nil
-	case nil:
+	case nil, bool:
 		return nil
 	case string:
 		return notObjectError{field, at, "string"}
 	case json.Number:
 		return notObjectError{field, at, "number"}
-	case bool:
-		return notObjectError{field, at, "boolean"}
 	}
 	return notObjectError{field, at, fmt.Sprintf("%T", v)}
 }
