@@ -106,7 +106,11 @@ func (cl *Clients) deleteIfCurrent(c *Client) bool {
 func (cl *Clients) GetByListener(id string) []*Client {
 	cl.RLock()
 	defer cl.RUnlock()
-	clients := make([]*Client, 0, cl.Len())
+	// Bastion patch (11): len, not cl.Len(), which took the read lock a
+	// second time: with a writer waiting in between (a session ending,
+	// Delete) that second RLock waits for the writer, which waits for the
+	// first, and shutdown deadlocked.
+	clients := make([]*Client, 0, len(cl.internal))
 	for _, client := range cl.internal {
 		if client.Net.Listener == id && !client.Closed() {
 			clients = append(clients, client)
