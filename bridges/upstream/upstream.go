@@ -100,16 +100,12 @@ type Upstream struct {
 
 	mu sync.Mutex
 	st Status
-	// queuedWithheld counts withheldQueued since its last log line, at
-	// queuedWithheldLog (under mu).
-	queuedWithheld    int
-	queuedWithheldLog time.Time
-	// redactRefused counts messages a redact rule withheld since
-	// redactFailed's last log line, at redactRefusedLog (under mu).
-	redactRefused    int
-	redactRefusedLog time.Time
-	restart          context.CancelFunc
-	parks            parkBucket
+	// queuedWithheld counts withheldQueued, redactRefused the messages a
+	// redact rule withheld (redactFailed), between their log lines (under
+	// mu).
+	queuedWithheld, redactRefused minuteLog
+	restart                       context.CancelFunc
+	parks                         parkBucket
 }
 
 // New checks cfg (Defaults, Validate), loads the certificate files and
@@ -329,15 +325,11 @@ func (u *Upstream) gate(m bridges.Message) (_ bridges.Message, keep bool, _ erro
 // whether the rule or the device is wrong.
 func (u *Upstream) redactFailed(m bridges.Message, reason string, err error) {
 	u.mu.Lock()
-	u.redactRefused++
-	now := time.Now()
-	if now.Sub(u.redactRefusedLog) < time.Minute {
-		u.mu.Unlock()
+	n, ok := u.redactRefused.count(time.Now())
+	u.mu.Unlock()
+	if !ok {
 		return
 	}
-	n := u.redactRefused
-	u.redactRefused, u.redactRefusedLog = 0, now
-	u.mu.Unlock()
 	u.log.Warn("upstream: a message under a redact rule kept local: its payload cannot be redacted (bastion_upstream_withheld_total{reason})",
 		"device", m.Device, "topic", m.Topic, "reason", reason, "err", err, "since_last_line", n)
 }
@@ -1059,17 +1051,31 @@ func (u *Upstream) withheldQueued(e queue.Entry, reason string) {
 	u.withheld(reason)
 	u.m.withheldQueued.WithLabelValues(reason).Inc()
 	u.mu.Lock()
-	u.queuedWithheld++
-	now := time.Now()
-	if now.Sub(u.queuedWithheldLog) < time.Minute {
-		u.mu.Unlock()
+	n, ok := u.queuedWithheld.count(time.Now())
+	u.mu.Unlock()
+	if !ok {
 		return
 	}
-	n := u.queuedWithheld
-	u.queuedWithheld, u.queuedWithheldLog = 0, now
-	u.mu.Unlock()
 	u.log.Warn("upstream: queued messages deleted unsent: the mapping or privacy rules changed after they were accepted (bastion_upstream_withheld_queued_total)",
 		"device", e.Device, "topic", e.Topic, "seq", e.Seq, "reason", reason, "since_last_line", n)
+}
+
+// minuteLog counts events for a log line written at most once a minute:
+// one event per message would flood the log of a router with a small disk.
+type minuteLog struct {
+	n    int
+	last time.Time
+}
+
+// count counts one event at now and reports whether to log it, with the
+// events since the last line (this one included).
+func (l *minuteLog) count(now time.Time) (n int, log bool) {
+	l.n++
+	if now.Sub(l.last) < time.Minute {
+		return 0, false
+	}
+	n, l.n, l.last = l.n, 0, now
+	return n, true
 }
 
 // appendPublish appends one MQTT v5 PUBLISH with the user properties
