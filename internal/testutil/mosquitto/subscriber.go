@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"net"
 	"net/url"
+	"sync"
 	"testing"
 	"time"
 
@@ -28,6 +29,11 @@ func Subscribe(tb testing.TB, b *Broker, cn, filter string, persistent bool) *Su
 	u, _ := url.Parse("mqtts://" + b.Addr)
 	tc := b.ClientTLS(b.CA.Client(tb, cn))
 	subscribed := make(chan struct{}, 1)
+	// The SUBSCRIBE of each connection runs on a goroutine of its own; it
+	// ends with the subscriber (cleanup cancels it and waits), not up to 5 s
+	// later, after the test, where goleak finds it.
+	live, stop := context.WithCancel(context.Background())
+	var subscribing sync.WaitGroup
 	cfg := autopaho.ClientConfig{
 		ServerUrls:       []*url.URL{u},
 		KeepAlive:        30,
@@ -41,8 +47,10 @@ func Subscribe(tb testing.TB, b *Broker, cn, filter string, persistent bool) *Su
 		},
 		CleanStartOnInitialConnection: !persistent,
 		OnConnectionUp: func(cm *autopaho.ConnectionManager, _ *paho.Connack) {
+			subscribing.Add(1)
 			go func() {
-				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+				defer subscribing.Done()
+				ctx, cancel := context.WithTimeout(live, 5*time.Second)
 				defer cancel()
 				if _, err := cm.Subscribe(ctx, &paho.Subscribe{Subscriptions: []paho.SubscribeOptions{{Topic: filter, QoS: 1}}}); err == nil {
 					select {
@@ -71,8 +79,10 @@ func Subscribe(tb testing.TB, b *Broker, cn, filter string, persistent bool) *Su
 	tb.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
+		stop()
 		s.cm.Disconnect(ctx)
 		<-s.cm.Done()
+		subscribing.Wait()
 	})
 	select {
 	case <-subscribed:
