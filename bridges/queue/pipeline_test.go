@@ -403,9 +403,11 @@ func TestCommitsDoNotGrowSegment(t *testing.T) {
 // of refusing to start. Anything else without the magic is still refused.
 func TestTornCreationRemoved(t *testing.T) {
 	for name, data := range map[string][]byte{
-		"all zeros":           make([]byte, 8<<10),
-		"part magic, zeros":   append([]byte(segMagic[:4]), make([]byte, 8<<10)...),
-		"part magic, no tail": []byte(segMagic[:5]),
+		"all zeros":            make([]byte, 8<<10),
+		"part magic, zeros":    append([]byte(segMagic[:4]), make([]byte, 8<<10)...),
+		"part magic, no tail":  []byte(segMagic[:5]),
+		"magic, part salt":     []byte(segMagic + "\x01\x02\x03"),
+		"part v1 magic, zeros": append([]byte(segMagicV1[:7]), make([]byte, 8<<10)...),
 	} {
 		t.Run(name, func(t *testing.T) {
 			dir := t.TempDir()
@@ -750,7 +752,7 @@ func TestMarksKeptWhileStopped(t *testing.T) {
 	})
 	signal(q.resumeDue)
 	waitFor(t, "resume", func() bool { return q.Stats().Err == nil })
-	waitFor(t, "the marks written to resume's segment", func() bool { return activeSize(q) > int64(len(segMagic)) })
+	waitFor(t, "the marks written to resume's segment", func() bool { return activeSize(q) > int64(segHeader) })
 	q.Close()
 	q2, _ := open(t, dir, Options{})
 	if es := drain(t, q2); len(es) != 0 {

@@ -139,7 +139,16 @@ type segment struct {
 	path string
 	f    *os.File
 	size int64
-	live int // held (committed, unacked) messages in this segment
+	// hdr is the header's length (segHeader, or segHeaderV1 for a segment
+	// written before the salt); key its records' checksum key (see segKey).
+	hdr int64
+	key uint32
+	// unverified: the header could not be read, so neither is the salt
+	// that would tell its records from ones embedded in payloads: none is
+	// taken, and the file is kept (not reclaimed) for an open after the
+	// disk reads it again.
+	unverified bool
+	live       int // held (committed, unacked) messages in this segment
 	// holes are byte ranges recover skipped (corrupt, or unreadable by the
 	// disk): no read may cover them (see held).
 	holes [][2]int64
@@ -250,6 +259,7 @@ type Queue struct {
 	// runs; spareRetry: no new try before then after a failure. Under mu.
 	// spareWG: Close waits for the preparation.
 	spare      *os.File
+	spareKey   uint32 // spare's checksum key
 	preparing  bool
 	spareRetry time.Time
 	spareWG    sync.WaitGroup
@@ -348,10 +358,11 @@ func (q *Queue) recover() error {
 		}
 		// A header the disk cannot read came back as zeros: that is not a
 		// torn creation (which would remove a segment holding acknowledged
-		// messages) nor a foreign file; its records are read past it like
-		// any unreadable block's.
-		headerBad := len(bad) > 0 && bad[0][0] < int64(len(segMagic))
-		if !headerBad && (len(data) < len(segMagic) || string(data[:len(segMagic)]) != segMagic) {
+		// messages) nor a foreign file; without its salt, its records are
+		// not taken (see unverified).
+		headerBad := len(bad) > 0 && bad[0][0] < int64(segHeader)
+		hdr, key, ok := parseSegHeader(data)
+		if !headerBad && !ok {
 			if len(bad) == 0 && tornCreation(data) {
 				// Creation torn before its first sync: it never held a message.
 				q.log.Warn("removing segment cut during creation", "segment", name, "bytes", len(data))
@@ -367,15 +378,27 @@ func (q *Queue) recover() error {
 			// it first and fail, batch after batch.
 			newSeg = true
 		}
+		if hdr == segHeaderV1 && last {
+			// Written before the salt: commits appended to it would be
+			// records a device could forge (see segMagic).
+			newSeg = true
+		}
 		f, err := os.OpenFile(name, os.O_RDWR, 0o600)
 		if err != nil {
 			return fmt.Errorf("open queue: open segment %s: %w", name, err)
 		}
-		seg := &segment{base: base, path: name, f: f, holes: bad}
+		seg := &segment{base: base, path: name, f: f, holes: bad, hdr: int64(hdr), key: key}
 		q.segs = append(q.segs, seg)
-		off := len(segMagic)
+		if headerBad {
+			q.log.Error("queue segment's header cannot be read (the disk is failing): its records cannot be told from ones a device embedded in a payload, so none is taken; the file is kept for an open after the disk reads it again",
+				"segment", name, "bytes", len(data))
+			seg.unverified, seg.size = true, int64(len(data))
+			q.nextSeq = max(q.nextSeq, base)
+			continue
+		}
+		off := hdr
 		for off < len(data) {
-			rec, n, err := decodeRecord(data[off:])
+			rec, n, err := decodeRecordIn(data[off:], key, nil)
 			if err == nil && seg.inHole(int64(off), int64(off+n)) {
 				// Decoded only because the bytes the disk could not read
 				// were zeros in the record too: it cannot be read later.
@@ -431,7 +454,7 @@ func (q *Queue) recover() error {
 				if !last {
 					before = bases[i+1]
 				}
-				if next := resync(data, off+1, lastSeq, before, q.opts.MaxMessageBytes); next > 0 {
+				if next := resync(data, key, off+1, lastSeq, before, q.opts.MaxMessageBytes); next > 0 {
 					q.m.skipped.Inc()
 					seg.holes = append(seg.holes, [2]int64{int64(off), int64(next)})
 					why := "the disk's corruption, not a torn write"
@@ -440,7 +463,7 @@ func (q *Queue) recover() error {
 					}
 					q.log.Error("skipping corrupt or unreadable bytes in a queue segment ("+why+"); the messages after them are kept",
 						"segment", name, "offset", off, "bytes_skipped", next-off, "err", err,
-						"last_good_seq", lastSeq, "lost_seqs_at_most", resyncSeq(data[next:])-lastSeq-1)
+						"last_good_seq", lastSeq, "lost_seqs_at_most", resyncSeq(data[next:], key)-lastSeq-1)
 					off = next
 					continue
 				}
@@ -670,7 +693,7 @@ func (q *Queue) readSegment(name string) (data []byte, bad [][2]int64, err error
 // segment's clean end.
 func (q *Queue) createSegment(base uint64) (*segment, error) {
 	name := segName(q.dir, base)
-	f, err := q.zeroedFile(name, 0)
+	f, key, err := q.zeroedFile(name, 0)
 	if err != nil {
 		return nil, err
 	}
@@ -682,36 +705,38 @@ func (q *Queue) createSegment(base uint64) (*segment, error) {
 		return nil, err
 	}
 	q.m.fsyncs.Add(2)
-	return &segment{base: base, path: name, f: f, size: int64(len(segMagic))}, nil
+	return &segment{base: base, path: name, f: f, size: int64(segHeader), hdr: int64(segHeader), key: key}, nil
 }
 
 func segName(dir string, base uint64) string {
 	return filepath.Join(dir, fmt.Sprintf("%020d.seg", base))
 }
 
-// zeroedFile creates name (which must not exist) holding the segment magic
-// and zeros up to SegmentBytes, and syncs it (not its directory). On
+// zeroedFile creates name (which must not exist) holding a new segment
+// header and zeros up to SegmentBytes, and syncs it (not its directory).
+// It returns the file and the segment's checksum key. On
 // failure the file is removed: it holds no message, and a later try with
 // the same name (resume's, whose base does not move while it refuses)
 // would fail on it for good.
-func (q *Queue) zeroedFile(name string, writebackEvery int64) (*os.File, error) {
+func (q *Queue) zeroedFile(name string, writebackEvery int64) (*os.File, uint32, error) {
 	f, err := os.OpenFile(name, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
-		return nil, fmt.Errorf("queue: create segment %s: %w", name, err)
+		return nil, 0, fmt.Errorf("queue: create segment %s: %w", name, err)
 	}
-	fail := func(err error) (*os.File, error) {
+	fail := func(err error) (*os.File, uint32, error) {
 		f.Close()
 		os.Remove(name)
-		return nil, err
+		return nil, 0, err
 	}
-	if _, err := f.Write([]byte(segMagic)); err != nil {
+	hdr, key := newSegHeader()
+	if _, err := f.Write(hdr); err != nil {
 		return fail(fmt.Errorf("queue: write segment header %s: %w", name, err))
 	}
-	if err := zeroFill(f, int64(len(segMagic)), q.opts.SegmentBytes, writebackEvery); err != nil {
+	if err := zeroFill(f, int64(segHeader), q.opts.SegmentBytes, writebackEvery); err != nil {
 		// Best effort: without the zeros commits append (slower, same
 		// durability). A full disk is refused by the batch's own write.
 		q.log.Warn("queue: could not preallocate segment; commits will append", "segment", name, "err", err)
-		if err := f.Truncate(int64(len(segMagic))); err != nil {
+		if err := f.Truncate(int64(segHeader)); err != nil {
 			return fail(fmt.Errorf("queue: truncate segment %s after a failed preallocation: %w", name, err))
 		}
 	}
@@ -721,7 +746,7 @@ func (q *Queue) zeroedFile(name string, writebackEvery int64) (*os.File, error) 
 	if err := f.Sync(); err != nil {
 		return fail(fmt.Errorf("queue: sync new segment %s: %w", name, err))
 	}
-	return f, nil
+	return f, key, nil
 }
 
 // spareName is the next segment while it is prepared and waits
@@ -774,7 +799,7 @@ func (q *Queue) prepareSpare() {
 		q.spareFailed(fmt.Errorf("queue: remove stale %s: %w", name, err))
 		return
 	}
-	f, err := q.zeroedFile(name, spareWriteback)
+	f, key, err := q.zeroedFile(name, spareWriteback)
 	if err != nil {
 		q.spareFailed(err)
 		return
@@ -788,7 +813,7 @@ func (q *Queue) prepareSpare() {
 		os.Remove(name)
 		return
 	}
-	q.spare = f
+	q.spare, q.spareKey = f, key
 	q.mu.Unlock()
 }
 
@@ -807,7 +832,7 @@ func (q *Queue) spareFailed(err error) {
 // written now. The writer goroutine only.
 func (q *Queue) rotate(base uint64) (*segment, error) {
 	q.mu.Lock()
-	f := q.spare
+	f, key := q.spare, q.spareKey
 	q.spare = nil
 	q.mu.Unlock()
 	if f == nil {
@@ -823,7 +848,7 @@ func (q *Queue) rotate(base uint64) (*segment, error) {
 		}
 		q.mu.Lock()
 		if q.spare == nil && !q.closed {
-			q.spare = f
+			q.spare, q.spareKey = f, key
 			f = nil
 		}
 		q.mu.Unlock()
@@ -851,7 +876,7 @@ func (q *Queue) rotate(base uint64) (*segment, error) {
 		f.Close()
 		f = nf
 	}
-	return &segment{base: base, path: name, f: f, size: int64(len(segMagic))}, nil
+	return &segment{base: base, path: name, f: f, size: int64(segHeader), hdr: int64(segHeader), key: key}, nil
 }
 
 // zeroBlock is what zeroFill writes (never changed).
@@ -891,15 +916,20 @@ func allZero(b []byte) bool {
 	return true
 }
 
-// tornCreation reports whether a segment without a complete magic is one
-// whose creation was cut before its first sync: a prefix of the magic, or
-// (the header's sector never written) the magic's place still zero, and
-// zeros after. Such a segment never held a message: messages are written
-// only after the creation was synced.
+// tornCreation reports whether a segment without a complete header is one
+// whose creation was cut before its first sync: a prefix of the magic (of
+// either version: one may have been cut by the crash before an upgrade),
+// or (the header's sector never written) the magic's place still zero, and
+// zeros after; or the whole magic with the file ending inside the salt.
+// Such a segment never held a message: messages are written only after the
+// creation was synced.
 func tornCreation(data []byte) bool {
+	if len(data) < segHeader && strings.HasPrefix(string(data), segMagic) {
+		return true
+	}
 	n := min(len(data), len(segMagic))
-	head := bytes.TrimRight(data[:n], "\x00") // the magic has no zero byte
-	return strings.HasPrefix(segMagic, string(head)) && allZero(data[n:])
+	head := string(bytes.TrimRight(data[:n], "\x00")) // the magic has no zero byte
+	return (strings.HasPrefix(segMagic, head) || strings.HasPrefix(segMagicV1, head)) && allZero(data[n:])
 }
 
 func syncDir(dir string) error {
@@ -939,7 +969,7 @@ func (q *Queue) reclaim() {
 			}
 		}
 	}
-	for len(q.segs) > 1 && q.segs[0].live == 0 {
+	for len(q.segs) > 1 && q.segs[0].live == 0 && !q.segs[0].unverified {
 		s := q.segs[0]
 		s.f.Close()
 		if err := os.Remove(s.path); err != nil {
@@ -1213,7 +1243,7 @@ func (q *Queue) flush(sync bool) {
 	// the new one would take. The same for one named after this batch's
 	// first seq (started by resume or Open) that holds only
 	// delivered-marks: the new segment would replace its file.
-	if active := q.segs[len(q.segs)-1]; active.size > int64(len(segMagic)) && active.size+int64(len(buf)) > q.opts.SegmentBytes && len(batch) > 0 && batch[0].seq != active.base {
+	if active := q.segs[len(q.segs)-1]; active.size > active.hdr && active.size+int64(len(buf)) > q.opts.SegmentBytes && len(batch) > 0 && batch[0].seq != active.base {
 		// Normally the spare is renamed; without one, writing the new
 		// segment's zeros and syncing them takes milliseconds, and
 		// admissions, Next and Ack go on meanwhile. Only this goroutine
@@ -1232,6 +1262,9 @@ func (q *Queue) flush(sync bool) {
 	q.mu.Unlock()
 
 	if err == nil {
+		if seg.key != 0 {
+			reseal(buf, seg.key)
+		}
 		_, err = q.writeAt(seg.f, buf, off)
 		if err != nil {
 			err = fmt.Errorf("queue: write %d bytes to %s at %d: %w", len(buf), seg.path, off, err)
@@ -1442,7 +1475,7 @@ func (q *Queue) resume() {
 	q.mu.Unlock()
 	var seg *segment
 	var err error
-	if active.base != base || active.size > int64(len(segMagic)) {
+	if active.base != base || active.size > active.hdr {
 		seg, err = q.createSegment(base)
 	}
 	q.mu.Lock()
@@ -1698,7 +1731,7 @@ func (q *Queue) readSpan(out []Entry, buf []byte, es []entry, span int64) ([]Ent
 			continue
 		}
 		rel := e.off - first.off
-		rec, _, err := decodeRecordIn(b[rel:rel+int64(e.n)], &q.strs)
+		rec, _, err := decodeRecordIn(b[rel:rel+int64(e.n)], e.seg.key, &q.strs)
 		if err == nil && (rec.kind != kindMsg || rec.seq != e.seq) {
 			err = fmt.Errorf("%w: holds record kind %d, seq %d", errCorrupt, rec.kind, rec.seq)
 		}

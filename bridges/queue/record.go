@@ -1,6 +1,7 @@
 package queue
 
 import (
+	"crypto/rand"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -10,11 +11,21 @@ import (
 	"github.com/bastion-iot/bastion/bridges"
 )
 
-// On-disk layout. A segment file starts with segMagic, then records, then
-// zeros up to the size it was preallocated to (no record starts with a zero
-// length, so the first zero length after a record is the clean end):
+// On-disk layout. A segment file starts with segMagic and a random salt of
+// saltLen bytes (segHeader bytes in all), then records, then zeros up to
+// the size it was preallocated to (no record starts with a zero length, so
+// the first zero length after a record is the clean end):
 //
-//	u32 little-endian body length | u32 CRC-32C of body | body
+//	u32 little-endian body length | u32 CRC-32C of salt || body | body
+//
+// The salt keys the checksum: the format and CRC-32C are public, and a
+// device could otherwise embed a whole valid record (another device's
+// message, a plausible seq) in its payload for resync to take after a torn
+// or corrupt record. Without the salt, which never leaves the disk, such
+// a record's checksum matches only by chance (2^-32). Segments written
+// before the salt (segMagicV1, no salt: a segHeaderV1-byte header) are
+// still read, with the unkeyed checksum, so that a queue survives an
+// upgrade; new segments are always written keyed.
 //
 // body is one kind byte and its fields:
 //
@@ -25,11 +36,15 @@ import (
 // A record is valid only if its length is sane, its checksum matches and its
 // body decodes exactly; anything else after a crash is a torn tail.
 const (
-	segMagic   = "BSTNQ01\n"
-	recHeader  = 8
-	kindMsg    = 1
-	kindAck    = 2
-	maxRecBody = 4 << 20 // hard ceiling for the decoder, above any configured message size
+	segMagic    = "BSTNQ02\n"
+	segMagicV1  = "BSTNQ01\n"
+	saltLen     = 16
+	segHeader   = len(segMagic) + saltLen
+	segHeaderV1 = len(segMagicV1)
+	recHeader   = 8
+	kindMsg     = 1
+	kindAck     = 2
+	maxRecBody  = 4 << 20 // hard ceiling for the decoder, above any configured message size
 	// msgOverhead bounds a message body's bytes besides device, topic
 	// and payload: kind, seq, received, QoS, three lengths.
 	msgOverhead = 1 + 2*binary.MaxVarintLen64 + 1 + 3*binary.MaxVarintLen64
@@ -96,6 +111,9 @@ func appendStr(dst []byte, s string) []byte {
 	return append(dst, s...)
 }
 
+// seal fills in the header of the record at dst[start:] with the unkeyed
+// checksum; reseal keys it for the segment the record goes to, known only
+// when its batch is written (a rotation may come between).
 func seal(dst []byte, start int) []byte {
 	body := dst[start+recHeader:]
 	binary.LittleEndian.PutUint32(dst[start:], uint32(len(body)))
@@ -103,17 +121,58 @@ func seal(dst []byte, start int) []byte {
 	return dst
 }
 
+// reseal recomputes the checksum of every record in b (whole records, as
+// appendMsg and appendAck made them) with key, a segment's checksum key.
+func reseal(b []byte, key uint32) {
+	for len(b) >= recHeader {
+		n := int(binary.LittleEndian.Uint32(b))
+		binary.LittleEndian.PutUint32(b[4:], crc32.Update(key, castagnoli, b[recHeader:recHeader+n]))
+		b = b[recHeader+n:]
+	}
+}
+
+// segKey is the checksum key of a segment with this salt: the CRC-32C
+// state after the salt, so that a record's checksum is that of salt ||
+// body without hashing the salt again for each record. 0 is the unkeyed
+// checksum (a v1 segment's).
+func segKey(salt []byte) uint32 { return crc32.Checksum(salt, castagnoli) }
+
+// newSegHeader returns a new segment's header and its checksum key.
+func newSegHeader() ([]byte, uint32) {
+	h := make([]byte, segHeader)
+	copy(h, segMagic)
+	for {
+		rand.Read(h[len(segMagic):]) // never fails (crypto/rand)
+		// A salt whose key is 0 would leave the checksum unkeyed.
+		if k := segKey(h[len(segMagic):]); k != 0 {
+			return h, k
+		}
+	}
+}
+
+// parseSegHeader returns the length of the header data starts with and the
+// segment's checksum key; ok is false if data does not start with one.
+func parseSegHeader(data []byte) (n int, key uint32, ok bool) {
+	switch {
+	case len(data) >= segHeader && string(data[:len(segMagic)]) == segMagic:
+		return segHeader, segKey(data[len(segMagic):segHeader]), true
+	case len(data) >= segHeaderV1 && string(data[:len(segMagicV1)]) == segMagicV1:
+		return segHeaderV1, 0, true
+	}
+	return 0, 0, false
+}
+
 // decodeRecord decodes the record at the start of b and returns it with its
 // total length. It never panics and never allocates more than the record's
 // own (checksummed, bounded) length. A message's Payload is a slice of b
 // (capacity cut to the payload): b must not be changed while it is used.
 func decodeRecord(b []byte) (record, int, error) {
-	return decodeRecordIn(b, nil)
+	return decodeRecordIn(b, 0, nil)
 }
 
-// decodeRecordIn is decodeRecord with a message's device and topic taken
-// from in (nil: new strings).
-func decodeRecordIn(b []byte, in *interner) (record, int, error) {
+// decodeRecordIn is decodeRecord for a segment whose checksum key is key,
+// with a message's device and topic taken from in (nil: new strings).
+func decodeRecordIn(b []byte, key uint32, in *interner) (record, int, error) {
 	if len(b) < recHeader {
 		return record{}, 0, errShort
 	}
@@ -125,7 +184,7 @@ func decodeRecordIn(b []byte, in *interner) (record, int, error) {
 		return record{}, 0, errShort
 	}
 	body := b[recHeader : recHeader+int(n)]
-	if crc32.Checksum(body, castagnoli) != binary.LittleEndian.Uint32(b[4:]) {
+	if crc32.Update(key, castagnoli, body) != binary.LittleEndian.Uint32(b[4:]) {
 		return record{}, 0, fmt.Errorf("%w: checksum mismatch", errCorrupt)
 	}
 	r, err := decodeBody(body, in)
@@ -290,15 +349,17 @@ func decodeBody(body []byte, in *interner) (record, error) {
 // would take seconds per damaged segment (a record that large, kept from a
 // configuration with a higher limit, is then lost with the damage before
 // it). A false match needs the CRC-32C and the exact decoding of the body
-// to agree by chance.
-func resync(data []byte, from int, after, before uint64, maxMessage int) int {
+// to agree by chance, and in a keyed (v2) segment a record a device
+// embedded in its payload is such a match: the device does not know the
+// salt.
+func resync(data []byte, key uint32, from int, after, before uint64, maxMessage int) int {
 	limit := uint64(maxMessage) + 64 // kind, seq, time, QoS, three lengths
 	for o := from; o+recHeader < len(data); o++ {
 		n := uint64(binary.LittleEndian.Uint32(data[o:]))
 		if n == 0 || n > limit || uint64(len(data)-o-recHeader) < n {
 			continue
 		}
-		rec, _, err := decodeRecord(data[o:])
+		rec, _, err := decodeRecordIn(data[o:], key, nil)
 		if err == nil && rec.kind == kindMsg && rec.seq > after && rec.seq < before && rec.seq < seqCeiling {
 			return o
 		}
@@ -308,7 +369,7 @@ func resync(data []byte, from int, after, before uint64, maxMessage int) int {
 
 // resyncSeq is the seq of the message record at the start of b (which
 // resync found).
-func resyncSeq(b []byte) uint64 {
-	rec, _, _ := decodeRecord(b)
+func resyncSeq(b []byte, key uint32) uint64 {
+	rec, _, _ := decodeRecordIn(b, key, nil)
 	return rec.seq
 }

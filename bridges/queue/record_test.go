@@ -89,7 +89,7 @@ func FuzzDecodeRecord(f *testing.F) {
 		_, _ = decodeBody(b, nil)
 		rec, n, err := decodeRecord(b)
 		// Through an interner (what Next uses): the same answer.
-		irec, in, ierr := decodeRecordIn(b, &fuzzInterner)
+		irec, in, ierr := decodeRecordIn(b, 0, &fuzzInterner)
 		if (ierr == nil) != (err == nil) || in != n || irec.msg.Device != rec.msg.Device || irec.msg.Topic != rec.msg.Topic {
 			t.Fatalf("interned decode differs: %+v %d %v vs %+v %d %v", irec, in, ierr, rec, n, err)
 		}
@@ -154,7 +154,7 @@ func TestInterner(t *testing.T) {
 		}
 	}
 	m := bridges.Message{Device: "d1", Topic: "devices/d1/t/n", Payload: []byte("p"), QoS: 1, Received: time.Unix(0, 5)}
-	rec, _, err := decodeRecordIn(appendMsg(nil, 9, &m), &in)
+	rec, _, err := decodeRecordIn(appendMsg(nil, 9, &m), 0, &in)
 	if err != nil || rec.msg.Device != m.Device || rec.msg.Topic != m.Topic || string(rec.msg.Payload) != "p" || rec.seq != 9 {
 		t.Errorf("decoded %+v, %v", rec, err)
 	}
@@ -170,7 +170,7 @@ func FuzzResync(f *testing.F) {
 	f.Add(seg, uint16(1), uint64(0), uint64(1<<62))
 	f.Add(append([]byte("\xaa\xaa\xaa"), seg...), uint16(0), uint64(0), uint64(1<<62))
 	f.Fuzz(func(t *testing.T, data []byte, from uint16, after, before uint64) {
-		o := resync(data, int(from), after, before, 256<<10)
+		o := resync(data, 0, int(from), after, before, 256<<10)
 		if o < 0 {
 			return
 		}
@@ -181,7 +181,7 @@ func FuzzResync(f *testing.F) {
 		if err != nil || rec.kind != kindMsg || rec.seq <= after || rec.seq >= before || rec.seq >= seqCeiling {
 			t.Fatalf("resync returned %d: %+v %v (after %d, before %d)", o, rec, err, after, before)
 		}
-		if resyncSeq(data[o:]) != rec.seq {
+		if resyncSeq(data[o:], 0) != rec.seq {
 			t.Fatal("resyncSeq differs")
 		}
 	})

@@ -206,7 +206,7 @@ func TestRotationNeverReplacesASegment(t *testing.T) {
 	if err := q.Ack(held[0].Seq); err != nil {
 		t.Fatal(err)
 	}
-	for activeSize(q) == int64(len(segMagic)) { // the mark, written to resume's segment
+	for activeSize(q) == int64(segHeader) { // the mark, written to resume's segment
 		if time.Now().After(deadline) {
 			t.Fatal("delivered-mark not written within 10 s")
 		}
