@@ -197,11 +197,7 @@ func TestFailedFsyncResumesOnNewSegment(t *testing.T) {
 	if err := result(t, a); err != nil {
 		t.Fatal(err)
 	}
-	b := admit(t, q, msg("d", 1))
-	g.next(t, "the failing batch").release <- errors.New("EIO from the test")
-	if err := result(t, b); err == nil {
-		t.Fatal("batch reported durable after its fsync failed")
-	}
+	failNextFsync(t, q, g, msg("d", 1))
 	if _, err := q.AcceptAsync(context.Background(), msg("d", 2)); err == nil {
 		t.Fatal("admitted right after a failed fsync")
 	}
@@ -602,11 +598,7 @@ func TestFailedResumeTriesAgain(t *testing.T) {
 			failed <- f.Name()
 		}
 	}
-	b := admit(t, q, msg("d", 1))
-	g.next(t, "the failing batch").release <- errors.New("EIO from the test")
-	if err := result(t, b); err == nil {
-		t.Fatal("batch reported durable after its fsync failed")
-	}
+	failNextFsync(t, q, g, msg("d", 1))
 	select {
 	case name := <-failed:
 		t.Logf("resume's segment %s failed its sync", filepath.Base(name))
@@ -734,11 +726,7 @@ func TestMarksKeptWhileStopped(t *testing.T) {
 	if err := result(t, a); err != nil {
 		t.Fatal(err)
 	}
-	b := admit(t, q, msg("d", 1))
-	g.next(t, "the failing batch").release <- errors.New("EIO from the test")
-	if err := result(t, b); err == nil {
-		t.Fatal("batch reported durable after its fsync failed")
-	}
+	failNextFsync(t, q, g, msg("d", 1))
 	es := drain(t, q)
 	if err := q.Ack(es[0].Seq, es[1].Seq); err != nil {
 		t.Fatal(err)
@@ -874,5 +862,16 @@ func TestMarksRetryBacksOff(t *testing.T) {
 	q.mu.Unlock()
 	if retry != 0 {
 		t.Errorf("pause after a write succeeded = %v, want reset (0)", retry)
+	}
+}
+
+// failNextFsync admits m and fails the fsync of its batch (q's syncs gated
+// by g): the queue must not report it durable.
+func failNextFsync(t *testing.T, q *Queue, g *gatedSyncs, m bridges.Message) {
+	t.Helper()
+	ch := admit(t, q, m)
+	g.next(t, "the failing batch").release <- errors.New("EIO from the test")
+	if err := result(t, ch); err == nil {
+		t.Fatal("batch reported durable after its fsync failed")
 	}
 }

@@ -1667,14 +1667,7 @@ func TestSeqNotReusedAfterLostBatch(t *testing.T) {
 	}
 	q.Close()
 
-	q2, _ := open(t, lost, Options{})
-	if err := q2.Accept(ctx, msg("c", 0)); err != nil {
-		t.Fatal(err)
-	}
-	after := drain(t, q2)
-	if len(after) != 4 {
-		t.Fatalf("after the power cut the queue holds %d messages, want the 3 durable ones and the new one", len(after))
-	}
+	after := reopenAfterCut(t, lost)
 	for i, e := range after[:3] {
 		if e.Seq != durable[i].Seq {
 			t.Errorf("durable message %d came back as seq %d, was %d: its resend would not be recognised as a duplicate", i, e.Seq, durable[i].Seq)
@@ -1724,14 +1717,7 @@ func TestSeqNotReusedAfterLostFirstBatch(t *testing.T) {
 	}
 	q2.Close()
 
-	q3, _ := open(t, lost, Options{})
-	if err := q3.Accept(ctx, msg("c", 0)); err != nil {
-		t.Fatal(err)
-	}
-	after := drain(t, q3)
-	if len(after) != 4 {
-		t.Fatalf("after the power cut the queue holds %d messages, want the 3 durable ones and the new one", len(after))
-	}
+	after := reopenAfterCut(t, lost)
 	if got := after[3].Seq; got <= sent[0].Seq {
 		t.Fatalf("message accepted after the power cut got seq %d; seq %d was already sent upstream for another message (seqs must never be reused)", got, sent[0].Seq)
 	}
@@ -1986,18 +1972,7 @@ func TestEmbeddedRecordAboveCeilingNotTaken(t *testing.T) {
 			if err := q.Accept(ctx, m); err != nil {
 				t.Fatal(err)
 			}
-			q.mu.Lock()
-			bad := q.ents[1]
-			q.mu.Unlock()
-			q.Close()
-			f, err := os.OpenFile(bad.seg.path, os.O_RDWR, 0)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if _, err := f.WriteAt([]byte{0xde, 0xad}, bad.off+4); err != nil { // its checksum
-				t.Fatal(err)
-			}
-			f.Close()
+			closeTearingChecksum(t, q, 1)
 
 			q2, _ := open(t, dir, Options{})
 			if err := q2.Accept(ctx, msg("c", 0)); err != nil {
@@ -2073,4 +2048,37 @@ func TestOpenRefusesSeqNearCeiling(t *testing.T) {
 	if len(es) != 1 || es[0].Seq >= seqCeiling {
 		t.Fatalf("held %v", es)
 	}
+}
+
+// closeTearingChecksum closes q and breaks the checksum of its i-th held
+// record on disk, as a torn write would: recovery must resync past it.
+func closeTearingChecksum(t *testing.T, q *Queue, i int) {
+	t.Helper()
+	q.mu.Lock()
+	bad := q.ents[i]
+	q.mu.Unlock()
+	q.Close()
+	f, err := os.OpenFile(bad.seg.path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.WriteAt([]byte{0xde, 0xad}, bad.off+4); err != nil { // its checksum
+		t.Fatal(err)
+	}
+}
+
+// reopenAfterCut opens the queue in dir after a simulated power cut that
+// kept 3 durable messages, accepts one more and returns all 4 held.
+func reopenAfterCut(t *testing.T, dir string) []Entry {
+	t.Helper()
+	q, _ := open(t, dir, Options{})
+	if err := q.Accept(context.Background(), msg("c", 0)); err != nil {
+		t.Fatal(err)
+	}
+	after := drain(t, q)
+	if len(after) != 4 {
+		t.Fatalf("after the power cut the queue holds %d messages, want the 3 durable ones and the new one", len(after))
+	}
+	return after
 }

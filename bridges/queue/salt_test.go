@@ -30,18 +30,7 @@ func TestEmbeddedRecordKeyedNotTaken(t *testing.T) {
 	if err := q.Accept(ctx, m); err != nil {
 		t.Fatal(err)
 	}
-	q.mu.Lock()
-	bad := q.ents[1]
-	q.mu.Unlock()
-	q.Close()
-	f, err := os.OpenFile(bad.seg.path, os.O_RDWR, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := f.WriteAt([]byte{0xde, 0xad}, bad.off+4); err != nil { // its checksum
-		t.Fatal(err)
-	}
-	f.Close()
+	closeTearingChecksum(t, q, 1)
 
 	q2, _ := open(t, dir, Options{})
 	for _, e := range drain(t, q2) {

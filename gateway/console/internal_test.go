@@ -222,16 +222,8 @@ func TestRuleNotInForceIsReported(t *testing.T) {
 	h.SetComponents(Components{RulesChanged: func([]store.ForwardRule) error {
 		return errors.New("upstream forwarding rules refused: example")
 	}})
-	jar, _ := cookiejar.New(nil)
-	c := srv.Client()
-	c.Jar = jar
-	code, body := post(t, c, srv.URL+"/api/v1/setup", `{"code":"ABCD-EFGH-JKLM-NPQR","user":"root","password":"correct horse battery staple"}`)
-	if code != 201 {
-		t.Fatalf("setup: %d %s", code, body)
-	}
-	tok := body[strings.Index(body, `"csrf_token": "`)+15:]
-	tok = tok[:strings.IndexByte(tok, '"')]
-	code, body = post(t, c, srv.URL+"/api/v1/upstream/rules", `{"topic":"devices/+/t/a","action":"local"}`, "X-CSRF-Token", tok)
+	c, tok := setUpAdmin(t, srv)
+	code, body := post(t, c, srv.URL+"/api/v1/upstream/rules", `{"topic":"devices/+/t/a","action":"local"}`, "X-CSRF-Token", tok)
 	if code != http.StatusInternalServerError || !strings.Contains(body, "still applies the previous forwarding rules") || !strings.Contains(body, "example") {
 		t.Errorf("saving a rule the link does not take: %d %s; want 500 saying the previous rules apply, and why", code, body)
 	}
@@ -270,15 +262,7 @@ func TestRulesAndOptOutChangesAreAnnounced(t *testing.T) {
 		},
 		OptOutsChanged: func(m map[string]bool) { mu.Lock(); gotOff = m; mu.Unlock() },
 	})
-	jar, _ := cookiejar.New(nil)
-	c := srv.Client()
-	c.Jar = jar
-	code, body := post(t, c, srv.URL+"/api/v1/setup", `{"code":"ABCD-EFGH-JKLM-NPQR","user":"root","password":"correct horse battery staple"}`)
-	if code != 201 {
-		t.Fatalf("setup: %d %s", code, body)
-	}
-	tok := body[strings.Index(body, `"csrf_token": "`)+15:]
-	tok = tok[:strings.IndexByte(tok, '"')]
+	c, tok := setUpAdmin(t, srv)
 	post(t, c, srv.URL+"/api/v1/upstream/rules", `{"topic":"devices/+/t/a","action":"forward"}`, "X-CSRF-Token", tok)
 	post(t, c, srv.URL+"/api/v1/upstream/rules", `{"topic":"devices/+/t/a","action":"local"}`, "X-CSRF-Token", tok)
 	req, _ := http.NewRequest("PUT", srv.URL+"/api/v1/privacy/optout", strings.NewReader(`{"datum":"device.counters","opt_out":true}`))
@@ -297,4 +281,19 @@ func TestRulesAndOptOutChangesAreAnnounced(t *testing.T) {
 	if d := cmp.Diff(map[string]bool{"device.counters": true}, gotOff); d != "" {
 		t.Errorf("announced opt-outs (-want +got):\n%s", d)
 	}
+}
+
+// setUpAdmin runs the first-boot setup on srv and returns a client holding
+// the admin session and its CSRF token.
+func setUpAdmin(t *testing.T, srv *httptest.Server) (*http.Client, string) {
+	t.Helper()
+	jar, _ := cookiejar.New(nil)
+	c := srv.Client()
+	c.Jar = jar
+	code, body := post(t, c, srv.URL+"/api/v1/setup", `{"code":"ABCD-EFGH-JKLM-NPQR","user":"root","password":"correct horse battery staple"}`)
+	if code != 201 {
+		t.Fatalf("setup: %d %s", code, body)
+	}
+	tok := body[strings.Index(body, `"csrf_token": "`)+15:]
+	return c, tok[:strings.IndexByte(tok, '"')]
 }
