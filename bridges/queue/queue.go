@@ -1061,7 +1061,7 @@ func (q *Queue) admit(m bridges.Message, fn func(error)) (chan error, error) {
 		return nil, fmt.Errorf("queue accept from %s: oldest held message is older than %s: %w", m.Device, q.opts.MaxAge, bridges.ErrQueueFull)
 	}
 	off := len(q.batchBuf)
-	q.batchBuf = appendMsg(q.batchBuf, q.nextSeq, &m)
+	q.batchBuf = frameMsg(q.batchBuf, q.nextSeq, &m)
 	n := len(q.batchBuf) - off
 	if held := q.diskBytes() + q.batchB + q.writingB; held+int64(n) > q.opts.MaxBytes {
 		q.batchBuf = q.batchBuf[:off]
@@ -1224,7 +1224,7 @@ func (q *Queue) flush(sync bool) {
 	buf := q.wbuf[:0]
 	if len(acks) > 0 {
 		slices.Sort(acks)
-		buf = appendAck(buf, acks)
+		buf = frameAck(buf, acks)
 	}
 	ackLen := len(buf)
 	buf = append(buf, batchBuf...)
@@ -1262,9 +1262,7 @@ func (q *Queue) flush(sync bool) {
 	q.mu.Unlock()
 
 	if err == nil {
-		if seg.key != 0 {
-			reseal(buf, seg.key)
-		}
+		seal(buf, seg.key)
 		_, err = q.writeAt(seg.f, buf, off)
 		if err != nil {
 			err = fmt.Errorf("queue: write %d bytes to %s at %d: %w", len(buf), seg.path, off, err)

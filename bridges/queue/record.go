@@ -73,8 +73,19 @@ type record struct {
 	acks []uint64
 }
 
-// appendMsg appends a message record to dst.
+// appendMsg appends a message record to dst, checksummed unkeyed.
 func appendMsg(dst []byte, seq uint64, m *bridges.Message) []byte {
+	start := len(dst)
+	dst = frameMsg(dst, seq, m)
+	seal(dst[start:], 0)
+	return dst
+}
+
+// frameMsg appends a message record to dst without its checksum, which
+// seal adds for the segment the record goes to, known only when its batch
+// is written (a rotation may come between); the writer does that outside
+// the queue's lock, once per record.
+func frameMsg(dst []byte, seq uint64, m *bridges.Message) []byte {
 	start := len(dst)
 	dst = append(dst, make([]byte, recHeader)...)
 	dst = append(dst, kindMsg)
@@ -84,11 +95,20 @@ func appendMsg(dst []byte, seq uint64, m *bridges.Message) []byte {
 	dst = appendStr(dst, m.Device)
 	dst = appendStr(dst, m.Topic)
 	dst = appendBytes(dst, m.Payload)
-	return seal(dst, start)
+	return frame(dst, start)
 }
 
-// appendAck appends an ack record listing seqs (ascending) to dst.
+// appendAck appends an ack record listing seqs (ascending) to dst,
+// checksummed unkeyed.
 func appendAck(dst []byte, seqs []uint64) []byte {
+	start := len(dst)
+	dst = frameAck(dst, seqs)
+	seal(dst[start:], 0)
+	return dst
+}
+
+// frameAck is appendAck without the checksum (see frameMsg).
+func frameAck(dst []byte, seqs []uint64) []byte {
 	start := len(dst)
 	dst = append(dst, make([]byte, recHeader)...)
 	dst = append(dst, kindAck)
@@ -98,7 +118,7 @@ func appendAck(dst []byte, seqs []uint64) []byte {
 		dst = binary.AppendUvarint(dst, s-prev)
 		prev = s
 	}
-	return seal(dst, start)
+	return frame(dst, start)
 }
 
 func appendBytes(dst, b []byte) []byte {
@@ -111,19 +131,15 @@ func appendStr(dst []byte, s string) []byte {
 	return append(dst, s...)
 }
 
-// seal fills in the header of the record at dst[start:] with the unkeyed
-// checksum; reseal keys it for the segment the record goes to, known only
-// when its batch is written (a rotation may come between).
-func seal(dst []byte, start int) []byte {
-	body := dst[start+recHeader:]
-	binary.LittleEndian.PutUint32(dst[start:], uint32(len(body)))
-	binary.LittleEndian.PutUint32(dst[start+4:], crc32.Checksum(body, castagnoli))
+// frame fills in the length of the record at dst[start:].
+func frame(dst []byte, start int) []byte {
+	binary.LittleEndian.PutUint32(dst[start:], uint32(len(dst)-start-recHeader))
 	return dst
 }
 
-// reseal recomputes the checksum of every record in b (whole records, as
-// appendMsg and appendAck made them) with key, a segment's checksum key.
-func reseal(b []byte, key uint32) {
+// seal fills in the checksum of every record in b (whole records, as
+// frameMsg and frameAck made them) with key, a segment's checksum key.
+func seal(b []byte, key uint32) {
 	for len(b) >= recHeader {
 		n := int(binary.LittleEndian.Uint32(b))
 		binary.LittleEndian.PutUint32(b[4:], crc32.Update(key, castagnoli, b[recHeader:recHeader+n]))

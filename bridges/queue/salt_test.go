@@ -47,7 +47,7 @@ func TestEmbeddedRecordKeyedNotTaken(t *testing.T) {
 func TestV1SegmentRead(t *testing.T) {
 	dir := t.TempDir()
 	// The old format: the magic, then records whose checksum is CRC-32C of
-	// the body alone (appendMsg's and appendAck's, before reseal), then
+	// the body alone (appendMsg's and appendAck's), then
 	// the preallocated zeros.
 	data := []byte("BSTNQ01\n")
 	for i := range 3 {
