@@ -945,8 +945,8 @@ func syncDir(dir string) error {
 }
 
 // reclaim trims delivered entries and removes fully delivered segments,
-// oldest first (so ack records for older segments are never needed again).
-// Caller holds q.mu.
+// oldest first (so ack records for older segments are never needed again),
+// stepping over unverified ones (see below). Caller holds q.mu.
 func (q *Queue) reclaim() {
 	i := 0
 	for i < len(q.ents) && q.ents[i].acked {
@@ -969,15 +969,47 @@ func (q *Queue) reclaim() {
 			}
 		}
 	}
-	for len(q.segs) > 1 && q.segs[0].live == 0 && !q.segs[0].unverified {
-		s := q.segs[0]
+	// A segment's delivered-marks may be for messages in the segments
+	// before it, so none is removed while one before it still holds a
+	// message: those marks would be lost and the messages sent again
+	// after a restart. An unverified segment is stepped over, not stopped
+	// at: none of its messages is held (recover took none), so nothing
+	// waits for its marks, and stopping there kept every segment after it
+	// until the queue was full by bytes and refused every message, at
+	// every later open too. It is itself kept, never removed (the last
+	// copy of its messages): once an open reads it again its messages
+	// come back, and those delivered before, whose marks went with the
+	// segments removed here, are sent again under their own seqs:
+	// duplicates the cloud drops by bastion-origin and bastion-seq.
+	for i := 0; i < len(q.segs)-1; {
+		s := q.segs[i]
+		if s.unverified {
+			i++
+			continue
+		}
+		if s.live > 0 {
+			return
+		}
 		s.f.Close()
 		if err := os.Remove(s.path); err != nil {
 			q.log.Error("removing delivered segment failed; will retry", "segment", s.path, "err", err)
 			return
 		}
-		q.segs = q.segs[1:]
+		q.segs = slices.Delete(q.segs, i, i+1)
 	}
+}
+
+// unverifiedLocked returns the bytes of the unverified segments, which
+// count against MaxBytes (they are on disk) though no delivery frees them,
+// and their paths. Caller holds q.mu.
+func (q *Queue) unverifiedLocked() (n int64, paths []string) {
+	for _, s := range q.segs {
+		if s.unverified {
+			n += s.size
+			paths = append(paths, s.path)
+		}
+	}
+	return n, paths
 }
 
 func (q *Queue) diskBytes() int64 {
@@ -1065,9 +1097,16 @@ func (q *Queue) admit(m bridges.Message, fn func(error)) (chan error, error) {
 	n := len(q.batchBuf) - off
 	if held := q.diskBytes() + q.batchB + q.writingB; held+int64(n) > q.opts.MaxBytes {
 		q.batchBuf = q.batchBuf[:off]
+		// Bytes that delivering frees nothing of are named, or the
+		// refusal would read as a slow link for good.
+		var stuck string
+		if ub, paths := q.unverifiedLocked(); ub > 0 {
+			stuck = fmt.Sprintf(" (%d of them in %s, whose header the disk cannot read: kept, none of its messages held, until an open reads it again; if the disk never will, move it away, losing its messages)",
+				ub, strings.Join(paths, ", "))
+		}
 		q.mu.Unlock()
 		q.m.refused.WithLabelValues("bytes").Inc()
-		return nil, fmt.Errorf("queue accept from %s: %d bytes held, limit %d: %w", m.Device, held, q.opts.MaxBytes, bridges.ErrQueueFull)
+		return nil, fmt.Errorf("queue accept from %s: %d bytes held%s, limit %d: %w", m.Device, held, stuck, q.opts.MaxBytes, bridges.ErrQueueFull)
 	}
 	q.batch = append(q.batch, pending{off: off, n: n, seq: q.nextSeq, recv: m.Received.UnixNano(), done: done, fn: fn})
 	q.batchB += int64(n)

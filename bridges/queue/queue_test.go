@@ -1875,6 +1875,91 @@ func TestUnreadableHeader(t *testing.T) {
 		}
 	})
 
+	// An unverified segment before the active one holds no message, so
+	// nothing waits for it: the delivered segments after it are removed
+	// (it is kept, never removed), and the queue keeps accepting for as
+	// long as the link delivers. Before, reclaim stopped at it: every
+	// segment after it stayed until the queue was full by bytes, refusing
+	// every message for good (the next open found the same).
+	t.Run("delivered segments after it are reclaimed", func(t *testing.T) {
+		dir := t.TempDir()
+		o := opts
+		o.MaxBytes = 64 << 10
+		q, _ := open(t, dir, o)
+		var oldSeqs []uint64 // the messages in the segment that becomes unreadable
+		for i := 0; segCount(q) < 2; i++ {
+			if err := q.Accept(ctx, msg("a", i)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		q.mu.Lock()
+		seg := q.segs[0].path
+		for _, e := range q.ents {
+			if e.seg == q.segs[0] {
+				oldSeqs = append(oldSeqs, e.seq)
+			}
+		}
+		q.mu.Unlock()
+		q.Close()
+
+		q2, err := Open(dir, unreadable(t, o, seg), discard, nil)
+		if err != nil {
+			t.Fatalf("Open with the segment's header unreadable: %v", err)
+		}
+		defer q2.Close()
+		big := func(i int) bridges.Message {
+			m := msg("b", i)
+			m.Payload = make([]byte, 500)
+			return m
+		}
+		// Well over MaxBytes accepted and delivered, a few at a time.
+		for i := 0; i < 8*int(o.MaxBytes)/500; {
+			for range 10 {
+				if err := q2.Accept(ctx, big(i)); err != nil {
+					t.Fatalf("Accept %d (%d bytes accepted and delivered before): %v; stats %+v", i, i*500, err, q2.Stats())
+				}
+				i++
+			}
+			es, err := q2.Held(0, 1000)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, e := range es {
+				q2.Ack(e.Seq)
+			}
+		}
+		if _, err := os.Stat(seg); err != nil {
+			t.Fatalf("the segment whose header cannot be read was removed: %v", err)
+		}
+		if st := q2.Stats(); st.Bytes > o.MaxBytes || st.Depth != 0 {
+			t.Fatalf("stats after everything was delivered: %+v; want bytes within %d, depth 0", st, o.MaxBytes)
+		}
+		// Full again, undelivered: the refusal says where the bytes are
+		// that no delivery frees.
+		var full error
+		for i := 0; full == nil; i++ {
+			if i > int(o.MaxBytes) {
+				t.Fatal("never full")
+			}
+			full = q2.Accept(ctx, big(i))
+		}
+		if !errors.Is(full, bridges.ErrQueueFull) || !strings.Contains(full.Error(), filepath.Base(seg)) || !strings.Contains(full.Error(), "header the disk cannot read") {
+			t.Fatalf("refused when full: %v; want ErrQueueFull naming %s, whose header cannot be read", full, filepath.Base(seg))
+		}
+		q2.Close()
+		// The disk reads it again: its messages are back, under their
+		// seqs (the ones delivered before are duplicates the cloud drops).
+		q3, _ := open(t, dir, o)
+		es := drain(t, q3)
+		var got []uint64
+		for _, e := range es[:min(len(oldSeqs), len(es))] {
+			got = append(got, e.Seq)
+		}
+		if !slices.Equal(got, oldSeqs) {
+			t.Fatalf("after the disk came back, held first %v; want the unreadable segment's %v", got, oldSeqs)
+		}
+	})
+
 	t.Run("records only in the block, no floor", func(t *testing.T) {
 		dir := t.TempDir()
 		q, _ := open(t, dir, opts)
