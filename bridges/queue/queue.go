@@ -344,11 +344,41 @@ func (q *Queue) recover() error {
 			return fmt.Errorf("open queue: segment name %s: not <20 digits>.seg; move the file away", name)
 		}
 	}
+	// Which segment is the last one is decided on the segments that stay:
+	// newer ones whose creation was cut (a crash during a rotation or
+	// resume) are removed first. The last one is where commits go unless
+	// its header calls for a new segment (see newSeg); taken for an
+	// earlier one, a v1 segment or one with an unreadable header before a
+	// torn creation got the commits, unkeyed (and in the unreadable case,
+	// cut at the next open that read its salt: acknowledged messages
+	// lost). Most segments' header is whole, read alone; a file without
+	// one is read whole once, here, and kept for the loop below.
+	var tail []byte // names[len(names)-1] as read here (haveTail)
+	var tailBad [][2]int64
+	haveTail := false
+	for len(names) > 0 && !q.headerWhole(names[len(names)-1]) {
+		name := names[len(names)-1]
+		data, bad, err := q.readSegment(name)
+		if err != nil {
+			return fmt.Errorf("open queue: read segment %s: %w", name, err)
+		}
+		if !tornSegment(data, bad) {
+			tail, tailBad, haveTail = data, bad, true
+			break
+		}
+		if err := q.removeTorn(name, len(data)); err != nil {
+			return err
+		}
+		names, bases = names[:len(names)-1], bases[:len(bases)-1]
+	}
 	for i, name := range names {
 		last := i == len(names)-1
 		base := bases[i]
-		data, bad, err := q.readSegment(name)
-		if err != nil {
+		var data []byte
+		var bad [][2]int64
+		if last && haveTail {
+			data, bad = tail, tailBad
+		} else if data, bad, err = q.readSegment(name); err != nil {
 			return fmt.Errorf("open queue: read segment %s: %w", name, err)
 		}
 		for _, r := range bad {
@@ -363,11 +393,11 @@ func (q *Queue) recover() error {
 		headerBad := len(bad) > 0 && bad[0][0] < int64(segHeader)
 		hdr, key, ok := parseSegHeader(data)
 		if !headerBad && !ok {
-			if len(bad) == 0 && tornCreation(data) {
-				// Creation torn before its first sync: it never held a message.
-				q.log.Warn("removing segment cut during creation", "segment", name, "bytes", len(data))
-				if err := os.Remove(name); err != nil {
-					return fmt.Errorf("open queue: remove empty segment %s: %w", name, err)
+			if tornSegment(data, bad) {
+				// Only the newest can be (removed above); kept for a
+				// directory where one is followed by others.
+				if err := q.removeTorn(name, len(data)); err != nil {
+					return err
 				}
 				continue
 			}
@@ -550,6 +580,47 @@ func (q *Queue) recover() error {
 	}
 	q.reclaim()
 	q.log.Info("queue opened", "dir", q.dir, "held", q.depth, "segments", len(q.segs), "next_seq", q.nextSeq)
+	return nil
+}
+
+// headerWhole reports whether the segment file name starts with a whole
+// header (v2 or v1), reading only that (through opts.readAt). Any failure
+// reports false: readSegment then reads it whole and tells why.
+func (q *Queue) headerWhole(name string) bool {
+	f, err := os.Open(name)
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	readAt := q.opts.readAt
+	if readAt == nil {
+		readAt = (*os.File).ReadAt
+	}
+	b := make([]byte, segHeader)
+	n, err := readAt(f, b, 0)
+	if err != nil && !errors.Is(err, io.EOF) {
+		return false
+	}
+	_, _, ok := parseSegHeader(b[:n])
+	return ok
+}
+
+// tornSegment reports whether a segment read as data, with the ranges bad
+// the disk could not read, is one whose creation was cut before its first
+// sync (see tornCreation): it never held a message. One with unreadable
+// blocks is not (zeros the disk made up).
+func tornSegment(data []byte, bad [][2]int64) bool {
+	_, _, ok := parseSegHeader(data)
+	return !ok && len(bad) == 0 && tornCreation(data)
+}
+
+// removeTorn removes the segment name of n bytes, whose creation was cut
+// (tornSegment).
+func (q *Queue) removeTorn(name string, n int) error {
+	q.log.Warn("removing segment cut during creation", "segment", name, "bytes", n)
+	if err := os.Remove(name); err != nil {
+		return fmt.Errorf("open queue: remove empty segment %s: %w", name, err)
+	}
 	return nil
 }
 

@@ -1960,6 +1960,51 @@ func TestUnreadableHeader(t *testing.T) {
 		}
 	})
 
+	// Followed only by a segment whose creation was cut (removed at
+	// open), it is the last one: commits go to a new segment. Before, it
+	// was not taken for the last, commits were appended to it unkeyed, and
+	// the open that read its salt again cut them: acknowledged messages
+	// lost.
+	t.Run("before a torn creation", func(t *testing.T) {
+		dir := t.TempDir()
+		q, _ := open(t, dir, opts)
+		for i := range 3 {
+			if err := q.Accept(ctx, msg("a", i)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		q.mu.Lock()
+		seg, next := q.segs[0].path, q.nextSeq
+		q.mu.Unlock()
+		q.Close()
+		if err := os.WriteFile(segName(dir, next), make([]byte, 8<<10), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		// Segments larger from now on: the old one's preallocated end
+		// leaves room, so a commit does not start a new segment anyway.
+		big := opts
+		big.SegmentBytes = 4 * opts.SegmentBytes
+		q2, err := Open(dir, unreadable(t, big, seg), discard, nil)
+		if err != nil {
+			t.Fatalf("Open with the segment's header unreadable: %v", err)
+		}
+		defer q2.Close()
+		if err := q2.Accept(ctx, msg("b", 0)); err != nil {
+			t.Fatalf("Accept: %v", err)
+		}
+		q2.mu.Lock()
+		active := q2.segs[len(q2.segs)-1].path
+		q2.mu.Unlock()
+		if active == seg {
+			t.Fatalf("commits go to %s, whose header is unreadable", seg)
+		}
+		q2.Close()
+		q3, _ := open(t, dir, big)
+		if es := drain(t, q3); len(es) != 4 || es[3].Device != "b" {
+			t.Fatalf("after the disk came back: %+v; want a's 3 messages, then b", es)
+		}
+	})
+
 	t.Run("records only in the block, no floor", func(t *testing.T) {
 		dir := t.TempDir()
 		q, _ := open(t, dir, opts)
