@@ -120,7 +120,9 @@ var ErrTooLarge = errors.New("message too large for the queue")
 // diskError marks a failed write or fsync as bridges.ErrDiskFailed, with
 // err's text unchanged: the transports count the refusal as the disk's
 // fault, apart from a full queue. Kept as q.failed, it marks every later
-// refusal that wraps it too (a queue stopped after a failed fsync).
+// refusal that wraps it too (a queue stopped after a failed write,
+// rotation or fsync; one stopped by a full disk refuses with
+// bridges.ErrQueueFull instead).
 type diskError struct{ err error }
 
 func (e diskError) Error() string   { return e.err.Error() }
@@ -249,8 +251,9 @@ type Queue struct {
 	ackRetry time.Duration
 	stop     chan struct{}
 	stopped  chan struct{}
-	// resumeDue: time to try accepting again after a failed fsync
-	// (capacity 1); resumeWait is the pause before the next try.
+	// resumeDue: time to try accepting again after a failed write,
+	// rotation or fsync (capacity 1); resumeWait is the pause before the
+	// next try.
 	resumeDue  chan struct{}
 	resumeWait time.Duration
 
@@ -1151,10 +1154,10 @@ func (q *Queue) admit(m bridges.Message, fn func(error)) (chan error, error) {
 		q.mu.Unlock()
 		return nil, ErrClosed
 	}
-	if q.failed != nil {
+	if failed := q.failed; failed != nil {
 		q.mu.Unlock()
-		q.m.refused.WithLabelValues("disk_error").Inc()
-		return nil, fmt.Errorf("queue accept: queue stopped after a disk error: %w", q.failed)
+		q.m.refused.WithLabelValues(stoppedReason(failed)).Inc()
+		return nil, fmt.Errorf("queue accept: queue stopped after a disk error: %w", failed)
 	}
 	// None held: zero, not an age (entries dropped by held but not yet
 	// trimmed would otherwise read as 292 years old).
@@ -1324,9 +1327,9 @@ func (q *Queue) flush(sync bool) {
 	acks := q.acks
 	q.acks = nil
 	if q.failed != nil {
-		// Nothing is written after a failed fsync: the marks wait for
-		// resume's segment (resume arms their timer), or they would be
-		// lost and their messages sent again after a restart.
+		// Nothing is written after a failed write or fsync: the marks
+		// wait for resume's segment (resume arms their timer), or they
+		// would be lost and their messages sent again after a restart.
 		q.acks = acks
 		q.failBatchLocked(batch, batchBuf)
 		return
@@ -1371,7 +1374,8 @@ func (q *Queue) flush(sync bool) {
 	off := seg.size
 	q.mu.Unlock()
 
-	if err == nil {
+	wrote := err == nil // the write was tried (the rotation, if any, worked)
+	if wrote {
 		seal(buf, seg.key)
 		_, err = q.writeAt(seg.f, buf, off)
 		if err != nil {
@@ -1415,46 +1419,86 @@ func (q *Queue) flush(sync bool) {
 		return
 	}
 
-	// A failed write (disk full) leaves seg.size where it was: the next
-	// batch overwrites the partial bytes. The refused messages' marks go
-	// back to the pending list.
+	// A failed write leaves seg.size where it was; the marks it carried
+	// go back to the pending list.
+	hint := "check the disk (the kernel log shows I/O errors)"
+	told := error(diskError{err}) // what the batch's Accepts get
+	if errors.Is(err, syscall.ENOSPC) {
+		hint = "the disk is full: free space on it"
+		told = fmt.Errorf("%w: %w", bridges.ErrQueueFull, err)
+	}
 	q.mu.Lock()
 	q.writingB = 0 // nothing of the batch was indexed
 	q.acks = append(q.acks, acks...)
-	// A disk that keeps failing is tried less and less often (and logged
-	// so), not every AckFlushInterval for good.
-	if q.ackRetry == 0 {
-		q.ackRetry = q.opts.AckFlushInterval
+	if len(batch) > 0 {
+		// Refusing this batch alone and writing the next one (over the
+		// same bytes, or once the rotation works) would acknowledge
+		// messages admitted while this one was written, from the same
+		// devices: stored ahead of this batch's, which their devices send
+		// again. So it stops the queue as a failed fsync does: the batch
+		// gathered meanwhile is refused, then every admission, until
+		// resume starts a new segment.
+		if q.stopLocked(told) {
+			what := "queue write failed"
+			if !wrote {
+				what = "queue could not start a new segment"
+			}
+			q.log.Error(what+"; refusing new messages, trying a new segment in "+q.resumeWait.String()+"; "+hint, "err", err)
+		}
 	} else {
-		q.ackRetry = min(2*q.ackRetry, max(ackRetryMax, q.opts.AckFlushInterval))
-	}
-	if len(q.acks) > 0 {
+		// Only delivered-marks (no message refused, so no order to
+		// keep): tried again. A disk that keeps failing is tried less and
+		// less often (and logged so), not every AckFlushInterval for good.
+		if q.ackRetry == 0 {
+			q.ackRetry = q.opts.AckFlushInterval
+		} else {
+			q.ackRetry = min(2*q.ackRetry, max(ackRetryMax, q.opts.AckFlushInterval))
+		}
 		// The timer may have fired for this flush already: without a new
 		// one they would wait for the next batch or Ack.
 		q.armAckFlushLocked()
-	}
-	if len(batch) > 0 {
-		q.log.Error("queue write failed; refusing this batch", "err", err)
-	} else {
-		hint := "check the disk (the kernel log shows I/O errors)"
-		if errors.Is(err, syscall.ENOSPC) {
-			hint = "the disk is full: free space on it"
-		}
 		q.log.Error("queue: writing delivered-marks failed; they are kept and written with the next batch or tried again in "+
 			q.ackRetry.String()+" (a restart before then sends their messages upstream again); "+hint, "marks", len(q.acks), "err", err)
 	}
 	q.mu.Unlock()
-	if errors.Is(err, syscall.ENOSPC) {
-		err = fmt.Errorf("%w: %w", bridges.ErrQueueFull, err)
-		q.refusedBatch("disk_full", batch)
-	} else {
-		q.refusedBatch("disk_error", batch) // a failed write or rotation
-		err = diskError{err}
-	}
+	q.refusedBatch(stoppedReason(err), batch)
 	for i := range batch {
-		batch[i].tell(err)
+		batch[i].tell(told)
 	}
 	q.recycle(batch, batchBuf)
+}
+
+// stoppedReason is the refusal reason (metric label) of a message refused
+// because of err, a failed write, rotation or fsync, or the queue stopped
+// after one.
+func stoppedReason(err error) string {
+	if errors.Is(err, syscall.ENOSPC) {
+		return "disk_full"
+	}
+	return "disk_error"
+}
+
+// stopLocked stops the queue after a failed write, rotation or fsync
+// (failed: the error its batch was told): nothing more is written to the
+// active segment, the batch gathered meanwhile and every admission are
+// refused, and resume tries a new segment after resumeWait. It reports
+// whether the queue was running (the caller logs the failure). Caller
+// holds q.mu.
+func (q *Queue) stopLocked(failed error) bool {
+	if q.failed != nil {
+		return false
+	}
+	q.failed = failed
+	q.m.stopped.Set(1)
+	// A disk that fails again right after a resume waits longer each
+	// time: every resume costs a new preallocated segment.
+	if q.resumeWait == 0 {
+		q.resumeWait = cmp.Or(q.opts.resumeAfter, resumeFirst)
+	} else {
+		q.resumeWait = min(2*q.resumeWait, resumeMax)
+	}
+	q.armResumeLocked()
+	return true
 }
 
 // refusedBatch counts batch's messages, refused after their admission, as
@@ -1465,13 +1509,13 @@ func (q *Queue) refusedBatch(reason string, batch []pending) {
 	}
 }
 
-// failBatchLocked refuses batch after an earlier fsync failure and unlocks
-// q.mu.
+// failBatchLocked refuses batch after an earlier failed write, rotation or
+// fsync and unlocks q.mu.
 func (q *Queue) failBatchLocked(batch []pending, batchBuf []byte) {
 	q.writingB = 0
 	err := fmt.Errorf("queue: disk error earlier: %w", q.failed)
 	q.mu.Unlock()
-	q.refusedBatch("disk_error", batch)
+	q.refusedBatch(stoppedReason(err), batch)
 	for i := range batch {
 		batch[i].tell(err)
 	}
@@ -1508,17 +1552,7 @@ func (q *Queue) commit(seg *segment, batch []pending) {
 	switch {
 	case err != nil:
 		err = diskError{fmt.Errorf("queue: fsync %s: %w", seg.path, err)}
-		if q.failed == nil {
-			q.failed = err
-			q.m.stopped.Set(1)
-			// A disk that fails again right after a resume waits longer
-			// each time: every resume costs a new preallocated segment.
-			if q.resumeWait == 0 {
-				q.resumeWait = cmp.Or(q.opts.resumeAfter, resumeFirst)
-			} else {
-				q.resumeWait = min(2*q.resumeWait, resumeMax)
-			}
-			q.armResumeLocked()
+		if q.stopLocked(err) {
 			q.log.Error("queue fsync failed; refusing new messages, trying a new segment in "+q.resumeWait.String(), "err", err)
 		}
 	case q.failed != nil:
@@ -1554,9 +1588,10 @@ func waiting(batch []pending) int {
 	return n
 }
 
-// resumeFirst is how long the queue refuses messages after a failed fsync
-// before it tries to accept again; each failed try, and each failure
-// before a commit has succeeded since, doubles it, up to resumeMax.
+// resumeFirst is how long the queue refuses messages after a failed write,
+// rotation or fsync before it tries to accept again; each failed try, and
+// each failure before a commit has succeeded since, doubles it, up to
+// resumeMax.
 const resumeFirst, resumeMax = 10 * time.Second, 5 * time.Minute
 
 // armResumeLocked schedules the writer's next resume. Caller holds q.mu.
@@ -1564,11 +1599,12 @@ func (q *Queue) armResumeLocked() {
 	time.AfterFunc(q.resumeWait, func() { signal(q.resumeDue) })
 }
 
-// resume makes the queue accept again after a failed fsync. After such a
-// failure the page cache may call the failed commit's pages clean while
-// the disk does not hold them, so nothing more is written after them: the
-// commits from here on go to a new segment (made and synced like any
-// other), and what the failed commit left ends a segment that recovery
+// resume makes the queue accept again after a failed write, rotation or
+// fsync. After a failed fsync the page cache may call the failed commit's
+// pages clean while the disk does not hold them, and a failed write may
+// have left part of its batch there, so nothing more is written after
+// them: the commits from here on go to a new segment (made and synced like
+// any other), and what the failure left ends a segment that recovery
 // treats as completed (corrupt bytes there are skipped, not followed by a
 // cut of later messages). The failed batch was never acknowledged. If the
 // new segment cannot be made durable either, it tries again later. The
@@ -1579,32 +1615,55 @@ func (q *Queue) resume() {
 		q.mu.Unlock()
 		return
 	}
-	base, active := q.nextSeq, q.segs[len(q.segs)-1]
+	failed, gathered := q.failed, len(q.batch) > 0
 	q.mu.Unlock()
-	var seg *segment
-	var err error
-	if active.base != base || active.size > active.hdr {
-		seg, err = q.createSegment(base)
+	if gathered {
+		// Admitted before the failure (admissions are refused since) and
+		// not yet refused, the writer having come here first: refused as
+		// the failed batch was, or it would be stored ahead of that
+		// batch's resend.
+		q.flush(true)
 	}
+	seg, err := q.startAfterFailure()
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	if err != nil {
 		q.resumeWait = min(2*q.resumeWait, resumeMax)
-		q.log.Error("queue: still cannot write after a failed fsync; trying again in "+q.resumeWait.String(), "err", err)
+		q.log.Error("queue: still cannot write after a disk error; trying again in "+q.resumeWait.String(), "err", err)
 		q.armResumeLocked()
 		return
 	}
-	if seg != nil {
-		q.segs = append(q.segs, seg)
-	}
-	q.log.Warn("queue: accepting messages again after a failed fsync; new commits go to a new segment",
-		"segment", q.segs[len(q.segs)-1].path, "failed_with", q.failed)
-	q.failed = nil
-	q.m.stopped.Set(0)
-	q.ackRetry = 0 // its new segment was written
+	q.log.Warn("queue: accepting messages again after a disk error; new commits go to a new segment",
+		"segment", seg.path, "failed_with", failed)
 	if len(q.acks) > 0 {
 		q.armAckFlushLocked() // kept while stopped (see flush)
 	}
+}
+
+// startAfterFailure starts the segment that commits go to after a failure
+// (the active one if it is named after the next seq and holds nothing yet,
+// so that the name is not taken twice) and clears the failure. It returns
+// the segment. The writer goroutine only.
+func (q *Queue) startAfterFailure() (*segment, error) {
+	q.mu.Lock()
+	base, active := q.nextSeq, q.segs[len(q.segs)-1]
+	q.mu.Unlock()
+	seg := active
+	if active.base != base || active.size > active.hdr {
+		var err error
+		if seg, err = q.createSegment(base); err != nil {
+			return nil, err
+		}
+	}
+	q.mu.Lock()
+	if seg != active {
+		q.segs = append(q.segs, seg)
+	}
+	q.failed = nil
+	q.m.stopped.Set(0)
+	q.ackRetry = 0 // its new segment was written
+	q.mu.Unlock()
+	return seg, nil
 }
 
 // maxKeptBuf bounds the buffers the writer keeps for the next batch: a
@@ -1911,7 +1970,8 @@ type Stats struct {
 	Bytes  int64     // bytes on disk
 	Oldest time.Time // receive time of the oldest held message (zero if none)
 	// Err is the disk error that stopped the queue from accepting (a
-	// failed fsync; until resume succeeds), nil while it accepts.
+	// failed write, rotation or fsync; until resume succeeds), nil while
+	// it accepts.
 	Err error
 }
 

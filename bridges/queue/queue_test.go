@@ -1092,7 +1092,8 @@ func TestSIGKILLKeepsEveryAcceptedMessage(t *testing.T) {
 
 // TestDiskFull fills a real (tiny tmpfs) filesystem: Accept must refuse
 // with ErrQueueFull, keep everything it accepted, and work again once
-// delivered segments free space.
+// delivered segments free space (and the queue, stopped by the failed
+// write, has resumed).
 func TestDiskFull(t *testing.T) {
 	testenv.RequireRoot(t)
 	dir := t.TempDir()
@@ -1100,7 +1101,7 @@ func TestDiskFull(t *testing.T) {
 		t.Fatalf("mount tmpfs: %v: %s", err, out)
 	}
 	t.Cleanup(func() { exec.Command("umount", dir).Run() })
-	q, reg := open(t, dir, Options{MaxBytes: 64 << 20, SegmentBytes: 32 << 10})
+	q, reg := open(t, dir, Options{MaxBytes: 64 << 20, SegmentBytes: 32 << 10, resumeAfter: 20 * time.Millisecond})
 	ctx := context.Background()
 	var err error
 	accepted := 0
@@ -1124,6 +1125,14 @@ func TestDiskFull(t *testing.T) {
 	}
 	for _, e := range es[:len(es)/2] {
 		q.Ack(e.Seq)
+	}
+	// Resume tries doubling pauses from 20 ms while the disk is full.
+	deadline := time.Now().Add(10 * time.Second)
+	for q.Stats().Err != nil {
+		if time.Now().After(deadline) {
+			t.Fatalf("still stopped 10 s after delivery freed segments: %v", q.Stats().Err)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 	if err := q.Accept(ctx, msg("a", -1)); err != nil {
 		t.Fatalf("Accept after delivery freed segments: %v", err)
