@@ -959,3 +959,47 @@ func TestFailedWriteStopsTheQueue(t *testing.T) {
 		t.Fatalf("after reopen: %v, want %v", got, want)
 	}
 }
+
+// TestRefusedWriteNotBackAfterRestart: a write that put the batch's bytes
+// in the page cache and then failed (a short write, then EIO) is refused;
+// its records must not come back after a restart, or a message its device
+// was told to send again is delivered, and its resend too, under another
+// seq: a duplicate the cloud cannot drop. Before, recover took them (whole
+// records, checksum valid, seq above the last).
+// The marks are written to resume's segment, or at Close if the queue is
+// still stopped then.
+func TestRefusedWriteNotBackAfterRestart(t *testing.T) {
+	for _, resumed := range []bool{false, true} {
+		t.Run(fmt.Sprintf("resumed=%v", resumed), func(t *testing.T) {
+			dir := t.TempDir()
+			var failed atomic.Bool
+			o := Options{resumeAfter: time.Hour}
+			o.writeAt = func(f *os.File, b []byte, off int64) (int, error) {
+				if failed.CompareAndSwap(false, true) {
+					if n, err := f.WriteAt(b, off); err != nil {
+						return n, err
+					}
+					return 0, &os.PathError{Op: "write", Path: f.Name(), Err: syscall.EIO}
+				}
+				return f.WriteAt(b, off)
+			}
+			q, _ := open(t, dir, o)
+			if err := q.Accept(context.Background(), msg("d", 0)); err == nil {
+				t.Fatal("Accept reported durable though its write failed")
+			}
+			if resumed {
+				signal(q.resumeDue)
+				waitFor(t, "resume", func() bool { return q.Stats().Err == nil })
+			}
+			// Closed while stopped, it reports the failure, though it
+			// wrote the marks.
+			if err := q.Close(); (err != nil) == resumed {
+				t.Errorf("Close: %v; want the write's failure only if still stopped", err)
+			}
+			q2, _ := open(t, dir, Options{})
+			if es := drain(t, q2); len(es) != 0 {
+				t.Fatalf("after reopen %d messages held; want none (the only one was refused)", len(es))
+			}
+		})
+	}
+}

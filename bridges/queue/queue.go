@@ -1054,7 +1054,10 @@ func (q *Queue) reclaim() {
 	// copy of its messages): once an open reads it again its messages
 	// come back, and those delivered before, whose marks went with the
 	// segments removed here, are sent again under their own seqs:
-	// duplicates the cloud drops by bastion-origin and bastion-seq.
+	// duplicates the cloud drops by bastion-origin and bastion-seq. (So
+	// would records of a batch whose write failed there, refused, whose
+	// marks went too: see flush; that the disk fails both ways in the
+	// one segment is not guarded against.)
 	for i := 0; i < len(q.segs)-1; {
 		s := q.segs[i]
 		if s.unverified {
@@ -1237,6 +1240,7 @@ func (q *Queue) writer() {
 			continue
 		case <-q.stop:
 			q.flush(true)
+			q.marksAfterFailure()
 			return
 		}
 		q.mu.Lock()
@@ -1328,8 +1332,9 @@ func (q *Queue) flush(sync bool) {
 	q.acks = nil
 	if q.failed != nil {
 		// Nothing is written after a failed write or fsync: the marks
-		// wait for resume's segment (resume arms their timer), or they
-		// would be lost and their messages sent again after a restart.
+		// wait for resume's segment (resume arms their timer; Close's,
+		// see marksAfterFailure), or they would be lost and their
+		// messages sent again after a restart.
 		q.acks = acks
 		q.failBatchLocked(batch, batchBuf)
 		return
@@ -1438,6 +1443,20 @@ func (q *Queue) flush(sync bool) {
 		// again. So it stops the queue as a failed fsync does: the batch
 		// gathered meanwhile is refused, then every admission, until
 		// resume starts a new segment.
+		//
+		// Whatever of the batch the write put in the page cache before it
+		// failed may reach the disk: whole records with valid checksums,
+		// which recover would take and deliver, though their devices were
+		// told to send them again (and the cloud, getting the resend under
+		// another seq, cannot drop it). Their seqs are marked delivered:
+		// the marks wait for resume's segment (or Close's, see
+		// marksAfterFailure), later than this one, and recover applies the
+		// marks of every segment to the messages of all.
+		if wrote {
+			for _, p := range batch {
+				q.acks = append(q.acks, p.seq)
+			}
+		}
 		if q.stopLocked(told) {
 			what := "queue write failed"
 			if !wrote {
@@ -1664,6 +1683,32 @@ func (q *Queue) startAfterFailure() (*segment, error) {
 	q.ackRetry = 0 // its new segment was written
 	q.mu.Unlock()
 	return seg, nil
+}
+
+// marksAfterFailure writes, at Close, the delivered-marks kept while a
+// failure stopped the queue, to a new segment as resume would have. Among
+// them may be a failed write's batch (see flush): without them the next
+// open could take its records and deliver messages their devices were told
+// to send again. The failure stays q.failed, for Close to report. The
+// writer goroutine only, after its last flush.
+func (q *Queue) marksAfterFailure() {
+	q.mu.Lock()
+	n, failed := len(q.acks), q.failed
+	q.mu.Unlock()
+	if failed == nil || n == 0 {
+		return
+	}
+	if _, err := q.startAfterFailure(); err != nil {
+		q.log.Error("queue: closing after a disk error, could not start a segment for the delivered-marks kept since; their messages come back at the next open (and are sent again)",
+			"marks", n, "err", err)
+		return
+	}
+	q.flush(true) // nothing is admitted any more: the marks, and their fsync
+	q.mu.Lock()
+	if q.failed == nil {
+		q.failed = failed
+	}
+	q.mu.Unlock()
 }
 
 // maxKeptBuf bounds the buffers the writer keeps for the next batch: a
