@@ -36,7 +36,7 @@ func newMetrics(q *Queue) *metrics {
 			return q.opts.Now().Sub(s.Oldest).Seconds()
 		}),
 		refused: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bastion_queue_refusals_total",
-			Help: "Messages refused by the queue, by reason (bytes, age, too_large, disk_full, disk_error: a failed write, rotation or fsync, or the queue stopped after one; of a failed fsync's batch only the messages whose Accept reports it)."}, []string{"reason"}),
+			Help: "Messages refused by the queue, by reason (bytes, age, too_large, disk_full: a write that found the disk full, or the queue stopped after one; disk_error: a failed write, rotation or fsync, or the queue stopped after one; of a failed fsync's batch only the messages whose Accept reports it)."}, []string{"reason"}),
 		fsyncs: prometheus.NewCounter(prometheus.CounterOpts{Name: "bastion_queue_fsyncs_total",
 			Help: "fsync calls made by the queue: one per group-commit batch, two per new segment (the file and its directory), and one per open (the directory, after moving the sequence floor)."}),
 		// A histogram, not only a sum: a disk whose mean commit is quick
@@ -57,7 +57,7 @@ func newMetrics(q *Queue) *metrics {
 		unreadable: prometheus.NewCounter(prometheus.CounterOpts{Name: "bastion_queue_unreadable_bytes_total",
 			Help: "Bytes of queue segments the disk could not read at open (EIO); the messages around them were kept."}),
 		stopped: prometheus.NewGauge(prometheus.GaugeOpts{Name: "bastion_queue_stopped",
-			Help: "1 while a failed fsync has stopped the queue from accepting messages (it tries a new segment after 10 s, longer while the disk keeps failing, up to 5 min), else 0."}),
+			Help: "1 while a failed write, rotation or fsync has stopped the queue from accepting messages (it tries a new segment after 10 s, longer while the disk keeps failing, up to 5 min), else 0."}),
 		lost: prometheus.NewCounter(prometheus.CounterOpts{Name: "bastion_queue_unreadable_dropped_total",
 			Help: "Held messages dropped because, when they were due upstream, the disk could not read them (EIO, for 10 minutes) or their record no longer decoded (corruption)."}),
 	}

@@ -624,7 +624,7 @@ func TestFailedResumeTriesAgain(t *testing.T) {
 // bastion_queue_refusals_total{reason="disk_error"}: a batch whose new
 // segment could not be made, the batch whose fsync failed, the batch
 // refused because of that failure, and a message arriving while the queue
-// is stopped. Before, none of them was counted.
+// is stopped (by either failure). Before, none of them was counted.
 func TestDiskErrorRefusalsCounted(t *testing.T) {
 	q, _, g := openGated(t, t.TempDir(), Options{SegmentBytes: 4 << 10, MaxBytes: 1 << 20, noSpare: true, resumeAfter: time.Hour})
 	diskErrors := func() float64 { return testutil.ToFloat64(q.m.refused.WithLabelValues("disk_error")) }
@@ -642,6 +642,12 @@ func TestDiskErrorRefusalsCounted(t *testing.T) {
 	if n := diskErrors(); n != 1 {
 		t.Fatalf("disk_error refusals after a failed rotation = %v, want 1", n)
 	}
+	if _, err := q.AcceptAsync(context.Background(), msg("d", 2)); err == nil {
+		t.Fatal("admitted while stopped after a failed rotation")
+	}
+	q.creating = nil
+	signal(q.resumeDue) // (after the write above: the writer reads creating)
+	waitFor(t, "resume", func() bool { return q.Stats().Err == nil })
 	b := admit(t, q, msg("d", 2))
 	hb := g.next(t, "the failing batch")
 	c := admit(t, q, msg("d", 3))
@@ -654,8 +660,8 @@ func TestDiskErrorRefusalsCounted(t *testing.T) {
 	if _, err := q.AcceptAsync(context.Background(), msg("d", 4)); err == nil {
 		t.Fatal("admitted while stopped after a failed fsync")
 	}
-	if n := diskErrors(); n != 4 {
-		t.Fatalf("disk_error refusals = %v, want 4 (the rotation's, the failed fsync's, the batch after it, the admission)", n)
+	if n := diskErrors(); n != 5 {
+		t.Fatalf("disk_error refusals = %v, want 5 (the rotation's, the admission after it, the failed fsync's, the batch after it, the admission)", n)
 	}
 }
 
@@ -750,11 +756,11 @@ func TestMarksKeptWhileStopped(t *testing.T) {
 
 // TestMarksRearmedAfterFailedWrite: when the marks' timer fired and the
 // writer took them with a batch whose write failed (here its new segment
-// could not be made), they are put back and their timer armed again, so
-// they are written without waiting for another batch or Ack. Before, they
-// waited.
+// could not be made), they are put back, and written once the queue
+// resumes (the failure stops it), without waiting for another batch or
+// Ack. Before, they waited.
 func TestMarksRearmedAfterFailedWrite(t *testing.T) {
-	q, _, g := openGated(t, t.TempDir(), Options{SegmentBytes: 4 << 10, MaxBytes: 1 << 20, noSpare: true, AckFlushInterval: 10 * time.Millisecond})
+	q, _, g := openGated(t, t.TempDir(), Options{SegmentBytes: 4 << 10, MaxBytes: 1 << 20, noSpare: true, AckFlushInterval: 10 * time.Millisecond, resumeAfter: time.Hour})
 	a := admit(t, q, msg("d", 0))
 	g.next(t, "the first batch").release <- nil
 	if err := result(t, a); err != nil {
@@ -779,8 +785,10 @@ func TestMarksRearmedAfterFailedWrite(t *testing.T) {
 	if err := result(t, bigc); err == nil {
 		t.Fatal("batch reported durable though its segment could not be made")
 	}
-	size := activeSize(q)
-	waitFor(t, "the marks written after the failed write", func() bool { return activeSize(q) > size })
+	q.creating = nil
+	signal(q.resumeDue) // (after the write above: the writer reads creating)
+	waitFor(t, "resume", func() bool { return q.Stats().Err == nil })
+	waitFor(t, "the marks written after the failed write", func() bool { return activeSize(q) > int64(segHeader) })
 }
 
 // lockedBuffer is a log destination safe for the queue's goroutines.
@@ -873,5 +881,125 @@ func failNextFsync(t *testing.T, q *Queue, g *gatedSyncs, m bridges.Message) {
 	g.next(t, "the failing batch").release <- errors.New("EIO from the test")
 	if err := result(t, ch); err == nil {
 		t.Fatal("batch reported durable after its fsync failed")
+	}
+}
+
+// TestFailedWriteStopsTheQueue: a batch whose write fails (here ENOSPC)
+// stops the queue as a failed fsync does: the batch admitted while it was
+// being written, from the same device, is refused too, and so is every
+// admission until resume has started a new segment. Before, the next batch
+// was written at the same offset and acknowledged: the device's later
+// message was stored and its earlier ones, refused, came after it when it
+// sent them again.
+func TestFailedWriteStopsTheQueue(t *testing.T) {
+	dir := t.TempDir()
+	entered, release := make(chan struct{}), make(chan struct{})
+	var first atomic.Bool
+	first.Store(true)
+	o := Options{resumeAfter: time.Hour}
+	o.writeAt = func(f *os.File, b []byte, off int64) (int, error) {
+		if first.CompareAndSwap(true, false) {
+			close(entered)
+			<-release
+			return 0, &os.PathError{Op: "write", Path: f.Name(), Err: syscall.ENOSPC}
+		}
+		return f.WriteAt(b, off)
+	}
+	q, reg := open(t, dir, o)
+	ctx := context.Background()
+	a := admit(t, q, msg("d", 1))
+	select {
+	case <-entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the first batch was not written within 10 s")
+	}
+	b := admit(t, q, msg("d", 2)) // while the first is being written
+	close(release)
+	if err := result(t, a); !errors.Is(err, bridges.ErrQueueFull) || !errors.Is(err, syscall.ENOSPC) {
+		t.Fatalf("first batch on a full disk: %v; want ErrQueueFull wrapping ENOSPC", err)
+	}
+	if err := result(t, b); err == nil {
+		t.Fatal("the message admitted while the failing write ran was acknowledged: stored ahead of the refused one the device sends again")
+	} else if !errors.Is(err, syscall.ENOSPC) {
+		t.Errorf("the batch after the failed write: %v; want the failure (ENOSPC)", err)
+	}
+	if _, err := q.AcceptAsync(ctx, msg("d", 3)); !errors.Is(err, bridges.ErrQueueFull) {
+		t.Fatalf("admission after a failed write: %v; want a refusal (ErrQueueFull: the disk is full)", err)
+	}
+	if v := metricValue(t, reg, "bastion_queue_stopped"); v != 1 || q.Stats().Err == nil {
+		t.Fatalf("after a failed write: bastion_queue_stopped %v, Stats().Err %v; want 1 and the write's error", v, q.Stats().Err)
+	}
+	if n := testutil.ToFloat64(q.m.refused.WithLabelValues("disk_full")); n != 3 {
+		t.Errorf("disk_full refusals = %v, want 3 (the failed batch, the one after it, the admission)", n)
+	}
+	q.mu.Lock()
+	failedSeg := q.segs[len(q.segs)-1]
+	q.mu.Unlock()
+	signal(q.resumeDue)
+	waitFor(t, "resume", func() bool { return q.Stats().Err == nil })
+	// The device sends its refused messages again, in order.
+	for i := 1; i <= 3; i++ {
+		if err := q.Accept(ctx, msg("d", i)); err != nil {
+			t.Fatalf("Accept %d after resuming: %v", i, err)
+		}
+	}
+	q.mu.Lock()
+	active := q.segs[len(q.segs)-1]
+	q.mu.Unlock()
+	if active == failedSeg {
+		t.Fatalf("commits after resuming went to %s, the segment of the failed write", active.path)
+	}
+	q.Close()
+	q2, _ := open(t, dir, Options{})
+	var got []string
+	for _, e := range drain(t, q2) {
+		got = append(got, string(e.Payload))
+	}
+	if want := []string{`{"i":1}`, `{"i":2}`, `{"i":3}`}; !slices.Equal(got, want) {
+		t.Fatalf("after reopen: %v, want %v", got, want)
+	}
+}
+
+// TestRefusedWriteNotBackAfterRestart: a write that put the batch's bytes
+// in the page cache and then failed (a short write, then EIO) is refused;
+// its records must not come back after a restart, or a message its device
+// was told to send again is delivered, and its resend too, under another
+// seq: a duplicate the cloud cannot drop. Before, recover took them (whole
+// records, checksum valid, seq above the last).
+// The marks are written to resume's segment, or at Close if the queue is
+// still stopped then.
+func TestRefusedWriteNotBackAfterRestart(t *testing.T) {
+	for _, resumed := range []bool{false, true} {
+		t.Run(fmt.Sprintf("resumed=%v", resumed), func(t *testing.T) {
+			dir := t.TempDir()
+			var failed atomic.Bool
+			o := Options{resumeAfter: time.Hour}
+			o.writeAt = func(f *os.File, b []byte, off int64) (int, error) {
+				if failed.CompareAndSwap(false, true) {
+					if n, err := f.WriteAt(b, off); err != nil {
+						return n, err
+					}
+					return 0, &os.PathError{Op: "write", Path: f.Name(), Err: syscall.EIO}
+				}
+				return f.WriteAt(b, off)
+			}
+			q, _ := open(t, dir, o)
+			if err := q.Accept(context.Background(), msg("d", 0)); err == nil {
+				t.Fatal("Accept reported durable though its write failed")
+			}
+			if resumed {
+				signal(q.resumeDue)
+				waitFor(t, "resume", func() bool { return q.Stats().Err == nil })
+			}
+			// Closed while stopped, it reports the failure, though it
+			// wrote the marks.
+			if err := q.Close(); (err != nil) == resumed {
+				t.Errorf("Close: %v; want the write's failure only if still stopped", err)
+			}
+			q2, _ := open(t, dir, Options{})
+			if es := drain(t, q2); len(es) != 0 {
+				t.Fatalf("after reopen %d messages held; want none (the only one was refused)", len(es))
+			}
+		})
 	}
 }

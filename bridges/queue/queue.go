@@ -120,7 +120,9 @@ var ErrTooLarge = errors.New("message too large for the queue")
 // diskError marks a failed write or fsync as bridges.ErrDiskFailed, with
 // err's text unchanged: the transports count the refusal as the disk's
 // fault, apart from a full queue. Kept as q.failed, it marks every later
-// refusal that wraps it too (a queue stopped after a failed fsync).
+// refusal that wraps it too (a queue stopped after a failed write,
+// rotation or fsync; one stopped by a full disk refuses with
+// bridges.ErrQueueFull instead).
 type diskError struct{ err error }
 
 func (e diskError) Error() string   { return e.err.Error() }
@@ -249,8 +251,9 @@ type Queue struct {
 	ackRetry time.Duration
 	stop     chan struct{}
 	stopped  chan struct{}
-	// resumeDue: time to try accepting again after a failed fsync
-	// (capacity 1); resumeWait is the pause before the next try.
+	// resumeDue: time to try accepting again after a failed write,
+	// rotation or fsync (capacity 1); resumeWait is the pause before the
+	// next try.
 	resumeDue  chan struct{}
 	resumeWait time.Duration
 
@@ -344,11 +347,41 @@ func (q *Queue) recover() error {
 			return fmt.Errorf("open queue: segment name %s: not <20 digits>.seg; move the file away", name)
 		}
 	}
+	// Which segment is the last one is decided on the segments that stay:
+	// newer ones whose creation was cut (a crash during a rotation or
+	// resume) are removed first. The last one is where commits go unless
+	// its header calls for a new segment (see newSeg); taken for an
+	// earlier one, a v1 segment or one with an unreadable header before a
+	// torn creation got the commits, unkeyed (and in the unreadable case,
+	// cut at the next open that read its salt: acknowledged messages
+	// lost). Most segments' header is whole, read alone; a file without
+	// one is read whole once, here, and kept for the loop below.
+	var tail []byte // names[len(names)-1] as read here (haveTail)
+	var tailBad [][2]int64
+	haveTail := false
+	for len(names) > 0 && !q.headerWhole(names[len(names)-1]) {
+		name := names[len(names)-1]
+		data, bad, err := q.readSegment(name)
+		if err != nil {
+			return fmt.Errorf("open queue: read segment %s: %w", name, err)
+		}
+		if !tornSegment(data, bad) {
+			tail, tailBad, haveTail = data, bad, true
+			break
+		}
+		if err := q.removeTorn(name, len(data)); err != nil {
+			return err
+		}
+		names, bases = names[:len(names)-1], bases[:len(bases)-1]
+	}
 	for i, name := range names {
 		last := i == len(names)-1
 		base := bases[i]
-		data, bad, err := q.readSegment(name)
-		if err != nil {
+		var data []byte
+		var bad [][2]int64
+		if last && haveTail {
+			data, bad = tail, tailBad
+		} else if data, bad, err = q.readSegment(name); err != nil {
 			return fmt.Errorf("open queue: read segment %s: %w", name, err)
 		}
 		for _, r := range bad {
@@ -363,11 +396,11 @@ func (q *Queue) recover() error {
 		headerBad := len(bad) > 0 && bad[0][0] < int64(segHeader)
 		hdr, key, ok := parseSegHeader(data)
 		if !headerBad && !ok {
-			if len(bad) == 0 && tornCreation(data) {
-				// Creation torn before its first sync: it never held a message.
-				q.log.Warn("removing segment cut during creation", "segment", name, "bytes", len(data))
-				if err := os.Remove(name); err != nil {
-					return fmt.Errorf("open queue: remove empty segment %s: %w", name, err)
+			if tornSegment(data, bad) {
+				// Only the newest can be (removed above); kept for a
+				// directory where one is followed by others.
+				if err := q.removeTorn(name, len(data)); err != nil {
+					return err
 				}
 				continue
 			}
@@ -550,6 +583,47 @@ func (q *Queue) recover() error {
 	}
 	q.reclaim()
 	q.log.Info("queue opened", "dir", q.dir, "held", q.depth, "segments", len(q.segs), "next_seq", q.nextSeq)
+	return nil
+}
+
+// headerWhole reports whether the segment file name starts with a whole
+// header (v2 or v1), reading only that (through opts.readAt). Any failure
+// reports false: readSegment then reads it whole and tells why.
+func (q *Queue) headerWhole(name string) bool {
+	f, err := os.Open(name)
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	readAt := q.opts.readAt
+	if readAt == nil {
+		readAt = (*os.File).ReadAt
+	}
+	b := make([]byte, segHeader)
+	n, err := readAt(f, b, 0)
+	if err != nil && !errors.Is(err, io.EOF) {
+		return false
+	}
+	_, _, ok := parseSegHeader(b[:n])
+	return ok
+}
+
+// tornSegment reports whether a segment read as data, with the ranges bad
+// the disk could not read, is one whose creation was cut before its first
+// sync (see tornCreation): it never held a message. One with unreadable
+// blocks is not (zeros the disk made up).
+func tornSegment(data []byte, bad [][2]int64) bool {
+	_, _, ok := parseSegHeader(data)
+	return !ok && len(bad) == 0 && tornCreation(data)
+}
+
+// removeTorn removes the segment name of n bytes, whose creation was cut
+// (tornSegment).
+func (q *Queue) removeTorn(name string, n int) error {
+	q.log.Warn("removing segment cut during creation", "segment", name, "bytes", n)
+	if err := os.Remove(name); err != nil {
+		return fmt.Errorf("open queue: remove empty segment %s: %w", name, err)
+	}
 	return nil
 }
 
@@ -945,8 +1019,8 @@ func syncDir(dir string) error {
 }
 
 // reclaim trims delivered entries and removes fully delivered segments,
-// oldest first (so ack records for older segments are never needed again).
-// Caller holds q.mu.
+// oldest first (so ack records for older segments are never needed again),
+// stepping over unverified ones (see below). Caller holds q.mu.
 func (q *Queue) reclaim() {
 	i := 0
 	for i < len(q.ents) && q.ents[i].acked {
@@ -969,15 +1043,50 @@ func (q *Queue) reclaim() {
 			}
 		}
 	}
-	for len(q.segs) > 1 && q.segs[0].live == 0 && !q.segs[0].unverified {
-		s := q.segs[0]
+	// A segment's delivered-marks may be for messages in the segments
+	// before it, so none is removed while one before it still holds a
+	// message: those marks would be lost and the messages sent again
+	// after a restart. An unverified segment is stepped over, not stopped
+	// at: none of its messages is held (recover took none), so nothing
+	// waits for its marks, and stopping there kept every segment after it
+	// until the queue was full by bytes and refused every message, at
+	// every later open too. It is itself kept, never removed (the last
+	// copy of its messages): once an open reads it again its messages
+	// come back, and those delivered before, whose marks went with the
+	// segments removed here, are sent again under their own seqs:
+	// duplicates the cloud drops by bastion-origin and bastion-seq. (So
+	// would records of a batch whose write failed there, refused, whose
+	// marks went too: see flush; that the disk fails both ways in the
+	// one segment is not guarded against.)
+	for i := 0; i < len(q.segs)-1; {
+		s := q.segs[i]
+		if s.unverified {
+			i++
+			continue
+		}
+		if s.live > 0 {
+			return
+		}
 		s.f.Close()
 		if err := os.Remove(s.path); err != nil {
 			q.log.Error("removing delivered segment failed; will retry", "segment", s.path, "err", err)
 			return
 		}
-		q.segs = q.segs[1:]
+		q.segs = slices.Delete(q.segs, i, i+1)
 	}
+}
+
+// unverifiedLocked returns the bytes of the unverified segments, which
+// count against MaxBytes (they are on disk) though no delivery frees them,
+// and their paths. Caller holds q.mu.
+func (q *Queue) unverifiedLocked() (n int64, paths []string) {
+	for _, s := range q.segs {
+		if s.unverified {
+			n += s.size
+			paths = append(paths, s.path)
+		}
+	}
+	return n, paths
 }
 
 func (q *Queue) diskBytes() int64 {
@@ -1048,10 +1157,10 @@ func (q *Queue) admit(m bridges.Message, fn func(error)) (chan error, error) {
 		q.mu.Unlock()
 		return nil, ErrClosed
 	}
-	if q.failed != nil {
+	if failed := q.failed; failed != nil {
 		q.mu.Unlock()
-		q.m.refused.WithLabelValues("disk_error").Inc()
-		return nil, fmt.Errorf("queue accept: queue stopped after a disk error: %w", q.failed)
+		q.m.refused.WithLabelValues(stoppedReason(failed)).Inc()
+		return nil, fmt.Errorf("queue accept: queue stopped after a disk error: %w", failed)
 	}
 	// None held: zero, not an age (entries dropped by held but not yet
 	// trimmed would otherwise read as 292 years old).
@@ -1065,9 +1174,16 @@ func (q *Queue) admit(m bridges.Message, fn func(error)) (chan error, error) {
 	n := len(q.batchBuf) - off
 	if held := q.diskBytes() + q.batchB + q.writingB; held+int64(n) > q.opts.MaxBytes {
 		q.batchBuf = q.batchBuf[:off]
+		// Bytes that delivering frees nothing of are named, or the
+		// refusal would read as a slow link for good.
+		var stuck string
+		if ub, paths := q.unverifiedLocked(); ub > 0 {
+			stuck = fmt.Sprintf(" (%d of them in %s, whose header the disk cannot read: kept, none of its messages held, until an open reads it again; if the disk never will, move it away, losing its messages)",
+				ub, strings.Join(paths, ", "))
+		}
 		q.mu.Unlock()
 		q.m.refused.WithLabelValues("bytes").Inc()
-		return nil, fmt.Errorf("queue accept from %s: %d bytes held, limit %d: %w", m.Device, held, q.opts.MaxBytes, bridges.ErrQueueFull)
+		return nil, fmt.Errorf("queue accept from %s: %d bytes held%s, limit %d: %w", m.Device, held, stuck, q.opts.MaxBytes, bridges.ErrQueueFull)
 	}
 	q.batch = append(q.batch, pending{off: off, n: n, seq: q.nextSeq, recv: m.Received.UnixNano(), done: done, fn: fn})
 	q.batchB += int64(n)
@@ -1124,6 +1240,7 @@ func (q *Queue) writer() {
 			continue
 		case <-q.stop:
 			q.flush(true)
+			q.marksAfterFailure()
 			return
 		}
 		q.mu.Lock()
@@ -1214,9 +1331,10 @@ func (q *Queue) flush(sync bool) {
 	acks := q.acks
 	q.acks = nil
 	if q.failed != nil {
-		// Nothing is written after a failed fsync: the marks wait for
-		// resume's segment (resume arms their timer), or they would be
-		// lost and their messages sent again after a restart.
+		// Nothing is written after a failed write or fsync: the marks
+		// wait for resume's segment (resume arms their timer; Close's,
+		// see marksAfterFailure), or they would be lost and their
+		// messages sent again after a restart.
 		q.acks = acks
 		q.failBatchLocked(batch, batchBuf)
 		return
@@ -1261,7 +1379,8 @@ func (q *Queue) flush(sync bool) {
 	off := seg.size
 	q.mu.Unlock()
 
-	if err == nil {
+	wrote := err == nil // the write was tried (the rotation, if any, worked)
+	if wrote {
 		seal(buf, seg.key)
 		_, err = q.writeAt(seg.f, buf, off)
 		if err != nil {
@@ -1305,46 +1424,100 @@ func (q *Queue) flush(sync bool) {
 		return
 	}
 
-	// A failed write (disk full) leaves seg.size where it was: the next
-	// batch overwrites the partial bytes. The refused messages' marks go
-	// back to the pending list.
+	// A failed write leaves seg.size where it was; the marks it carried
+	// go back to the pending list.
+	hint := "check the disk (the kernel log shows I/O errors)"
+	told := error(diskError{err}) // what the batch's Accepts get
+	if errors.Is(err, syscall.ENOSPC) {
+		hint = "the disk is full: free space on it"
+		told = fmt.Errorf("%w: %w", bridges.ErrQueueFull, err)
+	}
 	q.mu.Lock()
 	q.writingB = 0 // nothing of the batch was indexed
 	q.acks = append(q.acks, acks...)
-	// A disk that keeps failing is tried less and less often (and logged
-	// so), not every AckFlushInterval for good.
-	if q.ackRetry == 0 {
-		q.ackRetry = q.opts.AckFlushInterval
+	if len(batch) > 0 {
+		// Refusing this batch alone and writing the next one (over the
+		// same bytes, or once the rotation works) would acknowledge
+		// messages admitted while this one was written, from the same
+		// devices: stored ahead of this batch's, which their devices send
+		// again. So it stops the queue as a failed fsync does: the batch
+		// gathered meanwhile is refused, then every admission, until
+		// resume starts a new segment.
+		//
+		// Whatever of the batch the write put in the page cache before it
+		// failed may reach the disk: whole records with valid checksums,
+		// which recover would take and deliver, though their devices were
+		// told to send them again (and the cloud, getting the resend under
+		// another seq, cannot drop it). Their seqs are marked delivered:
+		// the marks wait for resume's segment (or Close's, see
+		// marksAfterFailure), later than this one, and recover applies the
+		// marks of every segment to the messages of all.
+		if wrote {
+			for _, p := range batch {
+				q.acks = append(q.acks, p.seq)
+			}
+		}
+		if q.stopLocked(told) {
+			what := "queue write failed"
+			if !wrote {
+				what = "queue could not start a new segment"
+			}
+			q.log.Error(what+"; refusing new messages, trying a new segment in "+q.resumeWait.String()+"; "+hint, "err", err)
+		}
 	} else {
-		q.ackRetry = min(2*q.ackRetry, max(ackRetryMax, q.opts.AckFlushInterval))
-	}
-	if len(q.acks) > 0 {
+		// Only delivered-marks (no message refused, so no order to
+		// keep): tried again. A disk that keeps failing is tried less and
+		// less often (and logged so), not every AckFlushInterval for good.
+		if q.ackRetry == 0 {
+			q.ackRetry = q.opts.AckFlushInterval
+		} else {
+			q.ackRetry = min(2*q.ackRetry, max(ackRetryMax, q.opts.AckFlushInterval))
+		}
 		// The timer may have fired for this flush already: without a new
 		// one they would wait for the next batch or Ack.
 		q.armAckFlushLocked()
-	}
-	if len(batch) > 0 {
-		q.log.Error("queue write failed; refusing this batch", "err", err)
-	} else {
-		hint := "check the disk (the kernel log shows I/O errors)"
-		if errors.Is(err, syscall.ENOSPC) {
-			hint = "the disk is full: free space on it"
-		}
 		q.log.Error("queue: writing delivered-marks failed; they are kept and written with the next batch or tried again in "+
 			q.ackRetry.String()+" (a restart before then sends their messages upstream again); "+hint, "marks", len(q.acks), "err", err)
 	}
 	q.mu.Unlock()
-	if errors.Is(err, syscall.ENOSPC) {
-		err = fmt.Errorf("%w: %w", bridges.ErrQueueFull, err)
-		q.refusedBatch("disk_full", batch)
-	} else {
-		q.refusedBatch("disk_error", batch) // a failed write or rotation
-		err = diskError{err}
-	}
+	q.refusedBatch(stoppedReason(err), batch)
 	for i := range batch {
-		batch[i].tell(err)
+		batch[i].tell(told)
 	}
 	q.recycle(batch, batchBuf)
+}
+
+// stoppedReason is the refusal reason (metric label) of a message refused
+// because of err, a failed write, rotation or fsync, or the queue stopped
+// after one.
+func stoppedReason(err error) string {
+	if errors.Is(err, syscall.ENOSPC) {
+		return "disk_full"
+	}
+	return "disk_error"
+}
+
+// stopLocked stops the queue after a failed write, rotation or fsync
+// (failed: the error its batch was told): nothing more is written to the
+// active segment, the batch gathered meanwhile and every admission are
+// refused, and resume tries a new segment after resumeWait. It reports
+// whether the queue was running (the caller logs the failure). Caller
+// holds q.mu.
+func (q *Queue) stopLocked(failed error) bool {
+	if q.failed != nil {
+		return false
+	}
+	q.failed = failed
+	q.m.stopped.Set(1)
+	// A disk that fails again right after a resume waits longer each
+	// time: every resume costs a new preallocated segment.
+	if q.resumeWait == 0 {
+		q.resumeWait = cmp.Or(q.opts.resumeAfter, resumeFirst)
+	} else {
+		q.resumeWait = min(2*q.resumeWait, resumeMax)
+	}
+	q.armResumeLocked()
+	return true
 }
 
 // refusedBatch counts batch's messages, refused after their admission, as
@@ -1355,13 +1528,13 @@ func (q *Queue) refusedBatch(reason string, batch []pending) {
 	}
 }
 
-// failBatchLocked refuses batch after an earlier fsync failure and unlocks
-// q.mu.
+// failBatchLocked refuses batch after an earlier failed write, rotation or
+// fsync and unlocks q.mu.
 func (q *Queue) failBatchLocked(batch []pending, batchBuf []byte) {
 	q.writingB = 0
 	err := fmt.Errorf("queue: disk error earlier: %w", q.failed)
 	q.mu.Unlock()
-	q.refusedBatch("disk_error", batch)
+	q.refusedBatch(stoppedReason(err), batch)
 	for i := range batch {
 		batch[i].tell(err)
 	}
@@ -1398,17 +1571,7 @@ func (q *Queue) commit(seg *segment, batch []pending) {
 	switch {
 	case err != nil:
 		err = diskError{fmt.Errorf("queue: fsync %s: %w", seg.path, err)}
-		if q.failed == nil {
-			q.failed = err
-			q.m.stopped.Set(1)
-			// A disk that fails again right after a resume waits longer
-			// each time: every resume costs a new preallocated segment.
-			if q.resumeWait == 0 {
-				q.resumeWait = cmp.Or(q.opts.resumeAfter, resumeFirst)
-			} else {
-				q.resumeWait = min(2*q.resumeWait, resumeMax)
-			}
-			q.armResumeLocked()
+		if q.stopLocked(err) {
 			q.log.Error("queue fsync failed; refusing new messages, trying a new segment in "+q.resumeWait.String(), "err", err)
 		}
 	case q.failed != nil:
@@ -1444,9 +1607,10 @@ func waiting(batch []pending) int {
 	return n
 }
 
-// resumeFirst is how long the queue refuses messages after a failed fsync
-// before it tries to accept again; each failed try, and each failure
-// before a commit has succeeded since, doubles it, up to resumeMax.
+// resumeFirst is how long the queue refuses messages after a failed write,
+// rotation or fsync before it tries to accept again; each failed try, and
+// each failure before a commit has succeeded since, doubles it, up to
+// resumeMax.
 const resumeFirst, resumeMax = 10 * time.Second, 5 * time.Minute
 
 // armResumeLocked schedules the writer's next resume. Caller holds q.mu.
@@ -1454,11 +1618,12 @@ func (q *Queue) armResumeLocked() {
 	time.AfterFunc(q.resumeWait, func() { signal(q.resumeDue) })
 }
 
-// resume makes the queue accept again after a failed fsync. After such a
-// failure the page cache may call the failed commit's pages clean while
-// the disk does not hold them, so nothing more is written after them: the
-// commits from here on go to a new segment (made and synced like any
-// other), and what the failed commit left ends a segment that recovery
+// resume makes the queue accept again after a failed write, rotation or
+// fsync. After a failed fsync the page cache may call the failed commit's
+// pages clean while the disk does not hold them, and a failed write may
+// have left part of its batch there, so nothing more is written after
+// them: the commits from here on go to a new segment (made and synced like
+// any other), and what the failure left ends a segment that recovery
 // treats as completed (corrupt bytes there are skipped, not followed by a
 // cut of later messages). The failed batch was never acknowledged. If the
 // new segment cannot be made durable either, it tries again later. The
@@ -1469,32 +1634,81 @@ func (q *Queue) resume() {
 		q.mu.Unlock()
 		return
 	}
-	base, active := q.nextSeq, q.segs[len(q.segs)-1]
+	failed, gathered := q.failed, len(q.batch) > 0
 	q.mu.Unlock()
-	var seg *segment
-	var err error
-	if active.base != base || active.size > active.hdr {
-		seg, err = q.createSegment(base)
+	if gathered {
+		// Admitted before the failure (admissions are refused since) and
+		// not yet refused, the writer having come here first: refused as
+		// the failed batch was, or it would be stored ahead of that
+		// batch's resend.
+		q.flush(true)
 	}
+	seg, err := q.startAfterFailure()
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	if err != nil {
 		q.resumeWait = min(2*q.resumeWait, resumeMax)
-		q.log.Error("queue: still cannot write after a failed fsync; trying again in "+q.resumeWait.String(), "err", err)
+		q.log.Error("queue: still cannot write after a disk error; trying again in "+q.resumeWait.String(), "err", err)
 		q.armResumeLocked()
 		return
 	}
-	if seg != nil {
-		q.segs = append(q.segs, seg)
-	}
-	q.log.Warn("queue: accepting messages again after a failed fsync; new commits go to a new segment",
-		"segment", q.segs[len(q.segs)-1].path, "failed_with", q.failed)
-	q.failed = nil
-	q.m.stopped.Set(0)
-	q.ackRetry = 0 // its new segment was written
+	q.log.Warn("queue: accepting messages again after a disk error; new commits go to a new segment",
+		"segment", seg.path, "failed_with", failed)
 	if len(q.acks) > 0 {
 		q.armAckFlushLocked() // kept while stopped (see flush)
 	}
+}
+
+// startAfterFailure starts the segment that commits go to after a failure
+// (the active one if it is named after the next seq and holds nothing yet,
+// so that the name is not taken twice) and clears the failure. It returns
+// the segment. The writer goroutine only.
+func (q *Queue) startAfterFailure() (*segment, error) {
+	q.mu.Lock()
+	base, active := q.nextSeq, q.segs[len(q.segs)-1]
+	q.mu.Unlock()
+	seg := active
+	if active.base != base || active.size > active.hdr {
+		var err error
+		if seg, err = q.createSegment(base); err != nil {
+			return nil, err
+		}
+	}
+	q.mu.Lock()
+	if seg != active {
+		q.segs = append(q.segs, seg)
+	}
+	q.failed = nil
+	q.m.stopped.Set(0)
+	q.ackRetry = 0 // its new segment was written
+	q.mu.Unlock()
+	return seg, nil
+}
+
+// marksAfterFailure writes, at Close, the delivered-marks kept while a
+// failure stopped the queue, to a new segment as resume would have. Among
+// them may be a failed write's batch (see flush): without them the next
+// open could take its records and deliver messages their devices were told
+// to send again. The failure stays q.failed, for Close to report. The
+// writer goroutine only, after its last flush.
+func (q *Queue) marksAfterFailure() {
+	q.mu.Lock()
+	n, failed := len(q.acks), q.failed
+	q.mu.Unlock()
+	if failed == nil || n == 0 {
+		return
+	}
+	if _, err := q.startAfterFailure(); err != nil {
+		q.log.Error("queue: closing after a disk error, could not start a segment for the delivered-marks kept since; their messages come back at the next open (and are sent again)",
+			"marks", n, "err", err)
+		return
+	}
+	q.flush(true) // nothing is admitted any more: the marks, and their fsync
+	q.mu.Lock()
+	if q.failed == nil {
+		q.failed = failed
+	}
+	q.mu.Unlock()
 }
 
 // maxKeptBuf bounds the buffers the writer keeps for the next batch: a
@@ -1801,7 +2015,8 @@ type Stats struct {
 	Bytes  int64     // bytes on disk
 	Oldest time.Time // receive time of the oldest held message (zero if none)
 	// Err is the disk error that stopped the queue from accepting (a
-	// failed fsync; until resume succeeds), nil while it accepts.
+	// failed write, rotation or fsync; until resume succeeds), nil while
+	// it accepts.
 	Err error
 }
 

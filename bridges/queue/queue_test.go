@@ -1092,7 +1092,8 @@ func TestSIGKILLKeepsEveryAcceptedMessage(t *testing.T) {
 
 // TestDiskFull fills a real (tiny tmpfs) filesystem: Accept must refuse
 // with ErrQueueFull, keep everything it accepted, and work again once
-// delivered segments free space.
+// delivered segments free space (and the queue, stopped by the failed
+// write, has resumed).
 func TestDiskFull(t *testing.T) {
 	testenv.RequireRoot(t)
 	dir := t.TempDir()
@@ -1100,7 +1101,7 @@ func TestDiskFull(t *testing.T) {
 		t.Fatalf("mount tmpfs: %v: %s", err, out)
 	}
 	t.Cleanup(func() { exec.Command("umount", dir).Run() })
-	q, reg := open(t, dir, Options{MaxBytes: 64 << 20, SegmentBytes: 32 << 10})
+	q, reg := open(t, dir, Options{MaxBytes: 64 << 20, SegmentBytes: 32 << 10, resumeAfter: 20 * time.Millisecond})
 	ctx := context.Background()
 	var err error
 	accepted := 0
@@ -1124,6 +1125,14 @@ func TestDiskFull(t *testing.T) {
 	}
 	for _, e := range es[:len(es)/2] {
 		q.Ack(e.Seq)
+	}
+	// Resume tries doubling pauses from 20 ms while the disk is full.
+	deadline := time.Now().Add(10 * time.Second)
+	for q.Stats().Err != nil {
+		if time.Now().After(deadline) {
+			t.Fatalf("still stopped 10 s after delivery freed segments: %v", q.Stats().Err)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 	if err := q.Accept(ctx, msg("a", -1)); err != nil {
 		t.Fatalf("Accept after delivery freed segments: %v", err)
@@ -1872,6 +1881,136 @@ func TestUnreadableHeader(t *testing.T) {
 		es := drain(t, q3)
 		if len(es) != all+1 || es[len(es)-1].Device != "b" || es[len(es)-1].Seq <= lastSeq {
 			t.Fatalf("after the disk came back: %d messages (last %+v), want the %d first and then b past seq %d", len(es), es[len(es)-1], all, lastSeq)
+		}
+	})
+
+	// An unverified segment before the active one holds no message, so
+	// nothing waits for it: the delivered segments after it are removed
+	// (it is kept, never removed), and the queue keeps accepting for as
+	// long as the link delivers. Before, reclaim stopped at it: every
+	// segment after it stayed until the queue was full by bytes, refusing
+	// every message for good (the next open found the same).
+	t.Run("delivered segments after it are reclaimed", func(t *testing.T) {
+		dir := t.TempDir()
+		o := opts
+		o.MaxBytes = 64 << 10
+		q, _ := open(t, dir, o)
+		var oldSeqs []uint64 // the messages in the segment that becomes unreadable
+		for i := 0; segCount(q) < 2; i++ {
+			if err := q.Accept(ctx, msg("a", i)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		q.mu.Lock()
+		seg := q.segs[0].path
+		for _, e := range q.ents {
+			if e.seg == q.segs[0] {
+				oldSeqs = append(oldSeqs, e.seq)
+			}
+		}
+		q.mu.Unlock()
+		q.Close()
+
+		q2, err := Open(dir, unreadable(t, o, seg), discard, nil)
+		if err != nil {
+			t.Fatalf("Open with the segment's header unreadable: %v", err)
+		}
+		defer q2.Close()
+		big := func(i int) bridges.Message {
+			m := msg("b", i)
+			m.Payload = make([]byte, 500)
+			return m
+		}
+		// Well over MaxBytes accepted and delivered, a few at a time.
+		for i := 0; i < 8*int(o.MaxBytes)/500; {
+			for range 10 {
+				if err := q2.Accept(ctx, big(i)); err != nil {
+					t.Fatalf("Accept %d (%d bytes accepted and delivered before): %v; stats %+v", i, i*500, err, q2.Stats())
+				}
+				i++
+			}
+			es, err := q2.Held(0, 1000)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, e := range es {
+				q2.Ack(e.Seq)
+			}
+		}
+		if _, err := os.Stat(seg); err != nil {
+			t.Fatalf("the segment whose header cannot be read was removed: %v", err)
+		}
+		if st := q2.Stats(); st.Bytes > o.MaxBytes || st.Depth != 0 {
+			t.Fatalf("stats after everything was delivered: %+v; want bytes within %d, depth 0", st, o.MaxBytes)
+		}
+		// Full again, undelivered: the refusal says where the bytes are
+		// that no delivery frees.
+		var full error
+		for i := 0; full == nil; i++ {
+			if i > int(o.MaxBytes) {
+				t.Fatal("never full")
+			}
+			full = q2.Accept(ctx, big(i))
+		}
+		if !errors.Is(full, bridges.ErrQueueFull) || !strings.Contains(full.Error(), filepath.Base(seg)) || !strings.Contains(full.Error(), "header the disk cannot read") {
+			t.Fatalf("refused when full: %v; want ErrQueueFull naming %s, whose header cannot be read", full, filepath.Base(seg))
+		}
+		q2.Close()
+		// The disk reads it again: its messages are back, under their
+		// seqs (the ones delivered before are duplicates the cloud drops).
+		q3, _ := open(t, dir, o)
+		es := drain(t, q3)
+		var got []uint64
+		for _, e := range es[:min(len(oldSeqs), len(es))] {
+			got = append(got, e.Seq)
+		}
+		if !slices.Equal(got, oldSeqs) {
+			t.Fatalf("after the disk came back, held first %v; want the unreadable segment's %v", got, oldSeqs)
+		}
+	})
+
+	// Followed only by a segment whose creation was cut (removed at
+	// open), it is the last one: commits go to a new segment. Before, it
+	// was not taken for the last, commits were appended to it unkeyed, and
+	// the open that read its salt again cut them: acknowledged messages
+	// lost.
+	t.Run("before a torn creation", func(t *testing.T) {
+		dir := t.TempDir()
+		q, _ := open(t, dir, opts)
+		for i := range 3 {
+			if err := q.Accept(ctx, msg("a", i)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		q.mu.Lock()
+		seg, next := q.segs[0].path, q.nextSeq
+		q.mu.Unlock()
+		q.Close()
+		if err := os.WriteFile(segName(dir, next), make([]byte, 8<<10), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		// Segments larger from now on: the old one's preallocated end
+		// leaves room, so a commit does not start a new segment anyway.
+		big := opts
+		big.SegmentBytes = 4 * opts.SegmentBytes
+		q2, err := Open(dir, unreadable(t, big, seg), discard, nil)
+		if err != nil {
+			t.Fatalf("Open with the segment's header unreadable: %v", err)
+		}
+		defer q2.Close()
+		if err := q2.Accept(ctx, msg("b", 0)); err != nil {
+			t.Fatalf("Accept: %v", err)
+		}
+		q2.mu.Lock()
+		active := q2.segs[len(q2.segs)-1].path
+		q2.mu.Unlock()
+		if active == seg {
+			t.Fatalf("commits go to %s, whose header is unreadable", seg)
+		}
+		q2.Close()
+		q3, _ := open(t, dir, big)
+		if es := drain(t, q3); len(es) != 4 || es[3].Device != "b" {
+			t.Fatalf("after the disk came back: %+v; want a's 3 messages, then b", es)
 		}
 	})
 

@@ -89,3 +89,51 @@ func TestV1SegmentRead(t *testing.T) {
 		t.Fatalf("after reopen: %+v, want seqs 1 and 3 of old, then new", es)
 	}
 }
+
+// TestV1SegmentBeforeTornCreation: a v1 segment followed by a newer one
+// whose creation was cut (removed at open) is the last segment, so new
+// commits go to a new keyed segment, not appended unkeyed to it. Before,
+// recover decided which segment was last before removing the torn one, so
+// the v1 segment was not taken for the last and kept receiving commits.
+func TestV1SegmentBeforeTornCreation(t *testing.T) {
+	for name, torn := range map[string][]byte{
+		"zero length":       nil,
+		"part magic, zeros": append([]byte(segMagic[:4]), make([]byte, 8<<10)...),
+	} {
+		t.Run(name, func(t *testing.T) {
+			dir := t.TempDir()
+			data := []byte(segMagicV1)
+			for i := range 3 {
+				m := msg("old", i)
+				data = appendMsg(data, uint64(1+i), &m)
+			}
+			data = append(data, make([]byte, 4<<10)...)
+			old := segName(dir, 1)
+			if err := os.WriteFile(old, data, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(segName(dir, 4), torn, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			q, _ := open(t, dir, Options{})
+			if err := q.Accept(context.Background(), msg("new", 0)); err != nil {
+				t.Fatal(err)
+			}
+			q.mu.Lock()
+			e := q.ents[len(q.ents)-1]
+			q.mu.Unlock()
+			if e.seg.path == old || e.seg.hdr != int64(segHeader) {
+				t.Fatalf("the new message went to %s (header %d bytes); want a new keyed segment", e.seg.path, e.seg.hdr)
+			}
+			q.Close()
+			if b, _ := os.ReadFile(old); !bytes.Equal(b, data) {
+				t.Fatal("the v1 segment was changed")
+			}
+			q2, _ := open(t, dir, Options{})
+			es := drain(t, q2)
+			if len(es) != 4 || es[3].Device != "new" {
+				t.Fatalf("after reopen: %+v, want the 3 old messages, then new", es)
+			}
+		})
+	}
+}
