@@ -1073,6 +1073,11 @@ func (q *Queue) reclaim() {
 			return
 		}
 		q.segs = slices.Delete(q.segs, i, i+1)
+		if q.failed != nil && errors.Is(q.failed, syscall.ENOSPC) {
+			// Stopped by a full disk, which this made room on: try now
+			// rather than after a pause of up to resumeMax.
+			signal(q.resumeDue)
+		}
 	}
 }
 
