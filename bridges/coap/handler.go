@@ -547,7 +547,10 @@ func (se *session) notify(s *Server, o *observation, c bridges.Message) bool {
 
 // send numbers and writes one notification; se.mu is held, across both,
 // so the Observe numbers on the wire never go backwards (the write is one
-// UDP datagram and does not wait for the device).
+// UDP datagram and waits neither for the device nor for room in the
+// listener's socket: one it has no room for is dropped, counted in
+// Server.writeDropped, and since a notification is non-confirmable the
+// device gets that command only at its next GET or registration).
 func (se *session) send(s *Server, token message.Token, c bridges.Message) {
 	se.seq++
 	seq := se.seq & 0xffffff

@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"slices"
 	"strconv"
 	"strings"
@@ -22,6 +23,7 @@ import (
 
 	piondtls "github.com/pion/dtls/v3"
 	coapnet "github.com/plgd-dev/go-coap/v3/net"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/bridges/hub"
@@ -88,6 +90,11 @@ type Server struct {
 	log *slog.Logger
 	lnC *limitListener
 	lnP *limitListener
+	// lines spaces the log lines about what anyone on the network can
+	// cause (refused handshakes, dropped datagrams): ratelog.go.
+	lines *logEvery
+	// dropped is Metrics.Dropped for CoAP (writeDropped).
+	dropped prometheus.Counter
 
 	closing sync.WaitGroup // revocation closes in progress; Run waits
 	// bg: answers given later (serveCoAP: from a goroutine of their own,
@@ -151,7 +158,8 @@ func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log 
 	cfg.defaults()
 	s := &Server{cfg: cfg, id: id, hub: h, m: h.Metrics(), log: log.With("component", "coap"),
 		byDevice: map[string][]*otacache.DTLSConn{}, pskSeen: map[string]pskAnswer{},
-		deadline: &hub.SharedDeadline{Timeout: acceptTimeout}}
+		deadline: &hub.SharedDeadline{Timeout: acceptTimeout}, lines: newLogEvery(refusalLogEvery)}
+	s.dropped = s.m.Dropped.WithLabelValues(hub.CoAP)
 	var err error
 	verify := func(raw [][]byte, _ [][]*x509.Certificate) error {
 		dev, err := id.VerifyCert(raw)
@@ -217,8 +225,10 @@ func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log 
 func (s *Server) listen(addr string, opts []piondtls.ServerOption) (*limitListener, error) {
 	g := newPlaintextGuard(s.log, s.m)
 	// WithStatelessHelloVerify: no state for a ClientHello until its
-	// cookie comes back (limit.go).
-	opts = append(opts, piondtls.WithListenConfig(g.listenConfig()), piondtls.WithStatelessHelloVerify(true))
+	// cookie comes back (limit.go). WithOnWriteDropped: a datagram the
+	// socket has no room for is dropped, never waited for (writeDropped).
+	opts = append(opts, piondtls.WithListenConfig(g.listenConfig()), piondtls.WithStatelessHelloVerify(true),
+		piondtls.WithOnWriteDropped(s.writeDropped))
 	ln, err := coapnet.NewDTLSListener("udp", addr, coapnet.NewDTLSServerOptions(opts...))
 	if err != nil {
 		return nil, fmt.Errorf("coap: listen udp %s: %w", addr, err)
@@ -230,6 +240,28 @@ func (s *Server) listen(addr string, opts []piondtls.ServerOption) (*limitListen
 	l := s.limit(ln)
 	l.guard = g
 	return l, nil
+}
+
+// writeDropped counts, and logs at most once per refusalLogEvery, a
+// datagram a listener dropped because its socket had no room for it
+// (pion-dtls patch (52)): no write on a listener's socket, which all its
+// sessions and its HelloVerifyRequests share, waits for room. A write that
+// waited held every other writer of the listener behind it: the durable
+// queue's writer answering deferred telemetry (and with it every QoS 1
+// commit of every transport), the hub's delivery of commands, and the
+// listener's read loop; anyone on the LAN can keep the buffer full
+// (ClientHellos from made-up addresses, whose answers wait in the kernel
+// for neighbour resolution). What is dropped is sent again: DTLS
+// retransmits its flights, a device retransmits a confirmable request and
+// gets the answer from the response cache; a command notification (NON)
+// is lost, and the device has the command at its next GET or Observe
+// registration. It runs on the writer's goroutine and must not block.
+func (s *Server) writeDropped(to netip.AddrPort, size int) {
+	s.dropped.Inc()
+	if n, ok := s.lines.allow("write_dropped", time.Now()); ok {
+		s.log.Warn("coap: datagram not sent: the DTLS listener's socket has no room (send buffer full); dropped, the peer retransmits (bastion_transport_datagrams_dropped_total)",
+			"device", "", "remote", to.String(), "size", size, "not_logged_since_last_line", n)
+	}
 }
 
 // Addrs returns the bound addresses (certificate, PSK).

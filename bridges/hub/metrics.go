@@ -64,6 +64,10 @@ type Metrics struct {
 	Sessions   *prometheus.GaugeVec   // transport
 	Handshakes *prometheus.CounterVec // transport, result
 	Observers  prometheus.Gauge
+	// Dropped counts datagrams a transport did not send because its
+	// socket had no room for them (transport; CoAP, whose listener never
+	// waits for room: bridges/README.md).
+	Dropped *prometheus.CounterVec
 
 	telemetry sync.Map // transport → Messages{transport, "telemetry"}
 }
@@ -102,11 +106,15 @@ func newMetrics(reg prometheus.Registerer) (*Metrics, error) {
 			Name: "bastion_coap_observers",
 			Help: "CoAP Observe registrations for commands.",
 		}),
+		Dropped: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "bastion_transport_datagrams_dropped_total",
+			Help: "Datagrams not sent because the socket's send buffer was full (dropped instead of waiting; DTLS and confirmable CoAP retransmit).",
+		}, []string{"transport"}),
 	}
 	if reg == nil {
 		return m, nil
 	}
-	for _, c := range []prometheus.Collector{m.Refused, m.Messages, m.Sessions, m.Handshakes, m.Observers} {
+	for _, c := range []prometheus.Collector{m.Refused, m.Messages, m.Sessions, m.Handshakes, m.Observers, m.Dropped} {
 		if err := reg.Register(c); err != nil {
 			var are prometheus.AlreadyRegisteredError
 			if errors.As(err, &are) {
