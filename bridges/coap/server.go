@@ -352,7 +352,7 @@ func (s *Server) onNewConn(cc *otacache.DTLSConn) {
 		dev, gen, err = s.check(st)
 	}
 	var se *session
-	var oldest *otacache.DTLSConn
+	var oldest []*otacache.DTLSConn
 	for err == nil && dev != "" {
 		info := s.classify(dev, st)
 		s.mu.Lock()
@@ -360,21 +360,29 @@ func (s *Server) onNewConn(cc *otacache.DTLSConn) {
 			se = &session{device: dev, mode: mode, cc: cc, enroll: info}
 			cc.SetValue(se)
 			s.nSession++
-			s.byDevice[dev] = append(s.byDevice[dev], cc)
-			if l := s.byDevice[dev]; len(l) > maxSessionsPerDevice {
-				oldest = l[0] // its OnClose takes it out of byDevice
+			l := append(s.byDevice[dev], cc)
+			if over := len(l) - maxSessionsPerDevice; over > 0 {
+				// Every session past the bound, taken out of byDevice here,
+				// under mu: their OnClose, which would also take them out,
+				// runs later (pion's close, then its reader). Left in, they
+				// were still counted and still the oldest, so handshakes of
+				// the device finishing meanwhile all closed the same one
+				// and the list grew past the bound.
+				oldest = slices.Clone(l[:over])
+				l = slices.Delete(l, 0, over)
 			}
+			s.byDevice[dev] = l
 			s.mu.Unlock()
 			break
 		}
 		s.mu.Unlock()
 		dev, gen, err = s.check(st)
 	}
-	if oldest != nil {
+	for _, old := range oldest {
 		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonSessionTakenOver).Inc()
 		s.log.Info("coap: oldest session of the device closed: it opened more than "+strconv.Itoa(maxSessionsPerDevice),
-			"device", dev, "old_remote", oldest.RemoteAddr().String(), "remote", cc.RemoteAddr().String())
-		oldest.Close()
+			"device", dev, "old_remote", old.RemoteAddr().String(), "remote", cc.RemoteAddr().String())
+		old.Close()
 	}
 	if se == nil {
 		// Revoked between the handshake and now.
@@ -391,6 +399,8 @@ func (s *Server) onNewConn(cc *otacache.DTLSConn) {
 	cc.AddOnClose(func() {
 		s.mu.Lock()
 		s.nSession--
+		// cc may be gone from byDevice already (closed past the bound
+		// above): then nothing changes here.
 		if l := slices.DeleteFunc(s.byDevice[dev], func(c *otacache.DTLSConn) bool { return c == cc }); len(l) == 0 {
 			delete(s.byDevice, dev)
 		} else {
