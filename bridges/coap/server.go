@@ -44,6 +44,12 @@ type Config struct {
 	// HelloVerifyRequest cookie (limit.go); more are dropped before any
 	// crypto is done.
 	MaxHandshakesPerSource int
+	// MaxHandshakesPerPrefix bounds them from one IPv6 /64 (default 32):
+	// a host can take any address of its link's /64.
+	MaxHandshakesPerPrefix int
+	// MaxHandshakes bounds them in all, over both listeners (default
+	// 256): each holds a connection and a goroutine until it ends.
+	MaxHandshakes int
 	// RetryAfter is the Max-Age sent with 5.03 when the Sink is full
 	// (default 30s).
 	RetryAfter time.Duration
@@ -69,6 +75,12 @@ func (c *Config) defaults() {
 	if c.MaxHandshakesPerSource <= 0 {
 		c.MaxHandshakesPerSource = 8
 	}
+	if c.MaxHandshakesPerPrefix <= 0 {
+		c.MaxHandshakesPerPrefix = 32
+	}
+	if c.MaxHandshakes <= 0 {
+		c.MaxHandshakes = 256
+	}
 	if c.RetryAfter <= 0 {
 		c.RetryAfter = 30 * time.Second
 	}
@@ -90,6 +102,8 @@ type Server struct {
 	log *slog.Logger
 	lnC *limitListener
 	lnP *limitListener
+	// hs counts the listeners' handshakes in flight (limit.go).
+	hs *handshakeLimit
 	// lines spaces the log lines about what anyone on the network can
 	// cause (refused handshakes, dropped datagrams): ratelog.go.
 	lines *logEvery
@@ -160,6 +174,7 @@ func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log 
 		byDevice: map[string][]*otacache.DTLSConn{}, pskSeen: map[string]pskAnswer{},
 		deadline: &hub.SharedDeadline{Timeout: acceptTimeout}, lines: newLogEvery(refusalLogEvery)}
 	s.dropped = s.m.Dropped.WithLabelValues(hub.CoAP)
+	s.hs = newHandshakeLimit(cfg.MaxHandshakesPerSource, cfg.MaxHandshakesPerPrefix, cfg.MaxHandshakes)
 	var err error
 	verify := func(raw [][]byte, _ [][]*x509.Certificate) error {
 		dev, err := id.VerifyCert(raw)
