@@ -175,18 +175,20 @@ func (l *limitListener) take(c *handshakeConn) error {
 		return nil
 	}
 	l.s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonHandshakeLimit).Inc()
-	what, key := "from this source", "coap.Config.MaxHandshakesPerSource"
+	what, key, kind := "from this source", "coap.Config.MaxHandshakesPerSource", "limit:source"
 	// The device is not known yet: its PSK identity or certificate
 	// comes in the client's next flight.
 	args := []any{"device", "", "remote", c.RemoteAddr().String(), "limit", limit}
 	switch refused {
 	case limitPrefix:
-		what, key = "from this source's IPv6 /64", "coap.Config.MaxHandshakesPerPrefix"
+		what, key, kind = "from this source's IPv6 /64", "coap.Config.MaxHandshakesPerPrefix", "limit:prefix"
 		args = append(args, "prefix", c.src.prefix.String())
 	case limitTotal:
-		what, key = "in all", "coap.Config.MaxHandshakes"
+		what, key, kind = "in all", "coap.Config.MaxHandshakes", "limit:total"
 	}
-	l.s.log.Warn("coap: handshake refused: too many handshakes in flight "+what, args...)
+	// A flood of handshakes is a flood of refusals: one line per limit
+	// per interval (the metric counts each).
+	l.s.refusalLine(kind, "coap: handshake refused: too many handshakes in flight "+what, args...)
 	return fmt.Errorf("%w %s (limit %d, %s)", errHandshakeLimit, what, limit, key)
 }
 

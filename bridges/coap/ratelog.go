@@ -2,6 +2,7 @@ package coap
 
 import (
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 )
@@ -45,16 +46,51 @@ func (l *logEvery) allow(kind string, now time.Time) (notLogged int, ok bool) {
 	return notLogged, true
 }
 
+// refusalLine logs msg with args unless a line of the same kind went out
+// less than refusalLogEvery ago: for refusals anyone on the network can
+// cause before a device is authenticated (a handshake over a limit, an
+// unknown PSK identity, a certificate not accepted). The caller counts
+// each in the metric; the line says how many of its kind were not logged
+// since the one before.
+func (s *Server) refusalLine(kind, msg string, args ...any) {
+	n, ok := s.lines.allow(kind, time.Now())
+	if !ok {
+		return
+	}
+	s.log.Warn(msg, append(args, "not_logged_since_last_line", n)...)
+}
+
+// maxLoggedText bounds text a peer chose in a log line (a device id a
+// certificate claims, an error that quotes what the peer sent).
+const maxLoggedText = 256
+
+// loggedText is s cut after maxLoggedText bytes (at a rune boundary),
+// marked with its full length.
+func loggedText(s string) string {
+	if len(s) <= maxLoggedText {
+		return s
+	}
+	return strings.ToValidUTF8(s[:maxLoggedText], "") + "… (" + strconv.Itoa(len(s)) + " bytes)"
+}
+
+// loggedErr is err's text cut as loggedText; "" for nil.
+func loggedErr(err error) string {
+	if err == nil {
+		return ""
+	}
+	return loggedText(err.Error())
+}
+
 // maxLoggedIdentity bounds a peer-chosen identity in a log line.
 const maxLoggedIdentity = 64
 
 // loggedIdentity is an identity the peer chose (a PSK identity: up to
-// 65535 bytes of anything), fit for a log line: quoted (control bytes and
-// invalid UTF-8 escaped) and cut after maxLoggedIdentity bytes, marked
-// with the full length.
+// 65535 bytes of anything) cut after maxLoggedIdentity bytes, marked with
+// its full length. Its bytes are left as they are: slog's handlers quote
+// and escape a value with control bytes, spaces or invalid UTF-8.
 func loggedIdentity(b []byte) string {
 	if len(b) <= maxLoggedIdentity {
-		return strconv.Quote(string(b))
+		return string(b)
 	}
-	return strconv.Quote(string(b[:maxLoggedIdentity])) + "… (" + strconv.Itoa(len(b)) + " bytes)"
+	return string(b[:maxLoggedIdentity]) + "… (" + strconv.Itoa(len(b)) + " bytes)"
 }

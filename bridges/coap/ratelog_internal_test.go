@@ -1,9 +1,11 @@
 package coap
 
 import (
+	"bytes"
 	"context"
 	"log/slog"
 	"net/netip"
+	"strings"
 	"testing"
 	"time"
 
@@ -70,18 +72,22 @@ func TestLogEvery(t *testing.T) {
 }
 
 func TestLoggedIdentity(t *testing.T) {
-	long := make([]byte, 1000)
-	for i := range long {
-		long[i] = 'x'
-	}
+	long := bytes.Repeat([]byte{'x'}, 1000)
 	long[0] = '\n'
 	for in, want := range map[string]string{
-		"id-psk":     `"id-psk"`,
-		"a\nb\x00":   `"a\nb\x00"`,
-		string(long): `"\n` + string(long[1:maxLoggedIdentity]) + `"… (1000 bytes)`,
+		"id-psk":     "id-psk",
+		"a\nb\x00":   "a\nb\x00",
+		string(long): "\n" + string(long[1:maxLoggedIdentity]) + "… (1000 bytes)",
 	} {
 		if got := loggedIdentity([]byte(in)); got != want {
-			t.Errorf("loggedIdentity(%q) = %s, want %s", in, got, want)
+			t.Errorf("loggedIdentity(%q) = %q, want %q", in, got, want)
 		}
+	}
+	// What a handler writes of one is quoted: no line break, no raw control
+	// byte reaches the log.
+	var out bytes.Buffer
+	slog.New(slog.NewTextHandler(&out, nil)).Warn("x", "psk_identity", loggedIdentity(long))
+	if strings.Count(out.String(), "\n") != 1 || len(out.String()) > 200 {
+		t.Errorf("a logged identity wrote %q", out.String())
 	}
 }

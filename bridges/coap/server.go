@@ -184,7 +184,10 @@ func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log 
 			}
 			reason := hub.CertRefusal(err)
 			s.m.Refused.WithLabelValues(hub.CoAP, reason).Inc()
-			s.log.Warn("coap: handshake refused: device certificate not accepted", "device", dev, "reason", reason, "err", err)
+			// Anyone can present a certificate: one line per reason per
+			// interval, the claimed id and the error cut.
+			s.refusalLine("cert:"+reason, "coap: handshake refused: device certificate not accepted",
+				"device", loggedText(dev), "reason", reason, "err", loggedErr(err))
 		}
 		return err
 	}
@@ -222,7 +225,11 @@ func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log 
 					reason = hub.ReasonRevoked
 				}
 				s.m.Refused.WithLabelValues(hub.CoAP, reason).Inc()
-				s.log.Warn("coap: handshake refused: PSK identity not accepted", "device", dev, "psk_identity", string(identity), "reason", reason, "err", err)
+				// Anyone can send any identity, up to 64 KiB of it: one
+				// line per reason per interval, the identity quoted and
+				// cut, and the error (which may quote it) cut.
+				s.refusalLine("psk:"+reason, "coap: handshake refused: PSK identity not accepted",
+					"device", dev, "psk_identity", loggedIdentity(identity), "reason", reason, "err", loggedErr(err))
 			}
 			return key, err
 		}

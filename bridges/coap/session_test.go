@@ -66,7 +66,8 @@ func (f *fakeIdentity) VerifyCert([][]byte) (string, error) {
 
 func (f *fakeIdentity) PSK(identity []byte) (string, []byte, error) {
 	if string(identity) != "id-psk" {
-		return "", nil, errors.New("unknown PSK identity")
+		// As the gateway's: it quotes the identity.
+		return "", nil, fmt.Errorf("unknown PSK identity %q", identity)
 	}
 	if _, err := f.lookup("psk", "dev-psk", &f.pskCalls); err != nil {
 		return "dev-psk", nil, err
