@@ -229,8 +229,12 @@ func (s *Server) command(device, path string, r request) response {
 func (s *Server) serveCoAP(w *otacache.DTLSResponseWriter, m *pool.Message) {
 	se := s.sessionOf(w.Session())
 	if se == nil {
-		// No identity (revoked while the request was in flight): say so
-		// and let the close that is under way finish.
+		// No identity (the session was refused after its handshake, its
+		// refusal counted there): say so and let the close that is under
+		// way finish. Counted too, as the peer chose to send it.
+		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonNoSession).Inc()
+		s.refusalLine("no_session", "coap: request refused: the DTLS session has no device (refused after its handshake, closing); answered 4.01",
+			"device", "", "remote", w.Session().RemoteAddr().String())
 		w.SetResponse(codes.Unauthorized, message.TextPlain, bytes.NewReader([]byte("no device session")))
 		return
 	}
@@ -535,7 +539,9 @@ func (se *session) notify(s *Server, o *observation, c bridges.Message) bool {
 	}
 	if o.held {
 		if len(o.queue) >= maxHeld {
-			s.log.Warn("coap: command notification dropped: too many held behind an observe registration", "device", se.device, "topic", o.queue[0].Topic)
+			s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonObserveBacklog).Inc()
+			s.log.Warn("coap: command notification dropped: too many held behind an observe registration whose answer is being written; the device can GET the topic's last command",
+				"device", se.device, "topic", o.queue[0].Topic, "limit", maxHeld)
 			o.queue = o.queue[1:]
 		}
 		o.queue = append(o.queue, c)

@@ -182,7 +182,7 @@ func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log 
 			if dev == "" {
 				dev = hub.ClaimedDevice(raw)
 			}
-			reason := hub.CertRefusal(err)
+			reason := credentialRefusal(err, true)
 			s.m.Refused.WithLabelValues(hub.CoAP, reason).Inc()
 			// Anyone can present a certificate: one line per reason per
 			// interval, the claimed id and the error cut.
@@ -220,10 +220,7 @@ func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log 
 				s.pskMu.Unlock()
 			}
 			if err != nil {
-				reason := hub.ReasonUnknownPSK
-				if errors.Is(err, pki.ErrRevoked) {
-					reason = hub.ReasonRevoked
-				}
+				reason := credentialRefusal(err, false)
 				s.m.Refused.WithLabelValues(hub.CoAP, reason).Inc()
 				// Anyone can send any identity, up to 64 KiB of it: one
 				// line per reason per interval, the identity quoted and
@@ -407,9 +404,14 @@ func (s *Server) onNewConn(cc *otacache.DTLSConn) {
 		old.Close()
 	}
 	if se == nil {
-		// Revoked between the handshake and now.
-		s.log.Warn("coap: session refused after handshake", "device", dev, "err", err)
-		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonRevoked).Inc()
+		// The credentials the handshake accepted are refused now: revoked
+		// since, or not checked again (clock, store, pairing window).
+		if err == nil {
+			err = errors.New("the credentials name no device")
+		}
+		reason := credentialRefusal(err, mode == "cert")
+		s.log.Warn("coap: session refused after handshake", "device", dev, "mode", mode, "reason", reason, "err", loggedErr(err))
+		s.m.Refused.WithLabelValues(hub.CoAP, reason).Inc()
 		cc.Close()
 		return
 	}
@@ -432,6 +434,27 @@ func (s *Server) onNewConn(cc *otacache.DTLSConn) {
 		se.closeObservations()
 		s.m.Sessions.WithLabelValues(hub.CoAP).Dec()
 	})
+}
+
+// credentialRefusal is the refusal reason for err, an Identity's error
+// for a device's certificate (cert) or PSK identity: revoked, the clock
+// not set, an enrollment the pairing service refused, a lookup that
+// failed, and otherwise what is wrong with the certificate, or an unknown
+// PSK identity.
+func credentialRefusal(err error, cert bool) string {
+	switch {
+	case errors.Is(err, pki.ErrRevoked):
+		return hub.ReasonRevoked
+	case errors.Is(err, pki.ErrClockNotSet):
+		return hub.ReasonClockNotSet
+	case errors.Is(err, bridges.ErrPairingRefused):
+		return hub.ReasonPairingRefused
+	case errors.Is(err, bridges.ErrLookup):
+		return hub.ReasonIdentityError
+	case cert:
+		return hub.CertRefusal(err)
+	}
+	return hub.ReasonUnknownPSK
 }
 
 // peerIdentity is who the peer of a DTLS session is: its PSK identity or

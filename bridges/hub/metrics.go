@@ -54,6 +54,24 @@ const (
 	// fsync failed, or the queue is stopped after one): a fault of the
 	// gateway's disk, not of the device or the link.
 	ReasonDiskError = "disk_error"
+	// ReasonClockNotSet: credentials not checked because the gateway's
+	// clock is not set (pki.ErrClockNotSet): fix its time (NTP).
+	ReasonClockNotSet = "clock_not_set"
+	// ReasonPairingRefused: an enrollment session the pairing service did
+	// not admit (bridges.ErrPairingRefused: no pairing window, no
+	// completed setup-code exchange); its pairing events say which.
+	ReasonPairingRefused = "pairing_refused"
+	// ReasonIdentityError: credentials that could not be checked
+	// (bridges.ErrLookup: the store failed), not the device's fault.
+	ReasonIdentityError = "identity_error"
+	// ReasonNoSession: a CoAP request on a DTLS session the gateway
+	// refused after its handshake (answered 4.01 while the session
+	// closes); the session's refusal is counted under its own reason.
+	ReasonNoSession = "no_session"
+	// ReasonObserveBacklog: a command not notified to a CoAP observer
+	// because more than maxHeld came for one registration while its
+	// answer was being written (the oldest held is dropped).
+	ReasonObserveBacklog = "observe_backlog"
 )
 
 // Metrics are the transports' counters, registered once on the gateway's
