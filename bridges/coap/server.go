@@ -19,6 +19,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	piondtls "github.com/pion/dtls/v3"
@@ -165,6 +166,9 @@ type session struct {
 	// inline: requests are answered on the DTLS listener's read loop
 	// (Server.inline); set before the first request, then only read.
 	inline bool
+	// blocking counts the requests answered on goroutines of their own
+	// (serveCoAP), at most maxBlockingPerSession.
+	blocking atomic.Int32
 }
 
 // New binds the listeners (so a port clash is reported before Run).
