@@ -227,8 +227,8 @@ func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log 
 				reason := credentialRefusal(err, false)
 				s.m.Refused.WithLabelValues(hub.CoAP, reason).Inc()
 				// Anyone can send any identity, up to 64 KiB of it: one
-				// line per reason per interval, the identity quoted and
-				// cut, and the error (which may quote it) cut.
+				// line per reason per interval, the identity cut (the log
+				// handler quotes it), and the error (which may quote it) cut.
 				s.refusalLine("psk:"+reason, "coap: handshake refused: PSK identity not accepted",
 					"device", dev, "psk_identity", loggedIdentity(identity), "reason", reason, "err", loggedErr(err))
 			}
