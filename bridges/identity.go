@@ -25,3 +25,13 @@ type Identity interface {
 // ErrBusy is (wrapped in) an Identity's error for a check it did not make
 // because too many were running: the device should try again shortly.
 var ErrBusy = errors.New("busy")
+
+// ErrPairingRefused is (wrapped in) an Identity's error for an enrollment
+// identity or manufacturer certificate the pairing service does not admit
+// now (no pairing window open, no setup-code exchange completed, no usable
+// device id): not a wrong credential, and not a revocation.
+var ErrPairingRefused = errors.New("pairing refused")
+
+// ErrLookup is (wrapped in) an Identity's error for credentials that could
+// not be checked (the store failed to answer): the device is not at fault.
+var ErrLookup = errors.New("credentials could not be looked up")

@@ -45,6 +45,10 @@ func (i *identity) PSK(identity []byte) (string, []byte, error) {
 		return dev, key, err
 	}
 	d, err := i.store.DeviceByPSKIdentity(string(identity))
+	if err != nil && !errors.Is(err, store.ErrNotFound) {
+		// Not the device's fault: counted apart (bridges.ErrLookup).
+		return "", nil, fmt.Errorf("PSK identity %q: %w: %w", identity, bridges.ErrLookup, err)
+	}
 	if err != nil {
 		i.m.authFailures.WithLabelValues("psk_unknown").Inc()
 		return "", nil, fmt.Errorf("unknown PSK identity %q", identity)

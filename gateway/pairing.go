@@ -335,8 +335,15 @@ func (p *pairingSvc) event(actor, action, target, detail string) {
 func (p *pairingSvc) refuse(reason, device, detail string) error {
 	p.refused.WithLabelValues(reason).Inc()
 	p.event("pairing", "pairing.session_refused", device, reason+": "+detail)
-	return fmt.Errorf("pairing session for %q refused: %s", device, detail)
+	return &pairingRefusal{msg: fmt.Sprintf("pairing session for %q refused: %s", device, detail)}
 }
+
+// pairingRefusal is refuse's error: its text, and bridges.ErrPairingRefused
+// for the transports, which count it as such (not as a wrong credential).
+type pairingRefusal struct{ msg string }
+
+func (e *pairingRefusal) Error() string        { return e.msg }
+func (e *pairingRefusal) Is(target error) bool { return target == bridges.ErrPairingRefused }
 
 // psk recognises the enrollment PSK identities; ok is false for any other
 // identity (an operational PSK).

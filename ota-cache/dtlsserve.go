@@ -59,11 +59,23 @@ type DTLSServeConfig struct {
 	// for the handler to refuse; the device learns the handler's limit,
 	// not MaxMessageSize. It runs where Handler runs and must not block.
 	BodyLimit func(c *DTLSConn, path string) uint32
-	// OnTooLarge, if set, is told of every request ServeDTLS refuses with
-	// 4.13 itself (the caller logs and counts it): size is the body's
-	// bytes known so far (or the datagram's, for one over ReadBufferSize).
-	// It runs where Handler runs and must not block either.
-	OnTooLarge func(c *DTLSConn, path string, size uint64, limit uint32)
+	// OnTooLarge, if set, is told of every request ServeDTLS refuses for
+	// its size itself (the caller logs and counts it): answered (4.13 with
+	// Size1) for a Block1 transfer past its limit and for a confirmable
+	// request over ReadBufferSize, not answered (dropped) for a
+	// non-confirmable one over ReadBufferSize or a datagram over it that
+	// does not decode (path ""). size is the body's bytes known so far (or
+	// the datagram's, for one over ReadBufferSize). It runs where Handler
+	// runs and must not block either.
+	OnTooLarge func(c *DTLSConn, path string, size uint64, limit uint32, answered bool)
+	// OnBadRequest, if set, is told of every message ServeDTLS refuses
+	// itself as bad (the caller logs and counts it): one that does not
+	// decode as CoAP (answer "RST" for a confirmable one whose header
+	// reads, else "none": dropped), and a Block1 block with a bad Block1
+	// option ("4.02"), out of order ("4.08") or shorter than its size
+	// ("4.00"). why says what was wrong. It runs where Handler runs and
+	// must not block either.
+	OnBadRequest func(c *DTLSConn, path, answer, why string)
 	// ReadBufferSize bounds one datagram's CoAP message (default 1472,
 	// go-coap's MTU); a larger confirmable request gets 4.13 with Size1
 	// (the body limit of its path) without being decoded further, anything
@@ -672,15 +684,25 @@ func (c *DTLSConn) onRecord(p []byte, err error) {
 // copied; a NON, or a message whose header or options do not decode, is
 // only dropped.
 func (c *DTLSConn) refuseDatagram(p []byte, now time.Time) {
+	cfg := c.srv.cfg
 	var opts [16]message.Option
 	m := message.Message{Options: opts[:0]}
-	if _, err := coder.DefaultCoder.Decode(p, &m); err != nil || m.Type != message.Confirmable || m.Code == codes.Empty || m.Code >= codes.Created {
+	if _, err := coder.DefaultCoder.Decode(p, &m); err != nil {
+		if cfg.OnTooLarge != nil {
+			cfg.OnTooLarge(c, "", uint64(len(p)), uint32(cfg.ReadBufferSize), false) //nolint:gosec // a buffer size
+		}
 		return
+	}
+	if m.Code == codes.Empty || m.Code >= codes.Created || (m.Type != message.Confirmable && m.Type != message.NonConfirmable) {
+		return // not a request: dropped, as any (handleDatagram)
 	}
 	path, _ := m.Options.Path()
 	limit := c.bodyLimit(path)
-	if c.srv.cfg.OnTooLarge != nil {
-		c.srv.cfg.OnTooLarge(c, path, uint64(len(p)), limit)
+	if cfg.OnTooLarge != nil {
+		cfg.OnTooLarge(c, path, uint64(len(p)), limit, m.Type == message.Confirmable)
+	}
+	if m.Type != message.Confirmable {
+		return
 	}
 	var sz [4]byte
 	out := message.Message{Token: m.Token, Code: codes.RequestEntityTooLarge, MessageID: m.MessageID, Type: message.Acknowledgement,
@@ -751,8 +773,13 @@ func (c *DTLSConn) handleDatagram(data []byte, now time.Time) {
 	if _, err := req.UnmarshalWithDecoder(coder.DefaultCoder, data); err != nil {
 		// RFC 7252 §4.2: a malformed CON whose header we can read is
 		// rejected with RST; anything else is silently ignored.
+		answer := "none"
 		if len(data) >= 4 && data[0]>>6 == 1 && (data[0]>>4)&3 == byte(message.Confirmable) {
 			c.writeRST(binary.BigEndian.Uint16(data[2:4]))
+			answer = "RST"
+		}
+		if cfg.OnBadRequest != nil {
+			cfg.OnBadRequest(c, "", answer, "malformed CoAP message: "+err.Error())
 		}
 		cfg.Errors(fmt.Errorf("%v: malformed coap message: %w", c.RemoteAddr(), err))
 		return
@@ -896,14 +923,20 @@ func (c *DTLSConn) refuseOptions(req *pool.Message, bad []message.OptionID, now 
 // (done) or, on the last block, puts the reassembled body into req and
 // returns the Block1 option the final answer carries.
 func (c *DTLSConn) block1(w *DTLSResponseWriter, req *pool.Message, v uint32) ([]message.Option, bool) {
-	szx, num, more, err := blockwise.DecodeBlockOption(v)
-	if err != nil {
-		_ = w.SetResponse(codes.BadOption, message.TextPlain, strings.NewReader("bad Block1 option"))
-		return nil, true
-	}
 	// The blocks of one body share the path and Request-Tag (RFC 9175);
 	// clients change the token from block to block (libcoap does).
 	path, _ := req.Path()
+	refuse := func(code codes.Code, why string) ([]message.Option, bool) {
+		_ = w.SetResponse(code, message.TextPlain, strings.NewReader(why))
+		if f := c.srv.cfg.OnBadRequest; f != nil {
+			f(c, path, fmt.Sprintf("%d.%02d", code>>5, code&0x1f), why)
+		}
+		return nil, true
+	}
+	szx, num, more, err := blockwise.DecodeBlockOption(v)
+	if err != nil {
+		return refuse(codes.BadOption, "bad Block1 option")
+	}
 	tag, _ := req.GetOptionBytes(message.RequestTag)
 	key := path + "\x00" + string(tag)
 	if num == 0 {
@@ -911,8 +944,7 @@ func (c *DTLSConn) block1(w *DTLSResponseWriter, req *pool.Message, v uint32) ([
 	}
 	if key != c.b1Key || num != c.b1Next {
 		c.b1Key, c.b1Body = "", nil
-		_ = w.SetResponse(codes.RequestEntityIncomplete, message.TextPlain, strings.NewReader("Block1 block out of order; start again at block 0"))
-		return nil, true
+		return refuse(codes.RequestEntityIncomplete, "Block1 block out of order; start again at block 0")
 	}
 	var part []byte
 	if b := req.Body(); b != nil {
@@ -920,8 +952,7 @@ func (c *DTLSConn) block1(w *DTLSResponseWriter, req *pool.Message, v uint32) ([
 	}
 	if more && int64(len(part)) != szx.Size() {
 		c.b1Key, c.b1Body = "", nil
-		_ = w.SetResponse(codes.BadRequest, message.TextPlain, strings.NewReader("Block1 block shorter than its size"))
-		return nil, true
+		return refuse(codes.BadRequest, "Block1 block shorter than its size")
 	}
 	size := uint64(len(c.b1Body)) + uint64(len(part))
 	if num == 0 {
@@ -933,7 +964,7 @@ func (c *DTLSConn) block1(w *DTLSResponseWriter, req *pool.Message, v uint32) ([
 	if limit := c.bodyLimit(path); size > uint64(limit) {
 		c.b1Key, c.b1Body = "", nil
 		if c.srv.cfg.OnTooLarge != nil {
-			c.srv.cfg.OnTooLarge(c, path, size, limit)
+			c.srv.cfg.OnTooLarge(c, path, size, limit, true)
 		}
 		var sz [4]byte
 		n := putUint(sz[:], limit)

@@ -32,7 +32,11 @@ import (
 // datagram, which never waits for the device (UDP has no flow control, so
 // a device that stops reading cannot stall the queue's writer as a TCP
 // peer could stall MQTT's; the listener's read loop writes inline answers
-// the same way).
+// the same way), nor for room in the listener's socket: a datagram it has
+// no room for is dropped (pion-dtls patch (52), Server.writeDropped) and
+// the device's retransmission is answered from the response cache. The
+// queue's writer waiting here would hold up every commit of every
+// transport.
 //
 // The hand-over with the handler (handOver) is the delicate part: done may
 // run before the handler has deferred its answer (a quick fsync, even

@@ -23,3 +23,7 @@ const (
 // SetObserveHook has f run on the handler's goroutine at each stage of a
 // GET /c Observe registration; call it before Run.
 func SetObserveHook(s *Server, f func(stage int)) { s.observeHook = f }
+
+// HandshakesInFlight is how many DTLS handshakes s counts as in flight
+// (limit.go).
+func HandshakesInFlight(s *Server) int { return s.hs.inFlight() }

@@ -182,6 +182,7 @@ func (s *Server) serve(ctx context.Context, ln *limitListener) error {
 		// answer that ignored it.
 		CriticalOptions: []message.OptionID{message.Accept},
 		OnBadOption:     s.badOption,
+		OnBadRequest:    s.badRequest,
 		Errors:          func(err error) { s.log.Debug("coap: connection error", "err", err) },
 	})
 }
@@ -200,15 +201,28 @@ func (s *Server) bodyLimit(_ *otacache.DTLSConn, path string) uint32 {
 	return uint32(s.cfg.MaxPayload)
 }
 
-// tooLarge logs and counts a request otacache refused with 4.13 (a Block1
-// transfer past bodyLimit, a datagram too large to read).
-func (s *Server) tooLarge(cc *otacache.DTLSConn, path string, size uint64, limit uint32) {
+// tooLarge logs and counts a request otacache refused for its size: with
+// 4.13 (a Block1 transfer past bodyLimit, a confirmable datagram too large
+// to read), or dropped (a non-confirmable one, or one that does not
+// decode).
+func (s *Server) tooLarge(cc *otacache.DTLSConn, path string, size uint64, limit uint32, answered bool) {
 	s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonTooLarge).Inc()
 	if len(path) > 128 { // a datagram refused unread may name a long one
 		path = strings.ToValidUTF8(path[:128], "") + "…"
 	}
-	s.log.Warn("coap: request refused: payload too large; answered 4.13 with the limit in Size1", "device", s.deviceOf(cc),
-		"path", path, "size", size, "limit", limit)
+	msg := "coap: request refused: payload too large; answered 4.13 with the limit in Size1"
+	if !answered {
+		msg = "coap: request dropped: datagram too large to read, and non-confirmable or undecodable (no answer); send bodies over the limit in Block1 blocks"
+	}
+	s.log.Warn(msg, "device", s.deviceOf(cc), "path", path, "size", size, "limit", limit)
+}
+
+// badRequest logs and counts a message otacache refused itself as bad: one
+// that does not decode as CoAP, or a Block1 block out of order, shorter
+// than its size or with a bad Block1 option.
+func (s *Server) badRequest(cc *otacache.DTLSConn, path, answer, why string) {
+	s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonBadRequest).Inc()
+	s.log.Info("coap: request refused: "+why, "device", s.deviceOf(cc), "path", loggedText(path), "answer", answer)
 }
 
 // badOption logs and counts a request refused for a critical option the

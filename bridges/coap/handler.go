@@ -229,24 +229,68 @@ func (s *Server) command(device, path string, r request) response {
 func (s *Server) serveCoAP(w *otacache.DTLSResponseWriter, m *pool.Message) {
 	se := s.sessionOf(w.Session())
 	if se == nil {
-		// No identity (revoked while the request was in flight): say so
-		// and let the close that is under way finish.
+		// No identity (the session was refused after its handshake, its
+		// refusal counted there): say so and let the close that is under
+		// way finish. Counted too, as the peer chose to send it.
+		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonNoSession).Inc()
+		s.refusalLine("no_session", "coap: request refused: the DTLS session has no device (refused after its handshake, closing); answered 4.01",
+			"device", "", "remote", w.Session().RemoteAddr().String())
 		w.SetResponse(codes.Unauthorized, message.TextPlain, bytes.NewReader([]byte("no device session")))
 		return
 	}
 	if se.inline && mayBlock(m) {
 		// On the read loop nothing may wait: the request is answered
-		// from a goroutine of its own.
+		// from a goroutine of its own, at most maxBlockingPerSession at
+		// once per session. Without a bound a device pipelining requests
+		// with distinct message ids while the store is slow parked a
+		// goroutine for each, and grew its response cache's pending list,
+		// which every datagram of the session scans.
+		if se.blocking.Add(1) > maxBlockingPerSession {
+			se.blocking.Add(-1)
+			s.busy(w, m, se)
+			return
+		}
 		d := w.Defer()
 		s.bg.Add(1)
 		go func() {
 			defer s.bg.Done()
 			s.serveSession(w, m, se, false)
 			d.Done()
+			se.blocking.Add(-1)
 		}()
 		return
 	}
 	s.serveSession(w, m, se, true)
+}
+
+// maxBlockingPerSession bounds the requests of one session answered on
+// goroutines of their own (mayBlock: a firmware status report, an EST
+// request) at once. A device sends one such request at a time (a status
+// report, a certificate renewal); eight leave room for retries.
+const maxBlockingPerSession = 8
+
+// busyRetryAfter is the Max-Age of the 5.03 a request past
+// maxBlockingPerSession gets: the ones in flight wait for the store, which
+// answers in milliseconds when it is well.
+const busyRetryAfter = 5 * time.Second
+
+// busy answers m 5.03 with Max-Age busyRetryAfter: its session already has
+// maxBlockingPerSession requests waiting (counted reason="busy").
+func (s *Server) busy(w *otacache.DTLSResponseWriter, m *pool.Message, se *session) {
+	s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonBusy).Inc()
+	// One line per interval: a device pipelining requests refuses many.
+	s.refusalLine("busy", "coap: request refused: the session has as many requests waiting for the store as it may; answered 5.03, the device should retry",
+		"device", se.device, "path", loggedText(pathOf(m)), "limit", maxBlockingPerSession, "retry_after", busyRetryAfter)
+	res := diag(codes.ServiceUnavailable, "%d requests of this session are waiting for the gateway's store; retry after %d s",
+		maxBlockingPerSession, int(busyRetryAfter.Seconds()))
+	res.maxAge = uint32(busyRetryAfter.Seconds())
+	s.answer(w, m, se, res)
+}
+
+// pathOf is m's Uri-Path, "" if it has none or it does not join.
+func pathOf(m *pool.Message) string {
+	p, _ := m.Options().Path()
+	return p
 }
 
 // mayBlock reports whether answering m may wait (for the store or the
@@ -535,7 +579,9 @@ func (se *session) notify(s *Server, o *observation, c bridges.Message) bool {
 	}
 	if o.held {
 		if len(o.queue) >= maxHeld {
-			s.log.Warn("coap: command notification dropped: too many held behind an observe registration", "device", se.device, "topic", o.queue[0].Topic)
+			s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonObserveBacklog).Inc()
+			s.log.Warn("coap: command notification dropped: too many held behind an observe registration whose answer is being written; the device can GET the topic's last command",
+				"device", se.device, "topic", o.queue[0].Topic, "limit", maxHeld)
 			o.queue = o.queue[1:]
 		}
 		o.queue = append(o.queue, c)
@@ -547,7 +593,10 @@ func (se *session) notify(s *Server, o *observation, c bridges.Message) bool {
 
 // send numbers and writes one notification; se.mu is held, across both,
 // so the Observe numbers on the wire never go backwards (the write is one
-// UDP datagram and does not wait for the device).
+// UDP datagram and waits neither for the device nor for room in the
+// listener's socket: one it has no room for is dropped, counted in
+// Server.writeDropped, and since a notification is non-confirmable the
+// device gets that command only at its next GET or registration).
 func (se *session) send(s *Server, token message.Token, c bridges.Message) {
 	se.seq++
 	seq := se.seq & 0xffffff

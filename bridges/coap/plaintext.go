@@ -30,13 +30,12 @@ type plaintextGuard struct {
 	log *slog.Logger
 	m   *hub.Metrics
 
-	mu      sync.Mutex
-	on      bool  // the program is attached to the listener's socket
-	attach  error // why it is not
-	conn    *net.UDPConn
-	done    chan struct{}
-	lastLog map[string]time.Time // by what the datagram looked like
-	quiet   map[string]int       // datagrams not logged since lastLog
+	mu     sync.Mutex
+	on     bool  // the program is attached to the listener's socket
+	attach error // why it is not
+	conn   *net.UDPConn
+	done   chan struct{}
+	lines  *logEvery // by what the datagram looked like
 }
 
 // plaintextLogEvery spaces the guard's log lines: a device retransmitting
@@ -44,7 +43,7 @@ type plaintextGuard struct {
 const plaintextLogEvery = 10 * time.Second
 
 func newPlaintextGuard(log *slog.Logger, m *hub.Metrics) *plaintextGuard {
-	return &plaintextGuard{log: log, m: m, lastLog: map[string]time.Time{}, quiet: map[string]int{}}
+	return &plaintextGuard{log: log, m: m, lines: newLogEvery(plaintextLogEvery)}
 }
 
 // dtlsSteering returns index 0 (the first socket bound: pion's) for a
@@ -153,16 +152,10 @@ func (g *plaintextGuard) serve() {
 func (g *plaintextGuard) refuse(from *net.UDPAddr, pkt []byte) {
 	g.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonPlaintext).Inc()
 	saw := sniff(pkt)
-	g.mu.Lock()
-	now := time.Now()
-	if last, ok := g.lastLog[saw]; ok && now.Sub(last) < plaintextLogEvery {
-		g.quiet[saw]++
-		g.mu.Unlock()
+	quiet, ok := g.lines.allow(saw, time.Now())
+	if !ok {
 		return
 	}
-	quiet := g.quiet[saw]
-	g.lastLog[saw], g.quiet[saw] = now, 0
-	g.mu.Unlock()
 	g.log.Warn("coap: datagram refused: plaintext on a DTLS port; this port only accepts CoAP over DTLS (coaps://) with a device certificate or PSK",
 		"device", "", "remote", from.String(), "listen", g.conn.LocalAddr().String(), "saw", saw, "not_logged_since_last_line", quiet)
 }

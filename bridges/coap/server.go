@@ -14,14 +14,17 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	piondtls "github.com/pion/dtls/v3"
 	coapnet "github.com/plgd-dev/go-coap/v3/net"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/bridges/hub"
@@ -42,6 +45,12 @@ type Config struct {
 	// HelloVerifyRequest cookie (limit.go); more are dropped before any
 	// crypto is done.
 	MaxHandshakesPerSource int
+	// MaxHandshakesPerPrefix bounds them from one IPv6 /64 (default 32):
+	// a host can take any address of its link's /64.
+	MaxHandshakesPerPrefix int
+	// MaxHandshakes bounds them in all, over both listeners (default
+	// 256): each holds a connection and a goroutine until it ends.
+	MaxHandshakes int
 	// RetryAfter is the Max-Age sent with 5.03 when the Sink is full
 	// (default 30s).
 	RetryAfter time.Duration
@@ -67,6 +76,12 @@ func (c *Config) defaults() {
 	if c.MaxHandshakesPerSource <= 0 {
 		c.MaxHandshakesPerSource = 8
 	}
+	if c.MaxHandshakesPerPrefix <= 0 {
+		c.MaxHandshakesPerPrefix = 32
+	}
+	if c.MaxHandshakes <= 0 {
+		c.MaxHandshakes = 256
+	}
 	if c.RetryAfter <= 0 {
 		c.RetryAfter = 30 * time.Second
 	}
@@ -88,6 +103,13 @@ type Server struct {
 	log *slog.Logger
 	lnC *limitListener
 	lnP *limitListener
+	// hs counts the listeners' handshakes in flight (limit.go).
+	hs *handshakeLimit
+	// lines spaces the log lines about what anyone on the network can
+	// cause (refused handshakes, dropped datagrams): ratelog.go.
+	lines *logEvery
+	// dropped is Metrics.Dropped for CoAP (writeDropped).
+	dropped prometheus.Counter
 
 	closing sync.WaitGroup // revocation closes in progress; Run waits
 	// bg: answers given later (serveCoAP: from a goroutine of their own,
@@ -144,6 +166,9 @@ type session struct {
 	// inline: requests are answered on the DTLS listener's read loop
 	// (Server.inline); set before the first request, then only read.
 	inline bool
+	// blocking counts the requests answered on goroutines of their own
+	// (serveCoAP), at most maxBlockingPerSession.
+	blocking atomic.Int32
 }
 
 // New binds the listeners (so a port clash is reported before Run).
@@ -151,7 +176,9 @@ func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log 
 	cfg.defaults()
 	s := &Server{cfg: cfg, id: id, hub: h, m: h.Metrics(), log: log.With("component", "coap"),
 		byDevice: map[string][]*otacache.DTLSConn{}, pskSeen: map[string]pskAnswer{},
-		deadline: &hub.SharedDeadline{Timeout: acceptTimeout}}
+		deadline: &hub.SharedDeadline{Timeout: acceptTimeout}, lines: newLogEvery(refusalLogEvery)}
+	s.dropped = s.m.Dropped.WithLabelValues(hub.CoAP)
+	s.hs = newHandshakeLimit(cfg.MaxHandshakesPerSource, cfg.MaxHandshakesPerPrefix, cfg.MaxHandshakes)
 	var err error
 	verify := func(raw [][]byte, _ [][]*x509.Certificate) error {
 		dev, err := id.VerifyCert(raw)
@@ -159,9 +186,12 @@ func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log 
 			if dev == "" {
 				dev = hub.ClaimedDevice(raw)
 			}
-			reason := hub.CertRefusal(err)
+			reason := credentialRefusal(err, true)
 			s.m.Refused.WithLabelValues(hub.CoAP, reason).Inc()
-			s.log.Warn("coap: handshake refused: device certificate not accepted", "device", dev, "reason", reason, "err", err)
+			// Anyone can present a certificate: one line per reason per
+			// interval, the claimed id and the error cut.
+			s.refusalLine("cert:"+reason, "coap: handshake refused: device certificate not accepted",
+				"device", loggedText(dev), "reason", reason, "err", loggedErr(err))
 		}
 		return err
 	}
@@ -194,12 +224,13 @@ func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log 
 				s.pskMu.Unlock()
 			}
 			if err != nil {
-				reason := hub.ReasonUnknownPSK
-				if errors.Is(err, pki.ErrRevoked) {
-					reason = hub.ReasonRevoked
-				}
+				reason := credentialRefusal(err, false)
 				s.m.Refused.WithLabelValues(hub.CoAP, reason).Inc()
-				s.log.Warn("coap: handshake refused: PSK identity not accepted", "device", dev, "psk_identity", string(identity), "reason", reason, "err", err)
+				// Anyone can send any identity, up to 64 KiB of it: one
+				// line per reason per interval, the identity cut (the log
+				// handler quotes it), and the error (which may quote it) cut.
+				s.refusalLine("psk:"+reason, "coap: handshake refused: PSK identity not accepted",
+					"device", dev, "psk_identity", loggedIdentity(identity), "reason", reason, "err", loggedErr(err))
 			}
 			return key, err
 		}
@@ -217,8 +248,10 @@ func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log 
 func (s *Server) listen(addr string, opts []piondtls.ServerOption) (*limitListener, error) {
 	g := newPlaintextGuard(s.log, s.m)
 	// WithStatelessHelloVerify: no state for a ClientHello until its
-	// cookie comes back (limit.go).
-	opts = append(opts, piondtls.WithListenConfig(g.listenConfig()), piondtls.WithStatelessHelloVerify(true))
+	// cookie comes back (limit.go). WithOnWriteDropped: a datagram the
+	// socket has no room for is dropped, never waited for (writeDropped).
+	opts = append(opts, piondtls.WithListenConfig(g.listenConfig()), piondtls.WithStatelessHelloVerify(true),
+		piondtls.WithOnWriteDropped(s.writeDropped))
 	ln, err := coapnet.NewDTLSListener("udp", addr, coapnet.NewDTLSServerOptions(opts...))
 	if err != nil {
 		return nil, fmt.Errorf("coap: listen udp %s: %w", addr, err)
@@ -230,6 +263,28 @@ func (s *Server) listen(addr string, opts []piondtls.ServerOption) (*limitListen
 	l := s.limit(ln)
 	l.guard = g
 	return l, nil
+}
+
+// writeDropped counts, and logs at most once per refusalLogEvery, a
+// datagram a listener dropped because its socket had no room for it
+// (pion-dtls patch (52)): no write on a listener's socket, which all its
+// sessions and its HelloVerifyRequests share, waits for room. A write that
+// waited held every other writer of the listener behind it: the durable
+// queue's writer answering deferred telemetry (and with it every QoS 1
+// commit of every transport), the hub's delivery of commands, and the
+// listener's read loop; anyone on the LAN can keep the buffer full
+// (ClientHellos from made-up addresses, whose answers wait in the kernel
+// for neighbour resolution). What is dropped is sent again: DTLS
+// retransmits its flights, a device retransmits a confirmable request and
+// gets the answer from the response cache; a command notification (NON)
+// is lost, and the device has the command at its next GET or Observe
+// registration. It runs on the writer's goroutine and must not block.
+func (s *Server) writeDropped(to netip.AddrPort, size int) {
+	s.dropped.Inc()
+	if n, ok := s.lines.allow("write_dropped", time.Now()); ok {
+		s.log.Warn("coap: datagram not sent: the DTLS listener's socket has no room (send buffer full); dropped, the peer retransmits (bastion_transport_datagrams_dropped_total)",
+			"device", "", "remote", to.String(), "size", size, "not_logged_since_last_line", n)
+	}
 }
 
 // Addrs returns the bound addresses (certificate, PSK).
@@ -320,7 +375,7 @@ func (s *Server) onNewConn(cc *otacache.DTLSConn) {
 		dev, gen, err = s.check(st)
 	}
 	var se *session
-	var oldest *otacache.DTLSConn
+	var oldest []*otacache.DTLSConn
 	for err == nil && dev != "" {
 		info := s.classify(dev, st)
 		s.mu.Lock()
@@ -328,26 +383,39 @@ func (s *Server) onNewConn(cc *otacache.DTLSConn) {
 			se = &session{device: dev, mode: mode, cc: cc, enroll: info}
 			cc.SetValue(se)
 			s.nSession++
-			s.byDevice[dev] = append(s.byDevice[dev], cc)
-			if l := s.byDevice[dev]; len(l) > maxSessionsPerDevice {
-				oldest = l[0] // its OnClose takes it out of byDevice
+			l := append(s.byDevice[dev], cc)
+			if over := len(l) - maxSessionsPerDevice; over > 0 {
+				// Every session past the bound, taken out of byDevice here,
+				// under mu: their OnClose, which would also take them out,
+				// runs later (pion's close, then its reader). Left in, they
+				// were still counted and still the oldest, so handshakes of
+				// the device finishing meanwhile all closed the same one
+				// and the list grew past the bound.
+				oldest = slices.Clone(l[:over])
+				l = slices.Delete(l, 0, over)
 			}
+			s.byDevice[dev] = l
 			s.mu.Unlock()
 			break
 		}
 		s.mu.Unlock()
 		dev, gen, err = s.check(st)
 	}
-	if oldest != nil {
+	for _, old := range oldest {
 		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonSessionTakenOver).Inc()
 		s.log.Info("coap: oldest session of the device closed: it opened more than "+strconv.Itoa(maxSessionsPerDevice),
-			"device", dev, "old_remote", oldest.RemoteAddr().String(), "remote", cc.RemoteAddr().String())
-		oldest.Close()
+			"device", dev, "old_remote", old.RemoteAddr().String(), "remote", cc.RemoteAddr().String())
+		old.Close()
 	}
 	if se == nil {
-		// Revoked between the handshake and now.
-		s.log.Warn("coap: session refused after handshake", "device", dev, "err", err)
-		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonRevoked).Inc()
+		// The credentials the handshake accepted are refused now: revoked
+		// since, or not checked again (clock, store, pairing window).
+		if err == nil {
+			err = errors.New("the credentials name no device")
+		}
+		reason := credentialRefusal(err, mode == "cert")
+		s.log.Warn("coap: session refused after handshake", "device", dev, "mode", mode, "reason", reason, "err", loggedErr(err))
+		s.m.Refused.WithLabelValues(hub.CoAP, reason).Inc()
 		cc.Close()
 		return
 	}
@@ -359,6 +427,8 @@ func (s *Server) onNewConn(cc *otacache.DTLSConn) {
 	cc.AddOnClose(func() {
 		s.mu.Lock()
 		s.nSession--
+		// cc may be gone from byDevice already (closed past the bound
+		// above): then nothing changes here.
 		if l := slices.DeleteFunc(s.byDevice[dev], func(c *otacache.DTLSConn) bool { return c == cc }); len(l) == 0 {
 			delete(s.byDevice, dev)
 		} else {
@@ -368,6 +438,27 @@ func (s *Server) onNewConn(cc *otacache.DTLSConn) {
 		se.closeObservations()
 		s.m.Sessions.WithLabelValues(hub.CoAP).Dec()
 	})
+}
+
+// credentialRefusal is the refusal reason for err, an Identity's error
+// for a device's certificate (cert) or PSK identity: revoked, the clock
+// not set, an enrollment the pairing service refused, a lookup that
+// failed, and otherwise what is wrong with the certificate, or an unknown
+// PSK identity.
+func credentialRefusal(err error, cert bool) string {
+	switch {
+	case errors.Is(err, pki.ErrRevoked):
+		return hub.ReasonRevoked
+	case errors.Is(err, pki.ErrClockNotSet):
+		return hub.ReasonClockNotSet
+	case errors.Is(err, bridges.ErrPairingRefused):
+		return hub.ReasonPairingRefused
+	case errors.Is(err, bridges.ErrLookup):
+		return hub.ReasonIdentityError
+	case cert:
+		return hub.CertRefusal(err)
+	}
+	return hub.ReasonUnknownPSK
 }
 
 // peerIdentity is who the peer of a DTLS session is: its PSK identity or

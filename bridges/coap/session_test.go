@@ -7,11 +7,13 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"path/filepath"
 	"sync"
 	"testing"
 	"time"
 
+	piondtls "github.com/pion/dtls/v3"
 	"github.com/plgd-dev/go-coap/v3/message/codes"
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -64,7 +66,8 @@ func (f *fakeIdentity) VerifyCert([][]byte) (string, error) {
 
 func (f *fakeIdentity) PSK(identity []byte) (string, []byte, error) {
 	if string(identity) != "id-psk" {
-		return "", nil, errors.New("unknown PSK identity")
+		// As the gateway's: it quotes the identity.
+		return "", nil, fmt.Errorf("unknown PSK identity %q", identity)
 	}
 	if _, err := f.lookup("psk", "dev-psk", &f.pskCalls); err != nil {
 		return "dev-psk", nil, err
@@ -128,7 +131,26 @@ func startSessionsWithSink(t *testing.T, id *fakeIdentity, sink bridges.Sink) (s
 // done at cleanup).
 func startStoppable(t *testing.T, id *fakeIdentity, sink bridges.Sink, acceptTimeout time.Duration) (s *coap.Server, pskDev, certDev *devicesim.Device, pskAddr, certAddr string, stop func()) {
 	t.Helper()
-	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	return startWith(t, id, sink, coap.Config{}, nil, acceptTimeout)
+}
+
+// startWith is startStoppable with cfg (its listen addresses are set when
+// empty) and log (nil: discarded).
+func startWith(t *testing.T, id bridges.Identity, sink bridges.Sink, cfg coap.Config, log *slog.Logger, acceptTimeout time.Duration) (s *coap.Server, pskDev, certDev *devicesim.Device, pskAddr, certAddr string, stop func()) {
+	t.Helper()
+	if log == nil {
+		log = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	if cfg.Listen == "" {
+		cfg.Listen = "127.0.0.1:0"
+	}
+	if cfg.PSKListen == "" {
+		cfg.PSKListen = "127.0.0.1:0"
+	}
+	key := []byte("0123456789abcdef")
+	if f, ok := id.(*fakeIdentity); ok {
+		key = f.key
+	}
 	dir := t.TempDir()
 	ca, err := pki.Open(filepath.Join(dir, "pki"), "test", pki.SystemClock{}, log)
 	if err != nil {
@@ -142,7 +164,7 @@ func startStoppable(t *testing.T, id *fakeIdentity, sink bridges.Sink, acceptTim
 	if err != nil {
 		t.Fatal(err)
 	}
-	s, err = coap.New(coap.Config{Listen: "127.0.0.1:0", PSKListen: "127.0.0.1:0"}, sc, id, h, log)
+	s, err = coap.New(cfg, sc, id, h, log)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -163,7 +185,7 @@ func startStoppable(t *testing.T, id *fakeIdentity, sink bridges.Sink, acceptTim
 	t.Cleanup(stop)
 
 	c, p := s.Addrs()
-	pskDev = &devicesim.Device{Creds: devicesim.Creds{ID: "dev-psk", Auth: "psk", PSKIdentity: "id-psk", PSK: hex.EncodeToString(id.key)}}
+	pskDev = &devicesim.Device{Creds: devicesim.Creds{ID: "dev-psk", Auth: "psk", PSKIdentity: "id-psk", PSK: hex.EncodeToString(key)}}
 	leaf := testpki.New(t, dir, "maker").Client(t, "dev-cert")
 	certDev = &devicesim.Device{Creds: devicesim.Creds{ID: "dev-cert", Auth: "cert", CertPEM: string(leaf.CertPEM), KeyPEM: string(leaf.KeyPEM)}}
 	certDev.Roots = ca.RootPool()
@@ -250,5 +272,90 @@ func TestCertRevokedWhileSessionRegisters(t *testing.T) {
 	}
 	if n := s.Sessions("dev-cert"); n != 0 {
 		t.Errorf("sessions of the revoked device: %d, want 0", n)
+	}
+}
+
+// A device holds at most maxSessionsPerDevice (8) sessions also when many
+// of its handshakes finish at once: each session past the bound closes all
+// of the oldest beyond it, and they stop counting at once. Before, a new
+// session closed only the oldest, which stayed counted until its close
+// had gone through pion; handshakes finishing meanwhile closed that same
+// one, and the device kept the rest. 48 handshakes of one PSK device, 16
+// each from three loopback addresses (per-source limit raised so that
+// none is refused), all at once.
+func TestSessionsPerDeviceBoundedUnderParallelHandshakes(t *testing.T) {
+	id := &fakeIdentity{key: []byte("0123456789abcdef"), revoked: map[string]bool{}}
+	s, pskDev, _, pskAddr, _, _ := startWith(t, id, nopSink{}, coap.Config{MaxHandshakesPerSource: 64}, nil, 0)
+	cfg, err := pskDev.DTLSConfig(pskAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	raddr, err := net.ResolveUDPAddr("udp", pskAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	const sources, perSource = 3, 16
+	start := make(chan struct{})
+	errs := make(chan error, sources*perSource)
+	var mu sync.Mutex
+	var conns []*piondtls.Conn
+	t.Cleanup(func() {
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range conns {
+			c.Close()
+		}
+	})
+	for src := 1; src <= sources; src++ {
+		for range perSource {
+			go func() {
+				pc, err := net.ListenPacket("udp4", fmt.Sprintf("127.0.0.%d:0", src))
+				if err != nil {
+					errs <- err
+					return
+				}
+				c, err := piondtls.Client(pc, raddr, cfg)
+				if err != nil {
+					pc.Close()
+					errs <- err
+					return
+				}
+				mu.Lock()
+				conns = append(conns, c)
+				mu.Unlock()
+				<-start
+				errs <- c.HandshakeContext(ctx)
+			}()
+		}
+	}
+	close(start)
+	for range sources * perSource {
+		// A handshake may fail when the server closes its session right
+		// after its last flight (a later session pushed it out); what
+		// matters is what the server holds.
+		<-errs
+	}
+	// Settle: every session closed so far has run its OnClose (the
+	// server's session count matches the device's list), and stays so.
+	deadline := time.Now().Add(10 * time.Second)
+	stable := 0
+	for stable < 20 {
+		if time.Now().After(deadline) {
+			t.Fatalf("sessions never settled: %d open in all, %d listed for the device", s.SessionCount(), s.Sessions("dev-psk"))
+		}
+		if s.SessionCount() == s.Sessions("dev-psk") {
+			stable++
+		} else {
+			stable = 0
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if n := s.Sessions("dev-psk"); n > 8 {
+		t.Fatalf("the device holds %d sessions after %d parallel handshakes, want at most 8", n, sources*perSource)
+	}
+	if n := s.SessionCount(); n > 8 {
+		t.Fatalf("%d sessions open after %d parallel handshakes of one device, want at most 8", n, sources*perSource)
 	}
 }

@@ -54,6 +54,24 @@ const (
 	// fsync failed, or the queue is stopped after one): a fault of the
 	// gateway's disk, not of the device or the link.
 	ReasonDiskError = "disk_error"
+	// ReasonClockNotSet: credentials not checked because the gateway's
+	// clock is not set (pki.ErrClockNotSet): fix its time (NTP).
+	ReasonClockNotSet = "clock_not_set"
+	// ReasonPairingRefused: an enrollment session the pairing service did
+	// not admit (bridges.ErrPairingRefused: no pairing window, no
+	// completed setup-code exchange); its pairing events say which.
+	ReasonPairingRefused = "pairing_refused"
+	// ReasonIdentityError: credentials that could not be checked
+	// (bridges.ErrLookup: the store failed), not the device's fault.
+	ReasonIdentityError = "identity_error"
+	// ReasonNoSession: a CoAP request on a DTLS session the gateway
+	// refused after its handshake (answered 4.01 while the session
+	// closes); the session's refusal is counted under its own reason.
+	ReasonNoSession = "no_session"
+	// ReasonObserveBacklog: a command not notified to a CoAP observer
+	// because more than maxHeld came for one registration while its
+	// answer was being written (the oldest held is dropped).
+	ReasonObserveBacklog = "observe_backlog"
 )
 
 // Metrics are the transports' counters, registered once on the gateway's
@@ -64,6 +82,10 @@ type Metrics struct {
 	Sessions   *prometheus.GaugeVec   // transport
 	Handshakes *prometheus.CounterVec // transport, result
 	Observers  prometheus.Gauge
+	// Dropped counts datagrams a transport did not send because its
+	// socket had no room for them (transport; CoAP, whose listener never
+	// waits for room: bridges/README.md).
+	Dropped *prometheus.CounterVec
 
 	telemetry sync.Map // transport → Messages{transport, "telemetry"}
 }
@@ -102,11 +124,15 @@ func newMetrics(reg prometheus.Registerer) (*Metrics, error) {
 			Name: "bastion_coap_observers",
 			Help: "CoAP Observe registrations for commands.",
 		}),
+		Dropped: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "bastion_transport_datagrams_dropped_total",
+			Help: "Datagrams not sent because the socket's send buffer was full (dropped instead of waiting; DTLS and confirmable CoAP retransmit).",
+		}, []string{"transport"}),
 	}
 	if reg == nil {
 		return m, nil
 	}
-	for _, c := range []prometheus.Collector{m.Refused, m.Messages, m.Sessions, m.Handshakes, m.Observers} {
+	for _, c := range []prometheus.Collector{m.Refused, m.Messages, m.Sessions, m.Handshakes, m.Observers, m.Dropped} {
 		if err := reg.Register(c); err != nil {
 			var are prometheus.AlreadyRegisteredError
 			if errors.As(err, &are) {

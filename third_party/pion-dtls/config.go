@@ -12,6 +12,7 @@ import (
 	"crypto/x509"
 	"io"
 	"net"
+	"net/netip"
 	"time"
 
 	"github.com/pion/dtls/v3/pkg/crypto/elliptic"
@@ -206,6 +207,16 @@ type Config struct { //nolint:dupl
 	// not parse is dropped. Bastion patch (51); not with
 	// InsecureSkipVerifyHello, and not with NewListener.
 	StatelessHelloVerify bool
+
+	// OnWriteDropped, when set on a server made by Listen, is told of each
+	// datagram the listener dropped because its socket had no room for it.
+	// On Linux the listener's socket, shared by all its connections, never
+	// makes a write wait for room: the datagram is dropped and the write
+	// reports it sent, as a datagram lost on the way would be (handshake
+	// flights are retransmitted; so must be whatever the application
+	// sends). f runs on the writer's goroutine and must not block.
+	// Bastion patch (52).
+	OnWriteDropped func(to netip.AddrPort, size int)
 
 	// ConnectionIDGenerator generates connection identifiers that should be
 	// sent by the remote party if it supports the DTLS Connection Identifier

@@ -34,6 +34,7 @@ func Listen(network string, laddr *net.UDPAddr, config *Config) (net.Listener, e
 			return h.ContentType == protocol.ContentTypeHandshake
 		},
 		ListenConfig: config.listenConfig,
+		WriteDropped: config.OnWriteDropped, // Bastion patch (52)
 	}
 	var verifier *helloVerifier
 	if config.StatelessHelloVerify {

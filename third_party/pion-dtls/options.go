@@ -8,6 +8,7 @@ import (
 	"crypto/x509"
 	"io"
 	"net"
+	"net/netip"
 	"time"
 
 	"github.com/pion/dtls/v3/pkg/crypto/elliptic"
@@ -74,6 +75,7 @@ type dtlsConfig struct { //nolint:dupl
 	getClientCertificate          func(*CertificateRequestInfo) (*tls.Certificate, error)
 	insecureSkipVerifyHello       bool
 	statelessHelloVerify          bool
+	onWriteDropped                func(netip.AddrPort, int)
 	connectionIDGenerator         func() []byte
 	paddingLengthGenerator        func(uint) uint
 	helloRandomBytesGenerator     func() [handshake.RandomBytesLength]byte
@@ -121,6 +123,7 @@ func (c *dtlsConfig) toConfig() *Config {
 		GetClientCertificate:          c.getClientCertificate,
 		InsecureSkipVerifyHello:       c.insecureSkipVerifyHello,
 		StatelessHelloVerify:          c.statelessHelloVerify,
+		OnWriteDropped:                c.onWriteDropped,
 		ConnectionIDGenerator:         c.connectionIDGenerator,
 		PaddingLengthGenerator:        c.paddingLengthGenerator,
 		HelloRandomBytesGenerator:     c.helloRandomBytesGenerator,
@@ -655,6 +658,16 @@ func WithInsecureSkipVerifyHello(skip bool) ServerOption {
 func WithStatelessHelloVerify(on bool) ServerOption {
 	return serverOnlyOption(func(c *dtlsConfig) error {
 		c.statelessHelloVerify = on
+
+		return nil
+	})
+}
+
+// WithOnWriteDropped sets Config.OnWriteDropped (Bastion patch (52)).
+// This option is only applicable to servers.
+func WithOnWriteDropped(f func(to netip.AddrPort, size int)) ServerOption {
+	return serverOnlyOption(func(c *dtlsConfig) error {
+		c.onWriteDropped = f
 
 		return nil
 	})

@@ -171,6 +171,14 @@ type ListenConfig struct {
 	// and lets through only a ClientHello that echoes a valid cookie.
 	HelloVerify func(b []byte, from netip.AddrPort, reply []byte) (n int, accept bool, tag uint64)
 
+	// WriteDropped, when set, is told of every datagram a write on the
+	// listener's socket dropped because the socket had no room for it
+	// (Bastion patch (52), third_party/README.md): on Linux no write on
+	// the shared socket waits for room, and the dropped datagram is
+	// reported to its writer as sent. It runs on the writer's goroutine,
+	// which may be the read loop, and must not block.
+	WriteDropped func(to netip.AddrPort, size int)
+
 	// DatagramRouter routes an incoming datagram to a connection by extracting
 	// an identifier from the its paylod
 	DatagramRouter func([]byte) (string, bool)
@@ -207,7 +215,7 @@ func (lc *ListenConfig) Listen(network string, laddr *net.UDPAddr) (dtlsnet.Pack
 
 	packetListener := &listener{
 		pConn:          conn,
-		io:             newUDPIO(conn),
+		io:             newUDPIO(conn, lc.WriteDropped),
 		acceptCh:       make(chan *PacketConn, lc.Backlog),
 		conns:          make(map[string]*PacketConn),
 		byAddr:         make(map[netip.AddrPort]*PacketConn),

@@ -13,6 +13,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 	"unsafe"
 )
 
@@ -22,8 +23,9 @@ import (
 // with syscall.RawSyscall instead of the runtime's syscall entry.
 //
 // Why: the socket is non-blocking (the runtime's poller waits for it, as
-// net.UDPConn does: RawConn.Read and Write park the goroutine on EAGAIN),
-// so these calls return at once and the runtime's entry only costs: it
+// net.UDPConn does: RawConn.Read parks the goroutine on EAGAIN; a write
+// never waits, patch (52), see send), so these calls return at once and
+// the runtime's entry only costs: it
 // marks the P as in a syscall and, when the other Ps were idle, wakes the
 // runtime's sysmon thread. One recvmmsg instead of one recvfrom per
 // datagram saves a system call per datagram that was already queued, and
@@ -54,17 +56,21 @@ type rawUDP struct {
 
 	// Write state: the callbacks RawConn runs are made once, with their
 	// arguments here, so a write allocates nothing; wmu serialises writers
-	// as net.UDPConn's write lock does.
-	wmu    sync.Mutex
-	wbuf   []byte
-	wsa    syscall.RawSockaddrInet6
-	wsalen uintptr
-	wn     int
-	werrno syscall.Errno
-	// wonce makes write give up at EAGAIN instead of waiting (set by
-	// every send, under wmu; tryWriteTo).
-	wonce   bool
+	// as net.UDPConn's write lock does, but only around one sendto: no
+	// write waits for room in the socket (Bastion patch (52), send).
+	wmu     sync.Mutex
+	wbuf    []byte
+	wsa     syscall.RawSockaddrInet6
+	wsalen  uintptr
+	wn      int
+	werrno  syscall.Errno
 	writeFn func(fd uintptr) bool
+	// wzones are the interface indexes of the zones written to (under
+	// wmu; zoneIndex).
+	wzones map[string]zoneEntry
+	// dropped is told of each datagram dropped for want of room
+	// (ListenConfig.WriteDropped); nil: none is told.
+	dropped func(to netip.AddrPort, size int)
 }
 
 // mmsghdr is struct mmsghdr: Go pads it to Msghdr's alignment as C does.
@@ -75,7 +81,7 @@ type mmsghdr struct {
 
 const msgWaitForOne = 0x10000 // MSG_WAITFORONE
 
-func newUDPIO(conn *net.UDPConn) udpIO {
+func newUDPIO(conn *net.UDPConn, dropped func(to netip.AddrPort, size int)) udpIO {
 	rc, err := conn.SyscallConn()
 	if err != nil {
 		return &portableUDP{conn: conn}
@@ -95,7 +101,7 @@ func newUDPIO(conn *net.UDPConn) udpIO {
 	}); cerr != nil || family == 0 {
 		return &portableUDP{conn: conn}
 	}
-	r := &rawUDP{conn: conn, rc: rc, family: family}
+	r := &rawUDP{conn: conn, rc: rc, family: family, dropped: dropped}
 	for i := range r.msgs {
 		r.iovs[i].Base = &r.bufs[i][0]
 		r.iovs[i].SetLen(receiveMTU)
@@ -252,6 +258,10 @@ func (r *rawUDP) zone(i uint32) string {
 	return ifi.Name
 }
 
+// write is RawConn.Write's callback. It always returns true: at EAGAIN
+// (no room in the socket's send buffer) too, so that RawConn.Write never
+// parks the writer until the socket is writable (Bastion patch (52),
+// send).
 func (r *rawUDP) write(fd uintptr) bool {
 	for {
 		n, _, e := syscall.RawSyscall6(syscall.SYS_SENDTO, fd,
@@ -262,25 +272,44 @@ func (r *rawUDP) write(fd uintptr) bool {
 		}
 		r.wn, r.werrno = int(n), e
 
-		return e != syscall.EAGAIN || r.wonce
+		return true
 	}
 }
 
 // tryWriteTo sends b to ap if the socket takes it now and drops it
-// otherwise (Bastion patch (51)).
+// otherwise (Bastion patch (51)); with patch (52) every write does.
 func (r *rawUDP) tryWriteTo(b []byte, ap netip.AddrPort) {
-	_, _ = r.send(b, nil, ap, true)
+	_, _ = r.send(b, nil, ap)
 }
 
 // writeTo sends b to ap (addr is ap as a net.Addr, for errors and for the
 // portable path).
 func (r *rawUDP) writeTo(b []byte, addr net.Addr, ap netip.AddrPort) (int, error) {
-	return r.send(b, addr, ap, false)
+	return r.send(b, addr, ap)
 }
 
-// send is writeTo; once: give up if the socket has no room now (addr may
-// then be nil: made from ap where net needs it).
-func (r *rawUDP) send(b []byte, addr net.Addr, ap netip.AddrPort, once bool) (int, error) {
+// send sends b to ap if the socket has room for it now, and otherwise
+// drops it, tells dropped and reports it sent (addr may be nil: made from
+// ap where net needs it).
+//
+// Why it never waits (Bastion patch (52)): the socket is the listener's,
+// shared by every session and by the read loop's HelloVerifyRequests.
+// While its send buffer is full, a send that waited for room held wmu,
+// and every other writer waited behind it: a deferred CoAP answer written
+// by the durable queue's writer (which then held up every commit), a
+// command notification written under the hub's delivery lock, and the
+// read loop at its next HelloVerifyRequest. Anyone on the LAN can fill
+// the buffer: datagrams to an address whose link-layer address is being
+// resolved wait in the kernel's neighbour queue charged to the socket,
+// and ClientHellos from made-up addresses on the LAN make the listener
+// answer exactly such addresses. A dropped datagram is what UDP allows
+// anyway, and everything written here survives one: a DTLS handshake
+// retransmits its flights, a confirmable CoAP request is retransmitted
+// and answered again from the response cache, and a non-confirmable one
+// is not acknowledged. The drop looks like a sent datagram to the caller
+// (as one lost on the wire would): an error would end a handshake or make
+// the caller close its connection.
+func (r *rawUDP) send(b []byte, addr net.Addr, ap netip.AddrPort) (int, error) {
 	netAddr := func() net.Addr {
 		if addr == nil {
 			return net.UDPAddrFromAddrPort(ap)
@@ -288,19 +317,19 @@ func (r *rawUDP) send(b []byte, addr net.Addr, ap netip.AddrPort, once bool) (in
 
 		return addr
 	}
-	if !ap.IsValid() || ap.Addr().Zone() != "" {
-		// An address that is not a UDP one, or one with a zone, which
-		// needs an index: net knows how to write to it.
+	if !ap.IsValid() {
+		// An address that is not a UDP one: net's error for it (net
+		// writes only to a *net.UDPAddr, which gives a valid ap).
 		return r.conn.WriteTo(b, netAddr())
 	}
 	r.wmu.Lock()
-	defer r.wmu.Unlock()
-	r.wonce = once // every send sets it under wmu
 	r.wsa = syscall.RawSockaddrInet6{}
 	ip := ap.Addr()
 	switch {
 	case r.family == syscall.AF_INET:
 		if !ip.Unmap().Is4() {
+			r.wmu.Unlock()
+
 			return r.conn.WriteTo(b, netAddr()) // net's error for it
 		}
 		sa4 := (*syscall.RawSockaddrInet4)(unsafe.Pointer(&r.wsa))
@@ -312,6 +341,11 @@ func (r *rawUDP) send(b []byte, addr net.Addr, ap netip.AddrPort, once bool) (in
 	default:
 		r.wsa.Family = syscall.AF_INET6
 		r.wsa.Addr = ip.As16()
+		if z := ip.Zone(); z != "" {
+			// A link-local peer: net's path, which names the zone's
+			// interface, would wait for room.
+			r.wsa.Scope_id = r.zoneIndex(z)
+		}
 		p := (*[2]byte)(unsafe.Pointer(&r.wsa.Port))
 		p[0], p[1] = byte(ap.Port()>>8), byte(ap.Port())
 		r.wsalen = syscall.SizeofSockaddrInet6
@@ -319,15 +353,60 @@ func (r *rawUDP) send(b []byte, addr net.Addr, ap netip.AddrPort, once bool) (in
 	r.wbuf, r.wn, r.werrno = b, 0, 0
 	err := r.rc.Write(r.writeFn)
 	r.wbuf = nil
+	n, errno := r.wn, r.werrno
+	r.wmu.Unlock()
 	switch {
 	case err != nil:
 		return 0, r.opError("write", netAddr(), unwrapOpError(err))
-	case r.werrno != 0:
-		return 0, r.opError("write", netAddr(), os.NewSyscallError("sendto", r.werrno))
+	case errno == syscall.EAGAIN:
+		if r.dropped != nil {
+			r.dropped(ap, len(b))
+		}
+
+		return len(b), nil
+	case errno != 0:
+		return 0, r.opError("write", netAddr(), os.NewSyscallError("sendto", errno))
 	}
 
-	return r.wn, nil
+	return n, nil
 }
+
+// zoneIndex is the index of the interface zone names, as net finds it for
+// a write: a name, or a number; 0 (the kernel's error for a link-local
+// address) if no interface has it. An answer is kept for a minute, as net
+// keeps its zone names: a link-local peer writes again, and an interface
+// that is made again gets a new index. wmu is held.
+func (r *rawUDP) zoneIndex(zone string) uint32 {
+	now := time.Now()
+	if z, ok := r.wzones[zone]; ok && now.Sub(z.at) < time.Minute {
+		return z.index
+	}
+	var i uint32
+	if ifi, err := net.InterfaceByName(zone); err == nil {
+		i = uint32(ifi.Index) //nolint:gosec // G115, an interface index
+	} else if n, err := strconv.ParseUint(zone, 10, 32); err == nil {
+		i = uint32(n)
+	}
+	if r.wzones == nil {
+		r.wzones = map[string]zoneEntry{}
+	}
+	if len(r.wzones) >= maxZones {
+		clear(r.wzones)
+	}
+	r.wzones[zone] = zoneEntry{index: i, at: now}
+
+	return i
+}
+
+// zoneEntry is an interface index zoneIndex found, and when.
+type zoneEntry struct {
+	index uint32
+	at    time.Time
+}
+
+// maxZones bounds wzones (zones come from the addresses datagrams were
+// read from, i.e. from the host's interfaces).
+const maxZones = 64
 
 func (r *rawUDP) opError(op string, addr net.Addr, err error) error {
 	return &net.OpError{Op: op, Net: "udp", Source: r.conn.LocalAddr(), Addr: addr, Err: err}

@@ -37,7 +37,7 @@ func TestBastionRawUDPAddrPort(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer ref.Close()
-			io := newUDPIO(srv.(*net.UDPConn)) //nolint:forcetypeassert
+			io := newUDPIO(srv.(*net.UDPConn), nil) //nolint:forcetypeassert
 			raw, ok := io.(*rawUDP)
 			if !ok {
 				t.Fatalf("newUDPIO = %T, want *rawUDP on Linux", io)
@@ -121,7 +121,7 @@ func TestBastionRawUDPErrors(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	raw, ok := newUDPIO(srv.(*net.UDPConn)).(*rawUDP) //nolint:forcetypeassert
+	raw, ok := newUDPIO(srv.(*net.UDPConn), nil).(*rawUDP) //nolint:forcetypeassert
 	if !ok {
 		t.Fatal("no rawUDP")
 	}
@@ -161,7 +161,7 @@ func TestBastionRawUDPServe(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	raw, ok := newUDPIO(srv.(*net.UDPConn)).(*rawUDP) //nolint:forcetypeassert
+	raw, ok := newUDPIO(srv.(*net.UDPConn), nil).(*rawUDP) //nolint:forcetypeassert
 	if !ok {
 		t.Fatal("newUDPIO is not *rawUDP on Linux")
 	}
@@ -225,5 +225,49 @@ func TestBastionRawUDPServe(t *testing.T) {
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("serve did not end when the socket was closed")
+	}
+}
+
+// TestBastionRawUDPZone (Bastion patch (52)): a write to an address with a
+// zone goes out with sendto(2) too (net's write would wait for room), to
+// the zone's interface, named or numbered; a zone no interface has is
+// index 0, as net makes it.
+func TestBastionRawUDPZone(t *testing.T) {
+	lo, err := net.InterfaceByName("lo")
+	if err != nil {
+		t.Skipf("no loopback interface named lo: %v", err)
+	}
+	srv, err := net.ListenPacket("udp6", "[::1]:0")
+	if err != nil {
+		t.Skipf("no IPv6 loopback here: %v", err)
+	}
+	defer srv.Close()
+	raw, ok := newUDPIO(srv.(*net.UDPConn), nil).(*rawUDP) //nolint:forcetypeassert
+	if !ok {
+		t.Fatal("newUDPIO is not *rawUDP on Linux")
+	}
+	peer, err := net.ListenPacket("udp6", "[::1]:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer peer.Close()
+	port := peer.LocalAddr().(*net.UDPAddr).Port //nolint:forcetypeassert
+	buf := make([]byte, 100)
+	for _, zone := range []string{"lo", fmt.Sprint(lo.Index)} {
+		ap := netip.AddrPortFrom(netip.MustParseAddr("::1").WithZone(zone), uint16(port)) //nolint:gosec // a port
+		if n, err := raw.writeTo([]byte("zone "+zone), net.UDPAddrFromAddrPort(ap), ap); err != nil || n != len("zone "+zone) {
+			t.Fatalf("write to %v: %d, %v", ap, n, err)
+		}
+		_ = peer.SetReadDeadline(time.Now().Add(5 * time.Second))
+		k, _, err := peer.ReadFrom(buf)
+		if err != nil || string(buf[:k]) != "zone "+zone {
+			t.Fatalf("after a write to %v the peer read %q, %v", ap, buf[:k], err)
+		}
+		if got := raw.zoneIndex(zone); got != uint32(lo.Index) { //nolint:gosec // an index
+			t.Errorf("zoneIndex(%q) = %d, want %d", zone, got, lo.Index)
+		}
+	}
+	if got := raw.zoneIndex("no-such-interface"); got != 0 {
+		t.Errorf("zoneIndex of an unknown zone = %d, want 0", got)
 	}
 }

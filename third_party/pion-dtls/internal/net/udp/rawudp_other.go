@@ -5,6 +5,11 @@
 
 package udp
 
-import "net"
+import (
+	"net"
+	"net/netip"
+)
 
-func newUDPIO(conn *net.UDPConn) udpIO { return &portableUDP{conn: conn} }
+func newUDPIO(conn *net.UDPConn, _ func(netip.AddrPort, int)) udpIO {
+	return &portableUDP{conn: conn}
+}

@@ -26,7 +26,10 @@ type udpIO interface {
 	// many; it waits for the first.
 	readBatch(dst *[readBatch]datagram) (int, error)
 	// writeTo sends b to addr, which is ap (invalid when addr is not a UDP
-	// address).
+	// address). On Linux it never waits for room in the socket: a
+	// datagram the socket cannot take now is dropped, reported to
+	// ListenConfig.WriteDropped and returned as sent (Bastion patch (52),
+	// rawUDP.send).
 	writeTo(b []byte, addr net.Addr, ap netip.AddrPort) (int, error)
 	// tryWriteTo sends b to ap if the socket takes it at once, and drops
 	// it otherwise (Bastion patch (51): the read loop's answers to
@@ -50,12 +53,12 @@ func (p *portableUDP) readBatch(dst *[readBatch]datagram) (int, error) {
 	return 1, nil
 }
 
+// writeTo and tryWriteTo wait for room in the socket when it has none:
+// net has no send that never waits (patch (52) is Linux's rawUDP only).
 func (p *portableUDP) writeTo(b []byte, addr net.Addr, _ netip.AddrPort) (int, error) {
 	return p.conn.WriteTo(b, addr)
 }
 
 func (p *portableUDP) tryWriteTo(b []byte, ap netip.AddrPort) {
-	// net has no send that never waits; a UDP send waits only for
-	// socket buffer room, briefly.
 	_, _ = p.conn.WriteToUDPAddrPort(b, ap)
 }

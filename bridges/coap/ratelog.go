@@ -1,0 +1,96 @@
+package coap
+
+import (
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+)
+
+// logEvery spaces the log lines about events anyone on the network can
+// cause (a refused handshake, a plaintext datagram, a datagram the
+// listener's socket had no room for): at most one line per kind of event
+// per interval, saying how many of that kind were not logged since the
+// line before. The metrics count every event; the log says what is
+// happening without a flood writing one line per datagram to a router's
+// small disk. Kinds must come from a small fixed set (a reason, not an
+// address or an identity the peer chose), or the map would grow with
+// them.
+type logEvery struct {
+	every time.Duration
+	mu    sync.Mutex
+	last  map[string]time.Time // when the last line of a kind was let through
+	quiet map[string]int       // events of a kind not logged since then
+}
+
+// refusalLogEvery spaces the lines of refusals that come before a device
+// is authenticated (plaintextLogEvery for plaintext datagrams).
+const refusalLogEvery = 10 * time.Second
+
+func newLogEvery(every time.Duration) *logEvery {
+	return &logEvery{every: every, last: map[string]time.Time{}, quiet: map[string]int{}}
+}
+
+// allow counts one event of kind at now and reports whether to log it,
+// and if so how many events of the kind were not logged since its last
+// line.
+func (l *logEvery) allow(kind string, now time.Time) (notLogged int, ok bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if last, seen := l.last[kind]; seen && now.Sub(last) < l.every {
+		l.quiet[kind]++
+		return 0, false
+	}
+	notLogged = l.quiet[kind]
+	l.last[kind], l.quiet[kind] = now, 0
+	return notLogged, true
+}
+
+// refusalLine logs msg with args unless a line of the same kind went out
+// less than refusalLogEvery ago: for refusals anyone on the network can
+// cause before a device is authenticated (a handshake over a limit, an
+// unknown PSK identity, a certificate not accepted). The caller counts
+// each in the metric; the line says how many of its kind were not logged
+// since the one before.
+func (s *Server) refusalLine(kind, msg string, args ...any) {
+	n, ok := s.lines.allow(kind, time.Now())
+	if !ok {
+		return
+	}
+	s.log.Warn(msg, append(args, "not_logged_since_last_line", n)...)
+}
+
+// maxLoggedText bounds text a peer chose in a log line (a device id a
+// certificate claims, an error that quotes what the peer sent).
+const maxLoggedText = 256
+
+// loggedText is s cut after maxLoggedText bytes (at a rune boundary),
+// marked with its full length.
+func loggedText(s string) string {
+	if len(s) <= maxLoggedText {
+		return s
+	}
+	return strings.ToValidUTF8(s[:maxLoggedText], "") + "… (" + strconv.Itoa(len(s)) + " bytes)"
+}
+
+// loggedErr is err's text cut as loggedText; "" for nil.
+func loggedErr(err error) string {
+	if err == nil {
+		return ""
+	}
+	return loggedText(err.Error())
+}
+
+// maxLoggedIdentity bounds a peer-chosen identity in a log line.
+const maxLoggedIdentity = 64
+
+// loggedIdentity is an identity the peer chose (a PSK identity: up to
+// 65535 bytes of anything) cut after maxLoggedIdentity bytes, marked with
+// its full length. Its bytes are left as they are: slog's handlers quote
+// and escape a value with control bytes, spaces or invalid UTF-8.
+func loggedIdentity(b []byte) string {
+	if len(b) <= maxLoggedIdentity {
+		return string(b)
+	}
+	return string(b[:maxLoggedIdentity]) + "… (" + strconv.Itoa(len(b)) + " bytes)"
+}

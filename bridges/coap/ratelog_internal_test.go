@@ -1,0 +1,93 @@
+package coap
+
+import (
+	"bytes"
+	"context"
+	"log/slog"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/bastion-iot/bastion/bridges"
+	"github.com/bastion-iot/bastion/bridges/hub"
+)
+
+type discardSink struct{}
+
+func (discardSink) Accept(context.Context, bridges.Message) error { return nil }
+
+// A datagram a listener's socket had no room for (pion-dtls patch (52))
+// is counted every time and logged at most once per refusalLogEvery, with
+// how many were not logged: a peer that keeps the socket full cannot
+// flood the log.
+func TestWriteDroppedCountedAndLogged(t *testing.T) {
+	lines := &LogLines{}
+	h, err := hub.New(discardSink{}, prometheus.NewRegistry(), slog.New(lines))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &Server{m: h.Metrics(), log: slog.New(lines), lines: newLogEvery(refusalLogEvery)}
+	s.dropped = s.m.Dropped.WithLabelValues(hub.CoAP)
+	to := netip.MustParseAddrPort("192.0.2.7:5684")
+	for range 1000 {
+		s.writeDropped(to, 48)
+	}
+	if n := testutil.ToFloat64(s.m.Dropped.WithLabelValues(hub.CoAP)); n != 1000 {
+		t.Errorf("bastion_transport_datagrams_dropped_total{transport=coap} = %v, want 1000", n)
+	}
+	const line = "coap: datagram not sent"
+	if n := lines.Count(line); n != 1 {
+		t.Errorf("%d log lines for 1000 dropped datagrams within %v, want 1", n, refusalLogEvery)
+	}
+	// The next interval's first drop is logged, with the count of those
+	// that were not.
+	if _, ok := s.lines.allow("write_dropped", time.Now().Add(refusalLogEvery)); !ok {
+		t.Error("no line let through a whole interval later")
+	}
+}
+
+// logEvery lets one line per kind per interval through and reports how
+// many of the kind it held back.
+func TestLogEvery(t *testing.T) {
+	l := newLogEvery(10 * time.Second)
+	t0 := time.Unix(1000, 0)
+	if n, ok := l.allow("a", t0); !ok || n != 0 {
+		t.Fatalf("first event: %d, %v", n, ok)
+	}
+	for i := range 5 {
+		if _, ok := l.allow("a", t0.Add(time.Duration(i)*time.Second)); ok {
+			t.Fatalf("event %d within the interval let through", i)
+		}
+	}
+	if _, ok := l.allow("b", t0); !ok {
+		t.Fatal("another kind held back by the first")
+	}
+	if n, ok := l.allow("a", t0.Add(10*time.Second)); !ok || n != 5 {
+		t.Fatalf("after the interval: %d not logged, %v; want 5, true", n, ok)
+	}
+}
+
+func TestLoggedIdentity(t *testing.T) {
+	long := bytes.Repeat([]byte{'x'}, 1000)
+	long[0] = '\n'
+	for in, want := range map[string]string{
+		"id-psk":     "id-psk",
+		"a\nb\x00":   "a\nb\x00",
+		string(long): "\n" + string(long[1:maxLoggedIdentity]) + "… (1000 bytes)",
+	} {
+		if got := loggedIdentity([]byte(in)); got != want {
+			t.Errorf("loggedIdentity(%q) = %q, want %q", in, got, want)
+		}
+	}
+	// What a handler writes of one is quoted: no line break, no raw control
+	// byte reaches the log.
+	var out bytes.Buffer
+	slog.New(slog.NewTextHandler(&out, nil)).Warn("x", "psk_identity", loggedIdentity(long))
+	if strings.Count(out.String(), "\n") != 1 || len(out.String()) > 200 {
+		t.Errorf("a logged identity wrote %q", out.String())
+	}
+}

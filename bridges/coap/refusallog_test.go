@@ -1,0 +1,92 @@
+package coap_test
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"log/slog"
+	"net"
+	"sync"
+	"testing"
+	"time"
+
+	piondtls "github.com/pion/dtls/v3"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/bastion-iot/bastion/bridges/coap"
+	"github.com/bastion-iot/bastion/bridges/hub"
+	"github.com/bastion-iot/bastion/internal/devicesim"
+)
+
+// Refused handshakes, which anyone on the network can cause, cannot flood
+// the log: 1,000 PSK handshakes with random unknown 300-byte identities
+// are each counted (unknown_psk_identity), but logged in a line or two
+// (one per reason per 10 s, saying how many were not logged), each with
+// the identity quoted and cut. Before, every one wrote a line holding the
+// whole identity the peer chose (up to 64 KiB).
+func TestRefusedHandshakesDoNotFloodTheLog(t *testing.T) {
+	id := &fakeIdentity{key: []byte("0123456789abcdef"), revoked: map[string]bool{}}
+	lines := &coap.LogLines{}
+	s, _, _, pskAddr, _, _ := startWith(t, id, nopSink{}, coap.Config{MaxHandshakesPerSource: 64}, slog.New(lines), 0)
+	raddr, err := net.ResolveUDPAddr("udp", pskAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const n, parallel = 1000, 16
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	next := make(chan struct{}, n)
+	for range n {
+		next <- struct{}{}
+	}
+	close(next)
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	accepted := 0
+	for range parallel {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range next {
+				ident := make([]byte, 150)
+				rand.Read(ident)
+				d := &devicesim.Device{Creds: devicesim.Creds{ID: "nobody", Auth: "psk", PSKIdentity: hex.EncodeToString(ident), PSK: "00112233445566778899aabbccddeeff"}}
+				cfg, err := d.DTLSConfig(pskAddr)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				hctx, hcancel := context.WithTimeout(ctx, 10*time.Second)
+				c, err := piondtls.Dial("udp", raddr, cfg)
+				if err == nil {
+					if c.HandshakeContext(hctx) == nil {
+						mu.Lock()
+						accepted++
+						mu.Unlock()
+					}
+					c.Close()
+				}
+				hcancel()
+			}
+		}()
+	}
+	wg.Wait()
+	if accepted > 0 {
+		t.Fatalf("%d handshakes with unknown identities accepted", accepted)
+	}
+	refused := testutil.ToFloat64(coap.HubOf(s).Metrics().Refused.WithLabelValues(hub.CoAP, hub.ReasonUnknownPSK))
+	if refused != n {
+		t.Errorf("unknown_psk_identity refusals %v, want %d: every refusal is counted", refused, n)
+	}
+	const line = "coap: handshake refused: PSK identity not accepted"
+	got := lines.Count(line)
+	if got < 1 || got > 10 {
+		t.Errorf("%d log lines for %d refused handshakes, want 1 to 10 (one per 10 s)", got, n)
+	}
+	for _, a := range lines.Attrs(line) {
+		if len(a["psk_identity"]) > 100 || len(a["err"]) > 300 {
+			t.Errorf("log line with a %d-byte psk_identity and a %d-byte err, want them cut: %q", len(a["psk_identity"]), len(a["err"]), a["psk_identity"])
+			break
+		}
+	}
+}
