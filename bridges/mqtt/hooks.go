@@ -159,7 +159,8 @@ func (h *authHook) refuseConnect(cl *mochi.Client, code, v3 packets.Code, why st
 	cl.Stop(code)
 }
 
-// OnPacketRead ends the session of a device that sends a QoS 2 PUBLISH
+// OnPacketRead caps the session expiry interval of a DISCONNECT (see
+// capSessionExpiry), and ends the session of a device that sends a QoS 2 PUBLISH
 // (MQTT 5: DISCONNECT 0x9B QoS not supported; 3.1.1: the connection is
 // closed, the one refusal 3.1.1 allows besides the QoS 2 exchange). The
 // gateway takes QoS 0 and 1. mochi lowered QoS 2 to the Maximum QoS (1)
@@ -167,6 +168,10 @@ func (h *authHook) refuseConnect(cl *mochi.Client, code, v3 packets.Code, why st
 // not take as an answer: it kept the message and resent it after every
 // reconnect. Only this hook sees the QoS the device sent.
 func (h *authHook) OnPacketRead(cl *mochi.Client, pk packets.Packet) (packets.Packet, error) {
+	if pk.FixedHeader.Type == packets.Disconnect {
+		h.capSessionExpiry(cl, &pk)
+		return pk, nil
+	}
 	if pk.FixedHeader.Type != packets.Publish || pk.FixedHeader.Qos < 2 {
 		return pk, nil
 	}
@@ -175,6 +180,24 @@ func (h *authHook) OnPacketRead(cl *mochi.Client, pk packets.Packet) (packets.Pa
 		"device", cl.ID, "topic", clip(pk.TopicName), "reason", hub.ReasonQoS)
 	h.s.endSession(cl, packets.ErrQosNotSupported, time.Now().Add(endWait))
 	return pk, packets.ErrRejectPacket // ends mochi's read loop
+}
+
+// capSessionExpiry caps the session expiry interval a DISCONNECT sets
+// (MQTT 5) at SessionExpiry, as mochi's CONNACK caps the CONNECT's. mochi
+// kept the DISCONNECT's as sent: a device could keep its session, its
+// subscriptions and the messages queued for it for up to 136 years
+// (0xFFFFFFFF s). A session whose CONNECT had none (0) is left alone:
+// a non-zero one in its DISCONNECT is a protocol error (MQTT 5
+// §3.14.2.2.2), which mochi answers (DISCONNECT 0x82) only if it sees it,
+// also when SessionExpiry is below a second and the cap 0.
+func (h *authHook) capSessionExpiry(cl *mochi.Client, pk *packets.Packet) {
+	limit := h.s.mq.Options.Capabilities.MaximumSessionExpiryInterval
+	p := &pk.Properties
+	if !p.SessionExpiryIntervalFlag || p.SessionExpiryInterval <= limit || cl.Properties.Props.SessionExpiryInterval == 0 {
+		return
+	}
+	h.s.log.Debug("mqtt: session expiry of DISCONNECT capped", "device", cl.ID, "asked_s", p.SessionExpiryInterval, "limit_s", limit)
+	p.SessionExpiryInterval = limit
 }
 
 // OnSessionEstablished runs once mochi has sent the CONNACK: from then on
