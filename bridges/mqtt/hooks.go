@@ -47,9 +47,13 @@ func (h *authHook) OnConnectAuthenticate(cl *mochi.Client, pk packets.Packet) bo
 		log.Warn("mqtt: connect refused: "+msg, append([]any{"reason", reason}, args...)...)
 		return false
 	}
-	// Taken before the credentials are looked at: OnSessionEstablished
-	// checks them again if a device was revoked since (see revGen).
-	gen := h.s.revocations()
+	// Registered before the credentials are looked at: a revocation of
+	// the device from now on either closes the session or has the
+	// credentials checked again before it is accepted (accept below).
+	pc, _ := cl.Net.Conn.(*pipeConn)
+	if pc != nil {
+		h.s.register(pc, cl)
+	}
 	dev, hasCert, err := deviceOf(h.s.id, cl)
 	switch {
 	case err != nil:
@@ -100,16 +104,36 @@ func (h *authHook) OnConnectAuthenticate(cl *mochi.Client, pk packets.Packet) bo
 		// subscribers never do. The Will goes out when the connection ends.
 		cl.Properties.Will.WillDelayInterval = 0
 	}
-	if old, ok := h.s.mq.Clients.Get(dev); ok && !old.Closed() {
-		// The broker takes the session over right after this hook; ended
-		// here, its DisconnectClient finds it closed instead of waiting
-		// for a write to an old connection the device no longer reads.
+	older, revoked := h.s.accept(pc, cl)
+	for revoked {
+		// Refused here, before the CONNACK: accepted, the session would
+		// get a success CONNACK and the messages queued for the device
+		// before a check after it closed the session. Only a revocation of
+		// this device gets here (not any device's, which had every
+		// CONNECT under way checked again), and the gateway's identity
+		// refuses a revoked device before its secret's argon2id runs.
+		reason, err := h.s.recheck(cl, pk)
+		if errors.Is(err, bridges.ErrBusy) {
+			refuse(reason, "secret login not checked again after a revocation: too many at once; the device should retry", "device", dev, "err", err)
+			h.refuseConnect(cl, packets.ErrServerBusy, packets.Err3ServerUnavailable, "busy: retry in a few seconds")
+			return false
+		}
+		if err != nil {
+			return refuse(reason, "credentials no longer accepted: the device was revoked while it connected", "device", dev, "err", err)
+		}
+		older, revoked = h.s.accept(pc, cl)
+	}
+	for _, old := range older {
+		// Every other session of the device, not only the one mochi's
+		// takeover finds in Clients, which may be none of them (two
+		// CONNECTs at once). Ended here, mochi's DisconnectClient finds
+		// the one it takes over closed instead of waiting for a write to
+		// an old connection the device no longer reads.
 		h.s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonSessionTakenOver).Inc()
 		log.Info("mqtt: older session closed: the device connected again (one session per device)", "device", dev, "old_remote", old.Net.Remote)
 		h.s.endSession(old, packets.ErrSessionTakenOver, time.Now().Add(endWait))
 	}
-	if pc, ok := cl.Net.Conn.(*pipeConn); ok {
-		pc.authGen = gen
+	if pc != nil {
 		pc.identify(dev)
 		pc.authenticated()
 	}
@@ -135,7 +159,8 @@ func (h *authHook) refuseConnect(cl *mochi.Client, code, v3 packets.Code, why st
 	cl.Stop(code)
 }
 
-// OnPacketRead ends the session of a device that sends a QoS 2 PUBLISH
+// OnPacketRead caps the session expiry interval of a DISCONNECT (see
+// capSessionExpiry), and ends the session of a device that sends a QoS 2 PUBLISH
 // (MQTT 5: DISCONNECT 0x9B QoS not supported; 3.1.1: the connection is
 // closed, the one refusal 3.1.1 allows besides the QoS 2 exchange). The
 // gateway takes QoS 0 and 1. mochi lowered QoS 2 to the Maximum QoS (1)
@@ -143,6 +168,10 @@ func (h *authHook) refuseConnect(cl *mochi.Client, code, v3 packets.Code, why st
 // not take as an answer: it kept the message and resent it after every
 // reconnect. Only this hook sees the QoS the device sent.
 func (h *authHook) OnPacketRead(cl *mochi.Client, pk packets.Packet) (packets.Packet, error) {
+	if pk.FixedHeader.Type == packets.Disconnect {
+		h.capSessionExpiry(cl, &pk)
+		return pk, nil
+	}
 	if pk.FixedHeader.Type != packets.Publish || pk.FixedHeader.Qos < 2 {
 		return pk, nil
 	}
@@ -153,29 +182,36 @@ func (h *authHook) OnPacketRead(cl *mochi.Client, pk packets.Packet) (packets.Pa
 	return pk, packets.ErrRejectPacket // ends mochi's read loop
 }
 
-// OnSessionEstablished runs once mochi has added the client to Clients,
-// where a revocation (Server.disconnect) finds it. A revocation between
-// the credential check and that point found no session to close, so if
-// any device was revoked since the check (revGen moved), the credentials
-// are checked again here; a revocation after this check finds the client.
+// capSessionExpiry caps the session expiry interval a DISCONNECT sets
+// (MQTT 5) at SessionExpiry, as mochi's CONNACK caps the CONNECT's. mochi
+// kept the DISCONNECT's as sent: a device could keep its session, its
+// subscriptions and the messages queued for it for up to 136 years
+// (0xFFFFFFFF s). A session whose CONNECT had none (0) is left alone:
+// a non-zero one in its DISCONNECT is a protocol error (MQTT 5
+// §3.14.2.2.2), which mochi answers (DISCONNECT 0x82) only if it sees it,
+// also when SessionExpiry is below a second and the cap 0.
+func (h *authHook) capSessionExpiry(cl *mochi.Client, pk *packets.Packet) {
+	limit := h.s.mq.Options.Capabilities.MaximumSessionExpiryInterval
+	p := &pk.Properties
+	if !p.SessionExpiryIntervalFlag || p.SessionExpiryInterval <= limit || cl.Properties.Props.SessionExpiryInterval == 0 {
+		return
+	}
+	h.s.log.Debug("mqtt: session expiry of DISCONNECT capped", "device", cl.ID, "asked_s", p.SessionExpiryInterval, "limit_s", limit)
+	p.SessionExpiryInterval = limit
+}
+
+// OnSessionEstablished runs once mochi has sent the CONNACK: from then on
+// the session may be ended with a DISCONNECT. Revocation finds the
+// session through conns since its credential check (OnConnectAuthenticate).
 func (h *authHook) OnSessionEstablished(cl *mochi.Client, pk packets.Packet) {
+	if pc, ok := cl.Net.Conn.(*pipeConn); ok {
+		pc.connacked.Store(true)
+	}
 	h.s.mu.Lock()
 	h.s.authed[cl] = cl.ID
-	gen := h.s.revGen
 	h.s.mu.Unlock()
 	h.s.m.Sessions.WithLabelValues(hub.MQTT).Inc()
 	h.s.m.Handshakes.WithLabelValues(hub.MQTT, "ok").Inc()
-	if pc, ok := cl.Net.Conn.(*pipeConn); (ok && pc.authGen == gen) || cl.Closed() {
-		return // not stale, or closed already (by disconnect, which counted it)
-	}
-	reason, err := h.s.recheck(cl, pk)
-	if err == nil {
-		return
-	}
-	h.s.m.Refused.WithLabelValues(hub.MQTT, reason).Inc()
-	h.s.log.Warn("mqtt: closing session: credentials no longer accepted (revoked while connecting)", "device", cl.ID,
-		"reason", reason, "err", err)
-	h.s.closeSession(cl)
 }
 
 func (h *authHook) OnDisconnect(cl *mochi.Client, err error, expire bool) {

@@ -205,6 +205,7 @@ func (l *tlsListener) handle(c net.Conn, slot *unauthSlot, establish listeners.E
 	if err := establish(l.id, pc); err != nil {
 		l.s.log.Debug("mqtt: client session ended", "remote", c.RemoteAddr().String(), "err", err)
 	}
+	l.s.unregister(pc)
 	// mochi closed it already (Client.Stop); closing here too ends the
 	// pipeline before this goroutine releases l.wg, whatever mochi did,
 	// so that no flusher starts after it (pipeConn.reported).

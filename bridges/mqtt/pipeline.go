@@ -9,6 +9,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	mochi "github.com/mochi-mqtt/server/v2"
+
 	"github.com/bastion-iot/bastion/bridges/hub"
 )
 
@@ -81,9 +83,17 @@ type pipeConn struct {
 	deadline atomic.Int64
 	// wdl is the write deadline last set (Unix ns), see armWrite; under mu.
 	wdl int64
-	// authGen is Server.revGen from before the session's credentials were
-	// checked (set and read on the session's goroutine, during CONNECT).
-	authGen uint64
+	// cl is the connection's mochi client, set when its CONNECT's
+	// credential check starts (Server.register); accepted (its
+	// credentials were good: a session of the device, maybe not yet in
+	// mochi's Clients) and revokedInCheck (its device was revoked while
+	// they were being checked) are under Server.mu.
+	cl             *mochi.Client
+	accepted       bool
+	revokedInCheck bool
+	// connacked is set once the session's CONNACK was sent: a DISCONNECT
+	// may be sent from then on.
+	connacked atomic.Bool
 	// refused is set when the session is closed because its device is no
 	// longer accepted (revoked): its Will is not sent.
 	refused atomic.Bool

@@ -282,6 +282,8 @@ func (d *device) send(pk packets.Packet) {
 		err = pk.PingreqEncode(&buf)
 	case packets.Subscribe:
 		err = pk.SubscribeEncode(&buf)
+	case packets.Disconnect:
+		err = pk.DisconnectEncode(&buf)
 	default:
 		err = fmt.Errorf("type %d not used here", pk.FixedHeader.Type)
 	}

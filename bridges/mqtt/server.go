@@ -15,6 +15,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sync"
 	"time"
 
@@ -181,12 +182,14 @@ type Server struct {
 	mu     sync.Mutex
 	authed map[*mochi.Client]string // client → device, for the session gauge
 	subID  int
-	// revGen counts revocations (under mu). mochi adds a client to
-	// Clients, where disconnect looks for it, only after
-	// OnConnectAuthenticate returned; a session whose credentials were
-	// checked before a revocation that did not find it is checked again
-	// (OnSessionEstablished), as bridges/coap does.
-	revGen uint64
+	// conns holds each connection by its client id (which its
+	// credentials must prove: the device) from the start of its CONNECT's
+	// credential check until it ends (under mu). Revocation and a newer
+	// session of the device find every session here, also one mochi's
+	// Clients does not hold (not added yet, or no longer: a session
+	// expiry or takeover racing with it), and a connection still being
+	// checked is marked instead (pipeConn.revokedInCheck).
+	conns map[string][]*pipeConn
 
 	// lockout counts failed secret logins by source address.
 	lockout *throttle.Throttle
@@ -198,7 +201,7 @@ type Server struct {
 func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log *slog.Logger) (*Server, error) {
 	cfg.defaults()
 	s := &Server{cfg: cfg, id: id, hub: h, m: h.Metrics(), log: log.With("component", "mqtt"), authed: map[*mochi.Client]string{},
-		deadline: &hub.SharedDeadline{Timeout: acceptTimeout}}
+		conns: map[string][]*pipeConn{}, deadline: &hub.SharedDeadline{Timeout: acceptTimeout}}
 	l := cfg.SecretLockout
 	s.lockout = throttle.New(throttle.Policy{Base: l.Base, Max: l.Max, Forget: l.Forget}, 10000)
 	caps := mochi.NewDefaultServerCapabilities()
@@ -316,19 +319,86 @@ func (s *Server) Subscribe(filter string, fn func(topic string, payload []byte))
 	return func() { s.mq.Unsubscribe(filter, id) }, nil
 }
 
-// disconnect closes the session of a revoked device. revGen moves first:
-// a session mochi adds to Clients after the lookup below sees the new
-// generation in OnSessionEstablished and has its credentials checked
-// again.
+// disconnect closes every session of a revoked device, and marks its
+// connections whose credentials are being checked, which are then checked
+// again before they are accepted (Server.accept, in
+// OnConnectAuthenticate). It must not block (each session gets endWait for
+// its DISCONNECT).
 func (s *Server) disconnect(device string) {
 	s.mu.Lock()
-	s.revGen++
+	var open []*mochi.Client
+	for _, pc := range s.conns[device] {
+		if pc.accepted {
+			open = append(open, pc.cl)
+		} else {
+			pc.revokedInCheck = true
+		}
+	}
 	s.mu.Unlock()
-	if cl, ok := s.mq.Clients.Get(device); ok && !cl.Closed() {
-		s.log.Info("mqtt: closing session of revoked device", "device", device)
+	if cl, ok := s.mq.Clients.Get(device); ok && !slices.Contains(open, cl) {
+		open = append(open, cl) // not in conns: ended already (skipped below), or not a TLS device connection
+	}
+	for _, cl := range open {
+		if cl.Closed() {
+			continue
+		}
+		s.log.Info("mqtt: closing session of revoked device", "device", device, "remote", cl.Net.Remote)
 		s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonRevoked).Inc()
 		s.closeSession(cl)
 	}
+}
+
+// register puts cl's connection pc among the connections of its client id
+// before its credentials are checked: a revocation from then on finds it.
+func (s *Server) register(pc *pipeConn, cl *mochi.Client) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	pc.cl = cl
+	s.conns[cl.ID] = append(s.conns[cl.ID], pc)
+}
+
+// unregister takes pc out of conns once its connection has ended.
+func (s *Server) unregister(pc *pipeConn) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if pc.cl == nil {
+		return // never got to its credential check
+	}
+	id := pc.cl.ID
+	if l := slices.DeleteFunc(s.conns[id], func(c *pipeConn) bool { return c == pc }); len(l) == 0 {
+		delete(s.conns, id)
+	} else {
+		s.conns[id] = l
+	}
+}
+
+// accept makes cl's connection pc, whose credentials were found good for
+// device cl.ID, the device's session, and returns the device's other open
+// sessions, which it replaces (one session per device). Two CONNECTs of
+// one device that are checked at the same time are accepted one after the
+// other here, so the later one always ends the earlier. revoked reports
+// instead that the device was revoked while the credentials were checked:
+// they are to be checked again, and accept called again if still good.
+func (s *Server) accept(pc *pipeConn, cl *mochi.Client) (older []*mochi.Client, revoked bool) {
+	if pc != nil {
+		s.mu.Lock()
+		if pc.revokedInCheck {
+			pc.revokedInCheck = false
+			s.mu.Unlock()
+			return nil, true
+		}
+		pc.accepted = true
+		for _, o := range s.conns[cl.ID] {
+			if o != pc && o.accepted && !o.cl.Closed() {
+				older = append(older, o.cl)
+			}
+		}
+		s.mu.Unlock()
+	}
+	if old, ok := s.mq.Clients.Get(cl.ID); ok && old != cl && !old.Closed() && !slices.Contains(older, old) {
+		older = append(older, old)
+	}
+	return older, false
 }
 
 // endSession ends cl's session at once, whatever its device does: an MQTT
@@ -342,7 +412,13 @@ func (s *Server) endSession(cl *mochi.Client, code packets.Code, deadline time.T
 		s.mq.DisconnectClient(cl, code)
 		return
 	}
-	pc.end(disconnectPacket(cl, code), deadline)
+	var pk []byte
+	if pc.connacked.Load() {
+		// Not before the CONNACK [MQTT-3.14.0-1]: a session ended while it
+		// is set up (taken over, revoked) is only closed.
+		pk = disconnectPacket(cl, code)
+	}
+	pc.end(pk, deadline)
 	cl.Stop(code)
 }
 
@@ -363,12 +439,6 @@ func disconnectPacket(cl *mochi.Client, code packets.Code) []byte {
 	return buf.Bytes()
 }
 
-func (s *Server) revocations() uint64 {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.revGen
-}
-
 // closeSession ends a session whose device is no longer accepted. Its Will
 // is dropped (OnWill) and a packet read after this is not taken (OnPublish):
 // nothing is taken from a device after its revocation.
@@ -379,9 +449,9 @@ func (s *Server) closeSession(cl *mochi.Client) {
 	s.endSession(cl, packets.ErrNotAuthorized, time.Now().Add(endWait))
 }
 
-// recheck checks an established session's credentials again (see
-// revGen): the certificate it presented, or its secret. reason is the
-// refusal's label.
+// recheck checks a connection's credentials again once its device was
+// revoked while they were being checked (accept): the certificate it
+// presented, or its secret. reason is the refusal's label.
 func (s *Server) recheck(cl *mochi.Client, pk packets.Packet) (reason string, err error) {
 	dev, hasCert, err := deviceOf(s.id, cl)
 	switch {

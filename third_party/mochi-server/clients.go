@@ -38,6 +38,7 @@ type ReadFn func(*Client, packets.Packet) error
 type Clients struct {
 	internal map[string]*Client // clients known by the broker, keyed on client id.
 	sync.RWMutex
+	sessions idLocks // Bastion patch (12): see lockSession
 }
 
 // NewClients returns an instance of Clients.
@@ -100,6 +101,54 @@ func (cl *Clients) deleteIfCurrent(c *Client) bool {
 	}
 	delete(cl.internal, c.ID)
 	return true
+}
+
+// lockSession serialises the changes of which client holds the session of
+// client id (Bastion patch (12), third_party/README.md): a CONNECT's
+// takeover and its addition to Clients, the end of a clean session and the
+// expiry of a disconnected one. Each reads who holds the id and then
+// changes that client's subscriptions, inflights and entry; interleaved,
+// an expiry deleted the client that had just taken the session over or
+// unsubscribed the filters a takeover was copying to it. One lock per
+// client id in use, so that clients of other ids never wait; it is held
+// across a takeover's DISCONNECT of the old session.
+func (cl *Clients) lockSession(id string) (unlock func()) {
+	return cl.sessions.lock(id)
+}
+
+// idLocks is a mutex per key, kept only while someone holds or waits for
+// it (Bastion patch (12)).
+type idLocks struct {
+	mu sync.Mutex
+	m  map[string]*idLock
+}
+
+type idLock struct {
+	sync.Mutex
+	n int // holders and waiters, under idLocks.mu
+}
+
+func (l *idLocks) lock(id string) (unlock func()) {
+	l.mu.Lock()
+	if l.m == nil {
+		l.m = map[string]*idLock{}
+	}
+	k := l.m[id]
+	if k == nil {
+		k = &idLock{}
+		l.m[id] = k
+	}
+	k.n++
+	l.mu.Unlock()
+	k.Lock()
+	return func() {
+		k.Unlock()
+		l.mu.Lock()
+		if k.n--; k.n == 0 {
+			delete(l.m, id)
+		}
+		l.mu.Unlock()
+	}
 }
 
 // GetByListener returns clients matching a listener id.

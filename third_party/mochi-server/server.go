@@ -446,9 +446,16 @@ func (s *Server) attachClient(cl *Client, listener string) error {
 	// own) while it is connected. Deleted first, under the clients' lock,
 	// so that the new client is either not added yet (and finds nothing to
 	// take over: this session is clean) or is left alone.
-	if expire && !cl.IsTakenOver() && s.Clients.deleteIfCurrent(cl) {
-		cl.ClearInflights()
-		s.UnsubscribeClient(cl) // [MQTT-4.1.0-2] ![MQTT-3.1.2-23]
+	// Bastion patch (12): and under the id's session lock, so that a
+	// takeover copying this session's subscriptions to its successor does
+	// not run beside their removal here.
+	if expire && !cl.IsTakenOver() {
+		unlock := s.Clients.lockSession(cl.ID)
+		if !cl.IsTakenOver() && s.Clients.deleteIfCurrent(cl) {
+			cl.ClearInflights()
+			s.UnsubscribeClient(cl) // [MQTT-4.1.0-2] ![MQTT-3.1.2-23]
+		}
+		unlock()
 	}
 
 	return err
@@ -505,8 +512,29 @@ func (s *Server) connectClient(cl *Client, listener string) (counted bool, err e
 
 	s.hooks.OnSessionEstablish(cl, pk)
 
+	// Bastion patch (12): the takeover and the addition are one step for
+	// this client id (Clients.lockSession): two CONNECTs of one id that
+	// both looked for a session before either was added both stayed
+	// connected, one of them not in Clients, where nothing (a later
+	// takeover, the gateway's revocation) found it.
+	unlock := s.Clients.lockSession(cl.ID)
+	// Bastion patch (13): a client already closed (a hook ended it: a
+	// newer connection of its id was accepted meanwhile, or its
+	// credentials were revoked) neither takes the session over, which
+	// would disconnect the newer connection, nor is added, where it would
+	// hide that connection, nor gets a CONNACK or the session's inflight
+	// messages.
+	if cl.Closed() {
+		unlock()
+		err := cl.StopCause()
+		if err == nil {
+			err = ErrConnectionClosed
+		}
+		return counted, fmt.Errorf("closed before its session was established: %w", err)
+	}
 	sessionPresent := s.inheritClientSession(pk, cl)
 	s.Clients.Add(cl) // [MQTT-4.1.0-1]
+	unlock()
 
 	err = s.SendConnack(cl, code, sessionPresent, nil) // [MQTT-3.1.4-5] [MQTT-3.2.0-1] [MQTT-3.2.0-2] &[MQTT-3.14.0-1]
 	if err != nil {
@@ -1767,7 +1795,7 @@ func (s *Server) loadRetained(v []storage.Message) {
 // clearExpiredClients deletes all clients which have been disconnected for longer
 // than their given expiry intervals.
 func (s *Server) clearExpiredClients(dt int64) {
-	for id, client := range s.Clients.GetAll() {
+	for _, client := range s.Clients.GetAll() {
 		disconnected := client.StopTime()
 		if disconnected == 0 {
 			continue
@@ -1780,9 +1808,29 @@ func (s *Server) clearExpiredClients(dt int64) {
 
 		if disconnected+int64(expire) < dt {
 			s.hooks.OnClientExpired(client)
-			s.Clients.Delete(id) // [MQTT-4.1.0-2]
+			s.expireClient(client) // [MQTT-4.1.0-2]
 		}
 	}
+}
+
+// expireClient drops the state of an expired session (Bastion patch (12),
+// third_party/README.md). The client was deleted from Clients and nothing
+// else: its subscriptions stayed in the topic tree under its id for good,
+// beyond any subscription limit, and were delivered to the id's next
+// clean session; its inflight messages stayed with it. And it was deleted
+// by id, taking with it a new client of that id that had taken the
+// session over since GetAll. Under the id's session lock, a takeover has
+// either happened (the client is no longer the one held: nothing to do,
+// the takeover dealt with its state) or happens after this (and finds no
+// session).
+func (s *Server) expireClient(cl *Client) {
+	unlock := s.Clients.lockSession(cl.ID)
+	defer unlock()
+	if !s.Clients.deleteIfCurrent(cl) {
+		return
+	}
+	cl.ClearInflights()
+	s.UnsubscribeClient(cl)
 }
 
 // clearExpiredRetainedMessage deletes retained messages from topics if they have expired.
