@@ -107,7 +107,8 @@ upstream:
   cert_file: %q       # this gateway's client certificate (PEM)
   key_file: %q        # and its key (PEM, 0600)
   tls_min_version: %q # "1.3" or "1.2"
-  gateway: %q         # this gateway's id in upstream topics
+  gateway: %q         # this gateway's id in upstream topics ("" = gateway_id)
+  client_id: %q       # MQTT client id, unique on the broker ("" = gateway)
   prefix: %q
   keepalive: %s
   backoff_min: %s
@@ -144,12 +145,23 @@ pairing:
 		c.Firewall.HandshakeRate, list(c.Firewall.Ping),
 		c.Firmware.Enabled, c.Firmware.RepositoryURL, c.Firmware.TargetsURL, c.Firmware.TrustedRoot, c.Firmware.CABundle,
 		c.Firmware.CheckInterval.D(), c.Firmware.MaxCacheBytes, c.Firmware.HTTPSListen,
-		c.Upstream.Enabled, c.Upstream.Broker, c.Upstream.ServerName, c.Upstream.CAFile, c.Upstream.CertFile, c.Upstream.KeyFile,
-		c.Upstream.TLSMinVersion, c.Upstream.Gateway, c.Upstream.Prefix, c.Upstream.KeepAlive, c.Upstream.BackoffMin, c.Upstream.BackoffMax,
+		c.Upstream.Enabled, c.Upstream.Broker, derived(c.Upstream.ServerName, brokerHost(c.Upstream.Broker)), c.Upstream.CAFile, c.Upstream.CertFile, c.Upstream.KeyFile,
+		c.Upstream.TLSMinVersion, derived(c.Upstream.Gateway, c.GatewayID), derived(c.Upstream.ClientID, c.Upstream.Gateway), c.Upstream.Prefix, c.Upstream.KeepAlive, c.Upstream.BackoffMin, c.Upstream.BackoffMax,
 		c.Upstream.QueueMaxBytes, c.Upstream.QueueMaxAge.D(), c.Upstream.ParkedMaxBytes, rules(c.Upstream.Forward),
 		c.Pairing.Window.D(), c.Pairing.Input, c.Pairing.KeyCode, c.Pairing.Layout, c.Pairing.GPIOChip, c.Pairing.GPIOLine, c.Pairing.ESTListen,
 		vendors(c.Pairing.Vendors))
 	return err
+}
+
+// derived writes a value that equals what it defaults to as "": the file
+// then follows what it is derived from (upstream.gateway follows gateway_id
+// when a person edits only gateway_id), instead of carrying a copy of the
+// value it had when the file was written.
+func derived(v, from string) string {
+	if v == from {
+		return ""
+	}
+	return v
 }
 
 func rules(rs []upstream.Rule) string {
