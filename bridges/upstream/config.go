@@ -262,6 +262,12 @@ func (c *Config) compile() (routes, error) {
 			errs = append(errs, fmt.Errorf("%s.local: %w", key, err))
 			continue
 		}
+		for j, r := range rs.down {
+			if overlaps(from.filter(), r.from.filter()) {
+				errs = append(errs, fmt.Errorf("%s.remote: %q overlaps upstream.downlink[%d].remote %q: a topic such as %q matches both, so the first mapping decides which device a command is for and the broker may deliver it once per subscription; make them disjoint",
+					key, m.Remote, j, c.Downlink[j].Remote, overlapExample(from.filter(), r.from.filter())))
+			}
+		}
 		rs.down = append(rs.down, route{from: from, to: to})
 	}
 	if len(errs) == 0 {

@@ -48,6 +48,18 @@ func TestConfigValidate(t *testing.T) {
 			c.Uplink = []Mapping{{Local: "devices/{id}/t/#", Remote: "x/{id}/#"}}
 			c.Downlink = []Mapping{{Remote: "x/{id}/#", Local: "devices/{id}/c/#"}}
 		}, want: []string{"loop"}},
+		// A command on bastion/gw1/cmd/c/x matched both: the first mapping
+		// made it one for device "cmd", and a broker may deliver it once
+		// per subscription.
+		"overlapping downlinks": {edit: func(c *Config) {
+			c.Downlink = []Mapping{{Remote: "{prefix}/{gateway}/{id}/c/#", Local: "devices/{id}/c/#"}, {Remote: "{prefix}/{gateway}/cmd/{id}/#", Local: "devices/{id}/c/cmd/#"}}
+		}, want: []string{`upstream.downlink[1].remote: "{prefix}/{gateway}/cmd/{id}/#" overlaps upstream.downlink[0].remote "{prefix}/{gateway}/{id}/c/#": a topic such as "bastion/gw1/cmd/c" matches both`, "make them disjoint"}},
+		"same downlink twice": {edit: func(c *Config) {
+			c.Downlink = []Mapping{{Remote: "{prefix}/{gateway}/{id}/c/#", Local: "devices/{id}/c/#"}, {Remote: "{prefix}/{gateway}/{id}/c/#", Local: "devices/{id}/c/#"}}
+		}, want: []string{"upstream.downlink[1].remote", "overlaps upstream.downlink[0].remote"}},
+		"disjoint downlinks": {edit: func(c *Config) {
+			c.Downlink = []Mapping{{Remote: "{prefix}/{gateway}/{id}/c/#", Local: "devices/{id}/c/#"}, {Remote: "{prefix}/{gateway}/{id}/ota/#", Local: "devices/{id}/c/ota/#"}}
+		}},
 	}
 	for name, tc := range cases {
 		t.Run(name, func(t *testing.T) {
@@ -111,6 +123,20 @@ func TestTopicMapping(t *testing.T) {
 	}
 	if _, _, ok := rs.down[0].from.match("bastion/gw2/d7/c/x"); ok {
 		t.Errorf("another gateway's command matched")
+	}
+}
+
+func TestOverlapExample(t *testing.T) {
+	for _, c := range [][2]string{
+		{"a/b", "a/b"}, {"a/+", "a/c"}, {"a/#", "a"}, {"+/t/#", "x/+/c"}, {"+/t/#", "x/+/#"}, {"#", "x"}, {"#", "#"},
+		{"bastion/gw/+/c/#", "bastion/gw/cmd/+/#"}, {"p/+/+/#", "p/+/+/#"},
+	} {
+		for _, ab := range [][2]string{c, {c[1], c[0]}} {
+			ex := overlapExample(ab[0], ab[1])
+			if !matchFilter(ab[0], ex) || !matchFilter(ab[1], ex) {
+				t.Errorf("overlapExample(%q, %q) = %q, which does not match both", ab[0], ab[1], ex)
+			}
+		}
 	}
 }
 

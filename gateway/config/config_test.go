@@ -85,6 +85,7 @@ func TestLoadErrors(t *testing.T) {
 		"upstream cleartext":    {"upstream:\n  enabled: true\n  broker: mqtt://cloud:1883\n  ca_file: /ca\n  cert_file: /c\n  key_file: /k\n", []string{"bad.yaml:3: upstream.broker: scheme \"mqtt\" is not accepted"}},
 		"upstream no ca":        {"upstream:\n  enabled: true\n  broker: mqtts://cloud:8883\n  cert_file: /c\n  key_file: /k\n", []string{"bad.yaml:1: upstream.ca_file: required"}},
 		"upstream loop":         {"upstream:\n  enabled: true\n  broker: mqtts://cloud:8883\n  ca_file: /ca\n  cert_file: /c\n  key_file: /k\n  uplink: [{local: \"devices/{id}/t/#\", remote: \"bastion/{gateway}/{id}/c/#\"}]\n", []string{"bad.yaml:7: upstream.uplink"}},
+		"upstream downlink overlap": {"upstream:\n  enabled: true\n  broker: mqtts://cloud:8883\n  ca_file: /ca\n  cert_file: /c\n  key_file: /k\n  downlink:\n    - {remote: \"{prefix}/{gateway}/{id}/c/#\", local: \"devices/{id}/c/#\"}\n    - {remote: \"{prefix}/{gateway}/cmd/{id}/#\", local: \"devices/{id}/c/cmd/#\"}\n", []string{"bad.yaml:9: upstream.downlink[1].remote: \"{prefix}/{gateway}/cmd/{id}/#\" overlaps upstream.downlink[0].remote"}},
 		"upstream bad key":      {"upstream:\n  brokr: x\n", []string{"bad.yaml:2: upstream.brokr: unknown key; accepted here: backoff_max, backoff_min, broker"}},
 		"memory limit small":    {"log:\n  level: info\nmemory_limit: 1000\n", []string{"bad.yaml:3: memory_limit: \"1000\" is below 32 MiB (33554432)"}},
 		"memory limit negative": {"memory_limit: -2\n", []string{"bad.yaml:1: memory_limit: \"-2\" is below 32 MiB"}},

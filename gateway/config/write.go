@@ -117,7 +117,7 @@ upstream:
   queue_max_age: %s
   parked_max_bytes: %d # messages the broker refuses for good wait here for bastionctl upstream parked retry|drop
   # Topic mapping ("" = the defaults: devices/{id}/t/# -> {prefix}/{gateway}/{id}/t/#,
-  # and {prefix}/{gateway}/{id}/c/# -> devices/{id}/c/#). Mappings that would loop are refused.
+  # and {prefix}/{gateway}/{id}/c/# -> devices/{id}/c/#). Mappings that would loop, and downlinks that overlap, are refused.
   uplink: []
   downlink: []
   # Privacy: only what a rule names leaves the box; where several rules match,
