@@ -3,10 +3,19 @@ package upstream
 import (
 	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
 	"errors"
 	"io"
+	"math/big"
 	"net"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -39,6 +48,9 @@ type fakeBroker struct {
 	// reason for every filter (0: granted).
 	refuseSubs   atomic.Int32
 	refuseReason byte
+	// refuseConnects: the next this many CONNECTs are answered with a
+	// CONNACK refusing them (0x87, not authorized), then closed.
+	refuseConnects atomic.Int32
 }
 
 // fakeConn is one client connection to a fakeBroker.
@@ -141,6 +153,10 @@ func (c *fakeConn) serve(t *testing.T, conns chan<- *fakeConn) {
 		switch p := cp.Content.(type) {
 		case *packets.Connect:
 			c.connect = p
+			if c.b.refuseConnects.Add(-1) >= 0 {
+				c.write(&packets.Connack{ReasonCode: 0x87, Properties: &packets.Properties{}})
+				return
+			}
 			if c.write(&packets.Connack{Properties: &packets.Properties{}}) != nil {
 				return
 			}
@@ -394,5 +410,106 @@ func TestDownlinkSubscriptionRetried(t *testing.T) {
 	case <-fb.conns:
 		t.Errorf("the link reconnected; want the subscription asked again on the same connection")
 	default:
+	}
+}
+
+// TestConnectClearsLastError: the broker refuses the first CONNECT; once
+// the link is connected, Status().LastError no longer shows that refusal
+// beside connected: true (bastionctl status showed an old error as if it
+// were current), and LastErrorBeforeConnect keeps it.
+func TestConnectClearsLastError(t *testing.T) {
+	fb := startFakeBroker(t)
+	fb.refuseConnects.Store(1)
+	l := startLink(t, fb.config(t), t.TempDir())
+	fb.next(t)
+	waitFor(t, "connected", 10*time.Second, func() bool { return l.up.Status().Connected })
+	st := l.up.Status()
+	if st.LastError != "" || !st.LastErrorAt.IsZero() {
+		t.Errorf("connected, LastError %q at %v; want none (the refusal came before this connection)", st.LastError, st.LastErrorAt)
+	}
+	if !strings.Contains(st.LastErrorBeforeConnect, "server denied connect (reason: 135)") || st.LastErrorBeforeAt.IsZero() || st.LastErrorBeforeAt.After(st.ConnectedSince) {
+		t.Errorf("LastErrorBeforeConnect %q at %v (connected since %v); want the refused CONNECT, before the connection", st.LastErrorBeforeConnect, st.LastErrorBeforeAt, st.ConnectedSince)
+	}
+}
+
+// clientValid issues a client certificate from ca valid from notBefore to
+// notAfter (testpki's are valid now), as files in a new directory.
+func clientValid(t *testing.T, ca *testpki.CA, cn string, notBefore, notAfter time.Time) (certFile, keyFile string) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(time.Now().UnixNano()),
+		Subject:      pkix.Name{CommonName: cn},
+		NotBefore:    notBefore, NotAfter: notAfter,
+		KeyUsage:    x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, &key.PublicKey, ca.Key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kder, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	certFile, keyFile = filepath.Join(dir, cn+".pem"), filepath.Join(dir, cn+"-key.pem")
+	if err := os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kder}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return certFile, keyFile
+}
+
+// TestReloadRefusesCertNotValidNow: a reload with an expired client
+// certificate, or one not valid yet, is refused with what to do, and the
+// running one stays (it was installed, and the working link went down on
+// it). A certificate that expires within a week is installed, and Status
+// says so.
+func TestReloadRefusesCertNotValidNow(t *testing.T) {
+	fb := startFakeBroker(t)
+	cfg := fb.config(t)
+	now := time.Now()
+	cfg.CertFile, cfg.KeyFile = clientValid(t, fb.ca, "gw1", now.Add(-time.Hour), now.Add(365*24*time.Hour))
+	l := startLink(t, cfg, t.TempDir())
+	fb.next(t)
+	waitFor(t, "connected", 10*time.Second, func() bool { return l.up.Status().Connected })
+	old := l.up.Status()
+	if !strings.Contains(old.ClientCertSubject, "gw1") || old.ClientCertWarning != "" {
+		t.Fatalf("status before: subject %q, warning %q; want gw1 and no warning", old.ClientCertSubject, old.ClientCertWarning)
+	}
+	for name, tc := range map[string]struct {
+		from, until time.Time
+		want        string
+	}{
+		"expired": {now.Add(-48 * time.Hour), now.Add(-time.Hour), "expired at"},
+		"not yet": {now.Add(time.Hour), now.Add(48 * time.Hour), "is valid only from"},
+	} {
+		bad := cfg
+		bad.CertFile, bad.KeyFile = clientValid(t, fb.ca, "gw1-"+strings.ReplaceAll(name, " ", "-"), tc.from, tc.until)
+		err := l.up.Reload(bad)
+		if err == nil || !strings.Contains(err.Error(), "keeping the running configuration") || !strings.Contains(err.Error(), "upstream.cert_file "+bad.CertFile) || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: Reload: %v; want a refusal naming upstream.cert_file and %q", name, err, tc.want)
+		}
+		if st := l.up.Status(); st.ClientCertSubject != old.ClientCertSubject || !st.ClientCertNotAfter.Equal(old.ClientCertNotAfter) {
+			t.Errorf("%s: after the refused reload, status subject %q until %v; want the running %q until %v", name, st.ClientCertSubject, st.ClientCertNotAfter, old.ClientCertSubject, old.ClientCertNotAfter)
+		}
+	}
+	if v := metric(t, l, "bastion_upstream_reloads_total"); v != 2 {
+		t.Errorf("bastion_upstream_reloads_total = %v, want 2 (refused)", v)
+	}
+
+	soon := cfg
+	soon.CertFile, soon.KeyFile = clientValid(t, fb.ca, "gw1-soon", now.Add(-time.Hour), now.Add(3*24*time.Hour))
+	if err := l.up.Reload(soon); err != nil {
+		t.Fatalf("Reload with a certificate valid for 3 more days: %v", err)
+	}
+	if st := l.up.Status(); st.ClientCertSubject != "CN=gw1-soon" || !strings.Contains(st.ClientCertWarning, "expires in 72h") {
+		t.Errorf("status subject %q, warning %q; want gw1-soon and a warning that it expires in 72h", st.ClientCertSubject, st.ClientCertWarning)
 	}
 }

@@ -60,21 +60,30 @@ type Deliver func(ctx context.Context, m bridges.Message) error
 
 // Status is the link's state for bastionctl and the console.
 type Status struct {
-	Connected          bool      `json:"connected"`
-	Broker             string    `json:"broker"`
-	ServerName         string    `json:"server_name"`
-	ConnectedSince     time.Time `json:"connected_since,omitzero"`
-	LastError          string    `json:"last_error,omitempty"`
-	LastErrorAt        time.Time `json:"last_error_at,omitzero"`
-	Published          uint64    `json:"published"` // acknowledged by the broker
-	Withheld           uint64    `json:"withheld"`  // kept local by privacy rules or mapping
-	Downlink           uint64    `json:"downlink"`  // commands a device session received (not those kept for a device that is away)
-	LoopsDropped       uint64    `json:"loops_dropped"`
-	DownlinkSubscribed bool      `json:"downlink_subscribed"`   // the broker granted every downlink subscription on this connection
-	LastParked         string    `json:"last_parked,omitempty"` // why the broker refused the last parked message
-	LastParkedAt       time.Time `json:"last_parked_at,omitzero"`
-	ClientCertSubject  string    `json:"client_cert_subject"`
-	ClientCertNotAfter time.Time `json:"client_cert_not_after"`
+	Connected      bool      `json:"connected"`
+	Broker         string    `json:"broker"`
+	ServerName     string    `json:"server_name"`
+	ConnectedSince time.Time `json:"connected_since,omitzero"`
+	// LastError is the link's latest error; a connection coming up (its
+	// CONNACK) clears it and keeps it as LastErrorBeforeConnect, so an
+	// error shown next to connected: true happened on this connection.
+	LastError              string    `json:"last_error,omitempty"`
+	LastErrorAt            time.Time `json:"last_error_at,omitzero"`
+	LastErrorBeforeConnect string    `json:"last_error_before_connect,omitempty"` // why the link was down before the current connection
+	LastErrorBeforeAt      time.Time `json:"last_error_before_connect_at,omitzero"`
+	Published              uint64    `json:"published"` // acknowledged by the broker
+	Withheld               uint64    `json:"withheld"`  // kept local by privacy rules or mapping
+	Downlink               uint64    `json:"downlink"`  // commands a device session received (not those kept for a device that is away)
+	LoopsDropped           uint64    `json:"loops_dropped"`
+	DownlinkSubscribed     bool      `json:"downlink_subscribed"`   // the broker granted every downlink subscription on this connection
+	LastParked             string    `json:"last_parked,omitempty"` // why the broker refused the last parked message
+	LastParkedAt           time.Time `json:"last_parked_at,omitzero"`
+	ClientCertSubject      string    `json:"client_cert_subject"`
+	ClientCertNotAfter     time.Time `json:"client_cert_not_after"`
+	// ClientCertWarning says when the client certificate expires within
+	// certWarnBefore, or has expired: renew it before the broker refuses
+	// the link.
+	ClientCertWarning string `json:"client_cert_warning,omitempty"`
 }
 
 // snapshot is one immutable configuration with its loaded credentials.
@@ -170,6 +179,9 @@ func load(cfg Config) (*snapshot, error) {
 }
 
 func (u *Upstream) install(s *snapshot) {
+	if w := certWarning(s.cert.Leaf.NotAfter, time.Now()); w != "" {
+		u.log.Warn("upstream: "+w, "cert_file", s.cfg.CertFile, "subject", s.cert.Leaf.Subject.String())
+	}
 	u.cur.Store(s)
 	u.mu.Lock()
 	u.st.Broker = s.cfg.Broker
@@ -181,13 +193,19 @@ func (u *Upstream) install(s *snapshot) {
 }
 
 // Reload swaps in a new configuration and credentials (client certificate,
-// CA bundle) without a restart. A bad config or unreadable files leave the
+// CA bundle) without a restart. A bad config, unreadable files or a client
+// certificate that is not valid now (expired, or not yet valid) leave the
 // running one in place and return why. When the connection parameters or
 // credentials changed, the link reconnects so the new ones are used (and
 // proven) at once; privacy rules and uplink mappings apply from the next
 // message.
 func (u *Upstream) Reload(cfg Config) error {
 	s, err := load(cfg)
+	if err == nil {
+		// The running link works, or may; one with a certificate the
+		// broker must refuse would not.
+		err = certDates(s, time.Now())
+	}
 	if err != nil {
 		u.m.reloads.WithLabelValues("refused").Inc()
 		return fmt.Errorf("upstream reload refused, keeping the running configuration: %w", err)
@@ -202,6 +220,38 @@ func (u *Upstream) Reload(cfg Config) error {
 			u.restart()
 		}
 		u.mu.Unlock()
+	}
+	return nil
+}
+
+// certWarnBefore: the client certificate's coming expiry is reported
+// (log, Status) this long before.
+const certWarnBefore = 7 * 24 * time.Hour
+
+// certWarning says when a client certificate valid until notAfter expires
+// soon or has expired ("" when neither).
+func certWarning(notAfter, now time.Time) string {
+	switch left := notAfter.Sub(now); {
+	case notAfter.IsZero() || left >= certWarnBefore:
+		return ""
+	case left <= 0:
+		return fmt.Sprintf("the client certificate (upstream.cert_file) expired at %s: the broker refuses the link until a renewed certificate is installed (then SIGHUP)", notAfter.UTC().Format(time.RFC3339))
+	default:
+		return fmt.Sprintf("the client certificate (upstream.cert_file) expires in %s, at %s: install a renewed certificate (then SIGHUP) before the broker refuses the link", left.Round(time.Hour), notAfter.UTC().Format(time.RFC3339))
+	}
+}
+
+// certDates refuses a client certificate that is not valid now: installed,
+// it would take a working link down (the broker refuses it).
+func certDates(s *snapshot, now time.Time) error {
+	leaf := s.cert.Leaf
+	switch {
+	case now.After(leaf.NotAfter):
+		return fmt.Errorf("upstream.cert_file %s: the client certificate %q expired at %s (now %s); the broker would refuse it: install a renewed certificate and reload",
+			s.cfg.CertFile, leaf.Subject.String(), leaf.NotAfter.UTC().Format(time.RFC3339), now.UTC().Format(time.RFC3339))
+	case now.Before(leaf.NotBefore):
+		return fmt.Errorf("upstream.cert_file %s: the client certificate %q is valid only from %s (now %s); the broker would refuse it: check this box's clock, or install a certificate valid now, and reload",
+			s.cfg.CertFile, leaf.Subject.String(), leaf.NotBefore.UTC().Format(time.RFC3339), now.UTC().Format(time.RFC3339))
 	}
 	return nil
 }
@@ -253,8 +303,10 @@ func equalChain(a, b [][]byte) bool {
 // Status returns a snapshot of the link's state.
 func (u *Upstream) Status() Status {
 	u.mu.Lock()
-	defer u.mu.Unlock()
-	return u.st
+	st := u.st
+	u.mu.Unlock()
+	st.ClientCertWarning = certWarning(st.ClientCertNotAfter, time.Now())
+	return st
 }
 
 // Accept is the privacy gate in front of the queue (a bridges.Sink): a
@@ -414,6 +466,9 @@ func (u *Upstream) generation(ctx context.Context, s *snapshot) error {
 		},
 		OnConnectionUp: func(cm *autopaho.ConnectionManager, ca *paho.Connack) {
 			u.log.Info("upstream connected", "broker", s.cfg.Broker)
+			if w := certWarning(u.cur.Load().cert.Leaf.NotAfter, time.Now()); w != "" {
+				u.log.Warn("upstream: "+w, "cert_file", s.cfg.CertFile)
+			}
 			bo.up()
 			u.setConnected(true)
 			d := make(chan struct{})
@@ -567,6 +622,12 @@ func (u *Upstream) setConnected(up bool) {
 	defer u.mu.Unlock()
 	if up && !u.st.Connected {
 		u.st.ConnectedSince = time.Now()
+		// The errors so far are why the link was down: kept apart, so
+		// that last_error beside connected: true is about this connection.
+		if u.st.LastError != "" {
+			u.st.LastErrorBeforeConnect, u.st.LastErrorBeforeAt = u.st.LastError, u.st.LastErrorAt
+			u.st.LastError, u.st.LastErrorAt = "", time.Time{}
+		}
 	}
 	if !up {
 		u.st.ConnectedSince = time.Time{}
