@@ -20,6 +20,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -51,6 +52,10 @@ type fakeBroker struct {
 	// refuseConnects: the next this many CONNECTs are answered with a
 	// CONNACK refusing them (0x87, not authorized), then closed.
 	refuseConnects atomic.Int32
+	// deaf (set by an option): after its CONNACK the broker reads nothing
+	// more, through a small receive buffer, until it is closed (quit).
+	deaf bool
+	quit chan struct{}
 }
 
 // fakeConn is one client connection to a fakeBroker.
@@ -66,7 +71,7 @@ type fakeConn struct {
 	connect *packets.Connect
 }
 
-func startFakeBroker(t *testing.T) *fakeBroker {
+func startFakeBroker(t *testing.T, opts ...func(*fakeBroker)) *fakeBroker {
 	t.Helper()
 	ca := testpki.New(t, t.TempDir(), "fake")
 	srv := ca.Server(t, "fake-server", "fake.test", "127.0.0.1")
@@ -76,11 +81,28 @@ func startFakeBroker(t *testing.T) *fakeBroker {
 		ClientAuth:   tls.RequireAndVerifyClientCert,
 		ClientCAs:    ca.Pool(),
 	}
-	ln, err := tls.Listen("tcp", "127.0.0.1:0", tc)
+	b := &fakeBroker{ca: ca, conns: make(chan *fakeConn, 16), quit: make(chan struct{})}
+	for _, o := range opts {
+		o(b)
+	}
+	var lc net.ListenConfig
+	if b.deaf {
+		// Accepted connections inherit it: what the link writes fills
+		// the buffers after a few MiB instead of tens.
+		lc.Control = func(_, _ string, rc syscall.RawConn) error {
+			var serr error
+			if err := rc.Control(func(fd uintptr) { serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096) }); err != nil {
+				return err
+			}
+			return serr
+		}
+	}
+	raw, err := lc.Listen(context.Background(), "tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatalf("fake broker: listen: %v", err)
 	}
-	b := &fakeBroker{addr: ln.Addr().String(), ca: ca, ln: ln, conns: make(chan *fakeConn, 16)}
+	ln := tls.NewListener(raw, tc)
+	b.addr, b.ln = ln.Addr().String(), ln
 	b.wg.Add(1)
 	go func() {
 		defer b.wg.Done()
@@ -107,6 +129,7 @@ func startFakeBroker(t *testing.T) *fakeBroker {
 }
 
 func (b *fakeBroker) close() {
+	close(b.quit)
 	b.ln.Close()
 	b.mu.Lock()
 	for _, c := range b.open {
@@ -161,6 +184,10 @@ func (c *fakeConn) serve(t *testing.T, conns chan<- *fakeConn) {
 				return
 			}
 			conns <- c
+			if c.b.deaf {
+				<-c.b.quit
+				return
+			}
 		case *packets.Subscribe:
 			granted := make([]byte, len(p.Subscriptions))
 			refuse := c.b.refuseSubs.Add(-1) >= 0
@@ -511,5 +538,54 @@ func TestReloadRefusesCertNotValidNow(t *testing.T) {
 	}
 	if st := l.up.Status(); st.ClientCertSubject != "CN=gw1-soon" || !strings.Contains(st.ClientCertWarning, "expires in 72h") {
 		t.Errorf("status subject %q, warning %q; want gw1-soon and a warning that it expires in 72h", st.ClientCertSubject, st.ClientCertWarning)
+	}
+}
+
+// TestShutdownWithDeafBroker: the broker accepts the link and then reads
+// nothing more. The link's write of its backlog blocks (the buffers are
+// full); stopping the link must not wait for it: before writes had a
+// deadline, the blocked write held the connection's lock, autopaho's
+// DISCONNECT waited behind it, and shutdown took until paho's missing
+// PINGRESP ended the connection (about two keepalives: up to 36 h).
+func TestShutdownWithDeafBroker(t *testing.T) {
+	fb := startFakeBroker(t, func(b *fakeBroker) { b.deaf = true })
+	dir := t.TempDir()
+	q, err := queue.Open(dir, queue.Options{}, testLog(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// 8 MiB: more than the kernel buffers between the link and a reader
+	// that reads nothing hold (4 MiB send buffer, 4 KiB receive buffer).
+	pad := strings.Repeat("x", 200<<10)
+	for i := range 40 {
+		m := telemetry("d1", i)
+		m.Payload = []byte(`{"pad":"` + pad + `"}`)
+		if err := q.Accept(context.Background(), m); err != nil {
+			t.Fatalf("Accept: %v", err)
+		}
+	}
+	if err := q.Close(); err != nil {
+		t.Fatal(err)
+	}
+	cfg := fb.config(t)
+	cfg.KeepAlive = time.Minute // the write deadline is then 30 s: shutdown must not wait for it either
+	l := startLink(t, cfg, dir)
+	fb.next(t)
+	waitFor(t, "connected", 10*time.Second, func() bool { return l.up.Status().Connected })
+	time.Sleep(500 * time.Millisecond) // the backlog's write fills the buffers and blocks
+	start := time.Now()
+	stopped := make(chan struct{})
+	go func() {
+		l.stop()
+		close(stopped)
+	}()
+	select {
+	case <-stopped:
+	case <-time.After(10 * time.Second):
+		t.Errorf("the link did not stop within 10s of its shutdown with a broker that reads nothing")
+		<-stopped // l.stop may not run twice at once (the cleanup's)
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("the link took %v to stop, want a few seconds at most", d)
 	}
 }

@@ -567,7 +567,12 @@ func (u *Upstream) dial(ctx context.Context, _ autopaho.ClientConfig, broker *ur
 		raw.Close()
 		return nil, explain(err, s)
 	}
-	return &packetConn{Conn: conn}, nil
+	pc := &packetConn{Conn: conn, writeTimeout: writeTimeout(s.cfg.KeepAlive)}
+	// ctx ends at shutdown and reload: a write blocked on a broker that
+	// stopped reading would hold them up to writeTimeout, and the
+	// DISCONNECT behind it.
+	pc.stopAbort = context.AfterFunc(ctx, func() { pc.abortWrites(shutdownGrace) })
+	return pc, nil
 }
 
 // explained is an error explain already annotated.
