@@ -57,6 +57,13 @@ func TestConfigValidate(t *testing.T) {
 		"same downlink twice": {edit: func(c *Config) {
 			c.Downlink = []Mapping{{Remote: "{prefix}/{gateway}/{id}/c/#", Local: "devices/{id}/c/#"}, {Remote: "{prefix}/{gateway}/{id}/c/#", Local: "devices/{id}/c/#"}}
 		}, want: []string{"upstream.downlink[1].remote", "overlaps upstream.downlink[0].remote"}},
+		"topic limits":          {edit: func(c *Config) { c.MaxTopicLength, c.MaxTopicLevels = 256, 8 }},
+		"negative topic length": {edit: func(c *Config) { c.MaxTopicLength = -1 }, want: []string{"upstream.max_topic_length: -1 is not accepted"}},
+		"huge topic levels":     {edit: func(c *Config) { c.MaxTopicLevels = 40000 }, want: []string{"upstream.max_topic_levels: 40000 is not accepted"}},
+		// bastion/gw1/{id}/t/# makes topics of at least 4 levels and 15 bytes.
+		"levels below mapping": {edit: func(c *Config) { c.MaxTopicLevels = 3 }, want: []string{`upstream.max_topic_levels: 3 is fewer than the 4 levels upstream.uplink[0].remote "{prefix}/{gateway}/{id}/t/#" gives every topic`}},
+		"length below mapping": {edit: func(c *Config) { c.MaxTopicLength = 14 }, want: []string{`upstream.max_topic_length: 14 is shorter than the 15 bytes upstream.uplink[0].remote`}},
+		"limits just fit":      {edit: func(c *Config) { c.MaxTopicLength, c.MaxTopicLevels = 15, 4 }},
 		"disjoint downlinks": {edit: func(c *Config) {
 			c.Downlink = []Mapping{{Remote: "{prefix}/{gateway}/{id}/c/#", Local: "devices/{id}/c/#"}, {Remote: "{prefix}/{gateway}/{id}/ota/#", Local: "devices/{id}/c/ota/#"}}
 		}},

@@ -16,6 +16,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -56,6 +57,14 @@ type fakeBroker struct {
 	// more, through a small receive buffer, until it is closed (quit).
 	deaf bool
 	quit chan struct{}
+	// autoAck (set by an option): the broker answers every PUBLISH with a
+	// PUBACK itself and sends its topic to acked; one whose topic has more
+	// than closeAbove levels (0: no limit) it answers by closing the
+	// connection, as AWS IoT Core does for a topic beyond its limits.
+	autoAck    bool
+	closeAbove int
+	acked      chan string
+	closes     atomic.Int32 // connections closed on such a PUBLISH
 }
 
 // fakeConn is one client connection to a fakeBroker.
@@ -81,7 +90,7 @@ func startFakeBroker(t *testing.T, opts ...func(*fakeBroker)) *fakeBroker {
 		ClientAuth:   tls.RequireAndVerifyClientCert,
 		ClientCAs:    ca.Pool(),
 	}
-	b := &fakeBroker{ca: ca, conns: make(chan *fakeConn, 16), quit: make(chan struct{})}
+	b := &fakeBroker{ca: ca, conns: make(chan *fakeConn, 16), quit: make(chan struct{}), acked: make(chan string, 1024)}
 	for _, o := range opts {
 		o(b)
 	}
@@ -183,7 +192,11 @@ func (c *fakeConn) serve(t *testing.T, conns chan<- *fakeConn) {
 			if c.write(&packets.Connack{Properties: &packets.Properties{}}) != nil {
 				return
 			}
-			conns <- c
+			select { // a test that reconnects often need not take them all
+			case conns <- c:
+			case <-c.b.quit:
+				return
+			}
 			if c.b.deaf {
 				<-c.b.quit
 				return
@@ -202,7 +215,18 @@ func (c *fakeConn) serve(t *testing.T, conns chan<- *fakeConn) {
 				return
 			}
 		case *packets.Publish:
-			c.pubs <- p
+			if !c.b.autoAck {
+				c.pubs <- p
+				continue
+			}
+			if c.b.closeAbove > 0 && strings.Count(p.Topic, "/")+1 > c.b.closeAbove {
+				c.b.closes.Add(1)
+				return
+			}
+			if c.write(&packets.Puback{PacketID: p.PacketID, Properties: &packets.Properties{}}) != nil {
+				return
+			}
+			c.b.acked <- p.Topic
 		case *packets.Pingreq:
 			if c.write(&packets.Pingresp{}) != nil {
 				return
@@ -588,4 +612,168 @@ func TestShutdownWithDeafBroker(t *testing.T) {
 	if d := time.Since(start); d > 5*time.Second {
 		t.Errorf("the link took %v to stop, want a few seconds at most", d)
 	}
+}
+
+// closingBroker is a fake broker that acknowledges every PUBLISH itself and
+// closes the connection on one whose topic has more than 7 levels (AWS IoT
+// Core's limit is 7 slashes).
+func closingBroker(t *testing.T) *fakeBroker {
+	return startFakeBroker(t, func(b *fakeBroker) { b.autoAck, b.closeAbove = true, 7 })
+}
+
+// queueDeep queues a, then deep (whose upstream topic
+// bastion/gw1/deep/t/a/b/c/d has 8 levels), then b and c, before the link
+// starts: the first connection sends them together.
+func queueDeep(t *testing.T, dir string) bridges.Message {
+	t.Helper()
+	q, err := queue.Open(dir, queue.Options{}, testLog(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	deep := bridges.Message{Device: "deep", Topic: "devices/deep/t/a/b/c/d", QoS: 1, Payload: []byte(`{}`)}
+	for _, m := range []bridges.Message{telemetry("a", 1), deep, telemetry("b", 2), telemetry("c", 3)} {
+		if err := q.Accept(context.Background(), m); err != nil {
+			t.Fatalf("Accept: %v", err)
+		}
+	}
+	if err := q.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return deep
+}
+
+// expectAcked waits until the broker has acknowledged every topic in want
+// (more copies are allowed: delivery is at least once) and nothing else.
+func expectAcked(t *testing.T, fb *fakeBroker, l *link, want ...string) {
+	t.Helper()
+	missing := map[string]bool{}
+	for _, w := range want {
+		missing[w] = true
+	}
+	for len(missing) > 0 {
+		select {
+		case topic := <-fb.acked:
+			if !slices.Contains(want, topic) {
+				t.Fatalf("the broker acknowledged %s, want only %v", topic, want)
+			}
+			delete(missing, topic)
+		case <-time.After(20 * time.Second):
+			t.Fatalf("never acknowledged: %v; status %+v", missing, l.up.Status())
+		}
+	}
+}
+
+// TestParkBeyondTopicLimits: with upstream.max_topic_levels the link parks
+// a message whose upstream topic has more levels, without sending it (the
+// broker would close the connection on it, on every reconnect), and the
+// messages behind it are delivered on the same connection.
+func TestParkBeyondTopicLimits(t *testing.T) {
+	fb := closingBroker(t)
+	dir := t.TempDir()
+	deep := queueDeep(t, dir)
+	cfg := fb.config(t)
+	cfg.MaxTopicLevels = 7
+	l := startLink(t, cfg, dir)
+	p := startParking(t, l, t.TempDir())
+	expectAcked(t, fb, l, "bastion/gw1/a/t/n", "bastion/gw1/b/t/n", "bastion/gw1/c/t/n")
+	waitFor(t, "the deep message parked", 10*time.Second, func() bool { return p.Stats().Depth == 1 })
+	waitFor(t, "the queue emptied", 10*time.Second, func() bool { return l.q.Stats().Depth == 0 })
+	if n := fb.closes.Load(); n != 0 {
+		t.Errorf("the broker closed %d connections: the deep message was sent", n)
+	}
+	ps, err := l.up.ListParked(context.Background(), 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(ps.Messages) != 1 || ps.Messages[0].Device != "deep" || ps.Messages[0].Topic != deep.Topic ||
+		!strings.Contains(ps.Messages[0].Why, `"bastion/gw1/deep/t/a/b/c/d" has 8 levels, more than upstream.max_topic_levels 7`) {
+		t.Fatalf("parked %+v, want the deep message and why", ps.Messages)
+	}
+	if v := metricLabel(t, l, "bastion_upstream_parked_total", "topic_too_deep"); v != 1 {
+		t.Errorf("bastion_upstream_parked_total{reason=topic_too_deep} = %v, want 1", v)
+	}
+
+	// By length: bastion/gw1/deep/t/a/b/c/d is 26 bytes.
+	l.stop()
+	fb2 := closingBroker(t)
+	dir = t.TempDir()
+	queueDeep(t, dir)
+	cfg = fb2.config(t)
+	cfg.MaxTopicLength = 20
+	l = startLink(t, cfg, dir)
+	p = startParking(t, l, t.TempDir())
+	expectAcked(t, fb2, l, "bastion/gw1/a/t/n", "bastion/gw1/b/t/n", "bastion/gw1/c/t/n")
+	waitFor(t, "the long message parked", 10*time.Second, func() bool { return p.Stats().Depth == 1 })
+	if st := l.up.Status(); !strings.Contains(st.LastParked, "is 26 bytes, more than upstream.max_topic_length 20") {
+		t.Errorf("LastParked %q, want the length and the limit", st.LastParked)
+	}
+}
+
+// TestParkWhatClosesTheConnection: a broker closes the connection (no
+// PUBACK) on a message whose topic is beyond its limits, and the link knows
+// no limit. Resent from the queue's head on every reconnect, the message
+// used to hold back every message behind it for ever. The link finds it
+// (slow start after the first close, then the same message alone three
+// times in a row), parks it, and the rest is delivered.
+func TestParkWhatClosesTheConnection(t *testing.T) {
+	fb := closingBroker(t)
+	dir := t.TempDir()
+	deep := queueDeep(t, dir)
+	l := startLink(t, fb.config(t), dir)
+	p := startParking(t, l, t.TempDir())
+	expectAcked(t, fb, l, "bastion/gw1/a/t/n", "bastion/gw1/b/t/n", "bastion/gw1/c/t/n")
+	waitFor(t, "the deep message parked", 20*time.Second, func() bool { return p.Stats().Depth == 1 })
+	waitFor(t, "the queue emptied", 10*time.Second, func() bool { return l.q.Stats().Depth == 0 })
+	if n := fb.closes.Load(); n < poisonStrikes || n > poisonStrikes+3 {
+		t.Errorf("the broker closed %d connections on the deep message, want %d to %d", n, poisonStrikes, poisonStrikes+3)
+	}
+	ps, err := l.up.ListParked(context.Background(), 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(ps.Messages) != 1 || ps.Messages[0].Device != "deep" || ps.Messages[0].Topic != deep.Topic ||
+		!strings.Contains(ps.Messages[0].Why, "the broker closed the connection 3 times in a row within 10s of receiving it, without a PUBACK") {
+		t.Fatalf("parked %+v, want the deep message and why", ps.Messages)
+	}
+	if v := metricLabel(t, l, "bastion_upstream_parked_total", "connection_closed"); v != 1 {
+		t.Errorf("bastion_upstream_parked_total{reason=connection_closed} = %v, want 1", v)
+	}
+	// Then the link pipelines again: 20 more in one go, none closing.
+	for i := range 20 {
+		if err := l.up.Accept(context.Background(), telemetry("e", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for range 20 {
+		select {
+		case topic := <-fb.acked:
+			if topic != "bastion/gw1/e/t/n" && topic != "bastion/gw1/a/t/n" && topic != "bastion/gw1/b/t/n" && topic != "bastion/gw1/c/t/n" {
+				t.Fatalf("acknowledged %s", topic)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("the later messages were not delivered; status %+v", l.up.Status())
+		}
+	}
+}
+
+// metricLabel is metric name's value for the series with a label of value v.
+func metricLabel(t testing.TB, l *link, name, v string) float64 {
+	t.Helper()
+	mfs, err := l.reg.Gather()
+	if err != nil {
+		t.Fatalf("gather: %v", err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			for _, lp := range m.GetLabel() {
+				if lp.GetValue() == v {
+					return m.GetCounter().GetValue() + m.GetGauge().GetValue()
+				}
+			}
+		}
+	}
+	return 0
 }

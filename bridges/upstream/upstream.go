@@ -115,6 +115,10 @@ type Upstream struct {
 	queuedWithheld, redactRefused minuteLog
 	restart                       context.CancelFunc
 	parks                         parkBucket
+
+	// poison finds a message the broker answers by closing the connection
+	// (poison.go); only the sender's goroutine touches it.
+	poison poisonWatch
 }
 
 // New checks cfg (Defaults, Validate), loads the certificate files and
@@ -805,10 +809,17 @@ func (u *Upstream) downlink(ctx context.Context, p *paho.Publish) {
 // connection stays up (a broker refusing a message) it waits with growing
 // pauses instead of spinning; the message stays in the queue.
 func (u *Upstream) sendLoop(ctx context.Context, ls *linkSession, ups <-chan chan struct{}, s *snapshot) {
-	var down chan struct{}
+	var (
+		down chan struct{}
+		last *sendRun // the last run on down's connection
+	)
 	pause := time.Duration(0)
 	for ctx.Err() == nil {
 		if down == nil || closed(down) {
+			if last != nil {
+				u.connectionEnded(last)
+				last = nil
+			}
 			select {
 			case down = <-ups:
 				pause = 0
@@ -825,7 +836,11 @@ func (u *Upstream) sendLoop(ctx context.Context, ls *linkSession, ups <-chan cha
 				return
 			}
 		}
-		if u.pipeline(ctx, ls, down, s) {
+		r := u.pipeline(ctx, ls, down, s)
+		if r != nil {
+			last = r
+		}
+		if r != nil && r.failed.Load() {
 			pause = min(max(2*pause, s.cfg.BackoffMin), s.cfg.BackoffMax)
 		} else {
 			pause = 0
@@ -843,20 +858,21 @@ func closed(c <-chan struct{}) bool {
 }
 
 // pipeline sends the queue from its head until the connection drops or a
-// publish fails, and reports whether it ended on a failure other than the
+// publish fails, and returns the run (nil if the connection was gone
+// already), whose failed says whether it ended on a failure other than the
 // connection going down. It is the only writer of PUBLISH packets: it
 // writes them in queue order (so order per device is kept), every PUBLISH
 // that is ready at once in one write (one TLS record), with up to Window
 // (and the broker's Receive Maximum) awaiting their PUBACK. The PUBACKs
 // complete on paho's receive goroutine (linkSession, sendRun.puback).
-func (u *Upstream) pipeline(ctx context.Context, ls *linkSession, down <-chan struct{}, s *snapshot) bool {
+func (u *Upstream) pipeline(ctx context.Context, ls *linkSession, down <-chan struct{}, s *snapshot) *sendRun {
 	gen, maxQoS, maxPacket := ls.connection()
 	if gen == 0 { // already gone; the next connection brings a new down
 		select {
 		case <-down:
 		case <-ctx.Done():
 		}
-		return false
+		return nil
 	}
 	pctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -890,6 +906,10 @@ func (u *Upstream) pipeline(ctx context.Context, ls *linkSession, down <-chan st
 		cursor  uint64
 		buf     []byte
 		qos0    []uint64 // sent at QoS 0 in buf: acked once written
+		// The last QoS 1 PUBLISH in buf, for r.written once it is.
+		lastSeq    uint64
+		lastDev    string
+		lastSingle bool
 	)
 	flush := func() bool {
 		if len(buf) == 0 {
@@ -903,6 +923,10 @@ func (u *Upstream) pipeline(ctx context.Context, ls *linkSession, down <-chan st
 			}
 			cancel()
 			return false
+		}
+		if lastSeq != 0 {
+			r.written, r.writtenDev, r.single, r.writtenAt = lastSeq, lastDev, lastSingle, time.Now()
+			lastSeq = 0
 		}
 		if len(qos0) > 0 {
 			if err := u.q.Ack(qos0...); err != nil {
@@ -934,10 +958,22 @@ feed:
 			if !keep {
 				continue // withheld and acked
 			}
+			if why, label := s.cfg.topicLimit(topic, e.Device); why != "" {
+				// Not sent: a broker that enforces its topic limits by
+				// closing the connection would get it again on every
+				// reconnect, and every message behind it would wait.
+				err := u.park(e, label, why)
+				if err == nil {
+					continue
+				}
+				r.fail(fmt.Errorf("upstream broker %s: seq %d from %s: %s; it cannot be parked: %w; it stays at the head of the queue and every message behind it waits",
+					s.cfg.Broker, e.Seq, e.Device, why, err))
+				break feed
+			}
 			qos := min(e.QoS, 1)
 			if n := publishLen(qos, topic, payload, s.cfg.Gateway, e.Seq); maxPacket > 0 && n > maxPacket {
 				why := fmt.Sprintf("the PUBLISH would be larger than the broker's Maximum Packet Size of %d bytes", maxPacket)
-				err := u.park(e, 0x95, why)
+				err := u.park(e, reasonName(0x95), why)
 				if err == nil {
 					continue
 				}
@@ -950,10 +986,14 @@ feed:
 					s.cfg.Broker, maxQoS, e.Seq, e.Device))
 				break feed
 			}
-			var id uint16
+			var (
+				id     uint16
+				window int
+			)
 			for qos > 0 {
 				var full bool
-				id, full, err = ls.addPublish(gen, s.cfg.Window, r, e.Seq, e.Device)
+				window = u.poison.window(r, s.cfg.Window)
+				id, full, err = ls.addPublish(gen, window, r, e.Seq, e.Device)
 				if err != nil {
 					if !errors.Is(err, errNoConnection) {
 						r.fail(fmt.Errorf("upstream publish seq %d: %w", e.Seq, err))
@@ -976,6 +1016,8 @@ feed:
 			buf = appendPublish(buf, id, qos, topic, payload, s.cfg.Gateway, e.Seq)
 			if qos == 0 {
 				qos0 = append(qos0, e.Seq)
+			} else {
+				lastSeq, lastDev, lastSingle = e.Seq, e.Device, window == 1
 			}
 		}
 		if !flush() {
@@ -991,7 +1033,7 @@ feed:
 	flush()
 	cancel()
 	wg.Wait()
-	return r.failed.Load()
+	return r
 }
 
 // sendRun is one pass of the pipeline over one connection.
@@ -1013,6 +1055,27 @@ type sendRun struct {
 	refused atomic.Bool
 	heldMu  sync.Mutex
 	held    []string // devices with a refused message kept in the queue
+
+	// For poisonWatch. The sender sets the last QoS 1 PUBLISH it wrote, its
+	// device, when, and whether it was then the only one awaiting a PUBACK
+	// (single); paho's reading goroutine counts the broker's answers
+	// (PUBACKs, successes or refusals) and the highest seq answered. The
+	// broker answers in the order it received them.
+	written    uint64
+	writtenDev string
+	writtenAt  time.Time
+	single     bool
+	acks       atomic.Uint64
+	ackedTo    atomic.Uint64
+}
+
+// answered records the broker's PUBACK for seq (on paho's reading
+// goroutine, the only writer).
+func (r *sendRun) answered(seq uint64) {
+	r.acks.Add(1)
+	if seq > r.ackedTo.Load() {
+		r.ackedTo.Store(seq)
+	}
 }
 
 // fail ends the run on a failure other than the connection going down.

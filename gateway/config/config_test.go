@@ -85,7 +85,8 @@ func TestLoadErrors(t *testing.T) {
 		"upstream cleartext":    {"upstream:\n  enabled: true\n  broker: mqtt://cloud:1883\n  ca_file: /ca\n  cert_file: /c\n  key_file: /k\n", []string{"bad.yaml:3: upstream.broker: scheme \"mqtt\" is not accepted"}},
 		"upstream no ca":        {"upstream:\n  enabled: true\n  broker: mqtts://cloud:8883\n  cert_file: /c\n  key_file: /k\n", []string{"bad.yaml:1: upstream.ca_file: required"}},
 		"upstream loop":         {"upstream:\n  enabled: true\n  broker: mqtts://cloud:8883\n  ca_file: /ca\n  cert_file: /c\n  key_file: /k\n  uplink: [{local: \"devices/{id}/t/#\", remote: \"bastion/{gateway}/{id}/c/#\"}]\n", []string{"bad.yaml:7: upstream.uplink"}},
-		"upstream downlink overlap": {"upstream:\n  enabled: true\n  broker: mqtts://cloud:8883\n  ca_file: /ca\n  cert_file: /c\n  key_file: /k\n  downlink:\n    - {remote: \"{prefix}/{gateway}/{id}/c/#\", local: \"devices/{id}/c/#\"}\n    - {remote: \"{prefix}/{gateway}/cmd/{id}/#\", local: \"devices/{id}/c/cmd/#\"}\n", []string{"bad.yaml:9: upstream.downlink[1].remote: \"{prefix}/{gateway}/cmd/{id}/#\" overlaps upstream.downlink[0].remote"}},
+		"downlinks overlap":     {"upstream:\n  enabled: true\n  broker: mqtts://cloud:8883\n  ca_file: /ca\n  cert_file: /c\n  key_file: /k\n  downlink:\n    - {remote: \"{prefix}/{gateway}/{id}/c/#\", local: \"devices/{id}/c/#\"}\n    - {remote: \"{prefix}/{gateway}/cmd/{id}/#\", local: \"devices/{id}/c/cmd/#\"}\n", []string{"bad.yaml:9: upstream.downlink[1].remote: \"{prefix}/{gateway}/cmd/{id}/#\" overlaps upstream.downlink[0].remote"}},
+		"upstream topic levels": {"upstream:\n  enabled: true\n  broker: mqtts://cloud:8883\n  ca_file: /ca\n  cert_file: /c\n  key_file: /k\n  max_topic_levels: 3\n", []string{"bad.yaml:7: upstream.max_topic_levels: 3 is fewer than the 4 levels"}},
 		"upstream bad key":      {"upstream:\n  brokr: x\n", []string{"bad.yaml:2: upstream.brokr: unknown key; accepted here: backoff_max, backoff_min, broker"}},
 		"memory limit small":    {"log:\n  level: info\nmemory_limit: 1000\n", []string{"bad.yaml:3: memory_limit: \"1000\" is below 32 MiB (33554432)"}},
 		"memory limit negative": {"memory_limit: -2\n", []string{"bad.yaml:1: memory_limit: \"-2\" is below 32 MiB"}},
@@ -268,7 +269,7 @@ func TestForwardOnlyWhatTheFileNames(t *testing.T) {
 func TestUpstreamIDsFollowGatewayID(t *testing.T) {
 	const up = "upstream:\n  enabled: true\n  broker: mqtts://cloud.example.com:8883\n  ca_file: /ca\n  cert_file: /c\n  key_file: /k\n"
 	for name, tc := range map[string]struct {
-		yaml                           string
+		yaml                          string
 		gateway, clientID, serverName string
 	}{
 		"gateway set":        {"gateway_id: gw-a\n" + up + "  gateway: gw-a\n", "gw-a", "gw-a", "cloud.example.com"},

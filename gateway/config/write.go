@@ -113,6 +113,10 @@ upstream:
   keepalive: %s
   backoff_min: %s
   backoff_max: %s
+  # The broker's limits on a topic (AWS IoT Core: 256 bytes, 8 levels), for a broker
+  # that closes the connection on a topic beyond them: such a message is parked unsent.
+  max_topic_length: %d   # bytes (0 = no limit)
+  max_topic_levels: %d   # (0 = no limit)
   queue_max_bytes: %d  # when full, new QoS 1 messages are refused, never dropped
   queue_max_age: %s
   parked_max_bytes: %d # messages the broker refuses for good wait here for bastionctl upstream parked retry|drop
@@ -147,7 +151,7 @@ pairing:
 		c.Firmware.CheckInterval.D(), c.Firmware.MaxCacheBytes, c.Firmware.HTTPSListen,
 		c.Upstream.Enabled, c.Upstream.Broker, derived(c.Upstream.ServerName, brokerHost(c.Upstream.Broker)), c.Upstream.CAFile, c.Upstream.CertFile, c.Upstream.KeyFile,
 		c.Upstream.TLSMinVersion, derived(c.Upstream.Gateway, c.GatewayID), derived(c.Upstream.ClientID, c.Upstream.Gateway), c.Upstream.Prefix, c.Upstream.KeepAlive, c.Upstream.BackoffMin, c.Upstream.BackoffMax,
-		c.Upstream.QueueMaxBytes, c.Upstream.QueueMaxAge.D(), c.Upstream.ParkedMaxBytes, rules(c.Upstream.Forward),
+		c.Upstream.MaxTopicLength, c.Upstream.MaxTopicLevels, c.Upstream.QueueMaxBytes, c.Upstream.QueueMaxAge.D(), c.Upstream.ParkedMaxBytes, rules(c.Upstream.Forward),
 		c.Pairing.Window.D(), c.Pairing.Input, c.Pairing.KeyCode, c.Pairing.Layout, c.Pairing.GPIOChip, c.Pairing.GPIOLine, c.Pairing.ESTListen,
 		vendors(c.Pairing.Vendors))
 	return err
