@@ -121,6 +121,9 @@ func (u consoleUpstream) Show(ctx context.Context) (console.Report, error) {
 		{"commands subscribed", strconv.FormatBool(st.DownlinkSubscribed)},
 		{"queue", fmt.Sprintf("%d messages, %d bytes", q.Depth, q.Bytes)},
 	}}
+	if st.ClientCertWarning != "" {
+		link.Alarm = st.ClientCertWarning
+	}
 	if g.parking != nil {
 		ps := g.parking.Stats()
 		link.Rows = append(link.Rows, [2]string{"parked (refused by the broker for good)", fmt.Sprintf("%d messages, %d bytes", ps.Depth, ps.Bytes)})

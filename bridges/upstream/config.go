@@ -43,6 +43,14 @@ type Config struct {
 	// Window bounds the messages read from the queue and not yet
 	// acknowledged upstream; default 256.
 	Window int `toml:"window" yaml:"window" json:"window"`
+	// MaxTopicLength (bytes) and MaxTopicLevels are the broker's limits on
+	// an upstream topic (AWS IoT Core: 256 and 8), for brokers that answer
+	// a topic beyond them by closing the connection rather than with a
+	// PUBACK: the link would resend it on every reconnect, and every message
+	// behind it would wait. A message whose mapped topic is beyond them is
+	// parked without being sent. 0: no limit.
+	MaxTopicLength int `toml:"max_topic_length" yaml:"max_topic_length" json:"max_topic_length"`
+	MaxTopicLevels int `toml:"max_topic_levels" yaml:"max_topic_levels" json:"max_topic_levels"`
 	// Uplink maps local device topics to upstream topics. Default:
 	// devices/{id}/t/# -> {prefix}/{gateway}/{id}/t/#.
 	Uplink []Mapping `toml:"uplink" yaml:"uplink" json:"uplink"`
@@ -176,11 +184,44 @@ func (c *Config) Validate() error {
 	if c.Window < 1 || c.Window > 65535 {
 		bad("window", "%d is not accepted; use 1 to 65535", c.Window)
 	}
-	if _, err := c.compile(); err != nil {
+	if c.MaxTopicLength < 0 || c.MaxTopicLength > 65535 {
+		bad("max_topic_length", "%d is not accepted; use 0 (no limit) or the broker's limit in bytes, up to 65535 (AWS IoT Core: 256)", c.MaxTopicLength)
+	}
+	if c.MaxTopicLevels < 0 || c.MaxTopicLevels > 32768 {
+		bad("max_topic_levels", "%d is not accepted; use 0 (no limit) or the broker's limit on topic levels (AWS IoT Core: 8, i.e. 7 slashes)", c.MaxTopicLevels)
+	}
+	if rs, err := c.compile(); err != nil {
 		errs = append(errs, err)
+	} else {
+		for i, r := range rs.up {
+			// The shortest topic the mapping makes: a one-byte id, nothing
+			// for the final #.
+			levels, length := len(r.to.levels)-1, len(r.to.pre)+1+len(r.to.post)
+			if c.MaxTopicLevels > 0 && levels > c.MaxTopicLevels {
+				bad("max_topic_levels", "%d is fewer than the %d levels upstream.uplink[%d].remote %q gives every topic: every message it maps would be parked; raise it to the broker's limit or shorten the mapping", c.MaxTopicLevels, levels, i, c.Uplink[i].Remote)
+			}
+			if c.MaxTopicLength > 0 && length > c.MaxTopicLength {
+				bad("max_topic_length", "%d is shorter than the %d bytes upstream.uplink[%d].remote %q gives every topic: every message it maps would be parked; raise it to the broker's limit or shorten the mapping (prefix, gateway)", c.MaxTopicLength, length, i, c.Uplink[i].Remote)
+			}
+		}
 	}
 	errs = append(errs, validateRules(c.Forward)...)
 	return errors.Join(errs...)
+}
+
+// topicLimit says why an upstream topic of device dev is beyond
+// MaxTopicLength or MaxTopicLevels ("" when it is not), with what to
+// change, and the metric label.
+func (c *Config) topicLimit(topic, dev string) (why, label string) {
+	if c.MaxTopicLength > 0 && len(topic) > c.MaxTopicLength {
+		return fmt.Sprintf("the upstream topic %q is %d bytes, more than upstream.max_topic_length %d (the broker's limit): shorten device %s's topic or the uplink mapping, or raise upstream.max_topic_length if the broker allows it, then retry", topic, len(topic), c.MaxTopicLength, dev), "topic_too_long"
+	}
+	if c.MaxTopicLevels > 0 {
+		if n := strings.Count(topic, "/") + 1; n > c.MaxTopicLevels {
+			return fmt.Sprintf("the upstream topic %q has %d levels, more than upstream.max_topic_levels %d (the broker's limit): use fewer levels in device %s's topic or the uplink mapping, or raise upstream.max_topic_levels if the broker allows it, then retry", topic, n, c.MaxTopicLevels, dev), "topic_too_deep"
+		}
+	}
+	return "", ""
 }
 
 // validateRules checks privacy rules without I/O; Validate and SetForward
@@ -261,6 +302,12 @@ func (c *Config) compile() (routes, error) {
 		if err != nil {
 			errs = append(errs, fmt.Errorf("%s.local: %w", key, err))
 			continue
+		}
+		for j, r := range rs.down {
+			if overlaps(from.filter(), r.from.filter()) {
+				errs = append(errs, fmt.Errorf("%s.remote: %q overlaps upstream.downlink[%d].remote %q: a topic such as %q matches both, so the first mapping decides which device a command is for and the broker may deliver it once per subscription; make them disjoint",
+					key, m.Remote, j, c.Downlink[j].Remote, overlapExample(from.filter(), r.from.filter())))
+			}
 		}
 		rs.down = append(rs.down, route{from: from, to: to})
 	}

@@ -48,6 +48,25 @@ func TestConfigValidate(t *testing.T) {
 			c.Uplink = []Mapping{{Local: "devices/{id}/t/#", Remote: "x/{id}/#"}}
 			c.Downlink = []Mapping{{Remote: "x/{id}/#", Local: "devices/{id}/c/#"}}
 		}, want: []string{"loop"}},
+		// A command on bastion/gw1/cmd/c/x matched both: the first mapping
+		// made it one for device "cmd", and a broker may deliver it once
+		// per subscription.
+		"overlapping downlinks": {edit: func(c *Config) {
+			c.Downlink = []Mapping{{Remote: "{prefix}/{gateway}/{id}/c/#", Local: "devices/{id}/c/#"}, {Remote: "{prefix}/{gateway}/cmd/{id}/#", Local: "devices/{id}/c/cmd/#"}}
+		}, want: []string{`upstream.downlink[1].remote: "{prefix}/{gateway}/cmd/{id}/#" overlaps upstream.downlink[0].remote "{prefix}/{gateway}/{id}/c/#": a topic such as "bastion/gw1/cmd/c" matches both`, "make them disjoint"}},
+		"same downlink twice": {edit: func(c *Config) {
+			c.Downlink = []Mapping{{Remote: "{prefix}/{gateway}/{id}/c/#", Local: "devices/{id}/c/#"}, {Remote: "{prefix}/{gateway}/{id}/c/#", Local: "devices/{id}/c/#"}}
+		}, want: []string{"upstream.downlink[1].remote", "overlaps upstream.downlink[0].remote"}},
+		"topic limits":          {edit: func(c *Config) { c.MaxTopicLength, c.MaxTopicLevels = 256, 8 }},
+		"negative topic length": {edit: func(c *Config) { c.MaxTopicLength = -1 }, want: []string{"upstream.max_topic_length: -1 is not accepted"}},
+		"huge topic levels":     {edit: func(c *Config) { c.MaxTopicLevels = 40000 }, want: []string{"upstream.max_topic_levels: 40000 is not accepted"}},
+		// bastion/gw1/{id}/t/# makes topics of at least 4 levels and 15 bytes.
+		"levels below mapping": {edit: func(c *Config) { c.MaxTopicLevels = 3 }, want: []string{`upstream.max_topic_levels: 3 is fewer than the 4 levels upstream.uplink[0].remote "{prefix}/{gateway}/{id}/t/#" gives every topic`}},
+		"length below mapping": {edit: func(c *Config) { c.MaxTopicLength = 14 }, want: []string{`upstream.max_topic_length: 14 is shorter than the 15 bytes upstream.uplink[0].remote`}},
+		"limits just fit":      {edit: func(c *Config) { c.MaxTopicLength, c.MaxTopicLevels = 15, 4 }},
+		"disjoint downlinks": {edit: func(c *Config) {
+			c.Downlink = []Mapping{{Remote: "{prefix}/{gateway}/{id}/c/#", Local: "devices/{id}/c/#"}, {Remote: "{prefix}/{gateway}/{id}/ota/#", Local: "devices/{id}/c/ota/#"}}
+		}},
 	}
 	for name, tc := range cases {
 		t.Run(name, func(t *testing.T) {
@@ -111,6 +130,20 @@ func TestTopicMapping(t *testing.T) {
 	}
 	if _, _, ok := rs.down[0].from.match("bastion/gw2/d7/c/x"); ok {
 		t.Errorf("another gateway's command matched")
+	}
+}
+
+func TestOverlapExample(t *testing.T) {
+	for _, c := range [][2]string{
+		{"a/b", "a/b"}, {"a/+", "a/c"}, {"a/#", "a"}, {"+/t/#", "x/+/c"}, {"+/t/#", "x/+/#"}, {"#", "x"}, {"#", "#"},
+		{"bastion/gw/+/c/#", "bastion/gw/cmd/+/#"}, {"p/+/+/#", "p/+/+/#"},
+	} {
+		for _, ab := range [][2]string{c, {c[1], c[0]}} {
+			ex := overlapExample(ab[0], ab[1])
+			if !matchFilter(ab[0], ex) || !matchFilter(ab[1], ex) {
+				t.Errorf("overlapExample(%q, %q) = %q, which does not match both", ab[0], ab[1], ex)
+			}
+		}
 	}
 }
 

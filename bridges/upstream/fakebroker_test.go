@@ -3,14 +3,25 @@ package upstream
 import (
 	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
 	"errors"
 	"io"
+	"math/big"
 	"net"
+	"os"
+	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -39,6 +50,21 @@ type fakeBroker struct {
 	// reason for every filter (0: granted).
 	refuseSubs   atomic.Int32
 	refuseReason byte
+	// refuseConnects: the next this many CONNECTs are answered with a
+	// CONNACK refusing them (0x87, not authorized), then closed.
+	refuseConnects atomic.Int32
+	// deaf (set by an option): after its CONNACK the broker reads nothing
+	// more, through a small receive buffer, until it is closed (quit).
+	deaf bool
+	quit chan struct{}
+	// autoAck (set by an option): the broker answers every PUBLISH with a
+	// PUBACK itself and sends its topic to acked; one whose topic has more
+	// than closeAbove levels (0: no limit) it answers by closing the
+	// connection, as AWS IoT Core does for a topic beyond its limits.
+	autoAck    bool
+	closeAbove int
+	acked      chan string
+	closes     atomic.Int32 // connections closed on such a PUBLISH
 }
 
 // fakeConn is one client connection to a fakeBroker.
@@ -54,7 +80,7 @@ type fakeConn struct {
 	connect *packets.Connect
 }
 
-func startFakeBroker(t *testing.T) *fakeBroker {
+func startFakeBroker(t *testing.T, opts ...func(*fakeBroker)) *fakeBroker {
 	t.Helper()
 	ca := testpki.New(t, t.TempDir(), "fake")
 	srv := ca.Server(t, "fake-server", "fake.test", "127.0.0.1")
@@ -64,11 +90,28 @@ func startFakeBroker(t *testing.T) *fakeBroker {
 		ClientAuth:   tls.RequireAndVerifyClientCert,
 		ClientCAs:    ca.Pool(),
 	}
-	ln, err := tls.Listen("tcp", "127.0.0.1:0", tc)
+	b := &fakeBroker{ca: ca, conns: make(chan *fakeConn, 16), quit: make(chan struct{}), acked: make(chan string, 1024)}
+	for _, o := range opts {
+		o(b)
+	}
+	var lc net.ListenConfig
+	if b.deaf {
+		// Accepted connections inherit it: what the link writes fills
+		// the buffers after a few MiB instead of tens.
+		lc.Control = func(_, _ string, rc syscall.RawConn) error {
+			var serr error
+			if err := rc.Control(func(fd uintptr) { serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096) }); err != nil {
+				return err
+			}
+			return serr
+		}
+	}
+	raw, err := lc.Listen(context.Background(), "tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatalf("fake broker: listen: %v", err)
 	}
-	b := &fakeBroker{addr: ln.Addr().String(), ca: ca, ln: ln, conns: make(chan *fakeConn, 16)}
+	ln := tls.NewListener(raw, tc)
+	b.addr, b.ln = ln.Addr().String(), ln
 	b.wg.Add(1)
 	go func() {
 		defer b.wg.Done()
@@ -95,6 +138,7 @@ func startFakeBroker(t *testing.T) *fakeBroker {
 }
 
 func (b *fakeBroker) close() {
+	close(b.quit)
 	b.ln.Close()
 	b.mu.Lock()
 	for _, c := range b.open {
@@ -141,10 +185,22 @@ func (c *fakeConn) serve(t *testing.T, conns chan<- *fakeConn) {
 		switch p := cp.Content.(type) {
 		case *packets.Connect:
 			c.connect = p
+			if c.b.refuseConnects.Add(-1) >= 0 {
+				c.write(&packets.Connack{ReasonCode: 0x87, Properties: &packets.Properties{}})
+				return
+			}
 			if c.write(&packets.Connack{Properties: &packets.Properties{}}) != nil {
 				return
 			}
-			conns <- c
+			select { // a test that reconnects often need not take them all
+			case conns <- c:
+			case <-c.b.quit:
+				return
+			}
+			if c.b.deaf {
+				<-c.b.quit
+				return
+			}
 		case *packets.Subscribe:
 			granted := make([]byte, len(p.Subscriptions))
 			refuse := c.b.refuseSubs.Add(-1) >= 0
@@ -159,7 +215,18 @@ func (c *fakeConn) serve(t *testing.T, conns chan<- *fakeConn) {
 				return
 			}
 		case *packets.Publish:
-			c.pubs <- p
+			if !c.b.autoAck {
+				c.pubs <- p
+				continue
+			}
+			if c.b.closeAbove > 0 && strings.Count(p.Topic, "/")+1 > c.b.closeAbove {
+				c.b.closes.Add(1)
+				return
+			}
+			if c.write(&packets.Puback{PacketID: p.PacketID, Properties: &packets.Properties{}}) != nil {
+				return
+			}
+			c.b.acked <- p.Topic
 		case *packets.Pingreq:
 			if c.write(&packets.Pingresp{}) != nil {
 				return
@@ -395,4 +462,318 @@ func TestDownlinkSubscriptionRetried(t *testing.T) {
 		t.Errorf("the link reconnected; want the subscription asked again on the same connection")
 	default:
 	}
+}
+
+// TestConnectClearsLastError: the broker refuses the first CONNECT; once
+// the link is connected, Status().LastError no longer shows that refusal
+// beside connected: true (bastionctl status showed an old error as if it
+// were current), and LastErrorBeforeConnect keeps it.
+func TestConnectClearsLastError(t *testing.T) {
+	fb := startFakeBroker(t)
+	fb.refuseConnects.Store(1)
+	l := startLink(t, fb.config(t), t.TempDir())
+	fb.next(t)
+	waitFor(t, "connected", 10*time.Second, func() bool { return l.up.Status().Connected })
+	st := l.up.Status()
+	if st.LastError != "" || !st.LastErrorAt.IsZero() {
+		t.Errorf("connected, LastError %q at %v; want none (the refusal came before this connection)", st.LastError, st.LastErrorAt)
+	}
+	if !strings.Contains(st.LastErrorBeforeConnect, "server denied connect (reason: 135)") || st.LastErrorBeforeAt.IsZero() || st.LastErrorBeforeAt.After(st.ConnectedSince) {
+		t.Errorf("LastErrorBeforeConnect %q at %v (connected since %v); want the refused CONNECT, before the connection", st.LastErrorBeforeConnect, st.LastErrorBeforeAt, st.ConnectedSince)
+	}
+}
+
+// clientValid issues a client certificate from ca valid from notBefore to
+// notAfter (testpki's are valid now), as files in a new directory.
+func clientValid(t *testing.T, ca *testpki.CA, cn string, notBefore, notAfter time.Time) (certFile, keyFile string) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(time.Now().UnixNano()),
+		Subject:      pkix.Name{CommonName: cn},
+		NotBefore:    notBefore, NotAfter: notAfter,
+		KeyUsage:    x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, &key.PublicKey, ca.Key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kder, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	certFile, keyFile = filepath.Join(dir, cn+".pem"), filepath.Join(dir, cn+"-key.pem")
+	if err := os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kder}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return certFile, keyFile
+}
+
+// TestReloadRefusesCertNotValidNow: a reload with an expired client
+// certificate, or one not valid yet, is refused with what to do, and the
+// running one stays (it was installed, and the working link went down on
+// it). A certificate that expires within a week is installed, and Status
+// says so.
+func TestReloadRefusesCertNotValidNow(t *testing.T) {
+	fb := startFakeBroker(t)
+	cfg := fb.config(t)
+	now := time.Now()
+	cfg.CertFile, cfg.KeyFile = clientValid(t, fb.ca, "gw1", now.Add(-time.Hour), now.Add(365*24*time.Hour))
+	l := startLink(t, cfg, t.TempDir())
+	fb.next(t)
+	waitFor(t, "connected", 10*time.Second, func() bool { return l.up.Status().Connected })
+	old := l.up.Status()
+	if !strings.Contains(old.ClientCertSubject, "gw1") || old.ClientCertWarning != "" {
+		t.Fatalf("status before: subject %q, warning %q; want gw1 and no warning", old.ClientCertSubject, old.ClientCertWarning)
+	}
+	for name, tc := range map[string]struct {
+		from, until time.Time
+		want        string
+	}{
+		"expired": {now.Add(-48 * time.Hour), now.Add(-time.Hour), "expired at"},
+		"not yet": {now.Add(time.Hour), now.Add(48 * time.Hour), "is valid only from"},
+	} {
+		bad := cfg
+		bad.CertFile, bad.KeyFile = clientValid(t, fb.ca, "gw1-"+strings.ReplaceAll(name, " ", "-"), tc.from, tc.until)
+		err := l.up.Reload(bad)
+		if err == nil || !strings.Contains(err.Error(), "keeping the running configuration") || !strings.Contains(err.Error(), "upstream.cert_file "+bad.CertFile) || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: Reload: %v; want a refusal naming upstream.cert_file and %q", name, err, tc.want)
+		}
+		if st := l.up.Status(); st.ClientCertSubject != old.ClientCertSubject || !st.ClientCertNotAfter.Equal(old.ClientCertNotAfter) {
+			t.Errorf("%s: after the refused reload, status subject %q until %v; want the running %q until %v", name, st.ClientCertSubject, st.ClientCertNotAfter, old.ClientCertSubject, old.ClientCertNotAfter)
+		}
+	}
+	if v := metric(t, l, "bastion_upstream_reloads_total"); v != 2 {
+		t.Errorf("bastion_upstream_reloads_total = %v, want 2 (refused)", v)
+	}
+
+	soon := cfg
+	soon.CertFile, soon.KeyFile = clientValid(t, fb.ca, "gw1-soon", now.Add(-time.Hour), now.Add(3*24*time.Hour))
+	if err := l.up.Reload(soon); err != nil {
+		t.Fatalf("Reload with a certificate valid for 3 more days: %v", err)
+	}
+	if st := l.up.Status(); st.ClientCertSubject != "CN=gw1-soon" || !strings.Contains(st.ClientCertWarning, "expires in 72h") {
+		t.Errorf("status subject %q, warning %q; want gw1-soon and a warning that it expires in 72h", st.ClientCertSubject, st.ClientCertWarning)
+	}
+}
+
+// TestShutdownWithDeafBroker: the broker accepts the link and then reads
+// nothing more. The link's write of its backlog blocks (the buffers are
+// full); stopping the link must not wait for it: before writes had a
+// deadline, the blocked write held the connection's lock, autopaho's
+// DISCONNECT waited behind it, and shutdown took until paho's missing
+// PINGRESP ended the connection (about two keepalives: up to 36 h).
+func TestShutdownWithDeafBroker(t *testing.T) {
+	fb := startFakeBroker(t, func(b *fakeBroker) { b.deaf = true })
+	dir := t.TempDir()
+	q, err := queue.Open(dir, queue.Options{}, testLog(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// 8 MiB: more than the kernel buffers between the link and a reader
+	// that reads nothing hold (4 MiB send buffer, 4 KiB receive buffer).
+	pad := strings.Repeat("x", 200<<10)
+	for i := range 40 {
+		m := telemetry("d1", i)
+		m.Payload = []byte(`{"pad":"` + pad + `"}`)
+		if err := q.Accept(context.Background(), m); err != nil {
+			t.Fatalf("Accept: %v", err)
+		}
+	}
+	if err := q.Close(); err != nil {
+		t.Fatal(err)
+	}
+	cfg := fb.config(t)
+	cfg.KeepAlive = time.Minute // the write deadline is then 30 s: shutdown must not wait for it either
+	l := startLink(t, cfg, dir)
+	fb.next(t)
+	waitFor(t, "connected", 10*time.Second, func() bool { return l.up.Status().Connected })
+	time.Sleep(500 * time.Millisecond) // the backlog's write fills the buffers and blocks
+	start := time.Now()
+	stopped := make(chan struct{})
+	go func() {
+		l.stop()
+		close(stopped)
+	}()
+	select {
+	case <-stopped:
+	case <-time.After(10 * time.Second):
+		t.Errorf("the link did not stop within 10s of its shutdown with a broker that reads nothing")
+		<-stopped // l.stop may not run twice at once (the cleanup's)
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("the link took %v to stop, want a few seconds at most", d)
+	}
+}
+
+// closingBroker is a fake broker that acknowledges every PUBLISH itself and
+// closes the connection on one whose topic has more than 7 levels (AWS IoT
+// Core's limit is 7 slashes).
+func closingBroker(t *testing.T) *fakeBroker {
+	return startFakeBroker(t, func(b *fakeBroker) { b.autoAck, b.closeAbove = true, 7 })
+}
+
+// queueDeep queues a, then deep (whose upstream topic
+// bastion/gw1/deep/t/a/b/c/d has 8 levels), then b and c, before the link
+// starts: the first connection sends them together.
+func queueDeep(t *testing.T, dir string) bridges.Message {
+	t.Helper()
+	q, err := queue.Open(dir, queue.Options{}, testLog(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	deep := bridges.Message{Device: "deep", Topic: "devices/deep/t/a/b/c/d", QoS: 1, Payload: []byte(`{}`)}
+	for _, m := range []bridges.Message{telemetry("a", 1), deep, telemetry("b", 2), telemetry("c", 3)} {
+		if err := q.Accept(context.Background(), m); err != nil {
+			t.Fatalf("Accept: %v", err)
+		}
+	}
+	if err := q.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return deep
+}
+
+// expectAcked waits until the broker has acknowledged every topic in want
+// (more copies are allowed: delivery is at least once) and nothing else.
+func expectAcked(t *testing.T, fb *fakeBroker, l *link, want ...string) {
+	t.Helper()
+	missing := map[string]bool{}
+	for _, w := range want {
+		missing[w] = true
+	}
+	for len(missing) > 0 {
+		select {
+		case topic := <-fb.acked:
+			if !slices.Contains(want, topic) {
+				t.Fatalf("the broker acknowledged %s, want only %v", topic, want)
+			}
+			delete(missing, topic)
+		case <-time.After(20 * time.Second):
+			t.Fatalf("never acknowledged: %v; status %+v", missing, l.up.Status())
+		}
+	}
+}
+
+// TestParkBeyondTopicLimits: with upstream.max_topic_levels the link parks
+// a message whose upstream topic has more levels, without sending it (the
+// broker would close the connection on it, on every reconnect), and the
+// messages behind it are delivered on the same connection.
+func TestParkBeyondTopicLimits(t *testing.T) {
+	fb := closingBroker(t)
+	dir := t.TempDir()
+	deep := queueDeep(t, dir)
+	cfg := fb.config(t)
+	cfg.MaxTopicLevels = 7
+	l := startLink(t, cfg, dir)
+	p := startParking(t, l, t.TempDir())
+	expectAcked(t, fb, l, "bastion/gw1/a/t/n", "bastion/gw1/b/t/n", "bastion/gw1/c/t/n")
+	waitFor(t, "the deep message parked", 10*time.Second, func() bool { return p.Stats().Depth == 1 })
+	waitFor(t, "the queue emptied", 10*time.Second, func() bool { return l.q.Stats().Depth == 0 })
+	if n := fb.closes.Load(); n != 0 {
+		t.Errorf("the broker closed %d connections: the deep message was sent", n)
+	}
+	ps, err := l.up.ListParked(context.Background(), 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(ps.Messages) != 1 || ps.Messages[0].Device != "deep" || ps.Messages[0].Topic != deep.Topic ||
+		!strings.Contains(ps.Messages[0].Why, `"bastion/gw1/deep/t/a/b/c/d" has 8 levels, more than upstream.max_topic_levels 7`) {
+		t.Fatalf("parked %+v, want the deep message and why", ps.Messages)
+	}
+	if v := metricLabel(t, l, "bastion_upstream_parked_total", "topic_too_deep"); v != 1 {
+		t.Errorf("bastion_upstream_parked_total{reason=topic_too_deep} = %v, want 1", v)
+	}
+
+	// By length: bastion/gw1/deep/t/a/b/c/d is 26 bytes.
+	l.stop()
+	fb2 := closingBroker(t)
+	dir = t.TempDir()
+	queueDeep(t, dir)
+	cfg = fb2.config(t)
+	cfg.MaxTopicLength = 20
+	l = startLink(t, cfg, dir)
+	p = startParking(t, l, t.TempDir())
+	expectAcked(t, fb2, l, "bastion/gw1/a/t/n", "bastion/gw1/b/t/n", "bastion/gw1/c/t/n")
+	waitFor(t, "the long message parked", 10*time.Second, func() bool { return p.Stats().Depth == 1 })
+	if st := l.up.Status(); !strings.Contains(st.LastParked, "is 26 bytes, more than upstream.max_topic_length 20") {
+		t.Errorf("LastParked %q, want the length and the limit", st.LastParked)
+	}
+}
+
+// TestParkWhatClosesTheConnection: a broker closes the connection (no
+// PUBACK) on a message whose topic is beyond its limits, and the link knows
+// no limit. Resent from the queue's head on every reconnect, the message
+// used to hold back every message behind it for ever. The link finds it
+// (slow start after the first close, then the same message alone three
+// times in a row), parks it, and the rest is delivered.
+func TestParkWhatClosesTheConnection(t *testing.T) {
+	fb := closingBroker(t)
+	dir := t.TempDir()
+	deep := queueDeep(t, dir)
+	l := startLink(t, fb.config(t), dir)
+	p := startParking(t, l, t.TempDir())
+	expectAcked(t, fb, l, "bastion/gw1/a/t/n", "bastion/gw1/b/t/n", "bastion/gw1/c/t/n")
+	waitFor(t, "the deep message parked", 20*time.Second, func() bool { return p.Stats().Depth == 1 })
+	waitFor(t, "the queue emptied", 10*time.Second, func() bool { return l.q.Stats().Depth == 0 })
+	if n := fb.closes.Load(); n < poisonStrikes || n > poisonStrikes+3 {
+		t.Errorf("the broker closed %d connections on the deep message, want %d to %d", n, poisonStrikes, poisonStrikes+3)
+	}
+	ps, err := l.up.ListParked(context.Background(), 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(ps.Messages) != 1 || ps.Messages[0].Device != "deep" || ps.Messages[0].Topic != deep.Topic ||
+		!strings.Contains(ps.Messages[0].Why, "the broker closed the connection 3 times in a row within 10s of receiving it, without a PUBACK") {
+		t.Fatalf("parked %+v, want the deep message and why", ps.Messages)
+	}
+	if v := metricLabel(t, l, "bastion_upstream_parked_total", "connection_closed"); v != 1 {
+		t.Errorf("bastion_upstream_parked_total{reason=connection_closed} = %v, want 1", v)
+	}
+	// Then the link pipelines again: 20 more in one go, none closing.
+	for i := range 20 {
+		if err := l.up.Accept(context.Background(), telemetry("e", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for range 20 {
+		select {
+		case topic := <-fb.acked:
+			if topic != "bastion/gw1/e/t/n" && topic != "bastion/gw1/a/t/n" && topic != "bastion/gw1/b/t/n" && topic != "bastion/gw1/c/t/n" {
+				t.Fatalf("acknowledged %s", topic)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("the later messages were not delivered; status %+v", l.up.Status())
+		}
+	}
+}
+
+// metricLabel is metric name's value for the series with a label of value v.
+func metricLabel(t testing.TB, l *link, name, v string) float64 {
+	t.Helper()
+	mfs, err := l.reg.Gather()
+	if err != nil {
+		t.Fatalf("gather: %v", err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			for _, lp := range m.GetLabel() {
+				if lp.GetValue() == v {
+					return m.GetCounter().GetValue() + m.GetGauge().GetValue()
+				}
+			}
+		}
+	}
+	return 0
 }

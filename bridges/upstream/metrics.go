@@ -33,7 +33,7 @@ func newMetrics() *metrics {
 		withheldQueued: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bastion_upstream_withheld_queued_total",
 			Help: "Of the withheld messages, those deleted from the queue when due to be sent (accepted and acknowledged to their device before a reload changed the mapping or the privacy rules), by reason."}, []string{"reason"}),
 		parked: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bastion_upstream_parked_total",
-			Help: "Messages the broker refused for good, moved to the parking queue, by reason (not_authorized, topic_name_invalid, packet_too_large, payload_format_invalid)."}, []string{"reason"}),
+			Help: "Messages the broker refused for good, or would, moved to the parking queue, by reason (the broker's PUBACK: not_authorized, topic_name_invalid, packet_too_large, payload_format_invalid; found by the link: topic_too_long, topic_too_deep (upstream.max_topic_length, max_topic_levels), connection_closed (the broker closed the connection on it 3 times in a row))."}, []string{"reason"}),
 		downlink: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bastion_upstream_downlink_total",
 			Help: "Downlink commands by result (delivered: a device session received it; no_receiver: kept for the device, none received it; refused, loop, unmapped, retained: replayed from the broker's store, dropped)."}, []string{"result"}),
 		downlinkSubscribed: prometheus.NewGauge(prometheus.GaugeOpts{Name: "bastion_upstream_downlink_subscribed",

@@ -99,10 +99,13 @@ func (u *Upstream) SetParking(p *queue.Queue) {
 	u.parking.Store(p)
 }
 
-// park moves entry e, refused with reason, to the parking queue. When it
-// cannot (no parking queue, the burst is used up, the parking queue is full
-// or failed) the message stays in the main queue and the error says why.
-func (u *Upstream) park(e queue.Entry, reason byte, why string) error {
+// park moves entry e to the parking queue: why says what is wrong with it
+// and what to change, label is the metric's reason (reasonName of the
+// broker's refusal, or what the link found: topic_too_long, topic_too_deep,
+// connection_closed). When it cannot (no parking queue, the burst is used
+// up, the parking queue is full or failed) the message stays in the main
+// queue and the error says why.
+func (u *Upstream) park(e queue.Entry, label, why string) error {
 	p := u.parking.Load()
 	if p == nil {
 		return errors.New("the link has no parking queue")
@@ -127,12 +130,12 @@ func (u *Upstream) park(e queue.Entry, reason byte, why string) error {
 		log.Error("upstream: parked message could not be deleted from the queue", "err", err)
 		return fmt.Errorf("parked, but not deleted from the queue: %w", err)
 	}
-	u.m.parked.WithLabelValues(reasonName(reason)).Inc()
+	u.m.parked.WithLabelValues(label).Inc()
 	u.mu.Lock()
 	u.st.LastParked = why
 	u.st.LastParkedAt = time.Now()
 	u.mu.Unlock()
-	log.Warn("upstream: message refused by the broker for good; parked (bastionctl upstream parked list | retry | drop)", "refusal", why)
+	log.Warn("upstream: message the broker refuses for good, or would, parked so the messages behind it flow (bastionctl upstream parked list | retry | drop)", "reason", label, "refusal", why)
 	return nil
 }
 
@@ -146,20 +149,15 @@ func (u *Upstream) parkRefused(seq uint64, dev string, reason byte, why string) 
 	if u.parking.Load() == nil || !permanent(reason) {
 		return false
 	}
-	// Next reads what is held before it waits for more, so with a context
-	// already done it is a lookup: on paho's reading goroutine a wait for a
-	// message that is gone would stall PUBACKs and PINGRESPs.
-	ctx, cancel := context.WithCancel(context.Background())
-	cancel()
-	es, err := u.q.Next(ctx, seq-1, 1)
+	e, ok, err := u.heldEntry(seq) // a lookup: it never waits
 	switch {
-	case err != nil && !errors.Is(err, context.Canceled):
+	case err != nil:
 		return false // unreadable: leave it to the retry
-	case len(es) == 0 || es[0].Seq != seq:
+	case !ok:
 		u.log.Info("upstream: a refused message is no longer queued (parked or accepted as another copy); nothing to do", "device", dev, "seq", seq, "refusal", why)
 		return true
 	}
-	return u.park(es[0], reason, why) == nil
+	return u.park(e, reasonName(reason), why) == nil
 }
 
 // The parking queue keeps why each message was refused after its topic and

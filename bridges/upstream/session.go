@@ -207,6 +207,7 @@ func (s *linkSession) PacketReceived(recv *packets.ControlPacket, pubChan chan<-
 			case s.room <- struct{}{}:
 			default:
 			}
+			cp.r.answered(cp.seq)
 			cp.r.puback(cp.seq, cp.dev, p.ReasonCode)
 		}
 		return nil
@@ -291,6 +292,7 @@ func (s *linkSession) pubacks(gen uint64, acks []puback) {
 		if a.r == nil {
 			continue
 		}
+		a.r.answered(a.seq)
 		if a.r != run {
 			done()
 			run = a.r

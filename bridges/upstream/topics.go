@@ -126,6 +126,42 @@ func overlaps(a, b string) bool {
 	}
 }
 
+// overlapExample is a topic that matches both MQTT filters a and b, which
+// overlap: for the error that refuses them.
+func overlapExample(a, b string) string {
+	x, y := strings.Split(a, "/"), strings.Split(b, "/")
+	var t []string
+	for i := 0; i < len(x) && i < len(y); i++ {
+		if x[i] == "#" {
+			t = append(t, y[i:]...)
+			break
+		}
+		if y[i] == "#" {
+			t = append(t, x[i:]...)
+			break
+		}
+		l := x[i]
+		if l == "+" {
+			l = y[i]
+		}
+		t = append(t, l)
+	}
+	out := t[:0]
+	for _, l := range t {
+		switch l {
+		case "#":
+			continue
+		case "+":
+			l = "x"
+		}
+		out = append(out, l)
+	}
+	if len(out) == 0 {
+		return "x"
+	}
+	return strings.Join(out, "/")
+}
+
 // validFilter checks an MQTT topic filter (privacy rules).
 func validFilter(f string) error {
 	if f == "" {

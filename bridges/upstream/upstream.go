@@ -60,21 +60,30 @@ type Deliver func(ctx context.Context, m bridges.Message) error
 
 // Status is the link's state for bastionctl and the console.
 type Status struct {
-	Connected          bool      `json:"connected"`
-	Broker             string    `json:"broker"`
-	ServerName         string    `json:"server_name"`
-	ConnectedSince     time.Time `json:"connected_since,omitzero"`
-	LastError          string    `json:"last_error,omitempty"`
-	LastErrorAt        time.Time `json:"last_error_at,omitzero"`
-	Published          uint64    `json:"published"` // acknowledged by the broker
-	Withheld           uint64    `json:"withheld"`  // kept local by privacy rules or mapping
-	Downlink           uint64    `json:"downlink"`  // commands a device session received (not those kept for a device that is away)
-	LoopsDropped       uint64    `json:"loops_dropped"`
-	DownlinkSubscribed bool      `json:"downlink_subscribed"`   // the broker granted every downlink subscription on this connection
-	LastParked         string    `json:"last_parked,omitempty"` // why the broker refused the last parked message
-	LastParkedAt       time.Time `json:"last_parked_at,omitzero"`
-	ClientCertSubject  string    `json:"client_cert_subject"`
-	ClientCertNotAfter time.Time `json:"client_cert_not_after"`
+	Connected      bool      `json:"connected"`
+	Broker         string    `json:"broker"`
+	ServerName     string    `json:"server_name"`
+	ConnectedSince time.Time `json:"connected_since,omitzero"`
+	// LastError is the link's latest error; a connection coming up (its
+	// CONNACK) clears it and keeps it as LastErrorBeforeConnect, so an
+	// error shown next to connected: true happened on this connection.
+	LastError              string    `json:"last_error,omitempty"`
+	LastErrorAt            time.Time `json:"last_error_at,omitzero"`
+	LastErrorBeforeConnect string    `json:"last_error_before_connect,omitempty"` // why the link was down before the current connection
+	LastErrorBeforeAt      time.Time `json:"last_error_before_connect_at,omitzero"`
+	Published              uint64    `json:"published"` // acknowledged by the broker
+	Withheld               uint64    `json:"withheld"`  // kept local by privacy rules or mapping
+	Downlink               uint64    `json:"downlink"`  // commands a device session received (not those kept for a device that is away)
+	LoopsDropped           uint64    `json:"loops_dropped"`
+	DownlinkSubscribed     bool      `json:"downlink_subscribed"`   // the broker granted every downlink subscription on this connection
+	LastParked             string    `json:"last_parked,omitempty"` // why the broker refused the last parked message
+	LastParkedAt           time.Time `json:"last_parked_at,omitzero"`
+	ClientCertSubject      string    `json:"client_cert_subject"`
+	ClientCertNotAfter     time.Time `json:"client_cert_not_after"`
+	// ClientCertWarning says when the client certificate expires within
+	// certWarnBefore, or has expired: renew it before the broker refuses
+	// the link.
+	ClientCertWarning string `json:"client_cert_warning,omitempty"`
 }
 
 // snapshot is one immutable configuration with its loaded credentials.
@@ -106,6 +115,10 @@ type Upstream struct {
 	queuedWithheld, redactRefused minuteLog
 	restart                       context.CancelFunc
 	parks                         parkBucket
+
+	// poison finds a message the broker answers by closing the connection
+	// (poison.go); only the sender's goroutine touches it.
+	poison poisonWatch
 }
 
 // New checks cfg (Defaults, Validate), loads the certificate files and
@@ -170,6 +183,9 @@ func load(cfg Config) (*snapshot, error) {
 }
 
 func (u *Upstream) install(s *snapshot) {
+	if w := certWarning(s.cert.Leaf.NotAfter, time.Now()); w != "" {
+		u.log.Warn("upstream: "+w, "cert_file", s.cfg.CertFile, "subject", s.cert.Leaf.Subject.String())
+	}
 	u.cur.Store(s)
 	u.mu.Lock()
 	u.st.Broker = s.cfg.Broker
@@ -181,13 +197,19 @@ func (u *Upstream) install(s *snapshot) {
 }
 
 // Reload swaps in a new configuration and credentials (client certificate,
-// CA bundle) without a restart. A bad config or unreadable files leave the
+// CA bundle) without a restart. A bad config, unreadable files or a client
+// certificate that is not valid now (expired, or not yet valid) leave the
 // running one in place and return why. When the connection parameters or
 // credentials changed, the link reconnects so the new ones are used (and
 // proven) at once; privacy rules and uplink mappings apply from the next
 // message.
 func (u *Upstream) Reload(cfg Config) error {
 	s, err := load(cfg)
+	if err == nil {
+		// The running link works, or may; one with a certificate the
+		// broker must refuse would not.
+		err = certDates(s, time.Now())
+	}
 	if err != nil {
 		u.m.reloads.WithLabelValues("refused").Inc()
 		return fmt.Errorf("upstream reload refused, keeping the running configuration: %w", err)
@@ -202,6 +224,38 @@ func (u *Upstream) Reload(cfg Config) error {
 			u.restart()
 		}
 		u.mu.Unlock()
+	}
+	return nil
+}
+
+// certWarnBefore: the client certificate's coming expiry is reported
+// (log, Status) this long before.
+const certWarnBefore = 7 * 24 * time.Hour
+
+// certWarning says when a client certificate valid until notAfter expires
+// soon or has expired ("" when neither).
+func certWarning(notAfter, now time.Time) string {
+	switch left := notAfter.Sub(now); {
+	case notAfter.IsZero() || left >= certWarnBefore:
+		return ""
+	case left <= 0:
+		return fmt.Sprintf("the client certificate (upstream.cert_file) expired at %s: the broker refuses the link until a renewed certificate is installed (then SIGHUP)", notAfter.UTC().Format(time.RFC3339))
+	default:
+		return fmt.Sprintf("the client certificate (upstream.cert_file) expires in %s, at %s: install a renewed certificate (then SIGHUP) before the broker refuses the link", left.Round(time.Hour), notAfter.UTC().Format(time.RFC3339))
+	}
+}
+
+// certDates refuses a client certificate that is not valid now: installed,
+// it would take a working link down (the broker refuses it).
+func certDates(s *snapshot, now time.Time) error {
+	leaf := s.cert.Leaf
+	switch {
+	case now.After(leaf.NotAfter):
+		return fmt.Errorf("upstream.cert_file %s: the client certificate %q expired at %s (now %s); the broker would refuse it: install a renewed certificate and reload",
+			s.cfg.CertFile, leaf.Subject.String(), leaf.NotAfter.UTC().Format(time.RFC3339), now.UTC().Format(time.RFC3339))
+	case now.Before(leaf.NotBefore):
+		return fmt.Errorf("upstream.cert_file %s: the client certificate %q is valid only from %s (now %s); the broker would refuse it: check this box's clock, or install a certificate valid now, and reload",
+			s.cfg.CertFile, leaf.Subject.String(), leaf.NotBefore.UTC().Format(time.RFC3339), now.UTC().Format(time.RFC3339))
 	}
 	return nil
 }
@@ -253,8 +307,10 @@ func equalChain(a, b [][]byte) bool {
 // Status returns a snapshot of the link's state.
 func (u *Upstream) Status() Status {
 	u.mu.Lock()
-	defer u.mu.Unlock()
-	return u.st
+	st := u.st
+	u.mu.Unlock()
+	st.ClientCertWarning = certWarning(st.ClientCertNotAfter, time.Now())
+	return st
 }
 
 // Accept is the privacy gate in front of the queue (a bridges.Sink): a
@@ -414,6 +470,9 @@ func (u *Upstream) generation(ctx context.Context, s *snapshot) error {
 		},
 		OnConnectionUp: func(cm *autopaho.ConnectionManager, ca *paho.Connack) {
 			u.log.Info("upstream connected", "broker", s.cfg.Broker)
+			if w := certWarning(u.cur.Load().cert.Leaf.NotAfter, time.Now()); w != "" {
+				u.log.Warn("upstream: "+w, "cert_file", s.cfg.CertFile)
+			}
 			bo.up()
 			u.setConnected(true)
 			d := make(chan struct{})
@@ -512,7 +571,12 @@ func (u *Upstream) dial(ctx context.Context, _ autopaho.ClientConfig, broker *ur
 		raw.Close()
 		return nil, explain(err, s)
 	}
-	return &packetConn{Conn: conn}, nil
+	pc := &packetConn{Conn: conn, writeTimeout: writeTimeout(s.cfg.KeepAlive)}
+	// ctx ends at shutdown and reload: a write blocked on a broker that
+	// stopped reading would hold them up to writeTimeout, and the
+	// DISCONNECT behind it.
+	pc.stopAbort = context.AfterFunc(ctx, func() { pc.abortWrites(shutdownGrace) })
+	return pc, nil
 }
 
 // explained is an error explain already annotated.
@@ -567,6 +631,12 @@ func (u *Upstream) setConnected(up bool) {
 	defer u.mu.Unlock()
 	if up && !u.st.Connected {
 		u.st.ConnectedSince = time.Now()
+		// The errors so far are why the link was down: kept apart, so
+		// that last_error beside connected: true is about this connection.
+		if u.st.LastError != "" {
+			u.st.LastErrorBeforeConnect, u.st.LastErrorBeforeAt = u.st.LastError, u.st.LastErrorAt
+			u.st.LastError, u.st.LastErrorAt = "", time.Time{}
+		}
 	}
 	if !up {
 		u.st.ConnectedSince = time.Time{}
@@ -739,10 +809,17 @@ func (u *Upstream) downlink(ctx context.Context, p *paho.Publish) {
 // connection stays up (a broker refusing a message) it waits with growing
 // pauses instead of spinning; the message stays in the queue.
 func (u *Upstream) sendLoop(ctx context.Context, ls *linkSession, ups <-chan chan struct{}, s *snapshot) {
-	var down chan struct{}
+	var (
+		down chan struct{}
+		last *sendRun // the last run on down's connection
+	)
 	pause := time.Duration(0)
 	for ctx.Err() == nil {
 		if down == nil || closed(down) {
+			if last != nil {
+				u.connectionEnded(last)
+				last = nil
+			}
 			select {
 			case down = <-ups:
 				pause = 0
@@ -759,7 +836,11 @@ func (u *Upstream) sendLoop(ctx context.Context, ls *linkSession, ups <-chan cha
 				return
 			}
 		}
-		if u.pipeline(ctx, ls, down, s) {
+		r := u.pipeline(ctx, ls, down, s)
+		if r != nil {
+			last = r
+		}
+		if r != nil && r.failed.Load() {
 			pause = min(max(2*pause, s.cfg.BackoffMin), s.cfg.BackoffMax)
 		} else {
 			pause = 0
@@ -777,20 +858,21 @@ func closed(c <-chan struct{}) bool {
 }
 
 // pipeline sends the queue from its head until the connection drops or a
-// publish fails, and reports whether it ended on a failure other than the
+// publish fails, and returns the run (nil if the connection was gone
+// already), whose failed says whether it ended on a failure other than the
 // connection going down. It is the only writer of PUBLISH packets: it
 // writes them in queue order (so order per device is kept), every PUBLISH
 // that is ready at once in one write (one TLS record), with up to Window
 // (and the broker's Receive Maximum) awaiting their PUBACK. The PUBACKs
 // complete on paho's receive goroutine (linkSession, sendRun.puback).
-func (u *Upstream) pipeline(ctx context.Context, ls *linkSession, down <-chan struct{}, s *snapshot) bool {
+func (u *Upstream) pipeline(ctx context.Context, ls *linkSession, down <-chan struct{}, s *snapshot) *sendRun {
 	gen, maxQoS, maxPacket := ls.connection()
 	if gen == 0 { // already gone; the next connection brings a new down
 		select {
 		case <-down:
 		case <-ctx.Done():
 		}
-		return false
+		return nil
 	}
 	pctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -824,6 +906,10 @@ func (u *Upstream) pipeline(ctx context.Context, ls *linkSession, down <-chan st
 		cursor  uint64
 		buf     []byte
 		qos0    []uint64 // sent at QoS 0 in buf: acked once written
+		// The last QoS 1 PUBLISH in buf, for r.written once it is.
+		lastSeq    uint64
+		lastDev    string
+		lastSingle bool
 	)
 	flush := func() bool {
 		if len(buf) == 0 {
@@ -837,6 +923,10 @@ func (u *Upstream) pipeline(ctx context.Context, ls *linkSession, down <-chan st
 			}
 			cancel()
 			return false
+		}
+		if lastSeq != 0 {
+			r.written, r.writtenDev, r.single, r.writtenAt = lastSeq, lastDev, lastSingle, time.Now()
+			lastSeq = 0
 		}
 		if len(qos0) > 0 {
 			if err := u.q.Ack(qos0...); err != nil {
@@ -868,10 +958,22 @@ feed:
 			if !keep {
 				continue // withheld and acked
 			}
+			if why, label := s.cfg.topicLimit(topic, e.Device); why != "" {
+				// Not sent: a broker that enforces its topic limits by
+				// closing the connection would get it again on every
+				// reconnect, and every message behind it would wait.
+				err := u.park(e, label, why)
+				if err == nil {
+					continue
+				}
+				r.fail(fmt.Errorf("upstream broker %s: seq %d from %s: %s; it cannot be parked: %w; it stays at the head of the queue and every message behind it waits",
+					s.cfg.Broker, e.Seq, e.Device, why, err))
+				break feed
+			}
 			qos := min(e.QoS, 1)
 			if n := publishLen(qos, topic, payload, s.cfg.Gateway, e.Seq); maxPacket > 0 && n > maxPacket {
 				why := fmt.Sprintf("the PUBLISH would be larger than the broker's Maximum Packet Size of %d bytes", maxPacket)
-				err := u.park(e, 0x95, why)
+				err := u.park(e, reasonName(0x95), why)
 				if err == nil {
 					continue
 				}
@@ -884,10 +986,14 @@ feed:
 					s.cfg.Broker, maxQoS, e.Seq, e.Device))
 				break feed
 			}
-			var id uint16
+			var (
+				id     uint16
+				window int
+			)
 			for qos > 0 {
 				var full bool
-				id, full, err = ls.addPublish(gen, s.cfg.Window, r, e.Seq, e.Device)
+				window = u.poison.window(r, s.cfg.Window)
+				id, full, err = ls.addPublish(gen, window, r, e.Seq, e.Device)
 				if err != nil {
 					if !errors.Is(err, errNoConnection) {
 						r.fail(fmt.Errorf("upstream publish seq %d: %w", e.Seq, err))
@@ -910,6 +1016,8 @@ feed:
 			buf = appendPublish(buf, id, qos, topic, payload, s.cfg.Gateway, e.Seq)
 			if qos == 0 {
 				qos0 = append(qos0, e.Seq)
+			} else {
+				lastSeq, lastDev, lastSingle = e.Seq, e.Device, window == 1
 			}
 		}
 		if !flush() {
@@ -925,7 +1033,7 @@ feed:
 	flush()
 	cancel()
 	wg.Wait()
-	return r.failed.Load()
+	return r
 }
 
 // sendRun is one pass of the pipeline over one connection.
@@ -947,6 +1055,27 @@ type sendRun struct {
 	refused atomic.Bool
 	heldMu  sync.Mutex
 	held    []string // devices with a refused message kept in the queue
+
+	// For poisonWatch. The sender sets the last QoS 1 PUBLISH it wrote, its
+	// device, when, and whether it was then the only one awaiting a PUBACK
+	// (single); paho's reading goroutine counts the broker's answers
+	// (PUBACKs, successes or refusals) and the highest seq answered. The
+	// broker answers in the order it received them.
+	written    uint64
+	writtenDev string
+	writtenAt  time.Time
+	single     bool
+	acks       atomic.Uint64
+	ackedTo    atomic.Uint64
+}
+
+// answered records the broker's PUBACK for seq (on paho's reading
+// goroutine, the only writer).
+func (r *sendRun) answered(seq uint64) {
+	r.acks.Add(1)
+	if seq > r.ackedTo.Load() {
+		r.ackedTo.Store(seq)
+	}
 }
 
 // fail ends the run on a failure other than the connection going down.

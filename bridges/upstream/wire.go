@@ -4,6 +4,7 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
+	"time"
 )
 
 // packetConn is the connection paho writes to and reads from.
@@ -21,13 +22,23 @@ import (
 // allocates about 2 KB per packet (its bytes.Buffer grows by 512 bytes
 // before reading even a 2-byte body) and takes the session lock once per
 // PUBACK.
+//
+// Every write has a deadline (writeTimeout, and abortWrites once the link
+// is shutting down): a broker that stops reading would otherwise block the
+// writer while it holds mu, and with it paho's PINGREQ and the DISCONNECT
+// of a shutdown or reload, until paho's missing PINGRESP gave up on the
+// connection (about two keepalives: up to 36 hours).
 type packetConn struct {
 	net.Conn
-	mu     sync.Mutex
-	locked bool
-	first  bool
-	need   int
-	buf    []byte
+	// writeTimeout bounds each write of up to writeChunk bytes (0: none).
+	writeTimeout time.Duration
+	abortAt      atomic.Int64 // UnixNano: no write lasts past it (0: none)
+	stopAbort    func() bool  // unregisters the abort on the dial context
+	mu           sync.Mutex
+	locked       bool
+	first        bool
+	need         int
+	buf          []byte
 
 	// The read side; only paho's reading goroutine (its CONNACK reader,
 	// then its receive loop) touches it.
@@ -165,8 +176,79 @@ func fixedHeader(b []byte) (rem, hl int, ok bool) {
 func (c *packetConn) writePackets(b []byte) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	_, err := c.Conn.Write(b)
-	return err
+	return c.write(b)
+}
+
+// minWriteTimeout and maxWriteTimeout bound writeTimeout.
+const (
+	minWriteTimeout = 5 * time.Second
+	maxWriteTimeout = 30 * time.Second
+)
+
+// writeTimeout is how long one write (of up to writeChunk bytes) may take
+// on a link with keepalive k: a broker that takes no bytes for a whole
+// keepalive cannot take the PINGREQ either, so by MQTT's own measure the
+// connection is dead. Capped, so that a long keepalive (up to 18 h) does
+// not hold a reconnect; at least minWriteTimeout, because the kernel wakes
+// a blocked writer only once a good part of the send buffer has drained,
+// which on a slow uplink takes seconds (and with a short keepalive paho's
+// missing PINGRESP ends the connection soon anyway).
+func writeTimeout(k time.Duration) time.Duration {
+	return min(max(k, minWriteTimeout), maxWriteTimeout)
+}
+
+// writeChunk: a longer write is made in pieces, each with its own
+// deadline, so the deadline bounds how long the broker takes nothing, not
+// how long a large batch takes over a slow uplink.
+const writeChunk = 64 << 10
+
+// shutdownGrace is how long writes may still take once the link is
+// shutting down or reloading: enough for the DISCONNECT to a broker that
+// reads, and a write blocked on one that does not ends.
+const shutdownGrace = time.Second
+
+// write writes b under the write deadline. After a write times out the TLS
+// connection is unusable: paho's reader or the next write ends it, and the
+// link reconnects (the queue still holds what was not acknowledged).
+func (c *packetConn) write(b []byte) error {
+	for len(b) > 0 {
+		n := min(len(b), writeChunk)
+		c.setWriteDeadline()
+		if _, err := c.Conn.Write(b[:n]); err != nil {
+			return err
+		}
+		b = b[n:]
+	}
+	return nil
+}
+
+func (c *packetConn) setWriteDeadline() {
+	var d time.Time
+	if c.writeTimeout > 0 {
+		d = time.Now().Add(c.writeTimeout)
+		c.Conn.SetWriteDeadline(d)
+	}
+	// Checked after setting: abortWrites sets its deadline after storing
+	// it, so whichever runs second leaves the earlier deadline in force.
+	if a := c.abortAt.Load(); a != 0 && (d.IsZero() || a < d.UnixNano()) {
+		c.Conn.SetWriteDeadline(time.Unix(0, a))
+	}
+}
+
+// abortWrites bounds every write, the one in progress included, to end
+// within grace.
+func (c *packetConn) abortWrites(grace time.Duration) {
+	at := time.Now().Add(grace)
+	c.abortAt.Store(at.UnixNano())
+	c.Conn.SetWriteDeadline(at)
+}
+
+// Close also unregisters the abort from the dial context.
+func (c *packetConn) Close() error {
+	if c.stopAbort != nil {
+		c.stopAbort()
+	}
+	return c.Conn.Close()
 }
 
 func (c *packetConn) Lock() {
@@ -176,7 +258,7 @@ func (c *packetConn) Lock() {
 
 func (c *packetConn) Unlock() {
 	if len(c.buf) > 0 { // a packet shorter than its header said: send what we have
-		c.Conn.Write(c.buf) // an error shows on the next write or read
+		c.write(c.buf) // an error shows on the next write or read
 		c.buf = c.buf[:0]
 	}
 	c.locked = false
@@ -185,13 +267,13 @@ func (c *packetConn) Unlock() {
 
 func (c *packetConn) Write(b []byte) (int, error) {
 	if !c.locked || len(b) == 0 {
-		return c.Conn.Write(b)
+		return c.writeN(b)
 	}
 	if c.first {
 		c.first = false
 		rem, ok := remainingLength(b)
 		if !ok {
-			return c.Conn.Write(b)
+			return c.writeN(b)
 		}
 		c.need = rem
 		c.buf = append(c.buf[:0], b...)
@@ -200,11 +282,18 @@ func (c *packetConn) Write(b []byte) (int, error) {
 		c.need -= len(b)
 	}
 	if c.need <= 0 {
-		_, err := c.Conn.Write(c.buf)
+		err := c.write(c.buf)
 		c.buf = c.buf[:0]
 		if err != nil {
 			return 0, err
 		}
+	}
+	return len(b), nil
+}
+
+func (c *packetConn) writeN(b []byte) (int, error) {
+	if err := c.write(b); err != nil {
+		return 0, err
 	}
 	return len(b), nil
 }

@@ -6,9 +6,11 @@ import (
 	"errors"
 	"io"
 	"net"
+	"os"
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/eclipse/paho.golang/packets"
 	"github.com/google/go-cmp/cmp"
@@ -310,4 +312,89 @@ func refSplit(data []byte) (pass []byte, acks []uint64) {
 		data = data[n:]
 	}
 	return pass, acks
+}
+
+// TestWriteDeadline: a peer that reads nothing makes the link's write time
+// out after writeTimeout (it used to block until paho's keepalive gave up,
+// holding the lock paho's own packets need), and a write of many chunks
+// to a peer that reads is not cut short by it (the deadline is per chunk).
+func TestWriteDeadline(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	dial := func() (client, server net.Conn) {
+		t.Helper()
+		c, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		s, err := ln.Accept()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c, s
+	}
+
+	c, s := dial()
+	defer s.Close()
+	pc := &packetConn{Conn: c, writeTimeout: 200 * time.Millisecond}
+	defer pc.Close()
+	start := time.Now()
+	err = pc.writePackets(make([]byte, 64<<20)) // far more than the socket buffers hold
+	if !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("write to a peer that reads nothing: %v, want a deadline error", err)
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("the write took %v to time out, want about 200ms", d)
+	}
+	// paho's path (it locks the connection around a packet) is not held.
+	done := make(chan error, 1)
+	go func() {
+		_, err := packets.NewControlPacket(packets.PINGREQ).WriteTo(pc)
+		done <- err
+	}()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatalf("paho's write still blocked after the link's write timed out")
+	}
+
+	// A slow reader: the write takes several times writeTimeout in all,
+	// but each 64 KiB chunk is taken within it.
+	c2, s2 := dial()
+	defer s2.Close()
+	// A fixed send buffer: autotuned to 4 MiB on loopback, it wakes a
+	// blocked writer only once a third of it has drained.
+	c2.(*net.TCPConn).SetWriteBuffer(128 << 10)
+	pc2 := &packetConn{Conn: c2, writeTimeout: 500 * time.Millisecond}
+	defer pc2.Close()
+	read := make(chan int, 1)
+	go func() {
+		n := 0
+		buf := make([]byte, 32<<10)
+		for {
+			time.Sleep(10 * time.Millisecond)
+			k, err := s2.Read(buf)
+			n += k
+			if err != nil {
+				read <- n
+				return
+			}
+		}
+	}()
+	const total = 8 << 20
+	start = time.Now()
+	if err := pc2.writePackets(make([]byte, total)); err != nil {
+		t.Fatalf("write to a peer that reads slowly: %v (after %v)", err, time.Since(start))
+	}
+	took := time.Since(start)
+	pc2.Close()
+	if n := <-read; n != total {
+		t.Errorf("peer read %d bytes, want %d", n, total)
+	}
+	if took < 2*pc2.writeTimeout {
+		t.Logf("the write took %v: the reader was not slow enough to show the deadline is per chunk", took)
+	}
 }

@@ -85,6 +85,8 @@ func TestLoadErrors(t *testing.T) {
 		"upstream cleartext":    {"upstream:\n  enabled: true\n  broker: mqtt://cloud:1883\n  ca_file: /ca\n  cert_file: /c\n  key_file: /k\n", []string{"bad.yaml:3: upstream.broker: scheme \"mqtt\" is not accepted"}},
 		"upstream no ca":        {"upstream:\n  enabled: true\n  broker: mqtts://cloud:8883\n  cert_file: /c\n  key_file: /k\n", []string{"bad.yaml:1: upstream.ca_file: required"}},
 		"upstream loop":         {"upstream:\n  enabled: true\n  broker: mqtts://cloud:8883\n  ca_file: /ca\n  cert_file: /c\n  key_file: /k\n  uplink: [{local: \"devices/{id}/t/#\", remote: \"bastion/{gateway}/{id}/c/#\"}]\n", []string{"bad.yaml:7: upstream.uplink"}},
+		"downlinks overlap":     {"upstream:\n  enabled: true\n  broker: mqtts://cloud:8883\n  ca_file: /ca\n  cert_file: /c\n  key_file: /k\n  downlink:\n    - {remote: \"{prefix}/{gateway}/{id}/c/#\", local: \"devices/{id}/c/#\"}\n    - {remote: \"{prefix}/{gateway}/cmd/{id}/#\", local: \"devices/{id}/c/cmd/#\"}\n", []string{"bad.yaml:9: upstream.downlink[1].remote: \"{prefix}/{gateway}/cmd/{id}/#\" overlaps upstream.downlink[0].remote"}},
+		"upstream topic levels": {"upstream:\n  enabled: true\n  broker: mqtts://cloud:8883\n  ca_file: /ca\n  cert_file: /c\n  key_file: /k\n  max_topic_levels: 3\n", []string{"bad.yaml:7: upstream.max_topic_levels: 3 is fewer than the 4 levels"}},
 		"upstream bad key":      {"upstream:\n  brokr: x\n", []string{"bad.yaml:2: upstream.brokr: unknown key; accepted here: backoff_max, backoff_min, broker"}},
 		"memory limit small":    {"log:\n  level: info\nmemory_limit: 1000\n", []string{"bad.yaml:3: memory_limit: \"1000\" is below 32 MiB (33554432)"}},
 		"memory limit negative": {"memory_limit: -2\n", []string{"bad.yaml:1: memory_limit: \"-2\" is below 32 MiB"}},
@@ -252,6 +254,73 @@ func TestForwardOnlyWhatTheFileNames(t *testing.T) {
 			}
 			if len(c.Upstream.Forward) != 0 {
 				t.Errorf("a file naming no forward rule forwards %v", c.Upstream.Forward)
+			}
+		})
+	}
+}
+
+// TestUpstreamIDsFollowGatewayID: the upstream gateway id and the MQTT
+// client id are derived from the file's gateway_id, not from the base's
+// ("bastion", defaulted before the file was read): with the base's, every
+// gateway of a fleet connected as client "bastion" (taking over each
+// other's broker session) and subscribed to the same commands. A value
+// the file sets is kept, and a written default file carries no copy of
+// the derived values, so editing gateway_id alone is enough.
+func TestUpstreamIDsFollowGatewayID(t *testing.T) {
+	const up = "upstream:\n  enabled: true\n  broker: mqtts://cloud.example.com:8883\n  ca_file: /ca\n  cert_file: /c\n  key_file: /k\n"
+	for name, tc := range map[string]struct {
+		yaml                          string
+		gateway, clientID, serverName string
+	}{
+		"gateway set":        {"gateway_id: gw-a\n" + up + "  gateway: gw-a\n", "gw-a", "gw-a", "cloud.example.com"},
+		"gateway from id":    {"gateway_id: gw-a\n" + up, "gw-a", "gw-a", "cloud.example.com"},
+		"other gateway":      {"gateway_id: gw-a\n" + up + "  gateway: site-7\n", "site-7", "site-7", "cloud.example.com"},
+		"client id kept":     {"gateway_id: gw-a\n" + up + "  client_id: thing-a\n", "gw-a", "thing-a", "cloud.example.com"},
+		"empty means derive": {"gateway_id: gw-a\n" + up + "  gateway: \"\"\n  client_id: \"\"\n  server_name: \"\"\n", "gw-a", "gw-a", "cloud.example.com"},
+		"server name kept":   {"gateway_id: gw-a\n" + up + "  server_name: broker.internal\n", "gw-a", "gw-a", "broker.internal"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			base := Production()
+			base.Firewall.LAN = []string{"br-lan"}
+			c, err := Parse("bastion.yaml", []byte(tc.yaml), base)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got := []string{c.Upstream.Gateway, c.Upstream.ClientID, c.Upstream.ServerName}
+			if d := cmp.Diff([]string{tc.gateway, tc.clientID, tc.serverName}, got); d != "" {
+				t.Errorf("upstream gateway, client_id, server_name (-want +got):\n%s", d)
+			}
+		})
+	}
+
+	// A written default file, with only gateway_id and the broker edited.
+	for name, base := range map[string]Config{"production": Production(), "dev": Dev("/tmp/x")} {
+		t.Run("written "+name, func(t *testing.T) {
+			var buf bytes.Buffer
+			if err := WriteCommented(&buf, base); err != nil {
+				t.Fatal(err)
+			}
+			file := buf.String()
+			for _, key := range []string{"  gateway: \"\"", "  client_id: \"\"", "  server_name: \"\""} {
+				if !strings.Contains(file, key) {
+					t.Errorf("written file lacks %q (a derived value written as itself would not follow gateway_id)", key)
+				}
+			}
+			file = strings.Replace(file, fmt.Sprintf("gateway_id: %q", base.GatewayID), `gateway_id: "gw-b"`, 1)
+			file = strings.Replace(file, "  enabled: false\n  broker: \"\"", "  enabled: true\n  broker: \"mqtts://cloud.example.com:8883\"", 1)
+			for _, f := range []string{"ca_file", "cert_file", "key_file"} {
+				file = strings.Replace(file, "  "+f+": \"\"", "  "+f+": /"+f, 1)
+			}
+			c, err := Parse("bastion.yaml", []byte(file), base)
+			if err != nil {
+				t.Fatalf("%v\n%s", err, file)
+			}
+			if !c.Upstream.Enabled {
+				t.Fatalf("the edit did not turn upstream on:\n%s", file)
+			}
+			got := []string{c.Upstream.Gateway, c.Upstream.ClientID, c.Upstream.ServerName}
+			if d := cmp.Diff([]string{"gw-b", "gw-b", "cloud.example.com"}, got); d != "" {
+				t.Errorf("upstream gateway, client_id, server_name (-want +got):\n%s", d)
 			}
 		})
 	}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/url"
 	"os"
 	"reflect"
 	"sort"
@@ -90,6 +91,7 @@ func Parse(name string, b []byte, base Config) (Config, error) {
 		}
 		return Config{}, &Error{File: name, Line: yamlErrLine(err), Msg: trimYAMLErr(err)}
 	}
+	rederive(&c, base, lines)
 	SetDefaults(&c)
 	if err := c.Validate(); err != nil {
 		var ves Errors
@@ -103,6 +105,39 @@ func Parse(name string, b []byte, base Config) (Config, error) {
 		return Config{}, err
 	}
 	return c, nil
+}
+
+// rederive empties the base's derived values that the file does not set, so
+// that SetDefaults derives them again from what the file says. The base was
+// defaulted before any file was read: its upstream gateway is its own
+// gateway_id ("bastion"), its client id that gateway, its server name the
+// host of its broker. Kept, they would outlive the file's gateway_id or
+// broker: every gateway of a fleet would connect as client "bastion" (and
+// take over each other's broker session) and subscribe to the same
+// commands. A base value that was not derived (set on purpose) stays.
+func rederive(c *Config, base Config, lines map[string]int) {
+	b := base.Upstream
+	for _, d := range []struct {
+		key        string
+		field      *string
+		base, from string
+	}{
+		{"upstream.gateway", &c.Upstream.Gateway, b.Gateway, base.GatewayID},
+		{"upstream.client_id", &c.Upstream.ClientID, b.ClientID, b.Gateway},
+		{"upstream.server_name", &c.Upstream.ServerName, b.ServerName, brokerHost(b.Broker)},
+	} {
+		if _, set := lines[d.key]; !set && d.base == d.from {
+			*d.field = ""
+		}
+	}
+}
+
+func brokerHost(broker string) string {
+	u, err := url.Parse(broker)
+	if err != nil {
+		return ""
+	}
+	return u.Hostname()
 }
 
 // lineOf finds the line of key or, failing that, of its nearest parent, so

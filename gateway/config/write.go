@@ -107,16 +107,21 @@ upstream:
   cert_file: %q       # this gateway's client certificate (PEM)
   key_file: %q        # and its key (PEM, 0600)
   tls_min_version: %q # "1.3" or "1.2"
-  gateway: %q         # this gateway's id in upstream topics
+  gateway: %q         # this gateway's id in upstream topics ("" = gateway_id)
+  client_id: %q       # MQTT client id, unique on the broker ("" = gateway)
   prefix: %q
   keepalive: %s
   backoff_min: %s
   backoff_max: %s
+  # The broker's limits on a topic (AWS IoT Core: 256 bytes, 8 levels), for a broker
+  # that closes the connection on a topic beyond them: such a message is parked unsent.
+  max_topic_length: %d   # bytes (0 = no limit)
+  max_topic_levels: %d   # (0 = no limit)
   queue_max_bytes: %d  # when full, new QoS 1 messages are refused, never dropped
   queue_max_age: %s
   parked_max_bytes: %d # messages the broker refuses for good wait here for bastionctl upstream parked retry|drop
   # Topic mapping ("" = the defaults: devices/{id}/t/# -> {prefix}/{gateway}/{id}/t/#,
-  # and {prefix}/{gateway}/{id}/c/# -> devices/{id}/c/#). Mappings that would loop are refused.
+  # and {prefix}/{gateway}/{id}/c/# -> devices/{id}/c/#). Mappings that would loop, and downlinks that overlap, are refused.
   uplink: []
   downlink: []
   # Privacy: only what a rule names leaves the box; where several rules match,
@@ -144,12 +149,23 @@ pairing:
 		c.Firewall.HandshakeRate, list(c.Firewall.Ping),
 		c.Firmware.Enabled, c.Firmware.RepositoryURL, c.Firmware.TargetsURL, c.Firmware.TrustedRoot, c.Firmware.CABundle,
 		c.Firmware.CheckInterval.D(), c.Firmware.MaxCacheBytes, c.Firmware.HTTPSListen,
-		c.Upstream.Enabled, c.Upstream.Broker, c.Upstream.ServerName, c.Upstream.CAFile, c.Upstream.CertFile, c.Upstream.KeyFile,
-		c.Upstream.TLSMinVersion, c.Upstream.Gateway, c.Upstream.Prefix, c.Upstream.KeepAlive, c.Upstream.BackoffMin, c.Upstream.BackoffMax,
-		c.Upstream.QueueMaxBytes, c.Upstream.QueueMaxAge.D(), c.Upstream.ParkedMaxBytes, rules(c.Upstream.Forward),
+		c.Upstream.Enabled, c.Upstream.Broker, derived(c.Upstream.ServerName, brokerHost(c.Upstream.Broker)), c.Upstream.CAFile, c.Upstream.CertFile, c.Upstream.KeyFile,
+		c.Upstream.TLSMinVersion, derived(c.Upstream.Gateway, c.GatewayID), derived(c.Upstream.ClientID, c.Upstream.Gateway), c.Upstream.Prefix, c.Upstream.KeepAlive, c.Upstream.BackoffMin, c.Upstream.BackoffMax,
+		c.Upstream.MaxTopicLength, c.Upstream.MaxTopicLevels, c.Upstream.QueueMaxBytes, c.Upstream.QueueMaxAge.D(), c.Upstream.ParkedMaxBytes, rules(c.Upstream.Forward),
 		c.Pairing.Window.D(), c.Pairing.Input, c.Pairing.KeyCode, c.Pairing.Layout, c.Pairing.GPIOChip, c.Pairing.GPIOLine, c.Pairing.ESTListen,
 		vendors(c.Pairing.Vendors))
 	return err
+}
+
+// derived writes a value that equals what it defaults to as "": the file
+// then follows what it is derived from (upstream.gateway follows gateway_id
+// when a person edits only gateway_id), instead of carrying a copy of the
+// value it had when the file was written.
+func derived(v, from string) string {
+	if v == from {
+		return ""
+	}
+	return v
 }
 
 func rules(rs []upstream.Rule) string {
