@@ -355,7 +355,7 @@ func (g *Gateway) openListeners(cfg config.Config) error {
 			return err
 		}
 		g.mqtt, err = mqtt.New(mqtt.Config{Listen: cfg.MQTT.Listen, AllowSecretAuth: cfg.MQTT.AllowSecretAuth,
-			MaxPacketSize: cfg.MQTT.MaxPacketSize, MaxPayload: cfg.CoAP.MaxPayload, Retained: g.store}, sc, id, g.hub, g.log)
+			MaxPacketSize: cfg.MQTT.MaxPacketSize, WriteTimeout: cfg.MQTT.WriteTimeout.D(), MaxPayload: cfg.CoAP.MaxPayload, Retained: g.store}, sc, id, g.hub, g.log)
 		if err != nil {
 			return err
 		}

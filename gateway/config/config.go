@@ -128,6 +128,9 @@ type MQTT struct {
 	// with username = device id and a per-device secret (TLS still required).
 	AllowSecretAuth bool `yaml:"allow_secret_auth"`
 	MaxPacketSize   int  `yaml:"max_packet_size"`
+	// WriteTimeout: a device that reads none of a write (16 KiB at most)
+	// for this long is disconnected; its messages stay queued.
+	WriteTimeout Duration `yaml:"write_timeout"`
 }
 
 // Console configures the HTTPS console and JSON API.

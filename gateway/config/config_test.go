@@ -61,6 +61,7 @@ func TestLoadErrors(t *testing.T) {
 		"log format":            {"log:\n  format: xml\n", []string{"log.format: \"xml\" is not a log format: use text or json"}},
 		"payload range":         {"coap:\n  max_payload: 10\n", []string{"coap.max_payload: \"10\" is out of range: use 64 to 16384 bytes"}},
 		"packet range":          {"mqtt:\n  max_packet_size: 100\n", []string{"mqtt.max_packet_size: \"100\" is out of range"}},
+		"write timeout":         {"mqtt:\n  enabled: true\n  write_timeout: 100ms\n", []string{"bad.yaml:3: mqtt.write_timeout: \"100ms\" is out of range: use 1s to 10m"}},
 		"server validity":       {"pki:\n  server_cert_validity: 10000h\n", []string{"pki.server_cert_validity: \"10000h0m0s\" is out of range: use 1h to 9552h"}},
 		"device validity":       {"pki:\n  device_cert_validity: 1m\n", []string{"pki.device_cert_validity: \"1m0s\" is out of range"}},
 		"renew before":          {"pki:\n  renew_before: 2400h\n", []string{"pki.renew_before: \"2400h0m0s\" must be positive and shorter than pki.server_cert_validity"}},

@@ -92,6 +92,7 @@ func SetDefaults(c *Config) {
 	defI(&c.CoAP.MaxPayload, 1024)
 	def(&c.MQTT.Listen, ":8883")
 	defI(&c.MQTT.MaxPacketSize, 64*1024)
+	defD(&c.MQTT.WriteTimeout, 30*time.Second)
 	def(&c.Console.Listen, ":443")
 	defD(&c.PKI.ServerCertValidity, 90*24*time.Hour)
 	defD(&c.PKI.DeviceCertValidity, 365*24*time.Hour)

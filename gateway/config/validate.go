@@ -70,6 +70,9 @@ func (c *Config) Validate() error {
 		if c.MQTT.MaxPacketSize < 1024 || c.MQTT.MaxPacketSize > 16<<20 {
 			bad("mqtt.max_packet_size", c.MQTT.MaxPacketSize, "is out of range: use 1024 to 16777216 bytes")
 		}
+		if d := c.MQTT.WriteTimeout.D(); d < time.Second || d > 10*time.Minute {
+			bad("mqtt.write_timeout", d, "is out of range: use 1s to 10m (how long a device may read none of a write before it is disconnected)")
+		}
 	}
 	if c.Console.Enabled {
 		listen("console.listen", "tcp", c.Console.Listen)

@@ -56,6 +56,7 @@ mqtt:
   listen: %q
   allow_secret_auth: %t
   max_packet_size: %d
+  write_timeout: %s   # a device that reads none of a write for this long is disconnected
 
 # HTTPS console and JSON API (LAN only).
 console:
@@ -142,7 +143,7 @@ pairing:
   # Vendor name: PEM file of the roots its manufacturer certificates (IDevID) chain to.
   vendors:%s`, c.StateDir, c.GatewayID, c.Log.Level, c.Log.Format, c.MemoryLimit,
 		c.CoAP.Enabled, c.CoAP.Listen, c.CoAP.PSKListen, c.CoAP.MaxPayload,
-		c.MQTT.Enabled, c.MQTT.Listen, c.MQTT.AllowSecretAuth, c.MQTT.MaxPacketSize,
+		c.MQTT.Enabled, c.MQTT.Listen, c.MQTT.AllowSecretAuth, c.MQTT.MaxPacketSize, c.MQTT.WriteTimeout.D(),
 		c.Console.Enabled, c.Console.Listen,
 		list(c.PKI.Hostnames), c.PKI.ServerCertValidity.D(), c.PKI.DeviceCertValidity.D(), c.PKI.RenewBefore.D(),
 		c.Metrics.Listen, c.Firewall.Manage, list(c.Firewall.LAN), list(c.Firewall.WAN),
