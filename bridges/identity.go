@@ -1,6 +1,9 @@
 package bridges
 
-import "errors"
+import (
+	"errors"
+	"time"
+)
 
 // Identity is what the transports need from the gateway to know who a
 // device is. The gateway implements it with its CA and store; the
@@ -20,6 +23,16 @@ type Identity interface {
 	// OnRevoke registers f to be called when a device is revoked, so that
 	// its open sessions are closed. f must not block.
 	OnRevoke(f func(device string))
+	// CertValid reports whether a certificate VerifyCert accepted for
+	// device when a session was established (its serial as pki.Serial
+	// gives it, and its NotAfter) is still good now, by the gateway's
+	// clock: nil, or an error wrapping pki.ErrRevoked (device or serial
+	// revoked), pki.ErrCertRetired (replaced by a renewal) or
+	// pki.ErrCertExpired. The transports ask it for each open certificate
+	// session every few seconds and end the sessions it refuses, so it
+	// must be cheap: no chain verification, only the clock and lookups in
+	// memory.
+	CertValid(device, serial string, notAfter time.Time) error
 }
 
 // ErrBusy is (wrapped in) an Identity's error for a check it did not make

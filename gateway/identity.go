@@ -109,6 +109,12 @@ func (i *identity) CheckSecret(device string, secret []byte) error {
 
 func (i *identity) OnRevoke(f func(device string)) { i.ca.Revocations().Subscribe(f) }
 
+// CertValid: the transports end a certificate session once its
+// certificate expired, was retired (renewal.go) or revoked.
+func (i *identity) CertValid(device, serial string, notAfter time.Time) error {
+	return i.ca.CertValid(device, serial, notAfter)
+}
+
 // argon2id parameters for device secrets and console passwords: 64 MiB
 // would be too much for a 128 MiB router, so 19 MiB, t=2 (OWASP's minimum
 // argon2id configuration).

@@ -34,9 +34,11 @@ import (
 //     renew; a renewal whose record cannot be written is answered 5.00
 //     and retires nothing.
 //
-// Open sessions made with the old certificate are not closed when it is
-// retired: revocation closes sessions per device, and the device's new
-// session is the same device.
+// Open sessions made with the old certificate end once it is retired (at
+// the new certificate's first use, or after the grace): both transports
+// check their certificate sessions every few seconds (identity.CertValid,
+// pki.CA.CertValid) and close those on a retired, revoked or expired
+// certificate; the device's sessions on its new certificate stay up.
 const (
 	renewGrace    = 10 * time.Minute
 	renewInterval = time.Hour

@@ -159,6 +159,36 @@ func (ca *CA) VerifyDevice(rawCerts [][]byte) (string, *x509.Certificate, error)
 	return id, leaf, nil
 }
 
+// ErrCertExpired and ErrCertRetired are (wrapped in) CertValid's errors
+// for a certificate past its NotAfter and for one replaced by a renewal
+// whose retirement time has come (Revocations.RetireSerial).
+var (
+	ErrCertExpired = errors.New("certificate expired")
+	ErrCertRetired = errors.New("certificate replaced by a renewal (retired)")
+)
+
+// CertValid reports whether a device certificate that VerifyDevice
+// accepted when a session was established is still good now, by the CA's
+// clock, from what the transport kept of it (the device, the leaf's serial
+// as Serial gives it, its NotAfter): nil, or an error wrapping ErrRevoked
+// (the device or the serial revoked), ErrCertRetired or ErrCertExpired. It
+// verifies no chain: one clock read and lookups in the in-memory
+// revocation set, so that a transport can ask it for each of its open
+// sessions every few seconds. A clock that is not set (Sane) reads before
+// any certificate's end and any retirement, so it ends nothing.
+func (ca *CA) CertValid(device, serial string, notAfter time.Time) error {
+	now := ca.clock.Now()
+	switch {
+	case ca.revoked.Revoked(device, serial):
+		return fmt.Errorf("device %s certificate %s: %w", device, serial, ErrRevoked)
+	case ca.revoked.Retired(serial, now):
+		return fmt.Errorf("device %s certificate %s: %w", device, serial, ErrCertRetired)
+	case now.After(notAfter):
+		return fmt.Errorf("device %s certificate %s: %w at %s", device, serial, ErrCertExpired, notAfter.UTC().Format(time.RFC3339))
+	}
+	return nil
+}
+
 // PSKEntropy is the strength of device PSKs in bytes: 128 bits, matching
 // the AES-128 suites.
 const PSKEntropy = 16

@@ -173,6 +173,55 @@ func TestDeviceCertificate(t *testing.T) {
 	}
 }
 
+// CertValid judges what a transport kept of a session's certificate by
+// the CA's clock and the revocation set: valid until a retirement time
+// comes (not before), its serial or device is revoked, or the clock passes
+// NotAfter, each with its own error.
+func TestCertValid(t *testing.T) {
+	ca, clk, _ := newCA(t)
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	csr, err := ParseCSR(csrPEM(t, key))
+	if err != nil {
+		t.Fatal(err)
+	}
+	issue := func(dev string) (string, time.Time) {
+		t.Helper()
+		c, err := ca.IssueDevice(csr, dev, time.Hour)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return Serial(c), c.NotAfter
+	}
+	revs := ca.Revocations()
+	check := func(what, dev, serial string, notAfter time.Time, want error) {
+		t.Helper()
+		err := ca.CertValid(dev, serial, notAfter)
+		if want == nil && err != nil || want != nil && !errors.Is(err, want) {
+			t.Errorf("%s: CertValid = %v, want %v", what, err, want)
+		}
+	}
+	s1, na1 := issue("dev1")
+	check("fresh", "dev1", s1, na1, nil)
+	revs.RetireSerial(s1, clk.Now().Add(time.Minute))
+	check("retired from a minute on", "dev1", s1, na1, nil)
+	clk.Add(time.Minute)
+	check("retired now", "dev1", s1, na1, ErrCertRetired)
+
+	s2, na2 := issue("dev2")
+	revs.RevokeSerial(s2)
+	check("serial revoked", "dev2", s2, na2, ErrRevoked)
+
+	s3, na3 := issue("dev3")
+	revs.RevokeDevice("dev3")
+	check("device revoked", "dev3", s3, na3, ErrRevoked)
+
+	s4, na4 := issue("dev4")
+	clk.Add(na4.Sub(clk.Now()))
+	check("at NotAfter", "dev4", s4, na4, nil)
+	clk.Add(time.Nanosecond)
+	check("past NotAfter", "dev4", s4, na4, ErrCertExpired)
+}
+
 func TestVerifyDeviceRefusals(t *testing.T) {
 	ca, _, _ := newCA(t)
 	other, _, _ := newCA(t)

@@ -7,7 +7,10 @@ import (
 
 // Revocations is the set of revoked devices and certificate serials. It is
 // consulted on every handshake, so a revocation takes effect for the next
-// handshake at once; transports also subscribe to close open sessions.
+// handshake at once; transports also subscribe to close open sessions of a
+// revoked device, and look the serials of their certificate sessions up
+// every few seconds (CA.CertValid), which ends the sessions of a revoked
+// or retired serial.
 type Revocations struct {
 	mu      sync.RWMutex
 	devices map[string]bool
@@ -30,7 +33,9 @@ func (r *Revocations) Revoked(device, serial string) bool {
 	return r.devices[device] || (serial != "" && r.serials[serial])
 }
 
-// RevokeSerial adds one certificate serial.
+// RevokeSerial adds one certificate serial. It tells no subscriber: open
+// sessions on the certificate end at the transports' next check of their
+// sessions' certificates (CA.CertValid), within seconds.
 func (r *Revocations) RevokeSerial(serial string) {
 	r.mu.Lock()
 	r.serials[serial] = true

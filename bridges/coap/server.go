@@ -59,6 +59,11 @@ type Config struct {
 	// device's command observation). A device that comes back after it
 	// does a new handshake.
 	IdleTimeout time.Duration
+	// CertSweep is how often the certificates of the open certificate
+	// sessions are checked (default hub.DefaultCertSweep, 5 s): a session
+	// whose certificate expired, was retired or was revoked is closed at
+	// the next check (certsweep.go).
+	CertSweep time.Duration
 	// Enroll, if set, admits pairing sessions (see enroll.go).
 	Enroll Enrollment
 	// Firmware, if set, serves /fw/... (download only), /fw/offer and
@@ -87,6 +92,9 @@ func (c *Config) defaults() {
 	}
 	if c.IdleTimeout <= 0 {
 		c.IdleTimeout = 10 * time.Minute
+	}
+	if c.CertSweep <= 0 {
+		c.CertSweep = hub.DefaultCertSweep
 	}
 }
 
@@ -156,6 +164,10 @@ type session struct {
 	device string
 	mode   string // "cert" or "psk"
 	cc     *otacache.DTLSConn
+	// cert is the certificate a "cert" session was established with (nil
+	// for PSK), which the sweep checks (certsweep.go); set before the
+	// session is registered, then only read.
+	cert *hub.SessionCert
 	// mu guards obs, closed and seq, and is held across numbering and
 	// writing each notification (handler.go: session.send).
 	mu     sync.Mutex
@@ -308,11 +320,14 @@ func (s *Server) Run(ctx context.Context) error {
 		// inline, bounded response cache (ota-cache/README.md).
 		go func() { errc <- s.serve(ctx, ln) }()
 	}
+	swept := make(chan struct{})
+	go func() { defer close(swept); s.sweepCerts(ctx) }()
 	s.log.Info("coap: listening", "cert", s.lnC.Addr(), "psk", addrOrNone(s.lnP))
 	<-ctx.Done()
 	for _, ln := range lns {
 		ln.Close()
 	}
+	<-swept // before closing.Wait: the sweep adds to closing
 	var first error
 	for range lns {
 		if err := <-errc; err != nil && !errors.Is(err, net.ErrClosed) && first == nil {
@@ -374,13 +389,23 @@ func (s *Server) onNewConn(cc *otacache.DTLSConn) {
 	} else {
 		dev, gen, err = s.check(st)
 	}
+	var cert *hub.SessionCert
+	if mode == "cert" && err == nil {
+		// What the sweep needs to end the session with its certificate
+		// (certsweep.go); the handshake's check parsed the leaf already,
+		// so this does not fail.
+		var leaf *x509.Certificate
+		if leaf, err = x509.ParseCertificate(st.PeerCertificates[0]); err == nil {
+			cert = hub.NewSessionCert(leaf)
+		}
+	}
 	var se *session
 	var oldest []*otacache.DTLSConn
 	for err == nil && dev != "" {
 		info := s.classify(dev, st)
 		s.mu.Lock()
 		if s.revGen == gen {
-			se = &session{device: dev, mode: mode, cc: cc, enroll: info}
+			se = &session{device: dev, mode: mode, cc: cc, cert: cert, enroll: info}
 			cc.SetValue(se)
 			s.nSession++
 			l := append(s.byDevice[dev], cc)

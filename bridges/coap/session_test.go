@@ -77,6 +77,10 @@ func (f *fakeIdentity) PSK(identity []byte) (string, []byte, error) {
 
 func (f *fakeIdentity) CheckSecret(string, []byte) error { return errors.New("no secrets") }
 
+// CertValid: the fake's certificates never end (revoke closes its
+// revoked devices' sessions); certsweep_test.go has an identity whose do.
+func (f *fakeIdentity) CertValid(string, string, time.Time) error { return nil }
+
 func (f *fakeIdentity) OnRevoke(fn func(string)) {
 	f.mu.Lock()
 	f.subs = append(f.subs, fn)

@@ -72,6 +72,11 @@ const (
 	// because more than maxHeld came for one registration while its
 	// answer was being written (the oldest held is dropped).
 	ReasonObserveBacklog = "observe_backlog"
+	// ReasonCertRetired: a certificate session closed because its
+	// certificate was replaced by a renewal (pki.ErrCertRetired); an
+	// expired one's is closed as ReasonExpired, a revoked serial's as
+	// ReasonRevoked (certsession.go).
+	ReasonCertRetired = "cert_retired"
 )
 
 // Metrics are the transports' counters, registered once on the gateway's

@@ -54,11 +54,15 @@ func (h *authHook) OnConnectAuthenticate(cl *mochi.Client, pk packets.Packet) bo
 	if pc != nil {
 		h.s.register(pc, cl)
 	}
-	dev, hasCert, err := deviceOf(h.s.id, cl)
+	dev, leaf, err := deviceOf(h.s.id, cl)
+	var cert *hub.SessionCert
 	switch {
 	case err != nil:
 		return refuse(hub.CertRefusal(err), "certificate not accepted", "device", dev, "err", err)
-	case hasCert:
+	case leaf != nil:
+		// What the sweep needs to end the session with its certificate
+		// (certsweep.go).
+		cert = hub.NewSessionCert(leaf)
 	case h.s.cfg.AllowSecretAuth && len(pk.Connect.Username) > 0:
 		dev = string(pk.Connect.Username)
 		src := bridges.SourceHost(cl.Net.Conn.RemoteAddr())
@@ -104,7 +108,7 @@ func (h *authHook) OnConnectAuthenticate(cl *mochi.Client, pk packets.Packet) bo
 		// subscribers never do. The Will goes out when the connection ends.
 		cl.Properties.Will.WillDelayInterval = 0
 	}
-	older, revoked := h.s.accept(pc, cl)
+	older, revoked := h.s.accept(pc, cl, cert)
 	for revoked {
 		// Refused here, before the CONNACK: accepted, the session would
 		// get a success CONNACK and the messages queued for the device
@@ -121,7 +125,7 @@ func (h *authHook) OnConnectAuthenticate(cl *mochi.Client, pk packets.Packet) bo
 		if err != nil {
 			return refuse(reason, "credentials no longer accepted: the device was revoked while it connected", "device", dev, "err", err)
 		}
-		older, revoked = h.s.accept(pc, cl)
+		older, revoked = h.s.accept(pc, cl, cert)
 	}
 	for _, old := range older {
 		// Every other session of the device, not only the one mochi's
@@ -288,7 +292,7 @@ func (h *authHook) OnWill(cl *mochi.Client, will mochi.Will) (mochi.Will, error)
 	}
 	log := h.s.log.With("device", cl.ID, "topic", will.TopicName)
 	if pc, ok := cl.Net.Conn.(*pipeConn); ok && pc.refused.Load() {
-		log.Info("mqtt: Will not sent: the device was revoked")
+		log.Info("mqtt: Will not sent: the device's credentials are no longer accepted (revoked, or its certificate ended)")
 		return mochi.Will{}, nil
 	}
 	if reason, msg := h.s.willRefusal(cl.ID, will.TopicName, len(will.Payload)); reason != "" {

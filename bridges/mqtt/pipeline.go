@@ -91,11 +91,16 @@ type pipeConn struct {
 	cl             *mochi.Client
 	accepted       bool
 	revokedInCheck bool
+	// cert is the certificate the session was authenticated with (nil:
+	// a secret login), set under Server.mu with accepted and only read
+	// after: the sweep ends the session with it (certsweep.go).
+	cert *hub.SessionCert
 	// connacked is set once the session's CONNACK was sent: a DISCONNECT
 	// may be sent from then on.
 	connacked atomic.Bool
 	// refused is set when the session is closed because its device is no
-	// longer accepted (revoked): its Will is not sent.
+	// longer accepted (revoked) or its certificate ended (certsweep.go):
+	// its Will is not sent.
 	refused atomic.Bool
 	// unauth is the connection's slot among the listener's
 	// unauthenticated ones until authenticated releases it.

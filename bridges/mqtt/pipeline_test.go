@@ -53,6 +53,9 @@ func (caIdentity) PSK([]byte) (string, []byte, error) {
 }
 func (caIdentity) CheckSecret(string, []byte) error { return errors.New("no secrets here") }
 func (caIdentity) OnRevoke(func(string))            {}
+func (i caIdentity) CertValid(device, serial string, notAfter time.Time) error {
+	return i.ca.CertValid(device, serial, notAfter)
+}
 
 type rig struct {
 	s   *Server
@@ -142,9 +145,18 @@ func newRig(t *testing.T, opts queue.Options) *rig {
 // id is not nil, the identity it makes from the rig's CA.
 func newRigWith(t *testing.T, opts queue.Options, cfg Config, id func(*pki.CA) bridges.Identity) *rig {
 	t.Helper()
+	return newRigClock(t, opts, cfg, id, pki.SystemClock{}, nil)
+}
+
+// newRigClock is newRigWith with the CA on clock and the server logging
+// to log (nil: discarded).
+func newRigClock(t *testing.T, opts queue.Options, cfg Config, id func(*pki.CA) bridges.Identity, clock pki.Clock, log *slog.Logger) *rig {
+	t.Helper()
 	dir := t.TempDir()
-	log := slog.New(slog.DiscardHandler)
-	ca, err := pki.Open(filepath.Join(dir, "ca"), "gw1", pki.SystemClock{}, log)
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	ca, err := pki.Open(filepath.Join(dir, "ca"), "gw1", clock, log)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -243,6 +255,14 @@ func (r *rig) dialTLS(t *testing.T, id string, ver byte, withCert bool) *device 
 		t.Cleanup(func() { c.Close() })
 		return &device{t: t, id: id, ver: ver, c: c, r: bufio.NewReader(c)}
 	}
+	cert, _ := r.issue(t, id)
+	return r.dialCert(t, id, ver, cert)
+}
+
+// issue has the rig's CA issue a certificate for device id, valid for an
+// hour, and returns it with its key, and its leaf.
+func (r *rig) issue(t *testing.T, id string) (tls.Certificate, *x509.Certificate) {
+	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		t.Fatal(err)
@@ -259,7 +279,14 @@ func (r *rig) dialTLS(t *testing.T, id string, ver byte, withCert bool) *device 
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg.Certificates = []tls.Certificate{{Certificate: [][]byte{leaf.Raw, r.ca.Issuer().Raw}, PrivateKey: key}}
+	return tls.Certificate{Certificate: [][]byte{leaf.Raw, r.ca.Issuer().Raw}, PrivateKey: key}, leaf
+}
+
+// dialCert makes the device's TLS connection with cert, and sends nothing.
+func (r *rig) dialCert(t *testing.T, id string, ver byte, cert tls.Certificate) *device {
+	t.Helper()
+	cfg := &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: r.ca.RootPool(), ServerName: "127.0.0.1",
+		Certificates: []tls.Certificate{cert}}
 	c, err := r.tlsDial(cfg)
 	if err != nil {
 		t.Fatalf("TLS to the MQTT server: %v", err)

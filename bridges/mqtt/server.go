@@ -80,6 +80,11 @@ type Config struct {
 	// and the broker's lock of its session, as long as it liked. (EMQX's
 	// send_timeout, 15 s, does the same.)
 	WriteTimeout time.Duration
+	// CertSweep is how often the certificates of the open certificate
+	// sessions are checked (default hub.DefaultCertSweep, 5 s): a session
+	// whose certificate expired, was retired or was revoked is closed at
+	// the next check (certsweep.go). Secret-login sessions have none.
+	CertSweep time.Duration
 }
 
 // SecretLockout: from the Free-th failed secret login from one source
@@ -145,6 +150,9 @@ func (c *Config) defaults() {
 	}
 	if c.WriteTimeout <= 0 {
 		c.WriteTimeout = 30 * time.Second
+	}
+	if c.CertSweep <= 0 {
+		c.CertSweep = hub.DefaultCertSweep
 	}
 }
 
@@ -272,8 +280,11 @@ func (s *Server) Run(ctx context.Context) error {
 	if err := s.mq.Serve(); err != nil {
 		return fmt.Errorf("mqtt: serve: %w", err)
 	}
+	swept := make(chan struct{})
+	go func() { defer close(swept); s.sweepCerts(ctx) }()
 	s.log.Info("mqtt: listening", "addr", s.Addr())
 	<-ctx.Done()
+	<-swept
 	err := s.mq.Close()
 	s.deadline.Stop()
 	return err
@@ -374,12 +385,14 @@ func (s *Server) unregister(pc *pipeConn) {
 
 // accept makes cl's connection pc, whose credentials were found good for
 // device cl.ID, the device's session, and returns the device's other open
-// sessions, which it replaces (one session per device). Two CONNECTs of
+// sessions, which it replaces (one session per device). cert is the
+// certificate the session was authenticated with (nil: a secret login),
+// which the sweep checks from then on (certsweep.go). Two CONNECTs of
 // one device that are checked at the same time are accepted one after the
 // other here, so the later one always ends the earlier. revoked reports
 // instead that the device was revoked while the credentials were checked:
 // they are to be checked again, and accept called again if still good.
-func (s *Server) accept(pc *pipeConn, cl *mochi.Client) (older []*mochi.Client, revoked bool) {
+func (s *Server) accept(pc *pipeConn, cl *mochi.Client, cert *hub.SessionCert) (older []*mochi.Client, revoked bool) {
 	if pc != nil {
 		s.mu.Lock()
 		if pc.revokedInCheck {
@@ -388,6 +401,7 @@ func (s *Server) accept(pc *pipeConn, cl *mochi.Client) (older []*mochi.Client, 
 			return nil, true
 		}
 		pc.accepted = true
+		pc.cert = cert
 		for _, o := range s.conns[cl.ID] {
 			if o != pc && o.accepted && !o.cl.Closed() {
 				older = append(older, o.cl)
@@ -453,11 +467,11 @@ func (s *Server) closeSession(cl *mochi.Client) {
 // revoked while they were being checked (accept): the certificate it
 // presented, or its secret. reason is the refusal's label.
 func (s *Server) recheck(cl *mochi.Client, pk packets.Packet) (reason string, err error) {
-	dev, hasCert, err := deviceOf(s.id, cl)
+	dev, leaf, err := deviceOf(s.id, cl)
 	switch {
 	case err != nil:
 		return hub.CertRefusal(err), fmt.Errorf("certificate: %w", err)
-	case !hasCert:
+	case leaf == nil:
 		dev = string(pk.Connect.Username)
 		if err := s.id.CheckSecret(dev, pk.Connect.Password); err != nil {
 			if errors.Is(err, pki.ErrRevoked) {
@@ -518,22 +532,23 @@ type certRefused struct{ err error }
 func (e *certRefused) Error() string { return e.err.Error() }
 func (e *certRefused) Unwrap() error { return e.err }
 
-// deviceOf returns the device a connection proved, from its certificate.
-func deviceOf(id bridges.Identity, cl *mochi.Client) (string, bool, error) {
+// deviceOf returns the device a connection proved, from its certificate,
+// and the certificate's leaf (nil: the connection has no certificate).
+func deviceOf(id bridges.Identity, cl *mochi.Client) (string, *x509.Certificate, error) {
 	tc, ok := cl.Net.Conn.(interface{ ConnectionState() tls.ConnectionState })
 	if !ok {
-		return "", false, errors.New("not a TLS connection")
+		return "", nil, errors.New("not a TLS connection")
 	}
 	st := tc.ConnectionState()
 	if len(st.PeerCertificates) == 0 {
-		return "", false, nil
+		return "", nil, nil
 	}
 	raw := make([][]byte, len(st.PeerCertificates))
 	for i, c := range st.PeerCertificates {
 		raw[i] = c.Raw
 	}
 	dev, err := id.VerifyCert(raw)
-	return dev, true, err
+	return dev, st.PeerCertificates[0], err
 }
 
 // acceptTimeout bounds how long a QoS 1 publish waits for the Sink (the

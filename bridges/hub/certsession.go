@@ -1,0 +1,47 @@
+package hub
+
+import (
+	"crypto/x509"
+	"errors"
+	"time"
+
+	"github.com/bastion-iot/bastion/pki"
+)
+
+// DefaultCertSweep is how often a transport checks the certificates of its
+// open certificate sessions (Identity.CertValid) by default: a session
+// outlives the end of its certificate by at most this long.
+const DefaultCertSweep = 5 * time.Second
+
+// SessionCert is what a transport keeps, from a session's establishment,
+// of the certificate the session was authenticated with: what
+// Identity.CertValid needs to tell when the session must end (with the
+// session's device), without verifying the chain again.
+type SessionCert struct {
+	Serial   string // pki.Serial of the leaf
+	NotAfter time.Time
+}
+
+// NewSessionCert is the SessionCert of a session whose leaf certificate
+// is leaf.
+func NewSessionCert(leaf *x509.Certificate) *SessionCert {
+	return &SessionCert{Serial: pki.Serial(leaf), NotAfter: leaf.NotAfter}
+}
+
+// CertEnd is, for err, an Identity.CertValid error, the refusal reason a
+// session closed for it is counted under, why it was closed and what the
+// device must do, for the session's log line.
+func CertEnd(err error) (reason, why, todo string) {
+	switch {
+	case errors.Is(err, pki.ErrCertRetired):
+		return ReasonCertRetired, "its certificate was replaced by a renewal (retired)",
+			"the device must connect with its renewed certificate; one that lost it must enroll again"
+	case errors.Is(err, pki.ErrCertExpired):
+		return ReasonExpired, "its certificate expired",
+			"the device must enroll again (an expired certificate cannot renew); renew before the certificate's end (EST /sren) to keep it connected"
+	case errors.Is(err, pki.ErrRevoked):
+		return ReasonRevoked, "its certificate or device was revoked",
+			"the device must enroll again for a new certificate"
+	}
+	return CertRefusal(err), "its certificate is no longer accepted", "the device must enroll again"
+}

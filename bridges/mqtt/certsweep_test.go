@@ -1,0 +1,263 @@
+package mqtt
+
+import (
+	"bufio"
+	"bytes"
+	"crypto/tls"
+	"log/slog"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/bastion-iot/bastion/bridges"
+	"github.com/bastion-iot/bastion/bridges/hub"
+	"github.com/bastion-iot/bastion/bridges/queue"
+	"github.com/bastion-iot/bastion/pki"
+)
+
+// offsetClock is the system clock moved by a settable offset, to make
+// certificates expire without waiting.
+type offsetClock struct{ off atomic.Int64 }
+
+func (c *offsetClock) Now() time.Time { return time.Now().Add(time.Duration(c.off.Load())) }
+func (c *offsetClock) Sane() error    { return nil }
+
+// logBuf collects the server's log for assertions.
+type logBuf struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *logBuf) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+// lines are the lines logged so far that hold every one of parts.
+func (l *logBuf) lines(parts ...string) []string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var out []string
+next:
+	for _, line := range strings.Split(l.b.String(), "\n") {
+		for _, p := range parts {
+			if !strings.Contains(line, p) {
+				continue next
+			}
+		}
+		out = append(out, line)
+	}
+	return out
+}
+
+// certSweep is the sweep interval of these tests; certEndWithin bounds
+// how long a session may outlive its certificate, generous for a loaded
+// machine (the sweep closes it within one interval).
+const (
+	certSweep     = 50 * time.Millisecond
+	certEndWithin = 3 * time.Second
+)
+
+// newCertRig is a rig whose CA runs on a settable clock, whose sweep runs
+// every certSweep, which accepts the secret "s3cret" for any device, and
+// whose log is kept.
+func newCertRig(t *testing.T) (*rig, *offsetClock, *logBuf) {
+	t.Helper()
+	clk := &offsetClock{}
+	lb := &logBuf{}
+	var checks atomic.Int32
+	r := newRigClock(t, queue.Options{}, Config{AllowSecretAuth: true, CertSweep: certSweep}, func(ca *pki.CA) bridges.Identity {
+		return countingIdentity{caIdentity{ca}, &checks}
+	}, clk, slog.New(slog.NewTextHandler(lb, nil)))
+	return r, clk, lb
+}
+
+// connectCert connects device id with cert and reports the CONNACK's
+// reason code, or ok false if the connection ended without one (a
+// certificate refused in the TLS 1.3 handshake shows at the client's
+// first read, or already in its handshake).
+func (r *rig) connectCert(t *testing.T, id string, ver byte, cert tls.Certificate) (d *device, code byte, ok bool) {
+	t.Helper()
+	c, err := r.tlsDial(&tls.Config{MinVersion: tls.VersionTLS13, RootCAs: r.ca.RootPool(), ServerName: "127.0.0.1",
+		Certificates: []tls.Certificate{cert}})
+	if err != nil {
+		return nil, 0, false
+	}
+	t.Cleanup(func() { c.Close() })
+	d = &device{t: t, id: id, ver: ver, c: c, r: bufio.NewReader(c), mayBeClosed: true}
+	d.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, Connect: packets.ConnectParams{
+		ProtocolName: []byte("MQTT"), Clean: true, Keepalive: 60, ClientIdentifier: id}})
+	pk, err := d.readErr(5 * time.Second)
+	if err != nil || pk.FixedHeader.Type != packets.Connack {
+		return d, 0, false
+	}
+	return d, pk.ReasonCode, true
+}
+
+// mustConnect is connectCert that fails the test unless the session is
+// accepted.
+func (r *rig) mustConnect(t *testing.T, id string, ver byte, cert tls.Certificate) *device {
+	t.Helper()
+	d, code, ok := r.connectCert(t, id, ver, cert)
+	if !ok || code != 0 {
+		t.Fatalf("%s: CONNACK %v reason %#x, want accepted", id, ok, code)
+	}
+	d.mayBeClosed = false
+	return d
+}
+
+// endedWithin reads until the connection ends and fails if that takes
+// longer than limit; it returns the reason code of the DISCONNECT the
+// device got first (-1: none).
+func (d *device) endedWithin(limit time.Duration, what string) int {
+	d.t.Helper()
+	deadline := time.Now().Add(limit)
+	code := -1
+	for {
+		pk, err := d.readErr(time.Until(deadline))
+		if isTimeout(err) {
+			d.t.Fatalf("device %s: session still open %v after %s", d.id, limit, what)
+		}
+		if err != nil {
+			return code
+		}
+		if pk.FixedHeader.Type != packets.Disconnect {
+			d.t.Fatalf("device %s: got packet type %d (reason %#x) before the connection closed", d.id, pk.FixedHeader.Type, pk.ReasonCode)
+		}
+		if code < 0 {
+			code = int(pk.ReasonCode)
+		}
+	}
+}
+
+// secretSession connects device id with the secret "s3cret".
+func (r *rig) secretSession(t *testing.T, id string) *device {
+	t.Helper()
+	d := r.dialTLS(t, id, 5, false)
+	d.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, Connect: packets.ConnectParams{
+		ProtocolName: []byte("MQTT"), Clean: true, Keepalive: 60, ClientIdentifier: id,
+		Username: []byte(id), UsernameFlag: true, Password: []byte("s3cret"), PasswordFlag: true}})
+	if pk := d.read(5 * time.Second); pk.FixedHeader.Type != packets.Connack || pk.ReasonCode != 0 {
+		t.Fatalf("secret login of %s: type %d reason %#x", id, pk.FixedHeader.Type, pk.ReasonCode)
+	}
+	return d
+}
+
+// TestCertSessionEndsWhenCertificateExpires: a session on a certificate
+// ends within a few sweeps once the gateway's clock passes the
+// certificate's NotAfter (DISCONNECT 0x87 for MQTT 5, counted as
+// cert_expired, one log line with the device, the serial and what to do),
+// and the certificate is refused at the next CONNECT; a secret-login
+// session is left alone, as is the certificate session while its
+// certificate is valid. Before, the CONNECT's check was the only one: the
+// session lived on as long as the device sent keepalives.
+func TestCertSessionEndsWhenCertificateExpires(t *testing.T) {
+	r, clk, lb := newCertRig(t)
+	cert, leaf := r.issue(t, "deva") // valid for an hour
+	a := r.mustConnect(t, "deva", 5, cert)
+	s := r.secretSession(t, "devs")
+	waitFor(t, "both sessions", func() bool { return r.s.SessionCount() == 2 })
+
+	time.Sleep(5 * certSweep)
+	if !a.open() {
+		t.Fatal("session on a valid certificate closed")
+	}
+	a.mayBeClosed = false
+
+	clk.off.Store(int64(2 * time.Hour))
+	if code := a.endedWithin(certEndWithin, "its certificate expired"); code != int(packets.ErrNotAuthorized.Code) {
+		t.Errorf("DISCONNECT reason %#x, want 0x87 not authorized", code)
+	}
+	waitFor(t, "the session to end", func() bool { return r.s.SessionCount() == 1 })
+	if got := r.refusals(hub.ReasonExpired); got != 1 {
+		t.Errorf("cert_expired refusals %v, want 1", got)
+	}
+	serial := pki.Serial(leaf)
+	if l := lb.lines("mqtt: session closed: its certificate expired", "device=deva", "serial="+serial, "reason=cert_expired", "enroll again"); len(l) != 1 {
+		t.Errorf("log lines for the session's end: %q, want 1", l)
+	}
+	time.Sleep(5 * certSweep)
+	if !s.open() {
+		t.Error("secret-login session closed by the certificate sweep")
+	}
+
+	if _, code, ok := r.connectCert(t, "deva", 5, cert); ok && code == 0 {
+		t.Error("expired certificate accepted at a new CONNECT")
+	}
+	waitFor(t, "the new connection's refusal", func() bool { return r.refusals(hub.ReasonExpired) == 2 })
+}
+
+// TestCertSessionEndsWhenCertificateRetired: a session on a certificate
+// whose serial is retired (renewed: RetireSerial) ends within a few sweeps
+// once the retirement time comes, not before, counted as cert_retired;
+// the certificate is refused at the next CONNECT, while the device's
+// other, valid certificate connects and its session stays up, and another
+// device's session is left alone until its own certificate's serial is
+// revoked (RevokeSerial, which tells no subscriber), counted as revoked
+// (MQTT 3.1.1: closed without a DISCONNECT). A device holds one MQTT
+// session at a time, so its two certificates' sessions follow each other.
+// Before, a retired or revoked serial was refused only at the next
+// CONNECT.
+func TestCertSessionEndsWhenCertificateRetired(t *testing.T) {
+	r, clk, lb := newCertRig(t)
+	revs := r.ca.Revocations()
+	a1, a1leaf := r.issue(t, "deva")
+	a2, _ := r.issue(t, "deva")
+	b1, b1leaf := r.issue(t, "devb")
+	a := r.mustConnect(t, "deva", 5, a1)
+	b := r.mustConnect(t, "devb", 4, b1)
+	waitFor(t, "both sessions", func() bool { return r.s.SessionCount() == 2 })
+
+	// Retired from an hour on (a renewal's grace): nothing ends yet.
+	revs.RetireSerial(pki.Serial(a1leaf), clk.Now().Add(time.Hour))
+	time.Sleep(5 * certSweep)
+	if !a.open() {
+		t.Fatal("session closed before its certificate's retirement time")
+	}
+	a.mayBeClosed = false
+
+	revs.RetireSerial(pki.Serial(a1leaf), clk.Now())
+	if code := a.endedWithin(certEndWithin, "its certificate was retired"); code != int(packets.ErrNotAuthorized.Code) {
+		t.Errorf("DISCONNECT reason %#x, want 0x87 not authorized", code)
+	}
+	waitFor(t, "the session to end", func() bool { return r.s.SessionCount() == 1 })
+	if got := r.refusals(hub.ReasonCertRetired); got != 1 {
+		t.Errorf("cert_retired refusals %v, want 1", got)
+	}
+	if l := lb.lines("mqtt: session closed: its certificate was replaced by a renewal", "device=deva", "serial="+pki.Serial(a1leaf), "reason=cert_retired", "renewed certificate"); len(l) != 1 {
+		t.Errorf("log lines for the session's end: %q, want 1", l)
+	}
+	if _, code, ok := r.connectCert(t, "deva", 5, a1); ok && code == 0 {
+		t.Error("retired certificate accepted at a new CONNECT")
+	}
+	a = r.mustConnect(t, "deva", 5, a2)
+	time.Sleep(5 * certSweep)
+	if !a.open() {
+		t.Error("session on the device's other, valid certificate closed")
+	}
+	if !b.open() {
+		t.Fatal("another device's session closed")
+	}
+	b.mayBeClosed = false
+
+	before := r.refusals(hub.ReasonRevoked) // the retired certificate's CONNECT counts as revoked too
+	revs.RevokeSerial(pki.Serial(b1leaf))
+	if code := b.endedWithin(certEndWithin, "its certificate was revoked"); code != -1 {
+		t.Errorf("MQTT 3.1.1 session got a DISCONNECT %#x", code)
+	}
+	if got := r.refusals(hub.ReasonRevoked); got != before+1 {
+		t.Errorf("revoked refusals %v, want %v", got, before+1)
+	}
+	if l := lb.lines("mqtt: session closed: its certificate or device was revoked", "device=devb", "serial="+pki.Serial(b1leaf), "reason=revoked"); len(l) != 1 {
+		t.Errorf("log lines for the session's end: %q, want 1", l)
+	}
+	a.mayBeClosed = true
+	if !a.open() {
+		t.Error("session on a valid certificate closed by another's revocation")
+	}
+}
