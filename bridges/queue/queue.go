@@ -1519,10 +1519,22 @@ func (q *Queue) stopLocked(failed error) bool {
 	if q.resumeWait == 0 {
 		q.resumeWait = cmp.Or(q.opts.resumeAfter, resumeFirst)
 	} else {
-		q.resumeWait = min(2*q.resumeWait, resumeMax)
+		q.resumeWait = nextResumeWait(q.resumeWait, failed)
 	}
 	q.armResumeLocked()
 	return true
+}
+
+// nextResumeWait doubles the pause before the next resume after one that
+// failed with err, up to resumeMax, or resumeMaxFull for a full disk: room
+// made by the operator, or by delivery that removes no segment (the full
+// one is the active one), is found within that, and a try on a full disk
+// costs a failed preallocation, not a segment's writes.
+func nextResumeWait(cur time.Duration, err error) time.Duration {
+	if errors.Is(err, syscall.ENOSPC) {
+		return min(2*cur, resumeMaxFull)
+	}
+	return min(2*cur, resumeMax)
 }
 
 // refusedBatch counts batch's messages, refused after their admission, as
@@ -1615,8 +1627,8 @@ func waiting(batch []pending) int {
 // resumeFirst is how long the queue refuses messages after a failed write,
 // rotation or fsync before it tries to accept again; each failed try, and
 // each failure before a commit has succeeded since, doubles it, up to
-// resumeMax.
-const resumeFirst, resumeMax = 10 * time.Second, 5 * time.Minute
+// resumeMax (resumeMaxFull for a full disk: nextResumeWait).
+const resumeFirst, resumeMax, resumeMaxFull = 10 * time.Second, 5 * time.Minute, 30 * time.Second
 
 // armResumeLocked schedules the writer's next resume. Caller holds q.mu.
 func (q *Queue) armResumeLocked() {
@@ -1652,7 +1664,7 @@ func (q *Queue) resume() {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	if err != nil {
-		q.resumeWait = min(2*q.resumeWait, resumeMax)
+		q.resumeWait = nextResumeWait(q.resumeWait, err)
 		q.log.Error("queue: still cannot write after a disk error; trying again in "+q.resumeWait.String(), "err", err)
 		q.armResumeLocked()
 		return

@@ -2223,3 +2223,21 @@ func reopenAfterCut(t *testing.T, dir string) []Entry {
 	}
 	return after
 }
+
+// TestResumeWaitOnFullDisk: a queue stopped by a full disk tries again at
+// least every 30 s however long the disk stays full (room made by the
+// operator is found soon); other disk errors back off to 5 min.
+func TestResumeWaitOnFullDisk(t *testing.T) {
+	full := fmt.Errorf("queue: create segment: %w", syscall.ENOSPC)
+	eio := fmt.Errorf("queue: write: %w", syscall.EIO)
+	w, e := resumeFirst, resumeFirst
+	for range 20 {
+		w, e = nextResumeWait(w, full), nextResumeWait(e, eio)
+	}
+	if w != 30*time.Second || e != 5*time.Minute {
+		t.Fatalf("after 20 failed resumes: wait %s on a full disk (want 30s), %s on EIO (want 5m)", w, e)
+	}
+	if got := nextResumeWait(10*time.Second, full); got != 20*time.Second {
+		t.Fatalf("first doubling on a full disk: %s, want 20s", got)
+	}
+}
