@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/x509"
 	"io"
+	"log/slog"
 	"strings"
 
 	"github.com/plgd-dev/go-coap/v3/message"
@@ -125,7 +126,7 @@ func (s *Server) routeSession(ctx context.Context, m *pool.Message, se *session,
 
 func (s *Server) refuseEnroll(se *session, path, why string) response {
 	s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonBadRequest).Inc()
-	s.log.Warn("coap: request refused: outside what the session may reach", "device", se.device, "kind", se.enroll.kind.String(), "path", path)
+	s.deviceLine(slog.LevelWarn, "outside", se.device, "coap: request refused: outside what the session may reach", "kind", se.enroll.kind.String(), "path", loggedText(path))
 	return diag(codes.Forbidden, "%s", why)
 }
 

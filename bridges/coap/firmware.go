@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"strings"
 	"unicode/utf8"
 
@@ -214,7 +215,7 @@ func (s *Server) tooLarge(cc *otacache.DTLSConn, path string, size uint64, limit
 	if !answered {
 		msg = "coap: request dropped: datagram too large to read, and non-confirmable or undecodable (no answer); send bodies over the limit in Block1 blocks"
 	}
-	s.log.Warn(msg, "device", s.deviceOf(cc), "path", path, "size", size, "limit", limit)
+	s.deviceLine(slog.LevelWarn, "too_large", s.deviceOf(cc), msg, "path", path, "size", size, "limit", limit)
 }
 
 // badRequest logs and counts a message otacache refused itself as bad: one
@@ -222,7 +223,7 @@ func (s *Server) tooLarge(cc *otacache.DTLSConn, path string, size uint64, limit
 // than its size or with a bad Block1 option.
 func (s *Server) badRequest(cc *otacache.DTLSConn, path, answer, why string) {
 	s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonBadRequest).Inc()
-	s.log.Info("coap: request refused: "+why, "device", s.deviceOf(cc), "path", loggedText(path), "answer", answer)
+	s.deviceLine(slog.LevelInfo, "bad_request", s.deviceOf(cc), "coap: request refused: "+why, "path", loggedText(path), "answer", answer)
 }
 
 // badOption logs and counts a request refused for a critical option the
@@ -233,5 +234,5 @@ func (s *Server) badOption(cc *otacache.DTLSConn, confirmable bool, ids []messag
 	if !confirmable {
 		answer = "dropped (non-confirmable)"
 	}
-	s.log.Info("coap: request refused: unrecognised critical option", "device", s.deviceOf(cc), "options", fmt.Sprint(ids), "answer", answer)
+	s.deviceLine(slog.LevelInfo, "bad_option", s.deviceOf(cc), "coap: request refused: unrecognised critical option", "options", fmt.Sprint(ids), "answer", answer)
 }

@@ -34,7 +34,8 @@ func testServer(t testing.TB, sink bridges.Sink) *Server {
 	}
 	cfg := Config{MaxPayload: 64}
 	cfg.defaults()
-	return &Server{cfg: cfg, hub: h, m: h.Metrics(), log: log, deadline: &hub.SharedDeadline{Timeout: acceptTimeout}}
+	return &Server{cfg: cfg, hub: h, m: h.Metrics(), log: log, deadline: &hub.SharedDeadline{Timeout: acceptTimeout},
+		lines: newLogEvery(refusalLogEvery), devLines: newLogEvery(refusalLogEvery)}
 }
 
 // addCaptures seeds f with the CoAP datagrams captured from libcoap's

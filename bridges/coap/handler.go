@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"strings"
 	"time"
 
@@ -123,19 +124,19 @@ func (s *Server) telemetry(device, path string, r request) response {
 	topic, ok := hub.TelemetryTopic(device, path)
 	if !ok {
 		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonBadRequest).Inc()
-		s.log.Info("coap: telemetry refused: bad path", "device", device, "path", r.path)
+		s.deviceLine(slog.LevelInfo, "bad_path", device, "coap: telemetry refused: bad path", "path", loggedText(r.path))
 		return diag(codes.BadRequest, "telemetry needs a path /t/{segment}/...: non-empty segments without + # $")
 	}
 	if r.bodySize > int64(s.cfg.MaxPayload) {
 		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonTooLarge).Inc()
-		s.log.Warn("coap: telemetry refused: payload too large", "device", device, "topic", topic, "size", r.bodySize, "limit", s.cfg.MaxPayload)
+		s.deviceLine(slog.LevelWarn, "too_large", device, "coap: telemetry refused: payload too large", "topic", topic, "size", r.bodySize, "limit", s.cfg.MaxPayload)
 		res := diag(codes.RequestEntityTooLarge, "payload %d bytes, limit %d", r.bodySize, s.cfg.MaxPayload)
 		res.size1 = uint32(s.cfg.MaxPayload)
 		return res
 	}
 	if r.format >= 0 && !telemetryFormats[message.MediaType(r.format)] {
 		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonBadRequest).Inc()
-		s.log.Info("coap: telemetry refused: unsupported content format", "device", device, "format", r.format)
+		s.deviceLine(slog.LevelInfo, "format", device, "coap: telemetry refused: unsupported content format", "format", r.format)
 		return diag(codes.UnsupportedMediaType, "content format %d not accepted; use 0, 42, 50, 60, 110 or 112", r.format)
 	}
 	var payload []byte
@@ -187,7 +188,7 @@ func (s *Server) telemetryAnswer(device, topic string, err error) response {
 		if reason == hub.ReasonCommitTimeout {
 			msg = "coap: telemetry refused: not made durable within the commit deadline (slow disk), device asked to retry"
 		}
-		s.log.Warn(msg, "device", device, "topic", topic, "reason", reason, "retry_after", s.cfg.RetryAfter, "err", err)
+		s.deviceLine(slog.LevelWarn, reason, device, msg, "topic", topic, "reason", reason, "retry_after", s.cfg.RetryAfter, "err", err)
 		res := diag(codes.ServiceUnavailable, "gateway queue full; retry after %d s", int(s.cfg.RetryAfter.Seconds()))
 		res.maxAge = uint32(s.cfg.RetryAfter.Seconds())
 		return res
@@ -204,7 +205,7 @@ func (s *Server) command(device, path string, r request) response {
 	topic, ok := hub.CommandTopic(device, path)
 	if !ok {
 		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonBadRequest).Inc()
-		s.log.Info("coap: command read refused: bad path", "device", device, "path", r.path)
+		s.deviceLine(slog.LevelInfo, "bad_path", device, "coap: command read refused: bad path", "path", loggedText(r.path))
 		return diag(codes.BadRequest, "command path /c/{segment}/...: non-empty segments without + # $")
 	}
 	res := response{code: codes.Content, format: message.AppOctets, topic: topic}
@@ -353,7 +354,7 @@ func (s *Server) serveSession(w *otacache.DTLSResponseWriter, m *pool.Message, s
 	var res response
 	if err != nil {
 		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonBadRequest).Inc()
-		s.log.Info("coap: request refused: malformed", "device", se.device, "err", err)
+		s.deviceLine(slog.LevelInfo, "malformed", se.device, "coap: request refused: malformed", "err", loggedErr(err))
 		res = diag(codes.BadRequest, "malformed request: %v", err)
 	} else {
 		r.mayDefer = canDefer

@@ -1,6 +1,8 @@
 package coap
 
 import (
+	"context"
+	"log/slog"
 	"strconv"
 	"strings"
 	"sync"
@@ -37,6 +39,17 @@ func newLogEvery(every time.Duration) *logEvery {
 func (l *logEvery) allow(kind string, now time.Time) (notLogged int, ok bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	if len(l.last) >= maxLogKinds {
+		// Kinds keyed by device (deviceLine) come and go: those whose
+		// interval has passed with nothing left unlogged would be let
+		// through anyway, so forgetting them changes no line.
+		for k, t := range l.last {
+			if now.Sub(t) >= l.every && l.quiet[k] == 0 {
+				delete(l.last, k)
+				delete(l.quiet, k)
+			}
+		}
+	}
 	if last, seen := l.last[kind]; seen && now.Sub(last) < l.every {
 		l.quiet[kind]++
 		return 0, false
@@ -59,6 +72,28 @@ func (s *Server) refusalLine(kind, msg string, args ...any) {
 	}
 	s.log.Warn(msg, append(args, "not_logged_since_last_line", n)...)
 }
+
+// deviceLine logs msg at level unless a line of the same kind about the
+// same device went out less than refusalLogEvery ago: for refusals of
+// what an authenticated device sends (a bad path, a payload over the
+// limit, a request that does not decode, a full queue), which a device
+// stuck in a loop repeats at the rate it can send. Keyed by device, so one
+// such device does not hide the lines about another. The caller counts
+// each in the metric.
+func (s *Server) deviceLine(level slog.Level, kind, device, msg string, args ...any) {
+	n, ok := s.devLines.allow(kind+"\x00"+device, time.Now())
+	if !ok {
+		return
+	}
+	if n > 0 {
+		args = append(args, "not_logged_since_last_line", n)
+	}
+	s.log.Log(context.Background(), level, msg, append([]any{"device", device}, args...)...)
+}
+
+// maxLogKinds bounds a logEvery's kinds before it forgets the ones with
+// nothing left to report (deviceLine's kinds carry a device id).
+const maxLogKinds = 4096
 
 // maxLoggedText bounds text a peer chose in a log line (a device id a
 // certificate claims, an error that quotes what the peer sent).

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	piondtls "github.com/pion/dtls/v3"
+	"github.com/plgd-dev/go-coap/v3/message"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/bastion-iot/bastion/bridges/coap"
@@ -88,5 +89,54 @@ func TestRefusedHandshakesDoNotFloodTheLog(t *testing.T) {
 			t.Errorf("log line with a %d-byte psk_identity and a %d-byte err, want them cut: %q", len(a["psk_identity"]), len(a["err"]), a["psk_identity"])
 			break
 		}
+	}
+}
+
+// Refusals of what an authenticated device sends cannot flood the log
+// either: a device sending 200 datagrams that do not decode gets an RST
+// for each and each is counted (bad_request), in a line or two (one per
+// device and kind per 10 s); another device's refusal meanwhile still gets
+// its own line. Before, each wrote a line.
+func TestDeviceRefusalsDoNotFloodTheLog(t *testing.T) {
+	id := &fakeIdentity{key: []byte("0123456789abcdef"), revoked: map[string]bool{}}
+	lines := &coap.LogLines{}
+	s, pskDev, certDev, pskAddr, certAddr, _ := startWith(t, id, nopSink{}, coap.Config{}, slog.New(lines), 0)
+	bad := func() float64 {
+		return testutil.ToFloat64(coap.HubOf(s).Metrics().Refused.WithLabelValues(hub.CoAP, hub.ReasonBadRequest))
+	}
+	garbage := func(d *rawDevice, mid uint16) {
+		t.Helper()
+		// A CON header with token length 15 (RFC 7252 reserves 9-15).
+		if _, err := d.dc.Write([]byte{0x4f, 0x02, byte(mid >> 8), byte(mid), 1, 2, 3}); err != nil {
+			t.Fatal(err)
+		}
+		if a := d.next(); a.typ != message.Reset || a.mid != mid {
+			t.Fatalf("answer to a malformed CON: %v %d, want RST %d", a.typ, a.mid, mid)
+		}
+	}
+	const n = 200
+	d := dialRaw(t, pskDev, pskAddr)
+	for i := range n {
+		garbage(d, uint16(i+1))
+	}
+	other := dialRaw(t, certDev, certAddr)
+	garbage(other, 1)
+	deadline := time.Now().Add(5 * time.Second)
+	for bad() != n+1 {
+		if time.Now().After(deadline) {
+			t.Fatalf("bad_request refusals %v, want %d: every refusal is counted", bad(), n+1)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	const line = "coap: request refused"
+	byDevice := map[string]int{}
+	for _, a := range lines.Attrs(line) {
+		byDevice[a["device"]]++
+	}
+	if got := byDevice[pskDev.Creds.ID]; got < 1 || got > 2 {
+		t.Errorf("%d log lines for %d refusals of %s, want 1 or 2 (one per 10 s)", got, n, pskDev.Creds.ID)
+	}
+	if got := byDevice[certDev.Creds.ID]; got != 1 {
+		t.Errorf("%d log lines for the refusal of %s, want its own line: %v", got, certDev.Creds.ID, byDevice)
 	}
 }

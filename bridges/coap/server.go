@@ -116,6 +116,9 @@ type Server struct {
 	// lines spaces the log lines about what anyone on the network can
 	// cause (refused handshakes, dropped datagrams): ratelog.go.
 	lines *logEvery
+	// devLines spaces the lines about what an authenticated device sends
+	// that is refused (deviceLine).
+	devLines *logEvery
 	// dropped is Metrics.Dropped for CoAP (writeDropped).
 	dropped prometheus.Counter
 
@@ -188,7 +191,8 @@ func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log 
 	cfg.defaults()
 	s := &Server{cfg: cfg, id: id, hub: h, m: h.Metrics(), log: log.With("component", "coap"),
 		byDevice: map[string][]*otacache.DTLSConn{}, pskSeen: map[string]pskAnswer{},
-		deadline: &hub.SharedDeadline{Timeout: acceptTimeout}, lines: newLogEvery(refusalLogEvery)}
+		deadline: &hub.SharedDeadline{Timeout: acceptTimeout}, lines: newLogEvery(refusalLogEvery),
+		devLines: newLogEvery(refusalLogEvery)}
 	s.dropped = s.m.Dropped.WithLabelValues(hub.CoAP)
 	s.hs = newHandshakeLimit(cfg.MaxHandshakesPerSource, cfg.MaxHandshakesPerPrefix, cfg.MaxHandshakes)
 	var err error
