@@ -195,6 +195,10 @@ type Server struct {
 	lockout *throttle.Throttle
 
 	deadline *hub.SharedDeadline
+
+	// afterAccept, if set (tests only), runs in accept once it has
+	// released mu.
+	afterAccept func(cl *mochi.Client)
 }
 
 // New builds the broker and binds its TLS listener.
@@ -379,24 +383,44 @@ func (s *Server) unregister(pc *pipeConn) {
 // other here, so the later one always ends the earlier. revoked reports
 // instead that the device was revoked while the credentials were checked:
 // they are to be checked again, and accept called again if still good.
+//
+// Everything is looked up under mu, mochi's Clients too: a connection
+// accepted after this one (which ends this one) is added to Clients only
+// after its own accept, so it is never taken for an older session here.
+// (Looked up after mu was released, Clients could already hold the newer
+// session, which this one then ended, while the newer one ended this one:
+// no session left.) Lock order: mu, then Clients' lock; mochi takes no
+// hook's lock while it holds Clients' lock.
 func (s *Server) accept(pc *pipeConn, cl *mochi.Client) (older []*mochi.Client, revoked bool) {
+	s.mu.Lock()
 	if pc != nil {
-		s.mu.Lock()
 		if pc.revokedInCheck {
 			pc.revokedInCheck = false
 			s.mu.Unlock()
 			return nil, true
 		}
 		pc.accepted = true
-		for _, o := range s.conns[cl.ID] {
-			if o != pc && o.accepted && !o.cl.Closed() {
-				older = append(older, o.cl)
+	}
+	if !cl.Closed() { // else a newer session of the device has ended it already: it replaces none
+		if pc != nil {
+			for _, o := range s.conns[cl.ID] {
+				if o != pc && o.accepted && !o.cl.Closed() {
+					older = append(older, o.cl)
+				}
 			}
 		}
-		s.mu.Unlock()
+		// A session of this listener is in conns while it is open; Clients
+		// is looked at for any other (not a device's TLS connection).
+		if old, ok := s.mq.Clients.Get(cl.ID); ok && old != cl && !old.Closed() {
+			if _, dev := old.Net.Conn.(*pipeConn); !dev {
+				older = append(older, old)
+			}
+		}
 	}
-	if old, ok := s.mq.Clients.Get(cl.ID); ok && old != cl && !old.Closed() && !slices.Contains(older, old) {
-		older = append(older, old)
+	after := s.afterAccept
+	s.mu.Unlock()
+	if after != nil {
+		after(cl)
 	}
 	return older, false
 }
