@@ -1,6 +1,7 @@
 package mqtt
 
 import (
+	"fmt"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -8,7 +9,10 @@ import (
 	mochi "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
 
+	"github.com/bastion-iot/bastion/bridges"
+	"github.com/bastion-iot/bastion/bridges/hub"
 	"github.com/bastion-iot/bastion/bridges/queue"
+	"github.com/bastion-iot/bastion/pki"
 )
 
 // connsOf returns how many connections of id the server holds in conns.
@@ -64,5 +68,58 @@ func TestAcceptRaceKeepsNewerSession(t *testing.T) {
 	}
 	if cl, ok := r.s.mq.Clients.Get("d1"); !ok || cl.Closed() {
 		t.Fatal("mochi's Clients does not hold the open session")
+	}
+}
+
+// TestSlowCheckDoesNotEndNewerSession: a CONNECT whose credential check
+// (a secret login's argon2id) is still running when a later CONNECT of
+// the device is accepted is refused once its check ends (no success
+// CONNACK, counted as session_taken_over) and leaves the later session
+// open. Which CONNECT won depended on when its check ended: the earlier
+// one ended the live later session and took the session over, for a
+// connection its device had most likely given up.
+func TestSlowCheckDoesNotEndNewerSession(t *testing.T) {
+	for _, tc := range []struct {
+		ver  byte
+		want byte // the earlier CONNECT's CONNACK
+	}{{5, packets.ErrUnspecifiedError.Code}, {4, packets.Err3ServerUnavailable.Code}} {
+		t.Run(fmt.Sprintf("v%d", tc.ver), func(t *testing.T) {
+			id := &slowIdentity{stallAt: 1, stalled: make(chan chan struct{}), revoked: map[string]bool{}}
+			r := newRigWith(t, queue.Options{}, Config{AllowSecretAuth: true}, func(ca *pki.CA) bridges.Identity {
+				id.caIdentity = caIdentity{ca}
+				return id
+			})
+			a := r.dialTLS(t, "d1", tc.ver, false) // secret login: the first check, stalled
+			a.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect},
+				Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: true, Keepalive: 60, ClientIdentifier: "d1",
+					Username: []byte("d1"), UsernameFlag: true, Password: []byte("s3cret"), PasswordFlag: true}})
+			var release chan struct{}
+			select {
+			case release = <-id.stalled:
+			case <-time.After(10 * time.Second):
+				t.Fatal("the first CONNECT's secret check never ran")
+			}
+			b := r.dial(t, "d1", tc.ver) // certificate: accepted while the first is checked
+			before := r.refusals(hub.ReasonSessionTakenOver)
+			close(release)
+
+			pk, err := a.readErr(5 * time.Second)
+			switch {
+			case isTimeout(err):
+				t.Fatal("the earlier CONNECT got no answer")
+			case err == nil && (pk.FixedHeader.Type != packets.Connack || pk.ReasonCode != tc.want):
+				t.Fatalf("the earlier CONNECT got packet type %d reason %#x, want CONNACK %#x", pk.FixedHeader.Type, pk.ReasonCode, tc.want)
+			}
+			a.closedWithin(time.Second, "its refusal")
+			if !b.open() {
+				t.Fatal("the later session was ended by the earlier CONNECT, whose check ended after it was accepted")
+			}
+			if got := r.refusals(hub.ReasonSessionTakenOver) - before; got != 1 {
+				t.Errorf("session_taken_over refusals counted %v, want 1", got)
+			}
+			if cl, ok := r.s.mq.Clients.Get("d1"); !ok || cl.Closed() || cl.Net.Remote != b.c.LocalAddr().String() {
+				t.Fatal("mochi's Clients does not hold the later session")
+			}
+		})
 	}
 }
