@@ -123,3 +123,48 @@ func TestSlowCheckDoesNotEndNewerSession(t *testing.T) {
 		})
 	}
 }
+
+// TestShutdownEndsSessionBeingEstablished: a CONNECT accepted (past its
+// credential check) but not yet in mochi's Clients when the server shuts
+// down is ended too: shutdown returns within 1 s of the CONNECT going on.
+// Close ended only the clients in Clients and the connections not yet
+// authenticated; this one got its CONNACK afterwards and held the
+// shutdown until its keepalive ran out (90 s).
+func TestShutdownEndsSessionBeingEstablished(t *testing.T) {
+	r := newRig(t, queue.Options{})
+	b := &establishBarrier{n: 1, all: make(chan struct{}), release: make(chan struct{})}
+	if err := r.s.mq.AddHook(b, nil); err != nil {
+		t.Fatal(err)
+	}
+	d := r.dialTLS(t, "d1", 5, true)
+	d.connect()
+	select {
+	case <-b.all:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the CONNECT was not accepted")
+	}
+	b.mu.Lock()
+	held := b.arrived[0]
+	b.mu.Unlock()
+
+	stopped := make(chan error, 1)
+	go func() { stopped <- r.stop() }()
+	// Until the shutdown has ended it, or has certainly looked at mochi's
+	// Clients and found nothing there.
+	for deadline := time.Now().Add(time.Second); !held.Closed() && time.Now().Before(deadline); {
+		time.Sleep(2 * time.Millisecond)
+	}
+	close(b.release)
+	select {
+	case err := <-stopped:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(time.Second):
+		d.c.Close() // lets the shutdown end, for the test's cleanup
+		t.Fatal("shutdown still waiting 1 s after the CONNECT being established went on")
+	}
+	if pk, err := d.readErr(time.Second); err == nil {
+		t.Fatalf("the device got packet type %d reason %#x after the shutdown began, want the connection closed", pk.FixedHeader.Type, pk.ReasonCode)
+	}
+}
