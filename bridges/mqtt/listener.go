@@ -8,11 +8,11 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"slices"
 	"strings"
 	"sync"
 	"time"
 
+	mochi "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/listeners"
 	"github.com/mochi-mqtt/server/v2/packets"
 
@@ -270,10 +270,14 @@ func (l *tlsListener) Close(closeClients listeners.CloseFn) {
 	// after that list, so no connection slips between the two). Ended
 	// here, mochi does not set its session up (patch (13)).
 	clients := l.s.mq.Clients.GetByListener(l.id)
+	seen := make(map[*mochi.Client]bool, len(clients))
+	for _, cl := range clients {
+		seen[cl] = true
+	}
 	l.s.mu.Lock()
 	for _, pcs := range l.s.conns {
 		for _, pc := range pcs {
-			if !slices.Contains(clients, pc.cl) {
+			if !seen[pc.cl] {
 				clients = append(clients, pc.cl)
 			}
 		}
