@@ -108,8 +108,8 @@ func (h *authHook) OnConnectAuthenticate(cl *mochi.Client, pk packets.Packet) bo
 		// subscribers never do. The Will goes out when the connection ends.
 		cl.Properties.Will.WillDelayInterval = 0
 	}
-	older, revoked := h.s.accept(pc, cl, cert)
-	for revoked {
+	older, verdict := h.s.accept(pc, cl, cert)
+	for verdict == acceptRevoked {
 		// Refused here, before the CONNACK: accepted, the session would
 		// get a success CONNACK and the messages queued for the device
 		// before a check after it closed the session. Only a revocation of
@@ -125,7 +125,19 @@ func (h *authHook) OnConnectAuthenticate(cl *mochi.Client, pk packets.Packet) bo
 		if err != nil {
 			return refuse(reason, "credentials no longer accepted: the device was revoked while it connected", "device", dev, "err", err)
 		}
-		older, revoked = h.s.accept(pc, cl, cert)
+		older, verdict = h.s.accept(pc, cl, cert)
+	}
+	if verdict == acceptSuperseded {
+		// This CONNECT's check (a secret's argon2id) ended after a newer
+		// CONNECT of the device was accepted: the newer one is the
+		// device's session, and this one is most likely a connection the
+		// device has given up. MQTT 5 has no CONNACK code for a session
+		// taken over (0x8E is a DISCONNECT code [MQTT-3.2.2-8]).
+		h.s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonSessionTakenOver).Inc()
+		log.Info("mqtt: connect refused: a newer connection of the device was accepted while this one's credentials were checked (one session per device)",
+			"device", dev, "reason", hub.ReasonSessionTakenOver)
+		h.refuseConnect(cl, packets.ErrUnspecifiedError, packets.Err3ServerUnavailable, "session taken over: a newer connection of this client id was accepted first")
+		return false
 	}
 	for _, old := range older {
 		// Every other session of the device, not only the one mochi's

@@ -12,6 +12,7 @@ import (
 	"sync"
 	"time"
 
+	mochi "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/listeners"
 	"github.com/mochi-mqtt/server/v2/packets"
 
@@ -260,10 +261,31 @@ func (l *tlsListener) Close(closeClients listeners.CloseFn) {
 	}
 	// Ended here, all at once and each within endWait, mochi's
 	// closeClients finds them closed: it would write each DISCONNECT in
-	// turn, waiting on every device that stopped reading.
+	// turn, waiting on every device that stopped reading. Those in
+	// Server.conns too: a connection accepted in its CONNECT but not yet
+	// in mochi's Clients (closeClients does not see it either) would get
+	// its CONNACK after this and hold wg until its keepalive ran out; one
+	// still in its credential check is in the unauthenticated list above
+	// until it is accepted, and registered before that (conns is read
+	// after that list, so no connection slips between the two). Ended
+	// here, mochi does not set its session up (patch (13)).
+	clients := l.s.mq.Clients.GetByListener(l.id)
+	seen := make(map[*mochi.Client]bool, len(clients))
+	for _, cl := range clients {
+		seen[cl] = true
+	}
+	l.s.mu.Lock()
+	for _, pcs := range l.s.conns {
+		for _, pc := range pcs {
+			if !seen[pc.cl] {
+				clients = append(clients, pc.cl)
+			}
+		}
+	}
+	l.s.mu.Unlock()
 	var ending sync.WaitGroup
 	deadline := time.Now().Add(endWait)
-	for _, cl := range l.s.mq.Clients.GetByListener(l.id) {
+	for _, cl := range clients {
 		if !cl.Closed() {
 			ending.Go(func() { l.s.endSession(cl, packets.ErrServerShuttingDown, deadline) })
 		}

@@ -84,11 +84,13 @@ type pipeConn struct {
 	// wdl is the write deadline last set (Unix ns), see armWrite; under mu.
 	wdl int64
 	// cl is the connection's mochi client, set when its CONNECT's
-	// credential check starts (Server.register); accepted (its
-	// credentials were good: a session of the device, maybe not yet in
-	// mochi's Clients) and revokedInCheck (its device was revoked while
-	// they were being checked) are under Server.mu.
+	// credential check starts (Server.register); seq (the order of
+	// registration), accepted (its credentials were good: a session of the
+	// device, maybe not yet in mochi's Clients) and revokedInCheck (its
+	// device was revoked while they were being checked) are under
+	// Server.mu.
 	cl             *mochi.Client
+	seq            uint64
 	accepted       bool
 	revokedInCheck bool
 	// cert is the certificate the session was authenticated with (nil:

@@ -353,7 +353,9 @@ func (h *establishBarrier) OnSessionEstablish(cl *mochi.Client, _ packets.Packet
 // looked for an older session), end with one session of the device open,
 // which mochi's Clients holds and a revocation closes. Both stayed open,
 // one of them out of Clients, whenever both CONNECTs looked for a session
-// before either was added.
+// before either was added. (Both are held before either is in Clients, so
+// an acceptance that finds the other in Clients is not tried here:
+// TestAcceptRaceKeepsNewerSession.)
 func TestConcurrentConnectsOneSession(t *testing.T) {
 	r := newRig(t, queue.Options{})
 	b := &establishBarrier{n: 2, all: make(chan struct{}), release: make(chan struct{})}

@@ -198,11 +198,18 @@ type Server struct {
 	// expiry or takeover racing with it), and a connection still being
 	// checked is marked instead (pipeConn.revokedInCheck).
 	conns map[string][]*pipeConn
+	// seq numbers the connections in the order they are registered (the
+	// order their CONNECTs reached the credential check), under mu.
+	seq uint64
 
 	// lockout counts failed secret logins by source address.
 	lockout *throttle.Throttle
 
 	deadline *hub.SharedDeadline
+
+	// afterAccept, if set (tests only), runs in accept once it has
+	// released mu.
+	afterAccept func(cl *mochi.Client)
 }
 
 // New builds the broker and binds its TLS listener.
@@ -365,6 +372,8 @@ func (s *Server) register(pc *pipeConn, cl *mochi.Client) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	pc.cl = cl
+	s.seq++
+	pc.seq = s.seq
 	s.conns[cl.ID] = append(s.conns[cl.ID], pc)
 }
 
@@ -383,36 +392,76 @@ func (s *Server) unregister(pc *pipeConn) {
 	}
 }
 
+// acceptance is what accept decided.
+type acceptance int
+
+const (
+	acceptOK         acceptance = iota
+	acceptRevoked               // the device was revoked during the check: check again
+	acceptSuperseded            // a newer connection of the device was accepted first
+)
+
 // accept makes cl's connection pc, whose credentials were found good for
 // device cl.ID, the device's session, and returns the device's other open
-// sessions, which it replaces (one session per device). cert is the
-// certificate the session was authenticated with (nil: a secret login),
-// which the sweep checks from then on (certsweep.go). Two CONNECTs of
-// one device that are checked at the same time are accepted one after the
-// other here, so the later one always ends the earlier. revoked reports
-// instead that the device was revoked while the credentials were checked:
-// they are to be checked again, and accept called again if still good.
-func (s *Server) accept(pc *pipeConn, cl *mochi.Client, cert *hub.SessionCert) (older []*mochi.Client, revoked bool) {
+// sessions that it replaces (one session per device): those registered
+// before it (Server.register, at the start of their credential checks).
+// cert is the certificate the session was authenticated with (nil: a
+// secret login), which the sweep checks from then on (certsweep.go).
+// Of two CONNECTs of one device the one that came later wins, however
+// long each one's check took: an earlier one whose check (a secret's
+// argon2id) ends after a later one was accepted is refused instead
+// (acceptSuperseded) and does not end the later session (its device has
+// most likely closed the earlier connection already). acceptRevoked
+// reports that the device was revoked while the credentials were
+// checked: they are to be checked again, and accept called again if still
+// good.
+//
+// Everything is looked up under mu, mochi's Clients too: a connection
+// accepted after this one is added to Clients only after its own accept,
+// so it is never taken for an older session here. (Looked up after mu
+// was released, Clients could already hold the newer session, which this
+// one then ended, while the newer one ended this one: no session left.)
+// Lock order: mu, then Clients' lock; mochi calls no hook while it holds
+// Clients' lock.
+func (s *Server) accept(pc *pipeConn, cl *mochi.Client, cert *hub.SessionCert) (older []*mochi.Client, a acceptance) {
+	s.mu.Lock()
 	if pc != nil {
-		s.mu.Lock()
 		if pc.revokedInCheck {
 			pc.revokedInCheck = false
 			s.mu.Unlock()
-			return nil, true
+			return nil, acceptRevoked
+		}
+		for _, o := range s.conns[cl.ID] {
+			if o.seq > pc.seq && o.accepted {
+				s.mu.Unlock()
+				return nil, acceptSuperseded
+			}
 		}
 		pc.accepted = true
 		pc.cert = cert
-		for _, o := range s.conns[cl.ID] {
-			if o != pc && o.accepted && !o.cl.Closed() {
-				older = append(older, o.cl)
+	}
+	if !cl.Closed() { // else ended meanwhile (shutdown): it replaces none
+		if pc != nil {
+			for _, o := range s.conns[cl.ID] {
+				if o.seq < pc.seq && o.accepted && !o.cl.Closed() {
+					older = append(older, o.cl)
+				}
 			}
 		}
-		s.mu.Unlock()
+		// A session of this listener is in conns while it is open; Clients
+		// is looked at for any other (not a device's TLS connection).
+		if old, ok := s.mq.Clients.Get(cl.ID); ok && old != cl && !old.Closed() {
+			if _, dev := old.Net.Conn.(*pipeConn); !dev {
+				older = append(older, old)
+			}
+		}
 	}
-	if old, ok := s.mq.Clients.Get(cl.ID); ok && old != cl && !old.Closed() && !slices.Contains(older, old) {
-		older = append(older, old)
+	after := s.afterAccept
+	s.mu.Unlock()
+	if after != nil {
+		after(cl)
 	}
-	return older, false
+	return older, acceptOK
 }
 
 // endSession ends cl's session at once, whatever its device does: an MQTT

@@ -231,3 +231,95 @@ func TestBastionClosedClientNotAdded(t *testing.T) {
 	require.False(t, held.IsTakenOver())
 	live.disconnect()
 }
+
+// takeoverDisconnectHook runs during once the broker encodes a DISCONNECT
+// for client target: in a takeover, the one it sends the session it
+// takes over, after it found that session in Clients and before it copies
+// the session's subscriptions and inflights to the new client.
+type takeoverDisconnectHook struct {
+	HookBase
+	target *Client
+	during func()
+}
+
+func (h *takeoverDisconnectHook) ID() string { return "takeover-disconnect" }
+func (h *takeoverDisconnectHook) Provides(b byte) bool {
+	return b == OnPacketEncode
+}
+func (h *takeoverDisconnectHook) OnPacketEncode(cl *Client, pk packets.Packet) packets.Packet {
+	if cl == h.target && pk.FixedHeader.Type == packets.Disconnect && h.during != nil {
+		h.during()
+		h.during = nil
+	}
+	return pk
+}
+
+// sessionLockUsers returns how many hold or wait for id's session lock.
+func (cl *Clients) sessionLockUsers(id string) int {
+	cl.sessions.mu.Lock()
+	defer cl.sessions.mu.Unlock()
+	if k := cl.sessions.m[id]; k != nil {
+		return k.n
+	}
+	return 0
+}
+
+// TestBastionExpiryDuringTakeover (Bastion patch (12)): the expiry of a
+// session that a new connection of its id is taking over, run in the
+// middle of the takeover (after it found the session in Clients, before it
+// copied the session's subscriptions), waits for the takeover and then
+// leaves the new client alone: its subscription stays in Topics. Without
+// the session lock the expiry deleted the old client and unsubscribed its
+// filters (by client id) right there, and the takeover copied an empty
+// session to the new client.
+func TestBastionExpiryDuringTakeover(t *testing.T) {
+	s := newServer()
+	defer s.Close()
+	const id = "dev1"
+	oldConn, old := bastionDial(t, s, id, false, 60)
+	defer oldConn.w.Close() // before s.Close, which waits for the sessions
+	oldConn.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Subscribe, Qos: 1}, PacketID: 1,
+		Filters: packets.Subscriptions{{Filter: "a/b", Qos: 1}}})
+	bastionWait(t, "the subscription", func() bool { return old.State.Subscriptions.Len() == 1 })
+
+	expired := make(chan struct{})
+	ran := false
+	require.NoError(t, s.AddHook(&takeoverDisconnectHook{target: old, during: func() {
+		ran = true
+		go func() {
+			s.expireClient(old)
+			close(expired)
+		}()
+		// Until the expiry has run, or waits for the session lock the
+		// takeover holds.
+		deadline := time.Now().Add(5 * time.Second)
+		for time.Now().Before(deadline) {
+			select {
+			case <-expired:
+				return
+			default:
+			}
+			if s.Clients.sessionLockUsers(id) > 1 {
+				return
+			}
+			time.Sleep(time.Millisecond)
+		}
+		t.Error("the expiry neither ran nor waited for the session lock")
+	}}, nil))
+	nextConn, next := bastionDial(t, s, id, false, 60) // takes the session over
+	defer nextConn.w.Close()
+	select {
+	case <-expired:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the expiry did not end")
+	}
+	require.True(t, ran, "the takeover sent the old session no DISCONNECT")
+
+	cur, ok := s.Clients.Get(id)
+	require.True(t, ok, "the expiry of the old session deleted the session that took it over")
+	require.Same(t, next, cur)
+	require.Equal(t, 1, next.State.Subscriptions.Len(), "the new session did not get the old one's subscription")
+	require.Contains(t, s.Topics.Subscribers("a/b").Subscriptions, id, "the new session's subscription is gone from Topics")
+	require.Equal(t, int64(1), s.Info.Subscriptions)
+	nextConn.disconnect()
+}

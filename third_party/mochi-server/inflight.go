@@ -20,6 +20,7 @@ type Inflight struct {
 	sendQuota           int32                     // remaining outbound qos quota for flow control
 	maximumReceiveQuota int32                     // maximum allowed receive quota
 	maximumSendQuota    int32                     // maximum allowed send quota
+	sealed              bool                      // Bastion patch (14): see cloneAndSeal
 }
 
 // NewInflights returns a new instance of an Inflight packets map.
@@ -68,6 +69,34 @@ func (i *Inflight) Clone() *Inflight {
 		c.internal[k] = v
 	}
 	return c
+}
+
+// cloneAndSeal is Clone, and from then on setUnlessSealed adds nothing
+// (Bastion patch (14), third_party/README.md): a session taken over hands
+// its inflight messages to the client that takes it over, and a message
+// published to it afterwards must follow them instead of staying here.
+func (i *Inflight) cloneAndSeal() *Inflight {
+	c := NewInflights()
+	i.Lock()
+	defer i.Unlock()
+	for k, v := range i.internal {
+		c.internal[k] = v
+	}
+	i.sealed = true
+	return c
+}
+
+// setUnlessSealed is Set, unless cloneAndSeal has been called: then it
+// adds nothing and reports sealed (Bastion patch (14)).
+func (i *Inflight) setUnlessSealed(m packets.Packet) (added, sealed bool) {
+	i.Lock()
+	defer i.Unlock()
+	if i.sealed {
+		return false, true
+	}
+	_, ok := i.internal[m.PacketID]
+	i.internal[m.PacketID] = m
+	return !ok, false
 }
 
 // GetAll returns all the inflight messages.

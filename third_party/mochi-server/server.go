@@ -534,9 +534,15 @@ func (s *Server) connectClient(cl *Client, listener string) (counted bool, err e
 	}
 	sessionPresent := s.inheritClientSession(pk, cl)
 	s.Clients.Add(cl) // [MQTT-4.1.0-1]
-	unlock()
 
+	// Bastion patch (14): the CONNACK is sent before the session lock is
+	// released: a message published to the session taken over after it
+	// handed its inflight messages over waits for the lock and then goes
+	// to this client (publishToSuccessor), which must not get it before
+	// its CONNACK [MQTT-3.2.0-1]. (A CONNACK is a few bytes on a new
+	// connection: the write does not wait for the client.)
 	err = s.SendConnack(cl, code, sessionPresent, nil) // [MQTT-3.1.4-5] [MQTT-3.2.0-1] [MQTT-3.2.0-2] &[MQTT-3.14.0-1]
+	unlock()
 	if err != nil {
 		return counted, fmt.Errorf("ack connection packet: %w", err)
 	}
@@ -630,8 +636,12 @@ func (s *Server) inheritClientSession(pk packets.Packet, cl *Client) bool {
 		}
 
 		existing.State.isTakenOver.Store(true)
-		if existing.State.Inflight.Len() > 0 {
-			cl.State.Inflight = existing.State.Inflight.Clone() // [MQTT-3.1.2-5]
+		// Bastion patch (14): sealed as it is copied: a message published
+		// to existing from now on is not added to it, where it stayed
+		// (cleared below, or after that with no one to send it), but goes
+		// to cl (publishToSuccessor).
+		if inflight := existing.State.Inflight.cloneAndSeal(); inflight.Len() > 0 {
+			cl.State.Inflight = inflight // [MQTT-3.1.2-5]
 			if cl.State.Inflight.maximumReceiveQuota == 0 && cl.ops.options.Capabilities.ReceiveMaximum != 0 {
 				cl.State.Inflight.ResetReceiveQuota(int32(cl.ops.options.Capabilities.ReceiveMaximum)) // server receive max per client
 				cl.State.Inflight.ResetSendQuota(int32(cl.Properties.Props.ReceiveMaximum))            // client receive max
@@ -1164,7 +1174,11 @@ func (s *Server) publishToClient(cl *Client, sub packets.Subscription, pk packet
 		out.PacketID = uint16(i) // [MQTT-2.2.1-4]
 		sentQuota := atomic.LoadInt32(&cl.State.Inflight.sendQuota)
 
-		if ok := cl.State.Inflight.Set(out); ok { // [MQTT-4.3.2-3] [MQTT-4.3.3-3]
+		ok, sealed := cl.State.Inflight.setUnlessSealed(out)
+		if sealed {
+			return s.publishToSuccessor(cl, sub, pk)
+		}
+		if ok { // [MQTT-4.3.2-3] [MQTT-4.3.3-3]
 			atomic.AddInt64(&s.Info.Inflight, 1)
 			s.hooks.OnQosPublish(cl, out, out.Created, 0)
 			cl.State.Inflight.DecreaseSendQuota()
@@ -1196,6 +1210,30 @@ func (s *Server) publishToClient(cl *Client, sub packets.Subscription, pk packet
 	}
 
 	return out, nil
+}
+
+// publishToSuccessor publishes pk to the client that took the session of
+// cl over, which sealed cl's inflight messages as it copied them (Bastion
+// patch (14), third_party/README.md). Upstream added the message to cl's
+// inflight messages after the copy: a QoS 1 or 2 message published while
+// a session was taken over (found cl in Clients before the new client was
+// added) was lost. The takeover holds the id's session lock from before
+// the seal until the new client is in Clients and has its CONNACK, so the
+// message goes out after the CONNACK. None of the hooks the takeover runs
+// under that lock (OnPacketEncode, OnPacketSent, OnQosDropped,
+// OnUnsubscribed) may publish to the client id it takes over and wait
+// for it.
+func (s *Server) publishToSuccessor(cl *Client, sub packets.Subscription, pk packets.Packet) (packets.Packet, error) {
+	unlock := s.Clients.lockSession(cl.ID)
+	next, ok := s.Clients.Get(cl.ID)
+	unlock()
+	if !ok || next == cl { // the successor's session ended and was dropped since
+		return pk, packets.CodeDisconnect
+	}
+	if _, ok := next.State.Subscriptions.Get(sub.Filter); !ok {
+		return pk, packets.CodeDisconnect // taken over again since, with a clean start
+	}
+	return s.publishToClient(next, sub, pk)
 }
 
 func (s *Server) publishRetainedToClient(cl *Client, sub packets.Subscription, existed bool) {
