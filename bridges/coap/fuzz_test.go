@@ -2,7 +2,6 @@ package coap
 
 import (
 	"context"
-	"github.com/bastion-iot/bastion/internal/ratelog"
 	"io"
 	"log/slog"
 	"os"
@@ -17,6 +16,7 @@ import (
 
 	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/bridges/hub"
+	"github.com/bastion-iot/bastion/internal/ratelog"
 )
 
 // recordSink remembers what reached it.

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/bastion-iot/bastion/internal/ratelog"
 	"log/slog"
 	"net"
 	"sync"
@@ -15,6 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/bastion-iot/bastion/bridges/hub"
+	"github.com/bastion-iot/bastion/internal/ratelog"
 )
 
 // plaintextGuard makes a datagram that is not DTLS visible instead of lost.
