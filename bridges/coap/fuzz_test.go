@@ -16,6 +16,7 @@ import (
 
 	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/bridges/hub"
+	"github.com/bastion-iot/bastion/internal/ratelog"
 )
 
 // recordSink remembers what reached it.
@@ -35,7 +36,7 @@ func testServer(t testing.TB, sink bridges.Sink) *Server {
 	cfg := Config{MaxPayload: 64}
 	cfg.defaults()
 	return &Server{cfg: cfg, hub: h, m: h.Metrics(), log: log, deadline: &hub.SharedDeadline{Timeout: acceptTimeout},
-		lines: newLogEvery(refusalLogEvery), devLines: newLogEvery(refusalLogEvery)}
+		lines: ratelog.New(refusalLogEvery), devLines: ratelog.New(refusalLogEvery)}
 }
 
 // addCaptures seeds f with the CoAP datagrams captured from libcoap's

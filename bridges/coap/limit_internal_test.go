@@ -4,9 +4,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"strconv"
 	"testing"
-	"time"
 )
 
 // handshakeLimit counts per address, per IPv6 /64 and in all: a host that
@@ -69,27 +67,5 @@ func TestHandshakeLimit(t *testing.T) {
 	}
 	if h.inFlight() != 0 || len(h.sources) != 0 || len(h.prefixes) != 0 {
 		t.Fatalf("after every release: %d in flight, %d sources, %d prefixes kept", h.inFlight(), len(h.sources), len(h.prefixes))
-	}
-}
-
-// A logEvery keyed by device forgets the kinds with nothing left to
-// report once it holds maxLogKinds, and keeps those with a count of lines
-// not logged, so that the next line still reports it.
-func TestLogEveryForgetsSettledKinds(t *testing.T) {
-	l := newLogEvery(10 * time.Second)
-	t0 := time.Unix(1000, 0)
-	for i := range maxLogKinds {
-		l.allow("k"+strconv.Itoa(i), t0)
-	}
-	l.allow("k0", t0.Add(time.Second)) // not logged: counted for k0
-	later := t0.Add(11 * time.Second)
-	if _, ok := l.allow("new", later); !ok {
-		t.Fatal("a new kind was not logged")
-	}
-	if len(l.last) != 2 {
-		t.Fatalf("%d kinds held after the interval, want 2 (k0, with a line not logged, and new)", len(l.last))
-	}
-	if n, ok := l.allow("k0", later); !ok || n != 1 {
-		t.Fatalf("k0 after the interval: logged %v, not logged before %d; want true, 1", ok, n)
 	}
 }

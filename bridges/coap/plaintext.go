@@ -14,6 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/bastion-iot/bastion/bridges/hub"
+	"github.com/bastion-iot/bastion/internal/ratelog"
 )
 
 // plaintextGuard makes a datagram that is not DTLS visible instead of lost.
@@ -35,7 +36,7 @@ type plaintextGuard struct {
 	attach error // why it is not
 	conn   *net.UDPConn
 	done   chan struct{}
-	lines  *logEvery // by what the datagram looked like
+	lines  *ratelog.Every // by what the datagram looked like
 }
 
 // plaintextLogEvery spaces the guard's log lines: a device retransmitting
@@ -43,7 +44,7 @@ type plaintextGuard struct {
 const plaintextLogEvery = 10 * time.Second
 
 func newPlaintextGuard(log *slog.Logger, m *hub.Metrics) *plaintextGuard {
-	return &plaintextGuard{log: log, m: m, lines: newLogEvery(plaintextLogEvery)}
+	return &plaintextGuard{log: log, m: m, lines: ratelog.New(plaintextLogEvery)}
 }
 
 // dtlsSteering returns index 0 (the first socket bound: pion's) for a
@@ -152,7 +153,7 @@ func (g *plaintextGuard) serve() {
 func (g *plaintextGuard) refuse(from *net.UDPAddr, pkt []byte) {
 	g.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonPlaintext).Inc()
 	saw := sniff(pkt)
-	quiet, ok := g.lines.allow(saw, time.Now())
+	quiet, ok := g.lines.Allow(saw, time.Now())
 	if !ok {
 		return
 	}

@@ -5,59 +5,12 @@ import (
 	"log/slog"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 )
-
-// logEvery spaces the log lines about events anyone on the network can
-// cause (a refused handshake, a plaintext datagram, a datagram the
-// listener's socket had no room for): at most one line per kind of event
-// per interval, saying how many of that kind were not logged since the
-// line before. The metrics count every event; the log says what is
-// happening without a flood writing one line per datagram to a router's
-// small disk. Kinds must come from a small fixed set (a reason, not an
-// address or an identity the peer chose), or the map would grow with
-// them.
-type logEvery struct {
-	every time.Duration
-	mu    sync.Mutex
-	last  map[string]time.Time // when the last line of a kind was let through
-	quiet map[string]int       // events of a kind not logged since then
-}
 
 // refusalLogEvery spaces the lines of refusals that come before a device
 // is authenticated (plaintextLogEvery for plaintext datagrams).
 const refusalLogEvery = 10 * time.Second
-
-func newLogEvery(every time.Duration) *logEvery {
-	return &logEvery{every: every, last: map[string]time.Time{}, quiet: map[string]int{}}
-}
-
-// allow counts one event of kind at now and reports whether to log it,
-// and if so how many events of the kind were not logged since its last
-// line.
-func (l *logEvery) allow(kind string, now time.Time) (notLogged int, ok bool) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if len(l.last) >= maxLogKinds {
-		// Kinds keyed by device (deviceLine) come and go: those whose
-		// interval has passed with nothing left unlogged would be let
-		// through anyway, so forgetting them changes no line.
-		for k, t := range l.last {
-			if now.Sub(t) >= l.every && l.quiet[k] == 0 {
-				delete(l.last, k)
-				delete(l.quiet, k)
-			}
-		}
-	}
-	if last, seen := l.last[kind]; seen && now.Sub(last) < l.every {
-		l.quiet[kind]++
-		return 0, false
-	}
-	notLogged = l.quiet[kind]
-	l.last[kind], l.quiet[kind] = now, 0
-	return notLogged, true
-}
 
 // refusalLine logs msg with args unless a line of the same kind went out
 // less than refusalLogEvery ago: for refusals anyone on the network can
@@ -66,7 +19,7 @@ func (l *logEvery) allow(kind string, now time.Time) (notLogged int, ok bool) {
 // each in the metric; the line says how many of its kind were not logged
 // since the one before.
 func (s *Server) refusalLine(kind, msg string, args ...any) {
-	n, ok := s.lines.allow(kind, time.Now())
+	n, ok := s.lines.Allow(kind, time.Now())
 	if !ok {
 		return
 	}
@@ -81,7 +34,7 @@ func (s *Server) refusalLine(kind, msg string, args ...any) {
 // such device does not hide the lines about another. The caller counts
 // each in the metric.
 func (s *Server) deviceLine(level slog.Level, kind, device, msg string, args ...any) {
-	n, ok := s.devLines.allow(kind+"\x00"+device, time.Now())
+	n, ok := s.devLines.Allow(kind+"\x00"+device, time.Now())
 	if !ok {
 		return
 	}
@@ -90,10 +43,6 @@ func (s *Server) deviceLine(level slog.Level, kind, device, msg string, args ...
 	}
 	s.log.Log(context.Background(), level, msg, append([]any{"device", device}, args...)...)
 }
-
-// maxLogKinds bounds a logEvery's kinds before it forgets the ones with
-// nothing left to report (deviceLine's kinds carry a device id).
-const maxLogKinds = 4096
 
 // maxLoggedText bounds text a peer chose in a log line (a device id a
 // certificate claims, an error that quotes what the peer sent).

@@ -3,6 +3,7 @@ package coap
 import (
 	"bytes"
 	"context"
+	"github.com/bastion-iot/bastion/internal/ratelog"
 	"log/slog"
 	"net/netip"
 	"strings"
@@ -30,7 +31,7 @@ func TestWriteDroppedCountedAndLogged(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := &Server{m: h.Metrics(), log: slog.New(lines), lines: newLogEvery(refusalLogEvery)}
+	s := &Server{m: h.Metrics(), log: slog.New(lines), lines: ratelog.New(refusalLogEvery)}
 	s.dropped = s.m.Dropped.WithLabelValues(hub.CoAP)
 	to := netip.MustParseAddrPort("192.0.2.7:5684")
 	for range 1000 {
@@ -45,29 +46,8 @@ func TestWriteDroppedCountedAndLogged(t *testing.T) {
 	}
 	// The next interval's first drop is logged, with the count of those
 	// that were not.
-	if _, ok := s.lines.allow("write_dropped", time.Now().Add(refusalLogEvery)); !ok {
+	if _, ok := s.lines.Allow("write_dropped", time.Now().Add(refusalLogEvery)); !ok {
 		t.Error("no line let through a whole interval later")
-	}
-}
-
-// logEvery lets one line per kind per interval through and reports how
-// many of the kind it held back.
-func TestLogEvery(t *testing.T) {
-	l := newLogEvery(10 * time.Second)
-	t0 := time.Unix(1000, 0)
-	if n, ok := l.allow("a", t0); !ok || n != 0 {
-		t.Fatalf("first event: %d, %v", n, ok)
-	}
-	for i := range 5 {
-		if _, ok := l.allow("a", t0.Add(time.Duration(i)*time.Second)); ok {
-			t.Fatalf("event %d within the interval let through", i)
-		}
-	}
-	if _, ok := l.allow("b", t0); !ok {
-		t.Fatal("another kind held back by the first")
-	}
-	if n, ok := l.allow("a", t0.Add(10*time.Second)); !ok || n != 5 {
-		t.Fatalf("after the interval: %d not logged, %v; want 5, true", n, ok)
 	}
 }
 

@@ -28,6 +28,7 @@ import (
 
 	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/bridges/hub"
+	"github.com/bastion-iot/bastion/internal/ratelog"
 	otacache "github.com/bastion-iot/bastion/ota-cache"
 	"github.com/bastion-iot/bastion/pki"
 )
@@ -115,10 +116,10 @@ type Server struct {
 	hs *handshakeLimit
 	// lines spaces the log lines about what anyone on the network can
 	// cause (refused handshakes, dropped datagrams): ratelog.go.
-	lines *logEvery
+	lines *ratelog.Every
 	// devLines spaces the lines about what an authenticated device sends
 	// that is refused (deviceLine).
-	devLines *logEvery
+	devLines *ratelog.Every
 	// dropped is Metrics.Dropped for CoAP (writeDropped).
 	dropped prometheus.Counter
 
@@ -191,8 +192,8 @@ func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log 
 	cfg.defaults()
 	s := &Server{cfg: cfg, id: id, hub: h, m: h.Metrics(), log: log.With("component", "coap"),
 		byDevice: map[string][]*otacache.DTLSConn{}, pskSeen: map[string]pskAnswer{},
-		deadline: &hub.SharedDeadline{Timeout: acceptTimeout}, lines: newLogEvery(refusalLogEvery),
-		devLines: newLogEvery(refusalLogEvery)}
+		deadline: &hub.SharedDeadline{Timeout: acceptTimeout}, lines: ratelog.New(refusalLogEvery),
+		devLines: ratelog.New(refusalLogEvery)}
 	s.dropped = s.m.Dropped.WithLabelValues(hub.CoAP)
 	s.hs = newHandshakeLimit(cfg.MaxHandshakesPerSource, cfg.MaxHandshakesPerPrefix, cfg.MaxHandshakes)
 	var err error
@@ -297,7 +298,7 @@ func (s *Server) listen(addr string, opts []piondtls.ServerOption) (*limitListen
 // registration. It runs on the writer's goroutine and must not block.
 func (s *Server) writeDropped(to netip.AddrPort, size int) {
 	s.dropped.Inc()
-	if n, ok := s.lines.allow("write_dropped", time.Now()); ok {
+	if n, ok := s.lines.Allow("write_dropped", time.Now()); ok {
 		s.log.Warn("coap: datagram not sent: the DTLS listener's socket has no room (send buffer full); dropped, the peer retransmits (bastion_transport_datagrams_dropped_total)",
 			"device", "", "remote", to.String(), "size", size, "not_logged_since_last_line", n)
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"strings"
 	"time"
 
@@ -256,7 +257,7 @@ func (h *authHook) OnACLCheck(cl *mochi.Client, topic string, write bool) bool {
 			return true
 		}
 		h.s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonPublishACL).Inc()
-		h.s.log.Warn("mqtt: publish refused: topic outside the device namespace", "device", cl.ID, "topic", topic,
+		h.s.deviceLine(slog.LevelWarn, "publish_acl", cl.ID, "mqtt: publish refused: topic outside the device namespace", "topic", clip(topic),
 			"allowed", bridges.TopicPrefix(cl.ID)+"t/... or s/...")
 		return false
 	}
@@ -264,7 +265,7 @@ func (h *authHook) OnACLCheck(cl *mochi.Client, topic string, write bool) bool {
 		return true
 	}
 	h.s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonSubscribeACL).Inc()
-	h.s.log.Warn("mqtt: subscribe refused: "+filterRefusal(cl.ID, topic), "device", cl.ID, "filter", clip(topic), "filter_bytes", len(topic),
+	h.s.deviceLine(slog.LevelWarn, "subscribe_acl", cl.ID, "mqtt: subscribe refused: "+filterRefusal(cl.ID, topic), "filter", clip(topic), "filter_bytes", len(topic),
 		"allowed", bridges.TopicPrefix(cl.ID)+"c/# or "+hub.BroadcastPrefix+"#")
 	return false
 }
@@ -361,7 +362,7 @@ func (h *authHook) OnPublish(cl *mochi.Client, pk packets.Packet) (packets.Packe
 	}
 	if len(pk.Payload) > h.s.cfg.MaxPayload {
 		h.s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonTooLarge).Inc()
-		h.s.log.Warn("mqtt: publish refused: payload too large", "device", cl.ID, "topic", pk.TopicName, "size", len(pk.Payload), "limit", h.s.cfg.MaxPayload)
+		h.s.deviceLine(slog.LevelWarn, "too_large", cl.ID, "mqtt: publish refused: payload too large", "topic", pk.TopicName, "size", len(pk.Payload), "limit", h.s.cfg.MaxPayload)
 		if cl.Properties.ProtocolVersion == 5 && pk.FixedHeader.Qos > 0 {
 			return pk, packets.ErrPacketTooLarge
 		}
@@ -409,13 +410,13 @@ func (h *authHook) OnPublish(cl *mochi.Client, pk packets.Packet) (packets.Packe
 		// as duplicates. The device's Will is not published: the close
 		// asks it to send again, it does not mean the device is gone (and
 		// the queue that refused this would refuse the Will too).
-		h.s.log.Warn("mqtt: publish refused; closing the MQTT 3.1.1 session so that the device sends it again after reconnecting (3.1.1 has no negative PUBACK)",
-			"device", cl.ID, "topic", pk.TopicName, "queue_full", full, "reason", reason, "err", err)
+		h.s.deviceLine(slog.LevelWarn, "refused_v4", cl.ID, "mqtt: publish refused; closing the MQTT 3.1.1 session so that the device sends it again after reconnecting (3.1.1 has no negative PUBACK)",
+			"topic", pk.TopicName, "queue_full", full, "reason", reason, "err", err)
 		h.s.endSession(cl, packets.ErrQuotaExceeded, time.Now())
 	case reason == hub.ReasonCommitTimeout:
-		h.s.log.Warn("mqtt: publish refused: not made durable within the commit deadline (slow disk), device asked to retry", "device", cl.ID, "topic", pk.TopicName, "qos", pk.FixedHeader.Qos)
+		h.s.deviceLine(slog.LevelWarn, reason, cl.ID, "mqtt: publish refused: not made durable within the commit deadline (slow disk), device asked to retry", "topic", pk.TopicName, "qos", pk.FixedHeader.Qos)
 	case full:
-		h.s.log.Warn("mqtt: publish refused: queue full, device asked to retry", "device", cl.ID, "topic", pk.TopicName, "qos", pk.FixedHeader.Qos)
+		h.s.deviceLine(slog.LevelWarn, reason, cl.ID, "mqtt: publish refused: queue full, device asked to retry", "topic", pk.TopicName, "qos", pk.FixedHeader.Qos)
 	default:
 		h.s.log.Error("mqtt: publish not accepted", "device", cl.ID, "topic", pk.TopicName, "err", err)
 	}
@@ -455,7 +456,7 @@ func (h *authHook) OnSubscribed(cl *mochi.Client, pk packets.Packet, codes []byt
 			continue
 		}
 		h.s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonSubscriptionsLimit).Inc()
-		h.s.log.Warn("mqtt: subscribe refused: the device holds as many subscriptions as it may; unsubscribe first or use a wildcard",
-			"device", cl.ID, "filter", sub.Filter, "limit", h.s.cfg.MaxSubscriptions)
+		h.s.deviceLine(slog.LevelWarn, "subscriptions_limit", cl.ID, "mqtt: subscribe refused: the device holds as many subscriptions as it may; unsubscribe first or use a wildcard",
+			"filter", clip(sub.Filter), "limit", h.s.cfg.MaxSubscriptions)
 	}
 }

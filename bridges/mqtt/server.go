@@ -24,6 +24,7 @@ import (
 
 	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/bridges/hub"
+	"github.com/bastion-iot/bastion/internal/ratelog"
 	"github.com/bastion-iot/bastion/internal/throttle"
 	"github.com/bastion-iot/bastion/pki"
 )
@@ -184,8 +185,11 @@ type Server struct {
 	hub *hub.Hub
 	m   *hub.Metrics
 	log *slog.Logger
-	mq  *mochi.Server
-	tls *tlsListener
+	// devLines spaces the lines about what an authenticated device sends
+	// that is refused (deviceLine).
+	devLines *ratelog.Every
+	mq       *mochi.Server
+	tls      *tlsListener
 
 	mu     sync.Mutex
 	authed map[*mochi.Client]string // client → device, for the session gauge
@@ -215,7 +219,7 @@ type Server struct {
 // New builds the broker and binds its TLS listener.
 func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log *slog.Logger) (*Server, error) {
 	cfg.defaults()
-	s := &Server{cfg: cfg, id: id, hub: h, m: h.Metrics(), log: log.With("component", "mqtt"), authed: map[*mochi.Client]string{},
+	s := &Server{cfg: cfg, id: id, hub: h, m: h.Metrics(), log: log.With("component", "mqtt"), devLines: ratelog.New(deviceLineEvery), authed: map[*mochi.Client]string{},
 		conns: map[string][]*pipeConn{}, deadline: &hub.SharedDeadline{Timeout: acceptTimeout}}
 	l := cfg.SecretLockout
 	s.lockout = throttle.New(throttle.Policy{Base: l.Base, Max: l.Max, Forget: l.Forget}, 10000)
@@ -603,3 +607,23 @@ func deviceOf(id bridges.Identity, cl *mochi.Client) (string, *x509.Certificate,
 // acceptTimeout bounds how long a QoS 1 publish waits for the Sink (the
 // durable queue's fsync) before the device is told to retry.
 const acceptTimeout = 5 * time.Second
+
+// deviceLineEvery spaces the lines about one device's refused packets.
+const deviceLineEvery = 10 * time.Second
+
+// deviceLine logs msg at level unless a line of the same kind about the
+// same device went out less than deviceLineEvery ago: for refusals of what
+// an authenticated device sends (a topic outside its namespace, a payload
+// over the limit, a full queue), which a device stuck in a loop repeats at
+// the rate it can send. Keyed by device, so one such device does not hide
+// the lines about another. The caller counts each in the metric.
+func (s *Server) deviceLine(level slog.Level, kind, device, msg string, args ...any) {
+	n, ok := s.devLines.Allow(kind+"\x00"+device, time.Now())
+	if !ok {
+		return
+	}
+	if n > 0 {
+		args = append(args, "not_logged_since_last_line", n)
+	}
+	s.log.Log(context.Background(), level, msg, append([]any{"device", device}, args...)...)
+}

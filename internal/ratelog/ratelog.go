@@ -1,0 +1,57 @@
+// Package ratelog spaces log lines about events a peer can repeat at the
+// rate it can send: at most one line per kind of event per interval,
+// saying how many of that kind were not logged since the line before.
+// The metrics count every event; the log says what is happening without a
+// flood writing one line per packet to a router's small disk.
+package ratelog
+
+import (
+	"sync"
+	"time"
+)
+
+// Every is the limiter. Kinds should come from a small set (a reason, or
+// a reason and an authenticated device id), not from text a peer chose:
+// kinds with nothing left to report are forgotten once MaxKinds are held,
+// but those within their interval are not.
+type Every struct {
+	every time.Duration
+	mu    sync.Mutex
+	last  map[string]time.Time // when the last line of a kind was let through
+	quiet map[string]int       // events of a kind not logged since then
+}
+
+// MaxKinds is how many kinds an Every holds before it forgets the ones
+// with nothing left to report.
+const MaxKinds = 4096
+
+// New returns a limiter letting one line per kind through per every.
+func New(every time.Duration) *Every {
+	return &Every{every: every, last: map[string]time.Time{}, quiet: map[string]int{}}
+}
+
+// Allow counts one event of kind at now and reports whether to log it,
+// and if so how many events of the kind were not logged since its last
+// line.
+func (l *Every) Allow(kind string, now time.Time) (notLogged int, ok bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if len(l.last) >= MaxKinds {
+		// Kinds keyed by device come and go: those whose interval has
+		// passed with nothing left unlogged would be let through anyway,
+		// so forgetting them changes no line.
+		for k, t := range l.last {
+			if now.Sub(t) >= l.every && l.quiet[k] == 0 {
+				delete(l.last, k)
+				delete(l.quiet, k)
+			}
+		}
+	}
+	if last, seen := l.last[kind]; seen && now.Sub(last) < l.every {
+		l.quiet[kind]++
+		return 0, false
+	}
+	notLogged = l.quiet[kind]
+	l.last[kind], l.quiet[kind] = now, 0
+	return notLogged, true
+}
