@@ -139,7 +139,7 @@ func New(opts Options) (_ *Gateway, err error) {
 	if g.opts.Out == nil {
 		g.opts.Out = os.Stderr
 	}
-	cfg, err := g.loadConfig()
+	cfg, warnings, err := g.loadConfig()
 	if err != nil {
 		return nil, err
 	}
@@ -148,6 +148,7 @@ func New(opts Options) (_ *Gateway, err error) {
 	if g.log == nil {
 		g.log = newLogger(os.Stderr, cfg.Log, g.level)
 	}
+	g.logConfigWarnings(warnings)
 	g.level.Set(parseLevel(cfg.Log.Level))
 	g.restoreMemLimit = applyMemoryLimit(cfg.MemoryLimit, os.Getenv("GOMEMLIMIT"), os.Getenv("GOGC"), g.log)
 	g.clock = opts.Clock
@@ -215,13 +216,13 @@ func New(opts Options) (_ *Gateway, err error) {
 	return g, nil
 }
 
-func (g *Gateway) loadConfig() (config.Config, error) {
+func (g *Gateway) loadConfig() (config.Config, []*config.Error, error) {
 	if !g.opts.Dev {
 		g.configPath = g.opts.ConfigPath
 		if g.configPath == "" {
 			g.configPath = "/etc/bastion/bastion.yaml"
 		}
-		return config.Load(g.configPath, config.Production())
+		return config.LoadWithWarnings(g.configPath, config.Production())
 	}
 	dir := g.opts.StateDir
 	if dir == "" {
@@ -229,7 +230,7 @@ func (g *Gateway) loadConfig() (config.Config, error) {
 	}
 	abs, err := filepath.Abs(dir)
 	if err != nil {
-		return config.Config{}, err
+		return config.Config{}, nil, err
 	}
 	g.configPath = g.opts.ConfigPath
 	if g.configPath == "" {
@@ -237,13 +238,13 @@ func (g *Gateway) loadConfig() (config.Config, error) {
 	}
 	if _, err := os.Stat(g.configPath); errors.Is(err, os.ErrNotExist) {
 		if err := os.MkdirAll(abs, 0o700); err != nil {
-			return config.Config{}, fmt.Errorf("state directory %s: %w", abs, err)
+			return config.Config{}, nil, fmt.Errorf("state directory %s: %w", abs, err)
 		}
 		if err := WriteConfigFile(g.configPath, config.Dev(abs)); err != nil {
-			return config.Config{}, err
+			return config.Config{}, nil, err
 		}
 	}
-	return config.Load(g.configPath, config.Dev(abs))
+	return config.LoadWithWarnings(g.configPath, config.Dev(abs))
 }
 
 // WriteConfigFile writes a commented configuration file (0600) atomically.
@@ -536,13 +537,14 @@ func (g *Gateway) Reload() error {
 	} else {
 		base = config.Production()
 	}
-	cfg, err := config.Load(g.configPath, base)
+	cfg, warnings, err := config.LoadWithWarnings(g.configPath, base)
 	if err != nil {
 		g.metrics.reloads.WithLabelValues("refused").Inc()
 		g.log.Error("config reload refused; the running configuration stays", "file", g.configPath, "err", err)
 		g.store.Audit(store.Event{Time: g.clock.Now(), Actor: "system", Action: "config.reload_refused", Target: g.configPath, Detail: err.Error()})
 		return err
 	}
+	g.logConfigWarnings(warnings)
 	if cfg.StateDir != old.StateDir || cfg.CoAP != old.CoAP || cfg.MQTT != old.MQTT || cfg.Console != old.Console || cfg.MemoryLimit != old.MemoryLimit {
 		g.log.Warn("config reload: listener, state_dir and memory_limit changes take effect at the next restart")
 	}
@@ -574,6 +576,14 @@ func (g *Gateway) Reload() error {
 	g.store.Audit(store.Event{Time: g.clock.Now(), Actor: "system", Action: "config.reload", Target: g.configPath})
 	g.log.Info("config reloaded", "file", g.configPath)
 	return nil
+}
+
+// logConfigWarnings logs what the configuration file says that is accepted
+// but likely not what was meant.
+func (g *Gateway) logConfigWarnings(ws []*config.Error) {
+	for _, w := range ws {
+		g.log.Warn("config: "+w.Error(), "file", w.File, "line", w.Line, "key", w.Key)
+	}
 }
 
 func (g *Gateway) serveMetrics(ctx context.Context, eg *errgroup.Group, addr string) error {
