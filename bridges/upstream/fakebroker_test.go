@@ -65,6 +65,8 @@ type fakeBroker struct {
 	closeAbove int
 	acked      chan string
 	closes     atomic.Int32 // connections closed on such a PUBLISH
+	// recvMax, if set, is the Receive Maximum of the CONNACK.
+	recvMax uint16
 }
 
 // fakeConn is one client connection to a fakeBroker.
@@ -189,7 +191,11 @@ func (c *fakeConn) serve(t *testing.T, conns chan<- *fakeConn) {
 				c.write(&packets.Connack{ReasonCode: 0x87, Properties: &packets.Properties{}})
 				return
 			}
-			if c.write(&packets.Connack{Properties: &packets.Properties{}}) != nil {
+			ca := &packets.Connack{Properties: &packets.Properties{}}
+			if c.b.recvMax > 0 {
+				ca.Properties.ReceiveMaximum = &c.b.recvMax
+			}
+			if c.write(ca) != nil {
 				return
 			}
 			select { // a test that reconnects often need not take them all

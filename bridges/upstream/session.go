@@ -154,22 +154,23 @@ func (s *linkSession) AddToSession(_ context.Context, p session.Packet, resp cha
 
 // addPublish reserves an identifier for PUBLISH seq (from device dev) of
 // run r on connection gen. full: window (or the broker's Receive Maximum)
-// publishes await their PUBACK; wait on s.room and try again.
-func (s *linkSession) addPublish(gen uint64, window int, r *sendRun, seq uint64, dev string) (id uint16, full bool, err error) {
+// publishes await their PUBACK; wait on s.room and try again. inFlight is
+// how many await their PUBACK with this one: 1 when it is alone.
+func (s *linkSession) addPublish(gen uint64, window int, r *sendRun, seq uint64, dev string) (id uint16, inFlight int, full bool, err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.conn == nil || s.gen != gen {
-		return 0, false, errNoConnection
+		return 0, 0, false, errNoConnection
 	}
 	if s.pubs >= min(window, s.recvMax) {
-		return 0, true, nil
+		return 0, s.pubs, true, nil
 	}
 	id, err = s.nextID(clientPacket{r: r, seq: seq, dev: dev})
 	if err != nil {
-		return 0, false, err
+		return 0, s.pubs, false, err
 	}
 	s.pubs++
-	return id, false, nil
+	return id, s.pubs, false, nil
 }
 
 // write sends b (whole packets) on connection gen, in one write.

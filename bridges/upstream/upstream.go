@@ -987,13 +987,12 @@ feed:
 				break feed
 			}
 			var (
-				id     uint16
-				window int
+				id       uint16
+				inFlight int
 			)
 			for qos > 0 {
 				var full bool
-				window = u.poison.window(r, s.cfg.Window)
-				id, full, err = ls.addPublish(gen, window, r, e.Seq, e.Device)
+				id, inFlight, full, err = ls.addPublish(gen, u.poison.window(r, s.cfg.Window), r, e.Seq, e.Device)
 				if err != nil {
 					if !errors.Is(err, errNoConnection) {
 						r.fail(fmt.Errorf("upstream publish seq %d: %w", e.Seq, err))
@@ -1017,7 +1016,9 @@ feed:
 			if qos == 0 {
 				qos0 = append(qos0, e.Seq)
 			} else {
-				lastSeq, lastDev, lastSingle = e.Seq, e.Device, window == 1
+				// Alone: the only PUBLISH awaiting a PUBACK, whether the slow
+				// start's window or the broker's Receive Maximum made it so.
+				lastSeq, lastDev, lastSingle = e.Seq, e.Device, inFlight == 1
 			}
 		}
 		if !flush() {

@@ -128,7 +128,7 @@ func readerSetup(t testing.TB, data []byte, chunk int) (*packetConn, *ackSource,
 	r := &sendRun{u: u, cancel: func() {}}
 	gen, _, _ := s.connection()
 	for i := range 8 {
-		if id, full, err := s.addPublish(gen, 64, r, uint64(101+i), readerDev(uint16(i+1))); err != nil || full || id != uint16(i+1) {
+		if id, _, full, err := s.addPublish(gen, 64, r, uint64(101+i), readerDev(uint16(i+1))); err != nil || full || id != uint16(i+1) {
 			t.Fatalf("addPublish: id %d full %v %v", id, full, err)
 		}
 	}
