@@ -65,8 +65,24 @@ type fakeBroker struct {
 	closeAbove int
 	acked      chan string
 	closes     atomic.Int32 // connections closed on such a PUBLISH
+	// script (set by an option), with autoAck, answers a PUBLISH instead
+	// (nil: the PUBACK above); ackedPubs, if set, gets every PUBLISH
+	// answered with a success PUBACK.
+	script    func(c *fakeConn, p *packets.Publish) fakeAnswer
+	ackedPubs chan *packets.Publish
 	// recvMax, if set, is the Receive Maximum of the CONNACK.
 	recvMax uint16
+	// connects counts CONNACKed connections; disconnects the DISCONNECTs
+	// the broker sent.
+	connects, disconnects atomic.Int32
+}
+
+// fakeAnswer is a scripted broker's answer to one PUBLISH.
+type fakeAnswer struct {
+	puback     byte // the PUBACK's reason code
+	disconnect bool // no PUBACK: a DISCONNECT with reason, and the connection ends
+	reason     byte
+	close      bool // no PUBACK: the connection closes (no DISCONNECT)
 }
 
 // fakeConn is one client connection to a fakeBroker.
@@ -80,6 +96,10 @@ type fakeConn struct {
 	// connect is the link's CONNECT (set before the connection is handed
 	// to the test).
 	connect *packets.Connect
+	// index is the connection's number on the broker (from 1); seen counts
+	// each bastion-seq's PUBLISHes on it (for a script).
+	index int
+	seen  map[uint64]int
 }
 
 func startFakeBroker(t *testing.T, opts ...func(*fakeBroker)) *fakeBroker {
@@ -198,6 +218,7 @@ func (c *fakeConn) serve(t *testing.T, conns chan<- *fakeConn) {
 			if c.write(ca) != nil {
 				return
 			}
+			c.index = int(c.b.connects.Add(1))
 			select { // a test that reconnects often need not take them all
 			case conns <- c:
 			case <-c.b.quit:
@@ -229,10 +250,32 @@ func (c *fakeConn) serve(t *testing.T, conns chan<- *fakeConn) {
 				c.b.closes.Add(1)
 				return
 			}
-			if c.write(&packets.Puback{PacketID: p.PacketID, Properties: &packets.Properties{}}) != nil {
+			var a fakeAnswer
+			if c.b.script != nil {
+				if c.seen == nil {
+					c.seen = map[uint64]int{}
+				}
+				c.seen[seqOf(t, p)]++
+				a = c.b.script(c, p)
+			}
+			switch {
+			case a.close:
+				c.b.closes.Add(1)
+				return
+			case a.disconnect:
+				c.disconnect(a.reason)
 				return
 			}
+			if c.write(&packets.Puback{PacketID: p.PacketID, ReasonCode: a.puback, Properties: &packets.Properties{}}) != nil {
+				return
+			}
+			if a.puback >= 0x80 {
+				continue
+			}
 			c.b.acked <- p.Topic
+			if c.b.ackedPubs != nil {
+				c.b.ackedPubs <- p
+			}
 		case *packets.Pingreq:
 			if c.write(&packets.Pingresp{}) != nil {
 				return
@@ -241,6 +284,22 @@ func (c *fakeConn) serve(t *testing.T, conns chan<- *fakeConn) {
 			return
 		}
 	}
+}
+
+// disconnect sends a DISCONNECT with reason rc and ends the connection as
+// a broker does: it stops writing (TLS close_notify), and reads what the
+// link still sends until the link closes, so that no reset takes the
+// DISCONNECT with it.
+func (c *fakeConn) disconnect(rc byte) {
+	c.b.disconnects.Add(1)
+	if c.write(&packets.Disconnect{ReasonCode: rc, Properties: &packets.Properties{}}) != nil {
+		return
+	}
+	if tc, ok := c.conn.(*tls.Conn); ok {
+		tc.CloseWrite()
+	}
+	c.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	io.Copy(io.Discard, c.conn)
 }
 
 func (c *fakeConn) write(p interface {

@@ -81,10 +81,20 @@ func (s *linkSession) ConAckReceived(conn io.Writer, _ *packets.Connect, ca *pac
 }
 
 // ConnectionLost ends the connection; paho's waiting SUBSCRIBE/UNSUBSCRIBE
-// calls get the empty packet that means "connection lost".
-func (s *linkSession) ConnectionLost(*packets.Disconnect) error {
+// calls get the empty packet that means "connection lost". paho calls it
+// with the broker's DISCONNECT (on its reading goroutine, before it closes
+// the connection) or with nil; the connection records which, and whether a
+// SUBSCRIBE was still unanswered (poisonWatch, poison.go).
+func (s *linkSession) ConnectionLost(pd *packets.Disconnect) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if pc, ok := s.conn.(*packetConn); ok {
+		pending := false
+		for _, cp := range s.client {
+			pending = pending || cp.resp != nil
+		}
+		pc.end.disconnected(pd, pending)
+	}
 	s.reset()
 	return nil
 }
@@ -173,8 +183,20 @@ func (s *linkSession) addPublish(gen uint64, window int, r *sendRun, seq uint64,
 	return id, s.pubs, false, nil
 }
 
-// write sends b (whole packets) on connection gen, in one write.
-func (s *linkSession) write(gen uint64, b []byte) error {
+// connEnd is how connection gen ends (nil: gone already, or not a
+// packetConn).
+func (s *linkSession) connEnd(gen uint64) *connEnd {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if pc, ok := s.conn.(*packetConn); ok && s.gen == gen {
+		return &pc.end
+	}
+	return nil
+}
+
+// write sends b (whole packets) on connection gen, in one write, and
+// returns that write's number on the connection (0: not a packetConn).
+func (s *linkSession) write(gen uint64, b []byte) (uint64, error) {
 	s.mu.Lock()
 	conn := s.conn
 	if s.gen != gen {
@@ -182,13 +204,13 @@ func (s *linkSession) write(gen uint64, b []byte) error {
 	}
 	s.mu.Unlock()
 	if conn == nil {
-		return errNoConnection
+		return 0, errNoConnection
 	}
 	if pc, ok := conn.(*packetConn); ok {
 		return pc.writePackets(b)
 	}
 	_, err := conn.Write(b)
-	return err
+	return 0, err
 }
 
 // PacketReceived handles every packet with an identifier. It runs on

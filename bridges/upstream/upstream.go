@@ -886,7 +886,7 @@ func (u *Upstream) pipeline(ctx context.Context, ls *linkSession, down <-chan st
 		case <-pctx.Done():
 		}
 	}()
-	r := &sendRun{u: u, cancel: cancel}
+	r := &sendRun{u: u, cancel: cancel, conn: ls.connEnd(gen)}
 	// The queue's NextInto reuses the entries and the read buffer of the
 	// previous batch: nothing of a batch is kept once its PUBLISHes are in
 	// buf (appendPublish copies the payload; park copies the message).
@@ -915,7 +915,7 @@ func (u *Upstream) pipeline(ctx context.Context, ls *linkSession, down <-chan st
 		if len(buf) == 0 {
 			return true
 		}
-		err := ls.write(gen, buf)
+		n, err := ls.write(gen, buf)
 		buf = buf[:0]
 		if err != nil {
 			if !errors.Is(err, errNoConnection) && pctx.Err() == nil {
@@ -925,7 +925,7 @@ func (u *Upstream) pipeline(ctx context.Context, ls *linkSession, down <-chan st
 			return false
 		}
 		if lastSeq != 0 {
-			r.written, r.writtenDev, r.single, r.writtenAt = lastSeq, lastDev, lastSingle, time.Now()
+			r.written, r.writtenDev, r.single, r.writtenAt, r.writtenWrite = lastSeq, lastDev, lastSingle, time.Now(), n
 			lastSeq = 0
 		}
 		if len(qos0) > 0 {
@@ -1068,6 +1068,11 @@ type sendRun struct {
 	single     bool
 	acks       atomic.Uint64
 	ackedTo    atomic.Uint64
+	// conn is how the run's connection ends, and what the broker answered
+	// on it over all its runs (nil: not a packetConn, in some tests);
+	// writtenWrite is the connection's write that carried written.
+	conn         *connEnd
+	writtenWrite uint64
 }
 
 // answered records the broker's PUBACK for seq (on paho's reading
@@ -1077,6 +1082,17 @@ func (r *sendRun) answered(seq uint64) {
 	if seq > r.ackedTo.Load() {
 		r.ackedTo.Store(seq)
 	}
+	if r.conn != nil {
+		r.conn.answered(seq)
+	}
+}
+
+// end is how the run's connection ended (once it has).
+func (r *sendRun) end() endState {
+	if r.conn == nil {
+		return endState{}
+	}
+	return r.conn.state()
 }
 
 // fail ends the run on a failure other than the connection going down.

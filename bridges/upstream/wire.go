@@ -5,6 +5,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/eclipse/paho.golang/packets"
 )
 
 // packetConn is the connection paho writes to and reads from.
@@ -38,7 +40,11 @@ type packetConn struct {
 	locked       bool
 	first        bool
 	need         int
+	ptype        byte // the type of the packet paho is writing
 	buf          []byte
+	// end records how the connection ends and what it carried, for
+	// poisonWatch (poison.go).
+	end connEnd
 
 	// The read side; only paho's reading goroutine (its CONNACK reader,
 	// then its receive loop) touches it.
@@ -89,6 +95,7 @@ func (c *packetConn) Read(p []byte) (int, error) {
 		n, err := c.Conn.Read(c.rbuf[k:])
 		c.in = c.rbuf[:k+n]
 		if n == 0 && err != nil {
+			c.end.readFailed(err)
 			return 0, err
 		}
 		// With n > 0 an error, if any, comes again on the next read.
@@ -172,11 +179,13 @@ func fixedHeader(b []byte) (rem, hl int, ok bool) {
 	return 0, 0, false
 }
 
-// writePackets writes whole packets in one write, between paho's packets.
-func (c *packetConn) writePackets(b []byte) error {
+// writePackets writes whole packets in one write, between paho's packets,
+// and returns that write's number on the connection (connEnd.writes).
+func (c *packetConn) writePackets(b []byte) (uint64, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.write(b)
+	err := c.write(b)
+	return c.end.writes.Load(), err
 }
 
 // minWriteTimeout and maxWriteTimeout bound writeTimeout.
@@ -211,6 +220,10 @@ const shutdownGrace = time.Second
 // connection is unusable: paho's reader or the next write ends it, and the
 // link reconnects (the queue still holds what was not acknowledged).
 func (c *packetConn) write(b []byte) error {
+	if len(b) == 0 {
+		return nil
+	}
+	c.end.writes.Add(1)
 	for len(b) > 0 {
 		n := min(len(b), writeChunk)
 		c.setWriteDeadline()
@@ -243,8 +256,12 @@ func (c *packetConn) abortWrites(grace time.Duration) {
 	c.Conn.SetWriteDeadline(at)
 }
 
-// Close also unregisters the abort from the dial context.
+// Close also unregisters the abort from the dial context. Unless the
+// connection had ended already (the broker's DISCONNECT, a failed read or
+// write), it is the link ending it: paho's missing PINGRESP, reload or
+// shutdown.
 func (c *packetConn) Close() error {
+	c.end.set(endOurs, 0, "closed by the link (no PINGRESP within the keepalive, reload or shutdown)")
 	if c.stopAbort != nil {
 		c.stopAbort()
 	}
@@ -276,6 +293,7 @@ func (c *packetConn) Write(b []byte) (int, error) {
 			return c.writeN(b)
 		}
 		c.need = rem
+		c.ptype = b[0] >> 4
 		c.buf = append(c.buf[:0], b...)
 	} else {
 		c.buf = append(c.buf, b...)
@@ -286,6 +304,9 @@ func (c *packetConn) Write(b []byte) (int, error) {
 		c.buf = c.buf[:0]
 		if err != nil {
 			return 0, err
+		}
+		if c.ptype == packets.SUBSCRIBE || c.ptype == packets.UNSUBSCRIBE {
+			c.end.requestWritten(c.end.writes.Load())
 		}
 	}
 	return len(b), nil

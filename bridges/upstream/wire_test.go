@@ -342,7 +342,7 @@ func TestWriteDeadline(t *testing.T) {
 	pc := &packetConn{Conn: c, writeTimeout: 200 * time.Millisecond}
 	defer pc.Close()
 	start := time.Now()
-	err = pc.writePackets(make([]byte, 64<<20)) // far more than the socket buffers hold
+	_, err = pc.writePackets(make([]byte, 64<<20)) // far more than the socket buffers hold
 	if !errors.Is(err, os.ErrDeadlineExceeded) {
 		t.Fatalf("write to a peer that reads nothing: %v, want a deadline error", err)
 	}
@@ -386,7 +386,7 @@ func TestWriteDeadline(t *testing.T) {
 	}()
 	const total = 8 << 20
 	start = time.Now()
-	if err := pc2.writePackets(make([]byte, total)); err != nil {
+	if _, err := pc2.writePackets(make([]byte, total)); err != nil {
 		t.Fatalf("write to a peer that reads slowly: %v (after %v)", err, time.Since(start))
 	}
 	took := time.Since(start)
