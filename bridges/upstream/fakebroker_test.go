@@ -12,10 +12,12 @@ import (
 	"encoding/pem"
 	"errors"
 	"io"
+	"log/slog"
 	"math/big"
 	"net"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -677,6 +679,66 @@ func TestShutdownWithDeafBroker(t *testing.T) {
 	if d := time.Since(start); d > 5*time.Second {
 		t.Errorf("the link took %v to stop, want a few seconds at most", d)
 	}
+}
+
+// TestWriteDeadlineEndsConnection: the broker stops reading, with a
+// keepalive of an hour. The link's write times out (write deadline 1 s
+// here; keepalive-derived, at most 30 s, in production) and the connection
+// ends: the link reconnects. crypto/tls fails every write after a timeout,
+// so the connection was useless, but it stayed up: the sender retried on it
+// after each pause, Status said connected, and nothing ended it until paho's
+// next PINGREQ failed, a keepalive later.
+func TestWriteDeadlineEndsConnection(t *testing.T) {
+	fb := startFakeBroker(t, func(b *fakeBroker) { b.deaf = true })
+	dir := t.TempDir()
+	// 8 MiB: more than the kernel buffers between the link and a reader
+	// that reads nothing hold (TestShutdownWithDeafBroker).
+	pad := strings.Repeat("x", 200<<10)
+	var ms []bridges.Message
+	for i := range 40 {
+		m := telemetry("d1", i)
+		m.Payload = []byte(`{"pad":"` + pad + `"}`)
+		ms = append(ms, m)
+	}
+	queueBefore(t, dir, ms...)
+	cfg := fb.config(t)
+	cfg.KeepAlive = time.Hour
+	var log syncBuffer
+	l := startLinkWith(t, cfg, dir, func(u *Upstream) {
+		u.writeTimeout = time.Second
+		u.log = slog.New(slog.NewTextHandler(&log, nil))
+	})
+	fb.next(t)
+	start := time.Now()
+	select {
+	case <-fb.conns:
+	case <-time.After(30 * time.Second):
+		t.Fatalf("the link did not reconnect within 30s of a write that timed out; status %+v", l.up.Status())
+	}
+	t.Logf("reconnected %v after the first connection", time.Since(start).Round(time.Millisecond))
+	// The connection's error names the write that ended it (Status shows
+	// the latest error, which may be the downlink SUBSCRIBE's, lost with it).
+	if s := log.String(); !regexp.MustCompile(`lost: the connection closed after a failed write: .*i/o timeout`).MatchString(s) {
+		t.Errorf("the log does not say the connection was lost on the write timeout:\n%s", s)
+	}
+}
+
+// syncBuffer is a bytes.Buffer for a log written from several goroutines.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }
 
 // closingBroker is a fake broker that acknowledges every PUBLISH itself and

@@ -119,6 +119,9 @@ type Upstream struct {
 	// poison finds a message the broker answers by closing the connection
 	// (poison.go); only the sender's goroutine touches it.
 	poison poisonWatch
+
+	// writeTimeout, when set (tests), replaces writeTimeout(keepalive).
+	writeTimeout time.Duration
 }
 
 // New checks cfg (Defaults, Validate), loads the certificate files and
@@ -572,6 +575,9 @@ func (u *Upstream) dial(ctx context.Context, _ autopaho.ClientConfig, broker *ur
 		return nil, explain(err, s)
 	}
 	pc := &packetConn{Conn: conn, writeTimeout: writeTimeout(s.cfg.KeepAlive)}
+	if u.writeTimeout > 0 {
+		pc.writeTimeout = u.writeTimeout
+	}
 	// ctx ends at shutdown and reload: a write blocked on a broker that
 	// stopped reading would hold them up to writeTimeout, and the
 	// DISCONNECT behind it.

@@ -1,9 +1,13 @@
 package upstream
 
 import (
+	"errors"
+	"fmt"
 	"net"
+	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/eclipse/paho.golang/packets"
@@ -29,7 +33,8 @@ import (
 // is shutting down): a broker that stops reading would otherwise block the
 // writer while it holds mu, and with it paho's PINGREQ and the DISCONNECT
 // of a shutdown or reload, until paho's missing PINGRESP gave up on the
-// connection (about two keepalives: up to 36 hours).
+// connection (about two keepalives: up to 36 hours). A write that fails, on
+// its deadline or otherwise, closes the connection (broken).
 type packetConn struct {
 	net.Conn
 	// writeTimeout bounds each write of up to writeChunk bytes (0: none).
@@ -43,8 +48,9 @@ type packetConn struct {
 	ptype        byte // the type of the packet paho is writing
 	buf          []byte
 	// end records how the connection ends and what it carried, for
-	// poisonWatch (poison.go).
-	end connEnd
+	// poisonWatch (poison.go); brokenBy is the failed write that closed it.
+	end      connEnd
+	brokenBy atomic.Pointer[string]
 
 	// The read side; only paho's reading goroutine (its CONNACK reader,
 	// then its receive loop) touches it.
@@ -96,6 +102,11 @@ func (c *packetConn) Read(p []byte) (int, error) {
 		c.in = c.rbuf[:k+n]
 		if n == 0 && err != nil {
 			c.end.readFailed(err)
+			if why := c.brokenBy.Load(); why != nil {
+				// The read failed because a write closed the connection:
+				// paho reports this error, and the write's is the reason.
+				err = fmt.Errorf("%s: %w", *why, err)
+			}
 			return 0, err
 		}
 		// With n > 0 an error, if any, comes again on the next read.
@@ -216,9 +227,9 @@ const writeChunk = 64 << 10
 // reads, and a write blocked on one that does not ends.
 const shutdownGrace = time.Second
 
-// write writes b under the write deadline. After a write times out the TLS
-// connection is unusable: paho's reader or the next write ends it, and the
-// link reconnects (the queue still holds what was not acknowledged).
+// write writes b under the write deadline; a write that fails ends the
+// connection (broken), and the link reconnects (the queue still holds what
+// was not acknowledged).
 func (c *packetConn) write(b []byte) error {
 	if len(b) == 0 {
 		return nil
@@ -228,11 +239,41 @@ func (c *packetConn) write(b []byte) error {
 		n := min(len(b), writeChunk)
 		c.setWriteDeadline()
 		if _, err := c.Conn.Write(b[:n]); err != nil {
+			c.broken(err)
 			return err
 		}
 		b = b[n:]
 	}
 	return nil
+}
+
+// broken closes the connection after a failed write. Once a write failed,
+// its deadline included, crypto/tls fails every later one with the same
+// error: the connection carries nothing more. Left open, the link's sender
+// retried on it after a pause, again and again, and nothing ended it until
+// paho's next PINGREQ failed, a keepalive later (up to 18 h), while Status
+// said connected. Closed, paho's reader fails at once and autopaho
+// reconnects. The socket under the TLS connection is closed, not the TLS
+// connection: its Close would first try to write close_notify, and wait on
+// the broker that takes nothing.
+func (c *packetConn) broken(err error) {
+	why := "the connection closed after a failed write: " + err.Error()
+	c.brokenBy.CompareAndSwap(nil, &why)
+	switch {
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		c.end.set(endOurs, 0, "a write to the broker timed out")
+	case errors.Is(err, syscall.ECONNRESET), errors.Is(err, syscall.EPIPE):
+		c.end.set(endBrokerClosed, 0, "the broker closed the connection without a DISCONNECT")
+	case errors.Is(err, net.ErrClosed):
+		c.end.set(endOurs, 0, "closed by the link")
+	default:
+		c.end.set(endNetwork, 0, "a network error: "+err.Error())
+	}
+	if nc, ok := c.Conn.(interface{ NetConn() net.Conn }); ok {
+		nc.NetConn().Close()
+		return
+	}
+	c.Conn.Close()
 }
 
 func (c *packetConn) setWriteDeadline() {
