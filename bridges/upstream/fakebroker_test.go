@@ -11,6 +11,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"math/big"
@@ -833,6 +834,109 @@ func TestParkBeyondTopicLimits(t *testing.T) {
 	waitFor(t, "the long message parked", 10*time.Second, func() bool { return p.Stats().Depth == 1 })
 	if st := l.up.Status(); !strings.Contains(st.LastParked, "is 26 bytes, more than upstream.max_topic_length 20") {
 		t.Errorf("LastParked %q, want the length and the limit", st.LastParked)
+	}
+}
+
+// TestParkManyBeyondTopicLimits: one device sends 40 messages in a row
+// whose topics are beyond upstream.max_topic_levels, then another device
+// one good message. The link's own verdict on a topic is not a broker's
+// refusal: it used to take from the refusals' burst (16, then one a
+// minute, refilled only by an accepted message), so the 17th could not be
+// parked, stayed at the head, and every device's messages behind it waited a
+// minute per bad message. All 40 are parked and the good message arrives
+// at once.
+func TestParkManyBeyondTopicLimits(t *testing.T) {
+	fb := closingBroker(t)
+	dir := t.TempDir()
+	var ms []bridges.Message
+	for i := range 40 {
+		ms = append(ms, bridges.Message{Device: "deep", Topic: "devices/deep/t/a/b/c/d", QoS: 1, Payload: fmt.Appendf(nil, `{"i":%d}`, i)})
+	}
+	queueBefore(t, dir, append(ms, telemetry("good", 1))...)
+	cfg := fb.config(t)
+	cfg.MaxTopicLevels = 7
+	l := startLink(t, cfg, dir)
+	p := startParking(t, l, t.TempDir())
+	select {
+	case topic := <-fb.acked:
+		if topic != "bastion/gw1/good/t/n" {
+			t.Fatalf("the broker acknowledged %s, want the good message", topic)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatalf("the good message did not arrive within 5s behind 40 messages beyond the topic limits; parked %d; status %+v", p.Stats().Depth, l.up.Status())
+	}
+	waitFor(t, "all 40 parked", 10*time.Second, func() bool { return p.Stats().Depth == 40 })
+	if n := fb.closes.Load(); n != 0 {
+		t.Errorf("the broker closed %d connections: a deep message was sent", n)
+	}
+}
+
+// TestParkingFullStallsOnlyItsDevice: the parking queue fills up with one
+// device's messages beyond the topic limits. The one that does not fit
+// stays queued (QoS 1: never dropped), and so do that device's later
+// messages (order per device), while another device's messages flow; the
+// error says what to do. Each drop of the parked messages makes room, the
+// link parks more at once, and once the last is parked the device's good
+// message follows.
+func TestParkingFullStallsOnlyItsDevice(t *testing.T) {
+	fb := closingBroker(t)
+	dir := t.TempDir()
+	const bad = 10
+	var ms []bridges.Message
+	for i := range bad {
+		ms = append(ms, bridges.Message{Device: "deep", Topic: "devices/deep/t/a/b/c/d", QoS: 1, Payload: fmt.Appendf(nil, `{"i":%d,"pad":%q}`, i, strings.Repeat("x", 1500))})
+	}
+	queueBefore(t, dir, append(ms, telemetry("deep", 1), telemetry("good", 1))...)
+	cfg := fb.config(t)
+	cfg.MaxTopicLevels = 7
+	cfg.BackoffMax = time.Hour // no retry on the timer: room comes from the drops
+	l := startLinkWith(t, cfg, dir, func(u *Upstream) {
+		p, err := queue.Open(t.TempDir(), queue.Options{MaxBytes: 6 << 10, SegmentBytes: 2 << 10}, testLog(), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { p.Close() })
+		u.SetParking(p)
+	})
+	p := l.up.parking.Load()
+	expectAcked(t, fb, l, "bastion/gw1/good/t/n")
+	waitFor(t, "the parking queue full", 10*time.Second, func() bool {
+		return strings.Contains(l.up.Status().LastError, "the parking queue did not take it")
+	})
+	parked := p.Stats().Depth
+	if parked == 0 || parked >= bad {
+		t.Fatalf("parked %d, want some but not all %d (a small parking queue)", parked, bad)
+	}
+	if st := l.up.Status(); !strings.Contains(st.LastError, "deep's later messages wait behind it (order per device) while other devices' messages flow") ||
+		!strings.Contains(st.LastError, "retry or drop") {
+		t.Errorf("LastError %q, want what waits and what to do", st.LastError)
+	}
+	waitFor(t, fmt.Sprintf("queue depth %d: the %d not parked and deep's good message", bad-parked+1, bad-parked), 10*time.Second, func() bool {
+		return l.q.Stats().Depth == bad-parked+1
+	})
+	select {
+	case topic := <-fb.acked:
+		t.Fatalf("the broker acknowledged %s while deep's messages before it could not be parked", topic)
+	default:
+	}
+	total := 0
+	for range bad {
+		n, err := l.up.DropParked(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		total += n
+		if total == bad {
+			break
+		}
+		waitFor(t, "more parked after the drop", 10*time.Second, func() bool { return p.Stats().Depth > 0 })
+	}
+	if total != bad {
+		t.Fatalf("dropped %d parked messages in all, want %d", total, bad)
+	}
+	expectAcked(t, fb, l, "bastion/gw1/deep/t/n")
+	if n := fb.closes.Load(); n != 0 {
+		t.Errorf("the broker closed %d connections: a deep message was sent", n)
 	}
 }
 

@@ -383,3 +383,13 @@ func (s *linkSession) Close() error { return nil }
 func (s *linkSession) SetErrorLogger(l paholog.Logger) { s.errs = l }
 
 func (s *linkSession) SetDebugLogger(paholog.Logger) {}
+
+// inFlight is how many PUBLISHes of connection gen await their PUBACK.
+func (s *linkSession) inFlight(gen uint64) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.gen != gen || s.conn == nil {
+		return 0
+	}
+	return s.pubs
+}

@@ -115,6 +115,8 @@ type Upstream struct {
 	queuedWithheld, redactRefused minuteLog
 	restart                       context.CancelFunc
 	parks                         parkBucket
+	// running is the sender's current run (nil between runs).
+	running atomic.Pointer[sendRun]
 
 	// poison finds a message the broker answers by closing the connection
 	// (poison.go); only the sender's goroutine touches it.
@@ -892,7 +894,9 @@ func (u *Upstream) pipeline(ctx context.Context, ls *linkSession, down <-chan st
 		case <-pctx.Done():
 		}
 	}()
-	r := &sendRun{u: u, cancel: cancel, conn: ls.connEnd(gen)}
+	r := &sendRun{u: u, cancel: cancel, conn: ls.connEnd(gen), retryAfter: s.cfg.BackoffMax}
+	u.running.Store(r)
+	defer u.running.CompareAndSwap(r, nil)
 	// The queue's NextInto reuses the entries and the read buffer of the
 	// previous batch: nothing of a batch is kept once its PUBLISHes are in
 	// buf (appendPublish copies the payload; park copies the message).
@@ -916,6 +920,9 @@ func (u *Upstream) pipeline(ctx context.Context, ls *linkSession, down <-chan st
 		lastSeq    uint64
 		lastDev    string
 		lastSingle bool
+		// Devices with a message this run can neither send nor park: the
+		// rest of theirs stays queued behind it (order per device).
+		stalled map[string]bool
 	)
 	flush := func() bool {
 		if len(buf) == 0 {
@@ -956,6 +963,9 @@ feed:
 		}
 		for _, e := range es {
 			cursor = e.Seq
+			if stalled[e.Device] {
+				continue // stays queued, behind its device's unsendable message
+			}
 			topic, payload, keep, err := u.prepare(e, &mapped)
 			if err != nil {
 				r.fail(err)
@@ -964,28 +974,28 @@ feed:
 			if !keep {
 				continue // withheld and acked
 			}
+			// The link's own verdicts (a topic beyond the configured limits,
+			// a packet beyond the broker's announced Maximum Packet Size)
+			// park the message unsent: a broker that enforces them by closing
+			// the connection would get it again on every reconnect. When it
+			// cannot be parked (no parking queue, or the parking queue is
+			// full) it stays queued, unsent, and so does the rest of its
+			// device's messages (order per device); the other devices'
+			// messages flow.
 			if why, label := s.cfg.topicLimit(topic, e.Device); why != "" {
-				// Not sent: a broker that enforces its topic limits by
-				// closing the connection would get it again on every
-				// reconnect, and every message behind it would wait.
-				err := u.park(e, label, why)
-				if err == nil {
-					continue
+				if err := u.parkUnsendable(e, label, why); err != nil {
+					stalled = r.stall(stalled, e, fmt.Errorf("upstream broker %s: seq %d from %s: %s; it cannot be parked: %w", s.cfg.Broker, e.Seq, e.Device, why, err))
 				}
-				r.fail(fmt.Errorf("upstream broker %s: seq %d from %s: %s; it cannot be parked: %w; it stays at the head of the queue and every message behind it waits",
-					s.cfg.Broker, e.Seq, e.Device, why, err))
-				break feed
+				continue
 			}
 			qos := min(e.QoS, 1)
 			if n := publishLen(qos, topic, payload, s.cfg.Gateway, e.Seq); maxPacket > 0 && n > maxPacket {
 				why := fmt.Sprintf("the PUBLISH would be larger than the broker's Maximum Packet Size of %d bytes", maxPacket)
-				err := u.park(e, reasonName(0x95), why)
-				if err == nil {
-					continue
+				if err := u.parkUnsendable(e, reasonName(0x95), why); err != nil {
+					stalled = r.stall(stalled, e, fmt.Errorf("upstream broker %s: seq %d from %s: %s, and it cannot be parked: %w; raise the broker's maximum packet size (Mosquitto: max_packet_size) to at least %d bytes",
+						s.cfg.Broker, e.Seq, e.Device, why, err, n))
 				}
-				r.fail(fmt.Errorf("upstream broker %s: seq %d from %s: %s, and it cannot be parked: %w; it stays at the head of the queue and every message behind it waits: raise the broker's maximum packet size (Mosquitto: max_packet_size) to at least %d bytes",
-					s.cfg.Broker, e.Seq, e.Device, why, err, n))
-				break feed
+				continue
 			}
 			if qos > maxQoS {
 				r.fail(fmt.Errorf("upstream broker %s grants at most QoS %d (CONNACK Maximum QoS), and the link sends at QoS 1 so that a message leaves the queue only after the broker's PUBACK; seq %d from %s and every message behind it stay queued until the broker allows QoS 1 for this gateway (Mosquitto: max_qos 1 or more)",
@@ -1040,6 +1050,24 @@ feed:
 	flush()
 	cancel()
 	wg.Wait()
+	if r.retry != nil {
+		r.retry.Stop()
+	}
+	if r.again.Load() && !r.failed.Load() {
+		// Ended to start again from the queue's head (sendRun.stall), on
+		// a connection that is still up: what is in flight is answered
+		// first, rather than sent again.
+		for deadline := time.Now().Add(10 * time.Second); ls.inFlight(gen) > 0 && time.Now().Before(deadline); {
+			select {
+			case <-ls.room:
+			case <-time.After(100 * time.Millisecond):
+			case <-down:
+				return r
+			case <-ctx.Done():
+				return r
+			}
+		}
+	}
 	return r
 }
 
@@ -1048,6 +1076,12 @@ type sendRun struct {
 	u      *Upstream
 	cancel context.CancelFunc
 	failed atomic.Bool
+	// stalled: a message of this run could be neither sent nor parked
+	// (sendRun.stall); retry ends the run retryAfter later (again).
+	stalled    atomic.Bool
+	again      atomic.Bool
+	retry      *time.Timer
+	retryAfter time.Duration
 
 	// Order per device after a refusal. The sender writes ahead of the
 	// PUBACKs, so when the broker refuses message N of device D (and N stays
@@ -1099,6 +1133,33 @@ func (r *sendRun) end() endState {
 		return endState{}
 	}
 	return r.conn.state()
+}
+
+// stall leaves e, which can be neither sent nor parked (err says why), in
+// the queue, and with it every later message of its device in this run;
+// it returns stalled with e's device added. The run goes on with the other
+// devices'. The next run (the next connection, or RetryParked or
+// DropParked making room in the parking queue) tries e again.
+func (r *sendRun) stall(stalled map[string]bool, e queue.Entry, err error) map[string]bool {
+	if stalled == nil {
+		stalled = map[string]bool{}
+	}
+	stalled[e.Device] = true
+	if !r.stalled.Swap(true) {
+		// Room may also come without an operator (the disk the parking
+		// queue failed on has room again): the run starts again from the
+		// queue's head after a while.
+		r.retry = time.AfterFunc(r.retryAfter, r.rerun)
+	}
+	r.u.setError(fmt.Errorf("%w; it stays queued, and %s's later messages wait behind it (order per device) while other devices' messages flow; it is tried again when parked messages are retried or dropped, within %s, and on the next connection", err, e.Device, r.retryAfter))
+	return stalled
+}
+
+// rerun ends the run, for the sender to start the next one at once from the
+// queue's head.
+func (r *sendRun) rerun() {
+	r.again.Store(true)
+	r.cancel()
 }
 
 // fail ends the run on a failure other than the connection going down.
