@@ -633,6 +633,46 @@ func TestReloadRefusesCertNotValidNow(t *testing.T) {
 	}
 }
 
+// TestReloadKeepsCertInUse: the certificate in use has expired (or the
+// clock is wrong); a reload that does not change it, only something else,
+// is not refused for it (every reload was, log level and rules included),
+// and a certificate that a reload does change must still be valid now.
+// CheckReload says the same without changing anything.
+func TestReloadKeepsCertInUse(t *testing.T) {
+	fb := startFakeBroker(t)
+	cfg := fb.config(t)
+	now := time.Now()
+	cfg.CertFile, cfg.KeyFile = clientValid(t, fb.ca, "gw1-expired", now.Add(-48*time.Hour), now.Add(-time.Hour))
+	l := startLink(t, cfg, t.TempDir())
+
+	same := cfg
+	same.KeepAlive = 45 * time.Second
+	same.Forward = append(same.Forward, Rule{Topic: "devices/+/t/secret", Action: ActionLocal})
+	if err := l.up.CheckReload(same); err != nil {
+		t.Errorf("CheckReload with the certificate in use, expired: %v; want no refusal", err)
+	}
+	if err := l.up.Reload(same); err != nil {
+		t.Fatalf("Reload with the certificate in use, expired, and other changes: %v; want them applied", err)
+	}
+	if got := l.up.cur.Load().cfg; got.KeepAlive != 45*time.Second || len(got.Forward) != 2 {
+		t.Errorf("after the reload: keepalive %v, %d rules; want 45s and 2", got.KeepAlive, len(got.Forward))
+	}
+	if st := l.up.Status(); st.ClientCertSubject != "CN=gw1-expired" || !strings.Contains(st.ClientCertWarning, "expired at") {
+		t.Errorf("status subject %q, warning %q; want the expired certificate still in use, and said so", st.ClientCertSubject, st.ClientCertWarning)
+	}
+
+	other := same
+	other.CertFile, other.KeyFile = clientValid(t, fb.ca, "gw1-other", now.Add(-48*time.Hour), now.Add(-time.Hour))
+	for name, f := range map[string]func(Config) error{"CheckReload": l.up.CheckReload, "Reload": l.up.Reload} {
+		if err := f(other); err == nil || !strings.Contains(err.Error(), "upstream.cert_file "+other.CertFile) || !strings.Contains(err.Error(), "expired at") {
+			t.Errorf("%s with a new, expired certificate: %v; want a refusal naming upstream.cert_file", name, err)
+		}
+	}
+	if st := l.up.Status(); st.ClientCertSubject != "CN=gw1-expired" {
+		t.Errorf("status subject %q after the refusals, want the one in use", st.ClientCertSubject)
+	}
+}
+
 // TestShutdownWithDeafBroker: the broker accepts the link and then reads
 // nothing more. The link's write of its backlog blocks (the buffers are
 // full); stopping the link must not wait for it: before writes had a

@@ -202,22 +202,19 @@ func (u *Upstream) install(s *snapshot) {
 }
 
 // Reload swaps in a new configuration and credentials (client certificate,
-// CA bundle) without a restart. A bad config, unreadable files or a client
-// certificate that is not valid now (expired, or not yet valid) leave the
-// running one in place and return why. When the connection parameters or
-// credentials changed, the link reconnects so the new ones are used (and
-// proven) at once; privacy rules and uplink mappings apply from the next
-// message.
+// CA bundle) without a restart. A bad config, unreadable files or a new
+// client certificate that is not valid now (expired, or not yet valid)
+// leave the running one in place and return why. When the connection
+// parameters or credentials changed, the link reconnects so the new ones are
+// used (and proven) at once; privacy rules and uplink mappings apply from
+// the next message.
 func (u *Upstream) Reload(cfg Config) error {
-	s, err := load(cfg)
-	if err == nil {
-		// The running link works, or may; one with a certificate the
-		// broker must refuse would not.
-		err = certDates(s, time.Now())
-	}
+	s, kept, err := u.loadReload(cfg)
 	if err != nil {
-		u.m.reloads.WithLabelValues("refused").Inc()
-		return fmt.Errorf("upstream reload refused, keeping the running configuration: %w", err)
+		return err
+	}
+	if kept != nil {
+		u.log.Warn("upstream: the client certificate in use is not valid now; the reload keeps it, as it did not change it: install a certificate valid now (or check this box's clock), then reload", "err", kept)
 	}
 	old := u.cur.Load()
 	u.install(s)
@@ -231,6 +228,38 @@ func (u *Upstream) Reload(cfg Config) error {
 		u.mu.Unlock()
 	}
 	return nil
+}
+
+// CheckReload reports whether Reload(cfg) would be refused, and why,
+// changing nothing: the gateway checks every part of a new configuration
+// before it applies any. A refusal counts in
+// bastion_upstream_reloads_total{result="refused"}, as Reload's does.
+func (u *Upstream) CheckReload(cfg Config) error {
+	_, _, err := u.loadReload(cfg)
+	return err
+}
+
+// loadReload loads and checks cfg for Reload. A new client certificate
+// that is not valid now is refused: installed, it would take a working link
+// down (the broker refuses it). The certificate already in use is kept
+// whatever its dates (kept says why it is not valid now): the reload does
+// not make it any worse, and refusing the reload for it would refuse every
+// change that comes with it (log level, pairing, firmware, rules) on a box
+// whose certificate expired, or that has no real-time clock and is reloaded
+// before NTP set the clock.
+func (u *Upstream) loadReload(cfg Config) (_ *snapshot, kept, _ error) {
+	s, err := load(cfg)
+	if err == nil {
+		err = certDates(s, time.Now())
+		if err != nil && equalChain(u.cur.Load().cert.Certificate, s.cert.Certificate) {
+			kept, err = err, nil
+		}
+	}
+	if err != nil {
+		u.m.reloads.WithLabelValues("refused").Inc()
+		return nil, nil, fmt.Errorf("upstream reload refused, keeping the running configuration: %w", err)
+	}
+	return s, kept, nil
 }
 
 // certWarnBefore: the client certificate's coming expiry is reported
