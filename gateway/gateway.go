@@ -139,7 +139,7 @@ func New(opts Options) (_ *Gateway, err error) {
 	if g.opts.Out == nil {
 		g.opts.Out = os.Stderr
 	}
-	cfg, err := g.loadConfig()
+	cfg, warnings, err := g.loadConfig()
 	if err != nil {
 		return nil, err
 	}
@@ -148,6 +148,7 @@ func New(opts Options) (_ *Gateway, err error) {
 	if g.log == nil {
 		g.log = newLogger(os.Stderr, cfg.Log, g.level)
 	}
+	g.logConfigWarnings(warnings)
 	g.level.Set(parseLevel(cfg.Log.Level))
 	g.restoreMemLimit = applyMemoryLimit(cfg.MemoryLimit, os.Getenv("GOMEMLIMIT"), os.Getenv("GOGC"), g.log)
 	g.clock = opts.Clock
@@ -215,13 +216,13 @@ func New(opts Options) (_ *Gateway, err error) {
 	return g, nil
 }
 
-func (g *Gateway) loadConfig() (config.Config, error) {
+func (g *Gateway) loadConfig() (config.Config, []*config.Error, error) {
 	if !g.opts.Dev {
 		g.configPath = g.opts.ConfigPath
 		if g.configPath == "" {
 			g.configPath = "/etc/bastion/bastion.yaml"
 		}
-		return config.Load(g.configPath, config.Production())
+		return config.LoadWithWarnings(g.configPath, config.Production())
 	}
 	dir := g.opts.StateDir
 	if dir == "" {
@@ -229,7 +230,7 @@ func (g *Gateway) loadConfig() (config.Config, error) {
 	}
 	abs, err := filepath.Abs(dir)
 	if err != nil {
-		return config.Config{}, err
+		return config.Config{}, nil, err
 	}
 	g.configPath = g.opts.ConfigPath
 	if g.configPath == "" {
@@ -237,13 +238,13 @@ func (g *Gateway) loadConfig() (config.Config, error) {
 	}
 	if _, err := os.Stat(g.configPath); errors.Is(err, os.ErrNotExist) {
 		if err := os.MkdirAll(abs, 0o700); err != nil {
-			return config.Config{}, fmt.Errorf("state directory %s: %w", abs, err)
+			return config.Config{}, nil, fmt.Errorf("state directory %s: %w", abs, err)
 		}
 		if err := WriteConfigFile(g.configPath, config.Dev(abs)); err != nil {
-			return config.Config{}, err
+			return config.Config{}, nil, err
 		}
 	}
-	return config.Load(g.configPath, config.Dev(abs))
+	return config.LoadWithWarnings(g.configPath, config.Dev(abs))
 }
 
 // WriteConfigFile writes a commented configuration file (0600) atomically.
@@ -525,7 +526,12 @@ func (g *Gateway) reloadLoop(ctx context.Context) error {
 }
 
 // Reload re-reads the configuration file. A bad file is refused with the
-// reason and the running configuration stays.
+// reason and the running configuration stays. A reload is applied whole or
+// not at all: every check that can refuse it (the file, the firewall
+// policy, the upstream link's settings and credentials) runs before
+// anything is applied, so a refusal leaves nothing half-applied (the
+// firewall's new policy in force beside the old upstream settings and log
+// level, say).
 func (g *Gateway) Reload() error {
 	g.reloadMu.Lock()
 	defer g.reloadMu.Unlock()
@@ -536,37 +542,57 @@ func (g *Gateway) Reload() error {
 	} else {
 		base = config.Production()
 	}
-	cfg, err := config.Load(g.configPath, base)
-	if err != nil {
+	refuse := func(msg string, err error) error {
 		g.metrics.reloads.WithLabelValues("refused").Inc()
-		g.log.Error("config reload refused; the running configuration stays", "file", g.configPath, "err", err)
+		g.log.Error(msg, "file", g.configPath, "err", err)
 		g.store.Audit(store.Event{Time: g.clock.Now(), Actor: "system", Action: "config.reload_refused", Target: g.configPath, Detail: err.Error()})
 		return err
 	}
+	cfg, warnings, err := config.LoadWithWarnings(g.configPath, base)
+	if err != nil {
+		return refuse("config reload refused; the running configuration stays", err)
+	}
+	g.logConfigWarnings(warnings)
 	if cfg.StateDir != old.StateDir || cfg.CoAP != old.CoAP || cfg.MQTT != old.MQTT || cfg.Console != old.Console || cfg.MemoryLimit != old.MemoryLimit {
 		g.log.Warn("config reload: listener, state_dir and memory_limit changes take effect at the next restart")
 	}
+	// The checks.
+	var policy firewall.Policy
 	if g.fw != nil {
-		p, err := cfg.FirewallPolicy(g.pairingFirewallExtra()...)
-		if err == nil {
-			err = g.fw.Apply(context.Background(), p)
-		}
-		if err != nil {
-			g.metrics.reloads.WithLabelValues("refused").Inc()
-			g.log.Error("config reload refused: the new firewall policy could not be applied; the running configuration stays", "err", err)
-			return err
+		if policy, err = cfg.FirewallPolicy(g.pairingFirewallExtra()...); err != nil {
+			return refuse("config reload refused: the new firewall policy is not valid; the running configuration stays", err)
 		}
 	}
-	if g.upstream != nil && cfg.Upstream.Enabled {
-		ucfg := cfg.Upstream.Config
+	reloadUpstream := g.upstream != nil && cfg.Upstream.Enabled
+	var ucfg upstream.Config
+	if reloadUpstream {
+		ucfg = cfg.Upstream.Config
 		ucfg.Forward = g.forwardRules(ucfg) // the console's rules stay in force
-		if err := g.upstream.Reload(ucfg); err != nil {
-			g.metrics.reloads.WithLabelValues("refused").Inc()
-			g.log.Error("config reload refused: the upstream link refused the new settings; the running configuration stays", "err", err)
-			return err
+		if err := g.upstream.CheckReload(ucfg); err != nil {
+			return refuse("config reload refused: the upstream link refused the new settings; the running configuration stays", err)
 		}
 	} else if (g.upstream != nil) != cfg.Upstream.Enabled {
 		g.log.Warn("config reload: turning upstream on or off takes effect at the next restart")
+	}
+	// Then apply.
+	if g.fw != nil {
+		if err := g.fw.Apply(context.Background(), policy); err != nil {
+			return refuse("config reload refused: the new firewall policy could not be applied; the running configuration stays", err)
+		}
+	}
+	if reloadUpstream {
+		if err := g.upstream.Reload(ucfg); err != nil {
+			// It passed CheckReload: its files changed since. The firewall
+			// goes back to the running configuration's policy.
+			if g.fw != nil {
+				if p, perr := old.FirewallPolicy(g.pairingFirewallExtra()...); perr != nil {
+					err = errors.Join(err, fmt.Errorf("the new firewall policy stays applied: the running one: %w", perr))
+				} else if perr := g.fw.Apply(context.Background(), p); perr != nil {
+					err = errors.Join(err, fmt.Errorf("the new firewall policy stays applied: putting the running one back: %w", perr))
+				}
+			}
+			return refuse("config reload refused: the upstream link refused the new settings (its files changed during the reload); the running configuration stays", err)
+		}
 	}
 	g.level.Set(parseLevel(cfg.Log.Level))
 	g.cfg.Store(&cfg)
@@ -574,6 +600,14 @@ func (g *Gateway) Reload() error {
 	g.store.Audit(store.Event{Time: g.clock.Now(), Actor: "system", Action: "config.reload", Target: g.configPath})
 	g.log.Info("config reloaded", "file", g.configPath)
 	return nil
+}
+
+// logConfigWarnings logs what the configuration file says that is accepted
+// but likely not what was meant.
+func (g *Gateway) logConfigWarnings(ws []*config.Error) {
+	for _, w := range ws {
+		g.log.Warn("config: "+w.Error(), "file", w.File, "line", w.Line, "key", w.Key)
+	}
 }
 
 func (g *Gateway) serveMetrics(ctx context.Context, eg *errgroup.Group, addr string) error {

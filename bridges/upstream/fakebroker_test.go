@@ -11,11 +11,14 @@ import (
 	"crypto/x509/pkix"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	"io"
+	"log/slog"
 	"math/big"
 	"net"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -65,6 +68,24 @@ type fakeBroker struct {
 	closeAbove int
 	acked      chan string
 	closes     atomic.Int32 // connections closed on such a PUBLISH
+	// script (set by an option), with autoAck, answers a PUBLISH instead
+	// (nil: the PUBACK above); ackedPubs, if set, gets every PUBLISH
+	// answered with a success PUBACK.
+	script    func(c *fakeConn, p *packets.Publish) fakeAnswer
+	ackedPubs chan *packets.Publish
+	// recvMax, if set, is the Receive Maximum of the CONNACK.
+	recvMax uint16
+	// connects counts CONNACKed connections; disconnects the DISCONNECTs
+	// the broker sent.
+	connects, disconnects atomic.Int32
+}
+
+// fakeAnswer is a scripted broker's answer to one PUBLISH.
+type fakeAnswer struct {
+	puback     byte // the PUBACK's reason code
+	disconnect bool // no PUBACK: a DISCONNECT with reason, and the connection ends
+	reason     byte
+	close      bool // no PUBACK: the connection closes (no DISCONNECT)
 }
 
 // fakeConn is one client connection to a fakeBroker.
@@ -78,6 +99,10 @@ type fakeConn struct {
 	// connect is the link's CONNECT (set before the connection is handed
 	// to the test).
 	connect *packets.Connect
+	// index is the connection's number on the broker (from 1); seen counts
+	// each bastion-seq's PUBLISHes on it (for a script).
+	index int
+	seen  map[uint64]int
 }
 
 func startFakeBroker(t *testing.T, opts ...func(*fakeBroker)) *fakeBroker {
@@ -189,9 +214,14 @@ func (c *fakeConn) serve(t *testing.T, conns chan<- *fakeConn) {
 				c.write(&packets.Connack{ReasonCode: 0x87, Properties: &packets.Properties{}})
 				return
 			}
-			if c.write(&packets.Connack{Properties: &packets.Properties{}}) != nil {
+			ca := &packets.Connack{Properties: &packets.Properties{}}
+			if c.b.recvMax > 0 {
+				ca.Properties.ReceiveMaximum = &c.b.recvMax
+			}
+			if c.write(ca) != nil {
 				return
 			}
+			c.index = int(c.b.connects.Add(1))
 			select { // a test that reconnects often need not take them all
 			case conns <- c:
 			case <-c.b.quit:
@@ -223,10 +253,32 @@ func (c *fakeConn) serve(t *testing.T, conns chan<- *fakeConn) {
 				c.b.closes.Add(1)
 				return
 			}
-			if c.write(&packets.Puback{PacketID: p.PacketID, Properties: &packets.Properties{}}) != nil {
+			var a fakeAnswer
+			if c.b.script != nil {
+				if c.seen == nil {
+					c.seen = map[uint64]int{}
+				}
+				c.seen[seqOf(t, p)]++
+				a = c.b.script(c, p)
+			}
+			switch {
+			case a.close:
+				c.b.closes.Add(1)
+				return
+			case a.disconnect:
+				c.disconnect(a.reason)
 				return
 			}
+			if c.write(&packets.Puback{PacketID: p.PacketID, ReasonCode: a.puback, Properties: &packets.Properties{}}) != nil {
+				return
+			}
+			if a.puback >= 0x80 {
+				continue
+			}
 			c.b.acked <- p.Topic
+			if c.b.ackedPubs != nil {
+				c.b.ackedPubs <- p
+			}
 		case *packets.Pingreq:
 			if c.write(&packets.Pingresp{}) != nil {
 				return
@@ -235,6 +287,22 @@ func (c *fakeConn) serve(t *testing.T, conns chan<- *fakeConn) {
 			return
 		}
 	}
+}
+
+// disconnect sends a DISCONNECT with reason rc and ends the connection as
+// a broker does: it stops writing (TLS close_notify), and reads what the
+// link still sends until the link closes, so that no reset takes the
+// DISCONNECT with it.
+func (c *fakeConn) disconnect(rc byte) {
+	c.b.disconnects.Add(1)
+	if c.write(&packets.Disconnect{ReasonCode: rc, Properties: &packets.Properties{}}) != nil {
+		return
+	}
+	if tc, ok := c.conn.(*tls.Conn); ok {
+		tc.CloseWrite()
+	}
+	c.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	io.Copy(io.Discard, c.conn)
 }
 
 func (c *fakeConn) write(p interface {
@@ -565,6 +633,46 @@ func TestReloadRefusesCertNotValidNow(t *testing.T) {
 	}
 }
 
+// TestReloadKeepsCertInUse: the certificate in use has expired (or the
+// clock is wrong); a reload that does not change it, only something else,
+// is not refused for it (every reload was, log level and rules included),
+// and a certificate that a reload does change must still be valid now.
+// CheckReload says the same without changing anything.
+func TestReloadKeepsCertInUse(t *testing.T) {
+	fb := startFakeBroker(t)
+	cfg := fb.config(t)
+	now := time.Now()
+	cfg.CertFile, cfg.KeyFile = clientValid(t, fb.ca, "gw1-expired", now.Add(-48*time.Hour), now.Add(-time.Hour))
+	l := startLink(t, cfg, t.TempDir())
+
+	same := cfg
+	same.KeepAlive = 45 * time.Second
+	same.Forward = append(same.Forward, Rule{Topic: "devices/+/t/secret", Action: ActionLocal})
+	if err := l.up.CheckReload(same); err != nil {
+		t.Errorf("CheckReload with the certificate in use, expired: %v; want no refusal", err)
+	}
+	if err := l.up.Reload(same); err != nil {
+		t.Fatalf("Reload with the certificate in use, expired, and other changes: %v; want them applied", err)
+	}
+	if got := l.up.cur.Load().cfg; got.KeepAlive != 45*time.Second || len(got.Forward) != 2 {
+		t.Errorf("after the reload: keepalive %v, %d rules; want 45s and 2", got.KeepAlive, len(got.Forward))
+	}
+	if st := l.up.Status(); st.ClientCertSubject != "CN=gw1-expired" || !strings.Contains(st.ClientCertWarning, "expired at") {
+		t.Errorf("status subject %q, warning %q; want the expired certificate still in use, and said so", st.ClientCertSubject, st.ClientCertWarning)
+	}
+
+	other := same
+	other.CertFile, other.KeyFile = clientValid(t, fb.ca, "gw1-other", now.Add(-48*time.Hour), now.Add(-time.Hour))
+	for name, f := range map[string]func(Config) error{"CheckReload": l.up.CheckReload, "Reload": l.up.Reload} {
+		if err := f(other); err == nil || !strings.Contains(err.Error(), "upstream.cert_file "+other.CertFile) || !strings.Contains(err.Error(), "expired at") {
+			t.Errorf("%s with a new, expired certificate: %v; want a refusal naming upstream.cert_file", name, err)
+		}
+	}
+	if st := l.up.Status(); st.ClientCertSubject != "CN=gw1-expired" {
+		t.Errorf("status subject %q after the refusals, want the one in use", st.ClientCertSubject)
+	}
+}
+
 // TestShutdownWithDeafBroker: the broker accepts the link and then reads
 // nothing more. The link's write of its backlog blocks (the buffers are
 // full); stopping the link must not wait for it: before writes had a
@@ -612,6 +720,66 @@ func TestShutdownWithDeafBroker(t *testing.T) {
 	if d := time.Since(start); d > 5*time.Second {
 		t.Errorf("the link took %v to stop, want a few seconds at most", d)
 	}
+}
+
+// TestWriteDeadlineEndsConnection: the broker stops reading, with a
+// keepalive of an hour. The link's write times out (write deadline 1 s
+// here; keepalive-derived, at most 30 s, in production) and the connection
+// ends: the link reconnects. crypto/tls fails every write after a timeout,
+// so the connection was useless, but it stayed up: the sender retried on it
+// after each pause, Status said connected, and nothing ended it until paho's
+// next PINGREQ failed, a keepalive later.
+func TestWriteDeadlineEndsConnection(t *testing.T) {
+	fb := startFakeBroker(t, func(b *fakeBroker) { b.deaf = true })
+	dir := t.TempDir()
+	// 8 MiB: more than the kernel buffers between the link and a reader
+	// that reads nothing hold (TestShutdownWithDeafBroker).
+	pad := strings.Repeat("x", 200<<10)
+	var ms []bridges.Message
+	for i := range 40 {
+		m := telemetry("d1", i)
+		m.Payload = []byte(`{"pad":"` + pad + `"}`)
+		ms = append(ms, m)
+	}
+	queueBefore(t, dir, ms...)
+	cfg := fb.config(t)
+	cfg.KeepAlive = time.Hour
+	var log syncBuffer
+	l := startLinkWith(t, cfg, dir, func(u *Upstream) {
+		u.writeTimeout = time.Second
+		u.log = slog.New(slog.NewTextHandler(&log, nil))
+	})
+	fb.next(t)
+	start := time.Now()
+	select {
+	case <-fb.conns:
+	case <-time.After(30 * time.Second):
+		t.Fatalf("the link did not reconnect within 30s of a write that timed out; status %+v", l.up.Status())
+	}
+	t.Logf("reconnected %v after the first connection", time.Since(start).Round(time.Millisecond))
+	// The connection's error names the write that ended it (Status shows
+	// the latest error, which may be the downlink SUBSCRIBE's, lost with it).
+	if s := log.String(); !regexp.MustCompile(`lost: the connection closed after a failed write: .*i/o timeout`).MatchString(s) {
+		t.Errorf("the log does not say the connection was lost on the write timeout:\n%s", s)
+	}
+}
+
+// syncBuffer is a bytes.Buffer for a log written from several goroutines.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }
 
 // closingBroker is a fake broker that acknowledges every PUBLISH itself and
@@ -706,6 +874,109 @@ func TestParkBeyondTopicLimits(t *testing.T) {
 	waitFor(t, "the long message parked", 10*time.Second, func() bool { return p.Stats().Depth == 1 })
 	if st := l.up.Status(); !strings.Contains(st.LastParked, "is 26 bytes, more than upstream.max_topic_length 20") {
 		t.Errorf("LastParked %q, want the length and the limit", st.LastParked)
+	}
+}
+
+// TestParkManyBeyondTopicLimits: one device sends 40 messages in a row
+// whose topics are beyond upstream.max_topic_levels, then another device
+// one good message. The link's own verdict on a topic is not a broker's
+// refusal: it used to take from the refusals' burst (16, then one a
+// minute, refilled only by an accepted message), so the 17th could not be
+// parked, stayed at the head, and every device's messages behind it waited a
+// minute per bad message. All 40 are parked and the good message arrives
+// at once.
+func TestParkManyBeyondTopicLimits(t *testing.T) {
+	fb := closingBroker(t)
+	dir := t.TempDir()
+	var ms []bridges.Message
+	for i := range 40 {
+		ms = append(ms, bridges.Message{Device: "deep", Topic: "devices/deep/t/a/b/c/d", QoS: 1, Payload: fmt.Appendf(nil, `{"i":%d}`, i)})
+	}
+	queueBefore(t, dir, append(ms, telemetry("good", 1))...)
+	cfg := fb.config(t)
+	cfg.MaxTopicLevels = 7
+	l := startLink(t, cfg, dir)
+	p := startParking(t, l, t.TempDir())
+	select {
+	case topic := <-fb.acked:
+		if topic != "bastion/gw1/good/t/n" {
+			t.Fatalf("the broker acknowledged %s, want the good message", topic)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatalf("the good message did not arrive within 5s behind 40 messages beyond the topic limits; parked %d; status %+v", p.Stats().Depth, l.up.Status())
+	}
+	waitFor(t, "all 40 parked", 10*time.Second, func() bool { return p.Stats().Depth == 40 })
+	if n := fb.closes.Load(); n != 0 {
+		t.Errorf("the broker closed %d connections: a deep message was sent", n)
+	}
+}
+
+// TestParkingFullStallsOnlyItsDevice: the parking queue fills up with one
+// device's messages beyond the topic limits. The one that does not fit
+// stays queued (QoS 1: never dropped), and so do that device's later
+// messages (order per device), while another device's messages flow; the
+// error says what to do. Each drop of the parked messages makes room, the
+// link parks more at once, and once the last is parked the device's good
+// message follows.
+func TestParkingFullStallsOnlyItsDevice(t *testing.T) {
+	fb := closingBroker(t)
+	dir := t.TempDir()
+	const bad = 10
+	var ms []bridges.Message
+	for i := range bad {
+		ms = append(ms, bridges.Message{Device: "deep", Topic: "devices/deep/t/a/b/c/d", QoS: 1, Payload: fmt.Appendf(nil, `{"i":%d,"pad":%q}`, i, strings.Repeat("x", 1500))})
+	}
+	queueBefore(t, dir, append(ms, telemetry("deep", 1), telemetry("good", 1))...)
+	cfg := fb.config(t)
+	cfg.MaxTopicLevels = 7
+	cfg.BackoffMax = time.Hour // no retry on the timer: room comes from the drops
+	l := startLinkWith(t, cfg, dir, func(u *Upstream) {
+		p, err := queue.Open(t.TempDir(), queue.Options{MaxBytes: 6 << 10, SegmentBytes: 2 << 10}, testLog(), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { p.Close() })
+		u.SetParking(p)
+	})
+	p := l.up.parking.Load()
+	expectAcked(t, fb, l, "bastion/gw1/good/t/n")
+	waitFor(t, "the parking queue full", 10*time.Second, func() bool {
+		return strings.Contains(l.up.Status().LastError, "the parking queue did not take it")
+	})
+	parked := p.Stats().Depth
+	if parked == 0 || parked >= bad {
+		t.Fatalf("parked %d, want some but not all %d (a small parking queue)", parked, bad)
+	}
+	if st := l.up.Status(); !strings.Contains(st.LastError, "deep's later messages wait behind it (order per device) while other devices' messages flow") ||
+		!strings.Contains(st.LastError, "retry or drop") {
+		t.Errorf("LastError %q, want what waits and what to do", st.LastError)
+	}
+	waitFor(t, fmt.Sprintf("queue depth %d: the %d not parked and deep's good message", bad-parked+1, bad-parked), 10*time.Second, func() bool {
+		return l.q.Stats().Depth == bad-parked+1
+	})
+	select {
+	case topic := <-fb.acked:
+		t.Fatalf("the broker acknowledged %s while deep's messages before it could not be parked", topic)
+	default:
+	}
+	total := 0
+	for range bad {
+		n, err := l.up.DropParked(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		total += n
+		if total == bad {
+			break
+		}
+		waitFor(t, "more parked after the drop", 10*time.Second, func() bool { return p.Stats().Depth > 0 })
+	}
+	if total != bad {
+		t.Fatalf("dropped %d parked messages in all, want %d", total, bad)
+	}
+	expectAcked(t, fb, l, "bastion/gw1/deep/t/n")
+	if n := fb.closes.Load(); n != 0 {
+		t.Errorf("the broker closed %d connections: a deep message was sent", n)
 	}
 }
 

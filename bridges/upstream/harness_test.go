@@ -59,6 +59,12 @@ type link struct {
 
 func startLink(t testing.TB, cfg Config, dir string) *link {
 	t.Helper()
+	return startLinkWith(t, cfg, dir, nil)
+}
+
+// startLinkWith is startLink with before run on the link before it starts.
+func startLinkWith(t testing.TB, cfg Config, dir string, before func(*Upstream)) *link {
+	t.Helper()
 	l := &link{reg: prometheus.NewRegistry(), commands: make(chan bridges.Message, 100), done: make(chan error, 1)}
 	var err error
 	l.q, err = queue.Open(dir, queue.Options{}, testLog(), l.reg)
@@ -72,6 +78,9 @@ func startLink(t testing.TB, cfg Config, dir string) *link {
 	if err != nil {
 		l.q.Close()
 		t.Fatalf("upstream.New: %v", err)
+	}
+	if before != nil {
+		before(l.up)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	l.cancel = cancel

@@ -22,12 +22,20 @@ import (
 // the end of the main queue) or drops them (bastionctl upstream parked).
 // Nothing is deleted that is not first held elsewhere.
 
-// parkBurst and parkEvery bound how many refused messages are parked with
-// no success in between: parkBurst at once, then one per parkEvery. A
-// broker that refuses everything (the gateway lost its permission) is a link
-// problem, not a message problem; the rest stays queued and the link retries
-// it with backoff, instead of the whole backlog moving to the parking queue.
-// A few bad messages in a row still get out of the way.
+// parkBurst and parkEvery bound how many messages the broker refused are
+// parked with no success in between: parkBurst at once, then one per
+// parkEvery. A broker that refuses everything (the gateway lost its
+// permission) is a link problem, not a message problem; the rest stays
+// queued and the link retries it with backoff, instead of the whole backlog
+// moving to the parking queue. A few bad messages in a row still get out of
+// the way. What the link parks on its own verdict, from its configuration
+// and the broker's announced limits (parkUnsendable: a topic beyond
+// max_topic_length or max_topic_levels, a packet beyond the Maximum Packet
+// Size), takes nothing from the bucket: the verdict is the message's alone,
+// so a device sending many such messages would otherwise use the burst up
+// and hold every device's messages for a minute each, and the bucket fills
+// only on an accepted message. The parking queue's own limit
+// (upstream.parked_max_bytes) bounds those.
 const (
 	parkBurst = 16
 	parkEvery = time.Minute
@@ -99,16 +107,15 @@ func (u *Upstream) SetParking(p *queue.Queue) {
 	u.parking.Store(p)
 }
 
-// park moves entry e to the parking queue: why says what is wrong with it
-// and what to change, label is the metric's reason (reasonName of the
-// broker's refusal, or what the link found: topic_too_long, topic_too_deep,
-// connection_closed). When it cannot (no parking queue, the burst is used
+// park moves entry e, which the broker refused or closed the connection
+// on, to the parking queue: why says what is wrong with it and what to
+// change, label is the metric's reason (reasonName of the broker's refusal,
+// or connection_closed). When it cannot (no parking queue, the burst is used
 // up, the parking queue is full or failed) the message stays in the main
 // queue and the error says why.
 func (u *Upstream) park(e queue.Entry, label, why string) error {
-	p := u.parking.Load()
-	if p == nil {
-		return errors.New("the link has no parking queue")
+	if u.parking.Load() == nil {
+		return errNoParkingQueue
 	}
 	u.mu.Lock()
 	ok := u.parks.take(time.Now())
@@ -116,13 +123,30 @@ func (u *Upstream) park(e queue.Entry, label, why string) error {
 	if !ok {
 		return fmt.Errorf("%d refused messages were parked with no message accepted since, and then one more is parked each %s: the broker may be refusing everything (check its ACL and limits for this gateway)", parkBurst, parkEvery)
 	}
+	return u.parkEntry(e, label, why)
+}
+
+// parkUnsendable is park for a message the link will not send on its own
+// verdict (label topic_too_long, topic_too_deep, packet_too_large): it
+// takes nothing from the burst (see parkBurst).
+func (u *Upstream) parkUnsendable(e queue.Entry, label, why string) error {
+	if u.parking.Load() == nil {
+		return errNoParkingQueue
+	}
+	return u.parkEntry(e, label, why)
+}
+
+var errNoParkingQueue = errors.New("the link has no parking queue")
+
+func (u *Upstream) parkEntry(e queue.Entry, label, why string) error {
+	p := u.parking.Load()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	log := u.log.With("device", e.Device, "topic", e.Topic, "seq", e.Seq, "bytes", len(e.Payload))
 	pm := e.Message
 	pm.Topic = e.Topic + "\x00" + why
 	if err := p.Accept(ctx, pm); err != nil {
-		log.Error("upstream: a refused message cannot be parked; it stays queued and blocks the queue until there is room: retry or drop parked messages with bastionctl upstream parked", "refusal", why, "err", err)
+		log.Error("upstream: a refused message cannot be parked; it stays queued, with its device's later messages behind it, until there is room: retry or drop parked messages with bastionctl upstream parked", "refusal", why, "err", err)
 		return fmt.Errorf("the parking queue did not take it (make room: bastionctl upstream parked list, then retry or drop): %w", err)
 	}
 	if err := u.q.Ack(e.Seq); err != nil {
@@ -226,6 +250,7 @@ func (u *Upstream) RetryParked(ctx context.Context) (int, error) {
 		return nil
 	})
 	u.log.Info("upstream: parked messages moved back to the queue", "count", n, "err", err)
+	u.retryStalled(n)
 	return n, err
 }
 
@@ -234,7 +259,22 @@ func (u *Upstream) RetryParked(ctx context.Context) (int, error) {
 func (u *Upstream) DropParked(ctx context.Context) (int, error) {
 	n, err := u.drainParked(ctx, func(queue.Entry) error { return nil })
 	u.log.Warn("upstream: parked messages dropped by the operator", "count", n, "err", err)
+	u.retryStalled(n)
 	return n, err
+}
+
+// retryStalled ends the sender's current run if it left a message unsent
+// for want of room in the parking queue (sendRun.stall), now that n parked
+// messages left it: the next run starts at once from the queue's head and
+// parks it.
+func (u *Upstream) retryStalled(n int) {
+	if n == 0 {
+		return
+	}
+	if r := u.running.Load(); r != nil && r.stalled.Load() {
+		u.log.Info("upstream: room in the parking queue; sending again from the head of the queue to park the messages that did not fit")
+		r.rerun()
+	}
 }
 
 func (u *Upstream) drainParked(ctx context.Context, each func(queue.Entry) error) (int, error) {

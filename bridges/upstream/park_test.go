@@ -209,10 +209,12 @@ func TestParkBurst(t *testing.T) {
 
 // TestUnsendableKeepsWhatCameBefore: a queued message is above the broker's
 // Maximum Packet Size and cannot be parked (no parking queue), so it stays
-// at the head and every run ends at it. The messages queued before it, in
+// queued, unsent, and the error says why. The messages queued before it, in
 // the same batch, were already given packet identifiers by that run: they
-// must still be sent. (Dropped with the run, they never left, and each retry
-// took more of the connection's window until the link stalled.)
+// must still be sent. (When such a message ended the run, they were dropped
+// with it and never left, and each retry took more of the connection's
+// window until the link stalled; now the run goes on without that device's
+// messages.)
 func TestUnsendableKeepsWhatCameBefore(t *testing.T) {
 	// The cloud subscriber's session survives the broker restart below:
 	// the link may publish before the subscriber is back.

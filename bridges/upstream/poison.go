@@ -4,9 +4,15 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/bastion-iot/bastion/bridges/queue"
+	"github.com/eclipse/paho.golang/packets"
 )
 
 // Some brokers answer a message they will never take not with a PUBACK
@@ -19,21 +25,31 @@ import (
 // Maximum Packet Size stop the cases the link can know of before sending;
 // poisonWatch finds the others:
 //
-//   - A connection that ends within poisonWindow of the link writing a
-//     PUBLISH that the broker has not answered is suspect. With several
-//     PUBLISHes unanswered, which one (if any) was the cause is unknown: the
-//     next connections send in slow start (poisonWatch.probeTo), one PUBLISH
-//     alone first, then one more in flight for each PUBACK, until the broker
-//     has answered past the last one written before the end. Pipelining
-//     comes back within a few round trips when nothing is wrong.
-//   - A connection that ends so with one PUBLISH alone unanswered names it;
-//     the same message named by poisonStrikes such ends in a row is parked
-//     (reason connection_closed), and the messages behind it flow.
+//   - A connection that the broker ends within poisonWindow of the link
+//     writing a PUBLISH that the broker has not answered is suspect, if the
+//     way it ends can be about a message: closed without a DISCONNECT, or a
+//     DISCONNECT whose reason can be about one PUBLISH (publishReason). An
+//     end of the link's own (no PINGRESP within the keepalive, a write
+//     deadline, reload, shutdown), a network error, or a DISCONNECT about
+//     the broker or the link (0x89 server busy, 0x97 quota exceeded, ...)
+//     is not (connEnd.blame). With several PUBLISHes unanswered, which one
+//     (if any) was the cause is unknown: the next connections send in slow
+//     start (poisonWatch.probeTo), one PUBLISH alone first, then one more in
+//     flight for each PUBACK, until the broker has answered past the last
+//     one written before the end. Pipelining comes back within a few round
+//     trips when nothing is wrong.
+//   - A suspect end with one PUBLISH alone unanswered (alone in flight,
+//     whether the slow start or the broker's Receive Maximum made it so)
+//     names it; the same message named by poisonStrikes such ends in a row
+//     is parked (reason connection_closed), and the messages behind it flow.
+//     Ends that are not suspect neither count nor break the row. A message
+//     the broker answered on a connection (any PUBACK, a refusal included)
+//     is one it takes: its count starts again.
 //
-// A broker that drops every connection (it restarts, the uplink flaps)
-// rarely does so right after the same message three times in a row, with
-// that message alone in flight; if it does, the message is parked, not
-// lost, and the log and `bastionctl upstream parked` say why.
+// A broker that closes connections for reasons of its own (it restarts
+// without a DISCONNECT) rarely does so right after the same message three
+// times in a row, with that message alone in flight; if it does, the message
+// is parked, not lost, and the log and `bastionctl upstream parked` say why.
 const (
 	poisonWindow  = 10 * time.Second
 	poisonStrikes = 3
@@ -65,18 +81,43 @@ func (p *poisonWatch) window(r *sendRun, w int) int {
 
 // connectionEnded looks at how the connection that r was the last run on
 // ended (not at shutdown or reload), and parks the message the broker keeps
-// closing it on.
+// closing it on. Only an end that can be the message's doing counts
+// (connEnd.blame): the broker closed the connection without a DISCONNECT,
+// or with a reason about a PUBLISH. An end of our own (no PINGRESP within
+// the keepalive, a write deadline, our DISCONNECT), a network error, or the
+// broker's DISCONNECT for a reason about itself (0x89 server busy, 0x97
+// quota exceeded, ...) says nothing about the message: it neither counts
+// nor clears the count. A message the broker answered (any PUBACK, on any
+// run of the connection) is not what it closes connections on: the count
+// starts again.
 func (u *Upstream) connectionEnded(r *sendRun) {
 	p := &u.poison
+	end := r.end()
+	if p.suspect != 0 && end.answeredTo >= p.suspect {
+		// The broker answered the suspect on this connection (it answers in
+		// the order it received, and every run sends from the queue's head).
+		p.clear()
+	}
 	if r.written == 0 || r.ackedTo.Load() >= r.written || time.Since(r.writtenAt) > poisonWindow {
 		// Nothing unanswered, or not just sent: not a message's doing.
-		p.suspect, p.dev, p.strikes = 0, "", 0
+		p.clear()
+		return
+	}
+	if end.answeredTo >= r.written {
+		// Answered on an earlier run of this connection (a PUBACK 0x97, say,
+		// then resent): the broker takes it.
+		p.clear()
+		return
+	}
+	how, counts := end.blame(r.writtenWrite)
+	if !counts {
+		u.log.Debug("upstream: the connection ended right after a message without its PUBACK, but not by the message's doing; not counted against it", "device", r.writtenDev, "seq", r.written, "end", how)
 		return
 	}
 	p.probeTo = max(p.probeTo, r.written)
 	if !r.single {
-		p.suspect, p.dev, p.strikes = 0, "", 0
-		u.log.Debug("upstream: the connection ended with PUBLISHes unanswered; sending in slow start to find out whether one of them is the cause", "up_to_seq", r.written)
+		p.clear()
+		u.log.Debug("upstream: the connection ended with PUBLISHes unanswered; sending in slow start to find out whether one of them is the cause", "up_to_seq", r.written, "end", how)
 		return
 	}
 	if r.written != p.suspect {
@@ -84,16 +125,174 @@ func (u *Upstream) connectionEnded(r *sendRun) {
 	}
 	p.strikes++
 	if p.strikes < poisonStrikes {
-		u.log.Info("upstream: the broker closed the connection right after a message, without a PUBACK", "device", p.dev, "seq", p.suspect, "times_in_a_row", p.strikes, "parked_at", poisonStrikes)
+		u.log.Info("upstream: the broker closed the connection right after a message, without a PUBACK", "device", p.dev, "seq", p.suspect, "end", how, "times_in_a_row", p.strikes, "parked_at", poisonStrikes)
 		return
 	}
-	why := fmt.Sprintf("the broker closed the connection %d times in a row within %s of receiving it, without a PUBACK: it likely breaks a limit the broker enforces by disconnecting (topic length or levels, packet size, ACL); the broker's log says which (set upstream.max_topic_length or max_topic_levels for a topic limit), then retry", poisonStrikes, poisonWindow)
+	why := fmt.Sprintf("the broker closed the connection %d times in a row within %s of receiving it, without a PUBACK (last: %s): it likely breaks a limit the broker enforces by disconnecting (topic length or levels, packet size, ACL); the broker's log says which (set upstream.max_topic_length or max_topic_levels for a topic limit), then retry", poisonStrikes, poisonWindow, how)
 	if err := u.parkSeq(p.suspect, "connection_closed", why); err != nil {
 		u.setError(fmt.Errorf("upstream broker %s: seq %d from %s: %s; it cannot be parked: %w; it stays at the head of the queue and every message behind it waits",
 			u.cur.Load().cfg.Broker, p.suspect, p.dev, why, err))
 		return
 	}
-	p.suspect, p.dev, p.strikes = 0, "", 0
+	p.clear()
+}
+
+func (p *poisonWatch) clear() { p.suspect, p.dev, p.strikes = 0, "", 0 }
+
+// endCause is who or what ended a connection.
+type endCause uint8
+
+const (
+	endOpen         endCause = iota // not ended, or not known
+	endOurs                         // the link closed it: no PINGRESP, a write deadline, reload, shutdown
+	endNetwork                      // a read or write failed on a local network error (no route, TCP timeout)
+	endBrokerClosed                 // the broker closed it (EOF, reset) without a DISCONNECT
+	endDisconnect                   // the broker's DISCONNECT (connEnd.reason)
+)
+
+// connEnd records how one connection ended, as it happens: packetConn
+// (wire.go) the reads and writes that fail and its Close, linkSession
+// (session.go) the broker's DISCONNECT. The first cause recorded wins: the
+// broker's DISCONNECT, or the read that finds the connection closed, comes
+// before paho closes it; our own close (paho's missing PINGRESP, a write
+// deadline) comes before the read that fails because of it.
+type connEnd struct {
+	mu     sync.Mutex
+	cause  endCause
+	reason byte   // endDisconnect: the broker's reason code
+	detail string // for the log
+	// A SUBSCRIBE (or UNSUBSCRIBE) was unanswered when the connection
+	// ended, the last one written in write number reqWrite: the broker may
+	// have closed the connection on it (EMQX does, for an ACL denial with
+	// deny_action disconnect), not on a PUBLISH written after it.
+	reqPending bool
+	reqWrite   uint64
+
+	writes     atomic.Uint64 // writes on the connection so far (packetConn.write)
+	answeredTo atomic.Uint64 // the highest seq the broker answered on it, any run
+}
+
+// endState is a copy of a connEnd once the connection is gone.
+type endState struct {
+	cause      endCause
+	reason     byte
+	detail     string
+	reqPending bool
+	reqWrite   uint64
+	answeredTo uint64
+}
+
+func (e *connEnd) set(cause endCause, reason byte, detail string) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.cause == endOpen {
+		e.cause, e.reason, e.detail = cause, reason, detail
+	}
+}
+
+// readFailed records a read that found the connection ended.
+func (e *connEnd) readFailed(err error) {
+	var oe *net.OpError
+	switch {
+	case errors.Is(err, net.ErrClosed):
+		e.set(endOurs, 0, "closed by the link")
+	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, syscall.ECONNRESET):
+		e.set(endBrokerClosed, 0, "the broker closed the connection without a DISCONNECT")
+	case errors.As(err, &oe) && oe.Op == "remote error": // a TLS alert from the broker
+		e.set(endBrokerClosed, 0, "the broker ended the connection with a TLS alert: "+err.Error())
+	default:
+		e.set(endNetwork, 0, "a network error: "+err.Error())
+	}
+}
+
+// disconnected records the broker's DISCONNECT and whether a SUBSCRIBE or
+// UNSUBSCRIBE of ours was unanswered when the connection ended (pd nil:
+// ended otherwise).
+func (e *connEnd) disconnected(pd *packets.Disconnect, reqPending bool) {
+	if pd != nil {
+		e.set(endDisconnect, pd.ReasonCode, fmt.Sprintf("the broker's DISCONNECT 0x%02x (%s)", pd.ReasonCode, disconnectReason(pd)))
+	}
+	if reqPending {
+		e.mu.Lock()
+		e.reqPending = true
+		e.mu.Unlock()
+	}
+}
+
+// requestWritten records that write number n carried a SUBSCRIBE or
+// UNSUBSCRIBE.
+func (e *connEnd) requestWritten(n uint64) {
+	e.mu.Lock()
+	e.reqWrite = n
+	e.mu.Unlock()
+}
+
+func (e *connEnd) answered(seq uint64) {
+	for {
+		v := e.answeredTo.Load()
+		if seq <= v || e.answeredTo.CompareAndSwap(v, seq) {
+			return
+		}
+	}
+}
+
+func (e *connEnd) state() endState {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return endState{cause: e.cause, reason: e.reason, detail: e.detail, reqPending: e.reqPending, reqWrite: e.reqWrite, answeredTo: e.answeredTo.Load()}
+}
+
+// blame says how the connection ended and whether that can be the doing of
+// the PUBLISH written in write number w.
+func (s endState) blame(w uint64) (how string, counts bool) {
+	how = s.detail
+	switch s.cause {
+	case endBrokerClosed:
+	case endDisconnect:
+		if !publishReason(s.reason) {
+			return how + ", a reason about the broker or the link, not one message", false
+		}
+	case endOpen:
+		return "not known", false
+	default: // endOurs, endNetwork
+		return how, false
+	}
+	if s.reqPending && s.reqWrite < w {
+		return how + ", with a SUBSCRIBE written before the message unanswered (the broker may have closed it on that)", false
+	}
+	return how, true
+}
+
+// publishReason reports whether a DISCONNECT reason code (MQTT v5
+// §3.14.2.1) can be about one PUBLISH. The others are about the broker
+// (0x80 unspecified, 0x83 implementation specific, 0x89 server busy, 0x8B
+// shutting down, 0x9C/0x9D use another server), the session or the link as a
+// whole (0x8D keepalive timeout, 0x8E session taken over, 0x93 receive
+// maximum exceeded, 0x96 message rate too high, 0x97 quota exceeded, 0x98
+// administrative action, 0x9F connection rate, 0xA0 maximum connect time),
+// subscriptions (0x8F, 0x9E, 0xA1, 0xA2), or features the link uses for every
+// message alike or not at all (0x94 topic alias, 0x9A retain, 0x9B QoS).
+func publishReason(rc byte) bool {
+	switch rc {
+	case 0x81, // malformed packet (an invalid UTF-8 topic, say)
+		0x82, // protocol error (a wildcard in a topic name is one)
+		0x87, // not authorized (an ACL with deny_action disconnect)
+		0x90, // topic name invalid
+		0x95, // packet too large
+		0x99: // payload format invalid
+		return true
+	}
+	return false
+}
+
+func disconnectReason(pd *packets.Disconnect) string {
+	if pd.Properties != nil && pd.Properties.ReasonString != "" {
+		return pd.Properties.ReasonString
+	}
+	if s := pd.Reason(); s != "" {
+		return s
+	}
+	return "no reason string"
 }
 
 // parkSeq parks the queue's entry seq, if the queue still holds it.

@@ -81,10 +81,20 @@ func (s *linkSession) ConAckReceived(conn io.Writer, _ *packets.Connect, ca *pac
 }
 
 // ConnectionLost ends the connection; paho's waiting SUBSCRIBE/UNSUBSCRIBE
-// calls get the empty packet that means "connection lost".
-func (s *linkSession) ConnectionLost(*packets.Disconnect) error {
+// calls get the empty packet that means "connection lost". paho calls it
+// with the broker's DISCONNECT (on its reading goroutine, before it closes
+// the connection) or with nil; the connection records which, and whether a
+// SUBSCRIBE was still unanswered (poisonWatch, poison.go).
+func (s *linkSession) ConnectionLost(pd *packets.Disconnect) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if pc, ok := s.conn.(*packetConn); ok {
+		pending := false
+		for _, cp := range s.client {
+			pending = pending || cp.resp != nil
+		}
+		pc.end.disconnected(pd, pending)
+	}
 	s.reset()
 	return nil
 }
@@ -154,26 +164,39 @@ func (s *linkSession) AddToSession(_ context.Context, p session.Packet, resp cha
 
 // addPublish reserves an identifier for PUBLISH seq (from device dev) of
 // run r on connection gen. full: window (or the broker's Receive Maximum)
-// publishes await their PUBACK; wait on s.room and try again.
-func (s *linkSession) addPublish(gen uint64, window int, r *sendRun, seq uint64, dev string) (id uint16, full bool, err error) {
+// publishes await their PUBACK; wait on s.room and try again. inFlight is
+// how many await their PUBACK with this one: 1 when it is alone.
+func (s *linkSession) addPublish(gen uint64, window int, r *sendRun, seq uint64, dev string) (id uint16, inFlight int, full bool, err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.conn == nil || s.gen != gen {
-		return 0, false, errNoConnection
+		return 0, 0, false, errNoConnection
 	}
 	if s.pubs >= min(window, s.recvMax) {
-		return 0, true, nil
+		return 0, s.pubs, true, nil
 	}
 	id, err = s.nextID(clientPacket{r: r, seq: seq, dev: dev})
 	if err != nil {
-		return 0, false, err
+		return 0, s.pubs, false, err
 	}
 	s.pubs++
-	return id, false, nil
+	return id, s.pubs, false, nil
 }
 
-// write sends b (whole packets) on connection gen, in one write.
-func (s *linkSession) write(gen uint64, b []byte) error {
+// connEnd is how connection gen ends (nil: gone already, or not a
+// packetConn).
+func (s *linkSession) connEnd(gen uint64) *connEnd {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if pc, ok := s.conn.(*packetConn); ok && s.gen == gen {
+		return &pc.end
+	}
+	return nil
+}
+
+// write sends b (whole packets) on connection gen, in one write, and
+// returns that write's number on the connection (0: not a packetConn).
+func (s *linkSession) write(gen uint64, b []byte) (uint64, error) {
 	s.mu.Lock()
 	conn := s.conn
 	if s.gen != gen {
@@ -181,13 +204,13 @@ func (s *linkSession) write(gen uint64, b []byte) error {
 	}
 	s.mu.Unlock()
 	if conn == nil {
-		return errNoConnection
+		return 0, errNoConnection
 	}
 	if pc, ok := conn.(*packetConn); ok {
 		return pc.writePackets(b)
 	}
 	_, err := conn.Write(b)
-	return err
+	return 0, err
 }
 
 // PacketReceived handles every packet with an identifier. It runs on
@@ -360,3 +383,13 @@ func (s *linkSession) Close() error { return nil }
 func (s *linkSession) SetErrorLogger(l paholog.Logger) { s.errs = l }
 
 func (s *linkSession) SetDebugLogger(paholog.Logger) {}
+
+// inFlight is how many PUBLISHes of connection gen await their PUBACK.
+func (s *linkSession) inFlight(gen uint64) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.gen != gen || s.conn == nil {
+		return 0
+	}
+	return s.pubs
+}

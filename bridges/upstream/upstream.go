@@ -115,10 +115,15 @@ type Upstream struct {
 	queuedWithheld, redactRefused minuteLog
 	restart                       context.CancelFunc
 	parks                         parkBucket
+	// running is the sender's current run (nil between runs).
+	running atomic.Pointer[sendRun]
 
 	// poison finds a message the broker answers by closing the connection
 	// (poison.go); only the sender's goroutine touches it.
 	poison poisonWatch
+
+	// writeTimeout, when set (tests), replaces writeTimeout(keepalive).
+	writeTimeout time.Duration
 }
 
 // New checks cfg (Defaults, Validate), loads the certificate files and
@@ -197,22 +202,19 @@ func (u *Upstream) install(s *snapshot) {
 }
 
 // Reload swaps in a new configuration and credentials (client certificate,
-// CA bundle) without a restart. A bad config, unreadable files or a client
-// certificate that is not valid now (expired, or not yet valid) leave the
-// running one in place and return why. When the connection parameters or
-// credentials changed, the link reconnects so the new ones are used (and
-// proven) at once; privacy rules and uplink mappings apply from the next
-// message.
+// CA bundle) without a restart. A bad config, unreadable files or a new
+// client certificate that is not valid now (expired, or not yet valid)
+// leave the running one in place and return why. When the connection
+// parameters or credentials changed, the link reconnects so the new ones are
+// used (and proven) at once; privacy rules and uplink mappings apply from
+// the next message.
 func (u *Upstream) Reload(cfg Config) error {
-	s, err := load(cfg)
-	if err == nil {
-		// The running link works, or may; one with a certificate the
-		// broker must refuse would not.
-		err = certDates(s, time.Now())
-	}
+	s, kept, err := u.loadReload(cfg)
 	if err != nil {
-		u.m.reloads.WithLabelValues("refused").Inc()
-		return fmt.Errorf("upstream reload refused, keeping the running configuration: %w", err)
+		return err
+	}
+	if kept != nil {
+		u.log.Warn("upstream: the client certificate in use is not valid now; the reload keeps it, as it did not change it: install a certificate valid now (or check this box's clock), then reload", "err", kept)
 	}
 	old := u.cur.Load()
 	u.install(s)
@@ -226,6 +228,38 @@ func (u *Upstream) Reload(cfg Config) error {
 		u.mu.Unlock()
 	}
 	return nil
+}
+
+// CheckReload reports whether Reload(cfg) would be refused, and why,
+// changing nothing: the gateway checks every part of a new configuration
+// before it applies any. A refusal counts in
+// bastion_upstream_reloads_total{result="refused"}, as Reload's does.
+func (u *Upstream) CheckReload(cfg Config) error {
+	_, _, err := u.loadReload(cfg)
+	return err
+}
+
+// loadReload loads and checks cfg for Reload. A new client certificate
+// that is not valid now is refused: installed, it would take a working link
+// down (the broker refuses it). The certificate already in use is kept
+// whatever its dates (kept says why it is not valid now): the reload does
+// not make it any worse, and refusing the reload for it would refuse every
+// change that comes with it (log level, pairing, firmware, rules) on a box
+// whose certificate expired, or that has no real-time clock and is reloaded
+// before NTP set the clock.
+func (u *Upstream) loadReload(cfg Config) (_ *snapshot, kept, _ error) {
+	s, err := load(cfg)
+	if err == nil {
+		err = certDates(s, time.Now())
+		if err != nil && equalChain(u.cur.Load().cert.Certificate, s.cert.Certificate) {
+			kept, err = err, nil
+		}
+	}
+	if err != nil {
+		u.m.reloads.WithLabelValues("refused").Inc()
+		return nil, nil, fmt.Errorf("upstream reload refused, keeping the running configuration: %w", err)
+	}
+	return s, kept, nil
 }
 
 // certWarnBefore: the client certificate's coming expiry is reported
@@ -572,6 +606,9 @@ func (u *Upstream) dial(ctx context.Context, _ autopaho.ClientConfig, broker *ur
 		return nil, explain(err, s)
 	}
 	pc := &packetConn{Conn: conn, writeTimeout: writeTimeout(s.cfg.KeepAlive)}
+	if u.writeTimeout > 0 {
+		pc.writeTimeout = u.writeTimeout
+	}
 	// ctx ends at shutdown and reload: a write blocked on a broker that
 	// stopped reading would hold them up to writeTimeout, and the
 	// DISCONNECT behind it.
@@ -886,7 +923,9 @@ func (u *Upstream) pipeline(ctx context.Context, ls *linkSession, down <-chan st
 		case <-pctx.Done():
 		}
 	}()
-	r := &sendRun{u: u, cancel: cancel}
+	r := &sendRun{u: u, cancel: cancel, conn: ls.connEnd(gen), retryAfter: s.cfg.BackoffMax}
+	u.running.Store(r)
+	defer u.running.CompareAndSwap(r, nil)
 	// The queue's NextInto reuses the entries and the read buffer of the
 	// previous batch: nothing of a batch is kept once its PUBLISHes are in
 	// buf (appendPublish copies the payload; park copies the message).
@@ -910,12 +949,15 @@ func (u *Upstream) pipeline(ctx context.Context, ls *linkSession, down <-chan st
 		lastSeq    uint64
 		lastDev    string
 		lastSingle bool
+		// Devices with a message this run can neither send nor park: the
+		// rest of theirs stays queued behind it (order per device).
+		stalled map[string]bool
 	)
 	flush := func() bool {
 		if len(buf) == 0 {
 			return true
 		}
-		err := ls.write(gen, buf)
+		n, err := ls.write(gen, buf)
 		buf = buf[:0]
 		if err != nil {
 			if !errors.Is(err, errNoConnection) && pctx.Err() == nil {
@@ -925,7 +967,7 @@ func (u *Upstream) pipeline(ctx context.Context, ls *linkSession, down <-chan st
 			return false
 		}
 		if lastSeq != 0 {
-			r.written, r.writtenDev, r.single, r.writtenAt = lastSeq, lastDev, lastSingle, time.Now()
+			r.written, r.writtenDev, r.single, r.writtenAt, r.writtenWrite = lastSeq, lastDev, lastSingle, time.Now(), n
 			lastSeq = 0
 		}
 		if len(qos0) > 0 {
@@ -950,6 +992,9 @@ feed:
 		}
 		for _, e := range es {
 			cursor = e.Seq
+			if stalled[e.Device] {
+				continue // stays queued, behind its device's unsendable message
+			}
 			topic, payload, keep, err := u.prepare(e, &mapped)
 			if err != nil {
 				r.fail(err)
@@ -958,28 +1003,28 @@ feed:
 			if !keep {
 				continue // withheld and acked
 			}
+			// The link's own verdicts (a topic beyond the configured limits,
+			// a packet beyond the broker's announced Maximum Packet Size)
+			// park the message unsent: a broker that enforces them by closing
+			// the connection would get it again on every reconnect. When it
+			// cannot be parked (no parking queue, or the parking queue is
+			// full) it stays queued, unsent, and so does the rest of its
+			// device's messages (order per device); the other devices'
+			// messages flow.
 			if why, label := s.cfg.topicLimit(topic, e.Device); why != "" {
-				// Not sent: a broker that enforces its topic limits by
-				// closing the connection would get it again on every
-				// reconnect, and every message behind it would wait.
-				err := u.park(e, label, why)
-				if err == nil {
-					continue
+				if err := u.parkUnsendable(e, label, why); err != nil {
+					stalled = r.stall(stalled, e, fmt.Errorf("upstream broker %s: seq %d from %s: %s; it cannot be parked: %w", s.cfg.Broker, e.Seq, e.Device, why, err))
 				}
-				r.fail(fmt.Errorf("upstream broker %s: seq %d from %s: %s; it cannot be parked: %w; it stays at the head of the queue and every message behind it waits",
-					s.cfg.Broker, e.Seq, e.Device, why, err))
-				break feed
+				continue
 			}
 			qos := min(e.QoS, 1)
 			if n := publishLen(qos, topic, payload, s.cfg.Gateway, e.Seq); maxPacket > 0 && n > maxPacket {
 				why := fmt.Sprintf("the PUBLISH would be larger than the broker's Maximum Packet Size of %d bytes", maxPacket)
-				err := u.park(e, reasonName(0x95), why)
-				if err == nil {
-					continue
+				if err := u.parkUnsendable(e, reasonName(0x95), why); err != nil {
+					stalled = r.stall(stalled, e, fmt.Errorf("upstream broker %s: seq %d from %s: %s, and it cannot be parked: %w; raise the broker's maximum packet size (Mosquitto: max_packet_size) to at least %d bytes",
+						s.cfg.Broker, e.Seq, e.Device, why, err, n))
 				}
-				r.fail(fmt.Errorf("upstream broker %s: seq %d from %s: %s, and it cannot be parked: %w; it stays at the head of the queue and every message behind it waits: raise the broker's maximum packet size (Mosquitto: max_packet_size) to at least %d bytes",
-					s.cfg.Broker, e.Seq, e.Device, why, err, n))
-				break feed
+				continue
 			}
 			if qos > maxQoS {
 				r.fail(fmt.Errorf("upstream broker %s grants at most QoS %d (CONNACK Maximum QoS), and the link sends at QoS 1 so that a message leaves the queue only after the broker's PUBACK; seq %d from %s and every message behind it stay queued until the broker allows QoS 1 for this gateway (Mosquitto: max_qos 1 or more)",
@@ -987,13 +1032,12 @@ feed:
 				break feed
 			}
 			var (
-				id     uint16
-				window int
+				id       uint16
+				inFlight int
 			)
 			for qos > 0 {
 				var full bool
-				window = u.poison.window(r, s.cfg.Window)
-				id, full, err = ls.addPublish(gen, window, r, e.Seq, e.Device)
+				id, inFlight, full, err = ls.addPublish(gen, u.poison.window(r, s.cfg.Window), r, e.Seq, e.Device)
 				if err != nil {
 					if !errors.Is(err, errNoConnection) {
 						r.fail(fmt.Errorf("upstream publish seq %d: %w", e.Seq, err))
@@ -1017,7 +1061,9 @@ feed:
 			if qos == 0 {
 				qos0 = append(qos0, e.Seq)
 			} else {
-				lastSeq, lastDev, lastSingle = e.Seq, e.Device, window == 1
+				// Alone: the only PUBLISH awaiting a PUBACK, whether the slow
+				// start's window or the broker's Receive Maximum made it so.
+				lastSeq, lastDev, lastSingle = e.Seq, e.Device, inFlight == 1
 			}
 		}
 		if !flush() {
@@ -1033,6 +1079,24 @@ feed:
 	flush()
 	cancel()
 	wg.Wait()
+	if r.retry != nil {
+		r.retry.Stop()
+	}
+	if r.again.Load() && !r.failed.Load() {
+		// Ended to start again from the queue's head (sendRun.stall), on
+		// a connection that is still up: what is in flight is answered
+		// first, rather than sent again.
+		for deadline := time.Now().Add(10 * time.Second); ls.inFlight(gen) > 0 && time.Now().Before(deadline); {
+			select {
+			case <-ls.room:
+			case <-time.After(100 * time.Millisecond):
+			case <-down:
+				return r
+			case <-ctx.Done():
+				return r
+			}
+		}
+	}
 	return r
 }
 
@@ -1041,6 +1105,12 @@ type sendRun struct {
 	u      *Upstream
 	cancel context.CancelFunc
 	failed atomic.Bool
+	// stalled: a message of this run could be neither sent nor parked
+	// (sendRun.stall); retry ends the run retryAfter later (again).
+	stalled    atomic.Bool
+	again      atomic.Bool
+	retry      *time.Timer
+	retryAfter time.Duration
 
 	// Order per device after a refusal. The sender writes ahead of the
 	// PUBACKs, so when the broker refuses message N of device D (and N stays
@@ -1067,6 +1137,11 @@ type sendRun struct {
 	single     bool
 	acks       atomic.Uint64
 	ackedTo    atomic.Uint64
+	// conn is how the run's connection ends, and what the broker answered
+	// on it over all its runs (nil: not a packetConn, in some tests);
+	// writtenWrite is the connection's write that carried written.
+	conn         *connEnd
+	writtenWrite uint64
 }
 
 // answered records the broker's PUBACK for seq (on paho's reading
@@ -1076,6 +1151,44 @@ func (r *sendRun) answered(seq uint64) {
 	if seq > r.ackedTo.Load() {
 		r.ackedTo.Store(seq)
 	}
+	if r.conn != nil {
+		r.conn.answered(seq)
+	}
+}
+
+// end is how the run's connection ended (once it has).
+func (r *sendRun) end() endState {
+	if r.conn == nil {
+		return endState{}
+	}
+	return r.conn.state()
+}
+
+// stall leaves e, which can be neither sent nor parked (err says why), in
+// the queue, and with it every later message of its device in this run;
+// it returns stalled with e's device added. The run goes on with the other
+// devices'. The next run (the next connection, or RetryParked or
+// DropParked making room in the parking queue) tries e again.
+func (r *sendRun) stall(stalled map[string]bool, e queue.Entry, err error) map[string]bool {
+	if stalled == nil {
+		stalled = map[string]bool{}
+	}
+	stalled[e.Device] = true
+	if !r.stalled.Swap(true) {
+		// Room may also come without an operator (the disk the parking
+		// queue failed on has room again): the run starts again from the
+		// queue's head after a while.
+		r.retry = time.AfterFunc(r.retryAfter, r.rerun)
+	}
+	r.u.setError(fmt.Errorf("%w; it stays queued, and %s's later messages wait behind it (order per device) while other devices' messages flow; it is tried again when parked messages are retried or dropped, within %s, and on the next connection", err, e.Device, r.retryAfter))
+	return stalled
+}
+
+// rerun ends the run, for the sender to start the next one at once from the
+// queue's head.
+func (r *sendRun) rerun() {
+	r.again.Store(true)
+	r.cancel()
 }
 
 // fail ends the run on a failure other than the connection going down.

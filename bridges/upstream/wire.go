@@ -1,10 +1,16 @@
 package upstream
 
 import (
+	"errors"
+	"fmt"
 	"net"
+	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
+
+	"github.com/eclipse/paho.golang/packets"
 )
 
 // packetConn is the connection paho writes to and reads from.
@@ -27,7 +33,8 @@ import (
 // is shutting down): a broker that stops reading would otherwise block the
 // writer while it holds mu, and with it paho's PINGREQ and the DISCONNECT
 // of a shutdown or reload, until paho's missing PINGRESP gave up on the
-// connection (about two keepalives: up to 36 hours).
+// connection (about two keepalives: up to 36 hours). A write that fails, on
+// its deadline or otherwise, closes the connection (broken).
 type packetConn struct {
 	net.Conn
 	// writeTimeout bounds each write of up to writeChunk bytes (0: none).
@@ -38,7 +45,12 @@ type packetConn struct {
 	locked       bool
 	first        bool
 	need         int
+	ptype        byte // the type of the packet paho is writing
 	buf          []byte
+	// end records how the connection ends and what it carried, for
+	// poisonWatch (poison.go); brokenBy is the failed write that closed it.
+	end      connEnd
+	brokenBy atomic.Pointer[string]
 
 	// The read side; only paho's reading goroutine (its CONNACK reader,
 	// then its receive loop) touches it.
@@ -89,6 +101,12 @@ func (c *packetConn) Read(p []byte) (int, error) {
 		n, err := c.Conn.Read(c.rbuf[k:])
 		c.in = c.rbuf[:k+n]
 		if n == 0 && err != nil {
+			c.end.readFailed(err)
+			if why := c.brokenBy.Load(); why != nil {
+				// The read failed because a write closed the connection:
+				// paho reports this error, and the write's is the reason.
+				err = fmt.Errorf("%s: %w", *why, err)
+			}
 			return 0, err
 		}
 		// With n > 0 an error, if any, comes again on the next read.
@@ -172,11 +190,13 @@ func fixedHeader(b []byte) (rem, hl int, ok bool) {
 	return 0, 0, false
 }
 
-// writePackets writes whole packets in one write, between paho's packets.
-func (c *packetConn) writePackets(b []byte) error {
+// writePackets writes whole packets in one write, between paho's packets,
+// and returns that write's number on the connection (connEnd.writes).
+func (c *packetConn) writePackets(b []byte) (uint64, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.write(b)
+	err := c.write(b)
+	return c.end.writes.Load(), err
 }
 
 // minWriteTimeout and maxWriteTimeout bound writeTimeout.
@@ -207,19 +227,53 @@ const writeChunk = 64 << 10
 // reads, and a write blocked on one that does not ends.
 const shutdownGrace = time.Second
 
-// write writes b under the write deadline. After a write times out the TLS
-// connection is unusable: paho's reader or the next write ends it, and the
-// link reconnects (the queue still holds what was not acknowledged).
+// write writes b under the write deadline; a write that fails ends the
+// connection (broken), and the link reconnects (the queue still holds what
+// was not acknowledged).
 func (c *packetConn) write(b []byte) error {
+	if len(b) == 0 {
+		return nil
+	}
+	c.end.writes.Add(1)
 	for len(b) > 0 {
 		n := min(len(b), writeChunk)
 		c.setWriteDeadline()
 		if _, err := c.Conn.Write(b[:n]); err != nil {
+			c.broken(err)
 			return err
 		}
 		b = b[n:]
 	}
 	return nil
+}
+
+// broken closes the connection after a failed write. Once a write failed,
+// its deadline included, crypto/tls fails every later one with the same
+// error: the connection carries nothing more. Left open, the link's sender
+// retried on it after a pause, again and again, and nothing ended it until
+// paho's next PINGREQ failed, a keepalive later (up to 18 h), while Status
+// said connected. Closed, paho's reader fails at once and autopaho
+// reconnects. The socket under the TLS connection is closed, not the TLS
+// connection: its Close would first try to write close_notify, and wait on
+// the broker that takes nothing.
+func (c *packetConn) broken(err error) {
+	why := "the connection closed after a failed write: " + err.Error()
+	c.brokenBy.CompareAndSwap(nil, &why)
+	switch {
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		c.end.set(endOurs, 0, "a write to the broker timed out")
+	case errors.Is(err, syscall.ECONNRESET), errors.Is(err, syscall.EPIPE):
+		c.end.set(endBrokerClosed, 0, "the broker closed the connection without a DISCONNECT")
+	case errors.Is(err, net.ErrClosed):
+		c.end.set(endOurs, 0, "closed by the link")
+	default:
+		c.end.set(endNetwork, 0, "a network error: "+err.Error())
+	}
+	if nc, ok := c.Conn.(interface{ NetConn() net.Conn }); ok {
+		nc.NetConn().Close()
+		return
+	}
+	c.Conn.Close()
 }
 
 func (c *packetConn) setWriteDeadline() {
@@ -243,8 +297,12 @@ func (c *packetConn) abortWrites(grace time.Duration) {
 	c.Conn.SetWriteDeadline(at)
 }
 
-// Close also unregisters the abort from the dial context.
+// Close also unregisters the abort from the dial context. Unless the
+// connection had ended already (the broker's DISCONNECT, a failed read or
+// write), it is the link ending it: paho's missing PINGRESP, reload or
+// shutdown.
 func (c *packetConn) Close() error {
+	c.end.set(endOurs, 0, "closed by the link (no PINGRESP within the keepalive, reload or shutdown)")
 	if c.stopAbort != nil {
 		c.stopAbort()
 	}
@@ -276,6 +334,7 @@ func (c *packetConn) Write(b []byte) (int, error) {
 			return c.writeN(b)
 		}
 		c.need = rem
+		c.ptype = b[0] >> 4
 		c.buf = append(c.buf[:0], b...)
 	} else {
 		c.buf = append(c.buf, b...)
@@ -286,6 +345,9 @@ func (c *packetConn) Write(b []byte) (int, error) {
 		c.buf = c.buf[:0]
 		if err != nil {
 			return 0, err
+		}
+		if c.ptype == packets.SUBSCRIBE || c.ptype == packets.UNSUBSCRIBE {
+			c.end.requestWritten(c.end.writes.Load())
 		}
 	}
 	return len(b), nil

@@ -128,7 +128,7 @@ func readerSetup(t testing.TB, data []byte, chunk int) (*packetConn, *ackSource,
 	r := &sendRun{u: u, cancel: func() {}}
 	gen, _, _ := s.connection()
 	for i := range 8 {
-		if id, full, err := s.addPublish(gen, 64, r, uint64(101+i), readerDev(uint16(i+1))); err != nil || full || id != uint16(i+1) {
+		if id, _, full, err := s.addPublish(gen, 64, r, uint64(101+i), readerDev(uint16(i+1))); err != nil || full || id != uint16(i+1) {
 			t.Fatalf("addPublish: id %d full %v %v", id, full, err)
 		}
 	}
@@ -342,7 +342,7 @@ func TestWriteDeadline(t *testing.T) {
 	pc := &packetConn{Conn: c, writeTimeout: 200 * time.Millisecond}
 	defer pc.Close()
 	start := time.Now()
-	err = pc.writePackets(make([]byte, 64<<20)) // far more than the socket buffers hold
+	_, err = pc.writePackets(make([]byte, 64<<20)) // far more than the socket buffers hold
 	if !errors.Is(err, os.ErrDeadlineExceeded) {
 		t.Fatalf("write to a peer that reads nothing: %v, want a deadline error", err)
 	}
@@ -386,7 +386,7 @@ func TestWriteDeadline(t *testing.T) {
 	}()
 	const total = 8 << 20
 	start = time.Now()
-	if err := pc2.writePackets(make([]byte, total)); err != nil {
+	if _, err := pc2.writePackets(make([]byte, total)); err != nil {
 		t.Fatalf("write to a peer that reads slowly: %v (after %v)", err, time.Since(start))
 	}
 	took := time.Since(start)

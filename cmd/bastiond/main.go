@@ -35,9 +35,13 @@ func run() int {
 		return 0
 	case *check != "":
 		base := config.Production()
-		if _, err := config.Load(*check, base); err != nil {
+		_, warnings, err := config.LoadWithWarnings(*check, base)
+		if err != nil {
 			fmt.Fprintf(os.Stderr, "%v\n%s: configuration refused\n", err, *check)
 			return 1
+		}
+		for _, w := range warnings {
+			fmt.Fprintf(os.Stderr, "warning: %v\n", w)
 		}
 		fmt.Printf("%s: configuration OK\n", *check)
 		return 0

@@ -326,3 +326,55 @@ func TestUpstreamIDsFollowGatewayID(t *testing.T) {
 		})
 	}
 }
+
+// TestWarnOldWrittenGateway: a file written by an older
+// --write-default-config says upstream.gateway: "bastion"; with only
+// gateway_id edited, the gateway still connects as client "bastion" and
+// shares topics with every gateway provisioned from that file. The value is
+// kept (it may be meant), and a warning names the line and what to change.
+// Another explicit value, the value equal to gateway_id, or the link off,
+// warns of nothing.
+func TestWarnOldWrittenGateway(t *testing.T) {
+	const up = "upstream:\n  enabled: true\n  broker: mqtts://cloud.example.com:8883\n  ca_file: /ca\n  cert_file: /c\n  key_file: /k\n"
+	for name, tc := range map[string]struct {
+		yaml string
+		line int // of the warning; 0: none
+	}{
+		"old written file":   {"gateway_id: gw-a\n" + up + "  gateway: \"bastion\"\n", 8},
+		"other value":        {"gateway_id: gw-a\n" + up + "  gateway: site-7\n", 0},
+		"same as gateway_id": {"gateway_id: bastion\n" + up + "  gateway: bastion\n", 0},
+		"derived":            {"gateway_id: gw-a\n" + up, 0},
+		"upstream off":       {"gateway_id: gw-a\nupstream:\n  enabled: false\n  gateway: bastion\n", 0},
+		"explicit client id": {"gateway_id: gw-a\n" + up + "  gateway: bastion\n  client_id: gw-a\n", 8},
+	} {
+		t.Run(name, func(t *testing.T) {
+			base := Production()
+			base.Firewall.LAN = []string{"br-lan"}
+			c, ws, err := ParseWithWarnings("bastion.yaml", []byte(tc.yaml), base)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tc.line == 0 {
+				if len(ws) != 0 {
+					t.Errorf("warnings %v, want none", ws)
+				}
+				return
+			}
+			if c.Upstream.Gateway != "bastion" {
+				t.Errorf("upstream.gateway %q, want the file's \"bastion\" kept", c.Upstream.Gateway)
+			}
+			if len(ws) != 1 {
+				t.Fatalf("warnings %v, want one", ws)
+			}
+			w := ws[0].Error()
+			for _, s := range []string{"bastion.yaml:8: upstream.gateway:", `is "bastion" while gateway_id is "gw-a"`, `set upstream.gateway: "" to follow gateway_id`, "bastion/bastion/+/c/#"} {
+				if !strings.Contains(w, s) {
+					t.Errorf("warning %q lacks %q", w, s)
+				}
+			}
+			if got, want := strings.Contains(w, `connects as MQTT client id "bastion"`), c.Upstream.ClientID == "bastion"; got != want {
+				t.Errorf("warning %q names the client id %v, want %v (client_id %q)", w, got, want, c.Upstream.ClientID)
+			}
+		})
+	}
+}

@@ -48,30 +48,78 @@ func (es Errors) Error() string {
 // Load reads, decodes, defaults and validates the file at path. base is the
 // configuration the file is decoded onto (Production() or Dev(dir)).
 func Load(path string, base Config) (Config, error) {
+	c, _, err := LoadWithWarnings(path, base)
+	return c, err
+}
+
+// LoadWithWarnings is Load, and also returns what the file says that is
+// accepted but likely not what was meant (for the log): each names the line
+// and what to change.
+func LoadWithWarnings(path string, base Config) (Config, []*Error, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {
-		return Config{}, fmt.Errorf("read config %s: %w (create it with `bastiond --write-default-config %s`)", path, err, path)
+		return Config{}, nil, fmt.Errorf("read config %s: %w (create it with `bastiond --write-default-config %s`)", path, err, path)
 	}
-	return Parse(path, b, base)
+	return ParseWithWarnings(path, b, base)
 }
 
 // Parse is Load for bytes already read; name is used in messages.
 func Parse(name string, b []byte, base Config) (Config, error) {
+	c, _, err := ParseWithWarnings(name, b, base)
+	return c, err
+}
+
+// ParseWithWarnings is LoadWithWarnings for bytes already read.
+func ParseWithWarnings(name string, b []byte, base Config) (Config, []*Error, error) {
+	c, lines, err := parse(name, b, base)
+	if err != nil {
+		return Config{}, nil, err
+	}
+	return c, warnings(name, c, lines), nil
+}
+
+// oldWrittenGateway is the upstream.gateway that --write-default-config
+// wrote into every file before it left the derived values empty.
+const oldWrittenGateway = "bastion"
+
+// warnings finds what c, read from file name, accepts but likely does not
+// mean. upstream.gateway: "bastion" beside another gateway_id is what a
+// file written by an older --write-default-config says after only
+// gateway_id was edited: every gateway provisioned from it connects as
+// client "bastion" and shares topics. An explicit value may be meant, so it
+// is not changed, only named (with the upstream link off it does nothing,
+// and is not named).
+func warnings(name string, c Config, lines map[string]int) []*Error {
+	var ws []*Error
+	if l, set := lines["upstream.gateway"]; set && c.Upstream.Enabled && c.Upstream.Gateway == oldWrittenGateway && c.GatewayID != oldWrittenGateway {
+		client := ""
+		if c.Upstream.ClientID == oldWrittenGateway {
+			client = fmt.Sprintf("connects as MQTT client id %q, ", oldWrittenGateway)
+		}
+		ws = append(ws, &Error{File: name, Line: l, Key: "upstream.gateway", Msg: fmt.Sprintf(
+			"is %q while gateway_id is %q: this gateway %suses upstream topics %s/%s/... and subscribes to %s/%s/+/c/#, as does every gateway whose file says the same (older --write-default-config wrote this line into every file; such gateways take over each other's broker session and receive each other's commands). Unless that is meant, set upstream.gateway: \"\" to follow gateway_id (or this gateway's own id), then reload",
+			c.Upstream.Gateway, c.GatewayID, client, c.Upstream.Prefix, c.Upstream.Gateway, c.Upstream.Prefix, c.Upstream.Gateway)})
+	}
+	return ws
+}
+
+// parse decodes, defaults and validates; lines are the file's keys' lines.
+func parse(name string, b []byte, base Config) (Config, map[string]int, error) {
 	var root yaml.Node
 	if err := yaml.Unmarshal(b, &root); err != nil {
-		return Config{}, &Error{File: name, Line: yamlErrLine(err), Msg: "not valid YAML: " + trimYAMLErr(err)}
+		return Config{}, nil, &Error{File: name, Line: yamlErrLine(err), Msg: "not valid YAML: " + trimYAMLErr(err)}
 	}
 	lines := map[string]int{}
 	var errs Errors
 	if len(root.Content) > 0 {
 		doc := root.Content[0]
 		if doc.Kind != yaml.MappingNode {
-			return Config{}, &Error{File: name, Line: doc.Line, Msg: "the file must be a YAML mapping of keys (state_dir: ..., coap: ...)"}
+			return Config{}, nil, &Error{File: name, Line: doc.Line, Msg: "the file must be a YAML mapping of keys (state_dir: ..., coap: ...)"}
 		}
 		checkKeys(name, doc, reflect.TypeOf(Config{}), "", lines, &errs)
 	}
 	if len(errs) > 0 {
-		return Config{}, errs
+		return Config{}, nil, errs
 	}
 	c := base
 	// What leaves the box is only what the file names: the base's rule
@@ -87,9 +135,9 @@ func Parse(name string, b []byte, base Config) (Config, error) {
 			for _, m := range te.Errors {
 				errs = append(errs, &Error{File: name, Line: yamlErrLine(errors.New(m)), Msg: trimYAMLErr(errors.New(m))})
 			}
-			return Config{}, errs
+			return Config{}, nil, errs
 		}
-		return Config{}, &Error{File: name, Line: yamlErrLine(err), Msg: trimYAMLErr(err)}
+		return Config{}, nil, &Error{File: name, Line: yamlErrLine(err), Msg: trimYAMLErr(err)}
 	}
 	rederive(&c, base, lines)
 	SetDefaults(&c)
@@ -100,11 +148,11 @@ func Parse(name string, b []byte, base Config) (Config, error) {
 				e.File = name
 				e.Line = lineOf(lines, e.Key)
 			}
-			return Config{}, ves
+			return Config{}, nil, ves
 		}
-		return Config{}, err
+		return Config{}, nil, err
 	}
-	return c, nil
+	return c, lines, nil
 }
 
 // rederive empties the base's derived values that the file does not set, so
