@@ -31,17 +31,7 @@ import (
 // session would cost each session a runtime timer and still need the
 // pass. A session outlives its certificate by at most CertSweep.
 func (s *Server) sweepCerts(ctx context.Context) {
-	t := time.NewTicker(s.cfg.CertSweep)
-	defer t.Stop()
-	var buf []*session
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		buf = s.endInvalidCerts(buf)
-	}
+	hub.SweepCerts(ctx, s.cfg.CertSweep, s.endInvalidCerts)
 }
 
 // endInvalidCerts closes the certificate sessions whose certificate

@@ -1,7 +1,6 @@
 package coap
 
 import (
-	"context"
 	"log/slog"
 	"strconv"
 	"strings"
@@ -34,14 +33,7 @@ func (s *Server) refusalLine(kind, msg string, args ...any) {
 // such device does not hide the lines about another. The caller counts
 // each in the metric.
 func (s *Server) deviceLine(level slog.Level, kind, device, msg string, args ...any) {
-	n, ok := s.devLines.Allow(kind+"\x00"+device, time.Now())
-	if !ok {
-		return
-	}
-	if n > 0 {
-		args = append(args, "not_logged_since_last_line", n)
-	}
-	s.log.Log(context.Background(), level, msg, append([]any{"device", device}, args...)...)
+	s.devLines.DeviceLine(s.log, level, kind, device, msg, args...)
 }
 
 // maxLoggedText bounds text a peer chose in a log line (a device id a

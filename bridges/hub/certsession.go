@@ -1,6 +1,7 @@
 package hub
 
 import (
+	"context"
 	"crypto/x509"
 	"errors"
 	"time"
@@ -44,4 +45,22 @@ func CertEnd(err error) (reason, why, todo string) {
 			"the device must enroll again for a new certificate"
 	}
 	return CertRefusal(err), "its certificate is no longer accepted", "the device must enroll again"
+}
+
+// SweepCerts runs sweep every interval until ctx ends: a transport's
+// pass over its certificate sessions, which takes the buffer the last pass
+// returned (its snapshot's, emptied) so that a pass allocates nothing once
+// the buffer has grown.
+func SweepCerts[T any](ctx context.Context, every time.Duration, sweep func(buf []T) []T) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	var buf []T
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		buf = sweep(buf)
+	}
 }

@@ -618,12 +618,5 @@ const deviceLineEvery = 10 * time.Second
 // the rate it can send. Keyed by device, so one such device does not hide
 // the lines about another. The caller counts each in the metric.
 func (s *Server) deviceLine(level slog.Level, kind, device, msg string, args ...any) {
-	n, ok := s.devLines.Allow(kind+"\x00"+device, time.Now())
-	if !ok {
-		return
-	}
-	if n > 0 {
-		args = append(args, "not_logged_since_last_line", n)
-	}
-	s.log.Log(context.Background(), level, msg, append([]any{"device", device}, args...)...)
+	s.devLines.DeviceLine(s.log, level, kind, device, msg, args...)
 }

@@ -6,6 +6,8 @@
 package ratelog
 
 import (
+	"context"
+	"log/slog"
 	"sync"
 	"time"
 )
@@ -54,4 +56,21 @@ func (l *Every) Allow(kind string, now time.Time) (notLogged int, ok bool) {
 	notLogged = l.quiet[kind]
 	l.last[kind], l.quiet[kind] = now, 0
 	return notLogged, true
+}
+
+// DeviceLine logs msg at level to log, with the device first, unless a
+// line of the same kind about the same device went out less than the
+// interval ago: for refusals of what an authenticated device sends, which
+// a device stuck in a loop repeats at the rate it can send. Keyed by
+// device, so that one such device does not hide the lines about another.
+// The caller counts each refusal in its metric.
+func (l *Every) DeviceLine(log *slog.Logger, level slog.Level, kind, device, msg string, args ...any) {
+	n, ok := l.Allow(kind+"\x00"+device, time.Now())
+	if !ok {
+		return
+	}
+	if n > 0 {
+		args = append(args, "not_logged_since_last_line", n)
+	}
+	log.Log(context.Background(), level, msg, append([]any{"device", device}, args...)...)
 }

@@ -99,6 +99,16 @@ func (ca *CA) Client(t testing.TB, cn string) *Leaf {
 	return ca.issue(t, cn, tmpl)
 }
 
+// ClientValid is Client with a certificate valid from notBefore to
+// notAfter (Client's is valid now): an expired one, one not valid yet.
+func (ca *CA) ClientValid(t testing.TB, cn string, notBefore, notAfter time.Time) *Leaf {
+	t.Helper()
+	tmpl := ca.template(t, cn)
+	tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}
+	tmpl.NotBefore, tmpl.NotAfter = notBefore, notAfter
+	return ca.issue(t, cn, tmpl)
+}
+
 func (ca *CA) template(t testing.TB, cn string) *x509.Certificate {
 	return &x509.Certificate{
 		SerialNumber: serial(t),
