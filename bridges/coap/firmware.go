@@ -234,5 +234,5 @@ func (s *Server) badOption(cc *otacache.DTLSConn, confirmable bool, ids []messag
 	if !confirmable {
 		answer = "dropped (non-confirmable)"
 	}
-	s.deviceLine(slog.LevelInfo, "bad_option", s.deviceOf(cc), "coap: request refused: unrecognised critical option", "options", fmt.Sprint(ids), "answer", answer)
+	s.deviceLine(slog.LevelInfo, "bad_option:"+answer, s.deviceOf(cc), "coap: request refused: unrecognised critical option", "options", fmt.Sprint(ids), "answer", answer)
 }
