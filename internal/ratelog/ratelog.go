@@ -14,17 +14,18 @@ import (
 
 // Every is the limiter. Kinds should come from a small set (a reason, or
 // a reason and an authenticated device id), not from text a peer chose:
-// kinds with nothing left to report are forgotten once MaxKinds are held,
-// but those within their interval are not.
+// once MaxKinds are held, the kinds whose interval has passed are
+// forgotten, at most once per interval; those within it are not.
 type Every struct {
-	every time.Duration
-	mu    sync.Mutex
-	last  map[string]time.Time // when the last line of a kind was let through
-	quiet map[string]int       // events of a kind not logged since then
+	every  time.Duration
+	mu     sync.Mutex
+	last   map[string]time.Time // when the last line of a kind was let through
+	quiet  map[string]int       // events of a kind not logged since then
+	pruned time.Time            // when kinds were last forgotten
 }
 
 // MaxKinds is how many kinds an Every holds before it forgets the ones
-// with nothing left to report.
+// whose interval has passed.
 const MaxKinds = 4096
 
 // New returns a limiter letting one line per kind through per every.
@@ -38,12 +39,17 @@ func New(every time.Duration) *Every {
 func (l *Every) Allow(kind string, now time.Time) (notLogged int, ok bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if len(l.last) >= MaxKinds {
-		// Kinds keyed by device come and go: those whose interval has
-		// passed with nothing left unlogged would be let through anyway,
-		// so forgetting them changes no line.
+	if len(l.last) >= MaxKinds && now.Sub(l.pruned) >= l.every {
+		// Kinds keyed by device come and go: one whose interval has passed
+		// would be let through at its next event anyway; forgotten, that
+		// line says 0 not logged instead of its count (a count the
+		// metrics have). At most once per interval: with more kinds than
+		// MaxKinds within one interval (thousands of devices refused at
+		// once), a scan at every event would cost each event the whole map
+		// under the lock.
+		l.pruned = now
 		for k, t := range l.last {
-			if now.Sub(t) >= l.every && l.quiet[k] == 0 {
+			if now.Sub(t) >= l.every {
 				delete(l.last, k)
 				delete(l.quiet, k)
 			}

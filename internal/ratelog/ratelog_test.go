@@ -27,10 +27,11 @@ func TestLogEvery(t *testing.T) {
 	}
 }
 
-// An Every keyed by device forgets the kinds with nothing left to
-// report once it holds MaxKinds, and keeps those with a count of lines
-// not logged, so that the next line still reports it.
-func TestLogEveryForgetsSettledKinds(t *testing.T) {
+// An Every holding MaxKinds forgets the kinds whose interval has passed
+// (a count of lines not logged with them), at most once per interval, so
+// that thousands of devices refused within one interval do not make every
+// event scan the map.
+func TestEveryForgetsPassedKinds(t *testing.T) {
 	l := New(10 * time.Second)
 	t0 := time.Unix(1000, 0)
 	for i := range MaxKinds {
@@ -41,10 +42,30 @@ func TestLogEveryForgetsSettledKinds(t *testing.T) {
 	if _, ok := l.Allow("new", later); !ok {
 		t.Fatal("a new kind was not logged")
 	}
-	if len(l.last) != 2 {
-		t.Fatalf("%d kinds held after the interval, want 2 (k0, with a line not logged, and new)", len(l.last))
+	if len(l.last) != 1 {
+		t.Fatalf("%d kinds held after the interval, want 1 (new)", len(l.last))
 	}
-	if n, ok := l.Allow("k0", later); !ok || n != 1 {
-		t.Fatalf("k0 after the interval: logged %v, not logged before %d; want true, 1", ok, n)
+	if n, ok := l.Allow("k0", later); !ok || n != 0 {
+		t.Fatalf("k0 after the interval: logged %v, %d not logged before; want true, 0 (forgotten)", ok, n)
+	}
+}
+
+// The kinds are scanned at most once per interval, however many events
+// come: kinds past their interval stay until the interval since the last
+// scan has passed.
+func TestEveryScansOncePerInterval(t *testing.T) {
+	l := New(10 * time.Second)
+	t0 := time.Unix(1000, 0)
+	for i := range MaxKinds {
+		l.Allow("k"+strconv.Itoa(i), t0)
+	}
+	l.Allow("a", t0.Add(time.Second)) // scans: none forgotten
+	l.Allow("b", t0.Add(10500*time.Millisecond))
+	if len(l.last) != MaxKinds+2 {
+		t.Fatalf("%d kinds held 9.5 s after a scan, want %d: scanned again within the interval", len(l.last), MaxKinds+2)
+	}
+	l.Allow("c", t0.Add(11500*time.Millisecond))
+	if len(l.last) != 2 {
+		t.Fatalf("%d kinds held an interval after the last scan, want 2 (b and c)", len(l.last))
 	}
 }
