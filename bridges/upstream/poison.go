@@ -161,6 +161,12 @@ type connEnd struct {
 	cause  endCause
 	reason byte   // endDisconnect: the broker's reason code
 	detail string // for the log
+	// byWrite: cause is a failed write's guess (a reset or broken pipe
+	// read as the broker closing), which the broker's DISCONNECT, read
+	// after, replaces: a broker that sends DISCONNECT 0x89 and closes may
+	// reset the connection under a write in flight before paho's reader
+	// has read the DISCONNECT.
+	byWrite bool
 	// A SUBSCRIBE (or UNSUBSCRIBE) was unanswered when the connection
 	// ended, the last one written in write number reqWrite: the broker may
 	// have closed the connection on it (EMQX does, for an ACL denial with
@@ -185,8 +191,17 @@ type endState struct {
 func (e *connEnd) set(cause endCause, reason byte, detail string) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	if e.cause == endOpen || e.byWrite && cause == endDisconnect {
+		e.cause, e.reason, e.detail, e.byWrite = cause, reason, detail, false
+	}
+}
+
+// setByWrite is set for a failed write's reading of the end (byWrite).
+func (e *connEnd) setByWrite(cause endCause, detail string) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
 	if e.cause == endOpen {
-		e.cause, e.reason, e.detail = cause, reason, detail
+		e.cause, e.reason, e.detail, e.byWrite = cause, 0, detail, true
 	}
 }
 

@@ -280,3 +280,28 @@ func TestConnEndRecords(t *testing.T) {
 		t.Errorf("end %+v, want ours", st)
 	}
 }
+
+// A broker that sends DISCONNECT 0x89 and closes can reset the connection
+// under a write before paho's reader has read the DISCONNECT: the write's
+// guess (the broker closed it without one, which counts against the
+// message) gives way to the DISCONNECT read after it (server busy, which
+// does not). A read's EOF does not replace the DISCONNECT, nor a
+// DISCONNECT anything but a write's guess.
+func TestDisconnectReplacesWriteGuess(t *testing.T) {
+	e := &connEnd{}
+	e.setByWrite(endBrokerClosed, "reset under a write")
+	e.disconnected(&packets.Disconnect{ReasonCode: 0x89}, false)
+	e.readFailed(io.EOF)
+	if st := e.state(); st.cause != endDisconnect || st.reason != 0x89 {
+		t.Fatalf("end %v reason %#x (%s), want the DISCONNECT 0x89", st.cause, st.reason, st.detail)
+	}
+	if _, counts := e.state().blame(1); counts {
+		t.Error("a DISCONNECT 0x89 counted against the message")
+	}
+	e = &connEnd{}
+	e.readFailed(io.EOF)
+	e.disconnected(&packets.Disconnect{ReasonCode: 0x89}, false)
+	if st := e.state(); st.cause != endBrokerClosed {
+		t.Fatalf("end %v after a read's EOF, then a DISCONNECT; want the EOF's (first recorded)", st.cause)
+	}
+}

@@ -263,7 +263,7 @@ func (c *packetConn) broken(err error) {
 	case errors.Is(err, os.ErrDeadlineExceeded):
 		c.end.set(endOurs, 0, "a write to the broker timed out")
 	case errors.Is(err, syscall.ECONNRESET), errors.Is(err, syscall.EPIPE):
-		c.end.set(endBrokerClosed, 0, "the broker closed the connection without a DISCONNECT")
+		c.end.setByWrite(endBrokerClosed, "the broker closed the connection without a DISCONNECT (a write found it reset)")
 	case errors.Is(err, net.ErrClosed):
 		c.end.set(endOurs, 0, "closed by the link")
 	default:
