@@ -34,6 +34,7 @@ import (
 	"github.com/bastion-iot/bastion/gateway/control"
 	"github.com/bastion-iot/bastion/internal/devicesim"
 	"github.com/bastion-iot/bastion/internal/testenv"
+	"github.com/bastion-iot/bastion/internal/testutil/logbuf"
 	"github.com/bastion-iot/bastion/internal/testutil/tufrepo"
 	otacache "github.com/bastion-iot/bastion/ota-cache"
 	"github.com/bastion-iot/bastion/pki"
@@ -93,7 +94,7 @@ func startFirmwareGatewayIn(t testing.TB, v *fwVendor, dir string) *fwgw {
 	if err := WriteConfigFile(filepath.Join(dir, "bastion.yaml"), cfg); err != nil {
 		t.Fatal(err)
 	}
-	lb := &syncBuf{}
+	lb := &logbuf.Buffer{}
 	sink := &testSink{}
 	r := runGateway(t, Options{Dev: true, StateDir: dir, Log: slog.New(slog.NewTextHandler(lb, &slog.HandlerOptions{Level: slog.LevelDebug})),
 		Out: &bytes.Buffer{}, Sink: sink}, 10*time.Second)

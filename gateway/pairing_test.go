@@ -38,6 +38,8 @@ import (
 	"github.com/bastion-iot/bastion/gateway/store"
 	"github.com/bastion-iot/bastion/internal/clock"
 	"github.com/bastion-iot/bastion/internal/devicesim"
+	"github.com/bastion-iot/bastion/internal/testutil/logbuf"
+	"github.com/bastion-iot/bastion/internal/testutil/testpki"
 	"github.com/bastion-iot/bastion/pki"
 )
 
@@ -66,11 +68,11 @@ func startPairingWith(t *testing.T, mutate func(*config.Config), before func(*Ga
 	if err := WriteConfigFile(filepath.Join(dir, "bastion.yaml"), cfg); err != nil {
 		t.Fatal(err)
 	}
-	lb := &syncBuf{}
+	lb := &logbuf.Buffer{}
 	sink := &testSink{}
 	pc := clock.NewFake(time.Now())
 	g, err := New(Options{Dev: true, StateDir: dir, Log: slog.New(slog.NewTextHandler(lb, &slog.HandlerOptions{Level: slog.LevelDebug})),
-		Out: &bytes.Buffer{}, Sink: sink, Clock: &offsetClock{}, PairingClock: pc})
+		Out: &bytes.Buffer{}, Sink: sink, Clock: &testpki.OffsetClock{}, PairingClock: pc})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -15,6 +15,7 @@ import (
 
 	"github.com/bastion-iot/bastion/bridges/upstream"
 	"github.com/bastion-iot/bastion/firewall"
+	"github.com/bastion-iot/bastion/internal/testutil/logbuf"
 	"github.com/bastion-iot/bastion/internal/testutil/testpki"
 )
 
@@ -36,14 +37,14 @@ type expiredGateway struct {
 	path string
 	ca   *testpki.CA
 	v4   *firewall.Fake
-	log  *syncBuf
+	log  *logbuf.Buffer
 }
 
 func startExpiredGateway(t *testing.T) *expiredGateway {
 	t.Helper()
 	dir := filepath.Join(t.TempDir(), "state")
 	os.MkdirAll(dir, 0o700)
-	e := &expiredGateway{path: filepath.Join(dir, "bastion.yaml"), ca: testpki.New(t, t.TempDir(), "cloud"), v4: firewall.NewFake(firewall.IPv4), log: &syncBuf{}}
+	e := &expiredGateway{path: filepath.Join(dir, "bastion.yaml"), ca: testpki.New(t, t.TempDir(), "cloud"), v4: firewall.NewFake(firewall.IPv4), log: &logbuf.Buffer{}}
 	cfg := testConfig(dir)
 	cfg.Upstream.Enabled = true
 	cfg.Upstream.Config = upstream.Config{

@@ -17,6 +17,7 @@ import (
 
 	"github.com/bastion-iot/bastion/gateway/store"
 	"github.com/bastion-iot/bastion/internal/devicesim"
+	"github.com/bastion-iot/bastion/internal/testutil/testpki"
 	"github.com/bastion-iot/bastion/pki"
 )
 
@@ -95,7 +96,7 @@ func verifyErr(g *pgw, t *testing.T, c devicesim.Creds) error {
 // the new one cannot renew again within the hour.
 func TestRenewalRetiresOldCertificate(t *testing.T) {
 	g := startPairing(t, nil)
-	clk := g.g.opts.Clock.(*offsetClock)
+	clk := g.g.opts.Clock.(*testpki.OffsetClock)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	c0 := pairedDevice(t, g)
@@ -117,7 +118,7 @@ func TestRenewalRetiresOldCertificate(t *testing.T) {
 		t.Errorf("second /sren from the old certificate with another key = %v, want 4.03", code)
 	}
 	// After the grace the old certificate is refused as revoked, the new one works.
-	clk.off.Add(int64(renewGrace + time.Minute))
+	clk.Add(renewGrace + time.Minute)
 	if err := verifyErr(g, t, c0); !errors.Is(err, pki.ErrRevoked) {
 		t.Errorf("old certificate after the grace: %v, want ErrRevoked", err)
 	}
@@ -134,7 +135,7 @@ func TestRenewalRetiresOldCertificate(t *testing.T) {
 	}
 	// An hour later it may renew; the first handshake with the newest
 	// certificate retires c1 at once, without waiting for the grace.
-	clk.off.Add(int64(renewInterval))
+	clk.Add(renewInterval)
 	code, c2 := sren(t, g, c1, newKey(t))
 	if code != codes.Changed {
 		t.Fatalf("/sren an hour later = %v, want 2.04", code)
@@ -177,8 +178,8 @@ func TestRenewalNotRecordedIsAnError(t *testing.T) {
 	if n := testutil.ToFloat64(g.g.metrics.renewals.WithLabelValues("store_failed")); n != 1 {
 		t.Errorf("renewals{store_failed} = %v, want 1", n)
 	}
-	clk := g.g.opts.Clock.(*offsetClock)
-	clk.off.Add(int64(renewGrace + time.Minute))
+	clk := g.g.opts.Clock.(*testpki.OffsetClock)
+	clk.Add(renewGrace + time.Minute)
 	if err := verifyErr(g, t, c0); err != nil {
 		t.Errorf("certificate after a failed renewal: %v, want still accepted", err)
 	}
@@ -195,8 +196,8 @@ func TestRenewalRetirementSurvivesRestart(t *testing.T) {
 	}
 	g.running.stop(t)
 	g.running.done <- nil // for the cleanup's stop
-	clk := &offsetClock{}
-	clk.off.Store(int64(renewGrace + time.Minute))
+	clk := &testpki.OffsetClock{}
+	clk.Set(renewGrace + time.Minute)
 	r := runGateway(t, Options{Dev: true, StateDir: g.dir, Log: discard, Out: &bytes.Buffer{}, Clock: clk}, 10*time.Second)
 	defer r.stop(t)
 	if _, err := r.g.identity().VerifyCert([][]byte{leafOf(t, c0).Raw}); !errors.Is(err, pki.ErrRevoked) {

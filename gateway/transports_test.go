@@ -38,33 +38,10 @@ import (
 	"github.com/bastion-iot/bastion/bridges/hub"
 	"github.com/bastion-iot/bastion/internal/devicesim"
 	"github.com/bastion-iot/bastion/internal/testenv"
+	"github.com/bastion-iot/bastion/internal/testutil/logbuf"
+	"github.com/bastion-iot/bastion/internal/testutil/testpki"
 	"github.com/bastion-iot/bastion/pki"
 )
-
-// syncBuf collects the gateway's log for assertions.
-type syncBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuf) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuf) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
-// offsetClock is the system clock shifted by a settable offset, to make
-// certificates expire without waiting.
-type offsetClock struct{ off atomic.Int64 }
-
-func (c *offsetClock) Now() time.Time { return time.Now().Add(time.Duration(c.off.Load())) }
-func (c *offsetClock) Sane() error    { return nil }
 
 // testSink is a Sink whose behaviour a test controls.
 type testSink struct {
@@ -105,10 +82,10 @@ func (s *testSink) messages() []bridges.Message {
 
 type tgw struct {
 	*running
-	log   *syncBuf
+	log   *logbuf.Buffer
 	dir   string
 	sink  *testSink
-	clock *offsetClock
+	clock *testpki.OffsetClock
 }
 
 // startTransports starts a dev gateway on free loopback ports with a test
@@ -125,9 +102,9 @@ func startTransportsWith(t *testing.T, secretAuth bool) *tgw {
 	if err := WriteConfigFile(filepath.Join(dir, "bastion.yaml"), cfg); err != nil {
 		t.Fatal(err)
 	}
-	lb := &syncBuf{}
+	lb := &logbuf.Buffer{}
 	sink := &testSink{}
-	clock := &offsetClock{}
+	clock := &testpki.OffsetClock{}
 	r := runGateway(t, Options{Dev: true, StateDir: dir, Log: slog.New(slog.NewTextHandler(lb, &slog.HandlerOptions{Level: slog.LevelDebug})),
 		Out: &bytes.Buffer{}, Sink: sink, Clock: clock}, 10*time.Second)
 	tg := &tgw{running: r, log: lb, dir: dir, sink: sink, clock: clock}
@@ -698,7 +675,7 @@ func TestCertificateAndPSKRefusals(t *testing.T) {
 	d := g.addDevice(t, "old", "cert")
 
 	// Expired: the gateway's clock moves past the certificate's end.
-	g.clock.off.Store(int64(400 * 24 * time.Hour))
+	g.clock.Set(400 * 24 * time.Hour)
 	if _, err := d.DialMQTT(ctx, g.g.Addrs()["mqtts"], nil); err == nil {
 		t.Error("expired certificate accepted over MQTT")
 	}
@@ -707,7 +684,7 @@ func TestCertificateAndPSKRefusals(t *testing.T) {
 		t.Error("expired certificate accepted over CoAP")
 	}
 	g.waitLog(t, "coap: handshake refused: device certificate not accepted", "device="+d.ID, "reason=cert_expired")
-	g.clock.off.Store(0)
+	g.clock.Set(0)
 	if g.refusals(hub.MQTT, hub.ReasonExpired) < 1 || g.refusals(hub.CoAP, hub.ReasonExpired) < 1 {
 		t.Error("expired certificates not counted on both stacks")
 	}
@@ -926,7 +903,7 @@ func TestLibcoapObserveReceivesCommands(t *testing.T) {
 	ctx := ctxT(t, 30*time.Second)
 	cmd := exec.CommandContext(ctx, cc, "-u", d.PSKIdentity, "-k", string(key), "-m", "get", "-s", "10", "-B", "12",
 		"coaps://"+g.g.Addrs()["coaps_psk"]+"/c/led")
-	var out syncBuf
+	var out logbuf.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -1034,7 +1011,7 @@ func TestDTLSConnectionIDNegotiated(t *testing.T) {
 func TestDevicesThroughUpstreamToCloud(t *testing.T) {
 	r, b, cloud, dir := startWithCloud(t)
 	defer r.stop(t)
-	tg := &tgw{running: r, log: &syncBuf{}, dir: dir}
+	tg := &tgw{running: r, log: &logbuf.Buffer{}, dir: dir}
 	ctx := ctxT(t, 30*time.Second)
 
 	// The cloud side: a subscriber with a cloud client certificate.

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"log/slog"
 	"path/filepath"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -16,15 +15,9 @@ import (
 	"github.com/bastion-iot/bastion/bridges/coap"
 	"github.com/bastion-iot/bastion/bridges/hub"
 	"github.com/bastion-iot/bastion/internal/devicesim"
+	"github.com/bastion-iot/bastion/internal/testutil/testpki"
 	"github.com/bastion-iot/bastion/pki"
 )
-
-// offsetClock is the system clock moved by a settable offset, to make
-// certificates expire without waiting.
-type offsetClock struct{ off atomic.Int64 }
-
-func (c *offsetClock) Now() time.Time { return time.Now().Add(time.Duration(c.off.Load())) }
-func (c *offsetClock) Sane() error    { return nil }
 
 // caIdentity is the gateway's certificate check (a pki.CA, on a settable
 // clock) without its store, and the PSK device "dev-psk" (identity
@@ -63,7 +56,7 @@ const (
 type certRig struct {
 	s        *coap.Server
 	ca       *pki.CA
-	clk      *offsetClock
+	clk      *testpki.OffsetClock
 	lines    *coap.LogLines
 	roots    *x509.CertPool
 	certAddr string
@@ -75,7 +68,7 @@ type certRig struct {
 // a settable clock, sweeping every certSweep, its log kept.
 func newCertRig(t *testing.T) *certRig {
 	t.Helper()
-	clk := &offsetClock{}
+	clk := &testpki.OffsetClock{}
 	ca, err := pki.Open(filepath.Join(t.TempDir(), "devices"), "test", clk, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
@@ -197,7 +190,7 @@ func TestCertSessionEndsWhenCertificateExpires(t *testing.T) {
 		t.Fatal("session on a valid certificate closed")
 	}
 
-	r.clk.off.Store(int64(2 * time.Hour))
+	r.clk.Set(2 * time.Hour)
 	endedWithin(t, c, "its certificate expired")
 	if n := r.s.Sessions("dev-a"); n != 0 {
 		t.Errorf("sessions of dev-a: %d, want 0", n)

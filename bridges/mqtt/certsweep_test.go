@@ -2,11 +2,8 @@ package mqtt
 
 import (
 	"bufio"
-	"bytes"
 	"crypto/tls"
 	"log/slog"
-	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -16,44 +13,10 @@ import (
 	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/bridges/hub"
 	"github.com/bastion-iot/bastion/bridges/queue"
+	"github.com/bastion-iot/bastion/internal/testutil/logbuf"
+	"github.com/bastion-iot/bastion/internal/testutil/testpki"
 	"github.com/bastion-iot/bastion/pki"
 )
-
-// offsetClock is the system clock moved by a settable offset, to make
-// certificates expire without waiting.
-type offsetClock struct{ off atomic.Int64 }
-
-func (c *offsetClock) Now() time.Time { return time.Now().Add(time.Duration(c.off.Load())) }
-func (c *offsetClock) Sane() error    { return nil }
-
-// logBuf collects the server's log for assertions.
-type logBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *logBuf) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-// lines are the lines logged so far that hold every one of parts.
-func (l *logBuf) lines(parts ...string) []string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	var out []string
-next:
-	for _, line := range strings.Split(l.b.String(), "\n") {
-		for _, p := range parts {
-			if !strings.Contains(line, p) {
-				continue next
-			}
-		}
-		out = append(out, line)
-	}
-	return out
-}
 
 // certSweep is the sweep interval of these tests; certEndWithin bounds
 // how long a session may outlive its certificate, generous for a loaded
@@ -66,10 +29,10 @@ const (
 // newCertRig is a rig whose CA runs on a settable clock, whose sweep runs
 // every certSweep, which accepts the secret "s3cret" for any device, and
 // whose log is kept.
-func newCertRig(t *testing.T) (*rig, *offsetClock, *logBuf) {
+func newCertRig(t *testing.T) (*rig, *testpki.OffsetClock, *logbuf.Buffer) {
 	t.Helper()
-	clk := &offsetClock{}
-	lb := &logBuf{}
+	clk := &testpki.OffsetClock{}
+	lb := &logbuf.Buffer{}
 	var checks atomic.Int32
 	r := newRigClock(t, queue.Options{}, Config{AllowSecretAuth: true, CertSweep: certSweep}, func(ca *pki.CA) bridges.Identity {
 		return countingIdentity{caIdentity{ca}, &checks}
@@ -169,7 +132,7 @@ func TestCertSessionEndsWhenCertificateExpires(t *testing.T) {
 	}
 	a.mayBeClosed = false
 
-	clk.off.Store(int64(2 * time.Hour))
+	clk.Set(2 * time.Hour)
 	if code := a.endedWithin(certEndWithin, "its certificate expired"); code != int(packets.ErrNotAuthorized.Code) {
 		t.Errorf("DISCONNECT reason %#x, want 0x87 not authorized", code)
 	}
@@ -178,7 +141,7 @@ func TestCertSessionEndsWhenCertificateExpires(t *testing.T) {
 		t.Errorf("cert_expired refusals %v, want 1", got)
 	}
 	serial := pki.Serial(leaf)
-	if l := lb.lines("mqtt: session closed: its certificate expired", "device=deva", "serial="+serial, "reason=cert_expired", "enroll again"); len(l) != 1 {
+	if l := lb.Lines("mqtt: session closed: its certificate expired", "device=deva", "serial="+serial, "reason=cert_expired", "enroll again"); len(l) != 1 {
 		t.Errorf("log lines for the session's end: %q, want 1", l)
 	}
 	time.Sleep(5 * certSweep)
@@ -229,7 +192,7 @@ func TestCertSessionEndsWhenCertificateRetired(t *testing.T) {
 	if got := r.refusals(hub.ReasonCertRetired); got != 1 {
 		t.Errorf("cert_retired refusals %v, want 1", got)
 	}
-	if l := lb.lines("mqtt: session closed: its certificate was replaced by a renewal", "device=deva", "serial="+pki.Serial(a1leaf), "reason=cert_retired", "renewed certificate"); len(l) != 1 {
+	if l := lb.Lines("mqtt: session closed: its certificate was replaced by a renewal", "device=deva", "serial="+pki.Serial(a1leaf), "reason=cert_retired", "renewed certificate"); len(l) != 1 {
 		t.Errorf("log lines for the session's end: %q, want 1", l)
 	}
 	if _, code, ok := r.connectCert(t, "deva", 5, a1); ok && code == 0 {
@@ -253,7 +216,7 @@ func TestCertSessionEndsWhenCertificateRetired(t *testing.T) {
 	if got := r.refusals(hub.ReasonRevoked); got != before+1 {
 		t.Errorf("revoked refusals %v, want %v", got, before+1)
 	}
-	if l := lb.lines("mqtt: session closed: its certificate or device was revoked", "device=devb", "serial="+pki.Serial(b1leaf), "reason=revoked"); len(l) != 1 {
+	if l := lb.Lines("mqtt: session closed: its certificate or device was revoked", "device=devb", "serial="+pki.Serial(b1leaf), "reason=revoked"); len(l) != 1 {
 		t.Errorf("log lines for the session's end: %q, want 1", l)
 	}
 	a.mayBeClosed = true

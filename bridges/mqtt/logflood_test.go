@@ -9,6 +9,7 @@ import (
 
 	"github.com/bastion-iot/bastion/bridges/hub"
 	"github.com/bastion-iot/bastion/bridges/queue"
+	"github.com/bastion-iot/bastion/internal/testutil/logbuf"
 	"github.com/bastion-iot/bastion/pki"
 )
 
@@ -17,7 +18,7 @@ import (
 // line or two (one per device and kind per 10 s); another device's
 // refusal meanwhile still gets its own line. Before, each wrote a line.
 func TestDeviceRefusalsDoNotFloodTheLog(t *testing.T) {
-	lb := &logBuf{}
+	lb := &logbuf.Buffer{}
 	r := newRigClock(t, queue.Options{}, Config{}, nil, pki.SystemClock{}, slog.New(slog.NewTextHandler(lb, nil)))
 	before := r.refusals(hub.ReasonPublishACL)
 	refuse := func(d *device, id uint16) {
@@ -39,10 +40,10 @@ func TestDeviceRefusalsDoNotFloodTheLog(t *testing.T) {
 		t.Fatalf("publish_outside_namespace refusals %v, want %d: every refusal is counted", got, n+1)
 	}
 	const line = "mqtt: publish refused: topic outside the device namespace"
-	if got := len(lb.lines(line, "device=deva")); got < 1 || got > 2 {
+	if got := len(lb.Lines(line, "device=deva")); got < 1 || got > 2 {
 		t.Errorf("%d log lines for %d refusals of deva, want 1 or 2 (one per 10 s)", got, n)
 	}
-	if got := len(lb.lines(line, "device=devc")); got != 1 {
+	if got := len(lb.Lines(line, "device=devc")); got != 1 {
 		t.Errorf("%d log lines for the refusal of devc, want its own line", got)
 	}
 }

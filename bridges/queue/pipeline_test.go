@@ -18,6 +18,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 
 	"github.com/bastion-iot/bastion/bridges"
+	"github.com/bastion-iot/bastion/internal/testutil/logbuf"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 )
@@ -791,24 +792,6 @@ func TestMarksRearmedAfterFailedWrite(t *testing.T) {
 	waitFor(t, "the marks written after the failed write", func() bool { return activeSize(q) > int64(segHeader) })
 }
 
-// lockedBuffer is a log destination safe for the queue's goroutines.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
 // TestMarksRetryBacksOff: while the disk fails every write, pending
 // delivered-marks are tried again after a pause that doubles from
 // AckFlushInterval (up to ackRetryMax), not every AckFlushInterval for
@@ -831,7 +814,7 @@ func TestMarksRetryBacksOff(t *testing.T) {
 		mu.Unlock()
 		return 0, &os.PathError{Op: "write", Path: f.Name(), Err: syscall.EIO}
 	}
-	var logs lockedBuffer
+	var logs logbuf.Buffer
 	q, err := Open(t.TempDir(), o, slog.New(slog.NewTextHandler(&logs, nil)), nil)
 	if err != nil {
 		t.Fatal(err)

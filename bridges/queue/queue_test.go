@@ -1871,10 +1871,7 @@ func TestUnreadableHeader(t *testing.T) {
 		if err := q2.Accept(ctx, msg("b", 0)); err != nil {
 			t.Fatalf("Accept: %v", err)
 		}
-		q2.mu.Lock()
-		active := q2.segs[len(q2.segs)-1].path
-		q2.mu.Unlock()
-		if active == seg {
+		if active := activePath(q2); active == seg {
 			t.Fatalf("commits go to %s, whose first block is unreadable", seg)
 		}
 		q2.Close()
@@ -2003,10 +2000,7 @@ func TestUnreadableHeader(t *testing.T) {
 		if err := q2.Accept(ctx, msg("b", 0)); err != nil {
 			t.Fatalf("Accept: %v", err)
 		}
-		q2.mu.Lock()
-		active := q2.segs[len(q2.segs)-1].path
-		q2.mu.Unlock()
-		if active == seg {
+		if active := activePath(q2); active == seg {
 			t.Fatalf("commits go to %s, whose header is unreadable", seg)
 		}
 		q2.Close()

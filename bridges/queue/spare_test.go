@@ -33,6 +33,13 @@ func activeSize(q *Queue) int64 {
 	return q.segs[len(q.segs)-1].size
 }
 
+// activePath is the file of the segment commits go to.
+func activePath(q *Queue) string {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.segs[len(q.segs)-1].path
+}
+
 func segCount(q *Queue) int {
 	q.mu.Lock()
 	defer q.mu.Unlock()

@@ -24,6 +24,7 @@ import (
 
 	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/bridges/queue"
+	"github.com/bastion-iot/bastion/internal/testutil/logbuf"
 	"github.com/bastion-iot/bastion/internal/testutil/testpki"
 )
 
@@ -709,7 +710,7 @@ func TestWriteDeadlineEndsConnection(t *testing.T) {
 	queueBefore(t, dir, ms...)
 	cfg := fb.config(t)
 	cfg.KeepAlive = time.Hour
-	var log syncBuffer
+	var log logbuf.Buffer
 	l := startLinkWith(t, cfg, dir, func(u *Upstream) {
 		u.writeTimeout = time.Second
 		u.log = slog.New(slog.NewTextHandler(&log, nil))
@@ -727,24 +728,6 @@ func TestWriteDeadlineEndsConnection(t *testing.T) {
 	if s := log.String(); !regexp.MustCompile(`lost: the connection closed after a failed write: .*i/o timeout`).MatchString(s) {
 		t.Errorf("the log does not say the connection was lost on the write timeout:\n%s", s)
 	}
-}
-
-// syncBuffer is a bytes.Buffer for a log written from several goroutines.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 // closingBroker is a fake broker that acknowledges every PUBLISH itself and

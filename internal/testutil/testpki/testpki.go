@@ -16,6 +16,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -29,6 +30,19 @@ type CA struct {
 	CertFile string
 	dir      string
 }
+
+// OffsetClock is the system clock moved by a settable offset (a pki.Clock),
+// to make certificates expire without waiting.
+type OffsetClock struct{ off atomic.Int64 }
+
+func (c *OffsetClock) Now() time.Time { return time.Now().Add(time.Duration(c.off.Load())) }
+func (c *OffsetClock) Sane() error    { return nil }
+
+// Set moves the clock to d from the system clock.
+func (c *OffsetClock) Set(d time.Duration) { c.off.Store(int64(d)) }
+
+// Add moves the clock d further.
+func (c *OffsetClock) Add(d time.Duration) { c.off.Add(int64(d)) }
 
 // Leaf is an issued certificate with its key, in memory and as files.
 type Leaf struct {
