@@ -31,6 +31,7 @@ import (
 	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/bridges/queue"
 	"github.com/bastion-iot/bastion/bridges/rawconn"
+	"github.com/bastion-iot/bastion/internal/ratelog"
 	"github.com/eclipse/paho.golang/autopaho"
 	"github.com/eclipse/paho.golang/packets"
 	"github.com/eclipse/paho.golang/paho"
@@ -109,12 +110,11 @@ type Upstream struct {
 
 	mu sync.Mutex
 	st Status
-	// queuedWithheld counts withheldQueued, redactRefused the messages a
-	// redact rule withheld (redactFailed), between their log lines (under
-	// mu).
-	queuedWithheld, redactRefused minuteLog
-	restart                       context.CancelFunc
-	parks                         parkBucket
+	// lines spaces the log lines of withheldQueued and redactFailed, one
+	// per message otherwise, to one a minute each.
+	lines   *ratelog.Every
+	restart context.CancelFunc
+	parks   parkBucket
 	// running is the sender's current run (nil between runs).
 	running atomic.Pointer[sendRun]
 
@@ -136,7 +136,7 @@ func New(cfg Config, q Source, deliver Deliver, log *slog.Logger, reg prometheus
 	if err != nil {
 		return nil, err
 	}
-	u := &Upstream{log: log.With("component", "upstream"), q: q, deliver: deliver}
+	u := &Upstream{log: log.With("component", "upstream"), q: q, deliver: deliver, lines: ratelog.New(time.Minute)}
 	u.m = newMetrics()
 	u.m.parkedDepth = prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "bastion_upstream_parked",
 		Help: "Messages held in the parking queue (refused by the broker for good) until an operator retries or drops them."},
@@ -414,14 +414,12 @@ func (u *Upstream) gate(m bridges.Message) (_ bridges.Message, keep bool, _ erro
 // rule, that is not what the operator asked for, and only the payload shows
 // whether the rule or the device is wrong.
 func (u *Upstream) redactFailed(m bridges.Message, reason string, err error) {
-	u.mu.Lock()
-	n, ok := u.redactRefused.count(time.Now())
-	u.mu.Unlock()
+	n, ok := u.lines.Allow("redact_refused", time.Now())
 	if !ok {
 		return
 	}
 	u.log.Warn("upstream: a message under a redact rule kept local: its payload cannot be redacted (bastion_upstream_withheld_total{reason})",
-		"device", m.Device, "topic", m.Topic, "reason", reason, "err", err, "since_last_line", n)
+		"device", m.Device, "topic", m.Topic, "reason", reason, "err", err, "not_logged_since_last_line", n)
 }
 
 func (u *Upstream) withheld(reason string) {
@@ -1292,32 +1290,12 @@ func (u *Upstream) prepare(e queue.Entry, mapped *mappedTopics) (topic string, p
 func (u *Upstream) withheldQueued(e queue.Entry, reason string) {
 	u.withheld(reason)
 	u.m.withheldQueued.WithLabelValues(reason).Inc()
-	u.mu.Lock()
-	n, ok := u.queuedWithheld.count(time.Now())
-	u.mu.Unlock()
+	n, ok := u.lines.Allow("queued_withheld", time.Now())
 	if !ok {
 		return
 	}
 	u.log.Warn("upstream: queued messages deleted unsent: the mapping or privacy rules changed after they were accepted (bastion_upstream_withheld_queued_total)",
-		"device", e.Device, "topic", e.Topic, "seq", e.Seq, "reason", reason, "since_last_line", n)
-}
-
-// minuteLog counts events for a log line written at most once a minute:
-// one event per message would flood the log of a router with a small disk.
-type minuteLog struct {
-	n    int
-	last time.Time
-}
-
-// count counts one event at now and reports whether to log it, with the
-// events since the last line (this one included).
-func (l *minuteLog) count(now time.Time) (n int, log bool) {
-	l.n++
-	if now.Sub(l.last) < time.Minute {
-		return 0, false
-	}
-	n, l.n, l.last = l.n, 0, now
-	return n, true
+		"device", e.Device, "topic", e.Topic, "seq", e.Seq, "reason", reason, "not_logged_since_last_line", n)
 }
 
 // appendPublish appends one MQTT v5 PUBLISH with the user properties
