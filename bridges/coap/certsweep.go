@@ -26,7 +26,7 @@ import (
 // 0.1 ms of the lock for 10,000 sessions, estimated; no allocation once
 // the buffer has grown), then one CertValid outside the lock (a clock
 // read and two map lookups under a read lock; no chain is verified:
-// 0.7 ms for 10,000 on the 2-CPU development machine), and no memory
+// 0.7 ms for 10,000 measured once on the 2-CPU development machine), and no memory
 // per session but its SessionCert. A timer per
 // session would cost each session a runtime timer and still need the
 // pass. A session outlives its certificate by at most CertSweep.

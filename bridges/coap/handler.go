@@ -279,9 +279,10 @@ const busyRetryAfter = 5 * time.Second
 // maxBlockingPerSession requests waiting (counted reason="busy").
 func (s *Server) busy(w *otacache.DTLSResponseWriter, m *pool.Message, se *session) {
 	s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonBusy).Inc()
-	// One line per interval: a device pipelining requests refuses many.
-	s.refusalLine("busy", "coap: request refused: the session has as many requests waiting for the store as it may; answered 5.03, the device should retry",
-		"device", se.device, "path", loggedText(pathOf(m)), "limit", maxBlockingPerSession, "retry_after", busyRetryAfter)
+	// One line per device per interval: a device pipelining requests
+	// refuses many.
+	s.deviceLine(slog.LevelWarn, "busy", se.device, "coap: request refused: the session has as many requests waiting for the store as it may; answered 5.03, the device should retry",
+		"path", loggedText(pathOf(m)), "limit", maxBlockingPerSession, "retry_after", busyRetryAfter)
 	res := diag(codes.ServiceUnavailable, "%d requests of this session are waiting for the gateway's store; retry after %d s",
 		maxBlockingPerSession, int(busyRetryAfter.Seconds()))
 	res.maxAge = uint32(busyRetryAfter.Seconds())

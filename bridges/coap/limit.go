@@ -68,9 +68,8 @@ func (l *limitListener) AcceptWithContext(ctx context.Context) (net.Conn, error)
 // handshakeSource is where a handshake comes from, as handshakeLimit
 // counts it: its address, and for IPv6 the /64 the address is in.
 type handshakeSource struct {
-	addr      netip.Addr
-	prefix    netip.Prefix
-	hasPrefix bool
+	addr   netip.Addr
+	prefix netip.Prefix
 }
 
 func sourceOf(a net.Addr) handshakeSource {
@@ -78,8 +77,8 @@ func sourceOf(a net.Addr) handshakeSource {
 	if !ok {
 		return handshakeSource{}
 	}
-	p, hasPrefix := bridges.SourcePrefix(ip)
-	return handshakeSource{addr: ip, prefix: p, hasPrefix: hasPrefix}
+	p, _ := bridges.SourcePrefix(ip) // invalid for IPv4: counted per address only
+	return handshakeSource{addr: ip, prefix: p}
 }
 
 // handshakeLimit counts DTLS handshakes in flight: per source address
@@ -122,13 +121,13 @@ func (h *handshakeLimit) take(src handshakeSource, counted *bool) (refused, limi
 	switch {
 	case h.sources[src.addr] >= h.perSource:
 		return limitSource, h.perSource
-	case src.hasPrefix && h.prefixes[src.prefix] >= h.perPrefix:
+	case src.prefix.IsValid() && h.prefixes[src.prefix] >= h.perPrefix:
 		return limitPrefix, h.perPrefix
 	case h.n >= h.total:
 		return limitTotal, h.total
 	}
 	h.sources[src.addr]++
-	if src.hasPrefix {
+	if src.prefix.IsValid() {
 		h.prefixes[src.prefix]++
 	}
 	h.n++
@@ -150,7 +149,7 @@ func (h *handshakeLimit) release(src handshakeSource, counted *bool) {
 	} else {
 		h.sources[src.addr]--
 	}
-	if src.hasPrefix {
+	if src.prefix.IsValid() {
 		if h.prefixes[src.prefix] <= 1 {
 			delete(h.prefixes, src.prefix)
 		} else {

@@ -45,9 +45,9 @@ func TestWriteDroppedCountedAndLogged(t *testing.T) {
 		t.Errorf("%d log lines for 1000 dropped datagrams within %v, want 1", n, refusalLogEvery)
 	}
 	// The next interval's first drop is logged, with the count of those
-	// that were not.
-	if _, ok := s.lines.Allow("write_dropped", time.Now().Add(refusalLogEvery)); !ok {
-		t.Error("no line let through a whole interval later")
+	// that were not (the 999 after the first).
+	if n, ok := s.lines.Allow("write_dropped", time.Now().Add(refusalLogEvery)); !ok || n != 999 {
+		t.Errorf("a whole interval later: let through %v, %d not logged before; want true, 999", ok, n)
 	}
 }
 

@@ -298,10 +298,8 @@ func (s *Server) listen(addr string, opts []piondtls.ServerOption) (*limitListen
 // registration. It runs on the writer's goroutine and must not block.
 func (s *Server) writeDropped(to netip.AddrPort, size int) {
 	s.dropped.Inc()
-	if n, ok := s.lines.Allow("write_dropped", time.Now()); ok {
-		s.log.Warn("coap: datagram not sent: the DTLS listener's socket has no room (send buffer full); dropped, the peer retransmits (bastion_transport_datagrams_dropped_total)",
-			"device", "", "remote", to.String(), "size", size, "not_logged_since_last_line", n)
-	}
+	s.refusalLine("write_dropped", "coap: datagram not sent: the DTLS listener's socket has no room (send buffer full); dropped, the peer retransmits (bastion_transport_datagrams_dropped_total)",
+		"device", "", "remote", to.String(), "size", size)
 }
 
 // Addrs returns the bound addresses (certificate, PSK).
@@ -395,19 +393,20 @@ func (s *Server) onNewConn(cc *otacache.DTLSConn) {
 		dev, gen, err = s.check(st)
 	}
 	var cert *hub.SessionCert
-	if mode == "cert" && err == nil {
-		// What the sweep needs to end the session with its certificate
-		// (certsweep.go); the handshake's check parsed the leaf already,
-		// so this does not fail.
-		var leaf *x509.Certificate
-		if leaf, err = x509.ParseCertificate(st.PeerCertificates[0]); err == nil {
-			cert = hub.NewSessionCert(leaf)
-		}
-	}
 	var se *session
 	var oldest []*otacache.DTLSConn
 	for err == nil && dev != "" {
 		info := s.classify(dev, st)
+		if mode == "cert" {
+			// What the sweep needs to end the session with its certificate
+			// (certsweep.go), from the chain classify parsed; the
+			// handshake's check parsed the leaf already, so it is there.
+			if len(info.peer) == 0 {
+				err = errors.New("the session's certificate cannot be parsed")
+				break
+			}
+			cert = hub.NewSessionCert(info.peer[0])
+		}
 		s.mu.Lock()
 		if s.revGen == gen {
 			se = &session{device: dev, mode: mode, cc: cc, cert: cert, enroll: info}

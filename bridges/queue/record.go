@@ -73,14 +73,6 @@ type record struct {
 	acks []uint64
 }
 
-// appendMsg appends a message record to dst, checksummed unkeyed.
-func appendMsg(dst []byte, seq uint64, m *bridges.Message) []byte {
-	start := len(dst)
-	dst = frameMsg(dst, seq, m)
-	seal(dst[start:], 0)
-	return dst
-}
-
 // frameMsg appends a message record to dst without its checksum, which
 // seal adds for the segment the record goes to, known only when its batch
 // is written (a rotation may come between); the writer does that outside
@@ -96,15 +88,6 @@ func frameMsg(dst []byte, seq uint64, m *bridges.Message) []byte {
 	dst = appendStr(dst, m.Topic)
 	dst = appendBytes(dst, m.Payload)
 	return frame(dst, start)
-}
-
-// appendAck appends an ack record listing seqs (ascending) to dst,
-// checksummed unkeyed.
-func appendAck(dst []byte, seqs []uint64) []byte {
-	start := len(dst)
-	dst = frameAck(dst, seqs)
-	seal(dst[start:], 0)
-	return dst
 }
 
 // frameAck is appendAck without the checksum (see frameMsg).
@@ -176,14 +159,6 @@ func parseSegHeader(data []byte) (n int, key uint32, ok bool) {
 		return segHeaderV1, 0, true
 	}
 	return 0, 0, false
-}
-
-// decodeRecord decodes the record at the start of b and returns it with its
-// total length. It never panics and never allocates more than the record's
-// own (checksummed, bounded) length. A message's Payload is a slice of b
-// (capacity cut to the payload): b must not be changed while it is used.
-func decodeRecord(b []byte) (record, int, error) {
-	return decodeRecordIn(b, 0, nil)
 }
 
 // decodeRecordIn is decodeRecord for a segment whose checksum key is key,

@@ -15,6 +15,31 @@ import (
 	"github.com/google/go-cmp/cmp"
 )
 
+// appendMsg appends a message record to dst, checksummed unkeyed.
+func appendMsg(dst []byte, seq uint64, m *bridges.Message) []byte {
+	start := len(dst)
+	dst = frameMsg(dst, seq, m)
+	seal(dst[start:], 0)
+	return dst
+}
+
+// appendAck appends an ack record listing seqs (ascending) to dst,
+// checksummed unkeyed.
+func appendAck(dst []byte, seqs []uint64) []byte {
+	start := len(dst)
+	dst = frameAck(dst, seqs)
+	seal(dst[start:], 0)
+	return dst
+}
+
+// decodeRecord decodes the record at the start of b and returns it with its
+// total length. It never panics and never allocates more than the record's
+// own (checksummed, bounded) length. A message's Payload is a slice of b
+// (capacity cut to the payload): b must not be changed while it is used.
+func decodeRecord(b []byte) (record, int, error) {
+	return decodeRecordIn(b, 0, nil)
+}
+
 var updateSeeds = flag.Bool("update-seeds", false, "rewrite testdata/fuzz/FuzzDecodeRecord seeds from the encoder")
 
 // seedRecords is real encoder output: the fuzz seeds and the round-trip table.

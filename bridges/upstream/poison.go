@@ -98,14 +98,10 @@ func (u *Upstream) connectionEnded(r *sendRun) {
 		// the order it received, and every run sends from the queue's head).
 		p.clear()
 	}
-	if r.written == 0 || r.ackedTo.Load() >= r.written || time.Since(r.writtenAt) > poisonWindow {
-		// Nothing unanswered, or not just sent: not a message's doing.
-		p.clear()
-		return
-	}
-	if end.answeredTo >= r.written {
-		// Answered on an earlier run of this connection (a PUBACK 0x97, say,
-		// then resent): the broker takes it.
+	if r.written == 0 || max(r.ackedTo.Load(), end.answeredTo) >= r.written || time.Since(r.writtenAt) > poisonWindow {
+		// Nothing unanswered (on this run, or on an earlier one of the
+		// connection: a PUBACK 0x97, say, then resent: the broker takes it),
+		// or not just sent: not a message's doing.
 		p.clear()
 		return
 	}
