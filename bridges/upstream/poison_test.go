@@ -176,8 +176,13 @@ func TestParkAloneByReceiveMaximum(t *testing.T) {
 	p := startParking(t, l, t.TempDir())
 	expectAcked(t, fb, l, "bastion/gw1/b/t/n", "bastion/gw1/c/t/n")
 	waitFor(t, "the deep message parked", 20*time.Second, func() bool { return p.Stats().Depth == 1 })
-	if n := fb.closes.Load(); n != poisonStrikes {
-		t.Errorf("the broker closed %d connections on the deep message, want %d (alone in flight each time)", n, poisonStrikes)
+	// At least one close per strike. More when the link saw the downlink
+	// SUBSCRIBE as unanswered at an end (its SUBACK not yet read), which
+	// does not count against the message: that race between paho's
+	// SUBSCRIBE and the first PUBLISH made an exact count fail about one
+	// run in ten under -race.
+	if n := fb.closes.Load(); n < poisonStrikes {
+		t.Errorf("the broker closed %d connections on the deep message, want at least %d (alone in flight each time)", n, poisonStrikes)
 	}
 	if v := metricLabel(t, l, "bastion_upstream_parked_total", "connection_closed"); v != 1 {
 		t.Errorf("bastion_upstream_parked_total{reason=connection_closed} = %v, want 1", v)
