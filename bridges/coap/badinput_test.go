@@ -122,8 +122,15 @@ func TestRefusalAfterHandshakeReason(t *testing.T) {
 			if n := testutil.ToFloat64(refusals.WithLabelValues(hub.CoAP, tc.reason)); n != 1 {
 				t.Errorf("refusals{reason=%q} = %v, want 1", tc.reason, n)
 			}
-			if n := testutil.CollectAndCount(refusals); n != 1 {
-				t.Errorf("%d refusal series, want only %q's", n, tc.reason)
+			// The device's request may reach the server after the refused
+			// session is closed; it is then answered 4.01 and counted as
+			// no_session, rightly. Any other series is a wrong count.
+			series := testutil.CollectAndCount(refusals)
+			if testutil.ToFloat64(refusals.WithLabelValues(hub.CoAP, hub.ReasonNoSession)) > 0 {
+				series--
+			}
+			if series != 1 {
+				t.Errorf("%d refusal series besides no_session, want only %q's", series, tc.reason)
 			}
 		})
 	}
