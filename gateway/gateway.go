@@ -563,12 +563,11 @@ func (g *Gateway) Reload() error {
 			return refuse("config reload refused: the new firewall policy is not valid; the running configuration stays", err)
 		}
 	}
-	reloadUpstream := g.upstream != nil && cfg.Upstream.Enabled
-	var ucfg upstream.Config
-	if reloadUpstream {
-		ucfg = cfg.Upstream.Config
+	var up *upstream.PreparedReload
+	if g.upstream != nil && cfg.Upstream.Enabled {
+		ucfg := cfg.Upstream.Config
 		ucfg.Forward = g.forwardRules(ucfg) // the console's rules stay in force
-		if err := g.upstream.CheckReload(ucfg); err != nil {
+		if up, err = g.upstream.PrepareReload(ucfg); err != nil {
 			return refuse("config reload refused: the upstream link refused the new settings; the running configuration stays", err)
 		}
 	} else if (g.upstream != nil) != cfg.Upstream.Enabled {
@@ -580,19 +579,8 @@ func (g *Gateway) Reload() error {
 			return refuse("config reload refused: the new firewall policy could not be applied; the running configuration stays", err)
 		}
 	}
-	if reloadUpstream {
-		if err := g.upstream.Reload(ucfg); err != nil {
-			// It passed CheckReload: its files changed since. The firewall
-			// goes back to the running configuration's policy.
-			if g.fw != nil {
-				if p, perr := old.FirewallPolicy(g.pairingFirewallExtra()...); perr != nil {
-					err = errors.Join(err, fmt.Errorf("the new firewall policy stays applied: the running one: %w", perr))
-				} else if perr := g.fw.Apply(context.Background(), p); perr != nil {
-					err = errors.Join(err, fmt.Errorf("the new firewall policy stays applied: putting the running one back: %w", perr))
-				}
-			}
-			return refuse("config reload refused: the upstream link refused the new settings (its files changed during the reload); the running configuration stays", err)
-		}
+	if up != nil {
+		up.Apply()
 	}
 	g.level.Set(parseLevel(cfg.Log.Level))
 	g.cfg.Store(&cfg)

@@ -9,6 +9,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"os"
 	"regexp"
 	"slices"
 	"strconv"
@@ -603,7 +604,7 @@ func TestReloadRefusesCertNotValidNow(t *testing.T) {
 // clock is wrong); a reload that does not change it, only something else,
 // is not refused for it (every reload was, log level and rules included),
 // and a certificate that a reload does change must still be valid now.
-// CheckReload says the same without changing anything.
+// PrepareReload says the same without changing anything.
 func TestReloadKeepsCertInUse(t *testing.T) {
 	fb := startFakeBroker(t)
 	cfg := fb.config(t)
@@ -614,8 +615,11 @@ func TestReloadKeepsCertInUse(t *testing.T) {
 	same := cfg
 	same.KeepAlive = 45 * time.Second
 	same.Forward = append(same.Forward, Rule{Topic: "devices/+/t/secret", Action: ActionLocal})
-	if err := l.up.CheckReload(same); err != nil {
-		t.Errorf("CheckReload with the certificate in use, expired: %v; want no refusal", err)
+	if _, err := l.up.PrepareReload(same); err != nil {
+		t.Errorf("PrepareReload with the certificate in use, expired: %v; want no refusal", err)
+	}
+	if got := l.up.cur.Load().cfg; got.KeepAlive == 45*time.Second {
+		t.Errorf("PrepareReload applied the new keepalive; it must change nothing")
 	}
 	if err := l.up.Reload(same); err != nil {
 		t.Fatalf("Reload with the certificate in use, expired, and other changes: %v; want them applied", err)
@@ -629,7 +633,10 @@ func TestReloadKeepsCertInUse(t *testing.T) {
 
 	other := same
 	other.CertFile, other.KeyFile = clientValid(t, fb.ca, "gw1-other", now.Add(-48*time.Hour), now.Add(-time.Hour))
-	for name, f := range map[string]func(Config) error{"CheckReload": l.up.CheckReload, "Reload": l.up.Reload} {
+	for name, f := range map[string]func(Config) error{
+		"PrepareReload": func(c Config) error { _, err := l.up.PrepareReload(c); return err },
+		"Reload":        l.up.Reload,
+	} {
 		if err := f(other); err == nil || !strings.Contains(err.Error(), "upstream.cert_file "+other.CertFile) || !strings.Contains(err.Error(), "expired at") {
 			t.Errorf("%s with a new, expired certificate: %v; want a refusal naming upstream.cert_file", name, err)
 		}
@@ -995,4 +1002,28 @@ func metricLabel(t testing.TB, l *link, name, v string) float64 {
 		}
 	}
 	return 0
+}
+
+// TestPreparedReloadInstallsWhatWasRead: Apply installs the files as
+// PrepareReload read them, even if they change in between, so the gateway's
+// check-then-apply cannot fail halfway (with its firewall already changed).
+func TestPreparedReloadInstallsWhatWasRead(t *testing.T) {
+	fb := startFakeBroker(t)
+	cfg := fb.config(t)
+	l := startLink(t, cfg, t.TempDir())
+
+	now := time.Now()
+	next := cfg
+	next.CertFile, next.KeyFile = clientValid(t, fb.ca, "gw1-next", now.Add(-time.Hour), now.Add(48*time.Hour))
+	r, err := l.up.PrepareReload(next)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(next.CertFile, []byte("not a certificate"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	r.Apply()
+	if st := l.up.Status(); st.ClientCertSubject != "CN=gw1-next" {
+		t.Errorf("status subject %q after Apply, want the certificate PrepareReload read", st.ClientCertSubject)
+	}
 }

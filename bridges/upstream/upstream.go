@@ -209,12 +209,40 @@ func (u *Upstream) install(s *snapshot) {
 // used (and proven) at once; privacy rules and uplink mappings apply from
 // the next message.
 func (u *Upstream) Reload(cfg Config) error {
-	s, kept, err := u.loadReload(cfg)
+	r, err := u.PrepareReload(cfg)
 	if err != nil {
 		return err
 	}
-	if kept != nil {
-		u.log.Warn("upstream: the client certificate in use is not valid now; the reload keeps it, as it did not change it: install a certificate valid now (or check this box's clock), then reload", "err", kept)
+	r.Apply()
+	return nil
+}
+
+// PreparedReload is a configuration PrepareReload loaded and checked, with
+// its files read: Apply installs exactly that and cannot fail.
+type PreparedReload struct {
+	u    *Upstream
+	s    *snapshot
+	kept error
+}
+
+// PrepareReload does all of Reload that can fail, reading the files once
+// and changing nothing: the gateway checks every part of a new
+// configuration before it applies any, and a file that changes in between
+// cannot make the second step fail. A refusal counts in
+// bastion_upstream_reloads_total{result="refused"}, as Reload's does.
+func (u *Upstream) PrepareReload(cfg Config) (*PreparedReload, error) {
+	s, kept, err := u.loadReload(cfg)
+	if err != nil {
+		return nil, err
+	}
+	return &PreparedReload{u: u, s: s, kept: kept}, nil
+}
+
+// Apply installs the prepared configuration (see Reload).
+func (r *PreparedReload) Apply() {
+	u, s := r.u, r.s
+	if r.kept != nil {
+		u.log.Warn("upstream: the client certificate in use is not valid now; the reload keeps it, as it did not change it: install a certificate valid now (or check this box's clock), then reload", "err", r.kept)
 	}
 	old := u.cur.Load()
 	u.install(s)
@@ -227,16 +255,6 @@ func (u *Upstream) Reload(cfg Config) error {
 		}
 		u.mu.Unlock()
 	}
-	return nil
-}
-
-// CheckReload reports whether Reload(cfg) would be refused, and why,
-// changing nothing: the gateway checks every part of a new configuration
-// before it applies any. A refusal counts in
-// bastion_upstream_reloads_total{result="refused"}, as Reload's does.
-func (u *Upstream) CheckReload(cfg Config) error {
-	_, _, err := u.loadReload(cfg)
-	return err
 }
 
 // loadReload loads and checks cfg for Reload. A new client certificate
