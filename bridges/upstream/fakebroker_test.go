@@ -799,7 +799,7 @@ func TestParkBeyondTopicLimits(t *testing.T) {
 	l := startLink(t, cfg, dir)
 	p := startParking(t, l, t.TempDir())
 	expectAcked(t, fb, l, "bastion/gw1/a/t/n", "bastion/gw1/b/t/n", "bastion/gw1/c/t/n")
-	waitFor(t, "the deep message parked", 10*time.Second, func() bool { return p.Stats().Depth == 1 })
+	waitFor(t, "the deep message parked", 10*time.Second, parkedOne(l, p))
 	waitFor(t, "the queue emptied", 10*time.Second, func() bool { return l.q.Stats().Depth == 0 })
 	if n := fb.closes.Load(); n != 0 {
 		t.Errorf("the broker closed %d connections: the deep message was sent", n)
@@ -826,7 +826,7 @@ func TestParkBeyondTopicLimits(t *testing.T) {
 	l = startLink(t, cfg, dir)
 	p = startParking(t, l, t.TempDir())
 	expectAcked(t, fb2, l, "bastion/gw1/a/t/n", "bastion/gw1/b/t/n", "bastion/gw1/c/t/n")
-	waitFor(t, "the long message parked", 10*time.Second, func() bool { return p.Stats().Depth == 1 })
+	waitFor(t, "the long message parked", 10*time.Second, parkedOne(l, p))
 	if st := l.up.Status(); !strings.Contains(st.LastParked, "is 26 bytes, more than upstream.max_topic_length 20") {
 		t.Errorf("LastParked %q, want the length and the limit", st.LastParked)
 	}
@@ -948,7 +948,7 @@ func TestParkWhatClosesTheConnection(t *testing.T) {
 	l := startLink(t, fb.config(t), dir)
 	p := startParking(t, l, t.TempDir())
 	expectAcked(t, fb, l, "bastion/gw1/a/t/n", "bastion/gw1/b/t/n", "bastion/gw1/c/t/n")
-	waitFor(t, "the deep message parked", 20*time.Second, func() bool { return p.Stats().Depth == 1 })
+	waitFor(t, "the deep message parked", 20*time.Second, parkedOne(l, p))
 	waitFor(t, "the queue emptied", 10*time.Second, func() bool { return l.q.Stats().Depth == 0 })
 	if n := fb.closes.Load(); n < poisonStrikes || n > poisonStrikes+3 {
 		t.Errorf("the broker closed %d connections on the deep message, want %d to %d", n, poisonStrikes, poisonStrikes+3)

@@ -140,3 +140,11 @@ func userProp(p *paho.Publish, key string) string {
 func telemetry(dev string, i int) bridges.Message {
 	return bridges.Message{Device: dev, Topic: "devices/" + dev + "/t/n", QoS: 1, Payload: fmt.Appendf(nil, `{"dev":%q,"i":%d}`, dev, i)}
 }
+
+// parkedOne is the condition that the parking queue p holds one message and
+// the link l has finished parking it: the parking queue holds it before the
+// link deletes it from the main queue, counts it and sets Status().LastParked
+// (last), so waiting on the depth alone raced with those checks.
+func parkedOne(l *link, p *queue.Queue) func() bool {
+	return func() bool { return p.Stats().Depth == 1 && l.up.Status().LastParked != "" }
+}

@@ -86,7 +86,7 @@ func TestParkOversized(t *testing.T) {
 	big.Payload = []byte(`{"pad":"` + strings.Repeat("x", 100) + `"}`)
 	acceptAll(t, l, telemetry("a", 1), big, telemetry("b", 2))
 	expectTopics(t, l, sub, "bastion/gw1/a/t/n", "bastion/gw1/b/t/n")
-	waitFor(t, "the oversized message parked", 10*time.Second, func() bool { return p.Stats().Depth == 1 })
+	waitFor(t, "the oversized message parked", 10*time.Second, parkedOne(l, p))
 	waitFor(t, "the queue emptied", 10*time.Second, func() bool { return l.q.Stats().Depth == 0 })
 	if got := metric(t, l, "bastion_upstream_parked"); got != 1 {
 		t.Errorf("bastion_upstream_parked = %v, want 1", got)
@@ -121,7 +121,7 @@ func TestParkBeyondMaximumPacketSize(t *testing.T) {
 	big.Payload = []byte(`{"pad":"` + strings.Repeat("x", 400) + `"}`)
 	acceptAll(t, l, telemetry("a", 1), big, telemetry("b", 2))
 	expectTopics(t, l, sub, "bastion/gw1/a/t/n", "bastion/gw1/b/t/n")
-	waitFor(t, "the oversized message parked", 10*time.Second, func() bool { return p.Stats().Depth == 1 })
+	waitFor(t, "the oversized message parked", 10*time.Second, parkedOne(l, p))
 	if st := l.up.Status(); !strings.Contains(st.LastParked, "Maximum Packet Size of 300") {
 		t.Errorf("Status.LastParked = %q, want the broker's Maximum Packet Size", st.LastParked)
 	}
@@ -147,7 +147,7 @@ func TestParkUnauthorizedThenRetry(t *testing.T) {
 	ctx := context.Background()
 	acceptAll(t, l, telemetry("a", 1), telemetry("x", 1), telemetry("a", 2))
 	expectTopics(t, l, sub, "bastion/gw1/a/t/n", "bastion/gw1/a/t/n")
-	waitFor(t, "the refused message parked", 10*time.Second, func() bool { return p.Stats().Depth == 1 })
+	waitFor(t, "the refused message parked", 10*time.Second, parkedOne(l, p))
 	if st := l.up.Status(); !strings.Contains(st.LastParked, "0x87") {
 		t.Errorf("Status.LastParked = %q, want the 0x87 refusal", st.LastParked)
 	}
@@ -176,7 +176,7 @@ func TestParkUnauthorizedThenRetry(t *testing.T) {
 		if time.Now().After(deadline) {
 			t.Fatalf("the retried message never arrived; status %+v", l.up.Status())
 		}
-		waitFor(t, "parked again", 5*time.Second, func() bool { return p.Stats().Depth == 1 })
+		waitFor(t, "parked again", 5*time.Second, parkedOne(l, p))
 	}
 }
 

@@ -175,7 +175,7 @@ func TestParkAloneByReceiveMaximum(t *testing.T) {
 	l := startLink(t, fb.config(t), dir)
 	p := startParking(t, l, t.TempDir())
 	expectAcked(t, fb, l, "bastion/gw1/b/t/n", "bastion/gw1/c/t/n")
-	waitFor(t, "the deep message parked", 20*time.Second, func() bool { return p.Stats().Depth == 1 })
+	waitFor(t, "the deep message parked", 20*time.Second, parkedOne(l, p))
 	// At least one close per strike. More when the link saw the downlink
 	// SUBSCRIBE as unanswered at an end (its SUBACK not yet read), which
 	// does not count against the message: that race between paho's
