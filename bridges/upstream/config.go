@@ -101,9 +101,7 @@ func (c *Config) Defaults() {
 		c.Prefix = "bastion"
 	}
 	if c.ServerName == "" {
-		if u, err := url.Parse(c.Broker); err == nil {
-			c.ServerName = u.Hostname()
-		}
+		c.ServerName = BrokerHost(c.Broker)
 	}
 	if c.KeepAlive == 0 {
 		c.KeepAlive = 30 * time.Second
@@ -126,6 +124,17 @@ func (c *Config) Defaults() {
 	if len(c.Downlink) == 0 {
 		c.Downlink = []Mapping{{Remote: "{prefix}/{gateway}/{id}/c/#", Local: "devices/{id}/c/#"}}
 	}
+}
+
+// BrokerHost is the host of the broker URL, the server name the broker's
+// certificate is checked against unless server_name says otherwise ("" when
+// the URL does not parse).
+func BrokerHost(broker string) string {
+	u, err := url.Parse(broker)
+	if err != nil {
+		return ""
+	}
+	return u.Hostname()
 }
 
 var idLevel = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)

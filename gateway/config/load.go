@@ -5,13 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net/url"
 	"os"
 	"reflect"
 	"sort"
 	"strings"
 	"time"
 
+	"github.com/bastion-iot/bastion/bridges/upstream"
 	"go.yaml.in/yaml/v3"
 )
 
@@ -164,28 +164,31 @@ func parse(name string, b []byte, base Config) (Config, map[string]int, error) {
 // take over each other's broker session) and subscribe to the same
 // commands. A base value that was not derived (set on purpose) stays.
 func rederive(c *Config, base Config, lines map[string]int) {
-	b := base.Upstream
-	for _, d := range []struct {
-		key        string
-		field      *string
-		base, from string
-	}{
-		{"upstream.gateway", &c.Upstream.Gateway, b.Gateway, base.GatewayID},
-		{"upstream.client_id", &c.Upstream.ClientID, b.ClientID, b.Gateway},
-		{"upstream.server_name", &c.Upstream.ServerName, b.ServerName, brokerHost(b.Broker)},
-	} {
-		if _, set := lines[d.key]; !set && d.base == d.from {
-			*d.field = ""
+	bs, cs := derivations(&base), derivations(c)
+	for i, b := range bs {
+		if _, set := lines[b.key]; !set && *b.field == b.from {
+			*cs[i].field = ""
 		}
 	}
 }
 
-func brokerHost(broker string) string {
-	u, err := url.Parse(broker)
-	if err != nil {
-		return ""
+// derivation is an upstream value SetDefaults derives from another one
+// when the file does not set it.
+type derivation struct {
+	key   string
+	field *string
+	from  string // what it is derived as
+}
+
+// derivations are c's derived upstream values, in the order SetDefaults
+// derives them: the gateway from gateway_id, the client id from the
+// gateway, the server name from the broker's host.
+func derivations(c *Config) []derivation {
+	return []derivation{
+		{"upstream.gateway", &c.Upstream.Gateway, c.GatewayID},
+		{"upstream.client_id", &c.Upstream.ClientID, c.Upstream.Gateway},
+		{"upstream.server_name", &c.Upstream.ServerName, upstream.BrokerHost(c.Upstream.Broker)},
 	}
-	return u.Hostname()
 }
 
 // lineOf finds the line of key or, failing that, of its nearest parent, so

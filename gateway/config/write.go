@@ -13,6 +13,16 @@ import (
 // WriteCommented writes c as a bastion.yaml a person can read and edit: every
 // key, what it does and what it accepts.
 func WriteCommented(w io.Writer, c Config) error {
+	// A derived value equal to what it is derived from is written as "":
+	// the file then follows its source (upstream.gateway follows
+	// gateway_id when a person edits only gateway_id) instead of carrying
+	// a copy of the value it had when the file was written.
+	derived := map[string]string{}
+	for _, d := range derivations(&c) {
+		if *d.field != d.from {
+			derived[d.key] = *d.field
+		}
+	}
 	list := func(xs []string) string {
 		if len(xs) == 0 {
 			return "[]"
@@ -150,23 +160,12 @@ pairing:
 		c.Firewall.HandshakeRate, list(c.Firewall.Ping),
 		c.Firmware.Enabled, c.Firmware.RepositoryURL, c.Firmware.TargetsURL, c.Firmware.TrustedRoot, c.Firmware.CABundle,
 		c.Firmware.CheckInterval.D(), c.Firmware.MaxCacheBytes, c.Firmware.HTTPSListen,
-		c.Upstream.Enabled, c.Upstream.Broker, derived(c.Upstream.ServerName, brokerHost(c.Upstream.Broker)), c.Upstream.CAFile, c.Upstream.CertFile, c.Upstream.KeyFile,
-		c.Upstream.TLSMinVersion, derived(c.Upstream.Gateway, c.GatewayID), derived(c.Upstream.ClientID, c.Upstream.Gateway), c.Upstream.Prefix, c.Upstream.KeepAlive, c.Upstream.BackoffMin, c.Upstream.BackoffMax,
+		c.Upstream.Enabled, c.Upstream.Broker, derived["upstream.server_name"], c.Upstream.CAFile, c.Upstream.CertFile, c.Upstream.KeyFile,
+		c.Upstream.TLSMinVersion, derived["upstream.gateway"], derived["upstream.client_id"], c.Upstream.Prefix, c.Upstream.KeepAlive, c.Upstream.BackoffMin, c.Upstream.BackoffMax,
 		c.Upstream.MaxTopicLength, c.Upstream.MaxTopicLevels, c.Upstream.QueueMaxBytes, c.Upstream.QueueMaxAge.D(), c.Upstream.ParkedMaxBytes, rules(c.Upstream.Forward),
 		c.Pairing.Window.D(), c.Pairing.Input, c.Pairing.KeyCode, c.Pairing.Layout, c.Pairing.GPIOChip, c.Pairing.GPIOLine, c.Pairing.ESTListen,
 		vendors(c.Pairing.Vendors))
 	return err
-}
-
-// derived writes a value that equals what it defaults to as "": the file
-// then follows what it is derived from (upstream.gateway follows gateway_id
-// when a person edits only gateway_id), instead of carrying a copy of the
-// value it had when the file was written.
-func derived(v, from string) string {
-	if v == from {
-		return ""
-	}
-	return v
 }
 
 func rules(rs []upstream.Rule) string {
