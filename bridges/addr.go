@@ -20,6 +20,28 @@ func SourceHost(a net.Addr) string {
 	return a.String()
 }
 
+// Source is where a connection comes from, as the per-source limits of
+// the bridges count it (coap's handshakes, mqtt's unauthenticated
+// connections and secret logins): its address, and for IPv6 the /64 its
+// host can take further addresses from (SourcePrefix). Prefix is not
+// valid for IPv4: those limits count an IPv4 source per address only.
+type Source struct {
+	Addr   netip.Addr
+	Prefix netip.Prefix
+}
+
+// SourceOf is the Source of a connection from a (ports are not part of
+// it: they change with every connection); the zero Source for an address
+// that is not TCP or UDP.
+func SourceOf(a net.Addr) Source {
+	ip, ok := SourceAddr(a)
+	if !ok {
+		return Source{}
+	}
+	p, _ := SourcePrefix(ip)
+	return Source{Addr: ip, Prefix: p}
+}
+
 // SourceAddr is the IP address a connection comes from, an IPv4-mapped
 // IPv6 address (from a dual-stack socket) as the IPv4 address it is, the
 // zone kept; false for an address that is not TCP or UDP.
