@@ -5,21 +5,6 @@ import (
 	"net/netip"
 )
 
-// SourceHost is the address a connection comes from without its port: the
-// key of the per-source limits (ports change with every connection).
-func SourceHost(a net.Addr) string {
-	switch a := a.(type) {
-	case *net.UDPAddr:
-		return a.IP.String()
-	case *net.TCPAddr:
-		return a.IP.String()
-	}
-	if h, _, err := net.SplitHostPort(a.String()); err == nil {
-		return h
-	}
-	return a.String()
-}
-
 // Source is where a connection comes from, as the per-source limits of
 // the bridges count it (coap's handshakes, mqtt's unauthenticated
 // connections and secret logins): its address, and for IPv6 the /64 its
