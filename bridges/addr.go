@@ -5,19 +5,26 @@ import (
 	"net/netip"
 )
 
-// SourceHost is the address a connection comes from without its port: the
-// key of the per-source limits (ports change with every connection).
-func SourceHost(a net.Addr) string {
-	switch a := a.(type) {
-	case *net.UDPAddr:
-		return a.IP.String()
-	case *net.TCPAddr:
-		return a.IP.String()
+// Source is where a connection comes from, as the per-source limits of
+// the bridges count it (coap's handshakes, mqtt's unauthenticated
+// connections and secret logins): its address, and for IPv6 the /64 its
+// host can take further addresses from (SourcePrefix). Prefix is not
+// valid for IPv4: those limits count an IPv4 source per address only.
+type Source struct {
+	Addr   netip.Addr
+	Prefix netip.Prefix
+}
+
+// SourceOf is the Source of a connection from a (ports are not part of
+// it: they change with every connection); the zero Source for an address
+// that is not TCP or UDP.
+func SourceOf(a net.Addr) Source {
+	ip, ok := SourceAddr(a)
+	if !ok {
+		return Source{}
 	}
-	if h, _, err := net.SplitHostPort(a.String()); err == nil {
-		return h
-	}
-	return a.String()
+	p, _ := SourcePrefix(ip)
+	return Source{Addr: ip, Prefix: p}
 }
 
 // SourceAddr is the IP address a connection comes from, an IPv4-mapped

@@ -73,12 +73,8 @@ type handshakeSource struct {
 }
 
 func sourceOf(a net.Addr) handshakeSource {
-	ip, ok := bridges.SourceAddr(a)
-	if !ok {
-		return handshakeSource{}
-	}
-	p, _ := bridges.SourcePrefix(ip) // invalid for IPv4: counted per address only
-	return handshakeSource{addr: ip, prefix: p}
+	s := bridges.SourceOf(a) // no prefix for IPv4: counted per address only
+	return handshakeSource{addr: s.Addr, prefix: s.Prefix}
 }
 
 // handshakeLimit counts DTLS handshakes in flight: per source address

@@ -39,8 +39,9 @@ const (
 	// ReasonSubscriptionsLimit: an MQTT filter over the device's
 	// subscription quota (mqtt.Config.MaxSubscriptions).
 	ReasonSubscriptionsLimit = "subscriptions_limit"
-	// ReasonSecretLockout: a secret login from a source address that
-	// failed too often lately, refused without checking the secret.
+	// ReasonSecretLockout: a secret login from a source address, or an
+	// IPv6 /64, that failed too often lately, refused without checking
+	// the secret.
 	ReasonSecretLockout = "secret_lockout"
 	// ReasonCommandsFull: a command not kept as its topic's last command
 	// (transport="gateway"): the device already has maxLastPerDevice

@@ -66,12 +66,16 @@ func (h *authHook) OnConnectAuthenticate(cl *mochi.Client, pk packets.Packet) bo
 		cert = hub.NewSessionCert(leaf)
 	case h.s.cfg.AllowSecretAuth && len(pk.Connect.Username) > 0:
 		dev = string(pk.Connect.Username)
-		src := bridges.SourceHost(cl.Net.Conn.RemoteAddr())
+		src := bridges.SourceOf(cl.Net.Conn.RemoteAddr())
 		now := h.s.cfg.Now()
-		if until := h.s.lockout.LockedUntil(now, src); !until.IsZero() {
+		if until, byPrefix := h.s.secrets.gated(now, src); !until.IsZero() {
 			wait := until.Sub(now).Round(time.Second)
-			refuse(hub.ReasonSecretLockout, "secret login not checked: too many failed secret logins from this address lately", "device", dev, "retry_in", wait)
-			h.refuseConnect(cl, packets.ErrConnectionRateExceeded, packets.Err3ServerUnavailable, "too many failed logins from this address: retry in "+wait.String())
+			what, args := "from this address", []any{"device", dev, "retry_in", wait}
+			if byPrefix {
+				what, args = "from this address's IPv6 /64", append(args, "prefix", src.Prefix.String())
+			}
+			refuse(hub.ReasonSecretLockout, "secret login not checked: too many failed secret logins "+what+" lately", args...)
+			h.refuseConnect(cl, packets.ErrConnectionRateExceeded, packets.Err3ServerUnavailable, "too many failed logins "+what+": retry in "+wait.String())
 			return false
 		}
 		if err := h.s.id.CheckSecret(dev, pk.Connect.Password); err != nil {
@@ -86,10 +90,10 @@ func (h *authHook) OnConnectAuthenticate(cl *mochi.Client, pk packets.Packet) bo
 			if errors.Is(err, pki.ErrRevoked) {
 				return refuse(hub.ReasonRevoked, "secret login failed", "device", dev, "err", err)
 			}
-			h.s.lockout.Fail(now, src, h.s.cfg.SecretLockout.Free)
+			h.s.secrets.failed(now, src)
 			return refuse(hub.ReasonBadSecret, "secret login failed", "device", dev, "err", err)
 		}
-		h.s.lockout.Reset(src)
+		h.s.secrets.succeeded(now, src)
 	default:
 		return refuse(hub.ReasonNoCredentials, "no client certificate", "device", "")
 	}

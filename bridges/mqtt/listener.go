@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"strings"
 	"sync"
 	"time"
@@ -37,39 +38,53 @@ type tlsListener struct {
 	wg     sync.WaitGroup
 
 	// Connections not authenticated yet (the TLS handshake, then the
-	// wait for CONNECT and its check): by source address, and all of them
-	// oldest first (under mu). Refusals and evictions are logged once a
-	// minute (limitLogged, refusedN).
-	mu          sync.Mutex
-	unauth      map[string]int
-	waiting     list.List // of *unauthSlot
-	limitLogged time.Time
-	refusedN    int
+	// wait for CONNECT and its check): by source address, by IPv6 /64,
+	// and all of them oldest first (under mu). Refusals and evictions are
+	// logged once a minute (limitLogged, refusedN).
+	mu           sync.Mutex
+	unauth       map[netip.Addr]int
+	unauthPrefix map[netip.Prefix]int
+	waiting      list.List // of *unauthSlot
+	limitLogged  time.Time
+	refusedN     int
 }
 
 // unauthSlot is one unauthenticated connection's place (tlsListener.admit).
 type unauthSlot struct {
-	host string
+	src  bridges.Source
 	conn net.Conn
 	elem *list.Element
 	done bool // released (under the listener's mu)
 }
 
-// admit takes a slot for connection c from host. Each unauthenticated
-// connection holds a goroutine and TLS state for up to
-// HandshakeTimeout twice over. TCP cannot be spoofed, so a source address
-// over MaxUnauthPerSource is refused: one host cannot hold thousands (a
-// slowloris). Past MaxUnauth in all, the oldest unauthenticated
-// connection is closed instead of refusing the new one: a real device
-// gets through its handshake and CONNECT in milliseconds, so idle
-// connections from many addresses (easy to have on an IPv6 LAN, where a
-// host picks any address in its /64) push out each other, not the devices.
-// Per address, not per /64: on a LAN every device is in the same /64.
-func (l *tlsListener) admit(c net.Conn, host string) (*unauthSlot, bool) {
+// admit takes a slot for connection c from src. Each unauthenticated
+// connection holds a goroutine and TLS state for up to HandshakeTimeout
+// twice over. TCP cannot be spoofed, so a source over a bound is refused
+// at once: over MaxUnauthPerSource from its address, so that one host
+// cannot hold thousands (a slowloris); over MaxUnauthPerPrefix from its
+// IPv6 /64, because a host on an IPv6 link can use any address of the
+// link's /64 (SLAAC, privacy addresses) and escaped the bound per address
+// by taking a new one per connection. The /64's bound is larger because
+// the link's other IPv6 hosts share it: a host holding it delays the
+// connections of the devices of its /64 (they are refused and retry), not
+// those of other prefixes or IPv4 ones. IPv4 is counted per address only
+// (a host has the addresses it was given). Past MaxUnauth in all, the
+// oldest unauthenticated connection is closed instead of refusing the new
+// one: a real device gets through its handshake and CONNECT in
+// milliseconds, so idle connections from many sources push out each
+// other, not the devices. With the /64's bound checked first, a host
+// holds at most its /64's bound of them whatever addresses it takes, so
+// one host alone no longer reaches the total to push out others.
+func (l *tlsListener) admit(c net.Conn, src bridges.Source) (*unauthSlot, bool) {
 	l.mu.Lock()
-	if l.unauth[host] >= l.s.cfg.MaxUnauthPerSource {
+	if l.unauth[src.Addr] >= l.s.cfg.MaxUnauthPerSource {
 		l.mu.Unlock()
-		l.limited(c, host, "connection refused: too many not yet authenticated from this address (TLS handshake or CONNECT pending)")
+		l.limited(c, src, "connection refused: too many not yet authenticated from this address (TLS handshake or CONNECT pending)")
+		return nil, false
+	}
+	if src.Prefix.IsValid() && l.unauthPrefix[src.Prefix] >= l.s.cfg.MaxUnauthPerPrefix {
+		l.mu.Unlock()
+		l.limited(c, src, "connection refused: too many not yet authenticated from this address's IPv6 /64 (TLS handshake or CONNECT pending)")
 		return nil, false
 	}
 	var old *unauthSlot
@@ -78,14 +93,17 @@ func (l *tlsListener) admit(c net.Conn, host string) (*unauthSlot, bool) {
 		l.releaseLocked(old)
 	}
 	if l.unauth == nil {
-		l.unauth = map[string]int{}
+		l.unauth, l.unauthPrefix = map[netip.Addr]int{}, map[netip.Prefix]int{}
 	}
-	slot := &unauthSlot{host: host, conn: c}
+	slot := &unauthSlot{src: src, conn: c}
 	slot.elem = l.waiting.PushBack(slot)
-	l.unauth[host]++
+	l.unauth[src.Addr]++
+	if src.Prefix.IsValid() {
+		l.unauthPrefix[src.Prefix]++
+	}
 	l.mu.Unlock()
 	if old != nil { // closed: its goroutine's handshake or CONNECT read fails
-		l.limited(old.conn, old.host, "oldest unauthenticated connection closed: too many not yet authenticated in all")
+		l.limited(old.conn, old.src, "oldest unauthenticated connection closed: too many not yet authenticated in all")
 	}
 	return slot, true
 }
@@ -96,10 +114,18 @@ func (l *tlsListener) releaseLocked(s *unauthSlot) {
 	}
 	s.done = true
 	l.waiting.Remove(s.elem)
-	if l.unauth[s.host] <= 1 {
-		delete(l.unauth, s.host)
+	if l.unauth[s.src.Addr] <= 1 {
+		delete(l.unauth, s.src.Addr)
 	} else {
-		l.unauth[s.host]--
+		l.unauth[s.src.Addr]--
+	}
+	if !s.src.Prefix.IsValid() {
+		return
+	}
+	if l.unauthPrefix[s.src.Prefix] <= 1 {
+		delete(l.unauthPrefix, s.src.Prefix)
+	} else {
+		l.unauthPrefix[s.src.Prefix]--
 	}
 }
 
@@ -110,23 +136,28 @@ func (l *tlsListener) release(s *unauthSlot) {
 	l.releaseLocked(s)
 }
 
-// limited counts a connection closed by the limits (c, from host) and logs
+// limited counts a connection closed by the limits (c, from src) and logs
 // at most once a minute: a flood would fill the log.
-func (l *tlsListener) limited(c net.Conn, host, msg string) {
+func (l *tlsListener) limited(c net.Conn, src bridges.Source, msg string) {
 	c.Close()
 	l.s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonHandshakeLimit).Inc()
 	l.mu.Lock()
 	l.refusedN++
-	n, perSource, all := l.refusedN, l.unauth[host], l.waiting.Len()
+	n, perSource, perPrefix, all := l.refusedN, l.unauth[src.Addr], l.unauthPrefix[src.Prefix], l.waiting.Len()
 	logNow := time.Since(l.limitLogged) >= time.Minute
 	if logNow {
 		l.limitLogged, l.refusedN = time.Now(), 0
 	}
 	l.mu.Unlock()
-	if logNow {
-		l.s.log.Warn("mqtt: "+msg, "device", "", "remote", c.RemoteAddr().String(), "closed_since_last_line", n,
-			"from_this_address", perSource, "per_address_limit", l.s.cfg.MaxUnauthPerSource, "in_all", all, "limit", l.s.cfg.MaxUnauth)
+	if !logNow {
+		return
 	}
+	args := []any{"device", "", "remote", c.RemoteAddr().String(), "closed_since_last_line", n,
+		"from_this_address", perSource, "per_address_limit", l.s.cfg.MaxUnauthPerSource}
+	if src.Prefix.IsValid() {
+		args = append(args, "prefix", src.Prefix.String(), "from_this_prefix", perPrefix, "per_prefix_limit", l.s.cfg.MaxUnauthPerPrefix)
+	}
+	l.s.log.Warn("mqtt: "+msg, append(args, "in_all", all, "limit", l.s.cfg.MaxUnauth)...)
 }
 
 var _ listeners.Listener = (*tlsListener)(nil)
@@ -172,7 +203,7 @@ func (l *tlsListener) Serve(establish listeners.EstablishFn) {
 			}
 			continue
 		}
-		slot, ok := l.admit(c, bridges.SourceHost(c.RemoteAddr()))
+		slot, ok := l.admit(c, bridges.SourceOf(c.RemoteAddr()))
 		if !ok {
 			continue
 		}

@@ -42,7 +42,7 @@ func (i countingIdentity) CheckSecret(_ string, secret []byte) error {
 func secretLogin(t *testing.T, r *rig, ver byte, from, secret string) byte {
 	t.Helper()
 	d := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(from)}, Timeout: 10 * time.Second}
-	c, err := tls.DialWithDialer(d, "tcp", r.s.Addr(), &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: r.ca.RootPool(), ServerName: "127.0.0.1"})
+	c, err := tls.DialWithDialer(d, "tcp", r.addrFrom(from), &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: r.ca.RootPool(), ServerName: "127.0.0.1"})
 	if err != nil {
 		t.Fatalf("TLS from %s: %v", from, err)
 	}

@@ -88,7 +88,23 @@ func (r *rig) tlsDial(cfg *tls.Config) (*tls.Conn, error) {
 			return errors.Join(err, serr)
 		}
 	}
-	return tls.DialWithDialer(d, "tcp", r.s.Addr(), cfg)
+	return tls.DialWithDialer(d, "tcp", r.addrFrom(r.from), cfg)
+}
+
+// addrFrom is the address to dial the server at from the local address
+// from ("": any): its bound address, or for a server bound to all
+// addresses ([::]:port, in a test's network namespace) the loopback
+// address of from's family.
+func (r *rig) addrFrom(from string) string {
+	addr := r.s.Addr()
+	host, port, err := net.SplitHostPort(addr)
+	if ip := net.ParseIP(host); err != nil || ip == nil || !ip.IsUnspecified() {
+		return addr
+	}
+	if ip := net.ParseIP(from); ip != nil && ip.To4() != nil {
+		return net.JoinHostPort("127.0.0.1", port)
+	}
+	return net.JoinHostPort("::1", port)
 }
 
 // heldSync is a queue Sync that blocks every fsync while held, and can be
@@ -141,8 +157,9 @@ func newRig(t *testing.T, opts queue.Options) *rig {
 	return newRigWith(t, opts, Config{}, nil)
 }
 
-// newRigWith is newRig with a configuration (Listen is set here) and, if
-// id is not nil, the identity it makes from the rig's CA.
+// newRigWith is newRig with a configuration (Listen, if unset, is
+// 127.0.0.1:0) and, if id is not nil, the identity it makes from the rig's
+// CA.
 func newRigWith(t *testing.T, opts queue.Options, cfg Config, id func(*pki.CA) bridges.Identity) *rig {
 	t.Helper()
 	return newRigClock(t, opts, cfg, id, pki.SystemClock{}, nil)
@@ -173,7 +190,9 @@ func newRigClock(t *testing.T, opts queue.Options, cfg Config, id func(*pki.CA) 
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg.Listen = "127.0.0.1:0"
+	if cfg.Listen == "" {
+		cfg.Listen = "127.0.0.1:0"
+	}
 	var ident bridges.Identity = caIdentity{ca}
 	if id != nil {
 		ident = id(ca)

@@ -25,7 +25,6 @@ import (
 	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/bridges/hub"
 	"github.com/bastion-iot/bastion/internal/ratelog"
-	"github.com/bastion-iot/bastion/internal/throttle"
 	"github.com/bastion-iot/bastion/pki"
 )
 
@@ -59,16 +58,20 @@ type Config struct {
 	// on (default 16): each is a synced write to the store and stays in
 	// memory. Replacing or clearing one is always allowed.
 	MaxRetained int
-	// SecretLockout limits failed secret logins per source address (see
-	// DefaultSecretLockout, which a zero value takes); Now is its clock
-	// (default time.Now).
+	// SecretLockout limits failed secret logins per source address and
+	// per IPv6 /64 (see DefaultSecretLockout, which a zero value takes; a
+	// zero PrefixFree or PrefixEvery takes the default's); Now is its
+	// clock (default time.Now).
 	SecretLockout SecretLockout
 	Now           func() time.Time
-	// MaxUnauthPerSource and MaxUnauth bound the connections not yet
-	// authenticated (in the TLS handshake or before their CONNECT was
-	// accepted) from one source address and in all (defaults 16 and 512);
-	// more are closed at once, counted as handshake_limit.
+	// MaxUnauthPerSource, MaxUnauthPerPrefix and MaxUnauth bound the
+	// connections not yet authenticated (in the TLS handshake or before
+	// their CONNECT was accepted) from one source address, from one IPv6
+	// /64 and in all (defaults 16, 64 and 512; see tlsListener.admit);
+	// more are closed at once (past MaxUnauth, the oldest), counted as
+	// handshake_limit.
 	MaxUnauthPerSource int
+	MaxUnauthPerPrefix int
 	MaxUnauth          int
 	// MaxSubscriptions bounds one client's subscriptions (default 32); a
 	// filter past it gets SUBACK 0x97 (3.1.1: 0x80). Each is kept in the
@@ -95,9 +98,17 @@ type Config struct {
 // starts over. A login refused because its device is revoked is not
 // counted: it runs no argon2id, and a revoked device that keeps retrying
 // would otherwise lock out the devices sharing its address for good.
+//
+// The addresses of one IPv6 /64 also share a budget of PrefixFree failed
+// secret logins, one more every PrefixEvery; while it is spent, secret
+// logins from the /64 are refused without running argon2id, except from
+// an address that has logged in with a secret before (see secretLimit for
+// why this is a rate limit and not a lockout of the /64).
 type SecretLockout struct {
 	Free              int
 	Base, Max, Forget time.Duration
+	PrefixFree        int
+	PrefixEvery       time.Duration
 }
 
 // DefaultSecretLockout: 20 failures, then 30 s doubling to 10 min. Device
@@ -107,7 +118,11 @@ type SecretLockout struct {
 // lockout per device id would let anyone lock a device out by failing in
 // its name. Shorter than the console's hour because a device that shares
 // its address (behind a NAT) with a failing one is locked out with it.
-var DefaultSecretLockout = SecretLockout{Free: 20, Base: 30 * time.Second, Max: 10 * time.Minute, Forget: time.Hour}
+// An IPv6 /64 may fail 100 times (five addresses' worth), then once every
+// 5 s: a host rotating through its /64's addresses gets 12 argon2id runs
+// a minute, not all of them.
+var DefaultSecretLockout = SecretLockout{Free: 20, Base: 30 * time.Second, Max: 10 * time.Minute, Forget: time.Hour,
+	PrefixFree: 100, PrefixEvery: 5 * time.Second}
 
 func (c *Config) defaults() {
 	if c.MaxPacketSize <= 0 {
@@ -137,11 +152,20 @@ func (c *Config) defaults() {
 	if c.SecretLockout == (SecretLockout{}) {
 		c.SecretLockout = DefaultSecretLockout
 	}
+	if c.SecretLockout.PrefixFree <= 0 {
+		c.SecretLockout.PrefixFree = DefaultSecretLockout.PrefixFree
+	}
+	if c.SecretLockout.PrefixEvery <= 0 {
+		c.SecretLockout.PrefixEvery = DefaultSecretLockout.PrefixEvery
+	}
 	if c.Now == nil {
 		c.Now = time.Now
 	}
 	if c.MaxUnauthPerSource <= 0 {
 		c.MaxUnauthPerSource = 16
+	}
+	if c.MaxUnauthPerPrefix <= 0 {
+		c.MaxUnauthPerPrefix = 64
 	}
 	if c.MaxUnauth <= 0 {
 		c.MaxUnauth = 512
@@ -206,8 +230,8 @@ type Server struct {
 	// order their CONNECTs reached the credential check), under mu.
 	seq uint64
 
-	// lockout counts failed secret logins by source address.
-	lockout *throttle.Throttle
+	// secrets counts failed secret logins by source address and IPv6 /64.
+	secrets *secretLimit
 
 	deadline *hub.SharedDeadline
 
@@ -221,8 +245,7 @@ func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log 
 	cfg.defaults()
 	s := &Server{cfg: cfg, id: id, hub: h, m: h.Metrics(), log: log.With("component", "mqtt"), devLines: ratelog.New(deviceLineEvery), authed: map[*mochi.Client]string{},
 		conns: map[string][]*pipeConn{}, deadline: &hub.SharedDeadline{Timeout: acceptTimeout}}
-	l := cfg.SecretLockout
-	s.lockout = throttle.New(throttle.Policy{Base: l.Base, Max: l.Max, Forget: l.Forget}, 10000)
+	s.secrets = newSecretLimit(cfg.SecretLockout)
 	caps := mochi.NewDefaultServerCapabilities()
 	caps.MaximumPacketSize = uint32(cfg.MaxPacketSize)
 	caps.ReceiveMaximum = cfg.ReceiveMaximum

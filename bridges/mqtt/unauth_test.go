@@ -3,6 +3,7 @@ package mqtt
 import (
 	"errors"
 	"net"
+	"net/netip"
 	"testing"
 	"time"
 
@@ -14,7 +15,7 @@ import (
 func (r *rig) unauthFrom(host string) int {
 	r.s.tls.mu.Lock()
 	defer r.s.tls.mu.Unlock()
-	return r.s.tls.unauth[host]
+	return r.s.tls.unauth[netip.MustParseAddr(host)]
 }
 
 // closedAtOnce dials the server from the address from and fails unless the
@@ -23,7 +24,7 @@ func (r *rig) unauthFrom(host string) int {
 func closedAtOnce(t *testing.T, r *rig, from string) {
 	t.Helper()
 	d := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(from)}}
-	c, err := d.Dial("tcp", r.s.Addr())
+	c, err := d.Dial("tcp", r.addrFrom(from))
 	if err != nil {
 		t.Fatal(err)
 	}
