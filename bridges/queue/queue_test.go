@@ -2107,16 +2107,28 @@ func TestEmbeddedRecordAboveCeilingNotTaken(t *testing.T) {
 			if err := q.Accept(ctx, m); err != nil {
 				t.Fatal(err)
 			}
+			// A genuine message after it: resync skips the torn record
+			// to it.
+			if err := q.Accept(ctx, msg("b", 0)); err != nil {
+				t.Fatal(err)
+			}
 			closeTearingChecksum(t, q, 1)
 
 			q2, _ := open(t, dir, Options{})
 			if err := q2.Accept(ctx, msg("c", 0)); err != nil {
 				t.Fatal(err)
 			}
+			var got []string
 			for _, e := range drain(t, q2) {
 				if e.Seq >= seqCeiling {
 					t.Errorf("held seq %d from %s (%s): at or above %d, no open gives that out", e.Seq, e.Device, e.Payload, uint64(seqCeiling))
 				}
+				got = append(got, e.Device)
+			}
+			// The genuine messages are held: a reopen that held nothing
+			// does not pass.
+			if d := cmp.Diff([]string{"a", "b", "c"}, got); d != "" {
+				t.Errorf("devices of the messages held after reopen (-want +got):\n%s", d)
 			}
 		})
 	}
