@@ -733,9 +733,17 @@ func TestMarksKeptWhileStopped(t *testing.T) {
 	if err := result(t, a); err != nil {
 		t.Fatal(err)
 	}
+	k := admit(t, q, msg("k", 0)) // not delivered: held after the reopen
+	g.next(t, "the kept message's batch").release <- nil
+	if err := result(t, k); err != nil {
+		t.Fatal(err)
+	}
 	failNextFsync(t, q, g, msg("d", 1))
 	es := drain(t, q)
-	if err := q.Ack(es[0].Seq, es[1].Seq); err != nil {
+	if len(es) != 3 || es[1].Device != "k" {
+		t.Fatalf("held before the acks: %+v; want d's, k's, then the failed batch's", es)
+	}
+	if err := q.Ack(es[0].Seq, es[2].Seq); err != nil {
 		t.Fatal(err)
 	}
 	// The marks' timer fires and its flush runs on the writer, which
@@ -750,8 +758,8 @@ func TestMarksKeptWhileStopped(t *testing.T) {
 	waitFor(t, "the marks written to resume's segment", func() bool { return activeSize(q) > int64(segHeader) })
 	q.Close()
 	q2, _ := open(t, dir, Options{})
-	if es := drain(t, q2); len(es) != 0 {
-		t.Fatalf("after reopen %d delivered messages are back", len(es))
+	if got := drain(t, q2); len(got) != 1 || got[0].Seq != es[1].Seq || got[0].Device != "k" {
+		t.Fatalf("after reopen: %+v; want only k's message (seq %d): the delivered ones not back, the undelivered one kept", got, es[1].Seq)
 	}
 }
 
@@ -955,10 +963,10 @@ func TestRefusedWriteNotBackAfterRestart(t *testing.T) {
 	for _, resumed := range []bool{false, true} {
 		t.Run(fmt.Sprintf("resumed=%v", resumed), func(t *testing.T) {
 			dir := t.TempDir()
-			var failed atomic.Bool
+			var writes atomic.Int32
 			o := Options{resumeAfter: time.Hour}
 			o.writeAt = func(f *os.File, b []byte, off int64) (int, error) {
-				if failed.CompareAndSwap(false, true) {
+				if writes.Add(1) == 2 { // the second batch's
 					if n, err := f.WriteAt(b, off); err != nil {
 						return n, err
 					}
@@ -967,7 +975,10 @@ func TestRefusedWriteNotBackAfterRestart(t *testing.T) {
 				return f.WriteAt(b, off)
 			}
 			q, _ := open(t, dir, o)
-			if err := q.Accept(context.Background(), msg("d", 0)); err == nil {
+			if err := q.Accept(context.Background(), msg("d", 0)); err != nil {
+				t.Fatal(err)
+			}
+			if err := q.Accept(context.Background(), msg("d", 1)); err == nil {
 				t.Fatal("Accept reported durable though its write failed")
 			}
 			if resumed {
@@ -980,8 +991,12 @@ func TestRefusedWriteNotBackAfterRestart(t *testing.T) {
 				t.Errorf("Close: %v; want the write's failure only if still stopped", err)
 			}
 			q2, _ := open(t, dir, Options{})
-			if es := drain(t, q2); len(es) != 0 {
-				t.Fatalf("after reopen %d messages held; want none (the only one was refused)", len(es))
+			var got []string
+			for _, e := range drain(t, q2) {
+				got = append(got, string(e.Payload))
+			}
+			if want := []string{`{"i":0}`}; !slices.Equal(got, want) {
+				t.Fatalf("after reopen: %v; want %v (the acknowledged one kept, the refused one not back)", got, want)
 			}
 		})
 	}

@@ -1786,10 +1786,148 @@ func (q *Queue) Held(after uint64, max int) ([]Entry, error) {
 // held appends to out up to max held entries with Seq > after, reading
 // them into buf (grown if needed), and returns them, the buffer, and the
 // channel that is closed when the next one is written.
+//
+// The disk is read without q.mu, so that a slow read (an SD card) holds up
+// no admission, commit or Ack: the reads are planned under the lock
+// (planLocked), made without it (readAhead), and the entries are taken
+// under it again (heldLocked), which skips what was delivered or dropped
+// meanwhile and stops at what was not read ahead. A held entry's bytes
+// never change once it is indexed (see loseLocked), so the bytes read
+// ahead are the ones a read under the lock would give.
 func (q *Queue) held(after uint64, max int, out []Entry, buf []byte) ([]Entry, []byte, <-chan struct{}, error) {
 	if max <= 0 {
 		max = 1
 	}
+	// Room for the usual plan on the stack: a read costs no allocation.
+	var entsA [64]entry
+	var spansA [8]plannedRead
+	var gotA [8]readDone
+	out0, buf0 := len(out), buf
+	for {
+		q.mu.Lock()
+		if q.closed {
+			q.mu.Unlock()
+			return nil, buf, nil, ErrClosed
+		}
+		// Taken with the plan: closed if an entry is written after it.
+		notify := q.notify
+		ents, spans := q.planLocked(after, max, entsA[:0], spansA[:0])
+		raw := q.rawIO()
+		q.mu.Unlock()
+		if len(spans) == 0 {
+			return out, buf, notify, nil
+		}
+		got, nbuf := q.readAhead(gotA[:0], ents, spans, buf, raw)
+		var err error
+		if out, err = q.heldLocked(after, max, ents[len(ents)-1].seq, out, got); err != nil || len(out) > out0 {
+			return out, nbuf, notify, err
+		}
+		// What was planned was delivered or dropped meanwhile, and there
+		// may be entries after it: plan again. Nothing handed out points
+		// into what was read.
+		buf = buf0
+	}
+}
+
+// plannedRead is one read held plans: the records of ents[from:to], in
+// one segment within span bytes from ents[from].
+type plannedRead struct {
+	from, to int
+	span     int64
+}
+
+// readDone is what a read ahead gave: len(b) bytes of seg at off, or err
+// for n bytes there.
+type readDone struct {
+	seg *segment
+	off int64
+	n   int64
+	b   []byte
+	err error
+}
+
+// planLocked appends to ents the held entries held would read now (up to
+// max not delivered, with Seq > after, and the delivered ones among them)
+// and to spans the reads that cover them. Caller holds q.mu.
+func (q *Queue) planLocked(after uint64, max int, ents []entry, spans []plannedRead) ([]entry, []plannedRead) {
+	i := sort.Search(len(q.ents), func(i int) bool { return q.ents[i].seq > after })
+	have := 0
+	for i < len(q.ents) && have < max {
+		if q.ents[i].acked {
+			i++
+			continue
+		}
+		j, span := q.spanLocked(i, have, max, math.MaxUint64)
+		spans = append(spans, plannedRead{from: len(ents), to: len(ents) + j - i, span: span})
+		for _, e := range q.ents[i:j] {
+			ents = append(ents, e)
+			if !e.acked {
+				have++
+			}
+		}
+		i = j
+	}
+	return ents, spans
+}
+
+// spanLocked returns the end j in q.ents and the length of the read that
+// starts at held entry i, when have entries are handed out already:
+// entries next to each other in one segment are read with one read (the
+// delivered-marks between batches come along), up to max entries in all
+// (counting those delivered), none with a Seq above last, none across a
+// hole, within maxReadSpan. Caller holds q.mu.
+func (q *Queue) spanLocked(i, have, max int, last uint64) (int, int64) {
+	j, span := i+1, int64(q.ents[i].n)
+	for ; j < len(q.ents) && have+(j-i) < max && q.ents[j].seq <= last; j++ {
+		e := q.ents[j]
+		end := e.off + int64(e.n) - q.ents[i].off
+		if e.seg != q.ents[i].seg || end > maxReadSpan || e.seg.inHole(q.ents[i].off, e.off) {
+			break
+		}
+		span = end
+	}
+	return j, span
+}
+
+// readAhead makes the reads planLocked planned, without q.mu, into buf
+// (grown if needed), and appends what each gave to got. After a read
+// that fails with EIO it reads that read's entries one by one, as
+// heldLocked will, and stops: heldLocked hands out nothing after a
+// message it still tries.
+func (q *Queue) readAhead(got []readDone, ents []entry, spans []plannedRead, buf []byte, raw bool) ([]readDone, []byte) {
+	read := func(seg *segment, off, n int64) error {
+		var b []byte
+		b, buf = grow(buf, n)
+		err := q.readFull(seg.f, b, off, raw)
+		if err != nil {
+			b = nil
+		}
+		got = append(got, readDone{seg: seg, off: off, n: n, b: b, err: err})
+		return err
+	}
+	for _, s := range spans {
+		first := ents[s.from]
+		err := read(first.seg, first.off, s.span)
+		if err == nil {
+			continue
+		}
+		if errors.Is(err, syscall.EIO) {
+			for _, e := range ents[s.from:s.to] {
+				if !e.acked {
+					read(e.seg, e.off, int64(e.n))
+				}
+			}
+		}
+		return got, buf
+	}
+	return got, buf
+}
+
+// heldLocked appends to out up to max held entries with Seq > after and
+// at most last, in order, with their bytes from got; it stops at one
+// whose bytes got does not hold (what was planned changed meanwhile). It
+// takes q.mu.
+func (q *Queue) heldLocked(after uint64, max int, last uint64, out []Entry, got []readDone) ([]Entry, error) {
 	q.mu.Lock()
 	lost := false
 	defer func() {
@@ -1803,37 +1941,31 @@ func (q *Queue) held(after uint64, max int, out []Entry, buf []byte) ([]Entry, [
 		q.mu.Unlock()
 	}()
 	if q.closed {
-		return nil, buf, nil, ErrClosed
+		return nil, ErrClosed
 	}
 	i := sort.Search(len(q.ents), func(i int) bool { return q.ents[i].seq > after })
 	if i < len(q.ents) && out == nil {
 		out = make([]Entry, 0, min(max, len(q.ents)-i))
 	}
-	for i < len(q.ents) && len(out) < max {
+	for i < len(q.ents) && len(out) < max && q.ents[i].seq <= last {
 		if q.ents[i].acked {
 			i++
 			continue
 		}
-		// Entries next to each other in one segment are read with one
-		// read (the delivered-marks between batches come along).
-		j, span := i+1, int64(q.ents[i].n)
-		for ; j < len(q.ents) && len(out)+(j-i) < max; j++ {
-			e := q.ents[j]
-			end := e.off + int64(e.n) - q.ents[i].off
-			if e.seg != q.ents[i].seg || end > maxReadSpan || e.seg.inHole(q.ents[i].off, e.off) {
-				break
-			}
-			span = end
-		}
+		j, span := q.spanLocked(i, len(out), max, last)
 		var err error
 		n0 := len(out)
-		if out, buf, err = q.readSpan(out, buf, q.ents[i:j], span); err != nil {
+		if out, err = q.readSpan(got, out, q.ents[i:j], span); err != nil {
+			if errors.Is(err, errNotRead) {
+				return out[:n0], nil
+			}
 			if !errors.Is(err, syscall.EIO) && !errors.Is(err, errCorrupt) {
-				return out[:n0], buf, q.notify, err
+				return out[:n0], err
 			}
 			// The disk cannot read part of the span, or a record in it
-			// no longer decodes: read its messages one by one (what the
-			// span's read handed out before the bad one comes again).
+			// no longer decodes: take its messages one by one (read so
+			// by readAhead after a failed read; what the span's read
+			// handed out before the bad one comes again).
 			// One the disk has not read for unreadableGrace is dropped,
 			// or the link would stop at it for good; until then what
 			// came before it is handed out and it is tried again (a disk
@@ -1849,14 +1981,17 @@ func (q *Queue) held(after uint64, max int, out []Entry, buf []byte) ([]Entry, [
 				if stuck != nil {
 					// Nothing after a message that is still tried is handed
 					// out (order per device); only start its clock too.
-					if _, _, perr := q.readSpan(nil, nil, q.ents[k:k+1], int64(q.ents[k].n)); errors.Is(perr, syscall.EIO) {
+					if _, perr := q.readSpan(got, nil, q.ents[k:k+1], int64(q.ents[k].n)); errors.Is(perr, syscall.EIO) {
 						q.unreadableLocked(k)
 					}
 					continue
 				}
 				var kerr error
-				if out, buf, kerr = q.readSpan(out, buf, q.ents[k:k+1], int64(q.ents[k].n)); kerr == nil {
+				if out, kerr = q.readSpan(got, out, q.ents[k:k+1], int64(q.ents[k].n)); kerr == nil {
 					continue
+				}
+				if errors.Is(kerr, errNotRead) {
+					return out, nil
 				}
 				if errors.Is(kerr, errCorrupt) || errors.Is(kerr, syscall.EIO) && q.unreadableLocked(k) {
 					q.loseLocked(k, kerr)
@@ -1867,14 +2002,14 @@ func (q *Queue) held(after uint64, max int, out []Entry, buf []byte) ([]Entry, [
 			}
 			if stuck != nil {
 				if len(out) > 0 {
-					return out, buf, q.notify, nil
+					return out, nil
 				}
-				return out, buf, q.notify, stuck
+				return out, stuck
 			}
 		}
 		i = j
 	}
-	return out, buf, q.notify, nil
+	return out, nil
 }
 
 // unreadableGrace is how long a held message must have been unreadable
@@ -1941,19 +2076,21 @@ func (q *Queue) loseLocked(k int, err error) {
 // maxReadSpan bounds one read in Next.
 const maxReadSpan = 256 << 10
 
+// errNotRead: readAhead did not read the bytes asked for.
+var errNotRead = errors.New("queue: not read ahead")
+
 // readSpan appends the held entries of es, which lie in one segment within
-// span bytes from es[0], reading them with one read into the free end of
-// buf (a new buffer if it has no room: what earlier entries point to is
-// never overwritten). Caller holds q.mu.
-func (q *Queue) readSpan(out []Entry, buf []byte, es []entry, span int64) ([]Entry, []byte, error) {
+// span bytes from es[0], decoding them from got (readAhead's reads). It
+// returns errNotRead if got holds neither those bytes nor the error of
+// reading them. Caller holds q.mu.
+func (q *Queue) readSpan(got []readDone, out []Entry, es []entry, span int64) ([]Entry, error) {
 	first := es[0]
-	if int64(cap(buf)-len(buf)) < span {
-		buf = make([]byte, 0, max(span, min(2*int64(cap(buf)), maxKeptBuf)))
+	b, err := readAlready(got, first.seg, first.off, span)
+	if err == errNotRead {
+		return out, err
 	}
-	b := buf[len(buf) : int64(len(buf))+span]
-	buf = buf[:int64(len(buf))+span]
-	if n, err := q.readAt(first.seg.f, b, first.off); err != nil && !(errors.Is(err, io.EOF) && n == len(b)) {
-		return out, buf, fmt.Errorf("queue: read seqs %d..%d from %s at %d: %w", first.seq, es[len(es)-1].seq, first.seg.path, first.off, err)
+	if err != nil {
+		return out, fmt.Errorf("queue: read seqs %d..%d from %s at %d: %w", first.seq, es[len(es)-1].seq, first.seg.path, first.off, err)
 	}
 	for _, e := range es {
 		if e.acked {
@@ -1968,11 +2105,48 @@ func (q *Queue) readSpan(out []Entry, buf []byte, es []entry, span int64) ([]Ent
 			if !errors.Is(err, errCorrupt) { // errShort: its length changed
 				err = fmt.Errorf("%w: %w", errCorrupt, err)
 			}
-			return out, buf, fmt.Errorf("queue: record for seq %d in %s at %d no longer decodes: %w", e.seq, e.seg.path, e.off, err)
+			return out, fmt.Errorf("queue: record for seq %d in %s at %d no longer decodes: %w", e.seq, e.seg.path, e.off, err)
 		}
 		out = append(out, Entry{Seq: e.seq, Message: rec.msg})
 	}
-	return out, buf, nil
+	return out, nil
+}
+
+// readAlready returns the n bytes of seg at off from got: those of a read
+// that covered them, or the error of a read of exactly them, the latest
+// such read (after a failed read of one message alone, its read again);
+// errNotRead if got has neither.
+func readAlready(got []readDone, seg *segment, off, n int64) ([]byte, error) {
+	for i := len(got) - 1; i >= 0; i-- {
+		g := got[i]
+		switch {
+		case g.seg != seg:
+		case g.err == nil && g.off <= off && off+n <= g.off+g.n:
+			return g.b[off-g.off : off-g.off+n], nil
+		case g.err != nil && g.off == off && g.n == n:
+			return nil, g.err
+		}
+	}
+	return nil, errNotRead
+}
+
+// grow returns n bytes at the free end of buf, and buf extended over them
+// (a new buffer if it has no room: what earlier entries point to is never
+// overwritten).
+func grow(buf []byte, n int64) (b, nbuf []byte) {
+	if int64(cap(buf)-len(buf)) < n {
+		buf = make([]byte, 0, max(n, min(2*int64(cap(buf)), maxKeptBuf)))
+	}
+	l := int64(len(buf))
+	return buf[l : l+n], buf[:l+n]
+}
+
+// readFull reads len(b) bytes of f at off (raw: see rawIO).
+func (q *Queue) readFull(f *os.File, b []byte, off int64, raw bool) error {
+	if n, err := q.readAt(f, b, off, raw); err != nil && !(errors.Is(err, io.EOF) && n == len(b)) {
+		return err
+	}
+	return nil
 }
 
 // Ack marks entries delivered (after the upstream PUBACK) and frees their

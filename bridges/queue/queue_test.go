@@ -1460,6 +1460,127 @@ func TestHeldDoesNotWait(t *testing.T) {
 	}
 }
 
+// TestCommitDuringSlowRead: Next reads the disk without the queue's lock,
+// so a slow read (an SD card) holds up no device's commit and no Ack.
+// What was delivered while it read is not handed out, and what was
+// written meanwhile comes next. Before, the read was made under the lock
+// and every Accept waited for it.
+func TestCommitDuringSlowRead(t *testing.T) {
+	var slow atomic.Bool
+	entered, release := make(chan struct{}, 1), make(chan struct{})
+	q, _ := open(t, t.TempDir(), Options{readAt: func(f *os.File, b []byte, off int64) (int, error) {
+		if slow.CompareAndSwap(true, false) {
+			entered <- struct{}{}
+			<-release
+		}
+		return f.ReadAt(b, off)
+	}})
+	var releaseOnce sync.Once
+	unblock := func() { releaseOnce.Do(func() { close(release) }) }
+	t.Cleanup(unblock) // before the queue's Close
+	ctx := context.Background()
+	accept := func(m bridges.Message) uint64 {
+		t.Helper()
+		if err := q.Accept(ctx, m); err != nil {
+			t.Fatal(err)
+		}
+		q.mu.Lock()
+		defer q.mu.Unlock()
+		return q.ents[len(q.ents)-1].seq
+	}
+	// slowRead calls read (Next or Held) with its first read of the disk
+	// held until during has run, and returns the devices of what it
+	// handed out.
+	slowRead := func(read func() ([]Entry, error), during func()) []string {
+		t.Helper()
+		slow.Store(true)
+		type next struct {
+			es  []Entry
+			err error
+		}
+		nexts := make(chan next, 1)
+		go func() {
+			es, err := read()
+			nexts <- next{es, err}
+		}()
+		select {
+		case <-entered:
+		case <-time.After(10 * time.Second):
+			t.Fatal("no read of the disk within 10 s")
+		}
+		during()
+		release <- struct{}{}
+		select {
+		case got := <-nexts:
+			if got.err != nil {
+				t.Fatal(got.err)
+			}
+			var devs []string
+			for _, e := range got.es {
+				devs = append(devs, e.Device)
+			}
+			return devs
+		case <-time.After(10 * time.Second):
+			t.Fatal("no return within 10 s of the read")
+			return nil
+		}
+	}
+	// acceptNow accepts m while a read is held and returns its seq.
+	acceptNow := func(m bridges.Message) uint64 {
+		t.Helper()
+		accepted := make(chan error, 1)
+		go func() { accepted <- q.Accept(ctx, m) }()
+		select {
+		case err := <-accepted:
+			if err != nil {
+				t.Fatal(err)
+			}
+		case <-time.After(10 * time.Second):
+			unblock()
+			<-accepted
+			t.Fatal("Accept (admission, write, fsync) waited for a read of the disk")
+		}
+		q.mu.Lock()
+		defer q.mu.Unlock()
+		return q.ents[len(q.ents)-1].seq
+	}
+	next := func(after uint64) func() ([]Entry, error) {
+		return func() ([]Entry, error) { return q.Next(ctx, after, 10) }
+	}
+
+	a0, a1 := accept(msg("a0", 0)), accept(msg("a1", 0))
+	var b, c uint64
+	got := slowRead(next(0), func() {
+		b = acceptNow(msg("b", 0))
+		if err := q.Ack(a1); err != nil { // delivered while Next reads it
+			t.Fatal(err)
+		}
+	})
+	if d := cmp.Diff([]string{"a0"}, got); d != "" {
+		t.Fatalf("Next with a1 delivered during its read (-want +got):\n%s", d)
+	}
+	// All it read was delivered meanwhile: what was written since comes,
+	// from Next and from Held.
+	got = slowRead(next(a1), func() {
+		c = acceptNow(msg("c", 0))
+		if err := q.Ack(a0, b); err != nil {
+			t.Fatal(err)
+		}
+	})
+	if d := cmp.Diff([]string{"c"}, got); d != "" {
+		t.Fatalf("Next with b delivered during its read (-want +got):\n%s", d)
+	}
+	got = slowRead(func() ([]Entry, error) { return q.Held(b, 10) }, func() {
+		acceptNow(msg("d", 0))
+		if err := q.Ack(c); err != nil {
+			t.Fatal(err)
+		}
+	})
+	if d := cmp.Diff([]string{"d"}, got); d != "" {
+		t.Fatalf("Held with c delivered during its read (-want +got):\n%s", d)
+	}
+}
+
 // TestNextInto: NextInto returns what Next returns, reuses the entries and
 // buffer it is given (nothing allocated for a batch that fits), and grows
 // into a new buffer rather than overwrite what earlier entries of the same
@@ -2107,16 +2228,28 @@ func TestEmbeddedRecordAboveCeilingNotTaken(t *testing.T) {
 			if err := q.Accept(ctx, m); err != nil {
 				t.Fatal(err)
 			}
+			// A genuine message after it: resync skips the torn record
+			// to it.
+			if err := q.Accept(ctx, msg("b", 0)); err != nil {
+				t.Fatal(err)
+			}
 			closeTearingChecksum(t, q, 1)
 
 			q2, _ := open(t, dir, Options{})
 			if err := q2.Accept(ctx, msg("c", 0)); err != nil {
 				t.Fatal(err)
 			}
+			var got []string
 			for _, e := range drain(t, q2) {
 				if e.Seq >= seqCeiling {
 					t.Errorf("held seq %d from %s (%s): at or above %d, no open gives that out", e.Seq, e.Device, e.Payload, uint64(seqCeiling))
 				}
+				got = append(got, e.Device)
+			}
+			// The genuine messages are held: a reopen that held nothing
+			// does not pass.
+			if d := cmp.Diff([]string{"a", "b", "c"}, got); d != "" {
+				t.Errorf("devices of the messages held after reopen (-want +got):\n%s", d)
 			}
 		})
 	}

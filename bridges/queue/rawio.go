@@ -113,12 +113,13 @@ func (q *Queue) writeAt(f *os.File, b []byte, off int64) (int, error) {
 	return f.WriteAt(b, off)
 }
 
-// readAt is f.ReadAt, raw when rawIO. Caller holds q.mu.
-func (q *Queue) readAt(f *os.File, b []byte, off int64) (int, error) {
+// readAt is f.ReadAt, raw if raw (rawIO's answer, taken under q.mu: the
+// read itself may be made without it).
+func (q *Queue) readAt(f *os.File, b []byte, off int64, raw bool) (int, error) {
 	if q.opts.readAt != nil {
 		return q.opts.readAt(f, b, off)
 	}
-	if rawOffsets && len(b) > 0 && q.rawIO() {
+	if rawOffsets && len(b) > 0 && raw {
 		return rawPread(f, b, off)
 	}
 	return f.ReadAt(b, off)

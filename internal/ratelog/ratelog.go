@@ -19,9 +19,14 @@ import (
 type Every struct {
 	every  time.Duration
 	mu     sync.Mutex
-	last   map[string]time.Time // when the last line of a kind was let through
-	quiet  map[string]int       // events of a kind not logged since then
-	pruned time.Time            // when kinds were last forgotten
+	kinds  map[string]tally
+	pruned time.Time // when kinds were last forgotten
+}
+
+// tally is what an Every holds of one kind of event.
+type tally struct {
+	last  time.Time // when its last line was let through
+	quiet int       // its events not logged since then
 }
 
 // MaxKinds is how many kinds an Every holds before it forgets the ones
@@ -30,7 +35,7 @@ const MaxKinds = 4096
 
 // New returns a limiter letting one line per kind through per every.
 func New(every time.Duration) *Every {
-	return &Every{every: every, last: map[string]time.Time{}, quiet: map[string]int{}}
+	return &Every{every: every, kinds: map[string]tally{}}
 }
 
 // Allow counts one event of kind at now and reports whether to log it,
@@ -39,7 +44,7 @@ func New(every time.Duration) *Every {
 func (l *Every) Allow(kind string, now time.Time) (notLogged int, ok bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if len(l.last) >= MaxKinds && now.Sub(l.pruned) >= l.every {
+	if len(l.kinds) >= MaxKinds && now.Sub(l.pruned) >= l.every {
 		// Kinds keyed by device come and go: one whose interval has passed
 		// would be let through at its next event anyway; forgotten, that
 		// line says 0 not logged instead of its count (a count the
@@ -48,20 +53,20 @@ func (l *Every) Allow(kind string, now time.Time) (notLogged int, ok bool) {
 		// once), a scan at every event would cost each event the whole map
 		// under the lock.
 		l.pruned = now
-		for k, t := range l.last {
-			if now.Sub(t) >= l.every {
-				delete(l.last, k)
-				delete(l.quiet, k)
+		for k, t := range l.kinds {
+			if now.Sub(t.last) >= l.every {
+				delete(l.kinds, k)
 			}
 		}
 	}
-	if last, seen := l.last[kind]; seen && now.Sub(last) < l.every {
-		l.quiet[kind]++
+	t, seen := l.kinds[kind]
+	if seen && now.Sub(t.last) < l.every {
+		t.quiet++
+		l.kinds[kind] = t
 		return 0, false
 	}
-	notLogged = l.quiet[kind]
-	l.last[kind], l.quiet[kind] = now, 0
-	return notLogged, true
+	l.kinds[kind] = tally{last: now}
+	return t.quiet, true
 }
 
 // DeviceLine logs msg at level to log, with the device first, unless a

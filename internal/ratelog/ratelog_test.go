@@ -42,8 +42,8 @@ func TestEveryForgetsPassedKinds(t *testing.T) {
 	if _, ok := l.Allow("new", later); !ok {
 		t.Fatal("a new kind was not logged")
 	}
-	if len(l.last) != 1 {
-		t.Fatalf("%d kinds held after the interval, want 1 (new)", len(l.last))
+	if len(l.kinds) != 1 {
+		t.Fatalf("%d kinds held after the interval, want 1 (new)", len(l.kinds))
 	}
 	if n, ok := l.Allow("k0", later); !ok || n != 0 {
 		t.Fatalf("k0 after the interval: logged %v, %d not logged before; want true, 0 (forgotten)", ok, n)
@@ -61,11 +61,11 @@ func TestEveryScansOncePerInterval(t *testing.T) {
 	}
 	l.Allow("a", t0.Add(time.Second)) // scans: none forgotten
 	l.Allow("b", t0.Add(10500*time.Millisecond))
-	if len(l.last) != MaxKinds+2 {
-		t.Fatalf("%d kinds held 9.5 s after a scan, want %d: scanned again within the interval", len(l.last), MaxKinds+2)
+	if len(l.kinds) != MaxKinds+2 {
+		t.Fatalf("%d kinds held 9.5 s after a scan, want %d: scanned again within the interval", len(l.kinds), MaxKinds+2)
 	}
 	l.Allow("c", t0.Add(11500*time.Millisecond))
-	if len(l.last) != 2 {
-		t.Fatalf("%d kinds held an interval after the last scan, want 2 (b and c)", len(l.last))
+	if len(l.kinds) != 2 {
+		t.Fatalf("%d kinds held an interval after the last scan, want 2 (b and c)", len(l.kinds))
 	}
 }
