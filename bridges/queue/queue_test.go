@@ -2195,16 +2195,16 @@ func TestMaxMessageBytesWithinRecordLimit(t *testing.T) {
 	}
 }
 
-// TestEmbeddedRecordAboveCeilingNotTaken: the record format and CRC-32C
-// are public, so a device can put valid-looking message records in its
-// payload. When its own record is damaged (here its checksum is torn),
-// recover looks for the next valid message inside its bytes. Such a
-// record with a seq no open can reach (at or above seqCeiling), alone or
-// after one resync took, must not be taken: before, it was held as a
-// message of another device and moved nextSeq past it, towards wrapping
-// and Open's refusal near 2^64. (A forged record with a plausible seq is
-// stopped by the keyed checksum: TestEmbeddedRecordKeyedNotTaken.)
-func TestEmbeddedRecordAboveCeilingNotTaken(t *testing.T) {
+// TestEmbeddedChainKeyedNotTaken: in a keyed segment, records a device
+// embeds in its payload with the public, unkeyed checksum (one whose seq
+// is at or above seqCeiling, alone or after one with a plausible seq) are
+// not taken when its own record is torn (here its checksum): each fails
+// the keyed checksum, so resync finds none and the seq ceiling is never
+// consulted (the test passes with recover's ceiling checks removed). The
+// ceiling is the defence in a v1 segment, whose checksum a device can
+// compute: TestV1EmbeddedRecordAboveCeilingNotTaken. A single plausible
+// record: TestEmbeddedRecordKeyedNotTaken.
+func TestEmbeddedChainKeyedNotTaken(t *testing.T) {
 	for _, chain := range []bool{false, true} {
 		t.Run(fmt.Sprintf("chain=%v", chain), func(t *testing.T) {
 			dir := t.TempDir()

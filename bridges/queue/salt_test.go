@@ -160,3 +160,92 @@ func TestV1SegmentBeforeTornCreation(t *testing.T) {
 		})
 	}
 }
+
+// TestV1EmbeddedRecordAboveCeilingNotTaken: in a v1 segment (written
+// before the salt) a record a device embeds in its payload has a valid
+// checksum, so when the device's own record is torn (here its checksum),
+// recover's resync looks for the next message inside its bytes and only
+// the seq tells the forged record from a genuine one. A record at or
+// above seqCeiling is not taken, alone or after one resync took (the
+// chain's next record, reached by reading on): taken, it would hide the
+// genuine messages after it (their seqs are not above it) and move
+// nextSeq to where Open refuses the queue, every message in it lost. Nor
+// does resync stop at it only to have it refused there: it passes over
+// it. The chain's first record, with a plausible seq, is taken: an
+// unkeyed checksum cannot tell it from a genuine one, which is why
+// segments are now keyed (TestEmbeddedRecordKeyedNotTaken).
+func TestV1EmbeddedRecordAboveCeilingNotTaken(t *testing.T) {
+	type held struct {
+		Seq     uint64
+		Device  string
+		Payload string
+	}
+	for _, c := range []struct {
+		name  string
+		chain bool
+		want  []held
+		// Stretches skipped: mallory's torn record; with the chain, also
+		// the forged record after the victim's.
+		skipped float64
+	}{
+		{"alone", false, []held{
+			{1, "a", string(msg("a", 0).Payload)},
+			{3, "b", string(msg("b", 0).Payload)},
+			{4, "b", string(msg("b", 1).Payload)},
+		}, 1},
+		{"after one resync took", true, []held{
+			{1, "a", string(msg("a", 0).Payload)},
+			{2, "victim", string(msg("victim", 1).Payload)},
+			{3, "b", string(msg("b", 0).Payload)},
+			{4, "b", string(msg("b", 1).Payload)},
+		}, 2},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			dir := t.TempDir()
+			data := []byte(segMagicV1)
+			a := msg("a", 0)
+			data = appendMsg(data, 1, &a)
+			var forged []byte
+			if c.chain {
+				v := msg("victim", 1)
+				forged = appendMsg(forged, 2, &v)
+			}
+			at := len(forged)
+			v := msg("victim", 2)
+			forged = appendMsg(forged, seqCeiling+5, &v)
+			if rec, _, err := decodeRecord(forged[at:]); err != nil || rec.seq < seqCeiling {
+				t.Fatalf("the forged record: seq %d, %v; want a valid v1 record at or above %d", rec.seq, err, uint64(seqCeiling))
+			}
+			m := msg("mallory", 0)
+			m.Payload = forged
+			torn := len(data)
+			data = appendMsg(data, 2, &m)
+			data[torn+4] ^= 0xff // its checksum
+			for i := range 2 {
+				b := msg("b", i)
+				data = appendMsg(data, uint64(3+i), &b)
+			}
+			data = append(data, make([]byte, 4<<10)...)
+			if err := os.WriteFile(segName(dir, 1), data, 0o600); err != nil {
+				t.Fatal(err)
+			}
+
+			q, reg := open(t, dir, Options{})
+			var got []held
+			for _, e := range drain(t, q) {
+				got = append(got, held{e.Seq, e.Device, string(e.Payload)})
+			}
+			if d := cmp.Diff(c.want, got); d != "" {
+				t.Errorf("held after open (-want +got): never the victim's record at seq %d embedded in mallory's payload, and b's after it:\n%s", uint64(seqCeiling+5), d)
+			}
+			// resync passed over the forged record: it did not stop there
+			// to have it refused after.
+			if v := metricValue(t, reg, "bastion_queue_corrupt_skipped_total"); v != c.skipped {
+				t.Errorf("corrupt_skipped_total = %v, want %v", v, c.skipped)
+			}
+			if v := metricValue(t, reg, "bastion_queue_records_cut_total"); v != 0 {
+				t.Errorf("records_cut_total = %v, want 0: b's records follow", v)
+			}
+		})
+	}
+}
