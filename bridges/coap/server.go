@@ -122,6 +122,9 @@ type Server struct {
 	devLines *ratelog.Every
 	// dropped is Metrics.Dropped for CoAP (writeDropped).
 	dropped prometheus.Counter
+	// notifying: the command notifications being written, which a
+	// datagram writeDropped hears of may be (notifydrop.go).
+	notifying notifyWrites
 
 	closing sync.WaitGroup // revocation closes in progress; Run waits
 	// bg: answers given later (serveCoAP: from a goroutine of their own,
@@ -295,9 +298,11 @@ func (s *Server) listen(addr string, opts []piondtls.ServerOption) (*limitListen
 // retransmits its flights, a device retransmits a confirmable request and
 // gets the answer from the response cache; a command notification (NON)
 // is lost, and the device has the command at its next GET or Observe
-// registration. It runs on the writer's goroutine and must not block.
+// registration (such a notification is not counted as a command sent:
+// notifyWrites). It runs on the writer's goroutine and must not block.
 func (s *Server) writeDropped(to netip.AddrPort, size int) {
 	s.dropped.Inc()
+	s.notifying.drop(unmapped(to))
 	s.refusalLine("write_dropped", "coap: datagram not sent: the DTLS listener's socket has no room (send buffer full); dropped, the peer retransmits (bastion_transport_datagrams_dropped_total)",
 		"device", "", "remote", to.String(), "size", size)
 }
