@@ -253,7 +253,7 @@ func TestCertSessionEndsWhenCertificateRetired(t *testing.T) {
 		t.Error("retired certificate accepted at a new handshake")
 	}
 
-	before := r.refusals(hub.ReasonRevoked) // the retired certificate's handshake counts as revoked too
+	before := r.refusals(hub.ReasonRevoked)
 	revs.RevokeSerial(pki.Serial(leaf2))
 	endedWithin(t, c2, "its certificate was revoked")
 	if got := r.refusals(hub.ReasonRevoked); got != before+1 {
@@ -264,4 +264,27 @@ func TestCertSessionEndsWhenCertificateRetired(t *testing.T) {
 	if n := r.s.Sessions("dev-a"); n != 0 {
 		t.Errorf("sessions of dev-a: %d, want 0", n)
 	}
+}
+
+// TestRetiredCertificateRefusedAtHandshakeAsRetired: a handshake with a
+// certificate retired by a renewal is refused and counted as
+// cert_retired, as the sweep counts the session such a certificate had
+// open, with its log line saying so; not as revoked. Before, the
+// certificate check's error was a revocation's only (pki.VerifyDevice),
+// and the refusal was counted as revoked.
+func TestRetiredCertificateRefusedAtHandshakeAsRetired(t *testing.T) {
+	r := newCertRig(t)
+	d, leaf := r.device(t, "dev-a")
+	r.ca.Revocations().RetireSerial(pki.Serial(leaf), r.clk.Now())
+	if !refusedNow(t, d, r.certAddr) {
+		t.Fatal("retired certificate accepted at a handshake")
+	}
+	if got := r.refusals(hub.ReasonCertRetired); got != 1 {
+		t.Errorf("cert_retired refusals %v, want 1", got)
+	}
+	if got := r.refusals(hub.ReasonRevoked); got != 0 {
+		t.Errorf("revoked refusals %v, want 0", got)
+	}
+	r.logged(t, "coap: handshake refused: device certificate not accepted", map[string]string{
+		"device": "dev-a", "reason": hub.ReasonCertRetired})
 }

@@ -475,12 +475,15 @@ func (s *Server) onNewConn(cc *otacache.DTLSConn) {
 }
 
 // credentialRefusal is the refusal reason for err, an Identity's error
-// for a device's certificate (cert) or PSK identity: revoked, the clock
-// not set, an enrollment the pairing service refused, a lookup that
+// for a device's certificate (cert) or PSK identity: a certificate retired
+// by a renewal (refused as revoked, and said to be retired), revoked, the
+// clock not set, an enrollment the pairing service refused, a lookup that
 // failed, and otherwise what is wrong with the certificate, or an unknown
 // PSK identity.
 func credentialRefusal(err error, cert bool) string {
 	switch {
+	case cert && errors.Is(err, pki.ErrCertRetired):
+		return hub.ReasonCertRetired
 	case errors.Is(err, pki.ErrRevoked):
 		return hub.ReasonRevoked
 	case errors.Is(err, pki.ErrClockNotSet):

@@ -208,7 +208,7 @@ func TestCertSessionEndsWhenCertificateRetired(t *testing.T) {
 	}
 	b.mayBeClosed = false
 
-	before := r.refusals(hub.ReasonRevoked) // the retired certificate's CONNECT counts as revoked too
+	before := r.refusals(hub.ReasonRevoked)
 	revs.RevokeSerial(pki.Serial(b1leaf))
 	if code := b.endedWithin(certEndWithin, "its certificate was revoked"); code != -1 {
 		t.Errorf("MQTT 3.1.1 session got a DISCONNECT %#x", code)
@@ -222,5 +222,27 @@ func TestCertSessionEndsWhenCertificateRetired(t *testing.T) {
 	a.mayBeClosed = true
 	if !a.open() {
 		t.Error("session on a valid certificate closed by another's revocation")
+	}
+}
+
+// TestRetiredCertificateRefusedAtConnectAsRetired: a connection with a
+// certificate retired by a renewal is refused and counted as cert_retired,
+// as the sweep counts the session such a certificate had open, with its
+// log line saying so; not as revoked. Before, the certificate check's
+// error was a revocation's only (pki.VerifyDevice), and the refusal was
+// counted as revoked.
+func TestRetiredCertificateRefusedAtConnectAsRetired(t *testing.T) {
+	r, clk, lb := newCertRig(t)
+	cert, leaf := r.issue(t, "deva")
+	r.ca.Revocations().RetireSerial(pki.Serial(leaf), clk.Now())
+	if _, code, ok := r.connectCert(t, "deva", 5, cert); ok && code == 0 {
+		t.Fatal("retired certificate accepted at CONNECT")
+	}
+	waitFor(t, "the refusal to be counted", func() bool { return r.refusals(hub.ReasonCertRetired) == 1 })
+	if got := r.refusals(hub.ReasonRevoked); got != 0 {
+		t.Errorf("revoked refusals %v, want 0", got)
+	}
+	if l := lb.Lines("mqtt: handshake refused: device certificate not accepted", "device=deva", "reason=cert_retired"); len(l) != 1 {
+		t.Errorf("log lines for the refusal: %q, want 1", l)
 	}
 }
