@@ -57,8 +57,8 @@ func (s *Server) endInvalidCerts(buf []*pipeConn) []*pipeConn {
 		// pc.cert and pc.cl were set under s.mu before the snapshot and
 		// are not changed after.
 		err := s.id.CertValid(cl.ID, pc.cert.Serial, pc.cert.NotAfter)
-		// refused: ended once, also when a revocation or an earlier sweep
-		// got to it first.
+		// refused: ended and counted once, also when a revocation
+		// (disconnect) or an earlier sweep got to it first.
 		if err == nil || cl.Closed() || !pc.refused.CompareAndSwap(false, true) {
 			continue
 		}
