@@ -2,7 +2,6 @@ package coap
 
 import (
 	"context"
-	"time"
 
 	"github.com/bastion-iot/bastion/bridges/hub"
 	otacache "github.com/bastion-iot/bastion/ota-cache"
@@ -76,13 +75,9 @@ func (s *Server) endInvalidCerts(buf []*session) []*session {
 	}
 	s.mu.Unlock()
 	for _, e := range end {
-		if e.se == nil {
-			continue
+		if e.se != nil {
+			hub.CertSessionEnded(s.m, s.log, hub.CoAP, e.se.device, e.se.cc.RemoteAddr().String(), e.se.cert, e.err)
 		}
-		reason, why, todo := hub.CertEnd(e.err)
-		s.m.Refused.WithLabelValues(hub.CoAP, reason).Inc()
-		s.log.Warn("coap: session closed: "+why+"; "+todo, "device", e.se.device, "serial", e.se.cert.Serial,
-			"not_after", e.se.cert.NotAfter.UTC().Format(time.RFC3339), "reason", reason, "remote", e.se.cc.RemoteAddr().String(), "err", e.err)
 	}
 	s.closeLater(ccs)
 	return buf

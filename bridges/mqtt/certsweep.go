@@ -62,10 +62,7 @@ func (s *Server) endInvalidCerts(buf []*pipeConn) []*pipeConn {
 		if err == nil || cl.Closed() || !pc.refused.CompareAndSwap(false, true) {
 			continue
 		}
-		reason, why, todo := hub.CertEnd(err)
-		s.m.Refused.WithLabelValues(hub.MQTT, reason).Inc()
-		s.log.Warn("mqtt: session closed: "+why+"; "+todo, "device", cl.ID, "serial", pc.cert.Serial,
-			"not_after", pc.cert.NotAfter.UTC().Format(time.RFC3339), "reason", reason, "remote", cl.Net.Remote, "err", err)
+		why := hub.CertSessionEnded(s.m, s.log, hub.MQTT, cl.ID, cl.Net.Remote, pc.cert, err)
 		if deadline.IsZero() {
 			deadline = time.Now().Add(endWait)
 		}
