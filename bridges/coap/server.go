@@ -211,7 +211,7 @@ func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log 
 			// Anyone can present a certificate: one line per reason per
 			// interval, the claimed id and the error cut.
 			s.refusalLine("cert:"+reason, "coap: handshake refused: device certificate not accepted",
-				"device", loggedText(dev), "reason", reason, "err", loggedErr(err))
+				"device", ratelog.Clip(dev, maxLoggedText), "reason", reason, "err", loggedErr(err))
 		}
 		return err
 	}
