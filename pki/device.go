@@ -121,7 +121,10 @@ var ErrRevoked = errors.New("revoked")
 // DTLS handshake: it chains to this CA, is valid now, is for client
 // authentication, names exactly one device, and neither the certificate nor
 // the device is revoked, nor the certificate renewed past its grace
-// (Revocations.RetireSerial). It returns the device id.
+// (Revocations.RetireSerial). It returns the device id. A revoked
+// certificate's error wraps ErrRevoked; a retired one's wraps ErrRevoked
+// too (it is refused as a revoked one is) and ErrCertRetired, so that the
+// refusal can be told apart (counted as cert_retired, not revoked).
 func (ca *CA) VerifyDevice(rawCerts [][]byte) (string, *x509.Certificate, error) {
 	if err := ca.clock.Sane(); err != nil {
 		return "", nil, err
@@ -153,15 +156,20 @@ func (ca *CA) VerifyDevice(rawCerts [][]byte) (string, *x509.Certificate, error)
 	if err != nil {
 		return "", nil, err
 	}
-	if ca.revoked.Revoked(id, Serial(leaf)) || ca.revoked.Retired(Serial(leaf), ca.clock.Now()) {
-		return id, leaf, fmt.Errorf("device %s certificate %s: %w", id, Serial(leaf), ErrRevoked)
+	serial := Serial(leaf)
+	if ca.revoked.Revoked(id, serial) {
+		return id, leaf, fmt.Errorf("device %s certificate %s: %w", id, serial, ErrRevoked)
+	}
+	if ca.revoked.Retired(serial, ca.clock.Now()) {
+		return id, leaf, fmt.Errorf("device %s certificate %s: %w, refused as %w", id, serial, ErrCertRetired, ErrRevoked)
 	}
 	return id, leaf, nil
 }
 
 // ErrCertExpired and ErrCertRetired are (wrapped in) CertValid's errors
 // for a certificate past its NotAfter and for one replaced by a renewal
-// whose retirement time has come (Revocations.RetireSerial).
+// whose retirement time has come (Revocations.RetireSerial); ErrCertRetired
+// also in VerifyDevice's, with ErrRevoked.
 var (
 	ErrCertExpired = errors.New("certificate expired")
 	ErrCertRetired = errors.New("certificate replaced by a renewal (retired)")

@@ -222,6 +222,33 @@ func TestCertValid(t *testing.T) {
 	check("past NotAfter", "dev4", s4, na4, ErrCertExpired)
 }
 
+// A certificate retired by a renewal is refused at verification once its
+// retirement time has come, with an error that says so (ErrCertRetired,
+// for the refusal's count) and is still a revocation's (ErrRevoked, which
+// callers branch on); a revoked one's is not ErrCertRetired.
+func TestVerifyDeviceRetired(t *testing.T) {
+	ca, clk, _ := newCA(t)
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	csr, _ := ParseCSR(csrPEM(t, key))
+	c1, err := ca.IssueDevice(csr, "dev1", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca.Revocations().RetireSerial(Serial(c1), clk.Now().Add(time.Minute))
+	if _, _, err := ca.VerifyDevice([][]byte{c1.Raw}); err != nil {
+		t.Fatalf("before its retirement time: %v", err)
+	}
+	clk.Add(time.Minute)
+	_, _, err = ca.VerifyDevice([][]byte{c1.Raw})
+	if !errors.Is(err, ErrCertRetired) || !errors.Is(err, ErrRevoked) {
+		t.Errorf("retired: %v, want ErrCertRetired and ErrRevoked", err)
+	}
+	ca.Revocations().RevokeSerial(Serial(c1))
+	if _, _, err := ca.VerifyDevice([][]byte{c1.Raw}); !errors.Is(err, ErrRevoked) || errors.Is(err, ErrCertRetired) {
+		t.Errorf("retired, then revoked: %v, want ErrRevoked only", err)
+	}
+}
+
 func TestVerifyDeviceRefusals(t *testing.T) {
 	ca, _, _ := newCA(t)
 	other, _, _ := newCA(t)

@@ -2,8 +2,6 @@ package coap
 
 import (
 	"context"
-	"slices"
-	"time"
 
 	"github.com/bastion-iot/bastion/bridges/hub"
 	otacache "github.com/bastion-iot/bastion/ota-cache"
@@ -62,48 +60,25 @@ func (s *Server) endInvalidCerts(buf []*session) []*session {
 	if len(end) == 0 {
 		return buf
 	}
-	// Taken out of byDevice here, under mu, as the takeover does with the
-	// sessions past the bound: their OnClose, which would also take them
-	// out, runs later (pion's close, then its reader), and the next sweep
-	// must not find them again. One already gone (closed meanwhile, or
-	// taken over) is left to whoever took it out.
+	// Ended as revoke ends a session: taken out of byDevice, counted and
+	// logged, then closed on a goroutine of its own (closeLater). One gone
+	// already is not counted again: ended meanwhile by a revocation or a
+	// takeover, which counted it, or closed.
 	ccs := make([]*otacache.DTLSConn, 0, len(end))
 	s.mu.Lock()
 	for i, e := range end {
-		l := s.byDevice[e.se.device]
-		j := slices.Index(l, e.se.cc)
-		if j < 0 {
+		if !s.takeOutLocked(e.se.device, e.se.cc) {
 			end[i].se = nil
 			continue
-		}
-		if l = slices.Delete(l, j, j+1); len(l) == 0 {
-			delete(s.byDevice, e.se.device)
-		} else {
-			s.byDevice[e.se.device] = l
 		}
 		ccs = append(ccs, e.se.cc)
 	}
 	s.mu.Unlock()
 	for _, e := range end {
-		if e.se == nil {
-			continue
+		if e.se != nil {
+			hub.CertSessionEnded(s.m, s.log, hub.CoAP, e.se.device, e.se.cc.RemoteAddr().String(), e.se.cert, e.err)
 		}
-		reason, why, todo := hub.CertEnd(e.err)
-		s.m.Refused.WithLabelValues(hub.CoAP, reason).Inc()
-		s.log.Warn("coap: session closed: "+why+"; "+todo, "device", e.se.device, "serial", e.se.cert.Serial,
-			"not_after", e.se.cert.NotAfter.UTC().Format(time.RFC3339), "reason", reason, "remote", e.se.cc.RemoteAddr().String(), "err", e.err)
 	}
-	if len(ccs) == 0 {
-		return buf
-	}
-	// As revoke: closed on a goroutine of its own, which Run waits for,
-	// never on the sweep's (a close writes the close_notify).
-	s.closing.Add(1)
-	go func() {
-		defer s.closing.Done()
-		for _, cc := range ccs {
-			cc.Close()
-		}
-	}()
+	s.closeLater(ccs)
 	return buf
 }

@@ -6,15 +6,18 @@ import (
 	"errors"
 	"log/slog"
 	"path/filepath"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/plgd-dev/go-coap/v3/message/codes"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
+	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/bridges/coap"
 	"github.com/bastion-iot/bastion/bridges/hub"
 	"github.com/bastion-iot/bastion/internal/devicesim"
+	"github.com/bastion-iot/bastion/internal/testutil/logbuf"
 	"github.com/bastion-iot/bastion/internal/testutil/testpki"
 	"github.com/bastion-iot/bastion/pki"
 )
@@ -68,6 +71,15 @@ type certRig struct {
 // a settable clock, sweeping every certSweep, its log kept.
 func newCertRig(t *testing.T) *certRig {
 	t.Helper()
+	r, _ := newCertRigWith(t, func(id *caIdentity) bridges.Identity { return id }, "")
+	return r
+}
+
+// newCertRigWith is newCertRig whose server has the identity ident makes
+// of the rig's, and logs through a logbuf.Hook for the lines starting with
+// hookPrefix.
+func newCertRigWith(t *testing.T, ident func(*caIdentity) bridges.Identity, hookPrefix string) (*certRig, *logbuf.Hook) {
+	t.Helper()
 	clk := &testpki.OffsetClock{}
 	ca, err := pki.Open(filepath.Join(t.TempDir(), "devices"), "test", clk, slog.New(slog.DiscardHandler))
 	if err != nil {
@@ -75,10 +87,11 @@ func newCertRig(t *testing.T) *certRig {
 	}
 	r := &certRig{ca: ca, clk: clk, lines: &coap.LogLines{}}
 	id := &caIdentity{ca: ca, key: []byte("0123456789abcdef")}
+	hook := logbuf.NewHook(r.lines, hookPrefix)
 	var certDev *devicesim.Device
-	r.s, r.pskDev, certDev, r.pskAddr, r.certAddr, _ = startWith(t, id, nopSink{}, coap.Config{CertSweep: certSweep}, slog.New(r.lines), 0)
+	r.s, r.pskDev, certDev, r.pskAddr, r.certAddr, _ = startWith(t, ident(id), nopSink{}, coap.Config{CertSweep: certSweep}, slog.New(hook), 0)
 	r.roots = certDev.Roots
-	return r
+	return r, hook
 }
 
 // device is device id with a certificate of the rig's CA, valid for an
@@ -253,7 +266,7 @@ func TestCertSessionEndsWhenCertificateRetired(t *testing.T) {
 		t.Error("retired certificate accepted at a new handshake")
 	}
 
-	before := r.refusals(hub.ReasonRevoked) // the retired certificate's handshake counts as revoked too
+	before := r.refusals(hub.ReasonRevoked)
 	revs.RevokeSerial(pki.Serial(leaf2))
 	endedWithin(t, c2, "its certificate was revoked")
 	if got := r.refusals(hub.ReasonRevoked); got != before+1 {
@@ -263,5 +276,95 @@ func TestCertSessionEndsWhenCertificateRetired(t *testing.T) {
 		"device": "dev-a", "serial": pki.Serial(leaf2), "reason": hub.ReasonRevoked})
 	if n := r.s.Sessions("dev-a"); n != 0 {
 		t.Errorf("sessions of dev-a: %d, want 0", n)
+	}
+}
+
+// TestRetiredCertificateRefusedAtHandshakeAsRetired: a handshake with a
+// certificate retired by a renewal is refused and counted as
+// cert_retired, as the sweep counts the session such a certificate had
+// open, with its log line saying so; not as revoked. Before, the
+// certificate check's error was a revocation's only (pki.VerifyDevice),
+// and the refusal was counted as revoked.
+func TestRetiredCertificateRefusedAtHandshakeAsRetired(t *testing.T) {
+	r := newCertRig(t)
+	d, leaf := r.device(t, "dev-a")
+	r.ca.Revocations().RetireSerial(pki.Serial(leaf), r.clk.Now())
+	if !refusedNow(t, d, r.certAddr) {
+		t.Fatal("retired certificate accepted at a handshake")
+	}
+	if got := r.refusals(hub.ReasonCertRetired); got != 1 {
+		t.Errorf("cert_retired refusals %v, want 1", got)
+	}
+	if got := r.refusals(hub.ReasonRevoked); got != 0 {
+		t.Errorf("revoked refusals %v, want 0", got)
+	}
+	r.logged(t, "coap: handshake refused: device certificate not accepted", map[string]string{
+		"device": "dev-a", "reason": hub.ReasonCertRetired})
+}
+
+// sweptIdentity is caIdentity with the CA's device revocations told to
+// the server (OnRevoke), as the gateway's are, and a function that runs
+// inside the next certificate check (CertValid: the sweep's, between its
+// snapshot of the sessions and its count), once stored in inCheck.
+type sweptIdentity struct {
+	*caIdentity
+	inCheck atomic.Pointer[func(device string)]
+}
+
+func (i *sweptIdentity) OnRevoke(f func(string)) { i.ca.Revocations().Subscribe(f) }
+
+func (i *sweptIdentity) CertValid(device, serial string, notAfter time.Time) error {
+	if f := i.inCheck.Swap(nil); f != nil {
+		(*f)(device)
+	}
+	return i.caIdentity.CertValid(device, serial, notAfter)
+}
+
+// TestRevokedSessionEndCountedOnce: the end of the session of a device
+// that is revoked is counted once, as revoked, whether the revocation
+// alone ends it, or lands while the certificate sweep checks the session
+// (after the sweep's snapshot, before its count), or right after the
+// sweep counted the session (its serial revoked) and before the sweep
+// closed it. Before, a revocation counted nothing (revoke closed the
+// sessions uncounted; the end was counted only if the sweep happened to
+// find the session before its close went through), and the sweep and
+// revoke each took sessions out of byDevice and closed them their own
+// way.
+func TestRevokedSessionEndCountedOnce(t *testing.T) {
+	const revokedLine = "coap: session closed: its certificate or device was revoked"
+	for _, tc := range []struct {
+		name string
+		end  func(r *certRig, id *sweptIdentity, hook *logbuf.Hook, serial string)
+	}{
+		{"revocation", func(r *certRig, _ *sweptIdentity, _ *logbuf.Hook, _ string) {
+			r.ca.Revocations().RevokeDevice("dev-a")
+		}},
+		{"revocation during the sweep's check", func(r *certRig, id *sweptIdentity, _ *logbuf.Hook, _ string) {
+			revoke := func(dev string) { r.ca.Revocations().RevokeDevice(dev) }
+			id.inCheck.Store(&revoke)
+		}},
+		{"revocation after the sweep counted", func(r *certRig, _ *sweptIdentity, hook *logbuf.Hook, serial string) {
+			hook.Arm(func() { r.ca.Revocations().RevokeDevice("dev-a") })
+			r.ca.Revocations().RevokeSerial(serial)
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var id *sweptIdentity
+			r, hook := newCertRigWith(t, func(ci *caIdentity) bridges.Identity {
+				id = &sweptIdentity{caIdentity: ci}
+				return id
+			}, revokedLine)
+			d, leaf := r.device(t, "dev-a")
+			c := open(t, d, r.certAddr)
+			tc.end(r, id, hook, pki.Serial(leaf))
+			endedWithin(t, c, tc.name)
+			time.Sleep(5 * certSweep) // a second count would come within a sweep or two
+			if got := r.refusals(hub.ReasonRevoked); got != 1 {
+				t.Errorf("revoked refusals %v, want 1", got)
+			}
+			if n := r.s.Sessions("dev-a"); n != 0 {
+				t.Errorf("sessions of dev-a: %d, want 0", n)
+			}
+		})
 	}
 }

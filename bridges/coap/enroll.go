@@ -12,6 +12,7 @@ import (
 	"github.com/plgd-dev/go-coap/v3/message/pool"
 
 	"github.com/bastion-iot/bastion/bridges/hub"
+	"github.com/bastion-iot/bastion/internal/ratelog"
 	"github.com/bastion-iot/bastion/pki/est"
 )
 
@@ -126,7 +127,7 @@ func (s *Server) routeSession(ctx context.Context, m *pool.Message, se *session,
 
 func (s *Server) refuseEnroll(se *session, path, why string) response {
 	s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonBadRequest).Inc()
-	s.deviceLine(slog.LevelWarn, "outside", se.device, "coap: request refused: outside what the session may reach", "kind", se.enroll.kind.String(), "path", loggedText(path))
+	s.deviceLine(slog.LevelWarn, "outside", se.device, "coap: request refused: outside what the session may reach", "kind", se.enroll.kind.String(), "path", ratelog.Clip(path, maxLoggedText))
 	return diag(codes.Forbidden, "%s", why)
 }
 

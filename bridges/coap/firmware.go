@@ -16,6 +16,7 @@ import (
 
 	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/bridges/hub"
+	"github.com/bastion-iot/bastion/internal/ratelog"
 	otacache "github.com/bastion-iot/bastion/ota-cache"
 )
 
@@ -223,7 +224,7 @@ func (s *Server) tooLarge(cc *otacache.DTLSConn, path string, size uint64, limit
 // than its size or with a bad Block1 option.
 func (s *Server) badRequest(cc *otacache.DTLSConn, path, answer, why string) {
 	s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonBadRequest).Inc()
-	s.deviceLine(slog.LevelInfo, "bad_request", s.deviceOf(cc), "coap: request refused: "+why, "path", loggedText(path), "answer", answer)
+	s.deviceLine(slog.LevelInfo, "bad_request", s.deviceOf(cc), "coap: request refused: "+why, "path", ratelog.Clip(path, maxLoggedText), "answer", answer)
 }
 
 // badOption logs and counts a request refused for a critical option the

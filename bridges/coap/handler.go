@@ -15,6 +15,7 @@ import (
 
 	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/bridges/hub"
+	"github.com/bastion-iot/bastion/internal/ratelog"
 	otacache "github.com/bastion-iot/bastion/ota-cache"
 )
 
@@ -124,7 +125,7 @@ func (s *Server) telemetry(device, path string, r request) response {
 	topic, ok := hub.TelemetryTopic(device, path)
 	if !ok {
 		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonBadRequest).Inc()
-		s.deviceLine(slog.LevelInfo, "bad_path", device, "coap: telemetry refused: bad path", "path", loggedText(r.path))
+		s.deviceLine(slog.LevelInfo, "bad_path", device, "coap: telemetry refused: bad path", "path", ratelog.Clip(r.path, maxLoggedText))
 		return diag(codes.BadRequest, "telemetry needs a path /t/{segment}/...: non-empty segments without + # $")
 	}
 	if r.bodySize > int64(s.cfg.MaxPayload) {
@@ -205,7 +206,7 @@ func (s *Server) command(device, path string, r request) response {
 	topic, ok := hub.CommandTopic(device, path)
 	if !ok {
 		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonBadRequest).Inc()
-		s.deviceLine(slog.LevelInfo, "bad_path", device, "coap: command read refused: bad path", "path", loggedText(r.path))
+		s.deviceLine(slog.LevelInfo, "bad_path", device, "coap: command read refused: bad path", "path", ratelog.Clip(r.path, maxLoggedText))
 		return diag(codes.BadRequest, "command path /c/{segment}/...: non-empty segments without + # $")
 	}
 	res := response{code: codes.Content, format: message.AppOctets, topic: topic}
@@ -282,7 +283,7 @@ func (s *Server) busy(w *otacache.DTLSResponseWriter, m *pool.Message, se *sessi
 	// One line per device per interval: a device pipelining requests
 	// refuses many.
 	s.deviceLine(slog.LevelWarn, "busy", se.device, "coap: request refused: the session has as many requests waiting for the store as it may; answered 5.03, the device should retry",
-		"path", loggedText(pathOf(m)), "limit", maxBlockingPerSession, "retry_after", busyRetryAfter)
+		"path", ratelog.Clip(pathOf(m), maxLoggedText), "limit", maxBlockingPerSession, "retry_after", busyRetryAfter)
 	res := diag(codes.ServiceUnavailable, "%d requests of this session are waiting for the gateway's store; retry after %d s",
 		maxBlockingPerSession, int(busyRetryAfter.Seconds()))
 	res.maxAge = uint32(busyRetryAfter.Seconds())
@@ -567,7 +568,10 @@ const maxNotifyPayload = 1024
 // follow the order in which the last command changed. It reports whether
 // the session took the command: a command larger than maxNotifyPayload is
 // refused (counted reason="payload_too_large", logged); the device can
-// still GET it from its exact topic, Block2 as any answer.
+// still GET it from its exact topic, Block2 as any answer. Nor does it take
+// one whose notification was not handed to the listener's socket (a write
+// error, or dropped for want of room: send). One held behind a
+// registration's answer counts as taken: it is sent once the answer is.
 func (se *session) notify(s *Server, o *observation, c bridges.Message) bool {
 	if len(c.Payload) > maxNotifyPayload {
 		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonTooLarge).Inc()
@@ -589,17 +593,18 @@ func (se *session) notify(s *Server, o *observation, c bridges.Message) bool {
 		o.queue = append(o.queue, c)
 		return true
 	}
-	se.send(s, o.tok, c)
-	return true
+	return se.send(s, o.tok, c)
 }
 
-// send numbers and writes one notification; se.mu is held, across both,
-// so the Observe numbers on the wire never go backwards (the write is one
-// UDP datagram and waits neither for the device nor for room in the
+// send numbers and writes one notification and reports whether it was
+// handed to the listener's socket; se.mu is held, across both, so the
+// Observe numbers on the wire never go backwards. The write is one UDP
+// datagram and waits neither for the device nor for room in the
 // listener's socket: one it has no room for is dropped, counted in
-// Server.writeDropped, and since a notification is non-confirmable the
-// device gets that command only at its next GET or registration).
-func (se *session) send(s *Server, token message.Token, c bridges.Message) {
+// Server.writeDropped and not as a command sent (notifyWrites), and since
+// a notification is non-confirmable the device gets that command only at
+// its next GET or registration.
+func (se *session) send(s *Server, token message.Token, c bridges.Message) bool {
 	se.seq++
 	seq := se.seq & 0xffffff
 	cc := se.cc
@@ -610,9 +615,20 @@ func (se *session) send(s *Server, token message.Token, c bridges.Message) {
 	m.SetObserve(seq)
 	m.SetContentFormat(notifyFormat(c.Topic))
 	m.SetBody(bytes.NewReader(c.Payload))
-	if err := cc.WriteMessage(m); err != nil {
+	to := notifyAddr(cc.RemoteAddr())
+	s.notifying.begin(to)
+	err := cc.WriteMessage(m)
+	dropped := s.notifying.end(to)
+	switch {
+	case err != nil:
 		s.log.Debug("coap: command notification not sent", "device", se.device, "topic", c.Topic, "err", err)
-		return
+		return false
+	case dropped:
+		// Logged (at most once per interval) and counted by writeDropped.
+		s.log.Debug("coap: command notification dropped: the DTLS listener's socket has no room; the device gets the command at its next GET or registration",
+			"device", se.device, "topic", c.Topic)
+		return false
 	}
 	s.m.Messages.WithLabelValues(hub.CoAP, "command").Inc()
+	return true
 }

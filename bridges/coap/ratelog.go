@@ -3,8 +3,9 @@ package coap
 import (
 	"log/slog"
 	"strconv"
-	"strings"
 	"time"
+
+	"github.com/bastion-iot/bastion/internal/ratelog"
 )
 
 // refusalLogEvery spaces the lines of refusals that come before a device
@@ -37,24 +38,17 @@ func (s *Server) deviceLine(level slog.Level, kind, device, msg string, args ...
 }
 
 // maxLoggedText bounds text a peer chose in a log line (a device id a
-// certificate claims, an error that quotes what the peer sent).
+// certificate claims, a path, an error that quotes what the peer sent):
+// ratelog.Clip(s, maxLoggedText).
 const maxLoggedText = 256
 
-// loggedText is s cut after maxLoggedText bytes (at a rune boundary),
-// marked with its full length.
-func loggedText(s string) string {
-	if len(s) <= maxLoggedText {
-		return s
-	}
-	return strings.ToValidUTF8(s[:maxLoggedText], "") + "… (" + strconv.Itoa(len(s)) + " bytes)"
-}
-
-// loggedErr is err's text cut as loggedText; "" for nil.
+// loggedErr is err's text cut after maxLoggedText bytes (ratelog.Clip);
+// "" for nil.
 func loggedErr(err error) string {
 	if err == nil {
 		return ""
 	}
-	return loggedText(err.Error())
+	return ratelog.Clip(err.Error(), maxLoggedText)
 }
 
 // maxLoggedIdentity bounds a peer-chosen identity in a log line.

@@ -122,6 +122,9 @@ type Server struct {
 	devLines *ratelog.Every
 	// dropped is Metrics.Dropped for CoAP (writeDropped).
 	dropped prometheus.Counter
+	// notifying: the command notifications being written, which a
+	// datagram writeDropped hears of may be (notifydrop.go).
+	notifying notifyWrites
 
 	closing sync.WaitGroup // revocation closes in progress; Run waits
 	// bg: answers given later (serveCoAP: from a goroutine of their own,
@@ -208,7 +211,7 @@ func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log 
 			// Anyone can present a certificate: one line per reason per
 			// interval, the claimed id and the error cut.
 			s.refusalLine("cert:"+reason, "coap: handshake refused: device certificate not accepted",
-				"device", loggedText(dev), "reason", reason, "err", loggedErr(err))
+				"device", ratelog.Clip(dev, maxLoggedText), "reason", reason, "err", loggedErr(err))
 		}
 		return err
 	}
@@ -295,9 +298,11 @@ func (s *Server) listen(addr string, opts []piondtls.ServerOption) (*limitListen
 // retransmits its flights, a device retransmits a confirmable request and
 // gets the answer from the response cache; a command notification (NON)
 // is lost, and the device has the command at its next GET or Observe
-// registration. It runs on the writer's goroutine and must not block.
+// registration (such a notification is not counted as a command sent:
+// notifyWrites). It runs on the writer's goroutine and must not block.
 func (s *Server) writeDropped(to netip.AddrPort, size int) {
 	s.dropped.Inc()
+	s.notifying.drop(unmapped(to))
 	s.refusalLine("write_dropped", "coap: datagram not sent: the DTLS listener's socket has no room (send buffer full); dropped, the peer retransmits (bastion_transport_datagrams_dropped_total)",
 		"device", "", "remote", to.String(), "size", size)
 }
@@ -456,13 +461,9 @@ func (s *Server) onNewConn(cc *otacache.DTLSConn) {
 	cc.AddOnClose(func() {
 		s.mu.Lock()
 		s.nSession--
-		// cc may be gone from byDevice already (closed past the bound
-		// above): then nothing changes here.
-		if l := slices.DeleteFunc(s.byDevice[dev], func(c *otacache.DTLSConn) bool { return c == cc }); len(l) == 0 {
-			delete(s.byDevice, dev)
-		} else {
-			s.byDevice[dev] = l
-		}
+		// cc may be gone from byDevice already (taken out by whoever
+		// ended it: takeOutLocked): then nothing changes here.
+		s.takeOutLocked(dev, cc)
 		s.mu.Unlock()
 		se.closeObservations()
 		s.m.Sessions.WithLabelValues(hub.CoAP).Dec()
@@ -470,12 +471,15 @@ func (s *Server) onNewConn(cc *otacache.DTLSConn) {
 }
 
 // credentialRefusal is the refusal reason for err, an Identity's error
-// for a device's certificate (cert) or PSK identity: revoked, the clock
-// not set, an enrollment the pairing service refused, a lookup that
+// for a device's certificate (cert) or PSK identity: a certificate retired
+// by a renewal (refused as revoked, and said to be retired), revoked, the
+// clock not set, an enrollment the pairing service refused, a lookup that
 // failed, and otherwise what is wrong with the certificate, or an unknown
 // PSK identity.
 func credentialRefusal(err error, cert bool) string {
 	switch {
+	case cert && errors.Is(err, pki.ErrCertRetired):
+		return hub.ReasonCertRetired
 	case errors.Is(err, pki.ErrRevoked):
 		return hub.ReasonRevoked
 	case errors.Is(err, pki.ErrClockNotSet):
@@ -529,19 +533,57 @@ func (s *Server) deviceOf(cc *otacache.DTLSConn) string {
 	return ""
 }
 
-// revoke closes every session of a revoked device. It must not block (it
-// runs inside the revocation call), so the closing happens on its own
-// goroutine, which ends as soon as the sessions are closed.
+// revoke closes every session of a revoked device, each counted as
+// revoked. It must not block (it runs inside the revocation call), so the
+// closing happens on a goroutine of its own (closeLater).
 func (s *Server) revoke(device string) {
 	s.mu.Lock()
 	s.revGen++
-	ccs := slices.Clone(s.byDevice[device])
+	// All of them taken out at once (takeOutLocked's rule): a session the
+	// sweep took out first is not here, and one taken here the sweep
+	// finds gone.
+	ccs := s.byDevice[device]
+	delete(s.byDevice, device)
 	s.mu.Unlock()
 	s.hub.Forget(device)
 	if len(ccs) == 0 {
 		return
 	}
-	s.log.Info("coap: closing sessions of revoked device", "device", device, "sessions", len(ccs))
+	s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonRevoked).Add(float64(len(ccs)))
+	s.log.Info("coap: closing sessions of revoked device", "device", device, "sessions", len(ccs), "reason", hub.ReasonRevoked)
+	s.closeLater(ccs)
+}
+
+// takeOutLocked takes cc out of device's sessions in byDevice, under s.mu,
+// and reports whether it was there. Whoever ends a session (revoke, the
+// certificate sweep, the takeover past maxSessionsPerDevice) takes it out
+// first, at once rather than in its OnClose, which runs later (pion's
+// close, then its reader), and counts and logs its end only if it did: a
+// session leaves byDevice once, so its end is counted once when a
+// revocation and the sweep get to it at the same moment, and a later
+// sweep or takeover does not find it again.
+func (s *Server) takeOutLocked(device string, cc *otacache.DTLSConn) bool {
+	l := s.byDevice[device]
+	i := slices.Index(l, cc)
+	if i < 0 {
+		return false
+	}
+	if l = slices.Delete(l, i, i+1); len(l) == 0 {
+		delete(s.byDevice, device)
+	} else {
+		s.byDevice[device] = l
+	}
+	return true
+}
+
+// closeLater closes ccs, taken out of byDevice, on a goroutine of its own,
+// which Run waits for: revoke runs inside the revocation call and the
+// sweep on its own loop, and neither may wait for a close (it writes the
+// close_notify).
+func (s *Server) closeLater(ccs []*otacache.DTLSConn) {
+	if len(ccs) == 0 {
+		return
+	}
 	s.closing.Add(1)
 	go func() {
 		defer s.closing.Done()

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/x509"
 	"errors"
+	"log/slog"
 	"time"
 
 	"github.com/bastion-iot/bastion/pki"
@@ -45,6 +46,19 @@ func CertEnd(err error) (reason, why, todo string) {
 			"the device must enroll again for a new certificate"
 	}
 	return CertRefusal(err), "its certificate is no longer accepted", "the device must enroll again"
+}
+
+// CertSessionEnded counts, for transport, the end of a certificate session
+// whose certificate CertValid refused with err (cert), under CertEnd's
+// reason, and logs it with the device, the certificate and what the device
+// must do. It returns why the session was closed (MQTT also says it in its
+// DISCONNECT). The transport calls it once per session it ends.
+func CertSessionEnded(m *Metrics, log *slog.Logger, transport, device, remote string, cert *SessionCert, err error) (why string) {
+	reason, why, todo := CertEnd(err)
+	m.Refused.WithLabelValues(transport, reason).Inc()
+	log.Warn(transport+": session closed: "+why+"; "+todo, "device", device, "serial", cert.Serial,
+		"not_after", cert.NotAfter.UTC().Format(time.RFC3339), "reason", reason, "remote", remote, "err", err)
+	return why
 }
 
 // SweepCerts runs sweep every interval until ctx ends: a transport's

@@ -292,8 +292,9 @@ func (h *Hub) Downlink(ctx context.Context, m bridges.Message) error {
 
 // DeliverReached is Deliver that also reports whether a device session got
 // the command: a CoAP observer of its topic (the notification was handed
-// to the session; CoAP notifications are non-confirmable, so it is never
-// known to have arrived) or an MQTT subscriber. It allocates nothing for
+// to the listener's socket, not dropped for want of room; CoAP
+// notifications are non-confirmable, so it is never known to have
+// arrived) or an MQTT subscriber. It allocates nothing for
 // up to four observers of the device.
 func (h *Hub) DeliverReached(ctx context.Context, m bridges.Message) (reached bool, err error) {
 	if err := ctx.Err(); err != nil {

@@ -73,10 +73,11 @@ const (
 	// because more than maxHeld came for one registration while its
 	// answer was being written (the oldest held is dropped).
 	ReasonObserveBacklog = "observe_backlog"
-	// ReasonCertRetired: a certificate session closed because its
-	// certificate was replaced by a renewal (pki.ErrCertRetired); an
-	// expired one's is closed as ReasonExpired, a revoked serial's as
-	// ReasonRevoked (certsession.go).
+	// ReasonCertRetired: a certificate replaced by a renewal
+	// (pki.ErrCertRetired), refused at a handshake or CONNECT
+	// (CertRefusal), or its session closed (certsession.go); an expired
+	// one's is closed as ReasonExpired, a revoked serial's as
+	// ReasonRevoked.
 	ReasonCertRetired = "cert_retired"
 )
 

@@ -8,11 +8,15 @@ import (
 )
 
 // CertRefusal names why a device certificate was refused, for the reason
-// label.
+// label. A certificate retired by a renewal is refused as a revoked one is
+// (its error wraps both): it is counted as retired, as the session it had
+// open is when the sweep ends it (CertEnd).
 func CertRefusal(err error) string {
 	var inv x509.CertificateInvalidError
 	var ua x509.UnknownAuthorityError
 	switch {
+	case errors.Is(err, pki.ErrCertRetired):
+		return ReasonCertRetired
 	case errors.Is(err, pki.ErrRevoked):
 		return ReasonRevoked
 	case errors.As(err, &inv) && inv.Reason == x509.Expired:

@@ -57,15 +57,12 @@ func (s *Server) endInvalidCerts(buf []*pipeConn) []*pipeConn {
 		// pc.cert and pc.cl were set under s.mu before the snapshot and
 		// are not changed after.
 		err := s.id.CertValid(cl.ID, pc.cert.Serial, pc.cert.NotAfter)
-		// refused: ended once, also when a revocation or an earlier sweep
-		// got to it first.
+		// refused: ended and counted once, also when a revocation
+		// (disconnect) or an earlier sweep got to it first.
 		if err == nil || cl.Closed() || !pc.refused.CompareAndSwap(false, true) {
 			continue
 		}
-		reason, why, todo := hub.CertEnd(err)
-		s.m.Refused.WithLabelValues(hub.MQTT, reason).Inc()
-		s.log.Warn("mqtt: session closed: "+why+"; "+todo, "device", cl.ID, "serial", pc.cert.Serial,
-			"not_after", pc.cert.NotAfter.UTC().Format(time.RFC3339), "reason", reason, "remote", cl.Net.Remote, "err", err)
+		why := hub.CertSessionEnded(s.m, s.log, hub.MQTT, cl.ID, cl.Net.Remote, pc.cert, err)
 		if deadline.IsZero() {
 			deadline = time.Now().Add(endWait)
 		}

@@ -31,13 +31,23 @@ const (
 // whose log is kept.
 func newCertRig(t *testing.T) (*rig, *testpki.OffsetClock, *logbuf.Buffer) {
 	t.Helper()
+	r, clk, lb, _ := newCertRigWith(t, func(_ *pki.CA, id bridges.Identity) bridges.Identity { return id }, "")
+	return r, clk, lb
+}
+
+// newCertRigWith is newCertRig whose server has the identity ident makes
+// of the rig's (and its CA), and logs through a logbuf.Hook for the lines
+// starting with hookPrefix.
+func newCertRigWith(t *testing.T, ident func(*pki.CA, bridges.Identity) bridges.Identity, hookPrefix string) (*rig, *testpki.OffsetClock, *logbuf.Buffer, *logbuf.Hook) {
+	t.Helper()
 	clk := &testpki.OffsetClock{}
 	lb := &logbuf.Buffer{}
+	hook := logbuf.NewHook(slog.NewTextHandler(lb, nil), hookPrefix)
 	var checks atomic.Int32
 	r := newRigClock(t, queue.Options{}, Config{AllowSecretAuth: true, CertSweep: certSweep}, func(ca *pki.CA) bridges.Identity {
-		return countingIdentity{caIdentity{ca}, &checks}
-	}, clk, slog.New(slog.NewTextHandler(lb, nil)))
-	return r, clk, lb
+		return ident(ca, countingIdentity{caIdentity{ca}, &checks})
+	}, clk, slog.New(hook))
+	return r, clk, lb, hook
 }
 
 // connectCert connects device id with cert and reports the CONNACK's
@@ -208,7 +218,7 @@ func TestCertSessionEndsWhenCertificateRetired(t *testing.T) {
 	}
 	b.mayBeClosed = false
 
-	before := r.refusals(hub.ReasonRevoked) // the retired certificate's CONNECT counts as revoked too
+	before := r.refusals(hub.ReasonRevoked)
 	revs.RevokeSerial(pki.Serial(b1leaf))
 	if code := b.endedWithin(certEndWithin, "its certificate was revoked"); code != -1 {
 		t.Errorf("MQTT 3.1.1 session got a DISCONNECT %#x", code)
@@ -222,5 +232,90 @@ func TestCertSessionEndsWhenCertificateRetired(t *testing.T) {
 	a.mayBeClosed = true
 	if !a.open() {
 		t.Error("session on a valid certificate closed by another's revocation")
+	}
+}
+
+// TestRetiredCertificateRefusedAtConnectAsRetired: a connection with a
+// certificate retired by a renewal is refused and counted as cert_retired,
+// as the sweep counts the session such a certificate had open, with its
+// log line saying so; not as revoked. Before, the certificate check's
+// error was a revocation's only (pki.VerifyDevice), and the refusal was
+// counted as revoked.
+func TestRetiredCertificateRefusedAtConnectAsRetired(t *testing.T) {
+	r, clk, lb := newCertRig(t)
+	cert, leaf := r.issue(t, "deva")
+	r.ca.Revocations().RetireSerial(pki.Serial(leaf), clk.Now())
+	if _, code, ok := r.connectCert(t, "deva", 5, cert); ok && code == 0 {
+		t.Fatal("retired certificate accepted at CONNECT")
+	}
+	waitFor(t, "the refusal to be counted", func() bool { return r.refusals(hub.ReasonCertRetired) == 1 })
+	if got := r.refusals(hub.ReasonRevoked); got != 0 {
+		t.Errorf("revoked refusals %v, want 0", got)
+	}
+	if l := lb.Lines("mqtt: handshake refused: device certificate not accepted", "device=deva", "reason=cert_retired"); len(l) != 1 {
+		t.Errorf("log lines for the refusal: %q, want 1", l)
+	}
+}
+
+// sweptIdentity is the rig's identity with the CA's device revocations
+// told to the server (OnRevoke), as the gateway's are, and a function that
+// runs inside the next certificate check (CertValid: the sweep's, before
+// it marks and counts the session), once stored in inCheck.
+type sweptIdentity struct {
+	bridges.Identity
+	ca      *pki.CA
+	inCheck atomic.Pointer[func(device string)]
+}
+
+func (i *sweptIdentity) OnRevoke(f func(string)) { i.ca.Revocations().Subscribe(f) }
+
+func (i *sweptIdentity) CertValid(device, serial string, notAfter time.Time) error {
+	if f := i.inCheck.Swap(nil); f != nil {
+		(*f)(device)
+	}
+	return i.Identity.CertValid(device, serial, notAfter)
+}
+
+// TestRevokedSessionEndCountedOnce: the end of the session of a device
+// that is revoked is counted once, as revoked, whether the revocation
+// alone ends it, or lands while the certificate sweep checks the session
+// (before the sweep marks it ended), or right after the sweep marked and
+// counted the session (its serial revoked) and before it ended it. Before,
+// the revocation (disconnect) counted a session the sweep had marked and
+// counted already: it looked only at whether the session was closed.
+func TestRevokedSessionEndCountedOnce(t *testing.T) {
+	const revokedLine = "mqtt: session closed: its certificate or device was revoked"
+	for _, tc := range []struct {
+		name string
+		end  func(r *rig, id *sweptIdentity, hook *logbuf.Hook, serial string)
+	}{
+		{"revocation", func(r *rig, _ *sweptIdentity, _ *logbuf.Hook, _ string) {
+			r.ca.Revocations().RevokeDevice("deva")
+		}},
+		{"revocation during the sweep's check", func(r *rig, id *sweptIdentity, _ *logbuf.Hook, _ string) {
+			revoke := func(dev string) { r.ca.Revocations().RevokeDevice(dev) }
+			id.inCheck.Store(&revoke)
+		}},
+		{"revocation after the sweep counted", func(r *rig, _ *sweptIdentity, hook *logbuf.Hook, serial string) {
+			hook.Arm(func() { r.ca.Revocations().RevokeDevice("deva") })
+			r.ca.Revocations().RevokeSerial(serial)
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			id := &sweptIdentity{}
+			r, _, _, hook := newCertRigWith(t, func(ca *pki.CA, base bridges.Identity) bridges.Identity {
+				id.Identity, id.ca = base, ca
+				return id
+			}, revokedLine)
+			cert, leaf := r.issue(t, "deva")
+			d := r.mustConnect(t, "deva", 5, cert)
+			tc.end(r, id, hook, pki.Serial(leaf))
+			d.endedWithin(certEndWithin, tc.name)
+			waitFor(t, "the session to end", func() bool { return r.s.SessionCount() == 0 })
+			time.Sleep(5 * certSweep) // a second count would come within a sweep or two
+			if got := r.refusals(hub.ReasonRevoked); got != 1 {
+				t.Errorf("revoked refusals %v, want 1", got)
+			}
+		})
 	}
 }

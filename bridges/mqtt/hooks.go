@@ -13,6 +13,7 @@ import (
 
 	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/bridges/hub"
+	"github.com/bastion-iot/bastion/internal/ratelog"
 	"github.com/bastion-iot/bastion/pki"
 )
 
@@ -198,7 +199,7 @@ func (h *authHook) OnPacketRead(cl *mochi.Client, pk packets.Packet) (packets.Pa
 	}
 	h.s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonQoS).Inc()
 	h.s.log.Warn("mqtt: session closed: the device published with QoS 2; this gateway takes QoS 0 and 1, publish with QoS 1",
-		"device", cl.ID, "topic", clip(pk.TopicName), "reason", hub.ReasonQoS)
+		"device", cl.ID, "topic", ratelog.Clip(pk.TopicName, maxLoggedTopic), "reason", hub.ReasonQoS)
 	h.s.endSession(cl, packets.ErrQosNotSupported, time.Now().Add(endWait))
 	return pk, packets.ErrRejectPacket // ends mochi's read loop
 }
@@ -261,7 +262,7 @@ func (h *authHook) OnACLCheck(cl *mochi.Client, topic string, write bool) bool {
 			return true
 		}
 		h.s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonPublishACL).Inc()
-		h.s.deviceLine(slog.LevelWarn, "publish_acl", cl.ID, "mqtt: publish refused: topic outside the device namespace", "topic", clip(topic),
+		h.s.deviceLine(slog.LevelWarn, "publish_acl", cl.ID, "mqtt: publish refused: topic outside the device namespace", "topic", ratelog.Clip(topic, maxLoggedTopic),
 			"allowed", bridges.TopicPrefix(cl.ID)+"t/... or s/...")
 		return false
 	}
@@ -269,7 +270,7 @@ func (h *authHook) OnACLCheck(cl *mochi.Client, topic string, write bool) bool {
 		return true
 	}
 	h.s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonSubscribeACL).Inc()
-	h.s.deviceLine(slog.LevelWarn, "subscribe_acl", cl.ID, "mqtt: subscribe refused: "+filterRefusal(cl.ID, topic), "filter", clip(topic), "filter_bytes", len(topic),
+	h.s.deviceLine(slog.LevelWarn, "subscribe_acl", cl.ID, "mqtt: subscribe refused: "+filterRefusal(cl.ID, topic), "filter", ratelog.Clip(topic, maxLoggedTopic), "filter_bytes", len(topic),
 		"allowed", bridges.TopicPrefix(cl.ID)+"c/# or "+hub.BroadcastPrefix+"#")
 	return false
 }
@@ -284,15 +285,9 @@ func filterRefusal(device, filter string) string {
 	return "filter outside the device namespace"
 }
 
-// clip shortens what a device sent for a log line: a filter may be as
-// long as a packet.
-func clip(s string) string {
-	const n = 96
-	if len(s) <= n {
-		return s
-	}
-	return strings.ToValidUTF8(s[:n], "") + "…"
-}
+// maxLoggedTopic bounds a topic or filter a device sent in a log line
+// (ratelog.Clip): one may be as long as a packet.
+const maxLoggedTopic = 96
 
 // OnWill treats a device's Will as a publish by the device at the moment
 // its connection ends: the same namespace, payload limit and retained cap,
@@ -461,6 +456,6 @@ func (h *authHook) OnSubscribed(cl *mochi.Client, pk packets.Packet, codes []byt
 		}
 		h.s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonSubscriptionsLimit).Inc()
 		h.s.deviceLine(slog.LevelWarn, "subscriptions_limit", cl.ID, "mqtt: subscribe refused: the device holds as many subscriptions as it may; unsubscribe first or use a wildcard",
-			"filter", clip(sub.Filter), "limit", h.s.cfg.MaxSubscriptions)
+			"filter", ratelog.Clip(sub.Filter, maxLoggedTopic), "limit", h.s.cfg.MaxSubscriptions)
 	}
 }

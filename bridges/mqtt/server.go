@@ -387,6 +387,12 @@ func (s *Server) disconnect(device string) {
 		if cl.Closed() {
 			continue
 		}
+		if pc, ok := cl.Net.Conn.(*pipeConn); ok && !pc.refused.CompareAndSwap(false, true) {
+			// Ended and counted already, by the certificate sweep or an
+			// earlier revocation, whose close is under way: counting it
+			// here too counted one session's end twice.
+			continue
+		}
 		s.log.Info("mqtt: closing session of revoked device", "device", device, "remote", cl.Net.Remote)
 		s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonRevoked).Inc()
 		s.closeSession(cl)

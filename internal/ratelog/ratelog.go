@@ -1,16 +1,31 @@
-// Package ratelog spaces log lines about events a peer can repeat at the
-// rate it can send: at most one line per kind of event per interval,
-// saying how many of that kind were not logged since the line before.
-// The metrics count every event; the log says what is happening without a
-// flood writing one line per packet to a router's small disk.
+// Package ratelog bounds what peers can make the log write: it spaces log
+// lines about events a peer can repeat at the rate it can send (at most
+// one line per kind of event per interval, saying how many of that kind
+// were not logged since the line before), and cuts text a peer chose
+// (Clip). The metrics count every event; the log says what is happening
+// without a flood writing one line per packet to a router's small disk.
 package ratelog
 
 import (
 	"context"
 	"log/slog"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 )
+
+// Clip is text a peer chose (a topic or filter, a path, a claimed device
+// id, an error that quotes what the peer sent), for a log line: s cut
+// after max bytes, at a rune boundary (invalid UTF-8 in what is kept is
+// dropped), and marked with its full length; s itself if it is no longer.
+// A topic can be as long as a packet.
+func Clip(s string, max int) string {
+	if len(s) <= max {
+		return s
+	}
+	return strings.ToValidUTF8(s[:max], "") + "… (" + strconv.Itoa(len(s)) + " bytes)"
+}
 
 // Every is the limiter. Kinds should come from a small set (a reason, or
 // a reason and an authenticated device id), not from text a peer chose:

@@ -69,3 +69,22 @@ func TestEveryScansOncePerInterval(t *testing.T) {
 		t.Fatalf("%d kinds held an interval after the last scan, want 2 (b and c)", len(l.kinds))
 	}
 }
+
+// Clip keeps text up to max bytes as it is, and cuts longer text at a
+// rune boundary, marked with its full length.
+func TestClip(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		max  int
+		want string
+	}{
+		{"devices/a/c/x", 96, "devices/a/c/x"},
+		{"abcd", 4, "abcd"},
+		{"abcdef", 4, "abcd… (6 bytes)"},
+		{"ab€cd", 4, "ab… (7 bytes)"}, // € is 3 bytes: not cut in two
+	} {
+		if got := Clip(tc.in, tc.max); got != tc.want {
+			t.Errorf("Clip(%q, %d) = %q, want %q", tc.in, tc.max, got, tc.want)
+		}
+	}
+}
