@@ -287,7 +287,7 @@ func TestBastionExpiryDuringTakeover(t *testing.T) {
 	require.NoError(t, s.AddHook(&takeoverDisconnectHook{target: old, during: func() {
 		ran = true
 		go func() {
-			s.expireClient(old)
+			s.dropSession(old)
 			close(expired)
 		}()
 		// Until the expiry has run, or waits for the session lock the

@@ -437,25 +437,11 @@ func (s *Server) attachClient(cl *Client, listener string) error {
 	expire := (cl.Properties.ProtocolVersion == 5 && cl.Properties.Props.SessionExpiryInterval == 0) || (cl.Properties.ProtocolVersion < 5 && cl.Properties.Clean)
 	s.hooks.OnDisconnect(cl, err, expire)
 
-	// Bastion patch (10): the ended session's state is dropped only if it
-	// is still the client held under its id. A new connection taking the
-	// session over sets IsTakenOver only after it found and disconnected
-	// this one, and adds itself right after; this session's goroutine may
-	// pass the IsTakenOver check before that and delete the new client,
-	// which then is no longer found (by revocation, by a takeover of its
-	// own) while it is connected. Deleted first, under the clients' lock,
-	// so that the new client is either not added yet (and finds nothing to
-	// take over: this session is clean) or is left alone.
-	// Bastion patch (12): and under the id's session lock, so that a
-	// takeover copying this session's subscriptions to its successor does
-	// not run beside their removal here.
-	if expire && !cl.IsTakenOver() {
-		unlock := s.Clients.lockSession(cl.ID)
-		if !cl.IsTakenOver() && s.Clients.deleteIfCurrent(cl) {
-			cl.ClearInflights()
-			s.UnsubscribeClient(cl) // [MQTT-4.1.0-2] ![MQTT-3.1.2-23]
-		}
-		unlock()
+	// Bastion patches (10), (12): a clean session's state is dropped as an
+	// expired session's is, by dropSession (only if it is still the client
+	// held under its id, under the id's session lock).
+	if expire {
+		s.dropSession(cl) // [MQTT-4.1.0-2] ![MQTT-3.1.2-23]
 	}
 
 	return err
@@ -1846,22 +1832,42 @@ func (s *Server) clearExpiredClients(dt int64) {
 
 		if disconnected+int64(expire) < dt {
 			s.hooks.OnClientExpired(client)
-			s.expireClient(client) // [MQTT-4.1.0-2]
+			s.dropSession(client) // [MQTT-4.1.0-2]
 		}
 	}
 }
 
-// expireClient drops the state of an expired session (Bastion patch (12),
-// third_party/README.md). The client was deleted from Clients and nothing
-// else: its subscriptions stayed in the topic tree under its id for good,
-// beyond any subscription limit, and were delivered to the id's next
-// clean session; its inflight messages stayed with it. And it was deleted
-// by id, taking with it a new client of that id that had taken the
-// session over since GetAll. Under the id's session lock, a takeover has
-// either happened (the client is no longer the one held: nothing to do,
-// the takeover dealt with its state) or happens after this (and finds no
-// session).
-func (s *Server) expireClient(cl *Client) {
+// dropSession drops the state of a session that has ended for good: a
+// clean session whose connection closed (attachClient) or a disconnected
+// session that expired (clearExpiredClients). Bastion patches (10), (12),
+// third_party/README.md; one function for both so that they cannot drift.
+//
+// Upstream deleted the client by id, which could be a new client of that
+// id that had taken the session over meanwhile: the ended session's
+// goroutine, woken by the takeover's DISCONNECT, could pass the
+// IsTakenOver check before the takeover set it and then delete the new
+// client the takeover added right after; an expiry deleted a client that
+// had taken the session over since GetAll. Revocation and later takeovers
+// no longer found the connected session. And an expiry did nothing else:
+// the expired session's subscriptions stayed in the topic tree under its
+// id for good, beyond any subscription limit, and were delivered to the
+// id's next clean session; its inflight messages stayed with it.
+//
+// Here the client is deleted only if it is still the one held under its
+// id (Clients.deleteIfCurrent), and only then unsubscribed and its
+// inflights cleared, under the id's session lock, so that a takeover has
+// either happened (cl is no longer the one held: nothing to do, the
+// takeover dealt with its state) or happens after this (and finds no
+// session); a takeover copying cl's subscriptions to its successor never
+// runs beside their removal here. IsTakenOver is set only by a takeover,
+// under that lock and before it adds the new client, so under the lock a
+// client taken over is never the one held: the check before the lock
+// (upstream's) only spares a session taken over the wait for a takeover
+// that still holds the lock.
+func (s *Server) dropSession(cl *Client) {
+	if cl.IsTakenOver() {
+		return
+	}
 	unlock := s.Clients.lockSession(cl.ID)
 	defer unlock()
 	if !s.Clients.deleteIfCurrent(cl) {

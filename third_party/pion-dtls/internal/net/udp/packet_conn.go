@@ -311,9 +311,10 @@ func (l *listener) dispatch(buf []byte, ap netip.AddrPort) {
 		}
 		n, accept, t := l.helloVerify(buf, ap, l.verifyReply[:])
 		if n > 0 {
-			// The sender's address is not verified: the answer never
-			// waits for room in the socket (OpenSSL drops it too).
-			l.io.tryWriteTo(l.verifyReply[:n], ap)
+			// The sender's address is not verified: on Linux the answer
+			// never waits for room in the socket (OpenSSL drops it
+			// too), as no write there does (udpIO.writeTo).
+			_, _ = l.io.writeTo(l.verifyReply[:n], nil, ap)
 		}
 		if !accept {
 			return

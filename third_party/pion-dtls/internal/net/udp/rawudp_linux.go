@@ -52,7 +52,8 @@ type rawUDP struct {
 	serveFn  func(fd uintptr) bool
 	dispatch func(b []byte, ap netip.AddrPort)
 	recvs    atomic.Int64 // recvmmsg calls serve made (for its test)
-	zones    map[uint32]string
+	// zones names the zones of the datagrams read (zone).
+	zones zoneCache[uint32, string]
 
 	// Write state: the callbacks RawConn runs are made once, with their
 	// arguments here, so a write allocates nothing; wmu serialises writers
@@ -67,7 +68,7 @@ type rawUDP struct {
 	writeFn func(fd uintptr) bool
 	// wzones are the interface indexes of the zones written to (under
 	// wmu; zoneIndex).
-	wzones map[string]zoneEntry
+	wzones zoneCache[string, uint32]
 	// dropped is told of each datagram dropped for want of room
 	// (ListenConfig.WriteDropped); nil: none is told.
 	dropped func(to netip.AddrPort, size int)
@@ -240,22 +241,15 @@ func (r *rawUDP) addrPort(sa *syscall.RawSockaddrInet6) netip.AddrPort {
 }
 
 // zone names interface index i as net's zone cache does: its name, or
-// the number when no interface has it. Names are kept (link-local peers
-// come back); an unknown index is looked up again next time.
+// the number when no interface has it (zoneCache says for how long).
 func (r *rawUDP) zone(i uint32) string {
-	if z, ok := r.zones[i]; ok {
-		return z
-	}
-	ifi, err := net.InterfaceByIndex(int(i))
-	if err != nil {
-		return strconv.FormatUint(uint64(i), 10)
-	}
-	if r.zones == nil {
-		r.zones = map[uint32]string{}
-	}
-	r.zones[i] = ifi.Name
+	return r.zones.get(i, func(i uint32) (string, bool) {
+		if ifi, err := net.InterfaceByIndex(int(i)); err == nil {
+			return ifi.Name, true
+		}
 
-	return ifi.Name
+		return strconv.FormatUint(uint64(i), 10), false
+	})
 }
 
 // write is RawConn.Write's callback. It always returns true: at EAGAIN
@@ -276,14 +270,8 @@ func (r *rawUDP) write(fd uintptr) bool {
 	}
 }
 
-// tryWriteTo sends b to ap if the socket takes it now and drops it
-// otherwise (Bastion patch (51)); with patch (52) every write does.
-func (r *rawUDP) tryWriteTo(b []byte, ap netip.AddrPort) {
-	_, _ = r.send(b, nil, ap)
-}
-
-// writeTo sends b to ap (addr is ap as a net.Addr, for errors and for the
-// portable path).
+// writeTo sends b to ap (addr is ap as a net.Addr, or nil: made from ap
+// where net needs it, for errors). It never waits: see send.
 func (r *rawUDP) writeTo(b []byte, addr net.Addr, ap netip.AddrPort) (int, error) {
 	return r.send(b, addr, ap)
 }
@@ -372,41 +360,80 @@ func (r *rawUDP) send(b []byte, addr net.Addr, ap netip.AddrPort) (int, error) {
 }
 
 // zoneIndex is the index of the interface zone names, as net finds it for
-// a write: a name, or a number; 0 (the kernel's error for a link-local
-// address) if no interface has it. An answer is kept for a minute, as net
-// keeps its zone names: a link-local peer writes again, and an interface
-// that is made again gets a new index. wmu is held.
+// a write: a name, or a number; 0 if it is neither, as net makes it (no
+// interface given: the kernel picks one by its routes). zoneCache says
+// for how long an answer is kept. wmu is held.
 func (r *rawUDP) zoneIndex(zone string) uint32 {
-	now := time.Now()
-	if z, ok := r.wzones[zone]; ok && now.Sub(z.at) < time.Minute {
-		return z.index
-	}
-	var i uint32
-	if ifi, err := net.InterfaceByName(zone); err == nil {
-		i = uint32(ifi.Index) //nolint:gosec // G115, an interface index
-	} else if n, err := strconv.ParseUint(zone, 10, 32); err == nil {
-		i = uint32(n)
-	}
-	if r.wzones == nil {
-		r.wzones = map[string]zoneEntry{}
-	}
-	if len(r.wzones) >= maxZones {
-		clear(r.wzones)
-	}
-	r.wzones[zone] = zoneEntry{index: i, at: now}
+	return r.wzones.get(zone, func(zone string) (uint32, bool) {
+		if ifi, err := net.InterfaceByName(zone); err == nil {
+			return uint32(ifi.Index), true //nolint:gosec // G115, an interface index
+		}
+		if n, err := strconv.ParseUint(zone, 10, 32); err == nil {
+			return uint32(n), false
+		}
 
-	return i
+		return 0, false
+	})
 }
 
-// zoneEntry is an interface index zoneIndex found, and when.
-type zoneEntry struct {
-	index uint32
-	at    time.Time
+// zoneCache keeps what the interface lookups of IPv6 zones (link-local
+// peers) found, one way each: the read loop's (rawUDP.zones) an index's
+// name (zone), the writers' (wzones, under wmu) a name's index
+// (zoneIndex). Two caches, so that the read loop never waits for a lock a
+// writer holds; one type, so that both expire alike, as net's own zone
+// cache does:
+//   - an answer that found an interface is kept for zoneTTL (net fetches
+//     the interface list again when its copy is a minute old): an
+//     interface renamed, or deleted and made again with a new index, is
+//     seen both ways within a minute;
+//   - an answer that found none (the index as a number; a number, or 0,
+//     for a name) is not kept (net, too, fetches the list again at once
+//     for a zone it does not know): an interface that appears is found by
+//     the next datagram.
+//
+// Zones come from the addresses datagrams were read from, i.e. from the
+// host's interfaces; at most maxZones are kept, all dropped when that many
+// are.
+type zoneCache[K comparable, V any] struct {
+	m map[K]zoneEntry[V]
 }
 
-// maxZones bounds wzones (zones come from the addresses datagrams were
-// read from, i.e. from the host's interfaces).
+// zoneEntry is an answer zoneCache keeps, and when it was found.
+type zoneEntry[V any] struct {
+	v  V
+	at time.Time
+}
+
+// maxZones bounds a zoneCache.
 const maxZones = 64
+
+// zoneTTL is how long a zoneCache keeps an answer: as long as net keeps
+// the interface list its zone cache is made of.
+const zoneTTL = time.Minute
+
+// get returns k's answer, kept or from lookup, which also reports whether
+// it found an interface (only then is the answer kept).
+func (c *zoneCache[K, V]) get(k K, lookup func(K) (V, bool)) V {
+	now := time.Now()
+	if e, ok := c.m[k]; ok && now.Sub(e.at) < zoneTTL {
+		return e.v
+	}
+	v, found := lookup(k)
+	if !found {
+		delete(c.m, k)
+
+		return v
+	}
+	if c.m == nil {
+		c.m = map[K]zoneEntry[V]{}
+	}
+	if len(c.m) >= maxZones {
+		clear(c.m)
+	}
+	c.m[k] = zoneEntry[V]{v: v, at: now}
+
+	return v
+}
 
 func (r *rawUDP) opError(op string, addr net.Addr, err error) error {
 	return &net.OpError{Op: op, Net: "udp", Source: r.conn.LocalAddr(), Addr: addr, Err: err}

@@ -192,38 +192,21 @@ func TestBastionSessionWriteNeverWaits(t *testing.T) {
 // with ip and tc.
 func stalledListener(t *testing.T, tag string, lc ListenConfig) (*listener, net.PacketConn) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		requirement(t, "needs root to make network namespaces and a qdisc")
-	}
-	for _, tool := range []string{"ip", "tc"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			requirement(t, tool+" (Debian iproute2) is not installed")
-		}
-	}
-	nsA := fmt.Sprintf("bastion-%s-a-%d", tag, os.Getpid())
-	nsB := fmt.Sprintf("bastion-%s-b-%d", tag, os.Getpid())
-	run := func(args ...string) {
-		t.Helper()
-		if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil { //nolint:gosec // fixed test commands
-			t.Fatalf("%s: %v: %s", strings.Join(args, " "), err, out)
-		}
-	}
-	run("ip", "netns", "add", nsA)
-	t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", nsA).Run() })
-	run("ip", "netns", "add", nsB)
-	t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", nsB).Run() })
-	run("ip", "link", "add", tag+"a", "address", "02:00:00:00:51:01", "netns", nsA,
+	needNetns(t, "network namespaces and a qdisc", "ip", "tc")
+	nsA := addNetns(t, tag+"-a")
+	nsB := addNetns(t, tag+"-b")
+	runCmd(t, "ip", "link", "add", tag+"a", "address", "02:00:00:00:51:01", "netns", nsA,
 		"type", "veth", "peer", "name", tag+"b", "address", "02:00:00:00:51:02", "netns", nsB)
-	run("ip", "-n", nsA, "addr", "add", "10.251.0.1/30", "dev", tag+"a")
-	run("ip", "-n", nsB, "addr", "add", "10.251.0.2/30", "dev", tag+"b")
-	run("ip", "-n", nsA, "link", "set", tag+"a", "up")
-	run("ip", "-n", nsB, "link", "set", tag+"b", "up")
+	runCmd(t, "ip", "-n", nsA, "addr", "add", "10.251.0.1/30", "dev", tag+"a")
+	runCmd(t, "ip", "-n", nsB, "addr", "add", "10.251.0.2/30", "dev", tag+"b")
+	runCmd(t, "ip", "-n", nsA, "link", "set", tag+"a", "up")
+	runCmd(t, "ip", "-n", nsB, "link", "set", tag+"b", "up")
 	// Static neighbours: no ARP exchange to pass through the stalled qdisc.
-	run("ip", "-n", nsA, "neigh", "add", "10.251.0.2", "lladdr", "02:00:00:00:51:02", "dev", tag+"a", "nud", "permanent")
-	run("ip", "-n", nsB, "neigh", "add", "10.251.0.1", "lladdr", "02:00:00:00:51:01", "dev", tag+"b", "nud", "permanent")
+	runCmd(t, "ip", "-n", nsA, "neigh", "add", "10.251.0.2", "lladdr", "02:00:00:00:51:02", "dev", tag+"a", "nud", "permanent")
+	runCmd(t, "ip", "-n", nsB, "neigh", "add", "10.251.0.1", "lladdr", "02:00:00:00:51:01", "dev", tag+"b", "nud", "permanent")
 	// A datagram from the listener drains every minute or two: nothing the
 	// listener sends after the first couple leaves during the test.
-	run("ip", "netns", "exec", nsA, "tc", "qdisc", "add", "dev", tag+"a", "root", "tbf",
+	runCmd(t, "ip", "netns", "exec", nsA, "tc", "qdisc", "add", "dev", tag+"a", "root", "tbf",
 		"rate", "8bit", "burst", "225", "limit", "1000000")
 
 	lc.ListenConfig = net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
@@ -259,6 +242,39 @@ func stalledListener(t *testing.T, tag string, lc ListenConfig) (*listener, net.
 	t.Cleanup(func() { _ = peer.Close() })
 
 	return ln, peer
+}
+
+// needNetns skips t (see requirement) unless it runs as root with tools,
+// which it needs to make what (network namespaces, ...).
+func needNetns(t *testing.T, what string, tools ...string) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		requirement(t, "needs root to make "+what)
+	}
+	for _, tool := range tools {
+		if _, err := exec.LookPath(tool); err != nil {
+			requirement(t, tool+" (Debian iproute2) is not installed")
+		}
+	}
+}
+
+// addNetns makes a network namespace named from tag (and the test
+// process), deleted, with everything in it, when t ends.
+func addNetns(t *testing.T, tag string) string {
+	t.Helper()
+	name := fmt.Sprintf("bastion-%s-%d", tag, os.Getpid())
+	runCmd(t, "ip", "netns", "add", name)
+	t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", name).Run() })
+
+	return name
+}
+
+// runCmd runs a set-up command and fails t if it fails.
+func runCmd(t *testing.T, args ...string) {
+	t.Helper()
+	if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil { //nolint:gosec // fixed test commands
+		t.Fatalf("%s: %v: %s", strings.Join(args, " "), err, out)
+	}
 }
 
 // requirement skips t with reason, or fails it when the test command asks

@@ -25,16 +25,20 @@ type udpIO interface {
 	// readBatch reads one or more datagrams into dst and returns how
 	// many; it waits for the first.
 	readBatch(dst *[readBatch]datagram) (int, error)
-	// writeTo sends b to addr, which is ap (invalid when addr is not a UDP
-	// address). On Linux it never waits for room in the socket: a
-	// datagram the socket cannot take now is dropped, reported to
+	// writeTo sends b to ap; addr is ap as a net.Addr, or nil (then made
+	// from ap where needed). ap is invalid when addr is not a UDP address.
+	// Every write on the listener's socket goes through it: a connection's
+	// (PacketConn.WriteTo) and the read loop's answers to datagrams from
+	// unverified addresses (ListenConfig.HelloVerify, patch (51)).
+	//
+	// Whether it waits for room in the socket differs by platform, here
+	// only: on Linux (rawUDP, linux && !386) it never waits: a datagram
+	// the socket cannot take now is dropped, reported to
 	// ListenConfig.WriteDropped and returned as sent (Bastion patch (52),
-	// rawUDP.send).
+	// rawUDP.send). Elsewhere (portableUDP: other systems, linux/386, and a
+	// Linux socket rawUDP cannot drive) it waits as net.UDPConn's write
+	// does, the read loop's answers too: net has no send that never waits.
 	writeTo(b []byte, addr net.Addr, ap netip.AddrPort) (int, error)
-	// tryWriteTo sends b to ap if the socket takes it at once, and drops
-	// it otherwise (Bastion patch (51): the read loop's answers to
-	// datagrams from unverified addresses never wait).
-	tryWriteTo(b []byte, ap netip.AddrPort)
 }
 
 // portableUDP is net.UDPConn's I/O, one datagram per read.
@@ -53,12 +57,11 @@ func (p *portableUDP) readBatch(dst *[readBatch]datagram) (int, error) {
 	return 1, nil
 }
 
-// writeTo and tryWriteTo wait for room in the socket when it has none:
-// net has no send that never waits (patch (52) is Linux's rawUDP only).
-func (p *portableUDP) writeTo(b []byte, addr net.Addr, _ netip.AddrPort) (int, error) {
-	return p.conn.WriteTo(b, addr)
-}
+// writeTo waits for room in the socket when it has none (see udpIO).
+func (p *portableUDP) writeTo(b []byte, addr net.Addr, ap netip.AddrPort) (int, error) {
+	if addr == nil {
+		return p.conn.WriteToUDPAddrPort(b, ap)
+	}
 
-func (p *portableUDP) tryWriteTo(b []byte, ap netip.AddrPort) {
-	_, _ = p.conn.WriteToUDPAddrPort(b, ap)
+	return p.conn.WriteTo(b, addr)
 }
