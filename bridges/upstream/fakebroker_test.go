@@ -1066,3 +1066,113 @@ func TestPreparedReloadInstallsWhatWasRead(t *testing.T) {
 		t.Errorf("status subject %q after Apply, want the certificate PrepareReload read", st.ClientCertSubject)
 	}
 }
+
+// holdLog passes records on to Handler, except that it holds the first one
+// whose message starts with prefix (closing hit when it comes) until
+// release is closed: a test acts inside the window that log line is in.
+type holdLog struct {
+	slog.Handler
+	prefix       string
+	once         *sync.Once
+	hit, release chan struct{}
+}
+
+func newHoldLog(prefix string) holdLog {
+	return holdLog{Handler: testLog().Handler(), prefix: prefix, once: new(sync.Once), hit: make(chan struct{}), release: make(chan struct{})}
+}
+
+// Enabled is true: the records it holds must reach Handle, whatever
+// testLog passes on.
+func (holdLog) Enabled(context.Context, slog.Level) bool { return true }
+
+func (h holdLog) Handle(ctx context.Context, r slog.Record) error {
+	if strings.HasPrefix(r.Message, h.prefix) {
+		h.once.Do(func() {
+			close(h.hit)
+			<-h.release
+		})
+	}
+	if !h.Handler.Enabled(ctx, r.Level) {
+		return nil
+	}
+	return h.Handler.Handle(ctx, r)
+}
+
+func (h holdLog) WithAttrs(as []slog.Attr) slog.Handler {
+	h.Handler = h.Handler.WithAttrs(as)
+	return h
+}
+
+func (h holdLog) WithGroup(name string) slog.Handler {
+	h.Handler = h.Handler.WithGroup(name)
+	return h
+}
+
+// fullParking is a small parking queue filled with copies of m until it
+// refuses one: m does not fit.
+func fullParking(t *testing.T, m bridges.Message) *queue.Queue {
+	t.Helper()
+	p, err := queue.Open(t.TempDir(), queue.Options{MaxBytes: 6 << 10, SegmentBytes: 2 << 10}, testLog(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+	m.Device = "filler"
+	for {
+		err := p.Accept(context.Background(), m)
+		if errors.Is(err, bridges.ErrQueueFull) {
+			return p
+		}
+		if err != nil {
+			t.Fatalf("fill the parking queue: %v", err)
+		}
+	}
+}
+
+// TestDropParkedWakesAStallInProgress: the parking queue is full when the
+// link parks a message beyond its topic limits, and the operator drops the
+// parked messages after the parking queue refused it but before the sender
+// recorded the stall (the log line in between holds the sender there).
+// DropParked's wake-up found no stalled run, and the device's messages
+// waited for the retry timer (backoff_max: an hour here). The sender now
+// sees, when it records the stall, that room came meanwhile, and starts
+// again at once: the message is parked and the device's next one sent.
+func TestDropParkedWakesAStallInProgress(t *testing.T) {
+	fb := closingBroker(t)
+	dir := t.TempDir()
+	deep := bridges.Message{Device: "deep", Topic: "devices/deep/t/a/b/c/d", QoS: 1, Payload: fmt.Appendf(nil, `{"pad":%q}`, strings.Repeat("x", 1500))}
+	queueBefore(t, dir, deep, telemetry("deep", 1))
+	cfg := fb.config(t)
+	cfg.MaxTopicLevels = 7
+	cfg.BackoffMax = time.Hour // no retry on the timer: room comes from the drop
+	p := fullParking(t, deep)
+	h := newHoldLog("upstream: a refused message cannot be parked")
+	l := startLinkWith(t, cfg, dir, func(u *Upstream) {
+		u.SetParking(p)
+		u.log = slog.New(h).With("component", "upstream")
+	})
+	var released sync.Once
+	release := func() { released.Do(func() { close(h.release) }) }
+	t.Cleanup(release) // before l.stop: a sender held in the log would hold it up
+	select {
+	case <-h.hit:
+	case <-time.After(10 * time.Second):
+		t.Fatalf("the link did not try to park the deep message; status %+v", l.up.Status())
+	}
+	n, err := l.up.DropParked(context.Background())
+	if err != nil || n == 0 {
+		t.Fatalf("DropParked = %d, %v; want the fillers dropped", n, err)
+	}
+	release()
+	select {
+	case topic := <-fb.acked:
+		if topic != "bastion/gw1/deep/t/n" {
+			t.Fatalf("the broker acknowledged %s, want deep's next message", topic)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatalf("deep's next message was not sent within 10s of the drop (the retry timer is an hour); parked %d; status %+v", p.Stats().Depth, l.up.Status())
+	}
+	if d := p.Stats().Depth; d != 1 {
+		t.Errorf("parked %d, want the deep message alone", d)
+	}
+}

@@ -271,6 +271,7 @@ func (u *Upstream) retryStalled(n int) {
 	if n == 0 {
 		return
 	}
+	u.roomMade.Add(1)
 	if r := u.running.Load(); r != nil && r.stalled.Load() {
 		u.log.Info("upstream: room in the parking queue; sending again from the head of the queue to park the messages that did not fit")
 		r.rerun()
