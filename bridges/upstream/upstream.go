@@ -1010,6 +1010,9 @@ feed:
 			}
 			break
 		}
+		if cursor == 0 && len(es) > 0 {
+			r.conn.forgetBelow(es[0].Seq)
+		}
 		for _, e := range es {
 			cursor = e.Seq
 			if stalled[e.Device] {
@@ -1173,9 +1176,6 @@ func (r *sendRun) answered(seq uint64) {
 	if seq > r.ackedTo.Load() {
 		r.ackedTo.Store(seq)
 	}
-	if r.conn != nil {
-		r.conn.answered(seq)
-	}
 }
 
 // end is how the run's connection ended (once it has).
@@ -1265,11 +1265,13 @@ func (r *sendRun) puback(seq uint64, dev string, reason byte) {
 		if u.parkRefused(seq, dev, reason, why) {
 			return
 		}
+		r.conn.keep(seq)
 		r.hold(dev)
 		r.fail(fmt.Errorf("upstream broker %s refused seq %d from %s with %s; it stays queued and is retried, with %s's messages sent after it (order per device)", u.cur.Load().cfg.Broker, seq, dev, why, dev))
 		return
 	}
 	if r.holds(dev) {
+		r.conn.keep(seq)
 		return // stays queued: resent after the refused one
 	}
 	if err := u.q.Ack(seq); err != nil {
