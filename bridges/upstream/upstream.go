@@ -115,6 +115,13 @@ type Upstream struct {
 	lines   *ratelog.Every
 	restart context.CancelFunc
 	parks   parkBucket
+
+	// parkMu serializes parkEntry. parkedFrom maps the main queue's seq of
+	// a parked message that the main queue still holds (its delete there
+	// failed) to its seq in the parking queue (nil: to be read again from
+	// the parking queue; parkedCopy).
+	parkMu     sync.Mutex
+	parkedFrom map[uint64]uint64
 	// running is the sender's current run (nil between runs).
 	running atomic.Pointer[sendRun]
 	// roomMade counts RetryParked and DropParked calls that took messages
