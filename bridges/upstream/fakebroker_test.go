@@ -79,6 +79,9 @@ type fakeAnswer struct {
 	disconnect bool // no PUBACK: a DISCONNECT with reason, and the connection ends
 	reason     byte
 	close      bool // no PUBACK: the connection closes (no DISCONNECT)
+	// hold: a success PUBACK, not sent yet: it goes out with the next
+	// answer that is not held, in the same write.
+	hold bool
 }
 
 // fakeConn is one client connection to a fakeBroker.
@@ -96,6 +99,8 @@ type fakeConn struct {
 	// each bastion-seq's PUBLISHes on it (for a script).
 	index int
 	seen  map[uint64]int
+	// held are the PUBLISHes whose PUBACK a script held (fakeAnswer.hold).
+	held []*packets.Publish
 }
 
 func startFakeBroker(t *testing.T, opts ...func(*fakeBroker)) *fakeBroker {
@@ -262,15 +267,31 @@ func (c *fakeConn) serve(t *testing.T, conns chan<- *fakeConn) {
 				c.disconnect(a.reason)
 				return
 			}
-			if c.write(&packets.Puback{PacketID: p.PacketID, ReasonCode: a.puback, Properties: &packets.Properties{}}) != nil {
-				return
-			}
-			if a.puback >= 0x80 {
+			if a.hold {
+				c.held = append(c.held, p)
 				continue
 			}
-			c.b.acked <- p.Topic
-			if c.b.ackedPubs != nil {
-				c.b.ackedPubs <- p
+			var b bytes.Buffer
+			for _, h := range c.held {
+				(&packets.Puback{PacketID: h.PacketID, Properties: &packets.Properties{}}).WriteTo(&b)
+			}
+			(&packets.Puback{PacketID: p.PacketID, ReasonCode: a.puback, Properties: &packets.Properties{}}).WriteTo(&b)
+			c.wmu.Lock()
+			_, err := c.conn.Write(b.Bytes())
+			c.wmu.Unlock()
+			if err != nil {
+				return
+			}
+			answered := c.held
+			c.held = nil
+			if a.puback < 0x80 {
+				answered = append(answered, p)
+			}
+			for _, p := range answered {
+				c.b.acked <- p.Topic
+				if c.b.ackedPubs != nil {
+					c.b.ackedPubs <- p
+				}
 			}
 		case *packets.Pingreq:
 			if c.write(&packets.Pingresp{}) != nil {
@@ -940,9 +961,18 @@ func TestParkingFullStallsOnlyItsDevice(t *testing.T) {
 // no limit. Resent from the queue's head on every reconnect, the message
 // used to hold back every message behind it for ever. The link finds it
 // (slow start after the first close, then the same message alone three
-// times in a row), parks it, and the rest is delivered.
+// times in a row), parks it, and the rest is delivered. Then the link
+// pipelines again: the broker answers the later messages only once five
+// of them await their PUBACK, which a link still in slow start (one
+// PUBLISH in flight, then one more per PUBACK) never gets to.
 func TestParkWhatClosesTheConnection(t *testing.T) {
-	fb := closingBroker(t)
+	var batch atomic.Bool
+	fb := startFakeBroker(t, func(b *fakeBroker) {
+		b.autoAck, b.closeAbove = true, 7
+		b.script = func(c *fakeConn, p *packets.Publish) fakeAnswer {
+			return fakeAnswer{hold: batch.Load() && len(c.held) < 4}
+		}
+	})
 	dir := t.TempDir()
 	deep := queueDeep(t, dir)
 	l := startLink(t, fb.config(t), dir)
@@ -964,21 +994,30 @@ func TestParkWhatClosesTheConnection(t *testing.T) {
 	if v := metricLabel(t, l, "bastion_upstream_parked_total", "connection_closed"); v != 1 {
 		t.Errorf("bastion_upstream_parked_total{reason=connection_closed} = %v, want 1", v)
 	}
-	// Then the link pipelines again: 20 more in one go, none closing.
+	closes := fb.closes.Load()
+	// Then the link pipelines again: 20 more, answered five at a time.
+	batch.Store(true)
 	for i := range 20 {
 		if err := l.up.Accept(context.Background(), telemetry("e", i)); err != nil {
 			t.Fatal(err)
 		}
 	}
-	for range 20 {
+	for i := 0; i < 20; {
 		select {
 		case topic := <-fb.acked:
-			if topic != "bastion/gw1/e/t/n" && topic != "bastion/gw1/a/t/n" && topic != "bastion/gw1/b/t/n" && topic != "bastion/gw1/c/t/n" {
+			switch topic {
+			case "bastion/gw1/e/t/n":
+				i++
+			case "bastion/gw1/a/t/n", "bastion/gw1/b/t/n", "bastion/gw1/c/t/n": // another copy of an earlier one
+			default:
 				t.Fatalf("acknowledged %s", topic)
 			}
 		case <-time.After(10 * time.Second):
-			t.Fatalf("the later messages were not delivered; status %+v", l.up.Status())
+			t.Fatalf("%d of the 20 later messages acknowledged: the broker answers them only once five await their PUBACK, so the link is not pipelining again after the park; status %+v", i, l.up.Status())
 		}
+	}
+	if n := fb.closes.Load(); n != closes {
+		t.Errorf("the broker closed %d more connections after the park", n-closes)
 	}
 }
 
@@ -1025,5 +1064,115 @@ func TestPreparedReloadInstallsWhatWasRead(t *testing.T) {
 	r.Apply()
 	if st := l.up.Status(); st.ClientCertSubject != "CN=gw1-next" {
 		t.Errorf("status subject %q after Apply, want the certificate PrepareReload read", st.ClientCertSubject)
+	}
+}
+
+// holdLog passes records on to Handler, except that it holds the first one
+// whose message starts with prefix (closing hit when it comes) until
+// release is closed: a test acts inside the window that log line is in.
+type holdLog struct {
+	slog.Handler
+	prefix       string
+	once         *sync.Once
+	hit, release chan struct{}
+}
+
+func newHoldLog(prefix string) holdLog {
+	return holdLog{Handler: testLog().Handler(), prefix: prefix, once: new(sync.Once), hit: make(chan struct{}), release: make(chan struct{})}
+}
+
+// Enabled is true: the records it holds must reach Handle, whatever
+// testLog passes on.
+func (holdLog) Enabled(context.Context, slog.Level) bool { return true }
+
+func (h holdLog) Handle(ctx context.Context, r slog.Record) error {
+	if strings.HasPrefix(r.Message, h.prefix) {
+		h.once.Do(func() {
+			close(h.hit)
+			<-h.release
+		})
+	}
+	if !h.Handler.Enabled(ctx, r.Level) {
+		return nil
+	}
+	return h.Handler.Handle(ctx, r)
+}
+
+func (h holdLog) WithAttrs(as []slog.Attr) slog.Handler {
+	h.Handler = h.Handler.WithAttrs(as)
+	return h
+}
+
+func (h holdLog) WithGroup(name string) slog.Handler {
+	h.Handler = h.Handler.WithGroup(name)
+	return h
+}
+
+// fullParking is a small parking queue filled with copies of m until it
+// refuses one: m does not fit.
+func fullParking(t *testing.T, m bridges.Message) *queue.Queue {
+	t.Helper()
+	p, err := queue.Open(t.TempDir(), queue.Options{MaxBytes: 6 << 10, SegmentBytes: 2 << 10}, testLog(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+	m.Device = "filler"
+	for {
+		err := p.Accept(context.Background(), m)
+		if errors.Is(err, bridges.ErrQueueFull) {
+			return p
+		}
+		if err != nil {
+			t.Fatalf("fill the parking queue: %v", err)
+		}
+	}
+}
+
+// TestDropParkedWakesAStallInProgress: the parking queue is full when the
+// link parks a message beyond its topic limits, and the operator drops the
+// parked messages after the parking queue refused it but before the sender
+// recorded the stall (the log line in between holds the sender there).
+// DropParked's wake-up found no stalled run, and the device's messages
+// waited for the retry timer (backoff_max: an hour here). The sender now
+// sees, when it records the stall, that room came meanwhile, and starts
+// again at once: the message is parked and the device's next one sent.
+func TestDropParkedWakesAStallInProgress(t *testing.T) {
+	fb := closingBroker(t)
+	dir := t.TempDir()
+	deep := bridges.Message{Device: "deep", Topic: "devices/deep/t/a/b/c/d", QoS: 1, Payload: fmt.Appendf(nil, `{"pad":%q}`, strings.Repeat("x", 1500))}
+	queueBefore(t, dir, deep, telemetry("deep", 1))
+	cfg := fb.config(t)
+	cfg.MaxTopicLevels = 7
+	cfg.BackoffMax = time.Hour // no retry on the timer: room comes from the drop
+	p := fullParking(t, deep)
+	h := newHoldLog("upstream: a refused message cannot be parked")
+	l := startLinkWith(t, cfg, dir, func(u *Upstream) {
+		u.SetParking(p)
+		u.log = slog.New(h).With("component", "upstream")
+	})
+	var released sync.Once
+	release := func() { released.Do(func() { close(h.release) }) }
+	t.Cleanup(release) // before l.stop: a sender held in the log would hold it up
+	select {
+	case <-h.hit:
+	case <-time.After(10 * time.Second):
+		t.Fatalf("the link did not try to park the deep message; status %+v", l.up.Status())
+	}
+	n, err := l.up.DropParked(context.Background())
+	if err != nil || n == 0 {
+		t.Fatalf("DropParked = %d, %v; want the fillers dropped", n, err)
+	}
+	release()
+	select {
+	case topic := <-fb.acked:
+		if topic != "bastion/gw1/deep/t/n" {
+			t.Fatalf("the broker acknowledged %s, want deep's next message", topic)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatalf("deep's next message was not sent within 10s of the drop (the retry timer is an hour); parked %d; status %+v", p.Stats().Depth, l.up.Status())
+	}
+	if d := p.Stats().Depth; d != 1 {
+		t.Errorf("parked %d, want the deep message alone", d)
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
 	"strings"
 	"time"
 
@@ -138,21 +139,42 @@ func (u *Upstream) parkUnsendable(e queue.Entry, label, why string) error {
 
 var errNoParkingQueue = errors.New("the link has no parking queue")
 
+// parkEntry writes e to the parking queue, then deletes it from the main
+// queue. When that delete fails (the main queue is closed: shutdown) e is
+// held twice; the next park of e, in this run of the link or after a
+// restart, finds the parked copy (parkedCopy) and only deletes it, so that
+// it is parked once and a retry brings back one copy, not two with
+// different seqs.
 func (u *Upstream) parkEntry(e queue.Entry, label, why string) error {
 	p := u.parking.Load()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	log := u.log.With("device", e.Device, "topic", e.Topic, "seq", e.Seq, "bytes", len(e.Payload))
-	pm := e.Message
-	pm.Topic = e.Topic + "\x00" + why
-	if err := p.Accept(ctx, pm); err != nil {
-		log.Error("upstream: a refused message cannot be parked; it stays queued, with its device's later messages behind it, until there is room: retry or drop parked messages with bastionctl upstream parked", "refusal", why, "err", err)
-		return fmt.Errorf("the parking queue did not take it (make room: bastionctl upstream parked list, then retry or drop): %w", err)
+	u.parkMu.Lock()
+	defer u.parkMu.Unlock()
+	parked, err := u.parkedCopy(p, e.Seq)
+	if err != nil {
+		// Parked again at worst: a second copy, nothing lost.
+		log.Warn("upstream: cannot tell whether the parking queue holds this message already; parking it", "err", err)
+	}
+	if !parked {
+		pm := e.Message
+		pm.Topic = e.Topic + "\x00" + why + "\x00" + strconv.FormatUint(e.Seq, 10)
+		if err := p.Accept(ctx, pm); err != nil {
+			log.Error("upstream: a refused message cannot be parked; it stays queued, with its device's later messages behind it, until there is room: retry or drop parked messages with bastionctl upstream parked", "refusal", why, "err", err)
+			return fmt.Errorf("the parking queue did not take it (make room: bastionctl upstream parked list, then retry or drop): %w", err)
+		}
 	}
 	if err := u.q.Ack(e.Seq); err != nil {
-		// Held twice now, which is safe: a retry only duplicates it.
-		log.Error("upstream: parked message could not be deleted from the queue", "err", err)
+		// Held twice now; the next park of it finds the parked copy.
+		u.parkedFrom = nil
+		log.Error("upstream: parked message could not be deleted from the queue; its next park only deletes it", "err", err)
 		return fmt.Errorf("parked, but not deleted from the queue: %w", err)
+	}
+	if parked {
+		delete(u.parkedFrom, e.Seq)
+		log.Info("upstream: a message parked already (its delete from the queue had failed) deleted from the queue", "reason", label)
+		return nil
 	}
 	u.m.parked.WithLabelValues(label).Inc()
 	u.mu.Lock()
@@ -161,6 +183,51 @@ func (u *Upstream) parkEntry(e queue.Entry, label, why string) error {
 	u.mu.Unlock()
 	log.Warn("upstream: message the broker refuses for good, or would, parked so the messages behind it flow (bastionctl upstream parked list | retry | drop)", "reason", label, "refusal", why)
 	return nil
+}
+
+// parkedCopy reports whether the parking queue holds a copy of the main
+// queue's entry seq. The first call (and the first after a failed delete
+// from the main queue) reads the parking queue through and keeps the copies
+// whose entry the main queue still holds, normally none. Caller holds
+// u.parkMu.
+func (u *Upstream) parkedCopy(p *queue.Queue, seq uint64) (bool, error) {
+	if u.parkedFrom == nil {
+		from := map[uint64]uint64{}
+		for after := uint64(0); ; {
+			es, err := p.Held(after, 64)
+			if err != nil {
+				return false, fmt.Errorf("read the parking queue: %w", err)
+			}
+			if len(es) == 0 {
+				break
+			}
+			for _, e := range es {
+				after = e.Seq
+				if _, _, f := splitParked(e.Message); f != 0 {
+					if _, ok, err := u.heldEntry(f); err == nil && ok {
+						from[f] = e.Seq
+					}
+				}
+			}
+		}
+		u.parkedFrom = from
+	}
+	ps, ok := u.parkedFrom[seq]
+	if !ok {
+		return false, nil
+	}
+	// Still parked? A retry or drop may have taken it since.
+	es, err := p.Held(ps-1, 1)
+	if err != nil {
+		return false, fmt.Errorf("read the parking queue: %w", err)
+	}
+	if len(es) == 1 && es[0].Seq == ps {
+		if _, _, f := splitParked(es[0].Message); f == seq {
+			return true, nil
+		}
+	}
+	delete(u.parkedFrom, seq)
+	return false, nil
 }
 
 // parkRefused parks PUBLISH seq after a PUBACK with a permanent failure
@@ -185,10 +252,17 @@ func (u *Upstream) parkRefused(seq uint64, dev string, reason byte, why string) 
 }
 
 // The parking queue keeps why each message was refused after its topic and
-// a NUL, which no topic contains (bridges/hub refuses it; MQTT forbids it).
-func splitParked(m bridges.Message) (_ bridges.Message, why string) {
+// a NUL, which no topic contains (bridges/hub refuses it; MQTT forbids it),
+// then another NUL and the message's seq in the main queue (from; 0 in
+// what was parked before it was kept).
+func splitParked(m bridges.Message) (_ bridges.Message, why string, from uint64) {
 	m.Topic, why, _ = strings.Cut(m.Topic, "\x00")
-	return m, why
+	if i := strings.LastIndexByte(why, 0); i >= 0 {
+		if f, err := strconv.ParseUint(why[i+1:], 10, 64); err == nil {
+			why, from = why[:i], f
+		}
+	}
+	return m, why, from
 }
 
 // Parked is a snapshot of the parking queue.
@@ -228,7 +302,7 @@ func (u *Upstream) ListParked(ctx context.Context, max int) (Parked, error) {
 			break
 		}
 		for _, e := range es {
-			m, why := splitParked(e.Message)
+			m, why, _ := splitParked(e.Message)
 			out.Messages = append(out.Messages, ParkedMessage{Seq: e.Seq, Device: m.Device, Topic: m.Topic, Bytes: len(m.Payload), QoS: m.QoS, Received: m.Received, Why: why})
 			after = e.Seq
 		}
@@ -243,7 +317,7 @@ func (u *Upstream) ListParked(ctx context.Context, max int) (Parked, error) {
 // not moved stays parked.
 func (u *Upstream) RetryParked(ctx context.Context) (int, error) {
 	n, err := u.drainParked(ctx, func(e queue.Entry) error {
-		m, _ := splitParked(e.Message)
+		m, _, _ := splitParked(e.Message)
 		if err := u.q.Accept(ctx, m); err != nil {
 			return fmt.Errorf("upstream: retry parked seq %d from %s: %w", e.Seq, e.Device, err)
 		}
@@ -271,6 +345,7 @@ func (u *Upstream) retryStalled(n int) {
 	if n == 0 {
 		return
 	}
+	u.roomMade.Add(1)
 	if r := u.running.Load(); r != nil && r.stalled.Load() {
 		u.log.Info("upstream: room in the parking queue; sending again from the head of the queue to park the messages that did not fit")
 		r.rerun()

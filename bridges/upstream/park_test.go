@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -310,4 +311,110 @@ func startParkingQueue(t testing.TB, dir string) *queue.Queue {
 	}
 	t.Cleanup(func() { p.Close() })
 	return p
+}
+
+// failingAck is a main queue whose next Ack fails, as a closed queue's
+// does at shutdown: when close is set the queue is closed first, so that
+// the message stays in it for the next start.
+type failingAck struct {
+	*queue.Queue
+	close bool
+	armed atomic.Bool
+}
+
+func (q *failingAck) Ack(seqs ...uint64) error {
+	if q.armed.Swap(false) {
+		if !q.close {
+			return queue.ErrClosed
+		}
+		q.Queue.Close()
+	}
+	return q.Queue.Ack(seqs...)
+}
+
+// TestParkedOnceWhenAckFails: a message the broker refused for good is
+// written to the parking queue, and then the main queue's Ack fails (it is
+// closed: the gateway is shutting down). The message is held twice. When
+// it is refused again, in the same run of the link or after a restart, it
+// used to be parked a second time, and a retry brought back two copies
+// with different seqs. The park now finds it parked already and only
+// deletes it from the main queue.
+func TestParkedOnceWhenAckFails(t *testing.T) {
+	for name, restart := range map[string]bool{"same run": false, "restart": true} {
+		t.Run(name, func(t *testing.T) {
+			mainDir, parkDir := t.TempDir(), t.TempDir()
+			open := func(dir string) *queue.Queue {
+				q, err := queue.Open(dir, queue.Options{MaxBytes: 1 << 20}, testLog(), nil)
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { q.Close() })
+				return q
+			}
+			link := func(q Source, p *queue.Queue) *Upstream {
+				u := &Upstream{log: testLog(), q: q, m: newMetrics()}
+				u.cur.Store(&snapshot{cfg: validConfig()})
+				u.SetParking(p)
+				return u
+			}
+			q, p := open(mainDir), open(parkDir)
+			if err := q.Accept(context.Background(), telemetry("d1", 1)); err != nil {
+				t.Fatal(err)
+			}
+			es, err := q.Held(0, 1)
+			if err != nil || len(es) != 1 {
+				t.Fatalf("Held: %v %v", es, err)
+			}
+			seq := es[0].Seq
+			fq := &failingAck{Queue: q, close: restart}
+			fq.armed.Store(true)
+			u := link(fq, p)
+			first := &sendRun{u: u, cancel: func() {}}
+			first.puback(seq, "d1", 0x87)
+			if !first.failed.Load() || p.Stats().Depth != 1 {
+				t.Fatalf("the Ack failed: run failed %v, parked %d; want true, 1", first.failed.Load(), p.Stats().Depth)
+			}
+			if restart {
+				p.Close()
+				q, p = open(mainDir), open(parkDir)
+				u = link(q, p)
+			}
+			if d := q.Stats().Depth; d != 1 {
+				t.Fatalf("queued %d after the failed Ack, want 1", d)
+			}
+			second := &sendRun{u: u, cancel: func() {}}
+			second.puback(seq, "d1", 0x87)
+			if second.failed.Load() {
+				t.Errorf("the second refusal failed the run: %s", u.Status().LastError)
+			}
+			if pd, qd := p.Stats().Depth, q.Stats().Depth; pd != 1 || qd != 0 {
+				t.Fatalf("after the second refusal: parked %d, queued %d; want 1, 0 (parked once)", pd, qd)
+			}
+			ps, err := u.ListParked(context.Background(), 10)
+			if err != nil || len(ps.Messages) != 1 || ps.Messages[0].Why != "PUBACK reason 0x87 (The PUBLISH is not authorized.)" || ps.Messages[0].Topic != "devices/d1/t/n" {
+				t.Errorf("ListParked = %+v, %v; want the message and the refusal alone", ps.Messages, err)
+			}
+			if n, err := u.RetryParked(context.Background()); n != 1 || err != nil {
+				t.Errorf("RetryParked = %d, %v; want 1 message back", n, err)
+			}
+		})
+	}
+}
+
+// TestSplitParked: what the parking queue holds after a parked message's
+// topic, with the main queue's seq and without (parked before it was kept).
+func TestSplitParked(t *testing.T) {
+	for _, tc := range []struct {
+		stored, topic, why string
+		from               uint64
+	}{
+		{"devices/d1/t/n\x00PUBACK reason 0x87 (not authorized)\x0042", "devices/d1/t/n", "PUBACK reason 0x87 (not authorized)", 42},
+		{"devices/d1/t/n\x00PUBACK reason 0x87 (not authorized)", "devices/d1/t/n", "PUBACK reason 0x87 (not authorized)", 0},
+		{"devices/d1/t/n", "devices/d1/t/n", "", 0},
+	} {
+		m, why, from := splitParked(bridges.Message{Topic: tc.stored})
+		if m.Topic != tc.topic || why != tc.why || from != tc.from {
+			t.Errorf("splitParked(%q) = %q, %q, %d; want %q, %q, %d", tc.stored, m.Topic, why, from, tc.topic, tc.why, tc.from)
+		}
+	}
 }

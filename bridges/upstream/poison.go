@@ -43,8 +43,11 @@ import (
 //     names it; the same message named by poisonStrikes such ends in a row
 //     is parked (reason connection_closed), and the messages behind it flow.
 //     Ends that are not suspect neither count nor break the row. A message
-//     the broker answered on a connection (any PUBACK, a refusal included)
-//     is one it takes: its count starts again.
+//     the broker answered on a connection (a PUBACK for that message, a
+//     refusal included) is one it takes: its count starts again. An answer
+//     to a later message is not one to it: the sender skips a device
+//     waiting behind a message it cannot park, and sends later messages of
+//     other devices before it.
 //
 // A broker that closes connections for reasons of its own (it restarts
 // without a DISCONNECT) rarely does so right after the same message three
@@ -87,18 +90,23 @@ func (p *poisonWatch) window(r *sendRun, w int) int {
 // the keepalive, a write deadline, our DISCONNECT), a network error, or the
 // broker's DISCONNECT for a reason about itself (0x89 server busy, 0x97
 // quota exceeded, ...) says nothing about the message: it neither counts
-// nor clears the count. A message the broker answered (any PUBACK, on any
-// run of the connection) is not what it closes connections on: the count
-// starts again.
+// nor clears the count. A message the broker answered (a PUBACK for it, on
+// any run of the connection) is not what it closes connections on: the
+// count starts again.
 func (u *Upstream) connectionEnded(r *sendRun) {
 	p := &u.poison
 	end := r.end()
-	if p.suspect != 0 && end.answeredTo >= p.suspect {
-		// The broker answered the suspect on this connection (it answers in
-		// the order it received, and every run sends from the queue's head).
+	if p.suspect != 0 && r.conn.answeredKept(p.suspect) {
+		// The broker answered the suspect on this connection, and it stayed
+		// queued (refused, or held back); one it took is deleted. Answers
+		// to higher seqs say nothing about it: its device may have waited
+		// behind a message that could not be parked while other devices'
+		// later messages were sent and answered.
 		p.clear()
 	}
-	if r.written == 0 || max(r.ackedTo.Load(), end.answeredTo) >= r.written || time.Since(r.writtenAt) > poisonWindow {
+	// This run's answers are to what it wrote, in the order it wrote them,
+	// all at or below r.written: one at or above it answers r.written.
+	if r.written == 0 || r.ackedTo.Load() >= r.written || r.conn.answeredKept(r.written) || time.Since(r.writtenAt) > poisonWindow {
 		// Nothing unanswered (on this run, or on an earlier one of the
 		// connection: a PUBACK 0x97, say, then resent: the broker takes it),
 		// or not just sent: not a message's doing.
@@ -169,9 +177,13 @@ type connEnd struct {
 	// deny_action disconnect), not on a PUBLISH written after it.
 	reqPending bool
 	reqWrite   uint64
+	// kept: the seqs the broker answered on the connection, any run, that
+	// stayed queued (refused, or held back behind a refusal: sendRun.hold),
+	// which a later run of the connection sends again. What the broker
+	// took is deleted from the queue and not sent again.
+	kept map[uint64]struct{}
 
-	writes     atomic.Uint64 // writes on the connection so far (packetConn.write)
-	answeredTo atomic.Uint64 // the highest seq the broker answered on it, any run
+	writes atomic.Uint64 // writes on the connection so far (packetConn.write)
 }
 
 // endState is a copy of a connEnd once the connection is gone.
@@ -181,7 +193,6 @@ type endState struct {
 	detail     string
 	reqPending bool
 	reqWrite   uint64
-	answeredTo uint64
 }
 
 func (e *connEnd) set(cause endCause, reason byte, detail string) {
@@ -238,11 +249,45 @@ func (e *connEnd) requestWritten(n uint64) {
 	e.mu.Unlock()
 }
 
-func (e *connEnd) answered(seq uint64) {
-	for {
-		v := e.answeredTo.Load()
-		if seq <= v || e.answeredTo.CompareAndSwap(v, seq) {
-			return
+// keep records that the broker answered seq and it stays queued (e nil:
+// not a packetConn).
+func (e *connEnd) keep(seq uint64) {
+	if e == nil {
+		return
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.kept == nil {
+		e.kept = map[uint64]struct{}{}
+	}
+	e.kept[seq] = struct{}{}
+}
+
+// answeredKept reports whether the broker answered seq on the connection
+// and it stayed queued (keep).
+func (e *connEnd) answeredKept(seq uint64) bool {
+	if e == nil {
+		return false
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	_, ok := e.kept[seq]
+	return ok
+}
+
+// forgetBelow drops what keep recorded below head, the queue's head as a
+// run starts: those are deleted (sent again and taken, or parked), and a
+// connection that stays up through many refusals would otherwise collect
+// them.
+func (e *connEnd) forgetBelow(head uint64) {
+	if e == nil {
+		return
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for seq := range e.kept {
+		if seq < head {
+			delete(e.kept, seq)
 		}
 	}
 }
@@ -250,7 +295,7 @@ func (e *connEnd) answered(seq uint64) {
 func (e *connEnd) state() endState {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	return endState{cause: e.cause, reason: e.reason, detail: e.detail, reqPending: e.reqPending, reqWrite: e.reqWrite, answeredTo: e.answeredTo.Load()}
+	return endState{cause: e.cause, reason: e.reason, detail: e.detail, reqPending: e.reqPending, reqWrite: e.reqWrite}
 }
 
 // blame says how the connection ended and whether that can be the doing of

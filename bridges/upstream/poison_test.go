@@ -4,9 +4,12 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -15,6 +18,7 @@ import (
 
 	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/bridges/queue"
+	"github.com/bastion-iot/bastion/internal/testutil/logbuf"
 )
 
 // queueBefore puts ms in a queue in dir before the link starts, so that the
@@ -308,5 +312,64 @@ func TestDisconnectReplacesWriteGuess(t *testing.T) {
 	e.disconnected(&packets.Disconnect{ReasonCode: 0x89}, false)
 	if st := e.state(); st.cause != endBrokerClosed {
 		t.Fatalf("end %v after a read's EOF, then a DISCONNECT; want the EOF's (first recorded)", st.cause)
+	}
+}
+
+// TestStrikeNotClearedByALaterAnswer: the first connection answers later
+// messages of other devices before the message the broker closes on is
+// sent (its device waited behind a message that could not be parked, the
+// parking queue being full, until the operator dropped the parked ones).
+// That end is a strike against it: the broker never answered that message,
+// whatever higher seqs it answered. The link used to take the highest seq
+// answered on the connection for an answer to every lower one, and lost the
+// strike.
+func TestStrikeNotClearedByALaterAnswer(t *testing.T) {
+	second := make(chan struct{}) // the poison message reached a second connection
+	var once sync.Once
+	fb := startFakeBroker(t, func(b *fakeBroker) {
+		b.autoAck = true
+		b.script = func(c *fakeConn, p *packets.Publish) fakeAnswer {
+			if strings.Count(p.Topic, "/") < 7 {
+				return fakeAnswer{}
+			}
+			if c.index > 1 {
+				once.Do(func() { close(second) })
+			}
+			return fakeAnswer{close: true}
+		}
+	})
+	dir := t.TempDir()
+	pad := fmt.Appendf(nil, `{"pad":%q}`, strings.Repeat("x", 1500))
+	long := bridges.Message{Device: "d", Topic: "devices/d/t/" + strings.Repeat("l", 40), QoS: 1, Payload: pad}
+	poison := bridges.Message{Device: "d", Topic: "devices/d/t/a/b/c/d", QoS: 1, Payload: []byte(`{}`)}
+	queueBefore(t, dir, long, poison, telemetry("e", 1), telemetry("e", 2), telemetry("e", 3))
+	cfg := fb.config(t)
+	cfg.MaxTopicLength = 30 // long's upstream topic is beyond it, poison's is not
+	cfg.BackoffMax = time.Hour
+	p := fullParking(t, long)
+	var log logbuf.Buffer
+	l := startLinkWith(t, cfg, dir, func(u *Upstream) {
+		u.SetParking(p)
+		u.log = slog.New(slog.NewTextHandler(&log, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	})
+	expectAcked(t, fb, l, "bastion/gw1/e/t/n")
+	for range 2 {
+		expectAcked(t, fb, l, "bastion/gw1/e/t/n")
+	}
+	waitFor(t, "d stalled behind the long message", 10*time.Second, func() bool {
+		return strings.Contains(l.up.Status().LastError, "d's later messages wait behind it")
+	})
+	if n, err := l.up.DropParked(context.Background()); err != nil || n == 0 {
+		t.Fatalf("DropParked = %d, %v; want the fillers dropped", n, err)
+	}
+	// The end of the first connection is looked at before the second
+	// connection's run sends anything.
+	select {
+	case <-second:
+	case <-time.After(20 * time.Second):
+		t.Fatalf("the poison message did not reach a second connection; status %+v", l.up.Status())
+	}
+	if lines := log.Lines("the broker closed the connection right after a message, without a PUBACK", "device=d", "times_in_a_row=1"); len(lines) != 1 {
+		t.Fatalf("after the first connection closed on the poison message: %d strike lines, want 1; log:\n%s", len(lines), log.String())
 	}
 }

@@ -326,6 +326,7 @@ func (s *linkSession) pubacks(gen uint64, acks []puback) {
 			continue
 		}
 		if a.r.holds(a.dev) {
+			a.r.conn.keep(a.seq) // stays queued: resent after the refused one
 			continue
 		}
 		seqs = append(seqs, a.seq)

@@ -115,8 +115,19 @@ type Upstream struct {
 	lines   *ratelog.Every
 	restart context.CancelFunc
 	parks   parkBucket
+
+	// parkMu serializes parkEntry. parkedFrom maps the main queue's seq of
+	// a parked message that the main queue still holds (its delete there
+	// failed) to its seq in the parking queue (nil: to be read again from
+	// the parking queue; parkedCopy).
+	parkMu     sync.Mutex
+	parkedFrom map[uint64]uint64
 	// running is the sender's current run (nil between runs).
 	running atomic.Pointer[sendRun]
+	// roomMade counts RetryParked and DropParked calls that took messages
+	// out of the parking queue. A run that fails to park reads it before
+	// trying (sendRun.stall): room made after that is not missed.
+	roomMade atomic.Uint64
 
 	// poison finds a message the broker answers by closing the connection
 	// (poison.go); only the sender's goroutine touches it.
@@ -1006,6 +1017,9 @@ feed:
 			}
 			break
 		}
+		if cursor == 0 && len(es) > 0 {
+			r.conn.forgetBelow(es[0].Seq)
+		}
 		for _, e := range es {
 			cursor = e.Seq
 			if stalled[e.Device] {
@@ -1028,16 +1042,18 @@ feed:
 			// device's messages (order per device); the other devices'
 			// messages flow.
 			if why, label := s.cfg.topicLimit(topic, e.Device); why != "" {
+				room := u.roomMade.Load()
 				if err := u.parkUnsendable(e, label, why); err != nil {
-					stalled = r.stall(stalled, e, fmt.Errorf("upstream broker %s: seq %d from %s: %s; it cannot be parked: %w", s.cfg.Broker, e.Seq, e.Device, why, err))
+					stalled = r.stall(stalled, e, room, fmt.Errorf("upstream broker %s: seq %d from %s: %s; it cannot be parked: %w", s.cfg.Broker, e.Seq, e.Device, why, err))
 				}
 				continue
 			}
 			qos := min(e.QoS, 1)
 			if n := publishLen(qos, topic, payload, s.cfg.Gateway, e.Seq); maxPacket > 0 && n > maxPacket {
 				why := fmt.Sprintf("the PUBLISH would be larger than the broker's Maximum Packet Size of %d bytes", maxPacket)
+				room := u.roomMade.Load()
 				if err := u.parkUnsendable(e, reasonName(0x95), why); err != nil {
-					stalled = r.stall(stalled, e, fmt.Errorf("upstream broker %s: seq %d from %s: %s, and it cannot be parked: %w; raise the broker's maximum packet size (Mosquitto: max_packet_size) to at least %d bytes",
+					stalled = r.stall(stalled, e, room, fmt.Errorf("upstream broker %s: seq %d from %s: %s, and it cannot be parked: %w; raise the broker's maximum packet size (Mosquitto: max_packet_size) to at least %d bytes",
 						s.cfg.Broker, e.Seq, e.Device, why, err, n))
 				}
 				continue
@@ -1167,9 +1183,6 @@ func (r *sendRun) answered(seq uint64) {
 	if seq > r.ackedTo.Load() {
 		r.ackedTo.Store(seq)
 	}
-	if r.conn != nil {
-		r.conn.answered(seq)
-	}
 }
 
 // end is how the run's connection ended (once it has).
@@ -1184,8 +1197,11 @@ func (r *sendRun) end() endState {
 // the queue, and with it every later message of its device in this run;
 // it returns stalled with e's device added. The run goes on with the other
 // devices'. The next run (the next connection, or RetryParked or
-// DropParked making room in the parking queue) tries e again.
-func (r *sendRun) stall(stalled map[string]bool, e queue.Entry, err error) map[string]bool {
+// DropParked making room in the parking queue) tries e again. room is
+// Upstream.roomMade read before e's parking was tried: a RetryParked or
+// DropParked that ended after that, but before this run counted as stalled,
+// found nothing to wake (retryStalled), so the run starts again itself.
+func (r *sendRun) stall(stalled map[string]bool, e queue.Entry, room uint64, err error) map[string]bool {
 	if stalled == nil {
 		stalled = map[string]bool{}
 	}
@@ -1195,6 +1211,11 @@ func (r *sendRun) stall(stalled map[string]bool, e queue.Entry, err error) map[s
 		// queue failed on has room again): the run starts again from the
 		// queue's head after a while.
 		r.retry = time.AfterFunc(r.retryAfter, r.rerun)
+	}
+	// After stalled is set: retryStalled counts the room, then looks at
+	// stalled, so either it sees this run stalled or this sees its count.
+	if r.u.roomMade.Load() != room {
+		r.rerun()
 	}
 	r.u.setError(fmt.Errorf("%w; it stays queued, and %s's later messages wait behind it (order per device) while other devices' messages flow; it is tried again when parked messages are retried or dropped, within %s, and on the next connection", err, e.Device, r.retryAfter))
 	return stalled
@@ -1251,11 +1272,13 @@ func (r *sendRun) puback(seq uint64, dev string, reason byte) {
 		if u.parkRefused(seq, dev, reason, why) {
 			return
 		}
+		r.conn.keep(seq)
 		r.hold(dev)
 		r.fail(fmt.Errorf("upstream broker %s refused seq %d from %s with %s; it stays queued and is retried, with %s's messages sent after it (order per device)", u.cur.Load().cfg.Broker, seq, dev, why, dev))
 		return
 	}
 	if r.holds(dev) {
+		r.conn.keep(seq)
 		return // stays queued: resent after the refused one
 	}
 	if err := u.q.Ack(seq); err != nil {
