@@ -35,6 +35,7 @@ import (
 	"github.com/eclipse/paho.golang/autopaho"
 	"github.com/eclipse/paho.golang/packets"
 	"github.com/eclipse/paho.golang/paho"
+	"github.com/eclipse/paho.golang/paho/session"
 	"github.com/prometheus/client_golang/prometheus"
 )
 
@@ -757,7 +758,10 @@ func (u *Upstream) subscribeDownlink(ctx context.Context, cm *autopaho.Connectio
 		if subs, err = u.subscribe(ctx, cm, s, subs); err == nil {
 			break
 		}
-		if closed(down) || ctx.Err() != nil {
+		// A connection that ended under the SUBSCRIBE is reported by its
+		// own end (the broker's DISCONNECT reason, or what broke it);
+		// "no SUBACK" would replace that in Status with a consequence.
+		if closed(down) || ctx.Err() != nil || errors.Is(err, paho.ErrConnectionLost) || errors.Is(err, session.ErrNoConnection) {
 			return
 		}
 		u.m.subscribeErrors.Inc()
