@@ -209,8 +209,11 @@ type Server struct {
 	hub *hub.Hub
 	m   *hub.Metrics
 	log *slog.Logger
-	// devLines spaces the lines about what an authenticated device sends
-	// that is refused (deviceLine).
+	// lines spaces the lines about refusals anyone on the network can
+	// cause before a device is authenticated (refusalLine); devLines those
+	// about what an authenticated device sends that is refused
+	// (deviceLine).
+	lines    *ratelog.Every
 	devLines *ratelog.Every
 	mq       *mochi.Server
 	tls      *tlsListener
@@ -243,7 +246,8 @@ type Server struct {
 // New builds the broker and binds its TLS listener.
 func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log *slog.Logger) (*Server, error) {
 	cfg.defaults()
-	s := &Server{cfg: cfg, id: id, hub: h, m: h.Metrics(), log: log.With("component", "mqtt"), devLines: ratelog.New(deviceLineEvery), authed: map[*mochi.Client]string{},
+	s := &Server{cfg: cfg, id: id, hub: h, m: h.Metrics(), log: log.With("component", "mqtt"), authed: map[*mochi.Client]string{},
+		lines: ratelog.New(refusalLogEvery), devLines: ratelog.New(deviceLineEvery),
 		conns: map[string][]*pipeConn{}, deadline: &hub.SharedDeadline{Timeout: acceptTimeout}}
 	s.secrets = newSecretLimit(cfg.SecretLockout)
 	caps := mochi.NewDefaultServerCapabilities()
@@ -292,7 +296,11 @@ func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log 
 			}
 			reason := hub.CertRefusal(err)
 			s.m.Refused.WithLabelValues(hub.MQTT, reason).Inc()
-			s.log.Warn("mqtt: handshake refused: device certificate not accepted", "device", dev, "reason", reason, "err", err)
+			// Anyone can present a certificate (self-signed, any CN): one
+			// line per reason per interval, the claimed id and the error
+			// (which quotes the CN) cut.
+			s.refusalLine(slog.LevelWarn, "cert:"+reason, "mqtt: handshake refused: device certificate not accepted",
+				"device", ratelog.Clip(dev, maxLoggedText), "reason", reason, "err", loggedErr(err))
 			return &certRefused{err}
 		}
 		return nil
@@ -637,8 +645,42 @@ func deviceOf(id bridges.Identity, cl *mochi.Client) (string, *x509.Certificate,
 // durable queue's fsync) before the device is told to retry.
 const acceptTimeout = 5 * time.Second
 
-// deviceLineEvery spaces the lines about one device's refused packets.
-const deviceLineEvery = 10 * time.Second
+// deviceLineEvery spaces the lines about one device's refused packets,
+// refusalLogEvery those of each kind of refusal before a device is
+// authenticated.
+const (
+	deviceLineEvery = 10 * time.Second
+	refusalLogEvery = 10 * time.Second
+)
+
+// refusalLine logs msg at level with args unless a line of the same kind
+// went out less than refusalLogEvery ago: for refusals anyone on the
+// network can cause before a device is authenticated (a certificate not
+// accepted, plaintext on the TLS port, no client certificate, a failed
+// TLS handshake), at the rate they can open connections. kind comes from
+// a small set (never from text the peer chose). The caller counts each in
+// the metric; the line says how many of its kind were not logged since
+// the one before. As CoAP's (bridges/coap/ratelog.go).
+func (s *Server) refusalLine(level slog.Level, kind, msg string, args ...any) {
+	n, ok := s.lines.Allow(kind, time.Now())
+	if !ok {
+		return
+	}
+	s.log.Log(context.Background(), level, msg, append(args, "not_logged_since_last_line", n)...)
+}
+
+// maxLoggedText bounds text a peer chose in a log line before it is
+// authenticated (a device id a certificate claims, an error that quotes
+// its CN): ratelog.Clip(s, maxLoggedText).
+const maxLoggedText = 256
+
+// loggedErr is err's text cut after maxLoggedText bytes (ratelog.Clip).
+func loggedErr(err error) string {
+	if err == nil {
+		return ""
+	}
+	return ratelog.Clip(err.Error(), maxLoggedText)
+}
 
 // deviceLine logs msg at level unless a line of the same kind about the
 // same device went out less than deviceLineEvery ago: for refusals of what
