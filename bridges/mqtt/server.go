@@ -232,6 +232,10 @@ type Server struct {
 	// seq numbers the connections in the order they are registered (the
 	// order their CONNECTs reached the credential check), under mu.
 	seq uint64
+	// ending holds the sessions disconnect is ending that have no
+	// pipeConn to mark (not a device TLS connection of this listener),
+	// until they are closed (under mu; markEnding).
+	ending map[*mochi.Client]struct{}
 
 	// secrets counts failed secret logins by source address and IPv6 /64.
 	secrets *secretLimit
@@ -395,16 +399,46 @@ func (s *Server) disconnect(device string) {
 		if cl.Closed() {
 			continue
 		}
-		if pc, ok := cl.Net.Conn.(*pipeConn); ok && !pc.refused.CompareAndSwap(false, true) {
-			// Ended and counted already, by the certificate sweep or an
-			// earlier revocation, whose close is under way: counting it
-			// here too counted one session's end twice.
-			continue
+		if pc, ok := cl.Net.Conn.(*pipeConn); ok {
+			if !pc.refused.CompareAndSwap(false, true) {
+				// Ended and counted already, by the certificate sweep or an
+				// earlier revocation, whose close is under way: counting it
+				// here too counted one session's end twice.
+				continue
+			}
+		} else if !s.markEnding(cl) {
+			continue // the same, for a session with no pipeConn
 		}
 		s.log.Info("mqtt: closing session of revoked device", "device", device, "remote", cl.Net.Remote)
 		s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonRevoked).Inc()
 		s.closeSession(cl)
 	}
+}
+
+// markEnding reports whether the caller is the first to end cl, a session
+// with no pipeConn (whose refused flag is the guard of the others), and
+// if so marks it. Such a session is ended through mochi's
+// DisconnectClient, which writes the DISCONNECT before it closes the
+// session: a second revocation meanwhile found it open, and counted its
+// end again. A session stays marked until it is closed (Closed is for
+// good, so a closed one needs no mark), which keeps the set to the
+// sessions being ended.
+func (s *Server) markEnding(cl *mochi.Client) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for c := range s.ending {
+		if c.Closed() {
+			delete(s.ending, c)
+		}
+	}
+	if _, marked := s.ending[cl]; marked || cl.Closed() {
+		return false
+	}
+	if s.ending == nil {
+		s.ending = map[*mochi.Client]struct{}{}
+	}
+	s.ending[cl] = struct{}{}
+	return true
 }
 
 // register puts cl's connection pc among the connections of its client id
