@@ -49,7 +49,7 @@ func newMetrics(deviceCount func() float64) *metrics {
 		}, []string{"trigger", "result"}),
 		renewals: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "bastion_device_cert_renewals_total",
-			Help: "EST /sren certificate renewals, by result (issued, resent, refused, expired, revoked, superseded, rate_limited, store_failed).",
+			Help: "EST /sren certificate renewals, by result (issued, resent, refused, expired, revoked, retired, superseded, rate_limited, store_failed).",
 		}, []string{"result"}),
 	}
 	reg.MustRegister(m.renewals, m.authFailures, m.reloads, m.devices, m.clockSane, m.offers,

@@ -31,8 +31,8 @@ import (
 //     possible (the issued certificate is kept in memory only).
 //   - A device renews at most once per renewInterval (counted in memory
 //     since start); an expired, revoked or retired certificate cannot
-//     renew; a renewal whose record cannot be written is answered 5.00
-//     and retires nothing.
+//     renew (each counted under its own result); a renewal whose record
+//     cannot be written is answered 5.00 and retires nothing.
 //
 // Open sessions made with the old certificate end once it is retired (at
 // the new certificate's first use, or after the grace): both transports
@@ -83,8 +83,18 @@ func (p *pairingSvc) renewCert(ctx context.Context, h est.Handler, device string
 		return refuse("expired", est.Forbidden, fmt.Errorf("certificate %s expired at %s: enroll again in a pairing window",
 			serial, old.NotAfter.UTC().Format(time.RFC3339)))
 	}
-	if revs.Revoked(device, serial) || revs.Retired(serial, now) {
+	if revs.Revoked(device, serial) {
 		return refuse("revoked", est.Forbidden, fmt.Errorf("certificate %s: %w", serial, pki.ErrRevoked))
+	}
+	if revs.Retired(serial, now) {
+		// Reached by a session opened with the certificate before it was
+		// retired, until the sweep closes it. Not a revocation (pki refuses
+		// it as one, and wraps pki.ErrCertRetired too so that it can be
+		// told apart): the device holds a newer certificate, and told
+		// "revoked" it would re-pair for nothing. Checked after the
+		// revocation, which a revoked device's newer certificate shares.
+		return refuse("retired", est.Forbidden, fmt.Errorf("certificate %s: %w: renew with the newer certificate issued at its last renewal, or pair again if the device lost it",
+			serial, pki.ErrCertRetired))
 	}
 	last, renewed := rn.last[device]
 	if at, retiring := revs.RetireAt(serial); retiring {

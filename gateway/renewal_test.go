@@ -9,16 +9,19 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/plgd-dev/go-coap/v3/message/codes"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
+	"github.com/bastion-iot/bastion/bridges/coap"
 	"github.com/bastion-iot/bastion/gateway/store"
 	"github.com/bastion-iot/bastion/internal/devicesim"
 	"github.com/bastion-iot/bastion/internal/testutil/testpki"
 	"github.com/bastion-iot/bastion/pki"
+	"github.com/bastion-iot/bastion/pki/est"
 )
 
 // pairedDevice pairs one certificate device with the setup code.
@@ -205,5 +208,64 @@ func TestRenewalRetirementSurvivesRestart(t *testing.T) {
 	}
 	if _, err := r.g.identity().VerifyCert([][]byte{leafOf(t, c1).Raw}); err != nil {
 		t.Errorf("renewed certificate after a restart: %v, want accepted", err)
+	}
+}
+
+// A /sren over a session whose certificate was retired after the session
+// was opened (by the device's renewal: past its grace, or at the new
+// certificate's first use) is refused 4.03 and counted retired, with a
+// diagnostic telling the device to renew with the certificate it got then,
+// or to pair again if it lost it. Before, it was counted revoked and told
+// "revoked", which sends a device to re-pair while it holds a good
+// certificate. A revoked device's retired certificate is still refused as
+// revoked: its newer certificate is revoked with it.
+func TestRenewalWithRetiredCertificateCountedRetired(t *testing.T) {
+	g := startPairing(t, nil)
+	clk := g.g.opts.Clock.(*testpki.OffsetClock)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	c0 := pairedDevice(t, g)
+	if code, _ := sren(t, g, c0, newKey(t)); code != codes.Changed {
+		t.Fatalf("first /sren = %v, want 2.04", code)
+	}
+	clk.Add(renewGrace + time.Minute)
+	// The request as the CoAP bridge hands over one that came on a session
+	// opened with c0 before it was retired: over the wire, the certificate
+	// sweep closes that session within 5 s, so the request would reach
+	// renewal or not depending on when the sweep ran.
+	srenOn := func(c devicesim.Creds) est.Response {
+		t.Helper()
+		csr, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, newKey(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return g.g.pairing.EST(ctx, c.ID, coap.KindDevice, []*x509.Certificate{leafOf(t, c)},
+			est.Request{Method: "POST", Path: est.PathSren, ContentFormat: est.FormatPKCS10, Accept: est.NoFormat, Payload: csr})
+	}
+	result := func(r string) float64 { return testutil.ToFloat64(g.g.metrics.renewals.WithLabelValues(r)) }
+
+	resp := srenOn(c0)
+	if resp.Code != est.Forbidden || resp.Issued != nil {
+		t.Fatalf("/sren with the retired certificate = %v (issued %v), want 4.03", resp.Code, resp.Issued != nil)
+	}
+	if !errors.Is(resp.Err, pki.ErrCertRetired) || errors.Is(resp.Err, pki.ErrRevoked) {
+		t.Errorf("refusal error %v, want pki.ErrCertRetired, not pki.ErrRevoked", resp.Err)
+	}
+	for _, want := range []string{pki.Serial(leafOf(t, c0)), "newer certificate issued at its last renewal", "pair again"} {
+		if !strings.Contains(string(resp.Payload), want) {
+			t.Errorf("diagnostic %q does not say %q", resp.Payload, want)
+		}
+	}
+	if got, revoked := result("retired"), result("revoked"); got != 1 || revoked != 0 {
+		t.Errorf("renewals{retired} = %v, {revoked} = %v, want 1 and 0", got, revoked)
+	}
+
+	g.g.ca.Revocations().RevokeDevice(c0.ID)
+	resp = srenOn(c0)
+	if resp.Code != est.Forbidden || !errors.Is(resp.Err, pki.ErrRevoked) || errors.Is(resp.Err, pki.ErrCertRetired) {
+		t.Errorf("/sren with the retired certificate of a revoked device = %v, %v; want 4.03, pki.ErrRevoked", resp.Code, resp.Err)
+	}
+	if got, revoked := result("retired"), result("revoked"); got != 1 || revoked != 1 {
+		t.Errorf("after the revocation renewals{retired} = %v, {revoked} = %v, want 1 and 1", got, revoked)
 	}
 }

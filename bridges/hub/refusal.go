@@ -8,9 +8,14 @@ import (
 )
 
 // CertRefusal names why a device certificate was refused, for the reason
-// label. A certificate retired by a renewal is refused as a revoked one is
-// (its error wraps both): it is counted as retired, as the session it had
-// open is when the sweep ends it (CertEnd).
+// label: each of pki's sentinel errors under the reason of its name, then
+// what crypto/x509 found wrong with the chain. A certificate retired by a
+// renewal is refused as a revoked one is (its error wraps both): it is
+// counted as retired, as the session it had open is when the sweep ends it
+// (CertEnd). MQTT has no check of its own before this one, so a sentinel
+// missing here was counted bad_certificate there (an expired certificate,
+// a gateway clock not set), which sent whoever read the metric to look at
+// the certificate's encoding.
 func CertRefusal(err error) string {
 	var inv x509.CertificateInvalidError
 	var ua x509.UnknownAuthorityError
@@ -19,6 +24,10 @@ func CertRefusal(err error) string {
 		return ReasonCertRetired
 	case errors.Is(err, pki.ErrRevoked):
 		return ReasonRevoked
+	case errors.Is(err, pki.ErrCertExpired):
+		return ReasonExpired
+	case errors.Is(err, pki.ErrClockNotSet):
+		return ReasonClockNotSet
 	case errors.As(err, &inv) && inv.Reason == x509.Expired:
 		return ReasonExpired
 	case errors.As(err, &ua):

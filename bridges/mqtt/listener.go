@@ -25,7 +25,8 @@ import (
 // tlsListener is the broker's only listener. It does the TLS handshake
 // itself, before the broker sees the connection, so that the handshake has
 // a deadline, and a refused handshake (plaintext MQTT on the TLS port, no
-// client certificate) gets a clear log line and a metric.
+// client certificate) is counted in a metric and gets a clear log line
+// (one per kind per 10 s: Server.refusalLine).
 type tlsListener struct {
 	s    *Server
 	id   string
@@ -244,6 +245,9 @@ func (l *tlsListener) handle(c net.Conn, slot *unauthSlot, establish listeners.E
 	pc.Close()
 }
 
+// refused counts connection c, whose TLS handshake failed with err, under
+// why, and logs it through refusalLine: anyone who reaches the port can
+// open connections that fail so, as fast as they can.
 func (l *tlsListener) refused(c net.Conn, err error) {
 	remote := c.RemoteAddr().String()
 	var rh tls.RecordHeaderError
@@ -257,14 +261,14 @@ func (l *tlsListener) refused(c net.Conn, err error) {
 			what = "plaintext MQTT CONNECT"
 		}
 		l.s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonPlaintext).Inc()
-		l.s.log.Warn("mqtt: connection refused: plaintext on the TLS port; connect with mqtts (TLS) and a client certificate",
+		l.s.refusalLine(slog.LevelWarn, hub.ReasonPlaintext, "mqtt: connection refused: plaintext on the TLS port; connect with mqtts (TLS) and a client certificate",
 			"device", "", "remote", remote, "saw", what, "first_bytes", fmt.Sprintf("%x", rh.RecordHeader[:]))
 	case isNoClientCert(err):
 		l.s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonNoCredentials).Inc()
-		l.s.log.Warn("mqtt: handshake refused: no client certificate", "device", "", "remote", remote)
+		l.s.refusalLine(slog.LevelWarn, hub.ReasonNoCredentials, "mqtt: handshake refused: no client certificate", "device", "", "remote", remote)
 	default:
 		l.s.m.Handshakes.WithLabelValues(hub.MQTT, "failed").Inc()
-		l.s.log.Info("mqtt: TLS handshake failed", "device", "", "remote", remote, "err", err)
+		l.s.refusalLine(slog.LevelInfo, "handshake_failed", "mqtt: TLS handshake failed", "device", "", "remote", remote, "err", loggedErr(err))
 	}
 }
 

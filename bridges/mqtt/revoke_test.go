@@ -3,7 +3,9 @@ package mqtt
 import (
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
+	"net"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -476,5 +478,46 @@ func TestOtherRevocationKeepsConnectingSession(t *testing.T) {
 	}
 	if n := id.calls.Load(); n != 1 {
 		t.Errorf("the secret was checked %d times, want 1", n)
+	}
+}
+
+// TestUntrackedSessionEndCountedOnce: the end of a device's session that
+// revocation finds only in mochi's Clients, with no pipeConn (not a
+// device TLS connection of this listener; here one on a net.Pipe that the
+// test puts there, as another listener's would be), is counted once when
+// two revocations of the device overlap: the first writes the session's
+// DISCONNECT, which its peer has not read yet, so the session is still
+// open when the second comes. Before, only cl.Closed() guarded such a
+// session, and the second counted it again.
+func TestUntrackedSessionEndCountedOnce(t *testing.T) {
+	r := newRig(t, queue.Options{})
+	conn, peer := net.Pipe()
+	defer peer.Close()
+	cl := r.s.mq.NewClient(conn, "other", "devx", false)
+	cl.Properties.ProtocolVersion = 5
+	r.s.mq.Clients.Add(cl)
+	defer r.s.mq.Clients.Delete("devx")
+	before := r.refusals(hub.ReasonRevoked)
+	first, second := make(chan struct{}), make(chan struct{})
+	go func() { defer close(first); r.s.disconnect("devx") }()
+	// Counted, then blocked in its DISCONNECT write until peer reads.
+	waitFor(t, "the first revocation to count the session's end", func() bool { return r.refusals(hub.ReasonRevoked) == before+1 })
+	go func() { defer close(second); r.s.disconnect("devx") }()
+	waitFor(t, "the second revocation to return, or to count the end again", func() bool {
+		select {
+		case <-second:
+			return true
+		default:
+			return r.refusals(hub.ReasonRevoked) > before+1
+		}
+	})
+	go io.Copy(io.Discard, peer) // the DISCONNECTs are read: both revocations end
+	<-first
+	<-second
+	if !cl.Closed() {
+		t.Error("session still open after its device's revocation")
+	}
+	if got := r.refusals(hub.ReasonRevoked) - before; got != 1 {
+		t.Errorf("revoked refusals %v for one session ended by two revocations, want 1", got)
 	}
 }

@@ -209,8 +209,11 @@ type Server struct {
 	hub *hub.Hub
 	m   *hub.Metrics
 	log *slog.Logger
-	// devLines spaces the lines about what an authenticated device sends
-	// that is refused (deviceLine).
+	// lines spaces the lines about refusals anyone on the network can
+	// cause before a device is authenticated (refusalLine); devLines those
+	// about what an authenticated device sends that is refused
+	// (deviceLine).
+	lines    *ratelog.Every
 	devLines *ratelog.Every
 	mq       *mochi.Server
 	tls      *tlsListener
@@ -229,6 +232,10 @@ type Server struct {
 	// seq numbers the connections in the order they are registered (the
 	// order their CONNECTs reached the credential check), under mu.
 	seq uint64
+	// ending holds the sessions disconnect is ending that have no
+	// pipeConn to mark (not a device TLS connection of this listener),
+	// until they are closed (under mu; markEnding).
+	ending map[*mochi.Client]struct{}
 
 	// secrets counts failed secret logins by source address and IPv6 /64.
 	secrets *secretLimit
@@ -243,7 +250,8 @@ type Server struct {
 // New builds the broker and binds its TLS listener.
 func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log *slog.Logger) (*Server, error) {
 	cfg.defaults()
-	s := &Server{cfg: cfg, id: id, hub: h, m: h.Metrics(), log: log.With("component", "mqtt"), devLines: ratelog.New(deviceLineEvery), authed: map[*mochi.Client]string{},
+	s := &Server{cfg: cfg, id: id, hub: h, m: h.Metrics(), log: log.With("component", "mqtt"), authed: map[*mochi.Client]string{},
+		lines: ratelog.New(refusalLogEvery), devLines: ratelog.New(deviceLineEvery),
 		conns: map[string][]*pipeConn{}, deadline: &hub.SharedDeadline{Timeout: acceptTimeout}}
 	s.secrets = newSecretLimit(cfg.SecretLockout)
 	caps := mochi.NewDefaultServerCapabilities()
@@ -292,7 +300,11 @@ func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log 
 			}
 			reason := hub.CertRefusal(err)
 			s.m.Refused.WithLabelValues(hub.MQTT, reason).Inc()
-			s.log.Warn("mqtt: handshake refused: device certificate not accepted", "device", dev, "reason", reason, "err", err)
+			// Anyone can present a certificate (self-signed, any CN): one
+			// line per reason per interval, the claimed id and the error
+			// (which quotes the CN) cut.
+			s.refusalLine(slog.LevelWarn, "cert:"+reason, "mqtt: handshake refused: device certificate not accepted",
+				"device", ratelog.Clip(dev, maxLoggedText), "reason", reason, "err", loggedErr(err))
 			return &certRefused{err}
 		}
 		return nil
@@ -387,16 +399,46 @@ func (s *Server) disconnect(device string) {
 		if cl.Closed() {
 			continue
 		}
-		if pc, ok := cl.Net.Conn.(*pipeConn); ok && !pc.refused.CompareAndSwap(false, true) {
-			// Ended and counted already, by the certificate sweep or an
-			// earlier revocation, whose close is under way: counting it
-			// here too counted one session's end twice.
-			continue
+		if pc, ok := cl.Net.Conn.(*pipeConn); ok {
+			if !pc.refused.CompareAndSwap(false, true) {
+				// Ended and counted already, by the certificate sweep or an
+				// earlier revocation, whose close is under way: counting it
+				// here too counted one session's end twice.
+				continue
+			}
+		} else if !s.markEnding(cl) {
+			continue // the same, for a session with no pipeConn
 		}
 		s.log.Info("mqtt: closing session of revoked device", "device", device, "remote", cl.Net.Remote)
 		s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonRevoked).Inc()
 		s.closeSession(cl)
 	}
+}
+
+// markEnding reports whether the caller is the first to end cl, a session
+// with no pipeConn (whose refused flag is the guard of the others), and
+// if so marks it. Such a session is ended through mochi's
+// DisconnectClient, which writes the DISCONNECT before it closes the
+// session: a second revocation meanwhile found it open, and counted its
+// end again. A session stays marked until it is closed (Closed is for
+// good, so a closed one needs no mark), which keeps the set to the
+// sessions being ended.
+func (s *Server) markEnding(cl *mochi.Client) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for c := range s.ending {
+		if c.Closed() {
+			delete(s.ending, c)
+		}
+	}
+	if _, marked := s.ending[cl]; marked || cl.Closed() {
+		return false
+	}
+	if s.ending == nil {
+		s.ending = map[*mochi.Client]struct{}{}
+	}
+	s.ending[cl] = struct{}{}
+	return true
 }
 
 // register puts cl's connection pc among the connections of its client id
@@ -637,8 +679,42 @@ func deviceOf(id bridges.Identity, cl *mochi.Client) (string, *x509.Certificate,
 // durable queue's fsync) before the device is told to retry.
 const acceptTimeout = 5 * time.Second
 
-// deviceLineEvery spaces the lines about one device's refused packets.
-const deviceLineEvery = 10 * time.Second
+// deviceLineEvery spaces the lines about one device's refused packets,
+// refusalLogEvery those of each kind of refusal before a device is
+// authenticated.
+const (
+	deviceLineEvery = 10 * time.Second
+	refusalLogEvery = 10 * time.Second
+)
+
+// refusalLine logs msg at level with args unless a line of the same kind
+// went out less than refusalLogEvery ago: for refusals anyone on the
+// network can cause before a device is authenticated (a certificate not
+// accepted, plaintext on the TLS port, no client certificate, a failed
+// TLS handshake), at the rate they can open connections. kind comes from
+// a small set (never from text the peer chose). The caller counts each in
+// the metric; the line says how many of its kind were not logged since
+// the one before. As CoAP's (bridges/coap/ratelog.go).
+func (s *Server) refusalLine(level slog.Level, kind, msg string, args ...any) {
+	n, ok := s.lines.Allow(kind, time.Now())
+	if !ok {
+		return
+	}
+	s.log.Log(context.Background(), level, msg, append(args, "not_logged_since_last_line", n)...)
+}
+
+// maxLoggedText bounds text a peer chose in a log line before it is
+// authenticated (a device id a certificate claims, an error that quotes
+// its CN): ratelog.Clip(s, maxLoggedText).
+const maxLoggedText = 256
+
+// loggedErr is err's text cut after maxLoggedText bytes (ratelog.Clip).
+func loggedErr(err error) string {
+	if err == nil {
+		return ""
+	}
+	return ratelog.Clip(err.Error(), maxLoggedText)
+}
 
 // deviceLine logs msg at level unless a line of the same kind about the
 // same device went out less than deviceLineEvery ago: for refusals of what

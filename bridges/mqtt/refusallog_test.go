@@ -1,0 +1,162 @@
+package mqtt
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"errors"
+	"log/slog"
+	"math/big"
+	"net"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/bastion-iot/bastion/bridges/hub"
+	"github.com/bastion-iot/bastion/bridges/queue"
+	"github.com/bastion-iot/bastion/internal/testutil/logbuf"
+	"github.com/bastion-iot/bastion/pki"
+)
+
+// selfSigned is a client certificate no gateway issued, naming cn.
+func selfSigned(t *testing.T, cn string) tls.Certificate {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: cn},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+}
+
+// refusedConn opens a connection to r's server, does what hello does on
+// it and reads until the server ends it; it fails if the server keeps it
+// open.
+func refusedConn(r *rig, hello func(r *rig, c net.Conn) (net.Conn, error)) error {
+	raw, err := net.DialTimeout("tcp", r.s.Addr(), 10*time.Second)
+	if err != nil {
+		return err
+	}
+	defer raw.Close()
+	raw.SetDeadline(time.Now().Add(10 * time.Second))
+	c, err := hello(r, raw)
+	if err != nil {
+		return nil // refused within the client's handshake (TLS 1.2)
+	}
+	// What it reads (a TLS alert) does not matter; that it ends does.
+	var b [64]byte
+	for {
+		_, err := c.Read(b[:])
+		var ne net.Error
+		if errors.As(err, &ne) && ne.Timeout() {
+			return errors.New("the server kept open a connection it should refuse")
+		}
+		if err != nil {
+			return nil
+		}
+	}
+}
+
+// Refused handshakes, which anyone who reaches the port can cause at the
+// rate they can open connections, cannot flood the log: each kind (a
+// certificate not accepted, by reason; plaintext; no client certificate;
+// a failed TLS handshake) is counted every time but logged at most once
+// per 10 s, saying how many were not logged, and a refused certificate's
+// claimed id and error (which quotes its CN) are cut. Before, every one
+// wrote a line, a certificate's with its whole CN twice over (here 2,000
+// bytes; a certificate may carry far more).
+func TestRefusedHandshakesDoNotFloodTheLog(t *testing.T) {
+	const n, parallel = 200, 8
+	cn := strings.Repeat("x", 2000)
+	stranger := selfSigned(t, cn)
+	tlsTo := func(certs []tls.Certificate) func(r *rig, c net.Conn) (net.Conn, error) {
+		return func(r *rig, c net.Conn) (net.Conn, error) {
+			tc := tls.Client(c, &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: r.ca.RootPool(), ServerName: "127.0.0.1", Certificates: certs})
+			return tc, tc.Handshake()
+		}
+	}
+	write := func(b []byte) func(r *rig, c net.Conn) (net.Conn, error) {
+		return func(_ *rig, c net.Conn) (net.Conn, error) {
+			_, err := c.Write(b)
+			return c, err
+		}
+	}
+	refusals := func(reason string) func(r *rig) float64 { return func(r *rig) float64 { return r.refusals(reason) } }
+	for _, tc := range []struct {
+		name  string
+		line  string
+		hello func(r *rig, c net.Conn) (net.Conn, error)
+		count func(r *rig) float64
+	}{
+		{"certificate of another CA", "mqtt: handshake refused: device certificate not accepted", tlsTo([]tls.Certificate{stranger}), refusals(hub.ReasonWrongCA)},
+		{"plaintext", "mqtt: connection refused: plaintext on the TLS port", write([]byte("\x10\x10\x00\x04MQTT\x04\x02\x00\x3c\x00\x04devx")), refusals(hub.ReasonPlaintext)},
+		{"no client certificate", "mqtt: handshake refused: no client certificate", tlsTo(nil), refusals(hub.ReasonNoCredentials)},
+		// A handshake record holding a ClientHello one byte long.
+		{"handshake failed", "mqtt: TLS handshake failed", write([]byte{0x16, 0x03, 0x01, 0x00, 0x05, 0x01, 0x00, 0x00, 0x01, 0x00}),
+			func(r *rig) float64 {
+				return testutil.ToFloat64(r.hub.Metrics().Handshakes.WithLabelValues(hub.MQTT, "failed"))
+			}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			lb := &logbuf.Buffer{}
+			r := newRigClock(t, queue.Options{}, Config{}, nil, pki.SystemClock{}, slog.New(slog.NewTextHandler(lb, nil)))
+			before := tc.count(r)
+			start := time.Now()
+			next := make(chan struct{}, n)
+			for range n {
+				next <- struct{}{}
+			}
+			close(next)
+			var wg sync.WaitGroup
+			for range parallel {
+				wg.Go(func() {
+					for range next {
+						if err := refusedConn(r, tc.hello); err != nil {
+							t.Error(err)
+							return
+						}
+					}
+				})
+			}
+			wg.Wait()
+			waitFor(t, "every refusal to be counted", func() bool { return tc.count(r)-before >= n })
+			waitFor(t, "a log line", func() bool { return len(lb.Lines(tc.line)) > 0 })
+			lines := lb.Lines(tc.line)
+			elapsed := time.Since(start)
+			if got := tc.count(r) - before; got != n {
+				t.Errorf("%v refusals counted for %d refused connections, want each counted", got, n)
+			}
+			if most := 1 + int(elapsed/refusalLogEvery); len(lines) > most {
+				t.Errorf("%d log lines for %d refused connections in %v, want at most %d (one per %v)", len(lines), n, elapsed.Round(time.Millisecond), most, refusalLogEvery)
+			}
+			for _, l := range lines {
+				if !strings.Contains(l, "not_logged_since_last_line=") {
+					t.Errorf("log line does not say how many were not logged: %.300q…", l)
+					break
+				}
+				if strings.Contains(l, strings.Repeat("x", maxLoggedText+1)) || len(l) > 1200 {
+					t.Errorf("log line of %d bytes holds the certificate's CN uncut: %.300q…", len(l), l)
+					break
+				}
+			}
+			if !strings.Contains(tc.line, "certificate not accepted") {
+				return
+			}
+			if l := lb.Lines(tc.line, "reason="+hub.ReasonWrongCA, "(2000 bytes)"); len(l) != len(lines) {
+				t.Errorf("%d of %d log lines with reason=%s and the CN cut, marked with its length, want all: %.300q…", len(l), len(lines), hub.ReasonWrongCA, lines[0])
+			}
+		})
+	}
+}
