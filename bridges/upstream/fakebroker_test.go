@@ -676,23 +676,7 @@ func TestReloadKeepsCertInUse(t *testing.T) {
 func TestShutdownWithDeafBroker(t *testing.T) {
 	fb := startFakeBroker(t, func(b *fakeBroker) { b.deaf = true })
 	dir := t.TempDir()
-	q, err := queue.Open(dir, queue.Options{}, testLog(), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	// 8 MiB: more than the kernel buffers between the link and a reader
-	// that reads nothing hold (4 MiB send buffer, 4 KiB receive buffer).
-	pad := strings.Repeat("x", 200<<10)
-	for i := range 40 {
-		m := telemetry("d1", i)
-		m.Payload = []byte(`{"pad":"` + pad + `"}`)
-		if err := q.Accept(context.Background(), m); err != nil {
-			t.Fatalf("Accept: %v", err)
-		}
-	}
-	if err := q.Close(); err != nil {
-		t.Fatal(err)
-	}
+	queueBefore(t, dir, deafBacklog()...)
 	cfg := fb.config(t)
 	cfg.KeepAlive = time.Minute // the write deadline is then 30 s: shutdown must not wait for it either
 	l := startLink(t, cfg, dir)
@@ -716,6 +700,20 @@ func TestShutdownWithDeafBroker(t *testing.T) {
 	}
 }
 
+// deafBacklog is 8 MiB of messages: more than the kernel buffers between
+// the link and a broker that reads nothing hold (4 MiB send buffer, 4 KiB
+// receive buffer), so the link's write of them blocks.
+func deafBacklog() []bridges.Message {
+	pad := strings.Repeat("x", 200<<10)
+	var ms []bridges.Message
+	for i := range 40 {
+		m := telemetry("d1", i)
+		m.Payload = []byte(`{"pad":"` + pad + `"}`)
+		ms = append(ms, m)
+	}
+	return ms
+}
+
 // TestWriteDeadlineEndsConnection: the broker stops reading, with a
 // keepalive of an hour. The link's write times out (write deadline 1 s
 // here; keepalive-derived, at most 30 s, in production) and the connection
@@ -726,16 +724,7 @@ func TestShutdownWithDeafBroker(t *testing.T) {
 func TestWriteDeadlineEndsConnection(t *testing.T) {
 	fb := startFakeBroker(t, func(b *fakeBroker) { b.deaf = true })
 	dir := t.TempDir()
-	// 8 MiB: more than the kernel buffers between the link and a reader
-	// that reads nothing hold (TestShutdownWithDeafBroker).
-	pad := strings.Repeat("x", 200<<10)
-	var ms []bridges.Message
-	for i := range 40 {
-		m := telemetry("d1", i)
-		m.Payload = []byte(`{"pad":"` + pad + `"}`)
-		ms = append(ms, m)
-	}
-	queueBefore(t, dir, ms...)
+	queueBefore(t, dir, deafBacklog()...)
 	cfg := fb.config(t)
 	cfg.KeepAlive = time.Hour
 	var log logbuf.Buffer
@@ -770,19 +759,8 @@ func closingBroker(t *testing.T) *fakeBroker {
 // starts: the first connection sends them together.
 func queueDeep(t *testing.T, dir string) bridges.Message {
 	t.Helper()
-	q, err := queue.Open(dir, queue.Options{}, testLog(), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
 	deep := bridges.Message{Device: "deep", Topic: "devices/deep/t/a/b/c/d", QoS: 1, Payload: []byte(`{}`)}
-	for _, m := range []bridges.Message{telemetry("a", 1), deep, telemetry("b", 2), telemetry("c", 3)} {
-		if err := q.Accept(context.Background(), m); err != nil {
-			t.Fatalf("Accept: %v", err)
-		}
-	}
-	if err := q.Close(); err != nil {
-		t.Fatal(err)
-	}
+	queueBefore(t, dir, telemetry("a", 1), deep, telemetry("b", 2), telemetry("c", 3))
 	return deep
 }
 
