@@ -368,7 +368,9 @@ func TestWriteDeadline(t *testing.T) {
 	// A fixed send buffer: autotuned to 4 MiB on loopback, it wakes a
 	// blocked writer only once a third of it has drained.
 	c2.(*net.TCPConn).SetWriteBuffer(128 << 10)
-	pc2 := &packetConn{Conn: c2, writeTimeout: 500 * time.Millisecond}
+	// 1 s: the reader sleeps 10 ms per 32 KiB; on a loaded box (tests in
+	// parallel, -race) 500 ms between two of its reads was seen once.
+	pc2 := &packetConn{Conn: c2, writeTimeout: time.Second}
 	defer pc2.Close()
 	read := make(chan int, 1)
 	go func() {
