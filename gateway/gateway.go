@@ -391,7 +391,9 @@ func (g *Gateway) openListeners(cfg config.Config) error {
 			return err
 		}
 		g.extraControl["POST /v1/console/recover"] = g.consoleHandler.RecoveryControlHandler()
-		g.console, err = console.New(cfg.Console.Listen, pki.TLSServer(sc, 0, nil), g.consoleHandler, g.log)
+		clog := g.log.With("component", "console")
+		g.console, err = console.New(cfg.Console.Listen, pki.TLSServer(sc, 0, nil), g.consoleHandler, g.log,
+			g.newHTTPSRefusals("console", "console", clog, slog.LevelDebug).errorLog())
 		if err != nil {
 			return err
 		}

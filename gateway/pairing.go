@@ -67,6 +67,9 @@ type pairingSvc struct {
 	estChange chan struct{}
 	estAddr   atomic.Value // string
 	estCert   *pki.ServerCert
+	// estRefusals counts and logs the handshakes the EST listener refuses
+	// (made with the first listener, kept across windows).
+	estRefusals *httpsRefusals
 	// derived remembers which expected code is registered for which label
 	// id, so that a repeated hello does not derive it again.
 	derived map[string]string

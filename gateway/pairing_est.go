@@ -14,6 +14,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/bastion-iot/bastion/bridges/hub"
 	"github.com/bastion-iot/bastion/firewall"
 	"github.com/bastion-iot/bastion/gateway/store"
 	"github.com/bastion-iot/bastion/pki"
@@ -82,7 +83,7 @@ func (p *pairingSvc) runEST(ctx context.Context) error {
 			p.estAddr.Store(ln.Addr().String())
 			p.estFirewall(true)
 			srv = &http.Server{Handler: p.estHandler(), ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second,
-				ErrorLog:    slog.NewLogLogger(p.g.log.Handler(), slog.LevelWarn),
+				ErrorLog:    p.estRefusals.errorLog(),
 				BaseContext: func(net.Listener) context.Context { return ctx }}
 			done = make(chan struct{})
 			go func(s *http.Server, done chan struct{}) {
@@ -110,12 +111,27 @@ func (p *pairingSvc) listenEST() (net.Listener, error) {
 			return nil, err
 		}
 	}
+	if p.estRefusals == nil {
+		p.estRefusals = p.g.newHTTPSRefusals("est", "pairing: EST over HTTPS", p.g.log, slog.LevelWarn)
+	}
+	// Anyone on the LAN can open connections that fail the handshake while
+	// the window is open: each is counted, the lines are spaced and the
+	// claimed id and error cut.
+	caErr := errors.New("not a manufacturer certificate of a configured vendor")
 	verify := func(raw [][]byte, _ [][]*x509.Certificate) error {
-		dev, err := p.verifyIDevID(raw, errors.New("not a manufacturer certificate of a configured vendor"))
-		if err == nil && dev == "" {
-			err = errors.New("no device identity")
+		dev, err := p.verifyIDevID(raw, caErr)
+		var reason string
+		switch {
+		case err == nil && dev != "":
+			return nil
+		case err == nil:
+			err, reason = errors.New("no device identity"), hub.ReasonBadCert
+		case errors.Is(err, caErr):
+			reason = hub.ReasonWrongCA
+		default:
+			reason = certReason(err)
 		}
-		return err
+		return p.estRefusals.cert(reason, hub.ClaimedDevice(raw), err)
 	}
 	ln, err := tls.Listen("tcp", listen, pki.TLSServer(p.estCert, tls.RequireAnyClientCert, verify))
 	if err != nil {
