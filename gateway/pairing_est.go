@@ -60,8 +60,12 @@ func (p *pairingSvc) runEST(ctx context.Context) error {
 		cancel()
 		<-done
 		srv, done = nil, nil
-		p.estFirewall(false)
+		// The address first: a reload from here on builds its policy
+		// without the port. Cleared after, a reload in between would put
+		// the port back in after estFirewall took it out, and leave it
+		// open until the next reload.
 		p.estAddr.Store("")
+		p.estFirewall(false)
 		p.g.log.Info("pairing: EST over HTTPS closed with the window")
 	}
 	defer stop()
@@ -80,6 +84,8 @@ func (p *pairingSvc) runEST(ctx context.Context) error {
 				p.event("system", "pairing.est_failed", "", err.Error())
 				continue
 			}
+			// The address first: a reload from here on keeps the port in
+			// its policy.
 			p.estAddr.Store(ln.Addr().String())
 			p.estFirewall(true)
 			srv = &http.Server{Handler: p.estHandler(), ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second,
@@ -140,20 +146,28 @@ func (p *pairingSvc) listenEST() (net.Listener, error) {
 	return ln, nil
 }
 
-// estFirewall adds the EST port to the applied policy while the window is
-// open, and takes it out after.
+// estFirewall applies the policy with the EST port in it while the
+// listener is up (ESTAddr set: firewallExtra), and without it after (open
+// says which, for the log): the configuration's policy, as Reload builds
+// it. Under reloadMu, as Reload: the configuration it reads stays the one
+// in force until its policy is applied. Without it a reload could apply
+// the new file's policy between the read and the apply, and this apply,
+// built from the old file, would replace it: the kernel would enforce the
+// old file while the gateway holds the new one, until the next reload.
 func (p *pairingSvc) estFirewall(open bool) {
 	if p.g.fw == nil {
 		return
 	}
+	p.g.reloadMu.Lock()
+	defer p.g.reloadMu.Unlock()
 	cfg := p.g.cfg.Load()
-	var extra []firewall.Service
-	if open {
-		extra = p.firewallExtra()
-	}
-	pol, err := cfg.FirewallPolicy(extra...)
+	pol, err := cfg.FirewallPolicy(p.firewallExtra()...)
 	if err == nil {
-		err = p.g.fw.Apply(context.Background(), pol)
+		apply := p.applyPolicy
+		if apply == nil {
+			apply = p.g.fw.Apply
+		}
+		err = apply(context.Background(), pol)
 	}
 	if err != nil {
 		p.g.log.Error("pairing: firewall policy for EST over HTTPS not applied", "open", open, "err", err)
