@@ -52,12 +52,19 @@ func (g *Gateway) openFirmwareHTTPS(cfg config.Config, cert func(name, listen st
 	}
 	id := g.identity()
 	log := g.log.With("component", "firmware-https")
+	// Anyone on the LAN can open connections that fail the handshake (a
+	// certificate of any CA and CN, plaintext, none): each is counted, the
+	// lines are spaced and the claimed id and error cut.
+	refusals := g.newHTTPSRefusals("firmware", "firmware https", log, slog.LevelDebug)
 	verify := func(raw [][]byte, _ [][]*x509.Certificate) error {
 		dev, err := id.VerifyCert(raw)
 		if err != nil {
-			log.Warn("firmware https: handshake refused: device certificate not accepted", "device", dev, "err", err)
+			if dev == "" {
+				dev = hub.ClaimedDevice(raw)
+			}
+			return refusals.cert(certReason(err), dev, err)
 		}
-		return err
+		return nil
 	}
 	tcfg := pki.TLSServer(sc, tls.RequireAnyClientCert, verify)
 	identify := func(r *http.Request) (string, bool) {
@@ -106,7 +113,7 @@ func (g *Gateway) openFirmwareHTTPS(cfg config.Config, cert func(name, listen st
 		ReadHeaderTimeout: 10 * time.Second,
 		IdleTimeout:       2 * time.Minute,
 		MaxHeaderBytes:    8 << 10,
-		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelDebug),
+		ErrorLog:          refusals.errorLog(),
 	}}
 	return nil
 }

@@ -76,10 +76,14 @@ type Gateway struct {
 	opts       Options
 	configPath string
 	cfg        atomic.Pointer[config.Config]
-	// reloadMu orders the two writers of the upstream link's settings,
-	// Reload and a console rule change: each reads the configuration and
-	// hands it to the link under it, so a rule change cannot hand the
-	// link the settings a concurrent reload has just replaced.
+	// reloadMu orders the writers of what Reload puts in force from the
+	// configuration: the upstream link's settings (Reload and a console
+	// rule change) and the firewall policy (Reload, and the EST port
+	// opening and closing with a pairing window: estFirewall). Each reads
+	// the configuration and applies what it built from it under reloadMu,
+	// so none can apply settings or a policy built from a configuration a
+	// concurrent reload has just replaced. Nothing that holds it waits
+	// for a pairing window or for runEST.
 	reloadMu sync.Mutex
 	level    *slog.LevelVar
 	log      *slog.Logger
@@ -391,7 +395,9 @@ func (g *Gateway) openListeners(cfg config.Config) error {
 			return err
 		}
 		g.extraControl["POST /v1/console/recover"] = g.consoleHandler.RecoveryControlHandler()
-		g.console, err = console.New(cfg.Console.Listen, pki.TLSServer(sc, 0, nil), g.consoleHandler, g.log)
+		clog := g.log.With("component", "console")
+		g.console, err = console.New(cfg.Console.Listen, pki.TLSServer(sc, 0, nil), g.consoleHandler, g.log,
+			g.newHTTPSRefusals("console", "console", clog, slog.LevelDebug).errorLog())
 		if err != nil {
 			return err
 		}

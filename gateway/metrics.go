@@ -21,6 +21,10 @@ type metrics struct {
 	offers *prometheus.CounterVec
 	// renewals counts EST /sren requests by result (renewal.go).
 	renewals *prometheus.CounterVec
+	// httpsRefusals counts the TLS handshakes the gateway's own HTTPS
+	// servers refused or saw fail, by server (firmware, est, console) and
+	// reason (httpsrefusals.go).
+	httpsRefusals *prometheus.CounterVec
 }
 
 func newMetrics(deviceCount func() float64) *metrics {
@@ -51,8 +55,12 @@ func newMetrics(deviceCount func() float64) *metrics {
 			Name: "bastion_device_cert_renewals_total",
 			Help: "EST /sren certificate renewals, by result (issued, resent, refused, expired, revoked, retired, superseded, rate_limited, store_failed).",
 		}, []string{"result"}),
+		httpsRefusals: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "bastion_https_handshake_refusals_total",
+			Help: "TLS handshakes refused or failed on the gateway's HTTPS servers, by server (firmware, est, console) and reason (wrong_ca, cert_expired, bad_certificate, revoked, cert_retired, clock_not_set, pairing_refused, plaintext, no_credentials, handshake_failed).",
+		}, []string{"server", "reason"}),
 	}
-	reg.MustRegister(m.renewals, m.authFailures, m.reloads, m.devices, m.clockSane, m.offers,
+	reg.MustRegister(m.renewals, m.httpsRefusals, m.authFailures, m.reloads, m.devices, m.clockSane, m.offers,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

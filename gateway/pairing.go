@@ -25,6 +25,7 @@ import (
 
 	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/bridges/coap"
+	"github.com/bastion-iot/bastion/firewall"
 	"github.com/bastion-iot/bastion/gateway/button"
 	"github.com/bastion-iot/bastion/gateway/config"
 	"github.com/bastion-iot/bastion/gateway/console"
@@ -67,6 +68,12 @@ type pairingSvc struct {
 	estChange chan struct{}
 	estAddr   atomic.Value // string
 	estCert   *pki.ServerCert
+	// estRefusals counts and logs the handshakes the EST listener refuses
+	// (made with the first listener, kept across windows).
+	estRefusals *httpsRefusals
+	// applyPolicy, if set (tests only), applies estFirewall's policy in
+	// place of g.fw.Apply, which it may call.
+	applyPolicy func(context.Context, firewall.Policy) error
 	// derived remembers which expected code is registered for which label
 	// id, so that a repeated hello does not derive it again.
 	derived map[string]string

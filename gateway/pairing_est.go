@@ -14,6 +14,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/bastion-iot/bastion/bridges/hub"
 	"github.com/bastion-iot/bastion/firewall"
 	"github.com/bastion-iot/bastion/gateway/store"
 	"github.com/bastion-iot/bastion/pki"
@@ -59,8 +60,12 @@ func (p *pairingSvc) runEST(ctx context.Context) error {
 		cancel()
 		<-done
 		srv, done = nil, nil
-		p.estFirewall(false)
+		// The address first: a reload from here on builds its policy
+		// without the port. Cleared after, a reload in between would put
+		// the port back in after estFirewall took it out, and leave it
+		// open until the next reload.
 		p.estAddr.Store("")
+		p.estFirewall(false)
 		p.g.log.Info("pairing: EST over HTTPS closed with the window")
 	}
 	defer stop()
@@ -79,10 +84,12 @@ func (p *pairingSvc) runEST(ctx context.Context) error {
 				p.event("system", "pairing.est_failed", "", err.Error())
 				continue
 			}
+			// The address first: a reload from here on keeps the port in
+			// its policy.
 			p.estAddr.Store(ln.Addr().String())
 			p.estFirewall(true)
 			srv = &http.Server{Handler: p.estHandler(), ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second,
-				ErrorLog:    slog.NewLogLogger(p.g.log.Handler(), slog.LevelWarn),
+				ErrorLog:    p.estRefusals.errorLog(),
 				BaseContext: func(net.Listener) context.Context { return ctx }}
 			done = make(chan struct{})
 			go func(s *http.Server, done chan struct{}) {
@@ -110,12 +117,27 @@ func (p *pairingSvc) listenEST() (net.Listener, error) {
 			return nil, err
 		}
 	}
+	if p.estRefusals == nil {
+		p.estRefusals = p.g.newHTTPSRefusals("est", "pairing: EST over HTTPS", p.g.log, slog.LevelWarn)
+	}
+	// Anyone on the LAN can open connections that fail the handshake while
+	// the window is open: each is counted, the lines are spaced and the
+	// claimed id and error cut.
+	caErr := errors.New("not a manufacturer certificate of a configured vendor")
 	verify := func(raw [][]byte, _ [][]*x509.Certificate) error {
-		dev, err := p.verifyIDevID(raw, errors.New("not a manufacturer certificate of a configured vendor"))
-		if err == nil && dev == "" {
-			err = errors.New("no device identity")
+		dev, err := p.verifyIDevID(raw, caErr)
+		var reason string
+		switch {
+		case err == nil && dev != "":
+			return nil
+		case err == nil:
+			err, reason = errors.New("no device identity"), hub.ReasonBadCert
+		case errors.Is(err, caErr):
+			reason = hub.ReasonWrongCA
+		default:
+			reason = certReason(err)
 		}
-		return err
+		return p.estRefusals.cert(reason, hub.ClaimedDevice(raw), err)
 	}
 	ln, err := tls.Listen("tcp", listen, pki.TLSServer(p.estCert, tls.RequireAnyClientCert, verify))
 	if err != nil {
@@ -124,20 +146,28 @@ func (p *pairingSvc) listenEST() (net.Listener, error) {
 	return ln, nil
 }
 
-// estFirewall adds the EST port to the applied policy while the window is
-// open, and takes it out after.
+// estFirewall applies the policy with the EST port in it while the
+// listener is up (ESTAddr set: firewallExtra), and without it after (open
+// says which, for the log): the configuration's policy, as Reload builds
+// it. Under reloadMu, as Reload: the configuration it reads stays the one
+// in force until its policy is applied. Without it a reload could apply
+// the new file's policy between the read and the apply, and this apply,
+// built from the old file, would replace it: the kernel would enforce the
+// old file while the gateway holds the new one, until the next reload.
 func (p *pairingSvc) estFirewall(open bool) {
 	if p.g.fw == nil {
 		return
 	}
+	p.g.reloadMu.Lock()
+	defer p.g.reloadMu.Unlock()
 	cfg := p.g.cfg.Load()
-	var extra []firewall.Service
-	if open {
-		extra = p.firewallExtra()
-	}
-	pol, err := cfg.FirewallPolicy(extra...)
+	pol, err := cfg.FirewallPolicy(p.firewallExtra()...)
 	if err == nil {
-		err = p.g.fw.Apply(context.Background(), pol)
+		apply := p.applyPolicy
+		if apply == nil {
+			apply = p.g.fw.Apply
+		}
+		err = apply(context.Background(), pol)
 	}
 	if err != nil {
 		p.g.log.Error("pairing: firewall policy for EST over HTTPS not applied", "open", open, "err", err)

@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"html/template"
+	stdlog "log"
 	"log/slog"
 	"net"
 	"net/http"
@@ -24,8 +25,12 @@ type Server struct {
 }
 
 // New binds addr with tlsConf; handler serves the pages and API (nil for
-// the built-in placeholder until the console is complete).
-func New(addr string, tlsConf *tls.Config, handler http.Handler, log *slog.Logger) (*Server, error) {
+// the built-in placeholder until the console is complete). errorLog is
+// the HTTP server's ErrorLog, which net/http tells of every failed TLS
+// handshake: anyone on the network can fail one per connection, so the
+// caller gives one that counts them and spaces its lines; nil logs each
+// to log at debug level.
+func New(addr string, tlsConf *tls.Config, handler http.Handler, log *slog.Logger, errorLog *stdlog.Logger) (*Server, error) {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("console: listen tcp %s: %w", addr, err)
@@ -34,6 +39,9 @@ func New(addr string, tlsConf *tls.Config, handler http.Handler, log *slog.Logge
 		handler = placeholder()
 	}
 	s := &Server{ln: tls.NewListener(ln, tlsConf), log: log.With("component", "console")}
+	if errorLog == nil {
+		errorLog = slog.NewLogLogger(s.log.Handler(), slog.LevelDebug)
+	}
 	s.srv = &http.Server{
 		Handler:           SecurityHeaders(handler),
 		ReadHeaderTimeout: 10 * time.Second,
@@ -41,7 +49,7 @@ func New(addr string, tlsConf *tls.Config, handler http.Handler, log *slog.Logge
 		WriteTimeout:      60 * time.Second,
 		IdleTimeout:       120 * time.Second,
 		MaxHeaderBytes:    32 << 10,
-		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
+		ErrorLog:          errorLog,
 	}
 	return s, nil
 }

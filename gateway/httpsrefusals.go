@@ -1,0 +1,134 @@
+package gateway
+
+import (
+	"context"
+	"errors"
+	stdlog "log"
+	"log/slog"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/bastion-iot/bastion/bridges"
+	"github.com/bastion-iot/bastion/bridges/hub"
+	"github.com/bastion-iot/bastion/internal/ratelog"
+)
+
+// httpsRefusals counts and logs the TLS handshakes one of the gateway's
+// own HTTPS servers (firmware, EST, console) refuses or sees fail. Anyone
+// who reaches the port can cause them at the rate they can open
+// connections: each is counted in bastion_https_handshake_refusals_total,
+// but logged at most once per kind per httpsRefusalLogEvery, the line
+// saying how many of its kind were not logged since the one before, and
+// text the peer chose (a claimed device id, an error quoting a
+// certificate's CN) is cut. As the MQTT and CoAP bridges log theirs
+// (refusalLine there).
+//
+// net/http does the handshake itself and tells only its ErrorLog how it
+// failed, one line per connection: errorLog is that ErrorLog. A
+// certificate the server's verify callback refused is counted and logged
+// there (cert), with the reason the line's text no longer carries.
+type httpsRefusals struct {
+	server string // the metric's server label
+	prefix string // what the lines start with: "firmware https"
+	log    *slog.Logger
+	// level is that of the server's other ErrorLog lines (an accept
+	// error, a handler's panic), which are spaced too.
+	level slog.Level
+	count *prometheus.CounterVec
+	lines *ratelog.Every
+}
+
+// httpsRefusalLogEvery spaces the lines of each kind of refused handshake.
+const httpsRefusalLogEvery = 10 * time.Second
+
+// maxLoggedText bounds text a peer chose in a log line about a refused
+// handshake (a device id a certificate claims, an error that quotes its
+// CN): ratelog.Clip(s, maxLoggedText).
+const maxLoggedText = 256
+
+func (g *Gateway) newHTTPSRefusals(server, prefix string, log *slog.Logger, level slog.Level) *httpsRefusals {
+	return &httpsRefusals{server: server, prefix: prefix, log: log, level: level,
+		count: g.metrics.httpsRefusals, lines: ratelog.New(httpsRefusalLogEvery)}
+}
+
+// certRefused is the error a verify callback returns for a client
+// certificate that cert counted and logged. Its text names the reason
+// only: the ErrorLog line of the same handshake, which quotes it, is
+// recognised by it and neither counted nor logged again.
+type certRefused struct {
+	reason string
+	err    error
+}
+
+const certRefusedText = "client certificate not accepted: "
+
+func (e *certRefused) Error() string { return certRefusedText + e.reason }
+func (e *certRefused) Unwrap() error { return e.err }
+
+// cert counts a client certificate refused for reason with err, which
+// claims to be device (unverified), logs it (spaced) and returns the
+// error for the handshake.
+func (r *httpsRefusals) cert(reason, device string, err error) error {
+	r.refused(slog.LevelWarn, "cert:"+reason, reason, "handshake refused: device certificate not accepted",
+		"device", ratelog.Clip(device, maxLoggedText), "reason", reason, "err", ratelog.Clip(err.Error(), maxLoggedText))
+	return &certRefused{reason: reason, err: err}
+}
+
+// certReason is the reason label of err, which refused a client
+// certificate.
+func certReason(err error) string {
+	if errors.Is(err, bridges.ErrPairingRefused) {
+		return hub.ReasonPairingRefused
+	}
+	return hub.CertRefusal(err)
+}
+
+// refused logs msg (spaced by kind) and counts one refusal under reason:
+// the line first, so that once a test sees the count it sees the lines.
+func (r *httpsRefusals) refused(level slog.Level, kind, reason, msg string, args ...any) {
+	r.line(level, kind, r.prefix+": "+msg, args...)
+	r.count.WithLabelValues(r.server, reason).Inc()
+}
+
+func (r *httpsRefusals) line(level slog.Level, kind, msg string, args ...any) {
+	n, ok := r.lines.Allow(kind, time.Now())
+	if !ok {
+		return
+	}
+	r.log.Log(context.Background(), level, msg, append(args, "not_logged_since_last_line", n)...)
+}
+
+// errorLog is the http.Server's ErrorLog.
+func (r *httpsRefusals) errorLog() *stdlog.Logger { return stdlog.New(r, "", 0) }
+
+// handshakeErrorPrefix starts net/http's line about a failed handshake:
+// "http: TLS handshake error from <remote>: <error>".
+const handshakeErrorPrefix = "http: TLS handshake error from "
+
+// Write takes one line of the http.Server's ErrorLog (a log.Logger writes
+// each line in one call).
+func (r *httpsRefusals) Write(b []byte) (int, error) {
+	line := strings.TrimSuffix(string(b), "\n")
+	rest, ok := strings.CutPrefix(line, handshakeErrorPrefix)
+	if !ok {
+		// The server's own trouble, or a request's (a query with ';'):
+		// not per handshake, but some a peer can repeat.
+		r.line(r.level, "server", line)
+		return len(b), nil
+	}
+	remote, why, _ := strings.Cut(rest, ": ")
+	switch {
+	case strings.HasPrefix(why, certRefusedText):
+		// counted and logged by the certificate check
+	case why == "client sent an HTTP request to an HTTPS server" || strings.Contains(why, "first record does not look like a TLS handshake"):
+		r.refused(slog.LevelWarn, hub.ReasonPlaintext, hub.ReasonPlaintext, "handshake refused: plaintext on the HTTPS port; connect with https", "remote", remote)
+	case strings.Contains(why, "client didn't provide a certificate"): // crypto/tls has no sentinel for it
+		r.refused(slog.LevelWarn, hub.ReasonNoCredentials, hub.ReasonNoCredentials, "handshake refused: no client certificate", "remote", remote)
+	default:
+		r.refused(slog.LevelInfo, hub.ReasonHandshakeFailed, hub.ReasonHandshakeFailed, "TLS handshake failed", "remote", remote,
+			"err", ratelog.Clip(why, maxLoggedText))
+	}
+	return len(b), nil
+}
