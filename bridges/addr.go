@@ -12,7 +12,30 @@ import (
 // valid for IPv4: those limits count an IPv4 source per address only.
 type Source struct {
 	Addr   netip.Addr
-	Prefix netip.Prefix
+	Prefix Prefix
+}
+
+// Prefix is the network of a Source that the limits count together: an
+// IPv6 /64, and for a link-local one the zone (the interface) it was seen
+// on. Every link has the same link-local prefix, fe80::/64, so without
+// the zone the link-local hosts of every LAN interface would share one
+// budget; netip.Prefix cannot hold a zone, hence the struct. Comparable:
+// a map key. The zero Prefix is not valid (an IPv4 source).
+type Prefix struct {
+	Net  netip.Prefix
+	Zone string // only for a link-local prefix
+}
+
+// IsValid reports whether p is a prefix (not an IPv4 source's zero one).
+func (p Prefix) IsValid() bool { return p.Net.IsValid() }
+
+// String is the prefix, with "%zone" after it if it has one
+// ("fe80::/64%eth1").
+func (p Prefix) String() string {
+	if p.Zone == "" {
+		return p.Net.String()
+	}
+	return p.Net.String() + "%" + p.Zone
 }
 
 // SourceOf is the Source of a connection from a (ports are not part of
@@ -50,12 +73,21 @@ func SourceAddr(a net.Addr) (netip.Addr, bool) {
 // SourcePrefix is the network from which the host at a can take further
 // addresses at will, for limits it must not escape by changing address:
 // for IPv6 the /64 (SLAAC and privacy extensions let every host on a link
-// use any address of the link's /64), zone dropped; false for IPv4, where a
-// host has the addresses it was given.
-func SourcePrefix(a netip.Addr) (netip.Prefix, bool) {
+// use any address of the link's /64); false for IPv4, where a host has the
+// addresses it was given. A link-local /64 keeps a's zone: fe80::/64 on
+// one interface is another link than fe80::/64 on the next, whose hosts
+// cannot take addresses of the first. Any other prefix drops it (it names
+// the same network from every interface).
+func SourcePrefix(a netip.Addr) (Prefix, bool) {
 	if !a.Is6() || a.Is4In6() {
-		return netip.Prefix{}, false
+		return Prefix{}, false
 	}
 	p, err := a.WithZone("").Prefix(64)
-	return p, err == nil
+	if err != nil {
+		return Prefix{}, false
+	}
+	if a.IsLinkLocalUnicast() {
+		return Prefix{Net: p, Zone: a.Zone()}, true
+	}
+	return Prefix{Net: p}, true
 }

@@ -1,6 +1,7 @@
 package coap
 
 import (
+	"net/netip"
 	"time"
 
 	"github.com/bastion-iot/bastion/bridges/hub"
@@ -27,3 +28,9 @@ func SetObserveHook(s *Server, f func(stage int)) { s.observeHook = f }
 // HandshakesInFlight is how many DTLS handshakes s counts as in flight
 // (limit.go).
 func HandshakesInFlight(s *Server) int { return s.hs.inFlight() }
+
+// HandshakesInFlightFrom is how many DTLS handshakes s counts as in
+// flight from the address addr.
+func HandshakesInFlightFrom(s *Server, addr string) int {
+	return s.hs.inFlightFrom(netip.MustParseAddr(addr))
+}

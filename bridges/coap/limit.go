@@ -1,6 +1,7 @@
 package coap
 
 import (
+	"container/list"
 	"context"
 	"errors"
 	"fmt"
@@ -62,94 +63,119 @@ func (l *limitListener) AcceptWithContext(ctx context.Context) (net.Conn, error)
 	if !ok {
 		return c, nil
 	}
-	return &handshakeConn{Conn: dc, l: l, src: sourceOf(c.RemoteAddr())}, nil
-}
-
-// handshakeSource is where a handshake comes from, as handshakeLimit
-// counts it: its address, and for IPv6 the /64 the address is in.
-type handshakeSource struct {
-	addr   netip.Addr
-	prefix netip.Prefix
-}
-
-func sourceOf(a net.Addr) handshakeSource {
-	s := bridges.SourceOf(a) // no prefix for IPv4: counted per address only
-	return handshakeSource{addr: s.Addr, prefix: s.Prefix}
+	return &handshakeConn{Conn: dc, l: l, slot: handshakeSlot{src: bridges.SourceOf(c.RemoteAddr())}}, nil
 }
 
 // handshakeLimit counts DTLS handshakes in flight: per source address
-// (Config.MaxHandshakesPerSource), per IPv6 /64 (MaxHandshakesPerPrefix)
-// and in all (MaxHandshakes). Why per /64: a host on an IPv6 link can use
-// any address of the link's /64 (SLAAC, privacy addresses), so a limit per
-// address alone is one it escapes by changing address; the /64's limit is
-// higher because the link's other hosts share it. IPv4 is counted per
-// address only: a host has the addresses it was given. The total bounds the
-// handshake state all sources together hold (each handshake holds a pion
-// connection and a goroutine for up to Config.HandshakeTimeout), whatever
-// their addresses.
+// (Config.MaxHandshakesPerSource), per IPv6 /64 (MaxHandshakesPerPrefix;
+// a link-local one per interface, bridges.SourcePrefix) and in all
+// (MaxHandshakes). Why per /64: a host on an IPv6 link can use any
+// address of the link's /64 (SLAAC, privacy addresses), so a limit per
+// address alone is one it escapes by changing address. Over its address's
+// limit a handshake is refused (that address is the host itself); over
+// its /64's, the oldest handshake in flight from the /64 is ended to make
+// room for it instead: the /64 is shared by every IPv6 device of the
+// link, and refusing there let one host of the link that echoes cookies
+// and then stalls its handshakes (a few dozen, from as many addresses)
+// keep out every other device of its /64 for as long as it liked. Ending
+// the oldest, it pushes out only handshakes of its own /64 that are older
+// than its newest, and a device's handshake is done in milliseconds: to
+// end one, the host has to start more than the /64's limit of handshakes
+// within that time, all of them answered cookies. IPv4 is counted per
+// address only: a host has the addresses it was given (on a LAN it can
+// still claim many unused ones, each a source of its own; the total is
+// the bound then). The total bounds the handshake state all sources
+// together hold (each handshake holds a pion connection and a goroutine
+// for up to Config.HandshakeTimeout), whatever their addresses; over it a
+// handshake is refused.
 type handshakeLimit struct {
 	perSource, perPrefix, total int
 
 	mu       sync.Mutex
 	sources  map[netip.Addr]int
-	prefixes map[netip.Prefix]int
+	prefixes map[bridges.Prefix]*list.List // of *handshakeSlot, oldest first
 	n        int
+}
+
+// handshakeSlot is one handshake's place in a handshakeLimit (fields
+// under its mu but src and end, set before take).
+type handshakeSlot struct {
+	src     bridges.Source
+	end     context.CancelFunc // ends the handshake (when evicted)
+	elem    *list.Element      // in its /64's list (nil: IPv4)
+	counted bool               // holds a place
+	evicted bool               // its place was taken for a newer handshake of its /64
 }
 
 func newHandshakeLimit(perSource, perPrefix, total int) *handshakeLimit {
 	return &handshakeLimit{perSource: perSource, perPrefix: perPrefix, total: total,
-		sources: map[netip.Addr]int{}, prefixes: map[netip.Prefix]int{}}
+		sources: map[netip.Addr]int{}, prefixes: map[bridges.Prefix]*list.List{}}
 }
 
 // Which limit refused a handshake (handshakeLimit.take).
 const (
 	limitNone   = iota
 	limitSource // the source address's
-	limitPrefix // its IPv6 /64's
 	limitTotal  // all sources'
 )
 
-// take counts a handshake from src, and sets *counted, if every limit has
-// room, and otherwise says which limit refused it and its value.
-func (h *handshakeLimit) take(src handshakeSource, counted *bool) (refused, limit int) {
+// take counts s's handshake if its address and the total have room, and
+// otherwise says which limit refused it and its value. If s's /64 is at
+// its limit, its oldest handshake in flight is released for s and
+// returned (evicted set): the caller ends it.
+func (h *handshakeLimit) take(s *handshakeSlot) (refused, limit int, evicted *handshakeSlot) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	switch {
-	case h.sources[src.addr] >= h.perSource:
-		return limitSource, h.perSource
-	case src.prefix.IsValid() && h.prefixes[src.prefix] >= h.perPrefix:
-		return limitPrefix, h.perPrefix
-	case h.n >= h.total:
-		return limitTotal, h.total
+	if h.sources[s.src.Addr] >= h.perSource {
+		return limitSource, h.perSource, nil
 	}
-	h.sources[src.addr]++
-	if src.prefix.IsValid() {
-		h.prefixes[src.prefix]++
+	q := h.prefixes[s.src.Prefix]
+	if s.src.Prefix.IsValid() && q != nil && q.Len() >= h.perPrefix {
+		evicted = q.Front().Value.(*handshakeSlot)
+		h.releaseLocked(evicted)
+		evicted.evicted = true
+	}
+	if h.n >= h.total {
+		return limitTotal, h.total, evicted // not with an eviction: that gave one back
+	}
+	h.sources[s.src.Addr]++
+	if s.src.Prefix.IsValid() {
+		if q = h.prefixes[s.src.Prefix]; q == nil {
+			q = list.New()
+			h.prefixes[s.src.Prefix] = q
+		}
+		s.elem = q.PushBack(s)
 	}
 	h.n++
-	*counted = true
-	return limitNone, 0
+	s.counted = true
+	return limitNone, 0, evicted
 }
 
-// release gives back a handshake take counted, if *counted, and clears it
-// (so at most once).
-func (h *handshakeLimit) release(src handshakeSource, counted *bool) {
+// release gives back s's place if it holds one (so at most once), and
+// reports whether it was taken from it for a newer handshake instead.
+func (h *handshakeLimit) release(s *handshakeSlot) (evicted bool) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if !*counted {
+	h.releaseLocked(s)
+	return s.evicted
+}
+
+func (h *handshakeLimit) releaseLocked(s *handshakeSlot) {
+	if !s.counted {
 		return
 	}
-	*counted = false
-	if h.sources[src.addr] <= 1 {
-		delete(h.sources, src.addr)
+	s.counted = false
+	if h.sources[s.src.Addr] <= 1 {
+		delete(h.sources, s.src.Addr)
 	} else {
-		h.sources[src.addr]--
+		h.sources[s.src.Addr]--
 	}
-	if src.prefix.IsValid() {
-		if h.prefixes[src.prefix] <= 1 {
-			delete(h.prefixes, src.prefix)
-		} else {
-			h.prefixes[src.prefix]--
+	if s.elem != nil {
+		q := h.prefixes[s.src.Prefix]
+		q.Remove(s.elem)
+		s.elem = nil
+		if q.Len() == 0 {
+			delete(h.prefixes, s.src.Prefix)
 		}
 	}
 	h.n--
@@ -162,54 +188,67 @@ func (h *handshakeLimit) inFlight() int {
 	return h.n
 }
 
-// take counts c's handshake as in flight if the limits have room; it runs
-// when c's client has echoed the cookie.
+// inFlightFrom is how many handshakes from addr are counted now.
+func (h *handshakeLimit) inFlightFrom(addr netip.Addr) int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.sources[addr]
+}
+
+// take counts c's handshake as in flight if the limits have room (ending
+// the oldest of its /64's if that is full); it runs when c's client has
+// echoed the cookie.
 func (l *limitListener) take(c *handshakeConn) error {
-	refused, limit := l.s.hs.take(c.src, &c.counted)
+	refused, limit, evicted := l.s.hs.take(&c.slot)
+	if evicted != nil {
+		// Counted, then ended: its HandshakeContext returns, and the
+		// server closes it.
+		l.s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonHandshakeLimit).Inc()
+		evicted.end()
+		l.s.refusalLine("limit:prefix", "coap: oldest handshake in flight from this IPv6 /64 ended to make room for a newer one: too many handshakes in flight from this /64",
+			"device", "", "remote", evicted.src.Addr.String(), "prefix", evicted.src.Prefix.String(), "limit", l.s.hs.perPrefix,
+			"key", "coap.Config.MaxHandshakesPerPrefix")
+	}
 	if refused == limitNone {
 		return nil
 	}
 	l.s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonHandshakeLimit).Inc()
 	what, key, kind := "from this source", "coap.Config.MaxHandshakesPerSource", "limit:source"
-	// The device is not known yet: its PSK identity or certificate
-	// comes in the client's next flight.
-	args := []any{"device", "", "remote", c.RemoteAddr().String(), "limit", limit}
-	switch refused {
-	case limitPrefix:
-		what, key, kind = "from this source's IPv6 /64", "coap.Config.MaxHandshakesPerPrefix", "limit:prefix"
-		args = append(args, "prefix", c.src.prefix.String())
-	case limitTotal:
+	if refused == limitTotal {
 		what, key, kind = "in all", "coap.Config.MaxHandshakes", "limit:total"
 	}
-	// A flood of handshakes is a flood of refusals: one line per limit
-	// per interval (the metric counts each).
-	l.s.refusalLine(kind, "coap: handshake refused: too many handshakes in flight "+what, args...)
+	// The device is not known yet: its PSK identity or certificate
+	// comes in the client's next flight. A flood of handshakes is a flood
+	// of refusals: one line per limit per interval (the metric counts
+	// each).
+	l.s.refusalLine(kind, "coap: handshake refused: too many handshakes in flight "+what,
+		"device", "", "remote", c.RemoteAddr().String(), "limit", limit)
 	return fmt.Errorf("%w %s (limit %d, %s)", errHandshakeLimit, what, limit, key)
-}
-
-// release gives c's slot back if it holds one (at most once).
-func (l *limitListener) release(c *handshakeConn) {
-	l.s.hs.release(c.src, &c.counted)
 }
 
 // handshakeConn counts its handshake as in flight from when its client
 // echoed the cookie until the handshake ends.
 type handshakeConn struct {
 	*piondtls.Conn
-	l       *limitListener
-	src     handshakeSource
-	counted bool // holds a slot of the server's handshakeLimit (under its mu)
+	l    *limitListener
+	slot handshakeSlot
 }
 
 func (c *handshakeConn) HandshakeContext(ctx context.Context) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	c.slot.end = cancel
 	// The hook runs on this goroutine, inside HandshakeContext (pion's
 	// server handshake runs on its caller's goroutine, patch (18)), before
 	// any cryptographic work on the ClientHello.
 	c.Conn.SetOnCookieVerified(func() error { return c.l.take(c) })
 	err := c.Conn.HandshakeContext(ctx)
-	c.l.release(c)
+	evicted := c.l.s.hs.release(&c.slot)
 	if err != nil {
-		if !errors.Is(err, errHandshakeLimit) { // counted as a refusal
+		switch {
+		case evicted: // counted as a refusal by the handshake that took its place
+			err = fmt.Errorf("%w: ended for a newer handshake of its IPv6 /64: %w", errHandshakeLimit, err)
+		case !errors.Is(err, errHandshakeLimit): // else counted as a refusal
 			c.l.s.m.Handshakes.WithLabelValues(hub.CoAP, "failed").Inc()
 		}
 		c.l.s.log.Debug("coap: handshake failed", "device", "", "remote", c.RemoteAddr().String(), "err", err)
@@ -218,6 +257,6 @@ func (c *handshakeConn) HandshakeContext(ctx context.Context) error {
 }
 
 func (c *handshakeConn) Close() error {
-	c.l.release(c)
+	c.l.s.hs.release(&c.slot)
 	return c.Conn.Close()
 }

@@ -5,65 +5,118 @@ import (
 	"net"
 	"net/netip"
 	"testing"
+
+	"github.com/bastion-iot/bastion/bridges"
 )
 
-// handshakeLimit counts per address, per IPv6 /64 and in all: a host that
-// takes a new address of its /64 for every handshake (SLAAC, privacy
-// addresses) is held by the /64's limit; IPv4 (IPv4-mapped too) is counted
-// per address only; every source together by the total.
+// handshakeLimit counts per address, per IPv6 /64 and in all: a host
+// that takes a new address of its /64 for every handshake (SLAAC, privacy
+// addresses) is held by the /64's limit, which ends the /64's oldest
+// handshake to make room for a new one instead of refusing it (refusing
+// let one host holding the /64's places keep out every other device of
+// its /64); over its address's limit a handshake is refused; IPv4
+// (IPv4-mapped too) is counted per address only; every source together
+// is refused past the total. A link-local /64 is counted per interface.
 func TestHandshakeLimit(t *testing.T) {
-	const perSource, perPrefix, total = 2, 5, 12
+	const perSource, perPrefix, total = 2, 5, 14
 	h := newHandshakeLimit(perSource, perPrefix, total)
-	src := func(s string) handshakeSource {
-		return sourceOf(net.UDPAddrFromAddrPort(netip.AddrPortFrom(netip.MustParseAddr(s), 5684)))
+	src := func(s string) bridges.Source {
+		return bridges.SourceOf(net.UDPAddrFromAddrPort(netip.AddrPortFrom(netip.MustParseAddr(s), 5684)))
 	}
-	var held []handshakeSource
-	var flags []*bool
-	take := func(s handshakeSource, wantRefused int) {
+	var held []*handshakeSlot
+	take := func(from string, wantRefused int) *handshakeSlot {
 		t.Helper()
-		counted := new(bool)
-		refused, _ := h.take(s, counted)
+		s := &handshakeSlot{src: src(from)}
+		refused, _, evicted := h.take(s)
 		if refused != wantRefused {
-			t.Fatalf("take(%v): refused by limit %d, want %d (in flight %d)", s.addr, refused, wantRefused, h.inFlight())
+			t.Fatalf("take(%s): refused by limit %d, want %d (in flight %d)", from, refused, wantRefused, h.inFlight())
 		}
-		if *counted != (refused == limitNone) {
-			t.Fatalf("take(%v): counted %v, refused %d", s.addr, *counted, refused)
+		if s.counted != (refused == limitNone) {
+			t.Fatalf("take(%s): counted %v, refused %d", from, s.counted, refused)
 		}
-		if *counted {
-			held, flags = append(held, s), append(flags, counted)
+		if s.counted {
+			held = append(held, s)
+		}
+		return evicted
+	}
+	noEviction := func(from string, wantRefused int) {
+		t.Helper()
+		if ev := take(from, wantRefused); ev != nil {
+			t.Fatalf("take(%s) ended the handshake from %v", from, ev.src.Addr)
 		}
 	}
-	// One address of fd00:1::/64: its own limit.
-	take(src("fd00:1::1"), limitNone)
-	take(src("fd00:1::1"), limitNone)
-	take(src("fd00:1::1"), limitSource)
-	// More addresses of the same /64: the /64's limit, whatever the address.
-	take(src("fd00:1::2"), limitNone)
-	take(src("fd00:1::3"), limitNone)
-	take(src("fd00:1::4%eth0"), limitNone) // a zone does not make another /64
-	take(src("fd00:1::5"), limitPrefix)
-	take(src("fd00:1::ffff:1"), limitPrefix)
-	// Another /64 has its own room.
-	take(src("fd00:2::1"), limitNone)
+	evicts := func(from string, want *handshakeSlot) {
+		t.Helper()
+		ev := take(from, limitNone)
+		if ev != want {
+			var got, wantAddr any
+			if ev != nil {
+				got = ev.src.Addr
+			}
+			if want != nil {
+				wantAddr = want.src.Addr
+			}
+			t.Fatalf("take(%s) ended the handshake from %v, want the oldest of its /64, from %v", from, got, wantAddr)
+		}
+		if !ev.evicted || ev.counted {
+			t.Fatalf("the ended handshake: evicted %v, counted %v", ev.evicted, ev.counted)
+		}
+	}
+	// One address of fd00:1::/64: its own limit, refused past it.
+	noEviction("fd00:1::1", limitNone)
+	noEviction("fd00:1::1", limitNone)
+	noEviction("fd00:1::1", limitSource)
+	// More addresses of the same /64, up to its limit.
+	noEviction("fd00:1::2", limitNone)
+	noEviction("fd00:1::3", limitNone)
+	noEviction("fd00:1::4%eth0", limitNone) // a zone does not make another /64 but link-local
+	// Past it, whatever the address: the /64's oldest handshakes end, in
+	// order, and the new ones are counted.
+	oldest := held[:4]
+	evicts("fd00:1::5", oldest[0])
+	evicts("fd00:1::ffff:1", oldest[1])
+	if got := h.inFlightFrom(netip.MustParseAddr("fd00:1::1")); got != 0 {
+		t.Fatalf("fd00:1::1 has %d in flight after both of its were ended, want 0", got)
+	}
+	if got := h.prefixes[src("fd00:1::9").Prefix].Len(); got != perPrefix {
+		t.Fatalf("fd00:1::/64 holds %d, want its limit %d", got, perPrefix)
+	}
+	// Another /64 has its own room; link-local /64s of two interfaces
+	// are two /64s.
+	noEviction("fd00:2::1", limitNone)
+	eth0 := len(held)
+	for i := range perPrefix {
+		noEviction(fmt.Sprintf("fe80::%x%%eth0", i+1), limitNone)
+	}
+	noEviction("fe80::1%eth1", limitNone) // eth0's fe80::/64 is full, eth1's is not
 	// IPv4: per address, no prefix; a mapped address is the IPv4 one.
-	take(src("192.0.2.1"), limitNone)
-	take(src("::ffff:192.0.2.1"), limitNone)
-	take(src("192.0.2.1"), limitSource)
-	for i := 2; h.inFlight() < total; i++ {
-		take(src(fmt.Sprint("192.0.2.", i)), limitNone)
+	noEviction("192.0.2.1", limitNone)
+	noEviction("::ffff:192.0.2.1", limitNone)
+	noEviction("192.0.2.1", limitSource)
+	// All room taken: refused by the total, but for a full /64's
+	// handshake, which takes the place of the /64's oldest.
+	if n := h.inFlight(); n != total {
+		t.Fatalf("%d in flight, want the total %d", n, total)
 	}
-	// All room taken: any source is refused by the total.
-	take(src("198.51.100.1"), limitTotal)
-	take(src("fd00:3::1"), limitTotal)
-	// Released twice, counted back once.
-	h.release(held[0], flags[0])
-	h.release(held[0], flags[0])
+	noEviction("198.51.100.1", limitTotal)
+	noEviction("fd00:3::1", limitTotal)
+	evicts("fe80::99%eth0", held[eth0])
+	// Released twice, counted back once; an ended one's release gives
+	// back nothing more.
+	last := held[len(held)-1]
+	h.release(last)
+	h.release(last)
+	for _, s := range oldest[:2] {
+		if !h.release(s) {
+			t.Error("release of an ended handshake does not say it was ended")
+		}
+	}
 	if n := h.inFlight(); n != total-1 {
 		t.Fatalf("in flight after one release (twice): %d, want %d", n, total-1)
 	}
-	take(src("fd00:1::1"), limitNone)
-	for i := range held {
-		h.release(held[i], flags[i])
+	noEviction("fd00:4::1", limitNone)
+	for _, s := range held {
+		h.release(s)
 	}
 	if h.inFlight() != 0 || len(h.sources) != 0 || len(h.prefixes) != 0 {
 		t.Fatalf("after every release: %d in flight, %d sources, %d prefixes kept", h.inFlight(), len(h.sources), len(h.prefixes))

@@ -3,11 +3,14 @@ package coap_test
 import (
 	"context"
 	"encoding/hex"
+	"log/slog"
 	"net"
+	"strings"
 	"testing"
 	"time"
 
 	piondtls "github.com/pion/dtls/v3"
+	"github.com/plgd-dev/go-coap/v3/message/codes"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/bastion-iot/bastion/bridges/coap"
@@ -17,28 +20,35 @@ import (
 	"github.com/bastion-iot/bastion/internal/testutil/netns"
 )
 
-// Handshakes from two IPv6 addresses of one /64 share the /64's limit
-// (coap.Config.MaxHandshakesPerPrefix): a host on an IPv6 link can use any
-// address of the link's /64, and with a limit per address only it took a
-// new address for every handshake. In a network namespace of its own with
-// fd00::1-3/64, a server with 2 handshakes per address and 3 per /64;
-// clients that stall after the cookie echo (their PSK callback waits, so
-// the server waits for their next flight): two from fd00::2 and one from
-// fd00::3 are held, the second from fd00::3 is refused (handshake_limit),
-// though its address has room.
+// Handshakes from the addresses of one IPv6 /64 share the /64's limit
+// (coap.Config.MaxHandshakesPerPrefix), and a handshake over it ends the
+// /64's oldest one in flight instead of being refused: a host on an IPv6
+// link can use any address of the link's /64, and with a limit per
+// address only it took a new address for every handshake; with a /64
+// limit that refused, a host of the /64 that echoes cookies and then
+// stalls its handshakes held the /64's places and kept out every other
+// device of it. In a network namespace of its own with fd00::1-5/64, a
+// server with 2 handshakes per address and 3 per /64; clients that stall
+// after the cookie echo (their PSK callback waits, so the server waits for
+// their next flight) from fd00::2 (twice) and fd00::3 fill the /64. A third
+// from fd00::2 is refused (its address's limit). A device from fd00::4
+// then does its handshake and a request, the oldest stalled handshake
+// (fd00::2's first) ended for it; the /64 filled again by fd00::3, a
+// device from fd00::5 ends the next oldest, fd00::2's second.
 func TestHandshakesLimitedPerIPv6Prefix(t *testing.T) {
 	testenv.RequireRoot(t)
 	testenv.RequireCommand(t, "ip")
 	ns := netns.New(t, "coap64")
-	for _, a := range []string{"fd00::1/64", "fd00::2/64", "fd00::3/64"} {
+	for _, a := range []string{"fd00::1/64", "fd00::2/64", "fd00::3/64", "fd00::4/64", "fd00::5/64"} {
 		ns.AddAddr("lo", a)
 	}
 	id := &fakeIdentity{key: []byte("0123456789abcdef"), revoked: map[string]bool{}}
 	var s *coap.Server
 	var pskAddr string
+	lines := &coap.LogLines{}
 	if err := ns.Do(func() error {
 		s, _, _, pskAddr, _, _ = startWith(t, id, nopSink{}, coap.Config{Listen: "[fd00::1]:0", PSKListen: "[fd00::1]:0",
-			MaxHandshakesPerSource: 2, MaxHandshakesPerPrefix: 3}, nil, 0)
+			MaxHandshakesPerSource: 2, MaxHandshakesPerPrefix: 3}, slog.New(lines), 0)
 		return nil
 	}); err != nil {
 		t.Fatal(err)
@@ -59,7 +69,7 @@ func TestHandshakesLimitedPerIPv6Prefix(t *testing.T) {
 		<-ctx.Done() // the end of the test
 		return cfg.PSK(hint)
 	}
-	handshake := func(from string) {
+	client := func(from string, cfg *piondtls.Config) *piondtls.Conn {
 		t.Helper()
 		var pc net.PacketConn
 		if err := ns.Do(func() error {
@@ -69,14 +79,15 @@ func TestHandshakesLimitedPerIPv6Prefix(t *testing.T) {
 		}); err != nil {
 			t.Fatal(err)
 		}
-		c, err := piondtls.Client(pc, raddr, &stalled)
+		c, err := piondtls.Client(pc, raddr, cfg)
 		if err != nil {
 			pc.Close()
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { cancel(); c.Close() })
-		go c.HandshakeContext(ctx)
+		return c
 	}
+	stall := func(from string) { go client(from, &stalled).HandshakeContext(ctx) }
 	refusals := func() float64 {
 		return testutil.ToFloat64(coap.HubOf(s).Metrics().Refused.WithLabelValues(hub.CoAP, hub.ReasonHandshakeLimit))
 	}
@@ -90,16 +101,64 @@ func TestHandshakesLimitedPerIPv6Prefix(t *testing.T) {
 			time.Sleep(5 * time.Millisecond)
 		}
 	}
+	inFlightFrom := func(want map[string]int) {
+		t.Helper()
+		for addr, n := range want {
+			if got := coap.HandshakesInFlightFrom(s, addr); got != n {
+				t.Errorf("%d handshakes in flight from %s, want %d", got, addr, n)
+			}
+		}
+	}
+	// device does a handshake from the address from and a request.
+	device := func(from string) {
+		t.Helper()
+		c := client(from, cfg)
+		hctx, hcancel := context.WithTimeout(ctx, 10*time.Second)
+		defer hcancel()
+		if err := c.HandshakeContext(hctx); err != nil {
+			t.Fatalf("handshake of a device from %s, its /64 full of stalled handshakes: %v", from, err)
+		}
+		d := &rawDevice{t: t, dc: c}
+		d.send(1, codes.GET, "/.well-known/core", nil)
+		d.expect("a request of the device from "+from, 1, codes.Content)
+		c.Close()
+	}
 	for i, from := range []string{"fd00::2", "fd00::2", "fd00::3"} {
-		handshake(from)
+		stall(from)
 		waitFor("handshake "+from+" held", func() bool { return coap.HandshakesInFlight(s) == i+1 })
 	}
 	if n := refusals(); n != 0 {
 		t.Fatalf("%v handshakes refused within the limits", n)
 	}
-	handshake("fd00::3")
-	waitFor("the fourth handshake of fd00::/64 refused", func() bool { return refusals() >= 1 })
-	if n := coap.HandshakesInFlight(s); n != 3 {
-		t.Errorf("%d handshakes in flight, want the /64's 3", n)
+	// Over its address's limit: refused, nothing ended.
+	stall("fd00::2")
+	waitFor("the third handshake of fd00::2 refused", func() bool { return refusals() >= 1 })
+	inFlightFrom(map[string]int{"fd00::2": 2, "fd00::3": 1})
+
+	device("fd00::4")
+	waitFor("the device's handshake done", func() bool { return coap.HandshakesInFlight(s) == 2 })
+	inFlightFrom(map[string]int{"fd00::2": 1, "fd00::3": 1, "fd00::4": 0})
+	stall("fd00::3")
+	waitFor("the /64 full again", func() bool { return coap.HandshakesInFlight(s) == 3 })
+	device("fd00::5")
+	waitFor("the second device's handshake done", func() bool { return coap.HandshakesInFlight(s) == 2 })
+	inFlightFrom(map[string]int{"fd00::2": 0, "fd00::3": 2, "fd00::5": 0})
+	if n := refusals(); n != 3 {
+		t.Errorf("handshake_limit counted %v times, want 3: one refusal, two handshakes ended", n)
+	}
+	// The server's ends of the two ended: their handshakes returned.
+	ended := func() (from []string) {
+		for _, a := range lines.Attrs("coap: handshake failed") {
+			if strings.Contains(a["err"], "ended for a newer handshake") {
+				from = append(from, a["remote"])
+			}
+		}
+		return from
+	}
+	waitFor("the ended handshakes to return", func() bool { return len(ended()) == 2 })
+	for _, r := range ended() {
+		if !strings.HasPrefix(r, "[fd00::2]:") {
+			t.Errorf("a handshake from %s was ended, want only fd00::2's", r)
+		}
 	}
 }

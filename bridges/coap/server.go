@@ -46,8 +46,10 @@ type Config struct {
 	// HelloVerifyRequest cookie (limit.go); more are dropped before any
 	// crypto is done.
 	MaxHandshakesPerSource int
-	// MaxHandshakesPerPrefix bounds them from one IPv6 /64 (default 32):
-	// a host can take any address of its link's /64.
+	// MaxHandshakesPerPrefix bounds them from one IPv6 /64 (default 32;
+	// a link-local /64 per interface): a host can take any address of its
+	// link's /64. Past it the /64's oldest handshake in flight is ended to
+	// make room, not the new one refused (handshakeLimit).
 	MaxHandshakesPerPrefix int
 	// MaxHandshakes bounds them in all, over both listeners (default
 	// 256): each holds a connection and a goroutine until it ends.

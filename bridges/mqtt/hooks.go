@@ -43,10 +43,28 @@ func (h *authHook) OnConnect(cl *mochi.Client, pk packets.Packet) error {
 
 // OnConnectAuthenticate binds the MQTT client id to the proven identity.
 func (h *authHook) OnConnectAuthenticate(cl *mochi.Client, pk packets.Packet) bool {
-	log := h.s.log.With("remote", cl.Net.Remote, "client_id", cl.ID)
+	clientID := ratelog.Clip(cl.ID, maxLoggedText)
+	log := h.s.log.With("remote", cl.Net.Remote, "client_id", clientID)
+	// refuse counts a refusal under reason and logs it through
+	// refusalLine, one line per reason per interval: anyone who reaches
+	// the port can have a CONNECT refused (with allow_secret_auth without
+	// a certificate) as fast as they can send them, with a client id and a
+	// user name of up to 64 KiB each. Every text in args is cut (a user
+	// name, a Will topic, an error quoting them).
 	refuse := func(reason, msg string, args ...any) bool {
 		h.s.m.Refused.WithLabelValues(hub.MQTT, reason).Inc()
-		log.Warn("mqtt: connect refused: "+msg, append([]any{"reason", reason}, args...)...)
+		h.s.refusalLine(slog.LevelWarn, "connect:"+reason, "mqtt: connect refused: "+msg,
+			append([]any{"remote", cl.Net.Remote, "client_id", clientID, "reason", reason}, clipped(args)...)...)
+		return false
+	}
+	// refuseDevice is refuse for a CONNECT whose credentials proved
+	// device dev (a client id not the device's, a Will outside its
+	// namespace, a revocation during the check): only a holder of the
+	// device's credentials gets here, each time a TLS handshake and a
+	// check, so each is logged, its text cut all the same.
+	refuseDevice := func(dev, reason, msg string, args ...any) bool {
+		h.s.m.Refused.WithLabelValues(hub.MQTT, reason).Inc()
+		log.Warn("mqtt: connect refused: "+msg, append([]any{"device", dev, "reason", reason}, clipped(args)...)...)
 		return false
 	}
 	// Registered before the credentials are looked at: a revocation of
@@ -58,6 +76,7 @@ func (h *authHook) OnConnectAuthenticate(cl *mochi.Client, pk packets.Packet) bo
 	}
 	dev, leaf, err := deviceOf(h.s.id, cl)
 	var cert *hub.SessionCert
+	var secretFrom *bridges.Source // a secret login's source, proven once accepted
 	switch {
 	case err != nil:
 		return refuse(hub.CertRefusal(err), "certificate not accepted", "device", dev, "err", err)
@@ -69,7 +88,7 @@ func (h *authHook) OnConnectAuthenticate(cl *mochi.Client, pk packets.Packet) bo
 		dev = string(pk.Connect.Username)
 		src := bridges.SourceOf(cl.Net.Conn.RemoteAddr())
 		now := h.s.cfg.Now()
-		if until, byPrefix := h.s.secrets.gated(now, src); !until.IsZero() {
+		if until, byPrefix := h.s.secrets.gated(now, src, dev); !until.IsZero() {
 			wait := until.Sub(now).Round(time.Second)
 			what, args := "from this address", []any{"device", dev, "retry_in", wait}
 			if byPrefix {
@@ -94,16 +113,18 @@ func (h *authHook) OnConnectAuthenticate(cl *mochi.Client, pk packets.Packet) bo
 			h.s.secrets.failed(now, src)
 			return refuse(hub.ReasonBadSecret, "secret login failed", "device", dev, "err", err)
 		}
-		h.s.secrets.succeeded(now, src)
+		// Not proven yet (secretLimit.succeeded): only once accepted, past
+		// the client id, the Will and a revocation meanwhile.
+		secretFrom = &src
 	default:
 		return refuse(hub.ReasonNoCredentials, "no client certificate", "device", "")
 	}
 	if cl.ID != dev {
-		return refuse(hub.ReasonClientID, "client id is not the authenticated device; use the device id as client id", "device", dev)
+		return refuseDevice(dev, hub.ReasonClientID, "client id is not the authenticated device; use the device id as client id")
 	}
 	if pk.Connect.WillFlag {
 		if reason, msg := h.s.willRefusal(dev, pk.Connect.WillTopic, len(pk.Connect.WillPayload)); reason != "" {
-			refuse(reason, "Will refused: "+msg, "device", dev, "will_topic", pk.Connect.WillTopic,
+			refuseDevice(dev, reason, "Will refused: "+msg, "will_topic", ratelog.Clip(pk.Connect.WillTopic, maxLoggedTopic),
 				"will_size", len(pk.Connect.WillPayload), "allowed", bridges.TopicPrefix(dev)+"t/... or s/...")
 			h.refuseConnect(cl, packets.ErrNotAuthorized, packets.Err3NotAuthorized, "will "+msg)
 			return false
@@ -114,7 +135,7 @@ func (h *authHook) OnConnectAuthenticate(cl *mochi.Client, pk packets.Packet) bo
 		// subscribers never do. The Will goes out when the connection ends.
 		cl.Properties.Will.WillDelayInterval = 0
 	}
-	older, verdict := h.s.accept(pc, cl, cert)
+	older, verdict := h.s.accept(pc, cl, cert, secretFrom)
 	for verdict == acceptRevoked {
 		// Refused here, before the CONNACK: accepted, the session would
 		// get a success CONNACK and the messages queued for the device
@@ -124,14 +145,14 @@ func (h *authHook) OnConnectAuthenticate(cl *mochi.Client, pk packets.Packet) bo
 		// refuses a revoked device before its secret's argon2id runs.
 		reason, err := h.s.recheck(cl, pk)
 		if errors.Is(err, bridges.ErrBusy) {
-			refuse(reason, "secret login not checked again after a revocation: too many at once; the device should retry", "device", dev, "err", err)
+			refuseDevice(dev, reason, "secret login not checked again after a revocation: too many at once; the device should retry", "err", err)
 			h.refuseConnect(cl, packets.ErrServerBusy, packets.Err3ServerUnavailable, "busy: retry in a few seconds")
 			return false
 		}
 		if err != nil {
-			return refuse(reason, "credentials no longer accepted: the device was revoked while it connected", "device", dev, "err", err)
+			return refuseDevice(dev, reason, "credentials no longer accepted: the device was revoked while it connected", "err", err)
 		}
-		older, verdict = h.s.accept(pc, cl, cert)
+		older, verdict = h.s.accept(pc, cl, cert, secretFrom)
 	}
 	if verdict == acceptSuperseded {
 		// This CONNECT's check (a secret's argon2id) ended after a newer
@@ -176,9 +197,27 @@ func (h *authHook) refuseConnect(cl *mochi.Client, code, v3 packets.Code, why st
 		ack.ReasonCode = v3.Code
 	}
 	if err := cl.WritePacket(ack); err != nil {
-		h.s.log.Debug("mqtt: refusing CONNACK not sent", "device", cl.ID, "err", err)
+		h.s.log.Debug("mqtt: refusing CONNACK not sent", "device", ratelog.Clip(cl.ID, maxLoggedText), "err", err)
 	}
 	cl.Stop(code)
+}
+
+// clipped is args (key, value pairs for a log line) with every text value
+// cut after maxLoggedText bytes (ratelog.Clip), an error as its cut text
+// (loggedErr): for the lines of refused CONNECTs, whose text the peer
+// chose.
+func clipped(args []any) []any {
+	out := make([]any, len(args))
+	for i, a := range args {
+		switch v := a.(type) {
+		case string:
+			a = ratelog.Clip(v, maxLoggedText)
+		case error:
+			a = loggedErr(v)
+		}
+		out[i] = a
+	}
+	return out
 }
 
 // OnPacketRead caps the session expiry interval of a DISCONNECT (see

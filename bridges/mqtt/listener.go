@@ -39,43 +39,53 @@ type tlsListener struct {
 	wg     sync.WaitGroup
 
 	// Connections not authenticated yet (the TLS handshake, then the
-	// wait for CONNECT and its check): by source address, by IPv6 /64,
-	// and all of them oldest first (under mu). Refusals and evictions are
-	// logged once a minute (limitLogged, refusedN).
+	// wait for CONNECT and its check): by source address, by IPv6 /64
+	// (oldest first) and all of them oldest first (under mu). Refusals
+	// and evictions are logged once a minute (limitLogged, refusedN).
 	mu           sync.Mutex
 	unauth       map[netip.Addr]int
-	unauthPrefix map[netip.Prefix]int
-	waiting      list.List // of *unauthSlot
+	unauthPrefix map[bridges.Prefix]*list.List // of *unauthSlot
+	waiting      list.List                     // of *unauthSlot
 	limitLogged  time.Time
 	refusedN     int
 }
 
 // unauthSlot is one unauthenticated connection's place (tlsListener.admit).
 type unauthSlot struct {
-	src  bridges.Source
-	conn net.Conn
-	elem *list.Element
-	done bool // released (under the listener's mu)
+	src   bridges.Source
+	conn  net.Conn
+	elem  *list.Element // in waiting
+	pelem *list.Element // in its /64's list (nil: IPv4)
+	done  bool          // released (under the listener's mu)
 }
 
 // admit takes a slot for connection c from src. Each unauthenticated
 // connection holds a goroutine and TLS state for up to HandshakeTimeout
-// twice over. TCP cannot be spoofed, so a source over a bound is refused
-// at once: over MaxUnauthPerSource from its address, so that one host
-// cannot hold thousands (a slowloris); over MaxUnauthPerPrefix from its
-// IPv6 /64, because a host on an IPv6 link can use any address of the
-// link's /64 (SLAAC, privacy addresses) and escaped the bound per address
-// by taking a new one per connection. The /64's bound is larger because
-// the link's other IPv6 hosts share it: a host holding it delays the
-// connections of the devices of its /64 (they are refused and retry), not
-// those of other prefixes or IPv4 ones. IPv4 is counted per address only
-// (a host has the addresses it was given). Past MaxUnauth in all, the
-// oldest unauthenticated connection is closed instead of refusing the new
-// one: a real device gets through its handshake and CONNECT in
-// milliseconds, so idle connections from many sources push out each
-// other, not the devices. With the /64's bound checked first, a host
-// holds at most its /64's bound of them whatever addresses it takes, so
-// one host alone no longer reaches the total to push out others.
+// twice over. TCP cannot be spoofed, so a source over its address's bound,
+// MaxUnauthPerSource, is refused at once: that address is the host itself,
+// and one host must not hold thousands (a slowloris).
+//
+// A host on an IPv6 link can use any address of the link's /64 (SLAAC,
+// privacy addresses), and escaped the bound per address by taking a new
+// one per connection, so the /64 is bounded too, MaxUnauthPerPrefix (a
+// link-local /64 per interface: bridges.SourcePrefix). Past it the /64's
+// oldest unauthenticated connection is closed to make room,
+// not the new one refused: the /64 is every IPv6 device of the link, and
+// refusing let one host of the link keep out all of them with a few dozen
+// idle connections (TCP connected, no TLS) for as long as it kept them. A
+// device gets through its handshake and CONNECT in milliseconds (a secret
+// login: the length of its check), so a host pushes out only its own
+// idle connections unless it opens more than the /64's bound within that
+// time. Past MaxUnauth in all, likewise the oldest of all is closed: idle
+// connections from many sources push out each other, not the devices.
+//
+// IPv4 is counted per address only (a host has the addresses it was
+// given), so the /64's bound does not hold an IPv4 host: on a LAN one can
+// claim many unused addresses of its subnet (answering ARP for them),
+// MaxUnauthPerSource connections from each, and so reach the total alone
+// and push out the others' unauthenticated connections, as any number of
+// hosts together can. Against that there is the total's oldest-first
+// eviction, not a bound per host.
 func (l *tlsListener) admit(c net.Conn, src bridges.Source) (*unauthSlot, bool) {
 	l.mu.Lock()
 	if l.unauth[src.Addr] >= l.s.cfg.MaxUnauthPerSource {
@@ -83,28 +93,36 @@ func (l *tlsListener) admit(c net.Conn, src bridges.Source) (*unauthSlot, bool) 
 		l.limited(c, src, "connection refused: too many not yet authenticated from this address (TLS handshake or CONNECT pending)")
 		return nil, false
 	}
-	if src.Prefix.IsValid() && l.unauthPrefix[src.Prefix] >= l.s.cfg.MaxUnauthPerPrefix {
-		l.mu.Unlock()
-		l.limited(c, src, "connection refused: too many not yet authenticated from this address's IPv6 /64 (TLS handshake or CONNECT pending)")
-		return nil, false
+	var byPrefix, byTotal *unauthSlot
+	if q := l.unauthPrefix[src.Prefix]; src.Prefix.IsValid() && q != nil && q.Len() >= l.s.cfg.MaxUnauthPerPrefix {
+		byPrefix = q.Front().Value.(*unauthSlot)
+		l.releaseLocked(byPrefix)
 	}
-	var old *unauthSlot
 	if l.waiting.Len() >= l.s.cfg.MaxUnauth {
-		old = l.waiting.Front().Value.(*unauthSlot)
-		l.releaseLocked(old)
+		byTotal = l.waiting.Front().Value.(*unauthSlot)
+		l.releaseLocked(byTotal)
 	}
 	if l.unauth == nil {
-		l.unauth, l.unauthPrefix = map[netip.Addr]int{}, map[netip.Prefix]int{}
+		l.unauth, l.unauthPrefix = map[netip.Addr]int{}, map[bridges.Prefix]*list.List{}
 	}
 	slot := &unauthSlot{src: src, conn: c}
 	slot.elem = l.waiting.PushBack(slot)
 	l.unauth[src.Addr]++
 	if src.Prefix.IsValid() {
-		l.unauthPrefix[src.Prefix]++
+		q := l.unauthPrefix[src.Prefix]
+		if q == nil {
+			q = list.New()
+			l.unauthPrefix[src.Prefix] = q
+		}
+		slot.pelem = q.PushBack(slot)
 	}
 	l.mu.Unlock()
-	if old != nil { // closed: its goroutine's handshake or CONNECT read fails
-		l.limited(old.conn, old.src, "oldest unauthenticated connection closed: too many not yet authenticated in all")
+	// Closed: its goroutine's handshake or CONNECT read fails.
+	if byPrefix != nil {
+		l.limited(byPrefix.conn, byPrefix.src, "oldest unauthenticated connection of this IPv6 /64 closed: too many not yet authenticated from the /64")
+	}
+	if byTotal != nil {
+		l.limited(byTotal.conn, byTotal.src, "oldest unauthenticated connection closed: too many not yet authenticated in all")
 	}
 	return slot, true
 }
@@ -120,14 +138,22 @@ func (l *tlsListener) releaseLocked(s *unauthSlot) {
 	} else {
 		l.unauth[s.src.Addr]--
 	}
-	if !s.src.Prefix.IsValid() {
+	if s.pelem == nil {
 		return
 	}
-	if l.unauthPrefix[s.src.Prefix] <= 1 {
+	q := l.unauthPrefix[s.src.Prefix]
+	q.Remove(s.pelem)
+	if q.Len() == 0 {
 		delete(l.unauthPrefix, s.src.Prefix)
-	} else {
-		l.unauthPrefix[s.src.Prefix]--
 	}
+}
+
+// unauthIn is how many unauthenticated connections p holds (under mu).
+func (l *tlsListener) unauthIn(p bridges.Prefix) int {
+	if q := l.unauthPrefix[p]; q != nil {
+		return q.Len()
+	}
+	return 0
 }
 
 // release gives s back (once; later calls do nothing).
@@ -140,11 +166,12 @@ func (l *tlsListener) release(s *unauthSlot) {
 // limited counts a connection closed by the limits (c, from src) and logs
 // at most once a minute: a flood would fill the log.
 func (l *tlsListener) limited(c net.Conn, src bridges.Source, msg string) {
-	c.Close()
+	// Counted before it is closed: whoever sees it closed sees it counted.
 	l.s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonHandshakeLimit).Inc()
+	c.Close()
 	l.mu.Lock()
 	l.refusedN++
-	n, perSource, perPrefix, all := l.refusedN, l.unauth[src.Addr], l.unauthPrefix[src.Prefix], l.waiting.Len()
+	n, perSource, perPrefix, all := l.refusedN, l.unauth[src.Addr], l.unauthIn(src.Prefix), l.waiting.Len()
 	logNow := time.Since(l.limitLogged) >= time.Minute
 	if logNow {
 		l.limitLogged, l.refusedN = time.Now(), 0

@@ -41,16 +41,22 @@ func (i countingIdentity) CheckSecret(_ string, secret []byte) error {
 // secret, and returns the CONNACK's reason code.
 func secretLogin(t *testing.T, r *rig, ver byte, from, secret string) byte {
 	t.Helper()
+	return secretLoginAs(t, r, ver, from, "devs", "devs", secret)
+}
+
+// secretLoginAs is secretLogin with a client id and a user name.
+func secretLoginAs(t *testing.T, r *rig, ver byte, from, clientID, user, secret string) byte {
+	t.Helper()
 	d := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(from)}, Timeout: 10 * time.Second}
 	c, err := tls.DialWithDialer(d, "tcp", r.addrFrom(from), &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: r.ca.RootPool(), ServerName: "127.0.0.1"})
 	if err != nil {
 		t.Fatalf("TLS from %s: %v", from, err)
 	}
 	defer c.Close()
-	dev := &device{t: t, id: "devs", ver: ver, c: c, r: bufio.NewReader(c)}
+	dev := &device{t: t, id: clientID, ver: ver, c: c, r: bufio.NewReader(c)}
 	dev.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, Connect: packets.ConnectParams{
-		ProtocolName: []byte("MQTT"), Clean: true, Keepalive: 60, ClientIdentifier: "devs",
-		Username: []byte("devs"), UsernameFlag: true, Password: []byte(secret), PasswordFlag: true}})
+		ProtocolName: []byte("MQTT"), Clean: true, Keepalive: 60, ClientIdentifier: clientID,
+		Username: []byte(user), UsernameFlag: true, Password: []byte(secret), PasswordFlag: true}})
 	pk := dev.read(10 * time.Second)
 	if pk.FixedHeader.Type != packets.Connack {
 		t.Fatalf("got packet type %d, want CONNACK", pk.FixedHeader.Type)

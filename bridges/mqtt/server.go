@@ -67,9 +67,10 @@ type Config struct {
 	// MaxUnauthPerSource, MaxUnauthPerPrefix and MaxUnauth bound the
 	// connections not yet authenticated (in the TLS handshake or before
 	// their CONNECT was accepted) from one source address, from one IPv6
-	// /64 and in all (defaults 16, 64 and 512; see tlsListener.admit);
-	// more are closed at once (past MaxUnauth, the oldest), counted as
-	// handshake_limit.
+	// /64 (a link-local one per interface) and in all (defaults 16, 64
+	// and 512; see tlsListener.admit): past the address's bound the new
+	// one is closed at once, past the /64's the /64's oldest, past
+	// MaxUnauth the oldest of all; each counted as handshake_limit.
 	MaxUnauthPerSource int
 	MaxUnauthPerPrefix int
 	MaxUnauth          int
@@ -101,9 +102,10 @@ type Config struct {
 //
 // The addresses of one IPv6 /64 also share a budget of PrefixFree failed
 // secret logins, one more every PrefixEvery; while it is spent, secret
-// logins from the /64 are refused without running argon2id, except from
-// an address that has logged in with a secret before (see secretLimit for
-// why this is a rate limit and not a lockout of the /64).
+// logins from the /64 are refused without running argon2id, except a
+// device's login from one of its last addresses it logged in from (see
+// secretLimit for why this is a rate limit and not a lockout of the /64,
+// and for when that exemption ends).
 type SecretLockout struct {
 	Free              int
 	Base, Max, Forget time.Duration
@@ -379,10 +381,13 @@ func (s *Server) Subscribe(filter string, fn func(topic string, payload []byte))
 // disconnect closes every session of a revoked device, and marks its
 // connections whose credentials are being checked, which are then checked
 // again before they are accepted (Server.accept, in
-// OnConnectAuthenticate). It must not block (each session gets endWait for
-// its DISCONNECT).
+// OnConnectAuthenticate), and forgets the addresses the device's secret
+// logins came from (secretLimit.revoked: no longer exempt from their
+// /64's budget). It must not block (each session gets endWait for its
+// DISCONNECT).
 func (s *Server) disconnect(device string) {
 	s.mu.Lock()
+	s.secrets.revoked(device)
 	var open []*mochi.Client
 	for _, pc := range s.conns[device] {
 		if pc.accepted {
@@ -481,7 +486,9 @@ const (
 // sessions that it replaces (one session per device): those registered
 // before it (Server.register, at the start of their credential checks).
 // cert is the certificate the session was authenticated with (nil: a
-// secret login), which the sweep checks from then on (certsweep.go).
+// secret login), which the sweep checks from then on (certsweep.go);
+// secretFrom, for a secret login, is where it came from, proven for the
+// device once accepted (secretLimit.succeeded).
 // Of two CONNECTs of one device the one that came later wins, however
 // long each one's check took: an earlier one whose check (a secret's
 // argon2id) ends after a later one was accepted is refused instead
@@ -498,7 +505,7 @@ const (
 // one then ended, while the newer one ended this one: no session left.)
 // Lock order: mu, then Clients' lock; mochi calls no hook while it holds
 // Clients' lock.
-func (s *Server) accept(pc *pipeConn, cl *mochi.Client, cert *hub.SessionCert) (older []*mochi.Client, a acceptance) {
+func (s *Server) accept(pc *pipeConn, cl *mochi.Client, cert *hub.SessionCert, secretFrom *bridges.Source) (older []*mochi.Client, a acceptance) {
 	s.mu.Lock()
 	if pc != nil {
 		if pc.revokedInCheck {
@@ -530,6 +537,12 @@ func (s *Server) accept(pc *pipeConn, cl *mochi.Client, cert *hub.SessionCert) (
 				older = append(older, old)
 			}
 		}
+	}
+	if secretFrom != nil {
+		// Under mu: a revocation of the device (disconnect) either
+		// marked this connection before (acceptRevoked above) or forgets
+		// the address after.
+		s.secrets.succeeded(s.cfg.Now(), *secretFrom, cl.ID)
 	}
 	after := s.afterAccept
 	s.mu.Unlock()
@@ -691,7 +704,8 @@ const (
 // went out less than refusalLogEvery ago: for refusals anyone on the
 // network can cause before a device is authenticated (a certificate not
 // accepted, plaintext on the TLS port, no client certificate, a failed
-// TLS handshake), at the rate they can open connections. kind comes from
+// TLS handshake, a CONNECT refused before its credentials proved a
+// device), at the rate they can open connections. kind comes from
 // a small set (never from text the peer chose). The caller counts each in
 // the metric; the line says how many of its kind were not logged since
 // the one before. As CoAP's (bridges/coap/ratelog.go).
