@@ -90,9 +90,9 @@ func (i *identity) CheckSecret(device string, secret []byte) error {
 	ok, err := i.secrets.check(encoded, secret)
 	switch {
 	case errors.Is(err, ErrSecretCheckBusy):
+		// Logged by the transport, at most once per interval: device is
+		// the peer's user name, and a flood of logins would flood the log.
 		i.m.authFailures.WithLabelValues("secret_busy").Inc()
-		i.log.Warn("secret login refused: too many secret logins being checked at once; the device should retry", "device", device,
-			"slots", cap(i.secrets.slots), "waited", i.secrets.wait)
 		return fmt.Errorf("device %s: %w", device, err)
 	case err != nil:
 		i.m.authFailures.WithLabelValues("secret").Inc()
