@@ -86,15 +86,18 @@ func (l *limitListener) AcceptWithContext(ctx context.Context) (net.Conn, error)
 // still claim many unused ones, each a source of its own; the total is
 // the bound then). The total bounds the handshake state all sources
 // together hold (each handshake holds a pion connection and a goroutine
-// for up to Config.HandshakeTimeout), whatever their addresses; over it a
-// handshake is refused.
+// for up to Config.HandshakeTimeout), whatever their addresses; over it
+// the oldest handshake in flight of all is ended, for the same reason as
+// per /64: refused, a host claiming a few dozen IPv4 addresses kept every
+// device out with stalled handshakes; ending the oldest, it must start
+// more than the total within a device's handshake to end that one.
 type handshakeLimit struct {
 	perSource, perPrefix, total int
 
 	mu       sync.Mutex
 	sources  map[netip.Addr]int
 	prefixes map[bridges.Prefix]*list.List // of *handshakeSlot, oldest first
-	n        int
+	all      list.List                     // of *handshakeSlot, oldest first
 }
 
 // handshakeSlot is one handshake's place in a handshakeLimit (fields
@@ -103,8 +106,10 @@ type handshakeSlot struct {
 	src     bridges.Source
 	end     context.CancelFunc // ends the handshake (when evicted)
 	elem    *list.Element      // in its /64's list (nil: IPv4)
+	allElem *list.Element      // in the list of all
 	counted bool               // holds a place
-	evicted bool               // its place was taken for a newer handshake of its /64
+	evicted bool               // its place was taken for a newer handshake
+	endedBy int                // when evicted, which limit: limitPrefix or limitTotal
 }
 
 func newHandshakeLimit(perSource, perPrefix, total int) *handshakeLimit {
@@ -112,17 +117,19 @@ func newHandshakeLimit(perSource, perPrefix, total int) *handshakeLimit {
 		sources: map[netip.Addr]int{}, prefixes: map[bridges.Prefix]*list.List{}}
 }
 
-// Which limit refused a handshake (handshakeLimit.take).
+// Which limit refused or ended a handshake (handshakeLimit.take).
 const (
 	limitNone   = iota
 	limitSource // the source address's
+	limitPrefix // the source's IPv6 /64's
 	limitTotal  // all sources'
 )
 
-// take counts s's handshake if its address and the total have room, and
-// otherwise says which limit refused it and its value. If s's /64 is at
-// its limit, its oldest handshake in flight is released for s and
-// returned (evicted set): the caller ends it.
+// take counts s's handshake if its address has room, and otherwise says
+// that limit refused it and its value. If s's /64 is at its limit, its
+// oldest handshake in flight is released for s, or else, if all are, the
+// oldest of all; that one is returned (evicted set, endedBy which limit):
+// the caller ends it.
 func (h *handshakeLimit) take(s *handshakeSlot) (refused, limit int, evicted *handshakeSlot) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -130,13 +137,17 @@ func (h *handshakeLimit) take(s *handshakeSlot) (refused, limit int, evicted *ha
 		return limitSource, h.perSource, nil
 	}
 	q := h.prefixes[s.src.Prefix]
-	if s.src.Prefix.IsValid() && q != nil && q.Len() >= h.perPrefix {
+	switch {
+	case s.src.Prefix.IsValid() && q != nil && q.Len() >= h.perPrefix:
 		evicted = q.Front().Value.(*handshakeSlot)
+		evicted.endedBy = limitPrefix
+	case h.all.Len() >= h.total:
+		evicted = h.all.Front().Value.(*handshakeSlot)
+		evicted.endedBy = limitTotal
+	}
+	if evicted != nil {
 		h.releaseLocked(evicted)
 		evicted.evicted = true
-	}
-	if h.n >= h.total {
-		return limitTotal, h.total, evicted // not with an eviction: that gave one back
 	}
 	h.sources[s.src.Addr]++
 	if s.src.Prefix.IsValid() {
@@ -146,7 +157,7 @@ func (h *handshakeLimit) take(s *handshakeSlot) (refused, limit int, evicted *ha
 		}
 		s.elem = q.PushBack(s)
 	}
-	h.n++
+	s.allElem = h.all.PushBack(s)
 	s.counted = true
 	return limitNone, 0, evicted
 }
@@ -178,14 +189,15 @@ func (h *handshakeLimit) releaseLocked(s *handshakeSlot) {
 			delete(h.prefixes, s.src.Prefix)
 		}
 	}
-	h.n--
+	h.all.Remove(s.allElem)
+	s.allElem = nil
 }
 
 // inFlight is how many handshakes are counted now.
 func (h *handshakeLimit) inFlight() int {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	return h.n
+	return h.all.Len()
 }
 
 // inFlightFrom is how many handshakes from addr are counted now.
@@ -205,25 +217,26 @@ func (l *limitListener) take(c *handshakeConn) error {
 		// server closes it.
 		l.s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonHandshakeLimit).Inc()
 		evicted.end()
-		l.s.refusalLine("limit:prefix", "coap: oldest handshake in flight from this IPv6 /64 ended to make room for a newer one: too many handshakes in flight from this /64",
-			"device", "", "remote", evicted.src.Addr.String(), "prefix", evicted.src.Prefix.String(), "limit", l.s.hs.perPrefix,
-			"key", "coap.Config.MaxHandshakesPerPrefix")
+		if evicted.endedBy == limitPrefix {
+			l.s.refusalLine("limit:prefix", "coap: oldest handshake in flight from this IPv6 /64 ended to make room for a newer one: too many handshakes in flight from this /64",
+				"device", "", "remote", evicted.src.Addr.String(), "prefix", evicted.src.Prefix.String(), "limit", l.s.hs.perPrefix,
+				"key", "coap.Config.MaxHandshakesPerPrefix")
+		} else {
+			l.s.refusalLine("limit:total", "coap: oldest handshake in flight ended to make room for a newer one: too many handshakes in flight in all",
+				"device", "", "remote", evicted.src.Addr.String(), "limit", l.s.hs.total, "key", "coap.Config.MaxHandshakes")
+		}
 	}
 	if refused == limitNone {
 		return nil
 	}
 	l.s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonHandshakeLimit).Inc()
-	what, key, kind := "from this source", "coap.Config.MaxHandshakesPerSource", "limit:source"
-	if refused == limitTotal {
-		what, key, kind = "in all", "coap.Config.MaxHandshakes", "limit:total"
-	}
 	// The device is not known yet: its PSK identity or certificate
 	// comes in the client's next flight. A flood of handshakes is a flood
 	// of refusals: one line per limit per interval (the metric counts
 	// each).
-	l.s.refusalLine(kind, "coap: handshake refused: too many handshakes in flight "+what,
+	l.s.refusalLine("limit:source", "coap: handshake refused: too many handshakes in flight from this source",
 		"device", "", "remote", c.RemoteAddr().String(), "limit", limit)
-	return fmt.Errorf("%w %s (limit %d, %s)", errHandshakeLimit, what, limit, key)
+	return fmt.Errorf("%w from this source (limit %d, coap.Config.MaxHandshakesPerSource)", errHandshakeLimit, limit)
 }
 
 // handshakeConn counts its handshake as in flight from when its client
@@ -247,7 +260,7 @@ func (c *handshakeConn) HandshakeContext(ctx context.Context) error {
 	if err != nil {
 		switch {
 		case evicted: // counted as a refusal by the handshake that took its place
-			err = fmt.Errorf("%w: ended for a newer handshake of its IPv6 /64: %w", errHandshakeLimit, err)
+			err = fmt.Errorf("%w: ended for a newer handshake: %w", errHandshakeLimit, err)
 		case !errors.Is(err, errHandshakeLimit): // else counted as a refusal
 			c.l.s.m.Handshakes.WithLabelValues(hub.CoAP, "failed").Inc()
 		}

@@ -15,8 +15,10 @@ import (
 // handshake to make room for a new one instead of refusing it (refusing
 // let one host holding the /64's places keep out every other device of
 // its /64); over its address's limit a handshake is refused; IPv4
-// (IPv4-mapped too) is counted per address only; every source together
-// is refused past the total. A link-local /64 is counted per interface.
+// (IPv4-mapped too) is counted per address only; past the total the
+// oldest handshake of all is ended for a new one (refusing let a host
+// claiming a few dozen IPv4 addresses keep every device out). A
+// link-local /64 is counted per interface.
 func TestHandshakeLimit(t *testing.T) {
 	const perSource, perPrefix, total = 2, 5, 14
 	h := newHandshakeLimit(perSource, perPrefix, total)
@@ -45,7 +47,7 @@ func TestHandshakeLimit(t *testing.T) {
 			t.Fatalf("take(%s) ended the handshake from %v", from, ev.src.Addr)
 		}
 	}
-	evicts := func(from string, want *handshakeSlot) {
+	evicts := func(from string, want *handshakeSlot, by int) {
 		t.Helper()
 		ev := take(from, limitNone)
 		if ev != want {
@@ -56,10 +58,10 @@ func TestHandshakeLimit(t *testing.T) {
 			if want != nil {
 				wantAddr = want.src.Addr
 			}
-			t.Fatalf("take(%s) ended the handshake from %v, want the oldest of its /64, from %v", from, got, wantAddr)
+			t.Fatalf("take(%s) ended the handshake from %v, want the oldest (of its /64, or of all), from %v", from, got, wantAddr)
 		}
-		if !ev.evicted || ev.counted {
-			t.Fatalf("the ended handshake: evicted %v, counted %v", ev.evicted, ev.counted)
+		if !ev.evicted || ev.counted || ev.endedBy != by {
+			t.Fatalf("the ended handshake: evicted %v, counted %v, by limit %d; want by %d", ev.evicted, ev.counted, ev.endedBy, by)
 		}
 	}
 	// One address of fd00:1::/64: its own limit, refused past it.
@@ -73,8 +75,8 @@ func TestHandshakeLimit(t *testing.T) {
 	// Past it, whatever the address: the /64's oldest handshakes end, in
 	// order, and the new ones are counted.
 	oldest := held[:4]
-	evicts("fd00:1::5", oldest[0])
-	evicts("fd00:1::ffff:1", oldest[1])
+	evicts("fd00:1::5", oldest[0], limitPrefix)
+	evicts("fd00:1::ffff:1", oldest[1], limitPrefix)
 	if got := h.inFlightFrom(netip.MustParseAddr("fd00:1::1")); got != 0 {
 		t.Fatalf("fd00:1::1 has %d in flight after both of its were ended, want 0", got)
 	}
@@ -93,20 +95,24 @@ func TestHandshakeLimit(t *testing.T) {
 	noEviction("192.0.2.1", limitNone)
 	noEviction("::ffff:192.0.2.1", limitNone)
 	noEviction("192.0.2.1", limitSource)
-	// All room taken: refused by the total, but for a full /64's
-	// handshake, which takes the place of the /64's oldest.
+	// All room taken: the oldest handshake of all ends for a new one,
+	// but for a full /64's handshake, which takes the place of the /64's
+	// oldest.
 	if n := h.inFlight(); n != total {
 		t.Fatalf("%d in flight, want the total %d", n, total)
 	}
-	noEviction("198.51.100.1", limitTotal)
-	noEviction("fd00:3::1", limitTotal)
-	evicts("fe80::99%eth0", held[eth0])
+	evicts("198.51.100.1", oldest[2], limitTotal)
+	evicts("fd00:3::1", oldest[3], limitTotal)
+	evicts("fe80::99%eth0", held[eth0], limitPrefix)
+	if n := h.inFlight(); n != total {
+		t.Fatalf("%d in flight after the evictions, want the total %d", n, total)
+	}
 	// Released twice, counted back once; an ended one's release gives
 	// back nothing more.
 	last := held[len(held)-1]
 	h.release(last)
 	h.release(last)
-	for _, s := range oldest[:2] {
+	for _, s := range oldest[:4] {
 		if !h.release(s) {
 			t.Error("release of an ended handshake does not say it was ended")
 		}

@@ -162,3 +162,81 @@ func TestHandshakesLimitedPerIPv6Prefix(t *testing.T) {
 		}
 	}
 }
+
+// Past the total (coap.Config.MaxHandshakes) the oldest handshake in
+// flight of all ends for a new one, as past a /64's limit: refused, a LAN
+// host that claims a few dozen unused IPv4 addresses (each a source of its
+// own, per-address limits only) and stalls a handshake from each kept
+// every device out. Loopback: stalled handshakes from 127.0.0.2 (twice)
+// and 127.0.0.3 fill a total of 3; a device from 127.0.0.4 does its
+// handshake and a request, 127.0.0.2's first handshake ended for it.
+func TestHandshakesOverTotalEndTheOldest(t *testing.T) {
+	id := &fakeIdentity{key: []byte("0123456789abcdef"), revoked: map[string]bool{}}
+	lines := &coap.LogLines{}
+	s, _, _, pskAddr, _, _ := startWith(t, id, nopSink{}, coap.Config{MaxHandshakesPerSource: 2, MaxHandshakes: 3}, slog.New(lines), 0)
+	dev := &devicesim.Device{Creds: devicesim.Creds{ID: "dev-psk", Auth: "psk", PSKIdentity: "id-psk", PSK: hex.EncodeToString(id.key)}}
+	cfg, err := dev.DTLSConfig(pskAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	raddr, err := net.ResolveUDPAddr("udp4", pskAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	stalled := *cfg
+	stalled.PSK = func(hint []byte) ([]byte, error) {
+		<-ctx.Done() // the end of the test
+		return cfg.PSK(hint)
+	}
+	client := func(from string, cfg *piondtls.Config) *piondtls.Conn {
+		t.Helper()
+		pc, err := net.ListenPacket("udp4", from+":0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, err := piondtls.Client(pc, raddr, cfg)
+		if err != nil {
+			pc.Close()
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cancel(); c.Close() })
+		return c
+	}
+	waitFor := func(what string, ok func() bool) {
+		t.Helper()
+		for deadline := time.Now().Add(10 * time.Second); !ok(); time.Sleep(5 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: %d handshakes in flight", what, coap.HandshakesInFlight(s))
+			}
+		}
+	}
+	for i, from := range []string{"127.0.0.2", "127.0.0.2", "127.0.0.3"} {
+		go client(from, &stalled).HandshakeContext(ctx)
+		waitFor("handshake from "+from+" held", func() bool { return coap.HandshakesInFlight(s) == i+1 })
+	}
+	c := client("127.0.0.4", cfg)
+	hctx, hcancel := context.WithTimeout(ctx, 10*time.Second)
+	defer hcancel()
+	if err := c.HandshakeContext(hctx); err != nil {
+		t.Fatalf("handshake of a device with every handshake place held by stalled ones: %v", err)
+	}
+	d := &rawDevice{t: t, dc: c}
+	d.send(1, codes.GET, "/.well-known/core", nil)
+	d.expect("a request of the device", 1, codes.Content)
+	if got := coap.HandshakesInFlightFrom(s, "127.0.0.2"); got != 1 {
+		t.Errorf("%d handshakes in flight from 127.0.0.2, want 1 (its first ended)", got)
+	}
+	if n := testutil.ToFloat64(coap.HubOf(s).Metrics().Refused.WithLabelValues(hub.CoAP, hub.ReasonHandshakeLimit)); n != 1 {
+		t.Errorf("handshake_limit counted %v times, want 1: the handshake ended", n)
+	}
+	waitFor("the ended handshake to return", func() bool {
+		for _, a := range lines.Attrs("coap: handshake failed") {
+			if strings.Contains(a["err"], "ended for a newer handshake") && strings.HasPrefix(a["remote"], "127.0.0.2:") {
+				return true
+			}
+		}
+		return false
+	})
+}
