@@ -1,15 +1,9 @@
 package gateway
 
 import (
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"errors"
 	"log/slog"
-	"math/big"
 	"net"
 	"os"
 	"path/filepath"
@@ -24,52 +18,9 @@ import (
 	"github.com/bastion-iot/bastion/gateway/config"
 	"github.com/bastion-iot/bastion/internal/ratelog"
 	"github.com/bastion-iot/bastion/internal/testutil/logbuf"
+	"github.com/bastion-iot/bastion/internal/testutil/refusal"
+	"github.com/bastion-iot/bastion/internal/testutil/testpki"
 )
-
-// selfSignedClient is a client certificate no gateway or vendor issued,
-// naming cn.
-func selfSignedClient(t *testing.T, cn string) tls.Certificate {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: cn},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
-		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
-}
-
-// refusedHTTPS opens a connection to addr, does what hello does on it and
-// reads until the server ends it; it fails if the server keeps it open.
-func refusedHTTPS(addr string, hello func(c net.Conn) (net.Conn, error)) error {
-	raw, err := net.DialTimeout("tcp", addr, 10*time.Second)
-	if err != nil {
-		return err
-	}
-	defer raw.Close()
-	raw.SetDeadline(time.Now().Add(10 * time.Second))
-	c, err := hello(raw)
-	if err != nil {
-		return nil // refused within the client's handshake
-	}
-	// What it reads (a TLS alert, a 400) does not matter; that it ends does.
-	var b [256]byte
-	for {
-		_, err := c.Read(b[:])
-		var ne net.Error
-		if errors.As(err, &ne) && ne.Timeout() {
-			return errors.New("the server kept open a connection it should refuse")
-		}
-		if err != nil {
-			return nil
-		}
-	}
-}
 
 // httpsRefusalCount is bastion_https_handshake_refusals_total{server,
 // reason}, 0 if it has no such series.
@@ -142,7 +93,7 @@ func TestHTTPSRefusedHandshakesDoNotFloodTheLog(t *testing.T) {
 	waitFor(t, "EST over HTTPS opens with the window", func() bool { return g.g.pairing.ESTAddr() != "" })
 
 	cn := strings.Repeat("x", 2000)
-	stranger := selfSignedClient(t, cn)
+	stranger := testpki.SelfSigned(t, cn)
 	roots := g.g.CA().RootPool()
 	tlsWith := func(certs []tls.Certificate) func(c net.Conn) (net.Conn, error) {
 		return func(c net.Conn) (net.Conn, error) {
@@ -196,7 +147,7 @@ func TestHTTPSRefusedHandshakesDoNotFloodTheLog(t *testing.T) {
 				for range parallel {
 					wg.Go(func() {
 						for range next {
-							if err := refusedHTTPS(srv.addr, k.hello); err != nil {
+							if err := refusal.Ended(srv.addr, k.hello); err != nil {
 								t.Error(err)
 								return
 							}

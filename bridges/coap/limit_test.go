@@ -64,11 +64,7 @@ func TestHandshakesLimitedPerIPv6Prefix(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	stalled := *cfg
-	stalled.PSK = func(hint []byte) ([]byte, error) {
-		<-ctx.Done() // the end of the test
-		return cfg.PSK(hint)
-	}
+	stalled := stalling(ctx, cfg)
 	client := func(from string, cfg *piondtls.Config) *piondtls.Conn {
 		t.Helper()
 		var pc net.PacketConn
@@ -79,15 +75,9 @@ func TestHandshakesLimitedPerIPv6Prefix(t *testing.T) {
 		}); err != nil {
 			t.Fatal(err)
 		}
-		c, err := piondtls.Client(pc, raddr, cfg)
-		if err != nil {
-			pc.Close()
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { cancel(); c.Close() })
-		return c
+		return dtlsClient(t, cancel, pc, raddr, cfg)
 	}
-	stall := func(from string) { go client(from, &stalled).HandshakeContext(ctx) }
+	stall := func(from string) { go client(from, stalled).HandshakeContext(ctx) }
 	refusals := func() float64 {
 		return testutil.ToFloat64(coap.HubOf(s).Metrics().Refused.WithLabelValues(hub.CoAP, hub.ReasonHandshakeLimit))
 	}
@@ -185,24 +175,14 @@ func TestHandshakesOverTotalEndTheOldest(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	stalled := *cfg
-	stalled.PSK = func(hint []byte) ([]byte, error) {
-		<-ctx.Done() // the end of the test
-		return cfg.PSK(hint)
-	}
+	stalled := stalling(ctx, cfg)
 	client := func(from string, cfg *piondtls.Config) *piondtls.Conn {
 		t.Helper()
 		pc, err := net.ListenPacket("udp4", from+":0")
 		if err != nil {
 			t.Fatal(err)
 		}
-		c, err := piondtls.Client(pc, raddr, cfg)
-		if err != nil {
-			pc.Close()
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { cancel(); c.Close() })
-		return c
+		return dtlsClient(t, cancel, pc, raddr, cfg)
 	}
 	waitFor := func(what string, ok func() bool) {
 		t.Helper()
@@ -213,7 +193,7 @@ func TestHandshakesOverTotalEndTheOldest(t *testing.T) {
 		}
 	}
 	for i, from := range []string{"127.0.0.2", "127.0.0.2", "127.0.0.3"} {
-		go client(from, &stalled).HandshakeContext(ctx)
+		go client(from, stalled).HandshakeContext(ctx)
 		waitFor("handshake from "+from+" held", func() bool { return coap.HandshakesInFlight(s) == i+1 })
 	}
 	c := client("127.0.0.4", cfg)
@@ -239,4 +219,29 @@ func TestHandshakesOverTotalEndTheOldest(t *testing.T) {
 		}
 		return false
 	})
+}
+
+// stalling is cfg for a client that stalls its handshake after the cookie
+// echo: its PSK callback waits for ctx (the end of the test), so the server
+// waits for its next flight.
+func stalling(ctx context.Context, cfg *piondtls.Config) *piondtls.Config {
+	stalled := *cfg
+	stalled.PSK = func(hint []byte) ([]byte, error) {
+		<-ctx.Done()
+		return cfg.PSK(hint)
+	}
+	return &stalled
+}
+
+// dtlsClient is a DTLS client on pc to raddr, closed (after cancel, which
+// ends the stalled ones) when the test ends.
+func dtlsClient(t *testing.T, cancel context.CancelFunc, pc net.PacketConn, raddr *net.UDPAddr, cfg *piondtls.Config) *piondtls.Conn {
+	t.Helper()
+	c, err := piondtls.Client(pc, raddr, cfg)
+	if err != nil {
+		pc.Close()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cancel(); c.Close() })
+	return c
 }

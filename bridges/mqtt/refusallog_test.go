@@ -2,15 +2,8 @@ package mqtt
 
 import (
 	"bytes"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"errors"
 	"log/slog"
-	"math/big"
 	"net"
 	"strings"
 	"sync"
@@ -25,52 +18,14 @@ import (
 	"github.com/bastion-iot/bastion/bridges/hub"
 	"github.com/bastion-iot/bastion/bridges/queue"
 	"github.com/bastion-iot/bastion/internal/testutil/logbuf"
+	"github.com/bastion-iot/bastion/internal/testutil/refusal"
+	"github.com/bastion-iot/bastion/internal/testutil/testpki"
 	"github.com/bastion-iot/bastion/pki"
 )
 
-// selfSigned is a client certificate no gateway issued, naming cn.
-func selfSigned(t *testing.T, cn string) tls.Certificate {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: cn},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
-		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
-}
-
-// refusedConn opens a connection to r's server, does what hello does on
-// it and reads until the server ends it; it fails if the server keeps it
-// open.
+// refusedConn is refusal.Ended for r's server, hello given r.
 func refusedConn(r *rig, hello func(r *rig, c net.Conn) (net.Conn, error)) error {
-	raw, err := net.DialTimeout("tcp", r.s.Addr(), 10*time.Second)
-	if err != nil {
-		return err
-	}
-	defer raw.Close()
-	raw.SetDeadline(time.Now().Add(10 * time.Second))
-	c, err := hello(r, raw)
-	if err != nil {
-		return nil // refused within the client's handshake (TLS 1.2)
-	}
-	// What it reads (a TLS alert) does not matter; that it ends does.
-	var b [64]byte
-	for {
-		_, err := c.Read(b[:])
-		var ne net.Error
-		if errors.As(err, &ne) && ne.Timeout() {
-			return errors.New("the server kept open a connection it should refuse")
-		}
-		if err != nil {
-			return nil
-		}
-	}
+	return refusal.Ended(r.s.Addr(), func(c net.Conn) (net.Conn, error) { return hello(r, c) })
 }
 
 // Refused handshakes, which anyone who reaches the port can cause at the
@@ -84,7 +39,7 @@ func refusedConn(r *rig, hello func(r *rig, c net.Conn) (net.Conn, error)) error
 func TestRefusedHandshakesDoNotFloodTheLog(t *testing.T) {
 	const n, parallel = 200, 8
 	cn := strings.Repeat("x", 2000)
-	stranger := selfSigned(t, cn)
+	stranger := testpki.SelfSigned(t, cn)
 	tlsTo := func(certs []tls.Certificate) func(r *rig, c net.Conn) (net.Conn, error) {
 		return func(r *rig, c net.Conn) (net.Conn, error) {
 			tc := tls.Client(c, &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: r.ca.RootPool(), ServerName: "127.0.0.1", Certificates: certs})

@@ -186,3 +186,18 @@ func writeFile(t testing.TB, path string, b []byte) {
 		t.Fatalf("testpki: write %s: %v", path, err)
 	}
 }
+
+// SelfSigned is a client certificate that no CA issued, naming cn: what a
+// stranger presents to a server that must refuse it.
+func SelfSigned(t testing.TB, cn string) tls.Certificate {
+	t.Helper()
+	key := newKey(t)
+	tmpl := &x509.Certificate{SerialNumber: serial(t), Subject: pkix.Name{CommonName: cn},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatalf("testpki: self-signed certificate: %v", err)
+	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+}
