@@ -6,6 +6,8 @@ import (
 	"net/http"
 	"os"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/bastion-iot/bastion/firewall"
 	"github.com/bastion-iot/bastion/gateway/config"
 	"golang.org/x/sys/unix"
@@ -21,7 +23,7 @@ func (g *Gateway) openFirewall(ctx context.Context, cfg config.Config) error {
 	if !hasNetAdmin() {
 		return fmt.Errorf("firewall.manage is true but bastiond lacks CAP_NET_ADMIN (effective, and ambient when not root, so that iptables inherits it), which applying iptables rules needs: give it that capability (the appliance's bastiond.service runs it as user bastion with AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW CAP_NET_BIND_SERVICE), or set firewall.manage: false in %s to only print the plan", g.configPath)
 	}
-	v4, v6, err := firewall.NewIPTables()
+	v4, v6, err := firewall.NewIPTables(g.iptablesOpts...)
 	if err != nil {
 		return fmt.Errorf("firewall: %w", err)
 	}
@@ -87,9 +89,12 @@ func (g *Gateway) controlFirewall(mux *http.ServeMux) {
 				writeErr(w, fmt.Errorf("%w: removing firewall rules needs CAP_NET_ADMIN, which bastiond lacks", ErrBadRequest))
 				return
 			}
-			v4, v6, err := firewall.NewIPTables()
+			v4, v6, err := firewall.NewIPTables(g.iptablesOpts...)
 			if err == nil {
-				fw, err = firewall.New(v4, v6, g.log, nil)
+				// New requires a registry for its counters. Not the
+				// gateway's: they would be registered there again at the
+				// next remove, and this Firewall ends with the request.
+				fw, err = firewall.New(v4, v6, g.log, prometheus.NewRegistry())
 			}
 			if err != nil {
 				writeErr(w, err)

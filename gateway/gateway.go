@@ -104,6 +104,9 @@ type Gateway struct {
 	firmware *otacache.Cache
 	// offers is the firmware announcer's work queue (firmware_serve.go).
 	offers *offerQueue
+	// iptablesOpts are given to firewall.NewIPTables; tests set InNetns,
+	// so that the real backends act on a namespace the test made.
+	iptablesOpts []firewall.IPTablesOption
 	// firmwareHTTPS serves images to MQTT devices (firmware_serve.go).
 	firmwareHTTPS *firmwareHTTPS
 	queue         *queue.Queue

@@ -84,6 +84,13 @@ func runGateway(t testing.TB, opts Options, within time.Duration) *running {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return runGatewayFrom(t, g, within)
+}
+
+// runGatewayFrom runs g, made by New, and waits until it is ready, at most
+// within.
+func runGatewayFrom(t testing.TB, g *Gateway, within time.Duration) *running {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	ready := make(chan struct{})
 	g.opts.Ready = func(*Gateway) { close(ready) }

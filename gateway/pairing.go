@@ -32,6 +32,7 @@ import (
 	"github.com/bastion-iot/bastion/gateway/pairing"
 	"github.com/bastion-iot/bastion/gateway/store"
 	"github.com/bastion-iot/bastion/internal/clock"
+	"github.com/bastion-iot/bastion/internal/ratelog"
 	"github.com/bastion-iot/bastion/pki"
 	"github.com/bastion-iot/bastion/pki/est"
 	"github.com/bastion-iot/bastion/pki/spake2plus"
@@ -59,6 +60,10 @@ type pairingSvc struct {
 	watchers []*button.Watcher
 	events   chan button.Event
 	refused  *prometheus.CounterVec
+	// refusalAudit and refusalLines space the audit events and log lines
+	// of refusals (pairing_refusals.go).
+	refusalAudit *refusalAudit
+	refusalLines *ratelog.Every
 	// buttonErr is why a button source stopped, for the status.
 	buttonErr atomic.Value
 	// pakeMu runs one PAKE message at a time: a hello costs a scrypt
@@ -104,7 +109,8 @@ type pendingEnrol struct {
 // the input is a FIFO in the state directory, made 0600 here.
 func (g *Gateway) openPairing(cfg config.Config) error {
 	p := &pairingSvc{g: g, events: make(chan button.Event), vendors: map[string]*x509.CertPool{},
-		pake: map[string]*pakeRun{}, pending: map[string]*pendingEnrol{}, derived: map[string]string{}, idevWindow: map[string]time.Time{}, estChange: make(chan struct{}, 1)}
+		pake: map[string]*pakeRun{}, pending: map[string]*pendingEnrol{}, derived: map[string]string{}, idevWindow: map[string]time.Time{}, estChange: make(chan struct{}, 1),
+		refusalAudit: newRefusalAudit(pairingRefusalAuditEvery), refusalLines: ratelog.New(pairingRefusalLogEvery)}
 	p.renew = renewals{store: g.store, last: map[string]renewal{}, byNew: map[string]string{}}
 	p.estAddr.Store("")
 	clk := g.opts.PairingClock
@@ -122,7 +128,7 @@ func (g *Gateway) openPairing(cfg config.Config) error {
 	p.enroller = &pairing.Enroller{Window: p.win, Codes: p.codes, GatewayID: cfg.GatewayID, Rand: rand.Reader}
 	p.refused = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "bastion", Subsystem: "pairing", Name: "sessions_refused_total",
-		Help: "Enrollment DTLS sessions refused at the handshake, by reason.",
+		Help: "Enrollment sessions refused at the handshake (DTLS, and TLS on the EST port), by reason.",
 	}, []string{"reason"})
 	if err := g.metrics.reg.Register(p.refused); err != nil {
 		return fmt.Errorf("pairing metrics: %w", err)
@@ -283,6 +289,7 @@ func (p *pairingSvc) close() {
 func (p *pairingSvc) audit(e pairing.AuditEvent) {
 	if e.Step == pairing.StepOpened || e.Step == pairing.StepClosed {
 		p.estKick()
+		p.flushRefusals(strings.TrimPrefix(string(e.Step), "pairing.window_"))
 		// On the box's own screen too (the appliance shows the journal):
 		// whoever pressed the button sees that it worked.
 		p.g.log.Info("pairing window "+strings.TrimPrefix(string(e.Step), "pairing.window_"), "reason", e.Reason, "detail", e.Detail)
@@ -339,10 +346,13 @@ func (p *pairingSvc) event(actor, action, target, detail string) {
 	}
 }
 
+// refuse counts, audits and logs a refused enrollment session (the audit
+// and the log spaced: refusal) and returns the handshake's error. device
+// is what the peer claims, unauthenticated.
 func (p *pairingSvc) refuse(reason, device, detail string) error {
 	p.refused.WithLabelValues(reason).Inc()
-	p.event("pairing", "pairing.session_refused", device, reason+": "+detail)
-	return &pairingRefusal{msg: fmt.Sprintf("pairing session for %q refused: %s", device, detail)}
+	p.refusal("session refused", "pairing.session_refused", reason, device, detail)
+	return &pairingRefusal{msg: fmt.Sprintf("pairing session for %q refused: %s", ratelog.Clip(device, maxPairingClaim), detail)}
 }
 
 // pairingRefusal is refuse's error: its text, and bridges.ErrPairingRefused
@@ -479,13 +489,13 @@ func (p *pairingSvc) PAKE(ctx context.Context, device string, msg []byte) ([]byt
 	id := strings.TrimPrefix(device, idPAKE)
 	var m pairing.PAKEMessage
 	if err := m.UnmarshalBinary(msg); err != nil {
-		p.event("pairing", "pairing.message_refused", id, err.Error())
+		p.refusal("PAKE message refused", "pairing.message_refused", "malformed", id, err.Error())
 		return nil, err
 	}
 	switch m.Type {
 	case pairing.MsgHello:
 		if string(m.ID) != id {
-			p.event("pairing", "pairing.message_refused", id, "hello names another device than the session")
+			p.refusal("PAKE message refused", "pairing.message_refused", "hello for another device", id, "hello names another device than the session")
 			return nil, fmt.Errorf("hello for %q in the session of %q", m.ID, id)
 		}
 		exp, err := p.expectedFor(id)
@@ -523,7 +533,7 @@ func (p *pairingSvc) PAKE(ctx context.Context, device string, msg []byte) ([]byt
 		delete(p.pake, id)
 		p.mu.Unlock()
 		if run == nil {
-			p.event("pairing", "pairing.message_refused", id, "round 2 without a hello in this window")
+			p.refusal("PAKE message refused", "pairing.message_refused", "no hello", id, "round 2 without a hello in this window")
 			return nil, errors.New("round 2 without a hello: start the exchange again")
 		}
 		reply, _, psk, err := run.s.Finish(msg)
@@ -666,7 +676,7 @@ func (p *pairingSvc) beginEnrol(device string, peer []*x509.Certificate) (*enrol
 		seen := p.idevWindow[device]
 		p.mu.Unlock()
 		if st := p.win.State(); st.Open && !seen.Equal(st.OpenedAt) {
-			p.event("pairing", "pairing.session_refused", device, "enrollment session from an earlier window")
+			p.refusal("enrollment refused", "pairing.session_refused", "earlier window", device, "enrollment session from an earlier window")
 			return nil, errors.New("this session was opened in an earlier pairing window: reconnect")
 		}
 		a, err := p.win.Begin(device)

@@ -9,7 +9,9 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -46,7 +48,12 @@ func (c *fakeClock) add(d time.Duration) {
 }
 
 func newTestHandler(t *testing.T) (*Handler, *httptest.Server, *fakeClock) {
-	st, err := store.Open(filepath.Join(t.TempDir(), "s.db"))
+	return newTestHandlerWith(t)
+}
+
+// newTestHandlerWith is newTestHandler with a store opened with opts.
+func newTestHandlerWith(t *testing.T, opts ...store.Option) (*Handler, *httptest.Server, *fakeClock) {
+	st, err := store.Open(filepath.Join(t.TempDir(), "s.db"), opts...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -114,6 +121,67 @@ func TestSessionIdleAndAbsoluteExpiry(t *testing.T) {
 	clk.add(31 * time.Minute)
 	if code := get(t, c, srv.URL+"/api/v1/session"); code != 401 {
 		t.Errorf("session after 31 idle minutes: %d, want 401", code)
+	}
+}
+
+// The audit page's "Older" link leads through every event the store keeps
+// and is not shown on the page with the oldest kept: the store keeps only
+// the newest events, so the oldest kept is not seq 1 (the link used to be
+// shown whenever a page was full and did not end at seq 1, and led to an
+// empty page).
+func TestAuditPageOlderLinks(t *testing.T) {
+	const keep = 12
+	h, srv, _ := newTestHandlerWith(t, store.AuditRetention(keep))
+	jar, _ := cookiejar.New(nil)
+	c := srv.Client()
+	c.Jar = jar
+	if code, body := post(t, c, srv.URL+"/api/v1/setup", `{"code":"abcd-efgh-jklm-npqr","user":"root","password":"correct horse battery staple"}`); code != 201 {
+		t.Fatalf("setup: %d %s", code, body)
+	}
+	for i := range 2 * keep {
+		if _, err := h.o.Store.Audit(store.Event{Actor: "test", Action: "test.event", Target: strconv.Itoa(i)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	kept, err := h.o.Store.AuditLog(100, 0)
+	if err != nil || len(kept) != keep {
+		t.Fatalf("store keeps %d events (%v), want %d", len(kept), err, keep)
+	}
+	var want []string
+	for _, e := range kept {
+		want = append(want, strconv.FormatUint(e.Seq, 10))
+	}
+	older := regexp.MustCompile(`href="/audit\?before=(\d+)"`)
+	row := regexp.MustCompile(`<tr><td>(\d+)</td>`)
+	var got []string
+	url := srv.URL + "/audit?limit=4" // keep is a multiple: the last page is full
+	for pages := 0; url != ""; pages++ {
+		if pages == 10 {
+			t.Fatal("Older links go on past every kept event")
+		}
+		res, err := c.Get(url)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(res.Body)
+		res.Body.Close()
+		if res.StatusCode != 200 {
+			t.Fatalf("GET %s: %d", url, res.StatusCode)
+		}
+		rows := row.FindAllStringSubmatch(string(body), -1)
+		if len(rows) == 0 {
+			t.Fatalf("GET %s: a page without events", url)
+		}
+		for _, m := range rows {
+			got = append(got, m[1])
+		}
+		url = ""
+		if m := older.FindStringSubmatch(string(body)); m != nil {
+			url = srv.URL + "/audit?limit=4&before=" + m[1]
+		}
+	}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("events reached through the Older links (-want +got):\n%s", diff)
 	}
 }
 

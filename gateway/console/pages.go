@@ -188,13 +188,16 @@ func (h *Handler) pageAudit(w http.ResponseWriter, r *http.Request, p *principal
 	if err != nil {
 		return err
 	}
-	es, err := h.o.Store.AuditLog(limit, before)
+	// One event more than shown says whether there is an older page: the
+	// store keeps only the newest events, so the oldest is seldom seq 1.
+	es, err := h.o.Store.AuditLog(limit+1, before)
 	if err != nil {
 		return err
 	}
 	var next uint64
-	if len(es) == limit && es[len(es)-1].Seq > 1 {
-		next = es[len(es)-1].Seq
+	if len(es) > limit {
+		es = es[:limit]
+		next = es[limit-1].Seq
 	}
 	return h.render(w, r, p, http.StatusOK, "audit", "Audit log", "audit", map[string]any{"Events": es, "Next": next})
 }

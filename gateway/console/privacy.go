@@ -37,7 +37,7 @@ var Catalogue = []Datum{
 		Retention: "not stored beyond delivery"},
 	{ID: "audit.remote_address", What: "IP address and user name of each console action and login attempt",
 		Why: "security: who did what, when, from where", Where: "stays on the gateway (audit log)",
-		Retention: "kept as the security record; not forwarded"},
+		Retention: "kept as the security record: the newest 10,000 events of the audit log, each new one deleting the oldest beyond them; not forwarded"},
 	{ID: "admin.accounts", What: "console user names, roles, argon2id password hashes, session and token hashes",
 		Why: "to let only you administer the box", Where: "stays on the gateway",
 		Retention: "until the account is deleted; sessions end after 30 min idle or 12 h"},

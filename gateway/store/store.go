@@ -2,7 +2,8 @@
 // metadata, revocations and the audit log, in one bbolt file in the state
 // directory. bbolt is pure Go, and every update is one fsynced copy-on-write
 // transaction, so a power cut or kill -9 leaves either the old or the new
-// state, never a torn one.
+// state, never a torn one. The audit log keeps its newest events only
+// (DefaultAuditRetention).
 //
 // The store holds no secrets: PSKs are derived from a key in the PKI's
 // directory, secrets are stored as argon2id hashes, private keys live in
@@ -46,6 +47,35 @@ type Store struct {
 	// about 6 % of the gateway's CPU per handshake), and a firmware
 	// transfer looks its device up for every block.
 	psk, byID deviceCache
+	// auditKeep is how many audit events are kept (AuditRetention).
+	auditKeep uint64
+}
+
+// DefaultAuditRetention is how many audit events a store keeps: the
+// newest, each event written deleting the oldest beyond it. Anyone on the
+// LAN can make the gateway audit something (a refused pairing session, a
+// failed console login), so a log without a bound would fill the flash;
+// bounded by count, not age, a flood replaces old events but never grows
+// the file. An event is 150 to 400 bytes of JSON, so 10,000 take 2 to
+// 4 MB of the state file, which a router's flash can spare, and bbolt
+// reuses the pages the deleted events free: the file stops growing once
+// it holds them. That is years of what operators and devices do (adds,
+// revocations, windows, logins, reloads), and still days of it under a
+// refusal flood, which the gateway audits in summaries, at most one per
+// reason per minute (the metrics count every refusal).
+const DefaultAuditRetention = 10000
+
+// Option tunes a Store.
+type Option func(*Store)
+
+// AuditRetention keeps the newest n audit events (DefaultAuditRetention if
+// n < 1).
+func AuditRetention(n int) Option {
+	return func(s *Store) {
+		if n > 0 {
+			s.auditKeep = uint64(n)
+		}
+	}
 }
 
 // deviceCache keeps a lookup's answers in memory. Every write that can
@@ -111,8 +141,14 @@ func (s *Store) updateDevices(fn func(tx *bolt.Tx) error) error {
 }
 
 // Open opens or creates the store at path (mode 0600). It fails fast if
-// another bastiond holds the file.
-func Open(path string) (*Store, error) {
+// another bastiond holds the file. An audit log longer than the retention
+// (written by a version that kept every event, or with a larger
+// retention) is cut to it here.
+func Open(path string, opts ...Option) (*Store, error) {
+	s := &Store{auditKeep: DefaultAuditRetention}
+	for _, o := range opts {
+		o(s)
+	}
 	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: 2 * time.Second})
 	if err != nil {
 		if errors.Is(err, bolterrors.ErrTimeout) {
@@ -124,19 +160,32 @@ func Open(path string) (*Store, error) {
 		db.Close()
 		return nil, fmt.Errorf("open store %s: %w", path, err)
 	}
+	var more bool
 	err = db.Update(func(tx *bolt.Tx) error {
 		for _, b := range buckets {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 				return err
 			}
 		}
-		return nil
+		more, err = dropOldAudit(tx.Bucket(bAudit), s.auditKeep)
+		return err
 	})
 	if err != nil {
 		db.Close()
-		return nil, fmt.Errorf("open store %s: create buckets: %w", path, err)
+		return nil, fmt.Errorf("open store %s: create buckets, cut the audit log: %w", path, err)
 	}
-	return &Store{db: db}, nil
+	for more {
+		err = db.Update(func(tx *bolt.Tx) (err error) {
+			more, err = dropOldAudit(tx.Bucket(bAudit), s.auditKeep)
+			return err
+		})
+		if err != nil {
+			db.Close()
+			return nil, fmt.Errorf("open store %s: cut the audit log to its newest %d events: %w", path, s.auditKeep, err)
+		}
+	}
+	s.db = db
+	return s, nil
 }
 
 // Close closes the database file.
@@ -408,7 +457,11 @@ type Event struct {
 	Detail string    `json:"detail,omitempty"`
 }
 
-// Audit appends e and returns its sequence number.
+// Audit appends e and returns its sequence number. In the same
+// transaction it deletes the events that are no longer among the newest
+// the store keeps (AuditRetention): one, once the log is full. Sequence
+// numbers go on from the newest ever written; the oldest kept is the
+// lowest left.
 func (s *Store) Audit(e Event) (uint64, error) {
 	err := s.db.Update(func(tx *bolt.Tx) error {
 		b := tx.Bucket(bAudit)
@@ -421,9 +474,43 @@ func (s *Store) Audit(e Event) (uint64, error) {
 		if err != nil {
 			return err
 		}
-		return b.Put(binary.BigEndian.AppendUint64(nil, seq), data)
+		if err := b.Put(binary.BigEndian.AppendUint64(nil, seq), data); err != nil {
+			return err
+		}
+		_, err = dropOldAudit(b, s.auditKeep)
+		return err
 	})
 	return e.Seq, err
+}
+
+// maxAuditDrops bounds the events one transaction deletes, so that
+// cutting a long log (Open) is a series of transactions of bounded size,
+// not one that holds the whole log's pages in memory.
+const maxAuditDrops = 10000
+
+// dropOldAudit deletes the oldest events of b while their seq is not
+// among the newest keep (seq <= newest-keep), at most maxAuditDrops; more
+// reports that some are left. Keys are big-endian seqs, so the oldest is
+// the first: a full log drops one event per event written.
+func dropOldAudit(b *bolt.Bucket, keep uint64) (more bool, err error) {
+	newest := b.Sequence()
+	if newest <= keep {
+		return false, nil
+	}
+	last := newest - keep // the newest seq to drop
+	c := b.Cursor()
+	for n := 0; ; n++ {
+		k, _ := c.First()
+		if k == nil || len(k) != 8 || binary.BigEndian.Uint64(k) > last {
+			return false, nil
+		}
+		if n == maxAuditDrops {
+			return true, nil
+		}
+		if err := c.Delete(); err != nil {
+			return false, fmt.Errorf("drop audit event %d: %w", binary.BigEndian.Uint64(k), err)
+		}
+	}
 }
 
 // AuditLog returns up to limit events, newest first, with Seq < before (0 =

@@ -2,6 +2,7 @@ package store
 
 import (
 	"bufio"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -13,6 +14,7 @@ import (
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+	bolt "go.etcd.io/bbolt"
 )
 
 func open(t *testing.T) (*Store, string) {
@@ -103,6 +105,146 @@ func TestAuditPaging(t *testing.T) {
 	}
 	if len(tail) != 5 {
 		t.Errorf("before beyond last: %d events, want 5", len(tail))
+	}
+}
+
+// seqs is the sequence numbers of es.
+func seqs(es []Event) []uint64 {
+	out := make([]uint64, len(es))
+	for i, e := range es {
+		out[i] = e.Seq
+	}
+	return out
+}
+
+// descending is hi, hi-1, ..., lo.
+func descending(hi, lo uint64) []uint64 {
+	var out []uint64
+	for s := hi; s >= lo && s > 0; s-- {
+		out = append(out, s)
+	}
+	return out
+}
+
+// auditKeys is how many events the audit bucket holds.
+func auditKeys(t *testing.T, s *Store) int {
+	t.Helper()
+	var n int
+	if err := s.db.View(func(tx *bolt.Tx) error {
+		n = tx.Bucket(bAudit).Stats().KeyN
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// The audit log keeps the newest events only: after keep+k events exactly
+// the newest keep are left, with the sequence numbers they were written
+// with, and paging through them with before still reaches each once and
+// ends at the oldest kept.
+func TestAuditRetention(t *testing.T) {
+	const keep, k = 50, 17
+	p := filepath.Join(t.TempDir(), "state.db")
+	s, err := Open(p, AuditRetention(keep))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	for i := 1; i <= keep+k; i++ {
+		seq, err := s.Audit(Event{Action: fmt.Sprint("a", i)})
+		if err != nil || seq != uint64(i) {
+			t.Fatalf("audit %d: seq %d err %v", i, seq, err)
+		}
+		if want := min(i, keep); auditKeys(t, s) != want {
+			t.Fatalf("after %d events the log holds %d, want %d", i, auditKeys(t, s), want)
+		}
+	}
+	all, err := s.AuditLog(1000, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := descending(keep+k, k+1)
+	if diff := cmp.Diff(want, seqs(all)); diff != "" {
+		t.Fatalf("kept events (-want +got):\n%s", diff)
+	}
+	for _, e := range all {
+		if e.Action != fmt.Sprint("a", e.Seq) {
+			t.Errorf("event %d is %q, want a%d", e.Seq, e.Action, e.Seq)
+		}
+	}
+	// Pages of 7 from the newest, each starting before the last one's
+	// oldest, as the console and its API page.
+	var paged []uint64
+	var before uint64
+	for range 100 {
+		page, err := s.AuditLog(7, before)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(page) == 0 {
+			break
+		}
+		paged = append(paged, seqs(page)...)
+		before = page[len(page)-1].Seq
+	}
+	if diff := cmp.Diff(want, paged); diff != "" {
+		t.Errorf("paged (-want +got):\n%s", diff)
+	}
+	if page, _ := s.AuditLog(10, k+2); len(page) != 1 || page[0].Seq != k+1 {
+		t.Errorf("before the second oldest kept: %v, want the oldest kept (%d) alone", seqs(page), k+1)
+	}
+	if page, _ := s.AuditLog(10, k+1); len(page) != 0 {
+		t.Errorf("before the oldest kept: %v, want none", seqs(page))
+	}
+	if err := s.Check(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A log longer than the retention (kept by a version without one, or with
+// a larger retention) is cut at Open, in transactions of at most
+// maxAuditDrops deletions, and stays cut as events are added.
+func TestAuditRetentionCutAtOpen(t *testing.T) {
+	const old = 2*maxAuditDrops + 345
+	s, p := open(t)
+	// A long log written in one transaction: an event at a time would
+	// fsync each.
+	if err := s.db.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bAudit)
+		for i := 1; i <= old; i++ {
+			seq, err := b.NextSequence()
+			if err != nil {
+				return err
+			}
+			if err := b.Put(binary.BigEndian.AppendUint64(nil, seq), []byte(`{"seq":`+strconv.FormatUint(seq, 10)+`,"action":"old"}`)); err != nil {
+				return err
+			}
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	const keep = 100
+	s, err := Open(p, AuditRetention(keep))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if n := auditKeys(t, s); n != keep {
+		t.Fatalf("after Open the log holds %d events, want %d", n, keep)
+	}
+	seq, err := s.Audit(Event{Action: "new"})
+	if err != nil || seq != old+1 {
+		t.Fatalf("audit after the cut: seq %d err %v, want %d", seq, err, old+1)
+	}
+	all, _ := s.AuditLog(1000, 0)
+	if diff := cmp.Diff(descending(old+1, old+2-keep), seqs(all)); diff != "" {
+		t.Errorf("kept events (-want +got):\n%s", diff)
+	}
+	if err := s.Check(); err != nil {
+		t.Fatal(err)
 	}
 }
 
