@@ -6,12 +6,15 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	mochi "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
+	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/bridges/hub"
 	"github.com/bastion-iot/bastion/bridges/queue"
 	"github.com/bastion-iot/bastion/internal/testutil/logbuf"
@@ -100,5 +103,102 @@ func TestEvictedHandshakeCountedOnce(t *testing.T) {
 	}
 	if l := lb.Lines("oldest unauthenticated connection closed"); len(l) != 1 {
 		t.Errorf("eviction lines %q, want 1 (once a minute)", l)
+	}
+}
+
+// TestAcceptedConnectionNotEvicted: a connection whose CONNECT was
+// accepted, held in accept (where the device's older sessions are ended,
+// each for up to endWait) before its CONNACK, is no longer one the
+// limits close to make room: it gets its CONNACK and stays open while
+// newer idle connections fill the total. Before, it held its slot until
+// after accept and was closed (the oldest), its older session already
+// ended: the device had none.
+func TestAcceptedConnectionNotEvicted(t *testing.T) {
+	const total = 2
+	r := newRigWith(t, queue.Options{}, Config{MaxUnauth: total}, nil)
+	entered, release := make(chan struct{}), make(chan struct{})
+	var first atomic.Bool
+	r.s.mu.Lock()
+	r.s.afterAccept = func(*mochi.Client) {
+		if first.CompareAndSwap(false, true) {
+			close(entered)
+			select {
+			case <-release:
+			case <-time.After(10 * time.Second):
+			}
+		}
+	}
+	r.s.mu.Unlock()
+
+	d := r.dialTLS(t, "d1", 5, true)
+	d.connect()
+	select {
+	case <-entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the CONNECT was not accepted")
+	}
+	for range total {
+		r.rawTCP(t)
+	}
+	waitFor(t, "the idle connections to be admitted", func() bool { return r.waitingLen() == total })
+	close(release)
+	pk, err := d.readErr(5 * time.Second)
+	if err != nil || pk.FixedHeader.Type != packets.Connack || pk.ReasonCode != 0 {
+		t.Fatalf("accepted CONNECT: got packet type %d reason %#x, err %v; want CONNACK 0", pk.FixedHeader.Type, pk.ReasonCode, err)
+	}
+	if !d.open() {
+		t.Fatal("the accepted session was closed")
+	}
+	if got := r.refusals(hub.ReasonHandshakeLimit); got != 0 {
+		t.Errorf("handshake_limit refusals %v, want 0", got)
+	}
+}
+
+// TestEvictedDuringCheckNotAccepted: a CONNECT whose connection the
+// limits closed during its credential check (a secret's argon2id) is not
+// accepted when the check ends: it does not end the device's session
+// (no session_taken_over), is not logged as connected, and is counted
+// once, as handshake_limit. Before, accept ran for it anyway: the
+// device's open session was ended for a connection already closed.
+func TestEvictedDuringCheckNotAccepted(t *testing.T) {
+	lb := &logbuf.Buffer{}
+	id := &slowIdentity{stallAt: 2, stalled: make(chan chan struct{}), revoked: map[string]bool{}}
+	r := newRigClock(t, queue.Options{}, Config{AllowSecretAuth: true, MaxUnauth: 1}, func(ca *pki.CA) bridges.Identity {
+		id.caIdentity = caIdentity{ca}
+		return id
+	}, pki.SystemClock{}, slog.New(slog.NewTextHandler(lb, nil)))
+	login := func() *device {
+		d := r.dialTLS(t, "d1", 5, false)
+		d.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect},
+			Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: true, Keepalive: 60, ClientIdentifier: "d1",
+				Username: []byte("d1"), UsernameFlag: true, Password: []byte("s3cret"), PasswordFlag: true}})
+		return d
+	}
+	b1 := login() // the first check: the device's session
+	if pk := b1.read(5 * time.Second); pk.FixedHeader.Type != packets.Connack || pk.ReasonCode != 0 {
+		t.Fatalf("first login: got packet type %d reason %#x, want CONNACK 0", pk.FixedHeader.Type, pk.ReasonCode)
+	}
+	b2 := login() // the second check, stalled
+	var releaseCheck chan struct{}
+	select {
+	case releaseCheck = <-id.stalled:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the second CONNECT's secret check never ran")
+	}
+	r.rawTCP(t) // closes b2, the oldest unauthenticated connection
+	closedByServer(t, b2.c, "the connection in its check")
+	close(releaseCheck)
+	waitFor(t, "the closed connection's session to end", func() bool { return r.s.connsOf("d1") <= 1 })
+	if !b1.open() {
+		t.Fatal("the device's session was ended by a CONNECT whose connection was closed during its check")
+	}
+	if got := r.refusals(hub.ReasonSessionTakenOver); got != 0 {
+		t.Errorf("session_taken_over refusals %v, want 0", got)
+	}
+	if got := r.refusals(hub.ReasonHandshakeLimit); got != 1 {
+		t.Errorf("handshake_limit refusals %v, want 1", got)
+	}
+	if l := lb.Lines("mqtt: device connected", "device=d1"); len(l) != 1 {
+		t.Errorf("device connected lines %q, want 1 (the first login)", l)
 	}
 }

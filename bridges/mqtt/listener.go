@@ -124,7 +124,7 @@ func (l *tlsListener) admit(c net.Conn, src bridges.Source) (*unauthSlot, bool) 
 	}
 	l.mu.Unlock()
 	// Closed: its goroutine's handshake or CONNECT read fails, and is not
-	// counted again (evicted: handle).
+	// counted again (evicted: handle, Server.accept).
 	if byPrefix != nil {
 		l.limited(byPrefix.conn, byPrefix.src, "oldest unauthenticated connection of this IPv6 /64 closed: too many not yet authenticated from the /64")
 	}
@@ -170,6 +170,20 @@ func (l *tlsListener) release(s *unauthSlot) (evicted bool) {
 	defer l.mu.Unlock()
 	l.releaseLocked(s)
 	return s.evicted
+}
+
+// claim gives s back for a connection whose CONNECT was accepted
+// (Server.accept), so that admit no longer closes it to make room, and
+// reports false, releasing nothing, if admit closed it already (evicted):
+// the connection is not to be accepted then.
+func (l *tlsListener) claim(s *unauthSlot) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if s.evicted {
+		return false
+	}
+	l.releaseLocked(s)
+	return true
 }
 
 // limited counts a connection closed by the limits (c, from src) and logs
