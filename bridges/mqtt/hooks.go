@@ -154,6 +154,13 @@ func (h *authHook) OnConnectAuthenticate(cl *mochi.Client, pk packets.Packet) bo
 		}
 		older, verdict = h.s.accept(pc, cl, cert, secretFrom)
 	}
+	if verdict == acceptEvicted {
+		// Closed by the limits of unauthenticated connections while its
+		// credentials were checked: counted and logged there
+		// (handshake_limit). No CONNACK can reach it.
+		log.Debug("mqtt: connect not accepted: the connection was closed during its check to make room for a newer one", "device", dev)
+		return false
+	}
 	if verdict == acceptSuperseded {
 		// This CONNECT's check (a secret's argon2id) ended after a newer
 		// CONNECT of the device was accepted: the newer one is the
@@ -177,8 +184,7 @@ func (h *authHook) OnConnectAuthenticate(cl *mochi.Client, pk packets.Packet) bo
 		h.s.endSession(old, packets.ErrSessionTakenOver, time.Now().Add(endWait))
 	}
 	if pc != nil {
-		pc.identify(dev)
-		pc.authenticated()
+		pc.identify(dev) // its slot was given back in accept
 	}
 	log.Info("mqtt: device connected", "device", dev)
 	return true

@@ -56,7 +56,11 @@ type unauthSlot struct {
 	conn  net.Conn
 	elem  *list.Element // in waiting
 	pelem *list.Element // in its /64's list (nil: IPv4)
-	done  bool          // released (under the listener's mu)
+	// Under the listener's mu: done once released, and evicted too if
+	// released to make room for a newer connection (admit), which closed
+	// it and counted it as handshake_limit.
+	done    bool
+	evicted bool
 }
 
 // admit takes a slot for connection c from src. Each unauthenticated
@@ -97,10 +101,12 @@ func (l *tlsListener) admit(c net.Conn, src bridges.Source) (*unauthSlot, bool) 
 	if q := l.unauthPrefix[src.Prefix]; src.Prefix.IsValid() && q != nil && q.Len() >= l.s.cfg.MaxUnauthPerPrefix {
 		byPrefix = q.Front().Value.(*unauthSlot)
 		l.releaseLocked(byPrefix)
+		byPrefix.evicted = true
 	}
 	if l.waiting.Len() >= l.s.cfg.MaxUnauth {
 		byTotal = l.waiting.Front().Value.(*unauthSlot)
 		l.releaseLocked(byTotal)
+		byTotal.evicted = true
 	}
 	if l.unauth == nil {
 		l.unauth, l.unauthPrefix = map[netip.Addr]int{}, map[bridges.Prefix]*list.List{}
@@ -117,7 +123,8 @@ func (l *tlsListener) admit(c net.Conn, src bridges.Source) (*unauthSlot, bool) 
 		slot.pelem = q.PushBack(slot)
 	}
 	l.mu.Unlock()
-	// Closed: its goroutine's handshake or CONNECT read fails.
+	// Closed: its goroutine's handshake or CONNECT read fails, and is not
+	// counted again (evicted: handle, Server.accept).
 	if byPrefix != nil {
 		l.limited(byPrefix.conn, byPrefix.src, "oldest unauthenticated connection of this IPv6 /64 closed: too many not yet authenticated from the /64")
 	}
@@ -156,11 +163,27 @@ func (l *tlsListener) unauthIn(p bridges.Prefix) int {
 	return 0
 }
 
-// release gives s back (once; later calls do nothing).
-func (l *tlsListener) release(s *unauthSlot) {
+// release gives s back (once; later calls do nothing) and reports whether
+// it was taken from it for a newer connection instead (admit).
+func (l *tlsListener) release(s *unauthSlot) (evicted bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	l.releaseLocked(s)
+	return s.evicted
+}
+
+// claim gives s back for a connection whose CONNECT was accepted
+// (Server.accept), so that admit no longer closes it to make room, and
+// reports false, releasing nothing, if admit closed it already (evicted):
+// the connection is not to be accepted then.
+func (l *tlsListener) claim(s *unauthSlot) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if s.evicted {
+		return false
+	}
+	l.releaseLocked(s)
+	return true
 }
 
 // limited counts a connection closed by the limits (c, from src) and logs
@@ -249,8 +272,13 @@ func (l *tlsListener) handle(c net.Conn, slot *unauthSlot, establish listeners.E
 	err := tc.HandshakeContext(ctx)
 	cancel()
 	if err != nil {
-		l.release(slot)
-		l.refused(c, err)
+		if l.release(slot) {
+			// Closed by admit, which counted and logged it
+			// (handshake_limit): not a failed handshake too.
+			l.s.log.Debug("mqtt: TLS handshake ended: closed to make room for a newer connection", "device", "", "remote", c.RemoteAddr().String())
+		} else {
+			l.refused(c, err)
+		}
 		c.Close()
 		return
 	}

@@ -105,7 +105,8 @@ type pipeConn struct {
 	// its Will is not sent.
 	refused atomic.Bool
 	// unauth is the connection's slot among the listener's
-	// unauthenticated ones until authenticated releases it.
+	// unauthenticated ones until Server.accept (tlsListener.claim) or
+	// authenticated releases it.
 	unauth *unauthSlot
 
 	mu     sync.Mutex
@@ -146,8 +147,8 @@ type heldRun struct {
 }
 
 // authenticated gives back the connection's slot among the listener's
-// unauthenticated ones (tlsListener.admit): at the session's successful
-// CONNECT check, or when the session ends before it.
+// unauthenticated ones (tlsListener.admit) when the session ends before
+// its CONNECT was accepted (Server.accept gives it back then: claim).
 func (c *pipeConn) authenticated() {
 	if c.unauth != nil {
 		c.l.release(c.unauth)

@@ -479,6 +479,7 @@ const (
 	acceptOK         acceptance = iota
 	acceptRevoked               // the device was revoked during the check: check again
 	acceptSuperseded            // a newer connection of the device was accepted first
+	acceptEvicted               // closed meanwhile to make room for a newer one (tlsListener.admit)
 )
 
 // accept makes cl's connection pc, whose credentials were found good for
@@ -497,6 +498,13 @@ const (
 // reports that the device was revoked while the credentials were
 // checked: they are to be checked again, and accept called again if still
 // good.
+//
+// Once accepted the connection gives back its slot among the listener's
+// unauthenticated ones (tlsListener.claim), here, before the sessions it
+// replaces are ended (each may take endWait) and its CONNACK is sent, so
+// that the limits no longer close it to make room for a newer one. One
+// they closed already during its check (a secret's argon2id) is refused
+// (acceptEvicted): it ends no other session and proves no address.
 //
 // Everything is looked up under mu, mochi's Clients too: a connection
 // accepted after this one is added to Clients only after its own accept,
@@ -518,6 +526,11 @@ func (s *Server) accept(pc *pipeConn, cl *mochi.Client, cert *hub.SessionCert, s
 				s.mu.Unlock()
 				return nil, acceptSuperseded
 			}
+		}
+		// Lock order: Server.mu, then the listener's mu.
+		if pc.unauth != nil && !pc.l.claim(pc.unauth) {
+			s.mu.Unlock()
+			return nil, acceptEvicted
 		}
 		pc.accepted = true
 		pc.cert = cert
