@@ -34,7 +34,8 @@ type httpsRefusals struct {
 	prefix string // what the lines start with: "firmware https"
 	log    *slog.Logger
 	// level is that of the server's other ErrorLog lines (an accept
-	// error, a handler's panic), which are spaced too.
+	// error, a request's trouble), which are spaced too, by kind: a
+	// handler's panic is logged at Error, each one (Write).
 	level slog.Level
 	count *prometheus.CounterVec
 	lines *ratelog.Every
@@ -107,14 +108,42 @@ func (r *httpsRefusals) errorLog() *stdlog.Logger { return stdlog.New(r, "", 0) 
 // "http: TLS handshake error from <remote>: <error>".
 const handshakeErrorPrefix = "http: TLS handshake error from "
 
+// panicPrefix starts net/http's line about a handler's panic: "http: panic
+// serving <remote>: <value>\n<stack>".
+const panicPrefix = "http: panic serving "
+
+// acceptErrorPrefix starts net/http's line about a failed Accept, which
+// it retries: "http: Accept error: <error>; retrying in <delay>".
+const acceptErrorPrefix = "http: Accept error: "
+
+// maxPanicStack bounds the stack of a handler's panic in its line
+// (net/http's is up to 64 KiB): the frames that matter come first.
+const maxPanicStack = 8 << 10
+
 // Write takes one line of the http.Server's ErrorLog (a log.Logger writes
 // each line in one call).
 func (r *httpsRefusals) Write(b []byte) (int, error) {
 	line := strings.TrimSuffix(string(b), "\n")
+	if rest, ok := strings.CutPrefix(line, panicPrefix); ok {
+		// A bug of ours: every one is logged, with its stack, never spaced
+		// away behind some other line (a handler that panics on what a
+		// peer sends writes one line per request, as any request's line).
+		head, stack, _ := strings.Cut(rest, "\n")
+		remote, value, _ := strings.Cut(head, ": ")
+		r.log.Error(r.prefix+": handler panic", "remote", remote, "panic", ratelog.Clip(value, maxLoggedText),
+			"stack", ratelog.Clip(stack, maxPanicStack))
+		return len(b), nil
+	}
+	if strings.HasPrefix(line, acceptErrorPrefix) {
+		// The listener's trouble (out of file descriptors): its own kind,
+		// so that it neither hides nor is hidden by a request's lines.
+		r.line(r.level, "accept", line)
+		return len(b), nil
+	}
 	rest, ok := strings.CutPrefix(line, handshakeErrorPrefix)
 	if !ok {
-		// The server's own trouble, or a request's (a query with ';'):
-		// not per handshake, but some a peer can repeat.
+		// A request's trouble (a query with ';'): not per handshake, but
+		// some a peer can repeat.
 		r.line(r.level, "server", line)
 		return len(b), nil
 	}

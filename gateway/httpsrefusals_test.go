@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -235,5 +236,38 @@ func TestHTTPSErrorLogOtherLines(t *testing.T) {
 	}
 	if n := testutil.CollectAndCount(m.httpsRefusals); n != 0 {
 		t.Errorf("%d series counted for handshakes whose certificate the verify callback refused, want none (it counts them)", n)
+	}
+}
+
+// A handler's panic is logged every time, at Error, with its stack (cut
+// when long), never spaced away behind another line; an Accept error and
+// a request's trouble each have their own kind, spaced.
+func TestHTTPSErrorLogPanicAlwaysLogged(t *testing.T) {
+	lb := &logbuf.Buffer{}
+	m := newMetrics(func() float64 { return 0 })
+	r := &httpsRefusals{server: "test", prefix: "test https", log: slog.New(slog.NewTextHandler(lb, nil)), level: slog.LevelWarn,
+		count: m.httpsRefusals, lines: ratelog.New(time.Hour)}
+	el := r.errorLog()
+	stack := "goroutine 7 [running]:\nnet/http.(*conn).serve.func1()\n" + strings.Repeat("\tframe.go:1 +0x1\n", 4000)
+	for range 3 {
+		el.Printf("http: Accept error: %v; retrying in %v", errors.New("accept tcp: too many open files"), 5*time.Millisecond)
+		el.Printf("http: URL query contains semicolon, which is no longer a supported separator; parts of the query may be stripped when parsed; see golang.org/issue/25192")
+		el.Printf("http: panic serving %s: %v\n%s", "192.0.2.1:4711", "runtime error: index out of range [3] with length 3", stack)
+	}
+	panics := lb.Lines("level=ERROR", "test https: handler panic", "remote=192.0.2.1:4711", "index out of range [3] with length 3", "goroutine 7 [running]")
+	if len(panics) != 3 {
+		t.Errorf("%d panic lines for 3 panics among other lines, want 3:\n%s", len(panics), lb.String())
+	}
+	for _, l := range panics {
+		// The text handler writes \n and \t as two bytes each.
+		if len(l) > 2*maxPanicStack+1024 || !strings.Contains(l, "… ("+strconv.Itoa(len(stack)-1)+" bytes)") {
+			t.Errorf("panic line of %d bytes, want the %d-byte stack cut to %d:\n%.300s", len(l), len(stack), maxPanicStack, l)
+		}
+	}
+	if l := lb.Lines("http: Accept error: accept tcp: too many open files", "level=WARN"); len(l) != 1 {
+		t.Errorf("%d lines of the accept error written 3 times within the interval, want 1:\n%s", len(l), lb.String())
+	}
+	if l := lb.Lines("http: URL query contains semicolon", "level=WARN"); len(l) != 1 {
+		t.Errorf("%d lines of a request's trouble written 3 times within the interval, want 1 (its own kind, not hidden by the accept error):\n%s", len(l), lb.String())
 	}
 }

@@ -93,7 +93,7 @@ func (h *Handler) doLogin(ctx context.Context, w http.ResponseWriter, r *http.Re
 	if len(user) > 64 {
 		user = user[:64]
 	}
-	if until := h.thr.LockedUntil(now, "u:"+user, "s:"+src); !until.IsZero() {
+	if until := h.thr.loginLockedUntil(now, user, src); !until.IsZero() {
 		// Counted, so hammering a locked account extends the lockout; not
 		// audited one by one, so a flood cannot wear the flash.
 		h.thr.failLogin(now, user, src)
@@ -110,15 +110,18 @@ func (h *Handler) doLogin(ctx context.Context, w http.ResponseWriter, r *http.Re
 	}
 	if err != nil || !ok {
 		h.thr.failLogin(now, user, src)
-		h.audit(ctx, Actor{Name: "anonymous", Remote: src}, "console.login_failed", user, "")
+		h.refusalAudit(ctx, Actor{Name: "anonymous", Remote: src}, "console.login_failed", user, "")
 		return store.Session{}, refuse(ReasonBadLogin, http.StatusUnauthorized, "wrong user name or password")
 	}
+	// Not the source's /64: a key the whole LAN may share, whose other
+	// hosts' failures one host's success does not undo.
 	h.thr.Reset("u:"+user, "s:"+src)
 	s, err := h.newSession(w, r, u.Name)
 	if err != nil {
 		return s, err
 	}
 	h.audit(ctx, Actor{Name: u.Name, Remote: src}, "console.login", u.Name, "")
+	h.flushRefusalAudit(ctx, "login")
 	return s, nil
 }
 
@@ -129,7 +132,7 @@ func (h *Handler) doSetup(ctx context.Context, w http.ResponseWriter, r *http.Re
 	if h.adminExists() {
 		return store.Session{}, errf(http.StatusConflict, "an admin already exists: log in, or use password recovery")
 	}
-	if until := h.thr.LockedUntil(now, "setup:"+src); !until.IsZero() {
+	if until := h.thr.LockedUntil(now, prefixed("setup:", sourceKeys(src))...); !until.IsZero() {
 		return store.Session{}, &lockedError{wait: until.Sub(now)}
 	}
 	user := strings.TrimSpace(in.User)
@@ -142,8 +145,10 @@ func (h *Handler) doSetup(ctx context.Context, w http.ResponseWriter, r *http.Re
 	how := "setup code"
 	if !h.o.Gateway.CheckSetupCode(in.Code) {
 		if in.Code != "" || !h.consumePresence() {
-			h.thr.Fail(now, "setup:"+src, 5)
-			h.audit(ctx, Actor{Name: "anonymous", Remote: src}, "console.setup_refused", user, "wrong setup code")
+			for _, k := range sourceKeys(src) {
+				h.thr.Fail(now, "setup:"+k, 5)
+			}
+			h.refusalAudit(ctx, Actor{Name: "anonymous", Remote: src}, "console.setup_refused", user, "wrong setup code")
 			return store.Session{}, refuse(ReasonBadCode, http.StatusForbidden, "wrong setup code: use the code bastiond printed on the box's console, or press the button on the box first")
 		}
 		how = "button"
@@ -157,6 +162,7 @@ func (h *Handler) doSetup(ctx context.Context, w http.ResponseWriter, r *http.Re
 		return store.Session{}, err
 	}
 	h.audit(ctx, Actor{Name: user, Remote: src}, "console.setup", user, "first admin created with the "+how)
+	h.flushRefusalAudit(ctx, "setup")
 	return h.newSession(w, r, user)
 }
 
@@ -165,7 +171,7 @@ func (h *Handler) doSetup(ctx context.Context, w http.ResponseWriter, r *http.Re
 // sessions end and its lockout is lifted.
 func (h *Handler) doRecover(ctx context.Context, r *http.Request, in setupInput) error {
 	now, src := h.o.Now(), remoteIP(r)
-	if until := h.thr.LockedUntil(now, "recover:"+src); !until.IsZero() {
+	if until := h.thr.LockedUntil(now, prefixed("recover:", sourceKeys(src))...); !until.IsZero() {
 		return &lockedError{wait: until.Sub(now)}
 	}
 	user := strings.TrimSpace(in.User)
@@ -178,8 +184,10 @@ func (h *Handler) doRecover(ctx context.Context, r *http.Request, in setupInput)
 	how := "recovery code"
 	if !h.checkRecoveryCode(in.Code) {
 		if in.Code != "" || !h.consumePresence() {
-			h.thr.Fail(now, "recover:"+src, 5)
-			h.audit(ctx, Actor{Name: "anonymous", Remote: src}, "console.recover_refused", user, "wrong recovery code")
+			for _, k := range sourceKeys(src) {
+				h.thr.Fail(now, "recover:"+k, 5)
+			}
+			h.refusalAudit(ctx, Actor{Name: "anonymous", Remote: src}, "console.recover_refused", user, "wrong recovery code")
 			return refuse(ReasonBadCode, http.StatusForbidden, "wrong or expired recovery code: run `bastionctl console recover` as root on the box, or press the button")
 		}
 		how = "button"
@@ -203,6 +211,7 @@ func (h *Handler) doRecover(ctx context.Context, r *http.Request, in setupInput)
 	h.o.Store.DeleteSessions(user, nil)
 	h.thr.Reset("u:" + user)
 	h.audit(ctx, Actor{Name: user, Remote: src}, "console.recover", user, "password set with the "+how)
+	h.flushRefusalAudit(ctx, "recovery")
 	return nil
 }
 
@@ -679,7 +688,7 @@ type passwordInput struct {
 // theirs ends.
 func (h *Handler) changePassword(ctx context.Context, p *principal, in passwordInput) error {
 	now := h.o.Now()
-	if until := h.thr.LockedUntil(now, "u:"+p.user, "s:"+p.remote); !until.IsZero() {
+	if until := h.thr.loginLockedUntil(now, p.user, p.remote); !until.IsZero() {
 		return &lockedError{wait: until.Sub(now)}
 	}
 	u, err := h.o.Store.Admin(p.user)

@@ -26,6 +26,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/bastion-iot/bastion/gateway/store"
+	"github.com/bastion-iot/bastion/internal/ratelog"
 )
 
 // Meta keys shared with the gateway, which writes the setup code's hash at
@@ -102,6 +103,9 @@ type Handler struct {
 	comp  atomic.Pointer[Components]
 	// refusals counts every refused request by reason (RefusalReasons).
 	refusals *prometheus.CounterVec
+	// refusalEvents spaces the audit events of failed logins and refused
+	// codes (refusalAudit).
+	refusalEvents *ratelog.Every
 	// patterns are the routes registered, for the test that holds the
 	// OpenAPI file to them.
 	patterns []string
@@ -139,7 +143,8 @@ func NewHandler(o Options) (*Handler, error) {
 		return nil, err
 	}
 	h := &Handler{o: o, log: o.Log.With("component", "console"), mux: http.NewServeMux(), hash: newHasher(2),
-		thr: newThrottle(o.Throttle), cop: http.NewCrossOriginProtection(), pages: pg, flashes: map[string]string{}}
+		thr: newThrottle(o.Throttle), cop: http.NewCrossOriginProtection(), pages: pg, flashes: map[string]string{},
+		refusalEvents: ratelog.New(refusalAuditEvery)}
 	h.SetComponents(o.Components)
 	h.refusals = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "bastion_console_refusals_total",

@@ -57,6 +57,17 @@ func New(every time.Duration) *Every {
 // and if so how many events of the kind were not logged since its last
 // line.
 func (l *Every) Allow(kind string, now time.Time) (notLogged int, ok bool) {
+	notLogged, _, ok = l.Note(kind, now)
+	return notLogged, ok
+}
+
+// Note is Allow that also says when the kind's last event was let
+// through (zero for the first), for a record that names the time ("N more
+// since ..."): audit events, written on the wall clock. A clock that went
+// back since the kind's last event lets the event through rather than
+// holding the kind back until the clock has caught up (time.Now's
+// monotonic reading never goes back).
+func (l *Every) Note(kind string, now time.Time) (quiet int, since time.Time, ok bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if len(l.kinds) >= MaxKinds && now.Sub(l.pruned) >= l.every {
@@ -75,13 +86,39 @@ func (l *Every) Allow(kind string, now time.Time) (notLogged int, ok bool) {
 		}
 	}
 	t, seen := l.kinds[kind]
-	if seen && now.Sub(t.last) < l.every {
+	if d := now.Sub(t.last); seen && d >= 0 && d < l.every {
 		t.quiet++
 		l.kinds[kind] = t
-		return 0, false
+		return 0, time.Time{}, false
 	}
 	l.kinds[kind] = tally{last: now}
-	return t.quiet, true
+	return t.quiet, t.last, true
+}
+
+// Held is a kind's count of events not let through since its last one
+// was, at Since.
+type Held struct {
+	Kind  string
+	N     int
+	Since time.Time
+}
+
+// Reset forgets every kind, so that the next event of each is let
+// through, and returns the counts still held, in no particular order: for
+// a caller that writes them out when something ends (a pairing window, a
+// successful login after failures) rather than leave them unsaid until
+// the kind's next event, which may never come.
+func (l *Every) Reset() []Held {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var held []Held
+	for k, t := range l.kinds {
+		if t.quiet > 0 {
+			held = append(held, Held{Kind: k, N: t.quiet, Since: t.last})
+		}
+	}
+	clear(l.kinds)
+	return held
 }
 
 // DeviceLine logs msg at level to log, with the device first, unless a

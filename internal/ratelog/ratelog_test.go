@@ -88,3 +88,39 @@ func TestClip(t *testing.T) {
 		}
 	}
 }
+
+// Note says when the kind's last event was let through; Reset returns
+// the counts held and lets the next event of every kind through.
+func TestNoteAndReset(t *testing.T) {
+	l := New(time.Minute)
+	t0 := time.Unix(1000, 0)
+	if n, since, ok := l.Note("a", t0); !ok || n != 0 || !since.IsZero() {
+		t.Fatalf("first: %d, %v, %v", n, since, ok)
+	}
+	l.Note("a", t0.Add(time.Second))
+	l.Note("a", t0.Add(2*time.Second))
+	if n, since, ok := l.Note("a", t0.Add(time.Minute)); !ok || n != 2 || !since.Equal(t0) {
+		t.Fatalf("after the interval: %d since %v, %v; want 2 since %v, true", n, since, ok, t0)
+	}
+	l.Note("a", t0.Add(61*time.Second))
+	l.Note("b", t0)
+	held := l.Reset()
+	if len(held) != 1 || held[0] != (Held{Kind: "a", N: 1, Since: t0.Add(time.Minute)}) {
+		t.Fatalf("Reset = %+v, want a: 1 since t0+1m", held)
+	}
+	if _, _, ok := l.Note("a", t0.Add(62*time.Second)); !ok {
+		t.Fatal("held back after Reset")
+	}
+}
+
+// A clock that went back (the wall clock set) lets the kind's next event
+// through instead of holding the kind back until it has caught up.
+func TestNoteClockBack(t *testing.T) {
+	l := New(time.Minute)
+	t0 := time.Unix(1_000_000, 0)
+	l.Note("a", t0)
+	l.Note("a", t0.Add(time.Second))
+	if n, _, ok := l.Note("a", t0.Add(-time.Hour)); !ok || n != 1 {
+		t.Fatalf("clock an hour back: %d, %v; want 1, true", n, ok)
+	}
+}

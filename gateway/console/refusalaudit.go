@@ -1,0 +1,58 @@
+package console
+
+import (
+	"context"
+	"strconv"
+	"time"
+)
+
+// Failed logins and refused setup and recovery codes are made by whoever
+// reaches the console from the LAN, unauthenticated, at the rate the
+// throttle and argon2id let them: one host rotating through the addresses
+// of its /64 and through user names is slowed by the /64's key, but many
+// hosts are not. Each is counted (bastion_console_refusals_total
+// {reason="bad_login"} and {reason="bad_code"}), but the audit log, which
+// keeps only its newest events (store.DefaultAuditRetention), gets at most
+// one event per kind (console.login_failed, console.setup_refused,
+// console.recover_refused) per refusalAuditEvery: the first at once, so
+// that an operator sees that and who, the others counted into the next
+// event of the kind ("N more refused since ..."). A successful login,
+// setup or recovery writes the counts still held and starts every kind
+// afresh, so the failures before it are in the log when the operator is.
+// As gateway/pairing_refusals.go does for pairing refusals.
+
+// refusalAuditEvery spaces the audit events of each kind: a flood of
+// failed logins and recovery codes adds at most about 2,900 events a day.
+const refusalAuditEvery = time.Minute
+
+// refusalAudit audits a refusal of kind action (one of a fixed set),
+// spaced per kind: the first, then the first after refusalAuditEvery since
+// the kind's last event, with how many were not audited since. The caller
+// counts every one (h.fail, by reason).
+func (h *Handler) refusalAudit(ctx context.Context, who Actor, action, target, detail string) {
+	n, since, ok := h.refusalEvents.Note(action, h.o.Now())
+	if !ok {
+		return
+	}
+	if n > 0 {
+		if detail != "" {
+			detail += "; "
+		}
+		detail += notAudited(n, since)
+	}
+	h.audit(ctx, who, action, target, detail)
+}
+
+// flushRefusalAudit audits the refusal counts not audited yet, one event
+// per kind, and starts every kind afresh: at a successful login, setup or
+// recovery (what).
+func (h *Handler) flushRefusalAudit(ctx context.Context, what string) {
+	for _, held := range h.refusalEvents.Reset() {
+		h.audit(ctx, Actor{Name: "anonymous"}, held.Kind, "", notAudited(held.N, held.Since)+" (written at a successful "+what+")")
+	}
+}
+
+// notAudited says n refusals since since were not audited one by one.
+func notAudited(n int, since time.Time) string {
+	return strconv.Itoa(n) + " more refused since " + since.UTC().Format(time.RFC3339) + ", not audited one by one"
+}
