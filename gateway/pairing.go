@@ -83,6 +83,9 @@ type pairingSvc struct {
 	// id, so that a repeated hello does not derive it again.
 	derived map[string]string
 
+	// mu guards the maps below. Nothing calls into win (nor codes,
+	// enroller) while holding it: any reading of the window may close it
+	// and run p.audit on the same goroutine, which takes mu.
 	mu      sync.Mutex
 	pake    map[string]*pakeRun      // label device id → exchange after hello
 	pending map[string]*pendingEnrol // label device id → PAKE done, EST next
@@ -415,7 +418,10 @@ func (p *pairingSvc) verifyIDevID(raw [][]byte, caErr error) (string, error) {
 			break
 		}
 	}
-	open := p.win.IsOpen()
+	// One reading of the window, before p.mu: a reading may close it (its
+	// deadline passed), which audits the close, and p.audit takes p.mu.
+	st := p.win.State()
+	open := st.Open
 	claim := leaf.Subject.CommonName
 	switch {
 	case vendor == "" && open:
@@ -431,7 +437,7 @@ func (p *pairingSvc) verifyIDevID(raw [][]byte, caErr error) (string, error) {
 	// The session belongs to this window: one kept open into a later
 	// window may not enroll there without a new handshake.
 	p.mu.Lock()
-	p.idevWindow[dev] = p.win.State().OpenedAt
+	p.idevWindow[dev] = st.OpenedAt
 	p.mu.Unlock()
 	return dev, nil
 }

@@ -59,6 +59,14 @@ func startPairing(t *testing.T, mutate func(*config.Config)) *pgw {
 // startPairingWith also runs before on the gateway before it serves.
 func startPairingWith(t *testing.T, mutate func(*config.Config), before func(*Gateway)) *pgw {
 	t.Helper()
+	pc := clock.NewFake(time.Now())
+	return startPairingClock(t, mutate, before, pc, pc)
+}
+
+// startPairingClock runs the window on clk, which reads the time of fake
+// (pgw.pclock).
+func startPairingClock(t *testing.T, mutate func(*config.Config), before func(*Gateway), clk clock.Clock, pc *clock.Fake) *pgw {
+	t.Helper()
 	dir := filepath.Join(t.TempDir(), "state")
 	os.MkdirAll(dir, 0o700)
 	cfg := testConfig(dir)
@@ -70,9 +78,8 @@ func startPairingWith(t *testing.T, mutate func(*config.Config), before func(*Ga
 	}
 	lb := &logbuf.Buffer{}
 	sink := &testSink{}
-	pc := clock.NewFake(time.Now())
 	g, err := New(Options{Dev: true, StateDir: dir, Log: slog.New(slog.NewTextHandler(lb, &slog.HandlerOptions{Level: slog.LevelDebug})),
-		Out: &bytes.Buffer{}, Sink: sink, Clock: &testpki.OffsetClock{}, PairingClock: pc})
+		Out: &bytes.Buffer{}, Sink: sink, Clock: &testpki.OffsetClock{}, PairingClock: clk})
 	if err != nil {
 		t.Fatal(err)
 	}
