@@ -292,7 +292,11 @@ func (p *pairingSvc) run(ctx context.Context, eg *errgroup.Group) {
 	}
 }
 
+// close runs after every goroutine of run has returned, the store still
+// open: it writes the refusal counts held (no window was open to write
+// them as it closed), then releases the sources.
 func (p *pairingSvc) close() {
+	p.flushRefusals("as the gateway stopped")
 	for _, s := range p.sources {
 		if c, ok := s.(interface{ Close() error }); ok {
 			c.Close()
@@ -311,7 +315,7 @@ func (p *pairingSvc) audit(e pairing.AuditEvent) {
 	}
 	if e.Step == pairing.StepOpened || e.Step == pairing.StepClosed {
 		p.estKick()
-		p.flushRefusals(strings.TrimPrefix(string(e.Step), "pairing.window_"))
+		p.flushRefusals("as the window " + strings.TrimPrefix(string(e.Step), "pairing.window_"))
 		// On the box's own screen too (the appliance shows the journal):
 		// whoever pressed the button sees that it worked.
 		p.g.log.Info("pairing window "+strings.TrimPrefix(string(e.Step), "pairing.window_"), "reason", e.Reason, "detail", e.Detail)
