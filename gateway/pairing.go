@@ -60,6 +60,12 @@ type pairingSvc struct {
 	watchers []*button.Watcher
 	events   chan button.Event
 	refused  *prometheus.CounterVec
+	// msgRefused counts the messages of enrollment sessions refused
+	// (bastion_pairing_messages_refused_total), by reason.
+	msgRefused *prometheus.CounterVec
+	// onEnd are called when the window closes: the transports end the
+	// enrollment sessions it admitted (OnEnrollmentEnd). Set before Run.
+	onEnd []func(kept string)
 	// refusalAudit and refusalLines space the audit events and log lines
 	// of refusals (pairing_refusals.go).
 	refusalAudit *refusalAudit
@@ -83,6 +89,9 @@ type pairingSvc struct {
 	// id, so that a repeated hello does not derive it again.
 	derived map[string]string
 
+	// mu guards the maps below. Nothing calls into win (nor codes,
+	// enroller) while holding it: any reading of the window may close it
+	// and run p.audit on the same goroutine, which takes mu.
 	mu      sync.Mutex
 	pake    map[string]*pakeRun      // label device id → exchange after hello
 	pending map[string]*pendingEnrol // label device id → PAKE done, EST next
@@ -130,8 +139,14 @@ func (g *Gateway) openPairing(cfg config.Config) error {
 		Namespace: "bastion", Subsystem: "pairing", Name: "sessions_refused_total",
 		Help: "Enrollment sessions refused at the handshake (DTLS, and TLS on the EST port), by reason.",
 	}, []string{"reason"})
-	if err := g.metrics.reg.Register(p.refused); err != nil {
-		return fmt.Errorf("pairing metrics: %w", err)
+	p.msgRefused = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "bastion", Subsystem: "pairing", Name: "messages_refused_total",
+		Help: "Messages of enrollment sessions (setup-code exchange, EST enrollment) refused, by reason.",
+	}, []string{"reason"})
+	for _, c := range []prometheus.Collector{p.refused, p.msgRefused} {
+		if err := g.metrics.reg.Register(c); err != nil {
+			return fmt.Errorf("pairing metrics: %w", err)
+		}
 	}
 	for name, file := range cfg.Pairing.Vendors {
 		b, err := os.ReadFile(file)
@@ -277,7 +292,11 @@ func (p *pairingSvc) run(ctx context.Context, eg *errgroup.Group) {
 	}
 }
 
+// close runs after every goroutine of run has returned, the store still
+// open: it writes the refusal counts held (no window was open to write
+// them as it closed), then releases the sources.
 func (p *pairingSvc) close() {
+	p.flushRefusals("as the gateway stopped")
 	for _, s := range p.sources {
 		if c, ok := s.(interface{ Close() error }); ok {
 			c.Close()
@@ -285,19 +304,43 @@ func (p *pairingSvc) close() {
 	}
 }
 
-// audit writes a window step to the audit log.
+// audit writes a window step to the audit log. It runs on the goroutine
+// that made the step, never with p.mu held (see mu).
 func (p *pairingSvc) audit(e pairing.AuditEvent) {
+	if e.Refusal != "" {
+		// An attempt a peer can repeat at will (a session from an earlier
+		// window): counted by the window, spaced here.
+		p.refusal("enrollment attempt refused", string(e.Step), e.Refusal, e.Device, e.Detail)
+		return
+	}
 	if e.Step == pairing.StepOpened || e.Step == pairing.StepClosed {
 		p.estKick()
-		p.flushRefusals(strings.TrimPrefix(string(e.Step), "pairing.window_"))
+		p.flushRefusals("as the window " + strings.TrimPrefix(string(e.Step), "pairing.window_"))
 		// On the box's own screen too (the appliance shows the journal):
 		// whoever pressed the button sees that it worked.
 		p.g.log.Info("pairing window "+strings.TrimPrefix(string(e.Step), "pairing.window_"), "reason", e.Reason, "detail", e.Detail)
 	}
 	if e.Step == pairing.StepClosed {
+		// What the window's sessions did ends with it, and so do the
+		// sessions themselves.
 		p.mu.Lock()
 		clear(p.idevWindow)
+		clear(p.pake)
+		clear(p.pending)
+		ends := p.onEnd
 		p.mu.Unlock()
+		// The session of a device that enrolled is kept: its answer, with
+		// its credentials, is still to be sent.
+		kept := ""
+		if e.Reason == pairing.ReasonEnrolled {
+			kept = idEnroll + e.Device
+			if strings.HasPrefix(e.Device, idIDevID) {
+				kept = e.Device
+			}
+		}
+		for _, f := range ends {
+			f(kept)
+		}
 	}
 	if e.Step == pairing.StepLongPressIdle {
 		p.recoveryCode()
@@ -415,7 +458,10 @@ func (p *pairingSvc) verifyIDevID(raw [][]byte, caErr error) (string, error) {
 			break
 		}
 	}
-	open := p.win.IsOpen()
+	// One reading of the window, before p.mu: a reading may close it (its
+	// deadline passed), which audits the close, and p.audit takes p.mu.
+	st := p.win.State()
+	open := st.Open
 	claim := leaf.Subject.CommonName
 	switch {
 	case vendor == "" && open:
@@ -431,7 +477,7 @@ func (p *pairingSvc) verifyIDevID(raw [][]byte, caErr error) (string, error) {
 	// The session belongs to this window: one kept open into a later
 	// window may not enroll there without a new handshake.
 	p.mu.Lock()
-	p.idevWindow[dev] = p.win.State().OpenedAt
+	p.idevWindow[dev] = st.OpenedAt
 	p.mu.Unlock()
 	return dev, nil
 }
@@ -482,21 +528,47 @@ func (p *pairingSvc) Kind(device string) coap.Kind {
 	return coap.KindDevice
 }
 
+// OnEnrollmentEnd has f called when the window closes (coap.EnrollmentEnd):
+// the enrollment sessions it admitted end with it, but the session identity
+// kept (the device that enrolled). Call it before Run.
+func (p *pairingSvc) OnEnrollmentEnd(f func(kept string)) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.onEnd = append(p.onEnd, f)
+}
+
+// errNoWindow answers an enrollment session's message when no window is
+// open (the session is from an earlier one).
+var errNoWindow = errors.New("no pairing window is open: press the gateway's button, then start again")
+
+// refuseMessage counts, audits and logs (both spaced) a refused message of
+// an enrollment session, a PAKE message or an enrollment request.
+func (p *pairingSvc) refuseMessage(msg, reason, device, detail string) {
+	p.msgRefused.WithLabelValues(reason).Inc()
+	p.refusal(msg, "pairing.message_refused", reason, device, detail)
+}
+
 // PAKE runs one round of the setup-code exchange.
 func (p *pairingSvc) PAKE(ctx context.Context, device string, msg []byte) ([]byte, error) {
+	id := strings.TrimPrefix(device, idPAKE)
+	// Before any work and before pakeMu: a session kept from an earlier
+	// window can send at the rate it likes.
+	if !p.win.IsOpen() {
+		p.refuseMessage("PAKE message refused", "no window", id, "PAKE message with no pairing window open (a session from an earlier window)")
+		return nil, errNoWindow
+	}
 	p.pakeMu.Lock()
 	defer p.pakeMu.Unlock()
-	id := strings.TrimPrefix(device, idPAKE)
 	var m pairing.PAKEMessage
 	if err := m.UnmarshalBinary(msg); err != nil {
-		p.refusal("PAKE message refused", "pairing.message_refused", "malformed", id, err.Error())
+		p.refuseMessage("PAKE message refused", "malformed", id, err.Error())
 		return nil, err
 	}
 	switch m.Type {
 	case pairing.MsgHello:
 		if string(m.ID) != id {
-			p.refusal("PAKE message refused", "pairing.message_refused", "hello for another device", id, "hello names another device than the session")
-			return nil, fmt.Errorf("hello for %q in the session of %q", m.ID, id)
+			p.refuseMessage("PAKE message refused", "hello for another device", id, "hello names another device than the session")
+			return nil, fmt.Errorf("hello for %q in the session of %q", ratelog.Clip(string(m.ID), maxPairingClaim), id)
 		}
 		exp, err := p.expectedFor(id)
 		if enrolling := p.win.State().Enrolling; enrolling != "" && enrolling != id {
@@ -514,7 +586,15 @@ func (p *pairingSvc) PAKE(ctx context.Context, device string, msg []byte) ([]byt
 			}
 		}
 		if err != nil {
-			p.event("pairing", "pairing.setup_code_missing", id, err.Error())
+			// Anyone in the LAN can send hellos in the window: spaced.
+			reason := "no setup code"
+			switch {
+			case errors.Is(err, errSeveralExpected):
+				reason = "several expected"
+			case !errors.Is(err, pairing.ErrNoCode):
+				reason = "store error"
+			}
+			p.refusal("no setup code for a hello", "pairing.setup_code_missing", reason, id, err.Error())
 		}
 		// Hello claims the window and fails the attempt when no code is
 		// registered, so that an unknown device counts as a failure.
@@ -533,7 +613,7 @@ func (p *pairingSvc) PAKE(ctx context.Context, device string, msg []byte) ([]byt
 		delete(p.pake, id)
 		p.mu.Unlock()
 		if run == nil {
-			p.refusal("PAKE message refused", "pairing.message_refused", "no hello", id, "round 2 without a hello in this window")
+			p.refuseMessage("PAKE message refused", "no hello", id, "round 2 without a hello in this window")
 			return nil, errors.New("round 2 without a hello: start the exchange again")
 		}
 		reply, _, psk, err := run.s.Finish(msg)
@@ -595,8 +675,12 @@ func (p *pairingSvc) expectedFor(id string) (store.ExpectedDevice, error) {
 	case 1:
 		return live[0], nil
 	}
-	return store.ExpectedDevice{}, fmt.Errorf("%d devices are expected and none is named %q: name the expected device by the id on its label, or pair one at a time", len(live), id)
+	return store.ExpectedDevice{}, fmt.Errorf("%w: %d devices are expected and none is named %q: name the expected device by the id on its label, or pair one at a time", errSeveralExpected, len(live), id)
 }
+
+// errSeveralExpected: more than one device is expected and none is named
+// like the one that said hello.
+var errSeveralExpected = errors.New("no setup code chosen")
 
 // caIssuer adapts the CA to est.Issuer.
 type caIssuer struct{ g *Gateway }
@@ -627,6 +711,9 @@ func (p *pairingSvc) EST(ctx context.Context, device string, kind coap.Kind, pee
 		return h.Handle(ctx, r)
 	}
 	// Enrollment (/sen) in a KindEnroll session.
+	if err := p.enrolOpen(device); err != nil {
+		return estRefuse(est.Forbidden, err)
+	}
 	en, err := p.beginEnrol(device, peer)
 	if err != nil {
 		return estRefuse(est.Forbidden, err)
@@ -651,6 +738,16 @@ type enrolment struct {
 	fail                                    func(string)
 	name, vendor, model, method, expectedID string
 	label                                   string // setup-code label id
+}
+
+// enrolOpen refuses, before any work, an enrollment request of a session
+// from an earlier window, which can send at the rate it likes.
+func (p *pairingSvc) enrolOpen(device string) error {
+	if p.win.IsOpen() {
+		return nil
+	}
+	p.refuseMessage("enrollment request refused", "no window", device, "enrollment request with no pairing window open (a session from an earlier window)")
+	return errNoWindow
 }
 
 // beginEnrol finds (setup code) or claims (IDevID) the window's attempt
@@ -719,6 +816,9 @@ func (p *pairingSvc) finishEnrol(en *enrolment, dev store.Device, cert *x509.Cer
 // EnrollPSK gives a PSK-only device an operational PSK instead of a
 // certificate.
 func (p *pairingSvc) EnrollPSK(ctx context.Context, device string) ([]byte, error) {
+	if err := p.enrolOpen(device); err != nil {
+		return nil, err
+	}
 	en, err := p.beginEnrol(device, nil)
 	if err != nil {
 		return nil, err

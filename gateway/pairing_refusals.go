@@ -132,11 +132,12 @@ func (p *pairingSvc) refusal(msg, action, reason, target, detail string) {
 }
 
 // flushRefusals audits the refusal counts not audited yet and starts every
-// kind afresh: when the window opens or closes (why), so that the counts
-// of a window are in the log when it closes, and its first refusal of each
-// kind is audited at once.
-func (p *pairingSvc) flushRefusals(why string) {
+// kind afresh: when the window opens or closes, so that the counts of a
+// window are in the log when it closes, and its first refusal of each kind
+// is audited at once, and when the gateway stops, so that none is lost.
+// when says which ("as the window closed").
+func (p *pairingSvc) flushRefusals(when string) {
 	for _, h := range p.refusalAudit.reset() {
-		p.event("pairing", h.action, "", fmt.Sprintf("%s: %s (written as the window %s)", h.reason, notAudited(h.n, h.since), why))
+		p.event("pairing", h.action, "", fmt.Sprintf("%s: %s (written %s)", h.reason, notAudited(h.n, h.since), when))
 	}
 }

@@ -243,3 +243,36 @@ func TestRefusalAuditSpacing(t *testing.T) {
 		t.Error("reset held a count of a kind with none held")
 	}
 }
+
+// Refusal counts held when the gateway stops (no window open to write
+// them as it closes) are written as it stops: none is lost.
+func TestPairingRefusalsWrittenAtStop(t *testing.T) {
+	g := startPairing(t, nil)
+	p := g.g.pairing
+	const n = 50
+	for range n {
+		if _, _, err, _ := p.psk([]byte(pairing.PAKEIdentityPrefix + "acme-t1")); !errors.Is(err, bridges.ErrPairingRefused) {
+			t.Fatalf("no window: %v, want a pairing refusal", err)
+		}
+	}
+	g.running.stop(t)
+	g.running.done <- nil // for the cleanup's stop
+	st, err := store.Open(filepath.Join(g.dir, "bastion.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	es, err := st.AuditLog(1000, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for i := len(es) - 1; i >= 0; i-- {
+		if e := es[i]; e.Action == "pairing.session_refused" {
+			got = append(got, e.Detail)
+		}
+	}
+	if len(got) != 2 || !strings.HasPrefix(got[1], "no window: "+itoa(n-1)+" more refused since ") || !strings.HasSuffix(got[1], "(written as the gateway stopped)") {
+		t.Fatalf("refusals audited (want the first, then %d more written at the stop):\n%s", n-1, strings.Join(got, "\n"))
+	}
+}

@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"strings"
+	"time"
 
 	"github.com/plgd-dev/go-coap/v3/message"
 	"github.com/plgd-dev/go-coap/v3/message/codes"
@@ -13,6 +14,7 @@ import (
 
 	"github.com/bastion-iot/bastion/bridges/hub"
 	"github.com/bastion-iot/bastion/internal/ratelog"
+	otacache "github.com/bastion-iot/bastion/ota-cache"
 	"github.com/bastion-iot/bastion/pki/est"
 )
 
@@ -76,6 +78,67 @@ type Enrollment interface {
 	// EnrollPSK issues an operational PSK to the device of a KindEnroll
 	// session (PSKPath) and returns the JSON answer.
 	EnrollPSK(ctx context.Context, device string) ([]byte, error)
+}
+
+// EnrollmentEnd is an Enrollment that says when the enrollment sessions
+// it admitted must end (the pairing window closed). New subscribes: the
+// server then ends every KindPAKE and KindEnroll session but those of the
+// identity kept (the device that just enrolled, whose answer is still on
+// its way; "" for none), and checks again the credentials of a session
+// whose handshake was checked before (endEnrollment). f must not block;
+// it may run on any goroutine.
+type EnrollmentEnd interface {
+	OnEnrollmentEnd(f func(kept string))
+}
+
+// endEnrollment ends every enrollment session (KindPAKE, KindEnroll) but
+// kept's, each counted as ReasonPairingClosed, and makes onNewConn check
+// again a session whose credentials were checked before: it runs as the
+// window closes, from inside the pairing service, and does not block.
+func (s *Server) endEnrollment(kept string) {
+	var ccs []*otacache.DTLSConn
+	s.mu.Lock()
+	if s.stopped {
+		// Run has closed every session, or is closing them.
+		s.mu.Unlock()
+		return
+	}
+	s.revGen++
+	for dev, l := range s.byDevice {
+		if k := s.cfg.Enroll.Kind(dev); dev != kept && (k == KindPAKE || k == KindEnroll) {
+			ccs = append(ccs, l...)
+			delete(s.byDevice, dev)
+		}
+	}
+	if len(ccs) > 0 {
+		s.closing.Add(1) // under mu: Run waits for closing after stopped
+	}
+	s.mu.Unlock()
+	if len(ccs) == 0 {
+		return
+	}
+	s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonPairingClosed).Add(float64(len(ccs)))
+	s.log.Info("coap: enrollment sessions closed with the pairing window", "sessions", len(ccs), "reason", hub.ReasonPairingClosed)
+	s.closeAdded(ccs, enrollEndGrace)
+}
+
+// enrollEndGrace is how long an enrollment session ended by the window's
+// close lives on (out of byDevice, so counted ended at once): the answer
+// to the request that closed the window (the overlap's refusal, the last
+// failure's) is still to be written. Whatever the session sends meanwhile
+// is refused without a window.
+const enrollEndGrace = 2 * time.Second
+
+// enrollLine logs a refused request of an enrollment resource: for an
+// enrollment session, whose peer may be anyone (the PAKE's PSK is public),
+// one line per kind per refusalLogEvery; for an operational session's EST,
+// one per kind and device (deviceLine).
+func (s *Server) enrollLine(se *session, kind, msg string, args ...any) {
+	if se.enroll.kind == KindDevice {
+		s.deviceLine(slog.LevelWarn, kind, se.device, msg, args...)
+		return
+	}
+	s.refusalLine("enroll:"+kind, msg, append([]any{"device", ratelog.Clip(se.device, maxLoggedText)}, args...)...)
 }
 
 // enrollInfo is what a session may reach and the certificates it proved.
@@ -158,7 +221,7 @@ func (s *Server) pake(ctx context.Context, se *session, r request) response {
 	}
 	reply, err := s.cfg.Enroll.PAKE(ctx, se.device, body)
 	if err != nil {
-		s.log.Warn("coap: pairing exchange refused", "device", se.device, "err", err)
+		s.enrollLine(se, "pake", "coap: pairing exchange refused", "err", loggedErr(err))
 		return diag(codes.Forbidden, "%v", err)
 	}
 	return response{code: codes.Changed, format: message.AppOctets, body: reply}
@@ -189,7 +252,7 @@ func (s *Server) est(ctx context.Context, m *pool.Message, se *session, r reques
 	req.Payload = body
 	out := s.cfg.Enroll.EST(ctx, se.device, se.enroll.kind, se.enroll.peer, req)
 	if out.Err != nil {
-		s.log.Warn("coap: EST request refused", "device", se.device, "path", path, "code", out.Code.String(), "err", out.Err)
+		s.enrollLine(se, "est", "coap: EST request refused", "path", path, "code", out.Code.String(), "err", loggedErr(out.Err))
 	}
 	res := response{code: codes.Code(out.Code), body: out.Payload, format: message.TextPlain}
 	if out.ContentFormat != est.NoFormat {
@@ -204,7 +267,7 @@ func (s *Server) enrollPSK(ctx context.Context, se *session, r request) response
 	}
 	body, err := s.cfg.Enroll.EnrollPSK(ctx, se.device)
 	if err != nil {
-		s.log.Warn("coap: PSK enrollment refused", "device", se.device, "err", err)
+		s.enrollLine(se, "psk", "coap: PSK enrollment refused", "err", loggedErr(err))
 		return diag(codes.Forbidden, "%v", err)
 	}
 	return response{code: codes.Changed, format: message.AppJSON, body: body}

@@ -129,15 +129,22 @@ type Server struct {
 	notifying notifyWrites
 
 	closing sync.WaitGroup // revocation closes in progress; Run waits
+	// stop is closed when Run's context ends: a close waiting out a grace
+	// (endEnrollment) waits no longer.
+	stop chan struct{}
+	// stopped (under mu) is set before Run waits for closing: no close
+	// is added to closing after it (endEnrollment).
+	stopped bool
 	// bg: answers given later (serveCoAP: from a goroutine of their own,
 	// off the listener's read loop; durable.go: deferred telemetry); Run
 	// waits.
 	bg       sync.WaitGroup
 	mu       sync.Mutex
 	nSession int
-	// revGen counts revocations (under mu). onNewConn registers a session
-	// only if no revocation happened since the device's credentials were
-	// checked, so a revocation can never miss a session being set up.
+	// revGen counts revocations and ends of enrollment (under mu).
+	// onNewConn registers a session only if neither happened since the
+	// device's credentials were checked, so neither can miss a session
+	// being set up.
 	revGen uint64
 	// pskSeen hands the PSK callback's answer (device, revGen before the
 	// lookup) to onNewConn, which then needs no second store lookup. An
@@ -198,7 +205,7 @@ func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log 
 	s := &Server{cfg: cfg, id: id, hub: h, m: h.Metrics(), log: log.With("component", "coap"),
 		byDevice: map[string][]*otacache.DTLSConn{}, pskSeen: map[string]pskAnswer{},
 		deadline: &hub.SharedDeadline{Timeout: acceptTimeout}, lines: ratelog.New(refusalLogEvery),
-		devLines: ratelog.New(refusalLogEvery)}
+		devLines: ratelog.New(refusalLogEvery), stop: make(chan struct{})}
 	s.dropped = s.m.Dropped.WithLabelValues(hub.CoAP)
 	s.hs = newHandshakeLimit(cfg.MaxHandshakesPerSource, cfg.MaxHandshakesPerPrefix, cfg.MaxHandshakes)
 	var err error
@@ -263,6 +270,9 @@ func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log 
 		}
 	}
 	id.OnRevoke(s.revoke)
+	if e, ok := cfg.Enroll.(EnrollmentEnd); ok {
+		e.OnEnrollmentEnd(s.endEnrollment)
+	}
 	return s, nil
 }
 
@@ -334,10 +344,14 @@ func (s *Server) Run(ctx context.Context) error {
 	go func() { defer close(swept); s.sweepCerts(ctx) }()
 	s.log.Info("coap: listening", "cert", s.lnC.Addr(), "psk", addrOrNone(s.lnP))
 	<-ctx.Done()
+	close(s.stop)
 	for _, ln := range lns {
 		ln.Close()
 	}
 	<-swept // before closing.Wait: the sweep adds to closing
+	s.mu.Lock()
+	s.stopped = true
+	s.mu.Unlock()
 	var first error
 	for range lns {
 		if err := <-errc; err != nil && !errors.Is(err, net.ErrClosed) && first == nil {
@@ -587,8 +601,22 @@ func (s *Server) closeLater(ccs []*otacache.DTLSConn) {
 		return
 	}
 	s.closing.Add(1)
+	s.closeAdded(ccs, 0)
+}
+
+// closeAdded closes ccs, for which the caller added one to closing, on a
+// goroutine of its own after grace, or sooner if Run's context ends.
+func (s *Server) closeAdded(ccs []*otacache.DTLSConn, grace time.Duration) {
 	go func() {
 		defer s.closing.Done()
+		if grace > 0 {
+			t := time.NewTimer(grace)
+			select {
+			case <-t.C:
+			case <-s.stop:
+			}
+			t.Stop()
+		}
 		for _, cc := range ccs {
 			cc.Close()
 		}

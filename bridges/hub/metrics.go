@@ -79,6 +79,10 @@ const (
 	// one's is closed as ReasonExpired, a revoked serial's as
 	// ReasonRevoked.
 	ReasonCertRetired = "cert_retired"
+	// ReasonPairingClosed: an enrollment session (the setup-code exchange
+	// or enrollment) ended because the pairing window that admitted it
+	// closed.
+	ReasonPairingClosed = "pairing_window_closed"
 )
 
 // Metrics are the transports' counters, registered once on the gateway's

@@ -113,9 +113,18 @@ type AuditEvent struct {
 	Reason Reason // for closes
 	Detail string
 	Alert  bool // to be raised to the person, not only logged
+	// Refusal, if set, is the kind (from a fixed set: "no window", "no
+	// device identity") of a refused attempt that whoever reaches an
+	// enrollment endpoint can repeat at the rate they send (a session
+	// kept from an earlier window, sending after it closed). The Window
+	// counts it (failures_total) but does not log it: the AuditFunc
+	// spaces its audit events and log lines.
+	Refusal string
 }
 
-// AuditFunc receives every step, in order, outside the window's lock.
+// AuditFunc receives every step, in order, outside the window's lock, on
+// the goroutine that made the step: it may call back into the Window, and
+// must not wait for a lock held by a caller of the Window.
 type AuditFunc func(AuditEvent)
 
 // Errors handlers branch on.
@@ -215,6 +224,10 @@ func (w *Window) unlockAndFlush() {
 	w.pending = nil
 	w.mu.Unlock()
 	for _, e := range evs {
+		if e.Refusal != "" {
+			w.audit(e) // spaced and logged there
+			continue
+		}
 		lvl := slog.LevelInfo
 		if e.Alert {
 			lvl = slog.LevelWarn
@@ -346,13 +359,13 @@ func (w *Window) Begin(device string) (*Attempt, error) {
 	defer w.unlockAndFlush()
 	if device == "" {
 		w.failures.WithLabelValues("no device identity").Inc()
-		w.record(AuditEvent{Step: StepAttemptRefused, Detail: "attempt without a device identity"})
+		w.record(AuditEvent{Step: StepAttemptRefused, Detail: "attempt without a device identity", Refusal: "no device identity"})
 		return nil, errors.New("pairing: enrollment attempt names no device")
 	}
 	w.expireLocked()
 	if !w.open {
 		w.failures.WithLabelValues("no window").Inc()
-		w.record(AuditEvent{Step: StepAttemptRefused, Device: device, Detail: "no pairing window open"})
+		w.record(AuditEvent{Step: StepAttemptRefused, Device: device, Detail: "no pairing window open", Refusal: "no window"})
 		return nil, fmt.Errorf("enroll %s: %w", device, ErrClosed)
 	}
 	if cur := w.current; cur != nil {

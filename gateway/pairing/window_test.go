@@ -405,3 +405,43 @@ func TestConfigValidate(t *testing.T) {
 		t.Error("second window registered the same metrics")
 	}
 }
+
+// An attempt with no window open is what a session kept from an earlier
+// window can send at the rate it likes: each is counted, handed to the
+// audit func marked as a refusal (which spaces it) and not logged here.
+func TestBeginWithNoWindowIsARefusal(t *testing.T) {
+	var logged strings.Builder
+	var got []AuditEvent
+	reg := prometheus.NewRegistry()
+	w, err := New(Config{}, make(chan button.Event), clock.NewFake(epoch), func(e AuditEvent) { got = append(got, e) }, reg,
+		slog.New(slog.NewTextHandler(&logged, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	const n = 100
+	for range n {
+		if _, err := w.Begin("acme-t1"); !errors.Is(err, ErrClosed) {
+			t.Fatalf("Begin with no window: %v, want ErrClosed", err)
+		}
+	}
+	if _, err := w.Begin(""); err == nil {
+		t.Fatal("Begin without a device accepted")
+	}
+	if len(got) != n+1 {
+		t.Fatalf("%d audit events, want %d", len(got), n+1)
+	}
+	for _, e := range got[:n] {
+		if e.Step != StepAttemptRefused || e.Refusal != "no window" || e.Device != "acme-t1" {
+			t.Fatalf("audit event %+v, want an attempt refused as no window", e)
+		}
+	}
+	if e := got[n]; e.Refusal != "no device identity" {
+		t.Errorf("audit event %+v, want a refusal for no device identity", e)
+	}
+	if logged.Len() != 0 {
+		t.Errorf("the window logged the refusals itself:\n%s", logged.String())
+	}
+	if c := testutil.ToFloat64(w.failures.WithLabelValues("no window")); c != n {
+		t.Errorf("failures{no window} = %v, want %d", c, n)
+	}
+}
