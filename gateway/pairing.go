@@ -68,7 +68,7 @@ type pairingSvc struct {
 	onEnd []func(kept string)
 	// refusalAudit and refusalLines space the audit events and log lines
 	// of refusals (pairing_refusals.go).
-	refusalAudit *refusalAudit
+	refusalAudit *ratelog.Every // kinds: action "\x00" reason
 	refusalLines *ratelog.Every
 	// buttonErr is why a button source stopped, for the status.
 	buttonErr atomic.Value
@@ -119,7 +119,7 @@ type pendingEnrol struct {
 func (g *Gateway) openPairing(cfg config.Config) error {
 	p := &pairingSvc{g: g, events: make(chan button.Event), vendors: map[string]*x509.CertPool{},
 		pake: map[string]*pakeRun{}, pending: map[string]*pendingEnrol{}, derived: map[string]string{}, idevWindow: map[string]time.Time{}, estChange: make(chan struct{}, 1),
-		refusalAudit: newRefusalAudit(pairingRefusalAuditEvery), refusalLines: ratelog.New(pairingRefusalLogEvery)}
+		refusalAudit: ratelog.New(pairingRefusalAuditEvery), refusalLines: ratelog.New(pairingRefusalLogEvery)}
 	p.renew = renewals{store: g.store, last: map[string]renewal{}, byNew: map[string]string{}}
 	p.estAddr.Store("")
 	clk := g.opts.PairingClock

@@ -2,8 +2,7 @@ package gateway
 
 import (
 	"fmt"
-	"strconv"
-	"sync"
+	"strings"
 	"time"
 
 	"github.com/bastion-iot/bastion/internal/ratelog"
@@ -40,75 +39,6 @@ const pairingRefusalLogEvery = 10 * time.Second
 // may carry.
 const maxPairingClaim = 128
 
-// refusalAudit decides which pairing refusals are audited: for each kind
-// (from a fixed set: an action and a reason, never peer text), the first,
-// and then the first after the interval has passed since the kind's last
-// event, which carries how many were not audited since.
-type refusalAudit struct {
-	every time.Duration
-	mu    sync.Mutex
-	kinds map[string]*refusalTally
-}
-
-type refusalTally struct {
-	action, reason string
-	last           time.Time // when its last event was written
-	quiet          int       // its refusals not audited since then
-}
-
-// heldRefusals is a kind's count of refusals not audited since its last
-// event, at since.
-type heldRefusals struct {
-	action, reason string
-	n              int
-	since          time.Time
-}
-
-func newRefusalAudit(every time.Duration) *refusalAudit {
-	return &refusalAudit{every: every, kinds: map[string]*refusalTally{}}
-}
-
-// note counts one refusal of its kind at now and reports whether to audit
-// it, and if so how many of the kind were not audited since the kind's
-// last event, at since.
-func (r *refusalAudit) note(action, reason string, now time.Time) (quiet int, since time.Time, audit bool) {
-	kind := action + "\x00" + reason
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	t := r.kinds[kind]
-	if t == nil {
-		r.kinds[kind] = &refusalTally{action: action, reason: reason, last: now}
-		return 0, time.Time{}, true
-	}
-	if d := now.Sub(t.last); d >= 0 && d < r.every {
-		t.quiet++
-		return 0, time.Time{}, false
-	}
-	quiet, since = t.quiet, t.last
-	t.last, t.quiet = now, 0
-	return quiet, since, true
-}
-
-// reset forgets every kind and returns the counts still held, in no
-// particular order.
-func (r *refusalAudit) reset() []heldRefusals {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	var held []heldRefusals
-	for _, t := range r.kinds {
-		if t.quiet > 0 {
-			held = append(held, heldRefusals{action: t.action, reason: t.reason, n: t.quiet, since: t.last})
-		}
-	}
-	clear(r.kinds)
-	return held
-}
-
-// notAudited says n refusals since since were not audited one by one.
-func notAudited(n int, since time.Time) string {
-	return strconv.Itoa(n) + " more refused since " + since.UTC().Format(time.RFC3339) + ", not audited one by one"
-}
-
 // refusal audits (spaced by kind) and logs (spaced by kind) a refusal of
 // something an unauthenticated peer sent: action is the audit action,
 // reason one of a fixed set, target the device the peer claims (cut
@@ -120,13 +50,13 @@ func (p *pairingSvc) refusal(msg, action, reason, target, detail string) {
 	if n, ok := p.refusalLines.Allow(action+"\x00"+reason, time.Now()); ok {
 		p.g.log.Info("pairing: "+msg, "reason", reason, "device", target, "detail", detail, "not_logged_since_last_line", n)
 	}
-	n, since, ok := p.refusalAudit.note(action, reason, p.g.clock.Now())
+	n, since, ok := p.refusalAudit.Note(action+"\x00"+reason, p.g.clock.Now())
 	if !ok {
 		return
 	}
 	detail = reason + ": " + detail
 	if n > 0 {
-		detail += "; " + notAudited(n, since)
+		detail += "; " + ratelog.NotAudited(n, since)
 	}
 	p.event("pairing", action, target, detail)
 }
@@ -137,7 +67,8 @@ func (p *pairingSvc) refusal(msg, action, reason, target, detail string) {
 // is audited at once, and when the gateway stops, so that none is lost.
 // when says which ("as the window closed").
 func (p *pairingSvc) flushRefusals(when string) {
-	for _, h := range p.refusalAudit.reset() {
-		p.event("pairing", h.action, "", fmt.Sprintf("%s: %s (written %s)", h.reason, notAudited(h.n, h.since), when))
+	for _, h := range p.refusalAudit.Reset() {
+		action, reason, _ := strings.Cut(h.Kind, "\x00")
+		p.event("pairing", action, "", fmt.Sprintf("%s: %s (written %s)", reason, ratelog.NotAudited(h.N, h.Since), when))
 	}
 }

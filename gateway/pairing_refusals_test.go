@@ -17,6 +17,7 @@ import (
 	"github.com/bastion-iot/bastion/gateway/pairing"
 	"github.com/bastion-iot/bastion/gateway/store"
 	"github.com/bastion-iot/bastion/internal/devicesim"
+	"github.com/bastion-iot/bastion/internal/ratelog"
 	"github.com/bastion-iot/bastion/internal/testutil/testpki"
 )
 
@@ -189,12 +190,13 @@ func TestPairingRefusalsAudited(t *testing.T) {
 	}
 }
 
-// refusalAudit lets the first refusal of a kind through, then the first
-// after the interval, with the count held since; a clock set back lets
-// one through and spaces the next from it; reset hands over the counts
-// held and starts every kind afresh.
+// The pairing refusals' audit spacing (ratelog.Every, kinds action and
+// reason) lets the first refusal of a kind through, then the first after
+// the interval, with the count held since; a clock set back lets one
+// through and spaces the next from it; Reset hands over the counts held
+// and starts every kind afresh.
 func TestRefusalAuditSpacing(t *testing.T) {
-	r := newRefusalAudit(time.Minute)
+	r := ratelog.New(time.Minute)
 	t0 := time.Date(2026, 11, 26, 12, 0, 0, 0, time.UTC)
 	type note struct {
 		n     int
@@ -202,7 +204,7 @@ func TestRefusalAuditSpacing(t *testing.T) {
 		ok    bool
 	}
 	try := func(reason string, at time.Time) note {
-		n, since, ok := r.note("pairing.session_refused", reason, at)
+		n, since, ok := r.Note("pairing.session_refused\x00"+reason, at)
 		return note{n, since, ok}
 	}
 	steps := []struct {
@@ -225,21 +227,21 @@ func TestRefusalAuditSpacing(t *testing.T) {
 			t.Errorf("step %d (%s at %v): got %+v, want %+v", i, s.reason, s.at, got, s.want)
 		}
 	}
-	held := map[string]heldRefusals{}
-	for _, h := range r.reset() {
-		held[h.reason] = h
+	held := map[string]ratelog.Held{}
+	for _, h := range r.Reset() {
+		held[h.Kind] = h
 	}
-	want := map[string]heldRefusals{
-		"no window":    {action: "pairing.session_refused", reason: "no window", n: 1, since: t0.Add(-time.Hour)},
-		"bad identity": {action: "pairing.session_refused", reason: "bad identity", n: 1, since: t0.Add(30 * time.Second)},
+	want := map[string]ratelog.Held{
+		"pairing.session_refused\x00no window":    {Kind: "pairing.session_refused\x00no window", N: 1, Since: t0.Add(-time.Hour)},
+		"pairing.session_refused\x00bad identity": {Kind: "pairing.session_refused\x00bad identity", N: 1, Since: t0.Add(30 * time.Second)},
 	}
-	if diff := cmp.Diff(want, held, cmp.AllowUnexported(heldRefusals{})); diff != "" {
+	if diff := cmp.Diff(want, held); diff != "" {
 		t.Errorf("held at reset (-want +got):\n%s", diff)
 	}
 	if got := try("no window", t0.Add(-time.Hour+2*time.Second)); got != (note{0, time.Time{}, true}) {
 		t.Errorf("first refusal after reset: %+v, want audited", got)
 	}
-	if len(r.reset()) != 0 {
+	if len(r.Reset()) != 0 {
 		t.Error("reset held a count of a kind with none held")
 	}
 }

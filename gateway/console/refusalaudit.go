@@ -2,8 +2,9 @@ package console
 
 import (
 	"context"
-	"strconv"
 	"time"
+
+	"github.com/bastion-iot/bastion/internal/ratelog"
 )
 
 // Failed logins and refused setup and recovery codes are made by whoever
@@ -38,7 +39,7 @@ func (h *Handler) refusalAudit(ctx context.Context, who Actor, action, target, d
 		if detail != "" {
 			detail += "; "
 		}
-		detail += notAudited(n, since)
+		detail += ratelog.NotAudited(n, since)
 	}
 	h.audit(ctx, who, action, target, detail)
 }
@@ -48,11 +49,6 @@ func (h *Handler) refusalAudit(ctx context.Context, who Actor, action, target, d
 // recovery (what).
 func (h *Handler) flushRefusalAudit(ctx context.Context, what string) {
 	for _, held := range h.refusalEvents.Reset() {
-		h.audit(ctx, Actor{Name: "anonymous"}, held.Kind, "", notAudited(held.N, held.Since)+" (written at a successful "+what+")")
+		h.audit(ctx, Actor{Name: "anonymous"}, held.Kind, "", ratelog.NotAudited(held.N, held.Since)+" (written at a successful "+what+")")
 	}
-}
-
-// notAudited says n refusals since since were not audited one by one.
-func notAudited(n int, since time.Time) string {
-	return strconv.Itoa(n) + " more refused since " + since.UTC().Format(time.RFC3339) + ", not audited one by one"
 }

@@ -121,6 +121,13 @@ func (l *Every) Reset() []Held {
 	return held
 }
 
+// NotAudited says, for a record written when a kind's event is let
+// through (an audit event), that n of its events since since were not
+// recorded one by one.
+func NotAudited(n int, since time.Time) string {
+	return strconv.Itoa(n) + " more refused since " + since.UTC().Format(time.RFC3339) + ", not audited one by one"
+}
+
 // DeviceLine logs msg at level to log, with the device first, unless a
 // line of the same kind about the same device went out less than the
 // interval ago: for refusals of what an authenticated device sends, which
