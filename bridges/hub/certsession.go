@@ -65,6 +65,19 @@ func CertSessionEnded(m *Metrics, log *slog.Logger, transport, device, remote st
 // pass over its certificate sessions, which takes the buffer the last pass
 // returned (its snapshot's, emptied) so that a pass allocates nothing once
 // the buffer has grown.
+//
+// One pass per interval (CertSweep, 5 s) over the open sessions, not a
+// timer per session: a retirement or a serial's revocation is not
+// announced, so it has to be looked for anyway, and one periodic pass
+// finds all three causes (NotAfter passed, retired, revoked). A pass costs
+// each certificate session an append under the transport's lock (the
+// snapshot: a map walk, of the order of 0.1 ms of the lock for 10,000
+// sessions, estimated), then one CertValid outside the lock (a clock read
+// and two map lookups under a read lock; no chain is verified: 0.7 ms for
+// 10,000, measured once on the 2-CPU development machine), and no memory
+// per session but its SessionCert. A timer per session would cost each
+// session a runtime timer and still need the pass. A session outlives its
+// certificate by at most the interval.
 func SweepCerts[T any](ctx context.Context, every time.Duration, sweep func(buf []T) []T) {
 	t := time.NewTicker(every)
 	defer t.Stop()
