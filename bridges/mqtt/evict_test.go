@@ -6,11 +6,9 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"sync/atomic"
 	"testing"
 	"time"
 
-	mochi "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
@@ -116,19 +114,7 @@ func TestEvictedHandshakeCountedOnce(t *testing.T) {
 func TestAcceptedConnectionNotEvicted(t *testing.T) {
 	const total = 2
 	r := newRigWith(t, queue.Options{}, Config{MaxUnauth: total}, nil)
-	entered, release := make(chan struct{}), make(chan struct{})
-	var first atomic.Bool
-	r.s.mu.Lock()
-	r.s.afterAccept = func(*mochi.Client) {
-		if first.CompareAndSwap(false, true) {
-			close(entered)
-			select {
-			case <-release:
-			case <-time.After(10 * time.Second):
-			}
-		}
-	}
-	r.s.mu.Unlock()
+	entered, release := holdFirstAccept(r)
 
 	d := r.dialTLS(t, "d1", 5, true)
 	d.connect()

@@ -38,19 +38,7 @@ func (d *device) connect() {
 // already ended by the second: the device was left with no session.
 func TestAcceptRaceKeepsNewerSession(t *testing.T) {
 	r := newRig(t, queue.Options{})
-	entered, release := make(chan struct{}), make(chan struct{})
-	var first atomic.Bool
-	r.s.mu.Lock()
-	r.s.afterAccept = func(*mochi.Client) {
-		if first.CompareAndSwap(false, true) {
-			close(entered)
-			select {
-			case <-release:
-			case <-time.After(10 * time.Second):
-			}
-		}
-	}
-	r.s.mu.Unlock()
+	entered, release := holdFirstAccept(r)
 
 	b1 := r.dialTLS(t, "d1", 5, true)
 	b1.connect()
@@ -167,4 +155,24 @@ func TestShutdownEndsSessionBeingEstablished(t *testing.T) {
 	if pk, err := d.readErr(time.Second); err == nil {
 		t.Fatalf("the device got packet type %d reason %#x after the shutdown began, want the connection closed", pk.FixedHeader.Type, pk.ReasonCode)
 	}
+}
+
+// holdFirstAccept holds the first CONNECT r's server accepts just after its
+// acceptance (afterAccept): entered is closed when it is held, and it goes
+// on when release is closed (or after 10 s).
+func holdFirstAccept(r *rig) (entered, release chan struct{}) {
+	entered, release = make(chan struct{}), make(chan struct{})
+	var first atomic.Bool
+	r.s.mu.Lock()
+	r.s.afterAccept = func(*mochi.Client) {
+		if first.CompareAndSwap(false, true) {
+			close(entered)
+			select {
+			case <-release:
+			case <-time.After(10 * time.Second):
+			}
+		}
+	}
+	r.s.mu.Unlock()
+	return entered, release
 }
