@@ -44,11 +44,6 @@ type httpsRefusals struct {
 // httpsRefusalLogEvery spaces the lines of each kind of refused handshake.
 const httpsRefusalLogEvery = 10 * time.Second
 
-// maxLoggedText bounds text a peer chose in a log line about a refused
-// handshake (a device id a certificate claims, an error that quotes its
-// CN): ratelog.Clip(s, maxLoggedText).
-const maxLoggedText = 256
-
 func (g *Gateway) newHTTPSRefusals(server, prefix string, log *slog.Logger, level slog.Level) *httpsRefusals {
 	return &httpsRefusals{server: server, prefix: prefix, log: log, level: level,
 		count: g.metrics.httpsRefusals, lines: ratelog.New(httpsRefusalLogEvery)}
@@ -73,7 +68,7 @@ func (e *certRefused) Unwrap() error { return e.err }
 // error for the handshake.
 func (r *httpsRefusals) cert(reason, device string, err error) error {
 	r.refused(slog.LevelWarn, "cert:"+reason, reason, "handshake refused: device certificate not accepted",
-		"device", ratelog.Clip(device, maxLoggedText), "reason", reason, "err", ratelog.Clip(err.Error(), maxLoggedText))
+		"device", ratelog.Clip(device, ratelog.MaxText), "reason", reason, "err", ratelog.ClipErr(err))
 	return &certRefused{reason: reason, err: err}
 }
 
@@ -130,7 +125,7 @@ func (r *httpsRefusals) Write(b []byte) (int, error) {
 		// peer sends writes one line per request, as any request's line).
 		head, stack, _ := strings.Cut(rest, "\n")
 		remote, value, _ := strings.Cut(head, ": ")
-		r.log.Error(r.prefix+": handler panic", "remote", remote, "panic", ratelog.Clip(value, maxLoggedText),
+		r.log.Error(r.prefix+": handler panic", "remote", remote, "panic", ratelog.Clip(value, ratelog.MaxText),
 			"stack", ratelog.Clip(stack, maxPanicStack))
 		return len(b), nil
 	}
@@ -157,7 +152,7 @@ func (r *httpsRefusals) Write(b []byte) (int, error) {
 		r.refused(slog.LevelWarn, hub.ReasonNoCredentials, hub.ReasonNoCredentials, "handshake refused: no client certificate", "remote", remote)
 	default:
 		r.refused(slog.LevelInfo, hub.ReasonHandshakeFailed, hub.ReasonHandshakeFailed, "TLS handshake failed", "remote", remote,
-			"err", ratelog.Clip(why, maxLoggedText))
+			"err", ratelog.Clip(why, ratelog.MaxText))
 	}
 	return len(b), nil
 }

@@ -224,7 +224,7 @@ func (s *Server) tooLarge(cc *otacache.DTLSConn, path string, size uint64, limit
 // than its size or with a bad Block1 option.
 func (s *Server) badRequest(cc *otacache.DTLSConn, path, answer, why string) {
 	s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonBadRequest).Inc()
-	s.deviceLine(slog.LevelInfo, "bad_request", s.deviceOf(cc), "coap: request refused: "+why, "path", ratelog.Clip(path, maxLoggedText), "answer", answer)
+	s.deviceLine(slog.LevelInfo, "bad_request", s.deviceOf(cc), "coap: request refused: "+why, "path", ratelog.Clip(path, ratelog.MaxText), "answer", answer)
 }
 
 // badOption logs and counts a request refused for a critical option the

@@ -125,7 +125,7 @@ func (s *Server) telemetry(device, path string, r request) response {
 	topic, ok := hub.TelemetryTopic(device, path)
 	if !ok {
 		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonBadRequest).Inc()
-		s.deviceLine(slog.LevelInfo, "bad_path", device, "coap: telemetry refused: bad path", "path", ratelog.Clip(r.path, maxLoggedText))
+		s.deviceLine(slog.LevelInfo, "bad_path", device, "coap: telemetry refused: bad path", "path", ratelog.Clip(r.path, ratelog.MaxText))
 		return diag(codes.BadRequest, "telemetry needs a path /t/{segment}/...: non-empty segments without + # $")
 	}
 	if r.bodySize > int64(s.cfg.MaxPayload) {
@@ -206,7 +206,7 @@ func (s *Server) command(device, path string, r request) response {
 	topic, ok := hub.CommandTopic(device, path)
 	if !ok {
 		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonBadRequest).Inc()
-		s.deviceLine(slog.LevelInfo, "bad_path", device, "coap: command read refused: bad path", "path", ratelog.Clip(r.path, maxLoggedText))
+		s.deviceLine(slog.LevelInfo, "bad_path", device, "coap: command read refused: bad path", "path", ratelog.Clip(r.path, ratelog.MaxText))
 		return diag(codes.BadRequest, "command path /c/{segment}/...: non-empty segments without + # $")
 	}
 	res := response{code: codes.Content, format: message.AppOctets, topic: topic}
@@ -283,7 +283,7 @@ func (s *Server) busy(w *otacache.DTLSResponseWriter, m *pool.Message, se *sessi
 	// One line per device per interval: a device pipelining requests
 	// refuses many.
 	s.deviceLine(slog.LevelWarn, "busy", se.device, "coap: request refused: the session has as many requests waiting for the store as it may; answered 5.03, the device should retry",
-		"path", ratelog.Clip(pathOf(m), maxLoggedText), "limit", maxBlockingPerSession, "retry_after", busyRetryAfter)
+		"path", ratelog.Clip(pathOf(m), ratelog.MaxText), "limit", maxBlockingPerSession, "retry_after", busyRetryAfter)
 	res := diag(codes.ServiceUnavailable, "%d requests of this session are waiting for the gateway's store; retry after %d s",
 		maxBlockingPerSession, int(busyRetryAfter.Seconds()))
 	res.maxAge = uint32(busyRetryAfter.Seconds())
@@ -356,7 +356,7 @@ func (s *Server) serveSession(w *otacache.DTLSResponseWriter, m *pool.Message, s
 	var res response
 	if err != nil {
 		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonBadRequest).Inc()
-		s.deviceLine(slog.LevelInfo, "malformed", se.device, "coap: request refused: malformed", "err", loggedErr(err))
+		s.deviceLine(slog.LevelInfo, "malformed", se.device, "coap: request refused: malformed", "err", ratelog.ClipErr(err))
 		res = diag(codes.BadRequest, "malformed request: %v", err)
 	} else {
 		r.mayDefer = canDefer

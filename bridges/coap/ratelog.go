@@ -4,8 +4,6 @@ import (
 	"log/slog"
 	"strconv"
 	"time"
-
-	"github.com/bastion-iot/bastion/internal/ratelog"
 )
 
 // refusalLogEvery spaces the lines of refusals that come before a device
@@ -35,20 +33,6 @@ func (s *Server) refusalLine(kind, msg string, args ...any) {
 // each in the metric.
 func (s *Server) deviceLine(level slog.Level, kind, device, msg string, args ...any) {
 	s.devLines.DeviceLine(s.log, level, kind, device, msg, args...)
-}
-
-// maxLoggedText bounds text a peer chose in a log line (a device id a
-// certificate claims, a path, an error that quotes what the peer sent):
-// ratelog.Clip(s, maxLoggedText).
-const maxLoggedText = 256
-
-// loggedErr is err's text cut after maxLoggedText bytes (ratelog.Clip);
-// "" for nil.
-func loggedErr(err error) string {
-	if err == nil {
-		return ""
-	}
-	return ratelog.Clip(err.Error(), maxLoggedText)
 }
 
 // maxLoggedIdentity bounds a peer-chosen identity in a log line.

@@ -220,7 +220,7 @@ func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log 
 			// Anyone can present a certificate: one line per reason per
 			// interval, the claimed id and the error cut.
 			s.refusalLine("cert:"+reason, "coap: handshake refused: device certificate not accepted",
-				"device", ratelog.Clip(dev, maxLoggedText), "reason", reason, "err", loggedErr(err))
+				"device", ratelog.Clip(dev, ratelog.MaxText), "reason", reason, "err", ratelog.ClipErr(err))
 		}
 		return err
 	}
@@ -259,7 +259,7 @@ func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log 
 				// line per reason per interval, the identity cut (the log
 				// handler quotes it), and the error (which may quote it) cut.
 				s.refusalLine("psk:"+reason, "coap: handshake refused: PSK identity not accepted",
-					"device", dev, "psk_identity", loggedIdentity(identity), "reason", reason, "err", loggedErr(err))
+					"device", dev, "psk_identity", loggedIdentity(identity), "reason", reason, "err", ratelog.ClipErr(err))
 			}
 			return key, err
 		}
@@ -464,7 +464,7 @@ func (s *Server) onNewConn(cc *otacache.DTLSConn) {
 			err = errors.New("the credentials name no device")
 		}
 		reason := credentialRefusal(err, mode == "cert")
-		s.log.Warn("coap: session refused after handshake", "device", dev, "mode", mode, "reason", reason, "err", loggedErr(err))
+		s.log.Warn("coap: session refused after handshake", "device", dev, "mode", mode, "reason", reason, "err", ratelog.ClipErr(err))
 		s.m.Refused.WithLabelValues(hub.CoAP, reason).Inc()
 		cc.Close()
 		return

@@ -43,7 +43,7 @@ func (h *authHook) OnConnect(cl *mochi.Client, pk packets.Packet) error {
 
 // OnConnectAuthenticate binds the MQTT client id to the proven identity.
 func (h *authHook) OnConnectAuthenticate(cl *mochi.Client, pk packets.Packet) bool {
-	clientID := ratelog.Clip(cl.ID, maxLoggedText)
+	clientID := ratelog.Clip(cl.ID, ratelog.MaxText)
 	log := h.s.log.With("remote", cl.Net.Remote, "client_id", clientID)
 	// refuse counts a refusal under reason and logs it through
 	// refusalLine, one line per reason per interval: anyone who reaches
@@ -203,13 +203,13 @@ func (h *authHook) refuseConnect(cl *mochi.Client, code, v3 packets.Code, why st
 		ack.ReasonCode = v3.Code
 	}
 	if err := cl.WritePacket(ack); err != nil {
-		h.s.log.Debug("mqtt: refusing CONNACK not sent", "device", ratelog.Clip(cl.ID, maxLoggedText), "err", err)
+		h.s.log.Debug("mqtt: refusing CONNACK not sent", "device", ratelog.Clip(cl.ID, ratelog.MaxText), "err", err)
 	}
 	cl.Stop(code)
 }
 
 // clipped is args (key, value pairs for a log line) with every text value
-// cut after maxLoggedText bytes (ratelog.Clip), an error as its cut text
+// cut after ratelog.MaxText bytes (ratelog.Clip), an error as its cut text
 // (loggedErr): for the lines of refused CONNECTs, whose text the peer
 // chose.
 func clipped(args []any) []any {
@@ -217,9 +217,9 @@ func clipped(args []any) []any {
 	for i, a := range args {
 		switch v := a.(type) {
 		case string:
-			a = ratelog.Clip(v, maxLoggedText)
+			a = ratelog.Clip(v, ratelog.MaxText)
 		case error:
-			a = loggedErr(v)
+			a = ratelog.ClipErr(v)
 		}
 		out[i] = a
 	}

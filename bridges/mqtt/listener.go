@@ -20,6 +20,7 @@ import (
 	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/bridges/hub"
 	"github.com/bastion-iot/bastion/bridges/rawconn"
+	"github.com/bastion-iot/bastion/internal/ratelog"
 )
 
 // tlsListener is the broker's only listener. It does the TLS handshake
@@ -323,7 +324,7 @@ func (l *tlsListener) refused(c net.Conn, err error) {
 		l.s.refusalLine(slog.LevelWarn, hub.ReasonNoCredentials, "mqtt: handshake refused: no client certificate", "device", "", "remote", remote)
 	default:
 		l.s.m.Handshakes.WithLabelValues(hub.MQTT, "failed").Inc()
-		l.s.refusalLine(slog.LevelInfo, "handshake_failed", "mqtt: TLS handshake failed", "device", "", "remote", remote, "err", loggedErr(err))
+		l.s.refusalLine(slog.LevelInfo, "handshake_failed", "mqtt: TLS handshake failed", "device", "", "remote", remote, "err", ratelog.ClipErr(err))
 	}
 }
 

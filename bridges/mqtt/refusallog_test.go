@@ -17,6 +17,7 @@ import (
 	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/bridges/hub"
 	"github.com/bastion-iot/bastion/bridges/queue"
+	"github.com/bastion-iot/bastion/internal/ratelog"
 	"github.com/bastion-iot/bastion/internal/testutil/logbuf"
 	"github.com/bastion-iot/bastion/internal/testutil/refusal"
 	"github.com/bastion-iot/bastion/internal/testutil/testpki"
@@ -105,7 +106,7 @@ func TestRefusedHandshakesDoNotFloodTheLog(t *testing.T) {
 					t.Errorf("log line does not say how many were not logged: %.300q…", l)
 					break
 				}
-				if strings.Contains(l, strings.Repeat("x", maxLoggedText+1)) || len(l) > 1200 {
+				if strings.Contains(l, strings.Repeat("x", ratelog.MaxText+1)) || len(l) > 1200 {
 					t.Errorf("log line of %d bytes holds the certificate's CN uncut: %.300q…", len(l), l)
 					break
 				}
@@ -225,7 +226,7 @@ func TestRefusedConnectsDoNotFloodTheLog(t *testing.T) {
 					t.Errorf("%d log lines %q for %d refused CONNECTs in %v, want 1 to %d (one per %v)", len(lines), line, n, elapsed.Round(time.Millisecond), most, refusalLogEvery)
 				}
 				for _, l := range lines {
-					if strings.Contains(l, strings.Repeat("c", maxLoggedText+1)) || strings.Contains(l, strings.Repeat("u", maxLoggedText+1)) || len(l) > 1500 {
+					if strings.Contains(l, strings.Repeat("c", ratelog.MaxText+1)) || strings.Contains(l, strings.Repeat("u", ratelog.MaxText+1)) || len(l) > 1500 {
 						t.Errorf("log line of %d bytes holds the client id or user name uncut: %.300q…", len(l), l)
 						break
 					}

@@ -306,7 +306,7 @@ func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log 
 			// line per reason per interval, the claimed id and the error
 			// (which quotes the CN) cut.
 			s.refusalLine(slog.LevelWarn, "cert:"+reason, "mqtt: handshake refused: device certificate not accepted",
-				"device", ratelog.Clip(dev, maxLoggedText), "reason", reason, "err", loggedErr(err))
+				"device", ratelog.Clip(dev, ratelog.MaxText), "reason", reason, "err", ratelog.ClipErr(err))
 			return &certRefused{err}
 		}
 		return nil
@@ -728,19 +728,6 @@ func (s *Server) refusalLine(level slog.Level, kind, msg string, args ...any) {
 		return
 	}
 	s.log.Log(context.Background(), level, msg, append(args, "not_logged_since_last_line", n)...)
-}
-
-// maxLoggedText bounds text a peer chose in a log line before it is
-// authenticated (a device id a certificate claims, an error that quotes
-// its CN): ratelog.Clip(s, maxLoggedText).
-const maxLoggedText = 256
-
-// loggedErr is err's text cut after maxLoggedText bytes (ratelog.Clip).
-func loggedErr(err error) string {
-	if err == nil {
-		return ""
-	}
-	return ratelog.Clip(err.Error(), maxLoggedText)
 }
 
 // deviceLine logs msg at level unless a line of the same kind about the

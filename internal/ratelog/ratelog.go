@@ -27,6 +27,19 @@ func Clip(s string, max int) string {
 	return strings.ToValidUTF8(s[:max], "") + "… (" + strconv.Itoa(len(s)) + " bytes)"
 }
 
+// MaxText is how much of a text a peer chose a log line keeps (a device id
+// a certificate claims, a path, an error that quotes what the peer sent):
+// Clip(s, MaxText).
+const MaxText = 256
+
+// ClipErr is err's text, Clip(err.Error(), MaxText); "" for nil.
+func ClipErr(err error) string {
+	if err == nil {
+		return ""
+	}
+	return Clip(err.Error(), MaxText)
+}
+
 // Every is the limiter. Kinds should come from a small set (a reason, or
 // a reason and an authenticated device id), not from text a peer chose:
 // once MaxKinds are held, the kinds whose interval has passed are
