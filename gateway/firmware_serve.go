@@ -62,7 +62,7 @@ func (g *Gateway) openFirmwareHTTPS(cfg config.Config, cert func(name, listen st
 			if dev == "" {
 				dev = hub.ClaimedDevice(raw)
 			}
-			return refusals.cert(certReason(err), dev, err)
+			return refusals.cert(hub.CertRefusal(err), dev, err)
 		}
 		return nil
 	}

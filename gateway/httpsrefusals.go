@@ -2,7 +2,6 @@ package gateway
 
 import (
 	"context"
-	"errors"
 	stdlog "log"
 	"log/slog"
 	"strings"
@@ -10,7 +9,6 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/bridges/hub"
 	"github.com/bastion-iot/bastion/internal/ratelog"
 )
@@ -70,15 +68,6 @@ func (r *httpsRefusals) cert(reason, device string, err error) error {
 	r.refused(slog.LevelWarn, "cert:"+reason, reason, "handshake refused: device certificate not accepted",
 		"device", ratelog.Clip(device, ratelog.MaxText), "reason", reason, "err", ratelog.ClipErr(err))
 	return &certRefused{reason: reason, err: err}
-}
-
-// certReason is the reason label of err, which refused a client
-// certificate.
-func certReason(err error) string {
-	if errors.Is(err, bridges.ErrPairingRefused) {
-		return hub.ReasonPairingRefused
-	}
-	return hub.CertRefusal(err)
 }
 
 // refused logs msg (spaced by kind) and counts one refusal under reason:

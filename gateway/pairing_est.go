@@ -135,7 +135,7 @@ func (p *pairingSvc) listenEST() (net.Listener, error) {
 		case errors.Is(err, caErr):
 			reason = hub.ReasonWrongCA
 		default:
-			reason = certReason(err)
+			reason = hub.CertRefusal(err)
 		}
 		return p.estRefusals.cert(reason, hub.ClaimedDevice(raw), err)
 	}

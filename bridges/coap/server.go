@@ -493,9 +493,10 @@ func (s *Server) onNewConn(cc *otacache.DTLSConn) {
 // failed, and otherwise what is wrong with the certificate, or an unknown
 // PSK identity.
 func credentialRefusal(err error, cert bool) string {
+	if cert {
+		return hub.CertRefusal(err)
+	}
 	switch {
-	case cert && errors.Is(err, pki.ErrCertRetired):
-		return hub.ReasonCertRetired
 	case errors.Is(err, pki.ErrRevoked):
 		return hub.ReasonRevoked
 	case errors.Is(err, pki.ErrClockNotSet):
@@ -504,8 +505,6 @@ func credentialRefusal(err error, cert bool) string {
 		return hub.ReasonPairingRefused
 	case errors.Is(err, bridges.ErrLookup):
 		return hub.ReasonIdentityError
-	case cert:
-		return hub.CertRefusal(err)
 	}
 	return hub.ReasonUnknownPSK
 }

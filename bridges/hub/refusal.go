@@ -4,6 +4,7 @@ import (
 	"crypto/x509"
 	"errors"
 
+	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/pki"
 )
 
@@ -15,7 +16,9 @@ import (
 // (CertEnd). MQTT has no check of its own before this one, so a sentinel
 // missing here was counted bad_certificate there (an expired certificate,
 // a gateway clock not set), which sent whoever read the metric to look at
-// the certificate's encoding.
+// the certificate's encoding. The gateway's own refusals of a
+// certificate it could not judge (a pairing session outside a window, a
+// store that failed to answer) have their reasons too.
 func CertRefusal(err error) string {
 	var inv x509.CertificateInvalidError
 	var ua x509.UnknownAuthorityError
@@ -28,6 +31,10 @@ func CertRefusal(err error) string {
 		return ReasonExpired
 	case errors.Is(err, pki.ErrClockNotSet):
 		return ReasonClockNotSet
+	case errors.Is(err, bridges.ErrPairingRefused):
+		return ReasonPairingRefused
+	case errors.Is(err, bridges.ErrLookup):
+		return ReasonIdentityError
 	case errors.As(err, &inv) && inv.Reason == x509.Expired:
 		return ReasonExpired
 	case errors.As(err, &ua):
