@@ -210,7 +210,7 @@ func (h *authHook) refuseConnect(cl *mochi.Client, code, v3 packets.Code, why st
 
 // clipped is args (key, value pairs for a log line) with every text value
 // cut after ratelog.MaxText bytes (ratelog.Clip), an error as its cut text
-// (loggedErr): for the lines of refused CONNECTs, whose text the peer
+// (ratelog.ClipErr): for the lines of refused CONNECTs, whose text the peer
 // chose.
 func clipped(args []any) []any {
 	out := make([]any, len(args))
