@@ -1,7 +1,6 @@
 package gateway
 
 import (
-	"context"
 	stdlog "log"
 	"log/slog"
 	"strings"
@@ -73,16 +72,8 @@ func (r *httpsRefusals) cert(reason, device string, err error) error {
 // refused logs msg (spaced by kind) and counts one refusal under reason:
 // the line first, so that once a test sees the count it sees the lines.
 func (r *httpsRefusals) refused(level slog.Level, kind, reason, msg string, args ...any) {
-	r.line(level, kind, r.prefix+": "+msg, args...)
+	r.lines.Line(r.log, level, kind, r.prefix+": "+msg, args...)
 	r.count.WithLabelValues(r.server, reason).Inc()
-}
-
-func (r *httpsRefusals) line(level slog.Level, kind, msg string, args ...any) {
-	n, ok := r.lines.Allow(kind, time.Now())
-	if !ok {
-		return
-	}
-	r.log.Log(context.Background(), level, msg, append(args, "not_logged_since_last_line", n)...)
 }
 
 // errorLog is the http.Server's ErrorLog.
@@ -121,14 +112,14 @@ func (r *httpsRefusals) Write(b []byte) (int, error) {
 	if strings.HasPrefix(line, acceptErrorPrefix) {
 		// The listener's trouble (out of file descriptors): its own kind,
 		// so that it neither hides nor is hidden by a request's lines.
-		r.line(r.level, "accept", line)
+		r.lines.Line(r.log, r.level, "accept", line)
 		return len(b), nil
 	}
 	rest, ok := strings.CutPrefix(line, handshakeErrorPrefix)
 	if !ok {
 		// A request's trouble (a query with ';'): not per handshake, but
 		// some a peer can repeat.
-		r.line(r.level, "server", line)
+		r.lines.Line(r.log, r.level, "server", line)
 		return len(b), nil
 	}
 	remote, why, _ := strings.Cut(rest, ": ")

@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"fmt"
+	"log/slog"
 	"strings"
 	"time"
 
@@ -47,9 +48,7 @@ const maxPairingClaim = 128
 func (p *pairingSvc) refusal(msg, action, reason, target, detail string) {
 	target = ratelog.Clip(target, maxPairingClaim)
 	detail = ratelog.Clip(detail, 2*maxPairingClaim)
-	if n, ok := p.refusalLines.Allow(action+"\x00"+reason, time.Now()); ok {
-		p.g.log.Info("pairing: "+msg, "reason", reason, "device", target, "detail", detail, "not_logged_since_last_line", n)
-	}
+	p.refusalLines.Line(p.g.log, slog.LevelInfo, action+"\x00"+reason, "pairing: "+msg, "reason", reason, "device", target, "detail", detail)
 	n, since, ok := p.refusalAudit.Note(action+"\x00"+reason, p.g.clock.Now())
 	if !ok {
 		return

@@ -444,12 +444,8 @@ func (u *Upstream) gate(m bridges.Message) (_ bridges.Message, keep bool, _ erro
 // rule, that is not what the operator asked for, and only the payload shows
 // whether the rule or the device is wrong.
 func (u *Upstream) redactFailed(m bridges.Message, reason string, err error) {
-	n, ok := u.lines.Allow("redact_refused", time.Now())
-	if !ok {
-		return
-	}
-	u.log.Warn("upstream: a message under a redact rule kept local: its payload cannot be redacted (bastion_upstream_withheld_total{reason})",
-		"device", m.Device, "topic", m.Topic, "reason", reason, "err", err, "not_logged_since_last_line", n)
+	u.lines.Line(u.log, slog.LevelWarn, "redact_refused", "upstream: a message under a redact rule kept local: its payload cannot be redacted (bastion_upstream_withheld_total{reason})",
+		"device", m.Device, "topic", m.Topic, "reason", reason, "err", err)
 }
 
 func (u *Upstream) withheld(reason string) {
@@ -1335,12 +1331,8 @@ func (u *Upstream) prepare(e queue.Entry, mapped *mappedTopics) (topic string, p
 func (u *Upstream) withheldQueued(e queue.Entry, reason string) {
 	u.withheld(reason)
 	u.m.withheldQueued.WithLabelValues(reason).Inc()
-	n, ok := u.lines.Allow("queued_withheld", time.Now())
-	if !ok {
-		return
-	}
-	u.log.Warn("upstream: queued messages deleted unsent: the mapping or privacy rules changed after they were accepted (bastion_upstream_withheld_queued_total)",
-		"device", e.Device, "topic", e.Topic, "seq", e.Seq, "reason", reason, "not_logged_since_last_line", n)
+	u.lines.Line(u.log, slog.LevelWarn, "queued_withheld", "upstream: queued messages deleted unsent: the mapping or privacy rules changed after they were accepted (bastion_upstream_withheld_queued_total)",
+		"device", e.Device, "topic", e.Topic, "seq", e.Seq, "reason", reason)
 }
 
 // appendPublish appends one MQTT v5 PUBLISH with the user properties

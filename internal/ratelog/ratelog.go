@@ -141,19 +141,25 @@ func NotAudited(n int, since time.Time) string {
 	return strconv.Itoa(n) + " more refused since " + since.UTC().Format(time.RFC3339) + ", not audited one by one"
 }
 
-// DeviceLine logs msg at level to log, with the device first, unless a
-// line of the same kind about the same device went out less than the
-// interval ago: for refusals of what an authenticated device sends, which
-// a device stuck in a loop repeats at the rate it can send. Keyed by
-// device, so that one such device does not hide the lines about another.
-// The caller counts each refusal in its metric.
-func (l *Every) DeviceLine(log *slog.Logger, level slog.Level, kind, device, msg string, args ...any) {
-	n, ok := l.Allow(kind+"\x00"+device, time.Now())
+// Line logs msg at level to log with args unless a line of the same kind
+// went out less than the interval ago, and says on the line how many of
+// its kind were not logged since the one before (not_logged_since_last_line,
+// 0 too, so that every spaced line reads the same). For events a peer can
+// repeat at the rate it can send: refusals before a device is
+// authenticated, keyed by a kind from a small set (never from text the
+// peer chose). The caller counts each event in its metric.
+func (l *Every) Line(log *slog.Logger, level slog.Level, kind, msg string, args ...any) {
+	n, ok := l.Allow(kind, time.Now())
 	if !ok {
 		return
 	}
-	if n > 0 {
-		args = append(args, "not_logged_since_last_line", n)
-	}
-	log.Log(context.Background(), level, msg, append([]any{"device", device}, args...)...)
+	log.Log(context.Background(), level, msg, append(args, "not_logged_since_last_line", n)...)
+}
+
+// DeviceLine is Line about an authenticated device, with the device first:
+// for refusals of what the device sends, which a device stuck in a loop
+// repeats at the rate it can send. Keyed by kind and device, so that one
+// such device does not hide the lines about another.
+func (l *Every) DeviceLine(log *slog.Logger, level slog.Level, kind, device, msg string, args ...any) {
+	l.Line(log, level, kind+"\x00"+device, msg, append([]any{"device", device}, args...)...)
 }

@@ -1,6 +1,8 @@
 package ratelog
 
 import (
+	"bytes"
+	"log/slog"
 	"strconv"
 	"testing"
 	"time"
@@ -122,5 +124,31 @@ func TestNoteClockBack(t *testing.T) {
 	l.Note("a", t0.Add(time.Second))
 	if n, _, ok := l.Note("a", t0.Add(-time.Hour)); !ok || n != 1 {
 		t.Fatalf("clock an hour back: %d, %v; want 1, true", n, ok)
+	}
+}
+
+// Line writes the first line of a kind with its count (0), holds back the
+// rest within the interval, and keys DeviceLine by device too, device first.
+func TestLineAndDeviceLine(t *testing.T) {
+	var buf bytes.Buffer
+	log := slog.New(slog.NewTextHandler(&buf, &slog.HandlerOptions{
+		ReplaceAttr: func(_ []string, a slog.Attr) slog.Attr {
+			if a.Key == slog.TimeKey {
+				return slog.Attr{}
+			}
+			return a
+		}}))
+	l := New(time.Hour)
+	for range 3 {
+		l.Line(log, slog.LevelWarn, "k", "refused", "remote", "192.0.2.1")
+		l.DeviceLine(log, slog.LevelInfo, "k", "dev-a", "bad path", "path", "/x")
+		l.DeviceLine(log, slog.LevelInfo, "k", "dev-b", "bad path", "path", "/y")
+	}
+	want := `level=WARN msg=refused remote=192.0.2.1 not_logged_since_last_line=0
+level=INFO msg="bad path" device=dev-a path=/x not_logged_since_last_line=0
+level=INFO msg="bad path" device=dev-b path=/y not_logged_since_last_line=0
+`
+	if got := buf.String(); got != want {
+		t.Fatalf("lines:\n%s\nwant:\n%s", got, want)
 	}
 }
