@@ -3,7 +3,6 @@ package hub
 import (
 	"context"
 	"crypto/x509"
-	"errors"
 	"log/slog"
 	"time"
 
@@ -34,18 +33,19 @@ func NewSessionCert(leaf *x509.Certificate) *SessionCert {
 // session closed for it is counted under, why it was closed and what the
 // device must do, for the session's log line.
 func CertEnd(err error) (reason, why, todo string) {
-	switch {
-	case errors.Is(err, pki.ErrCertRetired):
-		return ReasonCertRetired, "its certificate was replaced by a renewal (retired)",
+	reason = CertRefusal(err)
+	switch reason {
+	case ReasonCertRetired:
+		return reason, "its certificate was replaced by a renewal (retired)",
 			"the device must connect with its renewed certificate; one that lost it must enroll again"
-	case errors.Is(err, pki.ErrCertExpired):
-		return ReasonExpired, "its certificate expired",
+	case ReasonExpired:
+		return reason, "its certificate expired",
 			"the device must enroll again (an expired certificate cannot renew); renew before the certificate's end (EST /sren) to keep it connected"
-	case errors.Is(err, pki.ErrRevoked):
-		return ReasonRevoked, "its certificate or device was revoked",
+	case ReasonRevoked:
+		return reason, "its certificate or device was revoked",
 			"the device must enroll again for a new certificate"
 	}
-	return CertRefusal(err), "its certificate is no longer accepted", "the device must enroll again"
+	return reason, "its certificate is no longer accepted", "the device must enroll again"
 }
 
 // CertSessionEnded counts, for transport, the end of a certificate session
