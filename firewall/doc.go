@@ -8,8 +8,9 @@
 // chains. Changes are planned as plain data, diffed against what the kernel
 // has and committed as one iptables-restore transaction per address family,
 // so a reload never opens a port that neither the old nor the new policy
-// allows. Stopping leaves the rules in place (fail closed); only Remove
-// takes them out.
+// allows; a family already committed when the other fails is rolled back
+// before Apply returns. Stopping leaves the rules in place (fail closed);
+// only Remove takes them out.
 //
 // The kernel is reached through the Backend interface: NewIPTables is the
 // real one (github.com/coreos/go-iptables plus iptables-restore), Fake is an

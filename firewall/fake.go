@@ -22,6 +22,7 @@ type Fake struct {
 	chains  map[string][]LiveRule
 	commits int
 	failErr error
+	readErr error
 }
 
 var builtinChains = []string{"INPUT", "FORWARD", "OUTPUT"}
@@ -47,6 +48,9 @@ func (f *Fake) Snapshot(ctx context.Context) (Table, error) {
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if f.readErr != nil {
+		return Table{}, f.readErr
+	}
 	t := Table{Chains: slices.Clone(f.order), Rules: map[string][]LiveRule{}}
 	for name, rules := range f.chains {
 		out := make([]LiveRule, len(rules))
@@ -161,6 +165,14 @@ func (f *Fake) FailCommits(err error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.failErr = err
+}
+
+// FailSnapshots makes every Snapshot fail with err, until called again
+// with nil.
+func (f *Fake) FailSnapshots(err error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.readErr = err
 }
 
 // Tamper applies ops directly, as another program would, without counting

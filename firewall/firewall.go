@@ -79,7 +79,7 @@ func New(v4, v6 Backend, log *slog.Logger, reg prometheus.Registerer, opts ...Op
 			}, []string{"family", "kind"}),
 			commits: prometheus.NewCounterVec(prometheus.CounterOpts{
 				Name: "bastion_firewall_transactions_total",
-				Help: "Firewall transactions committed, by family and reason (apply, repair, remove).",
+				Help: "Firewall transactions committed, by family and reason (apply, rollback, repair, remove).",
 			}, []string{"family", "reason"}),
 			errors: prometheus.NewCounterVec(prometheus.CounterOpts{
 				Name: "bastion_firewall_errors_total",
@@ -255,6 +255,19 @@ func (f *Firewall) plan(fam Family, l live, want []Chain) change {
 			}
 		}
 	}
+	// A hook without a desired chain (a rollback to a state that had none)
+	// loses its jumps into Bastion's chains, in the same transaction.
+	for _, h := range []string{"INPUT", "FORWARD"} {
+		if slices.ContainsFunc(want, func(c Chain) bool { return c.Hook == h }) {
+			continue
+		}
+		for _, r := range l.hooks[h] {
+			if isOurJump(r.Rule) {
+				ch.ops = append(ch.ops, Op{Kind: OpDelete, Chain: h, Rule: r.Rule})
+				ch.text = append(ch.text, "- -A "+h+" "+r.Rule.String())
+			}
+		}
+	}
 	for _, name := range l.names {
 		if strings.HasPrefix(name, chainPrefix) && !keep[name] {
 			ch.cleanup = append(ch.cleanup, Op{Kind: OpFlush, Chain: name}, Op{Kind: OpDeleteChain, Chain: name})
@@ -378,8 +391,10 @@ func (f *Firewall) commit(ctx context.Context, b Backend, ch change, reason stri
 }
 
 // Apply makes the kernel enforce p on both families and remembers p for
-// Run. Applying the policy already in force changes nothing. On error the
-// previous policy stays the one Run keeps in place.
+// Run. Applying the policy already in force changes nothing. On error no
+// family is left on p: a family already committed when a later one fails
+// is rolled back at once (see rollback), and the previous policy stays the
+// one Run keeps in place.
 func (f *Firewall) Apply(ctx context.Context, p Policy) error {
 	rs, err := Plan(p)
 	if err != nil {
@@ -387,24 +402,119 @@ func (f *Firewall) Apply(ctx context.Context, p Policy) error {
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	// Both families are read and planned before either is committed, so a
+	// family that cannot be read stops the reload while nothing has changed.
+	steps := make([]applyStep, 0, len(f.backends))
 	for _, b := range f.backends {
 		l, err := readLive(ctx, b)
 		if err != nil {
 			f.m.errors.WithLabelValues(b.Family().String(), "read").Inc()
 			return fmt.Errorf("firewall apply: read %s state: %w", b.Family(), err)
 		}
-		ch := f.plan(b.Family(), l, rs.Chains(b.Family()))
-		if ch.empty() {
-			f.log.Debug("firewall up to date", "family", b.Family().String())
+		steps = append(steps, applyStep{b: b, before: l, ch: f.plan(b.Family(), l, rs.Chains(b.Family()))})
+	}
+	var done []applyStep
+	for _, s := range steps {
+		if s.ch.empty() {
+			f.log.Debug("firewall up to date", "family", s.b.Family().String())
 			continue
 		}
-		if err := f.commit(ctx, b, ch, "apply"); err != nil {
-			return fmt.Errorf("firewall apply %s: %w", b.Family(), err)
+		if err := f.commit(ctx, s.b, s.ch, "apply"); err != nil {
+			return f.rollback(ctx, done, fmt.Errorf("firewall apply %s: %w", s.b.Family(), err))
 		}
-		f.log.Info("firewall policy applied", "family", b.Family().String(), "ops", len(ch.ops)+len(ch.cleanup))
+		f.log.Info("firewall policy applied", "family", s.b.Family().String(), "ops", len(s.ch.ops)+len(s.ch.cleanup))
+		done = append(done, s)
 	}
 	f.desired = &rs
 	return nil
+}
+
+// applyStep is one family's part of an Apply: what the kernel had when
+// Apply read it, and the change to the new policy.
+type applyStep struct {
+	b      Backend
+	before live
+	ch     change
+}
+
+// rollbackTimeout bounds a rollback, which must not end with the caller's
+// context: that ending may be the very reason the later family failed. It
+// leaves room for the xtables lock wait (10 s) and two iptables runs.
+const rollbackTimeout = 30 * time.Second
+
+// rollback is called when cause made a family fail after the families in
+// done were committed to the new policy. It puts those back to what they
+// enforced before (previous) with the same kind of transaction a reload
+// uses, so that both families keep enforcing one policy and the caller,
+// told the reload failed, is told the truth. It returns cause, saying
+// what became of each family.
+func (f *Firewall) rollback(ctx context.Context, done []applyStep, cause error) error {
+	if len(done) == 0 {
+		return cause
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), rollbackTimeout)
+	defer cancel()
+	var back []string
+	var errs []error
+	for _, s := range done {
+		fam := s.b.Family().String()
+		if err := f.rollbackFamily(ctx, s); err != nil {
+			f.log.Error("firewall rollback failed; this family enforces the new policy", "family", fam, "cause", cause, "err", err)
+			errs = append(errs, fmt.Errorf("rolling %s back to what it enforced before also failed, so it enforces the new policy: %w", fam, err))
+			continue
+		}
+		f.log.Warn("firewall rolled back to what it enforced before, because another family failed", "family", fam, "cause", cause)
+		back = append(back, fam)
+	}
+	if len(errs) > 0 {
+		backstop := "Run's drift repair will put the previous policy back"
+		if f.desired == nil {
+			backstop = "there is no previous policy for Run to restore; apply a policy again or remove the rules"
+		}
+		return fmt.Errorf("%w; %w (%s)", cause, errors.Join(errs...), backstop)
+	}
+	return fmt.Errorf("%w; %s rolled back to what it enforced before", cause, strings.Join(back, ", "))
+}
+
+// rollbackFamily commits s's family back to previous(s), counted as
+// reason "rollback".
+func (f *Firewall) rollbackFamily(ctx context.Context, s applyStep) error {
+	fam := s.b.Family()
+	l, err := readLive(ctx, s.b)
+	if err != nil {
+		f.m.errors.WithLabelValues(fam.String(), "read").Inc()
+		return fmt.Errorf("read %s state: %w", fam, err)
+	}
+	return f.commit(ctx, s.b, f.plan(fam, l, f.previous(s)), "rollback")
+}
+
+// previous is what s's family goes back to when Apply fails part-way: the
+// policy Run keeps in place, or, when there is none (start-up, or after
+// Remove), what the kernel had when this Apply read it, hook by hook: the
+// chain an earlier run left behind the hook's jump, or none of Bastion's.
+//
+// The latter takes out again the rules this Apply put where there were
+// none, and that is the fail-closed choice. Bastion cannot know what the
+// box's other rules and chain policies allow (its chains accept lan
+// services, loopback and replies ahead of them), so the state it found is
+// the only one it can vouch for as no more open than before. Keeping the
+// new rules on one family would not close the box either: the failed
+// family is as open as it was. And a gateway whose first Apply fails does
+// not start, so none of its listeners is behind the restored state.
+func (f *Firewall) previous(s applyStep) []Chain {
+	if f.desired != nil {
+		return f.desired.Chains(s.b.Family())
+	}
+	var out []Chain
+	for _, h := range []struct{ hook, prefix string }{{"INPUT", inputPrefix}, {"FORWARD", forwardPrefix}} {
+		for _, r := range s.before.hooks[h.hook] {
+			if isOurJump(r.Rule) {
+				out = append(out, Chain{Hook: h.hook, Prefix: h.prefix, Rules: rulesOf(s.before.chains[r.Rule.Target()])})
+				break
+			}
+		}
+	}
+	return out
 }
 
 // Diff reports, without changing anything, what Apply(p) would change, as

@@ -162,32 +162,239 @@ func TestApplySwapsToNewPolicyAndRemovesOldChains(t *testing.T) {
 	}
 }
 
-func TestApplyFailureKeepsOldRulesAndPolicy(t *testing.T) {
+// commitHook is the fake of one family with a hook run before each
+// Commit, for failures that depend on the moment (the other family's
+// state, the caller's context).
+type commitHook struct {
+	*Fake
+	before func(ctx context.Context) error // nil, or a non-nil error fails the Commit
+}
+
+func (h *commitHook) Commit(ctx context.Context, ops []Op) error {
+	if h.before != nil {
+		if err := h.before(ctx); err != nil {
+			return err
+		}
+	}
+	return h.Fake.Commit(ctx, ops)
+}
+
+func newHookedEnv(t *testing.T) (*fakeEnv, *commitHook) {
+	t.Helper()
+	e := &fakeEnv{v4: NewFake(IPv4), v6: NewFake(IPv6), reg: prometheus.NewRegistry()}
+	h := &commitHook{Fake: e.v6}
+	fw, err := New(e.v4, h, discard(), e.reg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.fw = fw
+	return e, h
+}
+
+func (e *fakeEnv) commits(fam Family, reason string) float64 {
+	return testutil.ToFloat64(e.fw.m.commits.WithLabelValues(fam.String(), reason))
+}
+
+func (e *fakeEnv) errs(fam Family, op string) float64 {
+	return testutil.ToFloat64(e.fw.m.errors.WithLabelValues(fam.String(), op))
+}
+
+// reloadPair is a policy and a reload of it that closes the console.
+func reloadPair() (a, b Policy, ra, rb Ruleset) {
+	a = gatewayPolicy("eth1", "eth0")
+	b = a
+	b.Services = a.Services[:2]
+	ra, _ = Plan(a)
+	rb, _ = Plan(b)
+	return a, b, ra, rb
+}
+
+// checkStable fails if a reconcile changes anything: the policy Run keeps
+// in place is the one the kernel already enforces.
+func checkStable(t *testing.T, e *fakeEnv) {
+	t.Helper()
+	c4, c6 := e.v4.Commits(), e.v6.Commits()
+	if err := e.fw.reconcile(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if e.v4.Commits() != c4 || e.v6.Commits() != c6 {
+		t.Error("reconcile changed the tables: Run keeps a policy other than the one in force")
+	}
+}
+
+func TestApplyFailureRollsBackCommittedFamily(t *testing.T) {
 	e := newFakeEnv(t)
 	ctx := context.Background()
-	a := gatewayPolicy("eth1", "eth0")
+	a, b, ra, _ := reloadPair()
 	if err := e.fw.Apply(ctx, a); err != nil {
 		t.Fatal(err)
 	}
-	before := e.v6.Save()
-	b := a
-	b.Services = a.Services[:1]
-	e.v6.FailCommits(errors.New("kernel says no"))
-	if err := e.fw.Apply(ctx, b); err == nil || !strings.Contains(err.Error(), "kernel says no") {
+	before6 := e.v6.Save()
+	no := errors.New("kernel says no")
+	e.v6.FailCommits(no)
+	err := e.fw.Apply(ctx, b)
+	if !errors.Is(err, no) {
 		t.Fatalf("apply with failing v6 = %v, want the commit error", err)
 	}
-	e.v6.FailCommits(nil)
-	if diff := cmp.Diff(before, e.v6.Save()); diff != "" {
+	if !strings.Contains(err.Error(), "iptables rolled back to what it enforced before") {
+		t.Errorf("apply error does not tell of the rollback: %v", err)
+	}
+	// When Apply returns, not after a drift repair: IPv4 is on a again.
+	checkEnforced(t, e.v4, ra)
+	if diff := cmp.Diff(before6, e.v6.Save()); diff != "" {
 		t.Errorf("failed transaction changed v6 (-want +got):\n%s", diff)
 	}
-	// The reconcile loop still enforces the last policy that applied fully:
-	// it brings v4 back to a, so both families agree again.
+	for _, c := range []struct {
+		name string
+		got  float64
+		want float64
+	}{
+		{"transactions{iptables,apply}", e.commits(IPv4, "apply"), 2},
+		{"transactions{iptables,rollback}", e.commits(IPv4, "rollback"), 1},
+		{"transactions{ip6tables,rollback}", e.commits(IPv6, "rollback"), 0},
+		{"errors{ip6tables,apply}", e.errs(IPv6, "apply"), 1},
+		{"errors{iptables,rollback}", e.errs(IPv4, "rollback"), 0},
+	} {
+		if c.got != c.want {
+			t.Errorf("%s = %v, want %v", c.name, c.got, c.want)
+		}
+	}
+	e.v6.FailCommits(nil)
+	checkStable(t, e)
+	checkEnforced(t, e.v6, ra)
+}
+
+func TestApplyReadFailureChangesNothing(t *testing.T) {
+	e := newFakeEnv(t)
+	ctx := context.Background()
+	a, b, ra, _ := reloadPair()
+	if err := e.fw.Apply(ctx, a); err != nil {
+		t.Fatal(err)
+	}
+	no := errors.New("cannot list")
+	e.v6.FailSnapshots(no)
+	if err := e.fw.Apply(ctx, b); !errors.Is(err, no) {
+		t.Fatalf("apply with unreadable v6 = %v, want the read error", err)
+	}
+	e.v6.FailSnapshots(nil)
+	// Both families are read before either is committed: IPv4 never left a.
+	if got := e.v4.Commits(); got != 1 {
+		t.Errorf("v4 commits = %d, want 1 (nothing committed once v6 could not be read)", got)
+	}
+	checkEnforced(t, e.v4, ra)
+	if got := e.errs(IPv6, "read"); got != 1 {
+		t.Errorf("errors{ip6tables,read} = %v, want 1", got)
+	}
+	checkStable(t, e)
+}
+
+// TestFirstApplyFailureLeavesTablesAsFound: with no previous policy, the
+// family already committed goes back to exactly what it had.
+func TestFirstApplyFailureLeavesTablesAsFound(t *testing.T) {
+	e := newFakeEnv(t)
+	ctx := context.Background()
+	other := Rule{"-p", "tcp", "-m", "tcp", "--dport", "22", "-j", "ACCEPT"}
+	if err := e.v4.Tamper(Op{Kind: OpAppend, Chain: "INPUT", Rule: other}); err != nil {
+		t.Fatal(err)
+	}
+	found4 := e.v4.Save()
+	e.v6.FailCommits(errors.New("kernel says no"))
+	if err := e.fw.Apply(ctx, gatewayPolicy("eth1", "eth0")); err == nil {
+		t.Fatal("first apply with failing v6 succeeded")
+	}
+	if diff := cmp.Diff(found4, e.v4.Save()); diff != "" {
+		t.Errorf("v4 after a failed first apply (-want +got):\n%s", diff)
+	}
+	if got := e.commits(IPv4, "rollback"); got != 1 {
+		t.Errorf("transactions{iptables,rollback} = %v, want 1", got)
+	}
+	e.v6.FailCommits(nil)
+	checkStable(t, e) // nothing to keep in place
+}
+
+// TestFirstApplyFailureRestoresEarlierRun: at start-up the rules an
+// earlier run left are what the family goes back to, not nothing.
+func TestFirstApplyFailureRestoresEarlierRun(t *testing.T) {
+	e := newFakeEnv(t)
+	ctx := context.Background()
+	a, b, ra, _ := reloadPair()
+	if err := e.fw.Apply(ctx, a); err != nil {
+		t.Fatal(err)
+	}
+	left4 := e.v4.Save()
+	restarted, err := New(e.v4, e.v6, discard(), prometheus.NewRegistry())
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.v6.FailCommits(errors.New("kernel says no"))
+	if err := restarted.Apply(ctx, b); err == nil {
+		t.Fatal("apply with failing v6 succeeded")
+	}
+	checkEnforced(t, e.v4, ra)
+	if diff := cmp.Diff(left4, e.v4.Save()); diff != "" {
+		t.Errorf("v4 after a failed first apply (-want +got):\n%s", diff)
+	}
+}
+
+func TestApplyRollbackFailureReportsBoth(t *testing.T) {
+	e, h := newHookedEnv(t)
+	ctx := context.Background()
+	a, b, ra, rb := reloadPair()
+	if err := e.fw.Apply(ctx, a); err != nil {
+		t.Fatal(err)
+	}
+	v6Err, v4Err := errors.New("ip6tables says no"), errors.New("iptables says no now")
+	h.before = func(context.Context) error {
+		e.v4.FailCommits(v4Err) // the kernel refuses the rollback too
+		return v6Err
+	}
+	err := e.fw.Apply(ctx, b)
+	if !errors.Is(err, v6Err) || !errors.Is(err, v4Err) {
+		t.Fatalf("apply = %v, want both the v6 and the rollback error", err)
+	}
+	for _, want := range []string{"rolling iptables back to what it enforced before also failed", "Run's drift repair will put the previous policy back"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("apply error lacks %q: %v", want, err)
+		}
+	}
+	checkEnforced(t, e.v4, rb) // as the error says
+	if got := e.errs(IPv4, "rollback"); got != 1 {
+		t.Errorf("errors{iptables,rollback} = %v, want 1", got)
+	}
+	if got := e.commits(IPv4, "rollback"); got != 0 {
+		t.Errorf("transactions{iptables,rollback} = %v, want 0", got)
+	}
+	// Run's repair is the backstop: a is still the policy it keeps.
+	h.before = nil
+	e.v4.FailCommits(nil)
 	if err := e.fw.reconcile(ctx); err != nil {
 		t.Fatal(err)
 	}
-	rs, _ := Plan(a)
-	checkEnforced(t, e.v4, rs)
-	checkEnforced(t, e.v6, rs)
+	checkEnforced(t, e.v4, ra)
+	checkEnforced(t, e.v6, ra)
+}
+
+// TestApplyRollsBackWhenContextEnds: the caller's context ending between
+// the families must not stop the rollback.
+func TestApplyRollsBackWhenContextEnds(t *testing.T) {
+	e, h := newHookedEnv(t)
+	a, b, ra, _ := reloadPair()
+	if err := e.fw.Apply(context.Background(), a); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	h.before = func(ctx context.Context) error {
+		cancel()
+		return ctx.Err()
+	}
+	if err := e.fw.Apply(ctx, b); !errors.Is(err, context.Canceled) {
+		t.Fatalf("apply = %v, want context.Canceled", err)
+	}
+	checkEnforced(t, e.v4, ra)
+	if got := e.commits(IPv4, "rollback"); got != 1 {
+		t.Errorf("transactions{iptables,rollback} = %v, want 1", got)
+	}
 }
 
 func TestApplyRefusesInvalidPolicy(t *testing.T) {

@@ -723,3 +723,74 @@ func TestRealReloadCutsOpenConnections(t *testing.T) {
 	// echo and the new one carry the same bytes.)
 	check("services open again", true, 10*time.Second)
 }
+
+// refusing is a real backend whose transactions, while armed, also delete
+// a rule that is not there: the kernel refuses the whole transaction, as
+// it would any other failure of iptables-restore.
+type refusing struct {
+	Backend
+	armed bool
+}
+
+func (r *refusing) Commit(ctx context.Context, ops []Op) error {
+	if r.armed {
+		ops = append(slices.Clip(ops), Op{Kind: OpDelete, Chain: "INPUT", Rule: Rule{"-m", "comment", "--comment", "bastion:absent", "-j", "DROP"}})
+	}
+	return r.Backend.Commit(ctx, ops)
+}
+
+// TestRealFailedIPv6RollsBackIPv4: when ip6tables-restore fails after
+// IPv4 committed, IPv4 is back where it was by the time Apply returns,
+// both at the first Apply (no rules of Bastion's) and on a reload.
+func TestRealFailedIPv6RollsBackIPv4(t *testing.T) {
+	tp := newTopo(t)
+	v6 := &refusing{Backend: tp.v6, armed: true}
+	reg := prometheus.NewRegistry()
+	fw, err := New(tp.v4, v6, discard(), reg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	a, b := reloadPolicies() // b opens tcp/9000 and udp/5685, a does not
+	rollbacks := func() float64 {
+		return testutilCounter(t, reg, "bastion_firewall_transactions_total", "iptables", "rollback")
+	}
+
+	found4, found6 := save(t, tp.gw, "iptables-save"), save(t, tp.gw, "ip6tables-save")
+	if err := fw.Apply(ctx, a); err == nil || !strings.Contains(err.Error(), "iptables rolled back") {
+		t.Errorf("first apply with ip6tables-restore failing = %v, want the failure and a rollback", err)
+	}
+	if diff := cmp.Diff(found4, save(t, tp.gw, "iptables-save")); diff != "" {
+		t.Errorf("iptables-save after a failed first apply (-want +got):\n%s", diff)
+	}
+	if diff := cmp.Diff(found6, save(t, tp.gw, "ip6tables-save")); diff != "" {
+		t.Errorf("ip6tables-save after a failed first apply (-want +got):\n%s", diff)
+	}
+	if got := rollbacks(); got != 1 {
+		t.Errorf("transactions{iptables,rollback} = %v, want 1", got)
+	}
+
+	v6.armed = false
+	if err := fw.Apply(ctx, a); err != nil {
+		t.Fatal(err)
+	}
+	want4 := save(t, tp.gw, "iptables-save")
+	v6.armed = true
+	err = fw.Apply(ctx, b)
+	if err == nil || !strings.Contains(err.Error(), "iptables rolled back") {
+		t.Errorf("reload with ip6tables-restore failing = %v, want the failure and a rollback", err)
+	}
+	t.Logf("reload: %v", err)
+	if diff := cmp.Diff(want4, save(t, tp.gw, "iptables-save")); diff != "" {
+		t.Errorf("iptables-save after a failed reload (-want +got):\n%s", diff)
+	}
+	if got := rollbacks(); got != 2 {
+		t.Errorf("transactions{iptables,rollback} = %v, want 2", got)
+	}
+	enabled := []string{"tcp/8443", "tcp/8883", "udp/5684"} // a's, not b's
+	for _, host := range []string{gwLAN4, gwLAN6} {
+		if diff := cmp.Diff(enabled, answering(t, tp.lan, host, time.Second)); diff != "" {
+			t.Errorf("after the failed reload, %s from lan (-want +got):\n%s", host, diff)
+		}
+	}
+}
