@@ -347,10 +347,16 @@ func (f *Firewall) commit(ctx context.Context, b Backend, ch change, reason stri
 	ops := append(slices.Clip(ch.ops), ch.cleanup...)
 	err := b.Commit(ctx, ops)
 	if err != nil && len(ch.cleanup) > 0 && len(ch.ops) > 0 {
-		f.log.Warn("firewall cleanup of old chains failed; applying without it", "family", fam, "err", err)
-		f.m.errors.WithLabelValues(fam, "cleanup").Inc()
-		ops = ch.ops
-		err = b.Commit(ctx, ops)
+		// Whether the cleanup was what failed shows only when the main
+		// transaction then goes through alone; if it fails too, the failure
+		// is the change's own, counted under reason, not a cleanup's.
+		if err2 := b.Commit(ctx, ch.ops); err2 == nil {
+			f.log.Warn("firewall cleanup of old chains failed; applied without it", "family", fam, "err", err)
+			f.m.errors.WithLabelValues(fam, "cleanup").Inc()
+			ops, err = ch.ops, nil
+		} else {
+			err = err2
+		}
 	}
 	if err != nil {
 		f.m.errors.WithLabelValues(fam, reason).Inc()

@@ -253,6 +253,7 @@ func TestApplyFailureRollsBackCommittedFamily(t *testing.T) {
 		{"transactions{iptables,rollback}", e.commits(IPv4, "rollback"), 1},
 		{"transactions{ip6tables,rollback}", e.commits(IPv6, "rollback"), 0},
 		{"errors{ip6tables,apply}", e.errs(IPv6, "apply"), 1},
+		{"errors{ip6tables,cleanup}", e.errs(IPv6, "cleanup"), 0},
 		{"errors{iptables,rollback}", e.errs(IPv4, "rollback"), 0},
 	} {
 		if c.got != c.want {
