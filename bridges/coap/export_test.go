@@ -27,10 +27,10 @@ func SetObserveHook(s *Server, f func(stage int)) { s.observeHook = f }
 
 // HandshakesInFlight is how many DTLS handshakes s counts as in flight
 // (limit.go).
-func HandshakesInFlight(s *Server) int { return s.hs.inFlight() }
+func HandshakesInFlight(s *Server) int { return s.hs.Len() }
 
 // HandshakesInFlightFrom is how many DTLS handshakes s counts as in
 // flight from the address addr.
 func HandshakesInFlightFrom(s *Server, addr string) int {
-	return s.hs.inFlightFrom(netip.MustParseAddr(addr))
+	return s.hs.From(netip.MustParseAddr(addr))
 }

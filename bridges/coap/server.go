@@ -207,7 +207,7 @@ func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log 
 		deadline: &hub.SharedDeadline{Timeout: acceptTimeout}, lines: ratelog.New(refusalLogEvery),
 		devLines: ratelog.New(refusalLogEvery), stop: make(chan struct{})}
 	s.dropped = s.m.Dropped.WithLabelValues(hub.CoAP)
-	s.hs = newHandshakeLimit(cfg.MaxHandshakesPerSource, cfg.MaxHandshakesPerPrefix, cfg.MaxHandshakes)
+	s.hs = bridges.NewSourceLimit[*handshakeConn](cfg.MaxHandshakesPerSource, cfg.MaxHandshakesPerPrefix, cfg.MaxHandshakes)
 	var err error
 	verify := func(raw [][]byte, _ [][]*x509.Certificate) error {
 		dev, err := id.VerifyCert(raw)

@@ -22,9 +22,7 @@ import (
 // waitingLen reports how many connections the listener holds as not yet
 // authenticated.
 func (r *rig) waitingLen() int {
-	r.s.tls.mu.Lock()
-	defer r.s.tls.mu.Unlock()
-	return r.s.tls.waiting.Len()
+	return r.s.tls.limit.Len()
 }
 
 // rawTCP opens a TCP connection to the server that sends nothing.
