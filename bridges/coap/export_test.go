@@ -34,3 +34,8 @@ func HandshakesInFlight(s *Server) int { return s.hs.Len() }
 func HandshakesInFlightFrom(s *Server, addr string) int {
 	return s.hs.From(netip.MustParseAddr(addr))
 }
+
+// SetHandshakeHook has f run on a handshake's goroutine once the
+// handshake has succeeded, before its slot among the handshakes in flight
+// is claimed; it may be called while s runs.
+func SetHandshakeHook(s *Server, f func()) { s.handshakeHook.Store(&f) }

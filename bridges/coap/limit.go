@@ -135,6 +135,18 @@ func (c *handshakeConn) HandshakeContext(ctx context.Context) error {
 	// any cryptographic work on the ClientHello.
 	c.Conn.SetOnCookieVerified(func() error { return c.l.take(c) })
 	err := c.Conn.HandshakeContext(ctx)
+	if err == nil {
+		if f := c.l.s.handshakeHook.Load(); f != nil {
+			(*f)()
+		}
+		// Claimed, its slot can no longer be evicted. Evicted between
+		// the handshake's end and here, too late for its context to end
+		// it, it was counted as a refusal: it is ended too (the server
+		// closes it), not kept as a session counted refused.
+		if !c.l.s.hs.Claim(c.slot) {
+			err = errors.New("its slot was taken as it completed")
+		}
+	}
 	evicted := c.l.s.hs.Release(c.slot)
 	if err != nil {
 		switch {

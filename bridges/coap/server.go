@@ -164,6 +164,10 @@ type Server struct {
 	// observeHook, set by tests only (export_test.go) before Run, runs on
 	// the handler's goroutine at the stages of an Observe registration.
 	observeHook func(stage int)
+	// handshakeHook, set by tests only (export_test.go), runs on a
+	// handshake's goroutine once the handshake has succeeded, before its
+	// slot in hs is claimed (handshakeConn.HandshakeContext).
+	handshakeHook atomic.Pointer[func()]
 }
 
 // pskAnswer is what the PSK callback found for an identity.
