@@ -197,7 +197,8 @@ func (l *tlsListener) handle(c net.Conn, slot *unauthSlot, establish listeners.E
 
 // refused counts connection c, whose TLS handshake failed with err, under
 // why, and logs it through refusalLine: anyone who reaches the port can
-// open connections that fail so, as fast as they can.
+// open connections that fail so, as fast as they can. A handshake that
+// Close ended is not counted: stopping is no failure of the client's.
 func (l *tlsListener) refused(c net.Conn, err error) {
 	remote := c.RemoteAddr().String()
 	var rh tls.RecordHeaderError
@@ -216,6 +217,10 @@ func (l *tlsListener) refused(c net.Conn, err error) {
 	case isNoClientCert(err):
 		l.s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonNoCredentials).Inc()
 		l.s.refusalLine(slog.LevelWarn, hub.ReasonNoCredentials, "mqtt: handshake refused: no client certificate", "device", "", "remote", remote)
+	case l.ctx.Err() != nil:
+		// Ended by Close (its context cancelled, the connection closed):
+		// the server is stopping, the client did nothing wrong.
+		l.s.log.Debug("mqtt: TLS handshake ended: the server is stopping", "device", "", "remote", remote)
 	default:
 		l.s.m.Handshakes.WithLabelValues(hub.MQTT, "failed").Inc()
 		l.s.refusalLine(slog.LevelInfo, "handshake_failed", "mqtt: TLS handshake failed", "device", "", "remote", remote, "err", ratelog.ClipErr(err))
