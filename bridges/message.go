@@ -1,5 +1,7 @@
 // Package bridges holds the message model shared by the device transports
-// (CoAP over DTLS, MQTT over TLS) and the upstream link. It owns no sockets.
+// (CoAP over DTLS, MQTT over TLS) and the upstream link, and the
+// per-source limit both transports hold their unauthenticated connections
+// to (SourceLimit). It owns no sockets.
 //
 // Every message carries the authenticated identity of the device it came
 // from; nothing in Bastion routes a message whose origin is not a device

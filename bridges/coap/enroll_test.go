@@ -4,9 +4,12 @@ import (
 	"bytes"
 	"context"
 	"crypto/x509"
+	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
+	"time"
 
 	"github.com/google/go-cmp/cmp"
 	"github.com/plgd-dev/go-coap/v3/message"
@@ -14,6 +17,7 @@ import (
 	"github.com/plgd-dev/go-coap/v3/message/pool"
 	"github.com/plgd-dev/go-coap/v3/udp/coder"
 
+	"github.com/bastion-iot/bastion/internal/ratelog"
 	"github.com/bastion-iot/bastion/pki/est"
 )
 
@@ -187,4 +191,60 @@ func FuzzRouteSession(f *testing.F) {
 			}
 		}
 	})
+}
+
+// enrollLine spaces the refusal lines of enrollment resources by who can
+// cause them: in an enrollment session (KindPAKE, KindEnroll), whose peer
+// may be anyone (the PAKE's PSK is public) under any identity, one line
+// per kind per interval whatever the identity, which is cut
+// (ratelog.MaxText); in an operational session's EST, one per kind and
+// device, so that one device's refusals do not hide another's.
+func TestEnrollLine(t *testing.T) {
+	lines := &LogLines{}
+	s := &Server{log: slog.New(lines), lines: ratelog.New(refusalLogEvery), devLines: ratelog.New(refusalLogEvery)}
+	long := "pake:" + strings.Repeat("x", 1000)
+	sessions := map[string]*session{
+		"pake-long": {device: long, enroll: enrollInfo{kind: KindPAKE}},
+		"pake-b":    {device: "pake:b", enroll: enrollInfo{kind: KindPAKE}},
+		"enroll-c":  {device: "enroll:c", enroll: enrollInfo{kind: KindEnroll}},
+		"dev-a":     {device: "dev-a", enroll: enrollInfo{kind: KindDevice}},
+		"dev-b":     {device: "dev-b", enroll: enrollInfo{kind: KindDevice}},
+	}
+	for _, c := range []struct{ session, kind, msg string }{
+		{"pake-long", "pake", "coap: pairing exchange refused"},
+		{"pake-b", "pake", "coap: pairing exchange refused"}, // another identity, same kind: not logged
+		{"enroll-c", "pake", "coap: pairing exchange refused"},
+		{"enroll-c", "est", "coap: EST request refused"}, // another kind: logged
+		{"enroll-c", "est", "coap: EST request refused"},
+		{"dev-a", "est", "coap: EST request refused"}, // an operational session's: per device
+		{"dev-a", "est", "coap: EST request refused"},
+		{"dev-b", "est", "coap: EST request refused"},
+	} {
+		s.enrollLine(sessions[c.session], c.kind, c.msg, "err", "refused for "+c.session)
+	}
+	type line struct{ Device, Err, NotLogged string }
+	got := func(msg string) (l []line) {
+		for _, a := range lines.Attrs(msg) {
+			l = append(l, line{a["device"], a["err"], a["not_logged_since_last_line"]})
+		}
+		return l
+	}
+	clipped := ratelog.Clip(long, ratelog.MaxText)
+	if len(clipped) > ratelog.MaxText+32 {
+		t.Fatalf("clipped identity is %d bytes", len(clipped))
+	}
+	// refusalLine always says how many were not logged (0 for the first);
+	// deviceLine only when some were not.
+	if diff := cmp.Diff([]line{{clipped, "refused for pake-long", "0"}}, got("coap: pairing exchange refused")); diff != "" {
+		t.Errorf("pairing exchange lines (-want +got):\n%s", diff)
+	}
+	if diff := cmp.Diff([]line{{"enroll:c", "refused for enroll-c", "0"}, {"dev-a", "refused for dev-a", ""}, {"dev-b", "refused for dev-b", ""}},
+		got("coap: EST request refused")); diff != "" {
+		t.Errorf("EST lines (-want +got):\n%s", diff)
+	}
+	// The next interval's line of a kind says how many of it were not
+	// logged: the two pake refusals after the first, from other identities.
+	if n, ok := s.lines.Allow("enroll:pake", time.Now().Add(refusalLogEvery)); !ok || n != 2 {
+		t.Errorf("a whole interval later, enroll:pake: let through %v, %d not logged before; want true, 2", ok, n)
+	}
 }

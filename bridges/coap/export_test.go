@@ -27,10 +27,15 @@ func SetObserveHook(s *Server, f func(stage int)) { s.observeHook = f }
 
 // HandshakesInFlight is how many DTLS handshakes s counts as in flight
 // (limit.go).
-func HandshakesInFlight(s *Server) int { return s.hs.inFlight() }
+func HandshakesInFlight(s *Server) int { return s.hs.Len() }
 
 // HandshakesInFlightFrom is how many DTLS handshakes s counts as in
 // flight from the address addr.
 func HandshakesInFlightFrom(s *Server, addr string) int {
-	return s.hs.inFlightFrom(netip.MustParseAddr(addr))
+	return s.hs.From(netip.MustParseAddr(addr))
 }
+
+// SetHandshakeHook has f run on a handshake's goroutine once the
+// handshake has succeeded, before its slot among the handshakes in flight
+// is claimed; it may be called while s runs.
+func SetHandshakeHook(s *Server, f func()) { s.handshakeHook.Store(&f) }

@@ -20,48 +20,55 @@ import (
 // claiming a few dozen IPv4 addresses keep every device out). A
 // link-local /64 is counted per interface.
 func TestHandshakeLimit(t *testing.T) {
+	const limitNone, limitSource, limitPrefix, limitTotal = bridges.BoundNone, bridges.BoundSource, bridges.BoundPrefix, bridges.BoundTotal
 	const perSource, perPrefix, total = 2, 5, 14
-	h := newHandshakeLimit(perSource, perPrefix, total)
+	h := bridges.NewSourceLimit[*handshakeConn](perSource, perPrefix, total)
 	src := func(s string) bridges.Source {
 		return bridges.SourceOf(net.UDPAddrFromAddrPort(netip.AddrPortFrom(netip.MustParseAddr(s), 5684)))
 	}
 	var held []*handshakeSlot
-	take := func(from string, wantRefused int) *handshakeSlot {
+	// wantRefused is the limit that refuses the handshake (only its
+	// address's can), limitNone if none; evicted, by which limit.
+	take := func(from string, wantRefused bridges.Bound) (evicted *handshakeSlot, by bridges.Bound) {
 		t.Helper()
-		s := &handshakeSlot{src: src(from)}
-		refused, _, evicted := h.take(s)
+		s := bridges.NewSlot[*handshakeConn](src(from), nil)
+		ok, evicted, by := h.Take(s)
+		refused := limitNone
+		if !ok {
+			refused = limitSource
+		}
 		if refused != wantRefused {
-			t.Fatalf("take(%s): refused by limit %d, want %d (in flight %d)", from, refused, wantRefused, h.inFlight())
+			t.Fatalf("take(%s): refused by limit %v, want %v (in flight %d)", from, refused, wantRefused, h.Len())
 		}
-		if s.counted != (refused == limitNone) {
-			t.Fatalf("take(%s): counted %v, refused %d", from, s.counted, refused)
+		if counted := h.Held(s); counted != (refused == limitNone) {
+			t.Fatalf("take(%s): counted %v, refused %v", from, counted, refused)
 		}
-		if s.counted {
+		if h.Held(s) {
 			held = append(held, s)
 		}
-		return evicted
+		return evicted, by
 	}
-	noEviction := func(from string, wantRefused int) {
+	noEviction := func(from string, wantRefused bridges.Bound) {
 		t.Helper()
-		if ev := take(from, wantRefused); ev != nil {
-			t.Fatalf("take(%s) ended the handshake from %v", from, ev.src.Addr)
+		if ev, _ := take(from, wantRefused); ev != nil {
+			t.Fatalf("take(%s) ended the handshake from %v", from, ev.Source().Addr)
 		}
 	}
-	evicts := func(from string, want *handshakeSlot, by int) {
+	evicts := func(from string, want *handshakeSlot, by bridges.Bound) {
 		t.Helper()
-		ev := take(from, limitNone)
+		ev, endedBy := take(from, limitNone)
 		if ev != want {
 			var got, wantAddr any
 			if ev != nil {
-				got = ev.src.Addr
+				got = ev.Source().Addr
 			}
 			if want != nil {
-				wantAddr = want.src.Addr
+				wantAddr = want.Source().Addr
 			}
 			t.Fatalf("take(%s) ended the handshake from %v, want the oldest (of its /64, or of all), from %v", from, got, wantAddr)
 		}
-		if !ev.evicted || ev.counted || ev.endedBy != by {
-			t.Fatalf("the ended handshake: evicted %v, counted %v, by limit %d; want by %d", ev.evicted, ev.counted, ev.endedBy, by)
+		if evicted, counted := h.EvictedBy(ev) != bridges.BoundNone, h.Held(ev); !evicted || counted || endedBy != by || h.EvictedBy(ev) != by {
+			t.Fatalf("the ended handshake: evicted %v, counted %v, by limit %v (Take said %v); want by %v", evicted, counted, h.EvictedBy(ev), endedBy, by)
 		}
 	}
 	// One address of fd00:1::/64: its own limit, refused past it.
@@ -77,10 +84,10 @@ func TestHandshakeLimit(t *testing.T) {
 	oldest := held[:4]
 	evicts("fd00:1::5", oldest[0], limitPrefix)
 	evicts("fd00:1::ffff:1", oldest[1], limitPrefix)
-	if got := h.inFlightFrom(netip.MustParseAddr("fd00:1::1")); got != 0 {
+	if got := h.From(netip.MustParseAddr("fd00:1::1")); got != 0 {
 		t.Fatalf("fd00:1::1 has %d in flight after both of its were ended, want 0", got)
 	}
-	if got := h.prefixes[src("fd00:1::9").Prefix].Len(); got != perPrefix {
+	if got := h.In(src("fd00:1::9").Prefix); got != perPrefix {
 		t.Fatalf("fd00:1::/64 holds %d, want its limit %d", got, perPrefix)
 	}
 	// Another /64 has its own room; link-local /64s of two interfaces
@@ -98,33 +105,33 @@ func TestHandshakeLimit(t *testing.T) {
 	// All room taken: the oldest handshake of all ends for a new one,
 	// but for a full /64's handshake, which takes the place of the /64's
 	// oldest.
-	if n := h.inFlight(); n != total {
+	if n := h.Len(); n != total {
 		t.Fatalf("%d in flight, want the total %d", n, total)
 	}
 	evicts("198.51.100.1", oldest[2], limitTotal)
 	evicts("fd00:3::1", oldest[3], limitTotal)
 	evicts("fe80::99%eth0", held[eth0], limitPrefix)
-	if n := h.inFlight(); n != total {
+	if n := h.Len(); n != total {
 		t.Fatalf("%d in flight after the evictions, want the total %d", n, total)
 	}
 	// Released twice, counted back once; an ended one's release gives
 	// back nothing more.
 	last := held[len(held)-1]
-	h.release(last)
-	h.release(last)
+	h.Release(last)
+	h.Release(last)
 	for _, s := range oldest[:4] {
-		if !h.release(s) {
+		if !h.Release(s) {
 			t.Error("release of an ended handshake does not say it was ended")
 		}
 	}
-	if n := h.inFlight(); n != total-1 {
+	if n := h.Len(); n != total-1 {
 		t.Fatalf("in flight after one release (twice): %d, want %d", n, total-1)
 	}
 	noEviction("fd00:4::1", limitNone)
 	for _, s := range held {
-		h.release(s)
+		h.Release(s)
 	}
-	if h.inFlight() != 0 || len(h.sources) != 0 || len(h.prefixes) != 0 {
-		t.Fatalf("after every release: %d in flight, %d sources, %d prefixes kept", h.inFlight(), len(h.sources), len(h.prefixes))
+	if sources, prefixes := h.Tracked(); h.Len() != 0 || sources != 0 || prefixes != 0 {
+		t.Fatalf("after every release: %d in flight, %d sources, %d prefixes kept", h.Len(), sources, prefixes)
 	}
 }

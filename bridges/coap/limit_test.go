@@ -3,9 +3,11 @@ package coap_test
 import (
 	"context"
 	"encoding/hex"
+	"errors"
 	"log/slog"
 	"net"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -219,6 +221,88 @@ func TestHandshakesOverTotalEndTheOldest(t *testing.T) {
 		}
 		return false
 	})
+}
+
+// A handshake evicted just after it succeeded (after its context could
+// end it, before its slot was given back) is ended, as the refusal it was
+// counted as: the eviction counted it handshake_limit, and before, it
+// carried on as a session. Loopback, a total of 1: a device from
+// 127.0.0.2 completes its handshake, and in that window (the server's
+// handshake hook) a stalled handshake from 127.0.0.3 takes its slot. The
+// device's session is closed by the server, counted once as
+// handshake_limit and not as a handshake ok.
+func TestHandshakeEvictedAsItCompletesIsEnded(t *testing.T) {
+	id := &fakeIdentity{key: []byte("0123456789abcdef"), revoked: map[string]bool{}}
+	lines := &coap.LogLines{}
+	s, _, _, pskAddr, _, _ := startWith(t, id, nopSink{}, coap.Config{MaxHandshakes: 1}, slog.New(lines), 0)
+	dev := &devicesim.Device{Creds: devicesim.Creds{ID: "dev-psk", Auth: "psk", PSKIdentity: "id-psk", PSK: hex.EncodeToString(id.key)}}
+	cfg, err := dev.DTLSConfig(pskAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	raddr, err := net.ResolveUDPAddr("udp4", pskAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	client := func(from string, cfg *piondtls.Config) *piondtls.Conn {
+		t.Helper()
+		pc, err := net.ListenPacket("udp4", from+":0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return dtlsClient(t, cancel, pc, raddr, cfg)
+	}
+	refusals := func() float64 {
+		return testutil.ToFloat64(coap.HubOf(s).Metrics().Refused.WithLabelValues(hub.CoAP, hub.ReasonHandshakeLimit))
+	}
+	stalled := client("127.0.0.3", stalling(ctx, cfg))
+	var once sync.Once
+	coap.SetHandshakeHook(s, func() {
+		once.Do(func() {
+			go stalled.HandshakeContext(ctx)
+			// Its cookie echo evicts the device's handshake, the oldest.
+			for deadline := time.Now().Add(10 * time.Second); refusals() == 0 && time.Now().Before(deadline); {
+				time.Sleep(5 * time.Millisecond)
+			}
+		})
+	})
+	c := client("127.0.0.2", cfg)
+	hctx, hcancel := context.WithTimeout(ctx, 10*time.Second)
+	defer hcancel()
+	if err := c.HandshakeContext(hctx); err != nil {
+		t.Fatalf("device handshake: %v", err)
+	}
+	ended := func() bool {
+		for _, a := range lines.Attrs("coap: handshake failed") {
+			if strings.Contains(a["err"], "ended for a newer handshake") && strings.HasPrefix(a["remote"], "127.0.0.2:") {
+				return true
+			}
+		}
+		return false
+	}
+	for deadline := time.Now().Add(10 * time.Second); !ended() && s.SessionCount() == 0; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the device's handshake neither ended nor became a session")
+		}
+	}
+	if n := s.SessionCount(); n != 0 {
+		t.Fatalf("%d sessions open: the handshake counted as refused carried on", n)
+	}
+	// The server closed it: the device reads the end of the session.
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	var ne net.Error
+	if _, err := c.Read(make([]byte, 64)); err == nil || errors.As(err, &ne) && ne.Timeout() {
+		t.Errorf("device's read after its session was ended: %v, want the connection closed", err)
+	}
+	if n := refusals(); n != 1 {
+		t.Errorf("handshake_limit counted %v times, want 1", n)
+	}
+	m := coap.HubOf(s).Metrics().Handshakes
+	if ok, failed := testutil.ToFloat64(m.WithLabelValues(hub.CoAP, "ok")), testutil.ToFloat64(m.WithLabelValues(hub.CoAP, "failed")); ok != 0 || failed != 0 {
+		t.Errorf("handshakes ok %v, failed %v; want 0 and 0 (counted handshake_limit only)", ok, failed)
+	}
 }
 
 // stalling is cfg for a client that stalls its handshake after the cookie

@@ -164,6 +164,10 @@ type Server struct {
 	// observeHook, set by tests only (export_test.go) before Run, runs on
 	// the handler's goroutine at the stages of an Observe registration.
 	observeHook func(stage int)
+	// handshakeHook, set by tests only (export_test.go), runs on a
+	// handshake's goroutine once the handshake has succeeded, before its
+	// slot in hs is claimed (handshakeConn.HandshakeContext).
+	handshakeHook atomic.Pointer[func()]
 }
 
 // pskAnswer is what the PSK callback found for an identity.
@@ -207,7 +211,7 @@ func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log 
 		deadline: &hub.SharedDeadline{Timeout: acceptTimeout}, lines: ratelog.New(refusalLogEvery),
 		devLines: ratelog.New(refusalLogEvery), stop: make(chan struct{})}
 	s.dropped = s.m.Dropped.WithLabelValues(hub.CoAP)
-	s.hs = newHandshakeLimit(cfg.MaxHandshakesPerSource, cfg.MaxHandshakesPerPrefix, cfg.MaxHandshakes)
+	s.hs = bridges.NewSourceLimit[*handshakeConn](cfg.MaxHandshakesPerSource, cfg.MaxHandshakesPerPrefix, cfg.MaxHandshakes)
 	var err error
 	verify := func(raw [][]byte, _ [][]*x509.Certificate) error {
 		dev, err := id.VerifyCert(raw)

@@ -61,9 +61,7 @@ func rigInNS(t *testing.T, name string, cfg Config, id func(*pki.CA) bridges.Ide
 // ("fe80::/64%eth0": with a zone).
 func (r *rig) unauthIn(prefix string) int {
 	p, zone, _ := strings.Cut(prefix, "%")
-	r.s.tls.mu.Lock()
-	defer r.s.tls.mu.Unlock()
-	return r.s.tls.unauthIn(bridges.Prefix{Net: netip.MustParsePrefix(p), Zone: zone})
+	return r.s.tls.limit.In(bridges.Prefix{Net: netip.MustParsePrefix(p), Zone: zone})
 }
 
 // tlsListener.admit counts per address, per IPv6 /64 and in all: over its
@@ -89,11 +87,7 @@ func TestUnauthLimitPerIPv6Prefix(t *testing.T) {
 		_, err := peer.Read(make([]byte, 1))
 		return errors.Is(err, io.EOF) || errors.Is(err, io.ErrClosedPipe)
 	}
-	released := func(s *unauthSlot) bool {
-		l.mu.Lock()
-		defer l.mu.Unlock()
-		return s.done
-	}
+	released := func(s *unauthSlot) bool { return !l.limit.Held(s) }
 	// admit admits a connection from from and checks which of those
 	// held so far are closed now (by their index in slots): their slots
 	// given back and their connections closed.
@@ -109,7 +103,7 @@ func TestUnauthLimitPerIPv6Prefix(t *testing.T) {
 		t.Cleanup(func() { c.Close(); peer.Close() })
 		slot, ok := l.admit(c, source(from))
 		if ok != want {
-			t.Fatalf("admit from %s: %v, want %v (%d unauthenticated)", from, ok, want, l.waiting.Len())
+			t.Fatalf("admit from %s: %v, want %v (%d unauthenticated)", from, ok, want, l.limit.Len())
 		}
 		if !ok {
 			if !closed(peer) {
@@ -162,7 +156,7 @@ func TestUnauthLimitPerIPv6Prefix(t *testing.T) {
 	}
 	// Room in all for one more; the next closes the oldest of all (the
 	// first of fd00:1::3), which gives fd00:1::/64 one back.
-	if n := l.waiting.Len(); n != total-1 {
+	if n := l.limit.Len(); n != total-1 {
 		t.Fatalf("%d unauthenticated, want %d", n, total-1)
 	}
 	admit("192.0.2.2", true)
@@ -172,13 +166,11 @@ func TestUnauthLimitPerIPv6Prefix(t *testing.T) {
 	}
 	admit("fd00:1::5", true, 4) // the total's oldest, fd00:1::4's
 	for _, h := range slots {
-		l.release(h.slot)
-		l.release(h.slot) // once only
+		l.limit.Release(h.slot)
+		l.limit.Release(h.slot) // once only
 	}
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if l.waiting.Len() != 0 || len(l.unauth) != 0 || len(l.unauthPrefix) != 0 {
-		t.Fatalf("after every release: %d waiting, %d addresses, %d prefixes kept", l.waiting.Len(), len(l.unauth), len(l.unauthPrefix))
+	if addrs, prefixes := l.limit.Tracked(); l.limit.Len() != 0 || addrs != 0 || prefixes != 0 {
+		t.Fatalf("after every release: %d waiting, %d addresses, %d prefixes kept", l.limit.Len(), addrs, prefixes)
 	}
 }
 

@@ -1,14 +1,12 @@
 package mqtt
 
 import (
-	"container/list"
 	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
-	"net/netip"
 	"strings"
 	"sync"
 	"time"
@@ -39,152 +37,47 @@ type tlsListener struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
-	// Connections not authenticated yet (the TLS handshake, then the
-	// wait for CONNECT and its check): by source address, by IPv6 /64
-	// (oldest first) and all of them oldest first (under mu). Refusals
-	// and evictions are logged once a minute (limitLogged, refusedN).
-	mu           sync.Mutex
-	unauth       map[netip.Addr]int
-	unauthPrefix map[bridges.Prefix]*list.List // of *unauthSlot
-	waiting      list.List                     // of *unauthSlot
-	limitLogged  time.Time
-	refusedN     int
+	// limit holds the connections not authenticated yet (the TLS
+	// handshake, then the wait for CONNECT and its check): admit.
+	limit *bridges.SourceLimit[net.Conn]
+	// Refusals and evictions are logged once a minute (under mu).
+	mu          sync.Mutex
+	limitLogged time.Time
+	refusedN    int
 }
 
-// unauthSlot is one unauthenticated connection's place (tlsListener.admit).
-type unauthSlot struct {
-	src   bridges.Source
-	conn  net.Conn
-	elem  *list.Element // in waiting
-	pelem *list.Element // in its /64's list (nil: IPv4)
-	// Under the listener's mu: done once released, and evicted too if
-	// released to make room for a newer connection (admit), which closed
-	// it and counted it as handshake_limit.
-	done    bool
-	evicted bool
-}
+// unauthSlot is one unauthenticated connection's place (admit); its
+// Value is the connection, which an eviction closes.
+type unauthSlot = bridges.Slot[net.Conn]
 
-// admit takes a slot for connection c from src. Each unauthenticated
-// connection holds a goroutine and TLS state for up to HandshakeTimeout
-// twice over. TCP cannot be spoofed, so a source over its address's bound,
-// MaxUnauthPerSource, is refused at once: that address is the host itself,
-// and one host must not hold thousands (a slowloris).
-//
-// A host on an IPv6 link can use any address of the link's /64 (SLAAC,
-// privacy addresses), and escaped the bound per address by taking a new
-// one per connection, so the /64 is bounded too, MaxUnauthPerPrefix (a
-// link-local /64 per interface: bridges.SourcePrefix). Past it the /64's
-// oldest unauthenticated connection is closed to make room,
-// not the new one refused: the /64 is every IPv6 device of the link, and
-// refusing let one host of the link keep out all of them with a few dozen
-// idle connections (TCP connected, no TLS) for as long as it kept them. A
-// device gets through its handshake and CONNECT in milliseconds (a secret
-// login: the length of its check), so a host pushes out only its own
-// idle connections unless it opens more than the /64's bound within that
-// time. Past MaxUnauth in all, likewise the oldest of all is closed: idle
-// connections from many sources push out each other, not the devices.
-//
-// IPv4 is counted per address only (a host has the addresses it was
-// given), so the /64's bound does not hold an IPv4 host: on a LAN one can
-// claim many unused addresses of its subnet (answering ARP for them),
-// MaxUnauthPerSource connections from each, and so reach the total alone
-// and push out the others' unauthenticated connections, as any number of
-// hosts together can. Against that there is the total's oldest-first
-// eviction, not a bound per host.
+// admit takes a slot for connection c from src among the unauthenticated
+// connections: l.limit, a bridges.SourceLimit (why it counts per address,
+// per IPv6 /64 and in all, refusing past the first and evicting the
+// oldest past the others, is said there), bounded by MaxUnauthPerSource,
+// MaxUnauthPerPrefix and MaxUnauth. Each holds a goroutine and TLS state
+// for up to HandshakeTimeout twice over (the handshake, then CONNECT).
+// TCP cannot be spoofed, so an address over its bound is the host itself,
+// refused at once: one host must not hold thousands (a slowloris). An
+// evicted connection is closed. What the evictions push out is idle
+// connections (TCP connected, no TLS): a device holds its slot only
+// through its handshake and CONNECT, milliseconds (a secret login: the
+// length of its check).
 func (l *tlsListener) admit(c net.Conn, src bridges.Source) (*unauthSlot, bool) {
-	l.mu.Lock()
-	if l.unauth[src.Addr] >= l.s.cfg.MaxUnauthPerSource {
-		l.mu.Unlock()
+	slot := bridges.NewSlot(src, c)
+	ok, evicted, by := l.limit.Take(slot)
+	if !ok {
 		l.limited(c, src, "connection refused: too many not yet authenticated from this address (TLS handshake or CONNECT pending)")
 		return nil, false
 	}
-	var byPrefix, byTotal *unauthSlot
-	if q := l.unauthPrefix[src.Prefix]; src.Prefix.IsValid() && q != nil && q.Len() >= l.s.cfg.MaxUnauthPerPrefix {
-		byPrefix = q.Front().Value.(*unauthSlot)
-		l.releaseLocked(byPrefix)
-		byPrefix.evicted = true
-	}
-	if l.waiting.Len() >= l.s.cfg.MaxUnauth {
-		byTotal = l.waiting.Front().Value.(*unauthSlot)
-		l.releaseLocked(byTotal)
-		byTotal.evicted = true
-	}
-	if l.unauth == nil {
-		l.unauth, l.unauthPrefix = map[netip.Addr]int{}, map[bridges.Prefix]*list.List{}
-	}
-	slot := &unauthSlot{src: src, conn: c}
-	slot.elem = l.waiting.PushBack(slot)
-	l.unauth[src.Addr]++
-	if src.Prefix.IsValid() {
-		q := l.unauthPrefix[src.Prefix]
-		if q == nil {
-			q = list.New()
-			l.unauthPrefix[src.Prefix] = q
-		}
-		slot.pelem = q.PushBack(slot)
-	}
-	l.mu.Unlock()
 	// Closed: its goroutine's handshake or CONNECT read fails, and is not
 	// counted again (evicted: handle, Server.accept).
-	if byPrefix != nil {
-		l.limited(byPrefix.conn, byPrefix.src, "oldest unauthenticated connection of this IPv6 /64 closed: too many not yet authenticated from the /64")
-	}
-	if byTotal != nil {
-		l.limited(byTotal.conn, byTotal.src, "oldest unauthenticated connection closed: too many not yet authenticated in all")
+	switch by {
+	case bridges.BoundPrefix:
+		l.limited(evicted.Value(), evicted.Source(), "oldest unauthenticated connection of this IPv6 /64 closed: too many not yet authenticated from the /64")
+	case bridges.BoundTotal:
+		l.limited(evicted.Value(), evicted.Source(), "oldest unauthenticated connection closed: too many not yet authenticated in all")
 	}
 	return slot, true
-}
-
-func (l *tlsListener) releaseLocked(s *unauthSlot) {
-	if s.done {
-		return
-	}
-	s.done = true
-	l.waiting.Remove(s.elem)
-	if l.unauth[s.src.Addr] <= 1 {
-		delete(l.unauth, s.src.Addr)
-	} else {
-		l.unauth[s.src.Addr]--
-	}
-	if s.pelem == nil {
-		return
-	}
-	q := l.unauthPrefix[s.src.Prefix]
-	q.Remove(s.pelem)
-	if q.Len() == 0 {
-		delete(l.unauthPrefix, s.src.Prefix)
-	}
-}
-
-// unauthIn is how many unauthenticated connections p holds (under mu).
-func (l *tlsListener) unauthIn(p bridges.Prefix) int {
-	if q := l.unauthPrefix[p]; q != nil {
-		return q.Len()
-	}
-	return 0
-}
-
-// release gives s back (once; later calls do nothing) and reports whether
-// it was taken from it for a newer connection instead (admit).
-func (l *tlsListener) release(s *unauthSlot) (evicted bool) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	l.releaseLocked(s)
-	return s.evicted
-}
-
-// claim gives s back for a connection whose CONNECT was accepted
-// (Server.accept), so that admit no longer closes it to make room, and
-// reports false, releasing nothing, if admit closed it already (evicted):
-// the connection is not to be accepted then.
-func (l *tlsListener) claim(s *unauthSlot) bool {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if s.evicted {
-		return false
-	}
-	l.releaseLocked(s)
-	return true
 }
 
 // limited counts a connection closed by the limits (c, from src) and logs
@@ -193,9 +86,10 @@ func (l *tlsListener) limited(c net.Conn, src bridges.Source, msg string) {
 	// Counted before it is closed: whoever sees it closed sees it counted.
 	l.s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonHandshakeLimit).Inc()
 	c.Close()
+	perSource, perPrefix, all := l.limit.From(src.Addr), l.limit.In(src.Prefix), l.limit.Len()
 	l.mu.Lock()
 	l.refusedN++
-	n, perSource, perPrefix, all := l.refusedN, l.unauth[src.Addr], l.unauthIn(src.Prefix), l.waiting.Len()
+	n := l.refusedN
 	logNow := time.Since(l.limitLogged) >= time.Minute
 	if logNow {
 		l.limitLogged, l.refusedN = time.Now(), 0
@@ -273,7 +167,7 @@ func (l *tlsListener) handle(c net.Conn, slot *unauthSlot, establish listeners.E
 	err := tc.HandshakeContext(ctx)
 	cancel()
 	if err != nil {
-		if l.release(slot) {
+		if l.limit.Release(slot) {
 			// Closed by admit, which counted and logged it
 			// (handshake_limit): not a failed handshake too.
 			l.s.log.Debug("mqtt: TLS handshake ended: closed to make room for a newer connection", "device", "", "remote", c.RemoteAddr().String())
@@ -303,7 +197,8 @@ func (l *tlsListener) handle(c net.Conn, slot *unauthSlot, establish listeners.E
 
 // refused counts connection c, whose TLS handshake failed with err, under
 // why, and logs it through refusalLine: anyone who reaches the port can
-// open connections that fail so, as fast as they can.
+// open connections that fail so, as fast as they can. A handshake that
+// Close ended is not counted: stopping is no failure of the client's.
 func (l *tlsListener) refused(c net.Conn, err error) {
 	remote := c.RemoteAddr().String()
 	var rh tls.RecordHeaderError
@@ -322,6 +217,10 @@ func (l *tlsListener) refused(c net.Conn, err error) {
 	case isNoClientCert(err):
 		l.s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonNoCredentials).Inc()
 		l.s.refusalLine(slog.LevelWarn, hub.ReasonNoCredentials, "mqtt: handshake refused: no client certificate", "device", "", "remote", remote)
+	case l.ctx.Err() != nil:
+		// Ended by Close (its context cancelled, the connection closed):
+		// the server is stopping, the client did nothing wrong.
+		l.s.log.Debug("mqtt: TLS handshake ended: the server is stopping", "device", "", "remote", remote)
 	default:
 		l.s.m.Handshakes.WithLabelValues(hub.MQTT, "failed").Inc()
 		l.s.refusalLine(slog.LevelInfo, "handshake_failed", "mqtt: TLS handshake failed", "device", "", "remote", remote, "err", ratelog.ClipErr(err))
@@ -341,13 +240,7 @@ func (l *tlsListener) Close(closeClients listeners.CloseFn) {
 	// A connection past its TLS handshake but before its CONNECT is not
 	// among the broker's clients yet: closeClients does not end it, and
 	// its goroutine would hold wg until the CONNECT deadline (10 s).
-	l.mu.Lock()
-	var unauth []net.Conn
-	for e := l.waiting.Front(); e != nil; e = e.Next() {
-		unauth = append(unauth, e.Value.(*unauthSlot).conn)
-	}
-	l.mu.Unlock()
-	for _, c := range unauth {
+	for _, c := range l.limit.Values() {
 		c.Close()
 	}
 	// Ended here, all at once and each within endWait, mochi's

@@ -105,7 +105,7 @@ type pipeConn struct {
 	// its Will is not sent.
 	refused atomic.Bool
 	// unauth is the connection's slot among the listener's
-	// unauthenticated ones until Server.accept (tlsListener.claim) or
+	// unauthenticated ones until Server.accept (SourceLimit.Claim) or
 	// authenticated releases it.
 	unauth *unauthSlot
 
@@ -151,7 +151,7 @@ type heldRun struct {
 // its CONNECT was accepted (Server.accept gives it back then: claim).
 func (c *pipeConn) authenticated() {
 	if c.unauth != nil {
-		c.l.release(c.unauth)
+		c.l.limit.Release(c.unauth)
 	}
 }
 

@@ -15,6 +15,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"slices"
 	"sync"
 	"time"
@@ -311,7 +312,8 @@ func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log 
 		}
 		return nil
 	}
-	s.tls = &tlsListener{s: s, id: "tls", addr: cfg.Listen, cfg: pki.TLSServer(cert, clientAuth, verify)}
+	s.tls = &tlsListener{s: s, id: "tls", addr: cfg.Listen, cfg: pki.TLSServer(cert, clientAuth, verify),
+		limit: bridges.NewSourceLimit[net.Conn](cfg.MaxUnauthPerSource, cfg.MaxUnauthPerPrefix, cfg.MaxUnauth)}
 	if err := s.mq.AddListener(s.tls); err != nil {
 		return nil, fmt.Errorf("mqtt: listen tcp %s: %w", cfg.Listen, err)
 	}
@@ -500,7 +502,7 @@ const (
 // good.
 //
 // Once accepted the connection gives back its slot among the listener's
-// unauthenticated ones (tlsListener.claim), here, before the sessions it
+// unauthenticated ones (SourceLimit.Claim), here, before the sessions it
 // replaces are ended (each may take endWait) and its CONNACK is sent, so
 // that the limits no longer close it to make room for a newer one. One
 // they closed already during its check (a secret's argon2id) is refused
@@ -527,8 +529,8 @@ func (s *Server) accept(pc *pipeConn, cl *mochi.Client, cert *hub.SessionCert, s
 				return nil, acceptSuperseded
 			}
 		}
-		// Lock order: Server.mu, then the listener's mu.
-		if pc.unauth != nil && !pc.l.claim(pc.unauth) {
+		// Lock order: Server.mu, then the listener's limit's.
+		if pc.unauth != nil && !pc.l.limit.Claim(pc.unauth) {
 			s.mu.Unlock()
 			return nil, acceptEvicted
 		}

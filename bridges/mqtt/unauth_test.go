@@ -13,9 +13,7 @@ import (
 
 // unauthFrom reports the listener's unauthenticated connections from host.
 func (r *rig) unauthFrom(host string) int {
-	r.s.tls.mu.Lock()
-	defer r.s.tls.mu.Unlock()
-	return r.s.tls.unauth[netip.MustParseAddr(host)]
+	return r.s.tls.limit.From(netip.MustParseAddr(host))
 }
 
 // closedAtOnce dials the server from the address from and fails unless the
@@ -109,9 +107,7 @@ func TestUnauthenticatedConnectionsLimitedInAll(t *testing.T) {
 		idle = append(idle, c)
 	}
 	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(5 * time.Millisecond) {
-		r.s.tls.mu.Lock()
-		n := r.s.tls.waiting.Len()
-		r.s.tls.mu.Unlock()
+		n := r.s.tls.limit.Len()
 		if n == 3 {
 			break
 		}
