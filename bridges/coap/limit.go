@@ -127,6 +127,7 @@ type handshakeConn struct {
 }
 
 func (c *handshakeConn) HandshakeContext(ctx context.Context) error {
+	serve := ctx // the server's, with its handshake timeout
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	c.end = cancel
@@ -152,7 +153,13 @@ func (c *handshakeConn) HandshakeContext(ctx context.Context) error {
 		switch {
 		case evicted: // counted as a refusal by the handshake that took its place
 			err = fmt.Errorf("%w: ended for a newer handshake: %w", errHandshakeLimit, err)
-		case !errors.Is(err, errHandshakeLimit): // else counted as a refusal
+		case errors.Is(err, errHandshakeLimit): // counted as a refusal
+		case errors.Is(serve.Err(), context.Canceled):
+			// The server is stopping (its timeout would be
+			// DeadlineExceeded): not the handshake's failure.
+			c.l.s.log.Debug("coap: handshake ended: the server is stopping", "device", "", "remote", c.RemoteAddr().String())
+			return err
+		default:
 			c.l.s.m.Handshakes.WithLabelValues(hub.CoAP, "failed").Inc()
 		}
 		c.l.s.log.Debug("coap: handshake failed", "device", "", "remote", c.RemoteAddr().String(), "err", err)

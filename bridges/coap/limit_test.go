@@ -329,3 +329,36 @@ func dtlsClient(t *testing.T, cancel context.CancelFunc, pc net.PacketConn, radd
 	t.Cleanup(func() { cancel(); c.Close() })
 	return c
 }
+
+// A handshake in progress when the server stops is ended by the stop, not
+// failed: it is not counted as a failed handshake.
+func TestHandshakeEndedByShutdownNotFailed(t *testing.T) {
+	id := &fakeIdentity{key: []byte("0123456789abcdef"), revoked: map[string]bool{}}
+	s, _, _, pskAddr, _, stop := startWith(t, id, nopSink{}, coap.Config{}, nil, 0)
+	dev := &devicesim.Device{Creds: devicesim.Creds{ID: "dev-psk", Auth: "psk", PSKIdentity: "id-psk", PSK: hex.EncodeToString(id.key)}}
+	cfg, err := dev.DTLSConfig(pskAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	raddr, err := net.ResolveUDPAddr("udp4", pskAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	pc, err := net.ListenPacket("udp4", "127.0.0.2:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := dtlsClient(t, cancel, pc, raddr, stalling(ctx, cfg))
+	go c.HandshakeContext(ctx)
+	for deadline := time.Now().Add(10 * time.Second); coap.HandshakesInFlight(s) == 0; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the stalled handshake was never counted in flight")
+		}
+	}
+	stop() // Run has returned: every handshake has ended
+	if got := testutil.ToFloat64(coap.HubOf(s).Metrics().Handshakes.WithLabelValues(hub.CoAP, "failed")); got != 0 {
+		t.Errorf("failed handshakes %v after a shutdown ended one in progress, want 0", got)
+	}
+}
