@@ -233,12 +233,11 @@ func TestEnrollLine(t *testing.T) {
 	if len(clipped) > ratelog.MaxText+32 {
 		t.Fatalf("clipped identity is %d bytes", len(clipped))
 	}
-	// refusalLine always says how many were not logged (0 for the first);
-	// deviceLine only when some were not.
+	// Both say how many were not logged (0 for the first).
 	if diff := cmp.Diff([]line{{clipped, "refused for pake-long", "0"}}, got("coap: pairing exchange refused")); diff != "" {
 		t.Errorf("pairing exchange lines (-want +got):\n%s", diff)
 	}
-	if diff := cmp.Diff([]line{{"enroll:c", "refused for enroll-c", "0"}, {"dev-a", "refused for dev-a", ""}, {"dev-b", "refused for dev-b", ""}},
+	if diff := cmp.Diff([]line{{"enroll:c", "refused for enroll-c", "0"}, {"dev-a", "refused for dev-a", "0"}, {"dev-b", "refused for dev-b", "0"}},
 		got("coap: EST request refused")); diff != "" {
 		t.Errorf("EST lines (-want +got):\n%s", diff)
 	}

@@ -10,18 +10,13 @@ import (
 // is authenticated (plaintextLogEvery for plaintext datagrams).
 const refusalLogEvery = 10 * time.Second
 
-// refusalLine logs msg with args unless a line of the same kind went out
-// less than refusalLogEvery ago: for refusals anyone on the network can
-// cause before a device is authenticated (a handshake over a limit, an
-// unknown PSK identity, a certificate not accepted). The caller counts
-// each in the metric; the line says how many of its kind were not logged
-// since the one before.
+// refusalLine logs msg with args at most once per kind per
+// refusalLogEvery (ratelog.Every.Line): for refusals anyone on the network
+// can cause before a device is authenticated (a handshake over a limit,
+// an unknown PSK identity, a certificate not accepted). The caller counts
+// each in the metric.
 func (s *Server) refusalLine(kind, msg string, args ...any) {
-	n, ok := s.lines.Allow(kind, time.Now())
-	if !ok {
-		return
-	}
-	s.log.Warn(msg, append(args, "not_logged_since_last_line", n)...)
+	s.lines.Line(s.log, slog.LevelWarn, kind, msg, args...)
 }
 
 // deviceLine logs msg at level unless a line of the same kind about the

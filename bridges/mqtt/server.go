@@ -715,21 +715,15 @@ const (
 	refusalLogEvery = 10 * time.Second
 )
 
-// refusalLine logs msg at level with args unless a line of the same kind
-// went out less than refusalLogEvery ago: for refusals anyone on the
-// network can cause before a device is authenticated (a certificate not
-// accepted, plaintext on the TLS port, no client certificate, a failed
-// TLS handshake, a CONNECT refused before its credentials proved a
-// device), at the rate they can open connections. kind comes from
-// a small set (never from text the peer chose). The caller counts each in
-// the metric; the line says how many of its kind were not logged since
-// the one before. As CoAP's (bridges/coap/ratelog.go).
+// refusalLine logs msg at level with args at most once per kind per
+// refusalLogEvery (ratelog.Every.Line): for refusals anyone on the network
+// can cause before a device is authenticated (a certificate not accepted,
+// plaintext on the TLS port, no client certificate, a failed TLS
+// handshake, a CONNECT refused before its credentials proved a device),
+// at the rate they can open connections. kind comes from a small set
+// (never from text the peer chose). The caller counts each in the metric.
 func (s *Server) refusalLine(level slog.Level, kind, msg string, args ...any) {
-	n, ok := s.lines.Allow(kind, time.Now())
-	if !ok {
-		return
-	}
-	s.log.Log(context.Background(), level, msg, append(args, "not_logged_since_last_line", n)...)
+	s.lines.Line(s.log, level, kind, msg, args...)
 }
 
 // deviceLine logs msg at level unless a line of the same kind about the
