@@ -634,6 +634,14 @@ func liveConfig(running, file config.Config, linkLive bool) config.Config {
 	c.Pairing.Vendors = file.Pairing.Vendors
 	if linkLive {
 		c.Upstream.Config = file.Upstream.Config
+		// An upstream id derived from gateway_id follows it to the next
+		// restart, and so does a client id derived from that.
+		if file.GatewayID != running.GatewayID && file.Upstream.Gateway == file.GatewayID {
+			c.Upstream.Gateway = running.Upstream.Gateway
+			if file.Upstream.ClientID == file.Upstream.Gateway {
+				c.Upstream.ClientID = running.Upstream.ClientID
+			}
+		}
 	}
 	return c
 }

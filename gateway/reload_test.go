@@ -408,3 +408,29 @@ func TestListenESTNeverEmpty(t *testing.T) {
 		t.Fatalf("listenEST with pairing.est_listen \"\" listened at %s", ln.Addr())
 	}
 }
+
+// TestLiveConfigGatewayID: gateway_id takes effect at the next restart, and
+// so do the upstream id and client id derived from it (a file that leaves
+// them ""), while the link's other keys are applied: before, the link took
+// the new derived ids at once, its topics moving while the gateway still
+// reported and used the old gateway_id.
+func TestLiveConfigGatewayID(t *testing.T) {
+	running := config.Dev("/tmp/x")
+	running.Upstream.Enabled = true
+	file := running
+	file.GatewayID, file.Upstream.Gateway, file.Upstream.ClientID = "gw-new", "", ""
+	file.Upstream.KeepAlive = time.Minute
+	config.SetDefaults(&file)
+	if file.Upstream.Gateway != "gw-new" || file.Upstream.ClientID != "gw-new" {
+		t.Fatalf("the test's file derives upstream.gateway %q, client_id %q; want gw-new", file.Upstream.Gateway, file.Upstream.ClientID)
+	}
+	got := liveConfig(running, file, true)
+	if got.Upstream.Gateway != running.Upstream.Gateway || got.Upstream.ClientID != running.Upstream.ClientID || got.Upstream.KeepAlive != time.Minute {
+		t.Errorf("upstream gateway %q, client_id %q, keepalive %v; want the running %q, %q and the file's 1m",
+			got.Upstream.Gateway, got.Upstream.ClientID, got.Upstream.KeepAlive, running.Upstream.Gateway, running.Upstream.ClientID)
+	}
+	want := []string{"gateway_id", "upstream.gateway", "upstream.client_id"}
+	if d := cmp.Diff(want, config.ChangedKeys(got, file)); d != "" {
+		t.Errorf("keys named (-want +got):\n%s", d)
+	}
+}
