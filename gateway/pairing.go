@@ -225,6 +225,8 @@ func (p *pairingSvc) vendorOf(leaf *x509.Certificate, inter *x509.CertPool) stri
 	return ""
 }
 
+// chainsTo reports whether leaf chains to roots through inter at the
+// gateway's time.
 func (p *pairingSvc) chainsTo(leaf *x509.Certificate, inter, roots *x509.CertPool) bool {
 	_, err := leaf.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, CurrentTime: p.g.clock.Now(),
 		KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}})
