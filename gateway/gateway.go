@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/subtle"
+	"crypto/x509"
 	"encoding/base32"
 	"encoding/hex"
 	"errors"
@@ -537,10 +538,16 @@ func (g *Gateway) reloadLoop(ctx context.Context) error {
 // Reload re-reads the configuration file. A bad file is refused with the
 // reason and the running configuration stays. A reload is applied whole or
 // not at all: every check that can refuse it (the file, the firewall
-// policy, the upstream link's settings and credentials) runs before
-// anything is applied, so a refusal leaves nothing half-applied (the
-// firewall's new policy in force beside the old upstream settings and log
-// level, say).
+// policy, the vendor roots, the upstream link's settings and credentials)
+// runs before anything is applied, so a refusal leaves nothing
+// half-applied (the firewall's new policy in force beside the old upstream
+// settings and log level, say).
+//
+// Only the keys liveConfig takes from the file are applied; the others
+// keep their running values in the configuration the reload stores and
+// builds the firewall policy from (a listener that moves at the next
+// restart keeps its port open until then), and the log and the audit name
+// those that changed.
 func (g *Gateway) Reload() error {
 	g.reloadMu.Lock()
 	defer g.reloadMu.Unlock()
@@ -557,14 +564,14 @@ func (g *Gateway) Reload() error {
 		g.store.Audit(store.Event{Time: g.clock.Now(), Actor: "system", Action: "config.reload_refused", Target: g.configPath, Detail: err.Error()})
 		return err
 	}
-	cfg, warnings, err := config.LoadWithWarnings(g.configPath, base)
+	file, warnings, err := config.LoadWithWarnings(g.configPath, base)
 	if err != nil {
 		return refuse("config reload refused; the running configuration stays", err)
 	}
 	g.logConfigWarnings(warnings)
-	if cfg.StateDir != old.StateDir || cfg.CoAP != old.CoAP || cfg.MQTT != old.MQTT || cfg.Console != old.Console || cfg.MemoryLimit != old.MemoryLimit {
-		g.log.Warn("config reload: listener, state_dir and memory_limit changes take effect at the next restart")
-	}
+	linkLive := g.upstream != nil && file.Upstream.Enabled
+	cfg := liveConfig(*old, file, linkLive)
+	atRestart := config.ChangedKeys(cfg, file)
 	// The checks.
 	var policy firewall.Policy
 	if g.fw != nil {
@@ -572,15 +579,19 @@ func (g *Gateway) Reload() error {
 			return refuse("config reload refused: the new firewall policy is not valid; the running configuration stays", err)
 		}
 	}
+	var vendors map[string]*x509.CertPool
+	if g.pairing != nil {
+		if vendors, err = loadVendorRoots(cfg.Pairing.Vendors); err != nil {
+			return refuse("config reload refused: a vendor root file could not be used; the running configuration stays", err)
+		}
+	}
 	var up *upstream.PreparedReload
-	if g.upstream != nil && cfg.Upstream.Enabled {
+	if linkLive {
 		ucfg := cfg.Upstream.Config
 		ucfg.Forward = g.forwardRules(ucfg) // the console's rules stay in force
 		if up, err = g.upstream.PrepareReload(ucfg); err != nil {
 			return refuse("config reload refused: the upstream link refused the new settings; the running configuration stays", err)
 		}
-	} else if (g.upstream != nil) != cfg.Upstream.Enabled {
-		g.log.Warn("config reload: turning upstream on or off takes effect at the next restart")
 	}
 	// Then apply.
 	if g.fw != nil {
@@ -591,12 +602,48 @@ func (g *Gateway) Reload() error {
 	if up != nil {
 		up.Apply()
 	}
+	if g.pairing != nil {
+		g.pairing.setVendors(vendors)
+	}
 	g.level.Set(parseLevel(cfg.Log.Level))
 	g.cfg.Store(&cfg)
 	g.metrics.reloads.WithLabelValues("ok").Inc()
-	g.store.Audit(store.Event{Time: g.clock.Now(), Actor: "system", Action: "config.reload", Target: g.configPath})
+	var detail string
+	if len(atRestart) > 0 {
+		detail = "take effect at the next restart: " + strings.Join(atRestart, ", ")
+		g.log.Warn("config reload: changed keys that "+detail+"; until then their running values stay in force", "file", g.configPath, "keys", atRestart)
+	}
+	g.store.Audit(store.Event{Time: g.clock.Now(), Actor: "system", Action: "config.reload", Target: g.configPath, Detail: detail})
 	g.log.Info("config reloaded", "file", g.configPath)
 	return nil
+}
+
+// liveConfig is the configuration a reload puts in force: from the file,
+// the keys a reload applies (the log level, the device certificate
+// validity, the firewall's zones, rate, ping and forwarding, the vendor
+// roots of pairing, and the upstream link's settings while the link runs
+// and the file keeps it on); from the running configuration, every other
+// key, as what is running still uses it until the next restart.
+func liveConfig(running, file config.Config, linkLive bool) config.Config {
+	c := running
+	c.Log.Level = file.Log.Level
+	c.PKI.DeviceCertValidity = file.PKI.DeviceCertValidity
+	manage := c.Firewall.Manage
+	c.Firewall = file.Firewall
+	c.Firewall.Manage = manage
+	c.Pairing.Vendors = file.Pairing.Vendors
+	if linkLive {
+		c.Upstream.Config = file.Upstream.Config
+		// An upstream id derived from gateway_id follows it to the next
+		// restart, and so does a client id derived from that.
+		if file.GatewayID != running.GatewayID && file.Upstream.Gateway == file.GatewayID {
+			c.Upstream.Gateway = running.Upstream.Gateway
+			if file.Upstream.ClientID == file.Upstream.Gateway {
+				c.Upstream.ClientID = running.Upstream.ClientID
+			}
+		}
+	}
+	return c
 }
 
 // logConfigWarnings logs what the configuration file says that is accepted

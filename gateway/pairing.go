@@ -55,7 +55,6 @@ type pairingSvc struct {
 	win      *pairing.Window
 	codes    *pairing.Codes
 	enroller *pairing.Enroller
-	vendors  map[string]*x509.CertPool
 	sources  []button.Source
 	watchers []*button.Watcher
 	events   chan button.Event
@@ -92,7 +91,10 @@ type pairingSvc struct {
 	// mu guards the maps below. Nothing calls into win (nor codes,
 	// enroller) while holding it: any reading of the window may close it
 	// and run p.audit on the same goroutine, which takes mu.
-	mu      sync.Mutex
+	mu sync.Mutex
+	// vendors are the roots of manufacturer certificates (IDevID), by
+	// vendor name: pairing.vendors, replaced whole by a reload.
+	vendors map[string]*x509.CertPool
 	pake    map[string]*pakeRun      // label device id → exchange after hello
 	pending map[string]*pendingEnrol // label device id → PAKE done, EST next
 	// idevWindow is when the window was opened in which an IDevID session
@@ -117,7 +119,7 @@ type pendingEnrol struct {
 // openPairing builds the window and opens the button sources. In --dev
 // the input is a FIFO in the state directory, made 0600 here.
 func (g *Gateway) openPairing(cfg config.Config) error {
-	p := &pairingSvc{g: g, events: make(chan button.Event), vendors: map[string]*x509.CertPool{},
+	p := &pairingSvc{g: g, events: make(chan button.Event),
 		pake: map[string]*pakeRun{}, pending: map[string]*pendingEnrol{}, derived: map[string]string{}, idevWindow: map[string]time.Time{}, estChange: make(chan struct{}, 1),
 		refusalAudit: ratelog.New(pairingRefusalAuditEvery), refusalLines: ratelog.New(pairingRefusalLogEvery)}
 	p.renew = renewals{store: g.store, last: map[string]renewal{}, byNew: map[string]string{}}
@@ -148,16 +150,8 @@ func (g *Gateway) openPairing(cfg config.Config) error {
 			return fmt.Errorf("pairing metrics: %w", err)
 		}
 	}
-	for name, file := range cfg.Pairing.Vendors {
-		b, err := os.ReadFile(file)
-		if err != nil {
-			return fmt.Errorf("pairing.vendors.%s: %w", name, err)
-		}
-		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM(b) {
-			return fmt.Errorf("pairing.vendors.%s: %s holds no PEM certificate", name, file)
-		}
-		p.vendors[name] = pool
+	if p.vendors, err = loadVendorRoots(cfg.Pairing.Vendors); err != nil {
+		return err
 	}
 	g.pairing = p // before the sources: close() releases what was opened
 	if err := p.openSources(cfg.Pairing); err != nil {
@@ -166,7 +160,7 @@ func (g *Gateway) openPairing(cfg config.Config) error {
 	g.extraControl["POST /v1/pairing/expect"] = http.HandlerFunc(p.controlExpect)
 	g.addStatus("pairing", func() any {
 		st := p.win.State()
-		m := map[string]any{"open": st.Open, "failures": st.Failures, "buttons": len(p.sources), "vendors": len(p.vendors)}
+		m := map[string]any{"open": st.Open, "failures": st.Failures, "buttons": len(p.sources), "vendors": len(p.vendorRoots())}
 		if st.Open {
 			m["closes"] = st.Deadline
 			m["enrolling"] = st.Enrolling
@@ -183,6 +177,60 @@ func (g *Gateway) openPairing(cfg config.Config) error {
 		return m
 	})
 	return nil
+}
+
+// loadVendorRoots reads the vendor root files of pairing.vendors.
+func loadVendorRoots(files map[string]string) (map[string]*x509.CertPool, error) {
+	roots := map[string]*x509.CertPool{}
+	for name, file := range files {
+		b, err := os.ReadFile(file)
+		if err != nil {
+			return nil, fmt.Errorf("pairing.vendors.%s: %w", name, err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(b) {
+			return nil, fmt.Errorf("pairing.vendors.%s: %s holds no PEM certificate", name, file)
+		}
+		roots[name] = pool
+	}
+	return roots, nil
+}
+
+// setVendors puts roots (loadVendorRoots) in force: every manufacturer
+// certificate checked from now on, in a window already open too, is
+// checked against them, and an IDevID session accepted before under a
+// root no longer there may not enroll (beginEnrol).
+func (p *pairingSvc) setVendors(roots map[string]*x509.CertPool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.vendors = roots
+}
+
+// vendorRoots returns the vendor roots in force; the map is never changed,
+// only replaced.
+func (p *pairingSvc) vendorRoots() map[string]*x509.CertPool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.vendors
+}
+
+// vendorOf names the configured vendor whose roots leaf chains to, through
+// inter, or returns "".
+func (p *pairingSvc) vendorOf(leaf *x509.Certificate, inter *x509.CertPool) string {
+	for name, pool := range p.vendorRoots() {
+		if p.chainsTo(leaf, inter, pool) {
+			return name
+		}
+	}
+	return ""
+}
+
+// chainsTo reports whether leaf chains to roots through inter at the
+// gateway's time.
+func (p *pairingSvc) chainsTo(leaf *x509.Certificate, inter, roots *x509.CertPool) bool {
+	_, err := leaf.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, CurrentTime: p.g.clock.Now(),
+		KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}})
+	return err == nil
 }
 
 func (p *pairingSvc) openSources(pc config.Pairing) error {
@@ -450,14 +498,7 @@ func (p *pairingSvc) verifyIDevID(raw [][]byte, caErr error) (string, error) {
 			inter.AddCert(c)
 		}
 	}
-	vendor := ""
-	for name, pool := range p.vendors {
-		if _, err := leaf.Verify(x509.VerifyOptions{Roots: pool, Intermediates: inter, CurrentTime: p.g.clock.Now(),
-			KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err == nil {
-			vendor = name
-			break
-		}
-	}
+	vendor := p.vendorOf(leaf, inter)
 	// One reading of the window, before p.mu: a reading may close it (its
 	// deadline passed), which audits the close, and p.audit takes p.mu.
 	st := p.win.State()
@@ -776,12 +817,22 @@ func (p *pairingSvc) beginEnrol(device string, peer []*x509.Certificate) (*enrol
 			p.refusal("enrollment refused", "pairing.session_refused", "earlier window", device, "enrollment session from an earlier window")
 			return nil, errors.New("this session was opened in an earlier pairing window: reconnect")
 		}
+		// The session was accepted with the roots then in force; a reload
+		// since may have removed its vendor's root (a compromised one).
+		en.vendor, _, _ = strings.Cut(strings.TrimPrefix(device, idIDevID), ":")
+		inter := x509.NewCertPool()
+		for _, c := range peer[1:] {
+			inter.AddCert(c)
+		}
+		if roots := p.vendorRoots()[en.vendor]; roots == nil || !p.chainsTo(peer[0], inter, roots) {
+			p.refusal("enrollment refused", "pairing.session_refused", "unknown vendor", device, "manufacturer certificate no longer chains to a root of "+en.vendor+" in pairing.vendors (changed by a reload)")
+			return nil, errors.New("the manufacturer certificate's vendor root is no longer configured on this gateway")
+		}
 		a, err := p.win.Begin(device)
 		if err != nil {
 			return nil, err
 		}
 		en.commit, en.fail = a.Succeed, a.Fail
-		en.vendor, _, _ = strings.Cut(strings.TrimPrefix(device, idIDevID), ":")
 		en.model = peer[0].Subject.CommonName
 		if en.model == "" {
 			en.model = peer[0].Subject.SerialNumber

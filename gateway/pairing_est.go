@@ -103,9 +103,16 @@ func (p *pairingSvc) runEST(ctx context.Context) error {
 	}
 }
 
+// listenEST listens on pairing.est_listen as the gateway started with it
+// (a reload keeps the running value: it takes effect at the next restart).
 func (p *pairingSvc) listenEST() (net.Listener, error) {
 	cfg := p.g.cfg.Load()
 	listen := cfg.Pairing.ESTListen
+	if listen == "" {
+		// tls.Listen would take "" for every address and a random port,
+		// which estFirewall would then open on the lan.
+		return nil, errors.New("pairing.est_listen is empty: EST over HTTPS is off")
+	}
 	if p.estCert == nil {
 		sc, err := p.g.ca.ServerCert("est", p.g.serverSANs(*cfg, listen), cfg.PKI.ServerCertValidity.D(), cfg.PKI.RenewBefore.D())
 		if err != nil {

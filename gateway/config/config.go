@@ -14,7 +14,9 @@ import (
 	"github.com/bastion-iot/bastion/bridges/upstream"
 )
 
-// Config is the whole of bastion.yaml.
+// Config is the whole of bastion.yaml. A reload (SIGHUP) applies some of
+// its keys; the others take effect at the next restart (the gateway's
+// Reload, and README.md's Configuration section, list which).
 type Config struct {
 	// StateDir holds the CA, the store and the control socket.
 	StateDir string `yaml:"state_dir"`
@@ -55,11 +57,13 @@ type Pairing struct {
 	GPIOChip string `yaml:"gpio_chip"`
 	GPIOLine int    `yaml:"gpio_line"`
 	// Vendors maps a vendor name to a PEM file of the roots its devices'
-	// manufacturer certificates (IDevID) chain to.
+	// manufacturer certificates (IDevID) chain to. A reload reads them
+	// again and puts them in force at once.
 	Vendors map[string]string `yaml:"vendors"`
 	// ESTListen is the HTTPS address of EST (RFC 7030) for MQTT-only
 	// devices with an IDevID; it listens only while a window is open, and
-	// the firewall opens it only then ("" = off).
+	// the firewall opens it only then ("" = off). It takes effect at the
+	// next restart.
 	ESTListen string `yaml:"est_listen"`
 }
 

@@ -34,7 +34,9 @@ func WriteCommented(w io.Writer, c Config) error {
 		return "[" + strings.Join(q, ", ") + "]"
 	}
 	_, err := fmt.Fprintf(w, `# Bastion gateway configuration (YAML). Unknown keys are refused.
-# Check a change with: bastiond --check-config FILE ; apply with SIGHUP.
+# Check a change with: bastiond --check-config FILE ; apply with SIGHUP
+# (listeners, firmware, metrics and most pairing keys wait for a restart:
+# the reload's log line names them).
 
 # Where the CA, the store and the control socket live (0700, keys 0600).
 state_dir: %q
