@@ -208,7 +208,6 @@ func (s *Server) bodyLimit(_ *otacache.DTLSConn, path string) uint32 {
 // to read), or dropped (a non-confirmable one, or one that does not
 // decode).
 func (s *Server) tooLarge(cc *otacache.DTLSConn, path string, size uint64, limit uint32, answered bool) {
-	s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonTooLarge).Inc()
 	if len(path) > 128 { // a datagram refused unread may name a long one
 		path = strings.ToValidUTF8(path[:128], "") + "…"
 	}
@@ -217,23 +216,24 @@ func (s *Server) tooLarge(cc *otacache.DTLSConn, path string, size uint64, limit
 		msg = "coap: request dropped: datagram too large to read, and non-confirmable or undecodable (no answer); send bodies over the limit in Block1 blocks"
 	}
 	s.deviceLine(slog.LevelWarn, "too_large", s.deviceOf(cc), msg, "path", path, "size", size, "limit", limit)
+	s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonTooLarge).Inc()
 }
 
 // badRequest logs and counts a message otacache refused itself as bad: one
 // that does not decode as CoAP, or a Block1 block out of order, shorter
 // than its size or with a bad Block1 option.
 func (s *Server) badRequest(cc *otacache.DTLSConn, path, answer, why string) {
-	s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonBadRequest).Inc()
 	s.deviceLine(slog.LevelInfo, "bad_request", s.deviceOf(cc), "coap: request refused: "+why, "path", ratelog.Clip(path, ratelog.MaxText), "answer", answer)
+	s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonBadRequest).Inc()
 }
 
 // badOption logs and counts a request refused for a critical option the
 // gateway does not process (otacache answers it 4.02, or drops a NON).
 func (s *Server) badOption(cc *otacache.DTLSConn, confirmable bool, ids []message.OptionID) {
-	s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonBadRequest).Inc()
 	answer := "4.02"
 	if !confirmable {
 		answer = "dropped (non-confirmable)"
 	}
 	s.deviceLine(slog.LevelInfo, "bad_option:"+answer, s.deviceOf(cc), "coap: request refused: unrecognised critical option", "options", fmt.Sprint(ids), "answer", answer)
+	s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonBadRequest).Inc()
 }

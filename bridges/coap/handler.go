@@ -355,8 +355,8 @@ func (s *Server) serveSession(w *otacache.DTLSResponseWriter, m *pool.Message, s
 	r, err := parseRequest(m)
 	var res response
 	if err != nil {
-		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonBadRequest).Inc()
 		s.deviceLine(slog.LevelInfo, "malformed", se.device, "coap: request refused: malformed", "err", ratelog.ClipErr(err))
+		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonBadRequest).Inc()
 		res = diag(codes.BadRequest, "malformed request: %v", err)
 	} else {
 		r.mayDefer = canDefer

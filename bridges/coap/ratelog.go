@@ -25,7 +25,8 @@ func (s *Server) refusalLine(kind, msg string, args ...any) {
 // limit, a request that does not decode, a full queue), which a device
 // stuck in a loop repeats at the rate it can send. Keyed by device, so one
 // such device does not hide the lines about another. The caller counts
-// each in the metric.
+// each in the metric after the line, so that whoever sees the count sees
+// the line.
 func (s *Server) deviceLine(level slog.Level, kind, device, msg string, args ...any) {
 	s.devLines.DeviceLine(s.log, level, kind, device, msg, args...)
 }
