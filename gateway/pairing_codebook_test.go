@@ -5,6 +5,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/plgd-dev/go-coap/v3/message"
+	"github.com/plgd-dev/go-coap/v3/message/codes"
+
+	"github.com/bastion-iot/bastion/bridges/coap"
 	"github.com/bastion-iot/bastion/gateway/pairing"
 	"github.com/bastion-iot/bastion/internal/devicesim"
 )
@@ -13,8 +17,8 @@ import (
 // every hello which setup code a device may use; the code book's records,
 // derived at earlier hellos, must never outlive what the store says.
 
-// timeout lets the open window run out on the fake clock.
-func (g *pgw) timeout(t *testing.T) {
+// windowTimesOut lets the open window run out on the fake clock.
+func (g *pgw) windowTimesOut(t *testing.T) {
 	t.Helper()
 	select {
 	case <-g.pclock.Armed():
@@ -27,18 +31,25 @@ func (g *pgw) timeout(t *testing.T) {
 	}
 }
 
-// helloOnly says hello as id and stops there, as a device whose window
-// ran out would: the gateway derives the code for id at this hello.
+// helloOnly says hello as id in a window that then times out, as a device
+// that went no further would: the gateway derives the code for id at this
+// hello.
 func (g *pgw) helloOnly(ctx context.Context, t *testing.T, id string) {
 	t.Helper()
 	g.press(t, 1500*time.Millisecond)
-	if _, err := devicesim.PairCode(ctx, g.g.Addrs()["coaps_psk"], id, "NOT-THE-CODE-000", devicesim.PairOptions{}); err == nil {
-		t.Fatalf("%s enrolled with a wrong code", id)
+	s, err := devicesim.DialPSK(ctx, g.g.Addrs()["coaps_psk"], pairing.PAKEIdentityPrefix+id, pairing.PublicPAKEPSK(id))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	hello, _ := (pairing.PAKEMessage{Type: pairing.MsgHello, ID: []byte(id)}).MarshalBinary()
+	if r, err := s.Do(ctx, codes.POST, coap.PAKEPath, hello, int(message.AppOctets)); err != nil || r.Code != codes.Changed {
+		t.Fatalf("hello of %s = %v %v, want 2.04", id, r.Code, err)
 	}
 	if !g.inBook(id) {
 		t.Fatalf("the hello of %s registered no code for it", id)
 	}
-	g.timeout(t)
+	g.windowTimesOut(t)
 }
 
 func (g *pgw) inBook(id string) bool {
