@@ -865,6 +865,14 @@ func (p *pairingSvc) beginEnrol(device string, peer []*x509.Certificate) (*enrol
 // finishEnrol commits the attempt (closing the window) before credentials
 // leave, then records the device. cert is nil for a PSK device.
 func (p *pairingSvc) finishEnrol(en *enrolment, dev store.Device, cert *x509.Certificate) error {
+	if en.expectedID != "" {
+		// The store decided at the hello; a code withdrawn since, in the
+		// seconds the exchange takes, still must not enroll.
+		if err := p.stillExpected(en.expectedID); err != nil {
+			en.fail("setup code no longer expected")
+			return fmt.Errorf("credentials withheld: %w", err)
+		}
+	}
 	if err := en.commit(); err != nil {
 		return fmt.Errorf("credentials withheld: %w", err)
 	}
@@ -886,6 +894,20 @@ func (p *pairingSvc) finishEnrol(en *enrolment, dev store.Device, cert *x509.Cer
 		return fmt.Errorf("device record: %w", err)
 	}
 	return nil
+}
+
+// stillExpected reports why the expected device id may no longer enroll.
+func (p *pairingSvc) stillExpected(id string) error {
+	es, err := p.g.store.ExpectedDevices()
+	if err != nil {
+		return fmt.Errorf("check the setup code is still expected: %w", err)
+	}
+	for _, e := range es {
+		if e.ID == id {
+			return nil
+		}
+	}
+	return errors.New("the setup code was withdrawn during the exchange: register it again in the console, then pair again")
 }
 
 // EnrollPSK gives a PSK-only device an operational PSK instead of a

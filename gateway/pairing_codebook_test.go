@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"context"
+	"crypto/rand"
 	"testing"
 	"time"
 
@@ -11,6 +12,7 @@ import (
 	"github.com/bastion-iot/bastion/bridges/coap"
 	"github.com/bastion-iot/bastion/gateway/pairing"
 	"github.com/bastion-iot/bastion/internal/devicesim"
+	"github.com/bastion-iot/bastion/pki/spake2plus"
 )
 
 // The expected devices in the store (what the admin controls) decide at
@@ -136,5 +138,59 @@ func TestPairingSeveralUnnamedRefusedDespiteOldRecord(t *testing.T) {
 	g.refusedAtHello(ctx, t, "acme-t1", goodCode)
 	if n := len(g.audited(t, "pairing.setup_code_missing")); n != 1 {
 		t.Errorf("%d setup_code_missing events, want 1", n)
+	}
+}
+
+// The store decides at the hello; a code withdrawn during the exchange,
+// after round 2, does not enroll either.
+func TestPairingCodeWithdrawnDuringExchange(t *testing.T) {
+	g := startPairing(t, nil)
+	p := g.g.pairing
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	const id = "acme-t1"
+	g.expect(t, "thermo", goodCode)
+	g.press(t, 1500*time.Millisecond)
+
+	secret, err := pairing.DeriveSetupSecret([]byte(goodCode), id, spake2plus.DefaultKDFParams)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dev := &pairing.Device{ID: id, Role: pairing.GatewayProver, Verifier: secret.VerifierRecord(), Rand: rand.Reader}
+	hello, err := dev.Hello()
+	if err != nil {
+		t.Fatal(err)
+	}
+	r1, err := p.PAKE(ctx, idPAKE+id, hello)
+	if err != nil {
+		t.Fatalf("hello: %v", err)
+	}
+	round2, err := dev.Round1(r1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done, err := p.PAKE(ctx, idPAKE+id, round2)
+	if err != nil {
+		t.Fatalf("round 2: %v", err)
+	}
+	if _, _, _, err := dev.Done(done); err != nil {
+		t.Fatalf("the gateway did not prove the code: %v", err)
+	}
+
+	es, err := g.g.Store().ExpectedDevices()
+	if err != nil || len(es) != 1 {
+		t.Fatalf("expected devices = %v %v, want thermo", es, err)
+	}
+	if err := g.g.Store().DeleteExpectedDevice(es[0].ID); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.EnrollPSK(ctx, idEnroll+id); err == nil {
+		t.Fatal("enrolled with a setup code withdrawn during the exchange")
+	}
+	if ds, _ := g.g.Devices().List(); len(ds) != 0 {
+		t.Errorf("devices = %v, want none", ds)
+	}
+	if st := p.win.State(); !st.Open || st.Failures != 1 {
+		t.Errorf("window open %v, failures %d; want open with 1", st.Open, st.Failures)
 	}
 }
