@@ -84,8 +84,10 @@ type pairingSvc struct {
 	// applyPolicy, if set (tests only), applies estFirewall's policy in
 	// place of g.fw.Apply, which it may call.
 	applyPolicy func(context.Context, firewall.Policy) error
-	// derived remembers which expected code is registered for which label
-	// id, so that a repeated hello does not derive it again.
+	// derived remembers which expected device's code the code book holds
+	// for which label id (derivedKey), so that a repeated hello does not
+	// derive it again, and so that an enrollment can find every copy of
+	// the code it spent. Guarded by mu.
 	derived map[string]string
 
 	// mu guards the maps below. Nothing calls into win (nor codes,
@@ -612,21 +614,27 @@ func (p *pairingSvc) PAKE(ctx context.Context, device string, msg []byte) ([]byt
 			return nil, fmt.Errorf("hello for %q in the session of %q", ratelog.Clip(string(m.ID), maxPairingClaim), id)
 		}
 		exp, err := p.expectedFor(id)
-		if enrolling := p.win.State().Enrolling; enrolling != "" && enrolling != id {
-			// Hello below aborts the window for the overlap: no need to
-			// derive a code for it.
-			err = nil
-		} else if err == nil && !p.isDerived(id, exp) {
-			code := []byte(exp.Code)
-			ttl := time.Until(exp.Expires)
-			if ttl <= 0 || ttl > pairing.MaxCodeTTL {
-				ttl = pairing.DefaultTTL
-			}
-			if err = p.codes.Register(id, code, ttl); err == nil {
-				p.derived[id] = derivedKey(exp)
+		// Hello below aborts the window for an overlap: no need to derive
+		// a code for it, nor to report a missing one.
+		enrolling := p.win.State().Enrolling
+		overlap := enrolling != "" && enrolling != id
+		if err == nil && !p.isDerived(id, exp) {
+			if overlap {
+				// The overlapping attempt may yet end before Hello runs:
+				// whatever older code the book holds for id must not
+				// answer in its place.
+				p.forgetCode(id, "the store expects another code for this device")
+			} else {
+				err = p.registerCode(id, exp)
 			}
 		}
 		if err != nil {
+			// The store gives no usable code for id: a record an earlier
+			// hello derived for it (a code withdrawn since, or chosen when
+			// fewer devices were expected) must not answer in its place.
+			p.forgetCode(id, "no usable setup code for this device in the store (withdrawn, expired, several expected, or not registrable)")
+		}
+		if err != nil && !overlap {
 			// Anyone in the LAN can send hellos in the window: spaced.
 			reason := "no setup code"
 			switch {
@@ -673,6 +681,19 @@ func (p *pairingSvc) PAKE(ctx context.Context, device string, msg []byte) ([]byt
 	return nil, fmt.Errorf("%w: unexpected message type %d", pairing.ErrMalformedPAKE, m.Type)
 }
 
+// The expected devices in the store are the truth about setup codes; the
+// code book (pairing.Codes) is only a cache of their scrypt derivations,
+// by label id. It is reconciled with the store for the hello's label id at
+// every hello, under pakeMu, just before Enroller.Hello looks that id up:
+// the book keeps the record when it holds the code the store names for id,
+// derives it when it does not, and forgets it when the store names none.
+// Lookups happen only there, so a record for any other id is never used
+// before its own hello reconciles it. Rebuilding the whole book from the
+// store at each hello would give nothing more and cost a derivation (32 MiB
+// of scrypt) per expected device per hello. An enrollment forgets every
+// copy of the code it spent (forgetSpent) so that no key material of a
+// used code stays behind.
+
 func derivedKey(e store.ExpectedDevice) string {
 	h := sha256.Sum256([]byte(e.ID + "\x00" + e.Code))
 	return string(h[:])
@@ -680,7 +701,10 @@ func derivedKey(e store.ExpectedDevice) string {
 
 // isDerived reports whether the code book holds e's code for id already.
 func (p *pairingSvc) isDerived(id string, e store.ExpectedDevice) bool {
-	if p.derived[id] != derivedKey(e) {
+	p.mu.Lock()
+	held := p.derived[id]
+	p.mu.Unlock()
+	if held != derivedKey(e) {
 		return false
 	}
 	for _, c := range p.codes.List() {
@@ -689,6 +713,49 @@ func (p *pairingSvc) isDerived(id string, e store.ExpectedDevice) bool {
 		}
 	}
 	return false
+}
+
+// registerCode derives e's code into the book for label id. On failure
+// the book may still hold an older code for id: the caller forgets it.
+func (p *pairingSvc) registerCode(id string, e store.ExpectedDevice) error {
+	code := []byte(e.Code)
+	ttl := time.Until(e.Expires)
+	if ttl <= 0 || ttl > pairing.MaxCodeTTL {
+		ttl = pairing.DefaultTTL
+	}
+	if err := p.codes.Register(id, code, ttl); err != nil {
+		return err
+	}
+	p.mu.Lock()
+	p.derived[id] = derivedKey(e)
+	p.mu.Unlock()
+	return nil
+}
+
+// forgetCode removes label id's record from the code book.
+func (p *pairingSvc) forgetCode(id, why string) {
+	p.mu.Lock()
+	delete(p.derived, id)
+	p.mu.Unlock()
+	p.codes.Remove(id, why)
+}
+
+// forgetSpent removes from the code book every record of the code whose
+// derivedKey is spent, under whatever label id an earlier hello derived
+// it: while one device is expected, any label id may use its code.
+func (p *pairingSvc) forgetSpent(spent, enrolled string) {
+	var ids []string
+	p.mu.Lock()
+	for id, k := range p.derived {
+		if k == spent {
+			ids = append(ids, id)
+			delete(p.derived, id)
+		}
+	}
+	p.mu.Unlock()
+	for _, id := range ids {
+		p.codes.Remove(id, "setup code spent by the enrollment of "+enrolled)
+	}
 }
 
 // expectedFor picks the setup code registered for device: the expected
@@ -779,6 +846,7 @@ type enrolment struct {
 	fail                                    func(string)
 	name, vendor, model, method, expectedID string
 	label                                   string // setup-code label id
+	spent                                   string // derivedKey of the setup code used
 }
 
 // enrolOpen refuses, before any work, an enrollment request of a session
@@ -806,6 +874,7 @@ func (p *pairingSvc) beginEnrol(device string, peer []*x509.Certificate) (*enrol
 		}
 		en.commit, en.fail = pe.s.Succeed, pe.s.Attempt().Fail
 		en.name, en.method, en.expectedID, en.label = pe.expected.Name, "setup-code", pe.expected.ID, id
+		en.spent = derivedKey(pe.expected)
 		if en.name == "" {
 			en.name = id
 		}
@@ -847,6 +916,14 @@ func (p *pairingSvc) beginEnrol(device string, peer []*x509.Certificate) (*enrol
 // finishEnrol commits the attempt (closing the window) before credentials
 // leave, then records the device. cert is nil for a PSK device.
 func (p *pairingSvc) finishEnrol(en *enrolment, dev store.Device, cert *x509.Certificate) error {
+	if en.expectedID != "" {
+		// The store decided at the hello; a code withdrawn since, in the
+		// seconds the exchange takes, still must not enroll.
+		if err := p.stillExpected(en.expectedID); err != nil {
+			en.fail("setup code no longer expected")
+			return fmt.Errorf("credentials withheld: %w", err)
+		}
+	}
 	if err := en.commit(); err != nil {
 		return fmt.Errorf("credentials withheld: %w", err)
 	}
@@ -854,7 +931,13 @@ func (p *pairingSvc) finishEnrol(en *enrolment, dev store.Device, cert *x509.Cer
 	delete(p.pending, en.label)
 	p.mu.Unlock()
 	if en.expectedID != "" {
-		p.g.store.DeleteExpectedDevice(en.expectedID)
+		// The code has served its one purpose: the store, which decides at
+		// every hello, no longer offers it, and no copy of it stays in the
+		// book. The device has enrolled already: a store error is logged.
+		if err := p.g.store.DeleteExpectedDevice(en.expectedID); err != nil && !errors.Is(err, store.ErrNotFound) {
+			p.g.log.Error("pairing: the spent setup code is still expected: withdraw it in the console", "device", en.opID, "expected", en.expectedID, "err", err)
+		}
+		p.forgetSpent(en.spent, en.opID)
 	}
 	dev.ID, dev.Name, dev.Vendor, dev.Model = en.opID, en.name, en.vendor, en.model
 	if err := p.g.devices.enrolled(dev, cert, en.method); err != nil {
@@ -862,6 +945,20 @@ func (p *pairingSvc) finishEnrol(en *enrolment, dev store.Device, cert *x509.Cer
 		return fmt.Errorf("device record: %w", err)
 	}
 	return nil
+}
+
+// stillExpected reports why the expected device id may no longer enroll.
+func (p *pairingSvc) stillExpected(id string) error {
+	es, err := p.g.store.ExpectedDevices()
+	if err != nil {
+		return fmt.Errorf("check the setup code is still expected: %w", err)
+	}
+	for _, e := range es {
+		if e.ID == id {
+			return nil
+		}
+	}
+	return errors.New("the setup code was withdrawn during the exchange: register it again in the console, then pair again")
 }
 
 // EnrollPSK gives a PSK-only device an operational PSK instead of a

@@ -96,8 +96,10 @@ type CodeInfo struct {
 	Expires time.Time
 }
 
-// Codes holds registered setup codes in memory. The lead's store persists
-// CodeRecords if codes must survive a restart.
+// Codes holds registered setup codes in memory. It is a book, not the
+// truth: Lookup answers with whatever was registered and has not expired,
+// so whoever decides which codes are valid (the gateway's store of
+// expected devices) must Remove what it no longer offers before a lookup.
 type Codes struct {
 	role  Role
 	kdf   spake2plus.KDFParams
