@@ -94,9 +94,10 @@ func (h *Handler) doLogin(ctx context.Context, w http.ResponseWriter, r *http.Re
 		user = user[:64]
 	}
 	if until := h.thr.loginLockedUntil(now, user, src); !until.IsZero() {
-		// Counted, so hammering a locked account extends the lockout; not
-		// audited one by one, so a flood cannot wear the flash.
-		h.thr.failLogin(now, user, src)
+		// Counted, so hammering a locked account extends the lockout, but
+		// adding no key (failLocked); not audited one by one, so a flood
+		// cannot wear the flash.
+		h.thr.failLocked(now, user, src)
 		return store.Session{}, &lockedError{wait: until.Sub(now)}
 	}
 	u, err := h.o.Store.Admin(user)
