@@ -169,7 +169,7 @@ func (h *Handler) doSetup(ctx context.Context, w http.ResponseWriter, r *http.Re
 
 // doRecover sets a password with a recovery code from the box (or a button
 // press): the account is created as admin if it does not exist, all its
-// sessions end and its lockout is lifted.
+// sessions end, its API tokens are deleted and its lockout is lifted.
 func (h *Handler) doRecover(ctx context.Context, r *http.Request, in setupInput) error {
 	now, src := h.o.Now(), remoteIP(r)
 	if until := h.thr.LockedUntil(now, prefixed("recover:", sourceKeys(src))...); !until.IsZero() {
@@ -209,9 +209,15 @@ func (h *Handler) doRecover(ctx context.Context, r *http.Request, in setupInput)
 	}
 	h.o.Store.SetMeta(MetaAdminExists, []byte(now.UTC().Format(time.RFC3339)))
 	h.o.Store.SetMeta(MetaSetupCode, nil)
-	h.o.Store.DeleteSessions(user, nil)
+	// Whoever had the account may have made API tokens, which never
+	// expire: they go with its sessions.
+	tokens, err := h.o.Store.EndAccess(user, "")
+	if err != nil {
+		return fmt.Errorf("password of %q set, but its sessions and API tokens may still work (recover again): %w", user, err)
+	}
 	h.thr.Reset("u:" + user)
-	h.audit(ctx, Actor{Name: user, Remote: src}, "console.recover", user, "password set with the "+how)
+	h.audit(ctx, Actor{Name: user, Remote: src}, "console.recover", user,
+		fmt.Sprintf("password set with the %s; sessions ended, %d API token(s) deleted", how, tokens))
 	h.flushRefusalAudit(ctx, "recovery")
 	return nil
 }
@@ -686,7 +692,7 @@ type passwordInput struct {
 }
 
 // changePassword sets the caller's own password; every other session of
-// theirs ends.
+// theirs ends and every API token of theirs is deleted.
 func (h *Handler) changePassword(ctx context.Context, p *principal, in passwordInput) error {
 	now := h.o.Now()
 	if until := h.thr.loginLockedUntil(now, p.user, p.remote); !until.IsZero() {
@@ -713,12 +719,18 @@ func (h *Handler) changePassword(ctx context.Context, p *principal, in passwordI
 	}); err != nil {
 		return err
 	}
+	// Who changes a password may fear someone else knows it, and could
+	// have made API tokens with it, which never expire: all go, the one
+	// this request came with too. The session that made the change stays.
 	keep := ""
 	if p.session != nil {
 		keep = p.session.Hash
 	}
-	h.o.Store.DeleteSessions("", func(s store.Session) bool { return s.User == p.user && s.Hash != keep })
-	h.audit(ctx, p.actor(), "admin.password", p.user, "")
+	tokens, err := h.o.Store.EndAccess(p.user, keep)
+	if err != nil {
+		return fmt.Errorf("password of %q changed, but its other sessions and API tokens may still work (change it again): %w", p.user, err)
+	}
+	h.audit(ctx, p.actor(), "admin.password", p.user, fmt.Sprintf("other sessions ended, %d API token(s) deleted", tokens))
 	return nil
 }
 

@@ -356,6 +356,99 @@ func TestRecoveryNeedsACodeFromTheBox(t *testing.T) {
 	}
 }
 
+// newToken makes an API token for c's user and returns it.
+func (b *box) newToken(t *testing.T, c *http.Client, csrfTok, label string) string {
+	t.Helper()
+	r := b.do(t, c, "POST", "/api/v1/tokens", map[string]string{"label": label}, csrf(csrfTok))
+	if r.code != http.StatusCreated {
+		t.Fatalf("create token %s: %d %s", label, r.code, r.body)
+	}
+	var v struct{ Token string }
+	r.json(t, &v)
+	return v.Token
+}
+
+func bearer(tok string) map[string]string { return map[string]string{"Authorization": "Bearer " + tok} }
+
+// lastAudit is the detail of the newest audit event of action.
+func (b *box) lastAudit(t *testing.T, c *http.Client, action string) string {
+	t.Helper()
+	var es []store.Event
+	b.do(t, c, "GET", "/api/v1/audit", nil, nil).json(t, &es)
+	for _, e := range es {
+		if e.Action == action {
+			return e.Detail
+		}
+	}
+	t.Fatalf("no %s in the audit log", action)
+	return ""
+}
+
+// API tokens never expire: a password recovery deletes the account's,
+// and so does a password change (the one it came with too), as both end
+// the sessions. Another account's tokens stay.
+func TestRecoveryAndPasswordChangeDeleteAPITokens(t *testing.T) {
+	b := startBox(t)
+	c, tok := b.setupAdmin(t, "root")
+	rootTokens := []string{b.newToken(t, c, tok, "ci"), b.newToken(t, c, tok, "backup")}
+	if r := b.do(t, c, "POST", "/api/v1/admins", map[string]string{"name": "bob", "role": "viewer", "password": "amber lantern pebble river"}, csrf(tok)); r.code != http.StatusCreated {
+		t.Fatalf("add bob: %d %s", r.code, r.body)
+	}
+	bc, btok := b.login(t, "bob", "amber lantern pebble river")
+	bobToken := b.newToken(t, bc, btok, "bob")
+	for _, tk := range append(rootTokens, bobToken) {
+		if r := b.do(t, b.client(t), "GET", "/api/v1/session", nil, bearer(tk)); r.code != http.StatusOK {
+			t.Fatalf("token before recovery: %d %s", r.code, r.body)
+		}
+	}
+
+	code, err := b.g.Console().NewRecoveryCode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	in := map[string]string{"code": code, "user": "root", "password": "new lantern pebble river"}
+	if r := b.do(t, b.client(t), "POST", "/api/v1/recover", in, nil); r.code != http.StatusOK {
+		t.Fatalf("recovery: %d %s", r.code, r.body)
+	}
+	for i, tk := range rootTokens {
+		if r := b.do(t, b.client(t), "GET", "/api/v1/session", nil, bearer(tk)); r.code != http.StatusUnauthorized {
+			t.Errorf("root's token %d after recovery: %d, want 401", i, r.code)
+		}
+	}
+	if r := b.do(t, b.client(t), "GET", "/api/v1/session", nil, bearer(bobToken)); r.code != http.StatusOK {
+		t.Errorf("bob's token after root's recovery: %d, want 200", r.code)
+	}
+	c, tok = b.login(t, "root", "new lantern pebble river")
+	if got, want := b.lastAudit(t, c, "console.recover"), "password set with the recovery code; sessions ended, 2 API token(s) deleted"; got != want {
+		t.Errorf("recovery audited %q, want %q", got, want)
+	}
+
+	// A change through a session: the session stays, tokens go.
+	rootToken := b.newToken(t, c, tok, "ci")
+	pw := map[string]string{"current": "new lantern pebble river", "new": "third lantern pebble river"}
+	if r := b.do(t, c, "PUT", "/api/v1/account/password", pw, csrf(tok)); r.code != http.StatusNoContent {
+		t.Fatalf("password change: %d %s", r.code, r.body)
+	}
+	if r := b.do(t, b.client(t), "GET", "/api/v1/session", nil, bearer(rootToken)); r.code != http.StatusUnauthorized {
+		t.Errorf("root's token after a password change: %d, want 401", r.code)
+	}
+	if r := b.do(t, c, "GET", "/api/v1/session", nil, nil); r.code != http.StatusOK {
+		t.Errorf("the session that changed the password: %d, want 200", r.code)
+	}
+	if got, want := b.lastAudit(t, c, "admin.password"), "other sessions ended, 1 API token(s) deleted"; got != want {
+		t.Errorf("password change audited %q, want %q", got, want)
+	}
+
+	// A change through a token: that token goes too.
+	pw = map[string]string{"current": "amber lantern pebble river", "new": "amber second lantern pebble"}
+	if r := b.do(t, b.client(t), "PUT", "/api/v1/account/password", pw, bearer(bobToken)); r.code != http.StatusNoContent {
+		t.Fatalf("bob's password change by token: %d %s", r.code, r.body)
+	}
+	if r := b.do(t, b.client(t), "GET", "/api/v1/session", nil, bearer(bobToken)); r.code != http.StatusUnauthorized {
+		t.Errorf("the token that changed bob's password, after: %d, want 401", r.code)
+	}
+}
+
 func TestButtonPressAllowsFirstAdminWithoutCode(t *testing.T) {
 	b := startBox(t)
 	c := b.client(t)

@@ -281,6 +281,36 @@ func (s *Store) DeleteSessions(user string, expired func(Session) bool) error {
 	})
 }
 
+// EndAccess deletes, in one transaction, every session of user but
+// keepSession (a hash, or "" for none) and every API token of user, and
+// returns how many tokens it deleted. A password reset or change calls it:
+// whoever knew the old password may have opened a session or made a token
+// with it, and tokens do not expire.
+func (s *Store) EndAccess(user, keepSession string) (tokens int, err error) {
+	err = s.db.Update(func(tx *bolt.Tx) error {
+		tokens = 0
+		err := deleteWhere(tx, bSessions, func(v []byte) bool {
+			var x Session
+			return json.Unmarshal(v, &x) == nil && x.User == user && x.Hash != keepSession
+		})
+		if err != nil {
+			return err
+		}
+		return deleteWhere(tx, bTokens, func(v []byte) bool {
+			var x APIToken
+			m := json.Unmarshal(v, &x) == nil && x.User == user
+			if m {
+				tokens++
+			}
+			return m
+		})
+	})
+	if err != nil {
+		return 0, fmt.Errorf("end the sessions and API tokens of %q: %w", user, err)
+	}
+	return tokens, nil
+}
+
 // PutAPIToken stores a token under its hash.
 func (s *Store) PutAPIToken(t APIToken) error {
 	return s.update(bTokens, func(b *bolt.Bucket) error { return put(b, t.Hash, t) })

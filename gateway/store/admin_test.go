@@ -77,3 +77,36 @@ func TestFirstAdminIsOnceAndSpendsTheCode(t *testing.T) {
 		t.Error(err)
 	}
 }
+
+// EndAccess deletes the user's sessions but the one kept and all the
+// user's API tokens, nobody else's.
+func TestEndAccess(t *testing.T) {
+	s, err := Open(filepath.Join(t.TempDir(), "s.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	for _, x := range []Session{{Hash: "s1", User: "root"}, {Hash: "s2", User: "root"}, {Hash: "s3", User: "ann"}} {
+		s.PutSession(x)
+	}
+	for _, x := range []APIToken{{Hash: "t1", ID: "i1", User: "root"}, {Hash: "t2", ID: "i2", User: "root"}, {Hash: "t3", ID: "i3", User: "ann"}} {
+		s.PutAPIToken(x)
+	}
+	n, err := s.EndAccess("root", "s2")
+	if err != nil || n != 2 {
+		t.Fatalf("EndAccess: %d tokens, %v; want 2, nil", n, err)
+	}
+	var left []string
+	for _, h := range []string{"s1", "s2", "s3"} {
+		if _, err := s.Session(h); err == nil {
+			left = append(left, h)
+		}
+	}
+	ts, _ := s.APITokens()
+	for _, x := range ts {
+		left = append(left, x.Hash)
+	}
+	if d := cmp.Diff([]string{"s2", "s3", "t3"}, left); d != "" {
+		t.Errorf("sessions and tokens left (-want +got):\n%s", d)
+	}
+}
