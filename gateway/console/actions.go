@@ -183,7 +183,11 @@ func (h *Handler) doRecover(ctx context.Context, r *http.Request, in setupInput)
 		return err
 	}
 	how := "recovery code"
-	if !h.checkRecoveryCode(in.Code) {
+	ok, err := h.checkRecoveryCode(in.Code)
+	if err != nil {
+		return err
+	}
+	if !ok {
 		if in.Code != "" || !h.consumePresence() {
 			for _, k := range sourceKeys(src) {
 				h.thr.Fail(now, "recover:"+k, 5)

@@ -109,6 +109,9 @@ type Handler struct {
 	// patterns are the routes registered, for the test that holds the
 	// OpenAPI file to them.
 	patterns []string
+	// afterAuthRead, if set (tests), runs in authenticate between reading
+	// the session or token and touching it.
+	afterAuthRead func()
 
 	mu       sync.Mutex
 	presence time.Time // physical presence (button) grants setup/recovery until then
@@ -250,26 +253,28 @@ func (h *Handler) RecoveryControlHandler() http.Handler {
 	})
 }
 
-// checkRecoveryCode checks and, when it matches, consumes the code.
-func (h *Handler) checkRecoveryCode(code string) bool {
-	v, err := h.o.Store.Meta(metaRecoveryCode)
-	if err != nil {
-		return false
-	}
-	f := strings.Fields(string(v))
-	if len(f) != 2 {
-		return false
-	}
-	exp, err := strconv.ParseInt(f[1], 10, 64)
-	if err != nil || h.o.Now().Unix() > exp {
-		return false
-	}
+// checkRecoveryCode reports whether code is the recovery code, unexpired,
+// and if so spends it. Comparing and spending are one store transaction:
+// of two requests with the code at once, one gets it.
+func (h *Handler) checkRecoveryCode(code string) (bool, error) {
+	now := h.o.Now().Unix()
 	sum := sha256.Sum256([]byte(normCode(code)))
-	if subtle.ConstantTimeCompare([]byte(hex.EncodeToString(sum[:])), []byte(f[0])) != 1 {
-		return false
+	got := hex.EncodeToString(sum[:])
+	ok, err := h.o.Store.TakeMeta(metaRecoveryCode, func(v []byte) bool {
+		f := strings.Fields(string(v))
+		if len(f) != 2 {
+			return false
+		}
+		exp, err := strconv.ParseInt(f[1], 10, 64)
+		if err != nil || now > exp {
+			return false
+		}
+		return subtle.ConstantTimeCompare([]byte(got), []byte(f[0])) == 1
+	})
+	if err != nil {
+		return false, fmt.Errorf("check the recovery code: %w", err)
 	}
-	h.o.Store.SetMeta(metaRecoveryCode, nil)
-	return true
+	return ok, nil
 }
 
 var base32NoPad = base32.StdEncoding.WithPadding(base32.NoPadding)
@@ -434,9 +439,17 @@ func (h *Handler) authenticate(r *http.Request) (*principal, error) {
 		if err != nil {
 			return nil, errf(http.StatusUnauthorized, "the token's account no longer exists")
 		}
+		if h.afterAuthRead != nil {
+			h.afterAuthRead()
+		}
+		// Only if it still exists: a token deleted since it was read
+		// (by its user, recovery, a password change) stays deleted.
 		if now.Sub(t.LastUsed) > time.Minute {
-			t.LastUsed = now
-			h.o.Store.PutAPIToken(t)
+			if err := h.o.Store.TouchAPIToken(t.Hash, now); errors.Is(err, store.ErrNotFound) {
+				return nil, errf(http.StatusUnauthorized, "unknown API token")
+			} else if err != nil {
+				h.log.Warn("API token's last use not recorded", "token", t.ID, "err", err)
+			}
 		}
 		return &principal{user: u.Name, role: u.Role, token: t.ID, remote: remoteIP(r)}, nil
 	}
@@ -457,11 +470,19 @@ func (h *Handler) authenticate(r *http.Request) (*principal, error) {
 		h.o.Store.DeleteSession(s.Hash)
 		return nil, nil
 	}
+	if h.afterAuthRead != nil {
+		h.afterAuthRead()
+	}
 	// Touch at most once a minute: a write per request would wear the
-	// router's flash.
+	// router's flash. Only if it still exists: a session ended since it
+	// was read (logout, recovery, account deleted) stays ended.
 	if now.Sub(s.LastSeen) > time.Minute {
+		if err := h.o.Store.TouchSession(s.Hash, now); errors.Is(err, store.ErrNotFound) {
+			return nil, nil
+		} else if err != nil {
+			h.log.Warn("session's last use not recorded", "user", s.User, "err", err)
+		}
 		s.LastSeen = now
-		h.o.Store.PutSession(s)
 	}
 	return &principal{user: u.Name, role: u.Role, session: &s, remote: remoteIP(r)}, nil
 }

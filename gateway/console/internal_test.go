@@ -2,6 +2,7 @@ package console
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"io"
 	"net/http"
@@ -348,6 +349,93 @@ func TestRulesAndOptOutChangesAreAnnounced(t *testing.T) {
 	}
 	if d := cmp.Diff(map[string]bool{"device.counters": true}, gotOff); d != "" {
 		t.Errorf("announced opt-outs (-want +got):\n%s", d)
+	}
+}
+
+// A session or API token ended while a request was between reading it
+// and touching it (a logout, a recovery, a deletion committing meanwhile)
+// stays ended: the touch does not write back the copy it read.
+func TestEndedWhileAuthenticatingStaysEnded(t *testing.T) {
+	h, srv, clk := newTestHandler(t)
+	c, csrfTok := setUpAdmin(t, srv)
+	code, body := post(t, c, srv.URL+"/api/v1/tokens", `{"label":"ci"}`, "X-CSRF-Token", csrfTok)
+	if code != http.StatusCreated {
+		t.Fatalf("create token: %d %s", code, body)
+	}
+	var tk struct{ ID, Token string }
+	if err := json.Unmarshal([]byte(body), &tk); err != nil {
+		t.Fatal(err)
+	}
+	clk.add(2 * time.Minute) // both due a touch
+	h.afterAuthRead = func() {
+		if err := h.o.Store.DeleteSessions("root", nil); err != nil {
+			t.Error(err)
+		}
+	}
+	for i := range 2 {
+		if code := get(t, c, srv.URL+"/api/v1/session"); code != http.StatusUnauthorized {
+			t.Errorf("session logged out while authenticating, request %d: %d, want 401", i, code)
+		}
+		h.afterAuthRead = nil
+	}
+	bearer := func() int {
+		req, _ := http.NewRequest("GET", srv.URL+"/api/v1/session", nil)
+		req.Header.Set("Authorization", "Bearer "+tk.Token)
+		res, err := srv.Client().Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		res.Body.Close()
+		return res.StatusCode
+	}
+	h.afterAuthRead = func() {
+		if err := h.o.Store.DeleteAPIToken(tk.ID, ""); err != nil {
+			t.Error(err)
+		}
+	}
+	for i := range 2 {
+		if code := bearer(); code != http.StatusUnauthorized {
+			t.Errorf("token deleted while authenticating, request %d: %d, want 401", i, code)
+		}
+		h.afterAuthRead = nil
+	}
+}
+
+// Of several recoveries with one code at once, one gets it.
+func TestRecoveryCodeSpentOnce(t *testing.T) {
+	h, srv, _ := newTestHandler(t)
+	setUpAdmin(t, srv)
+	code, err := h.NewRecoveryCode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	const n = 8
+	start := make(chan struct{})
+	oks := make(chan bool, n)
+	var wg sync.WaitGroup
+	for range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-start
+			ok, err := h.checkRecoveryCode(code)
+			if err != nil {
+				t.Error(err)
+			}
+			oks <- ok
+		}()
+	}
+	close(start)
+	wg.Wait()
+	close(oks)
+	spent := 0
+	for ok := range oks {
+		if ok {
+			spent++
+		}
+	}
+	if spent != 1 {
+		t.Errorf("the recovery code was accepted %d times by %d requests at once, want once", spent, n)
 	}
 }
 

@@ -259,6 +259,27 @@ func (s *Store) PutSession(x Session) error {
 	return s.update(bSessions, func(b *bolt.Bucket) error { return put(b, x.Hash, x) })
 }
 
+// TouchSession sets the LastSeen of the session hash to at, if it still
+// exists, in one transaction: a session deleted since the caller read it
+// (logout, recovery, account deleted) stays deleted, and the answer is
+// ErrNotFound. Writing back the copy read before would bring it back.
+func (s *Store) TouchSession(hash string, at time.Time) error {
+	return touch(s, bSessions, hash, func(x *Session) { x.LastSeen = at })
+}
+
+// touch applies fn to the record key of bucket if it exists, else
+// returns ErrNotFound, in one transaction.
+func touch[T any](s *Store, bucket []byte, key string, fn func(*T)) error {
+	return s.update(bucket, func(b *bolt.Bucket) error {
+		var x T
+		if err := get(b, key, &x); err != nil {
+			return err
+		}
+		fn(&x)
+		return put(b, key, x)
+	})
+}
+
 // Session returns the session with the given hash.
 func (s *Store) Session(hash string) (Session, error) { return one[Session](s, bSessions, hash) }
 
@@ -314,6 +335,12 @@ func (s *Store) EndAccess(user, keepSession string) (tokens int, err error) {
 // PutAPIToken stores a token under its hash.
 func (s *Store) PutAPIToken(t APIToken) error {
 	return s.update(bTokens, func(b *bolt.Bucket) error { return put(b, t.Hash, t) })
+}
+
+// TouchAPIToken sets the LastUsed of the token hash to at, if it still
+// exists (as TouchSession: a deleted token stays deleted, ErrNotFound).
+func (s *Store) TouchAPIToken(hash string, at time.Time) error {
+	return touch(s, bTokens, hash, func(x *APIToken) { x.LastUsed = at })
 }
 
 // APIToken returns the token with the given hash.
