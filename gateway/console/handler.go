@@ -145,7 +145,11 @@ func NewHandler(o Options) (*Handler, error) {
 	if err != nil {
 		return nil, err
 	}
-	h := &Handler{o: o, log: o.Log.With("component", "console"), mux: http.NewServeMux(), hash: newHasher(2),
+	hash := newHasher(2)
+	if s, ok := o.Gateway.(Argon2Slots); ok {
+		hash = &hasher{slots: s} // the box's bound, shared with device secret checks
+	}
+	h := &Handler{o: o, log: o.Log.With("component", "console"), mux: http.NewServeMux(), hash: hash,
 		thr: newThrottle(o.Throttle, throttleKeys), cop: http.NewCrossOriginProtection(), pages: pg, flashes: map[string]string{},
 		refusalEvents: ratelog.New(refusalAuditEvery)}
 	h.SetComponents(o.Components)

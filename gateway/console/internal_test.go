@@ -439,6 +439,51 @@ func TestRecoveryCodeSpentOnce(t *testing.T) {
 	}
 }
 
+// slotGateway is a Gateway with Argon2Slots, counting what is taken.
+type slotGateway struct {
+	stubGateway
+	mu                sync.Mutex
+	acquired, release int
+}
+
+func (g *slotGateway) AcquireArgon2(context.Context) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.acquired++
+	return nil
+}
+
+func (g *slotGateway) ReleaseArgon2() {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.release++
+}
+
+// A Gateway with Argon2Slots bounds the console's argon2id runs with the
+// rest of the box's: hashing and checking a password take its slots.
+func TestPasswordHashingTakesTheGatewaysSlots(t *testing.T) {
+	st, err := store.Open(filepath.Join(t.TempDir(), "s.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	gw := &slotGateway{}
+	h, err := NewHandler(Options{Store: st, Gateway: gw})
+	if err != nil {
+		t.Fatal(err)
+	}
+	enc, err := h.hash.hash(context.Background(), "correct horse battery staple")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ok, err := h.hash.verify(context.Background(), enc, "correct horse battery staple"); !ok || err != nil {
+		t.Fatalf("verify: %v %v", ok, err)
+	}
+	if gw.acquired != 2 || gw.release != 2 {
+		t.Errorf("gateway's slots taken %d and given back %d times for a hash and a check, want 2 and 2", gw.acquired, gw.release)
+	}
+}
+
 // setUpAdmin runs the first-boot setup on srv and returns a client holding
 // the admin session and its CSRF token.
 func setUpAdmin(t *testing.T, srv *httptest.Server) (*http.Client, string) {
