@@ -12,6 +12,7 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/gateway/store"
 )
 
@@ -345,7 +346,10 @@ type deviceExport struct {
 	// FirmwareStatus is the device's latest firmware update status report
 	// as stored (its "at" is when the status last changed).
 	FirmwareStatus json.RawMessage `json:"firmware_status,omitempty"`
-	Exported       time.Time       `json:"exported"`
+	// Retained are the device's retained MQTT messages, by topic, as
+	// stored (the broker's record: payload in base64, flags, properties).
+	Retained map[string]json.RawMessage `json:"retained"`
+	Exported time.Time                  `json:"exported"`
 }
 
 func (h *Handler) exportDevice(ctx context.Context, p *principal, id string) (deviceExport, error) {
@@ -353,7 +357,7 @@ func (h *Handler) exportDevice(ctx context.Context, p *principal, id string) (de
 	if err != nil {
 		return deviceExport{}, err
 	}
-	ex := deviceExport{Device: v.Device, Counters: v.Counters, Exported: h.o.Now(), Certificates: []store.Cert{}, Audit: []store.Event{}}
+	ex := deviceExport{Device: v.Device, Counters: v.Counters, Exported: h.o.Now(), Certificates: []store.Cert{}, Audit: []store.Event{}, Retained: map[string]json.RawMessage{}}
 	cs, err := h.o.Store.Certs()
 	if err != nil {
 		return ex, err
@@ -368,6 +372,17 @@ func (h *Handler) exportDevice(ctx context.Context, p *principal, id string) (de
 		return ex, err
 	}
 	ex.FirmwareStatus = fw
+	rm, err := h.o.Store.RetainedUnder(bridges.TopicPrefix(id))
+	if err != nil {
+		return ex, err
+	}
+	ex.Retained = make(map[string]json.RawMessage, len(rm))
+	for topic, v := range rm {
+		if !json.Valid(v) { // not the broker's JSON: exported as bytes (base64)
+			v, _ = json.Marshal(v)
+		}
+		ex.Retained[topic] = v
+	}
 	var before uint64
 	for range 100 { // at most 100 pages of the audit log
 		es, err := h.o.Store.AuditLog(500, before)
@@ -389,9 +404,10 @@ func (h *Handler) exportDevice(ctx context.Context, p *principal, id string) (de
 }
 
 // eraseDevice revokes the device and deletes what describes it (name,
-// vendor, model, version, last seen, firmware update status). The id and the revoked certificate
-// serials stay, because forgetting them would let the old credentials in
-// again; the audit log stays as the security record.
+// vendor, model, version, last seen, firmware update status) and its
+// retained MQTT messages. The id and the revoked certificate serials stay,
+// because forgetting them would let the old credentials in again; the
+// audit log stays as the security record.
 func (h *Handler) eraseDevice(ctx context.Context, p *principal, id string) error {
 	d, err := h.o.Store.Device(id)
 	if err != nil {
@@ -419,7 +435,15 @@ func (h *Handler) eraseDevice(ctx context.Context, p *principal, id string) erro
 	if err != nil {
 		return err
 	}
-	h.audit(ctx, p.actor(), "privacy.erase", id, "device data deleted; id and revocation kept")
+	// Its retained MQTT messages go from the store. The running broker
+	// holds its own copies, which the gateway has no way to drop: they
+	// go when the broker expires them, at most the MQTT session expiry
+	// (an hour) after they were published, and are not stored again.
+	n, err := h.o.Store.DeleteRetainedUnder(bridges.TopicPrefix(id))
+	if err != nil {
+		return err
+	}
+	h.audit(ctx, p.actor(), "privacy.erase", id, fmt.Sprintf("device data and %d retained MQTT message(s) deleted; id and revocation kept", n))
 	return nil
 }
 

@@ -1,6 +1,7 @@
 package console_test
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -510,11 +511,24 @@ func TestExportAndEraseDeviceData(t *testing.T) {
 	if err := b.g.Store().PutFirmwareStatuses(map[string][]byte{cr.ID: []byte(fw)}); err != nil {
 		t.Fatal(err)
 	}
+	// Retained MQTT messages of the device, kept from a run, and one of a
+	// device whose id starts with this one's.
+	retained := map[string]string{
+		"devices/" + cr.ID + "/t/temp":   `{"topic":"devices/` + cr.ID + `/t/temp","payload":"MjEuNQ=="}`,
+		"devices/" + cr.ID + "/s/online": `{"topic":"devices/` + cr.ID + `/s/online","payload":"MQ=="}`,
+	}
+	other := "devices/" + cr.ID + "x/t/temp"
+	for topic, v := range map[string]string{other: `{"payload":"OQ=="}`, "devices/" + cr.ID + "/t/temp": retained["devices/"+cr.ID+"/t/temp"], "devices/" + cr.ID + "/s/online": retained["devices/"+cr.ID+"/s/online"]} {
+		if err := b.g.Store().PutRetained(topic, []byte(v)); err != nil {
+			t.Fatal(err)
+		}
+	}
 	r = b.do(t, c, "GET", "/api/v1/devices/"+cr.ID+"/export", nil, nil)
 	var ex struct {
 		Device         store.Device
 		Audit          []store.Event
-		FirmwareStatus json.RawMessage `json:"firmware_status"`
+		FirmwareStatus json.RawMessage            `json:"firmware_status"`
+		Retained       map[string]json.RawMessage `json:"retained"`
 	}
 	r.json(t, &ex)
 	if r.code != http.StatusOK || ex.Device.Name != "bedroom sensor 2" || ex.Device.Vendor != "Acme" || !strings.Contains(r.hdr.Get("Content-Disposition"), "attachment") {
@@ -525,6 +539,15 @@ func TestExportAndEraseDeviceData(t *testing.T) {
 	json.Unmarshal([]byte(fw), &wantFW)
 	if d := cmp.Diff(wantFW, gotFW); d != "" {
 		t.Errorf("exported firmware_status (-want +got):\n%s", d)
+	}
+	gotRetained := map[string]string{}
+	for topic, v := range ex.Retained {
+		var compact bytes.Buffer
+		json.Compact(&compact, v)
+		gotRetained[topic] = compact.String()
+	}
+	if d := cmp.Diff(retained, gotRetained); d != "" {
+		t.Errorf("exported retained messages (-want +got):\n%s", d)
 	}
 	var actions []string
 	for _, e := range ex.Audit {
@@ -545,6 +568,11 @@ func TestExportAndEraseDeviceData(t *testing.T) {
 	}
 	if _, err := b.g.Store().FirmwareStatus(cr.ID); !errors.Is(err, store.ErrNotFound) {
 		t.Errorf("erased device's firmware status still stored: %v", err)
+	}
+	var left []string
+	b.g.Store().ForEachRetained(func(topic string, _ []byte) error { left = append(left, topic); return nil })
+	if d := cmp.Diff([]string{other}, left); d != "" {
+		t.Errorf("retained messages after the erase (-want +got):\n%s", d)
 	}
 	if r := b.do(t, c, "GET", "/api/v1/devices/nosuch/export", nil, nil); r.code != http.StatusNotFound {
 		t.Errorf("export unknown device: %d", r.code)
