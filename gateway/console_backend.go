@@ -79,6 +79,5 @@ func (b consoleBackend) RevokeDevice(ctx context.Context, id string, who console
 }
 
 // Console returns the console handler (nil when the console is disabled).
-// The button code calls Console().PhysicalPresence on a press, and
-// components fill its optional parts with SetComponents before Run.
+// Components fill its optional parts with SetComponents before Run.
 func (g *Gateway) Console() *console.Handler { return g.consoleHandler }

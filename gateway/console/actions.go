@@ -127,8 +127,10 @@ func (h *Handler) doLogin(ctx context.Context, w http.ResponseWriter, r *http.Re
 	return s, nil
 }
 
-// doSetup creates the first admin with the one-time setup code or a button
-// press, then logs them in.
+// doSetup creates the first admin with the one-time setup code, then logs
+// them in. The code, printed on the box's console, is the proof of
+// presence: nothing else grants setup (a button press would grant it to
+// whichever LAN client asked first after it).
 func (h *Handler) doSetup(ctx context.Context, w http.ResponseWriter, r *http.Request, in setupInput) (store.Session, error) {
 	now, src := h.o.Now(), remoteIP(r)
 	if h.adminExists() {
@@ -144,16 +146,12 @@ func (h *Handler) doSetup(ctx context.Context, w http.ResponseWriter, r *http.Re
 	if err := checkNewPassword(user, in.Password); err != nil {
 		return store.Session{}, err
 	}
-	how := "setup code"
 	if !h.o.Gateway.CheckSetupCode(in.Code) {
-		if in.Code != "" || !h.consumePresence() {
-			for _, k := range sourceKeys(src) {
-				h.thr.Fail(now, "setup:"+k, 5)
-			}
-			h.refusalAudit(ctx, Actor{Name: "anonymous", Remote: src}, "console.setup_refused", user, "wrong setup code")
-			return store.Session{}, refuse(ReasonBadCode, http.StatusForbidden, "wrong setup code: use the code bastiond printed on the box's console, or press the button on the box first")
+		for _, k := range sourceKeys(src) {
+			h.thr.Fail(now, "setup:"+k, 5)
 		}
-		how = "button"
+		h.refusalAudit(ctx, Actor{Name: "anonymous", Remote: src}, "console.setup_refused", user, "wrong setup code")
+		return store.Session{}, refuse(ReasonBadCode, http.StatusForbidden, "wrong setup code: use the code bastiond printed on the box's console when it started")
 	}
 	ph, err := h.hash.hash(ctx, in.Password)
 	if err != nil {
@@ -163,13 +161,13 @@ func (h *Handler) doSetup(ctx context.Context, w http.ResponseWriter, r *http.Re
 	if err := h.o.Store.CreateFirstAdmin(u, MetaAdminExists, MetaSetupCode); err != nil {
 		return store.Session{}, err
 	}
-	h.audit(ctx, Actor{Name: user, Remote: src}, "console.setup", user, "first admin created with the "+how)
+	h.audit(ctx, Actor{Name: user, Remote: src}, "console.setup", user, "first admin created with the setup code")
 	h.flushRefusalAudit(ctx, "setup")
 	return h.newSession(w, r, user)
 }
 
-// doRecover sets a password with a recovery code from the box (or a button
-// press): the account is created as admin if it does not exist, all its
+// doRecover sets a password with a recovery code from the box (bastionctl
+// as root, or the pairing button held 10 s, shown on the box): the account is created as admin if it does not exist, all its
 // sessions end, its API tokens are deleted and its lockout is lifted.
 func (h *Handler) doRecover(ctx context.Context, r *http.Request, in setupInput) error {
 	now, src := h.o.Now(), remoteIP(r)
@@ -183,20 +181,16 @@ func (h *Handler) doRecover(ctx context.Context, r *http.Request, in setupInput)
 	if err := checkNewPassword(user, in.Password); err != nil {
 		return err
 	}
-	how := "recovery code"
 	ok, err := h.checkRecoveryCode(in.Code)
 	if err != nil {
 		return err
 	}
 	if !ok {
-		if in.Code != "" || !h.consumePresence() {
-			for _, k := range sourceKeys(src) {
-				h.thr.Fail(now, "recover:"+k, 5)
-			}
-			h.refusalAudit(ctx, Actor{Name: "anonymous", Remote: src}, "console.recover_refused", user, "wrong recovery code")
-			return refuse(ReasonBadCode, http.StatusForbidden, "wrong or expired recovery code: run `bastionctl console recover` as root on the box, or press the button")
+		for _, k := range sourceKeys(src) {
+			h.thr.Fail(now, "recover:"+k, 5)
 		}
-		how = "button"
+		h.refusalAudit(ctx, Actor{Name: "anonymous", Remote: src}, "console.recover_refused", user, "wrong recovery code")
+		return refuse(ReasonBadCode, http.StatusForbidden, "wrong or expired recovery code: run `bastionctl console recover` as root on the box, or hold the pairing button 10 s with no pairing window open, for a new code")
 	}
 	ph, err := h.hash.hash(ctx, in.Password)
 	if err != nil {
@@ -222,7 +216,7 @@ func (h *Handler) doRecover(ctx context.Context, r *http.Request, in setupInput)
 	}
 	h.thr.Reset("u:" + user)
 	h.audit(ctx, Actor{Name: user, Remote: src}, "console.recover", user,
-		fmt.Sprintf("password set with the %s; sessions ended, %d API token(s) deleted", how, tokens))
+		fmt.Sprintf("password set with the recovery code; sessions ended, %d API token(s) deleted", tokens))
 	h.flushRefusalAudit(ctx, "recovery")
 	return nil
 }

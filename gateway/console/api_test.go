@@ -450,23 +450,6 @@ func TestRecoveryAndPasswordChangeDeleteAPITokens(t *testing.T) {
 	}
 }
 
-func TestButtonPressAllowsFirstAdminWithoutCode(t *testing.T) {
-	b := startBox(t)
-	c := b.client(t)
-	in := map[string]string{"user": "root", "password": goodPassword}
-	if r := b.do(t, c, "POST", "/api/v1/setup", in, nil); r.code != http.StatusForbidden {
-		t.Fatalf("setup without code or button: %d", r.code)
-	}
-	b.g.Console().PhysicalPresence("button", 0)
-	if r := b.do(t, c, "POST", "/api/v1/setup", in, nil); r.code != http.StatusForbidden {
-		t.Fatalf("setup after a zero-length presence window: %d", r.code)
-	}
-	b.g.Console().PhysicalPresence("button", 60e9)
-	if r := b.do(t, c, "POST", "/api/v1/setup", in, nil); r.code != http.StatusCreated {
-		t.Fatalf("setup right after a button press: %d %s", r.code, r.body)
-	}
-}
-
 func TestUnknownJSONAndOversizedBodiesRefused(t *testing.T) {
 	b := startBox(t)
 	c, tok := b.setupAdmin(t, "root")

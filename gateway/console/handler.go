@@ -113,9 +113,8 @@ type Handler struct {
 	// the session or token and touching it.
 	afterAuthRead func()
 
-	mu       sync.Mutex
-	presence time.Time // physical presence (button) grants setup/recovery until then
-	flashes  map[string]string
+	mu      sync.Mutex
+	flashes map[string]string
 }
 
 //go:embed static
@@ -193,35 +192,6 @@ func lanSource(addr string) bool {
 	return a.IsLoopback() || a.IsPrivate() || a.IsLinkLocalUnicast()
 }
 
-// PhysicalPresence is called by the box's button code (never from the
-// network): for d (at most 10 min) the setup and recovery forms accept
-// creating the first admin or resetting a password without a code. Used
-// once, it ends. Anyone on the LAN could use that window, so the caller
-// should tie it to a gesture of its own (not the pairing press) and the
-// console audits it.
-func (h *Handler) PhysicalPresence(source string, d time.Duration) {
-	d = min(d, 10*time.Minute)
-	h.mu.Lock()
-	h.presence = h.o.Now().Add(d)
-	h.mu.Unlock()
-	h.audit(context.Background(), Actor{Name: source}, "console.presence", "", "setup and recovery allowed for "+d.String())
-}
-
-// consumePresence reports whether a presence window is active and ends it.
-func (h *Handler) consumePresence() bool {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	ok := h.o.Now().Before(h.presence)
-	h.presence = time.Time{}
-	return ok
-}
-
-func (h *Handler) presenceActive() bool {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	return h.o.Now().Before(h.presence)
-}
-
 // NewRecoveryCode makes a one-time password recovery code valid for 15
 // minutes and returns it. Only root on the box reaches it (bastionctl over
 // the control socket, see RecoveryControlHandler); it is never reachable
@@ -231,7 +201,8 @@ func (h *Handler) NewRecoveryCode() (string, error) {
 }
 
 // NewRecoveryCodeFor is NewRecoveryCode on behalf of source (bastionctl,
-// or the box's button), which the audit log records.
+// or the box's button held 10 s: gateway/pairing.go), which the audit log
+// records.
 func (h *Handler) NewRecoveryCodeFor(source string) (string, error) {
 	code := newCode()
 	sum := sha256.Sum256([]byte(code))

@@ -10,6 +10,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"reflect"
 	"regexp"
 	"slices"
 	"strconv"
@@ -262,22 +263,26 @@ func TestOpenAPIMatchesRoutes(t *testing.T) {
 	}
 }
 
-func TestPresenceWindowIsSingleUse(t *testing.T) {
-	h, srv, clk := newTestHandler(t)
+// The setup code and the recovery code printed on the box are the only
+// proofs of presence: without one, setup and recovery are refused, and
+// the handler has no method that would grant them without a code (a
+// button press handed to it would grant them to whichever LAN client
+// asked first).
+func TestSetupAndRecoveryOnlyWithTheirCode(t *testing.T) {
+	h, srv, _ := newTestHandler(t)
 	c := srv.Client()
-	h.PhysicalPresence("button", time.Hour) // capped at 10 min
-	clk.add(11 * time.Minute)
-	if code, _ := post(t, c, srv.URL+"/api/v1/setup", `{"user":"root","password":"correct horse battery staple"}`); code != 403 {
-		t.Errorf("setup 11 min after a press: %d, want 403", code)
+	if code, _ := post(t, c, srv.URL+"/api/v1/setup", `{"user":"root","password":"correct horse battery staple"}`); code != http.StatusForbidden {
+		t.Errorf("setup without a code: %d, want 403", code)
 	}
-	h.PhysicalPresence("button", 5*time.Minute)
-	if code, _ := post(t, c, srv.URL+"/api/v1/setup", `{"user":"root","password":"correct horse battery staple"}`); code != 201 {
-		t.Fatalf("setup after a press: %d, want 201", code)
+	setUpAdmin(t, srv)
+	if code, _ := post(t, c, srv.URL+"/api/v1/recover", `{"user":"root","password":"another horse battery staple"}`); code != http.StatusForbidden {
+		t.Errorf("recovery without a code: %d, want 403", code)
 	}
-	h.PhysicalPresence("button", 5*time.Minute)
-	post(t, c, srv.URL+"/api/v1/recover", `{"user":"root","password":"another horse battery staple"}`)
-	if code, _ := post(t, c, srv.URL+"/api/v1/recover", `{"user":"root","password":"third horse battery staple"}`); code != 403 {
-		t.Errorf("second recovery on one press: %d, want 403", code)
+	ht := reflect.TypeOf(h)
+	for i := range ht.NumMethod() {
+		if m := ht.Method(i).Name; strings.Contains(strings.ToLower(m), "presence") {
+			t.Errorf("Handler.%s: setup and recovery must need their code, nothing else", m)
+		}
 	}
 }
 
