@@ -12,7 +12,10 @@ import (
 // console.Gateway, so that the console never imports this package.
 type consoleBackend struct{ g *Gateway }
 
-var _ console.Gateway = consoleBackend{}
+var (
+	_ console.Gateway     = consoleBackend{}
+	_ console.Argon2Slots = consoleBackend{}
+)
 
 func (b consoleBackend) Health(ctx context.Context) console.Health {
 	s := b.g.Status()
@@ -38,6 +41,12 @@ func (b consoleBackend) Certificates(ctx context.Context) []console.CertStatus {
 	sort.Slice(out, func(i, j int) bool { return out[i].NotAfter.Before(out[j].NotAfter) })
 	return out
 }
+
+// AcquireArgon2 and ReleaseArgon2 give the console's password hashing the
+// slots of the device secret checks: one bound for the box's argon2id
+// runs, not one each.
+func (b consoleBackend) AcquireArgon2(ctx context.Context) error { return b.g.secrets.acquire(ctx) }
+func (b consoleBackend) ReleaseArgon2()                          { b.g.secrets.release() }
 
 func (b consoleBackend) CheckSetupCode(code string) bool { return b.g.CheckSetupCode(code) }
 
@@ -70,6 +79,5 @@ func (b consoleBackend) RevokeDevice(ctx context.Context, id string, who console
 }
 
 // Console returns the console handler (nil when the console is disabled).
-// The button code calls Console().PhysicalPresence on a press, and
-// components fill its optional parts with SetComponents before Run.
+// Components fill its optional parts with SetComponents before Run.
 func (g *Gateway) Console() *console.Handler { return g.consoleHandler }

@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"context"
 	"crypto/subtle"
 	"encoding/base64"
 	"errors"
@@ -64,8 +65,9 @@ func (i *identity) PSK(identity []byte) (string, []byte, error) {
 }
 
 // CheckSecret verifies an MQTT secret login. The argon2id check costs 19
-// MiB for about as long as it runs, so at most secretCheckSlots run at once
-// (a 128 MiB router would be killed by a few more), and a login that finds
+// MiB for about as long as it runs, so at most secretCheckSlots run at once,
+// console logins included (a 128 MiB router would be killed by a few
+// more), and a login that finds
 // no slot within secretCheckWait is refused with ErrSecretCheckBusy: a
 // burst of devices reconnecting after a reboot waits its turn, a flood of
 // wrong passwords cannot exhaust memory. An id without secret login is
@@ -136,9 +138,11 @@ func HashSecret(secret, salt []byte) string {
 // passwords.
 const MaxSecretLen = 256
 
-// Concurrent secret checks: two (38 MiB) is what a 128 MiB router affords
-// beside everything else, as for console logins; a login waits a few
-// seconds for a slot before it is refused.
+// Concurrent argon2id runs: two (38 MiB) is what a 128 MiB router affords
+// beside everything else. The slots are the box's: device secret checks
+// and the console's password hashing (consoleBackend's Argon2Slots) take
+// them from the same secretChecker. A device login waits a few seconds
+// for a slot before it is refused.
 const (
 	secretCheckSlots = 2
 	secretCheckWait  = 3 * time.Second
@@ -152,7 +156,8 @@ var ErrSecretCheckBusy = fmt.Errorf("too many secret logins being checked at onc
 var dummySecretHash = fmt.Sprintf("$argon2id$v=19$m=%d,t=%d,p=%d$AAAAAAAAAAAAAAAAAAAAAA$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
 	argonMemory, argonTime, argonThreads)
 
-// secretChecker bounds concurrent argon2id checks of device secrets.
+// secretChecker bounds concurrent argon2id runs: device secret checks
+// (check) and the console's password hashing (acquire, release).
 type secretChecker struct {
 	slots chan struct{}
 	wait  time.Duration
@@ -186,6 +191,21 @@ func (c *secretChecker) check(encoded string, secret []byte) (bool, error) {
 	got := c.idKey(secret, salt, t, m, p, uint32(len(want)))
 	return subtle.ConstantTimeCompare(got, want) == 1, nil
 }
+
+// acquire takes a slot for an argon2id run outside check (the console's),
+// waiting until ctx ends: a person logging in waits rather than being
+// refused.
+func (c *secretChecker) acquire(ctx context.Context) error {
+	select {
+	case c.slots <- struct{}{}:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("wait for an argon2id slot: %w", ctx.Err())
+	}
+}
+
+// release gives back a slot acquire took.
+func (c *secretChecker) release() { <-c.slots }
 
 // parseSecretHash decodes an encoding made by HashSecret. The parameters
 // are bounded, so that a tampered store cannot make a login allocate more

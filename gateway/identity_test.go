@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"path/filepath"
@@ -140,5 +141,33 @@ func TestSecretUnknownIDHashed(t *testing.T) {
 	}
 	if most.Load() != 1 {
 		t.Error("an unknown id was refused without the dummy argon2id run")
+	}
+}
+
+// The console's password hashing takes the device secret checks' slots
+// (consoleBackend's Argon2Slots): while it holds both, a device check is
+// refused busy, and while device checks hold both, the console waits.
+func TestConsoleSharesSecretCheckSlots(t *testing.T) {
+	id, _, _ := secretIdentity(t, 2, 10*time.Millisecond)
+	b := consoleBackend{&Gateway{secrets: id.secrets}}
+	for range 2 {
+		if err := b.AcquireArgon2(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := id.CheckSecret("plug", []byte("right secret")); !errors.Is(err, ErrSecretCheckBusy) {
+		t.Errorf("device check while the console holds both slots: %v, want ErrSecretCheckBusy", err)
+	}
+	b.ReleaseArgon2()
+	b.ReleaseArgon2()
+	if err := id.CheckSecret("plug", []byte("right secret")); err != nil {
+		t.Errorf("device check once the console gave its slots back: %v", err)
+	}
+	id.secrets.slots <- struct{}{}
+	id.secrets.slots <- struct{}{}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if err := b.AcquireArgon2(ctx); !errors.Is(err, context.Canceled) {
+		t.Errorf("console's slot while device checks hold both: %v, want to wait until its context ends", err)
 	}
 }

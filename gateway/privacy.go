@@ -1,10 +1,6 @@
 package gateway
 
-import (
-	"maps"
-
-	"github.com/bastion-iot/bastion/bridges/hub"
-)
+import "github.com/bastion-iot/bastion/bridges/hub"
 
 // Privacy opt-outs (console privacy page, store.OptOuts) that the gateway
 // enforces. The console's catalogue names them; these are the optional ones.
@@ -65,12 +61,9 @@ func (s fwStatusStore) FirmwareStatuses() (map[string][]byte, error) {
 	return s.g.store.FirmwareStatuses()
 }
 
+// PutFirmwareStatuses checks the opt-out in the write's own transaction:
+// read before it, an opt-out committing in between (and erasing what was
+// stored) was followed by the write of a report it should have stopped.
 func (s fwStatusStore) PutFirmwareStatuses(batch map[string][]byte) error {
-	if s.g.optedOut(optOutFwStatus) {
-		batch = maps.Clone(batch)
-		for dev := range batch {
-			batch[dev] = nil
-		}
-	}
-	return s.g.store.PutFirmwareStatuses(batch)
+	return s.g.store.PutFirmwareStatusesUnless(optOutFwStatus, batch)
 }

@@ -8,8 +8,10 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net/http"
 	"path/filepath"
+	"sync"
 	"testing"
 	"time"
 
@@ -112,5 +114,51 @@ func TestPrivacyOptOutsAreEnforced(t *testing.T) {
 	}
 	if tr, ok := g.g.Hub().Traffic(d.ID); !ok || tr.MessagesIn != 1 || !tr.LastSeen.IsZero() {
 		t.Errorf("counters back in, last seen still out: traffic %+v %v", tr, ok)
+	}
+}
+
+// A firmware status report racing the firmware.status opt-out is not
+// kept: the opt-out is read in the report's write transaction, so the
+// report is either written before the opt-out (and erased with the
+// others) or turned into a delete. Read before, in a transaction of its
+// own, the report could be written after the opt-out erased the stored
+// ones. Each round starts both at once; without the one transaction most
+// rounds keep the report.
+func TestFirmwareStatusRacingTheOptOutIsNotKept(t *testing.T) {
+	st, err := store.Open(filepath.Join(t.TempDir(), "bastion.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	g := &Gateway{store: st, log: discard}
+	fs := fwStatusStore{g}
+	for round := range 20 {
+		if err := st.SetOptOut(optOutFwStatus, false); err != nil {
+			t.Fatal(err)
+		}
+		dev := fmt.Sprintf("d%d", round)
+		start := make(chan struct{})
+		var wg sync.WaitGroup
+		wg.Add(2)
+		go func() {
+			defer wg.Done()
+			<-start
+			if err := fs.PutFirmwareStatuses(map[string][]byte{dev: []byte(`{"state":"installed"}`)}); err != nil {
+				t.Error(err)
+			}
+		}()
+		go func() { // what the console's opt-out does
+			defer wg.Done()
+			<-start
+			if err := st.SetOptOut(optOutFwStatus, true); err != nil {
+				t.Error(err)
+			}
+			g.applyOptOuts(g.optOuts())
+		}()
+		close(start)
+		wg.Wait()
+		if stored, err := st.FirmwareStatuses(); err != nil || len(stored) != 0 {
+			t.Fatalf("round %d: stored after the opt-out: %q %v, want none", round, stored, err)
+		}
 	}
 }

@@ -12,6 +12,7 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/gateway/store"
 )
 
@@ -94,9 +95,10 @@ func (h *Handler) doLogin(ctx context.Context, w http.ResponseWriter, r *http.Re
 		user = user[:64]
 	}
 	if until := h.thr.loginLockedUntil(now, user, src); !until.IsZero() {
-		// Counted, so hammering a locked account extends the lockout; not
-		// audited one by one, so a flood cannot wear the flash.
-		h.thr.failLogin(now, user, src)
+		// Counted, so hammering a locked account extends the lockout, but
+		// adding no key (failLocked); not audited one by one, so a flood
+		// cannot wear the flash.
+		h.thr.failLocked(now, user, src)
 		return store.Session{}, &lockedError{wait: until.Sub(now)}
 	}
 	u, err := h.o.Store.Admin(user)
@@ -125,8 +127,10 @@ func (h *Handler) doLogin(ctx context.Context, w http.ResponseWriter, r *http.Re
 	return s, nil
 }
 
-// doSetup creates the first admin with the one-time setup code or a button
-// press, then logs them in.
+// doSetup creates the first admin with the one-time setup code, then logs
+// them in. The code, printed on the box's console, is the proof of
+// presence: nothing else grants setup (a button press would grant it to
+// whichever LAN client asked first after it).
 func (h *Handler) doSetup(ctx context.Context, w http.ResponseWriter, r *http.Request, in setupInput) (store.Session, error) {
 	now, src := h.o.Now(), remoteIP(r)
 	if h.adminExists() {
@@ -142,16 +146,12 @@ func (h *Handler) doSetup(ctx context.Context, w http.ResponseWriter, r *http.Re
 	if err := checkNewPassword(user, in.Password); err != nil {
 		return store.Session{}, err
 	}
-	how := "setup code"
 	if !h.o.Gateway.CheckSetupCode(in.Code) {
-		if in.Code != "" || !h.consumePresence() {
-			for _, k := range sourceKeys(src) {
-				h.thr.Fail(now, "setup:"+k, 5)
-			}
-			h.refusalAudit(ctx, Actor{Name: "anonymous", Remote: src}, "console.setup_refused", user, "wrong setup code")
-			return store.Session{}, refuse(ReasonBadCode, http.StatusForbidden, "wrong setup code: use the code bastiond printed on the box's console, or press the button on the box first")
+		for _, k := range sourceKeys(src) {
+			h.thr.Fail(now, "setup:"+k, 5)
 		}
-		how = "button"
+		h.refusalAudit(ctx, Actor{Name: "anonymous", Remote: src}, "console.setup_refused", user, "wrong setup code")
+		return store.Session{}, refuse(ReasonBadCode, http.StatusForbidden, "wrong setup code: use the code bastiond printed on the box's console when it started")
 	}
 	ph, err := h.hash.hash(ctx, in.Password)
 	if err != nil {
@@ -161,14 +161,14 @@ func (h *Handler) doSetup(ctx context.Context, w http.ResponseWriter, r *http.Re
 	if err := h.o.Store.CreateFirstAdmin(u, MetaAdminExists, MetaSetupCode); err != nil {
 		return store.Session{}, err
 	}
-	h.audit(ctx, Actor{Name: user, Remote: src}, "console.setup", user, "first admin created with the "+how)
+	h.audit(ctx, Actor{Name: user, Remote: src}, "console.setup", user, "first admin created with the setup code")
 	h.flushRefusalAudit(ctx, "setup")
 	return h.newSession(w, r, user)
 }
 
-// doRecover sets a password with a recovery code from the box (or a button
-// press): the account is created as admin if it does not exist, all its
-// sessions end and its lockout is lifted.
+// doRecover sets a password with a recovery code from the box (bastionctl
+// as root, or the pairing button held 10 s, shown on the box): the account is created as admin if it does not exist, all its
+// sessions end, its API tokens are deleted and its lockout is lifted.
 func (h *Handler) doRecover(ctx context.Context, r *http.Request, in setupInput) error {
 	now, src := h.o.Now(), remoteIP(r)
 	if until := h.thr.LockedUntil(now, prefixed("recover:", sourceKeys(src))...); !until.IsZero() {
@@ -181,16 +181,16 @@ func (h *Handler) doRecover(ctx context.Context, r *http.Request, in setupInput)
 	if err := checkNewPassword(user, in.Password); err != nil {
 		return err
 	}
-	how := "recovery code"
-	if !h.checkRecoveryCode(in.Code) {
-		if in.Code != "" || !h.consumePresence() {
-			for _, k := range sourceKeys(src) {
-				h.thr.Fail(now, "recover:"+k, 5)
-			}
-			h.refusalAudit(ctx, Actor{Name: "anonymous", Remote: src}, "console.recover_refused", user, "wrong recovery code")
-			return refuse(ReasonBadCode, http.StatusForbidden, "wrong or expired recovery code: run `bastionctl console recover` as root on the box, or press the button")
+	ok, err := h.checkRecoveryCode(in.Code)
+	if err != nil {
+		return err
+	}
+	if !ok {
+		for _, k := range sourceKeys(src) {
+			h.thr.Fail(now, "recover:"+k, 5)
 		}
-		how = "button"
+		h.refusalAudit(ctx, Actor{Name: "anonymous", Remote: src}, "console.recover_refused", user, "wrong recovery code")
+		return refuse(ReasonBadCode, http.StatusForbidden, "wrong or expired recovery code: run `bastionctl console recover` as root on the box, or hold the pairing button 10 s with no pairing window open, for a new code")
 	}
 	ph, err := h.hash.hash(ctx, in.Password)
 	if err != nil {
@@ -208,9 +208,15 @@ func (h *Handler) doRecover(ctx context.Context, r *http.Request, in setupInput)
 	}
 	h.o.Store.SetMeta(MetaAdminExists, []byte(now.UTC().Format(time.RFC3339)))
 	h.o.Store.SetMeta(MetaSetupCode, nil)
-	h.o.Store.DeleteSessions(user, nil)
+	// Whoever had the account may have made API tokens, which never
+	// expire: they go with its sessions.
+	tokens, err := h.o.Store.EndAccess(user, "")
+	if err != nil {
+		return fmt.Errorf("password of %q set, but its sessions and API tokens may still work (recover again): %w", user, err)
+	}
 	h.thr.Reset("u:" + user)
-	h.audit(ctx, Actor{Name: user, Remote: src}, "console.recover", user, "password set with the "+how)
+	h.audit(ctx, Actor{Name: user, Remote: src}, "console.recover", user,
+		fmt.Sprintf("password set with the recovery code; sessions ended, %d API token(s) deleted", tokens))
 	h.flushRefusalAudit(ctx, "recovery")
 	return nil
 }
@@ -334,7 +340,10 @@ type deviceExport struct {
 	// FirmwareStatus is the device's latest firmware update status report
 	// as stored (its "at" is when the status last changed).
 	FirmwareStatus json.RawMessage `json:"firmware_status,omitempty"`
-	Exported       time.Time       `json:"exported"`
+	// Retained are the device's retained MQTT messages, by topic, as
+	// stored (the broker's record: payload in base64, flags, properties).
+	Retained map[string]json.RawMessage `json:"retained"`
+	Exported time.Time                  `json:"exported"`
 }
 
 func (h *Handler) exportDevice(ctx context.Context, p *principal, id string) (deviceExport, error) {
@@ -342,7 +351,7 @@ func (h *Handler) exportDevice(ctx context.Context, p *principal, id string) (de
 	if err != nil {
 		return deviceExport{}, err
 	}
-	ex := deviceExport{Device: v.Device, Counters: v.Counters, Exported: h.o.Now(), Certificates: []store.Cert{}, Audit: []store.Event{}}
+	ex := deviceExport{Device: v.Device, Counters: v.Counters, Exported: h.o.Now(), Certificates: []store.Cert{}, Audit: []store.Event{}, Retained: map[string]json.RawMessage{}}
 	cs, err := h.o.Store.Certs()
 	if err != nil {
 		return ex, err
@@ -357,6 +366,17 @@ func (h *Handler) exportDevice(ctx context.Context, p *principal, id string) (de
 		return ex, err
 	}
 	ex.FirmwareStatus = fw
+	rm, err := h.o.Store.RetainedUnder(bridges.TopicPrefix(id))
+	if err != nil {
+		return ex, err
+	}
+	ex.Retained = make(map[string]json.RawMessage, len(rm))
+	for topic, v := range rm {
+		if !json.Valid(v) { // not the broker's JSON: exported as bytes (base64)
+			v, _ = json.Marshal(v)
+		}
+		ex.Retained[topic] = v
+	}
 	var before uint64
 	for range 100 { // at most 100 pages of the audit log
 		es, err := h.o.Store.AuditLog(500, before)
@@ -378,9 +398,10 @@ func (h *Handler) exportDevice(ctx context.Context, p *principal, id string) (de
 }
 
 // eraseDevice revokes the device and deletes what describes it (name,
-// vendor, model, version, last seen, firmware update status). The id and the revoked certificate
-// serials stay, because forgetting them would let the old credentials in
-// again; the audit log stays as the security record.
+// vendor, model, version, last seen, firmware update status) and its
+// retained MQTT messages. The id and the revoked certificate serials stay,
+// because forgetting them would let the old credentials in again; the
+// audit log stays as the security record.
 func (h *Handler) eraseDevice(ctx context.Context, p *principal, id string) error {
 	d, err := h.o.Store.Device(id)
 	if err != nil {
@@ -408,7 +429,15 @@ func (h *Handler) eraseDevice(ctx context.Context, p *principal, id string) erro
 	if err != nil {
 		return err
 	}
-	h.audit(ctx, p.actor(), "privacy.erase", id, "device data deleted; id and revocation kept")
+	// Its retained MQTT messages go from the store. The running broker
+	// holds its own copies, which the gateway has no way to drop: they
+	// go when the broker expires them, at most the MQTT session expiry
+	// (an hour) after they were published, and are not stored again.
+	n, err := h.o.Store.DeleteRetainedUnder(bridges.TopicPrefix(id))
+	if err != nil {
+		return err
+	}
+	h.audit(ctx, p.actor(), "privacy.erase", id, fmt.Sprintf("device data and %d retained MQTT message(s) deleted; id and revocation kept", n))
 	return nil
 }
 
@@ -685,7 +714,7 @@ type passwordInput struct {
 }
 
 // changePassword sets the caller's own password; every other session of
-// theirs ends.
+// theirs ends and every API token of theirs is deleted.
 func (h *Handler) changePassword(ctx context.Context, p *principal, in passwordInput) error {
 	now := h.o.Now()
 	if until := h.thr.loginLockedUntil(now, p.user, p.remote); !until.IsZero() {
@@ -712,12 +741,18 @@ func (h *Handler) changePassword(ctx context.Context, p *principal, in passwordI
 	}); err != nil {
 		return err
 	}
+	// Who changes a password may fear someone else knows it, and could
+	// have made API tokens with it, which never expire: all go, the one
+	// this request came with too. The session that made the change stays.
 	keep := ""
 	if p.session != nil {
 		keep = p.session.Hash
 	}
-	h.o.Store.DeleteSessions("", func(s store.Session) bool { return s.User == p.user && s.Hash != keep })
-	h.audit(ctx, p.actor(), "admin.password", p.user, "")
+	tokens, err := h.o.Store.EndAccess(p.user, keep)
+	if err != nil {
+		return fmt.Errorf("password of %q changed, but its other sessions and API tokens may still work (change it again): %w", p.user, err)
+	}
+	h.audit(ctx, p.actor(), "admin.password", p.user, fmt.Sprintf("other sessions ended, %d API token(s) deleted", tokens))
 	return nil
 }
 

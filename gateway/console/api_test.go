@@ -1,6 +1,7 @@
 package console_test
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -356,20 +357,96 @@ func TestRecoveryNeedsACodeFromTheBox(t *testing.T) {
 	}
 }
 
-func TestButtonPressAllowsFirstAdminWithoutCode(t *testing.T) {
+// newToken makes an API token for c's user and returns it.
+func (b *box) newToken(t *testing.T, c *http.Client, csrfTok, label string) string {
+	t.Helper()
+	r := b.do(t, c, "POST", "/api/v1/tokens", map[string]string{"label": label}, csrf(csrfTok))
+	if r.code != http.StatusCreated {
+		t.Fatalf("create token %s: %d %s", label, r.code, r.body)
+	}
+	var v struct{ Token string }
+	r.json(t, &v)
+	return v.Token
+}
+
+func bearer(tok string) map[string]string { return map[string]string{"Authorization": "Bearer " + tok} }
+
+// lastAudit is the detail of the newest audit event of action.
+func (b *box) lastAudit(t *testing.T, c *http.Client, action string) string {
+	t.Helper()
+	var es []store.Event
+	b.do(t, c, "GET", "/api/v1/audit", nil, nil).json(t, &es)
+	for _, e := range es {
+		if e.Action == action {
+			return e.Detail
+		}
+	}
+	t.Fatalf("no %s in the audit log", action)
+	return ""
+}
+
+// API tokens never expire: a password recovery deletes the account's,
+// and so does a password change (the one it came with too), as both end
+// the sessions. Another account's tokens stay.
+func TestRecoveryAndPasswordChangeDeleteAPITokens(t *testing.T) {
 	b := startBox(t)
-	c := b.client(t)
-	in := map[string]string{"user": "root", "password": goodPassword}
-	if r := b.do(t, c, "POST", "/api/v1/setup", in, nil); r.code != http.StatusForbidden {
-		t.Fatalf("setup without code or button: %d", r.code)
+	c, tok := b.setupAdmin(t, "root")
+	rootTokens := []string{b.newToken(t, c, tok, "ci"), b.newToken(t, c, tok, "backup")}
+	if r := b.do(t, c, "POST", "/api/v1/admins", map[string]string{"name": "bob", "role": "viewer", "password": "amber lantern pebble river"}, csrf(tok)); r.code != http.StatusCreated {
+		t.Fatalf("add bob: %d %s", r.code, r.body)
 	}
-	b.g.Console().PhysicalPresence("button", 0)
-	if r := b.do(t, c, "POST", "/api/v1/setup", in, nil); r.code != http.StatusForbidden {
-		t.Fatalf("setup after a zero-length presence window: %d", r.code)
+	bc, btok := b.login(t, "bob", "amber lantern pebble river")
+	bobToken := b.newToken(t, bc, btok, "bob")
+	for _, tk := range append(rootTokens, bobToken) {
+		if r := b.do(t, b.client(t), "GET", "/api/v1/session", nil, bearer(tk)); r.code != http.StatusOK {
+			t.Fatalf("token before recovery: %d %s", r.code, r.body)
+		}
 	}
-	b.g.Console().PhysicalPresence("button", 60e9)
-	if r := b.do(t, c, "POST", "/api/v1/setup", in, nil); r.code != http.StatusCreated {
-		t.Fatalf("setup right after a button press: %d %s", r.code, r.body)
+
+	code, err := b.g.Console().NewRecoveryCode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	in := map[string]string{"code": code, "user": "root", "password": "new lantern pebble river"}
+	if r := b.do(t, b.client(t), "POST", "/api/v1/recover", in, nil); r.code != http.StatusOK {
+		t.Fatalf("recovery: %d %s", r.code, r.body)
+	}
+	for i, tk := range rootTokens {
+		if r := b.do(t, b.client(t), "GET", "/api/v1/session", nil, bearer(tk)); r.code != http.StatusUnauthorized {
+			t.Errorf("root's token %d after recovery: %d, want 401", i, r.code)
+		}
+	}
+	if r := b.do(t, b.client(t), "GET", "/api/v1/session", nil, bearer(bobToken)); r.code != http.StatusOK {
+		t.Errorf("bob's token after root's recovery: %d, want 200", r.code)
+	}
+	c, tok = b.login(t, "root", "new lantern pebble river")
+	if got, want := b.lastAudit(t, c, "console.recover"), "password set with the recovery code; sessions ended, 2 API token(s) deleted"; got != want {
+		t.Errorf("recovery audited %q, want %q", got, want)
+	}
+
+	// A change through a session: the session stays, tokens go.
+	rootToken := b.newToken(t, c, tok, "ci")
+	pw := map[string]string{"current": "new lantern pebble river", "new": "third lantern pebble river"}
+	if r := b.do(t, c, "PUT", "/api/v1/account/password", pw, csrf(tok)); r.code != http.StatusNoContent {
+		t.Fatalf("password change: %d %s", r.code, r.body)
+	}
+	if r := b.do(t, b.client(t), "GET", "/api/v1/session", nil, bearer(rootToken)); r.code != http.StatusUnauthorized {
+		t.Errorf("root's token after a password change: %d, want 401", r.code)
+	}
+	if r := b.do(t, c, "GET", "/api/v1/session", nil, nil); r.code != http.StatusOK {
+		t.Errorf("the session that changed the password: %d, want 200", r.code)
+	}
+	if got, want := b.lastAudit(t, c, "admin.password"), "other sessions ended, 1 API token(s) deleted"; got != want {
+		t.Errorf("password change audited %q, want %q", got, want)
+	}
+
+	// A change through a token: that token goes too.
+	pw = map[string]string{"current": "amber lantern pebble river", "new": "amber second lantern pebble"}
+	if r := b.do(t, b.client(t), "PUT", "/api/v1/account/password", pw, bearer(bobToken)); r.code != http.StatusNoContent {
+		t.Fatalf("bob's password change by token: %d %s", r.code, r.body)
+	}
+	if r := b.do(t, b.client(t), "GET", "/api/v1/session", nil, bearer(bobToken)); r.code != http.StatusUnauthorized {
+		t.Errorf("the token that changed bob's password, after: %d, want 401", r.code)
 	}
 }
 
@@ -417,11 +494,24 @@ func TestExportAndEraseDeviceData(t *testing.T) {
 	if err := b.g.Store().PutFirmwareStatuses(map[string][]byte{cr.ID: []byte(fw)}); err != nil {
 		t.Fatal(err)
 	}
+	// Retained MQTT messages of the device, kept from a run, and one of a
+	// device whose id starts with this one's.
+	retained := map[string]string{
+		"devices/" + cr.ID + "/t/temp":   `{"topic":"devices/` + cr.ID + `/t/temp","payload":"MjEuNQ=="}`,
+		"devices/" + cr.ID + "/s/online": `{"topic":"devices/` + cr.ID + `/s/online","payload":"MQ=="}`,
+	}
+	other := "devices/" + cr.ID + "x/t/temp"
+	for topic, v := range map[string]string{other: `{"payload":"OQ=="}`, "devices/" + cr.ID + "/t/temp": retained["devices/"+cr.ID+"/t/temp"], "devices/" + cr.ID + "/s/online": retained["devices/"+cr.ID+"/s/online"]} {
+		if err := b.g.Store().PutRetained(topic, []byte(v)); err != nil {
+			t.Fatal(err)
+		}
+	}
 	r = b.do(t, c, "GET", "/api/v1/devices/"+cr.ID+"/export", nil, nil)
 	var ex struct {
 		Device         store.Device
 		Audit          []store.Event
-		FirmwareStatus json.RawMessage `json:"firmware_status"`
+		FirmwareStatus json.RawMessage            `json:"firmware_status"`
+		Retained       map[string]json.RawMessage `json:"retained"`
 	}
 	r.json(t, &ex)
 	if r.code != http.StatusOK || ex.Device.Name != "bedroom sensor 2" || ex.Device.Vendor != "Acme" || !strings.Contains(r.hdr.Get("Content-Disposition"), "attachment") {
@@ -432,6 +522,15 @@ func TestExportAndEraseDeviceData(t *testing.T) {
 	json.Unmarshal([]byte(fw), &wantFW)
 	if d := cmp.Diff(wantFW, gotFW); d != "" {
 		t.Errorf("exported firmware_status (-want +got):\n%s", d)
+	}
+	gotRetained := map[string]string{}
+	for topic, v := range ex.Retained {
+		var compact bytes.Buffer
+		json.Compact(&compact, v)
+		gotRetained[topic] = compact.String()
+	}
+	if d := cmp.Diff(retained, gotRetained); d != "" {
+		t.Errorf("exported retained messages (-want +got):\n%s", d)
 	}
 	var actions []string
 	for _, e := range ex.Audit {
@@ -452,6 +551,11 @@ func TestExportAndEraseDeviceData(t *testing.T) {
 	}
 	if _, err := b.g.Store().FirmwareStatus(cr.ID); !errors.Is(err, store.ErrNotFound) {
 		t.Errorf("erased device's firmware status still stored: %v", err)
+	}
+	var left []string
+	b.g.Store().ForEachRetained(func(topic string, _ []byte) error { left = append(left, topic); return nil })
+	if d := cmp.Diff([]string{other}, left); d != "" {
+		t.Errorf("retained messages after the erase (-want +got):\n%s", d)
 	}
 	if r := b.do(t, c, "GET", "/api/v1/devices/nosuch/export", nil, nil); r.code != http.StatusNotFound {
 		t.Errorf("export unknown device: %d", r.code)

@@ -26,6 +26,18 @@ type Gateway interface {
 	RevokeDevice(ctx context.Context, id string, who Actor) error
 }
 
+// Argon2Slots is an optional part of Gateway: a bound on the argon2id runs
+// of the whole box (19 MiB each), which the gateway's device secret checks
+// take too. A Gateway that has one shares it with the console's password
+// hashing, so that logins and device checks together stay within it;
+// without one, the console bounds its own runs to 2.
+type Argon2Slots interface {
+	// AcquireArgon2 waits for a slot until ctx ends.
+	AcquireArgon2(ctx context.Context) error
+	// ReleaseArgon2 gives back a slot AcquireArgon2 took.
+	ReleaseArgon2()
+}
+
 // Actor says who asked for a change, for the audit log.
 type Actor struct {
 	Name   string

@@ -109,10 +109,12 @@ type Handler struct {
 	// patterns are the routes registered, for the test that holds the
 	// OpenAPI file to them.
 	patterns []string
+	// afterAuthRead, if set (tests), runs in authenticate between reading
+	// the session or token and touching it.
+	afterAuthRead func()
 
-	mu       sync.Mutex
-	presence time.Time // physical presence (button) grants setup/recovery until then
-	flashes  map[string]string
+	mu      sync.Mutex
+	flashes map[string]string
 }
 
 //go:embed static
@@ -142,8 +144,12 @@ func NewHandler(o Options) (*Handler, error) {
 	if err != nil {
 		return nil, err
 	}
-	h := &Handler{o: o, log: o.Log.With("component", "console"), mux: http.NewServeMux(), hash: newHasher(2),
-		thr: newThrottle(o.Throttle), cop: http.NewCrossOriginProtection(), pages: pg, flashes: map[string]string{},
+	hash := newHasher(2)
+	if s, ok := o.Gateway.(Argon2Slots); ok {
+		hash = &hasher{slots: s} // the box's bound, shared with device secret checks
+	}
+	h := &Handler{o: o, log: o.Log.With("component", "console"), mux: http.NewServeMux(), hash: hash,
+		thr: newThrottle(o.Throttle, throttleKeys), cop: http.NewCrossOriginProtection(), pages: pg, flashes: map[string]string{},
 		refusalEvents: ratelog.New(refusalAuditEvery)}
 	h.SetComponents(o.Components)
 	h.refusals = prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -186,35 +192,6 @@ func lanSource(addr string) bool {
 	return a.IsLoopback() || a.IsPrivate() || a.IsLinkLocalUnicast()
 }
 
-// PhysicalPresence is called by the box's button code (never from the
-// network): for d (at most 10 min) the setup and recovery forms accept
-// creating the first admin or resetting a password without a code. Used
-// once, it ends. Anyone on the LAN could use that window, so the caller
-// should tie it to a gesture of its own (not the pairing press) and the
-// console audits it.
-func (h *Handler) PhysicalPresence(source string, d time.Duration) {
-	d = min(d, 10*time.Minute)
-	h.mu.Lock()
-	h.presence = h.o.Now().Add(d)
-	h.mu.Unlock()
-	h.audit(context.Background(), Actor{Name: source}, "console.presence", "", "setup and recovery allowed for "+d.String())
-}
-
-// consumePresence reports whether a presence window is active and ends it.
-func (h *Handler) consumePresence() bool {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	ok := h.o.Now().Before(h.presence)
-	h.presence = time.Time{}
-	return ok
-}
-
-func (h *Handler) presenceActive() bool {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	return h.o.Now().Before(h.presence)
-}
-
 // NewRecoveryCode makes a one-time password recovery code valid for 15
 // minutes and returns it. Only root on the box reaches it (bastionctl over
 // the control socket, see RecoveryControlHandler); it is never reachable
@@ -224,7 +201,8 @@ func (h *Handler) NewRecoveryCode() (string, error) {
 }
 
 // NewRecoveryCodeFor is NewRecoveryCode on behalf of source (bastionctl,
-// or the box's button), which the audit log records.
+// or the box's button held 10 s: gateway/pairing.go), which the audit log
+// records.
 func (h *Handler) NewRecoveryCodeFor(source string) (string, error) {
 	code := newCode()
 	sum := sha256.Sum256([]byte(code))
@@ -250,26 +228,28 @@ func (h *Handler) RecoveryControlHandler() http.Handler {
 	})
 }
 
-// checkRecoveryCode checks and, when it matches, consumes the code.
-func (h *Handler) checkRecoveryCode(code string) bool {
-	v, err := h.o.Store.Meta(metaRecoveryCode)
-	if err != nil {
-		return false
-	}
-	f := strings.Fields(string(v))
-	if len(f) != 2 {
-		return false
-	}
-	exp, err := strconv.ParseInt(f[1], 10, 64)
-	if err != nil || h.o.Now().Unix() > exp {
-		return false
-	}
+// checkRecoveryCode reports whether code is the recovery code, unexpired,
+// and if so spends it. Comparing and spending are one store transaction:
+// of two requests with the code at once, one gets it.
+func (h *Handler) checkRecoveryCode(code string) (bool, error) {
+	now := h.o.Now().Unix()
 	sum := sha256.Sum256([]byte(normCode(code)))
-	if subtle.ConstantTimeCompare([]byte(hex.EncodeToString(sum[:])), []byte(f[0])) != 1 {
-		return false
+	got := hex.EncodeToString(sum[:])
+	ok, err := h.o.Store.TakeMeta(metaRecoveryCode, func(v []byte) bool {
+		f := strings.Fields(string(v))
+		if len(f) != 2 {
+			return false
+		}
+		exp, err := strconv.ParseInt(f[1], 10, 64)
+		if err != nil || now > exp {
+			return false
+		}
+		return subtle.ConstantTimeCompare([]byte(got), []byte(f[0])) == 1
+	})
+	if err != nil {
+		return false, fmt.Errorf("check the recovery code: %w", err)
 	}
-	h.o.Store.SetMeta(metaRecoveryCode, nil)
-	return true
+	return ok, nil
 }
 
 var base32NoPad = base32.StdEncoding.WithPadding(base32.NoPadding)
@@ -434,9 +414,17 @@ func (h *Handler) authenticate(r *http.Request) (*principal, error) {
 		if err != nil {
 			return nil, errf(http.StatusUnauthorized, "the token's account no longer exists")
 		}
+		if h.afterAuthRead != nil {
+			h.afterAuthRead()
+		}
+		// Only if it still exists: a token deleted since it was read
+		// (by its user, recovery, a password change) stays deleted.
 		if now.Sub(t.LastUsed) > time.Minute {
-			t.LastUsed = now
-			h.o.Store.PutAPIToken(t)
+			if err := h.o.Store.TouchAPIToken(t.Hash, now); errors.Is(err, store.ErrNotFound) {
+				return nil, errf(http.StatusUnauthorized, "unknown API token")
+			} else if err != nil {
+				h.log.Warn("API token's last use not recorded", "token", t.ID, "err", err)
+			}
 		}
 		return &principal{user: u.Name, role: u.Role, token: t.ID, remote: remoteIP(r)}, nil
 	}
@@ -457,11 +445,19 @@ func (h *Handler) authenticate(r *http.Request) (*principal, error) {
 		h.o.Store.DeleteSession(s.Hash)
 		return nil, nil
 	}
+	if h.afterAuthRead != nil {
+		h.afterAuthRead()
+	}
 	// Touch at most once a minute: a write per request would wear the
-	// router's flash.
+	// router's flash. Only if it still exists: a session ended since it
+	// was read (logout, recovery, account deleted) stays ended.
 	if now.Sub(s.LastSeen) > time.Minute {
+		if err := h.o.Store.TouchSession(s.Hash, now); errors.Is(err, store.ErrNotFound) {
+			return nil, nil
+		} else if err != nil {
+			h.log.Warn("session's last use not recorded", "user", s.User, "err", err)
+		}
 		s.LastSeen = now
-		h.o.Store.PutSession(s)
 	}
 	return &principal{user: u.Name, role: u.Role, session: &s, remote: remoteIP(r)}, nil
 }

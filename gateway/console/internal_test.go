@@ -2,6 +2,7 @@ package console
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"io"
 	"net/http"
@@ -9,6 +10,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"reflect"
 	"regexp"
 	"slices"
 	"strconv"
@@ -261,22 +263,26 @@ func TestOpenAPIMatchesRoutes(t *testing.T) {
 	}
 }
 
-func TestPresenceWindowIsSingleUse(t *testing.T) {
-	h, srv, clk := newTestHandler(t)
+// The setup code and the recovery code printed on the box are the only
+// proofs of presence: without one, setup and recovery are refused, and
+// the handler has no method that would grant them without a code (a
+// button press handed to it would grant them to whichever LAN client
+// asked first).
+func TestSetupAndRecoveryOnlyWithTheirCode(t *testing.T) {
+	h, srv, _ := newTestHandler(t)
 	c := srv.Client()
-	h.PhysicalPresence("button", time.Hour) // capped at 10 min
-	clk.add(11 * time.Minute)
-	if code, _ := post(t, c, srv.URL+"/api/v1/setup", `{"user":"root","password":"correct horse battery staple"}`); code != 403 {
-		t.Errorf("setup 11 min after a press: %d, want 403", code)
+	if code, _ := post(t, c, srv.URL+"/api/v1/setup", `{"user":"root","password":"correct horse battery staple"}`); code != http.StatusForbidden {
+		t.Errorf("setup without a code: %d, want 403", code)
 	}
-	h.PhysicalPresence("button", 5*time.Minute)
-	if code, _ := post(t, c, srv.URL+"/api/v1/setup", `{"user":"root","password":"correct horse battery staple"}`); code != 201 {
-		t.Fatalf("setup after a press: %d, want 201", code)
+	setUpAdmin(t, srv)
+	if code, _ := post(t, c, srv.URL+"/api/v1/recover", `{"user":"root","password":"another horse battery staple"}`); code != http.StatusForbidden {
+		t.Errorf("recovery without a code: %d, want 403", code)
 	}
-	h.PhysicalPresence("button", 5*time.Minute)
-	post(t, c, srv.URL+"/api/v1/recover", `{"user":"root","password":"another horse battery staple"}`)
-	if code, _ := post(t, c, srv.URL+"/api/v1/recover", `{"user":"root","password":"third horse battery staple"}`); code != 403 {
-		t.Errorf("second recovery on one press: %d, want 403", code)
+	ht := reflect.TypeOf(h)
+	for i := range ht.NumMethod() {
+		if m := ht.Method(i).Name; strings.Contains(strings.ToLower(m), "presence") {
+			t.Errorf("Handler.%s: setup and recovery must need their code, nothing else", m)
+		}
 	}
 }
 
@@ -348,6 +354,138 @@ func TestRulesAndOptOutChangesAreAnnounced(t *testing.T) {
 	}
 	if d := cmp.Diff(map[string]bool{"device.counters": true}, gotOff); d != "" {
 		t.Errorf("announced opt-outs (-want +got):\n%s", d)
+	}
+}
+
+// A session or API token ended while a request was between reading it
+// and touching it (a logout, a recovery, a deletion committing meanwhile)
+// stays ended: the touch does not write back the copy it read.
+func TestEndedWhileAuthenticatingStaysEnded(t *testing.T) {
+	h, srv, clk := newTestHandler(t)
+	c, csrfTok := setUpAdmin(t, srv)
+	code, body := post(t, c, srv.URL+"/api/v1/tokens", `{"label":"ci"}`, "X-CSRF-Token", csrfTok)
+	if code != http.StatusCreated {
+		t.Fatalf("create token: %d %s", code, body)
+	}
+	var tk struct{ ID, Token string }
+	if err := json.Unmarshal([]byte(body), &tk); err != nil {
+		t.Fatal(err)
+	}
+	clk.add(2 * time.Minute) // both due a touch
+	h.afterAuthRead = func() {
+		if err := h.o.Store.DeleteSessions("root", nil); err != nil {
+			t.Error(err)
+		}
+	}
+	for i := range 2 {
+		if code := get(t, c, srv.URL+"/api/v1/session"); code != http.StatusUnauthorized {
+			t.Errorf("session logged out while authenticating, request %d: %d, want 401", i, code)
+		}
+		h.afterAuthRead = nil
+	}
+	bearer := func() int {
+		req, _ := http.NewRequest("GET", srv.URL+"/api/v1/session", nil)
+		req.Header.Set("Authorization", "Bearer "+tk.Token)
+		res, err := srv.Client().Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		res.Body.Close()
+		return res.StatusCode
+	}
+	h.afterAuthRead = func() {
+		if err := h.o.Store.DeleteAPIToken(tk.ID, ""); err != nil {
+			t.Error(err)
+		}
+	}
+	for i := range 2 {
+		if code := bearer(); code != http.StatusUnauthorized {
+			t.Errorf("token deleted while authenticating, request %d: %d, want 401", i, code)
+		}
+		h.afterAuthRead = nil
+	}
+}
+
+// Of several recoveries with one code at once, one gets it.
+func TestRecoveryCodeSpentOnce(t *testing.T) {
+	h, srv, _ := newTestHandler(t)
+	setUpAdmin(t, srv)
+	code, err := h.NewRecoveryCode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	const n = 8
+	start := make(chan struct{})
+	oks := make(chan bool, n)
+	var wg sync.WaitGroup
+	for range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-start
+			ok, err := h.checkRecoveryCode(code)
+			if err != nil {
+				t.Error(err)
+			}
+			oks <- ok
+		}()
+	}
+	close(start)
+	wg.Wait()
+	close(oks)
+	spent := 0
+	for ok := range oks {
+		if ok {
+			spent++
+		}
+	}
+	if spent != 1 {
+		t.Errorf("the recovery code was accepted %d times by %d requests at once, want once", spent, n)
+	}
+}
+
+// slotGateway is a Gateway with Argon2Slots, counting what is taken.
+type slotGateway struct {
+	stubGateway
+	mu                sync.Mutex
+	acquired, release int
+}
+
+func (g *slotGateway) AcquireArgon2(context.Context) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.acquired++
+	return nil
+}
+
+func (g *slotGateway) ReleaseArgon2() {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.release++
+}
+
+// A Gateway with Argon2Slots bounds the console's argon2id runs with the
+// rest of the box's: hashing and checking a password take its slots.
+func TestPasswordHashingTakesTheGatewaysSlots(t *testing.T) {
+	st, err := store.Open(filepath.Join(t.TempDir(), "s.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	gw := &slotGateway{}
+	h, err := NewHandler(Options{Store: st, Gateway: gw})
+	if err != nil {
+		t.Fatal(err)
+	}
+	enc, err := h.hash.hash(context.Background(), "correct horse battery staple")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ok, err := h.hash.verify(context.Background(), enc, "correct horse battery staple"); !ok || err != nil {
+		t.Fatalf("verify: %v %v", ok, err)
+	}
+	if gw.acquired != 2 || gw.release != 2 {
+		t.Errorf("gateway's slots taken %d and given back %d times for a hash and a check, want 2 and 2", gw.acquired, gw.release)
 	}
 }
 

@@ -95,7 +95,7 @@ func (h *Handler) pageSetup(w http.ResponseWriter, r *http.Request, p *principal
 		http.Redirect(w, r, "/login", http.StatusSeeOther)
 		return nil
 	}
-	return h.preRender(w, r, "setup", "Create the first admin", map[string]any{"Presence": h.presenceActive(), "Min": MinPasswordLen})
+	return h.preRender(w, r, "setup", "Create the first admin", map[string]any{"Min": MinPasswordLen})
 }
 
 func (h *Handler) pageLogin(w http.ResponseWriter, r *http.Request, p *principal) error {
@@ -111,7 +111,7 @@ func (h *Handler) pageLogin(w http.ResponseWriter, r *http.Request, p *principal
 }
 
 func (h *Handler) pageRecover(w http.ResponseWriter, r *http.Request, p *principal) error {
-	return h.preRender(w, r, "recover", "Password recovery", map[string]any{"Presence": h.presenceActive(), "Min": MinPasswordLen})
+	return h.preRender(w, r, "recover", "Password recovery", map[string]any{"Min": MinPasswordLen})
 }
 
 func (h *Handler) pageDashboard(w http.ResponseWriter, r *http.Request, p *principal) error {

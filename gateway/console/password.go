@@ -31,21 +31,30 @@ const (
 )
 
 // hasher bounds concurrent argon2id runs so that a burst of logins cannot
-// exhaust a small router's memory (19 MiB each).
-type hasher struct{ slots chan struct{} }
+// exhaust a small router's memory (19 MiB each). Its slots are the
+// gateway's when it has them (Argon2Slots).
+type hasher struct{ slots Argon2Slots }
 
-func newHasher(n int) *hasher { return &hasher{slots: make(chan struct{}, n)} }
+// newHasher bounds the runs to n of the console's own.
+func newHasher(n int) *hasher { return &hasher{slots: make(chanSlots, n)} }
 
-func (h *hasher) acquire(ctx context.Context) error {
+// chanSlots is the console's own bound, for a Gateway without Argon2Slots.
+type chanSlots chan struct{}
+
+func (c chanSlots) AcquireArgon2(ctx context.Context) error {
 	select {
-	case h.slots <- struct{}{}:
+	case c <- struct{}{}:
 		return nil
 	case <-ctx.Done():
 		return ctx.Err()
 	}
 }
 
-func (h *hasher) release() { <-h.slots }
+func (c chanSlots) ReleaseArgon2() { <-c }
+
+func (h *hasher) acquire(ctx context.Context) error { return h.slots.AcquireArgon2(ctx) }
+
+func (h *hasher) release() { h.slots.ReleaseArgon2() }
 
 // hash returns the PHC-style argon2id encoding of password with a fresh
 // 16-byte salt.

@@ -31,7 +31,7 @@ func login(h *Handler, remote, user, password string) int {
 func TestLoginThrottleHoldsRotatingIPv6Addresses(t *testing.T) {
 	h, srv, _ := newTestHandler(t)
 	setUpAdmin(t, srv)
-	h.thr = newThrottle(ThrottlePolicy{FreeUser: 100, FreeSource: 4, Base: time.Minute, Max: time.Hour, Forget: time.Hour})
+	h.thr = newThrottle(ThrottlePolicy{FreeUser: 100, FreeSource: 4, Base: time.Minute, Max: time.Hour, Forget: time.Hour}, throttleKeys)
 	for i := range 4 {
 		if code := login(h, fmt.Sprintf("[fd00:1:2:3::%x]:4000", i+1), fmt.Sprintf("user%d", i), "wrong wrong wrong"); code != http.StatusUnauthorized {
 			t.Fatalf("failure %d: %d, want 401", i, code)
@@ -42,6 +42,40 @@ func TestLoginThrottleHoldsRotatingIPv6Addresses(t *testing.T) {
 	}
 	if code := login(h, "[fd00:1:2:4::1]:4000", "root", "correct horse battery staple"); code != http.StatusCreated {
 		t.Errorf("right password from another /64: %d, want 201", code)
+	}
+}
+
+// A source locked out that floods made-up user names is refused without
+// adding a key for each, so it cannot push the lockout of the account it
+// is guessing out of the bounded throttle and get fresh guesses.
+func TestLockedOutSourceCannotFloodOutALockout(t *testing.T) {
+	h, srv, clk := newTestHandler(t)
+	setUpAdmin(t, srv)
+	h.thr = newThrottle(ThrottlePolicy{FreeUser: 5, FreeSource: 3, Base: time.Hour, Max: time.Hour, Forget: 24 * time.Hour}, 50)
+	for i := range 5 { // root locked out, from five sources
+		clk.add(time.Second)
+		if code := login(h, fmt.Sprintf("10.0.0.%d:4000", i+1), "root", "wrong wrong wrong"); code != http.StatusUnauthorized {
+			t.Fatalf("guess %d at root: %d, want 401", i, code)
+		}
+	}
+	for i := range 3 { // the attacker's source locked out
+		clk.add(time.Second)
+		if code := login(h, "10.0.0.66:4000", fmt.Sprintf("a%d", i), "wrong wrong wrong"); code != http.StatusUnauthorized {
+			t.Fatalf("guess %d from the attacker: %d, want 401", i, code)
+		}
+	}
+	held := h.thr.Len()
+	for i := range 200 {
+		clk.add(time.Millisecond)
+		if code := login(h, "10.0.0.66:4000", fmt.Sprintf("n%d", i), "wrong wrong wrong"); code != http.StatusTooManyRequests {
+			t.Fatalf("name %d from the locked-out source: %d, want 429", i, code)
+		}
+	}
+	if n := h.thr.Len(); n != held {
+		t.Errorf("the throttle holds %d keys after the refused flood, %d before: refused requests added keys", n, held)
+	}
+	if code := login(h, "10.0.0.99:4000", "root", "correct horse battery staple"); code != http.StatusTooManyRequests {
+		t.Errorf("root's right password from a fresh source after the flood: %d, want 429 (root's lockout was pushed out)", code)
 	}
 }
 
@@ -87,7 +121,7 @@ func auditedOf(t *testing.T, st *store.Store, action string) []store.Event {
 func TestFailedLoginsAuditedSpaced(t *testing.T) {
 	h, srv, clk := newTestHandler(t)
 	setUpAdmin(t, srv)
-	h.thr = newThrottle(ThrottlePolicy{FreeUser: 1000, FreeSource: 1000, Base: time.Minute, Max: time.Hour, Forget: time.Hour})
+	h.thr = newThrottle(ThrottlePolicy{FreeUser: 1000, FreeSource: 1000, Base: time.Minute, Max: time.Hour, Forget: time.Hour}, throttleKeys)
 	before := testutil.ToFloat64(h.refusals.WithLabelValues(ReasonBadLogin))
 	start := clk.now()
 	for i := range 30 { // every 5 s: audited at 0, 60 and 120 s

@@ -248,7 +248,7 @@ func (h *Handler) routes() {
 		if err := h.changePassword(r.Context(), p, passwordInput{Current: r.PostFormValue("current"), New: r.PostFormValue("new")}); err != nil {
 			return err
 		}
-		return h.done(w, r, p, "/admins", "Password changed; your other sessions have ended.")
+		return h.done(w, r, p, "/admins", "Password changed; your other sessions have ended and your API tokens were deleted.")
 	})
 	h.handle("POST /tokens", viewer, func(w http.ResponseWriter, r *http.Request, p *principal) error {
 		t, err := h.createToken(r.Context(), p, tokenInput{Label: r.PostFormValue("label")})

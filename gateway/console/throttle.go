@@ -35,8 +35,13 @@ type throttle struct {
 	p ThrottlePolicy
 }
 
-func newThrottle(p ThrottlePolicy) *throttle {
-	return &throttle{Throttle: lockout.New(lockout.Policy{Base: p.Base, Max: p.Max, Forget: p.Forget}, 10000), p: p}
+// throttleKeys bounds the keys the console's throttle holds. Past it a
+// new key pushes out one that is not locked, with the fewest failures
+// (internal/throttle).
+const throttleKeys = 10000
+
+func newThrottle(p ThrottlePolicy, maxKeys int) *throttle {
+	return &throttle{Throttle: lockout.New(lockout.Policy{Base: p.Base, Max: p.Max, Forget: p.Forget}, maxKeys), p: p}
 }
 
 // sourceKeys are the throttle keys of a source address (remoteIP: an
@@ -63,6 +68,20 @@ func (t *throttle) failLogin(now time.Time, user, source string) {
 	t.Fail(now, "u:"+user, t.p.FreeUser)
 	for _, k := range sourceKeys(source) {
 		t.Fail(now, k, t.p.FreeSource)
+	}
+}
+
+// failLocked counts a login refused because the user or the source is
+// locked out, against the keys held only: hammering a locked account or
+// from a locked source extends its lockout, but a refused request, which
+// costs no argon2id, adds no key. Counted with failLogin, each made-up
+// name added a key, and a source locked out could push any lockout out of
+// the bounded throttle, the user's it is guessing too, with a flood of
+// names.
+func (t *throttle) failLocked(now time.Time, user, source string) {
+	t.FailHeld(now, "u:"+user, t.p.FreeUser)
+	for _, k := range sourceKeys(source) {
+		t.FailHeld(now, k, t.p.FreeSource)
 	}
 }
 

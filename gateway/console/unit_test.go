@@ -85,7 +85,7 @@ func TestHashVerify(t *testing.T) {
 // separately, each with its own free failures (the backoff itself:
 // internal/throttle's TestBackoffDoubles).
 func TestThrottleKeys(t *testing.T) {
-	th := newThrottle(ThrottlePolicy{FreeUser: 3, FreeSource: 100, Base: 10 * time.Second, Max: 80 * time.Second, Forget: time.Hour})
+	th := newThrottle(ThrottlePolicy{FreeUser: 3, FreeSource: 100, Base: 10 * time.Second, Max: 80 * time.Second, Forget: time.Hour}, throttleKeys)
 	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 	for range 3 {
 		th.failLogin(now, "root", "10.0.0.2")

@@ -259,6 +259,27 @@ func (s *Store) PutSession(x Session) error {
 	return s.update(bSessions, func(b *bolt.Bucket) error { return put(b, x.Hash, x) })
 }
 
+// TouchSession sets the LastSeen of the session hash to at, if it still
+// exists, in one transaction: a session deleted since the caller read it
+// (logout, recovery, account deleted) stays deleted, and the answer is
+// ErrNotFound. Writing back the copy read before would bring it back.
+func (s *Store) TouchSession(hash string, at time.Time) error {
+	return touch(s, bSessions, hash, func(x *Session) { x.LastSeen = at })
+}
+
+// touch applies fn to the record key of bucket if it exists, else
+// returns ErrNotFound, in one transaction.
+func touch[T any](s *Store, bucket []byte, key string, fn func(*T)) error {
+	return s.update(bucket, func(b *bolt.Bucket) error {
+		var x T
+		if err := get(b, key, &x); err != nil {
+			return err
+		}
+		fn(&x)
+		return put(b, key, x)
+	})
+}
+
 // Session returns the session with the given hash.
 func (s *Store) Session(hash string) (Session, error) { return one[Session](s, bSessions, hash) }
 
@@ -281,9 +302,45 @@ func (s *Store) DeleteSessions(user string, expired func(Session) bool) error {
 	})
 }
 
+// EndAccess deletes, in one transaction, every session of user but
+// keepSession (a hash, or "" for none) and every API token of user, and
+// returns how many tokens it deleted. A password reset or change calls it:
+// whoever knew the old password may have opened a session or made a token
+// with it, and tokens do not expire.
+func (s *Store) EndAccess(user, keepSession string) (tokens int, err error) {
+	err = s.db.Update(func(tx *bolt.Tx) error {
+		tokens = 0
+		err := deleteWhere(tx, bSessions, func(v []byte) bool {
+			var x Session
+			return json.Unmarshal(v, &x) == nil && x.User == user && x.Hash != keepSession
+		})
+		if err != nil {
+			return err
+		}
+		return deleteWhere(tx, bTokens, func(v []byte) bool {
+			var x APIToken
+			m := json.Unmarshal(v, &x) == nil && x.User == user
+			if m {
+				tokens++
+			}
+			return m
+		})
+	})
+	if err != nil {
+		return 0, fmt.Errorf("end the sessions and API tokens of %q: %w", user, err)
+	}
+	return tokens, nil
+}
+
 // PutAPIToken stores a token under its hash.
 func (s *Store) PutAPIToken(t APIToken) error {
 	return s.update(bTokens, func(b *bolt.Bucket) error { return put(b, t.Hash, t) })
+}
+
+// TouchAPIToken sets the LastUsed of the token hash to at, if it still
+// exists (as TouchSession: a deleted token stays deleted, ErrNotFound).
+func (s *Store) TouchAPIToken(hash string, at time.Time) error {
+	return touch(s, bTokens, hash, func(x *APIToken) { x.LastUsed = at })
 }
 
 // APIToken returns the token with the given hash.

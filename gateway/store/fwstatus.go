@@ -17,6 +17,15 @@ var bFWStatus = []byte("fwstatus")
 // transaction (one fsync however many devices reported at once). A nil
 // value deletes that device's status.
 func (s *Store) PutFirmwareStatuses(batch map[string][]byte) error {
+	return s.PutFirmwareStatusesUnless("", batch)
+}
+
+// PutFirmwareStatusesUnless is PutFirmwareStatuses, but while the privacy
+// opt-out optOut is on (SetOptOut) every value is a delete. The opt-out is
+// read in the write's own transaction: a report read as allowed before an
+// opt-out, and written after the opt-out erased the stored ones, would be
+// kept against it. "" is no opt-out.
+func (s *Store) PutFirmwareStatusesUnless(optOut string, batch map[string][]byte) error {
 	if len(batch) == 0 {
 		return nil
 	}
@@ -25,8 +34,12 @@ func (s *Store) PutFirmwareStatuses(batch map[string][]byte) error {
 		if err != nil {
 			return err
 		}
+		off := false
+		if o := tx.Bucket(bOptOut); o != nil && optOut != "" {
+			off = o.Get([]byte(optOut)) != nil
+		}
 		for _, id := range slices.Sorted(maps.Keys(batch)) {
-			if v := batch[id]; v == nil {
+			if v := batch[id]; v == nil || off {
 				err = b.Delete([]byte(id))
 			} else {
 				err = b.Put([]byte(id), v)

@@ -64,3 +64,26 @@ func TestFirmwareStatusesSurviveReopenAndDelete(t *testing.T) {
 		t.Error(err)
 	}
 }
+
+// While the opt-out is on, every value of PutFirmwareStatusesUnless is a
+// delete; with it off, values are written.
+func TestFirmwareStatusesUnlessOptedOut(t *testing.T) {
+	s, err := Open(filepath.Join(t.TempDir(), "s.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if err := s.PutFirmwareStatusesUnless("fw", map[string][]byte{"a": []byte(`{}`)}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.FirmwareStatus("a"); err != nil {
+		t.Errorf("written with the opt-out off: %v", err)
+	}
+	s.SetOptOut("fw", true)
+	if err := s.PutFirmwareStatusesUnless("fw", map[string][]byte{"b": []byte(`{}`), "a": []byte(`{"state":"installed"}`)}); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := s.FirmwareStatuses(); err != nil || len(got) != 0 {
+		t.Errorf("after a write with the opt-out on: %q %v, want nothing stored", got, err)
+	}
+}

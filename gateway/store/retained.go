@@ -1,7 +1,9 @@
 package store
 
 import (
+	"bytes"
 	"fmt"
+	"slices"
 
 	bolt "go.etcd.io/bbolt"
 )
@@ -50,4 +52,56 @@ func (s *Store) ForEachRetained(fn func(topic string, value []byte) error) error
 		}
 		return b.ForEach(func(k, v []byte) error { return fn(string(k), v) })
 	})
+}
+
+// RetainedUnder returns the retained messages whose topic starts with
+// prefix (a device's: bridges.TopicPrefix), by topic.
+func (s *Store) RetainedUnder(prefix string) (map[string][]byte, error) {
+	out := map[string][]byte{}
+	err := s.db.View(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bRetained)
+		if b == nil {
+			return nil
+		}
+		c := b.Cursor()
+		for k, v := c.Seek([]byte(prefix)); k != nil && bytes.HasPrefix(k, []byte(prefix)); k, v = c.Next() {
+			out[string(k)] = slices.Clone(v)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("read retained messages under %q: %w", prefix, err)
+	}
+	return out, nil
+}
+
+// DeleteRetainedUnder removes, in one transaction, every retained
+// message whose topic starts with prefix and returns how many it removed.
+// It writes nothing when there is none.
+func (s *Store) DeleteRetainedUnder(prefix string) (int, error) {
+	held, err := s.RetainedUnder(prefix)
+	if err != nil || len(held) == 0 {
+		return 0, err
+	}
+	n := 0
+	err = s.db.Update(func(tx *bolt.Tx) error {
+		n = 0
+		b := tx.Bucket(bRetained)
+		c := b.Cursor()
+		var keys [][]byte
+		for k, _ := c.Seek([]byte(prefix)); k != nil && bytes.HasPrefix(k, []byte(prefix)); k, _ = c.Next() {
+			keys = append(keys, slices.Clone(k))
+		}
+		for _, k := range keys {
+			if err := b.Delete(k); err != nil {
+				return err
+			}
+			n++
+		}
+		return nil
+	})
+	if err != nil {
+		return 0, fmt.Errorf("delete retained messages under %q: %w", prefix, err)
+	}
+	return n, nil
 }

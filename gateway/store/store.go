@@ -555,6 +555,31 @@ func (s *Store) Meta(key string) ([]byte, error) {
 	return out, err
 }
 
+// TakeMeta deletes the value of key if spend reports it may be spent,
+// and reports whether it did, in one transaction: of several callers
+// presenting a one-time code at once, exactly one spends it. A missing
+// key is not spent (false, nil). Nothing is written when nothing is
+// spent, so wrong codes do not wear the flash.
+func (s *Store) TakeMeta(key string, spend func(v []byte) bool) (bool, error) {
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bMeta)
+		v := b.Get([]byte(key))
+		if v == nil || !spend(v) {
+			return errNotTaken // rolls back: no write
+		}
+		return b.Delete([]byte(key))
+	})
+	if errors.Is(err, errNotTaken) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("spend %s: %w", key, err)
+	}
+	return true, nil
+}
+
+var errNotTaken = errors.New("not taken")
+
 // SetMeta stores a small named value; nil deletes it.
 func (s *Store) SetMeta(key string, v []byte) error {
 	return s.db.Update(func(tx *bolt.Tx) error {

@@ -2,6 +2,8 @@ package throttle
 
 import (
 	"fmt"
+	"maps"
+	"slices"
 	"testing"
 	"time"
 
@@ -46,17 +48,95 @@ func TestBackoffDoubles(t *testing.T) {
 	}
 }
 
-func TestBounded(t *testing.T) {
-	th := New(Policy{Base: time.Second, Max: time.Minute, Forget: time.Hour}, 10)
+// Past the bound, keys of one failure each (made-up names) push out each
+// other, the oldest first: never a locked key, nor one with more failures.
+func TestBoundedKeepsLockedKeys(t *testing.T) {
+	th := New(Policy{Base: time.Minute, Max: time.Hour, Forget: time.Hour}, 10)
 	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
-	th.Fail(now, "old", 1)
+	for range 5 {
+		th.Fail(now, "u:admin", 5)
+	}
+	for range 3 {
+		th.Fail(now, "many", 100)
+	}
 	for i := range 50 {
 		th.Fail(now.Add(time.Duration(i+1)*time.Second), fmt.Sprintf("k%d", i), 5)
 	}
 	if n := th.Len(); n != 10 {
 		t.Errorf("throttle holds %d keys, bound 10", n)
 	}
-	if !th.LockedUntil(now, "old").IsZero() {
-		t.Error("the oldest key was not the one evicted")
+	end := now.Add(time.Minute)
+	if got := th.LockedUntil(now.Add(50*time.Second), "u:admin"); !got.Equal(end) {
+		t.Errorf("u:admin locked until %v, want %v: a locked key was evicted", got, end)
+	}
+	var got []string
+	for k, e := range th.m {
+		got = append(got, fmt.Sprintf("%s=%d", k, e.fails))
+	}
+	want := []string{"k42=1", "k43=1", "k44=1", "k45=1", "k46=1", "k47=1", "k48=1", "k49=1", "many=3", "u:admin=5"}
+	slices.Sort(got)
+	if d := cmp.Diff(want, got); d != "" {
+		t.Errorf("keys held (-want +got):\n%s", d)
+	}
+}
+
+// A key whose last failure is older than Forget counts nothing: it goes
+// before one that still counts, whatever its failures.
+func TestBoundedEvictsForgottenFirst(t *testing.T) {
+	th := New(Policy{Base: time.Minute, Max: time.Hour, Forget: time.Hour}, 2)
+	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	for range 3 {
+		th.Fail(now, "old", 100)
+	}
+	later := now.Add(2 * time.Hour)
+	th.Fail(later, "one", 100)
+	th.Fail(later, "new", 100)
+	if _, ok := th.m["one"]; !ok || th.Len() != 2 {
+		t.Errorf("held %v, want one and new (old forgotten)", slices.Sorted(maps.Keys(th.m)))
+	}
+}
+
+// Full of locked keys, the Throttle adds none, and a key it does not hold
+// counts as locked until the first lockout ends; then it has room again.
+func TestFullOfLockedKeys(t *testing.T) {
+	th := New(Policy{Base: time.Minute, Max: time.Hour, Forget: time.Hour}, 3)
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	th.Fail(t0, "a", 1)
+	th.Fail(t0.Add(10*time.Second), "b", 1)
+	th.Fail(t0.Add(10*time.Second), "c", 1)
+	now := t0.Add(20 * time.Second)
+	if got, want := th.LockedUntil(now, "new"), t0.Add(time.Minute); !got.Equal(want) {
+		t.Errorf("a key not held, while full of locked keys: locked until %v, want %v", got, want)
+	}
+	th.Fail(now, "new", 5)
+	if _, ok := th.m["new"]; ok || th.Len() != 3 {
+		t.Errorf("held %v after a failure of a new key, want a b c", slices.Sorted(maps.Keys(th.m)))
+	}
+	now = t0.Add(61 * time.Second)
+	if got := th.LockedUntil(now, "new"); !got.IsZero() {
+		t.Errorf("a key not held once a lockout ended: locked until %v", got)
+	}
+	th.Fail(now, "new", 5)
+	if got, want := slices.Sorted(maps.Keys(th.m)), []string{"b", "c", "new"}; !slices.Equal(got, want) {
+		t.Errorf("held %v, want %v (a's lockout ended: a goes)", got, want)
+	}
+}
+
+// FailHeld counts only for a key held: it extends a lockout, adds no key.
+func TestFailHeld(t *testing.T) {
+	th := New(Policy{Base: time.Minute, Max: time.Hour, Forget: time.Hour}, 10)
+	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	th.FailHeld(now, "new", 1)
+	if th.Len() != 0 {
+		t.Errorf("FailHeld of a key not held added it")
+	}
+	th.Fail(now, "held", 2)
+	th.FailHeld(now, "held", 2)
+	if got, want := th.LockedUntil(now, "held"), now.Add(time.Minute); !got.Equal(want) {
+		t.Errorf("held key locked until %v after Fail and FailHeld with free 2, want %v", got, want)
+	}
+	th.FailHeld(now.Add(2*time.Hour), "held", 2)
+	if !th.LockedUntil(now.Add(2*time.Hour), "held").IsZero() {
+		t.Error("FailHeld counted a key forgotten after Forget")
 	}
 }
