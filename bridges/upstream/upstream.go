@@ -417,13 +417,19 @@ func (u *Upstream) AcceptNotify(ctx context.Context, m bridges.Message, done fun
 }
 
 // gate applies the mapping and the privacy rules: keep is false for a
-// message that stays local (counted as withheld).
+// message that stays local (counted as withheld). A message it would queue
+// whose upstream topic is beyond upstream.max_topic_length or
+// max_topic_levels is refused (bridges.ErrTopicRefused), nothing stored:
+// the verdict is the configuration's, known now, and the link would only
+// park it unsent (or, with the parking queue full, hold its device's
+// messages behind it), its device told it was accepted.
 func (u *Upstream) gate(m bridges.Message) (_ bridges.Message, keep bool, _ error) {
 	if !strings.HasPrefix(m.Topic, bridges.TopicPrefix(m.Device)) {
 		return m, false, fmt.Errorf("upstream accept: topic %q is outside device %q's namespace %s", m.Topic, m.Device, bridges.TopicPrefix(m.Device))
 	}
 	s := u.cur.Load()
-	if !s.routes.mapsUp(m.Device, m.Topic) {
+	length, levels, ok := s.routes.upShape(m.Device, m.Topic)
+	if !ok {
 		u.withheld("unmapped")
 		return m, false, nil
 	}
@@ -434,6 +440,12 @@ func (u *Upstream) gate(m bridges.Message) (_ bridges.Message, keep bool, _ erro
 			u.redactFailed(m, reason, err)
 		}
 		return m, false, nil
+	}
+	if s.cfg.beyondTopicLimits(length, levels) {
+		up, _ := s.routes.mapUp(m.Device, m.Topic)
+		why, label := s.cfg.topicLimit(up, m.Device)
+		u.m.refused.WithLabelValues(label).Inc()
+		return m, false, fmt.Errorf("upstream accept from %s on %s: %s: %w", m.Device, m.Topic, why, bridges.ErrTopicRefused)
 	}
 	m.Payload = payload
 	return m, true, nil
@@ -455,14 +467,17 @@ func (u *Upstream) withheld(reason string) {
 	u.mu.Unlock()
 }
 
-// mapsUp reports whether mapUp maps topic, without building the result.
-func (rs routes) mapsUp(device, topic string) bool {
+// upShape returns the length and the number of levels of the topic mapUp
+// would build, without building it; ok is false when no uplink maps topic.
+func (rs routes) upShape(device, topic string) (length, levels int, ok bool) {
 	for _, r := range rs.up {
-		if id, _, ok := r.from.match(topic); ok && id == device {
-			return true
+		if id, rest, ok := r.from.match(topic); ok && id == device {
+			t := r.to
+			return len(t.pre) + len(id) + len(t.post) + len(rest),
+				strings.Count(t.pre, "/") + strings.Count(t.post, "/") + strings.Count(rest, "/") + 1, true
 		}
 	}
-	return false
+	return 0, 0, false
 }
 
 func (rs routes) mapUp(device, topic string) (string, bool) {
@@ -1034,8 +1049,10 @@ feed:
 				continue // withheld and acked
 			}
 			// The link's own verdicts (a topic beyond the configured limits,
-			// a packet beyond the broker's announced Maximum Packet Size)
-			// park the message unsent: a broker that enforces them by closing
+			// which gate refuses for new messages, so here only for one
+			// queued before a reload lowered them; a packet beyond the
+			// broker's announced Maximum Packet Size) park the message
+			// unsent: a broker that enforces them by closing
 			// the connection would get it again on every reconnect. When it
 			// cannot be parked (no parking queue, or the parking queue is
 			// full) it stays queued, unsent, and so does the rest of its
