@@ -96,3 +96,75 @@ func TestTopicBeyondLimitsRefusedAtAdmission(t *testing.T) {
 		t.Errorf("bastion_upstream_refused_total{reason=topic_too_long} = %v, want 3", n)
 	}
 }
+
+// TestStalledDeviceRefused: a device's message can be neither sent nor
+// parked (its topic is beyond the limits, queued before a reload lowered
+// them, and the parking queue is full), so it stays at the head of the
+// queue and the device's later messages wait behind it. The device's new
+// messages are refused as a full queue (bridges.ErrQueueFull: retry later)
+// and counted, where they used to be queued behind it without bound; other
+// devices' are taken and sent. Once the message is parked (the operator
+// dropped the parked ones) the device is taken again.
+func TestStalledDeviceRefused(t *testing.T) {
+	fb := closingBroker(t)
+	dir := t.TempDir()
+	deep := bridges.Message{Device: "deep", Topic: "devices/deep/t/a/b/c/d", QoS: 1, Payload: []byte(`{"pad":"` + strings.Repeat("x", 1500) + `"}`)}
+	queueBefore(t, dir, deep, telemetry("deep", 1))
+	cfg := fb.config(t)
+	cfg.MaxTopicLevels = 7
+	cfg.BackoffMax = time.Hour // no retry on the timer: room comes from the drop
+	p := fullParking(t, deep)
+	l := startLinkWith(t, cfg, dir, func(u *Upstream) { u.SetParking(p) })
+	waitFor(t, "the deep message stalled", 10*time.Second, func() bool { return l.up.stalls.has("deep") })
+	ctx := context.Background()
+	for i := range 3 {
+		if err := l.up.Accept(ctx, telemetry("deep", 2+i)); !errors.Is(err, bridges.ErrQueueFull) {
+			t.Fatalf("Accept of the stalled device's new message: %v, want bridges.ErrQueueFull", err)
+		}
+	}
+	if err := l.up.Accept(ctx, telemetry("good", 1)); err != nil {
+		t.Fatalf("Accept of another device's message: %v", err)
+	}
+	expectAcked(t, fb, l, "bastion/gw1/good/t/n")
+	waitFor(t, "queue depth 2: the stalled message and the one behind it", 10*time.Second, func() bool { return l.q.Stats().Depth == 2 })
+	if v := metricLabel(t, l, "bastion_upstream_refused_total", "device_stalled"); v != 3 {
+		t.Errorf("bastion_upstream_refused_total{reason=device_stalled} = %v, want 3", v)
+	}
+
+	if n, err := l.up.DropParked(ctx); err != nil || n == 0 {
+		t.Fatalf("DropParked = %d, %v; want the fillers dropped", n, err)
+	}
+	expectAcked(t, fb, l, "bastion/gw1/deep/t/n")
+	if l.up.stalls.has("deep") {
+		t.Fatal("deep still stalled after its message was parked and the next one sent")
+	}
+	if err := l.up.Accept(ctx, telemetry("deep", 9)); err != nil {
+		t.Fatalf("Accept of deep's message once its stalled one was parked: %v", err)
+	}
+	waitFor(t, "the queue emptied", 10*time.Second, func() bool { return l.q.Stats().Depth == 0 })
+}
+
+// TestStallEndsOnceReadPast: a device an earlier run stalled is stalled
+// no more once a later run has read past its stalled message without
+// stalling on it again, whether it sent, parked or withheld it or did not
+// find it (the queue dropped it as unreadable): otherwise a device with
+// nothing else queued would be refused for good. A stall the current run
+// found stays, whatever it reads past.
+func TestStallEndsOnceReadPast(t *testing.T) {
+	var s stalledDevices
+	r0, r1 := &sendRun{}, &sendRun{}
+	s.add("gone", r0, 10)
+	s.add("later", r0, 50)
+	s.add("again", r0, 12)
+	s.add("again", r1, 12)
+	s.passed(r1, 20)
+	for dev, want := range map[string]bool{"gone": false, "later": true, "again": true} {
+		if got := s.has(dev); got != want {
+			t.Errorf("after reading to 20: %s stalled %v, want %v", dev, got, want)
+		}
+	}
+	s.passed(r1, 60)
+	if s.has("later") || !s.has("again") {
+		t.Errorf("after reading to 60: later stalled %v, again %v; want false (an earlier run's stall), true (this run's)", s.has("later"), s.has("again"))
+	}
+}

@@ -129,6 +129,10 @@ type Upstream struct {
 	// out of the parking queue. A run that fails to park reads it before
 	// trying (sendRun.stall): room made after that is not missed.
 	roomMade atomic.Uint64
+	// stalls holds the devices whose oldest queued message the link can
+	// neither send nor park (sendRun.stall): gate refuses their new
+	// messages, which would only wait behind it and fill the queue.
+	stalls stalledDevices
 
 	// poison finds a message the broker answers by closing the connection
 	// (poison.go); only the sender's goroutine touches it.
@@ -380,7 +384,11 @@ func (u *Upstream) Status() Status {
 // Accept is the privacy gate in front of the queue (a bridges.Sink): a
 // message the rules keep local, or no uplink maps, is withheld (and
 // counted) without touching the disk; a redact rule strips fields before the
-// message is stored. Everything else goes to the queue. The rules are applied
+// message is stored. A message whose upstream topic is beyond the topic
+// limits is refused (bridges.ErrTopicRefused), and so is one from a device
+// whose oldest queued message can be neither sent nor parked
+// (bridges.ErrQueueFull; see stalledDevices). Everything else goes to the
+// queue. The rules are applied
 // again when sending, so a rule tightened by Reload also covers messages
 // already queued.
 func (u *Upstream) Accept(ctx context.Context, m bridges.Message) error {
@@ -446,6 +454,10 @@ func (u *Upstream) gate(m bridges.Message) (_ bridges.Message, keep bool, _ erro
 		why, label := s.cfg.topicLimit(up, m.Device)
 		u.m.refused.WithLabelValues(label).Inc()
 		return m, false, fmt.Errorf("upstream accept from %s on %s: %s: %w", m.Device, m.Topic, why, bridges.ErrTopicRefused)
+	}
+	if u.stalls.has(m.Device) {
+		u.m.refused.WithLabelValues("device_stalled").Inc()
+		return m, false, fmt.Errorf("upstream accept from %s: its oldest queued message can be neither sent nor parked (see the link's last error), and its later messages wait behind it; new ones are refused until it moves: %w", m.Device, bridges.ErrQueueFull)
 	}
 	m.Payload = payload
 	return m, true, nil
@@ -1115,6 +1127,10 @@ feed:
 				lastSeq, lastDev, lastSingle = e.Seq, e.Device, inFlight == 1
 			}
 		}
+		// A device an earlier run stalled on a message up to cursor that
+		// this run sent, parked or withheld (or no longer found: the queue
+		// dropped it as unreadable) is stalled no more.
+		u.stalls.passed(r, cursor)
 		if !flush() {
 			break
 		}
@@ -1223,6 +1239,7 @@ func (r *sendRun) stall(stalled map[string]bool, e queue.Entry, room uint64, err
 		stalled = map[string]bool{}
 	}
 	stalled[e.Device] = true
+	r.u.stalls.add(e.Device, r, e.Seq)
 	if !r.stalled.Swap(true) {
 		// Room may also come without an operator (the disk the parking
 		// queue failed on has room again): the run starts again from the
