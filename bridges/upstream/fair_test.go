@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/eclipse/paho.golang/packets"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/bastion-iot/bastion/bridges"
@@ -166,5 +167,78 @@ func TestStallEndsOnceReadPast(t *testing.T) {
 	s.passed(r1, 60)
 	if s.has("later") || !s.has("again") {
 		t.Errorf("after reading to 60: later stalled %v, again %v; want false (an earlier run's stall), true (this run's)", s.has("later"), s.has("again"))
+	}
+}
+
+// TestRefusedForGoodNotParkedStallsOnlyItsDevice: the broker refuses x's
+// message for good (PUBACK 0x87) and the parking queue is full. The
+// message stays queued and x's messages wait behind it, while a's flow on
+// the same run, with no pause. It used to end the run as a retried refusal
+// does: the whole link paused, up to backoff_max (an hour here), and every
+// run started again at the same message.
+func TestRefusedForGoodNotParkedStallsOnlyItsDevice(t *testing.T) {
+	fb := startFakeBroker(t, func(b *fakeBroker) {
+		b.autoAck = true
+		b.script = func(c *fakeConn, p *packets.Publish) fakeAnswer {
+			if strings.HasPrefix(p.Topic, "bastion/gw1/x/") {
+				return fakeAnswer{puback: 0x87}
+			}
+			return fakeAnswer{}
+		}
+	})
+	dir := t.TempDir()
+	queueBefore(t, dir, telemetry("x", 1), telemetry("x", 2), telemetry("a", 1))
+	cfg := fb.config(t)
+	cfg.BackoffMin, cfg.BackoffMax = time.Hour, 2*time.Hour
+	p := fullParking(t, telemetry("x", 1))
+	l := startLinkWith(t, cfg, dir, func(u *Upstream) { u.SetParking(p) })
+	expectAcked(t, fb, l, "bastion/gw1/a/t/n")
+	waitFor(t, "the refusal handled", 10*time.Second, func() bool { return strings.Contains(l.up.Status().LastError, "refused seq") })
+	// Accepted after the refusal: sent by the same run, not after a pause.
+	if err := l.up.Accept(context.Background(), telemetry("a", 2)); err != nil {
+		t.Fatal(err)
+	}
+	expectAcked(t, fb, l, "bastion/gw1/a/t/n")
+	if !l.up.stalls.has("x") {
+		t.Error("x not stalled")
+	}
+	waitFor(t, "queue depth 2: x's messages kept", 10*time.Second, func() bool { return l.q.Stats().Depth == 2 })
+	if st := l.up.Status(); !strings.Contains(st.LastError, "refused seq") || !strings.Contains(st.LastError, "for good with PUBACK reason 0x87") ||
+		!strings.Contains(st.LastError, "it cannot be parked: the parking queue did not take it") ||
+		!strings.Contains(st.LastError, "x's later messages wait behind it (order per device) while other devices' messages flow") {
+		t.Errorf("LastError %q, want the refusal, why it is not parked, and what waits", st.LastError)
+	}
+	if err := l.up.Accept(context.Background(), telemetry("x", 3)); !errors.Is(err, bridges.ErrQueueFull) {
+		t.Errorf("Accept of x's new message while its refused one waits: %v, want bridges.ErrQueueFull", err)
+	}
+}
+
+// TestFailedParkKeepsTheBurst: a park that fails (the parking queue full)
+// gives back the token it took from the burst. It used to keep it: after
+// parkBurst failures the burst was used up with nothing parked, and once
+// there was room the next refused message waited up to parkEvery.
+func TestFailedParkKeepsTheBurst(t *testing.T) {
+	q := openQueue(t)
+	u := gateLink(t, validConfig(), q)
+	m := telemetry("d1", 1)
+	p := fullParking(t, m)
+	u.SetParking(p)
+	if err := q.Accept(context.Background(), m); err != nil {
+		t.Fatal(err)
+	}
+	es, err := q.Held(0, 1)
+	if err != nil || len(es) != 1 {
+		t.Fatalf("Held: %v, %v", es, err)
+	}
+	for range parkBurst + 1 {
+		if err := u.park(es[0], "not_authorized", "PUBACK reason 0x87"); err == nil {
+			t.Fatal("parked into a full parking queue")
+		}
+	}
+	if n, err := u.DropParked(context.Background()); err != nil || n == 0 {
+		t.Fatalf("DropParked = %d, %v", n, err)
+	}
+	if err := u.park(es[0], "not_authorized", "PUBACK reason 0x87"); err != nil {
+		t.Fatalf("park once there is room: %v", err)
 	}
 }

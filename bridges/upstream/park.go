@@ -27,8 +27,9 @@ import (
 // parked with no success in between: parkBurst at once, then one per
 // parkEvery. A broker that refuses everything (the gateway lost its
 // permission) is a link problem, not a message problem; the rest stays
-// queued and the link retries it with backoff, instead of the whole backlog
-// moving to the parking queue. A few bad messages in a row still get out of
+// queued, each refused device waiting behind its refused message until the
+// link tries it again (sendRun.puback), instead of the whole backlog moving
+// to the parking queue. A few bad messages in a row still get out of
 // the way. What the link parks on its own verdict, from its configuration
 // and the broker's announced limits (parkUnsendable: a topic beyond
 // max_topic_length or max_topic_levels, a packet beyond the Maximum Packet
@@ -50,6 +51,14 @@ type parkBucket struct {
 }
 
 func (b *parkBucket) refill() { b.used = 0 }
+
+// giveBack returns a token take gave for a park that then failed: the
+// bucket counts messages parked, not tries.
+func (b *parkBucket) giveBack() {
+	if b.used > 0 {
+		b.used--
+	}
+}
 
 func (b *parkBucket) take(now time.Time) bool {
 	if b.used > 0 {
@@ -124,7 +133,13 @@ func (u *Upstream) park(e queue.Entry, label, why string) error {
 	if !ok {
 		return fmt.Errorf("%d refused messages were parked with no message accepted since, and then one more is parked each %s: the broker may be refusing everything (check its ACL and limits for this gateway)", parkBurst, parkEvery)
 	}
-	return u.parkEntry(e, label, why)
+	if err := u.parkEntry(e, label, why); err != nil {
+		u.mu.Lock()
+		u.parks.giveBack()
+		u.mu.Unlock()
+		return err
+	}
+	return nil
 }
 
 // parkUnsendable is park for a message the link will not send on its own
@@ -231,24 +246,30 @@ func (u *Upstream) parkedCopy(p *queue.Queue, seq uint64) (bool, error) {
 }
 
 // parkRefused parks PUBLISH seq after a PUBACK with a permanent failure
-// reason; true means the refusal needs nothing more (no retry, no holding
-// back its device). It runs on paho's reading goroutine; the entry is read
-// back from the queue, which normally still holds it. It may not: a later
-// run on the same connection can send seq again before the first copy's
-// PUBACK, and that copy's refusal already parked it. Then it is handled.
-func (u *Upstream) parkRefused(seq uint64, dev string, reason byte, why string) bool {
+// reason; handled means the refusal needs nothing more (no retry, no
+// holding back its device). A permanent refusal that could not be parked
+// (the parking queue full or failing, the burst used up) returns why in
+// err: the message stays queued and only its device waits (sendRun.puback).
+// It runs on paho's reading goroutine; the entry is read back from the
+// queue, which normally still holds it. It may not: a later run on the
+// same connection can send seq again before the first copy's PUBACK, and
+// that copy's refusal already parked it. Then it is handled.
+func (u *Upstream) parkRefused(seq uint64, dev string, reason byte, why string) (handled bool, err error) {
 	if u.parking.Load() == nil || !permanent(reason) {
-		return false
+		return false, nil
 	}
 	e, ok, err := u.heldEntry(seq) // a lookup: it never waits
 	switch {
 	case err != nil:
-		return false // unreadable: leave it to the retry
+		return false, nil // unreadable: leave it to the retry
 	case !ok:
 		u.log.Info("upstream: a refused message is no longer queued (parked or accepted as another copy); nothing to do", "device", dev, "seq", seq, "refusal", why)
-		return true
+		return true, nil
 	}
-	return u.park(e, reasonName(reason), why) == nil
+	if err := u.park(e, reasonName(reason), why); err != nil {
+		return false, err
+	}
+	return true, nil
 }
 
 // The parking queue keeps why each message was refused after its topic and

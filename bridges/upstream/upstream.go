@@ -1049,8 +1049,10 @@ feed:
 		}
 		for _, e := range es {
 			cursor = e.Seq
-			if stalled[e.Device] {
-				continue // stays queued, behind its device's unsendable message
+			if stalled[e.Device] || r.holds(e.Device) {
+				// Stays queued, behind its device's message that could
+				// not be sent, parked, or was refused.
+				continue
 			}
 			topic, payload, keep, err := u.prepare(e, &mapped)
 			if err != nil {
@@ -1144,9 +1146,7 @@ feed:
 	flush()
 	cancel()
 	wg.Wait()
-	if r.retry != nil {
-		r.retry.Stop()
-	}
+	r.endRetry()
 	if r.again.Load() && !r.failed.Load() {
 		// Ended to start again from the queue's head (sendRun.stall), on
 		// a connection that is still up: what is in flight is answered
@@ -1172,9 +1172,13 @@ type sendRun struct {
 	failed atomic.Bool
 	// stalled: a message of this run could be neither sent nor parked
 	// (sendRun.stall); retry ends the run retryAfter later (again).
+	// retryMu guards retry and ended (the run is over: no new timer),
+	// since a refusal's stall is on paho's reading goroutine.
 	stalled    atomic.Bool
 	again      atomic.Bool
+	retryMu    sync.Mutex
 	retry      *time.Timer
+	ended      bool
 	retryAfter time.Duration
 
 	// Order per device after a refusal. The sender writes ahead of the
@@ -1239,20 +1243,39 @@ func (r *sendRun) stall(stalled map[string]bool, e queue.Entry, room uint64, err
 		stalled = map[string]bool{}
 	}
 	stalled[e.Device] = true
-	r.u.stalls.add(e.Device, r, e.Seq)
-	if !r.stalled.Swap(true) {
+	r.stallDevice(e.Device, e.Seq, room, err)
+	return stalled
+}
+
+// stallDevice is stall without the sender's map, for the sender and for a
+// refusal on paho's reading goroutine (puback, which holds the device
+// instead).
+func (r *sendRun) stallDevice(dev string, seq, room uint64, err error) {
+	r.u.stalls.add(dev, r, seq)
+	r.retryMu.Lock()
+	if !r.stalled.Swap(true) && !r.ended {
 		// Room may also come without an operator (the disk the parking
-		// queue failed on has room again): the run starts again from the
-		// queue's head after a while.
+		// queue failed on has room again, the burst refills): the run
+		// starts again from the queue's head after a while.
 		r.retry = time.AfterFunc(r.retryAfter, r.rerun)
 	}
+	r.retryMu.Unlock()
 	// After stalled is set: retryStalled counts the room, then looks at
 	// stalled, so either it sees this run stalled or this sees its count.
 	if r.u.roomMade.Load() != room {
 		r.rerun()
 	}
-	r.u.setError(fmt.Errorf("%w; it stays queued, and %s's later messages wait behind it (order per device) while other devices' messages flow; it is tried again when parked messages are retried or dropped, within %s, and on the next connection", err, e.Device, r.retryAfter))
-	return stalled
+	r.u.setError(fmt.Errorf("%w; it stays queued, and %s's later messages wait behind it (order per device) while other devices' messages flow; it is tried again when parked messages are retried or dropped, within %s, and on the next connection", err, dev, r.retryAfter))
+}
+
+// endRetry stops the retry timer when the run is over.
+func (r *sendRun) endRetry() {
+	r.retryMu.Lock()
+	defer r.retryMu.Unlock()
+	r.ended = true
+	if r.retry != nil {
+		r.retry.Stop()
+	}
 }
 
 // rerun ends the run, for the sender to start the next one at once from the
@@ -1295,20 +1318,32 @@ func (r *sendRun) isHeld(dev string) bool {
 
 // puback completes PUBLISH seq from device dev (on paho's receive
 // goroutine): only a success deletes it from the queue. A refusal keeps it
-// (unless it is parked), holds back dev's later messages of this run (see
-// sendRun), ends the run, and the link retries from the queue's head after a
-// pause.
+// (unless it is parked) and holds back dev's later messages of this run
+// (see sendRun). A refusal that resending can change ends the run, and the
+// link retries from the queue's head after a pause. A permanent one that
+// could not be parked stalls dev alone, as a message the link cannot send
+// or park does (sendRun.stall): the run goes on with the other devices'
+// messages, and it is tried again when parked messages are retried or
+// dropped, or retryAfter later. Ending the run for it made the whole link
+// back off, up to backoff_max, and start again at the same message.
 func (r *sendRun) puback(seq uint64, dev string, reason byte) {
 	u := r.u
 	if reason >= 0x80 {
 		u.m.publishErrors.Inc()
 		why := fmt.Sprintf("PUBACK reason 0x%02x (%s)", reason, pubackReason(reason))
-		if u.parkRefused(seq, dev, reason, why) {
+		room := u.roomMade.Load()
+		handled, perr := u.parkRefused(seq, dev, reason, why)
+		if handled {
 			return
 		}
 		r.conn.keep(seq)
 		r.hold(dev)
-		r.fail(fmt.Errorf("upstream broker %s refused seq %d from %s with %s; it stays queued and is retried, with %s's messages sent after it (order per device)", u.cur.Load().cfg.Broker, seq, dev, why, dev))
+		broker := u.cur.Load().cfg.Broker
+		if perr != nil {
+			r.stallDevice(dev, seq, room, fmt.Errorf("upstream broker %s refused seq %d from %s for good with %s; it cannot be parked: %w", broker, seq, dev, why, perr))
+			return
+		}
+		r.fail(fmt.Errorf("upstream broker %s refused seq %d from %s with %s; it stays queued and is retried, with %s's messages sent after it (order per device)", broker, seq, dev, why, dev))
 		return
 	}
 	if r.holds(dev) {
