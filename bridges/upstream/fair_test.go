@@ -242,3 +242,35 @@ func TestFailedParkKeepsTheBurst(t *testing.T) {
 		t.Fatalf("park once there is room: %v", err)
 	}
 }
+
+// TestRetriedParkedIsStampedAnew: a message parked two days ago and retried
+// goes back to the main queue as received now. It kept the time its device
+// sent it, so at the head of the main queue it was beyond the queue's age
+// bound (an hour here): every device's new messages were refused (reason
+// age) until it was delivered, and the oldest age reported days.
+func TestRetriedParkedIsStampedAnew(t *testing.T) {
+	q, err := queue.Open(t.TempDir(), queue.Options{MaxAge: time.Hour}, testLog(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { q.Close() })
+	u := gateLink(t, validConfig(), q)
+	p := startParkingQueue(t, t.TempDir())
+	u.SetParking(p)
+	old := telemetry("d1", 1)
+	old.Received = time.Now().Add(-48 * time.Hour)
+	old.Topic += "\x00PUBACK reason 0x87 (not authorized)\x0042"
+	if err := p.Accept(context.Background(), old); err != nil {
+		t.Fatal(err)
+	}
+	before := time.Now()
+	if n, err := u.RetryParked(context.Background()); n != 1 || err != nil {
+		t.Fatalf("RetryParked = %d, %v; want 1, nil", n, err)
+	}
+	if oldest := q.Stats().Oldest; oldest.Before(before) {
+		t.Errorf("the retried message is held as received at %s, before the retry (%s)", oldest, before)
+	}
+	if err := q.Accept(context.Background(), telemetry("d2", 1)); err != nil {
+		t.Errorf("Accept after the retry: %v, want nil", err)
+	}
+}

@@ -334,11 +334,15 @@ func (u *Upstream) ListParked(ctx context.Context, max int) (Parked, error) {
 // RetryParked moves every parked message back to the end of the main queue
 // (durably, then deletes it from the parking queue) and returns how many it
 // moved. A retried message is sent after the messages that arrived while it
-// was parked. A full main queue stops it with bridges.ErrQueueFull; what was
-// not moved stays parked.
+// was parked, and is as old as its retry: the main queue stamps it anew. With
+// the time its device sent it, a message parked for days would reach the
+// head of the queue beyond its age bound, which refuses every device's
+// messages while the oldest held one is too old. A full main queue stops it
+// with bridges.ErrQueueFull; what was not moved stays parked.
 func (u *Upstream) RetryParked(ctx context.Context) (int, error) {
 	n, err := u.drainParked(ctx, func(e queue.Entry) error {
 		m, _, _ := splitParked(e.Message)
+		m.Received = time.Time{}
 		if err := u.q.Accept(ctx, m); err != nil {
 			return fmt.Errorf("upstream: retry parked seq %d from %s: %w", e.Seq, e.Device, err)
 		}
