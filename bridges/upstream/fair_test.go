@@ -3,7 +3,9 @@ package upstream
 import (
 	"context"
 	"errors"
+	"os"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -273,4 +275,76 @@ func TestRetriedParkedIsStampedAnew(t *testing.T) {
 	if err := q.Accept(context.Background(), telemetry("d2", 1)); err != nil {
 		t.Errorf("Accept after the retry: %v, want nil", err)
 	}
+}
+
+// TestParkQoS0Durably: a QoS 0 message is parked durably, like any other:
+// when the parking queue fails to make it durable (a failed fsync), the
+// message stays in the main queue and is not counted parked. It was
+// written to the parking queue at its own QoS, whose Accept returns before
+// the write: the message was deleted from the main queue and counted
+// parked, then lost with the write. Parked, it keeps its QoS 0 for the
+// list and the retry.
+func TestParkQoS0Durably(t *testing.T) {
+	m := telemetry("d1", 1)
+	m.QoS = 0
+	park := func(t *testing.T, p *queue.Queue) (*Upstream, *queue.Queue, error) {
+		t.Helper()
+		q := openQueue(t)
+		u := gateLink(t, validConfig(), q)
+		u.SetParking(p)
+		if err := q.Accept(context.Background(), m); err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, "the QoS 0 message held", 10*time.Second, func() bool { return q.Stats().Depth == 1 })
+		es, err := q.Held(0, 1)
+		if err != nil || len(es) != 1 {
+			t.Fatalf("Held: %v, %v", es, err)
+		}
+		return u, q, u.park(es[0], "not_authorized", "PUBACK reason 0x87")
+	}
+
+	t.Run("fsync fails", func(t *testing.T) {
+		var fail atomic.Bool
+		p, err := queue.Open(t.TempDir(), queue.Options{Sync: func(f *os.File) error {
+			if fail.Load() {
+				return errors.New("EIO from the test's disk")
+			}
+			return f.Sync()
+		}}, testLog(), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { p.Close() })
+		fail.Store(true)
+		u, q, err := park(t, p)
+		if err == nil {
+			t.Error("park succeeded though the parking queue's fsync failed")
+		}
+		if d := q.Stats().Depth; d != 1 {
+			t.Errorf("main queue depth %d after the failed park, want 1 (kept)", d)
+		}
+		if n := testutil.ToFloat64(u.m.parked.WithLabelValues("not_authorized")); n != 0 {
+			t.Errorf("counted parked %v, want 0", n)
+		}
+	})
+
+	t.Run("parked", func(t *testing.T) {
+		u, q, err := park(t, startParkingQueue(t, t.TempDir()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		ps, err := u.ListParked(context.Background(), 10)
+		if err != nil || len(ps.Messages) != 1 || ps.Messages[0].QoS != 0 || ps.Messages[0].Topic != m.Topic || ps.Messages[0].Why != "PUBACK reason 0x87" {
+			t.Fatalf("ListParked = %+v, %v; want the QoS 0 message", ps.Messages, err)
+		}
+		if n, err := u.RetryParked(context.Background()); n != 1 || err != nil {
+			t.Fatalf("RetryParked = %d, %v", n, err)
+		}
+		// Taken at QoS 0: held once written.
+		waitFor(t, "the retried message held", 10*time.Second, func() bool { return q.Stats().Depth == 1 })
+		es, err := q.Held(0, 1)
+		if err != nil || len(es) != 1 || es[0].QoS != 0 || es[0].Topic != m.Topic {
+			t.Fatalf("main queue after the retry: %+v, %v; want the QoS 0 message", es, err)
+		}
+	})
 }

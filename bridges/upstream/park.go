@@ -173,8 +173,18 @@ func (u *Upstream) parkEntry(e queue.Entry, label, why string) error {
 		log.Warn("upstream: cannot tell whether the parking queue holds this message already; parking it", "err", err)
 	}
 	if !parked {
+		// Written at QoS 1 whatever the message's own QoS: Accept then
+		// returns once the parked copy is durable, or why it is not, and
+		// only then is the message deleted from the main queue. At QoS 0
+		// it returned before the write, and a write that failed lost the
+		// message, counted as parked. A QoS 0 message says so after its
+		// seq, for ListParked and RetryParked.
 		pm := e.Message
 		pm.Topic = e.Topic + "\x00" + why + "\x00" + strconv.FormatUint(e.Seq, 10)
+		if pm.QoS == 0 {
+			pm.Topic += parkedQoS0
+		}
+		pm.QoS = 1
 		if err := p.Accept(ctx, pm); err != nil {
 			log.Error("upstream: a refused message cannot be parked; it stays queued, with its device's later messages behind it, until there is room: retry or drop parked messages with bastionctl upstream parked", "refusal", why, "err", err)
 			return fmt.Errorf("the parking queue did not take it (make room: bastionctl upstream parked list, then retry or drop): %w", err)
@@ -275,9 +285,13 @@ func (u *Upstream) parkRefused(seq uint64, dev string, reason byte, why string) 
 // The parking queue keeps why each message was refused after its topic and
 // a NUL, which no topic contains (bridges/hub refuses it; MQTT forbids it),
 // then another NUL and the message's seq in the main queue (from; 0 in
-// what was parked before it was kept).
+// what was parked before it was kept), then parkedQoS0 for a QoS 0 message
+// (parked at QoS 1: see parkEntry; before that, at its own QoS).
 func splitParked(m bridges.Message) (_ bridges.Message, why string, from uint64) {
 	m.Topic, why, _ = strings.Cut(m.Topic, "\x00")
+	if w, ok := strings.CutSuffix(why, parkedQoS0); ok {
+		why, m.QoS = w, 0
+	}
 	if i := strings.LastIndexByte(why, 0); i >= 0 {
 		if f, err := strconv.ParseUint(why[i+1:], 10, 64); err == nil {
 			why, from = why[:i], f
@@ -285,6 +299,9 @@ func splitParked(m bridges.Message) (_ bridges.Message, why string, from uint64)
 	}
 	return m, why, from
 }
+
+// parkedQoS0 ends the topic of a parked QoS 0 message (see splitParked).
+const parkedQoS0 = "\x00qos0"
 
 // Parked is a snapshot of the parking queue.
 type Parked struct {

@@ -413,6 +413,7 @@ func TestSplitParked(t *testing.T) {
 		{"devices/d1/t/n\x00PUBACK reason 0x87 (not authorized)\x0042", "devices/d1/t/n", "PUBACK reason 0x87 (not authorized)", 42},
 		{"devices/d1/t/n\x00PUBACK reason 0x87 (not authorized)", "devices/d1/t/n", "PUBACK reason 0x87 (not authorized)", 0},
 		{"devices/d1/t/n", "devices/d1/t/n", "", 0},
+		{"devices/d1/t/n\x00PUBACK reason 0x87 (not authorized)\x0042\x00qos0", "devices/d1/t/n", "PUBACK reason 0x87 (not authorized)", 42},
 	} {
 		m, why, from := splitParked(bridges.Message{Topic: tc.stored})
 		if m.Topic != tc.topic || why != tc.why || from != tc.from {
