@@ -348,3 +348,24 @@ func TestParkQoS0Durably(t *testing.T) {
 		}
 	})
 }
+
+// TestRefusalAfterItsRunStallsNoDevice: a permanent refusal that cannot be
+// parked, read after its run ended, does not mark its device stalled: the
+// next run sends the message again and may have read past it already, so
+// nothing would end that stall and the device's messages would be refused
+// until another batch came. Within its run it does.
+func TestRefusalAfterItsRunStallsNoDevice(t *testing.T) {
+	u := gateLink(t, validConfig(), openQueue(t))
+	over := &sendRun{u: u, cancel: func() {}, retryAfter: time.Hour}
+	over.endRetry()
+	over.stallDevice("d1", 5, u.roomMade.Load(), errors.New("refused for good"))
+	if u.stalls.has("d1") {
+		t.Error("d1 stalled by a run that was over")
+	}
+	live := &sendRun{u: u, cancel: func() {}, retryAfter: time.Hour}
+	live.stallDevice("d1", 5, u.roomMade.Load(), errors.New("refused for good"))
+	live.endRetry()
+	if !u.stalls.has("d1") {
+		t.Error("d1 not stalled by its run")
+	}
+}

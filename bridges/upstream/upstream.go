@@ -1251,8 +1251,13 @@ func (r *sendRun) stall(stalled map[string]bool, e queue.Entry, room uint64, err
 // refusal on paho's reading goroutine (puback, which holds the device
 // instead).
 func (r *sendRun) stallDevice(dev string, seq, room uint64, err error) {
-	r.u.stalls.add(dev, r, seq)
 	r.retryMu.Lock()
+	if !r.ended {
+		// Not for a run that is over (a refusal read after it ended): the
+		// next run, which sends the message again, may have read past it
+		// already, and nothing would end the stall.
+		r.u.stalls.add(dev, r, seq)
+	}
 	if !r.stalled.Swap(true) && !r.ended {
 		// Room may also come without an operator (the disk the parking
 		// queue failed on has room again, the burst refills): the run
