@@ -87,6 +87,13 @@ func AcceptNotify(ctx context.Context, s Sink, m Message, done func(error)) (pen
 // CoAP 5.03 with Max-Age) instead of dropping it.
 var ErrQueueFull = errors.New("message queue full: the upstream link is down or slow; retry later")
 
+// ErrTopicRefused is returned by a Sink that will never take a message on
+// its topic (the upstream link's configured limits on upstream topics):
+// sending it again cannot succeed. The transport refuses it to the device as
+// a bad topic (MQTT 5 PUBACK 0x90 topic name invalid, CoAP 4.00), not as a
+// full queue, which asks the device to send it again later.
+var ErrTopicRefused = errors.New("the gateway refuses messages on this topic")
+
 // ErrDiskFailed marks a Sink's failure to store a message on its disk (a
 // write or fsync error, or a queue stopped after one). Transports answer it
 // as they answer any other error; it is named so that the refusal can be

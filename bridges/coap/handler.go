@@ -180,6 +180,11 @@ func (s *Server) telemetryAnswer(device, topic string, err error) response {
 	if err == nil {
 		return response{code: codes.Changed}
 	}
+	if errors.Is(err, bridges.ErrTopicRefused) {
+		// Sending it again cannot succeed: a client error, not "retry later".
+		s.deviceLine(slog.LevelWarn, "topic_refused", device, "coap: telemetry refused: the upstream link refuses its topic", "topic", topic, "err", err)
+		return diag(codes.BadRequest, "topic refused by the gateway's upstream limits; use a shorter topic with fewer levels")
+	}
 	// The device gets the same answer for a full queue and a deadline
 	// that passed (both mean: retry later); the log says which it was, so
 	// that whoever reads it looks at the backlog or at the disk.

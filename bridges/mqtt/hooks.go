@@ -439,6 +439,17 @@ func (h *authHook) OnPublish(cl *mochi.Client, pk packets.Packet) (packets.Packe
 		return pk, packets.ErrRejectPacket
 	}
 	v5 := cl.Properties.ProtocolVersion == 5
+	if errors.Is(err, bridges.ErrTopicRefused) {
+		// Sending it again cannot succeed: refused as a bad topic, not as
+		// a full queue, and a 3.1.1 session is not closed for it (the
+		// device would send it again after reconnecting), as for a payload
+		// too large.
+		h.s.deviceLine(slog.LevelWarn, "topic_refused", cl.ID, "mqtt: publish refused: the upstream link refuses its topic", "topic", pk.TopicName, "err", err)
+		if v5 && pk.FixedHeader.Qos > 0 {
+			return pk, packets.ErrTopicNameInvalid
+		}
+		return pk, packets.ErrRejectPacket
+	}
 	reason := hub.SinkRefusal(err) // counted by the hub
 	full := reason == hub.ReasonQueueFull || reason == hub.ReasonCommitTimeout
 	switch {

@@ -45,11 +45,16 @@ import (
 
 // Options bound and tune the queue. Zero values take the defaults.
 type Options struct {
-	// MaxBytes bounds the bytes of records on disk (segments, including at
-	// most one segment of already delivered records). Default 64 MiB. The
-	// active segment is preallocated to SegmentBytes and the next one is
-	// prepared ahead (maybePrepareSpareLocked), so the files take at most
-	// two SegmentBytes more.
+	// MaxBytes bounds the bytes of records on disk: every segment's,
+	// delivered records included. Disk is freed from the front only (a
+	// segment is removed once it and every segment before it hold nothing
+	// undelivered), so one undelivered message keeps every segment after
+	// it on disk and counted, however little of them is undelivered: the
+	// queue can refuse for bytes with a few messages held (the refusal
+	// says how many bytes are such delivered records). Default 64 MiB.
+	// The active segment is preallocated to SegmentBytes and the next one
+	// is prepared ahead (maybePrepareSpareLocked), so the files take at
+	// most two SegmentBytes more.
 	MaxBytes int64
 	// MaxAge bounds how old the oldest held message may be before new
 	// messages are refused. Default 7 days.
@@ -1094,6 +1099,32 @@ func (q *Queue) unverifiedLocked() (n int64, paths []string) {
 	return n, paths
 }
 
+// keptBehindLocked returns the bytes of the segments reclaim keeps only
+// because a segment before them still holds a message: every record in
+// them is delivered, yet they count against MaxBytes. oldest is the oldest
+// held message, the one keeping them. Caller holds q.mu.
+func (q *Queue) keptBehindLocked() (n int64, oldest entry) {
+	i := 0
+	for i < len(q.ents) && q.ents[i].acked {
+		i++
+	}
+	if i == len(q.ents) {
+		return 0, entry{}
+	}
+	oldest = q.ents[i]
+	behind := false
+	for _, s := range q.segs[:len(q.segs)-1] { // the last is being written
+		switch {
+		case s.unverified:
+		case s.live > 0:
+			behind = true
+		case behind:
+			n += s.size
+		}
+	}
+	return n, oldest
+}
+
 func (q *Queue) diskBytes() int64 {
 	var n int64
 	for _, s := range q.segs {
@@ -1180,15 +1211,22 @@ func (q *Queue) admit(m bridges.Message, fn func(error)) (chan error, error) {
 	if held := q.diskBytes() + q.batchB + q.writingB; held+int64(n) > q.opts.MaxBytes {
 		q.batchBuf = q.batchBuf[:off]
 		// Bytes that delivering frees nothing of are named, or the
-		// refusal would read as a slow link for good.
+		// refusal would read as a slow link for good; so are delivered
+		// records kept behind an undelivered one, or it would read as a
+		// backlog of held messages.
 		var stuck string
 		if ub, paths := q.unverifiedLocked(); ub > 0 {
 			stuck = fmt.Sprintf(" (%d of them in %s, whose header the disk cannot read: kept, none of its messages held, until an open reads it again; if the disk never will, move it away, losing its messages)",
 				ub, strings.Join(paths, ", "))
 		}
+		if db, oldest := q.keptBehindLocked(); db > 0 {
+			stuck += fmt.Sprintf(" (%d of them in segments of delivered records only, kept behind the oldest undelivered message, seq %d, received %s: disk is freed from the front only, so they count until it is delivered)",
+				db, oldest.seq, time.Unix(0, oldest.received).UTC().Format(time.RFC3339))
+		}
+		depth := q.depth
 		q.mu.Unlock()
 		q.m.refused.WithLabelValues("bytes").Inc()
-		return nil, fmt.Errorf("queue accept from %s: %d bytes held%s, limit %d: %w", m.Device, held, stuck, q.opts.MaxBytes, bridges.ErrQueueFull)
+		return nil, fmt.Errorf("queue accept from %s: %d bytes on disk%s, limit %d, held messages: %d: %w", m.Device, held, stuck, q.opts.MaxBytes, depth, bridges.ErrQueueFull)
 	}
 	q.batch = append(q.batch, pending{off: off, n: n, seq: q.nextSeq, recv: m.Received.UnixNano(), done: done, fn: fn})
 	q.batchB += int64(n)

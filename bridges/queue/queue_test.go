@@ -924,6 +924,61 @@ func TestFullByBytes(t *testing.T) {
 	}
 }
 
+// TestFullByBytesBehindAHeldMessage: disk is freed from the front only,
+// so one undelivered message keeps every segment after it on disk and
+// counted against MaxBytes, however much of them is delivered: the queue
+// refuses for bytes with one message held. The refusal says so, with the
+// bytes that are delivered records and the message keeping them (it used
+// to read as "N bytes held", a backlog that was not there, and the
+// documentation said at most one segment of delivered records counted).
+// Once that message is delivered, the space is freed.
+func TestFullByBytesBehindAHeldMessage(t *testing.T) {
+	q, _ := open(t, t.TempDir(), Options{MaxBytes: 8 << 10, SegmentBytes: 2 << 10})
+	ctx := context.Background()
+	if err := q.Accept(ctx, msg("stuck", 0)); err != nil {
+		t.Fatal(err)
+	}
+	es, err := q.Held(0, 1)
+	if err != nil || len(es) != 1 {
+		t.Fatalf("Held: %v, %v", es, err)
+	}
+	stuck := es[0].Seq
+	after := stuck
+	for i := 1; ; i++ {
+		if i > 10000 {
+			t.Fatal("10000 messages delivered behind a held one and the queue never refused one")
+		}
+		if err = q.Accept(ctx, msg("a", i)); err != nil {
+			break
+		}
+		es, err := q.Held(after, 1)
+		if err != nil || len(es) != 1 {
+			t.Fatalf("Held: %v, %v", es, err)
+		}
+		after = es[0].Seq
+		if err := q.Ack(after); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if !errors.Is(err, bridges.ErrQueueFull) {
+		t.Fatalf("Accept when full: %v, want ErrQueueFull", err)
+	}
+	if d := q.Stats().Depth; d != 1 {
+		t.Fatalf("depth %d when refused, want 1 (the held message)", d)
+	}
+	for _, want := range []string{"bytes on disk", "held messages: 1", fmt.Sprintf("in segments of delivered records only, kept behind the oldest undelivered message, seq %d", stuck)} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("refusal %q, want it to say %q", err, want)
+		}
+	}
+	if err := q.Ack(stuck); err != nil {
+		t.Fatal(err)
+	}
+	if err := q.Accept(ctx, msg("a", 0)); err != nil {
+		t.Fatalf("Accept once the held message was delivered: %v", err)
+	}
+}
+
 func TestFullByAge(t *testing.T) {
 	var now atomic.Int64
 	now.Store(time.Unix(1700000000, 0).UnixNano())

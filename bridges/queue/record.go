@@ -90,8 +90,28 @@ func frameMsg(dst []byte, seq uint64, m *bridges.Message) []byte {
 	return frame(dst, start)
 }
 
-// frameAck is appendAck without the checksum (see frameMsg).
+// maxAcksPerRecord bounds the seqs of one delivered-marks record: each
+// takes at most binary.MaxVarintLen64 bytes, so its body stays well under
+// maxRecBody however many marks piled up (while writes failed, or the
+// queue was stopped) before one flush writes them all.
+const maxAcksPerRecord = 64 << 10
+
+// frameAck appends delivered-marks records for seqs (ascending) without
+// their checksums (see frameMsg): one per maxAcksPerRecord seqs (one, empty,
+// for none). A single record for all of them could be longer than the
+// decoder takes (maxRecBody), and the next open would read it as corrupt
+// and lose every mark in it: their messages sent again.
 func frameAck(dst []byte, seqs []uint64) []byte {
+	for {
+		n := min(len(seqs), maxAcksPerRecord)
+		dst = frameAckRecord(dst, seqs[:n])
+		if seqs = seqs[n:]; len(seqs) == 0 {
+			return dst
+		}
+	}
+}
+
+func frameAckRecord(dst []byte, seqs []uint64) []byte {
 	start := len(dst)
 	dst = append(dst, make([]byte, recHeader)...)
 	dst = append(dst, kindAck)

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 	"time"
 	"unsafe"
@@ -97,6 +98,34 @@ func TestRecordRoundTrip(t *testing.T) {
 		if _, _, err := decodeRecord(seeds[name]); !errors.Is(err, want) {
 			t.Errorf("%s: err %v, want %v", name, err, want)
 		}
+	}
+}
+
+// TestManyMarksSplit: delivered-marks that piled up are written as several
+// records, each one the decoder takes, together every mark. One record
+// for them all could be longer than the decoder's limit (maxRecBody): the
+// next open read it as corrupt, losing every mark in it (their messages
+// sent again). Spaced seqs take 7 bytes each: 700,000 marks are 4.9 MB.
+func TestManyMarksSplit(t *testing.T) {
+	seqs := make([]uint64, 700_000)
+	for i := range seqs {
+		seqs[i] = uint64(i+1) << 43
+	}
+	b := appendAck(nil, seqs)
+	var got []uint64
+	for off := 0; off < len(b); {
+		rec, n, err := decodeRecord(b[off:])
+		if err != nil {
+			t.Fatalf("record at %d of %d bytes: %v", off, len(b), err)
+		}
+		if rec.kind != kindAck {
+			t.Fatalf("record at %d: kind %d, want marks", off, rec.kind)
+		}
+		got = append(got, rec.acks...)
+		off += n
+	}
+	if !slices.Equal(got, seqs) {
+		t.Fatalf("decoded %d marks, want the %d written", len(got), len(seqs))
 	}
 }
 

@@ -218,6 +218,13 @@ func (c *Config) Validate() error {
 	return errors.Join(errs...)
 }
 
+// beyondTopicLimits reports whether an upstream topic of length bytes and
+// levels levels is beyond MaxTopicLength or MaxTopicLevels (topicLimit
+// says why).
+func (c *Config) beyondTopicLimits(length, levels int) bool {
+	return c.MaxTopicLength > 0 && length > c.MaxTopicLength || c.MaxTopicLevels > 0 && levels > c.MaxTopicLevels
+}
+
 // topicLimit says why an upstream topic of device dev is beyond
 // MaxTopicLength or MaxTopicLevels ("" when it is not), with what to
 // change, and the metric label.

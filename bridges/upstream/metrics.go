@@ -9,6 +9,7 @@ type metrics struct {
 	connectErrors      prometheus.Counter
 	withheld           *prometheus.CounterVec
 	withheldQueued     *prometheus.CounterVec
+	refused            *prometheus.CounterVec
 	parked             *prometheus.CounterVec
 	parkedDepth        prometheus.GaugeFunc // set by New: it reads the parking queue
 	downlink           *prometheus.CounterVec
@@ -32,6 +33,8 @@ func newMetrics() *metrics {
 			Help: "Messages kept local, by reason (no_rule, local, redact_not_json, redact_not_object, unmapped)."}, []string{"reason"}),
 		withheldQueued: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bastion_upstream_withheld_queued_total",
 			Help: "Of the withheld messages, those deleted from the queue when due to be sent (accepted and acknowledged to their device before a reload changed the mapping or the privacy rules), by reason."}, []string{"reason"}),
+		refused: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bastion_upstream_refused_total",
+			Help: "Messages refused to their device at admission, nothing stored, by reason (topic_too_long, topic_too_deep: the upstream topic is beyond upstream.max_topic_length, max_topic_levels; the device is told it is a bad topic; device_stalled: the device's oldest queued message can be neither sent nor parked, so its new ones would only wait behind it; the device is told the queue is full)."}, []string{"reason"}),
 		parked: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bastion_upstream_parked_total",
 			Help: "Messages the broker refused for good, or would, moved to the parking queue, by reason (the broker's PUBACK: not_authorized, topic_name_invalid, packet_too_large, payload_format_invalid; found by the link: topic_too_long, topic_too_deep (upstream.max_topic_length, max_topic_levels), connection_closed (the broker closed the connection on it 3 times in a row))."}, []string{"reason"}),
 		downlink: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bastion_upstream_downlink_total",
@@ -48,7 +51,7 @@ func newMetrics() *metrics {
 }
 
 func (m *metrics) register(reg prometheus.Registerer) error {
-	for _, c := range []prometheus.Collector{m.connected, m.published, m.publishErrors, m.connectErrors, m.withheld, m.withheldQueued, m.parked, m.parkedDepth, m.downlink, m.downlinkSubscribed, m.subscribeErrors, m.reloads, m.certExpiry} {
+	for _, c := range []prometheus.Collector{m.connected, m.published, m.publishErrors, m.connectErrors, m.withheld, m.withheldQueued, m.refused, m.parked, m.parkedDepth, m.downlink, m.downlinkSubscribed, m.subscribeErrors, m.reloads, m.certExpiry} {
 		if err := reg.Register(c); err != nil {
 			return err
 		}

@@ -27,8 +27,9 @@ import (
 // parked with no success in between: parkBurst at once, then one per
 // parkEvery. A broker that refuses everything (the gateway lost its
 // permission) is a link problem, not a message problem; the rest stays
-// queued and the link retries it with backoff, instead of the whole backlog
-// moving to the parking queue. A few bad messages in a row still get out of
+// queued, each refused device waiting behind its refused message until the
+// link tries it again (sendRun.puback), instead of the whole backlog moving
+// to the parking queue. A few bad messages in a row still get out of
 // the way. What the link parks on its own verdict, from its configuration
 // and the broker's announced limits (parkUnsendable: a topic beyond
 // max_topic_length or max_topic_levels, a packet beyond the Maximum Packet
@@ -50,6 +51,14 @@ type parkBucket struct {
 }
 
 func (b *parkBucket) refill() { b.used = 0 }
+
+// giveBack returns a token take gave for a park that then failed: the
+// bucket counts messages parked, not tries.
+func (b *parkBucket) giveBack() {
+	if b.used > 0 {
+		b.used--
+	}
+}
 
 func (b *parkBucket) take(now time.Time) bool {
 	if b.used > 0 {
@@ -124,7 +133,13 @@ func (u *Upstream) park(e queue.Entry, label, why string) error {
 	if !ok {
 		return fmt.Errorf("%d refused messages were parked with no message accepted since, and then one more is parked each %s: the broker may be refusing everything (check its ACL and limits for this gateway)", parkBurst, parkEvery)
 	}
-	return u.parkEntry(e, label, why)
+	if err := u.parkEntry(e, label, why); err != nil {
+		u.mu.Lock()
+		u.parks.giveBack()
+		u.mu.Unlock()
+		return err
+	}
+	return nil
 }
 
 // parkUnsendable is park for a message the link will not send on its own
@@ -158,8 +173,18 @@ func (u *Upstream) parkEntry(e queue.Entry, label, why string) error {
 		log.Warn("upstream: cannot tell whether the parking queue holds this message already; parking it", "err", err)
 	}
 	if !parked {
+		// Written at QoS 1 whatever the message's own QoS: Accept then
+		// returns once the parked copy is durable, or why it is not, and
+		// only then is the message deleted from the main queue. At QoS 0
+		// it returned before the write, and a write that failed lost the
+		// message, counted as parked. A QoS 0 message says so after its
+		// seq, for ListParked and RetryParked.
 		pm := e.Message
 		pm.Topic = e.Topic + "\x00" + why + "\x00" + strconv.FormatUint(e.Seq, 10)
+		if pm.QoS == 0 {
+			pm.Topic += parkedQoS0
+		}
+		pm.QoS = 1
 		if err := p.Accept(ctx, pm); err != nil {
 			log.Error("upstream: a refused message cannot be parked; it stays queued, with its device's later messages behind it, until there is room: retry or drop parked messages with bastionctl upstream parked", "refusal", why, "err", err)
 			return fmt.Errorf("the parking queue did not take it (make room: bastionctl upstream parked list, then retry or drop): %w", err)
@@ -231,32 +256,42 @@ func (u *Upstream) parkedCopy(p *queue.Queue, seq uint64) (bool, error) {
 }
 
 // parkRefused parks PUBLISH seq after a PUBACK with a permanent failure
-// reason; true means the refusal needs nothing more (no retry, no holding
-// back its device). It runs on paho's reading goroutine; the entry is read
-// back from the queue, which normally still holds it. It may not: a later
-// run on the same connection can send seq again before the first copy's
-// PUBACK, and that copy's refusal already parked it. Then it is handled.
-func (u *Upstream) parkRefused(seq uint64, dev string, reason byte, why string) bool {
+// reason; handled means the refusal needs nothing more (no retry, no
+// holding back its device). A permanent refusal that could not be parked
+// (the parking queue full or failing, the burst used up) returns why in
+// err: the message stays queued and only its device waits (sendRun.puback).
+// It runs on paho's reading goroutine; the entry is read back from the
+// queue, which normally still holds it. It may not: a later run on the
+// same connection can send seq again before the first copy's PUBACK, and
+// that copy's refusal already parked it. Then it is handled.
+func (u *Upstream) parkRefused(seq uint64, dev string, reason byte, why string) (handled bool, err error) {
 	if u.parking.Load() == nil || !permanent(reason) {
-		return false
+		return false, nil
 	}
 	e, ok, err := u.heldEntry(seq) // a lookup: it never waits
 	switch {
 	case err != nil:
-		return false // unreadable: leave it to the retry
+		return false, nil // unreadable: leave it to the retry
 	case !ok:
 		u.log.Info("upstream: a refused message is no longer queued (parked or accepted as another copy); nothing to do", "device", dev, "seq", seq, "refusal", why)
-		return true
+		return true, nil
 	}
-	return u.park(e, reasonName(reason), why) == nil
+	if err := u.park(e, reasonName(reason), why); err != nil {
+		return false, err
+	}
+	return true, nil
 }
 
 // The parking queue keeps why each message was refused after its topic and
 // a NUL, which no topic contains (bridges/hub refuses it; MQTT forbids it),
 // then another NUL and the message's seq in the main queue (from; 0 in
-// what was parked before it was kept).
+// what was parked before it was kept), then parkedQoS0 for a QoS 0 message
+// (parked at QoS 1: see parkEntry; before that, at its own QoS).
 func splitParked(m bridges.Message) (_ bridges.Message, why string, from uint64) {
 	m.Topic, why, _ = strings.Cut(m.Topic, "\x00")
+	if w, ok := strings.CutSuffix(why, parkedQoS0); ok {
+		why, m.QoS = w, 0
+	}
 	if i := strings.LastIndexByte(why, 0); i >= 0 {
 		if f, err := strconv.ParseUint(why[i+1:], 10, 64); err == nil {
 			why, from = why[:i], f
@@ -264,6 +299,9 @@ func splitParked(m bridges.Message) (_ bridges.Message, why string, from uint64)
 	}
 	return m, why, from
 }
+
+// parkedQoS0 ends the topic of a parked QoS 0 message (see splitParked).
+const parkedQoS0 = "\x00qos0"
 
 // Parked is a snapshot of the parking queue.
 type Parked struct {
@@ -313,11 +351,15 @@ func (u *Upstream) ListParked(ctx context.Context, max int) (Parked, error) {
 // RetryParked moves every parked message back to the end of the main queue
 // (durably, then deletes it from the parking queue) and returns how many it
 // moved. A retried message is sent after the messages that arrived while it
-// was parked. A full main queue stops it with bridges.ErrQueueFull; what was
-// not moved stays parked.
+// was parked, and is as old as its retry: the main queue stamps it anew. With
+// the time its device sent it, a message parked for days would reach the
+// head of the queue beyond its age bound, which refuses every device's
+// messages while the oldest held one is too old. A full main queue stops it
+// with bridges.ErrQueueFull; what was not moved stays parked.
 func (u *Upstream) RetryParked(ctx context.Context) (int, error) {
 	n, err := u.drainParked(ctx, func(e queue.Entry) error {
 		m, _, _ := splitParked(e.Message)
+		m.Received = time.Time{}
 		if err := u.q.Accept(ctx, m); err != nil {
 			return fmt.Errorf("upstream: retry parked seq %d from %s: %w", e.Seq, e.Device, err)
 		}

@@ -102,11 +102,18 @@ func TestMappingAllocs(t *testing.T) {
 			t.Fatal("not forwarded")
 		}
 	})
-	if !rs.mapsUp("dev-17", "devices/dev-17/t/sensors/temp") || rs.mapsUp("dev-17", "devices/dev-18/t/sensors/temp") {
-		t.Error("mapsUp disagrees with mapUp")
+	for _, tc := range []struct{ dev, topic string }{
+		{"dev-17", "devices/dev-17/t/sensors/temp"}, {"dev-17", "devices/dev-17/t"}, {"dev-17", "devices/dev-17/t/"},
+		{"dev-17", "devices/dev-18/t/sensors/temp"}, {"dev-17", "devices/dev-17/c/x"},
+	} {
+		up, ok := rs.mapUp(tc.dev, tc.topic)
+		length, levels, shaped := rs.upShape(tc.dev, tc.topic)
+		if shaped != ok || ok && (length != len(up) || levels != strings.Count(up, "/")+1) {
+			t.Errorf("upShape(%s, %q) = %d bytes, %d levels, %v; mapUp gives %q, %v", tc.dev, tc.topic, length, levels, shaped, up, ok)
+		}
 	}
-	if n := testing.AllocsPerRun(100, func() { rs.mapsUp("dev-17", "devices/dev-17/t/sensors/temp") }); n != 0 {
-		t.Errorf("mapsUp (the admission check): %.1f allocations, want 0", n)
+	if n := testing.AllocsPerRun(100, func() { rs.upShape("dev-17", "devices/dev-17/t/sensors/temp") }); n != 0 {
+		t.Errorf("upShape (the admission check): %.1f allocations, want 0", n)
 	}
 	if got != "bastion/gw1/dev-17/t/sensors/temp" {
 		t.Fatalf("mapUp = %q", got)

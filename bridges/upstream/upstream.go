@@ -129,6 +129,10 @@ type Upstream struct {
 	// out of the parking queue. A run that fails to park reads it before
 	// trying (sendRun.stall): room made after that is not missed.
 	roomMade atomic.Uint64
+	// stalls holds the devices whose oldest queued message the link can
+	// neither send nor park (sendRun.stall): gate refuses their new
+	// messages, which would only wait behind it and fill the queue.
+	stalls stalledDevices
 
 	// poison finds a message the broker answers by closing the connection
 	// (poison.go); only the sender's goroutine touches it.
@@ -380,7 +384,11 @@ func (u *Upstream) Status() Status {
 // Accept is the privacy gate in front of the queue (a bridges.Sink): a
 // message the rules keep local, or no uplink maps, is withheld (and
 // counted) without touching the disk; a redact rule strips fields before the
-// message is stored. Everything else goes to the queue. The rules are applied
+// message is stored. A message whose upstream topic is beyond the topic
+// limits is refused (bridges.ErrTopicRefused), and so is one from a device
+// whose oldest queued message can be neither sent nor parked
+// (bridges.ErrQueueFull; see stalledDevices). Everything else goes to the
+// queue. The rules are applied
 // again when sending, so a rule tightened by Reload also covers messages
 // already queued.
 func (u *Upstream) Accept(ctx context.Context, m bridges.Message) error {
@@ -417,13 +425,19 @@ func (u *Upstream) AcceptNotify(ctx context.Context, m bridges.Message, done fun
 }
 
 // gate applies the mapping and the privacy rules: keep is false for a
-// message that stays local (counted as withheld).
+// message that stays local (counted as withheld). A message it would queue
+// whose upstream topic is beyond upstream.max_topic_length or
+// max_topic_levels is refused (bridges.ErrTopicRefused), nothing stored:
+// the verdict is the configuration's, known now, and the link would only
+// park it unsent (or, with the parking queue full, hold its device's
+// messages behind it), its device told it was accepted.
 func (u *Upstream) gate(m bridges.Message) (_ bridges.Message, keep bool, _ error) {
 	if !strings.HasPrefix(m.Topic, bridges.TopicPrefix(m.Device)) {
 		return m, false, fmt.Errorf("upstream accept: topic %q is outside device %q's namespace %s", m.Topic, m.Device, bridges.TopicPrefix(m.Device))
 	}
 	s := u.cur.Load()
-	if !s.routes.mapsUp(m.Device, m.Topic) {
+	length, levels, ok := s.routes.upShape(m.Device, m.Topic)
+	if !ok {
 		u.withheld("unmapped")
 		return m, false, nil
 	}
@@ -434,6 +448,16 @@ func (u *Upstream) gate(m bridges.Message) (_ bridges.Message, keep bool, _ erro
 			u.redactFailed(m, reason, err)
 		}
 		return m, false, nil
+	}
+	if s.cfg.beyondTopicLimits(length, levels) {
+		up, _ := s.routes.mapUp(m.Device, m.Topic)
+		why, label := s.cfg.topicLimit(up, m.Device)
+		u.m.refused.WithLabelValues(label).Inc()
+		return m, false, fmt.Errorf("upstream accept from %s on %s: %s: %w", m.Device, m.Topic, why, bridges.ErrTopicRefused)
+	}
+	if u.stalls.has(m.Device) {
+		u.m.refused.WithLabelValues("device_stalled").Inc()
+		return m, false, fmt.Errorf("upstream accept from %s: its oldest queued message can be neither sent nor parked (see the link's last error), and its later messages wait behind it; new ones are refused until it moves: %w", m.Device, bridges.ErrQueueFull)
 	}
 	m.Payload = payload
 	return m, true, nil
@@ -455,14 +479,17 @@ func (u *Upstream) withheld(reason string) {
 	u.mu.Unlock()
 }
 
-// mapsUp reports whether mapUp maps topic, without building the result.
-func (rs routes) mapsUp(device, topic string) bool {
+// upShape returns the length and the number of levels of the topic mapUp
+// would build, without building it; ok is false when no uplink maps topic.
+func (rs routes) upShape(device, topic string) (length, levels int, ok bool) {
 	for _, r := range rs.up {
-		if id, _, ok := r.from.match(topic); ok && id == device {
-			return true
+		if id, rest, ok := r.from.match(topic); ok && id == device {
+			t := r.to
+			return len(t.pre) + len(id) + len(t.post) + len(rest),
+				strings.Count(t.pre, "/") + strings.Count(t.post, "/") + strings.Count(rest, "/") + 1, true
 		}
 	}
-	return false
+	return 0, 0, false
 }
 
 func (rs routes) mapUp(device, topic string) (string, bool) {
@@ -1022,8 +1049,10 @@ feed:
 		}
 		for _, e := range es {
 			cursor = e.Seq
-			if stalled[e.Device] {
-				continue // stays queued, behind its device's unsendable message
+			if stalled[e.Device] || r.holds(e.Device) {
+				// Stays queued, behind its device's message that could
+				// not be sent, parked, or was refused.
+				continue
 			}
 			topic, payload, keep, err := u.prepare(e, &mapped)
 			if err != nil {
@@ -1034,8 +1063,10 @@ feed:
 				continue // withheld and acked
 			}
 			// The link's own verdicts (a topic beyond the configured limits,
-			// a packet beyond the broker's announced Maximum Packet Size)
-			// park the message unsent: a broker that enforces them by closing
+			// which gate refuses for new messages, so here only for one
+			// queued before a reload lowered them; a packet beyond the
+			// broker's announced Maximum Packet Size) park the message
+			// unsent: a broker that enforces them by closing
 			// the connection would get it again on every reconnect. When it
 			// cannot be parked (no parking queue, or the parking queue is
 			// full) it stays queued, unsent, and so does the rest of its
@@ -1098,6 +1129,10 @@ feed:
 				lastSeq, lastDev, lastSingle = e.Seq, e.Device, inFlight == 1
 			}
 		}
+		// A device an earlier run stalled on a message up to cursor that
+		// this run sent, parked or withheld (or no longer found: the queue
+		// dropped it as unreadable) is stalled no more.
+		u.stalls.passed(r, cursor)
 		if !flush() {
 			break
 		}
@@ -1111,9 +1146,7 @@ feed:
 	flush()
 	cancel()
 	wg.Wait()
-	if r.retry != nil {
-		r.retry.Stop()
-	}
+	r.endRetry()
 	if r.again.Load() && !r.failed.Load() {
 		// Ended to start again from the queue's head (sendRun.stall), on
 		// a connection that is still up: what is in flight is answered
@@ -1139,9 +1172,13 @@ type sendRun struct {
 	failed atomic.Bool
 	// stalled: a message of this run could be neither sent nor parked
 	// (sendRun.stall); retry ends the run retryAfter later (again).
+	// retryMu guards retry and ended (the run is over: no new timer),
+	// since a refusal's stall is on paho's reading goroutine.
 	stalled    atomic.Bool
 	again      atomic.Bool
+	retryMu    sync.Mutex
 	retry      *time.Timer
+	ended      bool
 	retryAfter time.Duration
 
 	// Order per device after a refusal. The sender writes ahead of the
@@ -1206,19 +1243,44 @@ func (r *sendRun) stall(stalled map[string]bool, e queue.Entry, room uint64, err
 		stalled = map[string]bool{}
 	}
 	stalled[e.Device] = true
-	if !r.stalled.Swap(true) {
+	r.stallDevice(e.Device, e.Seq, room, err)
+	return stalled
+}
+
+// stallDevice is stall without the sender's map, for the sender and for a
+// refusal on paho's reading goroutine (puback, which holds the device
+// instead).
+func (r *sendRun) stallDevice(dev string, seq, room uint64, err error) {
+	r.retryMu.Lock()
+	if !r.ended {
+		// Not for a run that is over (a refusal read after it ended): the
+		// next run, which sends the message again, may have read past it
+		// already, and nothing would end the stall.
+		r.u.stalls.add(dev, r, seq)
+	}
+	if !r.stalled.Swap(true) && !r.ended {
 		// Room may also come without an operator (the disk the parking
-		// queue failed on has room again): the run starts again from the
-		// queue's head after a while.
+		// queue failed on has room again, the burst refills): the run
+		// starts again from the queue's head after a while.
 		r.retry = time.AfterFunc(r.retryAfter, r.rerun)
 	}
+	r.retryMu.Unlock()
 	// After stalled is set: retryStalled counts the room, then looks at
 	// stalled, so either it sees this run stalled or this sees its count.
 	if r.u.roomMade.Load() != room {
 		r.rerun()
 	}
-	r.u.setError(fmt.Errorf("%w; it stays queued, and %s's later messages wait behind it (order per device) while other devices' messages flow; it is tried again when parked messages are retried or dropped, within %s, and on the next connection", err, e.Device, r.retryAfter))
-	return stalled
+	r.u.setError(fmt.Errorf("%w; it stays queued, and %s's later messages wait behind it (order per device) while other devices' messages flow; it is tried again when parked messages are retried or dropped, within %s, and on the next connection", err, dev, r.retryAfter))
+}
+
+// endRetry stops the retry timer when the run is over.
+func (r *sendRun) endRetry() {
+	r.retryMu.Lock()
+	defer r.retryMu.Unlock()
+	r.ended = true
+	if r.retry != nil {
+		r.retry.Stop()
+	}
 }
 
 // rerun ends the run, for the sender to start the next one at once from the
@@ -1261,20 +1323,32 @@ func (r *sendRun) isHeld(dev string) bool {
 
 // puback completes PUBLISH seq from device dev (on paho's receive
 // goroutine): only a success deletes it from the queue. A refusal keeps it
-// (unless it is parked), holds back dev's later messages of this run (see
-// sendRun), ends the run, and the link retries from the queue's head after a
-// pause.
+// (unless it is parked) and holds back dev's later messages of this run
+// (see sendRun). A refusal that resending can change ends the run, and the
+// link retries from the queue's head after a pause. A permanent one that
+// could not be parked stalls dev alone, as a message the link cannot send
+// or park does (sendRun.stall): the run goes on with the other devices'
+// messages, and it is tried again when parked messages are retried or
+// dropped, or retryAfter later. Ending the run for it made the whole link
+// back off, up to backoff_max, and start again at the same message.
 func (r *sendRun) puback(seq uint64, dev string, reason byte) {
 	u := r.u
 	if reason >= 0x80 {
 		u.m.publishErrors.Inc()
 		why := fmt.Sprintf("PUBACK reason 0x%02x (%s)", reason, pubackReason(reason))
-		if u.parkRefused(seq, dev, reason, why) {
+		room := u.roomMade.Load()
+		handled, perr := u.parkRefused(seq, dev, reason, why)
+		if handled {
 			return
 		}
 		r.conn.keep(seq)
 		r.hold(dev)
-		r.fail(fmt.Errorf("upstream broker %s refused seq %d from %s with %s; it stays queued and is retried, with %s's messages sent after it (order per device)", u.cur.Load().cfg.Broker, seq, dev, why, dev))
+		broker := u.cur.Load().cfg.Broker
+		if perr != nil {
+			r.stallDevice(dev, seq, room, fmt.Errorf("upstream broker %s refused seq %d from %s for good with %s; it cannot be parked: %w", broker, seq, dev, why, perr))
+			return
+		}
+		r.fail(fmt.Errorf("upstream broker %s refused seq %d from %s with %s; it stays queued and is retried, with %s's messages sent after it (order per device)", broker, seq, dev, why, dev))
 		return
 	}
 	if r.holds(dev) {
