@@ -104,6 +104,10 @@ type image struct {
 // Counters are monotonically increasing event counts for metrics.
 type Counters struct {
 	Checks, CheckFailures, ImagesDownloaded, TargetsRefused, Served, ServeRefused uint64
+	// ServeCut counts HTTPS transfers the cache ended before their last
+	// byte: the device read nothing for HTTPLimits.WriteStall, or lost its
+	// identity (revoked, removed) during the transfer.
+	ServeCut uint64
 }
 
 // New opens the cache in cfg.StateDir and verifies every image on disk
