@@ -46,7 +46,7 @@ func ValidTargetPath(p string) error {
 // checking length and every hash on the way, then fsyncs and renames it
 // to its sha256 name, and opens it for serving after hashing it once more
 // from disk. The image is never held whole in memory.
-func (c *Cache) download(ctx context.Context, up *updater.Updater, cand candidate) (*image, error) {
+func (c *Cache) download(ctx context.Context, up *updater.Updater, cand candidate) (*blob, error) {
 	remote := cand.path
 	root := up.GetTrustedMetadataSet().Root
 	if root.Signed.ConsistentSnapshot {
@@ -127,12 +127,12 @@ func (c *Cache) download(ctx context.Context, up *updater.Updater, cand candidat
 	if err := syncDir(c.imageDir()); err != nil {
 		return nil, err
 	}
-	img, err := c.openVerified(sha, storedImage{Target: cand.path, Length: length, Custom: cand.tc})
+	b, err := c.openVerified(sha, length)
 	if err != nil {
 		os.Remove(final)
 		return nil, fmt.Errorf("re-verify %s from disk: %w", final, err)
 	}
-	return img, nil
+	return b, nil
 }
 
 // ErrImageMismatch marks an image whose bytes do not match its signed
