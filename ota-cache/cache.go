@@ -513,6 +513,7 @@ func (c *Cache) check(ctx context.Context) error {
 	// Download what is missing: bytes already held, or fetched in this
 	// check for another class, are not fetched again.
 	fresh, freshStored := map[string]*blob{}, map[string]storedImage{}
+	unfetched := map[Class]bool{} // the link failed, not the image
 	for _, cl := range sortedClasses(want) {
 		cand := want[cl]
 		sha := hex.EncodeToString(cand.sha256)
@@ -526,6 +527,9 @@ func (c *Cache) check(ctx context.Context) error {
 		if err != nil {
 			refusals = append(refusals, fmt.Errorf("class %s: target %s refused: %w", cl, cand.path, err))
 			delete(want, cl)
+			if !errors.Is(err, ErrImageMismatch) {
+				unfetched[cl] = true
+			}
 			continue
 		}
 		fresh[sha] = b
@@ -555,6 +559,30 @@ func (c *Cache) check(ctx context.Context) error {
 			continue
 		}
 		newCurrent[cl] = &image{blob: c.blobs[hex.EncodeToString(cand.sha256)], target: cand.path, tc: cand.tc, ver: cand.ver}
+	}
+	// A class whose new image could not be fetched (a failed or stalled
+	// download, not an image that failed verification: that one is never
+	// answered with an older) keeps offering the image it has, verified
+	// before, if that still fits.
+	used, usedBytes := map[string]bool{}, int64(0)
+	for _, img := range newCurrent {
+		if !used[img.sha] {
+			used[img.sha], usedBytes = true, usedBytes+img.size
+		}
+	}
+	for _, cl := range sortedClasses(unfetched) {
+		old := c.current[cl]
+		if old == nil {
+			continue
+		}
+		if !used[old.sha] {
+			if usedBytes+old.size > c.cfg.MaxCacheBytes {
+				refusals = append(refusals, fmt.Errorf("class %s: its image %s no longer fits in ota.max_cache_bytes %d with the other enrolled classes: nothing offered", cl, old.sha, c.cfg.MaxCacheBytes))
+				continue
+			}
+			used[old.sha], usedBytes = true, usedBytes+old.size
+		}
+		newCurrent[cl] = old
 	}
 	for cl := range enrolled {
 		if c.current[cl] != newCurrent[cl] {

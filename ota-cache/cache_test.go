@@ -442,6 +442,7 @@ func TestConfigValidate(t *testing.T) {
 		"no root":   {func(c *Config) { c.TrustedRoot = nil }, "ota.trusted_root: the vendor's root.json is required"},
 		"no state":  {func(c *Config) { c.StateDir = "" }, "ota.state_dir: required"},
 		"interval":  {func(c *Config) { c.CheckInterval = time.Second }, "ota.check_interval 1s: want at least 1m"},
+		"stall":     {func(c *Config) { c.StallTimeout = -time.Second }, "ota.stall_timeout -1s: want a positive duration"},
 		"jitter":    {func(c *Config) { c.CheckJitter = 7 * time.Hour }, "ota.check_jitter 7h0m0s: want 0 <= jitter < check_interval"},
 		"bounds":    {func(c *Config) { c.MaxCacheBytes = 10 }, "ota.max_cache_bytes 10, ota.max_image_bytes 268435456"},
 		"vendorkey": {func(c *Config) { c.VendorKeys = map[string]crypto.PublicKey{"acme": "nope"} }, "ota.vendor_keys[acme]: vendor key of type string"},
