@@ -27,8 +27,11 @@ func (f firmwareDevices) Device(id string) (otacache.DeviceInfo, bool) {
 	return otacache.DeviceInfo{Class: otacache.Class{Vendor: d.Vendor, Model: d.Model}, Version: d.Version}, true
 }
 
-func (f firmwareDevices) Classes() []otacache.Class {
-	ds, _ := f.g.store.Devices()
+func (f firmwareDevices) Classes() ([]otacache.Class, error) {
+	ds, err := f.g.store.Devices()
+	if err != nil {
+		return nil, fmt.Errorf("device list: %w", err)
+	}
 	seen := map[otacache.Class]bool{}
 	var out []otacache.Class
 	for _, d := range ds {
@@ -39,7 +42,7 @@ func (f firmwareDevices) Classes() []otacache.Class {
 		seen[c] = true
 		out = append(out, c)
 	}
-	return out
+	return out, nil
 }
 
 // openFirmware builds the firmware cache from the configuration. Reading the

@@ -34,10 +34,11 @@ type DeviceInfo struct {
 
 // Devices is implemented by the gateway: it maps authenticated device
 // identities to their class and reported version, and lists the classes
-// that are enrolled (only those are downloaded and kept).
+// that are enrolled (only those are downloaded and kept). An error from
+// Classes means the list could not be read, not that it is empty.
 type Devices interface {
 	Device(id string) (DeviceInfo, bool)
-	Classes() []Class
+	Classes() ([]Class, error)
 }
 
 // Cache is the verified firmware cache. It is safe for concurrent use.
@@ -471,7 +472,18 @@ func (c *Cache) check(ctx context.Context) error {
 	best, refusals := c.selectTargets(up.GetTopLevelTargets())
 
 	enrolled := map[Class]bool{}
-	for _, cl := range c.devices.Classes() {
+	classes, classesErr := c.devices.Classes()
+	if classesErr != nil {
+		// Unreadable is not "none enrolled": every class held now stays
+		// (its image kept, and updated), none is added.
+		classesErr = fmt.Errorf("enrolled device classes unreadable, the classes already cached are kept: %w", classesErr)
+		c.mu.RLock()
+		for cl := range c.current {
+			enrolled[cl] = true
+		}
+		c.mu.RUnlock()
+	}
+	for _, cl := range classes {
 		enrolled[cl] = true
 	}
 	c.mu.RLock()
@@ -628,8 +640,14 @@ func (c *Cache) check(ctx context.Context) error {
 	} else {
 		c.clearAlarm("refused")
 	}
+	if classesErr != nil {
+		c.log.Warn("firmware check", "err", classesErr)
+		c.setAlarm("devices", classesErr.Error())
+	} else {
+		c.clearAlarm("devices")
+	}
 	c.notify(changed)
-	return errors.Join(refusals...)
+	return errors.Join(append([]error{classesErr}, refusals...)...)
 }
 
 // selectTargets parses every top-level target and keeps the highest
