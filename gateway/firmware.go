@@ -27,8 +27,11 @@ func (f firmwareDevices) Device(id string) (otacache.DeviceInfo, bool) {
 	return otacache.DeviceInfo{Class: otacache.Class{Vendor: d.Vendor, Model: d.Model}, Version: d.Version}, true
 }
 
-func (f firmwareDevices) Classes() []otacache.Class {
-	ds, _ := f.g.store.Devices()
+func (f firmwareDevices) Classes() ([]otacache.Class, error) {
+	ds, err := f.g.store.Devices()
+	if err != nil {
+		return nil, fmt.Errorf("device list: %w", err)
+	}
 	seen := map[otacache.Class]bool{}
 	var out []otacache.Class
 	for _, d := range ds {
@@ -39,7 +42,7 @@ func (f firmwareDevices) Classes() []otacache.Class {
 		seen[c] = true
 		out = append(out, c)
 	}
-	return out
+	return out, nil
 }
 
 // openFirmware builds the firmware cache from the configuration. Reading the
@@ -53,17 +56,9 @@ func (g *Gateway) openFirmware(cfg config.Config) error {
 	if err != nil {
 		return fmt.Errorf("firmware.trusted_root: %w (it must be the vendor's root.json)", err)
 	}
-	hc := &http.Client{Timeout: 5 * time.Minute}
-	if f.CABundle != "" {
-		pemBytes, err := os.ReadFile(f.CABundle)
-		if err != nil {
-			return fmt.Errorf("firmware.ca_bundle: %w", err)
-		}
-		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM(pemBytes) {
-			return fmt.Errorf("firmware.ca_bundle %s: no PEM certificate in it", f.CABundle)
-		}
-		hc.Transport = &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}}
+	hc, err := firmwareHTTPClient(f)
+	if err != nil {
+		return err
 	}
 	keys := map[string]crypto.PublicKey{}
 	for vendor, file := range f.VendorKeys {
@@ -99,6 +94,35 @@ func (g *Gateway) openFirmware(cfg config.Config) error {
 	g.offers = newOfferQueue()
 	g.addStatus("firmware", func() any { return g.firmware.Status() })
 	return nil
+}
+
+// Bounds on the vendor's server (firmwareHTTPClient).
+const (
+	fwMetadataTimeout       = 5 * time.Minute
+	fwResponseHeaderTimeout = time.Minute
+)
+
+// firmwareHTTPClient is the client for the vendor's update server, trusting
+// firmware.ca_bundle if set. Its Timeout bounds each TUF metadata file
+// only: otacache gives an image download no overall timeout (at 1-5 Mbit/s
+// an image of 40-190 MiB would never complete in 5 minutes) and ends one
+// that receives nothing for its StallTimeout. ResponseHeaderTimeout gives
+// up on a server that takes a request and never answers it.
+func firmwareHTTPClient(f config.Firmware) (*http.Client, error) {
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	tr.ResponseHeaderTimeout = fwResponseHeaderTimeout
+	if f.CABundle != "" {
+		pemBytes, err := os.ReadFile(f.CABundle)
+		if err != nil {
+			return nil, fmt.Errorf("firmware.ca_bundle: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pemBytes) {
+			return nil, fmt.Errorf("firmware.ca_bundle %s: no PEM certificate in it", f.CABundle)
+		}
+		tr.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+	}
+	return &http.Client{Timeout: fwMetadataTimeout, Transport: tr}, nil
 }
 
 func (g *Gateway) controlFirmware(mux *http.ServeMux) {

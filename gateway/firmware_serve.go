@@ -81,7 +81,7 @@ func (g *Gateway) openFirmwareHTTPS(cfg config.Config, cert func(name, listen st
 		return dev, err == nil && dev != ""
 	}
 	mux := http.NewServeMux()
-	mux.Handle("/fw/", g.firmware.HTTPHandler(identify))
+	mux.Handle("/fw/", g.firmware.HTTPHandler(identify, otacache.HTTPLimits{WriteStall: fwWriteStall}))
 	// The current offer, for an MQTT device that would rather ask than
 	// subscribe (a subscriber gets it on subscribe too): GET only, as /fw/.
 	mux.HandleFunc("/fw/offer", func(w http.ResponseWriter, r *http.Request) {
@@ -108,14 +108,72 @@ func (g *Gateway) openFirmwareHTTPS(cfg config.Config, cert func(name, listen st
 	if err != nil {
 		return fmt.Errorf("firmware.https_listen %s: %w", cfg.Firmware.HTTPSListen, err)
 	}
-	g.firmwareHTTPS = &firmwareHTTPS{ln: tls.NewListener(ln, tcfg), srv: &http.Server{
+	capped := &connCap{Listener: ln, slots: make(chan struct{}, fwMaxConns), refused: func() {
+		refusals.refused(slog.LevelWarn, "conn_limit", "conn_limit", "connection refused: the listener's connections are all in use",
+			"limit", fwMaxConns)
+	}}
+	g.firmwareHTTPS = &firmwareHTTPS{ln: tls.NewListener(capped, tcfg), srv: &http.Server{
 		Handler:           mux,
 		ReadHeaderTimeout: 10 * time.Second,
-		IdleTimeout:       2 * time.Minute,
-		MaxHeaderBytes:    8 << 10,
-		ErrorLog:          refusals.errorLog(),
+		// Bounds every answer but an image's, whose writes each get
+		// fwWriteStall afresh (otacache.HTTPLimits): a device that stops
+		// reading is cut off, one on a slow link is not.
+		WriteTimeout:   fwWriteStall,
+		IdleTimeout:    2 * time.Minute,
+		MaxHeaderBytes: 8 << 10,
+		ErrorLog:       refusals.errorLog(),
 	}}
 	return nil
+}
+
+const (
+	// fwWriteStall is how long a write to a firmware HTTPS client may make
+	// no progress before its connection is closed (MQTT's write_timeout
+	// default).
+	fwWriteStall = 30 * time.Second
+	// fwMaxConns bounds the firmware HTTPS listener's open connections
+	// (each can hold a goroutine, TLS and HTTP buffers and an fd): past
+	// it a new connection is closed at once and counted.
+	fwMaxConns = 256
+)
+
+// connCap closes a connection accepted while len(slots) others are open,
+// and calls refused for it. (x/net's netutil.LimitListener stops accepting
+// instead: the connections past it wait unseen in the kernel's backlog,
+// neither answered nor counted.)
+type connCap struct {
+	net.Listener
+	slots   chan struct{}
+	refused func()
+}
+
+func (l *connCap) Accept() (net.Conn, error) {
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		select {
+		case l.slots <- struct{}{}:
+			return &cappedConn{Conn: c, slots: l.slots}, nil
+		default:
+			c.Close()
+			l.refused()
+		}
+	}
+}
+
+// cappedConn gives its slot back on its first Close.
+type cappedConn struct {
+	net.Conn
+	slots chan struct{}
+	once  sync.Once
+}
+
+func (c *cappedConn) Close() error {
+	err := c.Conn.Close()
+	c.once.Do(func() { <-c.slots })
+	return err
 }
 
 // Addr is the bound address of the firmware HTTPS listener.

@@ -1,6 +1,7 @@
 package otacache
 
 import (
+	"bytes"
 	"context"
 	"encoding/hex"
 	"encoding/json"
@@ -33,10 +34,11 @@ type DeviceInfo struct {
 
 // Devices is implemented by the gateway: it maps authenticated device
 // identities to their class and reported version, and lists the classes
-// that are enrolled (only those are downloaded and kept).
+// that are enrolled (only those are downloaded and kept). An error from
+// Classes means the list could not be read, not that it is empty.
 type Devices interface {
 	Device(id string) (DeviceInfo, bool)
-	Classes() []Class
+	Classes() ([]Class, error)
 }
 
 // Cache is the verified firmware cache. It is safe for concurrent use.
@@ -49,9 +51,9 @@ type Cache struct {
 
 	mu       sync.RWMutex
 	st       persisted
-	images   map[string]*image // by sha256 hex, verified and open
-	current  map[Class]*image  // what each class is offered
-	retired  []*image          // evicted, closed after EvictGrace
+	blobs    map[string]*blob // by sha256 hex, verified and open; each is some class's current image
+	current  map[Class]*image // what each class is offered
+	retired  []*blob          // evicted, closed after EvictGrace
 	lastErr  string
 	alarms   map[string]string // key → message, for Status
 	statuses map[string]DeviceStatus
@@ -68,10 +70,16 @@ type persisted struct {
 	// Sequences is the highest sequence number ever seen in verified
 	// targets metadata per class ("vendor/model"). It only grows.
 	Sequences map[string]uint64 `json:"sequences"`
-	// Images are the images on disk with the target they came from.
+	// Images are the image files on disk, by sha256: their length (and
+	// the target of one class that offers them, which is all a state
+	// written before Targets existed has).
 	Images map[string]storedImage `json:"images"`
 	// Current maps a class to the sha256 it is offered.
 	Current map[string]string `json:"current"`
+	// Targets is each class's target for the image it is offered: two
+	// classes whose targets are the same bytes share one file, not their
+	// version, sequence or manifest.
+	Targets map[string]storedImage `json:"targets"`
 	// ValidUntil is the earliest expiry of the trusted timestamp, snapshot
 	// and targets metadata; past it nothing is offered (freeze defence).
 	ValidUntil time.Time `json:"valid_until"`
@@ -90,20 +98,52 @@ type MetadataVersions struct {
 	Root, Timestamp, Snapshot, Targets int64
 }
 
+// blob is a verified image file, opened and mapped once however many
+// classes' targets are these bytes.
+type blob struct {
+	sha  string // hex
+	size int64
+	f    *os.File // opened and verified; served from this fd only
+	m    *mapping // f mapped for CoAP blocks; nil where it could not be
+	tag  [8]byte  // the CoAP ETag: the sha256's first 8 bytes
+}
+
+// image is what one class is offered: a blob and that class's own target
+// metadata.
 type image struct {
-	sha    string // hex
-	size   int64
+	*blob
 	target string
 	tc     TargetCustom
 	ver    Version
-	f      *os.File // opened and verified; served from this fd only
-	m      *mapping // f mapped for CoAP blocks; nil where it could not be
-	tag    [8]byte  // the CoAP ETag: the sha256's first 8 bytes
+}
+
+// newImage is b offered to the class of si's target.
+func newImage(b *blob, si storedImage) (*image, error) {
+	ver, err := ParseVersion(si.Custom.Version)
+	if err != nil {
+		return nil, err
+	}
+	if si.Length != b.size {
+		return nil, fmt.Errorf("target %s of %d bytes names image %s of %d", si.Target, si.Length, b.sha, b.size)
+	}
+	return &image{blob: b, target: si.Target, tc: si.Custom, ver: ver}, nil
+}
+
+// sameTarget reports whether img is what cand says, so that a check that
+// finds nothing new keeps img (and announces no change).
+func (img *image) sameTarget(cand candidate) bool {
+	return img.sha == hex.EncodeToString(cand.sha256) && img.target == cand.path && img.tc.Vendor == cand.tc.Vendor &&
+		img.tc.Model == cand.tc.Model && img.tc.Version == cand.tc.Version && img.tc.Sequence == cand.tc.Sequence &&
+		bytes.Equal(img.tc.Manifest, cand.tc.Manifest)
 }
 
 // Counters are monotonically increasing event counts for metrics.
 type Counters struct {
 	Checks, CheckFailures, ImagesDownloaded, TargetsRefused, Served, ServeRefused uint64
+	// ServeCut counts HTTPS transfers the cache ended before their last
+	// byte: the device read nothing for HTTPLimits.WriteStall, or lost its
+	// identity (revoked, removed) during the transfer.
+	ServeCut uint64
 }
 
 // New opens the cache in cfg.StateDir and verifies every image on disk
@@ -122,7 +162,7 @@ func New(cfg Config, devices Devices, log *slog.Logger) (*Cache, error) {
 	}
 	c := &Cache{
 		cfg: cfg, devices: devices, log: log.With("component", "ota-cache"),
-		images: map[string]*image{}, current: map[Class]*image{},
+		blobs: map[string]*blob{}, current: map[Class]*image{},
 		alarms: map[string]string{}, statuses: map[string]DeviceStatus{}, unsaved: map[string]bool{}, subs: map[int]func(Class){},
 	}
 	for _, d := range []string{cfg.StateDir, c.metaDir(), c.imageDir()} {
@@ -151,7 +191,7 @@ func (c *Cache) statePath() string {
 }
 
 func (c *Cache) load() error {
-	c.st = persisted{Sequences: map[string]uint64{}, Images: map[string]storedImage{}, Current: map[string]string{}}
+	c.st = persisted{Sequences: map[string]uint64{}, Images: map[string]storedImage{}, Current: map[string]string{}, Targets: map[string]storedImage{}}
 	b, err := os.ReadFile(c.statePath())
 	switch {
 	case errors.Is(err, os.ErrNotExist):
@@ -170,64 +210,89 @@ func (c *Cache) load() error {
 		if c.st.Current == nil {
 			c.st.Current = map[string]string{}
 		}
+		if c.st.Targets == nil {
+			c.st.Targets = map[string]storedImage{}
+		}
 	}
 	// Verify on start: every image is hashed again before it is served.
 	for sha, si := range c.st.Images {
-		img, err := c.openVerified(sha, si)
+		b, err := c.openVerified(sha, si.Length)
 		if err != nil {
 			c.log.Warn("cached image failed verification on start; deleted", "sha256", sha, "err", err)
 			_ = os.Remove(filepath.Join(c.imageDir(), sha))
 			delete(c.st.Images, sha)
 			continue
 		}
-		c.images[sha] = img
+		c.blobs[sha] = b
 	}
 	for cls, sha := range c.st.Current {
-		img, ok := c.images[sha]
+		si, ok := c.st.Targets[cls]
 		if !ok {
+			si = c.st.Images[sha] // a state from before Targets: one class per image
+		}
+		var img *image
+		err := fmt.Errorf("image %s is not held", sha)
+		if b := c.blobs[sha]; b != nil {
+			img, err = newImage(b, si)
+		}
+		if err == nil && si.Custom.Class().String() != cls {
+			err = fmt.Errorf("the stored target %s is for class %s", si.Target, si.Custom.Class())
+		}
+		if err != nil {
+			c.log.Warn("cached image no longer offered to its class until the next check", "class", cls, "sha256", sha, "err", err)
 			delete(c.st.Current, cls)
+			delete(c.st.Targets, cls)
 			continue
 		}
-		c.current[img.tc.Class()] = img
+		c.current[si.Custom.Class()] = img
+		c.st.Targets[cls] = si
+	}
+	// Bytes no class is offered are never served: drop them.
+	inUse := map[string]bool{}
+	for _, img := range c.current {
+		inUse[img.sha] = true
+	}
+	for sha, b := range c.blobs {
+		if !inUse[sha] {
+			b.close()
+			delete(c.blobs, sha)
+			delete(c.st.Images, sha)
+		}
 	}
 	// Files no state names are leftovers (crash mid-download): remove.
 	entries, _ := os.ReadDir(c.imageDir())
 	for _, e := range entries {
-		if _, ok := c.images[e.Name()]; !ok {
+		if _, ok := c.blobs[e.Name()]; !ok {
 			_ = os.Remove(filepath.Join(c.imageDir(), e.Name()))
 		}
 	}
 	return nil
 }
 
-func (c *Cache) openVerified(sha string, si storedImage) (*image, error) {
+func (c *Cache) openVerified(sha string, length int64) (*blob, error) {
 	want, err := hex.DecodeString(sha)
 	if err != nil || len(want) != 32 {
 		return nil, fmt.Errorf("image name %q is not a sha256", sha)
-	}
-	ver, err := ParseVersion(si.Custom.Version)
-	if err != nil {
-		return nil, err
 	}
 	f, err := os.Open(filepath.Join(c.imageDir(), sha))
 	if err != nil {
 		return nil, err
 	}
-	if err := verifyFile(f, si.Length, want); err != nil {
+	if err := verifyFile(f, length, want); err != nil {
 		f.Close()
 		return nil, err
 	}
-	img := &image{sha: sha, size: si.Length, target: si.Target, tc: si.Custom, ver: ver, f: f}
-	copy(img.tag[:], want)
-	if img.m, err = mapFile(f, si.Length); err != nil && si.Length > 0 {
+	b := &blob{sha: sha, size: length, f: f}
+	copy(b.tag[:], want)
+	if b.m, err = mapFile(f, length); err != nil && length > 0 {
 		c.log.Info("firmware image served from its file, not mapped", "sha256", sha, "err", err)
 	}
-	return img, nil
+	return b, nil
 }
 
 // coapBody is what a CoAP transfer reads: the mapping when there is one
 // (no syscall per block), the file otherwise.
-func (img *image) coapBody() io.ReadSeeker {
+func (img *blob) coapBody() io.ReadSeeker {
 	if img.m != nil {
 		return &imageBody{*io.NewSectionReader(img.m, 0, img.size)}
 	}
@@ -245,7 +310,7 @@ type imageBody struct{ io.SectionReader }
 func (*imageBody) StableBody() {}
 
 // close releases the mapping (after the copies in progress) and the file.
-func (img *image) close() {
+func (img *blob) close() {
 	if img.m != nil {
 		_ = img.m.unmap()
 	}
@@ -257,13 +322,13 @@ func (c *Cache) Close() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.closed = true
-	for _, img := range c.images {
-		img.close()
+	for _, b := range c.blobs {
+		b.close()
 	}
-	for _, img := range c.retired {
-		img.close()
+	for _, b := range c.retired {
+		b.close()
 	}
-	c.images, c.current, c.retired = map[string]*image{}, map[Class]*image{}, nil
+	c.blobs, c.current, c.retired = map[string]*blob{}, map[Class]*image{}, nil
 	return nil
 }
 
@@ -407,7 +472,18 @@ func (c *Cache) check(ctx context.Context) error {
 	best, refusals := c.selectTargets(up.GetTopLevelTargets())
 
 	enrolled := map[Class]bool{}
-	for _, cl := range c.devices.Classes() {
+	classes, classesErr := c.devices.Classes()
+	if classesErr != nil {
+		// Unreadable is not "none enrolled": every class held now stays
+		// (its image kept, and updated), none is added.
+		classesErr = fmt.Errorf("enrolled device classes unreadable, the classes already cached are kept: %w", classesErr)
+		c.mu.RLock()
+		for cl := range c.current {
+			enrolled[cl] = true
+		}
+		c.mu.RUnlock()
+	}
+	for _, cl := range classes {
 		enrolled[cl] = true
 	}
 	c.mu.RLock()
@@ -428,35 +504,49 @@ func (c *Cache) check(ctx context.Context) error {
 		}
 	}
 
-	// Bound the cache: the newest image of every enrolled class must fit.
+	// Bound the cache: the newest image of every enrolled class must fit
+	// (bytes that two classes share count once: they are stored once).
 	var total int64
+	counted := map[string]bool{}
 	for _, cl := range sortedClasses(want) {
+		sha := hex.EncodeToString(want[cl].sha256)
+		if counted[sha] {
+			continue
+		}
 		if total+want[cl].tf.Length > c.cfg.MaxCacheBytes {
 			refusals = append(refusals, fmt.Errorf("class %s: image %s of %d bytes does not fit in ota.max_cache_bytes %d with the other enrolled classes", cl, want[cl].path, want[cl].tf.Length, c.cfg.MaxCacheBytes))
 			delete(want, cl)
 			continue
 		}
+		counted[sha] = true
 		total += want[cl].tf.Length
 	}
 
-	// Download what is missing.
-	fresh := map[string]*image{}
+	// Download what is missing: bytes already held, or fetched in this
+	// check for another class, are not fetched again.
+	fresh, freshStored := map[string]*blob{}, map[string]storedImage{}
+	unfetched := map[Class]bool{} // the link failed, not the image
 	for _, cl := range sortedClasses(want) {
 		cand := want[cl]
 		sha := hex.EncodeToString(cand.sha256)
 		c.mu.RLock()
-		_, have := c.images[sha]
+		_, have := c.blobs[sha]
 		c.mu.RUnlock()
-		if have {
+		if have || fresh[sha] != nil {
 			continue
 		}
-		img, err := c.download(ctx, up, cand)
+		b, err := c.download(ctx, up, cand)
 		if err != nil {
 			refusals = append(refusals, fmt.Errorf("class %s: target %s refused: %w", cl, cand.path, err))
 			delete(want, cl)
+			if !errors.Is(err, ErrImageMismatch) {
+				unfetched[cl] = true
+			}
 			continue
 		}
-		fresh[sha] = img
+		fresh[sha] = b
+		// With the target an older bastiond reads, should it be started again.
+		freshStored[sha] = storedImage{Target: cand.path, Length: b.size, Custom: cand.tc}
 		c.count(func(k *Counters) { k.ImagesDownloaded++ })
 	}
 
@@ -465,18 +555,46 @@ func (c *Cache) check(ctx context.Context) error {
 	c.mu.Lock()
 	if c.closed {
 		c.mu.Unlock()
-		for _, img := range fresh {
-			img.close()
+		for _, b := range fresh {
+			b.close()
 		}
 		return errors.New("ota-cache closed during check")
 	}
-	for sha, img := range fresh {
-		c.images[sha] = img
-		c.st.Images[sha] = storedImage{Target: img.target, Length: img.size, Custom: img.tc}
+	for sha, b := range fresh {
+		c.blobs[sha] = b
+		c.st.Images[sha] = freshStored[sha]
 	}
 	newCurrent := map[Class]*image{}
 	for cl, cand := range want {
-		newCurrent[cl] = c.images[hex.EncodeToString(cand.sha256)]
+		if old := c.current[cl]; old != nil && old.sameTarget(cand) {
+			newCurrent[cl] = old
+			continue
+		}
+		newCurrent[cl] = &image{blob: c.blobs[hex.EncodeToString(cand.sha256)], target: cand.path, tc: cand.tc, ver: cand.ver}
+	}
+	// A class whose new image could not be fetched (a failed or stalled
+	// download, not an image that failed verification: that one is never
+	// answered with an older) keeps offering the image it has, verified
+	// before, if that still fits.
+	used, usedBytes := map[string]bool{}, int64(0)
+	for _, img := range newCurrent {
+		if !used[img.sha] {
+			used[img.sha], usedBytes = true, usedBytes+img.size
+		}
+	}
+	for _, cl := range sortedClasses(unfetched) {
+		old := c.current[cl]
+		if old == nil {
+			continue
+		}
+		if !used[old.sha] {
+			if usedBytes+old.size > c.cfg.MaxCacheBytes {
+				refusals = append(refusals, fmt.Errorf("class %s: its image %s no longer fits in ota.max_cache_bytes %d with the other enrolled classes: nothing offered", cl, old.sha, c.cfg.MaxCacheBytes))
+				continue
+			}
+			used[old.sha], usedBytes = true, usedBytes+old.size
+		}
+		newCurrent[cl] = old
 	}
 	for cl := range enrolled {
 		if c.current[cl] != newCurrent[cl] {
@@ -489,19 +607,22 @@ func (c *Cache) check(ctx context.Context) error {
 		}
 	}
 	c.current = newCurrent
-	c.st.Current = map[string]string{}
+	c.st.Current, c.st.Targets = map[string]string{}, map[string]storedImage{}
+	inUse := map[string]bool{}
 	for cl, img := range newCurrent {
 		c.st.Current[cl.String()] = img.sha
+		c.st.Targets[cl.String()] = storedImage{Target: img.target, Length: img.size, Custom: img.tc}
+		inUse[img.sha] = true
 	}
-	// Evict what no enrolled class needs.
-	for sha, img := range c.images {
-		if newCurrent[img.tc.Class()] == img {
+	// Evict the bytes no enrolled class is offered any more.
+	for sha, b := range c.blobs {
+		if inUse[sha] {
 			continue
 		}
-		delete(c.images, sha)
+		delete(c.blobs, sha)
 		delete(c.st.Images, sha)
 		_ = os.Remove(filepath.Join(c.imageDir(), sha))
-		c.retire(img)
+		c.retire(b)
 	}
 	c.st.Sequences = floors
 	c.st.ValidUntil = validUntil
@@ -519,8 +640,14 @@ func (c *Cache) check(ctx context.Context) error {
 	} else {
 		c.clearAlarm("refused")
 	}
+	if classesErr != nil {
+		c.log.Warn("firmware check", "err", classesErr)
+		c.setAlarm("devices", classesErr.Error())
+	} else {
+		c.clearAlarm("devices")
+	}
 	c.notify(changed)
-	return errors.Join(refusals...)
+	return errors.Join(append([]error{classesErr}, refusals...)...)
 }
 
 // selectTargets parses every top-level target and keeps the highest
@@ -604,14 +731,14 @@ func sortedClasses[V any](m map[Class]V) []Class {
 
 // retire keeps an evicted image's fd open for EvictGrace so that transfers
 // in progress can finish; the file itself is already unlinked. Caller holds mu.
-func (c *Cache) retire(img *image) {
-	c.retired = append(c.retired, img)
+func (c *Cache) retire(b *blob) {
+	c.retired = append(c.retired, b)
 	time.AfterFunc(c.cfg.EvictGrace, func() {
 		c.mu.Lock()
 		defer c.mu.Unlock()
-		if i := slices.Index(c.retired, img); i >= 0 {
+		if i := slices.Index(c.retired, b); i >= 0 {
 			c.retired = slices.Delete(c.retired, i, i+1)
-			img.close()
+			b.close()
 		}
 	})
 }
@@ -688,11 +815,16 @@ func (c *Cache) Status() Status {
 	for _, k := range slices.Sorted(maps.Keys(c.alarms)) {
 		s.Alarms = append(s.Alarms, c.alarms[k])
 	}
-	for _, img := range c.images {
-		s.Bytes += img.size
+	for _, b := range c.blobs {
+		s.Bytes += b.size
+	}
+	for _, img := range c.current {
 		s.Images = append(s.Images, ImageInfo{Class: img.tc.Class(), Version: img.tc.Version, Sequence: img.tc.Sequence, Size: img.size, SHA256: img.sha, Target: img.target})
 	}
-	sort.Slice(s.Images, func(i, j int) bool { return s.Images[i].SHA256 < s.Images[j].SHA256 })
+	sort.Slice(s.Images, func(i, j int) bool {
+		a, b := s.Images[i], s.Images[j]
+		return a.SHA256 < b.SHA256 || a.SHA256 == b.SHA256 && a.Class.String() < b.Class.String()
+	})
 	return s
 }
 

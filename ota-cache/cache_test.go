@@ -6,9 +6,11 @@ import (
 	"crypto"
 	"crypto/ed25519"
 	"crypto/rand"
+	"errors"
 	mrand "math/rand/v2"
 	"os"
 	"path/filepath"
+	"sort"
 	"strings"
 	"sync"
 	"testing"
@@ -442,6 +444,7 @@ func TestConfigValidate(t *testing.T) {
 		"no root":   {func(c *Config) { c.TrustedRoot = nil }, "ota.trusted_root: the vendor's root.json is required"},
 		"no state":  {func(c *Config) { c.StateDir = "" }, "ota.state_dir: required"},
 		"interval":  {func(c *Config) { c.CheckInterval = time.Second }, "ota.check_interval 1s: want at least 1m"},
+		"stall":     {func(c *Config) { c.StallTimeout = -time.Second }, "ota.stall_timeout -1s: want a positive duration"},
 		"jitter":    {func(c *Config) { c.CheckJitter = 7 * time.Hour }, "ota.check_jitter 7h0m0s: want 0 <= jitter < check_interval"},
 		"bounds":    {func(c *Config) { c.MaxCacheBytes = 10 }, "ota.max_cache_bytes 10, ota.max_image_bytes 268435456"},
 		"vendorkey": {func(c *Config) { c.VendorKeys = map[string]crypto.PublicKey{"acme": "nope"} }, "ota.vendor_keys[acme]: vendor key of type string"},
@@ -522,5 +525,47 @@ func TestOnlyConfiguredRootIsTrusted(t *testing.T) {
 	}
 	if _, err := New(Config{RepositoryURL: f.repo.url(), StateDir: t.TempDir()}, f.devices, nil); err == nil || !strings.Contains(err.Error(), "never trusts a root on first download") {
 		t.Errorf("New without a trusted root = %v", err)
+	}
+}
+
+// TestClassesUnreadableKeepsTheCache: when the enrolled classes cannot be
+// read, a check keeps (and updates) every class it holds instead of
+// evicting them all as if none were enrolled, and says why.
+func TestClassesUnreadableKeepsTheCache(t *testing.T) {
+	f := newFixture(t)
+	_, shaA := f.repo.addImage(classA, "1.1.0", 1, testImage(3000, 90))
+	_, shaB := f.repo.addImage(classB, "2.1", 1, testImage(3000, 91))
+	f.repo.publish()
+	c := f.open(t)
+	if err := c.Check(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	f.devices.failClasses(errors.New("device store: input/output error"))
+	_, shaA2 := f.repo.addImage(classA, "1.2.0", 2, testImage(3000, 92))
+	f.repo.publish()
+	err := c.Check(context.Background())
+	if err == nil || !containsAll(err.Error(), "enrolled device classes unreadable", "input/output error") {
+		t.Fatalf("check with the classes unreadable: %v", err)
+	}
+	if o, ok := c.Offer("dev-a"); !ok || o.SHA256 != shaA2 {
+		t.Errorf("dev-a: %+v, %v; want 1.2.0 (%s)", o, ok, shaA2)
+	}
+	if o, ok := c.Offer("dev-b"); !ok || o.SHA256 != shaB {
+		t.Errorf("dev-b: %+v, %v; want 2.1 (%s)", o, ok, shaB)
+	}
+	want := []string{shaA2, shaB}
+	sort.Strings(want)
+	if d := cmp.Diff(want, imageFiles(t, f.dir)); d != "" {
+		t.Errorf("image files (-want +got):\n%s (1.1.0 was %s)", d, shaA)
+	}
+	if a := strings.Join(c.Status().Alarms, " "); !strings.Contains(a, "enrolled device classes unreadable") {
+		t.Errorf("alarms %q: want the unreadable classes", a)
+	}
+	f.devices.failClasses(nil)
+	if err := c.Check(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if a := c.Status().Alarms; len(a) != 0 {
+		t.Errorf("alarms after the classes were read again: %q", a)
 	}
 }

@@ -26,8 +26,13 @@ type Config struct {
 	StateDir string
 	// HTTPClient fetches metadata and images; its TLS config decides which
 	// server certificates are trusted. Nil means a client with the system
-	// roots.
+	// roots. Its Timeout bounds each metadata file only: an image download
+	// has no overall timeout (a large image over a slow uplink would never
+	// complete), it fails after StallTimeout without a byte.
 	HTTPClient *http.Client
+	// StallTimeout fails an image download that receives nothing for this
+	// long, from the request on (default 1m).
+	StallTimeout time.Duration
 	// CheckInterval between automatic checks (default 6h); each wait is
 	// moved by a uniformly random amount in [-CheckJitter, +CheckJitter]
 	// (default CheckInterval/10) so that a fleet of gateways does not hit
@@ -61,6 +66,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.HTTPClient == nil {
 		c.HTTPClient = &http.Client{Timeout: 10 * time.Minute}
+	}
+	if c.StallTimeout == 0 {
+		c.StallTimeout = time.Minute
 	}
 	if c.CheckInterval == 0 {
 		c.CheckInterval = 6 * time.Hour
@@ -96,6 +104,9 @@ func (c Config) Validate() error {
 	}
 	if c.StateDir == "" {
 		errs = append(errs, errors.New("ota.state_dir: required"))
+	}
+	if c.StallTimeout < 0 {
+		errs = append(errs, fmt.Errorf("ota.stall_timeout %v: want a positive duration", c.StallTimeout))
 	}
 	if c.CheckInterval < time.Minute {
 		errs = append(errs, fmt.Errorf("ota.check_interval %v: want at least 1m", c.CheckInterval))

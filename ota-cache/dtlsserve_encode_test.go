@@ -94,7 +94,7 @@ func TestStableBodyRetransmission(t *testing.T) {
 		data[i] = byte(i * 7)
 	}
 	_, m := mappedTestFile(t, data)
-	img := &image{m: m, size: int64(len(data))}
+	img := &blob{m: m, size: int64(len(data))}
 	runs := 0
 	mutable := []byte("mutable body")
 	cfg := &DTLSServeConfig{BlockwiseSZX: blockwise.SZX1024, Errors: func(error) {},

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"slices"
 	"strings"
 	"time"
 )
@@ -94,13 +95,22 @@ func (c *Cache) imageFor(device string, ref FirmwareRef) (*image, DeviceInfo, er
 	var img *image
 	switch {
 	case ref.SHA256 != "":
-		img = c.images[ref.SHA256]
-		if img == nil {
+		img = c.current[info.Class]
+		if img != nil && img.sha == ref.SHA256 {
+			break
+		}
+		// Every blob held is some class's current image.
+		var others []string
+		for cl, o := range c.current {
+			if o.sha == ref.SHA256 {
+				others = append(others, cl.String())
+			}
+		}
+		if len(others) == 0 {
 			return nil, info, &serveError{errNotFound, "no verified image with sha256 " + ref.SHA256}
 		}
-		if img.tc.Class() != info.Class {
-			return nil, info, &serveError{errForbidden, fmt.Sprintf("image %s is for class %s, device %q is %s", ref.SHA256, img.tc.Class(), device, info.Class)}
-		}
+		slices.Sort(others)
+		return nil, info, &serveError{errForbidden, fmt.Sprintf("image %s is for class %s, device %q is %s", ref.SHA256, strings.Join(others, ", "), device, info.Class)}
 	default:
 		if ref.Class != (Class{}) && ref.Class != info.Class {
 			return nil, info, &serveError{errForbidden, fmt.Sprintf("device %q is class %s, not %s", device, info.Class, ref.Class)}
@@ -171,7 +181,7 @@ func ParseFirmwarePath(p string) (FirmwareRef, error) {
 
 // etag is the CoAP ETag (8 bytes of the sha256) of an image, decoded
 // once when the image was opened (every block carries it).
-func (img *image) etag() []byte { return img.tag[:] }
+func (img *blob) etag() []byte { return img.tag[:] }
 
 // Update states a device reports.
 const (

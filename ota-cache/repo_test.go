@@ -57,6 +57,8 @@ func (r *testRepo) addImageAt(p string, cl Class, version string, seq uint64, da
 type fakeDevices struct {
 	mu sync.Mutex
 	m  map[string]DeviceInfo
+	// classesErr, if set, is what Classes returns.
+	classesErr error
 }
 
 func newFakeDevices(m map[string]DeviceInfo) *fakeDevices { return &fakeDevices{m: m} }
@@ -68,9 +70,12 @@ func (f *fakeDevices) Device(id string) (DeviceInfo, bool) {
 	return d, ok
 }
 
-func (f *fakeDevices) Classes() []Class {
+func (f *fakeDevices) Classes() ([]Class, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if f.classesErr != nil {
+		return nil, f.classesErr
+	}
 	seen := map[Class]bool{}
 	var out []Class
 	for _, d := range f.m {
@@ -79,7 +84,13 @@ func (f *fakeDevices) Classes() []Class {
 			out = append(out, d.Class)
 		}
 	}
-	return out
+	return out, nil
+}
+
+func (f *fakeDevices) failClasses(err error) {
+	f.mu.Lock()
+	f.classesErr = err
+	f.mu.Unlock()
 }
 
 func (f *fakeDevices) set(id string, d DeviceInfo) {

@@ -2,9 +2,13 @@ package otacache
 
 import (
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
+	"os"
+	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/plgd-dev/go-coap/v3/message"
@@ -129,13 +133,61 @@ func httpCode(err error) int {
 	return http.StatusInternalServerError
 }
 
+// HTTPLimits bound what one device can hold of the HTTPS server while it
+// downloads: an image is up to 256 MiB, and a device that asks for one and
+// then stops reading would otherwise keep a goroutine, buffers, a file
+// descriptor and a full socket buffer for as long as its connection lives
+// (http.Server's IdleTimeout does not apply in the middle of a response).
+// Zero fields take their defaults.
+type HTTPLimits struct {
+	// WriteStall ends a response when one write of it (16 KiB at most)
+	// makes no progress for this long (default 30s). Each write gets a
+	// fresh deadline, so a long download over a slow link completes: it
+	// needs 16 KiB per WriteStall, about 4.4 kbit/s at the default.
+	WriteStall time.Duration
+	// PerDevice is the most image responses one device may have in
+	// progress at once (default 2: a device that reconnects while its old
+	// connection has not yet timed out can start again). More get 503 with
+	// Retry-After.
+	PerDevice int
+	// Recheck is how often, at most, a transfer in progress asks identify
+	// (and the Devices) again (default 1s), so that a device revoked in the
+	// middle of a download gets no more of it.
+	Recheck time.Duration
+}
+
+func (l *HTTPLimits) setDefaults() {
+	if l.WriteStall <= 0 {
+		l.WriteStall = 30 * time.Second
+	}
+	if l.PerDevice <= 0 {
+		l.PerDevice = 2
+	}
+	if l.Recheck <= 0 {
+		l.Recheck = time.Second
+	}
+}
+
+// transferChunk is the most one write of an image response passes on:
+// the progress the WriteStall deadline asks for (one TLS record).
+const transferChunk = 16 << 10
+
 // HTTPHandler serves the same paths over HTTPS for devices that speak
 // MQTT: GET only, with Range and If-Range (a device resumes an interrupted
 // download with "Range: bytes=N-" and "If-Range" set to the ETag, the
 // quoted sha256). identify returns the device identity the listener's
 // mutual TLS authenticated; the listener must require client certificates.
-func (c *Cache) HTTPHandler(identify func(*http.Request) (device string, ok bool)) http.Handler {
+// lim bounds each device's downloads (HTTPLimits).
+func (c *Cache) HTTPHandler(identify func(*http.Request) (device string, ok bool), lim HTTPLimits) http.Handler {
+	lim.setDefaults()
+	busy := &deviceSlots{max: lim.PerDevice, n: map[string]int{}}
+	retryAfter := strconv.Itoa(int((lim.WriteStall + time.Second - 1) / time.Second))
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		rc := http.NewResponseController(w)
+		// Whatever is answered, a device that reads none of it does not
+		// hold this goroutine past WriteStall. (Not supported only where w
+		// is no connection's, as in a test's recorder.)
+		_ = rc.SetWriteDeadline(time.Now().Add(lim.WriteStall))
 		refuse := func(device string, code int, msg string) {
 			c.count(func(k *Counters) { k.ServeRefused++ })
 			c.log.Info("firmware request refused", "device", device, "transport", "https", "code", code, "reason", msg)
@@ -161,6 +213,12 @@ func (c *Cache) HTTPHandler(identify func(*http.Request) (device string, ok bool
 			refuse(device, httpCode(err), err.Error())
 			return
 		}
+		if !busy.take(device) {
+			w.Header().Set("Retry-After", retryAfter)
+			refuse(device, http.StatusServiceUnavailable, fmt.Sprintf("device already has %d firmware downloads in progress", lim.PerDevice))
+			return
+		}
+		defer busy.give(device)
 		h := w.Header()
 		h.Set("Content-Type", "application/octet-stream")
 		h.Set("X-Content-Type-Options", "nosniff")
@@ -169,9 +227,92 @@ func (c *Cache) HTTPHandler(identify func(*http.Request) (device string, ok bool
 		if r.Header.Get("Range") == "" {
 			c.count(func(k *Counters) { k.Served++ })
 		}
-		http.ServeContent(w, r, "", time.Time{}, io.NewSectionReader(img.f, 0, img.size))
+		tw := &transferWriter{ResponseWriter: w, rc: rc, stall: lim.WriteStall, every: lim.Recheck, checked: time.Now(),
+			recheck: func() error {
+				if d, ok := identify(r); !ok || d != device {
+					return errIdentityGone
+				}
+				if _, ok := c.devices.Device(device); !ok {
+					return errIdentityGone
+				}
+				return nil
+			}}
+		http.ServeContent(tw, r, "", time.Time{}, io.NewSectionReader(img.f, 0, img.size))
+		switch {
+		case errors.Is(tw.err, os.ErrDeadlineExceeded):
+			c.count(func(k *Counters) { k.ServeCut++ })
+			c.log.Info("firmware transfer ended: the device read nothing", "device", device, "transport", "https", "sha256", img.sha, "write_stall", lim.WriteStall)
+		case errors.Is(tw.err, errIdentityGone):
+			c.count(func(k *Counters) { k.ServeCut++ })
+			c.log.Info("firmware transfer ended: the device is no longer authenticated (revoked or removed)", "device", device, "transport", "https", "sha256", img.sha)
+		}
 	})
 }
+
+// errIdentityGone ends a transfer whose device lost its identity (its
+// certificate revoked or retired, the device removed) after it began.
+var errIdentityGone = errors.New("device no longer authenticated")
+
+// deviceSlots counts the image responses in progress per device.
+type deviceSlots struct {
+	max int
+	mu  sync.Mutex
+	n   map[string]int
+}
+
+func (s *deviceSlots) take(device string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.n[device] >= s.max {
+		return false
+	}
+	s.n[device]++
+	return true
+}
+
+func (s *deviceSlots) give(device string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.n[device]--; s.n[device] <= 0 {
+		delete(s.n, device)
+	}
+}
+
+// transferWriter is an image response's writer: each write of at most
+// transferChunk gets a fresh deadline of stall from now, and at most once
+// per every the device's identity is checked again. After its first error
+// it writes nothing more (http.ServeContent ignores write errors; err
+// keeps it for the log).
+type transferWriter struct {
+	http.ResponseWriter
+	rc      *http.ResponseController
+	stall   time.Duration
+	every   time.Duration
+	checked time.Time
+	recheck func() error
+	err     error
+}
+
+func (tw *transferWriter) Write(p []byte) (int, error) {
+	n := 0
+	for len(p) > 0 && tw.err == nil {
+		if now := time.Now(); now.Sub(tw.checked) >= tw.every {
+			tw.checked = now
+			if tw.err = tw.recheck(); tw.err != nil {
+				break
+			}
+		}
+		_ = tw.rc.SetWriteDeadline(time.Now().Add(tw.stall))
+		m, err := tw.ResponseWriter.Write(p[:min(len(p), transferChunk)])
+		n += m
+		p = p[m:]
+		tw.err = err
+	}
+	return n, tw.err
+}
+
+// Unwrap lets http.ResponseController reach the connection's writer.
+func (tw *transferWriter) Unwrap() http.ResponseWriter { return tw.ResponseWriter }
 
 // MaxStatusReport bounds a status report's body (ServeCoAPStatus reads no
 // more of it).

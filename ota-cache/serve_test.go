@@ -387,7 +387,7 @@ func TestHTTPSRangeResume(t *testing.T) {
 		}
 		return r.TLS.VerifiedChains[0][0].Subject.CommonName, true
 	}
-	srv := httptest.NewUnstartedServer(f.cache.HTTPHandler(identify))
+	srv := httptest.NewUnstartedServer(f.cache.HTTPHandler(identify, HTTPLimits{}))
 	srv.TLS = &tls.Config{ClientAuth: tls.RequireAndVerifyClientCert, ClientCAs: ca.pool, MinVersion: tls.VersionTLS12}
 	srv.Config.ErrorLog = log.New(io.Discard, "", 0) // the no-certificate case below is expected
 	srv.StartTLS()

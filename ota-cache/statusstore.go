@@ -58,24 +58,31 @@ func (c *Cache) loadStatuses() error {
 // commit: a report waits until its change is stored, and changes that
 // arrive while a write is in flight go together in the next transaction,
 // so a burst of reports (a whole class finishing an update) costs a few
-// fsyncs, not one per device. It starts no goroutine: the first waiter
-// writes for everyone.
+// fsyncs, not one per device. It starts no goroutine: one of the callers
+// waiting for a batch writes it, and returns once it is stored; the
+// callers waiting for the next batch then write that one. (A caller that
+// kept writing until nothing was queued could be kept from returning for
+// as long as devices kept reporting, and it may be another device's
+// request or the console's ForgetDevice.)
 type statusWriter struct {
 	st StatusStore
 
 	mu      sync.Mutex
+	written *sync.Cond        // on mu: a write ended
 	pending map[string][]byte // device → JSON, nil = delete
 	next    *statusBatch      // the batch pending changes will be written in
 	writing bool
 }
 
 type statusBatch struct {
-	done chan struct{}
-	err  error
+	stored bool // written (err says how)
+	err    error
 }
 
 func newStatusWriter(st StatusStore) *statusWriter {
-	return &statusWriter{st: st, pending: map[string][]byte{}, next: &statusBatch{done: make(chan struct{})}}
+	w := &statusWriter{st: st, pending: map[string][]byte{}, next: &statusBatch{}}
+	w.written = sync.NewCond(&w.mu)
+	return w
 }
 
 // enqueue records a change and returns the batch that will carry it. The
@@ -88,34 +95,28 @@ func (w *statusWriter) enqueue(device string, v []byte) *statusBatch {
 	return w.next
 }
 
-// wait returns once b is written, writing it (and whatever is queued
-// behind it) if no one else is.
+// wait returns once b is written, writing it if no one else is.
 func (w *statusWriter) wait(b *statusBatch) error {
 	w.mu.Lock()
-	lead := !w.writing
-	w.writing = true
-	w.mu.Unlock()
-	if lead {
-		w.flush()
-	}
-	<-b.done
-	return b.err
-}
-
-func (w *statusWriter) flush() {
-	for {
-		w.mu.Lock()
-		if len(w.pending) == 0 {
-			w.writing = false
-			w.mu.Unlock()
-			return
+	defer w.mu.Unlock()
+	for !b.stored {
+		if w.writing {
+			w.written.Wait()
+			continue
 		}
-		items, b := w.pending, w.next
-		w.pending, w.next = map[string][]byte{}, &statusBatch{done: make(chan struct{})}
+		// Batches are written in order and b is not in flight: b is
+		// w.next, holding what is pending.
+		items := w.pending
+		w.pending, w.next = map[string][]byte{}, &statusBatch{}
+		w.writing = true
 		w.mu.Unlock()
-		b.err = w.st.PutFirmwareStatuses(items)
-		close(b.done)
+		err := w.st.PutFirmwareStatuses(items)
+		w.mu.Lock()
+		b.stored, b.err = true, err
+		w.writing = false
+		w.written.Broadcast()
 	}
+	return b.err
 }
 
 // ForgetDevice deletes what the cache holds about a device (its status

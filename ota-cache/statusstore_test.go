@@ -238,3 +238,79 @@ func (w *statusWriter) queued() int {
 	defer w.mu.Unlock()
 	return len(w.pending)
 }
+
+// gatedStore holds every write until the test releases it, and shows the
+// test each batch as its write begins.
+type gatedStore struct {
+	entered chan map[string][]byte
+	release chan struct{}
+}
+
+func (s *gatedStore) FirmwareStatuses() (map[string][]byte, error) { return nil, nil }
+
+func (s *gatedStore) PutFirmwareStatuses(b map[string][]byte) error {
+	s.entered <- maps.Clone(b)
+	<-s.release
+	return nil
+}
+
+// TestStatusWriterReturnsOnceItsBatchIsStored: a report returns once its
+// own change is stored, even while reports that arrived during its write
+// are being written: whoever waits for those writes them.
+func TestStatusWriterReturnsOnceItsBatchIsStored(t *testing.T) {
+	f := newFixture(t)
+	st := &gatedStore{entered: make(chan map[string][]byte), release: make(chan struct{})}
+	cfg := f.config()
+	cfg.StatusStore = st
+	c, err := New(cfg, f.devices, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	batch := func(what string) map[string][]byte {
+		t.Helper()
+		select {
+		case b := <-st.entered:
+			return b
+		case <-time.After(10 * time.Second):
+			t.Fatalf("%s: no write began within 10s", what)
+			return nil
+		}
+	}
+	errA, errB := make(chan error, 1), make(chan error, 1)
+	go func() { errA <- c.ReportStatus("dev-a", DeviceStatus{State: StateDownloading}) }()
+	if b := batch("dev-a's report"); len(b) != 1 || b["dev-a"] == nil {
+		t.Fatalf("first write %v, want dev-a's report alone", b)
+	}
+	// dev-b reports while dev-a's write is in flight.
+	go func() { errB <- c.ReportStatus("dev-b", DeviceStatus{State: StateDownloading}) }()
+	deadline := time.Now().Add(10 * time.Second)
+	for c.sw.queued() != 1 {
+		if time.Now().After(deadline) {
+			t.Fatal("dev-b's report not queued behind dev-a's write")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	st.release <- struct{}{}
+	if b := batch("dev-b's report"); len(b) != 1 || b["dev-b"] == nil {
+		t.Fatalf("second write %v, want dev-b's report alone", b)
+	}
+	// dev-b's write is held: dev-a's report, stored, returns all the same.
+	aDone := false
+	select {
+	case err := <-errA:
+		aDone = true
+		if err != nil {
+			t.Errorf("dev-a's report: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Error("dev-a's report did not return while dev-b's write was in flight")
+	}
+	st.release <- struct{}{}
+	if err := <-errB; err != nil {
+		t.Errorf("dev-b's report: %v", err)
+	}
+	if !aDone {
+		<-errA
+	}
+}

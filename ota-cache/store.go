@@ -16,6 +16,7 @@ import (
 	"path"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/theupdateframework/go-tuf/v2/metadata/updater"
 )
@@ -46,7 +47,7 @@ func ValidTargetPath(p string) error {
 // checking length and every hash on the way, then fsyncs and renames it
 // to its sha256 name, and opens it for serving after hashing it once more
 // from disk. The image is never held whole in memory.
-func (c *Cache) download(ctx context.Context, up *updater.Updater, cand candidate) (*image, error) {
+func (c *Cache) download(ctx context.Context, up *updater.Updater, cand candidate) (*blob, error) {
 	remote := cand.path
 	root := up.GetTrustedMetadataSet().Root
 	if root.Signed.ConsistentSnapshot {
@@ -59,13 +60,26 @@ func (c *Cache) download(ctx context.Context, up *updater.Updater, cand candidat
 	}
 	u := strings.TrimSuffix(c.cfg.TargetsURL, "/") + "/" + strings.Join(esc, "/")
 
+	// No overall timeout: an image of 256 MiB over a slow uplink takes as
+	// long as it takes, and one cut off at a fixed time would start again
+	// from scratch at every check. What ends a download is StallTimeout
+	// without a byte, from the request on (connecting and waiting for the
+	// response included).
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	stall := time.AfterFunc(c.cfg.StallTimeout, func() {
+		cancel(fmt.Errorf("%w: no data for %v (ota.stall_timeout)", errStalled, c.cfg.StallTimeout))
+	})
+	defer stall.Stop()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
 	if err != nil {
 		return nil, fmt.Errorf("request %s: %w", u, err)
 	}
-	resp, err := c.cfg.HTTPClient.Do(req)
+	hc := *c.cfg.HTTPClient
+	hc.Timeout = 0 // it bounds each metadata file only
+	resp, err := hc.Do(req)
 	if err != nil {
-		return nil, fmt.Errorf("download %s: %w", u, err)
+		return nil, fmt.Errorf("download %s: %w", u, stalledOr(ctx, err))
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
@@ -73,8 +87,9 @@ func (c *Cache) download(ctx context.Context, up *updater.Updater, cand candidat
 	}
 	length := cand.tf.Length
 	if resp.ContentLength > length {
-		return nil, fmt.Errorf("download %s: server announces %d bytes, larger than the %d in the signed metadata", u, resp.ContentLength, length)
+		return nil, fmt.Errorf("download %s: server announces %d bytes, larger than the %d in the signed metadata: %w", u, resp.ContentLength, length, ErrImageMismatch)
 	}
+	body := &progressReader{r: resp.Body, stall: stall, after: c.cfg.StallTimeout}
 	tmp, err := os.CreateTemp(c.imageDir(), ".download-*")
 	if err != nil {
 		return nil, fmt.Errorf("temp file for %s: %w", u, err)
@@ -97,9 +112,9 @@ func (c *Cache) download(ctx context.Context, up *updater.Updater, cand candidat
 		}
 		writers = append(writers, hashes[alg])
 	}
-	n, err := io.Copy(io.MultiWriter(writers...), io.LimitReader(resp.Body, length+1))
+	n, err := io.Copy(io.MultiWriter(writers...), io.LimitReader(body, length+1))
 	if err != nil {
-		return nil, fmt.Errorf("download %s after %d bytes: %w", u, n, err)
+		return nil, fmt.Errorf("download %s after %d bytes: %w", u, n, stalledOr(ctx, err))
 	}
 	if n > length {
 		return nil, fmt.Errorf("download %s: more than the %d bytes in the signed metadata: %w", u, length, ErrImageMismatch)
@@ -127,17 +142,44 @@ func (c *Cache) download(ctx context.Context, up *updater.Updater, cand candidat
 	if err := syncDir(c.imageDir()); err != nil {
 		return nil, err
 	}
-	img, err := c.openVerified(sha, storedImage{Target: cand.path, Length: length, Custom: cand.tc})
+	b, err := c.openVerified(sha, length)
 	if err != nil {
 		os.Remove(final)
 		return nil, fmt.Errorf("re-verify %s from disk: %w", final, err)
 	}
-	return img, nil
+	return b, nil
 }
 
 // ErrImageMismatch marks an image whose bytes do not match its signed
 // TUF metadata (length or hash).
 var ErrImageMismatch = errors.New("image does not match its signed metadata")
+
+// errStalled ends a download that received nothing for StallTimeout.
+var errStalled = errors.New("download stalled")
+
+// stalledOr is the stall that cancelled ctx, if one did, else err (which
+// then only says the context was cancelled).
+func stalledOr(ctx context.Context, err error) error {
+	if cause := context.Cause(ctx); errors.Is(cause, errStalled) {
+		return cause
+	}
+	return err
+}
+
+// progressReader pushes the stall timer back whenever bytes arrive.
+type progressReader struct {
+	r     io.Reader
+	stall *time.Timer
+	after time.Duration
+}
+
+func (p *progressReader) Read(b []byte) (int, error) {
+	n, err := p.r.Read(b)
+	if n > 0 {
+		p.stall.Reset(p.after)
+	}
+	return n, err
+}
 
 // verifyFile hashes f from the start and compares length and sha256.
 func verifyFile(f *os.File, length int64, sha []byte) error {
