@@ -108,6 +108,9 @@ func (s *Server) endEnrollment(kept string) {
 		if k := s.cfg.Enroll.Kind(dev); dev != kept && (k == KindPAKE || k == KindEnroll) {
 			ccs = append(ccs, l...)
 			delete(s.byDevice, dev)
+			for _, cc := range l {
+				s.enrolling.forget(cc)
+			}
 		}
 	}
 	if len(ccs) > 0 {

@@ -157,6 +157,9 @@ type Server struct {
 	// byDevice: most devices have one session, so a slice (not a map)
 	// per device keeps an idle session's bookkeeping small.
 	byDevice map[string][]*otacache.DTLSConn
+	// enrolling: the enrollment sessions of byDevice, bounded in all and
+	// per source (enrolllimit.go).
+	enrolling enrollLimit
 	// deadline bounds a confirmable request's wait for the Sink; watches
 	// answer the deferred requests whose deadline ends first (durable.go).
 	deadline *hub.SharedDeadline
@@ -420,6 +423,8 @@ func (s *Server) onNewConn(cc *otacache.DTLSConn) {
 	var cert *hub.SessionCert
 	var se *session
 	var oldest []*otacache.DTLSConn
+	var evicted enrollSession // an enrollment session closed for this one
+	var evictedBy string
 	for err == nil && dev != "" {
 		info := s.classify(dev, st)
 		if mode == "cert" {
@@ -447,8 +452,16 @@ func (s *Server) onNewConn(cc *otacache.DTLSConn) {
 				// and the list grew past the bound.
 				oldest = slices.Clone(l[:over])
 				l = slices.Delete(l, 0, over)
+				for _, old := range oldest {
+					s.enrolling.forget(old)
+				}
 			}
 			s.byDevice[dev] = l
+			if info.kind != KindDevice {
+				if old, by, ok := s.enrolling.add(enrollSession{cc: cc, device: dev, src: bridges.SourceOf(cc.RemoteAddr())}); ok && s.takeOutLocked(old.device, old.cc) {
+					evicted, evictedBy = old, by
+				}
+			}
 			s.mu.Unlock()
 			break
 		}
@@ -460,6 +473,9 @@ func (s *Server) onNewConn(cc *otacache.DTLSConn) {
 		s.log.Info("coap: oldest session of the device closed: it opened more than "+strconv.Itoa(maxSessionsPerDevice),
 			"device", dev, "old_remote", old.RemoteAddr().String(), "remote", cc.RemoteAddr().String())
 		old.Close()
+	}
+	if evicted.cc != nil {
+		s.endEnrollSession(evicted, evictedBy, cc)
 	}
 	if se == nil {
 		// The credentials the handshake accepted are refused now: revoked
@@ -563,6 +579,9 @@ func (s *Server) revoke(device string) {
 	// finds gone.
 	ccs := s.byDevice[device]
 	delete(s.byDevice, device)
+	for _, cc := range ccs {
+		s.enrolling.forget(cc)
+	}
 	s.mu.Unlock()
 	s.hub.Forget(device)
 	if len(ccs) == 0 {
@@ -592,6 +611,7 @@ func (s *Server) takeOutLocked(device string, cc *otacache.DTLSConn) bool {
 	} else {
 		s.byDevice[device] = l
 	}
+	s.enrolling.forget(cc)
 	return true
 }
 
