@@ -284,11 +284,11 @@ const busyRetryAfter = 5 * time.Second
 // busy answers m 5.03 with Max-Age busyRetryAfter: its session already has
 // maxBlockingPerSession requests waiting (counted reason="busy").
 func (s *Server) busy(w *otacache.DTLSResponseWriter, m *pool.Message, se *session) {
-	s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonBusy).Inc()
 	// One line per device per interval: a device pipelining requests
 	// refuses many.
-	s.deviceLine(slog.LevelWarn, "busy", se.device, "coap: request refused: the session has as many requests waiting for the store as it may; answered 5.03, the device should retry",
+	s.sessionLine(se, slog.LevelWarn, "busy", "coap: request refused: the session has as many requests waiting for the store as it may; answered 5.03, the device should retry",
 		"path", ratelog.Clip(pathOf(m), ratelog.MaxText), "limit", maxBlockingPerSession, "retry_after", busyRetryAfter)
+	s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonBusy).Inc()
 	res := diag(codes.ServiceUnavailable, "%d requests of this session are waiting for the gateway's store; retry after %d s",
 		maxBlockingPerSession, int(busyRetryAfter.Seconds()))
 	res.maxAge = uint32(busyRetryAfter.Seconds())
@@ -360,7 +360,7 @@ func (s *Server) serveSession(w *otacache.DTLSResponseWriter, m *pool.Message, s
 	r, err := parseRequest(m)
 	var res response
 	if err != nil {
-		s.deviceLine(slog.LevelInfo, "malformed", se.device, "coap: request refused: malformed", "err", ratelog.ClipErr(err))
+		s.sessionLine(se, slog.LevelInfo, "malformed", "coap: request refused: malformed", "err", ratelog.ClipErr(err))
 		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonBadRequest).Inc()
 		res = diag(codes.BadRequest, "malformed request: %v", err)
 	} else {
