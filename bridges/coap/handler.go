@@ -124,20 +124,20 @@ func (s *Server) route(device string, r request) response {
 func (s *Server) telemetry(device, path string, r request) response {
 	topic, ok := hub.TelemetryTopic(device, path)
 	if !ok {
-		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonBadRequest).Inc()
 		s.deviceLine(slog.LevelInfo, "bad_path", device, "coap: telemetry refused: bad path", "path", ratelog.Clip(r.path, ratelog.MaxText))
+		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonBadRequest).Inc()
 		return diag(codes.BadRequest, "telemetry needs a path /t/{segment}/...: non-empty segments without + # $")
 	}
 	if r.bodySize > int64(s.cfg.MaxPayload) {
-		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonTooLarge).Inc()
 		s.deviceLine(slog.LevelWarn, "too_large", device, "coap: telemetry refused: payload too large", "topic", topic, "size", r.bodySize, "limit", s.cfg.MaxPayload)
+		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonTooLarge).Inc()
 		res := diag(codes.RequestEntityTooLarge, "payload %d bytes, limit %d", r.bodySize, s.cfg.MaxPayload)
 		res.size1 = uint32(s.cfg.MaxPayload)
 		return res
 	}
 	if r.format >= 0 && !telemetryFormats[message.MediaType(r.format)] {
-		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonBadRequest).Inc()
 		s.deviceLine(slog.LevelInfo, "format", device, "coap: telemetry refused: unsupported content format", "format", r.format)
+		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonBadRequest).Inc()
 		return diag(codes.UnsupportedMediaType, "content format %d not accepted; use 0, 42, 50, 60, 110 or 112", r.format)
 	}
 	var payload []byte
@@ -210,8 +210,8 @@ func (s *Server) telemetryAnswer(device, topic string, err error) response {
 func (s *Server) command(device, path string, r request) response {
 	topic, ok := hub.CommandTopic(device, path)
 	if !ok {
-		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonBadRequest).Inc()
 		s.deviceLine(slog.LevelInfo, "bad_path", device, "coap: command read refused: bad path", "path", ratelog.Clip(r.path, ratelog.MaxText))
+		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonBadRequest).Inc()
 		return diag(codes.BadRequest, "command path /c/{segment}/...: non-empty segments without + # $")
 	}
 	res := response{code: codes.Content, format: message.AppOctets, topic: topic}
@@ -239,9 +239,9 @@ func (s *Server) serveCoAP(w *otacache.DTLSResponseWriter, m *pool.Message) {
 		// No identity (the session was refused after its handshake, its
 		// refusal counted there): say so and let the close that is under
 		// way finish. Counted too, as the peer chose to send it.
-		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonNoSession).Inc()
 		s.refusalLine("no_session", "coap: request refused: the DTLS session has no device (refused after its handshake, closing); answered 4.01",
 			"device", "", "remote", w.Session().RemoteAddr().String())
+		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonNoSession).Inc()
 		w.SetResponse(codes.Unauthorized, message.TextPlain, bytes.NewReader([]byte("no device session")))
 		return
 	}
@@ -488,9 +488,9 @@ func (se *session) observe(s *Server, token message.Token, topic string) (seq ui
 	full := !again && len(se.obs) >= maxObservations
 	se.mu.Unlock()
 	if full {
-		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonObserveLimit).Inc()
 		s.log.Warn("coap: observe not registered: the session observes as many tokens as it may; answered as a plain GET",
 			"device", se.device, "topic", topic, "limit", maxObservations)
+		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonObserveLimit).Inc()
 		return 0, bridges.Message{}, false, nil
 	}
 	o := &observation{tok: append(message.Token(nil), token...), held: true}
@@ -579,8 +579,8 @@ const maxNotifyPayload = 1024
 // registration's answer counts as taken: it is sent once the answer is.
 func (se *session) notify(s *Server, o *observation, c bridges.Message) bool {
 	if len(c.Payload) > maxNotifyPayload {
-		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonTooLarge).Inc()
 		s.log.Warn("coap: command not notified: larger than one notification; the device can GET it", "device", se.device, "topic", c.Topic, "size", len(c.Payload), "limit", maxNotifyPayload)
+		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonTooLarge).Inc()
 		return false
 	}
 	se.mu.Lock()
@@ -590,9 +590,9 @@ func (se *session) notify(s *Server, o *observation, c bridges.Message) bool {
 	}
 	if o.held {
 		if len(o.queue) >= maxHeld {
-			s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonObserveBacklog).Inc()
 			s.log.Warn("coap: command notification dropped: too many held behind an observe registration whose answer is being written; the device can GET the topic's last command",
 				"device", se.device, "topic", o.queue[0].Topic, "limit", maxHeld)
+			s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonObserveBacklog).Inc()
 			o.queue = o.queue[1:]
 		}
 		o.queue = append(o.queue, c)
