@@ -47,3 +47,8 @@ func EnrollSessions(s *Server) int {
 	defer s.mu.Unlock()
 	return s.enrolling.len()
 }
+
+// SetCloseHook has f run on the goroutine that closes the sessions a
+// revocation, the certificate sweep or the window's close took out,
+// before it closes them; it may be called while s runs.
+func SetCloseHook(s *Server, f func()) { s.closeHook.Store(&f) }

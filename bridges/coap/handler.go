@@ -270,6 +270,19 @@ func (s *Server) serveCoAP(w *otacache.DTLSResponseWriter, m *pool.Message) {
 	s.serveSession(w, m, se, true)
 }
 
+// refuseEnded answers m 4.01: se was ended (revoked, or its certificate
+// no longer accepted) and is being closed. Counted under the reason its
+// end was, as the device's other refusals are (a handshake, a session
+// refused after its handshake), and logged as a refusal of what se sent.
+func (s *Server) refuseEnded(w *otacache.DTLSResponseWriter, m *pool.Message, se *session, reason string) {
+	s.sessionLine(se, slog.LevelInfo, "ended", "coap: request refused: the session was ended (its device or certificate is no longer accepted) and is closing; answered 4.01",
+		"reason", reason, "path", ratelog.Clip(pathOf(m), ratelog.MaxText))
+	s.m.Refused.WithLabelValues(hub.CoAP, reason).Inc()
+	if err := w.SetResponse(codes.Unauthorized, message.TextPlain, bytes.NewReader([]byte("session ended: credentials no longer accepted"))); err != nil {
+		s.log.Debug("coap: response not set", "device", se.device, "err", err)
+	}
+}
+
 // maxBlockingPerSession bounds the requests of one session answered on
 // goroutines of their own (mayBlock: a firmware status report, an EST
 // request) at once. A device sends one such request at a time (a status
@@ -353,6 +366,10 @@ type responseSetter interface {
 // the disk is answered later, from the Sink's callback; otherwise it runs
 // on a goroutine of its own and may wait here.
 func (s *Server) serveSession(w *otacache.DTLSResponseWriter, m *pool.Message, se *session, canDefer bool) {
+	if reason, _ := se.ended.Load().(string); reason != "" {
+		s.refuseEnded(w, m, se, reason)
+		return
+	}
 	// Firmware is for operational sessions only (enroll.go: session kinds).
 	if se.enroll.kind == KindDevice && s.serveFirmware(w, m, se) {
 		return

@@ -171,6 +171,9 @@ type Server struct {
 	// handshake's goroutine once the handshake has succeeded, before its
 	// slot in hs is claimed (handshakeConn.HandshakeContext).
 	handshakeHook atomic.Pointer[func()]
+	// closeHook, set by tests only (export_test.go), runs on closeAdded's
+	// goroutine before it closes the sessions taken out of byDevice.
+	closeHook atomic.Pointer[func()]
 }
 
 // pskAnswer is what the PSK callback found for an identity.
@@ -204,6 +207,13 @@ type session struct {
 	// blocking counts the requests answered on goroutines of their own
 	// (serveCoAP), at most maxBlockingPerSession.
 	blocking atomic.Int32
+	// ended is the refusal reason (a string) the session's end was counted
+	// under, set under Server.mu as revoke or the certificate sweep takes
+	// the session out of byDevice; nil while it lives. Its close comes
+	// later (closeLater), and a request it sends meanwhile is refused
+	// (serveSession): served, it reached the Sink and had the hub remember
+	// the device it had just forgotten (hub.Forget).
+	ended atomic.Value
 }
 
 // New binds the listeners (so a port clash is reported before Run).
@@ -570,7 +580,9 @@ func (s *Server) deviceOf(cc *otacache.DTLSConn) string {
 
 // revoke closes every session of a revoked device, each counted as
 // revoked. It must not block (it runs inside the revocation call), so the
-// closing happens on a goroutine of its own (closeLater).
+// closing happens on a goroutine of its own (closeLater); the sessions are
+// marked ended first, under mu, so that none has a request served
+// meanwhile (serveSession).
 func (s *Server) revoke(device string) {
 	s.mu.Lock()
 	s.revGen++
@@ -581,6 +593,9 @@ func (s *Server) revoke(device string) {
 	delete(s.byDevice, device)
 	for _, cc := range ccs {
 		s.enrolling.forget(cc)
+		if se := s.sessionOf(cc); se != nil {
+			se.ended.Store(hub.ReasonRevoked)
+		}
 	}
 	s.mu.Unlock()
 	s.hub.Forget(device)
@@ -639,6 +654,9 @@ func (s *Server) closeAdded(ccs []*otacache.DTLSConn, grace time.Duration) {
 			case <-s.stop:
 			}
 			t.Stop()
+		}
+		if f := s.closeHook.Load(); f != nil {
+			(*f)()
 		}
 		for _, cc := range ccs {
 			cc.Close()
