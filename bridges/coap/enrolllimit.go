@@ -16,8 +16,8 @@ import (
 // handshake as "pake:<any id>", and each id is a device of its own to
 // maxSessionsPerDevice. A session holds a pion connection and go-coap's
 // state (kilobytes) until the window closes or it idles out (10 min): a
-// host doing thousands of handshakes a second held hundreds of megabytes
-// within one window, past the gateway's memory limit. One device pairs
+// host doing thousands of handshakes a second could hold hundreds of
+// megabytes within one window, past the gateway's memory limit. One device pairs
 // per window and needs two sessions at once (the PAKE's, then its
 // enrollment's), so the bounds are small.
 //
@@ -98,9 +98,6 @@ func (l *enrollLimit) forget(cc *otacache.DTLSConn) {
 		l.open = slices.Delete(l.open, i, i+1)
 	}
 }
-
-// len is how many enrollment sessions are open.
-func (l *enrollLimit) len() int { return len(l.open) }
 
 // endEnrollSession closes old, an enrollment session taken out of
 // byDevice and the enrollLimit to make room for cc's (by: the bound),

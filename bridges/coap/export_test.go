@@ -45,7 +45,7 @@ func SetHandshakeHook(s *Server, f func()) { s.handshakeHook.Store(&f) }
 func EnrollSessions(s *Server) int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.enrolling.len()
+	return len(s.enrolling.open)
 }
 
 // SetCloseHook has f run on the goroutine that closes the sessions a
