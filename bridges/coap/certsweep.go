@@ -50,10 +50,11 @@ func (s *Server) endInvalidCerts(buf []*session) []*session {
 	if len(end) == 0 {
 		return buf
 	}
-	// Ended as revoke ends a session: taken out of byDevice, counted and
-	// logged, then closed on a goroutine of its own (closeLater). One gone
-	// already is not counted again: ended meanwhile by a revocation or a
-	// takeover, which counted it, or closed.
+	// Ended as revoke ends a session: taken out of byDevice and marked
+	// ended (its requests refused from then on), counted and logged, then
+	// closed on a goroutine of its own (closeLater). One gone already is
+	// not counted again: ended meanwhile by a revocation or a takeover,
+	// which counted it, or closed.
 	ccs := make([]*otacache.DTLSConn, 0, len(end))
 	s.mu.Lock()
 	for i, e := range end {
@@ -61,6 +62,7 @@ func (s *Server) endInvalidCerts(buf []*session) []*session {
 			end[i].se = nil
 			continue
 		}
+		e.se.ended.Store(hub.CertRefusal(e.err))
 		ccs = append(ccs, e.se.cc)
 	}
 	s.mu.Unlock()

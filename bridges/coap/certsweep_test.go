@@ -58,6 +58,7 @@ const (
 
 type certRig struct {
 	s        *coap.Server
+	sink     *countSink
 	ca       *pki.CA
 	clk      *testpki.OffsetClock
 	lines    *coap.LogLines
@@ -85,11 +86,11 @@ func newCertRigWith(t *testing.T, ident func(*caIdentity) bridges.Identity, hook
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := &certRig{ca: ca, clk: clk, lines: &coap.LogLines{}}
+	r := &certRig{ca: ca, clk: clk, lines: &coap.LogLines{}, sink: &countSink{}}
 	id := &caIdentity{ca: ca, key: []byte("0123456789abcdef")}
 	hook := logbuf.NewHook(r.lines, hookPrefix)
 	var certDev *devicesim.Device
-	r.s, r.pskDev, certDev, r.pskAddr, r.certAddr, _ = startWith(t, ident(id), nopSink{}, coap.Config{CertSweep: certSweep}, slog.New(hook), 0)
+	r.s, r.pskDev, certDev, r.pskAddr, r.certAddr, _ = startWith(t, ident(id), r.sink, coap.Config{CertSweep: certSweep}, slog.New(hook), 0)
 	r.roots = certDev.Roots
 	return r, hook
 }

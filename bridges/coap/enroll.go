@@ -108,6 +108,9 @@ func (s *Server) endEnrollment(kept string) {
 		if k := s.cfg.Enroll.Kind(dev); dev != kept && (k == KindPAKE || k == KindEnroll) {
 			ccs = append(ccs, l...)
 			delete(s.byDevice, dev)
+			for _, cc := range l {
+				s.enrolling.forget(cc)
+			}
 		}
 	}
 	if len(ccs) > 0 {
@@ -128,18 +131,6 @@ func (s *Server) endEnrollment(kept string) {
 // failure's) is still to be written. Whatever the session sends meanwhile
 // is refused without a window.
 const enrollEndGrace = 2 * time.Second
-
-// enrollLine logs a refused request of an enrollment resource: for an
-// enrollment session, whose peer may be anyone (the PAKE's PSK is public),
-// one line per kind per refusalLogEvery; for an operational session's EST,
-// one per kind and device (deviceLine).
-func (s *Server) enrollLine(se *session, kind, msg string, args ...any) {
-	if se.enroll.kind == KindDevice {
-		s.deviceLine(slog.LevelWarn, kind, se.device, msg, args...)
-		return
-	}
-	s.refusalLine("enroll:"+kind, msg, append([]any{"device", ratelog.Clip(se.device, ratelog.MaxText)}, args...)...)
-}
 
 // enrollInfo is what a session may reach and the certificates it proved.
 type enrollInfo struct {
@@ -189,8 +180,8 @@ func (s *Server) routeSession(ctx context.Context, m *pool.Message, se *session,
 }
 
 func (s *Server) refuseEnroll(se *session, path, why string) response {
+	s.sessionLine(se, slog.LevelWarn, "outside", "coap: request refused: outside what the session may reach", "kind", se.enroll.kind.String(), "path", ratelog.Clip(path, ratelog.MaxText))
 	s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonBadRequest).Inc()
-	s.deviceLine(slog.LevelWarn, "outside", se.device, "coap: request refused: outside what the session may reach", "kind", se.enroll.kind.String(), "path", ratelog.Clip(path, ratelog.MaxText))
 	return diag(codes.Forbidden, "%s", why)
 }
 
@@ -221,7 +212,7 @@ func (s *Server) pake(ctx context.Context, se *session, r request) response {
 	}
 	reply, err := s.cfg.Enroll.PAKE(ctx, se.device, body)
 	if err != nil {
-		s.enrollLine(se, "pake", "coap: pairing exchange refused", "err", ratelog.ClipErr(err))
+		s.sessionLine(se, slog.LevelWarn, "pake", "coap: pairing exchange refused", "err", ratelog.ClipErr(err))
 		return diag(codes.Forbidden, "%v", err)
 	}
 	return response{code: codes.Changed, format: message.AppOctets, body: reply}
@@ -252,7 +243,7 @@ func (s *Server) est(ctx context.Context, m *pool.Message, se *session, r reques
 	req.Payload = body
 	out := s.cfg.Enroll.EST(ctx, se.device, se.enroll.kind, se.enroll.peer, req)
 	if out.Err != nil {
-		s.enrollLine(se, "est", "coap: EST request refused", "path", path, "code", out.Code.String(), "err", ratelog.ClipErr(out.Err))
+		s.sessionLine(se, slog.LevelWarn, "est", "coap: EST request refused", "path", path, "code", out.Code.String(), "err", ratelog.ClipErr(out.Err))
 	}
 	res := response{code: codes.Code(out.Code), body: out.Payload, format: message.TextPlain}
 	if out.ContentFormat != est.NoFormat {
@@ -267,7 +258,7 @@ func (s *Server) enrollPSK(ctx context.Context, se *session, r request) response
 	}
 	body, err := s.cfg.Enroll.EnrollPSK(ctx, se.device)
 	if err != nil {
-		s.enrollLine(se, "psk", "coap: PSK enrollment refused", "err", ratelog.ClipErr(err))
+		s.sessionLine(se, slog.LevelWarn, "psk", "coap: PSK enrollment refused", "err", ratelog.ClipErr(err))
 		return diag(codes.Forbidden, "%v", err)
 	}
 	return response{code: codes.Changed, format: message.AppJSON, body: body}

@@ -193,13 +193,13 @@ func FuzzRouteSession(f *testing.F) {
 	})
 }
 
-// enrollLine spaces the refusal lines of enrollment resources by who can
-// cause them: in an enrollment session (KindPAKE, KindEnroll), whose peer
-// may be anyone (the PAKE's PSK is public) under any identity, one line
-// per kind per interval whatever the identity, which is cut
-// (ratelog.MaxText); in an operational session's EST, one per kind and
-// device, so that one device's refusals do not hide another's.
-func TestEnrollLine(t *testing.T) {
+// sessionLine spaces the refusal lines of a session by who can cause
+// them: in an enrollment session (KindPAKE, KindEnroll), whose peer may be
+// anyone (the PAKE's PSK is public) under any identity, one line per kind
+// per interval whatever the identity, which is cut (ratelog.MaxText); in
+// an operational session, one per kind and device, so that one device's
+// refusals do not hide another's.
+func TestSessionLine(t *testing.T) {
 	lines := &LogLines{}
 	s := &Server{log: slog.New(lines), lines: ratelog.New(refusalLogEvery), devLines: ratelog.New(refusalLogEvery)}
 	long := "pake:" + strings.Repeat("x", 1000)
@@ -220,7 +220,7 @@ func TestEnrollLine(t *testing.T) {
 		{"dev-a", "est", "coap: EST request refused"},
 		{"dev-b", "est", "coap: EST request refused"},
 	} {
-		s.enrollLine(sessions[c.session], c.kind, c.msg, "err", "refused for "+c.session)
+		s.sessionLine(sessions[c.session], slog.LevelWarn, c.kind, c.msg, "err", "refused for "+c.session)
 	}
 	type line struct{ Device, Err, NotLogged string }
 	got := func(msg string) (l []line) {

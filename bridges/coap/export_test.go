@@ -39,3 +39,16 @@ func HandshakesInFlightFrom(s *Server, addr string) int {
 // handshake has succeeded, before its slot among the handshakes in flight
 // is claimed; it may be called while s runs.
 func SetHandshakeHook(s *Server, f func()) { s.handshakeHook.Store(&f) }
+
+// EnrollSessions is how many enrollment sessions s counts against its
+// bounds (enrolllimit.go).
+func EnrollSessions(s *Server) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.enrolling.open)
+}
+
+// SetCloseHook has f run on the goroutine that closes the sessions a
+// revocation, the certificate sweep or the window's close took out,
+// before it closes them; it may be called while s runs.
+func SetCloseHook(s *Server, f func()) { s.closeHook.Store(&f) }

@@ -215,7 +215,7 @@ func (s *Server) tooLarge(cc *otacache.DTLSConn, path string, size uint64, limit
 	if !answered {
 		msg = "coap: request dropped: datagram too large to read, and non-confirmable or undecodable (no answer); send bodies over the limit in Block1 blocks"
 	}
-	s.deviceLine(slog.LevelWarn, "too_large", s.deviceOf(cc), msg, "path", path, "size", size, "limit", limit)
+	s.sessionLine(s.sessionOf(cc), slog.LevelWarn, "too_large", msg, "path", path, "size", size, "limit", limit)
 	s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonTooLarge).Inc()
 }
 
@@ -223,7 +223,7 @@ func (s *Server) tooLarge(cc *otacache.DTLSConn, path string, size uint64, limit
 // that does not decode as CoAP, or a Block1 block out of order, shorter
 // than its size or with a bad Block1 option.
 func (s *Server) badRequest(cc *otacache.DTLSConn, path, answer, why string) {
-	s.deviceLine(slog.LevelInfo, "bad_request", s.deviceOf(cc), "coap: request refused: "+why, "path", ratelog.Clip(path, ratelog.MaxText), "answer", answer)
+	s.sessionLine(s.sessionOf(cc), slog.LevelInfo, "bad_request", "coap: request refused: "+why, "path", ratelog.Clip(path, ratelog.MaxText), "answer", answer)
 	s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonBadRequest).Inc()
 }
 
@@ -234,6 +234,6 @@ func (s *Server) badOption(cc *otacache.DTLSConn, confirmable bool, ids []messag
 	if !confirmable {
 		answer = "dropped (non-confirmable)"
 	}
-	s.deviceLine(slog.LevelInfo, "bad_option:"+answer, s.deviceOf(cc), "coap: request refused: unrecognised critical option", "options", fmt.Sprint(ids), "answer", answer)
+	s.sessionLine(s.sessionOf(cc), slog.LevelInfo, "bad_option:"+answer, "coap: request refused: unrecognised critical option", "options", fmt.Sprint(ids), "answer", answer)
 	s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonBadRequest).Inc()
 }

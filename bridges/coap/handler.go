@@ -124,20 +124,20 @@ func (s *Server) route(device string, r request) response {
 func (s *Server) telemetry(device, path string, r request) response {
 	topic, ok := hub.TelemetryTopic(device, path)
 	if !ok {
-		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonBadRequest).Inc()
 		s.deviceLine(slog.LevelInfo, "bad_path", device, "coap: telemetry refused: bad path", "path", ratelog.Clip(r.path, ratelog.MaxText))
+		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonBadRequest).Inc()
 		return diag(codes.BadRequest, "telemetry needs a path /t/{segment}/...: non-empty segments without + # $")
 	}
 	if r.bodySize > int64(s.cfg.MaxPayload) {
-		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonTooLarge).Inc()
 		s.deviceLine(slog.LevelWarn, "too_large", device, "coap: telemetry refused: payload too large", "topic", topic, "size", r.bodySize, "limit", s.cfg.MaxPayload)
+		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonTooLarge).Inc()
 		res := diag(codes.RequestEntityTooLarge, "payload %d bytes, limit %d", r.bodySize, s.cfg.MaxPayload)
 		res.size1 = uint32(s.cfg.MaxPayload)
 		return res
 	}
 	if r.format >= 0 && !telemetryFormats[message.MediaType(r.format)] {
-		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonBadRequest).Inc()
 		s.deviceLine(slog.LevelInfo, "format", device, "coap: telemetry refused: unsupported content format", "format", r.format)
+		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonBadRequest).Inc()
 		return diag(codes.UnsupportedMediaType, "content format %d not accepted; use 0, 42, 50, 60, 110 or 112", r.format)
 	}
 	var payload []byte
@@ -210,8 +210,8 @@ func (s *Server) telemetryAnswer(device, topic string, err error) response {
 func (s *Server) command(device, path string, r request) response {
 	topic, ok := hub.CommandTopic(device, path)
 	if !ok {
-		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonBadRequest).Inc()
 		s.deviceLine(slog.LevelInfo, "bad_path", device, "coap: command read refused: bad path", "path", ratelog.Clip(r.path, ratelog.MaxText))
+		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonBadRequest).Inc()
 		return diag(codes.BadRequest, "command path /c/{segment}/...: non-empty segments without + # $")
 	}
 	res := response{code: codes.Content, format: message.AppOctets, topic: topic}
@@ -239,9 +239,9 @@ func (s *Server) serveCoAP(w *otacache.DTLSResponseWriter, m *pool.Message) {
 		// No identity (the session was refused after its handshake, its
 		// refusal counted there): say so and let the close that is under
 		// way finish. Counted too, as the peer chose to send it.
-		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonNoSession).Inc()
 		s.refusalLine("no_session", "coap: request refused: the DTLS session has no device (refused after its handshake, closing); answered 4.01",
 			"device", "", "remote", w.Session().RemoteAddr().String())
+		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonNoSession).Inc()
 		w.SetResponse(codes.Unauthorized, message.TextPlain, bytes.NewReader([]byte("no device session")))
 		return
 	}
@@ -270,6 +270,19 @@ func (s *Server) serveCoAP(w *otacache.DTLSResponseWriter, m *pool.Message) {
 	s.serveSession(w, m, se, true)
 }
 
+// refuseEnded answers m 4.01: se was ended (revoked, or its certificate
+// no longer accepted) and is being closed. Counted under the reason its
+// end was, as the device's other refusals are (a handshake, a session
+// refused after its handshake), and logged as a refusal of what se sent.
+func (s *Server) refuseEnded(w *otacache.DTLSResponseWriter, m *pool.Message, se *session, reason string) {
+	s.sessionLine(se, slog.LevelInfo, "ended", "coap: request refused: the session was ended (its device or certificate is no longer accepted) and is closing; answered 4.01",
+		"reason", reason, "path", ratelog.Clip(pathOf(m), ratelog.MaxText))
+	s.m.Refused.WithLabelValues(hub.CoAP, reason).Inc()
+	if err := w.SetResponse(codes.Unauthorized, message.TextPlain, bytes.NewReader([]byte("session ended: credentials no longer accepted"))); err != nil {
+		s.log.Debug("coap: response not set", "device", se.device, "err", err)
+	}
+}
+
 // maxBlockingPerSession bounds the requests of one session answered on
 // goroutines of their own (mayBlock: a firmware status report, an EST
 // request) at once. A device sends one such request at a time (a status
@@ -284,11 +297,11 @@ const busyRetryAfter = 5 * time.Second
 // busy answers m 5.03 with Max-Age busyRetryAfter: its session already has
 // maxBlockingPerSession requests waiting (counted reason="busy").
 func (s *Server) busy(w *otacache.DTLSResponseWriter, m *pool.Message, se *session) {
-	s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonBusy).Inc()
 	// One line per device per interval: a device pipelining requests
 	// refuses many.
-	s.deviceLine(slog.LevelWarn, "busy", se.device, "coap: request refused: the session has as many requests waiting for the store as it may; answered 5.03, the device should retry",
+	s.sessionLine(se, slog.LevelWarn, "busy", "coap: request refused: the session has as many requests waiting for the store as it may; answered 5.03, the device should retry",
 		"path", ratelog.Clip(pathOf(m), ratelog.MaxText), "limit", maxBlockingPerSession, "retry_after", busyRetryAfter)
+	s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonBusy).Inc()
 	res := diag(codes.ServiceUnavailable, "%d requests of this session are waiting for the gateway's store; retry after %d s",
 		maxBlockingPerSession, int(busyRetryAfter.Seconds()))
 	res.maxAge = uint32(busyRetryAfter.Seconds())
@@ -353,6 +366,10 @@ type responseSetter interface {
 // the disk is answered later, from the Sink's callback; otherwise it runs
 // on a goroutine of its own and may wait here.
 func (s *Server) serveSession(w *otacache.DTLSResponseWriter, m *pool.Message, se *session, canDefer bool) {
+	if reason, _ := se.ended.Load().(string); reason != "" {
+		s.refuseEnded(w, m, se, reason)
+		return
+	}
 	// Firmware is for operational sessions only (enroll.go: session kinds).
 	if se.enroll.kind == KindDevice && s.serveFirmware(w, m, se) {
 		return
@@ -360,7 +377,7 @@ func (s *Server) serveSession(w *otacache.DTLSResponseWriter, m *pool.Message, s
 	r, err := parseRequest(m)
 	var res response
 	if err != nil {
-		s.deviceLine(slog.LevelInfo, "malformed", se.device, "coap: request refused: malformed", "err", ratelog.ClipErr(err))
+		s.sessionLine(se, slog.LevelInfo, "malformed", "coap: request refused: malformed", "err", ratelog.ClipErr(err))
 		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonBadRequest).Inc()
 		res = diag(codes.BadRequest, "malformed request: %v", err)
 	} else {
@@ -488,9 +505,9 @@ func (se *session) observe(s *Server, token message.Token, topic string) (seq ui
 	full := !again && len(se.obs) >= maxObservations
 	se.mu.Unlock()
 	if full {
-		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonObserveLimit).Inc()
 		s.log.Warn("coap: observe not registered: the session observes as many tokens as it may; answered as a plain GET",
 			"device", se.device, "topic", topic, "limit", maxObservations)
+		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonObserveLimit).Inc()
 		return 0, bridges.Message{}, false, nil
 	}
 	o := &observation{tok: append(message.Token(nil), token...), held: true}
@@ -579,8 +596,8 @@ const maxNotifyPayload = 1024
 // registration's answer counts as taken: it is sent once the answer is.
 func (se *session) notify(s *Server, o *observation, c bridges.Message) bool {
 	if len(c.Payload) > maxNotifyPayload {
-		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonTooLarge).Inc()
 		s.log.Warn("coap: command not notified: larger than one notification; the device can GET it", "device", se.device, "topic", c.Topic, "size", len(c.Payload), "limit", maxNotifyPayload)
+		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonTooLarge).Inc()
 		return false
 	}
 	se.mu.Lock()
@@ -590,9 +607,9 @@ func (se *session) notify(s *Server, o *observation, c bridges.Message) bool {
 	}
 	if o.held {
 		if len(o.queue) >= maxHeld {
-			s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonObserveBacklog).Inc()
 			s.log.Warn("coap: command notification dropped: too many held behind an observe registration whose answer is being written; the device can GET the topic's last command",
 				"device", se.device, "topic", o.queue[0].Topic, "limit", maxHeld)
+			s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonObserveBacklog).Inc()
 			o.queue = o.queue[1:]
 		}
 		o.queue = append(o.queue, c)

@@ -4,6 +4,8 @@ import (
 	"log/slog"
 	"strconv"
 	"time"
+
+	"github.com/bastion-iot/bastion/internal/ratelog"
 )
 
 // refusalLogEvery spaces the lines of refusals that come before a device
@@ -29,6 +31,26 @@ func (s *Server) refusalLine(kind, msg string, args ...any) {
 // the line.
 func (s *Server) deviceLine(level slog.Level, kind, device, msg string, args ...any) {
 	s.devLines.DeviceLine(s.log, level, kind, device, msg, args...)
+}
+
+// sessionLine logs a refusal of what session se sent. For an operational
+// session (KindDevice), whose device the gateway enrolled, it is
+// deviceLine: one line per kind and device. For an enrollment session it
+// is one line per kind per refusalLogEvery whatever the identity, cut
+// (ratelog.MaxText): anyone may open one under an identity of their
+// choice (the PAKE's PSK is public), and a line per identity let a host
+// write one per session it opened. se nil (a session refused after its
+// handshake) is deviceLine with no device. The caller counts each in the
+// metric after the line.
+func (s *Server) sessionLine(se *session, level slog.Level, kind, msg string, args ...any) {
+	switch {
+	case se == nil:
+		s.deviceLine(level, kind, "", msg, args...)
+	case se.enroll.kind == KindDevice:
+		s.deviceLine(level, kind, se.device, msg, args...)
+	default:
+		s.lines.Line(s.log, level, "enroll:"+kind, msg, append([]any{"device", ratelog.Clip(se.device, ratelog.MaxText)}, args...)...)
+	}
 }
 
 // maxLoggedIdentity bounds a peer-chosen identity in a log line.

@@ -1,17 +1,22 @@
 package coap_test
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"fmt"
 	"log/slog"
 	"net"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	piondtls "github.com/pion/dtls/v3"
 	"github.com/plgd-dev/go-coap/v3/message"
+	"github.com/plgd-dev/go-coap/v3/message/codes"
+	"github.com/plgd-dev/go-coap/v3/udp/coder"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/bastion-iot/bastion/bridges/coap"
@@ -138,5 +143,97 @@ func TestDeviceRefusalsDoNotFloodTheLog(t *testing.T) {
 	}
 	if got := byDevice[certDev.Creds.ID]; got != 1 {
 		t.Errorf("%d log lines for the refusal of %s, want its own line: %v", got, certDev.Creds.ID, byDevice)
+	}
+}
+
+// Refusals in enrollment sessions cannot flood the log either: anyone can
+// open one while a pairing window is open (the PAKE's PSK is public)
+// under an id of their choice, so their lines are one per kind per 10 s
+// whatever the id, not one per kind and id. 12 PAKE sessions with
+// distinct ids each send a request outside what the session may reach
+// (4.03), a datagram that does not decode (RST), a request with a
+// critical option the gateway does not process (4.02), one whose path is
+// not UTF-8 (4.00) and a non-confirmable one too large to read (dropped):
+// each refusal counted, one or two lines of each kind. Before, each
+// session's refusals had a line of their own, keyed by its id.
+func TestEnrollmentRefusalsDoNotFloodTheLog(t *testing.T) {
+	lines := &coap.LogLines{}
+	s, _, _, pskAddr, _, _ := startWith(t, &windowIdentity{}, nopSink{}, coap.Config{Enroll: &windowEnroll{}}, slog.New(lines), 0)
+	raddr, err := net.ResolveUDPAddr("udp4", pskAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	refused := func(reason string) float64 {
+		return testutil.ToFloat64(coap.HubOf(s).Metrics().Refused.WithLabelValues(hub.CoAP, reason))
+	}
+	const n = 12
+	for i := range n {
+		dc, err := pskFrom(ctx, t, "127.0.0.1", raddr, fmt.Sprintf("pake:%d-%s", i, strings.Repeat("x", 300)))
+		if err != nil {
+			t.Fatalf("session %d: %v", i, err)
+		}
+		d := &rawDevice{t: t, dc: dc}
+		write := func(m message.Message) {
+			t.Helper()
+			raw := make([]byte, 4096)
+			k, err := coder.DefaultCoder.Encode(m, raw)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := dc.Write(raw[:k]); err != nil {
+				t.Fatal(err)
+			}
+		}
+		// Dropped unanswered; the session's datagrams are served in order,
+		// so the answers below come after it was counted.
+		write(message.Message{Type: message.NonConfirmable, Code: codes.POST, MessageID: 1, Token: message.Token{'n'},
+			Options: message.Options{{ID: message.URIPath, Value: []byte("t")}}, Payload: bytes.Repeat([]byte("n"), 2000)})
+		d.send(2, codes.GET, "/t/x", nil)
+		d.expect("a request outside the session's kind", 2, codes.Forbidden)
+		if _, err := dc.Write([]byte{0x4f, 0x02, 0x00, 0x03, 1, 2, 3}); err != nil {
+			t.Fatal(err)
+		}
+		if a := d.next(); a.typ != message.Reset || a.mid != 3 {
+			t.Fatalf("answer to a malformed CON: %v %d, want RST 3", a.typ, a.mid)
+		}
+		write(message.Message{Type: message.Confirmable, Code: codes.GET, MessageID: 4, Token: tokenOf(4),
+			Options: message.Options{{ID: message.URIPath, Value: []byte("t")}, {ID: message.URIQuery, Value: []byte("a=b")}}})
+		d.expect("a request with Uri-Query", 4, codes.BadOption)
+		write(message.Message{Type: message.Confirmable, Code: codes.GET, MessageID: 5, Token: tokenOf(5),
+			Options: message.Options{{ID: message.URIPath, Value: []byte{0xff, 0xfe}}}})
+		d.expect("a request whose path is not UTF-8", 5, codes.BadRequest)
+		dc.Close()
+	}
+	if got := refused(hub.ReasonBadRequest); got != 4*n {
+		t.Errorf("bad_request refusals %v, want %d: every refusal is counted", got, 4*n)
+	}
+	if got := refused(hub.ReasonTooLarge); got != n {
+		t.Errorf("payload_too_large refusals %v, want %d", got, n)
+	}
+	for _, msg := range []string{
+		"coap: request refused: outside what the session may reach",
+		"coap: request refused: malformed CoAP message",
+		"coap: request refused: unrecognised critical option",
+		"coap: request refused: malformed",
+		"coap: request dropped: datagram too large to read",
+	} {
+		var a []map[string]string
+		for _, l := range lines.Attrs(msg) {
+			// "malformed" is a prefix of "malformed CoAP message", whose
+			// lines say what they answered.
+			if _, ok := l["answer"]; !ok || msg != "coap: request refused: malformed" {
+				a = append(a, l)
+			}
+		}
+		// 1 unless the sessions above took longer than 10 s.
+		if len(a) < 1 || len(a) > 2 {
+			t.Errorf("%d lines %q for %d sessions with distinct ids, want 1 or 2 (one per kind per 10 s)", len(a), msg, n)
+			continue
+		}
+		if len(a[0]["device"]) > 300 {
+			t.Errorf("line %q names a %d-byte device, want the id cut", msg, len(a[0]["device"]))
+		}
 	}
 }

@@ -157,6 +157,9 @@ type Server struct {
 	// byDevice: most devices have one session, so a slice (not a map)
 	// per device keeps an idle session's bookkeeping small.
 	byDevice map[string][]*otacache.DTLSConn
+	// enrolling: the enrollment sessions of byDevice, bounded in all and
+	// per source (enrolllimit.go).
+	enrolling enrollLimit
 	// deadline bounds a confirmable request's wait for the Sink; watches
 	// answer the deferred requests whose deadline ends first (durable.go).
 	deadline *hub.SharedDeadline
@@ -168,6 +171,9 @@ type Server struct {
 	// handshake's goroutine once the handshake has succeeded, before its
 	// slot in hs is claimed (handshakeConn.HandshakeContext).
 	handshakeHook atomic.Pointer[func()]
+	// closeHook, set by tests only (export_test.go), runs on closeAdded's
+	// goroutine before it closes the sessions taken out of byDevice.
+	closeHook atomic.Pointer[func()]
 }
 
 // pskAnswer is what the PSK callback found for an identity.
@@ -201,6 +207,13 @@ type session struct {
 	// blocking counts the requests answered on goroutines of their own
 	// (serveCoAP), at most maxBlockingPerSession.
 	blocking atomic.Int32
+	// ended is the refusal reason (a string) the session's end was counted
+	// under, set under Server.mu as revoke or the certificate sweep takes
+	// the session out of byDevice; nil while it lives. Its close comes
+	// later (closeLater), and a request it sends meanwhile is refused
+	// (serveSession): served, it reached the Sink and had the hub remember
+	// the device it had just forgotten (hub.Forget).
+	ended atomic.Value
 }
 
 // New binds the listeners (so a port clash is reported before Run).
@@ -420,6 +433,8 @@ func (s *Server) onNewConn(cc *otacache.DTLSConn) {
 	var cert *hub.SessionCert
 	var se *session
 	var oldest []*otacache.DTLSConn
+	var evicted enrollSession // an enrollment session closed for this one
+	var evictedBy string
 	for err == nil && dev != "" {
 		info := s.classify(dev, st)
 		if mode == "cert" {
@@ -447,8 +462,16 @@ func (s *Server) onNewConn(cc *otacache.DTLSConn) {
 				// and the list grew past the bound.
 				oldest = slices.Clone(l[:over])
 				l = slices.Delete(l, 0, over)
+				for _, old := range oldest {
+					s.enrolling.forget(old)
+				}
 			}
 			s.byDevice[dev] = l
+			if info.kind != KindDevice {
+				if old, by, ok := s.enrolling.add(enrollSession{cc: cc, device: dev, src: bridges.SourceOf(cc.RemoteAddr())}); ok && s.takeOutLocked(old.device, old.cc) {
+					evicted, evictedBy = old, by
+				}
+			}
 			s.mu.Unlock()
 			break
 		}
@@ -460,6 +483,9 @@ func (s *Server) onNewConn(cc *otacache.DTLSConn) {
 		s.log.Info("coap: oldest session of the device closed: it opened more than "+strconv.Itoa(maxSessionsPerDevice),
 			"device", dev, "old_remote", old.RemoteAddr().String(), "remote", cc.RemoteAddr().String())
 		old.Close()
+	}
+	if evicted.cc != nil {
+		s.endEnrollSession(evicted, evictedBy, cc)
 	}
 	if se == nil {
 		// The credentials the handshake accepted are refused now: revoked
@@ -554,7 +580,9 @@ func (s *Server) deviceOf(cc *otacache.DTLSConn) string {
 
 // revoke closes every session of a revoked device, each counted as
 // revoked. It must not block (it runs inside the revocation call), so the
-// closing happens on a goroutine of its own (closeLater).
+// closing happens on a goroutine of its own (closeLater); the sessions are
+// marked ended first, under mu, so that none has a request served
+// meanwhile (serveSession).
 func (s *Server) revoke(device string) {
 	s.mu.Lock()
 	s.revGen++
@@ -563,6 +591,12 @@ func (s *Server) revoke(device string) {
 	// finds gone.
 	ccs := s.byDevice[device]
 	delete(s.byDevice, device)
+	for _, cc := range ccs {
+		s.enrolling.forget(cc)
+		if se := s.sessionOf(cc); se != nil {
+			se.ended.Store(hub.ReasonRevoked)
+		}
+	}
 	s.mu.Unlock()
 	s.hub.Forget(device)
 	if len(ccs) == 0 {
@@ -592,6 +626,7 @@ func (s *Server) takeOutLocked(device string, cc *otacache.DTLSConn) bool {
 	} else {
 		s.byDevice[device] = l
 	}
+	s.enrolling.forget(cc)
 	return true
 }
 
@@ -619,6 +654,9 @@ func (s *Server) closeAdded(ccs []*otacache.DTLSConn, grace time.Duration) {
 			case <-s.stop:
 			}
 			t.Stop()
+		}
+		if f := s.closeHook.Load(); f != nil {
+			(*f)()
 		}
 		for _, cc := range ccs {
 			cc.Close()
