@@ -96,10 +96,12 @@ type Config struct {
 // SecretLockout: from the Free-th failed secret login from one source
 // address on, each failure locks the address out for Base·2^(n-Free), at
 // most Max; logins from it are refused meanwhile without running argon2id.
-// A source with no failure for Forget, or with a successful secret login,
-// starts over. A login refused because its device is revoked is not
-// counted: it runs no argon2id, and a revoked device that keeps retrying
-// would otherwise lock out the devices sharing its address for good.
+// A source with no failure for Forget starts over. A successful secret
+// login from it lifts a lockout that came while it was checked but keeps
+// the failures, which go on counting (see secretLimit.succeeded). A
+// login refused because its device is revoked is not counted: it runs no
+// argon2id, and a revoked device that keeps retrying would otherwise lock
+// out the devices sharing its address for good.
 //
 // The addresses of one IPv6 /64 also share a budget of PrefixFree failed
 // secret logins, one more every PrefixEvery; while it is spent, secret
