@@ -79,6 +79,11 @@ const (
 	// one's is closed as ReasonExpired, a revoked serial's as
 	// ReasonRevoked.
 	ReasonCertRetired = "cert_retired"
+	// ReasonConnectTooLarge: an MQTT connection whose first packet (its
+	// CONNECT, read before the device is authenticated) was larger than
+	// a CONNECT with the largest Will payload allowed may be; closed
+	// before the packet was read.
+	ReasonConnectTooLarge = "connect_too_large"
 	// ReasonPairingClosed: an enrollment session (the setup-code exchange
 	// or enrollment) ended because the pairing window that admitted it
 	// closed.

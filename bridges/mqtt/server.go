@@ -244,6 +244,9 @@ type Server struct {
 
 	// secrets counts failed secret logins by source address and IPv6 /64.
 	secrets *secretLimit
+	// connectLimit bounds a connection's first packet, its CONNECT, read
+	// before the device is authenticated (tlsListener.firstPacketFits).
+	connectLimit int
 
 	deadline *hub.SharedDeadline
 
@@ -259,6 +262,7 @@ func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log 
 		lines: ratelog.New(refusalLogEvery), devLines: ratelog.New(deviceLineEvery),
 		conns: map[string][]*pipeConn{}, deadline: &hub.SharedDeadline{Timeout: acceptTimeout}}
 	s.secrets = newSecretLimit(cfg.SecretLockout)
+	s.connectLimit = min(cfg.MaxPacketSize, cfg.MaxPayload+connectOverhead)
 	caps := mochi.NewDefaultServerCapabilities()
 	caps.MaximumPacketSize = uint32(cfg.MaxPacketSize)
 	caps.ReceiveMaximum = cfg.ReceiveMaximum
@@ -704,6 +708,13 @@ func deviceOf(id bridges.Identity, cl *mochi.Client) (string, *x509.Certificate,
 	dev, err := id.VerifyCert(raw)
 	return dev, st.PeerCertificates[0], err
 }
+
+// connectOverhead is what a CONNECT may hold besides its Will payload
+// (bounded by MaxPayload): the client id and user name (a device id), a
+// secret, a Will topic (the device's prefix and at most hub.MaxPathLen
+// bytes) and properties, a few hundred bytes; the rest is room for user
+// properties.
+const connectOverhead = 4 << 10
 
 // acceptTimeout bounds how long a QoS 1 publish waits for the Sink (the
 // durable queue's fsync) before the device is told to retry.
