@@ -15,6 +15,9 @@ type RetainedStore interface {
 	PutRetained(topic string, value []byte) error
 	// DeleteRetained removes the messages of topics, in one write.
 	DeleteRetained(topics ...string) error
+	// DeleteRetainedUnder removes the messages whose topic starts with
+	// prefix, in one write, and returns how many it removed.
+	DeleteRetainedUnder(prefix string) (int, error)
 	ForEachRetained(fn func(topic string, value []byte) error) error
 }
 

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"maps"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -30,6 +31,16 @@ func (m mapStore) DeleteRetained(ts ...string) error {
 		delete(m, t)
 	}
 	return nil
+}
+func (m mapStore) DeleteRetainedUnder(prefix string) (int, error) {
+	n := 0
+	for t := range m {
+		if strings.HasPrefix(t, prefix) {
+			delete(m, t)
+			n++
+		}
+	}
+	return n, nil
 }
 func (m mapStore) ForEachRetained(fn func(string, []byte) error) error {
 	for k, v := range m {
@@ -90,6 +101,13 @@ func (c *countingStore) DeleteRetained(ts ...string) error {
 	defer c.mu.Unlock()
 	c.writes++
 	return c.m.DeleteRetained(ts...)
+}
+
+func (c *countingStore) DeleteRetainedUnder(prefix string) (int, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.writes++
+	return c.m.DeleteRetainedUnder(prefix)
 }
 
 func (c *countingStore) ForEachRetained(fn func(string, []byte) error) error {
@@ -172,5 +190,51 @@ func TestStoredEmptyRetainedDeletedAtStart(t *testing.T) {
 	}
 	if got := len(r.s.mq.Topics.Messages("devices/#")); got != 1 {
 		t.Errorf("broker holds %d retained device messages, want 1", got)
+	}
+}
+
+// TestDropRetained: DropRetained drops a device's retained messages from
+// the broker and the store, so that a new subscriber gets none of them,
+// and leaves those of a device whose id starts with the same letters.
+func TestDropRetained(t *testing.T) {
+	st := newCountingStore()
+	r := newRigWith(t, queue.Options{}, Config{Retained: st}, nil)
+	for _, dev := range []string{"dev1", "dev10"} {
+		d := r.dial(t, dev, 5)
+		for i, topic := range []string{"s/online", "t/temp"} {
+			id := uint16(i + 1)
+			d.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1, Retain: true}, PacketID: id,
+				TopicName: "devices/" + dev + "/" + topic, Payload: []byte("1")})
+			if pk := d.read(5 * time.Second); pk.FixedHeader.Type != packets.Puback || pk.ReasonCode != 0 {
+				t.Fatalf("%s retains %s: packet type %d reason %#x, want PUBACK 0", dev, topic, pk.FixedHeader.Type, pk.ReasonCode)
+			}
+		}
+	}
+	retained := func(filter string) []string {
+		var got []string
+		cancel, err := r.s.Subscribe(filter, func(topic string, _ []byte) { got = append(got, topic) })
+		if err != nil {
+			t.Fatal(err)
+		}
+		cancel()
+		slices.Sort(got)
+		return got
+	}
+	if got := retained("devices/dev1/#"); len(got) != 2 {
+		t.Fatalf("before the drop a new subscriber to devices/dev1/# gets %v, want 2 retained messages", got)
+	}
+	n, err := r.s.DropRetained("dev1")
+	if err != nil || n != 2 {
+		t.Errorf("DropRetained(dev1) = %d, %v; want 2", n, err)
+	}
+	if got := retained("devices/dev1/#"); len(got) != 0 {
+		t.Errorf("after the drop a new subscriber to devices/dev1/# gets %v, want nothing", got)
+	}
+	want := []string{"devices/dev10/s/online", "devices/dev10/t/temp"}
+	if d := cmp.Diff(want, retained("devices/dev10/#")); d != "" {
+		t.Errorf("dev10's retained messages in the broker (-want +got):\n%s", d)
+	}
+	if topics, _ := st.held(); !slices.Equal(topics, want) {
+		t.Errorf("store holds %v, want %v", topics, want)
 	}
 }

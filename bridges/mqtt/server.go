@@ -17,7 +17,9 @@ import (
 	"log/slog"
 	"net"
 	"slices"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	mochi "github.com/mochi-mqtt/server/v2"
@@ -367,6 +369,36 @@ func (s *Server) mirror(m bridges.Message) bool {
 func (s *Server) Retained(topic string) ([]byte, bool) {
 	pk, ok := s.mq.Topics.Retained.Get(topic)
 	return pk.Payload, ok
+}
+
+// DropRetained drops device's retained messages, those on topics under
+// devices/{device}/, from the broker and from the store, for the
+// console's erase of a device's data, and returns how many it dropped
+// (the larger count of the two: each normally holds the other's). The
+// store alone was not enough: the broker kept its copies and gave them to
+// every new subscriber until they expired, an hour after their publish.
+// The caller revokes the device first, so that none comes back from it.
+func (s *Server) DropRetained(device string) (int, error) {
+	prefix := bridges.TopicPrefix(device)
+	n := 0
+	for topic := range s.mq.Topics.Retained.GetAll() {
+		if !strings.HasPrefix(topic, prefix) {
+			continue
+		}
+		// An empty retained message clears the topic, as the device's own
+		// would, without one being published to anyone.
+		s.mq.Topics.RetainMessage(packets.Packet{TopicName: topic, FixedHeader: packets.FixedHeader{Type: packets.Publish, Retain: true}})
+		n++
+	}
+	atomic.StoreInt64(&s.mq.Info.Retained, int64(s.mq.Topics.Retained.Len()))
+	if s.cfg.Retained == nil {
+		return n, nil
+	}
+	stored, err := s.cfg.Retained.DeleteRetainedUnder(prefix)
+	if err != nil {
+		return n, fmt.Errorf("mqtt: drop the retained messages of %s: %w", device, err)
+	}
+	return max(n, stored), nil
 }
 
 // Subscribe lets the gateway itself (not a device) receive what is
