@@ -47,6 +47,10 @@ const (
 	// (transport="gateway"): the device already has maxLastPerDevice
 	// topics kept, or all devices' kept commands reach maxLastBytes.
 	ReasonCommandsFull = "commands_full"
+	// ReasonTopicRefused: telemetry the Sink will never take on its topic
+	// (bridges.ErrTopicRefused: beyond the upstream link's topic limits);
+	// sending it again cannot succeed.
+	ReasonTopicRefused = "topic_refused"
 	// ReasonCommitTimeout: telemetry the Sink admitted but had not made
 	// durable by the wait's deadline (a slow disk); the device was asked
 	// to retry, as for a full queue.
