@@ -38,7 +38,9 @@ type Config struct {
 	MaxPacketSize   int // bytes (default 64 KiB)
 	// MaxPayload bounds a device message's payload, as CoAP's max_payload
 	// does (default MaxPacketSize); larger publishes are refused (MQTT 5:
-	// PUBACK 0x95).
+	// PUBACK 0x95). A connection's CONNECT, read before the device is
+	// authenticated, may be 4 KiB larger (its Will payload and the rest:
+	// connectOverhead), at most MaxPacketSize.
 	MaxPayload int
 	// ReceiveMaximum is the QoS 1 messages a client may have unacknowledged
 	// towards the gateway, and MaxInflight those the gateway keeps towards a
