@@ -82,10 +82,14 @@ func AcceptNotify(ctx context.Context, s Sink, m Message, done func(error)) (pen
 	return false, s.Accept(ctx, m)
 }
 
-// ErrQueueFull is returned by a Sink that cannot take more messages. The
-// transport refuses the message to the device (MQTT 0x97 quota exceeded,
-// CoAP 5.03 with Max-Age) instead of dropping it.
-var ErrQueueFull = errors.New("message queue full: the upstream link is down or slow; retry later")
+// ErrQueueFull is returned by a Sink that cannot take the message now but
+// may later: its queue is full (by bytes or by the age of its oldest
+// message, the upstream link down or slow; or no space left on the disk),
+// or the device's own queued messages are held up behind one that can be
+// neither sent nor parked. The error wrapping it says which. The transport
+// refuses the message to the device (MQTT 0x97 quota exceeded, CoAP 5.03
+// with Max-Age) instead of dropping it.
+var ErrQueueFull = errors.New("the gateway cannot queue the message now; retry later")
 
 // ErrTopicRefused is returned by a Sink that will never take a message on
 // its topic (the upstream link's configured limits on upstream topics):

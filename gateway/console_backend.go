@@ -5,6 +5,7 @@ import (
 	"errors"
 	"sort"
 
+	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/gateway/console"
 )
 
@@ -80,4 +81,14 @@ func (b consoleBackend) RevokeDevice(ctx context.Context, id string, who console
 
 // Console returns the console handler (nil when the console is disabled).
 // Components fill its optional parts with SetComponents before Run.
+// DropRetained deletes the device's retained MQTT messages from the
+// broker and the store, or from the store alone with MQTT off (it may
+// hold some from a run with it on).
+func (b consoleBackend) DropRetained(ctx context.Context, id string) (int, error) {
+	if b.g.mqtt != nil {
+		return b.g.mqtt.DropRetained(id)
+	}
+	return b.g.store.DeleteRetainedUnder(bridges.TopicPrefix(id))
+}
+
 func (g *Gateway) Console() *console.Handler { return g.consoleHandler }

@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"net/http"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -160,5 +161,59 @@ func TestFirmwareStatusRacingTheOptOutIsNotKept(t *testing.T) {
 		if stored, err := st.FirmwareStatuses(); err != nil || len(stored) != 0 {
 			t.Fatalf("round %d: stored after the opt-out: %q %v, want none", round, stored, err)
 		}
+	}
+}
+
+// TestEraseDropsRetainedFromTheBroker: the console's erase of a device's
+// data drops its retained MQTT messages from the running broker, not only
+// from the store: a new subscriber to devices/{id}/# gets none of them.
+// Before, the broker kept its copies and handed them out for up to an
+// hour after their publish.
+func TestEraseDropsRetainedFromTheBroker(t *testing.T) {
+	g := startTransports(t)
+	ctx := ctxT(t, 30*time.Second)
+	d := g.addDevice(t, "sensor", "cert")
+	m, err := d.DialMQTT(ctx, g.g.Addrs()["mqtts"], nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	for _, topic := range []string{"devices/" + d.ID + "/s/online", "devices/" + d.ID + "/t/temp"} {
+		if rc, err := m.PublishRetained(ctx, topic, []byte("1")); rc != 0 || err != nil {
+			t.Fatalf("retained publish on %s: %#x %v", topic, rc, err)
+		}
+	}
+	retained := func() []string {
+		var mu sync.Mutex
+		var got []string
+		cancel, err := g.g.mqtt.Subscribe("devices/"+d.ID+"/#", func(topic string, _ []byte) {
+			mu.Lock()
+			got = append(got, topic)
+			mu.Unlock()
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		cancel() // a subscriber gets the retained messages as it subscribes
+		mu.Lock()
+		defer mu.Unlock()
+		return got
+	}
+	if got := retained(); len(got) != 2 {
+		t.Fatalf("before the erase a new subscriber gets %v, want 2 retained messages", got)
+	}
+	api := newConsoleAPI(t, g.g)
+	if code := api.do(t, "DELETE", "/api/v1/devices/"+d.ID+"/data", nil); code != http.StatusNoContent {
+		t.Fatalf("erase: %d", code)
+	}
+	if got := retained(); len(got) != 0 {
+		t.Errorf("after the erase a new subscriber to devices/%s/# gets %v, want nothing", d.ID, got)
+	}
+	if held, err := g.g.Store().RetainedUnder("devices/" + d.ID + "/"); err != nil || len(held) != 0 {
+		t.Errorf("after the erase the store holds %d retained messages (%v), want none", len(held), err)
+	}
+	ev, err := g.g.Store().AuditLog(1, 0)
+	if err != nil || len(ev) != 1 || ev[0].Action != "privacy.erase" || !strings.Contains(ev[0].Detail, "2 retained") {
+		t.Errorf("last audit event %+v (%v), want privacy.erase with 2 retained messages", ev, err)
 	}
 }

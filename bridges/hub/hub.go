@@ -232,13 +232,17 @@ func (h *Hub) telemetry(origin string, m bridges.Message, accept func(bridges.Me
 
 // SinkRefusal names, for the reason label, why the Sink did not take or
 // keep a message: ReasonQueueFull (bridges.ErrQueueFull, no space left on
-// the disk included), ReasonCommitTimeout (the wait's deadline ended first)
-// or ReasonDiskError (bridges.ErrDiskFailed); "" for any other error (the
-// session or the gateway ending, a message the transport refuses itself).
+// the disk and a stalled device included), ReasonTopicRefused
+// (bridges.ErrTopicRefused), ReasonCommitTimeout (the wait's deadline ended
+// first) or ReasonDiskError (bridges.ErrDiskFailed); "" for any other
+// error (the session or the gateway ending, a message the transport
+// refuses itself).
 func SinkRefusal(err error) string {
 	switch {
 	case errors.Is(err, bridges.ErrQueueFull):
 		return ReasonQueueFull
+	case errors.Is(err, bridges.ErrTopicRefused):
+		return ReasonTopicRefused
 	case errors.Is(err, context.DeadlineExceeded):
 		return ReasonCommitTimeout
 	case errors.Is(err, bridges.ErrDiskFailed):

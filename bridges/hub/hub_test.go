@@ -307,7 +307,8 @@ func TestFilterLengthBounded(t *testing.T) {
 
 // A Sink's refusal is counted with a reason that says what failed: a full
 // queue (no space left on the disk included, which the queue reports as
-// full), a commit that outlasted the wait's deadline, or a disk error.
+// full), a topic the Sink never takes, a commit that outlasted the wait's
+// deadline, or a disk error.
 // Other errors (the session ending) are counted for the device only.
 func TestSinkRefusalReasons(t *testing.T) {
 	ctx := context.Background()
@@ -318,6 +319,7 @@ func TestSinkRefusalReasons(t *testing.T) {
 	}{
 		{"full", fmt.Errorf("queue accept: %w", bridges.ErrQueueFull), ReasonQueueFull},
 		{"no space", fmt.Errorf("%w: %w", bridges.ErrQueueFull, syscall.ENOSPC), ReasonQueueFull},
+		{"topic", fmt.Errorf("upstream accept: topic too long: %w", bridges.ErrTopicRefused), ReasonTopicRefused},
 		{"timeout", fmt.Errorf("waiting for disk: %w", context.DeadlineExceeded), ReasonCommitTimeout},
 		{"disk", fmt.Errorf("queue stopped: %w", errors.Join(errors.New("fsync: EIO"), bridges.ErrDiskFailed)), ReasonDiskError},
 		{"other", context.Canceled, ""},

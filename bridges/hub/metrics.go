@@ -47,6 +47,10 @@ const (
 	// (transport="gateway"): the device already has maxLastPerDevice
 	// topics kept, or all devices' kept commands reach maxLastBytes.
 	ReasonCommandsFull = "commands_full"
+	// ReasonTopicRefused: telemetry the Sink will never take on its topic
+	// (bridges.ErrTopicRefused: beyond the upstream link's topic limits);
+	// sending it again cannot succeed.
+	ReasonTopicRefused = "topic_refused"
 	// ReasonCommitTimeout: telemetry the Sink admitted but had not made
 	// durable by the wait's deadline (a slow disk); the device was asked
 	// to retry, as for a full queue.
@@ -79,6 +83,11 @@ const (
 	// one's is closed as ReasonExpired, a revoked serial's as
 	// ReasonRevoked.
 	ReasonCertRetired = "cert_retired"
+	// ReasonConnectTooLarge: an MQTT connection whose first packet (its
+	// CONNECT, read before the device is authenticated) was larger than
+	// a CONNECT with the largest Will payload allowed may be; closed
+	// before the packet was read.
+	ReasonConnectTooLarge = "connect_too_large"
 	// ReasonPairingClosed: an enrollment session (the setup-code exchange
 	// or enrollment) ended because the pairing window that admitted it
 	// closed.

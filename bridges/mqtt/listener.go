@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"strings"
@@ -185,6 +186,10 @@ func (l *tlsListener) handle(c net.Conn, slot *unauthSlot, establish listeners.E
 	pc := newPipeConn(tc, l)
 	pc.unauth = slot
 	defer pc.authenticated() // the slot, if the session never got that far
+	if !l.firstPacketFits(c, pc) {
+		c.Close()
+		return
+	}
 	if err := establish(l.id, pc); err != nil {
 		l.s.log.Debug("mqtt: client session ended", "remote", c.RemoteAddr().String(), "err", err)
 	}
@@ -193,6 +198,62 @@ func (l *tlsListener) handle(c net.Conn, slot *unauthSlot, establish listeners.E
 	// pipeline before this goroutine releases l.wg, whatever mochi did,
 	// so that no flusher starts after it (pipeConn.reported).
 	pc.Close()
+}
+
+// firstPacketFits reads the fixed header of the connection's first packet
+// (its CONNECT) for mochi (pipeConn.Read hands it on) and reports whether
+// the packet is within Server.connectLimit; if not, it counts and logs
+// the refusal. mochi allocates a packet's whole body as soon as it has
+// read its fixed header, bounded only by MaxPacketSize (up to 16 MiB):
+// before any credential is checked (with secret logins allowed, without a
+// certificate), each of the MaxUnauth connections could make it allocate
+// that much. Here, in the listener that holds those connections, rather
+// than in a hook (mochi calls none before it has read the whole packet)
+// or a patch of mochi's reader (a policy of the gateway's in a copy of
+// mochi's code). A header that could not be read (the connection closed
+// or the CONNECT deadline passed) is not counted: mochi's read would
+// have failed the same way, uncounted.
+func (l *tlsListener) firstPacketFits(c net.Conn, pc *pipeConn) bool {
+	hdr, size, err := readFixedHeader(pc.Conn, &pc.hdr)
+	if err != nil {
+		l.s.log.Debug("mqtt: connection ended before its first packet", "device", "", "remote", c.RemoteAddr().String(), "err", err)
+		return false
+	}
+	if size > l.s.connectLimit {
+		l.s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonConnectTooLarge).Inc()
+		l.s.refusalLine(slog.LevelWarn, hub.ReasonConnectTooLarge, "mqtt: connection closed: its first packet is larger than a CONNECT may be; send a smaller Will payload",
+			"device", "", "remote", c.RemoteAddr().String(), "size", size, "limit", l.s.connectLimit)
+		return false
+	}
+	pc.first = hdr
+	return true
+}
+
+// maxFixedHeader is the longest MQTT fixed header: a byte of type and
+// flags, and a remaining length of up to four bytes.
+const maxFixedHeader = 5
+
+// errMalformedLength: a remaining length longer than four bytes.
+var errMalformedLength = errors.New("malformed fixed header: remaining length longer than 4 bytes")
+
+// readFixedHeader reads a packet's fixed header from r into buf and
+// returns its bytes and the remaining length they give (the packet's size
+// after them). It reads one byte at a time, so nothing after the header
+// is taken from r. Type and flags are left to mochi.
+func readFixedHeader(r io.Reader, buf *[maxFixedHeader]byte) (hdr []byte, remaining int, err error) {
+	if _, err := io.ReadFull(r, buf[:1]); err != nil {
+		return nil, 0, err
+	}
+	for i, shift := 1, 0; i < len(buf); i, shift = i+1, shift+7 {
+		if _, err := io.ReadFull(r, buf[i:i+1]); err != nil {
+			return nil, 0, err
+		}
+		remaining |= int(buf[i]&0x7f) << shift
+		if buf[i]&0x80 == 0 {
+			return buf[:i+1], remaining, nil
+		}
+	}
+	return nil, 0, errMalformedLength
 }
 
 // refused counts connection c, whose TLS handshake failed with err, under

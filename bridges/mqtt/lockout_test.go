@@ -64,11 +64,14 @@ func secretLoginAs(t *testing.T, r *rig, ver byte, from, clientID, user, secret 
 	return pk.ReasonCode
 }
 
-// TestSecretLockoutSparesRevokedAndResets: a revoked device's refused
-// logins (no argon2id run) do not lock its address out, and a successful
-// secret login from an address starts its count over: a revoked device
-// retrying behind a shared address does not lock the others out for good.
-func TestSecretLockoutSparesRevokedAndResets(t *testing.T) {
+// TestSecretLockoutSparesRevokedKeepsFailures: a revoked device's refused
+// logins (no argon2id run) do not lock its address out, so a revoked
+// device retrying behind a shared address does not lock the others out
+// for good; and a successful secret login from an address does not erase
+// its failures. When it did, a right secret between every few wrong ones
+// (19 and 1 with the defaults) was never locked out and kept both argon2id
+// slots busy.
+func TestSecretLockoutSparesRevokedKeepsFailures(t *testing.T) {
 	var checks atomic.Int32
 	r := newRigWith(t, queue.Options{}, Config{AllowSecretAuth: true,
 		SecretLockout: SecretLockout{Free: 3, Base: 30 * time.Second, Max: time.Minute, Forget: time.Hour}},
@@ -78,24 +81,47 @@ func TestSecretLockoutSparesRevokedAndResets(t *testing.T) {
 			t.Fatalf("revoked: CONNACK 0x%02x, want 0x%02x", got, packets.ErrBadUsernameOrPassword.Code)
 		}
 	}
-	for _, step := range []struct {
+	for i, step := range []struct {
 		secret string
 		want   byte
 	}{
 		{"s3cret", 0}, // five revoked refusals did not lock the address
 		{"wrong", packets.ErrBadUsernameOrPassword.Code},
 		{"wrong", packets.ErrBadUsernameOrPassword.Code},
-		{"s3cret", 0}, // two failures, under Free: accepted, and the count starts over
-		{"wrong", packets.ErrBadUsernameOrPassword.Code},
-		{"wrong", packets.ErrBadUsernameOrPassword.Code},
-		{"s3cret", 0}, // locked now if the success had not reset the count
+		{"s3cret", 0}, // two failures, under Free: accepted
+		{"wrong", packets.ErrBadUsernameOrPassword.Code}, // the third: locked
+		{"s3cret", packets.ErrConnectionRateExceeded.Code},
 	} {
 		if got := secretLogin(t, r, 5, "127.0.0.1", step.secret); got != step.want {
-			t.Fatalf("secret %q: CONNACK 0x%02x, want 0x%02x", step.secret, got, step.want)
+			t.Fatalf("step %d, secret %q: CONNACK 0x%02x, want 0x%02x", i, step.secret, got, step.want)
 		}
 	}
-	if got := r.refusals(hub.ReasonSecretLockout); got != 0 {
-		t.Errorf("secret_lockout refusals %v, want 0", got)
+	if got := r.refusals(hub.ReasonSecretLockout); got != 1 {
+		t.Errorf("secret_lockout refusals %v, want 1", got)
+	}
+}
+
+// A successful secret login from an address lifts a lockout that came
+// while it was checked (the gate let it in before), and keeps the
+// failures: the next one locks the address again, for longer.
+func TestSecretSuccessLiftsLockoutKeepsFailures(t *testing.T) {
+	p := SecretLockout{Free: 3, Base: 30 * time.Second, Max: 10 * time.Minute, Forget: time.Hour, PrefixFree: 100, PrefixEvery: time.Second}
+	s := newSecretLimit(p)
+	now := time.Date(2026, 11, 26, 12, 0, 0, 0, time.UTC)
+	src := bridges.SourceOf(&net.TCPAddr{IP: net.ParseIP("192.0.2.7"), Port: 40000})
+	for range 3 {
+		s.failed(now, src)
+	}
+	if until, _ := s.gated(now, src, "devs"); !until.Equal(now.Add(30 * time.Second)) {
+		t.Fatalf("after 3 failures: gated until %v, want 30 s", until)
+	}
+	s.succeeded(now, src, "devs")
+	if until, _ := s.gated(now, src, "devs"); !until.IsZero() {
+		t.Errorf("after a success: gated until %v, want not gated", until)
+	}
+	s.failed(now, src)
+	if until, _ := s.gated(now, src, "devs"); !until.Equal(now.Add(time.Minute)) {
+		t.Errorf("one failure after the success: gated until %v, want 1 min (the fourth failure's lockout)", until)
 	}
 }
 

@@ -108,6 +108,12 @@ type pipeConn struct {
 	// unauthenticated ones until Server.accept (SourceLimit.Claim) or
 	// authenticated releases it.
 	unauth *unauthSlot
+	// hdr holds the fixed header of the connection's first packet, which
+	// the listener read to check its size (tlsListener.firstPacketFits);
+	// first is what of it mochi has not read yet (Read). Only the
+	// session's reader touches them.
+	hdr   [maxFixedHeader]byte
+	first []byte
 
 	mu     sync.Mutex
 	cond   sync.Cond // L is mu: room in the pipeline or in held, or the end
@@ -153,6 +159,17 @@ func (c *pipeConn) authenticated() {
 	if c.unauth != nil {
 		c.l.limit.Release(c.unauth)
 	}
+}
+
+// Read hands mochi the first packet's fixed header the listener read
+// (first), then reads the connection.
+func (c *pipeConn) Read(b []byte) (int, error) {
+	if len(c.first) > 0 {
+		n := copy(b, c.first)
+		c.first = c.first[n:]
+		return n, nil
+	}
+	return c.Conn.Read(b)
 }
 
 // identify names the session's device for its log lines.

@@ -126,12 +126,17 @@ func (s *secretLimit) failed(now time.Time, src bridges.Source) {
 }
 
 // succeeded counts a secret login of device from src that was accepted:
-// its address starts over, and is device's proven one from now on (not
-// held by its /64's budget for logins naming device). Only once the
-// connection is accepted (Server.accept, under the server's mu, so that
-// a revocation of device forgets it after, or refuses the login).
+// a lockout of its address (one that came while the login was checked)
+// is lifted, its failures kept, and the address is device's proven one
+// from now on (not held by its /64's budget for logins naming device).
+// The failures stay because a success says nothing of the other logins
+// from the address: when it erased them, 19 wrong secrets and one right
+// one from an address, over and over, were never locked out, and kept
+// both argon2id slots busy. Only once the connection is accepted
+// (Server.accept, under the server's mu, so that a revocation of device
+// forgets it after, or refuses the login).
 func (s *secretLimit) succeeded(now time.Time, src bridges.Source, device string) {
-	s.lockout.Reset(src.Addr.String())
+	s.lockout.Unlock(src.Addr.String())
 	if !src.Prefix.IsValid() {
 		return
 	}

@@ -17,7 +17,9 @@ import (
 	"log/slog"
 	"net"
 	"slices"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	mochi "github.com/mochi-mqtt/server/v2"
@@ -36,7 +38,9 @@ type Config struct {
 	MaxPacketSize   int // bytes (default 64 KiB)
 	// MaxPayload bounds a device message's payload, as CoAP's max_payload
 	// does (default MaxPacketSize); larger publishes are refused (MQTT 5:
-	// PUBACK 0x95).
+	// PUBACK 0x95). A connection's CONNECT, read before the device is
+	// authenticated, may be 4 KiB larger (its Will payload and the rest:
+	// connectOverhead), at most MaxPacketSize.
 	MaxPayload int
 	// ReceiveMaximum is the QoS 1 messages a client may have unacknowledged
 	// towards the gateway, and MaxInflight those the gateway keeps towards a
@@ -96,10 +100,12 @@ type Config struct {
 // SecretLockout: from the Free-th failed secret login from one source
 // address on, each failure locks the address out for Base·2^(n-Free), at
 // most Max; logins from it are refused meanwhile without running argon2id.
-// A source with no failure for Forget, or with a successful secret login,
-// starts over. A login refused because its device is revoked is not
-// counted: it runs no argon2id, and a revoked device that keeps retrying
-// would otherwise lock out the devices sharing its address for good.
+// A source with no failure for Forget starts over. A successful secret
+// login from it lifts a lockout that came while it was checked but keeps
+// the failures, which go on counting (see secretLimit.succeeded). A
+// login refused because its device is revoked is not counted: it runs no
+// argon2id, and a revoked device that keeps retrying would otherwise lock
+// out the devices sharing its address for good.
 //
 // The addresses of one IPv6 /64 also share a budget of PrefixFree failed
 // secret logins, one more every PrefixEvery; while it is spent, secret
@@ -242,6 +248,9 @@ type Server struct {
 
 	// secrets counts failed secret logins by source address and IPv6 /64.
 	secrets *secretLimit
+	// connectLimit bounds a connection's first packet, its CONNECT, read
+	// before the device is authenticated (tlsListener.firstPacketFits).
+	connectLimit int
 
 	deadline *hub.SharedDeadline
 
@@ -257,6 +266,7 @@ func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log 
 		lines: ratelog.New(refusalLogEvery), devLines: ratelog.New(deviceLineEvery),
 		conns: map[string][]*pipeConn{}, deadline: &hub.SharedDeadline{Timeout: acceptTimeout}}
 	s.secrets = newSecretLimit(cfg.SecretLockout)
+	s.connectLimit = min(cfg.MaxPacketSize, cfg.MaxPayload+connectOverhead)
 	caps := mochi.NewDefaultServerCapabilities()
 	caps.MaximumPacketSize = uint32(cfg.MaxPacketSize)
 	caps.ReceiveMaximum = cfg.ReceiveMaximum
@@ -361,6 +371,36 @@ func (s *Server) mirror(m bridges.Message) bool {
 func (s *Server) Retained(topic string) ([]byte, bool) {
 	pk, ok := s.mq.Topics.Retained.Get(topic)
 	return pk.Payload, ok
+}
+
+// DropRetained drops device's retained messages, those on topics under
+// devices/{device}/, from the broker and from the store, for the
+// console's erase of a device's data, and returns how many it dropped
+// (the larger count of the two: each normally holds the other's). The
+// store alone was not enough: the broker kept its copies and gave them to
+// every new subscriber until they expired, an hour after their publish.
+// The caller revokes the device first, so that none comes back from it.
+func (s *Server) DropRetained(device string) (int, error) {
+	prefix := bridges.TopicPrefix(device)
+	n := 0
+	for topic := range s.mq.Topics.Retained.GetAll() {
+		if !strings.HasPrefix(topic, prefix) {
+			continue
+		}
+		// An empty retained message clears the topic, as the device's own
+		// would, without one being published to anyone.
+		s.mq.Topics.RetainMessage(packets.Packet{TopicName: topic, FixedHeader: packets.FixedHeader{Type: packets.Publish, Retain: true}})
+		n++
+	}
+	atomic.StoreInt64(&s.mq.Info.Retained, int64(s.mq.Topics.Retained.Len()))
+	if s.cfg.Retained == nil {
+		return n, nil
+	}
+	stored, err := s.cfg.Retained.DeleteRetainedUnder(prefix)
+	if err != nil {
+		return n, fmt.Errorf("mqtt: drop the retained messages of %s: %w", device, err)
+	}
+	return max(n, stored), nil
 }
 
 // Subscribe lets the gateway itself (not a device) receive what is
@@ -702,6 +742,13 @@ func deviceOf(id bridges.Identity, cl *mochi.Client) (string, *x509.Certificate,
 	dev, err := id.VerifyCert(raw)
 	return dev, st.PeerCertificates[0], err
 }
+
+// connectOverhead is what a CONNECT may hold besides its Will payload
+// (bounded by MaxPayload): the client id and user name (a device id), a
+// secret, a Will topic (the device's prefix and at most hub.MaxPathLen
+// bytes) and properties, a few hundred bytes; the rest is room for user
+// properties.
+const connectOverhead = 4 << 10
 
 // acceptTimeout bounds how long a QoS 1 publish waits for the Sink (the
 // durable queue's fsync) before the device is told to retry.

@@ -8,8 +8,10 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 	"github.com/mochi-mqtt/server/v2/packets"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/bastion-iot/bastion/bridges"
+	"github.com/bastion-iot/bastion/bridges/hub"
 )
 
 // topicSink refuses every message whose topic ends in /long as the upstream
@@ -28,7 +30,8 @@ func (topicSink) Accept(_ context.Context, m bridges.Message) error {
 // a bad topic, PUBACK 0x90, not 0x97 (quota exceeded: retry later), and an
 // MQTT 3.1.1 session, which has no negative PUBACK, is not closed for it
 // (the device would send it again after reconnecting): the message gets no
-// PUBACK and the next one does.
+// PUBACK and the next one does. It is counted as topic_refused (before,
+// under no reason).
 func TestTopicRefusedIsABadTopic(t *testing.T) {
 	for _, ver := range []byte{5, 4} {
 		t.Run(fmt.Sprintf("v%d", ver), func(t *testing.T) {
@@ -44,6 +47,9 @@ func TestTopicRefusedIsABadTopic(t *testing.T) {
 			}
 			if diff := cmp.Diff(want, d.readAcks(len(want))); diff != "" {
 				t.Errorf("device saw (-want +got):\n%s", diff)
+			}
+			if n := testutil.ToFloat64(s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonTopicRefused)); n != 1 {
+				t.Errorf("topic_refused refusals %v, want 1", n)
 			}
 		})
 	}

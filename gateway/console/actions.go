@@ -429,11 +429,11 @@ func (h *Handler) eraseDevice(ctx context.Context, p *principal, id string) erro
 	if err != nil {
 		return err
 	}
-	// Its retained MQTT messages go from the store. The running broker
-	// holds its own copies, which the gateway has no way to drop: they
-	// go when the broker expires them, at most the MQTT session expiry
-	// (an hour) after they were published, and are not stored again.
-	n, err := h.o.Store.DeleteRetainedUnder(bridges.TopicPrefix(id))
+	// Its retained MQTT messages go from the running broker, which would
+	// otherwise give them to new subscribers until they expire (an hour
+	// after their publish), and from the store. After the revocation
+	// above, so that the device sends none again.
+	n, err := h.o.Gateway.DropRetained(ctx, id)
 	if err != nil {
 		return err
 	}

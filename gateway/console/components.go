@@ -24,6 +24,10 @@ type Gateway interface {
 	AddDevice(ctx context.Context, req DeviceRequest, who Actor) (Credentials, error)
 	// RevokeDevice revokes a device at once (certificates, PSK, sessions).
 	RevokeDevice(ctx context.Context, id string, who Actor) error
+	// DropRetained deletes a device's retained MQTT messages (on topics
+	// under devices/{id}/) from the running broker and the store, and
+	// returns how many it deleted.
+	DropRetained(ctx context.Context, id string) (int, error)
 }
 
 // Argon2Slots is an optional part of Gateway: a bound on the argon2id runs

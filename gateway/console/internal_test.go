@@ -36,6 +36,7 @@ func (s stubGateway) AddDevice(context.Context, DeviceRequest, Actor) (Credentia
 	return Credentials{}, errNotAvailable
 }
 func (s stubGateway) RevokeDevice(context.Context, string, Actor) error { return errNotAvailable }
+func (s stubGateway) DropRetained(context.Context, string) (int, error) { return 0, errNotAvailable }
 
 type fakeClock struct {
 	mu sync.Mutex

@@ -27,17 +27,29 @@ func (s *Store) PutRetained(topic string, value []byte) error {
 	return nil
 }
 
-// DeleteRetained removes the retained message of topic, if any.
-func (s *Store) DeleteRetained(topic string) error {
+// DeleteRetained removes the retained messages of topics, those it holds,
+// in one transaction. It writes nothing when topics is empty.
+func (s *Store) DeleteRetained(topics ...string) error {
+	if len(topics) == 0 {
+		return nil
+	}
 	err := s.db.Update(func(tx *bolt.Tx) error {
 		b := tx.Bucket(bRetained)
 		if b == nil {
 			return nil
 		}
-		return b.Delete([]byte(topic))
+		for _, t := range topics {
+			if err := b.Delete([]byte(t)); err != nil {
+				return err
+			}
+		}
+		return nil
 	})
 	if err != nil {
-		return fmt.Errorf("delete retained message on %q: %w", topic, err)
+		if len(topics) == 1 {
+			return fmt.Errorf("delete retained message on %q: %w", topics[0], err)
+		}
+		return fmt.Errorf("delete %d retained messages (%q, ...): %w", len(topics), topics[0], err)
 	}
 	return nil
 }

@@ -159,6 +159,19 @@ func (t *Throttle) fullUntil(now time.Time) time.Time {
 	return first
 }
 
+// Unlock ends key's lockout, if it has one, and keeps its failures: its
+// next failure locks it again, for as long as they all count for. For a
+// success from a key several clients share (a source address), where
+// Reset would let one that keeps failing start over with each success
+// of another, or of its own with a right secret between wrong ones.
+func (t *Throttle) Unlock(key string) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if e := t.m[key]; e != nil {
+		e.locked = time.Time{}
+	}
+}
+
 // Reset forgets keys (a successful login).
 func (t *Throttle) Reset(keys ...string) {
 	t.mu.Lock()

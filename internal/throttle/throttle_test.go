@@ -140,3 +140,25 @@ func TestFailHeld(t *testing.T) {
 		t.Error("FailHeld counted a key forgotten after Forget")
 	}
 }
+
+// Unlock lifts a lockout and keeps the failures: the next failure locks
+// again, for the time all of them count for; a key not held stays so.
+func TestUnlockKeepsFailures(t *testing.T) {
+	th := New(Policy{Base: time.Minute, Max: time.Hour, Forget: time.Hour}, 10)
+	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	for range 3 {
+		th.Fail(now, "s", 3)
+	}
+	th.Unlock("s")
+	if got := th.LockedUntil(now, "s"); !got.IsZero() {
+		t.Errorf("locked until %v after Unlock", got)
+	}
+	th.Fail(now, "s", 3)
+	if got, want := th.LockedUntil(now, "s"), now.Add(2*time.Minute); !got.Equal(want) {
+		t.Errorf("after Unlock and one more failure: locked until %v, want %v (the fourth failure's lockout)", got, want)
+	}
+	th.Unlock("none")
+	if th.Len() != 1 {
+		t.Errorf("Unlock of a key not held added it: %d keys", th.Len())
+	}
+}
