@@ -142,9 +142,12 @@ func TestDevSignals(t *testing.T) {
 	cmd.Process.Signal(syscall.SIGHUP)
 	waitFor("config reloaded", 5*time.Second)
 
-	// A console client that has sent a request's headers but not its body
+	// A console client that has sent a form's headers but not its body
 	// holds its connection active until the server's read timeout (30 s),
 	// past the console's 5 s shutdown deadline: the stop must still be clean.
+	// The "100 Continue" the server sends when the handler starts reading
+	// the body shows the request is in (a SIGTERM before that would make
+	// the server drop it unread).
 	roots := x509.NewCertPool()
 	if pem, err := os.ReadFile(filepath.Join(state, "pki", "root.crt")); err != nil || !roots.AppendCertsFromPEM(pem) {
 		t.Fatalf("gateway root CA: %v", err)
@@ -154,8 +157,13 @@ func TestDevSignals(t *testing.T) {
 		t.Fatalf("console: %v", err)
 	}
 	defer held.Close()
-	if _, err := held.Write([]byte("POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n")); err != nil {
+	if _, err := held.Write([]byte("POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-www-form-urlencoded\r\n" +
+		"Content-Length: 1000\r\nExpect: 100-continue\r\n\r\n")); err != nil {
 		t.Fatalf("console: %v", err)
+	}
+	held.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if status, err := bufio.NewReader(held).ReadString('\n'); err != nil || !strings.HasPrefix(status, "HTTP/1.1 100 ") {
+		t.Fatalf("console POST /login with Expect: 100-continue: %q, %v; want 100 Continue", status, err)
 	}
 
 	cmd.Process.Signal(syscall.SIGTERM)
