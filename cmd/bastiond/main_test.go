@@ -5,6 +5,8 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -17,6 +19,7 @@ import (
 	"github.com/bastion-iot/bastion/gateway"
 	"github.com/bastion-iot/bastion/gateway/config"
 	"github.com/bastion-iot/bastion/gateway/control"
+	"github.com/bastion-iot/bastion/internal/testutil/child"
 )
 
 // The test binary doubles as bastiond: with BASTIOND_MAIN=1 it runs main
@@ -38,7 +41,22 @@ func TestMain(m *testing.M) {
 func bastiond(args ...string) *exec.Cmd {
 	cmd := exec.Command(os.Args[0], append([]string{"-test.run=^$", "--"}, args...)...)
 	cmd.Env = append(os.Environ(), "BASTIOND_MAIN=1")
-	return cmd
+	return child.DieWithTest(cmd)
+}
+
+// devState makes a --dev state directory in dir whose configuration
+// listens on free loopback ports only.
+func devState(t *testing.T, dir string) (state, cfgPath string) {
+	t.Helper()
+	state = filepath.Join(dir, "state")
+	os.MkdirAll(state, 0o700)
+	cfg := config.Dev(state)
+	cfg.CoAP.Listen, cfg.CoAP.PSKListen, cfg.MQTT.Listen, cfg.Console.Listen = "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"
+	cfgPath = filepath.Join(state, "bastion.yaml")
+	if err := gateway.WriteConfigFile(cfgPath, cfg); err != nil {
+		t.Fatal(err)
+	}
+	return state, cfgPath
 }
 
 func TestCheckConfig(t *testing.T) {
@@ -70,14 +88,7 @@ func TestCheckConfig(t *testing.T) {
 // configuration when the new one is bad), and exits 0 on SIGTERM, also
 // while a console client holds a connection past the shutdown deadline.
 func TestDevSignals(t *testing.T) {
-	state := filepath.Join(t.TempDir(), "state")
-	os.MkdirAll(state, 0o700)
-	cfg := config.Dev(state)
-	cfg.CoAP.Listen, cfg.CoAP.PSKListen, cfg.MQTT.Listen, cfg.Console.Listen = "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"
-	cfgPath := filepath.Join(state, "bastion.yaml")
-	if err := gateway.WriteConfigFile(cfgPath, cfg); err != nil {
-		t.Fatal(err)
-	}
+	state, cfgPath := devState(t, t.TempDir())
 	cmd := bastiond("--dev", "--state", state)
 	stderr, _ := cmd.StderrPipe()
 	if err := cmd.Start(); err != nil {
@@ -186,4 +197,43 @@ func TestDevSignals(t *testing.T) {
 	if _, err := os.Stat(control.SocketPath(state)); err == nil {
 		t.Error("control socket left behind after a clean stop")
 	}
+}
+
+// TestBastiondEndsWithTestBinary: a test binary killed before its cleanups
+// run (a -timeout panic, SIGKILL) leaves no bastiond it started behind.
+func TestBastiondEndsWithTestBinary(t *testing.T) {
+	const helperEnv = "BASTIOND_TEST_HELPER"
+	if os.Getenv(helperEnv+"_DIR") != "" {
+		state, _ := devState(t, os.Getenv(helperEnv+"_DIR"))
+		cmd := bastiond("--dev", "--state", state)
+		stderr, _ := cmd.StderrPipe()
+		if err := cmd.Start(); err != nil {
+			fmt.Println("start bastiond:", err)
+			os.Exit(1)
+		}
+		// Running, not failing on its own: a bastiond that exits by itself
+		// would pass the check below for the wrong reason.
+		var seen []string
+		for sc := bufio.NewScanner(stderr); ; {
+			if !sc.Scan() {
+				fmt.Printf("bastiond exited before it was ready: %q\n", seen)
+				os.Exit(1)
+			}
+			if seen = append(seen, sc.Text()); strings.Contains(sc.Text(), "gateway ready") {
+				break
+			}
+		}
+		go io.Copy(io.Discard, stderr)
+		fmt.Println(cmd.Process.Pid)
+		// Killed here by the test; stdin never ends before that.
+		bufio.NewReader(os.Stdin).ReadString('\n')
+		os.Exit(1)
+	}
+	child.CheckEndsWithParent(t, func() *exec.Cmd {
+		cmd := exec.Command(os.Args[0], "-test.run=^TestBastiondEndsWithTestBinary$", "-test.count=1")
+		// The killed test's state directory goes with this test's files
+		// (and its control socket's path stays short enough to bind).
+		cmd.Env = append(os.Environ(), helperEnv+"_DIR="+t.TempDir())
+		return cmd
+	})
 }

@@ -27,6 +27,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/bastion-iot/bastion/internal/testenv"
+	"github.com/bastion-iot/bastion/internal/testutil/child"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -406,7 +407,7 @@ func runDevicesim(ctx context.Context, t *testing.T, ns *netns, devicesim string
 	t.Helper()
 	dctx, cancel := context.WithTimeout(ctx, 90*time.Second)
 	defer cancel()
-	cmd := exec.CommandContext(dctx, "ip", append([]string{"netns", "exec", ns.name, devicesim}, args...)...)
+	cmd := child.DieWithTest(exec.CommandContext(dctx, "ip", append([]string{"netns", "exec", ns.name, devicesim}, args...)...))
 	out, err := cmd.CombinedOutput()
 	t.Logf("devicesim %s:\n%s", strings.Join(args, " "), out)
 	if err != nil {
