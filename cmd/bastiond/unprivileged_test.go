@@ -15,6 +15,7 @@ import (
 	"github.com/bastion-iot/bastion/gateway"
 	"github.com/bastion-iot/bastion/gateway/config"
 	"github.com/bastion-iot/bastion/internal/testenv"
+	"github.com/bastion-iot/bastion/internal/testutil/child"
 	tnetns "github.com/bastion-iot/bastion/internal/testutil/netns"
 )
 
@@ -78,12 +79,14 @@ func TestUnprivilegedFirewall(t *testing.T) {
 
 	caps := "+net_admin,+net_raw,+net_bind_service"
 	run := func(withCaps bool) *exec.Cmd {
-		args := []string{"netns", "exec", ns.Name, "setpriv", "--reuid=" + strconv.Itoa(nobody), "--regid=" + strconv.Itoa(nobody), "--clear-groups"}
+		// The user change clears the parent-death signal DieWithTest
+		// sets; setpriv sets it again after the change.
+		args := []string{"netns", "exec", ns.Name, "setpriv", "--reuid=" + strconv.Itoa(nobody), "--regid=" + strconv.Itoa(nobody), "--clear-groups", "--pdeathsig=KILL"}
 		if withCaps {
 			args = append(args, "--inh-caps="+caps, "--ambient-caps="+caps)
 		}
 		args = append(args, bin, "-test.run=^$", "--", "--config", cfgPath)
-		cmd := exec.Command("ip", args...)
+		cmd := child.DieWithTest(exec.Command("ip", args...))
 		cmd.Env = append(os.Environ(), "BASTIOND_MAIN=1")
 		return cmd
 	}

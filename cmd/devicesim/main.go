@@ -34,6 +34,8 @@ const usage = `usage:
   devicesim pair ... | press-button ...                 (pairing: see devicesim pair --help)
 
 TOPIC is a telemetry path (temp, room/temp) or a full topic devices/{id}/t/... .
+publish exits 1 unless the gateway acknowledged all N messages (none refused,
+none left unsent when --limit ran out).
 `
 
 func run(args []string, stdout, stderr io.Writer) int {

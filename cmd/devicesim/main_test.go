@@ -120,6 +120,17 @@ func TestDevicesimCommand(t *testing.T) {
 	if rc := run([]string{"--mqtt", "--creds", certCreds, "--key", filepath.Join(dir, "k.pem"), "--addr", addrs["mqtts"], "publish", "devices/" + pc.ID + "/t/x", "1"}, &out, &errb); rc != 1 || !strings.Contains(errb.String(), "refused") {
 		t.Errorf("publish into another device's tree: exit %d, stderr %q; want 1 and refused", rc, errb.String())
 	}
+	// A load run exits 1 unless every message was acknowledged: all of
+	// them refused, or the --limit ending the run before they were sent.
+	errb.Reset()
+	if rc := run([]string{"--mqtt", "--creds", certCreds, "--key", filepath.Join(dir, "k.pem"), "--addr", addrs["mqtts"], "--count", "3", "publish", "devices/" + pc.ID + "/t/x", "1"}, &out, &errb); rc != 1 || !strings.Contains(errb.String(), "0 of 3 messages acknowledged: 3 refused") {
+		t.Errorf("3 messages into another device's tree: exit %d, stderr %q; want 1 and 3 refused", rc, errb.String())
+	}
+	errb.Reset()
+	// One message every 1,000 s: the second is due long after the limit.
+	if rc := run([]string{"--coap", "--creds", pskCreds, "--addr", addrs["coaps_psk"], "--count", "3", "--rate", "0.001", "--limit", "1s", "publish", "temp", "21"}, &out, &errb); rc != 1 {
+		t.Errorf("3 messages cut short by --limit: exit %d, stderr %q; want 1", rc, errb.String())
+	}
 	// Usage errors exit 2; a refused device exits 1 with the reason.
 	if rc := run([]string{"--coap", "--mqtt", "publish"}, &out, &errb); rc != 2 {
 		t.Errorf("both transports: exit %d, want 2", rc)

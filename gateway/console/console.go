@@ -69,11 +69,18 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	err := s.srv.Shutdown(sctx)
-	if e := <-errc; !errors.Is(e, http.ErrServerClosed) && err == nil {
-		err = e
+	if err := s.srv.Shutdown(sctx); err != nil {
+		// A client that holds its connection past the deadline (one that
+		// never finishes sending its request) is closed on, as the
+		// firmware and EST servers do: it is no reason for the gateway's
+		// stop to fail.
+		s.log.Warn("console: connections still open at the shutdown deadline; closing them", "err", err)
+		s.srv.Close()
 	}
-	return err
+	if err := <-errc; !errors.Is(err, http.ErrServerClosed) {
+		return fmt.Errorf("console: %w", err)
+	}
+	return nil
 }
 
 // SecurityHeaders adds the headers every console answer carries: HSTS, a

@@ -27,6 +27,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/bastion-iot/bastion/internal/testenv"
+	"github.com/bastion-iot/bastion/internal/testutil/child"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -129,8 +130,12 @@ func TestApplianceBoot(t *testing.T) {
 	if _, err := v.console.waitFor(bootCtx, regexp.MustCompile(`Console: https://10\.0\.2\.15/`)); err != nil {
 		t.Errorf("banner does not show the console address: %v", err)
 	}
-	if _, err := v.console.waitFor(bootCtx, regexp.MustCompile(`First-admin setup code: *\S+`)); err != nil {
+	bannerCodeRE := regexp.MustCompile(`First-admin setup code: *(\S+)`)
+	shownCode := ""
+	if line, err := v.console.waitFor(bootCtx, bannerCodeRE); err != nil {
 		t.Errorf("first boot did not show the setup code on the console: %v", err)
+	} else {
+		shownCode = bannerCodeRE.FindStringSubmatch(line)[1]
 	}
 	if _, err := v.report.waitFor(bootCtx, regexp.MustCompile(`^=== REPORT DONE$`)); err != nil {
 		t.Fatalf("test report did not complete: %v", err)
@@ -142,6 +147,13 @@ func TestApplianceBoot(t *testing.T) {
 	}
 
 	checkInside(t, rep)
+	// The code on the screen is the one bastiond made: its start-up
+	// summary line in the journal.
+	if m := regexp.MustCompile(`(?m)^  setup code: (\S+)   \(one-time`).FindStringSubmatch(rep["bastiond-log"].body); m == nil {
+		t.Errorf("no setup code in bastiond's journal:\n%s", rep["bastiond-log"].body)
+	} else if shownCode != "" && shownCode != m[1] {
+		t.Errorf("the banner shows setup code %q, bastiond made %q", shownCode, m[1])
+	}
 
 	// The pairing button on the appliance: Scroll Lock held 1.5 s on the
 	// box's keyboard (bastiond finds it by itself: pairing.input auto) opens
@@ -395,7 +407,7 @@ func runDevicesim(ctx context.Context, t *testing.T, ns *netns, devicesim string
 	t.Helper()
 	dctx, cancel := context.WithTimeout(ctx, 90*time.Second)
 	defer cancel()
-	cmd := exec.CommandContext(dctx, "ip", append([]string{"netns", "exec", ns.name, devicesim}, args...)...)
+	cmd := child.DieWithTest(exec.CommandContext(dctx, "ip", append([]string{"netns", "exec", ns.name, devicesim}, args...)...))
 	out, err := cmd.CombinedOutput()
 	t.Logf("devicesim %s:\n%s", strings.Join(args, " "), out)
 	if err != nil {

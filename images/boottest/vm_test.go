@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/bastion-iot/bastion/internal/testenv"
+	"github.com/bastion-iot/bastion/internal/testutil/child"
 )
 
 //go:embed guest/bastion-test-report guest/bastion-test-report.service
@@ -272,7 +273,8 @@ func startVM(ctx context.Context, t *testing.T, ns *netns, imageDir, disk string
 		"-mon", "chardev=mon0,mode=control",
 	}
 	v := &vm{exited: make(chan struct{})}
-	v.cmd = exec.Command(ip, append([]string{"netns", "exec", ns.name, qemu}, args...)...)
+	// ip execs qemu in place: qemu itself gets the parent-death signal.
+	v.cmd = child.DieWithTest(exec.Command(ip, append([]string{"netns", "exec", ns.name, qemu}, args...)...))
 	qlog, err := os.Create(filepath.Join(logDir, "qemu.log"))
 	if err != nil {
 		t.Fatal(err)

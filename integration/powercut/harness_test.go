@@ -23,6 +23,7 @@ import (
 	"github.com/bastion-iot/bastion/gateway/control"
 	"github.com/bastion-iot/bastion/internal/devicesim"
 	"github.com/bastion-iot/bastion/internal/testenv"
+	"github.com/bastion-iot/bastion/internal/testutil/child"
 	"github.com/bastion-iot/bastion/internal/testutil/mosquitto"
 	"github.com/bastion-iot/bastion/internal/testutil/testpki"
 )
@@ -199,7 +200,7 @@ func startGatewayBin(tb testing.TB, bin string, cfg config.Config, writeConfig b
 	if w := os.Getenv("BENCH_BASTIOND_WRAP"); w != "" {
 		argv = append([]string{w}, argv...)
 	}
-	cmd := exec.Command(argv[0], argv[1:]...)
+	cmd := child.DieWithTest(exec.Command(argv[0], argv[1:]...))
 	if dir := os.Getenv("BENCH_PROFILE_DIR"); dir != "" {
 		cmd.Env = append(os.Environ(), "BASTIOND_PROFILE_DIR="+dir)
 	}

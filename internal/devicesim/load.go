@@ -3,7 +3,9 @@ package devicesim
 import (
 	"context"
 	"errors"
+	"fmt"
 	"slices"
+	"strings"
 	"time"
 )
 
@@ -43,6 +45,9 @@ func (r LoadResult) Throughput() float64 {
 var ErrRefused = errors.New("refused by the gateway")
 
 // Load calls send(ctx, i) for i in [0, Count) at Rate, until Count or Limit.
+// A run that gets fewer than Count messages acknowledged fails: with the
+// first error send returned, or else with one saying how many were refused
+// and how many were never sent (Limit ran out, or ctx ended).
 func Load(ctx context.Context, o LoadOptions, send func(ctx context.Context, i int) error) (LoadResult, error) {
 	if o.Count <= 0 {
 		o.Count = 1
@@ -50,6 +55,7 @@ func Load(ctx context.Context, o LoadOptions, send func(ctx context.Context, i i
 	if o.Limit <= 0 {
 		o.Limit = time.Minute
 	}
+	parent := ctx
 	ctx, cancel := context.WithTimeout(ctx, o.Limit)
 	defer cancel()
 	var r LoadResult
@@ -90,5 +96,19 @@ func Load(ctx context.Context, o LoadOptions, send func(ctx context.Context, i i
 	}
 	r.Elapsed = time.Since(start)
 	slices.Sort(r.Latencies)
+	if err == nil && r.OK < o.Count {
+		var why []string
+		if r.Refused > 0 {
+			why = append(why, fmt.Sprintf("%d refused by the gateway", r.Refused))
+		}
+		if n := o.Count - r.Sent; n > 0 {
+			ended := fmt.Sprintf("the %v limit ran out", o.Limit)
+			if parent.Err() != nil {
+				ended = "stopped"
+			}
+			why = append(why, fmt.Sprintf("%d not sent (%s)", n, ended))
+		}
+		err = fmt.Errorf("%d of %d messages acknowledged: %s", r.OK, o.Count, strings.Join(why, ", "))
+	}
 	return r, err
 }

@@ -17,6 +17,12 @@ owrt=$(mktemp -d)
 trap 'rm -rf "$owrt"' EXIT
 PATH="$PWD/images/out/cross/linux-amd64:$PATH" sh images/openwrt/bastion/files/openwrt-config "$owrt/bastion.yaml" /etc/bastion/state
 images/out/cross/linux-amd64/bastiond --check-config "$owrt/bastion.yaml"
+# LuCI's uhttpd holds 443 on most OpenWrt routers: the console must not.
+sed -n '/^console:/,/^[^ #]/p' "$owrt/bastion.yaml" | grep -qx '  listen: ":8443"' || {
+	echo "image.sh: the OpenWrt config's console does not listen on :8443:" >&2
+	cat "$owrt/bastion.yaml" >&2
+	exit 1
+}
 
 if [ "$(id -u)" -ne 0 ]; then
 	if [ "${BASTION_REQUIRE_ALL:-}" = 1 ]; then

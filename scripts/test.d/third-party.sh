@@ -23,6 +23,17 @@ check() { # dir module version
 check pion-dtls github.com/pion/dtls/v3 v3.1.15
 check pion-transport github.com/pion/transport/v5 v5.1.4
 check mochi-server github.com/mochi-mqtt/server/v2 v2.7.9
+# The packages the patches touch run their tests: found from the patches'
+# "+++" paths (a .go file outside testdata/), not kept by hand, so a patch
+# that changes or adds tests in a new package has them run (third_party has
+# its own modules: the root `go test ./...` never reaches them). Tests only
+# exist where a patch or upstream put them; a touched package without any
+# (pion-dtls/internal/ciphersuite) is still built. pion-transport/deadline
+# is not patched; its tests run because the patched pion-dtls's connections
+# and listener keep their deadlines with it.
+pkgs=$(sed -n 's|^+++ \([^[:space:]]*\)/[^/[:space:]]*\.go$|./\1/|p' third_party/patches/*.patch | grep -v '/testdata/' | sort -u)
+[ -n "$pkgs" ] || { echo "third-party: no Go package found in third_party/patches/*.patch" >&2; exit 1; }
+echo "third-party: testing" $pkgs ./pion-transport/deadline/
 # The suites run without -race: they are timing-sensitive, and under -race
 # on a 2-CPU box unpatched releases fail too (our own tests run the patched
 # code with -race). Two upstream tests are skipped because they fail on the
@@ -30,26 +41,34 @@ check mochi-server github.com/mochi-mqtt/server/v2 v2.7.9
 # a Read can take the close_notify before the last record still queued for
 # it) and TestSupportedEllipticCurves (1 in 40 under -race: the server closes right after
 # its handshake and the client can see the close_notify before its own
-# handshake ends).
-(cd third_party && go test -count=1 -skip 'TestNetTest/BasicIO|TestSupportedEllipticCurves' ./pion-dtls/ ./pion-dtls/internal/net/... ./pion-transport/netctx/ ./pion-transport/deadline/)
-# (mochi v2.7.9 under -race: TestEstablishConnectionInheritExistingTrueTakeover
-# and TestServerProcessPublishACLCheckDeny, about 1 run in 3.)
-(cd third_party && go test -count=1 ./mochi-server/)
-# The patched copies' own parsers of network input get the short fuzz run
-# scripts/test gives the main module's (which does not see these modules):
-# pion-dtls (51)'s ClientHello parser on the listener's read loop. A failing
-# input Go writes into the copy's testdata is moved out to testdata-out/
-# (ignored by git), so that the copy stays release + patch and the next run's
-# check above does not fail for it.
-corpus=third_party/pion-dtls/testdata/fuzz/FuzzBastionHelloVerify
-before=$(ls "$corpus")
-if ! (cd third_party && go test -run '^$' -fuzz '^FuzzBastionHelloVerify$' -fuzztime "${FUZZTIME:-50000x}" -fuzzminimizetime 2s ./pion-dtls/); then
-  mkdir -p testdata-out/fuzz-pion-dtls
-  for f in $(ls "$corpus"); do
-    if ! grep -qxF "$f" <<<"$before"; then
-      mv "$corpus/$f" testdata-out/fuzz-pion-dtls/
-      echo "third-party: failing input moved to testdata-out/fuzz-pion-dtls/$f (go test -run 'FuzzBastionHelloVerify/$f' needs it back in $corpus)" >&2
-    fi
-  done
-  exit 1
-fi
+# handshake ends). (mochi v2.7.9 under -race:
+# TestEstablishConnectionInheritExistingTrueTakeover and
+# TestServerProcessPublishACLCheckDeny fail about 1 run in 3.)
+# shellcheck disable=SC2086 # one word per package
+(cd third_party && go test -count=1 -skip 'TestNetTest/BasicIO|TestSupportedEllipticCurves' $pkgs ./pion-transport/deadline/)
+# The patched copies' own fuzz targets get the short fuzz run scripts/test
+# gives the main module's (which does not see these modules): every
+# `func Fuzz` a patch adds, found in the patches (pion-dtls (51)'s
+# ClientHello parser on the listener's read loop, the in-place CID router
+# checked against upstream's). A failing input Go writes into the copy's
+# testdata is moved out to testdata-out/ (ignored by git), so that the copy
+# stays release + patch and the next run's check above does not fail for it.
+targets=$(awk '/^\+\+\+ /{file=$2} /^\+func Fuzz[A-Za-z0-9_]*\(/{sub(/^\+func /, ""); sub(/\(.*/, ""); n=split(file, a, "/"); dir=a[1]; for (i=2; i<n; i++) dir=dir "/" a[i]; print dir, $0}' third_party/patches/*.patch)
+[ -n "$targets" ] || { echo "third-party: no fuzz target found in third_party/patches/*.patch" >&2; exit 1; }
+while read -r dir f; do
+  echo "-- third_party/$dir $f"
+  corpus=third_party/$dir/testdata/fuzz/$f
+  before=$(ls "$corpus" 2>/dev/null || true)
+  if ! (cd third_party && go test -run '^$' -fuzz "^${f}\$" -fuzztime "${FUZZTIME:-50000x}" -fuzzminimizetime 2s "./$dir/"); then
+    out=testdata-out/fuzz-${dir//\//-}-$f
+    for c in $(ls "$corpus" 2>/dev/null); do
+      if ! grep -qxF "$c" <<<"$before"; then
+        mkdir -p "$out" && mv "$corpus/$c" "$out/"
+        echo "third-party: failing input moved to $out/$c (go test -run '$f/$c' needs it back in $corpus)" >&2
+      fi
+    done
+    # A corpus directory the failing run made goes too (up to the copy).
+    rmdir -p --ignore-fail-on-non-empty "$corpus" 2>/dev/null || true
+    exit 1
+  fi
+done <<<"$targets"

@@ -24,6 +24,7 @@ import (
 	"time"
 
 	"github.com/bastion-iot/bastion/internal/testenv"
+	"github.com/bastion-iot/bastion/internal/testutil/child"
 	"github.com/bastion-iot/bastion/internal/testutil/testpki"
 )
 
@@ -172,7 +173,8 @@ func (b *Broker) Start(t testing.TB) {
 	if b.cmd != nil {
 		t.Fatalf("mosquitto: Start while running")
 	}
-	cmd := exec.Command(b.bin, "-c", b.conf)
+	// Not left running if the test binary dies without its cleanups.
+	cmd := child.DieWithTest(exec.Command(b.bin, "-c", b.conf))
 	cmd.Env = b.env
 	out, err := os.OpenFile(filepath.Join(b.Dir, "stderr.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {

@@ -1,9 +1,15 @@
 package mosquitto_test
 
 import (
+	"bufio"
 	"crypto/tls"
+	"fmt"
+	"os"
+	"os/exec"
 	"testing"
 
+	"github.com/bastion-iot/bastion/internal/testenv"
+	"github.com/bastion-iot/bastion/internal/testutil/child"
 	"github.com/bastion-iot/bastion/internal/testutil/mosquitto"
 	"github.com/bastion-iot/bastion/internal/testutil/testpki"
 )
@@ -83,4 +89,25 @@ func TestTLSVersion12Only(t *testing.T) {
 			t.Logf("TLS 1.3-only client refused as expected: %v", err)
 		}
 	}
+}
+
+// TestBrokerEndsWithTestBinary: a test binary killed before its cleanups
+// run (a -timeout panic, SIGKILL) leaves no mosquitto behind.
+func TestBrokerEndsWithTestBinary(t *testing.T) {
+	const helperEnv = "BASTION_MOSQUITTO_HELPER"
+	if os.Getenv(helperEnv) == "1" {
+		b := mosquitto.Start(t, mosquitto.Options{})
+		fmt.Println(b.Pid())
+		// Killed here by the test; stdin never ends before that.
+		bufio.NewReader(os.Stdin).ReadString('\n')
+		os.Exit(1)
+	}
+	testenv.RequireCommand(t, "mosquitto")
+	child.CheckEndsWithParent(t, func() *exec.Cmd {
+		cmd := exec.Command(os.Args[0], "-test.run=^TestBrokerEndsWithTestBinary$", "-test.count=1")
+		// The killed test's temporary files (the broker's directory) go
+		// with this test's.
+		cmd.Env = append(os.Environ(), helperEnv+"=1", "TMPDIR="+t.TempDir())
+		return cmd
+	})
 }
