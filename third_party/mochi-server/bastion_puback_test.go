@@ -87,3 +87,52 @@ func TestInboundQos1PubackBookkeeping(t *testing.T) {
 		require.Equal(t, []string{"publish", "dropped"}, rec.events)
 	})
 }
+
+// TestBastionInboundPublishKeepsOutboundInflight (Bastion patch (15)): an
+// inbound QoS 1 PUBLISH whose packet id is that of an outbound QoS 1
+// message still waiting for its PUBACK leaves that message in Inflight
+// (client and server pick ids independently, MQTT 5.0 section 2.2.1), and
+// the client's PUBACK for it then completes it and gives its send quota
+// back. Unpatched, the inbound PUBLISH deleted the outbound entry.
+func TestBastionInboundPublishKeepsOutboundInflight(t *testing.T) {
+	s := newServer()
+	rec := new(qosRecorder)
+	require.NoError(t, s.AddHook(rec, nil))
+	cl, r, _ := newTestClient()
+	s.Clients.Add(cl)
+	t.Cleanup(func() { _ = r.Close() })
+	go func() { _, _ = io.Copy(io.Discard, r) }()
+
+	out, err := s.publishToClient(cl, packets.Subscription{Filter: "cmd/#", Qos: 1}, packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1},
+		TopicName:   "cmd/reboot",
+		Payload:     []byte("now"),
+	})
+	require.NoError(t, err)
+	require.NotZero(t, out.PacketID)
+	maxSend := atomic.LoadInt32(&cl.State.Inflight.maximumSendQuota)
+	require.Equal(t, maxSend-1, atomic.LoadInt32(&cl.State.Inflight.sendQuota))
+
+	in := *packets.TPacketData[packets.Publish].Get(packets.TPublishQos1).Packet
+	in.PacketID = out.PacketID
+	require.NoError(t, s.processPublish(cl, in))
+
+	got, ok := cl.State.Inflight.Get(out.PacketID)
+	require.True(t, ok, "the outbound message's entry was deleted by an inbound PUBLISH of the same id")
+	require.Equal(t, packets.Publish, got.FixedHeader.Type)
+	require.Equal(t, "cmd/reboot", got.TopicName)
+	require.Equal(t, int64(1), atomic.LoadInt64(&s.Info.Inflight))
+
+	require.NoError(t, s.processPuback(cl, packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Puback},
+		PacketID:    out.PacketID,
+	}))
+	require.Equal(t, 0, cl.State.Inflight.Len())
+	require.Equal(t, int64(0), atomic.LoadInt64(&s.Info.Inflight))
+	require.Equal(t, maxSend, atomic.LoadInt32(&cl.State.Inflight.sendQuota), "the send quota was not given back")
+	rec.mu.Lock()
+	defer rec.mu.Unlock()
+	// The outbound message, the inbound one's PUBACK (written, complete),
+	// then the outbound message's completion.
+	require.Equal(t, []string{"publish", "publish", "complete", "complete"}, rec.events)
+}

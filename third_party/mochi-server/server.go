@@ -952,9 +952,14 @@ func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 				ack := s.buildAck(pk.PacketID, packets.Pubrec, 0, pk.Properties, packets.ErrPacketIdentifierInUse)
 				return cl.WritePacket(ack)
 			}
-			if ok := cl.State.Inflight.Delete(pk.PacketID); ok { // [MQTT-4.3.2-5]
-				atomic.AddInt64(&s.Info.Inflight, -1)
-			}
+			// Bastion patch (15), third_party/README.md: any other entry
+			// is kept. It was deleted for [MQTT-4.3.2-5], to forget the
+			// PUBACK of an earlier message of this id, but patch (6)
+			// never stores PUBACKs: what Inflight holds under this id is
+			// an outbound message waiting for its own acknowledgement
+			// (client and server pick packet ids independently of each
+			// other, MQTT 5.0 section 2.2.1). Deleted, its PUBACK found
+			// nothing and its send quota was never given back.
 		}
 	}
 

@@ -203,8 +203,11 @@ type Config struct { //nolint:dupl
 	// makes a connection, with its goroutine and buffers, for every
 	// ClientHello, which anyone can send from any address. The cookie is
 	// an HMAC of the client's address and ClientHello under a key of the
-	// listener, valid for 30 s. A ClientHello that is fragmented or does
-	// not parse is dropped. Bastion patch (51); not with
+	// listener, valid for 30 s. A fragmented ClientHello is answered, or
+	// admitted, from its first fragment, which must hold the fields up to
+	// the compression methods; a ClientHello (or first fragment) that does
+	// not parse that far, and a later fragment from an address without a
+	// connection, are dropped. Bastion patch (51); not with
 	// InsecureSkipVerifyHello, and not with NewListener.
 	StatelessHelloVerify bool
 

@@ -1408,9 +1408,17 @@ func (c *Conn) handleIncomingPacket(
 	// Validate epoch
 	remoteEpoch := c.state.getRemoteEpoch()
 	// DTLS 1.2 accepts old epochs until the handshake completes (RFC 6347, Section 4.1).
-	if header.Epoch == 0 && header.ContentType == protocol.ContentTypeAlert && remoteEpoch != 0 &&
-		c.isHandshakeCompletedSuccessfully() {
-		c.log.Debug("discarded alert from the old plaintext epoch")
+	// Bastion patch (53): after it, no record of the plaintext epoch 0 is
+	// acted on, whatever its type (pion dropped only alerts). Anyone who
+	// knows the peer's address can send one, and the replay window never
+	// marks one that is refused: application data and a malformed
+	// ChangeCipherSpec drew a fatal alert, encrypted, that ended the
+	// peer's session while this one lived on; a handshake fragment made a
+	// server send its last flight again and was kept for good. The peer's
+	// only retransmission that needs an answer, its last flight, ends with
+	// its Finished, in epoch 1, which still gets one (processDatagram).
+	if header.Epoch == 0 && remoteEpoch != 0 && c.isHandshakeCompletedSuccessfully() {
+		c.log.Debug("discarded record from the old plaintext epoch")
 
 		return false, false, nil, nil
 	}
@@ -1908,8 +1916,10 @@ func (c *Conn) endReading() {
 // application data or an alert (Bastion patch (26); processDatagram and
 // inlineReadError handle alerts as the record reader does), or a
 // connection ID record (whose inner type is known only once decrypted:
-// processDatagram handles any). A malformed datagram is left to the
-// record reader too.
+// processDatagram handles any), or of epoch 0, which processDatagram
+// drops on an established connection (Bastion patch (53): so that a
+// forged one does not start the record reader either). A malformed
+// datagram is left to the record reader too.
 func onlyApplicationData(b []byte, cidLen int) bool {
 	var pktsArray [4][]byte
 	pkts, err := recordlayer.AppendContentAwareUnpackDatagram(pktsArray[:0], b, cidLen)
@@ -1918,7 +1928,7 @@ func onlyApplicationData(b []byte, cidLen int) bool {
 	}
 	for _, p := range pkts {
 		if t := protocol.ContentType(p[0]); t != protocol.ContentTypeApplicationData && t != protocol.ContentTypeConnectionID &&
-			t != protocol.ContentTypeAlert {
+			t != protocol.ContentTypeAlert && binary.BigEndian.Uint16(p[3:]) != 0 {
 			return false
 		}
 	}
