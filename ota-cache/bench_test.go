@@ -39,6 +39,7 @@ import (
 	"github.com/plgd-dev/go-coap/v3/net/blockwise"
 
 	"github.com/bastion-iot/bastion/internal/testenv"
+	"github.com/bastion-iot/bastion/internal/testutil/child"
 )
 
 const benchPSK = "bench-psk-0123456789"
@@ -275,7 +276,7 @@ func BenchmarkCoAPSServe(b *testing.B) {
 
 	for range b.N {
 		// --- the gateway (ota-cache + go-coap DTLS), its own process ---
-		gw := exec.Command(exe, "-test.run=^TestHelperGatewayProcess$", "-test.count=1")
+		gw := child.DieWithTest(exec.Command(exe, "-test.run=^TestHelperGatewayProcess$", "-test.count=1"))
 		gw.Env = append(os.Environ(), "OTACACHE_HELPER_GATEWAY_IMAGE="+imgPath, "OTACACHE_BENCH_DEVICES="+strconv.Itoa(n))
 		if p := os.Getenv("OTACACHE_BENCH_GATEWAY_GOMAXPROCS"); p != "" {
 			gw.Env = append(gw.Env, "GOMAXPROCS="+p)
@@ -301,7 +302,7 @@ func BenchmarkCoAPSServe(b *testing.B) {
 
 		// --- libcoap coap-server-openssl with the same file ---
 		port := freeUDPPortPair(b)
-		srv := exec.Command(server, "-A", "127.0.0.1", "-p", strconv.Itoa(port), "-k", benchPSK, "-d", "4", "-v", "0")
+		srv := child.DieWithTest(exec.Command(server, "-A", "127.0.0.1", "-p", strconv.Itoa(port), "-k", benchPSK, "-d", "4", "-v", "0"))
 		if err := srv.Start(); err != nil {
 			b.Fatal(err)
 		}

@@ -19,6 +19,7 @@ import (
 
 	"github.com/bastion-iot/bastion/internal/devicesim"
 	"github.com/bastion-iot/bastion/internal/testenv"
+	"github.com/bastion-iot/bastion/internal/testutil/child"
 )
 
 // startLibcoap runs libcoap's example server with a PSK (it answers PUT on
@@ -36,7 +37,7 @@ func startLibcoap(b *testing.B, key string) (addr string, pid int) {
 		}
 		port = testenv.FreePort(b, "udp")
 	}
-	cmd := exec.Command(bin, "-A", "127.0.0.1", "-p", fmt.Sprint(port), "-k", key, "-v", "0")
+	cmd := child.DieWithTest(exec.Command(bin, "-A", "127.0.0.1", "-p", fmt.Sprint(port), "-k", key, "-v", "0"))
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Start(); err != nil {

@@ -28,6 +28,7 @@ import (
 	"github.com/bastion-iot/bastion/gateway/control"
 	"github.com/bastion-iot/bastion/internal/devicesim"
 	"github.com/bastion-iot/bastion/internal/testenv"
+	"github.com/bastion-iot/bastion/internal/testutil/child"
 )
 
 var (
@@ -103,7 +104,7 @@ func startBastionBin(b *testing.B, bin string, env ...string) *bastion {
 	if err := gateway.WriteConfigFile(filepath.Join(dir, "bastion.yaml"), cfg); err != nil {
 		b.Fatal(err)
 	}
-	cmd := exec.Command(bin, "--dev", "--state", dir)
+	cmd := child.DieWithTest(exec.Command(bin, "--dev", "--state", dir))
 	// BENCH_BASTIOND_GOMEMLIMIT sets a Go soft memory limit for bastiond
 	// only (not for the load generator in this process).
 	cmd.Env = os.Environ()
@@ -285,7 +286,7 @@ max_inflight_messages 64
 max_packet_size 65536
 `, port, dir, dir, dir)
 	os.WriteFile(filepath.Join(dir, "m.conf"), []byte(conf), 0o600)
-	cmd := exec.Command(bin, "-c", filepath.Join(dir, "m.conf"))
+	cmd := child.DieWithTest(exec.Command(bin, "-c", filepath.Join(dir, "m.conf")))
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Start(); err != nil {

@@ -20,6 +20,7 @@ import (
 
 	"github.com/bastion-iot/bastion/internal/devicesim"
 	"github.com/bastion-iot/bastion/internal/testenv"
+	"github.com/bastion-iot/bastion/internal/testutil/child"
 )
 
 // result of one load run.
@@ -333,9 +334,9 @@ func mosquittoPubLoad(b *testing.B, bin, addr string, pid int, dev *devicesim.De
 	defer in.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, bin, "-h", host, "-p", port, "--cafile", file("ca.pem", dev.CAPEM),
+	cmd := child.DieWithTest(exec.CommandContext(ctx, bin, "-h", host, "-p", port, "--cafile", file("ca.pem", dev.CAPEM),
 		"--cert", file("c.pem", dev.CertPEM), "--key", file("k.pem", dev.KeyPEM), "-i", dev.ID,
-		"-V", "mqttv311", "-q", "0", "-t", "devices/"+dev.ID+"/t/bench", "-l")
+		"-V", "mqttv311", "-q", "0", "-t", "devices/"+dev.ID+"/t/bench", "-l"))
 	cmd.Stdin = in
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out

@@ -27,6 +27,7 @@ import (
 
 	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/internal/testenv"
+	"github.com/bastion-iot/bastion/internal/testutil/child"
 	"github.com/google/go-cmp/cmp"
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
@@ -1095,7 +1096,7 @@ func childAccept(dir string) int {
 func TestSIGKILLKeepsEveryAcceptedMessage(t *testing.T) {
 	for round := range 3 {
 		dir := t.TempDir()
-		cmd := exec.Command(os.Args[0], "-test.run=^$")
+		cmd := child.DieWithTest(exec.Command(os.Args[0], "-test.run=^$"))
 		cmd.Env = append(os.Environ(), "BASTION_QUEUE_CHILD="+dir)
 		stdout, err := cmd.StdoutPipe()
 		if err != nil {

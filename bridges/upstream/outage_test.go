@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/bastion-iot/bastion/bridges/queue"
+	"github.com/bastion-iot/bastion/internal/testutil/child"
 	"github.com/bastion-iot/bastion/internal/testutil/mosquitto"
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -100,7 +101,7 @@ func powerCut(t *testing.T, outage bool) {
 	cfg := linkConfig(t, b, "gw1")
 	qdir := t.TempDir()
 	args, _ := json.Marshal(childArgs{Config: cfg, QueueDir: qdir, Total: total, Devices: devices})
-	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd := child.DieWithTest(exec.Command(os.Args[0], "-test.run=^$"))
 	cmd.Env = append(os.Environ(), childEnv+"="+string(args))
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {

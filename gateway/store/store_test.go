@@ -15,6 +15,8 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 	bolt "go.etcd.io/bbolt"
+
+	"github.com/bastion-iot/bastion/internal/testutil/child"
 )
 
 func open(t *testing.T) (*Store, string) {
@@ -280,7 +282,7 @@ func TestSurvivesKill9(t *testing.T) {
 	}
 	p := filepath.Join(t.TempDir(), "state.db")
 	for round := 0; round < 3; round++ {
-		cmd := exec.Command(os.Args[0], "-test.run=^TestSurvivesKill9$")
+		cmd := child.DieWithTest(exec.Command(os.Args[0], "-test.run=^TestSurvivesKill9$"))
 		cmd.Env = append(os.Environ(), "STORE_KILL_CHILD="+p)
 		out, err := cmd.StdoutPipe()
 		if err != nil {
