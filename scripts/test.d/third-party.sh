@@ -41,11 +41,17 @@ echo "third-party: testing" $pkgs ./pion-transport/deadline/
 # a Read can take the close_notify before the last record still queued for
 # it) and TestSupportedEllipticCurves (1 in 40 under -race: the server closes right after
 # its handshake and the client can see the close_notify before its own
-# handshake ends). (mochi v2.7.9 under -race:
+# handshake ends). TestContextConfig is skipped because it asserts a
+# dial's cancellation lands between 20 and 60 ms of wall time, which a
+# loaded 2-CPU box misses (failed once in session 18 beside an image
+# build; 5 of 5 alone): a wall-clock window, not a behaviour check; the
+# cancellation itself is tested by the gateway's DTLS handshake-timeout
+# tests. (mochi v2.7.9 under -race:
 # TestEstablishConnectionInheritExistingTrueTakeover and
 # TestServerProcessPublishACLCheckDeny fail about 1 run in 3.)
 # shellcheck disable=SC2086 # one word per package
-(cd third_party && go test -count=1 -skip 'TestNetTest/BasicIO|TestSupportedEllipticCurves' $pkgs ./pion-transport/deadline/)
+echo "third-party: skipping upstream TestNetTest/BasicIO, TestSupportedEllipticCurves (fail on the unpatched release too) and TestContextConfig (a 20-60 ms wall-clock window)"
+(cd third_party && go test -count=1 -skip 'TestNetTest/BasicIO|TestSupportedEllipticCurves|TestContextConfig' $pkgs ./pion-transport/deadline/)
 # The patched copies' own fuzz targets get the short fuzz run scripts/test
 # gives the main module's (which does not see these modules): every
 # `func Fuzz` a patch adds, found in the patches (pion-dtls (51)'s
