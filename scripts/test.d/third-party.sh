@@ -45,8 +45,8 @@ echo "third-party: testing" $pkgs ./pion-transport/deadline/
 # dial's cancellation lands between 20 and 60 ms of wall time, which a
 # loaded 2-CPU box misses (failed once in session 18 beside an image
 # build; 5 of 5 alone): a wall-clock window, not a behaviour check; the
-# cancellation itself is tested by the gateway's DTLS handshake-timeout
-# tests. (mochi v2.7.9 under -race:
+# server's handshake deadline is tested by TestBastionServerHandshakeTimeout
+# and the stalled-handshake tests of bridges/coap. (mochi v2.7.9 under -race:
 # TestEstablishConnectionInheritExistingTrueTakeover and
 # TestServerProcessPublishACLCheckDeny fail about 1 run in 3.)
 # shellcheck disable=SC2086 # one word per package
