@@ -123,9 +123,13 @@ func (h *Handler) doLogin(ctx context.Context, w http.ResponseWriter, r *http.Re
 		h.refusalAudit(ctx, Actor{Name: "anonymous", Remote: src}, "console.login_failed", user, "")
 		return store.Session{}, refuse(ReasonBadLogin, http.StatusUnauthorized, "wrong user name or password")
 	}
-	// Not the source's /64: a key the whole LAN may share, whose other
-	// hosts' failures one host's success does not undo.
-	h.thr.Reset("u:"+user, "s:"+src)
+	// The user's count starts over; the source's lockout, if any, is
+	// lifted but its failures stay: one account of its own must not let a
+	// source wipe the failures it made against other accounts (the right
+	// password between every few wrong ones would never be locked out).
+	// The source's /64 is left as it is: the whole LAN may share it.
+	h.thr.Reset("u:" + user)
+	h.thr.Unlock("s:" + src)
 	s, err := h.newSession(w, r, u.Name)
 	if err != nil {
 		return s, err
