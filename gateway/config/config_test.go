@@ -454,3 +454,17 @@ func TestInterfaceErrorsInFileOrder(t *testing.T) {
 		}
 	}
 }
+
+// Two firmware URLs that are not https:// are reported in the file's
+// order at every load (they were checked in a map's random order).
+func TestFirmwareURLErrorsInOrder(t *testing.T) {
+	const file = "firmware:\n  enabled: true\n  repository_url: http://r\n  targets_url: http://t\n  trusted_root: /r.json\n"
+	want := "bad.yaml:3: firmware.repository_url: \"http://r\" is not an https:// URL: firmware is fetched over HTTPS only\n" +
+		"bad.yaml:4: firmware.targets_url: \"http://t\" is not an https:// URL: firmware is fetched over HTTPS only"
+	for i := range 50 {
+		_, err := Parse("bad.yaml", []byte(file), Production())
+		if err == nil || err.Error() != want {
+			t.Fatalf("load %d:\n got %v\nwant %s", i, err, want)
+		}
+	}
+}

@@ -140,9 +140,9 @@ func (c *Config) Validate() error {
 	}
 
 	if f := c.Firmware; f.Enabled {
-		for key, u := range map[string]string{"firmware.repository_url": f.RepositoryURL, "firmware.targets_url": f.TargetsURL} {
-			if (u != "" || key == "firmware.repository_url") && !strings.HasPrefix(u, "https://") {
-				bad(key, u, "is not an https:// URL: firmware is fetched over HTTPS only")
+		for _, u := range []struct{ key, url string }{{"firmware.repository_url", f.RepositoryURL}, {"firmware.targets_url", f.TargetsURL}} {
+			if (u.url != "" || u.key == "firmware.repository_url") && !strings.HasPrefix(u.url, "https://") {
+				bad(u.key, u.url, "is not an https:// URL: firmware is fetched over HTTPS only")
 			}
 		}
 		if f.TrustedRoot == "" {
