@@ -2,6 +2,7 @@ package config
 
 import (
 	"errors"
+	"fmt"
 	"net"
 	"strconv"
 
@@ -18,15 +19,44 @@ func (c *Config) FirewallPolicy(extra ...firewall.Service) (firewall.Policy, err
 	if err != nil {
 		return firewall.Policy{}, err
 	}
-	p := firewall.Policy{HandshakeRate: rate, Ping: c.Firewall.Ping}
-	// A zone with no interfaces is left out rather than listed empty.
-	if len(c.Firewall.LAN) > 0 {
-		p.Zones = append(p.Zones, firewall.Zone{Name: firewall.ZoneLAN, Interfaces: c.Firewall.LAN})
+	p := firewall.Policy{HandshakeRate: rate}
+	for _, part := range c.policyParts() {
+		part.add(&p)
 	}
-	if len(c.Firewall.WAN) > 0 {
-		p.Zones = append(p.Zones, firewall.Zone{Name: firewall.ZoneWAN, Interfaces: c.Firewall.WAN})
+	p.Services = append(p.Services, extra...)
+	return p, nil
+}
+
+// policyPart is one configured item of the firewall policy, the key that
+// configures it and how it goes into the policy.
+type policyPart struct {
+	key string
+	add func(*firewall.Policy)
+}
+
+// policyParts are the parts of c's firewall policy, in the order
+// FirewallPolicy adds them: the zones' interfaces (a zone with none is
+// left out rather than listed empty), the listeners' services, the ping
+// zones, the forward rules.
+func (c *Config) policyParts() []policyPart {
+	var parts []policyPart
+	for _, z := range []struct {
+		name string
+		ifs  []string
+	}{{firewall.ZoneLAN, c.Firewall.LAN}, {firewall.ZoneWAN, c.Firewall.WAN}} {
+		for i, ifc := range z.ifs {
+			parts = append(parts, policyPart{fmt.Sprintf("firewall.%s[%d]", z.name, i), func(p *firewall.Policy) {
+				for j := range p.Zones {
+					if p.Zones[j].Name == z.name {
+						p.Zones[j].Interfaces = append(p.Zones[j].Interfaces, ifc)
+						return
+					}
+				}
+				p.Zones = append(p.Zones, firewall.Zone{Name: z.name, Interfaces: []string{ifc}})
+			}})
+		}
 	}
-	add := func(enabled bool, name string, proto firewall.Proto, listen string) {
+	service := func(enabled bool, key, name string, proto firewall.Proto, listen string) {
 		if !enabled || listen == "" {
 			return
 		}
@@ -38,22 +68,29 @@ func (c *Config) FirewallPolicy(extra ...firewall.Service) (firewall.Policy, err
 		if err != nil || port <= 0 || port > 65535 {
 			return
 		}
-		p.Services = append(p.Services, firewall.Service{Name: name, Proto: proto, Port: uint16(port), Zones: []string{firewall.ZoneLAN}, Handshake: true})
+		parts = append(parts, policyPart{key, func(p *firewall.Policy) {
+			p.Services = append(p.Services, firewall.Service{Name: name, Proto: proto, Port: uint16(port), Zones: []string{firewall.ZoneLAN}, Handshake: true})
+		}})
 	}
-	add(c.CoAP.Enabled, "coaps", firewall.UDP, c.CoAP.Listen)
-	add(c.CoAP.Enabled, "coaps-psk", firewall.UDP, c.CoAP.PSKListen)
-	add(c.MQTT.Enabled, "mqtt-tls", firewall.TCP, c.MQTT.Listen)
-	add(c.Console.Enabled, "console", firewall.TCP, c.Console.Listen)
-	add(c.Firmware.Enabled, "firmware-https", firewall.TCP, c.Firmware.HTTPSListen)
-	p.Services = append(p.Services, extra...)
-	for _, f := range c.Firewall.Forward {
-		p.Forward = append(p.Forward, firewall.ForwardRule{From: f.From, To: f.To, Proto: firewall.Proto(f.Proto), Port: uint16(f.Port)})
+	service(c.CoAP.Enabled, "coap.listen", "coaps", firewall.UDP, c.CoAP.Listen)
+	service(c.CoAP.Enabled, "coap.psk_listen", "coaps-psk", firewall.UDP, c.CoAP.PSKListen)
+	service(c.MQTT.Enabled, "mqtt.listen", "mqtt-tls", firewall.TCP, c.MQTT.Listen)
+	service(c.Console.Enabled, "console.listen", "console", firewall.TCP, c.Console.Listen)
+	service(c.Firmware.Enabled, "firmware.https_listen", "firmware-https", firewall.TCP, c.Firmware.HTTPSListen)
+	for i, z := range c.Firewall.Ping {
+		parts = append(parts, policyPart{fmt.Sprintf("firewall.ping[%d]", i), func(p *firewall.Policy) { p.Ping = append(p.Ping, z) }})
 	}
-	return p, nil
+	for i, f := range c.Firewall.Forward {
+		parts = append(parts, policyPart{fmt.Sprintf("firewall.forward[%d]", i), func(p *firewall.Policy) {
+			p.Forward = append(p.Forward, firewall.ForwardRule{From: f.From, To: f.To, Proto: firewall.Proto(f.Proto), Port: uint16(f.Port)})
+		}})
+	}
+	return parts
 }
 
 func (c *Config) validateFirewall(errs *Errors) {
-	if _, err := firewall.ParseRate(c.Firewall.HandshakeRate); err != nil {
+	rate, err := firewall.ParseRate(c.Firewall.HandshakeRate)
+	if err != nil {
 		*errs = append(*errs, &Error{Key: "firewall.handshake_rate", Msg: strconv.Quote(c.Firewall.HandshakeRate) + " " + err.Error() + " (e.g. \"20/second burst 40\")"})
 		return
 	}
@@ -63,16 +100,27 @@ func (c *Config) validateFirewall(errs *Errors) {
 			return
 		}
 	}
-	p, err := c.FirewallPolicy()
-	if err != nil {
-		return
-	}
-	if err := p.Validate(); err != nil {
-		// The policy reports every problem at once; each is already phrased
-		// for a person, so pass them on under the firewall key.
-		for _, e := range unjoin(err) {
-			*errs = append(*errs, &Error{Key: "firewall", Msg: e.Error()})
+	// The policy reports every problem at once, each phrased for a person
+	// but named by the policy's own terms (zone lan, forward[1],
+	// services[2]), not by the key and line that caused it. So the policy
+	// is built part by part as FirewallPolicy builds it, checked after
+	// each part, and a problem that appears with a part is reported at
+	// that part's key: a problem two parts make together (an interface
+	// listed twice, a port two listeners share) at the later one.
+	p := firewall.Policy{HandshakeRate: rate}
+	before := map[string]int{}
+	for _, part := range c.policyParts() {
+		part.add(&p)
+		now := map[string]int{}
+		if err := p.Validate(); err != nil {
+			for _, e := range unjoin(err) {
+				msg := e.Error()
+				if now[msg]++; now[msg] > before[msg] {
+					*errs = append(*errs, &Error{Key: part.key, Msg: msg})
+				}
+			}
 		}
+		before = now
 	}
 }
 

@@ -9,12 +9,11 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/bastion-iot/bastion/firewall"
 )
 
-var (
-	gatewayIDRe = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
-	ifaceRe     = regexp.MustCompile(`^[A-Za-z0-9_.:@-]{1,15}$`)
-)
+var gatewayIDRe = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
 
 // cleartext ports are never opened, even by mistake.
 var cleartextPorts = map[int]string{5683: "plain CoAP", 1883: "plain MQTT", 80: "plain HTTP"}
@@ -117,17 +116,23 @@ func (c *Config) Validate() error {
 	}
 
 	seen := map[string]string{}
-	for zone, ifs := range map[string][]string{"lan": c.Firewall.LAN, "wan": c.Firewall.WAN} {
-		for i, name := range ifs {
-			key := fmt.Sprintf("firewall.%s[%d]", zone, i)
-			if !ifaceRe.MatchString(name) {
-				bad(key, name, "is not an interface name (1-15 letters, digits, '_', '.', '-')")
+	for _, z := range []struct {
+		name string
+		ifs  []string
+	}{{firewall.ZoneLAN, c.Firewall.LAN}, {firewall.ZoneWAN, c.Firewall.WAN}} {
+		for i, name := range z.ifs {
+			key := fmt.Sprintf("firewall.%s[%d]", z.name, i)
+			// The firewall's own rule for a name, so that the two cannot
+			// disagree: one of this package's accepted "eth0:1", which the
+			// firewall refuses, and refused "wlan+", which it takes.
+			if err := (firewall.Policy{Zones: []firewall.Zone{{Name: z.name, Interfaces: []string{name}}}}).Validate(); err != nil {
+				errs = append(errs, &Error{Key: key, Msg: err.Error()})
 				continue
 			}
-			if other, ok := seen[name]; ok && other != zone {
+			if other, ok := seen[name]; ok && other != z.name {
 				bad(key, name, "is in both lan and wan: an interface belongs to one zone")
 			}
-			seen[name] = zone
+			seen[name] = z.name
 		}
 	}
 	if c.Firewall.Manage && len(c.Firewall.LAN) == 0 {
@@ -135,9 +140,9 @@ func (c *Config) Validate() error {
 	}
 
 	if f := c.Firmware; f.Enabled {
-		for key, u := range map[string]string{"firmware.repository_url": f.RepositoryURL, "firmware.targets_url": f.TargetsURL} {
-			if (u != "" || key == "firmware.repository_url") && !strings.HasPrefix(u, "https://") {
-				bad(key, u, "is not an https:// URL: firmware is fetched over HTTPS only")
+		for _, u := range []struct{ key, url string }{{"firmware.repository_url", f.RepositoryURL}, {"firmware.targets_url", f.TargetsURL}} {
+			if (u.url != "" || u.key == "firmware.repository_url") && !strings.HasPrefix(u.url, "https://") {
+				bad(u.key, u.url, "is not an https:// URL: firmware is fetched over HTTPS only")
 			}
 		}
 		if f.TrustedRoot == "" {

@@ -61,17 +61,25 @@ func checkNewPassword(user, pw string) error {
 // newSession creates a fresh session for user, replacing old (rotation at
 // login: an id an attacker planted before login is worthless after it).
 func (h *Handler) newSession(w http.ResponseWriter, r *http.Request, user string) (store.Session, error) {
+	// Neither failure below stops the login: a session left in the store
+	// still ends at its idle or absolute limit (authenticate checks both),
+	// but until then the one the browser presented still works, which the
+	// log must say.
 	if c, err := r.Cookie(sessionCookie); err == nil {
-		h.o.Store.DeleteSession(hashToken(c.Value))
+		if err := h.acct.DeleteSession(hashToken(c.Value)); err != nil {
+			h.log.WarnContext(r.Context(), "console: login: the browser's previous session could not be deleted; it works until it expires", "user", user, "remote", remoteIP(r), "err", err)
+		}
 	}
 	now := h.o.Now()
 	// Sweep expired sessions now and then: logins are rare enough.
-	h.o.Store.DeleteSessions("", func(s store.Session) bool {
+	if err := h.acct.DeleteSessions("", func(s store.Session) bool {
 		return now.Sub(s.LastSeen) > h.o.IdleTimeout || now.Sub(s.Created) > h.o.MaxAge
-	})
+	}); err != nil {
+		h.log.WarnContext(r.Context(), "console: login: expired sessions could not be swept; the next login tries again", "user", user, "remote", remoteIP(r), "err", err)
+	}
 	id := randomToken()
 	s := store.Session{Hash: hashToken(id), User: user, CSRF: randomToken(), Created: now, LastSeen: now, Remote: remoteIP(r)}
-	if err := h.o.Store.PutSession(s); err != nil {
+	if err := h.acct.PutSession(s); err != nil {
 		return s, fmt.Errorf("store session: %w", err)
 	}
 	http.SetCookie(w, &http.Cookie{Name: sessionCookie, Value: id, Path: "/", Secure: true, HttpOnly: true, SameSite: http.SameSiteStrictMode})
@@ -115,9 +123,13 @@ func (h *Handler) doLogin(ctx context.Context, w http.ResponseWriter, r *http.Re
 		h.refusalAudit(ctx, Actor{Name: "anonymous", Remote: src}, "console.login_failed", user, "")
 		return store.Session{}, refuse(ReasonBadLogin, http.StatusUnauthorized, "wrong user name or password")
 	}
-	// Not the source's /64: a key the whole LAN may share, whose other
-	// hosts' failures one host's success does not undo.
-	h.thr.Reset("u:"+user, "s:"+src)
+	// The user's count starts over; the source's lockout, if any, is
+	// lifted but its failures stay: one account of its own must not let a
+	// source wipe the failures it made against other accounts (the right
+	// password between every few wrong ones would never be locked out).
+	// The source's /64 is left as it is: the whole LAN may share it.
+	h.thr.Reset("u:" + user)
+	h.thr.Unlock("s:" + src)
 	s, err := h.newSession(w, r, u.Name)
 	if err != nil {
 		return s, err
@@ -196,25 +208,37 @@ func (h *Handler) doRecover(ctx context.Context, r *http.Request, in setupInput)
 	if err != nil {
 		return err
 	}
-	_, err = h.o.Store.UpdateAdmin(user, func(u *store.AdminUser) error {
+	// Setup is closed before the password is set, the setup code first: a
+	// failure at any step leaves the account as it was and no setup code
+	// that works beside a recovered account (one deleted, then setup
+	// marked done). Each write is its own transaction.
+	const unchanged = "the account is unchanged and the recovery code is spent: get a new recovery code and try again"
+	if err := h.acct.SetMeta(MetaSetupCode, nil); err != nil {
+		return storeFailed(err, "Recovery of %q stopped: deleting the first-admin setup code failed (%v); %s.", user, err, unchanged)
+	}
+	if err := h.acct.SetMeta(MetaAdminExists, []byte(now.UTC().Format(time.RFC3339))); err != nil {
+		return storeFailed(err, "Recovery of %q stopped: the first-admin setup code is deleted, but marking setup as done failed (%v); %s.", user, err, unchanged)
+	}
+	_, err = h.acct.UpdateAdmin(user, func(u *store.AdminUser) error {
 		u.PasswordHash, u.PasswordSet, u.Role = ph, now, RoleAdmin
 		return nil
 	})
 	if errors.Is(err, store.ErrNotFound) {
-		err = h.o.Store.AddAdmin(store.AdminUser{Name: user, Role: RoleAdmin, PasswordHash: ph, Created: now, PasswordSet: now})
+		err = h.acct.AddAdmin(store.AdminUser{Name: user, Role: RoleAdmin, PasswordHash: ph, Created: now, PasswordSet: now})
 	}
 	if err != nil {
-		return err
-	}
-	h.o.Store.SetMeta(MetaAdminExists, []byte(now.UTC().Format(time.RFC3339)))
-	h.o.Store.SetMeta(MetaSetupCode, nil)
-	// Whoever had the account may have made API tokens, which never
-	// expire: they go with its sessions.
-	tokens, err := h.o.Store.EndAccess(user, "")
-	if err != nil {
-		return fmt.Errorf("password of %q set, but its sessions and API tokens may still work (recover again): %w", user, err)
+		return storeFailed(err, "Recovery of %q stopped: setup is closed, but setting the password failed (%v); %s.", user, err, unchanged)
 	}
 	h.thr.Reset("u:" + user)
+	// Whoever had the account may have made API tokens, which never
+	// expire: they go with its sessions. The store has no transaction that
+	// also sets the password, so a failure here leaves the new password
+	// beside every old session and token (EndAccess deletes all or none).
+	tokens, err := h.acct.EndAccess(user, "")
+	if err != nil {
+		h.audit(ctx, Actor{Name: user, Remote: src}, "console.recover", user, "password set with the recovery code; ending its sessions and API tokens failed, none ended")
+		return storeFailed(err, "The password of %q is set, but ending its sessions and API tokens failed (%v): none of them has ended, each still works. Log in with the new password and change it, which ends the others, or recover again with a new recovery code.", user, err)
+	}
 	h.audit(ctx, Actor{Name: user, Remote: src}, "console.recover", user,
 		fmt.Sprintf("password set with the recovery code; sessions ended, %d API token(s) deleted", tokens))
 	h.flushRefusalAudit(ctx, "recovery")
@@ -735,7 +759,7 @@ func (h *Handler) changePassword(ctx context.Context, p *principal, in passwordI
 	if err != nil {
 		return err
 	}
-	if _, err := h.o.Store.UpdateAdmin(p.user, func(u *store.AdminUser) error {
+	if _, err := h.acct.UpdateAdmin(p.user, func(u *store.AdminUser) error {
 		u.PasswordHash, u.PasswordSet = ph, h.o.Now()
 		return nil
 	}); err != nil {
@@ -744,13 +768,17 @@ func (h *Handler) changePassword(ctx context.Context, p *principal, in passwordI
 	// Who changes a password may fear someone else knows it, and could
 	// have made API tokens with it, which never expire: all go, the one
 	// this request came with too. The session that made the change stays.
+	// The store has no transaction that also sets the password, so a
+	// failure here leaves the new password beside every old session and
+	// token (EndAccess deletes all or none).
 	keep := ""
 	if p.session != nil {
 		keep = p.session.Hash
 	}
-	tokens, err := h.o.Store.EndAccess(p.user, keep)
+	tokens, err := h.acct.EndAccess(p.user, keep)
 	if err != nil {
-		return fmt.Errorf("password of %q changed, but its other sessions and API tokens may still work (change it again): %w", p.user, err)
+		h.audit(ctx, p.actor(), "admin.password", p.user, "ending other sessions and API tokens failed, none ended")
+		return storeFailed(err, "The new password of %q is set, but ending its other sessions and API tokens failed (%v): none of them has ended, each still works. Change the password again to end them.", p.user, err)
 	}
 	h.audit(ctx, p.actor(), "admin.password", p.user, fmt.Sprintf("other sessions ended, %d API token(s) deleted", tokens))
 	return nil

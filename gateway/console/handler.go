@@ -90,6 +90,19 @@ func (h *Handler) SetComponents(c Components) { h.comp.Store(&c) }
 
 func (h *Handler) c() *Components { return h.comp.Load() }
 
+// accountStore is what login, recovery and password change write: the
+// store (*store.Store), behind an interface so that a test can make one of
+// these writes fail.
+type accountStore interface {
+	PutSession(store.Session) error
+	DeleteSession(hash string) error
+	DeleteSessions(user string, expired func(store.Session) bool) error
+	AddAdmin(store.AdminUser) error
+	UpdateAdmin(name string, fn func(*store.AdminUser) error) (store.AdminUser, error)
+	SetMeta(key string, v []byte) error
+	EndAccess(user, keepSession string) (tokens int, err error)
+}
+
 // Handler serves the console's pages, its JSON API under /api/v1 and its
 // static assets.
 type Handler struct {
@@ -112,6 +125,9 @@ type Handler struct {
 	// afterAuthRead, if set (tests), runs in authenticate between reading
 	// the session or token and touching it.
 	afterAuthRead func()
+	// acct is the store as login, recovery and password change write it
+	// (o.Store; tests put a wrapper here that makes one write fail).
+	acct accountStore
 
 	mu      sync.Mutex
 	flashes map[string]string
@@ -151,6 +167,7 @@ func NewHandler(o Options) (*Handler, error) {
 	h := &Handler{o: o, log: o.Log.With("component", "console"), mux: http.NewServeMux(), hash: hash,
 		thr: newThrottle(o.Throttle, throttleKeys), cop: http.NewCrossOriginProtection(), pages: pg, flashes: map[string]string{},
 		refusalEvents: ratelog.New(refusalAuditEvery)}
+	h.acct = o.Store
 	h.SetComponents(o.Components)
 	h.refusals = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "bastion_console_refusals_total",
@@ -282,12 +299,22 @@ type httpError struct {
 	code   int
 	msg    string
 	reason string
+	err    error // the cause, if any (storeFailed)
 }
 
 func (e *httpError) Error() string { return e.msg }
+func (e *httpError) Unwrap() error { return e.err }
 
 func errf(code int, format string, a ...any) error {
 	return &httpError{code: code, msg: fmt.Sprintf(format, a...)}
+}
+
+// storeFailed is the answer when a store write failed, err, part way
+// through an action: a 500 whose message, which the user sees, says what
+// is done, what is not and what to do (format), where "internal error"
+// would leave them guessing.
+func storeFailed(err error, format string, a ...any) error {
+	return &httpError{code: http.StatusInternalServerError, msg: fmt.Sprintf(format, a...), err: err}
 }
 
 // refuse is errf for a refusal whose reason the status alone does not say.
