@@ -119,10 +119,9 @@ func (p *pairingSvc) listenEST() (net.Listener, error) {
 			return nil, err
 		}
 		p.estCert = sc
-	} else if p.estCert.Due() {
-		if err := p.estCert.Renew(); err != nil {
-			return nil, err
-		}
+	} else if _, err := p.estCert.Refresh(p.g.serverSANs(*cfg, listen)); err != nil {
+		// Due, or the lan's addresses changed since the last window.
+		return nil, err
 	}
 	if p.estRefusals == nil {
 		p.estRefusals = p.g.newHTTPSRefusals("est", "pairing: EST over HTTPS", p.g.log, slog.LevelWarn)
