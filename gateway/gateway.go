@@ -72,8 +72,9 @@ type Options struct {
 	// local subscribers only (hub.LocalSink).
 	Sink bridges.Sink
 	// LANAddrs, if set, gives the addresses of the lan interface called
-	// name, for the server certificates' names (tests); nil reads the
-	// system's.
+	// name, for the server certificates' names (tests): none for an
+	// interface that is not there, an error if they could not be read.
+	// Nil reads the system's.
 	LANAddrs func(name string) ([]net.Addr, error)
 }
 
@@ -302,8 +303,10 @@ func (g *Gateway) waitForClock(ctx context.Context, interval time.Duration) erro
 
 // serverSANs are the names the certificate of a listener on listen covers:
 // pki.hostnames, the address it listens on, and the addresses the lan
-// interfaces have now (renewServerCerts asks again every pass).
-func (g *Gateway) serverSANs(cfg config.Config, listen string) []string {
+// interfaces have now (renewServerCerts asks again every pass). The error
+// says the addresses of a lan interface could not be read: the names are
+// without them.
+func (g *Gateway) serverSANs(cfg config.Config, listen string) ([]string, error) {
 	sans := slices.Clone(cfg.PKI.Hostnames)
 	if host, _, err := net.SplitHostPort(listen); err == nil && host != "" {
 		if ip := net.ParseIP(host); ip != nil && !ip.IsUnspecified() {
@@ -315,10 +318,12 @@ func (g *Gateway) serverSANs(cfg config.Config, listen string) []string {
 		lanAddrs = interfaceAddrs
 	}
 	// A box listening on every address answers on its lan interfaces' addresses.
+	var errs []error
 	for _, name := range cfg.Firewall.LAN {
 		addrs, err := lanAddrs(name)
 		if err != nil {
-			continue // not there (yet): no address of it to name
+			errs = append(errs, fmt.Errorf("addresses of lan interface %s: %w", name, err))
+			continue
 		}
 		for _, a := range addrs {
 			if ipn, ok := a.(*net.IPNet); ok && !ipn.IP.IsLinkLocalUnicast() {
@@ -329,15 +334,42 @@ func (g *Gateway) serverSANs(cfg config.Config, listen string) []string {
 	if len(sans) == 0 {
 		sans = append(sans, cfg.GatewayID+".local")
 	}
-	return sans
+	return sans, errors.Join(errs...)
 }
 
+// interfaceAddrs are the addresses of the interface called name, none if
+// it is not there (yet: a bridge not created, a USB adapter not plugged).
+// Not net.InterfaceByName, whose error for a missing interface is not
+// told apart from a failure to read the interfaces.
 func interfaceAddrs(name string) ([]net.Addr, error) {
-	ifc, err := net.InterfaceByName(name)
+	ifs, err := net.Interfaces()
 	if err != nil {
 		return nil, err
 	}
-	return ifc.Addrs()
+	for _, ifc := range ifs {
+		if ifc.Name == name {
+			return ifc.Addrs()
+		}
+	}
+	return nil, nil
+}
+
+// refreshServerCert re-issues sc, the certificate of the listener called
+// name on listen, if it is due or its names (serverSANs) changed. When the
+// lan's addresses cannot be read it only renews one that is due: a
+// passing failure must not drop the addresses from the names, and every
+// device that verifies the gateway by one of them with it.
+func (g *Gateway) refreshServerCert(cfg config.Config, name, listen string, sc *pki.ServerCert) error {
+	sans, err := g.serverSANs(cfg, listen)
+	if err != nil {
+		g.log.Warn("server certificate names not checked; it keeps those it has", "listener", name, "err", err)
+		if !sc.Due() {
+			return nil
+		}
+		return sc.Renew()
+	}
+	_, err = sc.Refresh(sans)
+	return err
 }
 
 // listenerCert is a listener's server certificate and the address the
@@ -383,7 +415,7 @@ func (g *Gateway) renewServerCerts() {
 	cfg := g.cfg.Load()
 	for _, name := range slices.Sorted(maps.Keys(g.certs)) {
 		lc := g.certs[name]
-		if _, err := lc.cert.Refresh(g.serverSANs(*cfg, lc.listen)); err != nil {
+		if err := g.refreshServerCert(*cfg, name, lc.listen, lc.cert); err != nil {
 			g.log.Error("server certificate not renewed; the current one is served, retrying at the next check",
 				"listener", name, "next_check", serverCertCheck, "err", err)
 		}
@@ -393,7 +425,11 @@ func (g *Gateway) renewServerCerts() {
 func (g *Gateway) openListeners(cfg config.Config) error {
 	g.certs = map[string]listenerCert{}
 	cert := func(name, listen string) (*pki.ServerCert, error) {
-		sc, err := g.ca.ServerCert(name, g.serverSANs(cfg, listen), cfg.PKI.ServerCertValidity.D(), cfg.PKI.RenewBefore.D())
+		sans, err := g.serverSANs(cfg, listen)
+		if err != nil {
+			g.log.Warn("server certificate names without the lan's addresses; the renewal pass checks them again", "listener", name, "err", err)
+		}
+		sc, err := g.ca.ServerCert(name, sans, cfg.PKI.ServerCertValidity.D(), cfg.PKI.RenewBefore.D())
 		if err != nil {
 			return nil, err
 		}

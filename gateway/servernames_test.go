@@ -7,7 +7,6 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
-	"fmt"
 	"net"
 	"os"
 	"path/filepath"
@@ -27,6 +26,14 @@ import (
 type fakeLAN struct {
 	mu    sync.Mutex
 	addrs map[string][]net.Addr
+	fail  error // what reading the addresses returns, if set
+}
+
+// failing makes reading the addresses fail with err (nil: succeed).
+func (f *fakeLAN) failing(err error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.fail = err
 }
 
 // set gives interface name the addresses cidrs ("192.0.2.7/24"); none
@@ -56,11 +63,10 @@ func (f *fakeLAN) set(t *testing.T, name string, cidrs ...string) {
 func (f *fakeLAN) Addrs(name string) ([]net.Addr, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	as, ok := f.addrs[name]
-	if !ok {
-		return nil, fmt.Errorf("route ip+net: no such network interface %s", name)
+	if f.fail != nil {
+		return nil, f.fail
 	}
-	return slices.Clone(as), nil
+	return slices.Clone(f.addrs[name]), nil
 }
 
 // startWithLAN runs a dev gateway whose lan interface lan0 has the
@@ -182,6 +188,13 @@ func TestServerCertsFollowLAN(t *testing.T) {
 	expect("after a new lease", "192.0.2.8", true)
 	expect("after a new lease", "192.0.2.7", false)
 
+	// A failure to read the addresses is no change of them: the
+	// certificates keep their names rather than drop the lan's.
+	lan.failing(errors.New("netlinkrib: no buffer space available"))
+	g.renewServerCerts()
+	expect("after a pass that could not read the addresses", "192.0.2.8", true)
+	lan.failing(nil)
+
 	// Every listener's certificate, the firmware's included when it runs,
 	// went the same way.
 	for name, lc := range g.certs {
@@ -231,5 +244,21 @@ func TestESTCertFollowsLAN(t *testing.T) {
 	lan.set(t, "lan0", "192.0.2.8/24")
 	if ips := names("window after a new lease"); !has(ips, "192.0.2.8") || has(ips, "192.0.2.7") {
 		t.Errorf("window after a new lease: EST certificate names %v, want 192.0.2.8 and not 192.0.2.7", ips)
+	}
+}
+
+// TestInterfaceAddrs: an interface that is not there has no addresses (a
+// definite answer, which the certificates follow), not an error (which
+// they would not); one that is there has its own.
+func TestInterfaceAddrs(t *testing.T) {
+	if as, err := interfaceAddrs("bastion-none0"); err != nil || len(as) != 0 {
+		t.Errorf("interfaceAddrs of a missing interface = %v, %v; want none and no error", as, err)
+	}
+	as, err := interfaceAddrs("lo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.ContainsFunc(as, func(a net.Addr) bool { ipn, ok := a.(*net.IPNet); return ok && ipn.IP.Equal(net.IPv4(127, 0, 0, 1)) }) {
+		t.Errorf("interfaceAddrs(lo) = %v, want 127.0.0.1 among them", as)
 	}
 }
