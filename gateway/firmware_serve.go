@@ -14,6 +14,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/bastion-iot/bastion/bridges"
@@ -112,8 +113,26 @@ func (g *Gateway) openFirmwareHTTPS(cfg config.Config, cert func(name, listen st
 		refusals.refused(slog.LevelWarn, "conn_limit", "conn_limit", "connection refused: the listener's connections are all in use",
 			"limit", fwMaxConns)
 	}}
-	g.firmwareHTTPS = &firmwareHTTPS{ln: tls.NewListener(capped, tcfg), srv: &http.Server{
-		Handler:           mux,
+	limit := bridges.NewSourceLimit[net.Conn](fwMaxUnauthPerSource, fwMaxUnauthPerPrefix, fwMaxUnauth)
+	unauth := &unauthLimit{Listener: capped, limit: limit, limited: func(c net.Conn, src bridges.Source, by bridges.Bound) {
+		args := []any{"device", "", "remote", c.RemoteAddr().String(),
+			"from_this_address", limit.From(src.Addr), "per_address_limit", fwMaxUnauthPerSource}
+		if src.Prefix.IsValid() {
+			args = append(args, "prefix", src.Prefix.String(), "from_this_prefix", limit.In(src.Prefix), "per_prefix_limit", fwMaxUnauthPerPrefix)
+		}
+		args = append(args, "in_all", limit.Len(), "limit", fwMaxUnauth)
+		refusals.refused(slog.LevelWarn, hub.ReasonHandshakeLimit+":"+by.String(), hub.ReasonHandshakeLimit, unauthLimitMsg[by], args...)
+	}}
+	g.firmwareHTTPS = &firmwareHTTPS{ln: tls.NewListener(unauth, tcfg), srv: &http.Server{
+		Handler: mux,
+		// A connection whose first request net/http reads has passed
+		// its handshake, which only a device certificate verify accepts
+		// passes: it gives its place among the unauthenticated back.
+		ConnState: func(c net.Conn, st http.ConnState) {
+			if st == http.StateActive {
+				authenticated(c)
+			}
+		},
 		ReadHeaderTimeout: 10 * time.Second,
 		// Bounds every answer but an image's, whose writes each get
 		// fwWriteStall afresh (otacache.HTTPLimits): a device that stops
@@ -135,7 +154,121 @@ const (
 	// (each can hold a goroutine, TLS and HTTP buffers and an fd): past
 	// it a new connection is closed at once and counted.
 	fwMaxConns = 256
+	// fwMaxUnauthPerSource, fwMaxUnauthPerPrefix and fwMaxUnauth bound
+	// the connections not authenticated yet (unauthLimit): from one
+	// address (a new one past it closed), from one IPv6 /64 and in all
+	// (past them the /64's, or all's, oldest closed). The total is half
+	// of fwMaxConns, so that hosts that stall handshakes from many
+	// addresses leave the other half to devices downloading.
+	fwMaxUnauthPerSource = 8
+	fwMaxUnauthPerPrefix = 32
+	fwMaxUnauth          = 128
 )
+
+// unauthLimit holds a place in limit (a bridges.SourceLimit: why it counts
+// per address, per IPv6 /64 and in all, refusing past the first and
+// closing the oldest past the others, is said there) for each connection
+// from its accept until it is authenticated (authenticated) or closed: the
+// TLS handshake, then the wait for the first request, each up to 10 s.
+// Without it one LAN host could hold every one of the fwMaxConns by
+// opening connections and sending nothing, and open them again as the
+// handshake timeout closed them. TCP cannot be spoofed, so an address over
+// its bound is the host itself: its new connection is closed at once. A
+// device holds its place for the milliseconds of its handshake, so what
+// the closing of the oldest pushes out is stalled connections. Each
+// connection closed so is passed to limited (counted and logged) before
+// it is closed.
+type unauthLimit struct {
+	net.Listener
+	limit   *bridges.SourceLimit[net.Conn]
+	limited func(c net.Conn, src bridges.Source, by bridges.Bound)
+}
+
+var unauthLimitMsg = map[bridges.Bound]string{
+	bridges.BoundSource: "connection refused: too many not yet authenticated from this address (TLS handshake or first request pending)",
+	bridges.BoundPrefix: "oldest unauthenticated connection of this IPv6 /64 closed: too many not yet authenticated from the /64",
+	bridges.BoundTotal:  "oldest unauthenticated connection closed: too many not yet authenticated in all",
+}
+
+func (l *unauthLimit) Accept() (net.Conn, error) {
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		src := bridges.SourceOf(c.RemoteAddr())
+		u := &unauthConn{Conn: c, limit: l.limit}
+		u.slot = bridges.NewSlot[net.Conn](src, u)
+		ok, evicted, by := l.limit.Take(u.slot)
+		if !ok {
+			l.limited(c, src, bridges.BoundSource)
+			c.Close()
+			continue
+		}
+		if evicted != nil {
+			// Its handshake's read fails with errEvicted, which the
+			// ErrorLog does not count again.
+			l.limited(evicted.Value(), evicted.Source(), by)
+			evicted.Value().Close()
+		}
+		return u, nil
+	}
+}
+
+// errEvicted is what an evicted connection's reads and writes return,
+// so that the failed handshake net/http logs is known as one unauthLimit
+// counted already (httpsRefusals.Write).
+var errEvicted = errors.New(evictedText)
+
+const evictedText = "closed to make room for a newer connection: too many not yet authenticated"
+
+// unauthConn is a connection holding its place in an unauthLimit until it
+// is authenticated or closed.
+type unauthConn struct {
+	net.Conn
+	limit   *bridges.SourceLimit[net.Conn]
+	slot    *bridges.Slot[net.Conn]
+	claimed atomic.Bool // authenticated once
+}
+
+func (c *unauthConn) Read(b []byte) (int, error) {
+	n, err := c.Conn.Read(b)
+	return n, c.why(err)
+}
+
+func (c *unauthConn) Write(b []byte) (int, error) {
+	n, err := c.Conn.Write(b)
+	return n, c.why(err)
+}
+
+func (c *unauthConn) why(err error) error {
+	if err != nil && c.limit.EvictedBy(c.slot) != bridges.BoundNone {
+		return errEvicted
+	}
+	return err
+}
+
+// Close closes the connection and gives its place back (at most once).
+func (c *unauthConn) Close() error {
+	err := c.Conn.Close()
+	c.limit.Release(c.slot)
+	return err
+}
+
+// authenticated gives the place of c, the *tls.Conn net/http serves on an
+// unauthConn, back for good; no newer connection can close it from then
+// on. One evicted already is being closed: nothing to give back.
+func authenticated(c net.Conn) {
+	tc, ok := c.(*tls.Conn)
+	if !ok {
+		return
+	}
+	u, ok := tc.NetConn().(*unauthConn)
+	if !ok || u.claimed.Swap(true) {
+		return
+	}
+	u.limit.Claim(u.slot)
+}
 
 // connCap closes a connection accepted while len(slots) others are open,
 // and calls refused for it. (x/net's netutil.LimitListener stops accepting

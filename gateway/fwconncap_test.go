@@ -6,6 +6,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/bastion-iot/bastion/bridges/hub"
 )
 
 // TestFirmwareConnCap: past its cap the listener closes a new connection
@@ -85,16 +87,17 @@ func TestFirmwareConnCap(t *testing.T) {
 // TestFirmwareHTTPSConnCapCounted: the firmware HTTPS listener holds at
 // most fwMaxConns connections; one more is counted in
 // bastion_https_handshake_refusals_total{server="firmware",reason="conn_limit"}.
+// The connections held are a device's, authenticated, all from one
+// address: each gave its place among the unauthenticated ones back, or
+// past fwMaxUnauthPerSource the next would have been refused.
 func TestFirmwareHTTPSConnCapCounted(t *testing.T) {
 	g := startFirmwareGateway(t, newFWVendor(t))
+	dev, _ := g.addFWDevice(t, "thermo", "cert", fwClassA)
 	addr := g.g.FirmwareHTTPSAddr().String()
-	for range fwMaxConns + 1 {
-		c, err := net.DialTimeout("tcp", addr, 10*time.Second)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { c.Close() })
+	for range fwMaxConns {
+		authConnFrom(t, dev, "127.0.0.1", addr)
 	}
+	dialFrom(t, "127.0.0.1", addr)
 	count := g.g.metrics.httpsRefusals.WithLabelValues("firmware", "conn_limit")
 	deadline := time.Now().Add(20 * time.Second)
 	for testutil.ToFloat64(count) < 1 {
@@ -105,5 +108,8 @@ func TestFirmwareHTTPSConnCapCounted(t *testing.T) {
 	}
 	if got := testutil.ToFloat64(count); got != 1 {
 		t.Errorf("conn_limit refusals = %v, want 1", got)
+	}
+	if got := testutil.ToFloat64(g.g.metrics.httpsRefusals.WithLabelValues("firmware", hub.ReasonHandshakeLimit)); got != 0 {
+		t.Errorf("handshake_limit refusals = %v, want 0: authenticated connections hold no place among the unauthenticated", got)
 	}
 }

@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"os"
@@ -70,6 +71,11 @@ type Options struct {
 	// instead of the upstream link (tests). With neither, messages reach
 	// local subscribers only (hub.LocalSink).
 	Sink bridges.Sink
+	// LANAddrs, if set, gives the addresses of the lan interface called
+	// name, for the server certificates' names (tests): none for an
+	// interface that is not there, an error if they could not be read.
+	// Nil reads the system's.
+	LANAddrs func(name string) ([]net.Addr, error)
 }
 
 // Gateway is one running Bastion.
@@ -94,8 +100,10 @@ type Gateway struct {
 	devices  *Devices
 	metrics  *metrics
 	// secrets bounds the argon2id runs of MQTT secret logins (identity.go).
-	secrets  *secretChecker
-	certs    map[string]*pki.ServerCert
+	secrets *secretChecker
+	// certs are the listeners' server certificates, by listener name
+	// (renewServerCerts).
+	certs    map[string]listenerCert
 	hub      *hub.Hub
 	coap     *coap.Server
 	mqtt     *mqtt.Server
@@ -293,20 +301,30 @@ func (g *Gateway) waitForClock(ctx context.Context, interval time.Duration) erro
 	}
 }
 
-func (g *Gateway) serverSANs(cfg config.Config, listen string) []string {
+// serverSANs are the names the certificate of a listener on listen covers:
+// pki.hostnames, the address it listens on, and the addresses the lan
+// interfaces have now (renewServerCerts asks again every pass). The error
+// says the addresses of a lan interface could not be read: the names are
+// without them.
+func (g *Gateway) serverSANs(cfg config.Config, listen string) ([]string, error) {
 	sans := slices.Clone(cfg.PKI.Hostnames)
 	if host, _, err := net.SplitHostPort(listen); err == nil && host != "" {
 		if ip := net.ParseIP(host); ip != nil && !ip.IsUnspecified() {
 			sans = append(sans, ip.String())
 		}
 	}
+	lanAddrs := g.opts.LANAddrs
+	if lanAddrs == nil {
+		lanAddrs = interfaceAddrs
+	}
 	// A box listening on every address answers on its lan interfaces' addresses.
+	var errs []error
 	for _, name := range cfg.Firewall.LAN {
-		ifc, err := net.InterfaceByName(name)
+		addrs, err := lanAddrs(name)
 		if err != nil {
+			errs = append(errs, fmt.Errorf("addresses of lan interface %s: %w", name, err))
 			continue
 		}
-		addrs, _ := ifc.Addrs()
 		for _, a := range addrs {
 			if ipn, ok := a.(*net.IPNet); ok && !ipn.IP.IsLinkLocalUnicast() {
 				sans = append(sans, ipn.IP.String())
@@ -316,17 +334,106 @@ func (g *Gateway) serverSANs(cfg config.Config, listen string) []string {
 	if len(sans) == 0 {
 		sans = append(sans, cfg.GatewayID+".local")
 	}
-	return sans
+	return sans, errors.Join(errs...)
+}
+
+// interfaceAddrs are the addresses of the interface called name, none if
+// it is not there (yet: a bridge not created, a USB adapter not plugged).
+// Not net.InterfaceByName, whose error for a missing interface is not
+// told apart from a failure to read the interfaces.
+func interfaceAddrs(name string) ([]net.Addr, error) {
+	ifs, err := net.Interfaces()
+	if err != nil {
+		return nil, err
+	}
+	for _, ifc := range ifs {
+		if ifc.Name == name {
+			return ifc.Addrs()
+		}
+	}
+	return nil, nil
+}
+
+// refreshServerCert re-issues sc, the certificate of the listener called
+// name on listen, if it is due or its names (serverSANs) changed. When the
+// lan's addresses cannot be read it only renews one that is due: a
+// passing failure must not drop the addresses from the names, and every
+// device that verifies the gateway by one of them with it.
+func (g *Gateway) refreshServerCert(cfg config.Config, name, listen string, sc *pki.ServerCert) error {
+	sans, err := g.serverSANs(cfg, listen)
+	if err != nil {
+		g.log.Warn("server certificate names not checked; it keeps those it has", "listener", name, "err", err)
+		if !sc.Due() {
+			return nil
+		}
+		return sc.Renew()
+	}
+	_, err = sc.Refresh(sans)
+	return err
+}
+
+// listenerCert is a listener's server certificate and the address the
+// listener was opened on, which its names include (serverSANs).
+type listenerCert struct {
+	cert   *pki.ServerCert
+	listen string
+}
+
+// serverCertCheck is how often the server certificates are checked: due
+// for renewal, or naming other addresses than the lan interfaces have.
+// Often, because an address can come after the start (a box booted
+// unplugged, a slow DHCP server; the appliance starts bastiond after at
+// most 60 s without one) or change (a new lease, a new IPv6 prefix), and
+// until the certificates name it a device that verifies the gateway by
+// that address refuses it. A check that finds nothing to do reads the
+// interfaces' addresses and nothing else.
+const serverCertCheck = time.Minute
+
+// runServerCertRenewal runs renewServerCerts every serverCertCheck until
+// ctx ends. The first pass is one interval after the start: openListeners
+// issued what was due, for the addresses there were.
+func (g *Gateway) runServerCertRenewal(ctx context.Context) error {
+	t := time.NewTicker(serverCertCheck)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+		g.renewServerCerts()
+	}
+}
+
+// renewServerCerts re-issues each listener's certificate that is due, or
+// whose names (serverSANs, from the running configuration: firewall.lan is
+// applied by a reload) are no longer those it covers. The listeners read
+// their certificate through GetCertificate: the next handshake gets the
+// new one, without a restart. A failure is logged and retried at the next
+// pass; the old certificate is served until then.
+func (g *Gateway) renewServerCerts() {
+	cfg := g.cfg.Load()
+	for _, name := range slices.Sorted(maps.Keys(g.certs)) {
+		lc := g.certs[name]
+		if err := g.refreshServerCert(*cfg, name, lc.listen, lc.cert); err != nil {
+			g.log.Error("server certificate not renewed; the current one is served, retrying at the next check",
+				"listener", name, "next_check", serverCertCheck, "err", err)
+		}
+	}
 }
 
 func (g *Gateway) openListeners(cfg config.Config) error {
-	g.certs = map[string]*pki.ServerCert{}
+	g.certs = map[string]listenerCert{}
 	cert := func(name, listen string) (*pki.ServerCert, error) {
-		sc, err := g.ca.ServerCert(name, g.serverSANs(cfg, listen), cfg.PKI.ServerCertValidity.D(), cfg.PKI.RenewBefore.D())
+		sans, err := g.serverSANs(cfg, listen)
+		if err != nil {
+			g.log.Warn("server certificate names without the lan's addresses; the renewal pass checks them again", "listener", name, "err", err)
+		}
+		sc, err := g.ca.ServerCert(name, sans, cfg.PKI.ServerCertValidity.D(), cfg.PKI.RenewBefore.D())
 		if err != nil {
 			return nil, err
 		}
-		g.certs[name] = sc
+		g.certs[name] = listenerCert{cert: sc, listen: listen}
 		return sc, nil
 	}
 	id := g.identity()
@@ -457,13 +564,7 @@ func (g *Gateway) Run(ctx context.Context) error {
 		eg.Go(func() error { return g.console.Run(ctx) })
 	}
 	eg.Go(func() error { return g.ctl.Run(ctx) })
-	eg.Go(func() error {
-		var cs []*pki.ServerCert
-		for _, c := range g.certs {
-			cs = append(cs, c)
-		}
-		return pki.RunRenewal(ctx, time.Hour, cs...)
-	})
+	eg.Go(func() error { return g.runServerCertRenewal(ctx) })
 	eg.Go(func() error { return g.reloadLoop(ctx) })
 	if g.fw != nil {
 		eg.Go(func() error { return g.fw.Run(ctx) })

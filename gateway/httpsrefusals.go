@@ -126,6 +126,9 @@ func (r *httpsRefusals) Write(b []byte) (int, error) {
 	switch {
 	case strings.HasPrefix(why, certRefusedText):
 		// counted and logged by the certificate check
+	case strings.HasSuffix(why, evictedText):
+		// closed, counted and logged (spaced) by unauthLimit
+		r.log.Debug(r.prefix+": TLS handshake ended: closed to make room for a newer connection", "device", "", "remote", remote)
 	case why == "client sent an HTTP request to an HTTPS server" || strings.Contains(why, "first record does not look like a TLS handshake"):
 		r.refused(slog.LevelWarn, hub.ReasonPlaintext, hub.ReasonPlaintext, "handshake refused: plaintext on the HTTPS port; connect with https", "remote", remote)
 	case strings.Contains(why, "client didn't provide a certificate"): // crypto/tls has no sentinel for it

@@ -145,10 +145,18 @@ func TestHTTPSRefusedHandshakesDoNotFloodTheLog(t *testing.T) {
 				}
 				close(next)
 				var wg sync.WaitGroup
-				for range parallel {
+				for w := range parallel {
+					// Each worker from an address of its own: a client
+					// sees its connection refused (an alert) before the
+					// server has closed it and given its place among the
+					// unauthenticated back, so the workers of one address
+					// could briefly hold more than the firmware
+					// listener's fwMaxUnauthPerSource, past which a new
+					// one is refused for that instead.
+					from := &net.TCPAddr{IP: net.IPv4(127, 0, 2, byte(1+w))}
 					wg.Go(func() {
 						for range next {
-							if err := refusal.Ended(srv.addr, k.hello); err != nil {
+							if err := refusal.EndedFrom(from, srv.addr, k.hello); err != nil {
 								t.Error(err)
 								return
 							}

@@ -114,15 +114,18 @@ func (p *pairingSvc) listenEST() (net.Listener, error) {
 		return nil, errors.New("pairing.est_listen is empty: EST over HTTPS is off")
 	}
 	if p.estCert == nil {
-		sc, err := p.g.ca.ServerCert("est", p.g.serverSANs(*cfg, listen), cfg.PKI.ServerCertValidity.D(), cfg.PKI.RenewBefore.D())
+		sans, err := p.g.serverSANs(*cfg, listen)
+		if err != nil {
+			p.g.log.Warn("server certificate names without the lan's addresses; the next window checks them again", "listener", "est", "err", err)
+		}
+		sc, err := p.g.ca.ServerCert("est", sans, cfg.PKI.ServerCertValidity.D(), cfg.PKI.RenewBefore.D())
 		if err != nil {
 			return nil, err
 		}
 		p.estCert = sc
-	} else if p.estCert.Due() {
-		if err := p.estCert.Renew(); err != nil {
-			return nil, err
-		}
+	} else if err := p.g.refreshServerCert(*cfg, "est", listen, p.estCert); err != nil {
+		// Due, or the lan's addresses changed since the last window.
+		return nil, err
 	}
 	if p.estRefusals == nil {
 		p.estRefusals = p.g.newHTTPSRefusals("est", "pairing: EST over HTTPS", p.g.log, slog.LevelWarn)

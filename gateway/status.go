@@ -107,8 +107,8 @@ func certInfo(c *x509.Certificate) CertInfo {
 // PKIInfo describes the CA and the certificates in use.
 func (g *Gateway) PKIInfo() PKIInfo {
 	info := PKIInfo{Root: certInfo(g.ca.Root()), Issuer: certInfo(g.ca.Issuer()), Servers: map[string]CertInfo{}}
-	for n, sc := range g.certs {
-		info.Servers[n] = certInfo(sc.Leaf())
+	for n, lc := range g.certs {
+		info.Servers[n] = certInfo(lc.cert.Leaf())
 	}
 	certs, _ := g.store.Certs()
 	soon := g.clock.Now().Add(30 * 24 * time.Hour)

@@ -2,7 +2,6 @@ package pki
 
 import (
 	"bytes"
-	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -12,20 +11,27 @@ import (
 	"fmt"
 	"net"
 	"slices"
+	"sync"
 	"sync/atomic"
 	"time"
 )
 
-// ServerCert is a listener's certificate, renewed before expiry and swapped
-// live: TLS configs read it through GetCertificate, so a renewal reaches the
-// next handshake without a restart.
+// ServerCert is a listener's certificate, renewed before expiry or when the
+// names it must cover change (Refresh), and swapped live: TLS configs read
+// it through GetCertificate, so a renewal reaches the next handshake
+// without a restart.
 type ServerCert struct {
 	ca       *CA
 	name     string
-	sans     []string
 	validity time.Duration
 	renew    time.Duration
-	cur      atomic.Pointer[tls.Certificate]
+	// mu serialises issuing: a renewal pass and a listener that opens
+	// (EST over HTTPS) may both Refresh.
+	mu sync.Mutex
+	// sans are the names the certificate is issued for (under mu once sc
+	// is shared).
+	sans []string
+	cur  atomic.Pointer[tls.Certificate]
 }
 
 // ServerCert loads or issues the certificate for the listener called name
@@ -64,17 +70,22 @@ func (sc *ServerCert) fresh(c *tls.Certificate) bool {
 	if leaf == nil || !bytes.Equal(leaf.RawIssuer, sc.ca.issuer.RawSubject) || leaf.CheckSignatureFrom(sc.ca.issuer) != nil {
 		return false
 	}
+	if !slices.Equal(leafSANs(leaf), normSANs(sc.sans)) {
+		return false
+	}
+	return sc.ca.clock.Now().Before(leaf.NotAfter.Add(-sc.renew))
+}
+
+// leafSANs are the DNS names and IP addresses leaf covers, as normSANs
+// gives them.
+func leafSANs(leaf *x509.Certificate) []string {
 	var have []string
 	have = append(have, leaf.DNSNames...)
 	for _, ip := range leaf.IPAddresses {
 		have = append(have, ip.String())
 	}
-	want := normSANs(sc.sans)
 	slices.Sort(have)
-	if !slices.Equal(have, want) {
-		return false
-	}
-	return sc.ca.clock.Now().Before(leaf.NotAfter.Add(-sc.renew))
+	return slices.Compact(have)
 }
 
 func normSANs(sans []string) []string {
@@ -90,8 +101,42 @@ func normSANs(sans []string) []string {
 	return slices.Compact(out)
 }
 
-// Renew issues a new key and certificate now and swaps it in.
+// Renew issues a new key and certificate now, for the names it has, and
+// swaps it in.
 func (sc *ServerCert) Renew() error {
+	sc.mu.Lock()
+	defer sc.mu.Unlock()
+	return sc.issue(sc.sans)
+}
+
+// Refresh re-issues the certificate if it is due, or if sans (DNS names and
+// IP addresses, in any order) are not the names it covers, and reports
+// whether it did. The names of a gateway's listeners include the addresses
+// of its LAN interfaces, which can come after the start (a box booted
+// unplugged, a slow DHCP server) or change (a new lease, a new IPv6
+// prefix): until the certificate names the new address, a device that
+// verifies the gateway by that address refuses it. On an error the
+// certificate served and its names stay as they were.
+func (sc *ServerCert) Refresh(sans []string) (issued bool, err error) {
+	sc.mu.Lock()
+	defer sc.mu.Unlock()
+	have, want := leafSANs(sc.Leaf()), normSANs(sans)
+	changed := !slices.Equal(have, want)
+	if !changed && !sc.Due() {
+		return false, nil
+	}
+	if changed {
+		sc.ca.log.Info("pki: server certificate names changed; re-issuing it", "listener", sc.name, "sans_before", have, "sans", want)
+	}
+	if err := sc.issue(want); err != nil {
+		return false, err
+	}
+	return true, nil
+}
+
+// issue issues a new key and a certificate for sans now, swaps it in and
+// makes sans the names sc has. Under mu.
+func (sc *ServerCert) issue(sans []string) error {
 	if err := sc.ca.clock.Sane(); err != nil {
 		return fmt.Errorf("issue %s server certificate: %w", sc.name, err)
 	}
@@ -107,7 +152,7 @@ func (sc *ServerCert) Renew() error {
 		KeyUsage:    x509.KeyUsageDigitalSignature,
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 	}
-	for _, s := range normSANs(sc.sans) {
+	for _, s := range normSANs(sans) {
 		if ip := net.ParseIP(s); ip != nil {
 			tmpl.IPAddresses = append(tmpl.IPAddresses, ip)
 		} else {
@@ -130,6 +175,7 @@ func (sc *ServerCert) Renew() error {
 		PrivateKey:  key,
 		Leaf:        leaf,
 	})
+	sc.sans = slices.Clone(sans)
 	sc.ca.log.Info("pki: issued server certificate", "listener", sc.name, "serial", Serial(leaf), "not_after", leaf.NotAfter, "sans", sc.sans)
 	return nil
 }
@@ -150,25 +196,3 @@ func (sc *ServerCert) GetCertificate(*tls.ClientHelloInfo) (*tls.Certificate, er
 
 // Due reports whether the certificate should be renewed now.
 func (sc *ServerCert) Due() bool { return !sc.ca.clock.Now().Before(sc.Leaf().NotAfter.Add(-sc.renew)) }
-
-// RunRenewal renews the certificates when they fall due, checking every
-// interval, until ctx ends. The first check is one interval after the
-// start: ServerCert already renewed what was due when it made sc.
-func RunRenewal(ctx context.Context, interval time.Duration, certs ...*ServerCert) error {
-	t := time.NewTicker(interval)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-t.C:
-		}
-		for _, sc := range certs {
-			if sc.Due() {
-				if err := sc.Renew(); err != nil {
-					sc.ca.log.Error("pki: renewing server certificate failed; will retry", "listener", sc.name, "err", err)
-				}
-			}
-		}
-	}
-}

@@ -15,7 +15,15 @@ import (
 // connection cannot be opened or the server keeps it open for 10 s; a
 // hello that fails (refused within the client's own handshake) is an end.
 func Ended(addr string, hello func(c net.Conn) (net.Conn, error)) error {
-	raw, err := net.DialTimeout("tcp", addr, 10*time.Second)
+	return EndedFrom(nil, addr, hello)
+}
+
+// EndedFrom is Ended on a connection from the local address from (nil:
+// the system picks one), for a server that bounds what one source address
+// may hold.
+func EndedFrom(from net.Addr, addr string, hello func(c net.Conn) (net.Conn, error)) error {
+	d := net.Dialer{Timeout: 10 * time.Second, LocalAddr: from}
+	raw, err := d.Dial("tcp", addr)
 	if err != nil {
 		return err
 	}
