@@ -384,4 +384,3 @@ func TestBastionHelloAgainSameRandom(t *testing.T) {
 		t.Errorf("connections made: %d, want 1", got)
 	}
 }
-
