@@ -4,6 +4,7 @@
 package dtls
 
 import (
+	"bytes"
 	"encoding/binary"
 	"net/netip"
 	"os"
@@ -69,7 +70,9 @@ func bastionEcho(b, cookie []byte) (echo []byte, fits bool) {
 // together; an answer is a HelloVerifyRequest of helloVerifyLen bytes in
 // the datagram's record number and message sequence number; and the
 // datagram echoed with that cookie is admitted, tagged with its record
-// and message sequence numbers.
+// and message sequence numbers. helloRandom (patch (54), on the same read
+// loop) does not panic either, and finds the random of every ClientHello
+// that answer admits or answers.
 func FuzzBastionHelloVerify(f *testing.F) {
 	f.Add(bastionClientHello(f))
 	v, err := newHelloVerifier()
@@ -79,9 +82,14 @@ func FuzzBastionHelloVerify(f *testing.F) {
 	from := netip.MustParseAddrPort("192.0.2.7:5684")
 	f.Fuzz(func(t *testing.T, b []byte) {
 		var reply [256]byte // udp.verifyReplyRoom
+		random, isHello := helloRandom(b)
 		n, accept, _ := v.answer(b, from, reply[:])
 		if accept && n != 0 {
 			t.Fatalf("admitted and answered (%d bytes)", n)
+		}
+		const at = recordlayer.FixedHeaderSize + handshake.HeaderLength + 2 + 4 // version, time
+		if (accept || n != 0) && (!isHello || !bytes.Equal(random, b[at:at+handshake.RandomBytesLength])) {
+			t.Fatalf("helloRandom of a ClientHello answer takes: %x, %v", random, isHello)
 		}
 		if n == 0 {
 			return

@@ -128,6 +128,11 @@ type Conn struct {
 	deliverMu   sync.Mutex
 	readEnded   bool
 
+	// helloAgain is this server connection's udp.Replacer when its
+	// listener verifies cookies statelessly (Bastion patch (54), see
+	// hello_again_bastion.go).
+	helloAgain helloReplacer
+
 	// procMu is held, on a listener's connection, by whichever goroutine
 	// processes a datagram: the record reader (readAndBuffer) or the
 	// listener's read loop (readInline); readCtx is the record reader's

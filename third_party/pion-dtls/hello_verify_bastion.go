@@ -269,6 +269,10 @@ func (c *Conn) startVerified(v *helloVerifier, pc net.PacketConn, raddr net.Addr
 	// ClientHellos they answered, up to this one's.
 	c.state.handshakeSendSequence = int(msgSeq)
 	c.state.localSequenceNumber = []uint64{tag & recordSeqMask}
+	// Bastion patch (54): a new handshake from the address, once this
+	// one has completed, replaces this connection (hello_again_bastion.go).
+	c.helloAgain.c = c
+	lc.SetReplacer(&c.helloAgain)
 
 	return nil
 }

@@ -73,7 +73,8 @@ type listener struct {
 	errRead    atomic.Value // error
 
 	// inlineConn is the connection whose inline reader the read loop is
-	// running, if any (Bastion patch, see PacketConn.SetInlineReader).
+	// running, if any (Bastion patch, see PacketConn.SetInlineReader), or
+	// that it is ending for a new handshake (patch (54), helloAgain).
 	inlineConn atomic.Pointer[PacketConn]
 
 	// spare runs the connections' record readers (Bastion patch, see
@@ -284,7 +285,18 @@ func (l *listener) readLoop() {
 // dispatch hands one datagram read from ap to its connection, making the
 // connection if getConn accepts it.
 func (l *listener) dispatch(buf []byte, ap netip.AddrPort) {
-	if conn, raddr := l.route(ap, buf); conn != nil {
+	conn, raddr, byAddr := l.route(ap, buf)
+	// Bastion patch (54): a new handshake from the address of an
+	// established connection (a device that restarted with the same
+	// source port) is answered as one from a new address.
+	if byAddr && l.helloVerify != nil {
+		if r, _ := conn.replacer.Load().(Replacer); r != nil && r.NewHello(buf) {
+			l.helloAgain(conn, r, buf, ap)
+
+			return
+		}
+	}
+	if conn != nil {
 		// Bastion patch: a connection with an inline reader takes the
 		// datagram here when nothing is queued before it (in order) and
 		// it can (see SetInlineReader); anything else is queued.
@@ -306,21 +318,18 @@ func (l *listener) dispatch(buf []byte, ap netip.AddrPort) {
 	}
 	var tag uint64 // 0: no tag
 	if l.helloVerify != nil {
-		if accepting, _ := l.accepting.Load().(bool); !accepting {
-			return
-		}
-		n, accept, t := l.helloVerify(buf, ap, l.verifyReply[:])
-		if n > 0 {
-			// The sender's address is not verified: on Linux the answer
-			// never waits for room in the socket (OpenSSL drops it
-			// too), as no write there does (udpIO.writeTo).
-			_, _ = l.io.writeTo(l.verifyReply[:n], nil, ap)
-		}
+		t, accept := l.verify(buf, ap)
 		if !accept {
 			return
 		}
-		tag = t | acceptTagSet
+		tag = t
 	}
+	l.accept(buf, ap, tag)
+}
+
+// accept hands buf from ap to a new connection, made if getConn accepts
+// it, with tag.
+func (l *listener) accept(buf []byte, ap netip.AddrPort, tag uint64) {
 	raddr := net.UDPAddrFromAddrPort(ap)
 	conn, ok, err := l.getConn(raddr, buf, tag)
 	if err != nil {
@@ -329,6 +338,89 @@ func (l *listener) dispatch(buf []byte, ap netip.AddrPort) {
 	if ok {
 		_, _ = conn.buffer.WriteTo(buf, raddr)
 	}
+}
+
+// verify offers buf from ap to helloVerify while the listener accepts,
+// sends its reply, and returns the new connection's tag and whether one
+// is to be made (Bastion patch (51)).
+func (l *listener) verify(buf []byte, ap netip.AddrPort) (uint64, bool) {
+	if accepting, _ := l.accepting.Load().(bool); !accepting {
+		return 0, false
+	}
+	n, accept, t := l.helloVerify(buf, ap, l.verifyReply[:])
+	if n > 0 {
+		// The sender's address is not verified: on Linux the answer
+		// never waits for room in the socket (OpenSSL drops it
+		// too), as no write there does (udpIO.writeTo).
+		_, _ = l.io.writeTo(l.verifyReply[:n], nil, ap)
+	}
+
+	return t | acceptTagSet, accept
+}
+
+// Replacer is told by the listener of a new handshake from the address of
+// its connection (Bastion patch (54), PacketConn.SetReplacer). Both
+// methods run on the listener's read loop and must not block.
+type Replacer interface {
+	// NewHello reports whether datagram b, from the connection's address,
+	// starts a handshake that replaces the connection once the client
+	// has shown that it receives at that address (HelloVerify accepts
+	// it).
+	NewHello(b []byte) bool
+	// EndForHello ends the connection, which the listener has just
+	// taken off its address for the new handshake's connection.
+	EndForHello()
+}
+
+// SetReplacer makes r decide about a datagram from this connection's
+// address that starts a new handshake (Bastion patch (54),
+// third_party/README.md): one r.NewHello reports true for is offered to
+// ListenConfig.HelloVerify as if the address had no connection. Answered
+// without a connection (no valid cookie), it is dropped and this
+// connection goes on untouched; let through, this connection leaves the
+// address, r.EndForHello runs, and a connection is made for the datagram
+// as for any first one. A datagram routed by connection ID is never
+// offered, nor any while the listener has no HelloVerify.
+func (c *PacketConn) SetReplacer(r Replacer) {
+	c.replacer.Store(r)
+}
+
+// helloAgain handles buf from ap, the address of old, which r.NewHello
+// took for a new handshake (SetReplacer).
+func (l *listener) helloAgain(old *PacketConn, r Replacer, buf []byte, ap netip.AddrPort) {
+	tag, accept := l.verify(buf, ap)
+	if !accept || !l.leaveAddr(old) {
+		return
+	}
+	// r.EndForHello closes old on the read loop, as its inline reader
+	// may (PacketConn.Close must not wait for the read loop).
+	l.inlineConn.Store(old)
+	r.EndForHello()
+	l.inlineConn.Store(nil)
+	l.accept(buf, ap, tag)
+}
+
+// leaveAddr takes c off its remote address, so that the next connection
+// made for that address gets its datagrams, unless the accept queue is
+// full: then c keeps it (the client sends its ClientHello again), rather
+// than end for a connection that getConn would not make. Only the read
+// loop queues connections, so one that finds room here finds it in
+// getConn too.
+func (l *listener) leaveAddr(c *PacketConn) bool {
+	l.connLock.Lock()
+	defer l.connLock.Unlock()
+	if len(l.acceptCh) == cap(l.acceptCh) {
+		return false
+	}
+	if c.rmraddr.Load() == nil {
+		if l.conns[c.raddrKey] == c {
+			delete(l.conns, c.raddrKey)
+		}
+		l.forgetAddr(c)
+		c.rmraddr.Store(true)
+	}
+
+	return true
 }
 
 // verifyReplyRoom is the room ListenConfig.HelloVerify has for its reply.
@@ -347,26 +439,27 @@ func (c *PacketConn) AcceptTag() (uint64, bool) {
 }
 
 // route finds the existing connection that getConn would give buf from
-// ap, and the address to hand it with; nil when getConn must decide.
-func (l *listener) route(ap netip.AddrPort, buf []byte) (*PacketConn, net.Addr) {
+// ap, the address to hand it with, and whether it was found by that
+// address (not by connection ID); nil when getConn must decide.
+func (l *listener) route(ap netip.AddrPort, buf []byte) (*PacketConn, net.Addr, bool) {
 	l.connLock.Lock()
 	defer l.connLock.Unlock()
 	if l.datagramRouter != nil {
 		if id, ok := l.datagramRouter(buf); ok {
 			if conn, ok := l.conns[id]; ok {
 				if ap == conn.raddrAP {
-					return conn, conn.raddr
+					return conn, conn.raddr, false
 				}
 
-				return conn, net.UDPAddrFromAddrPort(ap)
+				return conn, net.UDPAddrFromAddrPort(ap), false
 			}
 		}
 	}
 	if conn, ok := l.byAddr[ap]; ok {
-		return conn, conn.raddr
+		return conn, conn.raddr, true
 	}
 
-	return nil, nil
+	return nil, nil, false
 }
 
 // getConn gets an existing connection or creates a new one.
@@ -453,6 +546,10 @@ type PacketConn struct {
 	// made for, with acceptTagSet (Bastion patch (51), see AcceptTag); set
 	// before the connection is handed to Accept, never changed after.
 	acceptTag uint64
+
+	// replacer, a Replacer once set, is told of a new handshake from
+	// this connection's address (Bastion patch (54), see SetReplacer).
+	replacer atomic.Value
 }
 
 // SetOnQueue makes the listener's read loop call f after it has queued a
