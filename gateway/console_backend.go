@@ -79,8 +79,6 @@ func (b consoleBackend) RevokeDevice(ctx context.Context, id string, who console
 	return consoleErr(err)
 }
 
-// Console returns the console handler (nil when the console is disabled).
-// Components fill its optional parts with SetComponents before Run.
 // DropRetained deletes the device's retained MQTT messages from the
 // broker and the store, or from the store alone with MQTT off (it may
 // hold some from a run with it on).
@@ -91,4 +89,6 @@ func (b consoleBackend) DropRetained(ctx context.Context, id string) (int, error
 	return b.g.store.DeleteRetainedUnder(bridges.TopicPrefix(id))
 }
 
+// Console returns the console handler (nil when the console is disabled).
+// Components fill its optional parts with SetComponents before Run.
 func (g *Gateway) Console() *console.Handler { return g.consoleHandler }

@@ -346,12 +346,21 @@ func interfaceAddrs(name string) ([]net.Addr, error) {
 	if err != nil {
 		return nil, err
 	}
+	// A name ending in "+" is every interface it starts (iptables' -i
+	// wildcard, which firewall.lan accepts): all of theirs.
+	prefix, wild := strings.CutSuffix(name, "+")
+	var out []net.Addr
 	for _, ifc := range ifs {
-		if ifc.Name == name {
-			return ifc.Addrs()
+		if ifc.Name != name && !(wild && strings.HasPrefix(ifc.Name, prefix)) {
+			continue
 		}
+		as, err := ifc.Addrs()
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, as...)
 	}
-	return nil, nil
+	return out, nil
 }
 
 // refreshServerCert re-issues sc, the certificate of the listener called

@@ -261,4 +261,13 @@ func TestInterfaceAddrs(t *testing.T) {
 	if !slices.ContainsFunc(as, func(a net.Addr) bool { ipn, ok := a.(*net.IPNet); return ok && ipn.IP.Equal(net.IPv4(127, 0, 0, 1)) }) {
 		t.Errorf("interfaceAddrs(lo) = %v, want 127.0.0.1 among them", as)
 	}
+	// firewall.lan accepts iptables' wildcard: "l+" is every interface
+	// whose name starts with "l", lo among them.
+	as, err = interfaceAddrs("l+")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.ContainsFunc(as, func(a net.Addr) bool { ipn, ok := a.(*net.IPNet); return ok && ipn.IP.Equal(net.IPv4(127, 0, 0, 1)) }) {
+		t.Errorf("interfaceAddrs(l+) = %v, want lo's 127.0.0.1 among them", as)
+	}
 }

@@ -26,9 +26,11 @@ import (
 // and its total: refused, a host holding the places with idle sessions
 // kept the owner's device from pairing for the whole window; now it must
 // open sessions faster than the device pairs to close the device's. A
-// source at its own bound closes its own oldest: a host at one address
-// never closes another's session, it needs more than one source to, and
-// then past the total it closes the oldest of all.
+// source (an IPv4 address, or an IPv6 /64, which every IPv6 host of the
+// link shares) at its own bound closes its own oldest: an IPv4 host at one
+// address never closes another's session, an IPv6 host can close the
+// sessions of its /64's other hosts, and past the total the oldest of all
+// is closed.
 const (
 	maxEnrollSessions  = 8
 	maxEnrollPerSource = 4

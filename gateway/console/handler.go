@@ -162,7 +162,7 @@ func NewHandler(o Options) (*Handler, error) {
 	}
 	hash := newHasher(2)
 	if s, ok := o.Gateway.(Argon2Slots); ok {
-		hash = &hasher{slots: s} // the box's bound, shared with device secret checks
+		hash = &hasher{slots: s, own: make(chanSlots, 1)} // the box's bound, shared with device secret checks: one of them at most
 	}
 	h := &Handler{o: o, log: o.Log.With("component", "console"), mux: http.NewServeMux(), hash: hash,
 		thr: newThrottle(o.Throttle, throttleKeys), cop: http.NewCrossOriginProtection(), pages: pg, flashes: map[string]string{},

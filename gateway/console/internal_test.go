@@ -450,12 +450,15 @@ type slotGateway struct {
 	stubGateway
 	mu                sync.Mutex
 	acquired, release int
+	held, maxHeld     int
 }
 
 func (g *slotGateway) AcquireArgon2(context.Context) error {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	g.acquired++
+	g.held++
+	g.maxHeld = max(g.maxHeld, g.held)
 	return nil
 }
 
@@ -463,6 +466,37 @@ func (g *slotGateway) ReleaseArgon2() {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	g.release++
+	g.held--
+}
+
+// The console holds at most one of the box's shared slots at a time, so
+// that a flood of logins cannot keep device secret checks waiting until
+// they are refused as busy.
+func TestConsoleHoldsOneSharedSlot(t *testing.T) {
+	st, err := store.Open(filepath.Join(t.TempDir(), "s.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	gw := &slotGateway{}
+	h, err := NewHandler(Options{Store: st, Gateway: gw})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	for range 6 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if _, err := h.hash.verify(context.Background(), dummyHash, "correct horse battery staple"); err != nil {
+				t.Error(err)
+			}
+		}()
+	}
+	wg.Wait()
+	if gw.acquired != 6 || gw.release != 6 || gw.maxHeld != 1 {
+		t.Errorf("6 concurrent checks: shared slots taken %d, given back %d, at most %d at once; want 6, 6, 1", gw.acquired, gw.release, gw.maxHeld)
+	}
 }
 
 // A Gateway with Argon2Slots bounds the console's argon2id runs with the

@@ -33,7 +33,15 @@ const (
 // hasher bounds concurrent argon2id runs so that a burst of logins cannot
 // exhaust a small router's memory (19 MiB each). Its slots are the
 // gateway's when it has them (Argon2Slots).
-type hasher struct{ slots Argon2Slots }
+type hasher struct {
+	slots Argon2Slots
+	// own, when slots are the box's (shared with device secret checks),
+	// is taken first: the console holds at most one of the shared slots,
+	// so that logins from the LAN, which wait for a slot as long as their
+	// request lasts, cannot keep every device secret check waiting until
+	// it is refused as busy.
+	own chanSlots
+}
 
 // newHasher bounds the runs to n of the console's own.
 func newHasher(n int) *hasher { return &hasher{slots: make(chanSlots, n)} }
@@ -52,9 +60,27 @@ func (c chanSlots) AcquireArgon2(ctx context.Context) error {
 
 func (c chanSlots) ReleaseArgon2() { <-c }
 
-func (h *hasher) acquire(ctx context.Context) error { return h.slots.AcquireArgon2(ctx) }
+func (h *hasher) acquire(ctx context.Context) error {
+	if h.own != nil {
+		if err := h.own.AcquireArgon2(ctx); err != nil {
+			return err
+		}
+	}
+	if err := h.slots.AcquireArgon2(ctx); err != nil {
+		if h.own != nil {
+			h.own.ReleaseArgon2()
+		}
+		return err
+	}
+	return nil
+}
 
-func (h *hasher) release() { h.slots.ReleaseArgon2() }
+func (h *hasher) release() {
+	h.slots.ReleaseArgon2()
+	if h.own != nil {
+		h.own.ReleaseArgon2()
+	}
+}
 
 // hash returns the PHC-style argon2id encoding of password with a fresh
 // 16-byte salt.

@@ -34,7 +34,7 @@ var Catalogue = []Datum{
 		Retention: "queued on the gateway only until the broker acknowledges them (bounded by size and age)"},
 	{ID: "device.retained", What: "the last retained MQTT message a device published on each of its topics (devices/{id}/...)",
 		Why: "MQTT retained messages: a local client subscribing later gets the device's latest value", Where: "stays on the gateway (state directory and the MQTT broker's memory); sent to local MQTT subscribers of the topic",
-		Retention: "until the device replaces or clears it, at most an hour after it was published (the broker's message expiry); deleted from the state directory with the device's data, the broker's copy at the latest an hour after it was published"},
+		Retention: "until the device replaces or clears it, at most an hour after it was published (the broker's message expiry); deleted from the state directory with the device's data, the broker's copy with it"},
 	{ID: "commands", What: "commands sent to devices (devices/{id}/c/...)",
 		Why: "to control devices", Where: "from the upstream broker or local clients to the device",
 		Retention: "not stored beyond delivery"},
