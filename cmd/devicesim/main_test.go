@@ -128,8 +128,8 @@ func TestDevicesimCommand(t *testing.T) {
 	}
 	errb.Reset()
 	// One message every 1,000 s: the second is due long after the limit.
-	if rc := run([]string{"--coap", "--creds", pskCreds, "--addr", addrs["coaps_psk"], "--count", "3", "--rate", "0.001", "--limit", "1s", "publish", "temp", "21"}, &out, &errb); rc != 1 {
-		t.Errorf("3 messages cut short by --limit: exit %d, stderr %q; want 1", rc, errb.String())
+	if rc := run([]string{"--coap", "--creds", pskCreds, "--addr", addrs["coaps_psk"], "--count", "3", "--rate", "0.001", "--limit", "1s", "publish", "temp", "21"}, &out, &errb); rc != 1 || !strings.Contains(errb.String(), "not sent (the 1s limit ran out)") {
+		t.Errorf("3 messages cut short by --limit: exit %d, stderr %q; want 1 and the limit as the reason", rc, errb.String())
 	}
 	// Usage errors exit 2; a refused device exits 1 with the reason.
 	if rc := run([]string{"--coap", "--mqtt", "publish"}, &out, &errb); rc != 2 {
