@@ -436,12 +436,18 @@ func (h *Handler) eraseDevice(ctx context.Context, p *principal, id string) erro
 			return err
 		}
 	}
+	// Past the revocation, a step that fails leaves done what came before
+	// it: the audit log says which, as it says a whole erase.
+	stopped := func(step, done string, err error) error {
+		h.audit(ctx, p.actor(), "privacy.erase", id, fmt.Sprintf("erase stopped: %s failed (%v); done: %s", step, err, done))
+		return err
+	}
 	_, err = h.o.Store.UpdateDevice(id, func(d *store.Device) error {
 		*d = store.Device{ID: d.ID, Name: "erased-" + d.ID, Auth: d.Auth, PSKIdentity: d.PSKIdentity, Created: d.Created}
 		return nil
 	})
 	if err != nil {
-		return err
+		return stopped("deleting the device record", "revoked", err)
 	}
 	// Its firmware update status goes too; through the cache when there is
 	// one, which holds it in memory as well.
@@ -451,7 +457,7 @@ func (h *Handler) eraseDevice(ctx context.Context, p *principal, id string) erro
 		err = h.o.Store.DeleteFirmwareStatus(id)
 	}
 	if err != nil {
-		return err
+		return stopped("deleting the firmware status", "revoked, device record deleted", err)
 	}
 	// Its retained MQTT messages go from the running broker, which would
 	// otherwise give them to new subscribers until they expire (an hour
@@ -459,7 +465,7 @@ func (h *Handler) eraseDevice(ctx context.Context, p *principal, id string) erro
 	// above, so that the device sends none again.
 	n, err := h.o.Gateway.DropRetained(ctx, id)
 	if err != nil {
-		return err
+		return stopped("deleting the retained MQTT messages", "revoked, device record and firmware status deleted", err)
 	}
 	h.audit(ctx, p.actor(), "privacy.erase", id, fmt.Sprintf("device data and %d retained MQTT message(s) deleted; id and revocation kept", n))
 	return nil

@@ -538,3 +538,34 @@ func setUpAdmin(t *testing.T, srv *httptest.Server) (*http.Client, string) {
 	tok := body[strings.Index(body, `"csrf_token": "`)+15:]
 	return c, tok[:strings.IndexByte(tok, '"')]
 }
+
+// An erase that fails part-way (here at the retained messages: the stub
+// gateway cannot drop them) is audited with what it did before failing.
+func TestEraseStoppedIsAudited(t *testing.T) {
+	st, err := store.Open(filepath.Join(t.TempDir(), "s.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	h, err := NewHandler(Options{Store: st, Gateway: stubGateway{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := st.AddDevice(store.Device{ID: "dev-a", Name: "a", Revoked: true}); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.eraseDevice(context.Background(), &principal{user: "root", remote: "192.0.2.1"}, "dev-a"); !errors.Is(err, errNotAvailable) {
+		t.Fatalf("erase = %v, want the gateway's error", err)
+	}
+	evs, err := st.AuditLog(10, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range evs {
+		if e.Action == "privacy.erase" && e.Target == "dev-a" && strings.Contains(e.Detail, "erase stopped: deleting the retained MQTT messages failed") &&
+			strings.Contains(e.Detail, "done: revoked, device record and firmware status deleted") {
+			return
+		}
+	}
+	t.Errorf("no privacy.erase event says where the erase stopped: %+v", evs)
+}
