@@ -132,3 +132,43 @@ func TestBastionHelloAgainAcceptQueue(t *testing.T) {
 		t.Fatal("the old connection reads on after its end")
 	}
 }
+
+// TestBastionHelloAgainAcceptFilter (patch (54)): a new handshake that
+// HelloVerify lets through but the listener's AcceptFilter refuses (a
+// datagram whose other records do not parse) would make no connection, so
+// the old connection keeps its address and is not ended. Here the filter
+// refuses datagrams starting with "Hx".
+func TestBastionHelloAgainAcceptFilter(t *testing.T) {
+	lc := ListenConfig{
+		Backlog: 4,
+		HelloVerify: func(b []byte, _ netip.AddrPort, _ []byte) (int, bool, uint64) {
+			return 0, len(b) > 0 && (b[0] == 'h' || b[0] == 'H'), 7
+		},
+		AcceptFilter: func(b []byte) bool { return len(b) < 2 || string(b[:2]) != "Hx" },
+	}
+	ln, err := lc.Listen("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = ln.Close() }()
+	a, err := net.DialUDP("udp", nil, ln.Addr().(*net.UDPAddr)) //nolint:forcetypeassert
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = a.Close() }()
+	helloAgainSend(t, a, "h1")
+	conn, _, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = conn.Close() }()
+	helloAgainRead(t, conn, "h1")
+	fake := &helloAgainFake{conn: conn.(*PacketConn)} //nolint:forcetypeassert
+	fake.conn.SetReplacer(fake)
+	helloAgainSend(t, a, "Hx-refused")
+	helloAgainSend(t, a, "d1")
+	helloAgainRead(t, conn, "d1")
+	if n := fake.ended.Load(); n != 0 {
+		t.Fatalf("connection ended %d times for a new handshake the accept filter refuses", n)
+	}
+}

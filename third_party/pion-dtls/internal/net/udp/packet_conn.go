@@ -389,7 +389,10 @@ func (c *PacketConn) SetReplacer(r Replacer) {
 // took for a new handshake (SetReplacer).
 func (l *listener) helloAgain(old *PacketConn, r Replacer, buf []byte, ap netip.AddrPort) {
 	tag, accept := l.verify(buf, ap)
-	if !accept || !l.leaveAddr(old) {
+	// The accept filter parses the whole datagram, where verify read its
+	// first record: refused, no connection would be made for it (getConn),
+	// so the old one keeps its address rather than end for none.
+	if !accept || (l.acceptFilter != nil && !l.acceptFilter(buf)) || !l.leaveAddr(old) {
 		return
 	}
 	// r.EndForHello closes old on the read loop, as its inline reader
