@@ -194,9 +194,9 @@ const (
 // taken, a new connection closes the oldest one not authenticated yet,
 // never an authenticated one (a download in progress, a device's
 // connection kept alive); only when all are authenticated is the new one
-// closed. Were it closed whenever all places are taken, hosts that stall
-// as many connections as the authenticated ones leave room for (half of
-// them, once devices download on the other half) would keep every new
+// closed. Were the new one closed whenever all places are taken, hosts
+// that stall connections in the places downloads leave free (fwMaxUnauth
+// of them while devices download on the other half) would keep every new
 // device out until their handshake timeout, and again as they reopened
 // them.
 //
