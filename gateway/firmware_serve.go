@@ -109,21 +109,29 @@ func (g *Gateway) openFirmwareHTTPS(cfg config.Config, cert func(name, listen st
 	if err != nil {
 		return fmt.Errorf("firmware.https_listen %s: %w", cfg.Firmware.HTTPSListen, err)
 	}
-	capped := &connCap{Listener: ln, slots: make(chan struct{}, fwMaxConns), refused: func() {
-		refusals.refused(slog.LevelWarn, "conn_limit", "conn_limit", "connection refused: the listener's connections are all in use",
-			"limit", fwMaxConns)
-	}}
-	limit := bridges.NewSourceLimit[net.Conn](fwMaxUnauthPerSource, fwMaxUnauthPerPrefix, fwMaxUnauth)
-	unauth := &unauthLimit{Listener: capped, limit: limit, limited: func(c net.Conn, src bridges.Source, by bridges.Bound) {
-		args := []any{"device", "", "remote", c.RemoteAddr().String(),
-			"from_this_address", limit.From(src.Addr), "per_address_limit", fwMaxUnauthPerSource}
-		if src.Prefix.IsValid() {
-			args = append(args, "prefix", src.Prefix.String(), "from_this_prefix", limit.In(src.Prefix), "per_prefix_limit", fwMaxUnauthPerPrefix)
-		}
-		args = append(args, "in_all", limit.Len(), "limit", fwMaxUnauth)
-		refusals.refused(slog.LevelWarn, hub.ReasonHandshakeLimit+":"+by.String(), hub.ReasonHandshakeLimit, unauthLimitMsg[by], args...)
-	}}
-	g.firmwareHTTPS = &firmwareHTTPS{ln: tls.NewListener(unauth, tcfg), srv: &http.Server{
+	unauth := bridges.NewSourceLimit[net.Conn](fwMaxUnauthPerSource, fwMaxUnauthPerPrefix, fwMaxUnauth)
+	limited := &connLimit{Listener: ln, slots: make(chan struct{}, fwMaxConns), unauth: unauth,
+		limited: func(c net.Conn, src bridges.Source, by bridges.Bound) {
+			args := []any{"device", "", "remote", c.RemoteAddr().String(),
+				"from_this_address", unauth.From(src.Addr), "per_address_limit", fwMaxUnauthPerSource}
+			if src.Prefix.IsValid() {
+				args = append(args, "prefix", src.Prefix.String(), "from_this_prefix", unauth.In(src.Prefix), "per_prefix_limit", fwMaxUnauthPerPrefix)
+			}
+			args = append(args, "in_all", unauth.Len(), "limit", fwMaxUnauth)
+			refusals.refused(slog.LevelWarn, hub.ReasonHandshakeLimit+":"+by.String(), hub.ReasonHandshakeLimit, unauthLimitMsg[by], args...)
+		},
+		pushedOut: func(c net.Conn) {
+			refusals.refused(slog.LevelWarn, hub.ReasonHandshakeLimit+":conns", hub.ReasonHandshakeLimit,
+				"oldest unauthenticated connection closed: the listener's connections are all in use",
+				"device", "", "remote", c.RemoteAddr().String(), "not_authenticated", unauth.Len(), "limit", fwMaxConns)
+		},
+		refused: func(c net.Conn) {
+			refusals.refused(slog.LevelWarn, "conn_limit", "conn_limit",
+				"connection refused: the listener's connections are all in use, every one authenticated",
+				"remote", c.RemoteAddr().String(), "limit", fwMaxConns)
+		},
+	}
+	g.firmwareHTTPS = &firmwareHTTPS{ln: tls.NewListener(limited, tcfg), srv: &http.Server{
 		Handler: mux,
 		// A connection whose first request net/http reads has passed
 		// its handshake, which only a device certificate verify accepts
@@ -152,36 +160,58 @@ const (
 	fwWriteStall = 30 * time.Second
 	// fwMaxConns bounds the firmware HTTPS listener's open connections
 	// (each can hold a goroutine, TLS and HTTP buffers and an fd): past
-	// it a new connection is closed at once and counted.
+	// it a new connection closes the oldest not authenticated yet, or is
+	// closed at once if every open one is authenticated (connLimit).
 	fwMaxConns = 256
 	// fwMaxUnauthPerSource, fwMaxUnauthPerPrefix and fwMaxUnauth bound
-	// the connections not authenticated yet (unauthLimit): from one
+	// the connections not authenticated yet (connLimit): from one
 	// address (a new one past it closed), from one IPv6 /64 and in all
 	// (past them the /64's, or all's, oldest closed). The total is half
 	// of fwMaxConns, so that hosts that stall handshakes from many
-	// addresses leave the other half to devices downloading.
+	// addresses never hold more than half of the places.
 	fwMaxUnauthPerSource = 8
 	fwMaxUnauthPerPrefix = 32
 	fwMaxUnauth          = 128
 )
 
-// unauthLimit holds a place in limit (a bridges.SourceLimit: why it counts
-// per address, per IPv6 /64 and in all, refusing past the first and
-// closing the oldest past the others, is said there) for each connection
-// from its accept until it is authenticated (authenticated) or closed: the
-// TLS handshake, then the wait for the first request, each up to 10 s.
-// Without it one LAN host could hold every one of the fwMaxConns by
-// opening connections and sending nothing, and open them again as the
-// handshake timeout closed them. TCP cannot be spoofed, so an address over
-// its bound is the host itself: its new connection is closed at once. A
-// device holds its place for the milliseconds of its handshake, so what
-// the closing of the oldest pushes out is stalled connections. Each
-// connection closed so is passed to limited (counted and logged) before
-// it is closed.
-type unauthLimit struct {
+// connLimit bounds the firmware HTTPS listener's connections: at most
+// cap(slots) open at once, and among them those not authenticated yet.
+//
+// Each connection holds a place in unauth (a bridges.SourceLimit: why it
+// counts per address, per IPv6 /64 and in all, refusing past the first
+// and closing the oldest past the others, is said there) from its accept
+// until it is authenticated (authenticated) or closed: the TLS handshake,
+// then the wait for the first request, each up to 10 s. Without it one
+// LAN host could hold every place by opening connections and sending
+// nothing, and open them again as the handshake timeout closed them. TCP
+// cannot be spoofed, so an address over its bound is the host itself:
+// its new connection is closed at once. A device holds its place for the
+// milliseconds of its handshake, so what the closing of the oldest pushes
+// out is stalled connections.
+//
+// The bounds of unauth are looked at first, and a connection they close
+// gives its place among the open ones back. When every place is still
+// taken, a new connection closes the oldest one not authenticated yet,
+// never an authenticated one (a download in progress, a device's
+// connection kept alive); only when all are authenticated is the new one
+// closed. Were the new one closed whenever all places are taken, hosts
+// that stall connections in the places downloads leave free (fwMaxUnauth
+// of them while devices download on the other half) would keep every new
+// device out until their handshake timeout, and again as they reopened
+// them.
+//
+// Each connection closed for room is passed to limited, pushedOut or
+// refused (counted and logged) before it is closed.
+type connLimit struct {
 	net.Listener
-	limit   *bridges.SourceLimit[net.Conn]
+	slots   chan struct{} // one per open connection
+	unauth  *bridges.SourceLimit[net.Conn]
 	limited func(c net.Conn, src bridges.Source, by bridges.Bound)
+	// pushedOut is told of the oldest connection not authenticated,
+	// closed for a new one; refused of a new one closed, every open one
+	// being authenticated.
+	pushedOut func(c net.Conn)
+	refused   func(c net.Conn)
 }
 
 var unauthLimitMsg = map[bridges.Bound]string{
@@ -190,16 +220,16 @@ var unauthLimitMsg = map[bridges.Bound]string{
 	bridges.BoundTotal:  "oldest unauthenticated connection closed: too many not yet authenticated in all",
 }
 
-func (l *unauthLimit) Accept() (net.Conn, error) {
+func (l *connLimit) Accept() (net.Conn, error) {
 	for {
 		c, err := l.Listener.Accept()
 		if err != nil {
 			return nil, err
 		}
 		src := bridges.SourceOf(c.RemoteAddr())
-		u := &unauthConn{Conn: c, limit: l.limit}
+		u := &limitedConn{Conn: c, unauth: l.unauth, slots: l.slots}
 		u.slot = bridges.NewSlot[net.Conn](src, u)
-		ok, evicted, by := l.limit.Take(u.slot)
+		ok, evicted, by := l.unauth.Take(u.slot)
 		if !ok {
 			l.limited(c, src, bridges.BoundSource)
 			c.Close()
@@ -211,102 +241,114 @@ func (l *unauthLimit) Accept() (net.Conn, error) {
 			l.limited(evicted.Value(), evicted.Source(), by)
 			evicted.Value().Close()
 		}
+		if !l.open(u) {
+			l.refused(c)
+			l.unauth.Release(u.slot)
+			c.Close()
+			continue
+		}
 		return u, nil
 	}
 }
 
-// errEvicted is what an evicted connection's reads and writes return,
-// so that the failed handshake net/http logs is known as one unauthLimit
-// counted already (httpsRefusals.Write).
-var errEvicted = errors.New(evictedText)
-
-const evictedText = "closed to make room for a newer connection: too many not yet authenticated"
-
-// unauthConn is a connection holding its place in an unauthLimit until it
-// is authenticated or closed.
-type unauthConn struct {
-	net.Conn
-	limit   *bridges.SourceLimit[net.Conn]
-	slot    *bridges.Slot[net.Conn]
-	claimed atomic.Bool // authenticated once
+// open takes a place among the open connections for u, closing the
+// oldest connection not authenticated yet (other than u) if every place
+// is taken, and reports false if all are authenticated.
+func (l *connLimit) open(u *limitedConn) bool {
+	select {
+	case l.slots <- struct{}{}:
+		return true
+	default:
+	}
+	// At most fwMaxUnauth, oldest first.
+	for _, v := range l.unauth.Values() {
+		o := v.(*limitedConn)
+		if o == u || !o.state.CompareAndSwap(connUnauthenticated, connPushedOut) {
+			continue // authenticated or closed since
+		}
+		l.pushedOut(o)
+		o.Close() // gives its place back before it returns
+		select {
+		case l.slots <- struct{}{}:
+			return true
+		default:
+			return false
+		}
+	}
+	return false
 }
 
-func (c *unauthConn) Read(b []byte) (int, error) {
+// errEvicted is what the reads and writes of a connection closed for a
+// newer one return, so that the failed handshake net/http logs is known
+// as one connLimit counted already (httpsRefusals.Write).
+var errEvicted = errors.New(evictedText)
+
+const evictedText = "closed to make room for a newer connection"
+
+// A limitedConn's state: it moves from connUnauthenticated once, to one
+// of the others.
+const (
+	connUnauthenticated int32 = iota
+	connAuthenticated
+	connPushedOut // closed by connLimit.open for a newer connection
+	connClosed    // by its holder
+)
+
+// limitedConn is a connection connLimit accepted: it holds a place among
+// the open connections until it is closed, and one in unauth until it is
+// authenticated or closed.
+type limitedConn struct {
+	net.Conn
+	unauth *bridges.SourceLimit[net.Conn]
+	slot   *bridges.Slot[net.Conn]
+	slots  chan struct{}
+	state  atomic.Int32
+	once   sync.Once
+}
+
+func (c *limitedConn) Read(b []byte) (int, error) {
 	n, err := c.Conn.Read(b)
 	return n, c.why(err)
 }
 
-func (c *unauthConn) Write(b []byte) (int, error) {
+func (c *limitedConn) Write(b []byte) (int, error) {
 	n, err := c.Conn.Write(b)
 	return n, c.why(err)
 }
 
-func (c *unauthConn) why(err error) error {
-	if err != nil && c.limit.EvictedBy(c.slot) != bridges.BoundNone {
+func (c *limitedConn) why(err error) error {
+	if err != nil && (c.state.Load() == connPushedOut || c.unauth.EvictedBy(c.slot) != bridges.BoundNone) {
 		return errEvicted
 	}
 	return err
 }
 
-// Close closes the connection and gives its place back (at most once).
-func (c *unauthConn) Close() error {
+// Close closes the connection and gives its places back (each at most
+// once: net/http and crypto/tls may both close it, and connLimit too).
+func (c *limitedConn) Close() error {
+	c.state.CompareAndSwap(connUnauthenticated, connClosed)
 	err := c.Conn.Close()
-	c.limit.Release(c.slot)
-	return err
-}
-
-// authenticated gives the place of c, the *tls.Conn net/http serves on an
-// unauthConn, back for good; no newer connection can close it from then
-// on. One evicted already is being closed: nothing to give back.
-func authenticated(c net.Conn) {
-	tc, ok := c.(*tls.Conn)
-	if !ok {
-		return
-	}
-	u, ok := tc.NetConn().(*unauthConn)
-	if !ok || u.claimed.Swap(true) {
-		return
-	}
-	u.limit.Claim(u.slot)
-}
-
-// connCap closes a connection accepted while len(slots) others are open,
-// and calls refused for it. (x/net's netutil.LimitListener stops accepting
-// instead: the connections past it wait unseen in the kernel's backlog,
-// neither answered nor counted.)
-type connCap struct {
-	net.Listener
-	slots   chan struct{}
-	refused func()
-}
-
-func (l *connCap) Accept() (net.Conn, error) {
-	for {
-		c, err := l.Listener.Accept()
-		if err != nil {
-			return nil, err
-		}
-		select {
-		case l.slots <- struct{}{}:
-			return &cappedConn{Conn: c, slots: l.slots}, nil
-		default:
-			c.Close()
-			l.refused()
-		}
-	}
-}
-
-// cappedConn gives its slot back on its first Close.
-type cappedConn struct {
-	net.Conn
-	slots chan struct{}
-	once  sync.Once
-}
-
-func (c *cappedConn) Close() error {
-	err := c.Conn.Close()
+	c.unauth.Release(c.slot)
 	c.once.Do(func() { <-c.slots })
 	return err
+}
+
+// claim gives c's place among the unauthenticated back for good: no newer
+// connection can close it from then on. One closed (or closing) already
+// has nothing to give back.
+func (c *limitedConn) claim() {
+	if c.state.CompareAndSwap(connUnauthenticated, connAuthenticated) {
+		c.unauth.Claim(c.slot)
+	}
+}
+
+// authenticated claims c, the *tls.Conn net/http serves on a limitedConn.
+func authenticated(c net.Conn) {
+	if tc, ok := c.(*tls.Conn); ok {
+		if u, ok := tc.NetConn().(*limitedConn); ok {
+			u.claim()
+		}
+	}
 }
 
 // Addr is the bound address of the firmware HTTPS listener.

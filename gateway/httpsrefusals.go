@@ -127,7 +127,7 @@ func (r *httpsRefusals) Write(b []byte) (int, error) {
 	case strings.HasPrefix(why, certRefusedText):
 		// counted and logged by the certificate check
 	case strings.HasSuffix(why, evictedText):
-		// closed, counted and logged (spaced) by unauthLimit
+		// closed, counted and logged (spaced) by connLimit
 		r.log.Debug(r.prefix+": TLS handshake ended: closed to make room for a newer connection", "device", "", "remote", remote)
 	case why == "client sent an HTTP request to an HTTPS server" || strings.Contains(why, "first record does not look like a TLS handshake"):
 		r.refused(slog.LevelWarn, hub.ReasonPlaintext, hub.ReasonPlaintext, "handshake refused: plaintext on the HTTPS port; connect with https", "remote", remote)
