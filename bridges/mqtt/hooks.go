@@ -289,6 +289,15 @@ func (h *authHook) OnDisconnect(cl *mochi.Client, err error, expire bool) {
 		h.s.log.Warn("mqtt: session closed: the device used a topic alias; this gateway allows none, publish with the topic name",
 			"device", cl.ID, "reason", hub.ReasonTopicAlias)
 	}
+	if code := (packets.Code{}); errors.As(err, &code) && code.Code == packets.ErrMalformedPacket.Code {
+		// mochi ended the session on a packet it could not decode (a
+		// remaining length of five bytes, mochi patch (16), a bad
+		// string, ...); a device in a loop reconnects and sends it again,
+		// so its line is spaced.
+		h.s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonBadRequest).Inc()
+		h.s.deviceLine(slog.LevelWarn, hub.ReasonBadRequest, cl.ID, "mqtt: session closed: the device sent a malformed packet",
+			"reason", hub.ReasonBadRequest, "err", ratelog.ClipErr(err))
+	}
 	h.s.mu.Lock()
 	_, ok := h.s.authed[cl]
 	delete(h.s.authed, cl)
