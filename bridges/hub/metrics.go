@@ -92,6 +92,10 @@ const (
 	// or enrollment) ended because the pairing window that admitted it
 	// closed.
 	ReasonPairingClosed = "pairing_window_closed"
+	// ReasonRetainedRate: an MQTT retained publish or Will past its
+	// device's rate of retained writes to the store
+	// (mqtt.Config.RetainedBurst, RetainedEvery).
+	ReasonRetainedRate = "retained_rate"
 )
 
 // Metrics are the transports' counters, registered once on the gateway's

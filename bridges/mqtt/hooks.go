@@ -289,6 +289,15 @@ func (h *authHook) OnDisconnect(cl *mochi.Client, err error, expire bool) {
 		h.s.log.Warn("mqtt: session closed: the device used a topic alias; this gateway allows none, publish with the topic name",
 			"device", cl.ID, "reason", hub.ReasonTopicAlias)
 	}
+	if code := (packets.Code{}); errors.As(err, &code) && code.Code == packets.ErrMalformedPacket.Code {
+		// mochi ended the session on a packet it could not decode (a
+		// remaining length of five bytes, mochi patch (16), a bad
+		// string, ...); a device in a loop reconnects and sends it again,
+		// so its line is spaced.
+		h.s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonBadRequest).Inc()
+		h.s.deviceLine(slog.LevelWarn, hub.ReasonBadRequest, cl.ID, "mqtt: session closed: the device sent a malformed packet",
+			"reason", hub.ReasonBadRequest, "err", ratelog.ClipErr(err))
+	}
 	h.s.mu.Lock()
 	_, ok := h.s.authed[cl]
 	delete(h.s.authed, cl)
@@ -335,8 +344,8 @@ func filterRefusal(device, filter string) string {
 const maxLoggedTopic = 96
 
 // OnWill treats a device's Will as a publish by the device at the moment
-// its connection ends: the same namespace, payload limit and retained cap,
-// and the Sink before any local subscriber. mochi publishes (and retains)
+// its connection ends: the same namespace, payload limit, retained cap
+// and retained rate, and the Sink before any local subscriber. mochi publishes (and retains)
 // a Will without asking OnACLCheck or OnPublish, so CONNECT already refused
 // a Will outside the namespace or too large, and this checks again in case
 // anything else set one. mochi sends the Will this returns, and the
@@ -357,9 +366,11 @@ func (h *authHook) OnWill(cl *mochi.Client, will mochi.Will) (mochi.Will, error)
 		log.Warn("mqtt: Will not sent: "+msg, "reason", reason, "size", len(will.Payload), "limit", h.s.cfg.MaxPayload)
 		return mochi.Will{}, nil
 	}
-	if will.Retain && !h.s.mayRetain(cl.ID, will.TopicName, len(will.Payload)) {
-		h.s.refuseRetain(cl.ID, will.TopicName, "Will")
-		return mochi.Will{}, nil
+	if will.Retain {
+		if reason := h.s.retainRefusal(cl.ID, will.TopicName, len(will.Payload)); reason != "" {
+			h.s.refuseRetain(cl.ID, will.TopicName, "Will", reason)
+			return mochi.Will{}, nil
+		}
 	}
 	qos := min(will.Qos, 1)
 	now := time.Now()
@@ -412,14 +423,10 @@ func (h *authHook) OnPublish(cl *mochi.Client, pk packets.Packet) (packets.Packe
 		}
 		return pk, packets.ErrRejectPacket
 	}
-	if pk.FixedHeader.Retain && !h.s.mayRetain(cl.ID, pk.TopicName, len(pk.Payload)) {
-		// Refused whole, not only its retaining: a device that asked for
-		// a retained message must hear it was not kept (MQTT 5: PUBACK 0x97).
-		h.s.refuseRetain(cl.ID, pk.TopicName, "publish")
-		if cl.Properties.ProtocolVersion == 5 && pk.FixedHeader.Qos > 0 {
-			return pk, packets.ErrQuotaExceeded
+	if pk.FixedHeader.Retain {
+		if reason := h.s.retainRefusal(cl.ID, pk.TopicName, len(pk.Payload)); reason != "" {
+			return h.refuseRetained(cl, pk, reason)
 		}
-		return pk, packets.ErrRejectPacket
 	}
 	now := time.Now()
 	ctx := h.s.deadline.ForQoS(pk.FixedHeader.Qos, now)
@@ -477,6 +484,26 @@ func (h *authHook) OnPublish(cl *mochi.Client, pk packets.Packet) (packets.Packe
 	}
 	if v5 && pk.FixedHeader.Qos > 0 {
 		return pk, packets.ErrQuotaExceeded
+	}
+	return pk, packets.ErrRejectPacket
+}
+
+// refuseRetained refuses a retained publish whole, not only its
+// retaining: a device that asked for a retained message must hear it was
+// not kept. MQTT 5 QoS 1: PUBACK 0x97 quota exceeded; QoS 0: dropped.
+// MQTT 3.1.1 QoS 1, which has no negative PUBACK: over the cap of topics
+// it is dropped without a PUBACK (sending it again cannot succeed, as for
+// a payload too large); over the rate the session is closed, as for a
+// full queue (see OnPublish), so that the device sends it again after
+// reconnecting, by when its bucket has refilled some.
+func (h *authHook) refuseRetained(cl *mochi.Client, pk packets.Packet, reason string) (packets.Packet, error) {
+	h.s.refuseRetain(cl.ID, pk.TopicName, "publish", reason)
+	switch {
+	case pk.FixedHeader.Qos == 0:
+	case cl.Properties.ProtocolVersion == 5:
+		return pk, packets.ErrQuotaExceeded
+	case reason == hub.ReasonRetainedRate:
+		h.s.endSession(cl, packets.ErrQuotaExceeded, time.Now())
 	}
 	return pk, packets.ErrRejectPacket
 }

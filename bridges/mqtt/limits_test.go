@@ -2,6 +2,8 @@ package mqtt
 
 import (
 	"context"
+	"fmt"
+	"log/slog"
 	"testing"
 	"time"
 
@@ -10,6 +12,8 @@ import (
 
 	"github.com/bastion-iot/bastion/bridges/hub"
 	"github.com/bastion-iot/bastion/bridges/queue"
+	"github.com/bastion-iot/bastion/internal/testutil/logbuf"
+	"github.com/bastion-iot/bastion/pki"
 )
 
 // TestTopicAliasRefused: the gateway allows no topic aliases (mochi's
@@ -129,5 +133,34 @@ func TestRetainedCapPerDevice(t *testing.T) {
 	}
 	if n := len(r.queued(t)); n != 5 {
 		t.Errorf("queue holds %d messages after the Will, want 5", n)
+	}
+}
+
+// TestRetainedCapRefusalsDoNotFloodTheLog: retained publishes past the cap
+// of topics, sent in a loop, are each counted (retained_limit) and logged
+// once or twice (one line per device and kind per 10 s). Before, each had
+// a line of its own.
+func TestRetainedCapRefusalsDoNotFloodTheLog(t *testing.T) {
+	lb := &logbuf.Buffer{}
+	r := newRigClock(t, queue.Options{}, Config{MaxRetained: 1}, nil, pki.SystemClock{}, slog.New(slog.NewTextHandler(lb, nil)))
+	d := r.dial(t, "deva", 5)
+	const n = 50
+	for i := range n + 1 {
+		id := uint16(i + 1)
+		d.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1, Retain: true}, PacketID: id,
+			TopicName: fmt.Sprintf("devices/deva/s/t%d", i), Payload: []byte("1")})
+		want := packets.ErrQuotaExceeded.Code
+		if i == 0 {
+			want = 0 // the one topic the cap allows
+		}
+		if pk := d.read(5 * time.Second); pk.FixedHeader.Type != packets.Puback || pk.PacketID != id || pk.ReasonCode != want {
+			t.Fatalf("retained publish %d: type %d id %d reason %#x, want PUBACK %d %#x", i, pk.FixedHeader.Type, pk.PacketID, pk.ReasonCode, id, want)
+		}
+	}
+	if got := r.refusals(hub.ReasonRetainedLimit); got != n {
+		t.Errorf("retained_limit refusals %v, want %d", got, n)
+	}
+	if got := len(lb.Lines("mqtt: publish refused: too many retained topics", "device=deva")); got < 1 || got > 2 {
+		t.Errorf("%d log lines for %d refusals, want 1 or 2 (one per 10 s)", got, n)
 	}
 }

@@ -63,6 +63,15 @@ type Config struct {
 	// on (default 16): each is a synced write to the store and stays in
 	// memory. Replacing or clearing one is always allowed.
 	MaxRetained int
+	// RetainedBurst and RetainedEvery bound how often one device's
+	// retained messages (publishes and Wills) are written to the store:
+	// RetainedBurst writes at once, then one more every RetainedEvery
+	// (defaults 16, so that a device can write each of the default
+	// MaxRetained topics as it starts, and 500 ms: two a second). One past
+	// it is refused as a publish to a full queue is (retainRate,
+	// authHook.refuseRetained).
+	RetainedBurst int
+	RetainedEvery time.Duration
 	// SecretLockout limits failed secret logins per source address and
 	// per IPv6 /64 (see DefaultSecretLockout, which a zero value takes; a
 	// zero PrefixFree or PrefixEvery takes the default's); Now is its
@@ -158,6 +167,12 @@ func (c *Config) defaults() {
 	if c.MaxRetained <= 0 {
 		c.MaxRetained = 16
 	}
+	if c.RetainedBurst <= 0 {
+		c.RetainedBurst = 16
+	}
+	if c.RetainedEvery <= 0 {
+		c.RetainedEvery = 500 * time.Millisecond
+	}
 	if c.SecretLockout == (SecretLockout{}) {
 		c.SecretLockout = DefaultSecretLockout
 	}
@@ -248,6 +263,8 @@ type Server struct {
 
 	// secrets counts failed secret logins by source address and IPv6 /64.
 	secrets *secretLimit
+	// retains bounds each device's retained writes (retainRefusal).
+	retains *retainRate
 	// connectLimit bounds a connection's first packet, its CONNECT, read
 	// before the device is authenticated (tlsListener.firstPacketFits).
 	connectLimit int
@@ -266,6 +283,7 @@ func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log 
 		lines: ratelog.New(refusalLogEvery), devLines: ratelog.New(deviceLineEvery),
 		conns: map[string][]*pipeConn{}, deadline: &hub.SharedDeadline{Timeout: acceptTimeout}}
 	s.secrets = newSecretLimit(cfg.SecretLockout)
+	s.retains = newRetainRate(cfg.RetainedBurst, cfg.RetainedEvery)
 	s.connectLimit = min(cfg.MaxPacketSize, cfg.MaxPayload+connectOverhead)
 	caps := mochi.NewDefaultServerCapabilities()
 	caps.MaximumPacketSize = uint32(cfg.MaxPacketSize)
@@ -681,27 +699,51 @@ func (s *Server) recheck(cl *mochi.Client, pk packets.Packet) (reason string, er
 	return "", nil
 }
 
-// mayRetain reports whether device may have a message of size bytes
-// retained on topic: clearing or replacing one of its retained messages
-// always, a new topic only below MaxRetained. The count is the broker's
-// own (its retained messages under the device's prefix, which is where
-// the ACL lets it publish), so it holds across restarts. A device's
-// publishes are handled one at a time, so only two sessions of one device
-// overlapping in a takeover could pass the cap, by one.
-func (s *Server) mayRetain(device, topic string, size int) bool {
-	if size == 0 {
-		return true
+// retainRefusal says why device may not have a message of size bytes
+// retained on topic now (hub.ReasonRetainedLimit, hub.ReasonRetainedRate;
+// "" if it may), and takes a write it allows from the device's rate.
+//
+// The cap: clearing or replacing one of its retained messages always, a
+// new topic only below MaxRetained. The count is the broker's own (its
+// retained messages under the device's prefix, which is where the ACL
+// lets it publish), so it holds across restarts. A device's publishes are
+// handled one at a time, so only two sessions of one device overlapping
+// in a takeover could pass the cap, by one.
+//
+// The rate (retainRate): every retained message that writes the store, a
+// new one, a replacement or a clearing, counts; an empty one on a topic
+// that holds none writes nothing (retainHook.OnRetainMessage) and does
+// not. Counted whether or not a store is configured, so that the device
+// sees the same broker either way. A message the Sink then refuses has
+// spent its write all the same (it is taken first so that nothing
+// refused here reaches the Sink).
+func (s *Server) retainRefusal(device, topic string, size int) string {
+	_, held := s.mq.Topics.Retained.Get(topic)
+	switch {
+	case size == 0 && !held:
+		return ""
+	case size > 0 && !held && len(s.mq.Topics.Messages(bridges.TopicPrefix(device)+"#")) >= s.cfg.MaxRetained:
+		return hub.ReasonRetainedLimit
+	case !s.retains.allow(s.cfg.Now(), device):
+		return hub.ReasonRetainedRate
 	}
-	if _, ok := s.mq.Topics.Retained.Get(topic); ok {
-		return true
-	}
-	return len(s.mq.Topics.Messages(bridges.TopicPrefix(device)+"#")) < s.cfg.MaxRetained
+	return ""
 }
 
-func (s *Server) refuseRetain(device, topic, what string) {
-	s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonRetainedLimit).Inc()
-	s.log.Warn("mqtt: "+what+" refused: too many retained topics; clear one (an empty retained publish) or publish without retain",
-		"device", device, "topic", topic, "reason", hub.ReasonRetainedLimit, "limit", s.cfg.MaxRetained)
+// refuseRetain counts a retained publish or Will (what) that retainRefusal
+// refused for reason and logs it through deviceLine: a device in a loop
+// repeats it at the rate it can send (before, the cap's refusals had a
+// line each).
+func (s *Server) refuseRetain(device, topic, what, reason string) {
+	s.m.Refused.WithLabelValues(hub.MQTT, reason).Inc()
+	kind := what + ":" + reason
+	if reason == hub.ReasonRetainedRate {
+		s.deviceLine(slog.LevelWarn, kind, device, "mqtt: "+what+" refused: retained messages written too often; retain a message only when it changes",
+			"topic", ratelog.Clip(topic, maxLoggedTopic), "reason", reason, "burst", s.cfg.RetainedBurst, "every", s.cfg.RetainedEvery)
+		return
+	}
+	s.deviceLine(slog.LevelWarn, kind, device, "mqtt: "+what+" refused: too many retained topics; clear one (an empty retained publish) or publish without retain",
+		"topic", ratelog.Clip(topic, maxLoggedTopic), "reason", reason, "limit", s.cfg.MaxRetained)
 }
 
 // SessionCount returns how many authenticated device sessions are open.

@@ -164,6 +164,14 @@ func DecodeLength(b io.ByteReader) (n, bu int, err error) {
 			break
 		}
 
+		// Bastion patch (16), third_party/README.md: a variable byte
+		// integer has at most four bytes [MQTT-1.5.5]. A fifth is not
+		// read: one of 0 (or of 0x80, which went on to a sixth, and so on
+		// without end) changed nothing in value and was accepted.
+		if bu == 4 {
+			return 0, bu, ErrMalformedVariableByteInteger
+		}
+
 		multiplier += 7
 		bu++
 	}
