@@ -97,10 +97,9 @@ type accountStore interface {
 	PutSession(store.Session) error
 	DeleteSession(hash string) error
 	DeleteSessions(user string, expired func(store.Session) bool) error
-	AddAdmin(store.AdminUser) error
-	UpdateAdmin(name string, fn func(*store.AdminUser) error) (store.AdminUser, error)
 	SetMeta(key string, v []byte) error
-	EndAccess(user, keepSession string) (tokens int, err error)
+	SetPasswordEndAccess(user, hash string, at time.Time, keepSession string) (tokens int, err error)
+	RecoverAdmin(user, hash string, at time.Time) (tokens int, err error)
 }
 
 // Handler serves the console's pages, its JSON API under /api/v1 and its
