@@ -9,10 +9,13 @@ import (
 	"net/http"
 	"net/http/cookiejar"
 	"net/http/httptest"
+	"net/url"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/google/go-cmp/cmp"
 
 	"github.com/bastion-iot/bastion/gateway/store"
 )
@@ -112,7 +115,7 @@ func TestRecoveryStoreFailureLeavesNoSetupCodeBesideAnAccount(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			h.acct = faultyStore{st, tc.fail}
+			h.st = faultyStore{st, tc.fail}
 			w := serveJSON(h, "POST", "/api/v1/recover", fmt.Sprintf(`{"code":%q,"user":"root","password":%q}`, code, newPassword))
 			if w.Code != http.StatusInternalServerError || !strings.Contains(w.Body.String(), tc.want) ||
 				!strings.Contains(w.Body.String(), "the account is unchanged and the recovery code is spent: get a new recovery code") ||
@@ -170,7 +173,7 @@ func TestRecoveryFailureChangesNeitherPasswordNorAccess(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	h.acct = faultyStore{h.o.Store, "RecoverAdmin"}
+	h.st = faultyStore{h.o.Store, "RecoverAdmin"}
 	w := serveJSON(h, "POST", "/api/v1/recover", fmt.Sprintf(`{"code":%q,"user":"root","password":%q}`, code, newPassword))
 	if w.Code != http.StatusInternalServerError || !strings.Contains(w.Body.String(), `Recovery of \"root\" stopped: setup is closed, but setting the password and ending the account's sessions and API tokens failed (injected store failure); the account is unchanged`) {
 		t.Errorf("answer %d %s; want 500 saying the account is unchanged", w.Code, w.Body)
@@ -199,7 +202,7 @@ func TestPasswordChangeFailureChangesNeitherPasswordNorAccess(t *testing.T) {
 		t.Fatalf("create token: %d %s", code, body)
 	}
 	other := loginClient(t, srv, "root", oldPassword)
-	h.acct = faultyStore{h.o.Store, "SetPasswordEndAccess"}
+	h.st = faultyStore{h.o.Store, "SetPasswordEndAccess"}
 	req, _ := http.NewRequest("PUT", srv.URL+"/api/v1/account/password", strings.NewReader(fmt.Sprintf(`{"current":%q,"new":%q}`, oldPassword, newPassword)))
 	req.Header.Set("Content-Type", "application/json")
 	req.Header.Set("X-CSRF-Token", csrfTok)
@@ -255,7 +258,7 @@ func TestLoginLogsSessionCleanupFailures(t *testing.T) {
 			setUpAdmin(t, srv)
 			var logs syncBuffer
 			h.log = slog.New(slog.NewTextHandler(&logs, nil))
-			h.acct = faultyStore{h.o.Store, tc.fail}
+			h.st = faultyStore{h.o.Store, tc.fail}
 			r := httptest.NewRequest("POST", "/api/v1/session", strings.NewReader(fmt.Sprintf(`{"user":"root","password":%q}`, oldPassword)))
 			r.Header.Set("Content-Type", "application/json")
 			r.RemoteAddr = "10.0.0.5:4000"
@@ -275,5 +278,157 @@ func TestLoginLogsSessionCleanupFailures(t *testing.T) {
 				t.Errorf("log:\n%s\nwant a warning %q with user=root and the error", logs.String(), tc.want)
 			}
 		})
+	}
+}
+
+func (s faultyStore) DeleteExpectedDevice(id string) error {
+	if err := s.err("DeleteExpectedDevice"); err != nil {
+		return err
+	}
+	return s.Store.DeleteExpectedDevice(id)
+}
+
+func (s faultyStore) OptOuts() (map[string]bool, error) {
+	if err := s.err("OptOuts"); err != nil {
+		return nil, err
+	}
+	return s.Store.OptOuts()
+}
+
+// linesWith returns the lines of logs that contain s.
+func linesWith(logs, s string) []string {
+	var out []string
+	for l := range strings.SplitSeq(logs, "\n") {
+		if strings.Contains(l, s) {
+			out = append(out, l)
+		}
+	}
+	return out
+}
+
+// An expired session whose deleting fails is refused all the same, at
+// every use, and each failure is logged with its user (it used to be
+// dropped unseen). Once the store works again, the next use deletes it.
+func TestExpiredSessionNotDeletedStaysRefused(t *testing.T) {
+	h, srv, clk := newTestHandler(t)
+	c, _ := setUpAdmin(t, srv)
+	u, err := url.Parse(srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var hash string
+	for _, ck := range c.Jar.Cookies(u) {
+		if ck.Name == sessionCookie {
+			hash = hashToken(ck.Value)
+		}
+	}
+	if _, err := h.o.Store.Session(hash); err != nil {
+		t.Fatalf("the session set up: %v", err)
+	}
+	var logs syncBuffer
+	h.log = slog.New(slog.NewTextHandler(&logs, nil))
+	h.st = faultyStore{h.o.Store, "DeleteSession"}
+	clk.add(31 * time.Minute)
+	for i := range 2 {
+		if code := get(t, c, srv.URL+"/api/v1/session"); code != http.StatusUnauthorized {
+			t.Errorf("use %d of the expired session the store could not delete: %d, want 401", i+1, code)
+		}
+	}
+	if _, err := h.o.Store.Session(hash); err != nil {
+		t.Errorf("the session after its deleting failed: %v, want still stored", err)
+	}
+	lines := linesWith(logs.String(), "could not be deleted")
+	if len(lines) != 2 {
+		t.Fatalf("log:\n%s\nwant 2 lines saying the session could not be deleted", logs.String())
+	}
+	for _, l := range lines {
+		if !strings.Contains(l, "level=WARN") || !strings.Contains(l, "why=expired") || !strings.Contains(l, "user=root") || !strings.Contains(l, errInjected.Error()) {
+			t.Errorf("log line %q, want a warning with why=expired, user=root and the error", l)
+		}
+	}
+	h.st = h.o.Store
+	if code := get(t, c, srv.URL+"/api/v1/session"); code != http.StatusUnauthorized {
+		t.Errorf("the expired session once the store works: %d, want 401", code)
+	}
+	if _, err := h.o.Store.Session(hash); !errors.Is(err, store.ErrNotFound) {
+		t.Errorf("the expired session once the store works: %v, want deleted", err)
+	}
+}
+
+// An expired expected device whose deleting fails is not listed (nor
+// used: pairing checks the expiry itself), and the failure is logged (it
+// used to be dropped unseen); the next listing deletes it.
+func TestExpiredExpectedDeviceNotDeletedIsLogged(t *testing.T) {
+	h, _, clk := newTestHandler(t)
+	now := clk.now()
+	old, err := h.o.Store.ExpectDevice(store.ExpectedDevice{Name: "old", Code: "ABCD-EFGH", Created: now.Add(-25 * time.Hour), Expires: now.Add(-time.Hour)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	live, err := h.o.Store.ExpectDevice(store.ExpectedDevice{Name: "live", Code: "JKLM-NPQR", Created: now, Expires: now.Add(time.Hour)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var logs syncBuffer
+	h.log = slog.New(slog.NewTextHandler(&logs, nil))
+	h.st = faultyStore{h.o.Store, "DeleteExpectedDevice"}
+	es, err := h.expectedDevices()
+	if err != nil || len(es) != 1 || es[0].ID != live.ID {
+		t.Errorf("listed %+v, %v; want only %s", es, err, live.ID)
+	}
+	lines := linesWith(logs.String(), "expired expected device could not be deleted")
+	if len(lines) != 1 || !strings.Contains(lines[0], "level=WARN") || !strings.Contains(lines[0], "expected="+old.ID) || !strings.Contains(lines[0], errInjected.Error()) {
+		t.Errorf("log:\n%s\nwant one warning naming %s with the error", logs.String(), old.ID)
+	}
+	h.st = h.o.Store
+	if es, err := h.expectedDevices(); err != nil || len(es) != 1 {
+		t.Errorf("listed %+v, %v; want only %s", es, err, live.ID)
+	}
+	if all, err := h.o.Store.ExpectedDevices(); err != nil || len(all) != 1 || all[0].ID != live.ID {
+		t.Errorf("stored %+v, %v once the store works; want only %s", all, err, live.ID)
+	}
+}
+
+// An opt-out saved whose reading back, to hand it to the gateway, fails
+// is answered as such: saved, not in force, what to do. It used to be
+// answered as done, the gateway never told.
+func TestOptOutNotReadBackSaysNotApplied(t *testing.T) {
+	h, srv, _ := newTestHandler(t)
+	var mu sync.Mutex
+	var told []map[string]bool
+	h.SetComponents(Components{OptOutsChanged: func(m map[string]bool) { mu.Lock(); told = append(told, m); mu.Unlock() }})
+	c, csrfTok := setUpAdmin(t, srv)
+	optOut := func() (int, string) {
+		req, _ := http.NewRequest("PUT", srv.URL+"/api/v1/privacy/optout", strings.NewReader(`{"datum":"device.counters","opt_out":true}`))
+		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("X-CSRF-Token", csrfTok)
+		res, err := c.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer res.Body.Close()
+		b, _ := io.ReadAll(res.Body)
+		return res.StatusCode, string(b)
+	}
+	h.st = faultyStore{h.o.Store, "OptOuts"}
+	if code, body := optOut(); code != http.StatusInternalServerError || !strings.Contains(body, "The change is saved, but the running gateway has not applied it: reading the opt-outs back failed (injected store failure)") {
+		t.Errorf("answer %d %s; want 500 saying the change is saved but not applied", code, body)
+	}
+	if m, err := h.o.Store.OptOuts(); err != nil || !m["device.counters"] {
+		t.Errorf("stored opt-outs %v, %v; want device.counters saved, as the answer says", m, err)
+	}
+	mu.Lock()
+	if len(told) != 0 {
+		t.Errorf("the gateway was told %v, want nothing", told)
+	}
+	mu.Unlock()
+	h.st = h.o.Store
+	if code, body := optOut(); code != http.StatusOK {
+		t.Fatalf("saving again: %d %s, want 200", code, body)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if d := cmp.Diff([]map[string]bool{{"device.counters": true}}, told); d != "" {
+		t.Errorf("the gateway told (-want +got):\n%s", d)
 	}
 }
