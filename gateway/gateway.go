@@ -769,7 +769,7 @@ func (g *Gateway) serveMetrics(ctx context.Context, eg *errgroup.Group, addr str
 	if err != nil {
 		return fmt.Errorf("metrics: listen %s: %w", addr, err)
 	}
-	srv := &http.Server{Handler: metricsHandler(g.metrics), ReadHeaderTimeout: 5 * time.Second}
+	srv := g.metricsServer()
 	eg.Go(func() error {
 		go func() { <-ctx.Done(); srv.Close() }()
 		if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
@@ -778,6 +778,18 @@ func (g *Gateway) serveMetrics(ctx context.Context, eg *errgroup.Group, addr str
 		return nil
 	})
 	return nil
+}
+
+// metricsServer is the server of metrics.listen: plain HTTP, on loopback.
+// Its ErrorLog is what the HTTPS servers' is (httpsRefusals): its lines go
+// to the gateway's log, escaped, each kind at most once per 10 s. Without
+// one, net/http writes them (an Accept error at every retry, a handler's
+// panic) to stderr, unescaped and outside the log. Having no TLS
+// handshake, it has none of the refusals that ErrorLog counts.
+func (g *Gateway) metricsServer() *http.Server {
+	log := g.log.With("component", "metrics")
+	return &http.Server{Handler: metricsHandler(g.metrics), ReadHeaderTimeout: 5 * time.Second,
+		ErrorLog: g.newHTTPSRefusals("metrics", "metrics", log, slog.LevelWarn).errorLog()}
 }
 
 func (g *Gateway) activeDevices() float64 {

@@ -13,6 +13,7 @@ import (
 	"io/fs"
 	"net/http"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -216,15 +217,21 @@ func (p *pairingSvc) vendorRoots() map[string]*x509.CertPool {
 	return p.vendors
 }
 
-// vendorOf names the configured vendor whose roots leaf chains to, through
-// inter, or returns "".
-func (p *pairingSvc) vendorOf(leaf *x509.Certificate, inter *x509.CertPool) string {
+// vendorsOf names the configured vendors whose roots leaf chains to,
+// through inter, sorted. More than one (a root configured for two
+// vendors, or one vendor's CA that chains to another's root) leaves the
+// device's vendor unknown: verifyIDevID refuses it rather than pick one,
+// since the vendor recorded decides which vendor's firmware and manifest
+// key the device gets.
+func (p *pairingSvc) vendorsOf(leaf *x509.Certificate, inter *x509.CertPool) []string {
+	var names []string
 	for name, pool := range p.vendorRoots() {
 		if p.chainsTo(leaf, inter, pool) {
-			return name
+			names = append(names, name)
 		}
 	}
-	return ""
+	slices.Sort(names)
+	return names
 }
 
 // chainsTo reports whether leaf chains to roots through inter at the
@@ -500,21 +507,25 @@ func (p *pairingSvc) verifyIDevID(raw [][]byte, caErr error) (string, error) {
 			inter.AddCert(c)
 		}
 	}
-	vendor := p.vendorOf(leaf, inter)
+	vendors := p.vendorsOf(leaf, inter)
 	// One reading of the window, before p.mu: a reading may close it (its
 	// deadline passed), which audits the close, and p.audit takes p.mu.
 	st := p.win.State()
 	open := st.Open
 	claim := leaf.Subject.CommonName
 	switch {
-	case vendor == "" && open:
+	case len(vendors) == 0 && open:
 		p.refuse("unknown vendor", claim, "certificate chains neither to this gateway's CA nor to a configured vendor root (pairing.vendors)")
 		return "", caErr
-	case vendor == "":
+	case len(vendors) == 0:
 		return "", caErr
 	case !open:
-		return "", p.refuse("no window", claim, "manufacturer certificate of "+vendor+" outside a pairing window: press the gateway's button first")
+		return "", p.refuse("no window", claim, "manufacturer certificate of "+strings.Join(vendors, " or ")+" outside a pairing window: press the gateway's button first")
+	case len(vendors) > 1:
+		return "", p.refuse("ambiguous vendor", claim, "certificate chains to the roots of several vendors in pairing.vendors ("+strings.Join(vendors, ", ")+
+			"), so its vendor is unknown: give each vendor only CA certificates that are its own (its issuing CA rather than a root it shares)")
 	}
+	vendor := vendors[0]
 	sum := sha256.Sum256(leaf.Raw)
 	dev := idIDevID + vendor + ":" + hex.EncodeToString(sum[:8])
 	// The session belongs to this window: one kept open into a later

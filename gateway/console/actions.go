@@ -66,20 +66,20 @@ func (h *Handler) newSession(w http.ResponseWriter, r *http.Request, user string
 	// but until then the one the browser presented still works, which the
 	// log must say.
 	if c, err := r.Cookie(sessionCookie); err == nil {
-		if err := h.acct.DeleteSession(hashToken(c.Value)); err != nil {
+		if err := h.st.DeleteSession(hashToken(c.Value)); err != nil {
 			h.log.WarnContext(r.Context(), "console: login: the browser's previous session could not be deleted; it works until it expires", "user", user, "remote", remoteIP(r), "err", err)
 		}
 	}
 	now := h.o.Now()
 	// Sweep expired sessions now and then: logins are rare enough.
-	if err := h.acct.DeleteSessions("", func(s store.Session) bool {
+	if err := h.st.DeleteSessions("", func(s store.Session) bool {
 		return now.Sub(s.LastSeen) > h.o.IdleTimeout || now.Sub(s.Created) > h.o.MaxAge
 	}); err != nil {
 		h.log.WarnContext(r.Context(), "console: login: expired sessions could not be swept; the next login tries again", "user", user, "remote", remoteIP(r), "err", err)
 	}
 	id := randomToken()
 	s := store.Session{Hash: hashToken(id), User: user, CSRF: randomToken(), Created: now, LastSeen: now, Remote: remoteIP(r)}
-	if err := h.acct.PutSession(s); err != nil {
+	if err := h.st.PutSession(s); err != nil {
 		return s, fmt.Errorf("store session: %w", err)
 	}
 	http.SetCookie(w, &http.Cookie{Name: sessionCookie, Value: id, Path: "/", Secure: true, HttpOnly: true, SameSite: http.SameSiteStrictMode})
@@ -211,34 +211,22 @@ func (h *Handler) doRecover(ctx context.Context, r *http.Request, in setupInput)
 	// Setup is closed before the password is set, the setup code first: a
 	// failure at any step leaves the account as it was and no setup code
 	// that works beside a recovered account (one deleted, then setup
-	// marked done). Each write is its own transaction.
+	// marked done). Each of the three writes is its own transaction.
 	const unchanged = "the account is unchanged and the recovery code is spent: get a new recovery code and try again"
-	if err := h.acct.SetMeta(MetaSetupCode, nil); err != nil {
+	if err := h.st.SetMeta(MetaSetupCode, nil); err != nil {
 		return storeFailed(err, "Recovery of %q stopped: deleting the first-admin setup code failed (%v); %s.", user, err, unchanged)
 	}
-	if err := h.acct.SetMeta(MetaAdminExists, []byte(now.UTC().Format(time.RFC3339))); err != nil {
+	if err := h.st.SetMeta(MetaAdminExists, []byte(now.UTC().Format(time.RFC3339))); err != nil {
 		return storeFailed(err, "Recovery of %q stopped: the first-admin setup code is deleted, but marking setup as done failed (%v); %s.", user, err, unchanged)
 	}
-	_, err = h.acct.UpdateAdmin(user, func(u *store.AdminUser) error {
-		u.PasswordHash, u.PasswordSet, u.Role = ph, now, RoleAdmin
-		return nil
-	})
-	if errors.Is(err, store.ErrNotFound) {
-		err = h.acct.AddAdmin(store.AdminUser{Name: user, Role: RoleAdmin, PasswordHash: ph, Created: now, PasswordSet: now})
-	}
+	// Whoever had the account may have made API tokens, which never
+	// expire: they go with its sessions, in the transaction that sets the
+	// password, so a failure leaves the account as it was.
+	tokens, err := h.st.RecoverAdmin(user, ph, now)
 	if err != nil {
-		return storeFailed(err, "Recovery of %q stopped: setup is closed, but setting the password failed (%v); %s.", user, err, unchanged)
+		return storeFailed(err, "Recovery of %q stopped: setup is closed, but setting the password and ending the account's sessions and API tokens failed (%v); %s.", user, err, unchanged)
 	}
 	h.thr.Reset("u:" + user)
-	// Whoever had the account may have made API tokens, which never
-	// expire: they go with its sessions. The store has no transaction that
-	// also sets the password, so a failure here leaves the new password
-	// beside every old session and token (EndAccess deletes all or none).
-	tokens, err := h.acct.EndAccess(user, "")
-	if err != nil {
-		h.audit(ctx, Actor{Name: user, Remote: src}, "console.recover", user, "password set with the recovery code; ending its sessions and API tokens failed, none ended")
-		return storeFailed(err, "The password of %q is set, but ending its sessions and API tokens failed (%v): none of them has ended, each still works. Log in with the new password and change it, which ends the others, or recover again with a new recovery code.", user, err)
-	}
 	h.audit(ctx, Actor{Name: user, Remote: src}, "console.recover", user,
 		fmt.Sprintf("password set with the recovery code; sessions ended, %d API token(s) deleted", tokens))
 	h.flushRefusalAudit(ctx, "recovery")
@@ -518,7 +506,12 @@ func (h *Handler) expectedDevices() ([]store.ExpectedDevice, error) {
 	out := es[:0]
 	for _, e := range es {
 		if now.After(e.Expires) {
-			h.o.Store.DeleteExpectedDevice(e.ID)
+			// Expired, it is neither shown nor used by pairing (which
+			// checks the expiry itself), deleted or not; not deleted, it
+			// is tried again at the next listing.
+			if err := h.st.DeleteExpectedDevice(e.ID); err != nil && !errors.Is(err, store.ErrNotFound) {
+				h.log.Warn("console: an expired expected device could not be deleted; it stays hidden and unused", "expected", e.ID, "name", e.Name, "err", err)
+			}
 			continue
 		}
 		e.Code = "" // a secret: never shown again
@@ -663,11 +656,17 @@ func (h *Handler) setOptOut(ctx context.Context, p *principal, in optOutInput) e
 		return err
 	}
 	h.audit(ctx, p.actor(), "privacy.optout", in.Datum, strconv.FormatBool(in.OptOut))
-	if f := h.c().OptOutsChanged; f != nil {
-		if m, err := h.o.Store.OptOuts(); err == nil {
-			f(m)
-		}
+	f := h.c().OptOutsChanged
+	if f == nil {
+		return nil
 	}
+	m, err := h.st.OptOuts()
+	if err != nil {
+		// Saved but not handed over: the answer must not say the change
+		// is in force.
+		return storeFailed(err, "The change is saved, but the running gateway has not applied it: reading the opt-outs back failed (%v), so it may keep or drop data as before the change. Save the change again, or restart the gateway, to apply it.", err)
+	}
+	f(m)
 	return nil
 }
 
@@ -765,26 +764,20 @@ func (h *Handler) changePassword(ctx context.Context, p *principal, in passwordI
 	if err != nil {
 		return err
 	}
-	if _, err := h.acct.UpdateAdmin(p.user, func(u *store.AdminUser) error {
-		u.PasswordHash, u.PasswordSet = ph, h.o.Now()
-		return nil
-	}); err != nil {
-		return err
-	}
 	// Who changes a password may fear someone else knows it, and could
 	// have made API tokens with it, which never expire: all go, the one
-	// this request came with too. The session that made the change stays.
-	// The store has no transaction that also sets the password, so a
-	// failure here leaves the new password beside every old session and
-	// token (EndAccess deletes all or none).
+	// this request came with too, in the transaction that sets the
+	// password. The session that made the change stays.
 	keep := ""
 	if p.session != nil {
 		keep = p.session.Hash
 	}
-	tokens, err := h.acct.EndAccess(p.user, keep)
+	tokens, err := h.st.SetPasswordEndAccess(p.user, ph, h.o.Now(), keep)
+	if errors.Is(err, store.ErrNotFound) {
+		return err // the account was deleted meanwhile
+	}
 	if err != nil {
-		h.audit(ctx, p.actor(), "admin.password", p.user, "ending other sessions and API tokens failed, none ended")
-		return storeFailed(err, "The new password of %q is set, but ending its other sessions and API tokens failed (%v): none of them has ended, each still works. Change the password again to end them.", p.user, err)
+		return storeFailed(err, "The password of %q is unchanged: setting it and ending its other sessions and API tokens failed (%v). The old password, and every session and API token, still work. Try again.", p.user, err)
 	}
 	h.audit(ctx, p.actor(), "admin.password", p.user, fmt.Sprintf("other sessions ended, %d API token(s) deleted", tokens))
 	return nil

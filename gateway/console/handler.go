@@ -90,17 +90,21 @@ func (h *Handler) SetComponents(c Components) { h.comp.Store(&c) }
 
 func (h *Handler) c() *Components { return h.comp.Load() }
 
-// accountStore is what login, recovery and password change write: the
-// store (*store.Store), behind an interface so that a test can make one of
-// these writes fail.
-type accountStore interface {
+// consoleStore is the part of the store (*store.Store) whose failures the
+// console answers or logs in a way of its own: the writes of login,
+// recovery and password change, the deleting of ended sessions and of
+// expired expected devices, the reading back of the privacy opt-outs.
+// It is behind an interface so that a test can make one of these calls
+// fail.
+type consoleStore interface {
 	PutSession(store.Session) error
 	DeleteSession(hash string) error
 	DeleteSessions(user string, expired func(store.Session) bool) error
-	AddAdmin(store.AdminUser) error
-	UpdateAdmin(name string, fn func(*store.AdminUser) error) (store.AdminUser, error)
 	SetMeta(key string, v []byte) error
-	EndAccess(user, keepSession string) (tokens int, err error)
+	SetPasswordEndAccess(user, hash string, at time.Time, keepSession string) (tokens int, err error)
+	RecoverAdmin(user, hash string, at time.Time) (tokens int, err error)
+	DeleteExpectedDevice(id string) error
+	OptOuts() (map[string]bool, error)
 }
 
 // Handler serves the console's pages, its JSON API under /api/v1 and its
@@ -125,9 +129,9 @@ type Handler struct {
 	// afterAuthRead, if set (tests), runs in authenticate between reading
 	// the session or token and touching it.
 	afterAuthRead func()
-	// acct is the store as login, recovery and password change write it
-	// (o.Store; tests put a wrapper here that makes one write fail).
-	acct accountStore
+	// st is o.Store for the calls of consoleStore (tests put a wrapper
+	// here that makes one of them fail).
+	st consoleStore
 
 	mu      sync.Mutex
 	flashes map[string]string
@@ -167,7 +171,7 @@ func NewHandler(o Options) (*Handler, error) {
 	h := &Handler{o: o, log: o.Log.With("component", "console"), mux: http.NewServeMux(), hash: hash,
 		thr: newThrottle(o.Throttle, throttleKeys), cop: http.NewCrossOriginProtection(), pages: pg, flashes: map[string]string{},
 		refusalEvents: ratelog.New(refusalAuditEvery)}
-	h.acct = o.Store
+	h.st = o.Store
 	h.SetComponents(o.Components)
 	h.refusals = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "bastion_console_refusals_total",
@@ -463,13 +467,16 @@ func (h *Handler) authenticate(r *http.Request) (*principal, error) {
 	if err != nil {
 		return nil, nil
 	}
+	// An ended session does not authenticate, whether or not it can be
+	// deleted: one left in the store is refused the same way at its next
+	// use, and deleted then or swept at the next login.
 	if now.Sub(s.LastSeen) > h.o.IdleTimeout || now.Sub(s.Created) > h.o.MaxAge {
-		h.o.Store.DeleteSession(s.Hash)
+		h.endSession(r, s, "expired")
 		return nil, nil
 	}
 	u, err := h.o.Store.Admin(s.User)
 	if err != nil {
-		h.o.Store.DeleteSession(s.Hash)
+		h.endSession(r, s, "account gone or unreadable")
 		return nil, nil
 	}
 	if h.afterAuthRead != nil {
@@ -487,6 +494,14 @@ func (h *Handler) authenticate(r *http.Request) (*principal, error) {
 		s.LastSeen = now
 	}
 	return &principal{user: u.Name, role: u.Role, session: &s, remote: remoteIP(r)}, nil
+}
+
+// endSession deletes the session s, which no longer authenticates (why),
+// and logs a failure to: the session stays refused, but stays stored.
+func (h *Handler) endSession(r *http.Request, s store.Session, why string) {
+	if err := h.st.DeleteSession(s.Hash); err != nil {
+		h.log.WarnContext(r.Context(), "console: a session that no longer authenticates could not be deleted; it stays refused", "why", why, "user", s.User, "remote", remoteIP(r), "err", err)
+	}
 }
 
 // parseBearer extracts the token from "Bearer <token>".

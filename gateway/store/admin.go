@@ -302,34 +302,79 @@ func (s *Store) DeleteSessions(user string, expired func(Session) bool) error {
 	})
 }
 
-// EndAccess deletes, in one transaction, every session of user but
-// keepSession (a hash, or "" for none) and every API token of user, and
-// returns how many tokens it deleted. A password reset or change calls it:
+// SetPasswordEndAccess sets the password hash of the account user (and its
+// PasswordSet to at) and, in the same transaction, deletes every session
+// of user but keepSession (a hash, or "" for none) and every API token of
+// user; it returns how many tokens it deleted. A password change calls it:
 // whoever knew the old password may have opened a session or made a token
-// with it, and tokens do not expire.
-func (s *Store) EndAccess(user, keepSession string) (tokens int, err error) {
+// with it, and tokens do not expire. Either all of it is done or none: a
+// failure leaves the old password beside the sessions and tokens it may
+// have made, never the new one beside them. A missing account is
+// ErrNotFound.
+func (s *Store) SetPasswordEndAccess(user, hash string, at time.Time, keepSession string) (tokens int, err error) {
+	return s.setPassword(user, hash, at, keepSession, false)
+}
+
+// RecoverAdmin is SetPasswordEndAccess for a password recovery: the
+// account user also gets the admin role, and is created if it does not
+// exist, and none of its sessions is kept.
+func (s *Store) RecoverAdmin(user, hash string, at time.Time) (tokens int, err error) {
+	return s.setPassword(user, hash, at, "", true)
+}
+
+func (s *Store) setPassword(user, hash string, at time.Time, keepSession string, recovery bool) (tokens int, err error) {
 	err = s.db.Update(func(tx *bolt.Tx) error {
-		tokens = 0
-		err := deleteWhere(tx, bSessions, func(v []byte) bool {
-			var x Session
-			return json.Unmarshal(v, &x) == nil && x.User == user && x.Hash != keepSession
-		})
+		b, err := tx.CreateBucketIfNotExists(bAdmins)
 		if err != nil {
 			return err
 		}
-		return deleteWhere(tx, bTokens, func(v []byte) bool {
-			var x APIToken
-			m := json.Unmarshal(v, &x) == nil && x.User == user
-			if m {
-				tokens++
+		var u AdminUser
+		switch err := get(b, user, &u); {
+		case errors.Is(err, ErrNotFound) && recovery:
+			u = AdminUser{Name: user, Created: at}
+		case err != nil:
+			return fmt.Errorf("admin %q: %w", user, err)
+		}
+		u.PasswordHash, u.PasswordSet = hash, at
+		if recovery {
+			u.Role = "admin"
+		}
+		if err := put(b, user, u); err != nil {
+			return err
+		}
+		if s.afterPasswordPut != nil {
+			if err := s.afterPasswordPut(); err != nil {
+				return err
 			}
-			return m
-		})
+		}
+		tokens, err = endAccess(tx, user, keepSession)
+		return err
 	})
 	if err != nil {
-		return 0, fmt.Errorf("end the sessions and API tokens of %q: %w", user, err)
+		return 0, fmt.Errorf("set the password of %q and end its sessions and API tokens: %w", user, err)
 	}
 	return tokens, nil
+}
+
+// endAccess deletes every session of user but keepSession and every API
+// token of user in tx, and returns how many tokens it deleted.
+func endAccess(tx *bolt.Tx, user, keepSession string) (tokens int, err error) {
+	err = deleteWhere(tx, bSessions, func(v []byte) bool {
+		var x Session
+		return json.Unmarshal(v, &x) == nil && x.User == user && x.Hash != keepSession
+	})
+	if err != nil {
+		return 0, err
+	}
+	err = deleteWhere(tx, bTokens, func(v []byte) bool {
+		var x APIToken
+		m := json.Unmarshal(v, &x) == nil && x.User == user
+		if m {
+			tokens++
+		}
+		return m
+	})
+	return tokens, err
 }
 
 // PutAPIToken stores a token under its hash.

@@ -78,36 +78,140 @@ func TestFirstAdminIsOnceAndSpendsTheCode(t *testing.T) {
 	}
 }
 
-// EndAccess deletes the user's sessions but the one kept and all the
-// user's API tokens, nobody else's.
-func TestEndAccess(t *testing.T) {
-	s, err := Open(filepath.Join(t.TempDir(), "s.db"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
-	for _, x := range []Session{{Hash: "s1", User: "root"}, {Hash: "s2", User: "root"}, {Hash: "s3", User: "ann"}} {
-		s.PutSession(x)
-	}
-	for _, x := range []APIToken{{Hash: "t1", ID: "i1", User: "root"}, {Hash: "t2", ID: "i2", User: "root"}, {Hash: "t3", ID: "i3", User: "ann"}} {
-		s.PutAPIToken(x)
-	}
-	n, err := s.EndAccess("root", "s2")
-	if err != nil || n != 2 {
-		t.Fatalf("EndAccess: %d tokens, %v; want 2, nil", n, err)
-	}
+// accessLeft lists the sessions (of s1, s2, s3) and the API tokens left.
+func accessLeft(t *testing.T, s *Store) []string {
+	t.Helper()
 	var left []string
 	for _, h := range []string{"s1", "s2", "s3"} {
 		if _, err := s.Session(h); err == nil {
 			left = append(left, h)
 		}
 	}
-	ts, _ := s.APITokens()
+	ts, err := s.APITokens()
+	if err != nil {
+		t.Fatal(err)
+	}
 	for _, x := range ts {
 		left = append(left, x.Hash)
 	}
-	if d := cmp.Diff([]string{"s2", "s3", "t3"}, left); d != "" {
+	return left
+}
+
+// SetPasswordEndAccess sets the password and deletes the user's sessions
+// but the one kept and all the user's API tokens, nobody else's, in one
+// transaction: when it fails after the password is written, the old
+// password and every session and token are still there (in two
+// transactions, the console's password change used to leave the new
+// password beside the old sessions and tokens). A missing account is
+// ErrNotFound, and is not made.
+func TestSetPasswordEndAccess(t *testing.T) {
+	at := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	setUp := func(t *testing.T) *Store {
+		s, _ := open(t)
+		for _, u := range []AdminUser{{Name: "root", Role: "admin", PasswordHash: "old"}, {Name: "ann", Role: "admin", PasswordHash: "ann's"}} {
+			if err := s.AddAdmin(u); err != nil {
+				t.Fatal(err)
+			}
+		}
+		for _, x := range []Session{{Hash: "s1", User: "root"}, {Hash: "s2", User: "root"}, {Hash: "s3", User: "ann"}} {
+			s.PutSession(x)
+		}
+		for _, x := range []APIToken{{Hash: "t1", ID: "i1", User: "root"}, {Hash: "t2", ID: "i2", User: "root"}, {Hash: "t3", ID: "i3", User: "ann"}} {
+			s.PutAPIToken(x)
+		}
+		return s
+	}
+	t.Run("done", func(t *testing.T) {
+		s := setUp(t)
+		n, err := s.SetPasswordEndAccess("root", "new", at, "s2")
+		if err != nil || n != 2 {
+			t.Fatalf("SetPasswordEndAccess: %d tokens, %v; want 2, nil", n, err)
+		}
+		if u, _ := s.Admin("root"); u.PasswordHash != "new" || !u.PasswordSet.Equal(at) || u.Role != "admin" {
+			t.Errorf("account after the change: %+v, want password new set at %v, role kept", u, at)
+		}
+		if d := cmp.Diff([]string{"s2", "s3", "t3"}, accessLeft(t, s)); d != "" {
+			t.Errorf("sessions and tokens left (-want +got):\n%s", d)
+		}
+	})
+	t.Run("failed", func(t *testing.T) {
+		s := setUp(t)
+		injected := errors.New("injected failure")
+		s.afterPasswordPut = func() error { return injected }
+		if n, err := s.SetPasswordEndAccess("root", "new", at, "s2"); !errors.Is(err, injected) || n != 0 {
+			t.Fatalf("SetPasswordEndAccess: %d tokens, %v; want 0 and the injected failure", n, err)
+		}
+		if u, _ := s.Admin("root"); u.PasswordHash != "old" {
+			t.Errorf("password after the failure: %q, want the old one", u.PasswordHash)
+		}
+		if d := cmp.Diff([]string{"s1", "s2", "s3", "t1", "t2", "t3"}, accessLeft(t, s)); d != "" {
+			t.Errorf("sessions and tokens left after the failure (-want +got):\n%s", d)
+		}
+	})
+	t.Run("no account", func(t *testing.T) {
+		s := setUp(t)
+		if _, err := s.SetPasswordEndAccess("eve", "new", at, ""); !errors.Is(err, ErrNotFound) {
+			t.Errorf("SetPasswordEndAccess of a missing account: %v, want ErrNotFound", err)
+		}
+		if _, err := s.Admin("eve"); !errors.Is(err, ErrNotFound) {
+			t.Errorf("missing account after SetPasswordEndAccess: %v, want still missing", err)
+		}
+	})
+}
+
+// RecoverAdmin sets the password, makes the account an admin (creating
+// it if missing) and ends all its sessions and tokens, in one
+// transaction: a failure leaves all as it was.
+func TestRecoverAdmin(t *testing.T) {
+	at := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	s, _ := open(t)
+	if err := s.AddAdmin(AdminUser{Name: "ann", Role: "admin", PasswordHash: "ann's"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.AddAdmin(AdminUser{Name: "root", Role: "viewer", PasswordHash: "old", Created: at.Add(-time.Hour)}); err != nil {
+		t.Fatal(err)
+	}
+	for _, x := range []Session{{Hash: "s1", User: "root"}, {Hash: "s2", User: "root"}, {Hash: "s3", User: "ann"}} {
+		s.PutSession(x)
+	}
+	for _, x := range []APIToken{{Hash: "t1", ID: "i1", User: "root"}, {Hash: "t3", ID: "i3", User: "ann"}} {
+		s.PutAPIToken(x)
+	}
+	injected := errors.New("injected failure")
+	s.afterPasswordPut = func() error { return injected }
+	if _, err := s.RecoverAdmin("root", "new", at); !errors.Is(err, injected) {
+		t.Fatalf("RecoverAdmin: %v, want the injected failure", err)
+	}
+	if _, err := s.RecoverAdmin("eve", "new", at); !errors.Is(err, injected) {
+		t.Fatalf("RecoverAdmin of a new account: %v, want the injected failure", err)
+	}
+	if u, _ := s.Admin("root"); u.PasswordHash != "old" || u.Role != "viewer" {
+		t.Errorf("account after the failure: %+v, want as it was", u)
+	}
+	if _, err := s.Admin("eve"); !errors.Is(err, ErrNotFound) {
+		t.Errorf("account eve after the failure: %v, want none", err)
+	}
+	if d := cmp.Diff([]string{"s1", "s2", "s3", "t1", "t3"}, accessLeft(t, s)); d != "" {
+		t.Errorf("sessions and tokens left after the failure (-want +got):\n%s", d)
+	}
+
+	s.afterPasswordPut = nil
+	if n, err := s.RecoverAdmin("root", "new", at); err != nil || n != 1 {
+		t.Fatalf("RecoverAdmin: %d tokens, %v; want 1, nil", n, err)
+	}
+	want := AdminUser{Name: "root", Role: "admin", PasswordHash: "new", Created: at.Add(-time.Hour), PasswordSet: at}
+	if u, _ := s.Admin("root"); !cmp.Equal(want, u) {
+		t.Errorf("recovered account (-want +got):\n%s", cmp.Diff(want, u))
+	}
+	if d := cmp.Diff([]string{"s3", "t3"}, accessLeft(t, s)); d != "" {
 		t.Errorf("sessions and tokens left (-want +got):\n%s", d)
+	}
+	if _, err := s.RecoverAdmin("eve", "new", at); err != nil {
+		t.Fatal(err)
+	}
+	want = AdminUser{Name: "eve", Role: "admin", PasswordHash: "new", Created: at, PasswordSet: at}
+	if u, _ := s.Admin("eve"); !cmp.Equal(want, u) {
+		t.Errorf("account made by recovery (-want +got):\n%s", cmp.Diff(want, u))
 	}
 }
 

@@ -49,6 +49,11 @@ type Store struct {
 	psk, byID deviceCache
 	// auditKeep is how many audit events are kept (AuditRetention).
 	auditKeep uint64
+	// afterPasswordPut, if set (tests), runs in the transaction of
+	// SetPasswordEndAccess or RecoverAdmin between writing the password
+	// and ending the sessions and tokens; an error it returns fails the
+	// transaction.
+	afterPasswordPut func() error
 }
 
 // DefaultAuditRetention is how many audit events a store keeps: the
