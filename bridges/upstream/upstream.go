@@ -590,6 +590,7 @@ func (u *Upstream) generation(ctx context.Context, s *snapshot) error {
 		},
 		OnConnectError: func(err error) {
 			u.m.connectErrors.Inc()
+			u.countRefusedRead(err)
 			u.setError(explain(err, u.cur.Load()))
 		},
 		ClientConfig: paho.ClientConfig{
@@ -601,7 +602,10 @@ func (u *Upstream) generation(ctx context.Context, s *snapshot) error {
 					return true, nil
 				},
 			},
-			OnClientError: func(err error) { u.setError(fmt.Errorf("upstream connection to %s lost: %w", s.cfg.Broker, err)) },
+			OnClientError: func(err error) {
+				u.countRefusedRead(err)
+				u.setError(fmt.Errorf("upstream connection to %s lost: %w", s.cfg.Broker, err))
+			},
 			OnServerDisconnect: func(d *paho.Disconnect) {
 				u.setError(fmt.Errorf("upstream broker %s sent DISCONNECT with reason 0x%02x %s", s.cfg.Broker, d.ReasonCode, reasonString(d.Properties)))
 			},
