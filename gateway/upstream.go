@@ -131,12 +131,14 @@ func errDetail(err error) string {
 }
 
 // deliverCommand hands a command from the cloud to the transports, only
-// for a device of this gateway that is not revoked. The cloud names the
-// device in the topic; without the check a command for an id that does
-// not exist, or for a revoked device, would be kept as the device's last
-// command (the hub keeps them for a device that observes later), for as
-// many ids as the cloud sends, and would undo the hub's forgetting of a
-// revoked device. The upstream link counts and logs the refusal.
+// for a device of this gateway that is not revoked, and only if a device
+// transport carries a command that large (commandLimit). The cloud names
+// the device in the topic; without the check a command for an id that
+// does not exist, or for a revoked device, would be kept as the device's
+// last command (the hub keeps them for a device that observes later), for
+// as many ids as the cloud sends, and would undo the hub's forgetting of a
+// revoked device. The upstream link counts and logs the refusal (a command
+// too large as result="too_large": upstream.ErrCommandTooLarge).
 func (g *Gateway) deliverCommand(ctx context.Context, m bridges.Message) error {
 	d, err := g.store.Device(m.Device)
 	switch {
@@ -147,10 +149,46 @@ func (g *Gateway) deliverCommand(ctx context.Context, m bridges.Message) error {
 	case d.Revoked:
 		return fmt.Errorf("command for device %q: the device is revoked", m.Device)
 	}
+	if limit, by := commandLimit(*g.cfg.Load(), m.Topic); len(m.Payload) > limit {
+		return fmt.Errorf("command for device %q: a payload of %d bytes, over the %d the device transports carry (%s): %w", m.Device, len(m.Payload), limit, by, upstream.ErrCommandTooLarge)
+	}
 	if f := g.downlink.Load(); f != nil {
 		return (*f)(ctx, m)
 	}
 	return errNoDownlink
+}
+
+// coapNotifyPayload is the largest command bridges/coap sends an observer
+// in a notification (its maxNotifyPayload): one datagram.
+const coapNotifyPayload = 1024
+
+// mqttPublishOverhead is what an MQTT PUBLISH of a command adds to its
+// topic and payload: a fixed header of at most 5 bytes, the topic's 2
+// length bytes, a packet identifier (QoS 1) and an MQTT 5 property length.
+const mqttPublishOverhead = 5 + 2 + 2 + 1
+
+// commandLimit is the largest payload of a command on topic that a device
+// transport of this gateway carries, and which one says so: each carries
+// to devices what it takes from them. The MQTT listener, a PUBLISH within
+// mqtt.max_packet_size (the Maximum Packet Size it announces to devices);
+// CoAP, coap.max_payload (what its devices send), and at least one
+// notification. A CoAP device could GET a larger one in Block2 blocks, but
+// a command beyond what its own messages may be is not one it was built
+// for. The largest of the enabled transports: the gateway does not know
+// which one the device uses. Without the bound the cloud's commands could
+// be as large as the link takes (256 KiB), each kept in memory as its
+// topic's last command, 16 of them taking the hub's whole 4 MiB.
+func commandLimit(cfg config.Config, topic string) (limit int, by string) {
+	by = "none is enabled"
+	if cfg.CoAP.Enabled {
+		limit = max(cfg.CoAP.MaxPayload, coapNotifyPayload)
+		by = fmt.Sprintf("CoAP: coap.max_payload %d, at least one notification of %d", cfg.CoAP.MaxPayload, coapNotifyPayload)
+	}
+	if n := cfg.MQTT.MaxPacketSize - mqttPublishOverhead - len(topic); cfg.MQTT.Enabled && n > limit {
+		limit = n
+		by = fmt.Sprintf("MQTT: a PUBLISH within mqtt.max_packet_size %d", cfg.MQTT.MaxPacketSize)
+	}
+	return limit, by
 }
 
 // errNoSuchDevice is returned for a command whose topic names an id that

@@ -505,8 +505,9 @@ func (se *session) observe(s *Server, token message.Token, topic string) (seq ui
 	full := !again && len(se.obs) >= maxObservations
 	se.mu.Unlock()
 	if full {
-		s.log.Warn("coap: observe not registered: the session observes as many tokens as it may; answered as a plain GET",
-			"device", se.device, "topic", topic, "limit", maxObservations)
+		// A device stuck in a loop repeats this at the rate it can send.
+		s.sessionLine(se, slog.LevelWarn, "observe_limit", "coap: observe not registered: the session observes as many tokens as it may; answered as a plain GET",
+			"topic", ratelog.Clip(topic, ratelog.MaxText), "limit", maxObservations)
 		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonObserveLimit).Inc()
 		return 0, bridges.Message{}, false, nil
 	}
@@ -596,7 +597,9 @@ const maxNotifyPayload = 1024
 // registration's answer counts as taken: it is sent once the answer is.
 func (se *session) notify(s *Server, o *observation, c bridges.Message) bool {
 	if len(c.Payload) > maxNotifyPayload {
-		s.log.Warn("coap: command not notified: larger than one notification; the device can GET it", "device", se.device, "topic", c.Topic, "size", len(c.Payload), "limit", maxNotifyPayload)
+		// One per command per observer, at the rate the cloud sends them.
+		s.sessionLine(se, slog.LevelWarn, "notify_too_large", "coap: command not notified: larger than one notification; the device can GET it",
+			"topic", ratelog.Clip(c.Topic, ratelog.MaxText), "size", len(c.Payload), "limit", maxNotifyPayload)
 		s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonTooLarge).Inc()
 		return false
 	}
@@ -607,8 +610,8 @@ func (se *session) notify(s *Server, o *observation, c bridges.Message) bool {
 	}
 	if o.held {
 		if len(o.queue) >= maxHeld {
-			s.log.Warn("coap: command notification dropped: too many held behind an observe registration whose answer is being written; the device can GET the topic's last command",
-				"device", se.device, "topic", o.queue[0].Topic, "limit", maxHeld)
+			s.sessionLine(se, slog.LevelWarn, "observe_backlog", "coap: command notification dropped: too many held behind an observe registration whose answer is being written; the device can GET the topic's last command",
+				"topic", ratelog.Clip(o.queue[0].Topic, ratelog.MaxText), "limit", maxHeld)
 			s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonObserveBacklog).Inc()
 			o.queue = o.queue[1:]
 		}

@@ -3,11 +3,13 @@ package coap
 import (
 	"context"
 	"io"
+	"log/slog"
 	"testing"
 
 	"github.com/plgd-dev/go-coap/v3/message"
 	"github.com/plgd-dev/go-coap/v3/message/codes"
 	"github.com/plgd-dev/go-coap/v3/message/pool"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/bridges/hub"
@@ -57,5 +59,39 @@ func TestAuditObserveRegistrationLosesCommand(t *testing.T) {
 	}()
 	if string(w.body) != "Y" && !notified {
 		t.Fatalf("registration response carries %q and Y was never notified: command Y lost", w.body)
+	}
+}
+
+// Commands held behind a registration whose answer is being written,
+// beyond maxHeld, are dropped oldest first and each counted
+// observe_backlog, in a line or two (one per device per 10 s), not one
+// line per command: the cloud sends commands at the rate it likes.
+// Mutation that fails it: the line in session.notify back on s.log.
+func TestObserveBacklogDoesNotFloodTheLog(t *testing.T) {
+	s := testServer(t, hub.LocalSink{})
+	lines := &LogLines{}
+	s.log = slog.New(lines)
+	se := &session{device: "dev1"}
+	o := &observation{held: true}
+	const n = 200
+	for i := range n {
+		if !se.notify(s, o, bridges.Message{Device: "dev1", Topic: "devices/dev1/c/x", Payload: []byte{byte(i)}}) {
+			t.Fatalf("command %d not taken while the registration's answer is written", i)
+		}
+	}
+	if len(o.queue) != maxHeld || o.queue[0].Payload[0] != n-maxHeld {
+		t.Fatalf("%d held, the oldest %d; want the last %d", len(o.queue), o.queue[0].Payload[0], maxHeld)
+	}
+	if got := testutil.ToFloat64(s.m.Refused.WithLabelValues(hub.CoAP, hub.ReasonObserveBacklog)); got != n-maxHeld {
+		t.Errorf("observe_backlog refusals %v, want %d", got, n-maxHeld)
+	}
+	const line = "coap: command notification dropped"
+	if got := lines.Count(line); got < 1 || got > 2 {
+		t.Errorf("%d log lines for %d dropped notifications, want 1 or 2 (one per 10 s)", got, n-maxHeld)
+	}
+	for _, a := range lines.Attrs(line) {
+		if a["device"] != "dev1" {
+			t.Errorf("log line about device %q, want dev1", a["device"])
+		}
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -19,6 +20,7 @@ import (
 	"github.com/plgd-dev/go-coap/v3/udp/coder"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
+	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/bridges/coap"
 	"github.com/bastion-iot/bastion/bridges/hub"
 	"github.com/bastion-iot/bastion/internal/devicesim"
@@ -234,6 +236,66 @@ func TestEnrollmentRefusalsDoNotFloodTheLog(t *testing.T) {
 		}
 		if len(a[0]["device"]) > 300 {
 			t.Errorf("line %q names a %d-byte device, want the id cut", msg, len(a[0]["device"]))
+		}
+	}
+}
+
+// A device's observe registrations past its limit, and commands too large
+// to notify it, cannot flood the log either: 200 of each are each counted
+// (observe_limit, payload_too_large) in a line or two per kind (one per
+// device and kind per 10 s), naming the device. Before, each wrote a line:
+// a GET with Observe and a new token is one datagram, and the cloud sends
+// commands at the rate it likes. (The topics are clipped too, though a
+// path is at most hub.MaxPathLen, 256 bytes.)
+//
+// Mutation that fails it: either line in handler.go (session.observe,
+// session.notify) back on s.log directly.
+func TestObserveRefusalsDoNotFloodTheLog(t *testing.T) {
+	id := &fakeIdentity{key: []byte("0123456789abcdef"), revoked: map[string]bool{}}
+	lines := &coap.LogLines{}
+	s, pskDev, _, pskAddr, _, _ := startWith(t, id, nopSink{}, coap.Config{}, slog.New(lines), 0)
+	h := coap.HubOf(s)
+	const n = 200
+	path := "/c/x/" + strings.Repeat("s", 200)
+	d := dialRaw(t, pskDev, pskAddr)
+	for i := range 16 {
+		d.sendObserve(uint16(1+i), path)
+		if a := d.nextObserved(); a.typ != message.Acknowledgement || a.seq < 0 {
+			t.Fatalf("registration %d: %v, want an ACK with Observe", i, a)
+		}
+	}
+	for i := range n {
+		d.sendObserve(uint16(100+i), path)
+		if a := d.nextObserved(); a.typ != message.Acknowledgement || a.seq >= 0 {
+			t.Fatalf("registration %d past the limit: %v, want an ACK without Observe", 17+i, a)
+		}
+	}
+	big := bridges.Message{Device: pskDev.Creds.ID, Topic: "devices/" + pskDev.Creds.ID + path, Payload: []byte(strings.Repeat("b", 2000))}
+	for range n {
+		if err := h.Downlink(context.Background(), big); !errors.Is(err, bridges.ErrNoReceiver) {
+			t.Fatalf("Downlink of a command too large to notify: %v, want ErrNoReceiver", err)
+		}
+	}
+	for _, c := range []struct {
+		reason, line string
+		observers    int
+	}{
+		{hub.ReasonObserveLimit, "coap: observe not registered", 1},
+		// Each of the 16 registrations is an observer the command is too
+		// large for.
+		{hub.ReasonTooLarge, "coap: command not notified", 16},
+	} {
+		if got := testutil.ToFloat64(h.Metrics().Refused.WithLabelValues(hub.CoAP, c.reason)); got != float64(n*c.observers) {
+			t.Errorf("%s refusals %v, want %d: every refusal is counted", c.reason, got, n*c.observers)
+		}
+		if got := lines.Count(c.line); got < 1 || got > 2 {
+			t.Errorf("%d log lines %q for %d refusals, want 1 or 2 (one per 10 s)", got, c.line, n*c.observers)
+		}
+		for _, a := range lines.Attrs(c.line) {
+			if a["device"] != pskDev.Creds.ID {
+				t.Errorf("log line %q about device %q, want %s", c.line, a["device"], pskDev.Creds.ID)
+				break
+			}
 		}
 	}
 }

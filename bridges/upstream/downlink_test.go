@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -16,6 +17,7 @@ import (
 	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/bridges/hub"
 	"github.com/bastion-iot/bastion/bridges/queue"
+	"github.com/bastion-iot/bastion/internal/ratelog"
 	"github.com/bastion-iot/bastion/internal/testutil/mosquitto"
 )
 
@@ -37,7 +39,7 @@ func TestDownlinkNoReceiverCounted(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	u := &Upstream{log: slog.New(slog.DiscardHandler), m: newMetrics(), deliver: h.Downlink}
+	u := &Upstream{log: slog.New(slog.DiscardHandler), m: newMetrics(), deliver: h.Downlink, lines: ratelog.New(time.Minute)}
 	u.cur.Store(&snapshot{cfg: c, routes: rs})
 	ctx := context.Background()
 	count := func() (delivered, none, refused float64) {
@@ -181,7 +183,7 @@ func TestRetainedCommandDropped(t *testing.T) {
 		t.Fatal(err)
 	}
 	var got []bridges.Message
-	u := &Upstream{log: slog.New(slog.DiscardHandler), m: newMetrics(), deliver: func(_ context.Context, m bridges.Message) error {
+	u := &Upstream{log: slog.New(slog.DiscardHandler), m: newMetrics(), lines: ratelog.New(time.Minute), deliver: func(_ context.Context, m bridges.Message) error {
 		got = append(got, m)
 		return nil
 	}}
@@ -194,4 +196,93 @@ func TestRetainedCommandDropped(t *testing.T) {
 	if n := testutil.ToFloat64(u.m.downlink.WithLabelValues("retained")); n != 1 {
 		t.Errorf(`bastion_upstream_downlink_total{result="retained"} = %v, want 1`, n)
 	}
+}
+
+// Downlink commands the link drops, keeps for nobody or sees refused cannot
+// flood the log: the broker sends 200 of each (retained replays, commands
+// no session receives, commands Deliver refuses as too large, commands it
+// refuses otherwise) for ids and topics of 10 KiB. Each is counted; each
+// result gets a line or two (one a minute, saying how many were not
+// logged), with the id, topic and error cut. Before, each command wrote a
+// line with the whole topic, up to 256 KiB.
+//
+// Mutation that fails it: any of the three lines in downlink back on
+// u.log directly (200 lines), or without ratelog.Clip (10 KiB topics).
+func TestDownlinkLinesDoNotFloodTheLog(t *testing.T) {
+	c := validConfig()
+	rs, err := c.compile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	long := strings.Repeat("x", 10<<10)
+	rec := &recordLines{}
+	u := &Upstream{log: slog.New(rec), m: newMetrics(), lines: ratelog.New(time.Minute), deliver: func(_ context.Context, m bridges.Message) error {
+		switch {
+		case strings.HasPrefix(m.Device, "none"):
+			return bridges.ErrNoReceiver
+		case strings.HasPrefix(m.Device, "big"):
+			return fmt.Errorf("command for device %q: %d bytes: %w", m.Device, len(m.Payload), ErrCommandTooLarge)
+		}
+		return fmt.Errorf("command for device %q: no such device", m.Device)
+	}}
+	u.cur.Store(&snapshot{cfg: c, routes: rs})
+	const n = 200
+	for i := range n {
+		for _, p := range []*paho.Publish{
+			{Topic: fmt.Sprintf("bastion/gw1/dev%d%s/c/%s", i, long, long), Retain: true},
+			{Topic: fmt.Sprintf("bastion/gw1/none%d%s/c/%s", i, long, long)},
+			{Topic: fmt.Sprintf("bastion/gw1/big%d%s/c/%s", i, long, long)},
+			{Topic: fmt.Sprintf("bastion/gw1/gone%d%s/c/%s", i, long, long)},
+		} {
+			p.QoS, p.Payload = 1, []byte("x")
+			u.downlink(context.Background(), p)
+		}
+	}
+	for _, result := range []string{"retained", "no_receiver", "too_large", "refused"} {
+		if got := testutil.ToFloat64(u.m.downlink.WithLabelValues(result)); got != n {
+			t.Errorf(`bastion_upstream_downlink_total{result=%q} = %v, want %d: every command is counted`, result, got, n)
+		}
+		lines := rec.with("result", result)
+		if len(lines) < 1 || len(lines) > 2 {
+			t.Errorf("%d log lines for %d commands with result %s, want 1 or 2 (one a minute)", len(lines), n, result)
+		}
+		for _, a := range lines {
+			for _, k := range []string{"device", "topic", "err"} {
+				if len(a[k]) > ratelog.MaxText+32 {
+					t.Errorf("result %s: a log line with a %d-byte %s, want it cut", result, len(a[k]), k)
+				}
+			}
+		}
+	}
+}
+
+// recordLines is a slog.Handler that keeps each line's attributes.
+type recordLines struct {
+	mu    sync.Mutex
+	attrs []map[string]string
+}
+
+func (r *recordLines) Enabled(context.Context, slog.Level) bool { return true }
+func (r *recordLines) WithAttrs([]slog.Attr) slog.Handler       { return r }
+func (r *recordLines) WithGroup(string) slog.Handler            { return r }
+func (r *recordLines) Handle(_ context.Context, rec slog.Record) error {
+	a := map[string]string{"msg": rec.Message}
+	rec.Attrs(func(at slog.Attr) bool { a[at.Key] = at.Value.String(); return true })
+	r.mu.Lock()
+	r.attrs = append(r.attrs, a)
+	r.mu.Unlock()
+	return nil
+}
+
+// with is the lines whose attribute k is v.
+func (r *recordLines) with(k, v string) []map[string]string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var out []map[string]string
+	for _, a := range r.attrs {
+		if a[k] == v {
+			out = append(out, a)
+		}
+	}
+	return out
 }

@@ -38,7 +38,7 @@ func newMetrics() *metrics {
 		parked: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bastion_upstream_parked_total",
 			Help: "Messages the broker refused for good, or would, moved to the parking queue, by reason (the broker's PUBACK: not_authorized, topic_name_invalid, packet_too_large, payload_format_invalid; found by the link: topic_too_long, topic_too_deep (upstream.max_topic_length, max_topic_levels), connection_closed (the broker closed the connection on it 3 times in a row))."}, []string{"reason"}),
 		downlink: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bastion_upstream_downlink_total",
-			Help: "Downlink commands by result (delivered: a device session received it; no_receiver: kept for the device, none received it; refused, loop, unmapped, retained: replayed from the broker's store, dropped)."}, []string{"result"}),
+			Help: "Downlink commands by result (delivered: a device session received it; no_receiver: kept for the device, none received it; too_large: refused, larger than the device transports carry; refused, loop, unmapped, retained: replayed from the broker's store, dropped; packet_too_large, malformed_packet: a packet from the broker beyond the Maximum Packet Size the link announced, or whose length does not decode, not read: the link closed the connection)."}, []string{"result"}),
 		downlinkSubscribed: prometheus.NewGauge(prometheus.GaugeOpts{Name: "bastion_upstream_downlink_subscribed",
 			Help: "1 while the broker has granted every downlink (command) subscription on the current connection; 0: commands are lost."}),
 		subscribeErrors: prometheus.NewCounter(prometheus.CounterOpts{Name: "bastion_upstream_subscribe_errors_total",

@@ -152,6 +152,7 @@ const (
 	endNetwork                      // a read or write failed on a local network error (no route, TCP timeout)
 	endBrokerClosed                 // the broker closed it (EOF, reset) without a DISCONNECT
 	endDisconnect                   // the broker's DISCONNECT (connEnd.reason)
+	endBrokerFault                  // the broker sent a packet the link does not read (packetConn.refuseRead): about the broker, not a message
 )
 
 // connEnd records how one connection ended, as it happens: packetConn
@@ -310,7 +311,7 @@ func (s endState) blame(w uint64) (how string, counts bool) {
 		}
 	case endOpen:
 		return "not known", false
-	default: // endOurs, endNetwork
+	default: // endOurs, endNetwork, endBrokerFault
 		return how, false
 	}
 	if s.reqPending && s.reqWrite < w {

@@ -208,6 +208,7 @@ func TestConnEndBlame(t *testing.T) {
 		{"DISCONNECT keepalive timeout", endState{cause: endDisconnect, reason: 0x8D}, false},
 		{"ours: no PINGRESP, write deadline", endState{cause: endOurs}, false},
 		{"network", endState{cause: endNetwork}, false},
+		{"the broker sent a packet beyond the link's limit", endState{cause: endBrokerFault}, false},
 		{"unknown", endState{}, false},
 		// The broker may have closed on the SUBSCRIBE (EMQX's ACL
 		// deny_action disconnect), written before the message (write 5).

@@ -111,8 +111,8 @@ type Upstream struct {
 
 	mu sync.Mutex
 	st Status
-	// lines spaces the log lines of withheldQueued and redactFailed, one
-	// per message otherwise, to one a minute each.
+	// lines spaces the log lines of withheldQueued, redactFailed and
+	// downlinkLine, one per message otherwise, to one a minute each.
 	lines   *ratelog.Every
 	restart context.CancelFunc
 	parks   parkBucket
@@ -590,6 +590,7 @@ func (u *Upstream) generation(ctx context.Context, s *snapshot) error {
 		},
 		OnConnectError: func(err error) {
 			u.m.connectErrors.Inc()
+			u.countRefusedRead(err)
 			u.setError(explain(err, u.cur.Load()))
 		},
 		ClientConfig: paho.ClientConfig{
@@ -601,7 +602,10 @@ func (u *Upstream) generation(ctx context.Context, s *snapshot) error {
 					return true, nil
 				},
 			},
-			OnClientError: func(err error) { u.setError(fmt.Errorf("upstream connection to %s lost: %w", s.cfg.Broker, err)) },
+			OnClientError: func(err error) {
+				u.countRefusedRead(err)
+				u.setError(fmt.Errorf("upstream connection to %s lost: %w", s.cfg.Broker, err))
+			},
 			OnServerDisconnect: func(d *paho.Disconnect) {
 				u.setError(fmt.Errorf("upstream broker %s sent DISCONNECT with reason 0x%02x %s", s.cfg.Broker, d.ReasonCode, reasonString(d.Properties)))
 			},
@@ -872,7 +876,7 @@ func (u *Upstream) downlink(ctx context.Context, p *paho.Publish) {
 			// time carries the flag (no Retain As Published); a broker that
 			// ignores RetainHandling 2 still does not get it executed again.
 			u.m.downlink.WithLabelValues("retained").Inc()
-			u.log.Info("downlink command dropped: a retained message replayed by the broker, not a command sent now", "device", id, "topic", p.Topic)
+			u.downlinkLine(slog.LevelInfo, "retained", "downlink command dropped: a retained message replayed by the broker, not a command sent now", id, p.Topic)
 			return
 		}
 		m := bridges.Message{Device: id, Topic: r.to.render(id, rest), Payload: p.Payload, QoS: min(p.QoS, 1), Received: time.Now()}
@@ -880,11 +884,12 @@ func (u *Upstream) downlink(ctx context.Context, p *paho.Publish) {
 			// Taken and kept for the device's next GET or Observe, but no
 			// session of the device received it: not "delivered".
 			u.m.downlink.WithLabelValues("no_receiver").Inc()
-			u.log.Info("downlink command kept: no device session receives it now", "device", id, "topic", m.Topic)
+			u.downlinkLine(slog.LevelInfo, "no_receiver", "downlink command kept: no device session receives it now", id, m.Topic)
 			return
 		} else if err != nil {
-			u.m.downlink.WithLabelValues("refused").Inc()
-			u.log.Warn("downlink command not delivered", "device", id, "topic", m.Topic, "err", err)
+			result := downlinkResult(err)
+			u.m.downlink.WithLabelValues(result).Inc()
+			u.downlinkLine(slog.LevelWarn, result, "downlink command not delivered", id, m.Topic, "err", ratelog.ClipErr(err))
 			return
 		}
 		u.m.downlink.WithLabelValues("delivered").Inc()

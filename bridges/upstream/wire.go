@@ -27,7 +27,11 @@ import (
 // packet, byte for byte as the broker sent it. paho's packet reader
 // allocates about 2 KB per packet (its bytes.Buffer grows by 512 bytes
 // before reading even a 2-byte body) and takes the session lock once per
-// PUBACK.
+// PUBACK. A packet larger than the Maximum Packet Size the link announced
+// (maxDownlinkPacket), or whose length does not decode, never reaches paho:
+// Read fails (refuseRead). paho's reader allocates a packet's whole
+// remaining length before reading its body, so a header claiming 256 MiB
+// (ff ff ff 7f) would have it allocate 256 MiB, at every reconnect.
 //
 // Every write has a deadline (writeTimeout, and abortWrites once the link
 // is shutting down): a broker that stops reading would otherwise block the
@@ -59,8 +63,10 @@ type packetConn struct {
 	in   []byte                     // read, not yet looked at
 	out  []byte                     // for paho
 	pass int                        // bytes of the current packet still to go to paho
-	raw  bool                       // a malformed header: everything goes to paho
 	acks []puback
+	// refused is why the link reads nothing more from the broker (a packet
+	// beyond its limit, a malformed header): every Read returns it.
+	refused error
 }
 
 // pubackSink completes PUBACKs of connection gen of a session.
@@ -90,6 +96,9 @@ func (c *packetConn) Read(p []byte) (int, error) {
 			c.out = c.out[n:]
 			return n, nil
 		}
+		if c.refused != nil {
+			return 0, c.refused
+		}
 		if c.scan() {
 			continue
 		}
@@ -114,17 +123,15 @@ func (c *packetConn) Read(p []byte) (int, error) {
 }
 
 // scan moves the next packet's bytes to out, or takes the PUBACKs at the
-// head of in and completes them; it reports whether it did anything.
+// head of in and completes them, or refuses the packet at the head of in
+// (refuseRead); it reports whether it did anything.
 func (c *packetConn) scan() bool {
-	if c.pass > 0 || c.raw {
+	if c.pass > 0 {
 		if len(c.in) == 0 {
 			return false
 		}
-		k := len(c.in)
-		if !c.raw {
-			k = min(k, c.pass)
-			c.pass -= k
-		}
+		k := min(len(c.in), c.pass)
+		c.pass -= k
 		c.out, c.in = c.in[:k], c.in[k:]
 		return true
 	}
@@ -133,12 +140,20 @@ func (c *packetConn) scan() bool {
 	for len(c.in) > 0 {
 		rem, hl, ok := fixedHeader(c.in)
 		if hl < 0 {
-			c.raw = true // paho's reader will refuse it
+			// paho's reader would take any number of length bytes and make
+			// up to 4 GiB of them (a negative length, which panics, where
+			// int is 32 bits).
+			c.refuseRead(readMalformed, fmt.Sprintf("the broker sent a packet (type %d) whose remaining length takes more than 4 bytes: not MQTT", c.in[0]>>4))
 			did = true
 			break
 		}
 		if !ok {
 			break // the header is not complete yet
+		}
+		if n := hl + rem; n > maxDownlinkPacket {
+			c.refuseRead(readTooLarge, fmt.Sprintf("the broker sent a packet (type %d) of %d bytes, larger than the Maximum Packet Size of %d bytes the link announced in its CONNECT (MQTT v5 §3.1.2.11.4); the link reads no further and reconnects: the broker, or whatever publishes to the downlink topics, must keep commands within it", c.in[0]>>4, n, maxDownlinkPacket))
+			did = true
+			break
 		}
 		if c.in[0] == 0x40 && rem >= 2 && sink != nil && hl+rem <= len(c.rbuf) {
 			if len(c.in) < hl+rem {
@@ -167,6 +182,43 @@ func (c *packetConn) scan() bool {
 		c.acks = c.acks[:0]
 	}
 	return did
+}
+
+// The results a refused read counts in bastion_upstream_downlink_total.
+const (
+	readTooLarge  = "packet_too_large"
+	readMalformed = "malformed_packet"
+)
+
+// readRefusal is the error Read returns once the broker sent a packet the
+// link does not read (refuseRead). Upstream counts it, by result, where
+// paho reports it (countRefusedRead).
+type readRefusal struct {
+	result string // readTooLarge, readMalformed
+	why    string
+}
+
+func (e *readRefusal) Error() string { return e.why }
+
+// countRefusedRead counts err in bastion_upstream_downlink_total if it is
+// (or wraps) a packet the link refused to read. paho reports a read error
+// once per connection (OnClientError, or OnConnectError for the CONNACK's
+// read), and the link logs it there (setError): one count and one line per
+// connection, whatever the broker sends after.
+func (u *Upstream) countRefusedRead(err error) {
+	var r *readRefusal
+	if errors.As(err, &r) {
+		u.m.downlink.WithLabelValues(r.result).Inc()
+	}
+}
+
+// refuseRead ends reading: this and every later Read fail with why, and
+// paho, whose read fails, closes the connection; autopaho reconnects with
+// the link's backoff. The end is the broker's (endBrokerFault), not one
+// that can be a message's: poisonWatch counts it against none.
+func (c *packetConn) refuseRead(result, why string) {
+	c.refused = &readRefusal{result: result, why: why}
+	c.end.set(endBrokerFault, 0, why)
 }
 
 // fixedHeader decodes an MQTT fixed header at the start of b: the

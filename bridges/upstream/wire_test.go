@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"runtime"
 	"strconv"
 	"strings"
 	"testing"
@@ -250,20 +251,34 @@ func FuzzPacketConnRead(f *testing.F) {
 	enc = append(enc, encode(f, &packets.Publish{PacketID: 7, QoS: 1, Topic: "bastion/gw1/d1/c/x", Payload: []byte("on"), Properties: &packets.Properties{}})...)
 	enc = append(enc, encode(f, &packets.Puback{PacketID: 1, Properties: &packets.Properties{}})...)
 	f.Add(enc, uint8(5))
+	f.Add([]byte{0x30, 0xff, 0xff, 0xff, 0x7f}, uint8(4))                 // 256 MiB claimed
+	f.Add([]byte{0x40, 2, 0, 1, 0x30, 0x81, 0x80, 0x10, 0, 1}, uint8(64)) // a PUBACK, then 256 KiB + 1 claimed
 	f.Fuzz(func(t *testing.T, data []byte, chunk uint8) {
-		wantPass, wantAcks := refSplit(data)
+		wantPass, wantAcks, wantRefused := refSplit(data)
 		pc, src, _ := readerSetup(t, data, int(chunk)%64+1)
 		var got []byte
+		var readErr error
 		buf := make([]byte, 37)
 		for range len(data) + 2 {
 			n, err := pc.Read(buf)
 			got = append(got, buf[:n]...)
 			if err != nil {
+				readErr = err
 				break
 			}
 		}
 		if !bytes.Equal(wantPass, got) {
 			t.Fatalf("paho got (-want +got):\n%s", cmp.Diff(wantPass, got))
+		}
+		var refused *readRefusal
+		if errors.As(readErr, &refused) != (wantRefused != "") || refused != nil && refused.result != wantRefused {
+			t.Fatalf("Read ended with %v, want a refusal %q (none: EOF)", readErr, wantRefused)
+		}
+		if refused != nil {
+			// Refused once, refused for good: nothing more reaches paho.
+			if n, err := pc.Read(buf); n != 0 || err != readErr {
+				t.Fatalf("Read after the refusal: %d bytes, %v; want 0 and the same refusal", n, err)
+			}
 		}
 		var acked []uint64
 		for _, a := range src.acks {
@@ -275,24 +290,30 @@ func FuzzPacketConnRead(f *testing.F) {
 	})
 }
 
-// refSplit parses the whole stream: the bytes paho must get, and the seqs
+// refSplit parses the whole stream: the bytes paho must get, the seqs
 // acknowledged (ids 1..8 are seqs 101..108, each once, successes only, none
-// of a device after a refusal of one of its messages).
-func refSplit(data []byte) (pass []byte, acks []uint64) {
+// of a device after a refusal of one of its messages), and the result of
+// the refusal that ends reading ("": none, the stream ends). A packet with
+// a remaining length of more than 4 bytes, or larger than the announced
+// Maximum Packet Size, is refused: nothing of it or after it reaches paho.
+func refSplit(data []byte) (pass []byte, acks []uint64, refused string) {
 	pass = []byte{}
 	used := map[uint16]bool{}
 	held := map[string]bool{}
 	for len(data) > 0 {
 		rem, hl, ok := fixedHeader(data)
 		if hl < 0 {
-			return append(pass, data...), acks
+			return pass, acks, readMalformed
 		}
 		if !ok {
-			return pass, acks // a header cut by the end: never complete
+			return pass, acks, "" // a header cut by the end: never complete
+		}
+		if hl+rem > maxDownlinkPacket {
+			return pass, acks, readTooLarge
 		}
 		if data[0] == 0x40 && rem >= 2 && hl+rem <= readBufSize {
 			if len(data) < hl+rem {
-				return pass, acks
+				return pass, acks, ""
 			}
 			id := uint16(data[hl])<<8 | uint16(data[hl+1])
 			if id >= 1 && id <= 8 && !used[id] {
@@ -311,7 +332,7 @@ func refSplit(data []byte) (pass []byte, acks []uint64) {
 		pass = append(pass, data[:n]...)
 		data = data[n:]
 	}
-	return pass, acks
+	return pass, acks, ""
 }
 
 // TestWriteDeadline: a peer that reads nothing makes the link's write time
@@ -398,5 +419,64 @@ func TestWriteDeadline(t *testing.T) {
 	}
 	if took < 2*pc2.writeTimeout {
 		t.Logf("the write took %v: the reader was not slow enough to show the deadline is per chunk", took)
+	}
+}
+
+// TestReadRefusesOversizePacket: a packet from the broker larger than the
+// Maximum Packet Size the link announced (maxDownlinkPacket), or whose
+// remaining length takes more than 4 bytes, fails paho's read with a
+// refusal naming the size and the limit, before paho allocates its body:
+// paho's reader grows its buffer to the whole remaining length first, so a
+// header claiming 256 MiB had bastiond allocate 256 MiB (and the broker
+// could repeat it at every reconnect). The same before the CONNACK (no
+// session yet) and after it; PUBACKs read before it are still completed.
+func TestReadRefusesOversizePacket(t *testing.T) {
+	atLimit := appendVBI([]byte{0x30}, maxDownlinkPacket-4) // header 4 bytes: exactly the limit
+	for _, c := range []struct {
+		name    string
+		data    []byte
+		session bool
+		result  string
+		want    string
+	}{
+		{"PUBLISH of 256 MiB", []byte{0x30, 0xff, 0xff, 0xff, 0x7f, 0, 1, 'x'}, true, readTooLarge, "of 268435460 bytes, larger than the Maximum Packet Size of 262144 bytes"},
+		{"CONNACK of 256 MiB", []byte{0x20, 0xff, 0xff, 0xff, 0x7f}, false, readTooLarge, "of 268435460 bytes, larger than the Maximum Packet Size of 262144 bytes"},
+		{"one byte over", appendVBI([]byte{0x30}, maxDownlinkPacket-3), true, readTooLarge, "of 262145 bytes, larger"},
+		{"five length bytes", []byte{0x30, 0x80, 0x80, 0x80, 0x80, 0x01, 0, 1, 'x'}, true, readMalformed, "more than 4 bytes"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			var pc *packetConn
+			var src *ackSource
+			if c.session {
+				// A PUBACK first: completed, though reading ends after it.
+				pc, src, _ = readerSetup(t, append([]byte{0x40, 2, 0, 1}, c.data...), 4096)
+			} else {
+				pc = &packetConn{Conn: &chunkConn{data: c.data, chunk: 4096}}
+			}
+			var before, after runtime.MemStats
+			runtime.ReadMemStats(&before)
+			_, err := packets.ReadPacket(pc)
+			runtime.ReadMemStats(&after)
+			if grown := after.TotalAlloc - before.TotalAlloc; grown > 1<<20 {
+				t.Errorf("paho's read of the refused packet allocated %d bytes, want well under 1 MiB", grown)
+			}
+			var r *readRefusal
+			if !errors.As(err, &r) || r.result != c.result || !strings.Contains(err.Error(), c.want) {
+				t.Fatalf("paho's read: %v; want a %s refusal saying %q", err, c.result, c.want)
+			}
+			if st := pc.end.state(); st.cause != endBrokerFault {
+				t.Errorf("the connection's end: %+v, want the broker's fault (not counted against a message)", st)
+			}
+			if src != nil {
+				if diff := cmp.Diff([][]uint64{{101}}, src.acks); diff != "" {
+					t.Errorf("acked before the refusal (-want +got):\n%s", diff)
+				}
+			}
+		})
+	}
+	// A packet of exactly the limit is read.
+	pc := &packetConn{Conn: &chunkConn{data: append(atLimit, make([]byte, maxDownlinkPacket-4)...), chunk: 4096}}
+	if _, err := io.Copy(io.Discard, pc); err != nil {
+		t.Fatalf("a packet of exactly %d bytes: %v, want it read", maxDownlinkPacket, err)
 	}
 }
