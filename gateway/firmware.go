@@ -100,6 +100,9 @@ func (g *Gateway) openFirmware(cfg config.Config) error {
 const (
 	fwMetadataTimeout       = 5 * time.Minute
 	fwResponseHeaderTimeout = time.Minute
+	// fwMaxRedirects is more than a CDN uses (one or two hops) and fewer
+	// than net/http's default of 10.
+	fwMaxRedirects = 5
 )
 
 // firmwareHTTPClient is the client for the vendor's update server, trusting
@@ -122,7 +125,25 @@ func firmwareHTTPClient(f config.Firmware) (*http.Client, error) {
 		}
 		tr.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
 	}
-	return &http.Client{Timeout: fwMetadataTimeout, Transport: tr}, nil
+	return &http.Client{Timeout: fwMetadataTimeout, Transport: tr, CheckRedirect: fwCheckRedirect}, nil
+}
+
+// fwCheckRedirect follows a redirect only to another https:// URL, and at
+// most fwMaxRedirects of them. Validate requires https:// for the
+// vendor's URLs; without this a server (or whoever took over a name it
+// redirects to) could move every metadata and image fetch to plain HTTP,
+// where anyone on the path sees which device models' firmware the gateway
+// fetches, and can stall or replace it (TUF still refuses a replacement).
+func fwCheckRedirect(req *http.Request, via []*http.Request) error {
+	// net/http's error names req.URL already.
+	if req.URL.Scheme != "https" {
+		return fmt.Errorf("the firmware server redirected %s to this %s:// URL: refused, firmware is fetched over HTTPS only; have the vendor fix the redirect, or set firmware.repository_url/targets_url to the final https:// location",
+			via[len(via)-1].URL.Redacted(), req.URL.Scheme)
+	}
+	if len(via) >= fwMaxRedirects {
+		return fmt.Errorf("the firmware server redirected %s %d times: stopped (a loop, or more redirects than a CDN makes)", via[0].URL.Redacted(), len(via))
+	}
+	return nil
 }
 
 func (g *Gateway) controlFirmware(mux *http.ServeMux) {

@@ -1,10 +1,15 @@
 package gateway
 
 import (
+	"encoding/pem"
+	"io"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"sort"
+	"strings"
+	"sync/atomic"
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
@@ -73,5 +78,74 @@ func TestFirmwareDevicesClassesError(t *testing.T) {
 	s.Close()
 	if got, err := fd.Classes(); err == nil {
 		t.Errorf("Classes() with the store closed = %v, nil; want an error", got)
+	}
+}
+
+// TestFirmwareHTTPClientRedirects: the vendor client follows a redirect to
+// another https:// URL, refuses one to http:// (nothing reaches the
+// plain-HTTP server) with an error that says why, and stops a redirect
+// loop after fwMaxRedirects.
+func TestFirmwareHTTPClientRedirects(t *testing.T) {
+	var plainHits atomic.Int32
+	plain := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		plainHits.Add(1)
+		io.WriteString(w, "{}")
+	}))
+	defer plain.Close()
+	var loops atomic.Int32
+	mux := http.NewServeMux()
+	mux.HandleFunc("/ok.json", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "{}") })
+	mux.HandleFunc("/moved.json", func(w http.ResponseWriter, r *http.Request) { http.Redirect(w, r, "/ok.json", http.StatusFound) })
+	mux.HandleFunc("/to-http.json", func(w http.ResponseWriter, r *http.Request) {
+		http.Redirect(w, r, plain.URL+"/1.root.json", http.StatusFound)
+	})
+	mux.HandleFunc("/loop.json", func(w http.ResponseWriter, r *http.Request) {
+		// A loop that ends, so that a client with no bound fails fast.
+		if loops.Add(1) > 20 {
+			io.WriteString(w, "{}")
+			return
+		}
+		http.Redirect(w, r, "/loop.json", http.StatusFound)
+	})
+	srv := httptest.NewTLSServer(mux)
+	defer srv.Close()
+	bundle := filepath.Join(t.TempDir(), "vendor-ca.pem")
+	if err := os.WriteFile(bundle, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: srv.Certificate().Raw}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	hc, err := firmwareHTTPClient(config.Firmware{CABundle: bundle})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(hc.CloseIdleConnections)
+
+	resp, err := hc.Get(srv.URL + "/moved.json")
+	if err != nil {
+		t.Fatalf("https redirect to https: %v", err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || resp.Request.URL.Path != "/ok.json" {
+		t.Errorf("https redirect to https: %s at %s, want 200 at /ok.json", resp.Status, resp.Request.URL)
+	}
+
+	resp, err = hc.Get(srv.URL + "/to-http.json")
+	if err == nil {
+		resp.Body.Close()
+		t.Fatalf("https redirect to %s followed: %s", plain.URL, resp.Status)
+	}
+	if !strings.Contains(err.Error(), "firmware is fetched over HTTPS only") {
+		t.Errorf("redirect to http: error %q, want one saying firmware is fetched over HTTPS only", err)
+	}
+	if n := plainHits.Load(); n != 0 {
+		t.Errorf("the plain-HTTP server got %d requests, want none", n)
+	}
+
+	resp, err = hc.Get(srv.URL + "/loop.json")
+	if err == nil {
+		resp.Body.Close()
+		t.Fatal("a redirect loop ended without an error")
+	}
+	if n := loops.Load(); n != fwMaxRedirects {
+		t.Errorf("a redirect loop made %d requests, want %d (fwMaxRedirects)", n, fwMaxRedirects)
 	}
 }
