@@ -2,7 +2,6 @@ package gateway
 
 import (
 	"crypto"
-	"crypto/tls"
 	"crypto/x509"
 	"encoding/pem"
 	"fmt"
@@ -13,6 +12,7 @@ import (
 
 	"github.com/bastion-iot/bastion/gateway/config"
 	otacache "github.com/bastion-iot/bastion/ota-cache"
+	"github.com/bastion-iot/bastion/pki"
 )
 
 // firmwareDevices tells the firmware cache which device classes are enrolled
@@ -106,7 +106,8 @@ const (
 )
 
 // firmwareHTTPClient is the client for the vendor's update server, trusting
-// firmware.ca_bundle if set. Its Timeout bounds each TUF metadata file
+// firmware.ca_bundle if set (else the system roots), with pki's outbound
+// TLS profile. Its Timeout bounds each TUF metadata file
 // only: otacache gives an image download no overall timeout (at 1-5 Mbit/s
 // an image of 40-190 MiB would never complete in 5 minutes) and ends one
 // that receives nothing for its StallTimeout. ResponseHeaderTimeout gives
@@ -114,17 +115,20 @@ const (
 func firmwareHTTPClient(f config.Firmware) (*http.Client, error) {
 	tr := http.DefaultTransport.(*http.Transport).Clone()
 	tr.ResponseHeaderTimeout = fwResponseHeaderTimeout
+	var roots *x509.CertPool // nil: the system roots
 	if f.CABundle != "" {
 		pemBytes, err := os.ReadFile(f.CABundle)
 		if err != nil {
 			return nil, fmt.Errorf("firmware.ca_bundle: %w", err)
 		}
-		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM(pemBytes) {
+		roots = x509.NewCertPool()
+		if !roots.AppendCertsFromPEM(pemBytes) {
 			return nil, fmt.Errorf("firmware.ca_bundle %s: no PEM certificate in it", f.CABundle)
 		}
-		tr.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
 	}
+	// The outbound profile, TLS 1.2 allowed: a vendor's CDN may not speak
+	// 1.3, but it gets no CBC suite either.
+	tr.TLSClientConfig = pki.TLSClient(roots, "", true)
 	return &http.Client{Timeout: fwMetadataTimeout, Transport: tr, CheckRedirect: fwCheckRedirect}, nil
 }
 

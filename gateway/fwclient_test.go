@@ -1,12 +1,14 @@
 package gateway
 
 import (
+	"crypto/tls"
 	"encoding/pem"
 	"io"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"sync/atomic"
@@ -18,6 +20,7 @@ import (
 	"github.com/bastion-iot/bastion/gateway/store"
 	"github.com/bastion-iot/bastion/internal/testutil/tufrepo"
 	otacache "github.com/bastion-iot/bastion/ota-cache"
+	"github.com/bastion-iot/bastion/pki"
 )
 
 // TestFirmwareHTTPClient: the vendor client trusts firmware.ca_bundle and
@@ -147,5 +150,69 @@ func TestFirmwareHTTPClientRedirects(t *testing.T) {
 	}
 	if n := loops.Load(); n != fwMaxRedirects {
 		t.Errorf("a redirect loop made %d requests, want %d (fwMaxRedirects)", n, fwMaxRedirects)
+	}
+}
+
+// TestFirmwareHTTPClientSuites: with firmware.ca_bundle, the vendor client
+// refuses a TLS 1.2 server that offers only a CBC suite and fetches from
+// one that offers an ECDHE AEAD suite (httptest's key is RSA, as many
+// CDNs' are). Without a bundle it has the same profile over the system
+// roots.
+func TestFirmwareHTTPClientSuites(t *testing.T) {
+	for _, tc := range []struct {
+		suite uint16
+		ok    bool
+	}{
+		{tls.TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA, false},
+		{tls.TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA, false},
+		{tls.TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256, true},
+		{tls.TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305, true},
+	} {
+		t.Run(tls.CipherSuiteName(tc.suite), func(t *testing.T) {
+			srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "{}") }))
+			srv.TLS = &tls.Config{MaxVersion: tls.VersionTLS12, CipherSuites: []uint16{tc.suite}}
+			srv.StartTLS()
+			defer srv.Close()
+			bundle := filepath.Join(t.TempDir(), "vendor-ca.pem")
+			if err := os.WriteFile(bundle, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: srv.Certificate().Raw}), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			hc, err := firmwareHTTPClient(config.Firmware{CABundle: bundle})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer hc.CloseIdleConnections()
+			resp, err := hc.Get(srv.URL + "/1.root.json")
+			if err != nil {
+				if tc.ok {
+					t.Errorf("GET from a TLS 1.2 server offering only %s: %v", tls.CipherSuiteName(tc.suite), err)
+				} else if !strings.Contains(err.Error(), "handshake failure") {
+					t.Errorf("GET from a TLS 1.2 server offering only %s: %v; want the server's handshake_failure alert (no suite in common)", tls.CipherSuiteName(tc.suite), err)
+				}
+				return
+			}
+			resp.Body.Close()
+			if !tc.ok {
+				t.Fatalf("GET from a TLS 1.2 server offering only %s succeeded; want it refused", tls.CipherSuiteName(tc.suite))
+			}
+			if got := resp.TLS.CipherSuite; got != tc.suite {
+				t.Errorf("negotiated %s, want %s", tls.CipherSuiteName(got), tls.CipherSuiteName(tc.suite))
+			}
+		})
+	}
+
+	hc, err := firmwareHTTPClient(config.Firmware{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr := hc.Transport.(*http.Transport)
+	want := pki.TLSClient(nil, "", true)
+	c := tr.TLSClientConfig
+	if c == nil {
+		t.Fatal("without firmware.ca_bundle: no TLS config, so crypto/tls's default suites (CBC among them)")
+	}
+	if c.RootCAs != nil || c.MinVersion != want.MinVersion || !slices.Equal(c.CipherSuites, want.CipherSuites) || !slices.Equal(c.CurvePreferences, want.CurvePreferences) {
+		t.Errorf("without firmware.ca_bundle: roots %v, min version %x, suites %v, curves %v; want the system roots and pki.TLSClient's %x, %v, %v",
+			c.RootCAs, c.MinVersion, c.CipherSuites, c.CurvePreferences, want.MinVersion, want.CipherSuites, want.CurvePreferences)
 	}
 }
