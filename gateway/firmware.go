@@ -2,7 +2,6 @@ package gateway
 
 import (
 	"crypto"
-	"crypto/tls"
 	"crypto/x509"
 	"encoding/pem"
 	"fmt"
@@ -13,6 +12,7 @@ import (
 
 	"github.com/bastion-iot/bastion/gateway/config"
 	otacache "github.com/bastion-iot/bastion/ota-cache"
+	"github.com/bastion-iot/bastion/pki"
 )
 
 // firmwareDevices tells the firmware cache which device classes are enrolled
@@ -100,10 +100,14 @@ func (g *Gateway) openFirmware(cfg config.Config) error {
 const (
 	fwMetadataTimeout       = 5 * time.Minute
 	fwResponseHeaderTimeout = time.Minute
+	// fwMaxRedirects is more than a CDN uses (one or two hops) and fewer
+	// than net/http's default of 10.
+	fwMaxRedirects = 5
 )
 
 // firmwareHTTPClient is the client for the vendor's update server, trusting
-// firmware.ca_bundle if set. Its Timeout bounds each TUF metadata file
+// firmware.ca_bundle if set (else the system roots), with pki's outbound
+// TLS profile. Its Timeout bounds each TUF metadata file
 // only: otacache gives an image download no overall timeout (at 1-5 Mbit/s
 // an image of 40-190 MiB would never complete in 5 minutes) and ends one
 // that receives nothing for its StallTimeout. ResponseHeaderTimeout gives
@@ -111,18 +115,39 @@ const (
 func firmwareHTTPClient(f config.Firmware) (*http.Client, error) {
 	tr := http.DefaultTransport.(*http.Transport).Clone()
 	tr.ResponseHeaderTimeout = fwResponseHeaderTimeout
+	var roots *x509.CertPool // nil: the system roots
 	if f.CABundle != "" {
 		pemBytes, err := os.ReadFile(f.CABundle)
 		if err != nil {
 			return nil, fmt.Errorf("firmware.ca_bundle: %w", err)
 		}
-		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM(pemBytes) {
+		roots = x509.NewCertPool()
+		if !roots.AppendCertsFromPEM(pemBytes) {
 			return nil, fmt.Errorf("firmware.ca_bundle %s: no PEM certificate in it", f.CABundle)
 		}
-		tr.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
 	}
-	return &http.Client{Timeout: fwMetadataTimeout, Transport: tr}, nil
+	// The outbound profile, TLS 1.2 allowed: a vendor's CDN may not speak
+	// 1.3, but it gets no CBC suite either.
+	tr.TLSClientConfig = pki.TLSClient(roots, "", true)
+	return &http.Client{Timeout: fwMetadataTimeout, Transport: tr, CheckRedirect: fwCheckRedirect}, nil
+}
+
+// fwCheckRedirect follows a redirect only to another https:// URL, and at
+// most fwMaxRedirects of them. Validate requires https:// for the
+// vendor's URLs; without this a server (or whoever took over a name it
+// redirects to) could move every metadata and image fetch to plain HTTP,
+// where anyone on the path sees which device models' firmware the gateway
+// fetches, and can stall or replace it (TUF still refuses a replacement).
+func fwCheckRedirect(req *http.Request, via []*http.Request) error {
+	// net/http's error names req.URL already.
+	if req.URL.Scheme != "https" {
+		return fmt.Errorf("the firmware server redirected %s to this %s:// URL: refused, firmware is fetched over HTTPS only; have the vendor fix the redirect, or set firmware.repository_url/targets_url to the final https:// location",
+			via[len(via)-1].URL.Redacted(), req.URL.Scheme)
+	}
+	if len(via) >= fwMaxRedirects {
+		return fmt.Errorf("the firmware server redirected %s %d times: stopped (a loop, or more redirects than a CDN makes)", via[0].URL.Redacted(), len(via))
+	}
+	return nil
 }
 
 func (g *Gateway) controlFirmware(mux *http.ServeMux) {

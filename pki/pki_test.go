@@ -455,3 +455,64 @@ func TestPSKPooledHMAC(t *testing.T) {
 	}
 	wg.Wait()
 }
+
+// A clock that jumped forward, past a server certificate's renewal window,
+// has the renewal issue a certificate valid only from the jumped time.
+// Once the clock is put right that certificate is due (at the next pass)
+// and not fresh (at a restart), though its renewal window is weeks away:
+// devices would refuse it until then. A clock stepped back by less than
+// the five minutes a certificate is valid before its issue leaves it.
+func TestServerCertIssuedWhileClockAhead(t *testing.T) {
+	ca, clk, _ := newCA(t)
+	sans := []string{"localhost", "127.0.0.1"}
+	const validity, renew = 48 * time.Hour, 24 * time.Hour
+	sc, err := ca.ServerCert("mqtt", sans, validity, renew)
+	if err != nil {
+		t.Fatal(err)
+	}
+	validNow := func(leaf *x509.Certificate) error {
+		_, err := leaf.Verify(x509.VerifyOptions{Roots: ca.RootPool(), Intermediates: pool(ca.Issuer()), DNSName: "localhost", CurrentTime: clk.Now()})
+		return err
+	}
+
+	const jump = 30 * 24 * time.Hour
+	clk.Add(jump)
+	if issued, err := sc.Refresh(sans); err != nil || !issued {
+		t.Fatalf("Refresh with the clock %v ahead: issued %v, %v; want the certificate renewed", jump, issued, err)
+	}
+	ahead := sc.Leaf()
+	clk.Add(-jump)
+	if validNow(ahead) == nil {
+		t.Fatal("test setup: the certificate issued while the clock was ahead verifies after the correction")
+	}
+
+	sc2, err := ca.ServerCert("mqtt", sans, validity, renew)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if Serial(sc2.Leaf()) == Serial(ahead) {
+		t.Error("a restart kept the certificate that is not valid yet")
+	}
+	if err := validNow(sc2.Leaf()); err != nil {
+		t.Errorf("the certificate a restart issued: %v", err)
+	}
+
+	if !sc.Due() {
+		t.Error("Due: false for a certificate that is not valid yet")
+	}
+	if issued, err := sc.Refresh(sans); err != nil || !issued {
+		t.Fatalf("Refresh after the clock was put right: issued %v, %v; want the certificate re-issued", issued, err)
+	}
+	if err := validNow(sc.Leaf()); err != nil {
+		t.Errorf("the certificate Refresh issued: %v", err)
+	}
+
+	fresh := Serial(sc.Leaf())
+	clk.Add(-4 * time.Minute)
+	if sc.Due() {
+		t.Error("Due: true after the clock stepped back 4 minutes, within the certificate's validity")
+	}
+	if issued, err := sc.Refresh(sans); err != nil || issued || Serial(sc.Leaf()) != fresh {
+		t.Errorf("Refresh after the clock stepped back 4 minutes: issued %v, %v; want nothing done", issued, err)
+	}
+}

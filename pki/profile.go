@@ -36,12 +36,28 @@ func TLSServer(sc *ServerCert, clientAuth tls.ClientAuthType, verify func(rawCer
 	}
 }
 
-// TLSClient returns the client config for the upstream link: TLS 1.3 unless
-// min12 allows 1.2, the same suites and curves, the given roots.
+// Outbound connections also meet servers with RSA keys (cloud brokers,
+// CDNs), so clients offer the ECDHE_RSA AEAD suites too: together the
+// intermediate profile's TLS 1.2 suites. Never a CBC or RSA key exchange
+// suite, which crypto/tls would offer by default.
+var tlsClientCipherSuites = []uint16{
+	tls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+	tls.TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+	tls.TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305,
+	tls.TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+	tls.TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+	tls.TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305,
+}
+
+// TLSClient returns the client config for outbound connections (the
+// upstream link, the vendor's firmware server): TLS 1.3 unless min12
+// allows 1.2, ECDHE with AEAD suites only, the listeners' curves, the given
+// roots (nil: the system's). net/http fills in an empty serverName with
+// the dialled host; a caller of tls.Client must.
 func TLSClient(roots *x509.CertPool, serverName string, min12 bool) *tls.Config {
 	c := &tls.Config{
 		MinVersion:       tls.VersionTLS13,
-		CipherSuites:     tlsCipherSuites,
+		CipherSuites:     tlsClientCipherSuites,
 		CurvePreferences: tlsCurves,
 		RootCAs:          roots,
 		ServerName:       serverName,

@@ -38,9 +38,13 @@ type ServerCert struct {
 // (e.g. "mqtt") covering sans (DNS names and IP addresses).
 func (ca *CA) ServerCert(name string, sans []string, validity, renewBefore time.Duration) (*ServerCert, error) {
 	sc := &ServerCert{ca: ca, name: name, sans: slices.Clone(sans), validity: validity, renew: renewBefore}
-	if c, err := sc.load(); err == nil && sc.fresh(c) {
+	c, err := sc.load()
+	if err == nil && sc.fresh(c) {
 		sc.cur.Store(c)
 		return sc, nil
+	}
+	if err == nil && c.Leaf != nil {
+		sc.warnIfIssuedAhead(c.Leaf)
 	}
 	if err := sc.Renew(); err != nil {
 		return nil, err
@@ -64,7 +68,7 @@ func (sc *ServerCert) load() (*tls.Certificate, error) {
 	return &c, nil
 }
 
-// fresh: same names, signed by the current issuer, and not yet due.
+// fresh: same names, signed by the current issuer, and not due.
 func (sc *ServerCert) fresh(c *tls.Certificate) bool {
 	leaf := c.Leaf
 	if leaf == nil || !bytes.Equal(leaf.RawIssuer, sc.ca.issuer.RawSubject) || leaf.CheckSignatureFrom(sc.ca.issuer) != nil {
@@ -73,7 +77,29 @@ func (sc *ServerCert) fresh(c *tls.Certificate) bool {
 	if !slices.Equal(leafSANs(leaf), normSANs(sc.sans)) {
 		return false
 	}
-	return sc.ca.clock.Now().Before(leaf.NotAfter.Add(-sc.renew))
+	return !sc.due(leaf)
+}
+
+// due reports whether leaf should be replaced now: it is in its renewal
+// window, or it is not valid yet. issue makes a certificate valid from
+// five minutes before the clock it read, so one that is not valid yet was
+// issued while the clock ran ahead (a jump forward, since corrected):
+// devices refuse it until the clock reaches its NotBefore, which can be
+// weeks, and its renewal window is further still.
+func (sc *ServerCert) due(leaf *x509.Certificate) bool {
+	now := sc.ca.clock.Now()
+	return now.Before(leaf.NotBefore) || !now.Before(leaf.NotAfter.Add(-sc.renew))
+}
+
+// warnIfIssuedAhead logs a certificate being replaced because it is not
+// valid yet (due): the gateway's clock ran ahead, and what else the CA
+// issued meanwhile is not valid yet either.
+func (sc *ServerCert) warnIfIssuedAhead(leaf *x509.Certificate) {
+	if now := sc.ca.clock.Now(); now.Before(leaf.NotBefore) {
+		sc.ca.log.Warn("pki: server certificate is not valid until its not_before, so it was issued while the clock ran ahead; re-issuing it. "+
+			"Device certificates issued while the clock was ahead are refused until their own not_before: enroll those devices again in a pairing window",
+			"listener", sc.name, "serial", Serial(leaf), "not_before", leaf.NotBefore, "now", now)
+	}
 }
 
 // leafSANs are the DNS names and IP addresses leaf covers, as normSANs
@@ -140,6 +166,9 @@ func (sc *ServerCert) issue(sans []string) error {
 	if err := sc.ca.clock.Sane(); err != nil {
 		return fmt.Errorf("issue %s server certificate: %w", sc.name, err)
 	}
+	if prev := sc.cur.Load(); prev != nil {
+		sc.warnIfIssuedAhead(prev.Leaf)
+	}
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return err
@@ -194,5 +223,6 @@ func (sc *ServerCert) GetCertificate(*tls.ClientHelloInfo) (*tls.Certificate, er
 	return sc.cur.Load(), nil
 }
 
-// Due reports whether the certificate should be renewed now.
-func (sc *ServerCert) Due() bool { return !sc.ca.clock.Now().Before(sc.Leaf().NotAfter.Add(-sc.renew)) }
+// Due reports whether the certificate should be renewed now: it is in its
+// renewal window, or not valid yet (issued while the clock ran ahead).
+func (sc *ServerCert) Due() bool { return sc.due(sc.Leaf()) }

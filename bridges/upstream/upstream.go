@@ -32,6 +32,7 @@ import (
 	"github.com/bastion-iot/bastion/bridges/queue"
 	"github.com/bastion-iot/bastion/bridges/rawconn"
 	"github.com/bastion-iot/bastion/internal/ratelog"
+	"github.com/bastion-iot/bastion/pki"
 	"github.com/eclipse/paho.golang/autopaho"
 	"github.com/eclipse/paho.golang/packets"
 	"github.com/eclipse/paho.golang/paho"
@@ -633,13 +634,10 @@ func reasonString(p *paho.DisconnectProperties) string {
 // so a rotated certificate or CA bundle is used on the next attempt.
 func (u *Upstream) dial(ctx context.Context, _ autopaho.ClientConfig, broker *url.URL) (net.Conn, error) {
 	s := u.cur.Load()
-	tc := &tls.Config{
-		MinVersion: s.minTLS,
-		RootCAs:    s.roots,
-		ServerName: s.cfg.ServerName,
-		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
-			return u.cur.Load().cert, nil
-		},
+	// The outbound profile: ECDHE with AEAD suites only, also with TLS 1.2.
+	tc := pki.TLSClient(s.roots, s.cfg.ServerName, s.minTLS == tls.VersionTLS12)
+	tc.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+		return u.cur.Load().cert, nil
 	}
 	if tc.ServerName == "" { // as tls.Dialer does
 		tc.ServerName = broker.Hostname()

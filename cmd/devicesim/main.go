@@ -71,7 +71,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		}
 		k, c, err := devicesim.NewKey()
 		if err == nil {
-			err = os.WriteFile(rest[1], k, 0o600)
+			err = writeSecret(rest[1], k)
 		}
 		if err == nil {
 			err = os.WriteFile(rest[2], c, 0o644)

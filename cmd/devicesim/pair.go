@@ -69,7 +69,7 @@ func runPair(args []string, stdout, stderr io.Writer) int {
 		var b []byte
 		b, err = json.MarshalIndent(c, "", "  ")
 		if err == nil {
-			err = os.WriteFile(*out, append(b, '\n'), 0o600)
+			err = writeSecret(*out, append(b, '\n'))
 		}
 	}
 	if err != nil {

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -44,9 +45,18 @@ func TestPairCommand(t *testing.T) {
 	}
 	out.Reset()
 	errb.Reset()
+	// A world-readable file where the credentials go: pair replaces it
+	// with a 0600 one (os.WriteFile would keep its mode).
+	if err := os.WriteFile(creds, []byte("{}"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(creds, 0o644); err != nil {
+		t.Fatal(err)
+	}
 	if rc := run(pair, &out, &errb); rc != 0 || !strings.Contains(out.String(), "paired: device ") {
 		t.Fatalf("pair: exit %d, out %q, err %q", rc, out.String(), errb.String())
 	}
+	checkSecret(t, creds, `"id"`)
 	for _, args := range [][]string{
 		{"--coap", "--creds", creds, "--addr", addrs["coaps"], "publish", "temp", "21"},
 		{"--mqtt", "--creds", creds, "--addr", addrs["mqtts"], "publish", "temp", "21"},
