@@ -285,6 +285,7 @@ func createConn(
 		resumeState:                   resumeState,
 		minVersion:                    minVersion,
 		maxVersion:                    maxVersion,
+		onFragmentDropped:             config.OnFragmentDropped,
 	}
 
 	conn := &Conn{
@@ -1560,18 +1561,17 @@ func (c *Conn) handleIncomingPacket(
 		}
 	}
 
-	// Bastion patch: only a handshake record is kept by the fragment
-	// buffer (it must not keep the read buffer); any other it looks at
-	// and lets go, so it gets no copy.
-	fragBuf := buf
-	if len(buf) > 0 && protocol.ContentType(buf[0]) == protocol.ContentTypeHandshake {
-		fragBuf = append([]byte{}, buf...)
-	}
-	isHandshake, isRetransmit, err := c.fragmentBuffer.push(fragBuf)
+	// Bastion patch (55): the fragment buffer copies the fragments it
+	// keeps (pion copied every handshake record for it, and each fragment
+	// kept its record).
+	isHandshake, isRetransmit, err := c.fragmentBuffer.push(buf)
 	if err != nil {
 		// Decode error must be silently discarded
 		// [RFC6347 Section-4.1.2.7]
 		c.log.Debugf("defragment failed: %s", err)
+		if errors.Is(err, errFragmentBufferOverflow) {
+			c.fragmentDropped(rAddr, len(buf))
+		}
 
 		return false, false, nil, nil
 	} else if isHandshake {
