@@ -281,7 +281,7 @@ func sealedRecord(t *testing.T, c *Conn, typ protocol.ContentType, body []byte) 
 }
 
 // TestBastionFragmentFloodAfterLargeChain: a client with a certificate
-// chain of 40 KiB, whose certificate flight's first fragment reaches the
+// chain of 41 KiB, whose certificate flight's first fragment reaches the
 // server last (so that the server holds the rest of the flight in its
 // fragment buffer until then), completes its handshake; then, with the
 // session's keys, it sends fragments of handshake messages that never
@@ -420,19 +420,21 @@ func TestBastionFragmentFloodAfterLargeChain(t *testing.T) {
 	server.procMu.Lock()
 	next := server.fragmentBuffer.currentMessageSequenceNumber
 	server.procMu.Unlock()
-	var flood [][]byte
+	var flood [][]byte // record bodies, sealed when sent (the replay window)
 	for i := range 100 {
-		flood = append(flood, sealedRecord(t, client, protocol.ContentTypeHandshake, oneByteFragmentRecord(next+1+uint16(i)))) //nolint:gosec // G115
+		flood = append(flood, oneByteFragmentRecord(next+1+uint16(i))) //nolint:gosec // G115
 	}
 	for i := range 40 {
-		flood = append(flood, sealedRecord(t, client, protocol.ContentTypeHandshake, bigFragment(next+101, i)))
+		flood = append(flood, bigFragment(next+101, i))
 	}
 	// In bursts, each followed by a round trip: the server handles a
 	// peer's datagrams in order, so the echo comes after the burst, and
-	// no burst outruns the sockets' buffers.
-	for i := 0; i < len(flood); i += 10 {
-		for _, d := range flood[i:min(i+10, len(flood))] {
-			if _, err := pc.WriteTo(d, ln.Addr()); err != nil {
+	// no burst outruns the sockets' buffers or the connection's queue
+	// (patch (56)).
+	const burst = 5
+	for i := 0; i < len(flood); i += burst {
+		for _, body := range flood[i:min(i+burst, len(flood))] {
+			if _, err := pc.WriteTo(sealedRecord(t, client, protocol.ContentTypeHandshake, body), ln.Addr()); err != nil {
 				t.Fatal(err)
 			}
 		}
@@ -442,7 +444,7 @@ func TestBastionFragmentFloodAfterLargeChain(t *testing.T) {
 		server.procMu.Unlock()
 		if held > fragmentBufferMaxHeld || kept > fragmentBufferMaxHeld {
 			t.Fatalf("after %d records the server's fragment buffer holds %d bytes (as it counts them) and keeps %d reachable, want at most %d",
-				i+10, held, kept, fragmentBufferMaxHeld)
+				i+burst, held, kept, fragmentBufferMaxHeld)
 		}
 	}
 	if droppedRecords.Load() == 0 {
@@ -450,7 +452,10 @@ func TestBastionFragmentFloodAfterLargeChain(t *testing.T) {
 	} else if from, _ := droppedFrom.Load().(netip.AddrPort); from != netip.MustParseAddrPort(pc.LocalAddr().String()) {
 		t.Errorf("OnFragmentDropped was told of %v, want the client's address %v", from, pc.LocalAddr())
 	}
-	t.Logf("%d of %d records dropped", droppedRecords.Load(), len(flood))
+	server.procMu.Lock()
+	t.Logf("%d of %d records dropped; %d fragments of %d messages, %d bytes held", droppedRecords.Load(), len(flood),
+		server.fragmentBuffer.totalFragmentCount, len(server.fragmentBuffer.cache), server.fragmentBuffer.held())
+	server.procMu.Unlock()
 	if server.isConnectionClosed() {
 		t.Error("the server's connection was closed")
 	}
