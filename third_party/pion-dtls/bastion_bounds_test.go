@@ -1,9 +1,11 @@
 // SPDX-FileCopyrightText: 2026 Bastion authors
 // SPDX-License-Identifier: MIT
 
-// Tests of the Bastion patch (55) (third_party/README.md): what a peer
-// can make a connection's fragment buffer hold is bounded, and the
-// buffer keeps copies of its fragments, never the records they came in.
+// Tests of the Bastion patches (55), (57) and (58) (third_party/README.md):
+// what a peer can make a connection's fragment buffer hold is bounded, and
+// the buffer keeps copies of its fragments, never the records they came in;
+// so is what the handshake cache keeps, and the records that wait for the
+// handshake's keys.
 
 package dtls
 
@@ -27,8 +29,10 @@ import (
 	"time"
 
 	"github.com/pion/dtls/v3/pkg/protocol"
+	"github.com/pion/dtls/v3/pkg/protocol/alert"
 	"github.com/pion/dtls/v3/pkg/protocol/handshake"
 	"github.com/pion/dtls/v3/pkg/protocol/recordlayer"
+	"github.com/pion/logging"
 )
 
 // fragmentBufferRetained is what f's fragments keep reachable: the
@@ -460,4 +464,107 @@ func TestBastionFragmentFloodAfterLargeChain(t *testing.T) {
 		t.Error("the server's connection was closed")
 	}
 	roundTrip("at the end")
+}
+
+// TestBastionHandshakeCacheBound (patch (57)): during a handshake, whole
+// messages that the peer sends one after the other (the fragment buffer
+// hands each on as it comes) are kept by the handshake cache up to
+// handshakeCacheMaxSize, 256 KiB, and handshakeCacheMaxCount, 128
+// messages; the one past either is refused with pion's overflow error and
+// a fatal alert, which ends the handshake (pion kept 8 MB, 1000 messages).
+func TestBastionHandshakeCacheBound(t *testing.T) {
+	for _, tc := range []struct {
+		size int
+		want int // the first message refused
+	}{
+		{7000, (256 << 10) / (7000 + handshake.HeaderLength)}, // the bytes bind
+		{0, 128}, // the count binds
+	} {
+		t.Run(fmt.Sprintf("%d bytes", tc.size), func(t *testing.T) {
+			conn := &Conn{
+				handshakeCache:         newHandshakeCache(),
+				fragmentBuffer:         newFragmentBuffer(),
+				log:                    logging.NewDefaultLoggerFactory().NewLogger("dtls"),
+				replayProtectionWindow: 64,
+			}
+			refused := -1
+			for i := range 200 {
+				rec := plaintextRecord(t, protocol.ContentTypeHandshake, uint64(i), //nolint:gosec // G115
+					handshakeFragment(handshake.TypeCertificate, uint16(i), uint32(tc.size), 0, uint32(tc.size))) //nolint:gosec // G115
+				_, _, fatal, err := conn.handleIncomingPacket(context.Background(), rec, nil, false)
+				if conn.handshakeCache.size > 256<<10 {
+					t.Fatalf("after message %d the handshake cache holds %d bytes, want at most 256 KiB", i, conn.handshakeCache.size)
+				}
+				if err != nil {
+					if !errors.Is(err, errHandshakeCacheOverflow) || fatal == nil || fatal.Level != alert.Fatal {
+						t.Fatalf("message %d: %v, alert %v; want %v and a fatal alert", i, err, fatal, errHandshakeCacheOverflow)
+					}
+					refused = i
+
+					break
+				}
+			}
+			if refused != tc.want {
+				t.Fatalf("message %d refused (the cache holds %d bytes in %d messages), want message %d",
+					refused, conn.handshakeCache.size, len(conn.handshakeCache.cache), tc.want)
+			}
+		})
+	}
+}
+
+// sealedLookingRecord is a record of epoch 1 with sequence number seq and
+// n bytes of body: what a peer sends once it has its keys, which a
+// connection without them yet can only queue.
+func sealedLookingRecord(t *testing.T, seq uint64, n int) []byte {
+	t.Helper()
+	h := recordlayer.Header{
+		ContentType:    protocol.ContentTypeHandshake,
+		Version:        protocol.Version1_2,
+		Epoch:          1,
+		SequenceNumber: seq,
+		ContentLen:     uint16(n), //nolint:gosec // G115: test records are below 16 KiB.
+	}
+	b, err := h.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	return append(b, make([]byte, n)...)
+}
+
+// TestBastionEarlyRecordQueueBound (patch (58)): records of the next
+// epoch that come before the handshake has its keys wait for them up to
+// 16 KiB in all: two of 8,000 bytes, then none (pion queued 100 of any
+// size, 800 KB); records of a peer's own last flight, far smaller, are
+// all queued, up to pion's count.
+func TestBastionEarlyRecordQueueBound(t *testing.T) {
+	for _, tc := range []struct {
+		size, want int
+	}{
+		{8000, 2},
+		{61, maxAppDataPacketQueueSize}, // a Finished with CCM-8
+	} {
+		t.Run(fmt.Sprintf("%d bytes", tc.size), func(t *testing.T) {
+			conn := &Conn{
+				handshakeCache:         newHandshakeCache(),
+				fragmentBuffer:         newFragmentBuffer(),
+				log:                    logging.NewDefaultLoggerFactory().NewLogger("dtls"),
+				replayProtectionWindow: 64,
+			}
+			for i := range 200 {
+				rec := sealedLookingRecord(t, uint64(i), tc.size) //nolint:gosec // G115
+				if _, _, fatal, err := conn.handleIncomingPacket(context.Background(), rec, nil, true); err != nil || fatal != nil {
+					t.Fatalf("record %d: %v, alert %v", i, err, fatal)
+				}
+			}
+			queued := 0
+			for _, p := range conn.encryptedPackets {
+				queued += len(p.data)
+			}
+			if len(conn.encryptedPackets) != tc.want || queued > 16<<10 || queued != conn.encryptedBytes {
+				t.Fatalf("%d records of %d bytes queued, %d bytes (counted: %d); want %d records, at most 16 KiB",
+					len(conn.encryptedPackets), tc.size+recordlayer.FixedHeaderSize, queued, conn.encryptedBytes, tc.want)
+			}
+		})
+	}
 }

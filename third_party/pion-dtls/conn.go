@@ -41,6 +41,13 @@ const (
 	// maxAppDataPacketQueueSize is the maximum number of app data packets we will.
 	// enqueue before the handshake is completed.
 	maxAppDataPacketQueueSize = 100
+	// maxAppDataPacketQueueBytes bounds their bytes (Bastion patch (58)):
+	// 100 records of up to 8 KiB, which a peer sends in the next epoch
+	// before the keys are there (anyone who knows its address can),
+	// held 800 KiB per handshake. A peer's own such records are its
+	// ChangeCipherSpec and Finished, under 100 bytes, once per
+	// transmission of its flight.
+	maxAppDataPacketQueueBytes = 16 << 10
 )
 
 func invalidKeyingLabels() map[string]bool {
@@ -95,6 +102,7 @@ type Conn struct {
 	writeLock                      sync.Mutex
 
 	encryptedPackets []addrPkt
+	encryptedBytes   int // of encryptedPackets' data (Bastion patch (58))
 
 	connectionClosedByUser bool
 	closeLock              sync.Mutex
@@ -1351,7 +1359,7 @@ func (c *Conn) processDatagram(ctx context.Context, b []byte, rAddr net.Addr) er
 func (c *Conn) handleQueuedPackets(ctx context.Context) error {
 	c.lock.Lock()
 	pkts := c.encryptedPackets
-	c.encryptedPackets = nil
+	c.encryptedPackets, c.encryptedBytes = nil, 0
 	c.lock.Unlock()
 
 	for _, p := range pkts {
@@ -1379,12 +1387,15 @@ func (c *Conn) enqueueEncryptedPackets(packet addrPkt) bool {
 	c.lock.Lock()
 	defer c.lock.Unlock()
 
-	if len(c.encryptedPackets) < maxAppDataPacketQueueSize {
+	if len(c.encryptedPackets) < maxAppDataPacketQueueSize &&
+		len(packet.data) <= maxAppDataPacketQueueBytes-c.encryptedBytes {
 		packet.data = bytes.Clone(packet.data) // the read buffer comes from poolReadBuffer and is reused
 		c.encryptedPackets = append(c.encryptedPackets, packet)
+		c.encryptedBytes += len(packet.data)
 
 		return true
 	}
+	c.log.Debug("discarded packet: the queue of packets waiting for the handshake's keys is full")
 
 	return false
 }
