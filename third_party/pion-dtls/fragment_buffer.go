@@ -17,9 +17,9 @@ import (
 const (
 	// 2 megabytes.
 	fragmentBufferMaxSize = 2000000
-	// Bastion patch (55): was 1000; now what fragmentBufferMaxHeld allows
-	// at the least a fragment is charged, so that the byte bound is the
-	// one that binds.
+	// Bastion patch (55): was 1000; now the most fragments that
+	// fragmentBufferMaxHeld holds (each is charged at least
+	// fragmentHeldOverhead), so that the byte bound is the one that binds.
 	fragmentBufferMaxCount = fragmentBufferMaxHeld / fragmentHeldOverhead
 
 	// fragmentBufferMaxHeld bounds what a connection's fragment buffer
@@ -32,7 +32,7 @@ const (
 	// fragments of messages to come (or, after the handshake, of messages
 	// that never come) and they stay until the connection ends. 64 KiB
 	// holds a whole flight whose fragments all arrive before its first
-	// one: a certificate chain of tens of KiB (Bastion's are 1-2 KiB),
+	// one: a certificate chain of tens of KiB (Bastion's are under 2 KiB),
 	// more than mbedTLS (16 KiB by default) or tinydtls take in one
 	// message.
 	fragmentBufferMaxHeld = 64 << 10
