@@ -221,6 +221,26 @@ type Config struct { //nolint:dupl
 	// Bastion patch (52).
 	OnWriteDropped func(to netip.AddrPort, size int)
 
+	// OnFragmentDropped, when set, is told of each handshake record a
+	// connection dropped because its fragment buffer, where handshake
+	// messages wait until they are complete and their turn has come,
+	// held as much as it may: 64 KiB, more than a whole certificate
+	// flight. from is the record's sender and size its length. A peer
+	// that sends a flight again gets what the buffer holds completed; one
+	// that goes past the bound sends fragments of messages that never
+	// come. f runs on the goroutine reading the connection's records,
+	// which may be a listener's read loop, and must not block. Bastion
+	// patch (55).
+	OnFragmentDropped func(from netip.AddrPort, size int)
+
+	// OnReadDropped, when set on a server made by Listen, is told of each
+	// datagram the listener dropped because the connection it was for
+	// already had as many waiting for its reader as it may: 128
+	// datagrams or 64 KiB. The peer sends it again if it needs it (a
+	// handshake flight, a confirmable request) or it is lost. f runs on
+	// the listener's read loop and must not block. Bastion patch (56).
+	OnReadDropped func(from netip.AddrPort, size int)
+
 	// ConnectionIDGenerator generates connection identifiers that should be
 	// sent by the remote party if it supports the DTLS Connection Identifier
 	// extension, as determined during the handshake. Generated connection

@@ -41,6 +41,13 @@ const (
 	// maxAppDataPacketQueueSize is the maximum number of app data packets we will.
 	// enqueue before the handshake is completed.
 	maxAppDataPacketQueueSize = 100
+	// maxAppDataPacketQueueBytes bounds their bytes (Bastion patch (58)):
+	// 100 records of up to 8 KiB, which a peer sends in the next epoch
+	// before the keys are there (anyone who knows its address can),
+	// held 800 KiB per handshake. A peer's own such records are its
+	// ChangeCipherSpec and Finished, under 100 bytes, once per
+	// transmission of its flight.
+	maxAppDataPacketQueueBytes = 16 << 10
 )
 
 func invalidKeyingLabels() map[string]bool {
@@ -95,6 +102,7 @@ type Conn struct {
 	writeLock                      sync.Mutex
 
 	encryptedPackets []addrPkt
+	encryptedBytes   int // of encryptedPackets' data (Bastion patch (58))
 
 	connectionClosedByUser bool
 	closeLock              sync.Mutex
@@ -285,6 +293,7 @@ func createConn(
 		resumeState:                   resumeState,
 		minVersion:                    minVersion,
 		maxVersion:                    maxVersion,
+		onFragmentDropped:             config.OnFragmentDropped,
 	}
 
 	conn := &Conn{
@@ -1350,7 +1359,7 @@ func (c *Conn) processDatagram(ctx context.Context, b []byte, rAddr net.Addr) er
 func (c *Conn) handleQueuedPackets(ctx context.Context) error {
 	c.lock.Lock()
 	pkts := c.encryptedPackets
-	c.encryptedPackets = nil
+	c.encryptedPackets, c.encryptedBytes = nil, 0
 	c.lock.Unlock()
 
 	for _, p := range pkts {
@@ -1378,12 +1387,15 @@ func (c *Conn) enqueueEncryptedPackets(packet addrPkt) bool {
 	c.lock.Lock()
 	defer c.lock.Unlock()
 
-	if len(c.encryptedPackets) < maxAppDataPacketQueueSize {
+	if len(c.encryptedPackets) < maxAppDataPacketQueueSize &&
+		len(packet.data) <= maxAppDataPacketQueueBytes-c.encryptedBytes {
 		packet.data = bytes.Clone(packet.data) // the read buffer comes from poolReadBuffer and is reused
 		c.encryptedPackets = append(c.encryptedPackets, packet)
+		c.encryptedBytes += len(packet.data)
 
 		return true
 	}
+	c.log.Debug("discarded packet: the queue of packets waiting for the handshake's keys is full")
 
 	return false
 }
@@ -1560,18 +1572,17 @@ func (c *Conn) handleIncomingPacket(
 		}
 	}
 
-	// Bastion patch: only a handshake record is kept by the fragment
-	// buffer (it must not keep the read buffer); any other it looks at
-	// and lets go, so it gets no copy.
-	fragBuf := buf
-	if len(buf) > 0 && protocol.ContentType(buf[0]) == protocol.ContentTypeHandshake {
-		fragBuf = append([]byte{}, buf...)
-	}
-	isHandshake, isRetransmit, err := c.fragmentBuffer.push(fragBuf)
+	// Bastion patch (55): the fragment buffer copies the fragments it
+	// keeps (pion copied every handshake record for it, and each fragment
+	// kept its record).
+	isHandshake, isRetransmit, err := c.fragmentBuffer.push(buf)
 	if err != nil {
 		// Decode error must be silently discarded
 		// [RFC6347 Section-4.1.2.7]
 		c.log.Debugf("defragment failed: %s", err)
+		if errors.Is(err, errFragmentBufferOverflow) {
+			c.fragmentDropped(rAddr, len(buf))
+		}
 
 		return false, false, nil, nil
 	} else if isHandshake {

@@ -4,6 +4,8 @@
 package dtls
 
 import (
+	"bytes"
+	"math"
 	"slices"
 	"sort"
 
@@ -14,8 +16,27 @@ import (
 
 const (
 	// 2 megabytes.
-	fragmentBufferMaxSize  = 2000000
-	fragmentBufferMaxCount = 1000
+	fragmentBufferMaxSize = 2000000
+	// Bastion patch (55): was 1000; now the most fragments that
+	// fragmentBufferMaxHeld holds (each is charged at least
+	// fragmentHeldOverhead), so that the byte bound is the one that binds.
+	fragmentBufferMaxCount = fragmentBufferMaxHeld / fragmentHeldOverhead
+
+	// fragmentBufferMaxHeld bounds what a connection's fragment buffer
+	// holds: the bytes of every fragment it keeps, each charged
+	// fragmentHeldOverhead more for its bookkeeping (its range, its
+	// message's entry). Bastion patch (55): pion bounded the fragments'
+	// bytes at 2 MB and their number at 1000, and each kept the whole
+	// record it came in, so that 1000 fragments of one byte, each in an
+	// 8 KiB record, held about 8 MiB per connection; a peer sends
+	// fragments of messages to come (or, after the handshake, of messages
+	// that never come) and they stay until the connection ends. 64 KiB
+	// holds a whole flight whose fragments all arrive before its first
+	// one: a certificate chain of tens of KiB (Bastion's are under 2 KiB),
+	// more than mbedTLS (16 KiB by default) or tinydtls take in one
+	// message.
+	fragmentBufferMaxHeld = 64 << 10
+	fragmentHeldOverhead  = 128
 )
 
 // fragmentRange is the payload of one handshake fragment.
@@ -54,6 +75,16 @@ type fragments struct {
 // the change in stored fragment count and bytes. Replacing smaller fragments
 // can decrease both counts.
 func (f *fragments) add(offset uint32, data []byte, available int) (fragmentDelta, byteDelta int, err error) {
+	return f.addWithin(offset, data, available, math.MaxInt, false)
+}
+
+// addWithin is add that also fails unless the change in stored bytes, each
+// fragment charged fragmentHeldOverhead more, fits within room, and that
+// stores a copy of data when own is set (Bastion patch (55): the fragment
+// buffer's data is a slice of a record, which it must not keep).
+func (f *fragments) addWithin(
+	offset uint32, data []byte, available, room int, own bool,
+) (fragmentDelta, byteDelta int, err error) {
 	if len(data) == 0 {
 		data = nil
 	}
@@ -73,8 +104,11 @@ func (f *fragments) add(offset uint32, data []byte, available int) (fragmentDelt
 		j++
 	}
 	fragmentDelta++
-	if fragmentDelta > available {
+	if fragmentDelta > available || byteDelta+len(data)+fragmentDelta*fragmentHeldOverhead > room {
 		return 0, 0, errFragmentBufferOverflow
+	}
+	if own {
+		frag.data = bytes.Clone(data)
 	}
 
 	f.ranges = slices.Replace(f.ranges, i, j, frag)
@@ -130,10 +164,17 @@ func (f *fragmentBuffer) size() int {
 	return f.totalBufferSize
 }
 
+// held is what the buffer holds, as fragmentBufferMaxHeld counts it
+// (Bastion patch (55)).
+func (f *fragmentBuffer) held() int {
+	return f.totalBufferSize + f.totalFragmentCount*fragmentHeldOverhead
+}
+
 // Attempts to push a DTLS packet to the fragmentBuffer
 // when it returns true it means the fragmentBuffer has inserted and the buffer shouldn't be handled
 // when an error returns it is fatal, and the DTLS connection should be stopped.
-// The fragments keep referencing buf, so it must not be reused by the caller.
+// Bastion patch (55): the buffer keeps copies of the fragments it stores,
+// never buf, which the caller may reuse (pion kept slices of it).
 func (f *fragmentBuffer) push(buf []byte) (isHandshake, isRetransmit bool, err error) { //nolint:cyclop
 	if f.size()+len(buf) >= fragmentBufferMaxSize {
 		return false, false, errFragmentBufferOverflow
@@ -180,7 +221,8 @@ func (f *fragmentBuffer) push(buf []byte) (isHandshake, isRetransmit bool, err e
 				// usual case) is kept as it came, with its header: what
 				// add and pop would store and rebuild. (An empty one
 				// takes add's way, which keeps no slice of the record.)
-				if f.totalFragmentCount+1 > fragmentBufferMaxCount {
+				if f.totalFragmentCount+1 > fragmentBufferMaxCount ||
+					len(data)+fragmentHeldOverhead > fragmentBufferMaxHeld-f.held() {
 					return false, false, errFragmentBufferOverflow
 				}
 				entry := f.spare
@@ -191,7 +233,7 @@ func (f *fragmentBuffer) push(buf []byte) (isHandshake, isRetransmit bool, err e
 				*entry = fragments{
 					handshakeType: header.Type, handshakeLength: header.Length, covered: header.Length,
 					handshakeHeader: header, epoch: recordLayerHeader.Epoch, hasStart: true,
-					whole: rawMessage,
+					whole: bytes.Clone(rawMessage), // (55): not a slice of buf
 				}
 				f.cache[header.MessageSequence] = entry
 				f.totalFragmentCount++
@@ -209,8 +251,9 @@ func (f *fragmentBuffer) push(buf []byte) (isHandshake, isRetransmit bool, err e
 		}
 
 		// empty fragments also count because retaining them consumes memory.
-		fragmentDelta, byteDelta, err := messageFragments.add(
+		fragmentDelta, byteDelta, err := messageFragments.addWithin(
 			header.FragmentOffset, data, fragmentBufferMaxCount-f.totalFragmentCount,
+			fragmentBufferMaxHeld-f.held(), true,
 		)
 		if err != nil {
 			return false, false, err

@@ -16,9 +16,15 @@ import (
 
 // Bound payload storage and metadata, including empty messages. Allow room for
 // both peers' certificate flights and the remaining transcript.
+// Bastion patch (57): 4 × fragmentBufferMaxHeld (256 KiB) and 128 messages,
+// where pion allowed 4 × 2 MB and 1000: a peer, during the handshake, sends
+// whole messages one after the other, which the fragment buffer hands on as
+// they come and the cache keeps until the handshake ends, whatever their
+// type. No message the peer sends is larger than the fragment buffer holds;
+// a transcript has about fifteen.
 const (
-	handshakeCacheMaxSize  = 4 * fragmentBufferMaxSize
-	handshakeCacheMaxCount = 1000
+	handshakeCacheMaxSize  = 4 * fragmentBufferMaxHeld
+	handshakeCacheMaxCount = 128
 )
 
 type handshakeCacheItem struct {

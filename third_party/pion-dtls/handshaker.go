@@ -182,6 +182,9 @@ type handshakeConfig struct {
 	// patch (51), Config.StatelessHelloVerify).
 	helloVerifier   *helloVerifier
 	helloVerifyAddr netip.AddrPort
+
+	// onFragmentDropped is Config.OnFragmentDropped (Bastion patch (55)).
+	onFragmentDropped func(from netip.AddrPort, size int)
 }
 
 type flightConn interface {

@@ -35,6 +35,7 @@ func Listen(network string, laddr *net.UDPAddr, config *Config) (net.Listener, e
 		},
 		ListenConfig: config.listenConfig,
 		WriteDropped: config.OnWriteDropped, // Bastion patch (52)
+		ReadDropped:  config.OnReadDropped,  // Bastion patch (56)
 	}
 	var verifier *helloVerifier
 	if config.StatelessHelloVerify {

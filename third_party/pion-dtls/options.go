@@ -76,6 +76,8 @@ type dtlsConfig struct { //nolint:dupl
 	insecureSkipVerifyHello       bool
 	statelessHelloVerify          bool
 	onWriteDropped                func(netip.AddrPort, int)
+	onFragmentDropped             func(netip.AddrPort, int)
+	onReadDropped                 func(netip.AddrPort, int)
 	connectionIDGenerator         func() []byte
 	paddingLengthGenerator        func(uint) uint
 	helloRandomBytesGenerator     func() [handshake.RandomBytesLength]byte
@@ -124,6 +126,8 @@ func (c *dtlsConfig) toConfig() *Config {
 		InsecureSkipVerifyHello:       c.insecureSkipVerifyHello,
 		StatelessHelloVerify:          c.statelessHelloVerify,
 		OnWriteDropped:                c.onWriteDropped,
+		OnFragmentDropped:             c.onFragmentDropped,
+		OnReadDropped:                 c.onReadDropped,
 		ConnectionIDGenerator:         c.connectionIDGenerator,
 		PaddingLengthGenerator:        c.paddingLengthGenerator,
 		HelloRandomBytesGenerator:     c.helloRandomBytesGenerator,
@@ -668,6 +672,26 @@ func WithStatelessHelloVerify(on bool) ServerOption {
 func WithOnWriteDropped(f func(to netip.AddrPort, size int)) ServerOption {
 	return serverOnlyOption(func(c *dtlsConfig) error {
 		c.onWriteDropped = f
+
+		return nil
+	})
+}
+
+// WithOnFragmentDropped sets Config.OnFragmentDropped (Bastion patch
+// (55)).
+func WithOnFragmentDropped(f func(from netip.AddrPort, size int)) Option {
+	return sharedOption(func(c *dtlsConfig) error {
+		c.onFragmentDropped = f
+
+		return nil
+	})
+}
+
+// WithOnReadDropped sets Config.OnReadDropped (Bastion patch (56)).
+// This option is only applicable to servers.
+func WithOnReadDropped(f func(from netip.AddrPort, size int)) ServerOption {
+	return serverOnlyOption(func(c *dtlsConfig) error {
+		c.onReadDropped = f
 
 		return nil
 	})

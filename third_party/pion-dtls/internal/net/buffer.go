@@ -27,6 +27,18 @@ import (
 // completed.
 var ErrTimeout = errors.New("buffer: i/o timeout")
 
+// ErrFull is returned by WriteTo on a bounded buffer that has no room for
+// the packet (Bastion patch (56)).
+var ErrFull = errors.New("buffer: full")
+
+// keepBytes is how much room a bounded buffer's slots keep between them
+// for the packets to come once the packets they held have been read
+// (Bastion patch (56)): a slot's room is kept while they keep at most
+// this, and let go after a read otherwise. One slot per packet of a
+// burst would otherwise keep the room of the largest packet it ever held
+// for the buffer's life.
+const keepBytes = 8 << 10
+
 // AddrPacket is a packet payload and the associated remote address from which
 // it was received.
 type AddrPacket struct {
@@ -46,6 +58,12 @@ type PacketBuffer struct {
 	// full indicates whether the buffer is full, which is needed to distinguish
 	// when the write pointer and read pointer are at the same index.
 	full bool
+
+	// maxPackets and maxBytes, when not zero, bound the packets queued
+	// and their bytes (queued); kept is the room of every slot's buffer.
+	// Bastion patch (56), see NewBoundedPacketBuffer.
+	maxPackets, maxBytes int
+	queued, kept         int
 
 	// notify wakes a waiting reader. Bastion patch (third_party/README.md):
 	// one channel with room for one token, made at the first wait, instead
@@ -70,6 +88,38 @@ func NewPacketBuffer() *PacketBuffer {
 	}
 }
 
+// NewBoundedPacketBuffer is NewPacketBuffer that holds at most maxPackets
+// packets and maxBytes of their bytes: WriteTo refuses a packet beyond
+// either with ErrFull; and once its packets have been read, its slots
+// keep at most keepBytes of room between them (Bastion patch (56):
+// pion's buffer grew without bound, and each slot kept the room of the
+// largest packet it had held). maxBytes must be at least the largest
+// packet written, which an empty buffer always takes.
+func NewBoundedPacketBuffer(maxPackets, maxBytes int) *PacketBuffer {
+	b := NewPacketBuffer()
+	b.maxPackets, b.maxBytes = maxPackets, maxBytes
+
+	return b
+}
+
+// Len returns the number of packets queued and their bytes (Bastion
+// patch (56)).
+func (b *PacketBuffer) Len() (packets, bytes int) {
+	b.mutex.Lock()
+	defer b.mutex.Unlock()
+
+	return b.lenLocked(), b.queued
+}
+
+// lenLocked is the number of packets queued; the mutex is held.
+func (b *PacketBuffer) lenLocked() int {
+	if b.full {
+		return len(b.packets)
+	}
+
+	return (b.write - b.read + len(b.packets)) % len(b.packets)
+}
+
 // WriteTo writes a single packet to the buffer. The supplied address will
 // remain associated with the packet.
 func (b *PacketBuffer) WriteTo(pkt []byte, addr net.Addr) (int, error) {
@@ -79,6 +129,11 @@ func (b *PacketBuffer) WriteTo(pkt []byte, addr net.Addr) (int, error) {
 		b.mutex.Unlock()
 
 		return 0, io.ErrClosedPipe
+	}
+	if b.maxPackets > 0 && (b.lenLocked() >= b.maxPackets || b.queued+len(pkt) > b.maxBytes) {
+		b.mutex.Unlock()
+
+		return 0, ErrFull
 	}
 
 	// Check to see if we are full.
@@ -91,6 +146,9 @@ func (b *PacketBuffer) WriteTo(pkt []byte, addr net.Addr) (int, error) {
 		} else {
 			// Increase the number of packets by 25%.
 			newSize = 5 * len(b.packets) / 4
+		}
+		if b.maxPackets > 0 {
+			newSize = min(newSize, b.maxPackets)
 		}
 		newBuf := make([]AddrPacket, newSize)
 		var n int
@@ -116,6 +174,7 @@ func (b *PacketBuffer) WriteTo(pkt []byte, addr net.Addr) (int, error) {
 		// Bastion patch (42): a slot too small for pkt gets a buffer of
 		// pkt's size, instead of twice the old one (bytes.Buffer's
 		// growth) that it then keeps for the connection's life.
+		b.kept += len(pkt) - packet.data.Cap()
 		packet.data = *bytes.NewBuffer(make([]byte, 0, len(pkt)))
 	}
 	n, err := packet.data.Write(pkt)
@@ -125,6 +184,7 @@ func (b *PacketBuffer) WriteTo(pkt []byte, addr net.Addr) (int, error) {
 		return n, err
 	}
 	packet.addr = addr
+	b.queued += n
 
 	// Increment write pointer.
 	b.write++
@@ -207,6 +267,12 @@ func (b *PacketBuffer) ReadFromDone(packet []byte, done <-chan struct{}) (n int,
 				b.mutex.Unlock()
 
 				return n, nil, err
+			}
+			b.queued -= n
+			if b.maxBytes > 0 && b.kept > keepBytes {
+				// Bastion patch (56): the slot lets its room go.
+				b.kept -= ap.data.Cap()
+				b.packets[b.read].data = bytes.Buffer{}
 			}
 
 			// Advance read pointer.

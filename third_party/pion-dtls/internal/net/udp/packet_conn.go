@@ -33,6 +33,18 @@ import (
 const (
 	receiveMTU           = 8192
 	defaultListenBacklog = 128 // same as Linux default
+
+	// A connection's queue of datagrams waiting for its reader holds at
+	// most queueMaxPackets of them and queueMaxBytes of their bytes;
+	// the read loop drops a datagram beyond either (Bastion patch (56):
+	// pion's queue had no bound, so a peer whose connection's reader was
+	// busy, or whose application did not read, made it hold whatever it
+	// sent). What is dropped is sent again: DTLS retransmits its flights,
+	// CoAP its confirmable requests. 64 KiB takes a whole certificate
+	// flight (what the fragment buffer holds, patch (55)) with room to
+	// spare, 128 datagrams one of small records.
+	queueMaxPackets = 128
+	queueMaxBytes   = 64 << 10
 )
 
 // Typed errors.
@@ -53,6 +65,7 @@ type listener struct {
 	doneOnce     sync.Once
 	acceptFilter func([]byte) bool
 	helloVerify  func(b []byte, from netip.AddrPort, reply []byte) (int, bool, uint64)
+	readDropped  func(from netip.AddrPort, size int)
 	// verifyReply is helloVerify's reply buffer; only the read loop uses it.
 	verifyReply    [verifyReplyRoom]byte
 	datagramRouter func([]byte) (string, bool)
@@ -180,6 +193,12 @@ type ListenConfig struct {
 	// which may be the read loop, and must not block.
 	WriteDropped func(to netip.AddrPort, size int)
 
+	// ReadDropped, when set, is told of every datagram the read loop
+	// dropped because the queue of the connection it was for, the
+	// datagrams waiting for the connection's reader, was full (Bastion
+	// patch (56)). It runs on the read loop and must not block.
+	ReadDropped func(from netip.AddrPort, size int)
+
 	// DatagramRouter routes an incoming datagram to a connection by extracting
 	// an identifier from the its paylod
 	DatagramRouter func([]byte) (string, bool)
@@ -223,6 +242,7 @@ func (lc *ListenConfig) Listen(network string, laddr *net.UDPAddr) (dtlsnet.Pack
 		doneCh:         make(chan struct{}),
 		acceptFilter:   lc.AcceptFilter,
 		helloVerify:    lc.HelloVerify,
+		readDropped:    lc.ReadDropped,
 		datagramRouter: lc.DatagramRouter,
 		connIdentifier: lc.ConnectionIdentifier,
 		readDoneCh:     make(chan struct{}),
@@ -308,7 +328,14 @@ func (l *listener) dispatch(buf []byte, ap netip.AddrPort) {
 				return
 			}
 		}
-		_, _ = conn.buffer.WriteTo(buf, raddr)
+		if _, err := conn.buffer.WriteTo(buf, raddr); errors.Is(err, idtlsnet.ErrFull) {
+			// Bastion patch (56): the queue is bounded.
+			if l.readDropped != nil {
+				l.readDropped(ap, len(buf))
+			}
+
+			return
+		}
 		// Bastion patch (22): the connection's reader may wait for this.
 		if f := conn.onQueue.Load(); f != nil {
 			(*f)()
@@ -593,7 +620,7 @@ func (l *listener) newPacketConn(raddr net.Addr, key string) *PacketConn {
 		raddr:    raddr,
 		raddrAP:  ap,
 		raddrKey: key,
-		buffer:   idtlsnet.NewPacketBuffer(),
+		buffer:   idtlsnet.NewBoundedPacketBuffer(queueMaxPackets, queueMaxBytes),
 		doneCh:   make(chan struct{}),
 	}
 }
