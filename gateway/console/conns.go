@@ -20,12 +20,13 @@ import (
 // valid session cookie or API token (claimSignedIn): an administrator's,
 // it is never closed for room. Those not signed in yet are bounded per
 // source address (past it a new one is closed at once), per IPv6 /64 and
-// in all (past those the /64's, or all's, oldest is closed), and in all to
+// in all (past those the /64's, or all's, oldest is closed); the last is
 // half of the places, so that a flood never holds more than half of them.
 // With every place taken, a new connection closes the oldest not signed
 // in; only when all are signed in is the new one closed. So a flood pushes
-// out its own connections, and an administrator whose browser is signed
-// in gets in past it and stays in.
+// out its own connections: an administrator's new connection is the
+// newest, the last to go, and once a request on it has shown a session it
+// stays.
 const (
 	maxConns                = 64
 	maxNotSignedInPerAddr   = 8  // a browser opens at most 6 to one host
