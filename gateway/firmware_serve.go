@@ -14,13 +14,13 @@ import (
 	"slices"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/bridges/coap"
 	"github.com/bastion-iot/bastion/bridges/hub"
 	"github.com/bastion-iot/bastion/gateway/config"
+	"github.com/bastion-iot/bastion/internal/connlimit"
 	otacache "github.com/bastion-iot/bastion/ota-cache"
 	"github.com/bastion-iot/bastion/pki"
 )
@@ -109,9 +109,14 @@ func (g *Gateway) openFirmwareHTTPS(cfg config.Config, cert func(name, listen st
 	if err != nil {
 		return fmt.Errorf("firmware.https_listen %s: %w", cfg.Firmware.HTTPSListen, err)
 	}
+	// Bounded as connlimit.Listener says. A device holds its place among
+	// the unauthenticated for the milliseconds of its handshake (ended
+	// when net/http reads its first request, below), so what the closing
+	// of the oldest pushes out is stalled connections, never a download in
+	// progress or a device's connection kept alive.
 	unauth := bridges.NewSourceLimit[net.Conn](fwMaxUnauthPerSource, fwMaxUnauthPerPrefix, fwMaxUnauth)
-	limited := &connLimit{Listener: ln, slots: make(chan struct{}, fwMaxConns), unauth: unauth,
-		limited: func(c net.Conn, src bridges.Source, by bridges.Bound) {
+	limited := connlimit.New(ln, fwMaxConns, unauth, connlimit.Events{
+		Limited: func(c net.Conn, src bridges.Source, by bridges.Bound) {
 			args := []any{"device", "", "remote", c.RemoteAddr().String(),
 				"from_this_address", unauth.From(src.Addr), "per_address_limit", fwMaxUnauthPerSource}
 			if src.Prefix.IsValid() {
@@ -120,17 +125,17 @@ func (g *Gateway) openFirmwareHTTPS(cfg config.Config, cert func(name, listen st
 			args = append(args, "in_all", unauth.Len(), "limit", fwMaxUnauth)
 			refusals.refused(slog.LevelWarn, hub.ReasonHandshakeLimit+":"+by.String(), hub.ReasonHandshakeLimit, unauthLimitMsg[by], args...)
 		},
-		pushedOut: func(c net.Conn) {
+		PushedOut: func(c net.Conn) {
 			refusals.refused(slog.LevelWarn, hub.ReasonHandshakeLimit+":conns", hub.ReasonHandshakeLimit,
 				"oldest unauthenticated connection closed: the listener's connections are all in use",
 				"device", "", "remote", c.RemoteAddr().String(), "not_authenticated", unauth.Len(), "limit", fwMaxConns)
 		},
-		refused: func(c net.Conn) {
+		Refused: func(c net.Conn) {
 			refusals.refused(slog.LevelWarn, "conn_limit", "conn_limit",
 				"connection refused: the listener's connections are all in use, every one authenticated",
 				"remote", c.RemoteAddr().String(), "limit", fwMaxConns)
 		},
-	}
+	})
 	g.firmwareHTTPS = &firmwareHTTPS{ln: tls.NewListener(limited, tcfg), srv: &http.Server{
 		Handler: mux,
 		// A connection whose first request net/http reads has passed
@@ -138,7 +143,7 @@ func (g *Gateway) openFirmwareHTTPS(cfg config.Config, cert func(name, listen st
 		// passes: it gives its place among the unauthenticated back.
 		ConnState: func(c net.Conn, st http.ConnState) {
 			if st == http.StateActive {
-				authenticated(c)
+				connlimit.Claim(c)
 			}
 		},
 		ReadHeaderTimeout: 10 * time.Second,
@@ -161,10 +166,10 @@ const (
 	// fwMaxConns bounds the firmware HTTPS listener's open connections
 	// (each can hold a goroutine, TLS and HTTP buffers and an fd): past
 	// it a new connection closes the oldest not authenticated yet, or is
-	// closed at once if every open one is authenticated (connLimit).
+	// closed at once if every open one is authenticated (connlimit).
 	fwMaxConns = 256
 	// fwMaxUnauthPerSource, fwMaxUnauthPerPrefix and fwMaxUnauth bound
-	// the connections not authenticated yet (connLimit): from one
+	// the connections not authenticated yet (connlimit): from one
 	// address (a new one past it closed), from one IPv6 /64 and in all
 	// (past them the /64's, or all's, oldest closed). The total is half
 	// of fwMaxConns, so that hosts that stall handshakes from many
@@ -174,181 +179,12 @@ const (
 	fwMaxUnauth          = 128
 )
 
-// connLimit bounds the firmware HTTPS listener's connections: at most
-// cap(slots) open at once, and among them those not authenticated yet.
-//
-// Each connection holds a place in unauth (a bridges.SourceLimit: why it
-// counts per address, per IPv6 /64 and in all, refusing past the first
-// and closing the oldest past the others, is said there) from its accept
-// until it is authenticated (authenticated) or closed: the TLS handshake,
-// then the wait for the first request, each up to 10 s. Without it one
-// LAN host could hold every place by opening connections and sending
-// nothing, and open them again as the handshake timeout closed them. TCP
-// cannot be spoofed, so an address over its bound is the host itself:
-// its new connection is closed at once. A device holds its place for the
-// milliseconds of its handshake, so what the closing of the oldest pushes
-// out is stalled connections.
-//
-// The bounds of unauth are looked at first, and a connection they close
-// gives its place among the open ones back. When every place is still
-// taken, a new connection closes the oldest one not authenticated yet,
-// never an authenticated one (a download in progress, a device's
-// connection kept alive); only when all are authenticated is the new one
-// closed. Were the new one closed whenever all places are taken, hosts
-// that stall connections in the places downloads leave free (fwMaxUnauth
-// of them while devices download on the other half) would keep every new
-// device out until their handshake timeout, and again as they reopened
-// them.
-//
-// Each connection closed for room is passed to limited, pushedOut or
-// refused (counted and logged) before it is closed.
-type connLimit struct {
-	net.Listener
-	slots   chan struct{} // one per open connection
-	unauth  *bridges.SourceLimit[net.Conn]
-	limited func(c net.Conn, src bridges.Source, by bridges.Bound)
-	// pushedOut is told of the oldest connection not authenticated,
-	// closed for a new one; refused of a new one closed, every open one
-	// being authenticated.
-	pushedOut func(c net.Conn)
-	refused   func(c net.Conn)
-}
-
+// unauthLimitMsg is the line for a connection the bounds of the
+// unauthenticated closed, by bound.
 var unauthLimitMsg = map[bridges.Bound]string{
 	bridges.BoundSource: "connection refused: too many not yet authenticated from this address (TLS handshake or first request pending)",
 	bridges.BoundPrefix: "oldest unauthenticated connection of this IPv6 /64 closed: too many not yet authenticated from the /64",
 	bridges.BoundTotal:  "oldest unauthenticated connection closed: too many not yet authenticated in all",
-}
-
-func (l *connLimit) Accept() (net.Conn, error) {
-	for {
-		c, err := l.Listener.Accept()
-		if err != nil {
-			return nil, err
-		}
-		src := bridges.SourceOf(c.RemoteAddr())
-		u := &limitedConn{Conn: c, unauth: l.unauth, slots: l.slots}
-		u.slot = bridges.NewSlot[net.Conn](src, u)
-		ok, evicted, by := l.unauth.Take(u.slot)
-		if !ok {
-			l.limited(c, src, bridges.BoundSource)
-			c.Close()
-			continue
-		}
-		if evicted != nil {
-			// Its handshake's read fails with errEvicted, which the
-			// ErrorLog does not count again.
-			l.limited(evicted.Value(), evicted.Source(), by)
-			evicted.Value().Close()
-		}
-		if !l.open(u) {
-			l.refused(c)
-			l.unauth.Release(u.slot)
-			c.Close()
-			continue
-		}
-		return u, nil
-	}
-}
-
-// open takes a place among the open connections for u, closing the
-// oldest connection not authenticated yet (other than u) if every place
-// is taken, and reports false if all are authenticated.
-func (l *connLimit) open(u *limitedConn) bool {
-	select {
-	case l.slots <- struct{}{}:
-		return true
-	default:
-	}
-	// At most fwMaxUnauth, oldest first.
-	for _, v := range l.unauth.Values() {
-		o := v.(*limitedConn)
-		if o == u || !o.state.CompareAndSwap(connUnauthenticated, connPushedOut) {
-			continue // authenticated or closed since
-		}
-		l.pushedOut(o)
-		o.Close() // gives its place back before it returns
-		select {
-		case l.slots <- struct{}{}:
-			return true
-		default:
-			return false
-		}
-	}
-	return false
-}
-
-// errEvicted is what the reads and writes of a connection closed for a
-// newer one return, so that the failed handshake net/http logs is known
-// as one connLimit counted already (httpsRefusals.Write).
-var errEvicted = errors.New(evictedText)
-
-const evictedText = "closed to make room for a newer connection"
-
-// A limitedConn's state: it moves from connUnauthenticated once, to one
-// of the others.
-const (
-	connUnauthenticated int32 = iota
-	connAuthenticated
-	connPushedOut // closed by connLimit.open for a newer connection
-	connClosed    // by its holder
-)
-
-// limitedConn is a connection connLimit accepted: it holds a place among
-// the open connections until it is closed, and one in unauth until it is
-// authenticated or closed.
-type limitedConn struct {
-	net.Conn
-	unauth *bridges.SourceLimit[net.Conn]
-	slot   *bridges.Slot[net.Conn]
-	slots  chan struct{}
-	state  atomic.Int32
-	once   sync.Once
-}
-
-func (c *limitedConn) Read(b []byte) (int, error) {
-	n, err := c.Conn.Read(b)
-	return n, c.why(err)
-}
-
-func (c *limitedConn) Write(b []byte) (int, error) {
-	n, err := c.Conn.Write(b)
-	return n, c.why(err)
-}
-
-func (c *limitedConn) why(err error) error {
-	if err != nil && (c.state.Load() == connPushedOut || c.unauth.EvictedBy(c.slot) != bridges.BoundNone) {
-		return errEvicted
-	}
-	return err
-}
-
-// Close closes the connection and gives its places back (each at most
-// once: net/http and crypto/tls may both close it, and connLimit too).
-func (c *limitedConn) Close() error {
-	c.state.CompareAndSwap(connUnauthenticated, connClosed)
-	err := c.Conn.Close()
-	c.unauth.Release(c.slot)
-	c.once.Do(func() { <-c.slots })
-	return err
-}
-
-// claim gives c's place among the unauthenticated back for good: no newer
-// connection can close it from then on. One closed (or closing) already
-// has nothing to give back.
-func (c *limitedConn) claim() {
-	if c.state.CompareAndSwap(connUnauthenticated, connAuthenticated) {
-		c.unauth.Claim(c.slot)
-	}
-}
-
-// authenticated claims c, the *tls.Conn net/http serves on a limitedConn.
-func authenticated(c net.Conn) {
-	if tc, ok := c.(*tls.Conn); ok {
-		if u, ok := tc.NetConn().(*limitedConn); ok {
-			u.claim()
-		}
-	}
 }
 
 // Addr is the bound address of the firmware HTTPS listener.

@@ -516,8 +516,9 @@ func (g *Gateway) openListeners(cfg config.Config) error {
 		}
 		g.extraControl["POST /v1/console/recover"] = g.consoleHandler.RecoveryControlHandler()
 		clog := g.log.With("component", "console")
+		refusals := g.newHTTPSRefusals("console", "console", clog, slog.LevelDebug)
 		g.console, err = console.New(cfg.Console.Listen, pki.TLSServer(sc, 0, nil), g.consoleHandler, g.log,
-			g.newHTTPSRefusals("console", "console", clog, slog.LevelDebug).errorLog())
+			refusals.errorLog(), refusals.refused)
 		if err != nil {
 			return err
 		}

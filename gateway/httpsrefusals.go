@@ -9,6 +9,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/bastion-iot/bastion/bridges/hub"
+	"github.com/bastion-iot/bastion/internal/connlimit"
 	"github.com/bastion-iot/bastion/internal/ratelog"
 )
 
@@ -126,8 +127,8 @@ func (r *httpsRefusals) Write(b []byte) (int, error) {
 	switch {
 	case strings.HasPrefix(why, certRefusedText):
 		// counted and logged by the certificate check
-	case strings.HasSuffix(why, evictedText):
-		// closed, counted and logged (spaced) by connLimit
+	case strings.HasSuffix(why, connlimit.ErrEvicted.Error()):
+		// closed, counted and logged (spaced) by the connlimit.Listener's Events
 		r.log.Debug(r.prefix+": TLS handshake ended: closed to make room for a newer connection", "device", "", "remote", remote)
 	case why == "client sent an HTTP request to an HTTPS server" || strings.Contains(why, "first record does not look like a TLS handshake"):
 		r.refused(slog.LevelWarn, hub.ReasonPlaintext, hub.ReasonPlaintext, "handshake refused: plaintext on the HTTPS port; connect with https", "remote", remote)

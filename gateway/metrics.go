@@ -57,7 +57,7 @@ func newMetrics(deviceCount func() float64) *metrics {
 		}, []string{"result"}),
 		httpsRefusals: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "bastion_https_handshake_refusals_total",
-			Help: "TLS handshakes refused or failed on the gateway's HTTPS servers, by server (firmware, est, console) and reason (wrong_ca, cert_expired, bad_certificate, revoked, cert_retired, clock_not_set, pairing_refused, plaintext, no_credentials, handshake_failed; conn_limit: a new firmware connection closed before its handshake, the listener being full of authenticated ones; handshake_limit: a firmware connection closed before it authenticated, too many not yet authenticated from its address, its IPv6 /64 or in all, or the oldest not yet authenticated closed for a new one, the listener being full).",
+			Help: "TLS handshakes refused or failed on the gateway's HTTPS servers, by server (firmware, est, console) and reason (wrong_ca, cert_expired, bad_certificate, revoked, cert_retired, clock_not_set, pairing_refused, plaintext, no_credentials, handshake_failed; conn_limit: a new firmware or console connection closed before its handshake, the listener being full of authenticated (console: signed-in) ones; handshake_limit: a firmware connection closed before it authenticated, or a console connection before a valid session was seen on it, too many such from its address, its IPv6 /64 or in all, or the oldest such closed for a new one, the listener being full).",
 		}, []string{"server", "reason"}),
 	}
 	reg.MustRegister(m.renewals, m.httpsRefusals, m.authFailures, m.reloads, m.devices, m.clockSane, m.offers,

@@ -29,8 +29,10 @@ type Server struct {
 // the HTTP server's ErrorLog, which net/http tells of every failed TLS
 // handshake: anyone on the network can fail one per connection, so the
 // caller gives one that counts them and spaces its lines; nil logs each
-// to log at debug level.
-func New(addr string, tlsConf *tls.Config, handler http.Handler, log *slog.Logger, errorLog *stdlog.Logger) (*Server, error) {
+// to log at debug level. The connections are bounded (limitConns):
+// refused is told of each closed for room, and should count and space
+// them the same way; nil logs each to log.
+func New(addr string, tlsConf *tls.Config, handler http.Handler, log *slog.Logger, errorLog *stdlog.Logger, refused Refused) (*Server, error) {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("console: listen tcp %s: %w", addr, err)
@@ -38,12 +40,19 @@ func New(addr string, tlsConf *tls.Config, handler http.Handler, log *slog.Logge
 	if handler == nil {
 		handler = placeholder()
 	}
-	s := &Server{ln: tls.NewListener(ln, tlsConf), log: log.With("component", "console")}
+	clog := log.With("component", "console")
+	if refused == nil {
+		refused = func(level slog.Level, _, _, msg string, args ...any) {
+			clog.Log(context.Background(), level, "console: "+msg, args...)
+		}
+	}
+	s := &Server{ln: tls.NewListener(limitConns(ln, refused), tlsConf), log: clog}
 	if errorLog == nil {
 		errorLog = slog.NewLogLogger(s.log.Handler(), slog.LevelDebug)
 	}
 	s.srv = &http.Server{
-		Handler:           SecurityHeaders(handler),
+		Handler:           SecurityHeaders(claimSignedIn(handler)),
+		ConnContext:       withConn,
 		ReadHeaderTimeout: 10 * time.Second,
 		ReadTimeout:       30 * time.Second,
 		WriteTimeout:      60 * time.Second,
