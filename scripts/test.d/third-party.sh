@@ -46,12 +46,22 @@ echo "third-party: testing" $pkgs ./pion-transport/deadline/
 # loaded 2-CPU box misses (failed once in session 18 beside an image
 # build; 5 of 5 alone): a wall-clock window, not a behaviour check; the
 # server's handshake deadline is tested by TestBastionServerHandshakeTimeout
-# and the stalled-handshake tests of bridges/coap. (mochi v2.7.9 under -race:
-# TestEstablishConnectionInheritExistingTrueTakeover and
-# TestServerProcessPublishACLCheckDeny fail about 1 run in 3.)
+# and the stalled-handshake tests of bridges/coap.
+# TestEstablishConnectionInheritExistingTrueTakeover (mochi) is skipped
+# because it reads the first client's subscriptions after starting the
+# second connection's takeover without waiting for anything, and the
+# takeover moves them (upstream's inheritClientSession does the same): on a
+# loaded box the takeover gets there first (in session 19, with helpers
+# loading the box and without -race, it failed in the whole script's run,
+# in 1 of 36 runs of the copy with patch (16) and 1 of 30 without; about 1
+# in 3 under -race). The
+# takeover's copying of subscriptions is tested by TestBastionExpiryDuringTakeover
+# and TestBastionPublishDuringTakeover, which wait for each step.
+# (mochi v2.7.9 under -race: TestServerProcessPublishACLCheckDeny fails
+# about 1 run in 3.)
 # shellcheck disable=SC2086 # one word per package
-echo "third-party: skipping upstream TestNetTest/BasicIO, TestSupportedEllipticCurves (fail on the unpatched release too) and TestContextConfig (a 20-60 ms wall-clock window)"
-(cd third_party && go test -count=1 -skip 'TestNetTest/BasicIO|TestSupportedEllipticCurves|TestContextConfig' $pkgs ./pion-transport/deadline/)
+echo "third-party: skipping upstream TestNetTest/BasicIO, TestSupportedEllipticCurves (fail on the unpatched release too), TestContextConfig (a 20-60 ms wall-clock window) and TestEstablishConnectionInheritExistingTrueTakeover (races the takeover it starts)"
+(cd third_party && go test -count=1 -skip 'TestNetTest/BasicIO|TestSupportedEllipticCurves|TestContextConfig|TestEstablishConnectionInheritExistingTrueTakeover' $pkgs ./pion-transport/deadline/)
 # The patched copies' own fuzz targets get the short fuzz run scripts/test
 # gives the main module's (which does not see these modules): every
 # `func Fuzz` a patch adds, found in the patches (pion-dtls (51)'s
