@@ -104,6 +104,8 @@ func TestDialTLSSuites(t *testing.T) {
 					t.Errorf("dial a TLS 1.2 broker offering only %s: %v", tls.CipherSuiteName(tc.suite), err)
 				} else if !strings.Contains(err.Error(), "handshake failure") {
 					t.Errorf("dial a TLS 1.2 broker offering only %s: %v; want the broker's handshake_failure alert (no suite in common)", tls.CipherSuiteName(tc.suite), err)
+				} else if e := explain1(err, &snapshot{cfg: cfg}); !strings.Contains(e.Error(), "no cipher suite in common") {
+					t.Errorf("the operator is told %q; want it to name cipher suites as a cause", e)
 				}
 				return
 			}

@@ -699,7 +699,7 @@ func explain1(err error, s *snapshot) error {
 	case noCommonTLSVersion(err):
 		return fmt.Errorf("upstream %s: the broker speaks neither TLS 1.3 nor 1.2 (upstream.tls_min_version %q is the lowest the link uses); upgrade the broker's TLS; refusing to connect: %w", s.cfg.Broker, s.cfg.TLSMinVersion, err)
 	case strings.Contains(err.Error(), "remote error: tls:"):
-		return fmt.Errorf("upstream %s: broker refused the TLS handshake, likely our client certificate (upstream.cert_file %s) or the TLS version (upstream.tls_min_version %s): %w", s.cfg.Broker, s.cfg.CertFile, s.cfg.TLSMinVersion, err)
+		return fmt.Errorf("upstream %s: broker refused the TLS handshake, likely our client certificate (upstream.cert_file %s), the TLS version (upstream.tls_min_version %s) or no cipher suite in common (the link offers only ECDHE with AES-GCM or ChaCha20-Poly1305; enable one on the broker): %w", s.cfg.Broker, s.cfg.CertFile, s.cfg.TLSMinVersion, err)
 	}
 	return fmt.Errorf("upstream %s: %w", s.cfg.Broker, err)
 }
