@@ -1483,11 +1483,13 @@ func vbiLen(n int) int {
 }
 
 // maxDownlinkPacket is the Maximum Packet Size the link announces in its
-// CONNECT (MQTT v5 §3.1.2.11.4): the broker does not send it a larger
-// PUBLISH. A command is kept in memory as its device's last command until
-// the device takes it, and no device transport takes more than this (the
-// MQTT listener's default packet limit is 64 KiB, a CoAP device's far
-// less), so a larger one could only cost memory.
+// CONNECT (MQTT v5 §3.1.2.11.4), and the most it reads of one packet from
+// the broker (packetConn.scan refuses a larger one before paho allocates
+// it). A command is kept in memory as its device's last command until the
+// device takes it; the gateway refuses commands larger than its enabled
+// device transports carry (deliverCommand: with the defaults, MQTT's
+// 64 KiB packet limit; mqtt.max_packet_size may be set higher, up to
+// 16 MiB, and then commands are still bounded here).
 const maxDownlinkPacket = 256 << 10
 
 // downlinkReceiveMaximum is the Receive Maximum the link announces in its
