@@ -106,7 +106,14 @@ type pairingSvc struct {
 
 	// renew is the state of EST /sren renewals (renewal.go).
 	renew renewals
+	// sweepEvery is how often run deletes the expired setup codes
+	// (expectSweepEvery; tests shorten it before Run).
+	sweepEvery time.Duration
 }
+
+// expectSweepEvery is how often expired setup codes are looked for in the
+// store: one read transaction, a write only when one has expired.
+const expectSweepEvery = time.Minute
 
 type pakeRun struct {
 	s        *pairing.Session
@@ -124,7 +131,7 @@ type pendingEnrol struct {
 func (g *Gateway) openPairing(cfg config.Config) error {
 	p := &pairingSvc{g: g, events: make(chan button.Event),
 		pake: map[string]*pakeRun{}, pending: map[string]*pendingEnrol{}, derived: map[string]string{}, idevWindow: map[string]time.Time{}, estChange: make(chan struct{}, 1),
-		refusalAudit: ratelog.New(pairingRefusalAuditEvery), refusalLines: ratelog.New(pairingRefusalLogEvery)}
+		refusalAudit: ratelog.New(pairingRefusalAuditEvery), refusalLines: ratelog.New(pairingRefusalLogEvery), sweepEvery: expectSweepEvery}
 	p.renew = renewals{store: g.store, last: map[string]renewal{}, byNew: map[string]string{}}
 	p.estAddr.Store("")
 	clk := g.opts.PairingClock
@@ -161,6 +168,7 @@ func (g *Gateway) openPairing(cfg config.Config) error {
 		return err
 	}
 	g.extraControl["POST /v1/pairing/expect"] = http.HandlerFunc(p.controlExpect)
+	p.deleteExpiredCodes() // those that expired while the gateway was stopped
 	g.addStatus("pairing", func() any {
 		st := p.win.State()
 		m := map[string]any{"open": st.Open, "failures": st.Failures, "buttons": len(p.sources), "vendors": len(p.vendorRoots())}
@@ -332,6 +340,10 @@ func (p *pairingSvc) summary(w io.Writer) {
 // run starts the window and the watchers in the gateway's errgroup.
 func (p *pairingSvc) run(ctx context.Context, eg *errgroup.Group) {
 	eg.Go(func() error { return p.win.Run(ctx) })
+	eg.Go(func() error {
+		p.sweepExpiredCodes(ctx)
+		return nil
+	})
 	if p.g.cfg.Load().Pairing.ESTListen != "" {
 		eg.Go(func() error { return p.runEST(ctx) })
 	}
@@ -346,6 +358,36 @@ func (p *pairingSvc) run(ctx context.Context, eg *errgroup.Group) {
 			}
 			return nil
 		})
+	}
+}
+
+// sweepExpiredCodes deletes the expired setup codes every sweepEvery
+// until ctx ends: an expired code is of no use, but it is the label's
+// secret in clear, and nothing else deletes it unless a device says hello
+// (expectedFor) or someone opens the console's pairing page.
+func (p *pairingSvc) sweepExpiredCodes(ctx context.Context) {
+	t := time.NewTicker(p.sweepEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			p.deleteExpiredCodes()
+		}
+	}
+}
+
+// deleteExpiredCodes deletes the setup codes expired by the gateway's
+// clock (which expectedFor judges them by) from the store.
+func (p *pairingSvc) deleteExpiredCodes() {
+	gone, err := p.g.store.DeleteExpiredExpected(p.g.clock.Now())
+	if err != nil {
+		p.g.log.Warn("pairing: expired setup codes could not be deleted; they stay unused, and are tried again within a minute", "err", err)
+		return
+	}
+	for _, e := range gone {
+		p.g.log.Info("pairing: expired setup code deleted", "expected", e.ID, "name", e.Name, "expired", e.Expires.UTC().Format(time.RFC3339))
 	}
 }
 
@@ -772,6 +814,7 @@ func (p *pairingSvc) forgetSpent(spent, enrolled string) {
 // expectedFor picks the setup code registered for device: the expected
 // device named like the device's label id, else the only one expected.
 func (p *pairingSvc) expectedFor(id string) (store.ExpectedDevice, error) {
+	p.deleteExpiredCodes()
 	es, err := p.g.store.ExpectedDevices()
 	if err != nil {
 		return store.ExpectedDevice{}, err
