@@ -662,6 +662,15 @@ func (h *Handler) setOptOut(ctx context.Context, p *principal, in optOutInput) e
 	if !d.Optional {
 		return errf(http.StatusBadRequest, "datum %q is needed for the gateway to work and cannot be switched off", in.Datum)
 	}
+	// One change at a time, from saving to handing over: of two at once,
+	// the one that read the set first could hand it over last, and the
+	// gateway would apply a set the store no longer holds.
+	select {
+	case h.optOutLock <- struct{}{}:
+	case <-ctx.Done():
+		return fmt.Errorf("privacy opt-out of %s not changed: %w", in.Datum, ctx.Err())
+	}
+	defer func() { <-h.optOutLock }()
 	if err := h.o.Store.SetOptOut(in.Datum, in.OptOut); err != nil {
 		return err
 	}

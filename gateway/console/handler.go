@@ -132,6 +132,11 @@ type Handler struct {
 	// st is o.Store for the calls of consoleStore (tests put a wrapper
 	// here that makes one of them fail).
 	st consoleStore
+	// optOutLock is held (a value in it) by the privacy opt-out change
+	// under way, from saving it to handing the set to the gateway
+	// (setOptOut). A channel rather than a sync.Mutex: a change waiting
+	// for it gives up when its request ends.
+	optOutLock chan struct{}
 
 	mu      sync.Mutex
 	flashes map[string]string
@@ -170,7 +175,7 @@ func NewHandler(o Options) (*Handler, error) {
 	}
 	h := &Handler{o: o, log: o.Log.With("component", "console"), mux: http.NewServeMux(), hash: hash,
 		thr: newThrottle(o.Throttle, throttleKeys), cop: http.NewCrossOriginProtection(), pages: pg, flashes: map[string]string{},
-		refusalEvents: ratelog.New(refusalAuditEvery)}
+		refusalEvents: ratelog.New(refusalAuditEvery), optOutLock: make(chan struct{}, 1)}
 	h.st = o.Store
 	h.SetComponents(o.Components)
 	h.refusals = prometheus.NewCounterVec(prometheus.CounterOpts{
