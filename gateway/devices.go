@@ -151,8 +151,22 @@ func (d *Devices) Revoke(id string, who Actor) (store.Device, error) {
 // List returns every device.
 func (d *Devices) List() ([]store.Device, error) { return d.store.Devices() }
 
-// loadRevocations fills the CA's revocation set from the store at start.
+// loadRevocations fills the CA's revocation set from the store at start,
+// after deleting the records of renewed certificates that have expired.
 func (d *Devices) loadRevocations() error {
+	now := d.ca.Clock().Now()
+	pruned := 0
+	for more := true; more; {
+		var n int
+		var err error
+		if n, more, err = d.store.PruneRetiredCerts(now); err != nil {
+			return err
+		}
+		pruned += n
+	}
+	if pruned > 0 {
+		d.log.Info("records of expired renewed certificates deleted", "certificates", pruned)
+	}
 	devs, err := d.store.Devices()
 	if err != nil {
 		return err
@@ -169,7 +183,8 @@ func (d *Devices) loadRevocations() error {
 	for _, c := range certs {
 		if c.Revoked {
 			d.ca.Revocations().RevokeSerial(c.Serial)
-		} else if !c.RetireAt.IsZero() {
+		} else if !c.RetireAt.IsZero() && !c.NotAfter.Before(now) {
+			// An expired one is refused as such: no entry needed.
 			d.ca.Revocations().RetireSerial(c.Serial, c.RetireAt)
 		}
 	}

@@ -692,7 +692,7 @@ func (g *Gateway) Reload() error {
 	}
 	var vendors map[string]*x509.CertPool
 	if g.pairing != nil {
-		if vendors, err = loadVendorRoots(cfg.Pairing.Vendors); err != nil {
+		if vendors, err = loadVendorRoots(cfg.Pairing.Vendors, g.log); err != nil {
 			return refuse("config reload refused: a vendor root file could not be used; the running configuration stays", err)
 		}
 	}

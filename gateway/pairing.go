@@ -1,16 +1,19 @@
 package gateway
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
 	"io/fs"
+	"log/slog"
 	"net/http"
 	"os"
 	"slices"
@@ -106,7 +109,14 @@ type pairingSvc struct {
 
 	// renew is the state of EST /sren renewals (renewal.go).
 	renew renewals
+	// sweepEvery is how often run deletes the expired setup codes
+	// (expectSweepEvery; tests shorten it before Run).
+	sweepEvery time.Duration
 }
+
+// expectSweepEvery is how often expired setup codes are looked for in the
+// store: one read transaction, a write only when one has expired.
+const expectSweepEvery = time.Minute
 
 type pakeRun struct {
 	s        *pairing.Session
@@ -124,7 +134,7 @@ type pendingEnrol struct {
 func (g *Gateway) openPairing(cfg config.Config) error {
 	p := &pairingSvc{g: g, events: make(chan button.Event),
 		pake: map[string]*pakeRun{}, pending: map[string]*pendingEnrol{}, derived: map[string]string{}, idevWindow: map[string]time.Time{}, estChange: make(chan struct{}, 1),
-		refusalAudit: ratelog.New(pairingRefusalAuditEvery), refusalLines: ratelog.New(pairingRefusalLogEvery)}
+		refusalAudit: ratelog.New(pairingRefusalAuditEvery), refusalLines: ratelog.New(pairingRefusalLogEvery), sweepEvery: expectSweepEvery}
 	p.renew = renewals{store: g.store, last: map[string]renewal{}, byNew: map[string]string{}}
 	p.estAddr.Store("")
 	clk := g.opts.PairingClock
@@ -153,7 +163,7 @@ func (g *Gateway) openPairing(cfg config.Config) error {
 			return fmt.Errorf("pairing metrics: %w", err)
 		}
 	}
-	if p.vendors, err = loadVendorRoots(cfg.Pairing.Vendors); err != nil {
+	if p.vendors, err = loadVendorRoots(cfg.Pairing.Vendors, g.log); err != nil {
 		return err
 	}
 	g.pairing = p // before the sources: close() releases what was opened
@@ -161,6 +171,7 @@ func (g *Gateway) openPairing(cfg config.Config) error {
 		return err
 	}
 	g.extraControl["POST /v1/pairing/expect"] = http.HandlerFunc(p.controlExpect)
+	p.deleteExpiredCodes() // those that expired while the gateway was stopped
 	g.addStatus("pairing", func() any {
 		st := p.win.State()
 		m := map[string]any{"open": st.Open, "failures": st.Failures, "buttons": len(p.sources), "vendors": len(p.vendorRoots())}
@@ -182,19 +193,61 @@ func (g *Gateway) openPairing(cfg config.Config) error {
 	return nil
 }
 
-// loadVendorRoots reads the vendor root files of pairing.vendors.
-func loadVendorRoots(files map[string]string) (map[string]*x509.CertPool, error) {
+// loadVendorRoots reads the vendor root files of pairing.vendors. A
+// certificate given to several vendors is warned about, not refused: no
+// manufacturer certificate that chains to it can pair (vendorsOf finds
+// several vendors, and its vendor is unknown), but the other vendors'
+// devices can, and the gateway itself runs.
+func loadVendorRoots(files map[string]string, log *slog.Logger) (map[string]*x509.CertPool, error) {
 	roots := map[string]*x509.CertPool{}
+	holders := map[string][]string{} // DER of a certificate → the vendors given it
+	certs := map[string]*x509.Certificate{}
 	for name, file := range files {
 		b, err := os.ReadFile(file)
 		if err != nil {
 			return nil, fmt.Errorf("pairing.vendors.%s: %w", name, err)
 		}
 		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM(b) {
+		n := 0
+		for rest := b; len(rest) > 0; {
+			var blk *pem.Block
+			if blk, rest = pem.Decode(rest); blk == nil {
+				break
+			}
+			// What x509.CertPool.AppendCertsFromPEM takes, and skips.
+			if blk.Type != "CERTIFICATE" || len(blk.Headers) != 0 {
+				continue
+			}
+			c, err := x509.ParseCertificate(blk.Bytes)
+			if err != nil {
+				continue
+			}
+			pool.AddCert(c)
+			n++
+			if k := string(c.Raw); !slices.Contains(holders[k], name) {
+				holders[k] = append(holders[k], name)
+				certs[k] = c
+			}
+		}
+		if n == 0 {
 			return nil, fmt.Errorf("pairing.vendors.%s: %s holds no PEM certificate", name, file)
 		}
 		roots[name] = pool
+	}
+	var shared []string
+	for k, names := range holders {
+		if len(names) > 1 {
+			slices.Sort(names)
+			shared = append(shared, k)
+		}
+	}
+	slices.SortFunc(shared, func(a, b string) int {
+		return cmp.Or(strings.Compare(strings.Join(holders[a], ","), strings.Join(holders[b], ",")), strings.Compare(a, b))
+	})
+	for _, k := range shared {
+		sum := sha256.Sum256(certs[k].Raw)
+		log.Warn("pairing.vendors: several vendors are given the same certificate; no device whose manufacturer certificate chains to it can pair, as its vendor is unknown: give each vendor only CA certificates that are its own (its issuing CA rather than a root it shares)",
+			"vendors", strings.Join(holders[k], ", "), "certificate", certs[k].Subject.String(), "sha256", hex.EncodeToString(sum[:]))
 	}
 	return roots, nil
 }
@@ -332,6 +385,10 @@ func (p *pairingSvc) summary(w io.Writer) {
 // run starts the window and the watchers in the gateway's errgroup.
 func (p *pairingSvc) run(ctx context.Context, eg *errgroup.Group) {
 	eg.Go(func() error { return p.win.Run(ctx) })
+	eg.Go(func() error {
+		p.sweepExpiredCodes(ctx)
+		return nil
+	})
 	if p.g.cfg.Load().Pairing.ESTListen != "" {
 		eg.Go(func() error { return p.runEST(ctx) })
 	}
@@ -346,6 +403,36 @@ func (p *pairingSvc) run(ctx context.Context, eg *errgroup.Group) {
 			}
 			return nil
 		})
+	}
+}
+
+// sweepExpiredCodes deletes the expired setup codes every sweepEvery
+// until ctx ends: an expired code is of no use, but it is the label's
+// secret in clear, and nothing else deletes it unless a device says hello
+// (expectedFor) or someone opens the console's pairing page.
+func (p *pairingSvc) sweepExpiredCodes(ctx context.Context) {
+	t := time.NewTicker(p.sweepEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			p.deleteExpiredCodes()
+		}
+	}
+}
+
+// deleteExpiredCodes deletes the setup codes expired by the gateway's
+// clock (which expectedFor judges them by) from the store.
+func (p *pairingSvc) deleteExpiredCodes() {
+	gone, err := p.g.store.DeleteExpiredExpected(p.g.clock.Now())
+	if err != nil {
+		p.g.log.Warn("pairing: expired setup codes could not be deleted; they stay unused, and are tried again within a minute", "err", err)
+		return
+	}
+	for _, e := range gone {
+		p.g.log.Info("pairing: expired setup code deleted", "expected", e.ID, "name", e.Name, "expired", e.Expires.UTC().Format(time.RFC3339))
 	}
 }
 
@@ -772,6 +859,7 @@ func (p *pairingSvc) forgetSpent(spent, enrolled string) {
 // expectedFor picks the setup code registered for device: the expected
 // device named like the device's label id, else the only one expected.
 func (p *pairingSvc) expectedFor(id string) (store.ExpectedDevice, error) {
+	p.deleteExpiredCodes()
 	es, err := p.g.store.ExpectedDevices()
 	if err != nil {
 		return store.ExpectedDevice{}, err
@@ -898,15 +986,23 @@ func (p *pairingSvc) beginEnrol(device string, peer []*x509.Certificate) (*enrol
 			return nil, errors.New("this session was opened in an earlier pairing window: reconnect")
 		}
 		// The session was accepted with the roots then in force; a reload
-		// since may have removed its vendor's root (a compromised one).
+		// since may have removed its vendor's root (a compromised one), or
+		// given its chain to another vendor too (verifyIDevID refuses such
+		// a chain: the vendor recorded decides the device's firmware).
 		en.vendor, _, _ = strings.Cut(strings.TrimPrefix(device, idIDevID), ":")
 		inter := x509.NewCertPool()
 		for _, c := range peer[1:] {
 			inter.AddCert(c)
 		}
-		if roots := p.vendorRoots()[en.vendor]; roots == nil || !p.chainsTo(peer[0], inter, roots) {
+		vendors := p.vendorsOf(peer[0], inter)
+		if !slices.Contains(vendors, en.vendor) {
 			p.refusal("enrollment refused", "pairing.session_refused", "unknown vendor", device, "manufacturer certificate no longer chains to a root of "+en.vendor+" in pairing.vendors (changed by a reload)")
 			return nil, errors.New("the manufacturer certificate's vendor root is no longer configured on this gateway")
+		}
+		if len(vendors) > 1 {
+			p.refusal("enrollment refused", "pairing.session_refused", "ambiguous vendor", device, "manufacturer certificate now chains to the roots of several vendors in pairing.vendors ("+
+				strings.Join(vendors, ", ")+", changed by a reload), so its vendor is unknown")
+			return nil, errors.New("the manufacturer certificate chains to several vendors configured on this gateway since a reload, so its vendor is unknown")
 		}
 		a, err := p.win.Begin(device)
 		if err != nil {

@@ -8,6 +8,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/pem"
 	"errors"
+	"log/slog"
 	"math/big"
 	"os"
 	"path/filepath"
@@ -20,6 +21,7 @@ import (
 
 	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/gateway/config"
+	"github.com/bastion-iot/bastion/internal/testutil/logbuf"
 	"github.com/bastion-iot/bastion/internal/testutil/testpki"
 )
 
@@ -142,5 +144,78 @@ func TestPairingIDevIDAmbiguousVendorRefused(t *testing.T) {
 	dev, err := p.verifyIDevID([][]byte{issue(t, "cam-3", false, own).cert.Raw}, caErr)
 	if err != nil || !strings.HasPrefix(dev, idIDevID+"initech:") {
 		t.Errorf("a chain to one vendor: %q, %v; want an initech enrollment session", dev, err)
+	}
+}
+
+// A certificate given to several vendors in pairing.vendors is warned
+// about as the roots are loaded (at start and at every reload), naming the
+// vendors and the certificate; a certificate given to one vendor, even
+// twice, is not. Nothing said so before: the devices under it were
+// refused at pairing, as of an unknown vendor, with no word at start.
+func TestLoadVendorRootsWarnsOfSharedCertificate(t *testing.T) {
+	shared, own, other := issue(t, "shared IDevID root", true, nil), issue(t, "globex IDevID root", true, nil), issue(t, "initech IDevID root", true, nil)
+	dir := t.TempDir()
+	write := func(name string, cs ...*testCert) string {
+		var b []byte
+		for _, c := range cs {
+			b = append(b, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.cert.Raw})...)
+		}
+		f := filepath.Join(dir, name+".pem")
+		if err := os.WriteFile(f, b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return f
+	}
+	files := map[string]string{"acme": write("acme", shared), "globex": write("globex", own, shared), "initech": write("initech", other, other)}
+	lb := &logbuf.Buffer{}
+	roots, err := loadVendorRoots(files, slog.New(slog.NewTextHandler(lb, nil)))
+	if err != nil || len(roots) != 3 {
+		t.Fatalf("loaded %d vendors, %v; want 3", len(roots), err)
+	}
+	var warned []string
+	for l := range strings.SplitSeq(lb.String(), "\n") {
+		if strings.Contains(l, "level=WARN") {
+			warned = append(warned, l)
+		}
+	}
+	if len(warned) != 1 || !strings.Contains(warned[0], `vendors="acme, globex"`) || !strings.Contains(warned[0], "CN=shared IDevID root") {
+		t.Errorf("log:\n%s\nwant one warning naming acme and globex and the shared root", lb.String())
+	}
+}
+
+// A reload that gives an accepted IDevID session's chain to a second
+// vendor refuses its enrollment: its vendor, which decides the device's
+// firmware and manifest key, is no longer known. The check after a reload
+// used to ask only whether the session's vendor still held the chain, and
+// enrolled it under that vendor.
+func TestIDevIDEnrolmentRefusedWhenAReloadMadeItsVendorAmbiguous(t *testing.T) {
+	root := issue(t, "acme IDevID root", true, nil)
+	dir := t.TempDir()
+	rootFile := filepath.Join(dir, "acme.pem")
+	if err := os.WriteFile(rootFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: root.cert.Raw}), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	g := startPairing(t, func(c *config.Config) { c.Pairing.Vendors = map[string]string{"acme": rootFile} })
+	p := g.g.pairing
+	g.press(t, 1500*time.Millisecond)
+	leaf := issue(t, "sensor-x1", false, root)
+	dev, err := p.verifyIDevID([][]byte{leaf.cert.Raw}, errors.New("not ours"))
+	if err != nil || !strings.HasPrefix(dev, idIDevID+"acme:") {
+		t.Fatalf("IDevID session: %q, %v; want acme's", dev, err)
+	}
+	// The reload: what gateway.reload puts in force.
+	roots, err := loadVendorRoots(map[string]string{"acme": rootFile, "globex": rootFile}, discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.setVendors(roots)
+	if en, err := p.beginEnrol(dev, []*x509.Certificate{leaf.cert}); err == nil || !strings.Contains(err.Error(), "several vendors") {
+		t.Fatalf("enrollment after the reload: %+v, %v; want refused, its vendor unknown", en, err)
+	}
+	if es := g.audited(t, "pairing.session_refused"); len(es) == 0 || !strings.Contains(es[0].Detail, "ambiguous vendor: manufacturer certificate now chains to the roots of several vendors in pairing.vendors (acme, globex, changed by a reload)") {
+		t.Errorf("session refusals audited %+v, want the ambiguous vendor", es)
+	}
+	if !p.win.IsOpen() || p.win.State().Enrolling != "" {
+		t.Errorf("window after the refusal %+v, want open with no attempt", p.win.State())
 	}
 }

@@ -33,6 +33,13 @@ import (
 //     since start); an expired, revoked or retired certificate cannot
 //     renew (each counted under its own result); a renewal whose record
 //     cannot be written is answered 5.00 and retires nothing.
+//   - The records of renewed certificates are deleted once they have
+//     expired (store.PruneRetiredCerts), a bounded number at each renewal
+//     and all at start: expired, the certificate is refused by every check
+//     anyway, and a device renewing every hour would otherwise leave 8,760
+//     records a year, which every revocation and certificate view reads.
+//     The in-memory retirement (pki.Revocations) is loaded at start only
+//     for certificates not yet expired.
 //
 // Open sessions made with the old certificate end once it is retired (at
 // the new certificate's first use, or after the grace): both transports
@@ -46,7 +53,9 @@ const (
 
 // renewStore is what renewals need from the store.
 type renewStore interface {
-	RecordRenewal(old, renewed store.Cert) error
+	// RecordRenewal also deletes, in the same transaction, a bounded
+	// number of records of renewed certificates expired before now.
+	RecordRenewal(old, renewed store.Cert, now time.Time) error
 }
 
 type renewal struct {
@@ -120,7 +129,7 @@ func (p *pairingSvc) renewCert(ctx context.Context, h est.Handler, device string
 	newSerial := pki.Serial(resp.Issued)
 	retireAt := now.Add(renewGrace)
 	if err := rn.store.RecordRenewal(store.Cert{Serial: serial, Device: device, NotAfter: old.NotAfter, RetireAt: retireAt},
-		store.Cert{Serial: newSerial, Device: device, NotAfter: resp.Issued.NotAfter}); err != nil {
+		store.Cert{Serial: newSerial, Device: device, NotAfter: resp.Issued.NotAfter}, now); err != nil {
 		p.g.log.Error("est sren: renewal not recorded; certificate withheld, the old one stays valid", "device", device, "serial", serial, "err", err)
 		return refuse("store_failed", est.InternalServerError, fmt.Errorf("record renewal of %s: %w; the certificate presented stays valid, retry later", serial, err))
 	}

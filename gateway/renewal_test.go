@@ -17,6 +17,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/bastion-iot/bastion/bridges/coap"
+	"github.com/bastion-iot/bastion/gateway/config"
 	"github.com/bastion-iot/bastion/gateway/store"
 	"github.com/bastion-iot/bastion/internal/devicesim"
 	"github.com/bastion-iot/bastion/internal/testutil/testpki"
@@ -167,7 +168,7 @@ func TestRenewalRetiresOldCertificate(t *testing.T) {
 
 type failingRenewStore struct{}
 
-func (failingRenewStore) RecordRenewal(old, renewed store.Cert) error {
+func (failingRenewStore) RecordRenewal(old, renewed store.Cert, now time.Time) error {
 	return errors.New("disk full")
 }
 
@@ -267,5 +268,69 @@ func TestRenewalWithRetiredCertificateCountedRetired(t *testing.T) {
 	}
 	if got, revoked := result("retired"), result("revoked"); got != 1 || revoked != 1 {
 		t.Errorf("after the revocation renewals{retired} = %v, {revoked} = %v, want 1 and 1", got, revoked)
+	}
+}
+
+// certSerials is the serials of the certificate records in st.
+func certSerials(t *testing.T, st *store.Store) map[string]bool {
+	t.Helper()
+	cs, err := st.Certs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]bool{}
+	for _, c := range cs {
+		out[c.Serial] = true
+	}
+	return out
+}
+
+// The records of renewed certificates are deleted once those have
+// expired, at the next renewal and at start; a renewed certificate still
+// valid keeps its record and stays refused. They used to be kept for
+// ever: a device renewing every hour left 8,760 records a year, which
+// every revocation and every certificate view of the console read.
+func TestRenewalPrunesExpiredRenewedRecords(t *testing.T) {
+	g := startPairing(t, func(c *config.Config) { c.PKI.DeviceCertValidity = config.Duration(2 * time.Hour) })
+	clk := g.g.opts.Clock.(*testpki.OffsetClock)
+	c0 := pairedDevice(t, g)
+	code, c1 := sren(t, g, c0, newKey(t))
+	if code != codes.Changed {
+		t.Fatalf("first /sren = %v, want 2.04", code)
+	}
+	clk.Add(renewInterval + time.Minute)
+	code, c2 := sren(t, g, c1, newKey(t))
+	if code != codes.Changed {
+		t.Fatalf("second /sren = %v, want 2.04", code)
+	}
+	// c0 and c1 have expired (2 h each, issued an hour ago and more); c2
+	// has an hour left.
+	clk.Add(time.Hour)
+	s0, s1, s2 := pki.Serial(leafOf(t, c0)), pki.Serial(leafOf(t, c1)), pki.Serial(leafOf(t, c2))
+	if got := certSerials(t, g.g.Store()); !got[s0] || !got[s1] || !got[s2] {
+		t.Fatalf("records before the third renewal %v, want c0, c1 and c2", got)
+	}
+	code, c3 := sren(t, g, c2, newKey(t))
+	if code != codes.Changed {
+		t.Fatalf("third /sren = %v, want 2.04", code)
+	}
+	s3 := pki.Serial(leafOf(t, c3))
+	if got := certSerials(t, g.g.Store()); got[s0] || got[s1] || !got[s2] || !got[s3] {
+		t.Errorf("records after the third renewal %v, want c2 and c3 only", got)
+	}
+	clk.Add(renewGrace + time.Minute)
+	if err := verifyErr(g, t, c2); !errors.Is(err, pki.ErrRevoked) {
+		t.Errorf("c2 after its grace: %v, want refused", err)
+	}
+
+	// At start, once c2 has expired too.
+	g.running.stop(t)
+	g.running.done <- nil // for the cleanup's stop
+	restarted := &testpki.OffsetClock{}
+	restarted.Set(3*time.Hour + renewInterval + renewGrace)
+	r := runGateway(t, Options{Dev: true, StateDir: g.dir, Log: discard, Out: &bytes.Buffer{}, Clock: restarted}, 10*time.Second)
+	defer r.stop(t)
+	if got := certSerials(t, r.g.Store()); len(got) != 1 || !got[s3] {
+		t.Errorf("records after a restart past c2's end %v, want c3 only", got)
 	}
 }

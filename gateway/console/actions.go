@@ -250,16 +250,26 @@ type deviceView struct {
 	Counters *DeviceCounters `json:"counters,omitempty"`
 }
 
+// listDevices lists the devices matching q, each with its last-seen time
+// from the bridges' traffic as getDevice shows it (the store's LastSeen is
+// not written: the time lives in memory only, and not at all while the
+// device.last_seen opt-out is on, which the traffic then no longer has).
 func (h *Handler) listDevices(ctx context.Context, q string) ([]store.Device, error) {
 	ds, err := h.o.Store.Devices()
 	if err != nil {
 		return nil, err
 	}
+	traffic := h.c().Traffic
 	q = strings.ToLower(strings.TrimSpace(q))
 	out := ds[:0]
 	for _, d := range ds {
 		if q == "" || strings.Contains(strings.ToLower(d.Name+" "+d.ID+" "+d.Vendor+" "+d.Model), q) {
 			d.SecretHash = ""
+			if traffic != nil {
+				if c, ok := traffic.Counters(ctx, d.ID); ok && c.LastSeen.After(d.LastSeen) {
+					d.LastSeen = c.LastSeen
+				}
+			}
 			out = append(out, d)
 		}
 	}
@@ -652,6 +662,15 @@ func (h *Handler) setOptOut(ctx context.Context, p *principal, in optOutInput) e
 	if !d.Optional {
 		return errf(http.StatusBadRequest, "datum %q is needed for the gateway to work and cannot be switched off", in.Datum)
 	}
+	// One change at a time, from saving to handing over: of two at once,
+	// the one that read the set first could hand it over last, and the
+	// gateway would apply a set the store no longer holds.
+	select {
+	case h.optOutLock <- struct{}{}:
+	case <-ctx.Done():
+		return fmt.Errorf("privacy opt-out of %s not changed: %w", in.Datum, ctx.Err())
+	}
+	defer func() { <-h.optOutLock }()
 	if err := h.o.Store.SetOptOut(in.Datum, in.OptOut); err != nil {
 		return err
 	}

@@ -91,12 +91,16 @@ func (h *Handler) SetComponents(c Components) { h.comp.Store(&c) }
 func (h *Handler) c() *Components { return h.comp.Load() }
 
 // consoleStore is the part of the store (*store.Store) whose failures the
-// console answers or logs in a way of its own: the writes of login,
+// console answers or logs in a way of its own: the reads of sessions, API
+// tokens and accounts that authenticate a request, the writes of login,
 // recovery and password change, the deleting of ended sessions and of
 // expired expected devices, the reading back of the privacy opt-outs.
 // It is behind an interface so that a test can make one of these calls
 // fail.
 type consoleStore interface {
+	Session(hash string) (store.Session, error)
+	APIToken(hash string) (store.APIToken, error)
+	Admin(name string) (store.AdminUser, error)
 	PutSession(store.Session) error
 	DeleteSession(hash string) error
 	DeleteSessions(user string, expired func(store.Session) bool) error
@@ -132,6 +136,11 @@ type Handler struct {
 	// st is o.Store for the calls of consoleStore (tests put a wrapper
 	// here that makes one of them fail).
 	st consoleStore
+	// optOutLock is held (a value in it) by the privacy opt-out change
+	// under way, from saving it to handing the set to the gateway
+	// (setOptOut). A channel rather than a sync.Mutex: a change waiting
+	// for it gives up when its request ends.
+	optOutLock chan struct{}
 
 	mu      sync.Mutex
 	flashes map[string]string
@@ -170,7 +179,7 @@ func NewHandler(o Options) (*Handler, error) {
 	}
 	h := &Handler{o: o, log: o.Log.With("component", "console"), mux: http.NewServeMux(), hash: hash,
 		thr: newThrottle(o.Throttle, throttleKeys), cop: http.NewCrossOriginProtection(), pages: pg, flashes: map[string]string{},
-		refusalEvents: ratelog.New(refusalAuditEvery)}
+		refusalEvents: ratelog.New(refusalAuditEvery), optOutLock: make(chan struct{}, 1)}
 	h.st = o.Store
 	h.SetComponents(o.Components)
 	h.refusals = prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -429,7 +438,11 @@ type principal struct {
 func (p *principal) actor() Actor { return Actor{Name: p.user, Remote: p.remote} }
 
 // authenticate finds the principal from an API token or a session cookie.
-// It returns nil (no error) when the request carries neither.
+// It returns nil (no error) when the request carries neither, or a session
+// that does not authenticate. Only a session or token that is not stored,
+// or whose account is not, is refused as such; a store that fails to read
+// them is answered 503 and ends nothing, so that a passing store error
+// does not log the administrator out.
 func (h *Handler) authenticate(r *http.Request) (*principal, error) {
 	now := h.o.Now()
 	if az := r.Header.Get("Authorization"); az != "" {
@@ -437,13 +450,17 @@ func (h *Handler) authenticate(r *http.Request) (*principal, error) {
 		if !ok {
 			return nil, errf(http.StatusUnauthorized, "Authorization header: use Bearer <token>")
 		}
-		t, err := h.o.Store.APIToken(hashToken(tok))
-		if err != nil {
+		t, err := h.st.APIToken(hashToken(tok))
+		if errors.Is(err, store.ErrNotFound) {
 			return nil, errf(http.StatusUnauthorized, "unknown API token")
+		} else if err != nil {
+			return nil, authUnreadable(err, "API token")
 		}
-		u, err := h.o.Store.Admin(t.User)
-		if err != nil {
+		u, err := h.st.Admin(t.User)
+		if errors.Is(err, store.ErrNotFound) {
 			return nil, errf(http.StatusUnauthorized, "the token's account no longer exists")
+		} else if err != nil {
+			return nil, authUnreadable(err, "API token's account")
 		}
 		if h.afterAuthRead != nil {
 			h.afterAuthRead()
@@ -463,9 +480,11 @@ func (h *Handler) authenticate(r *http.Request) (*principal, error) {
 	if err != nil || c.Value == "" {
 		return nil, nil
 	}
-	s, err := h.o.Store.Session(hashToken(c.Value))
-	if err != nil {
+	s, err := h.st.Session(hashToken(c.Value))
+	if errors.Is(err, store.ErrNotFound) {
 		return nil, nil
+	} else if err != nil {
+		return nil, authUnreadable(err, "session")
 	}
 	// An ended session does not authenticate, whether or not it can be
 	// deleted: one left in the store is refused the same way at its next
@@ -474,10 +493,12 @@ func (h *Handler) authenticate(r *http.Request) (*principal, error) {
 		h.endSession(r, s, "expired")
 		return nil, nil
 	}
-	u, err := h.o.Store.Admin(s.User)
-	if err != nil {
-		h.endSession(r, s, "account gone or unreadable")
+	u, err := h.st.Admin(s.User)
+	if errors.Is(err, store.ErrNotFound) {
+		h.endSession(r, s, "account gone")
 		return nil, nil
+	} else if err != nil {
+		return nil, authUnreadable(err, "session's account")
 	}
 	if h.afterAuthRead != nil {
 		h.afterAuthRead()
@@ -494,6 +515,15 @@ func (h *Handler) authenticate(r *http.Request) (*principal, error) {
 		s.LastSeen = now
 	}
 	return &principal{user: u.Name, role: u.Role, session: &s, remote: remoteIP(r)}, nil
+}
+
+// authUnreadable is authenticate's answer when the store could not read
+// what (the session, the API token, their account): 503, saying the
+// session or token still stands. The cause goes to the log only: the
+// request is not authenticated.
+func authUnreadable(err error, what string) error {
+	return &httpError{code: http.StatusServiceUnavailable, err: fmt.Errorf("authenticate: read the %s: %w", what, err),
+		msg: "The gateway could not read its state to check your login (see the gateway log). You are still logged in: try again in a moment."}
 }
 
 // endSession deletes the session s, which no longer authenticates (why),
@@ -633,7 +663,11 @@ func (h *Handler) fail(w http.ResponseWriter, r *http.Request, err error) {
 		h.refused(reason)
 	}
 	if code >= 500 {
-		h.log.Error("console request failed", "method", r.Method, "path", r.URL.Path, "err", err)
+		args := []any{"method", r.Method, "path", r.URL.Path, "err", err}
+		if he := (*httpError)(nil); errors.As(err, &he) && he.err != nil {
+			args = append(args, "cause", he.err) // the message may not name it
+		}
+		h.log.Error("console request failed", args...)
 	}
 	if code == http.StatusTooManyRequests {
 		var le *lockedError

@@ -484,6 +484,37 @@ func (s *Store) DeleteExpectedDevice(id string) error {
 	})
 }
 
+// DeleteExpiredExpected deletes, in one transaction, the announced
+// devices whose code has expired (Expires not after now), and returns
+// them without their codes. An expired code is of no use (pairing refuses
+// it), and it is the label's secret in clear: it is not left in the file.
+// Nothing is written when nothing has expired.
+func (s *Store) DeleteExpiredExpected(now time.Time) ([]ExpectedDevice, error) {
+	var gone []ExpectedDevice
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		err := deleteWhere(tx, bExpected, func(v []byte) bool {
+			var e ExpectedDevice
+			if json.Unmarshal(v, &e) != nil || now.Before(e.Expires) {
+				return false
+			}
+			e.Code = ""
+			gone = append(gone, e)
+			return true
+		})
+		if err == nil && len(gone) == 0 {
+			return errNotTaken // rolls back: no write
+		}
+		return err
+	})
+	if errors.Is(err, errNotTaken) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("delete expired setup codes: %w", err)
+	}
+	return gone, nil
+}
+
 // SetOptOut records whether the optional datum is switched off.
 func (s *Store) SetOptOut(datum string, off bool) error {
 	return s.update(bOptOut, func(b *bolt.Bucket) error {

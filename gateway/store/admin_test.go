@@ -3,6 +3,7 @@ package store
 import (
 	"errors"
 	"path/filepath"
+	"slices"
 	"testing"
 	"time"
 
@@ -249,5 +250,48 @@ func TestTouchAndTake(t *testing.T) {
 	}
 	if ok, err := s.TakeMeta("code", func([]byte) bool { return true }); ok || err != nil {
 		t.Errorf("take of a spent value: %v %v, want false nil", ok, err)
+	}
+}
+
+// DeleteExpiredExpected deletes the announced devices whose code has
+// expired, returns them without their codes, keeps the others, and writes
+// nothing when none has expired.
+func TestDeleteExpiredExpected(t *testing.T) {
+	s, _ := open(t)
+	now := time.Date(2026, 11, 24, 12, 0, 0, 0, time.UTC)
+	for _, e := range []ExpectedDevice{
+		{Name: "old", Code: "AAAA-BBBB", Created: now.Add(-25 * time.Hour), Expires: now.Add(-time.Hour)},
+		{Name: "due", Code: "CCCC-DDDD", Created: now.Add(-24 * time.Hour), Expires: now},
+		{Name: "live", Code: "EEEE-FFFF", Created: now, Expires: now.Add(time.Second)},
+	} {
+		if _, err := s.ExpectDevice(e); err != nil {
+			t.Fatal(err)
+		}
+	}
+	gone, err := s.DeleteExpiredExpected(now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, e := range gone {
+		if e.Code != "" {
+			t.Errorf("%s returned with its code", e.Name)
+		}
+		names = append(names, e.Name)
+	}
+	slices.Sort(names)
+	if d := cmp.Diff([]string{"due", "old"}, names); d != "" {
+		t.Errorf("deleted (-want +got):\n%s", d)
+	}
+	left, err := s.ExpectedDevices()
+	if err != nil || len(left) != 1 || left[0].Name != "live" || left[0].Code != "EEEE-FFFF" {
+		t.Errorf("left %+v, %v; want live with its code", left, err)
+	}
+	tx := lastTx(t, s)
+	if gone, err := s.DeleteExpiredExpected(now); err != nil || len(gone) != 0 {
+		t.Errorf("again: %+v, %v; want nothing", gone, err)
+	}
+	if got := lastTx(t, s); got != tx {
+		t.Errorf("with nothing expired transaction %d was committed (last was %d), want no write", got, tx)
 	}
 }

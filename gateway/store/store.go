@@ -3,7 +3,8 @@
 // directory. bbolt is pure Go, and every update is one fsynced copy-on-write
 // transaction, so a power cut or kill -9 leaves either the old or the new
 // state, never a torn one. The audit log keeps its newest events only
-// (DefaultAuditRetention).
+// (DefaultAuditRetention); the record of a renewed certificate is deleted
+// once the certificate has expired (PruneRetiredCerts).
 //
 // The store holds no secrets: PSKs are derived from a key in the PKI's
 // directory, secrets are stored as argon2id hashes, private keys live in
@@ -30,7 +31,12 @@ var (
 	bCerts   = []byte("certs")   // serial (hex) → Cert
 	bAudit   = []byte("audit")   // seq (big endian) → Event
 	bMeta    = []byte("meta")    // small named values
-	buckets  = [][]byte{bDevices, bNames, bPSK, bCerts, bAudit, bMeta}
+	// bRetired indexes the certificates renewed (RetireAt set) by their
+	// end: NotAfter (Unix seconds, big endian) + serial → nothing, so
+	// that those expired are found, oldest first, without reading the
+	// others (PruneRetiredCerts).
+	bRetired = []byte("certs_retired")
+	buckets  = [][]byte{bDevices, bNames, bPSK, bCerts, bAudit, bMeta, bRetired}
 )
 
 // ErrNotFound is returned when a record does not exist.
@@ -167,8 +173,16 @@ func Open(path string, opts ...Option) (*Store, error) {
 	}
 	var more bool
 	err = db.Update(func(tx *bolt.Tx) error {
+		// A store written by a version without the index of renewed
+		// certificates gets it built once, from their records.
+		indexRetired := tx.Bucket(bRetired) == nil
 		for _, b := range buckets {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
+				return err
+			}
+		}
+		if indexRetired {
+			if err := buildRetiredIndex(tx); err != nil {
 				return err
 			}
 		}
@@ -177,7 +191,7 @@ func Open(path string, opts ...Option) (*Store, error) {
 	})
 	if err != nil {
 		db.Close()
-		return nil, fmt.Errorf("open store %s: create buckets, cut the audit log: %w", path, err)
+		return nil, fmt.Errorf("open store %s: create buckets, index renewed certificates, cut the audit log: %w", path, err)
 	}
 	for more {
 		err = db.Update(func(tx *bolt.Tx) (err error) {
@@ -381,8 +395,12 @@ func (s *Store) RecordCert(c Cert) error {
 }
 
 // RecordRenewal records, in one transaction, that old was renewed (its
-// RetireAt set) and the certificate that replaces it.
-func (s *Store) RecordRenewal(old, renewed Cert) error {
+// RetireAt set) and the certificate that replaces it. In the same
+// transaction it deletes the records of up to maxCertPrunes renewed
+// certificates expired before now (PruneRetiredCerts), so that a device
+// renewing every hour leaves no more records than its certificates'
+// validity holds.
+func (s *Store) RecordRenewal(old, renewed Cert, now time.Time) error {
 	return s.db.Update(func(tx *bolt.Tx) error {
 		b := tx.Bucket(bCerts)
 		var cur Cert
@@ -393,10 +411,89 @@ func (s *Store) RecordRenewal(old, renewed Cert) error {
 		if err := put(b, old.Serial, old); err != nil {
 			return fmt.Errorf("record renewal of %s: %w", old.Serial, err)
 		}
+		if err := tx.Bucket(bRetired).Put(retiredKey(old), nil); err != nil {
+			return fmt.Errorf("record renewal of %s: index it: %w", old.Serial, err)
+		}
 		if err := put(b, renewed.Serial, renewed); err != nil {
 			return fmt.Errorf("record renewed certificate %s: %w", renewed.Serial, err)
 		}
-		return nil
+		_, _, err := pruneRetired(tx, now)
+		return err
+	})
+}
+
+// maxCertPrunes bounds the records one transaction deletes.
+const maxCertPrunes = 1000
+
+// PruneRetiredCerts deletes the records of up to maxCertPrunes renewed
+// certificates (RetireAt set) whose NotAfter is before now, oldest first,
+// and reports how many it deleted and whether more are left. Such a
+// certificate needs no record to stay refused: every check of a device
+// certificate (pki.CA.VerifyDevice's chain check at the handshake,
+// CertValid on open sessions, renewal) refuses it as expired. A
+// certificate not renewed keeps its record however old, so that the
+// console still shows a device's expired certificate. Nothing is written
+// when nothing is deleted.
+func (s *Store) PruneRetiredCerts(now time.Time) (n int, more bool, err error) {
+	err = s.db.Update(func(tx *bolt.Tx) error {
+		n, more, err = pruneRetired(tx, now)
+		if err == nil && n == 0 {
+			return errNotTaken // rolls back: no write
+		}
+		return err
+	})
+	if errors.Is(err, errNotTaken) {
+		return 0, false, nil
+	}
+	if err != nil {
+		return 0, false, fmt.Errorf("prune expired renewed certificates: %w", err)
+	}
+	return n, more, nil
+}
+
+// retiredKey is c's key in bRetired.
+func retiredKey(c Cert) []byte {
+	return append(binary.BigEndian.AppendUint64(nil, uint64(c.NotAfter.Unix())), c.Serial...)
+}
+
+// pruneRetired deletes, in tx, the records of up to maxCertPrunes renewed
+// certificates whose NotAfter is before now.
+func pruneRetired(tx *bolt.Tx, now time.Time) (n int, more bool, err error) {
+	certs := tx.Bucket(bCerts)
+	c := tx.Bucket(bRetired).Cursor()
+	for k, _ := c.First(); k != nil; k, _ = c.First() {
+		// Whole seconds: a certificate's NotAfter has no fraction, so
+		// one ending in now's second is not expired yet, and is kept.
+		if len(k) < 8 || int64(binary.BigEndian.Uint64(k)) >= now.Unix() {
+			return n, false, nil
+		}
+		if n == maxCertPrunes {
+			return n, true, nil
+		}
+		serial := k[8:]
+		if err := certs.Delete(serial); err != nil {
+			return n, false, fmt.Errorf("delete expired renewed certificate %s: %w", serial, err)
+		}
+		if err := c.Delete(); err != nil {
+			return n, false, fmt.Errorf("delete expired renewed certificate %s from the index: %w", serial, err)
+		}
+		n++
+	}
+	return n, false, nil
+}
+
+// buildRetiredIndex indexes, in tx, every renewed certificate's record.
+func buildRetiredIndex(tx *bolt.Tx) error {
+	idx := tx.Bucket(bRetired)
+	return tx.Bucket(bCerts).ForEach(func(_, v []byte) error {
+		var c Cert
+		if err := json.Unmarshal(v, &c); err != nil {
+			return err
+		}
+		if c.RetireAt.IsZero() {
+			return nil
+		}
+		return idx.Put(retiredKey(c), nil)
 	})
 }
 
