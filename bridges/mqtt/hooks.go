@@ -30,7 +30,7 @@ func (h *authHook) Provides(b byte) bool {
 
 var authEvents = hookEvents(mochi.OnConnect, mochi.OnConnectAuthenticate, mochi.OnACLCheck,
 	mochi.OnPublish, mochi.OnSessionEstablished, mochi.OnDisconnect, mochi.OnWill, mochi.OnSubscribed,
-	mochi.OnPacketRead)
+	mochi.OnPacketRead, mochi.OnPublishDropped)
 
 // OnConnect caps the keepalive so that a dead device's session ends.
 func (h *authHook) OnConnect(cl *mochi.Client, pk packets.Packet) error {

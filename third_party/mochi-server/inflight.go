@@ -21,12 +21,25 @@ type Inflight struct {
 	maximumReceiveQuota int32                     // maximum allowed receive quota
 	maximumSendQuota    int32                     // maximum allowed send quota
 	sealed              bool                      // Bastion patch (14): see cloneAndSeal
+	// Bastion patch (17), bastion_held.go: bytes is the HeldSize of the
+	// packets in internal, kept with it, and total the server's count of
+	// the bytes held for all its clients (Server.HeldBytes), to which every
+	// change of bytes is added; nil for an Inflight of no server's client.
+	bytes int64
+	total *atomic.Int64
 }
 
 // NewInflights returns a new instance of an Inflight packets map.
 func NewInflights() *Inflight {
+	return newInflights(nil)
+}
+
+// newInflights is NewInflights for a client of the server whose count of
+// held bytes is total (Bastion patch (17)).
+func newInflights(total *atomic.Int64) *Inflight {
 	return &Inflight{
 		internal: map[uint16]packets.Packet{},
+		total:    total,
 	}
 }
 
@@ -36,8 +49,30 @@ func (i *Inflight) Set(m packets.Packet) bool {
 	defer i.Unlock()
 
 	_, ok := i.internal[m.PacketID]
-	i.internal[m.PacketID] = m
+	i.put(m, 0)
 	return !ok
+}
+
+// put stores m under its packet id and counts the bytes this changes;
+// reserved of them are counted in total already (heldLimit.admit). i is
+// locked (Bastion patch (17)).
+func (i *Inflight) put(m packets.Packet, reserved int64) {
+	d := HeldSize(&m)
+	if old, ok := i.internal[m.PacketID]; ok {
+		d -= HeldSize(&old)
+	}
+	i.internal[m.PacketID] = m
+	i.bytes += d
+	if i.total != nil {
+		i.total.Add(d - reserved)
+	}
+}
+
+// Bytes returns the HeldSize of the packets held (Bastion patch (17)).
+func (i *Inflight) Bytes() int64 {
+	i.RLock()
+	defer i.RUnlock()
+	return i.bytes
 }
 
 // Get returns an inflight packet by packet id.
@@ -62,13 +97,24 @@ func (i *Inflight) Len() int {
 // Clone returns a new instance of Inflight with the same message data.
 // This is used when transferring inflights from a taken-over session.
 func (i *Inflight) Clone() *Inflight {
-	c := NewInflights()
+	c := newInflights(i.total)
 	i.RLock()
 	defer i.RUnlock()
 	for k, v := range i.internal {
 		c.internal[k] = v
 	}
+	c.countCopied(i.bytes)
 	return c
+}
+
+// countCopied counts the bytes of the packets just copied into c, which
+// the server holds twice until the Inflight they were copied from drops
+// them (Bastion patch (17)).
+func (c *Inflight) countCopied(n int64) {
+	c.bytes = n
+	if c.total != nil {
+		c.total.Add(n)
+	}
 }
 
 // cloneAndSeal is Clone, and from then on setUnlessSealed adds nothing
@@ -76,27 +122,39 @@ func (i *Inflight) Clone() *Inflight {
 // its inflight messages to the client that takes it over, and a message
 // published to it afterwards must follow them instead of staying here.
 func (i *Inflight) cloneAndSeal() *Inflight {
-	c := NewInflights()
+	c := newInflights(i.total)
 	i.Lock()
 	defer i.Unlock()
 	for k, v := range i.internal {
 		c.internal[k] = v
 	}
+	c.countCopied(i.bytes)
 	i.sealed = true
 	return c
 }
 
 // setUnlessSealed is Set, unless cloneAndSeal has been called: then it
-// adds nothing and reports sealed (Bastion patch (14)).
-func (i *Inflight) setUnlessSealed(m packets.Packet) (added, sealed bool) {
+// adds nothing and reports sealed (Bastion patch (14)); or unless m, a
+// packet for a new id, would take what the client holds past lim: then
+// it adds nothing and reports full (Bastion patch (17)). The bound is
+// checked and m added under i's lock, so publishes to one client side by
+// side cannot pass it together.
+func (i *Inflight) setUnlessSealed(m packets.Packet, lim heldLimit) (added, sealed, full bool) {
 	i.Lock()
 	defer i.Unlock()
 	if i.sealed {
-		return false, true
+		return false, true, false
 	}
 	_, ok := i.internal[m.PacketID]
-	i.internal[m.PacketID] = m
-	return !ok, false
+	var reserved int64
+	if !ok {
+		reserved = HeldSize(&m)
+		if !lim.admit(i.bytes, reserved, i.total) {
+			return false, false, true
+		}
+	}
+	i.put(m, reserved)
+	return !ok, false, false
 }
 
 // GetAll returns all the inflight messages.
@@ -138,7 +196,15 @@ func (i *Inflight) Delete(id uint16) bool {
 	i.Lock()
 	defer i.Unlock()
 
-	_, ok := i.internal[id]
+	m, ok := i.internal[id]
+	if ok {
+		// Bastion patch (17): what it held is given back.
+		d := HeldSize(&m)
+		i.bytes -= d
+		if i.total != nil {
+			i.total.Add(-d)
+		}
+	}
 	delete(i.internal, id)
 
 	return ok
