@@ -151,6 +151,7 @@ func (i *Inflight) takeAllUnlessSealed() ([]packets.Packet, int64) {
 		out = append(out, pk)
 	}
 	i.internal = map[uint16]packets.Packet{} // a new map: a cleared one keeps its buckets
+	i.order = nil
 	n := i.bytes
 	i.bytes = 0
 	if i.total != nil {

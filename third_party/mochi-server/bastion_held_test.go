@@ -238,3 +238,33 @@ func TestBastionDropInflights(t *testing.T) {
 	require.Zero(t, n, "taken over: its messages are the new client's")
 	require.Equal(t, 1, cl.State.Inflight.Len())
 }
+
+// TestBastionInflightOrder (Bastion patch (18)): GetAll, which a resumed
+// session's resend and NextImmediate use, returns the messages of one
+// second in the order they were added (upstream: in the map's random
+// order), after those of earlier seconds; a clone keeps the order.
+func TestBastionInflightOrder(t *testing.T) {
+	in := NewInflights()
+	var want []uint16
+	for k := 0; k < 50; k++ {
+		id := uint16(1000 - 7*k) // ids that do not sort like the order
+		in.Set(packets.Packet{PacketID: id, Created: 100})
+		want = append(want, id)
+	}
+	in.Set(packets.Packet{PacketID: 5, Created: 99}) // an earlier second, added last
+	want = append([]uint16{5}, want...)
+	in.Set(packets.Packet{PacketID: want[10], Created: 100, Expiry: -1}) // replaced: keeps its place
+	in.Delete(want[20])
+	want = append(want[:20:20], want[21:]...)
+
+	ids := func(pks []packets.Packet) []uint16 {
+		var out []uint16
+		for _, pk := range pks {
+			out = append(out, pk.PacketID)
+		}
+		return out
+	}
+	require.Equal(t, want, ids(in.GetAll(false)))
+	require.Equal(t, want, ids(in.Clone().GetAll(false)))
+	require.Equal(t, want, ids(in.cloneAndSeal().GetAll(false)))
+}

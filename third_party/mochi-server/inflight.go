@@ -5,6 +5,7 @@
 package mqtt
 
 import (
+	"maps"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -27,6 +28,10 @@ type Inflight struct {
 	// change of bytes is added; nil for an Inflight of no server's client.
 	bytes int64
 	total *atomic.Int64
+	// Bastion patch (18): order numbers the packets in the order they
+	// were added (seq the last number given), for GetAll.
+	order map[uint16]uint64
+	seq   uint64
 }
 
 // NewInflights returns a new instance of an Inflight packets map.
@@ -60,6 +65,12 @@ func (i *Inflight) put(m packets.Packet, reserved int64) {
 	d := HeldSize(&m)
 	if old, ok := i.internal[m.PacketID]; ok {
 		d -= HeldSize(&old)
+	} else {
+		i.seq++
+		if i.order == nil {
+			i.order = map[uint16]uint64{}
+		}
+		i.order[m.PacketID] = i.seq
 	}
 	i.internal[m.PacketID] = m
 	i.bytes += d
@@ -103,18 +114,20 @@ func (i *Inflight) Clone() *Inflight {
 	for k, v := range i.internal {
 		c.internal[k] = v
 	}
-	c.countCopied(i.bytes)
+	c.copied(i)
 	return c
 }
 
-// countCopied counts the bytes of the packets just copied into c, which
-// the server holds twice until the Inflight they were copied from drops
-// them (Bastion patch (17)).
-func (c *Inflight) countCopied(n int64) {
-	c.bytes = n
+// copied takes over what i keeps besides its packets, which were just
+// copied into c; i is locked. The bytes are counted again (Bastion patch
+// (17)): the server holds them twice until i drops its copies. The order
+// is kept (Bastion patch (18)).
+func (c *Inflight) copied(i *Inflight) {
+	c.bytes = i.bytes
 	if c.total != nil {
-		c.total.Add(n)
+		c.total.Add(i.bytes)
 	}
+	c.order, c.seq = maps.Clone(i.order), i.seq
 }
 
 // cloneAndSeal is Clone, and from then on setUnlessSealed adds nothing
@@ -128,7 +141,7 @@ func (i *Inflight) cloneAndSeal() *Inflight {
 	for k, v := range i.internal {
 		c.internal[k] = v
 	}
-	c.countCopied(i.bytes)
+	c.copied(i)
 	i.sealed = true
 	return c
 }
@@ -169,8 +182,17 @@ func (i *Inflight) GetAll(immediate bool) []packets.Packet {
 		}
 	}
 
-	sort.Slice(m, func(i, j int) bool {
-		return uint16(m[i].Created) < uint16(m[j].Created)
+	// Bastion patch (18): by the second they were published in, then in
+	// the order they were added, so that a session resumed gets them in
+	// the order they were sent [MQTT-4.6.0-1]. Upstream sorted by the
+	// second alone, truncated to 16 bits, which left the messages of one
+	// second in the map's random order and put those of the second after
+	// a wrap (every 18 hours) before older ones.
+	sort.Slice(m, func(a, b int) bool {
+		if m[a].Created != m[b].Created {
+			return m[a].Created < m[b].Created
+		}
+		return i.order[m[a].PacketID] < i.order[m[b].PacketID]
 	})
 
 	return m
@@ -206,6 +228,7 @@ func (i *Inflight) Delete(id uint16) bool {
 		}
 	}
 	delete(i.internal, id)
+	delete(i.order, id) // Bastion patch (18)
 
 	return ok
 }
