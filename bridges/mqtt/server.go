@@ -38,9 +38,11 @@ type Config struct {
 	MaxPacketSize   int // bytes (default 64 KiB)
 	// MaxPayload bounds a device message's payload, as CoAP's max_payload
 	// does (default MaxPacketSize); larger publishes are refused (MQTT 5:
-	// PUBACK 0x95). A connection's CONNECT, read before the device is
-	// authenticated, may be 4 KiB larger (its Will payload and the rest:
-	// connectOverhead), at most MaxPacketSize.
+	// PUBACK 0x95); a retained message (a publish or a Will) is refused
+	// so when its topic, payload and properties together exceed it by
+	// more than 1 KiB (sizeRefusal). A connection's CONNECT, read before
+	// the device is authenticated, may be 4 KiB larger (its Will payload
+	// and the rest: connectOverhead), at most MaxPacketSize.
 	MaxPayload int
 	// ReceiveMaximum is the QoS 1 messages a client may have unacknowledged
 	// towards the gateway, and MaxInflight those the gateway keeps towards a
