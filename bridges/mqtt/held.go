@@ -28,7 +28,8 @@ import (
 // makeRoom makes room within MaxHeldBytesTotal for command m by dropping
 // the commands held for disconnected sessions, the session disconnected
 // longest first (its device is the least likely to come back for them),
-// until m fits or no disconnected session holds any. Connected sessions
+// until m fits or no disconnected session holds any; nothing when m's
+// device's session is full itself. Connected sessions
 // keep theirs (they are being delivered, or the device reads and does not
 // acknowledge, which MaxHeldBytes bounds): the broker then refuses m
 // (OnPublishDropped). A disconnected device gets what it still holds when
@@ -40,6 +41,11 @@ func (s *Server) makeRoom(m bridges.Message) {
 	need := mochi.HeldSize(&packets.Packet{TopicName: m.Topic, Payload: m.Payload}) + 8*int64(s.cfg.MaxSubscriptions)
 	if s.mq.HeldBytes()+need <= s.cfg.MaxHeldBytesTotal {
 		return
+	}
+	if cl, ok := s.mq.Clients.Get(m.Device); ok {
+		if held := cl.HeldBytes(); cl.State.Inflight.Len() >= int(s.cfg.MaxInflight) || held > 0 && held+need > s.cfg.MaxHeldBytes {
+			return // its session refuses m anyway: no room to make
+		}
 	}
 	s.roomMu.Lock()
 	defer s.roomMu.Unlock()

@@ -183,17 +183,21 @@ func TestReadingDeviceGetsEveryCommand(t *testing.T) {
 
 // TestHeldCommandsTotalDropsDisconnectedFirst: MaxHeldBytesTotal bounds
 // what all sessions hold. A command that would go past it is made room for
-// by dropping what a disconnected session holds (counted commands_evicted,
-// one per command dropped); a connected session that does not acknowledge
-// keeps what it holds, and is refused past its own MaxHeldBytes.
+// by dropping what a disconnected session holds, the one disconnected
+// first (counted commands_evicted, one per command dropped); a connected
+// session that does not acknowledge keeps what it holds, and is refused
+// past its own MaxHeldBytes, which drops nothing more for it.
 func TestHeldCommandsTotalDropsDisconnectedFirst(t *testing.T) {
-	const budget, total = 16 << 10, 24 << 10
+	const budget = 16 << 10
+	fit := int(budget / heldPer("off1"))
+	total := 2*int64(fit)*heldPer("off1") + heldPer("on")/2
 	r := newRigWith(t, queue.Options{}, Config{MaxHeldBytes: budget, MaxHeldBytesTotal: total}, nil)
-	r.leave(t, r.dialKept(t, "off"))
-	fit := int(budget / heldPer("off"))
-	for i := range fit {
-		if !r.command(t, "off", i) {
-			t.Fatalf("command %d not held for the disconnected session", i)
+	for _, dev := range []string{"off1", "off2"} {
+		r.leave(t, r.dialKept(t, dev))
+		for i := range fit {
+			if !r.command(t, dev, i) {
+				t.Fatalf("command %d not held for the disconnected session of %s", i, dev)
+			}
 		}
 	}
 	on := r.dialKept(t, "on") // reads nothing, acknowledges nothing
@@ -210,10 +214,10 @@ func TestHeldCommandsTotalDropsDisconnectedFirst(t *testing.T) {
 		t.Errorf("%d commands taken by the connected session, want %d (its MaxHeldBytes)", taken, fit)
 	}
 	if got := r.refusals(hub.ReasonCommandsEvicted); got != float64(fit) {
-		t.Errorf("commands_evicted %v, want the %d held for the disconnected session", got, fit)
+		t.Errorf("commands_evicted %v, want the %d held for the session disconnected first", got, fit)
 	}
-	if held := r.session(t, "off").HeldBytes(); held != 0 {
-		t.Errorf("the disconnected session still holds %d bytes", held)
+	if held := r.session(t, "off1").HeldBytes(); held != 0 {
+		t.Errorf("the session disconnected first still holds %d bytes", held)
 	}
 	if got := r.refusals(hub.ReasonCommandsHeld); got != float64(20-fit) {
 		t.Errorf("commands_held %v, want %d", got, 20-fit)
@@ -221,9 +225,12 @@ func TestHeldCommandsTotalDropsDisconnectedFirst(t *testing.T) {
 	if diff := cmp.Diff(numbers(0, fit), on.readCommands(fit)); diff != "" {
 		t.Errorf("commands of the connected device (-want +got):\n%s", diff)
 	}
-	d := r.resume(t, "off")
+	d := r.resume(t, "off1")
 	if pk, err := d.readErr(200 * time.Millisecond); !isTimeout(err) {
 		t.Fatalf("the device whose commands were dropped got packet type %d (err %v)", pk.FixedHeader.Type, err)
+	}
+	if diff := cmp.Diff(numbers(0, fit), r.resume(t, "off2").readCommands(fit)); diff != "" {
+		t.Errorf("commands of the device disconnected second (-want +got):\n%s", diff)
 	}
 }
 
