@@ -388,9 +388,8 @@ func (h *authHook) OnWill(cl *mochi.Client, will mochi.Will) (mochi.Will, error)
 
 // willRefusal says why device may not have will ("" if it may): the rules
 // of a publish (sizeRefusal), for the message mochi makes of it (its topic,
-// payload and user properties).
-// The size and limit are for the log line: the payload's and MaxPayload,
-// or those sizeRefusal found too large.
+// payload and user properties). The size and limit are for the log line:
+// the payload's and MaxPayload, or those sizeRefusal found too large.
 func (s *Server) willRefusal(device string, will mochi.Will) (reason, msg string, size, limit int) {
 	if !hub.MayPublish(device, will.TopicName) {
 		return hub.ReasonPublishACL, "topic outside the device namespace", len(will.Payload), s.cfg.MaxPayload
