@@ -47,6 +47,16 @@ const (
 	// (transport="gateway"): the device already has maxLastPerDevice
 	// topics kept, or all devices' kept commands reach maxLastBytes.
 	ReasonCommandsFull = "commands_full"
+	// ReasonCommandsHeld: a command (any message to a device's MQTT
+	// session) the broker did not take for the session: it held as many
+	// undelivered or unacknowledged messages as it may (mqtt.Config
+	// MaxInflight, MaxHeldBytes; its write queue), or all sessions
+	// together held MaxHeldBytesTotal.
+	ReasonCommandsHeld = "commands_held"
+	// ReasonCommandsEvicted: a command held for a disconnected MQTT
+	// session, dropped to make room within mqtt.Config.MaxHeldBytesTotal
+	// for a newer one (the session disconnected longest first).
+	ReasonCommandsEvicted = "commands_evicted"
 	// ReasonTopicRefused: telemetry the Sink will never take on its topic
 	// (bridges.ErrTopicRefused: beyond the upstream link's topic limits);
 	// sending it again cannot succeed.

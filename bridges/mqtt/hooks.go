@@ -30,7 +30,7 @@ func (h *authHook) Provides(b byte) bool {
 
 var authEvents = hookEvents(mochi.OnConnect, mochi.OnConnectAuthenticate, mochi.OnACLCheck,
 	mochi.OnPublish, mochi.OnSessionEstablished, mochi.OnDisconnect, mochi.OnWill, mochi.OnSubscribed,
-	mochi.OnPacketRead)
+	mochi.OnPacketRead, mochi.OnPublishDropped)
 
 // OnConnect caps the keepalive so that a dead device's session ends.
 func (h *authHook) OnConnect(cl *mochi.Client, pk packets.Packet) error {
@@ -123,9 +123,11 @@ func (h *authHook) OnConnectAuthenticate(cl *mochi.Client, pk packets.Packet) bo
 		return refuseDevice(dev, hub.ReasonClientID, "client id is not the authenticated device; use the device id as client id")
 	}
 	if pk.Connect.WillFlag {
-		if reason, msg := h.s.willRefusal(dev, pk.Connect.WillTopic, len(pk.Connect.WillPayload)); reason != "" {
+		will := mochi.Will{TopicName: pk.Connect.WillTopic, Payload: pk.Connect.WillPayload, Retain: pk.Connect.WillRetain,
+			User: pk.Connect.WillProperties.User}
+		if reason, msg, size, limit := h.s.willRefusal(dev, will); reason != "" {
 			refuseDevice(dev, reason, "Will refused: "+msg, "will_topic", ratelog.Clip(pk.Connect.WillTopic, maxLoggedTopic),
-				"will_size", len(pk.Connect.WillPayload), "allowed", bridges.TopicPrefix(dev)+"t/... or s/...")
+				"will_size", size, "limit", limit, "allowed", bridges.TopicPrefix(dev)+"t/... or s/...")
 			h.refuseConnect(cl, packets.ErrNotAuthorized, packets.Err3NotAuthorized, "will "+msg)
 			return false
 		}
@@ -361,9 +363,9 @@ func (h *authHook) OnWill(cl *mochi.Client, will mochi.Will) (mochi.Will, error)
 		log.Info("mqtt: Will not sent: the device's credentials are no longer accepted (revoked, or its certificate ended)")
 		return mochi.Will{}, nil
 	}
-	if reason, msg := h.s.willRefusal(cl.ID, will.TopicName, len(will.Payload)); reason != "" {
+	if reason, msg, size, limit := h.s.willRefusal(cl.ID, will); reason != "" {
 		h.s.m.Refused.WithLabelValues(hub.MQTT, reason).Inc()
-		log.Warn("mqtt: Will not sent: "+msg, "reason", reason, "size", len(will.Payload), "limit", h.s.cfg.MaxPayload)
+		log.Warn("mqtt: Will not sent: "+msg, "reason", reason, "size", size, "limit", limit)
 		return mochi.Will{}, nil
 	}
 	if will.Retain {
@@ -384,16 +386,46 @@ func (h *authHook) OnWill(cl *mochi.Client, will mochi.Will) (mochi.Will, error)
 	return will, nil
 }
 
-// willRefusal says why device may not have a Will on topic with size bytes
-// of payload ("" if it may): the rules of a publish.
-func (s *Server) willRefusal(device, topic string, size int) (reason, msg string) {
-	switch {
-	case !hub.MayPublish(device, topic):
-		return hub.ReasonPublishACL, "topic outside the device namespace"
-	case size > s.cfg.MaxPayload:
-		return hub.ReasonTooLarge, "payload too large"
+// willRefusal says why device may not have will ("" if it may): the rules
+// of a publish (sizeRefusal), for the message mochi makes of it (its topic,
+// payload and user properties). The size and limit are for the log line:
+// the payload's and MaxPayload, or those sizeRefusal found too large.
+func (s *Server) willRefusal(device string, will mochi.Will) (reason, msg string, size, limit int) {
+	if !hub.MayPublish(device, will.TopicName) {
+		return hub.ReasonPublishACL, "topic outside the device namespace", len(will.Payload), s.cfg.MaxPayload
 	}
-	return "", ""
+	pk := packets.Packet{FixedHeader: packets.FixedHeader{Retain: will.Retain}, TopicName: will.TopicName, Payload: will.Payload,
+		Properties: packets.Properties{User: will.User}}
+	if what, size, limit := s.sizeRefusal(&pk); what != "" {
+		return hub.ReasonTooLarge, what, size, limit
+	}
+	return "", "", 0, 0
+}
+
+// retainedAllowance is what a retained message may hold besides a
+// payload of MaxPayload: its topic (at most 330 bytes: devices/, a 63-byte
+// device id, /t/ and a 256-byte path) and some 700 bytes of properties (a
+// content type, a few user properties).
+const retainedAllowance = 1 << 10
+
+// sizeRefusal says why a publish pk is too large ("" if it is not), with
+// the size that is and its limit: a payload past MaxPayload; for a
+// retained message, also its topic, payload and properties together
+// (packets.Packet.HeldBytes) past MaxPayload + retainedAllowance. The
+// broker keeps a retained message whole, properties included, in memory
+// and in the store for as long as it is retained: bounded by its payload
+// alone, a device could keep its MaxRetained topics at max_packet_size
+// each (16 MiB with the largest max_packet_size), most of it user
+// properties. A message not retained is not kept with its properties (the
+// Sink takes its payload).
+func (s *Server) sizeRefusal(pk *packets.Packet) (what string, size, limit int) {
+	if len(pk.Payload) > s.cfg.MaxPayload {
+		return "payload too large", len(pk.Payload), s.cfg.MaxPayload
+	}
+	if n := pk.HeldBytes(); pk.FixedHeader.Retain && n > s.cfg.MaxPayload+retainedAllowance {
+		return "retained message too large (its topic, payload and properties together)", n, s.cfg.MaxPayload + retainedAllowance
+	}
+	return "", 0, 0
 }
 
 // OnPublish hands device telemetry to the Sink before the broker sends the
@@ -415,9 +447,9 @@ func (h *authHook) OnPublish(cl *mochi.Client, pk packets.Packet) (packets.Packe
 		h.s.log.Debug("mqtt: publish of a revoked device dropped", "device", cl.ID, "topic", pk.TopicName)
 		return pk, packets.ErrRejectPacket
 	}
-	if len(pk.Payload) > h.s.cfg.MaxPayload {
+	if what, size, limit := h.s.sizeRefusal(&pk); what != "" {
 		h.s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonTooLarge).Inc()
-		h.s.deviceLine(slog.LevelWarn, "too_large", cl.ID, "mqtt: publish refused: payload too large", "topic", pk.TopicName, "size", len(pk.Payload), "limit", h.s.cfg.MaxPayload)
+		h.s.deviceLine(slog.LevelWarn, "too_large", cl.ID, "mqtt: publish refused: "+what, "topic", pk.TopicName, "size", size, "limit", limit)
 		if cl.Properties.ProtocolVersion == 5 && pk.FixedHeader.Qos > 0 {
 			return pk, packets.ErrPacketTooLarge
 		}

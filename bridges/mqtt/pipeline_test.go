@@ -330,6 +330,8 @@ func (d *device) send(pk packets.Packet) {
 		err = pk.SubscribeEncode(&buf)
 	case packets.Disconnect:
 		err = pk.DisconnectEncode(&buf)
+	case packets.Puback:
+		err = pk.PubackEncode(&buf)
 	default:
 		err = fmt.Errorf("type %d not used here", pk.FixedHeader.Type)
 	}
@@ -775,7 +777,9 @@ func TestPipelineBoundsMessages(t *testing.T) {
 // in order, once the fsync returns.
 func TestPipelineHoldsCommandsInOrder(t *testing.T) {
 	hs := newHeldSync()
-	r := newRig(t, queue.Options{Sync: hs.sync})
+	// 80 KiB of commands, past the broker's default MaxHeldBytes (the
+	// bound of what waits behind the barrier is pipeConn's, tested here).
+	r := newRigWith(t, queue.Options{Sync: hs.sync}, Config{MaxHeldBytes: 1 << 20}, nil)
 	defer hs.release(nil) // no-op if the test released it already
 	const dev, cmds, size = "dev-5", 20, 4 << 10
 	d := r.dial(t, dev, 5)

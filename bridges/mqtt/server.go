@@ -38,15 +38,31 @@ type Config struct {
 	MaxPacketSize   int // bytes (default 64 KiB)
 	// MaxPayload bounds a device message's payload, as CoAP's max_payload
 	// does (default MaxPacketSize); larger publishes are refused (MQTT 5:
-	// PUBACK 0x95). A connection's CONNECT, read before the device is
-	// authenticated, may be 4 KiB larger (its Will payload and the rest:
-	// connectOverhead), at most MaxPacketSize.
+	// PUBACK 0x95); a retained message (a publish or a Will) is refused
+	// so when its topic, payload and properties together exceed it by
+	// more than 1 KiB (sizeRefusal). A connection's CONNECT, read before
+	// the device is authenticated, may be 4 KiB larger (its Will payload
+	// and the rest: connectOverhead), at most MaxPacketSize.
 	MaxPayload int
 	// ReceiveMaximum is the QoS 1 messages a client may have unacknowledged
 	// towards the gateway, and MaxInflight those the gateway keeps towards a
 	// client (defaults 32 and 64).
 	ReceiveMaximum uint16
 	MaxInflight    uint16
+	// MaxHeldBytes bounds what the broker holds for one device session
+	// of the commands sent to it (default 64 KiB): QoS 1 ones until the
+	// device acknowledges them, also while it is disconnected (for the
+	// SessionExpiry its session is kept), QoS 0 ones until they are
+	// written; each counted with about 1 KiB of the broker's own
+	// (mochi.HeldSize). MaxHeldBytesTotal bounds them over all sessions
+	// (default 16 MiB: a small command for each of 10,000 devices). A
+	// command past either is not taken for the session (counted
+	// commands_held); to keep within MaxHeldBytesTotal the commands held
+	// for disconnected sessions are dropped first, the session
+	// disconnected longest first (commands_evicted; held.go). A session
+	// holding nothing takes one command of any size.
+	MaxHeldBytes      int64
+	MaxHeldBytesTotal int64
 	// MaxKeepalive caps the keepalive a client asks for; a client asking
 	// for none gets this one (default 5 min), so idle dead sessions end.
 	MaxKeepalive uint16
@@ -154,6 +170,12 @@ func (c *Config) defaults() {
 	}
 	if c.MaxInflight == 0 {
 		c.MaxInflight = 64
+	}
+	if c.MaxHeldBytes <= 0 {
+		c.MaxHeldBytes = 64 << 10
+	}
+	if c.MaxHeldBytesTotal <= 0 {
+		c.MaxHeldBytesTotal = 16 << 20
 	}
 	if c.MaxKeepalive == 0 {
 		c.MaxKeepalive = 300
@@ -271,6 +293,10 @@ type Server struct {
 
 	deadline *hub.SharedDeadline
 
+	// roomMu serialises makeRoom, so that commands delivered side by side
+	// do not each drop a session's held commands for the same room.
+	roomMu sync.Mutex
+
 	// afterAccept, if set (tests only), runs in accept once it has
 	// released mu.
 	afterAccept func(cl *mochi.Client)
@@ -301,6 +327,8 @@ func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log 
 	caps.TopicAliasMaximum = 0
 	caps.MaximumSubscriptionsPerClient = cfg.MaxSubscriptions
 	caps.MaximumClientWritesPending = writesPending(cfg.MaxInflight)
+	caps.MaximumClientHeldBytes = cfg.MaxHeldBytes
+	caps.MaximumHeldBytes = cfg.MaxHeldBytesTotal
 	s.mq = mochi.New(&mochi.Options{
 		Capabilities:             caps,
 		InlineClient:             true,
@@ -370,7 +398,11 @@ func (s *Server) Run(ctx context.Context) error {
 
 // mirror publishes telemetry from other transports and commands to local
 // MQTT subscribers through the broker's inline client. It reports whether
-// the topic had a subscriber and the broker took the message.
+// a device's session took the message: was sent it, or holds it for its
+// next connection (a QoS 1 subscription of a session kept after its
+// connection). A session that holds as much as it may does not take it
+// (authHook.OnPublishDropped counts and logs that), nor does a
+// disconnected session with a QoS 0 subscription.
 func (s *Server) mirror(m bridges.Message) bool {
 	// Most CoAP telemetry has no local subscriber: publishing it into the
 	// broker anyway (a packet injected through the broker's whole publish
@@ -378,11 +410,15 @@ func (s *Server) mirror(m bridges.Message) bool {
 	if !s.mq.Topics.HasSubscribers(m.Topic) {
 		return false
 	}
-	if err := s.mq.Publish(m.Topic, m.Payload, false, m.QoS); err != nil {
+	if _, ok := hub.CommandPath(m.Device, m.Topic); ok {
+		s.makeRoom(m)
+	}
+	taken, err := s.mq.PublishTaken(m.Topic, m.Payload, false, m.QoS)
+	if err != nil {
 		s.log.Debug("mqtt: local publish failed", "device", m.Device, "topic", m.Topic, "err", err)
 		return false
 	}
-	return true
+	return taken > 0
 }
 
 // Retained returns the retained payload on topic, if the broker holds one.

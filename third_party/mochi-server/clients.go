@@ -223,6 +223,7 @@ type ClientState struct {
 	cancelOpen      context.CancelFunc   // cancel function for open context
 	outboundQty     int32                // number of messages currently in the outbound queue
 	writing         atomic.Bool          // a WriteLoop is running (Bastion patch)
+	queued          atomic.Int64         // HeldSize of the QoS 0 packets in outbound (Bastion patch (17))
 	Keepalive       uint16               // the number of seconds the connection can wait
 	ServerKeepalive bool                 // keepalive was set by the server
 }
@@ -233,7 +234,7 @@ func newClient(c net.Conn, o *ops) *Client {
 	ctx, cancel := context.WithCancel(context.Background())
 	cl := &Client{
 		State: ClientState{
-			Inflight:      NewInflights(),
+			Inflight:      newInflights(o.held),
 			Subscriptions: NewSubscriptions(),
 			TopicAliases:  NewTopicAliases(o.options.Capabilities.TopicAliasMaximum),
 			open:          ctx,
@@ -302,6 +303,7 @@ func (cl *Client) writeOutbound(pk *packets.Packet) {
 		cl.ops.log.Debug("failed publishing packet", "error", err, "client", cl.ID, "packet", pk)
 	}
 	atomic.AddInt32(&cl.State.outboundQty, -1)
+	cl.unqueue(pk) // Bastion patch (17)
 }
 
 // ParseConnect parses the connect parameters and properties for a client.
@@ -514,6 +516,9 @@ func (cl *Client) Stop(err error) {
 
 		atomic.StoreInt64(&cl.State.disconnected, time.Now().Unix())
 	})
+	// Bastion patch (17): nothing queued is written after this; what
+	// the queue holds goes now, not with the session an hour later.
+	cl.dropQueued()
 }
 
 // StopCause returns the reason the client connection was stopped, if any.

@@ -5,6 +5,7 @@
 package mqtt
 
 import (
+	"maps"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -21,12 +22,29 @@ type Inflight struct {
 	maximumReceiveQuota int32                     // maximum allowed receive quota
 	maximumSendQuota    int32                     // maximum allowed send quota
 	sealed              bool                      // Bastion patch (14): see cloneAndSeal
+	// Bastion patch (17), bastion_held.go: bytes is the HeldSize of the
+	// packets in internal, kept with it, and total the server's count of
+	// the bytes held for all its clients (Server.HeldBytes), to which every
+	// change of bytes is added; nil for an Inflight of no server's client.
+	bytes int64
+	total *atomic.Int64
+	// Bastion patch (18): order numbers the packets in the order they
+	// were added (seq the last number given), for GetAll.
+	order map[uint16]uint64
+	seq   uint64
 }
 
 // NewInflights returns a new instance of an Inflight packets map.
 func NewInflights() *Inflight {
+	return newInflights(nil)
+}
+
+// newInflights is NewInflights for a client of the server whose count of
+// held bytes is total (Bastion patch (17)).
+func newInflights(total *atomic.Int64) *Inflight {
 	return &Inflight{
 		internal: map[uint16]packets.Packet{},
+		total:    total,
 	}
 }
 
@@ -36,8 +54,36 @@ func (i *Inflight) Set(m packets.Packet) bool {
 	defer i.Unlock()
 
 	_, ok := i.internal[m.PacketID]
-	i.internal[m.PacketID] = m
+	i.put(m, 0)
 	return !ok
+}
+
+// put stores m under its packet id and counts the bytes this changes;
+// reserved of them are counted in total already (heldLimit.admit). i is
+// locked (Bastion patch (17)).
+func (i *Inflight) put(m packets.Packet, reserved int64) {
+	d := HeldSize(&m)
+	if old, ok := i.internal[m.PacketID]; ok {
+		d -= HeldSize(&old)
+	} else {
+		i.seq++
+		if i.order == nil {
+			i.order = map[uint16]uint64{}
+		}
+		i.order[m.PacketID] = i.seq
+	}
+	i.internal[m.PacketID] = m
+	i.bytes += d
+	if i.total != nil {
+		i.total.Add(d - reserved)
+	}
+}
+
+// Bytes returns the HeldSize of the packets held (Bastion patch (17)).
+func (i *Inflight) Bytes() int64 {
+	i.RLock()
+	defer i.RUnlock()
+	return i.bytes
 }
 
 // Get returns an inflight packet by packet id.
@@ -62,13 +108,26 @@ func (i *Inflight) Len() int {
 // Clone returns a new instance of Inflight with the same message data.
 // This is used when transferring inflights from a taken-over session.
 func (i *Inflight) Clone() *Inflight {
-	c := NewInflights()
+	c := newInflights(i.total)
 	i.RLock()
 	defer i.RUnlock()
 	for k, v := range i.internal {
 		c.internal[k] = v
 	}
+	c.copied(i)
 	return c
+}
+
+// copied takes over what i keeps besides its packets, which were just
+// copied into c; i is locked. The bytes are counted again (Bastion patch
+// (17)): the server holds them twice until i drops its copies. The order
+// is kept (Bastion patch (18)).
+func (c *Inflight) copied(i *Inflight) {
+	c.bytes = i.bytes
+	if c.total != nil {
+		c.total.Add(i.bytes)
+	}
+	c.order, c.seq = maps.Clone(i.order), i.seq
 }
 
 // cloneAndSeal is Clone, and from then on setUnlessSealed adds nothing
@@ -76,27 +135,39 @@ func (i *Inflight) Clone() *Inflight {
 // its inflight messages to the client that takes it over, and a message
 // published to it afterwards must follow them instead of staying here.
 func (i *Inflight) cloneAndSeal() *Inflight {
-	c := NewInflights()
+	c := newInflights(i.total)
 	i.Lock()
 	defer i.Unlock()
 	for k, v := range i.internal {
 		c.internal[k] = v
 	}
+	c.copied(i)
 	i.sealed = true
 	return c
 }
 
 // setUnlessSealed is Set, unless cloneAndSeal has been called: then it
-// adds nothing and reports sealed (Bastion patch (14)).
-func (i *Inflight) setUnlessSealed(m packets.Packet) (added, sealed bool) {
+// adds nothing and reports sealed (Bastion patch (14)); or unless m, a
+// packet for a new id, would take what the client holds past lim: then
+// it adds nothing and reports full (Bastion patch (17)). The bound is
+// checked and m added under i's lock, so publishes to one client side by
+// side cannot pass it together.
+func (i *Inflight) setUnlessSealed(m packets.Packet, lim heldLimit) (added, sealed, full bool) {
 	i.Lock()
 	defer i.Unlock()
 	if i.sealed {
-		return false, true
+		return false, true, false
 	}
 	_, ok := i.internal[m.PacketID]
-	i.internal[m.PacketID] = m
-	return !ok, false
+	var reserved int64
+	if !ok {
+		reserved = HeldSize(&m)
+		if !lim.admit(i.bytes, reserved, i.total) {
+			return false, false, true
+		}
+	}
+	i.put(m, reserved)
+	return !ok, false, false
 }
 
 // GetAll returns all the inflight messages.
@@ -111,8 +182,17 @@ func (i *Inflight) GetAll(immediate bool) []packets.Packet {
 		}
 	}
 
-	sort.Slice(m, func(i, j int) bool {
-		return uint16(m[i].Created) < uint16(m[j].Created)
+	// Bastion patch (18): by the second they were published in, then in
+	// the order they were added, so that a session resumed gets them in
+	// the order they were sent [MQTT-4.6.0-1]. Upstream sorted by the
+	// second alone, truncated to 16 bits, which left the messages of one
+	// second in the map's random order and put those of the second after
+	// a wrap (every 18 hours) before older ones.
+	sort.Slice(m, func(a, b int) bool {
+		if m[a].Created != m[b].Created {
+			return m[a].Created < m[b].Created
+		}
+		return i.order[m[a].PacketID] < i.order[m[b].PacketID]
 	})
 
 	return m
@@ -138,8 +218,17 @@ func (i *Inflight) Delete(id uint16) bool {
 	i.Lock()
 	defer i.Unlock()
 
-	_, ok := i.internal[id]
+	m, ok := i.internal[id]
+	if ok {
+		// Bastion patch (17): what it held is given back.
+		d := HeldSize(&m)
+		i.bytes -= d
+		if i.total != nil {
+			i.total.Add(-d)
+		}
+	}
 	delete(i.internal, id)
+	delete(i.order, id) // Bastion patch (18)
 
 	return ok
 }

@@ -65,6 +65,15 @@ type Capabilities struct {
 	// many subscriptions; a SUBSCRIBE filter that would add one more gets
 	// 0x97 quota exceeded (MQTT 3.1.1: 0x80). 0: no limit.
 	MaximumSubscriptionsPerClient int `yaml:"maximum_subscriptions_per_client" json:"maximum_subscriptions_per_client"`
+	// MaximumClientHeldBytes and MaximumHeldBytes (Bastion patch (17),
+	// bastion_held.go) bound the bytes (HeldSize) of the messages held for
+	// one client (its inflight messages, also while it is disconnected,
+	// and its queued QoS 0 messages) and for all clients. A message that
+	// would go past either is not taken for the client (OnPublishDropped),
+	// except that a client holding nothing may take one message of any
+	// size within MaximumHeldBytes. 0: no bound.
+	MaximumClientHeldBytes int64 `yaml:"maximum_client_held_bytes" json:"maximum_client_held_bytes"`
+	MaximumHeldBytes       int64 `yaml:"maximum_held_bytes" json:"maximum_held_bytes"`
 }
 
 // NewDefaultServerCapabilities defines the default features and capabilities provided by the server.
@@ -148,6 +157,7 @@ type Server struct {
 	Log          *slog.Logger         // minimal no-alloc logger
 	hooks        *Hooks               // hooks contains hooks for extra functionality such as auth and persistent storage
 	inlineClient *Client              // inlineClient is a special client used for inline subscriptions and inline Publish
+	held         atomic.Int64         // bytes held for the clients (Bastion patch (17), HeldBytes)
 }
 
 // loop contains interval tickers for the system events loop.
@@ -166,6 +176,10 @@ type ops struct {
 	info    *system.Info // pointers to server system info
 	hooks   *Hooks       // pointer to the server hooks
 	log     *slog.Logger // a structured logger for the client
+
+	// held is the server's count of held bytes (Bastion patch (17),
+	// Server.HeldBytes); nil for a client of no server (tests).
+	held *atomic.Int64
 }
 
 // New returns a new instance of mochi mqtt broker. Optional parameters
@@ -249,6 +263,7 @@ func (s *Server) NewClient(c net.Conn, listener string, id string, inline bool) 
 		info:    s.Info,
 		hooks:   s.hooks,
 		log:     s.Log,
+		held:    &s.held,
 	})
 
 	cl.ID = id
@@ -806,21 +821,43 @@ func (s *Server) processPingreq(cl *Client, _ packets.Packet) error {
 // This is a convenience function which wraps InjectPacket. As such, this method can publish packets
 // to any topic (including $SYS) and bypass ACL checks. The qos byte is used for limiting the
 // outbound qos (mqtt v5) rather than issuing to the broker (we assume qos 2 complete).
+//
+// Bastion patch (17): it is PublishTaken, without the count.
 func (s *Server) Publish(topic string, payload []byte, retain bool, qos byte) error {
-	if !s.Options.InlineClient {
-		return ErrInlineClientNotEnabled
-	}
+	_, err := s.PublishTaken(topic, payload, retain, qos)
+	return err
+}
 
-	return s.InjectPacket(s.inlineClient, packets.Packet{
-		FixedHeader: packets.FixedHeader{
-			Type:   packets.Publish,
-			Qos:    qos,
-			Retain: retain,
-		},
-		TopicName: topic,
-		Payload:   payload,
-		PacketID:  uint16(qos), // we never process the inbound qos, but we need a packet id for validity checks.
-	})
+// PublishTaken is Publish that also reports how many client sessions took
+// the message: were sent it, or hold it for their next connection (Bastion
+// patch (17)). A session whose bounds (MaximumInflight,
+// MaximumClientHeldBytes, MaximumHeldBytes, its outbound queue) refused it
+// is not counted, nor are inline subscriptions. It does what Publish did
+// through InjectPacket and processPacket (which for the inline client,
+// which holds no inflight message, is only this), with the count.
+func (s *Server) PublishTaken(topic string, payload []byte, retain bool, qos byte) (taken int, err error) {
+	if !s.Options.InlineClient {
+		return 0, ErrInlineClientNotEnabled
+	}
+	cl := s.inlineClient
+	pk := packets.Packet{
+		FixedHeader:     packets.FixedHeader{Type: packets.Publish, Qos: qos, Retain: retain},
+		TopicName:       topic,
+		Payload:         payload,
+		PacketID:        uint16(qos), // we never process the inbound qos, but we need a packet id for validity checks.
+		ProtocolVersion: cl.Properties.ProtocolVersion,
+	}
+	if code := pk.PublishValidate(s.Options.Capabilities.TopicAliasMaximum); code != packets.CodeSuccess {
+		return 0, code
+	}
+	taken, err = s.publish(cl, pk)
+	s.hooks.OnPacketProcessed(cl, pk, err)
+	if err != nil {
+		return taken, err
+	}
+	atomic.AddInt64(&cl.ops.info.PacketsReceived, 1)
+	atomic.AddInt64(&cl.ops.info.MessagesReceived, 1)
+	return taken, nil
 }
 
 // Subscribe adds an inline subscription for the specified topic filter and subscription identifier
@@ -912,21 +949,28 @@ func (s *Server) InjectPacket(cl *Client, pk packets.Packet) error {
 
 // processPublish processes a Publish packet.
 func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
+	_, err := s.publish(cl, pk)
+	return err
+}
+
+// publish is processPublish that also reports how many client sessions
+// took the message (publishToSubscribers; Bastion patch (17)).
+func (s *Server) publish(cl *Client, pk packets.Packet) (taken int, err error) {
 	if !cl.Net.Inline && !IsValidFilter(pk.TopicName, true) {
-		return nil
+		return 0, nil
 	}
 
 	if atomic.LoadInt32(&cl.State.Inflight.receiveQuota) == 0 {
-		return s.DisconnectClient(cl, packets.ErrReceiveMaximum) // ~[MQTT-3.3.4-7] ~[MQTT-3.3.4-8]
+		return 0, s.DisconnectClient(cl, packets.ErrReceiveMaximum) // ~[MQTT-3.3.4-7] ~[MQTT-3.3.4-8]
 	}
 
 	if !cl.Net.Inline && !s.hooks.OnACLCheck(cl, pk.TopicName, true) {
 		if pk.FixedHeader.Qos == 0 {
-			return nil
+			return 0, nil
 		}
 
 		if cl.Properties.ProtocolVersion != 5 {
-			return s.DisconnectClient(cl, packets.ErrNotAuthorized)
+			return 0, s.DisconnectClient(cl, packets.ErrNotAuthorized)
 		}
 
 		ackType := packets.Puback
@@ -935,7 +979,7 @@ func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 		}
 
 		ack := s.buildAck(pk.PacketID, ackType, 0, pk.Properties, packets.ErrNotAuthorized)
-		return cl.WritePacket(ack)
+		return 0, cl.WritePacket(ack)
 	}
 
 	pk.Origin = cl.ID
@@ -950,7 +994,7 @@ func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 		if pki, ok := cl.State.Inflight.Get(pk.PacketID); ok {
 			if pki.FixedHeader.Type == packets.Pubrec { // [MQTT-4.3.3-10]
 				ack := s.buildAck(pk.PacketID, packets.Pubrec, 0, pk.Properties, packets.ErrPacketIdentifierInUse)
-				return cl.WritePacket(ack)
+				return 0, cl.WritePacket(ack)
 			}
 			// Bastion patch (15), third_party/README.md: any other entry
 			// is kept. It was deleted for [MQTT-4.3.2-5], to forget the
@@ -975,15 +1019,15 @@ func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 	if err == nil {
 		pk = pkx
 	} else if errors.Is(err, packets.ErrRejectPacket) {
-		return nil
+		return 0, nil
 	} else if errors.Is(err, packets.CodeSuccessIgnore) {
 		pk.Ignore = true
 	} else if cl.Properties.ProtocolVersion == 5 && pk.FixedHeader.Qos > 0 && errors.As(err, new(packets.Code)) {
 		err = cl.WritePacket(s.buildAck(pk.PacketID, packets.Puback, 0, pk.Properties, err.(packets.Code)))
 		if err != nil {
-			return err
+			return 0, err
 		}
-		return nil
+		return 0, nil
 	}
 
 	if pk.FixedHeader.Retain { // [MQTT-3.3.1-5] ![MQTT-3.3.1-8]
@@ -994,9 +1038,9 @@ func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 	// When it publishes a package with a qos > 0, the server treats
 	// the package as qos=0, and the client receives it as qos=1 or 2.
 	if pk.FixedHeader.Qos == 0 || cl.Net.Inline {
-		s.publishToSubscribers(pk)
+		taken = s.publishToSubscribers(pk)
 		s.hooks.OnPublished(cl, pk)
-		return nil
+		return taken, nil
 	}
 
 	cl.State.Inflight.DecreaseReceiveQuota()
@@ -1031,7 +1075,7 @@ func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 			cl.State.Inflight.IncreaseReceiveQuota()
 			s.hooks.OnQosDropped(cl, ack)
 		}
-		return err
+		return 0, err
 	}
 
 	if pk.FixedHeader.Qos == 1 {
@@ -1039,10 +1083,10 @@ func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 		s.hooks.OnQosComplete(cl, ack)
 	}
 
-	s.publishToSubscribers(pk)
+	taken = s.publishToSubscribers(pk)
 	s.hooks.OnPublished(cl, pk)
 
-	return nil
+	return taken, nil
 }
 
 // retainMessage adds a message to a topic, and if a persistent store is provided,
@@ -1059,9 +1103,12 @@ func (s *Server) retainMessage(cl *Client, pk packets.Packet) {
 }
 
 // publishToSubscribers publishes a publish packet to all subscribers with matching topic filters.
-func (s *Server) publishToSubscribers(pk packets.Packet) {
+// Bastion patch (17): it returns how many client sessions took it: were
+// sent it, or hold it for their next connection (inline subscriptions
+// are not counted).
+func (s *Server) publishToSubscribers(pk packets.Packet) (taken int) {
 	if pk.Ignore {
-		return
+		return 0
 	}
 
 	if pk.Created == 0 {
@@ -1101,9 +1148,12 @@ func (s *Server) publishToSubscribers(pk packets.Packet) {
 			_, err := s.publishToClient(cl, subs, pk)
 			if err != nil {
 				s.Log.Debug("failed publishing packet", "error", err, "client", cl.ID, "packet", pk)
+			} else {
+				taken++
 			}
 		}
 	}
+	return taken
 }
 
 func (s *Server) publishToClient(cl *Client, sub packets.Subscription, pk packets.Packet) (packets.Packet, error) {
@@ -1148,9 +1198,12 @@ func (s *Server) publishToClient(cl *Client, sub packets.Subscription, pk packet
 
 	if out.FixedHeader.Qos > 0 {
 		if cl.State.Inflight.Len() >= int(s.Options.Capabilities.MaximumInflight) {
-			// add hook?
+			// Bastion patch (17): told to the hooks, as a message the full
+			// queue drops is, instead of a warning per message (a client
+			// that does not acknowledge had one for each message to it).
 			atomic.AddInt64(&s.Info.InflightDropped, 1)
-			s.Log.Warn("client store quota reached", "client", cl.ID, "listener", cl.Net.Listener)
+			s.Log.Debug("client store quota reached", "client", cl.ID, "listener", cl.Net.Listener)
+			s.hooks.OnPublishDropped(cl, pk)
 			return out, packets.ErrQuotaExceeded
 		}
 
@@ -1165,9 +1218,14 @@ func (s *Server) publishToClient(cl *Client, sub packets.Subscription, pk packet
 		out.PacketID = uint16(i) // [MQTT-2.2.1-4]
 		sentQuota := atomic.LoadInt32(&cl.State.Inflight.sendQuota)
 
-		ok, sealed := cl.State.Inflight.setUnlessSealed(out)
+		ok, sealed, full := cl.State.Inflight.setUnlessSealed(out, cl.heldLimit())
 		if sealed {
 			return s.publishToSuccessor(cl, sub, pk)
+		}
+		if full { // Bastion patch (17)
+			atomic.AddInt64(&s.Info.InflightDropped, 1)
+			s.hooks.OnPublishDropped(cl, pk)
+			return out, packets.ErrQuotaExceeded
 		}
 		if ok { // [MQTT-4.3.2-3] [MQTT-4.3.3-3]
 			atomic.AddInt64(&s.Info.Inflight, 1)
@@ -1183,16 +1241,33 @@ func (s *Server) publishToClient(cl *Client, sub packets.Subscription, pk packet
 	}
 
 	if cl.Net.Conn == nil || cl.Closed() {
+		if out.FixedHeader.Qos > 0 {
+			// Bastion patch (17): held in Inflight for the session's next
+			// connection, so taken (PublishTaken), where upstream returned
+			// an error as for a message dropped.
+			return out, nil
+		}
 		return out, packets.CodeDisconnect
+	}
+
+	// Bastion patch (17): a QoS 0 packet is counted while it is queued.
+	if out.FixedHeader.Qos == 0 && !cl.queue(HeldSize(&out)) {
+		atomic.AddInt64(&s.Info.MessagesDropped, 1)
+		cl.ops.hooks.OnPublishDropped(cl, pk)
+		return out, packets.ErrQuotaExceeded
 	}
 
 	select {
 	case cl.State.outbound <- &out:
 		atomic.AddInt32(&cl.State.outboundQty, 1)
 		cl.startWriter()
+		if cl.Closed() {
+			cl.dropQueued() // Bastion patch (17): stopped while it was queued
+		}
 	default:
 		atomic.AddInt64(&s.Info.MessagesDropped, 1)
 		cl.ops.hooks.OnPublishDropped(cl, pk)
+		cl.unqueue(&out)
 		if out.FixedHeader.Qos > 0 {
 			cl.State.Inflight.Delete(out.PacketID) // packet was dropped due to irregular circumstances, so rollback inflight.
 			cl.State.Inflight.IncreaseSendQuota()
