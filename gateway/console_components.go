@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/bastion-iot/bastion/bridges/hub"
 	"github.com/bastion-iot/bastion/bridges/upstream"
 	"github.com/bastion-iot/bastion/gateway/console"
 	"github.com/bastion-iot/bastion/gateway/store"
@@ -29,7 +30,13 @@ func (g *Gateway) wireConsole() {
 	if g.pairing != nil {
 		c.Pairing = consolePairing{g.pairing}
 	}
-	c.OptOutsChanged = g.applyOptOuts
+	c.OptOutsChanged = func(off map[string]bool) {
+		g.applyOptOuts(off)
+		// The firmware.status opt-out is a forwarding rule too.
+		if err := g.applyForwardRules(); err != nil {
+			g.log.Error("the privacy opt-outs could not be applied to the upstream link's forwarding rules; the previous rules stay in force", "err", err)
+		}
+	}
 	c.RulesChanged = func([]store.ForwardRule) error {
 		if err := g.applyForwardRules(); err != nil {
 			g.log.Error("forwarding rules from the console could not be applied to the upstream link; the previous rules stay in force", "err", err)
@@ -40,21 +47,53 @@ func (g *Gateway) wireConsole() {
 	g.consoleHandler.SetComponents(c)
 }
 
-// forwardRules is the effective privacy policy: the rules set in the
-// console and those in bastion.yaml; where several match a topic the most
-// restrictive decides (bridges/upstream). If the console's rules cannot be
-// read, nothing is forwarded: one of them may be a local rule.
+// forwardRules is the effective privacy policy, for the link: the rules set
+// in the console, those in bastion.yaml, and, while the firmware.status
+// opt-out is on, a local rule for firmware status reports; where several
+// match a topic the most restrictive decides (bridges/upstream). If the
+// console's rules or the opt-outs cannot be read, the link holds
+// (upstream.ActionHold): nothing is sent, as one of them may keep a topic
+// local, and nothing queued is deleted, as a local rule on # did, though
+// every queued message had been acknowledged to its device. Its devices'
+// new messages are refused as a full queue and sent again by them.
 func (g *Gateway) forwardRules(cfg upstream.Config) []upstream.Rule {
+	rs, err := g.effectiveRules(cfg)
+	g.rulesHeld.Store(err != nil)
+	if err != nil {
+		g.log.Error("cannot read the privacy settings (the console's forwarding rules or opt-outs); the upstream link holds: it sends nothing and deletes nothing queued, and devices' new messages are refused until they can be read (fix the store, then save a rule in the console or reload: SIGHUP)", "err", err)
+	}
+	return rs
+}
+
+// holdRules is what the link applies while the console's privacy settings
+// cannot be read: a hold, then the file's rules (a local one among them
+// still withholds).
+func holdRules(file []upstream.Rule) []upstream.Rule {
+	return append([]upstream.Rule{{Topic: "#", Action: upstream.ActionHold}}, file...)
+}
+
+// fwStatusTopics are the firmware status reports' topics (statusTopic),
+// kept local while the firmware.status opt-out is on.
+const fwStatusTopics = "devices/+/" + hub.ClassStatus + "/fw/#"
+
+// effectiveRules is forwardRules without its log and record, for display.
+func (g *Gateway) effectiveRules(cfg upstream.Config) ([]upstream.Rule, error) {
 	rs, err := g.store.ForwardRules()
 	if err != nil {
-		g.log.Error("cannot read the console's forwarding rules; forwarding nothing upstream until they can be read (restart or change a rule to try again)", "err", err)
-		return []upstream.Rule{{Topic: "#", Action: upstream.ActionLocal}}
+		return holdRules(cfg.Forward), fmt.Errorf("read the console's forwarding rules: %w", err)
+	}
+	off, err := g.store.OptOuts()
+	if err != nil {
+		return holdRules(cfg.Forward), fmt.Errorf("read the privacy opt-outs: %w", err)
 	}
 	var out []upstream.Rule
 	for _, r := range rs {
 		out = append(out, upstream.Rule{Topic: r.Topic, Action: r.Action, Fields: r.Fields})
 	}
-	return append(out, cfg.Forward...)
+	if off[optOutFwStatus] {
+		out = append(out, upstream.Rule{Topic: fwStatusTopics, Action: upstream.ActionLocal})
+	}
+	return append(out, cfg.Forward...), nil
 }
 
 // applyForwardRules puts the console's rules in force. It changes the rules
@@ -142,8 +181,16 @@ func (u consoleUpstream) Show(ctx context.Context) (console.Report, error) {
 		maps = append(maps, []string{"downlink", m.Remote, m.Local})
 	}
 	var rules [][]string
-	for _, r := range g.forwardRules(cfg.Config) {
+	rs, rerr := g.effectiveRules(cfg.Config)
+	for _, r := range rs {
 		rules = append(rules, []string{r.Topic, r.Action, strings.Join(r.Fields, ", ")})
+	}
+	// Last: it says why nothing moves, whatever else is wrong.
+	switch {
+	case rerr != nil:
+		link.Alarm = "the privacy settings cannot be read (" + rerr.Error() + "): the link holds: it sends nothing and deletes nothing queued, and devices' new messages are refused (they keep them and send them again); fix the store, then save a forwarding rule or reload the configuration (SIGHUP)"
+	case g.rulesHeld.Load():
+		link.Alarm = "the link holds (it sends nothing, and devices' new messages are refused) since the privacy settings could not be read; they can be now: save a forwarding rule or reload the configuration (SIGHUP) to put them in force"
 	}
 	secs := []console.Section{link}
 	if pk, err := g.upstream.ListParked(ctx, 20); err == nil && pk.Depth > 0 {
@@ -156,7 +203,7 @@ func (u consoleUpstream) Show(ctx context.Context) (console.Report, error) {
 	}
 	return console.Report{Sections: append(secs,
 		console.Section{Title: "Topic mapping", Header: []string{"direction", "from", "to"}, Table: maps},
-		console.Section{Title: "Forwarding rules in effect (the console's and bastion.yaml's; where several match, the most restrictive decides)", Header: []string{"topic", "action", "fields"}, Table: rules},
+		console.Section{Title: "Forwarding rules in effect (the console's, the firmware.status opt-out's and bastion.yaml's; where several match, the most restrictive decides)", Header: []string{"topic", "action", "fields"}, Table: rules},
 	)}, nil
 }
 
