@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/bastion-iot/bastion/bridges/hub"
+	"github.com/bastion-iot/bastion/bridges/queue"
 	"github.com/bastion-iot/bastion/bridges/upstream"
 	"github.com/bastion-iot/bastion/gateway/console"
 	"github.com/bastion-iot/bastion/gateway/store"
@@ -205,6 +206,119 @@ func (u consoleUpstream) Show(ctx context.Context) (console.Report, error) {
 		console.Section{Title: "Topic mapping", Header: []string{"direction", "from", "to"}, Table: maps},
 		console.Section{Title: "Forwarding rules in effect (the console's, the firmware.status opt-out's and bastion.yaml's; where several match, the most restrictive decides)", Header: []string{"topic", "action", "fields"}, Table: rules},
 	)}, nil
+}
+
+// DeviceMessages lists device's messages in the upstream queue and the
+// parking queue (console.UpstreamQueues), for the export of its data.
+func (u consoleUpstream) DeviceMessages(ctx context.Context, device string, max, maxBytes int) (console.UpstreamMessages, error) {
+	g := u.g
+	out := console.UpstreamMessages{Messages: []console.UpstreamMessage{}}
+	size := 0
+	add := func(m console.UpstreamMessage) {
+		if len(out.Messages) >= max || size+len(m.Payload) > maxBytes {
+			out.Truncated = true
+			return
+		}
+		size += len(m.Payload)
+		out.Messages = append(out.Messages, m)
+	}
+	if g.queue == nil {
+		return out, nil
+	}
+	err := eachOfDevice(ctx, g.queue, device, func(e queue.Entry) error {
+		out.Queued++
+		add(console.UpstreamMessage{Queue: "queued", Topic: e.Topic, Received: e.Received, QoS: e.QoS, Payload: slices.Clone(e.Payload)})
+		return nil
+	})
+	if err != nil || g.parking == nil {
+		return out, err
+	}
+	// The parking queue's records carry why the broker refused them; the
+	// link reads them (ListParked), the queue has the payloads.
+	pk, err := g.upstream.ListParked(ctx, g.parking.Stats().Depth)
+	if err != nil {
+		return out, fmt.Errorf("list device %s's parked upstream messages: %w", device, err)
+	}
+	meta := map[uint64]upstream.ParkedMessage{}
+	for _, m := range pk.Messages {
+		if m.Device == device {
+			meta[m.Seq] = m
+		}
+	}
+	err = eachOfDevice(ctx, g.parking, device, func(e queue.Entry) error {
+		m, ok := meta[e.Seq]
+		if !ok {
+			return nil // parked after the listing, or retried or dropped since
+		}
+		out.Parked++
+		add(console.UpstreamMessage{Queue: "parked", Topic: m.Topic, Received: m.Received, QoS: m.QoS, Payload: slices.Clone(e.Payload), Refused: m.Why})
+		return nil
+	})
+	return out, err
+}
+
+// DropDevice deletes device's messages from the parking queue, then from
+// the upstream queue, where a retry of parked messages puts them
+// (console.UpstreamQueues), for the erase of its data. A message the link
+// is sending as they are deleted may still reach the cloud.
+func (u consoleUpstream) DropDevice(ctx context.Context, device string) (queued, parked int, err error) {
+	g := u.g
+	drop := func(q *queue.Queue) (int, error) {
+		n := 0
+		err := eachOfDevice(ctx, q, device, func(e queue.Entry) error {
+			if err := q.Ack(e.Seq); err != nil {
+				return err
+			}
+			n++
+			return nil
+		})
+		return n, err
+	}
+	if g.parking != nil {
+		if parked, err = drop(g.parking); err != nil {
+			return 0, parked, fmt.Errorf("delete device %s's parked upstream messages: %w", device, err)
+		}
+	}
+	if g.queue != nil {
+		if queued, err = drop(g.queue); err != nil {
+			return queued, parked, fmt.Errorf("delete device %s's queued upstream messages: %w", device, err)
+		}
+	}
+	if queued+parked > 0 {
+		g.log.Info("upstream: a device's queued and parked messages deleted with its data", "device", device, "queued", queued, "parked", parked)
+	}
+	return queued, parked, nil
+}
+
+// eachOfDevice calls fn for each of device's messages q holds, oldest
+// first: all those it holds when called, and those written meanwhile
+// within a bound (as many again as it held, and a batch).
+func eachOfDevice(ctx context.Context, q *queue.Queue, device string, fn func(queue.Entry) error) error {
+	const batch = 64
+	budget := 2*q.Stats().Depth + batch
+	for after := uint64(0); budget > 0; {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		es, err := q.Held(after, min(batch, budget))
+		if err != nil {
+			return fmt.Errorf("read the queue: %w", err)
+		}
+		if len(es) == 0 {
+			return nil
+		}
+		budget -= len(es)
+		for _, e := range es {
+			after = e.Seq
+			if e.Device != device {
+				continue
+			}
+			if err := fn(e); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
 
 type consoleFirmware struct{ g *Gateway }

@@ -1,5 +1,10 @@
 package console
 
+import (
+	"context"
+	"time"
+)
+
 // Datum is one kind of data Bastion collects or forwards: what, why, where
 // it goes, how long it is kept, and whether it may be switched off. The
 // list is the privacy statement; the console page and GET /api/v1/privacy
@@ -66,4 +71,39 @@ func (h *Handler) privacy() ([]Datum, error) {
 		out[i] = d
 	}
 	return out, err
+}
+
+// UpstreamQueues is an optional part of Upstream: a device's telemetry the
+// upstream link holds for the cloud, in its queue (waiting to be sent) and
+// its parking queue (refused by the broker for good, kept until an
+// operator retries or drops them). The export lists it and the erase
+// deletes it: parked messages are kept for years and listed with their
+// device, and queued ones would reach the cloud after the erase.
+type UpstreamQueues interface {
+	// DeviceMessages returns how many of device's messages each queue
+	// holds, and the first of them (queued ones first), at most max
+	// messages and about maxBytes of payload.
+	DeviceMessages(ctx context.Context, device string, max, maxBytes int) (UpstreamMessages, error)
+	// DropDevice deletes device's messages from both queues and returns
+	// how many it deleted from each.
+	DropDevice(ctx context.Context, device string) (queued, parked int, err error)
+}
+
+// UpstreamMessages is a device's telemetry the upstream link holds.
+type UpstreamMessages struct {
+	Queued int `json:"queued"`
+	Parked int `json:"parked"`
+	// Messages are the first of them; Truncated says there are more.
+	Messages  []UpstreamMessage `json:"messages"`
+	Truncated bool              `json:"truncated,omitempty"`
+}
+
+// UpstreamMessage is one message the upstream link holds.
+type UpstreamMessage struct {
+	Queue    string    `json:"queue"` // "queued" or "parked"
+	Topic    string    `json:"topic"`
+	Received time.Time `json:"received"`
+	QoS      byte      `json:"qos"`
+	Payload  []byte    `json:"payload"`           // base64 in JSON
+	Refused  string    `json:"refused,omitempty"` // parked: why the broker refused it
 }
