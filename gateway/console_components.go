@@ -230,7 +230,7 @@ func (u consoleUpstream) DeviceMessages(ctx context.Context, device string, max,
 		add(console.UpstreamMessage{Queue: "queued", Topic: e.Topic, Received: e.Received, QoS: e.QoS, Payload: slices.Clone(e.Payload)})
 		return nil
 	})
-	if err != nil || g.parking == nil {
+	if err != nil || g.parking == nil || g.upstream == nil {
 		return out, err
 	}
 	// The parking queue's records carry why the broker refused them; the
