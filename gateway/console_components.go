@@ -9,6 +9,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/bastion-iot/bastion/bridges/hub"
+	"github.com/bastion-iot/bastion/bridges/queue"
 	"github.com/bastion-iot/bastion/bridges/upstream"
 	"github.com/bastion-iot/bastion/gateway/console"
 	"github.com/bastion-iot/bastion/gateway/store"
@@ -29,7 +31,13 @@ func (g *Gateway) wireConsole() {
 	if g.pairing != nil {
 		c.Pairing = consolePairing{g.pairing}
 	}
-	c.OptOutsChanged = g.applyOptOuts
+	c.OptOutsChanged = func(off map[string]bool) {
+		g.applyOptOuts(off)
+		// The firmware.status opt-out is a forwarding rule too.
+		if err := g.applyForwardRules(); err != nil {
+			g.log.Error("the privacy opt-outs could not be applied to the upstream link's forwarding rules; the previous rules stay in force", "err", err)
+		}
+	}
 	c.RulesChanged = func([]store.ForwardRule) error {
 		if err := g.applyForwardRules(); err != nil {
 			g.log.Error("forwarding rules from the console could not be applied to the upstream link; the previous rules stay in force", "err", err)
@@ -40,21 +48,53 @@ func (g *Gateway) wireConsole() {
 	g.consoleHandler.SetComponents(c)
 }
 
-// forwardRules is the effective privacy policy: the rules set in the
-// console and those in bastion.yaml; where several match a topic the most
-// restrictive decides (bridges/upstream). If the console's rules cannot be
-// read, nothing is forwarded: one of them may be a local rule.
+// forwardRules is the effective privacy policy, for the link: the rules set
+// in the console, those in bastion.yaml, and, while the firmware.status
+// opt-out is on, a local rule for firmware status reports; where several
+// match a topic the most restrictive decides (bridges/upstream). If the
+// console's rules or the opt-outs cannot be read, the link holds
+// (upstream.ActionHold): nothing is sent, as one of them may keep a topic
+// local, and nothing queued is deleted, as a local rule on # did, though
+// every queued message had been acknowledged to its device. Its devices'
+// new messages are refused as a full queue and sent again by them.
 func (g *Gateway) forwardRules(cfg upstream.Config) []upstream.Rule {
+	rs, err := g.effectiveRules(cfg)
+	g.rulesHeld.Store(err != nil)
+	if err != nil {
+		g.log.Error("cannot read the privacy settings (the console's forwarding rules or opt-outs); the upstream link holds: it sends nothing and deletes nothing queued, and devices' new messages are refused until they can be read (fix the store, then save a rule in the console or reload: SIGHUP)", "err", err)
+	}
+	return rs
+}
+
+// holdRules is what the link applies while the console's privacy settings
+// cannot be read: a hold, then the file's rules (a local one among them
+// still withholds).
+func holdRules(file []upstream.Rule) []upstream.Rule {
+	return append([]upstream.Rule{{Topic: "#", Action: upstream.ActionHold}}, file...)
+}
+
+// fwStatusTopics are the firmware status reports' topics (statusTopic),
+// kept local while the firmware.status opt-out is on.
+const fwStatusTopics = "devices/+/" + hub.ClassStatus + "/fw/#"
+
+// effectiveRules is forwardRules without its log and record, for display.
+func (g *Gateway) effectiveRules(cfg upstream.Config) ([]upstream.Rule, error) {
 	rs, err := g.store.ForwardRules()
 	if err != nil {
-		g.log.Error("cannot read the console's forwarding rules; forwarding nothing upstream until they can be read (restart or change a rule to try again)", "err", err)
-		return []upstream.Rule{{Topic: "#", Action: upstream.ActionLocal}}
+		return holdRules(cfg.Forward), fmt.Errorf("read the console's forwarding rules: %w", err)
+	}
+	off, err := g.store.OptOuts()
+	if err != nil {
+		return holdRules(cfg.Forward), fmt.Errorf("read the privacy opt-outs: %w", err)
 	}
 	var out []upstream.Rule
 	for _, r := range rs {
 		out = append(out, upstream.Rule{Topic: r.Topic, Action: r.Action, Fields: r.Fields})
 	}
-	return append(out, cfg.Forward...)
+	if off[optOutFwStatus] {
+		out = append(out, upstream.Rule{Topic: fwStatusTopics, Action: upstream.ActionLocal})
+	}
+	return append(out, cfg.Forward...), nil
 }
 
 // applyForwardRules puts the console's rules in force. It changes the rules
@@ -142,8 +182,16 @@ func (u consoleUpstream) Show(ctx context.Context) (console.Report, error) {
 		maps = append(maps, []string{"downlink", m.Remote, m.Local})
 	}
 	var rules [][]string
-	for _, r := range g.forwardRules(cfg.Config) {
+	rs, rerr := g.effectiveRules(cfg.Config)
+	for _, r := range rs {
 		rules = append(rules, []string{r.Topic, r.Action, strings.Join(r.Fields, ", ")})
+	}
+	// Last: it says why nothing moves, whatever else is wrong.
+	switch {
+	case rerr != nil:
+		link.Alarm = "the privacy settings cannot be read (" + rerr.Error() + "): the link holds: it sends nothing and deletes nothing queued, and devices' new messages are refused (they keep them and send them again); fix the store, then save a forwarding rule or reload the configuration (SIGHUP)"
+	case g.rulesHeld.Load():
+		link.Alarm = "the link holds (it sends nothing, and devices' new messages are refused) since the privacy settings could not be read; they can be now: save a forwarding rule or reload the configuration (SIGHUP) to put them in force"
 	}
 	secs := []console.Section{link}
 	if pk, err := g.upstream.ListParked(ctx, 20); err == nil && pk.Depth > 0 {
@@ -156,8 +204,121 @@ func (u consoleUpstream) Show(ctx context.Context) (console.Report, error) {
 	}
 	return console.Report{Sections: append(secs,
 		console.Section{Title: "Topic mapping", Header: []string{"direction", "from", "to"}, Table: maps},
-		console.Section{Title: "Forwarding rules in effect (the console's and bastion.yaml's; where several match, the most restrictive decides)", Header: []string{"topic", "action", "fields"}, Table: rules},
+		console.Section{Title: "Forwarding rules in effect (the console's, the firmware.status opt-out's and bastion.yaml's; where several match, the most restrictive decides)", Header: []string{"topic", "action", "fields"}, Table: rules},
 	)}, nil
+}
+
+// DeviceMessages lists device's messages in the upstream queue and the
+// parking queue (console.UpstreamQueues), for the export of its data.
+func (u consoleUpstream) DeviceMessages(ctx context.Context, device string, max, maxBytes int) (console.UpstreamMessages, error) {
+	g := u.g
+	out := console.UpstreamMessages{Messages: []console.UpstreamMessage{}}
+	size := 0
+	add := func(m console.UpstreamMessage) {
+		if len(out.Messages) >= max || size+len(m.Payload) > maxBytes {
+			out.Truncated = true
+			return
+		}
+		size += len(m.Payload)
+		out.Messages = append(out.Messages, m)
+	}
+	if g.queue == nil {
+		return out, nil
+	}
+	err := eachOfDevice(ctx, g.queue, device, func(e queue.Entry) error {
+		out.Queued++
+		add(console.UpstreamMessage{Queue: "queued", Topic: e.Topic, Received: e.Received, QoS: e.QoS, Payload: slices.Clone(e.Payload)})
+		return nil
+	})
+	if err != nil || g.parking == nil || g.upstream == nil {
+		return out, err
+	}
+	// The parking queue's records carry why the broker refused them; the
+	// link reads them (ListParked), the queue has the payloads.
+	pk, err := g.upstream.ListParked(ctx, g.parking.Stats().Depth)
+	if err != nil {
+		return out, fmt.Errorf("list device %s's parked upstream messages: %w", device, err)
+	}
+	meta := map[uint64]upstream.ParkedMessage{}
+	for _, m := range pk.Messages {
+		if m.Device == device {
+			meta[m.Seq] = m
+		}
+	}
+	err = eachOfDevice(ctx, g.parking, device, func(e queue.Entry) error {
+		m, ok := meta[e.Seq]
+		if !ok {
+			return nil // parked after the listing, or retried or dropped since
+		}
+		out.Parked++
+		add(console.UpstreamMessage{Queue: "parked", Topic: m.Topic, Received: m.Received, QoS: m.QoS, Payload: slices.Clone(e.Payload), Refused: m.Why})
+		return nil
+	})
+	return out, err
+}
+
+// DropDevice deletes device's messages from the parking queue, then from
+// the upstream queue, where a retry of parked messages puts them
+// (console.UpstreamQueues), for the erase of its data. A message the link
+// is sending as they are deleted may still reach the cloud.
+func (u consoleUpstream) DropDevice(ctx context.Context, device string) (queued, parked int, err error) {
+	g := u.g
+	drop := func(q *queue.Queue) (int, error) {
+		n := 0
+		err := eachOfDevice(ctx, q, device, func(e queue.Entry) error {
+			if err := q.Ack(e.Seq); err != nil {
+				return err
+			}
+			n++
+			return nil
+		})
+		return n, err
+	}
+	if g.parking != nil {
+		if parked, err = drop(g.parking); err != nil {
+			return 0, parked, fmt.Errorf("delete device %s's parked upstream messages: %w", device, err)
+		}
+	}
+	if g.queue != nil {
+		if queued, err = drop(g.queue); err != nil {
+			return queued, parked, fmt.Errorf("delete device %s's queued upstream messages: %w", device, err)
+		}
+	}
+	if queued+parked > 0 {
+		g.log.Info("upstream: a device's queued and parked messages deleted with its data", "device", device, "queued", queued, "parked", parked)
+	}
+	return queued, parked, nil
+}
+
+// eachOfDevice calls fn for each of device's messages q holds, oldest
+// first: all those it holds when called, and those written meanwhile
+// within a bound (as many again as it held, and a batch).
+func eachOfDevice(ctx context.Context, q *queue.Queue, device string, fn func(queue.Entry) error) error {
+	const batch = 64
+	budget := 2*q.Stats().Depth + batch
+	for after := uint64(0); budget > 0; {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		es, err := q.Held(after, min(batch, budget))
+		if err != nil {
+			return fmt.Errorf("read the queue: %w", err)
+		}
+		if len(es) == 0 {
+			return nil
+		}
+		budget -= len(es)
+		for _, e := range es {
+			after = e.Seq
+			if e.Device != device {
+				continue
+			}
+			if err := fn(e); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
 
 type consoleFirmware struct{ g *Gateway }

@@ -121,7 +121,11 @@ type Gateway struct {
 	queue         *queue.Queue
 	parking       *queue.Queue // messages the broker refused for good
 	upstream      *upstream.Upstream
-	pairing       *pairingSvc
+	// rulesHeld: the last rules read for the link (forwardRules) were a
+	// hold, as the console's rules or the opt-outs could not be read; the
+	// console shows an alarm until they are read again.
+	rulesHeld atomic.Bool
+	pairing   *pairingSvc
 	// consoleHandler is the console's pages and API (nil if disabled).
 	consoleHandler *console.Handler
 	// sink takes device telemetry: the upstream link when there is one.

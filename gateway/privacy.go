@@ -11,7 +11,8 @@ const (
 )
 
 // optOuts reads the opt-outs from the store. A store that cannot be read
-// counts as opted out of everything optional: privacy fails closed.
+// counts as opted out of everything optional: privacy fails closed. It
+// decides what is kept and shown, never what is erased (startOptOuts).
 func (g *Gateway) optOuts() map[string]bool {
 	m, err := g.store.OptOuts()
 	if err != nil {
@@ -45,8 +46,26 @@ func (g *Gateway) applyOptOuts(off map[string]bool) {
 	}
 }
 
-// startOptOuts applies the stored opt-outs once the hub exists.
-func (g *Gateway) startOptOuts() { g.applyOptOuts(g.optOuts()) }
+// startOptOuts applies the stored opt-outs once the hub exists. Opt-outs
+// that cannot be read are not taken as all switched on, which erased every
+// stored firmware status report: nothing is erased. The hub keeps no
+// counters or last-seen times (it holds none yet), and stored reports are
+// neither loaded nor shown while the opt-outs stay unreadable (optedOut,
+// fwStatusStore); a report is written only if the write's own transaction
+// reads the opt-out as off.
+func (g *Gateway) startOptOuts() { g.startOptOutsFrom(g.store.OptOuts()) }
+
+// startOptOutsFrom is startOptOuts with the store's answer.
+func (g *Gateway) startOptOutsFrom(off map[string]bool, err error) {
+	if err != nil {
+		g.log.Error("privacy opt-outs unreadable at start: erasing nothing; the hub keeps no per-device counters or last-seen times (until restart or a change on the console's privacy page), and stored firmware status reports are not shown while they stay unreadable", "err", err)
+		if g.hub != nil {
+			g.hub.SetTrafficOptOut(hub.TrafficOptOut{Counters: true, LastSeen: true})
+		}
+		return
+	}
+	g.applyOptOuts(off)
+}
 
 // fwStatusStore is the firmware cache's StatusStore with the
 // firmware.status opt-out applied: while it is on, nothing is loaded and

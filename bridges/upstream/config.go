@@ -74,7 +74,8 @@ type Rule struct {
 	// Topic is an MQTT filter over local topics (devices/+/t/#).
 	Topic string `toml:"topic" yaml:"topic" json:"topic"`
 	// Action is "forward", "redact" (drop Fields from a JSON object
-	// payload) or "local" (never leaves the gateway).
+	// payload), "local" (never leaves the gateway) or "hold" (on "#" only:
+	// see ActionHold).
 	Action string `toml:"action" yaml:"action" json:"action"`
 	// Fields are the JSON fields redact removes; a dotted name reaches
 	// into nested objects and arrays of them (gps.lat), see redact.
@@ -86,6 +87,15 @@ const (
 	ActionForward = "forward"
 	ActionRedact  = "redact"
 	ActionLocal   = "local"
+	// ActionHold, on "#", sends nothing and deletes nothing: queued
+	// messages stay queued, unsent, and new ones are refused
+	// (bridges.ErrQueueFull), so their devices keep them and send them
+	// again. The gateway puts it in force while the privacy rules it adds
+	// to the file's cannot be read: one of them may keep a topic local,
+	// and a local rule in their place deleted every queued message,
+	// though each had been acknowledged to its device. A local rule that
+	// matches still withholds: no rule can make that message leave.
+	ActionHold = "hold"
 )
 
 // Defaults fills unset fields. It does not touch Forward: forwarding
@@ -256,6 +266,10 @@ func validateRules(rules []Rule) []error {
 		case ActionForward, ActionLocal:
 			if len(r.Fields) > 0 {
 				bad(key+".fields", "only used with action \"redact\"")
+			}
+		case ActionHold:
+			if r.Topic != "#" || len(r.Fields) > 0 {
+				bad(key, "hold is only for topic \"#\", with no fields")
 			}
 		case ActionRedact:
 			if len(r.Fields) == 0 {

@@ -34,6 +34,8 @@ func TestConfigValidate(t *testing.T) {
 		"unknown action":      {edit: func(c *Config) { c.Forward = []Rule{{Topic: "devices/#", Action: "send"}} }, want: []string{"upstream.forward[0].action", "forward, redact or local"}},
 		"redact needs fields": {edit: func(c *Config) { c.Forward = []Rule{{Topic: "devices/#", Action: ActionRedact}} }, want: []string{"upstream.forward[0].fields"}},
 		"bad rule filter":     {edit: func(c *Config) { c.Forward = []Rule{{Topic: "devices/#/x", Action: ActionForward}} }, want: []string{"upstream.forward[0].topic"}},
+		"hold on #":           {edit: func(c *Config) { c.Forward = []Rule{{Topic: "#", Action: ActionHold}} }},
+		"hold on a topic":     {edit: func(c *Config) { c.Forward = []Rule{{Topic: "devices/#", Action: ActionHold}} }, want: []string{"upstream.forward[0]: hold is only for topic \"#\""}},
 		"uplink outside ns":   {edit: func(c *Config) { c.Uplink = []Mapping{{Local: "other/{id}/#", Remote: "{prefix}/{id}/#"}} }, want: []string{"upstream.uplink[0].local", "devices/{id}/"}},
 		"uplink without id":   {edit: func(c *Config) { c.Uplink = []Mapping{{Local: "devices/{id}/t/#", Remote: "{prefix}/t/#"}} }, want: []string{"upstream.uplink[0].remote", "no {id}"}},
 		"uplink no final #":   {edit: func(c *Config) { c.Uplink = []Mapping{{Local: "devices/{id}/t", Remote: "{prefix}/{id}/#"}} }, want: []string{"upstream.uplink[0].local", "/#"}},
@@ -224,5 +226,38 @@ func TestPrivacyRules(t *testing.T) {
 	}
 	if v, _, reason, _ := applyRules(nil, "devices/a/t/temp", []byte("{}")); v != withhold || reason != "no_rule" {
 		t.Errorf("no rules configured: %v %q, want withhold no_rule", v, reason)
+	}
+}
+
+// TestPrivacyRulesHold: with a hold rule in force (the gateway cannot read
+// its rules) every message is held, neither sent nor withheld, except one
+// a local rule keeps local: no rule could make that one leave. Whatever
+// the order of the rules.
+func TestPrivacyRulesHold(t *testing.T) {
+	rules := []Rule{
+		{Topic: "devices/+/t/secret/#", Action: ActionLocal},
+		{Topic: "#", Action: ActionHold},
+		{Topic: "devices/+/t/gps", Action: ActionRedact, Fields: []string{"lat"}},
+		{Topic: "devices/+/t/#", Action: ActionForward},
+	}
+	cases := []struct {
+		topic, payload string
+		want           verdict
+		reason         string
+	}{
+		{"devices/a/t/secret/x", `{}`, withhold, "local"},
+		{"devices/a/t/temp", `{"c":1}`, hold, "rules_unreadable"},
+		{"devices/a/t/gps", `{"lat":1}`, hold, "rules_unreadable"},
+		{"devices/a/t/gps", `not json`, hold, "rules_unreadable"},
+		{"devices/a/state", `{}`, hold, "rules_unreadable"},
+	}
+	for i := range rules {
+		order := slices.Concat(rules[i:], rules[:i])
+		for _, c := range cases {
+			v, out, reason, _ := applyRules(order, c.topic, []byte(c.payload))
+			if d := cmp.Diff([]any{c.want, "", c.reason}, []any{v, string(out), reason}); d != "" {
+				t.Errorf("applyRules(%q, %s) with rules in the order %v (-want +got):\n%s", c.topic, c.payload, order, d)
+			}
+		}
 	}
 }

@@ -14,24 +14,27 @@ type verdict int
 const (
 	withhold verdict = iota // stays local
 	send
+	hold // neither sent nor deleted: the rules are not known now (ActionHold)
 )
 
 // Withheld reasons of a redact rule that cannot be applied.
 const (
 	reasonRedactNotJSON   = "redact_not_json"   // the payload is not one JSON object
 	reasonRedactNotObject = "redact_not_object" // a named field sits under a value redaction cannot reach into
+	reasonRulesUnreadable = "rules_unreadable"  // an ActionHold rule: the gateway cannot read its rules
 )
 
 // applyRules returns the payload to send, or withhold with a reason
 // ("no_rule", "local", reasonRedactNotJSON, reasonRedactNotObject; for the
-// last two, err says why). When several rules match, the most restrictive
-// wins, whatever their order: local over redact over forward, and every
+// last two, err says why), or hold (reasonRulesUnreadable). When several
+// rules match, the most restrictive wins, whatever their order: local over
+// hold over redact over forward, and every
 // matching redact rule's fields are removed. The rules come from two places
 // (the console and bastion.yaml) and the console's are listed in topic
 // order, so an order-based rule would let a broad forward rule undo a
 // narrower local one.
 func applyRules(rules []Rule, topic string, payload []byte) (verdict, []byte, string, error) {
-	redacting, forward := false, false
+	redacting, forward, held := false, false, false
 	var fields []string
 	for _, r := range rules {
 		if !matchFilter(r.Topic, topic) {
@@ -45,9 +48,13 @@ func applyRules(rules []Rule, topic string, payload []byte) (verdict, []byte, st
 			fields = append(fields, r.Fields...)
 		case ActionForward:
 			forward = true
+		case ActionHold:
+			held = true
 		}
 	}
 	switch {
+	case held:
+		return hold, nil, reasonRulesUnreadable, nil
 	case redacting:
 		out, err := redact(payload, fields)
 		var ne notObjectError

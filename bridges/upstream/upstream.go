@@ -431,7 +431,9 @@ func (u *Upstream) AcceptNotify(ctx context.Context, m bridges.Message, done fun
 // max_topic_levels is refused (bridges.ErrTopicRefused), nothing stored:
 // the verdict is the configuration's, known now, and the link would only
 // park it unsent (or, with the parking queue full, hold its device's
-// messages behind it), its device told it was accepted.
+// messages behind it), its device told it was accepted. While the rules
+// hold (ActionHold) a message no local rule withholds is refused
+// (bridges.ErrQueueFull), nothing stored: its device keeps it.
 func (u *Upstream) gate(m bridges.Message) (_ bridges.Message, keep bool, _ error) {
 	if !strings.HasPrefix(m.Topic, bridges.TopicPrefix(m.Device)) {
 		return m, false, fmt.Errorf("upstream accept: topic %q is outside device %q's namespace %s", m.Topic, m.Device, bridges.TopicPrefix(m.Device))
@@ -443,12 +445,20 @@ func (u *Upstream) gate(m bridges.Message) (_ bridges.Message, keep bool, _ erro
 		return m, false, nil
 	}
 	v, payload, reason, err := applyRules(s.cfg.Forward, m.Topic, m.Payload)
-	if v == withhold {
+	switch v {
+	case withhold:
 		u.withheld(reason)
 		if err != nil {
 			u.redactFailed(m, reason, err)
 		}
 		return m, false, nil
+	case hold:
+		// Refused, not withheld: whether it may leave is not known now,
+		// and its device keeps it and sends it again.
+		u.m.refused.WithLabelValues(reason).Inc()
+		u.lines.Line(u.log, slog.LevelError, "rules_held", "upstream: messages refused to their devices: the privacy forwarding rules cannot be read, so nothing is sent or deleted until they can be (bastion_upstream_refused_total{reason=\"rules_unreadable\"})",
+			"device", m.Device, "topic", m.Topic)
+		return m, false, fmt.Errorf("upstream accept from %s: the privacy forwarding rules cannot be read, so whether the message may leave the box is not known; refused until they can be read: %w", m.Device, bridges.ErrQueueFull)
 	}
 	if s.cfg.beyondTopicLimits(length, levels) {
 		up, _ := s.routes.mapUp(m.Device, m.Topic)
@@ -1384,7 +1394,9 @@ func (u *Upstream) delivered(n int) {
 }
 
 // prepare applies the current mapping and privacy rules. A withheld message
-// is acked (removed) and keep is false.
+// is acked (removed) and keep is false. A held one (ActionHold) is an
+// error, which ends the run: it stays queued, unsent, with every message
+// after it, and the link tries again after a pause.
 func (u *Upstream) prepare(e queue.Entry, mapped *mappedTopics) (topic string, payload []byte, keep bool, _ error) {
 	s := u.cur.Load()
 	topic, ok := mapped.mapUp(s, e.Device, e.Topic)
@@ -1393,9 +1405,12 @@ func (u *Upstream) prepare(e queue.Entry, mapped *mappedTopics) (topic string, p
 		return "", nil, false, u.q.Ack(e.Seq)
 	}
 	v, payload, reason, _ := applyRules(s.cfg.Forward, e.Topic, e.Payload)
-	if v == withhold {
+	switch v {
+	case withhold:
 		u.withheldQueued(e, reason)
 		return "", nil, false, u.q.Ack(e.Seq)
+	case hold:
+		return "", nil, false, fmt.Errorf("upstream: the privacy forwarding rules cannot be read (%s); seq %d from %s and every message after it stay queued, unsent, until they can be", reason, e.Seq, e.Device)
 	}
 	return topic, payload, true, nil
 }

@@ -365,8 +365,19 @@ type deviceExport struct {
 	// Retained are the device's retained MQTT messages, by topic, as
 	// stored (the broker's record: payload in base64, flags, properties).
 	Retained map[string]json.RawMessage `json:"retained"`
-	Exported time.Time                  `json:"exported"`
+	// Upstream is the device's telemetry the upstream link holds, queued
+	// or parked (absent with the link off).
+	Upstream *UpstreamMessages `json:"upstream,omitempty"`
+	Exported time.Time         `json:"exported"`
 }
+
+// The export lists at most exportMessages of a device's queued and parked
+// messages, and about exportMessageBytes of their payloads: a router's
+// memory holds the export whole. The counts are complete.
+const (
+	exportMessages     = 1000
+	exportMessageBytes = 4 << 20
+)
 
 func (h *Handler) exportDevice(ctx context.Context, p *principal, id string) (deviceExport, error) {
 	v, err := h.getDevice(ctx, id)
@@ -399,6 +410,13 @@ func (h *Handler) exportDevice(ctx context.Context, p *principal, id string) (de
 		}
 		ex.Retained[topic] = v
 	}
+	if uq, ok := h.c().Upstream.(UpstreamQueues); ok {
+		um, err := uq.DeviceMessages(ctx, id, exportMessages, exportMessageBytes)
+		if err != nil {
+			return ex, err
+		}
+		ex.Upstream = &um
+	}
 	var before uint64
 	for range 100 { // at most 100 pages of the audit log
 		es, err := h.o.Store.AuditLog(500, before)
@@ -420,10 +438,13 @@ func (h *Handler) exportDevice(ctx context.Context, p *principal, id string) (de
 }
 
 // eraseDevice revokes the device and deletes what describes it (name,
-// vendor, model, version, last seen, firmware update status) and its
-// retained MQTT messages. The id and the revoked certificate serials stay,
+// vendor, model, version, last seen, firmware update status), its
+// retained MQTT messages, and its telemetry the upstream link holds
+// (queued or parked). The id and the revoked certificate serials stay,
 // because forgetting them would let the old credentials in again; the
-// audit log stays as the security record.
+// audit log stays as the security record. A revocation alone leaves the
+// queued telemetry to be sent: it was accepted while the device was
+// trusted, and its device was told it was stored.
 func (h *Handler) eraseDevice(ctx context.Context, p *principal, id string) error {
 	d, err := h.o.Store.Device(id)
 	if err != nil {
@@ -465,7 +486,16 @@ func (h *Handler) eraseDevice(ctx context.Context, p *principal, id string) erro
 	if err != nil {
 		return stopped("deleting the retained MQTT messages", "revoked, device record and firmware status deleted", err)
 	}
-	h.audit(ctx, p.actor(), "privacy.erase", id, fmt.Sprintf("device data and %d retained MQTT message(s) deleted; id and revocation kept", n))
+	// Its telemetry waiting for the cloud goes too, after the revocation
+	// (no new message of it is accepted): queued, it would be sent after
+	// the erase, and parked, it is kept for years and listed with its id.
+	var queued, parked int
+	if uq, ok := h.c().Upstream.(UpstreamQueues); ok {
+		if queued, parked, err = uq.DropDevice(ctx, id); err != nil {
+			return stopped("deleting the queued and parked upstream messages", fmt.Sprintf("revoked, device record, firmware status and %d retained MQTT message(s) deleted, %d queued and %d parked upstream message(s) deleted before the failure", n, queued, parked), err)
+		}
+	}
+	h.audit(ctx, p.actor(), "privacy.erase", id, fmt.Sprintf("device data, %d retained MQTT message(s), %d queued and %d parked upstream message(s) deleted; id and revocation kept", n, queued, parked))
 	return nil
 }
 
