@@ -2179,7 +2179,7 @@ func (q *Queue) readSpan(got []readDone, out []Entry, es []entry, span int64) ([
 		}
 		rel := e.off - first.off
 		rec, _, err := decodeRecordIn(b[rel:rel+int64(e.n)], e.seg.key, &q.strs)
-		if err == nil && (rec.kind != kindMsg || rec.seq != e.seq) {
+		if err == nil && (rec.kind != kindMsg && rec.kind != kindMoved || rec.seq != e.seq) {
 			err = fmt.Errorf("%w: holds record kind %d, seq %d", errCorrupt, rec.kind, rec.seq)
 		}
 		if err != nil {
