@@ -1761,6 +1761,14 @@ func (q *Queue) resume() {
 func (q *Queue) startAfterFailure() (*segment, error) {
 	q.mu.Lock()
 	base, active := q.nextSeq, q.segs[len(q.segs)-1]
+	if active.base == base && active.size > active.hdr {
+		// Named after the next seq, yet it holds records: a compaction
+		// started it for its copies, and their fsync failed. The new
+		// segment cannot take its name, so that seq is never given out
+		// (seqs need only increase; nothing is admitted while stopped).
+		q.nextSeq++
+		base++
+	}
 	q.mu.Unlock()
 	seg := active
 	if active.base != base || active.size > active.hdr {
