@@ -75,7 +75,7 @@ const (
 // if none. Only the head segment (the first that can be read: an
 // unverified one holds no held message and is stepped over, as reclaim
 // does) is ever compacted: it is the one that keeps the rest. Caller holds
-// q.mu; the writer goroutine only (compactRetry).
+// q.mu.
 func (q *Queue) compactPlanLocked() *segment {
 	if q.failed != nil || q.closed || len(q.segs) < 2 || q.diskBytes() < q.opts.MaxBytes/compactAbove {
 		return nil
@@ -146,13 +146,15 @@ func (q *Queue) compact() {
 		q.mu.Lock()
 		q.writingB = 0
 		gone := !slices.Contains(q.segs, h)
+		if !gone {
+			q.compactRetry = q.opts.Now().Add(compactRetryAfter)
+		}
 		q.mu.Unlock()
 		if gone {
 			// Its messages were delivered meanwhile and reclaim removed
 			// it (closing its file under the read): nothing to do.
 			return
 		}
-		q.compactRetry = q.opts.Now().Add(compactRetryAfter)
 		q.log.Error("queue: could not copy the held messages of the oldest segment forward ("+what+"); the delivered records behind them stay on disk, counted against the queue's bytes; trying again in "+compactRetryAfter.String(),
 			"segment", h.path, "held", len(es), "err", err)
 	}

@@ -11,8 +11,9 @@
 // commit); the zero tail reads back as the segment's clean end. A message
 // leaves the
 // queue only when the upstream link calls Ack after the broker's PUBACK.
-// Messages are read back in the order they were accepted, so order per device
-// is kept. The queue is bounded by bytes on disk and by the age of the oldest
+// Messages are read back in the order they were accepted (by sequence
+// number, also after compaction moved some: see compact.go), so order per
+// device is kept. The queue is bounded by bytes on disk and by the age of the oldest
 // message it holds; when either bound is reached Accept returns
 // bridges.ErrQueueFull and nothing already held is dropped.
 //
@@ -46,12 +47,15 @@ import (
 // Options bound and tune the queue. Zero values take the defaults.
 type Options struct {
 	// MaxBytes bounds the bytes of records on disk: every segment's,
-	// delivered records included. Disk is freed from the front only (a
-	// segment is removed once it and every segment before it hold nothing
-	// undelivered), so one undelivered message keeps every segment after
-	// it on disk and counted, however little of them is undelivered: the
-	// queue can refuse for bytes with a few messages held (the refusal
-	// says how many bytes are such delivered records). Default 64 MiB.
+	// delivered records included. Disk is freed from the front (a segment
+	// is removed once it and every segment before it hold nothing
+	// undelivered), so undelivered messages keep the segments after them
+	// on disk and counted. Once the segments take half of MaxBytes, the
+	// oldest segment's held messages are copied forward when that frees
+	// four times their bytes (see compact); where it does not, the queue
+	// can refuse for bytes with a few messages held (the refusal says how
+	// many bytes are such delivered records). A compaction's copies count
+	// on top until the old segment is removed. Default 64 MiB.
 	// The active segment is preallocated to SegmentBytes and the next one
 	// is prepared ahead (maybePrepareSpareLocked), so the files take at
 	// most two SegmentBytes more.
@@ -267,7 +271,7 @@ type Queue struct {
 	// compactDue asks the writer to see whether the head segment should
 	// be compacted (capacity 1): a refusal for bytes, or a compaction
 	// after which another may be due. compactRetry: no compaction before
-	// then after one failed (the writer goroutine's only).
+	// then after one failed (under mu).
 	compactDue   chan struct{}
 	compactRetry time.Time
 
@@ -1249,7 +1253,7 @@ func (q *Queue) admit(m bridges.Message, fn func(error)) (chan error, error) {
 				ub, strings.Join(paths, ", "))
 		}
 		if db, oldest := q.keptBehindLocked(); db > 0 {
-			stuck += fmt.Sprintf(" (%d of them in segments of delivered records only, kept behind the oldest undelivered message, seq %d, received %s: disk is freed from the front only, so they count until it is delivered)",
+			stuck += fmt.Sprintf(" (%d of them in segments of delivered records only, kept behind the oldest undelivered message, seq %d, received %s: disk is freed from the front, so they count until it is delivered, or until copying the held messages of the oldest segment forward frees four times what it copies)",
 				db, oldest.seq, time.Unix(0, oldest.received).UTC().Format(time.RFC3339))
 		}
 		depth := q.depth
