@@ -224,15 +224,16 @@ func TestCompactionCrashAtEachStep(t *testing.T) {
 		headSeg bool // the head segment is in the image
 	}
 	images := map[compactStep]image{}
-	q, _ := open(t, dir, compactOpts)
+	q, reg := open(t, dir, compactOpts)
 	q.compacting = func(step compactStep, seg *segment, off, n int64) {
 		_, err := os.Stat(head)
 		images[step] = image{dir: copyDir(t, dir), seg: filepath.Base(seg.path), off: off, n: n, headSeg: err == nil}
 	}
 	trigger := msg("t", 0)
 	held[acceptSeq(t, q, trigger)] = normalize([]Entry{{Message: trigger}})[0]
-	// The compaction follows the trigger's commit; Close waits for the
-	// writer.
+	// The compaction follows the trigger's commit (a Close before it
+	// would stop it); Close waits for the writer, and so for its last step.
+	waitFor(t, "the compaction", func() bool { return metricValue(t, reg, "bastion_queue_compactions_total") > 0 })
 	if err := q.Close(); err != nil {
 		t.Fatal(err)
 	}
