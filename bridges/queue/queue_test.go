@@ -909,6 +909,10 @@ func TestFullByBytes(t *testing.T) {
 	if r := metricValue(t, reg, "bastion_queue_refusals_total"); r != 1 {
 		t.Fatalf("refusals = %v, want 1", r)
 	}
+	// Every message held: copying any forward would free nothing.
+	if c := metricValue(t, reg, "bastion_queue_compactions_total"); c != 0 {
+		t.Fatalf("compactions = %v with every message held, want 0", c)
+	}
 	if st := q.Stats(); st.Bytes > 8<<10 || st.Depth != accepted {
 		t.Fatalf("stats when full = %+v; want bytes <= %d and depth %d", st, 8<<10, accepted)
 	}
