@@ -394,9 +394,7 @@ func TestCompactionOfV1Segment(t *testing.T) {
 	data = appendAck(data, acked)
 	// What a device could put in a payload: a moved record, unkeyed.
 	forged := msg("forged", 0)
-	fr := appendMsg(nil, 50, &forged) // below the segment's base, as a moved record's is
-	fr[recHeader] = kindMoved
-	data = appendWithChecksum(data, fr)
+	data = appendMoved(data, appendMsg(nil, 50, &forged)) // below the segment's base, as a moved record's is
 	m := msg("old", 30)
 	data = appendMsg(data, 130, &m)
 	data = appendAck(data, []uint64{130})
@@ -455,13 +453,6 @@ func flipChecksum(t *testing.T, path string, seq uint64) {
 		off += n
 	}
 	t.Fatalf("no record for seq %d in %s", seq, path)
-}
-
-// appendWithChecksum appends rec (a record whose body was changed) with
-// its unkeyed checksum made again.
-func appendWithChecksum(dst, rec []byte) []byte {
-	seal(rec, 0)
-	return append(dst, rec...)
 }
 
 // TestCompactionWhenFullRotatesAndResumes: the queue is full by bytes and

@@ -33,6 +33,16 @@ func appendAck(dst []byte, seqs []uint64) []byte {
 	return dst
 }
 
+// appendMoved appends the moved copy of the message record rec, as compact
+// makes it (the same body, kind kindMoved), checksummed unkeyed.
+func appendMoved(dst, rec []byte) []byte {
+	start := len(dst)
+	dst = append(dst, rec...)
+	dst[start+recHeader] = kindMoved
+	seal(dst[start:], 0)
+	return dst
+}
+
 // decodeRecord decodes the record at the start of b and returns it with its
 // total length. It never panics and never allocates more than the record's
 // own (checksummed, bounded) length. A message's Payload is a slice of b
@@ -51,6 +61,7 @@ func seedRecords() map[string][]byte {
 	full := appendMsg(nil, 42, &m)
 	return map[string][]byte{
 		"msg":        full,
+		"moved":      appendMoved(nil, full),
 		"msg-qos0":   appendMsg(nil, 1, &empty),
 		"ack":        appendAck(nil, []uint64{1, 2, 3, 1000, 1 << 40}),
 		"ack-empty":  appendAck(nil, nil),
@@ -84,6 +95,15 @@ func TestRecordRoundTrip(t *testing.T) {
 	}
 	if d := cmp.Diff(m, rec.msg); d != "" || rec.seq != 9 || rec.kind != kindMsg {
 		t.Fatalf("msg round trip seq=%d (-want +got):\n%s", rec.seq, d)
+	}
+	// A moved copy decodes as the same message, every field kept.
+	mv := appendMoved(nil, b)
+	rec, n, err = decodeRecord(mv)
+	if err != nil || n != len(mv) {
+		t.Fatalf("decode moved: n=%d err=%v", n, err)
+	}
+	if d := cmp.Diff(m, rec.msg); d != "" || rec.seq != 9 || rec.kind != kindMoved {
+		t.Fatalf("moved round trip seq=%d kind=%d (-want +got):\n%s", rec.seq, rec.kind, d)
 	}
 	acks := []uint64{3, 4, 90}
 	rec, _, err = decodeRecord(appendAck(nil, acks))
@@ -160,6 +180,8 @@ func FuzzDecodeRecord(f *testing.F) {
 		switch rec.kind {
 		case kindMsg:
 			re = appendMsg(nil, rec.seq, &rec.msg)
+		case kindMoved:
+			re = appendMoved(nil, appendMsg(nil, rec.seq, &rec.msg))
 		case kindAck:
 			re = appendAck(nil, rec.acks)
 		default:
