@@ -269,8 +269,8 @@ type Queue struct {
 	resumeDue  chan struct{}
 	resumeWait time.Duration
 	// compactDue asks the writer to see whether the head segment should
-	// be compacted (capacity 1): a refusal for bytes, or a compaction
-	// after which another may be due. compactRetry: no compaction before
+	// be compacted (capacity 1): a write (flush found one due), a refusal
+	// for bytes, or a compaction after which another may be due. compactRetry: no compaction before
 	// then after one failed (under mu).
 	compactDue   chan struct{}
 	compactRetry time.Time
@@ -1346,10 +1346,6 @@ func (q *Queue) writer() {
 		case haveAcks && fired:
 			q.flush(false)
 		}
-		// After the commit, or the marks a delivery left: the bytes the
-		// head segment keeps may have crossed compactAbove. A lock and a
-		// sum over the segments when nothing is due.
-		q.compact()
 	}
 }
 
@@ -1499,6 +1495,14 @@ func (q *Queue) flush(sync bool) {
 		q.m.accepted.Add(float64(len(batch) - waiting(batch)))
 		q.m.depth.Set(float64(q.depth))
 		q.m.bytes.Set(float64(q.diskBytes()))
+		if q.compactPlanLocked() != nil {
+			// The bytes the head segment keeps crossed compactAbove: the
+			// writer compacts after this commit. Looked at here, under the
+			// lock flush holds anyway, so that a commit with nothing due
+			// costs the look and nothing else (no lock of its own, which
+			// the link's Next and Ack would meet right after the commit).
+			signal(q.compactDue)
+		}
 		if len(batch) > 0 {
 			close(q.notify)
 			q.notify = make(chan struct{})
