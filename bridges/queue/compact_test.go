@@ -518,3 +518,64 @@ func TestCompactionWhenFullRotatesAndResumes(t *testing.T) {
 		t.Fatalf("held after reopen (-want +got):\n%s", d)
 	}
 }
+
+// TestCompactionWhileTheLinkReads: a reader that works like the link
+// (NextInto past what it has, acknowledging all but one device's
+// messages) runs while a writer accepts 2,000 messages behind that
+// device's one stuck message, so that compactions move it while reads are
+// planned and made without the lock. Every message is handed out once, in
+// seq order; none is refused; the stuck one is held at the end, as it was.
+func TestCompactionWhileTheLinkReads(t *testing.T) {
+	q, reg := open(t, t.TempDir(), Options{MaxBytes: 8 << 10, SegmentBytes: 2 << 10})
+	ctx, cancel := context.WithCancel(context.Background())
+	stuck := msg("stuck", 0)
+	stuckSeq := acceptSeq(t, q, stuck)
+	const n = 2000
+	got := make(chan []uint64, 1)
+	go func() {
+		var seqs []uint64
+		var es []Entry
+		var buf []byte
+		var after uint64
+		for {
+			var err error
+			es, buf, err = q.NextInto(ctx, after, 64, es, buf)
+			if err != nil {
+				got <- seqs
+				return
+			}
+			for _, e := range es {
+				seqs = append(seqs, e.Seq)
+				after = e.Seq
+				if e.Device != "stuck" {
+					q.Ack(e.Seq)
+				}
+			}
+		}
+	}()
+	var want []uint64
+	want = append(want, stuckSeq)
+	for i := range n {
+		want = append(want, acceptSeq(t, q, msg("x", i)))
+	}
+	waitFor(t, "every message handed out", func() bool {
+		q.mu.Lock()
+		defer q.mu.Unlock()
+		return q.depth == 1
+	})
+	cancel()
+	seqs := <-got
+	if d := cmp.Diff(want, seqs); d != "" {
+		t.Fatalf("seqs handed out (-want +got):\n%s", d)
+	}
+	if c := metricValue(t, reg, "bastion_queue_compactions_total"); c < 1 {
+		t.Fatalf("compactions %v, want some", c)
+	}
+	es, err := q.Held(0, 10)
+	if err != nil || len(es) != 1 || es[0].Seq != stuckSeq {
+		t.Fatalf("held at the end: %+v, %v; want the stuck message alone", es, err)
+	}
+	if d := cmp.Diff(normalize([]Entry{{Message: stuck}}), normalize(es)); d != "" {
+		t.Fatalf("stuck message (-want +got):\n%s", d)
+	}
+}
