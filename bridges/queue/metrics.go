@@ -18,7 +18,10 @@ type metrics struct {
 	unreadable prometheus.Counter
 	lost       prometheus.Counter
 	stopped    prometheus.Gauge
-	reg        prometheus.Registerer
+	// compactions and moved: see compact.
+	compactions prometheus.Counter
+	moved       prometheus.Counter
+	reg         prometheus.Registerer
 }
 
 func newMetrics(q *Queue) *metrics {
@@ -38,7 +41,7 @@ func newMetrics(q *Queue) *metrics {
 		refused: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bastion_queue_refusals_total",
 			Help: "Messages refused by the queue, by reason (bytes, age, too_large, disk_full: a write that found the disk full, or the queue stopped after one; disk_error: a failed write, rotation or fsync, or the queue stopped after one; of a failed fsync's batch only the messages whose Accept reports it)."}, []string{"reason"}),
 		fsyncs: prometheus.NewCounter(prometheus.CounterOpts{Name: "bastion_queue_fsyncs_total",
-			Help: "fsync calls made by the queue: one per group-commit batch, two per new segment (the file and its directory), and one per open (the directory, after moving the sequence floor)."}),
+			Help: "fsync calls made by the queue: one per group-commit batch, two per new segment (the file and its directory), one per compaction, and one per open (the directory, after moving the sequence floor)."}),
 		// A histogram, not only a sum: a disk whose mean commit is quick
 		// but whose every hundredth stalls for milliseconds (an SD card's
 		// garbage collection, a busy host's flush) holds every device
@@ -58,13 +61,17 @@ func newMetrics(q *Queue) *metrics {
 			Help: "Bytes of queue segments the disk could not read at open (EIO); the messages around them were kept."}),
 		stopped: prometheus.NewGauge(prometheus.GaugeOpts{Name: "bastion_queue_stopped",
 			Help: "1 while a failed write, rotation or fsync has stopped the queue from accepting messages (it tries a new segment after 10 s, longer while the disk keeps failing, up to 5 min), else 0."}),
+		compactions: prometheus.NewCounter(prometheus.CounterOpts{Name: "bastion_queue_compactions_total",
+			Help: "Times the queue copied the held messages of its oldest segment forward (durably) and removed that segment, with the segments of delivered records behind it, when they took half of the queue's bytes or more."}),
+		moved: prometheus.NewCounter(prometheus.CounterOpts{Name: "bastion_queue_moved_total",
+			Help: "Held messages copied forward by those compactions (a message moved twice counts twice)."}),
 		lost: prometheus.NewCounter(prometheus.CounterOpts{Name: "bastion_queue_unreadable_dropped_total",
 			Help: "Held messages dropped because, when they were due upstream, the disk could not read them (EIO, for 10 minutes) or their record no longer decoded (corruption)."}),
 	}
 }
 
 func (m *metrics) all() []prometheus.Collector {
-	return []prometheus.Collector{m.depth, m.bytes, m.oldest, m.refused, m.fsyncs, m.fsyncSec, m.accepted, m.acked, m.cut, m.skipped, m.unreadable, m.lost, m.stopped}
+	return []prometheus.Collector{m.depth, m.bytes, m.oldest, m.refused, m.fsyncs, m.fsyncSec, m.accepted, m.acked, m.cut, m.skipped, m.unreadable, m.lost, m.stopped, m.compactions, m.moved}
 }
 
 func (m *metrics) register(reg prometheus.Registerer) error {

@@ -11,8 +11,9 @@
 // commit); the zero tail reads back as the segment's clean end. A message
 // leaves the
 // queue only when the upstream link calls Ack after the broker's PUBACK.
-// Messages are read back in the order they were accepted, so order per device
-// is kept. The queue is bounded by bytes on disk and by the age of the oldest
+// Messages are read back in the order they were accepted (by sequence
+// number, also after compaction moved some: see compact.go), so order per
+// device is kept. The queue is bounded by bytes on disk and by the age of the oldest
 // message it holds; when either bound is reached Accept returns
 // bridges.ErrQueueFull and nothing already held is dropped.
 //
@@ -46,12 +47,15 @@ import (
 // Options bound and tune the queue. Zero values take the defaults.
 type Options struct {
 	// MaxBytes bounds the bytes of records on disk: every segment's,
-	// delivered records included. Disk is freed from the front only (a
-	// segment is removed once it and every segment before it hold nothing
-	// undelivered), so one undelivered message keeps every segment after
-	// it on disk and counted, however little of them is undelivered: the
-	// queue can refuse for bytes with a few messages held (the refusal
-	// says how many bytes are such delivered records). Default 64 MiB.
+	// delivered records included. Disk is freed from the front (a segment
+	// is removed once it and every segment before it hold nothing
+	// undelivered), so undelivered messages keep the segments after them
+	// on disk and counted. Once the segments take half of MaxBytes, the
+	// oldest segment's held messages are copied forward when that frees
+	// four times their bytes (see compact); where it does not, the queue
+	// can refuse for bytes with a few messages held (the refusal says how
+	// many bytes are such delivered records). A compaction's copies count
+	// on top until the old segment is removed. Default 64 MiB.
 	// The active segment is preallocated to SegmentBytes and the next one
 	// is prepared ahead (maybePrepareSpareLocked), so the files take at
 	// most two SegmentBytes more.
@@ -156,6 +160,9 @@ type segment struct {
 	// disk reads it again.
 	unverified bool
 	live       int // held (committed, unacked) messages in this segment
+	// liveBytes is the bytes of their records: what compacting the
+	// segment would copy forward (see compactPlanLocked).
+	liveBytes int64
 	// holes are byte ranges recover skipped (corrupt, or unreadable by the
 	// disk): no read may cover them (see held).
 	holes [][2]int64
@@ -261,6 +268,12 @@ type Queue struct {
 	// next try.
 	resumeDue  chan struct{}
 	resumeWait time.Duration
+	// compactDue asks the writer to see whether the head segment should
+	// be compacted (capacity 1): a write (flush found one due), a refusal
+	// for bytes, or a compaction after which another may be due. compactRetry: no compaction before
+	// then after one failed (under mu).
+	compactDue   chan struct{}
+	compactRetry time.Time
 
 	// spare is the next segment, zeroed and synced ahead of the rotation
 	// (maybePrepareSpareLocked), nil until ready; preparing while that
@@ -278,6 +291,10 @@ type Queue struct {
 	// gatherFor, if set (tests in this package, under mu), replaces
 	// gatherWait's bound.
 	gatherFor time.Duration
+	// compacting, if set (tests in this package), runs at each step of a
+	// compaction (see compact), with the segment written to and where:
+	// a test takes its crash images there.
+	compacting func(step compactStep, seg *segment, off, n int64)
 }
 
 var _ bridges.NotifySink = (*Queue)(nil)
@@ -307,8 +324,8 @@ func Open(dir string, opts Options, log *slog.Logger, reg prometheus.Registerer)
 	q := &Queue{
 		dir: dir, opts: opts, log: log.With("component", "queue"),
 		notify: make(chan struct{}), wake: make(chan struct{}, 1), ackDue: make(chan struct{}, 1),
-		resumeDue: make(chan struct{}, 1),
-		stop:      make(chan struct{}), stopped: make(chan struct{}),
+		resumeDue: make(chan struct{}, 1), compactDue: make(chan struct{}, 1),
+		stop: make(chan struct{}), stopped: make(chan struct{}),
 	}
 	q.m = newMetrics(q)
 	if err := q.recover(); err != nil {
@@ -345,7 +362,8 @@ func (q *Queue) recover() error {
 	}
 	acked := map[uint64]bool{}
 	var lastSeq uint64
-	newSeg := false // commits need a new segment (the last one's header is unreadable)
+	var moved []entry // kindMoved records, in the order read
+	newSeg := false   // commits need a new segment (the last one's header is unreadable)
 	bases := make([]uint64, len(names))
 	for i, name := range names {
 		if _, err := fmt.Sscanf(filepath.Base(name), "%020d.seg", &bases[i]); err != nil {
@@ -447,6 +465,13 @@ func (q *Queue) recover() error {
 				// embedded in its payload, after resync took the first.
 				err = fmt.Errorf("%w: seq %d above any the queue gives out", errCorrupt, rec.seq)
 			}
+			if err == nil && rec.kind == kindMoved && (key == 0 || rec.seq >= base || rec.seq >= seqCeiling) {
+				// Compaction writes moved records to keyed segments only,
+				// each below its segment's base (it was in an older one):
+				// in an unkeyed segment it is one a device embedded in its
+				// payload.
+				err = fmt.Errorf("%w: moved record for seq %d not the queue's (segment base %d, keyed %t)", errCorrupt, rec.seq, base, key != 0)
+			}
 			if err != nil && allZero(data[off:]) {
 				// The preallocated rest of the segment: its clean end (no
 				// record starts with a zero length). An unreadable block
@@ -492,7 +517,7 @@ func (q *Queue) recover() error {
 				if !last {
 					before = bases[i+1]
 				}
-				if next := resync(data, key, off+1, lastSeq, before, q.opts.MaxMessageBytes); next > 0 {
+				if next := resync(data, key, off+1, lastSeq, before, base, q.opts.MaxMessageBytes); next > 0 {
 					q.m.skipped.Inc()
 					seg.holes = append(seg.holes, [2]int64{int64(off), int64(next)})
 					why := "the disk's corruption, not a torn write"
@@ -501,7 +526,7 @@ func (q *Queue) recover() error {
 					}
 					q.log.Error("skipping corrupt or unreadable bytes in a queue segment ("+why+"); the messages after them are kept",
 						"segment", name, "offset", off, "bytes_skipped", next-off, "err", err,
-						"last_good_seq", lastSeq, "lost_seqs_at_most", resyncSeq(data[next:], key)-lastSeq-1)
+						"last_good_seq", lastSeq, "lost_seqs_at_most", lostAtMost(data[next:], key, lastSeq))
 					off = next
 					continue
 				}
@@ -532,6 +557,12 @@ func (q *Queue) recover() error {
 					q.ents = append(q.ents, entry{seq: rec.seq, seg: seg, off: int64(off), n: int32(n), received: rec.msg.Received.UnixNano()})
 					lastSeq = rec.seq
 				}
+			case kindMoved:
+				// Its seq is below the last one taken: kept apart and
+				// merged by seq below, a later copy (moved again, or
+				// the original still there after a crash before its
+				// segment was removed) replacing an earlier one.
+				moved = append(moved, entry{seq: rec.seq, seg: seg, off: int64(off), n: int32(n), received: rec.msg.Received.UnixNano()})
 			case kindAck:
 				for _, s := range rec.acks {
 					acked[s] = true
@@ -542,10 +573,12 @@ func (q *Queue) recover() error {
 		seg.size = int64(len(data))
 		q.nextSeq = max(q.nextSeq, base, lastSeq+1)
 	}
+	q.ents = mergeMoved(q.ents, moved)
 	kept := q.ents[:0]
 	for _, e := range q.ents {
 		if !acked[e.seq] {
 			e.seg.live++
+			e.seg.liveBytes += int64(e.n)
 			kept = append(kept, e)
 		}
 	}
@@ -1220,11 +1253,14 @@ func (q *Queue) admit(m bridges.Message, fn func(error)) (chan error, error) {
 				ub, strings.Join(paths, ", "))
 		}
 		if db, oldest := q.keptBehindLocked(); db > 0 {
-			stuck += fmt.Sprintf(" (%d of them in segments of delivered records only, kept behind the oldest undelivered message, seq %d, received %s: disk is freed from the front only, so they count until it is delivered)",
+			stuck += fmt.Sprintf(" (%d of them in segments of delivered records only, kept behind the oldest undelivered message, seq %d, received %s: disk is freed from the front, so they count until it is delivered, or until copying the held messages of the oldest segment forward frees four times what it copies)",
 				db, oldest.seq, time.Unix(0, oldest.received).UTC().Format(time.RFC3339))
 		}
 		depth := q.depth
 		q.mu.Unlock()
+		// A full queue may be taking no commit that would make the writer
+		// look at the head segment: this asks it to.
+		signal(q.compactDue)
 		q.m.refused.WithLabelValues("bytes").Inc()
 		return nil, fmt.Errorf("queue accept from %s: %d bytes on disk%s, limit %d, held messages: %d: %w", m.Device, held, stuck, q.opts.MaxBytes, depth, bridges.ErrQueueFull)
 	}
@@ -1280,6 +1316,9 @@ func (q *Queue) writer() {
 			fired = true
 		case <-q.resumeDue:
 			q.resume()
+			continue
+		case <-q.compactDue:
+			q.compact()
 			continue
 		case <-q.stop:
 			q.flush(true)
@@ -1448,6 +1487,7 @@ func (q *Queue) flush(sync bool) {
 			q.ents = append(q.ents, entry{seq: p.seq, seg: seg, off: pos, n: int32(p.n), received: p.recv})
 			pos += int64(p.n)
 			seg.live++
+			seg.liveBytes += int64(p.n)
 		}
 		q.depth += len(batch)
 		// Accepted once written if its Accept already returned (QoS 0);
@@ -1455,6 +1495,14 @@ func (q *Queue) flush(sync bool) {
 		q.m.accepted.Add(float64(len(batch) - waiting(batch)))
 		q.m.depth.Set(float64(q.depth))
 		q.m.bytes.Set(float64(q.diskBytes()))
+		if q.compactPlanLocked() != nil {
+			// The bytes the head segment keeps crossed compactAbove: the
+			// writer compacts after this commit. Looked at here, under the
+			// lock flush holds anyway, so that a commit with nothing due
+			// costs the look and nothing else (no lock of its own, which
+			// the link's Next and Ack would meet right after the commit).
+			signal(q.compactDue)
+		}
 		if len(batch) > 0 {
 			close(q.notify)
 			q.notify = make(chan struct{})
@@ -1721,6 +1769,14 @@ func (q *Queue) resume() {
 func (q *Queue) startAfterFailure() (*segment, error) {
 	q.mu.Lock()
 	base, active := q.nextSeq, q.segs[len(q.segs)-1]
+	if active.base == base && active.size > active.hdr {
+		// Named after the next seq, yet it holds records: a compaction
+		// started it for its copies, and their fsync failed. The new
+		// segment cannot take its name, so that seq is never given out
+		// (seqs need only increase; nothing is admitted while stopped).
+		q.nextSeq++
+		base++
+	}
 	q.mu.Unlock()
 	seg := active
 	if active.base != base || active.size > active.hdr {
@@ -1913,13 +1969,15 @@ func (q *Queue) planLocked(after uint64, max int, ents []entry, spans []plannedR
 // entries next to each other in one segment are read with one read (the
 // delivered-marks between batches come along), up to max entries in all
 // (counting those delivered), none with a Seq above last, none across a
-// hole, within maxReadSpan. Caller holds q.mu.
+// hole, within maxReadSpan, each after the one before it in the segment
+// (a segment can hold moved records, written after messages with higher
+// seqs: see compact). Caller holds q.mu.
 func (q *Queue) spanLocked(i, have, max int, last uint64) (int, int64) {
 	j, span := i+1, int64(q.ents[i].n)
 	for ; j < len(q.ents) && have+(j-i) < max && q.ents[j].seq <= last; j++ {
 		e := q.ents[j]
 		end := e.off + int64(e.n) - q.ents[i].off
-		if e.seg != q.ents[i].seg || end > maxReadSpan || e.seg.inHole(q.ents[i].off, e.off) {
+		if e.seg != q.ents[i].seg || e.off <= q.ents[j-1].off || end > maxReadSpan || e.seg.inHole(q.ents[i].off, e.off) {
 			break
 		}
 		span = end
@@ -2097,6 +2155,7 @@ func (q *Queue) loseLocked(k int, err error) {
 	e := &q.ents[k]
 	e.acked = true
 	e.seg.live--
+	e.seg.liveBytes -= int64(e.n)
 	q.acks = append(q.acks, e.seq)
 	q.depth--
 	q.m.lost.Inc()
@@ -2136,7 +2195,7 @@ func (q *Queue) readSpan(got []readDone, out []Entry, es []entry, span int64) ([
 		}
 		rel := e.off - first.off
 		rec, _, err := decodeRecordIn(b[rel:rel+int64(e.n)], e.seg.key, &q.strs)
-		if err == nil && (rec.kind != kindMsg || rec.seq != e.seq) {
+		if err == nil && (rec.kind != kindMsg && rec.kind != kindMoved || rec.seq != e.seq) {
 			err = fmt.Errorf("%w: holds record kind %d, seq %d", errCorrupt, rec.kind, rec.seq)
 		}
 		if err != nil {
@@ -2203,6 +2262,7 @@ func (q *Queue) Ack(seqs ...uint64) error {
 		}
 		q.ents[i].acked = true
 		q.ents[i].seg.live--
+		q.ents[i].seg.liveBytes -= int64(q.ents[i].n)
 		q.acks = append(q.acks, s)
 		delete(q.unreadable, s)
 		n++

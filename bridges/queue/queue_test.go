@@ -909,6 +909,10 @@ func TestFullByBytes(t *testing.T) {
 	if r := metricValue(t, reg, "bastion_queue_refusals_total"); r != 1 {
 		t.Fatalf("refusals = %v, want 1", r)
 	}
+	// Every message held: copying any forward would free nothing.
+	if c := metricValue(t, reg, "bastion_queue_compactions_total"); c != 0 {
+		t.Fatalf("compactions = %v with every message held, want 0", c)
+	}
 	if st := q.Stats(); st.Bytes > 8<<10 || st.Depth != accepted {
 		t.Fatalf("stats when full = %+v; want bytes <= %d and depth %d", st, 8<<10, accepted)
 	}
@@ -926,30 +930,31 @@ func TestFullByBytes(t *testing.T) {
 }
 
 // TestFullByBytesBehindAHeldMessage: disk is freed from the front only,
-// so one undelivered message keeps every segment after it on disk and
-// counted against MaxBytes, however much of them is delivered: the queue
-// refuses for bytes with one message held. The refusal says so, with the
-// bytes that are delivered records and the message keeping them (it used
-// to read as "N bytes held", a backlog that was not there, and the
-// documentation said at most one segment of delivered records counted).
-// Once that message is delivered, the space is freed.
+// so held messages keep the segments after them on disk and counted
+// against MaxBytes, however much of them is delivered. Compaction copies
+// the head segment's held records forward only when that frees four times
+// what it copies (see compactGain); here the head segment is all held and
+// only one segment of delivered records is behind it, so it does not, and
+// the queue refuses for bytes. The refusal says so, with the bytes that are
+// delivered records and the message keeping them (it used to read as "N
+// bytes held", a backlog that was not there). Once the held messages are
+// delivered, the space is freed. (One stuck message among delivered ones
+// is compacted instead: TestCompactionFreesDiskBehindAStuckMessage.)
 func TestFullByBytesBehindAHeldMessage(t *testing.T) {
-	q, _ := open(t, t.TempDir(), Options{MaxBytes: 8 << 10, SegmentBytes: 2 << 10})
+	q, reg := open(t, t.TempDir(), Options{MaxBytes: 8 << 10, SegmentBytes: 2 << 10})
 	ctx := context.Background()
-	if err := q.Accept(ctx, msg("stuck", 0)); err != nil {
-		t.Fatal(err)
-	}
-	es, err := q.Held(0, 1)
-	if err != nil || len(es) != 1 {
-		t.Fatalf("Held: %v, %v", es, err)
-	}
-	stuck := es[0].Seq
-	after := stuck
-	for i := 1; ; i++ {
+	// A head segment all held, one of delivered records, one held, then
+	// delivered ones: each message is acknowledged or not by the segment
+	// it went to.
+	heldIn := func(seg int) bool { return seg == 0 || seg == 2 }
+	var held []uint64
+	var after uint64
+	var err error
+	for i := 0; ; i++ {
 		if i > 10000 {
-			t.Fatal("10000 messages delivered behind a held one and the queue never refused one")
+			t.Fatal("10000 messages accepted and the queue never refused one")
 		}
-		if err = q.Accept(ctx, msg("a", i)); err != nil {
+		if err = q.Accept(ctx, msg("d", i)); err != nil {
 			break
 		}
 		es, err := q.Held(after, 1)
@@ -957,26 +962,31 @@ func TestFullByBytesBehindAHeldMessage(t *testing.T) {
 			t.Fatalf("Held: %v, %v", es, err)
 		}
 		after = es[0].Seq
-		if err := q.Ack(after); err != nil {
+		if heldIn(segCount(q) - 1) {
+			held = append(held, after)
+		} else if err := q.Ack(after); err != nil {
 			t.Fatal(err)
 		}
 	}
 	if !errors.Is(err, bridges.ErrQueueFull) {
 		t.Fatalf("Accept when full: %v, want ErrQueueFull", err)
 	}
-	if d := q.Stats().Depth; d != 1 {
-		t.Fatalf("depth %d when refused, want 1 (the held message)", d)
+	if d := q.Stats().Depth; d != len(held) {
+		t.Fatalf("depth %d when refused, want %d (the held messages)", d, len(held))
 	}
-	for _, want := range []string{"bytes on disk", "held messages: 1", fmt.Sprintf("in segments of delivered records only, kept behind the oldest undelivered message, seq %d", stuck)} {
+	for _, want := range []string{"bytes on disk", fmt.Sprintf("held messages: %d", len(held)), fmt.Sprintf("in segments of delivered records only, kept behind the oldest undelivered message, seq %d", held[0])} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("refusal %q, want it to say %q", err, want)
 		}
 	}
-	if err := q.Ack(stuck); err != nil {
+	if got := metricValue(t, reg, "bastion_queue_compactions_total"); got != 0 {
+		t.Errorf("bastion_queue_compactions_total = %v, want 0: copying a segment all held frees too little", got)
+	}
+	if err := q.Ack(held...); err != nil {
 		t.Fatal(err)
 	}
 	if err := q.Accept(ctx, msg("a", 0)); err != nil {
-		t.Fatalf("Accept once the held message was delivered: %v", err)
+		t.Fatalf("Accept once the held messages were delivered: %v", err)
 	}
 }
 

@@ -32,6 +32,12 @@ import (
 //	kindMsg: uvarint seq, varint received (Unix ns), byte QoS,
 //	         uvarint len + device, uvarint len + topic, uvarint len + payload
 //	kindAck: uvarint count, then count uvarint seqs, each a delta from the previous
+//	kindMoved: as kindMsg: a held message copied forward from an older
+//	         segment by compaction (see compact.go), every field as it was
+//	         (its seq, below its segment's base, and its received time
+//	         included). Only keyed segments hold one: in an unkeyed (v1)
+//	         segment, or with a seq at or above its segment's base, it is
+//	         not the queue's and is read as corrupt.
 //
 // A record is valid only if its length is sane, its checksum matches and its
 // body decodes exactly; anything else after a crash is a torn tail.
@@ -44,6 +50,7 @@ const (
 	recHeader   = 8
 	kindMsg     = 1
 	kindAck     = 2
+	kindMoved   = 3
 	maxRecBody  = 4 << 20 // hard ceiling for the decoder, above any configured message size
 	// msgOverhead bounds a message body's bytes besides device, topic
 	// and payload: kind, seq, received, QoS, three lengths.
@@ -319,7 +326,7 @@ func decodeBody(body []byte, in *interner) (record, error) {
 	r := &reader{b: body, in: in}
 	rec := record{kind: r.byte1()}
 	switch rec.kind {
-	case kindMsg:
+	case kindMsg, kindMoved:
 		rec.seq = r.uvarint()
 		rec.msg.Received = time.Unix(0, r.varint())
 		rec.msg.QoS = r.byte1()
@@ -353,8 +360,10 @@ func decodeBody(body []byte, in *interner) (record, error) {
 
 // resync returns the offset, at or after from, of the first record in data
 // that decodes as a message whose seq is above after and below before (the
-// next segment's base) and seqCeiling, or -1 if there is none. It is how recover steps
-// over corrupt or unreadable bytes (see recover). A length above
+// next segment's base) and seqCeiling, or, in a keyed segment (key not 0),
+// as a moved message whose seq is below base (the segment's own base; see
+// kindMoved); -1 if there is none. It is how recover steps over corrupt or
+// unreadable bytes (see recover). A length above
 // maxMessage and the header's worth is not tried: over random bytes every
 // 1,000th offset looks like a record of up to 4 MiB, and checksumming each
 // would take seconds per damaged segment (a record that large, kept from a
@@ -363,7 +372,7 @@ func decodeBody(body []byte, in *interner) (record, error) {
 // to agree by chance, and in a keyed (v2) segment a record a device
 // embedded in its payload is such a match: the device does not know the
 // salt.
-func resync(data []byte, key uint32, from int, after, before uint64, maxMessage int) int {
+func resync(data []byte, key uint32, from int, after, before, base uint64, maxMessage int) int {
 	limit := uint64(maxMessage) + 64 // kind, seq, time, QoS, three lengths
 	for o := from; o+recHeader < len(data); o++ {
 		n := uint64(binary.LittleEndian.Uint32(data[o:]))
@@ -371,16 +380,25 @@ func resync(data []byte, key uint32, from int, after, before uint64, maxMessage 
 			continue
 		}
 		rec, _, err := decodeRecordIn(data[o:], key, nil)
-		if err == nil && rec.kind == kindMsg && rec.seq > after && rec.seq < before && rec.seq < seqCeiling {
+		if err != nil {
+			continue
+		}
+		if rec.kind == kindMsg && rec.seq > after && rec.seq < before && rec.seq < seqCeiling ||
+			rec.kind == kindMoved && key != 0 && rec.seq < base && rec.seq < seqCeiling {
 			return o
 		}
 	}
 	return -1
 }
 
-// resyncSeq is the seq of the message record at the start of b (which
-// resync found).
-func resyncSeq(b []byte, key uint32) uint64 {
+// lostAtMost is how many sequence numbers at most were lost in the bytes
+// recover skipped before the record at the start of b (which resync
+// found), after lastSeq, the last message kept before them: any number if
+// that record is a moved one (its seq says nothing of what came between).
+func lostAtMost(b []byte, key uint32, lastSeq uint64) any {
 	rec, _, _ := decodeRecordIn(b, key, nil)
-	return rec.seq
+	if rec.kind != kindMsg || rec.seq <= lastSeq {
+		return "unknown (the next record kept is a moved message)"
+	}
+	return rec.seq - lastSeq - 1
 }
