@@ -1344,9 +1344,13 @@ func (c *Conn) processDatagram(ctx context.Context, b []byte, rAddr net.Addr) er
 			case <-c.fsm.Done():
 			}
 		}
-		if c.fsm.parked.Load() {
+		if c.fsm.parked.Load() && isRetransmit {
 			// Bastion patch: the handshake goroutine has ended (see
-			// handshakeFSM.Run); answer a retransmission here.
+			// handshakeFSM.Run); answer a retransmission here. Bastion
+			// patch (59): only a retransmission of the peer's Finished
+			// (handleIncomingPacket): pion sent its last flight again for
+			// any handshake record the fragment buffer took, one datagram
+			// out for each one in.
 			if err := c.fsm.retransmitFinished(ctx, c); err != nil {
 				c.log.Debugf("retransmit last flight: %v", err)
 			}
@@ -1587,6 +1591,13 @@ func (c *Conn) handleIncomingPacket(
 		return false, false, nil, nil
 	} else if isHandshake {
 		mark.markValid()
+		if c.isHandshakeCompletedSuccessfully() {
+			// Bastion patch (59): once the handshake has completed, the
+			// only handshake message a peer sends again is its Finished
+			// (its last flight's other records are of epoch 0, dropped
+			// since (53)), for which a server sends its last flight again.
+			isRetransmit = c.fragmentBuffer.finishedAgain
+		}
 
 		for out, epoch := c.fragmentBuffer.pop(); out != nil; out, epoch = c.fragmentBuffer.pop() {
 			header := &handshake.Header{}
