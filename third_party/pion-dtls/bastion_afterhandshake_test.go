@@ -10,12 +10,15 @@ package dtls
 
 import (
 	"net"
+	"net/netip"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/pion/dtls/v3/pkg/protocol"
 	"github.com/pion/dtls/v3/pkg/protocol/handshake"
+	"github.com/pion/dtls/v3/pkg/protocol/recordlayer"
 )
 
 // lastFlightPair is a PSK client and the listener's connection it has
@@ -116,6 +119,69 @@ func TestBastionLastFlightOnlyForFinished(t *testing.T) {
 		if got := p.lastFlights.Load() - before; got != tc.want {
 			t.Errorf("%s: the server sent its last flight %d times, want %d", tc.name, got, tc.want)
 		}
+	}
+	if p.server.isConnectionClosed() {
+		t.Error("the server's connection was closed")
+	}
+}
+
+// TestBastionNoFragmentsAfterHandshake (patch (60)): after a server's
+// handshake, a handshake record with a fragment of a message to come is
+// dropped and reported to OnFragmentDropped with its sender and size; the
+// fragment buffer keeps nothing (a server renegotiates nothing, so no such
+// message is legitimate; pion kept them, within the bound of (55)). The
+// client's retransmitted Finished still has the server send its last
+// flight again, and the session goes on.
+func TestBastionNoFragmentsAfterHandshake(t *testing.T) {
+	p := newLastFlightPair(t)
+	var mu sync.Mutex
+	var drops []netip.AddrPort
+	var sizes []int
+	p.server.procMu.Lock()
+	p.server.handshakeConfig.onFragmentDropped = func(from netip.AddrPort, size int) {
+		mu.Lock()
+		defer mu.Unlock()
+		drops = append(drops, from)
+		sizes = append(sizes, size)
+	}
+	p.server.procMu.Unlock()
+	next := p.nextMessage()
+	bodies := [][]byte{
+		handshakeFragment(handshake.TypeClientKeyExchange, next, 2, 0, 1),
+		handshakeFragment(handshake.TypeClientKeyExchange, next+1, 4000, 1000, 1000),
+		handshakeFragment(handshake.TypeClientHello, next+2, 64, 0, 64), // a whole message
+		// A Finished sent again, then a fragment to come, in one record.
+		append(handshakeFragment(handshake.TypeFinished, next-1, 12, 0, 12),
+			handshakeFragment(handshake.TypeClientKeyExchange, next+3, 2, 0, 1)...),
+	}
+	for _, b := range bodies {
+		p.send(t, b)
+	}
+	p.server.procMu.Lock()
+	kept, held := len(p.server.fragmentBuffer.cache), p.server.fragmentBuffer.held()
+	p.server.procMu.Unlock()
+	if kept != 0 || held != 0 {
+		t.Errorf("the fragment buffer keeps %d messages, %d bytes; want none", kept, held)
+	}
+	client := netip.MustParseAddrPort(p.tap.LocalAddr().String())
+	mu.Lock()
+	if len(drops) != len(bodies) {
+		t.Errorf("OnFragmentDropped told of %d records, want %d", len(drops), len(bodies))
+	}
+	for i, from := range drops {
+		if from != client {
+			t.Errorf("OnFragmentDropped told of a record from %v, want the client's %v", from, client)
+		}
+		// The record as opened: its header and the body.
+		if i < len(bodies) && sizes[i] != recordlayer.FixedHeaderSize+len(bodies[i]) {
+			t.Errorf("OnFragmentDropped told of a record of %d bytes, want %d", sizes[i], recordlayer.FixedHeaderSize+len(bodies[i]))
+		}
+	}
+	mu.Unlock()
+	before := p.lastFlights.Load()
+	p.send(t, handshakeFragment(handshake.TypeFinished, next-1, 12, 0, 12))
+	if got := p.lastFlights.Load() - before; got != 1 {
+		t.Errorf("the client's Finished sent again: the server sent its last flight %d times, want 1", got)
 	}
 	if p.server.isConnectionClosed() {
 		t.Error("the server's connection was closed")

@@ -1579,12 +1579,15 @@ func (c *Conn) handleIncomingPacket(
 	// Bastion patch (55): the fragment buffer copies the fragments it
 	// keeps (pion copied every handshake record for it, and each fragment
 	// kept its record).
+	// Bastion patch (60): after a server's handshake, a record with a
+	// fragment of a message to come is dropped (pion kept it).
+	c.fragmentBuffer.afterHandshake = !c.state.isClient && c.isHandshakeCompletedSuccessfully()
 	isHandshake, isRetransmit, err := c.fragmentBuffer.push(buf)
 	if err != nil {
 		// Decode error must be silently discarded
 		// [RFC6347 Section-4.1.2.7]
 		c.log.Debugf("defragment failed: %s", err)
-		if errors.Is(err, errFragmentBufferOverflow) {
+		if errors.Is(err, errFragmentBufferOverflow) || errors.Is(err, errFragmentAfterHandshake) {
 			c.fragmentDropped(rAddr, len(buf))
 		}
 

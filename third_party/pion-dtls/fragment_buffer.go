@@ -158,6 +158,13 @@ type fragmentBuffer struct {
 	// that the buffer had handed on already, the peer's retransmission of
 	// its last flight (Bastion patch (59)).
 	finishedAgain bool
+
+	// afterHandshake: the connection is a server whose handshake has
+	// completed (set by the connection before each push). A fragment of a
+	// message to come is refused (errFragmentAfterHandshake), not kept:
+	// no such message is legitimate, pion renegotiates nothing (Bastion
+	// patch (60)).
+	afterHandshake bool
 }
 
 func newFragmentBuffer() *fragmentBuffer {
@@ -221,6 +228,9 @@ func (f *fragmentBuffer) push(buf []byte) (isHandshake, isRetransmit bool, err e
 			header.FragmentOffset > header.Length ||
 			header.FragmentLength > header.Length-header.FragmentOffset {
 			continue
+		}
+		if f.afterHandshake {
+			return false, false, errFragmentAfterHandshake
 		}
 
 		messageFragments, ok := f.cache[header.MessageSequence]
