@@ -19,6 +19,9 @@ var errFragmentAfterHandshake = &InternalError{Err: errors.New("handshake fragme
 // patch (55)) or, after a server's handshake, that held a fragment of a
 // message to come (Bastion patch (60)).
 func (c *Conn) fragmentDropped(from net.Addr, size int) {
+	if c.handshakeConfig == nil { // a Conn a test made by hand
+		return
+	}
 	f := c.handshakeConfig.onFragmentDropped
 	if f == nil {
 		return
