@@ -299,8 +299,12 @@ func (s *Server) listen(addr string, opts []piondtls.ServerOption) (*limitListen
 	// WithStatelessHelloVerify: no state for a ClientHello until its
 	// cookie comes back (limit.go). WithOnWriteDropped: a datagram the
 	// socket has no room for is dropped, never waited for (writeDropped).
+	// WithOnReadDropped, WithOnFragmentDropped: what pion drops at its
+	// bounds of what a peer can make a session hold is counted and logged
+	// (readDropped, fragmentDropped).
 	opts = append(opts, piondtls.WithListenConfig(g.listenConfig()), piondtls.WithStatelessHelloVerify(true),
-		piondtls.WithOnWriteDropped(s.writeDropped))
+		piondtls.WithOnWriteDropped(s.writeDropped), piondtls.WithOnReadDropped(s.readDropped),
+		piondtls.WithOnFragmentDropped(s.fragmentDropped))
 	ln, err := coapnet.NewDTLSListener("udp", addr, coapnet.NewDTLSServerOptions(opts...))
 	if err != nil {
 		return nil, fmt.Errorf("coap: listen udp %s: %w", addr, err)
@@ -334,6 +338,52 @@ func (s *Server) writeDropped(to netip.AddrPort, size int) {
 	s.notifying.drop(unmapped(to))
 	s.refusalLine("write_dropped", "coap: datagram not sent: the DTLS listener's socket has no room (send buffer full); dropped, the peer retransmits (bastion_transport_datagrams_dropped_total)",
 		"device", "", "remote", to.String(), "size", size)
+}
+
+// Refusal reasons of the datagrams and records pion-dtls drops at its
+// bounds of what a peer can make a session hold (third_party/README.md,
+// pion-dtls (55), (56)): counted in Metrics.Refused, as what the package
+// refuses, since Metrics.Dropped is for datagrams not sent.
+const (
+	// reasonReadQueueFull: a datagram for a DTLS connection whose queue of
+	// datagrams waiting for its reader was full (128 datagrams or 64 KiB).
+	reasonReadQueueFull = "dtls_read_queue_full"
+	// reasonFragmentsFull: a handshake record the connection's fragment
+	// buffer had no room for (64 KiB of fragments held), or, once the
+	// handshake is complete, with a fragment of a message that never comes.
+	reasonFragmentsFull = "dtls_fragments_full"
+)
+
+// readDropped counts, and logs at most once per refusalLogEvery, a
+// datagram a listener dropped because the connection it was for already
+// had as many waiting for its reader as it may (pion-dtls patch (56)). A
+// device's session reads its datagrams on the listener's read loop once
+// established, so it is a handshake that is slow (a store lookup that
+// waits) while its peer keeps sending, or a peer that sends far more than
+// any device does. What a device needs it sends again (its flight, a
+// confirmable request). It runs on the listener's read loop and must not
+// block.
+func (s *Server) readDropped(from netip.AddrPort, size int) {
+	s.m.Refused.WithLabelValues(hub.CoAP, reasonReadQueueFull).Inc()
+	s.refusalLine(reasonReadQueueFull, "coap: datagram dropped: its DTLS session's queue of datagrams waiting to be read is full (128 or 64 KiB); "+
+		"a handshake waiting for the identity store while its peer keeps sending, or a peer flooding its session; the peer retransmits what it needs",
+		"device", "", "remote", unmapped(from).String(), "size", size, "reason", reasonReadQueueFull)
+}
+
+// fragmentDropped counts, and logs at most once per refusalLogEvery, a
+// handshake record a DTLS connection dropped because its fragment buffer
+// held 64 KiB, or because the handshake is complete and the record holds
+// a fragment of a message that never comes (pion-dtls patches (55),
+// (60)). A device's certificate flight is a few KiB: a peer that goes
+// past this sends fragments of messages that never come, or a
+// certificate chain larger than any the gateway's CA issues, whose
+// handshake then fails. It runs on the goroutine reading the connection,
+// which may be the listener's read loop, and must not block.
+func (s *Server) fragmentDropped(from netip.AddrPort, size int) {
+	s.m.Refused.WithLabelValues(hub.CoAP, reasonFragmentsFull).Inc()
+	s.refusalLine(reasonFragmentsFull, "coap: DTLS handshake record dropped: its session's buffer of handshake fragments is full (64 KiB), or its handshake is complete; "+
+		"a peer sending fragments of handshake messages that never come, or a certificate chain over 64 KiB",
+		"device", "", "remote", unmapped(from).String(), "size", size, "reason", reasonFragmentsFull)
 }
 
 // Addrs returns the bound addresses (certificate, PSK).

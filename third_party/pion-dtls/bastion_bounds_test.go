@@ -292,8 +292,9 @@ func sealedRecord(t *testing.T, c *Conn, typ protocol.ContentType, body []byte) 
 // come: one byte in each of 100 records of 8 KiB, and 40 fragments of
 // 7,900 bytes. The server keeps at most fragmentBufferMaxHeld of them
 // (pion: every record of the first kind, 800 KiB, and 316,000 bytes of
-// the second), tells OnFragmentDropped of the rest, and the session goes
-// on: echoes come back between the bursts and after them.
+// the second; since patch (60) none), tells OnFragmentDropped of the
+// rest, and the session goes on: echoes come back between the bursts and
+// after them.
 func TestBastionFragmentFloodAfterLargeChain(t *testing.T) {
 	serverKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {

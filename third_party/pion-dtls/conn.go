@@ -1344,9 +1344,13 @@ func (c *Conn) processDatagram(ctx context.Context, b []byte, rAddr net.Addr) er
 			case <-c.fsm.Done():
 			}
 		}
-		if c.fsm.parked.Load() {
+		if c.fsm.parked.Load() && isRetransmit {
 			// Bastion patch: the handshake goroutine has ended (see
-			// handshakeFSM.Run); answer a retransmission here.
+			// handshakeFSM.Run); answer a retransmission here. Bastion
+			// patch (59): only a retransmission of the peer's Finished
+			// (handleIncomingPacket): pion sent its last flight again for
+			// any handshake record the fragment buffer took, one datagram
+			// out for each one in.
 			if err := c.fsm.retransmitFinished(ctx, c); err != nil {
 				c.log.Debugf("retransmit last flight: %v", err)
 			}
@@ -1575,18 +1579,28 @@ func (c *Conn) handleIncomingPacket(
 	// Bastion patch (55): the fragment buffer copies the fragments it
 	// keeps (pion copied every handshake record for it, and each fragment
 	// kept its record).
+	// Bastion patch (60): after a server's handshake, a record with a
+	// fragment of a message to come is dropped (pion kept it).
+	c.fragmentBuffer.afterHandshake = !c.state.isClient && c.isHandshakeCompletedSuccessfully()
 	isHandshake, isRetransmit, err := c.fragmentBuffer.push(buf)
 	if err != nil {
 		// Decode error must be silently discarded
 		// [RFC6347 Section-4.1.2.7]
 		c.log.Debugf("defragment failed: %s", err)
-		if errors.Is(err, errFragmentBufferOverflow) {
+		if errors.Is(err, errFragmentBufferOverflow) || errors.Is(err, errFragmentAfterHandshake) {
 			c.fragmentDropped(rAddr, len(buf))
 		}
 
 		return false, false, nil, nil
 	} else if isHandshake {
 		mark.markValid()
+		if c.isHandshakeCompletedSuccessfully() {
+			// Bastion patch (59): once the handshake has completed, the
+			// only handshake message a peer sends again is its Finished
+			// (its last flight's other records are of epoch 0, dropped
+			// since (53)), for which a server sends its last flight again.
+			isRetransmit = c.fragmentBuffer.finishedAgain
+		}
 
 		for out, epoch := c.fragmentBuffer.pop(); out != nil; out, epoch = c.fragmentBuffer.pop() {
 			header := &handshake.Header{}

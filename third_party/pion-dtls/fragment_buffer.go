@@ -153,6 +153,18 @@ type fragmentBuffer struct {
 	// nothing refers to any more, for the next whole message (Bastion
 	// patch (38): one allocation per handshake, not one per message).
 	spare *fragments
+
+	// finishedAgain: the last push held the first fragment of a Finished
+	// that the buffer had handed on already, the peer's retransmission of
+	// its last flight (Bastion patch (59)).
+	finishedAgain bool
+
+	// afterHandshake: the connection is a server whose handshake has
+	// completed (set by the connection before each push). A fragment of a
+	// message to come is refused (errFragmentAfterHandshake), not kept:
+	// no such message is legitimate, pion renegotiates nothing (Bastion
+	// patch (60)).
+	afterHandshake bool
 }
 
 func newFragmentBuffer() *fragmentBuffer {
@@ -176,6 +188,7 @@ func (f *fragmentBuffer) held() int {
 // Bastion patch (55): the buffer keeps copies of the fragments it stores,
 // never buf, which the caller may reuse (pion kept slices of it).
 func (f *fragmentBuffer) push(buf []byte) (isHandshake, isRetransmit bool, err error) { //nolint:cyclop
+	f.finishedAgain = false
 	if f.size()+len(buf) >= fragmentBufferMaxSize {
 		return false, false, errFragmentBufferOverflow
 	}
@@ -198,6 +211,9 @@ func (f *fragmentBuffer) push(buf []byte) (isHandshake, isRetransmit bool, err e
 
 		// Fragment is a retransmission. We have already assembled it before successfully
 		isRetransmit = header.FragmentOffset == 0 && header.MessageSequence < f.currentMessageSequenceNumber
+		if isRetransmit && header.Type == handshake.TypeFinished {
+			f.finishedAgain = true
+		}
 
 		end := int(handshake.HeaderLength + header.FragmentLength)
 		if end > len(buf) {
@@ -212,6 +228,9 @@ func (f *fragmentBuffer) push(buf []byte) (isHandshake, isRetransmit bool, err e
 			header.FragmentOffset > header.Length ||
 			header.FragmentLength > header.Length-header.FragmentOffset {
 			continue
+		}
+		if f.afterHandshake {
+			return false, false, errFragmentAfterHandshake
 		}
 
 		messageFragments, ok := f.cache[header.MessageSequence]
