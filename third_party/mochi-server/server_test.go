@@ -2042,7 +2042,10 @@ func TestPublishToClientServerDowngradeQos(t *testing.T) {
 		pkx := *packets.TPacketData[packets.Publish].Get(packets.TPublishQos1).Packet
 		pkx.FixedHeader.Qos = 2
 		_, _ = s.publishToClient(cl, packets.Subscription{Filter: "a/b/c", Qos: 2}, pkx)
-		time.Sleep(time.Microsecond * 100)
+		// Bastion: close once the packet is written, not 100 µs after it
+		// was queued: the writer goroutine (patch (2)) may not have run by
+		// then on a loaded box, and the reader got nothing.
+		waitPacketsSent(cl, 1)
 		_ = w.Close()
 	}()
 
@@ -2071,7 +2074,10 @@ func TestPublishToClientSubscriptionDowngradeQos(t *testing.T) {
 		pkx := *packets.TPacketData[packets.Publish].Get(packets.TPublishQos1).Packet
 		pkx.FixedHeader.Qos = 2
 		_, _ = s.publishToClient(cl, packets.Subscription{Filter: "a/b/c", Qos: 1}, pkx)
-		time.Sleep(time.Microsecond * 100)
+		// Bastion: close once the packet is written, not 100 µs after it
+		// was queued: the writer goroutine (patch (2)) may not have run by
+		// then on a loaded box, and the reader got nothing.
+		waitPacketsSent(cl, 1)
 		_ = w.Close()
 	}()
 
