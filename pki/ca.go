@@ -53,7 +53,7 @@ func Open(dir string, gatewayID string, clock Clock, log *slog.Logger) (*CA, err
 	if err := os.Chmod(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("pki: %w", err)
 	}
-	ca := &CA{dir: dir, clock: clock, log: log, revoked: NewRevocations()}
+	ca := &CA{dir: dir, clock: clock, log: log, revoked: NewRevocations(clock)}
 	_, err := os.Stat(filepath.Join(dir, "ca.crt"))
 	switch {
 	case err == nil:
