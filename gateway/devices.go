@@ -185,7 +185,7 @@ func (d *Devices) loadRevocations() error {
 			d.ca.Revocations().RevokeSerial(c.Serial)
 		} else if !c.RetireAt.IsZero() && !c.NotAfter.Before(now) {
 			// An expired one is refused as such: no entry needed.
-			d.ca.Revocations().RetireSerial(c.Serial, c.RetireAt)
+			d.ca.Revocations().RetireCert(c.Serial, c.RetireAt, c.NotAfter)
 		}
 	}
 	return nil

@@ -135,7 +135,7 @@ func (g *Gateway) openPairing(cfg config.Config) error {
 	p := &pairingSvc{g: g, events: make(chan button.Event),
 		pake: map[string]*pakeRun{}, pending: map[string]*pendingEnrol{}, derived: map[string]string{}, idevWindow: map[string]time.Time{}, estChange: make(chan struct{}, 1),
 		refusalAudit: ratelog.New(pairingRefusalAuditEvery), refusalLines: ratelog.New(pairingRefusalLogEvery), sweepEvery: expectSweepEvery}
-	p.renew = renewals{store: g.store, last: map[string]renewal{}, byNew: map[string]string{}}
+	p.renew = renewals{store: g.store, last: map[string]renewal{}, byNew: map[string]replaced{}}
 	p.estAddr.Store("")
 	clk := g.opts.PairingClock
 	if clk == nil {

@@ -39,7 +39,8 @@ import (
 //     anyway, and a device renewing every hour would otherwise leave 8,760
 //     records a year, which every revocation and certificate view reads.
 //     The in-memory retirement (pki.Revocations) is loaded at start only
-//     for certificates not yet expired.
+//     for certificates not yet expired, and dropped once expired, a
+//     bounded number at each later retirement.
 //
 // Open sessions made with the old certificate end once it is retired (at
 // the new certificate's first use, or after the grace): both transports
@@ -72,7 +73,14 @@ type renewals struct {
 	last  map[string]renewal // device → its last renewal since start
 	// newMu guards byNew, read on every certificate handshake.
 	newMu sync.Mutex
-	byNew map[string]string // serial issued → serial it replaces, until first used
+	byNew map[string]replaced // serial issued → the certificate it replaces, until first used
+}
+
+// replaced is what certUsed retires: a renewed certificate's serial and its
+// NotAfter, after which its retirement is dropped (pki.Revocations.RetireCert).
+type replaced struct {
+	serial   string
+	notAfter time.Time
 }
 
 // renewCert answers /sren for device, whose session certificate is r.Peer.
@@ -133,10 +141,10 @@ func (p *pairingSvc) renewCert(ctx context.Context, h est.Handler, device string
 		p.g.log.Error("est sren: renewal not recorded; certificate withheld, the old one stays valid", "device", device, "serial", serial, "err", err)
 		return refuse("store_failed", est.InternalServerError, fmt.Errorf("record renewal of %s: %w; the certificate presented stays valid, retry later", serial, err))
 	}
-	revs.RetireSerial(serial, retireAt)
+	revs.RetireCert(serial, retireAt, old.NotAfter)
 	rn.last[device] = renewal{at: now, from: serial, issued: resp.Issued}
 	rn.newMu.Lock()
-	rn.byNew[newSerial] = serial
+	rn.byNew[newSerial] = replaced{serial: serial, notAfter: old.NotAfter}
 	rn.newMu.Unlock()
 	p.g.metrics.renewals.WithLabelValues("issued").Inc()
 	p.event("device:"+device, "device.renew", device, "serial "+newSerial+" replaces "+serial+", refused from "+retireAt.UTC().Format(time.RFC3339))
@@ -153,8 +161,8 @@ func (p *pairingSvc) certUsed(device string, leaf *x509.Certificate) {
 	delete(rn.byNew, serial)
 	rn.newMu.Unlock()
 	if ok {
-		p.g.ca.Revocations().RetireSerial(old, p.g.ca.Clock().Now())
-		p.g.log.Info("renewed certificate in use: the certificate it replaces is refused from now on", "device", device, "serial", serial, "retired", old)
+		p.g.ca.Revocations().RetireCert(old.serial, p.g.ca.Clock().Now(), old.notAfter)
+		p.g.log.Info("renewed certificate in use: the certificate it replaces is refused from now on", "device", device, "serial", serial, "retired", old.serial)
 	}
 }
 

@@ -53,12 +53,19 @@ func Open(dir string, gatewayID string, clock Clock, log *slog.Logger) (*CA, err
 	if err := os.Chmod(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("pki: %w", err)
 	}
-	ca := &CA{dir: dir, clock: clock, log: log, revoked: NewRevocations()}
+	ca := &CA{dir: dir, clock: clock, log: log, revoked: NewRevocations(clock)}
 	_, err := os.Stat(filepath.Join(dir, "ca.crt"))
 	switch {
 	case err == nil:
 		if err := ca.load(); err != nil {
 			return nil, err
+		}
+		// An unset clock is waited for (ErrClockNotSet), not blamed on
+		// the CA.
+		if clock.Sane() == nil {
+			if err := ca.checkValidNow(clock.Now()); err != nil {
+				return nil, err
+			}
 		}
 		log.Info("pki: loaded CA", "subject", ca.issuer.Subject.CommonName, "not_after", ca.issuer.NotAfter)
 	case errors.Is(err, fs.ErrNotExist):
@@ -76,6 +83,33 @@ func Open(dir string, gatewayID string, clock Clock, log *slog.Logger) (*CA, err
 }
 
 func (ca *CA) path(name string) string { return filepath.Join(ca.dir, name) }
+
+// caAheadSlack is how far ahead of the clock the CA's NotBefore may be
+// before checkValidNow refuses it: the CA is made valid from an hour before
+// its creation, so a clock stepped back a little leaves it valid.
+const caAheadSlack = 5 * time.Minute
+
+// checkValidNow returns an error saying what to do if the root or the
+// issuing CA is not valid yet at now: every chain to them fails until
+// then, and re-issuing server or device certificates cannot help. Either
+// the clock is behind, or the CA was created while the clock ran ahead
+// (a jump forward, since put right), which only a new CA cures. The CA is
+// never recreated here: that means enrolling every device again.
+func (ca *CA) checkValidNow(now time.Time) error {
+	from := ca.root.NotBefore
+	if ca.issuer.NotBefore.After(from) {
+		from = ca.issuer.NotBefore
+	}
+	if !from.After(now.Add(caAheadSlack)) {
+		return nil
+	}
+	return fmt.Errorf("pki: the CA in %s is valid only from %s, %s after the clock (%s), and no device or client accepts a certificate from it until then. "+
+		"Either the clock is behind: set it (NTP). Or the CA was created while the clock ran ahead: then wait until %s, or create a new CA: "+
+		"stop bastiond, move %s away (mv %s %s.ahead) and start it again, which creates one; every device must then be enrolled again "+
+		"(PSK devices too: their keys derive from %s), and every client that trusts %s given the new one",
+		ca.dir, from.UTC().Format(time.RFC3339), from.Sub(now).Round(time.Minute), now.UTC().Format(time.RFC3339),
+		from.UTC().Format(time.RFC3339), ca.dir, ca.dir, ca.dir, ca.path("psk.key"), ca.path("root.crt"))
+}
 
 func (ca *CA) create(gatewayID string) error {
 	now := ca.clock.Now()

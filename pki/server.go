@@ -169,6 +169,11 @@ func (sc *ServerCert) issue(sans []string) error {
 	if prev := sc.cur.Load(); prev != nil {
 		sc.warnIfIssuedAhead(prev.Leaf)
 	}
+	if err := sc.ca.checkValidNow(sc.ca.clock.Now()); err != nil {
+		// A clock put right while running: the server certificate issued
+		// ahead is re-issued, but the chain still fails.
+		sc.ca.log.Error("pki: the CA is not valid yet: the server certificate issued now is refused too", "listener", sc.name, "err", err)
+	}
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return err
