@@ -199,3 +199,47 @@ func TestSetupCodeGuessesFromRotatingIPv6Addresses(t *testing.T) {
 		t.Errorf("right code from the same address on another link: %d, want 201", code)
 	}
 }
+
+// Refused CSRF tokens, which any signed-in user can send as fast as it
+// likes with a path as long as the request line, are audited spaced (one
+// event a minute, counting the others) with the path clipped. Each used
+// to be audited with its whole path: a viewer could fill the audit log's
+// 10,000 events with ~36 KB each.
+func TestCSRFRefusalsAuditedSpacedAndClipped(t *testing.T) {
+	h, srv, clk := newTestHandler(t)
+	setUpAdmin(t, srv)
+	code, cookie, _ := loginSession(t, h, "10.0.0.7:4000", "root", oldPassword)
+	if code != http.StatusCreated {
+		t.Fatalf("login: %d", code)
+	}
+	long := "/api/v1/tokens/" + strings.Repeat("a", 30000)
+	refuse := func() {
+		t.Helper()
+		r := httptest.NewRequest("DELETE", long, nil)
+		r.Header.Set("X-CSRF-Token", strings.Repeat("A", 43))
+		r.AddCookie(cookie)
+		r.RemoteAddr = "10.0.0.7:4000"
+		w := httptest.NewRecorder()
+		h.ServeHTTP(w, r)
+		if w.Code != http.StatusForbidden {
+			t.Fatalf("wrong CSRF token: %d %s, want 403", w.Code, w.Body)
+		}
+	}
+	for range 50 {
+		refuse()
+		clk.add(time.Second)
+	}
+	es := auditedOf(t, h.o.Store, "console.csrf_refused")
+	if len(es) != 1 {
+		t.Fatalf("%d console.csrf_refused events for 50 refusals within a minute, want 1", len(es))
+	}
+	if want := long[:maxAuditPath] + "… (30015 bytes)"; es[0].Target != want {
+		t.Errorf("target %.200q (%d bytes), want the path cut after %d bytes", es[0].Target, len(es[0].Target), maxAuditPath)
+	}
+	clk.add(10 * time.Second)
+	refuse()
+	es = auditedOf(t, h.o.Store, "console.csrf_refused")
+	if len(es) != 2 || !strings.HasPrefix(es[1].Detail, "49 more refused since ") {
+		t.Errorf("after the minute: %d events, the last %+v; want 2, the last counting the 49", len(es), es[len(es)-1])
+	}
+}

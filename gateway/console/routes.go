@@ -9,9 +9,14 @@ import (
 	"time"
 
 	"github.com/bastion-iot/bastion/gateway/store"
+	"github.com/bastion-iot/bastion/internal/ratelog"
 )
 
 type access int
+
+// maxAuditPath is how much of a refused request's path the audit event
+// keeps (ratelog.Clip).
+const maxAuditPath = 128
 
 const (
 	public access = iota
@@ -68,7 +73,11 @@ func (h *Handler) handle(pattern string, need access, f handlerFunc) {
 			}
 			if unsafeMethod(r.Method) {
 				if err := checkCSRF(r, p); err != nil {
-					h.audit(r.Context(), p.actor(), "console.csrf_refused", r.URL.Path, "")
+					// Spaced and clipped: a signed-in viewer can send as
+					// many as it likes, each path up to the request line's
+					// ~36 KB, and the audit log bounds its count, not its
+					// size.
+					h.refusalAudit(r.Context(), p.actor(), "console.csrf_refused", ratelog.Clip(r.URL.Path, maxAuditPath), "")
 					h.fail(w, r, err)
 					return
 				}
