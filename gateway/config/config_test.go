@@ -67,7 +67,7 @@ func TestLoadErrors(t *testing.T) {
 		"device validity":          {"pki:\n  device_cert_validity: 1m\n", []string{"pki.device_cert_validity: \"1m0s\" is out of range"}},
 		"renew before":             {"pki:\n  renew_before: 2400h\n", []string{"pki.renew_before: \"2400h0m0s\" must be positive and shorter than pki.server_cert_validity"}},
 		"hostname":                 {"pki:\n  hostnames: [\"ok.lan\", \"bad host\"]\n", []string{"bad.yaml:2: pki.hostnames[1]: \"bad host\" is neither an IP address nor a DNS name"}},
-		"metrics not loopback":     {"metrics:\n  listen: \"0.0.0.0:9184\"\n", []string{"metrics.listen: \"0.0.0.0:9184\" is not on loopback"}},
+		"metrics not loopback":     {"metrics:\n  listen: \"0.0.0.0:9184\"\n", []string{"metrics.listen: \"0.0.0.0:9184\" is not on loopback: the plain-HTTP metrics endpoint may only listen on 127.0.0.1 or [::1]; the console serves no metrics: read them on the box with bastionctl metrics (the control socket) or from this loopback endpoint"}},
 		"metrics bad":              {"metrics:\n  listen: \"x\"\n", []string{"metrics.listen: \"x\" is not host:port"}},
 		"iface name":               {"firewall:\n  lan: [\"eth0\", \"this-name-is-far-too-long\"]\n", []string{"bad.yaml:2: firewall.lan[1]: zone lan: interface \"this-name-is-far-too-long\": must be 1-15 characters of [A-Za-z0-9_.@-], optionally ending in '+'"}},
 		"iface colon":              {"firewall:\n  lan:\n    - eth0\n    - \"eth0:1\"\n", []string{"bad.yaml:4: firewall.lan[1]: zone lan: interface \"eth0:1\": must be 1-15 characters"}},

@@ -111,7 +111,7 @@ func (c *Config) Validate() error {
 		if msg := checkListen(c.Metrics.Listen); msg != "" {
 			bad("metrics.listen", c.Metrics.Listen, "%s", msg)
 		} else if host, _, _ := net.SplitHostPort(c.Metrics.Listen); !isLoopback(host) {
-			bad("metrics.listen", c.Metrics.Listen, "is not on loopback: the plain-HTTP metrics endpoint may only listen on 127.0.0.1 or [::1]; remote scrapes go through the console")
+			bad("metrics.listen", c.Metrics.Listen, "is not on loopback: the plain-HTTP metrics endpoint may only listen on 127.0.0.1 or [::1]; the console serves no metrics: read them on the box with bastionctl metrics (the control socket) or from this loopback endpoint")
 		}
 	}
 

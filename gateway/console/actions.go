@@ -102,7 +102,8 @@ func (h *Handler) doLogin(ctx context.Context, w http.ResponseWriter, r *http.Re
 	if len(user) > 64 {
 		user = user[:64]
 	}
-	if until := h.thr.loginLockedUntil(now, user, src); !until.IsZero() {
+	until, userLocked := h.thr.loginLockedUntil(now, user, src)
+	if !until.IsZero() {
 		// Counted, so hammering a locked account extends the lockout, but
 		// adding no key (failLocked); not audited one by one, so a flood
 		// cannot wear the flash.
@@ -123,12 +124,20 @@ func (h *Handler) doLogin(ctx context.Context, w http.ResponseWriter, r *http.Re
 		h.refusalAudit(ctx, Actor{Name: "anonymous", Remote: src}, "console.login_failed", user, "")
 		return store.Session{}, refuse(ReasonBadLogin, http.StatusUnauthorized, "wrong user name or password")
 	}
-	// The user's count starts over; the source's lockout, if any, is
-	// lifted but its failures stay: one account of its own must not let a
-	// source wipe the failures it made against other accounts (the right
-	// password between every few wrong ones would never be locked out).
-	// The source's /64 is left as it is: the whole LAN may share it.
-	h.thr.Reset("u:" + user)
+	// The user's count starts over, unless the user was locked out: then
+	// someone else is guessing (this source had no failure, or it would
+	// have been refused), and the lockout is lifted for the user's other
+	// sources but the failures stay, so that the guesser's next one locks
+	// it again. The source's lockout, if any, is lifted but its failures
+	// stay: one account of its own must not let a source wipe the
+	// failures it made against other accounts (the right password between
+	// every few wrong ones would never be locked out). The source's /64 is
+	// left as it is: the whole LAN may share it.
+	if userLocked {
+		h.thr.Unlock("u:" + user)
+	} else {
+		h.thr.Reset("u:" + user)
+	}
 	h.thr.Unlock("s:" + src)
 	s, err := h.newSession(w, r, u.Name)
 	if err != nil {
@@ -795,7 +804,7 @@ type passwordInput struct {
 // theirs ends and every API token of theirs is deleted.
 func (h *Handler) changePassword(ctx context.Context, p *principal, in passwordInput) error {
 	now := h.o.Now()
-	if until := h.thr.loginLockedUntil(now, p.user, p.remote); !until.IsZero() {
+	if until, _ := h.thr.loginLockedUntil(now, p.user, p.remote); !until.IsZero() {
 		return &lockedError{wait: until.Sub(now)}
 	}
 	u, err := h.o.Store.Admin(p.user)

@@ -88,7 +88,9 @@ func TestLoginBruteForceLocksOut(t *testing.T) {
 	if free := console.DefaultThrottle.FreeUser; codes[http.StatusUnauthorized] != free || codes[http.StatusTooManyRequests] != 8-free {
 		t.Errorf("8 wrong passwords gave %v, want %d×401 then 429s", codes, free)
 	}
-	// Locked: even the right password is refused now, with Retry-After.
+	// Locked: even the right password is refused now, with Retry-After,
+	// from the source that failed (one that has not is still checked:
+	// TestLockedOutUserLogsInFromACleanSource).
 	r := b.do(t, c, "POST", "/api/v1/session", map[string]string{"user": "root", "password": goodPassword}, nil)
 	if r.code != http.StatusTooManyRequests || r.hdr.Get("Retry-After") == "" {
 		t.Errorf("right password while locked: %d (Retry-After %q) %s, want 429 with Retry-After", r.code, r.hdr.Get("Retry-After"), r.body)

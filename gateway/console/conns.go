@@ -104,7 +104,7 @@ func claimSignedIn(h http.Handler) http.Handler {
 // It is asked of every request until its connection is claimed; one
 // with neither cookie nor token costs no store read.
 func (h *Handler) signedIn(r *http.Request) bool {
-	if !lanSource(r.RemoteAddr) {
+	if !h.fromLAN(r.RemoteAddr) {
 		return false
 	}
 	p, err := h.authenticate(r)

@@ -67,6 +67,11 @@ type Options struct {
 	// Metrics receives bastion_console_refusals_total{reason} (the
 	// gateway's registry). Nil: counted, but not exported.
 	Metrics prometheus.Registerer
+	// LANPrefixes, if set, gives the prefixes of the box's LAN interfaces'
+	// addresses now: a source in one is on the LAN, a global IPv6 one too
+	// (the console's certificate names the box's address there). Asked
+	// only for a source that is not loopback, private or link-local.
+	LANPrefixes func() []netip.Prefix
 }
 
 // Components are the optional parts of the box the console shows. A nil
@@ -203,7 +208,7 @@ func NewHandler(o Options) (*Handler, error) {
 
 // ServeHTTP answers only LAN and loopback sources.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	if !lanSource(r.RemoteAddr) {
+	if !h.fromLAN(r.RemoteAddr) {
 		h.refused(ReasonNotLAN)
 		http.Error(w, "the console answers only on the local network", http.StatusForbidden)
 		return
@@ -220,6 +225,28 @@ func lanSource(addr string) bool {
 	}
 	a := ap.Addr().Unmap()
 	return a.IsLoopback() || a.IsPrivate() || a.IsLinkLocalUnicast()
+}
+
+// fromLAN reports whether addr is lanSource or in one of the LAN
+// interfaces' prefixes (Options.LANPrefixes).
+func (h *Handler) fromLAN(addr string) bool {
+	if lanSource(addr) {
+		return true
+	}
+	if h.o.LANPrefixes == nil {
+		return false
+	}
+	ap, err := netip.ParseAddrPort(addr)
+	if err != nil {
+		return false
+	}
+	a := ap.Addr().Unmap()
+	for _, p := range h.o.LANPrefixes() {
+		if p.Contains(a) {
+			return true
+		}
+	}
+	return false
 }
 
 // NewRecoveryCode makes a one-time password recovery code valid for 15

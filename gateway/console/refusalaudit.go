@@ -15,7 +15,8 @@ import (
 // {reason="bad_login"} and {reason="bad_code"}), but the audit log, which
 // keeps only its newest events (store.DefaultAuditRetention), gets at most
 // one event per kind (console.login_failed, console.setup_refused,
-// console.recover_refused) per refusalAuditEvery: the first at once, so
+// console.recover_refused, and console.csrf_refused, which any signed-in
+// user can make) per refusalAuditEvery: the first at once, so
 // that an operator sees that and who, the others counted into the next
 // event of the kind ("N more refused since ..."). A successful login,
 // setup or recovery writes the counts still held and starts every kind
@@ -23,7 +24,8 @@ import (
 // As gateway/pairing_refusals.go does for pairing refusals.
 
 // refusalAuditEvery spaces the audit events of each kind: a flood of
-// failed logins and recovery codes adds at most about 2,900 events a day.
+// failed logins, recovery codes and CSRF tokens adds at most about 4,300
+// events a day.
 const refusalAuditEvery = time.Minute
 
 // refusalAudit audits a refusal of kind action (one of a fixed set),

@@ -74,8 +74,11 @@ func TestLockedOutSourceCannotFloodOutALockout(t *testing.T) {
 	if n := h.thr.Len(); n != held {
 		t.Errorf("the throttle holds %d keys after the refused flood, %d before: refused requests added keys", n, held)
 	}
-	if code := login(h, "10.0.0.99:4000", "root", "correct horse battery staple"); code != http.StatusTooManyRequests {
-		t.Errorf("root's right password from a fresh source after the flood: %d, want 429 (root's lockout was pushed out)", code)
+	// A source with no failure has its password checked even while root
+	// is locked out (TestLockedOutUserLogsInFromACleanSource); one that
+	// failed, as each of the five did, is refused while it lasts.
+	if code := login(h, "10.0.0.1:4000", "root", "correct horse battery staple"); code != http.StatusTooManyRequests {
+		t.Errorf("root's right password from a source that failed against it, after the flood: %d, want 429 (root's lockout was pushed out)", code)
 	}
 }
 
@@ -194,5 +197,49 @@ func TestSetupCodeGuessesFromRotatingIPv6Addresses(t *testing.T) {
 	}
 	if code := setup("[fe80::77%eth2]:4000", "ABCD-EFGH-JKLM-NPQR"); code != http.StatusCreated {
 		t.Errorf("right code from the same address on another link: %d, want 201", code)
+	}
+}
+
+// Refused CSRF tokens, which any signed-in user can send as fast as it
+// likes with a path as long as the request line, are audited spaced (one
+// event a minute, counting the others) with the path clipped. Each used
+// to be audited with its whole path: a viewer could fill the audit log's
+// 10,000 events with ~36 KB each.
+func TestCSRFRefusalsAuditedSpacedAndClipped(t *testing.T) {
+	h, srv, clk := newTestHandler(t)
+	setUpAdmin(t, srv)
+	code, cookie, _ := loginSession(t, h, "10.0.0.7:4000", "root", oldPassword)
+	if code != http.StatusCreated {
+		t.Fatalf("login: %d", code)
+	}
+	long := "/api/v1/tokens/" + strings.Repeat("a", 30000)
+	refuse := func() {
+		t.Helper()
+		r := httptest.NewRequest("DELETE", long, nil)
+		r.Header.Set("X-CSRF-Token", strings.Repeat("A", 43))
+		r.AddCookie(cookie)
+		r.RemoteAddr = "10.0.0.7:4000"
+		w := httptest.NewRecorder()
+		h.ServeHTTP(w, r)
+		if w.Code != http.StatusForbidden {
+			t.Fatalf("wrong CSRF token: %d %s, want 403", w.Code, w.Body)
+		}
+	}
+	for range 50 {
+		refuse()
+		clk.add(time.Second)
+	}
+	es := auditedOf(t, h.o.Store, "console.csrf_refused")
+	if len(es) != 1 {
+		t.Fatalf("%d console.csrf_refused events for 50 refusals within a minute, want 1", len(es))
+	}
+	if want := long[:maxAuditPath] + "… (30015 bytes)"; es[0].Target != want {
+		t.Errorf("target %.200q (%d bytes), want the path cut after %d bytes", es[0].Target, len(es[0].Target), maxAuditPath)
+	}
+	clk.add(10 * time.Second)
+	refuse()
+	es = auditedOf(t, h.o.Store, "console.csrf_refused")
+	if len(es) != 2 || !strings.HasPrefix(es[1].Detail, "49 more refused since ") {
+		t.Errorf("after the minute: %d events, the last %+v; want 2, the last counting the 49", len(es), es[len(es)-1])
 	}
 }

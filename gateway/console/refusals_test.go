@@ -198,3 +198,43 @@ func TestEveryRefusalIsCountedByReason(t *testing.T) {
 		}
 	}
 }
+
+// The export, a GET with effects, is refused to a browser fetching it for
+// another site or another host of the console's site (Sec-Fetch-Site
+// same-site or cross-site: a same-site page gets the SameSite=Strict
+// cookie sent), and answered for the console's own link, an address
+// typed, and clients that send no Sec-Fetch-Site. Only the answered ones
+// are audited.
+func TestExportRefusedToOtherSites(t *testing.T) {
+	h, srv, _ := newTestHandler(t)
+	setUpAdmin(t, srv)
+	if err := h.o.Store.AddDevice(store.Device{ID: "dev-a", Name: "a"}); err != nil {
+		t.Fatal(err)
+	}
+	code, cookie, _ := loginSession(t, h, "10.0.0.7:4000", "root", oldPassword)
+	if code != http.StatusCreated {
+		t.Fatalf("login: %d", code)
+	}
+	for site, want := range map[string]int{
+		"":            http.StatusOK,
+		"same-origin": http.StatusOK,
+		"none":        http.StatusOK,
+		"same-site":   http.StatusForbidden,
+		"cross-site":  http.StatusForbidden,
+	} {
+		r := httptest.NewRequest("GET", "/api/v1/devices/dev-a/export", nil)
+		if site != "" {
+			r.Header.Set("Sec-Fetch-Site", site)
+		}
+		r.AddCookie(cookie)
+		r.RemoteAddr = "10.0.0.7:4000"
+		w := httptest.NewRecorder()
+		h.ServeHTTP(w, r)
+		if w.Code != want {
+			t.Errorf("export with Sec-Fetch-Site %q: %d %.200s, want %d", site, w.Code, w.Body, want)
+		}
+	}
+	if es := auditedOf(t, h.o.Store, "privacy.export"); len(es) != 3 {
+		t.Errorf("%d privacy.export events, want 3 (the refused ones audited an export)", len(es))
+	}
+}

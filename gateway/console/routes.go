@@ -9,9 +9,14 @@ import (
 	"time"
 
 	"github.com/bastion-iot/bastion/gateway/store"
+	"github.com/bastion-iot/bastion/internal/ratelog"
 )
 
 type access int
+
+// maxAuditPath is how much of a refused request's path the audit event
+// keeps (ratelog.Clip).
+const maxAuditPath = 128
 
 const (
 	public access = iota
@@ -68,7 +73,11 @@ func (h *Handler) handle(pattern string, need access, f handlerFunc) {
 			}
 			if unsafeMethod(r.Method) {
 				if err := checkCSRF(r, p); err != nil {
-					h.audit(r.Context(), p.actor(), "console.csrf_refused", r.URL.Path, "")
+					// Spaced and clipped: a signed-in viewer can send as
+					// many as it likes, each path up to the request line's
+					// ~36 KB, and the audit log bounds its count, not its
+					// size.
+					h.refusalAudit(r.Context(), p.actor(), "console.csrf_refused", ratelog.Clip(r.URL.Path, maxAuditPath), "")
 					h.fail(w, r, err)
 					return
 				}
@@ -78,6 +87,22 @@ func (h *Handler) handle(pattern string, need access, f handlerFunc) {
 			h.fail(w, r, err)
 		}
 	})
+}
+
+// checkExportFetch refuses an export a browser fetched for another site,
+// or for another host of the console's site: the export is a GET with
+// effects (an audit event, up to 4 MiB of queued telemetry and 100 pages
+// of the audit log loaded), and a same-site page (another host on the
+// console's registrable domain) sends the SameSite=Strict session cookie
+// with a GET it triggers. Allowed: no Sec-Fetch-Site (not a browser, or
+// one too old to send it), same-origin (the device page's link) and none
+// (the address typed or bookmarked).
+func checkExportFetch(r *http.Request) error {
+	switch r.Header.Get("Sec-Fetch-Site") {
+	case "", "same-origin", "none":
+		return nil
+	}
+	return refuse(ReasonCrossOrigin, http.StatusForbidden, "export refused: it was requested by another site; open it from the console's device page")
 }
 
 // done finishes a form: a message for the next page, then see-other.
@@ -374,6 +399,9 @@ func (h *Handler) apiRoutes() {
 		return js(w, http.StatusOK, d)
 	})
 	h.handle("GET /api/v1/devices/{id}/export", admin, func(w http.ResponseWriter, r *http.Request, p *principal) error {
+		if err := checkExportFetch(r); err != nil {
+			return err
+		}
 		ex, err := h.exportDevice(r.Context(), p, r.PathValue("id"))
 		if err != nil {
 			return err

@@ -85,10 +85,21 @@ func (t *throttle) failLocked(now time.Time, user, source string) {
 	}
 }
 
-// loginLockedUntil is when the lockout of the user or the source's keys
-// ends, or zero.
-func (t *throttle) loginLockedUntil(now time.Time, user, source string) time.Time {
-	return t.LockedUntil(now, append(sourceKeys(source), "u:"+user)...)
+// loginLockedUntil is when the lockout that refuses a login (or password
+// check) of user from source ends, or zero, and whether the user is locked
+// out. The source's lockouts refuse it. The user's refuses only a source
+// whose address has failed (holds a failure, see Forget): any LAN host can
+// lock a user out and keep it locked with one failure an hour, so a
+// source with no failure still has its password checked, and the right
+// one logs in. What that leaves a guesser with many addresses is in the
+// README (Login throttling).
+func (t *throttle) loginLockedUntil(now time.Time, user, source string) (until time.Time, userLocked bool) {
+	until = t.LockedUntil(now, sourceKeys(source)...)
+	u := t.LockedUntil(now, "u:"+user)
+	if !u.IsZero() && u.After(until) && t.Failed(now, "s:"+source) {
+		until = u
+	}
+	return until, !u.IsZero()
 }
 
 // prefixed is keys, each after prefix.

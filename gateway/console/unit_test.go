@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"net/http"
 	"net/http/httptest"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -12,6 +13,7 @@ import (
 	"time"
 
 	"github.com/bastion-iot/bastion/bridges/upstream"
+	"github.com/bastion-iot/bastion/gateway/store"
 )
 
 func TestCheckPassword(t *testing.T) {
@@ -279,5 +281,47 @@ func BenchmarkPasswordVerify(b *testing.B) {
 func BenchmarkCheckPassword(b *testing.B) {
 	for b.Loop() {
 		CheckPassword("root", "correct horse battery staple")
+	}
+}
+
+// A source in a prefix of the LAN interfaces' addresses (a global IPv6
+// one, which lanSource does not accept) is served; one outside them is
+// refused, and without LANPrefixes only lanSource's are served.
+func TestLANPrefixesAccepted(t *testing.T) {
+	st, err := store.Open(filepath.Join(t.TempDir(), "s.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	lan := []netip.Prefix{netip.MustParsePrefix("2001:db8:1:2::/64"), netip.MustParsePrefix("198.51.100.0/24")}
+	with, err := NewHandler(Options{Store: st, Gateway: stubGateway{}, LANPrefixes: func() []netip.Prefix { return lan }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	without, err := NewHandler(Options{Store: st, Gateway: stubGateway{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		h      *Handler
+		remote string
+		want   int
+	}{
+		{with, "[2001:db8:1:2:aaaa::99]:4000", http.StatusOK},
+		{with, "198.51.100.7:4000", http.StatusOK},
+		{with, "[::ffff:198.51.100.7]:4000", http.StatusOK},
+		{with, "[2001:db8:1:3::99]:4000", http.StatusForbidden},
+		{with, "203.0.113.7:4000", http.StatusForbidden},
+		{with, "10.0.0.5:4000", http.StatusOK},
+		{without, "[2001:db8:1:2:aaaa::99]:4000", http.StatusForbidden},
+		{without, "10.0.0.5:4000", http.StatusOK},
+	} {
+		r := httptest.NewRequest("GET", "/healthz", nil)
+		r.RemoteAddr = tc.remote
+		w := httptest.NewRecorder()
+		tc.h.ServeHTTP(w, r)
+		if w.Code != tc.want {
+			t.Errorf("from %s (LANPrefixes set: %v): %d, want %d", tc.remote, tc.h == with, w.Code, tc.want)
+		}
 	}
 }

@@ -159,6 +159,15 @@ func (t *Throttle) fullUntil(now time.Time) time.Time {
 	return first
 }
 
+// Failed reports whether key holds a failure not yet forgotten (within
+// Forget), locked or not.
+func (t *Throttle) Failed(now time.Time, key string) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	e := t.m[key]
+	return e != nil && now.Sub(e.last) <= t.p.Forget
+}
+
 // Unlock ends key's lockout, if it has one, and keeps its failures: its
 // next failure locks it again, for as long as they all count for. For a
 // success from a key several clients share (a source address), where

@@ -162,3 +162,24 @@ func TestUnlockKeepsFailures(t *testing.T) {
 		t.Errorf("Unlock of a key not held added it: %d keys", th.Len())
 	}
 }
+
+// Failed: a key with a failure within Forget, locked or not; not one never
+// failed, forgotten, or Reset.
+func TestFailed(t *testing.T) {
+	th := New(Policy{Base: time.Minute, Max: time.Hour, Forget: time.Hour}, 10)
+	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	if th.Failed(now, "s:a") {
+		t.Error("a key never failed is Failed")
+	}
+	th.Fail(now, "s:a", 5)
+	if !th.Failed(now, "s:a") || !th.LockedUntil(now, "s:a").IsZero() {
+		t.Error("one failure of five free: want Failed and not locked")
+	}
+	if th.Failed(now.Add(time.Hour+time.Second), "s:a") {
+		t.Error("a failure older than Forget still Failed")
+	}
+	th.Reset("s:a")
+	if th.Failed(now, "s:a") {
+		t.Error("Failed after Reset")
+	}
+}
