@@ -15,6 +15,7 @@ import (
 	"maps"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
@@ -341,6 +342,41 @@ func (g *Gateway) serverSANs(cfg config.Config, listen string) ([]string, error)
 	return sans, errors.Join(errs...)
 }
 
+// lanPrefixes are the prefixes of the lan interfaces' addresses now (the
+// console serves a source in one). A lan interface whose addresses cannot
+// be read adds none: its clients on global addresses are refused until
+// they can be.
+func (g *Gateway) lanPrefixes() []netip.Prefix {
+	lanAddrs := g.opts.LANAddrs
+	if lanAddrs == nil {
+		lanAddrs = interfaceAddrs
+	}
+	var out []netip.Prefix
+	for _, name := range g.cfg.Load().Firewall.LAN {
+		addrs, err := lanAddrs(name)
+		if err != nil {
+			continue
+		}
+		for _, a := range addrs {
+			ipn, ok := a.(*net.IPNet)
+			if !ok {
+				continue
+			}
+			ip, ok := netip.AddrFromSlice(ipn.IP)
+			ones, bits := ipn.Mask.Size()
+			if !ok || bits == 0 {
+				continue
+			}
+			ip = ip.Unmap()
+			if ip.Is4() && bits == 128 {
+				ones -= 96
+			}
+			out = append(out, netip.PrefixFrom(ip, ones).Masked())
+		}
+	}
+	return out
+}
+
 // interfaceAddrs are the addresses of the interface called name, none if
 // it is not there (yet: a bridge not created, a USB adapter not plugged).
 // Not net.InterfaceByName, whose error for a missing interface is not
@@ -514,7 +550,7 @@ func (g *Gateway) openListeners(cfg config.Config) error {
 		if err != nil {
 			return err
 		}
-		g.consoleHandler, err = console.NewHandler(console.Options{Store: g.store, Gateway: consoleBackend{g}, Log: g.log, Metrics: g.metrics.reg})
+		g.consoleHandler, err = console.NewHandler(console.Options{Store: g.store, Gateway: consoleBackend{g}, Log: g.log, Metrics: g.metrics.reg, LANPrefixes: g.lanPrefixes})
 		if err != nil {
 			return err
 		}
