@@ -492,6 +492,16 @@ func (g *Gateway) openListeners(cfg config.Config) error {
 			}
 		}
 	}
+	// A revoked (or erased) device's last commands and traffic row go from
+	// the hub whichever transports run. CoAP's revocation handler forgets
+	// the device itself, but it runs only with coap.enabled, and MQTT's
+	// does not: on an MQTT-only gateway an erased device's last-seen time,
+	// counters and kept commands stayed until the restart. Subscribed
+	// after the transports' handlers, so it runs once they have marked
+	// the device's sessions ended (what such a session sends after that
+	// is refused before it reaches the hub, which would remember the
+	// device again). With CoAP on, the device is forgotten twice: harmless.
+	id.OnRevoke(g.hub.Forget)
 	if err := g.openFirmwareHTTPS(cfg, cert); err != nil {
 		return err
 	}
