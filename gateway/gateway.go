@@ -714,9 +714,13 @@ func (g *Gateway) Reload() error {
 			return refuse("config reload refused: the upstream link refused the new settings; the running configuration stays", err)
 		}
 	}
-	// Then apply.
+	// Then apply. Bounded: until it returns, reloadMu is held, and a
+	// SIGTERM waits for the reload.
 	if g.fw != nil {
-		if err := g.fw.Apply(context.Background(), policy); err != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), firewall.ApplyTimeout)
+		err := g.fw.Apply(ctx, policy)
+		cancel()
+		if err != nil {
 			return refuse("config reload refused: the new firewall policy could not be applied; the running configuration stays", err)
 		}
 	}
