@@ -124,6 +124,8 @@ type Gateway struct {
 	pairing       *pairingSvc
 	// consoleHandler is the console's pages and API (nil if disabled).
 	consoleHandler *console.Handler
+	// metricsLn is metrics.listen's, bound in New (nil when it is off).
+	metricsLn net.Listener
 	// sink takes device telemetry: the upstream link when there is one.
 	sink     bridges.Sink
 	downlink atomic.Pointer[func(context.Context, bridges.Message) error]
@@ -217,6 +219,9 @@ func New(opts Options) (_ *Gateway, err error) {
 		return nil, err
 	}
 	if err := g.openPairing(cfg); err != nil {
+		return nil, err
+	}
+	if err := g.openMetrics(cfg); err != nil {
 		return nil, err
 	}
 	if err := g.openListeners(cfg); err != nil {
@@ -602,10 +607,8 @@ func (g *Gateway) Run(ctx context.Context) error {
 	if g.pairing != nil {
 		g.pairing.run(ctx, eg)
 	}
-	if l := g.cfg.Load().Metrics.Listen; l != "" {
-		if err := g.serveMetrics(ctx, eg, l); err != nil {
-			return err
-		}
+	if g.metricsLn != nil {
+		g.serveMetrics(ctx, eg)
 	}
 	g.printSummary()
 	if g.opts.Ready != nil {
@@ -622,6 +625,9 @@ func (g *Gateway) close() {
 	if g.restoreMemLimit != nil {
 		g.restoreMemLimit()
 		g.restoreMemLimit = nil
+	}
+	if g.metricsLn != nil {
+		g.metricsLn.Close() // New failed, or Run's server closed it already
 	}
 	if g.pairing != nil {
 		g.pairing.close()
@@ -779,20 +785,31 @@ func (g *Gateway) logConfigWarnings(ws []*config.Error) {
 	}
 }
 
-func (g *Gateway) serveMetrics(ctx context.Context, eg *errgroup.Group, addr string) error {
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		return fmt.Errorf("metrics: listen %s: %w", addr, err)
+// openMetrics binds metrics.listen, if set. In New, as every listener:
+// bound in Run, after the other components had started, a port in use
+// made Run return while they ran on, and its deferred close shut the
+// store and the queues under them.
+func (g *Gateway) openMetrics(cfg config.Config) error {
+	if cfg.Metrics.Listen == "" {
+		return nil
 	}
+	ln, err := net.Listen("tcp", cfg.Metrics.Listen)
+	if err != nil {
+		return fmt.Errorf("metrics.listen %s: %w", cfg.Metrics.Listen, err)
+	}
+	g.metricsLn = ln
+	return nil
+}
+
+func (g *Gateway) serveMetrics(ctx context.Context, eg *errgroup.Group) {
 	srv := g.metricsServer()
 	eg.Go(func() error {
 		go func() { <-ctx.Done(); srv.Close() }()
-		if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
+		if err := srv.Serve(g.metricsLn); !errors.Is(err, http.ErrServerClosed) {
 			return err
 		}
 		return nil
 	})
-	return nil
 }
 
 // metricsServer is the server of metrics.listen: plain HTTP, on loopback.
