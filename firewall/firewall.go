@@ -448,6 +448,16 @@ type applyStep struct {
 // leaves room for the xtables lock wait (10 s) and two iptables runs.
 const rollbackTimeout = 30 * time.Second
 
+// ApplyTimeout is the deadline to give an Apply whose caller has none of
+// its own, such as a reload or the pairing window opening a port: callers
+// that hold their own locks meanwhile. An Apply runs iptables four times
+// (a read and a commit per family), each waiting at most 10 s for the
+// xtables lock; it goes past this only when another program keeps that
+// lock through several of them, or when a run hangs. It then fails (the
+// run under way is killed), after a rollback that has rollbackTimeout of
+// its own.
+const ApplyTimeout = 30 * time.Second
+
 // rollback is called when cause made a family fail after the families in
 // done were committed to the new policy. It puts those back to what they
 // enforced before (previous) with the same kind of transaction a reload

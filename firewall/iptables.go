@@ -71,6 +71,15 @@ func NewIPTables(opts ...IPTablesOption) (v4, v6 Backend, err error) {
 	return v4, v6, nil
 }
 
+// xtablesWait is how many seconds an iptables run waits for the xtables
+// lock, which legacy iptables takes (iptables-nft takes none and ignores
+// the option) and another program may hold. A bare --wait waits forever:
+// a commit would hold Apply's lock, and the reload or pairing window
+// behind it, for as long as that program does. iptables and
+// iptables-restore 1.8.9 (Debian 12), legacy and nft, take the seconds as
+// the next argument.
+const xtablesWait = "10"
+
 type iptablesBackend struct {
 	family  Family
 	list    string // iptables / ip6tables
@@ -81,15 +90,22 @@ type iptablesBackend struct {
 func (b *iptablesBackend) Family() Family { return b.family }
 
 // in runs fn in the configured namespace; commands started by fn inherit
-// the namespace of the thread that forks them.
+// the namespace of the thread that forks them. A command killed because
+// ctx ended says only "signal: killed": the error then says why.
 func (b *iptablesBackend) in(ctx context.Context, fn func() error) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
+	var err error
 	if b.netns == "" {
-		return fn()
+		err = fn()
+	} else {
+		err = netns.Do(b.netns, fn)
 	}
-	return netns.Do(b.netns, fn)
+	if err != nil && ctx.Err() != nil {
+		return fmt.Errorf("%w (%w)", err, context.Cause(ctx))
+	}
+	return err
 }
 
 // Snapshot reads the table with one `iptables -v -S`: each iptables-nft
@@ -98,7 +114,7 @@ func (b *iptablesBackend) in(ctx context.Context, fn func() error) error {
 func (b *iptablesBackend) Snapshot(ctx context.Context) (Table, error) {
 	var out, errb bytes.Buffer
 	err := b.in(ctx, func() error {
-		cmd := exec.CommandContext(ctx, b.list, "--wait", "10", "-t", "filter", "-v", "-S")
+		cmd := exec.CommandContext(ctx, b.list, "--wait", xtablesWait, "-t", "filter", "-v", "-S")
 		cmd.Stdout, cmd.Stderr = &out, &errb
 		return cmd.Run()
 	})
@@ -119,7 +135,7 @@ func (b *iptablesBackend) Commit(ctx context.Context, ops []Op) error {
 	}
 	var out bytes.Buffer
 	err = b.in(ctx, func() error {
-		cmd := exec.CommandContext(ctx, b.restore, "--noflush", "--wait")
+		cmd := exec.CommandContext(ctx, b.restore, "--noflush", "--wait", xtablesWait)
 		cmd.Stdin = strings.NewReader(script)
 		cmd.Stdout, cmd.Stderr = &out, &out
 		return cmd.Run()

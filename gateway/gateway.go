@@ -129,6 +129,8 @@ type Gateway struct {
 	pairing   *pairingSvc
 	// consoleHandler is the console's pages and API (nil if disabled).
 	consoleHandler *console.Handler
+	// metricsLn is metrics.listen's, bound in New (nil when it is off).
+	metricsLn net.Listener
 	// sink takes device telemetry: the upstream link when there is one.
 	sink     bridges.Sink
 	downlink atomic.Pointer[func(context.Context, bridges.Message) error]
@@ -222,6 +224,9 @@ func New(opts Options) (_ *Gateway, err error) {
 		return nil, err
 	}
 	if err := g.openPairing(cfg); err != nil {
+		return nil, err
+	}
+	if err := g.openMetrics(cfg); err != nil {
 		return nil, err
 	}
 	if err := g.openListeners(cfg); err != nil {
@@ -532,6 +537,16 @@ func (g *Gateway) openListeners(cfg config.Config) error {
 			}
 		}
 	}
+	// A revoked (or erased) device's last commands and traffic row go from
+	// the hub whichever transports run. CoAP's revocation handler forgets
+	// the device itself, but it runs only with coap.enabled, and MQTT's
+	// does not: on an MQTT-only gateway an erased device's last-seen time,
+	// counters and kept commands stayed until the restart. Subscribed
+	// after the transports' handlers, so it runs once they have marked
+	// the device's sessions ended (what such a session sends after that
+	// is refused before it reaches the hub, which would remember the
+	// device again). With CoAP on, the device is forgotten twice: harmless.
+	id.OnRevoke(g.hub.Forget)
 	if err := g.openFirmwareHTTPS(cfg, cert); err != nil {
 		return err
 	}
@@ -632,10 +647,8 @@ func (g *Gateway) Run(ctx context.Context) error {
 	if g.pairing != nil {
 		g.pairing.run(ctx, eg)
 	}
-	if l := g.cfg.Load().Metrics.Listen; l != "" {
-		if err := g.serveMetrics(ctx, eg, l); err != nil {
-			return err
-		}
+	if g.metricsLn != nil {
+		g.serveMetrics(ctx, eg)
 	}
 	g.printSummary()
 	if g.opts.Ready != nil {
@@ -652,6 +665,9 @@ func (g *Gateway) close() {
 	if g.restoreMemLimit != nil {
 		g.restoreMemLimit()
 		g.restoreMemLimit = nil
+	}
+	if g.metricsLn != nil {
+		g.metricsLn.Close() // New failed, or Run's server closed it already
 	}
 	if g.pairing != nil {
 		g.pairing.close()
@@ -744,9 +760,13 @@ func (g *Gateway) Reload() error {
 			return refuse("config reload refused: the upstream link refused the new settings; the running configuration stays", err)
 		}
 	}
-	// Then apply.
+	// Then apply. Bounded: until it returns, reloadMu is held, and a
+	// SIGTERM waits for the reload.
 	if g.fw != nil {
-		if err := g.fw.Apply(context.Background(), policy); err != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), firewall.ApplyTimeout)
+		err := g.fw.Apply(ctx, policy)
+		cancel()
+		if err != nil {
 			return refuse("config reload refused: the new firewall policy could not be applied; the running configuration stays", err)
 		}
 	}
@@ -805,20 +825,31 @@ func (g *Gateway) logConfigWarnings(ws []*config.Error) {
 	}
 }
 
-func (g *Gateway) serveMetrics(ctx context.Context, eg *errgroup.Group, addr string) error {
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		return fmt.Errorf("metrics: listen %s: %w", addr, err)
+// openMetrics binds metrics.listen, if set. In New, as every listener:
+// bound in Run, after the other components had started, a port in use
+// made Run return while they ran on, and its deferred close shut the
+// store and the queues under them.
+func (g *Gateway) openMetrics(cfg config.Config) error {
+	if cfg.Metrics.Listen == "" {
+		return nil
 	}
+	ln, err := net.Listen("tcp", cfg.Metrics.Listen)
+	if err != nil {
+		return fmt.Errorf("metrics.listen %s: %w", cfg.Metrics.Listen, err)
+	}
+	g.metricsLn = ln
+	return nil
+}
+
+func (g *Gateway) serveMetrics(ctx context.Context, eg *errgroup.Group) {
 	srv := g.metricsServer()
 	eg.Go(func() error {
 		go func() { <-ctx.Done(); srv.Close() }()
-		if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
+		if err := srv.Serve(g.metricsLn); !errors.Is(err, http.ErrServerClosed) {
 			return err
 		}
 		return nil
 	})
-	return nil
 }
 
 // metricsServer is the server of metrics.listen: plain HTTP, on loopback.

@@ -177,7 +177,10 @@ func (p *pairingSvc) estFirewall(open bool) {
 		if apply == nil {
 			apply = p.g.fw.Apply
 		}
-		err = apply(context.Background(), pol)
+		// Bounded, as Reload's: reloadMu is held until it returns.
+		ctx, cancel := context.WithTimeout(context.Background(), firewall.ApplyTimeout)
+		err = apply(ctx, pol)
+		cancel()
 	}
 	if err != nil {
 		p.g.log.Error("pairing: firewall policy for EST over HTTPS not applied", "open", open, "err", err)

@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"net/http"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -178,9 +179,26 @@ func TestEraseDropsRetainedFromTheBroker(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer m.Close()
-	for _, topic := range []string{"devices/" + d.ID + "/s/online", "devices/" + d.ID + "/t/temp"} {
+	// The broker sends a PUBACK before it hands the message to the
+	// subscribers, so a subscriber made right after the PUBACK may get the
+	// message live as well as retained, as MQTT allows. live waits until
+	// the broker has handed both out, to a subscriber made before them:
+	// a subscriber made after that gets the retained copies only.
+	live := g.subscribeLocal(t, "devices/"+d.ID+"/#")
+	topics := []string{"devices/" + d.ID + "/s/online", "devices/" + d.ID + "/t/temp"}
+	for _, topic := range topics {
 		if rc, err := m.PublishRetained(ctx, topic, []byte("1")); rc != 0 || err != nil {
 			t.Fatalf("retained publish on %s: %#x %v", topic, rc, err)
+		}
+	}
+	for seen := map[string]bool{}; len(seen) < len(topics); {
+		select {
+		case msg := <-live:
+			if slices.Contains(topics, msg[0]) {
+				seen[msg[0]] = true
+			}
+		case <-ctx.Done():
+			t.Fatalf("the broker handed out only %v of %v live", seen, topics)
 		}
 	}
 	retained := func() []string {

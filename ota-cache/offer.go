@@ -264,6 +264,17 @@ func (c *Cache) ReportStatus(device string, st DeviceStatus) error {
 	st.At = c.cfg.Now()
 	var b *statusBatch
 	c.mu.Lock()
+	// Checked again under c.mu, which ForgetDevice takes: an erase that
+	// revoked the device and forgot its status since the check above
+	// would otherwise have it brought back, in memory and in the store.
+	// Revoked before it is forgotten, the device is refused here, or
+	// its report is written before ForgetDevice deletes it. (Devices must
+	// not call the cache: it is called with c.mu held.)
+	info, ok := c.devices.Device(device)
+	if !ok {
+		c.mu.Unlock()
+		return fmt.Errorf("status report from %q: device not enrolled", device)
+	}
 	prev, had := c.statuses[device]
 	c.statuses[device] = st
 	// Only a change is written: a device repeating its report wears no
@@ -276,7 +287,6 @@ func (c *Cache) ReportStatus(device string, st DeviceStatus) error {
 	}
 	c.mu.Unlock()
 	if st.State == StateInstalled {
-		info, _ := c.devices.Device(device)
 		c.notify([]Class{info.Class})
 	}
 	if b != nil {
