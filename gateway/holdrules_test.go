@@ -142,17 +142,24 @@ func TestFirmwareStatusOptOutKeptFromUpstream(t *testing.T) {
 	if err := r.g.Reload(); err != nil {
 		t.Fatal(err)
 	}
-	withheld := func() uint64 {
-		return r.g.Status().Components["upstream"].(map[string]any)["link"].(upstream.Status).Withheld
+	link := func() upstream.Status {
+		return r.g.Status().Components["upstream"].(map[string]any)["link"].(upstream.Status)
 	}
 	ctx := context.Background()
+	// send waits until the link has published or withheld the message, so
+	// that a message's outcome is never counted for the next one's (a
+	// queued message is withheld when the link reads it, after Accept).
 	send := func(topic string) (withheldNow bool) {
 		t.Helper()
-		before := withheld()
+		before := link()
 		if err := r.g.sink.Accept(ctx, bridges.Message{Device: "d1", Topic: topic, QoS: 1, Payload: []byte(`{"state":"installed"}`)}); err != nil {
 			t.Fatalf("Accept %s: %v", topic, err)
 		}
-		return withheld() != before
+		waitFor(t, topic+" published or withheld", func() bool {
+			now := link()
+			return now.Published+now.Withheld > before.Published+before.Withheld
+		})
+		return link().Withheld != before.Withheld
 	}
 	if send("devices/d1/s/fw") {
 		t.Fatal("a firmware status report withheld with the opt-out off: the test's rules do not forward it")
