@@ -174,7 +174,12 @@ func (i *Inflight) setUnlessSealed(m packets.Packet, lim heldLimit) (added, seal
 func (i *Inflight) GetAll(immediate bool) []packets.Packet {
 	i.RLock()
 	defer i.RUnlock()
+	return i.getAll(immediate)
+}
 
+// getAll is GetAll; i is locked (Bastion patch (20): NextImmediate took
+// the read lock and then GetAll's, see NextImmediate).
+func (i *Inflight) getAll(immediate bool) []packets.Packet {
 	m := []packets.Packet{}
 	for _, v := range i.internal {
 		if !immediate || (immediate && v.Expiry < 0) {
@@ -201,11 +206,17 @@ func (i *Inflight) GetAll(immediate bool) []packets.Packet {
 // NextImmediate returns the next inflight packet which is indicated to be sent immediately.
 // This typically occurs when the quota has been exhausted, and we need to wait until new quota
 // is free to continue sending.
+//
+// Bastion patch (20): it reads under one read lock. Upstream called GetAll
+// under the read lock it held, which took it a second time: a writer
+// (a publish to the client, a PUBACK) that came between the two made the
+// second wait for it while it waited for the first, and the client's
+// reader, which calls this after every packet, hung for good.
 func (i *Inflight) NextImmediate() (packets.Packet, bool) {
 	i.RLock()
 	defer i.RUnlock()
 
-	m := i.GetAll(true)
+	m := i.getAll(true)
 	if len(m) > 0 {
 		return m[0], true
 	}
