@@ -54,3 +54,32 @@ func TestBastionNextImmediateWithWriters(t *testing.T) {
 	close(stop)
 	wg.Wait()
 }
+
+// TestBastionSendImmediateKeepsMessage (Bastion patch (19)): the message
+// sent once the client's receive quota frees up stays in flight, with the
+// expiry publishToSubscribers gave it (-1 while it waited), and the next
+// one waiting is the one after it. Upstream deleted it once written.
+func TestBastionSendImmediateKeepsMessage(t *testing.T) {
+	s := newServer()
+	s.Options.Capabilities.MaximumMessageExpiryInterval = 3600
+	in := NewInflights()
+	in.Set(packets.Packet{PacketID: 1, Created: 1000, Expiry: -1, Properties: packets.Properties{MessageExpiryInterval: 30}})
+	in.Set(packets.Packet{PacketID: 2, Created: 1000, Expiry: -1})
+
+	pk, ok := in.sendImmediate(s.messageExpiry)
+	if !ok || pk.PacketID != 1 || pk.Expiry != 1030 {
+		t.Fatalf("sent id %d expiry %d (%v), want id 1 expiry 1030", pk.PacketID, pk.Expiry, ok)
+	}
+	if kept, ok := in.Get(1); !ok || kept.Expiry != 1030 {
+		t.Fatalf("in flight after it was sent: %v, expiry %d; want kept with expiry 1030", ok, kept.Expiry)
+	}
+	if next, ok := in.NextImmediate(); !ok || next.PacketID != 2 {
+		t.Fatalf("next waiting: id %d (%v), want 2", next.PacketID, ok)
+	}
+	if pk, _ := in.sendImmediate(s.messageExpiry); pk.Expiry != 4600 {
+		t.Fatalf("expiry of a message without its own: %d, want the server's maximum (4600)", pk.Expiry)
+	}
+	if _, ok := in.sendImmediate(s.messageExpiry); ok {
+		t.Fatal("sendImmediate found a message waiting after both were sent")
+	}
+}

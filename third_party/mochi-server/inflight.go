@@ -224,6 +224,25 @@ func (i *Inflight) NextImmediate() (packets.Packet, bool) {
 	return packets.Packet{}, false
 }
 
+// sendImmediate takes the packet NextImmediate would return and keeps it
+// in flight as sent: its Expiry, -1 while it waited for send quota, is
+// expiry's answer for it (Bastion patch (19), see Server.processPacket).
+// Found and changed under one lock, so that a packet deleted meanwhile (a
+// session dropped, a message expired) is not put back.
+func (i *Inflight) sendImmediate(expiry func(pk *packets.Packet) int64) (packets.Packet, bool) {
+	i.Lock()
+	defer i.Unlock()
+
+	m := i.getAll(true)
+	if len(m) == 0 {
+		return packets.Packet{}, false
+	}
+	pk := m[0]
+	pk.Expiry = expiry(&pk)
+	i.put(pk, 0) // the same id: its order is kept, its bytes are the same
+	return pk, true
+}
+
 // Delete removes an in-flight message from the map. Returns true if the message existed.
 func (i *Inflight) Delete(id uint16) bool {
 	i.Lock()
