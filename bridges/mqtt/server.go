@@ -329,6 +329,10 @@ func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log 
 	caps.MaximumClientWritesPending = writesPending(cfg.MaxInflight)
 	caps.MaximumClientHeldBytes = cfg.MaxHeldBytes
 	caps.MaximumHeldBytes = cfg.MaxHeldBytesTotal
+	// An acknowledgement carries no property of the packet it answers:
+	// mochi copied a PUBLISH's into its PUBACK, so a device's user
+	// properties came back to it (and took the PUBACK off its fast path).
+	caps.Compatibilities.NoInheritedPropertiesOnAck = true
 	s.mq = mochi.New(&mochi.Options{
 		Capabilities:             caps,
 		InlineClient:             true,

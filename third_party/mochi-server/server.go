@@ -1058,7 +1058,11 @@ func (s *Server) publish(cl *Client, pk packets.Packet) (taken int, err error) {
 	}
 
 	cl.State.Inflight.DecreaseReceiveQuota()
-	ack := s.buildAck(pk.PacketID, packets.Puback, 0, pk.Properties, packets.QosCodes[pk.FixedHeader.Qos]) // [MQTT-4.3.2-4]
+	// Bastion patch (21), third_party/README.md: success, 0x00. Upstream
+	// gave the QoS's SUBACK code (0x01 granted QoS 1), no PUBACK reason
+	// code, which was written when the PUBACK carried properties (the
+	// PUBLISH's user properties, inherited).
+	ack := s.buildAck(pk.PacketID, packets.Puback, 0, pk.Properties, packets.CodeSuccess) // [MQTT-4.3.2-4]
 	if pk.FixedHeader.Qos == 2 {
 		ack = s.buildAck(pk.PacketID, packets.Pubrec, 0, pk.Properties, packets.CodeSuccess) // [MQTT-3.3.4-1] [MQTT-4.3.3-8]
 	}
