@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"net/http"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -215,5 +216,61 @@ func TestEraseDropsRetainedFromTheBroker(t *testing.T) {
 	ev, err := g.g.Store().AuditLog(1, 0)
 	if err != nil || len(ev) != 1 || ev[0].Action != "privacy.erase" || !strings.Contains(ev[0].Detail, "2 retained") {
 		t.Errorf("last audit event %+v (%v), want privacy.erase with 2 retained messages", ev, err)
+	}
+}
+
+// TestFirmwareStatusOptOutDropsRetained: switching firmware.status off
+// drops the devices' retained firmware status reports (devices/{id}/s/fw)
+// from the running broker and the store, and a report retained afterwards
+// is kept by neither; the device's other retained messages stay. Before,
+// the broker's retain hook stored every retained report whatever the
+// opt-out said, and the broker kept its copy.
+func TestFirmwareStatusOptOutDropsRetained(t *testing.T) {
+	g := startTransports(t)
+	ctx := ctxT(t, 30*time.Second)
+	d := g.addDevice(t, "sensor", "cert")
+	m, err := d.DialMQTT(ctx, g.g.Addrs()["mqtts"], nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	fw, online := "devices/"+d.ID+"/s/fw", "devices/"+d.ID+"/s/online"
+	retain := func(topic string) {
+		t.Helper()
+		if rc, err := m.PublishRetained(ctx, topic, []byte(`{"state":"installed"}`)); rc != 0 || err != nil {
+			t.Fatalf("retained publish on %s: %#x %v", topic, rc, err)
+		}
+	}
+	kept := func() (broker, stored []string) {
+		t.Helper()
+		for _, topic := range []string{fw, online} {
+			if _, ok := g.g.mqtt.Retained(topic); ok {
+				broker = append(broker, topic)
+			}
+		}
+		held, err := g.g.Store().RetainedUnder("devices/" + d.ID + "/")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for topic := range held {
+			stored = append(stored, topic)
+		}
+		slices.Sort(stored)
+		return broker, stored
+	}
+	retain(fw)
+	retain(online)
+	if broker, stored := kept(); len(broker) != 2 || len(stored) != 2 {
+		t.Fatalf("before the opt-out: broker %v, store %v; want both in each", broker, stored)
+	}
+
+	newConsoleAPI(t, g.g).optOut(t, optOutFwStatus, true)
+	want := []string{online}
+	if broker, stored := kept(); !slices.Equal(broker, want) || !slices.Equal(stored, want) {
+		t.Errorf("after the opt-out: broker %v, store %v; want %v in each", broker, stored, want)
+	}
+	retain(fw)
+	if broker, stored := kept(); !slices.Equal(broker, want) || !slices.Equal(stored, want) {
+		t.Errorf("a report retained after the opt-out: broker %v, store %v; want %v in each", broker, stored, want)
 	}
 }
