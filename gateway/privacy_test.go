@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -19,6 +20,7 @@ import (
 
 	"github.com/bastion-iot/bastion/gateway/store"
 	"github.com/bastion-iot/bastion/internal/devicesim"
+	"github.com/bastion-iot/bastion/internal/testutil/testpki"
 	"github.com/bastion-iot/bastion/internal/testutil/tufrepo"
 	otacache "github.com/bastion-iot/bastion/ota-cache"
 )
@@ -272,5 +274,50 @@ func TestFirmwareStatusOptOutDropsRetained(t *testing.T) {
 	retain(fw)
 	if broker, stored := kept(); !slices.Equal(broker, want) || !slices.Equal(stored, want) {
 		t.Errorf("a report retained after the opt-out: broker %v, store %v; want %v in each", broker, stored, want)
+	}
+}
+
+// TestFirmwareStatusOptOutDropsRetainedAtStart: a retained firmware status
+// report stored while the opt-out was on (by a version before
+// KeepRetained) is dropped from the store when the gateway starts, not
+// only kept out of the broker: the opt-outs are applied once the MQTT
+// broker exists.
+func TestFirmwareStatusOptOutDropsRetainedAtStart(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "state")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := WriteConfigFile(filepath.Join(dir, "bastion.yaml"), testConfig(dir)); err != nil {
+		t.Fatal(err)
+	}
+	opts := func() Options {
+		return Options{Dev: true, StateDir: dir, Log: discard, Out: &bytes.Buffer{}, Sink: &testSink{}, Clock: &testpki.OffsetClock{}}
+	}
+	r := runGateway(t, opts(), 10*time.Second)
+	d := (&tgw{running: r, dir: dir}).addDevice(t, "sensor", "cert")
+	ctx := ctxT(t, 30*time.Second)
+	m, err := d.DialMQTT(ctx, r.g.Addrs()["mqtts"], nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fw := "devices/" + d.ID + "/s/fw"
+	if rc, err := m.PublishRetained(ctx, fw, []byte(`{"state":"installed"}`)); rc != 0 || err != nil {
+		t.Fatalf("retained publish on %s: %#x %v", fw, rc, err)
+	}
+	m.Close()
+	// Switched on in the store alone, as an older version left it: the
+	// report still stored.
+	if err := r.g.Store().SetOptOut(optOutFwStatus, true); err != nil {
+		t.Fatal(err)
+	}
+	r.stop(t)
+
+	r = runGateway(t, opts(), 10*time.Second)
+	t.Cleanup(func() { r.stop(t) })
+	if p, ok := r.g.mqtt.Retained(fw); ok {
+		t.Errorf("after the restart the broker retains the report %q", p)
+	}
+	if held, err := r.g.Store().RetainedUnder("devices/" + d.ID + "/"); err != nil || len(held) != 0 {
+		t.Errorf("after the restart the store holds %d retained messages (%v), want none", len(held), err)
 	}
 }
