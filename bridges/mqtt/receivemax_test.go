@@ -76,3 +76,53 @@ func TestReceiveMaximumOneGetsEveryCommand(t *testing.T) {
 	d.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Puback}, PacketID: pk.PacketID})
 	waitFor(t, "the session to hold nothing", func() bool { return r.session(t, dev).State.Inflight.Len() == 0 })
 }
+
+// TestReceiveMaximumOneResumedSession: a device with Receive Maximum 1 that
+// comes back to a session holding three commands gets one at a time, one
+// after another's PUBACK, and each once. mochi (patch (22)) wrote every
+// held command at once when the session resumed, past the device's
+// Receive Maximum (a conforming client disconnects for that, 0x93, and
+// would meet the same on every reconnect), and those that had waited for
+// quota stayed marked waiting, so each PUBACK sent one of them again.
+func TestReceiveMaximumOneResumedSession(t *testing.T) {
+	const dev = "rm2"
+	r := newRigWith(t, queue.Options{}, Config{}, nil)
+	d := r.connectReceiveMax(t, dev, 1)
+	d.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Subscribe, Qos: 1}, PacketID: 1,
+		Filters: packets.Subscriptions{{Filter: bridges.TopicPrefix(dev) + "c/#", Qos: 1}}})
+	if pk := d.read(5 * time.Second); pk.FixedHeader.Type != packets.Suback {
+		t.Fatalf("got packet type %d, want the SUBACK", pk.FixedHeader.Type)
+	}
+	r.leave(t, d)
+	for i := range 3 {
+		if !r.command(t, dev, i) {
+			t.Fatalf("command %d not taken by the session", i)
+		}
+	}
+
+	d = r.connectReceiveMax(t, dev, 1)
+	// A PINGRESP is written after whatever the session was sent before
+	// the PINGREQ was read: the next packet says what went out.
+	ping := func(when string) {
+		t.Helper()
+		d.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Pingreq}})
+		if pk := d.read(5 * time.Second); pk.FixedHeader.Type != packets.Pingresp {
+			t.Fatalf("%s: got packet type %d payload %.4q, want the PINGRESP (nothing more sent)", when, pk.FixedHeader.Type, pk.Payload)
+		}
+	}
+	var got []string
+	for i := range 3 {
+		pk := d.read(5 * time.Second)
+		if pk.FixedHeader.Type != packets.Publish {
+			t.Fatalf("got packet type %d, want command %d", pk.FixedHeader.Type, i)
+		}
+		got = append(got, string(pk.Payload[:4]))
+		ping("with a command unacknowledged")
+		d.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Puback}, PacketID: pk.PacketID})
+	}
+	if diff := cmp.Diff(numbers(0, 3), got); diff != "" {
+		t.Fatalf("commands (-want +got):\n%s", diff)
+	}
+	ping("after every command was acknowledged")
+	waitFor(t, "the session to hold nothing", func() bool { return r.session(t, dev).State.Inflight.Len() == 0 })
+}

@@ -226,10 +226,11 @@ func (i *Inflight) NextImmediate() (packets.Packet, bool) {
 
 // sendImmediate takes the packet NextImmediate would return and keeps it
 // in flight as sent: its Expiry, -1 while it waited for send quota, is
-// expiry's answer for it (Bastion patch (19), see Server.processPacket).
-// Found and changed under one lock, so that a packet deleted meanwhile (a
+// the one publishToSubscribers gave it, for the server's maximum
+// (messageExpiry) (Bastion patch (19), see Server.processPacket). Found
+// and changed under one lock, so that a packet deleted meanwhile (a
 // session dropped, a message expired) is not put back.
-func (i *Inflight) sendImmediate(expiry func(pk *packets.Packet) int64) (packets.Packet, bool) {
+func (i *Inflight) sendImmediate(maximumExpiry int64) (packets.Packet, bool) {
 	i.Lock()
 	defer i.Unlock()
 
@@ -237,9 +238,48 @@ func (i *Inflight) sendImmediate(expiry func(pk *packets.Packet) int64) (packets
 	if len(m) == 0 {
 		return packets.Packet{}, false
 	}
-	pk := m[0]
-	pk.Expiry = expiry(&pk)
+	return i.markSent(m[0], maximumExpiry), true
+}
+
+// markSent stores pk, which waited for send quota, as sent: with its
+// expiry back (Bastion patch (19)). i is locked.
+func (i *Inflight) markSent(pk packets.Packet, maximumExpiry int64) packets.Packet {
+	pk.Expiry = messageExpiry(maximumExpiry, &pk)
 	i.put(pk, 0) // the same id: its order is kept, its bytes are the same
+	return pk
+}
+
+// resendOrWait is what ResendInflightMessages does with the PUBLISH of id
+// for a client whose Receive Maximum bounds what it is sent (Bastion
+// patch (22)): while send quota is left, it takes one and returns the
+// packet to write (marked DUP if it was sent before, to an earlier
+// connection; kept as sent if it had waited for quota); once none is
+// left, the packet waits for quota (Expiry -1, as publishToClient marks
+// one; DUP kept for when it goes) and send is false. Decided under the
+// lock, so that a packet deleted meanwhile is not put back.
+func (i *Inflight) resendOrWait(id uint16, maximumExpiry int64) (pk packets.Packet, send bool) {
+	i.Lock()
+	defer i.Unlock()
+
+	pk, ok := i.internal[id]
+	if !ok {
+		return pk, false
+	}
+	sent := pk.Expiry >= 0
+	if atomic.LoadInt32(&i.sendQuota) == 0 {
+		if sent {
+			pk.FixedHeader.Dup = true // [MQTT-3.3.1-1]
+			pk.Expiry = -1
+			i.put(pk, 0)
+		}
+		return pk, false
+	}
+	if !sent {
+		pk = i.markSent(pk, maximumExpiry)
+	} else {
+		pk.FixedHeader.Dup = true // [MQTT-3.3.1-1]
+	}
+	i.DecreaseSendQuota()
 	return pk, true
 }
 

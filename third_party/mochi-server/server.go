@@ -794,7 +794,7 @@ func (s *Server) processPacket(cl *Client, pk packets.Packet) error {
 	// lost), and its PUBACK, finding nothing, gave no quota back, so the
 	// messages after it waited until the client reconnected.
 	if cl.State.Inflight.Len() > 0 && atomic.LoadInt32(&cl.State.Inflight.sendQuota) > 0 {
-		next, ok := cl.State.Inflight.sendImmediate(s.messageExpiry)
+		next, ok := cl.State.Inflight.sendImmediate(s.Options.Capabilities.MaximumMessageExpiryInterval)
 		if ok {
 			_ = cl.WritePacket(next) // kept if it fails: sent again to the next connection
 			cl.State.Inflight.DecreaseSendQuota()
@@ -804,12 +804,12 @@ func (s *Server) processPacket(cl *Client, pk packets.Packet) error {
 	return nil
 }
 
-// messageExpiry is the Expiry publishToSubscribers gives pk (0: none): a
-// message held for the client's receive quota lost it (Expiry -1) while
-// it waited (Bastion patch (19)).
-func (s *Server) messageExpiry(pk *packets.Packet) int64 {
-	if expiry := minimum(s.Options.Capabilities.MaximumMessageExpiryInterval,
-		int64(pk.Properties.MessageExpiryInterval)); expiry > 0 {
+// messageExpiry is the Expiry publishToSubscribers gives pk (0: none)
+// under the server's maximum message expiry interval: a message held for
+// the client's receive quota lost it (Expiry -1) while it waited (Bastion
+// patch (19)).
+func messageExpiry(maximum int64, pk *packets.Packet) int64 {
+	if expiry := minimum(maximum, int64(pk.Properties.MessageExpiryInterval)); expiry > 0 {
 		return pk.Created + expiry
 	}
 	return 0
