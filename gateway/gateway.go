@@ -505,7 +505,6 @@ func (g *Gateway) openListeners(cfg config.Config) error {
 	if g.hub, err = hub.New(sink, g.metrics.reg, g.log); err != nil {
 		return err
 	}
-	g.startOptOuts()
 	// Commands from the cloud reach devices on whichever transport they use.
 	g.setDownlink(g.hub.Downlink) // bridges.ErrNoReceiver: kept, no device session got it
 	if cfg.CoAP.Enabled {
@@ -525,7 +524,8 @@ func (g *Gateway) openListeners(cfg config.Config) error {
 			return err
 		}
 		g.mqtt, err = mqtt.New(mqtt.Config{Listen: cfg.MQTT.Listen, AllowSecretAuth: cfg.MQTT.AllowSecretAuth,
-			MaxPacketSize: cfg.MQTT.MaxPacketSize, WriteTimeout: cfg.MQTT.WriteTimeout.D(), MaxPayload: cfg.CoAP.MaxPayload, Retained: g.store}, sc, id, g.hub, g.log)
+			MaxPacketSize: cfg.MQTT.MaxPacketSize, WriteTimeout: cfg.MQTT.WriteTimeout.D(), MaxPayload: cfg.CoAP.MaxPayload, Retained: g.store,
+			KeepRetained: g.keepRetained}, sc, id, g.hub, g.log)
 		if err != nil {
 			return err
 		}
@@ -547,6 +547,9 @@ func (g *Gateway) openListeners(cfg config.Config) error {
 	// is refused before it reaches the hub, which would remember the
 	// device again). With CoAP on, the device is forgotten twice: harmless.
 	id.OnRevoke(g.hub.Forget)
+	// Once the transports exist (none serves yet): applying the opt-outs
+	// also drops the MQTT broker's stored retained status reports.
+	g.startOptOuts()
 	if err := g.openFirmwareHTTPS(cfg, cert); err != nil {
 		return err
 	}

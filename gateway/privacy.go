@@ -1,6 +1,10 @@
 package gateway
 
-import "github.com/bastion-iot/bastion/bridges/hub"
+import (
+	"strings"
+
+	"github.com/bastion-iot/bastion/bridges/hub"
+)
 
 // Privacy opt-outs (console privacy page, store.OptOuts) that the gateway
 // enforces. The console's catalogue names them; these are the optional ones.
@@ -26,11 +30,17 @@ func (g *Gateway) optedOut(datum string) bool { return g.optOuts()[datum] }
 
 // applyOptOuts makes the opt-outs true in what the gateway keeps: the hub
 // stops keeping (and erases) per-device counters or last-seen times, and
-// stored firmware status reports are erased. It runs at start and after
-// every change in the console.
+// stored firmware status reports are erased, with the MQTT broker's
+// retained ones (keepRetained keeps new ones out). It runs at start and
+// after every change in the console.
 func (g *Gateway) applyOptOuts(off map[string]bool) {
 	if g.hub != nil {
 		g.hub.SetTrafficOptOut(hub.TrafficOptOut{Counters: off[optOutCounters], LastSeen: off[optOutLastSeen]})
+	}
+	if off[optOutFwStatus] && g.mqtt != nil {
+		if _, err := g.mqtt.DropRetainedNotKept(); err != nil {
+			g.log.Error("firmware.status opted out but the retained MQTT status reports could not be erased from the store", "err", err)
+		}
 	}
 	if off[optOutFwStatus] {
 		stored, err := g.store.FirmwareStatuses()
@@ -65,6 +75,20 @@ func (g *Gateway) startOptOutsFrom(off map[string]bool, err error) {
 		return
 	}
 	g.applyOptOuts(off)
+}
+
+// keepRetained is the MQTT broker's KeepRetained: a retained firmware
+// status report (devices/{id}/s/fw) is not kept while firmware.status is
+// opted out (or the opt-outs are unreadable, as optedOut).
+func (g *Gateway) keepRetained(topic string) bool {
+	id, ok := strings.CutPrefix(topic, "devices/")
+	if ok {
+		id, ok = strings.CutSuffix(id, "/"+hub.ClassStatus+"/fw")
+	}
+	if !ok || id == "" || strings.Contains(id, "/") {
+		return true
+	}
+	return !g.optedOut(optOutFwStatus)
 }
 
 // fwStatusStore is the firmware cache's StatusStore with the

@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -19,6 +20,7 @@ import (
 
 	"github.com/bastion-iot/bastion/gateway/store"
 	"github.com/bastion-iot/bastion/internal/devicesim"
+	"github.com/bastion-iot/bastion/internal/testutil/testpki"
 	"github.com/bastion-iot/bastion/internal/testutil/tufrepo"
 	otacache "github.com/bastion-iot/bastion/ota-cache"
 )
@@ -233,5 +235,106 @@ func TestEraseDropsRetainedFromTheBroker(t *testing.T) {
 	ev, err := g.g.Store().AuditLog(1, 0)
 	if err != nil || len(ev) != 1 || ev[0].Action != "privacy.erase" || !strings.Contains(ev[0].Detail, "2 retained") {
 		t.Errorf("last audit event %+v (%v), want privacy.erase with 2 retained messages", ev, err)
+	}
+}
+
+// TestFirmwareStatusOptOutDropsRetained: switching firmware.status off
+// drops the devices' retained firmware status reports (devices/{id}/s/fw)
+// from the running broker and the store, and a report retained afterwards
+// is kept by neither; the device's other retained messages stay. Before,
+// the broker's retain hook stored every retained report whatever the
+// opt-out said, and the broker kept its copy.
+func TestFirmwareStatusOptOutDropsRetained(t *testing.T) {
+	g := startTransports(t)
+	ctx := ctxT(t, 30*time.Second)
+	d := g.addDevice(t, "sensor", "cert")
+	m, err := d.DialMQTT(ctx, g.g.Addrs()["mqtts"], nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	fw, online := "devices/"+d.ID+"/s/fw", "devices/"+d.ID+"/s/online"
+	retain := func(topic string) {
+		t.Helper()
+		if rc, err := m.PublishRetained(ctx, topic, []byte(`{"state":"installed"}`)); rc != 0 || err != nil {
+			t.Fatalf("retained publish on %s: %#x %v", topic, rc, err)
+		}
+	}
+	kept := func() (broker, stored []string) {
+		t.Helper()
+		for _, topic := range []string{fw, online} {
+			if _, ok := g.g.mqtt.Retained(topic); ok {
+				broker = append(broker, topic)
+			}
+		}
+		held, err := g.g.Store().RetainedUnder("devices/" + d.ID + "/")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for topic := range held {
+			stored = append(stored, topic)
+		}
+		slices.Sort(stored)
+		return broker, stored
+	}
+	retain(fw)
+	retain(online)
+	if broker, stored := kept(); len(broker) != 2 || len(stored) != 2 {
+		t.Fatalf("before the opt-out: broker %v, store %v; want both in each", broker, stored)
+	}
+
+	newConsoleAPI(t, g.g).optOut(t, optOutFwStatus, true)
+	want := []string{online}
+	if broker, stored := kept(); !slices.Equal(broker, want) || !slices.Equal(stored, want) {
+		t.Errorf("after the opt-out: broker %v, store %v; want %v in each", broker, stored, want)
+	}
+	retain(fw)
+	if broker, stored := kept(); !slices.Equal(broker, want) || !slices.Equal(stored, want) {
+		t.Errorf("a report retained after the opt-out: broker %v, store %v; want %v in each", broker, stored, want)
+	}
+}
+
+// TestFirmwareStatusOptOutDropsRetainedAtStart: a retained firmware status
+// report stored while the opt-out was on (by a version before
+// KeepRetained) is dropped from the store when the gateway starts, not
+// only kept out of the broker: the opt-outs are applied once the MQTT
+// broker exists.
+func TestFirmwareStatusOptOutDropsRetainedAtStart(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "state")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := WriteConfigFile(filepath.Join(dir, "bastion.yaml"), testConfig(dir)); err != nil {
+		t.Fatal(err)
+	}
+	opts := func() Options {
+		return Options{Dev: true, StateDir: dir, Log: discard, Out: &bytes.Buffer{}, Sink: &testSink{}, Clock: &testpki.OffsetClock{}}
+	}
+	r := runGateway(t, opts(), 10*time.Second)
+	d := (&tgw{running: r, dir: dir}).addDevice(t, "sensor", "cert")
+	ctx := ctxT(t, 30*time.Second)
+	m, err := d.DialMQTT(ctx, r.g.Addrs()["mqtts"], nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fw := "devices/" + d.ID + "/s/fw"
+	if rc, err := m.PublishRetained(ctx, fw, []byte(`{"state":"installed"}`)); rc != 0 || err != nil {
+		t.Fatalf("retained publish on %s: %#x %v", fw, rc, err)
+	}
+	m.Close()
+	// Switched on in the store alone, as an older version left it: the
+	// report still stored.
+	if err := r.g.Store().SetOptOut(optOutFwStatus, true); err != nil {
+		t.Fatal(err)
+	}
+	r.stop(t)
+
+	r = runGateway(t, opts(), 10*time.Second)
+	t.Cleanup(func() { r.stop(t) })
+	if p, ok := r.g.mqtt.Retained(fw); ok {
+		t.Errorf("after the restart the broker retains the report %q", p)
+	}
+	if held, err := r.g.Store().RetainedUnder("devices/" + d.ID + "/"); err != nil || len(held) != 0 {
+		t.Errorf("after the restart the store holds %d retained messages (%v), want none", len(held), err)
 	}
 }

@@ -363,6 +363,9 @@ func (h *authHook) OnWill(cl *mochi.Client, will mochi.Will) (mochi.Will, error)
 		log.Info("mqtt: Will not sent: the device's credentials are no longer accepted (revoked, or its certificate ended)")
 		return mochi.Will{}, nil
 	}
+	if will.Retain && !h.s.keepRetained(will.TopicName, len(will.Payload)) {
+		will.Retain = false // a privacy opt-out: sent, not kept
+	}
 	if reason, msg, size, limit := h.s.willRefusal(cl.ID, will); reason != "" {
 		h.s.m.Refused.WithLabelValues(hub.MQTT, reason).Inc()
 		log.Warn("mqtt: Will not sent: "+msg, "reason", reason, "size", size, "limit", limit)
@@ -446,6 +449,9 @@ func (h *authHook) OnPublish(cl *mochi.Client, pk packets.Packet) (packets.Packe
 		// Revoked: read before the connection closed, taken from no one.
 		h.s.log.Debug("mqtt: publish of a revoked device dropped", "device", cl.ID, "topic", pk.TopicName)
 		return pk, packets.ErrRejectPacket
+	}
+	if pk.FixedHeader.Retain && !h.s.keepRetained(pk.TopicName, len(pk.Payload)) {
+		pk.FixedHeader.Retain = false // a privacy opt-out: taken, not kept
 	}
 	if what, size, limit := h.s.sizeRefusal(&pk); what != "" {
 		h.s.m.Refused.WithLabelValues(hub.MQTT, hub.ReasonTooLarge).Inc()

@@ -45,6 +45,16 @@ type tlsListener struct {
 	mu          sync.Mutex
 	limitLogged time.Time
 	refusedN    int
+	// closed is set by Close before it waits for wg, and Serve starts no
+	// connection's goroutine once it is set (both under mu): a
+	// connection accepted just before Close closed the listener reached
+	// wg.Add after Close's wg.Wait had started, which WaitGroup forbids,
+	// and its goroutine ran on after Close returned.
+	closed bool
+
+	// accepted, if set (tests only), runs in Serve after a connection is
+	// accepted and admitted.
+	accepted func()
 }
 
 // unauthSlot is one unauthenticated connection's place (admit); its
@@ -154,7 +164,21 @@ func (l *tlsListener) Serve(establish listeners.EstablishFn) {
 		if !ok {
 			continue
 		}
-		l.wg.Add(1)
+		if l.accepted != nil {
+			l.accepted()
+		}
+		l.mu.Lock()
+		closed := l.closed
+		if !closed {
+			l.wg.Add(1)
+		}
+		l.mu.Unlock()
+		if closed {
+			l.limit.Release(slot)
+			c.Close()
+			l.s.log.Debug("mqtt: connection closed: the listener is closing", "device", "", "remote", c.RemoteAddr().String())
+			continue
+		}
 		go func() {
 			defer l.wg.Done()
 			l.handle(c, slot, establish)
@@ -296,6 +320,9 @@ func isNoClientCert(err error) bool {
 // Close stops accepting, ends handshakes in progress and closes the
 // broker's clients of this listener.
 func (l *tlsListener) Close(closeClients listeners.CloseFn) {
+	l.mu.Lock()
+	l.closed = true
+	l.mu.Unlock()
 	l.cancel()
 	l.ln.Close()
 	// A connection past its TLS handshake but before its CONNECT is not

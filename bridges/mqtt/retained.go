@@ -26,6 +26,7 @@ type retainHook struct {
 	mochi.HookBase
 	st  RetainedStore
 	log *slog.Logger
+	s   *Server // its KeepRetained; nil in tests of the store alone
 }
 
 func (h *retainHook) ID() string { return "bastion-retained" }
@@ -49,6 +50,13 @@ func (h *retainHook) OnRetainMessage(cl *mochi.Client, pk packets.Packet, r int6
 		return
 	}
 	if r != 1 {
+		return
+	}
+	if h.s != nil && !h.s.keepRetained(pk.TopicName, len(pk.Payload)) {
+		// OnPublish found it kept, but KeepRetained changed since (an
+		// opt-out switched on, whose DropRetainedNotKept may have run
+		// before the broker retained it): neither stored nor kept.
+		h.s.clearRetained(pk.TopicName)
 		return
 	}
 	m := storage.Message{
@@ -89,6 +97,12 @@ func (h *retainHook) StoredRetainedMessages() ([]storage.Message, error) {
 		}
 		if len(m.Payload) == 0 {
 			empty = append(empty, topic)
+			return nil
+		}
+		if h.s != nil && !h.s.keepRetained(topic, len(m.Payload)) {
+			// Not deleted here: KeepRetained may refuse it because the
+			// opt-outs are unreadable, which erases nothing
+			// (DropRetainedNotKept deletes on an opt-out).
 			return nil
 		}
 		out = append(out, m)

@@ -75,6 +75,15 @@ type Config struct {
 	// Retained stores retained messages so that they survive a restart.
 	// Nil keeps them in memory only.
 	Retained RetainedStore
+	// KeepRetained, if set, says whether a retained message on topic may
+	// be kept (the gateway: not a firmware status report while the
+	// firmware.status opt-out is on). A publish or Will it refuses is
+	// taken as one not retained: neither the broker nor the store keeps
+	// it; a stored one it refuses is not loaded at start (nor deleted:
+	// DropRetainedNotKept does that). An empty retained publish, which
+	// clears the topic, is always taken. It runs for every retained
+	// publish and must not block.
+	KeepRetained func(topic string) bool
 	// MaxRetained bounds the topics one device may hold a retained message
 	// on (default 16): each is a synced write to the store and stays in
 	// memory. Replacing or clearing one is always allowed.
@@ -329,6 +338,10 @@ func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log 
 	caps.MaximumClientWritesPending = writesPending(cfg.MaxInflight)
 	caps.MaximumClientHeldBytes = cfg.MaxHeldBytes
 	caps.MaximumHeldBytes = cfg.MaxHeldBytesTotal
+	// An acknowledgement carries no property of the packet it answers:
+	// mochi copied a PUBLISH's into its PUBACK, so a device's user
+	// properties came back to it (and took the PUBACK off its fast path).
+	caps.Compatibilities.NoInheritedPropertiesOnAck = true
 	s.mq = mochi.New(&mochi.Options{
 		Capabilities:             caps,
 		InlineClient:             true,
@@ -340,7 +353,7 @@ func New(cfg Config, cert *pki.ServerCert, id bridges.Identity, h *hub.Hub, log 
 		return nil, err
 	}
 	if cfg.Retained != nil {
-		if err := s.mq.AddHook(&retainHook{st: cfg.Retained, log: s.log}, nil); err != nil {
+		if err := s.mq.AddHook(&retainHook{st: cfg.Retained, log: s.log, s: s}, nil); err != nil {
 			return nil, err
 		}
 	}
@@ -441,12 +454,9 @@ func (s *Server) DropRetained(device string) (int, error) {
 		if !strings.HasPrefix(topic, prefix) {
 			continue
 		}
-		// An empty retained message clears the topic, as the device's own
-		// would, without one being published to anyone.
-		s.mq.Topics.RetainMessage(packets.Packet{TopicName: topic, FixedHeader: packets.FixedHeader{Type: packets.Publish, Retain: true}})
+		s.clearRetained(topic)
 		n++
 	}
-	atomic.StoreInt64(&s.mq.Info.Retained, int64(s.mq.Topics.Retained.Len()))
 	if s.cfg.Retained == nil {
 		return n, nil
 	}
@@ -455,6 +465,55 @@ func (s *Server) DropRetained(device string) (int, error) {
 		return n, fmt.Errorf("mqtt: drop the retained messages of %s: %w", device, err)
 	}
 	return max(n, stored), nil
+}
+
+// DropRetainedNotKept drops the retained messages KeepRetained now
+// refuses from the broker and from the store, and returns how many it
+// dropped (the larger count of the two: each normally holds the other's).
+// The gateway calls it when the firmware.status opt-out is switched on:
+// KeepRetained stops new ones, this drops those kept before.
+func (s *Server) DropRetainedNotKept() (int, error) {
+	if s.cfg.KeepRetained == nil {
+		return 0, nil
+	}
+	n := 0
+	for topic := range s.mq.Topics.Retained.GetAll() {
+		if !s.cfg.KeepRetained(topic) {
+			s.clearRetained(topic)
+			n++
+		}
+	}
+	if s.cfg.Retained == nil {
+		return n, nil
+	}
+	var drop []string
+	err := s.cfg.Retained.ForEachRetained(func(topic string, _ []byte) error {
+		if !s.cfg.KeepRetained(topic) {
+			drop = append(drop, topic)
+		}
+		return nil
+	})
+	if err == nil && len(drop) > 0 {
+		err = s.cfg.Retained.DeleteRetained(drop...)
+	}
+	if err != nil {
+		return n, fmt.Errorf("mqtt: drop the retained messages no longer kept from the store: %w", err)
+	}
+	return max(n, len(drop)), nil
+}
+
+// clearRetained clears the broker's retained message on topic with an
+// empty retained message, as the device's own would, without one being
+// published to anyone.
+func (s *Server) clearRetained(topic string) {
+	s.mq.Topics.RetainMessage(packets.Packet{TopicName: topic, FixedHeader: packets.FixedHeader{Type: packets.Publish, Retain: true}})
+	atomic.StoreInt64(&s.mq.Info.Retained, int64(s.mq.Topics.Retained.Len()))
+}
+
+// keepRetained says whether a retained message of size bytes on topic
+// may be kept (Config.KeepRetained); an empty one, which clears, may.
+func (s *Server) keepRetained(topic string, size int) bool {
+	return size == 0 || s.cfg.KeepRetained == nil || s.cfg.KeepRetained(topic)
 }
 
 // Subscribe lets the gateway itself (not a device) receive what is

@@ -136,3 +136,36 @@ func TestBastionInboundPublishKeepsOutboundInflight(t *testing.T) {
 	// then the outbound message's completion.
 	require.Equal(t, []string{"publish", "publish", "complete", "complete"}, rec.events)
 }
+
+// TestBastionPubackReasonSuccess (Bastion patch (21)): the PUBACK of an
+// MQTT 5 QoS 1 PUBLISH with user properties, which it inherits, carries
+// reason 0x00 success. Upstream gave it 0x01 (the SUBACK code granted
+// QoS 1, no PUBACK reason code), written whenever the PUBACK had
+// properties to encode.
+func TestBastionPubackReasonSuccess(t *testing.T) {
+	s := newServer()
+	cl, r, w := newTestClient()
+	cl.Properties.ProtocolVersion = 5
+	s.Clients.Add(cl)
+	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}, PacketID: 7,
+		TopicName: "a/b", Payload: []byte("x"), ProtocolVersion: 5,
+		Properties: packets.Properties{User: []packets.UserProperty{{Key: "k", Val: "v"}}}}
+	got := make(chan []byte)
+	go func() {
+		buf, _ := io.ReadAll(r)
+		got <- buf
+	}()
+	require.NoError(t, s.processPublish(cl, pk))
+	_ = w.Close()
+	buf := <-got
+	require.Greater(t, len(buf), 2)
+	ack := packets.Packet{ProtocolVersion: 5}
+	require.NoError(t, ack.FixedHeader.Decode(buf[0]))
+	ack.FixedHeader.Remaining = int(buf[1])
+	require.Equal(t, len(buf)-2, ack.FixedHeader.Remaining)
+	require.Equal(t, packets.Puback, ack.FixedHeader.Type)
+	require.NoError(t, ack.PubackDecode(buf[2:]))
+	require.Equal(t, uint16(7), ack.PacketID)
+	require.Equal(t, packets.CodeSuccess.Code, ack.ReasonCode)
+	require.Equal(t, pk.Properties.User, ack.Properties.User, "inherited: NoInheritedPropertiesOnAck is not set here")
+}

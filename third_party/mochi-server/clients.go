@@ -406,8 +406,24 @@ func (cl *Client) ResendInflightMessages(force bool) error {
 		return nil
 	}
 
+	// Bastion patch (22), third_party/README.md: for a client whose
+	// Receive Maximum bounds what it is sent (an MQTT 5 client; the quota
+	// was reset to it for this connection), as many PUBLISHes as it allows
+	// are written and the rest wait for its PUBACKs (processPacket sends
+	// them, patch (19)). Upstream wrote every one at once, past the
+	// Receive Maximum (a conforming client disconnects for that, 0x93, to
+	// meet the same on its next connection), and those that had waited
+	// for quota stayed marked waiting, so each PUBACK sent one of them
+	// again.
+	limited := atomic.LoadInt32(&cl.State.Inflight.maximumSendQuota) > 0
 	for _, tk := range cl.State.Inflight.GetAll(false) {
-		if tk.FixedHeader.Type == packets.Publish {
+		if tk.FixedHeader.Type == packets.Publish && limited {
+			var send bool
+			tk, send = cl.State.Inflight.resendOrWait(tk.PacketID, cl.ops.options.Capabilities.MaximumMessageExpiryInterval)
+			if !send {
+				continue
+			}
+		} else if tk.FixedHeader.Type == packets.Publish {
 			tk.FixedHeader.Dup = true // [MQTT-3.3.1-1] [MQTT-3.3.1-3]
 		}
 

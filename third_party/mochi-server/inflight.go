@@ -174,7 +174,12 @@ func (i *Inflight) setUnlessSealed(m packets.Packet, lim heldLimit) (added, seal
 func (i *Inflight) GetAll(immediate bool) []packets.Packet {
 	i.RLock()
 	defer i.RUnlock()
+	return i.getAll(immediate)
+}
 
+// getAll is GetAll; i is locked (Bastion patch (20): NextImmediate took
+// the read lock and then GetAll's, see NextImmediate).
+func (i *Inflight) getAll(immediate bool) []packets.Packet {
 	m := []packets.Packet{}
 	for _, v := range i.internal {
 		if !immediate || (immediate && v.Expiry < 0) {
@@ -201,16 +206,81 @@ func (i *Inflight) GetAll(immediate bool) []packets.Packet {
 // NextImmediate returns the next inflight packet which is indicated to be sent immediately.
 // This typically occurs when the quota has been exhausted, and we need to wait until new quota
 // is free to continue sending.
+//
+// Bastion patch (20): it reads under one read lock. Upstream called GetAll
+// under the read lock it held, which took it a second time: a writer
+// (a publish to the client, a PUBACK) that came between the two made the
+// second wait for it while it waited for the first, and the client's
+// reader, which calls this after every packet, hung for good.
 func (i *Inflight) NextImmediate() (packets.Packet, bool) {
 	i.RLock()
 	defer i.RUnlock()
 
-	m := i.GetAll(true)
+	m := i.getAll(true)
 	if len(m) > 0 {
 		return m[0], true
 	}
 
 	return packets.Packet{}, false
+}
+
+// sendImmediate takes the packet NextImmediate would return and keeps it
+// in flight as sent: its Expiry, -1 while it waited for send quota, is
+// the one publishToSubscribers gave it, for the server's maximum
+// (messageExpiry) (Bastion patch (19), see Server.processPacket). Found
+// and changed under one lock, so that a packet deleted meanwhile (a
+// session dropped, a message expired) is not put back.
+func (i *Inflight) sendImmediate(maximumExpiry int64) (packets.Packet, bool) {
+	i.Lock()
+	defer i.Unlock()
+
+	m := i.getAll(true)
+	if len(m) == 0 {
+		return packets.Packet{}, false
+	}
+	return i.markSent(m[0], maximumExpiry), true
+}
+
+// markSent stores pk, which waited for send quota, as sent: with its
+// expiry back (Bastion patch (19)). i is locked.
+func (i *Inflight) markSent(pk packets.Packet, maximumExpiry int64) packets.Packet {
+	pk.Expiry = messageExpiry(maximumExpiry, &pk)
+	i.put(pk, 0) // the same id: its order is kept, its bytes are the same
+	return pk
+}
+
+// resendOrWait is what ResendInflightMessages does with the PUBLISH of id
+// for a client whose Receive Maximum bounds what it is sent (Bastion
+// patch (22)): while send quota is left, it takes one and returns the
+// packet to write (marked DUP if it was sent before, to an earlier
+// connection; kept as sent if it had waited for quota); once none is
+// left, the packet waits for quota (Expiry -1, as publishToClient marks
+// one; DUP kept for when it goes) and send is false. Decided under the
+// lock, so that a packet deleted meanwhile is not put back.
+func (i *Inflight) resendOrWait(id uint16, maximumExpiry int64) (pk packets.Packet, send bool) {
+	i.Lock()
+	defer i.Unlock()
+
+	pk, ok := i.internal[id]
+	if !ok {
+		return pk, false
+	}
+	sent := pk.Expiry >= 0
+	if atomic.LoadInt32(&i.sendQuota) == 0 {
+		if sent {
+			pk.FixedHeader.Dup = true // [MQTT-3.3.1-1]
+			pk.Expiry = -1
+			i.put(pk, 0)
+		}
+		return pk, false
+	}
+	if !sent {
+		pk = i.markSent(pk, maximumExpiry)
+	} else {
+		pk.FixedHeader.Dup = true // [MQTT-3.3.1-1]
+	}
+	i.DecreaseSendQuota()
+	return pk, true
 }
 
 // Delete removes an in-flight message from the map. Returns true if the message existed.

@@ -787,18 +787,32 @@ func (s *Server) processPacket(cl *Client, pk packets.Packet) error {
 		return err
 	}
 
+	// Bastion patch (19), third_party/README.md: the message sent once the
+	// client's receive quota frees up stays in flight, with its expiry
+	// back, until its PUBACK. Upstream deleted it after the write: not sent
+	// again if the connection ended before its PUBACK (a QoS 1 command
+	// lost), and its PUBACK, finding nothing, gave no quota back, so the
+	// messages after it waited until the client reconnected.
 	if cl.State.Inflight.Len() > 0 && atomic.LoadInt32(&cl.State.Inflight.sendQuota) > 0 {
-		next, ok := cl.State.Inflight.NextImmediate()
+		next, ok := cl.State.Inflight.sendImmediate(s.Options.Capabilities.MaximumMessageExpiryInterval)
 		if ok {
-			_ = cl.WritePacket(next)
-			if ok := cl.State.Inflight.Delete(next.PacketID); ok {
-				atomic.AddInt64(&s.Info.Inflight, -1)
-			}
+			_ = cl.WritePacket(next) // kept if it fails: sent again to the next connection
 			cl.State.Inflight.DecreaseSendQuota()
 		}
 	}
 
 	return nil
+}
+
+// messageExpiry is the Expiry publishToSubscribers gives pk (0: none)
+// under the server's maximum message expiry interval: a message held for
+// the client's receive quota lost it (Expiry -1) while it waited (Bastion
+// patch (19)).
+func messageExpiry(maximum int64, pk *packets.Packet) int64 {
+	if expiry := minimum(maximum, int64(pk.Properties.MessageExpiryInterval)); expiry > 0 {
+		return pk.Created + expiry
+	}
+	return 0
 }
 
 // processConnect processes a Connect packet. The packet cannot be used to establish
@@ -1044,7 +1058,11 @@ func (s *Server) publish(cl *Client, pk packets.Packet) (taken int, err error) {
 	}
 
 	cl.State.Inflight.DecreaseReceiveQuota()
-	ack := s.buildAck(pk.PacketID, packets.Puback, 0, pk.Properties, packets.QosCodes[pk.FixedHeader.Qos]) // [MQTT-4.3.2-4]
+	// Bastion patch (21), third_party/README.md: success, 0x00. Upstream
+	// gave the QoS's SUBACK code (0x01 granted QoS 1), no PUBACK reason
+	// code, which was written when the PUBACK carried properties (the
+	// PUBLISH's user properties, inherited).
+	ack := s.buildAck(pk.PacketID, packets.Puback, 0, pk.Properties, packets.CodeSuccess) // [MQTT-4.3.2-4]
 	if pk.FixedHeader.Qos == 2 {
 		ack = s.buildAck(pk.PacketID, packets.Pubrec, 0, pk.Properties, packets.CodeSuccess) // [MQTT-3.3.4-1] [MQTT-4.3.3-8]
 	}

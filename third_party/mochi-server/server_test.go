@@ -1509,8 +1509,15 @@ func TestServerProcessPacketAndNextImmediate(t *testing.T) {
 	buf, err := io.ReadAll(r)
 	require.NoError(t, err)
 	require.Equal(t, packets.TPacketData[packets.Publish].Get(packets.TPublishQos1).RawBytes, buf)
-	require.Equal(t, int64(0), atomic.LoadInt64(&s.Info.Inflight))
+	// Bastion patch (19): sent, it stays in flight until its PUBACK, no
+	// longer waiting for quota (upstream deleted it).
+	require.Equal(t, int64(1), atomic.LoadInt64(&s.Info.Inflight))
 	require.Equal(t, int32(4), cl.State.Inflight.sendQuota)
+	kept, ok := cl.State.Inflight.Get(next.PacketID)
+	require.True(t, ok)
+	require.GreaterOrEqual(t, kept.Expiry, int64(0))
+	_, ok = cl.State.Inflight.NextImmediate()
+	require.False(t, ok)
 }
 
 func TestServerProcessPublishAckFailure(t *testing.T) {
