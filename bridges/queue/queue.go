@@ -387,6 +387,7 @@ func (q *Queue) recover() error {
 		return err
 	}
 	acked := map[uint64]bool{}
+	devs := map[string]*deviceHeld{} // see installDevices
 	var lastSeq uint64
 	var moved []entry // kindMoved records, in the order read
 	newSeg := false   // commits need a new segment (the last one's header is unreadable)
@@ -580,7 +581,7 @@ func (q *Queue) recover() error {
 			switch rec.kind {
 			case kindMsg:
 				if rec.seq > lastSeq {
-					q.ents = append(q.ents, entry{seq: rec.seq, seg: seg, off: int64(off), n: int32(n), received: rec.msg.Received.UnixNano(), dev: q.deviceLocked(rec.msg.Device)})
+					q.ents = append(q.ents, entry{seq: rec.seq, seg: seg, off: int64(off), n: int32(n), received: rec.msg.Received.UnixNano(), dev: recoveredDevice(devs, rec.msg.Device)})
 					lastSeq = rec.seq
 				}
 			case kindMoved:
@@ -588,7 +589,7 @@ func (q *Queue) recover() error {
 				// merged by seq below, a later copy (moved again, or
 				// the original still there after a crash before its
 				// segment was removed) replacing an earlier one.
-				moved = append(moved, entry{seq: rec.seq, seg: seg, off: int64(off), n: int32(n), received: rec.msg.Received.UnixNano(), dev: q.deviceLocked(rec.msg.Device)})
+				moved = append(moved, entry{seq: rec.seq, seg: seg, off: int64(off), n: int32(n), received: rec.msg.Received.UnixNano(), dev: recoveredDevice(devs, rec.msg.Device)})
 			case kindAck:
 				for _, s := range rec.acks {
 					acked[s] = true
@@ -605,12 +606,12 @@ func (q *Queue) recover() error {
 		if !acked[e.seq] {
 			e.seg.live++
 			e.seg.liveBytes += int64(e.n)
-			q.holdLocked(e.dev, int64(e.n))
+			e.dev.bytes += int64(e.n)
 			kept = append(kept, e)
 		}
 	}
 	q.ents = kept
-	q.dropIdleLocked() // devices whose every message was delivered
+	q.installDevices(devs)
 	q.depth = len(kept)
 	if len(q.segs) > 0 {
 		// A crash may have lost the last batch after it was written but

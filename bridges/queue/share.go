@@ -108,3 +108,28 @@ func (q *Queue) releaseBatchLocked(batch []pending) {
 		q.releaseLocked(batch[i].dev, int64(batch[i].n))
 	}
 }
+
+// recoveredDevice returns id's count in devs, made if it has none: recover
+// counts there, and installs only the devices holding something once the
+// delivered messages are known (installDevices). In q.devs every device
+// would hold nothing until then, and dropIdleDueLocked would drop counts
+// the entries already point at.
+func recoveredDevice(devs map[string]*deviceHeld, id string) *deviceHeld {
+	d := devs[id]
+	if d == nil {
+		d = &deviceHeld{id: id}
+		devs[id] = d
+	}
+	return d
+}
+
+// installDevices makes the counts recover built, of the devices that hold
+// something, q's.
+func (q *Queue) installDevices(devs map[string]*deviceHeld) {
+	for id, d := range devs {
+		if d.bytes == 0 {
+			delete(devs, id)
+		}
+	}
+	q.devs, q.devIdle = devs, 0
+}

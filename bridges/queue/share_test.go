@@ -302,3 +302,59 @@ func TestDeviceCountsBounded(t *testing.T) {
 		t.Fatalf("%d device counts kept for 1000 devices holding nothing, want at most %d", n, devIdleKept+1)
 	}
 }
+
+// TestDeviceCountsRebuiltForManyDevices: the counts are rebuilt right
+// with more devices than devIdleKept, among them some whose messages were
+// all delivered before the restart (counted nowhere) and some with
+// messages held (counted, and released by delivery after the restart:
+// checkShares checks every count).
+func TestDeviceCountsRebuiltForManyDevices(t *testing.T) {
+	dir := t.TempDir()
+	q, _ := open(t, dir, Options{})
+	const devices = 3 * devIdleKept
+	for i := range devices {
+		for j := range 2 {
+			if err := q.Accept(context.Background(), fixed(fmt.Sprintf("d%03d", i), j)); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	want := map[string]int64{}
+	es, err := q.Held(0, 2*devices)
+	if err != nil || len(es) != 2*devices {
+		t.Fatalf("Held: %d entries, %v", len(es), err)
+	}
+	for _, e := range es {
+		if e.Device < fmt.Sprintf("d%03d", devices/2) {
+			q.Ack(e.Seq) // half the devices: all delivered
+		}
+	}
+	q.mu.Lock()
+	for id, d := range q.devs {
+		if d.bytes > 0 {
+			want[id] = d.bytes
+		}
+	}
+	q.mu.Unlock()
+	if err := q.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	q2, _ := open(t, dir, Options{})
+	q2.mu.Lock()
+	got := map[string]int64{}
+	for id, d := range q2.devs {
+		got[id] = d.bytes
+	}
+	q2.mu.Unlock()
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("after reopening, counts %v; want %v", got, want)
+	}
+	es, err = q2.Held(0, 2*devices)
+	if err != nil || len(es) != devices {
+		t.Fatalf("Held after reopening: %d entries, %v; want %d", len(es), err, devices)
+	}
+	for _, e := range es {
+		q2.Ack(e.Seq)
+	}
+}
