@@ -1276,9 +1276,9 @@ func (q *Queue) admit(m bridges.Message, fn func(error)) (chan error, error) {
 		held := dev.bytes
 		q.mu.Unlock()
 		q.m.refused.WithLabelValues("device_share").Inc()
-		q.lines.DeviceLine(q.log, slog.LevelWarn, "device_share", m.Device, "queue: messages of a device refused: it holds its share of the queue in messages not yet delivered upstream; the other devices' are still taken (bastion_queue_refusals_total{reason=\"device_share\"})",
+		q.lines.DeviceLine(q.log, slog.LevelWarn, "device_share", m.Device, "queue: a device's new messages refused: it holds its share of the queue in messages not yet delivered (the gateway's upstream.queue_max_bytes_per_device; in the parking queue an eighth of upstream.parked_max_bytes); the other devices' are still taken (bastion_queue_refusals_total{reason=\"device_share\"})",
 			"held_bytes", held, "share_bytes", q.opts.MaxDeviceBytes)
-		return nil, fmt.Errorf("queue accept from %s: the device holds %d bytes of messages not yet delivered upstream, %d with this one would be above its share of the queue, %d bytes (upstream.queue_max_bytes_per_device); refused until the link delivers some: %w",
+		return nil, fmt.Errorf("queue accept from %s: the device holds %d bytes of messages not yet delivered, %d with this one, above its share of the queue, %d bytes; refused until some are delivered: %w",
 			m.Device, held, held+int64(n), q.opts.MaxDeviceBytes, bridges.ErrQueueFull)
 	}
 	if held := q.diskBytes() + q.batchB + q.writingB; held+int64(n) > q.opts.MaxBytes {
