@@ -15,8 +15,9 @@ import "strings"
 // devices happened to hold at that moment. A fraction of 1/8 means eight
 // devices must each fill their share before the queue is full for the
 // rest, whether the gateway has 3 devices or 3,000, while a lone busy
-// device can still hold 8 MiB of the default 64 MiB (some 80,000
-// messages of 100 bytes: a day at one a second) through an outage. A
+// device can still hold 8 MiB of the default 64 MiB (some 50,000
+// messages of 100 bytes, each a record of about 165: 14 hours at one a
+// second) through an outage. A
 // gateway whose one device must hold more raises the share (up to
 // MaxBytes: no share at all).
 
