@@ -35,12 +35,12 @@ func (g *Gateway) wireConsole() {
 		g.applyOptOuts(off)
 		// The firmware.status opt-out is a forwarding rule too.
 		if err := g.applyForwardRules(); err != nil {
-			g.log.Error("the privacy opt-outs could not be applied to the upstream link's forwarding rules; the previous rules stay in force", "err", err)
+			g.log.Error("the privacy opt-outs are not in force in the upstream link's forwarding rules", "err", err)
 		}
 	}
 	c.RulesChanged = func([]store.ForwardRule) error {
 		if err := g.applyForwardRules(); err != nil {
-			g.log.Error("forwarding rules from the console could not be applied to the upstream link; the previous rules stay in force", "err", err)
+			g.log.Error("forwarding rules from the console are not in force in the upstream link", "err", err)
 			return err
 		}
 		return nil
@@ -58,12 +58,19 @@ func (g *Gateway) wireConsole() {
 // every queued message had been acknowledged to its device. Its devices'
 // new messages are refused as a full queue and sent again by them.
 func (g *Gateway) forwardRules(cfg upstream.Config) []upstream.Rule {
+	rs, _ := g.readForwardRules(cfg)
+	return rs
+}
+
+// readForwardRules is forwardRules that also returns why the rules are
+// the hold's (nil: they are the ones read).
+func (g *Gateway) readForwardRules(cfg upstream.Config) ([]upstream.Rule, error) {
 	rs, err := g.effectiveRules(cfg)
 	g.rulesHeld.Store(err != nil)
 	if err != nil {
 		g.log.Error("cannot read the privacy settings (the console's forwarding rules or opt-outs); the upstream link holds: it sends nothing and deletes nothing queued, and devices' new messages are refused until they can be read (fix the store, then save a rule in the console or reload: SIGHUP)", "err", err)
 	}
-	return rs
+	return rs, err
 }
 
 // holdRules is what the link applies while the console's privacy settings
@@ -100,13 +107,24 @@ func (g *Gateway) effectiveRules(cfg upstream.Config) ([]upstream.Rule, error) {
 // applyForwardRules puts the console's rules in force. It changes the rules
 // alone: a full Reload would also re-read the certificate files, and while
 // those are unreadable or mid-rotation it would refuse the rule change too.
+// When the privacy settings cannot be read it puts the hold in force
+// (forwardRules) and returns why: the change the console just saved is not
+// what applies, and the console says so. It returned nil then, and the
+// console reported the change as in force while the link held.
 func (g *Gateway) applyForwardRules() error {
 	if g.upstream == nil {
 		return nil
 	}
 	g.reloadMu.Lock()
 	defer g.reloadMu.Unlock()
-	return g.upstream.SetForward(g.forwardRules(g.cfg.Load().Upstream.Config))
+	rs, held := g.readForwardRules(g.cfg.Load().Upstream.Config)
+	if err := g.upstream.SetForward(rs); err != nil {
+		return err
+	}
+	if held != nil {
+		return fmt.Errorf("the privacy settings cannot be read, so the upstream link holds instead of applying the rules: it sends nothing and deletes nothing queued, and devices' new messages are refused until they can be read (fix the store, then save a rule again): %w", held)
+	}
+	return nil
 }
 
 type consoleFirewall struct{ g *Gateway }

@@ -87,8 +87,17 @@ func TestUnreadableRulesHoldQueued(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if a := rep.Sections[0].Alarm; !strings.Contains(a, "privacy settings cannot be read") || !strings.Contains(a, "deletes nothing") {
-		t.Errorf("console alarm %q, want the held link", a)
+	if a := rep.Sections[0].Alarm; !strings.Contains(a, "privacy settings cannot be read") || !strings.Contains(a, "deletes nothing") || !strings.Contains(a, `"r99"`) {
+		t.Errorf("console alarm %q, want the held link and the record to delete, r99", a)
+	}
+	// Putting the rules in force again (as a console change does) while
+	// they cannot be read puts the hold in force and says so: the console
+	// answered that change as a success.
+	if err := r.g.applyForwardRules(); err == nil || !strings.Contains(err.Error(), "the upstream link holds") || !strings.Contains(err.Error(), `"r99"`) {
+		t.Errorf("applyForwardRules with the rules unreadable: %v; want an error saying the link holds, naming r99", err)
+	}
+	if d := r.g.queue.Stats().Depth; d != 3 {
+		t.Fatalf("queue depth %d after the rules were applied again unreadable, want the 3 queued messages", d)
 	}
 	// The operator deletes the bad record and saves a rule.
 	if err := r.g.store.DeleteForwardRule("r99"); err != nil {

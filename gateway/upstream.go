@@ -29,8 +29,9 @@ func (g *Gateway) openUpstream(cfg config.Config) error {
 	}
 	var err error
 	g.queue, err = queue.Open(filepath.Join(cfg.StateDir, "queue"), queue.Options{
-		MaxBytes: cfg.Upstream.QueueMaxBytes,
-		MaxAge:   cfg.Upstream.QueueMaxAge.D(),
+		MaxBytes:       cfg.Upstream.QueueMaxBytes,
+		MaxDeviceBytes: cfg.Upstream.QueueMaxBytesPerDevice,
+		MaxAge:         cfg.Upstream.QueueMaxAge.D(),
 	}, g.log, g.metrics.reg) // the queue names its component itself
 	if err != nil {
 		return err

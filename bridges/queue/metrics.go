@@ -39,7 +39,7 @@ func newMetrics(q *Queue) *metrics {
 			return q.opts.Now().Sub(s.Oldest).Seconds()
 		}),
 		refused: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bastion_queue_refusals_total",
-			Help: "Messages refused by the queue, by reason (bytes, age, too_large, disk_full: a write that found the disk full, or the queue stopped after one; disk_error: a failed write, rotation or fsync, or the queue stopped after one; of a failed fsync's batch only the messages whose Accept reports it)."}, []string{"reason"}),
+			Help: "Messages refused by the queue, by reason (bytes, age, too_large, device_share: the device holds its share of the queue, MaxDeviceBytes, in messages not yet delivered; disk_full: a write that found the disk full, or the queue stopped after one; disk_error: a failed write, rotation or fsync, or the queue stopped after one; of a failed fsync's batch only the messages whose Accept reports it)."}, []string{"reason"}),
 		fsyncs: prometheus.NewCounter(prometheus.CounterOpts{Name: "bastion_queue_fsyncs_total",
 			Help: "fsync calls made by the queue: one per group-commit batch, two per new segment (the file and its directory), one per compaction, and one per open (the directory, after moving the sequence floor)."}),
 		// A histogram, not only a sum: a disk whose mean commit is quick

@@ -41,6 +41,7 @@ import (
 	"time"
 
 	"github.com/bastion-iot/bastion/bridges"
+	"github.com/bastion-iot/bastion/internal/ratelog"
 	"github.com/prometheus/client_golang/prometheus"
 )
 
@@ -60,6 +61,16 @@ type Options struct {
 	// is prepared ahead (maybePrepareSpareLocked), so the files take at
 	// most two SegmentBytes more.
 	MaxBytes int64
+	// MaxDeviceBytes bounds the bytes of one device's held messages
+	// (admitted and not yet delivered or dropped), so that one device
+	// cannot fill the queue and have every other device refused: above
+	// it, that device's new messages are refused (bridges.ErrQueueFull,
+	// reason device_share) while the others' are still taken. Default
+	// MaxBytes/8 (at least eight devices must fill their share before
+	// the queue is full for the rest), and never below one record of
+	// MaxMessageBytes (a device can always queue its largest message).
+	// MaxBytes or more: no bound of its own, only the queue's.
+	MaxDeviceBytes int64
 	// MaxAge bounds how old the oldest held message may be before new
 	// messages are refused. Default 7 days.
 	MaxAge time.Duration
@@ -114,6 +125,9 @@ func (o *Options) defaults() {
 	}
 	if o.AckFlushInterval == 0 {
 		o.AckFlushInterval = time.Second
+	}
+	if o.MaxDeviceBytes == 0 {
+		o.MaxDeviceBytes = max(o.MaxBytes/deviceShare, maxRecord(o.MaxMessageBytes))
 	}
 	if o.Now == nil {
 		o.Now = time.Now
@@ -178,7 +192,7 @@ func (s *segment) inHole(from, to int64) bool {
 	return false
 }
 
-// entry is the in-memory index of one held message (40 bytes; the message
+// entry is the in-memory index of one held message (48 bytes; the message
 // itself stays on disk until read).
 type entry struct {
 	seq      uint64
@@ -187,6 +201,7 @@ type entry struct {
 	received int64 // Unix ns
 	n        int32
 	acked    bool
+	dev      *deviceHeld // its device's count (see share.go)
 }
 
 // pending is an admitted message waiting for the writer; its record is
@@ -195,6 +210,7 @@ type pending struct {
 	off, n int
 	seq    uint64
 	recv   int64       // Unix ns
+	dev    *deviceHeld // counts n (see share.go)
 	done   chan error  // Accept's and AcceptAsync's; nil for QoS 0
 	fn     func(error) // AcceptNotify's, instead of done
 }
@@ -253,6 +269,12 @@ type Queue struct {
 	unreadable map[uint64]time.Time
 	// strs holds the device ids and topics Next hands out (under mu).
 	strs interner
+	// devs holds each device's held bytes, for MaxDeviceBytes (see
+	// share.go); devIdle is how many of them hold nothing. Under mu.
+	devs    map[string]*deviceHeld
+	devIdle int
+	// lines spaces the log lines about refused devices.
+	lines *ratelog.Every
 
 	notify   chan struct{}
 	wake     chan struct{}
@@ -303,7 +325,7 @@ var _ bridges.NotifySink = (*Queue)(nil)
 // whose Accept returned, cuts any torn tail, and starts the writer. Metrics
 // are registered on reg (nil: not exported).
 func Open(dir string, opts Options, log *slog.Logger, reg prometheus.Registerer) (*Queue, error) {
-	if opts.MaxBytes < 0 || opts.MaxAge < 0 || opts.SegmentBytes < 0 || opts.MaxMessageBytes < 0 || opts.AckFlushInterval < 0 {
+	if opts.MaxBytes < 0 || opts.MaxDeviceBytes < 0 || opts.MaxAge < 0 || opts.SegmentBytes < 0 || opts.MaxMessageBytes < 0 || opts.AckFlushInterval < 0 {
 		return nil, fmt.Errorf("open queue %s: negative option in %+v", dir, opts)
 	}
 	opts.defaults()
@@ -315,6 +337,10 @@ func Open(dir string, opts Options, log *slog.Logger, reg prometheus.Registerer)
 	if limit := maxRecBody - msgOverhead; opts.MaxMessageBytes > limit {
 		return nil, fmt.Errorf("open queue %s: MaxMessageBytes %d above the record format's limit of %d; lower it", dir, opts.MaxMessageBytes, limit)
 	}
+	// A device could not queue its largest message.
+	if least := maxRecord(opts.MaxMessageBytes); opts.MaxDeviceBytes < least {
+		return nil, fmt.Errorf("open queue %s: MaxDeviceBytes %d below the record of one message of MaxMessageBytes (%d bytes); raise it", dir, opts.MaxDeviceBytes, least)
+	}
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
@@ -322,7 +348,7 @@ func Open(dir string, opts Options, log *slog.Logger, reg prometheus.Registerer)
 		return nil, fmt.Errorf("open queue: create %s: %w", dir, err)
 	}
 	q := &Queue{
-		dir: dir, opts: opts, log: log.With("component", "queue"),
+		dir: dir, opts: opts, log: log.With("component", "queue"), lines: ratelog.New(time.Minute),
 		notify: make(chan struct{}), wake: make(chan struct{}, 1), ackDue: make(chan struct{}, 1),
 		resumeDue: make(chan struct{}, 1), compactDue: make(chan struct{}, 1),
 		stop: make(chan struct{}), stopped: make(chan struct{}),
@@ -361,6 +387,7 @@ func (q *Queue) recover() error {
 		return err
 	}
 	acked := map[uint64]bool{}
+	devs := map[string]*deviceHeld{} // see installDevices
 	var lastSeq uint64
 	var moved []entry // kindMoved records, in the order read
 	newSeg := false   // commits need a new segment (the last one's header is unreadable)
@@ -554,7 +581,7 @@ func (q *Queue) recover() error {
 			switch rec.kind {
 			case kindMsg:
 				if rec.seq > lastSeq {
-					q.ents = append(q.ents, entry{seq: rec.seq, seg: seg, off: int64(off), n: int32(n), received: rec.msg.Received.UnixNano()})
+					q.ents = append(q.ents, entry{seq: rec.seq, seg: seg, off: int64(off), n: int32(n), received: rec.msg.Received.UnixNano(), dev: recoveredDevice(devs, rec.msg.Device)})
 					lastSeq = rec.seq
 				}
 			case kindMoved:
@@ -562,7 +589,7 @@ func (q *Queue) recover() error {
 				// merged by seq below, a later copy (moved again, or
 				// the original still there after a crash before its
 				// segment was removed) replacing an earlier one.
-				moved = append(moved, entry{seq: rec.seq, seg: seg, off: int64(off), n: int32(n), received: rec.msg.Received.UnixNano()})
+				moved = append(moved, entry{seq: rec.seq, seg: seg, off: int64(off), n: int32(n), received: rec.msg.Received.UnixNano(), dev: recoveredDevice(devs, rec.msg.Device)})
 			case kindAck:
 				for _, s := range rec.acks {
 					acked[s] = true
@@ -579,10 +606,12 @@ func (q *Queue) recover() error {
 		if !acked[e.seq] {
 			e.seg.live++
 			e.seg.liveBytes += int64(e.n)
+			e.dev.bytes += int64(e.n)
 			kept = append(kept, e)
 		}
 	}
 	q.ents = kept
+	q.installDevices(devs)
 	q.depth = len(kept)
 	if len(q.segs) > 0 {
 		// A crash may have lost the last batch after it was written but
@@ -1241,6 +1270,17 @@ func (q *Queue) admit(m bridges.Message, fn func(error)) (chan error, error) {
 	off := len(q.batchBuf)
 	q.batchBuf = frameMsg(q.batchBuf, q.nextSeq, &m)
 	n := len(q.batchBuf) - off
+	dev := q.deviceLocked(m.Device)
+	if dev.bytes+int64(n) > q.opts.MaxDeviceBytes {
+		q.batchBuf = q.batchBuf[:off]
+		held := dev.bytes
+		q.mu.Unlock()
+		q.m.refused.WithLabelValues("device_share").Inc()
+		q.lines.DeviceLine(q.log, slog.LevelWarn, "device_share", m.Device, "queue: a device's new messages refused: it holds its share of the queue in messages not yet delivered (the gateway's upstream.queue_max_bytes_per_device; in the parking queue an eighth of upstream.parked_max_bytes); the other devices' are still taken (bastion_queue_refusals_total{reason=\"device_share\"})",
+			"held_bytes", held, "share_bytes", q.opts.MaxDeviceBytes)
+		return nil, fmt.Errorf("queue accept from %s: the device holds %d bytes of messages not yet delivered, %d with this one, above its share of the queue, %d bytes; refused until some are delivered: %w",
+			m.Device, held, held+int64(n), q.opts.MaxDeviceBytes, bridges.ErrQueueFull)
+	}
 	if held := q.diskBytes() + q.batchB + q.writingB; held+int64(n) > q.opts.MaxBytes {
 		q.batchBuf = q.batchBuf[:off]
 		// Bytes that delivering frees nothing of are named, or the
@@ -1264,8 +1304,9 @@ func (q *Queue) admit(m bridges.Message, fn func(error)) (chan error, error) {
 		q.m.refused.WithLabelValues("bytes").Inc()
 		return nil, fmt.Errorf("queue accept from %s: %d bytes on disk%s, limit %d, held messages: %d: %w", m.Device, held, stuck, q.opts.MaxBytes, depth, bridges.ErrQueueFull)
 	}
-	q.batch = append(q.batch, pending{off: off, n: n, seq: q.nextSeq, recv: m.Received.UnixNano(), done: done, fn: fn})
+	q.batch = append(q.batch, pending{off: off, n: n, seq: q.nextSeq, recv: m.Received.UnixNano(), dev: dev, done: done, fn: fn})
 	q.batchB += int64(n)
+	q.holdLocked(dev, int64(n))
 	q.nextSeq++
 	gathering := q.gather > 0 && len(q.batch) < q.gather
 	q.mu.Unlock()
@@ -1484,7 +1525,7 @@ func (q *Queue) flush(sync bool) {
 		}
 		pos := off + int64(ackLen)
 		for _, p := range batch {
-			q.ents = append(q.ents, entry{seq: p.seq, seg: seg, off: pos, n: int32(p.n), received: p.recv})
+			q.ents = append(q.ents, entry{seq: p.seq, seg: seg, off: pos, n: int32(p.n), received: p.recv, dev: p.dev})
 			pos += int64(p.n)
 			seg.live++
 			seg.liveBytes += int64(p.n)
@@ -1525,6 +1566,7 @@ func (q *Queue) flush(sync bool) {
 	}
 	q.mu.Lock()
 	q.writingB = 0 // nothing of the batch was indexed
+	q.releaseBatchLocked(batch)
 	q.acks = append(q.acks, acks...)
 	if len(batch) > 0 {
 		// Refusing this batch alone and writing the next one (over the
@@ -1635,6 +1677,7 @@ func (q *Queue) refusedBatch(reason string, batch []pending) {
 // fsync and unlocks q.mu.
 func (q *Queue) failBatchLocked(batch []pending, batchBuf []byte) {
 	q.writingB = 0
+	q.releaseBatchLocked(batch)
 	err := fmt.Errorf("queue: disk error earlier: %w", q.failed)
 	q.mu.Unlock()
 	q.refusedBatch(stoppedReason(err), batch)
@@ -2156,6 +2199,7 @@ func (q *Queue) loseLocked(k int, err error) {
 	e.acked = true
 	e.seg.live--
 	e.seg.liveBytes -= int64(e.n)
+	q.releaseLocked(e.dev, int64(e.n))
 	q.acks = append(q.acks, e.seq)
 	q.depth--
 	q.m.lost.Inc()
@@ -2260,9 +2304,11 @@ func (q *Queue) Ack(seqs ...uint64) error {
 		if i == len(q.ents) || q.ents[i].seq != s || q.ents[i].acked {
 			continue
 		}
-		q.ents[i].acked = true
-		q.ents[i].seg.live--
-		q.ents[i].seg.liveBytes -= int64(q.ents[i].n)
+		e := &q.ents[i]
+		e.acked = true
+		e.seg.live--
+		e.seg.liveBytes -= int64(e.n)
+		q.releaseLocked(e.dev, int64(e.n))
 		q.acks = append(q.acks, s)
 		delete(q.unreadable, s)
 		n++

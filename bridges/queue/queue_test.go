@@ -50,6 +50,9 @@ func open(t *testing.T, dir string, o Options) (*Queue, *prometheus.Registry) {
 	if err != nil {
 		t.Fatalf("Open(%s): %v", dir, err)
 	}
+	// Cleanups run last first: the check after Close, once the writer has
+	// stopped (a batch it holds is in neither q.batch nor q.ents).
+	t.Cleanup(func() { checkShares(t, q) })
 	t.Cleanup(func() { q.Close() })
 	return q, reg
 }

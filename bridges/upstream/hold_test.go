@@ -62,3 +62,34 @@ func TestHeldRulesKeepQueued(t *testing.T) {
 	waitFor(t, "the queued messages sent once the rules can be read", 20*time.Second, func() bool { return l.up.Status().Published == 3 })
 	waitFor(t, "the queue to be empty", 10*time.Second, func() bool { return l.q.Stats().Depth == 0 })
 }
+
+// TestRulesReplacedWakeTheSender: a run that stopped at rules that hold
+// ends with a pause, up to backoff_max; rules replaced through SetForward
+// start the next run at once. Before, the queued messages waited for the
+// pause (backoff_max is 2 minutes by default; here the pause is 10
+// minutes, so the wait below can only end by the wake-up).
+func TestRulesReplacedWakeTheSender(t *testing.T) {
+	b := mosquitto.Start(t, mosquitto.Options{})
+	cfg := linkConfig(t, b, "gw1")
+	cfg.BackoffMin, cfg.BackoffMax = 10*time.Minute, 20*time.Minute
+	l := startLink(t, cfg, t.TempDir())
+	waitFor(t, "the link to connect", 20*time.Second, func() bool { return l.up.Status().Connected })
+	if err := l.up.SetForward(append([]Rule{{Topic: "#", Action: ActionHold}}, cfg.Forward...)); err != nil {
+		t.Fatal(err)
+	}
+	// Queued directly (the link's gate refuses new messages while the
+	// rules hold): as if accepted before the rules became unreadable.
+	ctx := context.Background()
+	for i := range 3 {
+		if err := l.q.Accept(ctx, telemetry("dev0", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, "the link to stop at the held rules", 20*time.Second, func() bool {
+		return strings.Contains(l.up.Status().LastError, "privacy forwarding rules cannot be read")
+	})
+	if err := l.up.SetForward(cfg.Forward); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the queued messages sent once the rules can be read", 20*time.Second, func() bool { return l.up.Status().Published == 3 })
+}

@@ -139,6 +139,12 @@ type Upstream struct {
 	// (poison.go); only the sender's goroutine touches it.
 	poison poisonWatch
 
+	// rulesSet (capacity 1) tells the sender that the privacy rules were
+	// replaced (SetForward, a reload): a run that stopped at rules that
+	// hold (ActionHold) starts again at once rather than after its pause,
+	// up to backoff_max.
+	rulesSet chan struct{}
+
 	// writeTimeout, when set (tests), replaces writeTimeout(keepalive).
 	writeTimeout time.Duration
 }
@@ -153,7 +159,7 @@ func New(cfg Config, q Source, deliver Deliver, log *slog.Logger, reg prometheus
 	if err != nil {
 		return nil, err
 	}
-	u := &Upstream{log: log.With("component", "upstream"), q: q, deliver: deliver, lines: ratelog.New(time.Minute)}
+	u := &Upstream{log: log.With("component", "upstream"), q: q, deliver: deliver, lines: ratelog.New(time.Minute), rulesSet: make(chan struct{}, 1)}
 	u.m = newMetrics()
 	u.m.parkedDepth = prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "bastion_upstream_parked",
 		Help: "Messages held in the parking queue (refused by the broker for good) until an operator retries or drops them."},
@@ -264,6 +270,7 @@ func (r *PreparedReload) Apply() {
 	old := u.cur.Load()
 	u.install(s)
 	u.m.reloads.WithLabelValues("ok").Inc()
+	u.rulesReplaced()
 	if needsReconnect(old, s) {
 		u.log.Info("upstream configuration or credentials changed; reconnecting", "broker", s.cfg.Broker)
 		u.mu.Lock()
@@ -349,7 +356,21 @@ func (u *Upstream) SetForward(rules []Rule) error {
 		}
 	}
 	u.log.Info("upstream forwarding rules replaced", "rules", len(rules))
+	u.rulesReplaced()
 	return nil
+}
+
+// rulesReplaced wakes a sender that is pausing after a failed run (any
+// failure: a run that a broker's refusal ended is only tried once more):
+// if the run stopped at rules that hold, the new rules may let its
+// messages go (or keep them local). Without it, sending resumed only after
+// the pause, which grows to backoff_max (2 minutes by default) while the
+// rules hold.
+func (u *Upstream) rulesReplaced() {
+	select {
+	case u.rulesSet <- struct{}{}:
+	default:
+	}
 }
 
 func needsReconnect(a, b *snapshot) bool {
@@ -934,11 +955,18 @@ func (u *Upstream) sendLoop(ctx context.Context, ls *linkSession, ups <-chan cha
 		if pause > 0 {
 			select {
 			case <-time.After(pause):
+			case <-u.rulesSet:
 			case <-down:
 				continue
 			case <-ctx.Done():
 				return
 			}
+		}
+		// The run reads the rules in force from here: a replacement before
+		// it is no reason to skip the pause after it.
+		select {
+		case <-u.rulesSet:
+		default:
 		}
 		r := u.pipeline(ctx, ls, down, s)
 		if r != nil {

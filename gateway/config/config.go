@@ -79,6 +79,13 @@ type Upstream struct {
 	// more than QueueMaxBytes: see queue.Options.MaxBytes.
 	QueueMaxBytes int64    `yaml:"queue_max_bytes"`
 	QueueMaxAge   Duration `yaml:"queue_max_age"`
+	// QueueMaxBytesPerDevice is one device's share of the queue: the bytes
+	// of its messages not yet delivered upstream, above which its new
+	// messages are refused as a full queue while the other devices' are
+	// still taken, so that one device cannot fill the queue for all. 0:
+	// QueueMaxBytes/8 (at least one message of 256 KiB); QueueMaxBytes: no
+	// share. See queue.Options.MaxDeviceBytes.
+	QueueMaxBytesPerDevice int64 `yaml:"queue_max_bytes_per_device"`
 	// ParkedMaxBytes bounds the parking queue: messages the broker refused
 	// for good (too large, not authorized, invalid topic or payload), kept
 	// until an operator retries or drops them. When it is full such a

@@ -168,6 +168,11 @@ func (c *Config) Validate() error {
 		if c.Upstream.QueueMaxBytes < 1<<20 {
 			bad("upstream.queue_max_bytes", c.Upstream.QueueMaxBytes, "is below 1 MiB (1048576)")
 		}
+		if n := c.Upstream.QueueMaxBytesPerDevice; n != 0 && n < 1<<20 {
+			bad("upstream.queue_max_bytes_per_device", n, "is below 1 MiB (1048576); 0 is upstream.queue_max_bytes/8")
+		} else if n > c.Upstream.QueueMaxBytes {
+			bad("upstream.queue_max_bytes_per_device", n, "is above upstream.queue_max_bytes (%d): a device's share cannot be more than the queue; set it equal to have no share", c.Upstream.QueueMaxBytes)
+		}
 		if c.Upstream.ParkedMaxBytes < 1<<20 {
 			bad("upstream.parked_max_bytes", c.Upstream.ParkedMaxBytes, "is below 1 MiB (1048576)")
 		}

@@ -132,6 +132,9 @@ upstream:
   max_topic_levels: %d   # (0 = no limit)
   queue_max_bytes: %d  # when full, new QoS 1 messages are refused, never dropped
   queue_max_age: %s
+  # One device's share of the queue: above it, its new messages are refused while
+  # the other devices' are taken (0 = queue_max_bytes/8; queue_max_bytes = no share).
+  queue_max_bytes_per_device: %d
   parked_max_bytes: %d # messages the broker refuses for good wait here for bastionctl upstream parked retry|drop
   # Topic mapping ("" = the defaults: devices/{id}/t/# -> {prefix}/{gateway}/{id}/t/#,
   # and {prefix}/{gateway}/{id}/c/# -> devices/{id}/c/#). Mappings that would loop, and downlinks that overlap, are refused.
@@ -164,7 +167,7 @@ pairing:
 		c.Firmware.CheckInterval.D(), c.Firmware.MaxCacheBytes, c.Firmware.HTTPSListen,
 		c.Upstream.Enabled, c.Upstream.Broker, derived["upstream.server_name"], c.Upstream.CAFile, c.Upstream.CertFile, c.Upstream.KeyFile,
 		c.Upstream.TLSMinVersion, derived["upstream.gateway"], derived["upstream.client_id"], c.Upstream.Prefix, c.Upstream.KeepAlive, c.Upstream.BackoffMin, c.Upstream.BackoffMax,
-		c.Upstream.MaxTopicLength, c.Upstream.MaxTopicLevels, c.Upstream.QueueMaxBytes, c.Upstream.QueueMaxAge.D(), c.Upstream.ParkedMaxBytes, rules(c.Upstream.Forward),
+		c.Upstream.MaxTopicLength, c.Upstream.MaxTopicLevels, c.Upstream.QueueMaxBytes, c.Upstream.QueueMaxAge.D(), c.Upstream.QueueMaxBytesPerDevice, c.Upstream.ParkedMaxBytes, rules(c.Upstream.Forward),
 		c.Pairing.Window.D(), c.Pairing.Input, c.Pairing.KeyCode, c.Pairing.Layout, c.Pairing.GPIOChip, c.Pairing.GPIOLine, c.Pairing.ESTListen,
 		vendors(c.Pairing.Vendors))
 	return err

@@ -662,9 +662,11 @@ func (h *Handler) putRule(ctx context.Context, p *principal, in ruleInput) (stor
 }
 
 // rulesChanged hands the saved rules to the upstream link. When that fails
-// the change is saved but the link still applies the previous rules (which
-// may forward what the user just made local): the user must know, and the
-// answer says so instead of the usual success.
+// the change is saved but not in force: the link still applies the previous
+// rules (which may forward what the user just made local), or holds (the
+// gateway could not read the privacy settings back): the user must know,
+// and the answer says so, with what applies instead, rather than the usual
+// success.
 func (h *Handler) rulesChanged() error {
 	f := h.c().RulesChanged
 	if f == nil {
@@ -675,7 +677,7 @@ func (h *Handler) rulesChanged() error {
 		err = f(rs)
 	}
 	if err != nil {
-		return errf(http.StatusInternalServerError, "The change is saved, but the upstream link still applies the previous forwarding rules: %v. Fix the cause, then save or delete a rule to apply them again.", err)
+		return errf(http.StatusInternalServerError, "The change is saved, but it is not in force: %v. Fix the cause, then save or delete a rule to apply the rules again.", err)
 	}
 	return nil
 }

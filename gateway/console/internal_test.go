@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+	bolt "go.etcd.io/bbolt"
 	"go.yaml.in/yaml/v3"
 
 	"github.com/bastion-iot/bastion/gateway/store"
@@ -288,9 +289,10 @@ func TestSetupAndRecoveryOnlyWithTheirCode(t *testing.T) {
 }
 
 // TestRuleNotInForceIsReported: when the upstream link does not take the
-// saved rules (RulesChanged fails), the console's answer says the previous
-// rules are still applied, for a saved and for a deleted rule; it used to
-// answer success, and the user believed a topic made local had stopped
+// saved rules (RulesChanged fails), the console's answer says the change
+// is not in force, and why (the gateway's error says what applies: the
+// previous rules, or the hold), for a saved and for a deleted rule; it used
+// to answer success, and the user believed a topic made local had stopped
 // leaving the box.
 func TestRuleNotInForceIsReported(t *testing.T) {
 	h, srv, _ := newTestHandler(t)
@@ -299,8 +301,8 @@ func TestRuleNotInForceIsReported(t *testing.T) {
 	}})
 	c, tok := setUpAdmin(t, srv)
 	code, body := post(t, c, srv.URL+"/api/v1/upstream/rules", `{"topic":"devices/+/t/a","action":"local"}`, "X-CSRF-Token", tok)
-	if code != http.StatusInternalServerError || !strings.Contains(body, "still applies the previous forwarding rules") || !strings.Contains(body, "example") {
-		t.Errorf("saving a rule the link does not take: %d %s; want 500 saying the previous rules apply, and why", code, body)
+	if code != http.StatusInternalServerError || !strings.Contains(body, "it is not in force") || !strings.Contains(body, "example") {
+		t.Errorf("saving a rule the link does not take: %d %s; want 500 saying it is not in force, and why", code, body)
 	}
 	rs, err := h.o.Store.ForwardRules()
 	if err != nil || len(rs) != 1 {
@@ -314,8 +316,8 @@ func TestRuleNotInForceIsReported(t *testing.T) {
 	}
 	b, _ := io.ReadAll(res.Body)
 	res.Body.Close()
-	if res.StatusCode != http.StatusInternalServerError || !strings.Contains(string(b), "still applies the previous forwarding rules") {
-		t.Errorf("deleting a rule the link does not take: %d %s; want 500 saying the previous rules apply", res.StatusCode, b)
+	if res.StatusCode != http.StatusInternalServerError || !strings.Contains(string(b), "it is not in force") || !strings.Contains(string(b), "example") {
+		t.Errorf("deleting a rule the link does not take: %d %s; want 500 saying it is not in force, and why", res.StatusCode, b)
 	}
 }
 
@@ -568,4 +570,71 @@ func TestEraseStoppedIsAudited(t *testing.T) {
 		}
 	}
 	t.Errorf("no privacy.erase event says where the erase stopped: %+v", evs)
+}
+
+// TestUnreadableRuleShownWithItsID: a forwarding rule record that does not
+// decode is listed on the upstream page by its id, with a button that
+// deletes it, beside the rules that decode; the API's list names it too.
+// Before, the page answered "internal error" and the operator could not
+// see which record to delete.
+func TestUnreadableRuleShownWithItsID(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "s.db")
+	st, err := store.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.PutForwardRule(store.ForwardRule{Topic: "devices/+/t/kept", Action: "forward"}); err != nil {
+		t.Fatal(err)
+	}
+	st.Close()
+	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: 2 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = db.Update(func(tx *bolt.Tx) error {
+		return tx.Bucket([]byte("forward_rules")).Put([]byte("r99"), []byte("{not json"))
+	})
+	db.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err = store.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	h, err := NewHandler(Options{Store: st, Gateway: stubGateway{code: "ABCD-EFGH-JKLM-NPQR"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewTLSServer(SecurityHeaders(h))
+	t.Cleanup(srv.Close)
+	c, tok := setUpAdmin(t, srv)
+	read := func(method, path string) (int, string) {
+		t.Helper()
+		req, _ := http.NewRequest(method, srv.URL+path, nil)
+		req.Header.Set("X-CSRF-Token", tok)
+		res, err := c.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer res.Body.Close()
+		b, _ := io.ReadAll(res.Body)
+		return res.StatusCode, string(b)
+	}
+	code, page := read("GET", "/upstream")
+	for _, want := range []string{`record <code>r99</code>`, `action="/upstream/rules/r99/delete"`, `forwarding rule record &#34;r99&#34; in the store does not decode`, "/t/kept</code>"} {
+		if code != http.StatusOK || !strings.Contains(page, want) {
+			t.Errorf("upstream page: %d, want 200 showing %q:\n%s", code, want, page)
+		}
+	}
+	if code, body := read("GET", "/api/v1/upstream/rules"); code != http.StatusInternalServerError || !strings.Contains(body, `\"r99\"`) {
+		t.Errorf("GET /api/v1/upstream/rules: %d %s; want 500 naming r99", code, body)
+	}
+	if code, body := read("DELETE", "/api/v1/upstream/rules/r99"); code >= 300 {
+		t.Fatalf("delete r99: %d %s", code, body)
+	}
+	if code, body := read("GET", "/api/v1/upstream/rules"); code != http.StatusOK || !strings.Contains(body, "devices/+/t/kept") {
+		t.Errorf("GET /api/v1/upstream/rules after deleting r99: %d %s; want 200 with the rule kept", code, body)
+	}
 }

@@ -3,10 +3,13 @@ package console
 import (
 	"bytes"
 	"embed"
+	"errors"
 	"fmt"
 	"html/template"
 	"net/http"
 	"time"
+
+	"github.com/bastion-iot/bastion/gateway/store"
 )
 
 //go:embed templates
@@ -153,12 +156,18 @@ func (h *Handler) pageReport(name, title string) handlerFunc {
 func (h *Handler) pageUpstream(w http.ResponseWriter, r *http.Request, p *principal) error {
 	rep, ok, err := h.report(r.Context(), "upstream")
 	rules, rerr := h.o.Store.ForwardRules()
-	if rerr != nil {
+	// Records that do not decode are listed by id, with the rules that do,
+	// so that they can be deleted here: failing the page instead hid both.
+	var bad *store.UnreadableRulesError
+	if rerr != nil && !errors.As(rerr, &bad) {
 		return rerr
 	}
-	data := map[string]any{"Available": ok, "Report": rep, "Err": "", "Rules": rules}
+	data := map[string]any{"Available": ok, "Report": rep, "Err": "", "Rules": rules, "RulesErr": "", "BadRules": []string(nil)}
 	if err != nil {
 		data["Err"] = err.Error()
+	}
+	if bad != nil {
+		data["RulesErr"], data["BadRules"] = bad.Error(), bad.IDs
 	}
 	return h.render(w, r, p, http.StatusOK, "upstream", "Upstream", "upstream", data)
 }

@@ -2,6 +2,7 @@ package console
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/http"
 	"strconv"
@@ -462,6 +463,9 @@ func (h *Handler) apiRoutes() {
 	h.handle("GET /api/v1/upstream", viewer, report("upstream"))
 	h.handle("GET /api/v1/upstream/rules", viewer, func(w http.ResponseWriter, r *http.Request, p *principal) error {
 		rs, err := h.o.Store.ForwardRules()
+		if bad := (*store.UnreadableRulesError)(nil); errors.As(err, &bad) {
+			return errf(http.StatusInternalServerError, "%v", bad) // names the records to delete
+		}
 		if err != nil {
 			return err
 		}

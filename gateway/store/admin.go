@@ -10,6 +10,8 @@ import (
 	"errors"
 	"fmt"
 	"sort"
+	"strconv"
+	"strings"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -413,12 +415,58 @@ func (s *Store) DeleteAPIToken(id, user string) error {
 
 // ForwardRules returns the upstream forwarding rules, by topic. The upstream
 // link reads them here; an empty list means nothing has been configured in
-// the console.
+// the console. A record that does not decode makes the rules unreadable
+// (the gateway then holds the link: one of them may keep a topic local): the
+// error, an *UnreadableRulesError, names the id of every such record, which
+// DeleteForwardRule removes, and the rules that decode come with it, for
+// display. Before, the error was the JSON decoder's alone, and the console,
+// which lists the rules through this call, could show neither the rules
+// nor which record to delete.
 func (s *Store) ForwardRules() ([]ForwardRule, error) {
-	rs, err := list[ForwardRule](s, bRules)
+	var rs []ForwardRule
+	var bad *UnreadableRulesError
+	err := s.view(bRules, func(b *bolt.Bucket) error {
+		return b.ForEach(func(k, v []byte) error {
+			var r ForwardRule
+			if err := json.Unmarshal(v, &r); err != nil {
+				if bad == nil {
+					bad = &UnreadableRulesError{Err: err}
+				}
+				bad.IDs = append(bad.IDs, string(k))
+				return nil
+			}
+			rs = append(rs, r)
+			return nil
+		})
+	})
+	if errors.Is(err, ErrNotFound) {
+		err = nil
+	}
 	sort.Slice(rs, func(i, j int) bool { return rs[i].Topic < rs[j].Topic })
+	if err == nil && bad != nil {
+		err = bad
+	}
 	return rs, err
 }
+
+// UnreadableRulesError is ForwardRules' error for records of the forwarding
+// rules that do not decode (the disk's corruption, or a record written by
+// hand): IDs are their keys, which DeleteForwardRule takes.
+type UnreadableRulesError struct {
+	IDs []string
+	Err error // the first record's decoding error
+}
+
+func (e *UnreadableRulesError) Error() string {
+	ids := make([]string, len(e.IDs))
+	for i, id := range e.IDs {
+		ids[i] = strconv.Quote(id)
+	}
+	return fmt.Sprintf("forwarding rule record %s in the store does not decode (%v): delete it (console: Upstream, forwarding rules; or DELETE /api/v1/upstream/rules/{id}), then add the rule again",
+		strings.Join(ids, ", "), e.Err)
+}
+
+func (e *UnreadableRulesError) Unwrap() error { return e.Err }
 
 // PutForwardRule creates or replaces the rule for r.Topic (one rule per
 // topic filter) and returns it with its id.

@@ -4,10 +4,12 @@ import (
 	"errors"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+	bolt "go.etcd.io/bbolt"
 )
 
 func TestFirstAdminIsOnceAndSpendsTheCode(t *testing.T) {
@@ -293,5 +295,46 @@ func TestDeleteExpiredExpected(t *testing.T) {
 	}
 	if got := lastTx(t, s); got != tx {
 		t.Errorf("with nothing expired transaction %d was committed (last was %d), want no write", got, tx)
+	}
+}
+
+// TestUnreadableRulesNamed: a forwarding rule record that does not decode
+// makes ForwardRules fail (the gateway holds the link on it), with an
+// error naming its id, which DeleteForwardRule removes, and the rules that
+// decode returned with it. Before, the error was the JSON decoder's alone
+// and no rule came with it: the console could show neither.
+func TestUnreadableRulesNamed(t *testing.T) {
+	s, _ := open(t)
+	if _, err := s.PutForwardRule(ForwardRule{Topic: "devices/+/t/a", Action: "forward"}); err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range []string{"r98", "r99"} {
+		if err := s.update(bRules, func(b *bolt.Bucket) error { return b.Put([]byte(id), []byte("{not json")) }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	rs, err := s.ForwardRules()
+	var bad *UnreadableRulesError
+	if !errors.As(err, &bad) {
+		t.Fatalf("ForwardRules with two bad records: %v, want an *UnreadableRulesError", err)
+	}
+	if d := cmp.Diff([]string{"r98", "r99"}, bad.IDs); d != "" {
+		t.Errorf("bad ids (-want +got):\n%s", d)
+	}
+	for _, want := range []string{`"r98", "r99"`, "does not decode", "delete it"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error %q, want it to say %q", err, want)
+		}
+	}
+	if len(rs) != 1 || rs[0].Topic != "devices/+/t/a" {
+		t.Errorf("rules with the error: %+v, want the one that decodes", rs)
+	}
+	for _, id := range bad.IDs {
+		if err := s.DeleteForwardRule(id); err != nil {
+			t.Fatalf("DeleteForwardRule(%s): %v", id, err)
+		}
+	}
+	if rs, err := s.ForwardRules(); err != nil || len(rs) != 1 {
+		t.Errorf("ForwardRules after the bad records were deleted: %+v, %v; want the one rule", rs, err)
 	}
 }
