@@ -144,6 +144,11 @@ type Counters struct {
 	// byte: the device read nothing for HTTPLimits.WriteStall, or lost its
 	// identity (revoked, removed) during the transfer.
 	ServeCut uint64
+	// StatusRefused counts device status reports refused as bad input
+	// (malformed, invalid, from a device not enrolled), on CoAP
+	// (ServeCoAPStatus) and on the transports that report theirs with
+	// StatusReportRefused. A report taken but not stored is not one.
+	StatusRefused uint64
 }
 
 // New opens the cache in cfg.StateDir and verifies every image on disk
