@@ -12,6 +12,7 @@ import (
 	"github.com/bastion-iot/bastion/bridges/hub"
 	"github.com/bastion-iot/bastion/bridges/queue"
 	"github.com/bastion-iot/bastion/bridges/upstream"
+	"github.com/bastion-iot/bastion/firewall"
 	"github.com/bastion-iot/bastion/gateway/console"
 	"github.com/bastion-iot/bastion/gateway/store"
 )
@@ -137,6 +138,14 @@ func (f consoleFirewall) Show(ctx context.Context) (console.Report, error) {
 			return r, err
 		}
 		r.Sections = append(r.Sections, console.Section{Title: "Live rules", Pre: live})
+		var drift [][]string
+		for _, e := range g.fw.Drift() {
+			drift = append(drift, []string{e.Time.UTC().Format(time.RFC3339), e.Family.String(), driftText(e)})
+		}
+		r.Sections = append(r.Sections, console.Section{
+			Title:  fmt.Sprintf("Drift events (rules changed by something else, newest first; the last %d since start, all in the audit log as firewall.drift)", firewall.DriftHistory),
+			Header: []string{"time", "family", "what"}, Table: drift,
+		})
 	} else if plan, err := g.firewallPlan(ctx); err == nil {
 		r.Sections = append(r.Sections, console.Section{Title: "Plan (not applied: firewall.manage is false)", Pre: plan})
 	}
