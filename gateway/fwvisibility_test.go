@@ -8,6 +8,7 @@ package gateway
 import (
 	"maps"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -79,9 +80,22 @@ func TestFirmwareRefusalsMetricsAndConsole(t *testing.T) {
 		}
 		return n
 	}
-	// Never fetched: frozen until the first check.
+	dashboardAlarms := func() []string {
+		t.Helper()
+		var dash struct {
+			Alarms []string `json:"alarms"`
+		}
+		if code := api.do(t, "GET", "/api/v1/status", &dash); code != http.StatusOK {
+			t.Fatalf("GET /api/v1/status: %d", code)
+		}
+		return dash.Alarms
+	}
+	// Never fetched: frozen until the first check, and said so.
 	if f := frozen(); f != 1 {
 		t.Errorf("bastion_firmware_frozen = %v before any check, want 1", f)
+	}
+	if a := dashboardAlarms(); !slices.Contains(a, "firmware: no valid vendor metadata (never fetched): nothing is offered") {
+		t.Errorf("dashboard alarms %q before any check: want the firmware cache's, never fetched", a)
 	}
 	g.check(t)
 	if f := frozen(); f != 0 {
@@ -136,17 +150,8 @@ func TestFirmwareRefusalsMetricsAndConsole(t *testing.T) {
 	if got := refusals("target_refused") - targetRefused; got != 1 {
 		t.Errorf("target_refused went up by %v, want 1", got)
 	}
-	var dash struct {
-		Alarms []string `json:"alarms"`
-	}
-	if code := api.do(t, "GET", "/api/v1/status", &dash); code != http.StatusOK {
-		t.Fatalf("GET /api/v1/status: %d", code)
-	}
-	found := false
-	for _, a := range dash.Alarms {
-		found = found || strings.HasPrefix(a, "firmware: ") && strings.Contains(a, "ambiguous")
-	}
-	if !found {
-		t.Errorf("dashboard alarms %q: want the firmware cache's refusal", dash.Alarms)
+	alarms := dashboardAlarms()
+	if !slices.ContainsFunc(alarms, func(a string) bool { return strings.HasPrefix(a, "firmware: ") && strings.Contains(a, "ambiguous") }) {
+		t.Errorf("dashboard alarms %q: want the firmware cache's refusal", alarms)
 	}
 }

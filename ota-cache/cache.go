@@ -814,7 +814,11 @@ func (c *Cache) Status() Status {
 	s.Frozen = !c.st.ValidUntil.After(c.cfg.Now())
 	if s.Frozen {
 		if _, ok := c.alarms["freeze"]; !ok {
-			s.Alarms = append(s.Alarms, fmt.Sprintf("no valid vendor metadata (expired or never fetched; valid until %v): nothing is offered", c.st.ValidUntil))
+			when := "never fetched"
+			if !c.st.ValidUntil.IsZero() {
+				when = "expired " + c.st.ValidUntil.UTC().Format(time.RFC3339)
+			}
+			s.Alarms = append(s.Alarms, "no valid vendor metadata ("+when+"): nothing is offered")
 		}
 	}
 	for _, k := range slices.Sorted(maps.Keys(c.alarms)) {
