@@ -58,10 +58,17 @@ func metricValue(m *dto.Metric) float64 {
 }
 
 func TestFirmwareRefusalsMetricsAndConsole(t *testing.T) {
+	// The vendor has published nothing yet: the check the gateway makes
+	// as it starts fails, and the cache has never fetched metadata.
 	v := newFWVendor(t)
-	img := tufrepo.Image(4000, 7)
-	sha := v.publish(t, fwClassA, "1.1.0", 2, img)
 	g := startFirmwareGateway(t, v)
+	deadline := time.Now().Add(20 * time.Second)
+	for g.g.firmware.Status().Counters.CheckFailures < 1 {
+		if time.Now().After(deadline) {
+			t.Fatal("the gateway's first firmware check did not fail within 20s")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 	d, _ := g.addFWDevice(t, "meter-a", "cert", fwClassA)
 	api := newConsoleAPI(t, g.g)
 	refusals := func(reason string) float64 {
@@ -97,6 +104,8 @@ func TestFirmwareRefusalsMetricsAndConsole(t *testing.T) {
 	if a := dashboardAlarms(); !slices.Contains(a, "firmware: no valid vendor metadata (never fetched): nothing is offered") {
 		t.Errorf("dashboard alarms %q before any check: want the firmware cache's, never fetched", a)
 	}
+	img := tufrepo.Image(4000, 7)
+	sha := v.publish(t, fwClassA, "1.1.0", 2, img)
 	g.check(t)
 	if f := frozen(); f != 0 {
 		t.Errorf("bastion_firmware_frozen = %v after a good check, want 0", f)
