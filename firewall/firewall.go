@@ -32,6 +32,36 @@ type Firewall struct {
 	// iptables builds that print a rule differently from how Plan writes
 	// it; keyed by family and chain name.
 	canon map[Family]map[string]canonChain
+
+	// driftMu guards drift alone, so that the console reads it without
+	// waiting for a reconcile's iptables runs (which hold mu).
+	driftMu sync.Mutex
+	drift   []DriftEvent // the last DriftHistory, oldest first
+	onDrift func(DriftEvent)
+	now     func() time.Time
+}
+
+// DriftHistory is how many drift events Drift keeps: enough to see what
+// has been changing the rules, bounded however often something does.
+const DriftHistory = 32
+
+// DriftEvent is one reconcile that found a family's rules changed by
+// something else, and what it did about it.
+type DriftEvent struct {
+	Time   time.Time
+	Family Family
+	// Findings say what had changed: kind (jump_missing, jump_moved,
+	// jump_modified, jump_duplicate, chain_modified, stale_chain) and
+	// detail.
+	Findings []DriftFinding
+	// Err is why the repair failed ("" when it was repaired): the family
+	// still differs from the policy, and the next reconcile tries again.
+	Err string
+}
+
+// DriftFinding is one way a family's rules differed from the policy.
+type DriftFinding struct {
+	Kind, Detail string
 }
 
 type canonChain struct {
@@ -57,6 +87,13 @@ func WithInterval(d time.Duration) Option {
 	}
 }
 
+// WithDriftHook has fn called with every drift event as it is recorded
+// (Drift), outside the Firewall's locks: the gateway writes it to its
+// audit log.
+func WithDriftHook(fn func(DriftEvent)) Option {
+	return func(f *Firewall) { f.onDrift = fn }
+}
+
 // New returns a Firewall over the IPv4 and IPv6 backends. Both are
 // required: managing only one family would leave the other wide open. Its
 // counters are registered on reg (bastion_firewall_*).
@@ -72,6 +109,7 @@ func New(v4, v6 Backend, log *slog.Logger, reg prometheus.Registerer, opts ...Op
 		log:      log.With("component", "firewall"),
 		interval: DefaultInterval,
 		canon:    map[Family]map[string]canonChain{IPv4: {}, IPv6: {}},
+		now:      time.Now,
 		m: metrics{
 			drift: prometheus.NewCounterVec(prometheus.CounterOpts{
 				Name: "bastion_firewall_drift_repaired_total",
@@ -562,14 +600,25 @@ func (f *Firewall) Diff(ctx context.Context, p Policy) (string, error) {
 }
 
 // reconcile checks both families once against the last applied policy and
-// repairs what it finds.
+// repairs what it finds. Each family found changed is recorded as a drift
+// event, repaired or not.
 func (f *Firewall) reconcile(ctx context.Context) error {
+	events, err := f.repair(ctx)
+	for _, e := range events {
+		f.recordDrift(e)
+	}
+	return err
+}
+
+// repair is reconcile under f.mu; it returns the drift events to record.
+func (f *Firewall) repair(ctx context.Context) ([]DriftEvent, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.desired == nil {
-		return nil
+		return nil, nil
 	}
 	var errs []error
+	var events []DriftEvent
 	for _, b := range f.backends {
 		fam := b.Family().String()
 		l, err := readLive(ctx, b)
@@ -582,19 +631,51 @@ func (f *Firewall) reconcile(ctx context.Context) error {
 		if ch.empty() {
 			continue
 		}
+		e := DriftEvent{Time: f.now(), Family: b.Family()}
 		for _, fd := range ch.findings {
 			f.log.Warn("firewall drift found", "family", fam, "kind", fd.kind, "detail", fd.detail)
+			e.Findings = append(e.Findings, DriftFinding{Kind: fd.kind, Detail: fd.detail})
 		}
 		if err := f.commit(ctx, b, ch, "repair"); err != nil {
+			e.Err = err.Error()
+			events = append(events, e)
 			errs = append(errs, fmt.Errorf("firewall repair %s: %w", fam, err))
 			continue
 		}
+		events = append(events, e)
 		for _, fd := range ch.findings {
 			f.m.drift.WithLabelValues(fam, fd.kind).Inc()
 		}
 		f.log.Warn("firewall drift repaired", "family", fam, "findings", len(ch.findings))
 	}
-	return errors.Join(errs...)
+	return events, errors.Join(errs...)
+}
+
+// recordDrift keeps e among the last DriftHistory events and passes it to
+// the drift hook.
+func (f *Firewall) recordDrift(e DriftEvent) {
+	f.driftMu.Lock()
+	if len(f.drift) == DriftHistory {
+		f.drift = slices.Delete(f.drift, 0, 1)
+	}
+	f.drift = append(f.drift, e)
+	f.driftMu.Unlock()
+	if f.onDrift != nil {
+		f.onDrift(e)
+	}
+}
+
+// Drift returns the last DriftHistory drift events, newest first (in
+// memory: a restart forgets them; the gateway's audit log keeps them).
+func (f *Firewall) Drift() []DriftEvent {
+	f.driftMu.Lock()
+	defer f.driftMu.Unlock()
+	out := make([]DriftEvent, len(f.drift))
+	for i, e := range f.drift {
+		e.Findings = slices.Clone(e.Findings)
+		out[len(out)-1-i] = e
+	}
+	return out
 }
 
 // Run re-checks the kernel every interval against the last applied policy

@@ -487,6 +487,12 @@ func TestReconcileRepairsDrift(t *testing.T) {
 			if got := e.drift(tc.fam, tc.kind); got != 1 {
 				t.Errorf("drift counter %s/%s = %v, want 1", tc.fam, tc.kind, got)
 			}
+			// One event, the family's, naming what was repaired.
+			ev := e.fw.Drift()
+			if len(ev) != 1 || ev[0].Family != tc.fam || ev[0].Err != "" || ev[0].Time.IsZero() ||
+				!slices.ContainsFunc(ev[0].Findings, func(f DriftFinding) bool { return f.Kind == tc.kind && f.Detail != "" }) {
+				t.Errorf("drift events %+v: want one repaired in %s with a %s finding", ev, tc.fam, tc.kind)
+			}
 			// The repair itself is stable.
 			c4, c6 := e.v4.Commits(), e.v6.Commits()
 			if err := e.fw.reconcile(ctx); err != nil {
@@ -496,6 +502,61 @@ func TestReconcileRepairsDrift(t *testing.T) {
 				t.Error("second reconcile changed something")
 			}
 		})
+	}
+}
+
+// TestDriftEvents: a failed repair is recorded with its error, every event
+// reaches the hook, and Drift keeps the last DriftHistory, newest first.
+func TestDriftEvents(t *testing.T) {
+	ctx := context.Background()
+	var hooked []DriftEvent
+	v4, v6 := NewFake(IPv4), NewFake(IPv6)
+	fw, err := New(v4, v6, discard(), prometheus.NewRegistry(), WithDriftHook(func(e DriftEvent) { hooked = append(hooked, e) }))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := fw.Apply(ctx, gatewayPolicy("eth1", "eth0")); err != nil {
+		t.Fatal(err)
+	}
+	deleteJump := func() {
+		t.Helper()
+		rules, _ := listRules(v6, "INPUT")
+		if err := v6.Tamper(Op{Kind: OpDelete, Chain: "INPUT", Rule: rules[0].Rule}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	deleteJump()
+	v6.FailCommits(errors.New("xtables lock held"))
+	if err := fw.reconcile(ctx); err == nil {
+		t.Fatal("reconcile with failing commits: no error")
+	}
+	v6.FailCommits(nil)
+	ev := fw.Drift()
+	if len(ev) != 1 || ev[0].Family != IPv6 || !strings.Contains(ev[0].Err, "xtables lock held") {
+		t.Fatalf("drift events %+v: want one failed repair in ipv6", ev)
+	}
+	for range DriftHistory + 3 {
+		if err := fw.reconcile(ctx); err != nil {
+			t.Fatal(err)
+		}
+		deleteJump()
+	}
+	ev = fw.Drift()
+	if len(ev) != DriftHistory {
+		t.Fatalf("%d drift events kept, want %d", len(ev), DriftHistory)
+	}
+	if len(hooked) != DriftHistory+4 {
+		t.Errorf("hook saw %d events, want %d", len(hooked), DriftHistory+4)
+	}
+	// Newest first: the last one hooked is the first listed, and the
+	// failed repair has aged out.
+	if diff := cmp.Diff(hooked[len(hooked)-1], ev[0]); diff != "" {
+		t.Errorf("newest drift event (-want +got):\n%s", diff)
+	}
+	for _, e := range ev {
+		if e.Err != "" {
+			t.Errorf("event %+v kept past %d newer ones", e, DriftHistory)
+		}
 	}
 }
 

@@ -12,6 +12,7 @@ import (
 	"github.com/bastion-iot/bastion/bridges/hub"
 	"github.com/bastion-iot/bastion/bridges/queue"
 	"github.com/bastion-iot/bastion/bridges/upstream"
+	"github.com/bastion-iot/bastion/firewall"
 	"github.com/bastion-iot/bastion/gateway/console"
 	"github.com/bastion-iot/bastion/gateway/store"
 )
@@ -155,6 +156,14 @@ func (f consoleFirewall) Show(ctx context.Context) (console.Report, error) {
 			return r, err
 		}
 		r.Sections = append(r.Sections, console.Section{Title: "Live rules", Pre: live})
+		var drift [][]string
+		for _, e := range g.fw.Drift() {
+			drift = append(drift, []string{e.Time.UTC().Format(time.RFC3339), e.Family.String(), driftText(e)})
+		}
+		r.Sections = append(r.Sections, console.Section{
+			Title:  fmt.Sprintf("Drift events (rules changed by something else, newest first; the last %d since start, all in the audit log as firewall.drift)", firewall.DriftHistory),
+			Header: []string{"time", "family", "what"}, Table: drift,
+		})
 	} else if plan, err := g.firewallPlan(ctx); err == nil {
 		r.Sections = append(r.Sections, console.Section{Title: "Plan (not applied: firewall.manage is false)", Pre: plan})
 	}
@@ -343,15 +352,41 @@ type consoleFirmware struct{ g *Gateway }
 
 func (f consoleFirmware) Show(ctx context.Context) (console.Report, error) {
 	st := f.g.firmware.Status()
+	valid := "never fetched"
+	if !st.ValidUntil.IsZero() {
+		valid = st.ValidUntil.UTC().Format(time.RFC3339)
+	}
+	v := st.Versions
 	sec := console.Section{Title: "Firmware cache", Rows: [][2]string{
-		{"frozen", strconv.FormatBool(st.Frozen)}, {"last error", st.LastError},
+		{"frozen", strconv.FormatBool(st.Frozen)}, {"metadata valid until", valid},
+		{"metadata versions", fmt.Sprintf("root %d, timestamp %d, snapshot %d, targets %d", v.Root, v.Timestamp, v.Snapshot, v.Targets)},
+		{"cached", fmt.Sprintf("%d images, %d bytes", len(st.Images), st.Bytes)},
+		{"last error", st.LastError},
 	}}
-	if st.Frozen {
+	// Every alarm of the cache (freeze, refused targets, unreadable device
+	// list) reaches the dashboard through the section's alarm.
+	if len(st.Alarms) > 0 {
+		sec.Alarm = strings.Join(st.Alarms, "; ")
+	} else if st.Frozen {
 		sec.Alarm = "firmware metadata expired or never fetched: no update is offered"
+	}
+	var imgs [][]string
+	for _, im := range st.Images {
+		imgs = append(imgs, []string{im.Class.String(), im.Version, strconv.FormatUint(im.Sequence, 10), strconv.FormatInt(im.Size, 10), im.SHA256})
+	}
+	slices.SortFunc(imgs, func(a, b []string) int { return strings.Compare(a[0], b[0]) })
+	var floors [][]string
+	for _, cl := range slices.Sorted(maps.Keys(st.Sequences)) {
+		floors = append(floors, []string{cl, strconv.FormatUint(st.Sequences[cl], 10)})
+	}
+	secs := []console.Section{sec,
+		{Title: "Images offered (verified, by device class)", Header: []string{"class", "version", "sequence", "bytes", "sha256"}, Table: imgs},
+		{Title: "Anti-rollback floor (highest sequence seen, by class; nothing lower is offered)", Header: []string{"class", "sequence"}, Table: floors},
 	}
 	if f.g.optedOut(optOutFwStatus) {
 		sec.Rows = append(sec.Rows, [2]string{"device update status", "not kept: the firmware.status privacy opt-out is on"})
-		return console.Report{Sections: []console.Section{sec}}, nil
+		secs[0] = sec
+		return console.Report{Sections: secs}, nil
 	}
 	var devs [][]string
 	sts := f.g.firmware.DeviceStatuses()
@@ -359,8 +394,8 @@ func (f consoleFirmware) Show(ctx context.Context) (console.Report, error) {
 		s := sts[id]
 		devs = append(devs, []string{id, s.State, s.Version, s.SHA256, s.Detail, s.At.UTC().Format(time.RFC3339)})
 	}
-	return console.Report{Sections: []console.Section{sec, {Title: "Device update status (latest report; kept across restarts)",
-		Header: []string{"device", "state", "version", "sha256", "detail", "reported"}, Table: devs}}}, nil
+	return console.Report{Sections: append(secs, console.Section{Title: "Device update status (latest report; kept across restarts)",
+		Header: []string{"device", "state", "version", "sha256", "detail", "reported"}, Table: devs})}, nil
 }
 
 func (f consoleFirmware) CheckNow(ctx context.Context, who console.Actor) error {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/http"
 	"os"
+	"strings"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -27,7 +28,7 @@ func (g *Gateway) openFirewall(ctx context.Context, cfg config.Config) error {
 	if err != nil {
 		return fmt.Errorf("firewall: %w", err)
 	}
-	if g.fw, err = firewall.New(v4, v6, g.log, g.metrics.reg); err != nil {
+	if g.fw, err = firewall.New(v4, v6, g.log, g.metrics.reg, g.firewallOptions()...); err != nil {
 		return err
 	}
 	p, err := cfg.FirewallPolicy()
@@ -39,6 +40,35 @@ func (g *Gateway) openFirewall(ctx context.Context, cfg config.Config) error {
 	}
 	g.log.Info("firewall: policy applied", "services", len(p.Services), "lan", cfg.Firewall.LAN, "wan", cfg.Firewall.WAN)
 	return nil
+}
+
+// firewallOptions are the gateway's options for the firewall it manages:
+// each drift event goes to the audit log as firewall.drift.
+func (g *Gateway) firewallOptions() []firewall.Option {
+	return []firewall.Option{firewall.WithDriftHook(g.auditDrift)}
+}
+
+// auditDrift records e in the audit log (actor firewall, target the
+// family), which keeps it across restarts; the console lists it from the
+// firewall's memory too.
+func (g *Gateway) auditDrift(e firewall.DriftEvent) {
+	g.devices.audit(Actor{Name: "firewall"}, "firewall.drift", e.Family.String(), driftText(e))
+}
+
+// driftText says what a drift event found and whether it was repaired.
+func driftText(e firewall.DriftEvent) string {
+	var fs []string
+	for _, f := range e.Findings {
+		fs = append(fs, f.Kind+": "+f.Detail)
+	}
+	what := strings.Join(fs, "; ")
+	if what == "" {
+		what = "rules differed from the policy"
+	}
+	if e.Err != "" {
+		return "repair failed (" + e.Err + "): " + what
+	}
+	return "repaired: " + what
 }
 
 // firewallPlan is what the policy would install: the full rule set when

@@ -93,6 +93,9 @@ func (g *Gateway) openFirmware(cfg config.Config) error {
 	}
 	g.offers = newOfferQueue()
 	g.addStatus("firmware", func() any { return g.firmware.Status() })
+	if err := g.metrics.reg.Register(newFirmwareCollector(g.firmware)); err != nil {
+		return fmt.Errorf("firmware: register metrics: %w", err)
+	}
 	return nil
 }
 

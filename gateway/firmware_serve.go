@@ -376,6 +376,7 @@ func (g *Gateway) firmwareStatusMirror(m bridges.Message) bool {
 		err = g.firmware.ReportStatus(m.Device, st)
 	}
 	if err != nil {
+		g.firmware.StatusReportRefused(err)
 		g.log.Info("firmware: mqtt status report refused", "device", m.Device, "err", err)
 	}
 	return false

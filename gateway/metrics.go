@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	otacache "github.com/bastion-iot/bastion/ota-cache"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 )
@@ -63,4 +64,47 @@ func newMetrics(deviceCount func() float64) *metrics {
 	reg.MustRegister(m.renewals, m.httpsRefusals, m.authFailures, m.reloads, m.devices, m.clockSane, m.offers,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
+}
+
+// firmwareCollector exports the firmware cache's counters and its freeze
+// alarm at scrape time: the cache's Status is the single source, read once
+// per scrape.
+type firmwareCollector struct {
+	status   func() otacache.Status
+	refusals *prometheus.Desc
+	frozen   *prometheus.Desc
+}
+
+func newFirmwareCollector(c *otacache.Cache) *firmwareCollector {
+	return &firmwareCollector{
+		status: c.Status,
+		refusals: prometheus.NewDesc("bastion_firmware_refusals_total",
+			"Bad firmware and firmware requests refused, by reason: check_failed (a repository check failed: refused or expired metadata, a refused target, or the link), "+
+				"target_refused (a target refused in a check: bad metadata, bad image, rollback, too large; counted again at every check that still finds it), "+
+				"serve_refused (a download request refused), serve_cut (an HTTPS transfer ended before its last byte), status_refused (a device's status report refused).",
+			[]string{"reason"}, nil),
+		frozen: prometheus.NewDesc("bastion_firmware_frozen",
+			"1 while the vendor's TUF metadata has expired or was never fetched (possible freeze attack): no update is offered or served.", nil, nil),
+	}
+}
+
+func (c *firmwareCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- c.refusals
+	ch <- c.frozen
+}
+
+func (c *firmwareCollector) Collect(ch chan<- prometheus.Metric) {
+	st := c.status()
+	k := st.Counters
+	for reason, n := range map[string]uint64{
+		"check_failed": k.CheckFailures, "target_refused": k.TargetsRefused, "serve_refused": k.ServeRefused,
+		"serve_cut": k.ServeCut, "status_refused": k.StatusRefused,
+	} {
+		ch <- prometheus.MustNewConstMetric(c.refusals, prometheus.CounterValue, float64(n), reason)
+	}
+	frozen := 0.0
+	if st.Frozen {
+		frozen = 1
+	}
+	ch <- prometheus.MustNewConstMetric(c.frozen, prometheus.GaugeValue, frozen)
 }

@@ -144,6 +144,11 @@ type Counters struct {
 	// byte: the device read nothing for HTTPLimits.WriteStall, or lost its
 	// identity (revoked, removed) during the transfer.
 	ServeCut uint64
+	// StatusRefused counts device status reports refused as bad input
+	// (malformed, invalid, from a device not enrolled), on CoAP
+	// (ServeCoAPStatus) and on the transports that report theirs with
+	// StatusReportRefused. A report taken but not stored is not one.
+	StatusRefused uint64
 }
 
 // New opens the cache in cfg.StateDir and verifies every image on disk
@@ -809,7 +814,11 @@ func (c *Cache) Status() Status {
 	s.Frozen = !c.st.ValidUntil.After(c.cfg.Now())
 	if s.Frozen {
 		if _, ok := c.alarms["freeze"]; !ok {
-			s.Alarms = append(s.Alarms, fmt.Sprintf("no valid vendor metadata (expired or never fetched; valid until %v): nothing is offered", c.st.ValidUntil))
+			when := "never fetched"
+			if !c.st.ValidUntil.IsZero() {
+				when = "expired " + c.st.ValidUntil.UTC().Format(time.RFC3339)
+			}
+			s.Alarms = append(s.Alarms, "no valid vendor metadata ("+when+"): nothing is offered")
 		}
 	}
 	for _, k := range slices.Sorted(maps.Keys(c.alarms)) {

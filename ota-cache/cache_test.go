@@ -245,6 +245,9 @@ func TestRefused(t *testing.T) {
 		errHas []string
 		// offered is the version still offered after the attack ("" none).
 		offered string
+		// refused is how many targets the failed check refuses (0: the
+		// metadata itself was refused).
+		refused uint64
 	}{
 		{
 			name: "tampered image",
@@ -255,7 +258,8 @@ func TestRefused(t *testing.T) {
 				bad[4321] ^= 0x80
 				f.repo.put("/metadata/targets/"+p, bad)
 			},
-			errHas: []string{"sha256", "differs from the signed", "tampered"},
+			errHas:  []string{"sha256", "differs from the signed", "tampered"},
+			refused: 1,
 		},
 		{
 			name: "target larger than its metadata length",
@@ -264,7 +268,8 @@ func TestRefused(t *testing.T) {
 				f.repo.publish()
 				f.repo.put("/metadata/targets/"+p, append(f.repo.get("/metadata/targets/"+p), 0))
 			},
-			errHas: []string{"larger than the 9000 in the signed metadata"},
+			errHas:  []string{"larger than the 9000 in the signed metadata"},
+			refused: 1,
 		},
 		{
 			name: "target path with ..",
@@ -272,7 +277,8 @@ func TestRefused(t *testing.T) {
 				f.repo.addImageAt("fw/../../etc/evil.bin", classA, "1.2.0", 6, testImage(9000, 22))
 				f.repo.publish()
 			},
-			errHas: []string{`"fw/../../etc/evil.bin"`, "path traversal"},
+			errHas:  []string{`"fw/../../etc/evil.bin"`, "path traversal"},
+			refused: 1,
 			// The traversal target is dropped; 1.1.0 stays the newest valid.
 			offered: "1.1.0",
 		},
@@ -333,7 +339,8 @@ func TestRefused(t *testing.T) {
 				f.repo.addImage(classA, "1.0.5", 1, testImage(9000, 27))
 				f.repo.publish()
 			},
-			errHas: []string{"sequence 1, below 5 already seen", "rollback refused"},
+			errHas:  []string{"sequence 1, below 5 already seen", "rollback refused"},
+			refused: 1,
 		},
 	}
 	for _, tc := range cases {
@@ -350,11 +357,20 @@ func TestRefused(t *testing.T) {
 			if tc.offered == "1.2.0" {
 				before = imageFiles(t, f.dir)
 			}
+			k := c.Status().Counters
 			err := c.Check(context.Background())
 			if err == nil || !containsAll(err.Error(), tc.errHas...) {
 				t.Fatalf("Check error = %v\nwant it to contain %q", err, tc.errHas)
 			}
 			t.Logf("refused: %v", err)
+			// The metrics (bastion_firmware_refusals_total) count it.
+			k2 := c.Status().Counters
+			if got := k2.CheckFailures - k.CheckFailures; got != 1 {
+				t.Errorf("CheckFailures went up by %d, want 1", got)
+			}
+			if got := k2.TargetsRefused - k.TargetsRefused; got != tc.refused {
+				t.Errorf("TargetsRefused went up by %d, want %d", got, tc.refused)
+			}
 			o, ok := c.Offer("dev-a")
 			if tc.offered == "" && ok {
 				t.Errorf("offered %s after the attack, want nothing", o.Version)

@@ -314,6 +314,18 @@ func (tw *transferWriter) Write(p []byte) (int, error) {
 // Unwrap lets http.ResponseController reach the connection's writer.
 func (tw *transferWriter) Unwrap() http.ResponseWriter { return tw.ResponseWriter }
 
+// StatusReportRefused counts a device status report refused with err in
+// Counters.StatusRefused, for a transport that takes reports itself (the
+// gateway's MQTT mirror calls ReportStatus). A report refused because it
+// could not be stored (the gateway's fault, not the device's) is not
+// counted: err wraps errStatusNotStored then.
+func (c *Cache) StatusReportRefused(err error) {
+	if err == nil || errors.Is(err, errStatusNotStored) {
+		return
+	}
+	c.count(func(k *Counters) { k.StatusRefused++ })
+}
+
 // MaxStatusReport bounds a status report's body (ServeCoAPStatus reads no
 // more of it).
 const MaxStatusReport = 2048
@@ -323,11 +335,13 @@ const MaxStatusReport = 2048
 // from the download-only /fw/ tree (suggested path: /fw-status).
 func (c *Cache) ServeCoAPStatus(w mux.ResponseWriter, r *mux.Message, device string) {
 	if r.Code() != codes.POST && r.Code() != codes.PUT {
+		c.StatusReportRefused(errors.New("status reports: POST or PUT"))
 		_ = w.SetResponse(codes.MethodNotAllowed, message.TextPlain, strings.NewReader("status reports: POST or PUT"))
 		return
 	}
 	body, err := io.ReadAll(io.LimitReader(r.Body(), MaxStatusReport))
 	if err != nil {
+		c.StatusReportRefused(err)
 		_ = w.SetResponse(codes.BadRequest, message.TextPlain, strings.NewReader("unreadable payload"))
 		return
 	}
@@ -341,6 +355,7 @@ func (c *Cache) ServeCoAPStatus(w mux.ResponseWriter, r *mux.Message, device str
 		return
 	}
 	if err != nil {
+		c.StatusReportRefused(err)
 		c.log.Info("status report refused", "device", device, "reason", err)
 		_ = w.SetResponse(codes.BadRequest, message.TextPlain, strings.NewReader(err.Error()))
 		return

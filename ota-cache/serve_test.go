@@ -307,6 +307,18 @@ func TestCoAPSGoDevice(t *testing.T) {
 	if st := f.cache.DeviceStatuses()["dev-a"]; st.State != StateVerified || st.SHA256 != o.SHA256 {
 		t.Errorf("gateway kept status %+v", st)
 	}
+	// A report the gateway refuses is answered 4.00 and counted for the
+	// metrics; the good one before it was not.
+	if n := f.cache.Status().Counters.StatusRefused; n != 0 {
+		t.Errorf("StatusRefused = %d after a good report, want 0", n)
+	}
+	code, _, err := codeBody(co.Post(ctx, "/fw-status", message.AppJSON, strings.NewReader(`{"state":"rebooting"}`)))
+	if err != nil || code != codes.BadRequest {
+		t.Errorf("bad status report: %v %v, want 4.00", code, err)
+	}
+	if n := f.cache.Status().Counters.StatusRefused; n != 1 {
+		t.Errorf("StatusRefused = %d after a bad report, want 1", n)
+	}
 
 	// A device that runs something newer is not served the older image.
 	f.devices.set("dev-a", DeviceInfo{Class: classA, Version: "1.2"})
