@@ -128,8 +128,8 @@ func TestPairingSetupCodeHTTPS(t *testing.T) {
 	if ds, _ := g.g.Devices().List(); len(ds) != 1 {
 		t.Errorf("devices after the replays = %d, want only the first", len(ds))
 	}
-	if !g.g.pairing.win.IsOpen() {
-		t.Error("a refused seal closed the window")
+	if st := g.g.pairing.win.State(); !st.Open || st.Failures != 1 || st.Enrolling != "acme-m1" {
+		t.Errorf("after a refused seal: open %v failures %d enrolling %q, want the device's attempt untouched", st.Open, st.Failures, st.Enrolling)
 	}
 }
 
@@ -307,5 +307,31 @@ func TestPairingSetupCodeHTTPSRelayRefused(t *testing.T) {
 	}
 	if ds, _ := g.g.Devices().List(); len(ds) != 0 {
 		t.Errorf("devices after the relay: %v", ds)
+	}
+}
+
+// A second device's hello over HTTPS while one is enrolling aborts the
+// window, as on CoAPS: the same window rules.
+func TestPairingSetupCodeHTTPSOverlap(t *testing.T) {
+	g := startESTPairing(t)
+	g.expect(t, "lamp", goodCode)
+	addr := g.openESTWindow(t)
+	hc := g.estClient(t)
+	hello := func(id string) int {
+		m, _ := (pairing.PAKEMessage{Type: pairing.MsgHello, ID: []byte(id)}).MarshalBinary()
+		st, _ := estPost(t, hc, addr, est.PathPAKE, id, m)
+		return st
+	}
+	if st := hello("acme-l1"); st != http.StatusOK {
+		t.Fatalf("first hello = %d, want 200", st)
+	}
+	if st := hello("intruder-9"); st != http.StatusForbidden {
+		t.Fatalf("second device's hello = %d, want 403", st)
+	}
+	if r := g.lastClose(t); r != pairing.ReasonSessionOverlap {
+		t.Fatalf("window closed for %q, want session overlap", r)
+	}
+	if al := g.audited(t, string(pairing.StepOverlapAlert)); len(al) != 1 {
+		t.Errorf("overlap alerts audited = %d, want 1", len(al))
 	}
 }

@@ -73,7 +73,14 @@ func TestPAKESealIssued(t *testing.T) {
 	}
 }
 
-func TestPAKEKeysRefuseShortKey(t *testing.T) {
+func TestNewPAKEKeys(t *testing.T) {
+	// One key per direction: a message can never pass as the other side's.
+	if k := pakeKeys(t, 1); bytes.Equal(k.device, k.gateway) {
+		t.Error("the device's and the gateway's MAC keys are the same")
+	}
+	if bytes.Equal(pakeKeys(t, 1).device, pakeKeys(t, 2).device) {
+		t.Error("two exchanges' keys give the same MAC key")
+	}
 	if _, err := NewPAKEKeys(make([]byte, 16)); err == nil {
 		t.Error("16-byte key accepted")
 	}
