@@ -21,12 +21,13 @@ import (
 	"github.com/bastion-iot/bastion/pki/est"
 )
 
-// EST over HTTPS (RFC 7030) for MQTT-only devices that carry an IDevID:
-// GET /.well-known/est/cacerts and POST /.well-known/est/simpleenroll on
-// pairing.est_listen. The listener exists only while a pairing window is
-// open (and only then is its port in the firewall policy); the TLS client
-// certificate must chain to a configured vendor root. Setup-code devices
-// enroll over CoAPS: Go's TLS has no PSK mode to carry the PAKE's key.
+// EST over HTTPS (RFC 7030) for MQTT-only devices on pairing.est_listen.
+// The listener exists only while a pairing window is open (and only then
+// is its port in the firewall policy). IDevID devices: GET
+// /.well-known/est/cacerts and POST /.well-known/est/simpleenroll, the TLS
+// client certificate chaining to a configured vendor root. Setup-code
+// devices present no client certificate and run SPAKE2+ in the requests
+// themselves (pairing_pake_https.go).
 
 const (
 	estCACertsPath = "/.well-known/est/cacerts"
@@ -135,6 +136,11 @@ func (p *pairingSvc) listenEST() (net.Listener, error) {
 	// claimed id and error cut.
 	caErr := errors.New("not a manufacturer certificate of a configured vendor")
 	verify := func(raw [][]byte, _ [][]*x509.Certificate) error {
+		if len(raw) == 0 {
+			// A setup-code device: it proves itself with the PAKE, and
+			// simpleenroll refuses a request without a certificate.
+			return nil
+		}
 		dev, err := p.verifyIDevID(raw, caErr)
 		var reason string
 		switch {
@@ -149,7 +155,7 @@ func (p *pairingSvc) listenEST() (net.Listener, error) {
 		}
 		return p.estRefusals.cert(reason, hub.ClaimedDevice(raw), err)
 	}
-	ln, err := tls.Listen("tcp", listen, pki.TLSServer(p.estCert, tls.RequireAnyClientCert, verify))
+	ln, err := tls.Listen("tcp", listen, pki.TLSServer(p.estCert, tls.RequestClientCert, verify))
 	if err != nil {
 		return nil, fmt.Errorf("pairing.est_listen %s: %w", listen, err)
 	}
@@ -226,6 +232,8 @@ func (p *pairingSvc) estHandler() http.Handler {
 		writeBase64(w, "application/pkcs7-mime", der)
 	})
 	mux.HandleFunc("POST "+estEnrollPath, p.estSimpleEnroll)
+	mux.HandleFunc("POST "+est.PathPAKE, p.estPAKE)
+	mux.HandleFunc("POST "+est.PathPAKEEnroll, p.estPAKEEnroll)
 	return mux
 }
 

@@ -19,6 +19,7 @@ import (
 
 const pairUsage = `usage:
   devicesim pair --code CODE --id ID [--psk] [--addr HOST:PSKPORT] --out CREDS   (setup code: SPAKE2+ then EST)
+  devicesim pair --https --code CODE --id ID --addr HOST:ESTPORT --out CREDS     (setup code over HTTPS, MQTT-only devices)
   devicesim pair --idevid CERT.pem --key KEY.pem --ca ROOT.pem [--addr HOST:PORT] --out CREDS
   devicesim press-button --fifo PATH [--hold 1.5s]   (dev gateway: STATE/button.fifo)
 
@@ -40,11 +41,13 @@ func runPair(args []string, stdout, stderr io.Writer) int {
 		out     = fs.String("out", "", "credentials file to write")
 		usePSK  = fs.Bool("psk", false, "ask for an operational PSK instead of a certificate (with --code)")
 		limit   = fs.Duration("limit", 30*time.Second, "give up after this long")
+		https   = fs.Bool("https", false, "pair over HTTPS on the gateway's pairing.est_listen (with --code; --addr required)")
 	)
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
-	if *out == "" || (*code == "") == (*idevid == "") || (*code != "" && *id == "") || (*idevid != "" && (*keyFile == "" || *caFile == "")) {
+	if *out == "" || (*code == "") == (*idevid == "") || (*code != "" && *id == "") || (*idevid != "" && (*keyFile == "" || *caFile == "")) ||
+		(*https && (*code == "" || *addr == "" || *usePSK)) {
 		fs.Usage()
 		return 2
 	}
@@ -54,7 +57,9 @@ func runPair(args []string, stdout, stderr io.Writer) int {
 	defer cancel()
 	var c devicesim.Creds
 	var err error
-	if *code != "" {
+	if *https {
+		c, err = devicesim.PairCodeHTTPS(ctx, *addr, *id, *code, devicesim.HTTPSOptions{})
+	} else if *code != "" {
 		if *addr == "" {
 			*addr = "127.0.0.1:5685"
 		}

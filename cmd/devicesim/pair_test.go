@@ -78,3 +78,46 @@ func TestPairCommand(t *testing.T) {
 		t.Errorf("press-button without --fifo: exit %d, want 2", rc)
 	}
 }
+
+// An MQTT-only device pairs with its setup code over HTTPS (pair --https)
+// and publishes over MQTT with the credentials pair wrote.
+func TestPairHTTPSCommand(t *testing.T) {
+	g := startGatewayWith(t, filepath.Join(t.TempDir(), "state"), func(c *config.Config) { c.Pairing.ESTListen = "127.0.0.1:0" })
+	dir := t.TempDir()
+	var out, errb bytes.Buffer
+	creds := filepath.Join(dir, "paired.json")
+	if rc := run([]string{"pair", "--https", "--code", "1234-5678-90", "--id", "sim-label-1", "--out", creds}, &out, &errb); rc != 2 {
+		t.Errorf("pair --https without --addr: exit %d, want 2", rc)
+	}
+	now := time.Now()
+	if _, err := g.Store().ExpectDevice(store.ExpectedDevice{Name: "sim-meter", Code: "1234-5678-90", Created: now, Expires: now.Add(time.Hour), By: "test"}); err != nil {
+		t.Fatal(err)
+	}
+	fifo := filepath.Join(g.Config().StateDir, config.DevButtonFIFO)
+	if rc := run([]string{"press-button", "--fifo", fifo, "--hold", "1.5s"}, &out, &errb); rc != 0 {
+		t.Fatalf("press-button: exit %d: %s", rc, errb.String())
+	}
+	var est string
+	for i := 0; i < 500 && est == ""; i++ {
+		est, _ = g.Status().Components["pairing"].(map[string]any)["est_https"].(string)
+		if est == "" {
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	if est == "" {
+		t.Fatal("EST over HTTPS did not open with the window within 5s")
+	}
+	pair := []string{"pair", "--https", "--code", "1234-5678-90", "--id", "sim-label-1", "--addr", est, "--out", creds, "--limit", "20s"}
+	if rc := run(pair, &out, &errb); rc != 0 || !strings.Contains(out.String(), "paired: device ") {
+		t.Fatalf("pair --https: exit %d, out %q, err %q", rc, out.String(), errb.String())
+	}
+	checkSecret(t, creds, `"ca_pem"`)
+	errb.Reset()
+	if rc := run([]string{"--mqtt", "--creds", creds, "--addr", g.Addrs()["mqtts"], "publish", "temp", "21"}, &out, &errb); rc != 0 {
+		t.Errorf("MQTT publish with the credentials paired over HTTPS: exit %d: %s", rc, errb.String())
+	}
+	ds, _ := g.Devices().List()
+	if len(ds) != 1 || ds[0].Name != "sim-meter" {
+		t.Errorf("devices = %+v, want the one paired as sim-meter", ds)
+	}
+}
