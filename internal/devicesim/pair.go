@@ -179,15 +179,21 @@ func (c *CoAP) EnrollEST(ctx context.Context) (Creds, error) {
 	if err != nil {
 		return Creds{}, fmt.Errorf("est /sen answer: %w", err)
 	}
-	id, err := pki.DeviceIDOf(cert)
-	if err != nil {
-		return Creds{}, err
-	}
 	r, err = c.Do(ctx, codes.GET, est.PathCrts, nil, -1)
 	if err != nil || r.Code != codes.Content {
 		return Creds{}, fmt.Errorf("est /crts: %v %s %w", r.Code, r.Payload, err)
 	}
 	chain, err := est.ParseCertsOnly(r.Payload)
+	if err != nil {
+		return Creds{}, err
+	}
+	return certCreds(key, cert, chain)
+}
+
+// certCreds are the credentials of an enrolled certificate device: its
+// key, the certificate the gateway issued and the CA chain it sent.
+func certCreds(key *ecdsa.PrivateKey, cert *x509.Certificate, chain []*x509.Certificate) (Creds, error) {
+	id, err := pki.DeviceIDOf(cert)
 	if err != nil {
 		return Creds{}, err
 	}
@@ -282,18 +288,5 @@ func PairIDevIDHTTPS(ctx context.Context, baseURL string, idevid tls.Certificate
 	if err != nil {
 		return Creds{}, err
 	}
-	id, err := pki.DeviceIDOf(certs[0])
-	if err != nil {
-		return Creds{}, err
-	}
-	kb, err := x509.MarshalECPrivateKey(key)
-	if err != nil {
-		return Creds{}, err
-	}
-	var caPEM []byte
-	for _, ca := range chain {
-		caPEM = append(caPEM, pki.CertPEM(ca)...)
-	}
-	return Creds{ID: id, Name: id, Auth: "cert", CertPEM: string(pki.CertPEM(certs[0])), CAPEM: string(caPEM),
-		KeyPEM: string(pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kb}))}, nil
+	return certCreds(key, certs[0], chain)
 }

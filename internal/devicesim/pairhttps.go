@@ -9,7 +9,6 @@ import (
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
@@ -18,7 +17,6 @@ import (
 	"strings"
 
 	"github.com/bastion-iot/bastion/gateway/pairing"
-	"github.com/bastion-iot/bastion/pki"
 	"github.com/bastion-iot/bastion/pki/est"
 	"github.com/bastion-iot/bastion/pki/spake2plus"
 )
@@ -193,18 +191,5 @@ func credsFromIssued(key *ecdsa.PrivateKey, certDER, caDER []byte, peer []*x509.
 	if _, err := peer[0].Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}); err != nil {
 		return Creds{}, fmt.Errorf("the gateway's TLS certificate does not chain to the CA it sent: %w", err)
 	}
-	id, err := pki.DeviceIDOf(leaf)
-	if err != nil {
-		return Creds{}, err
-	}
-	kb, err := x509.MarshalECPrivateKey(key)
-	if err != nil {
-		return Creds{}, err
-	}
-	var caPEM []byte
-	for _, c := range chain {
-		caPEM = append(caPEM, pki.CertPEM(c)...)
-	}
-	return Creds{ID: id, Name: id, Auth: "cert", CertPEM: string(pki.CertPEM(leaf)), CAPEM: string(caPEM),
-		KeyPEM: string(pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kb}))}, nil
+	return certCreds(key, leaf, chain)
 }
