@@ -31,8 +31,9 @@ const (
 )
 
 // issueFunc is what a fake gateway answers to the device's CSR: the
-// device's certificate and the CA chain it claims.
-type issueFunc func(t *testing.T, csr *x509.CertificateRequest) (cert *x509.Certificate, chain []*x509.Certificate)
+// device's certificate and the CA chain it claims. It runs on the
+// server's goroutine: it returns errors, never calls t.Fatal.
+type issueFunc func(csr *x509.CertificateRequest) (cert *x509.Certificate, chain []*x509.Certificate, err error)
 
 // fakeGateway is a gateway that knows the device's setup code: it runs
 // the gateway's side of SPAKE2+ as the prover and seals its answer with
@@ -107,7 +108,12 @@ func fakeGateway(t *testing.T, tlsCA *testpki.CA, issue issueFunc) string {
 			http.Error(w, err.Error(), http.StatusBadRequest)
 			return
 		}
-		cert, chain := issue(t, csr)
+		cert, chain, err := issue(csr)
+		if err != nil {
+			t.Errorf("fake gateway: issue: %v", err)
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
 		certDER, err := est.EncodeCertsOnly([]*x509.Certificate{cert})
 		if err != nil {
 			t.Error(err)
@@ -147,24 +153,19 @@ func readAll(t *testing.T, r *http.Request) []byte {
 
 // deviceCert issues, under ca, a device certificate for pub naming the
 // test's device, as the gateway's CA would.
-func deviceCert(t *testing.T, ca *testpki.CA, pub any) *x509.Certificate {
-	t.Helper()
+func deviceCert(ca *testpki.CA, pub any) (*x509.Certificate, error) {
 	u, err := url.Parse(pki.DeviceURIPrefix + hostileDev)
 	if err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
 	tmpl := &x509.Certificate{SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: pkix.Name{CommonName: hostileDev},
 		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), URIs: []*url.URL{u},
 		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, pub, ca.Key)
 	if err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
-	c, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return c
+	return x509.ParseCertificate(der)
 }
 
 func pairHostile(t *testing.T, addr string) (Creds, error) {
@@ -178,8 +179,9 @@ func pairHostile(t *testing.T, addr string) (Creds, error) {
 // refusals below are the device's checks, not a broken fake.
 func TestPairCodeHTTPSHonestFake(t *testing.T) {
 	gwCA := testpki.New(t, t.TempDir(), "gateway")
-	addr := fakeGateway(t, gwCA, func(t *testing.T, csr *x509.CertificateRequest) (*x509.Certificate, []*x509.Certificate) {
-		return deviceCert(t, gwCA, csr.PublicKey), []*x509.Certificate{gwCA.Cert}
+	addr := fakeGateway(t, gwCA, func(csr *x509.CertificateRequest) (*x509.Certificate, []*x509.Certificate, error) {
+		c, err := deviceCert(gwCA, csr.PublicKey)
+		return c, []*x509.Certificate{gwCA.Cert}, err
 	})
 	c, err := pairHostile(t, addr)
 	if err != nil {
@@ -194,14 +196,15 @@ func TestPairCodeHTTPSHonestFake(t *testing.T) {
 // own (one whose private key it keeps) is refused.
 func TestPairCodeHTTPSRefusesCertForAnotherKey(t *testing.T) {
 	gwCA := testpki.New(t, t.TempDir(), "gateway")
-	addr := fakeGateway(t, gwCA, func(t *testing.T, _ *x509.CertificateRequest) (*x509.Certificate, []*x509.Certificate) {
-		other, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return deviceCert(t, gwCA, &other.PublicKey), []*x509.Certificate{gwCA.Cert}
+	other, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := fakeGateway(t, gwCA, func(*x509.CertificateRequest) (*x509.Certificate, []*x509.Certificate, error) {
+		c, err := deviceCert(gwCA, &other.PublicKey)
+		return c, []*x509.Certificate{gwCA.Cert}, err
 	})
-	_, err := pairHostile(t, addr)
+	_, err = pairHostile(t, addr)
 	if err == nil || !strings.Contains(err.Error(), "not for this device's key") {
 		t.Fatalf("certificate for another key: err = %v, want refused as not for this device's key", err)
 	}
@@ -212,8 +215,9 @@ func TestPairCodeHTTPSRefusesCertForAnotherKey(t *testing.T) {
 func TestPairCodeHTTPSRefusesCertNotUnderSentCA(t *testing.T) {
 	gwCA := testpki.New(t, t.TempDir(), "gateway")
 	other := testpki.New(t, t.TempDir(), "other")
-	addr := fakeGateway(t, gwCA, func(t *testing.T, csr *x509.CertificateRequest) (*x509.Certificate, []*x509.Certificate) {
-		return deviceCert(t, other, csr.PublicKey), []*x509.Certificate{gwCA.Cert}
+	addr := fakeGateway(t, gwCA, func(csr *x509.CertificateRequest) (*x509.Certificate, []*x509.Certificate, error) {
+		c, err := deviceCert(other, csr.PublicKey)
+		return c, []*x509.Certificate{gwCA.Cert}, err
 	})
 	_, err := pairHostile(t, addr)
 	if err == nil || !strings.Contains(err.Error(), "does not chain to the CA sent with it") {
@@ -228,8 +232,9 @@ func TestPairCodeHTTPSRefusesCertNotUnderSentCA(t *testing.T) {
 func TestPairCodeHTTPSRefusesCANotMatchingTLS(t *testing.T) {
 	gwCA := testpki.New(t, t.TempDir(), "gateway")
 	other := testpki.New(t, t.TempDir(), "other")
-	addr := fakeGateway(t, gwCA, func(t *testing.T, csr *x509.CertificateRequest) (*x509.Certificate, []*x509.Certificate) {
-		return deviceCert(t, other, csr.PublicKey), []*x509.Certificate{other.Cert}
+	addr := fakeGateway(t, gwCA, func(csr *x509.CertificateRequest) (*x509.Certificate, []*x509.Certificate, error) {
+		c, err := deviceCert(other, csr.PublicKey)
+		return c, []*x509.Certificate{other.Cert}, err
 	})
 	_, err := pairHostile(t, addr)
 	if err == nil || !strings.Contains(err.Error(), "TLS certificate does not chain to the CA it sent") {
