@@ -58,8 +58,26 @@ func (p pipeSession) SetReadHandler(h func([]byte, error)) error {
 	return nil
 }
 
-// Sessions one after another are served by the goroutine the first one
-// started, not by a new goroutine each (whose stack would grow again).
+// acceptCounter is a pipeListener that reports each entry into Accept, so
+// that a test can wait for a worker to be back waiting.
+type acceptCounter struct {
+	*pipeListener
+	entered chan struct{}
+}
+
+func (l acceptCounter) AcceptWithContext(ctx context.Context) (net.Conn, error) {
+	l.entered <- struct{}{}
+	return l.pipeListener.AcceptWithContext(ctx)
+}
+
+// Sessions one after another are served by the goroutines the first one
+// started (its own and the one it started to wait in Accept meanwhile),
+// not by a new goroutine each (whose stack would grow again). The test
+// waits for the worker that served a session to be back in Accept before
+// the next connection arrives: otherwise the worker waiting there takes
+// it, finds itself the last one waiting and rightly starts another so
+// that one always waits (a third goroutine under load, once in about 100
+// runs). Only a worker that never came back would start one per session.
 func TestServeDTLSReusesSessionGoroutines(t *testing.T) {
 	opened, ended := make(chan struct{}, 1), make(chan struct{}, 1)
 	cfg := &DTLSServeConfig{
@@ -72,35 +90,42 @@ func TestServeDTLSReusesSessionGoroutines(t *testing.T) {
 		},
 	}
 	srv := newDTLSServer(cfg)
-	l := &pipeListener{conns: make(chan net.Conn), closed: make(chan struct{})}
+	const sessions = 10
+	// Every entry into Accept fits: the first worker's, then per session
+	// at most a started one's and the serving one's return.
+	l := acceptCounter{&pipeListener{conns: make(chan net.Conn), closed: make(chan struct{})}, make(chan struct{}, 2*sessions+1)}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- srv.serve(ctx, l) }()
-	const sessions = 10
 	wait := func(c chan struct{}, what string) {
 		t.Helper()
 		select {
 		case <-c:
 		case <-time.After(10 * time.Second):
-			t.Fatalf("no session %s within 10 s", what)
+			t.Fatalf("no %s within 10 s", what)
 		}
 	}
-	for range sessions {
+	wait(l.entered, "worker in Accept")
+	for i := range sessions {
 		client, server := net.Pipe()
 		l.conns <- pipeSession{server}
-		wait(opened, "opened")
+		wait(opened, "session opened")
 		client.Close()
-		wait(ended, "ended")
+		wait(ended, "session ended")
+		// Each worker that entered Accept before this session's has left
+		// it for this one or waits still: the one that served it comes
+		// back, and after the first session the one it started waits too.
+		if i == 0 {
+			wait(l.entered, "second worker in Accept")
+		}
+		wait(l.entered, "serving worker back in Accept")
 	}
 	cancel()
 	if err := <-done; err != nil {
 		t.Fatal(err)
 	}
-	// The worker is back waiting a few instructions after its session's
-	// close functions ran, long before the next connection arrives; one
-	// more start is tolerated for a scheduler that is slow in between.
-	if n := srv.started.Load(); n > 2 {
-		t.Errorf("goroutines started for %d sessions one after another: %d, want 1 (at most 2)", sessions, n)
+	if n := srv.started.Load(); n != 2 {
+		t.Errorf("goroutines started for %d sessions one after another: %d, want 2 (the first and the one it left waiting in Accept)", sessions, n)
 	}
 }
 

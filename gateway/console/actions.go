@@ -189,7 +189,8 @@ func (h *Handler) doSetup(ctx context.Context, w http.ResponseWriter, r *http.Re
 
 // doRecover sets a password with a recovery code from the box (bastionctl
 // as root, or the pairing button held 10 s, shown on the box): the account is created as admin if it does not exist, all its
-// sessions end, its API tokens are deleted and its lockout is lifted.
+// sessions end, its API tokens are deleted, and its failures and those of
+// the recovering address are forgotten.
 func (h *Handler) doRecover(ctx context.Context, r *http.Request, in setupInput) error {
 	now, src := h.o.Now(), remoteIP(r)
 	if until := h.thr.LockedUntil(now, prefixed("recover:", sourceKeys(src))...); !until.IsZero() {
@@ -235,7 +236,12 @@ func (h *Handler) doRecover(ctx context.Context, r *http.Request, in setupInput)
 	if err != nil {
 		return storeFailed(err, "Recovery of %q stopped: setup is closed, but setting the password and ending the account's sessions and API tokens failed (%v); %s.", user, err, unchanged)
 	}
-	h.thr.Reset("u:" + user)
+	// The code proves presence at the box, so the recovering address is
+	// the owner's: its failures go too, or a typo made while someone
+	// held the account's lockout would keep the owner refused from it
+	// (the user's lockout refuses an address that has failed) for 24 h.
+	// Not its /64's: a guesser on the same prefix shares that.
+	h.thr.Reset("u:"+user, "s:"+src)
 	h.audit(ctx, Actor{Name: user, Remote: src}, "console.recover", user,
 		fmt.Sprintf("password set with the recovery code; sessions ended, %d API token(s) deleted", tokens))
 	h.flushRefusalAudit(ctx, "recovery")
