@@ -14,7 +14,6 @@ import (
 	"github.com/bastion-iot/bastion/bridges/upstream"
 	"github.com/bastion-iot/bastion/firewall"
 	"github.com/bastion-iot/bastion/gateway/console"
-	"github.com/bastion-iot/bastion/gateway/store"
 )
 
 // wireConsole gives the console the parts that exist in this gateway.
@@ -39,7 +38,7 @@ func (g *Gateway) wireConsole() {
 			g.log.Error("the privacy opt-outs are not in force in the upstream link's forwarding rules", "err", err)
 		}
 	}
-	c.RulesChanged = func([]store.ForwardRule) error {
+	c.RulesChanged = func() error {
 		if err := g.applyForwardRules(); err != nil {
 			g.log.Error("forwarding rules from the console are not in force in the upstream link", "err", err)
 			return err
