@@ -581,36 +581,46 @@ func TestEraseStoppedIsAudited(t *testing.T) {
 // decode is listed on the upstream page by its id, with a button that
 // deletes it, beside the rules that decode; the API's list names it too.
 // Before, the page answered "internal error" and the operator could not
-// see which record to delete.
+// see which record to delete. So is a record that decodes but whose id is
+// empty or not its key: it was listed as a rule with a Delete button for
+// its id, which deleted nothing.
 func TestUnreadableRuleShownWithItsID(t *testing.T) {
-	_, srv := handlerWithRuleRecord(t, "r99", "{not json")
-	c, tok := setUpAdmin(t, srv)
-	read := func(method, path string) (int, string) {
-		t.Helper()
-		req, _ := http.NewRequest(method, srv.URL+path, nil)
-		req.Header.Set("X-CSRF-Token", tok)
-		res, err := c.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer res.Body.Close()
-		b, _ := io.ReadAll(res.Body)
-		return res.StatusCode, string(b)
-	}
-	code, page := read("GET", "/upstream")
-	for _, want := range []string{`record <code>r99</code>`, `action="/upstream/rules/r99/delete"`, `forwarding rule record &#34;r99&#34; in the store does not decode`, "/t/kept</code>"} {
-		if code != http.StatusOK || !strings.Contains(page, want) {
-			t.Errorf("upstream page: %d, want 200 showing %q:\n%s", code, want, page)
-		}
-	}
-	if code, body := read("GET", "/api/v1/upstream/rules"); code != http.StatusInternalServerError || !strings.Contains(body, `\"r99\"`) {
-		t.Errorf("GET /api/v1/upstream/rules: %d %s; want 500 naming r99", code, body)
-	}
-	if code, body := read("DELETE", "/api/v1/upstream/rules/r99"); code >= 300 {
-		t.Fatalf("delete r99: %d %s", code, body)
-	}
-	if code, body := read("GET", "/api/v1/upstream/rules"); code != http.StatusOK || !strings.Contains(body, "devices/+/t/kept") {
-		t.Errorf("GET /api/v1/upstream/rules after deleting r99: %d %s; want 200 with the rule kept", code, body)
+	for name, raw := range map[string]string{
+		"not json":   "{not json",
+		"empty id":   `{"id":"","topic":"devices/+/t/x","action":"local"}`,
+		"another id": `{"id":"r7","topic":"devices/+/t/x","action":"local"}`,
+	} {
+		t.Run(name, func(t *testing.T) {
+			_, srv := handlerWithRuleRecord(t, "r99", raw)
+			c, tok := setUpAdmin(t, srv)
+			read := func(method, path string) (int, string) {
+				t.Helper()
+				req, _ := http.NewRequest(method, srv.URL+path, nil)
+				req.Header.Set("X-CSRF-Token", tok)
+				res, err := c.Do(req)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer res.Body.Close()
+				b, _ := io.ReadAll(res.Body)
+				return res.StatusCode, string(b)
+			}
+			code, page := read("GET", "/upstream")
+			for _, want := range []string{`record <code>r99</code>`, `action="/upstream/rules/r99/delete"`, `forwarding rule record &#34;r99&#34; in the store does not decode`, "/t/kept</code>"} {
+				if code != http.StatusOK || !strings.Contains(page, want) {
+					t.Errorf("upstream page: %d, want 200 showing %q:\n%s", code, want, page)
+				}
+			}
+			if code, body := read("GET", "/api/v1/upstream/rules"); code != http.StatusInternalServerError || !strings.Contains(body, `\"r99\"`) {
+				t.Errorf("GET /api/v1/upstream/rules: %d %s; want 500 naming r99", code, body)
+			}
+			if code, body := read("DELETE", "/api/v1/upstream/rules/r99"); code >= 300 {
+				t.Fatalf("delete r99: %d %s", code, body)
+			}
+			if code, body := read("GET", "/api/v1/upstream/rules"); code != http.StatusOK || !strings.Contains(body, "devices/+/t/kept") || strings.Contains(body, "devices/+/t/x") {
+				t.Errorf("GET /api/v1/upstream/rules after deleting r99: %d %s; want 200 with the rule kept alone", code, body)
+			}
+		})
 	}
 }
 
