@@ -14,7 +14,6 @@ import (
 	"github.com/bastion-iot/bastion/bridges/upstream"
 	"github.com/bastion-iot/bastion/firewall"
 	"github.com/bastion-iot/bastion/gateway/console"
-	"github.com/bastion-iot/bastion/gateway/store"
 )
 
 // wireConsole gives the console the parts that exist in this gateway.
@@ -39,7 +38,7 @@ func (g *Gateway) wireConsole() {
 			g.log.Error("the privacy opt-outs are not in force in the upstream link's forwarding rules", "err", err)
 		}
 	}
-	c.RulesChanged = func([]store.ForwardRule) error {
+	c.RulesChanged = func() error {
 		if err := g.applyForwardRules(); err != nil {
 			g.log.Error("forwarding rules from the console are not in force in the upstream link", "err", err)
 			return err
@@ -157,17 +156,42 @@ func (f consoleFirewall) Show(ctx context.Context) (console.Report, error) {
 		}
 		r.Sections = append(r.Sections, console.Section{Title: "Live rules", Pre: live})
 		var drift [][]string
-		for _, e := range g.fw.Drift() {
+		events := g.fw.Drift()
+		for _, e := range events {
 			drift = append(drift, []string{e.Time.UTC().Format(time.RFC3339), e.Family.String(), driftText(e)})
 		}
 		r.Sections = append(r.Sections, console.Section{
 			Title:  fmt.Sprintf("Drift events (rules changed by something else, newest first; the last %d since start, all in the audit log as firewall.drift)", firewall.DriftHistory),
 			Header: []string{"time", "family", "what"}, Table: drift,
+			Alarm: repairFailedAlarm(events),
 		})
 	} else if plan, err := g.firewallPlan(ctx); err == nil {
 		r.Sections = append(r.Sections, console.Section{Title: "Plan (not applied: firewall.manage is false)", Pre: plan})
 	}
 	return r, nil
+}
+
+// repairFailedAlarm is the firewall's alarm while the newest drift event of
+// a family (events newest first) is a failed repair: that family's rules
+// still differ from the policy, and may let in what it does not, until a
+// later reconcile repairs them. A failed repair was only logged and
+// listed, and the dashboard showed nothing.
+func repairFailedAlarm(events []firewall.DriftEvent) string {
+	var failed []string
+	seen := map[firewall.Family]bool{}
+	for _, e := range events {
+		if seen[e.Family] {
+			continue
+		}
+		seen[e.Family] = true
+		if e.Err != "" {
+			failed = append(failed, fmt.Sprintf("%s at %s (%s)", e.Family, e.Time.UTC().Format(time.RFC3339), e.Err))
+		}
+	}
+	if len(failed) == 0 {
+		return ""
+	}
+	return "the last repair of drifted rules failed (" + strings.Join(failed, "; ") + "): those rules differ from the policy and may let in what it does not; the firewall tries again at each check, and this clears once a repair succeeds (the log's \"firewall reconcile failed\" says why it fails)"
 }
 
 type consoleUpstream struct{ g *Gateway }

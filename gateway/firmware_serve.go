@@ -375,8 +375,14 @@ func (g *Gateway) firmwareStatusMirror(m bridges.Message) bool {
 	if err == nil {
 		err = g.firmware.ReportStatus(m.Device, st)
 	}
-	if err != nil {
-		g.firmware.StatusReportRefused(err)
+	// Counted as a refusal only when it is the device's (the cache
+	// decides); one taken but not stored is the gateway's disk, and it
+	// was logged as refused.
+	g.firmware.StatusReportRefused(err)
+	switch {
+	case otacache.StatusNotStored(err):
+		g.log.Error("firmware: mqtt status report taken but not stored (the gateway's store failed); shown, and stored with the device's next report", "device", m.Device, "err", err)
+	case err != nil:
 		g.log.Info("firmware: mqtt status report refused", "device", m.Device, "err", err)
 	}
 	return false

@@ -22,6 +22,12 @@ type StatusStore interface {
 // bad request: the device did nothing wrong).
 var errStatusNotStored = errors.New("status report not stored")
 
+// StatusNotStored reports whether err, from ReportStatus, says the report
+// was taken (it is shown, and written with the device's next report) but
+// could not be stored: the gateway's fault, not the device's. A transport
+// that takes reports itself logs it as such, not as a refusal.
+func StatusNotStored(err error) bool { return errors.Is(err, errStatusNotStored) }
+
 // sameReport reports whether two reports say the same thing (only the
 // arrival time differs): a device repeating itself costs no flash write.
 func (st DeviceStatus) sameReport(o DeviceStatus) bool {

@@ -354,26 +354,80 @@ func (u *Upstream) ListParked(ctx context.Context, max int) (Parked, error) {
 // was parked, and is as old as its retry: the main queue stamps it anew. With
 // the time its device sent it, a message parked for days would reach the
 // head of the queue beyond its age bound, which refuses every device's
-// messages while the oldest held one is too old. A full main queue stops it
-// with bridges.ErrQueueFull; what was not moved stays parked.
+// messages while the oldest held one is too old.
+//
+// A device whose message the main queue refuses (bridges.ErrQueueFull: the
+// device holds its share of the queue, or the queue is full) keeps that
+// message and its later ones parked, so that none overtakes it, and the
+// other devices' messages are still moved: one device over its share used
+// to stop the retry for every device. The error then says how many stay
+// parked, of which devices and why (a *RetryKept, wrapping each device's
+// refusal). Any other failure stops the retry; what was not moved stays
+// parked.
 func (u *Upstream) RetryParked(ctx context.Context) (int, error) {
-	n, err := u.drainParked(ctx, func(e queue.Entry) error {
+	n, kept, err := u.drainParked(ctx, func(e queue.Entry) error {
 		m, _, _ := splitParked(e.Message)
 		m.Received = time.Time{}
 		if err := u.q.Accept(ctx, m); err != nil {
 			return fmt.Errorf("upstream: retry parked seq %d from %s: %w", e.Seq, e.Device, err)
 		}
 		return nil
-	})
-	u.log.Info("upstream: parked messages moved back to the queue", "count", n, "err", err)
+	}, func(err error) bool { return errors.Is(err, bridges.ErrQueueFull) })
+	for _, k := range kept {
+		u.log.Warn("upstream: a device's parked messages stay parked: the main queue refused the first of them; retry once it has room for them", "device", k.Device, "count", k.Messages, "err", k.Err)
+	}
+	if len(kept) > 0 {
+		err = errors.Join(err, &RetryKept{Devices: kept})
+	}
+	u.log.Info("upstream: parked messages moved back to the queue", "count", n, "kept_devices", len(kept), "err", err)
 	u.retryStalled(n)
 	return n, err
+}
+
+// RetryKept is RetryParked's error when the main queue refused some
+// devices' parked messages: those stay parked, the others were moved.
+type RetryKept struct {
+	Devices []KeptDevice // in the order their first refusal came
+}
+
+// KeptDevice is one device whose parked messages a retry left parked.
+type KeptDevice struct {
+	Device   string
+	Messages int   // the refused one and its device's later parked messages
+	Err      error // the main queue's refusal of the first
+}
+
+func (e *RetryKept) Error() string {
+	n := 0
+	for _, k := range e.Devices {
+		n += k.Messages
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "upstream: %d parked messages of %d devices stay parked, the main queue refused them (the other devices' were moved; retry once it has room)", n, len(e.Devices))
+	// A full queue refuses every device: name a few, not thousands.
+	const named = 5
+	for i, k := range e.Devices {
+		if i == named {
+			fmt.Fprintf(&b, "; and %d more devices", len(e.Devices)-named)
+			break
+		}
+		fmt.Fprintf(&b, "; %s: %d (%v)", k.Device, k.Messages, k.Err)
+	}
+	return b.String()
+}
+
+func (e *RetryKept) Unwrap() []error {
+	errs := make([]error, len(e.Devices))
+	for i, k := range e.Devices {
+		errs[i] = k.Err
+	}
+	return errs
 }
 
 // DropParked deletes every parked message (an operator's decision: they are
 // gone) and returns how many.
 func (u *Upstream) DropParked(ctx context.Context) (int, error) {
-	n, err := u.drainParked(ctx, func(queue.Entry) error { return nil })
+	n, _, err := u.drainParked(ctx, func(queue.Entry) error { return nil }, nil)
 	u.log.Warn("upstream: parked messages dropped by the operator", "count", n, "err", err)
 	u.retryStalled(n)
 	return n, err
@@ -394,35 +448,51 @@ func (u *Upstream) retryStalled(n int) {
 	}
 }
 
-func (u *Upstream) drainParked(ctx context.Context, each func(queue.Entry) error) (int, error) {
+// drainParked calls each on the messages parked now, oldest first, and
+// deletes from the parking queue each that it returns nil for. An error
+// that refused reports true for keeps that message and every later one of
+// its device parked (kept), and the others go on; any other error stops it.
+func (u *Upstream) drainParked(ctx context.Context, each func(queue.Entry) error, refused func(error) bool) (int, []KeptDevice, error) {
 	p := u.parking.Load()
 	if p == nil {
-		return 0, ErrNoParking
+		return 0, nil, ErrNoParking
 	}
 	// Only what is parked now: a retried message refused again is parked
 	// again, after these, and must not be retried in the same call.
 	todo := p.Stats().Depth
 	var (
-		n     int
-		after uint64
+		n, seen int
+		after   uint64
+		kept    []KeptDevice
+		keptAt  = map[string]int{} // device → its index in kept
 	)
-	for ctx.Err() == nil && n < todo {
-		es, err := p.Held(after, min(64, todo-n))
+	for ctx.Err() == nil && seen < todo {
+		es, err := p.Held(after, min(64, todo-seen))
 		if err != nil || len(es) == 0 {
-			return n, err
+			return n, kept, err
 		}
 		for _, e := range es {
+			after = e.Seq
+			seen++
+			if i, ok := keptAt[e.Device]; ok {
+				kept[i].Messages++
+				continue
+			}
 			if err := each(e); err != nil {
-				return n, err
+				if refused == nil || !refused(err) {
+					return n, kept, err
+				}
+				keptAt[e.Device] = len(kept)
+				kept = append(kept, KeptDevice{Device: e.Device, Messages: 1, Err: err})
+				continue
 			}
 			if err := p.Ack(e.Seq); err != nil {
-				return n, fmt.Errorf("upstream: delete parked seq %d: %w", e.Seq, err)
+				return n, kept, fmt.Errorf("upstream: delete parked seq %d: %w", e.Seq, err)
 			}
-			after = e.Seq
 			n++
 		}
 	}
-	return n, ctx.Err()
+	return n, kept, ctx.Err()
 }
 
 // pubackReason is the text of a PUBACK failure reason.

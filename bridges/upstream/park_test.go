@@ -2,6 +2,8 @@ package upstream
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -13,6 +15,7 @@ import (
 	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/bridges/queue"
 	"github.com/bastion-iot/bastion/internal/testutil/mosquitto"
+	"github.com/google/go-cmp/cmp"
 )
 
 // startParking gives l a parking queue in dir.
@@ -419,5 +422,119 @@ func TestSplitParked(t *testing.T) {
 		if m.Topic != tc.topic || why != tc.why || from != tc.from {
 			t.Errorf("splitParked(%q) = %q, %q, %d; want %q, %q, %d", tc.stored, m.Topic, why, from, tc.topic, tc.why, tc.from)
 		}
+	}
+}
+
+// TestRetryParkedSkipsRefusedDevice: the main queue refuses one device's
+// parked messages (it holds its share of the queue) and takes the other
+// device's. The retry used to stop at the first refusal, leaving every
+// device's parked messages behind it. The refused device keeps all its
+// parked messages, in order (its later, smaller message fits but must not
+// overtake the refused one); the other device's are moved; the error says
+// which device keeps how many and why.
+func TestRetryParkedSkipsRefusedDevice(t *testing.T) {
+	ctx := context.Background()
+	q, err := queue.Open(t.TempDir(), queue.Options{MaxBytes: 1 << 20, MaxMessageBytes: 512, MaxDeviceBytes: 1024}, testLog(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { q.Close() })
+	u := gateLink(t, validConfig(), q)
+	p := startParkingQueue(t, t.TempDir())
+	u.SetParking(p)
+
+	// d1 fills its share with small messages, then one is delivered: room
+	// for one small message, not for a large one.
+	var filled []uint64
+	for i := 0; ; i++ {
+		if i == 100 {
+			t.Fatal("d1's share never filled")
+		}
+		err := q.Accept(ctx, telemetry("d1", 0))
+		if errors.Is(err, bridges.ErrQueueFull) {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	es, err := q.Held(0, 100)
+	if err != nil || len(es) < 2 {
+		t.Fatalf("Held: %d entries, %v", len(es), err)
+	}
+	for _, e := range es {
+		filled = append(filled, e.Seq)
+	}
+	if err := q.Ack(filled[0]); err != nil {
+		t.Fatal(err)
+	}
+
+	large := telemetry("d1", 1)
+	large.Payload = append(large.Payload, strings.Repeat(" ", 300)...)
+	parked := []bridges.Message{large, telemetry("d2", 1), telemetry("d1", 2), telemetry("d2", 2)}
+	for i, m := range parked {
+		m.Topic += fmt.Sprintf("\x00PUBACK reason 0x87 (not authorized)\x00%d", 1000+i)
+		if err := p.Accept(ctx, m); err != nil {
+			t.Fatal(err)
+		}
+	}
+	payloads := func(es []queue.Entry) []string {
+		var out []string
+		for _, e := range es {
+			out = append(out, e.Device+" "+string(e.Payload))
+		}
+		return out
+	}
+	want := func(ms ...bridges.Message) []string {
+		var out []string
+		for _, m := range ms {
+			out = append(out, m.Device+" "+string(m.Payload))
+		}
+		return out
+	}
+
+	n, err := u.RetryParked(ctx)
+	if n != 2 {
+		t.Errorf("RetryParked moved %d, want 2 (d2's)", n)
+	}
+	var kept *RetryKept
+	if !errors.As(err, &kept) || !errors.Is(err, bridges.ErrQueueFull) {
+		t.Fatalf("RetryParked error = %v; want a *RetryKept wrapping bridges.ErrQueueFull", err)
+	}
+	if len(kept.Devices) != 1 || kept.Devices[0].Device != "d1" || kept.Devices[0].Messages != 2 {
+		t.Errorf("kept = %+v; want d1 keeping 2", kept.Devices)
+	}
+	if !strings.Contains(err.Error(), "2 parked messages of 1 devices stay parked") || !strings.Contains(err.Error(), "d1: 2 (") {
+		t.Errorf("error %q does not say what stays parked", err)
+	}
+	left, err := p.Held(0, 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	gotLeft := payloads(left)
+	if diff := cmp.Diff(want(large, telemetry("d1", 2)), gotLeft); diff != "" {
+		t.Errorf("still parked (-want +got):\n%s", diff)
+	}
+	moved, err := q.Held(filled[len(filled)-1], 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(want(telemetry("d2", 1), telemetry("d2", 2)), payloads(moved)); diff != "" {
+		t.Errorf("moved to the main queue (-want +got):\n%s", diff)
+	}
+
+	// d1's messages delivered: its parked ones follow, in order.
+	if err := q.Ack(filled[1:]...); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := u.RetryParked(ctx); n != 2 || err != nil {
+		t.Fatalf("second RetryParked = %d, %v; want 2, nil", n, err)
+	}
+	moved, err = q.Held(filled[len(filled)-1], 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(want(telemetry("d2", 1), telemetry("d2", 2), large, telemetry("d1", 2)), payloads(moved)); diff != "" {
+		t.Errorf("main queue after the second retry (-want +got):\n%s", diff)
 	}
 }

@@ -667,22 +667,21 @@ func (h *Handler) putRule(ctx context.Context, p *principal, in ruleInput) (stor
 	return r, nil
 }
 
-// rulesChanged hands the saved rules to the upstream link. When that fails
-// the change is saved but not in force: the link still applies the previous
-// rules (which may forward what the user just made local), or holds (the
-// gateway could not read the privacy settings back): the user must know,
-// and the answer says so, with what applies instead, rather than the usual
-// success.
+// rulesChanged has the upstream link put the saved rules in force. When
+// that fails the change is saved but not in force: the link still applies
+// the previous rules (which may forward what the user just made local), or
+// holds (the gateway could not read the privacy settings back): the user
+// must know, and the answer says so, with what applies instead, rather than
+// the usual success. It is called also when the rules cannot be read back
+// (a record that does not decode): the gateway then puts the hold in force.
+// It read them here first and, failing, never told the gateway, which left
+// the link on the rules it had before.
 func (h *Handler) rulesChanged() error {
 	f := h.c().RulesChanged
 	if f == nil {
 		return nil
 	}
-	rs, err := h.o.Store.ForwardRules()
-	if err == nil {
-		err = f(rs)
-	}
-	if err != nil {
+	if err := f(); err != nil {
 		return errf(http.StatusInternalServerError, "The change is saved, but it is not in force: %v. Fix the cause, then save or delete a rule to apply the rules again.", err)
 	}
 	return nil

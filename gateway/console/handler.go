@@ -82,10 +82,12 @@ type Components struct {
 	Firewall Firewall
 	Upstream Upstream
 	Traffic  Traffic
-	// RulesChanged, if set, gets the forwarding rules after every change
-	// (the upstream link can also just read store.ForwardRules). An error
-	// means the saved rules are not in force; the user is told.
-	RulesChanged func([]store.ForwardRule) error
+	// RulesChanged, if set, is called after every change of the forwarding
+	// rules, also when they cannot be read back; it reads them from the
+	// store and decides what applies (the gateway holds the link while they
+	// cannot be read). An error means the saved rules are not in force; the
+	// user is told.
+	RulesChanged func() error
 	// OptOutsChanged, if set, gets the privacy opt-outs after every change.
 	OptOutsChanged func(map[string]bool)
 }

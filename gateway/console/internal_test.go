@@ -16,6 +16,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -296,7 +297,7 @@ func TestSetupAndRecoveryOnlyWithTheirCode(t *testing.T) {
 // leaving the box.
 func TestRuleNotInForceIsReported(t *testing.T) {
 	h, srv, _ := newTestHandler(t)
-	h.SetComponents(Components{RulesChanged: func([]store.ForwardRule) error {
+	h.SetComponents(Components{RulesChanged: func() error {
 		return errors.New("upstream forwarding rules refused: example")
 	}})
 	c, tok := setUpAdmin(t, srv)
@@ -327,7 +328,11 @@ func TestRulesAndOptOutChangesAreAnnounced(t *testing.T) {
 	var gotRules [][]string
 	var gotOff map[string]bool
 	h.SetComponents(Components{
-		RulesChanged: func(rs []store.ForwardRule) error {
+		RulesChanged: func() error {
+			rs, err := h.o.Store.ForwardRules()
+			if err != nil {
+				t.Error(err)
+			}
 			mu.Lock()
 			defer mu.Unlock()
 			var s []string
@@ -576,8 +581,55 @@ func TestEraseStoppedIsAudited(t *testing.T) {
 // decode is listed on the upstream page by its id, with a button that
 // deletes it, beside the rules that decode; the API's list names it too.
 // Before, the page answered "internal error" and the operator could not
-// see which record to delete.
+// see which record to delete. So is a record that decodes but whose id is
+// empty or not its key: it was listed as a rule with a Delete button for
+// its id, which deleted nothing.
 func TestUnreadableRuleShownWithItsID(t *testing.T) {
+	for name, raw := range map[string]string{
+		"not json":   "{not json",
+		"empty id":   `{"id":"","topic":"devices/+/t/x","action":"local"}`,
+		"another id": `{"id":"r7","topic":"devices/+/t/x","action":"local"}`,
+	} {
+		t.Run(name, func(t *testing.T) {
+			_, srv := handlerWithRuleRecord(t, "r99", raw)
+			c, tok := setUpAdmin(t, srv)
+			read := func(method, path string) (int, string) {
+				t.Helper()
+				req, _ := http.NewRequest(method, srv.URL+path, nil)
+				req.Header.Set("X-CSRF-Token", tok)
+				res, err := c.Do(req)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer res.Body.Close()
+				b, _ := io.ReadAll(res.Body)
+				return res.StatusCode, string(b)
+			}
+			code, page := read("GET", "/upstream")
+			for _, want := range []string{`record <code>r99</code>`, `action="/upstream/rules/r99/delete"`, `forwarding rule record &#34;r99&#34; in the store does not decode`, "/t/kept</code>"} {
+				if code != http.StatusOK || !strings.Contains(page, want) {
+					t.Errorf("upstream page: %d, want 200 showing %q:\n%s", code, want, page)
+				}
+			}
+			if code, body := read("GET", "/api/v1/upstream/rules"); code != http.StatusInternalServerError || !strings.Contains(body, `\"r99\"`) {
+				t.Errorf("GET /api/v1/upstream/rules: %d %s; want 500 naming r99", code, body)
+			}
+			if code, body := read("DELETE", "/api/v1/upstream/rules/r99"); code >= 300 {
+				t.Fatalf("delete r99: %d %s", code, body)
+			}
+			if code, body := read("GET", "/api/v1/upstream/rules"); code != http.StatusOK || !strings.Contains(body, "devices/+/t/kept") || strings.Contains(body, "devices/+/t/x") {
+				t.Errorf("GET /api/v1/upstream/rules after deleting r99: %d %s; want 200 with the rule kept alone", code, body)
+			}
+		})
+	}
+}
+
+// handlerWithRuleRecord serves a console whose store holds a forwarding
+// rule that decodes (devices/+/t/kept) and the record raw under key, put
+// there past the store's checks, as the disk's corruption or a hand's
+// edit would.
+func handlerWithRuleRecord(t *testing.T, key, raw string) (*Handler, *httptest.Server) {
+	t.Helper()
 	path := filepath.Join(t.TempDir(), "s.db")
 	st, err := store.Open(path)
 	if err != nil {
@@ -592,7 +644,7 @@ func TestUnreadableRuleShownWithItsID(t *testing.T) {
 		t.Fatal(err)
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
-		return tx.Bucket([]byte("forward_rules")).Put([]byte("r99"), []byte("{not json"))
+		return tx.Bucket([]byte("forward_rules")).Put([]byte(key), []byte(raw))
 	})
 	db.Close()
 	if err != nil {
@@ -609,32 +661,38 @@ func TestUnreadableRuleShownWithItsID(t *testing.T) {
 	}
 	srv := httptest.NewTLSServer(SecurityHeaders(h))
 	t.Cleanup(srv.Close)
+	return h, srv
+}
+
+// TestRulesChangedWhileUnreadable: with a forwarding rule record that does
+// not decode, saving or deleting another rule still tells the gateway,
+// which then puts the hold in force (here: says so), and the answer says
+// the change is not in force. The console read the rules back first and,
+// failing, never told the gateway: the link stayed on its previous rules,
+// which may forward what the saved rule keeps local.
+func TestRulesChangedWhileUnreadable(t *testing.T) {
+	h, srv := handlerWithRuleRecord(t, "r99", "{not json")
+	var calls atomic.Int32
+	h.SetComponents(Components{RulesChanged: func() error {
+		calls.Add(1)
+		return errors.New("the upstream link holds (example)")
+	}})
 	c, tok := setUpAdmin(t, srv)
-	read := func(method, path string) (int, string) {
-		t.Helper()
-		req, _ := http.NewRequest(method, srv.URL+path, nil)
-		req.Header.Set("X-CSRF-Token", tok)
-		res, err := c.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer res.Body.Close()
-		b, _ := io.ReadAll(res.Body)
-		return res.StatusCode, string(b)
+	code, body := post(t, c, srv.URL+"/api/v1/upstream/rules", `{"topic":"devices/+/t/a","action":"local"}`, "X-CSRF-Token", tok)
+	if n := calls.Load(); n != 1 {
+		t.Errorf("RulesChanged called %d times on saving a rule beside a bad record, want 1", n)
 	}
-	code, page := read("GET", "/upstream")
-	for _, want := range []string{`record <code>r99</code>`, `action="/upstream/rules/r99/delete"`, `forwarding rule record &#34;r99&#34; in the store does not decode`, "/t/kept</code>"} {
-		if code != http.StatusOK || !strings.Contains(page, want) {
-			t.Errorf("upstream page: %d, want 200 showing %q:\n%s", code, want, page)
-		}
+	if code != http.StatusInternalServerError || !strings.Contains(body, "it is not in force") || !strings.Contains(body, "holds (example)") {
+		t.Errorf("saving a rule beside a bad record: %d %s; want 500 saying it is not in force, with the gateway's reason", code, body)
 	}
-	if code, body := read("GET", "/api/v1/upstream/rules"); code != http.StatusInternalServerError || !strings.Contains(body, `\"r99\"`) {
-		t.Errorf("GET /api/v1/upstream/rules: %d %s; want 500 naming r99", code, body)
+	req, _ := http.NewRequest("DELETE", srv.URL+"/api/v1/upstream/rules/r1", nil)
+	req.Header.Set("X-CSRF-Token", tok)
+	res, err := c.Do(req)
+	if err != nil {
+		t.Fatal(err)
 	}
-	if code, body := read("DELETE", "/api/v1/upstream/rules/r99"); code >= 300 {
-		t.Fatalf("delete r99: %d %s", code, body)
-	}
-	if code, body := read("GET", "/api/v1/upstream/rules"); code != http.StatusOK || !strings.Contains(body, "devices/+/t/kept") {
-		t.Errorf("GET /api/v1/upstream/rules after deleting r99: %d %s; want 200 with the rule kept", code, body)
+	res.Body.Close()
+	if n := calls.Load(); n != 2 || res.StatusCode != http.StatusInternalServerError {
+		t.Errorf("deleting a rule beside a bad record: %d, RulesChanged called %d times in all; want 500, 2", res.StatusCode, n)
 	}
 }

@@ -415,10 +415,11 @@ func (s *Store) DeleteAPIToken(id, user string) error {
 
 // ForwardRules returns the upstream forwarding rules, by topic. The upstream
 // link reads them here; an empty list means nothing has been configured in
-// the console. A record that does not decode makes the rules unreadable
-// (the gateway then holds the link: one of them may keep a topic local): the
-// error, an *UnreadableRulesError, names the id of every such record, which
-// DeleteForwardRule removes, and the rules that decode come with it, for
+// the console. A record that does not decode as a rule (decodeRule) makes
+// the rules unreadable (the gateway then holds the link: one of them may
+// keep a topic local): the error, an *UnreadableRulesError, names the key
+// of every such record, which DeleteForwardRule removes, and the rules that
+// decode come with it, for
 // display. Before, the error was the JSON decoder's alone, and the console,
 // which lists the rules through this call, could show neither the rules
 // nor which record to delete.
@@ -427,8 +428,8 @@ func (s *Store) ForwardRules() ([]ForwardRule, error) {
 	var bad *UnreadableRulesError
 	err := s.view(bRules, func(b *bolt.Bucket) error {
 		return b.ForEach(func(k, v []byte) error {
-			var r ForwardRule
-			if err := json.Unmarshal(v, &r); err != nil {
+			r, err := decodeRule(k, v)
+			if err != nil {
 				if bad == nil {
 					bad = &UnreadableRulesError{Err: err}
 				}
@@ -449,12 +450,29 @@ func (s *Store) ForwardRules() ([]ForwardRule, error) {
 	return rs, err
 }
 
+// decodeRule decodes the forwarding rule record v stored under key k. A
+// record whose id is not its key (empty, or another: written by hand, or
+// copied) is not a rule either: the console deletes a rule by its id, so it
+// could show such a record but never delete it, and the link would apply it
+// for good.
+func decodeRule(k, v []byte) (ForwardRule, error) {
+	var r ForwardRule
+	if err := json.Unmarshal(v, &r); err != nil {
+		return r, err
+	}
+	if r.ID != string(k) {
+		return r, fmt.Errorf("its id is %q, not its key %q", r.ID, k)
+	}
+	return r, nil
+}
+
 // UnreadableRulesError is ForwardRules' error for records of the forwarding
-// rules that do not decode (the disk's corruption, or a record written by
-// hand): IDs are their keys, which DeleteForwardRule takes.
+// rules that do not decode as a rule (the disk's corruption, or a record
+// written by hand: see decodeRule): IDs are their keys, which
+// DeleteForwardRule takes.
 type UnreadableRulesError struct {
 	IDs []string
-	Err error // the first record's decoding error
+	Err error // why the first record does not decode
 }
 
 func (e *UnreadableRulesError) Error() string {
@@ -462,7 +480,7 @@ func (e *UnreadableRulesError) Error() string {
 	for i, id := range e.IDs {
 		ids[i] = strconv.Quote(id)
 	}
-	return fmt.Sprintf("forwarding rule record %s in the store does not decode (%v): delete it (console: Upstream, forwarding rules; or DELETE /api/v1/upstream/rules/{id}), then add the rule again",
+	return fmt.Sprintf("forwarding rule record %s in the store does not decode as a rule (%v): delete it (console: Upstream, forwarding rules; or DELETE /api/v1/upstream/rules/{id}), then add the rule again",
 		strings.Join(ids, ", "), e.Err)
 }
 
@@ -473,8 +491,9 @@ func (e *UnreadableRulesError) Unwrap() error { return e.Err }
 func (s *Store) PutForwardRule(r ForwardRule) (ForwardRule, error) {
 	err := s.update(bRules, func(b *bolt.Bucket) error {
 		b.ForEach(func(k, v []byte) error {
-			var x ForwardRule
-			if json.Unmarshal(v, &x) == nil && x.Topic == r.Topic && r.ID == "" {
+			// Only a rule replaces: a record whose id is not its key
+			// would have the new rule written under that id, beside it.
+			if x, err := decodeRule(k, v); err == nil && x.Topic == r.Topic && r.ID == "" {
 				r.ID = x.ID
 			}
 			return nil

@@ -338,3 +338,60 @@ func TestUnreadableRulesNamed(t *testing.T) {
 		t.Errorf("ForwardRules after the bad records were deleted: %+v, %v; want the one rule", rs, err)
 	}
 }
+
+// TestRuleWhoseIDIsNotItsKeyNamed: a rule record that decodes but whose id
+// is empty or not its key is named by its key, as an unreadable record:
+// the console deletes rules by id, and listed as a rule such a record had
+// a Delete that deleted nothing (or another rule), so it could never be
+// taken out, and the link applied it for good. A rule saved for its topic
+// is written under a key of its own, not under the record's id.
+func TestRuleWhoseIDIsNotItsKeyNamed(t *testing.T) {
+	s, _ := open(t)
+	kept, err := s.PutForwardRule(ForwardRule{Topic: "devices/+/t/a", Action: "forward"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for key, raw := range map[string]string{
+		"r98": `{"id":"","topic":"devices/+/t/x","action":"local"}`,
+		"r99": `{"id":"` + kept.ID + `","topic":"devices/+/t/y","action":"local"}`,
+	} {
+		if err := s.update(bRules, func(b *bolt.Bucket) error { return b.Put([]byte(key), []byte(raw)) }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	rs, err := s.ForwardRules()
+	var bad *UnreadableRulesError
+	if !errors.As(err, &bad) {
+		t.Fatalf("ForwardRules with records whose id is not their key: %v, want an *UnreadableRulesError", err)
+	}
+	if d := cmp.Diff([]string{"r98", "r99"}, bad.IDs); d != "" {
+		t.Errorf("bad ids (-want +got):\n%s", d)
+	}
+	if want := `record "r98", "r99" in the store does not decode as a rule (its id is "", not its key "r98")`; !strings.Contains(err.Error(), want) {
+		t.Errorf("error %q, want it to say %q", err, want)
+	}
+	if len(rs) != 1 || rs[0].ID != kept.ID {
+		t.Errorf("rules with the error: %+v, want %s alone", rs, kept.ID)
+	}
+	// r99 claims kept's id: a rule for its topic overwrote kept.
+	x, err := s.PutForwardRule(ForwardRule{Topic: "devices/+/t/y", Action: "forward"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if x.ID == kept.ID || x.ID == "r99" {
+		t.Errorf("a rule for the bad record's topic saved as %q, want a key of its own", x.ID)
+	}
+	for _, id := range bad.IDs {
+		if err := s.DeleteForwardRule(id); err != nil {
+			t.Fatalf("DeleteForwardRule(%s): %v", id, err)
+		}
+	}
+	rs, err = s.ForwardRules()
+	var got []string
+	for _, r := range rs {
+		got = append(got, r.ID+" "+r.Topic+" "+r.Action)
+	}
+	if d := cmp.Diff([]string{kept.ID + " devices/+/t/a forward", x.ID + " devices/+/t/y forward"}, got); err != nil || d != "" {
+		t.Errorf("ForwardRules after the bad records were deleted: %v (-want +got):\n%s", err, d)
+	}
+}
