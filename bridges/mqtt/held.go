@@ -46,6 +46,11 @@ func (s *Server) makeRoom(m bridges.Message) {
 		if held := cl.HeldBytes(); cl.State.Inflight.Len() >= int(s.cfg.MaxInflight) || held > 0 && held+need > s.cfg.MaxHeldBytes {
 			return // its session refuses m anyway: no room to make
 		}
+		if cl.Closed() && s.reachesAtQoS0(m) {
+			// A disconnected session keeps no QoS 0 copy: dropping other
+			// devices' held commands would make room for nothing.
+			return
+		}
 	}
 	s.roomMu.Lock()
 	defer s.roomMu.Unlock()
@@ -63,6 +68,17 @@ func (s *Server) makeRoom(m bridges.Message) {
 			"dropped", n, "dropped_bytes", size, "disconnected_at", time.Unix(c.stopped, 0).UTC(),
 			"held_bytes_all", s.mq.HeldBytes(), "limit_bytes_all", s.cfg.MaxHeldBytesTotal)
 	}
+}
+
+// reachesAtQoS0 reports whether command m would reach its device at QoS
+// 0: m is QoS 0, or the device's subscription that matches it is (the
+// broker sends at the lower of the two), or none matches.
+func (s *Server) reachesAtQoS0(m bridges.Message) bool {
+	if m.QoS == 0 {
+		return true
+	}
+	sub, ok := s.mq.Topics.Subscribers(m.Topic).Subscriptions[m.Device]
+	return !ok || sub.Qos == 0
 }
 
 // heldSession is a disconnected session that holds commands, and when its

@@ -250,3 +250,37 @@ func TestSortHeldOldestFirst(t *testing.T) {
 		t.Errorf("order (-want +got):\n%s", diff)
 	}
 }
+
+// TestQoS0CommandToDisconnectedEvictsNothing: with all sessions holding
+// as much as they may, a command that reaches a disconnected device at
+// QoS 0 (its subscription is QoS 0), which its session does not keep,
+// drops no other device's held commands to make room for nothing.
+func TestQoS0CommandToDisconnectedEvictsNothing(t *testing.T) {
+	const budget = 16 << 10
+	fit := int(budget / heldPer("off1"))
+	total := int64(fit)*heldPer("off1") + heldPer("q0")/2
+	r := newRigWith(t, queue.Options{}, Config{MaxHeldBytes: budget, MaxHeldBytesTotal: total}, nil)
+	r.leave(t, r.dialKept(t, "off1"))
+	for i := range fit {
+		if !r.command(t, "off1", i) {
+			t.Fatalf("command %d not held for the disconnected session of off1", i)
+		}
+	}
+	held := r.session(t, "off1").HeldBytes()
+	q0 := r.resume(t, "q0")
+	q0.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Subscribe, Qos: 1}, PacketID: 1,
+		Filters: packets.Subscriptions{{Filter: bridges.TopicPrefix("q0") + "c/#", Qos: 0}}})
+	if pk := q0.read(5 * time.Second); pk.FixedHeader.Type != packets.Suback {
+		t.Fatalf("got packet type %d, want the SUBACK", pk.FixedHeader.Type)
+	}
+	r.leave(t, q0)
+	for i := range 5 {
+		r.command(t, "q0", i)
+	}
+	if got := r.refusals(hub.ReasonCommandsEvicted); got != 0 {
+		t.Errorf("commands_evicted %v for commands a disconnected QoS 0 session does not keep, want 0", got)
+	}
+	if got := r.session(t, "off1").HeldBytes(); got != held {
+		t.Errorf("off1 holds %d bytes after commands to q0, want its %d", got, held)
+	}
+}

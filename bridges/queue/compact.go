@@ -252,8 +252,10 @@ func (q *Queue) compact() {
 // readMoved reads the records of es (held entries of h, in seq order, n
 // bytes in all) and returns them as moved records, back to back, without
 // their checksums (seal adds those of the segment they go to). Each must
-// decode as the message it is indexed as: a record that no longer does is
-// not copied (the reader drops it when it is due: see loseLocked).
+// decode as the message it is indexed as: a record that no longer does
+// fails the whole compaction (logged, tried again later), and the reader
+// drops that record at its first read (loseLocked): it is the oldest held
+// message, so that comes soon.
 // Entries next to each other are read together, as Next reads them.
 func (q *Queue) readMoved(h *segment, es []entry, n int64, raw bool) ([]byte, error) {
 	buf := make([]byte, 0, n)

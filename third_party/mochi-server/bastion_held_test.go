@@ -268,3 +268,45 @@ func TestBastionInflightOrder(t *testing.T) {
 	require.Equal(t, want, ids(in.Clone().GetAll(false)))
 	require.Equal(t, want, ids(in.cloneAndSeal().GetAll(false)))
 }
+
+// takeoverHook runs a takeover of the session it is told of, once, from
+// OnQosPublish: between the store of a message in the old client's
+// Inflight and the rest of publishToClient.
+type takeoverHook struct {
+	HookBase
+	s    *Server
+	once atomic.Bool
+	to   *Client
+}
+
+func (h *takeoverHook) ID() string           { return "takeover" }
+func (h *takeoverHook) Provides(b byte) bool { return b == OnQosPublish }
+func (h *takeoverHook) OnQosPublish(cl *Client, _ packets.Packet, _ int64, _ int) {
+	if h.once.CompareAndSwap(false, true) {
+		h.s.inheritClientSession(packets.Packet{}, h.to)
+	}
+}
+
+// TestBastionWaitingMessageTakeover (Bastion patch (23)): a QoS 1 message
+// to a client with no send quota left is stored waiting in one step. A
+// takeover right after the store (here from OnQosPublish) takes it with
+// the session; upstream then Set it again in the old client's Inflight,
+// cleared by the takeover, and the server counted its bytes for good.
+func TestBastionWaitingMessageTakeover(t *testing.T) {
+	s, _ := heldServer(t, 0, 0)
+	old := offlineClient(s, "dev", "a/#", 1)
+	old.State.Inflight.ResetSendQuota(1)
+	old.State.Inflight.DecreaseSendQuota()
+	require.Zero(t, atomic.LoadInt32(&old.State.Inflight.sendQuota))
+	h := &takeoverHook{s: s, to: s.NewClient(nil, "tcp", "dev", false)}
+	require.NoError(t, s.AddHook(h, nil))
+
+	_, err := s.PublishTaken("a/b", []byte("cmd"), false, 1)
+	require.NoError(t, err)
+	require.True(t, h.once.Load(), "the takeover did not run")
+	require.Zero(t, old.HeldBytes(), "the old client holds the message after the takeover")
+	require.Equal(t, h.to.HeldBytes(), s.HeldBytes(), "the server counts bytes no client holds")
+	msgs := h.to.State.Inflight.GetAll(false)
+	require.Len(t, msgs, 1)
+	require.Equal(t, int64(-1), msgs[0].Expiry, "the message does not wait for quota")
+}

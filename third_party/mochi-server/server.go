@@ -1235,6 +1235,16 @@ func (s *Server) publishToClient(cl *Client, sub packets.Subscription, pk packet
 
 		out.PacketID = uint16(i) // [MQTT-2.2.1-4]
 		sentQuota := atomic.LoadInt32(&cl.State.Inflight.sendQuota)
+		// Bastion patch (23): a message that must wait for the client's
+		// quota is stored waiting (Expiry -1) in the one locked step.
+		// Upstream stored it and then Set it again waiting: a takeover in
+		// between copied, cleared and sealed the old Inflight, and the
+		// second Set put the message back into it, its bytes counted in the
+		// server's held total for good.
+		waits := sentQuota == 0 && atomic.LoadInt32(&cl.State.Inflight.maximumSendQuota) > 0
+		if waits {
+			out.Expiry = -1
+		}
 
 		ok, sealed, full := cl.State.Inflight.setUnlessSealed(out, cl.heldLimit())
 		if sealed {
@@ -1251,9 +1261,7 @@ func (s *Server) publishToClient(cl *Client, sub packets.Subscription, pk packet
 			cl.State.Inflight.DecreaseSendQuota()
 		}
 
-		if sentQuota == 0 && atomic.LoadInt32(&cl.State.Inflight.maximumSendQuota) > 0 {
-			out.Expiry = -1
-			cl.State.Inflight.Set(out)
+		if waits {
 			return out, nil
 		}
 	}
