@@ -106,6 +106,10 @@ func TestLoadErrors(t *testing.T) {
 		"upstream loop":          {"upstream:\n  enabled: true\n  broker: mqtts://cloud:8883\n  ca_file: /ca\n  cert_file: /c\n  key_file: /k\n  uplink: [{local: \"devices/{id}/t/#\", remote: \"bastion/{gateway}/{id}/c/#\"}]\n", []string{"bad.yaml:7: upstream.uplink"}},
 		"downlinks overlap":      {"upstream:\n  enabled: true\n  broker: mqtts://cloud:8883\n  ca_file: /ca\n  cert_file: /c\n  key_file: /k\n  downlink:\n    - {remote: \"{prefix}/{gateway}/{id}/c/#\", local: \"devices/{id}/c/#\"}\n    - {remote: \"{prefix}/{gateway}/cmd/{id}/#\", local: \"devices/{id}/c/cmd/#\"}\n", []string{"bad.yaml:9: upstream.downlink[1].remote: \"{prefix}/{gateway}/cmd/{id}/#\" overlaps upstream.downlink[0].remote"}},
 		"upstream topic levels":  {"upstream:\n  enabled: true\n  broker: mqtts://cloud:8883\n  ca_file: /ca\n  cert_file: /c\n  key_file: /k\n  max_topic_levels: 3\n", []string{"bad.yaml:7: upstream.max_topic_levels: 3 is fewer than the 4 levels"}},
+		"upstream queue bytes":   {"upstream:\n  enabled: true\n  broker: mqtts://cloud:8883\n  ca_file: /ca\n  cert_file: /c\n  key_file: /k\n  queue_max_bytes: 1000\n", []string{"bad.yaml:7: upstream.queue_max_bytes: \"1000\" is below 1 MiB (1048576)"}},
+		"upstream parked bytes":  {"upstream:\n  enabled: true\n  broker: mqtts://cloud:8883\n  ca_file: /ca\n  cert_file: /c\n  key_file: /k\n  parked_max_bytes: 1000\n", []string{"bad.yaml:7: upstream.parked_max_bytes: \"1000\" is below 1 MiB (1048576)"}},
+		"upstream queue age":     {"upstream:\n  enabled: true\n  broker: mqtts://cloud:8883\n  ca_file: /ca\n  cert_file: /c\n  key_file: /k\n  queue_max_age: 30s\n", []string{"bad.yaml:7: upstream.queue_max_age: \"30s\" is shorter than 1m"}},
+		"upstream queue off":     {"upstream:\n  enabled: false\n  queue_max_bytes: 1000\n  parked_max_bytes: 1000\n  queue_max_age: 30s\n", nil}, // not forwarding: no queue to bound
 		"upstream bad key":       {"upstream:\n  brokr: x\n", []string{"bad.yaml:2: upstream.brokr: unknown key; accepted here: backoff_max, backoff_min, broker"}},
 		"memory limit small":     {"log:\n  level: info\nmemory_limit: 1000\n", []string{"bad.yaml:3: memory_limit: \"1000\" is below 32 MiB (33554432)"}},
 		"memory limit negative":  {"memory_limit: -2\n", []string{"bad.yaml:1: memory_limit: \"-2\" is below 32 MiB"}},
@@ -466,5 +470,32 @@ func TestFirmwareURLErrorsInOrder(t *testing.T) {
 		if err == nil || err.Error() != want {
 			t.Fatalf("load %d:\n got %v\nwant %s", i, err, want)
 		}
+	}
+}
+
+// TestDevListenDefaults: `bastiond --dev` is documented (README, devicesim's
+// defaults, docs) as listening on these loopback ports; a change here breaks
+// every developer's tools and must be made on purpose.
+func TestDevListenDefaults(t *testing.T) {
+	c := Dev(t.TempDir())
+	got := map[string]string{
+		"coap.listen":           c.CoAP.Listen,
+		"coap.psk_listen":       c.CoAP.PSKListen,
+		"mqtt.listen":           c.MQTT.Listen,
+		"console.listen":        c.Console.Listen,
+		"firmware.https_listen": c.Firmware.HTTPSListen,
+	}
+	want := map[string]string{
+		"coap.listen":           "127.0.0.1:5684",
+		"coap.psk_listen":       "127.0.0.1:5685",
+		"mqtt.listen":           "127.0.0.1:8883",
+		"console.listen":        "127.0.0.1:8443",
+		"firmware.https_listen": "127.0.0.1:8444",
+	}
+	if d := cmp.Diff(want, got); d != "" {
+		t.Errorf("dev listeners (-want +got):\n%s", d)
+	}
+	if err := c.Validate(); err != nil {
+		t.Errorf("the dev configuration does not validate: %v", err)
 	}
 }
