@@ -273,18 +273,63 @@ func (g *Gateway) loadConfig() (config.Config, []*config.Error, error) {
 	return config.LoadWithWarnings(g.configPath, config.Dev(abs))
 }
 
-// WriteConfigFile writes a commented configuration file (0600) atomically.
+// WriteConfigFile writes a commented configuration file (0600) atomically
+// and durably: after a power cut the path holds the old file or the whole
+// new one, never an empty or partial one. The new file's data is synced
+// before the rename (else the rename can reach the disk first, and ext4 or
+// f2fs can leave a zero-length file), and the directory after it (else the
+// rename itself can be lost).
 func WriteConfigFile(path string, c config.Config) error {
 	var b strings.Builder
 	if err := config.WriteCommented(&b, c); err != nil {
 		return err
 	}
 	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, []byte(b.String()), 0o600); err != nil {
+	if err := writeSynced(tmp, []byte(b.String()), 0o600); err != nil {
+		os.Remove(tmp)
 		return fmt.Errorf("write config %s: %w", path, err)
 	}
 	if err := os.Rename(tmp, path); err != nil {
+		os.Remove(tmp)
 		return fmt.Errorf("write config %s: %w", path, err)
+	}
+	if err := syncDir(filepath.Dir(path)); err != nil {
+		return fmt.Errorf("write config %s: the file is written but may not survive a power cut: %w", path, err)
+	}
+	return nil
+}
+
+// writeSynced writes data to a new file with mode perm and syncs it to disk
+// before closing it. A file left at name by an earlier write that stopped
+// half-way is replaced, not reused: reusing it would keep its mode.
+func writeSynced(name string, data []byte, perm os.FileMode) error {
+	if err := os.Remove(name); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	f, err := os.OpenFile(name, os.O_WRONLY|os.O_CREATE|os.O_EXCL, perm)
+	if err != nil {
+		return err
+	}
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return fmt.Errorf("sync %s: %w", name, err)
+	}
+	return f.Close()
+}
+
+// syncDir makes the renames in dir durable.
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("sync directory %s: %w", dir, err)
 	}
 	return nil
 }

@@ -645,8 +645,36 @@ func TestPairingIDevIDHTTPS(t *testing.T) {
 }
 
 // FuzzDecodeESTBody: RFC 7030 bodies (base64 DER, line breaks allowed),
-// seeded with real CSRs as devicesim encodes them.
+// seeded with real CSRs as devicesim encodes them and as OpenSSL makes
+// them (testdata/est, README there).
 func FuzzDecodeESTBody(f *testing.F) {
+	files, _ := filepath.Glob("testdata/est/*")
+	seeds := 0
+	for _, p := range files {
+		if strings.HasSuffix(p, ".md") {
+			continue
+		}
+		b, err := os.ReadFile(p)
+		if err != nil {
+			f.Fatal(err)
+		}
+		// The base64 captures are accepted CSRs: a seed that is not
+		// would seed only the refusal.
+		if strings.HasSuffix(p, ".b64") {
+			der, err := decodeESTBody(bytes.NewReader(b))
+			if err != nil {
+				f.Fatalf("%s: %v", p, err)
+			}
+			if _, err := x509.ParseCertificateRequest(der); err != nil {
+				f.Fatalf("%s: not a CSR: %v", p, err)
+			}
+		}
+		f.Add(b)
+		seeds++
+	}
+	if seeds == 0 {
+		f.Fatal("no seed CSRs in testdata/est")
+	}
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	csr, _ := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, key)
 	b64 := base64.StdEncoding.EncodeToString(csr)

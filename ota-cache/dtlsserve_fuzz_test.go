@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"context"
 	"net"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -31,7 +33,8 @@ func (c *recordConn) RemoteAddr() net.Addr {
 }
 func (c *recordConn) Close() error { return nil }
 
-// FuzzServeDatagram feeds decrypted datagrams from a device to the CoAP
+// FuzzServeDatagram feeds decrypted datagrams from a device (seeded with
+// libcoap coap-client captures and go-coap encodings) to the CoAP
 // layer of ServeDTLS (decode, dedup, Block1 reassembly with a body limit
 // per path, Block2 cutting, and the 4.13 for a datagram too large to
 // read): it must not panic, must answer a datagram at most once, and
@@ -62,6 +65,19 @@ func FuzzServeDatagram(f *testing.F) {
 	f.Add(enc(message.Message{Type: message.Confirmable, Code: codes.POST, MessageID: 3, Token: []byte("u"), Options: path("up", blk(message.Block1, 0, true)), Payload: []byte("0123456789abcdef")}))
 	f.Add(enc(message.Message{Type: message.NonConfirmable, Code: codes.POST, MessageID: 4, Options: path("t", message.Option{ID: message.NoResponse, Value: []byte{2}}), Payload: []byte("21.5")}))
 	f.Add([]byte{0x49, 0x01, 0x00, 0x08})
+	// Real devices' datagrams: libcoap's coap-client (GET, POST with
+	// Block1, NON, Observe, DELETE...), captured for bridges/coap.
+	captures, _ := filepath.Glob("../bridges/coap/testdata/captures/*.bin")
+	if len(captures) == 0 {
+		f.Fatal("no seed captures in ../bridges/coap/testdata/captures")
+	}
+	for _, p := range captures {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(b)
+	}
 	f.Fuzz(func(t *testing.T, data []byte) {
 		cfg := &DTLSServeConfig{MaxMessageSize: 64, BlockwiseSZX: blockwise.SZX1024, Errors: func(error) {}, ReadBufferSize: 1472,
 			BodyLimit: func(_ *DTLSConn, p string) uint32 {

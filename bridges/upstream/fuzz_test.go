@@ -4,9 +4,13 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/eclipse/paho.golang/packets"
 )
 
 // FuzzDownlink: topics arrive from the broker. Whatever matches the
@@ -15,6 +19,28 @@ import (
 func FuzzDownlink(f *testing.F) {
 	for _, s := range []string{"bastion/gw1/dev1/c/led/set", "bastion/gw1/dev1/c", "bastion/gw1//c/x", "bastion/gw1/+/c/#", "bastion/gw2/d/c/x", "bastion/gw1/d/t/x", "bastion/gw1/d/c/../../x"} {
 		f.Add(s)
+	}
+	// The topics of PUBLISHes a real Mosquitto broker sent its MQTT 5
+	// subscribers (bridges/mqtt/testdata/packets), read with paho's
+	// decoder, which the link (MQTT 5) reads the broker with.
+	files, _ := filepath.Glob("../mqtt/testdata/packets/*-v5*-s2c-publish.bin")
+	if len(files) == 0 {
+		f.Fatal("no MQTT 5 broker PUBLISH captures in ../mqtt/testdata/packets")
+	}
+	for _, p := range files {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			f.Fatal(err)
+		}
+		cp, err := packets.ReadPacket(bytes.NewReader(b))
+		if err != nil {
+			f.Fatalf("%s: %v", p, err)
+		}
+		pub, ok := cp.Content.(*packets.Publish)
+		if !ok {
+			f.Fatalf("%s: %s, not a PUBLISH", p, cp.PacketType())
+		}
+		f.Add(pub.Topic)
 	}
 	c := validConfig()
 	rs, err := c.compile()

@@ -130,6 +130,10 @@ func TestLoadErrors(t *testing.T) {
 		"pairing est cleartext":       {"pairing:\n  est_listen: \":80\"\n", []string{"bad.yaml:2: pairing.est_listen: \":80\" is port 80, the port of plain HTTP"}},
 		"pairing ok":                  {"pairing:\n  window: 15m\n  input: /dev/input/event0\n  layout: \"32\"\n  gpio_chip: /dev/gpiochip0\n  gpio_line: 17\n  vendors:\n    acme: /etc/bastion/acme.pem\n", nil},
 		"two errors":                  {"log:\n  level: loud\nmqtt:\n  listen: \":1883\"\n", []string{"bad.yaml:2: log.level", "bad.yaml:4: mqtt.listen"}},
+		"upstream queue bytes":        {"upstream:\n  enabled: true\n  broker: mqtts://cloud:8883\n  ca_file: /ca\n  cert_file: /c\n  key_file: /k\n  queue_max_bytes: 1000\n", []string{"bad.yaml:7: upstream.queue_max_bytes: \"1000\" is below 1 MiB (1048576)"}},
+		"upstream parked bytes":       {"upstream:\n  enabled: true\n  broker: mqtts://cloud:8883\n  ca_file: /ca\n  cert_file: /c\n  key_file: /k\n  parked_max_bytes: 1000\n", []string{"bad.yaml:7: upstream.parked_max_bytes: \"1000\" is below 1 MiB (1048576)"}},
+		"upstream queue age":          {"upstream:\n  enabled: true\n  broker: mqtts://cloud:8883\n  ca_file: /ca\n  cert_file: /c\n  key_file: /k\n  queue_max_age: 30s\n", []string{"bad.yaml:7: upstream.queue_max_age: \"30s\" is shorter than 1m"}},
+		"upstream queue off":          {"upstream:\n  enabled: false\n  queue_max_bytes: 1000\n  parked_max_bytes: 1000\n  queue_max_age: 30s\n", nil}, // not forwarding: no queue to bound
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {
@@ -469,5 +473,32 @@ func TestFirmwareURLErrorsInOrder(t *testing.T) {
 		if err == nil || err.Error() != want {
 			t.Fatalf("load %d:\n got %v\nwant %s", i, err, want)
 		}
+	}
+}
+
+// TestDevListenDefaults: `bastiond --dev` is documented (README, devicesim's
+// defaults, docs) as listening on these loopback ports; a change here breaks
+// every developer's tools and must be made on purpose.
+func TestDevListenDefaults(t *testing.T) {
+	c := Dev(t.TempDir())
+	got := map[string]string{
+		"coap.listen":           c.CoAP.Listen,
+		"coap.psk_listen":       c.CoAP.PSKListen,
+		"mqtt.listen":           c.MQTT.Listen,
+		"console.listen":        c.Console.Listen,
+		"firmware.https_listen": c.Firmware.HTTPSListen,
+	}
+	want := map[string]string{
+		"coap.listen":           "127.0.0.1:5684",
+		"coap.psk_listen":       "127.0.0.1:5685",
+		"mqtt.listen":           "127.0.0.1:8883",
+		"console.listen":        "127.0.0.1:8443",
+		"firmware.https_listen": "127.0.0.1:8444",
+	}
+	if d := cmp.Diff(want, got); d != "" {
+		t.Errorf("dev listeners (-want +got):\n%s", d)
+	}
+	if err := c.Validate(); err != nil {
+		t.Errorf("the dev configuration does not validate: %v", err)
 	}
 }
