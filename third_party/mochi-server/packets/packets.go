@@ -975,8 +975,15 @@ func (pk *Packet) SubscribeDecode(buf []byte) error {
 		}
 
 		if pk.ProtocolVersion == 5 {
-			sub.decode(buf[offset])
-			offset += 1
+			// Bastion patch (24): the options byte is read with a bounds
+			// check, as 3.1.1's QoS byte below: upstream indexed buf with
+			// it, and a SUBSCRIBE whose last filter had no options byte
+			// panicked the connection's goroutine, and so the process.
+			option, offset, err = decodeByte(buf, offset)
+			if err != nil {
+				return ErrMalformedQos
+			}
+			sub.decode(option)
 		} else {
 			option, offset, err = decodeByte(buf, offset)
 			if err != nil {
