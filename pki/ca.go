@@ -62,9 +62,14 @@ func Open(dir string, gatewayID string, clock Clock, log *slog.Logger) (*CA, err
 		}
 		// An unset clock is waited for (ErrClockNotSet), not blamed on
 		// the CA.
+		// Logged, not refused: a box without a real-time clock boots with
+		// a clock that is sane but behind until NTP sets it, and refusing
+		// would leave it with no listeners, queue or console while its
+		// uplink is down (PSK devices and the console do not need the
+		// CA's dates).
 		if clock.Sane() == nil {
 			if err := ca.checkValidNow(clock.Now()); err != nil {
-				return nil, err
+				log.Error(err.Error())
 			}
 		}
 		log.Info("pki: loaded CA", "subject", ca.issuer.Subject.CommonName, "not_after", ca.issuer.NotAfter)
