@@ -6,11 +6,13 @@ import (
 	"net/http"
 	"os"
 	"strings"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/bastion-iot/bastion/firewall"
 	"github.com/bastion-iot/bastion/gateway/config"
+	"github.com/bastion-iot/bastion/internal/ratelog"
 	"golang.org/x/sys/unix"
 )
 
@@ -45,14 +47,36 @@ func (g *Gateway) openFirewall(ctx context.Context, cfg config.Config) error {
 // firewallOptions are the gateway's options for the firewall it manages:
 // each drift event goes to the audit log as firewall.drift.
 func (g *Gateway) firewallOptions() []firewall.Option {
+	if g.driftAudit == nil {
+		g.driftAudit = ratelog.New(driftAuditEvery)
+	}
 	return []firewall.Option{firewall.WithDriftHook(g.auditDrift)}
 }
+
+// driftAuditEvery spaces firewall.drift audit events per family and
+// outcome: a repair that keeps failing, or a rule another program keeps
+// changing back, is found at every reconcile (seconds apart), and one
+// event each would push the audit log's older events (logins, pairing,
+// revocations) out of its bounded count within hours.
+const driftAuditEvery = 10 * time.Minute
 
 // auditDrift records e in the audit log (actor firewall, target the
 // family), which keeps it across restarts; the console lists it from the
 // firewall's memory too.
 func (g *Gateway) auditDrift(e firewall.DriftEvent) {
-	g.devices.audit(Actor{Name: "firewall"}, "firewall.drift", e.Family.String(), driftText(e))
+	kind := e.Family.String() + "/repaired"
+	if e.Err != "" {
+		kind = e.Family.String() + "/failed"
+	}
+	quiet, since, ok := g.driftAudit.Note(kind, time.Now())
+	if !ok {
+		return
+	}
+	text := driftText(e)
+	if quiet > 0 {
+		text += fmt.Sprintf(" (%d more like it since %s)", quiet, since.UTC().Format(time.RFC3339))
+	}
+	g.devices.audit(Actor{Name: "firewall"}, "firewall.drift", e.Family.String(), text)
 }
 
 // driftText says what a drift event found and whether it was repaired.

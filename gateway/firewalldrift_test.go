@@ -174,6 +174,28 @@ func TestFirewallRepairFailedAlarm(t *testing.T) {
 	if a := alarm(); !strings.Contains(a, "the last repair of drifted rules failed ("+firewall.IPv4.String()+" at ") || !strings.Contains(a, "the test's kernel refuses") {
 		t.Errorf("firewall alarm %q after a failed repair; want it naming the IPv4 family and why", a)
 	}
+	// The repair fails at every reconcile, 20 ms apart: audited once
+	// (driftAuditEvery), not once a reconcile, which would push every
+	// other event out of the bounded audit log.
+	for range 5 {
+		mu.Lock()
+		last = nil
+		mu.Unlock()
+		newest(true)
+	}
+	evs, err := g.g.Store().AuditLog(100, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	drift := 0
+	for _, e := range evs {
+		if e.Action == "firewall.drift" {
+			drift++
+		}
+	}
+	if drift != 1 {
+		t.Errorf("%d firewall.drift audit events for one repair failing at 6 reconciles, want 1 (spaced)", drift)
+	}
 	v4.FailCommits(nil)
 	// Repaired, nothing is left to repair: no event follows.
 	newest(false)

@@ -39,6 +39,7 @@ import (
 	"github.com/bastion-iot/bastion/gateway/store"
 	"github.com/bastion-iot/bastion/internal/buildinfo"
 	"github.com/bastion-iot/bastion/internal/clock"
+	"github.com/bastion-iot/bastion/internal/ratelog"
 	otacache "github.com/bastion-iot/bastion/ota-cache"
 	"github.com/bastion-iot/bastion/pki"
 )
@@ -104,14 +105,16 @@ type Gateway struct {
 	secrets *secretChecker
 	// certs are the listeners' server certificates, by listener name
 	// (renewServerCerts).
-	certs    map[string]listenerCert
-	hub      *hub.Hub
-	coap     *coap.Server
-	mqtt     *mqtt.Server
-	console  *console.Server
-	ctl      *controlServer
-	fw       *firewall.Firewall
-	firmware *otacache.Cache
+	certs   map[string]listenerCert
+	hub     *hub.Hub
+	coap    *coap.Server
+	mqtt    *mqtt.Server
+	console *console.Server
+	ctl     *controlServer
+	fw      *firewall.Firewall
+	// driftAudit spaces firewall.drift audit events (auditDrift).
+	driftAudit *ratelog.Every
+	firmware   *otacache.Cache
 	// offers is the firmware announcer's work queue (firmware_serve.go).
 	offers *offerQueue
 	// iptablesOpts are given to firewall.NewIPTables; tests set InNetns,
