@@ -2,6 +2,7 @@ package queue
 
 import (
 	"context"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -153,6 +154,38 @@ func TestSyncAcksIsDurable(t *testing.T) {
 		}
 		if got := devicesHeld(t, img.cut(t, dir)); strings.Contains(got, "a") {
 			t.Errorf("after a power cut right after SyncAcks the queue holds messages of %q, want none of a's", got)
+		}
+	})
+
+	// A failed write or fsync of the marks is reported: the caller must
+	// not call the deletion durable.
+	t.Run("disk fails", func(t *testing.T) {
+		for _, what := range []string{"write", "fsync"} {
+			eio := errors.New("injected EIO")
+			var fail atomic.Bool
+			q, _ := open(t, t.TempDir(), Options{AckFlushInterval: time.Hour,
+				Sync: func(f *os.File) error {
+					if fail.Load() && what == "fsync" {
+						return eio
+					}
+					return nil
+				},
+				writeAt: func(f *os.File, b []byte, off int64) (int, error) {
+					if fail.Load() && what == "write" {
+						return 0, eio
+					}
+					return f.WriteAt(b, off)
+				}})
+			es := accept(t, q, msg("a", 0), msg("b", 1))
+			ackDevice(t, q, es, "a")
+			fail.Store(true)
+			if err := q.SyncAcks(ctx); !errors.Is(err, eio) {
+				t.Errorf("SyncAcks with the marks' %s failing: %v, want the disk's error", what, err)
+			}
+			fail.Store(false)
+			if err := q.SyncAcks(ctx); what == "write" && err != nil {
+				t.Errorf("SyncAcks after the disk works again: %v", err)
+			}
 		}
 	})
 
