@@ -1739,7 +1739,8 @@ func (q *Queue) commit(seg *segment, batch []pending) {
 	case q.failed != nil:
 		err = fmt.Errorf("queue: disk error earlier: %w", q.failed)
 	default:
-		q.resumeWait = 0 // the disk works: a later failure starts over
+		q.resumeWait = 0          // the disk works: a later failure starts over
+		seg.marksUnsynced = false // the marks written before are synced too
 	}
 	q.mu.Unlock()
 	// Only the messages whose Accept learns the outcome now: those told

@@ -140,8 +140,11 @@ func TestSyncAcksIsDurable(t *testing.T) {
 		}
 		watch.Store(false)
 		q.mu.Lock()
-		first := q.segs[len(q.segs)-1]
+		first, pending := q.segs[len(q.segs)-1], len(q.acks)
 		q.mu.Unlock()
+		if pending > 0 {
+			t.Fatalf("%d delivered-marks still in memory after the timer's write", pending)
+		}
 		accept(t, q, padded("c", 4))
 		q.mu.Lock()
 		rotated := q.segs[len(q.segs)-1] != first
