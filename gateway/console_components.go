@@ -311,10 +311,14 @@ func (u consoleUpstream) DeviceMessages(ctx context.Context, device string, max,
 // DropDevice deletes device's messages from the parking queue, then from
 // the upstream queue, where a retry of parked messages puts them
 // (console.UpstreamQueues), for the erase of its data. A message the link
-// is sending as they are deleted may still reach the cloud.
+// is sending as they are deleted may still reach the cloud. Each deletion
+// is on disk (SyncAcks) before it returns: an Ack alone waits in memory up
+// to a second, or a minute after disk errors, and a power cut meanwhile
+// brings the messages back, the queued ones to be sent to the cloud after
+// an erase the audit log calls done.
 func (u consoleUpstream) DropDevice(ctx context.Context, device string) (queued, parked int, err error) {
 	g := u.g
-	drop := func(q *queue.Queue) (int, error) {
+	drop := func(q *queue.Queue, which string) (int, error) {
 		n := 0
 		err := eachOfDevice(ctx, q, device, func(e queue.Entry) error {
 			if err := q.Ack(e.Seq); err != nil {
@@ -323,16 +327,22 @@ func (u consoleUpstream) DropDevice(ctx context.Context, device string) (queued,
 			n++
 			return nil
 		})
-		return n, err
+		if err != nil {
+			return n, fmt.Errorf("delete device %s's %s upstream messages: %w", device, which, err)
+		}
+		if err := q.SyncAcks(ctx); err != nil {
+			return n, fmt.Errorf("device %s's %d %s upstream message(s) deleted, but the deletion may not be on disk yet (a power cut now could bring them back): check the disk, then erase again: %w", device, n, which, err)
+		}
+		return n, nil
 	}
 	if g.parking != nil {
-		if parked, err = drop(g.parking); err != nil {
-			return 0, parked, fmt.Errorf("delete device %s's parked upstream messages: %w", device, err)
+		if parked, err = drop(g.parking, "parked"); err != nil {
+			return 0, parked, err
 		}
 	}
 	if g.queue != nil {
-		if queued, err = drop(g.queue); err != nil {
-			return queued, parked, fmt.Errorf("delete device %s's queued upstream messages: %w", device, err)
+		if queued, err = drop(g.queue, "queued"); err != nil {
+			return queued, parked, err
 		}
 	}
 	if queued+parked > 0 {

@@ -3,6 +3,9 @@ package gateway
 import (
 	"context"
 	"net/http"
+	"os"
+	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -10,6 +13,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 
 	"github.com/bastion-iot/bastion/bridges"
+	"github.com/bastion-iot/bastion/bridges/queue"
 	"github.com/bastion-iot/bastion/bridges/upstream"
 	"github.com/bastion-iot/bastion/gateway/console"
 )
@@ -21,7 +25,7 @@ import (
 // the cloud after the erase, and the parked ones were kept for years,
 // listed on the console with the device's id.
 func TestEraseDropsQueuedAndParked(t *testing.T) {
-	r, b, _, _ := startWithBroker(t, "message_size_limit 200\n")
+	r, b, _, state := startWithBroker(t, "message_size_limit 200\n")
 	defer r.stop(t)
 	link := func() upstream.Status {
 		return r.g.Status().Components["upstream"].(map[string]any)["link"].(upstream.Status)
@@ -83,9 +87,44 @@ func TestEraseDropsQueuedAndParked(t *testing.T) {
 	if err != nil || len(ev) != 1 || ev[0].Action != "privacy.erase" || !strings.Contains(ev[0].Detail, "2 queued and 1 parked upstream message(s) deleted") {
 		t.Errorf("last audit event %+v (%v), want privacy.erase with 2 queued and 1 parked messages", ev, err)
 	}
+	// On disk at once: a power cut right after the erase brings none back.
+	// Before, the deletions waited up to a second in memory.
+	for _, c := range []struct {
+		dir  string
+		want []string
+	}{{"queue", []string{kept}}, {"parked", nil}} {
+		if got := devicesOnDisk(t, filepath.Join(state, c.dir)); !slices.Equal(got, c.want) {
+			t.Errorf("the queue in %s, opened from its disk right after the erase, holds messages of %q, want %q", c.dir, got, c.want)
+		}
+	}
 	b.Start(t)
 	within(t, 60*time.Second, "the other device's message sent", func() bool { return r.g.queue.Stats().Depth == 0 })
 	if n := link().Published; n != 1 {
 		t.Errorf("published %d messages after the erase, want only the other device's", n)
 	}
+}
+
+// devicesOnDisk opens a copy of the queue in dir as its files are now
+// (what a power cut would leave of what was written and synced, and
+// more) and returns the devices of the messages it holds.
+func devicesOnDisk(t *testing.T, dir string) []string {
+	t.Helper()
+	cp := t.TempDir()
+	if err := os.CopyFS(cp, os.DirFS(dir)); err != nil {
+		t.Fatal(err)
+	}
+	q, err := queue.Open(cp, queue.Options{MaxAge: 100 * 365 * 24 * time.Hour}, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer q.Close()
+	es, err := q.Held(0, 100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var devs []string
+	for _, e := range es {
+		devs = append(devs, e.Device)
+	}
+	return devs
 }

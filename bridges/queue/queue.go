@@ -180,6 +180,9 @@ type segment struct {
 	// holes are byte ranges recover skipped (corrupt, or unreadable by the
 	// disk): no read may cover them (see held).
 	holes [][2]int64
+	// marksUnsynced: delivered-marks were written here without an fsync
+	// (the timer's flush), which SyncAcks syncs. Under mu.
+	marksUnsynced bool
 }
 
 // inHole reports whether [from, to) overlaps one of the segment's holes.
@@ -283,8 +286,11 @@ type Queue struct {
 	// ackRetry is the timer's pause after failed writes (zero: none
 	// failed since the last write that succeeded): see ackRetryMax.
 	ackRetry time.Duration
-	stop     chan struct{}
-	stopped  chan struct{}
+	// syncReq carries SyncAcks's requests to the writer, each with the
+	// channel (capacity 1) for its outcome.
+	syncReq chan chan error
+	stop    chan struct{}
+	stopped chan struct{}
 	// resumeDue: time to try accepting again after a failed write,
 	// rotation or fsync (capacity 1); resumeWait is the pause before the
 	// next try.
@@ -350,7 +356,7 @@ func Open(dir string, opts Options, log *slog.Logger, reg prometheus.Registerer)
 	q := &Queue{
 		dir: dir, opts: opts, log: log.With("component", "queue"), lines: ratelog.New(time.Minute),
 		notify: make(chan struct{}), wake: make(chan struct{}, 1), ackDue: make(chan struct{}, 1),
-		resumeDue: make(chan struct{}, 1), compactDue: make(chan struct{}, 1),
+		resumeDue: make(chan struct{}, 1), compactDue: make(chan struct{}, 1), syncReq: make(chan chan error),
 		stop: make(chan struct{}), stopped: make(chan struct{}),
 	}
 	q.m = newMetrics(q)
@@ -1361,6 +1367,9 @@ func (q *Queue) writer() {
 		case <-q.compactDue:
 			q.compact()
 			continue
+		case done := <-q.syncReq:
+			done <- q.syncMarks()
+			continue
 		case <-q.stop:
 			q.flush(true)
 			q.marksAfterFailure()
@@ -1437,8 +1446,10 @@ func (q *Queue) gatherWait(t *time.Timer) {
 // the message batch with them, and then commits the batch: its fsync, then
 // its Accepts are told. New messages gather in the next batch meanwhile.
 // Without sync the batch stays for the next flush(true): a batch is never
-// told durable without its fsync.
-func (q *Queue) flush(sync bool) {
+// told durable without its fsync. It returns why the marks were not
+// written (kept for the next try), for SyncAcks; the writer's own calls
+// need not look (flush logs and retries).
+func (q *Queue) flush(sync bool) error {
 	q.mu.Lock()
 	var batch []pending
 	var batchBuf []byte
@@ -1459,8 +1470,9 @@ func (q *Queue) flush(sync bool) {
 		// see marksAfterFailure), or they would be lost and their
 		// messages sent again after a restart.
 		q.acks = acks
+		err := fmt.Errorf("queue: stopped after a disk error, delivered-marks wait for a new segment: %w", q.failed)
 		q.failBatchLocked(batch, batchBuf)
-		return
+		return err
 	}
 	buf := q.wbuf[:0]
 	if len(acks) > 0 {
@@ -1476,7 +1488,7 @@ func (q *Queue) flush(sync bool) {
 		q.writingB = 0
 		q.mu.Unlock()
 		q.recycle(batch, batchBuf)
-		return
+		return nil
 	}
 	var err error
 	// A new segment only after one that holds something: an empty one
@@ -1517,6 +1529,9 @@ func (q *Queue) flush(sync bool) {
 		// (a duplicate upstream), never a loss.
 		q.mu.Lock()
 		seg.size = off + int64(len(buf))
+		if !sync && ackLen > 0 {
+			seg.marksUnsynced = true
+		}
 		q.maybePrepareSpareLocked(seg)
 		q.writingB = 0
 		q.ackRetry = 0 // the disk writes again: marks wait AckFlushInterval
@@ -1553,7 +1568,7 @@ func (q *Queue) flush(sync bool) {
 		if sync {
 			q.commit(seg, batch)
 		}
-		return
+		return nil
 	}
 
 	// A failed write leaves seg.size where it was; the marks it carried
@@ -1618,6 +1633,7 @@ func (q *Queue) flush(sync bool) {
 		batch[i].tell(told)
 	}
 	q.recycle(batch, batchBuf)
+	return err
 }
 
 // stoppedReason is the refusal reason (metric label) of a message refused
@@ -1723,7 +1739,8 @@ func (q *Queue) commit(seg *segment, batch []pending) {
 	case q.failed != nil:
 		err = fmt.Errorf("queue: disk error earlier: %w", q.failed)
 	default:
-		q.resumeWait = 0 // the disk works: a later failure starts over
+		q.resumeWait = 0          // the disk works: a later failure starts over
+		seg.marksUnsynced = false // the marks written before are synced too
 	}
 	q.mu.Unlock()
 	// Only the messages whose Accept learns the outcome now: those told
@@ -2336,6 +2353,73 @@ func (q *Queue) armAckFlushLocked() {
 	}
 	q.ackArmed = true
 	time.AfterFunc(cmp.Or(q.ackRetry, q.opts.AckFlushInterval), func() { signal(q.ackDue) })
+}
+
+// SyncAcks writes the delivered-marks of every Ack that returned before
+// it and makes them durable: written now (the timer's flush), and every
+// segment holding marks written without an fsync is synced, then the
+// directory (a segment reclaim removed, with its marks, is removed for
+// good). For a deletion that must hold across a power cut (the erase of a
+// device's data): otherwise marks wait up to AckFlushInterval in memory
+// and are never fsynced, and their messages come back at the next open.
+// An error says the marks may not be on disk: a write or fsync failed
+// (after a failed fsync they may be lost even if a later one succeeds),
+// the queue is stopped after a disk error, ctx ended, or the queue closed.
+func (q *Queue) SyncAcks(ctx context.Context) error {
+	done := make(chan error, 1)
+	select {
+	case q.syncReq <- done:
+	case <-q.stopped:
+		return ErrClosed
+	case <-ctx.Done():
+		return fmt.Errorf("queue: syncing delivered-marks: %w", ctx.Err())
+	}
+	select {
+	case err := <-done:
+		return err
+	case <-ctx.Done():
+		return fmt.Errorf("queue: syncing delivered-marks: %w", ctx.Err())
+	}
+}
+
+// syncMarks is SyncAcks's work. The writer goroutine only: it alone
+// writes, and it calls the commit's fsync (defaultSync).
+func (q *Queue) syncMarks() error {
+	if err := q.flush(false); err != nil {
+		return err
+	}
+	q.mu.Lock()
+	var segs []*segment
+	for _, s := range q.segs {
+		if s.marksUnsynced {
+			segs = append(segs, s)
+		}
+	}
+	q.mu.Unlock()
+	sync := q.opts.Sync
+	if sync == nil {
+		sync = q.defaultSync
+	}
+	for _, s := range segs {
+		err := sync(s.f)
+		q.m.fsyncs.Inc()
+		q.mu.Lock()
+		removed := !slices.Contains(q.segs, s)
+		if err == nil {
+			s.marksUnsynced = false
+		}
+		q.mu.Unlock()
+		// A segment reclaim removed meanwhile (its file closed) is covered
+		// by the directory's sync below.
+		if err != nil && !removed {
+			return diskError{fmt.Errorf("queue: fsync delivered-marks in %s: %w", s.path, err)}
+		}
+	}
+	if err := syncDir(q.dir); err != nil {
+		return diskError{err}
+	}
+	q.m.fsyncs.Inc()
+	return nil
 }
 
 // ackRetryMax bounds ackRetry, which doubles from AckFlushInterval with

@@ -2,8 +2,10 @@ package console
 
 import (
 	"fmt"
+	"maps"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -241,5 +243,69 @@ func TestCSRFRefusalsAuditedSpacedAndClipped(t *testing.T) {
 	es = auditedOf(t, h.o.Store, "console.csrf_refused")
 	if len(es) != 2 || !strings.HasPrefix(es[1].Detail, "49 more refused since ") {
 		t.Errorf("after the minute: %d events, the last %+v; want 2, the last counting the 49", len(es), es[len(es)-1])
+	}
+}
+
+// CSRF refusals are spaced per signed-in user and their held counts are
+// written with that user as the actor: a viewer's flood of refusals does
+// not hold back the first refusal against the admin's session, nor turn
+// the admin's into a count written as "anonymous". Before, the spacing
+// was per action only and a successful login wrote every held count as
+// "anonymous".
+func TestCSRFRefusalsAuditedPerUser(t *testing.T) {
+	h, srv, clk := newTestHandler(t)
+	setUpAdmin(t, srv)
+	send := func(method, path, body, csrf string, cookie *http.Cookie) int {
+		t.Helper()
+		r := httptest.NewRequest(method, path, strings.NewReader(body))
+		r.Header.Set("Content-Type", "application/json")
+		r.Header.Set("X-CSRF-Token", csrf)
+		r.AddCookie(cookie)
+		r.RemoteAddr = "10.0.0.7:4000"
+		w := httptest.NewRecorder()
+		h.ServeHTTP(w, r)
+		return w.Code
+	}
+	code, root, rootCSRF := loginSession(t, h, "10.0.0.7:4000", "root", oldPassword)
+	if code != http.StatusCreated {
+		t.Fatalf("root's login: %d", code)
+	}
+	if code := send("POST", "/api/v1/admins", `{"name":"vera","role":"viewer","password":"tulip orbit canoe window"}`, rootCSRF, root); code != http.StatusCreated {
+		t.Fatalf("adding the viewer: %d", code)
+	}
+	code, vera, _ := loginSession(t, h, "10.0.0.8:4000", "vera", "tulip orbit canoe window")
+	if code != http.StatusCreated {
+		t.Fatalf("vera's login: %d", code)
+	}
+	refuse := func(cookie *http.Cookie) {
+		t.Helper()
+		if code := send("DELETE", "/api/v1/tokens/x", "", strings.Repeat("A", 43), cookie); code != http.StatusForbidden {
+			t.Fatalf("wrong CSRF token: %d, want 403", code)
+		}
+		clk.add(time.Second)
+	}
+	for range 5 {
+		refuse(vera) // audited once, 4 held
+	}
+	refuse(root) // audited at once
+	refuse(root) // held
+	type event struct{ Actor, Detail string }
+	var got []event
+	for _, e := range auditedOf(t, h.o.Store, "console.csrf_refused") {
+		got = append(got, event{e.Actor, e.Detail})
+	}
+	if want := []event{{"vera", ""}, {"root", ""}}; !slices.Equal(got, want) {
+		t.Fatalf("console.csrf_refused events %q, want %q: one user's refusals held back another's", got, want)
+	}
+	// A successful login writes the counts held, each with its user.
+	if code, _, _ := loginSession(t, h, "10.0.0.9:4000", "root", oldPassword); code != http.StatusCreated {
+		t.Fatalf("login: %d", code)
+	}
+	held := map[string]string{}
+	for _, e := range auditedOf(t, h.o.Store, "console.csrf_refused")[2:] {
+		held[e.Actor] = e.Detail[:strings.IndexByte(e.Detail, ' ')]
+	}
+	if want := map[string]string{"vera": "4", "root": "1"}; !maps.Equal(held, want) {
+		t.Errorf("counts written at the login, by actor: %q, want %q", held, want)
 	}
 }
