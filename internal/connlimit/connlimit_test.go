@@ -40,7 +40,7 @@ func TestListener(t *testing.T) {
 	}
 	events := make(chan string, 16)
 	host := func(c net.Conn) string { return c.RemoteAddr().(*net.TCPAddr).IP.String() }
-	l := New(ln, 3, bridges.NewSourceLimit[net.Conn](1, 32, 2), Events{
+	l := New(ln, 3, 3, bridges.NewSourceLimit[net.Conn](1, 32, 2), Events{
 		Limited: func(c net.Conn, _ bridges.Source, by bridges.Bound) {
 			events <- "limited by " + by.String() + ": " + host(c)
 		},
@@ -160,7 +160,7 @@ func TestClaimThroughTLS(t *testing.T) {
 	}
 	none := func(net.Conn) {}
 	unclaimed := bridges.NewSourceLimit[net.Conn](8, 32, 64)
-	l := New(ln, 4, unclaimed, Events{Limited: func(net.Conn, bridges.Source, bridges.Bound) {}, PushedOut: none, Refused: none})
+	l := New(ln, 4, 4, unclaimed, Events{Limited: func(net.Conn, bridges.Source, bridges.Bound) {}, PushedOut: none, Refused: none})
 	defer l.Close()
 	dialFrom(t, "127.0.0.1", ln.Addr().String())
 	c, err := l.Accept()
