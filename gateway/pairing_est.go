@@ -181,8 +181,9 @@ func (p *pairingSvc) listenEST() (net.Listener, error) {
 // each holds a goroutine, TLS state and an fd. Enrollment is one device at
 // a time (setup code) or a few (IDevID), so the bounds are small. A
 // connection whose handshake verified an IDevID is claimed (runEST's
-// ConnState); a setup-code device's is not (its PAKE proves nothing until
-// its second request), and is as old as its exchange, the newest there.
+// ConnState). A setup-code device's is not: it proves nothing before its
+// PAKE's second request, and its exchange takes milliseconds, so only a
+// flood within those pushes it out.
 const (
 	estMaxConns              = 16
 	estMaxClaimedPerAddr     = 4
