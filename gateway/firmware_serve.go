@@ -113,9 +113,11 @@ func (g *Gateway) openFirmwareHTTPS(cfg config.Config, cert func(name, listen st
 	// the unauthenticated for the milliseconds of its handshake (ended
 	// when net/http reads its first request, below), so what the closing
 	// of the oldest pushes out is stalled connections, never a download in
-	// progress or a device's connection kept alive.
+	// progress or a device's connection kept alive. Claimed ones are not
+	// bounded per address (fwMaxConns): only a device certificate claims
+	// one, and each device has its own address.
 	unauth := bridges.NewSourceLimit[net.Conn](fwMaxUnauthPerSource, fwMaxUnauthPerPrefix, fwMaxUnauth)
-	limited := connlimit.New(ln, fwMaxConns, unauth, connlimit.Events{
+	limited := connlimit.New(ln, fwMaxConns, fwMaxConns, unauth, connlimit.Events{
 		Limited: func(c net.Conn, src bridges.Source, by bridges.Bound) {
 			args := []any{"device", "", "remote", c.RemoteAddr().String(),
 				"from_this_address", unauth.From(src.Addr), "per_address_limit", fwMaxUnauthPerSource}

@@ -14,9 +14,11 @@ import (
 	"strings"
 	"time"
 
+	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/bridges/hub"
 	"github.com/bastion-iot/bastion/firewall"
 	"github.com/bastion-iot/bastion/gateway/store"
+	"github.com/bastion-iot/bastion/internal/connlimit"
 	"github.com/bastion-iot/bastion/pki"
 	"github.com/bastion-iot/bastion/pki/est"
 )
@@ -90,6 +92,17 @@ func (p *pairingSvc) runEST(ctx context.Context) error {
 			p.estAddr.Store(ln.Addr().String())
 			p.estFirewall(true)
 			srv = &http.Server{Handler: p.estHandler(), ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second,
+				// An enrollment is a few requests in a row: a device
+				// has no use for a connection idle this long.
+				IdleTimeout: 30 * time.Second,
+				// A handshake verify let through with a certificate is
+				// an IDevID's (verify in listenEST): its connection is
+				// claimed at its first request.
+				ConnState: func(c net.Conn, st http.ConnState) {
+					if tc, ok := c.(*tls.Conn); ok && st == http.StateActive && len(tc.ConnectionState().PeerCertificates) > 0 {
+						connlimit.Claim(c)
+					}
+				},
 				ErrorLog:    p.estRefusals.errorLog(),
 				BaseContext: func(net.Listener) context.Context { return ctx }}
 			done = make(chan struct{})
@@ -155,11 +168,56 @@ func (p *pairingSvc) listenEST() (net.Listener, error) {
 		}
 		return p.estRefusals.cert(reason, hub.ClaimedDevice(raw), err)
 	}
-	ln, err := tls.Listen("tcp", listen, pki.TLSServer(p.estCert, tls.RequestClientCert, verify))
+	ln, err := net.Listen("tcp", listen)
 	if err != nil {
 		return nil, fmt.Errorf("pairing.est_listen %s: %w", listen, err)
 	}
-	return ln, nil
+	return tls.NewListener(p.limitEST(ln), pki.TLSServer(p.estCert, tls.RequestClientCert, verify)), nil
+}
+
+// The EST listener's bounds (a connlimit.Listener). The handshake takes a
+// connection without a client certificate (a setup-code device), so while
+// a window is open any LAN host can open connections and keep them alive:
+// each holds a goroutine, TLS state and an fd. Enrollment is one device at
+// a time (setup code) or a few (IDevID), so the bounds are small. A
+// connection whose handshake verified an IDevID is claimed (runEST's
+// ConnState). A setup-code device's is not: it proves nothing before its
+// PAKE's second request, and its exchange takes milliseconds, so only a
+// flood within those pushes it out.
+const (
+	estMaxConns              = 16
+	estMaxClaimedPerAddr     = 4
+	estMaxUnclaimedPerAddr   = 4
+	estMaxUnclaimedPerPrefix = 8
+	estMaxUnclaimed          = 8
+)
+
+// limitEST bounds ln's connections as the constants above say, counting
+// and logging each it closes as the firmware listener's.
+func (p *pairingSvc) limitEST(ln net.Listener) net.Listener {
+	unauth := bridges.NewSourceLimit[net.Conn](estMaxUnclaimedPerAddr, estMaxUnclaimedPerPrefix, estMaxUnclaimed)
+	r := p.estRefusals
+	return connlimit.New(ln, estMaxConns, estMaxClaimedPerAddr, unauth, connlimit.Events{
+		Limited: func(c net.Conn, src bridges.Source, by bridges.Bound) {
+			args := []any{"device", "", "remote", c.RemoteAddr().String(),
+				"from_this_address", unauth.From(src.Addr), "per_address_limit", estMaxUnclaimedPerAddr}
+			if src.Prefix.IsValid() {
+				args = append(args, "prefix", src.Prefix.String(), "from_this_prefix", unauth.In(src.Prefix), "per_prefix_limit", estMaxUnclaimedPerPrefix)
+			}
+			args = append(args, "in_all", unauth.Len(), "limit", estMaxUnclaimed)
+			r.refused(slog.LevelWarn, hub.ReasonHandshakeLimit+":"+by.String(), hub.ReasonHandshakeLimit, unauthLimitMsg[by], args...)
+		},
+		PushedOut: func(c net.Conn) {
+			r.refused(slog.LevelWarn, hub.ReasonHandshakeLimit+":conns", hub.ReasonHandshakeLimit,
+				"oldest unauthenticated connection closed: the listener's connections are all in use",
+				"device", "", "remote", c.RemoteAddr().String(), "not_authenticated", unauth.Len(), "limit", estMaxConns)
+		},
+		Refused: func(c net.Conn) {
+			r.refused(slog.LevelWarn, "conn_limit", "conn_limit",
+				"connection refused: the listener's connections are all in use, every one authenticated",
+				"remote", c.RemoteAddr().String(), "limit", estMaxConns)
+		},
+	})
 }
 
 // estFirewall applies the policy with the EST port in it while the

@@ -2,6 +2,7 @@ package console
 
 import (
 	"context"
+	"errors"
 	"log/slog"
 	"net"
 	"net/http"
@@ -18,7 +19,13 @@ import (
 // could hold connections until the gateway runs out of memory or file
 // descriptors. A connection is signed in once a request on it carried a
 // valid session cookie or API token (claimSignedIn): an administrator's,
-// it is never closed for room. Those not signed in yet are bounded per
+// it is never closed for room. At most maxSignedInPerAddr of one address
+// are signed in, past it they count as not signed in: any account (a
+// viewer, any API token) signs in, and one that claimed every place would
+// keep every newcomer out, the administrator too. A request on a
+// signed-in connection that no longer authenticates (logged out, session
+// or token or account deleted) makes it not signed in again. Those not
+// signed in yet are bounded per
 // source address (past it a new one is closed at once), per IPv6 /64 and
 // in all (past those the /64's, or all's, oldest is closed); the last is
 // half of the places, so that a flood never holds more than half of them.
@@ -29,6 +36,7 @@ import (
 // stays.
 const (
 	maxConns                = 64
+	maxSignedInPerAddr      = 16 // a few browsers' 6 each, scripts with tokens
 	maxNotSignedInPerAddr   = 8  // a browser opens at most 6 to one host
 	maxNotSignedInPerPrefix = 16 // the LAN's hosts may share one /64
 	maxNotSignedIn          = 32
@@ -50,7 +58,7 @@ var notSignedInMsg = map[bridges.Bound]string{
 // limitConns bounds ln's connections, telling refused of each it closes.
 func limitConns(ln net.Listener, refused Refused) net.Listener {
 	out := bridges.NewSourceLimit[net.Conn](maxNotSignedInPerAddr, maxNotSignedInPerPrefix, maxNotSignedIn)
-	return connlimit.New(ln, maxConns, out, connlimit.Events{
+	return connlimit.New(ln, maxConns, maxSignedInPerAddr, out, connlimit.Events{
 		Limited: func(c net.Conn, src bridges.Source, by bridges.Bound) {
 			args := []any{"remote", c.RemoteAddr().String(),
 				"from_this_address", out.From(src.Addr), "per_address_limit", maxNotSignedInPerAddr}
@@ -84,29 +92,58 @@ func withConn(ctx context.Context, c net.Conn) context.Context {
 // claimSignedIn claims, before h serves it, the connection of a request
 // that carries a valid session cookie or API token: it is an
 // administrator's, so no newer connection closes it for room (limitConns),
-// not even in the middle of this request. Only the console's own Handler
-// can tell; any other h (the placeholder) signs no one in.
+// not even in the middle of this request; past maxSignedInPerAddr it
+// stays unclaimed. A request that authenticates no one unclaims its
+// connection, so that a session ended, or an account or token deleted,
+// holds no place; one whose address holds its bound of unclaimed
+// connections is closed after this answer instead. One whose check could
+// not be made (the store unreadable) leaves its connection as it is. Only
+// the console's own Handler can tell; any other h (the placeholder) signs
+// no one in.
 func claimSignedIn(h http.Handler) http.Handler {
 	ch, ok := h.(*Handler)
 	if !ok {
 		return h
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if c, ok := r.Context().Value(connKey{}).(net.Conn); ok && !connlimit.Claimed(c) && ch.signedIn(r) {
-			connlimit.Claim(c)
+		if c, ok := r.Context().Value(connKey{}).(net.Conn); ok {
+			switch ch.signedIn(r) {
+			case signInYes:
+				connlimit.Claim(c)
+			case signInNo:
+				if !connlimit.Unclaim(c) {
+					w.Header().Set("Connection", "close")
+				}
+			}
 		}
 		h.ServeHTTP(w, r)
 	})
 }
 
-// signedIn reports whether r is one the console would serve as someone:
+// signIn is what signedIn tells of a request.
+type signIn int
+
+const (
+	signInNo      signIn = iota
+	signInYes            // a session or API token authenticate accepts, from the LAN
+	signInUnknown        // authenticate could not read the store
+)
+
+// signedIn tells whether r is one the console would serve as someone:
 // from the LAN, with a session or API token that authenticate accepts.
-// It is asked of every request until its connection is claimed; one
-// with neither cookie nor token costs no store read.
-func (h *Handler) signedIn(r *http.Request) bool {
+// It is asked of every request; one with neither cookie nor token costs
+// no store read, one with either the reads its handler makes again.
+func (h *Handler) signedIn(r *http.Request) signIn {
 	if !h.fromLAN(r.RemoteAddr) {
-		return false
+		return signInNo
 	}
 	p, err := h.authenticate(r)
-	return err == nil && p != nil
+	var he *httpError
+	switch {
+	case err == nil && p != nil:
+		return signInYes
+	case errors.As(err, &he) && he.code == http.StatusServiceUnavailable:
+		return signInUnknown
+	}
+	return signInNo
 }

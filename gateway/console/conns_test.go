@@ -28,6 +28,7 @@ type connsServer struct {
 	addr   string
 	tls    *tls.Config // the client's
 	cookie string      // "__Host-bastion_session=..."
+	st     *store.Store
 
 	mu      sync.Mutex
 	refused map[string]int
@@ -53,7 +54,7 @@ func startConnsServer(t *testing.T) *connsServer {
 	}
 	ca := testpki.New(t, dir, "console-test")
 	leaf := ca.Server(t, "console", "127.0.0.1")
-	s := &connsServer{tls: &tls.Config{RootCAs: ca.Pool(), ServerName: "127.0.0.1"}, refused: map[string]int{}}
+	s := &connsServer{tls: &tls.Config{RootCAs: ca.Pool(), ServerName: "127.0.0.1"}, refused: map[string]int{}, st: st}
 	refused := func(_ slog.Level, _, reason, _ string, _ ...any) {
 		s.mu.Lock()
 		s.refused[reason]++
@@ -316,12 +317,12 @@ func TestConsoleConnsSignedInKept(t *testing.T) {
 }
 
 // TestConsoleConnsAllSignedIn: the console holds at most maxConns
-// connections in all; with every one signed in, a new one is closed at
-// once (conn_limit).
+// connections in all; with every one signed in (from addresses each
+// within maxSignedInPerAddr), a new one is closed at once (conn_limit).
 func TestConsoleConnsAllSignedIn(t *testing.T) {
 	s := startConnsServer(t)
 	for i := range maxConns {
-		if _, err := s.signedIn(t, "127.0.0.1"); err != nil {
+		if _, err := s.signedIn(t, fmt.Sprintf("127.0.0.%d", 1+i/maxSignedInPerAddr)); err != nil {
 			t.Fatalf("signed-in connection %d: %v", i+1, err)
 		}
 	}
@@ -353,8 +354,83 @@ func TestConsoleSignedInOnlyBySession(t *testing.T) {
 		if tc.cookie != "" {
 			r.Header.Set("Cookie", tc.cookie)
 		}
-		if got := h.signedIn(r); got != tc.want {
+		if got := h.signedIn(r) == signInYes; got != tc.want {
 			t.Errorf("%s: signed in %v, want %v", tc.name, got, tc.want)
 		}
+	}
+}
+
+// TestConsoleConnsSignedInPerAddr: one address with a valid session (any
+// account's) signs in at most maxSignedInPerAddr connections; past it they
+// count as not signed in, so that address holds at most
+// maxSignedInPerAddr+maxNotSignedInPerAddr in all, and an administrator
+// from another address gets in. Before, every connection a session was
+// seen on was claimed: one address took all maxConns places, kept them
+// with a request each per idle timeout, and every newcomer was closed
+// (conn_limit).
+func TestConsoleConnsSignedInPerAddr(t *testing.T) {
+	s := startConnsServer(t)
+	const held = maxSignedInPerAddr + maxNotSignedInPerAddr
+	served := 0
+	for i := range maxConns {
+		if _, err := s.signedIn(t, "127.0.0.2"); err == nil {
+			served++
+		} else if i < held {
+			t.Fatalf("signed-in connection %d from one address: %v; want served (at most %d)", i+1, err, held)
+		}
+	}
+	if served != held {
+		t.Errorf("connections with a session kept from one address = %d, want %d (%d signed in, %d not)", served, held, maxSignedInPerAddr, maxNotSignedInPerAddr)
+	}
+	c, err := s.signedIn(t, "127.0.0.3")
+	if err != nil {
+		t.Fatalf("an administrator from another address: %v; want in", err)
+	}
+	if code, err := c.get("/api/v1/session", s.cookie); err != nil || code != http.StatusOK {
+		t.Errorf("administrator's connection: %d, %v; want 200", code, err)
+	}
+	if got := s.count("conn_limit"); got != 0 {
+		t.Errorf("conn_limit = %d, want 0", got)
+	}
+}
+
+// TestConsoleConnsUnclaimedOnSessionEnd: once a session ends, a request
+// with it on a signed-in connection makes that connection not signed in
+// again: of one address's maxSignedInPerAddr, maxNotSignedInPerAddr stay
+// (not signed in, so they can be pushed out) and the rest are closed
+// after their answer. Before, a connection stayed claimed for good:
+// logging out, or deleting the account or token, left its places taken.
+func TestConsoleConnsUnclaimedOnSessionEnd(t *testing.T) {
+	s := startConnsServer(t)
+	var conns []*connsClient
+	for i := range maxSignedInPerAddr {
+		c, err := s.signedIn(t, "127.0.0.2")
+		if err != nil {
+			t.Fatalf("signed-in connection %d: %v", i+1, err)
+		}
+		conns = append(conns, c)
+	}
+	_, value, _ := strings.Cut(s.cookie, "=")
+	if err := s.st.DeleteSession(hashToken(value)); err != nil {
+		t.Fatal(err)
+	}
+	closing := 0
+	for i, c := range conns {
+		resp, err := c.do("GET /api/v1/session HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: " + s.cookie + "\r\n\r\n")
+		if err != nil {
+			t.Fatalf("connection %d, session ended: %v", i+1, err)
+		}
+		if resp.StatusCode != http.StatusUnauthorized {
+			t.Errorf("connection %d, session ended: %d, want 401", i+1, resp.StatusCode)
+		}
+		if resp.Close {
+			closing++
+			if !isClosed(c) {
+				t.Errorf("connection %d: answered with Connection: close but left open", i+1)
+			}
+		}
+	}
+	if want := maxSignedInPerAddr - maxNotSignedInPerAddr; closing != want {
+		t.Errorf("connections closed after their session ended = %d, want %d (the address keeps %d not signed in)", closing, want, maxNotSignedInPerAddr)
 	}
 }

@@ -3,7 +3,8 @@
 // among them those not claimed yet, per source address, per IPv6 /64 and
 // in all (a bridges.SourceLimit). A connection is claimed by its server
 // once whoever is on it has proved who they are (a device certificate, an
-// administrator's session): claimed, it is never closed for room. The
+// administrator's session): claimed, it is never closed for room, and at
+// most a bound of them per source address are claimed. The
 // package never reads what a connection carries and logs nothing; what it
 // closes is told to its caller's Events.
 package connlimit
@@ -12,6 +13,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"net"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 
@@ -41,13 +43,29 @@ import (
 // claimed ones leave free would keep every newcomer out for as long as
 // they held them, and again as they reopened them.
 //
+// Claimed connections are bounded per source address too (New's
+// maxClaimedPerAddr): past it a connection stays unclaimed, and can be
+// pushed out. Proving who one is takes only an account (any role, any API
+// token on the console), and claimed places are never given back for room:
+// without this bound one account could claim every place, one request each
+// per idle timeout keeping them, and every newcomer, an administrator's
+// too, would be closed. A connection is unclaimed again (Unclaim) when a
+// request on it no longer proves anything (logged out, account or token
+// deleted).
+//
 // Each connection closed for room is passed to its Events (counted and
 // logged there) before it is closed.
 type Listener struct {
 	net.Listener
-	slots     chan struct{} // one per open connection
-	unclaimed *bridges.SourceLimit[net.Conn]
-	ev        Events
+	slots      chan struct{} // one per open connection
+	unclaimed  *bridges.SourceLimit[net.Conn]
+	maxClaimed int // per source address
+	ev         Events
+
+	// mu guards claimed and each conn's slot and state changes: a claim
+	// counted is one whose conn is in stateClaimed.
+	mu      sync.Mutex
+	claimed map[netip.Addr]int // only addresses with a claimed connection
 }
 
 // Events are told of each connection a Listener closes for room, before it
@@ -65,11 +83,13 @@ type Events struct {
 	Refused func(c net.Conn)
 }
 
-// New bounds ln to maxOpen connections open at once, and those not
-// claimed yet to the bounds of unclaimed (which the caller keeps, to tell
-// its counts in the lines it logs).
-func New(ln net.Listener, maxOpen int, unclaimed *bridges.SourceLimit[net.Conn], ev Events) *Listener {
-	return &Listener{Listener: ln, slots: make(chan struct{}, maxOpen), unclaimed: unclaimed, ev: ev}
+// New bounds ln to maxOpen connections open at once, the claimed ones to
+// maxClaimedPerAddr per source address, and those not claimed to the
+// bounds of unclaimed (which the caller keeps, to tell its counts in the
+// lines it logs).
+func New(ln net.Listener, maxOpen, maxClaimedPerAddr int, unclaimed *bridges.SourceLimit[net.Conn], ev Events) *Listener {
+	return &Listener{Listener: ln, slots: make(chan struct{}, maxOpen), unclaimed: unclaimed,
+		maxClaimed: maxClaimedPerAddr, ev: ev, claimed: map[netip.Addr]int{}}
 }
 
 // Accept returns the next connection that fits, closing any for room as
@@ -81,7 +101,7 @@ func (l *Listener) Accept() (net.Conn, error) {
 			return nil, err
 		}
 		src := bridges.SourceOf(c.RemoteAddr())
-		u := &conn{Conn: c, unclaimed: l.unclaimed, slots: l.slots}
+		u := &conn{Conn: c, l: l, src: src}
 		u.slot = bridges.NewSlot[net.Conn](src, u)
 		ok, evicted, by := l.unclaimed.Take(u.slot)
 		if !ok {
@@ -117,7 +137,7 @@ func (l *Listener) open(u *conn) bool {
 	// At most the total of unclaimed, oldest first.
 	for _, v := range l.unclaimed.Values() {
 		o := v.(*conn)
-		if o == u || !o.state.CompareAndSwap(stateUnclaimed, statePushedOut) {
+		if o == u || !l.pushOut(o) {
 			continue // claimed or closed since
 		}
 		l.ev.PushedOut(o)
@@ -132,12 +152,22 @@ func (l *Listener) open(u *conn) bool {
 	return false
 }
 
+// pushOut marks o, if it is still unclaimed, as closed for a newer
+// connection.
+func (l *Listener) pushOut(o *conn) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return o.state.CompareAndSwap(stateUnclaimed, statePushedOut)
+}
+
 // ErrEvicted is what the reads and writes of a connection closed for a
 // newer one return, so that the failed handshake net/http logs for it is
 // known as one the Listener's Events were told of already.
 var ErrEvicted = errors.New("closed to make room for a newer connection")
 
-// A conn's state: it moves from stateUnclaimed once, to one of the others.
+// A conn's state: from stateUnclaimed to stateClaimed and back (Unclaim),
+// and from either once to one of the others. Changed under its Listener's
+// mu.
 const (
 	stateUnclaimed int32 = iota
 	stateClaimed
@@ -146,15 +176,15 @@ const (
 )
 
 // conn is a connection a Listener accepted: it holds a place among the
-// open connections until it is closed, and one in unclaimed until it is
-// claimed or closed.
+// open connections until it is closed, and one in unclaimed while it is
+// not claimed and open.
 type conn struct {
 	net.Conn
-	unclaimed *bridges.SourceLimit[net.Conn]
-	slot      *bridges.Slot[net.Conn]
-	slots     chan struct{}
-	state     atomic.Int32
-	once      sync.Once
+	l     *Listener
+	src   bridges.Source
+	slot  *bridges.Slot[net.Conn] // under l.mu: a new one each time it is unclaimed
+	state atomic.Int32
+	once  sync.Once
 }
 
 func (c *conn) Read(b []byte) (int, error) {
@@ -168,7 +198,13 @@ func (c *conn) Write(b []byte) (int, error) {
 }
 
 func (c *conn) why(err error) error {
-	if err != nil && (c.state.Load() == statePushedOut || c.unclaimed.EvictedBy(c.slot) != bridges.BoundNone) {
+	if err == nil {
+		return nil
+	}
+	c.l.mu.Lock()
+	slot := c.slot
+	c.l.mu.Unlock()
+	if c.state.Load() == statePushedOut || c.l.unclaimed.EvictedBy(slot) != bridges.BoundNone {
 		return ErrEvicted
 	}
 	return err
@@ -177,20 +213,76 @@ func (c *conn) why(err error) error {
 // Close closes the connection and gives its places back (each at most
 // once: net/http and crypto/tls may both close it, and the Listener too).
 func (c *conn) Close() error {
-	c.state.CompareAndSwap(stateUnclaimed, stateClosed)
+	l := c.l
+	l.mu.Lock()
+	switch c.state.Load() {
+	case stateClaimed:
+		l.dropClaimLocked(c.src.Addr)
+		c.state.Store(stateClosed)
+	case stateUnclaimed:
+		c.state.Store(stateClosed)
+	}
+	slot := c.slot
+	l.mu.Unlock()
 	err := c.Conn.Close()
-	c.unclaimed.Release(c.slot)
-	c.once.Do(func() { <-c.slots })
+	l.unclaimed.Release(slot)
+	c.once.Do(func() { <-l.slots })
 	return err
 }
 
-// claim gives c's place among the unclaimed back for good: no newer
-// connection can close it from then on. One closed (or closing) already
-// has nothing to give back.
-func (c *conn) claim() {
-	if c.state.CompareAndSwap(stateUnclaimed, stateClaimed) {
-		c.unclaimed.Claim(c.slot)
+func (l *Listener) dropClaimLocked(a netip.Addr) {
+	if l.claimed[a] <= 1 {
+		delete(l.claimed, a)
+	} else {
+		l.claimed[a]--
 	}
+}
+
+// claim gives c's place among the unclaimed back: no newer connection can
+// close it while it stays claimed. It reports false, and c stays as it
+// is, if its address holds its bound of claimed connections already, or c
+// is closed (or being closed for room).
+func (c *conn) claim() bool {
+	l := c.l
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	switch {
+	case c.state.Load() == stateClaimed:
+		return true
+	case c.state.Load() != stateUnclaimed || l.claimed[c.src.Addr] >= l.maxClaimed:
+		return false
+	case !l.unclaimed.Claim(c.slot):
+		return false // evicted: its Listener is closing it
+	}
+	c.state.Store(stateClaimed)
+	l.claimed[c.src.Addr]++
+	return true
+}
+
+// unclaim puts a claimed c back among the unclaimed, in a new place (the
+// newest), as if it had just been accepted. It reports false, c staying
+// claimed, if its address holds its bound of unclaimed ones: its caller
+// closes it.
+func (c *conn) unclaim() bool {
+	l := c.l
+	l.mu.Lock()
+	if c.state.Load() != stateClaimed {
+		l.mu.Unlock()
+		return true
+	}
+	slot := bridges.NewSlot[net.Conn](c.src, c)
+	ok, evicted, by := l.unclaimed.Take(slot)
+	if ok {
+		l.dropClaimLocked(c.src.Addr)
+		c.slot = slot
+		c.state.Store(stateUnclaimed)
+	}
+	l.mu.Unlock()
+	if evicted != nil {
+		l.ev.Limited(evicted.Value(), evicted.Source(), by)
+		evicted.Value().Close()
+	}
+	return ok
 }
 
 // of is the connection of a Listener that c is, or that the *tls.Conn c
@@ -205,12 +297,29 @@ func of(c net.Conn) *conn {
 
 // Claim marks c, a connection of a Listener or a *tls.Conn on one, as
 // proved to be whose it claims to be: it gives its place among the
-// unclaimed back, and no newer connection closes it for room. Anything
-// else, and a connection closed already, is left as it is.
-func Claim(c net.Conn) {
+// unclaimed back, and no newer connection closes it for room. It reports
+// whether c is claimed: not if its source address holds its bound of
+// claimed connections (c stays unclaimed), nor if c is closed. Anything
+// else is left as it is.
+func Claim(c net.Conn) bool {
 	if u := of(c); u != nil {
-		u.claim()
+		return u.claim()
 	}
+	return false
+}
+
+// Unclaim takes back Claim, for a connection on which what had been
+// proved no longer is (a session ended, an account or token deleted): c
+// takes a place among the unclaimed again, as the newest, and can be
+// pushed out from then on. It reports false if c's source address holds
+// its bound of unclaimed connections: c then stays claimed, and its
+// caller is to close it (after the answer it is writing). A connection
+// not claimed, or not a Listener's, is left as it is (true).
+func Unclaim(c net.Conn) bool {
+	if u := of(c); u != nil {
+		return u.unclaim()
+	}
+	return true
 }
 
 // Claimed reports whether c (as for Claim) has been claimed.

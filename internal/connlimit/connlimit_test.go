@@ -3,6 +3,7 @@ package connlimit
 import (
 	"crypto/tls"
 	"net"
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
@@ -40,7 +41,7 @@ func TestListener(t *testing.T) {
 	}
 	events := make(chan string, 16)
 	host := func(c net.Conn) string { return c.RemoteAddr().(*net.TCPAddr).IP.String() }
-	l := New(ln, 3, bridges.NewSourceLimit[net.Conn](1, 32, 2), Events{
+	l := New(ln, 3, 3, bridges.NewSourceLimit[net.Conn](1, 32, 2), Events{
 		Limited: func(c net.Conn, _ bridges.Source, by bridges.Bound) {
 			events <- "limited by " + by.String() + ": " + host(c)
 		},
@@ -160,7 +161,7 @@ func TestClaimThroughTLS(t *testing.T) {
 	}
 	none := func(net.Conn) {}
 	unclaimed := bridges.NewSourceLimit[net.Conn](8, 32, 64)
-	l := New(ln, 4, unclaimed, Events{Limited: func(net.Conn, bridges.Source, bridges.Bound) {}, PushedOut: none, Refused: none})
+	l := New(ln, 4, 4, unclaimed, Events{Limited: func(net.Conn, bridges.Source, bridges.Bound) {}, PushedOut: none, Refused: none})
 	defer l.Close()
 	dialFrom(t, "127.0.0.1", ln.Addr().String())
 	c, err := l.Accept()
@@ -183,5 +184,72 @@ func TestClaimThroughTLS(t *testing.T) {
 	Claim(other) // not one of a Listener's: nothing to do, no panic
 	if Claimed(other) {
 		t.Error("a connection of no Listener reads as claimed")
+	}
+}
+
+// TestClaimedPerAddr: an address claims at most maxClaimedPerAddr
+// connections; one more stays unclaimed (and so can be pushed out), and
+// closing or unclaiming a claimed one makes room for it. Unclaim puts a
+// connection back among the unclaimed, or reports false when its address
+// holds its bound of those.
+func TestClaimedPerAddr(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	none := func(net.Conn) {}
+	unclaimed := bridges.NewSourceLimit[net.Conn](2, 32, 64)
+	l := New(ln, 8, 2, unclaimed, Events{Limited: func(net.Conn, bridges.Source, bridges.Bound) {}, PushedOut: none, Refused: none})
+	defer l.Close()
+	accept := func(from string) net.Conn {
+		t.Helper()
+		dialFrom(t, from, ln.Addr().String())
+		c, err := l.Accept()
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+	// Each accepted once the ones before it are claimed: accept blocks
+	// on a connection its address's unclaimed bound closes.
+	a1 := accept("127.0.0.1")
+	if !Claim(a1) {
+		t.Fatal("claim 1 of 127.0.0.1: false, want true")
+	}
+	a2 := accept("127.0.0.1")
+	if !Claim(a2) {
+		t.Fatal("claim 2 of 127.0.0.1: false, want true")
+	}
+	a3 := accept("127.0.0.1")
+	if Claim(a3) || Claimed(a3) {
+		t.Errorf("claim 3 of 127.0.0.1 (bound 2): claimed, want it left unclaimed")
+	}
+	if got := unclaimed.From(netip.MustParseAddr("127.0.0.1")); got != 1 {
+		t.Errorf("127.0.0.1 not claimed = %d, want 1", got)
+	}
+	// Another address has its own bound.
+	if b := accept("127.0.0.2"); !Claim(b) {
+		t.Error("claim of 127.0.0.2: false, want true")
+	}
+	a1.Close()
+	if !Claim(a3) {
+		t.Error("claim of 127.0.0.1's third once its first closed: false, want true")
+	}
+	// Unclaimed: a2 is among the unclaimed again, and its place among
+	// the claimed is free.
+	if !Unclaim(a2) || Claimed(a2) {
+		t.Errorf("Unclaim: Claimed %v, want false", Claimed(a2))
+	}
+	if got := unclaimed.From(netip.MustParseAddr("127.0.0.1")); got != 1 {
+		t.Errorf("127.0.0.1 not claimed after Unclaim = %d, want 1", got)
+	}
+	if a4 := accept("127.0.0.1"); !Claim(a4) {
+		t.Error("claim after an Unclaim: false, want true")
+	}
+	// 127.0.0.1 holds its 2 unclaimed: a3 cannot go back among them.
+	accept("127.0.0.1")
+	if Unclaim(a3) || !Claimed(a3) {
+		t.Errorf("Unclaim with the address's unclaimed full: Claimed %v, want true and Unclaim false", Claimed(a3))
 	}
 }
