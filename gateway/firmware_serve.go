@@ -117,27 +117,7 @@ func (g *Gateway) openFirmwareHTTPS(cfg config.Config, cert func(name, listen st
 	// bounded per address (fwMaxConns): only a device certificate claims
 	// one, and each device has its own address.
 	unauth := bridges.NewSourceLimit[net.Conn](fwMaxUnauthPerSource, fwMaxUnauthPerPrefix, fwMaxUnauth)
-	limited := connlimit.New(ln, fwMaxConns, fwMaxConns, unauth, connlimit.Events{
-		Limited: func(c net.Conn, src bridges.Source, by bridges.Bound) {
-			args := []any{"device", "", "remote", c.RemoteAddr().String(),
-				"from_this_address", unauth.From(src.Addr), "per_address_limit", fwMaxUnauthPerSource}
-			if src.Prefix.IsValid() {
-				args = append(args, "prefix", src.Prefix.String(), "from_this_prefix", unauth.In(src.Prefix), "per_prefix_limit", fwMaxUnauthPerPrefix)
-			}
-			args = append(args, "in_all", unauth.Len(), "limit", fwMaxUnauth)
-			refusals.refused(slog.LevelWarn, hub.ReasonHandshakeLimit+":"+by.String(), hub.ReasonHandshakeLimit, unauthLimitMsg[by], args...)
-		},
-		PushedOut: func(c net.Conn) {
-			refusals.refused(slog.LevelWarn, hub.ReasonHandshakeLimit+":conns", hub.ReasonHandshakeLimit,
-				"oldest unauthenticated connection closed: the listener's connections are all in use",
-				"device", "", "remote", c.RemoteAddr().String(), "not_authenticated", unauth.Len(), "limit", fwMaxConns)
-		},
-		Refused: func(c net.Conn) {
-			refusals.refused(slog.LevelWarn, "conn_limit", "conn_limit",
-				"connection refused: the listener's connections are all in use, every one authenticated",
-				"remote", c.RemoteAddr().String(), "limit", fwMaxConns)
-		},
-	})
+	limited := connlimit.New(ln, fwMaxConns, fwMaxConns, unauth, refusals.connEvents(unauth, fwMaxUnauthPerSource, fwMaxUnauthPerPrefix, fwMaxUnauth, fwMaxConns))
 	g.firmwareHTTPS = &firmwareHTTPS{ln: tls.NewListener(limited, tcfg), srv: &http.Server{
 		Handler: mux,
 		// A connection whose first request net/http reads has passed
@@ -180,14 +160,6 @@ const (
 	fwMaxUnauthPerPrefix = 32
 	fwMaxUnauth          = 128
 )
-
-// unauthLimitMsg is the line for a connection the bounds of the
-// unauthenticated closed, by bound.
-var unauthLimitMsg = map[bridges.Bound]string{
-	bridges.BoundSource: "connection refused: too many not yet authenticated from this address (TLS handshake or first request pending)",
-	bridges.BoundPrefix: "oldest unauthenticated connection of this IPv6 /64 closed: too many not yet authenticated from the /64",
-	bridges.BoundTotal:  "oldest unauthenticated connection closed: too many not yet authenticated in all",
-}
 
 // Addr is the bound address of the firmware HTTPS listener.
 func (f *firmwareHTTPS) Addr() net.Addr { return f.ln.Addr() }

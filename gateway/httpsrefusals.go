@@ -3,11 +3,13 @@ package gateway
 import (
 	stdlog "log"
 	"log/slog"
+	"net"
 	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/bastion-iot/bastion/bridges"
 	"github.com/bastion-iot/bastion/bridges/hub"
 	"github.com/bastion-iot/bastion/internal/connlimit"
 	"github.com/bastion-iot/bastion/internal/ratelog"
@@ -139,4 +141,42 @@ func (r *httpsRefusals) Write(b []byte) (int, error) {
 			"err", ratelog.Clip(why, ratelog.MaxText))
 	}
 	return len(b), nil
+}
+
+// unauthLimitMsg is the line for a connection the bounds of the
+// unauthenticated closed, by bound.
+var unauthLimitMsg = map[bridges.Bound]string{
+	bridges.BoundSource: "connection refused: too many not yet authenticated from this address (TLS handshake or first request pending)",
+	bridges.BoundPrefix: "oldest unauthenticated connection of this IPv6 /64 closed: too many not yet authenticated from the /64",
+	bridges.BoundTotal:  "oldest unauthenticated connection closed: too many not yet authenticated in all",
+}
+
+// connEvents counts and logs, as r's refusals, each connection a
+// connlimit.Listener closes: one the bounds of the unauthenticated (unauth,
+// perAddr per address, perPrefix per IPv6 /64, all in all) turn away or
+// push out, one pushed out because the listener holds maxConns, one
+// refused because all of those are authenticated. The firmware and EST
+// listeners share it.
+func (r *httpsRefusals) connEvents(unauth *bridges.SourceLimit[net.Conn], perAddr, perPrefix, all, maxConns int) connlimit.Events {
+	return connlimit.Events{
+		Limited: func(c net.Conn, src bridges.Source, by bridges.Bound) {
+			args := []any{"device", "", "remote", c.RemoteAddr().String(),
+				"from_this_address", unauth.From(src.Addr), "per_address_limit", perAddr}
+			if src.Prefix.IsValid() {
+				args = append(args, "prefix", src.Prefix.String(), "from_this_prefix", unauth.In(src.Prefix), "per_prefix_limit", perPrefix)
+			}
+			args = append(args, "in_all", unauth.Len(), "limit", all)
+			r.refused(slog.LevelWarn, hub.ReasonHandshakeLimit+":"+by.String(), hub.ReasonHandshakeLimit, unauthLimitMsg[by], args...)
+		},
+		PushedOut: func(c net.Conn) {
+			r.refused(slog.LevelWarn, hub.ReasonHandshakeLimit+":conns", hub.ReasonHandshakeLimit,
+				"oldest unauthenticated connection closed: the listener's connections are all in use",
+				"device", "", "remote", c.RemoteAddr().String(), "not_authenticated", unauth.Len(), "limit", maxConns)
+		},
+		Refused: func(c net.Conn) {
+			r.refused(slog.LevelWarn, "conn_limit", "conn_limit",
+				"connection refused: the listener's connections are all in use, every one authenticated",
+				"remote", c.RemoteAddr().String(), "limit", maxConns)
+		},
+	}
 }

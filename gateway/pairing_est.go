@@ -196,28 +196,7 @@ const (
 // and logging each it closes as the firmware listener's.
 func (p *pairingSvc) limitEST(ln net.Listener) net.Listener {
 	unauth := bridges.NewSourceLimit[net.Conn](estMaxUnclaimedPerAddr, estMaxUnclaimedPerPrefix, estMaxUnclaimed)
-	r := p.estRefusals
-	return connlimit.New(ln, estMaxConns, estMaxClaimedPerAddr, unauth, connlimit.Events{
-		Limited: func(c net.Conn, src bridges.Source, by bridges.Bound) {
-			args := []any{"device", "", "remote", c.RemoteAddr().String(),
-				"from_this_address", unauth.From(src.Addr), "per_address_limit", estMaxUnclaimedPerAddr}
-			if src.Prefix.IsValid() {
-				args = append(args, "prefix", src.Prefix.String(), "from_this_prefix", unauth.In(src.Prefix), "per_prefix_limit", estMaxUnclaimedPerPrefix)
-			}
-			args = append(args, "in_all", unauth.Len(), "limit", estMaxUnclaimed)
-			r.refused(slog.LevelWarn, hub.ReasonHandshakeLimit+":"+by.String(), hub.ReasonHandshakeLimit, unauthLimitMsg[by], args...)
-		},
-		PushedOut: func(c net.Conn) {
-			r.refused(slog.LevelWarn, hub.ReasonHandshakeLimit+":conns", hub.ReasonHandshakeLimit,
-				"oldest unauthenticated connection closed: the listener's connections are all in use",
-				"device", "", "remote", c.RemoteAddr().String(), "not_authenticated", unauth.Len(), "limit", estMaxConns)
-		},
-		Refused: func(c net.Conn) {
-			r.refused(slog.LevelWarn, "conn_limit", "conn_limit",
-				"connection refused: the listener's connections are all in use, every one authenticated",
-				"remote", c.RemoteAddr().String(), "limit", estMaxConns)
-		},
-	})
+	return connlimit.New(ln, estMaxConns, estMaxClaimedPerAddr, unauth, p.estRefusals.connEvents(unauth, estMaxUnclaimedPerAddr, estMaxUnclaimedPerPrefix, estMaxUnclaimed, estMaxConns))
 }
 
 // estFirewall applies the policy with the EST port in it while the
